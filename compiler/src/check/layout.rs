@@ -1,0 +1,453 @@
+//! Layout validation: the mesh against the model. World size, divisibility
+//! of every laid-out dim, one axis per tensor dim, schedule preconditions,
+//! expert placement coverage, and memory per rank against the device.
+
+use super::sections::ParallelSpans;
+use crate::config::{ExpertPlacement, Parallel, Schedule, Train};
+use crate::cost::memory;
+use crate::diag::{Diag, Diags, unknown_help};
+use crate::model::Model;
+use crate::syntax::ast::Section;
+use crate::syntax::span::Span;
+
+fn divisors(n: u64) -> Vec<u64> {
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut i = 1;
+    while i * i <= n {
+        if n % i == 0 {
+            small.push(i);
+            if i * i != n {
+                large.push(n / i);
+            }
+        }
+        i += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
+}
+
+fn legal(n: u64) -> String {
+    let d = divisors(n);
+    let shown: Vec<String> = d.iter().take(16).map(|x| x.to_string()).collect();
+    if d.len() > 16 {
+        format!("{}, ...", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+fn anchor(spans: &ParallelSpans) -> Span {
+    spans.section.unwrap_or_default()
+}
+
+/// Sequences per microbatch per data-parallel rank.
+pub(super) fn micro_batch(
+    p: &Parallel,
+    train: Option<&Train>,
+    spans: &ParallelSpans,
+    diags: &mut Diags,
+) -> u64 {
+    let Some(t) = train else { return 1 };
+    let dp = p.data().max(1);
+    let m = p.pipeline.microbatches.max(1);
+    match t.micro_batch {
+        Some(mb) => {
+            if t.batch % (dp * mb) != 0 {
+                diags.push(
+                    Diag::error(format!(
+                        "global batch {} is not divisible by data {dp} × micro_batch {mb}",
+                        t.batch
+                    ))
+                    .at(
+                        spans.microbatches.unwrap_or(anchor(spans)),
+                        "batch does not split evenly",
+                    )
+                    .help(format!(
+                        "use a global batch that is a multiple of {}",
+                        dp * mb
+                    )),
+                );
+            } else if p.stages() > 1 && t.batch / (dp * mb) != m {
+                diags.push(
+                    Diag::error(format!(
+                        "pipeline microbatches = {m}, but batch {} / (data {dp} × micro_batch {mb}) = {}",
+                        t.batch,
+                        t.batch / (dp * mb)
+                    ))
+                    .at(spans.microbatches.unwrap_or(anchor(spans)), "inconsistent microbatch count")
+                    .help("set `microbatches` to batch / (data × micro_batch), or drop one of the two settings"),
+                );
+            }
+            mb
+        }
+        None => {
+            if t.batch % (dp * m) != 0 {
+                let legal_m: Vec<String> = divisors(t.batch / dp.min(t.batch).max(1))
+                    .into_iter()
+                    .take(12)
+                    .map(|x| x.to_string())
+                    .collect();
+                diags.push(
+                    Diag::error(format!(
+                        "global batch {} is not divisible by data {dp} × microbatches {m}",
+                        t.batch
+                    ))
+                    .at(
+                        spans.microbatches.unwrap_or(anchor(spans)),
+                        "batch does not split evenly",
+                    )
+                    .help(format!(
+                        "choose a batch that is a multiple of {}, or microbatches from: {}",
+                        dp * m,
+                        legal_m.join(", ")
+                    )),
+                );
+                1
+            } else {
+                t.batch / (dp * m)
+            }
+        }
+    }
+}
+
+pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
+    let p = &m.parallel;
+    let at = anchor(spans);
+    let world = p.world();
+    if let Some((w, s)) = spans.world
+        && w != world
+    {
+        let axes: Vec<String> = p.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
+        diags.push(
+            Diag::error(format!(
+                "the mesh has {world} ranks ({}), but world = {w}",
+                axes.join(" × ")
+            ))
+            .at(s, "world size")
+            .help("the product of the mesh axes must equal the world size"),
+        );
+    }
+    let axes: Vec<&str> = p.mesh.iter().map(|(a, _)| a.as_str()).collect();
+    let mut dim_names: Vec<&str> = m.consts.iter().map(|(n, _)| n.as_str()).collect();
+    dim_names.extend(["layer", "batch"]);
+    for (d, a) in &p.layout {
+        let span = spans.rules.get(d).copied().unwrap_or(at);
+        if !axes.contains(&a.as_str()) {
+            let help = unknown_help("mesh axis", a, axes.iter().copied());
+            diags.push(
+                Diag::error(format!(
+                    "layout maps `{d}` to `{a}`, which is not a mesh axis"
+                ))
+                .at(span, "unknown axis")
+                .help(help),
+            );
+            continue;
+        }
+        if !dim_names.contains(&d.as_str())
+            && !m.value_dims.iter().any(|(ds, _)| ds.iter().any(|x| x == d))
+        {
+            let help = unknown_help("dim", d, dim_names.iter().copied());
+            diags.push(
+                Diag::error(format!(
+                    "layout names `{d}`, which is not a dim of the model"
+                ))
+                .at(span, "unknown dim")
+                .help(help),
+            );
+            continue;
+        }
+        let n = p.axis_size(a);
+        if d == "layer" || d == "batch" {
+            continue;
+        }
+        if let Some(size) = m.const_value(d) {
+            let size = size as u64;
+            if size % n != 0 {
+                diags.push(
+                    Diag::error(format!(
+                        "`{d}` = {size} is not divisible by the `{a}` axis of size {n}"
+                    ))
+                    .at(span, "uneven split")
+                    .help(format!("legal `{a}` degrees for `{d}`: {}", legal(size))),
+                );
+            }
+        }
+    }
+    // Every axis with more than one rank must split something.
+    for (a, n) in &p.mesh {
+        if *n > 1 && !p.layout.iter().any(|(_, x)| x == a) {
+            let s = spans.mesh.get(a).copied().unwrap_or(at);
+            diags.push(
+                Diag::error(format!("mesh axis `{a}` ({n} ranks) is used by no layout rule"))
+                    .at(s, "every rank along it would compute the same thing")
+                    .help(format!("map a dim to it, e.g. `batch -> {a}` for data parallelism, or set its size to 1")),
+            );
+        }
+    }
+    // A tensor never maps two of its dims onto one axis.
+    let mut reported = std::collections::HashSet::new();
+    let param_dims = m.params.iter().map(|p| {
+        (
+            p.ty.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+            p.span,
+            Some(p.path.as_str()),
+        )
+    });
+    let value_dims = m.value_dims.iter().map(|(d, s)| (d.clone(), *s, None));
+    for (dims, span, path) in param_dims.chain(value_dims) {
+        let mut by_axis: Vec<(&str, &str)> = Vec::new();
+        for d in &dims {
+            if let Some(a) = p.axis_of(d) {
+                if let Some((other, _)) = by_axis.iter().find(|(_, x)| *x == a) {
+                    let key = (other.to_string(), d.clone(), a.to_string());
+                    if reported.insert(key) {
+                        let what = path
+                            .map(|p| format!("param `{p}`"))
+                            .unwrap_or_else(|| "a value".into());
+                        diags.push(
+                            Diag::error(format!("{what} maps two dims, `{other}` and `{d}`, onto the `{a}` axis"))
+                                .at(span, format!("[{}]", dims.join(", ")))
+                                .also(spans.rules.get(d).copied().unwrap_or(at), "this rule")
+                                .also(spans.rules.get(*other).copied().unwrap_or(at), "and this one")
+                                .help(format!("a tensor can be split along `{a}` only once; map one of them to another axis")),
+                        );
+                    }
+                }
+                by_axis.push((d.as_str(), a));
+            }
+        }
+    }
+    // Pipeline preconditions.
+    let stages = p.stages();
+    let v = p.pipeline.virtual_stages;
+    let mb = p.pipeline.microbatches;
+    let sched_span = spans.schedule.unwrap_or(at);
+    if stages > 1 {
+        if m.stacks.is_empty() {
+            diags.push(
+                Diag::error(
+                    "`layer` is laid out on a pipeline axis, but the model has no `repeat`",
+                )
+                .at(
+                    spans.rules.get("layer").copied().unwrap_or(at),
+                    "nothing to split",
+                )
+                .help("pipeline parallelism splits repeated layers; remove the rule"),
+            );
+        }
+        for s in &m.stacks {
+            if s.layers % (stages * v) != 0 {
+                let what = if v > 1 {
+                    format!("{stages} stages × {v} virtual")
+                } else {
+                    format!("{stages} stages")
+                };
+                let legal_stages: Vec<String> = divisors(s.layers / v.min(s.layers).max(1))
+                    .into_iter()
+                    .map(|x| x.to_string())
+                    .take(16)
+                    .collect();
+                diags.push(
+                    Diag::error(format!(
+                        "{} layers of `{}` do not divide into {what}",
+                        s.layers, s.label
+                    ))
+                    .at(
+                        spans.rules.get("layer").copied().unwrap_or(at),
+                        "uneven pipeline",
+                    )
+                    .help(format!(
+                        "legal pipeline degrees for {} layers{}: {}",
+                        s.layers,
+                        if v > 1 {
+                            format!(" with {v} virtual stages")
+                        } else {
+                            String::new()
+                        },
+                        legal_stages.join(", ")
+                    )),
+                );
+            }
+        }
+        match p.pipeline.schedule {
+            Schedule::OneFOneB | Schedule::Interleaved1f1b if mb < stages => {
+                diags.push(
+                    Diag::error(format!(
+                        "{} needs at least as many microbatches as stages: {mb} < {stages}",
+                        p.pipeline.schedule.name()
+                    ))
+                    .at(
+                        spans.microbatches.unwrap_or(sched_span),
+                        "too few microbatches",
+                    )
+                    .help(format!(
+                        "set `microbatches` to {stages} or more, or use `schedule = gpipe`"
+                    )),
+                );
+            }
+            Schedule::Interleaved1f1b if v < 2 => diags.push(
+                Diag::error("interleaved_1f1b needs `virtual` of 2 or more")
+                    .at(sched_span, "no virtual stages")
+                    .help("set `virtual = 2` (model chunks per stage), or use `schedule = 1f1b`"),
+            ),
+            Schedule::Interleaved1f1b if mb % stages != 0 => diags.push(
+                Diag::error(format!(
+                    "interleaved_1f1b needs microbatches divisible by the {stages} stages, got {mb}"
+                ))
+                .at(spans.microbatches.unwrap_or(sched_span), "uneven")
+                .help(format!("use a multiple of {stages}")),
+            ),
+            _ => {}
+        }
+    }
+    if v > 1 && p.pipeline.schedule != Schedule::Interleaved1f1b {
+        diags.push(
+            Diag::error(format!(
+                "`virtual = {v}` only applies to interleaved_1f1b, but the schedule is {}",
+                p.pipeline.schedule.name()
+            ))
+            .at(
+                spans.virtual_stages.unwrap_or(sched_span),
+                "virtual stages unused",
+            )
+            .help("set `schedule = interleaved_1f1b`, or remove `virtual`"),
+        );
+    }
+    if p.sequence_parallel && p.axis_of("heads").or_else(|| p.axis_of("mlp")).is_none() {
+        diags.push(
+            Diag::error("sequence parallelism needs tensor parallelism")
+                .at(
+                    spans.sequence_parallel.unwrap_or(at),
+                    "no tensor-parallel axis",
+                )
+                .help("map `heads` (and `mlp`) to an axis, e.g. `heads -> tensor`"),
+        );
+    }
+    // Experts.
+    if let Some(x) = &p.experts {
+        let Some(r) = m.routings.first() else {
+            diags.push(
+                Diag::error("`experts` is configured, but the model routes no tokens")
+                    .at(spans.placement.unwrap_or(at), "no `top_k` in the model")
+                    .help("remove the `experts` settings, or add an MoE block"),
+            );
+            return;
+        };
+        let e = r.experts;
+        let axis = p.axis_of(&r.expert_dim);
+        let n = axis.map(|a| p.axis_size(a)).unwrap_or(1);
+        let pspan = spans.placement.unwrap_or(at);
+        match &x.placement {
+            ExpertPlacement::Explicit { ranks } => {
+                if ranks.len() as u64 != n {
+                    let a = axis.unwrap_or("(none)");
+                    diags.push(
+                        Diag::error(format!("placement lists {} ranks, but experts are split over `{a}` of size {n}", ranks.len()))
+                            .at(pspan, "wrong number of ranks")
+                            .help(format!("give one list of experts for each of the {n} ranks")),
+                    );
+                }
+                let mut count = vec![0u32; e as usize];
+                let mut out_of_range = Vec::new();
+                for id in ranks.iter().flatten() {
+                    match count.get_mut(*id as usize) {
+                        Some(c) => *c += 1,
+                        None => out_of_range.push(*id),
+                    }
+                }
+                let missing: Vec<String> = count
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c == 0)
+                    .map(|(i, _)| i.to_string())
+                    .collect();
+                let dup: Vec<String> = count
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c > 1)
+                    .map(|(i, _)| i.to_string())
+                    .collect();
+                if !missing.is_empty() || !dup.is_empty() || !out_of_range.is_empty() {
+                    let mut parts = Vec::new();
+                    if !missing.is_empty() {
+                        parts.push(format!("missing {}", missing.join(", ")));
+                    }
+                    if !dup.is_empty() {
+                        parts.push(format!("placed more than once {}", dup.join(", ")));
+                    }
+                    if !out_of_range.is_empty() {
+                        parts.push(format!(
+                            "not experts (0..{}) {}",
+                            e - 1,
+                            out_of_range
+                                .iter()
+                                .map(|x| x.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    diags.push(
+                        Diag::error(format!(
+                            "the placement must hold each of the {e} experts exactly once: {}",
+                            parts.join("; ")
+                        ))
+                        .at(pspan, "incomplete placement")
+                        .help("list every expert id from 0 once across the ranks"),
+                    );
+                }
+            }
+            _ => {
+                if e % n != 0 {
+                    diags.push(
+                        Diag::error(format!("{e} experts do not split evenly over {n} ranks"))
+                            .at(pspan, "uneven placement")
+                            .help(format!("use an expert-parallel degree from: {}", legal(e))),
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn memory_fits(
+    m: &Model,
+    spans: &ParallelSpans,
+    train: Option<&Section>,
+    diags: &mut Diags,
+) {
+    let Some(t) = &m.train else { return };
+    let Some(dev) = t.device.as_deref().and_then(crate::cost::device::device) else {
+        return;
+    };
+    let mem = memory::memory_per_rank(m);
+    let (rank, worst) = memory::worst_rank(&mem);
+    if worst.total <= dev.memory {
+        return;
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let span = train
+        .map(|s| s.name.span)
+        .or(spans.section)
+        .unwrap_or_default();
+    let order = memory::rank_order(&m.parallel);
+    let c = memory::coords(&order, rank as u64);
+    let at: Vec<String> = order
+        .iter()
+        .zip(&c)
+        .map(|((a, _), i)| format!("{a} {i}"))
+        .collect();
+    diags.push(
+        Diag::error(format!("rank {rank} needs {:.1} GiB, but {} has {:.1} GiB", gib(worst.total), dev.name, gib(dev.memory)))
+            .at(span, "does not fit on this device")
+            .note(format!(
+                "rank {rank} ({}): params {:.2} GiB, grads {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB",
+                if at.is_empty() { "single device".into() } else { at.join(", ") },
+                gib(worst.params),
+                gib(worst.grads),
+                gib(worst.optimizer),
+                gib(worst.activations)
+            ))
+            .help("shard more: raise ZeRO, tensor or pipeline parallelism, use `recompute = selective` or `full`, or lower `micro_batch`"),
+    );
+}

@@ -1,0 +1,523 @@
+//! The checker: spec text → checked [`Model`], or diagnostics.
+//!
+//! Order: load files → apply `--set` overrides → pick the model and resolve
+//! its variant chain → evaluate constants → validate sections → walk the
+//! body (shapes, params, costs) → validate the layout → check memory.
+
+mod layout;
+pub(crate) mod ops;
+pub mod program;
+pub mod sections;
+mod walk;
+
+use crate::config::{Parallel, Precision};
+use crate::diag::{Diag, Diags, unknown_help};
+use crate::model::*;
+use crate::syntax::ast::{self, Entry, Expr, ExprKind, Ident, Section, Stmt};
+use crate::syntax::span::{SourceMap, Span};
+use program::{Origin, Program};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// What to check, beyond the file itself.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--set path=value` overrides, as typed.
+    pub overrides: Vec<String>,
+    /// Which model of the file to check (default: the last one).
+    pub model: Option<String>,
+}
+
+/// Check a spec file on disk.
+pub fn check_path(sources: &mut SourceMap, path: &Path, opts: &Options) -> Result<Model, Diags> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Diags::from(
+            Diag::error(format!("cannot read `{}`: {e}", path.display()))
+                .help("check the path and permissions"),
+        )
+    })?;
+    let canon = path.canonicalize().unwrap_or(path.to_path_buf());
+    check_source(
+        sources,
+        &path.to_string_lossy(),
+        text,
+        Origin::Path(canon),
+        opts,
+    )
+}
+
+/// Check spec text; `use` resolves from `dir`.
+pub fn check_text(
+    sources: &mut SourceMap,
+    name: &str,
+    text: &str,
+    dir: &Path,
+    opts: &Options,
+) -> Result<Model, Diags> {
+    check_source(
+        sources,
+        name,
+        text.to_string(),
+        Origin::Text(dir.to_path_buf()),
+        opts,
+    )
+}
+
+fn check_source(
+    sources: &mut SourceMap,
+    name: &str,
+    text: String,
+    origin: Origin,
+    opts: &Options,
+) -> Result<Model, Diags> {
+    let mut prog = program::load(sources, name, text, origin)?;
+    let mut diags = Diags::default();
+    let overrides = parse_overrides(sources, &opts.overrides, &mut diags);
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let mut dim_sets: Vec<(Ident, Expr)> = Vec::new();
+    for o in overrides {
+        match o.path[0].name.as_str() {
+            "dims" if o.path.len() == 2 => dim_sets.push((o.path[1].clone(), o.value)),
+            "dims" => diags.push(
+                Diag::error("`--set dims.NAME=value` sets one dim")
+                    .at(o.span, "expected `dims.NAME`")
+                    .help("for example `--set dims.embed=1024`"),
+            ),
+            s if sections::SECTIONS.contains(&s) => apply_section_override(&mut prog.sections, &o),
+            other => {
+                let mut keys = vec!["dims"];
+                keys.extend(sections::SECTIONS);
+                let help = unknown_help("section", other, keys.iter().copied());
+                diags.push(
+                    Diag::error(format!("unknown override path `{other}`"))
+                        .at(o.path[0].span, "not a section")
+                        .help(help),
+                );
+            }
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let model = check_program(&prog, opts.model.as_deref(), dim_sets)?;
+    Ok(model)
+}
+
+// ---------------------------------------------------------------- overrides
+
+struct Override {
+    path: Vec<Ident>,
+    value: Expr,
+    span: Span,
+}
+
+fn parse_overrides(sources: &mut SourceMap, raw: &[String], diags: &mut Diags) -> Vec<Override> {
+    let mut out = Vec::new();
+    for r in raw {
+        let id = sources.add("--set", r.clone());
+        let whole = Span::new(id, 0, r.len());
+        let Some(eq) = r.find('=') else {
+            diags.push(
+                Diag::error(format!("override `{r}` has no `=`"))
+                    .at(whole, "expected `path=value`")
+                    .help("for example `--set parallel.mesh.tensor=4`"),
+            );
+            continue;
+        };
+        let mut path = Vec::new();
+        let mut at = 0;
+        let mut ok = true;
+        for seg in r[..eq].split('.') {
+            let span = Span::new(id, at, at + seg.len());
+            at += seg.len() + 1;
+            let valid = !seg.is_empty()
+                && seg
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                diags.push(
+                    Diag::error(format!("`{seg}` is not a valid name in an override path"))
+                        .at(span, "bad path segment")
+                        .help("paths are dotted names like `train.batch`"),
+                );
+                ok = false;
+                break;
+            }
+            path.push(Ident {
+                name: seg.to_string(),
+                span,
+            });
+        }
+        if !ok {
+            continue;
+        }
+        let text = &r[eq + 1..];
+        let vid = sources.add(format!("--set {}", &r[..eq]), text.to_string());
+        match crate::syntax::parse_value(vid, text) {
+            Ok(value) => out.push(Override {
+                path,
+                value,
+                span: whole,
+            }),
+            Err(d) => diags.push(d),
+        }
+    }
+    out
+}
+
+fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
+    let top = &o.path[0];
+    let idx = match sections.iter().position(|s| s.name.name == top.name) {
+        Some(i) => i,
+        None => {
+            sections.push(Section {
+                name: top.clone(),
+                entries: Vec::new(),
+                span: o.span,
+            });
+            sections.len() - 1
+        }
+    };
+    let mut sec = &mut sections[idx];
+    for (i, seg) in o.path.iter().enumerate().skip(1) {
+        let last = i == o.path.len() - 1;
+        if last {
+            let is_layout = sec.name.name == "layout";
+            let entry = if is_layout {
+                match &o.value.kind {
+                    ExprKind::Name(axis) => Entry::Rule {
+                        dim: seg.clone(),
+                        axis: Ident {
+                            name: axis.clone(),
+                            span: o.value.span,
+                        },
+                        span: o.span,
+                    },
+                    _ => Entry::Value {
+                        key: seg.clone(),
+                        value: o.value.clone(),
+                        span: o.span,
+                    },
+                }
+            } else {
+                Entry::Value {
+                    key: seg.clone(),
+                    value: o.value.clone(),
+                    span: o.span,
+                }
+            };
+            match sec.entries.iter().position(|e| e.key().name == seg.name) {
+                Some(j) => sec.entries[j] = entry,
+                None => sec.entries.push(entry),
+            }
+            return;
+        }
+        let j = match sec.entries.iter().position(|e| e.key().name == seg.name) {
+            Some(j) if matches!(sec.entries[j], Entry::Sub(_)) => j,
+            Some(j) => {
+                sec.entries[j] = Entry::Sub(Section {
+                    name: seg.clone(),
+                    entries: Vec::new(),
+                    span: o.span,
+                });
+                j
+            }
+            None => {
+                sec.entries.push(Entry::Sub(Section {
+                    name: seg.clone(),
+                    entries: Vec::new(),
+                    span: o.span,
+                }));
+                sec.entries.len() - 1
+            }
+        };
+        let Entry::Sub(next) = &mut sec.entries[j] else {
+            unreachable!("just made a subsection")
+        };
+        sec = next;
+    }
+    // A path of one segment (`--set train=...`) replaces nothing.
+}
+
+// ---------------------------------------------------------------- the model
+
+fn check_program(
+    prog: &Program,
+    want: Option<&str>,
+    dim_sets: Vec<(Ident, Expr)>,
+) -> Result<Model, Diags> {
+    let name = match want {
+        Some(w) => {
+            if !prog.models.contains_key(w) {
+                let help = unknown_help("model", w, prog.models.keys().map(String::as_str));
+                return Err(Diag::error(format!("no model `{w}` in this spec"))
+                    .help(help)
+                    .into());
+            }
+            w.to_string()
+        }
+        None => match prog.root_models.last() {
+            Some(m) => m.clone(),
+            None => {
+                let mut d = Diag::error("this spec defines no model")
+                    .help("add `model NAME { ... }`, or a variant `model b = a with { ... }`");
+                if let Some(s) = prog.sections.first() {
+                    d = d.at(s.name.span, "sections configure a model, but there is none");
+                }
+                return Err(d.into());
+            }
+        },
+    };
+    // Resolve the variant chain: base first, then each variant's overrides.
+    let mut chain = Vec::new();
+    let mut cur = prog.models[&name].clone();
+    let body = loop {
+        if chain
+            .iter()
+            .any(|m: &std::rc::Rc<ast::ModelDef>| m.name.name == cur.name.name)
+        {
+            return Err(
+                Diag::error(format!("model `{}` is a variant of itself", cur.name.name))
+                    .at(cur.name.span, "cyclic `with`")
+                    .help("a variant must start from a model with a body")
+                    .into(),
+            );
+        }
+        chain.push(cur.clone());
+        match (&cur.base, &cur.body) {
+            (_, Some(b)) => break b.clone(),
+            (Some((base, _)), None) => match prog.models.get(&base.name) {
+                Some(m) => cur = m.clone(),
+                None => {
+                    let help =
+                        unknown_help("model", &base.name, prog.models.keys().map(String::as_str));
+                    return Err(Diag::error(format!("unknown base model `{}`", base.name))
+                        .at(base.span, "no such model")
+                        .help(format!("{help} (models from other files need `use`)"))
+                        .into());
+                }
+            },
+            (None, None) => unreachable!("grammar: a model has a body or a base"),
+        }
+    };
+    let mut overrides: Vec<(Ident, Expr)> = Vec::new();
+    for m in chain.iter().rev() {
+        if let Some((_, o)) = &m.base {
+            overrides.extend(o.iter().map(|d| (d.name.clone(), d.value.clone())));
+        }
+    }
+    // Expert settings in the parallel section configure the model's constants.
+    if let Some(ps) = prog.sections.iter().find(|s| s.name.name == "parallel") {
+        for e in &ps.entries {
+            if let Entry::Sub(x) = e
+                && x.name.name == "experts"
+            {
+                for xe in &x.entries {
+                    if let Entry::Value { key, value, .. } = xe
+                        && let Some((_, c)) =
+                            sections::EXPERT_CONSTS.iter().find(|(k, _)| *k == key.name)
+                    {
+                        overrides.push((
+                            Ident {
+                                name: c.to_string(),
+                                span: key.span,
+                            },
+                            value.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    overrides.extend(dim_sets);
+
+    let mut diags = Diags::default();
+    // Constants in declaration order, overrides substituted.
+    let mut defs: Vec<(Ident, Expr)> = Vec::new();
+    for s in &body.stmts {
+        if let Stmt::Dims(ds, _) = s {
+            for d in ds {
+                if let Some((first, _)) = defs.iter().find(|(n, _)| n.name == d.name.name) {
+                    diags.push(
+                        Diag::error(format!("dim `{}` is defined twice", d.name.name))
+                            .at(d.name.span, "again")
+                            .also(first.span, "first defined here")
+                            .help("define each dim once"),
+                    );
+                    continue;
+                }
+                defs.push((d.name.clone(), d.value.clone()));
+            }
+        }
+    }
+    for (name, value) in overrides {
+        match defs.iter_mut().find(|(n, _)| n.name == name.name) {
+            Some(slot) => slot.1 = value,
+            None => {
+                let help =
+                    unknown_help("dim", &name.name, defs.iter().map(|(n, _)| n.name.as_str()));
+                diags.push(
+                    Diag::error(format!(
+                        "cannot override `{}`: the model has no such dim",
+                        name.name
+                    ))
+                    .at(name.span, "unknown dim")
+                    .help(help),
+                );
+            }
+        }
+    }
+    let mut consts: HashMap<String, f64> = HashMap::new();
+    consts.insert("dropless".into(), 0.0);
+    let mut ordered: Vec<(String, f64)> = Vec::new();
+    for (name, value) in &defs {
+        if ["layer", "batch", "slot", "dropless"].contains(&name.name.as_str())
+            && name.name != "batch"
+        {
+            diags.push(Diag::error(format!("`{}` is a reserved dim name", name.name)).at(name.span, "reserved").help("`layer` stacks repeated params, `slot` holds routed tokens, `dropless` is a capacity; choose another name"));
+            continue;
+        }
+        let mut ev = sections::SectionEval {
+            consts: &consts,
+            diags: Vec::new(),
+        };
+        let v = ev.num(value);
+        let errs = ev.diags;
+        if !errs.is_empty() {
+            diags.0.extend(errs);
+            continue;
+        }
+        if let Some(v) = v {
+            consts.insert(name.name.clone(), v);
+            ordered.push((name.name.clone(), v));
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+
+    // Sections.
+    let mut ev = sections::SectionEval {
+        consts: &consts,
+        diags: Vec::new(),
+    };
+    let mut seen_sections: HashMap<&str, Span> = HashMap::new();
+    for s in &prog.sections {
+        if !sections::SECTIONS.contains(&s.name.name.as_str()) {
+            let help = unknown_help("section", &s.name.name, sections::SECTIONS.iter().copied());
+            ev.diags.push(
+                Diag::error(format!("unknown section `{}`", s.name.name))
+                    .at(s.name.span, "not a section")
+                    .help(help),
+            );
+        } else if let Some(first) = seen_sections.insert(&s.name.name, s.name.span) {
+            ev.diags.push(
+                Diag::error(format!("section `{}` appears twice", s.name.name))
+                    .at(s.name.span, "again")
+                    .also(first, "first here")
+                    .help("merge the two sections"),
+            );
+        }
+    }
+    let find = |n: &str| prog.sections.iter().find(|s| s.name.name == n);
+    let (parallel, pspans) = sections::parallel(&mut ev, find("parallel"));
+    let seq = consts.get("seq").copied().unwrap_or(1.0).max(1.0) as u64;
+    let train = find("train").and_then(|s| sections::train(&mut ev, s, seq));
+    let infer = find("infer").and_then(|s| sections::infer(&mut ev, s));
+    diags.0.extend(ev.diags);
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+
+    // The microbatch: sequences per microbatch per data-parallel rank.
+    let micro = layout::micro_batch(&parallel, train.as_ref(), &pspans, &mut diags);
+    if !consts.contains_key("batch") {
+        ordered.push(("batch".into(), micro as f64));
+    }
+    let precision = train
+        .as_ref()
+        .map(|t| t.precision)
+        .or(parallel.precision)
+        .unwrap_or(Precision::Fp32);
+    let mut w = walk::Walker::new(prog, ordered.clone(), &parallel, precision.bytes());
+    let mut frame = walk::Frame::default();
+    w.body(&mut frame, &body.stmts);
+    diags.0.append(&mut w.diags);
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    // Parameter placement relative to the layers.
+    for (p, ph) in w.params.iter_mut().zip(&w.param_phases) {
+        if p.placement != Placement::Layers {
+            p.placement = match (ph[0], ph[2]) {
+                (true, true) => Placement::Both,
+                (false, true) => Placement::Last,
+                _ => Placement::First,
+            };
+        }
+    }
+    if train.is_some() {
+        match w.outputs.iter().find(|(n, _)| n == "loss") {
+            None => diags.push(
+                Diag::error(format!(
+                    "model `{}` has a `train` section but defines no `loss`",
+                    name
+                ))
+                .at(prog.models[&name].name.span, "nothing to train on")
+                .help("define a scalar `loss`, e.g. `loss = cross_entropy(logits, targets)`"),
+            ),
+            Some((_, t)) if !t.dims.is_empty() => diags.push(
+                Diag::error(format!("`loss` must be a scalar, but it is {t}"))
+                    .at(prog.models[&name].name.span, "in this model")
+                    .help("reduce it with `mean(...)` over its dims"),
+            ),
+            _ => {}
+        }
+    }
+    let tokens_per_sample = consts.get("seq").map(|v| *v as u64).unwrap_or_else(|| {
+        w.inputs
+            .first()
+            .map(|i| {
+                i.ty.dims
+                    .iter()
+                    .filter(|d| d.name != "batch")
+                    .map(|d| d.size)
+                    .product()
+            })
+            .unwrap_or(1)
+    });
+    let model = Model {
+        name: name.clone(),
+        consts: ordered,
+        inputs: w.inputs,
+        params: w.params,
+        outputs: w.outputs,
+        routings: w.routings,
+        stacks: w.stacks,
+        tokens_per_sample: tokens_per_sample.max(1),
+        micro_batch: micro,
+        cost: w.cost,
+        value_dims: w.value_dims,
+        parallel,
+        train,
+        infer,
+    };
+    layout::validate(&model, &pspans, &mut diags);
+    if diags.is_empty() {
+        layout::memory_fits(&model, &pspans, find("train"), &mut diags);
+    }
+    if diags.is_empty() {
+        Ok(model)
+    } else {
+        Err(diags)
+    }
+}
+
+/// The layout axis sizes a value is split by; exposed for `inspect`.
+pub fn split_of(p: &Parallel, dim: &str) -> u64 {
+    p.split_of(dim)
+}

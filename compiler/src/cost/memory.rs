@@ -1,0 +1,293 @@
+//! The rank map and memory per rank.
+//!
+//! Ranks are numbered with the pipeline axis outermost, then the data axis,
+//! then the other axes in mesh order, and the tensor-parallel axis innermost
+//! (so tensor groups are neighbours, as Megatron places them on one node).
+//!
+//! Per parameter element: weights and gradients take the training
+//! precision's bytes; the optimizer keeps fp32 state (AdamW: m and v; SGD:
+//! momentum) plus an fp32 master copy under mixed precision. ZeRO 1 shards
+//! the optimizer over the data axis, 2 also gradients, 3 also weights.
+//! Activations follow Korthikanti et al. (2022), per microbatch in flight:
+//! GPipe keeps every microbatch, 1F1B keeps `stages - stage` on a stage, and
+//! interleaved 1F1B keeps Megatron's warm-up count of model chunks.
+
+use crate::config::{ExpertPlacement, Parallel, Precision, Recompute, Schedule};
+use crate::model::{Model, Param, Placement};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct RankMemory {
+    pub params: u64,
+    pub grads: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub total: u64,
+}
+
+/// Mesh axes from outermost to innermost in rank numbering.
+pub fn rank_order(p: &Parallel) -> Vec<(String, u64)> {
+    let pipe = p.axis_of("layer").map(str::to_string);
+    let data = p.data_axis().map(str::to_string);
+    let tensor = p
+        .axis_of("heads")
+        .or_else(|| p.axis_of("mlp"))
+        .map(str::to_string);
+    let mut out: Vec<(String, u64)> = Vec::new();
+    let push = |name: &Option<String>, out: &mut Vec<(String, u64)>| {
+        if let Some(n) = name
+            && !out.iter().any(|(a, _)| a == n)
+            && let Some((_, s)) = p.mesh.iter().find(|(a, _)| a == n)
+        {
+            out.push((n.clone(), *s));
+        }
+    };
+    push(&pipe, &mut out);
+    push(&data, &mut out);
+    for (a, s) in &p.mesh {
+        if Some(a) != tensor.as_ref() && !out.iter().any(|(x, _)| x == a) {
+            out.push((a.clone(), *s));
+        }
+    }
+    push(&tensor, &mut out);
+    out
+}
+
+/// Coordinates of a rank along each axis of [`rank_order`].
+pub fn coords(order: &[(String, u64)], rank: u64) -> Vec<u64> {
+    let mut c = vec![0; order.len()];
+    let mut r = rank;
+    for i in (0..order.len()).rev() {
+        c[i] = r % order[i].1;
+        r /= order[i].1;
+    }
+    c
+}
+
+fn coord_of(order: &[(String, u64)], c: &[u64], axis: Option<&str>) -> u64 {
+    axis.and_then(|a| order.iter().position(|(x, _)| x == a))
+        .map(|i| c[i])
+        .unwrap_or(0)
+}
+
+/// The pipeline stage that holds layer `i` of a repeat of `n` layers.
+pub fn stage_of_layer(p: &Parallel, n: u64, i: u64) -> u64 {
+    let stages = p.stages();
+    let chunks = stages * p.pipeline.virtual_stages.max(1);
+    let per_chunk = n.div_ceil(chunks).max(1);
+    (i / per_chunk) % stages
+}
+
+/// Elements of a parameter held by the rank at `stage` / `expert_rank`.
+fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
+    let par = &m.parallel;
+    let stages = par.stages();
+    let per_layer: u64 =
+        p.ty.dims
+            .iter()
+            .filter(|d| d.name != "layer")
+            .map(|d| d.size)
+            .product();
+    let layers_here = match p.placement {
+        Placement::Layers => {
+            let n = p
+                .stack
+                .and_then(|s| m.stacks.get(s))
+                .map(|s| s.layers)
+                .unwrap_or(1);
+            p.layers
+                .iter()
+                .filter(|&&i| stage_of_layer(par, n, i) == stage)
+                .count() as u64
+        }
+        Placement::First => u64::from(stage == 0),
+        Placement::Last => u64::from(stage == stages - 1),
+        Placement::Both => u64::from(stage == 0 || stage == stages - 1),
+    };
+    if layers_here == 0 {
+        return 0;
+    }
+    let mut elems = per_layer * layers_here;
+    for d in &p.ty.dims {
+        if d.name == "layer" {
+            continue;
+        }
+        let Some(axis) = par.axis_of(&d.name) else {
+            continue;
+        };
+        let split = par.axis_size(axis);
+        let is_expert = p.expert.as_ref().is_some_and(|e| e.dim == d.name);
+        match (&par.experts, is_expert) {
+            (Some(x), true) => {
+                let held = match &x.placement {
+                    ExpertPlacement::Explicit { ranks } => ranks
+                        .get(expert_rank as usize)
+                        .map(|r| r.len() as u64)
+                        .unwrap_or(0),
+                    _ => d.size.div_ceil(split),
+                };
+                elems = elems / d.size * held;
+            }
+            _ => elems = elems / d.size * d.size.div_ceil(split),
+        }
+    }
+    elems
+}
+
+/// Is a parameter replicated over the data axis (so ZeRO can shard it)?
+fn data_replicated(par: &Parallel, p: &Param) -> bool {
+    let Some(data) = par.data_axis() else {
+        return false;
+    };
+    !p.ty.dims.iter().any(|d| par.axis_of(&d.name) == Some(data))
+}
+
+/// Parameter elements held by every rank, in rank order.
+pub fn params_per_rank(m: &Model) -> Vec<u64> {
+    per_rank(m, |m, stage, er, _| {
+        m.params
+            .iter()
+            .map(|p| param_elems_on(m, p, stage, er))
+            .sum::<u64>()
+    })
+}
+
+fn per_rank<T: Clone>(m: &Model, f: impl Fn(&Model, u64, u64, u64) -> T) -> Vec<T> {
+    let par = &m.parallel;
+    let order = rank_order(par);
+    let world = par.world().max(1);
+    let expert_axis = m
+        .params
+        .iter()
+        .find_map(|p| p.expert.as_ref())
+        .and_then(|e| par.axis_of(&e.dim))
+        .map(str::to_string);
+    let mut cache: std::collections::HashMap<(u64, u64), T> = std::collections::HashMap::new();
+    (0..world)
+        .map(|r| {
+            let c = coords(&order, r);
+            let stage = coord_of(&order, &c, par.axis_of("layer"));
+            let er = coord_of(&order, &c, expert_axis.as_deref());
+            cache
+                .entry((stage, er))
+                .or_insert_with(|| f(m, stage, er, r))
+                .clone()
+        })
+        .collect()
+}
+
+/// Model chunks (1F1B: microbatches; interleaved: chunks of layers) alive on a stage.
+fn in_flight(par: &Parallel, stage: u64) -> f64 {
+    let p = par.stages();
+    let mb = par.pipeline.microbatches.max(1);
+    let v = par.pipeline.virtual_stages.max(1);
+    if p <= 1 {
+        return 1.0;
+    }
+    match par.pipeline.schedule {
+        Schedule::Gpipe => mb as f64,
+        Schedule::OneFOneB => (p - stage).min(mb) as f64,
+        Schedule::Interleaved1f1b => {
+            let warmup = 2 * (p - stage - 1) + (v - 1) * p;
+            // In layer units: chunks alive × (1 / v of a stage's layers each).
+            ((warmup + 1).min(mb * v)) as f64 / v as f64
+        }
+    }
+}
+
+/// Memory per rank by category, in rank order.
+pub fn memory_per_rank(m: &Model) -> Vec<RankMemory> {
+    per_rank(m, |m, stage, er, _| rank_memory(m, stage, er))
+}
+
+fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
+    let par = &m.parallel;
+    let precision = m
+        .train
+        .as_ref()
+        .map(|t| t.precision)
+        .or(par.precision)
+        .unwrap_or(Precision::Fp32);
+    let w = precision.bytes();
+    let dp = par.data().max(1);
+    let (mut params, mut grads, mut optim) = (0f64, 0f64, 0f64);
+    let state = m
+        .train
+        .as_ref()
+        .map(|t| t.optimizer.state_per_param())
+        .unwrap_or(0);
+    let master = if precision == Precision::Fp32 { 0 } else { 4 };
+    for p in &m.params {
+        let n = param_elems_on(m, p, stage, er) as f64;
+        if n == 0.0 {
+            continue;
+        }
+        let shard = if data_replicated(par, p) {
+            dp as f64
+        } else {
+            1.0
+        };
+        let z = par.zero;
+        params += n * w as f64 / if z >= 3 { shard } else { 1.0 };
+        if m.train.is_some() {
+            grads += n * w as f64 / if z >= 2 { shard } else { 1.0 };
+            optim += n * (state * 4 + master) as f64 / if z >= 1 { shard } else { 1.0 };
+        }
+    }
+    let activations = if m.train.is_some() {
+        activation_bytes(m, stage)
+    } else {
+        0.0
+    };
+    let r = RankMemory {
+        params: params as u64,
+        grads: grads as u64,
+        optimizer: optim as u64,
+        activations: activations as u64,
+        total: 0,
+    };
+    RankMemory {
+        total: r.params + r.grads + r.optimizer + r.activations,
+        ..r
+    }
+}
+
+/// Saved activations on one pipeline stage for a training step.
+pub fn activation_bytes(m: &Model, stage: u64) -> f64 {
+    let par = &m.parallel;
+    let c = &m.cost;
+    let stages = par.stages();
+    let layers = c.layer_count.max(1) as f64;
+    let pick = |o: &crate::model::OpCost| match par.recompute {
+        Recompute::None => o.act_none,
+        Recompute::Selective | Recompute::Full => o.act_selective,
+    };
+    let per_layer = match par.recompute {
+        Recompute::Full => c.layer_input_bytes / layers,
+        _ => pick(&c.layers) / layers,
+    };
+    let layers_here = c.layer_count as f64 / stages as f64;
+    let chunks = in_flight(par, stage);
+    let mut bytes = per_layer * layers_here * chunks;
+    if par.recompute == Recompute::Full && c.layer_count > 0 {
+        // One layer's activations are rebuilt at a time during backward.
+        bytes += c.layers.act_selective / layers;
+    }
+    let mbs = chunks.ceil().max(1.0);
+    if stage == 0 {
+        bytes += pick(&c.pre) * mbs;
+    }
+    if stage == stages - 1 {
+        bytes += pick(&c.post);
+    }
+    bytes
+}
+
+/// The rank with the most memory, and its figures.
+pub fn worst_rank(mem: &[RankMemory]) -> (usize, RankMemory) {
+    mem.iter()
+        .copied()
+        .enumerate()
+        .max_by_key(|(_, r)| r.total)
+        .unwrap_or_default()
+}

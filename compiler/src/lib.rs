@@ -1,0 +1,17 @@
+//! tessera-compiler: the `.spec` language, its checker and the cost model.
+//!
+//! Pipeline (see ARCHITECTURE.md): `syntax` (text → AST) → `check`
+//! (AST → checked [`model::Model`]) → `cost` (counts, FLOPs, memory). Later
+//! stages (graph IR, autodiff, parallel plans) consume the checked model.
+
+pub mod check;
+pub mod config;
+pub mod cost;
+pub mod diag;
+pub mod model;
+pub mod syntax;
+
+pub use check::{Options, check_path, check_text};
+pub use diag::{Diag, Diags};
+pub use model::Model;
+pub use syntax::span::SourceMap;

@@ -1,0 +1,235 @@
+//! The checked `Model`: typed, fully evaluated, with every parameter's
+//! shape, the per-op cost figures the cost model needs, and the validated
+//! parallel, train and infer settings. This is what later stages consume.
+
+use crate::syntax::ast::DType;
+use crate::syntax::span::Span;
+use serde::Serialize;
+use std::fmt;
+
+/// One named dim with its size.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Dim {
+    pub name: String,
+    pub size: u64,
+}
+
+impl Dim {
+    pub fn new(name: impl Into<String>, size: u64) -> Dim {
+        Dim {
+            name: name.into(),
+            size,
+        }
+    }
+}
+
+/// A tensor type: dtype plus ordered named dims.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct TensorType {
+    pub dtype: DType,
+    pub dims: Vec<Dim>,
+}
+
+impl TensorType {
+    pub fn new(dtype: DType, dims: Vec<Dim>) -> TensorType {
+        TensorType { dtype, dims }
+    }
+    pub fn scalar(dtype: DType) -> TensorType {
+        TensorType {
+            dtype,
+            dims: Vec::new(),
+        }
+    }
+    pub fn numel(&self) -> u64 {
+        self.dims.iter().map(|d| d.size).product()
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.dims.iter().any(|d| d.name == name)
+    }
+    pub fn dim(&self, name: &str) -> Option<&Dim> {
+        self.dims.iter().find(|d| d.name == name)
+    }
+    pub fn names(&self) -> Vec<&str> {
+        self.dims.iter().map(|d| d.name.as_str()).collect()
+    }
+}
+
+impl fmt::Display for TensorType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| format!("{}={}", d.name, d.size))
+            .collect();
+        write!(f, "{}[{}]", self.dtype.name(), dims.join(", "))
+    }
+}
+
+/// How a parameter is initialised.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Init {
+    Normal { std: f64 },
+    TruncatedNormal { std: f64 },
+    Uniform { low: f64, high: f64 },
+    Zeros,
+    Ones,
+    Constant { value: f64 },
+}
+
+/// Where a parameter lives relative to the repeated layers (decides its pipeline stage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Used only before the first repeat: first pipeline stage.
+    First,
+    /// Used only after the last repeat: last pipeline stage.
+    Last,
+    /// Used both before and after the layers (tied embeddings): on both end stages.
+    Both,
+    /// Stacked along `layer`: split across pipeline stages.
+    Layers,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Param {
+    /// Dotted path: scope names, then the parameter's name (`layers.attention.wqkv`).
+    pub path: String,
+    /// Full shape; stacked parameters have a leading `layer` dim.
+    pub ty: TensorType,
+    pub init: Init,
+    pub placement: Placement,
+    /// The routed expert dim, for expert weights (active with probability top_k / experts).
+    pub expert: Option<ExpertDim>,
+    /// Index of the repeat that stacked this parameter, if any.
+    pub stack: Option<usize>,
+    /// The layer indices (within its repeat) that hold this parameter.
+    #[serde(skip)]
+    pub layers: Vec<u64>,
+    #[serde(skip)]
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExpertDim {
+    pub dim: String,
+    pub count: u64,
+    pub top_k: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Input {
+    pub name: String,
+    pub ty: TensorType,
+}
+
+/// A routing op in the model (one per MoE layer kind).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Routing {
+    pub expert_dim: String,
+    pub experts: u64,
+    pub top_k: u64,
+    /// `None` is dropless.
+    pub capacity: Option<f64>,
+    #[serde(skip)]
+    pub span: Span,
+}
+
+/// One `repeat` of the model: its layer count and the per-layer cost figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+pub struct Stack {
+    pub label: String,
+    pub layers: u64,
+}
+
+/// Cost figures gathered while checking, per microbatch of `batch` sequences.
+///
+/// Activation bytes follow Korthikanti et al. (2022): what each op keeps for
+/// its backward pass, in the training precision's bytes, already divided by
+/// the tensor-parallel sharding of each value.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct OpCost {
+    /// Forward FLOPs: 2 per multiply-add of every contraction, plus the attention
+    /// score and value products over the full score matrix.
+    pub flops: f64,
+    /// Forward FLOPs of attention scores/values only (included in `flops`).
+    pub attn_flops: f64,
+    /// Saved activations with no recompute.
+    pub act_none: f64,
+    /// Saved activations with selective recompute (attention core recomputed).
+    pub act_selective: f64,
+}
+
+impl std::ops::AddAssign for OpCost {
+    fn add_assign(&mut self, o: OpCost) {
+        self.flops += o.flops;
+        self.attn_flops += o.attn_flops;
+        self.act_none += o.act_none;
+        self.act_selective += o.act_selective;
+    }
+}
+
+impl std::ops::Mul<f64> for OpCost {
+    type Output = OpCost;
+    fn mul(self, k: f64) -> OpCost {
+        OpCost {
+            flops: self.flops * k,
+            attn_flops: self.attn_flops * k,
+            act_none: self.act_none * k,
+            act_selective: self.act_selective * k,
+        }
+    }
+}
+
+/// Costs split by where they run: before the layers, per layer, after them.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct CostProfile {
+    pub pre: OpCost,
+    /// Summed over all layers of all stacks.
+    pub layers: OpCost,
+    pub post: OpCost,
+    /// Bytes of one layer's input (what full recompute keeps per layer).
+    pub layer_input_bytes: f64,
+    /// Total layers across stacks.
+    pub layer_count: u64,
+}
+
+impl CostProfile {
+    pub fn total(&self) -> OpCost {
+        let mut t = self.pre;
+        t += self.layers;
+        t += self.post;
+        t
+    }
+}
+
+/// The checked model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Model {
+    pub name: String,
+    /// Every named constant of the model (dims and scalars) after overrides, in order.
+    pub consts: Vec<(String, f64)>,
+    pub inputs: Vec<Input>,
+    pub params: Vec<Param>,
+    /// Named top-level values of interest (`loss`, `logits`, ...).
+    pub outputs: Vec<(String, TensorType)>,
+    pub routings: Vec<Routing>,
+    pub stacks: Vec<Stack>,
+    /// Tokens per sequence (size of `seq`, else the product of the first input's non-batch dims).
+    pub tokens_per_sample: u64,
+    /// Sequences per microbatch per data-parallel rank (the size of `batch`).
+    pub micro_batch: u64,
+    pub cost: CostProfile,
+    /// The dims of every named value, with where it is defined (for layout checks).
+    #[serde(skip)]
+    pub value_dims: Vec<(Vec<String>, Span)>,
+    pub parallel: crate::config::Parallel,
+    pub train: Option<crate::config::Train>,
+    pub infer: Option<crate::config::Infer>,
+}
+
+impl Model {
+    pub fn const_value(&self, name: &str) -> Option<f64> {
+        self.consts.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}

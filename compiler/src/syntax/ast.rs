@@ -1,0 +1,343 @@
+//! The abstract syntax tree of one `.spec` file.
+//!
+//! Every node carries a [`Span`] into its source file. The AST is what the
+//! text says, nothing more: names are unresolved and constants unevaluated.
+
+use super::span::Span;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ident {
+    pub name: String,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct File {
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Use(Use),
+    Block(BlockDef),
+    Model(ModelDef),
+    Section(Section),
+}
+
+impl Item {
+    pub fn span(&self) -> Span {
+        match self {
+            Item::Use(u) => u.span,
+            Item::Block(b) => b.span,
+            Item::Model(m) => m.span,
+            Item::Section(s) => s.span,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Use {
+    pub path: String,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDef {
+    pub name: Ident,
+    pub params: Vec<BlockParam>,
+    pub ret: Option<TypeExpr>,
+    pub body: Body,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockParam {
+    /// A tensor input: `x: f32[batch, seq, embed]`.
+    Tensor { name: Ident, ty: TypeExpr },
+    /// A constant with a default: `causal = true`.
+    Const { name: Ident, default: Expr },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDef {
+    pub name: Ident,
+    /// `model b = a with { ... }`: the base model and the overridden dims.
+    pub base: Option<(Ident, Vec<DimDef>)>,
+    pub body: Option<Body>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DimDef {
+    pub name: Ident,
+    pub value: Expr,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypeExpr {
+    pub dtype: Option<(DType, Span)>,
+    pub dims: Vec<DimEntry>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DimEntry {
+    /// `...`: any number of leading dims (block signatures only).
+    Ellipsis(Span),
+    /// `embed`, or `qkv = 3` which also declares a local dim.
+    Named { name: Ident, size: Option<Expr> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+    F16,
+    I32,
+    I64,
+    Bool,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::Bool => "bool",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DType> {
+        Some(match s {
+            "f32" => DType::F32,
+            "bf16" => DType::Bf16,
+            "f16" => DType::F16,
+            "i32" => DType::I32,
+            "i64" => DType::I64,
+            "bool" => DType::Bool,
+            _ => return None,
+        })
+    }
+
+    pub fn bytes(self) -> u64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::Bf16 | DType::F16 => 2,
+            DType::I64 => 8,
+            DType::Bool => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::Bf16 | DType::F16)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Body {
+    pub stmts: Vec<Stmt>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stmt {
+    Dims(Vec<DimDef>, Span),
+    Input {
+        name: Ident,
+        ty: TypeExpr,
+        span: Span,
+    },
+    Param {
+        name: Ident,
+        ty: TypeExpr,
+        init: Option<Expr>,
+        span: Span,
+    },
+    Return(Expr, Span),
+    If {
+        cond: Expr,
+        then: Body,
+        otherwise: Option<Body>,
+        span: Span,
+    },
+    Accum {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
+    Assign {
+        names: Vec<Ident>,
+        value: Expr,
+        span: Span,
+    },
+}
+
+impl Stmt {
+    pub fn span(&self) -> Span {
+        match self {
+            Stmt::Dims(_, s)
+            | Stmt::Input { span: s, .. }
+            | Stmt::Param { span: s, .. }
+            | Stmt::Return(_, s)
+            | Stmt::If { span: s, .. }
+            | Stmt::Accum { span: s, .. }
+            | Stmt::Assign { span: s, .. } => *s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinOp {
+    Pow,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    MatMul,
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    And,
+    Or,
+}
+
+impl BinOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            BinOp::Pow => "**",
+            BinOp::Add => "+",
+            BinOp::Sub => "-",
+            BinOp::Mul => "*",
+            BinOp::Div => "/",
+            BinOp::Rem => "%",
+            BinOp::MatMul => "@",
+            BinOp::Eq => "==",
+            BinOp::Ne => "!=",
+            BinOp::Lt => "<",
+            BinOp::Le => "<=",
+            BinOp::Gt => ">",
+            BinOp::Ge => ">=",
+            BinOp::And => "&&",
+            BinOp::Or => "||",
+        }
+    }
+
+    /// Binding power, higher binds tighter (used by the printer to place parentheses).
+    pub fn precedence(self) -> u8 {
+        match self {
+            BinOp::Or => 1,
+            BinOp::And => 2,
+            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => 3,
+            BinOp::Add | BinOp::Sub => 4,
+            BinOp::Mul | BinOp::Div | BinOp::Rem | BinOp::MatMul => 5,
+            BinOp::Pow => 7,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnOp {
+    Neg,
+    Not,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expr {
+    pub kind: ExprKind,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExprKind {
+    /// A number literal; `text` keeps the spelling (suffix included) for the printer.
+    Number {
+        value: f64,
+        text: String,
+    },
+    Str(String),
+    Bool(bool),
+    Name(String),
+    Unary(UnOp, Box<Expr>),
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    Call {
+        name: Ident,
+        args: Vec<Arg>,
+    },
+    Tuple(Vec<Expr>),
+    List(Vec<Expr>),
+    Paren(Box<Expr>),
+    Repeat {
+        count: Box<Expr>,
+        label: Option<Ident>,
+        body: Body,
+    },
+    /// A value with a unit word: `375M tokens`, `1536 sequences` (section values and keyword arguments).
+    Unit(Box<Expr>, String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Pos(Expr),
+    Kw(Ident, Expr),
+    /// `a -> b`, `[a, b] -> c`, `c -> [a, b]`.
+    DimMap {
+        from: Vec<Ident>,
+        to: Vec<Ident>,
+        from_list: bool,
+        to_list: bool,
+        span: Span,
+    },
+}
+
+impl Arg {
+    pub fn span(&self) -> Span {
+        match self {
+            Arg::Pos(e) => e.span,
+            Arg::Kw(k, e) => k.span.to(e.span),
+            Arg::DimMap { span, .. } => *span,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Section {
+    pub name: Ident,
+    pub entries: Vec<Entry>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    /// `key = value` (the value may carry a unit: `375M tokens`).
+    Value { key: Ident, value: Expr, span: Span },
+    /// `key { ... }`.
+    Sub(Section),
+    /// `dim -> axis` (layout rules).
+    Rule { dim: Ident, axis: Ident, span: Span },
+}
+
+impl Entry {
+    pub fn span(&self) -> Span {
+        match self {
+            Entry::Value { span, .. } | Entry::Rule { span, .. } => *span,
+            Entry::Sub(s) => s.span,
+        }
+    }
+
+    pub fn key(&self) -> &Ident {
+        match self {
+            Entry::Value { key, .. } => key,
+            Entry::Sub(s) => &s.name,
+            Entry::Rule { dim, .. } => dim,
+        }
+    }
+}

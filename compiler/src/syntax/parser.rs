@@ -1,0 +1,630 @@
+//! Text → AST. Parse errors become diagnostics that point at the exact token
+//! and say what was expected.
+
+use super::ast::*;
+use super::span::{FileId, Span};
+use crate::diag::Diag;
+use pest::Parser as _;
+use pest::iterators::Pair;
+use pest::pratt_parser::{Assoc, Op, PrattParser};
+use std::sync::OnceLock;
+
+#[derive(pest_derive::Parser)]
+#[grammar = "syntax/spec.pest"]
+struct SpecParser;
+
+fn pratt() -> &'static PrattParser<Rule> {
+    static P: OnceLock<PrattParser<Rule>> = OnceLock::new();
+    P.get_or_init(|| {
+        PrattParser::new()
+            .op(Op::infix(Rule::or, Assoc::Left))
+            .op(Op::infix(Rule::and, Assoc::Left))
+            .op(Op::infix(Rule::eq, Assoc::Left)
+                | Op::infix(Rule::ne, Assoc::Left)
+                | Op::infix(Rule::lt, Assoc::Left)
+                | Op::infix(Rule::le, Assoc::Left)
+                | Op::infix(Rule::gt, Assoc::Left)
+                | Op::infix(Rule::ge, Assoc::Left))
+            .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
+            .op(Op::infix(Rule::mul, Assoc::Left)
+                | Op::infix(Rule::div, Assoc::Left)
+                | Op::infix(Rule::rem, Assoc::Left)
+                | Op::infix(Rule::matmul, Assoc::Left))
+            .op(Op::prefix(Rule::neg) | Op::prefix(Rule::not))
+            .op(Op::infix(Rule::pow, Assoc::Right))
+    })
+}
+
+/// Parse a whole `.spec` file.
+pub fn parse_file(file: FileId, text: &str) -> Result<File, Diag> {
+    let mut pairs = SpecParser::parse(Rule::file, text).map_err(|e| parse_error(file, text, e))?;
+    let Some(root) = pairs.next() else {
+        return Ok(File { items: Vec::new() });
+    };
+    let b = Builder { file };
+    let mut items = Vec::new();
+    for p in root.into_inner() {
+        match p.as_rule() {
+            Rule::use_item => items.push(Item::Use(b.use_item(p))),
+            Rule::block_def => items.push(Item::Block(b.block_def(p))),
+            Rule::model_def => items.push(Item::Model(b.model_def(p))),
+            Rule::section => items.push(Item::Section(b.section(p))),
+            _ => {}
+        }
+    }
+    Ok(File { items })
+}
+
+/// Parse one expression (used for `--set key=value` values).
+pub fn parse_value(file: FileId, text: &str) -> Result<Expr, Diag> {
+    let wrapped = format!("v={text}");
+    let mut pairs = SpecParser::parse(Rule::key_value, &wrapped)
+        .map_err(|e| parse_error(file, text, shift_error(e, 2)))?;
+    let b = Builder { file };
+    let kv = pairs.next().expect("key_value matched");
+    let full = kv.as_str().len();
+    if full != text.len() + 2 {
+        let at = full.saturating_sub(2);
+        return Err(Diag::error("unexpected text after the value")
+            .at(Span::new(file, at, text.len()), "not part of the value")
+            .help("a value is one expression, e.g. `--set dims.embed=1024` or `--set parallel.pipeline.schedule=1f1b`"));
+    }
+    let mut inner = kv.into_inner();
+    inner.next(); // key
+    let mut value = b.value(inner.next().expect("value"));
+    let shift = |s: Span| Span::new(file, s.start.saturating_sub(2), s.end.saturating_sub(2));
+    shift_spans(&mut value, &shift);
+    Ok(value)
+}
+
+fn shift_spans(e: &mut Expr, f: &dyn Fn(Span) -> Span) {
+    e.span = f(e.span);
+    match &mut e.kind {
+        ExprKind::Unary(_, a) | ExprKind::Paren(a) | ExprKind::Unit(a, _) => shift_spans(a, f),
+        ExprKind::Binary(_, a, b) => {
+            shift_spans(a, f);
+            shift_spans(b, f);
+        }
+        ExprKind::Call { name, args } => {
+            name.span = f(name.span);
+            for a in args {
+                match a {
+                    Arg::Pos(e) => shift_spans(e, f),
+                    Arg::Kw(k, e) => {
+                        k.span = f(k.span);
+                        shift_spans(e, f)
+                    }
+                    Arg::DimMap { span, .. } => *span = f(*span),
+                }
+            }
+        }
+        ExprKind::Tuple(xs) | ExprKind::List(xs) => xs.iter_mut().for_each(|x| shift_spans(x, f)),
+        _ => {}
+    }
+}
+
+fn shift_error(e: pest::error::Error<Rule>, by: usize) -> pest::error::Error<Rule> {
+    use pest::error::InputLocation;
+    let mut e = e;
+    e.location = match e.location {
+        InputLocation::Pos(p) => InputLocation::Pos(p.saturating_sub(by)),
+        InputLocation::Span((a, b)) => {
+            InputLocation::Span((a.saturating_sub(by), b.saturating_sub(by)))
+        }
+    };
+    e
+}
+
+fn rule_name(r: &Rule) -> Option<&'static str> {
+    Some(match r {
+        Rule::EOI => "end of file",
+        Rule::ident => "a name",
+        Rule::number | Rule::tag => "a number",
+        Rule::value => "a value",
+        Rule::string => "a string",
+        Rule::expr | Rule::paren | Rule::call | Rule::list | Rule::boolean | Rule::repeat_expr => {
+            "an expression"
+        }
+        Rule::type_expr => "a type like `f32[batch, seq]`",
+        Rule::dtype => "a dtype (f32, bf16, f16, i32, i64, bool)",
+        Rule::use_item => "`use`",
+        Rule::block_def => "`block`",
+        Rule::model_def => "`model`",
+        Rule::section => "a section (`parallel {`, `train {`, `infer {`)",
+        Rule::body => "`{`",
+        Rule::dims_stmt => "`dims`",
+        Rule::input_stmt => "`input`",
+        Rule::param_stmt => "`param`",
+        Rule::return_stmt => "`return`",
+        Rule::if_stmt => "`if`",
+        Rule::assign_stmt | Rule::accum_stmt => "a statement",
+        Rule::entry | Rule::key_value | Rule::subsection | Rule::layout_rule => {
+            "an entry `key = value`"
+        }
+        Rule::unit => "a unit (tokens, sequences, samples, steps)",
+        Rule::dim_entry | Rule::ellipsis => "a dim name",
+        Rule::kwarg | Rule::dim_map | Rule::dim_group => "an argument",
+        Rule::block_param => "a block parameter",
+        Rule::dim_def => "`name = value`",
+        Rule::model_variant => "`=` or `{`",
+        Rule::pow
+        | Rule::add
+        | Rule::sub
+        | Rule::mul
+        | Rule::div
+        | Rule::rem
+        | Rule::matmul
+        | Rule::eq
+        | Rule::ne
+        | Rule::le
+        | Rule::ge
+        | Rule::lt
+        | Rule::gt
+        | Rule::and
+        | Rule::or => "an operator",
+        Rule::neg | Rule::not => "an expression",
+        _ => return None,
+    })
+}
+
+fn parse_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diag {
+    use pest::error::{ErrorVariant, InputLocation};
+    let pos = match e.location {
+        InputLocation::Pos(p) => p,
+        InputLocation::Span((a, _)) => a,
+    };
+    let pos = pos.min(text.len());
+    // Point at the whole offending token, not just its first byte.
+    let rest = &text[pos..];
+    let tok_len = if rest.is_empty() {
+        0
+    } else {
+        let first = rest.chars().next().map(|c| c.len_utf8()).unwrap_or(1);
+        let word = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        if word > 0 { word } else { first }
+    };
+    let found = if rest.is_empty() {
+        "end of file".to_string()
+    } else {
+        format!("`{}`", &rest[..tok_len])
+    };
+    let mut expected: Vec<&str> = match &e.variant {
+        ErrorVariant::ParsingError { positives, .. } => {
+            positives.iter().filter_map(rule_name).collect()
+        }
+        ErrorVariant::CustomError { .. } => Vec::new(),
+    };
+    expected.sort();
+    expected.dedup();
+    let what = match expected.len() {
+        0 => "unexpected input".to_string(),
+        1 => format!("expected {}", expected[0]),
+        _ => {
+            let (last, init) = expected.split_last().expect("non-empty");
+            format!("expected {} or {}", init.join(", "), last)
+        }
+    };
+    let help = if rest.starts_with('}') || rest.is_empty() {
+        "check that every `{`, `(` and `[` before this point is closed, and that no entry is missing its value".to_string()
+    } else if expected.contains(&"a name")
+        && rest.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+    {
+        format!("{found} is a reserved word; choose another name")
+    } else {
+        "see docs/language.md for the syntax".to_string()
+    };
+    Diag::error(format!("syntax error: {what}, found {found}"))
+        .at(Span::new(file, pos, pos + tok_len), what)
+        .help(help)
+}
+
+struct Builder {
+    file: FileId,
+}
+
+impl Builder {
+    fn span(&self, p: &Pair<Rule>) -> Span {
+        let s = p.as_span();
+        Span::new(self.file, s.start(), s.end())
+    }
+
+    fn ident(&self, p: Pair<Rule>) -> Ident {
+        Ident {
+            name: p.as_str().to_string(),
+            span: self.span(&p),
+        }
+    }
+
+    fn use_item(&self, p: Pair<Rule>) -> Use {
+        let span = self.span(&p);
+        let path = p
+            .into_inner()
+            .next()
+            .map(|x| x.as_str().to_string())
+            .unwrap_or_default();
+        Use { path, span }
+    }
+
+    fn block_def(&self, p: Pair<Rule>) -> BlockDef {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let name = self.ident(it.next().expect("name"));
+        let mut params = Vec::new();
+        let mut ret = None;
+        let mut body = None;
+        for q in it {
+            match q.as_rule() {
+                Rule::block_params => {
+                    for bp in q.into_inner() {
+                        let mut bi = bp.into_inner();
+                        let pname = self.ident(bi.next().expect("param name"));
+                        let rest = bi.next().expect("param type or default");
+                        params.push(match rest.as_rule() {
+                            Rule::type_expr => BlockParam::Tensor {
+                                name: pname,
+                                ty: self.type_expr(rest),
+                            },
+                            _ => BlockParam::Const {
+                                name: pname,
+                                default: self.expr(rest),
+                            },
+                        });
+                    }
+                }
+                Rule::type_expr => ret = Some(self.type_expr(q)),
+                Rule::body => body = Some(self.body(q)),
+                _ => {}
+            }
+        }
+        BlockDef {
+            name,
+            params,
+            ret,
+            body: body.expect("block body"),
+            span,
+        }
+    }
+
+    fn model_def(&self, p: Pair<Rule>) -> ModelDef {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let name = self.ident(it.next().expect("name"));
+        let next = it.next().expect("model body or variant");
+        match next.as_rule() {
+            Rule::model_variant => {
+                let mut vi = next.into_inner();
+                let base = self.ident(vi.next().expect("base"));
+                let overrides = vi
+                    .next()
+                    .expect("overrides")
+                    .into_inner()
+                    .map(|d| self.dim_def(d))
+                    .collect();
+                ModelDef {
+                    name,
+                    base: Some((base, overrides)),
+                    body: None,
+                    span,
+                }
+            }
+            _ => ModelDef {
+                name,
+                base: None,
+                body: Some(self.body(next)),
+                span,
+            },
+        }
+    }
+
+    fn dim_def(&self, p: Pair<Rule>) -> DimDef {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let name = self.ident(it.next().expect("name"));
+        let value = self.expr(it.next().expect("value"));
+        DimDef { name, value, span }
+    }
+
+    fn section(&self, p: Pair<Rule>) -> Section {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let name = self.ident(it.next().expect("name"));
+        let entries = self.entries(it.next().expect("entries"));
+        Section {
+            name,
+            entries,
+            span,
+        }
+    }
+
+    fn entries(&self, p: Pair<Rule>) -> Vec<Entry> {
+        p.into_inner()
+            .map(|e| {
+                let inner = e.into_inner().next().expect("entry");
+                let span = self.span(&inner);
+                match inner.as_rule() {
+                    Rule::subsection => Entry::Sub(self.section(inner)),
+                    Rule::layout_rule => {
+                        let mut it = inner.into_inner();
+                        let dim = self.ident(it.next().expect("dim"));
+                        let axis = self.ident(it.next().expect("axis"));
+                        Entry::Rule { dim, axis, span }
+                    }
+                    _ => {
+                        let mut it = inner.into_inner();
+                        let key = self.ident(it.next().expect("key"));
+                        let value = self.value(it.next().expect("value"));
+                        Entry::Value { key, value, span }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn type_expr(&self, p: Pair<Rule>) -> TypeExpr {
+        let span = self.span(&p);
+        let mut dtype = None;
+        let mut dims = Vec::new();
+        for q in p.into_inner() {
+            match q.as_rule() {
+                Rule::dtype => {
+                    dtype = Some((
+                        DType::parse(q.as_str()).expect("grammar dtype"),
+                        self.span(&q),
+                    ))
+                }
+                Rule::dim_entry => {
+                    let inner = q.into_inner().collect::<Vec<_>>();
+                    match inner.first().map(|x| x.as_rule()) {
+                        Some(Rule::ellipsis) => dims.push(DimEntry::Ellipsis(self.span(&inner[0]))),
+                        _ => {
+                            let mut it = inner.into_iter();
+                            let name = self.ident(it.next().expect("dim"));
+                            let size = it.next().map(|e| self.expr(e));
+                            dims.push(DimEntry::Named { name, size });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        TypeExpr { dtype, dims, span }
+    }
+
+    fn body(&self, p: Pair<Rule>) -> Body {
+        let span = self.span(&p);
+        Body {
+            stmts: p.into_inner().map(|s| self.stmt(s)).collect(),
+            span,
+        }
+    }
+
+    fn stmt(&self, p: Pair<Rule>) -> Stmt {
+        let span = self.span(&p);
+        let rule = p.as_rule();
+        let mut it = p.into_inner();
+        match rule {
+            Rule::dims_stmt => Stmt::Dims(it.map(|d| self.dim_def(d)).collect(), span),
+            Rule::input_stmt => {
+                let name = self.ident(it.next().expect("name"));
+                let ty = self.type_expr(it.next().expect("type"));
+                Stmt::Input { name, ty, span }
+            }
+            Rule::param_stmt => {
+                let name = self.ident(it.next().expect("name"));
+                let ty = self.type_expr(it.next().expect("type"));
+                let init = it.next().map(|e| self.expr(e));
+                Stmt::Param {
+                    name,
+                    ty,
+                    init,
+                    span,
+                }
+            }
+            Rule::return_stmt => Stmt::Return(self.expr(it.next().expect("expr")), span),
+            Rule::if_stmt => {
+                let cond = self.expr(it.next().expect("cond"));
+                let then = self.body(it.next().expect("then"));
+                let otherwise = it.next().map(|e| match e.as_rule() {
+                    Rule::if_stmt => {
+                        let s = self.stmt(e);
+                        Body {
+                            span: s.span(),
+                            stmts: vec![s],
+                        }
+                    }
+                    _ => self.body(e),
+                });
+                Stmt::If {
+                    cond,
+                    then,
+                    otherwise,
+                    span,
+                }
+            }
+            Rule::accum_stmt => {
+                let name = self.ident(it.next().expect("name"));
+                let value = self.expr(it.next().expect("value"));
+                Stmt::Accum { name, value, span }
+            }
+            _ => {
+                let mut names = Vec::new();
+                let mut value = None;
+                for q in it {
+                    match q.as_rule() {
+                        Rule::ident => names.push(self.ident(q)),
+                        _ => value = Some(self.expr(q)),
+                    }
+                }
+                Stmt::Assign {
+                    names,
+                    value: value.expect("assign value"),
+                    span,
+                }
+            }
+        }
+    }
+
+    /// `expr [unit]`.
+    fn value(&self, p: Pair<Rule>) -> Expr {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let e = self.expr(it.next().expect("expr"));
+        match it.next() {
+            Some(u) => Expr {
+                kind: ExprKind::Unit(Box::new(e), u.as_str().to_string()),
+                span,
+            },
+            None => e,
+        }
+    }
+
+    fn expr(&self, p: Pair<Rule>) -> Expr {
+        debug_assert_eq!(p.as_rule(), Rule::expr);
+        pratt()
+            .map_primary(|q| self.primary(q))
+            .map_prefix(|op, rhs| {
+                let span = self.span(&op).to(rhs.span);
+                let u = if op.as_rule() == Rule::neg {
+                    UnOp::Neg
+                } else {
+                    UnOp::Not
+                };
+                Expr {
+                    kind: ExprKind::Unary(u, Box::new(rhs)),
+                    span,
+                }
+            })
+            .map_infix(|lhs, op, rhs| {
+                let span = lhs.span.to(rhs.span);
+                let b = match op.as_rule() {
+                    Rule::pow => BinOp::Pow,
+                    Rule::add => BinOp::Add,
+                    Rule::sub => BinOp::Sub,
+                    Rule::mul => BinOp::Mul,
+                    Rule::div => BinOp::Div,
+                    Rule::rem => BinOp::Rem,
+                    Rule::matmul => BinOp::MatMul,
+                    Rule::eq => BinOp::Eq,
+                    Rule::ne => BinOp::Ne,
+                    Rule::lt => BinOp::Lt,
+                    Rule::le => BinOp::Le,
+                    Rule::gt => BinOp::Gt,
+                    Rule::ge => BinOp::Ge,
+                    Rule::and => BinOp::And,
+                    _ => BinOp::Or,
+                };
+                Expr {
+                    kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)),
+                    span,
+                }
+            })
+            .parse(p.into_inner())
+    }
+
+    fn primary(&self, p: Pair<Rule>) -> Expr {
+        let span = self.span(&p);
+        let kind = match p.as_rule() {
+            Rule::number => {
+                let text = p.as_str().to_string();
+                ExprKind::Number {
+                    value: number_value(&text),
+                    text,
+                }
+            }
+            Rule::string => {
+                let s = p.as_str();
+                ExprKind::Str(s[1..s.len() - 1].to_string())
+            }
+            Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
+            Rule::ident | Rule::tag => ExprKind::Name(p.as_str().to_string()),
+            Rule::expr => return self.expr(p),
+            Rule::paren => {
+                let mut xs: Vec<Expr> = p.into_inner().map(|e| self.expr(e)).collect();
+                if xs.len() == 1 {
+                    ExprKind::Paren(Box::new(xs.remove(0)))
+                } else {
+                    ExprKind::Tuple(xs)
+                }
+            }
+            Rule::list => ExprKind::List(p.into_inner().map(|e| self.expr(e)).collect()),
+            Rule::repeat_expr => {
+                let mut count = None;
+                let mut label = None;
+                let mut body = None;
+                for q in p.into_inner() {
+                    match q.as_rule() {
+                        Rule::expr => count = Some(self.expr(q)),
+                        Rule::ident => label = Some(self.ident(q)),
+                        _ => body = Some(self.body(q)),
+                    }
+                }
+                ExprKind::Repeat {
+                    count: Box::new(count.expect("repeat count")),
+                    label,
+                    body: body.expect("repeat body"),
+                }
+            }
+            Rule::call => {
+                let mut it = p.into_inner();
+                let name = self.ident(it.next().expect("callee"));
+                let args = it.map(|a| self.arg(a)).collect();
+                ExprKind::Call { name, args }
+            }
+            r => unreachable!("primary rule {r:?}"),
+        };
+        Expr { kind, span }
+    }
+
+    fn arg(&self, p: Pair<Rule>) -> Arg {
+        let span = self.span(&p);
+        match p.as_rule() {
+            Rule::kwarg => {
+                let mut it = p.into_inner();
+                let k = self.ident(it.next().expect("key"));
+                Arg::Kw(k, self.value(it.next().expect("value")))
+            }
+            Rule::dim_map => {
+                let mut it = p.into_inner();
+                let g = |q: Pair<Rule>| -> (Vec<Ident>, bool) {
+                    let is_list = q.as_str().trim_start().starts_with('[');
+                    (q.into_inner().map(|i| self.ident(i)).collect(), is_list)
+                };
+                let (from, from_list) = g(it.next().expect("from"));
+                let (to, to_list) = g(it.next().expect("to"));
+                Arg::DimMap {
+                    from,
+                    to,
+                    from_list,
+                    to_list,
+                    span,
+                }
+            }
+            _ => Arg::Pos(self.expr(p)),
+        }
+    }
+}
+
+/// The value of a number literal, count suffix applied (K, M, B, T decimal; Ki, Mi, Gi binary).
+pub fn number_value(text: &str) -> f64 {
+    let (digits, mult) = if let Some(d) = text.strip_suffix("Ki") {
+        (d, 1024.0)
+    } else if let Some(d) = text.strip_suffix("Mi") {
+        (d, 1024.0 * 1024.0)
+    } else if let Some(d) = text.strip_suffix("Gi") {
+        (d, 1024.0 * 1024.0 * 1024.0)
+    } else if let Some(d) = text.strip_suffix('K') {
+        (d, 1e3)
+    } else if let Some(d) = text.strip_suffix('M') {
+        (d, 1e6)
+    } else if let Some(d) = text.strip_suffix('B') {
+        (d, 1e9)
+    } else if let Some(d) = text.strip_suffix('T') {
+        (d, 1e12)
+    } else {
+        (text, 1.0)
+    };
+    // The grammar only admits valid numbers; be safe anyway.
+    digits.parse::<f64>().unwrap_or(f64::NAN) * mult
+}

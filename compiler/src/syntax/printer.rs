@@ -1,0 +1,442 @@
+//! AST → canonical text (`tessera fmt`).
+//!
+//! Comments are not in the AST; the printer takes them from the source and
+//! puts each one back before the item, statement or entry that follows it,
+//! or at the end of the line it trailed.
+
+use super::ast::*;
+
+/// A comment of the source: its byte offset, its line and its text.
+#[derive(Debug, Clone)]
+struct Comment {
+    start: usize,
+    line: usize,
+    text: String,
+}
+
+fn comments_of(src: &str) -> Vec<Comment> {
+    let b = src.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut line) = (0, 1);
+    while i < b.len() {
+        match b[i] {
+            b'\n' => {
+                line += 1;
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' && b[i] != b'\n' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                let end = src[i..].find('\n').map(|e| i + e).unwrap_or(b.len());
+                out.push(Comment {
+                    start: i,
+                    line,
+                    text: src[i..end].trim_end().to_string(),
+                });
+                i = end;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let end = src[i + 2..]
+                    .find("*/")
+                    .map(|e| i + 2 + e + 2)
+                    .unwrap_or(b.len());
+                out.push(Comment {
+                    start: i,
+                    line,
+                    text: src[i..end].to_string(),
+                });
+                line += src[i..end].matches('\n').count();
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+/// Print a parsed file canonically. `src` is the text it was parsed from
+/// (for its comments); pass "" to print without comments.
+pub fn print_file(file: &File, src: &str) -> String {
+    let mut p = Printer {
+        out: String::new(),
+        indent: 0,
+        src,
+        comments: comments_of(src),
+        next: 0,
+    };
+    let mut prev_kind: Option<u8> = None;
+    for item in &file.items {
+        let kind = match item {
+            Item::Use(_) => 0,
+            _ => 1,
+        };
+        if let Some(pk) = prev_kind
+            && (pk != 0 || kind != 0)
+        {
+            p.out.push('\n');
+        }
+        prev_kind = Some(kind);
+        p.leading(item.span().start);
+        match item {
+            Item::Use(u) => p.line(&format!("use {}", u.path)),
+            Item::Block(b) => p.block(b),
+            Item::Model(m) => p.model(m),
+            Item::Section(s) => p.section(s),
+        }
+        p.trailing(item.span().end);
+    }
+    p.leading(usize::MAX);
+    p.out
+}
+
+struct Printer<'a> {
+    out: String,
+    indent: usize,
+    src: &'a str,
+    comments: Vec<Comment>,
+    next: usize,
+}
+
+impl Printer<'_> {
+    fn line(&mut self, s: &str) {
+        for _ in 0..self.indent {
+            self.out.push_str("  ");
+        }
+        self.out.push_str(s);
+        self.out.push('\n');
+    }
+
+    /// Emit comments that start before `pos` on their own lines.
+    fn leading(&mut self, pos: usize) {
+        while self.next < self.comments.len() && self.comments[self.next].start < pos {
+            let text = self.comments[self.next].text.clone();
+            for l in text.lines() {
+                self.line(l.trim());
+            }
+            self.next += 1;
+        }
+    }
+
+    /// Append comments that start on the line where a node ends.
+    fn trailing(&mut self, end: usize) {
+        let end_line = self.src[..end.min(self.src.len())].matches('\n').count() + 1;
+        while self.next < self.comments.len()
+            && self.comments[self.next].line == end_line
+            && self.comments[self.next].start >= end
+            && !self.comments[self.next].text.contains('\n')
+        {
+            if self.out.ends_with('\n') {
+                self.out.pop();
+            }
+            self.out.push_str("  ");
+            self.out.push_str(&self.comments[self.next].text);
+            self.out.push('\n');
+            self.next += 1;
+        }
+    }
+
+    fn block(&mut self, b: &BlockDef) {
+        let params: Vec<String> = b
+            .params
+            .iter()
+            .map(|p| match p {
+                BlockParam::Tensor { name, ty } => format!("{}: {}", name.name, type_expr(ty)),
+                BlockParam::Const { name, default } => format!("{} = {}", name.name, expr(default)),
+            })
+            .collect();
+        let ret = b
+            .ret
+            .as_ref()
+            .map(|t| format!(" -> {}", type_expr(t)))
+            .unwrap_or_default();
+        self.line(&format!(
+            "block {}({}){} {{",
+            b.name.name,
+            params.join(", "),
+            ret
+        ));
+        self.body_stmts(&b.body);
+        self.line("}");
+    }
+
+    fn model(&mut self, m: &ModelDef) {
+        let head = match &m.base {
+            Some((base, overrides)) => {
+                let o: Vec<String> = overrides
+                    .iter()
+                    .map(|d| format!("{} = {}", d.name.name, expr(&d.value)))
+                    .collect();
+                format!(
+                    "model {} = {} with {{ {} }}",
+                    m.name.name,
+                    base.name,
+                    o.join(", ")
+                )
+            }
+            None => format!("model {}", m.name.name),
+        };
+        match &m.body {
+            Some(body) => {
+                self.line(&format!("{head} {{"));
+                self.body_stmts(body);
+                self.line("}");
+            }
+            None => self.line(&head),
+        }
+    }
+
+    fn body_stmts(&mut self, body: &Body) {
+        self.indent += 1;
+        for s in &body.stmts {
+            self.stmt(s);
+        }
+        self.leading(body.span.end);
+        self.indent -= 1;
+    }
+
+    fn stmt(&mut self, s: &Stmt) {
+        self.leading(s.span().start);
+        match s {
+            Stmt::Dims(defs, _) => {
+                let items: Vec<String> = defs
+                    .iter()
+                    .map(|d| format!("{} = {}", d.name.name, expr(&d.value)))
+                    .collect();
+                let one = format!("dims {{ {} }}", items.join(", "));
+                if one.len() + self.indent * 2 <= 100 {
+                    self.line(&one);
+                } else {
+                    self.line("dims {");
+                    self.indent += 1;
+                    for d in defs {
+                        self.leading(d.span.start);
+                        self.line(&format!("{} = {}", d.name.name, expr(&d.value)));
+                        self.trailing(d.span.end);
+                    }
+                    self.indent -= 1;
+                    self.line("}");
+                }
+            }
+            Stmt::Input { name, ty, .. } => {
+                self.line(&format!("input {}: {}", name.name, type_expr(ty)))
+            }
+            Stmt::Param { name, ty, init, .. } => {
+                let init = init
+                    .as_ref()
+                    .map(|e| format!(" init {}", expr(e)))
+                    .unwrap_or_default();
+                self.line(&format!("param {}: {}{}", name.name, type_expr(ty), init))
+            }
+            Stmt::Return(e, _) => self.expr_stmt("return ", e),
+            Stmt::Accum { name, value, .. } => self.expr_stmt(&format!("{} += ", name.name), value),
+            Stmt::Assign { names, value, .. } => {
+                let lhs: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
+                self.expr_stmt(&format!("{} = ", lhs.join(", ")), value)
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+                ..
+            } => self.if_stmt("if", cond, then, otherwise.as_ref()),
+        }
+        if !matches!(s, Stmt::If { .. }) {
+            self.trailing(s.span().end);
+        }
+    }
+
+    fn if_stmt(&mut self, kw: &str, cond: &Expr, then: &Body, otherwise: Option<&Body>) {
+        self.line(&format!("{kw} {} {{", expr(cond)));
+        self.body_stmts(then);
+        match otherwise {
+            None => self.line("}"),
+            Some(b) => match b.stmts.as_slice() {
+                [
+                    Stmt::If {
+                        cond,
+                        then,
+                        otherwise,
+                        span,
+                    },
+                ] if *span == b.span => self.if_stmt("} else if", cond, then, otherwise.as_ref()),
+                _ => {
+                    self.line("} else {");
+                    self.body_stmts(b);
+                    self.line("}");
+                }
+            },
+        }
+    }
+
+    /// A statement whose value may hold a `repeat` body, printed as nested lines.
+    fn expr_stmt(&mut self, prefix: &str, e: &Expr) {
+        if let ExprKind::Repeat { count, label, body } = &e.kind {
+            let label = label
+                .as_ref()
+                .map(|l| format!(" as {}", l.name))
+                .unwrap_or_default();
+            self.line(&format!("{prefix}repeat {}{} {{", expr(count), label));
+            self.body_stmts(body);
+            self.line("}");
+        } else {
+            self.line(&format!("{prefix}{}", expr(e)));
+        }
+    }
+
+    fn section(&mut self, s: &Section) {
+        self.line(&format!("{} {{", s.name.name));
+        self.indent += 1;
+        for e in &s.entries {
+            self.leading(e.span().start);
+            match e {
+                Entry::Value { key, value, .. } => {
+                    self.line(&format!("{} = {}", key.name, expr(value)))
+                }
+                Entry::Rule { dim, axis, .. } => {
+                    self.line(&format!("{} -> {}", dim.name, axis.name))
+                }
+                Entry::Sub(sub) => {
+                    let one = one_line_section(sub);
+                    match one {
+                        Some(text)
+                            if text.len() + self.indent * 2 <= 100
+                                && !self.has_comments_in(sub.span) =>
+                        {
+                            self.line(&text)
+                        }
+                        _ => self.section(sub),
+                    }
+                }
+            }
+            self.trailing(e.span().end);
+        }
+        self.leading(s.span.end);
+        self.indent -= 1;
+        self.line("}");
+    }
+
+    fn has_comments_in(&self, span: super::span::Span) -> bool {
+        self.comments[self.next..]
+            .iter()
+            .any(|c| c.start >= span.start && c.start < span.end)
+    }
+}
+
+fn one_line_section(s: &Section) -> Option<String> {
+    let mut parts = Vec::new();
+    for e in &s.entries {
+        match e {
+            Entry::Value { key, value, .. } => {
+                parts.push(format!("{} = {}", key.name, expr(value)))
+            }
+            Entry::Rule { dim, axis, .. } => parts.push(format!("{} -> {}", dim.name, axis.name)),
+            Entry::Sub(_) => return None,
+        }
+    }
+    Some(format!("{} {{ {} }}", s.name.name, parts.join(", ")))
+}
+
+pub fn type_expr(t: &TypeExpr) -> String {
+    let dims: Vec<String> = t
+        .dims
+        .iter()
+        .map(|d| match d {
+            DimEntry::Ellipsis(_) => "...".to_string(),
+            DimEntry::Named { name, size: None } => name.name.clone(),
+            DimEntry::Named {
+                name,
+                size: Some(e),
+            } => format!("{} = {}", name.name, expr(e)),
+        })
+        .collect();
+    let dt = t.dtype.map(|(d, _)| d.name()).unwrap_or("");
+    format!("{dt}[{}]", dims.join(", "))
+}
+
+/// Print an expression on one line with the minimal parentheses the
+/// precedence needs (source parentheses are kept).
+pub fn expr(e: &Expr) -> String {
+    expr_prec(e, 0)
+}
+
+fn expr_prec(e: &Expr, min: u8) -> String {
+    match &e.kind {
+        ExprKind::Number { text, .. } => text.clone(),
+        ExprKind::Str(s) => format!("\"{s}\""),
+        ExprKind::Bool(b) => b.to_string(),
+        ExprKind::Name(n) => n.clone(),
+        ExprKind::Unary(op, a) => {
+            let sym = if *op == UnOp::Neg { "-" } else { "!" };
+            let s = format!("{sym}{}", expr_prec(a, 6));
+            if min > 6 { format!("({s})") } else { s }
+        }
+        ExprKind::Binary(op, a, b) => {
+            let p = op.precedence();
+            // Left-associative except `**`.
+            let (lp, rp) = if *op == BinOp::Pow {
+                (p + 1, p)
+            } else {
+                (p, p + 1)
+            };
+            let s = format!("{} {} {}", expr_prec(a, lp), op.symbol(), expr_prec(b, rp));
+            if p < min { format!("({s})") } else { s }
+        }
+        ExprKind::Call { name, args } => {
+            let a: Vec<String> = args
+                .iter()
+                .map(|a| match a {
+                    Arg::Pos(e) => expr(e),
+                    Arg::Kw(k, e) => format!("{} = {}", k.name, expr(e)),
+                    Arg::DimMap {
+                        from,
+                        to,
+                        from_list,
+                        to_list,
+                        ..
+                    } => {
+                        let g = |xs: &Vec<Ident>, list: bool| {
+                            let names: Vec<&str> = xs.iter().map(|i| i.name.as_str()).collect();
+                            if list {
+                                format!("[{}]", names.join(", "))
+                            } else {
+                                names.join(", ")
+                            }
+                        };
+                        format!("{} -> {}", g(from, *from_list), g(to, *to_list))
+                    }
+                })
+                .collect();
+            format!("{}({})", name.name, a.join(", "))
+        }
+        ExprKind::Tuple(xs) => format!("({})", xs.iter().map(expr).collect::<Vec<_>>().join(", ")),
+        ExprKind::List(xs) => format!("[{}]", xs.iter().map(expr).collect::<Vec<_>>().join(", ")),
+        ExprKind::Paren(a) => format!("({})", expr(a)),
+        ExprKind::Unit(a, u) => format!("{} {u}", expr(a)),
+        ExprKind::Repeat { count, label, body } => {
+            // A repeat nested inside a larger expression: statements on one line
+            // (statements need no separator, so this parses back the same).
+            let label = label
+                .as_ref()
+                .map(|l| format!(" as {}", l.name))
+                .unwrap_or_default();
+            let mut p = Printer {
+                out: String::new(),
+                indent: 0,
+                src: "",
+                comments: Vec::new(),
+                next: 0,
+            };
+            p.indent = 0;
+            for s in &body.stmts {
+                p.stmt(s);
+            }
+            let stmts: Vec<&str> = p.out.lines().map(str::trim).collect();
+            format!("repeat {}{} {{ {} }}", expr(count), label, stmts.join(" "))
+        }
+    }
+}

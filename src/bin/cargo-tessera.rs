@@ -1,0 +1,8 @@
+//! `cargo tessera ...`: cargo runs this binary as `cargo-tessera tessera ...`.
+fn main() -> std::process::ExitCode {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "tessera") {
+        args.remove(1);
+    }
+    tessera::cli::main(args)
+}

@@ -1,0 +1,371 @@
+//! The `tessera` command line: check, inspect, fmt.
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tessera_compiler::cost::{self, memory};
+use tessera_compiler::diag::write_diags;
+use tessera_compiler::{Model, Options, SourceMap};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Declarative, checked model specs: check, inspect and format .spec files"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct SpecArgs {
+    /// The .spec file.
+    file: PathBuf,
+    /// Override a value: `--set dims.embed=1024`, `--set parallel.mesh.tensor=4`, `--set train.batch=64`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
+    /// Which model of the file (default: the last one defined).
+    #[arg(long)]
+    model: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a spec: names, shapes, dtypes, layout and memory. Exit 1 with diagnostics on error.
+    Check(SpecArgs),
+    /// Parameter counts, FLOPs per token, the mesh and rank map, memory per rank.
+    Inspect {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a spec in canonical form.
+    Fmt {
+        file: PathBuf,
+        /// Rewrite the file in place.
+        #[arg(long, conflicts_with = "check")]
+        write: bool,
+        /// Exit 1 if the file is not in canonical form.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Check(a) => match load(&a) {
+            Ok(m) => {
+                println!("{}", summary(&m));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Inspect { spec, json } => match load(&spec) {
+            Ok(m) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&inspect_json(&m)).expect("json")
+                    );
+                } else {
+                    print!("{}", inspect_text(&m));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Fmt { file, write, check } => fmt(&file, write, check),
+    }
+}
+
+fn load(a: &SpecArgs) -> Result<Model, ExitCode> {
+    let mut sources = SourceMap::new();
+    let opts = Options {
+        overrides: a.set.clone(),
+        model: a.model.clone(),
+    };
+    tessera_compiler::check_path(&mut sources, &a.file, &opts).map_err(|d| {
+        let mut err = codespan_stderr();
+        write_diags(&sources, &d.0, &mut err);
+        ExitCode::from(1)
+    })
+}
+
+fn codespan_stderr() -> codespan_reporting::term::termcolor::StandardStream {
+    use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
+    let choice = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    };
+    StandardStream::stderr(choice)
+}
+
+fn fmt(file: &PathBuf, write: bool, check: bool) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read `{}`: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut sources = SourceMap::new();
+    let id = sources.add(file.to_string_lossy(), text.clone());
+    let ast = match tessera_compiler::syntax::parse_file(id, &text) {
+        Ok(a) => a,
+        Err(d) => {
+            write_diags(&sources, &[d], &mut codespan_stderr());
+            return ExitCode::from(1);
+        }
+    };
+    let out = tessera_compiler::syntax::print_file(&ast, &text);
+    if check {
+        if out != text {
+            eprintln!(
+                "{} is not canonically formatted; run `tessera fmt --write {}`",
+                file.display(),
+                file.display()
+            );
+            return ExitCode::from(1);
+        }
+        return ExitCode::SUCCESS;
+    }
+    if write {
+        let tmp = file.with_extension("spec.tmp");
+        if let Err(e) = std::fs::write(&tmp, &out).and_then(|_| std::fs::rename(&tmp, file)) {
+            eprintln!("error: cannot write `{}`: {e}", file.display());
+            return ExitCode::from(1);
+        }
+    } else {
+        print!("{out}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// 1234567 → "1.23M".
+pub fn human(n: f64) -> String {
+    let (v, s) = if n >= 1e12 {
+        (n / 1e12, "T")
+    } else if n >= 1e9 {
+        (n / 1e9, "B")
+    } else if n >= 1e6 {
+        (n / 1e6, "M")
+    } else if n >= 1e3 {
+        (n / 1e3, "K")
+    } else {
+        return format!("{n:.0}");
+    };
+    format!("{v:.2}{s}")
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn mesh_text(m: &Model) -> String {
+    if m.parallel.mesh.is_empty() {
+        return "single device".into();
+    }
+    m.parallel
+        .mesh
+        .iter()
+        .map(|(a, n)| format!("{a} {n}"))
+        .collect::<Vec<_>>()
+        .join(" × ")
+}
+
+fn summary(m: &Model) -> String {
+    let total = cost::params_total(m);
+    let active = cost::params_active(m);
+    let act = if active != total {
+        format!(" ({} active)", human(active as f64))
+    } else {
+        String::new()
+    };
+    let mut s = format!(
+        "ok: {} — {} params{act}, world {} ({})",
+        m.name,
+        human(total as f64),
+        m.parallel.world(),
+        mesh_text(m)
+    );
+    if let Some(dev) = m.train.as_ref().and_then(|t| t.device.as_deref()) {
+        let (rank, w) = memory::worst_rank(&memory::memory_per_rank(m));
+        s.push_str(&format!(", fits {dev}: rank {rank} needs {}", gib(w.total)));
+    }
+    s
+}
+
+fn inspect_json(m: &Model) -> serde_json::Value {
+    let mem = memory::memory_per_rank(m);
+    let order = memory::rank_order(&m.parallel);
+    let mesh: serde_json::Map<String, serde_json::Value> = m
+        .parallel
+        .mesh
+        .iter()
+        .map(|(a, n)| (a.clone(), json!(n)))
+        .collect();
+    let params: Vec<serde_json::Value> = m
+        .params
+        .iter()
+        .map(|p| {
+            json!({
+                "path": p.path,
+                "shape": p.ty.dims.iter().map(|d| json!({"name": d.name, "size": d.size})).collect::<Vec<_>>(),
+                "count": p.ty.numel(),
+                "placement": p.placement,
+                "expert": p.expert.is_some(),
+            })
+        })
+        .collect();
+    json!({
+        "model": m.name,
+        "params_total": cost::params_total(m),
+        "params_active": cost::params_active(m),
+        "params_per_rank": memory::params_per_rank(m),
+        "flops_per_token_forward": cost::flops_per_token_forward(m),
+        "flops_per_token_train": cost::flops_per_token_train(m),
+        "attention_flops_per_token_forward": cost::attention_flops_per_token(m),
+        "flop_convention": cost::FLOP_CONVENTION,
+        "tokens_per_sample": m.tokens_per_sample,
+        "micro_batch": m.micro_batch,
+        "world": m.parallel.world(),
+        "mesh": mesh,
+        "rank_order": order.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(),
+        "layout": m.parallel.layout.iter().map(|(d, a)| json!({"dim": d, "axis": a})).collect::<Vec<_>>(),
+        "pipeline": m.parallel.pipeline,
+        "zero": m.parallel.zero,
+        "recompute": m.parallel.recompute,
+        "device": m.train.as_ref().and_then(|t| t.device.clone()),
+        "memory_per_rank": mem,
+        "params": params,
+    })
+}
+
+fn inspect_text(m: &Model) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let total = cost::params_total(m);
+    let active = cost::params_active(m);
+    let _ = writeln!(s, "model {}", m.name);
+    let _ = writeln!(s, "  params        {} ({total})", human(total as f64));
+    if active != total {
+        let _ = writeln!(
+            s,
+            "  active        {} ({active}) per token",
+            human(active as f64)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  FLOPs/token   forward {}, train step {}  (attention {} of forward)",
+        human(cost::flops_per_token_forward(m)),
+        human(cost::flops_per_token_train(m)),
+        human(cost::attention_flops_per_token(m))
+    );
+    let _ = writeln!(s, "  convention    {}", cost::FLOP_CONVENTION);
+    let _ = writeln!(s, "\nparameters");
+    for p in &m.params {
+        let dims: Vec<String> =
+            p.ty.dims
+                .iter()
+                .map(|d| format!("{}={}", d.name, d.size))
+                .collect();
+        let tag = if p.expert.is_some() {
+            "  (experts)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "  {:<48} [{}]  {}{tag}",
+            p.path,
+            dims.join(", "),
+            human(p.ty.numel() as f64)
+        );
+    }
+    let _ = writeln!(s, "\nmesh  {} = {} ranks", mesh_text(m), m.parallel.world());
+    for (d, a) in &m.parallel.layout {
+        let _ = writeln!(s, "  {d} -> {a}");
+    }
+    let order = memory::rank_order(&m.parallel);
+    if !order.is_empty() {
+        let mut stride = 1;
+        let mut parts = Vec::new();
+        for (a, n) in order.iter().rev() {
+            parts.push(format!("{a}: {n} × stride {stride}"));
+            stride *= n;
+        }
+        parts.reverse();
+        let _ = writeln!(s, "rank map (outermost first)  {}", parts.join(", "));
+    }
+    let mem = memory::memory_per_rank(m);
+    let per_rank = memory::params_per_rank(m);
+    let _ = writeln!(
+        s,
+        "\nmemory per rank{}",
+        m.train
+            .as_ref()
+            .and_then(|t| t.device.as_deref())
+            .map(|d| format!(" (device {d})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "  {:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "ranks", "params", "weights", "grads", "optimizer", "activations", "total"
+    );
+    // Group consecutive ranks with identical figures.
+    let mut i = 0;
+    while i < mem.len() {
+        let mut j = i;
+        while j + 1 < mem.len() && mem[j + 1] == mem[i] && per_rank[j + 1] == per_rank[i] {
+            j += 1;
+        }
+        let label = if i == j {
+            format!("{i}")
+        } else {
+            format!("{i}-{j}")
+        };
+        let r = mem[i];
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            label,
+            human(per_rank[i] as f64),
+            gib(r.params),
+            gib(r.grads),
+            gib(r.optimizer),
+            gib(r.activations),
+            gib(r.total)
+        );
+        i = j + 1;
+        if s.lines().count() > 200 {
+            let _ = writeln!(
+                s,
+                "  ... ({} ranks in all; use --json for every rank)",
+                mem.len()
+            );
+            break;
+        }
+    }
+    let (rank, w) = memory::worst_rank(&mem);
+    let _ = writeln!(s, "  worst: rank {rank}, {}", gib(w.total));
+    s
+}

@@ -1,0 +1,9 @@
+//! Tessera: one declarative, checked artefact for a model and its layout.
+//!
+//! This facade re-exports the compiler and runtime crates and holds the
+//! command-line interface shared by the `tessera` and `cargo-tessera` binaries.
+
+pub use tessera_compiler as compiler;
+pub use tessera_runtime as runtime;
+
+pub mod cli;
