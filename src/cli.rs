@@ -10,11 +10,7 @@ use tessera_compiler::diag::write_diags;
 use tessera_compiler::{Model, Options, SourceMap};
 
 #[derive(Parser)]
-#[command(
-    name = "tessera",
-    version,
-    about = "Declarative, checked model specs: check, inspect and format .spec files"
-)]
+#[command(name = "tessera", version, about = "Declarative, checked model specs: check, inspect and format .spec files")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,11 +57,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
     match cli.command {
@@ -79,10 +71,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Command::Inspect { spec, json } => match load(&spec) {
             Ok(m) => {
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&inspect_json(&m)).expect("json")
-                    );
+                    println!("{}", serde_json::to_string_pretty(&inspect_json(&m)).expect("json"));
                 } else {
                     print!("{}", inspect_text(&m));
                 }
@@ -96,10 +85,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 
 fn load(a: &SpecArgs) -> Result<Model, ExitCode> {
     let mut sources = SourceMap::new();
-    let opts = Options {
-        overrides: a.set.clone(),
-        model: a.model.clone(),
-    };
+    let opts = Options { overrides: a.set.clone(), model: a.model.clone() };
     tessera_compiler::check_path(&mut sources, &a.file, &opts).map_err(|d| {
         let mut err = codespan_stderr();
         write_diags(&sources, &d.0, &mut err);
@@ -109,11 +95,8 @@ fn load(a: &SpecArgs) -> Result<Model, ExitCode> {
 
 fn codespan_stderr() -> codespan_reporting::term::termcolor::StandardStream {
     use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
-    let choice = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        ColorChoice::Auto
-    } else {
-        ColorChoice::Never
-    };
+    let choice =
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) { ColorChoice::Auto } else { ColorChoice::Never };
     StandardStream::stderr(choice)
 }
 
@@ -137,11 +120,7 @@ fn fmt(file: &PathBuf, write: bool, check: bool) -> ExitCode {
     let out = tessera_compiler::syntax::print_file(&ast, &text);
     if check {
         if out != text {
-            eprintln!(
-                "{} is not canonically formatted; run `tessera fmt --write {}`",
-                file.display(),
-                file.display()
-            );
+            eprintln!("{} is not canonically formatted; run `tessera fmt --write {}`", file.display(), file.display());
             return ExitCode::from(1);
         }
         return ExitCode::SUCCESS;
@@ -182,22 +161,13 @@ fn mesh_text(m: &Model) -> String {
     if m.parallel.mesh.is_empty() {
         return "single device".into();
     }
-    m.parallel
-        .mesh
-        .iter()
-        .map(|(a, n)| format!("{a} {n}"))
-        .collect::<Vec<_>>()
-        .join(" × ")
+    m.parallel.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect::<Vec<_>>().join(" × ")
 }
 
 fn summary(m: &Model) -> String {
     let total = cost::params_total(m);
     let active = cost::params_active(m);
-    let act = if active != total {
-        format!(" ({} active)", human(active as f64))
-    } else {
-        String::new()
-    };
+    let act = if active != total { format!(" ({} active)", human(active as f64)) } else { String::new() };
     let mut s = format!(
         "ok: {} — {} params{act}, world {} ({})",
         m.name,
@@ -215,12 +185,8 @@ fn summary(m: &Model) -> String {
 fn inspect_json(m: &Model) -> serde_json::Value {
     let mem = memory::memory_per_rank(m);
     let order = memory::rank_order(&m.parallel);
-    let mesh: serde_json::Map<String, serde_json::Value> = m
-        .parallel
-        .mesh
-        .iter()
-        .map(|(a, n)| (a.clone(), json!(n)))
-        .collect();
+    let mesh: serde_json::Map<String, serde_json::Value> =
+        m.parallel.mesh.iter().map(|(a, n)| (a.clone(), json!(n))).collect();
     let params: Vec<serde_json::Value> = m
         .params
         .iter()
@@ -266,11 +232,7 @@ fn inspect_text(m: &Model) -> String {
     let _ = writeln!(s, "model {}", m.name);
     let _ = writeln!(s, "  params        {} ({total})", human(total as f64));
     if active != total {
-        let _ = writeln!(
-            s,
-            "  active        {} ({active}) per token",
-            human(active as f64)
-        );
+        let _ = writeln!(s, "  active        {} ({active}) per token", human(active as f64));
     }
     let _ = writeln!(
         s,
@@ -282,23 +244,9 @@ fn inspect_text(m: &Model) -> String {
     let _ = writeln!(s, "  convention    {}", cost::FLOP_CONVENTION);
     let _ = writeln!(s, "\nparameters");
     for p in &m.params {
-        let dims: Vec<String> =
-            p.ty.dims
-                .iter()
-                .map(|d| format!("{}={}", d.name, d.size))
-                .collect();
-        let tag = if p.expert.is_some() {
-            "  (experts)"
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            s,
-            "  {:<48} [{}]  {}{tag}",
-            p.path,
-            dims.join(", "),
-            human(p.ty.numel() as f64)
-        );
+        let dims: Vec<String> = p.ty.dims.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
+        let tag = if p.expert.is_some() { "  (experts)" } else { "" };
+        let _ = writeln!(s, "  {:<48} [{}]  {}{tag}", p.path, dims.join(", "), human(p.ty.numel() as f64));
     }
     let _ = writeln!(s, "\nmesh  {} = {} ranks", mesh_text(m), m.parallel.world());
     for (d, a) in &m.parallel.layout {
@@ -320,11 +268,7 @@ fn inspect_text(m: &Model) -> String {
     let _ = writeln!(
         s,
         "\nmemory per rank{}",
-        m.train
-            .as_ref()
-            .and_then(|t| t.device.as_deref())
-            .map(|d| format!(" (device {d})"))
-            .unwrap_or_default()
+        m.train.as_ref().and_then(|t| t.device.as_deref()).map(|d| format!(" (device {d})")).unwrap_or_default()
     );
     let _ = writeln!(
         s,
@@ -338,11 +282,7 @@ fn inspect_text(m: &Model) -> String {
         while j + 1 < mem.len() && mem[j + 1] == mem[i] && per_rank[j + 1] == per_rank[i] {
             j += 1;
         }
-        let label = if i == j {
-            format!("{i}")
-        } else {
-            format!("{i}-{j}")
-        };
+        let label = if i == j { format!("{i}") } else { format!("{i}-{j}") };
         let r = mem[i];
         let _ = writeln!(
             s,
@@ -357,11 +297,7 @@ fn inspect_text(m: &Model) -> String {
         );
         i = j + 1;
         if s.lines().count() > 200 {
-            let _ = writeln!(
-                s,
-                "  ... ({} ranks in all; use --json for every rank)",
-                mem.len()
-            );
+            let _ = writeln!(s, "  ... ({} ranks in all; use --json for every rank)", mem.len());
             break;
         }
     }

@@ -119,11 +119,7 @@ impl Default for Parallel {
         Parallel {
             mesh: Vec::new(),
             layout: Vec::new(),
-            pipeline: Pipeline {
-                schedule: Schedule::OneFOneB,
-                microbatches: 1,
-                virtual_stages: 1,
-            },
+            pipeline: Pipeline { schedule: Schedule::OneFOneB, microbatches: 1, virtual_stages: 1 },
             zero: 0,
             sequence_parallel: false,
             recompute: Recompute::None,
@@ -138,18 +134,11 @@ impl Parallel {
         self.mesh.iter().map(|(_, n)| *n).product()
     }
     pub fn axis_size(&self, axis: &str) -> u64 {
-        self.mesh
-            .iter()
-            .find(|(a, _)| a == axis)
-            .map(|(_, n)| *n)
-            .unwrap_or(1)
+        self.mesh.iter().find(|(a, _)| a == axis).map(|(_, n)| *n).unwrap_or(1)
     }
     /// The mesh axis a logical dim is laid out on, if any.
     pub fn axis_of(&self, dim: &str) -> Option<&str> {
-        self.layout
-            .iter()
-            .find(|(d, _)| d == dim)
-            .map(|(_, a)| a.as_str())
+        self.layout.iter().find(|(d, _)| d == dim).map(|(_, a)| a.as_str())
     }
     /// How many ways a dim is split (1 when not laid out).
     pub fn split_of(&self, dim: &str) -> u64 {
@@ -172,19 +161,8 @@ impl Parallel {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Optimizer {
-    Adamw {
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
-    },
-    Sgd {
-        lr: f64,
-        momentum: f64,
-        weight_decay: f64,
-        nesterov: bool,
-    },
+    Adamw { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
+    Sgd { lr: f64, momentum: f64, weight_decay: f64, nesterov: bool },
 }
 
 impl Optimizer {
@@ -213,19 +191,9 @@ pub enum Amount {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum LrSchedule {
-    Constant {
-        warmup: Amount,
-    },
-    Linear {
-        warmup: Amount,
-        decay: Option<Amount>,
-        min: f64,
-    },
-    Cosine {
-        warmup: Amount,
-        decay: Option<Amount>,
-        min: f64,
-    },
+    Constant { warmup: Amount },
+    Linear { warmup: Amount, decay: Option<Amount>, min: f64 },
+    Cosine { warmup: Amount, decay: Option<Amount>, min: f64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -22,31 +22,18 @@ pub struct DiagLabel {
 
 impl Diag {
     pub fn error(message: impl Into<String>) -> Diag {
-        Diag {
-            message: message.into(),
-            labels: Vec::new(),
-            help: None,
-            notes: Vec::new(),
-        }
+        Diag { message: message.into(), labels: Vec::new(), help: None, notes: Vec::new() }
     }
 
     /// Main label: where the mistake is.
     pub fn at(mut self, span: Span, message: impl Into<String>) -> Diag {
-        self.labels.push(DiagLabel {
-            span,
-            message: message.into(),
-            primary: true,
-        });
+        self.labels.push(DiagLabel { span, message: message.into(), primary: true });
         self
     }
 
     /// Secondary label: related source that explains the mistake.
     pub fn also(mut self, span: Span, message: impl Into<String>) -> Diag {
-        self.labels.push(DiagLabel {
-            span,
-            message: message.into(),
-            primary: false,
-        });
+        self.labels.push(DiagLabel { span, message: message.into(), primary: false });
         self
     }
 
@@ -82,10 +69,7 @@ impl Diag {
         if let Some(h) = &self.help {
             notes.push(format!("help: {h}"));
         }
-        Diagnostic::error()
-            .with_message(self.message.clone())
-            .with_labels(labels)
-            .with_notes(notes)
+        Diagnostic::error().with_message(self.message.clone()).with_labels(labels).with_notes(notes)
     }
 }
 
@@ -126,8 +110,7 @@ pub fn write_diags(sources: &SourceMap, diags: &[Diag], out: &mut dyn termcolor:
         let _ = term::emit(out, &config, &sources.files, &d.to_codespan());
     }
     if diags.len() > 1 {
-        let _ =
-            std::io::Write::write_fmt(out, format_args!("error: {} problems found\n", diags.len()));
+        let _ = std::io::Write::write_fmt(out, format_args!("error: {} problems found\n", diags.len()));
     }
 }
 
@@ -136,8 +119,7 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let mut best: Option<(f64, &str)> = None;
     for c in candidates {
         let score = strsim::jaro_winkler(name, c);
-        let close =
-            strsim::damerau_levenshtein(name, c) <= (name.len().max(3) / 3).max(1) || score > 0.85;
+        let close = strsim::damerau_levenshtein(name, c) <= (name.len().max(3) / 3).max(1) || score > 0.85;
         if close && best.is_none_or(|(s, _)| score > s) {
             best = Some((score, c));
         }
@@ -146,11 +128,7 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 }
 
 /// `help` text for an unknown name: "did you mean `x`?" or the list of options.
-pub fn unknown_help<'a>(
-    what: &str,
-    name: &str,
-    candidates: impl IntoIterator<Item = &'a str> + Clone,
-) -> String {
+pub fn unknown_help<'a>(what: &str, name: &str, candidates: impl IntoIterator<Item = &'a str> + Clone) -> String {
     if let Some(s) = suggest(name, candidates.clone()) {
         return format!("did you mean `{s}`?");
     }
@@ -158,13 +136,7 @@ pub fn unknown_help<'a>(
     if all.is_empty() {
         format!("no {what} is defined here")
     } else if all.len() <= 24 {
-        format!(
-            "expected one of: {}",
-            all.iter()
-                .map(|c| format!("`{c}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!("expected one of: {}", all.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "))
     } else {
         format!("see docs/language.md for the list of {what}s")
     }

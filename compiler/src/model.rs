@@ -16,10 +16,7 @@ pub struct Dim {
 
 impl Dim {
     pub fn new(name: impl Into<String>, size: u64) -> Dim {
-        Dim {
-            name: name.into(),
-            size,
-        }
+        Dim { name: name.into(), size }
     }
 }
 
@@ -35,10 +32,7 @@ impl TensorType {
         TensorType { dtype, dims }
     }
     pub fn scalar(dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            dims: Vec::new(),
-        }
+        TensorType { dtype, dims: Vec::new() }
     }
     pub fn numel(&self) -> u64 {
         self.dims.iter().map(|d| d.size).product()
@@ -56,11 +50,7 @@ impl TensorType {
 
 impl fmt::Display for TensorType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dims: Vec<String> = self
-            .dims
-            .iter()
-            .map(|d| format!("{}={}", d.name, d.size))
-            .collect();
+        let dims: Vec<String> = self.dims.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
         write!(f, "{}[{}]", self.dtype.name(), dims.join(", "))
     }
 }

@@ -30,11 +30,7 @@ fn divisors(n: u64) -> Vec<u64> {
 fn legal(n: u64) -> String {
     let d = divisors(n);
     let shown: Vec<String> = d.iter().take(16).map(|x| x.to_string()).collect();
-    if d.len() > 16 {
-        format!("{}, ...", shown.join(", "))
-    } else {
-        shown.join(", ")
-    }
+    if d.len() > 16 { format!("{}, ...", shown.join(", ")) } else { shown.join(", ") }
 }
 
 fn anchor(spans: &ParallelSpans) -> Span {
@@ -42,12 +38,7 @@ fn anchor(spans: &ParallelSpans) -> Span {
 }
 
 /// Sequences per microbatch per data-parallel rank.
-pub(super) fn micro_batch(
-    p: &Parallel,
-    train: Option<&Train>,
-    spans: &ParallelSpans,
-    diags: &mut Diags,
-) -> u64 {
+pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelSpans, diags: &mut Diags) -> u64 {
     let Some(t) = train else { return 1 };
     let dp = p.data().max(1);
     let m = p.pipeline.microbatches.max(1);
@@ -55,18 +46,9 @@ pub(super) fn micro_batch(
         Some(mb) => {
             if t.batch % (dp * mb) != 0 {
                 diags.push(
-                    Diag::error(format!(
-                        "global batch {} is not divisible by data {dp} × micro_batch {mb}",
-                        t.batch
-                    ))
-                    .at(
-                        spans.microbatches.unwrap_or(anchor(spans)),
-                        "batch does not split evenly",
-                    )
-                    .help(format!(
-                        "use a global batch that is a multiple of {}",
-                        dp * mb
-                    )),
+                    Diag::error(format!("global batch {} is not divisible by data {dp} × micro_batch {mb}", t.batch))
+                        .at(spans.microbatches.unwrap_or(anchor(spans)), "batch does not split evenly")
+                        .help(format!("use a global batch that is a multiple of {}", dp * mb)),
                 );
             } else if p.stages() > 1 && t.batch / (dp * mb) != m {
                 diags.push(
@@ -83,25 +65,16 @@ pub(super) fn micro_batch(
         }
         None => {
             if t.batch % (dp * m) != 0 {
-                let legal_m: Vec<String> = divisors(t.batch / dp.min(t.batch).max(1))
-                    .into_iter()
-                    .take(12)
-                    .map(|x| x.to_string())
-                    .collect();
+                let legal_m: Vec<String> =
+                    divisors(t.batch / dp.min(t.batch).max(1)).into_iter().take(12).map(|x| x.to_string()).collect();
                 diags.push(
-                    Diag::error(format!(
-                        "global batch {} is not divisible by data {dp} × microbatches {m}",
-                        t.batch
-                    ))
-                    .at(
-                        spans.microbatches.unwrap_or(anchor(spans)),
-                        "batch does not split evenly",
-                    )
-                    .help(format!(
-                        "choose a batch that is a multiple of {}, or microbatches from: {}",
-                        dp * m,
-                        legal_m.join(", ")
-                    )),
+                    Diag::error(format!("global batch {} is not divisible by data {dp} × microbatches {m}", t.batch))
+                        .at(spans.microbatches.unwrap_or(anchor(spans)), "batch does not split evenly")
+                        .help(format!(
+                            "choose a batch that is a multiple of {}, or microbatches from: {}",
+                            dp * m,
+                            legal_m.join(", ")
+                        )),
                 );
                 1
             } else {
@@ -120,12 +93,9 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
     {
         let axes: Vec<String> = p.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
         diags.push(
-            Diag::error(format!(
-                "the mesh has {world} ranks ({}), but world = {w}",
-                axes.join(" × ")
-            ))
-            .at(s, "world size")
-            .help("the product of the mesh axes must equal the world size"),
+            Diag::error(format!("the mesh has {world} ranks ({}), but world = {w}", axes.join(" × ")))
+                .at(s, "world size")
+                .help("the product of the mesh axes must equal the world size"),
         );
     }
     let axes: Vec<&str> = p.mesh.iter().map(|(a, _)| a.as_str()).collect();
@@ -136,24 +106,18 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
         if !axes.contains(&a.as_str()) {
             let help = unknown_help("mesh axis", a, axes.iter().copied());
             diags.push(
-                Diag::error(format!(
-                    "layout maps `{d}` to `{a}`, which is not a mesh axis"
-                ))
-                .at(span, "unknown axis")
-                .help(help),
+                Diag::error(format!("layout maps `{d}` to `{a}`, which is not a mesh axis"))
+                    .at(span, "unknown axis")
+                    .help(help),
             );
             continue;
         }
-        if !dim_names.contains(&d.as_str())
-            && !m.value_dims.iter().any(|(ds, _)| ds.iter().any(|x| x == d))
-        {
+        if !dim_names.contains(&d.as_str()) && !m.value_dims.iter().any(|(ds, _)| ds.iter().any(|x| x == d)) {
             let help = unknown_help("dim", d, dim_names.iter().copied());
             diags.push(
-                Diag::error(format!(
-                    "layout names `{d}`, which is not a dim of the model"
-                ))
-                .at(span, "unknown dim")
-                .help(help),
+                Diag::error(format!("layout names `{d}`, which is not a dim of the model"))
+                    .at(span, "unknown dim")
+                    .help(help),
             );
             continue;
         }
@@ -165,11 +129,9 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
             let size = size as u64;
             if size % n != 0 {
                 diags.push(
-                    Diag::error(format!(
-                        "`{d}` = {size} is not divisible by the `{a}` axis of size {n}"
-                    ))
-                    .at(span, "uneven split")
-                    .help(format!("legal `{a}` degrees for `{d}`: {}", legal(size))),
+                    Diag::error(format!("`{d}` = {size} is not divisible by the `{a}` axis of size {n}"))
+                        .at(span, "uneven split")
+                        .help(format!("legal `{a}` degrees for `{d}`: {}", legal(size))),
                 );
             }
         }
@@ -187,14 +149,19 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
     }
     // A tensor never maps two of its dims onto one axis.
     let mut reported = std::collections::HashSet::new();
-    let param_dims = m.params.iter().map(|p| {
-        (
-            p.ty.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
-            p.span,
-            Some(p.path.as_str()),
-        )
-    });
-    let value_dims = m.value_dims.iter().map(|(d, s)| (d.clone(), *s, None));
+    let param_dims = m
+        .params
+        .iter()
+        .map(|p| (p.ty.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>(), p.span, Some(p.path.as_str())));
+    // Routing values (router logits, dispatched tokens) carry both token dims
+    // and the expert dim: the all-to-all moves them between the two layouts,
+    // so only parameters and the other values are held to one split per axis.
+    let routed: Vec<&str> = m.routings.iter().map(|r| r.expert_dim.as_str()).collect();
+    let value_dims = m
+        .value_dims
+        .iter()
+        .filter(|(d, _)| !d.iter().any(|x| routed.contains(&x.as_str())))
+        .map(|(d, s)| (d.clone(), *s, None));
     for (dims, span, path) in param_dims.chain(value_dims) {
         let mut by_axis: Vec<(&str, &str)> = Vec::new();
         for d in &dims {
@@ -202,15 +169,15 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                 if let Some((other, _)) = by_axis.iter().find(|(_, x)| *x == a) {
                     let key = (other.to_string(), d.clone(), a.to_string());
                     if reported.insert(key) {
-                        let what = path
-                            .map(|p| format!("param `{p}`"))
-                            .unwrap_or_else(|| "a value".into());
+                        let what = path.map(|p| format!("param `{p}`")).unwrap_or_else(|| "a value".into());
                         diags.push(
                             Diag::error(format!("{what} maps two dims, `{other}` and `{d}`, onto the `{a}` axis"))
                                 .at(span, format!("[{}]", dims.join(", ")))
                                 .also(spans.rules.get(d).copied().unwrap_or(at), "this rule")
                                 .also(spans.rules.get(*other).copied().unwrap_or(at), "and this one")
-                                .help(format!("a tensor can be split along `{a}` only once; map one of them to another axis")),
+                                .help(format!(
+                                    "a tensor can be split along `{a}` only once; map one of them to another axis"
+                                )),
                         );
                     }
                 }
@@ -226,47 +193,25 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
     if stages > 1 {
         if m.stacks.is_empty() {
             diags.push(
-                Diag::error(
-                    "`layer` is laid out on a pipeline axis, but the model has no `repeat`",
-                )
-                .at(
-                    spans.rules.get("layer").copied().unwrap_or(at),
-                    "nothing to split",
-                )
-                .help("pipeline parallelism splits repeated layers; remove the rule"),
+                Diag::error("`layer` is laid out on a pipeline axis, but the model has no `repeat`")
+                    .at(spans.rules.get("layer").copied().unwrap_or(at), "nothing to split")
+                    .help("pipeline parallelism splits repeated layers; remove the rule"),
             );
         }
         for s in &m.stacks {
             if s.layers % (stages * v) != 0 {
-                let what = if v > 1 {
-                    format!("{stages} stages × {v} virtual")
-                } else {
-                    format!("{stages} stages")
-                };
-                let legal_stages: Vec<String> = divisors(s.layers / v.min(s.layers).max(1))
-                    .into_iter()
-                    .map(|x| x.to_string())
-                    .take(16)
-                    .collect();
+                let what = if v > 1 { format!("{stages} stages × {v} virtual") } else { format!("{stages} stages") };
+                let legal_stages: Vec<String> =
+                    divisors(s.layers / v.min(s.layers).max(1)).into_iter().map(|x| x.to_string()).take(16).collect();
                 diags.push(
-                    Diag::error(format!(
-                        "{} layers of `{}` do not divide into {what}",
-                        s.layers, s.label
-                    ))
-                    .at(
-                        spans.rules.get("layer").copied().unwrap_or(at),
-                        "uneven pipeline",
-                    )
-                    .help(format!(
-                        "legal pipeline degrees for {} layers{}: {}",
-                        s.layers,
-                        if v > 1 {
-                            format!(" with {v} virtual stages")
-                        } else {
-                            String::new()
-                        },
-                        legal_stages.join(", ")
-                    )),
+                    Diag::error(format!("{} layers of `{}` do not divide into {what}", s.layers, s.label))
+                        .at(spans.rules.get("layer").copied().unwrap_or(at), "uneven pipeline")
+                        .help(format!(
+                            "legal pipeline degrees for {} layers{}: {}",
+                            s.layers,
+                            if v > 1 { format!(" with {v} virtual stages") } else { String::new() },
+                            legal_stages.join(", ")
+                        )),
                 );
             }
         }
@@ -277,13 +222,8 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                         "{} needs at least as many microbatches as stages: {mb} < {stages}",
                         p.pipeline.schedule.name()
                     ))
-                    .at(
-                        spans.microbatches.unwrap_or(sched_span),
-                        "too few microbatches",
-                    )
-                    .help(format!(
-                        "set `microbatches` to {stages} or more, or use `schedule = gpipe`"
-                    )),
+                    .at(spans.microbatches.unwrap_or(sched_span), "too few microbatches")
+                    .help(format!("set `microbatches` to {stages} or more, or use `schedule = gpipe`")),
                 );
             }
             Schedule::Interleaved1f1b if v < 2 => diags.push(
@@ -292,11 +232,9 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                     .help("set `virtual = 2` (model chunks per stage), or use `schedule = 1f1b`"),
             ),
             Schedule::Interleaved1f1b if mb % stages != 0 => diags.push(
-                Diag::error(format!(
-                    "interleaved_1f1b needs microbatches divisible by the {stages} stages, got {mb}"
-                ))
-                .at(spans.microbatches.unwrap_or(sched_span), "uneven")
-                .help(format!("use a multiple of {stages}")),
+                Diag::error(format!("interleaved_1f1b needs microbatches divisible by the {stages} stages, got {mb}"))
+                    .at(spans.microbatches.unwrap_or(sched_span), "uneven")
+                    .help(format!("use a multiple of {stages}")),
             ),
             _ => {}
         }
@@ -307,20 +245,14 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                 "`virtual = {v}` only applies to interleaved_1f1b, but the schedule is {}",
                 p.pipeline.schedule.name()
             ))
-            .at(
-                spans.virtual_stages.unwrap_or(sched_span),
-                "virtual stages unused",
-            )
+            .at(spans.virtual_stages.unwrap_or(sched_span), "virtual stages unused")
             .help("set `schedule = interleaved_1f1b`, or remove `virtual`"),
         );
     }
     if p.sequence_parallel && p.axis_of("heads").or_else(|| p.axis_of("mlp")).is_none() {
         diags.push(
             Diag::error("sequence parallelism needs tensor parallelism")
-                .at(
-                    spans.sequence_parallel.unwrap_or(at),
-                    "no tensor-parallel axis",
-                )
+                .at(spans.sequence_parallel.unwrap_or(at), "no tensor-parallel axis")
                 .help("map `heads` (and `mlp`) to an axis, e.g. `heads -> tensor`"),
         );
     }
@@ -343,9 +275,12 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                 if ranks.len() as u64 != n {
                     let a = axis.unwrap_or("(none)");
                     diags.push(
-                        Diag::error(format!("placement lists {} ranks, but experts are split over `{a}` of size {n}", ranks.len()))
-                            .at(pspan, "wrong number of ranks")
-                            .help(format!("give one list of experts for each of the {n} ranks")),
+                        Diag::error(format!(
+                            "placement lists {} ranks, but experts are split over `{a}` of size {n}",
+                            ranks.len()
+                        ))
+                        .at(pspan, "wrong number of ranks")
+                        .help(format!("give one list of experts for each of the {n} ranks")),
                     );
                 }
                 let mut count = vec![0u32; e as usize];
@@ -356,18 +291,10 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                         None => out_of_range.push(*id),
                     }
                 }
-                let missing: Vec<String> = count
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| **c == 0)
-                    .map(|(i, _)| i.to_string())
-                    .collect();
-                let dup: Vec<String> = count
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| **c > 1)
-                    .map(|(i, _)| i.to_string())
-                    .collect();
+                let missing: Vec<String> =
+                    count.iter().enumerate().filter(|(_, c)| **c == 0).map(|(i, _)| i.to_string()).collect();
+                let dup: Vec<String> =
+                    count.iter().enumerate().filter(|(_, c)| **c > 1).map(|(i, _)| i.to_string()).collect();
                 if !missing.is_empty() || !dup.is_empty() || !out_of_range.is_empty() {
                     let mut parts = Vec::new();
                     if !missing.is_empty() {
@@ -380,11 +307,7 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                         parts.push(format!(
                             "not experts (0..{}) {}",
                             e - 1,
-                            out_of_range
-                                .iter()
-                                .map(|x| x.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            out_of_range.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
                         ));
                     }
                     diags.push(
@@ -410,12 +333,7 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
     }
 }
 
-pub(super) fn memory_fits(
-    m: &Model,
-    spans: &ParallelSpans,
-    train: Option<&Section>,
-    diags: &mut Diags,
-) {
+pub(super) fn memory_fits(m: &Model, spans: &ParallelSpans, train: Option<&Section>, diags: &mut Diags) {
     let Some(t) = &m.train else { return };
     let Some(dev) = t.device.as_deref().and_then(crate::cost::device::device) else {
         return;
@@ -426,17 +344,10 @@ pub(super) fn memory_fits(
         return;
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let span = train
-        .map(|s| s.name.span)
-        .or(spans.section)
-        .unwrap_or_default();
+    let span = train.map(|s| s.name.span).or(spans.section).unwrap_or_default();
     let order = memory::rank_order(&m.parallel);
     let c = memory::coords(&order, rank as u64);
-    let at: Vec<String> = order
-        .iter()
-        .zip(&c)
-        .map(|((a, _), i)| format!("{a} {i}"))
-        .collect();
+    let at: Vec<String> = order.iter().zip(&c).map(|((a, _), i)| format!("{a} {i}")).collect();
     diags.push(
         Diag::error(format!("rank {rank} needs {:.1} GiB, but {} has {:.1} GiB", gib(worst.total), dev.name, gib(dev.memory)))
             .at(span, "does not fit on this device")

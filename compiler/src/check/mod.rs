@@ -32,35 +32,16 @@ pub struct Options {
 pub fn check_path(sources: &mut SourceMap, path: &Path, opts: &Options) -> Result<Model, Diags> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Diags::from(
-            Diag::error(format!("cannot read `{}`: {e}", path.display()))
-                .help("check the path and permissions"),
+            Diag::error(format!("cannot read `{}`: {e}", path.display())).help("check the path and permissions"),
         )
     })?;
     let canon = path.canonicalize().unwrap_or(path.to_path_buf());
-    check_source(
-        sources,
-        &path.to_string_lossy(),
-        text,
-        Origin::Path(canon),
-        opts,
-    )
+    check_source(sources, &path.to_string_lossy(), text, Origin::Path(canon), opts)
 }
 
 /// Check spec text; `use` resolves from `dir`.
-pub fn check_text(
-    sources: &mut SourceMap,
-    name: &str,
-    text: &str,
-    dir: &Path,
-    opts: &Options,
-) -> Result<Model, Diags> {
-    check_source(
-        sources,
-        name,
-        text.to_string(),
-        Origin::Text(dir.to_path_buf()),
-        opts,
-    )
+pub fn check_text(sources: &mut SourceMap, name: &str, text: &str, dir: &Path, opts: &Options) -> Result<Model, Diags> {
+    check_source(sources, name, text.to_string(), Origin::Text(dir.to_path_buf()), opts)
 }
 
 fn check_source(
@@ -133,10 +114,7 @@ fn parse_overrides(sources: &mut SourceMap, raw: &[String], diags: &mut Diags) -
             let span = Span::new(id, at, at + seg.len());
             at += seg.len() + 1;
             let valid = !seg.is_empty()
-                && seg
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && seg.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 diags.push(
@@ -147,10 +125,7 @@ fn parse_overrides(sources: &mut SourceMap, raw: &[String], diags: &mut Diags) -
                 ok = false;
                 break;
             }
-            path.push(Ident {
-                name: seg.to_string(),
-                span,
-            });
+            path.push(Ident { name: seg.to_string(), span });
         }
         if !ok {
             continue;
@@ -158,11 +133,7 @@ fn parse_overrides(sources: &mut SourceMap, raw: &[String], diags: &mut Diags) -
         let text = &r[eq + 1..];
         let vid = sources.add(format!("--set {}", &r[..eq]), text.to_string());
         match crate::syntax::parse_value(vid, text) {
-            Ok(value) => out.push(Override {
-                path,
-                value,
-                span: whole,
-            }),
+            Ok(value) => out.push(Override { path, value, span: whole }),
             Err(d) => diags.push(d),
         }
     }
@@ -174,11 +145,7 @@ fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
     let idx = match sections.iter().position(|s| s.name.name == top.name) {
         Some(i) => i,
         None => {
-            sections.push(Section {
-                name: top.clone(),
-                entries: Vec::new(),
-                span: o.span,
-            });
+            sections.push(Section { name: top.clone(), entries: Vec::new(), span: o.span });
             sections.len() - 1
         }
     };
@@ -191,24 +158,13 @@ fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
                 match &o.value.kind {
                     ExprKind::Name(axis) => Entry::Rule {
                         dim: seg.clone(),
-                        axis: Ident {
-                            name: axis.clone(),
-                            span: o.value.span,
-                        },
+                        axis: Ident { name: axis.clone(), span: o.value.span },
                         span: o.span,
                     },
-                    _ => Entry::Value {
-                        key: seg.clone(),
-                        value: o.value.clone(),
-                        span: o.span,
-                    },
+                    _ => Entry::Value { key: seg.clone(), value: o.value.clone(), span: o.span },
                 }
             } else {
-                Entry::Value {
-                    key: seg.clone(),
-                    value: o.value.clone(),
-                    span: o.span,
-                }
+                Entry::Value { key: seg.clone(), value: o.value.clone(), span: o.span }
             };
             match sec.entries.iter().position(|e| e.key().name == seg.name) {
                 Some(j) => sec.entries[j] = entry,
@@ -219,25 +175,15 @@ fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
         let j = match sec.entries.iter().position(|e| e.key().name == seg.name) {
             Some(j) if matches!(sec.entries[j], Entry::Sub(_)) => j,
             Some(j) => {
-                sec.entries[j] = Entry::Sub(Section {
-                    name: seg.clone(),
-                    entries: Vec::new(),
-                    span: o.span,
-                });
+                sec.entries[j] = Entry::Sub(Section { name: seg.clone(), entries: Vec::new(), span: o.span });
                 j
             }
             None => {
-                sec.entries.push(Entry::Sub(Section {
-                    name: seg.clone(),
-                    entries: Vec::new(),
-                    span: o.span,
-                }));
+                sec.entries.push(Entry::Sub(Section { name: seg.clone(), entries: Vec::new(), span: o.span }));
                 sec.entries.len() - 1
             }
         };
-        let Entry::Sub(next) = &mut sec.entries[j] else {
-            unreachable!("just made a subsection")
-        };
+        let Entry::Sub(next) = &mut sec.entries[j] else { unreachable!("just made a subsection") };
         sec = next;
     }
     // A path of one segment (`--set train=...`) replaces nothing.
@@ -245,18 +191,12 @@ fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
 
 // ---------------------------------------------------------------- the model
 
-fn check_program(
-    prog: &Program,
-    want: Option<&str>,
-    dim_sets: Vec<(Ident, Expr)>,
-) -> Result<Model, Diags> {
+fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)>) -> Result<Model, Diags> {
     let name = match want {
         Some(w) => {
             if !prog.models.contains_key(w) {
                 let help = unknown_help("model", w, prog.models.keys().map(String::as_str));
-                return Err(Diag::error(format!("no model `{w}` in this spec"))
-                    .help(help)
-                    .into());
+                return Err(Diag::error(format!("no model `{w}` in this spec")).help(help).into());
             }
             w.to_string()
         }
@@ -276,16 +216,11 @@ fn check_program(
     let mut chain = Vec::new();
     let mut cur = prog.models[&name].clone();
     let body = loop {
-        if chain
-            .iter()
-            .any(|m: &std::rc::Rc<ast::ModelDef>| m.name.name == cur.name.name)
-        {
-            return Err(
-                Diag::error(format!("model `{}` is a variant of itself", cur.name.name))
-                    .at(cur.name.span, "cyclic `with`")
-                    .help("a variant must start from a model with a body")
-                    .into(),
-            );
+        if chain.iter().any(|m: &std::rc::Rc<ast::ModelDef>| m.name.name == cur.name.name) {
+            return Err(Diag::error(format!("model `{}` is a variant of itself", cur.name.name))
+                .at(cur.name.span, "cyclic `with`")
+                .help("a variant must start from a model with a body")
+                .into());
         }
         chain.push(cur.clone());
         match (&cur.base, &cur.body) {
@@ -293,8 +228,7 @@ fn check_program(
             (Some((base, _)), None) => match prog.models.get(&base.name) {
                 Some(m) => cur = m.clone(),
                 None => {
-                    let help =
-                        unknown_help("model", &base.name, prog.models.keys().map(String::as_str));
+                    let help = unknown_help("model", &base.name, prog.models.keys().map(String::as_str));
                     return Err(Diag::error(format!("unknown base model `{}`", base.name))
                         .at(base.span, "no such model")
                         .help(format!("{help} (models from other files need `use`)"))
@@ -318,16 +252,9 @@ fn check_program(
             {
                 for xe in &x.entries {
                     if let Entry::Value { key, value, .. } = xe
-                        && let Some((_, c)) =
-                            sections::EXPERT_CONSTS.iter().find(|(k, _)| *k == key.name)
+                        && let Some((_, c)) = sections::EXPERT_CONSTS.iter().find(|(k, _)| *k == key.name)
                     {
-                        overrides.push((
-                            Ident {
-                                name: c.to_string(),
-                                span: key.span,
-                            },
-                            value.clone(),
-                        ));
+                        overrides.push((Ident { name: c.to_string(), span: key.span }, value.clone()));
                     }
                 }
             }
@@ -358,15 +285,11 @@ fn check_program(
         match defs.iter_mut().find(|(n, _)| n.name == name.name) {
             Some(slot) => slot.1 = value,
             None => {
-                let help =
-                    unknown_help("dim", &name.name, defs.iter().map(|(n, _)| n.name.as_str()));
+                let help = unknown_help("dim", &name.name, defs.iter().map(|(n, _)| n.name.as_str()));
                 diags.push(
-                    Diag::error(format!(
-                        "cannot override `{}`: the model has no such dim",
-                        name.name
-                    ))
-                    .at(name.span, "unknown dim")
-                    .help(help),
+                    Diag::error(format!("cannot override `{}`: the model has no such dim", name.name))
+                        .at(name.span, "unknown dim")
+                        .help(help),
                 );
             }
         }
@@ -375,16 +298,11 @@ fn check_program(
     consts.insert("dropless".into(), 0.0);
     let mut ordered: Vec<(String, f64)> = Vec::new();
     for (name, value) in &defs {
-        if ["layer", "batch", "slot", "dropless"].contains(&name.name.as_str())
-            && name.name != "batch"
-        {
+        if ["layer", "batch", "slot", "dropless"].contains(&name.name.as_str()) && name.name != "batch" {
             diags.push(Diag::error(format!("`{}` is a reserved dim name", name.name)).at(name.span, "reserved").help("`layer` stacks repeated params, `slot` holds routed tokens, `dropless` is a capacity; choose another name"));
             continue;
         }
-        let mut ev = sections::SectionEval {
-            consts: &consts,
-            diags: Vec::new(),
-        };
+        let mut ev = sections::SectionEval { consts: &consts, diags: Vec::new() };
         let v = ev.num(value);
         let errs = ev.diags;
         if !errs.is_empty() {
@@ -401,18 +319,13 @@ fn check_program(
     }
 
     // Sections.
-    let mut ev = sections::SectionEval {
-        consts: &consts,
-        diags: Vec::new(),
-    };
+    let mut ev = sections::SectionEval { consts: &consts, diags: Vec::new() };
     let mut seen_sections: HashMap<&str, Span> = HashMap::new();
     for s in &prog.sections {
         if !sections::SECTIONS.contains(&s.name.name.as_str()) {
             let help = unknown_help("section", &s.name.name, sections::SECTIONS.iter().copied());
             ev.diags.push(
-                Diag::error(format!("unknown section `{}`", s.name.name))
-                    .at(s.name.span, "not a section")
-                    .help(help),
+                Diag::error(format!("unknown section `{}`", s.name.name)).at(s.name.span, "not a section").help(help),
             );
         } else if let Some(first) = seen_sections.insert(&s.name.name, s.name.span) {
             ev.diags.push(
@@ -438,17 +351,23 @@ fn check_program(
     if !consts.contains_key("batch") {
         ordered.push(("batch".into(), micro as f64));
     }
-    let precision = train
-        .as_ref()
-        .map(|t| t.precision)
-        .or(parallel.precision)
-        .unwrap_or(Precision::Fp32);
+    let precision = train.as_ref().map(|t| t.precision).or(parallel.precision).unwrap_or(Precision::Fp32);
     let mut w = walk::Walker::new(prog, ordered.clone(), &parallel, precision.bytes());
     let mut frame = walk::Frame::default();
     w.body(&mut frame, &body.stmts);
     diags.0.append(&mut w.diags);
     if !diags.is_empty() {
         return Err(diags);
+    }
+    // Expert weights: parameters whose leading dim (after `layer`) is a routed
+    // expert dim. (A router has the expert dim last and serves every token.)
+    for p in w.params.iter_mut() {
+        let lead = p.ty.dims.iter().find(|d| d.name != "layer");
+        if let Some(d) = lead
+            && let Some(&(count, top_k)) = w.expert_dims.get(&d.name)
+        {
+            p.expert = Some(ExpertDim { dim: d.name.clone(), count, top_k });
+        }
     }
     // Parameter placement relative to the layers.
     for (p, ph) in w.params.iter_mut().zip(&w.param_phases) {
@@ -463,12 +382,9 @@ fn check_program(
     if train.is_some() {
         match w.outputs.iter().find(|(n, _)| n == "loss") {
             None => diags.push(
-                Diag::error(format!(
-                    "model `{}` has a `train` section but defines no `loss`",
-                    name
-                ))
-                .at(prog.models[&name].name.span, "nothing to train on")
-                .help("define a scalar `loss`, e.g. `loss = cross_entropy(logits, targets)`"),
+                Diag::error(format!("model `{}` has a `train` section but defines no `loss`", name))
+                    .at(prog.models[&name].name.span, "nothing to train on")
+                    .help("define a scalar `loss`, e.g. `loss = cross_entropy(logits, targets)`"),
             ),
             Some((_, t)) if !t.dims.is_empty() => diags.push(
                 Diag::error(format!("`loss` must be a scalar, but it is {t}"))
@@ -479,16 +395,7 @@ fn check_program(
         }
     }
     let tokens_per_sample = consts.get("seq").map(|v| *v as u64).unwrap_or_else(|| {
-        w.inputs
-            .first()
-            .map(|i| {
-                i.ty.dims
-                    .iter()
-                    .filter(|d| d.name != "batch")
-                    .map(|d| d.size)
-                    .product()
-            })
-            .unwrap_or(1)
+        w.inputs.first().map(|i| i.ty.dims.iter().filter(|d| d.name != "batch").map(|d| d.size).product()).unwrap_or(1)
     });
     let model = Model {
         name: name.clone(),
@@ -510,11 +417,7 @@ fn check_program(
     if diags.is_empty() {
         layout::memory_fits(&model, &pspans, find("train"), &mut diags);
     }
-    if diags.is_empty() {
-        Ok(model)
-    } else {
-        Err(diags)
-    }
+    if diags.is_empty() { Ok(model) } else { Err(diags) }
 }
 
 /// The layout axis sizes a value is split by; exposed for `inspect`.

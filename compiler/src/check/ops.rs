@@ -17,11 +17,7 @@ pub(super) struct OpSig {
 }
 
 const fn op(name: &'static str, min: usize, max: usize, kw: &'static [&'static str]) -> OpSig {
-    OpSig {
-        name,
-        pos: (min, max),
-        kw,
-    }
+    OpSig { name, pos: (min, max), kw }
 }
 
 const MANY: usize = usize::MAX;
@@ -66,17 +62,7 @@ pub(super) const OPS: &[OpSig] = &[
         "attention",
         3,
         3,
-        &[
-            "causal",
-            "mask",
-            "dropout",
-            "rel_bias",
-            "rel_pos",
-            "pos_bias_u",
-            "pos_bias_v",
-            "max_distance",
-            "window",
-        ],
+        &["causal", "mask", "dropout", "rel_bias", "rel_pos", "pos_bias_u", "pos_bias_v", "max_distance", "window"],
     ),
     op("rope", 1, 1, &["theta", "fraction"]),
     op("sinusoid", 2, 2, &[]),
@@ -107,29 +93,13 @@ struct Args<'e> {
     maps: Vec<(&'e [Ident], &'e [Ident], bool, bool, Span)>,
 }
 
-const UNARY_FLOAT: &[&str] = &[
-    "exp",
-    "log",
-    "sqrt",
-    "rsqrt",
-    "tanh",
-    "abs",
-    "square",
-    "gelu",
-    "gelu_tanh",
-    "silu",
-    "relu",
-    "sigmoid",
-];
+const UNARY_FLOAT: &[&str] =
+    &["exp", "log", "sqrt", "rsqrt", "tanh", "abs", "square", "gelu", "gelu_tanh", "silu", "relu", "sigmoid"];
 
 impl Walker<'_> {
     pub(super) fn op(&mut self, frame: &mut Frame, name: &Ident, args: &[Arg], span: Span) -> Val {
         let s = sig(&name.name);
-        let mut a = Args {
-            pos: Vec::new(),
-            kw: HashMap::new(),
-            maps: Vec::new(),
-        };
+        let mut a = Args { pos: Vec::new(), kw: HashMap::new(), maps: Vec::new() };
         for arg in args {
             match arg {
                 Arg::Pos(e) => a.pos.push(e),
@@ -148,15 +118,9 @@ impl Walker<'_> {
                     }
                     a.kw.insert(k.name.as_str(), e);
                 }
-                Arg::DimMap {
-                    from,
-                    to,
-                    from_list,
-                    to_list,
-                    span,
-                } => a
-                    .maps
-                    .push((from.as_slice(), to.as_slice(), *from_list, *to_list, *span)),
+                Arg::DimMap { from, to, from_list, to_list, span } => {
+                    a.maps.push((from.as_slice(), to.as_slice(), *from_list, *to_list, *span))
+                }
             }
         }
         if !a.maps.is_empty() && !matches!(s.name, "rename" | "merge" | "split") {
@@ -174,19 +138,14 @@ impl Walker<'_> {
                 (a, b) => format!("{a} to {b}"),
             };
             return self.err(
-                Diag::error(format!(
-                    "`{}` takes {expect} positional arguments, got {npos}",
-                    s.name
-                ))
-                .at(span, "wrong number of arguments")
-                .help(format!("see `{}` in docs/language.md", s.name)),
+                Diag::error(format!("`{}` takes {expect} positional arguments, got {npos}", s.name))
+                    .at(span, "wrong number of arguments")
+                    .help(format!("see `{}` in docs/language.md", s.name)),
             );
         }
         let n = s.name;
         match n {
-            _ if UNARY_FLOAT.contains(&n) || matches!(n, "ceil" | "floor") => {
-                self.unary(frame, n, &a, span)
-            }
+            _ if UNARY_FLOAT.contains(&n) || matches!(n, "ceil" | "floor") => self.unary(frame, n, &a, span),
             "min" | "max" => {
                 let vals: Vec<Val> = a.pos.iter().map(|e| self.expr(frame, e)).collect();
                 let mut out = Vec::new();
@@ -195,11 +154,9 @@ impl Walker<'_> {
                         Val::Num(x) => out.push(x),
                         Val::Poison => return Val::Poison,
                         Val::Tensor(_) => {
-                            return self.err(
-                                Diag::error(format!("`{n}` of tensors"))
-                                    .at(e.span, "a tensor")
-                                    .help(format!("`{n}` takes numbers; to reduce a tensor over a dim use `amax(x, dim)`")),
-                            );
+                            return self.err(Diag::error(format!("`{n}` of tensors")).at(e.span, "a tensor").help(
+                                format!("`{n}` takes numbers; to reduce a tensor over a dim use `amax(x, dim)`"),
+                            ));
                         }
                         other => {
                             return self.err(
@@ -302,45 +259,33 @@ impl Walker<'_> {
                 };
                 if !matches!(ids.ty.dtype, DType::I32 | DType::I64) {
                     return self.err(
-                        Diag::error(format!(
-                            "`embed` ids must be i32 or i64, found {}",
-                            ids.ty.dtype.name()
-                        ))
-                        .at(a.pos[1].span, "not integer ids")
-                        .help("token ids are integers: `input tokens: i32[batch, seq]`"),
+                        Diag::error(format!("`embed` ids must be i32 or i64, found {}", ids.ty.dtype.name()))
+                            .at(a.pos[1].span, "not integer ids")
+                            .help("token ids are integers: `input tokens: i32[batch, seq]`"),
                     );
                 }
                 if table.ty.dims.len() < 2 {
                     return self.err(
-                        Diag::error(format!(
-                            "`embed` table must have a row dim and feature dims, found {}",
-                            table.ty
-                        ))
-                        .at(a.pos[0].span, "not a table")
-                        .help("declare the table as `param wte: [vocab, embed]`"),
+                        Diag::error(format!("`embed` table must have a row dim and feature dims, found {}", table.ty))
+                            .at(a.pos[0].span, "not a table")
+                            .help("declare the table as `param wte: [vocab, embed]`"),
                     );
                 }
                 let rows = &table.ty.dims[0];
                 if ids.ty.has(&rows.name) {
                     return self.err(
-                        Diag::error(format!(
-                            "ids already have the table's row dim `{}`",
-                            rows.name
-                        ))
-                        .at(a.pos[1].span, format!("{}", ids.ty))
-                        .help("ids index the first dim of the table; pass integer ids without it"),
+                        Diag::error(format!("ids already have the table's row dim `{}`", rows.name))
+                            .at(a.pos[1].span, format!("{}", ids.ty))
+                            .help("ids index the first dim of the table; pass integer ids without it"),
                     );
                 }
                 let mut dims = ids.ty.dims.clone();
                 for d in &table.ty.dims[1..] {
                     if ids.ty.has(&d.name) {
                         return self.err(
-                            Diag::error(format!(
-                                "dim `{}` is in both the ids and the table's features",
-                                d.name
-                            ))
-                            .at(span, "ambiguous result")
-                            .help("rename one of them"),
+                            Diag::error(format!("dim `{}` is in both the ids and the table's features", d.name))
+                                .at(span, "ambiguous result")
+                                .help("rename one of them"),
                         );
                     }
                     dims.push(d.clone());
@@ -364,23 +309,12 @@ impl Walker<'_> {
                 };
                 if i.fract() != 0.0 || i < 0.0 || i >= d.size as f64 {
                     return self.err(
-                        Diag::error(format!(
-                            "index {i} is out of range for dim `{}` of size {}",
-                            d.name, d.size
-                        ))
-                        .at(a.pos[2].span, "out of range")
-                        .help(format!(
-                            "use a whole number from 0 to {}",
-                            d.size.saturating_sub(1)
-                        )),
+                        Diag::error(format!("index {i} is out of range for dim `{}` of size {}", d.name, d.size))
+                            .at(a.pos[2].span, "out of range")
+                            .help(format!("use a whole number from 0 to {}", d.size.saturating_sub(1))),
                     );
                 }
-                let dims =
-                    x.ty.dims
-                        .iter()
-                        .filter(|o| o.name != d.name)
-                        .cloned()
-                        .collect();
+                let dims = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
                 Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
             }
             "dropout" => {
@@ -399,11 +333,7 @@ impl Walker<'_> {
                 }
                 if p > 0.0 {
                     let mask = x.ty.numel() as f64 / self.shard_factor(&x.ty) as f64;
-                    self.add_cost(OpCost {
-                        act_none: mask,
-                        act_selective: mask,
-                        ..OpCost::default()
-                    });
+                    self.add_cost(OpCost { act_none: mask, act_selective: mask, ..OpCost::default() });
                 }
                 Val::Tensor(TVal::new(x.ty))
             }
@@ -414,22 +344,17 @@ impl Walker<'_> {
                 };
                 if x.ty.dims.len() < 3 {
                     return self.err(
-                        Diag::error(format!(
-                            "`rope` needs [..., seq, heads, head_dim], found {}",
-                            x.ty
-                        ))
-                        .at(a.pos[0].span, "too few dims")
-                        .help("apply rope to queries or keys before attention"),
+                        Diag::error(format!("`rope` needs [..., seq, heads, head_dim], found {}", x.ty))
+                            .at(a.pos[0].span, "too few dims")
+                            .help("apply rope to queries or keys before attention"),
                     );
                 }
                 let hd = x.ty.dims.last().expect("dims").size;
                 if hd % 2 != 0 {
                     return self.err(
-                        Diag::error(format!(
-                            "`rope` rotates pairs, but the last dim has odd size {hd}"
-                        ))
-                        .at(a.pos[0].span, "odd head_dim")
-                        .help("use an even head_dim"),
+                        Diag::error(format!("`rope` rotates pairs, but the last dim has odd size {hd}"))
+                            .at(a.pos[0].span, "odd head_dim")
+                            .help("use an even head_dim"),
                     );
                 }
                 for k in ["theta", "fraction"] {
@@ -465,12 +390,7 @@ impl Walker<'_> {
                         .help("declare targets as `input targets: i32[batch, seq]`"),
                     );
                 }
-                let extra: Vec<&Dim> = logits
-                    .ty
-                    .dims
-                    .iter()
-                    .filter(|d| !t.ty.has(&d.name))
-                    .collect();
+                let extra: Vec<&Dim> = logits.ty.dims.iter().filter(|d| !t.ty.has(&d.name)).collect();
                 let ok_targets = t.ty.dims.iter().all(|d| logits.ty.dim(&d.name) == Some(d));
                 if extra.len() != 1 || !ok_targets {
                     return self.err(
@@ -487,11 +407,7 @@ impl Walker<'_> {
                 }
                 // The softmax over classes is kept in fp32 for the backward pass.
                 let bytes = logits.ty.numel() as f64 * 4.0 / self.shard_factor(&logits.ty) as f64;
-                self.add_cost(OpCost {
-                    act_none: bytes,
-                    act_selective: bytes,
-                    ..OpCost::default()
-                });
+                self.add_cost(OpCost { act_none: bytes, act_selective: bytes, ..OpCost::default() });
                 Val::Tensor(TVal::new(TensorType::scalar(DType::F32)))
             }
             "patches" => self.patches(frame, &a, span),
@@ -607,11 +523,7 @@ impl Walker<'_> {
     /// The op keeps its input for the backward pass.
     fn save(&mut self, ty: &TensorType) {
         let b = self.act_size(ty);
-        self.add_cost(OpCost {
-            act_none: b,
-            act_selective: b,
-            ..OpCost::default()
-        });
+        self.add_cost(OpCost { act_none: b, act_selective: b, ..OpCost::default() });
     }
 
     // ------------------------------------------------------------ op rules
@@ -719,10 +631,7 @@ impl Walker<'_> {
             }
             let prod: u64 = new.iter().map(|d| d.size).product();
             if prod != src.size {
-                let sizes: Vec<String> = new
-                    .iter()
-                    .map(|d| format!("{}={}", d.name, d.size))
-                    .collect();
+                let sizes: Vec<String> = new.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
                 return self.err(
                     Diag::error(format!(
                         "cannot split `{}` of size {} into {} (product {prod})",
@@ -758,18 +667,9 @@ impl Walker<'_> {
                     .help("unbinding is for small dims like `qkv = 3`; to reshape a dim write `split(x, d -> [a, b])`"),
             );
         }
-        let dims: Vec<Dim> =
-            x.ty.dims
-                .iter()
-                .filter(|o| o.name != d.name)
-                .cloned()
-                .collect();
+        let dims: Vec<Dim> = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
         let part = TensorType::new(x.ty.dtype, dims);
-        Val::Tuple(
-            (0..d.size)
-                .map(|_| Val::Tensor(TVal::new(part.clone())))
-                .collect(),
-        )
+        Val::Tuple((0..d.size).map(|_| Val::Tensor(TVal::new(part.clone()))).collect())
     }
 
     fn dim_in(&mut self, frame: &mut Frame, id: &Ident, ty: &TensorType) -> Option<Dim> {
@@ -828,23 +728,13 @@ impl Walker<'_> {
             );
         }
         // Merged dims must be adjacent and in order.
-        let first =
-            x.ty.dims
-                .iter()
-                .position(|d| d.name == src[0].name)
-                .expect("present");
-        let adjacent = src
-            .iter()
-            .enumerate()
-            .all(|(i, s)| x.ty.dims.get(first + i).map(|d| &d.name) == Some(&s.name));
+        let first = x.ty.dims.iter().position(|d| d.name == src[0].name).expect("present");
+        let adjacent = src.iter().enumerate().all(|(i, s)| x.ty.dims.get(first + i).map(|d| &d.name) == Some(&s.name));
         if !adjacent {
             return self.err(
-                Diag::error(format!(
-                    "`merge` needs adjacent dims in order, but {x} has them elsewhere",
-                    x = x.ty
-                ))
-                .at(mspan, "not adjacent")
-                .help("list the dims in the order they appear in the tensor"),
+                Diag::error(format!("`merge` needs adjacent dims in order, but {x} has them elsewhere", x = x.ty))
+                    .at(mspan, "not adjacent")
+                    .help("list the dims in the order they appear in the tensor"),
             );
         }
         if x.ty.has(&target.name) && !src.iter().any(|s| s.name == target.name) {
@@ -889,11 +779,7 @@ impl Walker<'_> {
                     Some(d) => d,
                     None => return Val::Poison,
                 },
-                None => frame
-                    .bindings
-                    .get(&to[0].name)
-                    .cloned()
-                    .unwrap_or_else(|| Dim::new(&to[0].name, src.size)),
+                None => frame.bindings.get(&to[0].name).cloned().unwrap_or_else(|| Dim::new(&to[0].name, src.size)),
             };
             if new.size != src.size {
                 return self.err(
@@ -923,11 +809,9 @@ impl Walker<'_> {
 
     fn concat(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
         let (Some(over), Some(into)) = (a.kw.get("over"), a.kw.get("into")) else {
-            return self.err(
-                Diag::error("`concat` needs `over` and `into`")
-                    .at(span, "missing keywords")
-                    .help("write `concat(cls, x, over = [one, patches], into = seq)`: each input's own dim, then the result dim"),
-            );
+            return self.err(Diag::error("`concat` needs `over` and `into`").at(span, "missing keywords").help(
+                "write `concat(cls, x, over = [one, patches], into = seq)`: each input's own dim, then the result dim",
+            ));
         };
         let ExprKind::List(over_names) = &over.kind else {
             return self.err(
@@ -938,13 +822,9 @@ impl Walker<'_> {
         };
         if over_names.len() != a.pos.len() {
             return self.err(
-                Diag::error(format!(
-                    "`over` names {} dims for {} inputs",
-                    over_names.len(),
-                    a.pos.len()
-                ))
-                .at(over.span, "one dim per input")
-                .help("name the dim each input is concatenated along"),
+                Diag::error(format!("`over` names {} dims for {} inputs", over_names.len(), a.pos.len()))
+                    .at(over.span, "one dim per input")
+                    .help("name the dim each input is concatenated along"),
             );
         }
         let Some(into_dim) = self.dim_name(frame, into) else {
@@ -968,29 +848,20 @@ impl Walker<'_> {
                     into_dim.name, into_dim.size
                 ))
                 .at(span, "sizes do not add up")
-                .help(format!(
-                    "the sizes of the `over` dims must add up to `{}`",
-                    into_dim.name
-                )),
+                .help(format!("the sizes of the `over` dims must add up to `{}`", into_dim.name)),
             );
         }
-        // The result: the first input's dims with its concat dim replaced,
-        // then every other dim broadcast in by name.
-        let (first, fd) = &inputs[0];
+        // The result: the highest-rank input's dims with its concat dim
+        // replaced, then every other input's dims broadcast in by name.
+        let lead = (0..inputs.len()).max_by_key(|&i| (inputs[i].0.ty.dims.len(), usize::MAX - i)).unwrap_or(0);
+        let (first, fd) = &inputs[lead];
         let dtype = first.ty.dtype;
-        let mut dims: Vec<Dim> = first
-            .ty
-            .dims
-            .iter()
-            .map(|d| {
-                if d.name == fd.name {
-                    into_dim.clone()
-                } else {
-                    d.clone()
-                }
-            })
-            .collect();
-        for (t, cd) in &inputs[1..] {
+        let mut dims: Vec<Dim> =
+            first.ty.dims.iter().map(|d| if d.name == fd.name { into_dim.clone() } else { d.clone() }).collect();
+        for (i, (t, cd)) in inputs.iter().enumerate() {
+            if i == lead {
+                continue;
+            }
             if t.ty.dtype != dtype {
                 return self.err(
                     Diag::error("`concat` inputs have different dtypes")
@@ -1005,16 +876,13 @@ impl Walker<'_> {
                 match dims.iter().find(|o| o.name == d.name) {
                     Some(o) if o.size != d.size => {
                         return self.err(
-                            Diag::error(format!(
-                                "dim `{}` differs between `concat` inputs",
-                                d.name
-                            ))
-                            .at(span, "size mismatch")
-                            .help("inputs must agree on every other dim"),
+                            Diag::error(format!("dim `{}` differs between `concat` inputs", d.name))
+                                .at(span, "size mismatch")
+                                .help("inputs must agree on every other dim"),
                         );
                     }
                     Some(_) => {}
-                    None => dims.insert(dims.len().saturating_sub(1), d.clone()),
+                    None => dims.push(d.clone()),
                 }
             }
         }
@@ -1047,23 +915,17 @@ impl Walker<'_> {
         let (ks, kh, kd) = (&k.ty.dims[m - 3], &k.ty.dims[m - 2], &k.ty.dims[m - 1]);
         if q.ty.dims[..n - 3] != k.ty.dims[..m - 3] {
             return self.err(
-                Diag::error(format!(
-                    "attention operands do not line up: q {}, k {}",
-                    q.ty, k.ty
-                ))
-                .at(span, "leading dims differ")
-                .help(layout_help),
+                Diag::error(format!("attention operands do not line up: q {}, k {}", q.ty, k.ty))
+                    .at(span, "leading dims differ")
+                    .help(layout_help),
             );
         }
         let vm = v.ty.dims.len();
         if vm != m || v.ty.dims[..vm - 1] != k.ty.dims[..m - 1] {
             return self.err(
-                Diag::error(format!(
-                    "keys {} and values {} must share all dims but the last",
-                    k.ty, v.ty
-                ))
-                .at(a.pos[2].span, "mismatched values")
-                .help(layout_help),
+                Diag::error(format!("keys {} and values {} must share all dims but the last", k.ty, v.ty))
+                    .at(a.pos[2].span, "mismatched values")
+                    .help(layout_help),
             );
         }
         if qd != kd {
@@ -1078,12 +940,9 @@ impl Walker<'_> {
         }
         if kh.size == 0 || qh.size % kh.size != 0 {
             return self.err(
-                Diag::error(format!(
-                    "{} query heads cannot be grouped over {} key/value heads",
-                    qh.size, kh.size
-                ))
-                .at(a.pos[1].span, "heads not divisible")
-                .help("grouped-query attention needs heads divisible by kv_heads"),
+                Diag::error(format!("{} query heads cannot be grouped over {} key/value heads", qh.size, kh.size))
+                    .at(a.pos[1].span, "heads not divisible")
+                    .help("grouped-query attention needs heads divisible by kv_heads"),
             );
         }
         let causal = match a.kw.get("causal") {
@@ -1093,12 +952,9 @@ impl Walker<'_> {
                 Val::Poison => return Val::Poison,
                 other => {
                     return self.err(
-                        Diag::error(format!(
-                            "`causal` must be true or false, found {}",
-                            other.kind()
-                        ))
-                        .at(e.span, "not a boolean")
-                        .help("causal = true"),
+                        Diag::error(format!("`causal` must be true or false, found {}", other.kind()))
+                            .at(e.span, "not a boolean")
+                            .help("causal = true"),
                     );
                 }
             },
@@ -1120,14 +976,14 @@ impl Walker<'_> {
                 return Val::Poison;
             };
             let allowed: Vec<&Dim> = lead.iter().chain([qs, ks, qh]).collect();
-            let fits = mk.ty.dtype == DType::Bool
-                && mk.ty.dims.iter().all(|d| allowed.contains(&d))
-                && mk.ty.has(&ks.name);
+            let fits =
+                mk.ty.dtype == DType::Bool && mk.ty.dims.iter().all(|d| allowed.contains(&d)) && mk.ty.has(&ks.name);
             if !fits {
                 return self.err(
-                    Diag::error(format!("attention mask {} does not fit", mk.ty))
-                        .at(e.span, "bad mask")
-                        .help(format!("a mask is bool over the key dim `{}`, optionally with the batch, query and head dims", ks.name)),
+                    Diag::error(format!("attention mask {} does not fit", mk.ty)).at(e.span, "bad mask").help(format!(
+                        "a mask is bool over the key dim `{}`, optionally with the batch, query and head dims",
+                        ks.name
+                    )),
                 );
             }
         }
@@ -1138,12 +994,9 @@ impl Walker<'_> {
             };
             if t.ty.dims.len() != 2 || t.ty.dims[1] != *qh {
                 return self.err(
-                    Diag::error(format!(
-                        "`rel_bias` table must be [buckets, {}], found {}",
-                        qh.name, t.ty
-                    ))
-                    .at(e.span, "bad table")
-                    .help("declare `param rel: [buckets, heads]`"),
+                    Diag::error(format!("`rel_bias` table must be [buckets, {}], found {}", qh.name, t.ty))
+                        .at(e.span, "bad table")
+                        .help("declare `param rel: [buckets, heads]`"),
                 );
             }
             if let Some(md) = a.kw.get("max_distance") {
@@ -1171,12 +1024,9 @@ impl Walker<'_> {
                     };
                     if u.ty.dims != [qh.clone(), qd.clone()] {
                         return self.err(
-                            Diag::error(format!(
-                                "`{key}` must be [{}, {}], found {}",
-                                qh.name, qd.name, u.ty
-                            ))
-                            .at(e.span, "bad bias")
-                            .help(format!("declare `param u: [{}, {}]`", qh.name, qd.name)),
+                            Diag::error(format!("`{key}` must be [{}, {}], found {}", qh.name, qd.name, u.ty))
+                                .at(e.span, "bad bias")
+                                .help(format!("declare `param u: [{}, {}]`", qh.name, qd.name)),
                         );
                     }
                 }
@@ -1197,30 +1047,13 @@ impl Walker<'_> {
         // output) stay alive: 2 bytes each in 16-bit, 1 byte the mask.
         let head_split = self.shard_factor(&TensorType::new(q.ty.dtype, vec![qh.clone()]));
         let score_elems = pairs / head_split as f64;
-        let elem = if q.ty.dtype.is_float() {
-            self.act_bytes as f64
-        } else {
-            4.0
-        };
-        let scores = if drop_p > 0.0 {
-            score_elems * (2.0 * elem + 1.0)
-        } else {
-            score_elems * elem
-        };
-        self.add_cost(OpCost {
-            flops,
-            attn_flops: flops,
-            act_none: saved + scores,
-            act_selective: saved,
-        });
+        let elem = if q.ty.dtype.is_float() { self.act_bytes as f64 } else { 4.0 };
+        let scores = if drop_p > 0.0 { score_elems * (2.0 * elem + 1.0) } else { score_elems * elem };
+        self.add_cost(OpCost { flops, attn_flops: flops, act_none: saved + scores, act_selective: saved });
         let _ = causal;
         Val::Tensor(TVal::new(TensorType::new(
             q.ty.dtype,
-            q.ty.dims[..n - 1]
-                .iter()
-                .cloned()
-                .chain([v.ty.dims[vm - 1].clone()])
-                .collect(),
+            q.ty.dims[..n - 1].iter().cloned().chain([v.ty.dims[vm - 1].clone()]).collect(),
         )))
     }
 
@@ -1248,23 +1081,18 @@ impl Walker<'_> {
         };
         if names.len() != 2 || x.ty.dims.len() < 3 {
             return self.err(
-                Diag::error(
-                    "`patches` maps [..., channels, height, width] to [..., grid, patch_in]",
-                )
-                .at(span, "wrong dims")
-                .help("into = [grid, patch_in] names the patch count and the pixels per patch"),
+                Diag::error("`patches` maps [..., channels, height, width] to [..., grid, patch_in]")
+                    .at(span, "wrong dims")
+                    .help("into = [grid, patch_in] names the patch count and the pixels per patch"),
             );
         }
         let n = x.ty.dims.len();
         let (c, h, w) = (&x.ty.dims[n - 3], &x.ty.dims[n - 2], &x.ty.dims[n - 1]);
         if h.size % p != 0 || w.size % p != 0 {
             return self.err(
-                Diag::error(format!(
-                    "image {}×{} is not divisible into {p}×{p} patches",
-                    h.size, w.size
-                ))
-                .at(size.span, "patch size")
-                .help("choose a patch size that divides the height and width"),
+                Diag::error(format!("image {}×{} is not divisible into {p}×{p} patches", h.size, w.size))
+                    .at(size.span, "patch size")
+                    .help("choose a patch size that divides the height and width"),
             );
         }
         let grid = (h.size / p) * (w.size / p);
@@ -1272,11 +1100,8 @@ impl Walker<'_> {
         let mut out = Vec::new();
         for (e, want) in names.iter().zip([grid, pix]) {
             let ExprKind::Name(nm) = &e.kind else {
-                return self.err(
-                    Diag::error("expected a dim name")
-                        .at(e.span, "not a name")
-                        .help("into = [grid, patch_in]"),
-                );
+                return self
+                    .err(Diag::error("expected a dim name").at(e.span, "not a name").help("into = [grid, patch_in]"));
             };
             let d = match self.model_const(nm) {
                 Some(_) => match self.dim(frame, nm, e.span) {
@@ -1289,7 +1114,10 @@ impl Walker<'_> {
                 return self.err(
                     Diag::error(format!("`{}` is {} but the image gives {want}", d.name, d.size))
                         .at(e.span, "wrong size")
-                        .help(format!("{}×{} pixels in {p}×{p} patches of {} channels: {grid} patches of {pix} values", h.size, w.size, c.size)),
+                        .help(format!(
+                            "{}×{} pixels in {p}×{p} patches of {} channels: {grid} patches of {pix} values",
+                            h.size, w.size, c.size
+                        )),
                 );
             }
             out.push(d);
@@ -1315,12 +1143,9 @@ impl Walker<'_> {
                 Some(v) if v.fract() == 0.0 && v >= 1.0 && v <= expert.size as f64 => v as u64,
                 Some(v) => {
                     return self.err(
-                        Diag::error(format!(
-                            "`k` = {v} must be a whole number from 1 to the {} experts",
-                            expert.size
-                        ))
-                        .at(e.span, "bad k")
-                        .help("Switch routes to 1 expert, Mixtral and GShard to 2"),
+                        Diag::error(format!("`k` = {v} must be a whole number from 1 to the {} experts", expert.size))
+                            .at(e.span, "bad k")
+                            .help("Switch routes to 1 expert, Mixtral and GShard to 2"),
                     );
                 }
                 None => return Val::Poison,
@@ -1331,7 +1156,9 @@ impl Walker<'_> {
             None => None,
             Some(e) => match &e.kind {
                 ExprKind::Name(nm) if nm == "dropless" => None,
+                // A capacity of 0 is `dropless` passed through a constant.
                 _ => match self.eval_const(frame, e) {
+                    Some(0.0) => None,
                     Some(c) if c > 0.0 && c.is_finite() => Some(c),
                     Some(c) => {
                         return self.err(
@@ -1351,15 +1178,9 @@ impl Walker<'_> {
             Some(c) => (ideal * c).ceil().max(1.0) as u64,
             None => ideal.ceil().max(1.0) as u64,
         };
-        self.slot_useful
-            .insert(slot, (ideal / slot as f64).min(1.0));
-        self.expert_dims
-            .insert(expert.name.clone(), (expert.size, k));
-        if !self
-            .routings
-            .iter()
-            .any(|r| r.expert_dim == expert.name && r.top_k == k && r.capacity == capacity)
-        {
+        self.slot_useful.insert(slot, (ideal / slot as f64).min(1.0));
+        self.expert_dims.insert(expert.name.clone(), (expert.size, k));
+        if !self.routings.iter().any(|r| r.expert_dim == expert.name && r.top_k == k && r.capacity == capacity) {
             self.routings.push(Routing {
                 expert_dim: expert.name.clone(),
                 experts: expert.size,
@@ -1369,11 +1190,7 @@ impl Walker<'_> {
             });
         }
         self.save(&probs.ty);
-        Val::Route(Rc::new(RouteVal {
-            tokens,
-            expert,
-            slot: Dim::new("slot", slot),
-        }))
+        Val::Route(Rc::new(RouteVal { tokens, expert, slot: Dim::new("slot", slot) }))
     }
 
     fn dispatch_combine(&mut self, frame: &mut Frame, n: &str, a: &Args, _span: Span) -> Val {
@@ -1413,12 +1230,9 @@ impl Walker<'_> {
             let ok = x.ty.dims.len() > 2 && x.ty.dims[0] == r.expert && x.ty.dims[1] == r.slot;
             if !ok {
                 return self.err(
-                    Diag::error(format!(
-                        "`combine` input {} must start with [{}, slot]",
-                        x.ty, r.expert.name
-                    ))
-                    .at(a.pos[1].span, "not expert outputs")
-                    .help("combine what the experts computed on dispatched tokens"),
+                    Diag::error(format!("`combine` input {} must start with [{}, slot]", x.ty, r.expert.name))
+                        .at(a.pos[1].span, "not expert outputs")
+                        .help("combine what the experts computed on dispatched tokens"),
                 );
             }
             self.save(&x.ty);

@@ -14,16 +14,10 @@ use std::rc::Rc;
 /// The standard library, built in so that any spec can `use std/...`.
 pub const STD: &[(&str, &str)] = &[
     ("std/nn", include_str!("../../../specs/std/nn.spec")),
-    (
-        "std/attention",
-        include_str!("../../../specs/std/attention.spec"),
-    ),
+    ("std/attention", include_str!("../../../specs/std/attention.spec")),
     ("std/mlp", include_str!("../../../specs/std/mlp.spec")),
     ("std/moe", include_str!("../../../specs/std/moe.spec")),
-    (
-        "std/transformer",
-        include_str!("../../../specs/std/transformer.spec"),
-    ),
+    ("std/transformer", include_str!("../../../specs/std/transformer.spec")),
     ("std/encdec", include_str!("../../../specs/std/encdec.spec")),
 ];
 
@@ -44,29 +38,12 @@ pub enum Origin {
     Text(PathBuf),
 }
 
-pub fn load(
-    sources: &mut SourceMap,
-    name: &str,
-    text: String,
-    origin: Origin,
-) -> Result<Program, Diags> {
-    let mut prog = Program {
-        blocks: HashMap::new(),
-        models: HashMap::new(),
-        root_models: Vec::new(),
-        sections: Vec::new(),
-    };
-    let mut loader = Loader {
-        loaded: HashMap::new(),
-        stack: Vec::new(),
-        diags: Diags::default(),
-    };
+pub fn load(sources: &mut SourceMap, name: &str, text: String, origin: Origin) -> Result<Program, Diags> {
+    let mut prog =
+        Program { blocks: HashMap::new(), models: HashMap::new(), root_models: Vec::new(), sections: Vec::new() };
+    let mut loader = Loader { loaded: HashMap::new(), stack: Vec::new(), diags: Diags::default() };
     loader.file(sources, &mut prog, name, text, origin, true);
-    if loader.diags.is_empty() {
-        Ok(prog)
-    } else {
-        Err(loader.diags)
-    }
+    if loader.diags.is_empty() { Ok(prog) } else { Err(loader.diags) }
 }
 
 struct Loader {
@@ -101,12 +78,9 @@ impl Loader {
                 Item::Block(b) => {
                     if crate::check::ops::is_op(&b.name.name) {
                         self.diags.push(
-                            Diag::error(format!(
-                                "block `{}` has the name of a built-in op",
-                                b.name.name
-                            ))
-                            .at(b.name.span, "shadows the op")
-                            .help("rename the block"),
+                            Diag::error(format!("block `{}` has the name of a built-in op", b.name.name))
+                                .at(b.name.span, "shadows the op")
+                                .help("rename the block"),
                         );
                         continue;
                     }
@@ -146,13 +120,7 @@ impl Loader {
         self.stack.pop();
     }
 
-    fn use_item(
-        &mut self,
-        sources: &mut SourceMap,
-        prog: &mut Program,
-        u: &ast::Use,
-        origin: &Origin,
-    ) {
+    fn use_item(&mut self, sources: &mut SourceMap, prog: &mut Program, u: &ast::Use, origin: &Origin) {
         let rel = u.path.trim_end_matches(".spec");
         let found = resolve(rel, origin);
         let Some((key, name, text, origin)) = found else {
@@ -161,26 +129,18 @@ impl Loader {
                 Some(s) => format!("did you mean `use {s}`?"),
                 None => format!(
                     "looked for `{rel}.spec` next to this file and in its parent folders; the standard library has {}",
-                    unknown_help("module", rel, std_names.iter().copied())
-                        .trim_start_matches("expected one of: ")
+                    unknown_help("module", rel, std_names.iter().copied()).trim_start_matches("expected one of: ")
                 ),
             };
-            self.diags.push(
-                Diag::error(format!("cannot find `{}`", u.path))
-                    .at(u.span, "no such spec file")
-                    .help(help),
-            );
+            self.diags
+                .push(Diag::error(format!("cannot find `{}`", u.path)).at(u.span, "no such spec file").help(help));
             return;
         };
         if self.stack.contains(&name) {
             self.diags.push(
-                Diag::error(format!(
-                    "`use {}` makes a cycle: {} -> {name}",
-                    u.path,
-                    self.stack.join(" -> ")
-                ))
-                .at(u.span, "cyclic use")
-                .help("move the shared blocks into a third file that both use"),
+                Diag::error(format!("`use {}` makes a cycle: {} -> {name}", u.path, self.stack.join(" -> ")))
+                    .at(u.span, "cyclic use")
+                    .help("move the shared blocks into a third file that both use"),
             );
             return;
         }
@@ -205,23 +165,13 @@ fn resolve(rel: &str, origin: &Origin) -> Option<(String, String, String, Origin
         {
             let canon = cand.canonicalize().unwrap_or(cand.clone());
             let key = canon.to_string_lossy().into_owned();
-            return Some((
-                key,
-                cand.to_string_lossy().into_owned(),
-                text,
-                Origin::Path(canon),
-            ));
+            return Some((key, cand.to_string_lossy().into_owned(), text, Origin::Path(canon)));
         }
         cur = d.parent().map(Path::to_path_buf);
     }
-    STD.iter().find(|(n, _)| *n == rel).map(|(n, t)| {
-        (
-            format!("<builtin>/{n}"),
-            format!("<builtin>/{n}.spec"),
-            t.to_string(),
-            Origin::Std,
-        )
-    })
+    STD.iter()
+        .find(|(n, _)| *n == rel)
+        .map(|(n, t)| (format!("<builtin>/{n}"), format!("<builtin>/{n}.spec"), t.to_string(), Origin::Std))
 }
 
 /// The span of a whole file (for diagnostics about a file as a whole).

@@ -8,17 +8,8 @@ use crate::syntax::span::Span;
 use std::collections::HashMap;
 
 pub const SECTIONS: &[&str] = &["parallel", "train", "infer"];
-const PARALLEL_KEYS: &[&str] = &[
-    "mesh",
-    "layout",
-    "world",
-    "pipeline",
-    "zero",
-    "sequence_parallel",
-    "recompute",
-    "precision",
-    "experts",
-];
+const PARALLEL_KEYS: &[&str] =
+    &["mesh", "layout", "world", "pipeline", "zero", "sequence_parallel", "recompute", "precision", "experts"];
 const PIPELINE_KEYS: &[&str] = &["schedule", "microbatches", "virtual"];
 const EXPERT_KEYS: &[&str] = &["count", "top_k", "capacity", "placement"];
 const TRAIN_KEYS: &[&str] = &[
@@ -88,16 +79,12 @@ impl SectionEval<'_> {
                     }
                 }
             }
-            ExprKind::Call { name, args }
-                if matches!(name.name.as_str(), "sqrt" | "log" | "exp" | "min" | "max") =>
-            {
+            ExprKind::Call { name, args } if matches!(name.name.as_str(), "sqrt" | "log" | "exp" | "min" | "max") => {
                 let mut xs = Vec::new();
                 for a in args {
                     let Arg::Pos(x) = a else {
                         self.err(
-                            Diag::error("keyword argument in arithmetic")
-                                .at(a.span(), "here")
-                                .help("pass numbers"),
+                            Diag::error("keyword argument in arithmetic").at(a.span(), "here").help("pass numbers"),
                         );
                         return None;
                     };
@@ -138,9 +125,7 @@ impl SectionEval<'_> {
         };
         if !v.is_finite() {
             self.err(
-                Diag::error("this value is not a finite number")
-                    .at(e.span, "not finite")
-                    .help("check the arithmetic"),
+                Diag::error("this value is not a finite number").at(e.span, "not finite").help("check the arithmetic"),
             );
             return None;
         }
@@ -178,19 +163,15 @@ impl SectionEval<'_> {
             ExprKind::Name(n) if options.contains(&n.as_str()) => Some(n.clone()),
             ExprKind::Name(n) => {
                 let help = unknown_help(what, n, options.iter().copied());
-                self.err(
-                    Diag::error(format!("unknown {what} `{n}`"))
-                        .at(e.span, format!("not a {what}"))
-                        .help(help),
-                );
+                self.err(Diag::error(format!("unknown {what} `{n}`")).at(e.span, format!("not a {what}")).help(help));
                 None
             }
             _ => {
-                self.err(
-                    Diag::error(format!("expected a {what}"))
-                        .at(e.span, "not a name")
-                        .help(unknown_help(what, "", options.iter().copied())),
-                );
+                self.err(Diag::error(format!("expected a {what}")).at(e.span, "not a name").help(unknown_help(
+                    what,
+                    "",
+                    options.iter().copied(),
+                )));
                 None
             }
         }
@@ -260,11 +241,7 @@ fn keyed<'e>(ev: &mut SectionEval, s: &'e Section, keys: &[&str]) -> Vec<(&'e st
         if !keys.contains(&k.name.as_str()) {
             let help = unknown_help("key", &k.name, keys.iter().copied());
             let where_ = format!("`{}`", s.name.name);
-            ev.err(
-                Diag::error(format!("unknown key `{}` in {where_}", k.name))
-                    .at(k.span, "unknown key")
-                    .help(help),
-            );
+            ev.err(Diag::error(format!("unknown key `{}` in {where_}", k.name)).at(k.span, "unknown key").help(help));
             continue;
         }
         if let Some((_, first)) = out.iter().find(|(n, _)| *n == k.name) {
@@ -373,15 +350,7 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                             p.layout.push((dim.name.clone(), axis.name.clone()));
                             spans.rules.insert(dim.name.clone(), *span);
                         }
-                        Entry::Value {
-                            key,
-                            value:
-                                Expr {
-                                    kind: ExprKind::Name(axis),
-                                    ..
-                                },
-                            span,
-                        } => {
+                        Entry::Value { key, value: Expr { kind: ExprKind::Name(axis), .. }, span } => {
                             // `dim = axis` (what `--set parallel.layout.heads=tensor` writes).
                             p.layout.push((key.name.clone(), axis.clone()));
                             spans.rules.insert(key.name.clone(), *span);
@@ -433,7 +402,11 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                     && let Some(z) = ev.num(v)
                 {
                     if ![0.0, 1.0, 2.0, 3.0].contains(&z) {
-                        ev.err(Diag::error(format!("ZeRO stage must be 0, 1, 2 or 3, got {z}")).at(v.span, "no such stage").help("1 shards optimizer states, 2 also gradients, 3 also parameters"));
+                        ev.err(
+                            Diag::error(format!("ZeRO stage must be 0, 1, 2 or 3, got {z}"))
+                                .at(v.span, "no such stage")
+                                .help("1 shards optimizer states, 2 also gradients, 3 also parameters"),
+                        );
                     } else {
                         p.zero = z as u8;
                     }
@@ -474,11 +447,9 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                             for r in ranks {
                                 let ExprKind::List(ids) = &r.kind else {
                                     ev.err(
-                                        Diag::error(
-                                            "explicit placement lists the experts of each rank",
-                                        )
-                                        .at(r.span, "expected a list")
-                                        .help("placement = [[0, 1], [2, 3]]"),
+                                        Diag::error("explicit placement lists the experts of each rank")
+                                            .at(r.span, "expected a list")
+                                            .help("placement = [[0, 1], [2, 3]]"),
                                     );
                                     continue;
                                 };
@@ -487,11 +458,9 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                                     if let Some(n) = ev.num(id) {
                                         if n.fract() != 0.0 || n < 0.0 {
                                             ev.err(
-                                                Diag::error(format!(
-                                                    "expert id {n} is not a whole number ≥ 0"
-                                                ))
-                                                .at(id.span, "bad id")
-                                                .help("experts are numbered from 0"),
+                                                Diag::error(format!("expert id {n} is not a whole number ≥ 0"))
+                                                    .at(id.span, "bad id")
+                                                    .help("experts are numbered from 0"),
                                             );
                                         } else {
                                             rank.push(n as u64);
@@ -502,24 +471,16 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                             }
                             Some(ExpertPlacement::Explicit { ranks: out })
                         }
-                        _ => ev
-                            .word(v, "placement", &["blocked", "round_robin"])
-                            .map(|w| {
-                                if w == "blocked" {
-                                    ExpertPlacement::Blocked
-                                } else {
-                                    ExpertPlacement::RoundRobin
-                                }
-                            }),
+                        _ => ev.word(v, "placement", &["blocked", "round_robin"]).map(|w| {
+                            if w == "blocked" { ExpertPlacement::Blocked } else { ExpertPlacement::RoundRobin }
+                        }),
                     };
                     if let Some(pl) = placement {
                         p.experts = Some(Experts { placement: pl });
                     }
                 }
                 if p.experts.is_none() {
-                    p.experts = Some(Experts {
-                        placement: ExpertPlacement::Blocked,
-                    });
+                    p.experts = Some(Experts { placement: ExpertPlacement::Blocked });
                 }
             }
         }
@@ -531,24 +492,12 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
 }
 
 /// The expert settings that configure model constants: key → model constant.
-pub const EXPERT_CONSTS: &[(&str, &str)] = &[
-    ("count", "expert"),
-    ("top_k", "top_k"),
-    ("capacity", "capacity"),
-];
+pub const EXPERT_CONSTS: &[(&str, &str)] = &[("count", "expert"), ("top_k", "top_k"), ("capacity", "capacity")];
 
 pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
     let mut t = Train {
-        optimizer: Optimizer::Adamw {
-            lr: 3e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-        schedule: LrSchedule::Constant {
-            warmup: Amount::Steps(0.0),
-        },
+        optimizer: Optimizer::Adamw { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        schedule: LrSchedule::Constant { warmup: Amount::Steps(0.0) },
         batch: 1,
         micro_batch: None,
         length: None,
@@ -592,9 +541,11 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                     Some("tokens") => {
                         if n % seq != 0 {
                             ev.err(
-                                Diag::error(format!("a batch of {n} tokens is not a whole number of {seq}-token sequences"))
-                                    .at(v.span, "not divisible by the sequence length")
-                                    .help(format!("use a multiple of {seq} tokens, or give the batch in sequences")),
+                                Diag::error(format!(
+                                    "a batch of {n} tokens is not a whole number of {seq}-token sequences"
+                                ))
+                                .at(v.span, "not divisible by the sequence length")
+                                .help(format!("use a multiple of {seq} tokens, or give the batch in sequences")),
                             );
                         } else {
                             t.batch = n / seq;
@@ -623,10 +574,7 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                 }
             }
             "device" => {
-                let names: Vec<&str> = crate::cost::device::DEVICES
-                    .iter()
-                    .map(|d| d.name)
-                    .collect();
+                let names: Vec<&str> = crate::cost::device::DEVICES.iter().map(|d| d.name).collect();
                 t.device = ev.word(v, "device", &names);
             }
             "data" => t.data = ev.string(v, k),
@@ -660,12 +608,7 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
     (ev.diags.len() == before).then_some(t)
 }
 
-fn kwargs<'e>(
-    ev: &mut SectionEval,
-    args: &'e [Arg],
-    allowed: &[&str],
-    what: &str,
-) -> HashMap<&'e str, &'e Expr> {
+fn kwargs<'e>(ev: &mut SectionEval, args: &'e [Arg], allowed: &[&str], what: &str) -> HashMap<&'e str, &'e Expr> {
     let mut out = HashMap::new();
     for a in args {
         match a {
@@ -699,10 +642,7 @@ fn optimizer(ev: &mut SectionEval, v: &Expr) -> Option<Optimizer> {
     match name {
         "adamw" | "adam" => {
             let kw = kwargs(ev, args, &["lr", "betas", "eps", "weight_decay"], name);
-            let lr = kw
-                .get("lr")
-                .and_then(|e| ev.nonneg(e, "lr"))
-                .unwrap_or(3e-4);
+            let lr = kw.get("lr").and_then(|e| ev.nonneg(e, "lr")).unwrap_or(3e-4);
             let (mut b1, mut b2) = (0.9, 0.999);
             if let Some(b) = kw.get("betas") {
                 match &b.kind {
@@ -719,63 +659,24 @@ fn optimizer(ev: &mut SectionEval, v: &Expr) -> Option<Optimizer> {
                             }
                         }
                     }
-                    _ => ev.err(
-                        Diag::error("`betas` is a pair")
-                            .at(b.span, "not a pair")
-                            .help("betas = (0.9, 0.95)"),
-                    ),
+                    _ => ev.err(Diag::error("`betas` is a pair").at(b.span, "not a pair").help("betas = (0.9, 0.95)")),
                 }
             }
-            let eps = kw
-                .get("eps")
-                .and_then(|e| ev.nonneg(e, "eps"))
-                .unwrap_or(1e-8);
-            let weight_decay = kw
-                .get("weight_decay")
-                .and_then(|e| ev.nonneg(e, "weight_decay"))
-                .unwrap_or(0.0);
-            Some(Optimizer::Adamw {
-                lr,
-                beta1: b1,
-                beta2: b2,
-                eps,
-                weight_decay,
-            })
+            let eps = kw.get("eps").and_then(|e| ev.nonneg(e, "eps")).unwrap_or(1e-8);
+            let weight_decay = kw.get("weight_decay").and_then(|e| ev.nonneg(e, "weight_decay")).unwrap_or(0.0);
+            Some(Optimizer::Adamw { lr, beta1: b1, beta2: b2, eps, weight_decay })
         }
         "sgd" => {
-            let kw = kwargs(
-                ev,
-                args,
-                &["lr", "momentum", "weight_decay", "nesterov"],
-                name,
-            );
+            let kw = kwargs(ev, args, &["lr", "momentum", "weight_decay", "nesterov"], name);
             let lr = kw.get("lr").and_then(|e| ev.nonneg(e, "lr")).unwrap_or(0.1);
-            let momentum = kw
-                .get("momentum")
-                .and_then(|e| ev.nonneg(e, "momentum"))
-                .unwrap_or(0.0);
-            let weight_decay = kw
-                .get("weight_decay")
-                .and_then(|e| ev.nonneg(e, "weight_decay"))
-                .unwrap_or(0.0);
-            let nesterov = kw
-                .get("nesterov")
-                .and_then(|e| ev.boolean(e, "nesterov"))
-                .unwrap_or(false);
-            Some(Optimizer::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-                nesterov,
-            })
+            let momentum = kw.get("momentum").and_then(|e| ev.nonneg(e, "momentum")).unwrap_or(0.0);
+            let weight_decay = kw.get("weight_decay").and_then(|e| ev.nonneg(e, "weight_decay")).unwrap_or(0.0);
+            let nesterov = kw.get("nesterov").and_then(|e| ev.boolean(e, "nesterov")).unwrap_or(false);
+            Some(Optimizer::Sgd { lr, momentum, weight_decay, nesterov })
         }
         other => {
             let help = unknown_help("optimizer", other, ["adamw", "sgd"]);
-            ev.err(
-                Diag::error(format!("unknown optimizer `{other}`"))
-                    .at(v.span, "not an optimizer")
-                    .help(help),
-            );
+            ev.err(Diag::error(format!("unknown optimizer `{other}`")).at(v.span, "not an optimizer").help(help));
             None
         }
     }
@@ -790,23 +691,14 @@ fn lr_schedule(ev: &mut SectionEval, v: &Expr) -> Option<LrSchedule> {
     match name {
         "constant" => {
             let kw = kwargs(ev, args, &["warmup"], name);
-            let warmup = kw
-                .get("warmup")
-                .and_then(|e| ev.amount(e))
-                .unwrap_or(Amount::Steps(0.0));
+            let warmup = kw.get("warmup").and_then(|e| ev.amount(e)).unwrap_or(Amount::Steps(0.0));
             Some(LrSchedule::Constant { warmup })
         }
         "linear" | "cosine" => {
             let kw = kwargs(ev, args, &["warmup", "decay", "min"], name);
-            let warmup = kw
-                .get("warmup")
-                .and_then(|e| ev.amount(e))
-                .unwrap_or(Amount::Steps(0.0));
+            let warmup = kw.get("warmup").and_then(|e| ev.amount(e)).unwrap_or(Amount::Steps(0.0));
             let decay = kw.get("decay").and_then(|e| ev.amount(e));
-            let min = kw
-                .get("min")
-                .and_then(|e| ev.nonneg(e, "min"))
-                .unwrap_or(0.0);
+            let min = kw.get("min").and_then(|e| ev.nonneg(e, "min")).unwrap_or(0.0);
             if min > 1.0 {
                 ev.err(
                     Diag::error(format!("`min` is a fraction of the peak rate, got {min}"))
@@ -833,13 +725,8 @@ fn lr_schedule(ev: &mut SectionEval, v: &Expr) -> Option<LrSchedule> {
 }
 
 pub fn infer(ev: &mut SectionEval, s: &Section) -> Option<Infer> {
-    let mut inf = Infer {
-        max_batch: 1,
-        max_len: 0,
-        kv_cache: KvCache::Contiguous,
-        sampling: Sampling::Greedy,
-        seed: 0,
-    };
+    let mut inf =
+        Infer { max_batch: 1, max_len: 0, kv_cache: KvCache::Contiguous, sampling: Sampling::Greedy, seed: 0 };
     let before = ev.diags.len();
     for (k, e) in keyed(ev, s, INFER_KEYS) {
         let Some(v) = value(ev, e, k) else { continue };
@@ -896,9 +783,7 @@ fn sampling(ev: &mut SectionEval, v: &Expr) -> Option<Sampling> {
     for a in args {
         match a {
             Arg::Pos(e) => pos.push(e),
-            Arg::Kw(k, e) if k.name == "temperature" => {
-                temperature = ev.nonneg(e, "temperature").unwrap_or(1.0)
-            }
+            Arg::Kw(k, e) if k.name == "temperature" => temperature = ev.nonneg(e, "temperature").unwrap_or(1.0),
             other => ev.err(
                 Diag::error("unknown sampling argument")
                     .at(other.span(), "here")
@@ -926,40 +811,23 @@ fn sampling(ev: &mut SectionEval, v: &Expr) -> Option<Sampling> {
             let k = one(ev, "k")?;
             if k < 1.0 || k.fract() != 0.0 {
                 ev.err(
-                    Diag::error(format!("top_k needs a whole k ≥ 1, got {k}"))
-                        .at(v.span, "bad k")
-                        .help("top_k(40)"),
+                    Diag::error(format!("top_k needs a whole k ≥ 1, got {k}")).at(v.span, "bad k").help("top_k(40)"),
                 );
                 return None;
             }
-            Some(Sampling::TopK {
-                k: k as u64,
-                temperature,
-            })
+            Some(Sampling::TopK { k: k as u64, temperature })
         }
         "top_p" => {
             let p = one(ev, "p")?;
             if !(p > 0.0 && p <= 1.0) {
-                ev.err(
-                    Diag::error(format!("top_p needs 0 < p ≤ 1, got {p}"))
-                        .at(v.span, "bad p")
-                        .help("top_p(0.9)"),
-                );
+                ev.err(Diag::error(format!("top_p needs 0 < p ≤ 1, got {p}")).at(v.span, "bad p").help("top_p(0.9)"));
                 return None;
             }
             Some(Sampling::TopP { p, temperature })
         }
         other => {
-            let help = unknown_help(
-                "sampling",
-                other,
-                ["greedy", "temperature", "top_k", "top_p"],
-            );
-            ev.err(
-                Diag::error(format!("unknown sampling `{other}`"))
-                    .at(v.span, "not a sampling method")
-                    .help(help),
-            );
+            let help = unknown_help("sampling", other, ["greedy", "temperature", "top_k", "top_p"]);
+            ev.err(Diag::error(format!("unknown sampling `{other}`")).at(v.span, "not a sampling method").help(help));
             None
         }
     }

@@ -127,11 +127,7 @@ impl<'a> Walker<'a> {
         parallel: &'a Parallel,
         act_bytes: u64,
     ) -> Walker<'a> {
-        let const_index = consts
-            .iter()
-            .enumerate()
-            .map(|(i, (n, _))| (n.clone(), i))
-            .collect();
+        let const_index = consts.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
         Walker {
             prog,
             consts,
@@ -185,11 +181,7 @@ impl<'a> Walker<'a> {
     /// Bytes of an activation of this type on one rank: float values in the
     /// training precision, divided by the layout's split of each of its dims.
     pub(super) fn act_size(&self, ty: &TensorType) -> f64 {
-        let elem = if ty.dtype.is_float() {
-            self.act_bytes
-        } else {
-            ty.dtype.bytes()
-        };
+        let elem = if ty.dtype.is_float() { self.act_bytes } else { ty.dtype.bytes() };
         (ty.numel() * elem) as f64 / self.shard_factor(ty) as f64
     }
 
@@ -222,11 +214,7 @@ impl<'a> Walker<'a> {
 
     /// Resolve a dim name in the current scope.
     pub(super) fn dim(&mut self, frame: &Frame, name: &str, span: Span) -> Option<Dim> {
-        if let Some(d) = frame
-            .bindings
-            .get(name)
-            .or_else(|| frame.local_dims.get(name))
-        {
+        if let Some(d) = frame.bindings.get(name).or_else(|| frame.local_dims.get(name)) {
             return Some(d.clone());
         }
         if let Some(Val::Num(v)) = frame.consts.get(name) {
@@ -242,9 +230,7 @@ impl<'a> Walker<'a> {
         self.err(
             Diag::error(format!("unknown dim `{name}`"))
                 .at(span, "not a dim of this model")
-                .help(format!(
-                    "{help} (declare dims in the model's `dims {{ ... }}` block)"
-                )),
+                .help(format!("{help} (declare dims in the model's `dims {{ ... }}` block)")),
         );
         None
     }
@@ -267,21 +253,20 @@ impl<'a> Walker<'a> {
         let mut ok = true;
         for entry in &te.dims {
             match entry {
-                DimEntry::Ellipsis(span) => match &frame.ellipsis {
-                    Some(e) => dims.extend(e.iter().cloned()),
-                    None => {
-                        self.err(
+                DimEntry::Ellipsis(span) => {
+                    match &frame.ellipsis {
+                        Some(e) => dims.extend(e.iter().cloned()),
+                        None => {
+                            self.err(
                             Diag::error("`...` outside a block signature")
                                 .at(*span, "nothing is bound to `...` here")
                                 .help("`...` stands for the leading dims of a block's tensor input; write the dims out"),
                         );
-                        ok = false;
+                            ok = false;
+                        }
                     }
-                },
-                DimEntry::Named {
-                    name,
-                    size: Some(e),
-                } => {
+                }
+                DimEntry::Named { name, size: Some(e) } => {
                     let v = self.eval_const(frame, e);
                     match v.and_then(|v| self.dim_size(&name.name, v, e.span)) {
                         Some(size) => {
@@ -295,26 +280,25 @@ impl<'a> Walker<'a> {
                                 && old != size
                             {
                                 self.err(
-                                    Diag::error(format!("dim `{}` is declared with size {size} but is already {old}", name.name))
-                                        .at(name.span, "redeclared here")
-                                        .help("use a new name for a dim of another size"),
+                                    Diag::error(format!(
+                                        "dim `{}` is declared with size {size} but is already {old}",
+                                        name.name
+                                    ))
+                                    .at(name.span, "redeclared here")
+                                    .help("use a new name for a dim of another size"),
                                 );
                                 ok = false;
                             }
-                            frame
-                                .local_dims
-                                .insert(name.name.clone(), Dim::new(&name.name, size));
+                            frame.local_dims.insert(name.name.clone(), Dim::new(&name.name, size));
                             dims.push(Dim::new(&name.name, size));
                         }
                         None => ok = false,
                     }
                 }
-                DimEntry::Named { name, size: None } => {
-                    match self.dim(frame, &name.name, name.span) {
-                        Some(d) => dims.push(d),
-                        None => ok = false,
-                    }
-                }
+                DimEntry::Named { name, size: None } => match self.dim(frame, &name.name, name.span) {
+                    Some(d) => dims.push(d),
+                    None => ok = false,
+                },
             }
         }
         let mut seen = HashSet::new();
@@ -400,19 +384,11 @@ impl<'a> Walker<'a> {
                 };
                 if let Some(dims) = self.type_dims(frame, ty) {
                     let t = TensorType::new(dtype, dims);
-                    self.inputs.push(Input {
-                        name: name.name.clone(),
-                        ty: t.clone(),
-                    });
+                    self.inputs.push(Input { name: name.name.clone(), ty: t.clone() });
                     self.define(frame, name, Val::Tensor(TVal::new(t)));
                 }
             }
-            Stmt::Param {
-                name,
-                ty,
-                init,
-                span,
-            } => self.param(frame, name, ty, init.as_ref(), *span),
+            Stmt::Param { name, ty, init, span } => self.param(frame, name, ty, init.as_ref(), *span),
             Stmt::Return(e, span) => {
                 if !frame.is_block {
                     self.err(
@@ -425,12 +401,7 @@ impl<'a> Walker<'a> {
                 let v = self.expr(frame, e);
                 frame.returned = Some(v);
             }
-            Stmt::If {
-                cond,
-                then,
-                otherwise,
-                ..
-            } => {
+            Stmt::If { cond, then, otherwise, .. } => {
                 let c = self.expr(frame, cond);
                 match c {
                     Val::Bool(true) => self.body(frame, &then.stmts),
@@ -457,12 +428,9 @@ impl<'a> Walker<'a> {
                             && old != &t.ty
                         {
                             self.err(
-                                Diag::error(format!(
-                                    "`{}` accumulates values of different types",
-                                    name.name
-                                ))
-                                .at(*span, format!("this adds {}", t.ty))
-                                .help(format!("earlier additions were {old}")),
+                                Diag::error(format!("`{}` accumulates values of different types", name.name))
+                                    .at(*span, format!("this adds {}", t.ty))
+                                    .help(format!("earlier additions were {old}")),
                             );
                         }
                         self.accum.insert(name.name.clone(), t.ty);
@@ -507,9 +475,12 @@ impl<'a> Walker<'a> {
                                 o => format!("{}", o.kind()),
                             };
                             self.err(
-                                Diag::error(format!("{} names on the left, but the right side gives {got}", names.len()))
-                                    .at(value.span, "wrong number of values")
-                                    .help("`q, k, v = split(x, qkv)` needs a dim of size 3; match the names to the values"),
+                                Diag::error(format!(
+                                    "{} names on the left, but the right side gives {got}",
+                                    names.len()
+                                ))
+                                .at(value.span, "wrong number of values")
+                                .help("`q, k, v = split(x, qkv)` needs a dim of size 3; match the names to the values"),
                             );
                             for n in names {
                                 self.define(frame, n, Val::Poison);
@@ -538,22 +509,12 @@ impl<'a> Walker<'a> {
         frame.values.insert(name.name.clone(), v);
     }
 
-    fn param(
-        &mut self,
-        frame: &mut Frame,
-        name: &ast::Ident,
-        ty: &ast::TypeExpr,
-        init: Option<&Expr>,
-        span: Span,
-    ) {
+    fn param(&mut self, frame: &mut Frame, name: &ast::Ident, ty: &ast::TypeExpr, init: Option<&Expr>, span: Span) {
         let dtype = ty.dtype.map(|(d, _)| d).unwrap_or(DType::F32);
         if !dtype.is_float() {
             self.err(
                 Diag::error(format!("param `{}` has dtype {}", name.name, dtype.name()))
-                    .at(
-                        ty.span,
-                        "parameters are trained, so they must be floating point",
-                    )
+                    .at(ty.span, "parameters are trained, so they must be floating point")
                     .help("use f32 (the training precision decides the storage dtype)"),
             );
             return;
@@ -568,20 +529,7 @@ impl<'a> Walker<'a> {
                 None => return,
             },
         };
-        let path = if frame.path.is_empty() {
-            name.name.clone()
-        } else {
-            format!("{}.{}", frame.path, name.name)
-        };
-        let expert = dims.iter().find_map(|d| {
-            self.expert_dims
-                .get(&d.name)
-                .map(|&(count, top_k)| ExpertDim {
-                    dim: d.name.clone(),
-                    count,
-                    top_k,
-                })
-        });
+        let path = if frame.path.is_empty() { name.name.clone() } else { format!("{}.{}", frame.path, name.name) };
         let t = TensorType::new(dtype, dims);
         let idx = match self.param_index.get(&path) {
             Some(&i) if frame.layer.is_some() && self.params[i].stack == self.current_stack => {
@@ -593,7 +541,9 @@ impl<'a> Walker<'a> {
                         self.err(
                             Diag::error(format!("param `{path}` changes shape across layers"))
                                 .at(span, format!("{t} in layer {}", frame.layer.unwrap_or(0)))
-                                .help(format!("earlier layers have {old}; give parameters of other layer kinds other names")),
+                                .help(format!(
+                                    "earlier layers have {old}; give parameters of other layer kinds other names"
+                                )),
                         );
                     };
                 }
@@ -625,7 +575,7 @@ impl<'a> Walker<'a> {
                     ty: full,
                     init,
                     placement,
-                    expert,
+                    expert: None,
                     stack: self.current_stack,
                     layers,
                     span,
@@ -642,24 +592,17 @@ impl<'a> Walker<'a> {
                     .help("rename the parameter"),
             );
         }
-        frame.values.insert(
-            name.name.clone(),
-            Val::Tensor(TVal {
-                ty: t,
-                param: Some(idx),
-            }),
-        );
+        frame.values.insert(name.name.clone(), Val::Tensor(TVal { ty: t, param: Some(idx) }));
     }
 
     fn init(&mut self, frame: &mut Frame, e: &Expr) -> Option<Init> {
-        let bad = |w: &mut Self, msg: &str| {
-            w.err(
-                Diag::error(format!("invalid initializer: {msg}"))
-                    .at(e.span, "here")
-                    .help("use normal(std), truncated_normal(std), uniform(low, high), zeros, ones or constant(value)"),
-            );
-            None
-        };
+        let bad =
+            |w: &mut Self, msg: &str| {
+                w.err(Diag::error(format!("invalid initializer: {msg}")).at(e.span, "here").help(
+                    "use normal(std), truncated_normal(std), uniform(low, high), zeros, ones or constant(value)",
+                ));
+                None
+            };
         match &e.kind {
             ExprKind::Name(n) if n == "zeros" => Some(Init::Zeros),
             ExprKind::Name(n) if n == "ones" => Some(Init::Ones),
@@ -678,23 +621,13 @@ impl<'a> Walker<'a> {
                     ("uniform", [a]) => Init::Uniform { low: -*a, high: *a },
                     ("constant", [v]) => Init::Constant { value: *v },
                     ("normal" | "truncated_normal" | "uniform" | "constant", _) => {
-                        return bad(
-                            self,
-                            &format!("wrong number of arguments to `{}`", name.name),
-                        );
+                        return bad(self, &format!("wrong number of arguments to `{}`", name.name));
                     }
                     (other, _) => {
                         let help = unknown_help(
                             "initializer",
                             other,
-                            [
-                                "normal",
-                                "truncated_normal",
-                                "uniform",
-                                "zeros",
-                                "ones",
-                                "constant",
-                            ],
+                            ["normal", "truncated_normal", "uniform", "zeros", "ones", "constant"],
                         );
                         self.err(
                             Diag::error(format!("unknown initializer `{other}`"))
@@ -707,10 +640,7 @@ impl<'a> Walker<'a> {
                 if let Init::Normal { std } | Init::TruncatedNormal { std } = init
                     && !(std.is_finite() && std >= 0.0)
                 {
-                    return bad(
-                        self,
-                        &format!("std must be a finite non-negative number, got {std}"),
-                    );
+                    return bad(self, &format!("std must be a finite non-negative number, got {std}"));
                 }
                 Some(init)
             }
@@ -718,19 +648,10 @@ impl<'a> Walker<'a> {
                 let help = unknown_help(
                     "initializer",
                     other,
-                    [
-                        "normal",
-                        "truncated_normal",
-                        "uniform",
-                        "zeros",
-                        "ones",
-                        "constant",
-                    ],
+                    ["normal", "truncated_normal", "uniform", "zeros", "ones", "constant"],
                 );
                 self.err(
-                    Diag::error(format!("unknown initializer `{other}`"))
-                        .at(e.span, "not an initializer")
-                        .help(help),
+                    Diag::error(format!("unknown initializer `{other}`")).at(e.span, "not an initializer").help(help),
                 );
                 None
             }
@@ -769,29 +690,21 @@ impl<'a> Walker<'a> {
         };
         if n.fract() != 0.0 || !(1.0..=MAX_LAYERS as f64).contains(&n) {
             self.err(
-                Diag::error(format!(
-                    "repeat count must be a whole number from 1 to {MAX_LAYERS}, got {n}"
-                ))
-                .at(count.span, "layer count")
-                .help("check the dim that gives the number of layers"),
+                Diag::error(format!("repeat count must be a whole number from 1 to {MAX_LAYERS}, got {n}"))
+                    .at(count.span, "layer count")
+                    .help("check the dim that gives the number of layers"),
             );
             return;
         }
         let n = n as u64;
         let Some(init) = frame.values.get(&carried.name).cloned() else {
             self.err(
-                Diag::error(format!(
-                    "`{}` must be defined before the repeat",
-                    carried.name
-                ))
-                .at(
-                    carried.name_span(),
-                    "the body reads the previous layer's value of this name",
-                )
-                .help(format!(
-                    "define `{}` first, e.g. the embeddings: `{} = embed(wte, tokens)`",
-                    carried.name, carried.name
-                )),
+                Diag::error(format!("`{}` must be defined before the repeat", carried.name))
+                    .at(carried.name_span(), "the body reads the previous layer's value of this name")
+                    .help(format!(
+                        "define `{}` first, e.g. the embeddings: `{} = embed(wte, tokens)`",
+                        carried.name, carried.name
+                    )),
             );
             return;
         };
@@ -801,10 +714,7 @@ impl<'a> Walker<'a> {
             _ => format!("repeat{}", self.stacks.len()),
         };
         let stack = self.stacks.len();
-        self.stacks.push(Stack {
-            label: label_name.clone(),
-            layers: n,
-        });
+        self.stacks.push(Stack { label: label_name.clone(), layers: n });
         let prev_phase = self.phase;
         self.phase = Phase::Layers;
         self.current_stack = Some(stack);
@@ -817,11 +727,7 @@ impl<'a> Walker<'a> {
             self.cost.layer_input_bytes += self.act_size(&t.ty) * n as f64;
         }
         self.cost.layer_count += n;
-        let prefix = if frame.path.is_empty() {
-            label_name
-        } else {
-            format!("{}.{}", frame.path, label_name)
-        };
+        let prefix = if frame.path.is_empty() { label_name } else { format!("{}.{}", frame.path, label_name) };
         for i in 0..n {
             let mut f = frame.clone();
             f.path = prefix.clone();
@@ -833,12 +739,9 @@ impl<'a> Walker<'a> {
             match (&value, &init_ty) {
                 (Val::Tensor(t), Some(ty)) if &t.ty != ty => {
                     self.err(
-                        Diag::error(format!(
-                            "the repeat body changes the type of `{}`",
-                            carried.name
-                        ))
-                        .at(body.span, format!("layer {i} ends with {}", t.ty))
-                        .help(format!("each layer must return what it takes: {ty}")),
+                        Diag::error(format!("the repeat body changes the type of `{}`", carried.name))
+                            .at(body.span, format!("layer {i} ends with {}", t.ty))
+                            .help(format!("each layer must return what it takes: {ty}")),
                     );
                     value = Val::Poison;
                     break;
@@ -877,10 +780,7 @@ impl<'a> Walker<'a> {
             ExprKind::List(xs) => Val::Tuple(xs.iter().map(|x| self.expr(frame, x)).collect()),
             ExprKind::Repeat { .. } => self.err(
                 Diag::error("`repeat` inside an expression")
-                    .at(
-                        e.span,
-                        "repeat must be the whole right side of an assignment",
-                    )
+                    .at(e.span, "repeat must be the whole right side of an assignment")
                     .help("write `h = repeat layers { ... }` as its own statement"),
             ),
             ExprKind::Unary(op, x) => {
@@ -888,18 +788,14 @@ impl<'a> Walker<'a> {
                 match (op, v) {
                     (UnOp::Neg, Val::Num(a)) => Val::Num(-a),
                     (UnOp::Not, Val::Bool(b)) => Val::Bool(!b),
-                    (UnOp::Neg, Val::Tensor(t)) if t.ty.dtype.is_float() => {
-                        Val::Tensor(TVal::new(t.ty))
-                    }
+                    (UnOp::Neg, Val::Tensor(t)) if t.ty.dtype.is_float() => Val::Tensor(TVal::new(t.ty)),
                     (_, Val::Poison) => Val::Poison,
                     (op, v) => {
                         let sym = if *op == UnOp::Neg { "-" } else { "!" };
                         self.err(
                             Diag::error(format!("`{sym}` cannot apply to {}", v.kind()))
                                 .at(e.span, "invalid operand")
-                                .help(
-                                    "`-` negates numbers and float tensors; `!` negates booleans",
-                                ),
+                                .help("`-` negates numbers and float tensors; `!` negates booleans"),
                         )
                     }
                 }
@@ -937,25 +833,12 @@ impl<'a> Walker<'a> {
         if let Some(t) = self.accum.get(n) {
             return Val::Tensor(TVal::new(t.clone()));
         }
-        let mut cands: Vec<String> = frame
-            .values
-            .keys()
-            .chain(frame.consts.keys())
-            .cloned()
-            .collect();
+        let mut cands: Vec<String> = frame.values.keys().chain(frame.consts.keys()).cloned().collect();
         cands.extend(self.consts.iter().map(|(n, _)| n.clone()));
         cands.extend(self.accum.keys().cloned());
         let help = unknown_help("name", n, cands.iter().map(String::as_str));
-        let extra = if n == "layer" {
-            " (`layer` is the layer index inside `repeat`)"
-        } else {
-            ""
-        };
-        self.err(
-            Diag::error(format!("unknown name `{n}`"))
-                .at(span, "not defined")
-                .help(format!("{help}{extra}")),
-        )
+        let extra = if n == "layer" { " (`layer` is the layer index inside `repeat`)" } else { "" };
+        self.err(Diag::error(format!("unknown name `{n}`")).at(span, "not defined").help(format!("{help}{extra}")))
     }
 
     fn binary(&mut self, op: BinOp, a: Val, b: Val, sa: Span, sb: Span, span: Span) -> Val {
@@ -964,13 +847,9 @@ impl<'a> Walker<'a> {
             (_, Poison, _) | (_, _, Poison) => Poison,
             (BinOp::MatMul, Tensor(x), Tensor(y)) => self.matmul(x, y, sa, sb, span),
             (BinOp::MatMul, x, y) => self.err(
-                Diag::error(format!(
-                    "`@` needs two tensors, found {} and {}",
-                    x.kind(),
-                    y.kind()
-                ))
-                .at(span, "contraction of non-tensors")
-                .help("`a @ b` contracts named dims of two tensors; use `*` for numbers"),
+                Diag::error(format!("`@` needs two tensors, found {} and {}", x.kind(), y.kind()))
+                    .at(span, "contraction of non-tensors")
+                    .help("`a @ b` contracts named dims of two tensors; use `*` for numbers"),
             ),
             (op, Num(x), Num(y)) => match op {
                 BinOp::Add => Num(x + y),
@@ -1025,14 +904,9 @@ impl<'a> Walker<'a> {
                 Tensor(TVal::new(x.ty))
             }
             (op, x, y) => self.err(
-                Diag::error(format!(
-                    "`{}` cannot combine {} and {}",
-                    op.symbol(),
-                    x.kind(),
-                    y.kind()
-                ))
-                .at(span, "invalid operands")
-                .help("arithmetic works on numbers and tensors; comparisons on numbers"),
+                Diag::error(format!("`{}` cannot combine {} and {}", op.symbol(), x.kind(), y.kind()))
+                    .at(span, "invalid operands")
+                    .help("arithmetic works on numbers and tensors; comparisons on numbers"),
             ),
         }
     }
@@ -1057,10 +931,13 @@ impl<'a> Walker<'a> {
             match x.ty.dim(&d.name) {
                 Some(xd) if xd.size != d.size => {
                     return self.err(
-                        Diag::error(format!("dim `{}` has size {} on the left but {} on the right", d.name, xd.size, d.size))
-                            .at(sa, format!("{}", x.ty))
-                            .also(sb, format!("{}", y.ty))
-                            .help("broadcasting is by name: dims of the same name must have the same size"),
+                        Diag::error(format!(
+                            "dim `{}` has size {} on the left but {} on the right",
+                            d.name, xd.size, d.size
+                        ))
+                        .at(sa, format!("{}", x.ty))
+                        .also(sb, format!("{}", y.ty))
+                        .help("broadcasting is by name: dims of the same name must have the same size"),
                     );
                 }
                 Some(_) => {}
@@ -1076,11 +953,7 @@ impl<'a> Walker<'a> {
                     saved += self.act_size(&v.ty);
                 }
             }
-            self.add_cost(OpCost {
-                act_none: saved,
-                act_selective: saved,
-                ..OpCost::default()
-            });
+            self.add_cost(OpCost { act_none: saved, act_selective: saved, ..OpCost::default() });
         }
         let _ = span;
         Val::Tensor(TVal::new(out))
@@ -1110,11 +983,7 @@ impl<'a> Walker<'a> {
             }
         }
         if contract.is_empty() {
-            let last =
-                x.ty.dims
-                    .last()
-                    .map(|d| d.name.clone())
-                    .unwrap_or_else(|| "(none)".into());
+            let last = x.ty.dims.last().map(|d| d.name.clone()).unwrap_or_else(|| "(none)".into());
             return self.err(
                 Diag::error(format!("`@` has nothing to contract: the last dim of the left operand, `{last}`, is not a dim of the right operand"))
                     .at(sa, format!("{}", x.ty))
@@ -1165,22 +1034,14 @@ impl<'a> Walker<'a> {
             .take(1)
             .map(|d| self.slot_useful.get(&d.size).copied().unwrap_or(1.0))
             .product();
-        let flops = 2.0
-            * out.numel() as f64
-            * contract.iter().map(|d| d.size as f64).product::<f64>()
-            * useful;
+        let flops = 2.0 * out.numel() as f64 * contract.iter().map(|d| d.size as f64).product::<f64>() * useful;
         let mut saved = 0.0;
         for v in [&x, &y] {
             if v.param.is_none() {
                 saved += self.act_size(&v.ty);
             }
         }
-        self.add_cost(OpCost {
-            flops,
-            attn_flops: 0.0,
-            act_none: saved,
-            act_selective: saved,
-        });
+        self.add_cost(OpCost { flops, attn_flops: 0.0, act_none: saved, act_selective: saved });
         Val::Tensor(TVal::new(out))
     }
 
@@ -1204,13 +1065,7 @@ impl<'a> Walker<'a> {
         )
     }
 
-    fn call_block(
-        &mut self,
-        frame: &mut Frame,
-        def: &Rc<ast::BlockDef>,
-        args: &[Arg],
-        span: Span,
-    ) -> Val {
+    fn call_block(&mut self, frame: &mut Frame, def: &Rc<ast::BlockDef>, args: &[Arg], span: Span) -> Val {
         let bname = def.name.name.clone();
         if self.call_stack.contains(&bname) {
             let chain = format!("{} -> {bname}", self.call_stack.join(" -> "));
@@ -1223,9 +1078,7 @@ impl<'a> Walker<'a> {
         }
         if self.call_stack.len() > 64 {
             return self.err(
-                Diag::error("blocks nested more than 64 deep")
-                    .at(span, "here")
-                    .help("flatten the block structure"),
+                Diag::error("blocks nested more than 64 deep").at(span, "here").help("flatten the block structure"),
             );
         }
         // Match arguments to parameters.
@@ -1238,13 +1091,10 @@ impl<'a> Walker<'a> {
                         let v = self.expr(frame, e);
                         drop(v);
                         return self.err(
-                            Diag::error(format!(
-                                "block `{bname}` takes {} arguments, got more",
-                                def.params.len()
-                            ))
-                            .at(e.span, "extra argument")
-                            .also(def.name.span, "block defined here")
-                            .help("remove the extra argument"),
+                            Diag::error(format!("block `{bname}` takes {} arguments, got more", def.params.len()))
+                                .at(e.span, "extra argument")
+                                .also(def.name.span, "block defined here")
+                                .help("remove the extra argument"),
                         );
                     }
                     let v = self.expr(frame, e);
@@ -1253,8 +1103,7 @@ impl<'a> Walker<'a> {
                 }
                 Arg::Kw(k, e) => {
                     let Some(i) = def.params.iter().position(|p| param_name(p) == k.name) else {
-                        let help =
-                            unknown_help("parameter", &k.name, def.params.iter().map(param_name));
+                        let help = unknown_help("parameter", &k.name, def.params.iter().map(param_name));
                         return self.err(
                             Diag::error(format!("block `{bname}` has no parameter `{}`", k.name))
                                 .at(k.span, "unknown keyword")
@@ -1280,23 +1129,11 @@ impl<'a> Walker<'a> {
                 }
             }
         }
-        let mut callee = Frame {
-            is_block: true,
-            layer: frame.layer,
-            ..Frame::default()
-        };
+        let mut callee = Frame { is_block: true, layer: frame.layer, ..Frame::default() };
         let count = frame.call_counts.entry(bname.clone()).or_insert(0);
-        let seg = if *count == 0 {
-            bname.clone()
-        } else {
-            format!("{bname}_{count}")
-        };
+        let seg = if *count == 0 { bname.clone() } else { format!("{bname}_{count}") };
         *count += 1;
-        callee.path = if frame.path.is_empty() {
-            seg
-        } else {
-            format!("{}.{seg}", frame.path)
-        };
+        callee.path = if frame.path.is_empty() { seg } else { format!("{}.{seg}", frame.path) };
         let mut poisoned = false;
         // Bind constants first: tensor signatures may use them.
         for (i, p) in def.params.iter().enumerate() {
@@ -1332,13 +1169,10 @@ impl<'a> Walker<'a> {
             };
             let Some((v, vspan)) = given[i].take() else {
                 self.err(
-                    Diag::error(format!(
-                        "missing argument `{}` of block `{bname}`",
-                        name.name
-                    ))
-                    .at(span, "in this call")
-                    .also(name.span, "parameter declared here")
-                    .help("pass a tensor for every tensor parameter"),
+                    Diag::error(format!("missing argument `{}` of block `{bname}`", name.name))
+                        .at(span, "in this call")
+                        .also(name.span, "parameter declared here")
+                        .help("pass a tensor for every tensor parameter"),
                 );
                 poisoned = true;
                 continue;
@@ -1391,15 +1225,10 @@ impl<'a> Walker<'a> {
             let expect = TensorType::new(dtype, dims);
             if expect != t.ty {
                 return self.err(
-                    Diag::error(format!(
-                        "block `{bname}` returns {} but declares {expect}",
-                        t.ty
-                    ))
-                    .at(span, "in this call")
-                    .also(rt.span, "declared return type")
-                    .help(
-                        "make the returned value match the declared type (dims by name and order)",
-                    ),
+                    Diag::error(format!("block `{bname}` returns {} but declares {expect}", t.ty))
+                        .at(span, "in this call")
+                        .also(rt.span, "declared return type")
+                        .help("make the returned value match the declared type (dims by name and order)"),
                 );
             }
         }
@@ -1422,55 +1251,38 @@ impl<'a> Walker<'a> {
     ) -> bool {
         let mismatch = |w: &mut Self, why: String| {
             w.err(
-                Diag::error(format!("argument `{arg}` of `{block}` has type {actual}, which does not fit `{}`", crate::syntax::printer::type_expr(sig)))
-                    .at(span, why)
-                    .also(sig.span, "expected by the block")
-                    .help("dims bind by position; the same signature name must bind the same dim everywhere"),
+                Diag::error(format!(
+                    "argument `{arg}` of `{block}` has type {actual}, which does not fit `{}`",
+                    crate::syntax::printer::type_expr(sig)
+                ))
+                .at(span, why)
+                .also(sig.span, "expected by the block")
+                .help("dims bind by position; the same signature name must bind the same dim everywhere"),
             );
             false
         };
         if let Some((dt, _)) = sig.dtype
             && dt != actual.dtype
         {
-            return mismatch(
-                self,
-                format!("dtype {} instead of {}", actual.dtype.name(), dt.name()),
-            );
+            return mismatch(self, format!("dtype {} instead of {}", actual.dtype.name(), dt.name()));
         }
         let has_ellipsis = sig.dims.iter().any(|d| matches!(d, DimEntry::Ellipsis(_)));
-        let named: Vec<&DimEntry> = sig
-            .dims
-            .iter()
-            .filter(|d| !matches!(d, DimEntry::Ellipsis(_)))
-            .collect();
+        let named: Vec<&DimEntry> = sig.dims.iter().filter(|d| !matches!(d, DimEntry::Ellipsis(_))).collect();
         let (lead, rest) = if has_ellipsis {
             if actual.dims.len() < named.len() {
-                return mismatch(
-                    self,
-                    format!(
-                        "{} dims, but at least {} are needed",
-                        actual.dims.len(),
-                        named.len()
-                    ),
-                );
+                return mismatch(self, format!("{} dims, but at least {} are needed", actual.dims.len(), named.len()));
             }
             actual.dims.split_at(actual.dims.len() - named.len())
         } else {
             if actual.dims.len() != named.len() {
-                return mismatch(
-                    self,
-                    format!("{} dims instead of {}", actual.dims.len(), named.len()),
-                );
+                return mismatch(self, format!("{} dims instead of {}", actual.dims.len(), named.len()));
             }
             actual.dims.split_at(0)
         };
         if has_ellipsis {
             match &callee.ellipsis {
                 Some(e) if e.as_slice() != lead => {
-                    return mismatch(
-                        self,
-                        "its leading dims differ from another argument's `...`".into(),
-                    );
+                    return mismatch(self, "its leading dims differ from another argument's `...`".into());
                 }
                 _ => callee.ellipsis = Some(lead.to_vec()),
             }
@@ -1484,20 +1296,14 @@ impl<'a> Walker<'a> {
                 if let Some(v) = self.eval_const(&mut tmp, e)
                     && v != d.size as f64
                 {
-                    return mismatch(
-                        self,
-                        format!("dim `{}` has size {} instead of {v}", d.name, d.size),
-                    );
+                    return mismatch(self, format!("dim `{}` has size {} instead of {v}", d.name, d.size));
                 }
             }
             match callee.bindings.get(&name.name) {
                 Some(b) if b != d => {
                     return mismatch(
                         self,
-                        format!(
-                            "`{}` is bound to `{}` elsewhere but is `{}` here",
-                            name.name, b.name, d.name
-                        ),
+                        format!("`{}` is bound to `{}` elsewhere but is `{}` here", name.name, b.name, d.name),
                     );
                 }
                 _ => {

@@ -16,42 +16,12 @@ pub struct Device {
 const GIB: u64 = 1 << 30;
 
 pub const DEVICES: &[Device] = &[
-    Device {
-        name: "a100_40gb",
-        memory: 40 * GIB,
-        bf16_flops: 312e12,
-        hbm_bandwidth: 1.555e12,
-    },
-    Device {
-        name: "a100_80gb",
-        memory: 80 * GIB,
-        bf16_flops: 312e12,
-        hbm_bandwidth: 2.039e12,
-    },
-    Device {
-        name: "h100_80gb",
-        memory: 80 * GIB,
-        bf16_flops: 989e12,
-        hbm_bandwidth: 3.35e12,
-    },
-    Device {
-        name: "h200_141gb",
-        memory: 141 * GIB,
-        bf16_flops: 989e12,
-        hbm_bandwidth: 4.8e12,
-    },
-    Device {
-        name: "v100_32gb",
-        memory: 32 * GIB,
-        bf16_flops: 125e12,
-        hbm_bandwidth: 0.9e12,
-    },
-    Device {
-        name: "cpu",
-        memory: 24 * GIB,
-        bf16_flops: 0.236e12,
-        hbm_bandwidth: 0.05e12,
-    },
+    Device { name: "a100_40gb", memory: 40 * GIB, bf16_flops: 312e12, hbm_bandwidth: 1.555e12 },
+    Device { name: "a100_80gb", memory: 80 * GIB, bf16_flops: 312e12, hbm_bandwidth: 2.039e12 },
+    Device { name: "h100_80gb", memory: 80 * GIB, bf16_flops: 989e12, hbm_bandwidth: 3.35e12 },
+    Device { name: "h200_141gb", memory: 141 * GIB, bf16_flops: 989e12, hbm_bandwidth: 4.8e12 },
+    Device { name: "v100_32gb", memory: 32 * GIB, bf16_flops: 125e12, hbm_bandwidth: 0.9e12 },
+    Device { name: "cpu", memory: 24 * GIB, bf16_flops: 0.236e12, hbm_bandwidth: 0.05e12 },
 ];
 
 pub fn device(name: &str) -> Option<&'static Device> {

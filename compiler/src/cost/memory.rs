@@ -29,10 +29,7 @@ pub struct RankMemory {
 pub fn rank_order(p: &Parallel) -> Vec<(String, u64)> {
     let pipe = p.axis_of("layer").map(str::to_string);
     let data = p.data_axis().map(str::to_string);
-    let tensor = p
-        .axis_of("heads")
-        .or_else(|| p.axis_of("mlp"))
-        .map(str::to_string);
+    let tensor = p.axis_of("heads").or_else(|| p.axis_of("mlp")).map(str::to_string);
     let mut out: Vec<(String, u64)> = Vec::new();
     let push = |name: &Option<String>, out: &mut Vec<(String, u64)>| {
         if let Some(n) = name
@@ -65,9 +62,7 @@ pub fn coords(order: &[(String, u64)], rank: u64) -> Vec<u64> {
 }
 
 fn coord_of(order: &[(String, u64)], c: &[u64], axis: Option<&str>) -> u64 {
-    axis.and_then(|a| order.iter().position(|(x, _)| x == a))
-        .map(|i| c[i])
-        .unwrap_or(0)
+    axis.and_then(|a| order.iter().position(|(x, _)| x == a)).map(|i| c[i]).unwrap_or(0)
 }
 
 /// The pipeline stage that holds layer `i` of a repeat of `n` layers.
@@ -82,23 +77,11 @@ pub fn stage_of_layer(p: &Parallel, n: u64, i: u64) -> u64 {
 fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
     let par = &m.parallel;
     let stages = par.stages();
-    let per_layer: u64 =
-        p.ty.dims
-            .iter()
-            .filter(|d| d.name != "layer")
-            .map(|d| d.size)
-            .product();
+    let per_layer: u64 = p.ty.dims.iter().filter(|d| d.name != "layer").map(|d| d.size).product();
     let layers_here = match p.placement {
         Placement::Layers => {
-            let n = p
-                .stack
-                .and_then(|s| m.stacks.get(s))
-                .map(|s| s.layers)
-                .unwrap_or(1);
-            p.layers
-                .iter()
-                .filter(|&&i| stage_of_layer(par, n, i) == stage)
-                .count() as u64
+            let n = p.stack.and_then(|s| m.stacks.get(s)).map(|s| s.layers).unwrap_or(1);
+            p.layers.iter().filter(|&&i| stage_of_layer(par, n, i) == stage).count() as u64
         }
         Placement::First => u64::from(stage == 0),
         Placement::Last => u64::from(stage == stages - 1),
@@ -120,10 +103,9 @@ fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
         match (&par.experts, is_expert) {
             (Some(x), true) => {
                 let held = match &x.placement {
-                    ExpertPlacement::Explicit { ranks } => ranks
-                        .get(expert_rank as usize)
-                        .map(|r| r.len() as u64)
-                        .unwrap_or(0),
+                    ExpertPlacement::Explicit { ranks } => {
+                        ranks.get(expert_rank as usize).map(|r| r.len() as u64).unwrap_or(0)
+                    }
                     _ => d.size.div_ceil(split),
                 };
                 elems = elems / d.size * held;
@@ -144,34 +126,22 @@ fn data_replicated(par: &Parallel, p: &Param) -> bool {
 
 /// Parameter elements held by every rank, in rank order.
 pub fn params_per_rank(m: &Model) -> Vec<u64> {
-    per_rank(m, |m, stage, er, _| {
-        m.params
-            .iter()
-            .map(|p| param_elems_on(m, p, stage, er))
-            .sum::<u64>()
-    })
+    per_rank(m, |m, stage, er, _| m.params.iter().map(|p| param_elems_on(m, p, stage, er)).sum::<u64>())
 }
 
 fn per_rank<T: Clone>(m: &Model, f: impl Fn(&Model, u64, u64, u64) -> T) -> Vec<T> {
     let par = &m.parallel;
     let order = rank_order(par);
     let world = par.world().max(1);
-    let expert_axis = m
-        .params
-        .iter()
-        .find_map(|p| p.expert.as_ref())
-        .and_then(|e| par.axis_of(&e.dim))
-        .map(str::to_string);
+    let expert_axis =
+        m.params.iter().find_map(|p| p.expert.as_ref()).and_then(|e| par.axis_of(&e.dim)).map(str::to_string);
     let mut cache: std::collections::HashMap<(u64, u64), T> = std::collections::HashMap::new();
     (0..world)
         .map(|r| {
             let c = coords(&order, r);
             let stage = coord_of(&order, &c, par.axis_of("layer"));
             let er = coord_of(&order, &c, expert_axis.as_deref());
-            cache
-                .entry((stage, er))
-                .or_insert_with(|| f(m, stage, er, r))
-                .clone()
+            cache.entry((stage, er)).or_insert_with(|| f(m, stage, er, r)).clone()
         })
         .collect()
 }
@@ -202,31 +172,18 @@ pub fn memory_per_rank(m: &Model) -> Vec<RankMemory> {
 
 fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
     let par = &m.parallel;
-    let precision = m
-        .train
-        .as_ref()
-        .map(|t| t.precision)
-        .or(par.precision)
-        .unwrap_or(Precision::Fp32);
+    let precision = m.train.as_ref().map(|t| t.precision).or(par.precision).unwrap_or(Precision::Fp32);
     let w = precision.bytes();
     let dp = par.data().max(1);
     let (mut params, mut grads, mut optim) = (0f64, 0f64, 0f64);
-    let state = m
-        .train
-        .as_ref()
-        .map(|t| t.optimizer.state_per_param())
-        .unwrap_or(0);
+    let state = m.train.as_ref().map(|t| t.optimizer.state_per_param()).unwrap_or(0);
     let master = if precision == Precision::Fp32 { 0 } else { 4 };
     for p in &m.params {
         let n = param_elems_on(m, p, stage, er) as f64;
         if n == 0.0 {
             continue;
         }
-        let shard = if data_replicated(par, p) {
-            dp as f64
-        } else {
-            1.0
-        };
+        let shard = if data_replicated(par, p) { dp as f64 } else { 1.0 };
         let z = par.zero;
         params += n * w as f64 / if z >= 3 { shard } else { 1.0 };
         if m.train.is_some() {
@@ -234,11 +191,7 @@ fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
             optim += n * (state * 4 + master) as f64 / if z >= 1 { shard } else { 1.0 };
         }
     }
-    let activations = if m.train.is_some() {
-        activation_bytes(m, stage)
-    } else {
-        0.0
-    };
+    let activations = if m.train.is_some() { activation_bytes(m, stage) } else { 0.0 };
     let r = RankMemory {
         params: params as u64,
         grads: grads as u64,
@@ -246,10 +199,7 @@ fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
         activations: activations as u64,
         total: 0,
     };
-    RankMemory {
-        total: r.params + r.grads + r.optimizer + r.activations,
-        ..r
-    }
+    RankMemory { total: r.params + r.grads + r.optimizer + r.activations, ..r }
 }
 
 /// Saved activations on one pipeline stage for a training step.
@@ -285,9 +235,8 @@ pub fn activation_bytes(m: &Model, stage: u64) -> f64 {
 
 /// The rank with the most memory, and its figures.
 pub fn worst_rank(mem: &[RankMemory]) -> (usize, RankMemory) {
-    mem.iter()
-        .copied()
-        .enumerate()
-        .max_by_key(|(_, r)| r.total)
-        .unwrap_or_default()
+    // The first rank among equals.
+    mem.iter().copied().enumerate().fold((0, RankMemory::default()), |best, (i, r)| {
+        if i == 0 || r.total > best.1.total { (i, r) } else { best }
+    })
 }

@@ -147,34 +147,12 @@ pub struct Body {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stmt {
     Dims(Vec<DimDef>, Span),
-    Input {
-        name: Ident,
-        ty: TypeExpr,
-        span: Span,
-    },
-    Param {
-        name: Ident,
-        ty: TypeExpr,
-        init: Option<Expr>,
-        span: Span,
-    },
+    Input { name: Ident, ty: TypeExpr, span: Span },
+    Param { name: Ident, ty: TypeExpr, init: Option<Expr>, span: Span },
     Return(Expr, Span),
-    If {
-        cond: Expr,
-        then: Body,
-        otherwise: Option<Body>,
-        span: Span,
-    },
-    Accum {
-        name: Ident,
-        value: Expr,
-        span: Span,
-    },
-    Assign {
-        names: Vec<Ident>,
-        value: Expr,
-        span: Span,
-    },
+    If { cond: Expr, then: Body, otherwise: Option<Body>, span: Span },
+    Accum { name: Ident, value: Expr, span: Span },
+    Assign { names: Vec<Ident>, value: Expr, span: Span },
 }
 
 impl Stmt {

@@ -58,8 +58,8 @@ pub fn parse_file(file: FileId, text: &str) -> Result<File, Diag> {
 /// Parse one expression (used for `--set key=value` values).
 pub fn parse_value(file: FileId, text: &str) -> Result<Expr, Diag> {
     let wrapped = format!("v={text}");
-    let mut pairs = SpecParser::parse(Rule::key_value, &wrapped)
-        .map_err(|e| parse_error(file, text, shift_error(e, 2)))?;
+    let mut pairs =
+        SpecParser::parse(Rule::key_value, &wrapped).map_err(|e| parse_error(file, text, shift_error(e, 2)))?;
     let b = Builder { file };
     let kv = pairs.next().expect("key_value matched");
     let full = kv.as_str().len();
@@ -67,7 +67,9 @@ pub fn parse_value(file: FileId, text: &str) -> Result<Expr, Diag> {
         let at = full.saturating_sub(2);
         return Err(Diag::error("unexpected text after the value")
             .at(Span::new(file, at, text.len()), "not part of the value")
-            .help("a value is one expression, e.g. `--set dims.embed=1024` or `--set parallel.pipeline.schedule=1f1b`"));
+            .help(
+                "a value is one expression, e.g. `--set dims.embed=1024` or `--set parallel.pipeline.schedule=1f1b`",
+            ));
     }
     let mut inner = kv.into_inner();
     inner.next(); // key
@@ -108,9 +110,7 @@ fn shift_error(e: pest::error::Error<Rule>, by: usize) -> pest::error::Error<Rul
     let mut e = e;
     e.location = match e.location {
         InputLocation::Pos(p) => InputLocation::Pos(p.saturating_sub(by)),
-        InputLocation::Span((a, b)) => {
-            InputLocation::Span((a.saturating_sub(by), b.saturating_sub(by)))
-        }
+        InputLocation::Span((a, b)) => InputLocation::Span((a.saturating_sub(by), b.saturating_sub(by))),
     };
     e
 }
@@ -122,9 +122,7 @@ fn rule_name(r: &Rule) -> Option<&'static str> {
         Rule::number | Rule::tag => "a number",
         Rule::value => "a value",
         Rule::string => "a string",
-        Rule::expr | Rule::paren | Rule::call | Rule::list | Rule::boolean | Rule::repeat_expr => {
-            "an expression"
-        }
+        Rule::expr | Rule::paren | Rule::call | Rule::list | Rule::boolean | Rule::repeat_expr => "an expression",
         Rule::type_expr => "a type like `f32[batch, seq]`",
         Rule::dtype => "a dtype (f32, bf16, f16, i32, i64, bool)",
         Rule::use_item => "`use`",
@@ -138,9 +136,7 @@ fn rule_name(r: &Rule) -> Option<&'static str> {
         Rule::return_stmt => "`return`",
         Rule::if_stmt => "`if`",
         Rule::assign_stmt | Rule::accum_stmt => "a statement",
-        Rule::entry | Rule::key_value | Rule::subsection | Rule::layout_rule => {
-            "an entry `key = value`"
-        }
+        Rule::entry | Rule::key_value | Rule::subsection | Rule::layout_rule => "an entry `key = value`",
         Rule::unit => "a unit (tokens, sequences, samples, steps)",
         Rule::dim_entry | Rule::ellipsis => "a dim name",
         Rule::kwarg | Rule::dim_map | Rule::dim_group => "an argument",
@@ -180,20 +176,12 @@ fn parse_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diag {
         0
     } else {
         let first = rest.chars().next().map(|c| c.len_utf8()).unwrap_or(1);
-        let word = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(rest.len());
+        let word = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
         if word > 0 { word } else { first }
     };
-    let found = if rest.is_empty() {
-        "end of file".to_string()
-    } else {
-        format!("`{}`", &rest[..tok_len])
-    };
+    let found = if rest.is_empty() { "end of file".to_string() } else { format!("`{}`", &rest[..tok_len]) };
     let mut expected: Vec<&str> = match &e.variant {
-        ErrorVariant::ParsingError { positives, .. } => {
-            positives.iter().filter_map(rule_name).collect()
-        }
+        ErrorVariant::ParsingError { positives, .. } => positives.iter().filter_map(rule_name).collect(),
         ErrorVariant::CustomError { .. } => Vec::new(),
     };
     expected.sort();
@@ -207,17 +195,14 @@ fn parse_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diag {
         }
     };
     let help = if rest.starts_with('}') || rest.is_empty() {
-        "check that every `{`, `(` and `[` before this point is closed, and that no entry is missing its value".to_string()
-    } else if expected.contains(&"a name")
-        && rest.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-    {
+        "check that every `{`, `(` and `[` before this point is closed, and that no entry is missing its value"
+            .to_string()
+    } else if expected.contains(&"a name") && rest.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
         format!("{found} is a reserved word; choose another name")
     } else {
         "see docs/language.md for the syntax".to_string()
     };
-    Diag::error(format!("syntax error: {what}, found {found}"))
-        .at(Span::new(file, pos, pos + tok_len), what)
-        .help(help)
+    Diag::error(format!("syntax error: {what}, found {found}")).at(Span::new(file, pos, pos + tok_len), what).help(help)
 }
 
 struct Builder {
@@ -231,19 +216,12 @@ impl Builder {
     }
 
     fn ident(&self, p: Pair<Rule>) -> Ident {
-        Ident {
-            name: p.as_str().to_string(),
-            span: self.span(&p),
-        }
+        Ident { name: p.as_str().to_string(), span: self.span(&p) }
     }
 
     fn use_item(&self, p: Pair<Rule>) -> Use {
         let span = self.span(&p);
-        let path = p
-            .into_inner()
-            .next()
-            .map(|x| x.as_str().to_string())
-            .unwrap_or_default();
+        let path = p.into_inner().next().map(|x| x.as_str().to_string()).unwrap_or_default();
         Use { path, span }
     }
 
@@ -262,14 +240,8 @@ impl Builder {
                         let pname = self.ident(bi.next().expect("param name"));
                         let rest = bi.next().expect("param type or default");
                         params.push(match rest.as_rule() {
-                            Rule::type_expr => BlockParam::Tensor {
-                                name: pname,
-                                ty: self.type_expr(rest),
-                            },
-                            _ => BlockParam::Const {
-                                name: pname,
-                                default: self.expr(rest),
-                            },
+                            Rule::type_expr => BlockParam::Tensor { name: pname, ty: self.type_expr(rest) },
+                            _ => BlockParam::Const { name: pname, default: self.expr(rest) },
                         });
                     }
                 }
@@ -278,13 +250,7 @@ impl Builder {
                 _ => {}
             }
         }
-        BlockDef {
-            name,
-            params,
-            ret,
-            body: body.expect("block body"),
-            span,
-        }
+        BlockDef { name, params, ret, body: body.expect("block body"), span }
     }
 
     fn model_def(&self, p: Pair<Rule>) -> ModelDef {
@@ -296,25 +262,10 @@ impl Builder {
             Rule::model_variant => {
                 let mut vi = next.into_inner();
                 let base = self.ident(vi.next().expect("base"));
-                let overrides = vi
-                    .next()
-                    .expect("overrides")
-                    .into_inner()
-                    .map(|d| self.dim_def(d))
-                    .collect();
-                ModelDef {
-                    name,
-                    base: Some((base, overrides)),
-                    body: None,
-                    span,
-                }
+                let overrides = vi.next().expect("overrides").into_inner().map(|d| self.dim_def(d)).collect();
+                ModelDef { name, base: Some((base, overrides)), body: None, span }
             }
-            _ => ModelDef {
-                name,
-                base: None,
-                body: Some(self.body(next)),
-                span,
-            },
+            _ => ModelDef { name, base: None, body: Some(self.body(next)), span },
         }
     }
 
@@ -331,11 +282,7 @@ impl Builder {
         let mut it = p.into_inner();
         let name = self.ident(it.next().expect("name"));
         let entries = self.entries(it.next().expect("entries"));
-        Section {
-            name,
-            entries,
-            span,
-        }
+        Section { name, entries, span }
     }
 
     fn entries(&self, p: Pair<Rule>) -> Vec<Entry> {
@@ -368,12 +315,7 @@ impl Builder {
         let mut dims = Vec::new();
         for q in p.into_inner() {
             match q.as_rule() {
-                Rule::dtype => {
-                    dtype = Some((
-                        DType::parse(q.as_str()).expect("grammar dtype"),
-                        self.span(&q),
-                    ))
-                }
+                Rule::dtype => dtype = Some((DType::parse(q.as_str()).expect("grammar dtype"), self.span(&q))),
                 Rule::dim_entry => {
                     let inner = q.into_inner().collect::<Vec<_>>();
                     match inner.first().map(|x| x.as_rule()) {
@@ -394,10 +336,7 @@ impl Builder {
 
     fn body(&self, p: Pair<Rule>) -> Body {
         let span = self.span(&p);
-        Body {
-            stmts: p.into_inner().map(|s| self.stmt(s)).collect(),
-            span,
-        }
+        Body { stmts: p.into_inner().map(|s| self.stmt(s)).collect(), span }
     }
 
     fn stmt(&self, p: Pair<Rule>) -> Stmt {
@@ -415,12 +354,7 @@ impl Builder {
                 let name = self.ident(it.next().expect("name"));
                 let ty = self.type_expr(it.next().expect("type"));
                 let init = it.next().map(|e| self.expr(e));
-                Stmt::Param {
-                    name,
-                    ty,
-                    init,
-                    span,
-                }
+                Stmt::Param { name, ty, init, span }
             }
             Rule::return_stmt => Stmt::Return(self.expr(it.next().expect("expr")), span),
             Rule::if_stmt => {
@@ -429,19 +363,11 @@ impl Builder {
                 let otherwise = it.next().map(|e| match e.as_rule() {
                     Rule::if_stmt => {
                         let s = self.stmt(e);
-                        Body {
-                            span: s.span(),
-                            stmts: vec![s],
-                        }
+                        Body { span: s.span(), stmts: vec![s] }
                     }
                     _ => self.body(e),
                 });
-                Stmt::If {
-                    cond,
-                    then,
-                    otherwise,
-                    span,
-                }
+                Stmt::If { cond, then, otherwise, span }
             }
             Rule::accum_stmt => {
                 let name = self.ident(it.next().expect("name"));
@@ -457,11 +383,7 @@ impl Builder {
                         _ => value = Some(self.expr(q)),
                     }
                 }
-                Stmt::Assign {
-                    names,
-                    value: value.expect("assign value"),
-                    span,
-                }
+                Stmt::Assign { names, value: value.expect("assign value"), span }
             }
         }
     }
@@ -472,10 +394,7 @@ impl Builder {
         let mut it = p.into_inner();
         let e = self.expr(it.next().expect("expr"));
         match it.next() {
-            Some(u) => Expr {
-                kind: ExprKind::Unit(Box::new(e), u.as_str().to_string()),
-                span,
-            },
+            Some(u) => Expr { kind: ExprKind::Unit(Box::new(e), u.as_str().to_string()), span },
             None => e,
         }
     }
@@ -486,15 +405,8 @@ impl Builder {
             .map_primary(|q| self.primary(q))
             .map_prefix(|op, rhs| {
                 let span = self.span(&op).to(rhs.span);
-                let u = if op.as_rule() == Rule::neg {
-                    UnOp::Neg
-                } else {
-                    UnOp::Not
-                };
-                Expr {
-                    kind: ExprKind::Unary(u, Box::new(rhs)),
-                    span,
-                }
+                let u = if op.as_rule() == Rule::neg { UnOp::Neg } else { UnOp::Not };
+                Expr { kind: ExprKind::Unary(u, Box::new(rhs)), span }
             })
             .map_infix(|lhs, op, rhs| {
                 let span = lhs.span.to(rhs.span);
@@ -515,10 +427,7 @@ impl Builder {
                     Rule::and => BinOp::And,
                     _ => BinOp::Or,
                 };
-                Expr {
-                    kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)),
-                    span,
-                }
+                Expr { kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)), span }
             })
             .parse(p.into_inner())
     }
@@ -528,10 +437,7 @@ impl Builder {
         let kind = match p.as_rule() {
             Rule::number => {
                 let text = p.as_str().to_string();
-                ExprKind::Number {
-                    value: number_value(&text),
-                    text,
-                }
+                ExprKind::Number { value: number_value(&text), text }
             }
             Rule::string => {
                 let s = p.as_str();
@@ -542,11 +448,7 @@ impl Builder {
             Rule::expr => return self.expr(p),
             Rule::paren => {
                 let mut xs: Vec<Expr> = p.into_inner().map(|e| self.expr(e)).collect();
-                if xs.len() == 1 {
-                    ExprKind::Paren(Box::new(xs.remove(0)))
-                } else {
-                    ExprKind::Tuple(xs)
-                }
+                if xs.len() == 1 { ExprKind::Paren(Box::new(xs.remove(0))) } else { ExprKind::Tuple(xs) }
             }
             Rule::list => ExprKind::List(p.into_inner().map(|e| self.expr(e)).collect()),
             Rule::repeat_expr => {
@@ -593,13 +495,7 @@ impl Builder {
                 };
                 let (from, from_list) = g(it.next().expect("from"));
                 let (to, to_list) = g(it.next().expect("to"));
-                Arg::DimMap {
-                    from,
-                    to,
-                    from_list,
-                    to_list,
-                    span,
-                }
+                Arg::DimMap { from, to, from_list, to_list, span }
             }
             _ => Arg::Pos(self.expr(p)),
         }

@@ -33,23 +33,12 @@ fn comments_of(src: &str) -> Vec<Comment> {
             }
             b'/' if b.get(i + 1) == Some(&b'/') => {
                 let end = src[i..].find('\n').map(|e| i + e).unwrap_or(b.len());
-                out.push(Comment {
-                    start: i,
-                    line,
-                    text: src[i..end].trim_end().to_string(),
-                });
+                out.push(Comment { start: i, line, text: src[i..end].trim_end().to_string() });
                 i = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
-                let end = src[i + 2..]
-                    .find("*/")
-                    .map(|e| i + 2 + e + 2)
-                    .unwrap_or(b.len());
-                out.push(Comment {
-                    start: i,
-                    line,
-                    text: src[i..end].to_string(),
-                });
+                let end = src[i + 2..].find("*/").map(|e| i + 2 + e + 2).unwrap_or(b.len());
+                out.push(Comment { start: i, line, text: src[i..end].to_string() });
                 line += src[i..end].matches('\n').count();
                 i = end;
             }
@@ -62,13 +51,7 @@ fn comments_of(src: &str) -> Vec<Comment> {
 /// Print a parsed file canonically. `src` is the text it was parsed from
 /// (for its comments); pass "" to print without comments.
 pub fn print_file(file: &File, src: &str) -> String {
-    let mut p = Printer {
-        out: String::new(),
-        indent: 0,
-        src,
-        comments: comments_of(src),
-        next: 0,
-    };
+    let mut p = Printer { out: String::new(), indent: 0, src, comments: comments_of(src), next: 0 };
     let mut prev_kind: Option<u8> = None;
     for item in &file.items {
         let kind = match item {
@@ -149,17 +132,8 @@ impl Printer<'_> {
                 BlockParam::Const { name, default } => format!("{} = {}", name.name, expr(default)),
             })
             .collect();
-        let ret = b
-            .ret
-            .as_ref()
-            .map(|t| format!(" -> {}", type_expr(t)))
-            .unwrap_or_default();
-        self.line(&format!(
-            "block {}({}){} {{",
-            b.name.name,
-            params.join(", "),
-            ret
-        ));
+        let ret = b.ret.as_ref().map(|t| format!(" -> {}", type_expr(t))).unwrap_or_default();
+        self.line(&format!("block {}({}){} {{", b.name.name, params.join(", "), ret));
         self.body_stmts(&b.body);
         self.line("}");
     }
@@ -167,16 +141,9 @@ impl Printer<'_> {
     fn model(&mut self, m: &ModelDef) {
         let head = match &m.base {
             Some((base, overrides)) => {
-                let o: Vec<String> = overrides
-                    .iter()
-                    .map(|d| format!("{} = {}", d.name.name, expr(&d.value)))
-                    .collect();
-                format!(
-                    "model {} = {} with {{ {} }}",
-                    m.name.name,
-                    base.name,
-                    o.join(", ")
-                )
+                let o: Vec<String> =
+                    overrides.iter().map(|d| format!("{} = {}", d.name.name, expr(&d.value))).collect();
+                format!("model {} = {} with {{ {} }}", m.name.name, base.name, o.join(", "))
             }
             None => format!("model {}", m.name.name),
         };
@@ -203,10 +170,7 @@ impl Printer<'_> {
         self.leading(s.span().start);
         match s {
             Stmt::Dims(defs, _) => {
-                let items: Vec<String> = defs
-                    .iter()
-                    .map(|d| format!("{} = {}", d.name.name, expr(&d.value)))
-                    .collect();
+                let items: Vec<String> = defs.iter().map(|d| format!("{} = {}", d.name.name, expr(&d.value))).collect();
                 let one = format!("dims {{ {} }}", items.join(", "));
                 if one.len() + self.indent * 2 <= 100 {
                     self.line(&one);
@@ -222,14 +186,9 @@ impl Printer<'_> {
                     self.line("}");
                 }
             }
-            Stmt::Input { name, ty, .. } => {
-                self.line(&format!("input {}: {}", name.name, type_expr(ty)))
-            }
+            Stmt::Input { name, ty, .. } => self.line(&format!("input {}: {}", name.name, type_expr(ty))),
             Stmt::Param { name, ty, init, .. } => {
-                let init = init
-                    .as_ref()
-                    .map(|e| format!(" init {}", expr(e)))
-                    .unwrap_or_default();
+                let init = init.as_ref().map(|e| format!(" init {}", expr(e))).unwrap_or_default();
                 self.line(&format!("param {}: {}{}", name.name, type_expr(ty), init))
             }
             Stmt::Return(e, _) => self.expr_stmt("return ", e),
@@ -238,12 +197,7 @@ impl Printer<'_> {
                 let lhs: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
                 self.expr_stmt(&format!("{} = ", lhs.join(", ")), value)
             }
-            Stmt::If {
-                cond,
-                then,
-                otherwise,
-                ..
-            } => self.if_stmt("if", cond, then, otherwise.as_ref()),
+            Stmt::If { cond, then, otherwise, .. } => self.if_stmt("if", cond, then, otherwise.as_ref()),
         }
         if !matches!(s, Stmt::If { .. }) {
             self.trailing(s.span().end);
@@ -256,14 +210,9 @@ impl Printer<'_> {
         match otherwise {
             None => self.line("}"),
             Some(b) => match b.stmts.as_slice() {
-                [
-                    Stmt::If {
-                        cond,
-                        then,
-                        otherwise,
-                        span,
-                    },
-                ] if *span == b.span => self.if_stmt("} else if", cond, then, otherwise.as_ref()),
+                [Stmt::If { cond, then, otherwise, span }] if *span == b.span => {
+                    self.if_stmt("} else if", cond, then, otherwise.as_ref())
+                }
                 _ => {
                     self.line("} else {");
                     self.body_stmts(b);
@@ -276,10 +225,7 @@ impl Printer<'_> {
     /// A statement whose value may hold a `repeat` body, printed as nested lines.
     fn expr_stmt(&mut self, prefix: &str, e: &Expr) {
         if let ExprKind::Repeat { count, label, body } = &e.kind {
-            let label = label
-                .as_ref()
-                .map(|l| format!(" as {}", l.name))
-                .unwrap_or_default();
+            let label = label.as_ref().map(|l| format!(" as {}", l.name)).unwrap_or_default();
             self.line(&format!("{prefix}repeat {}{} {{", expr(count), label));
             self.body_stmts(body);
             self.line("}");
@@ -294,19 +240,12 @@ impl Printer<'_> {
         for e in &s.entries {
             self.leading(e.span().start);
             match e {
-                Entry::Value { key, value, .. } => {
-                    self.line(&format!("{} = {}", key.name, expr(value)))
-                }
-                Entry::Rule { dim, axis, .. } => {
-                    self.line(&format!("{} -> {}", dim.name, axis.name))
-                }
+                Entry::Value { key, value, .. } => self.line(&format!("{} = {}", key.name, expr(value))),
+                Entry::Rule { dim, axis, .. } => self.line(&format!("{} -> {}", dim.name, axis.name)),
                 Entry::Sub(sub) => {
                     let one = one_line_section(sub);
                     match one {
-                        Some(text)
-                            if text.len() + self.indent * 2 <= 100
-                                && !self.has_comments_in(sub.span) =>
-                        {
+                        Some(text) if text.len() + self.indent * 2 <= 100 && !self.has_comments_in(sub.span) => {
                             self.line(&text)
                         }
                         _ => self.section(sub),
@@ -321,9 +260,7 @@ impl Printer<'_> {
     }
 
     fn has_comments_in(&self, span: super::span::Span) -> bool {
-        self.comments[self.next..]
-            .iter()
-            .any(|c| c.start >= span.start && c.start < span.end)
+        self.comments[self.next..].iter().any(|c| c.start >= span.start && c.start < span.end)
     }
 }
 
@@ -331,9 +268,7 @@ fn one_line_section(s: &Section) -> Option<String> {
     let mut parts = Vec::new();
     for e in &s.entries {
         match e {
-            Entry::Value { key, value, .. } => {
-                parts.push(format!("{} = {}", key.name, expr(value)))
-            }
+            Entry::Value { key, value, .. } => parts.push(format!("{} = {}", key.name, expr(value))),
             Entry::Rule { dim, axis, .. } => parts.push(format!("{} -> {}", dim.name, axis.name)),
             Entry::Sub(_) => return None,
         }
@@ -348,10 +283,7 @@ pub fn type_expr(t: &TypeExpr) -> String {
         .map(|d| match d {
             DimEntry::Ellipsis(_) => "...".to_string(),
             DimEntry::Named { name, size: None } => name.name.clone(),
-            DimEntry::Named {
-                name,
-                size: Some(e),
-            } => format!("{} = {}", name.name, expr(e)),
+            DimEntry::Named { name, size: Some(e) } => format!("{} = {}", name.name, expr(e)),
         })
         .collect();
     let dt = t.dtype.map(|(d, _)| d.name()).unwrap_or("");
@@ -378,11 +310,7 @@ fn expr_prec(e: &Expr, min: u8) -> String {
         ExprKind::Binary(op, a, b) => {
             let p = op.precedence();
             // Left-associative except `**`.
-            let (lp, rp) = if *op == BinOp::Pow {
-                (p + 1, p)
-            } else {
-                (p, p + 1)
-            };
+            let (lp, rp) = if *op == BinOp::Pow { (p + 1, p) } else { (p, p + 1) };
             let s = format!("{} {} {}", expr_prec(a, lp), op.symbol(), expr_prec(b, rp));
             if p < min { format!("({s})") } else { s }
         }
@@ -392,20 +320,10 @@ fn expr_prec(e: &Expr, min: u8) -> String {
                 .map(|a| match a {
                     Arg::Pos(e) => expr(e),
                     Arg::Kw(k, e) => format!("{} = {}", k.name, expr(e)),
-                    Arg::DimMap {
-                        from,
-                        to,
-                        from_list,
-                        to_list,
-                        ..
-                    } => {
+                    Arg::DimMap { from, to, from_list, to_list, .. } => {
                         let g = |xs: &Vec<Ident>, list: bool| {
                             let names: Vec<&str> = xs.iter().map(|i| i.name.as_str()).collect();
-                            if list {
-                                format!("[{}]", names.join(", "))
-                            } else {
-                                names.join(", ")
-                            }
+                            if list { format!("[{}]", names.join(", ")) } else { names.join(", ") }
                         };
                         format!("{} -> {}", g(from, *from_list), g(to, *to_list))
                     }
@@ -420,17 +338,8 @@ fn expr_prec(e: &Expr, min: u8) -> String {
         ExprKind::Repeat { count, label, body } => {
             // A repeat nested inside a larger expression: statements on one line
             // (statements need no separator, so this parses back the same).
-            let label = label
-                .as_ref()
-                .map(|l| format!(" as {}", l.name))
-                .unwrap_or_default();
-            let mut p = Printer {
-                out: String::new(),
-                indent: 0,
-                src: "",
-                comments: Vec::new(),
-                next: 0,
-            };
+            let label = label.as_ref().map(|l| format!(" as {}", l.name)).unwrap_or_default();
+            let mut p = Printer { out: String::new(), indent: 0, src: "", comments: Vec::new(), next: 0 };
             p.indent = 0;
             for s in &body.stmts {
                 p.stmt(s);

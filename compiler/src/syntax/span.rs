@@ -21,11 +21,7 @@ impl Span {
 
     /// The span covering `self` and `other` (same file).
     pub fn to(self, other: Span) -> Span {
-        Span {
-            file: self.file,
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { file: self.file, start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 }
 
@@ -37,9 +33,7 @@ pub struct SourceMap {
 
 impl Default for SourceMap {
     fn default() -> SourceMap {
-        SourceMap {
-            files: SimpleFiles::new(),
-        }
+        SourceMap { files: SimpleFiles::new() }
     }
 }
 
@@ -53,17 +47,11 @@ impl SourceMap {
     }
 
     pub fn text(&self, id: FileId) -> &str {
-        self.files
-            .get(id.0)
-            .map(|f| f.source().as_str())
-            .unwrap_or("")
+        self.files.get(id.0).map(|f| f.source().as_str()).unwrap_or("")
     }
 
     pub fn name(&self, id: FileId) -> &str {
-        self.files
-            .get(id.0)
-            .map(|f| f.name().as_str())
-            .unwrap_or("<unknown>")
+        self.files.get(id.0).map(|f| f.name().as_str()).unwrap_or("<unknown>")
     }
 
     /// 1-based line and column of a byte offset.
