@@ -131,7 +131,7 @@ impl Default for Parallel {
 
 impl Parallel {
     pub fn world(&self) -> u64 {
-        self.mesh.iter().map(|(_, n)| *n).product()
+        self.mesh.iter().map(|(_, n)| *n).fold(1u64, u64::saturating_mul)
     }
     pub fn axis_size(&self, axis: &str) -> u64 {
         self.mesh.iter().find(|(a, _)| a == axis).map(|(_, n)| *n).unwrap_or(1)

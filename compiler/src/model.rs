@@ -35,7 +35,7 @@ impl TensorType {
         TensorType { dtype, dims: Vec::new() }
     }
     pub fn numel(&self) -> u64 {
-        self.dims.iter().map(|d| d.size).product()
+        self.dims.iter().map(|d| d.size).fold(1u64, u64::saturating_mul)
     }
     pub fn has(&self, name: &str) -> bool {
         self.dims.iter().any(|d| d.name == name)

@@ -44,18 +44,18 @@ pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelS
     let m = p.pipeline.microbatches.max(1);
     match t.micro_batch {
         Some(mb) => {
-            if t.batch % (dp * mb) != 0 {
+            if t.batch % (dp.saturating_mul(mb)) != 0 {
                 diags.push(
                     Diag::error(format!("global batch {} is not divisible by data {dp} × micro_batch {mb}", t.batch))
                         .at(spans.microbatches.unwrap_or(anchor(spans)), "batch does not split evenly")
-                        .help(format!("use a global batch that is a multiple of {}", dp * mb)),
+                        .help(format!("use a global batch that is a multiple of {}", dp.saturating_mul(mb))),
                 );
-            } else if p.stages() > 1 && t.batch / (dp * mb) != m {
+            } else if p.stages() > 1 && t.batch / (dp.saturating_mul(mb)) != m {
                 diags.push(
                     Diag::error(format!(
                         "pipeline microbatches = {m}, but batch {} / (data {dp} × micro_batch {mb}) = {}",
                         t.batch,
-                        t.batch / (dp * mb)
+                        t.batch / (dp.saturating_mul(mb))
                     ))
                     .at(spans.microbatches.unwrap_or(anchor(spans)), "inconsistent microbatch count")
                     .help("set `microbatches` to batch / (data × micro_batch), or drop one of the two settings"),
@@ -64,7 +64,7 @@ pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelS
             mb
         }
         None => {
-            if t.batch % (dp * m) != 0 {
+            if t.batch % (dp.saturating_mul(m)) != 0 {
                 let legal_m: Vec<String> =
                     divisors(t.batch / dp.min(t.batch).max(1)).into_iter().take(12).map(|x| x.to_string()).collect();
                 diags.push(
@@ -78,7 +78,7 @@ pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelS
                 );
                 1
             } else {
-                t.batch / (dp * m)
+                t.batch / (dp.saturating_mul(m))
             }
         }
     }
@@ -199,7 +199,7 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
             );
         }
         for s in &m.stacks {
-            if s.layers % (stages * v) != 0 {
+            if s.layers % (stages.saturating_mul(v)) != 0 {
                 let what = if v > 1 { format!("{stages} stages × {v} virtual") } else { format!("{stages} stages") };
                 let legal_stages: Vec<String> =
                     divisors(s.layers / v.min(s.layers).max(1)).into_iter().map(|x| x.to_string()).take(16).collect();

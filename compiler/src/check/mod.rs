@@ -395,7 +395,10 @@ fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)
         }
     }
     let tokens_per_sample = consts.get("seq").map(|v| *v as u64).unwrap_or_else(|| {
-        w.inputs.first().map(|i| i.ty.dims.iter().filter(|d| d.name != "batch").map(|d| d.size).product()).unwrap_or(1)
+        w.inputs
+            .first()
+            .map(|i| i.ty.dims.iter().filter(|d| d.name != "batch").map(|d| d.size).fold(1u64, u64::saturating_mul))
+            .unwrap_or(1)
     });
     let model = Model {
         name: name.clone(),

@@ -629,7 +629,7 @@ impl Walker<'_> {
                 }
                 new.push(d);
             }
-            let prod: u64 = new.iter().map(|d| d.size).product();
+            let prod: u64 = new.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
             if prod != src.size {
                 let sizes: Vec<String> = new.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
                 return self.err(
@@ -716,7 +716,7 @@ impl Walker<'_> {
         let Some(target) = self.dim(frame, &to[0].name, to[0].span) else {
             return Val::Poison;
         };
-        let prod: u64 = src.iter().map(|d| d.size).product();
+        let prod: u64 = src.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
         if prod != target.size {
             return self.err(
                 Diag::error(format!(
@@ -1172,8 +1172,8 @@ impl Walker<'_> {
             },
         };
         let tokens: Vec<Dim> = probs.ty.dims[..probs.ty.dims.len() - 1].to_vec();
-        let t: u64 = tokens.iter().map(|d| d.size).product();
-        let ideal = (t * k) as f64 / expert.size as f64;
+        let t: u64 = tokens.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
+        let ideal = t.saturating_mul(k) as f64 / expert.size as f64;
         let slot = match capacity {
             Some(c) => (ideal * c).ceil().max(1.0) as u64,
             None => ideal.ceil().max(1.0) as u64,

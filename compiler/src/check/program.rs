@@ -165,13 +165,22 @@ fn resolve(rel: &str, origin: &Origin) -> Option<(String, String, String, Origin
         {
             let canon = cand.canonicalize().unwrap_or(cand.clone());
             let key = canon.to_string_lossy().into_owned();
-            return Some((key, cand.to_string_lossy().into_owned(), text, Origin::Path(canon)));
+            return Some((key, display_name(&canon), text, Origin::Path(canon)));
         }
         cur = d.parent().map(Path::to_path_buf);
     }
     STD.iter()
         .find(|(n, _)| *n == rel)
         .map(|(n, t)| (format!("<builtin>/{n}"), format!("<builtin>/{n}.spec"), t.to_string(), Origin::Std))
+}
+
+/// A path as diagnostics show it: relative to the working directory when under it.
+fn display_name(path: &Path) -> String {
+    let rel = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| cwd.canonicalize().ok())
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf));
+    rel.unwrap_or_else(|| path.to_path_buf()).to_string_lossy().into_owned()
 }
 
 /// The span of a whole file (for diagnostics about a file as a whole).

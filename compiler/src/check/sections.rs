@@ -134,7 +134,7 @@ impl SectionEval<'_> {
 
     pub fn count(&mut self, e: &Expr, what: &str) -> Option<u64> {
         let v = self.num(e)?;
-        if v.fract() != 0.0 || v < 1.0 || v > 1e18 {
+        if v.fract() != 0.0 || v < 1.0 || v > 1e12 {
             self.err(
                 Diag::error(format!("`{what}` must be a positive whole number, got {v}"))
                     .at(e.span, "not a positive whole number")

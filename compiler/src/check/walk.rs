@@ -182,7 +182,7 @@ impl<'a> Walker<'a> {
     /// training precision, divided by the layout's split of each of its dims.
     pub(super) fn act_size(&self, ty: &TensorType) -> f64 {
         let elem = if ty.dtype.is_float() { self.act_bytes } else { ty.dtype.bytes() };
-        (ty.numel() * elem) as f64 / self.shard_factor(ty) as f64
+        ty.numel().saturating_mul(elem) as f64 / self.shard_factor(ty) as f64
     }
 
     /// How many ways the layout splits a value of this type (batch excluded:
@@ -207,7 +207,7 @@ impl<'a> Walker<'a> {
         {
             axes.push(tp);
         }
-        axes.iter().map(|a| p.axis_size(a)).product::<u64>().max(1)
+        axes.iter().map(|a| p.axis_size(a)).fold(1u64, u64::saturating_mul).max(1)
     }
 
     // ------------------------------------------------------------ dims

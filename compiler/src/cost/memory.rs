@@ -68,7 +68,7 @@ fn coord_of(order: &[(String, u64)], c: &[u64], axis: Option<&str>) -> u64 {
 /// The pipeline stage that holds layer `i` of a repeat of `n` layers.
 pub fn stage_of_layer(p: &Parallel, n: u64, i: u64) -> u64 {
     let stages = p.stages();
-    let chunks = stages * p.pipeline.virtual_stages.max(1);
+    let chunks = stages.saturating_mul(p.pipeline.virtual_stages.max(1));
     let per_chunk = n.div_ceil(chunks).max(1);
     (i / per_chunk) % stages
 }
@@ -77,7 +77,7 @@ pub fn stage_of_layer(p: &Parallel, n: u64, i: u64) -> u64 {
 fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
     let par = &m.parallel;
     let stages = par.stages();
-    let per_layer: u64 = p.ty.dims.iter().filter(|d| d.name != "layer").map(|d| d.size).product();
+    let per_layer: u64 = p.ty.dims.iter().filter(|d| d.name != "layer").map(|d| d.size).fold(1u64, u64::saturating_mul);
     let layers_here = match p.placement {
         Placement::Layers => {
             let n = p.stack.and_then(|s| m.stacks.get(s)).map(|s| s.layers).unwrap_or(1);
@@ -90,7 +90,7 @@ fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
     if layers_here == 0 {
         return 0;
     }
-    let mut elems = per_layer * layers_here;
+    let mut elems = per_layer.saturating_mul(layers_here);
     for d in &p.ty.dims {
         if d.name == "layer" {
             continue;
@@ -108,9 +108,9 @@ fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
                     }
                     _ => d.size.div_ceil(split),
                 };
-                elems = elems / d.size * held;
+                elems = (elems / d.size).saturating_mul(held);
             }
-            _ => elems = elems / d.size * d.size.div_ceil(split),
+            _ => elems = (elems / d.size).saturating_mul(d.size.div_ceil(split)),
         }
     }
     elems
@@ -158,9 +158,9 @@ fn in_flight(par: &Parallel, stage: u64) -> f64 {
         Schedule::Gpipe => mb as f64,
         Schedule::OneFOneB => (p - stage).min(mb) as f64,
         Schedule::Interleaved1f1b => {
-            let warmup = 2 * (p - stage - 1) + (v - 1) * p;
+            let warmup = (2 * (p - stage - 1)).saturating_add((v - 1).saturating_mul(p));
             // In layer units: chunks alive × (1 / v of a stage's layers each).
-            ((warmup + 1).min(mb * v)) as f64 / v as f64
+            ((warmup.saturating_add(1)).min(mb.saturating_mul(v))) as f64 / v as f64
         }
     }
 }
@@ -236,7 +236,8 @@ pub fn activation_bytes(m: &Model, stage: u64) -> f64 {
 /// The rank with the most memory, and its figures.
 pub fn worst_rank(mem: &[RankMemory]) -> (usize, RankMemory) {
     // The first rank among equals.
-    mem.iter().copied().enumerate().fold((0, RankMemory::default()), |best, (i, r)| {
-        if i == 0 || r.total > best.1.total { (i, r) } else { best }
-    })
+    mem.iter()
+        .copied()
+        .enumerate()
+        .fold((0, RankMemory::default()), |best, (i, r)| if i == 0 || r.total > best.1.total { (i, r) } else { best })
 }

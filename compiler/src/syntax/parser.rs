@@ -210,9 +210,11 @@ struct Builder {
 }
 
 impl Builder {
+    /// The span of a node without the whitespace and comments that pest
+    /// leaves at its end (a repetition that fails keeps the skipped trivia).
     fn span(&self, p: &Pair<Rule>) -> Span {
         let s = p.as_span();
-        Span::new(self.file, s.start(), s.end())
+        Span::new(self.file, s.start(), s.start() + trimmed_len(p.as_str()))
     }
 
     fn ident(&self, p: Pair<Rule>) -> Ident {
@@ -523,4 +525,37 @@ pub fn number_value(text: &str) -> f64 {
     };
     // The grammar only admits valid numbers; be safe anyway.
     digits.parse::<f64>().unwrap_or(f64::NAN) * mult
+}
+
+/// Length of `text` without trailing whitespace and comments.
+fn trimmed_len(text: &str) -> usize {
+    let mut s = text;
+    loop {
+        s = s.trim_end();
+        if s.ends_with("*/")
+            && let Some(i) = s.rfind("/*")
+        {
+            s = &s[..i];
+            continue;
+        }
+        let line_start = s.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        match line_comment_start(&s[line_start..]) {
+            Some(c) => s = &s[..line_start + c],
+            None => return s.len(),
+        }
+    }
+}
+
+/// Where a `//` comment starts on one line, outside string literals.
+fn line_comment_start(line: &str) -> Option<usize> {
+    let b = line.as_bytes();
+    let mut in_str = false;
+    for i in 0..b.len() {
+        match b[i] {
+            b'"' => in_str = !in_str,
+            b'/' if !in_str && b.get(i + 1) == Some(&b'/') => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }

@@ -95,13 +95,24 @@ impl Printer<'_> {
     }
 
     /// Emit comments that start before `pos` on their own lines.
+    /// Blank lines between comments, and between a comment and the node after
+    /// it, are kept (one at most).
     fn leading(&mut self, pos: usize) {
+        let pos_line = self.src[..pos.min(self.src.len())].matches('\n').count() + 1;
         while self.next < self.comments.len() && self.comments[self.next].start < pos {
-            let text = self.comments[self.next].text.clone();
-            for l in text.lines() {
+            let c = self.comments[self.next].clone();
+            for l in c.text.lines() {
                 self.line(l.trim());
             }
             self.next += 1;
+            let last_line = c.line + c.text.matches('\n').count();
+            let next_line = match self.comments.get(self.next) {
+                Some(n) if n.start < pos => n.line,
+                _ => pos_line,
+            };
+            if pos != usize::MAX && next_line > last_line + 1 {
+                self.out.push('\n');
+            }
         }
     }
 
@@ -172,15 +183,36 @@ impl Printer<'_> {
             Stmt::Dims(defs, _) => {
                 let items: Vec<String> = defs.iter().map(|d| format!("{} = {}", d.name.name, expr(&d.value))).collect();
                 let one = format!("dims {{ {} }}", items.join(", "));
-                if one.len() + self.indent * 2 <= 100 {
+                let inner_comments = defs.iter().any(|d| self.has_comments_in(d.span));
+                if one.len() + self.indent * 2 <= 100 && !inner_comments {
                     self.line(&one);
                 } else {
+                    // Fill lines up to 100 columns; a comment forces one dim per line.
                     self.line("dims {");
                     self.indent += 1;
-                    for d in defs {
-                        self.leading(d.span.start);
-                        self.line(&format!("{} = {}", d.name.name, expr(&d.value)));
-                        self.trailing(d.span.end);
+                    let width = 100 - self.indent * 2;
+                    let mut cur = String::new();
+                    for (k, d) in defs.iter().enumerate() {
+                        let item = &items[k];
+                        let last = k + 1 == defs.len();
+                        let piece = if last { item.clone() } else { format!("{item},") };
+                        if inner_comments {
+                            self.leading(d.span.start);
+                            self.line(&piece);
+                            self.trailing(d.span.end);
+                            continue;
+                        }
+                        if !cur.is_empty() && cur.len() + 1 + piece.len() > width {
+                            self.line(&cur);
+                            cur.clear();
+                        }
+                        if !cur.is_empty() {
+                            cur.push(' ');
+                        }
+                        cur.push_str(&piece);
+                    }
+                    if !cur.is_empty() {
+                        self.line(&cur);
                     }
                     self.indent -= 1;
                     self.line("}");

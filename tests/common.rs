@@ -1,0 +1,35 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use tessera::compiler::{Diags, Model, Options, SourceMap};
+
+/// Every `.spec` file under `dir`, sorted.
+pub fn specs_under(dir: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::from(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("read {}: {e}", d.display())) {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "spec") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn check(path: &Path, overrides: &[&str]) -> (SourceMap, Result<Model, Diags>) {
+    let mut sources = SourceMap::new();
+    let opts = Options { overrides: overrides.iter().map(|s| s.to_string()).collect(), model: None };
+    let r = tessera::compiler::check_path(&mut sources, path, &opts);
+    (sources, r)
+}
+
+pub fn check_ok(path: &str, overrides: &[&str]) -> Model {
+    let (sources, r) = check(Path::new(path), overrides);
+    r.unwrap_or_else(|d| panic!("{path} should check:\n{}", tessera::compiler::diag::render(&sources, &d.0)))
+}
