@@ -8,6 +8,7 @@ pub enum Schedule {
     Gpipe,
     #[serde(rename = "1f1b")]
     OneFOneB,
+    #[serde(rename = "interleaved_1f1b")]
     Interleaved1f1b,
 }
 

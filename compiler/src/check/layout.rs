@@ -10,6 +10,9 @@ use crate::model::Model;
 use crate::syntax::ast::Section;
 use crate::syntax::span::Span;
 
+/// The largest world size the checker accepts (per-rank reports enumerate ranks).
+pub const MAX_WORLD: u64 = 1 << 20;
+
 fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
     let mut large = Vec::new();
@@ -38,7 +41,10 @@ fn anchor(spans: &ParallelSpans) -> Span {
 }
 
 /// Sequences per microbatch per data-parallel rank.
-pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelSpans, diags: &mut Diags) -> u64 {
+///
+/// With `micro_batch` given and no explicit `microbatches`, the microbatch
+/// count is derived (batch / (data × micro_batch)), as Megatron does.
+pub(super) fn micro_batch(p: &mut Parallel, train: Option<&Train>, spans: &ParallelSpans, diags: &mut Diags) -> u64 {
     let Some(t) = train else { return 1 };
     let dp = p.data().max(1);
     let m = p.pipeline.microbatches.max(1);
@@ -50,7 +56,9 @@ pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelS
                         .at(spans.microbatches.unwrap_or(anchor(spans)), "batch does not split evenly")
                         .help(format!("use a global batch that is a multiple of {}", dp.saturating_mul(mb))),
                 );
-            } else if p.stages() > 1 && t.batch / (dp.saturating_mul(mb)) != m {
+            } else if spans.microbatches.is_none() {
+                p.pipeline.microbatches = t.batch / dp.saturating_mul(mb);
+            } else if t.batch / (dp.saturating_mul(mb)) != m {
                 diags.push(
                     Diag::error(format!(
                         "pipeline microbatches = {m}, but batch {} / (data {dp} × micro_batch {mb}) = {}",
@@ -58,7 +66,7 @@ pub(super) fn micro_batch(p: &Parallel, train: Option<&Train>, spans: &ParallelS
                         t.batch / (dp.saturating_mul(mb))
                     ))
                     .at(spans.microbatches.unwrap_or(anchor(spans)), "inconsistent microbatch count")
-                    .help("set `microbatches` to batch / (data × micro_batch), or drop one of the two settings"),
+                    .help("drop `microbatches` (it follows from batch / (data × micro_batch)), or make the two agree"),
                 );
             }
             mb
@@ -97,6 +105,14 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                 .at(s, "world size")
                 .help("the product of the mesh axes must equal the world size"),
         );
+    }
+    if world > MAX_WORLD {
+        diags.push(
+            Diag::error(format!("the mesh has {world} ranks, more than any cluster Tessera plans for ({MAX_WORLD})"))
+                .at(at, "mesh too large")
+                .help("check the mesh axis sizes"),
+        );
+        return;
     }
     let axes: Vec<&str> = p.mesh.iter().map(|(a, _)| a.as_str()).collect();
     let mut dim_names: Vec<&str> = m.consts.iter().map(|(n, _)| n.as_str()).collect();
@@ -140,6 +156,15 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
     for (a, n) in &p.mesh {
         if *n > 1 && !p.layout.iter().any(|(_, x)| x == a) {
             let s = spans.mesh.get(a).copied().unwrap_or(at);
+            let others = p.mesh.iter().map(|(x, _)| x.as_str()).filter(|x| x != a);
+            if let Some(similar) = crate::diag::suggest(a, others) {
+                diags.push(
+                    Diag::error(format!("mesh axis `{a}` ({n} ranks) is used by no layout rule"))
+                        .at(s, "a new axis")
+                        .help(format!("did you mean `{similar}`?")),
+                );
+                continue;
+            }
             diags.push(
                 Diag::error(format!("mesh axis `{a}` ({n} ranks) is used by no layout rule"))
                     .at(s, "every rank along it would compute the same thing")
@@ -167,7 +192,12 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
         for d in &dims {
             if let Some(a) = p.axis_of(d) {
                 if let Some((other, _)) = by_axis.iter().find(|(_, x)| *x == a) {
-                    let key = (other.to_string(), d.clone(), a.to_string());
+                    let (x, y) = if *other < d.as_str() {
+                        (other.to_string(), d.clone())
+                    } else {
+                        (d.clone(), other.to_string())
+                    };
+                    let key = (x, y, a.to_string());
                     if reported.insert(key) {
                         let what = path.map(|p| format!("param `{p}`")).unwrap_or_else(|| "a value".into());
                         diags.push(
@@ -283,18 +313,24 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                         .help(format!("give one list of experts for each of the {n} ranks")),
                     );
                 }
-                let mut count = vec![0u32; e as usize];
+                let mut count: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
                 let mut out_of_range = Vec::new();
                 for id in ranks.iter().flatten() {
-                    match count.get_mut(*id as usize) {
-                        Some(c) => *c += 1,
-                        None => out_of_range.push(*id),
+                    if *id < e {
+                        *count.entry(*id).or_default() += 1;
+                    } else {
+                        out_of_range.push(*id);
                     }
                 }
-                let missing: Vec<String> =
-                    count.iter().enumerate().filter(|(_, c)| **c == 0).map(|(i, _)| i.to_string()).collect();
-                let dup: Vec<String> =
-                    count.iter().enumerate().filter(|(_, c)| **c > 1).map(|(i, _)| i.to_string()).collect();
+                let dup: Vec<String> = count.iter().filter(|(_, c)| **c > 1).map(|(i, _)| i.to_string()).collect();
+                let absent = e - count.len() as u64;
+                let missing: Vec<String> = if absent == 0 {
+                    Vec::new()
+                } else {
+                    let listed: Vec<String> =
+                        (0..e).filter(|i| !count.contains_key(i)).take(16).map(|i| i.to_string()).collect();
+                    if absent > 16 { vec![format!("{} ... ({absent} in all)", listed.join(", "))] } else { listed }
+                };
                 if !missing.is_empty() || !dup.is_empty() || !out_of_range.is_empty() {
                     let mut parts = Vec::new();
                     if !missing.is_empty() {

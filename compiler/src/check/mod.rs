@@ -337,7 +337,7 @@ fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)
         }
     }
     let find = |n: &str| prog.sections.iter().find(|s| s.name.name == n);
-    let (parallel, pspans) = sections::parallel(&mut ev, find("parallel"));
+    let (mut parallel, pspans) = sections::parallel(&mut ev, find("parallel"));
     let seq = consts.get("seq").copied().unwrap_or(1.0).max(1.0) as u64;
     let train = find("train").and_then(|s| sections::train(&mut ev, s, seq));
     let infer = find("infer").and_then(|s| sections::infer(&mut ev, s));
@@ -347,12 +347,17 @@ fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)
     }
 
     // The microbatch: sequences per microbatch per data-parallel rank.
-    let micro = layout::micro_batch(&parallel, train.as_ref(), &pspans, &mut diags);
+    let micro = layout::micro_batch(&mut parallel, train.as_ref(), &pspans, &mut diags);
     if !consts.contains_key("batch") {
         ordered.push(("batch".into(), micro as f64));
     }
     let precision = train.as_ref().map(|t| t.precision).or(parallel.precision).unwrap_or(Precision::Fp32);
     let mut w = walk::Walker::new(prog, ordered.clone(), &parallel, precision.bytes());
+    w.const_spans = defs
+        .iter()
+        .map(|(n, e)| (n.name.clone(), n.span.to(e.span)))
+        .filter(|(_, s)| s.file == body.span.file)
+        .collect();
     let mut frame = walk::Frame::default();
     w.body(&mut frame, &body.stmts);
     diags.0.append(&mut w.diags);

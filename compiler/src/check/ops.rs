@@ -840,7 +840,7 @@ impl Walker<'_> {
             };
             inputs.push((t, d));
         }
-        let total: u64 = inputs.iter().map(|(_, d)| d.size).sum();
+        let total: u64 = inputs.iter().map(|(_, d)| d.size).fold(0u64, u64::saturating_add);
         if total != into_dim.size {
             return self.err(
                 Diag::error(format!(

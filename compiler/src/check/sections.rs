@@ -47,10 +47,19 @@ impl SectionEval<'_> {
         let v = match &e.kind {
             ExprKind::Number { value, .. } => *value,
             ExprKind::Paren(x) => self.num(x)?,
+            ExprKind::Name(n) if n.starts_with(|c: char| c.is_ascii_digit()) => {
+                self.err(Diag::error(format!("`{n}` is not a number")).at(e.span, "not a number").help(
+                    "numbers are digits with an optional exponent and suffix: K, M, B, T (decimal) or Ki, Mi, Gi (binary), e.g. `2K`, `1.5B`, `4Mi`",
+                ));
+                return None;
+            }
             ExprKind::Name(n) => match self.consts.get(n) {
                 Some(v) => *v,
                 None => {
-                    let help = unknown_help("constant", n, self.consts.keys().map(String::as_str));
+                    let mut names: Vec<&str> =
+                        self.consts.keys().map(String::as_str).filter(|k| *k != "dropless").collect();
+                    names.sort();
+                    let help = unknown_help("constant", n, names.iter().copied());
                     self.err(
                         Diag::error(format!("expected a number, found `{n}`"))
                             .at(e.span, "not a number or model constant")

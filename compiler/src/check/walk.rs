@@ -116,9 +116,13 @@ pub(super) struct Walker<'a> {
     pub current_stack: Option<usize>,
     pub value_dims: Vec<(Vec<String>, Span)>,
     value_dims_seen: HashSet<Vec<String>>,
+    /// Where each model constant is defined.
+    pub const_spans: HashMap<String, Span>,
+    /// Constants already reported as invalid dim sizes.
+    bad_dims: HashSet<String>,
 }
 
-pub(super) const MAX_LAYERS: u64 = 100_000;
+pub(super) const MAX_LAYERS: u64 = 10_000;
 
 impl<'a> Walker<'a> {
     pub(super) fn new(
@@ -152,6 +156,8 @@ impl<'a> Walker<'a> {
             current_stack: None,
             value_dims: Vec::new(),
             value_dims_seen: HashSet::new(),
+            const_spans: HashMap::new(),
+            bad_dims: HashSet::new(),
         }
     }
 
@@ -236,12 +242,16 @@ impl<'a> Walker<'a> {
     }
 
     fn dim_size(&mut self, name: &str, v: f64, span: Span) -> Option<u64> {
-        if v.fract() != 0.0 || v < 1.0 || !v.is_finite() || v > 1e15 {
-            self.err(
-                Diag::error(format!("`{name}` = {v} cannot be the size of a dim"))
+        if v.fract() != 0.0 || v < 1.0 || !v.is_finite() || v > 1e12 {
+            if self.bad_dims.insert(name.to_string()) {
+                let mut d = Diag::error(format!("`{name}` = {v} cannot be the size of a dim"))
                     .at(span, "used as a dim here")
-                    .help("a dim size must be a positive whole number"),
-            );
+                    .help("a dim size must be a whole number from 1 to 10^12");
+                if let Some(def) = self.const_spans.get(name) {
+                    d = d.also(*def, "defined here");
+                }
+                self.err(d);
+            }
             return None;
         }
         Some(v as u64)
@@ -435,7 +445,9 @@ impl<'a> Walker<'a> {
                         }
                         self.accum.insert(name.name.clone(), t.ty);
                     }
-                    Val::Poison => {}
+                    Val::Poison => {
+                        self.accum.entry(name.name.clone()).or_insert_with(|| TensorType::scalar(DType::F32));
+                    }
                     other => {
                         let what = match &other {
                             Val::Tensor(t) => format!("a tensor of type {}", t.ty),
@@ -519,15 +531,15 @@ impl<'a> Walker<'a> {
             );
             return;
         }
-        let Some(dims) = self.type_dims(frame, ty) else {
-            return;
-        };
+        let dims = self.type_dims(frame, ty);
         let init = match init {
-            None => Init::Normal { std: 0.02 },
-            Some(e) => match self.init(frame, e) {
-                Some(i) => i,
-                None => return,
-            },
+            None => Some(Init::Normal { std: 0.02 }),
+            Some(e) => self.init(frame, e),
+        };
+        let (Some(dims), Some(init)) = (dims, init) else {
+            // Already reported; later uses of the name should not cascade.
+            frame.values.insert(name.name.clone(), Val::Poison);
+            return;
         };
         let path = if frame.path.is_empty() { name.name.clone() } else { format!("{}.{}", frame.path, name.name) };
         let t = TensorType::new(dtype, dims);

@@ -126,7 +126,9 @@ fn data_replicated(par: &Parallel, p: &Param) -> bool {
 
 /// Parameter elements held by every rank, in rank order.
 pub fn params_per_rank(m: &Model) -> Vec<u64> {
-    per_rank(m, |m, stage, er, _| m.params.iter().map(|p| param_elems_on(m, p, stage, er)).sum::<u64>())
+    per_rank(m, |m, stage, er, _| {
+        m.params.iter().map(|p| param_elems_on(m, p, stage, er)).fold(0u64, u64::saturating_add)
+    })
 }
 
 fn per_rank<T: Clone>(m: &Model, f: impl Fn(&Model, u64, u64, u64) -> T) -> Vec<T> {
@@ -199,7 +201,8 @@ fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
         activations: activations as u64,
         total: 0,
     };
-    RankMemory { total: r.params + r.grads + r.optimizer + r.activations, ..r }
+    let total = r.params.saturating_add(r.grads).saturating_add(r.optimizer).saturating_add(r.activations);
+    RankMemory { total, ..r }
 }
 
 /// Saved activations on one pipeline stage for a training step.

@@ -19,7 +19,7 @@ use crate::model::Model;
 pub const FLOP_CONVENTION: &str = "2 FLOPs per multiply-add of every matmul (logits included) + attention q·k and p·v over the full s×s matrix (causal not halved); routed experts at top_k tokens; train = 3 × forward (6N + attention); recompute not counted";
 
 pub fn params_total(m: &Model) -> u64 {
-    m.params.iter().map(|p| p.ty.numel()).sum()
+    m.params.iter().map(|p| p.ty.numel()).fold(0u64, u64::saturating_add)
 }
 
 /// Parameters used per token: expert weights count top_k of their experts.
@@ -27,10 +27,10 @@ pub fn params_active(m: &Model) -> u64 {
     m.params
         .iter()
         .map(|p| match &p.expert {
-            Some(e) => p.ty.numel() / e.count * e.top_k,
+            Some(e) => (p.ty.numel() / e.count).saturating_mul(e.top_k),
             None => p.ty.numel(),
         })
-        .sum()
+        .fold(0u64, u64::saturating_add)
 }
 
 /// Forward FLOPs per token.

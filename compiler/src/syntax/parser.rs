@@ -194,7 +194,11 @@ fn parse_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diag {
             format!("expected {} or {}", init.join(", "), last)
         }
     };
-    let help = if rest.starts_with('}') || rest.is_empty() {
+    let top_level = ["parallel", "train", "infer", "model", "block", "use"];
+    let word = &rest[..tok_len];
+    let help = if top_level.contains(&word) && expected.iter().any(|e| e.contains("statement")) {
+        format!("is a `}}` missing before `{word}`? Every `{{` of the model or block above must be closed")
+    } else if rest.starts_with('}') || rest.is_empty() {
         "check that every `{`, `(` and `[` before this point is closed, and that no entry is missing its value"
             .to_string()
     } else if expected.contains(&"a name") && rest.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {

@@ -1,0 +1,205 @@
+//! The command-line contract: exit codes, `inspect --json` keys, `--set`
+//! overrides, `fmt`, and `cargo tessera` argument handling.
+
+use std::process::{Command, Output};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn inspect_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["inspect"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    let o = tessera(&a);
+    assert!(o.status.success(), "inspect failed: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("inspect --json prints one JSON object")
+}
+
+#[test]
+fn check_exit_codes() {
+    let ok = tessera(&["check", "specs/models/gpt3-175b.spec"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    let line = stdout(&ok);
+    assert_eq!(line.lines().count(), 1, "one-line summary: {line}");
+    assert!(line.starts_with("ok: gpt3") && line.contains("174.60B") && line.contains("world 1024"), "{line}");
+
+    let bad = tessera(&["check", "tests/ui/heads_not_divisible.spec"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = stderr(&bad);
+    assert!(err.contains("tests/ui/heads_not_divisible.spec:20:12"), "file:line:col in\n{err}");
+    assert!(err.contains("legal `tensor` degrees for `heads`: 1, 2, 4"), "{err}");
+
+    let missing = tessera(&["check", "no/such.spec"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("cannot read"));
+}
+
+#[test]
+fn inspect_json_contract() {
+    let j = inspect_json(&["specs/models/gpt3-175b.spec"]);
+    assert_eq!(j["params_total"], 174_604_259_328u64);
+    assert_eq!(j["params_active"], 174_604_259_328u64);
+    assert_eq!(j["world"], 1024);
+    assert_eq!(j["mesh"]["data"], 8);
+    assert_eq!(j["mesh"]["tensor"], 8);
+    assert_eq!(j["mesh"]["pipeline"], 16);
+    let per_rank = j["params_per_rank"].as_array().expect("params_per_rank");
+    assert_eq!(per_rank.len(), 1024);
+    let mem = j["memory_per_rank"].as_array().expect("memory_per_rank");
+    assert_eq!(mem.len(), 1024);
+    for k in ["params", "grads", "optimizer", "activations", "total"] {
+        assert!(mem[0][k].as_u64().is_some(), "memory_per_rank[0].{k}");
+    }
+    let r = &mem[100];
+    let sum: u64 = ["params", "grads", "optimizer", "activations"].iter().map(|k| r[k].as_u64().unwrap()).sum();
+    assert_eq!(r["total"].as_u64(), Some(sum));
+    // 6N + attention: between 6 × params and 7 × params for GPT-3 at 2048 tokens.
+    let f = j["flops_per_token_train"].as_f64().expect("flops");
+    assert!(f > 6.0 * 1.7e11 && f < 7.0 * 1.75e11, "flops/token {f}");
+    // A middle pipeline stage holds 6 of the 96 layers; tensor parallelism
+    // splits the matrices and the qkv / MLP-in biases 8 ways, while the
+    // output biases and the two LayerNorms are replicated.
+    let d: u64 = 12288;
+    let per_layer = (12 * d * d + 3 * d + 4 * d) / 8 + 6 * d;
+    assert_eq!(per_rank[64].as_u64(), Some(6 * per_layer), "rank 64 (stage 1, tensor 0)");
+    // The first stage adds the (unsplit) token and position embeddings.
+    assert_eq!(per_rank[0].as_u64(), Some(6 * per_layer + 50257 * d + 2048 * d));
+}
+
+#[test]
+fn set_overrides_follow_the_sections() {
+    let base = inspect_json(&["specs/models/gpt2-small.spec"]);
+    let wide = inspect_json(&["specs/models/gpt2-small.spec", "--set", "dims.embed=1024", "--set", "dims.heads=16"]);
+    assert!(wide["params_total"].as_u64() > base["params_total"].as_u64());
+
+    let j = inspect_json(&[
+        "specs/models/gpt3-175b.spec",
+        "--set",
+        "parallel.mesh.tensor=4",
+        "--set",
+        "parallel.mesh.data=16",
+    ]);
+    assert_eq!(j["mesh"]["tensor"], 4);
+    assert_eq!(j["world"], 1024);
+    assert_eq!(j["pipeline"]["microbatches"], 1536 / 16, "microbatches follow batch / (data × micro_batch)");
+
+    let j = inspect_json(&[
+        "specs/models/gpt3-175b.spec",
+        "--set",
+        "parallel.pipeline.schedule=1f1b",
+        "--set",
+        "parallel.pipeline.virtual=1",
+    ]);
+    assert_eq!(j["pipeline"]["schedule"], "1f1b");
+
+    let j = inspect_json(&[
+        "specs/models/gpt3-175b.spec",
+        "--set",
+        "parallel.pipeline.microbatches=96",
+        "--set",
+        "train.micro_batch=2",
+    ]);
+    assert_eq!(j["pipeline"]["microbatches"], 96);
+    assert_eq!(j["micro_batch"], 2);
+
+    let z1 = inspect_json(&["specs/models/gpt3-175b.spec"]);
+    let z2 = inspect_json(&["specs/models/gpt3-175b.spec", "--set", "parallel.zero=2"]);
+    assert_eq!(z2["zero"], 2);
+    let g = |j: &serde_json::Value| j["memory_per_rank"][0]["grads"].as_u64().unwrap();
+    assert_eq!(g(&z2) * 8 / g(&z1), 1, "ZeRO-2 shards gradients over the 8 data ranks");
+
+    let b = inspect_json(&[
+        "specs/models/gpt3-175b.spec",
+        "--set",
+        "train.batch=64",
+        "--set",
+        "parallel.pipeline.schedule=gpipe",
+        "--set",
+        "parallel.pipeline.virtual=1",
+    ]);
+    assert_eq!(b["pipeline"]["microbatches"], 8);
+
+    let bad = tessera(&["check", "specs/models/gpt3-175b.spec", "--set", "train.bacth=64"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("did you mean `batch`?"), "{}", stderr(&bad));
+    let bad = tessera(&["check", "specs/models/gpt3-175b.spec", "--set", "parallel.pipeline.schedule=zigzag"]);
+    assert!(stderr(&bad).contains("unknown schedule `zigzag`"), "{}", stderr(&bad));
+    let bad = tessera(&["check", "specs/models/gpt3-175b.spec", "--set", "nonsense"]);
+    assert!(stderr(&bad).contains("has no `=`"), "{}", stderr(&bad));
+}
+
+#[test]
+fn layout_changes_are_checked_from_the_command_line() {
+    // 96 heads over 7 tensor ranks: not divisible, with the legal degrees listed.
+    let o = tessera(&["check", "specs/models/gpt3-175b.spec", "--set", "parallel.mesh.tensor=7"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("`heads` = 96 is not divisible by the `tensor` axis of size 7"), "{e}");
+    assert!(e.contains("1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96"), "{e}");
+    // Without pipeline or tensor parallelism GPT-3 does not fit an A100.
+    let o = tessera(&[
+        "check",
+        "specs/models/gpt3-175b.spec",
+        "--set",
+        "parallel.mesh.tensor=1",
+        "--set",
+        "parallel.mesh.pipeline=1",
+    ]);
+    let e = stderr(&o);
+    assert!(e.contains("but a100_80gb has 80.0 GiB") && e.contains("optimizer"), "{e}");
+}
+
+#[test]
+fn fmt_check_and_write() {
+    let o = tessera(&["fmt", "--check", "specs/models/gpt3-175b.spec"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = std::env::temp_dir().join(format!("tessera-fmt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("messy.spec");
+    std::fs::write(&f, "model m {   dims { seq = 8,embed=4 }\n input x : f32[ batch,seq,embed ]   // the input\n}\n")
+        .unwrap();
+    let fs = f.to_string_lossy().into_owned();
+    assert_eq!(tessera(&["fmt", "--check", &fs]).status.code(), Some(1));
+    assert!(tessera(&["fmt", "--write", &fs]).status.success());
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert_eq!(text, "model m {\n  dims { seq = 8, embed = 4 }\n  input x: f32[batch, seq, embed]  // the input\n}\n");
+    assert!(tessera(&["fmt", "--check", &fs]).status.success());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn cargo_subcommand_strips_its_name() {
+    let o = Command::new(env!("CARGO_BIN_EXE_cargo-tessera"))
+        .args(["tessera", "check", "specs/tiny/gpt.spec"])
+        .output()
+        .expect("run cargo-tessera");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("ok: tiny_gpt"));
+}
+
+#[test]
+fn inspect_text_shows_counts_mesh_and_memory() {
+    let o = tessera(&["inspect", "specs/models/mixtral-8x7b.spec"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = stdout(&o);
+    for want in [
+        "46.70B",
+        "12.88B",
+        "FLOPs/token",
+        "mesh  data 8 × tensor 8 = 64 ranks",
+        "rank map",
+        "memory per rank",
+        "worst: rank",
+    ] {
+        assert!(t.contains(want), "missing `{want}` in\n{t}");
+    }
+}

@@ -1,0 +1,50 @@
+//! The corpus of wrong specs in tests/ui: each must fail with diagnostics that
+//! point into the source (file:line:col, a labelled span) and say what to do.
+//! The rendered text of each is a snapshot.
+
+mod common;
+
+use common::{check, specs_under};
+use tessera::compiler::diag::render;
+
+#[test]
+fn every_wrong_spec_is_reported_with_location_and_help() {
+    let specs = specs_under("tests/ui");
+    assert!(specs.len() >= 40, "the corpus must hold at least 40 wrong specs, found {}", specs.len());
+    for p in specs {
+        let (sources, r) = check(&p, &[]);
+        let diags = match r {
+            Ok(m) => panic!("{} should fail to check, but checked model `{}`", p.display(), m.name),
+            Err(d) => d,
+        };
+        assert!(!diags.is_empty(), "{}: an error without diagnostics", p.display());
+        for d in &diags.0 {
+            assert!(d.primary_span().is_some(), "{}: `{}` has no primary label", p.display(), d.message);
+            assert!(d.help.as_deref().is_some_and(|h| !h.is_empty()), "{}: `{}` has no help", p.display(), d.message);
+        }
+        let text = render(&sources, &diags.0);
+        // The first location names the file, line and column.
+        let loc = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("┌─"))
+            .unwrap_or_else(|| panic!("{}: no location in\n{text}", p.display()));
+        let loc = loc.trim_start().trim_start_matches("┌─").trim();
+        let parts: Vec<&str> = loc.rsplitn(3, ':').collect();
+        assert!(
+            parts.len() == 3 && parts[0].parse::<u32>().is_ok() && parts[1].parse::<u32>().is_ok(),
+            "{}: location `{loc}` is not file:line:col",
+            p.display()
+        );
+        let name = p.file_stem().expect("stem").to_string_lossy().into_owned();
+        insta::assert_snapshot!(format!("ui_{name}"), text);
+    }
+}
+
+/// Several independent mistakes are reported in one run.
+#[test]
+fn several_errors_in_one_run() {
+    let (_, r) = check(std::path::Path::new("tests/ui/unknown_dim.spec"), &[]);
+    assert_eq!(r.expect_err("fails").len(), 1, "a failed param must not cascade into `unknown name`");
+    let (_, r) = check(std::path::Path::new("tests/ui/experts_not_divisible.spec"), &[]);
+    assert!(r.expect_err("fails").len() >= 2, "layout errors are all reported");
+}
