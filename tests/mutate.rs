@@ -76,7 +76,9 @@ fn mutate(rng: &mut Rng, toks: &[&str]) -> String {
 fn mutated_specs_never_panic() {
     let files: Vec<_> = common::specs_under("specs").into_iter().chain(common::specs_under("tests/ui")).collect();
     let per_file: usize = std::env::var("TESSERA_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let seed =
+        std::env::var("TESSERA_MUTATION_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_1234_abcd_0001u64);
+    let mut rng = Rng(seed | 1);
     let (mut ok, mut diagnosed, mut cases) = (0, 0, 0);
     for f in &files {
         let text = std::fs::read_to_string(f).expect("read spec");

@@ -115,24 +115,34 @@ pub fn write_diags(sources: &SourceMap, diags: &[Diag], out: &mut dyn termcolor:
 }
 
 /// The closest candidate to `name`, for "did you mean" help lines.
+/// Deterministic whatever the candidates' order (ties go to the smaller name).
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let mut best: Option<(f64, &str)> = None;
     for c in candidates {
+        if c == name {
+            continue;
+        }
         let score = strsim::jaro_winkler(name, c);
         let close = strsim::damerau_levenshtein(name, c) <= (name.len().max(3) / 3).max(1) || score > 0.85;
-        if close && best.is_none_or(|(s, _)| score > s) {
+        let better = match best {
+            None => true,
+            Some((s, b)) => score > s || (score == s && c < b),
+        };
+        if close && better {
             best = Some((score, c));
         }
     }
     best.map(|(_, c)| c.to_string())
 }
 
-/// `help` text for an unknown name: "did you mean `x`?" or the list of options.
+/// `help` text for an unknown name: "did you mean `x`?" or the sorted list of options.
 pub fn unknown_help<'a>(what: &str, name: &str, candidates: impl IntoIterator<Item = &'a str> + Clone) -> String {
     if let Some(s) = suggest(name, candidates.clone()) {
         return format!("did you mean `{s}`?");
     }
-    let all: Vec<&str> = candidates.into_iter().collect();
+    let mut all: Vec<&str> = candidates.into_iter().collect();
+    all.sort_unstable();
+    all.dedup();
     if all.is_empty() {
         format!("no {what} is defined here")
     } else if all.len() <= 24 {

@@ -18,7 +18,7 @@ fn divisors(n: u64) -> Vec<u64> {
     let mut large = Vec::new();
     let mut i = 1;
     while i * i <= n {
-        if n % i == 0 {
+        if n.is_multiple_of(i) {
             small.push(i);
             if i * i != n {
                 large.push(n / i);
@@ -47,13 +47,15 @@ fn anchor(spans: &ParallelSpans) -> Span {
 pub(super) fn micro_batch(p: &mut Parallel, train: Option<&Train>, spans: &ParallelSpans, diags: &mut Diags) -> u64 {
     let Some(t) = train else { return 1 };
     let dp = p.data().max(1);
+    // Point at the data axis (what usually changed), else at the section.
+    let data_span = p.data_axis().and_then(|a| spans.mesh.get(a)).copied().unwrap_or(anchor(spans));
     let m = p.pipeline.microbatches.max(1);
     match t.micro_batch {
         Some(mb) => {
             if t.batch % (dp.saturating_mul(mb)) != 0 {
                 diags.push(
                     Diag::error(format!("global batch {} is not divisible by data {dp} × micro_batch {mb}", t.batch))
-                        .at(spans.microbatches.unwrap_or(anchor(spans)), "batch does not split evenly")
+                        .at(data_span, "batch does not split evenly")
                         .help(format!("use a global batch that is a multiple of {}", dp.saturating_mul(mb))),
                 );
             } else if spans.microbatches.is_none() {
@@ -77,7 +79,7 @@ pub(super) fn micro_batch(p: &mut Parallel, train: Option<&Train>, spans: &Paral
                     divisors(t.batch / dp.min(t.batch).max(1)).into_iter().take(12).map(|x| x.to_string()).collect();
                 diags.push(
                     Diag::error(format!("global batch {} is not divisible by data {dp} × microbatches {m}", t.batch))
-                        .at(spans.microbatches.unwrap_or(anchor(spans)), "batch does not split evenly")
+                        .at(spans.microbatches.unwrap_or(data_span), "batch does not split evenly")
                         .help(format!(
                             "choose a batch that is a multiple of {}, or microbatches from: {}",
                             dp * m,
@@ -143,7 +145,7 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
         }
         if let Some(size) = m.const_value(d) {
             let size = size as u64;
-            if size % n != 0 {
+            if !size.is_multiple_of(n) {
                 diags.push(
                     Diag::error(format!("`{d}` = {size} is not divisible by the `{a}` axis of size {n}"))
                         .at(span, "uneven split")
@@ -261,7 +263,7 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                     .at(sched_span, "no virtual stages")
                     .help("set `virtual = 2` (model chunks per stage), or use `schedule = 1f1b`"),
             ),
-            Schedule::Interleaved1f1b if mb % stages != 0 => diags.push(
+            Schedule::Interleaved1f1b if !mb.is_multiple_of(stages) => diags.push(
                 Diag::error(format!("interleaved_1f1b needs microbatches divisible by the {stages} stages, got {mb}"))
                     .at(spans.microbatches.unwrap_or(sched_span), "uneven")
                     .help(format!("use a multiple of {stages}")),

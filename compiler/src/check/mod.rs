@@ -5,7 +5,7 @@
 //! body (shapes, params, costs) → validate the layout → check memory.
 
 mod layout;
-pub(crate) mod ops;
+pub mod ops;
 pub mod program;
 pub mod sections;
 mod walk;

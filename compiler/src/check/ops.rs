@@ -78,6 +78,16 @@ pub(super) const OPS: &[OpSig] = &[
     op("z_loss", 1, 1, &[]),
 ];
 
+/// Names of every built-in op (for documentation checks and tools).
+pub fn op_names() -> impl Iterator<Item = &'static str> {
+    OPS.iter().map(|o| o.name)
+}
+
+/// Keyword arguments an op accepts.
+pub fn op_keywords(name: &str) -> &'static [&'static str] {
+    OPS.iter().find(|o| o.name == name).map(|o| o.kw).unwrap_or(&[])
+}
+
 pub(super) fn is_op(name: &str) -> bool {
     OPS.iter().any(|o| o.name == name)
 }
@@ -86,11 +96,15 @@ fn sig(name: &str) -> &'static OpSig {
     OPS.iter().find(|o| o.name == name).expect("known op")
 }
 
+/// `from -> to` as written: the dims on each side, whether each side was a
+/// `[list]`, and the span.
+type DimMapArg<'e> = (&'e [Ident], &'e [Ident], bool, bool, Span);
+
 /// Arguments of one op call, split into positional and keyword.
 struct Args<'e> {
     pos: Vec<&'e Expr>,
     kw: HashMap<&'e str, &'e Expr>,
-    maps: Vec<(&'e [Ident], &'e [Ident], bool, bool, Span)>,
+    maps: Vec<DimMapArg<'e>>,
 }
 
 const UNARY_FLOAT: &[&str] =
@@ -1071,6 +1085,13 @@ impl Walker<'_> {
         let Some(p) = self.positive(frame, size, "size") else {
             return Val::Poison;
         };
+        if p.fract() != 0.0 || p > 1e6 {
+            return self.err(
+                Diag::error(format!("patch size must be a whole number of pixels, got {p}"))
+                    .at(size.span, "patch size")
+                    .help("ViT uses 14 or 16 pixel patches"),
+            );
+        }
         let p = p as u64;
         let ExprKind::List(names) = &into.kind else {
             return self.err(

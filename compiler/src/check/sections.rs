@@ -32,6 +32,18 @@ const TRAIN_KEYS: &[&str] = &[
 ];
 const INFER_KEYS: &[&str] = &["max_batch", "max_len", "kv_cache", "sampling", "seed"];
 
+/// Every section and subsection with its closed list of keys (`mesh` and
+/// `layout` are open: axis and dim names).
+pub fn schema() -> Vec<(&'static str, &'static [&'static str])> {
+    vec![
+        ("parallel", PARALLEL_KEYS),
+        ("parallel.pipeline", PIPELINE_KEYS),
+        ("parallel.experts", EXPERT_KEYS),
+        ("train", TRAIN_KEYS),
+        ("infer", INFER_KEYS),
+    ]
+}
+
 /// Evaluates section values; model constants are in scope.
 pub struct SectionEval<'a> {
     pub consts: &'a HashMap<String, f64>,
@@ -143,7 +155,7 @@ impl SectionEval<'_> {
 
     pub fn count(&mut self, e: &Expr, what: &str) -> Option<u64> {
         let v = self.num(e)?;
-        if v.fract() != 0.0 || v < 1.0 || v > 1e12 {
+        if v.fract() != 0.0 || !(1.0..=1e12).contains(&v) {
             self.err(
                 Diag::error(format!("`{what}` must be a positive whole number, got {v}"))
                     .at(e.span, "not a positive whole number")

@@ -484,7 +484,7 @@ impl<'a> Walker<'a> {
                         other => {
                             let got = match &other {
                                 Val::Tuple(xs) => format!("{} values", xs.len()),
-                                o => format!("{}", o.kind()),
+                                o => o.kind().to_string(),
                             };
                             self.err(
                                 Diag::error(format!(

@@ -563,3 +563,85 @@ fn line_comment_start(line: &str) -> Option<usize> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expr_of(src: &str) -> Expr {
+        let text = format!("model m {{ x = {src} }}");
+        let f = parse_file(FileId(0), &text).unwrap_or_else(|d| panic!("{src}: {}", d.message));
+        let Item::Model(m) = &f.items[0] else { panic!("model") };
+        let Stmt::Assign { value, .. } = &m.body.as_ref().expect("body").stmts[0] else { panic!("assign") };
+        value.clone()
+    }
+
+    #[test]
+    fn count_suffixes() {
+        assert_eq!(number_value("2K"), 2e3);
+        assert_eq!(number_value("375M"), 375e6);
+        assert_eq!(number_value("1.5B"), 1.5e9);
+        assert_eq!(number_value("2T"), 2e12);
+        assert_eq!(number_value("4Ki"), 4096.0);
+        assert_eq!(number_value("4Mi"), 4.0 * 1024.0 * 1024.0);
+        assert_eq!(number_value("1e-5"), 1e-5);
+    }
+
+    #[test]
+    fn precedence_and_associativity() {
+        use crate::syntax::printer::expr as show;
+        // `**` binds tighter than unary minus and is right-associative.
+        let e = expr_of("-2 ** 3 ** 2");
+        let ExprKind::Unary(UnOp::Neg, inner) = &e.kind else { panic!("{e:?}") };
+        let ExprKind::Binary(BinOp::Pow, _, rhs) = &inner.kind else { panic!("{inner:?}") };
+        assert!(matches!(rhs.kind, ExprKind::Binary(BinOp::Pow, ..)));
+        // `@` and `*` share a level and associate left.
+        let e = expr_of("a * b @ c + d");
+        let ExprKind::Binary(BinOp::Add, l, _) = &e.kind else { panic!() };
+        let ExprKind::Binary(BinOp::MatMul, ll, _) = &l.kind else { panic!() };
+        assert!(matches!(ll.kind, ExprKind::Binary(BinOp::Mul, ..)));
+        // Printing keeps the meaning with the fewest parentheses.
+        assert_eq!(show(&expr_of("(a + b) * c")), "(a + b) * c");
+        assert_eq!(show(&expr_of("layer % 2 == 1 && layer > 0")), "layer % 2 == 1 && layer > 0");
+    }
+
+    #[test]
+    fn dim_maps_and_keywords() {
+        let e = expr_of("merge(x, [heads, head_dim] -> embed)");
+        let ExprKind::Call { args, .. } = &e.kind else { panic!() };
+        assert!(matches!(&args[1], Arg::DimMap { from, from_list: true, to_list: false, .. } if from.len() == 2));
+        let e = expr_of("attention(q, k, v, causal = true)");
+        let ExprKind::Call { args, .. } = &e.kind else { panic!() };
+        assert!(matches!(&args[3], Arg::Kw(k, _) if k.name == "causal"));
+    }
+
+    #[test]
+    fn units_in_sections_and_tags() {
+        let f = parse_file(
+            FileId(0),
+            "train { batch = 1536 sequences\n steps = 10 }\nparallel { pipeline { schedule = 1f1b } }",
+        )
+        .expect("parses");
+        let Item::Section(s) = &f.items[0] else { panic!() };
+        assert_eq!(s.entries.len(), 2, "a unit word does not swallow the next key");
+        let Entry::Value { value, .. } = &s.entries[0] else { panic!() };
+        assert!(matches!(&value.kind, ExprKind::Unit(_, u) if u == "sequences"));
+    }
+
+    #[test]
+    fn parse_errors_point_at_the_token() {
+        let src = "model m {\n  x = = 1\n}";
+        let d = parse_file(FileId(0), src).expect_err("syntax error");
+        let span = d.primary_span().expect("located");
+        assert_eq!(&src[span.start..span.end], "=");
+        assert_eq!(span.start, src.find("= =").unwrap() + 2);
+        assert!(d.message.contains("expected an expression"), "{}", d.message);
+    }
+
+    #[test]
+    fn spans_exclude_trailing_comments() {
+        assert_eq!(trimmed_len("x = 1  // one\n  "), 5);
+        assert_eq!(trimmed_len("s = \"a//b\""), 10);
+        assert_eq!(trimmed_len("y /* c */ \n"), 1);
+    }
+}
