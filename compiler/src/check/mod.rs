@@ -4,6 +4,8 @@
 //! its variant chain → evaluate constants → validate sections → walk the
 //! body (shapes, params, costs) → validate the layout → check memory.
 
+mod arith;
+mod blocks;
 mod layout;
 pub mod ops;
 pub mod program;

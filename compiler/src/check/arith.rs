@@ -1,0 +1,215 @@
+//! Arithmetic on values: numbers, booleans and tensors. Elementwise ops
+//! broadcast by name; `@` contracts named dims (and counts its FLOPs and
+//! saved activations).
+
+use super::walk::{TVal, Val, Walker};
+use crate::diag::Diag;
+use crate::model::{Dim, OpCost, TensorType};
+use crate::syntax::ast::BinOp;
+use crate::syntax::span::Span;
+
+impl Walker<'_> {
+    pub(super) fn binary(&mut self, op: BinOp, a: Val, b: Val, sa: Span, sb: Span, span: Span) -> Val {
+        use Val::*;
+        match (op, a, b) {
+            (_, Poison, _) | (_, _, Poison) => Poison,
+            (BinOp::MatMul, Tensor(x), Tensor(y)) => self.matmul(x, y, sa, sb, span),
+            (BinOp::MatMul, x, y) => self.err(
+                Diag::error(format!("`@` needs two tensors, found {} and {}", x.kind(), y.kind()))
+                    .at(span, "contraction of non-tensors")
+                    .help("`a @ b` contracts named dims of two tensors; use `*` for numbers"),
+            ),
+            (op, Num(x), Num(y)) => match op {
+                BinOp::Add => Num(x + y),
+                BinOp::Sub => Num(x - y),
+                BinOp::Mul => Num(x * y),
+                BinOp::Div | BinOp::Rem if y == 0.0 => self.err(
+                    Diag::error("division by zero")
+                        .at(sb, "this is zero")
+                        .help("check the dims used in this expression"),
+                ),
+                BinOp::Div => Num(x / y),
+                BinOp::Rem => Num(x.rem_euclid(y)),
+                BinOp::Pow => Num(x.powf(y)),
+                BinOp::Eq => Bool(x == y),
+                BinOp::Ne => Bool(x != y),
+                BinOp::Lt => Bool(x < y),
+                BinOp::Le => Bool(x <= y),
+                BinOp::Gt => Bool(x > y),
+                BinOp::Ge => Bool(x >= y),
+                BinOp::And | BinOp::Or | BinOp::MatMul => self.err(
+                    Diag::error(format!("`{}` needs booleans", op.symbol()))
+                        .at(span, "numbers here")
+                        .help("compare numbers first, e.g. `layer % 2 == 1 && layer > 0`"),
+                ),
+            },
+            (BinOp::And, Bool(x), Bool(y)) => Bool(x && y),
+            (BinOp::Or, Bool(x), Bool(y)) => Bool(x || y),
+            (BinOp::Eq, Bool(x), Bool(y)) => Bool(x == y),
+            (BinOp::Ne, Bool(x), Bool(y)) => Bool(x != y),
+            (BinOp::Eq, Str(x), Str(y)) => Bool(x == y),
+            (BinOp::Ne, Str(x), Str(y)) => Bool(x != y),
+            (op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div), Tensor(x), Tensor(y)) => {
+                self.elementwise(op, x, y, sa, sb, span)
+            }
+            (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Pow, Tensor(x), Num(_))
+            | (BinOp::Add | BinOp::Sub | BinOp::Mul, Num(_), Tensor(x)) => {
+                if !x.ty.dtype.is_float() {
+                    return self.err(
+                        Diag::error(format!("arithmetic on a {} tensor", x.ty.dtype.name()))
+                            .at(span, "integer or boolean tensor")
+                            .help("cast it first: `cast(x, f32)`"),
+                    );
+                }
+                if op == BinOp::Pow {
+                    let c = OpCost {
+                        act_none: self.act_size(&x.ty),
+                        act_selective: self.act_size(&x.ty),
+                        ..OpCost::default()
+                    };
+                    self.add_cost(c);
+                }
+                Tensor(TVal::new(x.ty))
+            }
+            (op, x, y) => self.err(
+                Diag::error(format!("`{}` cannot combine {} and {}", op.symbol(), x.kind(), y.kind()))
+                    .at(span, "invalid operands")
+                    .help("arithmetic works on numbers and tensors; comparisons on numbers"),
+            ),
+        }
+    }
+
+    /// Broadcast by name: the result has the left operand's dims, then the right one's new dims.
+    pub(super) fn elementwise(&mut self, op: BinOp, x: TVal, y: TVal, sa: Span, sb: Span, span: Span) -> Val {
+        if x.ty.dtype != y.ty.dtype {
+            return self.err(
+                Diag::error(format!(
+                    "dtype mismatch: `{}` of {} and {}",
+                    op.symbol(),
+                    x.ty.dtype.name(),
+                    y.ty.dtype.name()
+                ))
+                .at(sa, format!("{}", x.ty))
+                .also(sb, format!("{}", y.ty))
+                .help("cast one side with `cast(x, dtype)`"),
+            );
+        }
+        let mut dims = x.ty.dims.clone();
+        for d in &y.ty.dims {
+            match x.ty.dim(&d.name) {
+                Some(xd) if xd.size != d.size => {
+                    return self.err(
+                        Diag::error(format!(
+                            "dim `{}` has size {} on the left but {} on the right",
+                            d.name, xd.size, d.size
+                        ))
+                        .at(sa, format!("{}", x.ty))
+                        .also(sb, format!("{}", y.ty))
+                        .help("broadcasting is by name: dims of the same name must have the same size"),
+                    );
+                }
+                Some(_) => {}
+                None => dims.push(d.clone()),
+            }
+        }
+        let out = TensorType::new(x.ty.dtype, dims);
+        if matches!(op, BinOp::Mul | BinOp::Div) {
+            // Backward of a product needs both operands (parameters are not activations).
+            let mut saved = 0.0;
+            for v in [&x, &y] {
+                if v.param.is_none() && v.ty.numel() > 1 {
+                    saved += self.act_size(&v.ty);
+                }
+            }
+            self.add_cost(OpCost { act_none: saved, act_selective: saved, ..OpCost::default() });
+        }
+        let _ = span;
+        Val::Tensor(TVal::new(out))
+    }
+
+    /// `a @ b`: contracts the trailing dims of `a` that `b` also has; other
+    /// shared dims are batch dims. Result: `a`'s other dims, then `b`'s new dims.
+    pub(super) fn matmul(&mut self, x: TVal, y: TVal, sa: Span, sb: Span, span: Span) -> Val {
+        if x.ty.dtype != y.ty.dtype || !x.ty.dtype.is_float() {
+            return self.err(
+                Diag::error(format!(
+                    "`@` needs two float tensors of one dtype, found {} and {}",
+                    x.ty.dtype.name(),
+                    y.ty.dtype.name()
+                ))
+                .at(sa, format!("{}", x.ty))
+                .also(sb, format!("{}", y.ty))
+                .help("cast with `cast(x, dtype)`"),
+            );
+        }
+        let mut contract = Vec::new();
+        for d in x.ty.dims.iter().rev() {
+            if y.ty.has(&d.name) {
+                contract.push(d.clone());
+            } else {
+                break;
+            }
+        }
+        if contract.is_empty() {
+            let last = x.ty.dims.last().map(|d| d.name.clone()).unwrap_or_else(|| "(none)".into());
+            return self.err(
+                Diag::error(format!("`@` has nothing to contract: the last dim of the left operand, `{last}`, is not a dim of the right operand"))
+                    .at(sa, format!("{}", x.ty))
+                    .also(sb, format!("{}", y.ty))
+                    .help("`a @ b` contracts the trailing dims of `a` that `b` also has; rename or reorder dims so they match"),
+            );
+        }
+        for d in &contract {
+            let yd = y.ty.dim(&d.name).expect("shared");
+            if yd.size != d.size {
+                return self.err(
+                    Diag::error(format!(
+                        "contracted dim `{}` has size {} on the left but {} on the right",
+                        d.name, d.size, yd.size
+                    ))
+                    .at(sa, format!("{}", x.ty))
+                    .also(sb, format!("{}", y.ty))
+                    .help("both operands must agree on the size of every contracted dim"),
+                );
+            }
+        }
+        let mut dims: Vec<Dim> = x.ty.dims[..x.ty.dims.len() - contract.len()].to_vec();
+        for d in &y.ty.dims {
+            if contract.iter().any(|c| c.name == d.name) {
+                continue;
+            }
+            match dims.iter().find(|o| o.name == d.name) {
+                Some(o) if o.size != d.size => {
+                    return self.err(
+                        Diag::error(format!(
+                            "batch dim `{}` has size {} on the left but {} on the right",
+                            d.name, o.size, d.size
+                        ))
+                        .at(span, "mismatched shared dim")
+                        .help("dims shared by both operands and not contracted must have one size"),
+                    );
+                }
+                Some(_) => {}
+                None => dims.push(d.clone()),
+            }
+        }
+        let out = TensorType::new(x.ty.dtype, dims);
+        let useful: f64 = out
+            .dims
+            .iter()
+            .chain(x.ty.dims.iter())
+            .filter(|d| d.name == "slot")
+            .take(1)
+            .map(|d| self.slot_useful.get(&d.size).copied().unwrap_or(1.0))
+            .product();
+        let flops = 2.0 * out.numel() as f64 * contract.iter().map(|d| d.size as f64).product::<f64>() * useful;
+        let mut saved = 0.0;
+        for v in [&x, &y] {
+            if v.param.is_none() {
+                saved += self.act_size(&v.ty);
+            }
+        }
+        self.add_cost(OpCost { flops, attn_flops: 0.0, act_none: saved, act_selective: saved });
+        Val::Tensor(TVal::new(out))
+    }
+}

@@ -1,0 +1,179 @@
+//! Attention: multi-head, grouped-query, masks, T5 and Transformer-XL
+//! relative positions; its FLOPs and the score memory it keeps.
+
+use super::Args;
+use crate::check::walk::{Frame, TVal, Val, Walker};
+use crate::diag::Diag;
+use crate::model::{Dim, OpCost, TensorType};
+use crate::syntax::ast::DType;
+use crate::syntax::span::Span;
+
+impl Walker<'_> {
+    pub(super) fn attention(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
+        let Some(q) = self.float_tensor(frame, a.pos[0], "attention") else {
+            return Val::Poison;
+        };
+        let Some(k) = self.float_tensor(frame, a.pos[1], "attention") else {
+            return Val::Poison;
+        };
+        let Some(v) = self.float_tensor(frame, a.pos[2], "attention") else {
+            return Val::Poison;
+        };
+        let layout_help = "q is [..., seq, heads, head_dim]; k and v are [..., kv_seq, kv_heads, head_dim] with the same leading dims";
+        for (t, e) in [(&q, a.pos[0]), (&k, a.pos[1]), (&v, a.pos[2])] {
+            if t.ty.dims.len() < 3 {
+                return self.err(
+                    Diag::error(format!("attention operand {} has fewer than 3 dims", t.ty))
+                        .at(e.span, "too few dims")
+                        .help(layout_help),
+                );
+            }
+        }
+        let n = q.ty.dims.len();
+        let (qs, qh, qd) = (&q.ty.dims[n - 3], &q.ty.dims[n - 2], &q.ty.dims[n - 1]);
+        let m = k.ty.dims.len();
+        let (ks, kh, kd) = (&k.ty.dims[m - 3], &k.ty.dims[m - 2], &k.ty.dims[m - 1]);
+        if q.ty.dims[..n - 3] != k.ty.dims[..m - 3] {
+            return self.err(
+                Diag::error(format!("attention operands do not line up: q {}, k {}", q.ty, k.ty))
+                    .at(span, "leading dims differ")
+                    .help(layout_help),
+            );
+        }
+        let vm = v.ty.dims.len();
+        if vm != m || v.ty.dims[..vm - 1] != k.ty.dims[..m - 1] {
+            return self.err(
+                Diag::error(format!("keys {} and values {} must share all dims but the last", k.ty, v.ty))
+                    .at(a.pos[2].span, "mismatched values")
+                    .help(layout_help),
+            );
+        }
+        if qd != kd {
+            return self.err(
+                Diag::error(format!(
+                    "query head dim `{}`={} differs from key head dim `{}`={}",
+                    qd.name, qd.size, kd.name, kd.size
+                ))
+                .at(a.pos[1].span, "mismatched head_dim")
+                .help(layout_help),
+            );
+        }
+        if kh.size == 0 || qh.size % kh.size != 0 {
+            return self.err(
+                Diag::error(format!("{} query heads cannot be grouped over {} key/value heads", qh.size, kh.size))
+                    .at(a.pos[1].span, "heads not divisible")
+                    .help("grouped-query attention needs heads divisible by kv_heads"),
+            );
+        }
+        let causal = match a.kw.get("causal") {
+            None => false,
+            Some(e) => match self.expr(frame, e) {
+                Val::Bool(b) => b,
+                Val::Poison => return Val::Poison,
+                other => {
+                    return self.err(
+                        Diag::error(format!("`causal` must be true or false, found {}", other.kind()))
+                            .at(e.span, "not a boolean")
+                            .help("causal = true"),
+                    );
+                }
+            },
+        };
+        let mut drop_p = 0.0;
+        if let Some(e) = a.kw.get("dropout") {
+            drop_p = self.eval_const(frame, e).unwrap_or(0.0);
+            if !(0.0..1.0).contains(&drop_p) {
+                return self.err(
+                    Diag::error(format!("attention dropout must be in [0, 1), got {drop_p}"))
+                        .at(e.span, "rate")
+                        .help("typical rates are 0.0 to 0.1"),
+                );
+            }
+        }
+        let lead: Vec<Dim> = q.ty.dims[..n - 3].to_vec();
+        if let Some(e) = a.kw.get("mask") {
+            let Some(mk) = self.tensor(frame, e) else {
+                return Val::Poison;
+            };
+            let allowed: Vec<&Dim> = lead.iter().chain([qs, ks, qh]).collect();
+            let fits =
+                mk.ty.dtype == DType::Bool && mk.ty.dims.iter().all(|d| allowed.contains(&d)) && mk.ty.has(&ks.name);
+            if !fits {
+                return self.err(
+                    Diag::error(format!("attention mask {} does not fit", mk.ty)).at(e.span, "bad mask").help(format!(
+                        "a mask is bool over the key dim `{}`, optionally with the batch, query and head dims",
+                        ks.name
+                    )),
+                );
+            }
+        }
+        if let Some(e) = a.kw.get("rel_bias") {
+            // T5 relative position bias: a table [buckets, heads].
+            let Some(t) = self.tensor(frame, e) else {
+                return Val::Poison;
+            };
+            if t.ty.dims.len() != 2 || t.ty.dims[1] != *qh {
+                return self.err(
+                    Diag::error(format!("`rel_bias` table must be [buckets, {}], found {}", qh.name, t.ty))
+                        .at(e.span, "bad table")
+                        .help("declare `param rel: [buckets, heads]`"),
+                );
+            }
+            if let Some(md) = a.kw.get("max_distance") {
+                self.positive(frame, md, "max_distance");
+            }
+        }
+        if let Some(e) = a.kw.get("rel_pos") {
+            // Transformer-XL: projected sinusoid positions [kv_seq, heads, head_dim].
+            let Some(r) = self.tensor(frame, e) else {
+                return Val::Poison;
+            };
+            let want = TensorType::new(q.ty.dtype, vec![ks.clone(), qh.clone(), qd.clone()]);
+            if r.ty != want {
+                return self.err(
+                    Diag::error(format!("`rel_pos` must be {want}, found {}", r.ty))
+                        .at(e.span, "bad relative positions")
+                        .help("project sinusoids: `sinusoid(seq, embed) @ w_r` with `w_r: [embed, heads, head_dim]`"),
+                );
+            }
+            self.save(&r.ty);
+            for key in ["pos_bias_u", "pos_bias_v"] {
+                if let Some(e) = a.kw.get(key) {
+                    let Some(u) = self.tensor(frame, e) else {
+                        return Val::Poison;
+                    };
+                    if u.ty.dims != [qh.clone(), qd.clone()] {
+                        return self.err(
+                            Diag::error(format!("`{key}` must be [{}, {}], found {}", qh.name, qd.name, u.ty))
+                                .at(e.span, "bad bias")
+                                .help(format!("declare `param u: [{}, {}]`", qh.name, qd.name)),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(e) = a.kw.get("window") {
+            self.positive(frame, e, "window");
+        }
+        // Cost: q·k and p·v over the full score matrix (causal masking not subtracted).
+        let batch: f64 = lead.iter().map(|d| d.size as f64).product();
+        let pairs = batch * qh.size as f64 * qs.size as f64 * ks.size as f64;
+        let flops = 2.0 * pairs * qd.size as f64 * 2.0;
+        let mut saved = 0.0;
+        for t in [&q, &k, &v] {
+            saved += self.act_size(&t.ty);
+        }
+        // Without recompute, the softmax output (and with dropout its mask and
+        // output) stay alive: 2 bytes each in 16-bit, 1 byte the mask.
+        let head_split = self.shard_factor(&TensorType::new(q.ty.dtype, vec![qh.clone()]));
+        let score_elems = pairs / head_split as f64;
+        let elem = if q.ty.dtype.is_float() { self.act_bytes as f64 } else { 4.0 };
+        let scores = if drop_p > 0.0 { score_elems * (2.0 * elem + 1.0) } else { score_elems * elem };
+        self.add_cost(OpCost { flops, attn_flops: flops, act_none: saved + scores, act_selective: saved });
+        let _ = causal;
+        Val::Tensor(TVal::new(TensorType::new(
+            q.ty.dtype,
+            q.ty.dims[..n - 1].iter().cloned().chain([v.ty.dims[vm - 1].clone()]).collect(),
+        )))
+    }
+}

@@ -1,0 +1,377 @@
+//! Structural ops: split, merge, rename, concat, and ViT patch extraction.
+
+use super::Args;
+use crate::check::walk::{Frame, TVal, Val, Walker};
+use crate::diag::{Diag, unknown_help};
+use crate::model::{Dim, TensorType};
+use crate::syntax::ast::{ExprKind, Ident};
+use crate::syntax::span::Span;
+
+impl Walker<'_> {
+    pub(super) fn split(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
+        if let Some(&(from, to, from_list, _, mspan)) = a.maps.first() {
+            // split(x, d -> [a, b]): one dim into several.
+            let Some(x) = self.tensor(frame, a.pos[0]) else {
+                return Val::Poison;
+            };
+            if from.len() != 1 || from_list {
+                return self.err(
+                    Diag::error("`split` maps one dim to a list of dims")
+                        .at(mspan, "here")
+                        .help("write `split(x, embed -> [heads, head_dim])`"),
+                );
+            }
+            let Some(src) = self.dim_in(frame, &from[0], &x.ty) else {
+                return Val::Poison;
+            };
+            let mut new = Vec::new();
+            for t in to {
+                let Some(d) = self.dim(frame, &t.name, t.span) else {
+                    return Val::Poison;
+                };
+                if x.ty.has(&d.name) && d.name != src.name {
+                    return self.err(
+                        Diag::error(format!("`{}` is already a dim of {}", d.name, x.ty))
+                            .at(t.span, "duplicate dim")
+                            .help("split into new dim names"),
+                    );
+                }
+                new.push(d);
+            }
+            let prod: u64 = new.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
+            if prod != src.size {
+                let sizes: Vec<String> = new.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
+                return self.err(
+                    Diag::error(format!(
+                        "cannot split `{}` of size {} into {} (product {prod})",
+                        src.name,
+                        src.size,
+                        sizes.join(" × ")
+                    ))
+                    .at(mspan, "sizes do not multiply out")
+                    .help("the new dims' sizes must multiply to the split dim's size"),
+                );
+            }
+            let mut dims = Vec::new();
+            for d in &x.ty.dims {
+                if d.name == src.name {
+                    dims.extend(new.iter().cloned());
+                } else {
+                    dims.push(d.clone());
+                }
+            }
+            return Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)));
+        }
+        // split(x, qkv): unbind along a dim into a tuple.
+        let Some(x) = self.tensor(frame, a.pos[0]) else {
+            return Val::Poison;
+        };
+        let Some(d) = self.dim_of(frame, a.pos[1], &x.ty) else {
+            return Val::Poison;
+        };
+        if d.size > 64 {
+            return self.err(
+                Diag::error(format!("`split(x, {})` would make {} values", d.name, d.size))
+                    .at(span, "too many parts")
+                    .help("unbinding is for small dims like `qkv = 3`; to reshape a dim write `split(x, d -> [a, b])`"),
+            );
+        }
+        let dims: Vec<Dim> = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
+        let part = TensorType::new(x.ty.dtype, dims);
+        Val::Tuple((0..d.size).map(|_| Val::Tensor(TVal::new(part.clone()))).collect())
+    }
+
+    pub(super) fn dim_in(&mut self, frame: &mut Frame, id: &Ident, ty: &TensorType) -> Option<Dim> {
+        let d = self.dim(frame, &id.name, id.span)?;
+        match ty.dim(&d.name) {
+            Some(x) => Some(x.clone()),
+            None => {
+                let help = unknown_help("dim", &d.name, ty.names());
+                self.err(
+                    Diag::error(format!("dim `{}` is not a dim of {ty}", d.name))
+                        .at(id.span, "not in the operand")
+                        .help(help),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn merge(&mut self, frame: &mut Frame, a: &Args, _span: Span) -> Val {
+        let Some(x) = self.tensor(frame, a.pos[0]) else {
+            return Val::Poison;
+        };
+        let Some(&(from, to, _, to_list, mspan)) = a.maps.first() else {
+            return self.err(
+                Diag::error("`merge` needs a mapping")
+                    .at(a.pos[0].span, "here")
+                    .help("write `merge(x, [heads, head_dim] -> embed)`"),
+            );
+        };
+        if to.len() != 1 || to_list {
+            return self.err(
+                Diag::error("`merge` maps a list of dims to one dim")
+                    .at(mspan, "here")
+                    .help("write `merge(x, [heads, head_dim] -> embed)`"),
+            );
+        }
+        let mut src = Vec::new();
+        for f in from {
+            let Some(d) = self.dim_in(frame, f, &x.ty) else {
+                return Val::Poison;
+            };
+            src.push(d);
+        }
+        let Some(target) = self.dim(frame, &to[0].name, to[0].span) else {
+            return Val::Poison;
+        };
+        let prod: u64 = src.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
+        if prod != target.size {
+            return self.err(
+                Diag::error(format!(
+                    "cannot merge dims of total size {prod} into `{}` of size {}",
+                    target.name, target.size
+                ))
+                .at(mspan, "sizes do not multiply out")
+                .help("the merged dims' sizes must multiply to the target dim's size"),
+            );
+        }
+        // Merged dims must be adjacent and in order.
+        let first = x.ty.dims.iter().position(|d| d.name == src[0].name).expect("present");
+        let adjacent = src.iter().enumerate().all(|(i, s)| x.ty.dims.get(first + i).map(|d| &d.name) == Some(&s.name));
+        if !adjacent {
+            return self.err(
+                Diag::error(format!("`merge` needs adjacent dims in order, but {x} has them elsewhere", x = x.ty))
+                    .at(mspan, "not adjacent")
+                    .help("list the dims in the order they appear in the tensor"),
+            );
+        }
+        if x.ty.has(&target.name) && !src.iter().any(|s| s.name == target.name) {
+            return self.err(
+                Diag::error(format!("`{}` is already a dim of {}", target.name, x.ty))
+                    .at(to[0].span, "duplicate")
+                    .help("merge into a new name"),
+            );
+        }
+        let mut dims = x.ty.dims[..first].to_vec();
+        dims.push(target);
+        dims.extend(x.ty.dims[first + src.len()..].iter().cloned());
+        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+    }
+
+    pub(super) fn rename(&mut self, frame: &mut Frame, a: &Args, _span: Span) -> Val {
+        let Some(x) = self.tensor(frame, a.pos[0]) else {
+            return Val::Poison;
+        };
+        if a.pos.len() > 1 || a.maps.is_empty() {
+            return self.err(
+                Diag::error("`rename` takes a tensor and mappings")
+                    .at(a.pos[0].span, "here")
+                    .help("write `rename(x, seq -> kv_seq)`"),
+            );
+        }
+        let mut dims = x.ty.dims.clone();
+        for &(from, to, fl, tl, mspan) in &a.maps {
+            if from.len() != 1 || to.len() != 1 || fl || tl {
+                return self.err(
+                    Diag::error("`rename` maps one dim to one dim")
+                        .at(mspan, "here")
+                        .help("write `rename(x, seq -> kv_seq)`"),
+                );
+            }
+            let Some(src) = self.dim_in(frame, &from[0], &x.ty) else {
+                return Val::Poison;
+            };
+            // The new name takes its size from the old dim unless it is declared.
+            let new = match self.model_const(&to[0].name) {
+                Some(_) => match self.dim(frame, &to[0].name, to[0].span) {
+                    Some(d) => d,
+                    None => return Val::Poison,
+                },
+                None => frame.bindings.get(&to[0].name).cloned().unwrap_or_else(|| Dim::new(&to[0].name, src.size)),
+            };
+            if new.size != src.size {
+                return self.err(
+                    Diag::error(format!(
+                        "cannot rename `{}` (size {}) to `{}` (size {})",
+                        src.name, src.size, new.name, new.size
+                    ))
+                    .at(mspan, "sizes differ")
+                    .help("rename keeps the size; use `split` or `merge` to reshape"),
+                );
+            }
+            if dims.iter().any(|d| d.name == new.name) {
+                return self.err(
+                    Diag::error(format!("`{}` is already a dim of {}", new.name, x.ty))
+                        .at(to[0].span, "duplicate")
+                        .help("choose a new name"),
+                );
+            }
+            for d in dims.iter_mut() {
+                if d.name == src.name {
+                    *d = new.clone();
+                }
+            }
+        }
+        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+    }
+
+    pub(super) fn concat(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
+        let (Some(over), Some(into)) = (a.kw.get("over"), a.kw.get("into")) else {
+            return self.err(Diag::error("`concat` needs `over` and `into`").at(span, "missing keywords").help(
+                "write `concat(cls, x, over = [one, patches], into = seq)`: each input's own dim, then the result dim",
+            ));
+        };
+        let ExprKind::List(over_names) = &over.kind else {
+            return self.err(
+                Diag::error("`over` must be a list of dims")
+                    .at(over.span, "not a list")
+                    .help("write `over = [one, patches]`"),
+            );
+        };
+        if over_names.len() != a.pos.len() {
+            return self.err(
+                Diag::error(format!("`over` names {} dims for {} inputs", over_names.len(), a.pos.len()))
+                    .at(over.span, "one dim per input")
+                    .help("name the dim each input is concatenated along"),
+            );
+        }
+        let Some(into_dim) = self.dim_name(frame, into) else {
+            return Val::Poison;
+        };
+        let mut inputs = Vec::new();
+        for (e, d) in a.pos.iter().zip(over_names) {
+            let Some(t) = self.tensor(frame, e) else {
+                return Val::Poison;
+            };
+            let Some(d) = self.dim_of(frame, d, &t.ty) else {
+                return Val::Poison;
+            };
+            inputs.push((t, d));
+        }
+        let total: u64 = inputs.iter().map(|(_, d)| d.size).fold(0u64, u64::saturating_add);
+        if total != into_dim.size {
+            return self.err(
+                Diag::error(format!(
+                    "concatenated size {total} does not match `{}` = {}",
+                    into_dim.name, into_dim.size
+                ))
+                .at(span, "sizes do not add up")
+                .help(format!("the sizes of the `over` dims must add up to `{}`", into_dim.name)),
+            );
+        }
+        // The result: the highest-rank input's dims with its concat dim
+        // replaced, then every other input's dims broadcast in by name.
+        let lead = (0..inputs.len()).max_by_key(|&i| (inputs[i].0.ty.dims.len(), usize::MAX - i)).unwrap_or(0);
+        let (first, fd) = &inputs[lead];
+        let dtype = first.ty.dtype;
+        let mut dims: Vec<Dim> =
+            first.ty.dims.iter().map(|d| if d.name == fd.name { into_dim.clone() } else { d.clone() }).collect();
+        for (i, (t, cd)) in inputs.iter().enumerate() {
+            if i == lead {
+                continue;
+            }
+            if t.ty.dtype != dtype {
+                return self.err(
+                    Diag::error("`concat` inputs have different dtypes")
+                        .at(span, "mixed dtypes")
+                        .help("cast them to one dtype"),
+                );
+            }
+            for d in &t.ty.dims {
+                if d.name == cd.name {
+                    continue;
+                }
+                match dims.iter().find(|o| o.name == d.name) {
+                    Some(o) if o.size != d.size => {
+                        return self.err(
+                            Diag::error(format!("dim `{}` differs between `concat` inputs", d.name))
+                                .at(span, "size mismatch")
+                                .help("inputs must agree on every other dim"),
+                        );
+                    }
+                    Some(_) => {}
+                    None => dims.push(d.clone()),
+                }
+            }
+        }
+        Val::Tensor(TVal::new(TensorType::new(dtype, dims)))
+    }
+
+    pub(super) fn patches(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
+        let Some(x) = self.float_tensor(frame, a.pos[0], "patches") else {
+            return Val::Poison;
+        };
+        let (Some(size), Some(into)) = (a.kw.get("size"), a.kw.get("into")) else {
+            return self.err(
+                Diag::error("`patches` needs `size` and `into`")
+                    .at(span, "missing keywords")
+                    .help("write `patches(image, size = 16, into = [grid, patch_in])`"),
+            );
+        };
+        let Some(p) = self.positive(frame, size, "size") else {
+            return Val::Poison;
+        };
+        if p.fract() != 0.0 || p > 1e6 {
+            return self.err(
+                Diag::error(format!("patch size must be a whole number of pixels, got {p}"))
+                    .at(size.span, "patch size")
+                    .help("ViT uses 14 or 16 pixel patches"),
+            );
+        }
+        let p = p as u64;
+        let ExprKind::List(names) = &into.kind else {
+            return self.err(
+                Diag::error("`into` must be a list of two dims")
+                    .at(into.span, "not a list")
+                    .help("into = [grid, patch_in]"),
+            );
+        };
+        if names.len() != 2 || x.ty.dims.len() < 3 {
+            return self.err(
+                Diag::error("`patches` maps [..., channels, height, width] to [..., grid, patch_in]")
+                    .at(span, "wrong dims")
+                    .help("into = [grid, patch_in] names the patch count and the pixels per patch"),
+            );
+        }
+        let n = x.ty.dims.len();
+        let (c, h, w) = (&x.ty.dims[n - 3], &x.ty.dims[n - 2], &x.ty.dims[n - 1]);
+        if h.size % p != 0 || w.size % p != 0 {
+            return self.err(
+                Diag::error(format!("image {}×{} is not divisible into {p}×{p} patches", h.size, w.size))
+                    .at(size.span, "patch size")
+                    .help("choose a patch size that divides the height and width"),
+            );
+        }
+        let grid = (h.size / p) * (w.size / p);
+        let pix = c.size * p * p;
+        let mut out = Vec::new();
+        for (e, want) in names.iter().zip([grid, pix]) {
+            let ExprKind::Name(nm) = &e.kind else {
+                return self
+                    .err(Diag::error("expected a dim name").at(e.span, "not a name").help("into = [grid, patch_in]"));
+            };
+            let d = match self.model_const(nm) {
+                Some(_) => match self.dim(frame, nm, e.span) {
+                    Some(d) => d,
+                    None => return Val::Poison,
+                },
+                None => Dim::new(nm, want),
+            };
+            if d.size != want {
+                return self.err(
+                    Diag::error(format!("`{}` is {} but the image gives {want}", d.name, d.size))
+                        .at(e.span, "wrong size")
+                        .help(format!(
+                            "{}×{} pixels in {p}×{p} patches of {} channels: {grid} patches of {pix} values",
+                            h.size, w.size, c.size
+                        )),
+                );
+            }
+            out.push(d);
+        }
+        let mut dims = x.ty.dims[..n - 3].to_vec();
+        dims.extend(out);
+        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+    }
+}
