@@ -513,14 +513,22 @@ impl Walker<'_> {
 
     /// A dim argument that must be a dim of `ty`.
     pub(super) fn dim_of(&mut self, frame: &mut Frame, e: &Expr, ty: &TensorType) -> Option<Dim> {
-        let d = self.dim_name(frame, e)?;
+        match &e.kind {
+            ExprKind::Name(n) => self.dim_in(frame, n, e.span, ty),
+            _ => self.dim_name(frame, e),
+        }
+    }
+
+    /// The dim `name` of the scope, which must also be a dim of `ty`.
+    pub(super) fn dim_in(&mut self, frame: &mut Frame, name: &str, span: Span, ty: &TensorType) -> Option<Dim> {
+        let d = self.dim(frame, name, span)?;
         match ty.dim(&d.name) {
             Some(x) => Some(x.clone()),
             None => {
                 let help = unknown_help("dim", &d.name, ty.names());
                 self.err(
                     Diag::error(format!("dim `{}` is not a dim of {ty}", d.name))
-                        .at(e.span, "no such dim in the operand")
+                        .at(span, "no such dim in the operand")
                         .help(help),
                 );
                 None

@@ -2,9 +2,9 @@
 
 use super::Args;
 use crate::check::walk::{Frame, TVal, Val, Walker};
-use crate::diag::{Diag, unknown_help};
+use crate::diag::Diag;
 use crate::model::{Dim, TensorType};
-use crate::syntax::ast::{ExprKind, Ident};
+use crate::syntax::ast::ExprKind;
 use crate::syntax::span::Span;
 
 impl Walker<'_> {
@@ -21,7 +21,7 @@ impl Walker<'_> {
                         .help("write `split(x, embed -> [heads, head_dim])`"),
                 );
             }
-            let Some(src) = self.dim_in(frame, &from[0], &x.ty) else {
+            let Some(src) = self.dim_in(frame, &from[0].name, from[0].span, &x.ty) else {
                 return Val::Poison;
             };
             let mut new = Vec::new();
@@ -81,22 +81,6 @@ impl Walker<'_> {
         Val::Tuple((0..d.size).map(|_| Val::Tensor(TVal::new(part.clone()))).collect())
     }
 
-    pub(super) fn dim_in(&mut self, frame: &mut Frame, id: &Ident, ty: &TensorType) -> Option<Dim> {
-        let d = self.dim(frame, &id.name, id.span)?;
-        match ty.dim(&d.name) {
-            Some(x) => Some(x.clone()),
-            None => {
-                let help = unknown_help("dim", &d.name, ty.names());
-                self.err(
-                    Diag::error(format!("dim `{}` is not a dim of {ty}", d.name))
-                        .at(id.span, "not in the operand")
-                        .help(help),
-                );
-                None
-            }
-        }
-    }
-
     pub(super) fn merge(&mut self, frame: &mut Frame, a: &Args, _span: Span) -> Val {
         let Some(x) = self.tensor(frame, a.pos[0]) else {
             return Val::Poison;
@@ -117,7 +101,7 @@ impl Walker<'_> {
         }
         let mut src = Vec::new();
         for f in from {
-            let Some(d) = self.dim_in(frame, f, &x.ty) else {
+            let Some(d) = self.dim_in(frame, &f.name, f.span, &x.ty) else {
                 return Val::Poison;
             };
             src.push(d);
@@ -179,7 +163,7 @@ impl Walker<'_> {
                         .help("write `rename(x, seq -> kv_seq)`"),
                 );
             }
-            let Some(src) = self.dim_in(frame, &from[0], &x.ty) else {
+            let Some(src) = self.dim_in(frame, &from[0].name, from[0].span, &x.ty) else {
                 return Val::Poison;
             };
             // The new name takes its size from the old dim unless it is declared.
