@@ -61,7 +61,7 @@ fn dense_models_have_all_parameters_active() {
 fn fmt_round_trips_every_spec() {
     use tessera::compiler::SourceMap;
     use tessera::compiler::syntax::{parse_file, print_file};
-    let all = specs_under("specs").into_iter().chain(specs_under("tests/ui"));
+    let all = specs_under("specs").into_iter().chain(specs_under("tests/ui")).chain(specs_under("tests/specs"));
     for p in all {
         let text = std::fs::read_to_string(&p).expect("read spec");
         let mut sources = SourceMap::new();
@@ -104,7 +104,7 @@ fn strip(s: &str) -> String {
 fn library_specs_are_formatted() {
     use tessera::compiler::SourceMap;
     use tessera::compiler::syntax::{parse_file, print_file};
-    for p in specs_under("specs") {
+    for p in specs_under("specs").into_iter().chain(specs_under("tests/specs")) {
         let text = std::fs::read_to_string(&p).expect("read spec");
         let mut sources = SourceMap::new();
         let id = sources.add(p.to_string_lossy(), text.clone());
@@ -151,4 +151,15 @@ fn checked_models_snapshot() {
         let name = format!("{dir}_{}", p.file_stem().expect("stem").to_string_lossy());
         insta::assert_snapshot!(format!("model_{name}"), s);
     }
+}
+
+/// Specs a user writes from the reference alone (tests/specs) check, and the
+/// primitive formulation of attention has the fused op's type.
+#[test]
+fn specs_written_from_the_docs_check() {
+    let m = check_ok("tests/specs/attention_from_primitives.spec", &[]);
+    let ty = |n: &str| m.outputs.iter().find(|(k, _)| k == n).map(|(_, t)| t.to_string()).unwrap_or_default();
+    assert_eq!(ty("y"), ty("fused"));
+    assert_eq!(ty("diff"), "f32[batch=1, seq=16, embed=32]");
+    assert_eq!(ty("p"), "f32[batch=1, heads=4, seq=16, kv_seq=16]");
 }

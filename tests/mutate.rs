@@ -74,7 +74,11 @@ fn mutate(rng: &mut Rng, toks: &[&str]) -> String {
 
 #[test]
 fn mutated_specs_never_panic() {
-    let files: Vec<_> = common::specs_under("specs").into_iter().chain(common::specs_under("tests/ui")).collect();
+    let files: Vec<_> = common::specs_under("specs")
+        .into_iter()
+        .chain(common::specs_under("tests/ui"))
+        .chain(common::specs_under("tests/specs"))
+        .collect();
     let per_file: usize = std::env::var("TESSERA_MUTATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(120);
     let seed =
         std::env::var("TESSERA_MUTATION_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_1234_abcd_0001u64);

@@ -62,6 +62,7 @@ pub(in crate::check) const OPS: &[OpSig] = &[
     op("merge", 2, 2, &[]),
     op("rename", 2, MANY, &[]),
     op("concat", 2, MANY, &["over", "into"]),
+    op("permute", 2, 2, &[]),
     op("index", 3, 3, &[]),
     op("dropout", 2, 2, &[]),
     // attention
@@ -318,6 +319,7 @@ impl Walker<'_> {
             "merge" => self.merge(frame, &a, span),
             "rename" => self.rename(frame, &a, span),
             "concat" => self.concat(frame, &a, span),
+            "permute" => self.permute(frame, &a, span),
             "index" => {
                 let Some(x) = self.tensor(frame, a.pos[0]) else {
                     return Val::Poison;
@@ -521,6 +523,13 @@ impl Walker<'_> {
 
     /// The dim `name` of the scope, which must also be a dim of `ty`.
     pub(super) fn dim_in(&mut self, frame: &mut Frame, name: &str, span: Span, ty: &TensorType) -> Option<Dim> {
+        // A name the operand carries (e.g. made by `rename`) needs no declaration,
+        // unless a block signature binds it to another dim.
+        if !frame.bindings.contains_key(name)
+            && let Some(d) = ty.dim(name)
+        {
+            return Some(d.clone());
+        }
         let d = self.dim(frame, name, span)?;
         match ty.dim(&d.name) {
             Some(x) => Some(x.clone()),

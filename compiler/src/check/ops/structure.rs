@@ -172,7 +172,15 @@ impl Walker<'_> {
                     Some(d) => d,
                     None => return Val::Poison,
                 },
-                None => frame.bindings.get(&to[0].name).cloned().unwrap_or_else(|| Dim::new(&to[0].name, src.size)),
+                None => match frame.bindings.get(&to[0].name).or_else(|| frame.local_dims.get(&to[0].name)) {
+                    Some(d) => d.clone(),
+                    None => {
+                        // A new name: declared in this scope with the renamed dim's size.
+                        let d = Dim::new(&to[0].name, src.size);
+                        frame.local_dims.insert(d.name.clone(), d.clone());
+                        d
+                    }
+                },
             };
             if new.size != src.size {
                 return self.err(
@@ -356,6 +364,37 @@ impl Walker<'_> {
         }
         let mut dims = x.ty.dims[..n - 3].to_vec();
         dims.extend(out);
+        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+    }
+
+    /// `permute(x, [d1, d2, ...])`: the same dims in a new order.
+    pub(super) fn permute(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
+        let Some(x) = self.tensor(frame, a.pos[0]) else { return Val::Poison };
+        let ExprKind::List(names) = &a.pos[1].kind else {
+            return self.err(
+                Diag::error("`permute` takes a list of dims")
+                    .at(a.pos[1].span, "not a list")
+                    .help("write `permute(q, [batch, heads, seq, head_dim])`"),
+            );
+        };
+        let mut dims = Vec::new();
+        for e in names {
+            let Some(d) = self.dim_of(frame, e, &x.ty) else { return Val::Poison };
+            if dims.contains(&d) {
+                return self.err(
+                    Diag::error(format!("`{}` is listed twice", d.name)).at(e.span, "again").help("list each dim once"),
+                );
+            }
+            dims.push(d);
+        }
+        if dims.len() != x.ty.dims.len() {
+            let missing: Vec<&str> = x.ty.dims.iter().filter(|d| !dims.contains(d)).map(|d| d.name.as_str()).collect();
+            return self.err(
+                Diag::error(format!("`permute` must list every dim of {}; missing {}", x.ty, missing.join(", ")))
+                    .at(span, "incomplete order")
+                    .help("name all the dims in their new order"),
+            );
+        }
         Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
     }
 }
