@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod cost;
 pub mod diag;
+pub mod ir;
 pub mod model;
 pub mod syntax;
 

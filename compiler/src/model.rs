@@ -210,6 +210,9 @@ pub struct Model {
     /// Sequences per microbatch per data-parallel rank (the size of `batch`).
     pub micro_batch: u64,
     pub cost: CostProfile,
+    /// The forward graph (layers unrolled), built while checking.
+    #[serde(skip)]
+    pub graph: crate::ir::Graph,
     /// The dims of every named value, with where it is defined (for layout checks).
     #[serde(skip)]
     pub value_dims: Vec<(Vec<String>, Span)>,

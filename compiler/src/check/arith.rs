@@ -4,6 +4,7 @@
 
 use super::walk::{TVal, Val, Walker};
 use crate::diag::Diag;
+use crate::ir::{BinaryOp, Op};
 use crate::model::{Dim, OpCost, TensorType};
 use crate::syntax::ast::BinOp;
 use crate::syntax::span::Span;
@@ -52,24 +53,11 @@ impl Walker<'_> {
             (op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div), Tensor(x), Tensor(y)) => {
                 self.elementwise(op, x, y, sa, sb, span)
             }
-            (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Pow, Tensor(x), Num(_))
-            | (BinOp::Add | BinOp::Sub | BinOp::Mul, Num(_), Tensor(x)) => {
-                if !x.ty.dtype.is_float() {
-                    return self.err(
-                        Diag::error(format!("arithmetic on a {} tensor", x.ty.dtype.name()))
-                            .at(span, "integer or boolean tensor")
-                            .help("cast it first: `cast(x, f32)`"),
-                    );
-                }
-                if op == BinOp::Pow {
-                    let c = OpCost {
-                        act_none: self.act_size(&x.ty),
-                        act_selective: self.act_size(&x.ty),
-                        ..OpCost::default()
-                    };
-                    self.add_cost(c);
-                }
-                Tensor(TVal::new(x.ty))
+            (op @ (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Pow), Tensor(x), Num(c)) => {
+                self.tensor_scalar(op, x, c, false, span)
+            }
+            (op @ (BinOp::Add | BinOp::Sub | BinOp::Mul), Num(c), Tensor(x)) => {
+                self.tensor_scalar(op, x, c, true, span)
             }
             (op, x, y) => self.err(
                 Diag::error(format!("`{}` cannot combine {} and {}", op.symbol(), x.kind(), y.kind()))
@@ -77,6 +65,31 @@ impl Walker<'_> {
                     .help("arithmetic works on numbers and tensors; comparisons on numbers"),
             ),
         }
+    }
+
+    /// `x ∘ c` (or `c ∘ x` when `scalar_first`) for a tensor and a number.
+    fn tensor_scalar(&mut self, op: BinOp, x: TVal, c: f64, scalar_first: bool, span: Span) -> Val {
+        if !x.ty.dtype.is_float() {
+            return self.err(
+                Diag::error(format!("arithmetic on a {} tensor", x.ty.dtype.name()))
+                    .at(span, "integer or boolean tensor")
+                    .help("cast it first: `cast(x, f32)`"),
+            );
+        }
+        if op == BinOp::Pow {
+            let saved = self.act_size(&x.ty);
+            self.add_cost(OpCost { act_none: saved, act_selective: saved, ..OpCost::default() });
+            return Val::Tensor(self.emit(Op::Pow { exp: c }, vec![x.id], x.ty, span));
+        }
+        let k = self.emit(Op::Scalar { value: c }, vec![], TensorType::scalar(x.ty.dtype), span);
+        let ir_op = match op {
+            BinOp::Add => BinaryOp::Add,
+            BinOp::Sub => BinaryOp::Sub,
+            BinOp::Mul => BinaryOp::Mul,
+            _ => BinaryOp::Div,
+        };
+        let ins = if scalar_first { vec![k.id, x.id] } else { vec![x.id, k.id] };
+        Val::Tensor(self.emit(Op::Binary { op: ir_op }, ins, x.ty, span))
     }
 
     /// Broadcast by name: the result has the left operand's dims, then the right one's new dims.
@@ -123,8 +136,13 @@ impl Walker<'_> {
             }
             self.add_cost(OpCost { act_none: saved, act_selective: saved, ..OpCost::default() });
         }
-        let _ = span;
-        Val::Tensor(TVal::new(out))
+        let ir_op = match op {
+            BinOp::Add => BinaryOp::Add,
+            BinOp::Sub => BinaryOp::Sub,
+            BinOp::Mul => BinaryOp::Mul,
+            _ => BinaryOp::Div,
+        };
+        Val::Tensor(self.emit(Op::Binary { op: ir_op }, vec![x.id, y.id], out, span))
     }
 
     /// `a @ b`: contracts the trailing dims of `a` that `b` also has; other
@@ -150,6 +168,7 @@ impl Walker<'_> {
                 break;
             }
         }
+        contract.reverse(); // in the left operand's order
         if contract.is_empty() {
             let last = x.ty.dims.last().map(|d| d.name.clone()).unwrap_or_else(|| "(none)".into());
             return self.err(
@@ -210,6 +229,11 @@ impl Walker<'_> {
             }
         }
         self.add_cost(OpCost { flops, attn_flops: 0.0, act_none: saved, act_selective: saved });
-        Val::Tensor(TVal::new(out))
+        Val::Tensor(self.emit(
+            Op::MatMul { contract: contract.iter().map(|d| d.name.clone()).collect() },
+            vec![x.id, y.id],
+            out,
+            span,
+        ))
     }
 }

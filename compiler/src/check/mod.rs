@@ -418,6 +418,7 @@ fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)
         tokens_per_sample: tokens_per_sample.max(1),
         micro_batch: micro,
         cost: w.cost,
+        graph: w.graph,
         value_dims: w.value_dims,
         parallel,
         train,

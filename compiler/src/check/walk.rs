@@ -7,6 +7,8 @@
 use super::program::Program;
 use crate::config::Parallel;
 use crate::diag::{Diag, unknown_help};
+use crate::ir::BinaryOp;
+use crate::ir::{Graph, Op, UnaryOp, ValueId};
 use crate::model::*;
 use crate::syntax::ast::{self, Arg, DType, DimEntry, Expr, ExprKind, Stmt, UnOp};
 use crate::syntax::span::Span;
@@ -45,12 +47,8 @@ pub(super) struct TVal {
     pub ty: TensorType,
     /// Index into the parameter list when this value is a parameter.
     pub param: Option<usize>,
-}
-
-impl TVal {
-    pub(super) fn new(ty: TensorType) -> TVal {
-        TVal { ty, param: None }
-    }
+    /// The graph IR value.
+    pub id: ValueId,
 }
 
 #[derive(Debug)]
@@ -60,6 +58,9 @@ pub(super) struct RouteVal {
     pub expert: Dim,
     /// The capacity slot dim of dispatched tensors.
     pub slot: Dim,
+    /// The gates (top-k probabilities) and the router probabilities in the IR.
+    pub gates: ValueId,
+    pub probs: ValueId,
 }
 
 /// One lexical scope: the model body, or one block call.
@@ -101,6 +102,10 @@ pub(super) struct Walker<'a> {
     pub param_phases: Vec<[bool; 3]>,
     pub inputs: Vec<Input>,
     pub accum: HashMap<String, TensorType>,
+    /// The running sum of each accumulator in the graph.
+    pub accum_ids: HashMap<String, ValueId>,
+    /// The forward graph, built as values are typed.
+    pub graph: Graph,
     pub routings: Vec<Routing>,
     pub stacks: Vec<Stack>,
     pub cost: CostProfile,
@@ -143,6 +148,8 @@ impl<'a> Walker<'a> {
             param_phases: Vec::new(),
             inputs: Vec::new(),
             accum: HashMap::new(),
+            accum_ids: HashMap::new(),
+            graph: Graph::new(),
             routings: Vec::new(),
             stacks: Vec::new(),
             cost: CostProfile::default(),
@@ -168,6 +175,12 @@ impl<'a> Walker<'a> {
             self.diags.push(d);
         }
         Val::Poison
+    }
+
+    /// Add a node to the forward graph and return its typed value.
+    pub(super) fn emit(&mut self, op: Op, inputs: Vec<ValueId>, ty: TensorType, span: Span) -> TVal {
+        let id = self.graph.push(op, inputs, ty.clone(), span);
+        TVal { ty, param: None, id }
     }
 
     pub(super) fn model_const(&self, name: &str) -> Option<f64> {
@@ -394,8 +407,9 @@ impl<'a> Walker<'a> {
                 };
                 if let Some(dims) = self.type_dims(frame, ty) {
                     let t = TensorType::new(dtype, dims);
-                    self.inputs.push(Input { name: name.name.clone(), ty: t.clone() });
-                    self.define(frame, name, Val::Tensor(TVal::new(t)));
+                    let v = self.emit(Op::Input { index: self.inputs.len() }, vec![], t.clone(), *span);
+                    self.inputs.push(Input { name: name.name.clone(), ty: t });
+                    self.define(frame, name, Val::Tensor(v));
                 }
             }
             Stmt::Param { name, ty, init, span } => self.param(frame, name, ty, init.as_ref(), *span),
@@ -443,6 +457,13 @@ impl<'a> Walker<'a> {
                                     .help(format!("earlier additions were {old}")),
                             );
                         }
+                        let sum = match self.accum_ids.get(&name.name) {
+                            Some(&prev) => {
+                                self.emit(Op::Binary { op: BinaryOp::Add }, vec![prev, t.id], t.ty.clone(), *span).id
+                            }
+                            None => t.id,
+                        };
+                        self.accum_ids.insert(name.name.clone(), sum);
                         self.accum.insert(name.name.clone(), t.ty);
                     }
                     Val::Poison => {
@@ -517,6 +538,7 @@ impl<'a> Walker<'a> {
         {
             self.outputs.retain(|(n, _)| n != &name.name);
             self.outputs.push((name.name.clone(), t.ty.clone()));
+            self.graph.set_output(&name.name, t.id);
         }
         frame.values.insert(name.name.clone(), v);
     }
@@ -604,7 +626,8 @@ impl<'a> Walker<'a> {
                     .help("rename the parameter"),
             );
         }
-        frame.values.insert(name.name.clone(), Val::Tensor(TVal { ty: t, param: Some(idx) }));
+        let node = self.graph.push(Op::Param { index: idx, layer: frame.layer }, vec![], t.clone(), span);
+        frame.values.insert(name.name.clone(), Val::Tensor(TVal { ty: t, param: Some(idx), id: node }));
     }
 
     fn init(&mut self, frame: &mut Frame, e: &Expr) -> Option<Init> {
@@ -800,7 +823,9 @@ impl<'a> Walker<'a> {
                 match (op, v) {
                     (UnOp::Neg, Val::Num(a)) => Val::Num(-a),
                     (UnOp::Not, Val::Bool(b)) => Val::Bool(!b),
-                    (UnOp::Neg, Val::Tensor(t)) if t.ty.dtype.is_float() => Val::Tensor(TVal::new(t.ty)),
+                    (UnOp::Neg, Val::Tensor(t)) if t.ty.dtype.is_float() => {
+                        Val::Tensor(self.emit(Op::Unary { op: UnaryOp::Neg }, vec![t.id], t.ty, e.span))
+                    }
                     (_, Val::Poison) => Val::Poison,
                     (op, v) => {
                         let sym = if *op == UnOp::Neg { "-" } else { "!" };
@@ -843,7 +868,11 @@ impl<'a> Walker<'a> {
             return Val::Num(v);
         }
         if let Some(t) = self.accum.get(n) {
-            return Val::Tensor(TVal::new(t.clone()));
+            // No running sum: every addition failed and was reported already.
+            return match self.accum_ids.get(n) {
+                Some(&id) => Val::Tensor(TVal { ty: t.clone(), param: None, id }),
+                None => Val::Poison,
+            };
         }
         let mut cands: Vec<String> = frame.values.keys().chain(frame.consts.keys()).cloned().collect();
         cands.extend(self.consts.iter().map(|(n, _)| n.clone()));

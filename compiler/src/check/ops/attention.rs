@@ -2,8 +2,9 @@
 //! relative positions; its FLOPs and the score memory it keeps.
 
 use super::Args;
-use crate::check::walk::{Frame, TVal, Val, Walker};
+use crate::check::walk::{Frame, Val, Walker};
 use crate::diag::Diag;
+use crate::ir::{Op, RelPos};
 use crate::model::{Dim, OpCost, TensorType};
 use crate::syntax::ast::DType;
 use crate::syntax::span::Span;
@@ -91,6 +92,8 @@ impl Walker<'_> {
             }
         }
         let lead: Vec<Dim> = q.ty.dims[..n - 3].to_vec();
+        let mut ins = vec![q.id, k.id, v.id];
+        let mut rel = RelPos::None;
         if let Some(e) = a.kw.get("mask") {
             let Some(mk) = self.tensor(frame, e) else {
                 return Val::Poison;
@@ -106,6 +109,7 @@ impl Walker<'_> {
                     )),
                 );
             }
+            ins.push(mk.id);
         }
         if let Some(e) = a.kw.get("rel_bias") {
             // T5 relative position bias: a table [buckets, heads].
@@ -119,9 +123,15 @@ impl Walker<'_> {
                         .help("declare `param rel: [buckets, heads]`"),
                 );
             }
-            if let Some(md) = a.kw.get("max_distance") {
-                self.positive(frame, md, "max_distance");
-            }
+            let max_distance = match a.kw.get("max_distance") {
+                Some(md) => match self.positive(frame, md, "max_distance") {
+                    Some(v) => v,
+                    None => return Val::Poison,
+                },
+                None => 128.0,
+            };
+            ins.push(t.id);
+            rel = RelPos::T5 { max_distance };
         }
         if let Some(e) = a.kw.get("rel_pos") {
             // Transformer-XL: projected sinusoid positions [kv_seq, heads, head_dim].
@@ -137,11 +147,21 @@ impl Walker<'_> {
                 );
             }
             self.save(&r.ty);
+            ins.push(r.id);
+            if a.kw.contains_key("pos_bias_u") != a.kw.contains_key("pos_bias_v") {
+                return self.err(
+                    Diag::error("Transformer-XL attention takes both `pos_bias_u` and `pos_bias_v`, or neither")
+                        .at(span, "one bias given")
+                        .help("give both content and position biases, `[heads, head_dim]` each"),
+                );
+            }
+            rel = RelPos::Xl { biases: a.kw.contains_key("pos_bias_u") };
             for key in ["pos_bias_u", "pos_bias_v"] {
                 if let Some(e) = a.kw.get(key) {
                     let Some(u) = self.tensor(frame, e) else {
                         return Val::Poison;
                     };
+                    ins.push(u.id);
                     if u.ty.dims != [qh.clone(), qd.clone()] {
                         return self.err(
                             Diag::error(format!("`{key}` must be [{}, {}], found {}", qh.name, qd.name, u.ty))
@@ -152,9 +172,27 @@ impl Walker<'_> {
                 }
             }
         }
-        if let Some(e) = a.kw.get("window") {
-            self.positive(frame, e, "window");
+        if rel != RelPos::None && a.kw.contains_key("rel_bias") && a.kw.contains_key("rel_pos") {
+            return self.err(
+                Diag::error("`rel_bias` (T5) and `rel_pos` (Transformer-XL) are two kinds of relative position")
+                    .at(span, "both given")
+                    .help("use one of them"),
+            );
         }
+        let window = match a.kw.get("window") {
+            Some(e) => match self.positive(frame, e, "window") {
+                Some(w) if w.fract() == 0.0 && w <= 1e12 => Some(w as u64),
+                Some(w) => {
+                    return self.err(
+                        Diag::error(format!("`window` must be a whole number of tokens, got {w}"))
+                            .at(e.span, "not whole")
+                            .help("for example window = 4096"),
+                    );
+                }
+                None => return Val::Poison,
+            },
+            None => None,
+        };
         // Cost: q·k and p·v over the full score matrix (causal masking not subtracted).
         let batch: f64 = lead.iter().map(|d| d.size as f64).product();
         let pairs = batch * qh.size as f64 * qs.size as f64 * ks.size as f64;
@@ -170,10 +208,11 @@ impl Walker<'_> {
         let elem = if q.ty.dtype.is_float() { self.act_bytes as f64 } else { 4.0 };
         let scores = if drop_p > 0.0 { score_elems * (2.0 * elem + 1.0) } else { score_elems * elem };
         self.add_cost(OpCost { flops, attn_flops: flops, act_none: saved + scores, act_selective: saved });
-        let _ = causal;
-        Val::Tensor(TVal::new(TensorType::new(
+        let out = TensorType::new(
             q.ty.dtype,
             q.ty.dims[..n - 1].iter().cloned().chain([v.ty.dims[vm - 1].clone()]).collect(),
-        )))
+        );
+        let mask = a.kw.contains_key("mask");
+        Val::Tensor(self.emit(Op::Attention { causal, dropout: drop_p, mask, rel, window }, ins, out, span))
     }
 }

@@ -10,6 +10,7 @@ mod structure;
 
 use super::walk::{Frame, RouteVal, TVal, Val, Walker};
 use crate::diag::{Diag, unknown_help};
+use crate::ir::{Op, ReduceOp, UnaryOp};
 use crate::model::{Dim, OpCost, TensorType};
 use crate::syntax::ast::{Arg, DType, Expr, ExprKind, Ident};
 use crate::syntax::span::Span;
@@ -211,33 +212,44 @@ impl Walker<'_> {
                             .help("one of f32, bf16, f16, i32, i64, bool"),
                     );
                 };
-                Val::Tensor(TVal::new(TensorType::new(dt, x.ty.dims)))
+                Val::Tensor(self.emit(Op::Cast { dtype: dt }, vec![x.id], TensorType::new(dt, x.ty.dims), span))
             }
             "sum" | "mean" | "amax" => {
                 let Some(x) = self.tensor(frame, a.pos[0]) else {
                     return Val::Poison;
                 };
                 let mut dims = x.ty.dims.clone();
+                let mut reduced = Vec::new();
                 for e in &a.pos[1..] {
                     let Some(d) = self.dim_of(frame, e, &x.ty) else {
                         return Val::Poison;
                     };
                     dims.retain(|o| o.name != d.name);
+                    if !reduced.contains(&d.name) {
+                        reduced.push(d.name);
+                    }
                 }
                 if n != "sum" {
                     self.save(&x.ty);
                 }
-                Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+                let op = match n {
+                    "sum" => ReduceOp::Sum,
+                    "mean" => ReduceOp::Mean,
+                    _ => ReduceOp::Max,
+                };
+                let out = TensorType::new(x.ty.dtype, dims);
+                Val::Tensor(self.emit(Op::Reduce { op, dims: reduced }, vec![x.id], out, span))
             }
             "softmax" | "log_softmax" => {
                 let Some(x) = self.float_tensor(frame, a.pos[0], n) else {
                     return Val::Poison;
                 };
-                if self.dim_of(frame, a.pos[1], &x.ty).is_none() {
+                let Some(d) = self.dim_of(frame, a.pos[1], &x.ty) else {
                     return Val::Poison;
-                }
+                };
                 self.save(&x.ty);
-                Val::Tensor(TVal::new(x.ty))
+                let op = Op::Softmax { dim: d.name, log: n == "log_softmax" };
+                Val::Tensor(self.emit(op, vec![x.id], x.ty, span))
             }
             "layer_norm" | "rms_norm" => {
                 let Some(x) = self.float_tensor(frame, a.pos[0], n) else {
@@ -246,11 +258,15 @@ impl Walker<'_> {
                 let Some(d) = self.dim_of(frame, a.pos[1], &x.ty) else {
                     return Val::Poison;
                 };
-                for k in ["gain", "bias"] {
+                let mut ins = vec![x.id];
+                let mut has = [false; 2];
+                for (j, k) in ["gain", "bias"].into_iter().enumerate() {
                     if let Some(e) = a.kw.get(k) {
                         let Some(g) = self.tensor(frame, e) else {
                             return Val::Poison;
                         };
+                        ins.push(g.id);
+                        has[j] = true;
                         if g.ty.dims != [d.clone()] || g.ty.dtype != x.ty.dtype {
                             return self.err(
                                 Diag::error(format!(
@@ -266,11 +282,21 @@ impl Walker<'_> {
                         }
                     }
                 }
-                if let Some(e) = a.kw.get("eps") {
-                    self.positive(frame, e, "eps");
-                }
+                let eps = match a.kw.get("eps") {
+                    Some(e) => match self.positive(frame, e, "eps") {
+                        Some(v) => v,
+                        None => return Val::Poison,
+                    },
+                    None if n == "layer_norm" => 1e-5,
+                    None => 1e-6,
+                };
                 self.save(&x.ty);
-                Val::Tensor(TVal::new(x.ty))
+                let op = if n == "layer_norm" {
+                    Op::LayerNorm { dim: d.name, eps, gain: has[0], bias: has[1] }
+                } else {
+                    Op::RmsNorm { dim: d.name, eps, gain: has[0] }
+                };
+                Val::Tensor(self.emit(op, ins, x.ty, span))
             }
             "embed" => {
                 let Some(table) = self.float_tensor(frame, a.pos[0], n) else {
@@ -313,7 +339,8 @@ impl Walker<'_> {
                     dims.push(d.clone());
                 }
                 self.save(&ids.ty);
-                Val::Tensor(TVal::new(TensorType::new(table.ty.dtype, dims)))
+                let out = TensorType::new(table.ty.dtype, dims);
+                Val::Tensor(self.emit(Op::Embed, vec![table.id, ids.id], out, span))
             }
             "split" => self.split(frame, &a, span),
             "merge" => self.merge(frame, &a, span),
@@ -338,7 +365,8 @@ impl Walker<'_> {
                     );
                 }
                 let dims = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
-                Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+                let op = Op::Take { dim: d.name, index: i as u64 };
+                Val::Tensor(self.emit(op, vec![x.id], TensorType::new(x.ty.dtype, dims), span))
             }
             "dropout" => {
                 let Some(x) = self.float_tensor(frame, a.pos[0], n) else {
@@ -358,7 +386,7 @@ impl Walker<'_> {
                     let mask = x.ty.numel() as f64 / self.shard_factor(&x.ty) as f64;
                     self.add_cost(OpCost { act_none: mask, act_selective: mask, ..OpCost::default() });
                 }
-                Val::Tensor(TVal::new(x.ty))
+                Val::Tensor(self.emit(Op::Dropout { p }, vec![x.id], x.ty, span))
             }
             "attention" => self.attention(frame, &a, span),
             "rope" => {
@@ -380,12 +408,16 @@ impl Walker<'_> {
                             .help("use an even head_dim"),
                     );
                 }
-                for k in ["theta", "fraction"] {
+                let mut vals = [10000.0, 1.0];
+                for (j, k) in ["theta", "fraction"].into_iter().enumerate() {
                     if let Some(e) = a.kw.get(k) {
-                        self.positive(frame, e, k);
+                        match self.positive(frame, e, k) {
+                            Some(v) => vals[j] = v,
+                            None => return Val::Poison,
+                        }
                     }
                 }
-                Val::Tensor(TVal::new(x.ty))
+                Val::Tensor(self.emit(Op::Rope { theta: vals[0], fraction: vals[1] }, vec![x.id], x.ty, span))
             }
             "sinusoid" => {
                 let Some(a0) = self.dim_name(frame, a.pos[0]) else {
@@ -394,7 +426,7 @@ impl Walker<'_> {
                 let Some(a1) = self.dim_name(frame, a.pos[1]) else {
                     return Val::Poison;
                 };
-                Val::Tensor(TVal::new(TensorType::new(DType::F32, vec![a0, a1])))
+                Val::Tensor(self.emit(Op::Sinusoid, vec![], TensorType::new(DType::F32, vec![a0, a1]), span))
             }
             "cross_entropy" => {
                 let Some(logits) = self.float_tensor(frame, a.pos[0], n) else {
@@ -422,32 +454,55 @@ impl Walker<'_> {
                             .help("logits [batch, seq, vocab] go with targets [batch, seq]"),
                     );
                 }
-                if let Some(e) = a.kw.get("label_smoothing") {
-                    self.eval_const(frame, e);
-                }
-                if let Some(e) = a.kw.get("ignore") {
-                    self.eval_const(frame, e);
-                }
+                let label_smoothing = match a.kw.get("label_smoothing") {
+                    Some(e) => match self.eval_const(frame, e) {
+                        Some(v) if (0.0..1.0).contains(&v) => v,
+                        Some(v) => {
+                            return self.err(
+                                Diag::error(format!("label smoothing must be in [0, 1), got {v}"))
+                                    .at(e.span, "out of range")
+                                    .help("typical values are 0.0 to 0.1"),
+                            );
+                        }
+                        None => return Val::Poison,
+                    },
+                    None => 0.0,
+                };
+                let ignore = match a.kw.get("ignore") {
+                    Some(e) => match self.eval_const(frame, e) {
+                        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => Some(v as i64),
+                        Some(v) => {
+                            return self.err(
+                                Diag::error(format!("the ignored class id must be a whole number, got {v}"))
+                                    .at(e.span, "not a class id")
+                                    .help("PyTorch's convention is -100"),
+                            );
+                        }
+                        None => return Val::Poison,
+                    },
+                    None => None,
+                };
                 // The softmax over classes is kept in fp32 for the backward pass.
                 let bytes = logits.ty.numel() as f64 * 4.0 / self.shard_factor(&logits.ty) as f64;
                 self.add_cost(OpCost { act_none: bytes, act_selective: bytes, ..OpCost::default() });
-                Val::Tensor(TVal::new(TensorType::scalar(DType::F32)))
+                let op = Op::CrossEntropy { label_smoothing, ignore };
+                Val::Tensor(self.emit(op, vec![logits.id, t.id], TensorType::scalar(DType::F32), span))
             }
             "patches" => self.patches(frame, &a, span),
             "top_k" => self.top_k(frame, &a, span),
             "dispatch" | "combine" => self.dispatch_combine(frame, n, &a, span),
             "load_balance" => {
-                let Some(_) = self.route(frame, a.pos[0]) else {
+                let Some(r) = self.route(frame, a.pos[0]) else {
                     return Val::Poison;
                 };
-                Val::Tensor(TVal::new(TensorType::scalar(DType::F32)))
+                Val::Tensor(self.emit(Op::LoadBalance, vec![r.gates, r.probs], TensorType::scalar(DType::F32), span))
             }
             "z_loss" => {
                 let Some(x) = self.float_tensor(frame, a.pos[0], n) else {
                     return Val::Poison;
                 };
                 self.save(&x.ty);
-                Val::Tensor(TVal::new(TensorType::scalar(x.ty.dtype)))
+                Val::Tensor(self.emit(Op::ZLoss, vec![x.id], TensorType::scalar(DType::F32), span))
             }
             _ => unreachable!("op table and handlers agree"),
         }
@@ -566,7 +621,7 @@ impl Walker<'_> {
 
     // ------------------------------------------------------------ op rules
 
-    fn unary(&mut self, frame: &mut Frame, n: &str, a: &Args, _span: Span) -> Val {
+    fn unary(&mut self, frame: &mut Frame, n: &str, a: &Args, span: Span) -> Val {
         match self.expr(frame, a.pos[0]) {
             Val::Num(x) => {
                 let r = match n {
@@ -613,9 +668,11 @@ impl Walker<'_> {
                             .help("round constants, not tensors"),
                     );
                 }
+                let mut name = n;
                 if let Some(e) = a.kw.get("approximate") {
                     match &e.kind {
-                        ExprKind::Name(x) if x == "tanh" || x == "none" => {}
+                        ExprKind::Name(x) if x == "tanh" => name = "gelu_tanh",
+                        ExprKind::Name(x) if x == "none" => {}
                         _ => {
                             return self.err(
                                 Diag::error("`approximate` must be `none` or `tanh`")
@@ -626,7 +683,8 @@ impl Walker<'_> {
                     }
                 }
                 self.save(&t.ty);
-                Val::Tensor(TVal::new(t.ty))
+                let op = UnaryOp::from_name(name).expect("unary op names are IR names");
+                Val::Tensor(self.emit(Op::Unary { op }, vec![t.id], t.ty, span))
             }
             Val::Poison => Val::Poison,
             other => self.err(

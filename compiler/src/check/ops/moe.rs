@@ -3,8 +3,9 @@
 
 use super::Args;
 use crate::check::walk::RouteVal;
-use crate::check::walk::{Frame, TVal, Val, Walker};
+use crate::check::walk::{Frame, Val, Walker};
 use crate::diag::Diag;
+use crate::ir::Op;
 use crate::model::{Dim, Routing, TensorType};
 use crate::syntax::ast::ExprKind;
 use crate::syntax::span::Span;
@@ -74,10 +75,11 @@ impl Walker<'_> {
             });
         }
         self.save(&probs.ty);
-        Val::Route(Rc::new(RouteVal { tokens, expert, slot: Dim::new("slot", slot) }))
+        let gates = self.emit(Op::TopK { k, capacity }, vec![probs.id], probs.ty.clone(), span);
+        Val::Route(Rc::new(RouteVal { tokens, expert, slot: Dim::new("slot", slot), gates: gates.id, probs: probs.id }))
     }
 
-    pub(super) fn dispatch_combine(&mut self, frame: &mut Frame, n: &str, a: &Args, _span: Span) -> Val {
+    pub(super) fn dispatch_combine(&mut self, frame: &mut Frame, n: &str, a: &Args, span: Span) -> Val {
         let Some(r) = self.route(frame, a.pos[0]) else {
             return Val::Poison;
         };
@@ -109,7 +111,7 @@ impl Walker<'_> {
             dims.extend(x.ty.dims[nt..].iter().cloned());
             let out = TensorType::new(x.ty.dtype, dims);
             self.save(&out);
-            Val::Tensor(TVal::new(out))
+            Val::Tensor(self.emit(Op::Dispatch, vec![r.gates, x.id], out, span))
         } else {
             let ok = x.ty.dims.len() > 2 && x.ty.dims[0] == r.expert && x.ty.dims[1] == r.slot;
             if !ok {
@@ -122,7 +124,7 @@ impl Walker<'_> {
             self.save(&x.ty);
             let mut dims = r.tokens.clone();
             dims.extend(x.ty.dims[2..].iter().cloned());
-            Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+            Val::Tensor(self.emit(Op::Combine, vec![r.gates, x.id], TensorType::new(x.ty.dtype, dims), span))
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Structural ops: split, merge, rename, concat, and ViT patch extraction.
 
 use super::Args;
-use crate::check::walk::{Frame, TVal, Val, Walker};
+use crate::check::walk::{Frame, Val, Walker};
 use crate::diag::Diag;
+use crate::ir::Op;
 use crate::model::{Dim, TensorType};
 use crate::syntax::ast::ExprKind;
 use crate::syntax::span::Span;
@@ -60,7 +61,8 @@ impl Walker<'_> {
                     dims.push(d.clone());
                 }
             }
-            return Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)));
+            let op = Op::SplitDim { dim: src.name.clone(), into: new.iter().map(|d| d.name.clone()).collect() };
+            return Val::Tensor(self.emit(op, vec![x.id], TensorType::new(x.ty.dtype, dims), span));
         }
         // split(x, qkv): unbind along a dim into a tuple.
         let Some(x) = self.tensor(frame, a.pos[0]) else {
@@ -78,10 +80,16 @@ impl Walker<'_> {
         }
         let dims: Vec<Dim> = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
         let part = TensorType::new(x.ty.dtype, dims);
-        Val::Tuple((0..d.size).map(|_| Val::Tensor(TVal::new(part.clone()))).collect())
+        Val::Tuple(
+            (0..d.size)
+                .map(|i| {
+                    Val::Tensor(self.emit(Op::Take { dim: d.name.clone(), index: i }, vec![x.id], part.clone(), span))
+                })
+                .collect(),
+        )
     }
 
-    pub(super) fn merge(&mut self, frame: &mut Frame, a: &Args, _span: Span) -> Val {
+    pub(super) fn merge(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
         let Some(x) = self.tensor(frame, a.pos[0]) else {
             return Val::Poison;
         };
@@ -138,12 +146,13 @@ impl Walker<'_> {
             );
         }
         let mut dims = x.ty.dims[..first].to_vec();
-        dims.push(target);
+        dims.push(target.clone());
         dims.extend(x.ty.dims[first + src.len()..].iter().cloned());
-        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+        let op = Op::MergeDims { dims: src.iter().map(|d| d.name.clone()).collect(), into: target.name.clone() };
+        Val::Tensor(self.emit(op, vec![x.id], TensorType::new(x.ty.dtype, dims), span))
     }
 
-    pub(super) fn rename(&mut self, frame: &mut Frame, a: &Args, _span: Span) -> Val {
+    pub(super) fn rename(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
         let Some(x) = self.tensor(frame, a.pos[0]) else {
             return Val::Poison;
         };
@@ -155,6 +164,7 @@ impl Walker<'_> {
             );
         }
         let mut dims = x.ty.dims.clone();
+        let (mut renamed_from, mut renamed_to) = (Vec::new(), Vec::new());
         for &(from, to, fl, tl, mspan) in &a.maps {
             if from.len() != 1 || to.len() != 1 || fl || tl {
                 return self.err(
@@ -204,8 +214,11 @@ impl Walker<'_> {
                     *d = new.clone();
                 }
             }
+            renamed_from.push(src.name.clone());
+            renamed_to.push(new.name.clone());
         }
-        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+        let op = Op::Rename { from: renamed_from, to: renamed_to };
+        Val::Tensor(self.emit(op, vec![x.id], TensorType::new(x.ty.dtype, dims), span))
     }
 
     pub(super) fn concat(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
@@ -287,7 +300,9 @@ impl Walker<'_> {
                 }
             }
         }
-        Val::Tensor(TVal::new(TensorType::new(dtype, dims)))
+        let op = Op::Concat { over: inputs.iter().map(|(_, d)| d.name.clone()).collect(), into: into_dim.name.clone() };
+        let ins = inputs.iter().map(|(t, _)| t.id).collect();
+        Val::Tensor(self.emit(op, ins, TensorType::new(dtype, dims), span))
     }
 
     pub(super) fn patches(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
@@ -364,7 +379,7 @@ impl Walker<'_> {
         }
         let mut dims = x.ty.dims[..n - 3].to_vec();
         dims.extend(out);
-        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+        Val::Tensor(self.emit(Op::Patches { size: p }, vec![x.id], TensorType::new(x.ty.dtype, dims), span))
     }
 
     /// `permute(x, [d1, d2, ...])`: the same dims in a new order.
@@ -395,6 +410,6 @@ impl Walker<'_> {
                     .help("name all the dims in their new order"),
             );
         }
-        Val::Tensor(TVal::new(TensorType::new(x.ty.dtype, dims)))
+        Val::Tensor(self.emit(Op::Permute, vec![x.id], TensorType::new(x.ty.dtype, dims), span))
     }
 }

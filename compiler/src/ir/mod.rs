@@ -1,0 +1,315 @@
+//! The graph IR: SSA tensor ops over named dims.
+//!
+//! A [`Graph`] is an arena of [`Node`]s addressed by typed [`ValueId`]
+//! handles; every node produces one value and lists its inputs, which always
+//! come earlier (so the arena order is a topological order). Spans live in a
+//! side table, so any later pass can point a diagnostic back into the spec.
+//! Layers are unrolled: a repeated layer's parameters are `Param` nodes with
+//! a layer index into the stacked parameter.
+//!
+//! The checker builds the forward graph while it types the model (one set of
+//! shape rules); later passes (autodiff, parallel plans, memory planning)
+//! transform graphs. This module owns the data and its text form; it never
+//! touches the AST.
+
+mod print;
+mod verify;
+
+use crate::model::TensorType;
+use crate::syntax::ast::DType;
+use crate::syntax::span::Span;
+use serde::Serialize;
+
+pub use verify::{VerifyError, verify};
+
+/// A value: the output of the node with this index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ValueId(pub u32);
+
+impl ValueId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for ValueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Abs,
+    Square,
+    Gelu,
+    GeluTanh,
+    Silu,
+    Relu,
+    Sigmoid,
+}
+
+impl UnaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Square => "square",
+            UnaryOp::Gelu => "gelu",
+            UnaryOp::GeluTanh => "gelu_tanh",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Relu => "relu",
+            UnaryOp::Sigmoid => "sigmoid",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<UnaryOp> {
+        Some(match s {
+            "neg" => UnaryOp::Neg,
+            "exp" => UnaryOp::Exp,
+            "log" => UnaryOp::Log,
+            "sqrt" => UnaryOp::Sqrt,
+            "rsqrt" => UnaryOp::Rsqrt,
+            "tanh" => UnaryOp::Tanh,
+            "abs" => UnaryOp::Abs,
+            "square" => UnaryOp::Square,
+            "gelu" => UnaryOp::Gelu,
+            "gelu_tanh" => UnaryOp::GeluTanh,
+            "silu" => UnaryOp::Silu,
+            "relu" => UnaryOp::Relu,
+            "sigmoid" => UnaryOp::Sigmoid,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Relative-position variants of attention.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RelPos {
+    None,
+    /// T5 bucketed bias; the extra input is the table [buckets, heads].
+    T5 {
+        max_distance: f64,
+    },
+    /// Transformer-XL; extra inputs are r [kv_seq, heads, head_dim] and, with
+    /// `biases`, u and v [heads, head_dim].
+    Xl {
+        biases: bool,
+    },
+}
+
+/// An IR operation. Inputs are listed on the node, in the order given here.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Op {
+    /// Model input number `index` (no inputs).
+    Input { index: usize },
+    /// Parameter `index` of the model; `layer` selects one slice of a stacked parameter.
+    Param { index: usize, layer: Option<u64> },
+    /// A scalar constant, `f32[]`.
+    Scalar { value: f64 },
+    /// `x` → f(x).
+    Unary { op: UnaryOp },
+    /// `a, b` → a ∘ b, broadcast by dim name (result: a's dims, then b's new dims).
+    Binary { op: BinaryOp },
+    /// `x` → x ** exp.
+    Pow { exp: f64 },
+    /// `a, b` → contraction over `contract` (other shared dims are batch dims).
+    MatMul { contract: Vec<String> },
+    /// `x` → reduction over `dims`.
+    Reduce { op: ReduceOp, dims: Vec<String> },
+    /// `x` → softmax (or log-softmax) over `dim`.
+    Softmax { dim: String, log: bool },
+    /// `x [, gain] [, bias]` → LayerNorm over `dim`.
+    LayerNorm { dim: String, eps: f64, gain: bool, bias: bool },
+    /// `x [, gain]` → RMSNorm over `dim`.
+    RmsNorm { dim: String, eps: f64, gain: bool },
+    /// `table, ids` → rows of `table` (its first dim) gathered by ids.
+    Embed,
+    /// `x` → slice `index` of `dim` (the dim is dropped). Also `index(x, d, i)`.
+    Take { dim: String, index: u64 },
+    /// `x` → `dim` split in place into `into` (row-major; sizes multiply out).
+    SplitDim { dim: String, into: Vec<String> },
+    /// `x` → the adjacent `dims` merged in place into `into`.
+    MergeDims { dims: Vec<String>, into: String },
+    /// `x` → the same data with dims renamed (`from[i]` becomes `to[i]`).
+    Rename { from: Vec<String>, to: Vec<String> },
+    /// `x` → the same dims in the output type's order (a transpose).
+    Permute,
+    /// `x1, x2, ...` → concatenation along each input's `over` dim into `into`.
+    Concat { over: Vec<String>, into: String },
+    /// `x` → dropout with rate `p`.
+    Dropout { p: f64 },
+    /// `q, k, v [, mask] [, rel inputs]` → attention.
+    Attention { causal: bool, dropout: f64, mask: bool, rel: RelPos, window: Option<u64> },
+    /// `x` → rotary embeddings on [..., seq, heads, head_dim].
+    Rope { theta: f64, fraction: f64 },
+    /// (no inputs) → fixed sinusoidal positions [seq, dim].
+    Sinusoid,
+    /// `logits, targets` → mean cross-entropy, `f32[]`.
+    CrossEntropy { label_smoothing: f64, ignore: Option<i64> },
+    /// `image` → patches [..., grid, pixels].
+    Patches { size: u64 },
+    /// `probs` → gates [tokens..., expert]: each token's top-k probabilities,
+    /// zero elsewhere and where the expert's capacity overflowed.
+    TopK { k: u64, capacity: Option<f64> },
+    /// `gates, x` → [expert, slot, ...] routed tokens.
+    Dispatch,
+    /// `gates, y` → [tokens..., ...] gate-weighted sum of expert outputs.
+    Combine,
+    /// `gates, probs` → Switch load-balancing loss, `f32[]`.
+    LoadBalance,
+    /// `logits` → router z-loss, `f32[]`.
+    ZLoss,
+    /// `x` → x in another dtype.
+    Cast { dtype: DType },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Scalar { .. } => "scalar",
+            Op::Unary { op } => op.name(),
+            Op::Binary { op } => op.name(),
+            Op::Pow { .. } => "pow",
+            Op::MatMul { .. } => "matmul",
+            Op::Reduce { op: ReduceOp::Sum, .. } => "sum",
+            Op::Reduce { op: ReduceOp::Mean, .. } => "mean",
+            Op::Reduce { op: ReduceOp::Max, .. } => "amax",
+            Op::Softmax { log: false, .. } => "softmax",
+            Op::Softmax { log: true, .. } => "log_softmax",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Embed => "embed",
+            Op::Take { .. } => "take",
+            Op::SplitDim { .. } => "split_dim",
+            Op::MergeDims { .. } => "merge_dims",
+            Op::Rename { .. } => "rename",
+            Op::Permute => "permute",
+            Op::Concat { .. } => "concat",
+            Op::Dropout { .. } => "dropout",
+            Op::Attention { .. } => "attention",
+            Op::Rope { .. } => "rope",
+            Op::Sinusoid => "sinusoid",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::Patches { .. } => "patches",
+            Op::TopK { .. } => "top_k",
+            Op::Dispatch => "dispatch",
+            Op::Combine => "combine",
+            Op::LoadBalance => "load_balance",
+            Op::ZLoss => "z_loss",
+            Op::Cast { .. } => "cast",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    pub ty: TensorType,
+}
+
+/// A graph: nodes in topological order, a span for each, and its named outputs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    #[serde(skip)]
+    pub spans: Vec<Span>,
+    /// Named values the model defines at the top level (`loss`, `logits`, ...).
+    pub outputs: Vec<(String, ValueId)>,
+}
+
+impl Graph {
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    /// Append a node; its inputs must already be in the graph.
+    pub fn push(&mut self, op: Op, inputs: Vec<ValueId>, ty: TensorType, span: Span) -> ValueId {
+        let id = ValueId(self.nodes.len() as u32);
+        self.nodes.push(Node { op, inputs, ty });
+        self.spans.push(span);
+        id
+    }
+
+    pub fn node(&self, v: ValueId) -> &Node {
+        &self.nodes[v.index()]
+    }
+
+    pub fn ty(&self, v: ValueId) -> &TensorType {
+        &self.nodes[v.index()].ty
+    }
+
+    pub fn span(&self, v: ValueId) -> Span {
+        self.spans.get(v.index()).copied().unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn output(&self, name: &str) -> Option<ValueId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// Set (or replace) a named output.
+    pub fn set_output(&mut self, name: &str, v: ValueId) {
+        match self.outputs.iter_mut().find(|(n, _)| n == name) {
+            Some(o) => o.1 = v,
+            None => self.outputs.push((name.to_string(), v)),
+        }
+    }
+
+    /// The stable text form (see `print.rs`).
+    pub fn to_text(&self) -> String {
+        print::print(self)
+    }
+}

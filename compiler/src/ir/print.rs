@@ -1,0 +1,83 @@
+//! The IR's text form, one node a line, stable for snapshot tests:
+//!
+//! ```text
+//! %7 = matmul(%5, %6) {contract = [embed]} : f32[batch=4, seq=64, vocab=256]
+//! output loss = %9
+//! ```
+
+use super::{Graph, Op, RelPos};
+use std::fmt::Write;
+
+fn attrs(op: &Op) -> String {
+    let list = |xs: &[String]| format!("[{}]", xs.join(", "));
+    let a: Vec<String> = match op {
+        Op::Input { index } => vec![format!("index = {index}")],
+        Op::Param { index, layer: Some(l) } => vec![format!("index = {index}"), format!("layer = {l}")],
+        Op::Param { index, layer: None } => vec![format!("index = {index}")],
+        Op::Scalar { value } => vec![format!("value = {value}")],
+        Op::Pow { exp } => vec![format!("exp = {exp}")],
+        Op::MatMul { contract } => vec![format!("contract = {}", list(contract))],
+        Op::Reduce { dims, .. } => vec![format!("dims = {}", list(dims))],
+        Op::Softmax { dim, .. } => vec![format!("dim = {dim}")],
+        Op::LayerNorm { dim, eps, gain, bias } => {
+            vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("gain = {gain}"), format!("bias = {bias}")]
+        }
+        Op::RmsNorm { dim, eps, gain } => {
+            vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("gain = {gain}")]
+        }
+        Op::Take { dim, index } => vec![format!("dim = {dim}"), format!("index = {index}")],
+        Op::SplitDim { dim, into } => vec![format!("dim = {dim}"), format!("into = {}", list(into))],
+        Op::MergeDims { dims, into } => vec![format!("dims = {}", list(dims)), format!("into = {into}")],
+        Op::Rename { from, to } => vec![format!("from = {}", list(from)), format!("to = {}", list(to))],
+        Op::Concat { over, into } => vec![format!("over = {}", list(over)), format!("into = {into}")],
+        Op::Dropout { p } => vec![format!("p = {p}")],
+        Op::Attention { causal, dropout, mask, rel, window } => {
+            let mut v = vec![format!("causal = {causal}"), format!("dropout = {dropout}"), format!("mask = {mask}")];
+            match rel {
+                RelPos::None => {}
+                RelPos::T5 { max_distance } => v.push(format!("rel = t5({max_distance})")),
+                RelPos::Xl { biases } => v.push(format!("rel = xl(biases = {biases})")),
+            }
+            if let Some(w) = window {
+                v.push(format!("window = {w}"));
+            }
+            v
+        }
+        Op::Rope { theta, fraction } => vec![format!("theta = {theta}"), format!("fraction = {fraction}")],
+        Op::CrossEntropy { label_smoothing, ignore } => {
+            let mut v = vec![format!("label_smoothing = {label_smoothing}")];
+            if let Some(i) = ignore {
+                v.push(format!("ignore = {i}"));
+            }
+            v
+        }
+        Op::Patches { size } => vec![format!("size = {size}")],
+        Op::TopK { k, capacity } => {
+            let c = capacity.map(|c| c.to_string()).unwrap_or_else(|| "dropless".into());
+            vec![format!("k = {k}"), format!("capacity = {c}")]
+        }
+        Op::Cast { dtype } => vec![format!("dtype = {}", dtype.name())],
+        Op::Unary { .. }
+        | Op::Binary { .. }
+        | Op::Embed
+        | Op::Permute
+        | Op::Sinusoid
+        | Op::Dispatch
+        | Op::Combine
+        | Op::LoadBalance
+        | Op::ZLoss => vec![],
+    };
+    if a.is_empty() { String::new() } else { format!(" {{{}}}", a.join(", ")) }
+}
+
+pub(super) fn print(g: &Graph) -> String {
+    let mut s = String::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        let ins: Vec<String> = n.inputs.iter().map(|v| v.to_string()).collect();
+        let _ = writeln!(s, "%{i} = {}({}){} : {}", n.op.name(), ins.join(", "), attrs(&n.op), n.ty);
+    }
+    for (name, v) in &g.outputs {
+        let _ = writeln!(s, "output {name} = {v}");
+    }
+    s
+}

@@ -1,0 +1,187 @@
+//! The IR verifier: a gate every pass's output goes through in tests.
+//!
+//! It checks that the graph is SSA in topological order (inputs come before
+//! their users), that each op has the inputs it needs, and re-derives the
+//! output type of every op whose rule is local, comparing it with the node's.
+
+use super::{BinaryOp, Graph, Op, ValueId};
+use crate::model::{Dim, TensorType};
+use crate::syntax::ast::DType;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("IR verification failed at {value}: {message}")]
+pub struct VerifyError {
+    pub value: ValueId,
+    pub message: String,
+}
+
+fn arity(op: &Op) -> (usize, usize) {
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Sinusoid => (0, 0),
+        Op::Unary { .. }
+        | Op::Pow { .. }
+        | Op::Reduce { .. }
+        | Op::Softmax { .. }
+        | Op::Take { .. }
+        | Op::SplitDim { .. }
+        | Op::MergeDims { .. }
+        | Op::Rename { .. }
+        | Op::Permute
+        | Op::Dropout { .. }
+        | Op::Rope { .. }
+        | Op::Patches { .. }
+        | Op::TopK { .. }
+        | Op::ZLoss
+        | Op::Cast { .. } => (1, 1),
+        Op::Binary { .. } | Op::MatMul { .. } | Op::Embed | Op::CrossEntropy { .. } => (2, 2),
+        Op::Dispatch | Op::Combine | Op::LoadBalance => (2, 2),
+        Op::LayerNorm { gain, bias, .. } => {
+            let n = 1 + usize::from(*gain) + usize::from(*bias);
+            (n, n)
+        }
+        Op::RmsNorm { gain, .. } => {
+            let n = 1 + usize::from(*gain);
+            (n, n)
+        }
+        Op::Concat { over, .. } => (over.len(), over.len()),
+        Op::Attention { mask, rel, .. } => {
+            let n = 3
+                + usize::from(*mask)
+                + match rel {
+                    super::RelPos::None => 0,
+                    super::RelPos::T5 { .. } => 1,
+                    super::RelPos::Xl { biases } => 1 + 2 * usize::from(*biases),
+                };
+            (n, n)
+        }
+    }
+}
+
+/// Broadcast by name: a's dims, then b's new dims.
+fn broadcast(a: &TensorType, b: &TensorType) -> Result<Vec<Dim>, String> {
+    let mut dims = a.dims.clone();
+    for d in &b.dims {
+        match a.dim(&d.name) {
+            Some(x) if x.size != d.size => return Err(format!("dim `{}` is {} and {}", d.name, x.size, d.size)),
+            Some(_) => {}
+            None => dims.push(d.clone()),
+        }
+    }
+    Ok(dims)
+}
+
+fn expected(g: &Graph, op: &Op, ins: &[ValueId]) -> Result<Option<TensorType>, String> {
+    let t = |i: usize| g.ty(ins[i]);
+    Ok(Some(match op {
+        Op::Unary { .. } | Op::Pow { .. } | Op::Softmax { .. } | Op::Dropout { .. } | Op::Rope { .. } => t(0).clone(),
+        Op::Binary { op: BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div } => {
+            if t(0).dtype != t(1).dtype {
+                return Err("operand dtypes differ".into());
+            }
+            TensorType::new(t(0).dtype, broadcast(t(0), t(1))?)
+        }
+        Op::MatMul { contract } => {
+            let (a, b) = (t(0), t(1));
+            for c in contract {
+                match (a.dim(c), b.dim(c)) {
+                    (Some(x), Some(y)) if x == y => {}
+                    _ => return Err(format!("contracted dim `{c}` is not in both operands with one size")),
+                }
+            }
+            let mut dims: Vec<Dim> = a.dims.iter().filter(|d| !contract.contains(&d.name)).cloned().collect();
+            for d in &b.dims {
+                if !contract.contains(&d.name) && !dims.iter().any(|x| x.name == d.name) {
+                    dims.push(d.clone());
+                }
+            }
+            TensorType::new(a.dtype, dims)
+        }
+        Op::Reduce { dims, .. } => {
+            for d in dims {
+                if !t(0).has(d) {
+                    return Err(format!("reduced dim `{d}` is not in the input"));
+                }
+            }
+            TensorType::new(t(0).dtype, t(0).dims.iter().filter(|d| !dims.contains(&d.name)).cloned().collect())
+        }
+        Op::LayerNorm { dim, .. } | Op::RmsNorm { dim, .. } => {
+            if !t(0).has(dim) {
+                return Err(format!("normalised dim `{dim}` is not in the input"));
+            }
+            for i in 1..ins.len() {
+                if t(i).dims != [t(0).dim(dim).cloned().expect("checked")] {
+                    return Err(format!("gain/bias must be [{dim}]"));
+                }
+            }
+            t(0).clone()
+        }
+        Op::Embed => {
+            let (table, ids) = (t(0), t(1));
+            if !matches!(ids.dtype, DType::I32 | DType::I64) || table.dims.is_empty() {
+                return Err("embed takes a table and integer ids".into());
+            }
+            let mut dims = ids.dims.clone();
+            dims.extend(table.dims[1..].iter().cloned());
+            TensorType::new(table.dtype, dims)
+        }
+        Op::Take { dim, index } => {
+            let d = t(0).dim(dim).ok_or_else(|| format!("dim `{dim}` is not in the input"))?;
+            if *index >= d.size {
+                return Err(format!("index {index} out of range for `{dim}`"));
+            }
+            TensorType::new(t(0).dtype, t(0).dims.iter().filter(|x| &x.name != dim).cloned().collect())
+        }
+
+        Op::CrossEntropy { .. } | Op::LoadBalance | Op::ZLoss => TensorType::scalar(DType::F32),
+        Op::Cast { dtype } => TensorType::new(*dtype, t(0).dims.clone()),
+        _ => return Ok(None),
+    }))
+}
+
+/// Verify a graph; the first problem found is returned.
+pub fn verify(g: &Graph) -> Result<(), VerifyError> {
+    if g.spans.len() != g.nodes.len() {
+        return Err(VerifyError { value: ValueId(0), message: "span table and nodes differ in length".into() });
+    }
+    for (i, n) in g.nodes.iter().enumerate() {
+        let id = ValueId(i as u32);
+        let fail = |message: String| Err(VerifyError { value: id, message });
+        for v in &n.inputs {
+            if v.index() >= i {
+                return fail(format!("input {v} is not defined before its use"));
+            }
+        }
+        let (lo, hi) = arity(&n.op);
+        if n.inputs.len() < lo || n.inputs.len() > hi {
+            return fail(format!("`{}` takes {lo}..{hi} inputs, has {}", n.op.name(), n.inputs.len()));
+        }
+        if matches!(n.op, Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Rename { .. } | Op::Permute) {
+            let src = g.ty(n.inputs[0]);
+            if src.numel() != n.ty.numel() || src.dtype != n.ty.dtype {
+                return fail(format!("`{}` changes the element count or dtype: {src} -> {}", n.op.name(), n.ty));
+            }
+            if let Op::Permute = n.op {
+                let mut a: Vec<&Dim> = src.dims.iter().collect();
+                let mut b: Vec<&Dim> = n.ty.dims.iter().collect();
+                a.sort_by(|x, y| x.name.cmp(&y.name));
+                b.sort_by(|x, y| x.name.cmp(&y.name));
+                if a != b {
+                    return fail(format!("permute must keep the same dims: {src} -> {}", n.ty));
+                }
+            }
+        }
+        match expected(g, &n.op, &n.inputs) {
+            Ok(Some(t)) if t != n.ty => {
+                return fail(format!("`{}` should produce {t}, the node says {}", n.op.name(), n.ty));
+            }
+            Ok(_) => {}
+            Err(m) => return fail(format!("`{}`: {m}", n.op.name())),
+        }
+    }
+    for (name, v) in &g.outputs {
+        if v.index() >= g.nodes.len() {
+            return Err(VerifyError { value: *v, message: format!("output `{name}` is not a node") });
+        }
+    }
+    Ok(())
+}
