@@ -4,6 +4,7 @@
 //! (AST → checked [`model::Model`]) → `cost` (counts, FLOPs, memory). Later
 //! stages (graph IR, autodiff, parallel plans) consume the checked model.
 
+pub mod autodiff;
 pub mod check;
 pub mod config;
 pub mod cost;

@@ -1,10 +1,14 @@
-//! tessera-runtime: executes the per-rank programs the compiler produces.
+//! tessera-runtime: executes the graphs the compiler produces.
 //!
-//! A skeleton for now. The CPU backend (tuned GEMM, cranelift JIT, simulated
-//! ranks) arrives with the graph IR and autodiff (issue #3), the parallel
-//! executor and communicators with parallel plans (issue #4), and the CUDA
-//! backend later. The runtime never sees the AST: it takes a checked model's
-//! lowered program only.
+//! Today: named-dim tensors (`tensor`) and the reference CPU interpreter
+//! (`exec`), generic over f32 and f64, which runs forward and backward
+//! graphs and is the oracle for gradient checks. Training loops, the tuned
+//! CPU backend, simulated ranks and CUDA come next (issues #3, #4).
+//! The runtime never sees the AST: it takes graphs and parameter metadata.
+
+pub mod exec;
+pub mod init;
+pub mod tensor;
 
 /// The compiler this runtime executes programs of.
 pub use tessera_compiler as compiler;

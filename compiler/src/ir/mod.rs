@@ -204,6 +204,45 @@ pub enum Op {
     ZLoss,
     /// `x` → x in another dtype.
     Cast { dtype: DType },
+
+    // ---- ops that gradients are made of (emitted by autodiff)
+    /// `a, b` → Σ over every dim not in the output type: a general contraction
+    /// (the output type names and orders the kept dims).
+    Einsum,
+    /// `x` → x broadcast to the output type (x's dims are a subset; any order).
+    Expand,
+    /// `x, g` → g · f'(x).
+    UnaryGrad { op: UnaryOp },
+    /// `y, g` → the input gradient of softmax (or log-softmax) over `dim`, given its output y.
+    SoftmaxGrad { dim: String, log: bool },
+    /// `x [, gain], g` → dx of LayerNorm (`rms` for RMSNorm) over `dim`.
+    NormGradX { dim: String, eps: f64, gain: bool, rms: bool },
+    /// `x, g` → dgain of LayerNorm / RMSNorm over `dim` (shape [dim]).
+    NormGradGain { dim: String, eps: f64, rms: bool },
+    /// `ids, g` → the gradient of an embedding table (rows scatter-added).
+    EmbedGrad,
+    /// `g` → g placed at slice `index` of the output's `dim`, zeros elsewhere.
+    Untake { dim: String, index: u64 },
+    /// `g` → the slice `[start, start + len)` of `dim`, renamed to the output's `to` dim.
+    Slice { dim: String, start: u64, to: String },
+    /// `g` → the gradient of dropout (the same mask as forward node `forward`).
+    DropoutGrad { p: f64, forward: ValueId },
+    /// `q, k, v, [mask,] g` → dq (`which` = 0), dk (1) or dv (2).
+    AttentionGrad { which: u8, causal: bool, mask: bool, window: Option<u64> },
+    /// `logits, targets, g` → dlogits of the mean cross-entropy.
+    CrossEntropyGrad { label_smoothing: f64, ignore: Option<i64> },
+    /// `g, gates` → g where the gate is non-zero, 0 elsewhere (top-k's gradient).
+    GateMask,
+    /// `gates, g` → d tokens of dispatch: each token gathers its experts' slots.
+    DispatchGrad,
+    /// `gates, g` → d expert outputs of combine: each slot gets its token's g × gate.
+    CombineGradY,
+    /// `gates, y, g` → d gates of combine: <g[token], y[expert, slot]>.
+    CombineGradGates,
+    /// `gates, probs, g` → d probs of the load-balancing loss.
+    LoadBalanceGrad,
+    /// `logits, g` → d logits of the z-loss.
+    ZLossGrad,
 }
 
 impl Op {
@@ -242,6 +281,24 @@ impl Op {
             Op::LoadBalance => "load_balance",
             Op::ZLoss => "z_loss",
             Op::Cast { .. } => "cast",
+            Op::Einsum => "einsum",
+            Op::Expand => "expand",
+            Op::UnaryGrad { .. } => "unary_grad",
+            Op::SoftmaxGrad { .. } => "softmax_grad",
+            Op::NormGradX { .. } => "norm_grad_x",
+            Op::NormGradGain { .. } => "norm_grad_gain",
+            Op::EmbedGrad => "embed_grad",
+            Op::Untake { .. } => "untake",
+            Op::Slice { .. } => "slice",
+            Op::DropoutGrad { .. } => "dropout_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::GateMask => "gate_mask",
+            Op::DispatchGrad => "dispatch_grad",
+            Op::CombineGradY => "combine_grad_y",
+            Op::CombineGradGates => "combine_grad_gates",
+            Op::LoadBalanceGrad => "load_balance_grad",
+            Op::ZLossGrad => "z_loss_grad",
         }
     }
 }

@@ -57,6 +57,31 @@ fn attrs(op: &Op) -> String {
             vec![format!("k = {k}"), format!("capacity = {c}")]
         }
         Op::Cast { dtype } => vec![format!("dtype = {}", dtype.name())],
+        Op::UnaryGrad { op } => vec![format!("op = {}", op.name())],
+        Op::SoftmaxGrad { dim, log } => vec![format!("dim = {dim}"), format!("log = {log}")],
+        Op::NormGradX { dim, eps, gain, rms } => {
+            vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("gain = {gain}"), format!("rms = {rms}")]
+        }
+        Op::NormGradGain { dim, eps, rms } => {
+            vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("rms = {rms}")]
+        }
+        Op::Untake { dim, index } => vec![format!("dim = {dim}"), format!("index = {index}")],
+        Op::Slice { dim, start, to } => vec![format!("dim = {dim}"), format!("start = {start}"), format!("to = {to}")],
+        Op::DropoutGrad { p, forward } => vec![format!("p = {p}"), format!("forward = {forward}")],
+        Op::AttentionGrad { which, causal, mask, window } => {
+            let mut v = vec![format!("which = {which}"), format!("causal = {causal}"), format!("mask = {mask}")];
+            if let Some(w) = window {
+                v.push(format!("window = {w}"));
+            }
+            v
+        }
+        Op::CrossEntropyGrad { label_smoothing, ignore } => {
+            let mut v = vec![format!("label_smoothing = {label_smoothing}")];
+            if let Some(i) = ignore {
+                v.push(format!("ignore = {i}"));
+            }
+            v
+        }
         Op::Unary { .. }
         | Op::Binary { .. }
         | Op::Embed
@@ -65,7 +90,16 @@ fn attrs(op: &Op) -> String {
         | Op::Dispatch
         | Op::Combine
         | Op::LoadBalance
-        | Op::ZLoss => vec![],
+        | Op::ZLoss
+        | Op::Einsum
+        | Op::Expand
+        | Op::EmbedGrad
+        | Op::GateMask
+        | Op::DispatchGrad
+        | Op::CombineGradY
+        | Op::CombineGradGates
+        | Op::LoadBalanceGrad
+        | Op::ZLossGrad => vec![],
     };
     if a.is_empty() { String::new() } else { format!(" {{{}}}", a.join(", ")) }
 }

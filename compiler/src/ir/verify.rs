@@ -44,6 +44,12 @@ fn arity(op: &Op) -> (usize, usize) {
             (n, n)
         }
         Op::Concat { over, .. } => (over.len(), over.len()),
+        Op::Expand | Op::Untake { .. } | Op::Slice { .. } | Op::DropoutGrad { .. } => (1, 1),
+        Op::Einsum | Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } | Op::EmbedGrad | Op::GateMask => (2, 2),
+        Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
+        Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
+        Op::CrossEntropyGrad { .. } | Op::CombineGradGates | Op::LoadBalanceGrad => (3, 3),
+        Op::AttentionGrad { mask, .. } => (4 + usize::from(*mask), 4 + usize::from(*mask)),
         Op::Attention { mask, rel, .. } => {
             let n = 3
                 + usize::from(*mask)
@@ -134,6 +140,13 @@ fn expected(g: &Graph, op: &Op, ins: &[ValueId]) -> Result<Option<TensorType>, S
 
         Op::CrossEntropy { .. } | Op::LoadBalance | Op::ZLoss => TensorType::scalar(DType::F32),
         Op::Cast { dtype } => TensorType::new(*dtype, t(0).dims.clone()),
+        Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } => {
+            if t(0) != t(1) {
+                return Err("value and gradient types differ".into());
+            }
+            t(0).clone()
+        }
+
         _ => return Ok(None),
     }))
 }
@@ -169,6 +182,11 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
                     return fail(format!("permute must keep the same dims: {src} -> {}", n.ty));
                 }
             }
+        }
+        if let Op::Expand = n.op
+            && let Some(d) = g.ty(n.inputs[0]).dims.iter().find(|d| !n.ty.dims.contains(d))
+        {
+            return fail(format!("expand drops dim `{}`", d.name));
         }
         match expected(g, &n.op, &n.inputs) {
             Ok(Some(t)) if t != n.ty => {

@@ -1,0 +1,407 @@
+//! Reverse-mode automatic differentiation, IR → IR.
+//!
+//! [`differentiate`] takes a forward graph and a scalar loss and returns one
+//! graph holding the forward pass and the backward pass, with the gradient of
+//! every parameter slice the loss depends on. Each op's vector-Jacobian
+//! product is written below in IR ops; gradients are accumulated by `add`.
+//! Named dims make broadcasting's adjoint simple: a gradient is summed over
+//! the dims its operand lacks and put in the operand's dim order.
+
+use crate::ir::{BinaryOp, Graph, Op, ReduceOp, RelPos, UnaryOp, ValueId};
+use crate::model::TensorType;
+use crate::syntax::ast::DType;
+use crate::syntax::span::Span;
+
+/// The gradient of one parameter slice (a stacked parameter has one per layer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamGrad {
+    pub param: usize,
+    pub layer: Option<u64>,
+    pub grad: ValueId,
+}
+
+/// A forward + backward graph.
+#[derive(Debug, Clone)]
+pub struct Backward {
+    pub graph: Graph,
+    pub loss: ValueId,
+    /// The number of forward nodes (the backward nodes follow them).
+    pub forward_len: usize,
+    pub param_grads: Vec<ParamGrad>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AutodiffError {
+    #[error("the loss must be a scalar float value, found {0}")]
+    LossNotScalar(TensorType),
+    #[error("`{op}` has no gradient rule yet ({why})")]
+    NotDifferentiable { op: &'static str, why: &'static str, span: Span },
+}
+
+struct Builder<'a> {
+    fwd: &'a Graph,
+    g: Graph,
+    adj: Vec<Option<ValueId>>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, op: Op, inputs: Vec<ValueId>, ty: TensorType, span: Span) -> ValueId {
+        self.g.push(op, inputs, ty, span)
+    }
+
+    fn ty(&self, v: ValueId) -> TensorType {
+        self.g.ty(v).clone()
+    }
+
+    fn scalar(&mut self, value: f64, dtype: DType, span: Span) -> ValueId {
+        self.push(Op::Scalar { value }, vec![], TensorType::scalar(dtype), span)
+    }
+
+    fn binary(&mut self, op: BinaryOp, a: ValueId, b: ValueId, span: Span) -> ValueId {
+        let (ta, tb) = (self.ty(a), self.ty(b));
+        let mut dims = ta.dims.clone();
+        for d in &tb.dims {
+            if !ta.has(&d.name) {
+                dims.push(d.clone());
+            }
+        }
+        self.push(Op::Binary { op }, vec![a, b], TensorType::new(ta.dtype, dims), span)
+    }
+
+    /// Bring a gradient to exactly `target`'s type: sum the dims it lacks, then
+    /// reorder; broadcast dims it lacks (a scalar seed, say).
+    fn conform(&mut self, v: ValueId, target: &TensorType, span: Span) -> ValueId {
+        let t = self.ty(v);
+        let extra: Vec<String> = t.dims.iter().filter(|d| !target.has(&d.name)).map(|d| d.name.clone()).collect();
+        let mut v = v;
+        if !extra.is_empty() {
+            let dims = t.dims.iter().filter(|d| target.has(&d.name)).cloned().collect();
+            v = self.push(Op::Reduce { op: ReduceOp::Sum, dims: extra }, vec![v], TensorType::new(t.dtype, dims), span);
+        }
+        let t = self.ty(v);
+        if t.dims.len() < target.dims.len() {
+            return self.push(Op::Expand, vec![v], target.clone(), span);
+        }
+        if t.dims != target.dims {
+            v = self.push(Op::Permute, vec![v], target.clone(), span);
+        }
+        v
+    }
+
+    fn accumulate(&mut self, input: ValueId, grad: ValueId, span: Span) {
+        let target = self.fwd.ty(input).clone();
+        let grad = self.conform(grad, &target, span);
+        let sum = match self.adj[input.index()] {
+            Some(prev) => self.push(Op::Binary { op: BinaryOp::Add }, vec![prev, grad], target, span),
+            None => grad,
+        };
+        self.adj[input.index()] = Some(sum);
+    }
+}
+
+/// Differentiate `loss` with respect to every parameter it depends on.
+pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffError> {
+    let lt = fwd.ty(loss).clone();
+    if !lt.dims.is_empty() || !lt.dtype.is_float() {
+        return Err(AutodiffError::LossNotScalar(lt));
+    }
+    let n = fwd.len();
+    // Values that depend on a parameter carry gradients; nothing else does.
+    let mut needs = vec![false; n];
+    for (i, node) in fwd.nodes.iter().enumerate() {
+        needs[i] = matches!(node.op, Op::Param { .. }) || node.inputs.iter().any(|v| needs[v.index()]);
+    }
+    let mut b = Builder { fwd, g: fwd.clone(), adj: vec![None; n] };
+    let seed = b.scalar(1.0, lt.dtype, fwd.span(loss));
+    b.adj[loss.index()] = Some(seed);
+    let mut param_grads = Vec::new();
+    for i in (0..=loss.index()).rev() {
+        let Some(gi) = b.adj[i] else { continue };
+        if !needs[i] {
+            continue;
+        }
+        let node = fwd.nodes[i].clone();
+        let span = fwd.spans[i];
+        let out = ValueId(i as u32);
+        let ins = &node.inputs;
+        let need = |j: usize| needs[ins[j].index()];
+        let not = |op: &'static str, why: &'static str| Err(AutodiffError::NotDifferentiable { op, why, span });
+        match &node.op {
+            Op::Param { index, layer } => param_grads.push(ParamGrad { param: *index, layer: *layer, grad: gi }),
+            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid => {}
+            Op::Unary { op: UnaryOp::Neg } => {
+                let ty = b.ty(gi);
+                let c = b.push(Op::Unary { op: UnaryOp::Neg }, vec![gi], ty, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Unary { op } => {
+                let c = b.push(Op::UnaryGrad { op: *op }, vec![ins[0], gi], node.ty.clone(), span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Binary { op } => {
+                let (x, y) = (ins[0], ins[1]);
+                match op {
+                    BinaryOp::Add => {
+                        if need(0) {
+                            b.accumulate(x, gi, span);
+                        }
+                        if need(1) {
+                            b.accumulate(y, gi, span);
+                        }
+                    }
+                    BinaryOp::Sub => {
+                        if need(0) {
+                            b.accumulate(x, gi, span);
+                        }
+                        if need(1) {
+                            let ty = b.ty(gi);
+                            let c = b.push(Op::Unary { op: UnaryOp::Neg }, vec![gi], ty, span);
+                            b.accumulate(y, c, span);
+                        }
+                    }
+                    BinaryOp::Mul => {
+                        if need(0) {
+                            let c = b.binary(BinaryOp::Mul, gi, y, span);
+                            b.accumulate(x, c, span);
+                        }
+                        if need(1) {
+                            let c = b.binary(BinaryOp::Mul, gi, x, span);
+                            b.accumulate(y, c, span);
+                        }
+                    }
+                    BinaryOp::Div => {
+                        if need(0) {
+                            let c = b.binary(BinaryOp::Div, gi, y, span);
+                            b.accumulate(x, c, span);
+                        }
+                        if need(1) {
+                            // d(x/y)/dy = -x / y² = -out / y
+                            let t = b.binary(BinaryOp::Mul, gi, out, span);
+                            let t = b.binary(BinaryOp::Div, t, y, span);
+                            let ty = b.ty(t);
+                            let c = b.push(Op::Unary { op: UnaryOp::Neg }, vec![t], ty, span);
+                            b.accumulate(y, c, span);
+                        }
+                    }
+                }
+            }
+            Op::Pow { exp } => {
+                let x = ins[0];
+                let tx = b.ty(x);
+                let p = b.push(Op::Pow { exp: exp - 1.0 }, vec![x], tx.clone(), span);
+                let k = b.scalar(*exp, tx.dtype, span);
+                let d = b.binary(BinaryOp::Mul, p, k, span);
+                let c = b.binary(BinaryOp::Mul, gi, d, span);
+                b.accumulate(x, c, span);
+            }
+            Op::MatMul { .. } => {
+                // a's gradient contracts g with b over b's own dims, and vice versa.
+                if need(0) {
+                    let ta = fwd.ty(ins[0]).clone();
+                    let c = b.push(Op::Einsum, vec![gi, ins[1]], ta, span);
+                    b.accumulate(ins[0], c, span);
+                }
+                if need(1) {
+                    let tb = fwd.ty(ins[1]).clone();
+                    let c = b.push(Op::Einsum, vec![ins[0], gi], tb, span);
+                    b.accumulate(ins[1], c, span);
+                }
+            }
+            Op::Einsum => {
+                if need(0) {
+                    let ta = fwd.ty(ins[0]).clone();
+                    let c = b.push(Op::Einsum, vec![gi, ins[1]], ta, span);
+                    b.accumulate(ins[0], c, span);
+                }
+                if need(1) {
+                    let tb = fwd.ty(ins[1]).clone();
+                    let c = b.push(Op::Einsum, vec![ins[0], gi], tb, span);
+                    b.accumulate(ins[1], c, span);
+                }
+            }
+            Op::Reduce { op, dims } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let mut c = b.push(Op::Expand, vec![gi], tx.clone(), span);
+                match op {
+                    ReduceOp::Sum => {}
+                    ReduceOp::Mean => {
+                        let count: u64 = tx.dims.iter().filter(|d| dims.contains(&d.name)).map(|d| d.size).product();
+                        let k = b.scalar(1.0 / count.max(1) as f64, tx.dtype, span);
+                        c = b.binary(BinaryOp::Mul, c, k, span);
+                    }
+                    ReduceOp::Max => return not("amax", "use softmax or logsumexp for a differentiable maximum"),
+                }
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Softmax { dim, log } => {
+                let c = b.push(Op::SoftmaxGrad { dim: dim.clone(), log: *log }, vec![out, gi], node.ty.clone(), span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::LayerNorm { dim, eps, gain, .. } => {
+                norm_grads(&mut b, &node, gi, dim, *eps, *gain, false, span, &needs)
+            }
+            Op::RmsNorm { dim, eps, gain } => norm_grads(&mut b, &node, gi, dim, *eps, *gain, true, span, &needs),
+            Op::Embed => {
+                let tt = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::EmbedGrad, vec![ins[1], gi], tt, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Take { dim, index } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::Untake { dim: dim.clone(), index: *index }, vec![gi], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::SplitDim { dim, into } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::MergeDims { dims: into.clone(), into: dim.clone() }, vec![gi], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::MergeDims { dims, into } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::SplitDim { dim: into.clone(), into: dims.clone() }, vec![gi], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Rename { from, to } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::Rename { from: to.clone(), to: from.clone() }, vec![gi], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Permute | Op::Expand => {
+                // The adjoint of a transpose is the inverse transpose; of a broadcast, a sum.
+                b.accumulate(ins[0], gi, span);
+            }
+            Op::Concat { over, into } => {
+                let mut start = 0;
+                for (j, v) in ins.iter().enumerate() {
+                    let tv = fwd.ty(*v).clone();
+                    let part = tv.dim(&over[j]).cloned().expect("verified concat");
+                    if need(j) {
+                        let gt = b.ty(gi);
+                        let dims =
+                            gt.dims.iter().map(|d| if &d.name == into { part.clone() } else { d.clone() }).collect();
+                        let op = Op::Slice { dim: into.clone(), start, to: part.name.clone() };
+                        let c = b.push(op, vec![gi], TensorType::new(gt.dtype, dims), span);
+                        b.accumulate(*v, c, span);
+                    }
+                    start += part.size;
+                }
+            }
+            Op::Dropout { p } => {
+                if *p == 0.0 {
+                    b.accumulate(ins[0], gi, span);
+                } else {
+                    let c = b.push(Op::DropoutGrad { p: *p, forward: out }, vec![gi], node.ty.clone(), span);
+                    b.accumulate(ins[0], c, span);
+                }
+            }
+            Op::Attention { causal, dropout, mask, rel, window } => {
+                if *dropout > 0.0 {
+                    return not("attention", "attention dropout is not differentiable yet");
+                }
+                if *rel != RelPos::None {
+                    return not("attention", "relative-position attention is not differentiable yet");
+                }
+                let mut base: Vec<ValueId> = ins[..3].to_vec();
+                if *mask {
+                    base.push(ins[3]);
+                }
+                base.push(gi);
+                for which in 0..3u8 {
+                    if need(which as usize) {
+                        let t = fwd.ty(ins[which as usize]).clone();
+                        let op = Op::AttentionGrad { which, causal: *causal, mask: *mask, window: *window };
+                        let c = b.push(op, base.clone(), t, span);
+                        b.accumulate(ins[which as usize], c, span);
+                    }
+                }
+            }
+            Op::Rope { .. } => return not("rope", "rotary embeddings are not differentiable yet"),
+            Op::CrossEntropy { label_smoothing, ignore } => {
+                let tl = fwd.ty(ins[0]).clone();
+                let op = Op::CrossEntropyGrad { label_smoothing: *label_smoothing, ignore: *ignore };
+                let c = b.push(op, vec![ins[0], ins[1], gi], tl, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Patches { .. } => return not("patches", "the image is an input; nothing upstream has parameters"),
+            Op::TopK { .. } => {
+                let c = b.push(Op::GateMask, vec![gi, out], node.ty.clone(), span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Dispatch => {
+                if need(1) {
+                    let tx = fwd.ty(ins[1]).clone();
+                    let c = b.push(Op::DispatchGrad, vec![ins[0], gi], tx, span);
+                    b.accumulate(ins[1], c, span);
+                }
+            }
+            Op::Combine => {
+                if need(1) {
+                    let ty = fwd.ty(ins[1]).clone();
+                    let c = b.push(Op::CombineGradY, vec![ins[0], gi], ty, span);
+                    b.accumulate(ins[1], c, span);
+                }
+                if need(0) {
+                    let tg = fwd.ty(ins[0]).clone();
+                    let c = b.push(Op::CombineGradGates, vec![ins[0], ins[1], gi], tg, span);
+                    b.accumulate(ins[0], c, span);
+                }
+            }
+            Op::LoadBalance => {
+                if need(1) {
+                    let tp = fwd.ty(ins[1]).clone();
+                    let c = b.push(Op::LoadBalanceGrad, vec![ins[0], ins[1], gi], tp, span);
+                    b.accumulate(ins[1], c, span);
+                }
+            }
+            Op::ZLoss => {
+                let tl = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::ZLossGrad, vec![ins[0], gi], tl, span);
+                b.accumulate(ins[0], c, span);
+            }
+            Op::Cast { .. } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::Cast { dtype: tx.dtype }, vec![gi], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
+            other => return not(other.name(), "a backward op cannot be differentiated again"),
+        }
+    }
+    param_grads.sort_by_key(|p| (p.param, p.layer));
+    Ok(Backward { graph: b.g, loss, forward_len: n, param_grads })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm_grads(
+    b: &mut Builder,
+    node: &crate::ir::Node,
+    gi: ValueId,
+    dim: &str,
+    eps: f64,
+    gain: bool,
+    rms: bool,
+    span: Span,
+    needs: &[bool],
+) {
+    let ins = &node.inputs;
+    let x = ins[0];
+    let tx = b.fwd.ty(x).clone();
+    if needs[x.index()] {
+        let mut args = vec![x];
+        if gain {
+            args.push(ins[1]);
+        }
+        args.push(gi);
+        let c = b.push(Op::NormGradX { dim: dim.to_string(), eps, gain, rms }, args, tx.clone(), span);
+        b.accumulate(x, c, span);
+    }
+    if gain && needs[ins[1].index()] {
+        let tg = b.fwd.ty(ins[1]).clone();
+        let c = b.push(Op::NormGradGain { dim: dim.to_string(), eps, rms }, vec![x, gi], tg, span);
+        b.accumulate(ins[1], c, span);
+    }
+    // LayerNorm's bias: the gradient summed over every other dim.
+    let bias_at = if gain { 2 } else { 1 };
+    if !rms && ins.len() > bias_at && needs[ins[bias_at].index()] {
+        b.accumulate(ins[bias_at], gi, span);
+    }
+}

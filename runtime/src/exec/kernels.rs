@@ -1,0 +1,439 @@
+//! CPU kernels of the reference interpreter, one per IR op, over named-dim
+//! tensors. Contractions go to the `gemm` crate; the rest are plain loops
+//! over contiguous rows after a transpose by name.
+
+use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset, for_each_offset2, r};
+use tessera_compiler::ir::{BinaryOp, UnaryOp};
+use tessera_compiler::model::Dim;
+
+/// Broadcast elementwise `a ∘ b` into `out` dims.
+pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+    let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
+    let mut data = Vec::with_capacity(out.iter().map(|d| d.size as usize).product());
+    let f = |x: T, y: T| match op {
+        BinaryOp::Add => x + y,
+        BinaryOp::Sub => x - y,
+        BinaryOp::Mul => x * y,
+        BinaryOp::Div => x / y,
+    };
+    for_each_offset2(out, &sa, &sb, |i, j| data.push(f(a.data[i], b.data[j])));
+    Tensor { dims: out.to_vec(), data }
+}
+
+fn erf(x: f64) -> f64 {
+    libm::erf(x)
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+pub fn unary_f(op: UnaryOp, x: f64) -> f64 {
+    match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Square => x * x,
+        UnaryOp::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        UnaryOp::GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh()),
+        UnaryOp::Silu => x / (1.0 + (-x).exp()),
+        UnaryOp::Relu => x.max(0.0),
+        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+    }
+}
+
+/// f'(x).
+pub fn unary_df(op: UnaryOp, x: f64) -> f64 {
+    match op {
+        UnaryOp::Neg => -1.0,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => 1.0 / x,
+        UnaryOp::Sqrt => 0.5 / x.sqrt(),
+        UnaryOp::Rsqrt => -0.5 * x.powf(-1.5),
+        UnaryOp::Tanh => 1.0 - x.tanh().powi(2),
+        UnaryOp::Abs => x.signum(),
+        UnaryOp::Square => 2.0 * x,
+        UnaryOp::Gelu => {
+            let cdf = 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            cdf + x * pdf
+        }
+        UnaryOp::GeluTanh => {
+            let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+            let t = u.tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x)
+        }
+        UnaryOp::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        }
+        UnaryOp::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        UnaryOp::Sigmoid => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 - s)
+        }
+    }
+}
+
+pub fn unary<T: Real>(op: UnaryOp, x: &Tensor<T>) -> Tensor<T> {
+    Tensor {
+        dims: x.dims.clone(),
+        data: x.data.iter().map(|v| r(unary_f(op, v.to_f64().unwrap_or(f64::NAN)))).collect(),
+    }
+}
+
+pub fn unary_grad<T: Real>(op: UnaryOp, x: &Tensor<T>, g: &Tensor<T>) -> Tensor<T> {
+    let data =
+        x.data.iter().zip(&g.data).map(|(v, gv)| *gv * r::<T>(unary_df(op, v.to_f64().unwrap_or(f64::NAN)))).collect();
+    Tensor { dims: x.dims.clone(), data }
+}
+
+/// Σ over every dim not in `out` of a·b (a general contraction), via batched GEMM.
+pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+    let has = |t: &Tensor<T>, n: &str| t.dims.iter().any(|d| d.name == n);
+    let in_out = |n: &str| out.iter().any(|d| d.name == n);
+    // Sum away dims that only one operand has and the output does not keep.
+    let a_only: Vec<String> =
+        a.dims.iter().filter(|d| !has(b, &d.name) && !in_out(&d.name)).map(|d| d.name.clone()).collect();
+    let b_only: Vec<String> =
+        b.dims.iter().filter(|d| !has(a, &d.name) && !in_out(&d.name)).map(|d| d.name.clone()).collect();
+    let a = if a_only.is_empty() { a.clone() } else { a.sum_over(&a_only) };
+    let b = if b_only.is_empty() { b.clone() } else { b.sum_over(&b_only) };
+    let batch: Vec<Dim> = out.iter().filter(|d| has(&a, &d.name) && has(&b, &d.name)).cloned().collect();
+    let m: Vec<Dim> = out.iter().filter(|d| has(&a, &d.name) && !has(&b, &d.name)).cloned().collect();
+    let n: Vec<Dim> = out.iter().filter(|d| has(&b, &d.name) && !has(&a, &d.name)).cloned().collect();
+    let k: Vec<Dim> = a.dims.iter().filter(|d| has(&b, &d.name) && !in_out(&d.name)).cloned().collect();
+    let size = |v: &[Dim]| v.iter().map(|d| d.size as usize).product::<usize>();
+    let (nb, nm, nn, nk) = (size(&batch), size(&m), size(&n), size(&k));
+    let pa = a.permute(&[batch.clone(), m.clone(), k.clone()].concat());
+    let pb = b.permute(&[batch.clone(), k.clone(), n.clone()].concat());
+    let mut c = vec![T::zero(); nb * nm * nn];
+    for bi in 0..nb {
+        let (lhs, rhs, dst) = (&pa.data[bi * nm * nk..], &pb.data[bi * nk * nn..], &mut c[bi * nm * nn..]);
+        if nk == 0 {
+            continue;
+        }
+        // SAFETY: the three buffers hold nm×nk, nk×nn and nm×nn row-major
+        // elements from the offsets given; strides below stay inside them.
+        unsafe {
+            gemm::gemm(
+                nm,
+                nn,
+                nk,
+                dst.as_mut_ptr(),
+                1,
+                nn as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                nk as isize,
+                rhs.as_ptr(),
+                1,
+                nn as isize,
+                T::zero(),
+                T::one(),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+    let t = Tensor { dims: [batch, m, n].concat(), data: c };
+    t.permute(out)
+}
+
+/// Apply `f` to each row along `dim` (moved last), then restore the order.
+fn rows<T: Real>(x: &Tensor<T>, dim: &str, mut f: impl FnMut(&mut [T])) -> Tensor<T> {
+    let p = x.move_last(&[dim]);
+    let len = p.size(dim).max(1);
+    let mut data = p.data;
+    for row in data.chunks_mut(len) {
+        f(row);
+    }
+    Tensor { dims: p.dims, data }.permute(&x.dims)
+}
+
+pub fn softmax<T: Real>(x: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
+    rows(x, dim, |row| {
+        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let mut sum = T::zero();
+        for v in row.iter() {
+            sum += (*v - max).exp();
+        }
+        for v in row.iter_mut() {
+            *v = if log { *v - max - sum.ln() } else { (*v - max).exp() / sum };
+        }
+    })
+}
+
+pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
+    let py = y.move_last(&[dim]);
+    let pg = g.move_last(&[dim]);
+    let len = py.size(dim).max(1);
+    let mut out = pg.data.clone();
+    for ((o, yr), gr) in out.chunks_mut(len).zip(py.data.chunks(len)).zip(pg.data.chunks(len)) {
+        if log {
+            let s = gr.iter().fold(T::zero(), |a, b| a + *b);
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                *o = *g - y.exp() * s;
+            }
+        } else {
+            let s = gr.iter().zip(yr).fold(T::zero(), |a, (g, y)| a + *g * *y);
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                *o = *y * (*g - s);
+            }
+        }
+    }
+    Tensor { dims: py.dims, data: out }.permute(&y.dims)
+}
+
+/// Per row: (mean, 1/std) for LayerNorm, (0, 1/rms) for RMSNorm.
+fn norm_stats<T: Real>(row: &[T], eps: f64, rms: bool) -> (T, T) {
+    let n = r::<T>(row.len() as f64);
+    let mean = if rms { T::zero() } else { row.iter().fold(T::zero(), |a, b| a + *b) / n };
+    let var = row.iter().fold(T::zero(), |a, b| a + (*b - mean) * (*b - mean)) / n;
+    (mean, T::one() / (var + r(eps)).sqrt())
+}
+
+pub fn norm<T: Real>(
+    x: &Tensor<T>,
+    dim: &str,
+    eps: f64,
+    rms: bool,
+    gain: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+) -> Tensor<T> {
+    rows(x, dim, |row| {
+        let (mean, inv) = norm_stats(row, eps, rms);
+        for (i, v) in row.iter_mut().enumerate() {
+            let mut y = (*v - mean) * inv;
+            if let Some(g) = gain {
+                y = y * g.data[i];
+            }
+            if let Some(b) = bias {
+                y += b.data[i];
+            }
+            *v = y;
+        }
+    })
+}
+
+pub fn norm_grad_x<T: Real>(
+    x: &Tensor<T>,
+    gain: Option<&Tensor<T>>,
+    g: &Tensor<T>,
+    dim: &str,
+    eps: f64,
+    rms: bool,
+) -> Tensor<T> {
+    let px = x.move_last(&[dim]);
+    let pg = g.move_last(&[dim]);
+    let len = px.size(dim).max(1);
+    let n = r::<T>(len as f64);
+    let mut out = vec![T::zero(); px.data.len()];
+    for ((o, xr), gr) in out.chunks_mut(len).zip(px.data.chunks(len)).zip(pg.data.chunks(len)) {
+        let (mean, inv) = norm_stats(xr, eps, rms);
+        let dxh: Vec<T> = gr.iter().enumerate().map(|(i, gv)| gain.map(|g| *gv * g.data[i]).unwrap_or(*gv)).collect();
+        let xh: Vec<T> = xr.iter().map(|v| (*v - mean) * inv).collect();
+        let m1 = if rms { T::zero() } else { dxh.iter().fold(T::zero(), |a, b| a + *b) / n };
+        let m2 = dxh.iter().zip(&xh).fold(T::zero(), |a, (d, h)| a + *d * *h) / n;
+        for i in 0..len {
+            o[i] = inv * (dxh[i] - m1 - xh[i] * m2);
+        }
+    }
+    Tensor { dims: px.dims, data: out }.permute(&x.dims)
+}
+
+pub fn norm_grad_gain<T: Real>(x: &Tensor<T>, g: &Tensor<T>, dim: &str, eps: f64, rms: bool) -> Tensor<T> {
+    let px = x.move_last(&[dim]);
+    let pg = g.move_last(&[dim]);
+    let len = px.size(dim).max(1);
+    let mut out = vec![T::zero(); len];
+    for (xr, gr) in px.data.chunks(len).zip(pg.data.chunks(len)) {
+        let (mean, inv) = norm_stats(xr, eps, rms);
+        for i in 0..len {
+            out[i] += gr[i] * (xr[i] - mean) * inv;
+        }
+    }
+    let d = x.dims.iter().find(|d| d.name == dim).cloned().expect("normalised dim");
+    Tensor { dims: vec![d], data: out }
+}
+
+pub fn embed<T: Real>(table: &Tensor<T>, ids: &Tensor<T>, out: &[Dim]) -> Result<Tensor<T>, String> {
+    let rows = table.dims[0].size as usize;
+    let width: usize = table.dims[1..].iter().map(|d| d.size as usize).product();
+    let mut data = Vec::with_capacity(ids.numel() * width);
+    for id in &ids.data {
+        let i = id.to_f64().unwrap_or(-1.0);
+        if i < 0.0 || i as usize >= rows || i.fract() != 0.0 {
+            return Err(format!("id {i} is outside the table's {rows} rows"));
+        }
+        let i = i as usize;
+        data.extend_from_slice(&table.data[i * width..(i + 1) * width]);
+    }
+    Ok(Tensor { dims: out.to_vec(), data })
+}
+
+pub fn embed_grad<T: Real>(ids: &Tensor<T>, g: &Tensor<T>, table: &[Dim]) -> Tensor<T> {
+    let mut out = Tensor::zeros(table);
+    let width: usize = table[1..].iter().map(|d| d.size as usize).product();
+    // g is [ids..., features...] in that order (the embed output order).
+    for (k, id) in ids.data.iter().enumerate() {
+        let i = id.to_f64().unwrap_or(0.0) as usize;
+        for j in 0..width {
+            out.data[i * width + j] += g.data[k * width + j];
+        }
+    }
+    out
+}
+
+/// Slice `index` of `dim` (dropped).
+pub fn take<T: Real>(x: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Tensor<T> {
+    let p = x.position(dim).expect("dim");
+    let st = crate::tensor::strides(&x.dims);
+    let base = index * st[p];
+    let s = aligned_strides(&x.dims, out);
+    let mut data = Vec::with_capacity(out.iter().map(|d| d.size as usize).product());
+    for_each_offset(out, &s, |o| data.push(x.data[base + o]));
+    Tensor { dims: out.to_vec(), data }
+}
+
+pub fn untake<T: Real>(g: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Tensor<T> {
+    let mut t = Tensor::zeros(out);
+    let p = t.position(dim).expect("dim");
+    let st = crate::tensor::strides(out);
+    let base = index * st[p];
+    let s = aligned_strides(out, &g.dims);
+    let mut k = 0;
+    for_each_offset(&g.dims, &s, |o| {
+        t.data[base + o] = g.data[k];
+        k += 1;
+    });
+    t
+}
+
+/// The slice `[start, start + len)` of `dim` of `g`, as the output (where `dim` is called `to`).
+pub fn slice<T: Real>(g: &Tensor<T>, dim: &str, start: usize, to: &str, out: &[Dim]) -> Tensor<T> {
+    let gs = crate::tensor::strides(&g.dims);
+    let p = g.position(dim).expect("dim");
+    let strides: Vec<usize> = out
+        .iter()
+        .map(|d| {
+            let name = if d.name == to { dim } else { d.name.as_str() };
+            g.dims.iter().position(|x| x.name == name).map(|i| gs[i]).unwrap_or(0)
+        })
+        .collect();
+    let base = start * gs[p];
+    let mut data = Vec::with_capacity(out.iter().map(|d| d.size as usize).product());
+    for_each_offset(out, &strides, |o| data.push(g.data[base + o]));
+    Tensor { dims: out.to_vec(), data }
+}
+
+pub fn concat<T: Real>(parts: &[&Tensor<T>], over: &[String], into: &str, out: &[Dim]) -> Tensor<T> {
+    let mut t = Tensor::zeros(out);
+    let os = crate::tensor::strides(out);
+    let pi = out.iter().position(|d| d.name == into).expect("into dim");
+    let mut start = 0usize;
+    for (x, o) in parts.iter().zip(over) {
+        let len = x.size(o);
+        // Iterate over the output region of this part; read x with broadcasting.
+        let region: Vec<Dim> =
+            out.iter().map(|d| if d.name == into { Dim::new(o.clone(), len as u64) } else { d.clone() }).collect();
+        let xs = aligned_strides(&x.dims, &region);
+        let base = start * os[pi];
+        let mut k = Vec::with_capacity(region.iter().map(|d| d.size as usize).product());
+        for_each_offset(&region, &xs, |off| k.push(x.data[off]));
+        let mut j = 0;
+        for_each_offset(&region, &os, |off| {
+            t.data[base + off] = k[j];
+            j += 1;
+        });
+        start += len;
+    }
+    t
+}
+
+/// A reproducible uniform number in [0, 1) for (seed, node, element).
+pub fn uniform(seed: u64, node: u64, i: u64) -> f64 {
+    let mut z = seed ^ node.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+pub fn dropout<T: Real>(x: &Tensor<T>, p: f64, seed: u64, node: u64) -> Tensor<T> {
+    let scale = r::<T>(1.0 / (1.0 - p));
+    let data = x
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if uniform(seed, node, i as u64) < p { T::zero() } else { *v * scale })
+        .collect();
+    Tensor { dims: x.dims.clone(), data }
+}
+
+/// Mean cross-entropy of logits (class dim = the one targets lack) against integer targets.
+pub fn cross_entropy<T: Real>(logits: &Tensor<T>, targets: &Tensor<T>, smoothing: f64, ignore: Option<i64>) -> T {
+    let class = logits.dims.iter().find(|d| !targets.dims.iter().any(|t| t.name == d.name)).expect("class dim").clone();
+    let mut order = targets.dims.clone();
+    order.push(class.clone());
+    let p = logits.permute(&order);
+    let c = class.size as usize;
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for (row, t) in p.data.chunks(c).zip(&targets.data) {
+        let t = t.to_f64().unwrap_or(-1.0) as i64;
+        if Some(t) == ignore {
+            continue;
+        }
+        let row: Vec<f64> = row.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).collect();
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        let nll = lse - row.get(t as usize).copied().unwrap_or(f64::NAN);
+        let smooth = lse - row.iter().sum::<f64>() / c as f64;
+        total += (1.0 - smoothing) * nll + smoothing * smooth;
+        count += 1;
+    }
+    r(if count == 0 { 0.0 } else { total / count as f64 })
+}
+
+pub fn cross_entropy_grad<T: Real>(
+    logits: &Tensor<T>,
+    targets: &Tensor<T>,
+    g: T,
+    smoothing: f64,
+    ignore: Option<i64>,
+) -> Tensor<T> {
+    let class = logits.dims.iter().find(|d| !targets.dims.iter().any(|t| t.name == d.name)).expect("class dim").clone();
+    let mut order = targets.dims.clone();
+    order.push(class.clone());
+    let p = logits.permute(&order);
+    let c = class.size as usize;
+    let count = targets.data.iter().filter(|t| Some(t.to_f64().unwrap_or(-1.0) as i64) != ignore).count().max(1);
+    let scale = g.to_f64().unwrap_or(0.0) / count as f64;
+    let mut out = vec![T::zero(); p.data.len()];
+    for ((o, row), t) in out.chunks_mut(c).zip(p.data.chunks(c)).zip(&targets.data) {
+        let t = t.to_f64().unwrap_or(-1.0) as i64;
+        if Some(t) == ignore {
+            continue;
+        }
+        let row: Vec<f64> = row.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).collect();
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
+        for j in 0..c {
+            let sm = (row[j] - max).exp() / sum;
+            let target = if j as i64 == t { 1.0 - smoothing } else { 0.0 } + smoothing / c as f64;
+            o[j] = r((sm - target) * scale);
+        }
+    }
+    Tensor { dims: order, data: out }.permute(&logits.dims)
+}
