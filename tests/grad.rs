@@ -238,3 +238,58 @@ fn tiny_gpt_end_to_end() {
         .replace("batch = 8 sequences", "batch = 2 sequences");
     check_grads(&src, 256, 6);
 }
+
+const MOE: &str = "model m {
+   dims { seq = 6, embed = 4, mlp = 5, expert = 4 }
+   input x: f32[batch, seq, embed]
+   param router: [embed, expert]
+   param w_in: [expert, embed, mlp]
+   param w_out: [expert, mlp, embed]
+   param t: [seq, embed]
+   logits = x @ router
+   route = top_k(softmax(logits, expert), k = 2, capacity = CAPACITY)
+   y = combine(route, gelu(dispatch(route, x) @ w_in) @ w_out)
+   aux_loss += load_balance(route) * 0.1
+   aux_loss += z_loss(logits) * 0.01
+   loss = sum(y * t, batch, seq, embed) + aux_loss
+ }";
+
+#[test]
+fn top_k_routing_with_capacity_dispatch_and_combine() {
+    // 12 assignments into 4 experts of 2 slots: some tokens are dropped.
+    check_grads(&MOE.replace("CAPACITY", "0.5"), 4, 20);
+}
+
+#[test]
+fn dropless_routing() {
+    check_grads(&MOE.replace("CAPACITY", "dropless"), 4, 20);
+}
+
+#[test]
+fn capacity_drops_tokens_in_priority_order() {
+    use tessera::compiler::model::Dim;
+    use tessera::runtime::exec::moe::{slots, top_k};
+    // 4 tokens, 2 experts, top-1, 1 slot each: the first token to choose an expert gets it.
+    let dims = [Dim::new("tok", 4), Dim::new("expert", 2)];
+    let probs = Tensor::<f64> { dims: dims.to_vec(), data: vec![0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.4, 0.6] };
+    let gates = top_k(&probs, 1, 1);
+    assert_eq!(gates.data, vec![0.9, 0.0, 0.0, 0.0, 0.0, 0.7, 0.0, 0.0]);
+    let s = slots(&gates, 1);
+    assert_eq!(s, vec![vec![(0, 0)], vec![], vec![(1, 0)], vec![]]);
+    // Top-2 with room for everyone keeps both choices, the better one first.
+    let gates = top_k(&probs, 2, 4);
+    assert_eq!(gates.data, probs.data);
+}
+
+#[test]
+fn tiny_moe_end_to_end() {
+    let src = std::fs::read_to_string("specs/tiny/moe.spec").expect("spec");
+    let src = src
+        .replace("seq = 64, embed = 64", "seq = 8, embed = 16")
+        .replace("batch = 8 sequences", "batch = 4 sequences")
+        .replace(
+            "  mesh { data = 2 }\n  layout { batch -> data, expert -> data }\n  experts { placement = blocked }\n",
+            "",
+        );
+    check_grads(&src, 256, 6);
+}

@@ -192,8 +192,9 @@ pub enum Op {
     /// `image` → patches [..., grid, pixels].
     Patches { size: u64 },
     /// `probs` → gates [tokens..., expert]: each token's top-k probabilities,
-    /// zero elsewhere and where the expert's capacity overflowed.
-    TopK { k: u64, capacity: Option<f64> },
+    /// zero elsewhere and where the expert's `slots` overflowed (`capacity`
+    /// is the factor they came from; dropless gives every expert all tokens).
+    TopK { k: u64, capacity: Option<f64>, slots: u64 },
     /// `gates, x` → [expert, slot, ...] routed tokens.
     Dispatch,
     /// `gates, y` → [tokens..., ...] gate-weighted sum of expert outputs.

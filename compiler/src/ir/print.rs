@@ -52,9 +52,9 @@ fn attrs(op: &Op) -> String {
             v
         }
         Op::Patches { size } => vec![format!("size = {size}")],
-        Op::TopK { k, capacity } => {
+        Op::TopK { k, capacity, slots } => {
             let c = capacity.map(|c| c.to_string()).unwrap_or_else(|| "dropless".into());
-            vec![format!("k = {k}"), format!("capacity = {c}")]
+            vec![format!("k = {k}"), format!("capacity = {c}"), format!("slots = {slots}")]
         }
         Op::Cast { dtype } => vec![format!("dtype = {}", dtype.name())],
         Op::UnaryGrad { op } => vec![format!("op = {}", op.name())],

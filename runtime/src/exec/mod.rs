@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod kernels;
+pub mod moe;
 
 use crate::tensor::{Real, Tensor, r};
 use kernels as k;
@@ -160,6 +161,17 @@ impl Interpreter<'_> {
                     k::cross_entropy_grad(a(0), a(1), a(2).data[0], *label_smoothing, *ignore)
                 }
                 Op::Cast { .. } => a(0).clone(),
+                Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
+                Op::GateMask => moe::gate_mask(a(0), a(1)),
+                Op::Dispatch => moe::dispatch(a(0), a(1), out),
+                Op::DispatchGrad => moe::dispatch_grad(a(0), a(1), out),
+                Op::Combine => moe::combine(a(0), a(1), out),
+                Op::CombineGradY => moe::combine_grad_y(a(0), a(1), out),
+                Op::CombineGradGates => moe::combine_grad_gates(a(0), a(1), a(2)),
+                Op::LoadBalance => Tensor::scalar(moe::load_balance(a(0), a(1))),
+                Op::LoadBalanceGrad => moe::load_balance_grad(a(0), a(1), a(2).data[0]),
+                Op::ZLoss => Tensor::scalar(moe::z_loss(a(0))),
+                Op::ZLossGrad => moe::z_loss_grad(a(0), a(1).data[0]),
                 other => return Err(fail(format!("`{}` is not in the CPU interpreter yet", other.name()))),
             };
             if v.dims != *out {

@@ -61,7 +61,8 @@ impl Walker<'_> {
         let ideal = t.saturating_mul(k) as f64 / expert.size as f64;
         let slot = match capacity {
             Some(c) => (ideal * c).ceil().max(1.0) as u64,
-            None => ideal.ceil().max(1.0) as u64,
+            // Dropless: an expert may receive every token (a static worst case).
+            None => t.max(1),
         };
         self.slot_useful.insert(slot, (ideal / slot as f64).min(1.0));
         self.expert_dims.insert(expert.name.clone(), (expert.size, k));
@@ -75,7 +76,7 @@ impl Walker<'_> {
             });
         }
         self.save(&probs.ty);
-        let gates = self.emit(Op::TopK { k, capacity }, vec![probs.id], probs.ty.clone(), span);
+        let gates = self.emit(Op::TopK { k, capacity, slots: slot }, vec![probs.id], probs.ty.clone(), span);
         Val::Route(Rc::new(RouteVal { tokens, expert, slot: Dim::new("slot", slot), gates: gates.id, probs: probs.id }))
     }
 
