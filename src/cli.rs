@@ -40,6 +40,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model on the CPU: progress bar, DIR/metrics.jsonl, evaluation, checkpoints.
+    Train {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Optimizer steps to run (default: the spec's `train.steps`).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Where metrics and checkpoints go (default: runs/MODEL).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from a checkpoint (a run folder or a step-* folder).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Random seed (default: the spec's `train.seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Training data (default: the spec's `train.data`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Evaluate every N steps (default: the spec's `eval_interval`, else steps / 10).
+        #[arg(long)]
+        eval_interval: Option<u64>,
+    },
     /// Print a spec in canonical form.
     Fmt {
         file: PathBuf,
@@ -80,6 +103,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             Err(code) => code,
         },
         Command::Fmt { file, write, check } => fmt(&file, write, check),
+        Command::Train { spec, steps, out, resume, seed, data, eval_interval } => match load(&spec) {
+            Ok(m) => train(m, steps, out, resume, seed, data, eval_interval),
+            Err(code) => code,
+        },
     }
 }
 
@@ -304,4 +331,117 @@ fn inspect_text(m: &Model) -> String {
     let (rank, w) = memory::worst_rank(&mem);
     let _ = writeln!(s, "  worst: rank {rank}, {}", gib(w.total));
     s
+}
+
+fn train(
+    m: Model,
+    steps: Option<u64>,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    seed: Option<u64>,
+    data: Option<PathBuf>,
+    eval_interval: Option<u64>,
+) -> ExitCode {
+    use std::io::Write as _;
+    use tessera_runtime::train::{RunConfig, Trainer};
+    let Some(t) = m.train.clone() else {
+        eprintln!("error: model `{}` has no `train` section; add one (see docs/language.md)", m.name);
+        return ExitCode::from(1);
+    };
+    let steps = steps
+        .or(match t.length {
+            Some(tessera_compiler::config::Amount::Steps(s)) => Some(s as u64),
+            _ => None,
+        })
+        .unwrap_or(100);
+    let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
+    let eval_interval = eval_interval.or(t.eval_interval).unwrap_or((steps / 10).max(1));
+    let cfg = RunConfig {
+        steps,
+        out: out.clone(),
+        resume,
+        seed: seed.unwrap_or(t.seed),
+        eval_interval,
+        eval_batches: t.eval_steps.unwrap_or(8),
+        save_interval: t.save_interval.unwrap_or(0),
+        data,
+    };
+    let mut trainer = match Trainer::new(m, cfg) {
+        Ok(tr) => tr,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&out) {
+        eprintln!("error: cannot create `{}`: {e}", out.display());
+        return ExitCode::from(1);
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = match std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot open `{}`: {e}", metrics_path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let first = trainer.step;
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_position(first.min(steps));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let mut last_val = None;
+    while trainer.step < steps {
+        let mut report = match trainer.train_step() {
+            Ok(r) => r,
+            Err(e) => {
+                bar.abandon();
+                eprintln!("error at step {}: {e}", trainer.step + 1);
+                return ExitCode::from(1);
+            }
+        };
+        if report.step % trainer.cfg.eval_interval == 0 || report.step == steps {
+            match trainer.evaluate(trainer.cfg.eval_batches) {
+                Ok(v) => {
+                    report.val_loss = Some(v);
+                    last_val = Some(v);
+                }
+                Err(e) => {
+                    bar.abandon();
+                    eprintln!("error in evaluation: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        let _ = writeln!(metrics, "{}", serde_json::to_string(&report).unwrap_or_default());
+        let val = last_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
+        bar.set_message(format!(
+            "loss {:.4}{val}  lr {:.2e}  {:.0} tok/s",
+            report.loss, report.lr, report.tokens_per_s
+        ));
+        bar.set_position(report.step);
+        let save_now = trainer.cfg.save_interval > 0 && report.step % trainer.cfg.save_interval == 0;
+        if (save_now || report.step == steps)
+            && let Err(e) = trainer.save()
+        {
+            bar.abandon();
+            eprintln!("error saving a checkpoint: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    bar.finish();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "trained {} steps in {:.1} s; validation loss {}; checkpoint and metrics in {}",
+        steps - first.min(steps),
+        secs,
+        last_val.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
+        out.display()
+    );
+    ExitCode::SUCCESS
 }

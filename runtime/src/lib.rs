@@ -9,6 +9,7 @@
 pub mod exec;
 pub mod init;
 pub mod tensor;
+pub mod train;
 
 /// The compiler this runtime executes programs of.
 pub use tessera_compiler as compiler;

@@ -1,0 +1,220 @@
+//! Training a checked model on the CPU interpreter: data, the optimizer and
+//! its schedule, gradient clipping and accumulation, evaluation, atomic
+//! checkpoints and exact resume.
+//!
+//! Determinism: every random choice is a pure function of (seed, step): the
+//! windows of a step's batch, its dropout masks. So 10 straight steps and
+//! 5 + resume + 5 see the same data and produce the same bits.
+
+pub mod checkpoint;
+pub mod data;
+pub mod optim;
+
+use crate::exec::{Interpreter, param_slice};
+use crate::init::init_params;
+use crate::tensor::Tensor;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tessera_compiler::Model;
+use tessera_compiler::autodiff::{Backward, differentiate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Exec(#[from] crate::exec::ExecError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How to run (the spec's `train` section says what to train).
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub steps: u64,
+    pub out: PathBuf,
+    pub resume: Option<PathBuf>,
+    pub seed: u64,
+    /// Evaluate every this many steps (0: never).
+    pub eval_interval: u64,
+    pub eval_batches: u64,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub save_interval: u64,
+    /// The data file; defaults to the spec's `train.data`.
+    pub data: Option<PathBuf>,
+}
+
+/// One step's report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+}
+
+pub struct Trainer {
+    pub model: Model,
+    pub backward: Backward,
+    pub params: Vec<Tensor<f32>>,
+    pub opt: optim::OptimizerState,
+    pub step: u64,
+    pub data: data::Dataset,
+    pub cfg: RunConfig,
+    /// Microbatches per optimizer step (data-parallel ranks × gradient accumulation).
+    pub accumulation: u64,
+    tokens_idx: usize,
+    targets_idx: usize,
+}
+
+impl Trainer {
+    pub fn new(model: Model, cfg: RunConfig) -> Result<Trainer, TrainError> {
+        let train = model
+            .train
+            .clone()
+            .ok_or_else(|| TrainError::Setup(format!("model `{}` has no `train` section", model.name)))?;
+        let loss = model.graph.output("loss").ok_or_else(|| TrainError::Setup("the model defines no `loss`".into()))?;
+        let backward = differentiate(&model.graph, loss)
+            .map_err(|e| TrainError::Setup(format!("cannot differentiate the model: {e}")))?;
+        let find = |n: &str| model.inputs.iter().position(|i| i.name == n);
+        let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
+            return Err(TrainError::Setup(
+                "`tessera train` trains language models: the model needs inputs `tokens` and `targets` [batch, seq]"
+                    .into(),
+            ));
+        };
+        if model.inputs.len() != 2 {
+            return Err(TrainError::Setup(
+                "`tessera train` feeds `tokens` and `targets` only; this model has other inputs".into(),
+            ));
+        }
+        let vocab = model.const_value("vocab").unwrap_or(256.0) as u64;
+        let path = cfg.data.clone().or_else(|| train.data.as_ref().map(PathBuf::from)).ok_or_else(|| {
+            TrainError::Setup("no training data: set `data = \"path\"` in the `train` section or pass --data".into())
+        })?;
+        let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab)?;
+        let micro = model.micro_batch;
+        let accumulation = (train.batch / micro.max(1)).max(1);
+        let opt = optim::OptimizerState::new(&model.params, &train.optimizer);
+        let mut t = Trainer {
+            params: init_params(&model.params, cfg.seed),
+            model,
+            backward,
+            opt,
+            step: 0,
+            data,
+            cfg,
+            accumulation,
+            tokens_idx,
+            targets_idx,
+        };
+        if let Some(dir) = t.cfg.resume.clone() {
+            t.load(&dir)?;
+        }
+        Ok(t)
+    }
+
+    fn seq(&self) -> usize {
+        self.model.inputs[self.tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1)
+    }
+
+    fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
+        let ty = &self.model.inputs[self.tokens_idx].ty;
+        let (x, y) = self.data.batch(split, ty.dims[0].size as usize, self.seq(), self.cfg.seed, step, micro);
+        let mut inputs = vec![Tensor::zeros(&ty.dims); 2];
+        inputs[self.tokens_idx] = Tensor { dims: ty.dims.clone(), data: x };
+        inputs[self.targets_idx] = Tensor { dims: self.model.inputs[self.targets_idx].ty.dims.clone(), data: y };
+        inputs
+    }
+
+    /// Tokens of one optimizer step.
+    pub fn tokens_per_step(&self) -> u64 {
+        self.model.micro_batch * self.seq() as u64 * self.accumulation
+    }
+
+    /// One optimizer step: forward + backward over every microbatch, then the update.
+    pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        let t0 = Instant::now();
+        let step = self.step;
+        let mut grads: Vec<Tensor<f32>> = self.params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
+        let mut loss = 0.0f64;
+        let interp =
+            Interpreter { graph: &self.backward.graph, params: &self.model.params, seed: self.cfg.seed ^ (step << 20) };
+        for micro in 0..self.accumulation {
+            let inputs = self.batch_inputs(data::Split::Train, step, micro);
+            let vals = interp.run(&inputs, &self.params)?;
+            loss += vals[self.backward.loss.index()].data[0] as f64;
+            for pg in &self.backward.param_grads {
+                let g = &vals[pg.grad.index()];
+                let meta = &self.model.params[pg.param];
+                let off = match pg.layer {
+                    None => 0,
+                    Some(l) => meta.layers.iter().position(|&x| x == l).unwrap_or(0) * g.numel(),
+                };
+                for (dst, src) in grads[pg.param].data[off..off + g.numel()].iter_mut().zip(&g.data) {
+                    *dst += *src;
+                }
+            }
+        }
+        let scale = 1.0 / self.accumulation as f32;
+        for g in grads.iter_mut() {
+            g.data.iter_mut().for_each(|x| *x *= scale);
+        }
+        let train = self.model.train.as_ref().expect("checked in new");
+        let grad_norm = optim::clip(&mut grads, train.clip);
+        let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
+        self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1);
+        self.step += 1;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepReport {
+            step: self.step,
+            loss: loss / self.accumulation as f64,
+            lr,
+            grad_norm,
+            tokens_per_s: self.tokens_per_step() as f64 / secs,
+            val_loss: None,
+        })
+    }
+
+    /// Mean loss over `batches` validation batches (fixed windows: comparable across steps).
+    pub fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
+        let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, seed: 0 };
+        let loss = self.model.graph.output("loss").expect("loss");
+        let mut total = 0.0;
+        for b in 0..batches.max(1) {
+            let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, b);
+            total += interp.run(&inputs, &self.params)?[loss.index()].data[0] as f64;
+        }
+        Ok(total / batches.max(1) as f64)
+    }
+
+    /// The loss of the current parameters on one training batch of `step` (tests).
+    pub fn loss_at(&self, step: u64) -> Result<f64, TrainError> {
+        let interp =
+            Interpreter { graph: &self.model.graph, params: &self.model.params, seed: self.cfg.seed ^ (step << 20) };
+        let inputs = self.batch_inputs(data::Split::Train, step, 0);
+        let loss = self.model.graph.output("loss").expect("loss");
+        Ok(interp.run(&inputs, &self.params)?[loss.index()].data[0] as f64)
+    }
+
+    /// Save a checkpoint under `out`, atomically.
+    pub fn save(&self) -> Result<PathBuf, TrainError> {
+        checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step)
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let (params, opt, step) = checkpoint::load(dir, &self.model, &self.opt)?;
+        self.params = params;
+        self.opt = opt;
+        self.step = step;
+        Ok(())
+    }
+
+    /// The per-layer slice of a parameter (for inspection and sampling).
+    pub fn param(&self, index: usize, layer: Option<u64>) -> Option<Tensor<f32>> {
+        param_slice(&self.model.params[index], &self.params[index], layer)
+    }
+}
