@@ -63,6 +63,28 @@ enum Command {
         #[arg(long)]
         eval_interval: Option<u64>,
     },
+    /// Generate text from a checkpoint written by `tessera train`.
+    Sample {
+        /// A run folder (its `latest` checkpoint) or a step-* folder.
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 200)]
+        tokens: usize,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The spec (default: the one the checkpoint was trained with).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
     /// Print a spec in canonical form.
     Fmt {
         file: PathBuf,
@@ -104,15 +126,28 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         },
         Command::Fmt { file, write, check } => fmt(&file, write, check),
         Command::Train { spec, steps, out, resume, seed, data, eval_interval } => match load(&spec) {
-            Ok(m) => train(m, steps, out, resume, seed, data, eval_interval),
+            Ok(m) => {
+                let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
+                train(m, source, steps, out, resume, seed, data, eval_interval)
+            }
             Err(code) => code,
         },
+        Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, spec } => {
+            let cfg = tessera_runtime::infer::SampleConfig { tokens, temperature, top_k, top_p, seed };
+            match sample(&checkpoint, spec, &prompt, &cfg) {
+                Ok(text) => {
+                    println!("{prompt}{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
     }
 }
 
 fn load(a: &SpecArgs) -> Result<Model, ExitCode> {
     let mut sources = SourceMap::new();
-    let opts = Options { overrides: a.set.clone(), model: a.model.clone() };
+    let opts = Options { overrides: a.set.clone(), model: a.model.clone(), micro_batch: None };
     tessera_compiler::check_path(&mut sources, &a.file, &opts).map_err(|d| {
         let mut err = codespan_stderr();
         write_diags(&sources, &d.0, &mut err);
@@ -333,8 +368,10 @@ fn inspect_text(m: &Model) -> String {
     s
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train(
     m: Model,
+    source: (PathBuf, Vec<String>),
     steps: Option<u64>,
     out: Option<PathBuf>,
     resume: Option<PathBuf>,
@@ -365,6 +402,7 @@ fn train(
         eval_batches: t.eval_steps.unwrap_or(8),
         save_interval: t.save_interval.unwrap_or(0),
         data,
+        spec: Some(source.clone()),
     };
     let mut trainer = match Trainer::new(m, cfg) {
         Ok(tr) => tr,
@@ -436,6 +474,14 @@ fn train(
     }
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
+    // A short sample from the trained model (byte-level models print as text).
+    if let Ok(sample_model) = recheck_for_sampling(&source.0, &source.1) {
+        let cfg =
+            tessera_runtime::infer::SampleConfig { tokens: 200, temperature: 0.8, top_k: None, top_p: None, seed: 0 };
+        if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.params, &[u32::from(b'\n')], &cfg) {
+            println!("--- sample ---\n{}\n--------------", decode(&ids));
+        }
+    }
     println!(
         "trained {} steps in {:.1} s; validation loss {}; checkpoint and metrics in {}",
         steps - first.min(steps),
@@ -444,4 +490,42 @@ fn train(
         out.display()
     );
     ExitCode::SUCCESS
+}
+
+/// The spec checked again for one sequence at a time.
+fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<Model, ExitCode> {
+    let mut sources = SourceMap::new();
+    let opts = Options { overrides: overrides.to_vec(), model: None, micro_batch: Some(1) };
+    tessera_compiler::check_path(&mut sources, spec, &opts).map_err(|d| {
+        write_diags(&sources, &d.0, &mut codespan_stderr());
+        ExitCode::from(1)
+    })
+}
+
+/// Byte-level ids as text.
+fn decode(ids: &[u32]) -> String {
+    let bytes: Vec<u8> = ids.iter().map(|&i| i.min(255) as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn sample(
+    checkpoint: &std::path::Path,
+    spec: Option<PathBuf>,
+    prompt: &str,
+    cfg: &tessera_runtime::infer::SampleConfig,
+) -> Result<String, ExitCode> {
+    use tessera_runtime::train::checkpoint;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
+    let (recorded, overrides) = checkpoint::spec_of(checkpoint).map_err(|e| fail(&e))?;
+    let Some(spec) = spec.or(recorded) else {
+        return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE"));
+    };
+    let m = recheck_for_sampling(&spec, &overrides)?;
+    let params = checkpoint::load_params(checkpoint, &m).map_err(|e| fail(&e))?;
+    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    let out = tessera_runtime::infer::generate(&m, &params, &ids, cfg).map_err(|e| fail(&e))?;
+    Ok(decode(&out))
 }

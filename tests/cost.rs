@@ -15,7 +15,11 @@ fn gpt3(overrides: &[&str]) -> tessera::compiler::Model {
     let text: String =
         text.lines().filter(|l| !l.trim_start().starts_with("device")).map(|l| format!("{l}\n")).collect();
     let mut sources = tessera::compiler::SourceMap::new();
-    let opts = tessera::compiler::Options { overrides: overrides.iter().map(|s| s.to_string()).collect(), model: None };
+    let opts = tessera::compiler::Options {
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        model: None,
+        micro_batch: None,
+    };
     tessera::compiler::check_text(&mut sources, GPT3, &text, std::path::Path::new("specs/models"), &opts)
         .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)))
 }

@@ -7,6 +7,7 @@
 //! The runtime never sees the AST: it takes graphs and parameter metadata.
 
 pub mod exec;
+pub mod infer;
 pub mod init;
 pub mod tensor;
 pub mod train;

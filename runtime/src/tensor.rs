@@ -53,6 +53,15 @@ impl<T: Real> Tensor<T> {
         self.dims.iter().find(|d| d.name == name).map(|d| d.size as usize).unwrap_or(1)
     }
 
+    /// The same data in another dim order, borrowed when the order is already right.
+    pub fn permuted(&self, order: &[Dim]) -> std::borrow::Cow<'_, Tensor<T>> {
+        if order == self.dims.as_slice() {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(self.permute(order))
+        }
+    }
+
     /// The same data in another dim order (a transpose by names).
     pub fn permute(&self, order: &[Dim]) -> Tensor<T> {
         if order == self.dims.as_slice() {
@@ -87,6 +96,18 @@ impl<T: Real> Tensor<T> {
     pub fn sum_over(&self, names: &[String]) -> Tensor<T> {
         let keep: Vec<Dim> = self.dims.iter().filter(|d| !names.contains(&d.name)).cloned().collect();
         let reduced: usize = self.dims.iter().filter(|d| names.contains(&d.name)).map(|d| d.size as usize).product();
+        // Reducing leading dims (a bias gradient): add up contiguous rows.
+        let lead = self.dims.iter().take_while(|d| names.contains(&d.name)).count();
+        if lead == names.len() && lead > 0 {
+            let w: usize = keep.iter().map(|d| d.size as usize).product::<usize>().max(1);
+            let mut out = vec![T::zero(); w];
+            for row in self.data.chunks(w) {
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o += *v;
+                }
+            }
+            return Tensor { dims: keep, data: out };
+        }
         let last: Vec<&str> = names.iter().map(String::as_str).collect();
         let p = self.move_last(&last);
         let n: usize = keep.iter().map(|d| d.size as usize).product();

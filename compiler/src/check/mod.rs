@@ -28,6 +28,8 @@ pub struct Options {
     pub overrides: Vec<String>,
     /// Which model of the file to check (default: the last one).
     pub model: Option<String>,
+    /// Force the size of `batch` (sequences per microbatch), e.g. 1 for sampling.
+    pub micro_batch: Option<u64>,
 }
 
 /// Check a spec file on disk.
@@ -84,7 +86,7 @@ fn check_source(
     if !diags.is_empty() {
         return Err(diags);
     }
-    let model = check_program(&prog, opts.model.as_deref(), dim_sets)?;
+    let model = check_program(&prog, opts.model.as_deref(), dim_sets, opts.micro_batch)?;
     Ok(model)
 }
 
@@ -193,7 +195,12 @@ fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
 
 // ---------------------------------------------------------------- the model
 
-fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)>) -> Result<Model, Diags> {
+fn check_program(
+    prog: &Program,
+    want: Option<&str>,
+    dim_sets: Vec<(Ident, Expr)>,
+    force_micro: Option<u64>,
+) -> Result<Model, Diags> {
     let name = match want {
         Some(w) => {
             if !prog.models.contains_key(w) {
@@ -349,7 +356,10 @@ fn check_program(prog: &Program, want: Option<&str>, dim_sets: Vec<(Ident, Expr)
     }
 
     // The microbatch: sequences per microbatch per data-parallel rank.
-    let micro = layout::micro_batch(&mut parallel, train.as_ref(), &pspans, &mut diags);
+    let micro = match force_micro {
+        Some(b) => b.max(1),
+        None => layout::micro_batch(&mut parallel, train.as_ref(), &pspans, &mut diags),
+    };
     if !consts.contains_key("batch") {
         ordered.push(("batch".into(), micro as f64));
     }

@@ -1,10 +1,13 @@
-//! Attention forward and backward, one query row at a time: the only score
-//! storage is one row of `kv_seq` probabilities, recomputed in the backward
-//! pass as flash attention does. Grouped-query attention maps query head `h`
-//! to key/value head `h / (heads / kv_heads)`.
+//! Attention forward and backward, flash-style: scores exist only for a block
+//! of at most `BLOCK` queries at a time (per thread), and the backward pass
+//! recomputes them. The products are GEMMs on strided views of q, k and v (no
+//! transposes). Work is split across threads by (lead index, kv head), so
+//! grouped-query heads that share a key/value head accumulate in one thread.
 
-use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset, r};
+use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset};
 use tessera_compiler::model::Dim;
+
+const BLOCK: usize = 128;
 
 pub struct Attn<'a, T> {
     pub q: &'a Tensor<T>,
@@ -15,6 +18,7 @@ pub struct Attn<'a, T> {
     pub window: Option<u64>,
 }
 
+#[derive(Clone, Copy)]
 struct Shape {
     l: usize,
     sq: usize,
@@ -25,11 +29,69 @@ struct Shape {
     dv: usize,
 }
 
+/// A pointer that may cross threads; every use writes a region no other thread touches.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+// SAFETY: see the type's doc; the data outlives the scoped threads.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so closures capture the whole `Shared`).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// dst (m×n, row stride `drs`) = alpha·dst + lhs (m×k) · rhs (k×n), all strided.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    drs: usize,
+    accumulate: bool,
+    lhs: *const T,
+    lrs: usize,
+    lcs: usize,
+    rhs: *const T,
+    rrs: usize,
+    rcs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: callers pass pointers and strides that stay inside their buffers.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            drs as isize,
+            accumulate,
+            lhs,
+            lcs as isize,
+            lrs as isize,
+            rhs,
+            rcs as isize,
+            rrs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 impl<T: Real> Attn<'_, T> {
     fn shape(&self) -> Shape {
         let (q, k, v) = (&self.q.dims, &self.k.dims, &self.v.dims);
-        let n = q.len();
-        let m = k.len();
+        let (n, m) = (q.len(), k.len());
         Shape {
             l: q[..n - 3].iter().map(|d| d.size as usize).product(),
             sq: q[n - 3].size as usize,
@@ -57,139 +119,228 @@ impl<T: Real> Attn<'_, T> {
         Some((bases, [q_stride, s[1], s[2]]))
     }
 
-    /// Probabilities of query row (l, i, h) over the keys, or None if all are masked.
-    fn row(
+    /// Scores → probabilities for queries [i0, i0 + rows) of (l, h), in `p` (rows × sk).
+    /// Fully masked rows become zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
         &self,
         s: &Shape,
         mi: &Option<(Vec<usize>, [usize; 3])>,
         l: usize,
-        i: usize,
         h: usize,
-        p: &mut [f64],
-    ) -> bool {
-        let scale = 1.0 / (s.d as f64).sqrt();
+        i0: usize,
+        rows: usize,
+        p: &mut [T],
+    ) {
         let hk = h / (s.hq / s.hk).max(1);
+        let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
+        p[..rows * s.sk].iter_mut().for_each(|x| *x = T::zero());
+        // SAFETY: q rows i0.. of head h and k rows of head hk lie inside q and k.
+        unsafe {
+            mm(
+                rows,
+                s.sk,
+                s.d,
+                p.as_mut_ptr(),
+                s.sk,
+                false,
+                self.q.data.as_ptr().add(((l * s.sq + i0) * s.hq + h) * s.d),
+                s.hq * s.d,
+                1,
+                self.k.data.as_ptr().add((l * s.sk * s.hk + hk) * s.d),
+                1,
+                s.hk * s.d,
+            );
+        }
         let shift = s.sk as i64 - s.sq as i64;
-        let qo = ((l * s.sq + i) * s.hq + h) * s.d;
-        let mut max = f64::NEG_INFINITY;
-        for (j, pj) in p.iter_mut().enumerate() {
+        for r in 0..rows {
+            let i = i0 + r;
+            let row = &mut p[r * s.sk..(r + 1) * s.sk];
             let end = i as i64 + shift;
-            let mut ok = !self.causal || j as i64 <= end;
-            if let Some(w) = self.window {
-                ok &= j as i64 > end - w as i64;
+            let mut max = T::neg_infinity();
+            for (j, x) in row.iter_mut().enumerate() {
+                let mut ok = !self.causal || j as i64 <= end;
+                if let Some(w) = self.window {
+                    ok &= j as i64 > end - w as i64;
+                }
+                if let (Some(m), Some((bases, st))) = (self.mask, mi) {
+                    ok &= m.data[bases[l] + i * st[0] + j * st[1] + h * st[2]] != T::zero();
+                }
+                *x = if ok { *x * scale } else { T::neg_infinity() };
+                if *x > max {
+                    max = *x;
+                }
             }
-            if let (Some(m), Some((bases, st))) = (self.mask, mi) {
-                ok &= m.data[bases[l] + i * st[0] + j * st[1] + h * st[2]] != T::zero();
-            }
-            if !ok {
-                *pj = f64::NEG_INFINITY;
+            if max == T::neg_infinity() {
+                row.iter_mut().for_each(|x| *x = T::zero());
                 continue;
             }
-            let ko = ((l * s.sk + j) * s.hk + hk) * s.d;
-            let mut dot = 0.0;
-            for c in 0..s.d {
-                dot += self.q.data[qo + c].to_f64().unwrap_or(0.0) * self.k.data[ko + c].to_f64().unwrap_or(0.0);
+            let mut sum = T::zero();
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
             }
-            *pj = dot * scale;
-            max = max.max(*pj);
+            for x in row.iter_mut() {
+                *x = *x / sum;
+            }
         }
-        if max == f64::NEG_INFINITY {
-            return false;
-        }
-        let mut sum = 0.0;
-        for pj in p.iter_mut() {
-            *pj = (*pj - max).exp();
-            sum += *pj;
-        }
-        for pj in p.iter_mut() {
-            *pj /= sum;
-        }
-        true
+    }
+
+    /// Run `f(l, hk)` for every lead index and kv head, over all threads.
+    fn parallel(&self, s: &Shape, f: impl Fn(usize, usize) + Sync) {
+        let items = s.l * s.hk;
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(items).max(1);
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let f = &f;
+                scope.spawn(move || {
+                    for item in (t..items).step_by(threads) {
+                        f(item / s.hk, item % s.hk);
+                    }
+                });
+            }
+        });
     }
 
     pub fn forward(&self, out_dims: &[Dim]) -> Tensor<T> {
         let s = self.shape();
         let mi = self.mask_index();
-        let mut out = Tensor::zeros(out_dims);
-        let mut p = vec![0.0; s.sk];
+        let mut out: Tensor<T> = Tensor::zeros(out_dims);
+        let dst = Shared(out.data.as_mut_ptr());
         let group = (s.hq / s.hk).max(1);
-        for l in 0..s.l {
-            for i in 0..s.sq {
-                for h in 0..s.hq {
-                    if !self.row(&s, &mi, l, i, h, &mut p) {
-                        continue;
-                    }
-                    let oo = ((l * s.sq + i) * s.hq + h) * s.dv;
-                    for (j, pj) in p.iter().enumerate() {
-                        let vo = ((l * s.sk + j) * s.hk + h / group) * s.dv;
-                        for c in 0..s.dv {
-                            out.data[oo + c] += r::<T>(*pj) * self.v.data[vo + c];
-                        }
+        self.parallel(&s, |l, hk| {
+            let mut p = vec![T::zero(); BLOCK.min(s.sq) * s.sk];
+            for h in hk * group..(hk + 1) * group {
+                for i0 in (0..s.sq).step_by(BLOCK) {
+                    let rows = BLOCK.min(s.sq - i0);
+                    self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    // SAFETY: this thread alone writes out[l, i0.., h, :].
+                    unsafe {
+                        mm(
+                            rows,
+                            s.dv,
+                            s.sk,
+                            dst.get().add(((l * s.sq + i0) * s.hq + h) * s.dv),
+                            s.hq * s.dv,
+                            false,
+                            p.as_ptr(),
+                            s.sk,
+                            1,
+                            self.v.data.as_ptr().add((l * s.sk * s.hk + hk) * s.dv),
+                            s.hk * s.dv,
+                            1,
+                        );
                     }
                 }
             }
-        }
+        });
         out
     }
 
-    /// The gradient with respect to q (`which` = 0), k (1) or v (2).
-    pub fn backward(&self, g: &Tensor<T>, which: u8) -> Tensor<T> {
+    /// The gradients with respect to q, k and v, in one pass.
+    pub fn backward(&self, g: &Tensor<T>) -> [Tensor<T>; 3] {
         let s = self.shape();
         let mi = self.mask_index();
-        let scale = 1.0 / (s.d as f64).sqrt();
+        let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
         let group = (s.hq / s.hk).max(1);
-        let dims = match which {
-            0 => &self.q.dims,
-            1 => &self.k.dims,
-            _ => &self.v.dims,
-        };
-        let mut out = vec![0.0f64; dims.iter().map(|d| d.size as usize).product()];
-        let f = |t: &Tensor<T>, i: usize| t.data[i].to_f64().unwrap_or(0.0);
-        let mut p = vec![0.0; s.sk];
-        let mut o = vec![0.0; s.dv];
-        for l in 0..s.l {
-            for i in 0..s.sq {
-                for h in 0..s.hq {
-                    if !self.row(&s, &mi, l, i, h, &mut p) {
-                        continue;
+        let mut dq: Tensor<T> = Tensor::zeros(&self.q.dims);
+        let mut dk: Tensor<T> = Tensor::zeros(&self.k.dims);
+        let mut dv: Tensor<T> = Tensor::zeros(&self.v.dims);
+        let (pq, pk, pv) = (Shared(dq.data.as_mut_ptr()), Shared(dk.data.as_mut_ptr()), Shared(dv.data.as_mut_ptr()));
+        self.parallel(&s, |l, hk| {
+            let n = BLOCK.min(s.sq) * s.sk;
+            let (mut p, mut dp) = (vec![T::zero(); n], vec![T::zero(); n]);
+            let kp = self.k.data.as_ptr();
+            let vp = self.v.data.as_ptr();
+            for h in hk * group..(hk + 1) * group {
+                for i0 in (0..s.sq).step_by(BLOCK) {
+                    let rows = BLOCK.min(s.sq - i0);
+                    self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    let go = g.data.as_ptr().wrapping_add(((l * s.sq + i0) * s.hq + h) * s.dv);
+                    let qo = self.q.data.as_ptr().wrapping_add(((l * s.sq + i0) * s.hq + h) * s.d);
+                    let ko = (l * s.sk * s.hk + hk) * s.d;
+                    let vo = (l * s.sk * s.hk + hk) * s.dv;
+                    // SAFETY: every view below stays inside its tensor; this thread alone
+                    // writes dq[l, i0.., h, :] and dk/dv[l, :, hk, :].
+                    unsafe {
+                        // dV += Pᵀ · dO
+                        mm(
+                            s.sk,
+                            s.dv,
+                            rows,
+                            pv.get().add(vo),
+                            s.hk * s.dv,
+                            true,
+                            p.as_ptr(),
+                            1,
+                            s.sk,
+                            go,
+                            s.hq * s.dv,
+                            1,
+                        );
+                        // dP = dO · Vᵀ
+                        mm(
+                            rows,
+                            s.sk,
+                            s.dv,
+                            dp.as_mut_ptr(),
+                            s.sk,
+                            false,
+                            go,
+                            s.hq * s.dv,
+                            1,
+                            vp.add(vo),
+                            1,
+                            s.hk * s.dv,
+                        );
                     }
-                    let hk = h / group;
-                    let go = ((l * s.sq + i) * s.hq + h) * s.dv;
-                    // o_i and D_i = dO_i · o_i
-                    o.iter_mut().for_each(|x| *x = 0.0);
-                    for (j, pj) in p.iter().enumerate() {
-                        let vo = ((l * s.sk + j) * s.hk + hk) * s.dv;
-                        for (c, oc) in o.iter_mut().enumerate() {
-                            *oc += pj * f(self.v, vo + c);
+                    // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
+                    for r in 0..rows {
+                        let (pr, dr) = (&p[r * s.sk..(r + 1) * s.sk], &mut dp[r * s.sk..(r + 1) * s.sk]);
+                        let mut dd = T::zero();
+                        for (a, b) in pr.iter().zip(dr.iter()) {
+                            dd += *a * *b;
+                        }
+                        for (a, b) in pr.iter().zip(dr.iter_mut()) {
+                            *b = *a * (*b - dd) * scale;
                         }
                     }
-                    let dd: f64 = (0..s.dv).map(|c| f(g, go + c) * o[c]).sum();
-                    let qo = ((l * s.sq + i) * s.hq + h) * s.d;
-                    for (j, pj) in p.iter().enumerate() {
-                        if *pj == 0.0 {
-                            continue;
-                        }
-                        let vo = ((l * s.sk + j) * s.hk + hk) * s.dv;
-                        let ko = ((l * s.sk + j) * s.hk + hk) * s.d;
-                        if which == 2 {
-                            for c in 0..s.dv {
-                                out[vo + c] += pj * f(g, go + c);
-                            }
-                            continue;
-                        }
-                        let dp: f64 = (0..s.dv).map(|c| f(g, go + c) * f(self.v, vo + c)).sum();
-                        let ds = pj * (dp - dd) * scale;
-                        for c in 0..s.d {
-                            if which == 0 {
-                                out[qo + c] += ds * f(self.k, ko + c);
-                            } else {
-                                out[ko + c] += ds * f(self.q, qo + c);
-                            }
-                        }
+                    unsafe {
+                        // dQ = dS · K
+                        let dqo = ((l * s.sq + i0) * s.hq + h) * s.d;
+                        mm(
+                            rows,
+                            s.d,
+                            s.sk,
+                            pq.get().add(dqo),
+                            s.hq * s.d,
+                            false,
+                            dp.as_ptr(),
+                            s.sk,
+                            1,
+                            kp.add(ko),
+                            s.hk * s.d,
+                            1,
+                        );
+                        // dK += dSᵀ · Q
+                        mm(
+                            s.sk,
+                            s.d,
+                            rows,
+                            pk.get().add(ko),
+                            s.hk * s.d,
+                            true,
+                            dp.as_ptr(),
+                            1,
+                            s.sk,
+                            qo,
+                            s.hq * s.d,
+                            1,
+                        );
                     }
                 }
             }
-        }
-        Tensor { dims: dims.clone(), data: out.into_iter().map(r).collect() }
+        });
+        [dq, dk, dv]
     }
 }

@@ -42,7 +42,11 @@ impl Interpreter<'_> {
     pub fn run<T: Real>(&self, inputs: &[Tensor<T>], params: &[Tensor<T>]) -> Result<Vec<Tensor<T>>, ExecError> {
         let g = self.graph;
         let mut vals: Vec<Tensor<T>> = Vec::with_capacity(g.len());
+        let profile = std::env::var_os("TESSERA_PROFILE").is_some();
+        let mut attn_grads: std::collections::HashMap<Vec<ValueId>, [Tensor<T>; 3]> = Default::default();
+        let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
         for (i, node) in g.nodes.iter().enumerate() {
+            let t0 = profile.then(std::time::Instant::now);
             let id = ValueId(i as u32);
             let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
             let a = |j: usize| &vals[node.inputs[j].index()];
@@ -143,16 +147,21 @@ impl Interpreter<'_> {
                     at.forward(out)
                 }
                 Op::AttentionGrad { which, causal, mask, window } => {
-                    let gv = a(3 + usize::from(*mask));
-                    let at = attention::Attn {
-                        q: a(0),
-                        k: a(1),
-                        v: a(2),
-                        mask: mask.then(|| a(3)),
-                        causal: *causal,
-                        window: *window,
-                    };
-                    at.backward(gv, *which)
+                    // One pass computes dq, dk and dv; the three nodes share it.
+                    let key = node.inputs.clone();
+                    if !attn_grads.contains_key(&key) {
+                        let gv = a(3 + usize::from(*mask));
+                        let at = attention::Attn {
+                            q: a(0),
+                            k: a(1),
+                            v: a(2),
+                            mask: mask.then(|| a(3)),
+                            causal: *causal,
+                            window: *window,
+                        };
+                        attn_grads.insert(key.clone(), at.backward(gv));
+                    }
+                    attn_grads[&key][*which as usize].clone()
                 }
                 Op::CrossEntropy { label_smoothing, ignore } => {
                     Tensor::scalar(k::cross_entropy(a(0), a(1), *label_smoothing, *ignore))
@@ -177,7 +186,19 @@ impl Interpreter<'_> {
             if v.dims != *out {
                 return Err(fail(format!("kernel produced dims {:?}, the node says {}", v.dims, node.ty)));
             }
+            if let Some(t0) = t0 {
+                let e = times.entry(node.op.name()).or_default();
+                e.0 += t0.elapsed().as_secs_f64();
+                e.1 += 1;
+            }
             vals.push(v);
+        }
+        if profile {
+            let mut rows: Vec<_> = times.into_iter().collect();
+            rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+            for (op, (t, n)) in rows.iter().take(12) {
+                eprintln!("profile {op:<20} {:>9.2} ms  {n:>5} nodes", t * 1e3);
+            }
         }
         Ok(vals)
     }

@@ -50,6 +50,7 @@ pub fn save(
     params: &[Tensor<f32>],
     opt: &OptimizerState,
     step: u64,
+    spec: Option<&(PathBuf, Vec<String>)>,
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(out).map_err(|e| io(e, out))?;
     let name = format!("step-{step:08}");
@@ -69,7 +70,13 @@ pub fn save(
         named.push((format!("v.{}", p.path), t));
     }
     write_tensors(&tmp.join("optimizer.safetensors"), named, meta)?;
-    let state = serde_json::json!({ "model": model.name, "step": step, "optimizer": opt.optimizer });
+    let state = serde_json::json!({
+        "model": model.name,
+        "step": step,
+        "optimizer": opt.optimizer,
+        "spec": spec.map(|(p, _)| p.to_string_lossy().into_owned()),
+        "overrides": spec.map(|(_, o)| o.clone()).unwrap_or_default(),
+    });
     std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
         .map_err(|e| io(e, &tmp))?;
     let dest = out.join(&name);
@@ -117,6 +124,25 @@ fn read_tensors(path: &Path, model: &Model, prefix: &str) -> Result<Vec<Tensor<f
             Ok(Tensor { dims: p.ty.dims.clone(), data })
         })
         .collect()
+}
+
+/// The parameters of a checkpoint (for sampling).
+pub fn load_params(dir: &Path, model: &Model) -> Result<Vec<Tensor<f32>>, TrainError> {
+    read_tensors(&resolve(dir)?.join("model.safetensors"), model, "")
+}
+
+/// The spec path and overrides a checkpoint was trained with.
+pub fn spec_of(dir: &Path) -> Result<(Option<PathBuf>, Vec<String>), TrainError> {
+    let dir = resolve(dir)?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| io(e, &dir))?)
+            .map_err(|e| io(e, &dir))?;
+    let spec = state["spec"].as_str().map(PathBuf::from);
+    let overrides = state["overrides"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    Ok((spec, overrides))
 }
 
 pub fn load(

@@ -42,6 +42,9 @@ pub struct RunConfig {
     pub save_interval: u64,
     /// The data file; defaults to the spec's `train.data`.
     pub data: Option<PathBuf>,
+    /// The spec and its `--set` overrides, recorded in checkpoints so that
+    /// `tessera sample` can rebuild the model.
+    pub spec: Option<(PathBuf, Vec<String>)>,
 }
 
 /// One step's report.
@@ -202,7 +205,7 @@ impl Trainer {
 
     /// Save a checkpoint under `out`, atomically.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
-        checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step)
+        checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step, self.cfg.spec.as_ref())
     }
 
     fn load(&mut self, dir: &Path) -> Result<(), TrainError> {

@@ -1,0 +1,111 @@
+//! Sampling from a trained language model.
+//!
+//! Each new token runs the forward graph on the last `seq` tokens (the
+//! context left-aligned in the window, the rest padding) and reads the logits
+//! at the last real position: with causal attention, positions after it do
+//! not change it. There is no KV cache yet: every step recomputes the window.
+
+use crate::exec::Interpreter;
+use crate::exec::kernels::uniform;
+use crate::tensor::Tensor;
+use tessera_compiler::Model;
+
+#[derive(Debug, Clone)]
+pub struct SampleConfig {
+    pub tokens: usize,
+    /// 0 is greedy.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}")]
+    Exec(#[from] crate::exec::ExecError),
+}
+
+/// Pick a token from logits: greedy, or temperature with optional top-k / top-p.
+pub fn pick(logits: &[f32], cfg: &SampleConfig, step: u64) -> usize {
+    if cfg.temperature <= 0.0 {
+        return logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = cfg.top_k {
+        idx.truncate(k.max(1));
+    }
+    let max = logits[idx[0]] as f64;
+    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / cfg.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = cfg.top_p {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (j, q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= p {
+                keep = j + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+    }
+    let u = uniform(cfg.seed, 0x5A3F, step);
+    let mut acc = 0.0;
+    for (j, q) in probs.iter().enumerate() {
+        acc += q;
+        if u < acc {
+            return idx[j];
+        }
+    }
+    *idx.last().unwrap_or(&0)
+}
+
+/// Continue `prompt` by `cfg.tokens` tokens. The model must have been checked
+/// with a microbatch of one sequence and have a `tokens` input and `logits`.
+pub fn generate(
+    model: &Model,
+    params: &[Tensor<f32>],
+    prompt: &[u32],
+    cfg: &SampleConfig,
+) -> Result<Vec<u32>, SampleError> {
+    let tok = model
+        .inputs
+        .iter()
+        .position(|i| i.name == "tokens")
+        .ok_or_else(|| SampleError::Setup("the model has no `tokens` input".into()))?;
+    let logits_id =
+        model.graph.output("logits").ok_or_else(|| SampleError::Setup("the model defines no `logits`".into()))?;
+    let ty = &model.inputs[tok].ty;
+    let seq = ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
+    let lt = model.graph.ty(logits_id).clone();
+    let vocab = lt.dims.last().map(|d| d.size as usize).unwrap_or(1);
+    if lt.dims.len() != 3 {
+        return Err(SampleError::Setup(format!("`logits` should be [batch, seq, vocab], found {lt}")));
+    }
+    let interp = Interpreter { graph: &model.graph, params: &model.params, seed: 0 };
+    let mut out: Vec<u32> = prompt.to_vec();
+    if out.is_empty() {
+        out.push(b'\n' as u32);
+    }
+    for step in 0..cfg.tokens {
+        let window = &out[out.len().saturating_sub(seq)..];
+        let mut inputs: Vec<Tensor<f32>> = model.inputs.iter().map(|i| Tensor::zeros(&i.ty.dims)).collect();
+        for (j, t) in window.iter().enumerate() {
+            inputs[tok].data[j] = *t as f32;
+        }
+        let vals = interp.run(&inputs, params)?;
+        let logits = &vals[logits_id.index()];
+        let at = window.len() - 1;
+        let row = &logits.data[at * vocab..(at + 1) * vocab];
+        out.push(pick(row, cfg, step as u64) as u32);
+    }
+    Ok(out[prompt.len().max(1).min(out.len())..].to_vec())
+}
