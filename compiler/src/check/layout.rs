@@ -82,7 +82,7 @@ pub(super) fn micro_batch(p: &mut Parallel, train: Option<&Train>, spans: &Paral
                         .at(spans.microbatches.unwrap_or(data_span), "batch does not split evenly")
                         .help(format!(
                             "choose a batch that is a multiple of {}, or microbatches from: {}",
-                            dp * m,
+                            dp.saturating_mul(m),
                             legal_m.join(", ")
                         )),
                 );

@@ -350,8 +350,8 @@ impl Walker<'_> {
                     .help("choose a patch size that divides the height and width"),
             );
         }
-        let grid = (h.size / p) * (w.size / p);
-        let pix = c.size * p * p;
+        let grid = (h.size / p).saturating_mul(w.size / p);
+        let pix = c.size.saturating_mul(p).saturating_mul(p);
         let mut out = Vec::new();
         for (e, want) in names.iter().zip([grid, pix]) {
             let ExprKind::Name(nm) = &e.kind else {
