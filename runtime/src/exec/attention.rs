@@ -189,7 +189,7 @@ impl<T: Real> Attn<'_, T> {
     /// Run `f(l, hk)` for every lead index and kv head, over all threads.
     fn parallel(&self, s: &Shape, f: impl Fn(usize, usize) + Sync) {
         let items = s.l * s.hk;
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(items).max(1);
+        let threads = super::threads().min(items).max(1);
         std::thread::scope(|scope| {
             for t in 0..threads {
                 let f = &f;

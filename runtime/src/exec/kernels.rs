@@ -213,7 +213,8 @@ pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
         None => (std::borrow::Cow::Owned(b.permute(&[batch.clone(), k.clone(), n.clone()].concat())), [nk * nn, nn, 1]),
     };
     // Large products use every core.
-    let par = if nm * nn * nk >= 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let t = super::threads();
+    let par = if t > 1 && nm * nn * nk >= 1 << 18 { gemm::Parallelism::Rayon(t) } else { gemm::Parallelism::None };
     let mut c = vec![T::zero(); nb * nm * nn];
     if nk > 0 {
         for bi in 0..nb {

@@ -19,6 +19,24 @@ pub struct ExecError {
     pub message: String,
 }
 
+thread_local! {
+    static THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many threads kernels started on this thread may use (default: all cores).
+pub fn threads() -> usize {
+    match THREADS.with(|c| c.get()) {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    }
+}
+
+/// Limit the kernels run on this thread to `n` threads (a worker of a
+/// parallel step sets 1 so that workers do not oversubscribe the cores).
+pub fn set_threads(n: usize) {
+    THREADS.with(|c| c.set(n));
+}
+
 /// Runs graphs of one model.
 pub struct Interpreter<'a> {
     pub graph: &'a Graph,

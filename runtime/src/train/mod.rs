@@ -59,6 +59,9 @@ pub struct StepReport {
     pub val_loss: Option<f64>,
 }
 
+/// One microbatch's loss and full parameter gradients.
+type MicroResult = (f64, Vec<Tensor<f32>>);
+
 pub struct Trainer {
     pub model: Model,
     pub backward: Backward,
@@ -142,23 +145,18 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         let t0 = Instant::now();
         let step = self.step;
+        // Microbatches run concurrently, one per core, each on one thread; their
+        // gradients are summed in microbatch order, so the result does not
+        // depend on the number of workers.
+        let workers = crate::exec::threads().min(self.accumulation as usize).max(1);
+        let per_micro = self.run_microbatches(step, workers)?;
         let mut grads: Vec<Tensor<f32>> = self.params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
         let mut loss = 0.0f64;
-        let interp =
-            Interpreter { graph: &self.backward.graph, params: &self.model.params, seed: self.cfg.seed ^ (step << 20) };
-        for micro in 0..self.accumulation {
-            let inputs = self.batch_inputs(data::Split::Train, step, micro);
-            let vals = interp.run(&inputs, &self.params)?;
-            loss += vals[self.backward.loss.index()].data[0] as f64;
-            for pg in &self.backward.param_grads {
-                let g = &vals[pg.grad.index()];
-                let meta = &self.model.params[pg.param];
-                let off = match pg.layer {
-                    None => 0,
-                    Some(l) => meta.layers.iter().position(|&x| x == l).unwrap_or(0) * g.numel(),
-                };
-                for (dst, src) in grads[pg.param].data[off..off + g.numel()].iter_mut().zip(&g.data) {
-                    *dst += *src;
+        for (l, g) in per_micro {
+            loss += l;
+            for (dst, src) in grads.iter_mut().zip(&g) {
+                for (d, s) in dst.data.iter_mut().zip(&src.data) {
+                    *d += *s;
                 }
             }
         }
@@ -180,6 +178,58 @@ impl Trainer {
             tokens_per_s: self.tokens_per_step() as f64 / secs,
             val_loss: None,
         })
+    }
+
+    /// Loss and full parameter gradients of each microbatch of `step`, in microbatch order.
+    fn run_microbatches(&self, step: u64, workers: usize) -> Result<Vec<MicroResult>, TrainError> {
+        let one = |micro: u64| -> Result<MicroResult, TrainError> {
+            let interp = Interpreter {
+                graph: &self.backward.graph,
+                params: &self.model.params,
+                seed: self.cfg.seed ^ (step << 20),
+            };
+            let inputs = self.batch_inputs(data::Split::Train, step, micro);
+            let vals = interp.run(&inputs, &self.params)?;
+            let mut grads: Vec<Tensor<f32>> = self.params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
+            for pg in &self.backward.param_grads {
+                let g = &vals[pg.grad.index()];
+                let meta = &self.model.params[pg.param];
+                let off = match pg.layer {
+                    None => 0,
+                    Some(l) => meta.layers.iter().position(|&x| x == l).unwrap_or(0) * g.numel(),
+                };
+                for (dst, src) in grads[pg.param].data[off..off + g.numel()].iter_mut().zip(&g.data) {
+                    *dst += *src;
+                }
+            }
+            Ok((vals[self.backward.loss.index()].data[0] as f64, grads))
+        };
+        if workers <= 1 {
+            return (0..self.accumulation).map(one).collect();
+        }
+        let mut slots: Vec<Option<Result<MicroResult, TrainError>>> = (0..self.accumulation).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let one = &one;
+                    let n = self.accumulation;
+                    scope.spawn(move || {
+                        crate::exec::set_threads(1);
+                        (w as u64..n).step_by(workers).map(|m| (m, one(m))).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            // A worker that panicked leaves its slots empty: reported below.
+            for results in handles.into_iter().filter_map(|h| h.join().ok()) {
+                for (m, r) in results {
+                    slots[m as usize] = Some(r);
+                }
+            }
+        });
+        slots
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| Err(TrainError::Setup("a worker thread panicked".into()))))
+            .collect()
     }
 
     /// Mean loss over `batches` validation batches (fixed windows: comparable across steps).
