@@ -63,6 +63,19 @@ enum Command {
         #[arg(long)]
         eval_interval: Option<u64>,
     },
+    /// Train N steps after a warm-up step and report tokens/s and achieved GFLOP/s.
+    Bench {
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[arg(long, default_value_t = 5)]
+        steps: u64,
+        /// Print one JSON object (`tokens_per_s`, `gflops`, ...).
+        #[arg(long)]
+        json: bool,
+        /// Training data (default: the spec's `train.data`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
         /// A run folder (its `latest` checkpoint) or a step-* folder.
@@ -130,6 +143,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                 let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
                 train(m, source, steps, out, resume, seed, data, eval_interval)
             }
+            Err(code) => code,
+        },
+        Command::Bench { spec, steps, json, data } => match load(&spec) {
+            Ok(m) => bench(m, steps, json, data),
             Err(code) => code,
         },
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, spec } => {
@@ -528,4 +545,80 @@ fn sample(
     let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
     let out = tessera_runtime::infer::generate(&m, &params, &ids, cfg).map_err(|e| fail(&e))?;
     Ok(decode(&out))
+}
+
+/// Matrix-multiply GFLOP/s of the GEMM library on this machine (f32, n×n×n).
+fn gemm_gflops(n: usize) -> f64 {
+    use tessera_compiler::model::Dim;
+    use tessera_runtime::tensor::Tensor;
+    let a = Tensor::<f32>::from_fn(&[Dim::new("i", n as u64), Dim::new("k", n as u64)], |i| (i % 7) as f32);
+    let b = Tensor::<f32>::from_fn(&[Dim::new("k", n as u64), Dim::new("j", n as u64)], |i| (i % 5) as f32);
+    let out = [Dim::new("i", n as u64), Dim::new("j", n as u64)];
+    let _ = tessera_runtime::exec::kernels::einsum(&a, &b, &out);
+    let reps = 5;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(tessera_runtime::exec::kernels::einsum(&a, &b, &out));
+    }
+    2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn bench(m: Model, steps: u64, json: bool, data: Option<PathBuf>) -> ExitCode {
+    use tessera_runtime::train::{RunConfig, Trainer};
+    let flops_per_token = cost::flops_per_token_train(&m);
+    let name = m.name.clone();
+    let cfg = RunConfig {
+        steps: steps + 1,
+        out: std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id())),
+        resume: None,
+        seed: 1,
+        eval_interval: 0,
+        eval_batches: 1,
+        save_interval: 0,
+        data,
+        spec: None,
+    };
+    let mut t = match Trainer::new(m, cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // One warm-up step, then the timed ones.
+    if let Err(e) = t.train_step() {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    let tokens = t.tokens_per_step() * steps.max(1);
+    let start = std::time::Instant::now();
+    let mut last = 0.0;
+    for _ in 0..steps.max(1) {
+        match t.train_step() {
+            Ok(r) => last = r.loss,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let tps = tokens as f64 / secs;
+    let gflops = tps * flops_per_token / 1e9;
+    let gemm = gemm_gflops(1024);
+    let threads = tessera_runtime::exec::threads();
+    if json {
+        let j = json!({
+            "model": name, "steps": steps, "tokens_per_s": tps, "gflops": gflops, "step_time_s": secs / steps.max(1) as f64,
+            "flops_per_token_train": flops_per_token, "gemm_gflops_1024": gemm, "threads": threads, "final_loss": last,
+        });
+        println!("{j}");
+    } else {
+        println!(
+            "{name}: {tps:.0} tokens/s, {gflops:.1} GFLOP/s achieved ({:.3} s/step over {steps} steps, {threads} threads)",
+            secs / steps.max(1) as f64
+        );
+        println!("GEMM 1024³ f32: {gemm:.1} GFLOP/s");
+    }
+    ExitCode::SUCCESS
 }

@@ -180,3 +180,26 @@ fn generation_continues_a_prompt_deterministically() {
     let long = tessera::runtime::infer::SampleConfig { tokens: 30, ..cfg };
     assert_eq!(tessera::runtime::infer::generate(&m, &params, &prompt, &long).expect("generates").len(), 30);
 }
+
+#[test]
+fn bench_reports_tokens_per_second_and_gflops() {
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["bench", "specs/bench/tiny.spec", "--steps", "1", "--json"])
+        .args([
+            "--set",
+            "dims.seq=16",
+            "--set",
+            "dims.embed=32",
+            "--set",
+            "train.batch=4",
+            "--set",
+            "train.micro_batch=2",
+        ])
+        .output()
+        .expect("run tessera bench");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    for k in ["tokens_per_s", "gflops", "gemm_gflops_1024", "step_time_s"] {
+        assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {j}");
+    }
+}
