@@ -22,14 +22,18 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) 
     }
     if a.dims == out && suffix(b) {
         let w = b.numel().max(1);
-        let data =
-            a.data.chunks(w).flat_map(|c| c.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).collect::<Vec<_>>()).collect();
+        let mut data = Vec::with_capacity(n);
+        for c in a.data.chunks(w) {
+            data.extend(c.iter().zip(&b.data).map(|(x, y)| f(*x, *y)));
+        }
         return Tensor { dims: out.to_vec(), data };
     }
     if b.dims == out && suffix(a) {
         let w = a.numel().max(1);
-        let data =
-            b.data.chunks(w).flat_map(|c| a.data.iter().zip(c).map(|(x, y)| f(*x, *y)).collect::<Vec<_>>()).collect();
+        let mut data = Vec::with_capacity(n);
+        for c in b.data.chunks(w) {
+            data.extend(a.data.iter().zip(c).map(|(x, y)| f(*x, *y)));
+        }
         return Tensor { dims: out.to_vec(), data };
     }
     let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
@@ -252,13 +256,24 @@ pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
 
 /// Apply `f` to each row along `dim` (moved last), then restore the order.
 fn rows<T: Real>(x: &Tensor<T>, dim: &str, mut f: impl FnMut(&mut [T])) -> Tensor<T> {
-    let p = x.move_last(&[dim]);
+    let last = x.dims.last().is_some_and(|d| d.name == dim);
+    let p = if last { x.clone() } else { x.move_last(&[dim]) };
     let len = p.size(dim).max(1);
     let mut data = p.data;
     for row in data.chunks_mut(len) {
         f(row);
     }
-    Tensor { dims: p.dims, data }.permute(&x.dims)
+    let t = Tensor { dims: p.dims, data };
+    if last { t } else { t.permute(&x.dims) }
+}
+
+/// `x` with `dim` last, borrowed when it already is.
+fn dim_last<'t, T: Real>(x: &'t Tensor<T>, dim: &str) -> std::borrow::Cow<'t, Tensor<T>> {
+    if x.dims.last().is_some_and(|d| d.name == dim) {
+        std::borrow::Cow::Borrowed(x)
+    } else {
+        std::borrow::Cow::Owned(x.move_last(&[dim]))
+    }
 }
 
 pub fn softmax<T: Real>(x: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
@@ -275,8 +290,8 @@ pub fn softmax<T: Real>(x: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
 }
 
 pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
-    let py = y.move_last(&[dim]);
-    let pg = g.move_last(&[dim]);
+    let py = dim_last(y, dim);
+    let pg = dim_last(g, dim);
     let len = py.size(dim).max(1);
     let mut out = pg.data.clone();
     for ((o, yr), gr) in out.chunks_mut(len).zip(py.data.chunks(len)).zip(pg.data.chunks(len)) {
@@ -292,7 +307,7 @@ pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool)
             }
         }
     }
-    Tensor { dims: py.dims, data: out }.permute(&y.dims)
+    Tensor { dims: py.dims.clone(), data: out }.permuted(&y.dims).into_owned()
 }
 
 /// Per row: (mean, 1/std) for LayerNorm, (0, 1/rms) for RMSNorm.
@@ -334,8 +349,8 @@ pub fn norm_grad_x<T: Real>(
     eps: f64,
     rms: bool,
 ) -> Tensor<T> {
-    let px = x.move_last(&[dim]);
-    let pg = g.move_last(&[dim]);
+    let px = dim_last(x, dim);
+    let pg = dim_last(g, dim);
     let len = px.size(dim).max(1);
     let n = r::<T>(len as f64);
     let mut out = vec![T::zero(); px.data.len()];
@@ -349,12 +364,12 @@ pub fn norm_grad_x<T: Real>(
             o[i] = inv * (dxh[i] - m1 - xh[i] * m2);
         }
     }
-    Tensor { dims: px.dims, data: out }.permute(&x.dims)
+    Tensor { dims: px.dims.clone(), data: out }.permuted(&x.dims).into_owned()
 }
 
 pub fn norm_grad_gain<T: Real>(x: &Tensor<T>, g: &Tensor<T>, dim: &str, eps: f64, rms: bool) -> Tensor<T> {
-    let px = x.move_last(&[dim]);
-    let pg = g.move_last(&[dim]);
+    let px = dim_last(x, dim);
+    let pg = dim_last(g, dim);
     let len = px.size(dim).max(1);
     let mut out = vec![T::zero(); len];
     for (xr, gr) in px.data.chunks(len).zip(pg.data.chunks(len)) {
@@ -398,6 +413,16 @@ pub fn embed_grad<T: Real>(ids: &Tensor<T>, g: &Tensor<T>, table: &[Dim]) -> Ten
 /// Slice `index` of `dim` (dropped).
 pub fn take<T: Real>(x: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Tensor<T> {
     let p = x.position(dim).expect("dim");
+    // In place of the dim: a copy of contiguous blocks.
+    if x.dims.iter().filter(|d| d.name != dim).eq(out.iter()) {
+        let inner: usize = x.dims[p + 1..].iter().map(|d| d.size as usize).product();
+        let n = x.dims[p].size as usize;
+        let mut data = Vec::with_capacity(out.iter().map(|d| d.size as usize).product());
+        for block in x.data.chunks(inner * n) {
+            data.extend_from_slice(&block[index * inner..(index + 1) * inner]);
+        }
+        return Tensor { dims: out.to_vec(), data };
+    }
     let st = crate::tensor::strides(&x.dims);
     let base = index * st[p];
     let s = aligned_strides(&x.dims, out);
@@ -409,6 +434,14 @@ pub fn take<T: Real>(x: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Ten
 pub fn untake<T: Real>(g: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Tensor<T> {
     let mut t = Tensor::zeros(out);
     let p = t.position(dim).expect("dim");
+    if out.iter().filter(|d| d.name != dim).eq(g.dims.iter()) {
+        let inner: usize = out[p + 1..].iter().map(|d| d.size as usize).product();
+        let n = out[p].size as usize;
+        for (dst, src) in t.data.chunks_mut(inner * n).zip(g.data.chunks(inner)) {
+            dst[index * inner..(index + 1) * inner].copy_from_slice(src);
+        }
+        return t;
+    }
     let st = crate::tensor::strides(out);
     let base = index * st[p];
     let s = aligned_strides(out, &g.dims);
