@@ -494,6 +494,31 @@ pub fn concat<T: Real>(parts: &[&Tensor<T>], over: &[String], into: &str, out: &
     t
 }
 
+/// ViT patch extraction: `[..., c, h, w]` → `[..., grid, pixels]` with
+/// grid = (h/p)·(w/p) patches in row-major order and, within a patch, pixels
+/// ordered (channel, row, column) — a convolution kernel's flattening.
+pub fn patches<T: Real>(x: &Tensor<T>, p: usize, out: &[Dim]) -> Tensor<T> {
+    let n = x.dims.len();
+    let (c, h, w) = (x.dims[n - 3].size as usize, x.dims[n - 2].size as usize, x.dims[n - 1].size as usize);
+    let lead: usize = x.dims[..n - 3].iter().map(|d| d.size as usize).product();
+    let (gh, gw) = (h / p, w / p);
+    let mut data = Vec::with_capacity(lead * c * h * w);
+    for l in 0..lead {
+        let img = &x.data[l * c * h * w..(l + 1) * c * h * w];
+        for by in 0..gh {
+            for bx in 0..gw {
+                for ch in 0..c {
+                    for dy in 0..p {
+                        let row = (ch * h + by * p + dy) * w + bx * p;
+                        data.extend_from_slice(&img[row..row + p]);
+                    }
+                }
+            }
+        }
+    }
+    Tensor { dims: out.to_vec(), data }
+}
+
 /// A reproducible uniform number in [0, 1) for (seed, node, element).
 pub fn uniform(seed: u64, node: u64, i: u64) -> f64 {
     let mut z = seed ^ node.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9);

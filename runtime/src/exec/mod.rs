@@ -188,6 +188,7 @@ impl Interpreter<'_> {
                     k::cross_entropy_grad(a(0), a(1), a(2).data[0], *label_smoothing, *ignore)
                 }
                 Op::Cast { .. } => a(0).clone(),
+                Op::Patches { size } => k::patches(a(0), *size as usize, out),
                 Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
                 Op::GateMask => moe::gate_mask(a(0), a(1)),
                 Op::Dispatch => moe::dispatch(a(0), a(1), out),
