@@ -11,6 +11,7 @@ pub mod cost;
 pub mod diag;
 pub mod ir;
 pub mod model;
+pub mod plan;
 pub mod syntax;
 
 pub use check::{Options, check_path, check_text};
