@@ -94,6 +94,9 @@ enum Command {
         top_p: Option<f64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Recompute the whole window for each token instead of using a KV cache.
+        #[arg(long)]
+        no_kv_cache: bool,
         /// The spec (default: the one the checkpoint was trained with).
         #[arg(long)]
         spec: Option<PathBuf>,
@@ -149,8 +152,15 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             Ok(m) => bench(m, steps, json, data),
             Err(code) => code,
         },
-        Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, spec } => {
-            let cfg = tessera_runtime::infer::SampleConfig { tokens, temperature, top_k, top_p, seed };
+        Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
+            let cfg = tessera_runtime::infer::SampleConfig {
+                tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                kv_cache: !no_kv_cache,
+            };
             match sample(&checkpoint, spec, &prompt, &cfg) {
                 Ok(text) => {
                     println!("{prompt}{text}");
@@ -493,8 +503,14 @@ fn train(
     let secs = started.elapsed().as_secs_f64();
     // A short sample from the trained model (byte-level models print as text).
     if let Ok(sample_model) = recheck_for_sampling(&source.0, &source.1) {
-        let cfg =
-            tessera_runtime::infer::SampleConfig { tokens: 200, temperature: 0.8, top_k: None, top_p: None, seed: 0 };
+        let cfg = tessera_runtime::infer::SampleConfig {
+            tokens: 200,
+            temperature: 0.8,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            kv_cache: true,
+        };
         if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.params, &[u32::from(b'\n')], &cfg) {
             println!("--- sample ---\n{}\n--------------", decode(&ids));
         }

@@ -1,9 +1,12 @@
 //! Sampling from a trained language model.
 //!
-//! Each new token runs the forward graph on the last `seq` tokens (the
-//! context left-aligned in the window, the rest padding) and reads the logits
-//! at the last real position: with causal attention, positions after it do
-//! not change it. There is no KV cache yet: every step recomputes the window.
+//! Two ways, with the same tokens for greedy decoding (`tests/train.rs`):
+//! - with a KV cache (`exec::decode`): each new token runs only its own row
+//!   of the graph, attending to cached keys and values; when the context is
+//!   full, the cache restarts from the last half of the window;
+//! - by recomputation: each new token runs the forward graph on the last
+//!   `seq` tokens (left-aligned, the rest padding) and reads the logits at the
+//!   last real position (causal attention ignores the padding after it).
 
 use crate::exec::Interpreter;
 use crate::exec::kernels::uniform;
@@ -18,6 +21,8 @@ pub struct SampleConfig {
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
     pub seed: u64,
+    /// Decode with a KV cache (falls back to recomputation for models it cannot run).
+    pub kv_cache: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,92 @@ pub fn pick(logits: &[f32], cfg: &SampleConfig, step: u64) -> usize {
 /// Continue `prompt` by `cfg.tokens` tokens. The model must have been checked
 /// with a microbatch of one sequence and have a `tokens` input and `logits`.
 pub fn generate(
+    model: &Model,
+    params: &[Tensor<f32>],
+    prompt: &[u32],
+    cfg: &SampleConfig,
+) -> Result<Vec<u32>, SampleError> {
+    if cfg.kv_cache {
+        match generate_cached(model, params, prompt, cfg) {
+            Ok(out) => return Ok(out),
+            Err(SampleError::Exec(_)) => {} // an op the decoder cannot run: recompute instead
+            Err(e) => return Err(e),
+        }
+    }
+    generate_window(model, params, prompt, cfg)
+}
+
+/// Generation with a KV cache.
+pub fn generate_cached(
+    model: &Model,
+    params: &[Tensor<f32>],
+    prompt: &[u32],
+    cfg: &SampleConfig,
+) -> Result<Vec<u32>, SampleError> {
+    use crate::exec::decode::Decoder;
+    use tessera_compiler::model::Dim;
+    let tok = model
+        .inputs
+        .iter()
+        .position(|i| i.name == "tokens")
+        .ok_or_else(|| SampleError::Setup("the model has no `tokens` input".into()))?;
+    let logits_id =
+        model.graph.output("logits").ok_or_else(|| SampleError::Setup("the model defines no `logits`".into()))?;
+    let seq_dim =
+        model.inputs[tok].ty.dims.last().cloned().ok_or_else(|| SampleError::Setup("`tokens` has no dims".into()))?;
+    let seq = seq_dim.size as usize;
+    let vocab = model.graph.ty(logits_id).dims.last().map(|d| d.size as usize).unwrap_or(1);
+    let interp = Interpreter { graph: &model.graph, params: &model.params, seed: 0 };
+    let step_inputs = |t: u32| -> Vec<Tensor<f32>> {
+        model
+            .inputs
+            .iter()
+            .map(|i| {
+                let dims: Vec<Dim> =
+                    i.ty.dims
+                        .iter()
+                        .map(|d| if d.name == seq_dim.name { Dim::new(d.name.clone(), 1) } else { d.clone() })
+                        .collect();
+                let mut x = Tensor::zeros(&dims);
+                if i.name == "tokens" {
+                    x.data.iter_mut().for_each(|v| *v = t as f32);
+                }
+                x
+            })
+            .collect()
+    };
+    // Restart the cache from the last half of the window (the context is full).
+    let refill = |out: &[u32]| -> Result<(Decoder<'_, f32>, Vec<f32>), SampleError> {
+        let mut dec = Decoder::new(&interp, params, &seq_dim.name);
+        let mut last = Vec::new();
+        let start = out.len().saturating_sub(if out.len() > seq { seq / 2 } else { seq });
+        for &t in &out[start..] {
+            last = dec.step(&step_inputs(t))?[logits_id.index()].data.clone();
+        }
+        Ok((dec, last))
+    };
+    let mut out: Vec<u32> = prompt.to_vec();
+    if out.is_empty() {
+        out.push(b'\n' as u32);
+    }
+    let (mut dec, mut last) = refill(&out)?;
+    for step in 0..cfg.tokens {
+        let next = pick(&last[..vocab], cfg, step as u64) as u32;
+        out.push(next);
+        if step + 1 == cfg.tokens {
+            break;
+        }
+        if dec.position == seq {
+            (dec, last) = refill(&out)?;
+        } else {
+            last = dec.step(&step_inputs(next))?[logits_id.index()].data.clone();
+        }
+    }
+    Ok(out[prompt.len().max(1).min(out.len())..].to_vec())
+}
+
+/// Generation by recomputing the window for every token.
+pub fn generate_window(
     model: &Model,
     params: &[Tensor<f32>],
     prompt: &[u32],

@@ -3,12 +3,13 @@
 //! compared with, so it favours clarity; every value is kept.
 
 mod attention;
+pub mod decode;
 pub mod kernels;
 pub mod moe;
 
 use crate::tensor::{Real, Tensor, r};
 use kernels as k;
-use tessera_compiler::ir::{Graph, Op, ReduceOp, ValueId};
+use tessera_compiler::ir::{Graph, Node, Op, ReduceOp, ValueId};
 use tessera_compiler::model::Param;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -65,143 +66,10 @@ impl Interpreter<'_> {
         let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
         for (i, node) in g.nodes.iter().enumerate() {
             let t0 = profile.then(std::time::Instant::now);
+            let v = self.eval_node(node, i, &vals, inputs, params, &mut attn_grads)?;
+            let out = &node.ty.dims;
             let id = ValueId(i as u32);
             let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
-            let a = |j: usize| &vals[node.inputs[j].index()];
-            let out = &node.ty.dims;
-            let v: Tensor<T> = match &node.op {
-                Op::Input { index } => {
-                    let t = inputs.get(*index).ok_or_else(|| fail(format!("input {index} was not given")))?;
-                    if t.dims != *out {
-                        return Err(fail(format!("input {index} has dims {:?}, expected {}", t.dims, node.ty)));
-                    }
-                    t.clone()
-                }
-                Op::Param { index, layer } => {
-                    let meta = self.params.get(*index).ok_or_else(|| fail(format!("no parameter {index}")))?;
-                    let full =
-                        params.get(*index).ok_or_else(|| fail(format!("parameter {} was not given", meta.path)))?;
-                    param_slice(meta, full, *layer)
-                        .ok_or_else(|| fail(format!("{} has no layer {layer:?}", meta.path)))?
-                }
-                Op::Scalar { value } => Tensor::scalar(r(*value)),
-                Op::Unary { op } => k::unary(*op, a(0)),
-                Op::UnaryGrad { op } => k::unary_grad(*op, a(0), a(1)),
-                Op::Binary { op } => k::binary(*op, a(0), a(1), out),
-                Op::Pow { exp } => {
-                    Tensor { dims: out.clone(), data: a(0).data.iter().map(|x| x.powf(r(*exp))).collect() }
-                }
-                Op::MatMul { .. } | Op::Einsum => k::einsum(a(0), a(1), out),
-                Op::Reduce { op, dims } => {
-                    let s = a(0).sum_over(dims);
-                    match op {
-                        ReduceOp::Sum => s,
-                        ReduceOp::Mean => {
-                            let n = (a(0).numel() / s.numel().max(1)) as f64;
-                            Tensor { dims: s.dims, data: s.data.iter().map(|x| *x / r(n)).collect() }
-                        }
-                        ReduceOp::Max => {
-                            let names: Vec<&str> = dims.iter().map(String::as_str).collect();
-                            let p = a(0).move_last(&names);
-                            let n = p.numel() / s.numel().max(1);
-                            let data = p
-                                .data
-                                .chunks(n.max(1))
-                                .map(|c| c.iter().copied().fold(T::neg_infinity(), T::max))
-                                .collect();
-                            Tensor { dims: s.dims, data }
-                        }
-                    }
-                }
-                Op::Expand => a(0).expand(out),
-                Op::Softmax { dim, log } => k::softmax(a(0), dim, *log),
-                Op::SoftmaxGrad { dim, log } => k::softmax_grad(a(0), a(1), dim, *log),
-                Op::LayerNorm { dim, eps, gain, bias } => {
-                    let gn = gain.then(|| a(1));
-                    let bs = bias.then(|| a(1 + usize::from(*gain)));
-                    k::norm(a(0), dim, *eps, false, gn, bs)
-                }
-                Op::RmsNorm { dim, eps, gain } => k::norm(a(0), dim, *eps, true, gain.then(|| a(1)), None),
-                Op::NormGradX { dim, eps, gain, rms } => {
-                    let gv = if *gain { a(2) } else { a(1) };
-                    k::norm_grad_x(a(0), gain.then(|| a(1)), gv, dim, *eps, *rms)
-                }
-                Op::NormGradGain { dim, eps, rms } => k::norm_grad_gain(a(0), a(1), dim, *eps, *rms),
-                Op::Embed => k::embed(a(0), a(1), out).map_err(fail)?,
-                Op::EmbedGrad => k::embed_grad(a(0), a(1), out),
-                Op::Take { dim, index } => k::take(a(0), dim, *index as usize, out),
-                Op::Untake { dim, index } => k::untake(a(0), dim, *index as usize, out),
-                Op::Slice { dim, start, to } => k::slice(a(0), dim, *start as usize, to, out),
-                Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Rename { .. } => {
-                    Tensor { dims: out.clone(), data: a(0).data.clone() }
-                }
-                Op::Permute => a(0).permute(out),
-                Op::Concat { over, into } => {
-                    let parts: Vec<&Tensor<T>> = node.inputs.iter().map(|v| &vals[v.index()]).collect();
-                    k::concat(&parts, over, into, out)
-                }
-                Op::Dropout { p } => {
-                    if *p == 0.0 {
-                        a(0).clone()
-                    } else {
-                        k::dropout(a(0), *p, self.seed, i as u64)
-                    }
-                }
-                Op::DropoutGrad { p, forward } => k::dropout(a(0), *p, self.seed, forward.0 as u64),
-                Op::Attention { causal, dropout, mask, rel, window } => {
-                    if *dropout > 0.0 || *rel != tessera_compiler::ir::RelPos::None {
-                        return Err(fail(
-                            "attention dropout and relative positions are not in the CPU interpreter yet".into(),
-                        ));
-                    }
-                    let at = attention::Attn {
-                        q: a(0),
-                        k: a(1),
-                        v: a(2),
-                        mask: mask.then(|| a(3)),
-                        causal: *causal,
-                        window: *window,
-                    };
-                    at.forward(out)
-                }
-                Op::AttentionGrad { which, causal, mask, window } => {
-                    // One pass computes dq, dk and dv; the three nodes share it.
-                    let key = node.inputs.clone();
-                    if !attn_grads.contains_key(&key) {
-                        let gv = a(3 + usize::from(*mask));
-                        let at = attention::Attn {
-                            q: a(0),
-                            k: a(1),
-                            v: a(2),
-                            mask: mask.then(|| a(3)),
-                            causal: *causal,
-                            window: *window,
-                        };
-                        attn_grads.insert(key.clone(), at.backward(gv));
-                    }
-                    attn_grads[&key][*which as usize].clone()
-                }
-                Op::CrossEntropy { label_smoothing, ignore } => {
-                    Tensor::scalar(k::cross_entropy(a(0), a(1), *label_smoothing, *ignore))
-                }
-                Op::CrossEntropyGrad { label_smoothing, ignore } => {
-                    k::cross_entropy_grad(a(0), a(1), a(2).data[0], *label_smoothing, *ignore)
-                }
-                Op::Cast { .. } => a(0).clone(),
-                Op::Patches { size } => k::patches(a(0), *size as usize, out),
-                Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
-                Op::GateMask => moe::gate_mask(a(0), a(1)),
-                Op::Dispatch => moe::dispatch(a(0), a(1), out),
-                Op::DispatchGrad => moe::dispatch_grad(a(0), a(1), out),
-                Op::Combine => moe::combine(a(0), a(1), out),
-                Op::CombineGradY => moe::combine_grad_y(a(0), a(1), out),
-                Op::CombineGradGates => moe::combine_grad_gates(a(0), a(1), a(2)),
-                Op::LoadBalance => Tensor::scalar(moe::load_balance(a(0), a(1))),
-                Op::LoadBalanceGrad => moe::load_balance_grad(a(0), a(1), a(2).data[0]),
-                Op::ZLoss => Tensor::scalar(moe::z_loss(a(0))),
-                Op::ZLossGrad => moe::z_loss_grad(a(0), a(1).data[0]),
-                other => return Err(fail(format!("`{}` is not in the CPU interpreter yet", other.name()))),
-            };
             if v.dims != *out {
                 return Err(fail(format!("kernel produced dims {:?}, the node says {}", v.dims, node.ty)));
             }
@@ -220,5 +88,151 @@ impl Interpreter<'_> {
             }
         }
         Ok(vals)
+    }
+
+    /// Evaluate one node, given the values of every earlier node.
+    pub(crate) fn eval_node<T: Real>(
+        &self,
+        node: &Node,
+        i: usize,
+        vals: &[Tensor<T>],
+        inputs: &[Tensor<T>],
+        params: &[Tensor<T>],
+        attn_grads: &mut std::collections::HashMap<Vec<ValueId>, [Tensor<T>; 3]>,
+    ) -> Result<Tensor<T>, ExecError> {
+        let id = ValueId(i as u32);
+        let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
+        let a = |j: usize| &vals[node.inputs[j].index()];
+        let out = &node.ty.dims;
+        let v: Tensor<T> = match &node.op {
+            Op::Input { index } => {
+                let t = inputs.get(*index).ok_or_else(|| fail(format!("input {index} was not given")))?;
+                if t.dims != *out {
+                    return Err(fail(format!("input {index} has dims {:?}, expected {}", t.dims, node.ty)));
+                }
+                t.clone()
+            }
+            Op::Param { index, layer } => {
+                let meta = self.params.get(*index).ok_or_else(|| fail(format!("no parameter {index}")))?;
+                let full = params.get(*index).ok_or_else(|| fail(format!("parameter {} was not given", meta.path)))?;
+                param_slice(meta, full, *layer).ok_or_else(|| fail(format!("{} has no layer {layer:?}", meta.path)))?
+            }
+            Op::Scalar { value } => Tensor::scalar(r(*value)),
+            Op::Unary { op } => k::unary(*op, a(0)),
+            Op::UnaryGrad { op } => k::unary_grad(*op, a(0), a(1)),
+            Op::Binary { op } => k::binary(*op, a(0), a(1), out),
+            Op::Pow { exp } => Tensor { dims: out.clone(), data: a(0).data.iter().map(|x| x.powf(r(*exp))).collect() },
+            Op::MatMul { .. } | Op::Einsum => k::einsum(a(0), a(1), out),
+            Op::Reduce { op, dims } => {
+                let s = a(0).sum_over(dims);
+                match op {
+                    ReduceOp::Sum => s,
+                    ReduceOp::Mean => {
+                        let n = (a(0).numel() / s.numel().max(1)) as f64;
+                        Tensor { dims: s.dims, data: s.data.iter().map(|x| *x / r(n)).collect() }
+                    }
+                    ReduceOp::Max => {
+                        let names: Vec<&str> = dims.iter().map(String::as_str).collect();
+                        let p = a(0).move_last(&names);
+                        let n = p.numel() / s.numel().max(1);
+                        let data = p
+                            .data
+                            .chunks(n.max(1))
+                            .map(|c| c.iter().copied().fold(T::neg_infinity(), T::max))
+                            .collect();
+                        Tensor { dims: s.dims, data }
+                    }
+                }
+            }
+            Op::Expand => a(0).expand(out),
+            Op::Softmax { dim, log } => k::softmax(a(0), dim, *log),
+            Op::SoftmaxGrad { dim, log } => k::softmax_grad(a(0), a(1), dim, *log),
+            Op::LayerNorm { dim, eps, gain, bias } => {
+                let gn = gain.then(|| a(1));
+                let bs = bias.then(|| a(1 + usize::from(*gain)));
+                k::norm(a(0), dim, *eps, false, gn, bs)
+            }
+            Op::RmsNorm { dim, eps, gain } => k::norm(a(0), dim, *eps, true, gain.then(|| a(1)), None),
+            Op::NormGradX { dim, eps, gain, rms } => {
+                let gv = if *gain { a(2) } else { a(1) };
+                k::norm_grad_x(a(0), gain.then(|| a(1)), gv, dim, *eps, *rms)
+            }
+            Op::NormGradGain { dim, eps, rms } => k::norm_grad_gain(a(0), a(1), dim, *eps, *rms),
+            Op::Embed => k::embed(a(0), a(1), out).map_err(fail)?,
+            Op::EmbedGrad => k::embed_grad(a(0), a(1), out),
+            Op::Take { dim, index } => k::take(a(0), dim, *index as usize, out),
+            Op::Untake { dim, index } => k::untake(a(0), dim, *index as usize, out),
+            Op::Slice { dim, start, to } => k::slice(a(0), dim, *start as usize, to, out),
+            Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Rename { .. } => {
+                Tensor { dims: out.clone(), data: a(0).data.clone() }
+            }
+            Op::Permute => a(0).permute(out),
+            Op::Concat { over, into } => {
+                let parts: Vec<&Tensor<T>> = node.inputs.iter().map(|v| &vals[v.index()]).collect();
+                k::concat(&parts, over, into, out)
+            }
+            Op::Dropout { p } => {
+                if *p == 0.0 {
+                    a(0).clone()
+                } else {
+                    k::dropout(a(0), *p, self.seed, i as u64)
+                }
+            }
+            Op::DropoutGrad { p, forward } => k::dropout(a(0), *p, self.seed, forward.0 as u64),
+            Op::Attention { causal, dropout, mask, rel, window } => {
+                if *dropout > 0.0 || *rel != tessera_compiler::ir::RelPos::None {
+                    return Err(fail(
+                        "attention dropout and relative positions are not in the CPU interpreter yet".into(),
+                    ));
+                }
+                let at = attention::Attn {
+                    q: a(0),
+                    k: a(1),
+                    v: a(2),
+                    mask: mask.then(|| a(3)),
+                    causal: *causal,
+                    window: *window,
+                };
+                at.forward(out)
+            }
+            Op::AttentionGrad { which, causal, mask, window } => {
+                // One pass computes dq, dk and dv; the three nodes share it.
+                let key = node.inputs.clone();
+                if !attn_grads.contains_key(&key) {
+                    let gv = a(3 + usize::from(*mask));
+                    let at = attention::Attn {
+                        q: a(0),
+                        k: a(1),
+                        v: a(2),
+                        mask: mask.then(|| a(3)),
+                        causal: *causal,
+                        window: *window,
+                    };
+                    attn_grads.insert(key.clone(), at.backward(gv));
+                }
+                attn_grads[&key][*which as usize].clone()
+            }
+            Op::CrossEntropy { label_smoothing, ignore } => {
+                Tensor::scalar(k::cross_entropy(a(0), a(1), *label_smoothing, *ignore))
+            }
+            Op::CrossEntropyGrad { label_smoothing, ignore } => {
+                k::cross_entropy_grad(a(0), a(1), a(2).data[0], *label_smoothing, *ignore)
+            }
+            Op::Cast { .. } => a(0).clone(),
+            Op::Patches { size } => k::patches(a(0), *size as usize, out),
+            Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
+            Op::GateMask => moe::gate_mask(a(0), a(1)),
+            Op::Dispatch => moe::dispatch(a(0), a(1), out),
+            Op::DispatchGrad => moe::dispatch_grad(a(0), a(1), out),
+            Op::Combine => moe::combine(a(0), a(1), out),
+            Op::CombineGradY => moe::combine_grad_y(a(0), a(1), out),
+            Op::CombineGradGates => moe::combine_grad_gates(a(0), a(1), a(2)),
+            Op::LoadBalance => Tensor::scalar(moe::load_balance(a(0), a(1))),
+            Op::LoadBalanceGrad => moe::load_balance_grad(a(0), a(1), a(2).data[0]),
+            Op::ZLoss => Tensor::scalar(moe::z_loss(a(0))),
+            Op::ZLossGrad => moe::z_loss_grad(a(0), a(1).data[0]),
+            other => return Err(fail(format!("`{}` is not in the CPU interpreter yet", other.name()))),
+        };
+        Ok(v)
     }
 }
