@@ -511,8 +511,10 @@ fn train(
             seed: 0,
             kv_cache: true,
         };
-        if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.params, &[u32::from(b'\n')], &cfg) {
-            println!("--- sample ---\n{}\n--------------", decode(&ids));
+        if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.params, &[u32::from(b'\n')], &cfg)
+            && let Ok(tok) = tokenizer_of(&sample_model)
+        {
+            println!("--- sample ---\n{}\n--------------", tok.decode(&ids));
         }
     }
     println!(
@@ -535,10 +537,13 @@ fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<
     })
 }
 
-/// Byte-level ids as text.
-fn decode(ids: &[u32]) -> String {
-    let bytes: Vec<u8> = ids.iter().map(|&i| i.min(255) as u8).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+/// The model's tokenizer (its `train.tokenizer`, bytes by default).
+fn tokenizer_of(m: &Model) -> Result<tessera_runtime::train::tokenizer::Tokenizer, ExitCode> {
+    tessera_runtime::train::tokenizer::Tokenizer::by_name(m.train.as_ref().and_then(|t| t.tokenizer.as_deref()))
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        })
 }
 
 fn sample(
@@ -558,9 +563,10 @@ fn sample(
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
     let params = checkpoint::load_params(checkpoint, &m).map_err(|e| fail(&e))?;
-    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    let tok = tokenizer_of(&m)?;
+    let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
     let out = tessera_runtime::infer::generate(&m, &params, &ids, cfg).map_err(|e| fail(&e))?;
-    Ok(decode(&out))
+    Ok(tok.decode(&out))
 }
 
 /// Matrix-multiply GFLOP/s of the GEMM library on this machine (f32, n×n×n).

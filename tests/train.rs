@@ -241,3 +241,20 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     let distinct: std::collections::BTreeSet<_> = cached.iter().collect();
     assert!(distinct.len() >= 3, "a non-degenerate sample: {cached:?}");
 }
+
+#[test]
+fn gpt2_bpe_matches_the_reference_ids() {
+    use tessera::runtime::train::tokenizer::Tokenizer;
+    let t = Tokenizer::gpt2().expect("built-in vocabulary");
+    assert_eq!(t.vocab(), 50257);
+    // GPT-2's ids for these strings (as the original encoder gives them).
+    assert_eq!(t.encode("Hello world").unwrap(), vec![15496, 995]);
+    assert_eq!(t.encode(" the").unwrap(), vec![262]);
+    let text = "ROMEO: But soft! What light through yonder window breaks?\n";
+    let ids = t.encode(text).unwrap();
+    assert!(ids.len() < text.len() / 2, "BPE compresses English: {} ids for {} bytes", ids.len(), text.len());
+    assert_eq!(t.decode(&ids), text, "decoding inverts encoding");
+    let bytes = Tokenizer::Bytes;
+    assert_eq!(bytes.encode("Hi").unwrap(), vec![72, 105]);
+    assert_eq!(bytes.decode(&[72, 105]), "Hi");
+}

@@ -215,6 +215,8 @@ pub struct Train {
     pub save_interval: Option<u64>,
     pub log_interval: Option<u64>,
     pub val_fraction: Option<f64>,
+    /// How text data becomes tokens: `bytes` (default) or `gpt2` (byte-level BPE).
+    pub tokenizer: Option<String>,
     pub seed: u64,
 }
 

@@ -28,6 +28,7 @@ const TRAIN_KEYS: &[&str] = &[
     "save_interval",
     "log_interval",
     "val_fraction",
+    "tokenizer",
     "seed",
 ];
 const INFER_KEYS: &[&str] = &["max_batch", "max_len", "kv_cache", "sampling", "seed"];
@@ -531,6 +532,7 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         save_interval: None,
         log_interval: None,
         val_fraction: None,
+        tokenizer: None,
         seed: 0,
     };
     let before = ev.diags.len();
@@ -616,6 +618,7 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                     }
                 }
             }
+            "tokenizer" => t.tokenizer = ev.word(v, "tokenizer", &["bytes", "gpt2"]),
             _ => t.seed = ev.nonneg(v, k).map(|x| x as u64).unwrap_or(0),
         }
     }

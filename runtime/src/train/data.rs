@@ -20,7 +20,12 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    pub fn open(path: &Path, val_fraction: f64, vocab: u64) -> Result<Dataset, TrainError> {
+    pub fn open(
+        path: &Path,
+        val_fraction: f64,
+        vocab: u64,
+        tokenizer: &super::tokenizer::Tokenizer,
+    ) -> Result<Dataset, TrainError> {
         let bytes =
             std::fs::read(path).map_err(|e| TrainError::Io(format!("cannot read data `{}`: {e}", path.display())))?;
         let tokens: Vec<u32> = if path.extension().is_some_and(|e| e == "bin") {
@@ -28,12 +33,17 @@ impl Dataset {
                 return Err(TrainError::Io(format!("`{}` is not a u16 token file (odd length)", path.display())));
             }
             bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
-        } else {
+        } else if let super::tokenizer::Tokenizer::Bytes = tokenizer {
             bytes.iter().map(|&b| b as u32).collect()
+        } else {
+            let text = String::from_utf8(bytes).map_err(|_| {
+                TrainError::Io(format!("`{}` is not UTF-8 text; the GPT-2 tokenizer reads text", path.display()))
+            })?;
+            tokenizer.encode(&text)?
         };
         if let Some(bad) = tokens.iter().find(|&&t| t as u64 >= vocab) {
             return Err(TrainError::Setup(format!(
-                "`{}` holds token id {bad}, but the model's vocab is {vocab}; byte-level text needs vocab = 256",
+                "`{}` holds token id {bad}, but the model's vocab is {vocab}; byte-level text needs vocab = 256, GPT-2 BPE vocab = 50257",
                 path.display()
             )));
         }

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod tokenizer;
 
 use crate::exec::{Interpreter, param_slice};
 use crate::init::init_params;
@@ -101,7 +102,8 @@ impl Trainer {
         let path = cfg.data.clone().or_else(|| train.data.as_ref().map(PathBuf::from)).ok_or_else(|| {
             TrainError::Setup("no training data: set `data = \"path\"` in the `train` section or pass --data".into())
         })?;
-        let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab)?;
+        let tok = tokenizer::Tokenizer::by_name(train.tokenizer.as_deref())?;
+        let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
         let micro = model.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
         let opt = optim::OptimizerState::new(&model.params, &train.optimizer);
