@@ -73,17 +73,7 @@ fn check(spec: &str, fixture: &str, small: bool) {
     let e = rel_err(&vals[loss.index()].data, &fx.get("loss"));
     assert!(e <= 1e-5, "{fixture}: loss relative error {e:.2e}");
 
-    let mut grads: Vec<Tensor<f32>> = params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
-    for pg in &bw.param_grads {
-        let g = &vals[pg.grad.index()];
-        let off = pg
-            .layer
-            .map(|l| m.params[pg.param].layers.iter().position(|&x| x == l).expect("layer") * g.numel())
-            .unwrap_or(0);
-        for (d, s) in grads[pg.param].data[off..].iter_mut().zip(&g.data) {
-            *d += *s;
-        }
-    }
+    let grads = tessera::runtime::exec::param_grads(&m.params, &bw.param_grads, &vals);
     let mut worst = (0.0f64, String::new());
     for (p, g) in m.params.iter().zip(&grads) {
         let e = rel_err(&g.data, &fx.get(&format!("grad.{}", p.path)));

@@ -58,19 +58,7 @@ fn check_grads(src: &str, ids_below: u64, samples: usize) {
     };
     let vals = run(&bw.graph, &params);
     let loss_of = |ps: &[Tensor<f64>]| run(&m.graph, ps)[loss.index()].data[0];
-    // Assemble each parameter's gradient from its slices.
-    let mut grads: Vec<Tensor<f64>> = params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
-    for pg in &bw.param_grads {
-        let g = &vals[pg.grad.index()];
-        let meta = &m.params[pg.param];
-        let offset = match pg.layer {
-            None => 0,
-            Some(l) => meta.layers.iter().position(|&x| x == l).expect("layer") * g.numel(),
-        };
-        for (i, v) in g.data.iter().enumerate() {
-            grads[pg.param].data[offset + i] += *v;
-        }
-    }
+    let grads = tessera::runtime::exec::param_grads(&m.params, &bw.param_grads, &vals);
     let h = 1e-6;
     let mut checked = 0;
     for (k, p) in params.iter().enumerate() {

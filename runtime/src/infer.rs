@@ -33,6 +33,37 @@ pub enum SampleError {
     Exec(#[from] crate::exec::ExecError),
 }
 
+/// What generation needs of a language model: the `tokens` input, the
+/// `logits` output, the sequence dim and the vocabulary size.
+struct Lm {
+    tokens: usize,
+    logits: tessera_compiler::ir::ValueId,
+    seq: tessera_compiler::model::Dim,
+    vocab: usize,
+}
+
+fn lm(model: &Model) -> Result<Lm, SampleError> {
+    let tokens = model
+        .inputs
+        .iter()
+        .position(|i| i.name == "tokens")
+        .ok_or_else(|| SampleError::Setup("the model has no `tokens` input".into()))?;
+    let logits =
+        model.graph.output("logits").ok_or_else(|| SampleError::Setup("the model defines no `logits`".into()))?;
+    let lt = model.graph.ty(logits);
+    if lt.dims.len() != 3 {
+        return Err(SampleError::Setup(format!("`logits` should be [batch, seq, vocab], found {lt}")));
+    }
+    let seq = model.inputs[tokens]
+        .ty
+        .dims
+        .last()
+        .cloned()
+        .ok_or_else(|| SampleError::Setup("`tokens` has no dims".into()))?;
+    let vocab = lt.dims.last().map(|d| d.size as usize).unwrap_or(1);
+    Ok(Lm { tokens, logits, seq, vocab })
+}
+
 /// Pick a token from logits: greedy, or temperature with optional top-k / top-p.
 pub fn pick(logits: &[f32], cfg: &SampleConfig, step: u64) -> usize {
     if cfg.temperature <= 0.0 {
@@ -100,17 +131,8 @@ pub fn generate_cached(
 ) -> Result<Vec<u32>, SampleError> {
     use crate::exec::decode::Decoder;
     use tessera_compiler::model::Dim;
-    let tok = model
-        .inputs
-        .iter()
-        .position(|i| i.name == "tokens")
-        .ok_or_else(|| SampleError::Setup("the model has no `tokens` input".into()))?;
-    let logits_id =
-        model.graph.output("logits").ok_or_else(|| SampleError::Setup("the model defines no `logits`".into()))?;
-    let seq_dim =
-        model.inputs[tok].ty.dims.last().cloned().ok_or_else(|| SampleError::Setup("`tokens` has no dims".into()))?;
+    let Lm { logits: logits_id, seq: seq_dim, vocab, .. } = lm(model)?;
     let seq = seq_dim.size as usize;
-    let vocab = model.graph.ty(logits_id).dims.last().map(|d| d.size as usize).unwrap_or(1);
     let interp = Interpreter { graph: &model.graph, params: &model.params, seed: 0 };
     let step_inputs = |t: u32| -> Vec<Tensor<f32>> {
         model
@@ -167,20 +189,8 @@ pub fn generate_window(
     prompt: &[u32],
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
-    let tok = model
-        .inputs
-        .iter()
-        .position(|i| i.name == "tokens")
-        .ok_or_else(|| SampleError::Setup("the model has no `tokens` input".into()))?;
-    let logits_id =
-        model.graph.output("logits").ok_or_else(|| SampleError::Setup("the model defines no `logits`".into()))?;
-    let ty = &model.inputs[tok].ty;
-    let seq = ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
-    let lt = model.graph.ty(logits_id).clone();
-    let vocab = lt.dims.last().map(|d| d.size as usize).unwrap_or(1);
-    if lt.dims.len() != 3 {
-        return Err(SampleError::Setup(format!("`logits` should be [batch, seq, vocab], found {lt}")));
-    }
+    let Lm { tokens: tok, logits: logits_id, seq, vocab } = lm(model)?;
+    let seq = seq.size as usize;
     let interp = Interpreter { graph: &model.graph, params: &model.params, seed: 0 };
     let mut out: Vec<u32> = prompt.to_vec();
     if out.is_empty() {

@@ -194,20 +194,8 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                 let c = b.binary(BinaryOp::Mul, gi, d, span);
                 b.accumulate(x, c, span);
             }
-            Op::MatMul { .. } => {
+            Op::MatMul { .. } | Op::Einsum => {
                 // a's gradient contracts g with b over b's own dims, and vice versa.
-                if need(0) {
-                    let ta = fwd.ty(ins[0]).clone();
-                    let c = b.push(Op::Einsum, vec![gi, ins[1]], ta, span);
-                    b.accumulate(ins[0], c, span);
-                }
-                if need(1) {
-                    let tb = fwd.ty(ins[1]).clone();
-                    let c = b.push(Op::Einsum, vec![ins[0], gi], tb, span);
-                    b.accumulate(ins[1], c, span);
-                }
-            }
-            Op::Einsum => {
                 if need(0) {
                     let ta = fwd.ty(ins[0]).clone();
                     let c = b.push(Op::Einsum, vec![gi, ins[1]], ta, span);

@@ -47,6 +47,27 @@ pub struct Interpreter<'a> {
     pub seed: u64,
 }
 
+/// Full parameter gradients from a backward graph's values: each parameter
+/// slice's gradient goes to its place in the stacked parameter.
+pub fn param_grads<T: Real>(
+    params: &[Param],
+    grads: &[tessera_compiler::autodiff::ParamGrad],
+    vals: &[Tensor<T>],
+) -> Vec<Tensor<T>> {
+    let mut out: Vec<Tensor<T>> = params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
+    for pg in grads {
+        let g = &vals[pg.grad.index()];
+        let off = match pg.layer {
+            None => 0,
+            Some(l) => params[pg.param].layers.iter().position(|&x| x == l).unwrap_or(0) * g.numel(),
+        };
+        for (d, s) in out[pg.param].data[off..off + g.numel()].iter_mut().zip(&g.data) {
+            *d += *s;
+        }
+    }
+    out
+}
+
 /// The slice of a stacked parameter tensor that holds `layer`.
 pub fn param_slice<T: Real>(meta: &Param, full: &Tensor<T>, layer: Option<u64>) -> Option<Tensor<T>> {
     let Some(l) = layer else { return Some(full.clone()) };

@@ -192,18 +192,7 @@ impl Trainer {
             };
             let inputs = self.batch_inputs(data::Split::Train, step, micro);
             let vals = interp.run(&inputs, &self.params)?;
-            let mut grads: Vec<Tensor<f32>> = self.params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
-            for pg in &self.backward.param_grads {
-                let g = &vals[pg.grad.index()];
-                let meta = &self.model.params[pg.param];
-                let off = match pg.layer {
-                    None => 0,
-                    Some(l) => meta.layers.iter().position(|&x| x == l).unwrap_or(0) * g.numel(),
-                };
-                for (dst, src) in grads[pg.param].data[off..off + g.numel()].iter_mut().zip(&g.data) {
-                    *dst += *src;
-                }
-            }
+            let grads = crate::exec::param_grads(&self.model.params, &self.backward.param_grads, &vals);
             Ok((vals[self.backward.loss.index()].data[0] as f64, grads))
         };
         if workers <= 1 {
