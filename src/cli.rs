@@ -419,6 +419,13 @@ fn train(
         })
         .unwrap_or(100);
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
+    if m.parallel.world() > 1 {
+        eprintln!(
+            "note: the {}-rank layout is checked; this runs the single-device program \
+             (data-parallel microbatches on this machine's cores; simulated ranks arrive with parallel plans)",
+            m.parallel.world()
+        );
+    }
     let eval_interval = eval_interval.or(t.eval_interval).unwrap_or((steps / 10).max(1));
     let cfg = RunConfig {
         steps,

@@ -281,3 +281,22 @@ fn tiny_moe_end_to_end() {
         );
     check_grads(&src, 256, 6);
 }
+
+#[test]
+fn rotary_embeddings() {
+    check_grads(
+        "model m {
+           dims { seq = 5, embed = 8, heads = 2, kv_heads = 2, head_dim = 4 }
+           input x: f32[batch, seq, embed]
+           param wq: [embed, heads, head_dim]
+           param wk: [embed, kv_heads, head_dim]
+           param wv: [embed, kv_heads, head_dim]
+           param t: [seq, heads, head_dim]
+           q = rope(x @ wq, theta = 100.0)
+           k = rope(x @ wk, theta = 100.0, fraction = 0.5)
+           loss = sum(attention(q, k, x @ wv, causal = true) * t, batch, seq, heads, head_dim) + sum(q * t, batch, seq, heads, head_dim)
+         }",
+        4,
+        25,
+    );
+}

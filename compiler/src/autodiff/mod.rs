@@ -303,7 +303,10 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                     }
                 }
             }
-            Op::Rope { .. } => return not("rope", "rotary embeddings are not differentiable yet"),
+            Op::Rope { theta, fraction } => {
+                let c = b.push(Op::RopeGrad { theta: *theta, fraction: *fraction }, vec![gi], node.ty.clone(), span);
+                b.accumulate(ins[0], c, span);
+            }
             Op::CrossEntropy { label_smoothing, ignore } => {
                 let tl = fwd.ty(ins[0]).clone();
                 let op = Op::CrossEntropyGrad { label_smoothing: *label_smoothing, ignore: *ignore };

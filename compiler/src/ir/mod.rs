@@ -183,7 +183,8 @@ pub enum Op {
     Dropout { p: f64 },
     /// `q, k, v [, mask] [, rel inputs]` → attention.
     Attention { causal: bool, dropout: f64, mask: bool, rel: RelPos, window: Option<u64> },
-    /// `x` → rotary embeddings on [..., seq, heads, head_dim].
+    /// `x` → rotary embeddings on [..., seq, heads, head_dim]: pairs (2i, 2i+1)
+    /// of the first `fraction` of head_dim rotate by position · theta^(−2i/rotated).
     Rope { theta: f64, fraction: f64 },
     /// (no inputs) → fixed sinusoidal positions [seq, dim].
     Sinusoid,
@@ -232,6 +233,8 @@ pub enum Op {
     AttentionGrad { which: u8, causal: bool, mask: bool, window: Option<u64> },
     /// `logits, targets, g` → dlogits of the mean cross-entropy.
     CrossEntropyGrad { label_smoothing: f64, ignore: Option<i64> },
+    /// `g` → the gradient of rope: the inverse rotation.
+    RopeGrad { theta: f64, fraction: f64 },
     /// `g, gates` → g where the gate is non-zero, 0 elsewhere (top-k's gradient).
     GateMask,
     /// `gates, g` → d tokens of dispatch: each token gathers its experts' slots.
@@ -294,6 +297,7 @@ impl Op {
             Op::DropoutGrad { .. } => "dropout_grad",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::RopeGrad { .. } => "rope_grad",
             Op::GateMask => "gate_mask",
             Op::DispatchGrad => "dispatch_grad",
             Op::CombineGradY => "combine_grad_y",

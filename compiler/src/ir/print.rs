@@ -43,7 +43,9 @@ fn attrs(op: &Op) -> String {
             }
             v
         }
-        Op::Rope { theta, fraction } => vec![format!("theta = {theta}"), format!("fraction = {fraction}")],
+        Op::Rope { theta, fraction } | Op::RopeGrad { theta, fraction } => {
+            vec![format!("theta = {theta}"), format!("fraction = {fraction}")]
+        }
         Op::CrossEntropy { label_smoothing, ignore } => {
             let mut v = vec![format!("label_smoothing = {label_smoothing}")];
             if let Some(i) = ignore {

@@ -44,7 +44,7 @@ fn arity(op: &Op) -> (usize, usize) {
             (n, n)
         }
         Op::Concat { over, .. } => (over.len(), over.len()),
-        Op::Expand | Op::Untake { .. } | Op::Slice { .. } | Op::DropoutGrad { .. } => (1, 1),
+        Op::Expand | Op::Untake { .. } | Op::Slice { .. } | Op::DropoutGrad { .. } | Op::RopeGrad { .. } => (1, 1),
         Op::Einsum | Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } | Op::EmbedGrad | Op::GateMask => (2, 2),
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
@@ -79,7 +79,12 @@ fn broadcast(a: &TensorType, b: &TensorType) -> Result<Vec<Dim>, String> {
 fn expected(g: &Graph, op: &Op, ins: &[ValueId]) -> Result<Option<TensorType>, String> {
     let t = |i: usize| g.ty(ins[i]);
     Ok(Some(match op {
-        Op::Unary { .. } | Op::Pow { .. } | Op::Softmax { .. } | Op::Dropout { .. } | Op::Rope { .. } => t(0).clone(),
+        Op::Unary { .. }
+        | Op::Pow { .. }
+        | Op::Softmax { .. }
+        | Op::Dropout { .. }
+        | Op::Rope { .. }
+        | Op::RopeGrad { .. } => t(0).clone(),
         Op::Binary { op: BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div } => {
             if t(0).dtype != t(1).dtype {
                 return Err("operand dtypes differ".into());

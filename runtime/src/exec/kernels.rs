@@ -519,6 +519,28 @@ pub fn patches<T: Real>(x: &Tensor<T>, p: usize, out: &[Dim]) -> Tensor<T> {
     Tensor { dims: out.to_vec(), data }
 }
 
+/// Rotary embeddings on `[..., seq, heads, head_dim]`: pairs (2i, 2i+1) of
+/// the first `fraction` of head_dim rotate by angle pos · theta^(−2i/rotated);
+/// `inverse` rotates back (the gradient).
+pub fn rope<T: Real>(x: &Tensor<T>, theta: f64, fraction: f64, inverse: bool) -> Tensor<T> {
+    let n = x.dims.len();
+    let (s, h, d) = (x.dims[n - 3].size as usize, x.dims[n - 2].size as usize, x.dims[n - 1].size as usize);
+    let rotated = (((d as f64) * fraction) as usize / 2) * 2;
+    let mut out = x.clone();
+    let sign = if inverse { -1.0 } else { 1.0 };
+    for (idx, chunk) in out.data.chunks_mut(d).enumerate() {
+        let pos = (idx / h) % s;
+        for i in (0..rotated).step_by(2) {
+            let angle = sign * pos as f64 * theta.powf(-(i as f64) / rotated as f64);
+            let (sin, cos) = angle.sin_cos();
+            let (a, b) = (chunk[i].to_f64().unwrap_or(0.0), chunk[i + 1].to_f64().unwrap_or(0.0));
+            chunk[i] = r(a * cos - b * sin);
+            chunk[i + 1] = r(a * sin + b * cos);
+        }
+    }
+    out
+}
+
 /// A reproducible uniform number in [0, 1) for (seed, node, element).
 pub fn uniform(seed: u64, node: u64, i: u64) -> f64 {
     let mut z = seed ^ node.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -597,6 +619,24 @@ pub fn cross_entropy_grad<T: Real>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rope_rotates_pairs_by_position() {
+        use crate::tensor::Tensor;
+        use tessera_compiler::model::Dim;
+        // seq 2, one head, head_dim 4: x = (1, 0, 1, 0) at both positions.
+        let dims = [Dim::new("seq", 2), Dim::new("heads", 1), Dim::new("head_dim", 4)];
+        let x = Tensor::<f64> { dims: dims.to_vec(), data: vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0] };
+        let y = super::rope(&x, 100.0, 1.0, false);
+        // Position 0 is unchanged; position 1 turns pair 0 by 1 rad and pair 1 by 100^(-1/2) rad.
+        assert_eq!(&y.data[..4], &[1.0, 0.0, 1.0, 0.0]);
+        let (a, b) = (1.0f64, 0.1f64);
+        for (got, want) in y.data[4..].iter().zip([a.cos(), a.sin(), b.cos(), b.sin()]) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        // The inverse rotation restores the input.
+        assert!(super::rope(&y, 100.0, 1.0, true).data.iter().zip(&x.data).all(|(p, q)| (p - q).abs() < 1e-12));
+    }
+
     #[test]
     fn fast_erf_matches_libm_to_f32_resolution() {
         let mut worst = 0.0f64;

@@ -241,6 +241,8 @@ impl Interpreter<'_> {
             }
             Op::Cast { .. } => a(0).clone(),
             Op::Patches { size } => k::patches(a(0), *size as usize, out),
+            Op::Rope { theta, fraction } => k::rope(a(0), *theta, *fraction, false),
+            Op::RopeGrad { theta, fraction } => k::rope(a(0), *theta, *fraction, true),
             Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
             Op::GateMask => moe::gate_mask(a(0), a(1)),
             Op::Dispatch => moe::dispatch(a(0), a(1), out),
