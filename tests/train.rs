@@ -258,3 +258,26 @@ fn gpt2_bpe_matches_the_reference_ids() {
     assert_eq!(bytes.encode("Hi").unwrap(), vec![72, 105]);
     assert_eq!(bytes.decode(&[72, 105]), "Hi");
 }
+
+#[test]
+fn token_files_are_little_endian_u16() {
+    use tessera::runtime::train::data::{Dataset, Split};
+    use tessera::runtime::train::tokenizer::Tokenizer;
+    let dir = tmp("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokens.bin");
+    let ids: Vec<u16> = (0..100u16).map(|i| (i * 7) % 300).collect();
+    std::fs::write(&path, ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let d = Dataset::open(&path, 0.1, 300, &Tokenizer::Bytes).expect("opens");
+    assert_eq!(d.len(), 100);
+    // A window's targets are its inputs shifted by one token.
+    let (x, y) = d.batch::<f32>(Split::Train, 2, 8, 1, 0, 0);
+    assert_eq!(&x[1..8], &y[..7]);
+    assert!(x.iter().all(|t| ids.contains(&(*t as u16))));
+    // Ids beyond the model's vocabulary are an error, not a crash.
+    let e = Dataset::open(&path, 0.1, 256, &Tokenizer::Bytes).err().expect("too small a vocab");
+    assert!(e.to_string().contains("holds token id"), "{e}");
+    // An odd number of bytes is not a u16 file.
+    std::fs::write(&path, [1u8, 2, 3]).unwrap();
+    assert!(Dataset::open(&path, 0.1, 300, &Tokenizer::Bytes).is_err());
+}
