@@ -9,7 +9,7 @@ use tessera::compiler::autodiff::differentiate;
 use tessera::compiler::{Model, Options, SourceMap, check_path};
 use tessera::runtime::exec::Interpreter;
 use tessera::runtime::tensor::Tensor;
-use tessera::runtime::train::optim::{OptimizerState, clip, learning_rate};
+use tessera::runtime::train::optim::{OptimizerState, learning_rate};
 
 struct Fixture {
     bytes: Vec<u8>,
@@ -90,15 +90,14 @@ fn check(spec: &str, fixture: &str, small: bool) {
     // shift of every score) turns float32 rounding into a full step. Our
     // gradients were checked above; this checks the optimizer.
     let train = m.train.as_ref().expect("train section");
-    let mut reference: Vec<Tensor<f32>> = m
+    let reference: Vec<Tensor<f32>> = m
         .params
         .iter()
         .map(|p| Tensor { dims: p.ty.dims.clone(), data: to32(fx.get(&format!("grad.{}", p.path))) })
         .collect();
     let mut opt = OptimizerState::new(&m.params, &train.optimizer);
-    clip(&mut reference, train.clip);
     let mut updated = params.clone();
-    opt.update(&mut updated, &reference, &m.params, learning_rate(train, 0, 1, 1), 1);
+    opt.update(&mut updated, &reference, &m.params, learning_rate(train, 0, 1, 1), 1, train.clip);
     for (p, u) in m.params.iter().zip(&updated) {
         let e = rel_err(&u.data, &fx.get(&format!("updated.{}", p.path)));
         assert!(e <= 1e-5, "{fixture}: {} after one optimizer step, relative error {e:.2e}", p.path);

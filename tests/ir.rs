@@ -68,3 +68,17 @@ fn tiny_graphs_snapshot() {
         insta::assert_snapshot!(name, m.graph.to_text());
     }
 }
+
+#[test]
+fn the_optimizer_update_is_a_verified_graph() {
+    use tessera::compiler::autodiff::update::{PER_PARAM, optimizer_update};
+    let m = check_ok("specs/tiny/gpt.spec", &[]);
+    let train = m.train.as_ref().expect("train");
+    let g = optimizer_update(&m.params, &train.optimizer, train.clip);
+    ir::verify(&g).unwrap_or_else(|e| panic!("{e}\n{}", g.to_text()));
+    // New weights and both moments for every parameter; inputs for all of them plus the hyperparameters.
+    assert_eq!(g.outputs.len(), 3 * m.params.len());
+    let inputs = g.nodes.iter().filter(|n| matches!(n.op, Op::Input { .. })).count();
+    assert_eq!(inputs, PER_PARAM * m.params.len() + 1);
+    assert!(g.nodes.iter().any(|n| matches!(n.op, Op::ClipScale { .. })), "the spec clips gradients");
+}

@@ -100,6 +100,14 @@ pub struct Param {
     pub span: Span,
 }
 
+impl Param {
+    /// Weight decay applies to matrices and embeddings (two or more dims
+    /// besides `layer`), not to biases and norm gains (GPT-2 / nanoGPT).
+    pub fn decays(&self) -> bool {
+        self.ty.dims.iter().filter(|d| d.name != "layer").count() >= 2
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExpertDim {
     pub dim: String,

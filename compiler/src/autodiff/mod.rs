@@ -7,6 +7,8 @@
 //! Named dims make broadcasting's adjoint simple: a gradient is summed over
 //! the dims its operand lacks and put in the operand's dim order.
 
+pub mod update;
+
 use crate::ir::{BinaryOp, Graph, Op, ReduceOp, RelPos, UnaryOp, ValueId};
 use crate::model::TensorType;
 use crate::syntax::ast::DType;

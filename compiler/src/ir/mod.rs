@@ -233,6 +233,9 @@ pub enum Op {
     AttentionGrad { which: u8, causal: bool, mask: bool, window: Option<u64> },
     /// `logits, targets, g` → dlogits of the mean cross-entropy.
     CrossEntropyGrad { label_smoothing: f64, ignore: Option<i64> },
+    /// `sum of squares` → min(1, clip / sqrt(sum)): the factor that clips a
+    /// gradient's global norm (1 for a zero gradient).
+    ClipScale { clip: f64 },
     /// `g` → the gradient of rope: the inverse rotation.
     RopeGrad { theta: f64, fraction: f64 },
     /// `g, gates` → g where the gate is non-zero, 0 elsewhere (top-k's gradient).
@@ -298,6 +301,7 @@ impl Op {
             Op::AttentionGrad { .. } => "attention_grad",
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
             Op::RopeGrad { .. } => "rope_grad",
+            Op::ClipScale { .. } => "clip_scale",
             Op::GateMask => "gate_mask",
             Op::DispatchGrad => "dispatch_grad",
             Op::CombineGradY => "combine_grad_y",

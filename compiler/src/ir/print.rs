@@ -67,6 +67,7 @@ fn attrs(op: &Op) -> String {
         Op::NormGradGain { dim, eps, rms } => {
             vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("rms = {rms}")]
         }
+        Op::ClipScale { clip } => vec![format!("clip = {clip}")],
         Op::Untake { dim, index } => vec![format!("dim = {dim}"), format!("index = {index}")],
         Op::Slice { dim, start, to } => vec![format!("dim = {dim}"), format!("start = {start}"), format!("to = {to}")],
         Op::DropoutGrad { p, forward } => vec![format!("p = {p}"), format!("forward = {forward}")],

@@ -242,6 +242,10 @@ impl Interpreter<'_> {
             Op::Cast { .. } => a(0).clone(),
             Op::Patches { size } => k::patches(a(0), *size as usize, out),
             Op::Rope { theta, fraction } => k::rope(a(0), *theta, *fraction, false),
+            Op::ClipScale { clip } => {
+                let norm = a(0).data[0].to_f64().unwrap_or(0.0).sqrt();
+                Tensor::scalar(r(if norm > *clip && norm > 0.0 { clip / norm } else { 1.0 }))
+            }
             Op::RopeGrad { theta, fraction } => k::rope(a(0), *theta, *fraction, true),
             Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
             Op::GateMask => moe::gate_mask(a(0), a(1)),

@@ -167,9 +167,9 @@ impl Trainer {
             g.data.iter_mut().for_each(|x| *x *= scale);
         }
         let train = self.model.train.as_ref().expect("checked in new");
-        let grad_norm = optim::clip(&mut grads, train.clip);
+        let grad_norm = optim::global_norm(&grads);
         let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
-        self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1);
+        self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1, train.clip);
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepReport {

@@ -1,8 +1,8 @@
-//! Optimizers (AdamW, SGD with momentum), learning-rate schedules with
-//! warmup, and gradient clipping by global norm.
-//!
-//! Weight decay applies to matrices and embeddings (parameters with two or
-//! more dims besides `layer`), not to biases and norm gains (GPT-2/nanoGPT).
+//! Optimizer state, learning-rate schedules with warmup, and the global
+//! gradient norm. The update itself (clipping by global norm, then AdamW or
+//! SGD with momentum) is an IR graph (`compiler::autodiff::update`) that the
+//! interpreter runs. Weight decay applies to matrices and embeddings, not to
+//! biases and norm gains (`Param::decays`).
 
 use crate::tensor::Tensor;
 use tessera_compiler::config::{Amount, LrSchedule, Optimizer, Train};
@@ -15,10 +15,8 @@ pub struct OptimizerState {
     pub m: Vec<Tensor<f32>>,
     /// Second moments (AdamW).
     pub v: Vec<Tensor<f32>>,
-}
-
-fn decays(p: &Param) -> bool {
-    p.ty.dims.iter().filter(|d| d.name != "layer").count() >= 2
+    /// The update graph, built on first use (per clipping setting).
+    graph: Option<(Option<f64>, tessera_compiler::ir::Graph)>,
 }
 
 impl OptimizerState {
@@ -28,65 +26,59 @@ impl OptimizerState {
             Optimizer::Adamw { .. } => params.iter().map(zeros).collect(),
             Optimizer::Sgd { .. } => Vec::new(),
         };
-        OptimizerState { optimizer: optimizer.clone(), m: params.iter().map(zeros).collect(), v }
+        OptimizerState { optimizer: optimizer.clone(), m: params.iter().map(zeros).collect(), v, graph: None }
     }
 
-    /// Apply one update with learning rate `lr`; `t` counts updates from 1.
-    pub fn update(&mut self, params: &mut [Tensor<f32>], grads: &[Tensor<f32>], meta: &[Param], lr: f64, t: u64) {
-        match self.optimizer.clone() {
-            Optimizer::Adamw { beta1, beta2, eps, weight_decay, .. } => {
-                let bc1 = 1.0 - beta1.powi(t as i32);
-                let bc2 = 1.0 - beta2.powi(t as i32);
-                for k in 0..params.len() {
-                    let wd = if decays(&meta[k]) { weight_decay } else { 0.0 };
-                    let (p, g, m, v) = (&mut params[k].data, &grads[k].data, &mut self.m[k].data, &mut self.v[k].data);
-                    for i in 0..p.len() {
-                        let gi = g[i] as f64;
-                        let mi = beta1 * m[i] as f64 + (1.0 - beta1) * gi;
-                        let vi = beta2 * v[i] as f64 + (1.0 - beta2) * gi * gi;
-                        m[i] = mi as f32;
-                        v[i] = vi as f32;
-                        let upd = (mi / bc1) / ((vi / bc2).sqrt() + eps) + wd * p[i] as f64;
-                        p[i] = (p[i] as f64 - lr * upd) as f32;
-                    }
-                }
-            }
-            Optimizer::Sgd { momentum, weight_decay, nesterov, .. } => {
-                for k in 0..params.len() {
-                    let wd = if decays(&meta[k]) { weight_decay } else { 0.0 };
-                    let (p, g, m) = (&mut params[k].data, &grads[k].data, &mut self.m[k].data);
-                    for i in 0..p.len() {
-                        let gi = g[i] as f64 + wd * p[i] as f64;
-                        let buf = momentum * m[i] as f64 + gi;
-                        m[i] = buf as f32;
-                        let d = if nesterov {
-                            gi + momentum * buf
-                        } else if momentum > 0.0 {
-                            buf
-                        } else {
-                            gi
-                        };
-                        p[i] = (p[i] as f64 - lr * d) as f32;
-                    }
-                }
+    /// Apply one update with learning rate `lr` (`t` counts updates from 1),
+    /// clipping the gradients' global norm to `clip` first, by running the
+    /// update graph.
+    pub fn update(
+        &mut self,
+        params: &mut [Tensor<f32>],
+        grads: &[Tensor<f32>],
+        meta: &[Param],
+        lr: f64,
+        t: u64,
+        clip: Option<f64>,
+    ) {
+        use tessera_compiler::autodiff::update::optimizer_update;
+        if self.graph.as_ref().is_none_or(|(c, _)| *c != clip) {
+            self.graph = Some((clip, optimizer_update(meta, &self.optimizer, clip)));
+        }
+        let (b1, b2) = match self.optimizer {
+            Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
+            Optimizer::Sgd { .. } => (0.0, 0.0),
+        };
+        let hyper = Tensor {
+            dims: vec![tessera_compiler::model::Dim::new("hyper", 3)],
+            data: vec![lr as f32, (1.0 - b1.powi(t as i32)) as f32, (1.0 - b2.powi(t as i32)) as f32],
+        };
+        let mut inputs = Vec::with_capacity(4 * params.len() + 1);
+        for k in 0..params.len() {
+            inputs.push(params[k].clone());
+            inputs.push(grads[k].clone());
+            inputs.push(self.m[k].clone());
+            inputs.push(self.v.get(k).cloned().unwrap_or_else(|| Tensor::zeros(&params[k].dims)));
+        }
+        inputs.push(hyper);
+        let graph = &self.graph.as_ref().expect("built above").1;
+        let vals = crate::exec::Interpreter { graph, params: &[], seed: 0 }
+            .run(&inputs, &[])
+            .expect("the update graph runs on tensors of the parameters' own types");
+        let out = |name: String| vals[graph.output(&name).expect("update output").index()].clone();
+        for k in 0..params.len() {
+            params[k] = out(format!("param.{k}"));
+            self.m[k] = out(format!("m.{k}"));
+            if !self.v.is_empty() {
+                self.v[k] = out(format!("v.{k}"));
             }
         }
     }
 }
 
-/// Scale gradients so their global L2 norm is at most `clip`; returns the norm before clipping.
-pub fn clip(grads: &mut [Tensor<f32>], clip: Option<f64>) -> f64 {
-    let norm = grads.iter().flat_map(|g| g.data.iter()).map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
-    if let Some(c) = clip
-        && norm > c
-        && norm > 0.0
-    {
-        let s = (c / norm) as f32;
-        for g in grads.iter_mut() {
-            g.data.iter_mut().for_each(|x| *x *= s);
-        }
-    }
-    norm
+/// The global L2 norm of the gradients.
+pub fn global_norm(grads: &[Tensor<f32>]) -> f64 {
+    grads.iter().flat_map(|g| g.data.iter()).map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt()
 }
 
 fn steps_of(a: Amount, tokens_per_step: u64) -> f64 {
