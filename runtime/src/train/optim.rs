@@ -54,11 +54,11 @@ impl OptimizerState {
             data: vec![lr as f32, (1.0 - b1.powi(t as i32)) as f32, (1.0 - b2.powi(t as i32)) as f32],
         };
         let mut inputs = Vec::with_capacity(4 * params.len() + 1);
-        for k in 0..params.len() {
-            inputs.push(params[k].clone());
-            inputs.push(grads[k].clone());
+        for (k, (p, g)) in params.iter().zip(grads).enumerate() {
+            inputs.push(p.clone());
+            inputs.push(g.clone());
             inputs.push(self.m[k].clone());
-            inputs.push(self.v.get(k).cloned().unwrap_or_else(|| Tensor::zeros(&params[k].dims)));
+            inputs.push(self.v.get(k).cloned().unwrap_or_else(|| Tensor::zeros(&p.dims)));
         }
         inputs.push(hyper);
         let graph = &self.graph.as_ref().expect("built above").1;
@@ -66,8 +66,8 @@ impl OptimizerState {
             .run(&inputs, &[])
             .expect("the update graph runs on tensors of the parameters' own types");
         let out = |name: String| vals[graph.output(&name).expect("update output").index()].clone();
-        for k in 0..params.len() {
-            params[k] = out(format!("param.{k}"));
+        for (k, p) in params.iter_mut().enumerate() {
+            *p = out(format!("param.{k}"));
             self.m[k] = out(format!("m.{k}"));
             if !self.v.is_empty() {
                 self.v[k] = out(format!("v.{k}"));
