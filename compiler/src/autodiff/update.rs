@@ -9,7 +9,7 @@
 //! Outputs: `param.k`, `m.k` and, for AdamW, `v.k`.
 
 use crate::config::Optimizer;
-use crate::ir::{BinaryOp, Graph, Op, ReduceOp, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, Graph, Op, ReduceOp, ValueId};
 use crate::model::{Dim, Param, TensorType};
 use crate::syntax::ast::DType;
 use crate::syntax::span::Span;
@@ -55,52 +55,40 @@ pub fn optimizer_update(params: &[Param], opt: &Optimizer, clip: Option<f64>) ->
     let hyper =
         b.push(Op::Input { index: PER_PARAM * n }, vec![], TensorType::new(DType::F32, vec![Dim::new("hyper", 3)]));
     let scalar = TensorType::scalar(DType::F32);
-    let [lr, bc1, bc2] =
-        [0, 1, 2].map(|i| b.push(Op::Take { dim: "hyper".into(), index: i }, vec![hyper], scalar.clone()));
-    // Clip by the global norm of all gradients.
-    let mut grads: Vec<ValueId> = ins.iter().map(|v| v[1]).collect();
-    if let Some(c) = clip {
-        let mut total: Option<ValueId> = None;
-        for (k, g) in grads.iter().enumerate() {
-            let sq = b.bin(BinaryOp::Mul, *g, *g);
-            let dims = params[k].ty.dims.iter().map(|d| d.name.clone()).collect();
-            let s = b.push(Op::Reduce { op: ReduceOp::Sum, dims }, vec![sq], scalar.clone());
-            total = Some(match total {
-                None => s,
-                Some(t) => b.bin(BinaryOp::Add, t, s),
-            });
+    // The learning rate, for SGD (the fused AdamW step reads all of `hyper`).
+    let lr = b.push(Op::Take { dim: "hyper".into(), index: 0 }, vec![hyper], scalar.clone());
+    // Clip by the global norm of all gradients: a scalar factor (1 without clipping).
+    let raw: Vec<ValueId> = ins.iter().map(|v| v[1]).collect();
+    let factor = match clip {
+        Some(c) if !raw.is_empty() => {
+            let mut total: Option<ValueId> = None;
+            for (k, g) in raw.iter().enumerate() {
+                let sq = b.bin(BinaryOp::Mul, *g, *g);
+                let dims = params[k].ty.dims.iter().map(|d| d.name.clone()).collect();
+                let s = b.push(Op::Reduce { op: ReduceOp::Sum, dims }, vec![sq], scalar.clone());
+                total = Some(match total {
+                    None => s,
+                    Some(t) => b.bin(BinaryOp::Add, t, s),
+                });
+            }
+            b.push(Op::ClipScale { clip: c }, vec![total.expect("non-empty")], scalar.clone())
         }
-        if let Some(t) = total {
-            let factor = b.push(Op::ClipScale { clip: c }, vec![t], scalar.clone());
-            grads = grads.iter().map(|g| b.bin(BinaryOp::Mul, *g, factor)).collect();
-        }
-    }
+        _ => b.scalar(1.0),
+    };
     for (k, p) in params.iter().enumerate() {
-        let (w, g, m, v) = (ins[k][0], grads[k], ins[k][2], ins[k][3]);
+        let (w, g, m, v) = (ins[k][0], raw[k], ins[k][2], ins[k][3]);
+        let ty = b.g.ty(w).clone();
         let (new_w, new_m, new_v) = match opt {
             Optimizer::Adamw { beta1, beta2, eps, weight_decay, .. } => {
-                let m1 = b.scale(m, *beta1);
-                let m2 = b.scale(g, 1.0 - beta1);
-                let m_new = b.bin(BinaryOp::Add, m1, m2);
-                let gg = b.bin(BinaryOp::Mul, g, g);
-                let v1 = b.scale(v, *beta2);
-                let v2 = b.scale(gg, 1.0 - beta2);
-                let v_new = b.bin(BinaryOp::Add, v1, v2);
-                let mhat = b.bin(BinaryOp::Div, m_new, bc1);
-                let vhat = b.bin(BinaryOp::Div, v_new, bc2);
-                let ty = b.g.ty(vhat).clone();
-                let root = b.push(Op::Unary { op: UnaryOp::Sqrt }, vec![vhat], ty);
-                let e = b.scalar(*eps);
-                let denom = b.bin(BinaryOp::Add, root, e);
-                let mut upd = b.bin(BinaryOp::Div, mhat, denom);
-                if p.decays() && *weight_decay != 0.0 {
-                    let wd = b.scale(w, *weight_decay);
-                    upd = b.bin(BinaryOp::Add, upd, wd);
-                }
-                let step = b.bin(BinaryOp::Mul, upd, lr);
-                (b.bin(BinaryOp::Sub, w, step), m_new, Some(v_new))
+                // Fused: one pass per moment and one for the weights.
+                let m_new = b.push(Op::AdamMoment { beta: *beta1, square: false }, vec![m, g, factor], ty.clone());
+                let v_new = b.push(Op::AdamMoment { beta: *beta2, square: true }, vec![v, g, factor], ty.clone());
+                let wd = if p.decays() { *weight_decay } else { 0.0 };
+                let w_new = b.push(Op::AdamStep { eps: *eps, weight_decay: wd }, vec![w, m_new, v_new, hyper], ty);
+                (w_new, m_new, Some(v_new))
             }
             Optimizer::Sgd { momentum, weight_decay, nesterov, .. } => {
+                let g = b.bin(BinaryOp::Mul, g, factor);
                 let gi = if p.decays() && *weight_decay != 0.0 {
                     let wd = b.scale(w, *weight_decay);
                     b.bin(BinaryOp::Add, g, wd)

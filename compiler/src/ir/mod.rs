@@ -236,6 +236,12 @@ pub enum Op {
     /// `sum of squares` → min(1, clip / sqrt(sum)): the factor that clips a
     /// gradient's global norm (1 for a zero gradient).
     ClipScale { clip: f64 },
+    /// `moment, g, scale` → β·moment + (1 − β)·(scale·g)ᵖ with p = 2 for the
+    /// second moment (a fused AdamW moment update; `scale` is the clip factor).
+    AdamMoment { beta: f64, square: bool },
+    /// `w, m, v, hyper` → w − lr·((m / bc1) / (√(v / bc2) + eps) + wd·w), with
+    /// hyper = [lr, bc1, bc2] (a fused AdamW weight update).
+    AdamStep { eps: f64, weight_decay: f64 },
     /// `g` → the gradient of rope: the inverse rotation.
     RopeGrad { theta: f64, fraction: f64 },
     /// `g, gates` → g where the gate is non-zero, 0 elsewhere (top-k's gradient).
@@ -302,6 +308,8 @@ impl Op {
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
             Op::RopeGrad { .. } => "rope_grad",
             Op::ClipScale { .. } => "clip_scale",
+            Op::AdamMoment { .. } => "adam_moment",
+            Op::AdamStep { .. } => "adam_step",
             Op::GateMask => "gate_mask",
             Op::DispatchGrad => "dispatch_grad",
             Op::CombineGradY => "combine_grad_y",

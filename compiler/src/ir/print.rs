@@ -68,6 +68,8 @@ fn attrs(op: &Op) -> String {
             vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("rms = {rms}")]
         }
         Op::ClipScale { clip } => vec![format!("clip = {clip}")],
+        Op::AdamMoment { beta, square } => vec![format!("beta = {beta}"), format!("square = {square}")],
+        Op::AdamStep { eps, weight_decay } => vec![format!("eps = {eps}"), format!("weight_decay = {weight_decay}")],
         Op::Untake { dim, index } => vec![format!("dim = {dim}"), format!("index = {index}")],
         Op::Slice { dim, start, to } => vec![format!("dim = {dim}"), format!("start = {start}"), format!("to = {to}")],
         Op::DropoutGrad { p, forward } => vec![format!("p = {p}"), format!("forward = {forward}")],

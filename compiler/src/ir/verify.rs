@@ -46,6 +46,8 @@ fn arity(op: &Op) -> (usize, usize) {
         Op::Concat { over, .. } => (over.len(), over.len()),
         Op::Expand | Op::Untake { .. } | Op::Slice { .. } | Op::DropoutGrad { .. } | Op::RopeGrad { .. } => (1, 1),
         Op::ClipScale { .. } => (1, 1),
+        Op::AdamMoment { .. } => (3, 3),
+        Op::AdamStep { .. } => (4, 4),
         Op::Einsum | Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } | Op::EmbedGrad | Op::GateMask => (2, 2),
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),

@@ -242,6 +242,33 @@ impl Interpreter<'_> {
             Op::Cast { .. } => a(0).clone(),
             Op::Patches { size } => k::patches(a(0), *size as usize, out),
             Op::Rope { theta, fraction } => k::rope(a(0), *theta, *fraction, false),
+            Op::AdamMoment { beta, square } => {
+                let (b, s) = (r::<T>(*beta), a(2).data[0]);
+                let one_minus = T::one() - b;
+                let data = a(0)
+                    .data
+                    .iter()
+                    .zip(&a(1).data)
+                    .map(|(m, g)| {
+                        let g = *g * s;
+                        b * *m + one_minus * if *square { g * g } else { g }
+                    })
+                    .collect();
+                Tensor { dims: out.clone(), data }
+            }
+            Op::AdamStep { eps, weight_decay } => {
+                let h = &a(3).data;
+                let (lr, bc1, bc2) = (h[0], h[1], h[2]);
+                let (eps, wd) = (r::<T>(*eps), r::<T>(*weight_decay));
+                let data = a(0)
+                    .data
+                    .iter()
+                    .zip(&a(1).data)
+                    .zip(&a(2).data)
+                    .map(|((w, m), v)| *w - lr * ((*m / bc1) / ((*v / bc2).sqrt() + eps) + wd * *w))
+                    .collect();
+                Tensor { dims: out.clone(), data }
+            }
             Op::ClipScale { clip } => {
                 let norm = a(0).data[0].to_f64().unwrap_or(0.0).sqrt();
                 Tensor::scalar(r(if norm > *clip && norm > 0.0 { clip / norm } else { 1.0 }))
