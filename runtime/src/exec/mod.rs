@@ -124,6 +124,15 @@ impl Interpreter<'_> {
         let id = ValueId(i as u32);
         let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
         let a = |j: usize| &vals[node.inputs[j].index()];
+        // Attention's operands are q, k, v and, when masked, the mask.
+        let attn = |causal: bool, mask: bool, window| attention::Attn {
+            q: a(0),
+            k: a(1),
+            v: a(2),
+            mask: mask.then(|| a(3)),
+            causal,
+            window,
+        };
         let out = &node.ty.dims;
         let v: Tensor<T> = match &node.op {
             Op::Input { index } => {
@@ -206,30 +215,14 @@ impl Interpreter<'_> {
                         "attention dropout and relative positions are not in the CPU interpreter yet".into(),
                     ));
                 }
-                let at = attention::Attn {
-                    q: a(0),
-                    k: a(1),
-                    v: a(2),
-                    mask: mask.then(|| a(3)),
-                    causal: *causal,
-                    window: *window,
-                };
-                at.forward(out)
+                attn(*causal, *mask, *window).forward(out)
             }
             Op::AttentionGrad { which, causal, mask, window } => {
                 // One pass computes dq, dk and dv; the three nodes share it.
                 let key = node.inputs.clone();
                 if !attn_grads.contains_key(&key) {
                     let gv = a(3 + usize::from(*mask));
-                    let at = attention::Attn {
-                        q: a(0),
-                        k: a(1),
-                        v: a(2),
-                        mask: mask.then(|| a(3)),
-                        causal: *causal,
-                        window: *window,
-                    };
-                    attn_grads.insert(key.clone(), at.backward(gv));
+                    attn_grads.insert(key.clone(), attn(*causal, *mask, *window).backward(gv));
                 }
                 attn_grads[&key][*which as usize].clone()
             }
