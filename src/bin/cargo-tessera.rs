@@ -1,4 +1,9 @@
 //! `cargo tessera ...`: cargo runs this binary as `cargo-tessera tessera ...`.
+// Training allocates and frees large activation buffers every step; mimalloc
+// reuses them instead of returning pages to the kernel and faulting them back.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "tessera") {

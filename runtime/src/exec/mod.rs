@@ -104,7 +104,7 @@ impl Interpreter<'_> {
         if profile {
             let mut rows: Vec<_> = times.into_iter().collect();
             rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
-            for (op, (t, n)) in rows.iter().take(12) {
+            for (op, (t, n)) in rows.iter().take(40) {
                 eprintln!("profile {op:<20} {:>9.2} ms  {n:>5} nodes", t * 1e3);
             }
         }
