@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tessera_compiler::cost::{self, memory};
 use tessera_compiler::diag::write_diags;
@@ -75,6 +75,14 @@ enum Command {
         /// Training data (default: the spec's `train.data`).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Also train the PyTorch peer of this model (benches/pytorch/train_bench.py)
+        /// with this Python, in the same run, and report the ratio.
+        #[arg(long, value_name = "PYTHON")]
+        pytorch: Option<PathBuf>,
+        /// The machine's fp32 peak per core, GFLOP/s, for the GEMM figure
+        /// (default: Zen 4, 2 FMA pipes × 8 lanes × 2 × ~3.7 GHz).
+        #[arg(long, default_value_t = 118.0)]
+        peak_per_core: f64,
     },
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
@@ -148,8 +156,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Bench { spec, steps, json, data } => match load(&spec) {
-            Ok(m) => bench(m, steps, json, data),
+        Command::Bench { spec, steps, json, data, pytorch, peak_per_core } => match load(&spec) {
+            Ok(m) => bench(m, steps, json, data, pytorch, peak_per_core),
             Err(code) => code,
         },
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
@@ -592,7 +600,50 @@ fn gemm_gflops(n: usize) -> f64 {
     2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
-fn bench(m: Model, steps: u64, json: bool, data: Option<PathBuf>) -> ExitCode {
+/// The PyTorch peer's tokens/s for the bench model `name` (same steps and threads).
+fn pytorch_peer(python: &Path, name: &str, steps: u64, threads: usize) -> Result<f64, String> {
+    let model = match name {
+        "tiny" => "tiny",
+        "moe_tiny" => "moe-tiny",
+        other => {
+            return Err(format!(
+                "the PyTorch peer has only the bench models `tiny` and `moe_tiny` (specs/bench/), not `{other}`"
+            ));
+        }
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pytorch/train_bench.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--model", model, "--steps", &steps.to_string(), "--threads", &threads.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        return Err(format!(
+            "{} {} failed: {}\n  help: the peer needs PyTorch (see benches/README.md)",
+            python.display(),
+            script.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("the PyTorch peer printed no JSON line: {text}"))?;
+    v["tokens_per_s"].as_f64().ok_or_else(|| format!("no `tokens_per_s` in the peer's output: {v}"))
+}
+
+fn bench(
+    m: Model,
+    steps: u64,
+    json: bool,
+    data: Option<PathBuf>,
+    pytorch: Option<PathBuf>,
+    peak_per_core: f64,
+) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
     let flops_per_token = cost::flops_per_token_train(&m);
     let name = m.name.clone();
@@ -634,20 +685,40 @@ fn bench(m: Model, steps: u64, json: bool, data: Option<PathBuf>) -> ExitCode {
     let secs = start.elapsed().as_secs_f64();
     let tps = tokens as f64 / secs;
     let gflops = tps * flops_per_token / 1e9;
+    drop(t);
     let gemm = gemm_gflops(1024);
     let threads = tessera_runtime::exec::threads();
+    let peak = peak_per_core * threads as f64;
+    let peer = match pytorch.map(|py| pytorch_peer(&py, &name, steps.max(1), threads)).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     if json {
-        let j = json!({
+        let mut j = json!({
             "model": name, "steps": steps, "tokens_per_s": tps, "gflops": gflops, "step_time_s": secs / steps.max(1) as f64,
-            "flops_per_token_train": flops_per_token, "gemm_gflops_1024": gemm, "threads": threads, "final_loss": last,
+            "flops_per_token_train": flops_per_token, "gemm_gflops_1024": gemm, "peak_gflops": peak,
+            "threads": threads, "final_loss": last,
         });
+        if let Some(p) = peer {
+            j["pytorch_tokens_per_s"] = json!(p);
+            j["ratio"] = json!(tps / p);
+        }
         println!("{j}");
     } else {
         println!(
             "{name}: {tps:.0} tokens/s, {gflops:.1} GFLOP/s achieved ({:.3} s/step over {steps} steps, {threads} threads)",
             secs / steps.max(1) as f64
         );
-        println!("GEMM 1024³ f32: {gemm:.1} GFLOP/s");
+        if let Some(p) = peer {
+            println!("PyTorch peer: {p:.0} tokens/s; Tessera/PyTorch = {:.2}", tps / p);
+        }
+        println!(
+            "GEMM 1024³ f32: {gemm:.1} GFLOP/s = {:.0}% of the {peak:.0} GFLOP/s peak ({threads} cores × {peak_per_core})",
+            100.0 * gemm / peak
+        );
     }
     ExitCode::SUCCESS
 }

@@ -6,4 +6,5 @@
 pub use tessera_compiler as compiler;
 pub use tessera_runtime as runtime;
 
+pub mod alloc;
 pub mod cli;

@@ -7,8 +7,20 @@ use std::fmt::Debug;
 use tessera_compiler::model::{Dim, TensorType};
 
 /// The element types the interpreter computes in.
-pub trait Real: Float + Default + Debug + Send + Sync + 'static + std::ops::AddAssign {}
-impl Real for f32 {}
+pub trait Real: Float + Default + Debug + Send + Sync + 'static + std::ops::AddAssign {
+    /// e^x: a vectorizable polynomial within 2 ulp for f32, libm for f64 (the
+    /// f64 runs are the finite-difference oracle, so they keep libm).
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+}
+impl Real for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        crate::exec::fast::exp_f32(self)
+    }
+}
 impl Real for f64 {}
 
 /// Convert a number into the element type (exact for the small integers ids and masks use).
@@ -96,14 +108,28 @@ impl<T: Real> Tensor<T> {
     pub fn sum_over(&self, names: &[String]) -> Tensor<T> {
         let keep: Vec<Dim> = self.dims.iter().filter(|d| !names.contains(&d.name)).cloned().collect();
         let reduced: usize = self.dims.iter().filter(|d| names.contains(&d.name)).map(|d| d.size as usize).product();
-        // Reducing leading dims (a bias gradient): add up contiguous rows.
-        let lead = self.dims.iter().take_while(|d| names.contains(&d.name)).count();
-        if lead == names.len() && lead > 0 {
-            let w: usize = keep.iter().map(|d| d.size as usize).product::<usize>().max(1);
-            let mut out = vec![T::zero(); w];
-            for row in self.data.chunks(w) {
-                for (o, v) in out.iter_mut().zip(row) {
-                    *o += *v;
+        // The reduced dims one contiguous run of the layout (a bias gradient,
+        // a sum over slots): out[o, i] = Σ_r x[o, r, i] over contiguous rows,
+        // with no transpose.
+        let first = self.dims.iter().position(|d| names.contains(&d.name));
+        if let Some(f) = first
+            && self.dims[f..f + names.len().min(self.dims.len() - f)].iter().all(|d| names.contains(&d.name))
+            && names.len() <= self.dims.len() - f
+        {
+            let inner: usize = self.dims[f + names.len()..].iter().map(|d| d.size as usize).product();
+            let outer: usize = self.dims[..f].iter().map(|d| d.size as usize).product();
+            let mut out = vec![T::zero(); outer * inner];
+            if inner > 0 && reduced > 0 {
+                for (o, block) in out.chunks_mut(inner).zip(self.data.chunks(reduced * inner)) {
+                    if inner == 1 {
+                        o[0] = block.iter().fold(T::zero(), |a, b| a + *b);
+                        continue;
+                    }
+                    for row in block.chunks(inner) {
+                        for (o, v) in o.iter_mut().zip(row) {
+                            *o += *v;
+                        }
+                    }
                 }
             }
             return Tensor { dims: keep, data: out };

@@ -4,5 +4,6 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    tessera::alloc::keep_freed_memory();
     tessera::cli::main(std::env::args_os().collect())
 }

@@ -119,8 +119,11 @@ impl<T: Real> Attn<'_, T> {
         Some((bases, [q_stride, s[1], s[2]]))
     }
 
-    /// Scores → probabilities for queries [i0, i0 + rows) of (l, h), in `p` (rows × sk).
-    /// Fully masked rows become zeros.
+    /// Scores → probabilities for queries [i0, i0 + rows) of (l, h), in `p`
+    /// (rows × sk, row stride sk). Returns `kend`: under a causal mask no
+    /// query of the block sees keys from `kend` on, so only columns
+    /// [0, kend) are computed and callers contract over those alone (half the
+    /// work of causal attention). Fully masked rows become zeros.
     #[allow(clippy::too_many_arguments)]
     fn probs(
         &self,
@@ -131,15 +134,16 @@ impl<T: Real> Attn<'_, T> {
         i0: usize,
         rows: usize,
         p: &mut [T],
-    ) {
+    ) -> usize {
         let hk = h / (s.hq / s.hk).max(1);
         let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
-        p[..rows * s.sk].iter_mut().for_each(|x| *x = T::zero());
+        let shift = s.sk as i64 - s.sq as i64;
+        let kend = if self.causal { (i0 as i64 + rows as i64 + shift).clamp(0, s.sk as i64) as usize } else { s.sk };
         // SAFETY: q rows i0.. of head h and k rows of head hk lie inside q and k.
         unsafe {
             mm(
                 rows,
-                s.sk,
+                kend,
                 s.d,
                 p.as_mut_ptr(),
                 s.sk,
@@ -152,10 +156,9 @@ impl<T: Real> Attn<'_, T> {
                 s.hk * s.d,
             );
         }
-        let shift = s.sk as i64 - s.sq as i64;
         for r in 0..rows {
             let i = i0 + r;
-            let row = &mut p[r * s.sk..(r + 1) * s.sk];
+            let row = &mut p[r * s.sk..r * s.sk + kend];
             let end = i as i64 + shift;
             let mut max = T::neg_infinity();
             for (j, x) in row.iter_mut().enumerate() {
@@ -177,13 +180,15 @@ impl<T: Real> Attn<'_, T> {
             }
             let mut sum = T::zero();
             for x in row.iter_mut() {
-                *x = (*x - max).exp();
+                *x = (*x - max).exp_fast();
                 sum += *x;
             }
+            let inv = T::one() / sum;
             for x in row.iter_mut() {
-                *x = *x / sum;
+                *x = *x * inv;
             }
         }
+        kend
     }
 
     /// Run `f(l, hk)` for every lead index and kv head, over all threads.
@@ -213,13 +218,13 @@ impl<T: Real> Attn<'_, T> {
             for h in hk * group..(hk + 1) * group {
                 for i0 in (0..s.sq).step_by(BLOCK) {
                     let rows = BLOCK.min(s.sq - i0);
-                    self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p);
                     // SAFETY: this thread alone writes out[l, i0.., h, :].
                     unsafe {
                         mm(
                             rows,
                             s.dv,
-                            s.sk,
+                            kend,
                             dst.get().add(((l * s.sq + i0) * s.hq + h) * s.dv),
                             s.hq * s.dv,
                             false,
@@ -255,7 +260,7 @@ impl<T: Real> Attn<'_, T> {
             for h in hk * group..(hk + 1) * group {
                 for i0 in (0..s.sq).step_by(BLOCK) {
                     let rows = BLOCK.min(s.sq - i0);
-                    self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p);
                     let go = g.data.as_ptr().wrapping_add(((l * s.sq + i0) * s.hq + h) * s.dv);
                     let qo = self.q.data.as_ptr().wrapping_add(((l * s.sq + i0) * s.hq + h) * s.d);
                     let ko = (l * s.sk * s.hk + hk) * s.d;
@@ -265,7 +270,7 @@ impl<T: Real> Attn<'_, T> {
                     unsafe {
                         // dV += Pᵀ · dO
                         mm(
-                            s.sk,
+                            kend,
                             s.dv,
                             rows,
                             pv.get().add(vo),
@@ -281,7 +286,7 @@ impl<T: Real> Attn<'_, T> {
                         // dP = dO · Vᵀ
                         mm(
                             rows,
-                            s.sk,
+                            kend,
                             s.dv,
                             dp.as_mut_ptr(),
                             s.sk,
@@ -296,7 +301,7 @@ impl<T: Real> Attn<'_, T> {
                     }
                     // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
                     for r in 0..rows {
-                        let (pr, dr) = (&p[r * s.sk..(r + 1) * s.sk], &mut dp[r * s.sk..(r + 1) * s.sk]);
+                        let (pr, dr) = (&p[r * s.sk..r * s.sk + kend], &mut dp[r * s.sk..r * s.sk + kend]);
                         let mut dd = T::zero();
                         for (a, b) in pr.iter().zip(dr.iter()) {
                             dd += *a * *b;
@@ -311,7 +316,7 @@ impl<T: Real> Attn<'_, T> {
                         mm(
                             rows,
                             s.d,
-                            s.sk,
+                            kend,
                             pq.get().add(dqo),
                             s.hq * s.d,
                             false,
@@ -324,7 +329,7 @@ impl<T: Real> Attn<'_, T> {
                         );
                         // dK += dSᵀ · Q
                         mm(
-                            s.sk,
+                            kend,
                             s.d,
                             rows,
                             pk.get().add(ko),

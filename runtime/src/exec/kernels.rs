@@ -2,6 +2,7 @@
 //! tensors. Contractions go to the `gemm` crate; the rest are plain loops
 //! over contiguous rows after a transpose by name.
 
+use super::fast::{as_f32, as_f32_mut, erf_f32, exp_f32, par_rows};
 use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset, for_each_offset2, r};
 use tessera_compiler::ir::{BinaryOp, UnaryOp};
 use tessera_compiler::model::Dim;
@@ -15,31 +16,58 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) 
         BinaryOp::Div => x / y,
     };
     let n: usize = out.iter().map(|d| d.size as usize).product();
-    // Fast paths: same layout, or one side a trailing block / scalar repeated.
+    // Fast paths, split over threads: same layout, or one side a trailing
+    // block (a bias) or a scalar repeated over the other.
     let suffix = |t: &Tensor<T>| out.ends_with(&t.dims) && (a.dims == out || b.dims == out);
-    if a.dims == out && b.dims == out {
-        return Tensor { dims: out.to_vec(), data: a.data.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).collect() };
-    }
-    if a.dims == out && suffix(b) {
-        let w = b.numel().max(1);
-        let mut data = Vec::with_capacity(n);
-        for c in a.data.chunks(w) {
-            data.extend(c.iter().zip(&b.data).map(|(x, y)| f(*x, *y)));
-        }
-        return Tensor { dims: out.to_vec(), data };
-    }
-    if b.dims == out && suffix(a) {
-        let w = a.numel().max(1);
-        let mut data = Vec::with_capacity(n);
-        for c in b.data.chunks(w) {
-            data.extend(a.data.iter().zip(c).map(|(x, y)| f(*x, *y)));
-        }
+    let fast = if a.dims == out && (b.dims == out || suffix(b)) {
+        Some((a, b, false))
+    } else if b.dims == out && suffix(a) {
+        Some((b, a, true))
+    } else {
+        None
+    };
+    if let Some((full, part, part_left)) = fast {
+        let w = part.numel().max(1);
+        let mut data = vec![T::zero(); n];
+        // Rows of `w` elements line up with the repeated operand.
+        let row = if w == n { (n / 64).max(1) } else { w };
+        par_rows(&mut data, row, |first, chunk| {
+            let start = first * row;
+            let xs = &full.data[start..start + chunk.len()];
+            let apply = |o: &mut [T], x: &[T], y: &[T]| {
+                if part_left { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
+            };
+            if w == n {
+                apply(chunk, xs, &part.data[start..start + xs.len()]);
+            } else {
+                for (o, x) in chunk.chunks_mut(w).zip(xs.chunks(w)) {
+                    apply(o, x, &part.data);
+                }
+            }
+        });
         return Tensor { dims: out.to_vec(), data };
     }
     let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
     let mut data = Vec::with_capacity(n);
     for_each_offset2(out, &sa, &sb, |i, j| data.push(f(a.data[i], b.data[j])));
     Tensor { dims: out.to_vec(), data }
+}
+
+/// o = x ∘ y elementwise, one tight loop per op.
+fn zip_into<T: Real>(op: BinaryOp, o: &mut [T], x: &[T], y: &[T]) {
+    macro_rules! each {
+        ($f:expr) => {
+            for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+                *o = $f(*x, *y);
+            }
+        };
+    }
+    match op {
+        BinaryOp::Add => each!(|x: T, y: T| x + y),
+        BinaryOp::Sub => each!(|x: T, y: T| x - y),
+        BinaryOp::Mul => each!(|x: T, y: T| x * y),
+        BinaryOp::Div => each!(|x: T, y: T| x / y),
+    }
 }
 
 fn erf(x: f64) -> f64 {
@@ -105,44 +133,44 @@ pub fn unary_df(op: UnaryOp, x: f64) -> f64 {
     }
 }
 
-/// erf for f32 arguments (Abramowitz & Stegun 7.1.26, evaluated in f64:
-/// absolute error below 1.5e-7 plus one f32 rounding), several times faster
-/// than libm's erf.
-#[inline]
-fn erf_fast(x: f32) -> f32 {
-    let x = x as f64;
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let poly =
-        ((((1.061_405_429 * t - 1.453_152_027) * t + 1.421_413_741) * t - 0.284_496_736) * t + 0.254_829_592) * t;
-    ((1.0 - poly * (-x * x).exp()).copysign(x)) as f32
+/// GELU(x) in f32 (vectorizable erf).
+#[inline(always)]
+fn gelu_f32(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// GELU in the element type (a fast erf for f32, libm's erf for f64).
-fn gelu_t<T: Real>(x: T) -> T {
-    let h = r::<T>(0.5);
-    let e = if std::mem::size_of::<T>() == 4 {
-        r::<T>(erf_fast(x.to_f32().unwrap_or(f32::NAN) * std::f32::consts::FRAC_1_SQRT_2) as f64)
-    } else {
-        r::<T>(libm::erf(x.to_f64().unwrap_or(f64::NAN) * std::f64::consts::FRAC_1_SQRT_2))
-    };
-    h * x * (T::one() + e)
+/// GELU'(x) in f32.
+#[inline(always)]
+fn gelu_dt_f32(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
+    cdf + x * exp_f32(-0.5 * x * x) * 0.398_942_3
 }
 
-fn gelu_dt<T: Real>(x: T) -> T {
-    let xf = x.to_f64().unwrap_or(f64::NAN);
-    if std::mem::size_of::<T>() == 4 {
-        let xs = xf as f32;
-        let cdf = 0.5 * (1.0 + erf_fast(xs * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = (-0.5 * xs * xs).exp() * 0.398_942_3;
-        r((cdf + xs * pdf) as f64)
-    } else {
-        r(unary_df(UnaryOp::Gelu, xf))
-    }
+/// `f` over x (and `g`), in f32 over all kernel threads; `None` for f64.
+fn map_f32<T: Real>(
+    x: &Tensor<T>,
+    g: Option<&Tensor<T>>,
+    f: impl Fn(f32, f32) -> f32 + Sync + Send,
+) -> Option<Tensor<T>> {
+    let xs = as_f32(&x.data)?;
+    let gs = g.map(|g| as_f32(&g.data)).unwrap_or(Some(xs))?;
+    let mut data = vec![T::zero(); xs.len()];
+    let out = as_f32_mut(&mut data)?;
+    let row = (xs.len() / 64).max(1);
+    par_rows(out, row, |first, o| {
+        let start = first * row;
+        for ((o, x), g) in o.iter_mut().zip(&xs[start..]).zip(&gs[start..]) {
+            *o = f(*x, *g);
+        }
+    });
+    Some(Tensor { dims: x.dims.clone(), data })
 }
 
 pub fn unary<T: Real>(op: UnaryOp, x: &Tensor<T>) -> Tensor<T> {
-    if op == UnaryOp::Gelu {
-        return Tensor { dims: x.dims.clone(), data: x.data.iter().map(|v| gelu_t(*v)).collect() };
+    if op == UnaryOp::Gelu
+        && let Some(t) = map_f32(x, None, |v, _| gelu_f32(v))
+    {
+        return t;
     }
     Tensor {
         dims: x.dims.clone(),
@@ -151,11 +179,10 @@ pub fn unary<T: Real>(op: UnaryOp, x: &Tensor<T>) -> Tensor<T> {
 }
 
 pub fn unary_grad<T: Real>(op: UnaryOp, x: &Tensor<T>, g: &Tensor<T>) -> Tensor<T> {
-    if op == UnaryOp::Gelu {
-        return Tensor {
-            dims: x.dims.clone(),
-            data: x.data.iter().zip(&g.data).map(|(v, gv)| *gv * gelu_dt(*v)).collect(),
-        };
+    if op == UnaryOp::Gelu
+        && let Some(t) = map_f32(x, Some(g), |v, gv| gv * gelu_dt_f32(v))
+    {
+        return t;
     }
     let data =
         x.data.iter().zip(&g.data).map(|(v, gv)| *gv * r::<T>(unary_df(op, v.to_f64().unwrap_or(f64::NAN)))).collect();
@@ -255,14 +282,12 @@ pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
 }
 
 /// Apply `f` to each row along `dim` (moved last), then restore the order.
-fn rows<T: Real>(x: &Tensor<T>, dim: &str, mut f: impl FnMut(&mut [T])) -> Tensor<T> {
+fn rows<T: Real>(x: &Tensor<T>, dim: &str, f: impl Fn(&mut [T]) + Sync + Send) -> Tensor<T> {
     let last = x.dims.last().is_some_and(|d| d.name == dim);
     let p = if last { x.clone() } else { x.move_last(&[dim]) };
     let len = p.size(dim).max(1);
     let mut data = p.data;
-    for row in data.chunks_mut(len) {
-        f(row);
-    }
+    par_rows(&mut data, len, |_, rows| rows.chunks_mut(len).for_each(&f));
     let t = Tensor { dims: p.dims, data };
     if last { t } else { t.permute(&x.dims) }
 }
@@ -279,12 +304,21 @@ fn dim_last<'t, T: Real>(x: &'t Tensor<T>, dim: &str) -> std::borrow::Cow<'t, Te
 pub fn softmax<T: Real>(x: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
     rows(x, dim, |row| {
         let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
-        for v in row.iter() {
-            sum += (*v - max).exp();
-        }
-        for v in row.iter_mut() {
-            *v = if log { *v - max - sum.ln() } else { (*v - max).exp() / sum };
+        if log {
+            let mut sum = T::zero();
+            for v in row.iter() {
+                sum += (*v - max).exp_fast();
+            }
+            let lse = max + sum.ln();
+            row.iter_mut().for_each(|v| *v = *v - lse);
+        } else {
+            let mut sum = T::zero();
+            for v in row.iter_mut() {
+                *v = (*v - max).exp_fast();
+                sum += *v;
+            }
+            let inv = T::one() / sum;
+            row.iter_mut().for_each(|v| *v = *v * inv);
         }
     })
 }
@@ -354,16 +388,26 @@ pub fn norm_grad_x<T: Real>(
     let len = px.size(dim).max(1);
     let n = r::<T>(len as f64);
     let mut out = vec![T::zero(); px.data.len()];
-    for ((o, xr), gr) in out.chunks_mut(len).zip(px.data.chunks(len)).zip(pg.data.chunks(len)) {
-        let (mean, inv) = norm_stats(xr, eps, rms);
-        let dxh: Vec<T> = gr.iter().enumerate().map(|(i, gv)| gain.map(|g| *gv * g.data[i]).unwrap_or(*gv)).collect();
-        let xh: Vec<T> = xr.iter().map(|v| (*v - mean) * inv).collect();
-        let m1 = if rms { T::zero() } else { dxh.iter().fold(T::zero(), |a, b| a + *b) / n };
-        let m2 = dxh.iter().zip(&xh).fold(T::zero(), |a, (d, h)| a + *d * *h) / n;
-        for i in 0..len {
-            o[i] = inv * (dxh[i] - m1 - xh[i] * m2);
+    let ones = vec![T::one(); len];
+    let gain = gain.map(|g| &g.data[..]).unwrap_or(&ones);
+    par_rows(&mut out, len, |first, o| {
+        for (k, o) in o.chunks_mut(len).enumerate() {
+            let (xr, gr) = (&px.data[(first + k) * len..][..len], &pg.data[(first + k) * len..][..len]);
+            let (mean, inv) = norm_stats(xr, eps, rms);
+            // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)).
+            let (mut m1, mut m2) = (T::zero(), T::zero());
+            for ((x, g), w) in xr.iter().zip(gr).zip(gain) {
+                let d = *g * *w;
+                m1 += d;
+                m2 += d * (*x - mean) * inv;
+            }
+            let m1 = if rms { T::zero() } else { m1 / n };
+            let m2 = m2 / n;
+            for (((o, x), g), w) in o.iter_mut().zip(xr).zip(gr).zip(gain) {
+                *o = inv * (*g * *w - m1 - (*x - mean) * inv * m2);
+            }
         }
-    }
+    });
     Tensor { dims: px.dims.clone(), data: out }.permuted(&x.dims).into_owned()
 }
 
@@ -620,6 +664,51 @@ pub fn cross_entropy_grad<T: Real>(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn binary_broadcasts_by_name_on_every_path() {
+        use crate::tensor::Tensor;
+        use tessera_compiler::ir::BinaryOp;
+        use tessera_compiler::model::Dim;
+        let (a, b, c) = (Dim::new("a", 3), Dim::new("b", 50), Dim::new("c", 700));
+        let t = |dims: Vec<Dim>| {
+            let n: usize = dims.iter().map(|d| d.size as usize).product();
+            Tensor::<f32> { dims, data: (0..n).map(|i| (i % 97) as f32 + 0.5).collect() }
+        };
+        let out = vec![a.clone(), b.clone(), c.clone()];
+        // Same layout, a trailing block on either side, a scalar, a middle dim.
+        let cases = [
+            (t(out.clone()), t(out.clone())),
+            (t(out.clone()), t(vec![c.clone()])),
+            (t(vec![b.clone(), c.clone()]), t(out.clone())),
+            (t(out.clone()), t(vec![])),
+            (t(out.clone()), t(vec![b.clone()])),
+            (t(vec![a.clone()]), t(out.clone())),
+        ];
+        for (x, y) in &cases {
+            let got = super::binary(BinaryOp::Sub, x, y, &out);
+            let at = |t: &Tensor<f32>, i: usize, j: usize, k: usize| {
+                let idx = t.dims.iter().fold(0, |acc, d| {
+                    acc * d.size as usize
+                        + if d.name == "a" {
+                            i
+                        } else if d.name == "b" {
+                            j
+                        } else {
+                            k
+                        }
+                });
+                t.data[idx]
+            };
+            for i in 0..3 {
+                for j in 0..50 {
+                    for k in 0..700 {
+                        assert_eq!(got.data[(i * 50 + j) * 700 + k], at(x, i, j, k) - at(y, i, j, k));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn rope_rotates_pairs_by_position() {
         use crate::tensor::Tensor;
         use tessera_compiler::model::Dim;
@@ -635,15 +724,5 @@ mod tests {
         }
         // The inverse rotation restores the input.
         assert!(super::rope(&y, 100.0, 1.0, true).data.iter().zip(&x.data).all(|(p, q)| (p - q).abs() < 1e-12));
-    }
-
-    #[test]
-    fn fast_erf_matches_libm_to_f32_resolution() {
-        let mut worst = 0.0f64;
-        for i in -4000..=4000 {
-            let x = i as f32 / 1000.0;
-            worst = worst.max((super::erf_fast(x) as f64 - libm::erf(x as f64)).abs());
-        }
-        assert!(worst < 2e-7, "max error {worst}");
     }
 }

@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod decode;
+pub(crate) mod fast;
 pub mod kernels;
 pub mod moe;
 
