@@ -47,6 +47,33 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) 
         });
         return Tensor { dims: out.to_vec(), data };
     }
+    // One side is `out` without a contiguous run of its dims (a bias
+    // [expert, mlp] over [expert, slots, mlp]): rows of the other side.
+    let gap = |t: &Tensor<T>| -> Option<(usize, usize)> {
+        let lead = out.iter().zip(&t.dims).take_while(|(o, d)| o == d).count();
+        let tail = t.dims.len() - lead;
+        (tail <= out.len() - lead && out[out.len() - tail..] == t.dims[lead..]).then(|| {
+            let inner: usize = t.dims[lead..].iter().map(|d| d.size as usize).product();
+            let mid: usize = out[lead..out.len() - tail].iter().map(|d| d.size as usize).product();
+            (mid, inner.max(1))
+        })
+    };
+    let middle = if a.dims == out { gap(b).map(|g| (a, b, false, g)) } else { None };
+    let middle = middle.or_else(|| if b.dims == out { gap(a).map(|g| (b, a, true, g)) } else { None });
+    if let Some((full, part, part_left, (mid, inner))) = middle
+        && inner >= 16
+    {
+        let mut data = vec![T::zero(); n];
+        par_rows(&mut data, inner, |first, chunk| {
+            for (k, o) in chunk.chunks_mut(inner).enumerate() {
+                let row = first + k;
+                let x = &full.data[row * inner..][..inner];
+                let y = &part.data[(row / mid) * inner..][..inner];
+                if part_left { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
+            }
+        });
+        return Tensor { dims: out.to_vec(), data };
+    }
     let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
     let mut data = Vec::with_capacity(n);
     for_each_offset2(out, &sa, &sb, |i, j| data.push(f(a.data[i], b.data[j])));
@@ -682,6 +709,8 @@ mod tests {
             (t(out.clone()), t(vec![])),
             (t(out.clone()), t(vec![b.clone()])),
             (t(vec![a.clone()]), t(out.clone())),
+            (t(out.clone()), t(vec![a.clone(), c.clone()])),
+            (t(vec![a.clone(), c.clone()]), t(out.clone())),
         ];
         for (x, y) in &cases {
             let got = super::binary(BinaryOp::Sub, x, y, &out);
