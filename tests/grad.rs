@@ -54,7 +54,7 @@ fn check_grads(src: &str, ids_below: u64, samples: usize) {
         }
     }
     let run = |g: &tessera::compiler::ir::Graph, ps: &[Tensor<f64>]| {
-        Interpreter { graph: g, params: &m.params, seed: 5 }.run(&xs, ps).unwrap_or_else(|e| panic!("{e}"))
+        Interpreter { graph: g, params: &m.params, dropout: Some(5) }.run(&xs, ps).unwrap_or_else(|e| panic!("{e}"))
     };
     let vals = run(&bw.graph, &params);
     let loss_of = |ps: &[Tensor<f64>]| run(&m.graph, ps)[loss.index()].data[0];
@@ -171,6 +171,25 @@ fn masked_bidirectional_attention() {
            param t: [seq, heads, head_dim]
            q, k, v = split(x @ wqkv, qkv)
            y = attention(q, k, v, mask = mask)
+           loss = sum(y * t, batch, seq, heads, head_dim)
+         }",
+        4,
+        30,
+    );
+}
+
+#[test]
+fn attention_and_activation_dropout() {
+    // The masks are fixed by the step's seed, so finite differences see the
+    // same dropped entries as the backward pass, which regenerates them.
+    check_grads(
+        "model m {
+           dims { seq = 6, embed = 8, heads = 2, head_dim = 4 }
+           input x: f32[batch, seq, embed]
+           param wqkv: [embed, qkv = 3, heads, head_dim]
+           param t: [seq, heads, head_dim]
+           q, k, v = split(x @ wqkv, qkv)
+           y = dropout(attention(q, k, v, causal = true, dropout = 0.3), 0.2)
            loss = sum(y * t, batch, seq, heads, head_dim)
          }",
         4,
@@ -299,4 +318,38 @@ fn rotary_embeddings() {
         4,
         25,
     );
+}
+
+#[test]
+fn dropout_is_the_identity_outside_training() {
+    let m = model(
+        "model m {
+           dims { seq = 6, embed = 8, heads = 2, head_dim = 4 }
+           input x: f32[batch, seq, embed]
+           param wqkv: [embed, qkv = 3, heads, head_dim]
+           q, k, v = split(dropout(x, 0.5) @ wqkv, qkv)
+           y = attention(q, k, v, causal = true, dropout = 0.5)
+           loss = sum(y, batch, seq, heads, head_dim)
+         }",
+    );
+    let no_drop = model(
+        "model m {
+           dims { seq = 6, embed = 8, heads = 2, head_dim = 4 }
+           input x: f32[batch, seq, embed]
+           param wqkv: [embed, qkv = 3, heads, head_dim]
+           q, k, v = split(x @ wqkv, qkv)
+           y = attention(q, k, v, causal = true)
+           loss = sum(y, batch, seq, heads, head_dim)
+         }",
+    );
+    let xs = inputs(&m, 7, 4);
+    let ps: Vec<Tensor<f64>> = init_params(&m.params, 11);
+    let loss = |model: &Model, dropout| {
+        let id = model.graph.output("loss").expect("loss");
+        Interpreter { graph: &model.graph, params: &model.params, dropout }.run(&xs, &ps).expect("runs")[id.index()]
+            .data[0]
+    };
+    assert_eq!(loss(&m, None), loss(&no_drop, None), "evaluation must not drop");
+    assert_ne!(loss(&m, Some(1)), loss(&no_drop, None), "training drops");
+    assert_ne!(loss(&m, Some(1)), loss(&m, Some(2)), "the seed picks the masks");
 }

@@ -285,9 +285,6 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                 }
             }
             Op::Attention { causal, dropout, mask, rel, window } => {
-                if *dropout > 0.0 {
-                    return not("attention", "attention dropout is not differentiable yet");
-                }
                 if *rel != RelPos::None {
                     return not("attention", "relative-position attention is not differentiable yet");
                 }
@@ -299,7 +296,14 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                 for which in 0..3u8 {
                     if need(which as usize) {
                         let t = fwd.ty(ins[which as usize]).clone();
-                        let op = Op::AttentionGrad { which, causal: *causal, mask: *mask, window: *window };
+                        let op = Op::AttentionGrad {
+                            which,
+                            causal: *causal,
+                            mask: *mask,
+                            window: *window,
+                            dropout: *dropout,
+                            forward: out,
+                        };
                         let c = b.push(op, base.clone(), t, span);
                         b.accumulate(ins[which as usize], c, span);
                     }

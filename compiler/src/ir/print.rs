@@ -73,10 +73,14 @@ fn attrs(op: &Op) -> String {
         Op::Untake { dim, index } => vec![format!("dim = {dim}"), format!("index = {index}")],
         Op::Slice { dim, start, to } => vec![format!("dim = {dim}"), format!("start = {start}"), format!("to = {to}")],
         Op::DropoutGrad { p, forward } => vec![format!("p = {p}"), format!("forward = {forward}")],
-        Op::AttentionGrad { which, causal, mask, window } => {
+        Op::AttentionGrad { which, causal, mask, window, dropout, forward } => {
             let mut v = vec![format!("which = {which}"), format!("causal = {causal}"), format!("mask = {mask}")];
             if let Some(w) = window {
                 v.push(format!("window = {w}"));
+            }
+            if *dropout > 0.0 {
+                v.push(format!("dropout = {dropout}"));
+                v.push(format!("forward = {forward}"));
             }
             v
         }

@@ -16,6 +16,10 @@ pub struct Attn<'a, T> {
     pub mask: Option<&'a Tensor<T>>,
     pub causal: bool,
     pub window: Option<u64>,
+    /// Dropout on the probabilities: (p, seed, forward node). Element
+    /// (l, h, i, j) is dropped when `uniform(seed, node, index)` < p, so the
+    /// backward pass regenerates the forward mask without storing it.
+    pub dropout: Option<(f64, u64, u64)>,
 }
 
 #[derive(Clone, Copy)]
@@ -191,6 +195,21 @@ impl<T: Real> Attn<'_, T> {
         kend
     }
 
+    /// Scale the probabilities of rows [i0, i0 + rows) of (l, h) by the
+    /// dropout mask: 0 where dropped, 1/(1 − p) where kept.
+    #[allow(clippy::too_many_arguments)]
+    fn drop_mask(&self, s: &Shape, l: usize, h: usize, i0: usize, rows: usize, kend: usize, p: &mut [T]) {
+        let Some((rate, seed, node)) = self.dropout else { return };
+        let keep = T::one() / (T::one() - crate::tensor::r::<T>(rate));
+        for r in 0..rows {
+            let base = ((l * s.hq + h) * s.sq + i0 + r) * s.sk;
+            for (j, x) in p[r * s.sk..r * s.sk + kend].iter_mut().enumerate() {
+                let u = super::kernels::uniform(seed, node, (base + j) as u64);
+                *x = if u < rate { T::zero() } else { *x * keep };
+            }
+        }
+    }
+
     /// Run `f(l, hk)` for every lead index and kv head, over all threads.
     fn parallel(&self, s: &Shape, f: impl Fn(usize, usize) + Sync) {
         let items = s.l * s.hk;
@@ -219,6 +238,7 @@ impl<T: Real> Attn<'_, T> {
                 for i0 in (0..s.sq).step_by(BLOCK) {
                     let rows = BLOCK.min(s.sq - i0);
                     let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    self.drop_mask(&s, l, h, i0, rows, kend, &mut p);
                     // SAFETY: this thread alone writes out[l, i0.., h, :].
                     unsafe {
                         mm(
@@ -255,12 +275,19 @@ impl<T: Real> Attn<'_, T> {
         self.parallel(&s, |l, hk| {
             let n = BLOCK.min(s.sq) * s.sk;
             let (mut p, mut dp) = (vec![T::zero(); n], vec![T::zero(); n]);
+            // P ∘ mask / (1 − p) under dropout (what multiplied V), else P itself.
+            let mut pd = if self.dropout.is_some() { vec![T::zero(); n] } else { Vec::new() };
             let kp = self.k.data.as_ptr();
             let vp = self.v.data.as_ptr();
             for h in hk * group..(hk + 1) * group {
                 for i0 in (0..s.sq).step_by(BLOCK) {
                     let rows = BLOCK.min(s.sq - i0);
                     let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    if self.dropout.is_some() {
+                        pd.copy_from_slice(&p);
+                        self.drop_mask(&s, l, h, i0, rows, kend, &mut pd);
+                    }
+                    let pv_lhs = if self.dropout.is_some() { pd.as_ptr() } else { p.as_ptr() };
                     let go = g.data.as_ptr().wrapping_add(((l * s.sq + i0) * s.hq + h) * s.dv);
                     let qo = self.q.data.as_ptr().wrapping_add(((l * s.sq + i0) * s.hq + h) * s.d);
                     let ko = (l * s.sk * s.hk + hk) * s.d;
@@ -269,20 +296,7 @@ impl<T: Real> Attn<'_, T> {
                     // writes dq[l, i0.., h, :] and dk/dv[l, :, hk, :].
                     unsafe {
                         // dV += Pᵀ · dO
-                        mm(
-                            kend,
-                            s.dv,
-                            rows,
-                            pv.get().add(vo),
-                            s.hk * s.dv,
-                            true,
-                            p.as_ptr(),
-                            1,
-                            s.sk,
-                            go,
-                            s.hq * s.dv,
-                            1,
-                        );
+                        mm(kend, s.dv, rows, pv.get().add(vo), s.hk * s.dv, true, pv_lhs, 1, s.sk, go, s.hq * s.dv, 1);
                         // dP = dO · Vᵀ
                         mm(
                             rows,
@@ -299,6 +313,8 @@ impl<T: Real> Attn<'_, T> {
                             s.hk * s.dv,
                         );
                     }
+                    // Through dropout: dP = (dO · Vᵀ) ∘ mask / (1 − p).
+                    self.drop_mask(&s, l, h, i0, rows, kend, &mut dp);
                     // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
                     for r in 0..rows {
                         let (pr, dr) = (&p[r * s.sk..r * s.sk + kend], &mut dp[r * s.sk..r * s.sk + kend]);

@@ -79,7 +79,9 @@ impl<'a, T: Real> Decoder<'a, T> {
                     if has_seq { row(&full, &seq, self.position) } else { full }
                 }
                 Op::Attention { causal, dropout, mask, rel, window } => {
-                    if *rel != RelPos::None || *mask || *dropout > 0.0 || !*causal {
+                    // Decoding is inference: attention dropout is off.
+                    let _ = dropout;
+                    if *rel != RelPos::None || *mask || !*causal {
                         return Err(fail(
                             "incremental decoding supports causal attention without masks or relative positions".into(),
                         ));
@@ -90,8 +92,16 @@ impl<'a, T: Real> Decoder<'a, T> {
                         Some((ck, cv)) => (append(ck, a(1), &kseq), append(cv, a(2), &kseq)),
                         None => (a(1).clone(), a(2).clone()),
                     };
-                    let o = attention::Attn { q: a(0), k: &ck, v: &cv, mask: None, causal: true, window: *window }
-                        .forward(&out);
+                    let o = attention::Attn {
+                        q: a(0),
+                        k: &ck,
+                        v: &cv,
+                        mask: None,
+                        causal: true,
+                        window: *window,
+                        dropout: None,
+                    }
+                    .forward(&out);
                     self.cache[i] = Some((ck, cv));
                     o
                 }

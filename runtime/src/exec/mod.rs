@@ -44,8 +44,9 @@ pub struct Interpreter<'a> {
     pub graph: &'a Graph,
     /// The model's parameter list (to map a layer index to a slice of its stack).
     pub params: &'a [Param],
-    /// Seed of this step's dropout masks.
-    pub seed: u64,
+    /// Training mode with the seed of this step's dropout masks, or `None`:
+    /// evaluation and sampling, where dropout is the identity.
+    pub dropout: Option<u64>,
 }
 
 /// Full parameter gradients from a backward graph's values: each parameter
@@ -126,13 +127,14 @@ impl Interpreter<'_> {
         let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
         let a = |j: usize| &vals[node.inputs[j].index()];
         // Attention's operands are q, k, v and, when masked, the mask.
-        let attn = |causal: bool, mask: bool, window| attention::Attn {
+        let attn = |causal: bool, mask: bool, window, p: f64, forward: usize| attention::Attn {
             q: a(0),
             k: a(1),
             v: a(2),
             mask: mask.then(|| a(3)),
             causal,
             window,
+            dropout: self.dropout.filter(|_| p > 0.0).map(|seed| (p, seed, forward as u64)),
         };
         let out = &node.ty.dims;
         let v: Tensor<T> = match &node.op {
@@ -202,28 +204,29 @@ impl Interpreter<'_> {
                 let parts: Vec<&Tensor<T>> = node.inputs.iter().map(|v| &vals[v.index()]).collect();
                 k::concat(&parts, over, into, out)
             }
-            Op::Dropout { p } => {
-                if *p == 0.0 {
-                    a(0).clone()
-                } else {
-                    k::dropout(a(0), *p, self.seed, i as u64)
+            Op::Dropout { p } | Op::DropoutGrad { p, .. } => {
+                let node_id = match &node.op {
+                    Op::DropoutGrad { forward, .. } => forward.0 as u64,
+                    _ => i as u64,
+                };
+                match self.dropout {
+                    Some(seed) if *p > 0.0 => k::dropout(a(0), *p, seed, node_id),
+                    _ => a(0).clone(),
                 }
             }
-            Op::DropoutGrad { p, forward } => k::dropout(a(0), *p, self.seed, forward.0 as u64),
             Op::Attention { causal, dropout, mask, rel, window } => {
-                if *dropout > 0.0 || *rel != tessera_compiler::ir::RelPos::None {
-                    return Err(fail(
-                        "attention dropout and relative positions are not in the CPU interpreter yet".into(),
-                    ));
+                if *rel != tessera_compiler::ir::RelPos::None {
+                    return Err(fail("relative-position attention is not in the CPU interpreter yet".into()));
                 }
-                attn(*causal, *mask, *window).forward(out)
+                attn(*causal, *mask, *window, *dropout, i).forward(out)
             }
-            Op::AttentionGrad { which, causal, mask, window } => {
+            Op::AttentionGrad { which, causal, mask, window, dropout, forward } => {
                 // One pass computes dq, dk and dv; the three nodes share it.
                 let key = node.inputs.clone();
                 if !attn_grads.contains_key(&key) {
                     let gv = a(3 + usize::from(*mask));
-                    attn_grads.insert(key.clone(), attn(*causal, *mask, *window).backward(gv));
+                    let grads = attn(*causal, *mask, *window, *dropout, forward.index()).backward(gv);
+                    attn_grads.insert(key.clone(), grads);
                 }
                 attn_grads[&key][*which as usize].clone()
             }

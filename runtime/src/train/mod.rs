@@ -188,7 +188,7 @@ impl Trainer {
             let interp = Interpreter {
                 graph: &self.backward.graph,
                 params: &self.model.params,
-                seed: self.cfg.seed ^ (step << 20),
+                dropout: Some(self.cfg.seed ^ (step << 20)),
             };
             let inputs = self.batch_inputs(data::Split::Train, step, micro);
             let vals = interp.run(&inputs, &self.params)?;
@@ -225,7 +225,7 @@ impl Trainer {
 
     /// Mean loss over `batches` validation batches (fixed windows: comparable across steps).
     pub fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
-        let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, seed: 0 };
+        let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, dropout: None };
         let loss = self.model.graph.output("loss").expect("loss");
         let mut total = 0.0;
         for b in 0..batches.max(1) {
@@ -237,8 +237,11 @@ impl Trainer {
 
     /// The loss of the current parameters on one training batch of `step` (tests).
     pub fn loss_at(&self, step: u64) -> Result<f64, TrainError> {
-        let interp =
-            Interpreter { graph: &self.model.graph, params: &self.model.params, seed: self.cfg.seed ^ (step << 20) };
+        let interp = Interpreter {
+            graph: &self.model.graph,
+            params: &self.model.params,
+            dropout: Some(self.cfg.seed ^ (step << 20)),
+        };
         let inputs = self.batch_inputs(data::Split::Train, step, 0);
         let loss = self.model.graph.output("loss").expect("loss");
         Ok(interp.run(&inputs, &self.params)?[loss.index()].data[0] as f64)

@@ -62,7 +62,7 @@ impl OptimizerState {
         }
         inputs.push(hyper);
         let graph = &self.graph.as_ref().expect("built above").1;
-        let vals = crate::exec::Interpreter { graph, params: &[], seed: 0 }
+        let vals = crate::exec::Interpreter { graph, params: &[], dropout: None }
             .run(&inputs, &[])
             .expect("the update graph runs on tensors of the parameters' own types");
         let out = |name: String| vals[graph.output(&name).expect("update output").index()].clone();
