@@ -39,6 +39,10 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Print the graph IR instead: `forward`, or `backward` (the training
+        /// step's forward and backward graph, as the interpreter runs it).
+        #[arg(long, value_name = "GRAPH", conflicts_with = "json")]
+        ir: Option<IrGraph>,
     },
     /// Train a model on the CPU: progress bar, DIR/metrics.jsonl, evaluation, checkpoints.
     Train {
@@ -121,6 +125,36 @@ enum Command {
     },
 }
 
+/// Which graph `inspect --ir` prints.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IrGraph {
+    Forward,
+    Backward,
+}
+
+fn print_ir(m: &Model, which: IrGraph) -> ExitCode {
+    match which {
+        IrGraph::Forward => print!("{}", m.graph.to_text()),
+        IrGraph::Backward => {
+            let Some(loss) = m.graph.output("loss") else {
+                eprintln!(
+                    "error: `{}` has no `loss` output to differentiate\n  help: assign `loss = ...` in the model",
+                    m.name
+                );
+                return ExitCode::from(1);
+            };
+            match tessera_compiler::autodiff::differentiate(&m.graph, loss) {
+                Ok(bw) => print!("{}", bw.graph.to_text()),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
@@ -137,7 +171,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Inspect { spec, json } => match load(&spec) {
+        Command::Inspect { spec, ir: Some(which), .. } => match load(&spec) {
+            Ok(m) => print_ir(&m, which),
+            Err(code) => code,
+        },
+        Command::Inspect { spec, json, ir: None } => match load(&spec) {
             Ok(m) => {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&inspect_json(&m)).expect("json"));

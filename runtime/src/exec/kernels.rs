@@ -81,7 +81,7 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) 
 }
 
 /// o = x ∘ y elementwise, one tight loop per op.
-fn zip_into<T: Real>(op: BinaryOp, o: &mut [T], x: &[T], y: &[T]) {
+pub(crate) fn zip_into<T: Real>(op: BinaryOp, o: &mut [T], x: &[T], y: &[T]) {
     macro_rules! each {
         ($f:expr) => {
             for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
@@ -202,6 +202,32 @@ pub fn unary<T: Real>(op: UnaryOp, x: &Tensor<T>) -> Tensor<T> {
     Tensor {
         dims: x.dims.clone(),
         data: x.data.iter().map(|v| r(unary_f(op, v.to_f64().unwrap_or(f64::NAN)))).collect(),
+    }
+}
+
+/// out = f(x) on slices, one thread (the padded-slot paths).
+pub(crate) fn unary_slice<T: Real>(op: UnaryOp, x: &[T], out: &mut [T]) {
+    if op == UnaryOp::Gelu
+        && let (Some(xs), Some(os)) = (as_f32(x), as_f32_mut(out))
+    {
+        os.iter_mut().zip(xs).for_each(|(o, v)| *o = gelu_f32(*v));
+        return;
+    }
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = r(unary_f(op, v.to_f64().unwrap_or(f64::NAN)));
+    }
+}
+
+/// out = g · f'(x) on slices, one thread.
+pub(crate) fn unary_grad_slice<T: Real>(op: UnaryOp, x: &[T], g: &[T], out: &mut [T]) {
+    if op == UnaryOp::Gelu
+        && let (Some(xs), Some(gs), Some(os)) = (as_f32(x), as_f32(g), as_f32_mut(out))
+    {
+        os.iter_mut().zip(xs).zip(gs).for_each(|((o, v), gv)| *o = gv * gelu_dt_f32(*v));
+        return;
+    }
+    for ((o, v), gv) in out.iter_mut().zip(x).zip(g) {
+        *o = *gv * r::<T>(unary_df(op, v.to_f64().unwrap_or(f64::NAN)));
     }
 }
 

@@ -7,6 +7,7 @@ pub mod decode;
 pub(crate) mod fast;
 pub mod kernels;
 pub mod moe;
+pub mod padded;
 
 use crate::tensor::{Real, Tensor, r};
 use kernels as k;
@@ -23,6 +24,13 @@ pub struct ExecError {
 
 thread_local! {
     static THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static SKIP_EMPTY_SLOTS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Whether graphs run on this thread compute experts over their filled slots
+/// only (`padded`; on by default). Off runs every slot, for comparisons.
+pub fn set_skip_empty_slots(on: bool) {
+    SKIP_EMPTY_SLOTS.with(|c| c.set(on));
 }
 
 /// How many threads kernels started on this thread may use (default: all cores).
@@ -87,9 +95,16 @@ impl Interpreter<'_> {
         let profile = std::env::var_os("TESSERA_PROFILE").is_some();
         let mut attn_grads: std::collections::HashMap<Vec<ValueId>, [Tensor<T>; 3]> = Default::default();
         let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
+        let skip_empty = SKIP_EMPTY_SLOTS.with(|c| c.get());
+        let mut pads: Vec<Option<padded::Pad<T>>> = Vec::with_capacity(g.len());
         for (i, node) in g.nodes.iter().enumerate() {
             let t0 = profile.then(std::time::Instant::now);
-            let v = self.eval_node(node, i, &vals, inputs, params, &mut attn_grads)?;
+            let fast = if skip_empty { self.eval_padded(node, &vals, &pads) } else { None };
+            let (v, pad) = match fast {
+                Some(vp) => vp,
+                None => (self.eval_node(node, i, &vals, inputs, params, &mut attn_grads)?, None),
+            };
+            pads.push(pad);
             let out = &node.ty.dims;
             let id = ValueId(i as u32);
             let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
@@ -111,6 +126,43 @@ impl Interpreter<'_> {
             }
         }
         Ok(vals)
+    }
+
+    /// A node on the filled-slot path (`padded`), when an input carries a pad
+    /// (or the node is where pads start) and the shapes are ones it handles.
+    fn eval_padded<T: Real>(
+        &self,
+        node: &Node,
+        vals: &[Tensor<T>],
+        pads: &[Option<padded::Pad<T>>],
+    ) -> Option<(Tensor<T>, Option<padded::Pad<T>>)> {
+        let a = |j: usize| &vals[node.inputs[j].index()];
+        let p = |j: usize| pads.get(node.inputs.get(j)?.index())?.as_ref();
+        let out = &node.ty.dims;
+        let padded = |r: Option<(Tensor<T>, padded::Pad<T>)>| r.map(|(t, p)| (t, Some(p)));
+        match &node.op {
+            Op::Dispatch | Op::CombineGradY if out.len() >= 2 => {
+                let counts = moe::slot_counts(a(0), out[1].size as usize, out[0].size as usize);
+                let t = if matches!(node.op, Op::Dispatch) {
+                    moe::dispatch(a(0), a(1), out)
+                } else {
+                    moe::combine_grad_y(a(0), a(1), out)
+                };
+                Some((t, Some(padded::dispatched(counts, out))))
+            }
+            Op::Unary { op } => padded(padded::unary(*op, a(0), p(0)?)),
+            Op::UnaryGrad { op } => padded(padded::unary_grad(*op, (a(0), p(0)?), (a(1), p(1)?))),
+            Op::Binary { op } if p(0).is_some() || p(1).is_some() => {
+                padded(padded::binary(*op, (a(0), p(0)), (a(1), p(1)), out))
+            }
+            Op::MatMul { .. } | Op::Einsum => match (p(0), p(1)) {
+                (Some(pa), Some(pb)) => padded::contract_slots((a(0), pa), (a(1), pb), out).map(|t| (t, None)),
+                (Some(pa), None) => padded(padded::matmul_rows(a(0), pa, a(1), out)),
+                _ => None,
+            },
+            Op::Reduce { op: ReduceOp::Sum, .. } => padded::sum_slots(a(0), p(0)?, out).map(|t| (t, None)),
+            _ => None,
+        }
     }
 
     /// Evaluate one node, given the values of every earlier node.

@@ -48,6 +48,15 @@ pub fn slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Vec<Vec<(usize, usi
     out
 }
 
+/// Filled slots per expert (slots fill from 0 up, so these are prefixes).
+pub fn slot_counts<T: Real>(gates: &Tensor<T>, capacity: usize, experts: usize) -> Vec<usize> {
+    let mut counts = vec![0; experts];
+    for &(ex, _) in slots(gates, capacity).iter().flatten() {
+        counts[ex] += 1;
+    }
+    counts
+}
+
 /// Gates from router probabilities: top-k per token, then capacity in priority order.
 pub fn top_k<T: Real>(probs: &Tensor<T>, k: usize, capacity: usize) -> Tensor<T> {
     let (t, e) = rows(probs);
