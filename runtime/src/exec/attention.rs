@@ -7,7 +7,7 @@
 use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset};
 use tessera_compiler::model::Dim;
 
-const BLOCK: usize = 128;
+const BLOCK: usize = 64;
 
 pub struct Attn<'a, T> {
     pub q: &'a Tensor<T>,
@@ -160,37 +160,33 @@ impl<T: Real> Attn<'_, T> {
                 s.hk * s.d,
             );
         }
+        let (zero, neg) = (T::zero(), T::neg_infinity());
         for r in 0..rows {
             let i = i0 + r;
             let row = &mut p[r * s.sk..r * s.sk + kend];
+            // Keys [lo, hi) are visible to query i (causal and window limits).
             let end = i as i64 + shift;
-            let mut max = T::neg_infinity();
-            for (j, x) in row.iter_mut().enumerate() {
-                let mut ok = !self.causal || j as i64 <= end;
-                if let Some(w) = self.window {
-                    ok &= j as i64 > end - w as i64;
+            let hi = if self.causal { (end + 1).clamp(0, kend as i64) as usize } else { kend };
+            let lo = self.window.map_or(0, |w| (end - w as i64 + 1).clamp(0, hi as i64) as usize);
+            let live = &mut row[lo..hi];
+            if let (Some(m), Some((bases, st))) = (self.mask, mi) {
+                for (jj, x) in live.iter_mut().enumerate() {
+                    let keep = m.data[bases[l] + i * st[0] + (lo + jj) * st[1] + h * st[2]] != zero;
+                    *x = if keep { *x * scale } else { neg };
                 }
-                if let (Some(m), Some((bases, st))) = (self.mask, mi) {
-                    ok &= m.data[bases[l] + i * st[0] + j * st[1] + h * st[2]] != T::zero();
-                }
-                *x = if ok { *x * scale } else { T::neg_infinity() };
-                if *x > max {
-                    max = *x;
-                }
+            } else {
+                live.iter_mut().for_each(|x| *x = *x * scale);
             }
-            if max == T::neg_infinity() {
-                row.iter_mut().for_each(|x| *x = T::zero());
+            let max = super::fast::max(live);
+            if max == neg {
+                row.fill(zero);
                 continue;
             }
-            let mut sum = T::zero();
-            for x in row.iter_mut() {
-                *x = (*x - max).exp_fast();
-                sum += *x;
-            }
-            let inv = T::one() / sum;
-            for x in row.iter_mut() {
-                *x = *x * inv;
-            }
+            live.iter_mut().for_each(|x| *x = (*x - max).exp_fast());
+            let inv = T::one() / super::fast::sum(live);
+            live.iter_mut().for_each(|x| *x = *x * inv);
+            row[..lo].fill(zero);
+            row[hi..].fill(zero);
         }
         kend
     }
@@ -318,10 +314,7 @@ impl<T: Real> Attn<'_, T> {
                     // dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
                     for r in 0..rows {
                         let (pr, dr) = (&p[r * s.sk..r * s.sk + kend], &mut dp[r * s.sk..r * s.sk + kend]);
-                        let mut dd = T::zero();
-                        for (a, b) in pr.iter().zip(dr.iter()) {
-                            dd += *a * *b;
-                        }
+                        let dd = super::fast::dot(pr, dr);
                         for (a, b) in pr.iter().zip(dr.iter_mut()) {
                             *b = *a * (*b - dd) * scale;
                         }

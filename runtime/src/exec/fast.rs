@@ -50,6 +50,58 @@ pub fn erf_f32(x: f32) -> f32 {
     (1.0 - poly * exp_f32(-a * a)).copysign(x)
 }
 
+/// Σ x over 8 independent lanes, so that the loop vectorizes (a float sum
+/// in one accumulator cannot be reordered by the compiler).
+#[inline(always)]
+pub fn sum<T: crate::tensor::Real>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += *v;
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |a, b| a + *b);
+    for v in rest {
+        s += *v;
+    }
+    s
+}
+
+/// Σ x·y over 8 lanes.
+#[inline(always)]
+pub fn dot<T: crate::tensor::Real>(x: &[T], y: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let n = x.len().min(y.len());
+    let (xc, yc) = (x[..n].chunks_exact(8), y[..n].chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |a, b| a + *b);
+    for (a, b) in xr.iter().zip(yr) {
+        s += *a * *b;
+    }
+    s
+}
+
+/// max x over 8 lanes (−∞ for an empty slice).
+#[inline(always)]
+pub fn max<T: crate::tensor::Real>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    acc.iter().chain(rest).fold(T::neg_infinity(), |a, b| if *b > a { *b } else { a })
+}
+
 /// `data` as f32 when `T` is f32 (the fast paths), else `None`.
 pub fn as_f32<T: 'static>(data: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
@@ -104,6 +156,17 @@ mod tests {
             worst = worst.max((super::erf_f32(x) as f64 - libm::erf(x as f64)).abs());
         }
         assert!(worst < 6e-7, "max error {worst}");
+    }
+
+    #[test]
+    fn lane_reductions_match_sequential_ones() {
+        for n in [0usize, 1, 7, 8, 9, 100, 1027] {
+            let x: Vec<f64> = (0..n).map(|i| ((i * 37) % 101) as f64 - 50.0).collect();
+            let y: Vec<f64> = (0..n).map(|i| ((i * 13) % 7) as f64).collect();
+            assert_eq!(super::sum(&x), x.iter().sum::<f64>());
+            assert_eq!(super::dot(&x, &y), x.iter().zip(&y).map(|(a, b)| a * b).sum::<f64>());
+            assert_eq!(super::max(&x), x.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        }
     }
 
     #[test]

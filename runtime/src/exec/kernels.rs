@@ -356,21 +356,17 @@ fn dim_last<'t, T: Real>(x: &'t Tensor<T>, dim: &str) -> std::borrow::Cow<'t, Te
 
 pub fn softmax<T: Real>(x: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
     rows(x, dim, |row| {
-        let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+        let max = super::fast::max(row);
         if log {
-            let mut sum = T::zero();
-            for v in row.iter() {
-                sum += (*v - max).exp_fast();
+            let mut sum = [T::zero(); 8];
+            for (k, v) in row.iter().enumerate() {
+                sum[k % 8] += (*v - max).exp_fast();
             }
-            let lse = max + sum.ln();
+            let lse = max + super::fast::sum(&sum).ln();
             row.iter_mut().for_each(|v| *v = *v - lse);
         } else {
-            let mut sum = T::zero();
-            for v in row.iter_mut() {
-                *v = (*v - max).exp_fast();
-                sum += *v;
-            }
-            let inv = T::one() / sum;
+            row.iter_mut().for_each(|v| *v = (*v - max).exp_fast());
+            let inv = T::one() / super::fast::sum(row);
             row.iter_mut().for_each(|v| *v = *v * inv);
         }
     })
@@ -400,9 +396,18 @@ pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool)
 /// Per row: (mean, 1/std) for LayerNorm, (0, 1/rms) for RMSNorm.
 fn norm_stats<T: Real>(row: &[T], eps: f64, rms: bool) -> (T, T) {
     let n = r::<T>(row.len() as f64);
-    let mean = if rms { T::zero() } else { row.iter().fold(T::zero(), |a, b| a + *b) / n };
-    let var = row.iter().fold(T::zero(), |a, b| a + (*b - mean) * (*b - mean)) / n;
-    (mean, T::one() / (var + r(eps)).sqrt())
+    let mean = if rms { T::zero() } else { super::fast::sum(row) / n };
+    // Σ (x − mean)² over 8 lanes.
+    let mut acc = [T::zero(); 8];
+    let chunks = row.chunks_exact(8);
+    let mut var = chunks.remainder().iter().fold(T::zero(), |a, b| a + (*b - mean) * (*b - mean));
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += (*v - mean) * (*v - mean);
+        }
+    }
+    var += acc.iter().fold(T::zero(), |a, b| a + *b);
+    (mean, T::one() / (var / n + r(eps)).sqrt())
 }
 
 pub fn norm<T: Real>(
@@ -448,14 +453,14 @@ pub fn norm_grad_x<T: Real>(
             let (xr, gr) = (&px.data[(first + k) * len..][..len], &pg.data[(first + k) * len..][..len]);
             let (mean, inv) = norm_stats(xr, eps, rms);
             // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)).
-            let (mut m1, mut m2) = (T::zero(), T::zero());
-            for ((x, g), w) in xr.iter().zip(gr).zip(gain) {
+            let (mut m1, mut m2) = ([T::zero(); 8], [T::zero(); 8]);
+            for (k, ((x, g), w)) in xr.iter().zip(gr).zip(gain).enumerate() {
                 let d = *g * *w;
-                m1 += d;
-                m2 += d * (*x - mean) * inv;
+                m1[k % 8] += d;
+                m2[k % 8] += d * (*x - mean) * inv;
             }
-            let m1 = if rms { T::zero() } else { m1 / n };
-            let m2 = m2 / n;
+            let m1 = if rms { T::zero() } else { super::fast::sum(&m1) / n };
+            let m2 = super::fast::sum(&m2) / n;
             for (((o, x), g), w) in o.iter_mut().zip(xr).zip(gr).zip(gain) {
                 *o = inv * (*g * *w - m1 - (*x - mean) * inv * m2);
             }
