@@ -101,6 +101,9 @@ impl Builder<'_> {
     }
 }
 
+/// The gradient of one `take`: (index, gradient value, span).
+type TakeGrad = (u64, ValueId, Span);
+
 /// Differentiate `loss` with respect to every parameter it depends on.
 pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffError> {
     let lt = fwd.ty(loss).clone();
@@ -117,7 +120,19 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
     let seed = b.scalar(1.0, lt.dtype, fwd.span(loss));
     b.adj[loss.index()] = Some(seed);
     let mut param_grads = Vec::new();
+    // Gradients of `take`s, per (value, dim): summed into one `untake` when
+    // the loop reaches the value (all its takes come after it).
+    let mut takes: std::collections::BTreeMap<(usize, String), Vec<TakeGrad>> = Default::default();
     for i in (0..=loss.index()).rev() {
+        let pending: Vec<String> =
+            takes.range((i, String::new())..).take_while(|((x, _), _)| *x == i).map(|((_, d), _)| d.clone()).collect();
+        for dim in pending {
+            let parts = takes.remove(&(i, dim.clone())).unwrap_or_default();
+            let span = parts[0].2;
+            let op = Op::Untake { dim, indices: parts.iter().map(|p| p.0).collect() };
+            let c = b.push(op, parts.iter().map(|p| p.1).collect(), fwd.ty(ValueId(i as u32)).clone(), span);
+            b.accumulate(ValueId(i as u32), c, span);
+        }
         let Some(gi) = b.adj[i] else { continue };
         if !needs[i] {
             continue;
@@ -236,11 +251,7 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                 let c = b.push(Op::EmbedGrad, vec![ins[1], gi], tt, span);
                 b.accumulate(ins[0], c, span);
             }
-            Op::Take { dim, index } => {
-                let tx = fwd.ty(ins[0]).clone();
-                let c = b.push(Op::Untake { dim: dim.clone(), index: *index }, vec![gi], tx, span);
-                b.accumulate(ins[0], c, span);
-            }
+            Op::Take { dim, index } => takes.entry((ins[0].index(), dim.clone())).or_default().push((*index, gi, span)),
             Op::SplitDim { dim, into } => {
                 let tx = fwd.ty(ins[0]).clone();
                 let c = b.push(Op::MergeDims { dims: into.clone(), into: dim.clone() }, vec![gi], tx, span);

@@ -223,8 +223,10 @@ pub enum Op {
     NormGradGain { dim: String, eps: f64, rms: bool },
     /// `ids, g` → the gradient of an embedding table (rows scatter-added).
     EmbedGrad,
-    /// `g` → g placed at slice `index` of the output's `dim`, zeros elsewhere.
-    Untake { dim: String, index: u64 },
+    /// `g₀, g₁, ...` → each gᵢ placed at slice `indices[i]` of the output's
+    /// `dim` (added where an index repeats), zeros elsewhere: the gradient of
+    /// the `take`s of one value along one dim, in one pass.
+    Untake { dim: String, indices: Vec<u64> },
     /// `g` → the slice `[start, start + len)` of `dim`, renamed to the output's `to` dim.
     Slice { dim: String, start: u64, to: String },
     /// `g` → the gradient of dropout (the same mask as forward node `forward`).

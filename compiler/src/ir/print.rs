@@ -70,7 +70,7 @@ fn attrs(op: &Op) -> String {
         Op::ClipScale { clip } => vec![format!("clip = {clip}")],
         Op::AdamMoment { beta, square } => vec![format!("beta = {beta}"), format!("square = {square}")],
         Op::AdamStep { eps, weight_decay } => vec![format!("eps = {eps}"), format!("weight_decay = {weight_decay}")],
-        Op::Untake { dim, index } => vec![format!("dim = {dim}"), format!("index = {index}")],
+        Op::Untake { dim, indices } => vec![format!("dim = {dim}"), format!("indices = {indices:?}")],
         Op::Slice { dim, start, to } => vec![format!("dim = {dim}"), format!("start = {start}"), format!("to = {to}")],
         Op::DropoutGrad { p, forward } => vec![format!("p = {p}"), format!("forward = {forward}")],
         Op::AttentionGrad { which, causal, mask, window, dropout, forward } => {

@@ -44,7 +44,8 @@ fn arity(op: &Op) -> (usize, usize) {
             (n, n)
         }
         Op::Concat { over, .. } => (over.len(), over.len()),
-        Op::Expand | Op::Untake { .. } | Op::Slice { .. } | Op::DropoutGrad { .. } | Op::RopeGrad { .. } => (1, 1),
+        Op::Untake { indices, .. } => (indices.len().max(1), indices.len().max(1)),
+        Op::Expand | Op::Slice { .. } | Op::DropoutGrad { .. } | Op::RopeGrad { .. } => (1, 1),
         Op::ClipScale { .. } => (1, 1),
         Op::AdamMoment { .. } => (3, 3),
         Op::AdamStep { .. } => (4, 4),

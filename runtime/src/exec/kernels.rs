@@ -533,25 +533,31 @@ pub fn take<T: Real>(x: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Ten
     Tensor { dims: out.to_vec(), data }
 }
 
-pub fn untake<T: Real>(g: &Tensor<T>, dim: &str, index: usize, out: &[Dim]) -> Tensor<T> {
+/// Each part placed at its index along `dim` (added where indices repeat), zeros elsewhere.
+pub fn untake<T: Real>(parts: &[&Tensor<T>], dim: &str, indices: &[u64], out: &[Dim]) -> Tensor<T> {
     let mut t = Tensor::zeros(out);
     let p = t.position(dim).expect("dim");
-    if out.iter().filter(|d| d.name != dim).eq(g.dims.iter()) {
-        let inner: usize = out[p + 1..].iter().map(|d| d.size as usize).product();
-        let n = out[p].size as usize;
-        for (dst, src) in t.data.chunks_mut(inner * n).zip(g.data.chunks(inner)) {
-            dst[index * inner..(index + 1) * inner].copy_from_slice(src);
-        }
-        return t;
-    }
     let st = crate::tensor::strides(out);
-    let base = index * st[p];
-    let s = aligned_strides(out, &g.dims);
-    let mut k = 0;
-    for_each_offset(&g.dims, &s, |o| {
-        t.data[base + o] = g.data[k];
-        k += 1;
-    });
+    let inner: usize = out[p + 1..].iter().map(|d| d.size as usize).product();
+    let n = out[p].size as usize;
+    for (g, &index) in parts.iter().zip(indices) {
+        let index = index as usize;
+        if out.iter().filter(|d| d.name != dim).eq(g.dims.iter()) {
+            for (dst, src) in t.data.chunks_mut(inner * n).zip(g.data.chunks(inner)) {
+                for (d, s) in dst[index * inner..(index + 1) * inner].iter_mut().zip(src) {
+                    *d += *s;
+                }
+            }
+            continue;
+        }
+        let base = index * st[p];
+        let s = aligned_strides(out, &g.dims);
+        let mut k = 0;
+        for_each_offset(&g.dims, &s, |o| {
+            t.data[base + o] += g.data[k];
+            k += 1;
+        });
+    }
     t
 }
 

@@ -246,7 +246,10 @@ impl Interpreter<'_> {
             Op::Embed => k::embed(a(0), a(1), out).map_err(fail)?,
             Op::EmbedGrad => k::embed_grad(a(0), a(1), out),
             Op::Take { dim, index } => k::take(a(0), dim, *index as usize, out),
-            Op::Untake { dim, index } => k::untake(a(0), dim, *index as usize, out),
+            Op::Untake { dim, indices } => {
+                let parts: Vec<&Tensor<T>> = node.inputs.iter().map(|v| &vals[v.index()]).collect();
+                k::untake(&parts, dim, indices, out)
+            }
             Op::Slice { dim, start, to } => k::slice(a(0), dim, *start as usize, to, out),
             Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Rename { .. } => {
                 Tensor { dims: out.clone(), data: a(0).data.clone() }

@@ -386,6 +386,10 @@ impl Walker<'_> {
                     let mask = x.ty.numel() as f64 / self.shard_factor(&x.ty) as f64;
                     self.add_cost(OpCost { act_none: mask, act_selective: mask, ..OpCost::default() });
                 }
+                if p == 0.0 {
+                    // Dropout at rate 0 is the identity: no node.
+                    return Val::Tensor(x);
+                }
                 Val::Tensor(self.emit(Op::Dropout { p }, vec![x.id], x.ty, span))
             }
             "attention" => self.attention(frame, &a, span),
