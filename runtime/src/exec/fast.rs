@@ -18,14 +18,18 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MIN: f32 = -87.336_55; // ln(f32::MIN_POSITIVE)
     const MAX: f32 = 88.722_83; // ln(f32::MAX)
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2²³
     let xc = x.clamp(MIN, MAX);
-    let n = (xc * LOG2E).round();
+    // n = round(x·log2 e) by the 1.5·2²³ trick: the sum's low mantissa bits
+    // hold n, so no float-to-int conversion (which would not vectorize).
+    let t = xc * LOG2E + SHIFT;
+    let n = t - SHIFT;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 0.5;
     // 2^n for n in [−126, 128] as two normal powers of two.
-    let n = n as i32;
+    let n = (t.to_bits() as i32).wrapping_sub(SHIFT.to_bits() as i32);
     let h = n >> 1;
     let pow2 = |e: i32| f32::from_bits(((e + 127) << 23) as u32);
     let y = (1.0 + r + r * r * p) * pow2(h) * pow2(n - h);
