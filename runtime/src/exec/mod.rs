@@ -88,8 +88,20 @@ pub fn param_slice<T: Real>(meta: &Param, full: &Tensor<T>, layer: Option<u64>) 
 }
 
 impl Interpreter<'_> {
-    /// Evaluate every node up to and including `until` (all nodes by default).
+    /// Evaluate every node; every returned value is exact.
     pub fn run<T: Real>(&self, inputs: &[Tensor<T>], params: &[Tensor<T>]) -> Result<Vec<Tensor<T>>, ExecError> {
+        self.run_for(inputs, params, None)
+    }
+
+    /// Evaluate every node. With `needed`, only those values are guaranteed
+    /// exact: the empty expert slots of other `[expert, slot, ...]` values may
+    /// be left unwritten (`padded`), which saves a pass over each of them.
+    pub fn run_for<T: Real>(
+        &self,
+        inputs: &[Tensor<T>],
+        params: &[Tensor<T>],
+        needed: Option<&[ValueId]>,
+    ) -> Result<Vec<Tensor<T>>, ExecError> {
         let g = self.graph;
         let mut vals: Vec<Tensor<T>> = Vec::with_capacity(g.len());
         let profile = std::env::var_os("TESSERA_PROFILE").is_some();
@@ -97,14 +109,28 @@ impl Interpreter<'_> {
         let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
         let skip_empty = SKIP_EMPTY_SLOTS.with(|c| c.get());
         let mut pads: Vec<Option<padded::Pad<T>>> = Vec::with_capacity(g.len());
+        // Whether a padded value's empty slots hold its tail yet.
+        let mut filled: Vec<bool> = Vec::with_capacity(g.len());
         for (i, node) in g.nodes.iter().enumerate() {
             let t0 = profile.then(std::time::Instant::now);
             let fast = if skip_empty { self.eval_padded(node, &vals, &pads) } else { None };
             let (v, pad) = match fast {
                 Some(vp) => vp,
-                None => (self.eval_node(node, i, &vals, inputs, params, &mut attn_grads)?, None),
+                None => {
+                    // This op reads whole tensors: write the tails of its padded inputs first.
+                    for j in &node.inputs {
+                        if let Some(p) = &pads[j.index()]
+                            && !filled[j.index()]
+                        {
+                            padded::fill_tail(&mut vals[j.index()], p);
+                            filled[j.index()] = true;
+                        }
+                    }
+                    (self.eval_node(node, i, &vals, inputs, params, &mut attn_grads)?, None)
+                }
             };
             pads.push(pad);
+            filled.push(false);
             let out = &node.ty.dims;
             let id = ValueId(i as u32);
             let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
@@ -117,6 +143,14 @@ impl Interpreter<'_> {
                 e.1 += 1;
             }
             vals.push(v);
+        }
+        for (j, p) in pads.iter().enumerate() {
+            if let Some(p) = p
+                && !filled[j]
+                && needed.is_none_or(|n| n.contains(&ValueId(j as u32)))
+            {
+                padded::fill_tail(&mut vals[j], p);
+            }
         }
         if profile {
             let mut rows: Vec<_> = times.into_iter().collect();

@@ -7,11 +7,12 @@
 //! bias, then GELU of the bias, and so on. A `Pad` records that: expert `e`
 //! has `counts[e]` filled slots and every later slot equals `tail[e]`.
 //!
-//! The ops below compute the filled rows and the one tail row per expert, then
-//! write the tail into the empty slots, so every value is still the exact
-//! full tensor (any other op can read it) while the GEMMs and elementwise
-//! work shrink from the capacity to the tokens actually routed (Megatron's
-//! grouped GEMM does the same on GPUs). Contractions over the slots (weight
+//! The ops below compute the filled rows and the one tail row per expert and
+//! leave the empty slots unwritten; the interpreter writes the tail into them
+//! (`fill_tail`) only before an op that reads the whole tensor, and before
+//! handing values back. So the GEMMs and elementwise work shrink from the
+//! capacity to the tokens actually routed (Megatron's grouped GEMM does the
+//! same on GPUs), and every value a caller sees is the exact full tensor. Contractions over the slots (weight
 //! gradients) add the tail's share as a rank-one term:
 //! Σ_s a_s b_sᵀ = Σ_{s < c} a_s b_sᵀ + (S − c)·tail_a tail_bᵀ.
 //!
@@ -44,6 +45,13 @@ fn geometry<T>(t: &Tensor<T>) -> Option<(usize, usize, usize)> {
 fn fits<T>(t: &Tensor<T>, pad: &Pad<T>) -> Option<(usize, usize, usize)> {
     let (e, s, w) = geometry(t)?;
     (pad.counts.len() == e && pad.tail.len() == e * w && pad.counts.iter().all(|&c| c <= s)).then_some((e, s, w))
+}
+
+/// Write each expert's tail row into the empty slots of `t` (padded by `pad`).
+pub fn fill_tail<T: Real>(t: &mut Tensor<T>, pad: &Pad<T>) {
+    if let Some((_, s, w)) = fits(t, pad) {
+        fill(&mut t.data, pad, s, w);
+    }
 }
 
 /// Write each expert's tail row into its empty slots.
@@ -91,7 +99,6 @@ fn rowwise<T: Real>(
             row(k, Some(slot), o);
         }
     });
-    fill(&mut data, &out_pad, s, w);
     (Tensor { dims: dims.to_vec(), data }, out_pad)
 }
 
@@ -292,7 +299,6 @@ pub fn matmul_rows<T: Real>(a: &Tensor<T>, pad: &Pad<T>, b: &Tensor<T>, out: &[D
             );
         }
     }
-    fill(&mut data, &out_pad, s, nw);
     Some((Tensor { dims: out.to_vec(), data }, out_pad))
 }
 

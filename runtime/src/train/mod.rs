@@ -191,7 +191,10 @@ impl Trainer {
                 dropout: Some(self.cfg.seed ^ (step << 20)),
             };
             let inputs = self.batch_inputs(data::Split::Train, step, micro);
-            let vals = interp.run(&inputs, &self.params)?;
+            // Only the loss and the gradients are read back.
+            let needed: Vec<_> =
+                std::iter::once(self.backward.loss).chain(self.backward.param_grads.iter().map(|g| g.grad)).collect();
+            let vals = interp.run_for(&inputs, &self.params, Some(&needed))?;
             let grads = crate::exec::param_grads(&self.model.params, &self.backward.param_grads, &vals);
             Ok((vals[self.backward.loss.index()].data[0] as f64, grads))
         };
