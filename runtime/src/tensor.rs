@@ -28,7 +28,7 @@ pub fn r<T: Real>(x: f64) -> T {
     T::from(x).unwrap_or_else(T::nan)
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Tensor<T> {
     pub dims: Vec<Dim>,
     pub data: Vec<T>,

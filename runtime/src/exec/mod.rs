@@ -93,9 +93,11 @@ impl Interpreter<'_> {
         self.run_for(inputs, params, None)
     }
 
-    /// Evaluate every node. With `needed`, only those values are guaranteed
-    /// exact: the empty expert slots of other `[expert, slot, ...]` values may
-    /// be left unwritten (`padded`), which saves a pass over each of them.
+    /// Evaluate every node. With `needed`, only those values come back: every
+    /// other value is freed after its last use (its entry keeps its dims and
+    /// no data), so the live set follows the memory plan's liveness, and the
+    /// empty expert slots of `[expert, slot, ...]` values are written only
+    /// where an op reads them (`padded`).
     pub fn run_for<T: Real>(
         &self,
         inputs: &[Tensor<T>],
@@ -104,6 +106,22 @@ impl Interpreter<'_> {
     ) -> Result<Vec<Tensor<T>>, ExecError> {
         let g = self.graph;
         let mut vals: Vec<Tensor<T>> = Vec::with_capacity(g.len());
+        // With `needed`: the node after which each other value is dead.
+        // (A value nothing reads dies where it is made; a needed one never.)
+        let mut last_use: Vec<Option<usize>> = vec![None; g.len()];
+        if let Some(keep) = needed {
+            for (i, node) in g.nodes.iter().enumerate() {
+                last_use[i] = last_use[i].or(Some(i));
+                for j in &node.inputs {
+                    last_use[j.index()] = Some(i);
+                }
+            }
+            for j in keep {
+                if let Some(l) = last_use.get_mut(j.index()) {
+                    *l = None;
+                }
+            }
+        }
         let profile = std::env::var_os("TESSERA_PROFILE").is_some();
         let mut attn_grads: std::collections::HashMap<Vec<ValueId>, [Tensor<T>; 3]> = Default::default();
         let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
@@ -143,6 +161,12 @@ impl Interpreter<'_> {
                 e.1 += 1;
             }
             vals.push(v);
+            for j in node.inputs.iter().map(|j| j.index()).chain([i]) {
+                if last_use[j] == Some(i) {
+                    vals[j].data = Vec::new();
+                    pads[j] = None;
+                }
+            }
         }
         for (j, p) in pads.iter().enumerate() {
             if let Some(p) = p
@@ -317,7 +341,8 @@ impl Interpreter<'_> {
                     let grads = attn(*causal, *mask, *window, *dropout, forward.index()).backward(gv);
                     attn_grads.insert(key.clone(), grads);
                 }
-                attn_grads[&key][*which as usize].clone()
+                // Each of dq, dk, dv is read once: move it out.
+                std::mem::take(&mut attn_grads.get_mut(&key).expect("computed above")[*which as usize])
             }
             Op::CrossEntropy { label_smoothing, ignore } => {
                 Tensor::scalar(k::cross_entropy(a(0), a(1), *label_smoothing, *ignore))

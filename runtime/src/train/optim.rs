@@ -53,24 +53,44 @@ impl OptimizerState {
             dims: vec![tessera_compiler::model::Dim::new("hyper", 3)],
             data: vec![lr as f32, (1.0 - b1.powi(t as i32)) as f32, (1.0 - b2.powi(t as i32)) as f32],
         };
+        // The parameters and moments move into the update and come back new.
         let mut inputs = Vec::with_capacity(4 * params.len() + 1);
-        for (k, (p, g)) in params.iter().zip(grads).enumerate() {
-            inputs.push(p.clone());
+        for (k, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let dims = p.dims.clone();
+            inputs.push(std::mem::take(p));
             inputs.push(g.clone());
-            inputs.push(self.m[k].clone());
-            inputs.push(self.v.get(k).cloned().unwrap_or_else(|| Tensor::zeros(&p.dims)));
+            inputs.push(std::mem::take(&mut self.m[k]));
+            inputs.push(self.v.get_mut(k).map(std::mem::take).unwrap_or_else(|| Tensor::zeros(&dims)));
         }
         inputs.push(hyper);
         let graph = &self.graph.as_ref().expect("built above").1;
-        let vals = crate::exec::Interpreter { graph, params: &[], dropout: None }
-            .run(&inputs, &[])
+        let name = |kind: &str, k: usize| graph.output(&format!("{kind}.{k}")).expect("update output");
+        let needed: Vec<_> = (0..params.len())
+            .flat_map(|k| {
+                let v = (!self.v.is_empty()).then(|| name("v", k));
+                [Some(name("param", k)), Some(name("m", k)), v].into_iter().flatten()
+            })
+            .collect();
+        let mut vals = crate::exec::Interpreter { graph, params: &[], dropout: None }
+            .run_for(&inputs, &[], Some(&needed))
             .expect("the update graph runs on tensors of the parameters' own types");
-        let out = |name: String| vals[graph.output(&name).expect("update output").index()].clone();
+        drop(inputs);
+        // Move each output out, unless another name still needs the same value.
+        let mut left: std::collections::HashMap<usize, usize> = Default::default();
+        for id in &needed {
+            *left.entry(id.index()).or_default() += 1;
+        }
+        let mut out = |kind: &str, k: usize| {
+            let i = name(kind, k).index();
+            let n = left.get_mut(&i).expect("a needed output");
+            *n -= 1;
+            if *n == 0 { std::mem::take(&mut vals[i]) } else { vals[i].clone() }
+        };
         for (k, p) in params.iter_mut().enumerate() {
-            *p = out(format!("param.{k}"));
-            self.m[k] = out(format!("m.{k}"));
+            *p = out("param", k);
+            self.m[k] = out("m", k);
             if !self.v.is_empty() {
-                self.v[k] = out(format!("v.{k}"));
+                self.v[k] = out("v", k);
             }
         }
     }
