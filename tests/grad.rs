@@ -124,6 +124,33 @@ fn softmax_and_log_softmax() {
 }
 
 #[test]
+fn amax_over_one_and_several_dims() {
+    check_grads(
+        "model m {
+           dims { a = 3, b = 4, c = 5 }
+           input x: f32[a, b, c]
+           param w: [c, c2 = 6]
+           param t: [a, b]
+           y = x @ w
+           loss = sum(amax(y, c2) * t, a, b) + sum(amax(y, a, c2), b)
+         }",
+        4,
+        40,
+    );
+}
+
+#[test]
+fn amax_splits_the_gradient_between_ties() {
+    use tessera::compiler::model::Dim;
+    let (a, c) = (Dim::new("a", 2), Dim::new("c", 3));
+    let x = Tensor::<f64> { dims: vec![a.clone(), c.clone()], data: vec![1.0, 5.0, 5.0, 2.0, 0.0, -1.0] };
+    let max = Tensor::<f64> { dims: vec![a.clone()], data: vec![5.0, 2.0] };
+    let g = Tensor::<f64> { dims: vec![a], data: vec![1.0, 3.0] };
+    let dx = tessera::runtime::exec::kernels::amax_grad(&x, &max, &g, &["c".to_string()]);
+    assert_eq!(dx.data, vec![0.0, 0.5, 0.5, 3.0, 0.0, 0.0]);
+}
+
+#[test]
 fn layer_norm_and_rms_norm() {
     check_grads(
         "model m {

@@ -224,6 +224,11 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                     b.accumulate(ins[1], c, span);
                 }
             }
+            Op::Reduce { op: ReduceOp::Max, dims } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::AmaxGrad { dims: dims.clone() }, vec![ins[0], out, gi], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
             Op::Reduce { op, dims } => {
                 let tx = fwd.ty(ins[0]).clone();
                 let mut c = b.push(Op::Expand, vec![gi], tx.clone(), span);
@@ -234,7 +239,7 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                         let k = b.scalar(1.0 / count.max(1) as f64, tx.dtype, span);
                         c = b.binary(BinaryOp::Mul, c, k, span);
                     }
-                    ReduceOp::Max => return not("amax", "use softmax or logsumexp for a differentiable maximum"),
+                    ReduceOp::Max => unreachable!("amax is handled above"),
                 }
                 b.accumulate(ins[0], c, span);
             }

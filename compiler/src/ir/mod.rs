@@ -229,6 +229,9 @@ pub enum Op {
     Untake { dim: String, indices: Vec<u64> },
     /// `g` → the slice `[start, start + len)` of `dim`, renamed to the output's `to` dim.
     Slice { dim: String, start: u64, to: String },
+    /// `x, max, g` → the gradient of `amax` over `dims`: g where x equals the
+    /// maximum, split evenly between ties (as PyTorch and JAX do), else 0.
+    AmaxGrad { dims: Vec<String> },
     /// `g` → the gradient of dropout (the same mask as forward node `forward`).
     DropoutGrad { p: f64, forward: ValueId },
     /// `q, k, v, [mask,] g` → dq (`which` = 0), dk (1) or dv (2). With
@@ -308,6 +311,7 @@ impl Op {
             Op::Untake { .. } => "untake",
             Op::Slice { .. } => "slice",
             Op::DropoutGrad { .. } => "dropout_grad",
+            Op::AmaxGrad { .. } => "amax_grad",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
             Op::RopeGrad { .. } => "rope_grad",

@@ -17,7 +17,7 @@ fn attrs(op: &Op) -> String {
         Op::Scalar { value } => vec![format!("value = {value}")],
         Op::Pow { exp } => vec![format!("exp = {exp}")],
         Op::MatMul { contract } => vec![format!("contract = {}", list(contract))],
-        Op::Reduce { dims, .. } => vec![format!("dims = {}", list(dims))],
+        Op::Reduce { dims, .. } | Op::AmaxGrad { dims } => vec![format!("dims = {}", list(dims))],
         Op::Softmax { dim, .. } => vec![format!("dim = {dim}")],
         Op::LayerNorm { dim, eps, gain, bias } => {
             vec![format!("dim = {dim}"), format!("eps = {eps}"), format!("gain = {gain}"), format!("bias = {bias}")]

@@ -52,7 +52,7 @@ fn arity(op: &Op) -> (usize, usize) {
         Op::Einsum | Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } | Op::EmbedGrad | Op::GateMask => (2, 2),
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
-        Op::CrossEntropyGrad { .. } | Op::CombineGradGates | Op::LoadBalanceGrad => (3, 3),
+        Op::CrossEntropyGrad { .. } | Op::CombineGradGates | Op::LoadBalanceGrad | Op::AmaxGrad { .. } => (3, 3),
         Op::AttentionGrad { mask, .. } => (4 + usize::from(*mask), 4 + usize::from(*mask)),
         Op::Attention { mask, rel, .. } => {
             let n = 3

@@ -393,6 +393,28 @@ pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool)
     Tensor { dims: py.dims.clone(), data: out }.permuted(&y.dims).into_owned()
 }
 
+/// The gradient of `amax` over `dims`: each group's g goes to the elements
+/// equal to its maximum, split evenly between ties.
+pub fn amax_grad<T: Real>(x: &Tensor<T>, max: &Tensor<T>, g: &Tensor<T>, dims: &[String]) -> Tensor<T> {
+    let names: Vec<&str> = dims.iter().map(String::as_str).collect();
+    let p = x.move_last(&names);
+    // `max` and `g` have the kept dims; line them up with p's row order.
+    let kept: Vec<Dim> = p.dims[..p.dims.len() - names.len()].to_vec();
+    let (m, gk) = (max.permute(&kept), g.permute(&kept));
+    let n = p.numel() / m.numel().max(1);
+    let mut out = vec![T::zero(); p.numel()];
+    for (((o, row), mx), gv) in out.chunks_mut(n.max(1)).zip(p.data.chunks(n.max(1))).zip(&m.data).zip(&gk.data) {
+        let ties = row.iter().filter(|v| **v == *mx).count().max(1);
+        let share = *gv / r::<T>(ties as f64);
+        for (o, v) in o.iter_mut().zip(row) {
+            if *v == *mx {
+                *o = share;
+            }
+        }
+    }
+    Tensor { dims: p.dims.clone(), data: out }.permute(&x.dims)
+}
+
 /// Per row: (mean, 1/std) for LayerNorm, (0, 1/rms) for RMSNorm.
 fn norm_stats<T: Real>(row: &[T], eps: f64, rms: bool) -> (T, T) {
     let n = r::<T>(row.len() as f64);

@@ -288,6 +288,7 @@ impl Interpreter<'_> {
                 }
             }
             Op::Expand => a(0).expand(out),
+            Op::AmaxGrad { dims } => k::amax_grad(a(0), a(1), a(2), dims),
             Op::Softmax { dim, log } => k::softmax(a(0), dim, *log),
             Op::SoftmaxGrad { dim, log } => k::softmax_grad(a(0), a(1), dim, *log),
             Op::LayerNorm { dim, eps, gain, bias } => {
