@@ -80,6 +80,66 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) 
     Tensor { dims: out.to_vec(), data }
 }
 
+/// `target ∘= other` in place, when `target` has the output's dims and `other`
+/// is the same shape, a trailing block, a scalar or `out` without a middle run
+/// of dims (`target_left`: whether `target` is the left operand). Returns
+/// false, leaving `target` untouched, for other broadcasts.
+pub fn binary_assign<T: Real>(op: BinaryOp, target: &mut Tensor<T>, other: &Tensor<T>, target_left: bool) -> bool {
+    let out = &target.dims;
+    let n = target.data.len();
+    // `other` as rows of `w` elements: row k of the target reads row `pick(k)`.
+    let (w, mid) = if other.dims == *out {
+        (n.max(1), 1)
+    } else if out.ends_with(&other.dims) {
+        (other.numel().max(1), usize::MAX)
+    } else {
+        let lead = out.iter().zip(&other.dims).take_while(|(o, d)| o == d).count();
+        let tail = other.dims.len() - lead;
+        if tail > out.len() - lead || out[out.len() - tail..] != other.dims[lead..] {
+            return false;
+        }
+        let inner: usize = other.dims[lead..].iter().map(|d| d.size as usize).product();
+        let mid: usize = out[lead..out.len() - tail].iter().map(|d| d.size as usize).product();
+        (inner.max(1), mid.max(1))
+    };
+    if w < 16 && w != n {
+        return false;
+    }
+    let row = if w == n { (n / 64).max(1) } else { w };
+    par_rows(&mut target.data, row, |first, chunk| {
+        for (k, o) in chunk.chunks_mut(w.min(row)).enumerate() {
+            let y: &[T] = if w == n {
+                &other.data[first * row + k * w.min(row)..][..o.len()]
+            } else if mid == usize::MAX {
+                &other.data[..w]
+            } else {
+                &other.data[((first + k) / mid) * w..][..w]
+            };
+            assign_into(op, o, y, target_left);
+        }
+    });
+    true
+}
+
+/// o = o ∘ y (or y ∘ o when `!left`), one tight loop per op.
+fn assign_into<T: Real>(op: BinaryOp, o: &mut [T], y: &[T], left: bool) {
+    macro_rules! each {
+        ($f:expr) => {
+            if left {
+                o.iter_mut().zip(y).for_each(|(o, y)| *o = $f(*o, *y));
+            } else {
+                o.iter_mut().zip(y).for_each(|(o, y)| *o = $f(*y, *o));
+            }
+        };
+    }
+    match op {
+        BinaryOp::Add => each!(|x: T, y: T| x + y),
+        BinaryOp::Sub => each!(|x: T, y: T| x - y),
+        BinaryOp::Mul => each!(|x: T, y: T| x * y),
+        BinaryOp::Div => each!(|x: T, y: T| x / y),
+    }
+}
+
 /// o = x ∘ y elementwise, one tight loop per op.
 pub(crate) fn zip_into<T: Real>(op: BinaryOp, o: &mut [T], x: &[T], y: &[T]) {
     macro_rules! each {
@@ -773,6 +833,14 @@ mod tests {
         ];
         for (x, y) in &cases {
             let got = super::binary(BinaryOp::Sub, x, y, &out);
+            // In place, into whichever side has the output's dims.
+            let (mut t, other, left) = if x.dims == out { (x.clone(), y, true) } else { (y.clone(), x, false) };
+            if super::binary_assign(BinaryOp::Sub, &mut t, other, left) {
+                assert_eq!(t.data, got.data, "in place, {:?} ∘ {:?}", x.dims, y.dims);
+            } else {
+                let before = if left { x } else { y };
+                assert_eq!(t.data, before.data, "a fallback leaves the target untouched");
+            }
             let at = |t: &Tensor<f32>, i: usize, j: usize, k: usize| {
                 let idx = t.dims.iter().fold(0, |acc, d| {
                     acc * d.size as usize

@@ -104,6 +104,46 @@ impl Interpreter<'_> {
         params: &[Tensor<T>],
         needed: Option<&[ValueId]>,
     ) -> Result<Vec<Tensor<T>>, ExecError> {
+        self.run_impl(inputs, Vec::new(), params, needed)
+    }
+
+    /// `run_for`, with inputs the graph may keep: an input read by one
+    /// `input` node moves into the values instead of being copied.
+    pub fn run_owned<T: Real>(
+        &self,
+        inputs: Vec<Tensor<T>>,
+        params: &[Tensor<T>],
+        needed: Option<&[ValueId]>,
+    ) -> Result<Vec<Tensor<T>>, ExecError> {
+        let mut readers = vec![0usize; inputs.len()];
+        for node in &self.graph.nodes {
+            if let Op::Input { index } = node.op
+                && index < readers.len()
+            {
+                readers[index] += 1;
+            }
+        }
+        // Inputs read once move; the rest stay behind to be copied.
+        let (mut moved, mut kept) = (Vec::with_capacity(inputs.len()), Vec::with_capacity(inputs.len()));
+        for (t, n) in inputs.into_iter().zip(readers) {
+            if n == 1 {
+                moved.push(Some(t));
+                kept.push(Tensor::default());
+            } else {
+                moved.push(None);
+                kept.push(t);
+            }
+        }
+        self.run_impl(&kept, moved, params, needed)
+    }
+
+    fn run_impl<T: Real>(
+        &self,
+        inputs: &[Tensor<T>],
+        mut moved: Vec<Option<Tensor<T>>>,
+        params: &[Tensor<T>],
+        needed: Option<&[ValueId]>,
+    ) -> Result<Vec<Tensor<T>>, ExecError> {
         let g = self.graph;
         let mut vals: Vec<Tensor<T>> = Vec::with_capacity(g.len());
         // With `needed`: the node after which each other value is dead.
@@ -131,7 +171,34 @@ impl Interpreter<'_> {
         let mut filled: Vec<bool> = Vec::with_capacity(g.len());
         for (i, node) in g.nodes.iter().enumerate() {
             let t0 = profile.then(std::time::Instant::now);
-            let fast = if skip_empty { self.eval_padded(node, &vals, &pads) } else { None };
+            let fast = match node.op {
+                Op::Input { index } if moved.get(index).is_some_and(Option::is_some) => {
+                    moved[index].take().map(|t| (t, None))
+                }
+                // A binary op whose operand dies here writes into that operand.
+                Op::Binary { op } if node.inputs.len() == 2 && node.inputs[0] != node.inputs[1] => {
+                    let donor = (0..2).find(|&k| {
+                        let j = node.inputs[k].index();
+                        last_use[j] == Some(i) && pads[j].is_none() && vals[j].dims == node.ty.dims
+                    });
+                    match donor {
+                        Some(k) if pads[node.inputs[1 - k].index()].is_none() => {
+                            let (j, other) = (node.inputs[k].index(), node.inputs[1 - k].index());
+                            let mut t = std::mem::take(&mut vals[j]);
+                            if k::binary_assign(op, &mut t, &vals[other], k == 0) {
+                                Some((t, None))
+                            } else {
+                                vals[j] = t;
+                                None
+                            }
+                        }
+                        _ if skip_empty => self.eval_padded(node, &vals, &pads),
+                        _ => None,
+                    }
+                }
+                _ if skip_empty => self.eval_padded(node, &vals, &pads),
+                _ => None,
+            };
             let (v, pad) = match fast {
                 Some(vp) => vp,
                 None => {
@@ -357,28 +424,31 @@ impl Interpreter<'_> {
             Op::AdamMoment { beta, square } => {
                 let (b, s) = (r::<T>(*beta), a(2).data[0]);
                 let one_minus = T::one() - b;
-                let data = a(0)
-                    .data
-                    .iter()
-                    .zip(&a(1).data)
-                    .map(|(m, g)| {
+                let (m, g) = (&a(0).data, &a(1).data);
+                let mut data = vec![T::zero(); m.len()];
+                let row = (m.len() / 64).max(1);
+                fast::par_rows(&mut data, row, |first, o| {
+                    let at = first * row;
+                    for ((o, m), g) in o.iter_mut().zip(&m[at..]).zip(&g[at..]) {
                         let g = *g * s;
-                        b * *m + one_minus * if *square { g * g } else { g }
-                    })
-                    .collect();
+                        *o = b * *m + one_minus * if *square { g * g } else { g };
+                    }
+                });
                 Tensor { dims: out.clone(), data }
             }
             Op::AdamStep { eps, weight_decay } => {
                 let h = &a(3).data;
                 let (lr, bc1, bc2) = (h[0], h[1], h[2]);
                 let (eps, wd) = (r::<T>(*eps), r::<T>(*weight_decay));
-                let data = a(0)
-                    .data
-                    .iter()
-                    .zip(&a(1).data)
-                    .zip(&a(2).data)
-                    .map(|((w, m), v)| *w - lr * ((*m / bc1) / ((*v / bc2).sqrt() + eps) + wd * *w))
-                    .collect();
+                let (w, m, v) = (&a(0).data, &a(1).data, &a(2).data);
+                let mut data = vec![T::zero(); w.len()];
+                let row = (w.len() / 64).max(1);
+                fast::par_rows(&mut data, row, |first, o| {
+                    let at = first * row;
+                    for (((o, w), m), v) in o.iter_mut().zip(&w[at..]).zip(&m[at..]).zip(&v[at..]) {
+                        *o = *w - lr * ((*m / bc1) / ((*v / bc2).sqrt() + eps) + wd * *w);
+                    }
+                });
                 Tensor { dims: out.clone(), data }
             }
             Op::ClipScale { clip } => {

@@ -72,9 +72,8 @@ impl OptimizerState {
             })
             .collect();
         let mut vals = crate::exec::Interpreter { graph, params: &[], dropout: None }
-            .run_for(&inputs, &[], Some(&needed))
+            .run_owned(inputs, &[], Some(&needed))
             .expect("the update graph runs on tensors of the parameters' own types");
-        drop(inputs);
         // Move each output out, unless another name still needs the same value.
         let mut left: std::collections::HashMap<usize, usize> = Default::default();
         for id in &needed {
