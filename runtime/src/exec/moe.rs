@@ -28,6 +28,33 @@ fn ranked<T: Real>(vals: &[T], e: usize, keep: impl Fn(T) -> bool) -> Vec<Vec<us
         .collect()
 }
 
+/// A routing's slots, shared by the kernels that need them.
+type Slots = std::rc::Rc<Vec<Vec<(usize, usize)>>>;
+
+thread_local! {
+    /// Recent routings of this thread by content: (gates as f64 bits, capacity, slots).
+    /// Dispatch, combine and their gradients read the same gates up to five
+    /// times per layer; the cache computes the slots once.
+    static ROUTES: std::cell::RefCell<Vec<(Vec<u64>, usize, Slots)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `slots`, from this thread's cache when the same gates were routed recently.
+fn cached_slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Slots {
+    let key: Vec<u64> = gates.data.iter().map(|g| g.to_f64().unwrap_or(f64::NAN).to_bits()).collect();
+    ROUTES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some((_, _, s)) = cache.iter().find(|(k, c, _)| *c == capacity && *k == key) {
+            return s.clone();
+        }
+        let s = std::rc::Rc::new(slots(gates, capacity));
+        if cache.len() >= 16 {
+            cache.remove(0);
+        }
+        cache.push((key, capacity, s.clone()));
+        s
+    })
+}
+
 /// Slot of every kept (token, expert) pair: `slots[t]` lists (expert, slot).
 pub fn slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Vec<Vec<(usize, usize)>> {
     let (t, e) = rows(gates);
@@ -51,7 +78,7 @@ pub fn slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Vec<Vec<(usize, usi
 /// Filled slots per expert (slots fill from 0 up, so these are prefixes).
 pub fn slot_counts<T: Real>(gates: &Tensor<T>, capacity: usize, experts: usize) -> Vec<usize> {
     let mut counts = vec![0; experts];
-    for &(ex, _) in slots(gates, capacity).iter().flatten() {
+    for &(ex, _) in cached_slots(gates, capacity).iter().flatten() {
         counts[ex] += 1;
     }
     counts
@@ -80,7 +107,7 @@ pub fn dispatch<T: Real>(gates: &Tensor<T>, x: &Tensor<T>, out: &[Dim]) -> Tenso
     let cap = out[1].size as usize;
     let width: usize = out[2..].iter().map(|d| d.size as usize).product();
     let mut y = Tensor::zeros(out);
-    for (tok, pairs) in slots(gates, cap).iter().enumerate() {
+    for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let dst = (ex * cap + s) * width;
             y.data[dst..dst + width].copy_from_slice(&x.data[tok * width..(tok + 1) * width]);
@@ -94,7 +121,7 @@ pub fn dispatch_grad<T: Real>(gates: &Tensor<T>, g: &Tensor<T>, out: &[Dim]) -> 
     let cap = g.dims[1].size as usize;
     let width: usize = g.dims[2..].iter().map(|d| d.size as usize).product();
     let mut dx = Tensor::zeros(out);
-    for (tok, pairs) in slots(gates, cap).iter().enumerate() {
+    for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let src = (ex * cap + s) * width;
             for j in 0..width {
@@ -111,7 +138,7 @@ pub fn combine<T: Real>(gates: &Tensor<T>, y: &Tensor<T>, out: &[Dim]) -> Tensor
     let cap = y.dims[1].size as usize;
     let width: usize = y.dims[2..].iter().map(|d| d.size as usize).product();
     let mut o = Tensor::zeros(out);
-    for (tok, pairs) in slots(gates, cap).iter().enumerate() {
+    for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let w = gates.data[tok * e + ex];
             let src = (ex * cap + s) * width;
@@ -129,7 +156,7 @@ pub fn combine_grad_y<T: Real>(gates: &Tensor<T>, g: &Tensor<T>, out: &[Dim]) ->
     let cap = out[1].size as usize;
     let width: usize = out[2..].iter().map(|d| d.size as usize).product();
     let mut dy = Tensor::zeros(out);
-    for (tok, pairs) in slots(gates, cap).iter().enumerate() {
+    for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let w = gates.data[tok * e + ex];
             let dst = (ex * cap + s) * width;
@@ -147,7 +174,7 @@ pub fn combine_grad_gates<T: Real>(gates: &Tensor<T>, y: &Tensor<T>, g: &Tensor<
     let cap = y.dims[1].size as usize;
     let width: usize = y.dims[2..].iter().map(|d| d.size as usize).product();
     let mut dg = Tensor::zeros(&gates.dims);
-    for (tok, pairs) in slots(gates, cap).iter().enumerate() {
+    for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let src = (ex * cap + s) * width;
             let mut dot = T::zero();
