@@ -122,7 +122,7 @@ pub fn binary_assign<T: Real>(op: BinaryOp, target: &mut Tensor<T>, other: &Tens
 }
 
 /// o = o ∘ y (or y ∘ o when `!left`), one tight loop per op.
-fn assign_into<T: Real>(op: BinaryOp, o: &mut [T], y: &[T], left: bool) {
+pub(crate) fn assign_into<T: Real>(op: BinaryOp, o: &mut [T], y: &[T], left: bool) {
     macro_rules! each {
         ($f:expr) => {
             if left {

@@ -179,9 +179,23 @@ impl Interpreter<'_> {
                 Op::Binary { op } if node.inputs.len() == 2 && node.inputs[0] != node.inputs[1] => {
                     let donor = (0..2).find(|&k| {
                         let j = node.inputs[k].index();
-                        last_use[j] == Some(i) && pads[j].is_none() && vals[j].dims == node.ty.dims
+                        last_use[j] == Some(i) && !filled[j] && vals[j].dims == node.ty.dims
                     });
                     match donor {
+                        // A padded operand dying here: in place over its filled rows.
+                        Some(k) if skip_empty && pads[node.inputs[k].index()].is_some() => {
+                            let (j, other) = (node.inputs[k].index(), node.inputs[1 - k].index());
+                            let pt = pads[j].clone().expect("checked");
+                            let mut t = std::mem::take(&mut vals[j]);
+                            match padded::binary_assign(op, (&mut t, &pt), (&vals[other], pads[other].as_ref()), k == 0)
+                            {
+                                Some(p) => Some((t, Some(p))),
+                                None => {
+                                    vals[j] = t;
+                                    self.eval_padded(node, &vals, &pads)
+                                }
+                            }
+                        }
                         Some(k) if pads[node.inputs[1 - k].index()].is_none() => {
                             let (j, other) = (node.inputs[k].index(), node.inputs[1 - k].index());
                             let mut t = std::mem::take(&mut vals[j]);

@@ -19,7 +19,7 @@
 //! Each function returns `None` when the operands do not have the shapes it
 //! handles, and the caller runs the full kernel instead.
 
-use super::kernels::{unary_grad_slice, unary_slice, zip_into};
+use super::kernels::{assign_into, unary_grad_slice, unary_slice, zip_into};
 use crate::tensor::{Real, Tensor, r};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -173,6 +173,52 @@ pub fn binary<T: Real>(
         };
         if swapped { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
     }))
+}
+
+/// `target ∘= other` in place over the filled rows (the target dies here):
+/// `other` as in `binary`. Returns the new pad, or `None` (target untouched).
+pub fn binary_assign<T: Real>(
+    op: BinaryOp,
+    (target, pt): (&mut Tensor<T>, &Pad<T>),
+    (other, po): (&Tensor<T>, Option<&Pad<T>>),
+    target_left: bool,
+) -> Option<Pad<T>> {
+    let (_, s, w) = fits(target, pt)?;
+    let out = &target.dims;
+    // Row k of `other` for expert e: its own rows (padded alike), a per-expert
+    // row, one shared row, or a scalar.
+    let by_expert = other.dims.len() == out.len() - 1 && other.dims[0] == out[0] && other.dims[1..] == out[2..];
+    let scalar = vec![*other.data.first()?; w];
+    let row = |k: usize, slot: Option<usize>| -> Option<&[T]> {
+        if other.dims == *out {
+            let p = po?;
+            Some(row_of(other, p, s, w, k, slot))
+        } else if by_expert {
+            Some(&other.data[k * w..][..w])
+        } else if other.dims == out[2..] {
+            Some(&other.data[..w])
+        } else if other.dims.is_empty() {
+            Some(&scalar)
+        } else {
+            None
+        }
+    };
+    if other.dims == *out && !po.is_some_and(|p| fits(other, p).is_some() && p.counts == pt.counts) {
+        return None;
+    }
+    row(0, None)?;
+    let mut tail = pt.tail.clone();
+    for (k, t) in tail.chunks_mut(w.max(1)).enumerate() {
+        assign_into(op, t, row(k, None)?, target_left);
+    }
+    per_expert(&mut target.data, s * w, |k, block| {
+        for (slot, o) in block[..pt.counts[k] * w].chunks_mut(w.max(1)).enumerate() {
+            if let Some(y) = row(k, Some(slot)) {
+                assign_into(op, o, y, target_left);
+            }
+        }
+    });
+    Some(Pad { counts: pt.counts.clone(), tail })
 }
 
 /// Σ over the slots of a padded `[expert, slot, rest...]` value.
