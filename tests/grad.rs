@@ -225,6 +225,40 @@ fn attention_and_activation_dropout() {
 }
 
 #[test]
+fn t5_relative_bias_attention() {
+    for causal in ["false", "true"] {
+        check_grads(
+            &"model m {
+               dims { seq = 7, embed = 8, heads = 2, head_dim = 4, buckets = 6 }
+               input x: f32[batch, seq, embed]
+               param wqkv: [embed, qkv = 3, heads, head_dim]
+               param rel: [buckets, heads]
+               param t: [seq, heads, head_dim]
+               q, k, v = split(x @ wqkv, qkv)
+               y = attention(q, k, v, causal = CAUSAL, rel_bias = rel, max_distance = 5)
+               loss = sum(y * t, batch, seq, heads, head_dim)
+             }"
+            .replace("CAUSAL", causal),
+            4,
+            30,
+        );
+    }
+}
+
+#[test]
+fn t5_buckets_match_the_reference_formula() {
+    // Values from T5's `_relative_position_bucket` (32 buckets, max_distance 128),
+    // computed by the formula in Python.
+    use tessera::runtime::exec::attention::t5_bucket;
+    let rel = [-200, -100, -20, -9, -8, -7, -1, 0, 1, 7, 8, 9, 20, 100, 200];
+    let bi: Vec<usize> = rel.iter().map(|&r| t5_bucket(r, true, 32, 128.0)).collect();
+    assert_eq!(bi, [15, 15, 10, 8, 8, 7, 1, 0, 17, 23, 24, 24, 26, 31, 31]);
+    let rel = [-200, -100, -20, -16, -15, -1, 0, 1, 5];
+    let uni: Vec<usize> = rel.iter().map(|&r| t5_bucket(r, false, 32, 128.0)).collect();
+    assert_eq!(uni, [31, 30, 17, 16, 15, 1, 0, 0, 0]);
+}
+
+#[test]
 fn embedding_with_repeated_ids_and_cross_entropy() {
     // 16 positions drawn from 3 ids: every id repeats.
     check_grads(

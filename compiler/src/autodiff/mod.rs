@@ -301,17 +301,27 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                 }
             }
             Op::Attention { causal, dropout, mask, rel, window } => {
-                if *rel != RelPos::None {
-                    return not("attention", "relative-position attention is not differentiable yet");
-                }
+                let t5 = match rel {
+                    RelPos::None => None,
+                    RelPos::T5 { max_distance } => Some(*max_distance),
+                    RelPos::Xl { .. } => {
+                        return not("attention", "Transformer-XL relative attention is not differentiable yet");
+                    }
+                };
+                // Operands: q, k, v, [mask], [table]; the table's gradient is `which` = 3.
                 let mut base: Vec<ValueId> = ins[..3].to_vec();
                 if *mask {
                     base.push(ins[3]);
                 }
+                let table = 3 + usize::from(*mask);
+                if t5.is_some() {
+                    base.push(ins[table]);
+                }
                 base.push(gi);
-                for which in 0..3u8 {
-                    if need(which as usize) {
-                        let t = fwd.ty(ins[which as usize]).clone();
+                let operand = |which: u8| if which == 3 { table } else { which as usize };
+                for which in 0..3u8 + u8::from(t5.is_some()) {
+                    if need(operand(which)) {
+                        let t = fwd.ty(ins[operand(which)]).clone();
                         let op = Op::AttentionGrad {
                             which,
                             causal: *causal,
@@ -319,9 +329,10 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                             window: *window,
                             dropout: *dropout,
                             forward: out,
+                            t5,
                         };
                         let c = b.push(op, base.clone(), t, span);
-                        b.accumulate(ins[which as usize], c, span);
+                        b.accumulate(ins[operand(which)], c, span);
                     }
                 }
             }

@@ -234,10 +234,20 @@ pub enum Op {
     AmaxGrad { dims: Vec<String> },
     /// `g` → the gradient of dropout (the same mask as forward node `forward`).
     DropoutGrad { p: f64, forward: ValueId },
-    /// `q, k, v, [mask,] g` → dq (`which` = 0), dk (1) or dv (2). With
-    /// `dropout` > 0 the probabilities were dropped with the mask of forward
-    /// node `forward`, which the backward pass regenerates.
-    AttentionGrad { which: u8, causal: bool, mask: bool, window: Option<u64>, dropout: f64, forward: ValueId },
+    /// `q, k, v, [mask,] [t5 table,] g` → dq (`which` = 0), dk (1), dv (2)
+    /// or the T5 bias table (3). With `dropout` > 0 the probabilities were
+    /// dropped with the mask of forward node `forward`, which the backward
+    /// pass regenerates.
+    AttentionGrad {
+        which: u8,
+        causal: bool,
+        mask: bool,
+        window: Option<u64>,
+        dropout: f64,
+        forward: ValueId,
+        /// `Some(max_distance)` with a T5 relative-bias table.
+        t5: Option<f64>,
+    },
     /// `logits, targets, g` → dlogits of the mean cross-entropy.
     CrossEntropyGrad { label_smoothing: f64, ignore: Option<i64> },
     /// `sum of squares` → min(1, clip / sqrt(sum)): the factor that clips a

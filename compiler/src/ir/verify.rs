@@ -53,7 +53,10 @@ fn arity(op: &Op) -> (usize, usize) {
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
         Op::CrossEntropyGrad { .. } | Op::CombineGradGates | Op::LoadBalanceGrad | Op::AmaxGrad { .. } => (3, 3),
-        Op::AttentionGrad { mask, .. } => (4 + usize::from(*mask), 4 + usize::from(*mask)),
+        Op::AttentionGrad { mask, t5, .. } => {
+            let n = 4 + usize::from(*mask) + usize::from(t5.is_some());
+            (n, n)
+        }
         Op::Attention { mask, rel, .. } => {
             let n = 3
                 + usize::from(*mask)

@@ -20,6 +20,35 @@ pub struct Attn<'a, T> {
     /// (l, h, i, j) is dropped when `uniform(seed, node, index)` < p, so the
     /// backward pass regenerates the forward mask without storing it.
     pub dropout: Option<(f64, u64, u64)>,
+    /// T5 relative-position bias: the table `[buckets, heads]` and max_distance.
+    pub t5: Option<(&'a Tensor<T>, f64)>,
+}
+
+/// T5's bucket of relative position `rel` = key − query (Raffel et al.,
+/// `_relative_position_bucket`): half the buckets per direction when
+/// bidirectional; exact below half the buckets, then logarithmic up to
+/// `max_distance`.
+pub fn t5_bucket(rel: i64, bidirectional: bool, buckets: usize, max_distance: f64) -> usize {
+    let (mut n, mut base) = (buckets as i64, 0i64);
+    let mut r = rel;
+    if bidirectional {
+        n /= 2;
+        if r > 0 {
+            base += n;
+        }
+        r = r.abs();
+    } else {
+        r = -r.min(0);
+    }
+    let exact = (n / 2).max(1);
+    let b = if r < exact {
+        r
+    } else {
+        let large = exact as f64
+            + ((r as f64 / exact as f64).ln() / (max_distance / exact as f64).ln() * (n - exact) as f64).floor();
+        (large as i64).min(n - 1)
+    };
+    (base + b).clamp(0, buckets as i64 - 1) as usize
 }
 
 #[derive(Clone, Copy)]
@@ -138,6 +167,7 @@ impl<T: Real> Attn<'_, T> {
         i0: usize,
         rows: usize,
         p: &mut [T],
+        bias: Option<&[usize]>,
     ) -> usize {
         let hk = h / (s.hq / s.hk).max(1);
         let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
@@ -177,6 +207,12 @@ impl<T: Real> Attn<'_, T> {
             } else {
                 live.iter_mut().for_each(|x| *x = *x * scale);
             }
+            // T5: + table[bucket(j − i), h], `bias` indexed by j − i + sq − 1.
+            if let (Some(buckets), Some((table, _))) = (bias, self.t5) {
+                for (jj, x) in live.iter_mut().enumerate() {
+                    *x += table.data[buckets[lo + jj + s.sq - 1 - i] * s.hq + h];
+                }
+            }
             let max = super::fast::max(live);
             if max == neg {
                 row.fill(zero);
@@ -206,6 +242,17 @@ impl<T: Real> Attn<'_, T> {
         }
     }
 
+    /// T5 buckets of every relative position j − i, indexed by j − i + sq − 1.
+    fn t5_buckets(&self, s: &Shape) -> Option<Vec<usize>> {
+        let (table, max_distance) = self.t5?;
+        let n = table.dims[0].size as usize;
+        Some(
+            (0..s.sq + s.sk - 1)
+                .map(|k| t5_bucket(k as i64 - (s.sq as i64 - 1), !self.causal, n, max_distance))
+                .collect(),
+        )
+    }
+
     /// Run `f(l, hk)` for every lead index and kv head, over all threads.
     fn parallel(&self, s: &Shape, f: impl Fn(usize, usize) + Sync) {
         let items = s.l * s.hk;
@@ -225,6 +272,7 @@ impl<T: Real> Attn<'_, T> {
     pub fn forward(&self, out_dims: &[Dim]) -> Tensor<T> {
         let s = self.shape();
         let mi = self.mask_index();
+        let buckets = self.t5_buckets(&s);
         let mut out: Tensor<T> = Tensor::zeros(out_dims);
         let dst = Shared(out.data.as_mut_ptr());
         let group = (s.hq / s.hk).max(1);
@@ -233,7 +281,7 @@ impl<T: Real> Attn<'_, T> {
             for h in hk * group..(hk + 1) * group {
                 for i0 in (0..s.sq).step_by(BLOCK) {
                     let rows = BLOCK.min(s.sq - i0);
-                    let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p, buckets.as_deref());
                     self.drop_mask(&s, l, h, i0, rows, kend, &mut p);
                     // SAFETY: this thread alone writes out[l, i0.., h, :].
                     unsafe {
@@ -258,10 +306,13 @@ impl<T: Real> Attn<'_, T> {
         out
     }
 
-    /// The gradients with respect to q, k and v, in one pass.
-    pub fn backward(&self, g: &Tensor<T>) -> [Tensor<T>; 3] {
+    /// The gradients with respect to q, k and v (and the T5 table), in one pass.
+    pub fn backward(&self, g: &Tensor<T>) -> Vec<Tensor<T>> {
         let s = self.shape();
         let mi = self.mask_index();
+        let buckets = self.t5_buckets(&s);
+        // Σ of the score gradients per (bucket, head), merged from every item.
+        let dtable = std::sync::Mutex::new(self.t5.map(|(t, _)| vec![T::zero(); t.numel()]));
         let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
         let group = (s.hq / s.hk).max(1);
         let mut dq: Tensor<T> = Tensor::zeros(&self.q.dims);
@@ -269,6 +320,7 @@ impl<T: Real> Attn<'_, T> {
         let mut dv: Tensor<T> = Tensor::zeros(&self.v.dims);
         let (pq, pk, pv) = (Shared(dq.data.as_mut_ptr()), Shared(dk.data.as_mut_ptr()), Shared(dv.data.as_mut_ptr()));
         self.parallel(&s, |l, hk| {
+            let mut local = self.t5.map(|(t, _)| vec![T::zero(); t.numel()]);
             let n = BLOCK.min(s.sq) * s.sk;
             let (mut p, mut dp) = (vec![T::zero(); n], vec![T::zero(); n]);
             // P ∘ mask / (1 − p) under dropout (what multiplied V), else P itself.
@@ -278,7 +330,7 @@ impl<T: Real> Attn<'_, T> {
             for h in hk * group..(hk + 1) * group {
                 for i0 in (0..s.sq).step_by(BLOCK) {
                     let rows = BLOCK.min(s.sq - i0);
-                    let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p);
+                    let kend = self.probs(&s, &mi, l, h, i0, rows, &mut p, buckets.as_deref());
                     if self.dropout.is_some() {
                         pd.copy_from_slice(&p);
                         self.drop_mask(&s, l, h, i0, rows, kend, &mut pd);
@@ -318,6 +370,13 @@ impl<T: Real> Attn<'_, T> {
                         for (a, b) in pr.iter().zip(dr.iter_mut()) {
                             *b = *a * (*b - dd) * scale;
                         }
+                        // T5 table: Σ dS per bucket (dS · scale here; divided out below).
+                        if let (Some(loc), Some(bk)) = (local.as_mut(), buckets.as_deref()) {
+                            let i = i0 + r;
+                            for (j, v) in dr.iter().enumerate() {
+                                loc[bk[j + s.sq - 1 - i] * s.hq + h] += *v;
+                            }
+                        }
                     }
                     unsafe {
                         // dQ = dS · K
@@ -354,7 +413,18 @@ impl<T: Real> Attn<'_, T> {
                     }
                 }
             }
+            if let Some(loc) = local {
+                let mut guard = dtable.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(acc) = guard.as_mut() {
+                    acc.iter_mut().zip(&loc).for_each(|(a, b)| *a += *b);
+                }
+            }
         });
-        [dq, dk, dv]
+        let mut out = vec![dq, dk, dv];
+        if let (Some(data), Some((table, _))) = (dtable.into_inner().unwrap_or_else(|e| e.into_inner()), self.t5) {
+            let inv = T::one() / scale;
+            out.push(Tensor { dims: table.dims.clone(), data: data.into_iter().map(|v| v * inv).collect() });
+        }
+        out
     }
 }

@@ -100,6 +100,7 @@ impl<'a, T: Real> Decoder<'a, T> {
                         causal: true,
                         window: *window,
                         dropout: None,
+                        t5: None,
                     }
                     .forward(&out);
                     self.cache[i] = Some((ck, cv));

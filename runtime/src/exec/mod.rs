@@ -2,7 +2,7 @@
 //! node by node on the CPU. It is the numerical oracle later backends are
 //! compared with, so it favours clarity; every value is kept.
 
-mod attention;
+pub mod attention;
 pub mod decode;
 pub(crate) mod fast;
 pub mod kernels;
@@ -163,7 +163,7 @@ impl Interpreter<'_> {
             }
         }
         let profile = std::env::var_os("TESSERA_PROFILE").is_some();
-        let mut attn_grads: std::collections::HashMap<Vec<ValueId>, [Tensor<T>; 3]> = Default::default();
+        let mut attn_grads: std::collections::HashMap<Vec<ValueId>, Vec<Tensor<T>>> = Default::default();
         let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
         let skip_empty = SKIP_EMPTY_SLOTS.with(|c| c.get());
         let mut pads: Vec<Option<padded::Pad<T>>> = Vec::with_capacity(g.len());
@@ -312,13 +312,13 @@ impl Interpreter<'_> {
         vals: &[Tensor<T>],
         inputs: &[Tensor<T>],
         params: &[Tensor<T>],
-        attn_grads: &mut std::collections::HashMap<Vec<ValueId>, [Tensor<T>; 3]>,
+        attn_grads: &mut std::collections::HashMap<Vec<ValueId>, Vec<Tensor<T>>>,
     ) -> Result<Tensor<T>, ExecError> {
         let id = ValueId(i as u32);
         let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
         let a = |j: usize| &vals[node.inputs[j].index()];
         // Attention's operands are q, k, v and, when masked, the mask.
-        let attn = |causal: bool, mask: bool, window, p: f64, forward: usize| attention::Attn {
+        let attn = |causal: bool, mask: bool, window, p: f64, forward: usize, t5: Option<f64>| attention::Attn {
             q: a(0),
             k: a(1),
             v: a(2),
@@ -326,6 +326,7 @@ impl Interpreter<'_> {
             causal,
             window,
             dropout: self.dropout.filter(|_| p > 0.0).map(|seed| (p, seed, forward as u64)),
+            t5: t5.map(|md| (a(3 + usize::from(mask)), md)),
         };
         let out = &node.ty.dims;
         let v: Tensor<T> = match &node.op {
@@ -410,17 +411,22 @@ impl Interpreter<'_> {
                 }
             }
             Op::Attention { causal, dropout, mask, rel, window } => {
-                if *rel != tessera_compiler::ir::RelPos::None {
-                    return Err(fail("relative-position attention is not in the CPU interpreter yet".into()));
-                }
-                attn(*causal, *mask, *window, *dropout, i).forward(out)
+                use tessera_compiler::ir::RelPos;
+                let t5 = match rel {
+                    RelPos::None => None,
+                    RelPos::T5 { max_distance } => Some(*max_distance),
+                    RelPos::Xl { .. } => {
+                        return Err(fail("Transformer-XL relative attention is not in the CPU interpreter yet".into()));
+                    }
+                };
+                attn(*causal, *mask, *window, *dropout, i, t5).forward(out)
             }
-            Op::AttentionGrad { which, causal, mask, window, dropout, forward } => {
-                // One pass computes dq, dk and dv; the three nodes share it.
+            Op::AttentionGrad { which, causal, mask, window, dropout, forward, t5 } => {
+                // One pass computes dq, dk, dv (and the T5 table's); the nodes share it.
                 let key = node.inputs.clone();
                 if !attn_grads.contains_key(&key) {
-                    let gv = a(3 + usize::from(*mask));
-                    let grads = attn(*causal, *mask, *window, *dropout, forward.index()).backward(gv);
+                    let gv = a(3 + usize::from(*mask) + usize::from(t5.is_some()));
+                    let grads = attn(*causal, *mask, *window, *dropout, forward.index(), *t5).backward(gv);
                     attn_grads.insert(key.clone(), grads);
                 }
                 // Each of dq, dk, dv is read once: move it out.
