@@ -246,6 +246,35 @@ fn t5_relative_bias_attention() {
 }
 
 #[test]
+fn transformer_xl_relative_attention() {
+    // (u and v appear in the loss at weight 0 so that the spec uses them when
+    // the attention does not.)
+    for (causal, biases) in [("true", true), ("true", false), ("false", true)] {
+        let bias_args = if biases { ", pos_bias_u = u, pos_bias_v = v" } else { "" };
+        check_grads(
+            &format!(
+                "model m {{
+                   dims {{ seq = 6, embed = 8, heads = 2, head_dim = 4 }}
+                   input x: f32[batch, seq, embed]
+                   param wq: [embed, heads, head_dim]
+                   param wk: [embed, heads, head_dim]
+                   param wv: [embed, heads, head_dim]
+                   param w_r: [embed, heads, head_dim]
+                   param u: [heads, head_dim]
+                   param v: [heads, head_dim]
+                   param t: [seq, heads, head_dim]
+                   r = sinusoid(seq, embed) @ w_r
+                   y = attention(x @ wq, x @ wk, x @ wv, causal = {causal}, rel_pos = r{bias_args})
+                   loss = sum(y * t, batch, seq, heads, head_dim) + sum(u * v, heads, head_dim) * 0.0
+                 }}"
+            ),
+            4,
+            30,
+        );
+    }
+}
+
+#[test]
 fn t5_buckets_match_the_reference_formula() {
     // Values from T5's `_relative_position_bucket` (32 buckets, max_distance 128),
     // computed by the formula in Python.

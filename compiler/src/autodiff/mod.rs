@@ -301,25 +301,19 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                 }
             }
             Op::Attention { causal, dropout, mask, rel, window } => {
-                let t5 = match rel {
-                    RelPos::None => None,
-                    RelPos::T5 { max_distance } => Some(*max_distance),
-                    RelPos::Xl { .. } => {
-                        return not("attention", "Transformer-XL relative attention is not differentiable yet");
-                    }
+                let (t5, xl) = match rel {
+                    RelPos::None => (None, None),
+                    RelPos::T5 { max_distance } => (Some(*max_distance), None),
+                    RelPos::Xl { biases } => (None, Some(*biases)),
                 };
-                // Operands: q, k, v, [mask], [table]; the table's gradient is `which` = 3.
-                let mut base: Vec<ValueId> = ins[..3].to_vec();
-                if *mask {
-                    base.push(ins[3]);
-                }
-                let table = 3 + usize::from(*mask);
-                if t5.is_some() {
-                    base.push(ins[table]);
-                }
+                // Operands: q, k, v, [mask], then the T5 table or XL's r [, u, v]:
+                // `which` 3.. are those extra operands in order.
+                let first = 3 + usize::from(*mask);
+                let extra = usize::from(t5.is_some()) + xl.map_or(0, |b| 1 + 2 * usize::from(b));
+                let mut base: Vec<ValueId> = ins[..first + extra].to_vec();
                 base.push(gi);
-                let operand = |which: u8| if which == 3 { table } else { which as usize };
-                for which in 0..3u8 + u8::from(t5.is_some()) {
+                let operand = |which: u8| if which >= 3 { first + which as usize - 3 } else { which as usize };
+                for which in 0..(3 + extra) as u8 {
                     if need(operand(which)) {
                         let t = fwd.ty(ins[operand(which)]).clone();
                         let op = Op::AttentionGrad {
@@ -330,6 +324,7 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
                             dropout: *dropout,
                             forward: out,
                             t5,
+                            xl,
                         };
                         let c = b.push(op, base.clone(), t, span);
                         b.accumulate(ins[operand(which)], c, span);

@@ -247,6 +247,8 @@ pub enum Op {
         forward: ValueId,
         /// `Some(max_distance)` with a T5 relative-bias table.
         t5: Option<f64>,
+        /// `Some(biases)` with Transformer-XL positions `r` (and biases `u`, `v`).
+        xl: Option<bool>,
     },
     /// `logits, targets, g` → dlogits of the mean cross-entropy.
     CrossEntropyGrad { label_smoothing: f64, ignore: Option<i64> },

@@ -73,10 +73,13 @@ fn attrs(op: &Op) -> String {
         Op::Untake { dim, indices } => vec![format!("dim = {dim}"), format!("indices = {indices:?}")],
         Op::Slice { dim, start, to } => vec![format!("dim = {dim}"), format!("start = {start}"), format!("to = {to}")],
         Op::DropoutGrad { p, forward } => vec![format!("p = {p}"), format!("forward = {forward}")],
-        Op::AttentionGrad { which, causal, mask, window, dropout, forward, t5 } => {
+        Op::AttentionGrad { which, causal, mask, window, dropout, forward, t5, xl } => {
             let mut v = vec![format!("which = {which}"), format!("causal = {causal}"), format!("mask = {mask}")];
             if let Some(md) = t5 {
                 v.push(format!("rel = t5({md})"));
+            }
+            if let Some(biases) = xl {
+                v.push(format!("rel = xl(biases = {biases})"));
             }
             if let Some(w) = window {
                 v.push(format!("window = {w}"));

@@ -53,8 +53,9 @@ fn arity(op: &Op) -> (usize, usize) {
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
         Op::CrossEntropyGrad { .. } | Op::CombineGradGates | Op::LoadBalanceGrad | Op::AmaxGrad { .. } => (3, 3),
-        Op::AttentionGrad { mask, t5, .. } => {
-            let n = 4 + usize::from(*mask) + usize::from(t5.is_some());
+        Op::AttentionGrad { mask, t5, xl, .. } => {
+            let xl = xl.map_or(0, |b| 1 + 2 * usize::from(b));
+            let n = 4 + usize::from(*mask) + usize::from(t5.is_some()) + xl;
             (n, n)
         }
         Op::Attention { mask, rel, .. } => {

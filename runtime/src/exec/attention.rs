@@ -22,6 +22,20 @@ pub struct Attn<'a, T> {
     pub dropout: Option<(f64, u64, u64)>,
     /// T5 relative-position bias: the table `[buckets, heads]` and max_distance.
     pub t5: Option<(&'a Tensor<T>, f64)>,
+    /// Transformer-XL relative attention.
+    pub xl: Option<Xl<'a, T>>,
+}
+
+/// Transformer-XL's position terms (Dai et al. 2019): the raw score of query
+/// i and key j is (q_i + u)·k_j + (q_i + v)·r_δ with δ = i − j (query
+/// position minus key position, in the keys' frame); terms with δ outside
+/// [0, kv_seq) are 0 (only keys after the query, masked when causal).
+#[derive(Clone, Copy)]
+pub struct Xl<'a, T> {
+    /// `[kv_seq, heads, head_dim]`: the projected sinusoid of each distance.
+    pub r: &'a Tensor<T>,
+    /// The content and position biases `[heads, head_dim]`, or none.
+    pub uv: Option<(&'a Tensor<T>, &'a Tensor<T>)>,
 }
 
 /// T5's bucket of relative position `rel` = key − query (Raffel et al.,
@@ -190,6 +204,30 @@ impl<T: Real> Attn<'_, T> {
                 s.hk * s.d,
             );
         }
+        if let Some(xl) = self.xl {
+            let d = s.d;
+            let sr = xl.r.dims[0].size as i64;
+            for r in 0..rows {
+                let qi = &self.q.data[((l * s.sq + i0 + r) * s.hq + h) * d..][..d];
+                let qend = i0 as i64 + r as i64 + shift;
+                for (j, x) in p[r * s.sk..r * s.sk + kend].iter_mut().enumerate() {
+                    let mut add = T::zero();
+                    if let Some((u, _)) = xl.uv {
+                        let kj = &self.k.data[((l * s.sk + j) * s.hk + hk) * d..][..d];
+                        add += super::fast::dot(&u.data[h * d..(h + 1) * d], kj);
+                    }
+                    let dist = qend - j as i64;
+                    if (0..sr).contains(&dist) {
+                        let rd = &xl.r.data[(dist as usize * s.hq + h) * d..][..d];
+                        add += super::fast::dot(qi, rd);
+                        if let Some((_, v)) = xl.uv {
+                            add += super::fast::dot(&v.data[h * d..(h + 1) * d], rd);
+                        }
+                    }
+                    *x += add;
+                }
+            }
+        }
         let (zero, neg) = (T::zero(), T::neg_infinity());
         for r in 0..rows {
             let i = i0 + r;
@@ -313,6 +351,11 @@ impl<T: Real> Attn<'_, T> {
         let buckets = self.t5_buckets(&s);
         // Σ of the score gradients per (bucket, head), merged from every item.
         let dtable = std::sync::Mutex::new(self.t5.map(|(t, _)| vec![T::zero(); t.numel()]));
+        // Transformer-XL: dr, du, dv summed over every item.
+        let xl_zeros = || {
+            self.xl.map(|x| (vec![T::zero(); x.r.numel()], vec![T::zero(); s.hq * s.d], vec![T::zero(); s.hq * s.d]))
+        };
+        let xl_acc = std::sync::Mutex::new(xl_zeros());
         let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
         let group = (s.hq / s.hk).max(1);
         let mut dq: Tensor<T> = Tensor::zeros(&self.q.dims);
@@ -321,6 +364,7 @@ impl<T: Real> Attn<'_, T> {
         let (pq, pk, pv) = (Shared(dq.data.as_mut_ptr()), Shared(dk.data.as_mut_ptr()), Shared(dv.data.as_mut_ptr()));
         self.parallel(&s, |l, hk| {
             let mut local = self.t5.map(|(t, _)| vec![T::zero(); t.numel()]);
+            let mut xl_local = xl_zeros();
             let n = BLOCK.min(s.sq) * s.sk;
             let (mut p, mut dp) = (vec![T::zero(); n], vec![T::zero(); n]);
             // P ∘ mask / (1 − p) under dropout (what multiplied V), else P itself.
@@ -411,6 +455,63 @@ impl<T: Real> Attn<'_, T> {
                             1,
                         );
                     }
+                    // Transformer-XL terms; dS here is the gradient of the raw score.
+                    if let (Some(xl), Some((lr, lu, lv))) = (self.xl, xl_local.as_mut()) {
+                        let d = s.d;
+                        let sr = xl.r.dims[0].size as i64;
+                        let shift = s.sk as i64 - s.sq as i64;
+                        for r in 0..rows {
+                            let i = i0 + r;
+                            let qi = &self.q.data[((l * s.sq + i) * s.hq + h) * d..][..d];
+                            let dqo = ((l * s.sq + i) * s.hq + h) * d;
+                            for j in 0..kend {
+                                let ds = dp[r * s.sk + j];
+                                if ds == T::zero() {
+                                    continue;
+                                }
+                                let kj = &self.k.data[((l * s.sk + j) * s.hk + hk) * d..][..d];
+                                if let Some((u, _)) = xl.uv {
+                                    // SAFETY: this thread alone writes dk[l, :, hk, :].
+                                    let dkj =
+                                        unsafe { std::slice::from_raw_parts_mut(pk.get().add(ko + j * s.hk * d), d) };
+                                    for (o, x) in dkj.iter_mut().zip(&u.data[h * d..(h + 1) * d]) {
+                                        *o += ds * *x;
+                                    }
+                                    for (o, x) in lu[h * d..(h + 1) * d].iter_mut().zip(kj) {
+                                        *o += ds * *x;
+                                    }
+                                }
+                                let dist = i as i64 + shift - j as i64;
+                                if !(0..sr).contains(&dist) {
+                                    continue;
+                                }
+                                let at = (dist as usize * s.hq + h) * d;
+                                let rd = &xl.r.data[at..at + d];
+                                // SAFETY: this thread alone writes dq[l, i, h, :].
+                                let dqi = unsafe { std::slice::from_raw_parts_mut(pq.get().add(dqo), d) };
+                                for (o, x) in dqi.iter_mut().zip(rd) {
+                                    *o += ds * *x;
+                                }
+                                let vh = xl.uv.map(|(_, v)| &v.data[h * d..(h + 1) * d]);
+                                for (c, o) in lr[at..at + d].iter_mut().enumerate() {
+                                    *o += ds * (qi[c] + vh.map_or(T::zero(), |v| v[c]));
+                                }
+                                if xl.uv.is_some() {
+                                    for (o, x) in lv[h * d..(h + 1) * d].iter_mut().zip(rd) {
+                                        *o += ds * *x;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(loc) = xl_local {
+                let mut guard = xl_acc.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((ar, au, av)) = guard.as_mut() {
+                    ar.iter_mut().zip(&loc.0).for_each(|(a, b)| *a += *b);
+                    au.iter_mut().zip(&loc.1).for_each(|(a, b)| *a += *b);
+                    av.iter_mut().zip(&loc.2).for_each(|(a, b)| *a += *b);
                 }
             }
             if let Some(loc) = local {
@@ -424,6 +525,14 @@ impl<T: Real> Attn<'_, T> {
         if let (Some(data), Some((table, _))) = (dtable.into_inner().unwrap_or_else(|e| e.into_inner()), self.t5) {
             let inv = T::one() / scale;
             out.push(Tensor { dims: table.dims.clone(), data: data.into_iter().map(|v| v * inv).collect() });
+        }
+        if let (Some((dr, du, dvb)), Some(xl)) = (xl_acc.into_inner().unwrap_or_else(|e| e.into_inner()), self.xl) {
+            // dS above is the gradient of the raw score, which holds these terms.
+            out.push(Tensor { dims: xl.r.dims.clone(), data: dr });
+            if let Some((u, v)) = xl.uv {
+                out.push(Tensor { dims: u.dims.clone(), data: du });
+                out.push(Tensor { dims: v.dims.clone(), data: dvb });
+            }
         }
         out
     }

@@ -101,6 +101,7 @@ impl<'a, T: Real> Decoder<'a, T> {
                         window: *window,
                         dropout: None,
                         t5: None,
+                        xl: None,
                     }
                     .forward(&out);
                     self.cache[i] = Some((ck, cv));

@@ -453,6 +453,17 @@ pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool)
     Tensor { dims: py.dims.clone(), data: out }.permuted(&y.dims).into_owned()
 }
 
+/// Fixed sinusoidal positions `[pos, dim]` (Vaswani et al. 2017): feature
+/// 2i is sin(pos / 10000^(2i/dim)), feature 2i + 1 the cosine of the same angle.
+pub fn sinusoid<T: Real>(out: &[Dim]) -> Tensor<T> {
+    let width = out.last().map(|d| d.size as usize).unwrap_or(1);
+    Tensor::from_fn(out, |k| {
+        let (pos, f) = ((k / width.max(1)) as f64, k % width.max(1));
+        let angle = pos / 10000f64.powf((f - f % 2) as f64 / width as f64);
+        r(if f % 2 == 0 { angle.sin() } else { angle.cos() })
+    })
+}
+
 /// The gradient of `amax` over `dims`: each group's g goes to the elements
 /// equal to its maximum, split evenly between ties.
 pub fn amax_grad<T: Real>(x: &Tensor<T>, max: &Tensor<T>, g: &Tensor<T>, dims: &[String]) -> Tensor<T> {
@@ -809,6 +820,15 @@ pub fn cross_entropy_grad<T: Real>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sinusoid_interleaves_sine_and_cosine() {
+        use tessera_compiler::model::Dim;
+        let t = super::sinusoid::<f64>(&[Dim::new("pos", 2), Dim::new("dim", 4)]);
+        // Position 1: angles 1 and 1/100 (10000^(2/4) = 100).
+        let want = [0.0, 1.0, 0.0, 1.0, 1f64.sin(), 1f64.cos(), 0.01f64.sin(), 0.01f64.cos()];
+        assert!(t.data.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-15), "{:?}", t.data);
+    }
+
     #[test]
     fn binary_broadcasts_by_name_on_every_path() {
         use crate::tensor::Tensor;

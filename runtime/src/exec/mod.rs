@@ -318,15 +318,19 @@ impl Interpreter<'_> {
         let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
         let a = |j: usize| &vals[node.inputs[j].index()];
         // Attention's operands are q, k, v and, when masked, the mask.
-        let attn = |causal: bool, mask: bool, window, p: f64, forward: usize, t5: Option<f64>| attention::Attn {
-            q: a(0),
-            k: a(1),
-            v: a(2),
-            mask: mask.then(|| a(3)),
-            causal,
-            window,
-            dropout: self.dropout.filter(|_| p > 0.0).map(|seed| (p, seed, forward as u64)),
-            t5: t5.map(|md| (a(3 + usize::from(mask)), md)),
+        let attn = |causal: bool, mask: bool, window, p: f64, forward: usize, t5: Option<f64>, xl: Option<bool>| {
+            let extra = 3 + usize::from(mask);
+            attention::Attn {
+                q: a(0),
+                k: a(1),
+                v: a(2),
+                mask: mask.then(|| a(3)),
+                causal,
+                window,
+                dropout: self.dropout.filter(|_| p > 0.0).map(|seed| (p, seed, forward as u64)),
+                t5: t5.map(|md| (a(extra), md)),
+                xl: xl.map(|biases| attention::Xl { r: a(extra), uv: biases.then(|| (a(extra + 1), a(extra + 2))) }),
+            }
         };
         let out = &node.ty.dims;
         let v: Tensor<T> = match &node.op {
@@ -370,6 +374,7 @@ impl Interpreter<'_> {
                 }
             }
             Op::Expand => a(0).expand(out),
+            Op::Sinusoid => k::sinusoid(out),
             Op::AmaxGrad { dims } => k::amax_grad(a(0), a(1), a(2), dims),
             Op::Softmax { dim, log } => k::softmax(a(0), dim, *log),
             Op::SoftmaxGrad { dim, log } => k::softmax_grad(a(0), a(1), dim, *log),
@@ -412,21 +417,19 @@ impl Interpreter<'_> {
             }
             Op::Attention { causal, dropout, mask, rel, window } => {
                 use tessera_compiler::ir::RelPos;
-                let t5 = match rel {
-                    RelPos::None => None,
-                    RelPos::T5 { max_distance } => Some(*max_distance),
-                    RelPos::Xl { .. } => {
-                        return Err(fail("Transformer-XL relative attention is not in the CPU interpreter yet".into()));
-                    }
+                let (t5, xl) = match rel {
+                    RelPos::None => (None, None),
+                    RelPos::T5 { max_distance } => (Some(*max_distance), None),
+                    RelPos::Xl { biases } => (None, Some(*biases)),
                 };
-                attn(*causal, *mask, *window, *dropout, i, t5).forward(out)
+                attn(*causal, *mask, *window, *dropout, i, t5, xl).forward(out)
             }
-            Op::AttentionGrad { which, causal, mask, window, dropout, forward, t5 } => {
-                // One pass computes dq, dk, dv (and the T5 table's); the nodes share it.
+            Op::AttentionGrad { which, causal, mask, window, dropout, forward, t5, xl } => {
+                // One pass computes every operand's gradient; the nodes share it.
                 let key = node.inputs.clone();
                 if !attn_grads.contains_key(&key) {
-                    let gv = a(3 + usize::from(*mask) + usize::from(t5.is_some()));
-                    let grads = attn(*causal, *mask, *window, *dropout, forward.index(), *t5).backward(gv);
+                    let gv = a(node.inputs.len() - 1);
+                    let grads = attn(*causal, *mask, *window, *dropout, forward.index(), *t5, *xl).backward(gv);
                     attn_grads.insert(key.clone(), grads);
                 }
                 // Each of dq, dk, dv is read once: move it out.
@@ -487,7 +490,6 @@ impl Interpreter<'_> {
             Op::LoadBalanceGrad => moe::load_balance_grad(a(0), a(1), a(2).data[0]),
             Op::ZLoss => Tensor::scalar(moe::z_loss(a(0))),
             Op::ZLossGrad => moe::z_loss_grad(a(0), a(1).data[0]),
-            other => return Err(fail(format!("`{}` is not in the CPU interpreter yet", other.name()))),
         };
         Ok(v)
     }
