@@ -83,6 +83,10 @@ enum Command {
         /// with this Python, in the same run, and report the ratio.
         #[arg(long, value_name = "PYTHON")]
         pytorch: Option<PathBuf>,
+        /// Alternate Tessera and the PyTorch peer this many times and report
+        /// the medians (shared machines drift; alternating spreads the drift).
+        #[arg(long, default_value_t = 1)]
+        rounds: u64,
         /// The machine's fp32 peak per core, GFLOP/s, for the GEMM figure
         /// (default: Zen 4, 2 FMA pipes × 8 lanes × 2 × ~3.7 GHz).
         #[arg(long, default_value_t = 118.0)]
@@ -194,8 +198,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Bench { spec, steps, json, data, pytorch, peak_per_core } => match load(&spec) {
-            Ok(m) => bench(m, steps, json, data, pytorch, peak_per_core),
+        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core } => match load(&spec) {
+            Ok(m) => bench(m, BenchArgs { steps, json, data, pytorch, rounds, peak_per_core }),
             Err(code) => code,
         },
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
@@ -674,19 +678,34 @@ fn pytorch_peer(python: &Path, name: &str, steps: u64, threads: usize) -> Result
     v["tokens_per_s"].as_f64().ok_or_else(|| format!("no `tokens_per_s` in the peer's output: {v}"))
 }
 
-fn bench(
-    m: Model,
+/// `tessera bench`'s options.
+struct BenchArgs {
     steps: u64,
     json: bool,
     data: Option<PathBuf>,
     pytorch: Option<PathBuf>,
+    rounds: u64,
     peak_per_core: f64,
-) -> ExitCode {
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+fn bench(m: Model, args: BenchArgs) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
+    let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core } = args;
+    let rounds = rounds.max(1);
     let flops_per_token = cost::flops_per_token_train(&m);
     let name = m.name.clone();
     let cfg = RunConfig {
-        steps: steps + 1,
+        steps: (steps + 1) * rounds,
         out: std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id())),
         resume: None,
         seed: 1,
@@ -709,39 +728,49 @@ fn bench(
         return ExitCode::from(1);
     }
     let tokens = t.tokens_per_step() * steps.max(1);
-    let start = std::time::Instant::now();
+    let threads = tessera_runtime::exec::threads();
     let mut last = 0.0;
-    for _ in 0..steps.max(1) {
-        match t.train_step() {
-            Ok(r) => last = r.loss,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let start = std::time::Instant::now();
+        for _ in 0..steps.max(1) {
+            match t.train_step() {
+                Ok(r) => last = r.loss,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        ours.push(tokens as f64 / start.elapsed().as_secs_f64());
+        if let Some(py) = &pytorch {
+            match pytorch_peer(py, &name, steps.max(1), threads) {
+                Ok(p) => theirs.push(p),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let tps = tokens as f64 / secs;
-    let gflops = tps * flops_per_token / 1e9;
     drop(t);
+    let tps = median(&ours);
+    let secs = tokens as f64 / tps;
+    let gflops = tps * flops_per_token / 1e9;
     let gemm = gemm_gflops(1024);
-    let threads = tessera_runtime::exec::threads();
     let peak = peak_per_core * threads as f64;
-    let peer = match pytorch.map(|py| pytorch_peer(&py, &name, steps.max(1), threads)).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let peer = (!theirs.is_empty()).then(|| median(&theirs));
     if json {
         let mut j = json!({
             "model": name, "steps": steps, "tokens_per_s": tps, "gflops": gflops, "step_time_s": secs / steps.max(1) as f64,
             "flops_per_token_train": flops_per_token, "gemm_gflops_1024": gemm, "peak_gflops": peak,
             "threads": threads, "final_loss": last,
         });
+        j["rounds"] = json!(rounds);
+        j["tokens_per_s_rounds"] = json!(ours);
         if let Some(p) = peer {
             j["pytorch_tokens_per_s"] = json!(p);
+            j["pytorch_tokens_per_s_rounds"] = json!(theirs);
             j["ratio"] = json!(tps / p);
         }
         println!("{j}");
@@ -752,6 +781,13 @@ fn bench(
         );
         if let Some(p) = peer {
             println!("PyTorch peer: {p:.0} tokens/s; Tessera/PyTorch = {:.2}", tps / p);
+        }
+        if rounds > 1 {
+            let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+            println!("medians of {rounds} alternating rounds; Tessera: {}", list(&ours));
+            if !theirs.is_empty() {
+                println!("  PyTorch: {}", list(&theirs));
+            }
         }
         println!(
             "GEMM 1024³ f32: {gemm:.1} GFLOP/s = {:.0}% of the {peak:.0} GFLOP/s peak ({threads} cores × {peak_per_core})",
