@@ -698,6 +698,9 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Untimed steps before each timed run (the PyTorch peer's default too).
+const WARMUP: u64 = 2;
+
 fn bench(m: Model, args: BenchArgs) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
     let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core } = args;
@@ -705,7 +708,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
     let flops_per_token = cost::flops_per_token_train(&m);
     let name = m.name.clone();
     let cfg = RunConfig {
-        steps: (steps + 1) * rounds,
+        steps: steps + WARMUP,
         out: std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id())),
         resume: None,
         seed: 1,
@@ -715,25 +718,26 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         data,
         spec: None,
     };
-    let mut t = match Trainer::new(m, cfg) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    // One warm-up step, then the timed ones.
-    if let Err(e) = t.train_step() {
-        eprintln!("error: {e}");
-        return ExitCode::from(1);
-    }
-    let tokens = t.tokens_per_step() * steps.max(1);
     let threads = tessera_runtime::exec::threads();
     let mut last = 0.0;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut tokens = 0;
+    // Every round starts from the initial weights, as the peer does: an MoE's
+    // work depends on how its router spreads tokens, which changes as it trains.
     for _ in 0..rounds {
-        let start = std::time::Instant::now();
-        for _ in 0..steps.max(1) {
+        let mut t = match Trainer::new(m.clone(), cfg.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tokens = t.tokens_per_step() * steps.max(1);
+        let mut start = std::time::Instant::now();
+        for k in 0..WARMUP + steps.max(1) {
+            if k == WARMUP {
+                start = std::time::Instant::now();
+            }
             match t.train_step() {
                 Ok(r) => last = r.loss,
                 Err(e) => {
@@ -743,6 +747,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             }
         }
         ours.push(tokens as f64 / start.elapsed().as_secs_f64());
+        drop(t);
         if let Some(py) = &pytorch {
             match pytorch_peer(py, &name, steps.max(1), threads) {
                 Ok(p) => theirs.push(p),
@@ -753,7 +758,6 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             }
         }
     }
-    drop(t);
     let tps = median(&ours);
     let secs = tokens as f64 / tps;
     let gflops = tps * flops_per_token / 1e9;

@@ -152,10 +152,16 @@ impl Trainer {
         // depend on the number of workers.
         let workers = crate::exec::threads().min(self.accumulation as usize).max(1);
         let per_micro = self.run_microbatches(step, workers)?;
-        let mut grads: Vec<Tensor<f32>> = self.params.iter().map(|p| Tensor::zeros(&p.dims)).collect();
+        // Sum in microbatch order into the first microbatch's gradients, then
+        // take the mean (the same additions, in the same order, as summing into zeros).
         let mut loss = 0.0f64;
-        for (l, g) in per_micro {
+        let mut grads: Vec<Tensor<f32>> = Vec::new();
+        for (k, (l, g)) in per_micro.into_iter().enumerate() {
             loss += l;
+            if k == 0 {
+                grads = g;
+                continue;
+            }
             for (dst, src) in grads.iter_mut().zip(&g) {
                 for (d, s) in dst.data.iter_mut().zip(&src.data) {
                     *d += *s;
@@ -163,8 +169,10 @@ impl Trainer {
             }
         }
         let scale = 1.0 / self.accumulation as f32;
-        for g in grads.iter_mut() {
-            g.data.iter_mut().for_each(|x| *x *= scale);
+        if self.accumulation > 1 {
+            for g in grads.iter_mut() {
+                g.data.iter_mut().for_each(|x| *x *= scale);
+            }
         }
         let train = self.model.train.as_ref().expect("checked in new");
         let grad_norm = optim::global_norm(&grads);
