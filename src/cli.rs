@@ -67,7 +67,7 @@ enum Command {
         #[arg(long)]
         eval_interval: Option<u64>,
     },
-    /// Train N steps after a warm-up step and report tokens/s and achieved GFLOP/s.
+    /// Train N steps after two warm-up steps and report tokens/s and achieved GFLOP/s.
     Bench {
         #[command(flatten)]
         spec: SpecArgs,
