@@ -503,3 +503,67 @@ fn experts_over_filled_slots_match_every_slot() {
         );
     }
 }
+
+/// The op families again on random shapes: each case's dims are drawn from
+/// small ranges per seed (`TESSERA_GRAD_SEEDS` sets how many; 4 by default).
+#[test]
+fn op_families_on_random_shapes() {
+    let seeds: u64 = std::env::var("TESSERA_GRAD_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    for seed in 0..seeds {
+        let pick = |k: u64, lo: u64, hi: u64| lo + (uniform(seed, 77, k) * (hi - lo + 1) as f64) as u64;
+        let (seq, heads, head_dim, group) = (pick(0, 2, 7), pick(1, 1, 3), pick(2, 1, 5), pick(3, 1, 2));
+        let (embed, mlp, experts) = (pick(4, 2, 9), pick(5, 2, 6), pick(6, 2, 5));
+        let kv = heads;
+        let heads = heads * group;
+        let case = format!("seed {seed}: seq {seq}, heads {heads}/{kv}, head_dim {head_dim}, embed {embed}");
+        eprintln!("{case}");
+        // Norms, softmax, GELU MLP and cross-entropy over a byte-like vocab.
+        check_grads(
+            &format!(
+                "model m {{
+                   dims {{ seq = {seq}, embed = {embed}, mlp = {mlp}, vocab = 5 }}
+                   input tokens: i32[batch, seq]
+                   input targets: i32[batch, seq]
+                   param wte: [vocab, embed]
+                   param g: [embed]
+                   param b: [embed]
+                   param w1: [embed, mlp]
+                   param w2: [mlp, embed]
+                   h = layer_norm(embed(wte, tokens), embed, gain = g, bias = b)
+                   h = h + gelu(rms_norm(h, embed, gain = g) @ w1) @ w2
+                   loss = cross_entropy(softmax(h, embed) @ wte, targets, label_smoothing = 0.1)
+                 }}"
+            ),
+            5,
+            20,
+        );
+        // Causal grouped-query attention with a window and T5 buckets.
+        check_grads(
+            &format!(
+                "model m {{
+                   dims {{ seq = {seq}, embed = {embed}, heads = {heads}, kv_heads = {kv}, head_dim = {head_dim}, buckets = 4 }}
+                   input x: f32[batch, seq, embed]
+                   param wq: [embed, heads, head_dim]
+                   param wk: [embed, kv_heads, head_dim]
+                   param wv: [embed, kv_heads, head_dim]
+                   param rel: [buckets, heads]
+                   param t: [seq, heads, head_dim]
+                   y = attention(x @ wq, x @ wk, x @ wv, causal = true, window = 3, rel_bias = rel, max_distance = 4)
+                   loss = sum(y * t, batch, seq, heads, head_dim)
+                 }}"
+            ),
+            4,
+            20,
+        );
+        // Top-k routing with capacity, dispatch and combine.
+        check_grads(
+            &MOE.replace(
+                "seq = 6, embed = 4, mlp = 5, expert = 4",
+                &format!("seq = {seq}, embed = {embed}, mlp = {mlp}, expert = {experts}"),
+            )
+            .replace("CAPACITY", "0.75"),
+            4,
+            20,
+        );
+    }
+}
