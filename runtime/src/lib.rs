@@ -1,11 +1,12 @@
 //! tessera-runtime: executes the graphs the compiler produces.
 //!
-//! Today: named-dim tensors (`tensor`) and the reference CPU interpreter
-//! (`exec`), generic over f32 and f64, which runs forward and backward
-//! graphs and is the oracle for gradient checks. Training loops, the tuned
-//! CPU backend, simulated ranks and CUDA come next (issues #3, #4).
+//! Named-dim tensors (`tensor`); the CPU interpreter (`exec`), generic over
+//! f32 and f64, which runs every IR op forward and backward and is the
+//! oracle for gradient checks; training (`train`) and sampling (`infer`); and
+//! collectives between ranks (`comm`, for the simulated ranks of issue #4).
 //! The runtime never sees the AST: it takes graphs and parameter metadata.
 
+pub mod comm;
 pub mod exec;
 pub mod infer;
 pub mod init;

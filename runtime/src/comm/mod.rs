@@ -1,0 +1,110 @@
+//! Collective communication between ranks (issue #4).
+//!
+//! [`Communicator`] is what a rank's program calls: all-reduce,
+//! reduce-scatter, all-gather, all-to-all with uneven splits, send and
+//! receive, and barriers, each within a [`Group`] of ranks (one per mesh
+//! axis slice). [`Local`] implements it in process, one thread per rank, for
+//! the CPU runtime's simulated ranks. An NCCL implementation will implement
+//! the same trait: there a call enqueues on the rank's stream and returns, and
+//! errors surface at [`Communicator::synchronize`]. The in-process one
+//! completes each call before returning, so `synchronize` has nothing to do.
+//!
+//! No call hangs. A collective that waits longer than the timeout fails with
+//! an error naming the rank, the collective, the group and the step. A rank
+//! that fails or panics aborts the world, and every rank's next or current
+//! call returns that rank's error.
+
+mod local;
+
+pub use local::{Local, World};
+
+/// How a collective combines the ranks' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+/// A set of ranks that run a collective together, in their order within
+/// the group (e.g. the `tensor` slice of a mesh that holds one rank).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Group {
+    /// The mesh axis (or axes) the group spans, for messages: `tensor`, `data`.
+    pub axis: String,
+    /// Global ranks, in group order.
+    pub ranks: Vec<usize>,
+}
+
+impl Group {
+    pub fn new(axis: impl Into<String>, ranks: Vec<usize>) -> Self {
+        Group { axis: axis.into(), ranks }
+    }
+
+    /// This rank's index within the group.
+    pub fn index_of(&self, rank: usize) -> Option<usize> {
+        self.ranks.iter().position(|&r| r == rank)
+    }
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} group {:?}", self.axis, self.ranks)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CommError {
+    #[error(
+        "rank {rank}: `{op}` on the {group} timed out after {waited_ms} ms at step {step} (waiting for ranks {missing:?})"
+    )]
+    Timeout { rank: usize, op: &'static str, group: String, step: u64, waited_ms: u64, missing: Vec<usize> },
+    #[error("rank {rank}: `{op}` on the {group} at step {step} does not match rank {other}'s `{other_op}`: {detail}")]
+    Mismatch {
+        rank: usize,
+        op: &'static str,
+        group: String,
+        step: u64,
+        other: usize,
+        other_op: &'static str,
+        detail: String,
+    },
+    #[error("rank {rank} stopped: rank {failed} failed at step {step}: {message}")]
+    Aborted { rank: usize, failed: usize, step: u64, message: String },
+    #[error("rank {rank}: {message}")]
+    Usage { rank: usize, message: String },
+}
+
+/// One rank's handle on the collectives of its world.
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The training step, for error messages.
+    fn set_step(&mut self, step: u64);
+
+    /// Every rank of `group` ends with the reduction of all ranks' `buf`.
+    fn all_reduce(&mut self, group: &Group, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
+    /// The reduction of all ranks' `input` (group size × `out.len()` long),
+    /// of which group member i keeps chunk i in `out`.
+    fn reduce_scatter(&mut self, group: &Group, input: &[f32], out: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
+    /// `out` (group size × `input.len()`) is every member's `input`, in group order.
+    fn all_gather(&mut self, group: &Group, input: &[f32], out: &mut [f32]) -> Result<(), CommError>;
+    /// Member i sends `send[offsets of counts[j]]` to member j; returns what
+    /// each member sent here, concatenated in group order, and their counts.
+    /// Counts may differ per pair (uneven splits, as expert dispatch needs).
+    fn all_to_all(
+        &mut self,
+        group: &Group,
+        send: &[f32],
+        counts: &[usize],
+    ) -> Result<(Vec<f32>, Vec<usize>), CommError>;
+    /// Point to point, matched by (from, to, tag) in order.
+    fn send(&mut self, to: usize, tag: u64, data: &[f32]) -> Result<(), CommError>;
+    fn recv(&mut self, from: usize, tag: u64, out: &mut [f32]) -> Result<(), CommError>;
+    fn barrier(&mut self, group: &Group) -> Result<(), CommError>;
+    /// Wait for every call issued so far (a stream synchronize for NCCL).
+    fn synchronize(&mut self) -> Result<(), CommError>;
+    /// Report this rank's failure to every rank (their calls return it).
+    fn abort(&mut self, message: &str);
+}
