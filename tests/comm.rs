@@ -135,3 +135,27 @@ fn mismatched_collectives_are_reported_not_hung() {
     assert!(err.contains("does not match"), "{err}");
     assert!(err.contains("4 f32 values") && err.contains("5 f32 values"), "{err}");
 }
+
+#[test]
+fn groups_along_mesh_axes_follow_the_rank_map() {
+    use tessera::runtime::comm::group_along;
+    // pipeline 2 × data 2 × tensor 2: tensor innermost, pipeline outermost.
+    let order: Vec<(String, u64)> = [("pipe", 2), ("data", 2), ("tensor", 2)].map(|(a, s)| (a.to_string(), s)).to_vec();
+    assert_eq!(group_along(&order, 5, "tensor").expect("axis").ranks, vec![4, 5]);
+    assert_eq!(group_along(&order, 5, "data").expect("axis").ranks, vec![5, 7]);
+    assert_eq!(group_along(&order, 5, "pipe").expect("axis").ranks, vec![1, 5]);
+    assert!(group_along(&order, 5, "expert").is_none());
+    // Every rank is in exactly one group per axis, and the groups tile the world.
+    for axis in ["pipe", "data", "tensor"] {
+        let mut seen = vec![0; 8];
+        for r in 0..8 {
+            let g = group_along(&order, r, axis).expect("axis");
+            assert!(g.ranks.contains(&r));
+            for &m in &g.ranks {
+                assert_eq!(group_along(&order, m, axis).expect("axis"), g);
+            }
+            seen[r] += 1;
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+    }
+}

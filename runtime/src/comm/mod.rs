@@ -48,6 +48,20 @@ impl Group {
     }
 }
 
+/// The group of `rank` along mesh `axis`: the ranks that share every other
+/// coordinate, in order along `axis`. `order` is the rank numbering, outermost
+/// axis first, as `compiler::cost::memory::rank_order` gives it (pipeline,
+/// data, ..., tensor innermost), so these are the groups `tessera inspect`'s
+/// rank map shows.
+pub fn group_along(order: &[(String, u64)], rank: usize, axis: &str) -> Option<Group> {
+    use tessera_compiler::cost::memory::coords;
+    let at = order.iter().position(|(a, _)| a == axis)?;
+    let stride: u64 = order[at + 1..].iter().map(|(_, s)| *s).product();
+    let c = coords(order, rank as u64);
+    let base = rank as u64 - c[at] * stride;
+    Some(Group::new(axis, (0..order[at].1).map(|k| (base + k * stride) as usize).collect()))
+}
+
 impl std::fmt::Display for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} group {:?}", self.axis, self.ranks)
