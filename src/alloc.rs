@@ -2,9 +2,9 @@
 //!
 //! A training step frees and reallocates the same large activation buffers
 //! every step. By default mimalloc hands freed pages back to the kernel after
-//! 10 ms, and the next step faults them in again, zeroed (a third of a step's
-//! time on the tiny benchmark). Keeping them is what PyTorch's caching
-//! allocator does too.
+//! 10 ms, and the next step faults them in again, zeroed. Keeping them took
+//! the tiny benchmark from about 4,300 to 5,650 tokens/s when it was added;
+//! PyTorch's caching allocator keeps freed memory for the same reason.
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2): milliseconds before
 /// freed memory goes back to the OS; −1 never.
