@@ -4,6 +4,7 @@
 //! transposes). Work is split across threads by (lead index, kv head), so
 //! grouped-query heads that share a key/value head accumulate in one thread.
 
+use super::kernels::gemm_strided;
 use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset};
 use tessera_compiler::model::Dim;
 
@@ -90,7 +91,8 @@ impl<T> Shared<T> {
     }
 }
 
-/// dst (m×n, row stride `drs`) = alpha·dst + lhs (m×k) · rhs (k×n), all strided.
+/// dst (m×n, row stride `drs`) (+)= lhs (m×k) · rhs (k×n), all strided, on
+/// this thread (attention already splits its work over the threads).
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm<T: Real>(
     m: usize,
@@ -106,33 +108,8 @@ unsafe fn mm<T: Real>(
     rrs: usize,
     rcs: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
     // SAFETY: callers pass pointers and strides that stay inside their buffers.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            drs as isize,
-            accumulate,
-            lhs,
-            lcs as isize,
-            lrs as isize,
-            rhs,
-            rcs as isize,
-            rrs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    unsafe { gemm_strided((m, n, k), dst, drs, accumulate, (lhs, lrs, lcs), (rhs, rrs, rcs), T::one(), false) }
 }
 
 impl<T: Real> Attn<'_, T> {

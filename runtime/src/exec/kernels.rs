@@ -9,115 +9,101 @@ use tessera_compiler::model::Dim;
 
 /// Broadcast elementwise `a ∘ b` into `out` dims.
 pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+    let n: usize = out.iter().map(|d| d.size as usize).product();
+    // Fast path, split over threads: one side has the output's dims and the
+    // other lines up with its rows (see `rows_of`).
+    let side =
+        |full: &'_ Tensor<T>, part: &'_ Tensor<T>| (full.dims == out).then(|| rows_of(&part.dims, out)).flatten();
+    let fast = side(a, b).map(|r| (a, b, false, r)).or_else(|| side(b, a).map(|r| (b, a, true, r)));
+    if let Some((full, part, part_left, r)) = fast {
+        let mut data = vec![T::zero(); n];
+        for_rows(&mut data, &part.data, r, |start, o, y| {
+            let x = &full.data[start..start + o.len()];
+            if part_left { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
+        });
+        return Tensor { dims: out.to_vec(), data };
+    }
     let f = |x: T, y: T| match op {
         BinaryOp::Add => x + y,
         BinaryOp::Sub => x - y,
         BinaryOp::Mul => x * y,
         BinaryOp::Div => x / y,
     };
-    let n: usize = out.iter().map(|d| d.size as usize).product();
-    // Fast paths, split over threads: same layout, or one side a trailing
-    // block (a bias) or a scalar repeated over the other.
-    let suffix = |t: &Tensor<T>| out.ends_with(&t.dims) && (a.dims == out || b.dims == out);
-    let fast = if a.dims == out && (b.dims == out || suffix(b)) {
-        Some((a, b, false))
-    } else if b.dims == out && suffix(a) {
-        Some((b, a, true))
-    } else {
-        None
-    };
-    if let Some((full, part, part_left)) = fast {
-        let w = part.numel().max(1);
-        let mut data = vec![T::zero(); n];
-        // Rows of `w` elements line up with the repeated operand.
-        let row = if w == n { (n / 64).max(1) } else { w };
-        par_rows(&mut data, row, |first, chunk| {
-            let start = first * row;
-            let xs = &full.data[start..start + chunk.len()];
-            let apply = |o: &mut [T], x: &[T], y: &[T]| {
-                if part_left { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
-            };
-            if w == n {
-                apply(chunk, xs, &part.data[start..start + xs.len()]);
-            } else {
-                for (o, x) in chunk.chunks_mut(w).zip(xs.chunks(w)) {
-                    apply(o, x, &part.data);
-                }
-            }
-        });
-        return Tensor { dims: out.to_vec(), data };
-    }
-    // One side is `out` without a contiguous run of its dims (a bias
-    // [expert, mlp] over [expert, slots, mlp]): rows of the other side.
-    let gap = |t: &Tensor<T>| -> Option<(usize, usize)> {
-        let lead = out.iter().zip(&t.dims).take_while(|(o, d)| o == d).count();
-        let tail = t.dims.len() - lead;
-        (tail <= out.len() - lead && out[out.len() - tail..] == t.dims[lead..]).then(|| {
-            let inner: usize = t.dims[lead..].iter().map(|d| d.size as usize).product();
-            let mid: usize = out[lead..out.len() - tail].iter().map(|d| d.size as usize).product();
-            (mid, inner.max(1))
-        })
-    };
-    let middle = if a.dims == out { gap(b).map(|g| (a, b, false, g)) } else { None };
-    let middle = middle.or_else(|| if b.dims == out { gap(a).map(|g| (b, a, true, g)) } else { None });
-    if let Some((full, part, part_left, (mid, inner))) = middle
-        && inner >= 16
-    {
-        let mut data = vec![T::zero(); n];
-        par_rows(&mut data, inner, |first, chunk| {
-            for (k, o) in chunk.chunks_mut(inner).enumerate() {
-                let row = first + k;
-                let x = &full.data[row * inner..][..inner];
-                let y = &part.data[(row / mid) * inner..][..inner];
-                if part_left { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
-            }
-        });
-        return Tensor { dims: out.to_vec(), data };
-    }
     let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
     let mut data = Vec::with_capacity(n);
     for_each_offset2(out, &sa, &sb, |i, j| data.push(f(a.data[i], b.data[j])));
     Tensor { dims: out.to_vec(), data }
 }
 
-/// `target ∘= other` in place, when `target` has the output's dims and `other`
-/// is the same shape, a trailing block, a scalar or `out` without a middle run
-/// of dims (`target_left`: whether `target` is the left operand). Returns
-/// false, leaving `target` untouched, for other broadcasts.
-pub fn binary_assign<T: Real>(op: BinaryOp, target: &mut Tensor<T>, other: &Tensor<T>, target_left: bool) -> bool {
-    let out = &target.dims;
-    let n = target.data.len();
-    // `other` as rows of `w` elements: row k of the target reads row `pick(k)`.
-    let (w, mid) = if other.dims == *out {
-        (n.max(1), 1)
-    } else if out.ends_with(&other.dims) {
-        (other.numel().max(1), usize::MAX)
-    } else {
-        let lead = out.iter().zip(&other.dims).take_while(|(o, d)| o == d).count();
-        let tail = other.dims.len() - lead;
-        if tail > out.len() - lead || out[out.len() - tail..] != other.dims[lead..] {
-            return false;
-        }
-        let inner: usize = other.dims[lead..].iter().map(|d| d.size as usize).product();
-        let mid: usize = out[lead..out.len() - tail].iter().map(|d| d.size as usize).product();
-        (inner.max(1), mid.max(1))
-    };
-    if w < 16 && w != n {
-        return false;
+/// How an operand of dims `part` lines up with the rows of a tensor of dims
+/// `out`, as (w, mid): rows of `w` elements, and row r reads
+/// - all of `part` at the same offset, when it has the same dims (mid = 1, w = all);
+/// - the whole of `part`, when it is a trailing block or a scalar (mid = `usize::MAX`);
+/// - `part`'s row r / mid, when it is `out` without a contiguous middle run of
+///   dims, e.g. a bias `[expert, mlp]` over `[expert, slot, mlp]`.
+///
+/// `None` for other broadcasts, and for middle runs with rows under 16
+/// elements (the strided walk is as fast there).
+fn rows_of(part: &[Dim], out: &[Dim]) -> Option<(usize, usize)> {
+    let size = |d: &[Dim]| d.iter().map(|d| d.size as usize).product::<usize>();
+    if part == out {
+        return Some((size(out).max(1), 1));
     }
+    if out.ends_with(part) {
+        return Some((size(part).max(1), usize::MAX));
+    }
+    let lead = out.iter().zip(part).take_while(|(o, d)| o == d).count();
+    let tail = part.len() - lead;
+    if tail > out.len() - lead || out[out.len() - tail..] != part[lead..] {
+        return None;
+    }
+    let inner = size(&part[lead..]).max(1);
+    (inner >= 16).then(|| (inner, size(&out[lead..out.len() - tail]).max(1)))
+}
+
+/// Call `f(start, o, y)` over `data` in rows that line up with `part` as
+/// `rows_of` says: `o` is `data[start..]` for one row, `y` the part it meets.
+/// Rows go to the kernel threads; a short repeated block is tiled first so
+/// that rows stay long enough to vectorize.
+fn for_rows<T: Real>(
+    data: &mut [T],
+    part: &[T],
+    (w, mid): (usize, usize),
+    f: impl Fn(usize, &mut [T], &[T]) + Sync + Send,
+) {
+    let n = data.len();
+    let tiled: Vec<T>;
+    let (w, part) = if mid == usize::MAX && w < 64 && n > w {
+        // The most copies of the block, up to 64 elements, that divide the data.
+        let k = (1..=(64 / w).max(1)).rev().find(|k| (n / w).is_multiple_of(*k)).unwrap_or(1);
+        tiled = part[..w].repeat(k);
+        (w * k, &tiled[..])
+    } else {
+        (w, part)
+    };
     let row = if w == n { (n / 64).max(1) } else { w };
-    par_rows(&mut target.data, row, |first, chunk| {
-        for (k, o) in chunk.chunks_mut(w.min(row)).enumerate() {
-            let y: &[T] = if w == n {
-                &other.data[first * row + k * w.min(row)..][..o.len()]
+    par_rows(data, row, |first, chunk| {
+        for (k, o) in chunk.chunks_mut(row).enumerate() {
+            let start = (first + k) * row;
+            let y = if w == n {
+                &part[start..start + o.len()]
             } else if mid == usize::MAX {
-                &other.data[..w]
+                &part[..w]
             } else {
-                &other.data[((first + k) / mid) * w..][..w]
+                &part[((first + k) / mid) * w..][..w]
             };
-            assign_into(op, o, y, target_left);
+            f(start, o, y);
         }
     });
+}
+
+/// `target ∘= other` in place, when `target` has the output's dims and
+/// `other` lines up with its rows (`rows_of`; `target_left`: whether `target`
+/// is the left operand). Returns false, leaving `target` untouched, for other
+/// broadcasts.
+pub fn binary_assign<T: Real>(op: BinaryOp, target: &mut Tensor<T>, other: &Tensor<T>, target_left: bool) -> bool {
+    let Some(r) = rows_of(&other.dims, &target.dims) else { return false };
+    for_rows(&mut target.data, &other.data, r, |_, o, y| assign_into(op, o, y, target_left));
     true
 }
 
@@ -302,6 +288,55 @@ pub fn unary_grad<T: Real>(op: UnaryOp, x: &Tensor<T>, g: &Tensor<T>) -> Tensor<
     Tensor { dims: x.dims.clone(), data }
 }
 
+/// dst (m×n, row stride `drs`) = [dst +] scale · lhs (m×k) · rhs (k×n), each
+/// operand given as (pointer, row stride, column stride). With `par`, large
+/// products use the kernel threads.
+///
+/// # Safety
+/// The pointers and strides must address m×k, k×n and m×n elements inside
+/// their buffers, and nothing else may write `dst`'s elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    drs: usize,
+    accumulate: bool,
+    (lhs, lrs, lcs): (*const T, usize, usize),
+    (rhs, rrs, rcs): (*const T, usize, usize),
+    scale: T,
+    par: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let t = if par && m * n * k >= 1 << 18 { super::threads() } else { 1 };
+    let par = if t > 1 { gemm::Parallelism::Rayon(t) } else { gemm::Parallelism::None };
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            drs as isize,
+            accumulate,
+            lhs,
+            lcs as isize,
+            lrs as isize,
+            rhs,
+            rcs as isize,
+            rrs as isize,
+            T::one(),
+            scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// Σ over every dim not in `out` of a·b (a general contraction), via batched GEMM.
 pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
     let has = |t: &Tensor<T>, n: &str| t.dims.iter().any(|d| d.name == n);
@@ -356,9 +391,6 @@ pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
         Some(st) => (std::borrow::Cow::Borrowed(b), st),
         None => (std::borrow::Cow::Owned(b.permute(&[batch.clone(), k.clone(), n.clone()].concat())), [nk * nn, nn, 1]),
     };
-    // Large products use every core.
-    let t = super::threads();
-    let par = if t > 1 && nm * nn * nk >= 1 << 18 { gemm::Parallelism::Rayon(t) } else { gemm::Parallelism::None };
     let mut c = vec![T::zero(); nb * nm * nn];
     if nk > 0 {
         for bi in 0..nb {
@@ -366,26 +398,15 @@ pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
             // `pb` at the batch offsets (strides come from their own layouts), and
             // `c` holds nm×nn elements per batch.
             unsafe {
-                gemm::gemm(
-                    nm,
-                    nn,
-                    nk,
+                gemm_strided(
+                    (nm, nn, nk),
                     c.as_mut_ptr().add(bi * nm * nn),
-                    1,
-                    nn as isize,
+                    nn,
                     false,
-                    pa.data.as_ptr().add(bi * sa[0]),
-                    sa[2] as isize,
-                    sa[1] as isize,
-                    pb.data.as_ptr().add(bi * sb[0]),
-                    sb[2] as isize,
-                    sb[1] as isize,
-                    T::zero(),
+                    (pa.data.as_ptr().add(bi * sa[0]), sa[1], sa[2]),
+                    (pb.data.as_ptr().add(bi * sb[0]), sb[1], sb[2]),
                     T::one(),
-                    false,
-                    false,
-                    false,
-                    par,
+                    true,
                 );
             }
         }

@@ -35,8 +35,11 @@ pub fn set_skip_empty_slots(on: bool) {
 
 /// How many threads kernels started on this thread may use (default: all cores).
 pub fn threads() -> usize {
+    // `available_parallelism` reads the affinity mask and cgroup files on
+    // every call; kernels ask often, so it is read once.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     match THREADS.with(|c| c.get()) {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         n => n,
     }
 }
@@ -85,6 +88,35 @@ pub fn param_slice<T: Real>(meta: &Param, full: &Tensor<T>, layer: Option<u64>) 
     let dims = full.dims[1..].to_vec();
     let n: usize = dims.iter().map(|d| d.size as usize).product();
     Some(Tensor { dims, data: full.data[pos * n..(pos + 1) * n].to_vec() })
+}
+
+/// A binary op one of whose operands dies at it writes into that operand's
+/// buffer: over the filled rows when it is padded (`padded::binary_assign`),
+/// else the whole tensor (`kernels::binary_assign`). `None` when neither
+/// operand dies here or the broadcast has no in-place path.
+fn in_place<T: Real>(
+    op: tessera_compiler::ir::BinaryOp,
+    node: &Node,
+    vals: &mut [Tensor<T>],
+    pads: &[Option<padded::Pad<T>>],
+    dying: impl Fn(ValueId) -> bool,
+) -> Option<(Tensor<T>, Option<padded::Pad<T>>)> {
+    let [a, b] = node.inputs[..] else { return None };
+    let k = [a, b].iter().position(|&x| a != b && dying(x) && vals[x.index()].dims == node.ty.dims)?;
+    let (j, other) = ([a, b][k].index(), [a, b][1 - k].index());
+    let mut t = std::mem::take(&mut vals[j]);
+    let done = match &pads[j] {
+        Some(pt) => padded::binary_assign(op, (&mut t, pt), (&vals[other], pads[other].as_ref()), k == 0).map(Some),
+        None if pads[other].is_none() => k::binary_assign(op, &mut t, &vals[other], k == 0).then_some(None),
+        None => None,
+    };
+    match done {
+        Some(pad) => Some((t, pad)),
+        None => {
+            vals[j] = t;
+            None
+        }
+    }
 }
 
 impl Interpreter<'_> {
@@ -175,40 +207,10 @@ impl Interpreter<'_> {
                 Op::Input { index } if moved.get(index).is_some_and(Option::is_some) => {
                     moved[index].take().map(|t| (t, None))
                 }
-                // A binary op whose operand dies here writes into that operand.
-                Op::Binary { op } if node.inputs.len() == 2 && node.inputs[0] != node.inputs[1] => {
-                    let donor = (0..2).find(|&k| {
-                        let j = node.inputs[k].index();
-                        last_use[j] == Some(i) && !filled[j] && vals[j].dims == node.ty.dims
-                    });
-                    match donor {
-                        // A padded operand dying here: in place over its filled rows.
-                        Some(k) if skip_empty && pads[node.inputs[k].index()].is_some() => {
-                            let (j, other) = (node.inputs[k].index(), node.inputs[1 - k].index());
-                            let pt = pads[j].clone().expect("checked");
-                            let mut t = std::mem::take(&mut vals[j]);
-                            match padded::binary_assign(op, (&mut t, &pt), (&vals[other], pads[other].as_ref()), k == 0)
-                            {
-                                Some(p) => Some((t, Some(p))),
-                                None => {
-                                    vals[j] = t;
-                                    self.eval_padded(node, &vals, &pads)
-                                }
-                            }
-                        }
-                        Some(k) if pads[node.inputs[1 - k].index()].is_none() => {
-                            let (j, other) = (node.inputs[k].index(), node.inputs[1 - k].index());
-                            let mut t = std::mem::take(&mut vals[j]);
-                            if k::binary_assign(op, &mut t, &vals[other], k == 0) {
-                                Some((t, None))
-                            } else {
-                                vals[j] = t;
-                                None
-                            }
-                        }
-                        _ if skip_empty => self.eval_padded(node, &vals, &pads),
-                        _ => None,
-                    }
+                Op::Binary { op } => {
+                    let dying = |j: ValueId| last_use[j.index()] == Some(i) && !filled[j.index()];
+                    in_place(op, node, &mut vals, &pads, dying)
+                        .or_else(|| skip_empty.then(|| self.eval_padded(node, &vals, &pads)).flatten())
                 }
                 _ if skip_empty => self.eval_padded(node, &vals, &pads),
                 _ => None,

@@ -19,7 +19,7 @@
 //! Each function returns `None` when the operands do not have the shapes it
 //! handles, and the caller runs the full kernel instead.
 
-use super::kernels::{assign_into, unary_grad_slice, unary_slice, zip_into};
+use super::kernels::{assign_into, gemm_strided, unary_grad_slice, unary_slice};
 use crate::tensor::{Real, Tensor, r};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -142,41 +142,16 @@ pub fn binary<T: Real>(
         (_, Some(p)) if b.dims == out => (b, p, a, pa, true),
         _ => return None,
     };
-    let (_, s, w) = fits(full, pf)?;
-    // How to find the other operand's row for expert k.
-    enum Other<'a, T> {
-        Padded(&'a Pad<T>),
-        PerExpert,
-        Shared,
-        Scalar(Vec<T>),
-    }
-    let kind = if other.dims == out {
-        let p = po?;
-        fits(other, p).filter(|_| p.counts == pf.counts)?;
-        Other::Padded(p)
-    } else if other.dims.len() == out.len() - 1 && other.dims[0] == out[0] && other.dims[1..] == out[2..] {
-        Other::PerExpert
-    } else if other.dims == out[2..] {
-        Other::Shared
-    } else if other.dims.is_empty() {
-        Other::Scalar(vec![other.data[0]; w])
-    } else {
-        return None;
-    };
-    Some(rowwise(out, pf, |k, slot, o| {
-        let x = row_of(full, pf, s, w, k, slot);
-        let y: &[T] = match &kind {
-            Other::Padded(p) => row_of(other, p, s, w, k, slot),
-            Other::PerExpert => &other.data[k * w..][..w],
-            Other::Shared => &other.data[..w],
-            Other::Scalar(v) => v,
-        };
-        if swapped { zip_into(op, o, y, x) } else { zip_into(op, o, x, y) }
-    }))
+    // The filled rows of a copy of `full`, updated in place.
+    let mut t = full.clone();
+    let pad = binary_assign(op, (&mut t, pf), (other, po), !swapped)?;
+    Some((t, pad))
 }
 
-/// `target ∘= other` in place over the filled rows (the target dies here):
-/// `other` as in `binary`. Returns the new pad, or `None` (target untouched).
+/// `target ∘= other` in place over the filled rows (the target dies here).
+/// `other` is padded alike, or broadcast without the slot dim: `[expert,
+/// rest...]`, `[rest...]` or a scalar. Returns the new pad, or `None` (target
+/// untouched).
 pub fn binary_assign<T: Real>(
     op: BinaryOp,
     (target, pt): (&mut Tensor<T>, &Pad<T>),
@@ -237,51 +212,6 @@ pub fn sum_slots<T: Real>(x: &Tensor<T>, pad: &Pad<T>, out: &[Dim]) -> Option<Te
     Some(Tensor { dims: out.to_vec(), data })
 }
 
-/// dst (m×n, row stride `drs`) (+)= lhs (m×k) · rhs (k×n), all strided.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut T,
-    drs: usize,
-    accumulate: bool,
-    (lhs, lrs, lcs): (*const T, usize, usize),
-    (rhs, rrs, rcs): (*const T, usize, usize),
-    scale: T,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let par = if super::threads() > 1 && m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(super::threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: callers pass pointers and strides that stay inside their buffers.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            drs as isize,
-            accumulate,
-            lhs,
-            lcs as isize,
-            lrs as isize,
-            rhs,
-            rcs as isize,
-            rrs as isize,
-            T::one(),
-            scale,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
 /// Where `b`'s per-expert `k × n` matrix lies: (has expert dim, row stride, col stride).
 fn weight_view<T>(b: &Tensor<T>, expert: &Dim, kd: &[Dim], nd: &[Dim]) -> Option<(bool, usize, usize)> {
     let lead = b.dims.first() == Some(expert);
@@ -318,7 +248,7 @@ pub fn matmul_rows<T: Real>(a: &Tensor<T>, pad: &Pad<T>, b: &Tensor<T>, out: &[D
     for k in 0..e {
         // SAFETY: row k of the tails is 1×kw; b's matrix k is kw×nw at k·bstride.
         unsafe {
-            gemm(
+            gemm_strided(
                 (1, nw, kw),
                 tail.as_mut_ptr().add(k * nw),
                 nw,
@@ -326,6 +256,7 @@ pub fn matmul_rows<T: Real>(a: &Tensor<T>, pad: &Pad<T>, b: &Tensor<T>, out: &[D
                 (pad.tail.as_ptr().add(k * kw), kw, 1),
                 (b.data.as_ptr().add(k * bstride), rs, cs),
                 T::one(),
+                true,
             );
         }
     }
@@ -334,7 +265,7 @@ pub fn matmul_rows<T: Real>(a: &Tensor<T>, pad: &Pad<T>, b: &Tensor<T>, out: &[D
     for k in 0..e {
         // SAFETY: the first counts[k] rows of expert k in `a` and in `data`.
         unsafe {
-            gemm(
+            gemm_strided(
                 (pad.counts[k], nw, kw),
                 data.as_mut_ptr().add(k * s * nw),
                 nw,
@@ -342,6 +273,7 @@ pub fn matmul_rows<T: Real>(a: &Tensor<T>, pad: &Pad<T>, b: &Tensor<T>, out: &[D
                 (a.data.as_ptr().add(k * s * kw), kw, 1),
                 (b.data.as_ptr().add(k * bstride), rs, cs),
                 T::one(),
+                true,
             );
         }
     }
@@ -372,7 +304,7 @@ pub fn contract_slots<T: Real>(
         // and its mw×nw block of the output.
         unsafe {
             // Σ_{s<c} a_sᵀ b_s: lhs is aᵀ (mw × c), read with row stride 1 and column stride mw.
-            gemm(
+            gemm_strided(
                 (mw, nw, c),
                 dst,
                 nw,
@@ -380,10 +312,11 @@ pub fn contract_slots<T: Real>(
                 (a.data.as_ptr().add(k * s * mw), 1, mw),
                 (b.data.as_ptr().add(k * s * nw), nw, 1),
                 T::one(),
+                true,
             );
             // + (S − c) · tail_aᵀ tail_b
             if c < s {
-                gemm(
+                gemm_strided(
                     (mw, nw, 1),
                     dst,
                     nw,
@@ -391,6 +324,7 @@ pub fn contract_slots<T: Real>(
                     (pa.tail.as_ptr().add(k * mw), 1, mw),
                     (pb.tail.as_ptr().add(k * nw), nw, 1),
                     r((s - c) as f64),
+                    true,
                 );
             }
         }
