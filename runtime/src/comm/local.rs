@@ -141,6 +141,12 @@ impl Local {
         e
     }
 
+    /// A call made wrongly (sizes that do not fit): an error that stops every rank.
+    fn usage(&self, message: String) -> CommError {
+        let st = self.lock();
+        self.fail(st, CommError::Usage { rank: self.rank, message })
+    }
+
     /// The meeting point of every collective: post this member's input, wait
     /// for the others, and take this member's part of the result, which
     /// `combine` computes once from all inputs in group order.
@@ -152,10 +158,9 @@ impl Local {
         input: (Vec<f32>, Vec<usize>),
         combine: impl FnOnce(&[(Vec<f32>, Vec<usize>)]) -> Vec<(Vec<f32>, Vec<usize>)>,
     ) -> Result<(Vec<f32>, Vec<usize>), CommError> {
-        let me = group.index_of(self.rank).ok_or_else(|| CommError::Usage {
-            rank: self.rank,
-            message: format!("`{op}` on the {group}, which does not contain this rank"),
-        })?;
+        let Some(me) = group.index_of(self.rank) else {
+            return Err(self.usage(format!("`{op}` on the {group}, which does not contain this rank")));
+        };
         let seq = {
             let s = self.seq.entry(group.ranks.clone()).or_insert(0);
             *s += 1;
@@ -259,16 +264,11 @@ impl Communicator for Local {
     fn reduce_scatter(&mut self, group: &Group, input: &[f32], out: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let n = group.ranks.len();
         if input.len() != out.len() * n {
-            let st = self.lock();
-            let e = CommError::Usage {
-                rank: self.rank,
-                message: format!(
-                    "reduce_scatter on the {group}: input of {} values is not {n} × the output's {}",
-                    input.len(),
-                    out.len()
-                ),
-            };
-            return Err(self.fail(st, e));
+            return Err(self.usage(format!(
+                "reduce_scatter on the {group}: input of {} values is not {n} × the output's {}",
+                input.len(),
+                out.len()
+            )));
         }
         let chunk = out.len();
         let sig = format!("{} f32 values, {op:?}", input.len());
@@ -293,16 +293,11 @@ impl Communicator for Local {
     fn all_gather(&mut self, group: &Group, input: &[f32], out: &mut [f32]) -> Result<(), CommError> {
         let n = group.ranks.len();
         if out.len() != input.len() * n {
-            let st = self.lock();
-            let e = CommError::Usage {
-                rank: self.rank,
-                message: format!(
-                    "all_gather on the {group}: output of {} values is not {n} × the input's {}",
-                    out.len(),
-                    input.len()
-                ),
-            };
-            return Err(self.fail(st, e));
+            return Err(self.usage(format!(
+                "all_gather on the {group}: output of {} values is not {n} × the input's {}",
+                out.len(),
+                input.len()
+            )));
         }
         let sig = format!("{} f32 values", input.len());
         let (all, _) = self.collective(group, "all_gather", sig, (input.to_vec(), vec![]), |ins| {
@@ -321,17 +316,12 @@ impl Communicator for Local {
     ) -> Result<(Vec<f32>, Vec<usize>), CommError> {
         let n = group.ranks.len();
         if counts.len() != n || counts.iter().sum::<usize>() != send.len() {
-            let st = self.lock();
-            let e = CommError::Usage {
-                rank: self.rank,
-                message: format!(
-                    "all_to_all on the {group}: {} counts summing to {} for {n} members and {} values",
-                    counts.len(),
-                    counts.iter().sum::<usize>(),
-                    send.len()
-                ),
-            };
-            return Err(self.fail(st, e));
+            return Err(self.usage(format!(
+                "all_to_all on the {group}: {} counts summing to {} for {n} members and {} values",
+                counts.len(),
+                counts.iter().sum::<usize>(),
+                send.len()
+            )));
         }
         // Splits may differ per rank: only the group size must agree.
         let sig = format!("{n} members");
@@ -357,8 +347,8 @@ impl Communicator for Local {
             return Err(e);
         }
         if to >= self.hub.size {
-            let e = CommError::Usage { rank: self.rank, message: format!("send to rank {to} of {}", self.hub.size) };
-            return Err(self.fail(st, e));
+            drop(st);
+            return Err(self.usage(format!("send to rank {to} of {}", self.hub.size)));
         }
         st.mail.entry((self.rank, to, tag)).or_default().push_back(data.to_vec());
         drop(st);
