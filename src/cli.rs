@@ -39,10 +39,15 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// Print the graph IR instead: `forward`, or `backward` (the training
-        /// step's forward and backward graph, as the interpreter runs it).
+        /// Print the graph IR instead: `forward`, `backward` (the training
+        /// step's forward and backward graph, as the interpreter runs it), or
+        /// `rank` (one rank's program under the spec's `parallel` layout,
+        /// with its collectives; pick the rank with --rank).
         #[arg(long, value_name = "GRAPH", conflicts_with = "json")]
         ir: Option<IrGraph>,
+        /// The rank whose program `--ir rank` prints.
+        #[arg(long, default_value_t = 0, requires = "ir")]
+        rank: u64,
     },
     /// Train a model on the CPU: progress bar, DIR/metrics.jsonl, evaluation, checkpoints.
     Train {
@@ -134,12 +139,13 @@ enum Command {
 enum IrGraph {
     Forward,
     Backward,
+    Rank,
 }
 
-fn print_ir(m: &Model, which: IrGraph) -> ExitCode {
+fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
     match which {
         IrGraph::Forward => print!("{}", m.graph.to_text()),
-        IrGraph::Backward => {
+        IrGraph::Backward | IrGraph::Rank => {
             let Some(loss) = m.graph.output("loss") else {
                 eprintln!(
                     "error: `{}` has no `loss` output to differentiate\n  help: assign `loss = ...` in the model",
@@ -148,7 +154,14 @@ fn print_ir(m: &Model, which: IrGraph) -> ExitCode {
                 return ExitCode::from(1);
             };
             match tessera_compiler::autodiff::differentiate(&m.graph, loss) {
-                Ok(bw) => print!("{}", bw.graph.to_text()),
+                Ok(bw) if matches!(which, IrGraph::Backward) => print!("{}", bw.graph.to_text()),
+                Ok(bw) => match tessera_compiler::parallel::shard(m, &bw, rank) {
+                    Ok(p) => print!("{}", p.to_text()),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                },
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(1);
@@ -175,11 +188,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Inspect { spec, ir: Some(which), .. } => match load(&spec) {
-            Ok(m) => print_ir(&m, which),
+        Command::Inspect { spec, ir: Some(which), rank, .. } => match load(&spec) {
+            Ok(m) => print_ir(&m, which, rank),
             Err(code) => code,
         },
-        Command::Inspect { spec, json, ir: None } => match load(&spec) {
+        Command::Inspect { spec, json, ir: None, .. } => match load(&spec) {
             Ok(m) => {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&inspect_json(&m)).expect("json"));

@@ -65,7 +65,9 @@ fn check(spec: &str, fixture: &str, small: bool) {
         .collect();
     let loss = m.graph.output("loss").expect("loss");
     let bw = differentiate(&m.graph, loss).expect("differentiable");
-    let vals = Interpreter { graph: &bw.graph, params: &m.params, dropout: None }.run(&inputs, &params).expect("runs");
+    let vals = Interpreter { graph: &bw.graph, params: &m.params, dropout: None, comm: None }
+        .run(&inputs, &params)
+        .expect("runs");
 
     let logits = &vals[m.graph.output("logits").expect("logits").index()];
     let e = rel_err(&logits.data, &fx.get("logits"));

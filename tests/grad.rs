@@ -54,7 +54,9 @@ fn check_grads(src: &str, ids_below: u64, samples: usize) {
         }
     }
     let run = |g: &tessera::compiler::ir::Graph, ps: &[Tensor<f64>]| {
-        Interpreter { graph: g, params: &m.params, dropout: Some(5) }.run(&xs, ps).unwrap_or_else(|e| panic!("{e}"))
+        Interpreter { graph: g, params: &m.params, dropout: Some(5), comm: None }
+            .run(&xs, ps)
+            .unwrap_or_else(|e| panic!("{e}"))
     };
     let vals = run(&bw.graph, &params);
     let loss_of = |ps: &[Tensor<f64>]| run(&m.graph, ps)[loss.index()].data[0];
@@ -436,8 +438,9 @@ fn dropout_is_the_identity_outside_training() {
     let ps: Vec<Tensor<f64>> = init_params(&m.params, 11);
     let loss = |model: &Model, dropout| {
         let id = model.graph.output("loss").expect("loss");
-        Interpreter { graph: &model.graph, params: &model.params, dropout }.run(&xs, &ps).expect("runs")[id.index()]
-            .data[0]
+        Interpreter { graph: &model.graph, params: &model.params, dropout, comm: None }.run(&xs, &ps).expect("runs")
+            [id.index()]
+        .data[0]
     };
     assert_eq!(loss(&m, None), loss(&no_drop, None), "evaluation must not drop");
     assert_ne!(loss(&m, Some(1)), loss(&no_drop, None), "training drops");
@@ -467,7 +470,9 @@ fn experts_over_filled_slots_match_every_slot() {
     }
     let run = |skip: bool| {
         set_skip_empty_slots(skip);
-        let v = Interpreter { graph: &bw.graph, params: &m.params, dropout: Some(3) }.run(&xs, &ps).expect("runs");
+        let v = Interpreter { graph: &bw.graph, params: &m.params, dropout: Some(3), comm: None }
+            .run(&xs, &ps)
+            .expect("runs");
         set_skip_empty_slots(true);
         v
     };
@@ -475,7 +480,7 @@ fn experts_over_filled_slots_match_every_slot() {
     // As the trainer runs it: only the loss and gradients asked for, values
     // freed after their last use, ops writing into operands that die there.
     let needed: Vec<_> = std::iter::once(loss).chain(bw.param_grads.iter().map(|g| g.grad)).collect();
-    let lean = Interpreter { graph: &bw.graph, params: &m.params, dropout: Some(3) }
+    let lean = Interpreter { graph: &bw.graph, params: &m.params, dropout: Some(3), comm: None }
         .run_for(&xs, &ps, Some(&needed))
         .expect("runs");
     for id in &needed {

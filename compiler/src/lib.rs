@@ -11,6 +11,7 @@ pub mod cost;
 pub mod diag;
 pub mod ir;
 pub mod model;
+pub mod parallel;
 pub mod plan;
 pub mod syntax;
 

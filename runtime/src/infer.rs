@@ -133,7 +133,7 @@ pub fn generate_cached(
     use tessera_compiler::model::Dim;
     let Lm { logits: logits_id, seq: seq_dim, vocab, .. } = lm(model)?;
     let seq = seq_dim.size as usize;
-    let interp = Interpreter { graph: &model.graph, params: &model.params, dropout: None };
+    let interp = Interpreter { graph: &model.graph, params: &model.params, dropout: None, comm: None };
     let step_inputs = |t: u32| -> Vec<Tensor<f32>> {
         model
             .inputs
@@ -191,7 +191,7 @@ pub fn generate_window(
 ) -> Result<Vec<u32>, SampleError> {
     let Lm { tokens: tok, logits: logits_id, seq, vocab } = lm(model)?;
     let seq = seq.size as usize;
-    let interp = Interpreter { graph: &model.graph, params: &model.params, dropout: None };
+    let interp = Interpreter { graph: &model.graph, params: &model.params, dropout: None, comm: None };
     let mut out: Vec<u32> = prompt.to_vec();
     if out.is_empty() {
         out.push(b'\n' as u32);

@@ -41,13 +41,36 @@ impl B {
 /// Number of inputs per parameter (weights, gradient, two moments).
 pub const PER_PARAM: usize = 4;
 
+/// What the update needs of a parameter (or of a rank's shard of one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateParam {
+    pub dims: Vec<Dim>,
+    /// Whether weight decay applies (`Param::decays` of the logical parameter).
+    pub decays: bool,
+}
+
+impl UpdateParam {
+    pub fn of(p: &Param) -> UpdateParam {
+        UpdateParam { dims: p.ty.dims.clone(), decays: p.decays() }
+    }
+}
+
 /// The update graph for these parameters.
 pub fn optimizer_update(params: &[Param], opt: &Optimizer, clip: Option<f64>) -> Graph {
+    let ps: Vec<UpdateParam> = params.iter().map(UpdateParam::of).collect();
+    update_graph(&ps, opt, clip, false)
+}
+
+/// The update graph for parameters (or shards). With `given_norm`, input
+/// `4n + 1` is the global sum of squared gradients, `f32[]`, which the
+/// caller has summed over every rank's shards; otherwise the graph sums the
+/// squares of the gradients it is given.
+pub fn update_graph(params: &[UpdateParam], opt: &Optimizer, clip: Option<f64>, given_norm: bool) -> Graph {
     let mut b = B { g: Graph::new() };
     let n = params.len();
     let mut ins = Vec::with_capacity(n);
     for (k, p) in params.iter().enumerate() {
-        let ty = TensorType::new(DType::F32, p.ty.dims.clone());
+        let ty = TensorType::new(DType::F32, p.dims.clone());
         let v: Vec<ValueId> =
             (0..PER_PARAM).map(|j| b.push(Op::Input { index: PER_PARAM * k + j }, vec![], ty.clone())).collect();
         ins.push(v);
@@ -60,11 +83,15 @@ pub fn optimizer_update(params: &[Param], opt: &Optimizer, clip: Option<f64>) ->
     // Clip by the global norm of all gradients: a scalar factor (1 without clipping).
     let raw: Vec<ValueId> = ins.iter().map(|v| v[1]).collect();
     let factor = match clip {
+        Some(c) if given_norm => {
+            let total = b.push(Op::Input { index: PER_PARAM * n + 1 }, vec![], scalar.clone());
+            b.push(Op::ClipScale { clip: c }, vec![total], scalar.clone())
+        }
         Some(c) if !raw.is_empty() => {
             let mut total: Option<ValueId> = None;
             for (k, g) in raw.iter().enumerate() {
                 let sq = b.bin(BinaryOp::Mul, *g, *g);
-                let dims = params[k].ty.dims.iter().map(|d| d.name.clone()).collect();
+                let dims = params[k].dims.iter().map(|d| d.name.clone()).collect();
                 let s = b.push(Op::Reduce { op: ReduceOp::Sum, dims }, vec![sq], scalar.clone());
                 total = Some(match total {
                     None => s,
@@ -83,13 +110,13 @@ pub fn optimizer_update(params: &[Param], opt: &Optimizer, clip: Option<f64>) ->
                 // Fused: one pass per moment and one for the weights.
                 let m_new = b.push(Op::AdamMoment { beta: *beta1, square: false }, vec![m, g, factor], ty.clone());
                 let v_new = b.push(Op::AdamMoment { beta: *beta2, square: true }, vec![v, g, factor], ty.clone());
-                let wd = if p.decays() { *weight_decay } else { 0.0 };
+                let wd = if p.decays { *weight_decay } else { 0.0 };
                 let w_new = b.push(Op::AdamStep { eps: *eps, weight_decay: wd }, vec![w, m_new, v_new, hyper], ty);
                 (w_new, m_new, Some(v_new))
             }
             Optimizer::Sgd { momentum, weight_decay, nesterov, .. } => {
                 let g = b.bin(BinaryOp::Mul, g, factor);
-                let gi = if p.decays() && *weight_decay != 0.0 {
+                let gi = if p.decays && *weight_decay != 0.0 {
                     let wd = b.scale(w, *weight_decay);
                     b.bin(BinaryOp::Add, g, wd)
                 } else {

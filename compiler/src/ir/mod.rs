@@ -275,6 +275,24 @@ pub enum Op {
     LoadBalanceGrad,
     /// `logits, g` → d logits of the z-loss.
     ZLossGrad,
+
+    // ---- ops of per-rank programs (emitted by `parallel`)
+    /// `x` → the reduction of every rank's x over the ranks of mesh axis
+    /// `axis` that share this rank's other coordinates (every rank gets it).
+    AllReduce { axis: String, op: ReduceOp },
+    /// `x` → the ranks' x along `axis`, concatenated along `dim` in rank order.
+    AllGather { axis: String, dim: String },
+    /// `x` → the reduction (sum) of the ranks' x along `axis`, of which this
+    /// rank keeps its chunk of `dim` (chunk i for the i-th rank of the group).
+    ReduceScatter { axis: String, dim: String },
+    /// `x` → the slices `chunks[j]` of `split` go to the j-th rank along
+    /// `axis`; what the ranks sent here is concatenated along `concat` in
+    /// rank order (expert dispatch and combine when experts are spread over
+    /// ranks that hold different tokens).
+    AllToAll { axis: String, split: String, concat: String, chunks: Vec<Vec<u64>> },
+    /// `x` → the slices `indices` of `dim`, in that order, under the same
+    /// dim name (a rank's shard of a value every rank holds whole).
+    Select { dim: String, indices: Vec<u64> },
 }
 
 impl Op {
@@ -336,6 +354,22 @@ impl Op {
             Op::CombineGradGates => "combine_grad_gates",
             Op::LoadBalanceGrad => "load_balance_grad",
             Op::ZLossGrad => "z_loss_grad",
+            Op::AllReduce { .. } => "all_reduce",
+            Op::AllGather { .. } => "all_gather",
+            Op::ReduceScatter { .. } => "reduce_scatter",
+            Op::AllToAll { .. } => "all_to_all",
+            Op::Select { .. } => "select",
+        }
+    }
+
+    /// The mesh axis of a collective, if this op is one.
+    pub fn collective_axis(&self) -> Option<&str> {
+        match self {
+            Op::AllReduce { axis, .. }
+            | Op::AllGather { axis, .. }
+            | Op::ReduceScatter { axis, .. }
+            | Op::AllToAll { axis, .. } => Some(axis),
+            _ => None,
         }
     }
 }
@@ -405,5 +439,13 @@ impl Graph {
     /// The stable text form (see `print.rs`).
     pub fn to_text(&self) -> String {
         print::print(self)
+    }
+}
+
+/// A list of indices as text: `[a..b]` when it is a contiguous run, else the list.
+pub fn indices_text(xs: &[u64]) -> String {
+    match (xs.first(), xs.last()) {
+        (Some(&a), Some(&b)) if xs.len() > 2 && xs.windows(2).all(|w| w[1] == w[0] + 1) => format!("[{a}..{}]", b + 1),
+        _ => format!("{xs:?}"),
     }
 }

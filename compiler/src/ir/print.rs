@@ -97,6 +97,26 @@ fn attrs(op: &Op) -> String {
             }
             v
         }
+        Op::AllReduce { axis, op } => {
+            let op = match op {
+                super::ReduceOp::Sum => "sum",
+                super::ReduceOp::Mean => "mean",
+                super::ReduceOp::Max => "max",
+            };
+            vec![format!("axis = {axis}"), format!("op = {op}")]
+        }
+        Op::AllGather { axis, dim } | Op::ReduceScatter { axis, dim } => {
+            vec![format!("axis = {axis}"), format!("dim = {dim}")]
+        }
+        Op::AllToAll { axis, split, concat, chunks } => vec![
+            format!("axis = {axis}"),
+            format!("split = {split}"),
+            format!("concat = {concat}"),
+            format!("chunks = [{}]", chunks.iter().map(|c| super::indices_text(c)).collect::<Vec<_>>().join(", ")),
+        ],
+        Op::Select { dim, indices } => {
+            vec![format!("dim = {dim}"), format!("indices = {}", super::indices_text(indices))]
+        }
         Op::Unary { .. }
         | Op::Binary { .. }
         | Op::Embed

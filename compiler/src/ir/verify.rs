@@ -33,6 +33,11 @@ fn arity(op: &Op) -> (usize, usize) {
         | Op::TopK { .. }
         | Op::ZLoss
         | Op::Cast { .. } => (1, 1),
+        Op::AllReduce { .. }
+        | Op::AllGather { .. }
+        | Op::ReduceScatter { .. }
+        | Op::AllToAll { .. }
+        | Op::Select { .. } => (1, 1),
         Op::Binary { .. } | Op::MatMul { .. } | Op::Embed | Op::CrossEntropy { .. } => (2, 2),
         Op::Dispatch | Op::Combine | Op::LoadBalance => (2, 2),
         Op::LayerNorm { gain, bias, .. } => {

@@ -122,3 +122,56 @@ pub trait Communicator: Send {
     /// Report this rank's failure to every rank (their calls return it).
     fn abort(&mut self, message: &str);
 }
+
+/// A rank's communicator with its group along each mesh axis: what the
+/// collective ops of a per-rank program run on. The lock only makes the
+/// handle shareable with the interpreter; one rank's program is one thread.
+pub struct RankComm<'a> {
+    comm: std::sync::Mutex<&'a mut dyn Communicator>,
+    groups: std::collections::HashMap<String, Group>,
+}
+
+impl<'a> RankComm<'a> {
+    /// `order` is the rank numbering (`compiler::cost::memory::rank_order`).
+    pub fn new(comm: &'a mut dyn Communicator, order: &[(String, u64)]) -> RankComm<'a> {
+        let rank = comm.rank();
+        let groups =
+            order.iter().filter_map(|(axis, _)| Some((axis.clone(), group_along(order, rank, axis)?))).collect();
+        RankComm { comm: std::sync::Mutex::new(comm), groups }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner()).rank()
+    }
+
+    pub fn group(&self, axis: &str) -> Result<&Group, CommError> {
+        self.groups.get(axis).ok_or_else(|| CommError::Usage {
+            rank: self.rank(),
+            message: format!("the mesh has no axis `{axis}` for a collective to run on"),
+        })
+    }
+
+    /// This rank's index within its group along `axis`.
+    pub fn index(&self, axis: &str) -> Result<usize, CommError> {
+        let rank = self.rank();
+        self.group(axis)?
+            .index_of(rank)
+            .ok_or_else(|| CommError::Usage { rank, message: format!("not a member of its `{axis}` group") })
+    }
+
+    /// Run `f` on the communicator with this rank's group along `axis`.
+    pub fn with<R>(
+        &self,
+        axis: &str,
+        f: impl FnOnce(&mut dyn Communicator, &Group) -> Result<R, CommError>,
+    ) -> Result<R, CommError> {
+        let group = self.group(axis)?;
+        let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut **c, group)
+    }
+
+    /// The communicator itself (point-to-point, step numbers, abort).
+    pub fn comm(&self) -> std::sync::MutexGuard<'_, &'a mut dyn Communicator> {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -3,6 +3,7 @@
 //! compared with, so it favours clarity; every value is kept.
 
 pub mod attention;
+pub mod collective;
 pub mod decode;
 pub(crate) mod fast;
 pub mod kernels;
@@ -58,6 +59,8 @@ pub struct Interpreter<'a> {
     /// Training mode with the seed of this step's dropout masks, or `None`:
     /// evaluation and sampling, where dropout is the identity.
     pub dropout: Option<u64>,
+    /// The rank's collectives, for per-rank programs of parallel layouts.
+    pub comm: Option<&'a crate::comm::RankComm<'a>>,
 }
 
 /// Full parameter gradients from a backward graph's values: each parameter
@@ -336,6 +339,22 @@ impl Interpreter<'_> {
         };
         let out = &node.ty.dims;
         let v: Tensor<T> = match &node.op {
+            Op::AllReduce { .. } | Op::AllGather { .. } | Op::ReduceScatter { .. } | Op::AllToAll { .. } => {
+                let c = self.comm.ok_or_else(|| {
+                    fail("a collective op needs a communicator: run the per-rank program on ranks".into())
+                })?;
+                match &node.op {
+                    Op::AllReduce { axis, op } => collective::all_reduce(c, a(0), axis, *op),
+                    Op::AllGather { axis, dim } => collective::all_gather(c, a(0), axis, dim),
+                    Op::ReduceScatter { axis, dim } => collective::reduce_scatter(c, a(0), axis, dim),
+                    Op::AllToAll { axis, split, concat, chunks } => {
+                        collective::all_to_all(c, a(0), axis, split, concat, chunks)
+                    }
+                    _ => unreachable!("matched above"),
+                }
+                .map_err(fail)?
+            }
+            Op::Select { dim, indices } => collective::select(a(0), dim, indices).map_err(fail)?,
             Op::Input { index } => {
                 let t = inputs.get(*index).ok_or_else(|| fail(format!("input {index} was not given")))?;
                 if t.dims != *out {

@@ -9,6 +9,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod ranks;
 pub mod tokenizer;
 
 use crate::exec::{Interpreter, param_slice};
@@ -75,6 +76,10 @@ pub struct Trainer {
     pub accumulation: u64,
     tokens_idx: usize,
     targets_idx: usize,
+    /// The simulated ranks, when the spec's mesh has more than one; they
+    /// hold the weights and optimizer state then (`params` and `opt` are
+    /// brought up to date from them by [`Trainer::sync`]).
+    pub ranks: Option<ranks::Ranks>,
 }
 
 impl Trainer {
@@ -118,10 +123,12 @@ impl Trainer {
             accumulation,
             tokens_idx,
             targets_idx,
+            ranks: None,
         };
         if let Some(dir) = t.cfg.resume.clone() {
             t.load(&dir)?;
         }
+        t.start_ranks()?;
         Ok(t)
     }
 
@@ -143,8 +150,55 @@ impl Trainer {
         self.model.micro_batch * self.seq() as u64 * self.accumulation
     }
 
+    /// Cut the weights and optimizer state into the ranks' shards (a mesh of more than one rank).
+    fn start_ranks(&mut self) -> Result<(), TrainError> {
+        self.ranks = None;
+        if self.model.parallel.world() > 1 {
+            let r = ranks::Ranks::new(&self.model, &self.backward, &self.params, &self.opt)
+                .map_err(|e| TrainError::Setup(format!("cannot run the `parallel` layout on simulated ranks: {e}")))?;
+            self.ranks = Some(r);
+        }
+        Ok(())
+    }
+
+    /// Bring `params` and `opt` up to date from the ranks' shards.
+    pub fn sync(&mut self) {
+        if let Some(r) = &self.ranks {
+            let (p, o) = r.logical(&self.model, &self.opt);
+            self.params = p;
+            self.opt = o;
+        }
+    }
+
+    /// One optimizer step on the simulated ranks.
+    fn train_step_ranks(&mut self) -> Result<StepReport, TrainError> {
+        let t0 = Instant::now();
+        let step = self.step;
+        let train = self.model.train.as_ref().expect("checked in new");
+        let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
+        let ranks = self.ranks.as_ref().expect("called with ranks");
+        let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
+        let out = ranks.step(step, self.cfg.seed, lr, train.clip, &inputs).map_err(TrainError::Setup)?;
+        // Ranks that share a data coordinate report the same loss: the mean over all is the step's.
+        let loss = out.iter().map(|s| s.loss_sum / ranks.local_micro as f64).sum::<f64>() / out.len() as f64;
+        let grad_norm = out[0].grad_norm;
+        self.step += 1;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s: self.tokens_per_step() as f64 / secs,
+            val_loss: None,
+        })
+    }
+
     /// One optimizer step: forward + backward over every microbatch, then the update.
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        if self.ranks.is_some() {
+            return self.train_step_ranks();
+        }
         let t0 = Instant::now();
         let step = self.step;
         // Microbatches run concurrently, one per core, each on one thread; their
@@ -190,6 +244,21 @@ impl Trainer {
         })
     }
 
+    /// The mean gradients of the next step at the current weights (single device).
+    pub fn gradients(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
+        let per_micro = self.run_microbatches(self.step, 1)?;
+        let n = per_micro.len() as f32;
+        let mut it = per_micro.into_iter();
+        let (_, mut sum) = it.next().ok_or_else(|| TrainError::Setup("no microbatches".into()))?;
+        for (_, g) in it {
+            for (a, b) in sum.iter_mut().zip(&g) {
+                a.data.iter_mut().zip(&b.data).for_each(|(x, y)| *x += *y);
+            }
+        }
+        sum.iter_mut().for_each(|g| g.data.iter_mut().for_each(|x| *x /= n));
+        Ok(sum)
+    }
+
     /// Loss and full parameter gradients of each microbatch of `step`, in microbatch order.
     fn run_microbatches(&self, step: u64, workers: usize) -> Result<Vec<MicroResult>, TrainError> {
         let one = |micro: u64| -> Result<MicroResult, TrainError> {
@@ -197,6 +266,7 @@ impl Trainer {
                 graph: &self.backward.graph,
                 params: &self.model.params,
                 dropout: Some(self.cfg.seed ^ (step << 20)),
+                comm: None,
             };
             let inputs = self.batch_inputs(data::Split::Train, step, micro);
             // Only the loss and the gradients are read back.
@@ -236,7 +306,7 @@ impl Trainer {
 
     /// Mean loss over `batches` validation batches (fixed windows: comparable across steps).
     pub fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
-        let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, dropout: None };
+        let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, dropout: None, comm: None };
         let loss = self.model.graph.output("loss").expect("loss");
         let mut total = 0.0;
         for b in 0..batches.max(1) {
@@ -252,14 +322,16 @@ impl Trainer {
             graph: &self.model.graph,
             params: &self.model.params,
             dropout: Some(self.cfg.seed ^ (step << 20)),
+            comm: None,
         };
         let inputs = self.batch_inputs(data::Split::Train, step, 0);
         let loss = self.model.graph.output("loss").expect("loss");
         Ok(interp.run(&inputs, &self.params)?[loss.index()].data[0] as f64)
     }
 
-    /// Save a checkpoint under `out`, atomically.
-    pub fn save(&self) -> Result<PathBuf, TrainError> {
+    /// Save a checkpoint under `out`, atomically (logical tensors, whatever the layout).
+    pub fn save(&mut self) -> Result<PathBuf, TrainError> {
+        self.sync();
         checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step, self.cfg.spec.as_ref())
     }
 
@@ -268,6 +340,9 @@ impl Trainer {
         self.params = params;
         self.opt = opt;
         self.step = step;
+        if self.ranks.is_some() {
+            self.start_ranks()?;
+        }
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! biases and norm gains (`Param::decays`).
 
 use crate::tensor::Tensor;
+use tessera_compiler::autodiff::update::{UpdateParam, update_graph};
 use tessera_compiler::config::{Amount, LrSchedule, Optimizer, Train};
 use tessera_compiler::model::Param;
 
@@ -15,13 +16,20 @@ pub struct OptimizerState {
     pub m: Vec<Tensor<f32>>,
     /// Second moments (AdamW).
     pub v: Vec<Tensor<f32>>,
-    /// The update graph, built on first use (per clipping setting).
-    graph: Option<(Option<f64>, tessera_compiler::ir::Graph)>,
+    /// The update graph, built on first use (per clipping setting and
+    /// whether the norm is given).
+    graph: Option<((Option<f64>, bool), tessera_compiler::ir::Graph)>,
 }
 
 impl OptimizerState {
     pub fn new(params: &[Param], optimizer: &Optimizer) -> OptimizerState {
-        let zeros = |p: &Param| Tensor::zeros(&p.ty.dims);
+        let shapes: Vec<_> = params.iter().map(UpdateParam::of).collect();
+        Self::for_shapes(&shapes, optimizer)
+    }
+
+    /// State for tensors of these shapes (a rank's shards of the parameters).
+    pub fn for_shapes(params: &[UpdateParam], optimizer: &Optimizer) -> OptimizerState {
+        let zeros = |p: &UpdateParam| Tensor::zeros(&p.dims);
         let v = match optimizer {
             Optimizer::Adamw { .. } => params.iter().map(zeros).collect(),
             Optimizer::Sgd { .. } => Vec::new(),
@@ -41,9 +49,27 @@ impl OptimizerState {
         t: u64,
         clip: Option<f64>,
     ) {
-        use tessera_compiler::autodiff::update::optimizer_update;
-        if self.graph.as_ref().is_none_or(|(c, _)| *c != clip) {
-            self.graph = Some((clip, optimizer_update(meta, &self.optimizer, clip)));
+        let shapes: Vec<_> = meta.iter().map(UpdateParam::of).collect();
+        self.update_with(params, grads, &shapes, lr, t, clip, None)
+    }
+
+    /// [`update`](Self::update) on tensors of these shapes; `sumsq`, when
+    /// given, is the global sum of squared gradients that clipping uses (a
+    /// rank holds only its shards, so the sum comes from every rank).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_with(
+        &mut self,
+        params: &mut [Tensor<f32>],
+        grads: &[Tensor<f32>],
+        shapes: &[UpdateParam],
+        lr: f64,
+        t: u64,
+        clip: Option<f64>,
+        sumsq: Option<f64>,
+    ) {
+        let key = (clip, sumsq.is_some());
+        if self.graph.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.graph = Some((key, update_graph(shapes, &self.optimizer, clip, sumsq.is_some())));
         }
         let (b1, b2) = match self.optimizer {
             Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
@@ -63,6 +89,9 @@ impl OptimizerState {
             inputs.push(self.v.get_mut(k).map(std::mem::take).unwrap_or_else(|| Tensor::zeros(&dims)));
         }
         inputs.push(hyper);
+        if let Some(s) = sumsq {
+            inputs.push(Tensor::scalar(s as f32));
+        }
         let graph = &self.graph.as_ref().expect("built above").1;
         let name = |kind: &str, k: usize| graph.output(&format!("{kind}.{k}")).expect("update output");
         let needed: Vec<_> = (0..params.len())
@@ -71,7 +100,7 @@ impl OptimizerState {
                 [Some(name("param", k)), Some(name("m", k)), v].into_iter().flatten()
             })
             .collect();
-        let mut vals = crate::exec::Interpreter { graph, params: &[], dropout: None }
+        let mut vals = crate::exec::Interpreter { graph, params: &[], dropout: None, comm: None }
             .run_owned(inputs, &[], Some(&needed))
             .expect("the update graph runs on tensors of the parameters' own types");
         // Move each output out, unless another name still needs the same value.

@@ -1,0 +1,140 @@
+//! The collective check: before anything runs, every group's ranks must
+//! issue the same collectives (op, shape, dtype) in the same order, and the
+//! order across groups must not deadlock. It replays all ranks' programs
+//! together: a collective completes when every member of its group has
+//! reached it; a mismatch or a state where no rank can move is an error that
+//! names the rank, the op and what differs.
+
+use super::{Mesh, RankProgram, StepCollective};
+use crate::ir::Op;
+
+/// One collective as a rank issues it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issued {
+    /// The op's name and attributes (`all_reduce {axis = tensor, op = sum}`).
+    pub op: String,
+    pub axis: String,
+    /// The global ranks of the group, in group order.
+    pub group: Vec<u64>,
+    /// The local input type (or element count of a step collective).
+    pub shape: String,
+    /// Where it comes from: `%42` in the rank's program, or `step`.
+    pub at: String,
+}
+
+/// The collectives of one rank's program, in issue order.
+pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
+    let mut out = Vec::new();
+    step_issued(p, mesh, &p.prologue, &mut out);
+    for (i, n) in p.graph.nodes.iter().enumerate() {
+        let Some(axis) = n.op.collective_axis() else { continue };
+        let mut op = n.op.name().to_string();
+        match &n.op {
+            Op::AllReduce { op: r, .. } => op += &format!(" {r:?}").to_lowercase(),
+            Op::AllGather { dim, .. } | Op::ReduceScatter { dim, .. } => op += &format!(" {dim}"),
+            Op::AllToAll { split, concat, .. } => op += &format!(" {split}->{concat}"),
+            _ => {}
+        }
+        let shape = n.inputs.first().map(|x| p.graph.ty(*x).to_string()).unwrap_or_default();
+        out.push(Issued { op, axis: axis.to_string(), group: mesh.group(p.rank, axis), shape, at: format!("%{i}") });
+    }
+    step_issued(p, mesh, &p.step, &mut out);
+    out
+}
+
+fn step_issued(p: &RankProgram, mesh: &Mesh, list: &[StepCollective], out: &mut Vec<Issued>) {
+    for c in list {
+        let axes: Vec<String> = match c {
+            StepCollective::NormAllReduce { axes, .. } => axes.clone(),
+            _ => vec![c.axis_label()],
+        };
+        let shape = match c {
+            StepCollective::GradAllReduce { elems, .. }
+            | StepCollective::GradReduceScatter { elems, .. }
+            | StepCollective::ParamAllGather { elems, .. } => format!("f32[{elems}]"),
+            StepCollective::NormAllReduce { params, .. } => format!("f32[{}]", params.len()),
+        };
+        for axis in axes {
+            out.push(Issued {
+                op: c.name().to_string(),
+                group: mesh.group(p.rank, &axis),
+                axis,
+                shape: shape.clone(),
+                at: "step".into(),
+            });
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CheckError {
+    #[error(
+        "rank {rank}: collective #{index} `{}` on {} at {} (the {} group {:?}) does not match rank {other}'s `{}` on {} at {}",
+        mine.op, mine.shape, mine.at, mine.axis, mine.group, theirs.op, theirs.shape, theirs.at
+    )]
+    Mismatch { rank: u64, index: usize, mine: Box<Issued>, other: u64, theirs: Box<Issued> },
+    #[error("rank {rank}: collective #{index} `{}` at {} on the {} group {:?} would wait forever: {why}", mine.op, mine.at, mine.axis, mine.group)]
+    Deadlock { rank: u64, index: usize, mine: Box<Issued>, why: String },
+}
+
+/// Check that `programs` (one per rank, in rank order) agree.
+pub fn check(programs: &[RankProgram], mesh: &Mesh) -> Result<(), CheckError> {
+    let lists: Vec<Vec<Issued>> = programs.iter().map(|p| issued(p, mesh)).collect();
+    check_lists(&lists)
+}
+
+/// [`check`] on the issued collectives directly.
+pub fn check_lists(lists: &[Vec<Issued>]) -> Result<(), CheckError> {
+    let mut pc = vec![0usize; lists.len()];
+    loop {
+        let mut moved = false;
+        for r in 0..lists.len() {
+            let Some(c) = lists[r].get(pc[r]) else { continue };
+            // Every member must be at a collective of this same group.
+            let ready = c.group.iter().all(|&m| {
+                lists.get(m as usize).and_then(|l| l.get(pc[m as usize])).is_some_and(|x| x.group == c.group)
+            });
+            if !ready {
+                continue;
+            }
+            for &m in &c.group {
+                let x = &lists[m as usize][pc[m as usize]];
+                if x.op != c.op || x.shape != c.shape || x.axis != c.axis {
+                    return Err(CheckError::Mismatch {
+                        rank: r as u64,
+                        index: pc[r],
+                        mine: Box::new(c.clone()),
+                        other: m,
+                        theirs: Box::new(x.clone()),
+                    });
+                }
+            }
+            for &m in &c.group {
+                pc[m as usize] += 1;
+            }
+            moved = true;
+        }
+        if pc.iter().zip(lists).all(|(p, l)| *p == l.len()) {
+            return Ok(());
+        }
+        if !moved {
+            let r = (0..lists.len()).find(|&r| pc[r] < lists[r].len()).expect("someone is not done");
+            let c = &lists[r][pc[r]];
+            let why: Vec<String> = c
+                .group
+                .iter()
+                .filter(|&&m| m as usize != r)
+                .map(|&m| match lists.get(m as usize).and_then(|l| l.get(pc[m as usize])) {
+                    None => format!("rank {m} has no collective left"),
+                    Some(x) => format!("rank {m} waits at `{}` on the {} group {:?} ({})", x.op, x.axis, x.group, x.at),
+                })
+                .collect();
+            return Err(CheckError::Deadlock {
+                rank: r as u64,
+                index: pc[r],
+                mine: Box::new(c.clone()),
+                why: why.join("; "),
+            });
+        }
+    }
+}

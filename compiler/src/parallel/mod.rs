@@ -1,0 +1,1007 @@
+//! Parallel plans: from a model's mesh and layout rules to one program per rank.
+//!
+//! [`shard`] gives every value of the training step's forward and backward
+//! graph a sharding over the mesh (which of its dims are split over which
+//! axis, and over which axes it is a partial sum) and writes the rank's
+//! local graph, with the collectives the math needs:
+//!
+//! - a contraction over a split dim leaves a *partial sum*; it is reduced
+//!   (`all_reduce`, or `reduce_scatter` over `seq` with sequence parallelism)
+//!   where something non-linear first reads it. Megatron's column and row
+//!   splits of attention and the MLP fall out of `heads -> tensor` and
+//!   `mlp -> tensor`: one all-reduce after each row-parallel matmul forward,
+//!   one after each column-parallel input gradient backward.
+//! - an op that needs a dim whole (a softmax over it, a norm, attention over
+//!   `seq`) gets it by `all_gather`; a value held whole that meets a split one
+//!   is cut locally (`select`), which costs nothing.
+//! - expert weights split over an axis whose ranks hold the same tokens
+//!   compute their own experts' slots and combine as a partial sum; over the
+//!   data axis (ranks with different tokens) dispatch and combine exchange
+//!   tokens with `all_to_all`.
+//!
+//! The data axis needs nothing inside the graph: its types are already one
+//! rank's microbatch. Gradient reduction over it (in buckets), ZeRO's
+//! sharding of optimizer state, gradients and weights, and the gradient-norm
+//! reductions are step-level collectives, listed in [`StepCollective`].
+
+pub mod check;
+
+use crate::autodiff::{Backward, ParamGrad};
+use crate::config::ExpertPlacement;
+use crate::cost::memory::{coords, rank_order};
+use crate::ir::{BinaryOp, Graph, Op, ReduceOp, ValueId};
+use crate::model::{Dim, Model, Param, TensorType};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// How a dim of a value is split over a mesh axis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub axis: String,
+    /// The indices of the dim this rank holds, in local order.
+    pub indices: Vec<u64>,
+    /// `Some(dim)`: the value's tokens came from every rank of the axis,
+    /// stacked along `dim` (expert slots after an all-to-all).
+    pub exchanged: Option<String>,
+}
+
+/// The sharding of one value on one rank.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct State {
+    split: BTreeMap<String, Split>,
+    partial: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParallelError(pub String);
+
+fn err<T>(m: impl Into<String>) -> Result<T, ParallelError> {
+    Err(ParallelError(m.into()))
+}
+
+/// The mesh as the sharding pass sees it.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    /// Axes in rank numbering order (outermost first).
+    pub order: Vec<(String, u64)>,
+    /// Layout rules on axes other than the data and pipeline ones: dim → axis.
+    pub rules: Vec<(String, String)>,
+    pub data_axis: Option<String>,
+    pub expert_dim: Option<String>,
+    pub placement: ExpertPlacement,
+    pub sequence_parallel: bool,
+    pub zero: u8,
+}
+
+impl Mesh {
+    pub fn of(m: &Model) -> Result<Mesh, ParallelError> {
+        let p = &m.parallel;
+        let data_axis = p.data_axis().map(str::to_string);
+        let expert_dim = m.params.iter().find_map(|q| q.expert.as_ref()).map(|e| e.dim.clone());
+        let mut rules = Vec::new();
+        for (d, a) in &p.layout {
+            if d == "batch" {
+                continue;
+            }
+            if d == "layer" {
+                if p.axis_size(a) > 1 {
+                    return err(format!(
+                        "`layer -> {a}` (pipeline parallelism) is not run on simulated ranks yet; \
+                         set `--set parallel.mesh.{a}=1` to run this spec"
+                    ));
+                }
+                continue;
+            }
+            if Some(a) == data_axis.as_ref() && Some(d) != expert_dim.as_ref() {
+                return err(format!(
+                    "`{d} -> {a}`: only `batch` and the expert dim may be laid out on the data axis `{a}`; \
+                     give `{d}` its own mesh axis"
+                ));
+            }
+            rules.push((d.clone(), a.clone()));
+        }
+        let tensor = p.axis_of("heads").or_else(|| p.axis_of("mlp"));
+        if p.sequence_parallel && tensor.is_none_or(|t| p.axis_size(t) <= 1) {
+            // Nothing to do: sequence parallelism splits the tensor axis's activations.
+        }
+        Ok(Mesh {
+            order: rank_order(p),
+            rules,
+            data_axis,
+            expert_dim,
+            placement: p.experts.as_ref().map(|e| e.placement.clone()).unwrap_or(ExpertPlacement::Blocked),
+            sequence_parallel: p.sequence_parallel && tensor.is_some_and(|t| p.axis_size(t) > 1),
+            zero: p.zero,
+        })
+    }
+
+    pub fn world(&self) -> u64 {
+        self.order.iter().map(|(_, n)| n).product()
+    }
+
+    pub fn size(&self, axis: &str) -> u64 {
+        self.order.iter().find(|(a, _)| a == axis).map(|(_, n)| *n).unwrap_or(1)
+    }
+
+    pub fn coord(&self, rank: u64, axis: &str) -> u64 {
+        let c = coords(&self.order, rank);
+        self.order.iter().position(|(a, _)| a == axis).map(|i| c[i]).unwrap_or(0)
+    }
+
+    /// The axis a dim is split over (axes of size 1 split nothing).
+    pub fn rule(&self, dim: &str) -> Option<&str> {
+        self.rules.iter().find(|(d, a)| d == dim && self.size(a) > 1).map(|(_, a)| a.as_str())
+    }
+
+    /// The ranks of `rank`'s group along `axis`, in group order.
+    pub fn group(&self, rank: u64, axis: &str) -> Vec<u64> {
+        let Some(at) = self.order.iter().position(|(a, _)| a == axis) else { return vec![rank] };
+        let stride: u64 = self.order[at + 1..].iter().map(|(_, s)| *s).product();
+        let c = coords(&self.order, rank)[at];
+        let base = rank - c * stride;
+        (0..self.order[at].1).map(|k| base + k * stride).collect()
+    }
+
+    /// The tensor-parallel axis, where sequence parallelism splits `seq`.
+    fn tensor_axis(&self) -> Option<&str> {
+        self.rule("heads").or_else(|| self.rule("mlp"))
+    }
+
+    /// The indices of a dim of `size` held by the rank at `coord` of `axis`:
+    /// contiguous blocks, or the expert placement for the expert dim.
+    pub fn held(&self, dim: &str, size: u64, axis: &str, coord: u64) -> Vec<u64> {
+        let n = self.size(axis);
+        if Some(dim) == self.expert_dim.as_deref() {
+            match &self.placement {
+                ExpertPlacement::RoundRobin => return (0..size).filter(|e| e % n == coord).collect(),
+                ExpertPlacement::Explicit { ranks } => return ranks.get(coord as usize).cloned().unwrap_or_default(),
+                ExpertPlacement::Blocked => {}
+            }
+        }
+        let per = size / n;
+        (coord * per..(coord + 1) * per).collect()
+    }
+}
+
+/// How one parameter is cut from its logical (unsharded) tensor on a rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamShard {
+    /// The rank's part: the logical type with split dims shortened.
+    pub local: Param,
+    /// (position of the dim in the logical type, its split).
+    pub splits: Vec<(usize, Split)>,
+}
+
+impl ParamShard {
+    /// Whether the parameter is split over `axis`.
+    pub fn split_over(&self, axis: &str) -> bool {
+        self.splits.iter().any(|(_, s)| s.axis == axis)
+    }
+}
+
+/// A collective of the optimizer step (outside the forward/backward graph).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepCollective {
+    /// Sum (or mean) a bucket of gradients over an axis: `params` in bucket order.
+    GradAllReduce { axis: String, mean: bool, params: Vec<usize>, elems: u64 },
+    /// ZeRO 2/3: reduce-scatter a bucket of flat gradients over the data axis.
+    GradReduceScatter { axis: String, params: Vec<usize>, elems: u64 },
+    /// ZeRO 1/2: all-gather updated weight shards; ZeRO 3: all-gather the
+    /// weights before the forward pass.
+    ParamAllGather { axis: String, params: Vec<usize>, elems: u64 },
+    /// Sum the squared-gradient partial sums over these axes (global norm).
+    NormAllReduce { axes: Vec<String>, params: Vec<usize> },
+}
+
+impl StepCollective {
+    pub fn axis_label(&self) -> String {
+        match self {
+            StepCollective::GradAllReduce { axis, .. }
+            | StepCollective::GradReduceScatter { axis, .. }
+            | StepCollective::ParamAllGather { axis, .. } => axis.clone(),
+            StepCollective::NormAllReduce { axes, .. } => axes.join("+"),
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepCollective::GradAllReduce { .. } => "grad_all_reduce",
+            StepCollective::GradReduceScatter { .. } => "grad_reduce_scatter",
+            StepCollective::ParamAllGather { .. } => "param_all_gather",
+            StepCollective::NormAllReduce { .. } => "norm_all_reduce",
+        }
+    }
+}
+
+/// One rank's training step.
+#[derive(Debug, Clone)]
+pub struct RankProgram {
+    pub rank: u64,
+    /// (axis, coordinate) in rank-numbering order.
+    pub coords: Vec<(String, u64)>,
+    /// Forward and backward, with collectives; outputs `loss` and the gradients.
+    pub graph: Graph,
+    pub loss: ValueId,
+    pub param_grads: Vec<ParamGrad>,
+    pub params: Vec<ParamShard>,
+    /// Collectives before the first microbatch (ZeRO 3 gathers the weights).
+    pub prologue: Vec<StepCollective>,
+    /// The step's collectives after the backward pass, in issue order.
+    pub step: Vec<StepCollective>,
+}
+
+impl RankProgram {
+    pub fn local_params(&self) -> Vec<Param> {
+        self.params.iter().map(|p| p.local.clone()).collect()
+    }
+
+    /// The per-rank IR text, with the step collectives after it.
+    pub fn to_text(&self) -> String {
+        let coords: Vec<String> = self.coords.iter().map(|(a, c)| format!("{a}={c}")).collect();
+        let mut s = format!("// rank {} ({})\n", self.rank, coords.join(", "));
+        for (k, p) in self.params.iter().enumerate() {
+            if !p.splits.is_empty() {
+                let cut: Vec<String> = p
+                    .splits
+                    .iter()
+                    .map(|(pos, sp)| {
+                        format!(
+                            "{} over {} {}",
+                            p.local.ty.dims[*pos].name,
+                            sp.axis,
+                            crate::ir::indices_text(&sp.indices)
+                        )
+                    })
+                    .collect();
+                s += &format!("// param {k} {}: {}\n", p.local.path, cut.join(", "));
+            }
+        }
+        s += &self.graph.to_text();
+        for c in &self.step {
+            s += &format!("step {}", c.name());
+            match c {
+                StepCollective::GradAllReduce { axis, mean, params, elems } => {
+                    s += &format!(
+                        " {{axis = {axis}, op = {}, elems = {elems}}} params {params:?}\n",
+                        if *mean { "mean" } else { "sum" }
+                    )
+                }
+                StepCollective::GradReduceScatter { axis, params, elems }
+                | StepCollective::ParamAllGather { axis, params, elems } => {
+                    s += &format!(" {{axis = {axis}, elems = {elems}}} params {params:?}\n")
+                }
+                StepCollective::NormAllReduce { axes, params } => {
+                    s += &format!(" {{axes = [{}]}} params {params:?}\n", axes.join(", "))
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Which inputs of an op may stay partial sums (the op is linear in them).
+enum Linear {
+    /// None: every input is reduced first.
+    No,
+    /// Linear in all inputs jointly (a sum): partial when all are, with the same axes.
+    Joint,
+    /// Linear in each of these inputs with the others fixed: at most one partial.
+    Each(Vec<usize>),
+}
+
+fn linearity(op: &Op, n: usize) -> Linear {
+    use Linear::*;
+    match op {
+        Op::Binary { op: BinaryOp::Add | BinaryOp::Sub } | Op::Concat { .. } | Op::Untake { .. } => Joint,
+        Op::Binary { op: BinaryOp::Mul } | Op::MatMul { .. } | Op::Einsum => Each(vec![0, 1]),
+        Op::Binary { op: BinaryOp::Div } => Each(vec![0]),
+        Op::Unary { op: crate::ir::UnaryOp::Neg }
+        | Op::Cast { .. }
+        | Op::Expand
+        | Op::Rename { .. }
+        | Op::Permute
+        | Op::Take { .. }
+        | Op::Slice { .. }
+        | Op::SplitDim { .. }
+        | Op::MergeDims { .. }
+        | Op::Dropout { .. }
+        | Op::DropoutGrad { .. }
+        | Op::RopeGrad { .. }
+        | Op::GateMask
+        | Op::Reduce { op: ReduceOp::Sum | ReduceOp::Mean, .. } => Each(vec![0]),
+        Op::UnaryGrad { .. }
+        | Op::SoftmaxGrad { .. }
+        | Op::NormGradGain { .. }
+        | Op::EmbedGrad
+        | Op::ZLossGrad
+        | Op::Dispatch
+        | Op::Combine
+        | Op::DispatchGrad
+        | Op::CombineGradY => Each(vec![1]),
+        Op::CombineGradGates => Each(vec![1, 2]),
+        Op::CrossEntropyGrad { .. } | Op::AmaxGrad { .. } | Op::LoadBalanceGrad => Each(vec![2]),
+        Op::NormGradX { .. } | Op::AttentionGrad { .. } => Each(vec![n - 1]),
+        _ => No,
+    }
+}
+
+/// Whether input `pos` (of type `ty`) of `op` must hold dim `d` whole.
+fn needs_whole(op: &Op, pos: usize, tys: &[&TensorType], d: &str) -> bool {
+    let heads = |t: &TensorType| t.dims.len() >= 2 && t.dims[t.dims.len() - 2].name == d;
+    match op {
+        Op::Unary { .. }
+        | Op::Binary { .. }
+        | Op::Pow { .. }
+        | Op::Cast { .. }
+        | Op::Expand
+        | Op::Permute
+        | Op::Rename { .. }
+        | Op::GateMask
+        | Op::UnaryGrad { .. }
+        | Op::MatMul { .. }
+        | Op::Einsum
+        | Op::EmbedGrad
+        | Op::Reduce { op: ReduceOp::Sum, .. } => false,
+        Op::Reduce { dims, .. } | Op::MergeDims { dims, .. } => dims.iter().any(|x| x == d),
+        Op::Softmax { dim, .. }
+        | Op::SoftmaxGrad { dim, .. }
+        | Op::LayerNorm { dim, .. }
+        | Op::RmsNorm { dim, .. }
+        | Op::NormGradX { dim, .. }
+        | Op::NormGradGain { dim, .. }
+        | Op::Take { dim, .. }
+        | Op::Slice { dim, .. }
+        | Op::Untake { dim, .. }
+        | Op::SplitDim { dim, .. } => dim == d,
+        Op::Concat { over, .. } => over.iter().any(|x| x == d),
+        // Dropout masks are drawn per element: keep them whole unless inactive.
+        Op::Dropout { p } | Op::DropoutGrad { p, .. } => *p > 0.0,
+        // Attention and rotary embeddings are per head: heads may be split.
+        Op::Attention { .. } | Op::AttentionGrad { .. } | Op::Rope { .. } | Op::RopeGrad { .. } => {
+            !tys.iter().take(3).any(|t| heads(t)) || (pos < 3 && !heads(tys[pos]) && tys[pos].has(d))
+        }
+        Op::Embed => pos == 0,
+        _ => true,
+    }
+}
+
+struct Shard<'a> {
+    mesh: &'a Mesh,
+    rank: u64,
+    src: &'a Graph,
+    g: Graph,
+    /// Each source value's local value and sharding.
+    vals: Vec<(ValueId, State)>,
+    /// Converted versions of source values, by (value, key).
+    memo: HashMap<(usize, String), (ValueId, State)>,
+    /// Collectives and cuts already applied to local values, by (local value, key).
+    done: HashMap<(ValueId, String), (ValueId, State)>,
+    span: crate::syntax::span::Span,
+}
+
+impl Shard<'_> {
+    fn push(&mut self, op: Op, ins: Vec<ValueId>, ty: TensorType) -> ValueId {
+        self.g.push(op, ins, ty, self.span)
+    }
+
+    fn coord(&self, axis: &str) -> u64 {
+        self.mesh.coord(self.rank, axis)
+    }
+
+    /// Reduce every partial axis of a local value (`reduce_scatter` over `seq`
+    /// on the tensor axis with sequence parallelism).
+    fn reduce(&mut self, v: ValueId, st: State) -> Result<(ValueId, State), ParallelError> {
+        if st.partial.is_empty() {
+            return Ok((v, st));
+        }
+        let key = (v, "reduce".to_string());
+        if let Some(r) = self.done.get(&key) {
+            return Ok(r.clone());
+        }
+        let r = self.reduce_now(v, st)?;
+        self.done.insert(key, r.clone());
+        Ok(r)
+    }
+
+    fn reduce_now(&mut self, v: ValueId, mut st: State) -> Result<(ValueId, State), ParallelError> {
+        let mut v = v;
+        for axis in std::mem::take(&mut st.partial) {
+            let ty = self.g.ty(v).clone();
+            let sp_seq = self.mesh.sequence_parallel
+                && Some(axis.as_str()) == self.mesh.tensor_axis()
+                && ty.has("seq")
+                && !st.split.contains_key("seq")
+                && !st.split.values().any(|s| s.axis == axis);
+            if sp_seq {
+                let n = self.mesh.size(&axis);
+                let seq = ty.dim("seq").expect("checked").size;
+                if seq.is_multiple_of(n) {
+                    let local = with_size(&ty, "seq", seq / n);
+                    v = self.push(Op::ReduceScatter { axis: axis.clone(), dim: "seq".into() }, vec![v], local);
+                    let c = self.coord(&axis);
+                    st.split.insert(
+                        "seq".into(),
+                        Split {
+                            axis: axis.clone(),
+                            indices: (c * seq / n..(c + 1) * seq / n).collect(),
+                            exchanged: None,
+                        },
+                    );
+                    continue;
+                }
+            }
+            v = self.push(Op::AllReduce { axis, op: ReduceOp::Sum }, vec![v], ty);
+        }
+        Ok((v, st))
+    }
+
+    /// Make dim `d` whole.
+    fn gather(&mut self, v: ValueId, st: State, d: &str) -> Result<(ValueId, State), ParallelError> {
+        if !st.split.contains_key(d) {
+            return Ok((v, st));
+        }
+        let key = (v, format!("gather {d}"));
+        if let Some(r) = self.done.get(&key) {
+            return Ok(r.clone());
+        }
+        let r = self.gather_now(v, st, d)?;
+        self.done.insert(key, r.clone());
+        Ok(r)
+    }
+
+    fn gather_now(&mut self, v: ValueId, mut st: State, d: &str) -> Result<(ValueId, State), ParallelError> {
+        let Some(sp) = st.split.remove(d) else { return Ok((v, st)) };
+        if st.partial.contains(&sp.axis) {
+            return err(format!("internal: `{d}` is split and partial over `{}`", sp.axis));
+        }
+        let n = self.mesh.size(&sp.axis);
+        let ty = self.g.ty(v).clone();
+        let local = ty.dim(d).map(|x| x.size).unwrap_or(0);
+        let (mut v, order) = match &sp.exchanged {
+            None => {
+                let out = with_size(&ty, d, local * n);
+                let order: Vec<u64> = (0..n).flat_map(|c| self.mesh.held(d, local * n, &sp.axis, c)).collect();
+                (self.push(Op::AllGather { axis: sp.axis.clone(), dim: d.into() }, vec![v], out), order)
+            }
+            Some(concat) => {
+                // Send each rank its tokens back; experts come home from every rank.
+                let slots = ty.dim(concat).map(|x| x.size).unwrap_or(0);
+                if !slots.is_multiple_of(n) {
+                    return err(format!("internal: `{concat}` of {slots} does not split over {n} ranks"));
+                }
+                let per = slots / n;
+                let chunks: Vec<Vec<u64>> = (0..n).map(|j| (j * per..(j + 1) * per).collect()).collect();
+                let out = with_size(&with_size(&ty, concat, per), d, local * n);
+                let order: Vec<u64> = (0..n).flat_map(|c| self.mesh.held(d, local * n, &sp.axis, c)).collect();
+                let op = Op::AllToAll { axis: sp.axis.clone(), split: concat.clone(), concat: d.into(), chunks };
+                (self.push(op, vec![v], out), order)
+            }
+        };
+        if order.iter().enumerate().any(|(i, &x)| i as u64 != x) {
+            // Back to logical order: position of each logical index in the gathered order.
+            let mut inv = vec![0u64; order.len()];
+            for (pos, &x) in order.iter().enumerate() {
+                inv[x as usize] = pos as u64;
+            }
+            let ty = self.g.ty(v).clone();
+            v = self.push(Op::Select { dim: d.into(), indices: inv }, vec![v], ty);
+        }
+        Ok((v, st))
+    }
+
+    /// Cut a whole dim `d` down to `sp` (free for a value every rank holds;
+    /// an all-to-all when the split exchanges tokens).
+    fn localize(&mut self, v: ValueId, st: State, d: &str, sp: &Split) -> Result<(ValueId, State), ParallelError> {
+        let key = (v, format!("cut {d} {} {:?} {:?}", sp.axis, sp.indices, sp.exchanged));
+        if let Some(r) = self.done.get(&key) {
+            return Ok(r.clone());
+        }
+        let r = self.localize_now(v, st, d, sp)?;
+        self.done.insert(key, r.clone());
+        Ok(r)
+    }
+
+    fn localize_now(
+        &mut self,
+        v: ValueId,
+        mut st: State,
+        d: &str,
+        sp: &Split,
+    ) -> Result<(ValueId, State), ParallelError> {
+        let ty = self.g.ty(v).clone();
+        let v = match &sp.exchanged {
+            Some(concat) if ty.has(concat) => {
+                let n = self.mesh.size(&sp.axis);
+                let size = ty.dim(d).map(|x| x.size).unwrap_or(0);
+                let chunks: Vec<Vec<u64>> = (0..n).map(|c| self.mesh.held(d, size, &sp.axis, c)).collect();
+                let slots = ty.dim(concat).map(|x| x.size).unwrap_or(0);
+                let out = with_size(&with_size(&ty, d, sp.indices.len() as u64), concat, slots * n);
+                let op = Op::AllToAll { axis: sp.axis.clone(), split: d.into(), concat: concat.clone(), chunks };
+                self.push(op, vec![v], out)
+            }
+            _ => {
+                let out = with_size(&ty, d, sp.indices.len() as u64);
+                self.push(Op::Select { dim: d.into(), indices: sp.indices.clone() }, vec![v], out)
+            }
+        };
+        st.split.insert(d.into(), sp.clone());
+        Ok((v, st))
+    }
+
+    /// Source value `x` made whole in every dim and not partial.
+    fn whole(&mut self, x: ValueId) -> Result<(ValueId, State), ParallelError> {
+        let key = (x.index(), "whole".to_string());
+        if let Some(r) = self.memo.get(&key) {
+            return Ok(r.clone());
+        }
+        let (v, st) = self.vals[x.index()].clone();
+        let (mut v, mut st) = self.reduce(v, st)?;
+        let dims: Vec<String> = st.split.keys().cloned().collect();
+        for d in dims {
+            (v, st) = self.gather(v, st, &d)?;
+        }
+        self.memo.insert(key, (v, st.clone()));
+        Ok((v, st))
+    }
+
+    /// Source value `x` with its partial sums reduced.
+    fn reduced(&mut self, x: ValueId) -> Result<(ValueId, State), ParallelError> {
+        let key = (x.index(), "reduced".to_string());
+        if let Some(r) = self.memo.get(&key) {
+            return Ok(r.clone());
+        }
+        let (v, st) = self.vals[x.index()].clone();
+        let r = self.reduce(v, st)?;
+        self.memo.insert(key, r.clone());
+        Ok(r)
+    }
+
+    /// The local type of a node's output: each dim sized as the same-named
+    /// dim of an input, or whole when no input has it.
+    fn local_type(&self, global: &TensorType, ins: &[ValueId]) -> TensorType {
+        let dims = global
+            .dims
+            .iter()
+            .map(|d| {
+                ins.iter()
+                    .find_map(|&i| self.g.ty(i).dim(&d.name).cloned())
+                    .map(|x| Dim::new(&d.name, x.size))
+                    .unwrap_or_else(|| d.clone())
+            })
+            .collect();
+        TensorType::new(global.dtype, dims)
+    }
+
+    fn node(&mut self, i: usize) -> Result<(ValueId, State), ParallelError> {
+        let node = self.src.nodes[i].clone();
+        self.span = self.src.span(ValueId(i as u32));
+        match &node.op {
+            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid => {
+                return Ok((self.push(node.op.clone(), vec![], node.ty.clone()), State::default()));
+            }
+            Op::Param { .. } => unreachable!("params are placed by `shard`"),
+            Op::Dispatch | Op::CombineGradY => return self.expert_major(&node),
+            Op::Combine | Op::DispatchGrad | Op::CombineGradGates => return self.token_major(&node),
+            _ => {}
+        }
+        // 1. Partial sums: keep them where the op is linear in them.
+        let n = node.inputs.len();
+        let mut ins: Vec<(ValueId, State)> = Vec::with_capacity(n);
+        let partial: Vec<bool> = node.inputs.iter().map(|x| !self.vals[x.index()].1.partial.is_empty()).collect();
+        let keep: Vec<bool> = match linearity(&node.op, n) {
+            Linear::No => vec![false; n],
+            Linear::Joint => {
+                let sets: Vec<&BTreeSet<String>> =
+                    node.inputs.iter().map(|x| &self.vals[x.index()].1.partial).collect();
+                let same = sets.iter().all(|s| *s == sets[0]);
+                vec![same; n]
+            }
+            Linear::Each(pos) => {
+                let first = pos.iter().copied().find(|&p| p < n && partial[p]);
+                (0..n).map(|p| Some(p) == first).collect()
+            }
+        };
+        for (k, x) in node.inputs.iter().enumerate() {
+            ins.push(if keep[k] { self.vals[x.index()].clone() } else { self.reduced(*x)? });
+        }
+        // 2. Dims the op needs whole.
+        let tys: Vec<TensorType> = node.inputs.iter().map(|x| self.src.ty(*x).clone()).collect();
+        let ty_refs: Vec<&TensorType> = tys.iter().collect();
+        for (k, (v, st)) in ins.iter_mut().enumerate() {
+            let split: Vec<String> = st.split.keys().cloned().collect();
+            for d in split {
+                if needs_whole(&node.op, k, &ty_refs, &d) {
+                    let (nv, ns) = self.gather(*v, std::mem::take(st), &d)?;
+                    *v = nv;
+                    *st = ns;
+                }
+            }
+        }
+        // A partial sum over an axis that another input splits a dim over is reduced first.
+        let split_axes: BTreeSet<String> =
+            ins.iter().flat_map(|(_, st)| st.split.values().map(|s| s.axis.clone())).collect();
+        for (v, st) in ins.iter_mut() {
+            if st.partial.iter().any(|a| split_axes.contains(a)) {
+                let (nv, ns) = self.reduce(*v, std::mem::take(st))?;
+                *v = nv;
+                *st = ns;
+            }
+        }
+        // Two dims split over one axis cannot meet in one op: the sequence
+        // split (sequence parallelism) is gathered, as Megatron does before
+        // a column-parallel matmul.
+        loop {
+            let mut by_axis: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for (_, st) in &ins {
+                for (d, s) in &st.split {
+                    by_axis.entry(s.axis.clone()).or_default().insert(d.clone());
+                }
+            }
+            let Some(dims) = by_axis.values().find(|ds| ds.len() > 1) else { break };
+            let victim = if dims.contains("seq") {
+                "seq".to_string()
+            } else {
+                return err(format!(
+                    "`{}` meets dims {:?} split over one mesh axis; lay them out on different axes",
+                    node.op.name(),
+                    dims
+                ));
+            };
+            for (v, st) in ins.iter_mut() {
+                if st.split.contains_key(&victim) {
+                    let (nv, ns) = self.gather(*v, std::mem::take(st), &victim)?;
+                    *v = nv;
+                    *st = ns;
+                }
+            }
+        }
+        // 3. One split per dim name across the inputs.
+        let mut target: BTreeMap<String, Split> = BTreeMap::new();
+        for (_, st) in &ins {
+            for (d, sp) in &st.split {
+                target.entry(d.clone()).or_insert_with(|| sp.clone());
+            }
+        }
+        // Ops that rename dims carry splits across (checked above for the rest).
+        for (d, sp) in &target {
+            for (v, st) in ins.iter_mut() {
+                if !self.g.ty(*v).has(d) {
+                    continue;
+                }
+                match st.split.get(d) {
+                    Some(s) if s.axis == sp.axis && s.indices == sp.indices => {}
+                    Some(_) => {
+                        let (nv, ns) = self.gather(*v, std::mem::take(st), d)?;
+                        let (nv, ns) = self.localize(nv, ns, d, sp)?;
+                        *v = nv;
+                        *st = ns;
+                    }
+                    None => {
+                        if !st.partial.is_empty() && sp.exchanged.is_some() {
+                            let (nv, ns) = self.reduce(*v, std::mem::take(st))?;
+                            *v = nv;
+                            *st = ns;
+                        }
+                        let (nv, ns) = self.localize(*v, std::mem::take(st), d, sp)?;
+                        *v = nv;
+                        *st = ns;
+                    }
+                }
+            }
+        }
+        // 4. The output: dims named after the inputs' local dims; splits that
+        // survive; contracted split dims make partial sums.
+        let locals: Vec<ValueId> = ins.iter().map(|(v, _)| *v).collect();
+        let mut out = State::default();
+        for (_, st) in &ins {
+            out.partial.extend(st.partial.iter().cloned());
+        }
+        let ty = match &node.op {
+            Op::Rename { from, to } => {
+                let (_, st) = &ins[0];
+                for (d, sp) in &st.split {
+                    let name = from.iter().position(|f| f == d).map(|k| to[k].clone()).unwrap_or(d.clone());
+                    out.split.insert(name, sp.clone());
+                }
+                let src = self.g.ty(locals[0]).clone();
+                let dims = node
+                    .ty
+                    .dims
+                    .iter()
+                    .map(|d| {
+                        let orig =
+                            to.iter().position(|t| *t == d.name).map(|k| from[k].clone()).unwrap_or(d.name.clone());
+                        Dim::new(&d.name, src.dim(&orig).map(|x| x.size).unwrap_or(d.size))
+                    })
+                    .collect();
+                TensorType::new(node.ty.dtype, dims)
+            }
+            _ => {
+                for (d, sp) in &target {
+                    if node.ty.has(d) {
+                        out.split.insert(d.clone(), sp.clone());
+                    } else if sp.exchanged.is_some() {
+                        return err(format!("internal: `{}` contracts the exchanged dim `{d}`", node.op.name()));
+                    } else {
+                        out.partial.insert(sp.axis.clone());
+                    }
+                }
+                self.local_type(&node.ty, &locals)
+            }
+        };
+        if let Some(a) = out.split.values().map(|s| &s.axis).find(|a| out.partial.contains(*a)) {
+            return err(format!(
+                "`{}` at {:?} would be split and a partial sum over `{a}` at once",
+                node.op.name(),
+                self.span
+            ));
+        }
+        let mut axes: Vec<&String> = out.split.values().map(|s| &s.axis).collect();
+        axes.sort();
+        if axes.windows(2).any(|w| w[0] == w[1]) {
+            return err(format!(
+                "`{}` would split two of its dims over one axis: {:?}",
+                node.op.name(),
+                out.split.iter().map(|(d, s)| format!("{d} -> {}", s.axis)).collect::<Vec<_>>()
+            ));
+        }
+        Ok((self.push(node.op.clone(), locals, ty), out))
+    }
+
+    /// Dispatch and its transpose: write `[expert, slot, ...]` for this
+    /// rank's experts.
+    fn expert_major(&mut self, node: &crate::ir::Node) -> Result<(ValueId, State), ParallelError> {
+        let (gates, _) = self.whole(node.inputs[0])?;
+        let (x, _) = self.whole(node.inputs[1])?;
+        let e = node.ty.dims[0].name.clone();
+        let slot = node.ty.dims[1].name.clone();
+        let size = node.ty.dims[0].size;
+        let Some(axis) = self.mesh.rule(&e).map(str::to_string) else {
+            return Ok((self.push(node.op.clone(), vec![gates, x], node.ty.clone()), State::default()));
+        };
+        let held = self.mesh.held(&e, size, &axis, self.coord(&axis));
+        let mut st = State::default();
+        if Some(&axis) == self.mesh.data_axis.as_ref() {
+            let full = self.push(node.op.clone(), vec![gates, x], node.ty.clone());
+            let sp = Split { axis, indices: held, exchanged: Some(slot) };
+            return self.localize(full, st, &e, &sp);
+        }
+        let gty = with_size(self.g.ty(gates), &e, held.len() as u64);
+        let g = self.push(Op::Select { dim: e.clone(), indices: held.clone() }, vec![gates], gty);
+        let ty = with_size(&node.ty, &e, held.len() as u64);
+        st.split.insert(e, Split { axis, indices: held, exchanged: None });
+        Ok((self.push(node.op.clone(), vec![g, x], ty), st))
+    }
+
+    /// Combine and the gradients that read expert-major values: back to tokens.
+    fn token_major(&mut self, node: &crate::ir::Node) -> Result<(ValueId, State), ParallelError> {
+        let (gates, _) = self.whole(node.inputs[0])?;
+        let e = self.src.ty(node.inputs[0]).dims.last().map(|d| d.name.clone()).unwrap_or_default();
+        let mut rest = Vec::new();
+        let mut split: Option<Split> = None;
+        for &x in &node.inputs[1..] {
+            let (v, st) = self.reduced(x)?;
+            let (v, st) = match st.split.get(&e) {
+                Some(sp) if sp.exchanged.is_none() && st.split.len() == 1 => {
+                    split = Some(sp.clone());
+                    (v, st)
+                }
+                _ => self.whole(x)?,
+            };
+            let _ = st;
+            rest.push(v);
+        }
+        let mut out = State::default();
+        let mut g = gates;
+        let mut ty = node.ty.clone();
+        if let Some(sp) = &split {
+            // A rank whose experts are a model-axis split: mix its experts only.
+            for (k, &x) in node.inputs[1..].iter().enumerate() {
+                if !self.vals[x.index()].1.split.contains_key(&e) && self.src.ty(x).has(&e) {
+                    let (v, st) = self.whole(x)?;
+                    rest[k] = self.localize(v, st, &e, sp)?.0;
+                }
+            }
+            let gty = with_size(self.g.ty(gates), &e, sp.indices.len() as u64);
+            g = self.push(Op::Select { dim: e.clone(), indices: sp.indices.clone() }, vec![gates], gty);
+            if node.ty.has(&e) {
+                ty = with_size(&node.ty, &e, sp.indices.len() as u64);
+                out.split.insert(e.clone(), sp.clone());
+            } else {
+                out.partial.insert(sp.axis.clone());
+            }
+        }
+        let mut ins = vec![g];
+        ins.extend(rest);
+        Ok((self.push(node.op.clone(), ins, ty), out))
+    }
+}
+
+fn with_size(ty: &TensorType, dim: &str, size: u64) -> TensorType {
+    let dims = ty.dims.iter().map(|d| if d.name == dim { Dim::new(dim, size) } else { d.clone() }).collect();
+    TensorType::new(ty.dtype, dims)
+}
+
+/// How parameter `p` is cut on `rank`.
+pub fn param_shard(mesh: &Mesh, p: &Param, rank: u64) -> ParamShard {
+    let mut splits = Vec::new();
+    let mut local = p.clone();
+    for (i, d) in p.ty.dims.iter().enumerate() {
+        let Some(axis) = mesh.rule(&d.name) else { continue };
+        // The expert dim splits expert weights only (a router serves every token).
+        if Some(&d.name) == mesh.expert_dim.as_ref() && p.expert.is_none() {
+            continue;
+        }
+        if Some(axis) == mesh.data_axis.as_deref() && p.expert.is_none() {
+            continue;
+        }
+        let indices = mesh.held(&d.name, d.size, axis, mesh.coord(rank, axis));
+        local.ty.dims[i] = Dim::new(&d.name, indices.len() as u64);
+        splits.push((i, Split { axis: axis.to_string(), indices, exchanged: None }));
+    }
+    ParamShard { local, splits }
+}
+
+/// Bytes per gradient bucket (Megatron's default is 40M elements; these
+/// runs are small, so buckets are counted in elements too).
+pub const BUCKET_ELEMS: u64 = 1 << 22;
+
+/// The per-rank program of `rank` for the training step `bw` of model `m`.
+pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, ParallelError> {
+    let mesh = Mesh::of(m)?;
+    if rank >= mesh.world() {
+        return err(format!("rank {rank} is outside the mesh of {} ranks", mesh.world()));
+    }
+    let params: Vec<ParamShard> = m.params.iter().map(|p| param_shard(&mesh, p, rank)).collect();
+    let src = &bw.graph;
+    let mut s = Shard {
+        mesh: &mesh,
+        rank,
+        src,
+        g: Graph::new(),
+        vals: Vec::with_capacity(src.len()),
+        memo: HashMap::new(),
+        done: HashMap::new(),
+        span: Default::default(),
+    };
+    for i in 0..src.len() {
+        let r = match src.nodes[i].op {
+            Op::Param { index, layer } => {
+                s.span = src.span(ValueId(i as u32));
+                let shard = &params[index];
+                let mut ty = src.nodes[i].ty.clone();
+                let mut st = State::default();
+                for (pos, sp) in &shard.splits {
+                    let name = &m.params[index].ty.dims[*pos].name;
+                    ty = with_size(&ty, name, sp.indices.len() as u64);
+                    st.split.insert(name.clone(), sp.clone());
+                }
+                (s.push(Op::Param { index, layer }, vec![], ty), st)
+            }
+            _ => s.node(i)?,
+        };
+        s.vals.push(r);
+    }
+    // The loss, whole; each gradient cut like its parameter.
+    let (loss, _) = s.whole(bw.loss)?;
+    let mut grads = Vec::with_capacity(bw.param_grads.len());
+    for pg in &bw.param_grads {
+        let (mut v, mut st) = s.reduced(pg.grad)?;
+        let want: BTreeMap<String, Split> = params[pg.param]
+            .splits
+            .iter()
+            .map(|(pos, sp)| (m.params[pg.param].ty.dims[*pos].name.clone(), sp.clone()))
+            .collect();
+        let have: Vec<String> = st.split.keys().cloned().collect();
+        for d in have {
+            let same = want.get(&d).is_some_and(|w| w.axis == st.split[&d].axis && w.indices == st.split[&d].indices);
+            if !same {
+                (v, st) = s.gather(v, st, &d)?;
+            }
+        }
+        for (d, sp) in &want {
+            if !st.split.contains_key(d) {
+                let plain = Split { exchanged: None, ..sp.clone() };
+                (v, st) = s.localize(v, st, d, &plain)?;
+            }
+        }
+        grads.push(ParamGrad { param: pg.param, layer: pg.layer, grad: v });
+    }
+    s.g.set_output("loss", loss);
+    for (k, pg) in grads.iter().enumerate() {
+        s.g.set_output(&format!("grad.{k}"), pg.grad);
+    }
+    if let Err(e) = crate::ir::verify(&s.g) {
+        return err(format!("internal: the program of rank {rank} does not verify: {e:?}"));
+    }
+    let mut step = step_collectives(m, &mesh, &params);
+    // ZeRO 3 gathers the weights before the forward pass instead of after the update.
+    let prologue = match step.last() {
+        Some(StepCollective::ParamAllGather { .. }) if mesh.zero >= 3 => step.split_off(step.len() - 1),
+        _ => Vec::new(),
+    };
+    let c = coords(&mesh.order, rank);
+    Ok(RankProgram {
+        rank,
+        coords: mesh.order.iter().zip(c).map(|((a, _), c)| (a.clone(), c)).collect(),
+        graph: s.g,
+        loss,
+        param_grads: grads,
+        params,
+        prologue,
+        step,
+    })
+}
+
+/// The optimizer step's collectives: gradient reduction over the data axis
+/// in buckets (last parameters first: the order backward finishes them),
+/// ZeRO's scatter and gather, and the gradient-norm sums.
+fn step_collectives(m: &Model, mesh: &Mesh, params: &[ParamShard]) -> Vec<StepCollective> {
+    let mut out = Vec::new();
+    let elems = |k: usize| params[k].local.ty.numel();
+    if let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1) {
+        let n = mesh.size(&data);
+        let reduced: Vec<usize> = (0..params.len()).rev().filter(|&k| !params[k].split_over(&data)).collect();
+        let mut bucket: Vec<usize> = Vec::new();
+        let mut size = 0u64;
+        let flush = |bucket: &mut Vec<usize>, size: &mut u64, out: &mut Vec<StepCollective>| {
+            if bucket.is_empty() {
+                return;
+            }
+            let params = std::mem::take(bucket);
+            if mesh.zero >= 2 {
+                out.push(StepCollective::GradReduceScatter { axis: data.clone(), params, elems: *size });
+            } else {
+                out.push(StepCollective::GradAllReduce { axis: data.clone(), mean: true, params, elems: *size });
+            }
+            *size = 0;
+        };
+        for k in reduced {
+            let e = elems(k).div_ceil(n) * n;
+            if size + e > BUCKET_ELEMS && !bucket.is_empty() {
+                flush(&mut bucket, &mut size, &mut out);
+            }
+            bucket.push(k);
+            size += e;
+        }
+        flush(&mut bucket, &mut size, &mut out);
+    }
+    // Squared-norm partial sums: each parameter over the axes it is split on
+    // (and over the data axis when ZeRO shards it there).
+    let mut by_axes: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
+    for (k, p) in params.iter().enumerate() {
+        let mut axes: Vec<String> = p.splits.iter().map(|(_, s)| s.axis.clone()).collect();
+        if mesh.zero >= 1
+            && let Some(d) = &mesh.data_axis
+            && mesh.size(d) > 1
+            && !p.split_over(d)
+        {
+            axes.push(d.clone());
+        }
+        axes.sort();
+        axes.dedup();
+        if !axes.is_empty() {
+            by_axes.entry(axes).or_default().push(k);
+        }
+    }
+    if m.train.as_ref().is_some_and(|t| t.clip.is_some()) {
+        for (axes, params) in by_axes {
+            out.push(StepCollective::NormAllReduce { axes, params });
+        }
+    }
+    if mesh.zero >= 1
+        && let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1)
+        && (0..params.len()).any(|k| !params[k].split_over(&data))
+    {
+        let n = mesh.size(&data);
+        let ps: Vec<usize> = (0..params.len()).filter(|&k| !params[k].split_over(&data)).collect();
+        let total = ps.iter().map(|&k| elems(k).div_ceil(n) * n).sum();
+        out.push(StepCollective::ParamAllGather { axis: data, params: ps, elems: total });
+    }
+    out
+}
+
+/// Every rank's program.
+pub fn shard_all(m: &Model, bw: &Backward) -> Result<Vec<RankProgram>, ParallelError> {
+    let mesh = Mesh::of(m)?;
+    (0..mesh.world()).map(|r| shard(m, bw, r)).collect()
+}

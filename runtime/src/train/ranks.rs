@@ -1,0 +1,417 @@
+//! Training on simulated ranks: every rank of the mesh is a thread that runs
+//! its own program (`compiler::parallel`) on its shards of the weights, with
+//! the in-process communicator between them.
+//!
+//! A step on a rank: (ZeRO 3: all-gather the weights;) forward and backward
+//! over its microbatches, summing gradients; the gradient all-reduce (or
+//! ZeRO 2's reduce-scatter) over the data axis in buckets; the
+//! squared-norm sums for clipping; the optimizer update of what the rank
+//! owns (ZeRO 1+: its flat shard of each data-replicated tensor); ZeRO 1/2's
+//! all-gather of the updated weights.
+//!
+//! The data-parallel rank `d` of `n` takes microbatches `d·m .. (d+1)·m` of
+//! the step (m per rank), so a run reproduces the single-device run with the
+//! same microbatches. Checkpoints hold logical tensors: [`Ranks::logical`]
+//! assembles them from the shards and [`Ranks::new`] cuts them again, under
+//! any layout.
+
+use super::optim::OptimizerState;
+use crate::comm::{self, Communicator, RankComm, World};
+use crate::exec::Interpreter;
+use crate::tensor::Tensor;
+use std::sync::Mutex;
+use tessera_compiler::Model;
+use tessera_compiler::autodiff::Backward;
+use tessera_compiler::autodiff::update::UpdateParam;
+use tessera_compiler::model::{Dim, Param};
+use tessera_compiler::parallel::{self, Mesh, RankProgram, StepCollective};
+
+/// How long a collective may wait for the other ranks before the step fails.
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+struct RankState {
+    /// Local weights (ZeRO 3: flat shards of the data-replicated ones).
+    params: Vec<Tensor<f32>>,
+    opt: OptimizerState,
+}
+
+/// The simulated ranks of a run.
+pub struct Ranks {
+    pub mesh: Mesh,
+    pub programs: Vec<RankProgram>,
+    states: Vec<Mutex<RankState>>,
+    /// Microbatches per data-parallel rank and step.
+    pub local_micro: u64,
+    shapes: Vec<Vec<UpdateParam>>,
+    metas: Vec<Vec<Param>>,
+}
+
+/// What one rank reports after a step.
+pub struct RankStep {
+    pub loss_sum: f64,
+    pub grad_norm: f64,
+}
+
+/// The flat shard `d` of `n` of a tensor's elements (zero-padded to a multiple of n).
+fn flat_shard(x: &[f32], n: usize, d: usize) -> Vec<f32> {
+    let per = x.len().div_ceil(n);
+    (d * per..(d + 1) * per).map(|i| x.get(i).copied().unwrap_or(0.0)).collect()
+}
+
+/// Index maps of a shard: for each logical dim, the logical indices held.
+fn maps(p: &parallel::ParamShard, logical: &Param) -> Vec<Vec<u64>> {
+    logical
+        .ty
+        .dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match p.splits.iter().find(|(pos, _)| *pos == i) {
+            Some((_, sp)) => sp.indices.clone(),
+            None => (0..d.size).collect(),
+        })
+        .collect()
+}
+
+/// Visit every element of a local tensor with its logical offset.
+fn for_each_logical(logical_dims: &[Dim], maps: &[Vec<u64>], mut f: impl FnMut(usize, usize)) {
+    let n = logical_dims.len();
+    let mut strides = vec![1usize; n];
+    for i in (0..n.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * logical_dims[i + 1].size as usize;
+    }
+    let total: usize = maps.iter().map(Vec::len).product();
+    let mut idx = vec![0usize; n];
+    for local in 0..total {
+        let off: usize = (0..n).map(|i| maps[i][idx[i]] as usize * strides[i]).sum();
+        f(local, off);
+        for i in (0..n).rev() {
+            idx[i] += 1;
+            if idx[i] < maps[i].len() {
+                break;
+            }
+            idx[i] = 0;
+        }
+    }
+}
+
+/// A rank's shard of a logical tensor.
+pub fn cut(full: &Tensor<f32>, shard: &parallel::ParamShard, logical: &Param) -> Tensor<f32> {
+    let m = maps(shard, logical);
+    let mut data = vec![0f32; m.iter().map(Vec::len).product()];
+    for_each_logical(&logical.ty.dims, &m, |l, off| data[l] = full.data[off]);
+    Tensor { dims: shard.local.ty.dims.clone(), data }
+}
+
+fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
+    let m = maps(shard, logical);
+    for_each_logical(&logical.ty.dims, &m, |l, off| full.data[off] = local[l]);
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Ranks {
+    /// Programs for every rank, checked, with the rank's shards of `params`
+    /// and of the optimizer state `opt` (logical tensors).
+    pub fn new(model: &Model, bw: &Backward, params: &[Tensor<f32>], opt: &OptimizerState) -> Result<Ranks, String> {
+        let mesh = Mesh::of(model).map_err(err)?;
+        let programs = parallel::shard_all(model, bw).map_err(err)?;
+        parallel::check::check(&programs, &mesh).map_err(|e| format!("the per-rank programs disagree: {e}"))?;
+        let dp = mesh.data_axis.as_deref().map(|a| mesh.size(a)).unwrap_or(1);
+        let accumulation = model.train.as_ref().map(|t| t.batch).unwrap_or(1) / model.micro_batch.max(1);
+        let mut ranks = Ranks {
+            local_micro: (accumulation / dp).max(1),
+            states: Vec::new(),
+            shapes: Vec::new(),
+            metas: programs.iter().map(RankProgram::local_params).collect(),
+            mesh,
+            programs,
+        };
+        for r in 0..ranks.programs.len() {
+            let shapes = ranks.update_shapes(r);
+            let mut st = RankState { params: Vec::new(), opt: OptimizerState::for_shapes(&shapes, &opt.optimizer) };
+            for (k, p) in model.params.iter().enumerate() {
+                let shard = &ranks.programs[r].params[k];
+                let local = cut(&params[k], shard, p);
+                st.params.push(if ranks.zero_sharded(r, k) && ranks.mesh.zero >= 3 {
+                    ranks.to_shard(r, &local)
+                } else {
+                    local
+                });
+                st.opt.m[k] = ranks.state_part(r, k, &cut(&opt.m[k], shard, p));
+                if !st.opt.v.is_empty() {
+                    st.opt.v[k] = ranks.state_part(r, k, &cut(&opt.v[k], shard, p));
+                }
+            }
+            ranks.shapes.push(shapes);
+            ranks.states.push(Mutex::new(st));
+        }
+        Ok(ranks)
+    }
+
+    fn data(&self) -> Option<(&str, usize)> {
+        let a = self.mesh.data_axis.as_deref()?;
+        let n = self.mesh.size(a) as usize;
+        (n > 1).then_some((a, n))
+    }
+
+    /// Whether ZeRO shards parameter `k`'s state over the data axis on rank `r`.
+    fn zero_sharded(&self, r: usize, k: usize) -> bool {
+        self.mesh.zero >= 1 && self.data().is_some_and(|(a, _)| !self.programs[r].params[k].split_over(a))
+    }
+
+    fn data_coord(&self, r: usize) -> usize {
+        self.data().map(|(a, _)| self.mesh.coord(r as u64, a) as usize).unwrap_or(0)
+    }
+
+    /// Rank `r`'s flat ZeRO shard of a local tensor.
+    fn to_shard(&self, r: usize, local: &Tensor<f32>) -> Tensor<f32> {
+        let (_, n) = self.data().expect("ZeRO shards over a data axis");
+        let data = flat_shard(&local.data, n, self.data_coord(r));
+        Tensor { dims: vec![Dim::new("flat", data.len() as u64)], data }
+    }
+
+    fn state_part(&self, r: usize, k: usize, local: &Tensor<f32>) -> Tensor<f32> {
+        if self.zero_sharded(r, k) { self.to_shard(r, local) } else { local.clone() }
+    }
+
+    /// The shapes the update runs on: local tensors, or flat shards under ZeRO.
+    fn update_shapes(&self, r: usize) -> Vec<UpdateParam> {
+        let p = &self.programs[r];
+        (0..p.params.len())
+            .map(|k| {
+                let local = &p.params[k].local;
+                let mut u = UpdateParam::of(local);
+                if self.zero_sharded(r, k) {
+                    let (_, n) = self.data().expect("sharded");
+                    u.dims = vec![Dim::new("flat", local.ty.numel().div_ceil(n as u64))];
+                }
+                u
+            })
+            .collect()
+    }
+
+    /// The logical weights and optimizer state, assembled from the ranks.
+    pub fn logical(&self, model: &Model, opt: &OptimizerState) -> (Vec<Tensor<f32>>, OptimizerState) {
+        let mut params: Vec<Tensor<f32>> = model.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
+        let mut out = opt.clone();
+        out.m = params.clone();
+        if !out.v.is_empty() {
+            out.v = params.clone();
+        }
+        let states: Vec<_> = self.states.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner())).collect();
+        for r in 0..self.programs.len() {
+            for (k, p) in model.params.iter().enumerate() {
+                let shard = &self.programs[r].params[k];
+                let n = shard.local.ty.numel() as usize;
+                // A ZeRO-sharded tensor is whole across the rank's data group.
+                let whole = |pick: &dyn Fn(&RankState) -> &Tensor<f32>, sharded: bool| -> Vec<f32> {
+                    if !sharded {
+                        return pick(&states[r]).data.clone();
+                    }
+                    let (axis, _) = self.data().expect("sharded");
+                    let mut v: Vec<f32> = self
+                        .mesh
+                        .group(r as u64, axis)
+                        .iter()
+                        .flat_map(|&m| pick(&states[m as usize]).data.iter().copied())
+                        .collect();
+                    v.truncate(n);
+                    v
+                };
+                let z = self.zero_sharded(r, k);
+                place(&mut params[k], &whole(&|s| &s.params[k], z && self.mesh.zero >= 3), shard, p);
+                place(&mut out.m[k], &whole(&|s| &s.opt.m[k], z), shard, p);
+                if !out.v.is_empty() {
+                    place(&mut out.v[k], &whole(&|s| &s.opt.v[k], z), shard, p);
+                }
+            }
+        }
+        (params, out)
+    }
+
+    /// One training step on every rank. `inputs(step, k)` is global microbatch `k`.
+    pub fn step(
+        &self,
+        step: u64,
+        seed: u64,
+        lr: f64,
+        clip: Option<f64>,
+        inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
+    ) -> Result<Vec<RankStep>, String> {
+        let world = World::new(self.programs.len(), TIMEOUT);
+        let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
+        world.run(|local| {
+            crate::exec::set_threads(per_rank);
+            local.set_step(step);
+            let r = local.rank();
+            let mut st = self.states[r].lock().map_err(|_| "a rank's state was poisoned by a panic".to_string())?;
+            let rc = RankComm::new(local, &self.mesh.order);
+            self.rank_step(r, &mut st, &rc, step, seed, lr, clip, inputs)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rank_step<'c>(
+        &'c self,
+        r: usize,
+        st: &mut RankState,
+        rc: &'c RankComm<'c>,
+        step: u64,
+        seed: u64,
+        lr: f64,
+        clip: Option<f64>,
+        inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
+    ) -> Result<RankStep, String> {
+        let prog = &self.programs[r];
+        let metas = &self.metas[r];
+        let nparams = prog.params.len();
+        // ZeRO 3: the whole local weights for this step only.
+        let gathered;
+        let weights: &[Tensor<f32>] = if prog.prologue.is_empty() {
+            &st.params
+        } else {
+            let mut w: Vec<Tensor<f32>> = metas.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
+            for c in &prog.prologue {
+                if let StepCollective::ParamAllGather { axis, params, .. } = c {
+                    let shards: Vec<&Tensor<f32>> = params.iter().map(|&k| &st.params[k]).collect();
+                    let full = self.gather_shards(rc, axis, &shards)?;
+                    for (&k, v) in params.iter().zip(full) {
+                        w[k].data = v[..w[k].numel()].to_vec();
+                    }
+                }
+            }
+            for (k, wk) in w.iter_mut().enumerate() {
+                if !self.zero_sharded(r, k) {
+                    *wk = st.params[k].clone();
+                }
+            }
+            gathered = w;
+            &gathered
+        };
+        // Forward and backward over this rank's microbatches.
+        let interp =
+            Interpreter { graph: &prog.graph, params: metas, dropout: Some(seed ^ (step << 20)), comm: Some(rc) };
+        let needed: Vec<_> = std::iter::once(prog.loss).chain(prog.param_grads.iter().map(|g| g.grad)).collect();
+        let d = self.data_coord(r) as u64;
+        let mut loss_sum = 0.0;
+        let mut grads: Vec<Tensor<f32>> = Vec::new();
+        for j in 0..self.local_micro {
+            let vals = interp.run_for(&inputs(d * self.local_micro + j), weights, Some(&needed)).map_err(err)?;
+            loss_sum += vals[prog.loss.index()].data[0] as f64;
+            let g = crate::exec::param_grads(metas, &prog.param_grads, &vals);
+            if grads.is_empty() {
+                grads = g;
+            } else {
+                for (a, b) in grads.iter_mut().zip(&g) {
+                    a.data.iter_mut().zip(&b.data).for_each(|(x, y)| *x += *y);
+                }
+            }
+        }
+        // Gradient reduction over the data axis, bucket by bucket.
+        let mut shards: Vec<Option<Tensor<f32>>> = vec![None; nparams];
+        for c in &prog.step {
+            match c {
+                StepCollective::GradAllReduce { axis, params, .. } => {
+                    let mut buf: Vec<f32> = params.iter().flat_map(|&k| grads[k].data.iter().copied()).collect();
+                    rc.with(axis, |c, g| c.all_reduce(g, &mut buf, comm::ReduceOp::Sum)).map_err(err)?;
+                    let mut at = 0;
+                    for &k in params {
+                        let n = grads[k].numel();
+                        grads[k].data.copy_from_slice(&buf[at..at + n]);
+                        at += n;
+                    }
+                }
+                StepCollective::GradReduceScatter { axis, params, .. } => {
+                    let (_, n) = self.data().expect("a data axis");
+                    let mut input = Vec::new();
+                    for i in 0..n {
+                        for &k in params {
+                            input.extend(flat_shard(&grads[k].data, n, i));
+                        }
+                    }
+                    let mut out = vec![0f32; input.len() / n];
+                    rc.with(axis, |c, g| c.reduce_scatter(g, &input, &mut out, comm::ReduceOp::Sum)).map_err(err)?;
+                    let mut at = 0;
+                    for &k in params {
+                        let per = grads[k].numel().div_ceil(n);
+                        shards[k] =
+                            Some(Tensor { dims: vec![Dim::new("flat", per as u64)], data: out[at..at + per].to_vec() });
+                        at += per;
+                        grads[k] = Tensor::default();
+                    }
+                }
+                _ => {}
+            }
+        }
+        // The mean over every microbatch of the step.
+        let dp = self.data().map(|(_, n)| n).unwrap_or(1) as f32;
+        let scale = 1.0 / (dp * self.local_micro as f32);
+        let mut upd_grads: Vec<Tensor<f32>> = Vec::with_capacity(nparams);
+        for k in 0..nparams {
+            let mut g = match shards[k].take() {
+                Some(s) => s,
+                None if self.zero_sharded(r, k) => self.to_shard(r, &grads[k]),
+                None => std::mem::take(&mut grads[k]),
+            };
+            g.data.iter_mut().for_each(|x| *x *= scale);
+            upd_grads.push(g);
+        }
+        // The global gradient norm: each tensor's squares, summed over the ranks that split it.
+        let mut sumsq: Vec<f64> =
+            upd_grads.iter().map(|g| g.data.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+        for c in &prog.step {
+            if let StepCollective::NormAllReduce { axes, params } = c {
+                let mut buf: Vec<f32> = params.iter().map(|&k| sumsq[k] as f32).collect();
+                for axis in axes {
+                    rc.with(axis, |c, g| c.all_reduce(g, &mut buf, comm::ReduceOp::Sum)).map_err(err)?;
+                }
+                for (&k, v) in params.iter().zip(buf) {
+                    sumsq[k] = v as f64;
+                }
+            }
+        }
+        let total: f64 = sumsq.iter().sum();
+        // The update of what this rank owns.
+        let mut owned: Vec<Tensor<f32>> = (0..nparams)
+            .map(|k| {
+                let p = std::mem::take(&mut st.params[k]);
+                if self.zero_sharded(r, k) && self.mesh.zero < 3 { self.to_shard(r, &p) } else { p }
+            })
+            .collect();
+        let t = step + 1;
+        st.opt.update_with(&mut owned, &upd_grads, &self.shapes[r], lr, t, clip, clip.map(|_| total));
+        // ZeRO 1/2: every rank gets the updated weights back.
+        for c in &prog.step {
+            if let StepCollective::ParamAllGather { axis, params, .. } = c {
+                let shards: Vec<&Tensor<f32>> = params.iter().map(|&k| &owned[k]).collect();
+                let full = self.gather_shards(rc, axis, &shards)?;
+                for (&k, v) in params.iter().zip(full) {
+                    let dims = metas[k].ty.dims.clone();
+                    let n: usize = dims.iter().map(|d| d.size as usize).product();
+                    owned[k] = Tensor { dims, data: v[..n].to_vec() };
+                }
+            }
+        }
+        st.params = owned;
+        Ok(RankStep { loss_sum, grad_norm: total.sqrt() })
+    }
+
+    /// All-gather flat shards over `axis`; each tensor comes back whole (padded).
+    fn gather_shards(&self, rc: &RankComm, axis: &str, shards: &[&Tensor<f32>]) -> Result<Vec<Vec<f32>>, String> {
+        let input: Vec<f32> = shards.iter().flat_map(|s| s.data.iter().copied()).collect();
+        let n = rc.group(axis).map_err(err)?.ranks.len();
+        let mut out = vec![0f32; input.len() * n];
+        rc.with(axis, |c, g| c.all_gather(g, &input, &mut out)).map_err(err)?;
+        let mut whole: Vec<Vec<f32>> = shards.iter().map(|s| Vec::with_capacity(s.numel() * n)).collect();
+        for member in out.chunks(input.len().max(1)) {
+            let mut at = 0;
+            for (w, s) in whole.iter_mut().zip(shards) {
+                w.extend_from_slice(&member[at..at + s.numel()]);
+                at += s.numel();
+            }
+        }
+        Ok(whole)
+    }
+}
