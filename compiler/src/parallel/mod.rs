@@ -182,7 +182,8 @@ impl ParamShard {
 /// A collective of the optimizer step (outside the forward/backward graph).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepCollective {
-    /// Sum (or mean) a bucket of gradients over an axis: `params` in bucket order.
+    /// Sum (or mean) a bucket of gradients over an axis: `params` in bucket
+    /// order. (The trainer sums, then divides by the step's microbatch count.)
     GradAllReduce { axis: String, mean: bool, params: Vec<usize>, elems: u64 },
     /// ZeRO 2/3: reduce-scatter a bucket of flat gradients over the data axis.
     GradReduceScatter { axis: String, params: Vec<usize>, elems: u64 },
@@ -202,6 +203,21 @@ impl StepCollective {
             StepCollective::NormAllReduce { axes, .. } => axes.join("+"),
         }
     }
+    pub fn to_text(&self) -> String {
+        let attrs = match self {
+            StepCollective::GradAllReduce { axis, mean, params, elems } => {
+                let op = if *mean { "mean" } else { "sum" };
+                format!("{{axis = {axis}, op = {op}, elems = {elems}}} params {params:?}")
+            }
+            StepCollective::GradReduceScatter { axis, params, elems }
+            | StepCollective::ParamAllGather { axis, params, elems } => {
+                format!("{{axis = {axis}, elems = {elems}}} params {params:?}")
+            }
+            StepCollective::NormAllReduce { axes, params } => format!("{{axes = [{}]}} params {params:?}", axes.join(", ")),
+        };
+        format!("{} {attrs}", self.name())
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             StepCollective::GradAllReduce { .. } => "grad_all_reduce",
@@ -255,24 +271,12 @@ impl RankProgram {
                 s += &format!("// param {k} {}: {}\n", p.local.path, cut.join(", "));
             }
         }
+        for c in &self.prologue {
+            s += &format!("prologue {}\n", c.to_text());
+        }
         s += &self.graph.to_text();
         for c in &self.step {
-            s += &format!("step {}", c.name());
-            match c {
-                StepCollective::GradAllReduce { axis, mean, params, elems } => {
-                    s += &format!(
-                        " {{axis = {axis}, op = {}, elems = {elems}}} params {params:?}\n",
-                        if *mean { "mean" } else { "sum" }
-                    )
-                }
-                StepCollective::GradReduceScatter { axis, params, elems }
-                | StepCollective::ParamAllGather { axis, params, elems } => {
-                    s += &format!(" {{axis = {axis}, elems = {elems}}} params {params:?}\n")
-                }
-                StepCollective::NormAllReduce { axes, params } => {
-                    s += &format!(" {{axes = [{}]}} params {params:?}\n", axes.join(", "))
-                }
-            }
+            s += &format!("step {}\n", c.to_text());
         }
         s
     }
@@ -951,7 +955,7 @@ fn step_collectives(m: &Model, mesh: &Mesh, params: &[ParamShard]) -> Vec<StepCo
             if mesh.zero >= 2 {
                 out.push(StepCollective::GradReduceScatter { axis: data.clone(), params, elems: *size });
             } else {
-                out.push(StepCollective::GradAllReduce { axis: data.clone(), mean: true, params, elems: *size });
+                out.push(StepCollective::GradAllReduce { axis: data.clone(), mean: false, params, elems: *size });
             }
             *size = 0;
         };

@@ -2,6 +2,11 @@
 //! by the spec's parameter paths), `optimizer.safetensors` (`m.PATH`,
 //! `v.PATH`) and `state.json`; `DIR/latest` names the newest one.
 //!
+//! Tensors are logical, whatever the layout that trained them: the ranks'
+//! shards are assembled first (`train::ranks`), expert weights are indexed by
+//! global expert id, and `state.json` records the writing layout under
+//! `layout`. A checkpoint loads under any layout.
+//!
 //! Atomic: a checkpoint is written into a temporary folder and renamed into
 //! place, then `latest` is replaced by writing a temporary file and renaming
 //! it. A crash at any point leaves `latest` naming a complete checkpoint.
@@ -76,6 +81,16 @@ pub fn save(
         "optimizer": opt.optimizer,
         "spec": spec.map(|(p, _)| p.to_string_lossy().into_owned()),
         "overrides": spec.map(|(_, o)| o.clone()).unwrap_or_default(),
+        // The tensors are logical (unsharded; expert weights indexed by global
+        // expert id): this records the layout that wrote them, and any layout loads them.
+        "layout": {
+            "tensors": "logical",
+            "mesh": model.parallel.mesh,
+            "rules": model.parallel.layout,
+            "zero": model.parallel.zero,
+            "sequence_parallel": model.parallel.sequence_parallel,
+            "experts": model.parallel.experts.as_ref().map(|e| &e.placement),
+        },
     });
     std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
         .map_err(|e| io(e, &tmp))?;

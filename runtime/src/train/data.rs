@@ -59,7 +59,10 @@ impl Dataset {
         self.tokens.is_empty()
     }
 
-    /// `batch` windows of `seq + 1` tokens: inputs and next-token targets, row-major [batch, seq].
+    /// `batch` windows of `seq + 1` tokens: inputs and next-token targets,
+    /// row-major [batch, seq]. Microbatch `micro` of a step holds sequences
+    /// `micro·batch ..` of the step's global batch, so a step sees the same
+    /// windows however its batch is split into microbatches and ranks.
     pub fn batch<T: num_traits::Float>(
         &self,
         split: Split,
@@ -77,8 +80,9 @@ impl Dataset {
         let mut x = Vec::with_capacity(batch * seq);
         let mut y = Vec::with_capacity(batch * seq);
         for b in 0..batch {
-            let stream = step.wrapping_mul(1_000_003).wrapping_add(micro);
-            let start = lo + (uniform(seed ^ 0xDA7A, stream, b as u64) * room as f64) as usize;
+            let stream = step.wrapping_mul(1_000_003);
+            let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
+            let start = lo + (uniform(seed ^ 0xDA7A, stream, global) * room as f64) as usize;
             for i in 0..seq {
                 let at = |k: usize| T::from(self.tokens.get(k).copied().unwrap_or(0)).unwrap_or_else(T::zero);
                 x.push(at(start + i));
