@@ -483,10 +483,12 @@ fn train(
         .unwrap_or(100);
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
     if m.parallel.world() > 1 {
+        let axes: Vec<String> = m.parallel.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
         eprintln!(
-            "note: the {}-rank layout is checked; this runs the single-device program \
-             (data-parallel microbatches on this machine's cores; simulated ranks arrive with parallel plans)",
-            m.parallel.world()
+            "note: training on {} simulated ranks ({}): each rank is a thread that runs its own program \
+             with its collectives (`tessera inspect FILE --ir rank --rank N` prints one)",
+            m.parallel.world(),
+            axes.join(" × ")
         );
     }
     let eval_interval = eval_interval.or(t.eval_interval).unwrap_or((steps / 10).max(1));
@@ -581,7 +583,7 @@ fn train(
             seed: 0,
             kv_cache: true,
         };
-        if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.params, &[u32::from(b'\n')], &cfg)
+        if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.weights(), &[u32::from(b'\n')], &cfg)
             && let Ok(tok) = tokenizer_of(&sample_model)
         {
             println!("--- sample ---\n{}\n--------------", tok.decode(&ids));

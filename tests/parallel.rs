@@ -50,7 +50,10 @@ fn train(spec: &str, sets: &[&str]) -> Run {
     let out = tmp(&sets.join("_").replace(['.', '=', '/'], "-"));
     let mut t = Trainer::new(model(spec, sets), cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     let grads = if t.ranks.is_none() { t.gradients().expect("gradients") } else { Vec::new() };
-    let losses = (0..5).map(|_| t.train_step().unwrap_or_else(|e| panic!("{sets:?}: {e}")).loss).collect();
+    let mut losses: Vec<f64> =
+        (0..5).map(|_| t.train_step().unwrap_or_else(|e| panic!("{sets:?}: {e}")).loss).collect();
+    // Validation reads the ranks' current weights.
+    losses.push(t.evaluate(1).expect("evaluates"));
     t.sync();
     let _ = std::fs::remove_dir_all(&out);
     Run { losses, weights: t.params.clone(), grads }
@@ -79,7 +82,7 @@ fn same(spec: &str, base: &[&str], layout: &[&str]) {
     let run = train(spec, &sets);
     for (step, (a, b)) in run.losses.iter().zip(&single.losses).enumerate() {
         let e = (a - b).abs() / b.abs();
-        assert!(e <= 1e-5, "{layout:?}: loss at step {} is {a}, single device {b} (rel. error {e:.2e})", step + 1);
+        assert!(e <= 1e-5, "{layout:?}: loss {} is {a}, single device {b} (rel. error {e:.2e})", step + 1);
     }
     let m = model(spec, base);
     let (mut excluded, mut total) = (0, 0);
@@ -182,7 +185,11 @@ fn per_rank_programs() {
         ("gpt_tp2", GPT, TP2.to_vec()),
         ("gpt_tp2_sp", GPT, with(TP2, &["parallel.sequence_parallel=true"])),
         ("gpt_dp2_tp2", GPT, with(DP2, TP2)),
-        ("moe_ep2_blocked", MOE, vec!["parallel.mesh.data=1", "parallel.mesh.expert=2", "parallel.layout.expert=expert"]),
+        (
+            "moe_ep2_blocked",
+            MOE,
+            vec!["parallel.mesh.data=1", "parallel.mesh.expert=2", "parallel.layout.expert=expert"],
+        ),
         (
             "moe_ep4_round_robin",
             MOE,
@@ -218,15 +225,19 @@ fn collective_check_reports_a_broken_program() {
     let bw = tessera::compiler::autodiff::differentiate(&m.graph, loss).expect("differentiates");
     let programs = parallel::shard_all(&m, &bw).expect("shards");
     check::check(&programs, &mesh).expect("the programs agree");
-    let first_all_reduce =
-        |p: &parallel::RankProgram| p.graph.nodes.iter().position(|n| matches!(n.op, Op::AllReduce { .. })).expect("one");
+    let first_all_reduce = |p: &parallel::RankProgram| {
+        p.graph.nodes.iter().position(|n| matches!(n.op, Op::AllReduce { .. })).expect("one")
+    };
 
     // Rank 1 gathers where its tensor group reduces.
     let mut broken = programs.clone();
     let at = first_all_reduce(&broken[1]);
     broken[1].graph.nodes[at].op = Op::AllGather { axis: "tensor".into(), dim: "embed".into() };
     let e = check::check(&broken, &mesh).expect_err("a mismatch").to_string();
-    assert!(e.contains("rank 0") && e.contains("all_reduce") && e.contains("rank 1") && e.contains("all_gather"), "{e}");
+    assert!(
+        e.contains("rank 0") && e.contains("all_reduce") && e.contains("rank 1") && e.contains("all_gather"),
+        "{e}"
+    );
     assert!(e.contains(&format!("%{at}")), "{e}");
 
     // Rank 3 skips a collective: its group waits forever.
@@ -305,4 +316,36 @@ fn checkpoints_move_between_layouts() {
         "parallel.experts.placement=round_robin",
     ];
     moves(MOE, &[(ep_rr, 3), (with(MOE_ONE, &with(TP2, &["parallel.zero=1"])), 2), (MOE_ONE.to_vec(), 1)]);
+}
+
+fn pp2(schedule: &'static str) -> Vec<&'static str> {
+    vec!["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", schedule, "parallel.pipeline.microbatches=4"]
+}
+
+#[test]
+fn gpt_pipeline_schedules() {
+    same(GPT, &[], &pp2("parallel.pipeline.schedule=gpipe"));
+    same(GPT, &[], &pp2("parallel.pipeline.schedule=1f1b"));
+    // Interleaved: 2 stages × 2 virtual stages need 4 layers.
+    let four = &["dims.layers=4"];
+    same(GPT, four, &with(&pp2("parallel.pipeline.schedule=interleaved_1f1b"), &["parallel.pipeline.virtual=2"]));
+}
+
+#[test]
+fn gpt_pipeline_with_data_and_tensor() {
+    let one_f_one_b = pp2("parallel.pipeline.schedule=1f1b");
+    same(GPT, &[], &with(DP2, &one_f_one_b));
+    same(GPT, &[], &with(TP2, &one_f_one_b));
+    // World 8: data 2 × tensor 2 × pipeline 2.
+    same(GPT, &[], &with(&with(DP2, TP2), &one_f_one_b));
+}
+
+#[test]
+fn moe_pipeline() {
+    // Four microbatches of 2 sequences: the single device runs the same ones.
+    let quarter = &["parallel.mesh.data=1", "train.micro_batch=2"];
+    let pp = |s: &'static str| vec!["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", s];
+    same(MOE, quarter, &pp("parallel.pipeline.schedule=gpipe"));
+    same(MOE, quarter, &pp("parallel.pipeline.schedule=1f1b"));
+    same(MOE, quarter, &with(&pp("parallel.pipeline.schedule=1f1b"), TP2));
 }

@@ -20,13 +20,12 @@ pub struct Issued {
     pub shape: String,
     /// Where it comes from: `%42` in the rank's program, or `step`.
     pub at: String,
+    /// Point to point: (from, to, tag); `op` is `send` or `recv`.
+    pub peer: Option<(u64, u64, u64)>,
 }
 
-/// The collectives of one rank's program, in issue order.
-pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
-    let mut out = Vec::new();
-    step_issued(p, mesh, &p.prologue, &mut out);
-    for (i, n) in p.graph.nodes.iter().enumerate() {
+fn graph_issued(g: &crate::ir::Graph, rank: u64, mesh: &Mesh, at: &str, out: &mut Vec<Issued>) {
+    for (i, n) in g.nodes.iter().enumerate() {
         let Some(axis) = n.op.collective_axis() else { continue };
         let mut op = n.op.name().to_string();
         match &n.op {
@@ -35,8 +34,115 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
             Op::AllToAll { split, concat, .. } => op += &format!(" {split}->{concat}"),
             _ => {}
         }
-        let shape = n.inputs.first().map(|x| p.graph.ty(*x).to_string()).unwrap_or_default();
-        out.push(Issued { op, axis: axis.to_string(), group: mesh.group(p.rank, axis), shape, at: format!("%{i}") });
+        let shape = n.inputs.first().map(|x| g.ty(*x).to_string()).unwrap_or_default();
+        out.push(Issued {
+            op,
+            axis: axis.to_string(),
+            group: mesh.group(rank, axis),
+            shape,
+            at: format!("{at}%{i}"),
+            peer: None,
+        });
+    }
+}
+
+fn p2p(send: bool, from: u64, to: u64, tag: u64, shape: String, at: String) -> Issued {
+    Issued {
+        op: if send { "send" } else { "recv" }.into(),
+        axis: "pipeline".into(),
+        group: vec![from, to],
+        shape,
+        at,
+        peer: Some((from, to, tag)),
+    }
+}
+
+/// The tag of a shared parameter's gradient exchange.
+pub fn shared_tag(param: usize) -> u64 {
+    (1 << 62) | param as u64
+}
+
+/// The collectives of one rank's program, in issue order.
+pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
+    let mut out = Vec::new();
+    step_issued(p, mesh, &p.prologue, &mut out);
+    match &p.stage {
+        None => graph_issued(&p.graph, p.rank, mesh, "", &mut out),
+        Some(sp) => {
+            let me = p.rank;
+            for a in &sp.schedule {
+                match *a {
+                    super::pipeline::Action::Forward { chunk, micro } => {
+                        let c = sp.chunk(chunk);
+                        let at = format!("F{chunk}.{micro} ");
+                        let n_model = c.params.len() - c.incoming.len();
+                        for (j, (v, _, st)) in c.incoming.iter().enumerate() {
+                            if *st != sp.stage {
+                                let shape = c.params[n_model + j].ty.to_string();
+                                out.push(p2p(
+                                    false,
+                                    sp.stage_ranks[*st as usize],
+                                    me,
+                                    sp.tag(0, micro, *v),
+                                    shape,
+                                    at.clone(),
+                                ));
+                            }
+                        }
+                        graph_issued(&c.forward, me, mesh, &at, &mut out);
+                        for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                            for (_, st) in readers {
+                                if *st != sp.stage {
+                                    let shape = c.forward.ty(c.sends[j]).to_string();
+                                    out.push(p2p(
+                                        true,
+                                        me,
+                                        sp.stage_ranks[*st as usize],
+                                        sp.tag(0, micro, *v),
+                                        shape,
+                                        at.clone(),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    super::pipeline::Action::Backward { chunk, micro } => {
+                        let c = sp.chunk(chunk);
+                        let at = format!("B{chunk}.{micro} ");
+                        for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                            for (_, st) in readers {
+                                if *st != sp.stage {
+                                    let shape = c.forward.ty(c.sends[j]).to_string();
+                                    out.push(p2p(
+                                        false,
+                                        sp.stage_ranks[*st as usize],
+                                        me,
+                                        sp.tag(1, micro, *v),
+                                        shape,
+                                        at.clone(),
+                                    ));
+                                }
+                            }
+                        }
+                        graph_issued(&c.backward, me, mesh, &at, &mut out);
+                        let n_model = c.params.len() - c.incoming.len();
+                        for (j, (v, _, st)) in c.incoming.iter().enumerate() {
+                            if *st != sp.stage {
+                                let shape = c.params[n_model + j].ty.to_string();
+                                out.push(p2p(
+                                    true,
+                                    me,
+                                    sp.stage_ranks[*st as usize],
+                                    sp.tag(1, micro, *v),
+                                    shape,
+                                    at.clone(),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
     step_issued(p, mesh, &p.step, &mut out);
     out
@@ -53,6 +159,19 @@ fn step_issued(p: &RankProgram, mesh: &Mesh, list: &[StepCollective], out: &mut 
             | StepCollective::GradReduceScatter { elems, .. }
             | StepCollective::ParamAllGather { elems, .. } => format!("f32[{elems}]"),
             StepCollective::NormAllReduce { params, .. } => format!("f32[{}]", params.len()),
+            StepCollective::SharedGradSum { param, stages } => {
+                let shape = p.params[*param].local.ty.to_string();
+                let ranks = &p.stage.as_ref().expect("a pipeline program").stage_ranks;
+                let mine = p.stage.as_ref().expect("a pipeline program").stage;
+                let tag = shared_tag(*param);
+                for &t in stages.iter().filter(|&&t| t != mine) {
+                    out.push(p2p(true, p.rank, ranks[t as usize], tag, shape.clone(), "step".into()));
+                }
+                for &t in stages.iter().filter(|&&t| t != mine) {
+                    out.push(p2p(false, ranks[t as usize], p.rank, tag, shape.clone(), "step".into()));
+                }
+                continue;
+            }
         };
         for axis in axes {
             out.push(Issued {
@@ -61,6 +180,7 @@ fn step_issued(p: &RankProgram, mesh: &Mesh, list: &[StepCollective], out: &mut 
                 axis,
                 shape: shape.clone(),
                 at: "step".into(),
+                peer: None,
             });
         }
     }
@@ -86,10 +206,32 @@ pub fn check(programs: &[RankProgram], mesh: &Mesh) -> Result<(), CheckError> {
 /// [`check`] on the issued collectives directly.
 pub fn check_lists(lists: &[Vec<Issued>]) -> Result<(), CheckError> {
     let mut pc = vec![0usize; lists.len()];
+    // Sends complete at once (buffered); a receive waits for its send.
+    let mut sent: std::collections::HashMap<(u64, u64, u64), std::collections::VecDeque<Issued>> = Default::default();
     loop {
         let mut moved = false;
         for r in 0..lists.len() {
             let Some(c) = lists[r].get(pc[r]) else { continue };
+            if let Some(key) = c.peer {
+                if c.op == "send" {
+                    sent.entry(key).or_default().push_back(c.clone());
+                    pc[r] += 1;
+                    moved = true;
+                } else if let Some(s) = sent.get_mut(&key).and_then(|q| q.pop_front()) {
+                    if s.shape != c.shape {
+                        return Err(CheckError::Mismatch {
+                            rank: r as u64,
+                            index: pc[r],
+                            mine: Box::new(c.clone()),
+                            other: key.0,
+                            theirs: Box::new(s),
+                        });
+                    }
+                    pc[r] += 1;
+                    moved = true;
+                }
+                continue;
+            }
             // Every member must be at a collective of this same group.
             let ready = c.group.iter().all(|&m| {
                 lists.get(m as usize).and_then(|l| l.get(pc[m as usize])).is_some_and(|x| x.group == c.group)
@@ -120,6 +262,14 @@ pub fn check_lists(lists: &[Vec<Issued>]) -> Result<(), CheckError> {
         if !moved {
             let r = (0..lists.len()).find(|&r| pc[r] < lists[r].len()).expect("someone is not done");
             let c = &lists[r][pc[r]];
+            if let Some((from, _, tag)) = c.peer {
+                return Err(CheckError::Deadlock {
+                    rank: r as u64,
+                    index: pc[r],
+                    mine: Box::new(c.clone()),
+                    why: format!("rank {from} never sends tag {tag} here"),
+                });
+            }
             let why: Vec<String> = c
                 .group
                 .iter()

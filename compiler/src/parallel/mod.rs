@@ -25,6 +25,7 @@
 //! reductions are step-level collectives, listed in [`StepCollective`].
 
 pub mod check;
+pub mod pipeline;
 
 use crate::autodiff::{Backward, ParamGrad};
 use crate::config::ExpertPlacement;
@@ -71,6 +72,8 @@ pub struct Mesh {
     pub placement: ExpertPlacement,
     pub sequence_parallel: bool,
     pub zero: u8,
+    /// The axis `layer` is laid out on, when it has more than one stage.
+    pub pipeline_axis: Option<String>,
 }
 
 impl Mesh {
@@ -84,12 +87,6 @@ impl Mesh {
                 continue;
             }
             if d == "layer" {
-                if p.axis_size(a) > 1 {
-                    return err(format!(
-                        "`layer -> {a}` (pipeline parallelism) is not run on simulated ranks yet; \
-                         set `--set parallel.mesh.{a}=1` to run this spec"
-                    ));
-                }
                 continue;
             }
             if Some(a) == data_axis.as_ref() && Some(d) != expert_dim.as_ref() {
@@ -112,6 +109,7 @@ impl Mesh {
             placement: p.experts.as_ref().map(|e| e.placement.clone()).unwrap_or(ExpertPlacement::Blocked),
             sequence_parallel: p.sequence_parallel && tensor.is_some_and(|t| p.axis_size(t) > 1),
             zero: p.zero,
+            pipeline_axis: p.axis_of("layer").filter(|a| p.axis_size(a) > 1).map(str::to_string),
         })
     }
 
@@ -170,6 +168,8 @@ pub struct ParamShard {
     pub local: Param,
     /// (position of the dim in the logical type, its split).
     pub splits: Vec<(usize, Split)>,
+    /// Whether the rank holds any of it (a pipeline stage holds its layers only).
+    pub held: bool,
 }
 
 impl ParamShard {
@@ -192,6 +192,9 @@ pub enum StepCollective {
     ParamAllGather { axis: String, params: Vec<usize>, elems: u64 },
     /// Sum the squared-gradient partial sums over these axes (global norm).
     NormAllReduce { axes: Vec<String>, params: Vec<usize> },
+    /// Sum a parameter's gradients over the pipeline stages that read it
+    /// (point to point, with the same ranks of those stages).
+    SharedGradSum { param: usize, stages: Vec<u64> },
 }
 
 impl StepCollective {
@@ -201,6 +204,7 @@ impl StepCollective {
             | StepCollective::GradReduceScatter { axis, .. }
             | StepCollective::ParamAllGather { axis, .. } => axis.clone(),
             StepCollective::NormAllReduce { axes, .. } => axes.join("+"),
+            StepCollective::SharedGradSum { .. } => "pipeline".into(),
         }
     }
     pub fn to_text(&self) -> String {
@@ -213,7 +217,10 @@ impl StepCollective {
             | StepCollective::ParamAllGather { axis, params, elems } => {
                 format!("{{axis = {axis}, elems = {elems}}} params {params:?}")
             }
-            StepCollective::NormAllReduce { axes, params } => format!("{{axes = [{}]}} params {params:?}", axes.join(", ")),
+            StepCollective::NormAllReduce { axes, params } => {
+                format!("{{axes = [{}]}} params {params:?}", axes.join(", "))
+            }
+            StepCollective::SharedGradSum { param, stages } => format!("{{stages = {stages:?}}} param {param}"),
         };
         format!("{} {attrs}", self.name())
     }
@@ -224,6 +231,7 @@ impl StepCollective {
             StepCollective::GradReduceScatter { .. } => "grad_reduce_scatter",
             StepCollective::ParamAllGather { .. } => "param_all_gather",
             StepCollective::NormAllReduce { .. } => "norm_all_reduce",
+            StepCollective::SharedGradSum { .. } => "shared_grad_sum",
         }
     }
 }
@@ -243,6 +251,8 @@ pub struct RankProgram {
     pub prologue: Vec<StepCollective>,
     /// The step's collectives after the backward pass, in issue order.
     pub step: Vec<StepCollective>,
+    /// With pipeline parallelism: the stage's chunks and schedule (`graph` is then empty).
+    pub stage: Option<StageProgram>,
 }
 
 impl RankProgram {
@@ -842,7 +852,7 @@ pub fn param_shard(mesh: &Mesh, p: &Param, rank: u64) -> ParamShard {
         local.ty.dims[i] = Dim::new(&d.name, indices.len() as u64);
         splits.push((i, Split { axis: axis.to_string(), indices, exchanged: None }));
     }
-    ParamShard { local, splits }
+    ParamShard { local, splits, held: true }
 }
 
 /// Bytes per gradient bucket (Megatron's default is 40M elements; these
@@ -855,10 +865,55 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
     if rank >= mesh.world() {
         return err(format!("rank {rank} is outside the mesh of {} ranks", mesh.world()));
     }
+    if let Some(pipe) = mesh.pipeline_axis.clone() {
+        return pipeline_program(m, &mesh, rank, &pipe);
+    }
     let params: Vec<ParamShard> = m.params.iter().map(|p| param_shard(&mesh, p, rank)).collect();
+    let metas: Vec<Param> = m.params.clone();
+    let local = shard_graph(&mesh, &metas, &params, bw, rank, &[])?;
+    let mut step = step_collectives(m, &mesh, &params, &[]);
+    // ZeRO 3 gathers the weights before the forward pass instead of after the update.
+    let prologue = match step.last() {
+        Some(StepCollective::ParamAllGather { .. }) if mesh.zero >= 3 => step.split_off(step.len() - 1),
+        _ => Vec::new(),
+    };
+    let c = coords(&mesh.order, rank);
+    Ok(RankProgram {
+        rank,
+        coords: mesh.order.iter().zip(c).map(|((a, _), c)| (a.clone(), c)).collect(),
+        graph: local.graph,
+        loss: local.loss,
+        param_grads: local.param_grads,
+        params,
+        prologue,
+        step,
+        stage: None,
+    })
+}
+
+/// A source graph sharded for one rank.
+struct Local {
+    graph: Graph,
+    loss: ValueId,
+    param_grads: Vec<ParamGrad>,
+    /// The extra outputs asked for, whole.
+    extra: Vec<ValueId>,
+}
+
+/// Shard the graph of `bw` for `rank`: `metas` are the logical parameters
+/// the graph's `param` nodes index, `params` their shards on this rank.
+/// The loss and `extra` come out whole, each gradient cut like its parameter.
+fn shard_graph(
+    mesh: &Mesh,
+    metas: &[Param],
+    params: &[ParamShard],
+    bw: &Backward,
+    rank: u64,
+    extra: &[ValueId],
+) -> Result<Local, ParallelError> {
     let src = &bw.graph;
     let mut s = Shard {
-        mesh: &mesh,
+        mesh,
         rank,
         src,
         g: Graph::new(),
@@ -875,7 +930,10 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
                 let mut ty = src.nodes[i].ty.clone();
                 let mut st = State::default();
                 for (pos, sp) in &shard.splits {
-                    let name = &m.params[index].ty.dims[*pos].name;
+                    let name = &metas[index].ty.dims[*pos].name;
+                    if name == "layer" {
+                        continue;
+                    }
                     ty = with_size(&ty, name, sp.indices.len() as u64);
                     st.split.insert(name.clone(), sp.clone());
                 }
@@ -885,15 +943,19 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
         };
         s.vals.push(r);
     }
-    // The loss, whole; each gradient cut like its parameter.
     let (loss, _) = s.whole(bw.loss)?;
+    let mut extra_out = Vec::with_capacity(extra.len());
+    for x in extra {
+        extra_out.push(s.whole(*x)?.0);
+    }
     let mut grads = Vec::with_capacity(bw.param_grads.len());
     for pg in &bw.param_grads {
         let (mut v, mut st) = s.reduced(pg.grad)?;
         let want: BTreeMap<String, Split> = params[pg.param]
             .splits
             .iter()
-            .map(|(pos, sp)| (m.params[pg.param].ty.dims[*pos].name.clone(), sp.clone()))
+            .map(|(pos, sp)| (metas[pg.param].ty.dims[*pos].name.clone(), sp.clone()))
+            .filter(|(d, _)| d != "layer")
             .collect();
         let have: Vec<String> = st.split.keys().cloned().collect();
         for d in have {
@@ -911,40 +973,193 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
         grads.push(ParamGrad { param: pg.param, layer: pg.layer, grad: v });
     }
     s.g.set_output("loss", loss);
+    for (k, x) in extra_out.iter().enumerate() {
+        s.g.set_output(&format!("send.{k}"), *x);
+    }
     for (k, pg) in grads.iter().enumerate() {
         s.g.set_output(&format!("grad.{k}"), pg.grad);
     }
     if let Err(e) = crate::ir::verify(&s.g) {
         return err(format!("internal: the program of rank {rank} does not verify: {e:?}"));
     }
-    let mut step = step_collectives(m, &mesh, &params);
-    // ZeRO 3 gathers the weights before the forward pass instead of after the update.
+    Ok(Local { graph: s.g, loss, param_grads: grads, extra: extra_out })
+}
+
+/// One model chunk's programs on a rank.
+#[derive(Debug, Clone)]
+pub struct ChunkProgram {
+    pub chunk: usize,
+    /// Forward only: outputs the values sent on (`sends`) and the objective.
+    pub forward: Graph,
+    pub forward_loss: ValueId,
+    pub sends: Vec<ValueId>,
+    /// Forward (recomputed) and backward.
+    pub backward: Graph,
+    pub param_grads: Vec<ParamGrad>,
+    /// Local parameter metas: the model's, then the boundary parameters.
+    pub params: Vec<Param>,
+    /// Incoming values: (global value, producing chunk, its stage).
+    pub incoming: Vec<(ValueId, usize, u64)>,
+    /// Outgoing values: (global value, [(reading chunk, its stage)]).
+    pub outgoing: Vec<(ValueId, Vec<(usize, u64)>)>,
+    /// Inputs of the forward graph before the received gradients.
+    pub model_inputs: usize,
+}
+
+/// A pipeline stage's part of a rank program.
+#[derive(Debug, Clone)]
+pub struct StageProgram {
+    pub axis: String,
+    pub stage: u64,
+    pub stages: u64,
+    pub chunks: Vec<ChunkProgram>,
+    pub schedule: Vec<pipeline::Action>,
+    pub micro: u64,
+    /// The pipeline axis's ranks that share this rank's other coordinates, by stage.
+    pub stage_ranks: Vec<u64>,
+    /// Tags of point-to-point messages are `tag(kind, micro, value)`.
+    pub values: u64,
+}
+
+impl StageProgram {
+    /// The tag of a forward activation (kind 0) or its gradient (kind 1).
+    pub fn tag(&self, kind: u64, micro: u64, value: ValueId) -> u64 {
+        ((micro * self.values + value.0 as u64) << 1) | kind
+    }
+
+    pub fn chunk(&self, c: usize) -> &ChunkProgram {
+        self.chunks.iter().find(|p| p.chunk == c).expect("a chunk of this stage")
+    }
+}
+
+fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<RankProgram, ParallelError> {
+    let par = &m.parallel;
+    let stages = mesh.size(axis);
+    let v = if par.pipeline.schedule == crate::config::Schedule::Interleaved1f1b {
+        par.pipeline.virtual_stages.max(1)
+    } else {
+        1
+    };
+    let micro = par.pipeline.microbatches.max(1);
+    pipeline::check_schedule(par.pipeline.schedule, stages, v, micro)?;
+    let chunks = pipeline::chunks(m, stages, v)?;
+    let stage = mesh.coord(rank, axis);
+    let n_chunks = chunks.len() as u64;
+    let layers = m.stacks.first().map(|s| s.layers).unwrap_or(1);
+    // What this stage holds of each model parameter.
+    let mine: Vec<&pipeline::Chunk> = chunks.iter().filter(|c| c.stage == stage).collect();
+    let mut params = Vec::with_capacity(m.params.len());
+    for (k, p) in m.params.iter().enumerate() {
+        let mut shard = param_shard(mesh, p, rank);
+        let used = mine.iter().any(|c| c.uses[k]);
+        if p.ty.dims.first().is_some_and(|d| d.name == "layer") {
+            let held: Vec<u64> = (0..p.layers.len() as u64)
+                .filter(|&j| pipeline::chunk_of_layer(n_chunks, layers, p.layers[j as usize]) % stages == stage)
+                .collect();
+            shard.local.layers = held.iter().map(|&j| p.layers[j as usize]).collect();
+            shard.local.ty.dims[0] = Dim::new("layer", held.len() as u64);
+            shard.splits.insert(0, (0, Split { axis: axis.to_string(), indices: held, exchanged: None }));
+        } else if !used {
+            shard.held = false;
+        }
+        if shard.local.ty.numel() == 0 {
+            shard.held = false;
+        }
+        params.push(shard);
+    }
+    let mut progs = Vec::new();
+    for c in &mine {
+        let mut shards = params.clone();
+        for b in &c.params[m.params.len()..] {
+            shards.push(param_shard(mesh, b, rank));
+        }
+        let f = shard_graph(
+            mesh,
+            &c.params,
+            &shards,
+            &c.forward,
+            rank,
+            &c.outgoing.iter().map(|(v, _)| *v).map(|v| local_of(c, v)).collect::<Vec<_>>(),
+        )?;
+        let b = shard_graph(mesh, &c.params, &shards, &c.backward, rank, &[])?;
+        let stage_of = |k: usize| chunks[k].stage;
+        progs.push(ChunkProgram {
+            chunk: c.index,
+            forward: f.graph,
+            forward_loss: f.loss,
+            sends: f.extra,
+            backward: b.graph,
+            param_grads: b.param_grads,
+            params: shards.iter().map(|s| s.local.clone()).collect(),
+            incoming: c.incoming.iter().map(|(v, from)| (*v, *from, stage_of(*from))).collect(),
+            outgoing: c
+                .outgoing
+                .iter()
+                .map(|(v, readers)| (*v, readers.iter().map(|&r| (r, stage_of(r))).collect()))
+                .collect(),
+            model_inputs: m.inputs.len(),
+        });
+    }
+    // Parameters read on more than one stage (a tied embedding): their gradients are summed between those stages.
+    let shared: Vec<(usize, Vec<u64>)> = (0..m.params.len())
+        .filter(|&k| m.params[k].ty.dims.first().is_none_or(|d| d.name != "layer"))
+        .filter_map(|k| {
+            let mut st: Vec<u64> = chunks.iter().filter(|c| c.uses[k]).map(|c| c.stage).collect();
+            st.sort();
+            st.dedup();
+            (st.len() > 1 && st.contains(&stage)).then_some((k, st))
+        })
+        .collect();
+    let mut step = step_collectives(m, mesh, &params, &shared);
     let prologue = match step.last() {
         Some(StepCollective::ParamAllGather { .. }) if mesh.zero >= 3 => step.split_off(step.len() - 1),
         _ => Vec::new(),
     };
     let c = coords(&mesh.order, rank);
+    let stage_prog = StageProgram {
+        axis: axis.to_string(),
+        stage,
+        stages,
+        chunks: progs,
+        schedule: pipeline::schedule(par.pipeline.schedule, stages, v, micro, stage),
+        micro,
+        stage_ranks: mesh.group(rank, axis),
+        values: m.graph.len() as u64,
+    };
     Ok(RankProgram {
         rank,
         coords: mesh.order.iter().zip(c).map(|((a, _), c)| (a.clone(), c)).collect(),
-        graph: s.g,
-        loss,
-        param_grads: grads,
+        graph: Graph::new(),
+        loss: ValueId(0),
+        param_grads: Vec::new(),
         params,
         prologue,
         step,
+        stage: Some(stage_prog),
     })
+}
+
+/// The chunk-local id of a global forward value the chunk computes.
+fn local_of(c: &pipeline::Chunk, v: ValueId) -> ValueId {
+    let k = c.outgoing.iter().position(|(x, _)| *x == v).expect("an outgoing value");
+    c.forward.graph.output(&format!("send.{k}")).expect("the chunk names its sends")
 }
 
 /// The optimizer step's collectives: gradient reduction over the data axis
 /// in buckets (last parameters first: the order backward finishes them),
 /// ZeRO's scatter and gather, and the gradient-norm sums.
-fn step_collectives(m: &Model, mesh: &Mesh, params: &[ParamShard]) -> Vec<StepCollective> {
+fn step_collectives(
+    m: &Model,
+    mesh: &Mesh,
+    params: &[ParamShard],
+    shared: &[(usize, Vec<u64>)],
+) -> Vec<StepCollective> {
     let mut out = Vec::new();
     let elems = |k: usize| params[k].local.ty.numel();
     if let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1) {
         let n = mesh.size(&data);
-        let reduced: Vec<usize> = (0..params.len()).rev().filter(|&k| !params[k].split_over(&data)).collect();
+        let reduced: Vec<usize> =
+            (0..params.len()).rev().filter(|&k| params[k].held && !params[k].split_over(&data)).collect();
         let mut bucket: Vec<usize> = Vec::new();
         let mut size = 0u64;
         let flush = |bucket: &mut Vec<usize>, size: &mut u64, out: &mut Vec<StepCollective>| {
@@ -969,11 +1184,19 @@ fn step_collectives(m: &Model, mesh: &Mesh, params: &[ParamShard]) -> Vec<StepCo
         }
         flush(&mut bucket, &mut size, &mut out);
     }
+    // A parameter read on several stages sums its gradients over them.
+    for (k, stages) in shared {
+        out.push(StepCollective::SharedGradSum { param: *k, stages: stages.clone() });
+    }
     // Squared-norm partial sums: each parameter over the axes it is split on
-    // (and over the data axis when ZeRO shards it there).
+    // (and over the data axis when ZeRO shards it there, and the pipeline
+    // axis, whose stages hold different parameters).
     let mut by_axes: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
     for (k, p) in params.iter().enumerate() {
         let mut axes: Vec<String> = p.splits.iter().map(|(_, s)| s.axis.clone()).collect();
+        if let Some(pipe) = &mesh.pipeline_axis {
+            axes.push(pipe.clone());
+        }
         if mesh.zero >= 1
             && let Some(d) = &mesh.data_axis
             && mesh.size(d) > 1
@@ -994,10 +1217,10 @@ fn step_collectives(m: &Model, mesh: &Mesh, params: &[ParamShard]) -> Vec<StepCo
     }
     if mesh.zero >= 1
         && let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1)
-        && (0..params.len()).any(|k| !params[k].split_over(&data))
+        && (0..params.len()).any(|k| params[k].held && !params[k].split_over(&data))
     {
         let n = mesh.size(&data);
-        let ps: Vec<usize> = (0..params.len()).filter(|&k| !params[k].split_over(&data)).collect();
+        let ps: Vec<usize> = (0..params.len()).filter(|&k| params[k].held && !params[k].split_over(&data)).collect();
         let total = ps.iter().map(|&k| elems(k).div_ceil(n) * n).sum();
         out.push(StepCollective::ParamAllGather { axis: data, params: ps, elems: total });
     }

@@ -179,8 +179,10 @@ impl Trainer {
         let ranks = self.ranks.as_ref().expect("called with ranks");
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let out = ranks.step(step, self.cfg.seed, lr, train.clip, &inputs).map_err(TrainError::Setup)?;
-        // Ranks that share a data coordinate report the same loss: the mean over all is the step's.
-        let loss = out.iter().map(|s| s.loss_sum / ranks.local_micro as f64).sum::<f64>() / out.len() as f64;
+        // Ranks that share a data coordinate report the same loss (the last
+        // pipeline stage reports it): the mean over the reports is the step's.
+        let losses: Vec<f64> = out.iter().filter_map(|s| s.loss_sum).map(|l| l / ranks.local_micro as f64).collect();
+        let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         let grad_norm = out[0].grad_norm;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -304,16 +306,28 @@ impl Trainer {
             .collect()
     }
 
-    /// Mean loss over `batches` validation batches (fixed windows: comparable across steps).
+    /// The current logical weights: `params`, or assembled from the ranks' shards.
+    pub fn weights(&self) -> std::borrow::Cow<'_, [Tensor<f32>]> {
+        match &self.ranks {
+            Some(r) => std::borrow::Cow::Owned(r.logical(&self.model, &self.opt).0),
+            None => std::borrow::Cow::Borrowed(&self.params),
+        }
+    }
+
+    /// Mean loss over `batches` validation batches of the global batch size
+    /// (fixed windows: comparable across steps, and the same sequences under
+    /// any microbatch size or layout).
     pub fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
+        let weights = self.weights();
         let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, dropout: None, comm: None };
         let loss = self.model.graph.output("loss").expect("loss");
         let mut total = 0.0;
-        for b in 0..batches.max(1) {
-            let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, b);
-            total += interp.run(&inputs, &self.params)?[loss.index()].data[0] as f64;
+        let n = batches.max(1) * self.accumulation;
+        for k in 0..n {
+            let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, k);
+            total += interp.run(&inputs, &weights)?[loss.index()].data[0] as f64;
         }
-        Ok(total / batches.max(1) as f64)
+        Ok(total / n as f64)
     }
 
     /// The loss of the current parameters on one training batch of `step` (tests).
@@ -326,7 +340,7 @@ impl Trainer {
         };
         let inputs = self.batch_inputs(data::Split::Train, step, 0);
         let loss = self.model.graph.output("loss").expect("loss");
-        Ok(interp.run(&inputs, &self.params)?[loss.index()].data[0] as f64)
+        Ok(interp.run(&inputs, &self.weights())?[loss.index()].data[0] as f64)
     }
 
     /// Save a checkpoint under `out`, atomically (logical tensors, whatever the layout).
@@ -348,6 +362,6 @@ impl Trainer {
 
     /// The per-layer slice of a parameter (for inspection and sampling).
     pub fn param(&self, index: usize, layer: Option<u64>) -> Option<Tensor<f32>> {
-        param_slice(&self.model.params[index], &self.params[index], layer)
+        param_slice(&self.model.params[index], &self.weights()[index], layer)
     }
 }

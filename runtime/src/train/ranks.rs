@@ -48,7 +48,8 @@ pub struct Ranks {
 
 /// What one rank reports after a step.
 pub struct RankStep {
-    pub loss_sum: f64,
+    /// The summed loss of the rank's microbatches (`None` on pipeline stages before the last).
+    pub loss_sum: Option<f64>,
     pub grad_norm: f64,
 }
 
@@ -107,6 +108,11 @@ fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, lo
     for_each_logical(&logical.ty.dims, &m, |l, off| full.data[off] = local[l]);
 }
 
+/// What a rank holds of a parameter that lives on other pipeline stages.
+fn empty() -> Tensor<f32> {
+    Tensor { dims: vec![Dim::new("flat", 0)], data: Vec::new() }
+}
+
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -133,6 +139,14 @@ impl Ranks {
             let mut st = RankState { params: Vec::new(), opt: OptimizerState::for_shapes(&shapes, &opt.optimizer) };
             for (k, p) in model.params.iter().enumerate() {
                 let shard = &ranks.programs[r].params[k];
+                if !shard.held {
+                    st.params.push(empty());
+                    st.opt.m[k] = empty();
+                    if !st.opt.v.is_empty() {
+                        st.opt.v[k] = empty();
+                    }
+                    continue;
+                }
                 let local = cut(&params[k], shard, p);
                 st.params.push(if ranks.zero_sharded(r, k) && ranks.mesh.zero >= 3 {
                     ranks.to_shard(r, &local)
@@ -158,7 +172,8 @@ impl Ranks {
 
     /// Whether ZeRO shards parameter `k`'s state over the data axis on rank `r`.
     fn zero_sharded(&self, r: usize, k: usize) -> bool {
-        self.mesh.zero >= 1 && self.data().is_some_and(|(a, _)| !self.programs[r].params[k].split_over(a))
+        let p = &self.programs[r].params[k];
+        self.mesh.zero >= 1 && p.held && self.data().is_some_and(|(a, _)| !p.split_over(a))
     }
 
     fn data_coord(&self, r: usize) -> usize {
@@ -183,6 +198,10 @@ impl Ranks {
             .map(|k| {
                 let local = &p.params[k].local;
                 let mut u = UpdateParam::of(local);
+                if !p.params[k].held {
+                    u.dims = vec![Dim::new("flat", 0)];
+                    return u;
+                }
                 if self.zero_sharded(r, k) {
                     let (_, n) = self.data().expect("sharded");
                     u.dims = vec![Dim::new("flat", local.ty.numel().div_ceil(n as u64))];
@@ -204,6 +223,9 @@ impl Ranks {
         for r in 0..self.programs.len() {
             for (k, p) in model.params.iter().enumerate() {
                 let shard = &self.programs[r].params[k];
+                if !shard.held {
+                    continue;
+                }
                 let n = shard.local.ty.numel() as usize;
                 // A ZeRO-sharded tensor is whole across the rank's data group.
                 let whole = |pick: &dyn Fn(&RankState) -> &Tensor<f32>, sharded: bool| -> Vec<f32> {
@@ -291,12 +313,23 @@ impl Ranks {
             &gathered
         };
         // Forward and backward over this rank's microbatches.
-        let interp =
-            Interpreter { graph: &prog.graph, params: metas, dropout: Some(seed ^ (step << 20)), comm: Some(rc) };
-        let needed: Vec<_> = std::iter::once(prog.loss).chain(prog.param_grads.iter().map(|g| g.grad)).collect();
         let d = self.data_coord(r) as u64;
         let mut loss_sum = 0.0;
         let mut grads: Vec<Tensor<f32>> = Vec::new();
+        if let Some(sp) = &prog.stage {
+            let mut w = weights.to_vec();
+            grads = (0..nparams)
+                .map(|k| if prog.params[k].held { Tensor::zeros(&metas[k].ty.dims) } else { empty() })
+                .collect();
+            let global = |j: u64| inputs(d * self.local_micro + j);
+            let dropout = seed ^ (step << 20);
+            let loss = self.run_stage(sp, prog, rc, &mut w, &mut grads, &global, dropout)?;
+            let last = sp.stage == sp.stages - 1;
+            return self.finish_step(r, st, rc, grads, last.then_some(loss), step, lr, clip);
+        }
+        let interp =
+            Interpreter { graph: &prog.graph, params: metas, dropout: Some(seed ^ (step << 20)), comm: Some(rc) };
+        let needed: Vec<_> = std::iter::once(prog.loss).chain(prog.param_grads.iter().map(|g| g.grad)).collect();
         for j in 0..self.local_micro {
             let vals = interp.run_for(&inputs(d * self.local_micro + j), weights, Some(&needed)).map_err(err)?;
             loss_sum += vals[prog.loss.index()].data[0] as f64;
@@ -309,6 +342,26 @@ impl Ranks {
                 }
             }
         }
+        self.finish_step(r, st, rc, grads, Some(loss_sum), step, lr, clip)
+    }
+
+    /// The step after the microbatches: gradient reduction, clipping, the
+    /// update, ZeRO's gathers.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &self,
+        r: usize,
+        st: &mut RankState,
+        rc: &RankComm,
+        mut grads: Vec<Tensor<f32>>,
+        loss_sum: Option<f64>,
+        step: u64,
+        lr: f64,
+        clip: Option<f64>,
+    ) -> Result<RankStep, String> {
+        let prog = &self.programs[r];
+        let metas = &self.metas[r];
+        let nparams = prog.params.len();
         // Gradient reduction over the data axis, bucket by bucket.
         let mut shards: Vec<Option<Tensor<f32>>> = vec![None; nparams];
         for c in &prog.step {
@@ -358,9 +411,38 @@ impl Ranks {
             g.data.iter_mut().for_each(|x| *x *= scale);
             upd_grads.push(g);
         }
+        // A parameter read on several pipeline stages: sum its gradients over them, in stage order.
+        let mut counted = vec![true; nparams];
+        for c in &prog.step {
+            if let StepCollective::SharedGradSum { param, stages } = c {
+                let sp = prog.stage.as_ref().ok_or("a shared gradient outside a pipeline")?;
+                let tag = tessera_compiler::parallel::check::shared_tag(*param);
+                let others: Vec<u64> = stages.iter().copied().filter(|&t| t != sp.stage).collect();
+                for &t in &others {
+                    rc.comm().send(sp.stage_ranks[t as usize] as usize, tag, &upd_grads[*param].data).map_err(err)?;
+                }
+                let mut parts: Vec<(u64, Vec<f32>)> = vec![(sp.stage, upd_grads[*param].data.clone())];
+                for &t in &others {
+                    let mut buf = vec![0f32; upd_grads[*param].numel()];
+                    rc.comm().recv(sp.stage_ranks[t as usize] as usize, tag, &mut buf).map_err(err)?;
+                    parts.push((t, buf));
+                }
+                parts.sort_by_key(|(t, _)| *t);
+                let mut sum = parts[0].1.clone();
+                for (_, p) in &parts[1..] {
+                    sum.iter_mut().zip(p).for_each(|(a, b)| *a += *b);
+                }
+                upd_grads[*param].data = sum;
+                // Counted once in the norm: on the first stage that reads it.
+                counted[*param] = stages.first() == Some(&sp.stage);
+            }
+        }
         // The global gradient norm: each tensor's squares, summed over the ranks that split it.
-        let mut sumsq: Vec<f64> =
-            upd_grads.iter().map(|g| g.data.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+        let mut sumsq: Vec<f64> = upd_grads
+            .iter()
+            .zip(&counted)
+            .map(|(g, &c)| if c { g.data.iter().map(|&x| (x as f64) * (x as f64)).sum() } else { 0.0 })
+            .collect();
         for c in &prog.step {
             if let StepCollective::NormAllReduce { axes, params } = c {
                 let mut buf: Vec<f32> = params.iter().map(|&k| sumsq[k] as f32).collect();
@@ -396,6 +478,130 @@ impl Ranks {
         }
         st.params = owned;
         Ok(RankStep { loss_sum, grad_norm: total.sqrt() })
+    }
+
+    /// A pipeline stage's schedule: forward and backward passes of its chunks
+    /// over the microbatches, activations and their gradients sent between stages.
+    #[allow(clippy::too_many_arguments)]
+    fn run_stage<'c>(
+        &'c self,
+        sp: &'c parallel::StageProgram,
+        prog: &RankProgram,
+        rc: &'c RankComm<'c>,
+        w: &mut Vec<Tensor<f32>>,
+        grads: &mut [Tensor<f32>],
+        inputs: &dyn Fn(u64) -> Vec<Tensor<f32>>,
+        dropout: u64,
+    ) -> Result<f64, String> {
+        use std::collections::HashMap;
+        use tessera_compiler::parallel::pipeline::Action;
+        let n_model = prog.params.len();
+        let mut stash: HashMap<(usize, u64), Vec<Tensor<f32>>> = HashMap::new();
+        let mut local_fwd: HashMap<(u32, u64, usize), Tensor<f32>> = HashMap::new();
+        let mut local_grad: HashMap<(u32, u64, usize), Tensor<f32>> = HashMap::new();
+        let mut loss = 0.0;
+        let recv = |from: u64, tag: u64, ty: &tessera_compiler::model::TensorType| -> Result<Tensor<f32>, String> {
+            let mut t = Tensor::zeros(&ty.dims);
+            rc.comm().recv(sp.stage_ranks[from as usize] as usize, tag, &mut t.data).map_err(err)?;
+            Ok(t)
+        };
+        let send = |to: u64, tag: u64, t: &Tensor<f32>| -> Result<(), String> {
+            rc.comm().send(sp.stage_ranks[to as usize] as usize, tag, &t.data).map_err(err)
+        };
+        // The received-gradient inputs of a chunk's graphs, in input order.
+        let grad_types = |g: &tessera_compiler::ir::Graph, first: usize| -> Vec<tessera_compiler::model::TensorType> {
+            let mut tys: Vec<(usize, tessera_compiler::model::TensorType)> = g
+                .nodes
+                .iter()
+                .filter_map(|n| match n.op {
+                    tessera_compiler::ir::Op::Input { index } if index >= first => Some((index, n.ty.clone())),
+                    _ => None,
+                })
+                .collect();
+            tys.sort_by_key(|(i, _)| *i);
+            tys.dedup_by_key(|(i, _)| *i);
+            tys.into_iter().map(|(_, t)| t).collect()
+        };
+        for action in &sp.schedule {
+            match *action {
+                Action::Forward { chunk, micro } => {
+                    let c = sp.chunk(chunk);
+                    let mut bparams = Vec::with_capacity(c.incoming.len());
+                    for (j, (v, _, st)) in c.incoming.iter().enumerate() {
+                        let t = if *st == sp.stage {
+                            local_fwd.remove(&(v.0, micro, chunk)).ok_or("a local activation was not produced")?
+                        } else {
+                            recv(*st, sp.tag(0, micro, *v), &c.params[n_model + j].ty)?
+                        };
+                        bparams.push(t);
+                    }
+                    let mut ins = inputs(micro);
+                    ins.extend(grad_types(&c.forward, c.model_inputs).iter().map(|t| Tensor::zeros(&t.dims)));
+                    let needed: Vec<_> = std::iter::once(c.forward_loss).chain(c.sends.iter().copied()).collect();
+                    w.extend(bparams.iter().cloned());
+                    let interp =
+                        Interpreter { graph: &c.forward, params: &c.params, dropout: Some(dropout), comm: Some(rc) };
+                    let vals = interp.run_for(&ins, w, Some(&needed));
+                    w.truncate(n_model);
+                    let vals = vals.map_err(err)?;
+                    stash.insert((chunk, micro), bparams);
+                    if c.outgoing.is_empty() {
+                        loss += vals[c.forward_loss.index()].data[0] as f64;
+                    }
+                    for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                        for (rchunk, st) in readers {
+                            let t = &vals[c.sends[j].index()];
+                            if *st == sp.stage {
+                                local_fwd.insert((v.0, micro, *rchunk), t.clone());
+                            } else {
+                                send(*st, sp.tag(0, micro, *v), t)?;
+                            }
+                        }
+                    }
+                }
+                Action::Backward { chunk, micro } => {
+                    let c = sp.chunk(chunk);
+                    let mut ins = inputs(micro);
+                    for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                        let ty = c.forward.ty(c.sends[j]).clone();
+                        let mut sum = Tensor::zeros(&ty.dims);
+                        for (rchunk, st) in readers {
+                            let t = if *st == sp.stage {
+                                local_grad.remove(&(v.0, micro, *rchunk)).ok_or("a local gradient was not produced")?
+                            } else {
+                                recv(*st, sp.tag(1, micro, *v), &ty)?
+                            };
+                            sum.data.iter_mut().zip(&t.data).for_each(|(a, b)| *a += *b);
+                        }
+                        ins.push(sum);
+                    }
+                    let bparams = stash.remove(&(chunk, micro)).ok_or("a backward pass before its forward")?;
+                    w.extend(bparams);
+                    let needed: Vec<_> = c.param_grads.iter().map(|g| g.grad).collect();
+                    let interp =
+                        Interpreter { graph: &c.backward, params: &c.params, dropout: Some(dropout), comm: Some(rc) };
+                    let vals = interp.run_for(&ins, w, Some(&needed));
+                    w.truncate(n_model);
+                    let vals = vals.map_err(err)?;
+                    let g = crate::exec::param_grads(&c.params, &c.param_grads, &vals);
+                    for (k, gk) in g.iter().enumerate().take(n_model) {
+                        if prog.params[k].held && c.param_grads.iter().any(|pg| pg.param == k) {
+                            grads[k].data.iter_mut().zip(&gk.data).for_each(|(a, b)| *a += *b);
+                        }
+                    }
+                    for (j, (v, from, st)) in c.incoming.iter().enumerate() {
+                        let t = &g[n_model + j];
+                        if *st == sp.stage {
+                            local_grad.insert((v.0, micro, chunk), t.clone());
+                        } else {
+                            send(*st, sp.tag(1, micro, *v), t)?;
+                        }
+                        let _ = from;
+                    }
+                }
+            }
+        }
+        Ok(loss)
     }
 
     /// All-gather flat shards over `axis`; each tensor comes back whole (padded).
