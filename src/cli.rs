@@ -49,6 +49,16 @@ enum Command {
         #[arg(long, default_value_t = 0, requires = "ir")]
         rank: u64,
     },
+    /// The parallel plan: which rank holds which slice of each laid-out dim,
+    /// memory per rank by category, and each rank's communication per step
+    /// by collective and mesh axis (from the per-rank programs, checked).
+    Plan {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a model on the CPU: progress bar, DIR/metrics.jsonl, evaluation, checkpoints.
     Train {
         #[command(flatten)]
@@ -203,6 +213,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Plan { spec, json } => match load(&spec) {
+            Ok(m) => plan(&m, json),
+            Err(code) => code,
+        },
         Command::Fmt { file, write, check } => fmt(&file, write, check),
         Command::Train { spec, steps, out, resume, seed, data, eval_interval } => match load(&spec) {
             Ok(m) => {
@@ -303,6 +317,18 @@ pub fn human(n: f64) -> String {
         return format!("{n:.0}");
     };
     format!("{v:.2}{s}")
+}
+
+/// Bytes in B, KB, MB, GB or TB (powers of 1000).
+fn bytes_text(b: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1000.0 && u + 1 < units.len() {
+        x /= 1000.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{x:.2} {}", units[u]) }
 }
 
 fn gib(b: u64) -> String {
@@ -415,6 +441,14 @@ fn inspect_text(m: &Model) -> String {
         parts.reverse();
         let _ = writeln!(s, "rank map (outermost first)  {}", parts.join(", "));
     }
+    s += &memory_table(m);
+    s
+}
+
+/// Memory per rank by category, consecutive equal ranks grouped.
+fn memory_table(m: &Model) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
     let mem = memory::memory_per_rank(m);
     let per_rank = memory::params_per_rank(m);
     let _ = writeln!(
@@ -456,6 +490,165 @@ fn inspect_text(m: &Model) -> String {
     let (rank, w) = memory::worst_rank(&mem);
     let _ = writeln!(s, "  worst: rank {rank}, {}", gib(w.total));
     s
+}
+
+/// One mesh axis of the rank map: (axis, stride, [(coordinate, [(dim, slice held)])]).
+type AxisMap = (String, u64, Vec<(u64, Vec<(String, String)>)>);
+
+/// One rank's communication per step: (rank, [(collective, axis, calls, elements)]).
+type RankVolume = (u64, Vec<(String, String, u64, u64)>);
+
+/// The rank map: for each mesh axis, the slice of each dim laid out on it
+/// that each coordinate holds.
+fn rank_map(m: &Model, mesh: &tessera_compiler::parallel::Mesh) -> Vec<AxisMap> {
+    let mut out = Vec::new();
+    for (axis, n) in &mesh.order {
+        let mut coords = Vec::new();
+        for c in 0..*n {
+            let mut dims = Vec::new();
+            for (d, a) in &m.parallel.layout {
+                if a != axis {
+                    continue;
+                }
+                let text = match d.as_str() {
+                    "batch" => {
+                        let mb = m.micro_batch;
+                        let per = m.train.as_ref().map(|t| t.batch).unwrap_or(mb) / n.max(&1);
+                        format!("sequences [{}..{}] of each step", c * per, (c + 1) * per)
+                    }
+                    "layer" => {
+                        let layers = m.stacks.first().map(|s| s.layers).unwrap_or(0);
+                        let v = if m.parallel.pipeline.schedule == tessera_compiler::config::Schedule::Interleaved1f1b {
+                            m.parallel.pipeline.virtual_stages.max(1)
+                        } else {
+                            1
+                        };
+                        let held: Vec<u64> = (0..layers)
+                            .filter(|&l| {
+                                tessera_compiler::parallel::pipeline::chunk_of_layer(n * v, layers, l) % n == c
+                            })
+                            .collect();
+                        tessera_compiler::ir::indices_text(&held)
+                    }
+                    _ => match m.const_value(d) {
+                        Some(size) => tessera_compiler::ir::indices_text(&mesh.held(d, size as u64, axis, c)),
+                        None => continue,
+                    },
+                };
+                dims.push((d.clone(), text));
+            }
+            coords.push((c, dims));
+        }
+        let stride: u64 = mesh.order.iter().skip_while(|(a, _)| a != axis).skip(1).map(|(_, s)| s).product();
+        out.push((axis.clone(), stride, coords));
+    }
+    out
+}
+
+fn plan(m: &Model, json: bool) -> ExitCode {
+    use std::fmt::Write;
+    use tessera_compiler::parallel::{self, Mesh, check};
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
+    let mesh = match Mesh::of(m) {
+        Ok(x) => x,
+        Err(e) => return fail(e.to_string()),
+    };
+    let Some(loss) = m.graph.output("loss") else {
+        return fail(format!("`{}` has no `loss`: a plan is for training", m.name));
+    };
+    let bw = match tessera_compiler::autodiff::differentiate(&m.graph, loss) {
+        Ok(b) => b,
+        Err(e) => return fail(e.to_string()),
+    };
+    // Every rank's program when the world is small enough to check them all;
+    // else one rank per pipeline stage (the others differ only in their slices).
+    let world = mesh.world();
+    let ranks: Vec<u64> = if world <= 64 {
+        (0..world).collect()
+    } else {
+        match &mesh.pipeline_axis {
+            Some(p) => mesh.group(0, p),
+            None => vec![0],
+        }
+    };
+    let programs: Vec<parallel::RankProgram> = match ranks.iter().map(|&r| parallel::shard(m, &bw, r)).collect() {
+        Ok(p) => p,
+        Err(e) => return fail(e.to_string()),
+    };
+    let checked = if ranks.len() as u64 == world {
+        match check::check(&programs, &mesh) {
+            Ok(()) => "checked: every group issues the same collectives in a deadlock-free order".to_string(),
+            Err(e) => return fail(format!("the per-rank programs disagree: {e}")),
+        }
+    } else {
+        format!("not checked across all {world} ranks (programs of ranks {ranks:?} built)")
+    };
+    let bytes = m.train.as_ref().map(|t| t.precision.bytes()).unwrap_or(4);
+    let volumes: Vec<RankVolume> = programs.iter().map(|p| (p.rank, check::volume(&check::issued(p, &mesh)))).collect();
+    let map = rank_map(m, &mesh);
+    let mem = memory::memory_per_rank(m);
+    if json {
+        let v = serde_json::json!({
+            "model": m.name,
+            "world": world,
+            "mesh": m.parallel.mesh,
+            "rank_order": mesh.order.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(),
+            "rank_map": map.iter().map(|(axis, stride, coords)| serde_json::json!({
+                "axis": axis,
+                "stride": stride,
+                "coords": coords.iter().map(|(c, dims)| serde_json::json!({
+                    "coord": c,
+                    "holds": dims.iter().map(|(d, t)| (d.clone(), serde_json::Value::String(t.clone()))).collect::<serde_json::Map<_, _>>(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "memory_per_rank": mem,
+            "communication": volumes.iter().map(|(r, v)| serde_json::json!({
+                "rank": r,
+                "per_step": v.iter().map(|(op, axis, n, e)| serde_json::json!({
+                    "collective": op, "axis": axis, "calls": n, "elements": e, "bytes": e * bytes,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "collective_check": checked,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return ExitCode::SUCCESS;
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: mesh {} = {world} ranks", m.name, mesh_text(m));
+    let _ = writeln!(s, "\nrank map (rank = Σ coordinate × stride)");
+    for (axis, stride, coords) in &map {
+        let _ = writeln!(s, "  {axis} (stride {stride})");
+        for (c, dims) in coords.iter().take(16) {
+            let held: Vec<String> = dims.iter().map(|(d, t)| format!("{d} {t}")).collect();
+            let _ = writeln!(s, "    {axis}={c}: {}", if held.is_empty() { "-".into() } else { held.join(", ") });
+        }
+        if coords.len() > 16 {
+            let _ = writeln!(s, "    ... ({} coordinates)", coords.len());
+        }
+    }
+    s += &memory_table(m);
+    let _ = writeln!(s, "\ncommunication per step ({} bytes per element)", bytes);
+    let _ = writeln!(s, "  {:<6} {:<20} {:<10} {:>7} {:>12}", "rank", "collective", "axis", "calls", "bytes");
+    let mut last: Option<&Vec<(String, String, u64, u64)>> = None;
+    for (r, v) in &volumes {
+        if last == Some(v) {
+            continue;
+        }
+        last = Some(v);
+        for (op, axis, n, e) in v {
+            let _ = writeln!(s, "  {r:<6} {op:<20} {axis:<10} {n:>7} {:>12}", bytes_text(e * bytes));
+        }
+        if v.is_empty() {
+            let _ = writeln!(s, "  {r:<6} (none)");
+        }
+    }
+    let _ = writeln!(s, "  (ranks with the same figures as the rank above are left out)");
+    let _ = writeln!(s, "\n{checked}");
+    print!("{s}");
+    ExitCode::SUCCESS
 }
 
 #[allow(clippy::too_many_arguments)]

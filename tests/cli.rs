@@ -203,3 +203,74 @@ fn inspect_text_shows_counts_mesh_and_memory() {
         assert!(t.contains(want), "missing `{want}` in\n{t}");
     }
 }
+
+#[test]
+fn plan_json_has_rank_map_memory_and_communication() {
+    let o = tessera(&["plan", "specs/tiny/moe.spec", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["world"], 2);
+    let map = v["rank_map"].as_array().expect("rank_map");
+    let data = map.iter().find(|a| a["axis"] == "data").expect("the data axis");
+    assert_eq!(data["coords"][1]["holds"]["expert"], "[2, 3]");
+    assert_eq!(v["memory_per_rank"].as_array().map(Vec::len), Some(2));
+    let comm = v["communication"][0]["per_step"].as_array().expect("per_step");
+    let a2a =
+        comm.iter().find(|c| c["collective"] == "all_to_all").expect("experts over the data axis exchange tokens");
+    assert_eq!(a2a["axis"], "data");
+    // Dispatch and combine forward, and their gradients backward, in each MoE layer.
+    assert_eq!(a2a["calls"], 4);
+    assert!(v["collective_check"].as_str().is_some_and(|s| s.starts_with("checked")));
+    // A layout that cannot run says why.
+    let bad = tessera(&[
+        "plan",
+        "specs/tiny/gpt.spec",
+        "--set",
+        "parallel.mesh.tensor=3",
+        "--set",
+        "parallel.layout.heads=tensor",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+}
+
+/// `--set` lays a run out over simulated ranks; its losses match the single device's.
+#[test]
+fn train_with_a_layout_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-layout-{}", std::process::id()));
+    let losses = |out: &str, extra: &[&str]| -> Vec<f64> {
+        let out = dir.join(out);
+        let o_str = out.to_string_lossy().into_owned();
+        let mut args = vec!["train", "specs/bench/tiny.spec", "--steps", "3", "--out", o_str.as_str()];
+        args.extend_from_slice(&["--set", "dims.seq=32", "--set", "dims.embed=32", "--set", "train.eval_steps=1"]);
+        args.extend_from_slice(extra);
+        let o = tessera(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect()
+    };
+    let one = losses("one", &[]);
+    let four = losses(
+        "four",
+        &[
+            "--set",
+            "parallel.mesh.data=2",
+            "--set",
+            "parallel.layout.batch=data",
+            "--set",
+            "parallel.mesh.tensor=2",
+            "--set",
+            "parallel.layout.heads=tensor",
+            "--set",
+            "parallel.layout.mlp=tensor",
+        ],
+    );
+    assert_eq!(one.len(), 3);
+    for (a, b) in four.iter().zip(&one) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "dp2×tp2 {a} vs single device {b}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,6 +22,8 @@ pub struct Issued {
     pub at: String,
     /// Point to point: (from, to, tag); `op` is `send` or `recv`.
     pub peer: Option<(u64, u64, u64)>,
+    /// Elements of the input (its payload).
+    pub elems: u64,
 }
 
 fn graph_issued(g: &crate::ir::Graph, rank: u64, mesh: &Mesh, at: &str, out: &mut Vec<Issued>) {
@@ -42,16 +44,18 @@ fn graph_issued(g: &crate::ir::Graph, rank: u64, mesh: &Mesh, at: &str, out: &mu
             shape,
             at: format!("{at}%{i}"),
             peer: None,
+            elems: n.inputs.first().map(|x| g.ty(*x).numel()).unwrap_or(0),
         });
     }
 }
 
-fn p2p(send: bool, from: u64, to: u64, tag: u64, shape: String, at: String) -> Issued {
+fn p2p(send: bool, from: u64, to: u64, tag: u64, ty: &crate::model::TensorType, at: String) -> Issued {
     Issued {
+        elems: ty.numel(),
         op: if send { "send" } else { "recv" }.into(),
         axis: "pipeline".into(),
         group: vec![from, to],
-        shape,
+        shape: ty.to_string(),
         at,
         peer: Some((from, to, tag)),
     }
@@ -67,7 +71,12 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
     let mut out = Vec::new();
     step_issued(p, mesh, &p.prologue, &mut out);
     match &p.stage {
-        None => graph_issued(&p.graph, p.rank, mesh, "", &mut out),
+        None => {
+            for k in 0..p.micro {
+                let at = if p.micro > 1 { format!("micro {k} ") } else { String::new() };
+                graph_issued(&p.graph, p.rank, mesh, &at, &mut out);
+            }
+        }
         Some(sp) => {
             let me = p.rank;
             for a in &sp.schedule {
@@ -78,7 +87,7 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                         let n_model = c.params.len() - c.incoming.len();
                         for (j, (v, _, st)) in c.incoming.iter().enumerate() {
                             if *st != sp.stage {
-                                let shape = c.params[n_model + j].ty.to_string();
+                                let shape = &c.params[n_model + j].ty;
                                 out.push(p2p(
                                     false,
                                     sp.stage_ranks[*st as usize],
@@ -93,7 +102,7 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                         for (j, (v, readers)) in c.outgoing.iter().enumerate() {
                             for (_, st) in readers {
                                 if *st != sp.stage {
-                                    let shape = c.forward.ty(c.sends[j]).to_string();
+                                    let shape = c.forward.ty(c.sends[j]);
                                     out.push(p2p(
                                         true,
                                         me,
@@ -112,7 +121,7 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                         for (j, (v, readers)) in c.outgoing.iter().enumerate() {
                             for (_, st) in readers {
                                 if *st != sp.stage {
-                                    let shape = c.forward.ty(c.sends[j]).to_string();
+                                    let shape = c.forward.ty(c.sends[j]);
                                     out.push(p2p(
                                         false,
                                         sp.stage_ranks[*st as usize],
@@ -128,7 +137,7 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                         let n_model = c.params.len() - c.incoming.len();
                         for (j, (v, _, st)) in c.incoming.iter().enumerate() {
                             if *st != sp.stage {
-                                let shape = c.params[n_model + j].ty.to_string();
+                                let shape = &c.params[n_model + j].ty;
                                 out.push(p2p(
                                     true,
                                     me,
@@ -154,21 +163,21 @@ fn step_issued(p: &RankProgram, mesh: &Mesh, list: &[StepCollective], out: &mut 
             StepCollective::NormAllReduce { axes, .. } => axes.clone(),
             _ => vec![c.axis_label()],
         };
-        let shape = match c {
+        let elems = match c {
             StepCollective::GradAllReduce { elems, .. }
             | StepCollective::GradReduceScatter { elems, .. }
-            | StepCollective::ParamAllGather { elems, .. } => format!("f32[{elems}]"),
-            StepCollective::NormAllReduce { params, .. } => format!("f32[{}]", params.len()),
+            | StepCollective::ParamAllGather { elems, .. } => *elems,
+            StepCollective::NormAllReduce { params, .. } => params.len() as u64,
             StepCollective::SharedGradSum { param, stages } => {
-                let shape = p.params[*param].local.ty.to_string();
+                let ty = &p.params[*param].local.ty;
                 let ranks = &p.stage.as_ref().expect("a pipeline program").stage_ranks;
                 let mine = p.stage.as_ref().expect("a pipeline program").stage;
                 let tag = shared_tag(*param);
                 for &t in stages.iter().filter(|&&t| t != mine) {
-                    out.push(p2p(true, p.rank, ranks[t as usize], tag, shape.clone(), "step".into()));
+                    out.push(p2p(true, p.rank, ranks[t as usize], tag, ty, "step".into()));
                 }
                 for &t in stages.iter().filter(|&&t| t != mine) {
-                    out.push(p2p(false, ranks[t as usize], p.rank, tag, shape.clone(), "step".into()));
+                    out.push(p2p(false, ranks[t as usize], p.rank, tag, ty, "step".into()));
                 }
                 continue;
             }
@@ -178,9 +187,10 @@ fn step_issued(p: &RankProgram, mesh: &Mesh, list: &[StepCollective], out: &mut 
                 op: c.name().to_string(),
                 group: mesh.group(p.rank, &axis),
                 axis,
-                shape: shape.clone(),
+                shape: format!("f32[{elems}]"),
                 at: "step".into(),
                 peer: None,
+                elems,
             });
         }
     }
@@ -287,4 +297,16 @@ pub fn check_lists(lists: &[Vec<Issued>]) -> Result<(), CheckError> {
             });
         }
     }
+}
+
+/// Per-step communication of one rank: (op, axis) → (calls, elements).
+pub fn volume(issued: &[Issued]) -> Vec<(String, String, u64, u64)> {
+    let mut by: std::collections::BTreeMap<(String, String), (u64, u64)> = Default::default();
+    for c in issued {
+        let op = c.op.split_whitespace().next().unwrap_or("").to_string();
+        let e = by.entry((op, c.axis.clone())).or_default();
+        e.0 += 1;
+        e.1 += c.elems;
+    }
+    by.into_iter().map(|((op, axis), (n, e))| (op, axis, n, e)).collect()
 }

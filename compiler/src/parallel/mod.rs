@@ -253,6 +253,8 @@ pub struct RankProgram {
     pub step: Vec<StepCollective>,
     /// With pipeline parallelism: the stage's chunks and schedule (`graph` is then empty).
     pub stage: Option<StageProgram>,
+    /// Microbatches per step on this rank (the graph runs once for each).
+    pub micro: u64,
 }
 
 impl RankProgram {
@@ -888,7 +890,15 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
         prologue,
         step,
         stage: None,
+        micro: micro_per_rank(m, &mesh),
     })
+}
+
+/// Microbatches per step on a data-parallel rank.
+fn micro_per_rank(m: &Model, mesh: &Mesh) -> u64 {
+    let dp = mesh.data_axis.as_deref().map(|a| mesh.size(a)).unwrap_or(1);
+    let batch = m.train.as_ref().map(|t| t.batch).unwrap_or(m.micro_batch);
+    (batch / m.micro_batch.max(1) / dp).max(1)
 }
 
 /// A source graph sharded for one rank.
@@ -1136,6 +1146,7 @@ fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<Ran
         prologue,
         step,
         stage: Some(stage_prog),
+        micro,
     })
 }
 
