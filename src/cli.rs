@@ -81,6 +81,13 @@ enum Command {
         /// Evaluate every N steps (default: the spec's `eval_interval`, else steps / 10).
         #[arg(long)]
         eval_interval: Option<u64>,
+        /// Write a Chrome trace (chrome://tracing, ui.perfetto.dev) of the
+        /// first steps: one track per simulated rank.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Steps the trace records.
+        #[arg(long, default_value_t = 3, requires = "trace")]
+        trace_steps: u64,
     },
     /// Train N steps after two warm-up steps and report tokens/s and achieved GFLOP/s.
     Bench {
@@ -218,10 +225,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             Err(code) => code,
         },
         Command::Fmt { file, write, check } => fmt(&file, write, check),
-        Command::Train { spec, steps, out, resume, seed, data, eval_interval } => match load(&spec) {
+        Command::Train { spec, steps, out, resume, seed, data, eval_interval, trace, trace_steps } => match load(&spec)
+        {
             Ok(m) => {
                 let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
-                train(m, source, steps, out, resume, seed, data, eval_interval)
+                let trace = trace.map(|p| (p, trace_steps));
+                train(m, source, steps, out, resume, seed, data, eval_interval, trace)
             }
             Err(code) => code,
         },
@@ -661,6 +670,7 @@ fn train(
     seed: Option<u64>,
     data: Option<PathBuf>,
     eval_interval: Option<u64>,
+    trace: Option<(PathBuf, u64)>,
 ) -> ExitCode {
     use std::io::Write as _;
     use tessera_runtime::train::{RunConfig, Trainer};
@@ -703,6 +713,9 @@ fn train(
             return ExitCode::from(1);
         }
     };
+    if let Some((_, n)) = &trace {
+        trainer.trace = Some(std::sync::Arc::new(tessera_runtime::trace::Trace::new(*n)));
+    }
     if let Err(e) = std::fs::create_dir_all(&out) {
         eprintln!("error: cannot create `{}`: {e}", out.display());
         return ExitCode::from(1);
@@ -766,6 +779,15 @@ fn train(
     }
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
+    if let Some((path, _)) = &trace {
+        match trainer.write_trace(path) {
+            Ok(()) => eprintln!("trace: {} (open it in ui.perfetto.dev or chrome://tracing)", path.display()),
+            Err(e) => {
+                eprintln!("error writing the trace: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     // A short sample from the trained model (byte-level models print as text).
     if let Ok(sample_model) = recheck_for_sampling(&source.0, &source.1) {
         let cfg = tessera_runtime::infer::SampleConfig {

@@ -274,3 +274,46 @@ fn train_with_a_layout_from_the_command_line() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--trace` writes a Chrome trace with one track per simulated rank.
+#[test]
+fn train_writes_a_chrome_trace() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-trace-{}", std::process::id()));
+    let trace = dir.join("trace.json");
+    let (out, t) = (dir.to_string_lossy().into_owned(), trace.to_string_lossy().into_owned());
+    let o = tessera(&[
+        "train",
+        "specs/tiny/gpt.spec",
+        "--steps",
+        "2",
+        "--out",
+        &out,
+        "--data",
+        "data/shakespeare/shakespeare.txt",
+        "--set",
+        "dims.seq=16",
+        "--set",
+        "parallel.mesh.data=2",
+        "--set",
+        "parallel.layout.batch=data",
+        "--set",
+        "parallel.mesh.pipeline=2",
+        "--set",
+        "parallel.layout.layer=pipeline",
+        "--set",
+        "parallel.pipeline.microbatches=2",
+        "--trace",
+        &t,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
+    let events = v["traceEvents"].as_array().expect("traceEvents");
+    let tracks: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "M").collect();
+    assert_eq!(tracks.len(), 4, "one track per rank");
+    let names: Vec<&str> = events.iter().filter(|e| e["ph"] == "X").filter_map(|e| e["name"].as_str()).collect();
+    for want in ["F0 mb0", "B1 mb1", "grad_all_reduce data", "optimizer update"] {
+        assert!(names.contains(&want), "no `{want}` span in {names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("send to")) && names.iter().any(|n| n.starts_with("recv from")));
+    let _ = std::fs::remove_dir_all(&dir);
+}

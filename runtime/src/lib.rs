@@ -11,6 +11,7 @@ pub mod exec;
 pub mod infer;
 pub mod init;
 pub mod tensor;
+pub mod trace;
 pub mod train;
 
 /// The compiler this runtime executes programs of.

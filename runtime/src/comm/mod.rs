@@ -129,6 +129,9 @@ pub trait Communicator: Send {
 pub struct RankComm<'a> {
     comm: std::sync::Mutex<&'a mut dyn Communicator>,
     groups: std::collections::HashMap<String, Group>,
+    rank: usize,
+    /// Where calls are recorded as spans, when tracing.
+    pub trace: Option<&'a crate::trace::Trace>,
 }
 
 impl<'a> RankComm<'a> {
@@ -137,11 +140,19 @@ impl<'a> RankComm<'a> {
         let rank = comm.rank();
         let groups =
             order.iter().filter_map(|(axis, _)| Some((axis.clone(), group_along(order, rank, axis)?))).collect();
-        RankComm { comm: std::sync::Mutex::new(comm), groups }
+        RankComm { comm: std::sync::Mutex::new(comm), groups, rank, trace: None }
     }
 
     pub fn rank(&self) -> usize {
-        self.comm.lock().unwrap_or_else(|e| e.into_inner()).rank()
+        self.rank
+    }
+
+    /// Run `f`, as a span named `name` on this rank's track when tracing.
+    pub fn span<R>(&self, cat: &'static str, name: impl Into<String>, f: impl FnOnce() -> R) -> R {
+        match self.trace {
+            Some(t) => t.span(self.rank, cat, name, f),
+            None => f(),
+        }
     }
 
     pub fn group(&self, axis: &str) -> Result<&Group, CommError> {
@@ -159,15 +170,18 @@ impl<'a> RankComm<'a> {
             .ok_or_else(|| CommError::Usage { rank, message: format!("not a member of its `{axis}` group") })
     }
 
-    /// Run `f` on the communicator with this rank's group along `axis`.
+    /// Run collective `op` (`f`) on the communicator with this rank's group along `axis`.
     pub fn with<R>(
         &self,
+        op: &str,
         axis: &str,
         f: impl FnOnce(&mut dyn Communicator, &Group) -> Result<R, CommError>,
     ) -> Result<R, CommError> {
         let group = self.group(axis)?;
-        let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut **c, group)
+        self.span("collective", format!("{op} {axis}"), || {
+            let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut **c, group)
+        })
     }
 
     /// The communicator itself (point-to-point, step numbers, abort).

@@ -69,7 +69,7 @@ pub fn all_reduce<T: Real>(c: &RankComm, x: &Tensor<T>, axis: &str, op: ReduceOp
         ReduceOp::Mean => comm::ReduceOp::Mean,
         ReduceOp::Max => comm::ReduceOp::Max,
     };
-    c.with(axis, |comm, group| comm.all_reduce(group, &mut buf, op)).map_err(comm_err)?;
+    c.with("all_reduce", axis, |comm, group| comm.all_reduce(group, &mut buf, op)).map_err(comm_err)?;
     Ok(Tensor { dims: x.dims.clone(), data: from_f32(&buf) })
 }
 
@@ -77,7 +77,7 @@ pub fn all_gather<T: Real>(c: &RankComm, x: &Tensor<T>, axis: &str, dim: &str) -
     let n = c.group(axis).map_err(comm_err)?.ranks.len();
     let input = to_f32(&x.data);
     let mut out = vec![0f32; input.len() * n];
-    c.with(axis, |comm, group| comm.all_gather(group, &input, &mut out)).map_err(comm_err)?;
+    c.with("all_gather", axis, |comm, group| comm.all_gather(group, &input, &mut out)).map_err(comm_err)?;
     let parts: Vec<Tensor<T>> = out
         .chunks(input.len().max(1))
         .take(n)
@@ -100,7 +100,8 @@ pub fn reduce_scatter<T: Real>(c: &RankComm, x: &Tensor<T>, axis: &str, dim: &st
         input.extend(to_f32(&select(x, dim, &idx)?.data));
     }
     let mut out = vec![0f32; x.numel() / n.max(1)];
-    c.with(axis, |comm, group| comm.reduce_scatter(group, &input, &mut out, comm::ReduceOp::Sum)).map_err(comm_err)?;
+    c.with("reduce_scatter", axis, |comm, group| comm.reduce_scatter(group, &input, &mut out, comm::ReduceOp::Sum))
+        .map_err(comm_err)?;
     let dims = x.dims.iter().map(|d| if d.name == dim { Dim::new(dim, chunk as u64) } else { d.clone() });
     Ok(Tensor { dims: dims.collect(), data: from_f32(&out) })
 }
@@ -122,7 +123,8 @@ pub fn all_to_all<T: Real>(
         counts.push(part.numel());
         send.extend(to_f32(&part.data));
     }
-    let (data, got) = c.with(axis, |comm, group| comm.all_to_all(group, &send, &counts)).map_err(comm_err)?;
+    let (data, got) =
+        c.with("all_to_all", axis, |comm, group| comm.all_to_all(group, &send, &counts)).map_err(comm_err)?;
     // Each sender's part has this rank's slices of `split` and its own share of `concat`.
     let (_, _, _) = around(&x.dims, concat_dim)?;
     let unit: usize = x

@@ -76,6 +76,8 @@ pub struct Trainer {
     pub accumulation: u64,
     tokens_idx: usize,
     targets_idx: usize,
+    /// Spans of the first steps for a Chrome trace (`tessera train --trace`).
+    pub trace: Option<std::sync::Arc<crate::trace::Trace>>,
     /// The simulated ranks, when the spec's mesh has more than one; they
     /// hold the weights and optimizer state then (`params` and `opt` are
     /// brought up to date from them by [`Trainer::sync`]).
@@ -124,6 +126,7 @@ impl Trainer {
             tokens_idx,
             targets_idx,
             ranks: None,
+            trace: None,
         };
         if let Some(dir) = t.cfg.resume.clone() {
             t.load(&dir)?;
@@ -178,7 +181,8 @@ impl Trainer {
         let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
         let ranks = self.ranks.as_ref().expect("called with ranks");
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
-        let out = ranks.step(step, self.cfg.seed, lr, train.clip, &inputs).map_err(TrainError::Setup)?;
+        let trace = self.trace.as_deref().filter(|t| step < t.steps);
+        let out = ranks.step(step, self.cfg.seed, lr, train.clip, &inputs, trace).map_err(TrainError::Setup)?;
         // Ranks that share a data coordinate report the same loss (the last
         // pipeline stage reports it): the mean over the reports is the step's.
         let losses: Vec<f64> = out.iter().filter_map(|s| s.loss_sum).map(|l| l / ranks.local_micro as f64).collect();
@@ -207,7 +211,12 @@ impl Trainer {
         // gradients are summed in microbatch order, so the result does not
         // depend on the number of workers.
         let workers = crate::exec::threads().min(self.accumulation as usize).max(1);
-        let per_micro = self.run_microbatches(step, workers)?;
+        let per_micro = match self.trace.as_deref().filter(|t| step < t.steps) {
+            Some(t) => t.span(0, "compute", format!("forward+backward ×{}", self.accumulation), || {
+                self.run_microbatches(step, workers)
+            })?,
+            None => self.run_microbatches(step, workers)?,
+        };
         // Sum in microbatch order into the first microbatch's gradients, then
         // take the mean (the same additions, in the same order, as summing into zeros).
         let mut loss = 0.0f64;
@@ -341,6 +350,23 @@ impl Trainer {
         let inputs = self.batch_inputs(data::Split::Train, step, 0);
         let loss = self.model.graph.output("loss").expect("loss");
         Ok(interp.run(&inputs, &self.weights())?[loss.index()].data[0] as f64)
+    }
+
+    /// Write the Chrome trace recorded so far to `path`, one track per rank.
+    pub fn write_trace(&self, path: &Path) -> Result<(), TrainError> {
+        let Some(t) = &self.trace else { return Ok(()) };
+        let names: Vec<String> = match &self.ranks {
+            Some(r) => r
+                .programs
+                .iter()
+                .map(|p| {
+                    let c: Vec<String> = p.coords.iter().map(|(a, c)| format!("{a} {c}")).collect();
+                    format!("rank {} ({})", p.rank, c.join(", "))
+                })
+                .collect(),
+            None => vec!["rank 0 (single device)".into()],
+        };
+        t.write(path, &names).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
     }
 
     /// Save a checkpoint under `out`, atomically (logical tensors, whatever the layout).

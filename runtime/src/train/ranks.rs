@@ -261,6 +261,7 @@ impl Ranks {
         lr: f64,
         clip: Option<f64>,
         inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
+        trace: Option<&crate::trace::Trace>,
     ) -> Result<Vec<RankStep>, String> {
         let world = World::new(self.programs.len(), TIMEOUT);
         let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
@@ -269,7 +270,8 @@ impl Ranks {
             local.set_step(step);
             let r = local.rank();
             let mut st = self.states[r].lock().map_err(|_| "a rank's state was poisoned by a panic".to_string())?;
-            let rc = RankComm::new(local, &self.mesh.order);
+            let mut rc = RankComm::new(local, &self.mesh.order);
+            rc.trace = trace;
             self.rank_step(r, &mut st, &rc, step, seed, lr, clip, inputs)
         })
     }
@@ -331,7 +333,12 @@ impl Ranks {
             Interpreter { graph: &prog.graph, params: metas, dropout: Some(seed ^ (step << 20)), comm: Some(rc) };
         let needed: Vec<_> = std::iter::once(prog.loss).chain(prog.param_grads.iter().map(|g| g.grad)).collect();
         for j in 0..self.local_micro {
-            let vals = interp.run_for(&inputs(d * self.local_micro + j), weights, Some(&needed)).map_err(err)?;
+            let k = d * self.local_micro + j;
+            let vals = rc
+                .span("compute", format!("forward+backward mb{k}"), || {
+                    interp.run_for(&inputs(k), weights, Some(&needed))
+                })
+                .map_err(err)?;
             loss_sum += vals[prog.loss.index()].data[0] as f64;
             let g = crate::exec::param_grads(metas, &prog.param_grads, &vals);
             if grads.is_empty() {
@@ -368,7 +375,8 @@ impl Ranks {
             match c {
                 StepCollective::GradAllReduce { axis, params, .. } => {
                     let mut buf: Vec<f32> = params.iter().flat_map(|&k| grads[k].data.iter().copied()).collect();
-                    rc.with(axis, |c, g| c.all_reduce(g, &mut buf, comm::ReduceOp::Sum)).map_err(err)?;
+                    rc.with("grad_all_reduce", axis, |c, g| c.all_reduce(g, &mut buf, comm::ReduceOp::Sum))
+                        .map_err(err)?;
                     let mut at = 0;
                     for &k in params {
                         let n = grads[k].numel();
@@ -385,7 +393,10 @@ impl Ranks {
                         }
                     }
                     let mut out = vec![0f32; input.len() / n];
-                    rc.with(axis, |c, g| c.reduce_scatter(g, &input, &mut out, comm::ReduceOp::Sum)).map_err(err)?;
+                    rc.with("grad_reduce_scatter", axis, |c, g| {
+                        c.reduce_scatter(g, &input, &mut out, comm::ReduceOp::Sum)
+                    })
+                    .map_err(err)?;
                     let mut at = 0;
                     for &k in params {
                         let per = grads[k].numel().div_ceil(n);
@@ -447,7 +458,8 @@ impl Ranks {
             if let StepCollective::NormAllReduce { axes, params } = c {
                 let mut buf: Vec<f32> = params.iter().map(|&k| sumsq[k] as f32).collect();
                 for axis in axes {
-                    rc.with(axis, |c, g| c.all_reduce(g, &mut buf, comm::ReduceOp::Sum)).map_err(err)?;
+                    rc.with("norm_all_reduce", axis, |c, g| c.all_reduce(g, &mut buf, comm::ReduceOp::Sum))
+                        .map_err(err)?;
                 }
                 for (&k, v) in params.iter().zip(buf) {
                     sumsq[k] = v as f64;
@@ -463,7 +475,9 @@ impl Ranks {
             })
             .collect();
         let t = step + 1;
-        st.opt.update_with(&mut owned, &upd_grads, &self.shapes[r], lr, t, clip, clip.map(|_| total));
+        rc.span("update", "optimizer update", || {
+            st.opt.update_with(&mut owned, &upd_grads, &self.shapes[r], lr, t, clip, clip.map(|_| total))
+        });
         // ZeRO 1/2: every rank gets the updated weights back.
         for c in &prog.step {
             if let StepCollective::ParamAllGather { axis, params, .. } = c {
@@ -502,11 +516,13 @@ impl Ranks {
         let mut loss = 0.0;
         let recv = |from: u64, tag: u64, ty: &tessera_compiler::model::TensorType| -> Result<Tensor<f32>, String> {
             let mut t = Tensor::zeros(&ty.dims);
-            rc.comm().recv(sp.stage_ranks[from as usize] as usize, tag, &mut t.data).map_err(err)?;
+            let from = sp.stage_ranks[from as usize] as usize;
+            rc.span("p2p", format!("recv from {from}"), || rc.comm().recv(from, tag, &mut t.data)).map_err(err)?;
             Ok(t)
         };
         let send = |to: u64, tag: u64, t: &Tensor<f32>| -> Result<(), String> {
-            rc.comm().send(sp.stage_ranks[to as usize] as usize, tag, &t.data).map_err(err)
+            let to = sp.stage_ranks[to as usize] as usize;
+            rc.span("p2p", format!("send to {to}"), || rc.comm().send(to, tag, &t.data)).map_err(err)
         };
         // The received-gradient inputs of a chunk's graphs, in input order.
         let grad_types = |g: &tessera_compiler::ir::Graph, first: usize| -> Vec<tessera_compiler::model::TensorType> {
@@ -541,7 +557,8 @@ impl Ranks {
                     w.extend(bparams.iter().cloned());
                     let interp =
                         Interpreter { graph: &c.forward, params: &c.params, dropout: Some(dropout), comm: Some(rc) };
-                    let vals = interp.run_for(&ins, w, Some(&needed));
+                    let vals =
+                        rc.span("compute", format!("F{chunk} mb{micro}"), || interp.run_for(&ins, w, Some(&needed)));
                     w.truncate(n_model);
                     let vals = vals.map_err(err)?;
                     stash.insert((chunk, micro), bparams);
@@ -580,7 +597,8 @@ impl Ranks {
                     let needed: Vec<_> = c.param_grads.iter().map(|g| g.grad).collect();
                     let interp =
                         Interpreter { graph: &c.backward, params: &c.params, dropout: Some(dropout), comm: Some(rc) };
-                    let vals = interp.run_for(&ins, w, Some(&needed));
+                    let vals =
+                        rc.span("compute", format!("B{chunk} mb{micro}"), || interp.run_for(&ins, w, Some(&needed)));
                     w.truncate(n_model);
                     let vals = vals.map_err(err)?;
                     let g = crate::exec::param_grads(&c.params, &c.param_grads, &vals);
@@ -609,7 +627,7 @@ impl Ranks {
         let input: Vec<f32> = shards.iter().flat_map(|s| s.data.iter().copied()).collect();
         let n = rc.group(axis).map_err(err)?.ranks.len();
         let mut out = vec![0f32; input.len() * n];
-        rc.with(axis, |c, g| c.all_gather(g, &input, &mut out)).map_err(err)?;
+        rc.with("param_all_gather", axis, |c, g| c.all_gather(g, &input, &mut out)).map_err(err)?;
         let mut whole: Vec<Vec<f32>> = shards.iter().map(|s| Vec::with_capacity(s.numel() * n)).collect();
         for member in out.chunks(input.len().max(1)) {
             let mut at = 0;

@@ -1,0 +1,66 @@
+//! Chrome traces (chrome://tracing, ui.perfetto.dev) of training steps: one
+//! track per simulated rank, with spans for forward and backward passes,
+//! collectives (named by op and mesh axis), point-to-point transfers and the
+//! optimizer update, so pipeline bubbles and waits on collectives show.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+struct Event {
+    name: String,
+    cat: &'static str,
+    rank: usize,
+    ts_us: f64,
+    dur_us: f64,
+}
+
+/// Spans recorded during the first `steps` training steps.
+pub struct Trace {
+    origin: Instant,
+    events: Mutex<Vec<Event>>,
+    /// Steps recorded (later steps run untraced, keeping files small).
+    pub steps: u64,
+}
+
+impl Trace {
+    pub fn new(steps: u64) -> Trace {
+        Trace { origin: Instant::now(), events: Mutex::new(Vec::new()), steps }
+    }
+
+    /// Run `f`, recording it as a span on `rank`'s track.
+    pub fn span<R>(&self, rank: usize, cat: &'static str, name: impl Into<String>, f: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = f();
+        let ts_us = (t0 - self.origin).as_secs_f64() * 1e6;
+        let dur_us = t0.elapsed().as_secs_f64() * 1e6;
+        let e = Event { name: name.into(), cat, rank, ts_us, dur_us };
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(e);
+        r
+    }
+
+    /// The trace in Chrome's JSON format; `names[r]` labels rank r's track.
+    pub fn to_json(&self, names: &[String]) -> serde_json::Value {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<serde_json::Value> = names
+            .iter()
+            .enumerate()
+            .map(
+                |(r, n)| serde_json::json!({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": n}}),
+            )
+            .collect();
+        out.extend(events.iter().map(|e| {
+            serde_json::json!({
+                "name": e.name, "cat": e.cat, "ph": "X", "pid": 0, "tid": e.rank,
+                "ts": (e.ts_us * 1000.0).round() / 1000.0, "dur": (e.dur_us * 1000.0).round() / 1000.0,
+            })
+        }));
+        serde_json::json!({ "traceEvents": out, "displayTimeUnit": "ms" })
+    }
+
+    /// Write the trace to `path` (atomically).
+    pub fn write(&self, path: &std::path::Path, names: &[String]) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&self.to_json(names)).unwrap_or_default())?;
+        std::fs::rename(&tmp, path)
+    }
+}
