@@ -134,6 +134,26 @@ fn gpt_tp2_and_sequence_parallel() {
     same(GPT, &[], &with(TP2, &["parallel.sequence_parallel=true"]));
 }
 
+/// Megatron's vocabulary-parallel embedding and cross-entropy: the tied
+/// table's rows split over the tensor axis.
+#[test]
+fn vocab_parallel_embedding_and_cross_entropy() {
+    let vocab = with(TP2, &["parallel.layout.vocab=tensor"]);
+    same(GPT, &[], &vocab);
+    same(GPT, &[], &with(&vocab, &["parallel.sequence_parallel=true"]));
+    same(MOE, MOE_ONE, &vocab);
+    // The program has no gather of the logits: the loss reduces three per-token values.
+    let m = model(GPT, &vocab);
+    let loss = m.graph.output("loss").expect("loss");
+    let bw = tessera::compiler::autodiff::differentiate(&m.graph, loss).expect("differentiates");
+    let p = tessera::compiler::parallel::shard(&m, &bw, 1).expect("shards");
+    let text = p.graph.to_text();
+    assert!(
+        text.contains("embed_rows(") && text.contains("target_logit(") && text.contains("cross_entropy_grad_rows(")
+    );
+    assert!(!text.lines().any(|l| l.contains("all_gather") && l.contains("vocab")), "{text}");
+}
+
 #[test]
 fn gpt_dp2_tp2() {
     same(GPT, &[], &with(DP2, TP2));
@@ -202,6 +222,13 @@ fn per_rank_programs() {
         ),
         ("moe_dp2_ep2_data", MOE, vec![]),
         ("moe_tp2", MOE, with(&["parallel.mesh.data=1"], TP2)),
+        ("gpt_tp2_vocab", GPT, with(TP2, &["parallel.layout.vocab=tensor"])),
+        ("gpt_pp2_1f1b", GPT, pp2("parallel.pipeline.schedule=1f1b")),
+        (
+            "gpt_dp2_tp2_pp2",
+            GPT,
+            with(&with(&with(DP2, TP2), &pp2("parallel.pipeline.schedule=1f1b")), &["train.batch=8"]),
+        ),
     ];
     for (name, spec, sets) in layouts {
         let m = model(spec, &with(small, &sets));

@@ -293,6 +293,18 @@ pub enum Op {
     /// `x` → the slices `indices` of `dim`, in that order, under the same
     /// dim name (a rank's shard of a value every rank holds whole).
     Select { dim: String, indices: Vec<u64> },
+    /// `table, ids` → embed with a vocabulary-parallel shard of the table
+    /// (rows `start..`): ids outside it give zeros.
+    EmbedRows { start: u64 },
+    /// `ids, g` → the gradient of a vocabulary-parallel table shard (rows `start..`).
+    EmbedGradRows { start: u64 },
+    /// `logits, targets` → each token's target logit when the target is in
+    /// this rank's vocabulary slice (`start..`), else 0.
+    TargetLogit { start: u64 },
+    /// `logits, targets, max, sumexp, g` → d logits of the mean cross-entropy
+    /// on a vocabulary slice (`start..`), given the global max and sum of
+    /// exponentials per token.
+    CrossEntropyGradRows { start: u64 },
 }
 
 impl Op {
@@ -359,6 +371,10 @@ impl Op {
             Op::ReduceScatter { .. } => "reduce_scatter",
             Op::AllToAll { .. } => "all_to_all",
             Op::Select { .. } => "select",
+            Op::EmbedRows { .. } => "embed_rows",
+            Op::EmbedGradRows { .. } => "embed_grad_rows",
+            Op::TargetLogit { .. } => "target_logit",
+            Op::CrossEntropyGradRows { .. } => "cross_entropy_grad_rows",
         }
     }
 

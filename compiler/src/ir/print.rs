@@ -117,6 +117,10 @@ fn attrs(op: &Op) -> String {
         Op::Select { dim, indices } => {
             vec![format!("dim = {dim}"), format!("indices = {}", super::indices_text(indices))]
         }
+        Op::EmbedRows { start }
+        | Op::EmbedGradRows { start }
+        | Op::TargetLogit { start }
+        | Op::CrossEntropyGradRows { start } => vec![format!("start = {start}")],
         Op::Unary { .. }
         | Op::Binary { .. }
         | Op::Embed

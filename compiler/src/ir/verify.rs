@@ -38,6 +38,8 @@ fn arity(op: &Op) -> (usize, usize) {
         | Op::ReduceScatter { .. }
         | Op::AllToAll { .. }
         | Op::Select { .. } => (1, 1),
+        Op::EmbedRows { .. } | Op::EmbedGradRows { .. } | Op::TargetLogit { .. } => (2, 2),
+        Op::CrossEntropyGradRows { .. } => (5, 5),
         Op::Binary { .. } | Op::MatMul { .. } | Op::Embed | Op::CrossEntropy { .. } => (2, 2),
         Op::Dispatch | Op::Combine | Op::LoadBalance => (2, 2),
         Op::LayerNorm { gain, bias, .. } => {

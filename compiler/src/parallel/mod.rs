@@ -286,7 +286,32 @@ impl RankProgram {
         for c in &self.prologue {
             s += &format!("prologue {}\n", c.to_text());
         }
-        s += &self.graph.to_text();
+        match &self.stage {
+            None => s += &self.graph.to_text(),
+            Some(sp) => {
+                let order: Vec<String> = sp
+                    .schedule
+                    .iter()
+                    .map(|a| match a {
+                        pipeline::Action::Forward { chunk, micro } => format!("F{chunk}.{micro}"),
+                        pipeline::Action::Backward { chunk, micro } => format!("B{chunk}.{micro}"),
+                    })
+                    .collect();
+                s += &format!("// stage {} of {}: schedule {}\n", sp.stage, sp.stages, order.join(" "));
+                for c in &sp.chunks {
+                    let ins: Vec<String> =
+                        c.incoming.iter().map(|(v, from, st)| format!("{v} from chunk {from} (stage {st})")).collect();
+                    let outs: Vec<String> = c
+                        .outgoing
+                        .iter()
+                        .map(|(v, rs)| format!("{v} to chunks {:?}", rs.iter().map(|(r, _)| *r).collect::<Vec<_>>()))
+                        .collect();
+                    s += &format!("// chunk {}: receives [{}], sends [{}]\n", c.chunk, ins.join(", "), outs.join(", "));
+                    s += &format!("// chunk {} forward\n{}", c.chunk, c.forward.to_text());
+                    s += &format!("// chunk {} forward (recomputed) and backward\n{}", c.chunk, c.backward.to_text());
+                }
+            }
+        }
         for c in &self.step {
             s += &format!("step {}\n", c.to_text());
         }
@@ -391,6 +416,8 @@ struct Shard<'a> {
     memo: HashMap<(usize, String), (ValueId, State)>,
     /// Collectives and cuts already applied to local values, by (local value, key).
     done: HashMap<(ValueId, String), (ValueId, State)>,
+    /// Vocabulary-parallel cross-entropies: source logits → (max, sum of exponentials).
+    ce: HashMap<usize, (ValueId, ValueId)>,
     span: crate::syntax::span::Span,
 }
 
@@ -596,6 +623,11 @@ impl Shard<'_> {
             }
             Op::Param { .. } => unreachable!("params are placed by `shard`"),
             Op::Dispatch | Op::CombineGradY => return self.expert_major(&node),
+            Op::Embed | Op::EmbedGrad | Op::CrossEntropy { .. } | Op::CrossEntropyGrad { .. } => {
+                if let Some(r) = self.vocab_parallel(&node)? {
+                    return Ok(r);
+                }
+            }
             Op::Combine | Op::DispatchGrad | Op::CombineGradGates => return self.token_major(&node),
             _ => {}
         }
@@ -761,6 +793,100 @@ impl Shard<'_> {
             ));
         }
         Ok((self.push(node.op.clone(), locals, ty), out))
+    }
+
+    /// The contiguous rows a split of the vocabulary holds: (axis, start, rows).
+    fn rows(sp: &Split) -> Option<(String, u64, u64)> {
+        let first = *sp.indices.first()?;
+        let contiguous = sp.indices.iter().enumerate().all(|(i, &x)| x == first + i as u64);
+        (contiguous && sp.exchanged.is_none()).then(|| (sp.axis.clone(), first, sp.indices.len() as u64))
+    }
+
+    /// Megatron's vocabulary-parallel embedding and cross-entropy, when the
+    /// table's rows (and so the logits' class dim) are split: `None` leaves
+    /// the op to the generic rule (which gathers).
+    fn vocab_parallel(&mut self, node: &crate::ir::Node) -> Result<Option<(ValueId, State)>, ParallelError> {
+        match &node.op {
+            Op::Embed => {
+                let (table, tst) = self.reduced(node.inputs[0])?;
+                let row = self.src.ty(node.inputs[0]).dims[0].name.clone();
+                let Some((axis, start, _)) = tst.split.get(&row).and_then(Self::rows) else { return Ok(None) };
+                if tst.split.len() != 1 {
+                    return Ok(None);
+                }
+                let (ids, _) = self.whole(node.inputs[1])?;
+                let v = self.push(Op::EmbedRows { start }, vec![table, ids], node.ty.clone());
+                let mut st = State::default();
+                st.partial.insert(axis);
+                Ok(Some((v, st)))
+            }
+            Op::EmbedGrad => {
+                let row = node.ty.dims[0].name.clone();
+                let Some(axis) = self.mesh.rule(&row).map(str::to_string) else { return Ok(None) };
+                if Some(&row) == self.mesh.expert_dim.as_ref() || Some(&axis) == self.mesh.data_axis.as_ref() {
+                    return Ok(None);
+                }
+                let held = self.mesh.held(&row, node.ty.dims[0].size, &axis, self.coord(&axis));
+                let sp = Split { axis, indices: held, exchanged: None };
+                let Some((_, start, rows)) = Self::rows(&sp) else { return Ok(None) };
+                let (ids, _) = self.whole(node.inputs[0])?;
+                let (g, _) = self.whole(node.inputs[1])?;
+                let v = self.push(Op::EmbedGradRows { start }, vec![ids, g], with_size(&node.ty, &row, rows));
+                let mut st = State::default();
+                st.split.insert(row, sp);
+                Ok(Some((v, st)))
+            }
+            Op::CrossEntropy { label_smoothing, ignore } if *label_smoothing == 0.0 && ignore.is_none() => {
+                let (logits, lst) = self.reduced(node.inputs[0])?;
+                let tty = self.src.ty(node.inputs[1]).clone();
+                let lty = self.g.ty(logits).clone();
+                let Some(class) = lty.dims.iter().find(|d| !tty.has(&d.name)).map(|d| d.name.clone()) else {
+                    return Ok(None);
+                };
+                let Some((axis, start, _)) = lst.split.get(&class).and_then(Self::rows) else { return Ok(None) };
+                if lst.split.len() != 1 {
+                    return Ok(None);
+                }
+                let (targets, _) = self.whole(node.inputs[1])?;
+                let per = TensorType::new(lty.dtype, tty.dims.clone());
+                let reduce = |s: &mut Self, op: ReduceOp, x: ValueId| {
+                    let l = s.push(Op::Reduce { op, dims: vec![class.clone()] }, vec![x], per.clone());
+                    let cop = if op == ReduceOp::Max { ReduceOp::Max } else { ReduceOp::Sum };
+                    s.push(Op::AllReduce { axis: axis.clone(), op: cop }, vec![l], per.clone())
+                };
+                let m = reduce(self, ReduceOp::Max, logits);
+                let shifted = self.push(Op::Binary { op: BinaryOp::Sub }, vec![logits, m], lty.clone());
+                let e = self.push(Op::Unary { op: crate::ir::UnaryOp::Exp }, vec![shifted], lty.clone());
+                let z = reduce(self, ReduceOp::Sum, e);
+                let tl = self.push(Op::TargetLogit { start }, vec![logits, targets], per.clone());
+                let t = self.push(Op::AllReduce { axis: axis.clone(), op: ReduceOp::Sum }, vec![tl], per.clone());
+                let lz = self.push(Op::Unary { op: crate::ir::UnaryOp::Log }, vec![z], per.clone());
+                let lse = self.push(Op::Binary { op: BinaryOp::Add }, vec![lz, m], per.clone());
+                let nll = self.push(Op::Binary { op: BinaryOp::Sub }, vec![lse, t], per.clone());
+                let dims = tty.dims.iter().map(|d| d.name.clone()).collect();
+                let loss = self.push(Op::Reduce { op: ReduceOp::Mean, dims }, vec![nll], node.ty.clone());
+                self.ce.insert(node.inputs[0].index(), (m, z));
+                Ok(Some((loss, State::default())))
+            }
+            Op::CrossEntropyGrad { label_smoothing, ignore } if *label_smoothing == 0.0 && ignore.is_none() => {
+                let Some(&(m, z)) = self.ce.get(&node.inputs[0].index()) else { return Ok(None) };
+                let (logits, lst) = self.reduced(node.inputs[0])?;
+                let tty = self.src.ty(node.inputs[1]).clone();
+                let lty = self.g.ty(logits).clone();
+                let Some(class) = lty.dims.iter().find(|d| !tty.has(&d.name)).map(|d| d.name.clone()) else {
+                    return Ok(None);
+                };
+                let Some(sp) = lst.split.get(&class).cloned() else { return Ok(None) };
+                let Some((_, start, _)) = Self::rows(&sp) else { return Ok(None) };
+                let (targets, _) = self.whole(node.inputs[1])?;
+                let (g, _) = self.whole(node.inputs[2])?;
+                let v = self.push(Op::CrossEntropyGradRows { start }, vec![logits, targets, m, z, g], lty);
+                let mut st = State::default();
+                st.split.insert(class, sp);
+                Ok(Some((v, st)))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Dispatch and its transpose: write `[expert, slot, ...]` for this
@@ -930,6 +1056,7 @@ fn shard_graph(
         vals: Vec::with_capacity(src.len()),
         memo: HashMap::new(),
         done: HashMap::new(),
+        ce: HashMap::new(),
         span: Default::default(),
     };
     for i in 0..src.len() {

@@ -9,6 +9,7 @@ pub(crate) mod fast;
 pub mod kernels;
 pub mod moe;
 pub mod padded;
+pub mod vocab;
 
 use crate::tensor::{Real, Tensor, r};
 use kernels as k;
@@ -355,6 +356,13 @@ impl Interpreter<'_> {
                 .map_err(fail)?
             }
             Op::Select { dim, indices } => collective::select(a(0), dim, indices).map_err(fail)?,
+            Op::EmbedRows { start } => vocab::embed_rows(a(0), a(1), *start, out),
+            Op::EmbedGradRows { start } => vocab::embed_grad_rows(a(0), a(1), *start, out),
+            Op::TargetLogit { start } => vocab::target_logit(a(0), a(1), *start),
+            Op::CrossEntropyGradRows { start } => {
+                let g = a(4).data.first().copied().unwrap_or_else(T::zero);
+                vocab::cross_entropy_grad(a(0), a(1), a(2), a(3), g, *start)
+            }
             Op::Input { index } => {
                 let t = inputs.get(*index).ok_or_else(|| fail(format!("input {index} was not given")))?;
                 if t.dims != *out {
