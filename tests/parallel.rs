@@ -178,6 +178,7 @@ fn moe_expert_parallel() {
     same(MOE, MOE_ONE, &ep("parallel.mesh.expert=2", "parallel.experts.placement=blocked"));
     same(MOE, MOE_ONE, &ep("parallel.mesh.expert=4", "parallel.experts.placement=round_robin"));
     same(MOE, MOE_ONE, &ep("parallel.mesh.expert=2", "parallel.experts.placement=round_robin"));
+    same(MOE, MOE_ONE, &ep("parallel.mesh.expert=2", "parallel.experts.placement=[[3, 0], [1, 2]]"));
 }
 
 #[test]
@@ -335,7 +336,8 @@ fn moves(spec: &str, legs: &[(Vec<&str>, u64)]) {
 
 #[test]
 fn checkpoints_move_between_layouts() {
-    moves(GPT, &[(with(DP2, TP2), 3), (vec!["parallel.mesh.data=4", "parallel.layout.batch=data"], 2), (vec![], 1)]);
+    let tp_pp = with(TP2, &pp2("parallel.pipeline.schedule=1f1b"));
+    moves(GPT, &[(tp_pp, 3), (vec!["parallel.mesh.data=4", "parallel.layout.batch=data"], 2), (vec![], 1)]);
     let ep_rr = vec![
         "parallel.mesh.data=1",
         "parallel.mesh.expert=2",
@@ -375,4 +377,11 @@ fn moe_pipeline() {
     same(MOE, quarter, &pp("parallel.pipeline.schedule=gpipe"));
     same(MOE, quarter, &pp("parallel.pipeline.schedule=1f1b"));
     same(MOE, quarter, &with(&pp("parallel.pipeline.schedule=1f1b"), TP2));
+    // Interleaved: 4 layers (two of them MoE) over 2 stages × 2 virtual stages.
+    let four = &["parallel.mesh.data=1", "train.micro_batch=2", "dims.layers=4"];
+    same(MOE, four, &with(&pp("parallel.pipeline.schedule=interleaved_1f1b"), &["parallel.pipeline.virtual=2"]));
+    // Data 2 × pipeline 2 (two microbatches of 2 per data rank), and world 8 with tensor 2.
+    let dp_pp = with(DP2, &pp("parallel.pipeline.schedule=1f1b"));
+    same(MOE, quarter, &dp_pp);
+    same(MOE, quarter, &with(&dp_pp, TP2));
 }

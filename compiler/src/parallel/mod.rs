@@ -907,8 +907,8 @@ impl Shard<'_> {
             let sp = Split { axis, indices: held, exchanged: Some(slot) };
             return self.localize(full, st, &e, &sp);
         }
-        let gty = with_size(self.g.ty(gates), &e, held.len() as u64);
-        let g = self.push(Op::Select { dim: e.clone(), indices: held.clone() }, vec![gates], gty);
+        let cut = Split { axis: axis.clone(), indices: held.clone(), exchanged: None };
+        let g = self.localize(gates, State::default(), &e, &cut)?.0;
         let ty = with_size(&node.ty, &e, held.len() as u64);
         st.split.insert(e, Split { axis, indices: held, exchanged: None });
         Ok((self.push(node.op.clone(), vec![g, x], ty), st))
@@ -943,8 +943,7 @@ impl Shard<'_> {
                     rest[k] = self.localize(v, st, &e, sp)?.0;
                 }
             }
-            let gty = with_size(self.g.ty(gates), &e, sp.indices.len() as u64);
-            g = self.push(Op::Select { dim: e.clone(), indices: sp.indices.clone() }, vec![gates], gty);
+            g = self.localize(gates, State::default(), &e, sp)?.0;
             if node.ty.has(&e) {
                 ty = with_size(&node.ty, &e, sp.indices.len() as u64);
                 out.split.insert(e.clone(), sp.clone());
