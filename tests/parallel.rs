@@ -385,3 +385,27 @@ fn moe_pipeline() {
     same(MOE, quarter, &dp_pp);
     same(MOE, quarter, &with(&dp_pp, TP2));
 }
+
+/// Dropout: masks are keyed by the node that draws them, and a gradient
+/// names its forward node's id in the rank's own program. Data-parallel
+/// ranks run the single-device program's nodes and so its masks; a tensor
+/// split draws its own masks (as Megatron's split regions do) and still
+/// trains consistently.
+#[test]
+fn dropout_on_ranks() {
+    const DROP: &str = "tests/specs/gpt-dropout.spec";
+    same(DROP, &["train.micro_batch=4"], DP2);
+    let run = train(DROP, TP2);
+    assert!(run.losses.iter().all(|l| l.is_finite()));
+    assert!(run.losses[4] < run.losses[0], "{:?}", run.losses);
+    // Each dropout gradient regenerates the mask of a dropout node of the same program.
+    let m = model(DROP, TP2);
+    let loss = m.graph.output("loss").expect("loss");
+    let bw = tessera::compiler::autodiff::differentiate(&m.graph, loss).expect("differentiates");
+    let p = tessera::compiler::parallel::shard(&m, &bw, 1).expect("shards");
+    for n in &p.graph.nodes {
+        if let tessera::compiler::ir::Op::DropoutGrad { forward, .. } = n.op {
+            assert!(matches!(p.graph.nodes[forward.index()].op, tessera::compiler::ir::Op::Dropout { .. }));
+        }
+    }
+}

@@ -98,9 +98,6 @@ impl Mesh {
             rules.push((d.clone(), a.clone()));
         }
         let tensor = p.axis_of("heads").or_else(|| p.axis_of("mlp"));
-        if p.sequence_parallel && tensor.is_none_or(|t| p.axis_size(t) <= 1) {
-            // Nothing to do: sequence parallelism splits the tensor axis's activations.
-        }
         Ok(Mesh {
             order: rank_order(p),
             rules,
@@ -182,9 +179,9 @@ impl ParamShard {
 /// A collective of the optimizer step (outside the forward/backward graph).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepCollective {
-    /// Sum (or mean) a bucket of gradients over an axis: `params` in bucket
-    /// order. (The trainer sums, then divides by the step's microbatch count.)
-    GradAllReduce { axis: String, mean: bool, params: Vec<usize>, elems: u64 },
+    /// Sum a bucket of gradients over an axis: `params` in bucket order. (The
+    /// trainer then divides by the step's microbatch count over all ranks.)
+    GradAllReduce { axis: String, params: Vec<usize>, elems: u64 },
     /// ZeRO 2/3: reduce-scatter a bucket of flat gradients over the data axis.
     GradReduceScatter { axis: String, params: Vec<usize>, elems: u64 },
     /// ZeRO 1/2: all-gather updated weight shards; ZeRO 3: all-gather the
@@ -209,9 +206,8 @@ impl StepCollective {
     }
     pub fn to_text(&self) -> String {
         let attrs = match self {
-            StepCollective::GradAllReduce { axis, mean, params, elems } => {
-                let op = if *mean { "mean" } else { "sum" };
-                format!("{{axis = {axis}, op = {op}, elems = {elems}}} params {params:?}")
+            StepCollective::GradAllReduce { axis, params, elems } => {
+                format!("{{axis = {axis}, op = sum, elems = {elems}}} params {params:?}")
             }
             StepCollective::GradReduceScatter { axis, params, elems }
             | StepCollective::ParamAllGather { axis, params, elems } => {
@@ -792,7 +788,7 @@ impl Shard<'_> {
                 out.split.iter().map(|(d, s)| format!("{d} -> {}", s.axis)).collect::<Vec<_>>()
             ));
         }
-        Ok((self.push(node.op.clone(), locals, ty), out))
+        Ok((self.push(self.local_op(&node.op), locals, ty), out))
     }
 
     /// The contiguous rows a split of the vocabulary holds: (axis, start, rows).
@@ -887,6 +883,19 @@ impl Shard<'_> {
             }
             _ => Ok(None),
         }
+    }
+
+    /// An op for the local graph: gradients that regenerate a forward
+    /// node's dropout mask name that node's local id (the mask is keyed by it).
+    fn local_op(&self, op: &Op) -> Op {
+        let mut op = op.clone();
+        match &mut op {
+            Op::DropoutGrad { forward, .. } | Op::AttentionGrad { forward, .. } => {
+                *forward = self.vals[forward.index()].0;
+            }
+            _ => {}
+        }
+        op
     }
 
     /// Dispatch and its transpose: write `[expert, slot, ...]` for this
@@ -1307,7 +1316,7 @@ fn step_collectives(
             if mesh.zero >= 2 {
                 out.push(StepCollective::GradReduceScatter { axis: data.clone(), params, elems: *size });
             } else {
-                out.push(StepCollective::GradAllReduce { axis: data.clone(), mean: false, params, elems: *size });
+                out.push(StepCollective::GradAllReduce { axis: data.clone(), params, elems: *size });
             }
             *size = 0;
         };
