@@ -414,3 +414,15 @@ fn dropout_on_ranks() {
         }
     }
 }
+
+/// Layouts no recipe names still follow from the rules and reproduce the
+/// single device: the embedding width, the sequence or the head width split.
+#[test]
+fn unusual_layouts_follow_from_the_rules() {
+    for dim in ["embed", "seq", "head_dim"] {
+        let rule = format!("parallel.layout.{dim}=tensor");
+        same(GPT, &[], &["parallel.mesh.tensor=2", rule.as_str()]);
+    }
+    let mixed = ["parallel.mesh.tensor=2", "parallel.layout.embed=tensor", "parallel.mesh.expert=2"];
+    same(MOE, MOE_ONE, &with(&mixed, &["parallel.layout.expert=expert"]));
+}

@@ -143,15 +143,19 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
         if d == "layer" || d == "batch" {
             continue;
         }
-        if let Some(size) = m.const_value(d) {
-            let size = size as u64;
-            if !size.is_multiple_of(n) {
-                diags.push(
-                    Diag::error(format!("`{d}` = {size} is not divisible by the `{a}` axis of size {n}"))
-                        .at(span, "uneven split")
-                        .help(format!("legal `{a}` degrees for `{d}`: {}", legal(size))),
-                );
-            }
+        // A model dim, or a dim a block declares on a parameter (`qkv = 3`).
+        let size = m
+            .const_value(d)
+            .map(|x| x as u64)
+            .or_else(|| m.params.iter().flat_map(|q| q.ty.dims.iter()).find(|x| x.name == *d).map(|x| x.size));
+        if let Some(size) = size
+            && !size.is_multiple_of(n)
+        {
+            diags.push(
+                Diag::error(format!("`{d}` = {size} is not divisible by the `{a}` axis of size {n}"))
+                    .at(span, "uneven split")
+                    .help(format!("legal `{a}` degrees for `{d}`: {}", legal(size))),
+            );
         }
     }
     // Every axis with more than one rank must split something.

@@ -631,15 +631,19 @@ impl Shard<'_> {
         let mut rest = Vec::new();
         let mut split: Option<Split> = None;
         for &x in &node.inputs[1..] {
-            let (v, st) = self.reduced(x)?;
-            let (v, st) = match st.split.get(&e) {
-                Some(sp) if sp.exchanged.is_none() && st.split.len() == 1 => {
-                    split = Some(sp.clone());
-                    (v, st)
-                }
-                _ => self.whole(x)?,
-            };
-            let _ = st;
+            let (mut v, mut st) = self.reduced(x)?;
+            // Other split dims are gathered; a model-axis expert split stays:
+            // its slots were laid out from this rank's gates, so only this
+            // rank's gates can combine them.
+            let others: Vec<String> = st.split.keys().filter(|d| **d != e).cloned().collect();
+            for d in others {
+                (v, st) = self.gather(v, st, &d)?;
+            }
+            match st.split.get(&e) {
+                Some(sp) if sp.exchanged.is_none() => split = Some(sp.clone()),
+                Some(_) => (v, _) = self.gather(v, st, &e)?,
+                None => {}
+            }
             rest.push(v);
         }
         let mut out = State::default();

@@ -607,14 +607,13 @@ impl Ranks {
                             grads[k].data.iter_mut().zip(&gk.data).for_each(|(a, b)| *a += *b);
                         }
                     }
-                    for (j, (v, from, st)) in c.incoming.iter().enumerate() {
+                    for (j, (v, _, st)) in c.incoming.iter().enumerate() {
                         let t = &g[n_model + j];
                         if *st == sp.stage {
                             local_grad.insert((v.0, micro, chunk), t.clone());
                         } else {
                             send(*st, sp.tag(1, micro, *v), t)?;
                         }
-                        let _ = from;
                     }
                 }
             }
