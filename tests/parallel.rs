@@ -48,6 +48,9 @@ struct Run {
 /// Losses of 5 steps and the final logical weights.
 fn train(spec: &str, sets: &[&str]) -> Run {
     let out = tmp(&sets.join("_").replace(['.', '=', '/'], "-"));
+    // Sequences of 32 keep the runs short; every layout splits it evenly.
+    let sets: Vec<&str> = std::iter::once("dims.seq=32").chain(sets.iter().copied()).collect();
+    let sets = &sets[..];
     let mut t = Trainer::new(model(spec, sets), cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     let grads = if t.ranks.is_none() { t.gradients().expect("gradients") } else { Vec::new() };
     let mut losses: Vec<f64> =
@@ -84,7 +87,7 @@ fn same(spec: &str, base: &[&str], layout: &[&str]) {
         let e = (a - b).abs() / b.abs();
         assert!(e <= 1e-5, "{layout:?}: loss {} is {a}, single device {b} (rel. error {e:.2e})", step + 1);
     }
-    let m = model(spec, base);
+    let m = model(spec, &with(&["dims.seq=32"], base));
     let (mut excluded, mut total, mut worst) = (0, 0, 0f64);
     for (k, (a, b)) in run.weights.iter().zip(&single.weights).enumerate() {
         let g = &single.grads[k].data;
@@ -425,4 +428,74 @@ fn unusual_layouts_follow_from_the_rules() {
     }
     let mixed = ["parallel.mesh.tensor=2", "parallel.layout.embed=tensor", "parallel.mesh.expert=2"];
     same(MOE, MOE_ONE, &with(&mixed, &["parallel.layout.expert=expert"]));
+}
+
+/// Layouts drawn at random from the rules (`TESSERA_LAYOUT_SEEDS` for more
+/// than the default few): every one the checker accepts reproduces the
+/// single device.
+#[test]
+fn random_layouts() {
+    let seeds: u64 = std::env::var("TESSERA_LAYOUT_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut ran = 0;
+    for _ in 0..seeds * 4 {
+        let moe = next(2) == 1;
+        let (spec, mut base): (&str, Vec<String>) =
+            if moe { (MOE, vec!["parallel.mesh.data=1".into()]) } else { (GPT, vec![]) };
+        let mut sets: Vec<String> = Vec::new();
+        let mut world = 1;
+        if next(2) == 1 {
+            sets.extend(["parallel.mesh.tensor=2".into()]);
+            let dims = ["heads", "mlp", "vocab", "embed", "head_dim", "seq"];
+            let mut any = false;
+            for d in dims {
+                if next(3) == 0 || (!any && d == "seq") {
+                    sets.push(format!("parallel.layout.{d}=tensor"));
+                    any = true;
+                }
+            }
+            if next(3) == 0 {
+                sets.push("parallel.sequence_parallel=true".into());
+            }
+            world *= 2;
+        }
+        if next(2) == 1 {
+            sets.extend(["parallel.mesh.data=2".into(), "parallel.layout.batch=data".into()]);
+            sets.push(format!("parallel.zero={}", next(4)));
+            base.push("train.micro_batch=4".into());
+            world *= 2;
+        }
+        if moe && next(2) == 1 {
+            let placement = ["blocked", "round_robin"][next(2) as usize];
+            sets.extend(["parallel.mesh.expert=2".into(), "parallel.layout.expert=expert".into()]);
+            sets.push(format!("parallel.experts.placement={placement}"));
+            world *= 2;
+        }
+        if next(3) == 0 && world <= 4 {
+            let schedule = ["gpipe", "1f1b"][next(2) as usize];
+            sets.extend(["parallel.mesh.pipeline=2".into(), "parallel.layout.layer=pipeline".into()]);
+            sets.push(format!("parallel.pipeline.schedule={schedule}"));
+            base.retain(|s| !s.starts_with("train.micro_batch"));
+            base.push("train.micro_batch=2".into());
+        }
+        if sets.is_empty() {
+            continue;
+        }
+        let base: Vec<&str> = base.iter().map(String::as_str).collect();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let all: Vec<String> = base.iter().chain(&sets).map(|s| s.to_string()).collect();
+        let opts = Options { overrides: all, model: None, micro_batch: None };
+        if check_path(&mut SourceMap::new(), Path::new(spec), &opts).is_err() {
+            continue; // the checker rules it out, with a diagnostic
+        }
+        same(spec, &base, &sets);
+        ran += 1;
+    }
+    assert!(ran > 0);
 }

@@ -276,7 +276,8 @@ fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<Ran
     for c in &mine {
         let mut shards = params.clone();
         for b in &c.params[m.params.len()..] {
-            shards.push(param_shard(mesh, b, rank));
+            // A boundary value arrives whole (the sender gathers it): layout rules do not cut it.
+            shards.push(ParamShard { local: b.clone(), splits: Vec::new(), held: true });
         }
         let f = shard_graph(
             mesh,
