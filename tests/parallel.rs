@@ -368,6 +368,21 @@ fn gpt_pipeline_schedules() {
     same(GPT, four, &with(&pp2("parallel.pipeline.schedule=interleaved_1f1b"), &["parallel.pipeline.virtual=2"]));
 }
 
+/// With `recompute = full` a stage keeps only a chunk's inputs and
+/// recomputes its forward in the backward pass; without, it keeps the
+/// forward pass's values until the gradient arrives. Both match.
+#[test]
+fn pipeline_with_and_without_recompute() {
+    let one_f_one_b = pp2("parallel.pipeline.schedule=1f1b");
+    same(GPT, &[], &with(&one_f_one_b, &["parallel.recompute=full"]));
+    same(GPT, &[], &with(&with(&one_f_one_b, TP2), &["parallel.recompute=full", "parallel.sequence_parallel=true"]));
+    let m = model(GPT, &one_f_one_b);
+    let loss = m.graph.output("loss").expect("loss");
+    let bw = tessera::compiler::autodiff::differentiate(&m.graph, loss).expect("differentiates");
+    let p = tessera::compiler::parallel::shard(&m, &bw, 0).expect("shards");
+    assert!(p.stage.expect("a stage").chunks.iter().all(|c| c.split.is_some() && c.forward.is_empty()));
+}
+
 #[test]
 fn gpt_pipeline_with_data_and_tensor() {
     let one_f_one_b = pp2("parallel.pipeline.schedule=1f1b");
@@ -498,4 +513,28 @@ fn random_layouts() {
         ran += 1;
     }
     assert!(ran > 0);
+}
+
+/// Microbatches a stage holds activations for at once: GPipe all of them,
+/// 1F1B at most `stages − stage`, interleaved 1F1B Megatron's warm-up count.
+#[test]
+fn schedules_bound_the_microbatches_in_flight() {
+    use tessera::compiler::config::Schedule;
+    use tessera::compiler::parallel::pipeline::{Action, schedule};
+    let in_flight = |actions: &[Action]| {
+        let (mut now, mut most) = (0i64, 0i64);
+        for a in actions {
+            now += if matches!(a, Action::Forward { .. }) { 1 } else { -1 };
+            most = most.max(now);
+        }
+        assert_eq!(now, 0, "every forward has its backward");
+        most
+    };
+    for stage in 0..4 {
+        assert_eq!(in_flight(&schedule(Schedule::Gpipe, 4, 1, 8, stage)), 8);
+        assert_eq!(in_flight(&schedule(Schedule::OneFOneB, 4, 1, 8, stage)), 4 - stage as i64);
+        // 2 virtual stages: (p − s − 1)·2 + (v − 1)·p warm-up forwards, then one in, one out.
+        let warmup = (4 - stage as i64 - 1) * 2 + 4;
+        assert_eq!(in_flight(&schedule(Schedule::Interleaved1f1b, 4, 2, 8, stage)), warmup + 1);
+    }
 }

@@ -27,7 +27,18 @@ pub struct Issued {
 }
 
 fn graph_issued(g: &crate::ir::Graph, rank: u64, mesh: &Mesh, at: &str, out: &mut Vec<Issued>) {
-    for (i, n) in g.nodes.iter().enumerate() {
+    graph_range_issued(g, 0..g.len(), rank, mesh, at, out)
+}
+
+fn graph_range_issued(
+    g: &crate::ir::Graph,
+    range: std::ops::Range<usize>,
+    rank: u64,
+    mesh: &Mesh,
+    at: &str,
+    out: &mut Vec<Issued>,
+) {
+    for (i, n) in g.nodes.iter().enumerate().take(range.end).skip(range.start) {
         let Some(axis) = n.op.collective_axis() else { continue };
         let mut op = n.op.name().to_string();
         match &n.op {
@@ -98,11 +109,14 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                                 ));
                             }
                         }
-                        graph_issued(&c.forward, me, mesh, &at, &mut out);
+                        match c.split {
+                            Some(k) => graph_range_issued(&c.backward, 0..k, me, mesh, &at, &mut out),
+                            None => graph_issued(&c.forward, me, mesh, &at, &mut out),
+                        }
                         for (j, (v, readers)) in c.outgoing.iter().enumerate() {
                             for (_, st) in readers {
                                 if *st != sp.stage {
-                                    let shape = c.forward.ty(c.sends[j]);
+                                    let shape = c.sends_graph().ty(c.sends[j]);
                                     out.push(p2p(
                                         true,
                                         me,
@@ -121,7 +135,7 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                         for (j, (v, readers)) in c.outgoing.iter().enumerate() {
                             for (_, st) in readers {
                                 if *st != sp.stage {
-                                    let shape = c.forward.ty(c.sends[j]);
+                                    let shape = c.sends_graph().ty(c.sends[j]);
                                     out.push(p2p(
                                         false,
                                         sp.stage_ranks[*st as usize],
@@ -133,7 +147,8 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                                 }
                             }
                         }
-                        graph_issued(&c.backward, me, mesh, &at, &mut out);
+                        let from = c.split.unwrap_or(0);
+                        graph_range_issued(&c.backward, from..c.backward.len(), me, mesh, &at, &mut out);
                         let n_model = c.params.len() - c.incoming.len();
                         for (j, (v, _, st)) in c.incoming.iter().enumerate() {
                             if *st != sp.stage {

@@ -138,8 +138,23 @@ impl RankProgram {
                         .map(|(v, rs)| format!("{v} to chunks {:?}", rs.iter().map(|(r, _)| *r).collect::<Vec<_>>()))
                         .collect();
                     s += &format!("// chunk {}: receives [{}], sends [{}]\n", c.chunk, ins.join(", "), outs.join(", "));
-                    s += &format!("// chunk {} forward\n{}", c.chunk, c.forward.to_text());
-                    s += &format!("// chunk {} forward (recomputed) and backward\n{}", c.chunk, c.backward.to_text());
+                    match c.split {
+                        Some(k) => {
+                            s += &format!(
+                                "// chunk {}: forward = nodes 0..{k} (their values wait for the gradient), backward = the rest\n{}",
+                                c.chunk,
+                                c.backward.to_text()
+                            );
+                        }
+                        None => {
+                            s += &format!("// chunk {} forward\n{}", c.chunk, c.forward.to_text());
+                            s += &format!(
+                                "// chunk {} forward (recomputed) and backward\n{}",
+                                c.chunk,
+                                c.backward.to_text()
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -161,7 +176,7 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
     }
     let params: Vec<ParamShard> = m.params.iter().map(|p| param_shard(&mesh, p, rank)).collect();
     let metas: Vec<Param> = m.params.clone();
-    let local = shard_graph(&mesh, &metas, &params, bw, rank, &[])?;
+    let local = shard_graph(&mesh, &metas, &params, bw, rank, &[], None)?;
     let mut step = step_collectives(m, &mesh, &params, &[]);
     // ZeRO 3 gathers the weights before the forward pass instead of after the update.
     let prologue = match step.last() {
@@ -194,10 +209,17 @@ fn micro_per_rank(m: &Model, mesh: &Mesh) -> u64 {
 #[derive(Debug, Clone)]
 pub struct ChunkProgram {
     pub chunk: usize,
-    /// Forward only: outputs the values sent on (`sends`) and the objective.
+    /// Forward only (with full recomputation; else empty): outputs the
+    /// values sent on (`sends`) and the objective.
     pub forward: Graph,
+    /// The objective (the loss on the last chunk), in `forward`, or in
+    /// `backward` when `split` is set.
     pub forward_loss: ValueId,
+    /// The values sent to later chunks, whole, in the same graph.
     pub sends: Vec<ValueId>,
+    /// Without full recomputation: the forward step runs `backward`'s nodes
+    /// `0..split` and keeps their values; the backward step runs the rest.
+    pub split: Option<usize>,
     /// Forward (recomputed) and backward.
     pub backward: Graph,
     pub param_grads: Vec<ParamGrad>,
@@ -209,6 +231,13 @@ pub struct ChunkProgram {
     pub outgoing: Vec<(ValueId, Vec<(usize, u64)>)>,
     /// Inputs of the forward graph before the received gradients.
     pub model_inputs: usize,
+}
+
+impl ChunkProgram {
+    /// The graph that computes `sends` and `forward_loss`.
+    pub fn sends_graph(&self) -> &Graph {
+        if self.split.is_some() { &self.backward } else { &self.forward }
+    }
 }
 
 /// A pipeline stage's part of a rank program.
@@ -279,21 +308,23 @@ fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<Ran
             // A boundary value arrives whole (the sender gathers it): layout rules do not cut it.
             shards.push(ParamShard { local: b.clone(), splits: Vec::new(), held: true });
         }
-        let f = shard_graph(
-            mesh,
-            &c.params,
-            &shards,
-            &c.forward,
-            rank,
-            &c.outgoing.iter().map(|(v, _)| *v).map(|v| local_of(c, v)).collect::<Vec<_>>(),
-        )?;
-        let b = shard_graph(mesh, &c.params, &shards, &c.backward, rank, &[])?;
+        let sends: Vec<ValueId> = c.outgoing.iter().map(|(v, _)| local_of(c, *v)).collect();
+        // Without full recomputation the backward program's forward part runs
+        // at the forward step and its values wait for the gradient (a stash);
+        // with it, a forward-only program runs first and the backward program
+        // recomputes.
+        let recompute = m.parallel.recompute == crate::config::Recompute::Full;
+        let f =
+            if recompute { Some(shard_graph(mesh, &c.params, &shards, &c.forward, rank, &sends, None)?) } else { None };
+        let at = (!recompute).then_some(c.forward.graph.len());
+        let b = shard_graph(mesh, &c.params, &shards, &c.backward, rank, &sends, at)?;
         let stage_of = |k: usize| chunks[k].stage;
         progs.push(ChunkProgram {
             chunk: c.index,
-            forward: f.graph,
-            forward_loss: f.loss,
-            sends: f.extra,
+            forward: f.as_ref().map(|f| f.graph.clone()).unwrap_or_default(),
+            forward_loss: f.as_ref().map(|f| f.loss).unwrap_or(b.loss),
+            sends: f.as_ref().map(|f| f.extra.clone()).unwrap_or_else(|| b.extra.clone()),
+            split: b.split,
             backward: b.graph,
             param_grads: b.param_grads,
             params: shards.iter().map(|s| s.local.clone()).collect(),

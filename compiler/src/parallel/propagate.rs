@@ -678,6 +678,8 @@ pub(super) struct Local {
     pub(super) param_grads: Vec<ParamGrad>,
     /// The extra outputs asked for, whole.
     pub(super) extra: Vec<ValueId>,
+    /// With `extra_at`: the local node count where the source's forward part ends.
+    pub(super) split: Option<usize>,
 }
 
 /// Shard the graph of `bw` for `rank`: `metas` are the logical parameters
@@ -690,6 +692,7 @@ pub(super) fn shard_graph(
     bw: &Backward,
     rank: u64,
     extra: &[ValueId],
+    extra_at: Option<usize>,
 ) -> Result<Local, ParallelError> {
     let src = &bw.graph;
     let mut s = Shard {
@@ -703,6 +706,7 @@ pub(super) fn shard_graph(
         ce: HashMap::new(),
         span: Default::default(),
     };
+    let mut split = None;
     for i in 0..src.len() {
         let r = match src.nodes[i].op {
             Op::Param { index, layer } => {
@@ -723,6 +727,14 @@ pub(super) fn shard_graph(
             _ => s.node(i)?,
         };
         s.vals.push(r);
+        // The loss and the extra outputs right where the source's forward part ends.
+        if extra_at == Some(i + 1) {
+            s.whole(bw.loss)?;
+            for x in extra {
+                s.whole(*x)?;
+            }
+            split = Some(s.g.len());
+        }
     }
     let (loss, _) = s.whole(bw.loss)?;
     let mut extra_out = Vec::with_capacity(extra.len());
@@ -763,5 +775,5 @@ pub(super) fn shard_graph(
     if let Err(e) = crate::ir::verify(&s.g) {
         return err(format!("internal: the program of rank {rank} does not verify: {e:?}"));
     }
-    Ok(Local { graph: s.g, loss, param_grads: grads, extra: extra_out })
+    Ok(Local { graph: s.g, loss, param_grads: grads, extra: extra_out, split })
 }

@@ -64,6 +64,98 @@ pub struct Interpreter<'a> {
     pub comm: Option<&'a crate::comm::RankComm<'a>>,
 }
 
+/// The state of a run over a graph's nodes in order.
+struct Run<T> {
+    vals: Vec<Tensor<T>>,
+    /// Padded expert values (`padded`), and whether their empty slots hold their tail yet.
+    pads: Vec<Option<padded::Pad<T>>>,
+    filled: Vec<bool>,
+    /// With `needed`: the node after which each other value is dead.
+    /// (A value nothing reads dies where it is made; a needed one never.)
+    last_use: Vec<Option<usize>>,
+    moved: Vec<Option<Tensor<T>>>,
+    attn_grads: std::collections::HashMap<Vec<ValueId>, Vec<Tensor<T>>>,
+    times: std::collections::BTreeMap<&'static str, (f64, usize)>,
+    profile: bool,
+}
+
+impl<T: Real> Run<T> {
+    fn new(g: &Graph, moved: Vec<Option<Tensor<T>>>, needed: Option<&[ValueId]>) -> Run<T> {
+        let mut last_use: Vec<Option<usize>> = vec![None; g.len()];
+        if let Some(keep) = needed {
+            for (i, node) in g.nodes.iter().enumerate() {
+                last_use[i] = last_use[i].or(Some(i));
+                for j in &node.inputs {
+                    last_use[j.index()] = Some(i);
+                }
+            }
+            for j in keep {
+                if let Some(l) = last_use.get_mut(j.index()) {
+                    *l = None;
+                }
+            }
+        }
+        Run {
+            vals: Vec::with_capacity(g.len()),
+            pads: Vec::with_capacity(g.len()),
+            filled: Vec::with_capacity(g.len()),
+            last_use,
+            moved,
+            attn_grads: Default::default(),
+            times: Default::default(),
+            profile: std::env::var_os("TESSERA_PROFILE").is_some(),
+        }
+    }
+
+    /// Write the tails of padded values still wanted, and report the profile.
+    fn finish(mut self, needed: Option<&[ValueId]>) -> Vec<Tensor<T>> {
+        for (j, p) in self.pads.iter().enumerate() {
+            if let Some(p) = p
+                && !self.filled[j]
+                && needed.is_none_or(|n| n.contains(&ValueId(j as u32)))
+            {
+                padded::fill_tail(&mut self.vals[j], p);
+            }
+        }
+        if self.profile {
+            let mut rows: Vec<_> = self.times.into_iter().collect();
+            rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+            for (op, (t, n)) in rows.iter().take(40) {
+                eprintln!("profile {op:<20} {:>9.2} ms  {n:>5} nodes", t * 1e3);
+            }
+        }
+        self.vals
+    }
+}
+
+/// A run stopped part way ([`Interpreter::start`]): the values the rest of
+/// the graph reads (a pipeline stage's stashed activations).
+pub struct Suspended<T> {
+    run: Run<T>,
+    needed: Vec<ValueId>,
+}
+
+impl<T: Real> Suspended<T> {
+    /// Elements held (the stash's size).
+    pub fn elements(&self) -> usize {
+        self.run.vals.iter().map(|t| t.data.len()).sum()
+    }
+
+    /// Copies of computed values (their padded tails written).
+    pub fn values(&self, ids: impl Iterator<Item = ValueId>) -> Vec<(ValueId, Tensor<T>)> {
+        ids.map(|v| {
+            let mut t = self.run.vals[v.index()].clone();
+            if let Some(p) = &self.run.pads[v.index()]
+                && !self.run.filled[v.index()]
+            {
+                padded::fill_tail(&mut t, p);
+            }
+            (v, t)
+        })
+        .collect()
+    }
+}
+
 /// Full parameter gradients from a backward graph's values: each parameter
 /// slice's gradient goes to its place in the stacked parameter.
 pub fn param_grads<T: Real>(
@@ -176,36 +268,71 @@ impl Interpreter<'_> {
     fn run_impl<T: Real>(
         &self,
         inputs: &[Tensor<T>],
-        mut moved: Vec<Option<Tensor<T>>>,
+        moved: Vec<Option<Tensor<T>>>,
         params: &[Tensor<T>],
         needed: Option<&[ValueId]>,
     ) -> Result<Vec<Tensor<T>>, ExecError> {
-        let g = self.graph;
-        let mut vals: Vec<Tensor<T>> = Vec::with_capacity(g.len());
-        // With `needed`: the node after which each other value is dead.
-        // (A value nothing reads dies where it is made; a needed one never.)
-        let mut last_use: Vec<Option<usize>> = vec![None; g.len()];
-        if let Some(keep) = needed {
-            for (i, node) in g.nodes.iter().enumerate() {
-                last_use[i] = last_use[i].or(Some(i));
-                for j in &node.inputs {
-                    last_use[j.index()] = Some(i);
-                }
+        let mut run = Run::new(self.graph, moved, needed);
+        self.run_nodes(&mut run, self.graph.len(), inputs, params)?;
+        Ok(run.finish(needed))
+    }
+
+    /// Run nodes `0..upto` and keep everything later nodes need: the first
+    /// part of a graph whose rest runs later ([`resume`](Self::resume)), as a
+    /// pipeline stage runs a chunk's forward pass and, when its gradient
+    /// arrives, its backward pass on the stashed activations.
+    pub fn start<T: Real>(
+        &self,
+        inputs: &[Tensor<T>],
+        params: &[Tensor<T>],
+        needed: &[ValueId],
+        upto: usize,
+    ) -> Result<Suspended<T>, ExecError> {
+        let mut run = Run::new(self.graph, Vec::new(), Some(needed));
+        self.run_nodes(&mut run, upto.min(self.graph.len()), inputs, params)?;
+        Ok(Suspended { run, needed: needed.to_vec() })
+    }
+
+    /// Run the rest of a graph started with [`start`](Self::start), with
+    /// the values in `set` replaced first (inputs that only arrive now).
+    pub fn resume<T: Real>(
+        &self,
+        mut s: Suspended<T>,
+        set: Vec<(ValueId, Tensor<T>)>,
+        params: &[Tensor<T>],
+    ) -> Result<Vec<Tensor<T>>, ExecError> {
+        for (v, t) in set {
+            let slot = s.run.vals.get_mut(v.index()).ok_or_else(|| ExecError {
+                value: v,
+                op: "resume",
+                message: "the value was not computed before the split".into(),
+            })?;
+            if slot.dims != t.dims {
+                return Err(ExecError {
+                    value: v,
+                    op: "resume",
+                    message: format!("dims {:?} for {:?}", t.dims, slot.dims),
+                });
             }
-            for j in keep {
-                if let Some(l) = last_use.get_mut(j.index()) {
-                    *l = None;
-                }
-            }
+            *slot = t;
         }
-        let profile = std::env::var_os("TESSERA_PROFILE").is_some();
-        let mut attn_grads: std::collections::HashMap<Vec<ValueId>, Vec<Tensor<T>>> = Default::default();
-        let mut times: std::collections::BTreeMap<&'static str, (f64, usize)> = Default::default();
+        self.run_nodes(&mut s.run, self.graph.len(), &[], params)?;
+        Ok(s.run.finish(Some(&s.needed)))
+    }
+
+    /// Evaluate the nodes from where `run` stopped up to `upto`.
+    fn run_nodes<T: Real>(
+        &self,
+        run: &mut Run<T>,
+        upto: usize,
+        inputs: &[Tensor<T>],
+        params: &[Tensor<T>],
+    ) -> Result<(), ExecError> {
+        let g = self.graph;
         let skip_empty = SKIP_EMPTY_SLOTS.with(|c| c.get());
-        let mut pads: Vec<Option<padded::Pad<T>>> = Vec::with_capacity(g.len());
-        // Whether a padded value's empty slots hold its tail yet.
-        let mut filled: Vec<bool> = Vec::with_capacity(g.len());
-        for (i, node) in g.nodes.iter().enumerate() {
+        let Run { vals, pads, filled, last_use, moved, attn_grads, times, profile } = run;
+        for i in vals.len()..upto {
+            let node = &g.nodes[i];
             let t0 = profile.then(std::time::Instant::now);
             let fast = match node.op {
                 Op::Input { index } if moved.get(index).is_some_and(Option::is_some) => {
@@ -213,10 +340,10 @@ impl Interpreter<'_> {
                 }
                 Op::Binary { op } => {
                     let dying = |j: ValueId| last_use[j.index()] == Some(i) && !filled[j.index()];
-                    in_place(op, node, &mut vals, &pads, dying)
-                        .or_else(|| skip_empty.then(|| self.eval_padded(node, &vals, &pads)).flatten())
+                    in_place(op, node, vals, pads, dying)
+                        .or_else(|| skip_empty.then(|| self.eval_padded(node, vals, pads)).flatten())
                 }
-                _ if skip_empty => self.eval_padded(node, &vals, &pads),
+                _ if skip_empty => self.eval_padded(node, vals, pads),
                 _ => None,
             };
             let (v, pad) = match fast {
@@ -231,7 +358,7 @@ impl Interpreter<'_> {
                             filled[j.index()] = true;
                         }
                     }
-                    (self.eval_node(node, i, &vals, inputs, params, &mut attn_grads)?, None)
+                    (self.eval_node(node, i, vals, inputs, params, attn_grads)?, None)
                 }
             };
             pads.push(pad);
@@ -255,22 +382,7 @@ impl Interpreter<'_> {
                 }
             }
         }
-        for (j, p) in pads.iter().enumerate() {
-            if let Some(p) = p
-                && !filled[j]
-                && needed.is_none_or(|n| n.contains(&ValueId(j as u32)))
-            {
-                padded::fill_tail(&mut vals[j], p);
-            }
-        }
-        if profile {
-            let mut rows: Vec<_> = times.into_iter().collect();
-            rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
-            for (op, (t, n)) in rows.iter().take(40) {
-                eprintln!("profile {op:<20} {:>9.2} ms  {n:>5} nodes", t * 1e3);
-            }
-        }
-        Ok(vals)
+        Ok(())
     }
 
     /// A node on the filled-slot path (`padded`), when an input carries a pad

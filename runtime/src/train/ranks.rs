@@ -23,6 +23,7 @@ use std::sync::Mutex;
 use tessera_compiler::Model;
 use tessera_compiler::autodiff::Backward;
 use tessera_compiler::autodiff::update::UpdateParam;
+use tessera_compiler::ir::ValueId;
 use tessera_compiler::model::{Dim, Param};
 use tessera_compiler::parallel::{self, Mesh, RankProgram, StepCollective};
 
@@ -106,6 +107,21 @@ pub fn cut(full: &Tensor<f32>, shard: &parallel::ParamShard, logical: &Param) ->
 fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
     let m = maps(shard, logical);
     for_each_logical(&logical.ty.dims, &m, |l, off| full.data[off] = local[l]);
+}
+
+/// The `input` nodes of a chunk's graph that take received gradients, in input order.
+fn grad_inputs(g: &tessera_compiler::ir::Graph, first: usize) -> Vec<ValueId> {
+    let mut ids: Vec<(usize, ValueId)> = g
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match n.op {
+            tessera_compiler::ir::Op::Input { index } if index >= first => Some((index, ValueId(i as u32))),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    ids.into_iter().map(|(_, v)| v).collect()
 }
 
 /// What a rank holds of a parameter that lives on other pipeline stages.
@@ -511,6 +527,7 @@ impl Ranks {
         use tessera_compiler::parallel::pipeline::Action;
         let n_model = prog.params.len();
         let mut stash: HashMap<(usize, u64), Vec<Tensor<f32>>> = HashMap::new();
+        let mut suspended: HashMap<(usize, u64), crate::exec::Suspended<f32>> = HashMap::new();
         let mut local_fwd: HashMap<(u32, u64, usize), Tensor<f32>> = HashMap::new();
         let mut local_grad: HashMap<(u32, u64, usize), Tensor<f32>> = HashMap::new();
         let mut loss = 0.0;
@@ -552,22 +569,57 @@ impl Ranks {
                         bparams.push(t);
                     }
                     let mut ins = inputs(micro);
-                    ins.extend(grad_types(&c.forward, c.model_inputs).iter().map(|t| Tensor::zeros(&t.dims)));
-                    let needed: Vec<_> = std::iter::once(c.forward_loss).chain(c.sends.iter().copied()).collect();
+                    let g_at = c.sends_graph();
+                    ins.extend(grad_types(g_at, c.model_inputs).iter().map(|t| Tensor::zeros(&t.dims)));
                     w.extend(bparams.iter().cloned());
-                    let interp =
-                        Interpreter { graph: &c.forward, params: &c.params, dropout: Some(dropout), comm: Some(rc) };
-                    let vals =
-                        rc.span("compute", format!("F{chunk} mb{micro}"), || interp.run_for(&ins, w, Some(&needed)));
-                    w.truncate(n_model);
-                    let vals = vals.map_err(err)?;
+                    let vals = match c.split {
+                        // The forward part of the backward program; its values wait for the gradient.
+                        Some(k) => {
+                            let mut needed: Vec<_> = c.param_grads.iter().map(|g| g.grad).collect();
+                            needed.push(c.forward_loss);
+                            needed.extend(c.sends.iter().copied());
+                            let interp = Interpreter {
+                                graph: &c.backward,
+                                params: &c.params,
+                                dropout: Some(dropout),
+                                comm: Some(rc),
+                            };
+                            let run =
+                                rc.span("compute", format!("F{chunk} mb{micro}"), || interp.start(&ins, w, &needed, k));
+                            w.truncate(n_model);
+                            let run = run.map_err(err)?;
+                            let vals = run.values(std::iter::once(c.forward_loss).chain(c.sends.iter().copied()));
+                            suspended.insert((chunk, micro), run);
+                            vals
+                        }
+                        None => {
+                            let needed: Vec<_> =
+                                std::iter::once(c.forward_loss).chain(c.sends.iter().copied()).collect();
+                            let interp = Interpreter {
+                                graph: &c.forward,
+                                params: &c.params,
+                                dropout: Some(dropout),
+                                comm: Some(rc),
+                            };
+                            let vals = rc.span("compute", format!("F{chunk} mb{micro}"), || {
+                                interp.run_for(&ins, w, Some(&needed))
+                            });
+                            w.truncate(n_model);
+                            let vals = vals.map_err(err)?;
+                            std::iter::once(c.forward_loss)
+                                .chain(c.sends.iter().copied())
+                                .map(|v| (v, vals[v.index()].clone()))
+                                .collect()
+                        }
+                    };
+                    let vals: HashMap<ValueId, Tensor<f32>> = vals.into_iter().collect();
                     stash.insert((chunk, micro), bparams);
                     if c.outgoing.is_empty() {
-                        loss += vals[c.forward_loss.index()].data[0] as f64;
+                        loss += vals[&c.forward_loss].data[0] as f64;
                     }
                     for (j, (v, readers)) in c.outgoing.iter().enumerate() {
                         for (rchunk, st) in readers {
-                            let t = &vals[c.sends[j].index()];
+                            let t = &vals[&c.sends[j]];
                             if *st == sp.stage {
                                 local_fwd.insert((v.0, micro, *rchunk), t.clone());
                             } else {
@@ -580,7 +632,7 @@ impl Ranks {
                     let c = sp.chunk(chunk);
                     let mut ins = inputs(micro);
                     for (j, (v, readers)) in c.outgoing.iter().enumerate() {
-                        let ty = c.forward.ty(c.sends[j]).clone();
+                        let ty = c.sends_graph().ty(c.sends[j]).clone();
                         let mut sum = Tensor::zeros(&ty.dims);
                         for (rchunk, st) in readers {
                             let t = if *st == sp.stage {
@@ -597,8 +649,18 @@ impl Ranks {
                     let needed: Vec<_> = c.param_grads.iter().map(|g| g.grad).collect();
                     let interp =
                         Interpreter { graph: &c.backward, params: &c.params, dropout: Some(dropout), comm: Some(rc) };
-                    let vals =
-                        rc.span("compute", format!("B{chunk} mb{micro}"), || interp.run_for(&ins, w, Some(&needed)));
+                    let vals = match suspended.remove(&(chunk, micro)) {
+                        // Resume on the stashed activations with the gradients that arrived.
+                        Some(run) => {
+                            let grads_in = grad_inputs(&c.backward, c.model_inputs);
+                            let set: Vec<(ValueId, Tensor<f32>)> =
+                                grads_in.into_iter().zip(ins.drain(c.model_inputs..)).collect();
+                            rc.span("compute", format!("B{chunk} mb{micro}"), || interp.resume(run, set, w))
+                        }
+                        None => {
+                            rc.span("compute", format!("B{chunk} mb{micro}"), || interp.run_for(&ins, w, Some(&needed)))
+                        }
+                    };
                     w.truncate(n_model);
                     let vals = vals.map_err(err)?;
                     let g = crate::exec::param_grads(&c.params, &c.param_grads, &vals);
