@@ -371,10 +371,45 @@ impl Shard<'_> {
                 *st = ns;
             }
         }
+        // Grouped-query attention: query heads and key/value heads must be
+        // split alike (the same axis, contiguous blocks) or both be whole.
+        if matches!(node.op, Op::Attention { .. } | Op::AttentionGrad { .. }) && ins.len() >= 3 {
+            let head = |t: &TensorType| t.dims.get(t.dims.len().wrapping_sub(2)).map(|d| d.name.clone());
+            let (hq, hk) = (head(&tys[0]), head(&tys[1]));
+            if let (Some(hq), Some(hk)) = (hq, hk)
+                && hq != hk
+            {
+                let contiguous = |sp: &Split| sp.indices.windows(2).all(|w| w[1] == w[0] + 1);
+                let (sq, sk) = (ins[0].1.split.get(&hq).cloned(), ins[1].1.split.get(&hk).cloned());
+                let alike = match (&sq, &sk) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.axis == b.axis && contiguous(a) && contiguous(b),
+                    _ => false,
+                };
+                if !alike {
+                    for (v, st) in ins.iter_mut() {
+                        for d in [&hq, &hk] {
+                            if st.split.contains_key(d) {
+                                let (nv, ns) = self.gather(*v, std::mem::take(st), d)?;
+                                *v = nv;
+                                *st = ns;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Attention is per head: query `heads` and key/value `kv_heads`
+        // split over one axis keep their groups (contiguous blocks), and a
+        // dim of the inputs that the output lacks is not summed over.
+        let per_head = matches!(node.op, Op::Attention { .. } | Op::AttentionGrad { .. });
         // Two dims split over one axis cannot meet in one op: the sequence
         // split (sequence parallelism) is gathered, as Megatron does before
         // a column-parallel matmul.
         loop {
+            if per_head {
+                break;
+            }
             let mut by_axis: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             for (_, st) in &ins {
                 for (d, s) in &st.split {
@@ -464,6 +499,8 @@ impl Shard<'_> {
                 for (d, sp) in &target {
                     if node.ty.has(d) {
                         out.split.insert(d.clone(), sp.clone());
+                    } else if per_head {
+                        continue;
                     } else if sp.exchanged.is_some() {
                         return err(format!("internal: `{}` contracts the exchanged dim `{d}`", node.op.name()));
                     } else {
