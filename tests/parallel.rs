@@ -462,14 +462,18 @@ fn random_layouts() {
     };
     let mut ran = 0;
     for _ in 0..seeds * 4 {
-        let moe = next(2) == 1;
-        let (spec, mut base): (&str, Vec<String>) =
-            if moe { (MOE, vec!["parallel.mesh.data=1".into()]) } else { (GPT, vec![]) };
+        let which = next(3);
+        let moe = which == 1;
+        let (spec, mut base): (&str, Vec<String>) = match which {
+            0 => (GPT, vec![]),
+            1 => (MOE, vec!["parallel.mesh.data=1".into()]),
+            _ => ("tests/specs/llama-tiny.spec", vec![]),
+        };
         let mut sets: Vec<String> = Vec::new();
         let mut world = 1;
         if next(2) == 1 {
             sets.extend(["parallel.mesh.tensor=2".into()]);
-            let dims = ["heads", "mlp", "vocab", "embed", "head_dim", "seq"];
+            let dims = ["heads", "kv_heads", "mlp", "vocab", "embed", "head_dim", "seq"];
             let mut any = false;
             for d in dims {
                 if next(3) == 0 || (!any && d == "seq") {
