@@ -317,3 +317,36 @@ fn train_writes_a_chrome_trace() {
     assert!(names.iter().any(|n| n.starts_with("send to")) && names.iter().any(|n| n.starts_with("recv from")));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Device profiles are data: a user's TOML file in `TESSERA_DEVICES` is a
+/// device like the built-ins, and a broken one is reported with its place.
+#[test]
+fn users_add_device_profiles() {
+    let dir = std::env::temp_dir().join(format!("tessera-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let profile = |memory_gib: &str| {
+        format!(
+            "name = \"my_gpu\"\nmemory_gib = {memory_gib}\nhbm_tb_s = 2.0\ngpus_per_node = 4\nnvlink_gb_s = 100\n\
+             interconnect_gb_s = 25\n\n[peak_tflops]\nbf16 = 400\n"
+        )
+    };
+    let check = |extra: &[&str]| {
+        let mut args = vec!["check", "specs/tiny/gpt.spec", "--set", "train.device=my_gpu"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_tessera")).args(&args).env("TESSERA_DEVICES", &dir).output().expect("run")
+    };
+    std::fs::write(dir.join("my_gpu.toml"), profile("64")).expect("write");
+    let ok = check(&[]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // A profile too small for the model: the memory check names it.
+    std::fs::write(dir.join("my_gpu.toml"), profile("0.0001")).expect("write");
+    let small = check(&[]);
+    assert_eq!(small.status.code(), Some(1));
+    assert!(stderr(&small).contains("my_gpu has"), "{}", stderr(&small));
+    // A broken profile: file, line and column.
+    std::fs::write(dir.join("my_gpu.toml"), profile("\"lots\"")).expect("write");
+    let broken = check(&[]);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(stderr(&broken).contains("my_gpu.toml:2:"), "{}", stderr(&broken));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -597,8 +597,18 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                 }
             }
             "device" => {
-                let names: Vec<&str> = crate::cost::device::DEVICES.iter().map(|d| d.name).collect();
+                let names: Vec<&str> = crate::cost::device::devices().iter().map(|d| d.name.as_str()).collect();
                 t.device = ev.word(v, "device", &names);
+                // A profile the user meant to add may have failed to load.
+                let problems = crate::cost::device::errors();
+                if t.device.is_none() && !problems.is_empty() {
+                    ev.err(
+                        Diag::error("some device profiles in TESSERA_DEVICES did not load")
+                            .at(v.span, "not a known device")
+                            .note(problems.join("\n"))
+                            .help("fix the profile files (format: compiler/devices/*.toml)"),
+                    );
+                }
             }
             "data" => t.data = ev.string(v, k),
             "eval_interval" => t.eval_interval = ev.count(v, k),
