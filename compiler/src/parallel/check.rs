@@ -95,74 +95,20 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
                     super::pipeline::Action::Forward { chunk, micro } => {
                         let c = sp.chunk(chunk);
                         let at = format!("F{chunk}.{micro} ");
-                        let n_model = c.params.len() - c.incoming.len();
-                        for (j, (v, _, st)) in c.incoming.iter().enumerate() {
-                            if *st != sp.stage {
-                                let shape = &c.params[n_model + j].ty;
-                                out.push(p2p(
-                                    false,
-                                    sp.stage_ranks[*st as usize],
-                                    me,
-                                    sp.tag(0, micro, *v),
-                                    shape,
-                                    at.clone(),
-                                ));
-                            }
-                        }
+                        boundary_issued(sp, c, me, micro, Flow::Incoming, &at, &mut out);
                         match c.split {
                             Some(k) => graph_range_issued(&c.backward, 0..k, me, mesh, &at, &mut out),
                             None => graph_issued(&c.forward, me, mesh, &at, &mut out),
                         }
-                        for (j, (v, readers)) in c.outgoing.iter().enumerate() {
-                            for (_, st) in readers {
-                                if *st != sp.stage {
-                                    let shape = c.sends_graph().ty(c.sends[j]);
-                                    out.push(p2p(
-                                        true,
-                                        me,
-                                        sp.stage_ranks[*st as usize],
-                                        sp.tag(0, micro, *v),
-                                        shape,
-                                        at.clone(),
-                                    ));
-                                }
-                            }
-                        }
+                        boundary_issued(sp, c, me, micro, Flow::Outgoing, &at, &mut out);
                     }
                     super::pipeline::Action::Backward { chunk, micro } => {
                         let c = sp.chunk(chunk);
                         let at = format!("B{chunk}.{micro} ");
-                        for (j, (v, readers)) in c.outgoing.iter().enumerate() {
-                            for (_, st) in readers {
-                                if *st != sp.stage {
-                                    let shape = c.sends_graph().ty(c.sends[j]);
-                                    out.push(p2p(
-                                        false,
-                                        sp.stage_ranks[*st as usize],
-                                        me,
-                                        sp.tag(1, micro, *v),
-                                        shape,
-                                        at.clone(),
-                                    ));
-                                }
-                            }
-                        }
+                        boundary_issued(sp, c, me, micro, Flow::GradIn, &at, &mut out);
                         let from = c.split.unwrap_or(0);
                         graph_range_issued(&c.backward, from..c.backward.len(), me, mesh, &at, &mut out);
-                        let n_model = c.params.len() - c.incoming.len();
-                        for (j, (v, _, st)) in c.incoming.iter().enumerate() {
-                            if *st != sp.stage {
-                                let shape = &c.params[n_model + j].ty;
-                                out.push(p2p(
-                                    true,
-                                    me,
-                                    sp.stage_ranks[*st as usize],
-                                    sp.tag(1, micro, *v),
-                                    shape,
-                                    at.clone(),
-                                ));
-                            }
-                        }
+                        boundary_issued(sp, c, me, micro, Flow::GradOut, &at, &mut out);
                     }
                 }
             }
@@ -170,6 +116,57 @@ pub fn issued(p: &RankProgram, mesh: &Mesh) -> Vec<Issued> {
     }
     step_issued(p, mesh, &p.step, &mut out);
     out
+}
+
+/// A chunk's point-to-point messages at one step of the schedule.
+#[derive(Clone, Copy)]
+enum Flow {
+    /// Forward: receive the values from earlier chunks.
+    Incoming,
+    /// Forward: send values on to later chunks.
+    Outgoing,
+    /// Backward: receive the gradients of the values sent on.
+    GradIn,
+    /// Backward: send the gradients of the values received.
+    GradOut,
+}
+
+fn boundary_issued(
+    sp: &super::StageProgram,
+    c: &super::ChunkProgram,
+    me: u64,
+    micro: u64,
+    flow: Flow,
+    at: &str,
+    out: &mut Vec<Issued>,
+) {
+    let kind = u64::from(matches!(flow, Flow::GradIn | Flow::GradOut));
+    match flow {
+        Flow::Incoming | Flow::GradOut => {
+            let n_model = c.params.len() - c.incoming.len();
+            for (j, (v, _, st)) in c.incoming.iter().enumerate() {
+                if *st == sp.stage {
+                    continue;
+                }
+                let (ty, peer, tag) =
+                    (&c.params[n_model + j].ty, sp.stage_ranks[*st as usize], sp.tag(kind, micro, *v));
+                let send = matches!(flow, Flow::GradOut);
+                let (from, to) = if send { (me, peer) } else { (peer, me) };
+                out.push(p2p(send, from, to, tag, ty, at.to_string()));
+            }
+        }
+        Flow::Outgoing | Flow::GradIn => {
+            for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                for (_, st) in readers.iter().filter(|(_, st)| *st != sp.stage) {
+                    let (ty, peer, tag) =
+                        (c.sends_graph().ty(c.sends[j]), sp.stage_ranks[*st as usize], sp.tag(kind, micro, *v));
+                    let send = matches!(flow, Flow::Outgoing);
+                    let (from, to) = if send { (me, peer) } else { (peer, me) };
+                    out.push(p2p(send, from, to, tag, ty, at.to_string()));
+                }
+            }
+        }
+    }
 }
 
 fn step_issued(p: &RankProgram, mesh: &Mesh, list: &[StepCollective], out: &mut Vec<Issued>) {

@@ -109,8 +109,6 @@ struct Shard<'a> {
     g: Graph,
     /// Each source value's local value and sharding.
     vals: Vec<(ValueId, State)>,
-    /// Converted versions of source values, by (value, key).
-    memo: HashMap<(usize, String), (ValueId, State)>,
     /// Collectives and cuts already applied to local values, by (local value, key).
     done: HashMap<(ValueId, String), (ValueId, State)>,
     /// Vocabulary-parallel cross-entropies: source logits → (max, sum of exponentials).
@@ -267,32 +265,21 @@ impl Shard<'_> {
         Ok((v, st))
     }
 
-    /// Source value `x` made whole in every dim and not partial.
+    /// Source value `x` made whole in every dim and not partial (the
+    /// collectives are memoized on local values, so asking twice is free).
     fn whole(&mut self, x: ValueId) -> Result<(ValueId, State), ParallelError> {
-        let key = (x.index(), "whole".to_string());
-        if let Some(r) = self.memo.get(&key) {
-            return Ok(r.clone());
-        }
-        let (v, st) = self.vals[x.index()].clone();
-        let (mut v, mut st) = self.reduce(v, st)?;
+        let (mut v, mut st) = self.reduced(x)?;
         let dims: Vec<String> = st.split.keys().cloned().collect();
         for d in dims {
             (v, st) = self.gather(v, st, &d)?;
         }
-        self.memo.insert(key, (v, st.clone()));
         Ok((v, st))
     }
 
     /// Source value `x` with its partial sums reduced.
     fn reduced(&mut self, x: ValueId) -> Result<(ValueId, State), ParallelError> {
-        let key = (x.index(), "reduced".to_string());
-        if let Some(r) = self.memo.get(&key) {
-            return Ok(r.clone());
-        }
         let (v, st) = self.vals[x.index()].clone();
-        let r = self.reduce(v, st)?;
-        self.memo.insert(key, r.clone());
-        Ok(r)
+        self.reduce(v, st)
     }
 
     /// The local type of a node's output: each dim sized as the same-named
@@ -738,7 +725,6 @@ pub(super) fn shard_graph(
         src,
         g: Graph::new(),
         vals: Vec::with_capacity(src.len()),
-        memo: HashMap::new(),
         done: HashMap::new(),
         ce: HashMap::new(),
         span: Default::default(),

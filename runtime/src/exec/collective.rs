@@ -126,7 +126,7 @@ pub fn all_to_all<T: Real>(
     let (data, got) =
         c.with("all_to_all", axis, |comm, group| comm.all_to_all(group, &send, &counts)).map_err(comm_err)?;
     // Each sender's part has this rank's slices of `split` and its own share of `concat`.
-    let (_, _, _) = around(&x.dims, concat_dim)?;
+    around(&x.dims, concat_dim)?;
     let unit: usize = x
         .dims
         .iter()

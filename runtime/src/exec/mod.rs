@@ -136,11 +136,6 @@ pub struct Suspended<T> {
 }
 
 impl<T: Real> Suspended<T> {
-    /// Elements held (the stash's size).
-    pub fn elements(&self) -> usize {
-        self.run.vals.iter().map(|t| t.data.len()).sum()
-    }
-
     /// Copies of computed values (their padded tails written).
     pub fn values(&self, ids: impl Iterator<Item = ValueId>) -> Vec<(ValueId, Tensor<T>)> {
         ids.map(|v| {

@@ -541,20 +541,6 @@ impl Ranks {
             let to = sp.stage_ranks[to as usize] as usize;
             rc.span("p2p", format!("send to {to}"), || rc.comm().send(to, tag, &t.data)).map_err(err)
         };
-        // The received-gradient inputs of a chunk's graphs, in input order.
-        let grad_types = |g: &tessera_compiler::ir::Graph, first: usize| -> Vec<tessera_compiler::model::TensorType> {
-            let mut tys: Vec<(usize, tessera_compiler::model::TensorType)> = g
-                .nodes
-                .iter()
-                .filter_map(|n| match n.op {
-                    tessera_compiler::ir::Op::Input { index } if index >= first => Some((index, n.ty.clone())),
-                    _ => None,
-                })
-                .collect();
-            tys.sort_by_key(|(i, _)| *i);
-            tys.dedup_by_key(|(i, _)| *i);
-            tys.into_iter().map(|(_, t)| t).collect()
-        };
         for action in &sp.schedule {
             match *action {
                 Action::Forward { chunk, micro } => {
@@ -570,7 +556,7 @@ impl Ranks {
                     }
                     let mut ins = inputs(micro);
                     let g_at = c.sends_graph();
-                    ins.extend(grad_types(g_at, c.model_inputs).iter().map(|t| Tensor::zeros(&t.dims)));
+                    ins.extend(grad_inputs(g_at, c.model_inputs).into_iter().map(|v| Tensor::zeros(&g_at.ty(v).dims)));
                     w.extend(bparams.iter().cloned());
                     let vals = match c.split {
                         // The forward part of the backward program; its values wait for the gradient.
