@@ -156,6 +156,23 @@ pub struct OpCost {
     pub act_none: f64,
     /// Saved activations with selective recompute (attention core recomputed).
     pub act_selective: f64,
+    /// Forward FLOPs on one rank for its microbatch: each contraction divided
+    /// by the layout's split of its output and contracted dims over the
+    /// model axes (the data axis splits the batch, which is already per rank).
+    pub rank_flops: f64,
+    /// The attention part of `rank_flops`.
+    pub rank_attn_flops: f64,
+    /// Matmul and attention kernels launched in the forward pass.
+    pub kernels: f64,
+    /// Bytes of partial sums a rank reduces over a model axis in the forward
+    /// pass: the outputs of contractions over a dim split on one (Megatron's
+    /// row-parallel matmuls), at their size before the reduction.
+    pub partial_bytes: f64,
+    /// How many such reductions.
+    pub reductions: f64,
+    /// Bytes of routed tokens a rank sends to its experts and receives back
+    /// in the forward pass (dispatch plus combine).
+    pub exchange_bytes: f64,
 }
 
 impl std::ops::AddAssign for OpCost {
@@ -164,6 +181,12 @@ impl std::ops::AddAssign for OpCost {
         self.attn_flops += o.attn_flops;
         self.act_none += o.act_none;
         self.act_selective += o.act_selective;
+        self.rank_flops += o.rank_flops;
+        self.rank_attn_flops += o.rank_attn_flops;
+        self.kernels += o.kernels;
+        self.partial_bytes += o.partial_bytes;
+        self.reductions += o.reductions;
+        self.exchange_bytes += o.exchange_bytes;
     }
 }
 
@@ -175,6 +198,12 @@ impl std::ops::Mul<f64> for OpCost {
             attn_flops: self.attn_flops * k,
             act_none: self.act_none * k,
             act_selective: self.act_selective * k,
+            rank_flops: self.rank_flops * k,
+            rank_attn_flops: self.rank_attn_flops * k,
+            kernels: self.kernels * k,
+            partial_bytes: self.partial_bytes * k,
+            reductions: self.reductions * k,
+            exchange_bytes: self.exchange_bytes * k,
         }
     }
 }

@@ -228,7 +228,26 @@ impl Walker<'_> {
                 saved += self.act_size(&v.ty);
             }
         }
-        self.add_cost(OpCost { flops, attn_flops: 0.0, act_none: saved, act_selective: saved });
+        let split = self.compute_split(out.dims.iter().chain(contract.iter()));
+        let out_split = self.compute_split(out.dims.iter());
+        let partial_bytes = if self.compute_split(contract.iter()) > 1 {
+            let elem = if out.dtype.is_float() { self.act_bytes } else { out.dtype.bytes() };
+            out.numel() as f64 * elem as f64 / out_split as f64
+        } else {
+            0.0
+        };
+        self.add_cost(OpCost {
+            flops,
+            attn_flops: 0.0,
+            act_none: saved,
+            act_selective: saved,
+            rank_flops: flops / split as f64,
+            rank_attn_flops: 0.0,
+            kernels: 1.0,
+            partial_bytes,
+            reductions: if partial_bytes > 0.0 { 1.0 } else { 0.0 },
+            exchange_bytes: 0.0,
+        });
         Val::Tensor(self.emit(
             Op::MatMul { contract: contract.iter().map(|d| d.name.clone()).collect() },
             vec![x.id, y.id],

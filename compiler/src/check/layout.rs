@@ -237,17 +237,29 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
         for s in &m.stacks {
             if s.layers % (stages.saturating_mul(v)) != 0 {
                 let what = if v > 1 { format!("{stages} stages × {v} virtual") } else { format!("{stages} stages") };
-                let legal_stages: Vec<String> =
-                    divisors(s.layers / v.min(s.layers).max(1)).into_iter().map(|x| x.to_string()).take(16).collect();
+                let legal_stages: Vec<String> = divisors(s.layers)
+                    .into_iter()
+                    .filter(|&d| s.layers % d.saturating_mul(v) == 0)
+                    .map(|x| x.to_string())
+                    .take(16)
+                    .collect();
+                let help = if legal_stages.is_empty() {
+                    format!(
+                        "{v} virtual stages do not divide {} layers; use a `virtual` that does, or `schedule = 1f1b`",
+                        s.layers
+                    )
+                } else {
+                    format!(
+                        "legal pipeline degrees for {} layers{}: {}",
+                        s.layers,
+                        if v > 1 { format!(" with {v} virtual stages") } else { String::new() },
+                        legal_stages.join(", ")
+                    )
+                };
                 diags.push(
                     Diag::error(format!("{} layers of `{}` do not divide into {what}", s.layers, s.label))
                         .at(spans.rules.get("layer").copied().unwrap_or(at), "uneven pipeline")
-                        .help(format!(
-                            "legal pipeline degrees for {} layers{}: {}",
-                            s.layers,
-                            if v > 1 { format!(" with {v} virtual stages") } else { String::new() },
-                            legal_stages.join(", ")
-                        )),
+                        .help(help),
                 );
             }
         }

@@ -229,6 +229,28 @@ impl<'a> Walker<'a> {
         axes.iter().map(|a| p.axis_size(a)).fold(1u64, u64::saturating_mul).max(1)
     }
 
+    /// How many ways the layout splits the work of a contraction with these
+    /// output and contracted dims over one rank's microbatch: the model axes
+    /// its dims are laid out on (the data axis only splits the batch, and a
+    /// sequence split is gathered before a matmul).
+    pub(super) fn compute_split<'d>(&self, dims: impl Iterator<Item = &'d Dim>) -> u64 {
+        let p = self.parallel;
+        let data = p.data_axis();
+        let mut axes: Vec<&str> = Vec::new();
+        for d in dims {
+            if d.name == "batch" || d.name == "layer" {
+                continue;
+            }
+            if let Some(a) = p.axis_of(&d.name)
+                && Some(a) != data
+                && !axes.contains(&a)
+            {
+                axes.push(a);
+            }
+        }
+        axes.iter().map(|a| p.axis_size(a)).fold(1u64, u64::saturating_mul).max(1)
+    }
+
     // ------------------------------------------------------------ dims
 
     /// Resolve a dim name in the current scope.

@@ -7,6 +7,11 @@
 //! in. Users add their own: `TESSERA_DEVICES` lists TOML files or folders of
 //! them (`:`-separated), each in the same format; a user profile with a
 //! built-in's name replaces it.
+//!
+//! A profile's optional `[achievable]` table calibrates the cost model
+//! (`cost::time`): the fraction of peak large matmuls and the attention core
+//! reach, a fixed cost per kernel, the fractions of HBM and link bandwidth
+//! achieved, and the latency of one collective step inside and across nodes.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -29,8 +34,52 @@ pub struct Device {
     pub nvlink_bandwidth: f64,
     /// Interconnect (InfiniBand) bandwidth per GPU and direction, bytes/s.
     pub interconnect_bandwidth: f64,
+    /// What the cost model assumes kernels and links achieve on it.
+    pub achievable: Achievable,
     /// The file it came from (`None` for a built-in).
     pub source: Option<PathBuf>,
+}
+
+/// Achievable rates: the cost model's calibration for a device, the
+/// `[achievable]` table of a profile. Every field has a default.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Achievable {
+    /// Fraction of the dense peak a large matmul reaches.
+    pub matmul: f64,
+    /// Fraction of the dense peak the attention core (scores, softmax,
+    /// values) reaches.
+    pub attention: f64,
+    /// Fixed cost of one matmul or attention kernel, microseconds (what
+    /// makes small matmuls run below `matmul` of peak).
+    pub kernel_us: f64,
+    /// Fraction of the HBM bandwidth memory-bound kernels reach.
+    pub hbm: f64,
+    /// Fraction of the link bandwidths collectives reach (NCCL bus bandwidth).
+    pub link: f64,
+    /// Whether the attention core runs as one fused kernel whose score
+    /// matrix stays on chip (FlashAttention). When false, the scores go
+    /// through HBM: softmax and dropout read and write them.
+    pub fused_attention: bool,
+    /// Latency of one step of a collective inside a node, microseconds.
+    pub nvlink_latency_us: f64,
+    /// Latency of one step of a collective across nodes, microseconds.
+    pub interconnect_latency_us: f64,
+}
+
+impl Default for Achievable {
+    fn default() -> Achievable {
+        Achievable {
+            matmul: 0.8,
+            attention: 0.5,
+            kernel_us: 5.0,
+            hbm: 0.8,
+            link: 0.8,
+            fused_attention: true,
+            nvlink_latency_us: 5.0,
+            interconnect_latency_us: 10.0,
+        }
+    }
 }
 
 impl Device {
@@ -57,6 +106,8 @@ struct DeviceFile {
     nvlink_gb_s: f64,
     interconnect_gb_s: f64,
     peak_tflops: BTreeMap<String, f64>,
+    #[serde(default)]
+    achievable: Achievable,
 }
 
 const BUILT_IN: &[(&str, &str)] = &[
@@ -98,6 +149,22 @@ pub fn parse(text: &str, origin: &str) -> Result<Device, String> {
     if f.gpus_per_node == 0 {
         return bad("gpus_per_node");
     }
+    let a = &f.achievable;
+    for (k, v, max) in [
+        ("matmul", a.matmul, 1.0),
+        ("attention", a.attention, 1.0),
+        ("hbm", a.hbm, 1.0),
+        ("link", a.link, 1.0),
+        ("kernel_us", a.kernel_us, f64::INFINITY),
+        ("nvlink_latency_us", a.nvlink_latency_us, f64::INFINITY),
+        ("interconnect_latency_us", a.interconnect_latency_us, f64::INFINITY),
+    ] {
+        let ok = v.is_finite() && v >= 0.0 && v <= max && (max == f64::INFINITY || v > 0.0);
+        if !ok {
+            let range = if max == 1.0 { "a fraction in (0, 1]" } else { "a number ≥ 0" };
+            return Err(format!("{origin}: `achievable.{k}` must be {range}"));
+        }
+    }
     for (k, v) in &f.peak_tflops {
         if !DTYPES.contains(&k.as_str()) {
             return Err(format!("{origin}: unknown dtype `{k}` in [peak_tflops]; known: {}", DTYPES.join(", ")));
@@ -118,6 +185,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Device, String> {
         gpus_per_node: f.gpus_per_node,
         nvlink_bandwidth: f.nvlink_gb_s * 1e9,
         interconnect_bandwidth: f.interconnect_gb_s * 1e9,
+        achievable: f.achievable,
         source: None,
     })
 }

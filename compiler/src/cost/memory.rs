@@ -74,8 +74,7 @@ pub fn stage_of_layer(p: &Parallel, n: u64, i: u64) -> u64 {
 }
 
 /// Elements of a parameter held by the rank at `stage` / `expert_rank`.
-fn param_elems_on(m: &Model, p: &Param, stage: u64, expert_rank: u64) -> u64 {
-    let par = &m.parallel;
+fn param_elems_on(m: &Model, par: &Parallel, p: &Param, stage: u64, expert_rank: u64) -> u64 {
     let stages = par.stages();
     let per_layer: u64 = p.ty.dims.iter().filter(|d| d.name != "layer").map(|d| d.size).fold(1u64, u64::saturating_mul);
     let layers_here = match p.placement {
@@ -126,13 +125,29 @@ fn data_replicated(par: &Parallel, p: &Param) -> bool {
 
 /// Parameter elements held by every rank, in rank order.
 pub fn params_per_rank(m: &Model) -> Vec<u64> {
-    per_rank(m, |m, stage, er, _| {
-        m.params.iter().map(|p| param_elems_on(m, p, stage, er)).fold(0u64, u64::saturating_add)
+    params_per_rank_for(m, &m.parallel)
+}
+
+/// [`params_per_rank`] under another layout of the same model.
+pub fn params_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
+    per_rank(m, par, |stage, er| {
+        m.params.iter().map(|p| param_elems_on(m, par, p, stage, er)).fold(0u64, u64::saturating_add)
     })
 }
 
-fn per_rank<T: Clone>(m: &Model, f: impl Fn(&Model, u64, u64, u64) -> T) -> Vec<T> {
-    let par = &m.parallel;
+/// Parameter elements each rank holds that are replicated over the data
+/// axis: what its gradient all-reduce (or ZeRO's reduce-scatter) carries.
+pub fn data_synced_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
+    per_rank(m, par, |stage, er| {
+        m.params
+            .iter()
+            .filter(|p| data_replicated(par, p))
+            .map(|p| param_elems_on(m, par, p, stage, er))
+            .fold(0u64, u64::saturating_add)
+    })
+}
+
+fn per_rank<T: Clone>(m: &Model, par: &Parallel, f: impl Fn(u64, u64) -> T) -> Vec<T> {
     let order = rank_order(par);
     let world = par.world().max(1);
     let expert_axis =
@@ -143,7 +158,7 @@ fn per_rank<T: Clone>(m: &Model, f: impl Fn(&Model, u64, u64, u64) -> T) -> Vec<
             let c = coords(&order, r);
             let stage = coord_of(&order, &c, par.axis_of("layer"));
             let er = coord_of(&order, &c, expert_axis.as_deref());
-            cache.entry((stage, er)).or_insert_with(|| f(m, stage, er, r)).clone()
+            cache.entry((stage, er)).or_insert_with(|| f(stage, er)).clone()
         })
         .collect()
 }
@@ -169,11 +184,18 @@ fn in_flight(par: &Parallel, stage: u64) -> f64 {
 
 /// Memory per rank by category, in rank order.
 pub fn memory_per_rank(m: &Model) -> Vec<RankMemory> {
-    per_rank(m, |m, stage, er, _| rank_memory(m, stage, er))
+    memory_per_rank_for(m, &m.parallel, m.micro_batch)
 }
 
-fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
-    let par = &m.parallel;
+/// [`memory_per_rank`] under another layout and microbatch size. The model
+/// must have been checked with the same split of its model axes (tensor,
+/// expert): its activation figures are per rank. Pipeline, data, ZeRO,
+/// schedule, recompute and microbatch size may differ.
+pub fn memory_per_rank_for(m: &Model, par: &Parallel, micro_batch: u64) -> Vec<RankMemory> {
+    per_rank(m, par, |stage, er| rank_memory(m, par, micro_batch, stage, er))
+}
+
+fn rank_memory(m: &Model, par: &Parallel, micro_batch: u64, stage: u64, er: u64) -> RankMemory {
     let precision = m.train.as_ref().map(|t| t.precision).or(par.precision).unwrap_or(Precision::Fp32);
     let w = precision.bytes();
     let dp = par.data().max(1);
@@ -181,7 +203,7 @@ fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
     let state = m.train.as_ref().map(|t| t.optimizer.state_per_param()).unwrap_or(0);
     let master = if precision == Precision::Fp32 { 0 } else { 4 };
     for p in &m.params {
-        let n = param_elems_on(m, p, stage, er) as f64;
+        let n = param_elems_on(m, par, p, stage, er) as f64;
         if n == 0.0 {
             continue;
         }
@@ -193,7 +215,8 @@ fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
             optim += n * (state * 4 + master) as f64 / if z >= 1 { shard } else { 1.0 };
         }
     }
-    let activations = if m.train.is_some() { activation_bytes(m, stage) } else { 0.0 };
+    let scale = micro_batch as f64 / m.micro_batch.max(1) as f64;
+    let activations = if m.train.is_some() { activation_bytes_for(m, par, stage) * scale } else { 0.0 };
     let r = RankMemory {
         params: params as u64,
         grads: grads as u64,
@@ -207,7 +230,12 @@ fn rank_memory(m: &Model, stage: u64, er: u64) -> RankMemory {
 
 /// Saved activations on one pipeline stage for a training step.
 pub fn activation_bytes(m: &Model, stage: u64) -> f64 {
-    let par = &m.parallel;
+    activation_bytes_for(m, &m.parallel, stage)
+}
+
+/// [`activation_bytes`] under another layout (same model-axis split), for
+/// the microbatch size the model was checked with.
+pub fn activation_bytes_for(m: &Model, par: &Parallel, stage: u64) -> f64 {
     let c = &m.cost;
     let stages = par.stages();
     let layers = c.layer_count.max(1) as f64;

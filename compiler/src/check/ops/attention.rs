@@ -207,7 +207,17 @@ impl Walker<'_> {
         let score_elems = pairs / head_split as f64;
         let elem = if q.ty.dtype.is_float() { self.act_bytes as f64 } else { 4.0 };
         let scores = if drop_p > 0.0 { score_elems * (2.0 * elem + 1.0) } else { score_elems * elem };
-        self.add_cost(OpCost { flops, attn_flops: flops, act_none: saved + scores, act_selective: saved });
+        let rank = flops / head_split as f64;
+        self.add_cost(OpCost {
+            flops,
+            attn_flops: flops,
+            act_none: saved + scores,
+            act_selective: saved,
+            rank_flops: rank,
+            rank_attn_flops: rank,
+            kernels: 2.0,
+            ..OpCost::default()
+        });
         let out = TensorType::new(
             q.ty.dtype,
             q.ty.dims[..n - 1].iter().cloned().chain([v.ty.dims[vm - 1].clone()]).collect(),

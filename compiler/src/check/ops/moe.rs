@@ -112,6 +112,7 @@ impl Walker<'_> {
             dims.extend(x.ty.dims[nt..].iter().cloned());
             let out = TensorType::new(x.ty.dtype, dims);
             self.save(&out);
+            self.exchange_cost(&out, r.slot.size);
             Val::Tensor(self.emit(Op::Dispatch, vec![r.gates, x.id], out, span))
         } else {
             let ok = x.ty.dims.len() > 2 && x.ty.dims[0] == r.expert && x.ty.dims[1] == r.slot;
@@ -123,9 +124,19 @@ impl Walker<'_> {
                 );
             }
             self.save(&x.ty);
+            self.exchange_cost(&x.ty, r.slot.size);
             let mut dims = r.tokens.clone();
             dims.extend(x.ty.dims[2..].iter().cloned());
             Val::Tensor(self.emit(Op::Combine, vec![r.gates, x.id], TensorType::new(x.ty.dtype, dims), span))
         }
+    }
+
+    /// Bytes a rank exchanges to move its routed tokens (`[expert, slot, ...]`)
+    /// to or from their experts: the routed tokens only, not capacity padding.
+    fn exchange_cost(&mut self, ty: &TensorType, slot: u64) {
+        let useful = self.slot_useful.get(&slot).copied().unwrap_or(1.0);
+        let elem = if ty.dtype.is_float() { self.act_bytes } else { ty.dtype.bytes() };
+        let bytes = ty.numel() as f64 * elem as f64 * useful / self.compute_split(ty.dims.iter()) as f64;
+        self.add_cost(crate::model::OpCost { exchange_bytes: bytes, ..Default::default() });
     }
 }

@@ -1,0 +1,281 @@
+//! The planner's predictions against runs that were measured and published.
+//!
+//! Each run is the GPT-3 library spec with `--set` overrides (its size, its
+//! layout, its batch), predicted on the profile of the GPUs it ran on. The
+//! predicted step time is turned into per-GPU TFLOP/s under the paper's own
+//! FLOP convention, and must be within 15% of the published figure.
+
+mod common;
+
+use common::check_ok;
+use tessera::compiler::cost::{device, time};
+
+const GPT3: &str = "specs/models/gpt3-175b.spec";
+
+struct Run {
+    source: &'static str,
+    hidden: u64,
+    layers: u64,
+    heads: u64,
+    tensor: u64,
+    pipeline: u64,
+    gpus: u64,
+    batch: u64,
+    published: f64,
+}
+
+/// Narayanan et al. (2021), Table 1 and §5.1: Megatron-LM on A100 80 GB,
+/// vocabulary 51,200, sequence 2048, full activation recompute.
+const NARAYANAN: &[Run] = &[
+    Run {
+        source: "Narayanan 1.7B",
+        hidden: 2304,
+        layers: 24,
+        heads: 24,
+        tensor: 1,
+        pipeline: 1,
+        gpus: 32,
+        batch: 512,
+        published: 137.0,
+    },
+    Run {
+        source: "Narayanan 18B",
+        hidden: 6144,
+        layers: 40,
+        heads: 48,
+        tensor: 8,
+        pipeline: 1,
+        gpus: 256,
+        batch: 1024,
+        published: 135.0,
+    },
+    Run {
+        source: "Narayanan 145B",
+        hidden: 12288,
+        layers: 80,
+        heads: 96,
+        tensor: 8,
+        pipeline: 8,
+        gpus: 1536,
+        batch: 2304,
+        published: 148.0,
+    },
+    Run {
+        source: "Narayanan 530B",
+        hidden: 20480,
+        layers: 105,
+        heads: 128,
+        tensor: 8,
+        pipeline: 35,
+        gpus: 2520,
+        batch: 2520,
+        published: 163.0,
+    },
+    Run {
+        source: "Narayanan 1T",
+        hidden: 25600,
+        layers: 128,
+        heads: 160,
+        tensor: 8,
+        pipeline: 64,
+        gpus: 3072,
+        batch: 3072,
+        published: 163.0,
+    },
+    Run {
+        source: "GPT-3 175B",
+        hidden: 12288,
+        layers: 96,
+        heads: 96,
+        tensor: 8,
+        pipeline: 16,
+        gpus: 1024,
+        batch: 1536,
+        published: 138.0,
+    },
+];
+
+/// Megatron-Core on H100 (vocabulary 131,072, sequence 4096, data parallel 48).
+const MEGATRON_CORE: &[Run] = &[
+    Run {
+        source: "Megatron-Core 4096×30",
+        hidden: 4096,
+        layers: 30,
+        heads: 32,
+        tensor: 2,
+        pipeline: 1,
+        gpus: 96,
+        batch: 192,
+        published: 465.9,
+    },
+    Run {
+        source: "Megatron-Core 8192×84",
+        hidden: 8192,
+        layers: 84,
+        heads: 64,
+        tensor: 8,
+        pipeline: 2,
+        gpus: 768,
+        batch: 384,
+        published: 419.7,
+    },
+    Run {
+        source: "Megatron-Core 18432×112",
+        hidden: 18432,
+        layers: 112,
+        heads: 144,
+        tensor: 8,
+        pipeline: 16,
+        gpus: 6144,
+        batch: 3072,
+        published: 459.9,
+    },
+];
+
+fn overrides(r: &Run, vocab: u64, seq: u64, extra: &[&str]) -> Vec<String> {
+    let mut o = vec![
+        format!("dims.embed={}", r.hidden),
+        format!("dims.layers={}", r.layers),
+        format!("dims.heads={}", r.heads),
+        format!("dims.vocab={vocab}"),
+        format!("dims.seq={seq}"),
+        format!("parallel.mesh.tensor={}", r.tensor),
+        format!("parallel.mesh.pipeline={}", r.pipeline),
+        format!("parallel.mesh.data={}", r.gpus / (r.tensor * r.pipeline)),
+        "parallel.layout.vocab=tensor".to_string(),
+        format!("train.batch={}", r.batch),
+    ];
+    o.extend(extra.iter().map(|s| s.to_string()));
+    o
+}
+
+/// Predicted TFLOP/s per GPU under a paper's convention (FLOPs per step given).
+fn predict(r: &Run, o: &[String], dev: &str, flops_per_step: f64) -> (f64, time::Estimate) {
+    let refs: Vec<&str> = o.iter().map(String::as_str).collect();
+    let m = check_ok(GPT3, &refs);
+    let d = device::device(dev).expect("device");
+    let e = time::estimate(&m, d).expect("estimate");
+    (flops_per_step / e.step_time_s / r.gpus as f64 / 1e12, e)
+}
+
+#[test]
+fn predictions_match_published_runs_within_15_percent() {
+    let mut failures = Vec::new();
+    let mut table = String::from(
+        "run                          published  predicted  error   step s  bubble s  tp s  dp exposed s\n",
+    );
+    let mut row = |r: &Run, got: f64, e: &time::Estimate| {
+        let err = (got - r.published) / r.published;
+        table += &format!(
+            "{:<28} {:>9.1} {:>10.1} {:>+6.1}% {:>8.2} {:>9.2} {:>5.2} {:>8.3}\n",
+            r.source,
+            r.published,
+            got,
+            100.0 * err,
+            e.step_time_s,
+            e.breakdown.bubble,
+            e.breakdown.tensor_comm,
+            e.breakdown.data_comm_exposed
+        );
+        if err.abs() > 0.15 {
+            failures.push(r.source);
+        }
+    };
+    for r in NARAYANAN {
+        // 96·B·s·l·h²·(1 + s/6h + V/16lh): forward, recompute, backward.
+        let (s, v) = (2048.0, 51200.0);
+        let (b, l, h) = (r.batch as f64, r.layers as f64, r.hidden as f64);
+        let flops = 96.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (16.0 * l * h));
+        let extra = [
+            // 2021: no sequence parallelism, no distributed optimizer.
+            "parallel.recompute=full",
+            "parallel.sequence_parallel=false",
+            "parallel.zero=0",
+            "train.micro_batch=1",
+            "parallel.pipeline.schedule=1f1b",
+            "parallel.pipeline.virtual=1",
+        ];
+        let (got, e) = predict(r, &overrides(r, 51200, 2048, &extra), "a100_80gb", flops);
+        row(r, got, &e);
+    }
+    for r in MEGATRON_CORE {
+        // Megatron-LM's num_floating_point_operations: 72·B·s·l·h²·(1 + s/6h + V/12lh), no recompute counted.
+        let (s, v) = (4096.0, 131072.0);
+        let (b, l, h) = (r.batch as f64, r.layers as f64, r.hidden as f64);
+        let flops = 72.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * l * h));
+        let extra = [
+            "parallel.recompute=selective",
+            "parallel.sequence_parallel=true",
+            "train.micro_batch=1",
+            "train.device=h100_80gb",
+            "parallel.pipeline.schedule=1f1b",
+            "parallel.pipeline.virtual=1",
+        ];
+        let (got, e) = predict(r, &overrides(r, 131072, 4096, &extra), "h100_80gb", flops);
+        row(r, got, &e);
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "off by more than 15%: {failures:?}\n{table}");
+}
+
+fn gpt3_175b(extra: &[&str]) -> tessera::compiler::Model {
+    let mut o = vec!["dims.vocab=51200", "parallel.layout.vocab=tensor"];
+    o.extend(extra);
+    check_ok(GPT3, &o)
+}
+
+#[test]
+fn the_bubble_follows_the_schedule() {
+    let a100 = device::device("a100_80gb").unwrap();
+    for (schedule, v) in [("1f1b", 1u64), ("gpipe", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 3)] {
+        let s = format!("parallel.pipeline.schedule={schedule}");
+        let vs = format!("parallel.pipeline.virtual={v}");
+        let m = gpt3_175b(&[&s, &vs, "parallel.recompute=full"]);
+        let e = time::estimate(&m, a100).unwrap();
+        // Fill and drain: (p - 1)/v beats of the slowest stage.
+        let want = 15.0 / v as f64 * e.microbatch_s;
+        assert!((e.breakdown.bubble - want).abs() < 1e-9 * want, "{schedule} v={v}: {} vs {want}", e.breakdown.bubble);
+        let body = e.microbatches as f64 * e.microbatch_s;
+        assert!(e.step_time_s >= body + e.breakdown.bubble, "{schedule}");
+    }
+    let flat = gpt3_175b(&["parallel.mesh.pipeline=1", "parallel.mesh.data=128", "parallel.zero=3"]);
+    assert_eq!(time::estimate(&flat, a100).unwrap().breakdown.bubble, 0.0);
+}
+
+#[test]
+fn data_parallel_reduction_hides_behind_the_backward_pass() {
+    // GPT-2 XL on 8 data ranks (no pipeline), one microbatch per step: the
+    // gradient all-reduce overlaps that microbatch's backward pass.
+    let m = check_ok("specs/models/gpt2-xl.spec", &["parallel.zero=0", "train.device=a100_80gb"]);
+    let mut dev = device::device("a100_80gb").unwrap().clone();
+    let fast = time::estimate(&m, &dev).unwrap();
+    assert!(fast.breakdown.data_comm > 0.0);
+    assert!(fast.breakdown.data_comm_exposed <= fast.breakdown.data_comm);
+    // A link 1000× slower exposes what the backward pass cannot hide, and the
+    // step grows by exactly that.
+    dev.interconnect_bandwidth /= 1000.0;
+    dev.nvlink_bandwidth /= 1000.0;
+    let slow = time::estimate(&m, &dev).unwrap();
+    assert!(slow.breakdown.data_comm_exposed > 0.0);
+    assert!(slow.breakdown.data_comm_exposed < slow.breakdown.data_comm, "part stays hidden");
+    let grew = slow.step_time_s - fast.step_time_s;
+    let exposed = slow.breakdown.data_comm_exposed - fast.breakdown.data_comm_exposed;
+    assert!((grew - exposed).abs() < 1e-9 * slow.step_time_s, "{grew} vs {exposed}");
+}
+
+#[test]
+fn recompute_costs_time_and_counts_as_hardware_flops() {
+    let a100 = device::device("a100_80gb").unwrap();
+    let est = |r: &str| time::estimate(&gpt3_175b(&[&format!("parallel.recompute={r}")]), a100).unwrap();
+    let (none, selective, full) = (est("none"), est("selective"), est("full"));
+    assert_eq!(none.breakdown.recompute, 0.0);
+    assert!(none.step_time_s < selective.step_time_s && selective.step_time_s < full.step_time_s);
+    // Model FLOPs do not change; hardware FLOPs count the recomputed forward pass.
+    assert_eq!(none.model_flops_per_step, full.model_flops_per_step);
+    assert_eq!(none.hardware_tflops_per_gpu, none.tflops_per_gpu);
+    let ratio = full.hardware_tflops_per_gpu / full.tflops_per_gpu;
+    assert!(ratio > 1.3 && ratio < 1.34, "full recompute adds about a third: {ratio}");
+    // And the memory it saves.
+    assert!(full.memory_max.activations < selective.memory_max.activations);
+    assert!(selective.memory_max.activations < none.memory_max.activations);
+}
