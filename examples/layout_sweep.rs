@@ -19,7 +19,11 @@ fn main() {
                 format!("parallel.mesh.data={data}"),
             ];
             let mut sources = SourceMap::new();
-            let verdict = match check_path(&mut sources, spec, &Options { overrides, model: None, micro_batch: None }) {
+            let verdict = match check_path(
+                &mut sources,
+                spec,
+                &Options { overrides, model: None, micro_batch: None, ..Default::default() },
+            ) {
                 Ok(m) => {
                     let (rank, worst) = memory::worst_rank(&memory::memory_per_rank(&m));
                     format!("fits: rank {rank} needs {:.1} GiB", worst.total as f64 / (1u64 << 30) as f64)

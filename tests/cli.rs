@@ -350,3 +350,114 @@ fn users_add_device_profiles() {
     assert!(stderr(&broken).contains("my_gpu.toml:2:"), "{}", stderr(&broken));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn plan_predicts_step_time_and_searches_layouts() {
+    let gpt3 = ["specs/models/gpt3-175b.spec", "--set", "dims.vocab=51200", "--set", "parallel.layout.vocab=tensor"];
+    // A prediction for the spec's layout, with the data axis sized to --world.
+    let mut args = vec!["plan"];
+    args.extend(gpt3);
+    args.extend(["--world", "2048", "--device", "h100_80gb", "--json"]);
+    let o = tessera(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["world"], 2048);
+    assert_eq!(v["mesh"]["data"], 16, "{}", v["mesh"]);
+    assert_eq!(v["device"], "h100_80gb");
+    let step = v["step_time_s"].as_f64().expect("step_time_s");
+    let tokens = v["tokens_per_s"].as_f64().expect("tokens_per_s");
+    assert!((tokens * step - 1536.0 * 2048.0).abs() < 1e-6 * tokens * step, "a step is the batch");
+    let tflops = v["tflops_per_gpu"].as_f64().expect("tflops_per_gpu");
+    let mfu = v["mfu"].as_f64().expect("mfu");
+    assert!((mfu - tflops / 989.0).abs() < 1e-9 && mfu > 0.0 && mfu < 1.0, "{mfu}");
+    assert!(v["flop_convention"].as_str().is_some_and(|s| s.contains("6N")));
+    assert_eq!(v["memory_per_rank"].as_array().map(Vec::len), Some(2048));
+
+    // The search: the best layouts, best first, and the winner's plan.
+    let mut args = vec!["plan"];
+    args.extend(gpt3);
+    args.extend(["--world", "1024", "--device", "a100_80gb", "--search", "--json"]);
+    let o = tessera(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let c = v["candidates"].as_array().expect("candidates");
+    assert_eq!(c.len(), 10);
+    for k in ["data", "tensor", "pipeline", "schedule", "micro_batch", "zero", "recompute"] {
+        assert!(!c[0]["layout"][k].is_null(), "layout has {k}: {}", c[0]["layout"]);
+    }
+    let times: Vec<f64> = c.iter().map(|x| x["step_time_s"].as_f64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "best first: {times:?}");
+    assert!(c.iter().all(|x| x["memory_max_bytes"].as_u64().unwrap() <= 80 << 30));
+    assert_eq!(v["step_time_s"].as_f64(), Some(times[0]), "the top level describes the winner");
+    assert_eq!(v["mesh"]["tensor"], c[0]["layout"]["tensor"]);
+    assert!(v["search"]["considered"].as_u64().unwrap() >= 5000);
+
+    // Text: the table and the rejections.
+    let mut args = vec!["plan"];
+    args.extend(gpt3);
+    args.extend(["--world", "1024", "--device", "a100_80gb", "--search", "--top", "3"]);
+    let o = tessera(&args);
+    let text = stdout(&o);
+    assert!(text.contains("best 3 by predicted step time"), "{text}");
+    assert!(text.contains("out of memory"), "{text}");
+    assert!(text.contains("predicted step on 1024 × a100_80gb"), "{text}");
+
+    // Mistakes say what to do.
+    let o = tessera(&["plan", "specs/models/gpt3-175b.spec", "--device", "b300", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown device `b300`") && stderr(&o).contains("h100_80gb"), "{}", stderr(&o));
+    let o = tessera(&["plan", "specs/models/gpt3-175b.spec", "--world", "1000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a multiple of the 128 ranks"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_published_run_is_a_library_spec_and_overrides() {
+    // Narayanan et al. (2021), 18B: hidden 6144, 40 layers, 48 heads, TP 8 on
+    // 256 A100 80 GB, batch 1024, full recompute: 135 TFLOP/s published (their
+    // 96·B·s·l·h²·(1 + s/6h + V/16lh) convention, recompute counted).
+    let o = tessera(&[
+        "plan",
+        "specs/models/gpt3-175b.spec",
+        "--world",
+        "256",
+        "--device",
+        "a100_80gb",
+        "--json",
+        "--set",
+        "dims.embed=6144",
+        "--set",
+        "dims.layers=40",
+        "--set",
+        "dims.heads=48",
+        "--set",
+        "dims.vocab=51200",
+        "--set",
+        "parallel.layout.vocab=tensor",
+        "--set",
+        "parallel.mesh.pipeline=1",
+        "--set",
+        "parallel.mesh.tensor=8",
+        "--set",
+        "train.batch=1024",
+        "--set",
+        "train.micro_batch=1",
+        "--set",
+        "parallel.zero=0",
+        "--set",
+        "parallel.recompute=full",
+        "--set",
+        "parallel.sequence_parallel=false",
+        "--set",
+        "parallel.pipeline.schedule=1f1b",
+        "--set",
+        "parallel.pipeline.virtual=1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["mesh"]["data"], 32);
+    let (b, s, l, h, vocab) = (1024.0, 2048.0, 40.0, 6144.0, 51200.0);
+    let flops = 96.0 * b * s * l * h * h * (1.0 + s / (6.0 * h) + vocab / (16.0 * l * h));
+    let got = flops / v["step_time_s"].as_f64().unwrap() / 256.0 / 1e12;
+    assert!((got - 135.0).abs() / 135.0 < 0.15, "{got} TFLOP/s per GPU");
+}

@@ -24,7 +24,12 @@ pub fn specs_under(dir: &str) -> Vec<PathBuf> {
 
 pub fn check(path: &Path, overrides: &[&str]) -> (SourceMap, Result<Model, Diags>) {
     let mut sources = SourceMap::new();
-    let opts = Options { overrides: overrides.iter().map(|s| s.to_string()).collect(), model: None, micro_batch: None };
+    let opts = Options {
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        model: None,
+        micro_batch: None,
+        ..Default::default()
+    };
     let r = tessera::compiler::check_path(&mut sources, path, &opts);
     (sources, r)
 }

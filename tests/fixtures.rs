@@ -37,7 +37,7 @@ fn model(spec: &str, small: bool) -> Model {
     if small {
         overrides.extend(["dims.seq=16", "dims.embed=32"].map(String::from));
     }
-    let opts = Options { overrides, model: None, micro_batch: Some(2) };
+    let opts = Options { overrides, model: None, micro_batch: Some(2), ..Default::default() };
     check_path(&mut sources, Path::new(spec), &opts)
         .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)))
 }

@@ -13,7 +13,7 @@ use crate::syntax::span::Span;
 /// The largest world size the checker accepts (per-rank reports enumerate ranks).
 pub const MAX_WORLD: u64 = 1 << 20;
 
-fn divisors(n: u64) -> Vec<u64> {
+pub(crate) fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
     let mut large = Vec::new();
     let mut i = 1;

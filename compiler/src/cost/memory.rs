@@ -147,6 +147,45 @@ pub fn data_synced_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
     })
 }
 
+/// The worst rank's memory, its held and data-synced parameter elements
+/// (the most over ranks), without enumerating every rank: ranks differ only
+/// by pipeline stage and expert coordinate. For the planner's search.
+pub fn worst_for(m: &Model, par: &Parallel, micro_batch: u64) -> (u64, RankMemory, u64, u64) {
+    let order = rank_order(par);
+    let expert_axis =
+        m.params.iter().find_map(|p| p.expert.as_ref()).and_then(|e| par.axis_of(&e.dim)).map(str::to_string);
+    let stride = |axis: Option<&str>| -> u64 {
+        axis.and_then(|a| order.iter().position(|(x, _)| x == a))
+            .map(|i| order[i + 1..].iter().map(|(_, n)| *n).product())
+            .unwrap_or(0)
+    };
+    let (pipe_stride, expert_stride) = (stride(par.axis_of("layer")), stride(expert_axis.as_deref()));
+    let ep = expert_axis.as_deref().map(|a| par.axis_size(a)).unwrap_or(1);
+    let mut worst: Option<(u64, RankMemory)> = None;
+    let (mut held, mut synced) = (0u64, 0u64);
+    for stage in 0..par.stages().max(1) {
+        for er in 0..ep {
+            let mem = rank_memory(m, par, micro_batch, stage, er);
+            let rank = stage * pipe_stride + er * expert_stride;
+            if worst.is_none_or(|(r, w)| mem.total > w.total || (mem.total == w.total && rank < r)) {
+                worst = Some((rank, mem));
+            }
+            let (mut h, mut s) = (0u64, 0u64);
+            for p in &m.params {
+                let n = param_elems_on(m, par, p, stage, er);
+                h = h.saturating_add(n);
+                if data_replicated(par, p) {
+                    s = s.saturating_add(n);
+                }
+            }
+            held = held.max(h);
+            synced = synced.max(s);
+        }
+    }
+    let (rank, mem) = worst.unwrap_or_default();
+    (rank, mem, held, synced)
+}
+
 fn per_rank<T: Clone>(m: &Model, par: &Parallel, f: impl Fn(u64, u64) -> T) -> Vec<T> {
     let order = rank_order(par);
     let world = par.world().max(1);

@@ -12,6 +12,7 @@
 
 pub mod device;
 pub mod memory;
+pub mod search;
 pub mod time;
 
 use crate::model::Model;

@@ -299,14 +299,14 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     let tensor_axis = par.axis_of("heads").or_else(|| par.axis_of("mlp")).map(str::to_string);
     let tp = tensor_axis.as_deref().map(|a| par.axis_size(a)).unwrap_or(1);
     let per_stage_layers = layers / stages as f64;
-    // One pass (forward, backward or recompute) over a stage's layers for every microbatch.
-    let tensor_pass = |ledger: &mut Ledger, calls_scale: f64| {
+    // One pass (forward, backward or recompute) over ops for every microbatch.
+    let tensor_pass = |ledger: &mut Ledger, ops: &OpCost, calls_scale: f64| {
         let Some(axis) = tensor_axis.as_deref() else { return 0.0 };
-        if layer.reductions <= 0.0 || tp <= 1 {
+        if ops.reductions <= 0.0 || tp <= 1 {
             return 0.0;
         }
-        let per_call = layer.partial_bytes / layer.reductions;
-        let calls = layer.reductions * calls_scale;
+        let per_call = ops.partial_bytes / ops.reductions;
+        let calls = ops.reductions * calls_scale;
         if par.sequence_parallel {
             ledger.add("tensor", Kind::ReduceScatter, axis, tp, calls, per_call)
                 + ledger.add("tensor", Kind::AllGather, axis, tp, calls, per_call)
@@ -316,10 +316,16 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     };
     // Per microbatch on a stage's layers: forward, backward, recompute.
     let steps = micro as f64;
-    let tp_fwd = tensor_pass(&mut ledger, per_stage_layers * steps) / steps;
-    let tp_bwd = tensor_pass(&mut ledger, per_stage_layers * steps) / steps;
-    let tp_recompute =
-        if par.recompute == Recompute::Full { tensor_pass(&mut ledger, per_stage_layers * steps) / steps } else { 0.0 };
+    let tp_fwd = tensor_pass(&mut ledger, &layer, per_stage_layers * steps) / steps;
+    let tp_bwd = tensor_pass(&mut ledger, &layer, per_stage_layers * steps) / steps;
+    // Before and after the layers (a vocabulary-parallel embedding), each way.
+    let tp_pre = (tensor_pass(&mut ledger, &pre, steps) + tensor_pass(&mut ledger, &pre, steps)) / steps;
+    let tp_post = (tensor_pass(&mut ledger, &post, steps) + tensor_pass(&mut ledger, &post, steps)) / steps;
+    let tp_recompute = if par.recompute == Recompute::Full {
+        tensor_pass(&mut ledger, &layer, per_stage_layers * steps) / steps
+    } else {
+        0.0
+    };
 
     // Experts on the data axis: dispatch and combine are all-to-alls, each way.
     let expert_axis = m
@@ -381,8 +387,9 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     };
     let recompute_comm = tp_recompute + a2a_each_way.2;
     let mut slot = 0.0f64;
-    // (compute, recompute, backward, forward) of one microbatch on the slowest stage
-    let mut worst = (0.0, 0.0, 0.0, 0.0);
+    // (compute, recompute, backward, forward, tensor collectives outside the
+    // layers) of one microbatch on the slowest stage
+    let mut worst = (0.0, 0.0, 0.0, 0.0, 0.0);
     for s in 0..stages {
         let mut f = body_f;
         let mut b = body_b;
@@ -394,7 +401,13 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
             f += forward_time(&post, dev, peak);
             b += backward_time(&post, dev, peak);
         }
-        let comm = tp_fwd + tp_bwd + a2a_each_way.0 + a2a_each_way.1 + pipe_each.0 + pipe_each.1;
+        let mut comm = tp_fwd + tp_bwd + a2a_each_way.0 + a2a_each_way.1 + pipe_each.0 + pipe_each.1;
+        if s == 0 {
+            comm += tp_pre;
+        }
+        if s == stages - 1 {
+            comm += tp_post;
+        }
         let total = f + b + recompute_layers + recompute_comm + comm;
         if total > slot {
             slot = total;
@@ -403,13 +416,15 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
                 recompute_layers,
                 b + recompute_layers + recompute_comm + tp_bwd + a2a_each_way.1,
                 f + tp_fwd + a2a_each_way.0,
+                comm - (tp_fwd + tp_bwd + a2a_each_way.0 + a2a_each_way.1 + pipe_each.0 + pipe_each.1),
             );
         }
     }
     let pipeline_time = if stages > 1 { (steps + (stages - 1) as f64 / v as f64) * slot } else { steps * slot };
 
     // Data parallelism and ZeRO.
-    let synced = memory::data_synced_per_rank_for(m, par).into_iter().max().unwrap_or(0) as f64;
+    let (worst_rank, worst_mem, held, synced) = memory::worst_for(m, par, mbs);
+    let (held, synced) = (held as f64, synced as f64);
     let grad_bytes = synced * bytes;
     let (mut data_comm, mut exposed) = (0.0, 0.0);
     if let Some(axis) = par.data_axis()
@@ -440,9 +455,6 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     }
 
     // The optimizer: 28 bytes of HBM traffic per element it updates.
-    let mem = memory::memory_per_rank_for(m, par, mbs);
-    let (worst_rank, worst_mem) = memory::worst_rank(&mem);
-    let held = memory::params_per_rank_for(m, par).into_iter().max().unwrap_or(0) as f64;
     let sharded = if par.zero >= 1 && dp > 1 { synced / dp as f64 + (held - synced) } else { held };
     let optimizer = sharded * 28.0 / (dev.achievable.hbm * dev.hbm_bandwidth);
 
@@ -476,7 +488,7 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
         breakdown: Breakdown {
             compute: comm_slot(worst.0),
             recompute: comm_slot(worst.1),
-            tensor_comm: comm_slot(tp_fwd + tp_bwd + tp_recompute),
+            tensor_comm: comm_slot(tp_fwd + tp_bwd + tp_recompute + worst.4),
             expert_comm: comm_slot(a2a_each_way.0 + a2a_each_way.1 + a2a_each_way.2),
             pipeline_comm: comm_slot(pipe_each.0 + pipe_each.1),
             bubble,
@@ -485,7 +497,7 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
             optimizer,
         },
         collectives: ledger.items,
-        memory_max_rank: worst_rank,
+        memory_max_rank: worst_rank as usize,
         memory_max: worst_mem,
     })
 }

@@ -340,6 +340,13 @@ impl Walker<'_> {
                 }
                 self.save(&ids.ty);
                 let out = TensorType::new(table.ty.dtype, dims);
+                // A table split by rows on a model axis gives each rank the
+                // rows it holds and zeros elsewhere: a partial sum to reduce.
+                if self.compute_split(std::iter::once(rows)) > 1 {
+                    let elem = if out.dtype.is_float() { self.act_bytes } else { out.dtype.bytes() };
+                    let bytes = out.numel() as f64 * elem as f64 / self.compute_split(out.dims.iter()) as f64;
+                    self.add_cost(OpCost { partial_bytes: bytes, reductions: 1.0, ..OpCost::default() });
+                }
                 Val::Tensor(self.emit(Op::Embed, vec![table.id, ids.id], out, span))
             }
             "split" => self.split(frame, &a, span),

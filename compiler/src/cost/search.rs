@@ -1,0 +1,297 @@
+//! Layout search: every way to lay a spec out on N GPUs of one kind, the
+//! ones that cannot run dropped (with counts by reason), the rest ranked by
+//! predicted step time.
+//!
+//! The search keeps the spec's layout rules — which dims go on its data,
+//! tensor and pipeline axes, sequence parallelism, where experts go — and
+//! varies the sizes: tensor degree (up to the GPUs of one node), pipeline
+//! degree, data degree (the rest of the world), ZeRO stage, microbatch
+//! size, pipeline schedule (1F1B, GPipe, interleaved with 2 or 4 chunks)
+//! and recompute (none, selective, full). A spec with no tensor axis gets
+//! Megatron's rules (`heads`, `kv_heads`, `mlp`, and `vocab` where it
+//! divides); with no pipeline axis, `layer -> pipeline`.
+//!
+//! Each tensor degree (and data degree, when experts sit on the data axis)
+//! is checked once by the real checker, so every rule the checker enforces
+//! (heads, kv heads, MLP and vocabulary divisible, expert placement) rejects
+//! candidates with its own message. Pipeline, data, ZeRO, schedule,
+//! recompute and microbatch size change no per-rank shape, so those
+//! candidates are priced from the same checked model by
+//! [`time::estimate_for`] and [`super::memory::worst_for`].
+
+use super::device::Device;
+use super::time;
+use crate::config::{Parallel, Recompute, Schedule};
+use crate::model::Model;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// One layout the search considered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Layout {
+    /// Axis name to size, in rank order (outermost first).
+    pub mesh: Vec<(String, u64)>,
+    /// The layout rules the search wrote, as `--set` overrides.
+    #[serde(skip)]
+    pub rules: Vec<String>,
+    pub zero: u8,
+    pub micro_batch: u64,
+    pub schedule: Schedule,
+    pub virtual_stages: u64,
+    pub recompute: Recompute,
+}
+
+impl Layout {
+    /// The `--set` overrides that write this layout into the spec.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut o: Vec<String> = self.mesh.iter().map(|(a, n)| format!("parallel.mesh.{a}={n}")).collect();
+        o.extend(self.rules.iter().cloned());
+        o.push(format!("parallel.zero={}", self.zero));
+        o.push(format!("train.micro_batch={}", self.micro_batch));
+        let schedule = match self.schedule {
+            Schedule::Gpipe => "gpipe",
+            Schedule::OneFOneB => "1f1b",
+            Schedule::Interleaved1f1b => "interleaved_1f1b",
+        };
+        o.push(format!("parallel.pipeline.schedule={schedule}"));
+        o.push(format!("parallel.pipeline.virtual={}", self.virtual_stages));
+        let recompute = match self.recompute {
+            Recompute::None => "none",
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        };
+        o.push(format!("parallel.recompute={recompute}"));
+        o
+    }
+
+    /// `data 8 × tensor 8 × pipeline 16, 1f1b, mb 1, zero 1, recompute full`.
+    pub fn text(&self) -> String {
+        let mesh: Vec<String> = self.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
+        let schedule = match self.schedule {
+            Schedule::Gpipe => "gpipe".to_string(),
+            Schedule::OneFOneB => "1f1b".to_string(),
+            Schedule::Interleaved1f1b => format!("interleaved×{}", self.virtual_stages),
+        };
+        format!(
+            "{}, {schedule}, mb {}, zero {}, recompute {}",
+            mesh.join(" × "),
+            self.micro_batch,
+            self.zero,
+            match self.recompute {
+                Recompute::None => "none",
+                Recompute::Selective => "selective",
+                Recompute::Full => "full",
+            }
+        )
+    }
+}
+
+/// A layout that fits, with its prediction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Candidate {
+    pub layout: Layout,
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    pub tflops_per_gpu: f64,
+    pub mfu: f64,
+    pub memory_max_bytes: u64,
+    pub memory_max_rank: u64,
+}
+
+/// What a search found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Search {
+    pub world: u64,
+    pub device: String,
+    /// Layouts considered.
+    pub considered: usize,
+    /// Rejected layouts, counted by reason.
+    pub rejected: BTreeMap<String, usize>,
+    /// Every layout that fits, fastest first (ties: less memory first).
+    pub candidates: Vec<Candidate>,
+}
+
+/// The spec's axes for each role, and the layout rules the search writes.
+struct Roles {
+    data: String,
+    tensor: String,
+    pipeline: String,
+    /// Dims on the tensor axis: (dim, only when it divides).
+    tensor_dims: Vec<(String, bool)>,
+    /// Axes of the spec's mesh with no role: set to 1.
+    others: Vec<String>,
+    /// Experts are laid out on the data axis (so the data degree changes shapes).
+    experts_on_data: bool,
+}
+
+fn roles(m: &Model) -> Roles {
+    let p = &m.parallel;
+    let data = p.data_axis().unwrap_or("data").to_string();
+    let tensor = p.axis_of("heads").or_else(|| p.axis_of("mlp")).unwrap_or("tensor").to_string();
+    let pipeline = p.axis_of("layer").unwrap_or("pipeline").to_string();
+    let mut tensor_dims: Vec<(String, bool)> =
+        p.layout.iter().filter(|(_, a)| *a == tensor).map(|(d, _)| (d.clone(), false)).collect();
+    if tensor_dims.is_empty() {
+        for d in ["heads", "kv_heads", "mlp"] {
+            if m.const_value(d).is_some() {
+                tensor_dims.push((d.to_string(), false));
+            }
+        }
+        if m.const_value("vocab").is_some() {
+            tensor_dims.push(("vocab".to_string(), true));
+        }
+    }
+    let others =
+        p.mesh.iter().map(|(a, _)| a.clone()).filter(|a| *a != data && *a != tensor && *a != pipeline).collect();
+    let experts_on_data =
+        m.params.iter().find_map(|q| q.expert.as_ref()).and_then(|e| p.axis_of(&e.dim)).is_some_and(|a| a == data);
+    Roles { data, tensor, pipeline, tensor_dims, others, experts_on_data }
+}
+
+fn divisors(n: u64) -> Vec<u64> {
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+}
+
+/// Search the layouts of `m` on `world` GPUs of `dev`. `recheck` checks the
+/// spec with extra `--set` overrides (and no memory check) and returns the
+/// checker's first error on failure.
+pub fn search(
+    m: &Model,
+    world: u64,
+    dev: &Device,
+    mut recheck: impl FnMut(&[String]) -> Result<Model, String>,
+) -> Result<Search, String> {
+    let train =
+        m.train.as_ref().ok_or_else(|| format!("`{}` has no `train` section: a search is for training", m.name))?;
+    let batch = train.batch;
+    if world == 0 {
+        return Err("--world must be at least 1".into());
+    }
+    let r = roles(m);
+    let layers = m.stacks.iter().map(|s| s.layers).min().unwrap_or(1);
+    let gpn = dev.gpus_per_node.max(1) as u64;
+    let mut rejected: BTreeMap<String, usize> = BTreeMap::new();
+    let reject = |rejected: &mut BTreeMap<String, usize>, why: String, n: usize| *rejected.entry(why).or_default() += n;
+    let mut checked: HashMap<(u64, u64), Result<Model, String>> = HashMap::new();
+    let mut candidates = Vec::new();
+    let mut considered = 0usize;
+    let schedules =
+        [(Schedule::OneFOneB, 1), (Schedule::Gpipe, 1), (Schedule::Interleaved1f1b, 2), (Schedule::Interleaved1f1b, 4)];
+    let recomputes = [Recompute::None, Recompute::Selective, Recompute::Full];
+    let micro_batches = [1u64, 2, 4, 8];
+    for t in divisors(world) {
+        for p in divisors(world / t) {
+            let dp = world / (t * p);
+            let scheds: &[(Schedule, u64)] = if p == 1 { &schedules[..1] } else { &schedules };
+            let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
+            let per = scheds.len() * zeros.len() * recomputes.len();
+            let n = per * micro_batches.len();
+            considered += n;
+            if t > gpn {
+                reject(
+                    &mut rejected,
+                    format!("tensor parallel across nodes (more than {gpn} GPUs per tensor group)"),
+                    n,
+                );
+                continue;
+            }
+            let key = (t, if r.experts_on_data { dp } else { 1 });
+            let mut rules =
+                vec![format!("parallel.layout.batch={}", r.data), format!("parallel.layout.layer={}", r.pipeline)];
+            for (d, optional) in &r.tensor_dims {
+                let divides = m.const_value(d).is_some_and(|v| (v as u64).is_multiple_of(t));
+                if !optional || divides {
+                    rules.push(format!("parallel.layout.{d}={}", r.tensor));
+                }
+            }
+            let base = checked.entry(key).or_insert_with(|| {
+                let mut o = vec![
+                    format!("parallel.mesh.{}={}", r.data, key.1),
+                    format!("parallel.mesh.{}={t}", r.tensor),
+                    format!("parallel.mesh.{}=1", r.pipeline),
+                    "parallel.pipeline.schedule=1f1b".into(),
+                    "parallel.pipeline.virtual=1".into(),
+                ];
+                o.extend(r.others.iter().map(|a| format!("parallel.mesh.{a}=1")));
+                o.extend(rules.iter().cloned());
+                recheck(&o)
+            });
+            let base = match base {
+                Ok(b) => b,
+                Err(e) => {
+                    reject(&mut rejected, e.clone(), n);
+                    continue;
+                }
+            };
+            let mut mesh = vec![(r.pipeline.clone(), p), (r.data.clone(), dp)];
+            mesh.extend(r.others.iter().map(|a| (a.clone(), 1)));
+            mesh.push((r.tensor.clone(), t));
+            for &mbs in &micro_batches {
+                if !batch.is_multiple_of(dp * mbs) {
+                    let why = format!("the batch ({batch}) does not split into microbatches over the data ranks");
+                    reject(&mut rejected, why, per);
+                    continue;
+                }
+                let micro = batch / (dp * mbs);
+                for &(schedule, v) in scheds {
+                    for &zero in zeros {
+                        for &recompute in &recomputes {
+                            if !layers.is_multiple_of(p * v) {
+                                reject(&mut rejected, "layers do not divide into stages × chunks".into(), 1);
+                                continue;
+                            }
+                            if p > 1 && micro < p {
+                                reject(&mut rejected, "fewer microbatches than pipeline stages".into(), 1);
+                                continue;
+                            }
+                            if schedule == Schedule::Interleaved1f1b && !micro.is_multiple_of(p) {
+                                let why = "interleaved 1F1B needs microbatches divisible by stages";
+                                reject(&mut rejected, why.into(), 1);
+                                continue;
+                            }
+                            let mut par: Parallel = base.parallel.clone();
+                            par.mesh = mesh.clone();
+                            par.zero = zero;
+                            par.recompute = recompute;
+                            par.pipeline.schedule = schedule;
+                            par.pipeline.virtual_stages = v;
+                            par.pipeline.microbatches = micro;
+                            let e = match time::estimate_for(base, &par, mbs, batch, dev) {
+                                Ok(e) => e,
+                                Err(e) => {
+                                    reject(&mut rejected, e, 1);
+                                    continue;
+                                }
+                            };
+                            if e.memory_max.total > dev.memory {
+                                let why = format!("out of memory (a rank needs over {} GiB)", dev.memory >> 30);
+                                reject(&mut rejected, why, 1);
+                                continue;
+                            }
+                            candidates.push(Candidate {
+                                layout: Layout {
+                                    mesh: mesh.clone(),
+                                    rules: rules.clone(),
+                                    zero,
+                                    micro_batch: mbs,
+                                    schedule,
+                                    virtual_stages: v,
+                                    recompute,
+                                },
+                                step_time_s: e.step_time_s,
+                                tokens_per_s: e.tokens_per_s,
+                                tflops_per_gpu: e.tflops_per_gpu,
+                                mfu: e.mfu,
+                                memory_max_bytes: e.memory_max.total,
+                                memory_max_rank: e.memory_max_rank as u64,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    candidates
+        .sort_by(|a, b| a.step_time_s.total_cmp(&b.step_time_s).then(a.memory_max_bytes.cmp(&b.memory_max_bytes)));
+    Ok(Search { world, device: dev.name.clone(), considered, rejected, candidates })
+}
