@@ -840,6 +840,7 @@ fn candidate_json(c: &tessera_compiler::cost::search::Candidate) -> serde_json::
     let l = &c.layout;
     let mut layout: serde_json::Map<String, serde_json::Value> =
         l.mesh.iter().map(|(a, n)| (a.clone(), json!(n))).collect();
+    layout.insert("expert".into(), json!(l.expert));
     layout.insert("schedule".into(), json!(l.schedule));
     layout.insert("virtual_stages".into(), json!(l.virtual_stages));
     layout.insert("micro_batch".into(), json!(l.micro_batch));

@@ -461,3 +461,17 @@ fn a_published_run_is_a_library_spec_and_overrides() {
     let got = flops / v["step_time_s"].as_f64().unwrap() / 256.0 / 1e12;
     assert!((got - 135.0).abs() / 135.0 < 0.15, "{got} TFLOP/s per GPU");
 }
+
+#[test]
+fn a_layout_rule_is_removed_with_none() {
+    let v = inspect_json(&["specs/tiny/moe.spec"]);
+    let has = |v: &serde_json::Value| v["layout"].as_array().unwrap().iter().any(|r| r["dim"] == "expert");
+    assert!(has(&v), "the spec lays its experts out");
+    let v = inspect_json(&["specs/tiny/moe.spec", "--set", "parallel.layout.expert=none"]);
+    assert!(!has(&v), "{}", v["layout"]);
+    // Every rank now holds every expert.
+    let all =
+        inspect_json(&["specs/tiny/moe.spec", "--set", "parallel.layout.expert=none"])["params_per_rank"][0].as_u64();
+    let split = inspect_json(&["specs/tiny/moe.spec"])["params_per_rank"][0].as_u64();
+    assert!(all > split, "{all:?} vs {split:?}");
+}

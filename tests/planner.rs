@@ -418,8 +418,15 @@ fn search_rejects_layouts_the_checker_rejects() {
     let (_, found) = search("specs/models/mixtral-8x7b.spec", &[], 64, "h100_80gb");
     assert!(found.rejected.keys().any(|r| r.contains("not divisible by the `data` axis")), "{:?}", found.rejected);
     assert!(!found.candidates.is_empty());
-    for c in &found.candidates {
+    for c in found.candidates.iter().filter(|c| c.layout.expert > 1) {
         let data = c.layout.mesh.iter().find(|(a, _)| a == "data").unwrap().1;
-        assert!(8 % data == 0, "{}", c.layout.text());
+        assert!(8 % data == 0 && c.layout.expert == data, "{}", c.layout.text());
     }
+    // Every expert on every rank is searched too: 47B parameters of AdamW
+    // state need ZeRO or a pipeline to fit 80 GB then.
+    let replicated: Vec<_> = found.candidates.iter().filter(|c| c.layout.expert == 1).collect();
+    assert!(!replicated.is_empty());
+    assert!(
+        replicated.iter().all(|c| c.layout.zero > 0 || c.layout.mesh.iter().any(|(a, n)| a == "pipeline" && *n > 1))
+    );
 }

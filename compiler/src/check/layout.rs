@@ -413,6 +413,10 @@ pub(super) fn memory_fits(m: &Model, spans: &ParallelSpans, train: Option<&Secti
                 gib(worst.optimizer),
                 gib(worst.activations)
             ))
-            .help("shard more: raise ZeRO, tensor or pipeline parallelism, use `recompute = selective` or `full`, or lower `micro_batch`"),
+            .help(format!(
+                "shard more: raise ZeRO, tensor or pipeline parallelism, use `recompute = selective` or `full`, or lower `micro_batch`; `tessera plan FILE --search --world {} --device {}` ranks the layouts that fit",
+                m.parallel.world(),
+                dev.name
+            )),
     );
 }

@@ -161,6 +161,11 @@ fn apply_section_override(sections: &mut Vec<Section>, o: &Override) {
         let last = i == o.path.len() - 1;
         if last {
             let is_layout = sec.name.name == "layout";
+            // `--set parallel.layout.DIM=none` removes the rule: DIM is replicated.
+            if is_layout && matches!(&o.value.kind, ExprKind::Name(n) if n == "none") {
+                sec.entries.retain(|e| e.key().name != seg.name);
+                return;
+            }
             let entry = if is_layout {
                 match &o.value.kind {
                     ExprKind::Name(axis) => Entry::Rule {

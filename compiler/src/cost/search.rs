@@ -5,7 +5,8 @@
 //! The search keeps the spec's layout rules — which dims go on its data,
 //! tensor and pipeline axes, sequence parallelism, where experts go — and
 //! varies the sizes: tensor degree (up to the GPUs of one node), pipeline
-//! degree, data degree (the rest of the world), ZeRO stage, microbatch
+//! degree, data degree (the rest of the world), expert degree (experts on
+//! the data axis, or every expert on every rank), ZeRO stage, microbatch
 //! size, pipeline schedule (1F1B, GPipe, interleaved with 2 or 4 chunks)
 //! and recompute (none, selective, full). A spec with no tensor axis gets
 //! Megatron's rules (`heads`, `kv_heads`, `mlp`, and `vocab` where it
@@ -34,6 +35,9 @@ pub struct Layout {
     /// The layout rules the search wrote, as `--set` overrides.
     #[serde(skip)]
     pub rules: Vec<String>,
+    /// Expert-parallel degree: the data degree when experts are laid out on
+    /// the data axis, 1 when every rank holds every expert.
+    pub expert: u64,
     pub zero: u8,
     pub micro_batch: u64,
     pub schedule: Schedule,
@@ -66,14 +70,18 @@ impl Layout {
 
     /// `data 8 × tensor 8 × pipeline 16, 1f1b, mb 1, zero 1, recompute full`.
     pub fn text(&self) -> String {
-        let mesh: Vec<String> = self.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
+        let mut mesh: Vec<String> = self.mesh.iter().filter(|(_, n)| *n > 1).map(|(a, n)| format!("{a} {n}")).collect();
+        if mesh.is_empty() {
+            mesh.push("one GPU".into());
+        }
         let schedule = match self.schedule {
             Schedule::Gpipe => "gpipe".to_string(),
             Schedule::OneFOneB => "1f1b".to_string(),
             Schedule::Interleaved1f1b => format!("interleaved×{}", self.virtual_stages),
         };
+        let experts = if self.expert > 1 { format!(" (expert {})", self.expert) } else { String::new() };
         format!(
-            "{}, {schedule}, mb {}, zero {}, recompute {}",
+            "{}{experts}, {schedule}, mb {}, zero {}, recompute {}",
             mesh.join(" × "),
             self.micro_batch,
             self.zero,
@@ -121,7 +129,8 @@ struct Roles {
     /// Axes of the spec's mesh with no role: set to 1.
     others: Vec<String>,
     /// Experts are laid out on the data axis (so the data degree changes shapes).
-    experts_on_data: bool,
+    /// The model's expert dim, if it routes tokens to experts.
+    expert_dim: Option<String>,
 }
 
 fn roles(m: &Model) -> Roles {
@@ -143,9 +152,8 @@ fn roles(m: &Model) -> Roles {
     }
     let others =
         p.mesh.iter().map(|(a, _)| a.clone()).filter(|a| *a != data && *a != tensor && *a != pipeline).collect();
-    let experts_on_data =
-        m.params.iter().find_map(|q| q.expert.as_ref()).and_then(|e| p.axis_of(&e.dim)).is_some_and(|a| a == data);
-    Roles { data, tensor, pipeline, tensor_dims, others, experts_on_data }
+    let expert_dim = m.params.iter().find_map(|q| q.expert.as_ref()).map(|e| e.dim.clone());
+    Roles { data, tensor, pipeline, tensor_dims, others, expert_dim }
 }
 
 fn divisors(n: u64) -> Vec<u64> {
@@ -179,113 +187,122 @@ pub fn search(
         [(Schedule::OneFOneB, 1), (Schedule::Gpipe, 1), (Schedule::Interleaved1f1b, 2), (Schedule::Interleaved1f1b, 4)];
     let recomputes = [Recompute::None, Recompute::Selective, Recompute::Full];
     let micro_batches = [1u64, 2, 4, 8];
+    // (tensor, pipeline, experts on the data axis): the expert-parallel
+    // degree is the data degree, or 1 with every expert on every rank.
+    let mut meshes = Vec::new();
     for t in divisors(world) {
         for p in divisors(world / t) {
-            let dp = world / (t * p);
-            let scheds: &[(Schedule, u64)] = if p == 1 { &schedules[..1] } else { &schedules };
-            let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
-            let per = scheds.len() * zeros.len() * recomputes.len();
-            let n = per * micro_batches.len();
-            considered += n;
-            if t > gpn {
-                reject(
-                    &mut rejected,
-                    format!("tensor parallel across nodes (more than {gpn} GPUs per tensor group)"),
-                    n,
-                );
+            if r.expert_dim.is_some() && world / (t * p) > 1 {
+                meshes.push((t, p, true));
+            }
+            meshes.push((t, p, false));
+        }
+    }
+    for (t, p, on_data) in meshes {
+        let dp = world / (t * p);
+        let scheds: &[(Schedule, u64)] = if p == 1 { &schedules[..1] } else { &schedules };
+        let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
+        let per = scheds.len() * zeros.len() * recomputes.len();
+        let n = per * micro_batches.len();
+        considered += n;
+        if t > gpn {
+            reject(&mut rejected, format!("tensor parallel across nodes (more than {gpn} GPUs per tensor group)"), n);
+            continue;
+        }
+        let key = (t, if on_data { dp } else { 1 });
+        let mut rules =
+            vec![format!("parallel.layout.batch={}", r.data), format!("parallel.layout.layer={}", r.pipeline)];
+        for (d, optional) in &r.tensor_dims {
+            let divides = m.const_value(d).is_some_and(|v| (v as u64).is_multiple_of(t));
+            if !optional || divides {
+                rules.push(format!("parallel.layout.{d}={}", r.tensor));
+            }
+        }
+        if let Some(e) = &r.expert_dim {
+            rules.push(format!("parallel.layout.{e}={}", if on_data { r.data.as_str() } else { "none" }));
+        }
+        let base = checked.entry(key).or_insert_with(|| {
+            let mut o = vec![
+                format!("parallel.mesh.{}={}", r.data, key.1),
+                format!("parallel.mesh.{}={t}", r.tensor),
+                format!("parallel.mesh.{}=1", r.pipeline),
+                "parallel.pipeline.schedule=1f1b".into(),
+                "parallel.pipeline.virtual=1".into(),
+            ];
+            o.extend(r.others.iter().map(|a| format!("parallel.mesh.{a}=1")));
+            o.extend(rules.iter().cloned());
+            recheck(&o)
+        });
+        let base = match base {
+            Ok(b) => b,
+            Err(e) => {
+                reject(&mut rejected, e.clone(), n);
                 continue;
             }
-            let key = (t, if r.experts_on_data { dp } else { 1 });
-            let mut rules =
-                vec![format!("parallel.layout.batch={}", r.data), format!("parallel.layout.layer={}", r.pipeline)];
-            for (d, optional) in &r.tensor_dims {
-                let divides = m.const_value(d).is_some_and(|v| (v as u64).is_multiple_of(t));
-                if !optional || divides {
-                    rules.push(format!("parallel.layout.{d}={}", r.tensor));
-                }
+        };
+        let mut mesh = vec![(r.pipeline.clone(), p), (r.data.clone(), dp)];
+        mesh.extend(r.others.iter().map(|a| (a.clone(), 1)));
+        mesh.push((r.tensor.clone(), t));
+        for &mbs in &micro_batches {
+            if !batch.is_multiple_of(dp * mbs) {
+                let why = format!("the batch ({batch}) does not split into microbatches over the data ranks");
+                reject(&mut rejected, why, per);
+                continue;
             }
-            let base = checked.entry(key).or_insert_with(|| {
-                let mut o = vec![
-                    format!("parallel.mesh.{}={}", r.data, key.1),
-                    format!("parallel.mesh.{}={t}", r.tensor),
-                    format!("parallel.mesh.{}=1", r.pipeline),
-                    "parallel.pipeline.schedule=1f1b".into(),
-                    "parallel.pipeline.virtual=1".into(),
-                ];
-                o.extend(r.others.iter().map(|a| format!("parallel.mesh.{a}=1")));
-                o.extend(rules.iter().cloned());
-                recheck(&o)
-            });
-            let base = match base {
-                Ok(b) => b,
-                Err(e) => {
-                    reject(&mut rejected, e.clone(), n);
-                    continue;
-                }
-            };
-            let mut mesh = vec![(r.pipeline.clone(), p), (r.data.clone(), dp)];
-            mesh.extend(r.others.iter().map(|a| (a.clone(), 1)));
-            mesh.push((r.tensor.clone(), t));
-            for &mbs in &micro_batches {
-                if !batch.is_multiple_of(dp * mbs) {
-                    let why = format!("the batch ({batch}) does not split into microbatches over the data ranks");
-                    reject(&mut rejected, why, per);
-                    continue;
-                }
-                let micro = batch / (dp * mbs);
-                for &(schedule, v) in scheds {
-                    for &zero in zeros {
-                        for &recompute in &recomputes {
-                            if !layers.is_multiple_of(p * v) {
-                                reject(&mut rejected, "layers do not divide into stages × chunks".into(), 1);
-                                continue;
-                            }
-                            if p > 1 && micro < p {
-                                reject(&mut rejected, "fewer microbatches than pipeline stages".into(), 1);
-                                continue;
-                            }
-                            if schedule == Schedule::Interleaved1f1b && !micro.is_multiple_of(p) {
-                                let why = "interleaved 1F1B needs microbatches divisible by stages";
-                                reject(&mut rejected, why.into(), 1);
-                                continue;
-                            }
-                            let mut par: Parallel = base.parallel.clone();
-                            par.mesh = mesh.clone();
-                            par.zero = zero;
-                            par.recompute = recompute;
-                            par.pipeline.schedule = schedule;
-                            par.pipeline.virtual_stages = v;
-                            par.pipeline.microbatches = micro;
-                            let e = match time::estimate_for(base, &par, mbs, batch, dev) {
-                                Ok(e) => e,
-                                Err(e) => {
-                                    reject(&mut rejected, e, 1);
-                                    continue;
-                                }
-                            };
-                            if e.memory_max.total > dev.memory {
-                                let why = format!("out of memory (a rank needs over {} GiB)", dev.memory >> 30);
-                                reject(&mut rejected, why, 1);
-                                continue;
-                            }
-                            candidates.push(Candidate {
-                                layout: Layout {
-                                    mesh: mesh.clone(),
-                                    rules: rules.clone(),
-                                    zero,
-                                    micro_batch: mbs,
-                                    schedule,
-                                    virtual_stages: v,
-                                    recompute,
-                                },
-                                step_time_s: e.step_time_s,
-                                tokens_per_s: e.tokens_per_s,
-                                tflops_per_gpu: e.tflops_per_gpu,
-                                mfu: e.mfu,
-                                memory_max_bytes: e.memory_max.total,
-                                memory_max_rank: e.memory_max_rank as u64,
-                            });
+            let micro = batch / (dp * mbs);
+            for &(schedule, v) in scheds {
+                for &zero in zeros {
+                    for &recompute in &recomputes {
+                        if !layers.is_multiple_of(p * v) {
+                            reject(&mut rejected, "layers do not divide into stages × chunks".into(), 1);
+                            continue;
                         }
+                        if p > 1 && micro < p {
+                            reject(&mut rejected, "fewer microbatches than pipeline stages".into(), 1);
+                            continue;
+                        }
+                        if schedule == Schedule::Interleaved1f1b && !micro.is_multiple_of(p) {
+                            let why = "interleaved 1F1B needs microbatches divisible by stages";
+                            reject(&mut rejected, why.into(), 1);
+                            continue;
+                        }
+                        let mut par: Parallel = base.parallel.clone();
+                        par.mesh = mesh.clone();
+                        par.zero = zero;
+                        par.recompute = recompute;
+                        par.pipeline.schedule = schedule;
+                        par.pipeline.virtual_stages = v;
+                        par.pipeline.microbatches = micro;
+                        let e = match time::estimate_for(base, &par, mbs, batch, dev) {
+                            Ok(e) => e,
+                            Err(e) => {
+                                reject(&mut rejected, e, 1);
+                                continue;
+                            }
+                        };
+                        if e.memory_max.total > dev.memory {
+                            let why = format!("out of memory (a rank needs over {} GiB)", dev.memory >> 30);
+                            reject(&mut rejected, why, 1);
+                            continue;
+                        }
+                        candidates.push(Candidate {
+                            layout: Layout {
+                                mesh: mesh.clone(),
+                                rules: rules.clone(),
+                                expert: if on_data { dp } else { 1 },
+                                zero,
+                                micro_batch: mbs,
+                                schedule,
+                                virtual_stages: v,
+                                recompute,
+                            },
+                            step_time_s: e.step_time_s,
+                            tokens_per_s: e.tokens_per_s,
+                            tflops_per_gpu: e.tflops_per_gpu,
+                            mfu: e.mfu,
+                            memory_max_bytes: e.memory_max.total,
+                            memory_max_rank: e.memory_max_rank as u64,
+                        });
                     }
                 }
             }
