@@ -430,3 +430,12 @@ fn search_rejects_layouts_the_checker_rejects() {
         replicated.iter().all(|c| c.layout.zero > 0 || c.layout.mesh.iter().any(|(a, n)| a == "pipeline" && *n > 1))
     );
 }
+
+#[test]
+fn search_keeps_pipelines_to_models_with_one_stack_of_layers() {
+    // Switch-Base is an encoder-decoder: two `repeat`s, so no pipeline.
+    let (_, found) = search("specs/models/switch-base.spec", &[], 64, "h100_80gb");
+    assert!(found.rejected.keys().any(|r| r.starts_with("pipeline parallelism needs one `repeat`")));
+    assert!(!found.candidates.is_empty());
+    assert!(found.candidates.iter().all(|c| c.layout.mesh.iter().all(|(a, n)| a != "pipeline" || *n == 1)));
+}

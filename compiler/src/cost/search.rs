@@ -209,9 +209,16 @@ pub fn search(
             reject(&mut rejected, format!("tensor parallel across nodes (more than {gpn} GPUs per tensor group)"), n);
             continue;
         }
+        if p > 1 && m.stacks.len() != 1 {
+            let why = format!("pipeline parallelism needs one `repeat` of layers (the model has {})", m.stacks.len());
+            reject(&mut rejected, why, n);
+            continue;
+        }
         let key = (t, if on_data { dp } else { 1 });
-        let mut rules =
-            vec![format!("parallel.layout.batch={}", r.data), format!("parallel.layout.layer={}", r.pipeline)];
+        let mut rules = vec![format!("parallel.layout.batch={}", r.data)];
+        if m.stacks.len() == 1 {
+            rules.push(format!("parallel.layout.layer={}", r.pipeline));
+        }
         for (d, optional) in &r.tensor_dims {
             let divides = m.const_value(d).is_some_and(|v| (v as u64).is_multiple_of(t));
             if !optional || divides {
