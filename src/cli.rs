@@ -427,16 +427,16 @@ fn inspect_json(m: &Model) -> serde_json::Value {
         "recompute": m.parallel.recompute,
         "device": m.train.as_ref().and_then(|t| t.device.clone()),
         "memory_per_rank": mem,
-        "estimate": estimate_of(m).and_then(|e| serde_json::to_value(e).ok()),
+        "estimate": estimate_of(m).and_then(|e| e.ok()).and_then(|e| serde_json::to_value(e).ok()),
         "params": params,
     })
 }
 
-/// The predicted step on the spec's `train.device`, when it names a GPU
+/// The predicted step on the spec's `train.device`, when it names a
 /// profile and the model trains.
-fn estimate_of(m: &Model) -> Option<tessera_compiler::cost::time::Estimate> {
+fn estimate_of(m: &Model) -> Option<Result<tessera_compiler::cost::time::Estimate, String>> {
     let dev = m.train.as_ref()?.device.as_deref().and_then(cost::device::device)?;
-    cost::time::estimate(m, dev).ok()
+    Some(cost::time::estimate(m, dev))
 }
 
 fn inspect_text(m: &Model) -> String {
@@ -479,8 +479,10 @@ fn inspect_text(m: &Model) -> String {
         let _ = writeln!(s, "rank map (outermost first)  {}", parts.join(", "));
     }
     s += &memory_table(m);
-    if let Some(e) = estimate_of(m) {
-        s += &estimate_text(&e);
+    match estimate_of(m) {
+        Some(Ok(e)) => s += &estimate_text(&e),
+        Some(Err(e)) => s += &format!("\nno step-time prediction: {e}\n"),
+        None => {}
     }
     s
 }
@@ -828,8 +830,9 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
     }
     let _ = writeln!(s, "  (ranks with the same figures as the rank above are left out)");
     let _ = writeln!(s, "\n{checked}");
-    if let Some(e) = &estimate {
-        s += &estimate_text(e);
+    match &estimate {
+        Some(e) => s += &estimate_text(e),
+        None => s += "\n(no GPU profile for this spec: `--device NAME` predicts its step time)\n",
     }
     print!("{s}");
     ExitCode::SUCCESS
