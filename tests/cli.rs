@@ -73,6 +73,12 @@ fn inspect_json_contract() {
     assert_eq!(per_rank[64].as_u64(), Some(6 * per_layer), "rank 64 (stage 1, tensor 0)");
     // The first stage adds the (unsplit) token and position embeddings.
     assert_eq!(per_rank[0].as_u64(), Some(6 * per_layer + 50257 * d + 2048 * d));
+    // The step-time prediction on the spec's device is the one `plan` prints.
+    let step = j["estimate"]["step_time_s"].as_f64().expect("estimate.step_time_s");
+    let o = tessera(&["plan", "specs/models/gpt3-175b.spec", "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(plan["step_time_s"].as_f64(), Some(step));
+    assert_eq!(j["estimate"]["memory_max"]["total"], mem[0]["total"], "the worst rank is rank 0");
 }
 
 #[test]

@@ -135,18 +135,6 @@ pub fn params_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
     })
 }
 
-/// Parameter elements each rank holds that are replicated over the data
-/// axis: what its gradient all-reduce (or ZeRO's reduce-scatter) carries.
-pub fn data_synced_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
-    per_rank(m, par, |stage, er| {
-        m.params
-            .iter()
-            .filter(|p| data_replicated(par, p))
-            .map(|p| param_elems_on(m, par, p, stage, er))
-            .fold(0u64, u64::saturating_add)
-    })
-}
-
 /// The worst rank's memory, its held and data-synced parameter elements
 /// (the most over ranks), without enumerating every rank: ranks differ only
 /// by pipeline stage and expert coordinate. For the planner's search.

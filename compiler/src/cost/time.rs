@@ -315,14 +315,16 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
         }
     };
     // Per microbatch on a stage's layers: forward, backward, recompute.
-    let steps = micro as f64;
-    let tp_fwd = tensor_pass(&mut ledger, &layer, per_stage_layers * steps) / steps;
-    let tp_bwd = tensor_pass(&mut ledger, &layer, per_stage_layers * steps) / steps;
+    let microbatches = micro as f64;
+    let tp_fwd = tensor_pass(&mut ledger, &layer, per_stage_layers * microbatches) / microbatches;
+    let tp_bwd = tensor_pass(&mut ledger, &layer, per_stage_layers * microbatches) / microbatches;
     // Before and after the layers (a vocabulary-parallel embedding), each way.
-    let tp_pre = (tensor_pass(&mut ledger, &pre, steps) + tensor_pass(&mut ledger, &pre, steps)) / steps;
-    let tp_post = (tensor_pass(&mut ledger, &post, steps) + tensor_pass(&mut ledger, &post, steps)) / steps;
+    let tp_pre =
+        (tensor_pass(&mut ledger, &pre, microbatches) + tensor_pass(&mut ledger, &pre, microbatches)) / microbatches;
+    let tp_post =
+        (tensor_pass(&mut ledger, &post, microbatches) + tensor_pass(&mut ledger, &post, microbatches)) / microbatches;
     let tp_recompute = if par.recompute == Recompute::Full {
-        tensor_pass(&mut ledger, &layer, per_stage_layers * steps) / steps
+        tensor_pass(&mut ledger, &layer, per_stage_layers * microbatches) / microbatches
     } else {
         0.0
     };
@@ -339,11 +341,11 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
         Some(axis) if layer.exchange_bytes > 0.0 && dp > 1 => {
             // Two all-to-alls (dispatch, combine) per MoE layer forward.
             let per_call = layer.exchange_bytes / 2.0;
-            let calls = 2.0 * per_stage_layers * steps;
-            let f = ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / steps;
-            let b = ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / steps;
+            let calls = 2.0 * per_stage_layers * microbatches;
+            let f = ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / microbatches;
+            let b = ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / microbatches;
             let r = if par.recompute == Recompute::Full {
-                ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / steps
+                ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / microbatches
             } else {
                 0.0
             };
@@ -360,9 +362,9 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
             // scatter-gather), gathered again over NVLink on arrival.
             let split = if par.sequence_parallel { 1.0 } else { tp as f64 };
             let per_call = c.layer_input_bytes / layers * scale / split;
-            let calls = v as f64 * steps;
-            let f = ledger.add("pipeline", Kind::SendRecv, axis, stages, calls, per_call) / steps;
-            let b = ledger.add("pipeline", Kind::SendRecv, axis, stages, calls, per_call) / steps;
+            let calls = v as f64 * microbatches;
+            let f = ledger.add("pipeline", Kind::SendRecv, axis, stages, calls, per_call) / microbatches;
+            let b = ledger.add("pipeline", Kind::SendRecv, axis, stages, calls, per_call) / microbatches;
             (f, b)
         }
         _ => (0.0, 0.0),
@@ -420,7 +422,8 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
             );
         }
     }
-    let pipeline_time = if stages > 1 { (steps + (stages - 1) as f64 / v as f64) * slot } else { steps * slot };
+    let pipeline_time =
+        if stages > 1 { (microbatches + (stages - 1) as f64 / v as f64) * slot } else { microbatches * slot };
 
     // Data parallelism and ZeRO.
     let (worst_rank, worst_mem, held, synced) = memory::worst_for(m, par, mbs);
@@ -445,11 +448,11 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
             }
             _ => {
                 // Every microbatch gathers the weights twice and scatters its gradients.
-                let ag = ledger.add("zero3", Kind::AllGather, axis, dp, 2.0 * steps, grad_bytes);
-                let rs = ledger.add("zero3", Kind::ReduceScatter, axis, dp, steps, grad_bytes);
+                let ag = ledger.add("zero3", Kind::AllGather, axis, dp, 2.0 * microbatches, grad_bytes);
+                let rs = ledger.add("zero3", Kind::ReduceScatter, axis, dp, microbatches, grad_bytes);
                 data_comm = ag + rs;
-                let per_micro = (ag + rs) / steps;
-                exposed = steps * (per_micro - slot).max(0.0) + ag / (2.0 * steps);
+                let per_micro = (ag + rs) / microbatches;
+                exposed = microbatches * (per_micro - slot).max(0.0) + ag / (2.0 * microbatches);
             }
         }
     }
@@ -469,8 +472,8 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
         * batch as f64;
     let world = par.world().max(1);
     let tflops = model_flops / step / world as f64 / 1e12;
-    let bubble = pipeline_time - steps * slot;
-    let comm_slot = |x: f64| x * steps;
+    let bubble = pipeline_time - microbatches * slot;
+    let per_step = |x: f64| x * microbatches;
     Ok(Estimate {
         device: dev.name.clone(),
         world,
@@ -486,11 +489,11 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
         microbatches: micro,
         microbatch_s: slot,
         breakdown: Breakdown {
-            compute: comm_slot(worst.0),
-            recompute: comm_slot(worst.1),
-            tensor_comm: comm_slot(tp_fwd + tp_bwd + tp_recompute + worst.4),
-            expert_comm: comm_slot(a2a_each_way.0 + a2a_each_way.1 + a2a_each_way.2),
-            pipeline_comm: comm_slot(pipe_each.0 + pipe_each.1),
+            compute: per_step(worst.0),
+            recompute: per_step(worst.1),
+            tensor_comm: per_step(tp_fwd + tp_bwd + tp_recompute + worst.4),
+            expert_comm: per_step(a2a_each_way.0 + a2a_each_way.1 + a2a_each_way.2),
+            pipeline_comm: per_step(pipe_each.0 + pipe_each.1),
             bubble,
             data_comm_exposed: exposed,
             data_comm,
