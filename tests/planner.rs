@@ -439,3 +439,28 @@ fn search_keeps_pipelines_to_models_with_one_stack_of_layers() {
     assert!(!found.candidates.is_empty());
     assert!(found.candidates.iter().all(|c| c.layout.mesh.iter().all(|(a, n)| a != "pipeline" || *n == 1)));
 }
+
+#[test]
+fn small_matmuls_run_below_the_large_matmul_rate() {
+    // The same layout (one H100, microbatch 1) for GPT-3-shaped models of
+    // growing width: the fixed cost per kernel weighs most on the narrowest.
+    let h100 = device::device("h100_80gb").unwrap();
+    let mfu = |h: u64| {
+        let o = [
+            format!("dims.embed={h}"),
+            format!("dims.heads={}", h / 128),
+            "dims.layers=4".into(),
+            "dims.seq=1024".into(),
+            "parallel.mesh.data=1".into(),
+            "parallel.mesh.tensor=1".into(),
+            "parallel.mesh.pipeline=1".into(),
+            "train.batch=8".into(),
+            "train.device=h100_80gb".into(),
+        ];
+        let refs: Vec<&str> = o.iter().map(String::as_str).collect();
+        time::estimate(&check_ok(GPT3, &refs), h100).unwrap().mfu
+    };
+    let (narrow, mid, wide) = (mfu(512), mfu(2048), mfu(8192));
+    assert!(narrow < mid && mid < wide, "{narrow} {mid} {wide}");
+    assert!(wide < 0.8, "never above the large-matmul rate: {wide}");
+}

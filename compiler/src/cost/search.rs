@@ -156,8 +156,21 @@ fn roles(m: &Model) -> Roles {
     Roles { data, tensor, pipeline, tensor_dims, others, expert_dim }
 }
 
+/// The divisors of `n`, ascending.
 fn divisors(n: u64) -> Vec<u64> {
-    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    let mut d = 1u64;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            small.push(d);
+            if d != n / d {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
 }
 
 /// Search the layouts of `m` on `world` GPUs of `dev`. `recheck` checks the
@@ -318,4 +331,15 @@ pub fn search(
     candidates
         .sort_by(|a, b| a.step_time_s.total_cmp(&b.step_time_s).then(a.memory_max_bytes.cmp(&b.memory_max_bytes)));
     Ok(Search { world, device: dev.name.clone(), considered, rejected, candidates })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn divisors_ascend() {
+        assert_eq!(super::divisors(1), vec![1]);
+        assert_eq!(super::divisors(12), vec![1, 2, 3, 4, 6, 12]);
+        assert_eq!(super::divisors(49), vec![1, 7, 49]);
+        assert_eq!(super::divisors(1_000_000_007), vec![1, 1_000_000_007]);
+    }
 }
