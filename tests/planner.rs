@@ -464,3 +464,67 @@ fn small_matmuls_run_below_the_large_matmul_rate() {
     assert!(narrow < mid && mid < wide, "{narrow} {mid} {wide}");
     assert!(wide < 0.8, "never above the large-matmul rate: {wide}");
 }
+
+#[test]
+fn pipeline_and_data_parallel_bytes_priced_are_those_the_programs_issue() {
+    use tessera::compiler::parallel::{self, Mesh, check};
+    // (overrides, rank): the first stage of a 1F1B pipeline (it also swaps the
+    // tied embedding's gradient with the last), and the middle stage of an
+    // interleaved one, which sends every chunk's output forward and every
+    // chunk's input gradient back.
+    let cases: [(&[&str], u64); 2] = [
+        (
+            &[
+                "parallel.mesh.pipeline=2",
+                "parallel.pipeline.schedule=1f1b",
+                "train.batch=8",
+                "parallel.pipeline.microbatches=2",
+            ],
+            0,
+        ),
+        (
+            &[
+                "parallel.mesh.pipeline=3",
+                "parallel.pipeline.schedule=interleaved_1f1b",
+                "parallel.pipeline.virtual=2",
+                "dims.layers=6",
+                "train.batch=12",
+                "parallel.pipeline.microbatches=3",
+            ],
+            2,
+        ),
+    ];
+    for (extra, rank) in cases {
+        let mut o = vec!["parallel.layout.layer=pipeline", "parallel.mesh.data=2", "parallel.layout.batch=data"];
+        o.extend(extra);
+        let m = check_ok("specs/tiny/gpt.spec", &o);
+        let bw = tessera::compiler::autodiff::differentiate(&m.graph, m.graph.output("loss").unwrap()).unwrap();
+        let mesh = Mesh::of(&m).unwrap();
+        let program = parallel::shard(&m, &bw, rank).unwrap();
+        let bytes = m.train.as_ref().unwrap().precision.bytes();
+        let counted = |what: &str| -> u64 {
+            check::volume(&check::issued(&program, &mesh))
+                .iter()
+                .filter(|(op, _, _, _)| op == what)
+                .map(|(_, _, _, e)| e * bytes)
+                .sum()
+        };
+        let e = time::estimate(&m, device::device("h100_80gb").unwrap()).unwrap();
+        let priced = |purpose: &str| -> Vec<u64> {
+            e.collectives.iter().filter(|c| c.purpose == purpose).map(|c| (c.calls * c.bytes) as u64).collect()
+        };
+        let (pipe, tied) = (priced("pipeline"), priced("tied"));
+        assert_eq!(pipe.len(), 2, "forward and backward");
+        if rank == 0 {
+            // Sends forward, receives gradients back.
+            assert_eq!(counted("send"), pipe[0] + tied[0], "{extra:?}");
+            assert_eq!(counted("recv"), pipe[1] + tied[1], "{extra:?}");
+            // The first stage holds the most data-replicated parameters: the
+            // model prices its gradient all-reduce.
+            assert_eq!(counted("grad_all_reduce"), priced("data")[0], "{extra:?}");
+        } else {
+            assert_eq!(counted("send"), pipe[0] + pipe[1], "{extra:?}");
+            assert_eq!(counted("recv"), pipe[0] + pipe[1], "{extra:?}");
+        }
+    }
+}

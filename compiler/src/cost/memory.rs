@@ -135,6 +135,20 @@ pub fn params_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
     })
 }
 
+/// Elements of parameters used by both the first and the last pipeline
+/// stage (a tied embedding) that the first stage's rank 0 holds: their
+/// gradients are summed between the two stages every step.
+pub fn shared_elems_for(m: &Model, par: &Parallel) -> u64 {
+    if par.stages() <= 1 {
+        return 0;
+    }
+    m.params
+        .iter()
+        .filter(|p| p.placement == Placement::Both)
+        .map(|p| param_elems_on(m, par, p, 0, 0))
+        .fold(0u64, u64::saturating_add)
+}
+
 /// The worst rank's memory, its held and data-synced parameter elements
 /// (the most over ranks), without enumerating every rank: ranks differ only
 /// by pipeline stage and expert coordinate. For the planner's search.

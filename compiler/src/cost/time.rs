@@ -22,7 +22,8 @@
 //!   plus all-gather with sequence parallelism). Experts on the data axis
 //!   exchange their routed tokens by all-to-all, twice each way. Pipeline
 //!   stages send a layer input forward and its gradient back per microbatch
-//!   and model chunk.
+//!   and model chunk; a parameter both end stages use (a tied embedding)
+//!   has its gradient exchanged between them once per step.
 //! - **Pipeline bubble.** GPipe and 1F1B: (m + p − 1) microbatch slots of
 //!   the slowest stage; interleaved 1F1B with v chunks: (m + (p − 1)/v).
 //! - **Data parallelism.** The gradient all-reduce (ZeRO 1/2: reduce-scatter)
@@ -159,7 +160,7 @@ pub struct Breakdown {
     pub tensor_comm: f64,
     /// Expert all-to-alls.
     pub expert_comm: f64,
-    /// Pipeline sends and receives.
+    /// Pipeline sends and receives (a tied embedding's gradient included).
     pub pipeline_comm: f64,
     /// Pipeline fill and drain.
     pub bubble: f64,
@@ -424,6 +425,19 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     }
     let pipeline_time =
         if stages > 1 { (microbatches + (stages - 1) as f64 / v as f64) * slot } else { microbatches * slot };
+    // A parameter both end stages use (a tied embedding): its gradient goes
+    // from each to the other once per step, after the pipeline drains.
+    let tied = match par.axis_of("layer") {
+        Some(axis) if stages > 1 => {
+            let per_call = memory::shared_elems_for(m, par) as f64 * bytes;
+            let there =
+                ledger.add("tied", Kind::SendRecv, axis, stages, if per_call > 0.0 { 1.0 } else { 0.0 }, per_call);
+            let back =
+                ledger.add("tied", Kind::SendRecv, axis, stages, if per_call > 0.0 { 1.0 } else { 0.0 }, per_call);
+            there.max(back)
+        }
+        _ => 0.0,
+    };
 
     // Data parallelism and ZeRO.
     let (worst_rank, worst_mem, held, synced) = memory::worst_for(m, par, mbs);
@@ -461,7 +475,7 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     let sharded = if par.zero >= 1 && dp > 1 { synced / dp as f64 + (held - synced) } else { held };
     let optimizer = sharded * 28.0 / (dev.achievable.hbm * dev.hbm_bandwidth);
 
-    let step = pipeline_time + exposed + optimizer;
+    let step = pipeline_time + tied + exposed + optimizer;
     let tokens = batch * m.tokens_per_sample;
     let model_flops = super::flops_per_token_train(m) * tokens as f64;
     let recompute_flops = match par.recompute {
@@ -493,7 +507,7 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
             recompute: per_step(worst.1),
             tensor_comm: per_step(tp_fwd + tp_bwd + tp_recompute + worst.4),
             expert_comm: per_step(a2a_each_way.0 + a2a_each_way.1 + a2a_each_way.2),
-            pipeline_comm: per_step(pipe_each.0 + pipe_each.1),
+            pipeline_comm: per_step(pipe_each.0 + pipe_each.1) + tied,
             bubble,
             data_comm_exposed: exposed,
             data_comm,
