@@ -528,3 +528,30 @@ fn pipeline_and_data_parallel_bytes_priced_are_those_the_programs_issue() {
         }
     }
 }
+
+#[test]
+fn expert_all_to_alls_priced_are_those_the_programs_issue() {
+    use tessera::compiler::parallel::{self, Mesh, check};
+    // The tiny MoE (capacity factor 1.25) with its experts on 2 data ranks:
+    // dispatch and combine move the padded capacity buffer, each way; the
+    // router stays whole on every rank, so its gradient is all-reduced.
+    let m = check_ok("specs/tiny/moe.spec", &[]);
+    let bw = tessera::compiler::autodiff::differentiate(&m.graph, m.graph.output("loss").unwrap()).unwrap();
+    let mesh = Mesh::of(&m).unwrap();
+    let program = parallel::shard(&m, &bw, 0).unwrap();
+    let bytes = m.train.as_ref().unwrap().precision.bytes();
+    let counted = |what: &str| -> u64 {
+        check::volume(&check::issued(&program, &mesh))
+            .iter()
+            .filter(|(op, _, _, _)| op == what)
+            .map(|(_, _, _, e)| e * bytes)
+            .sum()
+    };
+    let e = time::estimate(&m, device::device("h100_80gb").unwrap()).unwrap();
+    let priced = |purpose: &str| -> u64 {
+        e.collectives.iter().filter(|c| c.purpose == purpose).map(|c| (c.calls * c.bytes) as u64).sum()
+    };
+    assert!(counted("all_to_all") > 0);
+    assert_eq!(counted("all_to_all"), priced("expert"));
+    assert_eq!(counted("grad_all_reduce"), priced("data"));
+}

@@ -173,6 +173,8 @@ pub struct OpCost {
     /// Bytes of routed tokens a rank sends to its experts and receives back
     /// in the forward pass (dispatch plus combine).
     pub exchange_bytes: f64,
+    /// How many such exchanges (a dispatch and a combine per MoE layer).
+    pub exchanges: f64,
 }
 
 impl std::ops::AddAssign for OpCost {
@@ -187,6 +189,7 @@ impl std::ops::AddAssign for OpCost {
         self.partial_bytes += o.partial_bytes;
         self.reductions += o.reductions;
         self.exchange_bytes += o.exchange_bytes;
+        self.exchanges += o.exchanges;
     }
 }
 
@@ -204,6 +207,7 @@ impl std::ops::Mul<f64> for OpCost {
             partial_bytes: self.partial_bytes * k,
             reductions: self.reductions * k,
             exchange_bytes: self.exchange_bytes * k,
+            exchanges: self.exchanges * k,
         }
     }
 }

@@ -246,7 +246,7 @@ impl Walker<'_> {
             kernels: 1.0,
             partial_bytes,
             reductions: if partial_bytes > 0.0 { 1.0 } else { 0.0 },
-            exchange_bytes: 0.0,
+            ..OpCost::default()
         });
         Val::Tensor(self.emit(
             Op::MatMul { contract: contract.iter().map(|d| d.name.clone()).collect() },

@@ -58,6 +58,9 @@ pub(super) struct RouteVal {
     pub expert: Dim,
     /// The capacity slot dim of dispatched tensors.
     pub slot: Dim,
+    /// No capacity: slots are a static worst case, and only the routed
+    /// tokens move (with a capacity factor the padded buffer moves).
+    pub dropless: bool,
     /// The gates (top-k probabilities) and the router probabilities in the IR.
     pub gates: ValueId,
     pub probs: ValueId,

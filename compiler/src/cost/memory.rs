@@ -99,6 +99,11 @@ fn param_elems_on(m: &Model, par: &Parallel, p: &Param, stage: u64, expert_rank:
         };
         let split = par.axis_size(axis);
         let is_expert = p.expert.as_ref().is_some_and(|e| e.dim == d.name);
+        // The data axis splits the batch and expert weights, nothing else (a
+        // router's expert dim stays whole on every rank).
+        if Some(axis) == par.data_axis() && !is_expert {
+            continue;
+        }
         match (&par.experts, is_expert) {
             (Some(x), true) => {
                 let held = match &x.placement {
@@ -120,7 +125,7 @@ fn data_replicated(par: &Parallel, p: &Param) -> bool {
     let Some(data) = par.data_axis() else {
         return false;
     };
-    !p.ty.dims.iter().any(|d| par.axis_of(&d.name) == Some(data))
+    !p.ty.dims.iter().any(|d| par.axis_of(&d.name) == Some(data) && p.expert.as_ref().is_some_and(|e| e.dim == d.name))
 }
 
 /// Parameter elements held by every rank, in rank order.

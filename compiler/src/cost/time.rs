@@ -341,8 +341,8 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     let a2a_each_way = match expert_axis.as_deref() {
         Some(axis) if layer.exchange_bytes > 0.0 && dp > 1 => {
             // Two all-to-alls (dispatch, combine) per MoE layer forward.
-            let per_call = layer.exchange_bytes / 2.0;
-            let calls = 2.0 * per_stage_layers * microbatches;
+            let per_call = layer.exchange_bytes / layer.exchanges;
+            let calls = layer.exchanges * per_stage_layers * microbatches;
             let f = ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / microbatches;
             let b = ledger.add("expert", Kind::AllToAll, axis, dp, calls, per_call) / microbatches;
             let r = if par.recompute == Recompute::Full {

@@ -77,7 +77,14 @@ impl Walker<'_> {
         }
         self.save(&probs.ty);
         let gates = self.emit(Op::TopK { k, capacity, slots: slot }, vec![probs.id], probs.ty.clone(), span);
-        Val::Route(Rc::new(RouteVal { tokens, expert, slot: Dim::new("slot", slot), gates: gates.id, probs: probs.id }))
+        Val::Route(Rc::new(RouteVal {
+            tokens,
+            expert,
+            slot: Dim::new("slot", slot),
+            dropless: capacity.is_none(),
+            gates: gates.id,
+            probs: probs.id,
+        }))
     }
 
     pub(super) fn dispatch_combine(&mut self, frame: &mut Frame, n: &str, a: &Args, span: Span) -> Val {
@@ -112,7 +119,7 @@ impl Walker<'_> {
             dims.extend(x.ty.dims[nt..].iter().cloned());
             let out = TensorType::new(x.ty.dtype, dims);
             self.save(&out);
-            self.exchange_cost(&out, r.slot.size);
+            self.exchange_cost(&out, &r);
             Val::Tensor(self.emit(Op::Dispatch, vec![r.gates, x.id], out, span))
         } else {
             let ok = x.ty.dims.len() > 2 && x.ty.dims[0] == r.expert && x.ty.dims[1] == r.slot;
@@ -124,7 +131,7 @@ impl Walker<'_> {
                 );
             }
             self.save(&x.ty);
-            self.exchange_cost(&x.ty, r.slot.size);
+            self.exchange_cost(&x.ty, &r);
             let mut dims = r.tokens.clone();
             dims.extend(x.ty.dims[2..].iter().cloned());
             Val::Tensor(self.emit(Op::Combine, vec![r.gates, x.id], TensorType::new(x.ty.dtype, dims), span))
@@ -132,11 +139,13 @@ impl Walker<'_> {
     }
 
     /// Bytes a rank exchanges to move its routed tokens (`[expert, slot, ...]`)
-    /// to or from their experts: the routed tokens only, not capacity padding.
-    fn exchange_cost(&mut self, ty: &TensorType, slot: u64) {
-        let useful = self.slot_useful.get(&slot).copied().unwrap_or(1.0);
+    /// to or from their experts: the whole capacity buffer with a capacity
+    /// factor (padding included, as GShard and Switch send it), the routed
+    /// tokens only when dropless (a worst-case buffer is never sent whole).
+    fn exchange_cost(&mut self, ty: &TensorType, r: &RouteVal) {
+        let useful = if r.dropless { self.slot_useful.get(&r.slot.size).copied().unwrap_or(1.0) } else { 1.0 };
         let elem = if ty.dtype.is_float() { self.act_bytes } else { ty.dtype.bytes() };
         let bytes = ty.numel() as f64 * elem as f64 * useful / self.compute_split(ty.dims.iter()) as f64;
-        self.add_cost(crate::model::OpCost { exchange_bytes: bytes, ..Default::default() });
+        self.add_cost(crate::model::OpCost { exchange_bytes: bytes, exchanges: 1.0, ..Default::default() });
     }
 }
