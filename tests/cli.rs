@@ -408,6 +408,14 @@ fn plan_predicts_step_time_and_searches_layouts() {
     assert!(text.contains("out of memory"), "{text}");
     assert!(text.contains("predicted step on 1024 × a100_80gb"), "{text}");
 
+    // When nothing fits, --json still prints the object, with the reasons.
+    let o = tessera(&["plan", "specs/tiny/gpt.spec", "--world", "64", "--device", "h100_80gb", "--search", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["candidates"].as_array().map(Vec::len), Some(0));
+    assert!(v["search"]["rejected"].as_object().is_some_and(|r| !r.is_empty()));
+    assert!(stderr(&o).contains("none of the"), "{}", stderr(&o));
+
     // Mistakes say what to do.
     let o = tessera(&["plan", "specs/models/gpt3-175b.spec", "--device", "b300", "--json"]);
     assert_eq!(o.status.code(), Some(1));

@@ -143,6 +143,22 @@ pub(super) fn command(
     };
     let seconds = started.elapsed().as_secs_f64();
     let Some(best) = found.candidates.first() else {
+        if json {
+            // The contract's object still, with no candidates.
+            let v = json!({
+                "model": base.name,
+                "world": world,
+                "device": dev.name,
+                "search": {
+                    "considered": found.considered,
+                    "fit": 0,
+                    "rejected": found.rejected,
+                    "seconds": seconds,
+                },
+                "candidates": [],
+            });
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
         let why: Vec<String> = found.rejected.iter().map(|(r, n)| format!("  {n:>7}  {r}")).collect();
         return fail(format!(
             "none of the {} layouts of `{}` on {world} × {} fits:\n{}",
