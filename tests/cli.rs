@@ -397,6 +397,8 @@ fn plan_predicts_step_time_and_searches_layouts() {
     assert_eq!(v["step_time_s"].as_f64(), Some(times[0]), "the top level describes the winner");
     assert_eq!(v["mesh"]["tensor"], c[0]["layout"]["tensor"]);
     assert!(v["search"]["considered"].as_u64().unwrap() >= 5000);
+    // The spec's own layout (tensor 8 × pipeline 16 × data 8) fits and ranks below the best.
+    assert!(v["spec_layout_rank"].as_u64().is_some_and(|r| r > 1), "{}", v["spec_layout_rank"]);
 
     // Text: the table and the rejections.
     let mut args = vec!["plan"];

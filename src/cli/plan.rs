@@ -65,6 +65,32 @@ struct Found<'a> {
     search: &'a tessera_compiler::cost::search::Search,
     seconds: f64,
     top: usize,
+    /// Where the spec's own layout ranks (0-based), if it was among the candidates.
+    own: Option<usize>,
+}
+
+/// Is this candidate the spec's own layout?
+fn is_own(base: &Model, c: &tessera_compiler::cost::search::Candidate) -> bool {
+    let p = &base.parallel;
+    let l = &c.layout;
+    let v = if p.pipeline.schedule == tessera_compiler::config::Schedule::Interleaved1f1b {
+        p.pipeline.virtual_stages.max(1)
+    } else {
+        1
+    };
+    let experts_on_data = base
+        .params
+        .iter()
+        .find_map(|q| q.expert.as_ref())
+        .is_some_and(|e| p.axis_of(&e.dim).is_some() && p.axis_of(&e.dim) == p.data_axis());
+    l.mesh.iter().all(|(a, n)| p.axis_size(a) == *n)
+        && p.world() == l.mesh.iter().map(|(_, n)| n).product::<u64>()
+        && l.zero == p.zero
+        && l.micro_batch == base.micro_batch
+        && l.schedule == p.pipeline.schedule
+        && l.virtual_stages == v
+        && l.recompute == p.recompute
+        && (l.expert > 1) == experts_on_data
 }
 
 /// `tessera plan`: the spec's own layout (its data axis sized to `world`), or
@@ -176,7 +202,8 @@ pub(super) fn command(
         Ok(m) => m,
         Err(code) => return code,
     };
-    plan(&m, json, Some(Found { search: &found, seconds, top }))
+    let own = found.candidates.iter().position(|c| is_own(&base, c));
+    plan(&m, json, Some(Found { search: &found, seconds, top, own }))
 }
 
 fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
@@ -282,6 +309,7 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
                 "candidates".into(),
                 json!(f.search.candidates.iter().take(n).map(candidate_json).collect::<Vec<_>>()),
             );
+            o.insert("spec_layout_rank".into(), json!(f.own.map(|i| i + 1)));
         }
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return ExitCode::SUCCESS;
@@ -392,6 +420,22 @@ fn search_text(f: &Found) -> String {
             100.0 * c.mfu,
             c.memory_max_bytes as f64 / (1u64 << 30) as f64
         );
+    }
+    match f.own {
+        Some(i) => {
+            let c = &r.candidates[i];
+            let _ = writeln!(
+                s,
+                "  the spec's own layout ranks #{} of {}: {:.3} s per step, {:.2}× the best",
+                i + 1,
+                r.candidates.len(),
+                c.step_time_s,
+                c.step_time_s / r.candidates[0].step_time_s
+            );
+        }
+        None => {
+            let _ = writeln!(s, "  the spec's own layout is not among them (another world size, or it does not fit)");
+        }
     }
     let _ = writeln!(s, "\nthe best layout, checked again in full:\n");
     s
