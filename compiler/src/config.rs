@@ -49,6 +49,13 @@ impl Recompute {
             _ => return None,
         })
     }
+    pub fn name(self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Selective => "selective",
+            Recompute::Full => "full",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -156,6 +163,13 @@ impl Parallel {
     /// The axis that `batch` is laid out on.
     pub fn data_axis(&self) -> Option<&str> {
         self.axis_of("batch")
+    }
+    /// Model chunks per pipeline stage: `virtual` under interleaved 1F1B, else 1.
+    pub fn chunks_per_stage(&self) -> u64 {
+        match self.pipeline.schedule {
+            Schedule::Interleaved1f1b => self.pipeline.virtual_stages.max(1),
+            _ => 1,
+        }
     }
 }
 

@@ -263,6 +263,10 @@ pub struct Model {
 }
 
 impl Model {
+    /// The dim the model routes tokens over to its experts, if it has experts.
+    pub fn expert_dim(&self) -> Option<&str> {
+        self.params.iter().find_map(|p| p.expert.as_ref()).map(|e| e.dim.as_str())
+    }
     pub fn const_value(&self, name: &str) -> Option<f64> {
         self.consts.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }

@@ -33,11 +33,7 @@ fn rank_map(m: &Model, mesh: &tessera_compiler::parallel::Mesh) -> Vec<AxisMap> 
                     }
                     "layer" => {
                         let layers = m.stacks.first().map(|s| s.layers).unwrap_or(0);
-                        let v = if m.parallel.pipeline.schedule == tessera_compiler::config::Schedule::Interleaved1f1b {
-                            m.parallel.pipeline.virtual_stages.max(1)
-                        } else {
-                            1
-                        };
+                        let v = m.parallel.chunks_per_stage();
                         let held: Vec<u64> = (0..layers)
                             .filter(|&l| {
                                 tessera_compiler::parallel::pipeline::chunk_of_layer(n * v, layers, l) % n == c
@@ -73,22 +69,13 @@ struct Found<'a> {
 fn is_own(base: &Model, c: &tessera_compiler::cost::search::Candidate) -> bool {
     let p = &base.parallel;
     let l = &c.layout;
-    let v = if p.pipeline.schedule == tessera_compiler::config::Schedule::Interleaved1f1b {
-        p.pipeline.virtual_stages.max(1)
-    } else {
-        1
-    };
-    let experts_on_data = base
-        .params
-        .iter()
-        .find_map(|q| q.expert.as_ref())
-        .is_some_and(|e| p.axis_of(&e.dim).is_some() && p.axis_of(&e.dim) == p.data_axis());
+    let experts_on_data = base.expert_dim().and_then(|d| p.axis_of(d)).is_some_and(|a| Some(a) == p.data_axis());
     l.mesh.iter().all(|(a, n)| p.axis_size(a) == *n)
         && p.world() == l.mesh.iter().map(|(_, n)| n).product::<u64>()
         && l.zero == p.zero
         && l.micro_batch == base.micro_batch
         && l.schedule == p.pipeline.schedule
-        && l.virtual_stages == v
+        && l.virtual_stages == p.chunks_per_stage()
         && l.recompute == p.recompute
         && (l.expert > 1) == experts_on_data
 }
@@ -175,12 +162,7 @@ pub(super) fn command(
                 "model": base.name,
                 "world": world,
                 "device": dev.name,
-                "search": {
-                    "considered": found.considered,
-                    "fit": 0,
-                    "rejected": found.rejected,
-                    "seconds": seconds,
-                },
+                "search": search_json(&found, seconds),
                 "candidates": [],
             });
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -259,7 +241,7 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
         None => None,
     };
     if json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "model": m.name,
             "world": world,
             "mesh": m.parallel.mesh.iter().map(|(a, n)| (a.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
@@ -281,7 +263,6 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
             })).collect::<Vec<_>>(),
             "collective_check": checked,
         });
-        let mut v = v;
         if let Some(e) = &estimate {
             let o = v.as_object_mut().expect("object");
             o.insert("device".into(), json!(e.device));
@@ -296,15 +277,7 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
         if let Some(f) = &found {
             let o = v.as_object_mut().expect("object");
             let n = if f.top == 0 { f.search.candidates.len() } else { f.top };
-            o.insert(
-                "search".into(),
-                json!({
-                    "considered": f.search.considered,
-                    "fit": f.search.candidates.len(),
-                    "rejected": f.search.rejected,
-                    "seconds": f.seconds,
-                }),
-            );
+            o.insert("search".into(), search_json(f.search, f.seconds));
             o.insert(
                 "candidates".into(),
                 json!(f.search.candidates.iter().take(n).map(candidate_json).collect::<Vec<_>>()),
@@ -354,6 +327,16 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
     }
     print!("{s}");
     ExitCode::SUCCESS
+}
+
+/// What a search considered, as `plan --search --json` prints it.
+fn search_json(s: &tessera_compiler::cost::search::Search, seconds: f64) -> serde_json::Value {
+    json!({
+        "considered": s.considered,
+        "fit": s.candidates.len(),
+        "rejected": s.rejected,
+        "seconds": seconds,
+    })
 }
 
 /// One ranked layout, as `plan --search --json` prints it.

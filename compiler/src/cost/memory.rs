@@ -130,11 +130,7 @@ fn data_replicated(par: &Parallel, p: &Param) -> bool {
 
 /// Parameter elements held by every rank, in rank order.
 pub fn params_per_rank(m: &Model) -> Vec<u64> {
-    params_per_rank_for(m, &m.parallel)
-}
-
-/// [`params_per_rank`] under another layout of the same model.
-pub fn params_per_rank_for(m: &Model, par: &Parallel) -> Vec<u64> {
+    let par = &m.parallel;
     per_rank(m, par, |stage, er| {
         m.params.iter().map(|p| param_elems_on(m, par, p, stage, er)).fold(0u64, u64::saturating_add)
     })
@@ -159,15 +155,14 @@ pub fn shared_elems_for(m: &Model, par: &Parallel) -> u64 {
 /// by pipeline stage and expert coordinate. For the planner's search.
 pub fn worst_for(m: &Model, par: &Parallel, micro_batch: u64) -> (u64, RankMemory, u64, u64) {
     let order = rank_order(par);
-    let expert_axis =
-        m.params.iter().find_map(|p| p.expert.as_ref()).and_then(|e| par.axis_of(&e.dim)).map(str::to_string);
+    let expert_axis = m.expert_dim().and_then(|d| par.axis_of(d));
     let stride = |axis: Option<&str>| -> u64 {
         axis.and_then(|a| order.iter().position(|(x, _)| x == a))
             .map(|i| order[i + 1..].iter().map(|(_, n)| *n).product())
             .unwrap_or(0)
     };
-    let (pipe_stride, expert_stride) = (stride(par.axis_of("layer")), stride(expert_axis.as_deref()));
-    let ep = expert_axis.as_deref().map(|a| par.axis_size(a)).unwrap_or(1);
+    let (pipe_stride, expert_stride) = (stride(par.axis_of("layer")), stride(expert_axis));
+    let ep = expert_axis.map(|a| par.axis_size(a)).unwrap_or(1);
     let mut worst: Option<(u64, RankMemory)> = None;
     let (mut held, mut synced) = (0u64, 0u64);
     for stage in 0..par.stages().max(1) {
@@ -196,14 +191,13 @@ pub fn worst_for(m: &Model, par: &Parallel, micro_batch: u64) -> (u64, RankMemor
 fn per_rank<T: Clone>(m: &Model, par: &Parallel, f: impl Fn(u64, u64) -> T) -> Vec<T> {
     let order = rank_order(par);
     let world = par.world().max(1);
-    let expert_axis =
-        m.params.iter().find_map(|p| p.expert.as_ref()).and_then(|e| par.axis_of(&e.dim)).map(str::to_string);
+    let expert_axis = m.expert_dim().and_then(|d| par.axis_of(d));
     let mut cache: std::collections::HashMap<(u64, u64), T> = std::collections::HashMap::new();
     (0..world)
         .map(|r| {
             let c = coords(&order, r);
             let stage = coord_of(&order, &c, par.axis_of("layer"));
-            let er = coord_of(&order, &c, expert_axis.as_deref());
+            let er = coord_of(&order, &c, expert_axis);
             cache.entry((stage, er)).or_insert_with(|| f(stage, er)).clone()
         })
         .collect()

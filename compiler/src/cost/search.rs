@@ -52,19 +52,9 @@ impl Layout {
         o.extend(self.rules.iter().cloned());
         o.push(format!("parallel.zero={}", self.zero));
         o.push(format!("train.micro_batch={}", self.micro_batch));
-        let schedule = match self.schedule {
-            Schedule::Gpipe => "gpipe",
-            Schedule::OneFOneB => "1f1b",
-            Schedule::Interleaved1f1b => "interleaved_1f1b",
-        };
-        o.push(format!("parallel.pipeline.schedule={schedule}"));
+        o.push(format!("parallel.pipeline.schedule={}", self.schedule.name()));
         o.push(format!("parallel.pipeline.virtual={}", self.virtual_stages));
-        let recompute = match self.recompute {
-            Recompute::None => "none",
-            Recompute::Selective => "selective",
-            Recompute::Full => "full",
-        };
-        o.push(format!("parallel.recompute={recompute}"));
+        o.push(format!("parallel.recompute={}", self.recompute.name()));
         o
     }
 
@@ -75,9 +65,8 @@ impl Layout {
             mesh.push("one GPU".into());
         }
         let schedule = match self.schedule {
-            Schedule::Gpipe => "gpipe".to_string(),
-            Schedule::OneFOneB => "1f1b".to_string(),
             Schedule::Interleaved1f1b => format!("interleaved×{}", self.virtual_stages),
+            s => s.name().to_string(),
         };
         let experts = if self.expert > 1 { format!(" (expert {})", self.expert) } else { String::new() };
         format!(
@@ -85,11 +74,7 @@ impl Layout {
             mesh.join(" × "),
             self.micro_batch,
             self.zero,
-            match self.recompute {
-                Recompute::None => "none",
-                Recompute::Selective => "selective",
-                Recompute::Full => "full",
-            }
+            self.recompute.name()
         )
     }
 }
@@ -152,7 +137,7 @@ fn roles(m: &Model) -> Roles {
     }
     let others =
         p.mesh.iter().map(|(a, _)| a.clone()).filter(|a| *a != data && *a != tensor && *a != pipeline).collect();
-    let expert_dim = m.params.iter().find_map(|q| q.expert.as_ref()).map(|e| e.dim.clone());
+    let expert_dim = m.expert_dim().map(str::to_string);
     Roles { data, tensor, pipeline, tensor_dims, others, expert_dim }
 }
 

@@ -44,7 +44,7 @@
 
 use super::device::Device;
 use super::memory::{self, RankMemory};
-use crate::config::{Parallel, Precision, Recompute, Schedule};
+use crate::config::{Parallel, Precision, Recompute};
 use crate::model::{Model, OpCost};
 use serde::Serialize;
 
@@ -210,7 +210,7 @@ impl Ledger<'_> {
     /// Price `calls` collectives of `per_call` bytes over the `n` ranks of
     /// `axis`; returns their seconds.
     fn add(&mut self, purpose: &'static str, kind: Kind, axis: &str, n: u64, calls: f64, per_call: f64) -> f64 {
-        if calls <= 0.0 || (n <= 1 && kind != Kind::SendRecv) {
+        if calls <= 0.0 || per_call <= 0.0 || (n <= 1 && kind != Kind::SendRecv) {
             return 0.0;
         }
         let link = link_of(self.par, axis, self.dev);
@@ -286,7 +286,7 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     }
     let micro = batch / (dp * mbs);
     let stages = par.stages().max(1);
-    let v = if par.pipeline.schedule == Schedule::Interleaved1f1b { par.pipeline.virtual_stages.max(1) } else { 1 };
+    let v = par.chunks_per_stage();
     let scale = mbs as f64 / m.micro_batch.max(1) as f64;
     let c = &m.cost;
     let layers = c.layer_count.max(1) as f64;
@@ -331,14 +331,8 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     };
 
     // Experts on the data axis: dispatch and combine are all-to-alls, each way.
-    let expert_axis = m
-        .params
-        .iter()
-        .find_map(|p| p.expert.as_ref())
-        .and_then(|e| par.axis_of(&e.dim))
-        .filter(|a| Some(*a) == par.data_axis())
-        .map(str::to_string);
-    let a2a_each_way = match expert_axis.as_deref() {
+    let expert_axis = m.expert_dim().and_then(|d| par.axis_of(d)).filter(|a| Some(*a) == par.data_axis());
+    let a2a_each_way = match expert_axis {
         Some(axis) if layer.exchange_bytes > 0.0 && dp > 1 => {
             // Two all-to-alls (dispatch, combine) per MoE layer forward.
             let per_call = layer.exchange_bytes / layer.exchanges;
@@ -430,10 +424,8 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     let tied = match par.axis_of("layer") {
         Some(axis) if stages > 1 => {
             let per_call = memory::shared_elems_for(m, par) as f64 * bytes;
-            let there =
-                ledger.add("tied", Kind::SendRecv, axis, stages, if per_call > 0.0 { 1.0 } else { 0.0 }, per_call);
-            let back =
-                ledger.add("tied", Kind::SendRecv, axis, stages, if per_call > 0.0 { 1.0 } else { 0.0 }, per_call);
+            let there = ledger.add("tied", Kind::SendRecv, axis, stages, 1.0, per_call);
+            let back = ledger.add("tied", Kind::SendRecv, axis, stages, 1.0, per_call);
             there.max(back)
         }
         _ => 0.0,

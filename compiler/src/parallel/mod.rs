@@ -74,7 +74,7 @@ impl Mesh {
     pub fn of(m: &Model) -> Result<Mesh, ParallelError> {
         let p = &m.parallel;
         let data_axis = p.data_axis().map(str::to_string);
-        let expert_dim = m.params.iter().find_map(|q| q.expert.as_ref()).map(|e| e.dim.clone());
+        let expert_dim = m.expert_dim().map(str::to_string);
         let mut rules = Vec::new();
         for (d, a) in &p.layout {
             if d == "batch" {

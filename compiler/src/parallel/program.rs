@@ -269,11 +269,7 @@ impl StageProgram {
 fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<RankProgram, ParallelError> {
     let par = &m.parallel;
     let stages = mesh.size(axis);
-    let v = if par.pipeline.schedule == crate::config::Schedule::Interleaved1f1b {
-        par.pipeline.virtual_stages.max(1)
-    } else {
-        1
-    };
+    let v = par.chunks_per_stage();
     let micro = par.pipeline.microbatches.max(1);
     pipeline::check_schedule(par.pipeline.schedule, stages, v, micro)?;
     let chunks = pipeline::chunks(m, stages, v)?;
