@@ -34,6 +34,7 @@ fn cfg(out: &Path) -> RunConfig {
         save_interval: 0,
         data: Some(PathBuf::from("data/shakespeare/shakespeare.txt")),
         spec: None,
+        allow_changes: false,
     }
 }
 

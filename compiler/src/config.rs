@@ -232,6 +232,10 @@ pub struct Train {
     /// How text data becomes tokens: `bytes` (default) or `gpt2` (byte-level BPE).
     pub tokenizer: Option<String>,
     pub seed: u64,
+    /// What a step whose loss or gradient norm is not finite does: stop the
+    /// run (default, `nonfinite = stop`) or leave the weights as they were
+    /// and go on (`nonfinite = skip`, counted in metrics).
+    pub skip_nonfinite: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -80,22 +80,33 @@ enum Command {
         #[command(flatten)]
         spec: SpecArgs,
         /// Optimizer steps to run (default: the spec's `train.steps`).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = positive)]
         steps: Option<u64>,
-        /// Where metrics and checkpoints go (default: runs/MODEL).
+        /// Where metrics and checkpoints go (default: runs/MODEL). The folder
+        /// is locked while the run lasts.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Continue from a checkpoint (a run folder or a step-* folder).
+        /// Continue from a checkpoint (a run folder or a step-* folder), with
+        /// the seed, data and settings it records.
         #[arg(long)]
         resume: Option<PathBuf>,
-        /// Random seed (default: the spec's `train.seed`).
-        #[arg(long)]
+        /// Resume even though the spec, overrides, seed, data, tokenizer or
+        /// optimizer differ from the checkpoint's run (the changes are printed).
+        #[arg(long, requires = "resume")]
+        allow_changes: bool,
+        /// Start a fresh run in a folder that holds another one, deleting its
+        /// checkpoints and metrics.
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
+        /// Random seed (default: the spec's `train.seed`, or the checkpoint's on --resume).
+        #[arg(long, allow_negative_numbers = true, value_parser = whole)]
         seed: Option<u64>,
-        /// Training data (default: the spec's `train.data`).
+        /// Training data, from the working directory (default: the spec's
+        /// `train.data`, resolved like `use`; the checkpoint's on --resume).
         #[arg(long)]
         data: Option<PathBuf>,
         /// Evaluate every N steps (default: the spec's `eval_interval`, else steps / 10).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true, value_parser = positive)]
         eval_interval: Option<u64>,
         /// Write a Chrome trace (chrome://tracing, ui.perfetto.dev) of the
         /// first steps: one track per simulated rank.
@@ -137,16 +148,18 @@ enum Command {
         #[arg(long, default_value = "")]
         prompt: String,
         /// Tokens to generate.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, allow_negative_numbers = true, value_parser = whole_usize)]
         tokens: usize,
-        /// 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.8)]
+        /// Softmax temperature, 0 or more; 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = temperature)]
         temperature: f64,
-        #[arg(long)]
+        /// Sample from the K most likely tokens (K ≥ 1).
+        #[arg(long, allow_negative_numbers = true, value_parser = top_k)]
         top_k: Option<usize>,
-        #[arg(long)]
+        /// Sample from the smallest set of tokens whose probability reaches P (0 < P ≤ 1).
+        #[arg(long, allow_negative_numbers = true, value_parser = top_p)]
         top_p: Option<f64>,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole)]
         seed: u64,
         /// Recompute the whole window for each token instead of using a KV cache.
         #[arg(long)]
@@ -165,6 +178,42 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+}
+
+// Value parsers that state the legal range (clap's own parse errors suggest
+// `-- -1` for a negative number, which is no help).
+
+fn whole(s: &str) -> Result<u64, String> {
+    s.trim().parse::<u64>().map_err(|_| format!("expected a whole number 0 or more, got `{s}`"))
+}
+
+fn whole_usize(s: &str) -> Result<usize, String> {
+    whole(s).map(|n| n as usize)
+}
+
+fn positive(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number 1 or more, got `{s}`")),
+    }
+}
+
+fn temperature(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("expected a finite number 0 or more (0 is greedy decoding), got `{s}`")),
+    }
+}
+
+fn top_k(s: &str) -> Result<usize, String> {
+    positive(s).map(|n| n as usize).map_err(|_| format!("expected a whole number of tokens 1 or more, got `{s}`"))
+}
+
+fn top_p(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("expected a probability above 0 and at most 1, got `{s}`")),
+    }
 }
 
 /// Which graph `inspect --ir` prints.
@@ -205,7 +254,25 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Stack for the command's thread. Nesting is bounded by the parser
+/// (`syntax::limits`), but the checker inlines blocks within blocks, each
+/// with expressions up to the depth limit: a large stack keeps every pass
+/// well inside it. Only the pages that are touched are committed.
+const STACK_BYTES: usize = 256 << 20;
+
 pub fn main(args: Vec<OsString>) -> ExitCode {
+    let run = std::thread::Builder::new().name("tessera".into()).stack_size(STACK_BYTES).spawn(move || command(args));
+    match run.map(|h| h.join()) {
+        Ok(Ok(code)) => code,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(e) => {
+            eprintln!("error: cannot start a thread with a {} MiB stack: {e}", STACK_BYTES >> 20);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn command(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -240,12 +307,24 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             plan::command(spec, json, world, device, search, top)
         }
         Command::Fmt { file, write, check } => fmt(&file, write, check),
-        Command::Train { spec, steps, out, resume, seed, data, eval_interval, trace, trace_steps } => match load(&spec)
-        {
+        Command::Train {
+            spec,
+            steps,
+            out,
+            resume,
+            allow_changes,
+            overwrite,
+            seed,
+            data,
+            eval_interval,
+            trace,
+            trace_steps,
+        } => match load(&spec) {
             Ok(m) => {
                 let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
                 let trace = trace.map(|p| (p, trace_steps));
-                train(m, source, steps, out, resume, seed, data, eval_interval, trace)
+                let run = RunArgs { steps, out, resume, allow_changes, overwrite, seed, data, eval_interval, trace };
+                train(m, source, run)
             }
             Err(code) => code,
         },
@@ -536,20 +615,27 @@ fn memory_table(m: &Model) -> String {
     s
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train(
-    m: Model,
-    source: (PathBuf, Vec<String>),
+/// `tessera train`'s options beyond the spec.
+struct RunArgs {
     steps: Option<u64>,
     out: Option<PathBuf>,
     resume: Option<PathBuf>,
+    allow_changes: bool,
+    overwrite: bool,
     seed: Option<u64>,
     data: Option<PathBuf>,
     eval_interval: Option<u64>,
     trace: Option<(PathBuf, u64)>,
-) -> ExitCode {
+}
+
+fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     use std::io::Write as _;
-    use tessera_runtime::train::{RunConfig, Trainer};
+    use tessera_runtime::train::{RunConfig, Trainer, checkpoint};
+    let RunArgs { steps, out, resume, allow_changes, overwrite, seed, data, eval_interval, trace } = args;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
     let Some(t) = m.train.clone() else {
         eprintln!("error: model `{}` has no `train` section; add one (see docs/language.md)", m.name);
         return ExitCode::from(1);
@@ -561,6 +647,52 @@ fn train(
         })
         .unwrap_or(100);
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
+    // Outputs are checked before anything runs.
+    if let Some((path, _)) = &trace
+        && let Err(e) = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)
+    {
+        return fail(&format!("cannot write the trace to `{}`: {e}; pass a writable --trace path", path.display()));
+    }
+    if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
+        return fail(&e);
+    }
+    // The run folder: locked for this run, tidied after a killed one, and
+    // never taken over silently.
+    let _lock = match checkpoint::lock(&out) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    for done in checkpoint::recover(&out) {
+        eprintln!("note: {}: {done}", out.display());
+    }
+    let resuming_here = resume.as_ref().is_some_and(|r| {
+        let canon = |p: &Path| p.canonicalize().unwrap_or(p.to_path_buf());
+        let (r, o) = (canon(r), canon(&out));
+        r == o || r.parent() == Some(o.as_path())
+    });
+    if checkpoint::holds_run(&out) && !resuming_here {
+        if !overwrite {
+            return fail(&format!(
+                "`{}` holds another run (checkpoints or metrics); pass --resume {} to continue it, --overwrite to \
+                 replace it, or another --out",
+                out.display(),
+                out.display()
+            ));
+        }
+        if let Err(e) = checkpoint::clear_run(&out) {
+            return fail(&e);
+        }
+    }
+    // A resume continues the recorded run: its seed and data by default.
+    let recorded = match &resume {
+        Some(dir) => match checkpoint::run_of(dir) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        },
+        None => None,
+    };
+    let seed = seed.or(recorded.as_ref().map(|r| r.seed)).unwrap_or(t.seed);
+    let data = data.or(recorded.as_ref().map(|r| PathBuf::from(&r.data)));
     if m.parallel.world() > 1 {
         let axes: Vec<String> = m.parallel.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
         eprintln!(
@@ -575,34 +707,34 @@ fn train(
         steps,
         out: out.clone(),
         resume,
-        seed: seed.unwrap_or(t.seed),
+        seed,
         eval_interval,
         eval_batches: t.eval_steps.unwrap_or(8),
         save_interval: t.save_interval.unwrap_or(0),
         data,
         spec: Some(source.clone()),
+        allow_changes,
     };
     let mut trainer = match Trainer::new(m, cfg) {
         Ok(tr) => tr,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(&e),
     };
+    for c in &trainer.resume_changes {
+        eprintln!("warning: resuming with a change (--allow-changes): {c}");
+    }
     if let Some((_, n)) = &trace {
         trainer.trace = Some(std::sync::Arc::new(tessera_runtime::trace::Trace::new(*n)));
     }
-    if let Err(e) = std::fs::create_dir_all(&out) {
-        eprintln!("error: cannot create `{}`: {e}", out.display());
-        return ExitCode::from(1);
-    }
     let metrics_path = out.join("metrics.jsonl");
+    // A resume from an older step drops the metrics of the steps it redoes.
+    if trainer.cfg.resume.is_some()
+        && let Err(e) = truncate_metrics(&metrics_path, trainer.step)
+    {
+        return fail(&e);
+    }
     let mut metrics = match std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path) {
         Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: cannot open `{}`: {e}", metrics_path.display());
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(&format!("cannot open `{}`: {e}", metrics_path.display())),
     };
     let first = trainer.step;
     let bar = indicatif::ProgressBar::new(steps);
@@ -618,6 +750,11 @@ fn train(
     while trainer.step < steps {
         let mut report = match trainer.train_step() {
             Ok(r) => r,
+            Err(e @ tessera_runtime::train::TrainError::NonFinite(_)) => {
+                bar.abandon();
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
             Err(e) => {
                 bar.abandon();
                 eprintln!("error at step {}: {e}", trainer.step + 1);
@@ -629,6 +766,11 @@ fn train(
                 Ok(v) => {
                     report.val_loss = Some(v);
                     last_val = Some(v);
+                }
+                Err(e @ tessera_runtime::train::TrainError::NonFinite(_)) => {
+                    bar.abandon();
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
                 }
                 Err(e) => {
                     bar.abandon();
@@ -691,6 +833,20 @@ fn train(
 }
 
 /// The spec checked again for one sequence at a time.
+/// Keep the metrics records of steps up to `step` (a resume redoes the rest).
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), String> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_none_or(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    tessera_runtime::train::checkpoint::write_atomic(path, kept.as_bytes()).map_err(|e| e.to_string())
+}
+
 fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<Model, ExitCode> {
     let mut sources = SourceMap::new();
     let opts = Options { overrides: overrides.to_vec(), model: None, micro_batch: Some(1), ..Default::default() };
@@ -721,13 +877,28 @@ fn sample(
         ExitCode::from(1)
     };
     let (recorded, overrides) = checkpoint::spec_of(checkpoint).map_err(|e| fail(&e))?;
-    let Some(spec) = spec.or(recorded) else {
-        return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE"));
+    let spec = match (spec, recorded) {
+        (Some(s), _) => s,
+        (None, Some(r)) if r.is_file() => r,
+        (None, Some(r)) => {
+            return Err(fail(&format!(
+                "the checkpoint was trained with the spec `{}`, which is no longer there; pass --spec FILE",
+                r.display()
+            )));
+        }
+        (None, None) => return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE")),
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
     let params = checkpoint::load_params(checkpoint, &m).map_err(|e| fail(&e))?;
     let tok = tokenizer_of(&m)?;
     let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
+    let vocab = m.const_value("vocab").unwrap_or(f64::INFINITY);
+    if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as f64 >= vocab) {
+        return Err(fail(&format!(
+            "the prompt's token {i} has id {id} (byte {id:#04x} for a byte-level model), outside the model's \
+             vocabulary of {vocab} tokens; use only tokens below {vocab}"
+        )));
+    }
     let out = tessera_runtime::infer::generate(&m, &params, &ids, cfg).map_err(|e| fail(&e))?;
     Ok(tok.decode(&out))
 }
@@ -823,6 +994,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         save_interval: 0,
         data,
         spec: None,
+        allow_changes: false,
     };
     let threads = tessera_runtime::exec::threads();
     let mut last = 0.0;

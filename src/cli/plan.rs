@@ -106,6 +106,14 @@ pub(super) fn command(
         }
         extra.push(format!("train.device={d}"));
     }
+    if let Some(w) = world
+        && (w == 0 || w > tessera_compiler::check::MAX_WORLD)
+    {
+        return fail(format!(
+            "--world must be from 1 to {} GPUs, not {w} (the largest world Tessera plans for; docs/reliability.md)",
+            tessera_compiler::check::MAX_WORLD
+        ));
+    }
     if !search {
         if let Some(w) = world {
             let probe = match load_with(&spec, &extra, true) {

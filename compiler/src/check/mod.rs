@@ -12,6 +12,8 @@ pub mod program;
 pub mod sections;
 mod walk;
 
+pub use layout::MAX_WORLD;
+
 use crate::config::{Parallel, Precision};
 use crate::diag::{Diag, Diags, unknown_help};
 use crate::model::*;
@@ -283,25 +285,27 @@ fn check_program(
     let mut diags = Diags::default();
     // Constants in declaration order, overrides substituted.
     let mut defs: Vec<(Ident, Expr)> = Vec::new();
+    let mut def_at: HashMap<String, usize> = HashMap::new();
     for s in &body.stmts {
         if let Stmt::Dims(ds, _) = s {
             for d in ds {
-                if let Some((first, _)) = defs.iter().find(|(n, _)| n.name == d.name.name) {
+                if let Some(&i) = def_at.get(&d.name.name) {
                     diags.push(
                         Diag::error(format!("dim `{}` is defined twice", d.name.name))
                             .at(d.name.span, "again")
-                            .also(first.span, "first defined here")
+                            .also(defs[i].0.span, "first defined here")
                             .help("define each dim once"),
                     );
                     continue;
                 }
+                def_at.insert(d.name.name.clone(), defs.len());
                 defs.push((d.name.clone(), d.value.clone()));
             }
         }
     }
     for (name, value) in overrides {
-        match defs.iter_mut().find(|(n, _)| n.name == name.name) {
-            Some(slot) => slot.1 = value,
+        match def_at.get(&name.name) {
+            Some(&i) => defs[i].1 = value,
             None => {
                 let help = unknown_help("dim", &name.name, defs.iter().map(|(n, _)| n.name.as_str()));
                 diags.push(
@@ -385,6 +389,7 @@ fn check_program(
     if !diags.is_empty() {
         return Err(diags);
     }
+    w.outputs.retain(|(n, _)| !n.is_empty());
     // Expert weights: parameters whose leading dim (after `layer`) is a routed
     // expert dim. (A router has the expert dim last and serves every token.)
     for p in w.params.iter_mut() {

@@ -30,6 +30,7 @@ const TRAIN_KEYS: &[&str] = &[
     "val_fraction",
     "tokenizer",
     "seed",
+    "nonfinite",
 ];
 const INFER_KEYS: &[&str] = &["max_batch", "max_len", "kv_cache", "sampling", "seed"];
 
@@ -534,6 +535,7 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         val_fraction: None,
         tokenizer: None,
         seed: 0,
+        skip_nonfinite: false,
     };
     let before = ev.diags.len();
     let mut batch_given = false;
@@ -629,6 +631,7 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                 }
             }
             "tokenizer" => t.tokenizer = ev.word(v, "tokenizer", &["bytes", "gpt2"]),
+            "nonfinite" => t.skip_nonfinite = ev.word(v, "nonfinite", &["stop", "skip"]).as_deref() == Some("skip"),
             _ => t.seed = ev.nonneg(v, k).map(|x| x as u64).unwrap_or(0),
         }
     }

@@ -118,7 +118,10 @@ pub(super) struct Walker<'a> {
     pub slot_useful: HashMap<u64, f64>,
     pub diags: Vec<Diag>,
     seen: HashSet<(String, Span)>,
+    /// Top-level tensors in the order of their last definition; entries
+    /// with an empty name were redefined later.
     pub outputs: Vec<(String, TensorType)>,
+    output_at: HashMap<String, usize>,
     /// Which dims are routed expert dims (name → (count, top_k)).
     pub expert_dims: HashMap<String, (u64, u64)>,
     pub current_stack: Option<usize>,
@@ -128,9 +131,19 @@ pub(super) struct Walker<'a> {
     pub const_spans: HashMap<String, Span>,
     /// Constants already reported as invalid dim sizes.
     bad_dims: HashSet<String>,
+    /// Statements walked so far, and whether a size limit stopped the walk.
+    walked: u64,
+    pub(super) stopped: bool,
 }
 
+/// Layers unrolled in the whole model, over every `repeat` (and every call
+/// of a block that holds one).
 pub(super) const MAX_LAYERS: u64 = 10_000;
+/// Nodes of the forward graph: blocks that call blocks several times can
+/// multiply a short spec into any size, so the walk stops here.
+pub(super) const MAX_GRAPH_NODES: usize = 2_000_000;
+/// Statements walked (inlined blocks and unrolled layers included).
+pub(super) const MAX_STATEMENTS: u64 = 10_000_000;
 
 impl<'a> Walker<'a> {
     pub(super) fn new(
@@ -162,12 +175,15 @@ impl<'a> Walker<'a> {
             diags: Vec::new(),
             seen: HashSet::new(),
             outputs: Vec::new(),
+            output_at: HashMap::new(),
             expert_dims: HashMap::new(),
             current_stack: None,
             value_dims: Vec::new(),
             value_dims_seen: HashSet::new(),
             const_spans: HashMap::new(),
             bad_dims: HashSet::new(),
+            walked: 0,
+            stopped: false,
         }
     }
 
@@ -182,6 +198,13 @@ impl<'a> Walker<'a> {
 
     /// Add a node to the forward graph and return its typed value.
     pub(super) fn emit(&mut self, op: Op, inputs: Vec<ValueId>, ty: TensorType, span: Span) -> TVal {
+        if self.graph.len() == MAX_GRAPH_NODES {
+            self.too_big(
+                span,
+                format!("the model unrolls to more than {MAX_GRAPH_NODES} operations"),
+                "this call",
+            );
+        }
         let id = self.graph.push(op, inputs, ty.clone(), span);
         TVal { ty, param: None, id }
     }
@@ -383,9 +406,27 @@ impl<'a> Walker<'a> {
 
     // ------------------------------------------------------------ statements
 
+    /// Stop the walk at a size limit (reported once).
+    fn too_big(&mut self, span: Span, message: String, label: &str) {
+        if !self.stopped {
+            self.stopped = true;
+            self.diags.push(Diag::error(message).at(span, label.to_string()).help(
+                "checking unrolls every layer and inlines every block call; \
+                 see docs/reliability.md for the limits",
+            ));
+        }
+    }
+
     pub(super) fn body(&mut self, frame: &mut Frame, stmts: &[Stmt]) {
         let mut prev: Option<&Stmt> = None;
         for s in stmts {
+            self.walked += 1;
+            if self.walked > MAX_STATEMENTS {
+                self.too_big(s.span(), format!("checking walks more than {MAX_STATEMENTS} statements"), "here");
+            }
+            if self.stopped {
+                return;
+            }
             if frame.returned.is_some() {
                 // After a taken `if { return }` the rest is the other branch; after a
                 // plain `return` it is dead code.
@@ -561,7 +602,11 @@ impl<'a> Walker<'a> {
             && frame.layer.is_none()
             && let Val::Tensor(t) = &v
         {
-            self.outputs.retain(|(n, _)| n != &name.name);
+            // A redefined name moves to the end: its old entry is blanked
+            // here and dropped once, after the walk (linear in the spec).
+            if let Some(i) = self.output_at.insert(name.name.clone(), self.outputs.len()) {
+                self.outputs[i].0.clear();
+            }
             self.outputs.push((name.name.clone(), t.ty.clone()));
             self.graph.set_output(&name.name, t.id);
         }
@@ -757,6 +802,15 @@ impl<'a> Walker<'a> {
             return;
         }
         let n = n as u64;
+        if self.cost.layer_count + n > MAX_LAYERS {
+            let before = self.cost.layer_count;
+            self.too_big(
+                count.span,
+                format!("the model unrolls more than {MAX_LAYERS} layers in all ({before} before this repeat of {n})"),
+                "these layers pass the limit",
+            );
+            return;
+        }
         let Some(init) = frame.values.get(&carried.name).cloned() else {
             self.err(
                 Diag::error(format!("`{}` must be defined before the repeat", carried.name))

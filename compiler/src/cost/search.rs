@@ -24,6 +24,7 @@ use super::device::Device;
 use super::time;
 use crate::config::{Parallel, Recompute, Schedule};
 use crate::model::Model;
+use crate::check::MAX_WORLD;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -141,21 +142,36 @@ fn roles(m: &Model) -> Roles {
     Roles { data, tensor, pipeline, tensor_dims, others, expert_dim }
 }
 
-/// The divisors of `n`, ascending.
+/// The divisors of `n`, ascending, from its prime factors (`n` is at most
+/// [`MAX_WORLD`], so trial division stops at 1,024).
 fn divisors(n: u64) -> Vec<u64> {
-    let (mut small, mut large) = (Vec::new(), Vec::new());
-    let mut d = 1u64;
-    while d.saturating_mul(d) <= n {
-        if n.is_multiple_of(d) {
-            small.push(d);
-            if d != n / d {
-                large.push(n / d);
-            }
+    let mut factors: Vec<(u64, u32)> = Vec::new();
+    let (mut rest, mut p) = (n, 2u64);
+    while p.saturating_mul(p) <= rest {
+        let mut k = 0;
+        while rest.is_multiple_of(p) {
+            rest /= p;
+            k += 1;
         }
-        d += 1;
+        if k > 0 {
+            factors.push((p, k));
+        }
+        p += 1;
     }
-    small.extend(large.into_iter().rev());
-    small
+    if rest > 1 {
+        factors.push((rest, 1));
+    }
+    let mut out = vec![1u64];
+    for (p, k) in factors {
+        let before = out.clone();
+        let mut pk = 1u64;
+        for _ in 0..k {
+            pk *= p;
+            out.extend(before.iter().map(|d| d * pk));
+        }
+    }
+    out.sort_unstable();
+    out
 }
 
 /// Search the layouts of `m` on `world` GPUs of `dev`. `recheck` checks the
@@ -170,8 +186,8 @@ pub fn search(
     let train =
         m.train.as_ref().ok_or_else(|| format!("`{}` has no `train` section: a search is for training", m.name))?;
     let batch = train.batch;
-    if world == 0 {
-        return Err("--world must be at least 1".into());
+    if world == 0 || world > MAX_WORLD {
+        return Err(format!("--world must be from 1 to {MAX_WORLD} GPUs (docs/reliability.md), not {world}"));
     }
     let r = roles(m);
     let layers = m.stacks.iter().map(|s| s.layers).min().unwrap_or(1);
@@ -326,5 +342,7 @@ mod tests {
         assert_eq!(super::divisors(12), vec![1, 2, 3, 4, 6, 12]);
         assert_eq!(super::divisors(49), vec![1, 7, 49]);
         assert_eq!(super::divisors(1_000_000_007), vec![1, 1_000_000_007]);
+        assert_eq!(super::divisors(1 << 20).len(), 21);
+        assert_eq!(super::divisors(720_720).len(), 240);
     }
 }

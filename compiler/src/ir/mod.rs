@@ -405,6 +405,9 @@ pub struct Graph {
     pub spans: Vec<Span>,
     /// Named values the model defines at the top level (`loss`, `logits`, ...).
     pub outputs: Vec<(String, ValueId)>,
+    /// Where each name sits in `outputs` (a spec may define 10⁶ names).
+    #[serde(skip)]
+    output_index: std::collections::HashMap<String, usize>,
 }
 
 impl Graph {
@@ -441,14 +444,17 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<ValueId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+        self.output_index.get(name).map(|&i| self.outputs[i].1)
     }
 
     /// Set (or replace) a named output.
     pub fn set_output(&mut self, name: &str, v: ValueId) {
-        match self.outputs.iter_mut().find(|(n, _)| n == name) {
-            Some(o) => o.1 = v,
-            None => self.outputs.push((name.to_string(), v)),
+        match self.output_index.get(name) {
+            Some(&i) => self.outputs[i].1 = v,
+            None => {
+                self.output_index.insert(name.to_string(), self.outputs.len());
+                self.outputs.push((name.to_string(), v));
+            }
         }
     }
 

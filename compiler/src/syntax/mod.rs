@@ -2,6 +2,7 @@
 //! canonical printer. Knows nothing of checking.
 
 pub mod ast;
+pub mod limits;
 pub mod parser;
 pub mod printer;
 pub mod span;

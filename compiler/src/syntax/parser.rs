@@ -6,42 +6,20 @@ use super::span::{FileId, Span};
 use crate::diag::Diag;
 use pest::Parser as _;
 use pest::iterators::Pair;
-use pest::pratt_parser::{Assoc, Op, PrattParser};
-use std::sync::OnceLock;
+use std::cell::RefCell;
 
 #[derive(pest_derive::Parser)]
 #[grammar = "syntax/spec.pest"]
 struct SpecParser;
 
-fn pratt() -> &'static PrattParser<Rule> {
-    static P: OnceLock<PrattParser<Rule>> = OnceLock::new();
-    P.get_or_init(|| {
-        PrattParser::new()
-            .op(Op::infix(Rule::or, Assoc::Left))
-            .op(Op::infix(Rule::and, Assoc::Left))
-            .op(Op::infix(Rule::eq, Assoc::Left)
-                | Op::infix(Rule::ne, Assoc::Left)
-                | Op::infix(Rule::lt, Assoc::Left)
-                | Op::infix(Rule::le, Assoc::Left)
-                | Op::infix(Rule::gt, Assoc::Left)
-                | Op::infix(Rule::ge, Assoc::Left))
-            .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
-            .op(Op::infix(Rule::mul, Assoc::Left)
-                | Op::infix(Rule::div, Assoc::Left)
-                | Op::infix(Rule::rem, Assoc::Left)
-                | Op::infix(Rule::matmul, Assoc::Left))
-            .op(Op::prefix(Rule::neg) | Op::prefix(Rule::not))
-            .op(Op::infix(Rule::pow, Assoc::Right))
-    })
-}
-
 /// Parse a whole `.spec` file.
 pub fn parse_file(file: FileId, text: &str) -> Result<File, Diag> {
+    super::limits::check_brackets(file, text)?;
     let mut pairs = SpecParser::parse(Rule::file, text).map_err(|e| parse_error(file, text, e))?;
     let Some(root) = pairs.next() else {
         return Ok(File { items: Vec::new() });
     };
-    let b = Builder { file };
+    let b = Builder { file, too_deep: RefCell::new(None) };
     let mut items = Vec::new();
     for p in root.into_inner() {
         match p.as_rule() {
@@ -52,15 +30,21 @@ pub fn parse_file(file: FileId, text: &str) -> Result<File, Diag> {
             _ => {}
         }
     }
-    Ok(File { items })
+    if let Some(d) = b.too_deep.into_inner() {
+        return Err(d);
+    }
+    let f = File { items };
+    super::limits::check_depth(&f)?;
+    Ok(f)
 }
 
 /// Parse one expression (used for `--set key=value` values).
 pub fn parse_value(file: FileId, text: &str) -> Result<Expr, Diag> {
     let wrapped = format!("v={text}");
+    super::limits::check_brackets(file, text)?;
     let mut pairs =
         SpecParser::parse(Rule::key_value, &wrapped).map_err(|e| parse_error(file, text, shift_error(e, 2)))?;
-    let b = Builder { file };
+    let b = Builder { file, too_deep: RefCell::new(None) };
     let kv = pairs.next().expect("key_value matched");
     let full = kv.as_str().len();
     if full != text.len() + 2 {
@@ -74,6 +58,9 @@ pub fn parse_value(file: FileId, text: &str) -> Result<Expr, Diag> {
     let mut inner = kv.into_inner();
     inner.next(); // key
     let mut value = b.value(inner.next().expect("value"));
+    if let Some(d) = b.too_deep.into_inner() {
+        return Err(d);
+    }
     let shift = |s: Span| Span::new(file, s.start.saturating_sub(2), s.end.saturating_sub(2));
     shift_spans(&mut value, &shift);
     Ok(value)
@@ -211,6 +198,25 @@ fn parse_error(file: FileId, text: &str, e: pest::error::Error<Rule>) -> Diag {
 
 struct Builder {
     file: FileId,
+    /// The first expression whose operators nest deeper than
+    /// [`super::limits::MAX_DEPTH`]; building stops there.
+    too_deep: RefCell<Option<Diag>>,
+}
+
+/// An operator waiting on the operator stack of [`Builder::expr`].
+enum PendingOp {
+    Prefix(UnOp, Span),
+    Infix(BinOp),
+}
+
+impl PendingOp {
+    /// Binding power: prefix operators bind tighter than `*` and looser than `**`.
+    fn power(&self) -> u8 {
+        match self {
+            PendingOp::Prefix(..) => 6,
+            PendingOp::Infix(b) => b.precedence(),
+        }
+    }
 }
 
 impl Builder {
@@ -364,15 +370,34 @@ impl Builder {
             }
             Rule::return_stmt => Stmt::Return(self.expr(it.next().expect("expr")), span),
             Rule::if_stmt => {
+                // `if a {} else if b {} else {}` nests as `if a {} else { if b {} else {} }`,
+                // built from the last branch back.
                 let cond = self.expr(it.next().expect("cond"));
                 let then = self.body(it.next().expect("then"));
-                let otherwise = it.next().map(|e| match e.as_rule() {
-                    Rule::if_stmt => {
-                        let s = self.stmt(e);
-                        Body { span: s.span(), stmts: vec![s] }
+                let mut branches = Vec::new();
+                let mut last = None;
+                for q in it {
+                    match q.as_rule() {
+                        Rule::else_if => {
+                            let whole = self.span(&q);
+                            // The nested statement starts at its `if`, after `else`.
+                            let at_if = q.as_str()[4..].find("if").map(|k| k + 4).unwrap_or(0);
+                            let whole = Span::new(self.file, whole.start + at_if, whole.end);
+                            let mut e = q.into_inner();
+                            let c = self.expr(e.next().expect("cond"));
+                            let b = self.body(e.next().expect("body"));
+                            branches.push((c, b, whole));
+                        }
+                        _ => last = Some(self.body(q)),
                     }
-                    _ => self.body(e),
-                });
+                }
+                let mut otherwise = last;
+                let end = otherwise.as_ref().map(|b| b.span.end).or(branches.last().map(|(_, _, at)| at.end));
+                while let Some((c, b, at)) = branches.pop() {
+                    let span = Span::new(self.file, at.start, end.unwrap_or(at.end));
+                    let s = Stmt::If { cond: c, then: b, otherwise: otherwise.take(), span };
+                    otherwise = Some(Body { span: s.span(), stmts: vec![s] });
+                }
                 Stmt::If { cond, then, otherwise, span }
             }
             Rule::accum_stmt => {
@@ -405,37 +430,95 @@ impl Builder {
         }
     }
 
+    /// Operator precedence by shunting-yard, with explicit stacks: a chain of
+    /// 10⁴ operators must not recurse 10⁴ deep.
     fn expr(&self, p: Pair<Rule>) -> Expr {
         debug_assert_eq!(p.as_rule(), Rule::expr);
-        pratt()
-            .map_primary(|q| self.primary(q))
-            .map_prefix(|op, rhs| {
-                let span = self.span(&op).to(rhs.span);
-                let u = if op.as_rule() == Rule::neg { UnOp::Neg } else { UnOp::Not };
-                Expr { kind: ExprKind::Unary(u, Box::new(rhs)), span }
-            })
-            .map_infix(|lhs, op, rhs| {
+        let whole = self.span(&p);
+        let mut operands: Vec<(Expr, usize)> = Vec::new();
+        let mut ops: Vec<PendingOp> = Vec::new();
+        for q in p.into_inner() {
+            let infix = match q.as_rule() {
+                Rule::neg => {
+                    ops.push(PendingOp::Prefix(UnOp::Neg, self.span(&q)));
+                    continue;
+                }
+                Rule::not => {
+                    ops.push(PendingOp::Prefix(UnOp::Not, self.span(&q)));
+                    continue;
+                }
+                Rule::pow => BinOp::Pow,
+                Rule::add => BinOp::Add,
+                Rule::sub => BinOp::Sub,
+                Rule::mul => BinOp::Mul,
+                Rule::div => BinOp::Div,
+                Rule::rem => BinOp::Rem,
+                Rule::matmul => BinOp::MatMul,
+                Rule::eq => BinOp::Eq,
+                Rule::ne => BinOp::Ne,
+                Rule::lt => BinOp::Lt,
+                Rule::le => BinOp::Le,
+                Rule::gt => BinOp::Gt,
+                Rule::ge => BinOp::Ge,
+                Rule::and => BinOp::And,
+                Rule::or => BinOp::Or,
+                _ => {
+                    operands.push((self.primary(q), 1));
+                    continue;
+                }
+            };
+            let p = infix.precedence();
+            // `**` is right-associative; the others associate left.
+            while ops.last().is_some_and(|top| top.power() > p || (top.power() == p && infix != BinOp::Pow)) {
+                let top = ops.pop().expect("checked");
+                if !self.apply(top, &mut operands, whole) {
+                    return Expr { kind: ExprKind::Name(String::new()), span: whole };
+                }
+            }
+            ops.push(PendingOp::Infix(infix));
+        }
+        while let Some(top) = ops.pop() {
+            if !self.apply(top, &mut operands, whole) {
+                return Expr { kind: ExprKind::Name(String::new()), span: whole };
+            }
+        }
+        operands.pop().map(|(e, _)| e).unwrap_or(Expr { kind: ExprKind::Name(String::new()), span: whole })
+    }
+
+    /// Pop an operator's operands and push its node; false once the
+    /// expression is deeper than the limit (recorded in `too_deep`).
+    fn apply(&self, op: PendingOp, operands: &mut Vec<(Expr, usize)>, whole: Span) -> bool {
+        let (node, depth) = match op {
+            PendingOp::Prefix(u, at) => {
+                let Some((rhs, d)) = operands.pop() else { return false };
+                let span = at.to(rhs.span);
+                (Expr { kind: ExprKind::Unary(u, Box::new(rhs)), span }, d + 1)
+            }
+            PendingOp::Infix(b) => {
+                let (Some((rhs, dr)), Some((lhs, dl))) = (operands.pop(), operands.pop()) else { return false };
                 let span = lhs.span.to(rhs.span);
-                let b = match op.as_rule() {
-                    Rule::pow => BinOp::Pow,
-                    Rule::add => BinOp::Add,
-                    Rule::sub => BinOp::Sub,
-                    Rule::mul => BinOp::Mul,
-                    Rule::div => BinOp::Div,
-                    Rule::rem => BinOp::Rem,
-                    Rule::matmul => BinOp::MatMul,
-                    Rule::eq => BinOp::Eq,
-                    Rule::ne => BinOp::Ne,
-                    Rule::lt => BinOp::Lt,
-                    Rule::le => BinOp::Le,
-                    Rule::gt => BinOp::Gt,
-                    Rule::ge => BinOp::Ge,
-                    Rule::and => BinOp::And,
-                    _ => BinOp::Or,
-                };
-                Expr { kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)), span }
-            })
-            .parse(p.into_inner())
+                (Expr { kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)), span }, dl.max(dr) + 1)
+            }
+        };
+        if depth > super::limits::MAX_DEPTH {
+            let mut slot = self.too_deep.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(
+                    Diag::error(format!(
+                        "this expression nests more than {} operators deep",
+                        super::limits::MAX_DEPTH
+                    ))
+                    .at(whole, "too deep")
+                    .also(node.span, "the limit is reached here")
+                    .help(
+                        "split the chain into named steps (`a = ...` then `b = a + ...`); see docs/reliability.md",
+                    ),
+                );
+            }
+            return false;
+        }
+        operands.push((node, depth));
+        true
     }
 
     fn primary(&self, p: Pair<Rule>) -> Expr {

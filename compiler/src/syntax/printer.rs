@@ -51,7 +51,8 @@ fn comments_of(src: &str) -> Vec<Comment> {
 /// Print a parsed file canonically. `src` is the text it was parsed from
 /// (for its comments); pass "" to print without comments.
 pub fn print_file(file: &File, src: &str) -> String {
-    let mut p = Printer { out: String::new(), indent: 0, src, comments: comments_of(src), next: 0 };
+    let newlines = src.bytes().enumerate().filter(|&(_, b)| b == b'\n').map(|(i, _)| i).collect();
+    let mut p = Printer { out: String::new(), indent: 0, src, newlines, comments: comments_of(src), next: 0 };
     let mut prev_kind: Option<u8> = None;
     for item in &file.items {
         let kind = match item {
@@ -81,6 +82,8 @@ struct Printer<'a> {
     out: String,
     indent: usize,
     src: &'a str,
+    /// Byte offsets of the source's newlines, to find a line without rescanning.
+    newlines: Vec<usize>,
     comments: Vec<Comment>,
     next: usize,
 }
@@ -98,7 +101,7 @@ impl Printer<'_> {
     /// Blank lines between comments, and between a comment and the node after
     /// it, are kept (one at most).
     fn leading(&mut self, pos: usize) {
-        let pos_line = self.src[..pos.min(self.src.len())].matches('\n').count() + 1;
+        let pos_line = self.line_of(pos);
         while self.next < self.comments.len() && self.comments[self.next].start < pos {
             let c = self.comments[self.next].clone();
             for l in c.text.lines() {
@@ -118,7 +121,7 @@ impl Printer<'_> {
 
     /// Append comments that start on the line where a node ends.
     fn trailing(&mut self, end: usize) {
-        let end_line = self.src[..end.min(self.src.len())].matches('\n').count() + 1;
+        let end_line = self.line_of(end);
         while self.next < self.comments.len()
             && self.comments[self.next].line == end_line
             && self.comments[self.next].start >= end
@@ -292,7 +295,14 @@ impl Printer<'_> {
     }
 
     fn has_comments_in(&self, span: super::span::Span) -> bool {
-        self.comments[self.next..].iter().any(|c| c.start >= span.start && c.start < span.end)
+        let rest = &self.comments[self.next..];
+        let first = rest.partition_point(|c| c.start < span.start);
+        rest.get(first).is_some_and(|c| c.start < span.end)
+    }
+
+    /// The 1-based line of a byte offset (the last line for offsets past the end).
+    fn line_of(&self, pos: usize) -> usize {
+        self.newlines.partition_point(|&n| n < pos.min(self.src.len())) + 1
     }
 }
 
@@ -371,7 +381,8 @@ fn expr_prec(e: &Expr, min: u8) -> String {
             // A repeat nested inside a larger expression: statements on one line
             // (statements need no separator, so this parses back the same).
             let label = label.as_ref().map(|l| format!(" as {}", l.name)).unwrap_or_default();
-            let mut p = Printer { out: String::new(), indent: 0, src: "", comments: Vec::new(), next: 0 };
+            let mut p =
+                Printer { out: String::new(), indent: 0, src: "", newlines: Vec::new(), comments: Vec::new(), next: 0 };
             p.indent = 0;
             for s in &body.stmts {
                 p.stmt(s);

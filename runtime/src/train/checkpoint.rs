@@ -7,15 +7,26 @@
 //! global expert id, and `state.json` records the writing layout under
 //! `layout`. A checkpoint loads under any layout.
 //!
-//! Atomic: a checkpoint is written into a temporary folder and renamed into
-//! place, then `latest` is replaced by writing a temporary file and renaming
-//! it. A crash at any point leaves `latest` naming a complete checkpoint.
+//! Atomic: a checkpoint is written into `.tmp-step-N-PID/` and renamed into
+//! place; when `step-N` already exists the two are exchanged in one
+//! `renameat2(RENAME_EXCHANGE)` (elsewhere the old one is renamed aside
+//! first, and put back on the next start if a kill came in between). Then
+//! `latest` is replaced by writing a temporary file and renaming it. A crash
+//! at any point leaves `latest` naming a complete checkpoint.
+//!
+//! Verified: each safetensors file carries a CRC-32 of every tensor's bytes
+//! and one of its header (names, dtypes, shapes, offsets and the tensor
+//! checksums) in its metadata; loading checks them all and names the tensor
+//! that fails. `state.json` records the run (spec and its hash, overrides,
+//! seed, data and its hash, tokenizer, optimizer) so that a resume continues
+//! the same run (`RunRecord`).
 
 use super::TrainError;
 use super::optim::OptimizerState;
 use crate::tensor::Tensor;
 use safetensors::tensor::{Dtype, TensorView};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use tessera_compiler::Model;
 
@@ -27,19 +38,46 @@ fn bytes(t: &Tensor<f32>) -> Vec<u8> {
     t.data.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Metadata keys of the checksums.
+const TENSOR_CRC: &str = "tessera.crc32";
+const HEADER_CRC: &str = "tessera.header_crc32";
+
+/// The CRC-32 of a header: every tensor's name, dtype, shape and offsets, in
+/// name order, then the tensor checksums as stored.
+fn header_crc(tensors: &HashMap<String, &safetensors::tensor::TensorInfo>, tensor_crcs: &str) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let sorted: BTreeMap<_, _> = tensors.iter().collect();
+    for (name, info) in sorted {
+        h.update(format!("{name}:{:?}:{:?}:{:?};", info.dtype, info.shape, info.data_offsets).as_bytes());
+    }
+    h.update(tensor_crcs.as_bytes());
+    h.finalize()
+}
+
 fn write_tensors(
     path: &Path,
     named: Vec<(String, &Tensor<f32>)>,
-    meta: HashMap<String, String>,
+    mut meta: HashMap<String, String>,
 ) -> Result<(), TrainError> {
     let raw: Vec<(String, Vec<u8>, Vec<usize>)> =
         named.into_iter().map(|(n, t)| (n, bytes(t), t.dims.iter().map(|d| d.size as usize).collect())).collect();
-    let views: Vec<(String, TensorView)> = raw
-        .iter()
-        .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| io(e, path))?)))
-        .collect::<Result<_, TrainError>>()?;
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| io(e, path))?;
-    std::fs::write(path, data).map_err(|e| io(e, path))
+    let crcs: BTreeMap<&str, String> =
+        raw.iter().map(|(n, b, _)| (n.as_str(), format!("{:08x}", crc32fast::hash(b)))).collect();
+    let crcs = serde_json::to_string(&crcs).unwrap_or_default();
+    let views = |meta: HashMap<String, String>| -> Result<Vec<u8>, TrainError> {
+        let views: Vec<(String, TensorView)> = raw
+            .iter()
+            .map(|(n, b, s)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| io(e, path))?)))
+            .collect::<Result<_, TrainError>>()?;
+        safetensors::serialize(views, Some(meta)).map_err(|e| io(e, path))
+    };
+    // The header checksum covers the offsets, which serialization decides:
+    // serialize once to learn them (the metadata's length does not move them).
+    meta.insert(TENSOR_CRC.into(), crcs.clone());
+    let first = views(meta.clone())?;
+    let (_, m) = safetensors::SafeTensors::read_metadata(&first).map_err(|e| io(e, path))?;
+    meta.insert(HEADER_CRC.into(), format!("{:08x}", header_crc(&m.tensors(), &crcs)));
+    std::fs::write(path, views(meta)?).map_err(|e| io(e, path))
 }
 
 /// Write a file atomically (temporary file + rename).
@@ -49,13 +87,89 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), TrainError> {
     std::fs::rename(&tmp, path).map_err(|e| io(e, path))
 }
 
+/// What a run was started with, recorded in every checkpoint's `state.json`
+/// and compared on resume.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    /// The spec file (canonical path) and the SHA-256 of its text.
+    pub spec: Option<String>,
+    pub spec_sha256: Option<String>,
+    /// The `--set` overrides, as typed.
+    pub overrides: Vec<String>,
+    pub seed: u64,
+    /// The data file (canonical path) and the SHA-256 of its bytes.
+    pub data: String,
+    pub data_sha256: String,
+    pub tokenizer: String,
+    /// The optimizer and its hyperparameters, as the spec states them.
+    pub optimizer: serde_json::Value,
+}
+
+impl RunRecord {
+    /// What differs from `then` (the checkpoint's record), one line each.
+    /// Layout overrides (`parallel.*`) may change freely: checkpoints are logical.
+    pub fn changes_from(&self, then: &RunRecord) -> Vec<String> {
+        let mut out = Vec::new();
+        let model_overrides =
+            |r: &RunRecord| r.overrides.iter().filter(|o| !o.starts_with("parallel.")).cloned().collect::<Vec<_>>();
+        if self.spec_sha256 != then.spec_sha256 {
+            out.push(format!(
+                "the spec's text changed (`{}` had SHA-256 {}, `{}` has {})",
+                then.spec.as_deref().unwrap_or("?"),
+                short(then.spec_sha256.as_deref()),
+                self.spec.as_deref().unwrap_or("?"),
+                short(self.spec_sha256.as_deref())
+            ));
+        }
+        let (a, b) = (model_overrides(then), model_overrides(self));
+        if a != b {
+            out.push(format!("the overrides changed (were {a:?}, now {b:?}; `parallel.*` may change freely)"));
+        }
+        if self.seed != then.seed {
+            out.push(format!("the seed changed (was {}, now {})", then.seed, self.seed));
+        }
+        if self.data_sha256 != then.data_sha256 {
+            out.push(format!(
+                "the data changed (`{}` had SHA-256 {}, `{}` has {})",
+                then.data,
+                short(Some(&then.data_sha256)),
+                self.data,
+                short(Some(&self.data_sha256))
+            ));
+        }
+        if self.tokenizer != then.tokenizer {
+            out.push(format!("the tokenizer changed (was {}, now {})", then.tokenizer, self.tokenizer));
+        }
+        if self.optimizer != then.optimizer {
+            out.push(format!("the optimizer changed (was {}, now {})", then.optimizer, self.optimizer));
+        }
+        out
+    }
+
+    /// Whether the optimizer state of `then` has another meaning here
+    /// (AdamW's moments are not SGD's momentum).
+    pub fn optimizer_kind_changed(&self, then: &RunRecord) -> bool {
+        self.optimizer.get("kind") != then.optimizer.get("kind")
+    }
+}
+
+fn short(h: Option<&str>) -> String {
+    h.map(|h| h.chars().take(12).collect()).unwrap_or_else(|| "none".into())
+}
+
+/// SHA-256 of bytes, in hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn save(
     out: &Path,
     model: &Model,
     params: &[Tensor<f32>],
     opt: &OptimizerState,
     step: u64,
-    spec: Option<&(PathBuf, Vec<String>)>,
+    run: Option<&RunRecord>,
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(out).map_err(|e| io(e, out))?;
     let name = format!("step-{step:08}");
@@ -79,8 +193,9 @@ pub fn save(
         "model": model.name,
         "step": step,
         "optimizer": opt.optimizer,
-        "spec": spec.map(|(p, _)| p.to_string_lossy().into_owned()),
-        "overrides": spec.map(|(_, o)| o.clone()).unwrap_or_default(),
+        "spec": run.and_then(|r| r.spec.clone()),
+        "overrides": run.map(|r| r.overrides.clone()).unwrap_or_default(),
+        "run": run,
         // The tensors are logical (unsharded; expert weights indexed by global
         // expert id): this records the layout that wrote them, and any layout loads them.
         "layout": {
@@ -94,11 +209,147 @@ pub fn save(
     });
     std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
         .map_err(|e| io(e, &tmp))?;
+    sync_dir(&tmp);
     let dest = out.join(&name);
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest).map_err(|e| io(e, &dest))?;
+    replace_dir(&tmp, &dest)?;
     write_atomic(&out.join("latest"), name.as_bytes())?;
+    sync_dir(out);
     Ok(dest)
+}
+
+/// Flush a folder's entries to disk (best effort: not every platform can).
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Put the folder `new` at `dest`, with no moment where `dest` is missing
+/// once it existed.
+fn replace_dir(new: &Path, dest: &Path) -> Result<(), TrainError> {
+    if !dest.exists() {
+        return std::fs::rename(new, dest).map_err(|e| io(e, dest));
+    }
+    #[cfg(target_os = "linux")]
+    {
+        if exchange(new, dest).is_ok() {
+            // `new` now holds the old checkpoint.
+            let _ = std::fs::remove_dir_all(new);
+            return Ok(());
+        }
+    }
+    // Without an atomic exchange: the old folder goes aside, the new one in;
+    // `recover` puts the old one back if a kill comes in between.
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = dest.with_file_name(format!(".old-{name}-{}", std::process::id()));
+    std::fs::rename(dest, &aside).map_err(|e| io(e, dest))?;
+    std::fs::rename(new, dest).map_err(|e| io(e, dest))?;
+    let _ = std::fs::remove_dir_all(&aside);
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves them as given.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Tidy a run folder after a killed run: remove half-written `.tmp-step-*`
+/// folders and `latest.tmp`, and put back a checkpoint left aside by an
+/// interrupted replacement. Returns what it removed or restored.
+pub fn recover(out: &Path) -> Vec<String> {
+    let mut done = Vec::new();
+    let Ok(entries) = std::fs::read_dir(out) else { return done };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-step-") {
+            if std::fs::remove_dir_all(e.path()).is_ok() {
+                done.push(format!("removed the unfinished checkpoint `{name}`"));
+            }
+        } else if let Some(rest) = name.strip_prefix(".old-") {
+            // `.old-step-N-PID`: the step folder it came from.
+            let step = rest.rsplit_once('-').map(|(s, _)| s).unwrap_or(rest);
+            let dest = out.join(step);
+            if dest.join("state.json").is_file() {
+                let _ = std::fs::remove_dir_all(e.path());
+            } else {
+                let _ = std::fs::remove_dir_all(&dest);
+                if std::fs::rename(e.path(), &dest).is_ok() {
+                    done.push(format!("restored `{step}` from an interrupted save"));
+                }
+            }
+        } else if name == "latest.tmp" {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    done
+}
+
+/// An advisory lock on a run folder (`DIR/.lock`, which names the holder's
+/// pid), held while the value lives. A second run into the same folder is
+/// refused; the lock goes with the process, however it ends.
+pub struct RunLock {
+    _file: File,
+}
+
+pub fn lock(out: &Path) -> Result<RunLock, TrainError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    std::fs::create_dir_all(out).map_err(|e| io(e, out))?;
+    let path = out.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io(e, &path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(TrainError::Setup(format!(
+                "`{}` is in use by another run ({}); wait for it to finish, or pass another --out",
+                out.display(),
+                holder.trim()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e, &path)),
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "pid {}", std::process::id());
+    let _ = file.flush();
+    Ok(RunLock { _file: file })
+}
+
+/// Whether a folder holds (part of) a run: a `latest`, a checkpoint or metrics.
+pub fn holds_run(out: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(out) else { return false };
+    entries.flatten().any(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        n == "latest" || n.starts_with("step-") || (n == "metrics.jsonl" && e.metadata().is_ok_and(|m| m.len() > 0))
+    })
+}
+
+/// Remove a previous run's checkpoints, `latest` and metrics (`--overwrite`).
+pub fn clear_run(out: &Path) -> Result<(), TrainError> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if n.starts_with("step-") {
+            std::fs::remove_dir_all(&path).map_err(|e| io(e, &path))?;
+        } else if n == "latest" || n == "metrics.jsonl" {
+            std::fs::remove_file(&path).map_err(|e| io(e, &path))?;
+        }
+    }
+    Ok(())
 }
 
 /// The checkpoint folder a path names: a `step-*` folder, or a run folder with `latest`.
@@ -106,15 +357,102 @@ pub fn resolve(dir: &Path) -> Result<PathBuf, TrainError> {
     if dir.join("model.safetensors").is_file() {
         return Ok(dir.to_path_buf());
     }
-    let latest = std::fs::read_to_string(dir.join("latest")).map_err(|_| {
-        TrainError::Io(format!("`{}` holds no checkpoint (no `latest` and no model.safetensors)", dir.display()))
+    if !dir.is_dir() {
+        return Err(TrainError::Io(format!(
+            "`{}` is not a folder; pass a run folder (with `latest`) or a `step-*` folder",
+            dir.display()
+        )));
+    }
+    let latest_path = dir.join("latest");
+    let latest = std::fs::read_to_string(&latest_path).map_err(|_| {
+        TrainError::Io(format!(
+            "`{}` holds no checkpoint: it has no `latest` file and no model.safetensors; pass a run folder written by \
+             `tessera train` or one of its `step-*` folders",
+            dir.display()
+        ))
     })?;
-    Ok(dir.join(latest.trim()))
+    let name = latest.trim();
+    if name.is_empty() || name.contains('/') || name.contains('\\') {
+        return Err(TrainError::Io(format!(
+            "`{}` is {}; it should name a `step-*` folder beside it (write the newest one's name into it, or pass that \
+             folder)",
+            latest_path.display(),
+            if name.is_empty() { "empty".to_string() } else { format!("`{name}`") }
+        )));
+    }
+    let step = dir.join(name);
+    if !step.join("model.safetensors").is_file() {
+        return Err(TrainError::Io(format!(
+            "`{}` names `{name}`, but `{}` holds no model.safetensors; pass an intact `step-*` folder instead",
+            latest_path.display(),
+            step.display()
+        )));
+    }
+    Ok(step)
+}
+
+/// Explain a safetensors error as a damaged file.
+fn damaged(path: &Path, e: safetensors::SafeTensorError) -> TrainError {
+    use safetensors::SafeTensorError as E;
+    let why = match &e {
+        E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => {
+            "it is truncated or has bytes appended (its header and its size disagree)".to_string()
+        }
+        E::InvalidHeader(_) | E::InvalidHeaderStart | E::InvalidHeaderDeserialization(_) | E::JsonError(_) => {
+            "its header is not valid".to_string()
+        }
+        E::HeaderTooLarge => "its header claims an impossible size".to_string(),
+        other => format!("{other}"),
+    };
+    TrainError::Io(format!(
+        "checkpoint file `{}` is damaged: {why}. Resume from an older `step-*` folder, or retrain",
+        path.display()
+    ))
+}
+
+/// Read a safetensors file and check its checksums.
+fn read_verified(path: &Path) -> Result<Vec<u8>, TrainError> {
+    let buf = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => TrainError::Io(format!(
+            "checkpoint file `{}` is missing; the checkpoint is incomplete, pass an intact `step-*` folder",
+            path.display()
+        )),
+        _ => io(e, path),
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&buf).map_err(|e| damaged(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| damaged(path, e))?;
+    let fields = meta.metadata().clone().unwrap_or_default();
+    let (Some(crcs), Some(header)) = (fields.get(TENSOR_CRC), fields.get(HEADER_CRC)) else {
+        return Err(TrainError::Io(format!(
+            "checkpoint file `{}` carries no checksums, so it cannot be verified; it was not written by this \
+             version of `tessera train`",
+            path.display()
+        )));
+    };
+    if format!("{:08x}", header_crc(&meta.tensors(), crcs)) != *header {
+        return Err(TrainError::Io(format!(
+            "checkpoint file `{}` is damaged: its header (tensor names, shapes or offsets) fails its checksum. \
+             Resume from an older `step-*` folder, or retrain",
+            path.display()
+        )));
+    }
+    let crcs: BTreeMap<String, String> = serde_json::from_str(crcs).map_err(|e| io(e, path))?;
+    for (name, view) in st.iter() {
+        let want = crcs.get(name).map(String::as_str).unwrap_or("none");
+        if format!("{:08x}", crc32fast::hash(view.data())) != want {
+            return Err(TrainError::Io(format!(
+                "checkpoint tensor `{name}` in `{}` fails its checksum: its bytes changed after it was written. \
+                 Resume from an older `step-*` folder, or retrain",
+                path.display()
+            )));
+        }
+    }
+    Ok(buf)
 }
 
 fn read_tensors(path: &Path, model: &Model, prefix: &str) -> Result<Vec<Tensor<f32>>, TrainError> {
-    let buf = std::fs::read(path).map_err(|e| io(e, path))?;
-    let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| io(e, path))?;
+    let buf = read_verified(path)?;
+    let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| damaged(path, e))?;
     model
         .params
         .iter()
@@ -135,7 +473,15 @@ fn read_tensors(path: &Path, model: &Model, prefix: &str) -> Result<Vec<Tensor<f
                     p.ty
                 )));
             }
-            let data = view.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data: Vec<f32> =
+                view.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if data.iter().any(|x| !x.is_finite()) {
+                return Err(TrainError::Setup(format!(
+                    "checkpoint tensor `{name}` in `{}` holds non-finite values (NaN or infinity); the run that \
+                     wrote it had diverged. Resume from an older `step-*` folder",
+                    path.display()
+                )));
+            }
             Ok(Tensor { dims: p.ty.dims.clone(), data })
         })
         .collect()
@@ -146,12 +492,23 @@ pub fn load_params(dir: &Path, model: &Model) -> Result<Vec<Tensor<f32>>, TrainE
     read_tensors(&resolve(dir)?.join("model.safetensors"), model, "")
 }
 
+fn state_of(dir: &Path) -> Result<serde_json::Value, TrainError> {
+    let path = dir.join("state.json");
+    let text = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => TrainError::Io(format!(
+            "`{}` is missing: the checkpoint `{}` is incomplete; pass an intact `step-*` folder",
+            path.display(),
+            dir.display()
+        )),
+        _ => io(e, &path),
+    })?;
+    serde_json::from_slice(&text)
+        .map_err(|e| TrainError::Io(format!("`{}` is not valid JSON ({e}); the checkpoint is damaged", path.display())))
+}
+
 /// The spec path and overrides a checkpoint was trained with.
 pub fn spec_of(dir: &Path) -> Result<(Option<PathBuf>, Vec<String>), TrainError> {
-    let dir = resolve(dir)?;
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| io(e, &dir))?)
-            .map_err(|e| io(e, &dir))?;
+    let state = state_of(&resolve(dir)?)?;
     let spec = state["spec"].as_str().map(PathBuf::from);
     let overrides = state["overrides"]
         .as_array()
@@ -160,23 +517,33 @@ pub fn spec_of(dir: &Path) -> Result<(Option<PathBuf>, Vec<String>), TrainError>
     Ok((spec, overrides))
 }
 
+/// The run a checkpoint belongs to, as its `state.json` records it.
+pub fn run_of(dir: &Path) -> Result<Option<RunRecord>, TrainError> {
+    let state = state_of(&resolve(dir)?)?;
+    Ok(serde_json::from_value(state["run"].clone()).ok())
+}
+
+/// Load a checkpoint: the weights, the optimizer state (left as `opt` when
+/// `fresh_optimizer`) and the step.
 pub fn load(
     dir: &Path,
     model: &Model,
     opt: &OptimizerState,
+    fresh_optimizer: bool,
 ) -> Result<(Vec<Tensor<f32>>, OptimizerState, u64), TrainError> {
     let dir = resolve(dir)?;
+    let state = state_of(&dir)?;
     let params = read_tensors(&dir.join("model.safetensors"), model, "")?;
     let mut opt = opt.clone();
-    let o = dir.join("optimizer.safetensors");
-    opt.m = read_tensors(&o, model, "m.")?;
-    if !opt.v.is_empty() {
-        opt.v = read_tensors(&o, model, "v.")?;
+    if !fresh_optimizer {
+        let o = dir.join("optimizer.safetensors");
+        opt.m = read_tensors(&o, model, "m.")?;
+        if !opt.v.is_empty() {
+            opt.v = read_tensors(&o, model, "v.")?;
+        }
     }
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("state.json")).map_err(|e| io(e, &dir))?)
-            .map_err(|e| io(e, &dir))?;
-    let step =
-        state["step"].as_u64().ok_or_else(|| TrainError::Io(format!("{}: state.json has no step", dir.display())))?;
+    let step = state["step"]
+        .as_u64()
+        .ok_or_else(|| TrainError::Io(format!("`{}` has no `step`", dir.join("state.json").display())))?;
     Ok((params, opt, step))
 }

@@ -17,6 +17,33 @@ pub struct Dataset {
     tokens: Vec<u32>,
     /// First token of the validation split.
     split_at: usize,
+    /// The file (canonical where it can be) and the SHA-256 of its bytes.
+    pub path: std::path::PathBuf,
+    pub sha256: String,
+}
+
+/// Where a spec's `data = "PATH"` is: an absolute path as it is; a relative
+/// one the way `use` is resolved, next to the spec and then in each folder
+/// above it (without a spec, from the working directory).
+pub fn resolve(data: &str, spec: Option<&Path>) -> Result<std::path::PathBuf, TrainError> {
+    let rel = Path::new(data);
+    let Some(spec) = spec.filter(|_| rel.is_relative()) else {
+        return Ok(rel.to_path_buf());
+    };
+    let spec = spec.canonicalize().unwrap_or(spec.to_path_buf());
+    let mut tried = Vec::new();
+    for dir in spec.ancestors().skip(1) {
+        let candidate = dir.join(rel);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        tried.push(candidate.display().to_string());
+    }
+    Err(TrainError::Io(format!(
+        "the spec's data `{data}` was not found; looked in:\n    {}\n  help: a spec's `data` path is resolved \
+         like `use`: next to the spec, then in each folder above it; or pass --data PATH (from the working directory)",
+        tried.join("\n    ")
+    )))
 }
 
 impl Dataset {
@@ -28,6 +55,7 @@ impl Dataset {
     ) -> Result<Dataset, TrainError> {
         let bytes =
             std::fs::read(path).map_err(|e| TrainError::Io(format!("cannot read data `{}`: {e}", path.display())))?;
+        let sha256 = super::checkpoint::sha256_hex(&bytes);
         let tokens: Vec<u32> = if path.extension().is_some_and(|e| e == "bin") {
             if bytes.len() % 2 != 0 {
                 return Err(TrainError::Io(format!("`{}` is not a u16 token file (odd length)", path.display())));
@@ -48,7 +76,28 @@ impl Dataset {
             )));
         }
         let split_at = ((tokens.len() as f64) * (1.0 - val_fraction)) as usize;
-        Ok(Dataset { tokens, split_at })
+        let path = path.canonicalize().unwrap_or(path.to_path_buf());
+        Ok(Dataset { tokens, split_at, path, sha256 })
+    }
+
+    /// Both splits must hold at least one window of `seq + 1` tokens
+    /// (inputs and their next-token targets): nothing is padded.
+    pub fn check_windows(&self, seq: usize) -> Result<(), TrainError> {
+        let (train, val) = (self.split_at, self.tokens.len() - self.split_at);
+        if train > seq && val > seq {
+            return Ok(());
+        }
+        let frac = val as f64 / self.tokens.len().max(1) as f64;
+        Err(TrainError::Setup(format!(
+            "data `{}` is too short: it holds {} tokens, split into {train} for training and {val} for validation \
+             ({:.0}%), but each split needs at least seq + 1 = {} tokens for one window\n  help: use a file with at \
+             least {} tokens, or a smaller `seq`",
+            self.path.display(),
+            self.tokens.len(),
+            100.0 * frac,
+            seq + 1,
+            ((seq + 1) as f64 / frac.clamp(1e-9, 0.5)).ceil() as u64
+        )))
     }
 
     pub fn len(&self) -> usize {

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod memory;
 pub mod optim;
 pub mod ranks;
 pub mod tokenizer;
@@ -28,6 +29,9 @@ pub enum TrainError {
     Exec(#[from] crate::exec::ExecError),
     #[error("{0}")]
     Io(String),
+    /// A loss, gradient or weight that is not finite (nothing was saved).
+    #[error("{0}")]
+    NonFinite(String),
 }
 
 /// How to run (the spec's `train` section says what to train).
@@ -45,8 +49,13 @@ pub struct RunConfig {
     /// The data file; defaults to the spec's `train.data`.
     pub data: Option<PathBuf>,
     /// The spec and its `--set` overrides, recorded in checkpoints so that
-    /// `tessera sample` can rebuild the model.
+    /// `tessera sample` can rebuild the model; the spec's `data` path is
+    /// resolved from its folder.
     pub spec: Option<(PathBuf, Vec<String>)>,
+    /// Resume even where the run's record (spec, overrides, seed, data,
+    /// tokenizer, optimizer) differs from the checkpoint's; the differences
+    /// are in [`Trainer::resume_changes`].
+    pub allow_changes: bool,
 }
 
 /// One step's report.
@@ -59,6 +68,16 @@ pub struct StepReport {
     pub tokens_per_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Steps skipped so far for a non-finite loss or gradient norm
+    /// (`nonfinite = skip`); this step was one of them when `skipped`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped_steps: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One microbatch's loss and full parameter gradients.
@@ -82,6 +101,12 @@ pub struct Trainer {
     /// hold the weights and optimizer state then (`params` and `opt` are
     /// brought up to date from them by [`Trainer::sync`]).
     pub ranks: Option<ranks::Ranks>,
+    /// Steps skipped for a non-finite loss or gradient norm (`nonfinite = skip`).
+    pub skipped_steps: u64,
+    /// What this run is (recorded in its checkpoints).
+    pub run: checkpoint::RunRecord,
+    /// How a resume differs from the checkpoint's run (`allow_changes`).
+    pub resume_changes: Vec<String>,
 }
 
 impl Trainer {
@@ -106,14 +131,36 @@ impl Trainer {
             ));
         }
         let vocab = model.const_value("vocab").unwrap_or(256.0) as u64;
-        let path = cfg.data.clone().or_else(|| train.data.as_ref().map(PathBuf::from)).ok_or_else(|| {
-            TrainError::Setup("no training data: set `data = \"path\"` in the `train` section or pass --data".into())
-        })?;
+        let path = match (&cfg.data, &train.data) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) => data::resolve(d, cfg.spec.as_ref().map(|(p, _)| p.as_path()))?,
+            (None, None) => {
+                return Err(TrainError::Setup(
+                    "no training data: set `data = \"path\"` in the `train` section or pass --data".into(),
+                ));
+            }
+        };
         let tok = tokenizer::Tokenizer::by_name(train.tokenizer.as_deref())?;
         let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
+        let seq = model.inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
+        data.check_windows(seq)?;
         let micro = model.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
         let opt = optim::OptimizerState::new(&model.params, &train.optimizer);
+        let run = checkpoint::RunRecord {
+            spec: cfg.spec.as_ref().map(|(p, _)| p.to_string_lossy().into_owned()),
+            spec_sha256: cfg
+                .spec
+                .as_ref()
+                .and_then(|(p, _)| std::fs::read(p).ok())
+                .map(|text| checkpoint::sha256_hex(&text)),
+            overrides: cfg.spec.as_ref().map(|(_, o)| o.clone()).unwrap_or_default(),
+            seed: cfg.seed,
+            data: data.path.to_string_lossy().into_owned(),
+            data_sha256: data.sha256.clone(),
+            tokenizer: train.tokenizer.clone().unwrap_or_else(|| "bytes".into()),
+            optimizer: serde_json::to_value(&train.optimizer).unwrap_or_default(),
+        };
         let mut t = Trainer {
             params: init_params(&model.params, cfg.seed),
             model,
@@ -127,6 +174,9 @@ impl Trainer {
             targets_idx,
             ranks: None,
             trace: None,
+            skipped_steps: 0,
+            run,
+            resume_changes: Vec::new(),
         };
         if let Some(dir) = t.cfg.resume.clone() {
             t.load(&dir)?;
@@ -188,6 +238,10 @@ impl Trainer {
         let losses: Vec<f64> = out.iter().filter_map(|s| s.loss_sum).map(|l| l / ranks.local_micro as f64).collect();
         let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         let grad_norm = out[0].grad_norm;
+        if let Some(p) = out.iter().find_map(|s| s.nonfinite_param.clone()) {
+            return Err(self.weights_went_nonfinite(step, &p, lr));
+        }
+        let skipped = self.check_finite(step, loss, grad_norm, out[0].updated, None)?;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepReport {
@@ -197,6 +251,8 @@ impl Trainer {
             grad_norm,
             tokens_per_s: self.tokens_per_step() as f64 / secs,
             val_loss: None,
+            skipped_steps: self.skipped_steps,
+            skipped,
         })
     }
 
@@ -242,17 +298,72 @@ impl Trainer {
         let train = self.model.train.as_ref().expect("checked in new");
         let grad_norm = optim::global_norm(&grads);
         let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
-        self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1, train.clip);
+        let loss = loss / self.accumulation as f64;
+        let clip = train.clip;
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        let first_bad_grad = if finite {
+            None
+        } else {
+            let k = grads.iter().position(|g| g.data.iter().any(|x| !x.is_finite()));
+            k.map(|k| self.model.params[k].path.clone())
+        };
+        let skipped = self.check_finite(step, loss, grad_norm, false, first_bad_grad)?;
+        if !skipped {
+            self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1, clip);
+            if let Some(k) = self.params.iter().position(|p| p.data.iter().any(|x| !x.is_finite())) {
+                let path = self.model.params[k].path.clone();
+                return Err(self.weights_went_nonfinite(step, &path, lr));
+            }
+        }
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepReport {
             step: self.step,
-            loss: loss / self.accumulation as f64,
+            loss,
             lr,
             grad_norm,
             tokens_per_s: self.tokens_per_step() as f64 / secs,
             val_loss: None,
+            skipped_steps: self.skipped_steps,
+            skipped,
         })
+    }
+
+    /// A step whose loss or gradient norm is not finite: an error, or (with
+    /// `nonfinite = skip`) true, the step counted as skipped. `updated` says
+    /// whether the weights moved (they must not have, for a skip).
+    fn check_finite(
+        &mut self,
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+        updated: bool,
+        first_bad_grad: Option<String>,
+    ) -> Result<bool, TrainError> {
+        if loss.is_finite() && grad_norm.is_finite() {
+            return Ok(false);
+        }
+        let skip = self.model.train.as_ref().is_some_and(|t| t.skip_nonfinite);
+        if skip && !updated {
+            self.skipped_steps += 1;
+            return Ok(true);
+        }
+        let grad = first_bad_grad.map(|p| format!("; the first non-finite gradient is `{p}`")).unwrap_or_default();
+        Err(TrainError::NonFinite(format!(
+            "step {}: the loss is {loss} and the gradient norm {grad_norm}{grad}. Training stopped; nothing was \
+             saved for this run since the last checkpoint, and `latest` still names it.\n  help: lower the \
+             learning rate, set `clip = 1.0` in `train`, or set `nonfinite = skip` in `train` to skip such steps",
+            step + 1
+        )))
+    }
+
+    fn weights_went_nonfinite(&self, step: u64, path: &str, lr: f64) -> TrainError {
+        TrainError::NonFinite(format!(
+            "step {}: parameter `{path}` holds a non-finite value after the update (learning rate {lr:e}). \
+             Training stopped; nothing was saved for this run since the last checkpoint.\n  help: lower the \
+             learning rate or set `clip = 1.0` in `train`",
+            step + 1
+        ))
     }
 
     /// The mean gradients of the next step at the current weights (single device).
@@ -336,7 +447,16 @@ impl Trainer {
             let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, k);
             total += interp.run(&inputs, &weights)?[loss.index()].data[0] as f64;
         }
-        Ok(total / n as f64)
+        let mean = total / n as f64;
+        if !mean.is_finite() {
+            return Err(TrainError::NonFinite(format!(
+                "the validation loss at step {} is {mean}: the weights themselves give non-finite values. Training \
+                 stopped; nothing was saved since the last checkpoint.\n  help: lower the learning rate or set \
+                 `clip = 1.0` in `train`",
+                self.step
+            )));
+        }
+        Ok(mean)
     }
 
     /// The loss of the current parameters on one training batch of `step` (tests).
@@ -370,13 +490,48 @@ impl Trainer {
     }
 
     /// Save a checkpoint under `out`, atomically (logical tensors, whatever the layout).
+    /// Weights that are not finite are never saved.
     pub fn save(&mut self) -> Result<PathBuf, TrainError> {
         self.sync();
-        checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step, self.cfg.spec.as_ref())
+        if let Some(k) = self.params.iter().position(|p| p.data.iter().any(|x| !x.is_finite())) {
+            return Err(TrainError::NonFinite(format!(
+                "parameter `{}` holds a non-finite value at step {}; no checkpoint was written",
+                self.model.params[k].path, self.step
+            )));
+        }
+        checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step, Some(&self.run))
     }
 
+    /// Load a checkpoint of the same run: its record must match this one's
+    /// unless `allow_changes`; another kind of optimizer starts from fresh state.
     fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let (params, opt, step) = checkpoint::load(dir, &self.model, &self.opt)?;
+        let then = checkpoint::run_of(dir)?;
+        let mut fresh_optimizer = false;
+        match &then {
+            Some(then) => {
+                self.resume_changes = self.run.changes_from(then);
+                fresh_optimizer = self.run.optimizer_kind_changed(then);
+                if fresh_optimizer {
+                    self.resume_changes.push(
+                        "the optimizer state starts afresh: the checkpoint's moments belong to another optimizer"
+                            .into(),
+                    );
+                }
+            }
+            None => self.resume_changes.push(
+                "the checkpoint records no run (spec, seed, data): it was written by an older `tessera train`".into(),
+            ),
+        }
+        if !self.resume_changes.is_empty() && !self.cfg.allow_changes {
+            return Err(TrainError::Setup(format!(
+                "resuming from `{}` would not continue the same run:\n  - {}\n  help: resume with the run's own \
+                 settings (leave out --seed/--data to use the recorded ones), or pass --allow-changes to resume \
+                 anyway (the changes are logged)",
+                dir.display(),
+                self.resume_changes.join("\n  - ")
+            )));
+        }
+        let (params, opt, step) = checkpoint::load(dir, &self.model, &self.opt, fresh_optimizer)?;
         self.params = params;
         self.opt = opt;
         self.step = step;

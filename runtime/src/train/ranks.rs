@@ -52,6 +52,10 @@ pub struct RankStep {
     /// The summed loss of the rank's microbatches (`None` on pipeline stages before the last).
     pub loss_sum: Option<f64>,
     pub grad_norm: f64,
+    /// Whether the update was applied (it is not when the norm is not finite).
+    pub updated: bool,
+    /// The first of the rank's parameters that holds a non-finite value after the step.
+    pub nonfinite_param: Option<String>,
 }
 
 /// The flat shard `d` of `n` of a tensor's elements (zero-padded to a multiple of n).
@@ -491,9 +495,15 @@ impl Ranks {
             })
             .collect();
         let t = step + 1;
-        rc.span("update", "optimizer update", || {
-            st.opt.update_with(&mut owned, &upd_grads, &self.shapes[r], lr, t, clip, clip.map(|_| total))
-        });
+        // A non-finite norm (every rank sees the same global sum) leaves the
+        // weights and the optimizer state as they were: the trainer stops, or
+        // skips the step when the spec says `nonfinite = skip`.
+        let updated = total.is_finite();
+        if updated {
+            rc.span("update", "optimizer update", || {
+                st.opt.update_with(&mut owned, &upd_grads, &self.shapes[r], lr, t, clip, clip.map(|_| total))
+            });
+        }
         // ZeRO 1/2: every rank gets the updated weights back.
         for c in &prog.step {
             if let StepCollective::ParamAllGather { axis, params, .. } = c {
@@ -506,8 +516,12 @@ impl Ranks {
                 }
             }
         }
+        let nonfinite_param = owned
+            .iter()
+            .position(|p| p.data.iter().any(|x| !x.is_finite()))
+            .map(|k| prog.params[k].local.path.clone());
         st.params = owned;
-        Ok(RankStep { loss_sum, grad_norm: total.sqrt() })
+        Ok(RankStep { loss_sum, grad_norm: total.sqrt(), updated, nonfinite_param })
     }
 
     /// A pipeline stage's schedule: forward and backward passes of its chunks
