@@ -11,6 +11,8 @@ pub struct Diag {
     pub labels: Vec<DiagLabel>,
     pub help: Option<String>,
     pub notes: Vec<String>,
+    /// A warning does not stop the check (`Model::warnings`).
+    pub warning: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -22,7 +24,11 @@ pub struct DiagLabel {
 
 impl Diag {
     pub fn error(message: impl Into<String>) -> Diag {
-        Diag { message: message.into(), labels: Vec::new(), help: None, notes: Vec::new() }
+        Diag { message: message.into(), labels: Vec::new(), help: None, notes: Vec::new(), warning: false }
+    }
+
+    pub fn warning(message: impl Into<String>) -> Diag {
+        Diag { warning: true, ..Diag::error(message) }
     }
 
     /// Main label: where the mistake is.
@@ -69,7 +75,8 @@ impl Diag {
         if let Some(h) = &self.help {
             notes.push(format!("help: {h}"));
         }
-        Diagnostic::error().with_message(self.message.clone()).with_labels(labels).with_notes(notes)
+        let d = if self.warning { Diagnostic::warning() } else { Diagnostic::error() };
+        d.with_message(self.message.clone()).with_labels(labels).with_notes(notes)
     }
 }
 
@@ -109,8 +116,9 @@ pub fn write_diags(sources: &SourceMap, diags: &[Diag], out: &mut dyn termcolor:
         // Writing to an in-memory buffer or stderr; a failure here has nowhere to go.
         let _ = term::emit(out, &config, &sources.files, &d.to_codespan());
     }
-    if diags.len() > 1 {
-        let _ = std::io::Write::write_fmt(out, format_args!("error: {} problems found\n", diags.len()));
+    let errors = diags.iter().filter(|d| !d.warning).count();
+    if errors > 1 {
+        let _ = std::io::Write::write_fmt(out, format_args!("error: {errors} problems found\n"));
     }
 }
 

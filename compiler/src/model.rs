@@ -260,6 +260,9 @@ pub struct Model {
     pub parallel: crate::config::Parallel,
     pub train: Option<crate::config::Train>,
     pub infer: Option<crate::config::Infer>,
+    /// What the checker warns about (a declared parameter nothing reads, ...).
+    #[serde(skip)]
+    pub warnings: Vec<crate::diag::Diag>,
 }
 
 impl Model {

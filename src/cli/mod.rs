@@ -362,11 +362,16 @@ fn load_with(a: &SpecArgs, extra: &[String], skip_memory_check: bool) -> Result<
     let mut overrides = a.set.clone();
     overrides.extend(extra.iter().cloned());
     let opts = Options { overrides, model: a.model.clone(), micro_batch: None, skip_memory_check };
-    tessera_compiler::check_path(&mut sources, &a.file, &opts).map_err(|d| {
+    let m = tessera_compiler::check_path(&mut sources, &a.file, &opts).map_err(|d| {
         let mut err = codespan_stderr();
         write_diags(&sources, &d.0, &mut err);
         ExitCode::from(1)
-    })
+    })?;
+    // Warnings once per command (the planner rechecks with extra overrides).
+    if extra.is_empty() || !skip_memory_check {
+        write_diags(&sources, &m.warnings, &mut codespan_stderr());
+    }
+    Ok(m)
 }
 
 fn codespan_stderr() -> codespan_reporting::term::termcolor::StandardStream {
@@ -377,14 +382,14 @@ fn codespan_stderr() -> codespan_reporting::term::termcolor::StandardStream {
 }
 
 fn fmt(file: &PathBuf, write: bool, check: bool) -> ExitCode {
-    let text = match std::fs::read_to_string(file) {
+    let mut sources = SourceMap::new();
+    let text = match tessera_compiler::check::read_spec(file) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: cannot read `{}`: {e}", file.display());
+        Err(d) => {
+            write_diags(&sources, &d.0, &mut codespan_stderr());
             return ExitCode::from(1);
         }
     };
-    let mut sources = SourceMap::new();
     let id = sources.add(file.to_string_lossy(), text.clone());
     let ast = match tessera_compiler::syntax::parse_file(id, &text) {
         Ok(a) => a,
@@ -648,10 +653,14 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         .unwrap_or(100);
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
     // Outputs are checked before anything runs.
-    if let Some((path, _)) = &trace
-        && let Err(e) = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)
-    {
-        return fail(&format!("cannot write the trace to `{}`: {e}; pass a writable --trace path", path.display()));
+    if let Some((path, _)) = &trace {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let open = parent
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path));
+        if let Err(e) = open {
+            return fail(&format!("cannot write the trace to `{}`: {e}; pass a writable --trace path", path.display()));
+        }
     }
     if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
         return fail(&e);
@@ -838,7 +847,9 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<(), String> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_none_or(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_none_or(|s| s <= step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     if kept.len() == text.len() {

@@ -99,6 +99,14 @@ pub(super) fn command(
     if let Some(d) = &device {
         if devices::device(d).is_none() {
             let known: Vec<&str> = devices::devices().iter().map(|d| d.name.as_str()).collect();
+            let problems = devices::errors();
+            if !problems.is_empty() {
+                return fail(format!(
+                    "no device `{d}` is loaded, and some profiles in TESSERA_DEVICES did not load:\n{}\n  help: fix \
+                     the profile (format: compiler/devices/*.toml, docs/language.md)",
+                    problems.join("\n")
+                ));
+            }
             return fail(format!(
                 "unknown device `{d}`; known: {} (add your own profile with TESSERA_DEVICES, see docs/language.md)",
                 known.join(", ")

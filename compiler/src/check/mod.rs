@@ -39,13 +39,30 @@ pub struct Options {
 
 /// Check a spec file on disk.
 pub fn check_path(sources: &mut SourceMap, path: &Path, opts: &Options) -> Result<Model, Diags> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Diags::from(
-            Diag::error(format!("cannot read `{}`: {e}", path.display())).help("check the path and permissions"),
-        )
-    })?;
+    let text = read_spec(path)?;
     let canon = path.canonicalize().unwrap_or(path.to_path_buf());
     check_source(sources, &path.to_string_lossy(), text, Origin::Path(canon), opts)
+}
+
+/// The text of a spec file, or a diagnostic that says why it cannot be read.
+pub fn read_spec(path: &Path) -> Result<String, Diags> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        let help = match e.kind() {
+            std::io::ErrorKind::NotFound => "check the path",
+            std::io::ErrorKind::PermissionDenied => "check the file's permissions",
+            std::io::ErrorKind::IsADirectory => "pass a .spec file, not a folder",
+            _ => "check the path and permissions",
+        };
+        Diags::from(Diag::error(format!("cannot read `{}`: {e}", path.display())).help(help))
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        Diags::from(
+            Diag::error(format!("`{}` is not UTF-8 text: byte {at} (line {line}) is not valid UTF-8", path.display()))
+                .help("a spec is a UTF-8 text file; is this the right file? If it is, save it as UTF-8"),
+        )
+    })
 }
 
 /// Check spec text; `use` resolves from `dir`.
@@ -319,9 +336,15 @@ fn check_program(
     let mut consts: HashMap<String, f64> = HashMap::new();
     consts.insert("dropless".into(), 0.0);
     let mut ordered: Vec<(String, f64)> = Vec::new();
+    let mut failed: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (name, value) in &defs {
         if ["layer", "batch", "slot", "dropless"].contains(&name.name.as_str()) && name.name != "batch" {
             diags.push(Diag::error(format!("`{}` is a reserved dim name", name.name)).at(name.span, "reserved").help("`layer` stacks repeated params, `slot` holds routed tokens, `dropless` is a capacity; choose another name"));
+            continue;
+        }
+        // A dim that uses one that failed is not reported again: the first error says it.
+        if mentions(value, &failed) {
+            failed.insert(name.name.clone());
             continue;
         }
         let mut ev = sections::SectionEval { consts: &consts, diags: Vec::new() };
@@ -329,6 +352,7 @@ fn check_program(
         let errs = ev.diags;
         if !errs.is_empty() {
             diags.0.extend(errs);
+            failed.insert(name.name.clone());
             continue;
         }
         if let Some(v) = v {
@@ -431,7 +455,9 @@ fn check_program(
             .map(|i| i.ty.dims.iter().filter(|d| d.name != "batch").map(|d| d.size).fold(1u64, u64::saturating_mul))
             .unwrap_or(1)
     });
+    let warnings = unused_params(&w.graph, &w.params);
     let model = Model {
+        warnings,
         name: name.clone(),
         consts: ordered,
         inputs: w.inputs,
@@ -453,6 +479,56 @@ fn check_program(
         layout::memory_fits(&model, &pspans, find("train"), &mut diags);
     }
     if diags.is_empty() { Ok(model) } else { Err(diags) }
+}
+
+/// A warning for each declared parameter that nothing reads: it would be
+/// counted, initialized, stored and updated for nothing.
+fn unused_params(g: &crate::ir::Graph, params: &[Param]) -> Vec<Diag> {
+    let mut read = vec![false; g.nodes.len()];
+    for n in &g.nodes {
+        for v in &n.inputs {
+            read[v.index()] = true;
+        }
+    }
+    for (_, v) in &g.outputs {
+        read[v.index()] = true;
+    }
+    let mut used = vec![false; params.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        if let crate::ir::Op::Param { index, .. } = n.op
+            && read[i]
+        {
+            used[index] = true;
+        }
+    }
+    params
+        .iter()
+        .zip(used)
+        .filter(|(_, u)| !u)
+        .map(|(p, _)| {
+            Diag::warning(format!("parameter `{}` is declared but nothing uses it", p.path))
+                .at(p.span, format!("{} parameters that nothing reads", p.ty.numel()))
+                .help("use it in the model, or delete the declaration (it is still counted, stored and updated)")
+        })
+        .collect()
+}
+
+/// Whether an expression uses any of `names`.
+fn mentions(e: &Expr, names: &std::collections::HashSet<String>) -> bool {
+    if names.is_empty() {
+        return false;
+    }
+    match &e.kind {
+        ExprKind::Name(n) => names.contains(n),
+        ExprKind::Unary(_, a) | ExprKind::Paren(a) | ExprKind::Unit(a, _) => mentions(a, names),
+        ExprKind::Binary(_, a, b) => mentions(a, names) || mentions(b, names),
+        ExprKind::Call { args, .. } => args.iter().any(|a| match a {
+            ast::Arg::Pos(x) | ast::Arg::Kw(_, x) => mentions(x, names),
+            ast::Arg::DimMap { .. } => false,
+        }),
+        ExprKind::Tuple(xs) | ExprKind::List(xs) => xs.iter().any(|x| mentions(x, names)),
+        _ => false,
+    }
 }
 
 /// The layout axis sizes a value is split by; exposed for `inspect`.

@@ -92,6 +92,18 @@ impl SectionEval<'_> {
                     BinOp::Div if y != 0.0 => x / y,
                     BinOp::Pow => x.powf(y),
                     BinOp::Rem if y != 0.0 => x.rem_euclid(y),
+                    BinOp::Div | BinOp::Rem => {
+                        let divisor = crate::syntax::printer::expr(b);
+                        self.err(
+                            Diag::error(format!("division by zero: `{divisor}` is 0"))
+                                .at(b.span, "this is 0")
+                                .also(e.span, "in this division")
+                                .help(format!(
+                                    "give `{divisor}` a value other than 0 (check the dims it uses, `--set` overrides included)"
+                                )),
+                        );
+                        return None;
+                    }
                     _ => {
                         self.err(
                             Diag::error(format!("`{}` is not allowed here", op.symbol()))

@@ -199,11 +199,7 @@ impl<'a> Walker<'a> {
     /// Add a node to the forward graph and return its typed value.
     pub(super) fn emit(&mut self, op: Op, inputs: Vec<ValueId>, ty: TensorType, span: Span) -> TVal {
         if self.graph.len() == MAX_GRAPH_NODES {
-            self.too_big(
-                span,
-                format!("the model unrolls to more than {MAX_GRAPH_NODES} operations"),
-                "this call",
-            );
+            self.too_big(span, format!("the model unrolls to more than {MAX_GRAPH_NODES} operations"), "this call");
         }
         let id = self.graph.push(op, inputs, ty.clone(), span);
         TVal { ty, param: None, id }

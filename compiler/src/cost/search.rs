@@ -22,9 +22,9 @@
 
 use super::device::Device;
 use super::time;
+use crate::check::MAX_WORLD;
 use crate::config::{Parallel, Recompute, Schedule};
 use crate::model::Model;
-use crate::check::MAX_WORLD;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 

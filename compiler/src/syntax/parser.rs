@@ -504,15 +504,12 @@ impl Builder {
             let mut slot = self.too_deep.borrow_mut();
             if slot.is_none() {
                 *slot = Some(
-                    Diag::error(format!(
-                        "this expression nests more than {} operators deep",
-                        super::limits::MAX_DEPTH
-                    ))
-                    .at(whole, "too deep")
-                    .also(node.span, "the limit is reached here")
-                    .help(
-                        "split the chain into named steps (`a = ...` then `b = a + ...`); see docs/reliability.md",
-                    ),
+                    Diag::error(format!("this expression nests more than {} operators deep", super::limits::MAX_DEPTH))
+                        .at(whole, "too deep")
+                        .also(node.span, "the limit is reached here")
+                        .help(
+                            "split the chain into named steps (`a = ...` then `b = a + ...`); see docs/reliability.md",
+                        ),
                 );
             }
             return false;

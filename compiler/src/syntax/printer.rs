@@ -147,7 +147,18 @@ impl Printer<'_> {
             })
             .collect();
         let ret = b.ret.as_ref().map(|t| format!(" -> {}", type_expr(t))).unwrap_or_default();
-        self.line(&format!("block {}({}){} {{", b.name.name, params.join(", "), ret));
+        let one = format!("block {}({}){} {{", b.name.name, params.join(", "), ret);
+        if self.indent * 2 + one.len() <= WIDTH || params.is_empty() {
+            self.line(&one);
+        } else {
+            self.line(&format!("block {}(", b.name.name));
+            self.indent += 1;
+            for p in &params {
+                self.line(&format!("{p},"));
+            }
+            self.indent -= 1;
+            self.line(&format!("){ret} {{"));
+        }
         self.body_stmts(&b.body);
         self.line("}");
     }
@@ -187,13 +198,13 @@ impl Printer<'_> {
                 let items: Vec<String> = defs.iter().map(|d| format!("{} = {}", d.name.name, expr(&d.value))).collect();
                 let one = format!("dims {{ {} }}", items.join(", "));
                 let inner_comments = defs.iter().any(|d| self.has_comments_in(d.span));
-                if one.len() + self.indent * 2 <= 100 && !inner_comments {
+                if one.len() + self.indent * 2 <= WIDTH && !inner_comments {
                     self.line(&one);
                 } else {
                     // Fill lines up to 100 columns; a comment forces one dim per line.
                     self.line("dims {");
                     self.indent += 1;
-                    let width = 100 - self.indent * 2;
+                    let width = WIDTH - self.indent * 2;
                     let mut cur = String::new();
                     for (k, d) in defs.iter().enumerate() {
                         let item = &items[k];
@@ -265,7 +276,21 @@ impl Printer<'_> {
             self.body_stmts(body);
             self.line("}");
         } else {
-            self.line(&format!("{prefix}{}", expr(e)));
+            self.wrapped(prefix, e);
+        }
+    }
+
+    /// `prefix` and an expression, on one line when it fits in [`WIDTH`]
+    /// columns, else broken at its outermost calls, lists and operators.
+    fn wrapped(&mut self, prefix: &str, e: &Expr) {
+        let avail = WIDTH.saturating_sub(self.indent * 2);
+        let lines = layout(e, avail.saturating_sub(prefix.len()), avail);
+        for (i, l) in lines.iter().enumerate() {
+            if i == 0 {
+                self.line(&format!("{prefix}{l}"));
+            } else {
+                self.line(l);
+            }
         }
     }
 
@@ -275,12 +300,12 @@ impl Printer<'_> {
         for e in &s.entries {
             self.leading(e.span().start);
             match e {
-                Entry::Value { key, value, .. } => self.line(&format!("{} = {}", key.name, expr(value))),
+                Entry::Value { key, value, .. } => self.wrapped(&format!("{} = ", key.name), value),
                 Entry::Rule { dim, axis, .. } => self.line(&format!("{} -> {}", dim.name, axis.name)),
                 Entry::Sub(sub) => {
                     let one = one_line_section(sub);
                     match one {
-                        Some(text) if text.len() + self.indent * 2 <= 100 && !self.has_comments_in(sub.span) => {
+                        Some(text) if text.len() + self.indent * 2 <= WIDTH && !self.has_comments_in(sub.span) => {
                             self.line(&text)
                         }
                         _ => self.section(sub),
@@ -303,6 +328,82 @@ impl Printer<'_> {
     /// The 1-based line of a byte offset (the last line for offsets past the end).
     fn line_of(&self, pos: usize) -> usize {
         self.newlines.partition_point(|&n| n < pos.min(self.src.len())) + 1
+    }
+}
+
+/// Columns a line may take (`tessera fmt`).
+pub const WIDTH: usize = 100;
+
+/// An expression as lines: the first follows whatever precedes it (with
+/// `first` columns left), the others start at the statement's indent (with
+/// `avail` columns) and carry their own relative indent. Calls, tuples and
+/// lists that do not fit put one argument per line; a chain of one operator
+/// puts one operand per line. What cannot break stays on one line.
+fn layout(e: &Expr, first: usize, avail: usize) -> Vec<String> {
+    let flat = expr(e);
+    if flat.len() <= first {
+        return vec![flat];
+    }
+    let indent = |lines: Vec<String>| lines.into_iter().map(|l| format!("  {l}")).collect::<Vec<_>>();
+    let items = |open: String, parts: Vec<(String, &Expr)>, close: &str| -> Vec<String> {
+        let mut out = vec![open];
+        for (head, x) in parts {
+            let inner = avail.saturating_sub(2);
+            let mut l = layout(x, inner.saturating_sub(head.len() + 1), inner);
+            l[0] = format!("{head}{}", l[0]);
+            if let Some(last) = l.last_mut() {
+                last.push(',');
+            }
+            out.extend(indent(l));
+        }
+        out.push(close.to_string());
+        out
+    };
+    match &e.kind {
+        ExprKind::Call { name, args } if !args.is_empty() => {
+            let mut parts = Vec::new();
+            for a in args {
+                match a {
+                    Arg::Pos(x) => parts.push((String::new(), x)),
+                    Arg::Kw(k, x) => parts.push((format!("{} = ", k.name), x)),
+                    // A dim map does not break; keep the call on one line.
+                    Arg::DimMap { .. } => return vec![flat],
+                }
+            }
+            items(format!("{}(", name.name), parts, ")")
+        }
+        ExprKind::Tuple(xs) => items("(".into(), xs.iter().map(|x| (String::new(), x)).collect(), ")"),
+        ExprKind::List(xs) if !xs.is_empty() => items("[".into(), xs.iter().map(|x| (String::new(), x)).collect(), "]"),
+        ExprKind::Binary(op, _, _) if *op != BinOp::Pow => {
+            // The chain's operands, left to right: `a op b op c`.
+            let mut operands = Vec::new();
+            let mut cur = e;
+            while let ExprKind::Binary(o, l, r) = &cur.kind
+                && o == op
+            {
+                operands.push(r.as_ref());
+                cur = l;
+            }
+            operands.push(cur);
+            operands.reverse();
+            // Filled: as many operands on a line as fit, each new line
+            // starting with the operator.
+            let p = op.precedence();
+            let mut out = Vec::new();
+            let mut cur = expr_prec(operands[0], p);
+            for x in &operands[1..] {
+                let piece = format!("{} {}", op.symbol(), expr_prec(x, p + 1));
+                let room = if out.is_empty() { first } else { avail };
+                if cur.len() + 1 + piece.len() > room {
+                    out.push(std::mem::replace(&mut cur, format!("  {piece}")));
+                } else {
+                    cur = format!("{cur} {piece}");
+                }
+            }
+            out.push(cur);
+            out
+        }
+        _ => vec![flat],
     }
 }
 
