@@ -67,6 +67,11 @@ enum Node<'a> {
     Type(&'a TypeExpr),
 }
 
+/// The first node of one expression (a `--set` value) deeper than [`MAX_DEPTH`].
+pub fn check_expr_depth(e: &Expr) -> Result<(), Diag> {
+    deepest(vec![(Node::Expr(e), 1)])
+}
+
 /// The first node deeper than [`MAX_DEPTH`], found with an explicit stack.
 pub fn check_depth(file: &File) -> Result<(), Diag> {
     let mut stack: Vec<(Node, usize)> = Vec::new();
@@ -96,6 +101,10 @@ pub fn check_depth(file: &File) -> Result<(), Diag> {
             Item::Section(s) => section(s, 1, &mut stack),
         }
     }
+    deepest(stack)
+}
+
+fn deepest(mut stack: Vec<(Node, usize)>) -> Result<(), Diag> {
     while let Some((node, depth)) = stack.pop() {
         if depth > MAX_DEPTH {
             let span = match node {

@@ -61,6 +61,7 @@ pub fn parse_value(file: FileId, text: &str) -> Result<Expr, Diag> {
     if let Some(d) = b.too_deep.into_inner() {
         return Err(d);
     }
+    super::limits::check_expr_depth(&value)?;
     let shift = |s: Span| Span::new(file, s.start.saturating_sub(2), s.end.saturating_sub(2));
     shift_spans(&mut value, &shift);
     Ok(value)

@@ -6,10 +6,21 @@ use tessera_compiler::Model;
 use tessera_compiler::config::Optimizer;
 use tessera_compiler::cost::memory;
 
+/// What the process itself takes: the binary, the checked model and its
+/// graphs, one thread (peak RSS of a 2-step run of the tiny GPT: 64 MB).
+const PROCESS_BYTES: u128 = 64 << 20;
+/// What each simulated rank takes beyond its tensors: its program, its
+/// interpreter's bookkeeping, its thread and the allocator's per-thread
+/// heap. Measured: peak RSS of the tiny GPT (120K parameters) on 16, 64 and
+/// 256 data-parallel ranks grows by 20 MB per rank, of which its tensors are
+/// 3.4 MB (docs/reliability.md).
+const RANK_BYTES: u128 = 16 << 20;
+
 /// Bytes a CPU training run of `m` needs, all ranks together: per rank its
 /// weights, gradients, optimizer state and activations in f32; the trainer's
 /// logical copy of the weights and optimizer state when there are several
-/// ranks; on one device, a gradient and activation set per concurrent microbatch.
+/// ranks; on one device, a gradient and activation set per concurrent
+/// microbatch; and the runtime's own overhead, per process and per rank.
 pub fn cpu_training_bytes(m: &Model) -> u128 {
     let opt_per_elem: u128 = match m.train.as_ref().map(|t| &t.optimizer) {
         Some(Optimizer::Sgd { .. }) => 1,
@@ -30,9 +41,10 @@ pub fn cpu_training_bytes(m: &Model) -> u128 {
         let train = m.train.as_ref();
         let micro = train.map(|t| (t.batch / m.micro_batch.max(1)).max(1)).unwrap_or(1) as u128;
         let workers = (crate::exec::threads() as u128).clamp(1, micro);
-        return fixed + each * workers;
+        return PROCESS_BYTES + fixed + each * workers;
     }
-    logical + (0..mem.len()).map(|i| per_rank(i).0 + per_rank(i).1).sum::<u128>()
+    let ranks: u128 = (0..mem.len()).map(|i| per_rank(i).0 + per_rank(i).1 + RANK_BYTES).sum();
+    PROCESS_BYTES + logical + ranks
 }
 
 /// Memory the system can give this process now (`MemAvailable`), if known.
