@@ -335,10 +335,13 @@ fn resume_continues_the_recorded_run() {
     let spec = tiny_spec(&dir, "adamw(lr = 1e-3)", "");
     let (a, b) = (dir.join("a"), dir.join("b"));
     let (a_s, b_s) = (a.to_string_lossy().into_owned(), b.to_string_lossy().into_owned());
-    // Straight: 4 steps with --seed 9 (not the spec's 3).
-    assert!(train(&[&spec, "--data", &data(), "--out", &a_s, "--seed", "9", "--steps", "4"]).status.success());
-    // 2 steps, then a resume that names neither seed nor data: the recorded ones are used.
-    assert!(train(&[&spec, "--data", &data(), "--out", &b_s, "--seed", "9", "--steps", "2"]).status.success());
+    // Straight: 4 steps with --seed 9 (not the spec's 3) and an override.
+    let d = data();
+    let straight = [spec.as_str(), "--data", &d, "--out", &a_s, "--seed", "9", "--steps", "4", "--set", "dims.seq=8"];
+    assert!(train(&straight).status.success());
+    // 2 steps, then a resume that names neither seed, data nor overrides: the recorded ones are used.
+    let half = [spec.as_str(), "--data", &d, "--out", &b_s, "--seed", "9", "--steps", "2", "--set", "dims.seq=8"];
+    assert!(train(&half).status.success());
     let o = train(&[&spec, "--out", &b_s, "--resume", &b_s, "--steps", "4"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (ma, mb) = (metrics(&a), metrics(&b));

@@ -319,15 +319,31 @@ fn command(args: Vec<OsString>) -> ExitCode {
             eval_interval,
             trace,
             trace_steps,
-        } => match load(&spec) {
-            Ok(m) => {
-                let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
-                let trace = trace.map(|p| (p, trace_steps));
-                let run = RunArgs { steps, out, resume, allow_changes, overwrite, seed, data, eval_interval, trace };
-                train(m, source, run)
+        } => {
+            // A resume applies the run's recorded overrides first; the
+            // user's, after them, win (a new layout, or a change to allow).
+            let mut spec = spec;
+            if let Some(dir) = &resume {
+                match tessera_runtime::train::checkpoint::run_of(dir) {
+                    Ok(Some(r)) => spec.set = r.overrides.into_iter().chain(spec.set).collect(),
+                    Ok(None) => {}
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
             }
-            Err(code) => code,
-        },
+            match load(&spec) {
+                Ok(m) => {
+                    let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
+                    let trace = trace.map(|p| (p, trace_steps));
+                    let run =
+                        RunArgs { steps, out, resume, allow_changes, overwrite, seed, data, eval_interval, trace };
+                    train(m, source, run)
+                }
+                Err(code) => code,
+            }
+        }
         Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core } => match load(&spec) {
             Ok(m) => bench(m, BenchArgs { steps, json, data, pytorch, rounds, peak_per_core }),
             Err(code) => code,

@@ -110,8 +110,17 @@ impl RunRecord {
     /// Layout overrides (`parallel.*`) may change freely: checkpoints are logical.
     pub fn changes_from(&self, then: &RunRecord) -> Vec<String> {
         let mut out = Vec::new();
-        let model_overrides =
-            |r: &RunRecord| r.overrides.iter().filter(|o| !o.starts_with("parallel.")).cloned().collect::<Vec<_>>();
+        // Overrides as a map, path → value, the last one of a path winning.
+        let model_overrides = |r: &RunRecord| -> BTreeMap<String, String> {
+            r.overrides
+                .iter()
+                .filter(|o| !o.starts_with("parallel."))
+                .map(|o| match o.split_once('=') {
+                    Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
+                    None => (o.clone(), String::new()),
+                })
+                .collect()
+        };
         if self.spec_sha256 != then.spec_sha256 {
             out.push(format!(
                 "the spec's text changed (`{}` had SHA-256 {}, `{}` has {})",
@@ -123,7 +132,13 @@ impl RunRecord {
         }
         let (a, b) = (model_overrides(then), model_overrides(self));
         if a != b {
-            out.push(format!("the overrides changed (were {a:?}, now {b:?}; `parallel.*` may change freely)"));
+            let show =
+                |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+            out.push(format!(
+                "the overrides changed (were `{}`, now `{}`; `parallel.*` may change freely)",
+                show(&a),
+                show(&b)
+            ));
         }
         if self.seed != then.seed {
             out.push(format!("the seed changed (was {}, now {})", then.seed, self.seed));
