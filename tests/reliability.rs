@@ -404,6 +404,14 @@ fn a_run_folder_is_locked_and_never_taken_over() {
     assert_eq!(metrics(&out).len(), 1, "the old metrics are gone");
     assert_eq!(std::fs::read_to_string(out.join("latest")).expect("latest"), "step-00000001");
     assert!(!out.join("step-00000002").exists());
+    // Nor does a resume from another run write into it.
+    let other = dir.join("other").to_string_lossy().into_owned();
+    assert!(train(&[&spec, "--data", &data(), "--out", &other, "--steps", "1"]).status.success());
+    fails_with(
+        &train(&[&spec, "--out", &o_s, "--resume", &other, "--steps", "2"]),
+        &["needs an --out folder of its own"],
+    );
+    assert_eq!(metrics(&out).len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

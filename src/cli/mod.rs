@@ -696,6 +696,13 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         r == o || r.parent() == Some(o.as_path())
     });
     if checkpoint::holds_run(&out) && !resuming_here {
+        if let Some(r) = &resume {
+            return fail(&format!(
+                "`{}` holds another run; a resume from `{}` needs an --out folder of its own (or that run's folder)",
+                out.display(),
+                r.display()
+            ));
+        }
         if !overwrite {
             return fail(&format!(
                 "`{}` holds another run (checkpoints or metrics); pass --resume {} to continue it, --overwrite to \
