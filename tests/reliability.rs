@@ -132,6 +132,8 @@ fn deep_nesting_is_a_diagnostic_not_a_stack_overflow() {
 fn cpu_training_checks_memory_before_allocating() {
     let o = train(&["specs/bench/tiny.spec", "--set", "dims.vocab=1000000000000", "--out", "/nonexistent/never"]);
     fails_with(&o, &["needs about", "of memory is available"]);
+    let o = tessera(&["bench", "specs/bench/tiny.spec", "--set", "dims.vocab=1000000000000"]);
+    fails_with(&o, &["needs about", "of memory is available"]);
 }
 
 #[test]

@@ -1015,6 +1015,10 @@ const WARMUP: u64 = 2;
 fn bench(m: Model, args: BenchArgs) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
     let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core } = args;
+    if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     let rounds = rounds.max(1);
     let flops_per_token = cost::flops_per_token_train(&m);
     let name = m.name.clone();
