@@ -141,7 +141,7 @@ pub(super) struct Walker<'a> {
 pub(super) const MAX_LAYERS: u64 = 10_000;
 /// Nodes of the forward graph: blocks that call blocks several times can
 /// multiply a short spec into any size, so the walk stops here.
-pub(super) const MAX_GRAPH_NODES: usize = 2_000_000;
+pub(super) const MAX_GRAPH_NODES: usize = 4_000_000;
 /// Statements walked (inlined blocks and unrolled layers included).
 pub(super) const MAX_STATEMENTS: u64 = 10_000_000;
 
