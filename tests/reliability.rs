@@ -219,13 +219,22 @@ fn the_unrolled_model_is_bounded_in_all() {
     let f = write(&dir, "many.spec", &text);
     fails_with(&tessera(&["check", &f]), &["unrolls more than 10000 layers in all", "many.spec:8:"]);
     // Blocks that call blocks twice, 30 deep: 2³⁰ calls from a short spec.
-    let mut fan = String::from("block b0(x: [...]) { return gelu(x) }\n");
-    for i in 1..30 {
-        fan.push_str(&format!("block b{i}(x: [...]) {{\n  y = b{}(x)\n  return b{}(y)\n}}\n", i - 1, i - 1));
-    }
-    fan.push_str("model m {\n  input x: f32[batch, d = 4]\n  y = b29(x)\n}\n");
-    let f = write(&dir, "fan.spec", &fan);
-    fails_with(&tessera(&["check", &f]), &["unrolls to more than 4000000 operations"]);
+    // With 40 operations at each leaf the graph's cap stops it; with one, the
+    // statement count's.
+    let fan = |leaf: &str| {
+        let mut fan = format!("block b0(x: [...]) {{ return {leaf} }}\n");
+        for i in 1..30 {
+            fan.push_str(&format!("block b{i}(x: [...]) {{\n  y = b{}(x)\n  return b{}(y)\n}}\n", i - 1, i - 1));
+        }
+        fan.push_str("model m {\n  input x: f32[batch, d = 4]\n  y = b29(x)\n}\n");
+        fan
+    };
+    let heavy = write(&dir, "heavy.spec", &fan(&format!("{}x{}", "gelu(".repeat(40), ")".repeat(40))));
+    let o = tessera(&["check", &heavy]);
+    fails_with(&o, &["unrolls to more than 4000000 operations", "heavy.spec:1:"]);
+    assert_eq!(stderr(&o).matches("error:").count(), 1, "one error, no follow-ons: {}", stderr(&o));
+    let light = write(&dir, "light.spec", &fan("gelu(x)"));
+    fails_with(&tessera(&["check", &light]), &["checking walks more than 10000000 statements"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

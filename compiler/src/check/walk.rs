@@ -189,6 +189,10 @@ impl<'a> Walker<'a> {
 
     /// Report a diagnostic once (a repeat body is walked once per layer).
     pub(super) fn err(&mut self, d: Diag) -> Val {
+        // After a size limit stopped the walk, what is left half-walked says nothing new.
+        if self.stopped {
+            return Val::Poison;
+        }
         let key = (d.message.clone(), d.primary_span().unwrap_or_default());
         if self.seen.insert(key) {
             self.diags.push(d);
