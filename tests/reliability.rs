@@ -634,3 +634,45 @@ fn unused_params_warn_and_fmt_wraps_at_100_columns() {
     assert!(tessera(&["fmt", "--check", &again]).status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Killed at any moment, a run that rewrites existing checkpoints (a resume
+/// from an older step into the same folder) leaves `latest` naming one
+/// that loads, and the next start tidies what the kill left.
+#[test]
+fn kill_during_saves_never_loses_latest() {
+    let dir = tmp("kill");
+    let spec = tiny_spec(&dir, "sgd(lr = 0.1)", "");
+    let out = dir.join("run");
+    let o_s = out.to_string_lossy().into_owned();
+    let every = ["--set", "train.save_interval=1"];
+    let first =
+        [spec.as_str(), "--data", &data(), "--out", &o_s, "--steps", "200", every[0], every[1]].map(str::to_string);
+    assert!(train(&first.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    let step2 = out.join("step-00000002").to_string_lossy().into_owned();
+    let mut killed = 0;
+    for k in 0..8u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["train", &spec, "--out", &o_s, "--resume", &step2, "--steps", "200", every[0], every[1]])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        // Spread the kills over start-up, training and saving.
+        std::thread::sleep(std::time::Duration::from_millis(40 + (k * 97) % 400));
+        if child.try_wait().ok().flatten().is_none() {
+            killed += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let o = tessera(&["sample", &o_s, "--tokens", "2"]);
+        assert!(o.status.success(), "after kill {k}: {}", stderr(&o));
+    }
+    eprintln!("{killed} of 8 runs killed while running");
+    // The next run starts clean and leaves no leftovers.
+    let o = train(&[&spec, "--out", &o_s, "--resume", &step2, "--steps", "200", every[0], every[1]]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names: Vec<String> =
+        std::fs::read_dir(&out).expect("out").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with(".tmp-") && !n.starts_with(".old-")), "{names:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
