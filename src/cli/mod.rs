@@ -137,9 +137,9 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         rounds: u64,
         /// The machine's fp32 peak per core, GFLOP/s, for the GEMM figure
-        /// (default: Zen 4, 2 FMA pipes × 8 lanes × 2 × ~3.7 GHz).
-        #[arg(long, default_value_t = 118.0)]
-        peak_per_core: f64,
+        /// (default: measured with an FMA loop on every thread at once).
+        #[arg(long)]
+        peak_per_core: Option<f64>,
     },
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
@@ -996,7 +996,7 @@ struct BenchArgs {
     data: Option<PathBuf>,
     pytorch: Option<PathBuf>,
     rounds: u64,
-    peak_per_core: f64,
+    peak_per_core: Option<f64>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1078,12 +1078,20 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
     let secs = tokens as f64 / tps;
     let gflops = tps * flops_per_token / 1e9;
     let gemm = gemm_gflops(1024);
-    let peak = peak_per_core * threads as f64;
+    let cpu = tessera_runtime::exec::peak::cpu_model();
+    let (peak, how) = match peak_per_core {
+        Some(p) => (p * threads as f64, format!("{threads} cores × {p}, as given")),
+        None => (
+            tessera_runtime::exec::peak::fp32_peak_gflops(threads),
+            format!("measured: an FMA loop on {threads} cores of this {cpu}"),
+        ),
+    };
     let peer = (!theirs.is_empty()).then(|| median(&theirs));
     if json {
         let mut j = json!({
             "model": name, "steps": steps, "tokens_per_s": tps, "gflops": gflops, "step_time_s": secs / steps.max(1) as f64,
             "flops_per_token_train": flops_per_token, "gemm_gflops_1024": gemm, "peak_gflops": peak,
+            "peak_measured": peak_per_core.is_none(), "cpu": cpu,
             "threads": threads, "final_loss": last,
         });
         j["rounds"] = json!(rounds);
@@ -1110,7 +1118,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             }
         }
         println!(
-            "GEMM 1024³ f32: {gemm:.1} GFLOP/s = {:.0}% of the {peak:.0} GFLOP/s peak ({threads} cores × {peak_per_core})",
+            "GEMM 1024³ f32: {gemm:.1} GFLOP/s = {:.0}% of the {peak:.0} GFLOP/s peak ({how})",
             100.0 * gemm / peak
         );
     }

@@ -9,6 +9,7 @@ pub(crate) mod fast;
 pub mod kernels;
 pub mod moe;
 pub mod padded;
+pub mod peak;
 pub mod vocab;
 
 use crate::tensor::{Real, Tensor, r};
