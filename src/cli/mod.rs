@@ -493,7 +493,7 @@ fn summary(m: &Model) -> String {
 
 fn inspect_json(m: &Model) -> serde_json::Value {
     let mem = memory::memory_per_rank(m);
-    let order = memory::rank_order(&m.parallel);
+    let order = tessera_compiler::parallel::mesh::rank_order(&m.parallel);
     let mesh: serde_json::Map<String, serde_json::Value> =
         m.parallel.mesh.iter().map(|(a, n)| (a.clone(), json!(n))).collect();
     let params: Vec<serde_json::Value> = m
@@ -569,7 +569,7 @@ fn inspect_text(m: &Model) -> String {
     for (d, a) in &m.parallel.layout {
         let _ = writeln!(s, "  {d} -> {a}");
     }
-    let order = memory::rank_order(&m.parallel);
+    let order = tessera_compiler::parallel::mesh::rank_order(&m.parallel);
     if !order.is_empty() {
         let mut stride = 1;
         let mut parts = Vec::new();

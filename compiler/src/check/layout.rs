@@ -399,8 +399,8 @@ pub(super) fn memory_fits(m: &Model, spans: &ParallelSpans, train: Option<&Secti
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let span = train.map(|s| s.name.span).or(spans.section).unwrap_or_default();
-    let order = memory::rank_order(&m.parallel);
-    let c = memory::coords(&order, rank as u64);
+    let order = crate::parallel::mesh::rank_order(&m.parallel);
+    let c = crate::parallel::mesh::coords(&order, rank as u64);
     let at: Vec<String> = order.iter().zip(&c).map(|((a, _), i)| format!("{a} {i}")).collect();
     diags.push(
         Diag::error(format!("rank {rank} needs {:.1} GiB, but {} has {:.1} GiB", gib(worst.total), dev.name, gib(dev.memory)))

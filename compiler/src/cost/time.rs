@@ -16,7 +16,7 @@
 //! - **Collectives.** An alpha-beta model by algorithm (ring, or a tree for
 //!   an all-reduce when that is faster) over the link the group sits on:
 //!   NVLink when the whole group is inside one node under the rank map
-//!   (`memory::rank_order`), else the per-GPU interconnect bandwidth.
+//!   (`parallel::mesh::rank_order`), else the per-GPU interconnect bandwidth.
 //!   Tensor parallelism reduces every row-parallel matmul's output in the
 //!   forward pass and the conjugate gradient in the backward (reduce-scatter
 //!   plus all-gather with sequence parallelism). Experts on the data axis
@@ -121,7 +121,7 @@ pub fn collective_time(kind: Kind, bytes: f64, n: u64, link: Link) -> (f64, Algo
 /// The link a group along `axis` uses: NVLink when the group, under the
 /// rank map, sits inside one node.
 pub fn link_of(par: &Parallel, axis: &str, dev: &Device) -> Link {
-    let order = memory::rank_order(par);
+    let order = crate::parallel::mesh::rank_order(par);
     let Some(i) = order.iter().position(|(a, _)| a == axis) else {
         return Link::nvlink(dev);
     };

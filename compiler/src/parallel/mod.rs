@@ -25,6 +25,7 @@
 //! reductions are step-level collectives, listed in [`StepCollective`].
 
 pub mod check;
+pub mod mesh;
 pub mod pipeline;
 mod program;
 mod propagate;
@@ -32,8 +33,8 @@ mod propagate;
 pub use program::{ChunkProgram, RankProgram, StageProgram, StepCollective, shard, shard_all};
 
 use crate::config::ExpertPlacement;
-use crate::cost::memory::{coords, rank_order};
 use crate::model::{Dim, Model, Param, TensorType};
+use mesh::{coords, rank_order};
 
 /// How a dim of a value is split over a mesh axis.
 #[derive(Debug, Clone, PartialEq)]

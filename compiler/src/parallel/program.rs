@@ -3,10 +3,10 @@
 //! collectives outside the graph (gradient buckets, ZeRO, norms, shared
 //! embeddings).
 
+use super::mesh::coords;
 use super::propagate::shard_graph;
 use super::{BUCKET_ELEMS, Mesh, ParallelError, ParamShard, Split, err, param_shard, pipeline};
 use crate::autodiff::{Backward, ParamGrad};
-use crate::cost::memory::coords;
 use crate::ir::{Graph, ValueId};
 use crate::model::{Dim, Model, Param};
 use std::collections::BTreeMap;

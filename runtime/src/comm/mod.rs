@@ -50,11 +50,11 @@ impl Group {
 
 /// The group of `rank` along mesh `axis`: the ranks that share every other
 /// coordinate, in order along `axis`. `order` is the rank numbering, outermost
-/// axis first, as `compiler::cost::memory::rank_order` gives it (pipeline,
+/// axis first, as `compiler::parallel::mesh::rank_order` gives it (pipeline,
 /// data, ..., tensor innermost), so these are the groups `tessera inspect`'s
 /// rank map shows.
 pub fn group_along(order: &[(String, u64)], rank: usize, axis: &str) -> Option<Group> {
-    use tessera_compiler::cost::memory::coords;
+    use tessera_compiler::parallel::mesh::coords;
     let at = order.iter().position(|(a, _)| a == axis)?;
     let stride: u64 = order[at + 1..].iter().map(|(_, s)| *s).product();
     let c = coords(order, rank as u64);
@@ -135,7 +135,7 @@ pub struct RankComm<'a> {
 }
 
 impl<'a> RankComm<'a> {
-    /// `order` is the rank numbering (`compiler::cost::memory::rank_order`).
+    /// `order` is the rank numbering (`compiler::parallel::mesh::rank_order`).
     pub fn new(comm: &'a mut dyn Communicator, order: &[(String, u64)]) -> RankComm<'a> {
         let rank = comm.rank();
         let groups =
