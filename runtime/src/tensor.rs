@@ -35,6 +35,11 @@ pub struct Tensor<T> {
 }
 
 impl<T: Real> Tensor<T> {
+    /// Whether every element is finite (no NaN, no infinity).
+    pub fn is_finite(&self) -> bool {
+        self.data.iter().all(|x| x.is_finite())
+    }
+
     pub fn zeros(dims: &[Dim]) -> Tensor<T> {
         let n = dims.iter().map(|d| d.size as usize).product();
         Tensor { dims: dims.to_vec(), data: vec![T::zero(); n] }

@@ -466,45 +466,46 @@ fn read_verified(path: &Path) -> Result<Vec<u8>, TrainError> {
     Ok(buf)
 }
 
-fn read_tensors(path: &Path, model: &Model, prefix: &str) -> Result<Vec<Tensor<f32>>, TrainError> {
+/// Read a safetensors file once, verify it, and take the model's parameters
+/// under each prefix (`""` for the weights, `"m."` and `"v."` for the
+/// optimizer's moments).
+fn read_tensors(path: &Path, model: &Model, prefixes: &[&str]) -> Result<Vec<Vec<Tensor<f32>>>, TrainError> {
     let buf = read_verified(path)?;
     let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| damaged(path, e))?;
-    model
-        .params
-        .iter()
-        .map(|p| {
-            let name = format!("{prefix}{}", p.path);
-            let view = st.tensor(&name).map_err(|_| {
-                TrainError::Setup(format!(
-                    "checkpoint `{}` has no tensor `{name}`: was it written by another spec?",
-                    path.display()
-                ))
-            })?;
-            let want: Vec<usize> = p.ty.dims.iter().map(|d| d.size as usize).collect();
-            if view.shape() != want.as_slice() || view.dtype() != Dtype::F32 {
-                return Err(TrainError::Setup(format!(
-                    "checkpoint tensor `{name}` is {:?} {:?}, the spec says {}",
-                    view.dtype(),
-                    view.shape(),
-                    p.ty
-                )));
-            }
-            let data: Vec<f32> = view.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            if data.iter().any(|x| !x.is_finite()) {
-                return Err(TrainError::Setup(format!(
-                    "checkpoint tensor `{name}` in `{}` holds non-finite values (NaN or infinity); the run that \
-                     wrote it had diverged. Resume from an older `step-*` folder",
-                    path.display()
-                )));
-            }
-            Ok(Tensor { dims: p.ty.dims.clone(), data })
-        })
-        .collect()
+    let one = |prefix: &str, p: &tessera_compiler::model::Param| -> Result<Tensor<f32>, TrainError> {
+        let name = format!("{prefix}{}", p.path);
+        let view = st.tensor(&name).map_err(|_| {
+            TrainError::Setup(format!(
+                "checkpoint `{}` has no tensor `{name}`: was it written by another spec?",
+                path.display()
+            ))
+        })?;
+        let want: Vec<usize> = p.ty.dims.iter().map(|d| d.size as usize).collect();
+        if view.shape() != want.as_slice() || view.dtype() != Dtype::F32 {
+            return Err(TrainError::Setup(format!(
+                "checkpoint tensor `{name}` is {:?} {:?}, the spec says {}",
+                view.dtype(),
+                view.shape(),
+                p.ty
+            )));
+        }
+        let data = view.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let t = Tensor { dims: p.ty.dims.clone(), data };
+        if !t.is_finite() {
+            return Err(TrainError::Setup(format!(
+                "checkpoint tensor `{name}` in `{}` holds non-finite values (NaN or infinity); the run that \
+                 wrote it had diverged. Resume from an older `step-*` folder",
+                path.display()
+            )));
+        }
+        Ok(t)
+    };
+    prefixes.iter().map(|prefix| model.params.iter().map(|p| one(prefix, p)).collect()).collect()
 }
 
 /// The parameters of a checkpoint (for sampling).
 pub fn load_params(dir: &Path, model: &Model) -> Result<Vec<Tensor<f32>>, TrainError> {
-    read_tensors(&resolve(dir)?.join("model.safetensors"), model, "")
+    Ok(read_tensors(&resolve(dir)?.join("model.safetensors"), model, &[""])?.remove(0))
 }
 
 fn state_of(dir: &Path) -> Result<serde_json::Value, TrainError> {
@@ -548,13 +549,14 @@ pub fn load(
 ) -> Result<(Vec<Tensor<f32>>, OptimizerState, u64), TrainError> {
     let dir = resolve(dir)?;
     let state = state_of(&dir)?;
-    let params = read_tensors(&dir.join("model.safetensors"), model, "")?;
+    let params = read_tensors(&dir.join("model.safetensors"), model, &[""])?.remove(0);
     let mut opt = opt.clone();
     if !fresh_optimizer {
-        let o = dir.join("optimizer.safetensors");
-        opt.m = read_tensors(&o, model, "m.")?;
-        if !opt.v.is_empty() {
-            opt.v = read_tensors(&o, model, "v.")?;
+        let prefixes: &[&str] = if opt.v.is_empty() { &["m."] } else { &["m.", "v."] };
+        let mut moments = read_tensors(&dir.join("optimizer.safetensors"), model, prefixes)?.into_iter();
+        opt.m = moments.next().unwrap_or_default();
+        if let Some(v) = moments.next() {
+            opt.v = v;
         }
     }
     let step = state["step"]

@@ -304,13 +304,13 @@ impl Trainer {
         let first_bad_grad = if finite {
             None
         } else {
-            let k = grads.iter().position(|g| g.data.iter().any(|x| !x.is_finite()));
+            let k = grads.iter().position(|g| !g.is_finite());
             k.map(|k| self.model.params[k].path.clone())
         };
         let skipped = self.check_finite(step, loss, grad_norm, false, first_bad_grad)?;
         if !skipped {
             self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1, clip);
-            if let Some(k) = self.params.iter().position(|p| p.data.iter().any(|x| !x.is_finite())) {
+            if let Some(k) = self.params.iter().position(|p| !p.is_finite()) {
                 let path = self.model.params[k].path.clone();
                 return Err(self.weights_went_nonfinite(step, &path, lr));
             }
@@ -493,7 +493,7 @@ impl Trainer {
     /// Weights that are not finite are never saved.
     pub fn save(&mut self) -> Result<PathBuf, TrainError> {
         self.sync();
-        if let Some(k) = self.params.iter().position(|p| p.data.iter().any(|x| !x.is_finite())) {
+        if let Some(k) = self.params.iter().position(|p| !p.is_finite()) {
             return Err(TrainError::NonFinite(format!(
                 "parameter `{}` holds a non-finite value at step {}; no checkpoint was written",
                 self.model.params[k].path, self.step

@@ -516,8 +516,7 @@ impl Ranks {
                 }
             }
         }
-        let nonfinite_param =
-            owned.iter().position(|p| p.data.iter().any(|x| !x.is_finite())).map(|k| prog.params[k].local.path.clone());
+        let nonfinite_param = owned.iter().position(|p| !p.is_finite()).map(|k| prog.params[k].local.path.clone());
         st.params = owned;
         Ok(RankStep { loss_sum, grad_norm: total.sqrt(), updated, nonfinite_param })
     }
