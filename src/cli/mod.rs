@@ -323,22 +323,33 @@ fn command(args: Vec<OsString>) -> ExitCode {
             // A resume applies the run's recorded overrides first; the
             // user's, after them, win (a new layout, or a change to allow).
             let mut spec = spec;
-            if let Some(dir) = &resume {
-                match tessera_runtime::train::checkpoint::run_of(dir) {
-                    Ok(Some(r)) => spec.set = r.overrides.into_iter().chain(spec.set).collect(),
-                    Ok(None) => {}
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(1);
-                    }
+            let recorded = match resume.as_deref().map(tessera_runtime::train::checkpoint::run_of) {
+                Some(Ok(r)) => r,
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
                 }
+                None => None,
+            };
+            if let Some(r) = &recorded {
+                spec.set = r.overrides.iter().cloned().chain(spec.set).collect();
             }
             match load(&spec) {
                 Ok(m) => {
                     let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
                     let trace = trace.map(|p| (p, trace_steps));
-                    let run =
-                        RunArgs { steps, out, resume, allow_changes, overwrite, seed, data, eval_interval, trace };
+                    let run = RunArgs {
+                        steps,
+                        out,
+                        resume,
+                        recorded,
+                        allow_changes,
+                        overwrite,
+                        seed,
+                        data,
+                        eval_interval,
+                        trace,
+                    };
                     train(m, source, run)
                 }
                 Err(code) => code,
@@ -641,6 +652,8 @@ struct RunArgs {
     steps: Option<u64>,
     out: Option<PathBuf>,
     resume: Option<PathBuf>,
+    /// The run `resume` names, as its checkpoint records it.
+    recorded: Option<tessera_runtime::train::checkpoint::RunRecord>,
     allow_changes: bool,
     overwrite: bool,
     seed: Option<u64>,
@@ -652,7 +665,7 @@ struct RunArgs {
 fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     use std::io::Write as _;
     use tessera_runtime::train::{RunConfig, Trainer, checkpoint};
-    let RunArgs { steps, out, resume, allow_changes, overwrite, seed, data, eval_interval, trace } = args;
+    let RunArgs { steps, out, resume, recorded, allow_changes, overwrite, seed, data, eval_interval, trace } = args;
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
         ExitCode::from(1)
@@ -716,13 +729,6 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         }
     }
     // A resume continues the recorded run: its seed and data by default.
-    let recorded = match &resume {
-        Some(dir) => match checkpoint::run_of(dir) {
-            Ok(r) => r,
-            Err(e) => return fail(&e),
-        },
-        None => None,
-    };
     let seed = seed.or(recorded.as_ref().map(|r| r.seed)).unwrap_or(t.seed);
     let data = data.or(recorded.as_ref().map(|r| PathBuf::from(&r.data)));
     if m.parallel.world() > 1 {
@@ -779,19 +785,19 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     );
     let started = std::time::Instant::now();
     let mut last_val = None;
+    // A non-finite step says its step itself; other errors get where they happened.
+    let stop = |bar: &indicatif::ProgressBar, e: tessera_runtime::train::TrainError, at: String| {
+        bar.abandon();
+        match e {
+            tessera_runtime::train::TrainError::NonFinite(_) => eprintln!("error: {e}"),
+            _ => eprintln!("error {at}: {e}"),
+        }
+        ExitCode::from(1)
+    };
     while trainer.step < steps {
         let mut report = match trainer.train_step() {
             Ok(r) => r,
-            Err(e @ tessera_runtime::train::TrainError::NonFinite(_)) => {
-                bar.abandon();
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                bar.abandon();
-                eprintln!("error at step {}: {e}", trainer.step + 1);
-                return ExitCode::from(1);
-            }
+            Err(e) => return stop(&bar, e, format!("at step {}", trainer.step + 1)),
         };
         if report.step % trainer.cfg.eval_interval == 0 || report.step == steps {
             match trainer.evaluate(trainer.cfg.eval_batches) {
@@ -799,16 +805,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
                     report.val_loss = Some(v);
                     last_val = Some(v);
                 }
-                Err(e @ tessera_runtime::train::TrainError::NonFinite(_)) => {
-                    bar.abandon();
-                    eprintln!("error: {e}");
-                    return ExitCode::from(1);
-                }
-                Err(e) => {
-                    bar.abandon();
-                    eprintln!("error in evaluation: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(e) => return stop(&bar, e, "in evaluation".into()),
             }
         }
         let _ = writeln!(metrics, "{}", serde_json::to_string(&report).unwrap_or_default());
