@@ -228,6 +228,12 @@ pub enum UnOp {
     Not,
 }
 
+impl UnOp {
+    /// Binding power of `-x` and `!x`: tighter than `*`, looser than `**`
+    /// (`-2 ** 2` is `-(2 ** 2)`), on [`BinOp::precedence`]'s scale.
+    pub const PRECEDENCE: u8 = 6;
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Expr {
     pub kind: ExprKind,

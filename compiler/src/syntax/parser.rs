@@ -211,10 +211,9 @@ enum PendingOp {
 }
 
 impl PendingOp {
-    /// Binding power: prefix operators bind tighter than `*` and looser than `**`.
     fn power(&self) -> u8 {
         match self {
-            PendingOp::Prefix(..) => 6,
+            PendingOp::Prefix(..) => UnOp::PRECEDENCE,
             PendingOp::Infix(b) => b.precedence(),
         }
     }

@@ -338,7 +338,8 @@ pub const WIDTH: usize = 100;
 /// `first` columns left), the others start at the statement's indent (with
 /// `avail` columns) and carry their own relative indent. Calls, tuples and
 /// lists that do not fit put one argument per line; a chain of one operator
-/// puts one operand per line. What cannot break stays on one line.
+/// fills its lines, each continuation starting with the operator. What
+/// cannot break stays on one line.
 fn layout(e: &Expr, first: usize, avail: usize) -> Vec<String> {
     let flat = expr(e);
     if flat.len() <= first {
@@ -447,8 +448,8 @@ fn expr_prec(e: &Expr, min: u8) -> String {
         ExprKind::Name(n) => n.clone(),
         ExprKind::Unary(op, a) => {
             let sym = if *op == UnOp::Neg { "-" } else { "!" };
-            let s = format!("{sym}{}", expr_prec(a, 6));
-            if min > 6 { format!("({s})") } else { s }
+            let s = format!("{sym}{}", expr_prec(a, UnOp::PRECEDENCE));
+            if min > UnOp::PRECEDENCE { format!("({s})") } else { s }
         }
         ExprKind::Binary(op, a, b) => {
             let p = op.precedence();
