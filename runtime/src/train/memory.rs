@@ -43,7 +43,12 @@ pub fn cpu_training_bytes(m: &Model) -> u128 {
         let workers = (crate::exec::threads() as u128).clamp(1, micro);
         return PROCESS_BYTES + fixed + each * workers;
     }
-    let ranks: u128 = (0..mem.len()).map(|i| per_rank(i).0 + per_rank(i).1 + RANK_BYTES).sum();
+    let ranks: u128 = (0..mem.len())
+        .map(|i| {
+            let (fixed, each) = per_rank(i);
+            fixed + each + RANK_BYTES
+        })
+        .sum();
     PROCESS_BYTES + logical + ranks
 }
 
