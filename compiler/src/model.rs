@@ -2,58 +2,10 @@
 //! shape, the per-op cost figures the cost model needs, and the validated
 //! parallel, train and infer settings. This is what later stages consume.
 
-use crate::syntax::ast::DType;
 use crate::syntax::span::Span;
 use serde::Serialize;
-use std::fmt;
 
-/// One named dim with its size.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct Dim {
-    pub name: String,
-    pub size: u64,
-}
-
-impl Dim {
-    pub fn new(name: impl Into<String>, size: u64) -> Dim {
-        Dim { name: name.into(), size }
-    }
-}
-
-/// A tensor type: dtype plus ordered named dims.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct TensorType {
-    pub dtype: DType,
-    pub dims: Vec<Dim>,
-}
-
-impl TensorType {
-    pub fn new(dtype: DType, dims: Vec<Dim>) -> TensorType {
-        TensorType { dtype, dims }
-    }
-    pub fn scalar(dtype: DType) -> TensorType {
-        TensorType { dtype, dims: Vec::new() }
-    }
-    pub fn numel(&self) -> u64 {
-        self.dims.iter().map(|d| d.size).fold(1u64, u64::saturating_mul)
-    }
-    pub fn has(&self, name: &str) -> bool {
-        self.dims.iter().any(|d| d.name == name)
-    }
-    pub fn dim(&self, name: &str) -> Option<&Dim> {
-        self.dims.iter().find(|d| d.name == name)
-    }
-    pub fn names(&self) -> Vec<&str> {
-        self.dims.iter().map(|d| d.name.as_str()).collect()
-    }
-}
-
-impl fmt::Display for TensorType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dims: Vec<String> = self.dims.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
-        write!(f, "{}[{}]", self.dtype.name(), dims.join(", "))
-    }
-}
+pub use crate::ir::types::{Dim, TensorType};
 
 /// How a parameter is initialised.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -13,17 +13,17 @@
 //! touches the AST.
 
 mod print;
+pub mod types;
 mod verify;
 
-use crate::model::TensorType;
-use crate::syntax::ast::DType;
 use crate::syntax::span::Span;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+pub use types::{DType, Dim, TensorType};
 
-pub use verify::{VerifyError, verify};
+pub use verify::{VerifyError, check_op, verify};
 
 /// A value: the output of the node with this index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ValueId(pub u32);
 
 impl ValueId {
@@ -38,7 +38,7 @@ impl std::fmt::Display for ValueId {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnaryOp {
     Neg,
@@ -95,7 +95,7 @@ impl UnaryOp {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BinaryOp {
     Add,
@@ -115,7 +115,7 @@ impl BinaryOp {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReduceOp {
     Sum,
@@ -124,7 +124,7 @@ pub enum ReduceOp {
 }
 
 /// Relative-position variants of attention.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum RelPos {
     None,
@@ -140,7 +140,7 @@ pub enum RelPos {
 }
 
 /// An IR operation. Inputs are listed on the node, in the order given here.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Op {
     /// Model input number `index` (no inputs).

@@ -91,8 +91,8 @@ fn broadcast(a: &TensorType, b: &TensorType) -> Result<Vec<Dim>, String> {
     Ok(dims)
 }
 
-fn expected(g: &Graph, op: &Op, ins: &[ValueId]) -> Result<Option<TensorType>, String> {
-    let t = |i: usize| g.ty(ins[i]);
+fn expected(op: &Op, ins: &[&TensorType]) -> Result<Option<TensorType>, String> {
+    let t = |i: usize| ins[i];
     Ok(Some(match op {
         Op::Unary { .. }
         | Op::Pow { .. }
@@ -171,6 +171,40 @@ fn expected(g: &Graph, op: &Op, ins: &[ValueId]) -> Result<Option<TensorType>, S
     }))
 }
 
+/// Check one op: its number of inputs, and its output type against the
+/// one its rule derives from the input types.
+pub fn check_op(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<(), String> {
+    let (lo, hi) = arity(op);
+    if ins.len() < lo || ins.len() > hi {
+        return Err(format!("`{}` takes {lo}..{hi} inputs, has {}", op.name(), ins.len()));
+    }
+    if matches!(op, Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Rename { .. } | Op::Permute) {
+        let src = ins[0];
+        if src.numel() != out.numel() || src.dtype != out.dtype {
+            return Err(format!("`{}` changes the element count or dtype: {src} -> {out}", op.name()));
+        }
+        if let Op::Permute = op {
+            let mut a: Vec<&Dim> = src.dims.iter().collect();
+            let mut b: Vec<&Dim> = out.dims.iter().collect();
+            a.sort_by(|x, y| x.name.cmp(&y.name));
+            b.sort_by(|x, y| x.name.cmp(&y.name));
+            if a != b {
+                return Err(format!("permute must keep the same dims: {src} -> {out}"));
+            }
+        }
+    }
+    if let Op::Expand = op
+        && let Some(d) = ins[0].dims.iter().find(|d| !out.dims.contains(d))
+    {
+        return Err(format!("expand drops dim `{}`", d.name));
+    }
+    match expected(op, ins) {
+        Ok(Some(t)) if &t != out => Err(format!("`{}` should produce {t}, the node says {out}", op.name())),
+        Ok(_) => Ok(()),
+        Err(m) => Err(format!("`{}`: {m}", op.name())),
+    }
+}
+
 /// Verify a graph; the first problem found is returned.
 pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     if g.spans.len() != g.nodes.len() {
@@ -184,36 +218,9 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
                 return fail(format!("input {v} is not defined before its use"));
             }
         }
-        let (lo, hi) = arity(&n.op);
-        if n.inputs.len() < lo || n.inputs.len() > hi {
-            return fail(format!("`{}` takes {lo}..{hi} inputs, has {}", n.op.name(), n.inputs.len()));
-        }
-        if matches!(n.op, Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Rename { .. } | Op::Permute) {
-            let src = g.ty(n.inputs[0]);
-            if src.numel() != n.ty.numel() || src.dtype != n.ty.dtype {
-                return fail(format!("`{}` changes the element count or dtype: {src} -> {}", n.op.name(), n.ty));
-            }
-            if let Op::Permute = n.op {
-                let mut a: Vec<&Dim> = src.dims.iter().collect();
-                let mut b: Vec<&Dim> = n.ty.dims.iter().collect();
-                a.sort_by(|x, y| x.name.cmp(&y.name));
-                b.sort_by(|x, y| x.name.cmp(&y.name));
-                if a != b {
-                    return fail(format!("permute must keep the same dims: {src} -> {}", n.ty));
-                }
-            }
-        }
-        if let Op::Expand = n.op
-            && let Some(d) = g.ty(n.inputs[0]).dims.iter().find(|d| !n.ty.dims.contains(d))
-        {
-            return fail(format!("expand drops dim `{}`", d.name));
-        }
-        match expected(g, &n.op, &n.inputs) {
-            Ok(Some(t)) if t != n.ty => {
-                return fail(format!("`{}` should produce {t}, the node says {}", n.op.name(), n.ty));
-            }
-            Ok(_) => {}
-            Err(m) => return fail(format!("`{}`: {m}", n.op.name())),
+        let ins: Vec<&TensorType> = n.inputs.iter().map(|v| g.ty(*v)).collect();
+        if let Err(m) = check_op(&n.op, &ins, &n.ty) {
+            return fail(m);
         }
     }
     for (name, v) in &g.outputs {

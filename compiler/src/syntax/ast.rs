@@ -89,54 +89,7 @@ pub enum DimEntry {
     Named { name: Ident, size: Option<Expr> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DType {
-    F32,
-    Bf16,
-    F16,
-    I32,
-    I64,
-    Bool,
-}
-
-impl DType {
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::Bf16 => "bf16",
-            DType::F16 => "f16",
-            DType::I32 => "i32",
-            DType::I64 => "i64",
-            DType::Bool => "bool",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<DType> {
-        Some(match s {
-            "f32" => DType::F32,
-            "bf16" => DType::Bf16,
-            "f16" => DType::F16,
-            "i32" => DType::I32,
-            "i64" => DType::I64,
-            "bool" => DType::Bool,
-            _ => return None,
-        })
-    }
-
-    pub fn bytes(self) -> u64 {
-        match self {
-            DType::F32 | DType::I32 => 4,
-            DType::Bf16 | DType::F16 => 2,
-            DType::I64 => 8,
-            DType::Bool => 1,
-        }
-    }
-
-    pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::Bf16 | DType::F16)
-    }
-}
+pub use crate::ir::types::DType;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Body {
