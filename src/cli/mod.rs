@@ -222,10 +222,35 @@ enum IrGraph {
     Forward,
     Backward,
     Rank,
+    /// The rank's lowered program: its whole training step over buffers.
+    Lowered,
 }
 
 fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
+    if let IrGraph::Lowered = which {
+        if rank >= m.parallel.world() {
+            eprintln!("error: rank {rank} is outside the mesh of {} ranks", m.parallel.world());
+            return ExitCode::from(1);
+        }
+        return match tessera_compiler::driver::compile_ranks(m, Some(&[rank])) {
+            Ok(c) => match c.programs.first() {
+                Some(p) => {
+                    print!("{}", tessera_compiler::lower::text::print(p));
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("error: rank {rank} is outside the mesh of {} ranks", c.programs.len());
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match which {
+        IrGraph::Lowered => unreachable!("handled above"),
         IrGraph::Forward => print!("{}", m.graph.to_text()),
         IrGraph::Backward | IrGraph::Rank => {
             let Some(loss) = m.graph.output("loss") else {
@@ -541,9 +566,84 @@ fn inspect_json(m: &Model) -> serde_json::Value {
         "device": m.train.as_ref().and_then(|t| t.device.clone()),
         "memory_per_rank": mem,
         "estimate": estimate_of(m).and_then(|e| e.ok()).and_then(|e| serde_json::to_value(e).ok()),
+        "lowered": lowered_json(m),
         "params": params,
     })
 }
+
+/// Each rank's lowered training step: its regions' bytes and instruction
+/// count (`null` for a model that does not train; `{"error": ...}` when it
+/// does not lower). Ranks that differ only in their data coordinate run the
+/// same program on other data, so one of them is lowered for all (unless
+/// experts are laid out on the data axis, where ranks hold different experts).
+fn lowered_json(m: &Model) -> serde_json::Value {
+    use tessera_compiler::lower::Region;
+    use tessera_compiler::parallel::mesh::{coords, rank_order};
+    if m.train.is_none() || m.graph.output("loss").is_none() {
+        return serde_json::Value::Null;
+    }
+    let order = rank_order(&m.parallel);
+    let data = m.parallel.data_axis().filter(|a| m.expert_dim().and_then(|e| m.parallel.axis_of(e)) != Some(*a));
+    let at = data.and_then(|a| order.iter().position(|(x, _)| x == a));
+    let key = |r: u64| {
+        let mut c = coords(&order, r);
+        if let Some(i) = at {
+            c[i] = 0;
+        }
+        c
+    };
+    let world = m.parallel.world();
+    let mut reps: Vec<u64> = Vec::new();
+    for r in 0..world {
+        if !reps.iter().any(|&x| key(x) == key(r)) {
+            reps.push(r);
+        }
+    }
+    // About three instructions per forward node (forward, backward, update) per microbatch.
+    let dp = m.parallel.data().max(1);
+    let micro = (m.train.as_ref().map(|t| t.batch).unwrap_or(1) / m.micro_batch.max(1) / dp).max(1);
+    let work = (3 * m.graph.len() as u64).saturating_mul(micro).saturating_mul(reps.len() as u64);
+    if work > LOWER_IN_INSPECT {
+        return json!({
+            "skipped": format!(
+                "{} distinct rank programs of about {} instructions each are too many to lower here; \
+                 `tessera inspect FILE --ir lowered --rank R` lowers one",
+                reps.len(),
+                work / reps.len() as u64
+            )
+        });
+    }
+    // One program at a time: only its figures are kept.
+    let mut figures = Vec::with_capacity(reps.len());
+    for &r in &reps {
+        match tessera_compiler::driver::compile_ranks(m, Some(&[r])) {
+            Ok(c) => {
+                let p = &c.programs[0];
+                let bytes = |r: Region| p.region_bytes(r);
+                figures.push(json!({
+                    "arena_bytes": p.arena_bytes(),
+                    "param_bytes": bytes(Region::Param),
+                    "grad_bytes": bytes(Region::Grad),
+                    "optimizer_bytes": bytes(Region::Optim),
+                    "io_bytes": bytes(Region::Io),
+                    "instructions": p.instrs.len(),
+                }));
+            }
+            Err(e) => return json!({ "error": e.to_string() }),
+        }
+    }
+    (0..world)
+        .map(|r| {
+            let i = reps.iter().position(|&x| key(x) == key(r)).expect("every rank has a representative");
+            let mut f = figures[i].clone();
+            f["rank"] = json!(r);
+            f
+        })
+        .collect()
+}
+
+/// The most instructions (over the distinct rank programs) `inspect --json` lowers.
+const LOWER_IN_INSPECT: u64 = 2_000_000;
 
 /// The predicted step on the spec's `train.device`, when it names a
 /// profile and the model trains.

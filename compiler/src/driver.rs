@@ -1,0 +1,90 @@
+//! The compiler driver: the passes after checking, in order, each output
+//! verified — autodiff → sharding (per-rank programs, their collectives
+//! cross-checked) → pipeline schedule → memory plan and lowering → one
+//! [`Program`] per rank.
+//!
+//! Verification runs in every build; `TESSERA_VERIFY=0` turns it off (for
+//! speed on very large programs).
+
+use crate::autodiff::{Backward, differentiate};
+use crate::lower::{self, Program};
+use crate::model::Model;
+use crate::parallel::{self, Mesh, RankProgram};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{pass}: {message}")]
+pub struct PassError {
+    /// The pass that failed, or whose output the verifier rejected.
+    pub pass: &'static str,
+    pub message: String,
+}
+
+fn fail(pass: &'static str) -> impl Fn(String) -> PassError {
+    move |message| PassError { pass, message }
+}
+
+/// What the driver hands over: every pass's typed result.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    pub mesh: Mesh,
+    pub backward: Backward,
+    pub ranks: Vec<RankProgram>,
+    pub programs: Vec<Program>,
+}
+
+/// Whether the verifier runs after each pass (`TESSERA_VERIFY=0` turns it off).
+pub fn verifying() -> bool {
+    std::env::var("TESSERA_VERIFY").map(|v| v != "0").unwrap_or(true)
+}
+
+/// The training step of `m`: its backward graph, and every rank's program, lowered.
+pub fn compile(m: &Model) -> Result<Compiled, PassError> {
+    compile_ranks(m, None)
+}
+
+/// [`compile`] for some ranks only (`None`: all, with their collectives
+/// cross-checked); `ranks` and `programs` then hold those ranks, in the order given.
+pub fn compile_ranks(m: &Model, only: Option<&[u64]>) -> Result<Compiled, PassError> {
+    let verify = verifying();
+    let loss = m.graph.output("loss").ok_or_else(|| {
+        fail("autodiff")(format!(
+            "`{}` has no `loss` output to differentiate; assign `loss = ...` in the model",
+            m.name
+        ))
+    })?;
+    let backward = differentiate(&m.graph, loss).map_err(|e| fail("autodiff")(e.to_string()))?;
+    if verify {
+        crate::ir::verify(&backward.graph).map_err(|e| fail("autodiff")(e.to_string()))?;
+    }
+    let mesh = Mesh::of(m).map_err(|e| fail("sharding")(e.to_string()))?;
+    let ranks = match only {
+        None => parallel::shard_all(m, &backward),
+        Some(rs) => rs.iter().map(|&r| parallel::shard(m, &backward, r)).collect(),
+    }
+    .map_err(|e| fail("sharding")(e.to_string()))?;
+    if verify {
+        for r in &ranks {
+            let graphs: Vec<&crate::ir::Graph> = match &r.stage {
+                None => vec![&r.graph],
+                Some(sp) => sp.chunks.iter().flat_map(|c| [&c.forward, &c.backward]).collect(),
+            };
+            for g in graphs {
+                crate::ir::verify(g).map_err(|e| fail("sharding")(format!("rank {}: {e}", r.rank)))?;
+            }
+        }
+        if only.is_none() {
+            parallel::check::check(&ranks, &mesh)
+                .map_err(|e| fail("sharding")(format!("the per-rank programs disagree: {e}")))?;
+        }
+    }
+    let programs: Vec<Program> = ranks
+        .iter()
+        .map(|r| lower::lower(m, r).map_err(|e| fail("lowering")(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    if verify {
+        for p in &programs {
+            lower::verify::verify(p).map_err(|e| fail("lowering")(e.to_string()))?;
+        }
+    }
+    Ok(Compiled { mesh, backward, ranks, programs })
+}

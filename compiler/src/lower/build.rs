@@ -1,0 +1,896 @@
+//! Lowering: a rank's program (its graph or its pipeline chunks and
+//! schedule, its step collectives and the optimizer update) → one linear
+//! [`Program`] over buffers.
+//!
+//! The step, in order:
+//! 1. zero the gradients and the loss; under ZeRO 3, all-gather the weights;
+//! 2. each microbatch in schedule order: its forward and backward ops (a
+//!    pipeline stage receives activations and gradients from its neighbours
+//!    and sends its own), the loss and every parameter gradient accumulated
+//!    into the persistent ones;
+//! 3. the gradient collectives in buckets on the `comm` stream (the grad
+//!    region is laid out in bucket order, so a bucket is one contiguous
+//!    range), ZeRO's reduce-scatter or local shard, the mean over the step's
+//!    microbatches, gradients shared between pipeline stages summed in stage
+//!    order;
+//! 4. the squared norms, their sums over the axes that split them, the global norm;
+//! 5. `skip_if_nonfinite(norm)` guarding the optimizer update (the update
+//!    graph of `autodiff::update`, written in place into the weights and
+//!    the moments) and ZeRO 1/2's all-gather of the updated weights.
+
+use super::{BufId, Buffer, Collective, Instr, Kind, Program, Region, Stream};
+use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
+use crate::config::Optimizer;
+use crate::ir::{DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
+use crate::model::{Model, Param};
+use crate::parallel::pipeline::Action;
+use crate::parallel::{ChunkProgram, Mesh, RankProgram, StageProgram, StepCollective, check::shared_tag};
+use crate::plan::{Interval, allocate, bytes_of};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("lowering rank {rank}: {message}")]
+pub struct LowerError {
+    pub rank: u64,
+    pub message: String,
+}
+
+/// Lower rank `prog.rank`'s training step of model `m`.
+pub fn lower(m: &Model, prog: &RankProgram) -> Result<Program, LowerError> {
+    let fail = |message: String| LowerError { rank: prog.rank, message };
+    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
+    let train = m.train.as_ref().ok_or_else(|| fail(format!("`{}` has no `train` section to lower", m.name)))?;
+    let mut b = Builder::new(prog, &mesh);
+    b.step(m, &train.optimizer, train.clip).map_err(fail)?;
+    Ok(b.finish())
+}
+
+struct Builder<'a> {
+    prog: &'a RankProgram,
+    mesh: &'a Mesh,
+    buffers: Vec<Buffer>,
+    instrs: Vec<Instr>,
+    tops: [u64; 5],
+    events: u32,
+    /// Per parameter: weights, gradient, and the buffers the update reads and writes.
+    w: Vec<Option<BufId>>,
+    /// ZeRO 3: the weights gathered for this step (a view of the local type).
+    w_full: Vec<Option<BufId>>,
+    g: Vec<Option<BufId>>,
+    loss: BufId,
+    /// The instruction that last wrote each buffer, how often each is read, and whether it is viewed.
+    producer: HashMap<BufId, usize>,
+    reads: HashMap<BufId, u32>,
+    viewed: std::collections::HashSet<BufId>,
+}
+
+/// A microbatch's forward on a pipeline stage, kept for its backward: the
+/// values its backward resumes from (empty under full recomputation) and the
+/// buffers of the activations it received.
+type Stashed = (Vec<Option<BufId>>, Vec<BufId>);
+
+/// How a graph's nodes find their operands.
+struct Bind<'b> {
+    /// Model input `i` of this microbatch.
+    inputs: &'b [BufId],
+    /// Parameter metas of the graph (the model's, then boundary parameters).
+    params: &'b [Param],
+    /// Buffers of the graph's parameters by index (`None`: not held here).
+    weights: &'b [Option<BufId>],
+    /// Inputs with an index at or past `inputs.len()` (received gradients).
+    extra: &'b HashMap<usize, BufId>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(prog: &'a RankProgram, mesh: &'a Mesh) -> Builder<'a> {
+        let n = prog.params.len();
+        let mut b = Builder {
+            prog,
+            mesh,
+            buffers: Vec::new(),
+            instrs: Vec::new(),
+            tops: [0; 5],
+            events: 0,
+            w: vec![None; n],
+            w_full: vec![None; n],
+            g: vec![None; n],
+            loss: BufId(0),
+            producer: HashMap::new(),
+            reads: HashMap::new(),
+            viewed: Default::default(),
+        };
+        b.loss = b.persistent(Region::Io, TensorType::scalar(DType::F32), "loss");
+        b
+    }
+
+    fn data(&self) -> Option<(&'a str, u64)> {
+        let a = self.mesh.data_axis.as_deref()?;
+        let n = self.mesh.size(a);
+        (n > 1).then_some((a, n))
+    }
+
+    /// Whether ZeRO shards parameter `k`'s state over the data axis.
+    fn zero_sharded(&self, k: usize) -> bool {
+        let p = &self.prog.params[k];
+        self.mesh.zero >= 1 && p.held && self.data().is_some_and(|(a, _)| !p.split_over(a))
+    }
+
+    fn flat(&self, k: usize) -> TensorType {
+        let (_, n) = self.data().expect("ZeRO shards over a data axis");
+        let numel = self.prog.params[k].local.ty.numel();
+        TensorType::new(DType::F32, vec![Dim::new("flat", numel.div_ceil(n))])
+    }
+
+    fn push_buffer(
+        &mut self,
+        ty: TensorType,
+        region: Region,
+        offset: u64,
+        view_of: Option<BufId>,
+        name: &str,
+    ) -> BufId {
+        self.buffers.push(Buffer { ty, region, offset, view_of, name: name.to_string() });
+        BufId(self.buffers.len() as u32 - 1)
+    }
+
+    /// A buffer in a persistent region (bump-allocated, 64-byte aligned).
+    fn persistent(&mut self, region: Region, ty: TensorType, name: &str) -> BufId {
+        let i = Region::ALL.iter().position(|&r| r == region).expect("a region");
+        let at = self.tops[i];
+        self.tops[i] += bytes_of(&ty);
+        self.push_buffer(ty, region, at, None, name)
+    }
+
+    /// A temporary; its offset comes from the liveness plan in `finish`.
+    fn temp(&mut self, ty: TensorType) -> BufId {
+        self.push_buffer(ty, Region::Arena, 0, None, "")
+    }
+
+    /// A view of `of`'s bytes from `offset` on, with type `ty`.
+    fn view(&mut self, of: BufId, ty: TensorType, offset: u64, name: &str) -> BufId {
+        let region = self.buffers[of.index()].region;
+        self.viewed.insert(of);
+        self.push_buffer(ty, region, offset, Some(of), name)
+    }
+
+    fn emit(&mut self, kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>) {
+        self.push(Instr { kind, ins, outs, stream: Stream::Compute });
+    }
+
+    fn emit_comm(&mut self, kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>) {
+        self.push(Instr { kind, ins, outs, stream: Stream::Comm });
+    }
+
+    fn push(&mut self, ins: Instr) {
+        for b in &ins.ins {
+            *self.reads.entry(*b).or_default() += 1;
+        }
+        for b in &ins.outs {
+            self.producer.insert(*b, self.instrs.len());
+        }
+        self.instrs.push(ins);
+    }
+
+    /// Order `to` after everything issued so far on `from`.
+    fn sync(&mut self, from: Stream, to: Stream) {
+        let event = self.events;
+        self.events += 1;
+        self.push(Instr { kind: Kind::Record { event }, ins: vec![], outs: vec![], stream: from });
+        self.push(Instr { kind: Kind::Wait { event }, ins: vec![], outs: vec![], stream: to });
+    }
+
+    /// The slice of a (stacked) parameter-shaped buffer that holds `layer`.
+    fn layer_view(&mut self, of: BufId, meta: &Param, layer: Option<u64>, ty: &TensorType) -> Result<BufId, String> {
+        let Some(l) = layer else { return Ok(of) };
+        let pos = meta
+            .layers
+            .iter()
+            .position(|&x| x == l)
+            .ok_or_else(|| format!("layer {l} of `{}` is not held here (held: {:?})", meta.path, meta.layers))?;
+        let name = format!("{}[{l}]", self.buffers[of.index()].name);
+        Ok(self.view(of, ty.clone(), pos as u64 * ty.numel() * ty.dtype.bytes(), &name))
+    }
+
+    /// Lower nodes `range` of `g`; `vals` holds the buffers of the values lowered so far.
+    fn nodes(
+        &mut self,
+        g: &Graph,
+        range: std::ops::Range<usize>,
+        vals: &mut Vec<Option<BufId>>,
+        bind: &Bind,
+    ) -> Result<(), String> {
+        vals.resize(g.len(), None);
+        // Attention's gradients with the same operands come from one pass.
+        let mut siblings: HashMap<(Vec<ValueId>, String), Vec<usize>> = HashMap::new();
+        for i in range.clone() {
+            if let Op::AttentionGrad { .. } = &g.nodes[i].op {
+                siblings.entry(attention_key(g, i)).or_default().push(i);
+            }
+        }
+        for i in range {
+            if vals[i].is_some() {
+                continue;
+            }
+            let node = &g.nodes[i];
+            let operand = |v: &ValueId| vals[v.index()].ok_or_else(|| format!("{v} is read before it is computed"));
+            let ins: Vec<BufId> = node.inputs.iter().map(operand).collect::<Result<_, _>>()?;
+            let out = match &node.op {
+                Op::Input { index } => match bind.inputs.get(*index).or_else(|| bind.extra.get(index)) {
+                    Some(&b) => b,
+                    None => return Err(format!("input {index} has no buffer")),
+                },
+                Op::Param { index, layer } => {
+                    let w =
+                        bind.weights.get(*index).copied().flatten().ok_or_else(|| {
+                            format!("parameter {index} is read but not held on rank {}", self.prog.rank)
+                        })?;
+                    self.layer_view(w, &bind.params[*index], *layer, &node.ty)?
+                }
+                // Row-major data is unchanged by renaming, splitting or merging dims.
+                Op::Rename { .. } | Op::SplitDim { .. } | Op::MergeDims { .. } => {
+                    self.view(ins[0], node.ty.clone(), 0, "")
+                }
+                Op::AttentionGrad { forward, .. } => {
+                    let group = siblings.get(&attention_key(g, i)).cloned().unwrap_or_else(|| vec![i]);
+                    let mut which = Vec::new();
+                    let mut outs = Vec::new();
+                    for &j in &group {
+                        if let Op::AttentionGrad { which: w, .. } = g.nodes[j].op {
+                            which.push(w);
+                            let o = self.temp(g.nodes[j].ty.clone());
+                            vals[j] = Some(o);
+                            outs.push(o);
+                        }
+                    }
+                    let rng = dropout_of(&node.op).then_some(forward.0 as u64);
+                    self.emit(Kind::AttentionGrads { op: node.op.clone(), which, rng }, ins, outs);
+                    continue;
+                }
+                op => {
+                    let rng = match op {
+                        Op::Dropout { .. } => Some(i as u64),
+                        Op::Attention { dropout, .. } if *dropout > 0.0 => Some(i as u64),
+                        Op::DropoutGrad { forward, .. } => Some(forward.0 as u64),
+                        _ => None,
+                    };
+                    let o = self.temp(node.ty.clone());
+                    self.emit(Kind::Op { op: op.clone(), rng, accumulate: false }, ins, vec![o]);
+                    o
+                }
+            };
+            vals[i] = Some(out);
+        }
+        Ok(())
+    }
+
+    /// Accumulate a graph's parameter gradients into the persistent ones.
+    fn accumulate_grads(
+        &mut self,
+        grads: &[crate::autodiff::ParamGrad],
+        metas: &[Param],
+        vals: &[Option<BufId>],
+    ) -> Result<(), String> {
+        for pg in grads {
+            let Some(Some(gk)) = self.g.get(pg.param).copied() else { continue };
+            let v = vals[pg.grad.index()].ok_or("a gradient was not computed")?;
+            let ty = self.buffers[v.index()].ty.clone();
+            let target = self.layer_view(gk, &metas[pg.param], pg.layer, &ty)?;
+            // The op that made the gradient adds it into the persistent one
+            // directly when nothing else reads it: no temporary.
+            if let Some(i) = self.sole_producer(v) {
+                if let Kind::Op { accumulate, .. } = &mut self.instrs[i].kind {
+                    *accumulate = true;
+                }
+                self.instrs[i].outs[0] = target;
+                self.producer.insert(target, i);
+                continue;
+            }
+            self.emit(Kind::Accumulate, vec![v], vec![target]);
+        }
+        Ok(())
+    }
+
+    /// The op instruction that wrote temporary `v`, when no instruction reads or views `v`.
+    fn sole_producer(&self, v: BufId) -> Option<usize> {
+        let b = &self.buffers[v.index()];
+        if b.region != Region::Arena || b.view_of.is_some() || self.reads.contains_key(&v) || self.viewed.contains(&v) {
+            return None;
+        }
+        let i = *self.producer.get(&v)?;
+        (matches!(self.instrs[i].kind, Kind::Op { .. }) && self.instrs[i].outs.len() == 1).then_some(i)
+    }
+
+    fn step(&mut self, m: &Model, opt: &Optimizer, clip: Option<f64>) -> Result<(), String> {
+        let prog = self.prog;
+        let n = prog.params.len();
+        let zero3 = self.mesh.zero >= 3;
+        // Weights, then gradients in bucket order (a bucket is contiguous), then optimizer state.
+        for k in 0..n {
+            if prog.params[k].held {
+                let ty = if zero3 && self.zero_sharded(k) { self.flat(k) } else { prog.params[k].local.ty.clone() };
+                self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
+            }
+        }
+        let mut order: Vec<usize> = Vec::new();
+        for c in &prog.step {
+            if let StepCollective::GradAllReduce { params, .. } | StepCollective::GradReduceScatter { params, .. } = c {
+                order.extend(params.iter().copied());
+            }
+        }
+        let rest: Vec<usize> = (0..n).filter(|k| !order.contains(k)).collect();
+        order.extend(rest);
+        for &k in &order {
+            if prog.params[k].held {
+                self.g[k] = Some(self.persistent(Region::Grad, prog.params[k].local.ty.clone(), &format!("g.{k}")));
+            }
+        }
+        let shapes: Vec<UpdateParam> = (0..n)
+            .map(|k| {
+                let mut u = UpdateParam::of(&prog.params[k].local);
+                if !prog.params[k].held {
+                    u.dims = vec![Dim::new("flat", 0)];
+                } else if self.zero_sharded(k) {
+                    u.dims = self.flat(k).dims;
+                }
+                u
+            })
+            .collect();
+        let adam = matches!(opt, Optimizer::Adamw { .. });
+        let mut moments: Vec<Option<(BufId, BufId)>> = vec![None; n];
+        for k in 0..n {
+            if prog.params[k].held {
+                let ty = TensorType::new(DType::F32, shapes[k].dims.clone());
+                let mk = self.persistent(Region::Optim, ty.clone(), &format!("m.{k}"));
+                let vk = if adam { self.persistent(Region::Optim, ty, &format!("v.{k}")) } else { mk };
+                moments[k] = Some((mk, vk));
+            }
+        }
+        let hyper = self.persistent(Region::Io, TensorType::new(DType::F32, vec![Dim::new("hyper", 3)]), "hyper");
+        let norm = self.persistent(Region::Io, TensorType::scalar(DType::F32), "norm");
+
+        // 1. Start of the step.
+        let grads: Vec<BufId> = self.g.iter().flatten().copied().collect();
+        self.emit(Kind::Zero, vec![], grads.into_iter().chain([self.loss]).collect());
+        for c in &prog.prologue {
+            if let StepCollective::ParamAllGather { axis, params, .. } = c {
+                let (ins, full) = self.gather(axis, params, |b, k| b.w[k].expect("held"))?;
+                for (&k, f) in params.iter().zip(full) {
+                    let ty = prog.params[k].local.ty.clone();
+                    self.w_full[k] = Some(self.view(f, ty, 0, &format!("w.{k}.full")));
+                }
+                let _ = ins;
+            }
+        }
+        let weights: Vec<Option<BufId>> = (0..n).map(|k| self.w_full[k].or(self.w[k])).collect();
+
+        // 2. The microbatches.
+        let inputs: Vec<Vec<BufId>> = (0..prog.micro)
+            .map(|j| {
+                (0..m.inputs.len())
+                    .map(|i| {
+                        // A stage that does not read an input still has its buffer: one upload per microbatch serves every rank.
+                        let ty = input_type(prog, i).unwrap_or_else(|| m.inputs[i].ty.clone());
+                        self.persistent(Region::Io, ty, &format!("x{i}.mb{j}"))
+                    })
+                    .collect()
+            })
+            .collect();
+        let metas = prog.local_params();
+        match &prog.stage {
+            None => {
+                for x in &inputs {
+                    let mut vals = Vec::new();
+                    let extra = HashMap::new();
+                    let bind = Bind { inputs: x, params: &metas, weights: &weights, extra: &extra };
+                    self.nodes(&prog.graph, 0..prog.graph.len(), &mut vals, &bind)?;
+                    let l = vals[prog.loss.index()].ok_or("the loss was not computed")?;
+                    self.emit(Kind::Accumulate, vec![l], vec![self.loss]);
+                    self.accumulate_grads(&prog.param_grads, &metas, &vals)?;
+                }
+            }
+            Some(sp) => self.schedule(sp, &inputs, &weights)?,
+        }
+
+        // 3. Gradient reduction over the data axis, on the comm stream.
+        let mut update_grad: Vec<Option<BufId>> = self.g.clone();
+        let dp = self.data().map(|(_, n)| n).unwrap_or(1);
+        if prog
+            .step
+            .iter()
+            .any(|c| matches!(c, StepCollective::GradAllReduce { .. } | StepCollective::GradReduceScatter { .. }))
+        {
+            self.sync(Stream::Compute, Stream::Comm);
+            for c in &prog.step {
+                match c {
+                    StepCollective::GradAllReduce { axis, params, .. } => {
+                        let bufs: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
+                        let kind =
+                            Kind::Collective { axis: axis.clone(), op: Collective::AllReduce { op: ReduceOp::Sum } };
+                        self.emit_comm(kind, bufs.clone(), bufs);
+                    }
+                    StepCollective::GradReduceScatter { axis, params, .. } => {
+                        let ins: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
+                        let outs: Vec<BufId> = params
+                            .iter()
+                            .map(|&k| {
+                                let s = self.persistent(Region::Grad, self.flat(k), &format!("g.{k}.shard"));
+                                update_grad[k] = Some(s);
+                                s
+                            })
+                            .collect();
+                        self.emit_comm(
+                            Kind::Collective { axis: axis.clone(), op: Collective::ReduceScatter },
+                            ins,
+                            outs,
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            self.sync(Stream::Comm, Stream::Compute);
+        }
+        // ZeRO 1: the rank's shard of the reduced gradient; then the mean over the step's microbatches.
+        let scale = 1.0 / (dp * self.local_micro(prog)) as f64;
+        for (k, slot) in update_grad.iter_mut().enumerate() {
+            let Some(gk) = *slot else { continue };
+            let mut g = gk;
+            if self.zero_sharded(k) && Some(gk) == self.g[k] {
+                g = self.persistent(Region::Grad, self.flat(k), &format!("g.{k}.shard"));
+                let part = self.data_coord();
+                self.emit(Kind::FlatShard { parts: dp, part }, vec![gk], vec![g]);
+                *slot = Some(g);
+            }
+            if scale != 1.0 {
+                self.emit(Kind::Scale { factor: scale }, vec![g], vec![g]);
+            }
+        }
+        // A parameter read on several pipeline stages sums its gradients over them, in stage order.
+        let mut counted = vec![true; n];
+        for c in &prog.step {
+            if let StepCollective::SharedGradSum { param, stages } = c {
+                let sp = prog.stage.as_ref().ok_or("a shared gradient outside a pipeline")?;
+                let g = update_grad[*param].ok_or("a shared gradient that is not held")?;
+                let ty = self.buffers[g.index()].ty.clone();
+                let tag = shared_tag(*param);
+                for &t in stages.iter().filter(|&&t| t != sp.stage) {
+                    self.emit(Kind::Send { peer: sp.stage_ranks[t as usize], tag }, vec![g], vec![]);
+                }
+                let mut parts = Vec::new();
+                for &t in stages {
+                    if t == sp.stage {
+                        parts.push(g);
+                    } else {
+                        let r = self.temp(ty.clone());
+                        self.emit(Kind::Recv { peer: sp.stage_ranks[t as usize], tag }, vec![], vec![r]);
+                        parts.push(r);
+                    }
+                }
+                let sum = self.temp(ty);
+                self.emit(Kind::Copy, vec![parts[0]], vec![sum]);
+                for &p in &parts[1..] {
+                    self.emit(Kind::Accumulate, vec![p], vec![sum]);
+                }
+                self.emit(Kind::Copy, vec![sum], vec![g]);
+                // Counted once in the norm: on the first stage that reads it.
+                counted[*param] = stages.first() == Some(&sp.stage);
+            }
+        }
+
+        // 4. The global gradient norm.
+        let mut sq: Vec<Option<BufId>> = vec![None; n];
+        let (mut sq_ins, mut sq_outs) = (Vec::new(), Vec::new());
+        // One partial sum per parameter, zero where this rank holds none of
+        // it (a norm sum's buffers are the same list on every rank of its group).
+        for k in 0..n {
+            let s = self.persistent(Region::Io, TensorType::scalar(DType::F32), &format!("sq.{k}"));
+            sq[k] = Some(s);
+            match update_grad[k] {
+                Some(g) if counted[k] => {
+                    sq_ins.push(g);
+                    sq_outs.push(s);
+                }
+                _ => self.emit(Kind::Zero, vec![], vec![s]),
+            }
+        }
+        self.emit(Kind::SumSquares, sq_ins, sq_outs);
+        for c in &prog.step {
+            if let StepCollective::NormAllReduce { axes, params } = c {
+                let bufs: Vec<BufId> = params.iter().filter_map(|&k| sq[k]).collect();
+                for axis in axes {
+                    let kind = Kind::Collective { axis: axis.clone(), op: Collective::AllReduce { op: ReduceOp::Sum } };
+                    self.emit(kind, bufs.clone(), bufs.clone());
+                }
+            }
+        }
+        self.emit(Kind::AddScalars, sq.iter().flatten().copied().collect(), vec![norm]);
+
+        // 5. The update, skipped when the norm is not finite.
+        let guard = self.instrs.len();
+        self.emit(Kind::SkipIfNonFinite { count: 0 }, vec![norm], vec![]);
+        // The update of the parameters this rank holds (a pipeline stage holds its own).
+        let held: Vec<usize> = (0..n).filter(|&k| self.w[k].is_some() && moments[k].is_some()).collect();
+        let held_shapes: Vec<UpdateParam> = held.iter().map(|&k| shapes[k].clone()).collect();
+        let ug = update_graph(&held_shapes, opt, clip, true);
+        let mut targets: HashMap<usize, BufId> = HashMap::new();
+        let mut extra: HashMap<usize, BufId> = HashMap::new();
+        let mut gathers: Vec<(usize, BufId)> = Vec::new();
+        for (j, &k) in held.iter().enumerate() {
+            let (Some(wk), Some(gk), Some((mk, vk))) = (self.w[k], update_grad[k], moments[k]) else {
+                return Err(format!("parameter {k} is held without its gradient"));
+            };
+            // ZeRO 1/2: the update runs on this rank's flat shard of the weights.
+            let owned = if self.zero_sharded(k) && !zero3 {
+                let s = self.temp(self.flat(k));
+                self.emit(Kind::FlatShard { parts: dp, part: self.data_coord() }, vec![wk], vec![s]);
+                gathers.push((k, s));
+                s
+            } else {
+                wk
+            };
+            for (i, b) in [owned, gk, mk, vk].into_iter().enumerate() {
+                extra.insert(PER_PARAM * j + i, b);
+            }
+            let out = |name: String| ug.output(&name).map(|v| v.index());
+            if let Some(i) = out(format!("param.{j}")) {
+                targets.insert(i, owned);
+            }
+            if let Some(i) = out(format!("m.{j}")) {
+                targets.insert(i, mk);
+            }
+            if let Some(i) = out(format!("v.{j}")) {
+                targets.insert(i, vk);
+            }
+        }
+        let n = held.len();
+        extra.insert(PER_PARAM * n, hyper);
+        extra.insert(PER_PARAM * n + 1, norm);
+        self.update(&ug, &extra, &targets)?;
+        for c in &prog.step {
+            if let StepCollective::ParamAllGather { axis, params, .. } = c {
+                let shards: HashMap<usize, BufId> = gathers.iter().copied().collect();
+                let (_, full) = self.gather(axis, params, |_, k| shards[&k])?;
+                for (&k, f) in params.iter().zip(full) {
+                    let wk = self.w[k].expect("held");
+                    let ty = self.buffers[wk.index()].ty.clone();
+                    let v = self.view(f, ty, 0, "");
+                    self.emit(Kind::Copy, vec![v], vec![wk]);
+                }
+            }
+        }
+        let count = (self.instrs.len() - guard - 1) as u32;
+        self.instrs[guard].kind = Kind::SkipIfNonFinite { count };
+        Ok(())
+    }
+
+    fn local_micro(&self, prog: &RankProgram) -> u64 {
+        prog.stage.as_ref().map(|s| s.micro).unwrap_or(prog.micro)
+    }
+
+    fn data_coord(&self) -> u64 {
+        self.data().map(|(a, _)| self.mesh.coord(self.prog.rank, a)).unwrap_or(0)
+    }
+
+    /// All-gather the flat shards `shard(k)` over `axis`: one padded flat buffer per parameter.
+    fn gather(
+        &mut self,
+        axis: &str,
+        params: &[usize],
+        shard: impl Fn(&Self, usize) -> BufId,
+    ) -> Result<(Vec<BufId>, Vec<BufId>), String> {
+        let (_, n) = self.data().ok_or("a ZeRO gather without a data axis")?;
+        let ins: Vec<BufId> = params.iter().map(|&k| shard(self, k)).collect();
+        let outs: Vec<BufId> = params
+            .iter()
+            .map(|&k| {
+                let per = self.flat(k).numel();
+                self.temp(TensorType::new(DType::F32, vec![Dim::new("flat", per * n)]))
+            })
+            .collect();
+        self.emit(Kind::Collective { axis: axis.to_string(), op: Collective::AllGather }, ins.clone(), outs.clone());
+        Ok((ins, outs))
+    }
+
+    /// Lower the update graph with its named outputs written into `targets`.
+    fn update(
+        &mut self,
+        g: &Graph,
+        extra: &HashMap<usize, BufId>,
+        targets: &HashMap<usize, BufId>,
+    ) -> Result<(), String> {
+        let mut vals: Vec<Option<BufId>> = vec![None; g.len()];
+        for (i, node) in g.nodes.iter().enumerate() {
+            let ins: Vec<BufId> = node
+                .inputs
+                .iter()
+                .map(|v| vals[v.index()].ok_or_else(|| format!("{v} is read before it is computed")))
+                .collect::<Result<_, _>>()?;
+            let out = match &node.op {
+                Op::Input { index } => {
+                    *extra.get(index).ok_or_else(|| format!("update input {index} has no buffer"))?
+                }
+                op => {
+                    let o = match targets.get(&i) {
+                        Some(&t) => t,
+                        None => self.temp(node.ty.clone()),
+                    };
+                    self.emit(Kind::Op { op: op.clone(), rng: None, accumulate: false }, ins, vec![o]);
+                    o
+                }
+            };
+            vals[i] = Some(out);
+        }
+        Ok(())
+    }
+
+    /// A pipeline stage's schedule: each action's ops, with the activations
+    /// and gradients it receives and sends.
+    fn schedule(&mut self, sp: &StageProgram, inputs: &[Vec<BufId>], weights: &[Option<BufId>]) -> Result<(), String> {
+        let n_model = self.prog.params.len();
+        // (chunk, micro) → the forward's values (when the backward resumes them) and its boundary buffers.
+        let mut stash: HashMap<(usize, u64), Stashed> = HashMap::new();
+        let mut local_fwd: HashMap<(u32, u64, usize), BufId> = HashMap::new();
+        let mut local_grad: HashMap<(u32, u64, usize), BufId> = HashMap::new();
+        for action in &sp.schedule {
+            match *action {
+                Action::Forward { chunk, micro } => {
+                    let c = sp.chunk(chunk);
+                    let mut boundary = Vec::with_capacity(c.incoming.len());
+                    for (j, (v, _, st)) in c.incoming.iter().enumerate() {
+                        let b = if *st == sp.stage {
+                            local_fwd.remove(&(v.0, micro, chunk)).ok_or("a local activation was not produced")?
+                        } else {
+                            let r = self.temp(c.params[n_model + j].ty.clone());
+                            let peer = sp.stage_ranks[*st as usize];
+                            self.emit(Kind::Recv { peer, tag: sp.tag(0, micro, *v) }, vec![], vec![r]);
+                            r
+                        };
+                        boundary.push(b);
+                    }
+                    let ws: Vec<Option<BufId>> =
+                        weights.iter().copied().chain(boundary.iter().map(|&b| Some(b))).collect();
+                    let g = c.sends_graph();
+                    let mut extra = HashMap::new();
+                    for (i, node) in g.nodes.iter().enumerate() {
+                        if let Op::Input { index } = node.op
+                            && index >= c.model_inputs
+                            && c.split.is_none_or(|k| i < k)
+                        {
+                            let z = self.temp(node.ty.clone());
+                            self.emit(Kind::Zero, vec![], vec![z]);
+                            extra.insert(index, z);
+                        }
+                    }
+                    let x = &inputs[micro as usize];
+                    let bind = Bind { inputs: x, params: &c.params, weights: &ws, extra: &extra };
+                    let mut vals = Vec::new();
+                    self.nodes(g, 0..c.split.unwrap_or(g.len()), &mut vals, &bind)?;
+                    let val = |v: ValueId| vals[v.index()].ok_or("a sent value was not computed");
+                    if c.outgoing.is_empty() {
+                        self.emit(Kind::Accumulate, vec![val(c.forward_loss)?], vec![self.loss]);
+                    }
+                    for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                        let b = val(c.sends[j])?;
+                        for (rchunk, st) in readers {
+                            if *st == sp.stage {
+                                local_fwd.insert((v.0, micro, *rchunk), b);
+                            } else {
+                                let peer = sp.stage_ranks[*st as usize];
+                                self.emit(Kind::Send { peer, tag: sp.tag(0, micro, *v) }, vec![b], vec![]);
+                            }
+                        }
+                    }
+                    let kept = if c.split.is_some() { vals } else { Vec::new() };
+                    stash.insert((chunk, micro), (kept, boundary));
+                }
+                Action::Backward { chunk, micro } => {
+                    let c = sp.chunk(chunk);
+                    let (mut vals, boundary) =
+                        stash.remove(&(chunk, micro)).ok_or("a backward pass before its forward")?;
+                    let mut extra = HashMap::new();
+                    for (j, (v, readers)) in c.outgoing.iter().enumerate() {
+                        let ty = c.sends_graph().ty(c.sends[j]).clone();
+                        let sum = self.temp(ty.clone());
+                        self.emit(Kind::Zero, vec![], vec![sum]);
+                        for (rchunk, st) in readers {
+                            let t = if *st == sp.stage {
+                                local_grad.remove(&(v.0, micro, *rchunk)).ok_or("a local gradient was not produced")?
+                            } else {
+                                let r = self.temp(ty.clone());
+                                let peer = sp.stage_ranks[*st as usize];
+                                self.emit(Kind::Recv { peer, tag: sp.tag(1, micro, *v) }, vec![], vec![r]);
+                                r
+                            };
+                            self.emit(Kind::Accumulate, vec![t], vec![sum]);
+                        }
+                        extra.insert(c.model_inputs + j, sum);
+                    }
+                    let ws: Vec<Option<BufId>> =
+                        weights.iter().copied().chain(boundary.iter().map(|&b| Some(b))).collect();
+                    let x = &inputs[micro as usize];
+                    let bind = Bind { inputs: x, params: &c.params, weights: &ws, extra: &extra };
+                    // Resumed: the received gradients replace the zeros the forward part was given.
+                    for (i, node) in c.backward.nodes.iter().enumerate().take(vals.len()) {
+                        if let Op::Input { index } = node.op
+                            && let Some(&b) = extra.get(&index)
+                        {
+                            vals[i] = Some(b);
+                        }
+                    }
+                    self.nodes(&c.backward, 0..c.backward.len(), &mut vals, &bind)?;
+                    let model_grads: Vec<_> = c.param_grads.iter().filter(|pg| pg.param < n_model).cloned().collect();
+                    self.accumulate_grads(&model_grads, &c.params, &vals)?;
+                    self.boundary_grads(sp, c, micro, &vals, &mut local_grad)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradients of a chunk's received values go back to their senders.
+    fn boundary_grads(
+        &mut self,
+        sp: &StageProgram,
+        c: &ChunkProgram,
+        micro: u64,
+        vals: &[Option<BufId>],
+        local_grad: &mut HashMap<(u32, u64, usize), BufId>,
+    ) -> Result<(), String> {
+        let n_model = self.prog.params.len();
+        for (j, (v, _, st)) in c.incoming.iter().enumerate() {
+            let sum = self.temp(c.params[n_model + j].ty.clone());
+            self.emit(Kind::Zero, vec![], vec![sum]);
+            for pg in c.param_grads.iter().filter(|pg| pg.param == n_model + j) {
+                let g = vals[pg.grad.index()].ok_or("a boundary gradient was not computed")?;
+                self.emit(Kind::Accumulate, vec![g], vec![sum]);
+            }
+            if *st == sp.stage {
+                local_grad.insert((v.0, micro, c.chunk), sum);
+            } else {
+                let peer = sp.stage_ranks[*st as usize];
+                self.emit(Kind::Send { peer, tag: sp.tag(1, micro, *v) }, vec![sum], vec![]);
+            }
+        }
+        Ok(())
+    }
+
+    /// An elementwise op whose operand dies at it writes over that operand
+    /// (the output becomes a view of the operand's bytes): a bias add, an
+    /// activation, a residual add, a dropout need no second buffer.
+    fn in_place(&mut self) {
+        let nb = self.buffers.len();
+        let root = |bufs: &[Buffer], mut b: usize| {
+            while let Some(v) = bufs[b].view_of {
+                b = v.index();
+            }
+            b
+        };
+        // The last instruction that touches each root's bytes.
+        let mut last = vec![0usize; nb];
+        let mut first = vec![usize::MAX; nb];
+        for (i, ins) in self.instrs.iter().enumerate() {
+            for b in ins.ins.iter().chain(&ins.outs) {
+                let r = root(&self.buffers, b.index());
+                last[r] = last[r].max(i);
+                first[r] = first[r].min(i);
+            }
+        }
+        for i in 0..self.instrs.len() {
+            let ins = &self.instrs[i];
+            let Kind::Op { op, accumulate: false, .. } = &ins.kind else { continue };
+            if !elementwise(op) || ins.outs.len() != 1 {
+                continue;
+            }
+            let o = ins.outs[0].index();
+            let out = &self.buffers[o];
+            if out.view_of.is_some() || out.region != Region::Arena || first[o] != i {
+                continue;
+            }
+            let dying = ins.ins.iter().map(|b| b.index()).find(|&x| {
+                let r = root(&self.buffers, x);
+                let b = &self.buffers[x];
+                self.buffers[r].region == Region::Arena
+                    && last[r] == i
+                    && r < o
+                    && b.ty.dims == out.ty.dims
+                    && b.ty.dtype == out.ty.dtype
+                    && b.offset == 0
+                    && bytes_of(&self.buffers[r].ty) == bytes_of(&out.ty)
+            });
+            if let Some(x) = dying {
+                let r = root(&self.buffers, x);
+                self.buffers[o].view_of = Some(BufId(r as u32));
+                last[r] = last[r].max(last[o]);
+            }
+        }
+    }
+
+    /// Place the arena by liveness and close the program.
+    fn finish(mut self) -> Program {
+        self.in_place();
+        let nb = self.buffers.len();
+        let root = |bufs: &[Buffer], mut b: usize| {
+            while let Some(v) = bufs[b].view_of {
+                b = v.index();
+            }
+            b
+        };
+        let mut first = vec![usize::MAX; nb];
+        let mut last = vec![0usize; nb];
+        for (i, ins) in self.instrs.iter().enumerate() {
+            for b in ins.ins.iter().chain(&ins.outs) {
+                let r = root(&self.buffers, b.index());
+                first[r] = first[r].min(i);
+                last[r] = last[r].max(i);
+            }
+        }
+        let arena: Vec<usize> = (0..nb)
+            .filter(|&b| {
+                self.buffers[b].region == Region::Arena && self.buffers[b].view_of.is_none() && first[b] != usize::MAX
+            })
+            .collect();
+        let items: Vec<Interval> = arena
+            .iter()
+            .map(|&b| Interval { bytes: bytes_of(&self.buffers[b].ty), start: first[b], end: last[b] })
+            .collect();
+        let (offsets, peak) = allocate(&items);
+        for (&b, off) in arena.iter().zip(offsets) {
+            self.buffers[b].offset = off;
+        }
+        // A view's offset is relative to what it views until here (what it views comes first).
+        for b in 0..nb {
+            if let Some(v) = self.buffers[b].view_of {
+                self.buffers[b].offset += self.buffers[v.index()].offset;
+            }
+        }
+        let mut sizes = self.tops;
+        sizes[4] = peak;
+        Program {
+            rank: self.prog.rank,
+            coords: self.prog.coords.clone(),
+            sizes,
+            buffers: self.buffers,
+            instrs: self.instrs,
+        }
+    }
+}
+
+/// The type of model input `i` in a rank's graphs.
+fn input_type(prog: &RankProgram, i: usize) -> Option<TensorType> {
+    let find = |g: &Graph| {
+        g.nodes.iter().find_map(|n| match n.op {
+            Op::Input { index } if index == i => Some(n.ty.clone()),
+            _ => None,
+        })
+    };
+    match &prog.stage {
+        None => find(&prog.graph),
+        Some(sp) => sp.chunks.iter().find_map(|c| find(&c.backward).or_else(|| find(&c.forward))),
+    }
+}
+
+/// Ops whose every output element reads only the same element of an
+/// operand of the output's type (and anything of the other operands).
+fn elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary { .. }
+            | Op::Binary { .. }
+            | Op::Pow { .. }
+            | Op::UnaryGrad { .. }
+            | Op::Dropout { .. }
+            | Op::DropoutGrad { .. }
+    )
+}
+
+fn dropout_of(op: &Op) -> bool {
+    matches!(op, Op::AttentionGrad { dropout, .. } if *dropout > 0.0)
+}
+
+/// Attention gradients computed by one pass share their operands and attributes.
+fn attention_key(g: &Graph, i: usize) -> (Vec<ValueId>, String) {
+    let mut op = g.nodes[i].op.clone();
+    if let Op::AttentionGrad { which, .. } = &mut op {
+        *which = 0;
+    }
+    (g.nodes[i].inputs.clone(), format!("{op:?}"))
+}

@@ -1,0 +1,252 @@
+//! The lowered program: one rank's whole training step as a linear list of
+//! instructions over buffers, the contract between the compiler and every
+//! backend and emitter (llm.c's one-arena model, made general).
+//!
+//! - **Buffers** are typed byte ranges. Each lives in one [`Region`]: the
+//!   persistent parameters, gradients and optimizer state; the step's inputs
+//!   and scalars (`io`); or the **arena**, where every temporary gets an
+//!   offset from the liveness plan ([`crate::plan::allocate`]). A *view*
+//!   (a layer's slice of a stacked parameter, a renamed or reshaped value)
+//!   shares the bytes of the buffer it views.
+//! - **Instructions** read and write buffers: one IR op (the fusion pass
+//!   will group them into kernels), a multi-output library call (attention's
+//!   backward gives dq, dk and dv at once), accumulation into the persistent
+//!   gradients, a collective or a send/receive on a named stream, events,
+//!   and one guard (`skip_if_nonfinite`) that leaves the weights as they were
+//!   when the gradient norm is not finite.
+//! - **Randomness is explicit**: a dropout (and its gradient, and attention
+//!   with dropout) carries an `rng` offset fixed at lowering; the mask is a
+//!   function of (the step's seed, that offset), so a later pass that
+//!   renumbers or reorders instructions cannot change a result.
+//!
+//! The step is unrolled: every microbatch of the schedule is its own run of
+//! instructions, so a pipeline stage's stashed activations are simply
+//! buffers that live from their forward to their backward, and the arena's
+//! size is the real peak of the schedule. [`build`] lowers a
+//! [`RankProgram`](crate::parallel::RankProgram); [`text`] prints and parses
+//! the text form; [`verify`] checks a program.
+
+mod build;
+pub mod text;
+pub mod verify;
+
+pub use build::{LowerError, lower};
+
+use crate::ir::{Op, ReduceOp, TensorType};
+use serde::{Deserialize, Serialize};
+
+/// A buffer of a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BufId(pub u32);
+
+impl BufId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for BufId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "b{}", self.0)
+    }
+}
+
+/// Where a buffer's bytes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Region {
+    /// The rank's weights (under ZeRO 3, its flat shards of them).
+    Param,
+    /// The gradients the step accumulates and reduces (and ZeRO's shards of them).
+    Grad,
+    /// Optimizer state: AdamW's moments, SGD's momentum.
+    Optim,
+    /// The step's inputs (each microbatch's batch), the optimizer's
+    /// hyperparameters and the scalars the step reports (loss, norm).
+    Io,
+    /// Temporaries, placed by liveness.
+    Arena,
+}
+
+impl Region {
+    pub const ALL: [Region; 5] = [Region::Param, Region::Grad, Region::Optim, Region::Io, Region::Arena];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Region::Param => "param",
+            Region::Grad => "grad",
+            Region::Optim => "optim",
+            Region::Io => "io",
+            Region::Arena => "arena",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Region> {
+        Region::ALL.into_iter().find(|r| r.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub ty: TensorType,
+    pub region: Region,
+    /// Byte offset in the region.
+    pub offset: u64,
+    /// The buffer whose bytes this one shares (`None`: it owns its bytes).
+    pub view_of: Option<BufId>,
+    /// What the buffer holds, for people and for the runtime's bindings
+    /// (`w.3`, `g.3`, `m.3`, `x0.mb1`, `loss`); empty for temporaries.
+    pub name: String,
+}
+
+/// The stream an instruction is issued on. Compute is in program order;
+/// `comm` runs collectives beside it, ordered against compute by events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Compute,
+    Comm,
+}
+
+/// A collective over a bucket of buffers (their elements, flat), among the
+/// ranks of a mesh axis that share this rank's other coordinates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "collective")]
+pub enum Collective {
+    /// Each output is the reduction of its input over the group (in place when they are the same buffers).
+    #[serde(rename = "bucket_all_reduce")]
+    AllReduce { op: ReduceOp },
+    /// The inputs, flattened and concatenated, from every rank in group
+    /// order: output `i` is input `i` of the rank with group index `i / inputs`.
+    #[serde(rename = "bucket_all_gather")]
+    AllGather,
+    /// The inputs' flat elements are cut into one chunk per rank (each
+    /// input padded to a multiple of the group size); each rank keeps the
+    /// sum of its chunk of every input.
+    #[serde(rename = "bucket_reduce_scatter")]
+    ReduceScatter,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Kind {
+    /// One IR op on its inputs; `rng` is the random stream of a dropout
+    /// mask. With `accumulate` the result is added to the output's contents
+    /// (a weight gradient summed into the persistent gradient, as a GEMM
+    /// with β = 1 does, instead of a temporary and an `accumulate`).
+    Op {
+        op: Op,
+        rng: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        accumulate: bool,
+    },
+    /// The gradients of one attention, from one pass: `outs[i]` is gradient
+    /// `which[i]` (0 dq, 1 dk, 2 dv, 3 the T5 bias table) of `op`
+    /// (an `attention_grad`, whose own `which` is `which[0]`).
+    AttentionGrads { op: Op, which: Vec<u8>, rng: Option<u64> },
+    /// `outs[0] += ins[0]` (a gradient accumulated over microbatches).
+    Accumulate,
+    /// `outs[0] = ins[0] · factor`, elementwise (in place when the buffers are the same).
+    Scale { factor: f64 },
+    /// Every output set to zero.
+    Zero,
+    /// `outs[0] = ins[0]` (the same elements; the types may differ in shape).
+    Copy,
+    /// `outs[0]` = the `part`-th of `parts` equal flat chunks of `ins[0]`
+    /// (zero-padded to a multiple of `parts`): a rank's ZeRO shard.
+    FlatShard { parts: u64, part: u64 },
+    /// `outs[k]` = the sum of the squares of `ins[k]`'s elements, `f32[]`.
+    SumSquares,
+    /// `outs[0]` = the sum of the scalars `ins`.
+    AddScalars,
+    /// A collective over `axis`.
+    Collective { axis: String, op: Collective },
+    /// Send `ins` to `peer` (a rank) with message tag `tag`.
+    Send { peer: u64, tag: u64 },
+    /// Receive `outs` from `peer` with message tag `tag`.
+    Recv { peer: u64, tag: u64 },
+    /// Mark a point of this instruction's stream that `wait` can name.
+    Record { event: u32 },
+    /// Hold this instruction's stream until `event` has been reached.
+    Wait { event: u32 },
+    /// When the scalar `ins[0]` is not finite, skip the next `count` instructions.
+    #[serde(rename = "skip_if_nonfinite")]
+    SkipIfNonFinite { count: u32 },
+}
+
+impl Kind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Op { op, .. } => op.name(),
+            Kind::AttentionGrads { .. } => "attention_grads",
+            Kind::Accumulate => "accumulate",
+            Kind::Scale { .. } => "scale",
+            Kind::Zero => "zero",
+            Kind::Copy => "copy",
+            Kind::FlatShard { .. } => "flat_shard",
+            Kind::SumSquares => "sum_squares",
+            Kind::AddScalars => "add_scalars",
+            Kind::Collective { op: Collective::AllReduce { .. }, .. } => "bucket_all_reduce",
+            Kind::Collective { op: Collective::AllGather, .. } => "bucket_all_gather",
+            Kind::Collective { op: Collective::ReduceScatter, .. } => "bucket_reduce_scatter",
+            Kind::Send { .. } => "send",
+            Kind::Recv { .. } => "recv",
+            Kind::Record { .. } => "record",
+            Kind::Wait { .. } => "wait",
+            Kind::SkipIfNonFinite { .. } => "skip_if_nonfinite",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instr {
+    pub kind: Kind,
+    pub ins: Vec<BufId>,
+    pub outs: Vec<BufId>,
+    pub stream: Stream,
+}
+
+/// One rank's lowered training step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub rank: u64,
+    /// (axis, coordinate) in rank-numbering order.
+    pub coords: Vec<(String, u64)>,
+    /// Bytes of each region, in [`Region::ALL`] order.
+    pub sizes: [u64; 5],
+    pub buffers: Vec<Buffer>,
+    pub instrs: Vec<Instr>,
+}
+
+impl Program {
+    pub fn buffer(&self, b: BufId) -> &Buffer {
+        &self.buffers[b.index()]
+    }
+
+    pub fn region_bytes(&self, r: Region) -> u64 {
+        self.sizes[Region::ALL.iter().position(|&x| x == r).expect("a region")]
+    }
+
+    /// The arena's size: the most temporary bytes live at once.
+    pub fn arena_bytes(&self) -> u64 {
+        self.region_bytes(Region::Arena)
+    }
+
+    /// Every region together: what the rank allocates for the step.
+    pub fn total_bytes(&self) -> u64 {
+        self.sizes.iter().sum()
+    }
+
+    /// The buffer named `name` (weights `w.k`, gradients `g.k`, ...).
+    pub fn named(&self, name: &str) -> Option<BufId> {
+        self.buffers.iter().position(|b| b.name == name).map(|i| BufId(i as u32))
+    }
+
+    /// The buffer that owns `b`'s bytes.
+    pub fn root(&self, mut b: BufId) -> BufId {
+        while let Some(v) = self.buffers[b.index()].view_of {
+            b = v;
+        }
+        b
+    }
+}

@@ -1,0 +1,257 @@
+//! The lowered program's verifier.
+//!
+//! - every buffer lies inside its region, a view inside what it views, in the same region;
+//! - every instruction names buffers that exist, in the number its kind
+//!   takes, of the types its rule derives (an IR op by the IR verifier's
+//!   own rule, [`crate::ir::check_op`]);
+//! - no temporary is read before it is written, and no two temporaries
+//!   whose lives overlap share a byte of the arena;
+//! - a `wait` names an event recorded before it, and a guard skips
+//!   instructions that exist.
+
+use super::{BufId, Collective, Instr, Kind, Program, Region};
+use crate::ir::{DType, Op, TensorType};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("program of rank {rank}: {what}: {message}")]
+pub struct VerifyError {
+    pub rank: u64,
+    /// The instruction (`instruction 12: matmul`) or buffer (`b3`) at fault.
+    pub what: String,
+    pub message: String,
+}
+
+fn bytes(t: &TensorType) -> u64 {
+    t.numel() * t.dtype.bytes()
+}
+
+pub fn verify(p: &Program) -> Result<(), VerifyError> {
+    let fail = |what: String, message: String| VerifyError { rank: p.rank, what, message };
+    let nb = p.buffers.len();
+    for (i, b) in p.buffers.iter().enumerate() {
+        let what = || format!("b{i}");
+        let end = b.offset + bytes(&b.ty);
+        match b.view_of {
+            Some(v) => {
+                if v.index() >= i {
+                    return Err(fail(what(), format!("views {v}, which is not declared before it")));
+                }
+                let of = &p.buffers[v.index()];
+                if of.region != b.region {
+                    return Err(fail(
+                        what(),
+                        format!("is in {} but views {v} in {}", b.region.name(), of.region.name()),
+                    ));
+                }
+                if b.offset < of.offset || end > of.offset + bytes(&of.ty) {
+                    return Err(fail(
+                        what(),
+                        format!(
+                            "bytes {}..{end} fall outside {v}'s {}..{}",
+                            b.offset,
+                            of.offset,
+                            of.offset + bytes(&of.ty)
+                        ),
+                    ));
+                }
+            }
+            None if end > p.region_bytes(b.region) => {
+                return Err(fail(
+                    what(),
+                    format!(
+                        "bytes {}..{end} fall outside the {} region of {} bytes",
+                        b.offset,
+                        b.region.name(),
+                        p.region_bytes(b.region)
+                    ),
+                ));
+            }
+            None => {}
+        }
+    }
+    let mut recorded = std::collections::HashSet::new();
+    for (i, ins) in p.instrs.iter().enumerate() {
+        let what = || format!("instruction {i}: {}", ins.kind.name());
+        for b in ins.ins.iter().chain(&ins.outs) {
+            if b.index() >= nb {
+                return Err(fail(what(), format!("{b} is not a buffer")));
+            }
+        }
+        check(p, ins, &mut recorded).map_err(|m| fail(what(), m))?;
+        if let Kind::SkipIfNonFinite { count } = ins.kind
+            && i + count as usize >= p.instrs.len()
+        {
+            return Err(fail(what(), format!("skips {count} instructions, past the end of the program")));
+        }
+    }
+    liveness(p).map_err(|(i, m)| fail(format!("instruction {i}: {}", p.instrs[i].kind.name()), m))
+}
+
+fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>) -> Result<(), String> {
+    let ty = |b: &BufId| &p.buffer(*b).ty;
+    let count = |n_in: usize, n_out: usize| {
+        if ins.ins.len() == n_in && ins.outs.len() == n_out {
+            Ok(())
+        } else {
+            Err(format!("takes {n_in} inputs and {n_out} outputs, has {} and {}", ins.ins.len(), ins.outs.len()))
+        }
+    };
+    let same_numel = |a: &BufId, b: &BufId| {
+        if ty(a).numel() == ty(b).numel() {
+            Ok(())
+        } else {
+            Err(format!("{a} has {} elements, {b} has {}", ty(a).numel(), ty(b).numel()))
+        }
+    };
+    let scalar = |b: &BufId| {
+        if ty(b).numel() == 1 && ty(b).dtype == DType::F32 {
+            Ok(())
+        } else {
+            Err(format!("{b} is {}, not an f32 scalar", ty(b)))
+        }
+    };
+    match &ins.kind {
+        Kind::Op { op, .. } => {
+            if ins.outs.len() != 1 {
+                return Err(format!("an op writes one buffer, this names {}", ins.outs.len()));
+            }
+            let tys: Vec<&TensorType> = ins.ins.iter().map(ty).collect();
+            crate::ir::check_op(op, &tys, ty(&ins.outs[0]))
+        }
+        Kind::AttentionGrads { op, which, .. } => {
+            let Op::AttentionGrad { .. } = op else { return Err("names an op that is not attention_grad".into()) };
+            if which.len() != ins.outs.len() || which.is_empty() {
+                return Err(format!("names {} gradients for {} outputs", which.len(), ins.outs.len()));
+            }
+            crate::ir::check_op(op, &ins.ins.iter().map(ty).collect::<Vec<_>>(), ty(&ins.outs[0]))?;
+            // q, k and v's gradients have their operand's type.
+            for (w, o) in which.iter().zip(&ins.outs) {
+                if let Some(src) = ins.ins.get(*w as usize).filter(|_| *w < 3)
+                    && ty(src) != ty(o)
+                {
+                    return Err(format!("gradient {w} is {}, its operand {src} is {}", ty(o), ty(src)));
+                }
+            }
+            Ok(())
+        }
+        Kind::Accumulate | Kind::Copy | Kind::Scale { .. } => {
+            count(1, 1)?;
+            same_numel(&ins.ins[0], &ins.outs[0])
+        }
+        Kind::Zero => {
+            if ins.ins.is_empty() && !ins.outs.is_empty() {
+                Ok(())
+            } else {
+                Err("zero writes its outputs and reads nothing".into())
+            }
+        }
+        Kind::FlatShard { parts, part } => {
+            count(1, 1)?;
+            if part >= parts {
+                return Err(format!("part {part} of {parts}"));
+            }
+            let want = ty(&ins.ins[0]).numel().div_ceil(*parts);
+            if ty(&ins.outs[0]).numel() != want {
+                return Err(format!(
+                    "a shard of {} elements is {want}, {} has {}",
+                    ty(&ins.ins[0]).numel(),
+                    ins.outs[0],
+                    ty(&ins.outs[0]).numel()
+                ));
+            }
+            Ok(())
+        }
+        Kind::SumSquares => {
+            count(ins.outs.len(), ins.outs.len())?;
+            ins.outs.iter().try_for_each(scalar)
+        }
+        Kind::AddScalars => {
+            count(ins.ins.len(), 1)?;
+            ins.ins.iter().chain(&ins.outs).try_for_each(scalar)
+        }
+        Kind::Collective { op, .. } => {
+            count(ins.ins.len(), ins.ins.len())?;
+            for (a, b) in ins.ins.iter().zip(&ins.outs) {
+                let (x, y) = (ty(a).numel(), ty(b).numel());
+                let ok = match op {
+                    Collective::AllReduce { .. } => x == y,
+                    Collective::AllGather => x > 0 && y % x == 0,
+                    Collective::ReduceScatter => y > 0 && x.div_ceil(y) <= x.max(1) && y <= x.max(1),
+                };
+                if !ok {
+                    return Err(format!("{a} ({x} elements) and {b} ({y}) do not fit `{}`", ins.kind.name()));
+                }
+            }
+            Ok(())
+        }
+        Kind::Send { .. } => count(ins.ins.len().max(1), 0),
+        Kind::Recv { .. } => count(0, ins.outs.len().max(1)),
+        Kind::Record { event } => {
+            count(0, 0)?;
+            recorded.insert(*event);
+            Ok(())
+        }
+        Kind::Wait { event } => {
+            count(0, 0)?;
+            if recorded.contains(event) {
+                Ok(())
+            } else {
+                Err(format!("waits for event {event}, never recorded before it"))
+            }
+        }
+        Kind::SkipIfNonFinite { .. } => {
+            count(1, 0)?;
+            scalar(&ins.ins[0])
+        }
+    }
+}
+
+/// Temporaries: written before they are read, and disjoint while both live.
+fn liveness(p: &Program) -> Result<(), (usize, String)> {
+    let nb = p.buffers.len();
+    let mut written = vec![false; nb];
+    let mut first = vec![usize::MAX; nb];
+    let mut last = vec![0usize; nb];
+    for (i, ins) in p.instrs.iter().enumerate() {
+        for b in &ins.ins {
+            let r = p.root(*b).index();
+            if p.buffers[r].region == Region::Arena && !written[r] {
+                // Accumulate and scale read their output too; only a read of never-written bytes is wrong.
+                return Err((i, format!("reads {b} before anything writes it")));
+            }
+        }
+        for b in ins.ins.iter().chain(&ins.outs) {
+            let r = p.root(*b).index();
+            first[r] = first[r].min(i);
+            last[r] = last[r].max(i);
+        }
+        for b in &ins.outs {
+            let r = p.root(*b).index();
+            if matches!(ins.kind, Kind::Accumulate) && p.buffers[r].region == Region::Arena && !written[r] {
+                return Err((i, format!("accumulates into {b} before anything writes it")));
+            }
+            written[r] = true;
+        }
+    }
+    // Sweep the temporaries in order of their first use; compare each with those still live.
+    let mut roots: Vec<usize> = (0..nb)
+        .filter(|&b| p.buffers[b].region == Region::Arena && p.buffers[b].view_of.is_none() && first[b] != usize::MAX)
+        .collect();
+    roots.sort_by_key(|&b| first[b]);
+    let mut live: Vec<usize> = Vec::new();
+    for &b in &roots {
+        live.retain(|&o| last[o] >= first[b]);
+        let (s, e) = (p.buffers[b].offset, p.buffers[b].offset + bytes(&p.buffers[b].ty));
+        for &o in &live {
+            let (os, oe) = (p.buffers[o].offset, p.buffers[o].offset + bytes(&p.buffers[o].ty));
+            if s < oe && os < e {
+                return Err((
+                    first[b],
+                    format!("b{b} (arena {s}..{e}) overlaps b{o} (arena {os}..{oe}), which is still live"),
+                ));
+            }
+        }
+        live.push(b);
+    }
+    Ok(())
+}

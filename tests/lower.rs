@@ -1,0 +1,221 @@
+//! The lowered program: every rank of every layout lowers, verifies, prints
+//! and parses back to itself; the verifier names what a broken program
+//! gets wrong; the arena is the planned peak and the checker's memory
+//! estimate stays near it.
+
+mod common;
+
+use tessera::compiler::driver::compile;
+use tessera::compiler::ir::Op;
+use tessera::compiler::lower::text::{parse, print};
+use tessera::compiler::lower::verify::verify;
+use tessera::compiler::lower::{BufId, Kind, Program, Region};
+
+const GPT: &str = "specs/tiny/gpt.spec";
+const MOE: &str = "specs/tiny/moe.spec";
+const DP2: &[&str] = &["parallel.mesh.data=2", "parallel.layout.batch=data"];
+const TP2: &[&str] = &["parallel.mesh.tensor=2", "parallel.layout.heads=tensor", "parallel.layout.mlp=tensor"];
+const PP2: &[&str] =
+    &["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.microbatches=4"];
+
+fn with(a: &[&'static str], b: &[&'static str]) -> Vec<&'static str> {
+    a.iter().chain(b).copied().collect()
+}
+
+/// The layouts lowered here: every kind of step the sharding pass writes.
+fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        (GPT, vec![]),
+        (GPT, DP2.to_vec()),
+        (GPT, with(DP2, &["parallel.zero=1"])),
+        (GPT, with(DP2, &["parallel.zero=2"])),
+        (GPT, with(DP2, &["parallel.zero=3"])),
+        (GPT, with(TP2, &["parallel.sequence_parallel=true"])),
+        (GPT, with(TP2, &["parallel.layout.vocab=tensor"])),
+        (GPT, with(PP2, &["parallel.pipeline.schedule=gpipe"])),
+        (GPT, with(PP2, &["parallel.pipeline.schedule=1f1b"])),
+        (GPT, with(PP2, &["parallel.pipeline.schedule=1f1b", "parallel.recompute=full"])),
+        (
+            GPT,
+            with(PP2, &["parallel.pipeline.schedule=interleaved_1f1b", "parallel.pipeline.virtual=2", "dims.layers=4"]),
+        ),
+        (GPT, with(&with(DP2, TP2), &with(PP2, &["parallel.pipeline.schedule=1f1b", "train.batch=8"]))),
+        (MOE, vec!["parallel.mesh.data=1"]),
+        (MOE, vec!["parallel.mesh.data=2"]),
+        (MOE, vec!["parallel.mesh.data=2", "parallel.zero=3"]),
+        (MOE, vec!["parallel.mesh.data=1", "parallel.mesh.expert=2", "parallel.layout.expert=expert"]),
+        ("specs/tiny/bert.spec", vec![]),
+        ("specs/tiny/vit.spec", vec![]),
+        ("specs/tiny/shakespeare.spec", vec![]),
+    ]
+}
+
+#[test]
+fn every_layout_lowers_verifies_and_round_trips() {
+    for (spec, o) in layouts() {
+        let m = common::check_ok(spec, &o);
+        let c = compile(&m).unwrap_or_else(|e| panic!("{spec} {o:?}: {e}"));
+        assert_eq!(c.programs.len() as u64, c.mesh.world());
+        for p in &c.programs {
+            verify(p).unwrap_or_else(|e| panic!("{spec} {o:?}: {e}"));
+            let text = print(p);
+            let back = parse(&text).unwrap_or_else(|e| panic!("{spec} {o:?} rank {}: {e}", p.rank));
+            if back != *p {
+                let b = (0..p.buffers.len()).find(|&i| back.buffers.get(i) != Some(&p.buffers[i]));
+                let i = (0..p.instrs.len()).find(|&i| back.instrs.get(i) != Some(&p.instrs[i]));
+                panic!(
+                    "{spec} {o:?} rank {}: the parsed program differs from the printed one: buffer {b:?} {:?} vs {:?}, instruction {i:?} {:?} vs {:?}",
+                    p.rank,
+                    b.map(|b| &p.buffers[b]),
+                    b.and_then(|b| back.buffers.get(b)),
+                    i.map(|i| &p.instrs[i]),
+                    i.and_then(|i| back.instrs.get(i))
+                );
+            }
+            assert_eq!(print(&back), text);
+            // Every parameter has its weights, gradient and optimizer state where it is held.
+            for (k, shard) in c.ranks[p.rank as usize].params.iter().enumerate() {
+                for name in [format!("w.{k}"), format!("g.{k}"), format!("m.{k}")] {
+                    assert_eq!(p.named(&name).is_some(), shard.held, "{spec} {o:?} rank {}: `{name}`", p.rank);
+                }
+            }
+            assert!(p.arena_bytes() > 0);
+        }
+        eprintln!(
+            "{spec} {o:?}: {} ranks, rank 0: {} instructions, {} buffers, arena {} B",
+            c.programs.len(),
+            c.programs[0].instrs.len(),
+            c.programs[0].buffers.len(),
+            c.programs[0].arena_bytes()
+        );
+    }
+}
+
+/// Each instruction kind of a step appears where the layout needs it.
+#[test]
+fn the_step_is_in_the_program() {
+    let names = |p: &Program| p.instrs.iter().map(|i| i.kind.name()).collect::<Vec<_>>();
+    let count = |p: &Program, n: &str| names(p).iter().filter(|x| **x == n).count();
+    let m = common::check_ok(GPT, &with(DP2, &["parallel.zero=2"]));
+    let c = compile(&m).expect("compiles");
+    let p = &c.programs[0];
+    assert!(count(p, "bucket_reduce_scatter") >= 1, "{:?}", names(p));
+    assert!(count(p, "bucket_all_gather") >= 1);
+    assert_eq!(count(p, "skip_if_nonfinite"), 1);
+    assert!(count(p, "adam_step") == m.params.len(), "one fused AdamW step per parameter");
+    // The gradient bucket waits for the backward pass and the update for the bucket.
+    let pos = |n: &str| names(p).iter().position(|x| *x == n).expect(n);
+    assert!(pos("wait") < pos("bucket_reduce_scatter"));
+    // One microbatch per data rank of the 8-sequence batch at micro_batch 2... each has its own inputs.
+    let micro = c.ranks[0].micro as usize;
+    assert_eq!((0..micro).filter(|j| p.named(&format!("x0.mb{j}")).is_some()).count(), micro);
+
+    // A pipeline stage sends and receives, in its schedule's order.
+    let m = common::check_ok(GPT, &with(PP2, &["parallel.pipeline.schedule=1f1b"]));
+    let c = compile(&m).expect("compiles");
+    for p in &c.programs {
+        assert_eq!(
+            count(p, "send"),
+            count(p, "recv"),
+            "rank {}: every activation sent has a gradient received",
+            p.rank
+        );
+        assert!(count(p, "send") >= 4, "rank {}: 4 microbatches cross the stage boundary", p.rank);
+    }
+    // Attention's backward is one instruction with three outputs.
+    let m = common::check_ok(GPT, &[]);
+    let p = &compile(&m).expect("compiles").programs[0];
+    let grads: Vec<_> = p.instrs.iter().filter(|i| matches!(i.kind, Kind::AttentionGrads { .. })).collect();
+    assert!(!grads.is_empty());
+    assert!(grads.iter().all(|i| i.outs.len() == 3), "dq, dk and dv from one pass");
+}
+
+/// Break a program on purpose: the verifier names the instruction or buffer and the mismatch.
+#[test]
+fn the_verifier_names_what_is_wrong() {
+    let m = common::check_ok(GPT, &[]);
+    let good = compile(&m).expect("compiles").programs.remove(0);
+    let expect = |p: Program, what: &str, message: &str| {
+        let e = verify(&p).expect_err("a broken program");
+        let s = e.to_string();
+        assert!(s.contains(what) && s.contains(message), "expected `{what}` / `{message}` in: {s}");
+    };
+    let at = |n: &str| good.instrs.iter().position(|i| i.kind.name() == n).expect(n);
+
+    // A matmul that contracts nothing: its output type is not the buffer's.
+    let mut p = good.clone();
+    let i = at("matmul");
+    let out = p.instrs[i].outs[0];
+    p.instrs[i].kind = Kind::Op { op: Op::MatMul { contract: vec![] }, rng: None, accumulate: false };
+    expect(p, &format!("instruction {i}: matmul"), "should produce");
+    // An operand that does not exist.
+    let mut p = good.clone();
+    p.instrs[i].ins[0] = BufId(1 << 30);
+    expect(p, &format!("instruction {i}: matmul"), "is not a buffer");
+    // A temporary read before anything writes it.
+    let mut p = good.clone();
+    let j = p.instrs.iter().position(|x| x.kind.name() == "embed").expect("embed");
+    let k = p.instrs.iter().position(|x| x.ins.contains(&p.instrs[j].outs[0])).expect("a reader");
+    p.instrs.swap(j, k);
+    expect(p, "instruction", "before anything writes it");
+    // Two live temporaries in the same bytes.
+    let mut p = good.clone();
+    let a = p.instrs[i].ins.iter().copied().find(|b| p.buffer(*b).region == Region::Arena).expect("an arena operand");
+    let a = p.root(a);
+    let out = p.root(out);
+    let (from, to) = (p.buffers[out.index()].offset, p.buffers[a.index()].offset);
+    for b in 0..p.buffers.len() {
+        if p.root(BufId(b as u32)) == out {
+            p.buffers[b].offset = p.buffers[b].offset - from + to;
+        }
+    }
+    expect(p, "instruction", "overlaps");
+    // A buffer outside its region.
+    let mut p = good.clone();
+    let w = p.named("w.0").expect("w.0");
+    p.buffers[w.index()].offset = p.region_bytes(Region::Param);
+    expect(p, &format!("{w}"), "outside the param region");
+    // A wait for an event nobody recorded.
+    let mut p = good.clone();
+    p.instrs.insert(
+        0,
+        tessera::compiler::lower::Instr {
+            kind: Kind::Wait { event: 99 },
+            ins: vec![],
+            outs: vec![],
+            stream: tessera::compiler::lower::Stream::Comm,
+        },
+    );
+    expect(p, "instruction 0: wait", "never recorded");
+    // The parser rejects what it cannot read, with the line.
+    let text = print(&good).replacen("mat_mul(", "matmull(", 1);
+    let Err(e) = parse(&text) else { panic!("`matmull` is not an op") };
+    assert!(e.to_string().contains("matmull") && e.to_string().starts_with("line "), "{e}");
+}
+
+/// The arena is what the liveness plan places, and the checker's estimate
+/// of a rank's memory (weights, gradients, optimizer, activations) stays
+/// within 10% of the lowered program's regions.
+#[test]
+fn the_arena_matches_the_checker_estimate() {
+    for spec in [GPT, MOE, "specs/tiny/bert.spec", "specs/tiny/vit.spec", "specs/tiny/shakespeare.spec"] {
+        // The CPU runtime's attention recomputes its scores in the backward
+        // pass (flash-style): what `recompute = selective` prices.
+        let m = common::check_ok(spec, &["parallel.recompute=selective", "parallel.mesh.data=1"]);
+        let p = &compile(&m).expect("compiles").programs[0];
+        let est = tessera::compiler::cost::memory::memory_per_rank(&m)[0];
+        let lowered = p.region_bytes(Region::Param)
+            + p.region_bytes(Region::Grad)
+            + p.region_bytes(Region::Optim)
+            + p.arena_bytes();
+        let rel = (lowered as f64 - est.total as f64).abs() / lowered as f64;
+        eprintln!(
+            "{spec}: lowered {:.2} MiB (arena {:.2} MiB) vs estimate {:.2} MiB: {:.1}%",
+            lowered as f64 / 1048576.0,
+            p.arena_bytes() as f64 / 1048576.0,
+            est.total as f64 / 1048576.0,
+            rel * 100.0
+        );
+        assert!(rel <= 0.10, "{spec}: the estimate {} is {:.1}% from the lowered {lowered}", est.total, rel * 100.0);
+    }
+}
