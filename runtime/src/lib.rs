@@ -6,6 +6,7 @@
 //! collectives between ranks (`comm`, for the simulated ranks of issue #4).
 //! The runtime never sees the AST: it takes graphs and parameter metadata.
 
+pub mod backend;
 pub mod comm;
 pub mod exec;
 pub mod infer;

@@ -419,7 +419,7 @@ impl Interpreter<'_> {
     }
 
     /// Evaluate one node, given the values of every earlier node.
-    pub(crate) fn eval_node<T: Real>(
+    pub fn eval_node<T: Real>(
         &self,
         node: &Node,
         i: usize,

@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod lowered;
 pub mod memory;
 pub mod optim;
 pub mod ranks;
@@ -189,7 +190,7 @@ impl Trainer {
         self.model.inputs[self.tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1)
     }
 
-    fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
+    pub fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
         let ty = &self.model.inputs[self.tokens_idx].ty;
         let (x, y) = self.data.batch(split, ty.dims[0].size as usize, self.seq(), self.cfg.seed, step, micro);
         let mut inputs = vec![Tensor::zeros(&ty.dims); 2];

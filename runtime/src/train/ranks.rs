@@ -59,7 +59,7 @@ pub struct RankStep {
 }
 
 /// The flat shard `d` of `n` of a tensor's elements (zero-padded to a multiple of n).
-fn flat_shard(x: &[f32], n: usize, d: usize) -> Vec<f32> {
+pub(crate) fn flat_shard(x: &[f32], n: usize, d: usize) -> Vec<f32> {
     let per = x.len().div_ceil(n);
     (d * per..(d + 1) * per).map(|i| x.get(i).copied().unwrap_or(0.0)).collect()
 }
@@ -108,7 +108,7 @@ pub fn cut(full: &Tensor<f32>, shard: &parallel::ParamShard, logical: &Param) ->
     Tensor { dims: shard.local.ty.dims.clone(), data }
 }
 
-fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
+pub(crate) fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
     let m = maps(shard, logical);
     for_each_logical(&logical.ty.dims, &m, |l, off| full.data[off] = local[l]);
 }

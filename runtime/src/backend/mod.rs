@@ -1,0 +1,85 @@
+//! The backend boundary: what executes a lowered program
+//! (`compiler::lower::Program`).
+//!
+//! A [`Backend`] owns a rank's memory (one allocation per region of the
+//! program) and runs instructions on it: an IR op (a kernel), attention's
+//! multi-output backward, the elementwise helpers of the step (accumulate,
+//! scale, copy, zero, shards, norms), collectives and point-to-point
+//! messages on a stream, and events between streams. [`run`] is the one
+//! loop that walks a program and hands each instruction to its backend,
+//! with the rank's communicator and the step's seed; the guard
+//! (`skip_if_nonfinite`) is decided here, by reading the norm back.
+//!
+//! The CPU backend ([`cpu::Cpu`]) runs ops with the interpreter's kernels
+//! (the `gemm` crate, the flash-style attention, the MoE kernels) on the
+//! arena's bytes; both of its streams are program order.
+
+pub mod cpu;
+
+use crate::comm::RankComm;
+use tessera_compiler::lower::{Buffer, Instr, Kind, Program};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("rank {rank}, instruction {at} (`{name}`): {message}")]
+pub struct BackendError {
+    pub rank: u64,
+    pub at: usize,
+    pub name: &'static str,
+    pub message: String,
+}
+
+/// Executes the instructions of one rank's lowered program.
+pub trait Backend {
+    /// Allocate the program's regions (bytes per region, in `Region::ALL` order), zeroed.
+    fn alloc(&mut self, sizes: [u64; 5]) -> Result<(), String>;
+    /// Write a buffer's elements (f32; token ids as their values).
+    fn upload(&mut self, buf: &Buffer, data: &[f32]) -> Result<(), String>;
+    /// Read a buffer's elements.
+    fn download(&self, buf: &Buffer) -> Result<Vec<f32>, String>;
+    /// Run one instruction that is not a guard. `seed` is the step's random seed.
+    fn execute<'c>(
+        &mut self,
+        p: &Program,
+        ins: &Instr,
+        comm: Option<&'c RankComm<'c>>,
+        seed: u64,
+    ) -> Result<(), String>;
+}
+
+/// What a run of a program reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunReport {
+    /// Whether the guarded update ran (the norm was finite).
+    pub updated: bool,
+}
+
+/// Run program `p` on `backend`: every instruction in order, the guard decided by the norm.
+pub fn run<'c>(
+    backend: &mut impl Backend,
+    p: &Program,
+    comm: Option<&'c RankComm<'c>>,
+    seed: u64,
+) -> Result<RunReport, BackendError> {
+    let mut at = 0;
+    let mut updated = true;
+    while at < p.instrs.len() {
+        let ins = &p.instrs[at];
+        let fail = |message: String| BackendError { rank: p.rank, at, name: ins.kind.name(), message };
+        if let Kind::SkipIfNonFinite { count } = ins.kind {
+            let v = backend.download(p.buffer(ins.ins[0])).map_err(fail)?;
+            if !v.iter().all(|x| x.is_finite()) {
+                updated = false;
+                at += count as usize;
+            }
+        } else {
+            let name = ins.kind.name();
+            match comm {
+                Some(c) if c.trace.is_some() => c.span("compute", name, || backend.execute(p, ins, comm, seed)),
+                _ => backend.execute(p, ins, comm, seed),
+            }
+            .map_err(fail)?;
+        }
+        at += 1;
+    }
+    Ok(RunReport { updated })
+}

@@ -1,0 +1,190 @@
+//! Training steps as lowered programs: every rank of the mesh runs its
+//! `compiler::lower::Program` on a backend, as a thread with the in-process
+//! communicator. Weights, gradients, moments and activations live in the
+//! backend's regions; the host only uploads each step's batches and
+//! hyperparameters and reads back the loss and the norm.
+//!
+//! Checkpoints hold logical tensors: [`LoweredRanks::new`] cuts them into
+//! each rank's buffers (ZeRO's flat shards where the program has them) and
+//! [`LoweredRanks::logical`] assembles them again.
+
+use super::optim::OptimizerState;
+use super::ranks::{TIMEOUT, cut, flat_shard, place};
+use crate::backend::{self, Backend, cpu::Cpu};
+use crate::comm::{Communicator, RankComm, World};
+use crate::tensor::Tensor;
+use std::sync::Mutex;
+use tessera_compiler::Model;
+use tessera_compiler::config::Optimizer;
+use tessera_compiler::driver::Compiled;
+use tessera_compiler::lower::Program;
+use tessera_compiler::parallel::Mesh;
+
+/// What one rank reports after a step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoweredStep {
+    /// The summed loss of the rank's microbatches (0 on pipeline stages before the last).
+    pub loss_sum: f64,
+    /// The global gradient norm (after the mean over microbatches).
+    pub grad_norm: f64,
+    pub updated: bool,
+}
+
+pub struct LoweredRanks {
+    pub mesh: Mesh,
+    programs: Vec<Program>,
+    backends: Vec<Mutex<Cpu>>,
+    /// Microbatches per rank and step.
+    micro: Vec<u64>,
+    betas: (f64, f64),
+}
+
+fn data_coord(mesh: &Mesh, rank: u64) -> u64 {
+    match mesh.data_axis.as_deref() {
+        Some(a) if mesh.size(a) > 1 => mesh.coord(rank, a),
+        _ => 0,
+    }
+}
+
+impl LoweredRanks {
+    /// Each rank's backend, holding its part of the logical `params` and `opt`.
+    pub fn new(m: &Model, c: &Compiled, params: &[Tensor<f32>], opt: &OptimizerState) -> Result<LoweredRanks, String> {
+        let mut backends = Vec::new();
+        let mut micro = Vec::new();
+        for (p, rp) in c.programs.iter().zip(&c.ranks) {
+            let mut cpu = Cpu::new();
+            cpu.alloc(p.sizes)?;
+            let d = data_coord(&c.mesh, p.rank) as usize;
+            let dp = c.mesh.data_axis.as_deref().map(|a| c.mesh.size(a)).unwrap_or(1) as usize;
+            for (k, meta) in m.params.iter().enumerate() {
+                let shard = &rp.params[k];
+                if !shard.held {
+                    continue;
+                }
+                // A buffer holds the rank's cut of the logical tensor, or its flat ZeRO shard of that cut.
+                let mut put = |name: String, full: &Tensor<f32>| -> Result<(), String> {
+                    let Some(b) = p.named(&name) else { return Ok(()) };
+                    let local = cut(full, shard, meta);
+                    let buf = p.buffer(b);
+                    let data = if buf.ty.numel() as usize == local.numel() {
+                        local.data
+                    } else {
+                        flat_shard(&local.data, dp, d)
+                    };
+                    cpu.upload(buf, &data)
+                };
+                put(format!("w.{k}"), &params[k])?;
+                put(format!("m.{k}"), &opt.m[k])?;
+                if let Some(v) = opt.v.get(k) {
+                    put(format!("v.{k}"), v)?;
+                }
+            }
+            micro.push((0..).take_while(|j| p.named(&format!("x0.mb{j}")).is_some()).count() as u64);
+            backends.push(Mutex::new(cpu));
+        }
+        let betas = match opt.optimizer {
+            Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
+            Optimizer::Sgd { .. } => (0.0, 0.0),
+        };
+        Ok(LoweredRanks { mesh: c.mesh.clone(), programs: c.programs.clone(), backends, micro, betas })
+    }
+
+    /// One training step on every rank. `inputs(k)` is global microbatch `k`.
+    pub fn step(
+        &self,
+        step: u64,
+        seed: u64,
+        lr: f64,
+        inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
+    ) -> Result<Vec<LoweredStep>, String> {
+        let world = World::new(self.programs.len(), TIMEOUT);
+        let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
+        let t = (step + 1) as i32;
+        let hyper = [lr as f32, (1.0 - self.betas.0.powi(t)) as f32, (1.0 - self.betas.1.powi(t)) as f32];
+        world.run(|local| {
+            crate::exec::set_threads(per_rank);
+            local.set_step(step);
+            let r = local.rank();
+            let p = &self.programs[r];
+            let mut cpu =
+                self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+            let d = data_coord(&self.mesh, r as u64);
+            for j in 0..self.micro[r] {
+                for (i, x) in inputs(d * self.micro[r] + j).iter().enumerate() {
+                    if let Some(b) = p.named(&format!("x{i}.mb{j}")) {
+                        cpu.upload(p.buffer(b), &x.data)?;
+                    }
+                }
+            }
+            let h = p.named("hyper").ok_or("the program has no `hyper` buffer")?;
+            cpu.upload(p.buffer(h), &hyper)?;
+            let rc = RankComm::new(local, &self.mesh.order);
+            let report = backend::run(&mut *cpu, p, Some(&rc), seed ^ (step << 20)).map_err(|e| e.to_string())?;
+            let read = |name: &str| -> Result<f64, String> {
+                let b = p.named(name).ok_or_else(|| format!("the program has no `{name}` buffer"))?;
+                Ok(cpu.download(p.buffer(b))?[0] as f64)
+            };
+            Ok(LoweredStep { loss_sum: read("loss")?, grad_norm: read("norm")?.sqrt(), updated: report.updated })
+        })
+    }
+
+    /// The logical weights and optimizer state, assembled from the ranks' buffers.
+    pub fn logical(
+        &self,
+        m: &Model,
+        c: &Compiled,
+        opt: &OptimizerState,
+    ) -> Result<(Vec<Tensor<f32>>, OptimizerState), String> {
+        let mut params: Vec<Tensor<f32>> = m.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
+        let mut out = opt.clone();
+        out.m = params.clone();
+        if !out.v.is_empty() {
+            out.v = params.clone();
+        }
+        for (r, (p, rp)) in self.programs.iter().zip(&c.ranks).enumerate() {
+            let cpu = self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+            for (k, meta) in m.params.iter().enumerate() {
+                let shard = &rp.params[k];
+                if !shard.held {
+                    continue;
+                }
+                let n = shard.local.ty.numel() as usize;
+                // A flat ZeRO shard is whole across the rank's data group.
+                let whole = |name: &str| -> Result<Option<Vec<f32>>, String> {
+                    let Some(b) = p.named(name) else { return Ok(None) };
+                    if p.buffer(b).ty.numel() as usize == n {
+                        return Ok(Some(cpu.download(p.buffer(b))?));
+                    }
+                    let axis = self.mesh.data_axis.as_deref().ok_or("a shard without a data axis")?;
+                    let mut v = Vec::new();
+                    for member in self.mesh.group(r as u64, axis) {
+                        let q = &self.programs[member as usize];
+                        let other = self.backends[member as usize].try_lock();
+                        let data = match (&other, member as usize == r) {
+                            (_, true) => cpu.download(p.buffer(b))?,
+                            (Ok(o), false) => {
+                                o.download(q.buffer(q.named(name).ok_or("a shard missing on a data rank")?))?
+                            }
+                            (Err(_), false) => return Err("a data rank's backend is busy".into()),
+                        };
+                        v.extend(data);
+                    }
+                    v.truncate(n);
+                    Ok(Some(v))
+                };
+                if let Some(w) = whole(&format!("w.{k}"))? {
+                    place(&mut params[k], &w, shard, meta);
+                }
+                if let Some(w) = whole(&format!("m.{k}"))? {
+                    place(&mut out.m[k], &w, shard, meta);
+                }
+                if !out.v.is_empty()
+                    && let Some(w) = whole(&format!("v.{k}"))?
+                {
+                    place(&mut out.v[k], &w, shard, meta);
+                }
+            }
+        }
+        Ok((params, out))
+    }
+}
