@@ -2,7 +2,10 @@
 //!
 //! It checks that the graph is SSA in topological order (inputs come before
 //! their users), that each op has the inputs it needs, and re-derives the
-//! output type of every op whose rule is local, comparing it with the node's.
+//! output type of every op from its inputs' types and attributes, comparing
+//! it with the node's. A few sizes come from the node itself (a split's part
+//! sizes, a dispatch's slots, a gather's group size), and are checked against
+//! what the inputs allow; inputs and parameters are typed by the model.
 
 use super::{BinaryOp, Graph, Op, ValueId};
 use crate::model::{Dim, TensorType};
@@ -91,7 +94,7 @@ fn broadcast(a: &TensorType, b: &TensorType) -> Result<Vec<Dim>, String> {
     Ok(dims)
 }
 
-fn expected(op: &Op, ins: &[&TensorType]) -> Result<Option<TensorType>, String> {
+fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<TensorType>, String> {
     let t = |i: usize| ins[i];
     Ok(Some(match op {
         Op::Unary { .. }
@@ -167,7 +170,204 @@ fn expected(op: &Op, ins: &[&TensorType]) -> Result<Option<TensorType>, String> 
             t(0).clone()
         }
 
-        _ => return Ok(None),
+        Op::Scalar { .. } | Op::ClipScale { .. } => TensorType::scalar(out.dtype),
+        Op::SplitDim { dim, into } => {
+            let d = t(0).dim(dim).ok_or_else(|| format!("split dim `{dim}` is not in the input"))?;
+            let parts: Vec<Dim> = into
+                .iter()
+                .map(|n| out.dim(n).cloned().ok_or_else(|| format!("`{n}` is not in the output")))
+                .collect::<Result<_, _>>()?;
+            if parts.iter().map(|p| p.size).product::<u64>() != d.size {
+                return Err(format!("`{dim}` of {} does not split into {into:?}", d.size));
+            }
+            let dims =
+                t(0).dims.iter().flat_map(|x| if &x.name == dim { parts.clone() } else { vec![x.clone()] }).collect();
+            TensorType::new(t(0).dtype, dims)
+        }
+        Op::MergeDims { dims, into } => {
+            let at = t(0)
+                .dims
+                .iter()
+                .position(|d| Some(&d.name) == dims.first())
+                .ok_or("merged dims are not in the input")?;
+            let run: Vec<&str> = t(0).dims.iter().skip(at).take(dims.len()).map(|d| d.name.as_str()).collect();
+            if run != dims.iter().map(String::as_str).collect::<Vec<_>>() {
+                return Err(format!("merged dims {dims:?} are not adjacent and in order in the input"));
+            }
+            let size = t(0).dims[at..at + dims.len()].iter().map(|d| d.size).product();
+            let mut ds = t(0).dims[..at].to_vec();
+            ds.push(Dim::new(into, size));
+            ds.extend(t(0).dims[at + dims.len()..].iter().cloned());
+            TensorType::new(t(0).dtype, ds)
+        }
+        Op::Rename { from, to } => {
+            let dims = t(0)
+                .dims
+                .iter()
+                .map(|d| match from.iter().position(|f| f == &d.name) {
+                    Some(i) => Dim::new(&to[i], d.size),
+                    None => d.clone(),
+                })
+                .collect();
+            TensorType::new(t(0).dtype, dims)
+        }
+        Op::Concat { over, into } => {
+            let mut total = 0;
+            for (i, o) in over.iter().enumerate() {
+                total += t(i).dim(o).ok_or_else(|| format!("input {i} has no dim `{o}`"))?.size;
+                if t(i).dtype != out.dtype {
+                    return Err("inputs and output dtypes differ".into());
+                }
+            }
+            if out.dim(into).map(|d| d.size) != Some(total) {
+                return Err(format!("`{into}` must be the inputs' {total} elements"));
+            }
+            out.clone()
+        }
+        Op::Attention { .. } | Op::NormGradX { .. } | Op::DropoutGrad { .. } | Op::TopK { .. } => t(0).clone(),
+        Op::CrossEntropyGrad { .. } | Op::CrossEntropyGradRows { .. } | Op::ZLossGrad => t(0).clone(),
+        Op::AmaxGrad { .. } | Op::AdamMoment { .. } | Op::AdamStep { .. } | Op::AllReduce { .. } => t(0).clone(),
+        Op::GateMask => t(0).clone(),
+        Op::CombineGradGates => t(0).clone(),
+        Op::LoadBalanceGrad => t(1).clone(),
+        Op::NormGradGain { dim, .. } => {
+            let d = t(0).dim(dim).ok_or_else(|| format!("normalised dim `{dim}` is not in the input"))?;
+            TensorType::new(t(0).dtype, vec![d.clone()])
+        }
+        Op::AttentionGrad { which, mask, .. } => {
+            // Gradient `which` has its operand's type: q, k, v, then (after
+            // the mask) the relative-position operands in order.
+            let i = if *which < 3 { *which as usize } else { 3 + usize::from(*mask) + (*which as usize - 3) };
+            if i + 1 >= ins.len() {
+                return Err(format!("gradient {which} has no operand"));
+            }
+            t(i).clone()
+        }
+        Op::Sinusoid => {
+            if out.dims.len() != 2 {
+                return Err("sinusoid positions are [seq, dim]".into());
+            }
+            out.clone()
+        }
+        Op::Patches { size } => {
+            let n = t(0).dims.len();
+            if n < 3 || out.dims.len() != n - 1 {
+                return Err("patches take [..., channels, height, width] to [..., grid, pixels]".into());
+            }
+            let (c, h, w) = (t(0).dims[n - 3].size, t(0).dims[n - 2].size, t(0).dims[n - 1].size);
+            let mut dims = t(0).dims[..n - 3].to_vec();
+            dims.push(Dim::new(&out.dims[n - 3].name, (h / size) * (w / size)));
+            dims.push(Dim::new(&out.dims[n - 2].name, c * size * size));
+            TensorType::new(t(0).dtype, dims)
+        }
+        Op::Dispatch | Op::CombineGradY => {
+            // gates [tokens..., expert], x [tokens..., rest...] → [expert, slot, rest...]
+            let (gates, x) = (t(0), t(1));
+            let tokens = &gates.dims[..gates.dims.len().saturating_sub(1)];
+            if !x.dims.starts_with(tokens) || out.dims.len() < 2 || Some(&out.dims[0]) != gates.dims.last() {
+                return Err("routed values are [expert, slot, ...] of the gates' tokens".into());
+            }
+            let mut dims = vec![out.dims[0].clone(), out.dims[1].clone()];
+            dims.extend(x.dims[tokens.len()..].iter().cloned());
+            TensorType::new(x.dtype, dims)
+        }
+        Op::Combine | Op::DispatchGrad => {
+            // gates [tokens..., expert], y [expert, slot, rest...] → [tokens..., rest...]
+            let (gates, y) = (t(0), t(1));
+            if y.dims.len() < 2 || Some(&y.dims[0]) != gates.dims.last() {
+                return Err("expert values are [expert, slot, ...]".into());
+            }
+            let mut dims = gates.dims[..gates.dims.len() - 1].to_vec();
+            dims.extend(y.dims[2..].iter().cloned());
+            TensorType::new(y.dtype, dims)
+        }
+        Op::Einsum => {
+            for d in &out.dims {
+                let found = [t(0), t(1)].iter().find_map(|x| x.dim(&d.name).cloned());
+                if found.as_ref() != Some(d) {
+                    return Err(format!("output dim `{}` of size {} is in neither operand", d.name, d.size));
+                }
+            }
+            TensorType::new(t(0).dtype, out.dims.clone())
+        }
+        Op::EmbedGrad | Op::EmbedGradRows { .. } => {
+            let (ids, g) = (t(0), t(1));
+            if !g.dims.starts_with(&ids.dims) || out.dims.is_empty() || out.dims[1..] != g.dims[ids.dims.len()..] {
+                return Err("a table's gradient is [rows, the gradient's dims after the ids']".into());
+            }
+            TensorType::new(g.dtype, out.dims.clone())
+        }
+        Op::EmbedRows { .. } => {
+            let (table, ids) = (t(0), t(1));
+            let mut dims = ids.dims.clone();
+            dims.extend(table.dims.iter().skip(1).cloned());
+            TensorType::new(table.dtype, dims)
+        }
+        Op::TargetLogit { .. } => TensorType::new(t(0).dtype, t(1).dims.clone()),
+        Op::Untake { dim, indices } => {
+            let d = out.dim(dim).ok_or_else(|| format!("`{dim}` is not in the output"))?;
+            let mut rest: Vec<&Dim> = out.dims.iter().filter(|x| &x.name != dim).collect();
+            rest.sort_by(|a, b| a.name.cmp(&b.name));
+            for (i, &index) in indices.iter().enumerate() {
+                let mut part: Vec<&Dim> = t(i).dims.iter().collect();
+                part.sort_by(|a, b| a.name.cmp(&b.name));
+                if part != rest || index >= d.size || t(i).dtype != out.dtype {
+                    return Err(format!("part {i} does not fit slice {index} of `{dim}`"));
+                }
+            }
+            out.clone()
+        }
+        Op::Slice { dim, start, to } => {
+            let d = t(0).dim(dim).ok_or_else(|| format!("`{dim}` is not in the input"))?;
+            let len = out.dim(to).ok_or_else(|| format!("`{to}` is not in the output"))?.size;
+            if start + len > d.size {
+                return Err(format!("slice {start}..{} of `{dim}` ({})", start + len, d.size));
+            }
+            let dims = t(0).dims.iter().map(|x| if &x.name == dim { Dim::new(to, len) } else { x.clone() }).collect();
+            TensorType::new(t(0).dtype, dims)
+        }
+        Op::Select { dim, indices } => {
+            let d = t(0).dim(dim).ok_or_else(|| format!("`{dim}` is not in the input"))?;
+            if let Some(i) = indices.iter().find(|&&i| i >= d.size) {
+                return Err(format!("index {i} of `{dim}` ({})", d.size));
+            }
+            let dims = t(0)
+                .dims
+                .iter()
+                .map(|x| if &x.name == dim { Dim::new(dim, indices.len() as u64) } else { x.clone() })
+                .collect();
+            TensorType::new(t(0).dtype, dims)
+        }
+        Op::AllGather { dim, .. } | Op::ReduceScatter { dim, .. } => {
+            // The dim grows (gather) or shrinks (scatter) by the group's size; nothing else changes.
+            let (a, b) = (t(0).dim(dim).map(|d| d.size), out.dim(dim).map(|d| d.size));
+            let (Some(a), Some(b)) = (a, b) else { return Err(format!("`{dim}` is not in the input and output")) };
+            let ok = match op {
+                Op::AllGather { .. } => a > 0 && b % a == 0,
+                _ => b > 0 && a % b == 0,
+            };
+            if !ok {
+                return Err(format!("`{dim}` goes from {a} to {b}"));
+            }
+            let dims = t(0).dims.iter().map(|x| if &x.name == dim { Dim::new(dim, b) } else { x.clone() }).collect();
+            TensorType::new(t(0).dtype, dims)
+        }
+        Op::AllToAll { split, concat, .. } => {
+            let names = |x: &TensorType| x.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+            if names(t(0)) != names(out) {
+                return Err("an all-to-all keeps the dims".into());
+            }
+            for (a, b) in t(0).dims.iter().zip(&out.dims) {
+                if a.size != b.size && &a.name != split && &a.name != concat {
+                    return Err(format!("`{}` changes size outside the split and concat dims", a.name));
+                }
+            }
+            out.clone()
+        }
+        Op::Expand => TensorType::new(t(0).dtype, out.dims.clone()),
+        // Typed by the model: an input, a parameter (the lowering checks their buffers).
+        Op::Input { .. } | Op::Param { .. } => return Ok(None),
+        Op::Permute => TensorType::new(t(0).dtype, out.dims.clone()),
     }))
 }
 
@@ -198,7 +398,7 @@ pub fn check_op(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<(), St
     {
         return Err(format!("expand drops dim `{}`", d.name));
     }
-    match expected(op, ins) {
+    match expected(op, ins, out) {
         Ok(Some(t)) if &t != out => Err(format!("`{}` should produce {t}, the node says {out}", op.name())),
         Ok(_) => Ok(()),
         Err(m) => Err(format!("`{}`: {m}", op.name())),
