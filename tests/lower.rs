@@ -188,7 +188,7 @@ fn the_verifier_names_what_is_wrong() {
     );
     expect(p, "instruction 0: wait", "never recorded");
     // The parser rejects what it cannot read, with the line.
-    let text = print(&good).replacen("mat_mul(", "matmull(", 1);
+    let text = print(&good).replacen("matmul(", "matmull(", 1);
     let Err(e) = parse(&text) else { panic!("`matmull` is not an op") };
     assert!(e.to_string().contains("matmull") && e.to_string().starts_with("line "), "{e}");
 }
@@ -220,7 +220,7 @@ fn the_arena_matches_the_checker_estimate() {
     }
 }
 
-/// Every pass's output, broken on purpose one node at a time: a node whose
+/// Every pass's output parses back from its text, and, broken on purpose one node at a time: a node whose
 /// type is wrong (another dtype, a dim of another size, an extra dim) is
 /// caught at that node, and the error names its op. Covers the checker's
 /// forward graphs, autodiff's backward graphs, the sharding pass's rank
@@ -300,6 +300,12 @@ fn the_ir_verifier_catches_a_wrong_type_in_every_op() {
     let mut covered = BTreeSet::new();
     for (name, g) in &graphs {
         verify(g).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // The text form parses back to the same nodes and outputs.
+        let back = tessera::compiler::ir::parse(&g.to_text()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            back.nodes == g.nodes && back.outputs == g.outputs,
+            "{name}: the graph's text does not parse back to it"
+        );
         for i in 0..g.len() {
             let op = g.nodes[i].op.name();
             if matches!(op, "input" | "param" | "sinusoid") {

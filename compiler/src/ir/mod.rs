@@ -12,6 +12,7 @@
 //! transform graphs. This module owns the data and its text form; it never
 //! touches the AST.
 
+pub mod attrs;
 mod print;
 pub mod types;
 mod verify;
@@ -20,6 +21,7 @@ use crate::syntax::span::Span;
 use serde::{Deserialize, Serialize};
 pub use types::{DType, Dim, TensorType};
 
+pub use print::{ParseError, node_text, parse};
 pub use verify::{VerifyError, check_op, verify};
 
 /// A value: the output of the node with this index.
@@ -124,19 +126,16 @@ pub enum ReduceOp {
 }
 
 /// Relative-position variants of attention.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum RelPos {
+    #[default]
     None,
     /// T5 bucketed bias; the extra input is the table [buckets, heads].
-    T5 {
-        max_distance: f64,
-    },
+    T5 { max_distance: f64 },
     /// Transformer-XL; extra inputs are r [kv_seq, heads, head_dim] and, with
     /// `biases`, u and v [heads, head_dim].
-    Xl {
-        biases: bool,
-    },
+    Xl { biases: bool },
 }
 
 /// An IR operation. Inputs are listed on the node, in the order given here.
@@ -182,7 +181,14 @@ pub enum Op {
     /// `x` → dropout with rate `p`.
     Dropout { p: f64 },
     /// `q, k, v [, mask] [, rel inputs]` → attention.
-    Attention { causal: bool, dropout: f64, mask: bool, rel: RelPos, window: Option<u64> },
+    Attention {
+        causal: bool,
+        dropout: f64,
+        mask: bool,
+        #[serde(default)]
+        rel: RelPos,
+        window: Option<u64>,
+    },
     /// `x` → rotary embeddings on [..., seq, heads, head_dim]: pairs (2i, 2i+1)
     /// of the first `fraction` of head_dim rotate by position · theta^(−2i/rotated).
     Rope { theta: f64, fraction: f64 },

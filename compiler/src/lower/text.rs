@@ -19,7 +19,7 @@
 //! prints and parses by one rule.
 
 use super::{BufId, Buffer, Instr, Kind, Program, Region, Stream};
-use crate::ir::{DType, Dim, TensorType};
+use crate::ir::attrs::{Cursor, op_attrs, op_from, record_text};
 use serde_json::{Map, Value};
 use std::fmt::Write;
 
@@ -63,7 +63,7 @@ pub fn instr_text(ins: &Instr) -> String {
     }
     s += &format!("{name}({})", list(&ins.ins));
     if !attrs.is_empty() {
-        s += &format!(" {}", value_text(&Value::Object(attrs)));
+        s += &format!(" {}", record_text(&attrs));
     }
     if ins.stream == Stream::Comm {
         s += " @comm";
@@ -71,33 +71,36 @@ pub fn instr_text(ins: &Instr) -> String {
     s
 }
 
-/// An instruction's printed name and attributes: an IR op by its own tag
-/// and fields; a bucket collective by its collective; the rest by kind.
+/// An instruction's printed name and attributes: an IR op as the graph IR
+/// prints it; a bucket collective by its collective; the rest by kind.
 fn name_and_attrs(k: &Kind) -> (String, Map<String, Value>) {
-    let Value::Object(mut o) = serde_json::to_value(k).expect("kinds serialize") else { unreachable!("a tagged enum") };
-    let kind = take_tag(&mut o, "kind");
-    match kind.as_str() {
-        "op" => {
-            let Some(Value::Object(mut op)) = o.remove("op") else { unreachable!("an op") };
-            let name = take_tag(&mut op, "kind");
-            for key in ["rng", "accumulate"] {
-                if let Some(r) = o.remove(key).filter(|r| !r.is_null()) {
-                    op.insert(key.into(), r);
-                }
+    match k {
+        Kind::Op { op, rng, accumulate } => {
+            let (name, mut attrs) = op_attrs(op);
+            if let Some(r) = rng {
+                attrs.insert("rng".into(), Value::from(*r));
             }
-            (name, op)
-        }
-        "attention_grads" => {
-            let Some(Value::Object(mut op)) = o.remove("op") else { unreachable!("an op") };
-            take_tag(&mut op, "kind");
-            op.remove("which");
-            op.insert("which".into(), o.remove("which").unwrap_or(Value::Null));
-            if let Some(r) = o.remove("rng").filter(|r| !r.is_null()) {
-                op.insert("rng".into(), r);
+            if *accumulate {
+                attrs.insert("accumulate".into(), Value::Bool(true));
             }
-            (kind, op)
+            (name.to_string(), attrs)
         }
-        "collective" => {
+        Kind::AttentionGrads { op, which, rng } => {
+            let (_, mut attrs) = op_attrs(op);
+            attrs.insert("which".into(), Value::from(which.clone()));
+            if let Some(r) = rng {
+                attrs.insert("rng".into(), Value::from(*r));
+            }
+            (k.name().to_string(), attrs)
+        }
+        _ => {
+            let Value::Object(mut o) = serde_json::to_value(k).expect("kinds serialize") else {
+                unreachable!("a tagged enum")
+            };
+            let kind = take_tag(&mut o, "kind");
+            if kind != "collective" {
+                return (kind, o);
+            }
             let Some(Value::Object(mut c)) = o.remove("op") else { unreachable!("a collective") };
             let name = take_tag(&mut c, "collective");
             let mut attrs = Map::new();
@@ -105,7 +108,6 @@ fn name_and_attrs(k: &Kind) -> (String, Map<String, Value>) {
             attrs.extend(c);
             (name, attrs)
         }
-        _ => (kind, o),
     }
 }
 
@@ -113,29 +115,6 @@ fn take_tag(o: &mut Map<String, Value>, key: &str) -> String {
     match o.remove(key) {
         Some(Value::String(s)) => s,
         _ => unreachable!("tagged enums carry their tag"),
-    }
-}
-
-fn is_word(s: &str) -> bool {
-    let mut cs = s.chars();
-    cs.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-        && !matches!(s, "true" | "false" | "none")
-}
-
-/// An attribute value: numbers as JSON writes them (they read back exactly),
-/// bare words for names, `[a, b]` lists and `{k = v}` records.
-fn value_text(v: &Value) -> String {
-    match v {
-        Value::Null => "none".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) if is_word(s) => s.clone(),
-        Value::String(s) => Value::String(s.clone()).to_string(),
-        Value::Array(xs) => format!("[{}]", xs.iter().map(value_text).collect::<Vec<_>>().join(", ")),
-        Value::Object(o) => {
-            format!("{{{}}}", o.iter().map(|(k, v)| format!("{k} = {}", value_text(v))).collect::<Vec<_>>().join(", "))
-        }
     }
 }
 
@@ -156,9 +135,9 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
             continue;
         }
         let fail = |message: String| ParseError { line: i + 1, message };
-        let mut c = Cursor { s: line, at: 0 };
+        let mut c = Cursor::new(line);
         if let Some(rest) = line.strip_prefix("program rank ") {
-            let mut c = Cursor { s: rest, at: 0 };
+            let mut c = Cursor::new(rest);
             p.rank = c.number().map_err(fail)?;
             // Coordinates in rank-numbering order (a record would sort them).
             c.expect("{").map_err(fail)?;
@@ -178,7 +157,7 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
             return Err(fail("expected `program rank N {...}` first".into()));
         }
         if let Some(rest) = line.strip_prefix("regions ") {
-            let mut c = Cursor { s: rest, at: 0 };
+            let mut c = Cursor::new(rest);
             for (k, v) in c.record().map_err(fail)? {
                 let r = Region::from_name(&k).ok_or_else(|| fail(format!("unknown region `{k}`")))?;
                 let at = Region::ALL.iter().position(|&x| x == r).expect("a region");
@@ -186,7 +165,7 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
             }
             continue;
         }
-        let outs = c.outs().map_err(fail)?;
+        let outs = outs(&mut c).map_err(fail)?;
         let word = c.word().map_err(fail)?;
         match word.as_str() {
             "buffer" | "view" => {
@@ -194,12 +173,12 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
                 if b.index() != p.buffers.len() {
                     return Err(fail(format!("expected b{} next, found {b}", p.buffers.len())));
                 }
-                let view_of = if word == "view" { Some(c.buf().map_err(fail)?) } else { None };
-                let buffer = c.buffer(view_of).map_err(fail)?;
+                let view_of = if word == "view" { Some(BufId(c.id("b").map_err(fail)?)) } else { None };
+                let buffer = buffer(&mut c, view_of).map_err(fail)?;
                 p.buffers.push(buffer);
             }
             name => {
-                let ins = c.args().map_err(fail)?;
+                let ins = c.ids("b").map_err(fail)?.into_iter().map(BufId).collect();
                 let attrs = if c.peek() == Some('{') { c.record().map_err(fail)? } else { Map::new() };
                 let stream = if c.eat("@comm") { Stream::Comm } else { Stream::Compute };
                 c.end().map_err(fail)?;
@@ -213,41 +192,43 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
 
 /// The inverse of [`name_and_attrs`].
 fn kind_of(name: &str, mut attrs: Map<String, Value>) -> Result<Kind, String> {
-    let tag = |o: &mut Map<String, Value>, key: &str, v: &str| {
-        o.insert(key.to_string(), Value::String(v.to_string()));
+    let word = |v: &str| Value::String(v.to_string());
+    let rng = |attrs: &mut Map<String, Value>| -> Result<Option<u64>, String> {
+        match attrs.remove("rng") {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| format!("`rng` is a whole number, found {v}")),
+        }
     };
-    let mut o = Map::new();
     match name {
         "bucket_all_reduce" | "bucket_all_gather" | "bucket_reduce_scatter" => {
-            tag(&mut o, "kind", "collective");
+            let mut o = Map::new();
+            o.insert("kind".into(), word("collective"));
             o.insert("axis".into(), attrs.remove("axis").unwrap_or(Value::Null));
-            tag(&mut attrs, "collective", name);
+            attrs.insert("collective".into(), word(name));
             o.insert("op".into(), Value::Object(attrs));
+            serde_json::from_value(Value::Object(o)).map_err(|e| format!("`{name}`: {e}"))
         }
         "attention_grads" => {
-            tag(&mut o, "kind", name);
-            let which = attrs.remove("which").unwrap_or(Value::Null);
-            o.insert("rng".into(), attrs.remove("rng").unwrap_or(Value::Null));
-            tag(&mut attrs, "kind", "attention_grad");
-            attrs.insert("which".into(), which.get(0).cloned().unwrap_or(Value::Null));
-            o.insert("op".into(), Value::Object(attrs));
-            o.insert("which".into(), which);
+            let rng = rng(&mut attrs)?;
+            let which: Vec<u8> = serde_json::from_value(attrs.remove("which").unwrap_or(Value::Null))
+                .map_err(|e| format!("`which`: {e}"))?;
+            attrs.insert("which".into(), Value::from(which.first().copied().unwrap_or(0)));
+            Ok(Kind::AttentionGrads { op: op_from("attention_grad", attrs)?, which, rng })
         }
         _ if KINDS.contains(&name) => {
-            tag(&mut o, "kind", name);
-            o.extend(attrs);
+            attrs.insert("kind".into(), word(name));
+            serde_json::from_value(Value::Object(attrs)).map_err(|e| format!("`{name}`: {e}"))
         }
         _ => {
-            tag(&mut o, "kind", "op");
-            o.insert("rng".into(), attrs.remove("rng").unwrap_or(Value::Null));
-            if let Some(a) = attrs.remove("accumulate") {
-                o.insert("accumulate".into(), a);
-            }
-            tag(&mut attrs, "kind", name);
-            o.insert("op".into(), Value::Object(attrs));
+            let rng = rng(&mut attrs)?;
+            let accumulate = match attrs.remove("accumulate") {
+                None => false,
+                Some(Value::Bool(b)) => b,
+                Some(v) => return Err(format!("`accumulate` is true or false, found {v}")),
+            };
+            Ok(Kind::Op { op: op_from(name, attrs)?, rng, accumulate })
         }
     }
-    serde_json::from_value(Value::Object(o)).map_err(|e| format!("`{name}`: {e}"))
 }
 
 /// The instruction kinds printed under their own name.
@@ -266,200 +247,42 @@ const KINDS: [&str; 12] = [
     "wait",
 ];
 
-struct Cursor<'a> {
-    s: &'a str,
-    at: usize,
+/// `b1, b2 =` before an instruction, or nothing.
+fn outs(c: &mut Cursor) -> Result<Vec<BufId>, String> {
+    let save = c.mark();
+    let mut outs = Vec::new();
+    loop {
+        let Ok(b) = c.id("b") else {
+            c.reset(save);
+            return Ok(Vec::new());
+        };
+        outs.push(BufId(b));
+        if c.eat("=") {
+            return Ok(outs);
+        }
+        if !c.eat(",") {
+            c.reset(save);
+            return Ok(Vec::new());
+        }
+    }
 }
 
-impl<'a> Cursor<'a> {
-    fn rest(&self) -> &'a str {
-        &self.s[self.at..]
-    }
-    fn skip(&mut self) {
-        let r = self.rest();
-        self.at += r.len() - r.trim_start().len();
-    }
-    fn peek(&mut self) -> Option<char> {
-        self.skip();
-        self.rest().chars().next()
-    }
-    fn eat(&mut self, t: &str) -> bool {
-        self.skip();
-        if self.rest().starts_with(t) {
-            self.at += t.len();
-            true
-        } else {
-            false
+/// `region+offset : type ["name"]`.
+fn buffer(c: &mut Cursor, view_of: Option<BufId>) -> Result<Buffer, String> {
+    let r = c.word()?;
+    let region = Region::from_name(&r).ok_or_else(|| format!("unknown region `{r}`"))?;
+    c.expect("+")?;
+    let offset = c.number()?;
+    c.expect(":")?;
+    let ty = c.ty()?;
+    let name = if c.peek() == Some('"') {
+        match c.value()? {
+            Value::String(s) => s,
+            _ => unreachable!("a quoted string"),
         }
-    }
-    fn expect(&mut self, t: &str) -> Result<(), String> {
-        if self.eat(t) { Ok(()) } else { Err(format!("expected `{t}` at `{}`", self.rest())) }
-    }
-    fn end(&mut self) -> Result<(), String> {
-        self.skip();
-        if self.rest().is_empty() { Ok(()) } else { Err(format!("unexpected `{}`", self.rest())) }
-    }
-    fn word(&mut self) -> Result<String, String> {
-        self.skip();
-        let r = self.rest();
-        let n = r.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')).unwrap_or(r.len());
-        if n == 0 {
-            return Err(format!("expected a name at `{r}`"));
-        }
-        self.at += n;
-        Ok(r[..n].to_string())
-    }
-    fn number(&mut self) -> Result<u64, String> {
-        let w = self.word()?;
-        w.parse().map_err(|_| format!("expected a whole number, found `{w}`"))
-    }
-    fn buf(&mut self) -> Result<BufId, String> {
-        let w = self.word()?;
-        w.strip_prefix('b')
-            .and_then(|n| n.parse().ok())
-            .map(BufId)
-            .ok_or_else(|| format!("expected a buffer `bN`, found `{w}`"))
-    }
-    /// `b1, b2 =`, or nothing.
-    fn outs(&mut self) -> Result<Vec<BufId>, String> {
-        let save = self.at;
-        let mut outs = Vec::new();
-        loop {
-            self.skip();
-            if !self.rest().starts_with('b') || !self.rest()[1..].starts_with(|c: char| c.is_ascii_digit()) {
-                self.at = save;
-                return Ok(Vec::new());
-            }
-            outs.push(self.buf()?);
-            if self.eat("=") {
-                return Ok(outs);
-            }
-            if !self.eat(",") {
-                self.at = save;
-                return Ok(Vec::new());
-            }
-        }
-    }
-    fn args(&mut self) -> Result<Vec<BufId>, String> {
-        self.expect("(")?;
-        let mut out = Vec::new();
-        if self.eat(")") {
-            return Ok(out);
-        }
-        loop {
-            out.push(self.buf()?);
-            if self.eat(")") {
-                return Ok(out);
-            }
-            self.expect(",")?;
-        }
-    }
-    /// `region+offset : type ["name"]`.
-    fn buffer(&mut self, view_of: Option<BufId>) -> Result<Buffer, String> {
-        let r = self.word()?;
-        let region = Region::from_name(&r).ok_or_else(|| format!("unknown region `{r}`"))?;
-        self.expect("+")?;
-        let offset = self.number()?;
-        self.expect(":")?;
-        let ty = self.ty()?;
-        let name = if self.peek() == Some('"') {
-            match self.value()? {
-                Value::String(s) => s,
-                _ => unreachable!("a quoted string"),
-            }
-        } else {
-            String::new()
-        };
-        self.end()?;
-        Ok(Buffer { ty, region, offset, view_of, name })
-    }
-    fn ty(&mut self) -> Result<TensorType, String> {
-        let d = self.word()?;
-        let dtype = DType::parse(&d).ok_or_else(|| format!("unknown dtype `{d}`"))?;
-        self.expect("[")?;
-        let mut dims = Vec::new();
-        if !self.eat("]") {
-            loop {
-                let name = self.word()?;
-                self.expect("=")?;
-                dims.push(Dim::new(name, self.number()?));
-                if self.eat("]") {
-                    break;
-                }
-                self.expect(",")?;
-            }
-        }
-        Ok(TensorType::new(dtype, dims))
-    }
-    fn record(&mut self) -> Result<Map<String, Value>, String> {
-        self.expect("{")?;
-        let mut o = Map::new();
-        if self.eat("}") {
-            return Ok(o);
-        }
-        loop {
-            let k = self.word()?;
-            self.expect("=")?;
-            o.insert(k, self.value()?);
-            if self.eat("}") {
-                return Ok(o);
-            }
-            self.expect(",")?;
-        }
-    }
-    fn value(&mut self) -> Result<Value, String> {
-        match self.peek() {
-            Some('{') => Ok(Value::Object(self.record()?)),
-            Some('[') => {
-                self.expect("[")?;
-                let mut xs = Vec::new();
-                if self.eat("]") {
-                    return Ok(Value::Array(xs));
-                }
-                loop {
-                    xs.push(self.value()?);
-                    if self.eat("]") {
-                        return Ok(Value::Array(xs));
-                    }
-                    self.expect(",")?;
-                }
-            }
-            Some('"') => {
-                // A JSON string: up to the first unescaped quote.
-                let r = self.rest();
-                let mut end = None;
-                let mut escaped = false;
-                for (i, ch) in r.char_indices().skip(1) {
-                    match ch {
-                        '\\' if !escaped => escaped = true,
-                        '"' if !escaped => {
-                            end = Some(i);
-                            break;
-                        }
-                        _ => escaped = false,
-                    }
-                }
-                let end = end.ok_or("an unterminated string")?;
-                let v = serde_json::from_str(&r[..=end]).map_err(|e| e.to_string())?;
-                self.at += end + 1;
-                Ok(v)
-            }
-            Some(c) if c == '-' || c.is_ascii_digit() => {
-                let r = self.rest();
-                let n = r.find(|c: char| !(c.is_ascii_alphanumeric() || "+-.".contains(c))).unwrap_or(r.len());
-                let v = serde_json::from_str(&r[..n]).map_err(|_| format!("expected a number, found `{}`", &r[..n]))?;
-                self.at += n;
-                Ok(v)
-            }
-            _ => {
-                let w = self.word()?;
-                Ok(match w.as_str() {
-                    "true" => Value::Bool(true),
-                    "false" => Value::Bool(false),
-                    "none" => Value::Null,
-                    _ => Value::String(w),
-                })
-            }
-        }
-    }
+    } else {
+        String::new()
+    };
+    c.end()?;
+    Ok(Buffer { ty, region, offset, view_of, name })
 }
