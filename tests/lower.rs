@@ -339,3 +339,46 @@ fn the_ir_verifier_catches_a_wrong_type_in_every_op() {
     eprintln!("{} op kinds checked: {covered:?}", covered.len());
     assert!(covered.len() >= 50, "only {} of the IR's op kinds appear in the graphs: {covered:?}", covered.len());
 }
+
+/// A replicated weight's gradient that is a partial sum over the tensor axis
+/// (LayerNorm gains, biases after row-parallel matmuls and the embedding
+/// under sequence parallelism) is accumulated over the microbatches and
+/// summed once per step, as Megatron does: the tensor-axis traffic of the
+/// weight gradients does not grow with the number of microbatches.
+#[test]
+fn partial_gradients_are_summed_once_per_step() {
+    use tessera::compiler::parallel::{self, check};
+    let tensor_grads = |micro: &'static str| {
+        let m = common::check_ok(GPT, &with(TP2, &["parallel.sequence_parallel=true", "train.batch=8", micro]));
+        let c = compile(&m).expect("compiles");
+        let v = check::volume(&check::issued(&c.ranks[0], &c.mesh));
+        let grads: Vec<_> =
+            v.iter().filter(|(op, axis, _, _)| op == "grad_all_reduce" && axis == "tensor").cloned().collect();
+        let per_micro: u64 =
+            v.iter().filter(|(op, axis, _, _)| op == "all_reduce" && axis == "tensor").map(|x| x.3).sum();
+        // The step collective lists the parameters whose gradients are partial.
+        let params: Vec<usize> = c.ranks[0]
+            .step
+            .iter()
+            .filter_map(|s| match s {
+                parallel::StepCollective::GradAllReduce { axis, params, .. } if axis == "tensor" => {
+                    Some(params.clone())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        (grads, per_micro, params, m)
+    };
+    let (one, per_one, params, m) = tensor_grads("train.micro_batch=8");
+    let (eight, per_eight, params8, _) = tensor_grads("train.micro_batch=1");
+    assert!(!one.is_empty(), "the tensor-parallel layout sums some gradients over the tensor axis once per step");
+    assert_eq!(one, eight, "the once-per-step gradient sums do not depend on the microbatches");
+    assert_eq!(params, params8);
+    // In-graph tensor all-reduces (the forward's partial sums) are per microbatch, and none carries a weight gradient.
+    assert!(per_eight <= 8 * per_one, "{per_eight} vs {per_one}");
+    let names: Vec<&str> = params.iter().map(|&k| m.params[k].path.as_str()).collect();
+    assert!(names.iter().any(|p| p.contains("wte")), "the tied embedding's gradient is one of them: {names:?}");
+    assert!(names.iter().all(|p| !p.contains("wqkv") && !p.contains("w_in")), "split weights are not: {names:?}");
+    eprintln!("summed over the tensor axis once per step: {names:?}");
+}

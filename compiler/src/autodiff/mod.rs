@@ -20,6 +20,10 @@ pub struct ParamGrad {
     pub param: usize,
     pub layer: Option<u64>,
     pub grad: ValueId,
+    /// Mesh axes over which `grad` is a partial sum on a rank (per-rank
+    /// programs only): the gradient is accumulated over the step's
+    /// microbatches and summed over these axes once per step.
+    pub partial: Vec<String>,
 }
 
 /// A forward + backward graph.
@@ -144,7 +148,9 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
         let need = |j: usize| needs[ins[j].index()];
         let not = |op: &'static str, why: &'static str| Err(AutodiffError::NotDifferentiable { op, why, span });
         match &node.op {
-            Op::Param { index, layer } => param_grads.push(ParamGrad { param: *index, layer: *layer, grad: gi }),
+            Op::Param { index, layer } => {
+                param_grads.push(ParamGrad { param: *index, layer: *layer, grad: gi, partial: Vec::new() })
+            }
             Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid => {}
             Op::Unary { op: UnaryOp::Neg } => {
                 let ty = b.ty(gi);

@@ -314,7 +314,9 @@ impl<'a> Builder<'a> {
         let mut order: Vec<usize> = Vec::new();
         for c in &prog.step {
             if let StepCollective::GradAllReduce { params, .. } | StepCollective::GradReduceScatter { params, .. } = c {
-                order.extend(params.iter().copied());
+                // A gradient summed over a model axis and then the data axis keeps its first place.
+                let fresh: Vec<usize> = params.iter().copied().filter(|k| !order.contains(k)).collect();
+                order.extend(fresh);
             }
         }
         let rest: Vec<usize> = (0..n).filter(|k| !order.contains(k)).collect();

@@ -176,8 +176,8 @@ pub fn shard(m: &Model, bw: &Backward, rank: u64) -> Result<RankProgram, Paralle
     }
     let params: Vec<ParamShard> = m.params.iter().map(|p| param_shard(&mesh, p, rank)).collect();
     let metas: Vec<Param> = m.params.clone();
-    let local = shard_graph(&mesh, &metas, &params, bw, rank, &[], None)?;
-    let mut step = step_collectives(m, &mesh, &params, &[]);
+    let local = shard_graph(&mesh, &metas, &params, bw, rank, &[], None, metas.len())?;
+    let mut step = step_collectives(m, &mesh, &params, &[], &partial_grads(&local.param_grads));
     // ZeRO 3 gathers the weights before the forward pass instead of after the update.
     let prologue = match step.last() {
         Some(StepCollective::ParamAllGather { .. }) if mesh.zero >= 3 => step.split_off(step.len() - 1),
@@ -310,10 +310,16 @@ fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<Ran
         // with it, a forward-only program runs first and the backward program
         // recomputes.
         let recompute = m.parallel.recompute == crate::config::Recompute::Full;
-        let f =
-            if recompute { Some(shard_graph(mesh, &c.params, &shards, &c.forward, rank, &sends, None)?) } else { None };
+        let f = if recompute {
+            Some(shard_graph(mesh, &c.params, &shards, &c.forward, rank, &sends, None, 0)?)
+        } else {
+            None
+        };
         let at = (!recompute).then_some(c.forward.graph.len());
-        let b = shard_graph(mesh, &c.params, &shards, &c.backward, rank, &sends, at)?;
+        // With one chunk per stage, a replicated weight's partial gradient is
+        // summed once per step; chunks that share a rank reduce their own.
+        let defer = if v == 1 { m.params.len() } else { 0 };
+        let b = shard_graph(mesh, &c.params, &shards, &c.backward, rank, &sends, at, defer)?;
         let stage_of = |k: usize| chunks[k].stage;
         progs.push(ChunkProgram {
             chunk: c.index,
@@ -343,7 +349,8 @@ fn pipeline_program(m: &Model, mesh: &Mesh, rank: u64, axis: &str) -> Result<Ran
             (st.len() > 1 && st.contains(&stage)).then_some((k, st))
         })
         .collect();
-    let mut step = step_collectives(m, mesh, &params, &shared);
+    let partial: Vec<(usize, Vec<String>)> = progs.iter().flat_map(|c| partial_grads(&c.param_grads)).collect();
+    let mut step = step_collectives(m, mesh, &params, &shared, &partial);
     let prologue = match step.last() {
         Some(StepCollective::ParamAllGather { .. }) if mesh.zero >= 3 => step.split_off(step.len() - 1),
         _ => Vec::new(),
@@ -387,9 +394,41 @@ fn step_collectives(
     mesh: &Mesh,
     params: &[ParamShard],
     shared: &[(usize, Vec<u64>)],
+    partial: &[(usize, Vec<String>)],
 ) -> Vec<StepCollective> {
     let mut out = Vec::new();
     let elems = |k: usize| params[k].local.ty.numel();
+    // Gradients that are partial sums over a model axis: summed over it once
+    // per step, in buckets, before anything else reads them.
+    let mut by_axis: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (k, axes) in partial {
+        for a in axes {
+            let list = by_axis.entry(a.clone()).or_default();
+            if !list.contains(k) {
+                list.push(*k);
+            }
+        }
+    }
+    for (axis, mut ks) in by_axis {
+        ks.sort_by(|a, b| b.cmp(a));
+        let mut bucket: Vec<usize> = Vec::new();
+        let mut size = 0u64;
+        for k in ks {
+            if size + elems(k) > BUCKET_ELEMS && !bucket.is_empty() {
+                out.push(StepCollective::GradAllReduce {
+                    axis: axis.clone(),
+                    params: std::mem::take(&mut bucket),
+                    elems: size,
+                });
+                size = 0;
+            }
+            bucket.push(k);
+            size += elems(k);
+        }
+        if !bucket.is_empty() {
+            out.push(StepCollective::GradAllReduce { axis, params: bucket, elems: size });
+        }
+    }
     if let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1) {
         let n = mesh.size(&data);
         let reduced: Vec<usize> =
@@ -457,6 +496,17 @@ fn step_collectives(
         let ps: Vec<usize> = (0..params.len()).filter(|&k| params[k].held && !params[k].split_over(&data)).collect();
         let total = ps.iter().map(|&k| elems(k).div_ceil(n) * n).sum();
         out.push(StepCollective::ParamAllGather { axis: data, params: ps, elems: total });
+    }
+    out
+}
+
+/// The parameters whose gradients a graph leaves partial, with the axes.
+fn partial_grads(grads: &[ParamGrad]) -> Vec<(usize, Vec<String>)> {
+    let mut out: Vec<(usize, Vec<String>)> = Vec::new();
+    for pg in grads.iter().filter(|pg| !pg.partial.is_empty()) {
+        if !out.iter().any(|(k, _)| *k == pg.param) {
+            out.push((pg.param, pg.partial.clone()));
+        }
     }
     out
 }

@@ -709,6 +709,9 @@ pub(super) struct Local {
 /// Shard the graph of `bw` for `rank`: `metas` are the logical parameters
 /// the graph's `param` nodes index, `params` their shards on this rank.
 /// The loss and `extra` come out whole, each gradient cut like its parameter.
+/// Gradients of parameters `0..defer` may stay partial sums (see below);
+/// the others (a pipeline chunk's received activations) are reduced.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn shard_graph(
     mesh: &Mesh,
     metas: &[Param],
@@ -717,6 +720,7 @@ pub(super) fn shard_graph(
     rank: u64,
     extra: &[ValueId],
     extra_at: Option<usize>,
+    defer: usize,
 ) -> Result<Local, ParallelError> {
     let src = &bw.graph;
     let mut s = Shard {
@@ -764,15 +768,43 @@ pub(super) fn shard_graph(
     for x in extra {
         extra_out.push(s.whole(*x)?.0);
     }
-    let mut grads = Vec::with_capacity(bw.param_grads.len());
-    for pg in &bw.param_grads {
-        let (mut v, mut st) = s.reduced(pg.grad)?;
-        let want: BTreeMap<String, Split> = params[pg.param]
+    // A gradient that is a partial sum over a model axis (a replicated
+    // weight read by sequence-parallel or vocabulary-parallel activations)
+    // stays one: it is accumulated over the microbatches and summed over
+    // that axis once per step, as Megatron does. That needs every gradient
+    // of the parameter partial over the same axes, none of which cuts it.
+    let want_of = |k: usize| -> BTreeMap<String, Split> {
+        params[k]
             .splits
             .iter()
-            .map(|(pos, sp)| (metas[pg.param].ty.dims[*pos].name.clone(), sp.clone()))
+            .map(|(pos, sp)| (metas[k].ty.dims[*pos].name.clone(), sp.clone()))
             .filter(|(d, _)| d != "layer")
-            .collect();
+            .collect()
+    };
+    let keeps = |pg: &ParamGrad| -> Option<BTreeSet<String>> {
+        let st = &s.vals[pg.grad.index()].1;
+        let want = want_of(pg.param);
+        let cut: BTreeSet<&String> =
+            want.values().map(|sp| &sp.axis).chain(st.split.values().map(|sp| &sp.axis)).collect();
+        (pg.param < defer && !st.partial.is_empty() && st.partial.iter().all(|a| !cut.contains(a)))
+            .then(|| st.partial.clone())
+    };
+    let mut deferred: BTreeMap<usize, Option<BTreeSet<String>>> = BTreeMap::new();
+    for pg in &bw.param_grads {
+        let k = keeps(pg);
+        let e = deferred.entry(pg.param).or_insert_with(|| k.clone());
+        if *e != k {
+            *e = None;
+        }
+    }
+    let mut grads = Vec::with_capacity(bw.param_grads.len());
+    for pg in &bw.param_grads {
+        let defer = deferred.get(&pg.param).cloned().flatten();
+        let (mut v, mut st) = match &defer {
+            Some(_) => s.vals[pg.grad.index()].clone(),
+            None => s.reduced(pg.grad)?,
+        };
+        let want = want_of(pg.param);
         let have: Vec<String> = st.split.keys().cloned().collect();
         for d in have {
             let same = want.get(&d).is_some_and(|w| w.axis == st.split[&d].axis && w.indices == st.split[&d].indices);
@@ -786,7 +818,8 @@ pub(super) fn shard_graph(
                 (v, st) = s.localize(v, st, d, &plain)?;
             }
         }
-        grads.push(ParamGrad { param: pg.param, layer: pg.layer, grad: v });
+        let partial = defer.map(|d| d.into_iter().collect()).unwrap_or_default();
+        grads.push(ParamGrad { param: pg.param, layer: pg.layer, grad: v, partial });
     }
     s.g.set_output("loss", loss);
     for (k, x) in extra_out.iter().enumerate() {
