@@ -187,6 +187,13 @@ fn the_verifier_names_what_is_wrong() {
         },
     );
     expect(p, "instruction 0: wait", "never recorded");
+    // A fused kernel that would read past the end of an argument.
+    let mut p = good.clone();
+    let k = p.instrs.iter().position(|x| x.kind.name() == "kernel").expect("a fused kernel");
+    if let Kind::Kernel { kernel } = &mut p.instrs[k].kind {
+        kernel.strides[0].iter_mut().for_each(|s| *s *= 2);
+    }
+    expect(p, &format!("instruction {k}: kernel"), "read past its end");
     // The parser rejects what it cannot read, with the line.
     let text = print(&good).replacen("matmul(", "matmull(", 1);
     let Err(e) = parse(&text) else { panic!("`matmull` is not an op") };

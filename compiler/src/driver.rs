@@ -4,7 +4,8 @@
 //! [`Program`] per rank.
 //!
 //! Verification runs in every build; `TESSERA_VERIFY=0` turns it off (for
-//! speed on very large programs).
+//! speed on very large programs). Fusion runs in lowering; `TESSERA_FUSE=0`
+//! turns it off ([`Passes`]).
 
 use crate::autodiff::{Backward, differentiate};
 use crate::lower::{self, Program};
@@ -32,9 +33,21 @@ pub struct Compiled {
     pub programs: Vec<Program>,
 }
 
-/// Whether the verifier runs after each pass (`TESSERA_VERIFY=0` turns it off).
-pub fn verifying() -> bool {
-    std::env::var("TESSERA_VERIFY").map(|v| v != "0").unwrap_or(true)
+/// Which optional passes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passes {
+    /// The verifier after each pass (`TESSERA_VERIFY=0` turns it off).
+    pub verify: bool,
+    /// Fusion of elementwise runs into kernels (`TESSERA_FUSE=0` turns it off).
+    pub fuse: bool,
+}
+
+impl Default for Passes {
+    /// Both on, unless the environment turns one off.
+    fn default() -> Passes {
+        let on = |var: &str| std::env::var(var).map(|v| v != "0").unwrap_or(true);
+        Passes { verify: on("TESSERA_VERIFY"), fuse: on("TESSERA_FUSE") }
+    }
 }
 
 /// The training step of `m`: its backward graph, and every rank's program, lowered.
@@ -45,7 +58,12 @@ pub fn compile(m: &Model) -> Result<Compiled, PassError> {
 /// [`compile`] for some ranks only (`None`: all, with their collectives
 /// cross-checked); `ranks` and `programs` then hold those ranks, in the order given.
 pub fn compile_ranks(m: &Model, only: Option<&[u64]>) -> Result<Compiled, PassError> {
-    let verify = verifying();
+    compile_with(m, only, Passes::default())
+}
+
+/// [`compile_ranks`] with the optional passes chosen.
+pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<Compiled, PassError> {
+    let verify = passes.verify;
     let loss = m.graph.output("loss").ok_or_else(|| {
         fail("autodiff")(format!(
             "`{}` has no `loss` output to differentiate; assign `loss = ...` in the model",
@@ -79,7 +97,7 @@ pub fn compile_ranks(m: &Model, only: Option<&[u64]>) -> Result<Compiled, PassEr
     }
     let programs: Vec<Program> = ranks
         .iter()
-        .map(|r| lower::lower(m, r).map_err(|e| fail("lowering")(e.to_string())))
+        .map(|r| lower::lower(m, r, passes.fuse).map_err(|e| fail("lowering")(e.to_string())))
         .collect::<Result<_, _>>()?;
     if verify {
         for p in &programs {

@@ -11,6 +11,7 @@ pub mod cost;
 pub mod diag;
 pub mod driver;
 pub mod ir;
+pub mod kernel;
 pub mod lower;
 pub mod model;
 pub mod parallel;

@@ -35,14 +35,15 @@ pub struct LowerError {
     pub message: String,
 }
 
-/// Lower rank `prog.rank`'s training step of model `m`.
-pub fn lower(m: &Model, prog: &RankProgram) -> Result<Program, LowerError> {
+/// Lower rank `prog.rank`'s training step of model `m`; with `fuse`, runs
+/// of elementwise ops become kernels (`crate::kernel::fuse`).
+pub fn lower(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, LowerError> {
     let fail = |message: String| LowerError { rank: prog.rank, message };
     let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
     let train = m.train.as_ref().ok_or_else(|| fail(format!("`{}` has no `train` section to lower", m.name)))?;
     let mut b = Builder::new(prog, &mesh);
     b.step(m, &train.optimizer, train.clip).map_err(fail)?;
-    Ok(b.finish())
+    Ok(b.finish(fuse))
 }
 
 struct Builder<'a> {
@@ -778,8 +779,12 @@ impl<'a> Builder<'a> {
         }
         for i in 0..self.instrs.len() {
             let ins = &self.instrs[i];
-            let Kind::Op { op, accumulate: false, .. } = &ins.kind else { continue };
-            if !elementwise(op) || ins.outs.len() != 1 {
+            let pointwise = match &ins.kind {
+                Kind::Op { op, accumulate: false, .. } => elementwise(op),
+                Kind::Kernel { .. } => true,
+                _ => false,
+            };
+            if !pointwise || ins.outs.len() != 1 {
                 continue;
             }
             let o = ins.outs[0].index();
@@ -807,7 +812,10 @@ impl<'a> Builder<'a> {
     }
 
     /// Place the arena by liveness and close the program.
-    fn finish(mut self) -> Program {
+    fn finish(mut self, fuse: bool) -> Program {
+        if fuse {
+            self.instrs = crate::kernel::fuse(&self.buffers, std::mem::take(&mut self.instrs));
+        }
         self.in_place();
         let nb = self.buffers.len();
         let root = |bufs: &[Buffer], mut b: usize| {

@@ -144,6 +144,8 @@ pub enum Kind {
     /// `which[i]` (0 dq, 1 dk, 2 dv, 3 the T5 bias table) of `op`
     /// (an `attention_grad`, whose own `which` is `which[0]`).
     AttentionGrads { op: Op, which: Vec<u8>, rng: Option<u64> },
+    /// A fused kernel (`crate::kernel`): its inputs are `ins`, its outputs `outs`, in argument order.
+    Kernel { kernel: crate::kernel::Kernel },
     /// `outs[0] += ins[0]` (a gradient accumulated over microbatches).
     Accumulate,
     /// `outs[0] = ins[0] · factor`, elementwise (in place when the buffers are the same).
@@ -179,6 +181,7 @@ impl Kind {
         match self {
             Kind::Op { op, .. } => op.name(),
             Kind::AttentionGrads { .. } => "attention_grads",
+            Kind::Kernel { .. } => "kernel",
             Kind::Accumulate => "accumulate",
             Kind::Scale { .. } => "scale",
             Kind::Zero => "zero",

@@ -232,7 +232,8 @@ fn kind_of(name: &str, mut attrs: Map<String, Value>) -> Result<Kind, String> {
 }
 
 /// The instruction kinds printed under their own name.
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
+    "kernel",
     "skip_if_nonfinite",
     "accumulate",
     "scale",

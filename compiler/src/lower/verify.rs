@@ -28,8 +28,23 @@ fn bytes(t: &TensorType) -> u64 {
 pub fn verify(p: &Program) -> Result<(), VerifyError> {
     let fail = |what: String, message: String| VerifyError { rank: p.rank, what, message };
     let nb = p.buffers.len();
+    // Temporaries no instruction names (a fused kernel's intermediates) take no bytes.
+    let mut named = vec![false; nb];
+    for ins in &p.instrs {
+        for b in ins.ins.iter().chain(&ins.outs).filter(|b| b.index() < nb) {
+            // The root, following only views declared before (a malformed view is reported below).
+            let mut r = b.index();
+            while let Some(v) = p.buffers[r].view_of.filter(|v| v.index() < r) {
+                r = v.index();
+            }
+            named[r] = true;
+        }
+    }
     for (i, b) in p.buffers.iter().enumerate() {
         let what = || format!("b{i}");
+        if b.region == Region::Arena && b.view_of.is_none() && !named[i] {
+            continue;
+        }
         let end = b.offset + bytes(&b.ty);
         match b.view_of {
             Some(v) => {
@@ -131,6 +146,28 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                     *which = *w;
                 }
                 crate::ir::check_op(&one, &tys, ty(o)).map_err(|m| format!("gradient {w}: {m}"))?;
+            }
+            Ok(())
+        }
+        Kind::Kernel { kernel } => {
+            kernel.check()?;
+            count(kernel.inputs, kernel.strides.len() - kernel.inputs)?;
+            for (i, b) in ins.ins.iter().chain(&ins.outs).enumerate() {
+                let t = ty(b);
+                if t.dtype != DType::F32 {
+                    return Err(format!("argument {i} ({b}) is {t}: kernels run on f32"));
+                }
+                // The last element any loop position touches lies inside the buffer.
+                let last: u64 =
+                    kernel.dims.iter().zip(&kernel.strides[i]).map(|(d, s)| d.size.saturating_sub(1) * s).sum();
+                if !kernel.is_empty() && last >= t.numel() {
+                    return Err(format!("argument {i} ({b}, {t}) is read past its end"));
+                }
+            }
+            for b in &ins.outs {
+                if ty(b).dims != kernel.dims {
+                    return Err(format!("output {b} is {}, the loop nest is over {:?}", ty(b), kernel.dims));
+                }
             }
             Ok(())
         }

@@ -208,13 +208,13 @@ pub fn unary_df(op: UnaryOp, x: f64) -> f64 {
 
 /// GELU(x) in f32 (vectorizable erf).
 #[inline(always)]
-fn gelu_f32(x: f32) -> f32 {
+pub(crate) fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// GELU'(x) in f32.
 #[inline(always)]
-fn gelu_dt_f32(x: f32) -> f32 {
+pub(crate) fn gelu_dt_f32(x: f32) -> f32 {
     let cdf = 0.5 * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
     cdf + x * exp_f32(-0.5 * x * x) * 0.398_942_3
 }

@@ -1,0 +1,167 @@
+//! Fusion: runs of elementwise ops become one kernel.
+//!
+//! A run is a sequence of consecutive instructions, each one IR op that is
+//! elementwise (unary, binary with broadcasting, pow, an activation's
+//! gradient, dropout and its gradient) over f32 values of one and the same
+//! type, writing a fresh temporary. Values made and read only inside the
+//! run live in registers; the run's inputs are loaded once; what later
+//! instructions read is stored. A bias add and its GELU, a residual add, a
+//! GELU's gradient and the add after it are each one pass over memory.
+
+use super::{Expr, Kernel};
+use crate::ir::{DType, Dim, Op, TensorType};
+use crate::lower::{BufId, Buffer, Instr, Kind, Region, Stream};
+use std::collections::HashMap;
+
+/// Whether instruction `ins` may join a run over `dims`.
+fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Vec<Dim>> {
+    let Kind::Op { op, accumulate: false, .. } = &ins.kind else { return None };
+    let ok = matches!(
+        op,
+        Op::Unary { .. }
+            | Op::Binary { .. }
+            | Op::Pow { .. }
+            | Op::UnaryGrad { .. }
+            | Op::Dropout { .. }
+            | Op::DropoutGrad { .. }
+    );
+    let [out] = ins.outs[..] else { return None };
+    let o = &buffers[out.index()];
+    if !ok || o.region != Region::Arena || o.view_of.is_some() || o.ty.dtype != DType::F32 {
+        return None;
+    }
+    // Every operand is f32 with a subset of the output's dims, of the same sizes.
+    let fits = |t: &TensorType| t.dtype == DType::F32 && t.dims.iter().all(|d| o.ty.dims.contains(d));
+    ins.ins.iter().all(|b| fits(&buffers[b.index()].ty)).then(|| o.ty.dims.clone())
+}
+
+/// Row-major element strides of `t` along each of `dims` (0 where `t` lacks the dim).
+fn strides(t: &TensorType, dims: &[Dim]) -> Vec<u64> {
+    let mut own = vec![1u64; t.dims.len()];
+    for i in (0..t.dims.len().saturating_sub(1)).rev() {
+        own[i] = own[i + 1] * t.dims[i + 1].size;
+    }
+    dims.iter().map(|d| t.dims.iter().position(|x| x.name == d.name).map(|i| own[i]).unwrap_or(0)).collect()
+}
+
+/// Replace runs of elementwise instructions with kernels.
+pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>) -> Vec<Instr> {
+    // How often each buffer is read, and which buffers something views.
+    let mut reads: HashMap<BufId, usize> = HashMap::new();
+    for ins in &instrs {
+        for b in &ins.ins {
+            *reads.entry(*b).or_default() += 1;
+        }
+    }
+    let viewed: std::collections::HashSet<BufId> = buffers.iter().filter_map(|b| b.view_of).collect();
+    let mut out = Vec::with_capacity(instrs.len());
+    let mut run: Vec<Instr> = Vec::new();
+    let mut dims: Vec<Dim> = Vec::new();
+    for ins in instrs {
+        match fusible(buffers, &ins) {
+            Some(d) if run.is_empty() || d == dims => {
+                dims = d;
+                run.push(ins);
+            }
+            other => {
+                flush(buffers, &reads, &viewed, &mut run, &dims, &mut out);
+                match other {
+                    Some(d) => {
+                        dims = d;
+                        run.push(ins);
+                    }
+                    None => out.push(ins),
+                }
+            }
+        }
+    }
+    flush(buffers, &reads, &viewed, &mut run, &dims, &mut out);
+    out
+}
+
+fn flush(
+    buffers: &[Buffer],
+    reads: &HashMap<BufId, usize>,
+    viewed: &std::collections::HashSet<BufId>,
+    run: &mut Vec<Instr>,
+    dims: &[Dim],
+    out: &mut Vec<Instr>,
+) {
+    let group = std::mem::take(run);
+    if group.len() < 2 {
+        out.extend(group);
+        return;
+    }
+    let mut body: Vec<Expr> = Vec::new();
+    let mut value: HashMap<BufId, usize> = HashMap::new();
+    let mut inputs: Vec<BufId> = Vec::new();
+    let mut inside: HashMap<BufId, usize> = HashMap::new();
+    let mut ops = Vec::new();
+    for ins in &group {
+        let Kind::Op { op, rng, .. } = &ins.kind else { unreachable!("fusible instructions are ops") };
+        ops.push(op.name().to_string());
+        let mut arg = |b: BufId, body: &mut Vec<Expr>| -> usize {
+            *inside.entry(b).or_default() += 1;
+            if let Some(&v) = value.get(&b) {
+                return v;
+            }
+            let a = inputs.iter().position(|&x| x == b).unwrap_or_else(|| {
+                inputs.push(b);
+                inputs.len() - 1
+            });
+            body.push(Expr::Load { arg: a });
+            value.insert(b, body.len() - 1);
+            body.len() - 1
+        };
+        let x: Vec<usize> = ins.ins.iter().map(|&b| arg(b, &mut body)).collect();
+        let e = match op {
+            Op::Unary { op } => Some(Expr::Unary { op: *op, x: x[0] }),
+            Op::Binary { op } => Some(Expr::Binary { op: *op, a: x[0], b: x[1] }),
+            Op::Pow { exp } => Some(Expr::Pow { x: x[0], exp: *exp }),
+            Op::UnaryGrad { op } => Some(Expr::UnaryGrad { op: *op, x: x[0], g: x[1] }),
+            Op::Dropout { p } | Op::DropoutGrad { p, .. } if *p > 0.0 => {
+                Some(Expr::Dropout { x: x[0], p: *p, rng: rng.expect("dropout carries its random stream") })
+            }
+            // Dropout with p = 0 is the identity.
+            _ => None,
+        };
+        let v = match e {
+            Some(e) => {
+                body.push(e);
+                body.len() - 1
+            }
+            None => x[0],
+        };
+        value.insert(ins.outs[0], v);
+    }
+    // What the rest of the program reads (or views) is stored.
+    let mut outputs: Vec<(BufId, usize)> = Vec::new();
+    for ins in &group {
+        let b = ins.outs[0];
+        let later = reads.get(&b).copied().unwrap_or(0) > inside.get(&b).copied().unwrap_or(0);
+        if later || viewed.contains(&b) {
+            outputs.push((b, value[&b]));
+        }
+    }
+    if outputs.is_empty() {
+        out.extend(group);
+        return;
+    }
+    let n_in = inputs.len();
+    let mut all: Vec<BufId> = inputs.clone();
+    all.extend(outputs.iter().map(|(b, _)| *b));
+    let kernel = Kernel {
+        dims: dims.to_vec(),
+        inputs: n_in,
+        strides: all.iter().map(|b| strides(&buffers[b.index()].ty, dims)).collect(),
+        body,
+        stores: outputs.iter().enumerate().map(|(i, (_, v))| (n_in + i, *v)).collect(),
+        ops,
+    };
+    out.push(Instr {
+        kind: Kind::Kernel { kernel },
+        ins: inputs,
+        outs: outputs.into_iter().map(|(b, _)| b).collect(),
+        stream: Stream::Compute,
+    });
+}

@@ -1,0 +1,122 @@
+//! The kernel IR: what a fused kernel computes, written once for every
+//! emitter (the CPU backend's interpreter now; the cranelift JIT, generated
+//! Rust and CUDA C later). It holds nothing CPU-specific.
+//!
+//! A kernel is a loop nest over named dims (row-major, outermost first),
+//! strided loads of its arguments (stride 0 broadcasts a dim the argument
+//! lacks), a straight-line body of scalar expressions in SSA form, and
+//! strided stores. [`fuse`] groups runs of elementwise ops into kernels;
+//! fusing them computes every element with the same operations in the same
+//! order, so it changes no result (no reassociation: reductions are not
+//! fused yet).
+
+mod fuse;
+
+pub use fuse::fuse;
+
+use crate::ir::{BinaryOp, Dim, UnaryOp};
+use serde::{Deserialize, Serialize};
+
+/// A scalar value of the body; operands name earlier values by index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "e")]
+pub enum Expr {
+    /// Argument `arg`'s element at the loop position.
+    Load {
+        arg: usize,
+    },
+    Const {
+        value: f64,
+    },
+    Unary {
+        op: UnaryOp,
+        x: usize,
+    },
+    /// g · f'(x).
+    UnaryGrad {
+        op: UnaryOp,
+        x: usize,
+        g: usize,
+    },
+    Binary {
+        op: BinaryOp,
+        a: usize,
+        b: usize,
+    },
+    Pow {
+        x: usize,
+        exp: f64,
+    },
+    /// x / (1 − p), or 0 where the uniform draw of random stream `rng` at
+    /// the element's row-major index in the loop nest is below p.
+    Dropout {
+        x: usize,
+        p: f64,
+        rng: u64,
+    },
+}
+
+/// A fused kernel over f32 elements.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    /// The loop nest, outermost first.
+    pub dims: Vec<Dim>,
+    /// How many of the arguments are inputs; the rest are outputs.
+    pub inputs: usize,
+    /// Per argument: its element stride along each loop dim.
+    pub strides: Vec<Vec<u64>>,
+    pub body: Vec<Expr>,
+    /// (output argument, body value) pairs: what the kernel writes.
+    pub stores: Vec<(usize, usize)>,
+    /// The IR ops it computes, in order (for people and emitted comments).
+    pub ops: Vec<String>,
+}
+
+impl Kernel {
+    /// Elements in the loop nest.
+    pub fn len(&self) -> u64 {
+        self.dims.iter().map(|d| d.size).product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Check the kernel's structure: operands come before their users, loads
+    /// name inputs, stores name outputs, strides have one entry per loop dim.
+    pub fn check(&self) -> Result<(), String> {
+        let args = self.strides.len();
+        if self.inputs > args {
+            return Err(format!("{} inputs of {args} arguments", self.inputs));
+        }
+        if let Some(s) = self.strides.iter().find(|s| s.len() != self.dims.len()) {
+            return Err(format!("an argument has {} strides for {} loop dims", s.len(), self.dims.len()));
+        }
+        for (i, e) in self.body.iter().enumerate() {
+            let before = |j: usize| {
+                if j < i { Ok(()) } else { Err(format!("value {i} reads value {j}, not computed before it")) }
+            };
+            match *e {
+                Expr::Load { arg } if arg >= self.inputs => {
+                    return Err(format!("value {i} loads argument {arg}, an output"));
+                }
+                Expr::Load { .. } | Expr::Const { .. } => {}
+                Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => before(x)?,
+                Expr::UnaryGrad { x, g, .. } => {
+                    before(x)?;
+                    before(g)?;
+                }
+                Expr::Binary { a, b, .. } => {
+                    before(a)?;
+                    before(b)?;
+                }
+            }
+        }
+        for &(arg, v) in &self.stores {
+            if arg < self.inputs || arg >= args || v >= self.body.len() {
+                return Err(format!("a store of value {v} to argument {arg}"));
+            }
+        }
+        Ok(())
+    }
+}
