@@ -167,8 +167,8 @@ fn fusion_changes_no_result() {
         let m = common::check_ok(spec, &sets);
         let out = std::env::temp_dir().join(format!("tessera-fuse-{}", std::process::id()));
         let t = Trainer::new(m.clone(), t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
-        let fused = compile_with(&m, None, Passes { verify: true, fuse: true }).expect("compiles");
-        let plain = compile_with(&m, None, Passes { verify: true, fuse: false }).expect("compiles");
+        let fused = compile_with(&m, None, Passes { verify: true, fuse: true, lower: true }).expect("compiles");
+        let plain = compile_with(&m, None, Passes { verify: true, fuse: false, lower: true }).expect("compiles");
         let kernels = fused.programs[0].instrs.iter().filter(|i| i.kind.name() == "kernel").count();
         assert!(kernels > 0, "{sets:?}: no kernels were fused");
         assert!(plain.programs[0].instrs.iter().all(|i| i.kind.name() != "kernel"));

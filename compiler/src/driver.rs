@@ -40,13 +40,16 @@ pub struct Passes {
     pub verify: bool,
     /// Fusion of elementwise runs into kernels (`TESSERA_FUSE=0` turns it off).
     pub fuse: bool,
+    /// Whether to lower the per-rank programs (`Compiled::programs` is
+    /// empty without): the node-by-node runtime runs the per-rank graphs.
+    pub lower: bool,
 }
 
 impl Default for Passes {
     /// Both on, unless the environment turns one off.
     fn default() -> Passes {
         let on = |var: &str| std::env::var(var).map(|v| v != "0").unwrap_or(true);
-        Passes { verify: on("TESSERA_VERIFY"), fuse: on("TESSERA_FUSE") }
+        Passes { verify: on("TESSERA_VERIFY"), fuse: on("TESSERA_FUSE"), lower: true }
     }
 }
 
@@ -94,6 +97,9 @@ pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<C
             parallel::check::check(&ranks, &mesh)
                 .map_err(|e| fail("sharding")(format!("the per-rank programs disagree: {e}")))?;
         }
+    }
+    if !passes.lower {
+        return Ok(Compiled { mesh, backward, ranks, programs: Vec::new() });
     }
     let programs: Vec<Program> = ranks
         .iter()

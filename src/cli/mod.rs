@@ -253,22 +253,21 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
         IrGraph::Lowered => unreachable!("handled above"),
         IrGraph::Forward => print!("{}", m.graph.to_text()),
         IrGraph::Backward | IrGraph::Rank => {
-            let Some(loss) = m.graph.output("loss") else {
+            if m.graph.output("loss").is_none() {
                 eprintln!(
                     "error: `{}` has no `loss` output to differentiate\n  help: assign `loss = ...` in the model",
                     m.name
                 );
                 return ExitCode::from(1);
-            };
-            match tessera_compiler::autodiff::differentiate(&m.graph, loss) {
-                Ok(bw) if matches!(which, IrGraph::Backward) => print!("{}", bw.graph.to_text()),
-                Ok(bw) => match tessera_compiler::parallel::shard(m, &bw, rank) {
-                    Ok(p) => print!("{}", p.to_text()),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(1);
-                    }
-                },
+            }
+            if matches!(which, IrGraph::Rank) && rank >= m.parallel.world() {
+                eprintln!("error: rank {rank} is outside the mesh of {} ranks", m.parallel.world());
+                return ExitCode::from(1);
+            }
+            let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
+            match tessera_compiler::driver::compile_with(m, Some(&[rank]), passes) {
+                Ok(c) if matches!(which, IrGraph::Backward) => print!("{}", c.backward.graph.to_text()),
+                Ok(c) => print!("{}", c.ranks[0].to_text()),
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(1);

@@ -215,15 +215,12 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(e.to_string()),
     };
-    let Some(loss) = m.graph.output("loss") else {
+    if m.graph.output("loss").is_none() {
         return fail(format!("`{}` has no `loss`: a plan is for training", m.name));
-    };
-    let bw = match tessera_compiler::autodiff::differentiate(&m.graph, loss) {
-        Ok(b) => b,
-        Err(e) => return fail(e.to_string()),
-    };
-    // Every rank's program when the world is small enough to check them all;
-    // else one rank per pipeline stage (the others differ only in their slices).
+    }
+    // Every rank's program when the world is small enough to check them all
+    // (the driver cross-checks their collectives); else one rank per
+    // pipeline stage (the others differ only in their slices).
     let world = mesh.world();
     let ranks: Vec<u64> = if world <= 64 {
         (0..world).collect()
@@ -233,15 +230,17 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
             None => vec![0],
         }
     };
-    let programs: Vec<parallel::RankProgram> = match ranks.iter().map(|&r| parallel::shard(m, &bw, r)).collect() {
-        Ok(p) => p,
-        Err(e) => return fail(e.to_string()),
-    };
-    let checked = if ranks.len() as u64 == world {
-        match check::check(&programs, &mesh) {
-            Ok(()) => "checked: every group issues the same collectives in a deadlock-free order".to_string(),
-            Err(e) => return fail(format!("the per-rank programs disagree: {e}")),
-        }
+    let all = ranks.len() as u64 == world;
+    let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
+    let programs: Vec<parallel::RankProgram> =
+        match tessera_compiler::driver::compile_with(m, (!all).then_some(&ranks[..]), passes) {
+            Ok(c) => c.ranks,
+            Err(e) => return fail(e.to_string()),
+        };
+    let checked = if all && passes.verify {
+        "checked: every group issues the same collectives in a deadlock-free order".to_string()
+    } else if all {
+        "not checked (TESSERA_VERIFY=0 turns the checks off)".to_string()
     } else {
         format!("not checked across all {world} ranks (programs of ranks {ranks:?} built)")
     };

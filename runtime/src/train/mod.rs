@@ -20,7 +20,7 @@ use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera_compiler::Model;
-use tessera_compiler::autodiff::{Backward, differentiate};
+use tessera_compiler::autodiff::Backward;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -87,6 +87,8 @@ type MicroResult = (f64, Vec<Tensor<f32>>);
 pub struct Trainer {
     pub model: Model,
     pub backward: Backward,
+    /// The driver's passes for the step: the mesh and every rank's program.
+    pub compiled: tessera_compiler::driver::Compiled,
     pub params: Vec<Tensor<f32>>,
     pub opt: optim::OptimizerState,
     pub step: u64,
@@ -116,9 +118,12 @@ impl Trainer {
             .train
             .clone()
             .ok_or_else(|| TrainError::Setup(format!("model `{}` has no `train` section", model.name)))?;
-        let loss = model.graph.output("loss").ok_or_else(|| TrainError::Setup("the model defines no `loss`".into()))?;
-        let backward = differentiate(&model.graph, loss)
-            .map_err(|e| TrainError::Setup(format!("cannot differentiate the model: {e}")))?;
+        model.graph.output("loss").ok_or_else(|| TrainError::Setup("the model defines no `loss`".into()))?;
+        // The compiler's passes, from the driver: the backward graph and every rank's program.
+        let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
+        let compiled = tessera_compiler::driver::compile_with(&model, None, passes)
+            .map_err(|e| TrainError::Setup(format!("cannot compile the training step: {e}")))?;
+        let backward = compiled.backward.clone();
         let find = |n: &str| model.inputs.iter().position(|i| i.name == n);
         let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
             return Err(TrainError::Setup(
@@ -166,6 +171,7 @@ impl Trainer {
             params: init_params(&model.params, cfg.seed),
             model,
             backward,
+            compiled,
             opt,
             step: 0,
             data,
@@ -208,7 +214,7 @@ impl Trainer {
     fn start_ranks(&mut self) -> Result<(), TrainError> {
         self.ranks = None;
         if self.model.parallel.world() > 1 {
-            let r = ranks::Ranks::new(&self.model, &self.backward, &self.params, &self.opt)
+            let r = ranks::Ranks::new(&self.model, &self.compiled, &self.params, &self.opt)
                 .map_err(|e| TrainError::Setup(format!("cannot run the `parallel` layout on simulated ranks: {e}")))?;
             self.ranks = Some(r);
         }

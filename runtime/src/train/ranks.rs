@@ -21,7 +21,7 @@ use crate::exec::Interpreter;
 use crate::tensor::Tensor;
 use std::sync::Mutex;
 use tessera_compiler::Model;
-use tessera_compiler::autodiff::Backward;
+use tessera_compiler::driver::Compiled;
 use tessera_compiler::autodiff::update::UpdateParam;
 use tessera_compiler::ir::ValueId;
 use tessera_compiler::model::{Dim, Param};
@@ -138,12 +138,14 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 impl Ranks {
-    /// Programs for every rank, checked, with the rank's shards of `params`
+    /// The driver's programs for every rank (checked there), with the rank's shards of `params`
     /// and of the optimizer state `opt` (logical tensors).
-    pub fn new(model: &Model, bw: &Backward, params: &[Tensor<f32>], opt: &OptimizerState) -> Result<Ranks, String> {
-        let mesh = Mesh::of(model).map_err(err)?;
-        let programs = parallel::shard_all(model, bw).map_err(err)?;
-        parallel::check::check(&programs, &mesh).map_err(|e| format!("the per-rank programs disagree: {e}"))?;
+    pub fn new(model: &Model, c: &Compiled, params: &[Tensor<f32>], opt: &OptimizerState) -> Result<Ranks, String> {
+        let mesh = c.mesh.clone();
+        let programs = c.ranks.clone();
+        if programs.len() as u64 != mesh.world() {
+            return Err(format!("{} rank programs for a mesh of {} ranks", programs.len(), mesh.world()));
+        }
         let dp = mesh.data_axis.as_deref().map(|a| mesh.size(a)).unwrap_or(1);
         let accumulation = model.train.as_ref().map(|t| t.batch).unwrap_or(1) / model.micro_batch.max(1);
         let mut ranks = Ranks {
