@@ -81,113 +81,141 @@ fn eval<'c>(
 const BLOCK: usize = 256;
 
 impl Cpu {
-    /// Run a fused kernel: the body, one block of loop positions at a time,
-    /// each value computed for the whole block before the next (the stores
-    /// come after every load of the block, so an output may share an
-    /// input's bytes). The scalar functions are the interpreter's own, so a
-    /// fused kernel computes what its ops computed one by one.
+    /// Run a fused kernel. The loop positions are split over the kernel
+    /// threads; each evaluates the body one block of positions at a time
+    /// (each value computed for the whole block before the next) while the
+    /// regions are only read, and the stores are written after every thread
+    /// is done, so an output may share an input's bytes. The scalar functions
+    /// are the interpreter's own, so a fused kernel computes what its ops
+    /// computed one by one.
     fn kernel(&mut self, k: &tessera_compiler::kernel::Kernel, args: &[&Buffer], seed: u64) -> Result<(), String> {
-        use crate::exec::kernels::{gelu_dt_f32, gelu_f32, unary_df, unary_f, uniform};
-        use tessera_compiler::ir::{BinaryOp, UnaryOp};
-        use tessera_compiler::kernel::Expr;
         let n = k.len() as usize;
-        let rank = k.dims.len();
-        let sizes: Vec<usize> = k.dims.iter().map(|d| d.size as usize).collect();
-        // An argument whose strides are the loop's own row-major strides is read at the loop index.
-        let mut dense = vec![1u64; rank];
-        for i in (0..rank.saturating_sub(1)).rev() {
-            dense[i] = dense[i + 1] * sizes[i + 1] as u64;
+        let stores = k.stores.len().max(1);
+        // Position-major: the values stored at a position sit together.
+        let mut results = vec![0f32; n * stores];
+        let regions = &self.regions;
+        crate::exec::fast::par_rows(&mut results, stores, |first, chunk| {
+            eval_kernel(k, args, regions, seed, first, chunk);
+        });
+        for (si, &(arg, _)) in k.stores.iter().enumerate() {
+            let dst = self.slice_mut(args[arg]);
+            for (p, d) in dst.iter_mut().enumerate() {
+                *d = results[p * stores + si];
+            }
         }
-        let contiguous: Vec<bool> = k.strides.iter().map(|s| *s == dense).collect();
-        let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
-        let mut offsets = vec![0usize; BLOCK];
-        let mut idx = vec![0usize; rank];
-        let mut start = 0;
-        while start < n {
-            let len = BLOCK.min(n - start);
-            for (i, e) in k.body.iter().enumerate() {
-                let (done, rest) = vals.split_at_mut(i);
-                let out = &mut rest[0][..len];
-                match *e {
-                    Expr::Load { arg } => {
-                        let data = &self.regions[region_index(args[arg].region)][range(args[arg])];
-                        if contiguous[arg] {
-                            out.copy_from_slice(&data[start..start + len]);
-                        } else {
-                            // The argument's offset at each position of the block.
-                            let mut at = idx.clone();
-                            for o in offsets[..len].iter_mut() {
-                                *o = at.iter().zip(&k.strides[arg]).map(|(i, s)| i * *s as usize).sum();
-                                for d in (0..rank).rev() {
-                                    at[d] += 1;
-                                    if at[d] < sizes[d] {
-                                        break;
-                                    }
-                                    at[d] = 0;
+        Ok(())
+    }
+}
+
+/// Kernel `k` over loop positions `first ..`, one per `k.stores.len()` values of `out`.
+fn eval_kernel(
+    k: &tessera_compiler::kernel::Kernel,
+    args: &[&Buffer],
+    regions: &[Vec<f32>; 5],
+    seed: u64,
+    first: usize,
+    out: &mut [f32],
+) {
+    use crate::exec::kernels::{gelu_dt_f32, gelu_f32, uniform, unary_df, unary_f};
+    use tessera_compiler::ir::{BinaryOp, UnaryOp};
+    use tessera_compiler::kernel::Expr;
+    let stores = k.stores.len().max(1);
+    let count = out.len() / stores;
+    let rank = k.dims.len();
+    let sizes: Vec<usize> = k.dims.iter().map(|d| d.size as usize).collect();
+    // An argument whose strides are the loop's own row-major strides is read at the loop index.
+    let mut dense = vec![1u64; rank];
+    for i in (0..rank.saturating_sub(1)).rev() {
+        dense[i] = dense[i + 1] * sizes[i + 1] as u64;
+    }
+    let contiguous: Vec<bool> = k.strides.iter().map(|s| *s == dense).collect();
+    let data: Vec<&[f32]> = args.iter().map(|b| &regions[region_index(b.region)][range(b)]).collect();
+    // The loop index of position `first`.
+    let mut idx = vec![0usize; rank];
+    let mut left = first;
+    for d in (0..rank).rev() {
+        idx[d] = left % sizes[d].max(1);
+        left /= sizes[d].max(1);
+    }
+    let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
+    let mut offsets = [0usize; BLOCK];
+    let mut done_count = 0;
+    while done_count < count {
+        let start = first + done_count;
+        let len = BLOCK.min(count - done_count);
+        for (i, e) in k.body.iter().enumerate() {
+            let (before, rest) = vals.split_at_mut(i);
+            let o = &mut rest[0][..len];
+            match *e {
+                Expr::Load { arg } => {
+                    if contiguous[arg] {
+                        o.copy_from_slice(&data[arg][start..start + len]);
+                    } else {
+                        // The argument's offset at each position of the block.
+                        let mut at = idx.clone();
+                        for off in offsets[..len].iter_mut() {
+                            *off = at.iter().zip(&k.strides[arg]).map(|(i, s)| i * *s as usize).sum();
+                            for d in (0..rank).rev() {
+                                at[d] += 1;
+                                if at[d] < sizes[d] {
+                                    break;
                                 }
-                            }
-                            for (o, &off) in out.iter_mut().zip(&offsets[..len]) {
-                                *o = data[off];
+                                at[d] = 0;
                             }
                         }
-                    }
-                    Expr::Const { value } => out.fill(value as f32),
-                    Expr::Unary { op, x } => {
-                        let x = &done[x][..len];
-                        match op {
-                            UnaryOp::Gelu => out.iter_mut().zip(x).for_each(|(o, v)| *o = gelu_f32(*v)),
-                            _ => out.iter_mut().zip(x).for_each(|(o, v)| *o = unary_f(op, *v as f64) as f32),
-                        }
-                    }
-                    Expr::UnaryGrad { op, x, g } => {
-                        let (x, g) = (&done[x][..len], &done[g][..len]);
-                        match op {
-                            UnaryOp::Gelu => {
-                                out.iter_mut().zip(x).zip(g).for_each(|((o, v), g)| *o = *g * gelu_dt_f32(*v))
-                            }
-                            _ => out
-                                .iter_mut()
-                                .zip(x)
-                                .zip(g)
-                                .for_each(|((o, v), g)| *o = *g * unary_df(op, *v as f64) as f32),
-                        }
-                    }
-                    Expr::Binary { op, a, b } => {
-                        let (a, b) = (&done[a][..len], &done[b][..len]);
-                        let f = |x: f32, y: f32| match op {
-                            BinaryOp::Add => x + y,
-                            BinaryOp::Sub => x - y,
-                            BinaryOp::Mul => x * y,
-                            BinaryOp::Div => x / y,
-                        };
-                        out.iter_mut().zip(a).zip(b).for_each(|((o, x), y)| *o = f(*x, *y));
-                    }
-                    Expr::Pow { x, exp } => {
-                        let e = exp as f32;
-                        out.iter_mut().zip(&done[x][..len]).for_each(|(o, v)| *o = v.powf(e));
-                    }
-                    Expr::Dropout { x, p, rng } => {
-                        let scale = (1.0 / (1.0 - p)) as f32;
-                        for (j, (o, v)) in out.iter_mut().zip(&done[x][..len]).enumerate() {
-                            *o = if uniform(seed, rng, (start + j) as u64) < p { 0.0 } else { *v * scale };
+                        for (v, &off) in o.iter_mut().zip(&offsets[..len]) {
+                            *v = data[arg][off];
                         }
                     }
                 }
+                Expr::Const { value } => o.fill(value as f32),
+                Expr::Unary { op: UnaryOp::Gelu, x } => o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = gelu_f32(*v)),
+                Expr::Unary { op, x } => {
+                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = unary_f(op, *v as f64) as f32)
+                }
+                Expr::UnaryGrad { op, x, g } => {
+                    let (x, g) = (&before[x][..len], &before[g][..len]);
+                    if op == UnaryOp::Gelu {
+                        o.iter_mut().zip(x).zip(g).for_each(|((o, v), g)| *o = *g * gelu_dt_f32(*v));
+                    } else {
+                        o.iter_mut().zip(x).zip(g).for_each(|((o, v), g)| *o = *g * unary_df(op, *v as f64) as f32);
+                    }
+                }
+                Expr::Binary { op, a, b } => {
+                    let (a, b) = (&before[a][..len], &before[b][..len]);
+                    let it = o.iter_mut().zip(a).zip(b);
+                    match op {
+                        BinaryOp::Add => it.for_each(|((o, x), y)| *o = *x + *y),
+                        BinaryOp::Sub => it.for_each(|((o, x), y)| *o = *x - *y),
+                        BinaryOp::Mul => it.for_each(|((o, x), y)| *o = *x * *y),
+                        BinaryOp::Div => it.for_each(|((o, x), y)| *o = *x / *y),
+                    }
+                }
+                Expr::Pow { x, exp } => {
+                    let e = exp as f32;
+                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = v.powf(e));
+                }
+                Expr::Dropout { x, p, rng } => {
+                    let scale = (1.0 / (1.0 - p)) as f32;
+                    for (j, (o, v)) in o.iter_mut().zip(&before[x][..len]).enumerate() {
+                        *o = if uniform(seed, rng, (start + j) as u64) < p { 0.0 } else { *v * scale };
+                    }
+                }
             }
-            for &(arg, v) in &k.stores {
-                let dst = &mut self.regions[region_index(args[arg].region)][range(args[arg])];
-                dst[start..start + len].copy_from_slice(&vals[v][..len]);
-            }
-            // The loop index of the next block's first element.
-            let mut left = len;
-            for d in (0..rank).rev() {
-                let total = idx[d] + left;
-                idx[d] = total % sizes[d];
-                left = total / sizes[d];
-            }
-            start += len;
         }
-        Ok(())
+        for (si, &(_, v)) in k.stores.iter().enumerate() {
+            for j in 0..len {
+                out[(done_count + j) * stores + si] = vals[v][j];
+            }
+        }
+        // The loop index of the next block's first position.
+        let mut carry = len;
+        for d in (0..rank).rev() {
+            let total = idx[d] + carry;
+            idx[d] = total % sizes[d].max(1);
+            carry = total / sizes[d].max(1);
+        }
+        done_count += len;
     }
 }
 
