@@ -116,7 +116,7 @@ fn eval_kernel(
     first: usize,
     out: &mut [f32],
 ) {
-    use crate::exec::kernels::{gelu_dt_f32, gelu_f32, uniform, unary_df, unary_f};
+    use crate::exec::kernels::{gelu_dt_f32, gelu_f32, unary_df, unary_f, uniform};
     use tessera_compiler::ir::{BinaryOp, UnaryOp};
     use tessera_compiler::kernel::Expr;
     let stores = k.stores.len().max(1);
@@ -169,7 +169,9 @@ fn eval_kernel(
                     }
                 }
                 Expr::Const { value } => o.fill(value as f32),
-                Expr::Unary { op: UnaryOp::Gelu, x } => o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = gelu_f32(*v)),
+                Expr::Unary { op: UnaryOp::Gelu, x } => {
+                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = gelu_f32(*v))
+                }
                 Expr::Unary { op, x } => {
                     o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = unary_f(op, *v as f64) as f32)
                 }
