@@ -38,3 +38,16 @@ pub fn check_ok(path: &str, overrides: &[&str]) -> Model {
     let (sources, r) = check(Path::new(path), overrides);
     r.unwrap_or_else(|d| panic!("{path} should check:\n{}", tessera::compiler::diag::render(&sources, &d.0)))
 }
+
+/// Specs and layouts the compiler and runtime tests share.
+pub const GPT: &str = "specs/tiny/gpt.spec";
+pub const MOE: &str = "specs/tiny/moe.spec";
+pub const DP2: &[&str] = &["parallel.mesh.data=2", "parallel.layout.batch=data"];
+pub const TP2: &[&str] = &["parallel.mesh.tensor=2", "parallel.layout.heads=tensor", "parallel.layout.mlp=tensor"];
+pub const PP2: &[&str] =
+    &["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.microbatches=4"];
+
+/// Two override lists, one after the other.
+pub fn with(a: &[&'static str], b: &[&'static str]) -> Vec<&'static str> {
+    a.iter().chain(b).copied().collect()
+}

@@ -11,16 +11,7 @@ use tessera::compiler::lower::text::{parse, print};
 use tessera::compiler::lower::verify::verify;
 use tessera::compiler::lower::{BufId, Kind, Program, Region};
 
-const GPT: &str = "specs/tiny/gpt.spec";
-const MOE: &str = "specs/tiny/moe.spec";
-const DP2: &[&str] = &["parallel.mesh.data=2", "parallel.layout.batch=data"];
-const TP2: &[&str] = &["parallel.mesh.tensor=2", "parallel.layout.heads=tensor", "parallel.layout.mlp=tensor"];
-const PP2: &[&str] =
-    &["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.microbatches=4"];
-
-fn with(a: &[&'static str], b: &[&'static str]) -> Vec<&'static str> {
-    a.iter().chain(b).copied().collect()
-}
+use common::{DP2, GPT, MOE, PP2, TP2, with};
 
 /// The layouts lowered here: every kind of step the sharding pass writes.
 fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {

@@ -11,18 +11,10 @@ use tessera::runtime::train::data::Split;
 use tessera::runtime::train::lowered::LoweredRanks;
 use tessera::runtime::train::{RunConfig, Trainer, optim};
 
-const GPT: &str = "specs/tiny/gpt.spec";
-const MOE: &str = "specs/tiny/moe.spec";
-const DP2: &[&str] = &["parallel.mesh.data=2", "parallel.layout.batch=data"];
-const TP2: &[&str] = &["parallel.mesh.tensor=2", "parallel.layout.heads=tensor", "parallel.layout.mlp=tensor"];
-const PP2: &[&str] =
-    &["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.microbatches=4"];
+use common::{DP2, GPT, MOE, PP2, TP2, with};
+
 /// Small enough that a layout runs in seconds in a debug build.
 const SMALL: &[&str] = &["dims.seq=16", "dims.embed=32", "train.batch=4"];
-
-fn with(a: &[&'static str], b: &[&'static str]) -> Vec<&'static str> {
-    a.iter().chain(b).copied().collect()
-}
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
@@ -33,15 +25,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 fn t_cfg(out: &std::path::Path) -> RunConfig {
     RunConfig {
         steps: 3,
-        out: out.to_path_buf(),
-        resume: None,
         seed: 7,
-        eval_interval: 0,
-        eval_batches: 1,
-        save_interval: 0,
         data: Some(PathBuf::from("data/shakespeare/shakespeare.txt")),
-        spec: None,
-        allow_changes: false,
+        ..RunConfig::new(out)
     }
 }
 

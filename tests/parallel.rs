@@ -26,15 +26,9 @@ fn model(spec: &str, sets: &[&str]) -> tessera::compiler::Model {
 fn cfg(out: &Path) -> RunConfig {
     RunConfig {
         steps: 5,
-        out: out.to_path_buf(),
-        resume: None,
         seed: 7,
-        eval_interval: 0,
-        eval_batches: 1,
-        save_interval: 0,
         data: Some(PathBuf::from("data/shakespeare/shakespeare.txt")),
-        spec: None,
-        allow_changes: false,
+        ..RunConfig::new(out)
     }
 }
 

@@ -26,15 +26,10 @@ fn tmp(name: &str) -> PathBuf {
 fn cfg(out: &Path, resume: Option<PathBuf>) -> RunConfig {
     RunConfig {
         steps: 10,
-        out: out.to_path_buf(),
         resume,
         seed: 42,
-        eval_interval: 0,
-        eval_batches: 1,
-        save_interval: 0,
         data: Some(PathBuf::from("data/shakespeare/shakespeare.txt")),
-        spec: None,
-        allow_changes: false,
+        ..RunConfig::new(out)
     }
 }
 

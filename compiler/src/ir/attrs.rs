@@ -99,6 +99,22 @@ pub fn record_text(o: &Map<String, Value>) -> String {
     format!("{{{}}}", o.iter().map(|(k, v)| format!("{k} = {}", value_text(v))).collect::<Vec<_>>().join(", "))
 }
 
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+/// The lines of a text form that hold something: (line number, text without
+/// its `// comment`, trimmed).
+pub fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, raw)| (i + 1, raw.split("//").next().unwrap_or("").trim()))
+        .filter(|(_, line)| !line.is_empty())
+}
+
 /// A reader over one line of a text form.
 pub struct Cursor<'a> {
     s: &'a str,

@@ -384,6 +384,21 @@ impl Op {
         }
     }
 
+    /// Whether every output element reads only the same element of an
+    /// operand of the output's type (and anything of the other, broadcast,
+    /// operands): what may run in place and be fused into a kernel.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Unary { .. }
+                | Op::Binary { .. }
+                | Op::Pow { .. }
+                | Op::UnaryGrad { .. }
+                | Op::Dropout { .. }
+                | Op::DropoutGrad { .. }
+        )
+    }
+
     /// The mesh axis of a collective, if this op is one.
     pub fn collective_axis(&self) -> Option<&str> {
         match self {

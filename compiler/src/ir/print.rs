@@ -8,7 +8,8 @@
 //!
 //! Attributes follow [`super::attrs`], the syntax the lowered program shares.
 
-use super::attrs::{Cursor, op_attrs, op_from, record_text};
+pub use super::attrs::ParseError;
+use super::attrs::{Cursor, lines, op_attrs, op_from, record_text};
 use super::{Graph, ValueId};
 use crate::syntax::span::Span;
 use std::fmt::Write;
@@ -32,22 +33,11 @@ pub(super) fn print(g: &Graph) -> String {
     s
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("line {line}: {message}")]
-pub struct ParseError {
-    pub line: usize,
-    pub message: String,
-}
-
 /// Parse a graph's text form. Comments (`// ...`) and blank lines are skipped.
 pub fn parse(text: &str) -> Result<Graph, ParseError> {
     let mut g = Graph::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.split("//").next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let fail = |message: String| ParseError { line: i + 1, message };
+    for (n, line) in lines(text) {
+        let fail = |message: String| ParseError { line: n, message };
         let mut c = Cursor::new(line);
         if c.eat("output ") {
             let name = c.word().map_err(fail)?;

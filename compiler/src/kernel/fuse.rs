@@ -16,15 +16,7 @@ use std::collections::HashMap;
 /// Whether instruction `ins` may join a run over `dims`.
 fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Vec<Dim>> {
     let Kind::Op { op, accumulate: false, .. } = &ins.kind else { return None };
-    let ok = matches!(
-        op,
-        Op::Unary { .. }
-            | Op::Binary { .. }
-            | Op::Pow { .. }
-            | Op::UnaryGrad { .. }
-            | Op::Dropout { .. }
-            | Op::DropoutGrad { .. }
-    );
+    let ok = op.is_elementwise();
     let [out] = ins.outs[..] else { return None };
     let o = &buffers[out.index()];
     if !ok || o.region != Region::Arena || o.view_of.is_some() || o.ty.dtype != DType::F32 {

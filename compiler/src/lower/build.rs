@@ -780,7 +780,7 @@ impl<'a> Builder<'a> {
         for i in 0..self.instrs.len() {
             let ins = &self.instrs[i];
             let pointwise = match &ins.kind {
-                Kind::Op { op, accumulate: false, .. } => elementwise(op),
+                Kind::Op { op, accumulate: false, .. } => op.is_elementwise(),
                 Kind::Kernel { .. } => true,
                 _ => false,
             };
@@ -876,20 +876,6 @@ fn input_type(prog: &RankProgram, i: usize) -> Option<TensorType> {
         None => find(&prog.graph),
         Some(sp) => sp.chunks.iter().find_map(|c| find(&c.backward).or_else(|| find(&c.forward))),
     }
-}
-
-/// Ops whose every output element reads only the same element of an
-/// operand of the output's type (and anything of the other operands).
-fn elementwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary { .. }
-            | Op::Binary { .. }
-            | Op::Pow { .. }
-            | Op::UnaryGrad { .. }
-            | Op::Dropout { .. }
-            | Op::DropoutGrad { .. }
-    )
 }
 
 fn dropout_of(op: &Op) -> bool {

@@ -19,7 +19,8 @@
 //! prints and parses by one rule.
 
 use super::{BufId, Buffer, Instr, Kind, Program, Region, Stream};
-use crate::ir::attrs::{Cursor, op_attrs, op_from, record_text};
+pub use crate::ir::attrs::ParseError;
+use crate::ir::attrs::{Cursor, lines, op_attrs, op_from, record_text};
 use serde_json::{Map, Value};
 use std::fmt::Write;
 
@@ -118,23 +119,12 @@ fn take_tag(o: &mut Map<String, Value>, key: &str) -> String {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("line {line}: {message}")]
-pub struct ParseError {
-    pub line: usize,
-    pub message: String,
-}
-
 /// Parse a program's text form.
 pub fn parse(text: &str) -> Result<Program, ParseError> {
     let mut p = Program { rank: 0, coords: Vec::new(), sizes: [0; 5], buffers: Vec::new(), instrs: Vec::new() };
     let mut seen_header = false;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.split("//").next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let fail = |message: String| ParseError { line: i + 1, message };
+    for (n, line) in lines(text) {
+        let fail = |message: String| ParseError { line: n, message };
         let mut c = Cursor::new(line);
         if let Some(rest) = line.strip_prefix("program rank ") {
             let mut c = Cursor::new(rest);

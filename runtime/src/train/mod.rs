@@ -59,6 +59,25 @@ pub struct RunConfig {
     pub allow_changes: bool,
 }
 
+impl RunConfig {
+    /// A run into `out` with nothing else chosen: no steps, seed 0, no
+    /// evaluation, a checkpoint only at the end, the spec's own data.
+    pub fn new(out: impl Into<PathBuf>) -> RunConfig {
+        RunConfig {
+            steps: 0,
+            out: out.into(),
+            resume: None,
+            seed: 0,
+            eval_interval: 0,
+            eval_batches: 1,
+            save_interval: 0,
+            data: None,
+            spec: None,
+            allow_changes: false,
+        }
+    }
+}
+
 /// One step's report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StepReport {
