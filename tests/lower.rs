@@ -38,6 +38,18 @@ fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {
         ("specs/tiny/bert.spec", vec![]),
         ("specs/tiny/vit.spec", vec![]),
         ("specs/tiny/shakespeare.spec", vec![]),
+        // Dropout, fused into kernels with its random stream.
+        (
+            "specs/models/gpt2-small.spec",
+            vec![
+                "dims.layers=1",
+                "dims.seq=16",
+                "dims.embed=32",
+                "dims.heads=2",
+                "train.batch=4",
+                "train.micro_batch=2",
+            ],
+        ),
     ]
 }
 

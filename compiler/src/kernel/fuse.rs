@@ -28,7 +28,7 @@ fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Vec<Dim>> {
 }
 
 /// Row-major element strides of `t` along each of `dims` (0 where `t` lacks the dim).
-fn strides(t: &TensorType, dims: &[Dim]) -> Vec<u64> {
+pub fn strides(t: &TensorType, dims: &[Dim]) -> Vec<u64> {
     let mut own = vec![1u64; t.dims.len()];
     for i in (0..t.dims.len().saturating_sub(1)).rev() {
         own[i] = own[i + 1] * t.dims[i + 1].size;

@@ -12,7 +12,7 @@
 
 mod fuse;
 
-pub use fuse::fuse;
+pub use fuse::{fuse, strides};
 
 use crate::ir::{BinaryOp, Dim, UnaryOp};
 use serde::{Deserialize, Serialize};

@@ -57,11 +57,14 @@ fn list(bs: &[BufId]) -> String {
 
 /// One instruction's line.
 pub fn instr_text(ins: &Instr) -> String {
-    let (name, attrs) = name_and_attrs(&ins.kind);
     let mut s = String::new();
     if !ins.outs.is_empty() {
         s += &format!("{} = ", list(&ins.outs));
     }
+    if let Kind::Kernel { kernel } = &ins.kind {
+        return s + &format!("kernel({}) {}", list(&ins.ins), kernel_text(kernel));
+    }
+    let (name, attrs) = name_and_attrs(&ins.kind);
     s += &format!("{name}({})", list(&ins.ins));
     if !attrs.is_empty() {
         s += &format!(" {}", record_text(&attrs));
@@ -167,6 +170,17 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
                 let buffer = buffer(&mut c, view_of).map_err(fail)?;
                 p.buffers.push(buffer);
             }
+            "kernel" => {
+                let ins: Vec<BufId> = c.ids("b").map_err(fail)?.into_iter().map(BufId).collect();
+                let args: Vec<&Buffer> = ins
+                    .iter()
+                    .chain(&outs)
+                    .map(|b| p.buffers.get(b.index()).ok_or_else(|| fail(format!("{b} is not declared"))))
+                    .collect::<Result<_, _>>()?;
+                let kernel = kernel_parse(&mut c, &args, ins.len()).map_err(fail)?;
+                c.end().map_err(fail)?;
+                p.instrs.push(Instr { kind: Kind::Kernel { kernel }, ins, outs, stream: Stream::Compute });
+            }
             name => {
                 let ins = c.ids("b").map_err(fail)?.into_iter().map(BufId).collect();
                 let attrs = if c.peek() == Some('{') { c.record().map_err(fail)? } else { Map::new() };
@@ -222,8 +236,7 @@ fn kind_of(name: &str, mut attrs: Map<String, Value>) -> Result<Kind, String> {
 }
 
 /// The instruction kinds printed under their own name.
-const KINDS: [&str; 13] = [
-    "kernel",
+const KINDS: [&str; 12] = [
     "skip_if_nonfinite",
     "accumulate",
     "scale",
@@ -276,4 +289,132 @@ fn buffer(c: &mut Cursor, view_of: Option<BufId>) -> Result<Buffer, String> {
     };
     c.end()?;
     Ok(Buffer { ty, region, offset, view_of, name })
+}
+
+/// A kernel's text: its loop nest, its body as statements over values `vN`
+/// and arguments `aN` (inputs, then outputs), and the ops it fused:
+///
+/// ```text
+/// over [batch=2, seq=4, mlp=32] {v0 = a0; v1 = a1; v2 = add(v0, v1); v3 = gelu(v2); a2 = v2; a3 = v3} {ops = [add, gelu]}
+/// ```
+///
+/// The strides are not printed: they follow from the arguments' types (a
+/// dim an argument lacks is broadcast), as fusion makes them.
+fn kernel_text(k: &crate::kernel::Kernel) -> String {
+    use crate::kernel::Expr;
+    let dims: Vec<String> = k.dims.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
+    let mut stmts: Vec<String> = k
+        .body
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let rhs = match e {
+                Expr::Load { arg } => format!("a{arg}"),
+                Expr::Const { value } => Value::from(*value).to_string(),
+                Expr::Unary { op, x } => format!("{}(v{x})", op.name()),
+                Expr::UnaryGrad { op, x, g } => format!("{}_grad(v{x}, v{g})", op.name()),
+                Expr::Binary { op, a, b } => format!("{}(v{a}, v{b})", op.name()),
+                Expr::Pow { x, exp } => format!("pow(v{x}, {})", Value::from(*exp)),
+                Expr::Dropout { x, p, rng } => format!("dropout(v{x}, {}, {rng})", Value::from(*p)),
+            };
+            format!("v{i} = {rhs}")
+        })
+        .collect();
+    stmts.extend(k.stores.iter().map(|(a, v)| format!("a{a} = v{v}")));
+    let ops: Vec<Value> = k.ops.iter().map(|o| Value::String(o.clone())).collect();
+    let mut meta = Map::new();
+    meta.insert("ops".into(), Value::Array(ops));
+    format!("over [{}] {{{}}} {}", dims.join(", "), stmts.join("; "), record_text(&meta))
+}
+
+/// The inverse of [`kernel_text`], given the argument buffers.
+fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate::kernel::Kernel, String> {
+    use crate::ir::{BinaryOp, Dim, UnaryOp};
+    use crate::kernel::{Expr, Kernel};
+    c.expect("over")?;
+    c.expect("[")?;
+    let mut dims = Vec::new();
+    if !c.eat("]") {
+        loop {
+            let name = c.word()?;
+            c.expect("=")?;
+            dims.push(Dim::new(name, c.number()?));
+            if c.eat("]") {
+                break;
+            }
+            c.expect(",")?;
+        }
+    }
+    c.expect("{")?;
+    let mut body = Vec::new();
+    let mut stores = Vec::new();
+    let operand = |c: &mut Cursor| -> Result<usize, String> { c.id("v").map(|v| v as usize) };
+    let number =
+        |c: &mut Cursor| -> Result<f64, String> { c.value()?.as_f64().ok_or_else(|| "expected a number".to_string()) };
+    // `aN`: an argument (not an operation whose name starts with `a`).
+    let at_arg = |c: &mut Cursor| {
+        c.peek();
+        let r = c.rest();
+        r.starts_with('a') && r[1..].starts_with(|ch: char| ch.is_ascii_digit())
+    };
+    while !c.eat("}") {
+        if at_arg(c) {
+            let arg = c.id("a")? as usize;
+            c.expect("=")?;
+            stores.push((arg, operand(c)?));
+        } else {
+            let v = c.id("v")? as usize;
+            if v != body.len() {
+                return Err(format!("expected v{} next, found v{v}", body.len()));
+            }
+            c.expect("=")?;
+            let e = match c.peek() {
+                Some('a') if at_arg(c) => Expr::Load { arg: c.id("a")? as usize },
+                Some(ch) if ch == '-' || ch.is_ascii_digit() => Expr::Const { value: number(c)? },
+                _ => {
+                    let name = c.word()?;
+                    c.expect("(")?;
+                    let x = operand(c)?;
+                    let e = if let Some(op) = name.strip_suffix("_grad").and_then(UnaryOp::from_name) {
+                        c.expect(",")?;
+                        Expr::UnaryGrad { op, x, g: operand(c)? }
+                    } else if let Some(op) = UnaryOp::from_name(&name) {
+                        Expr::Unary { op, x }
+                    } else if name == "pow" {
+                        c.expect(",")?;
+                        Expr::Pow { x, exp: number(c)? }
+                    } else if name == "dropout" {
+                        c.expect(",")?;
+                        let p = number(c)?;
+                        c.expect(",")?;
+                        Expr::Dropout { x, p, rng: c.number()? }
+                    } else {
+                        let op = match name.as_str() {
+                            "add" => BinaryOp::Add,
+                            "sub" => BinaryOp::Sub,
+                            "mul" => BinaryOp::Mul,
+                            "div" => BinaryOp::Div,
+                            other => return Err(format!("`{other}` is not a kernel operation")),
+                        };
+                        c.expect(",")?;
+                        Expr::Binary { op, a: x, b: operand(c)? }
+                    };
+                    c.expect(")")?;
+                    e
+                }
+            };
+            body.push(e);
+        }
+        if !c.eat(";") {
+            c.expect("}")?;
+            break;
+        }
+    }
+    let meta = c.record()?;
+    let ops: Vec<String> = serde_json::from_value(meta.get("ops").cloned().unwrap_or(Value::Array(Vec::new())))
+        .map_err(|e| format!("`ops`: {e}"))?;
+    let strides = args.iter().map(|b| crate::kernel::strides(&b.ty, &dims)).collect();
+    let k = Kernel { dims, inputs, strides, body, stores, ops };
+    k.check()?;
+    Ok(k)
 }
