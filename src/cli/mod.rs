@@ -42,12 +42,13 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Print the graph IR instead: `forward`, `backward` (the training
-        /// step's forward and backward graph, as the interpreter runs it), or
+        /// step's forward and backward graph, as the interpreter runs it),
         /// `rank` (one rank's program under the spec's `parallel` layout,
-        /// with its collectives; pick the rank with --rank).
+        /// with its collectives), or `lowered` (one rank's whole training
+        /// step as instructions over buffers); pick the rank with --rank.
         #[arg(long, value_name = "GRAPH", conflicts_with = "json")]
         ir: Option<IrGraph>,
-        /// The rank whose program `--ir rank` prints.
+        /// The rank whose program `--ir rank` or `--ir lowered` prints.
         #[arg(long, default_value_t = 0, requires = "ir")]
         rank: u64,
     },
