@@ -491,3 +491,44 @@ fn a_layout_rule_is_removed_with_none() {
     let split = inspect_json(&["specs/tiny/moe.spec"])["params_per_rank"][0].as_u64();
     assert!(all > split, "{all:?} vs {split:?}");
 }
+
+/// `inspect --json` reports each rank's lowered step; one too large to
+/// lower there says how to get it. `bench --lowered` runs the same steps as
+/// lowered programs in the same run and reports the ratio, with the same loss.
+#[test]
+fn lowered_programs_in_inspect_and_bench() {
+    let j =
+        inspect_json(&["specs/tiny/gpt.spec", "--set", "parallel.mesh.data=2", "--set", "parallel.layout.batch=data"]);
+    let lowered = j["lowered"].as_array().expect("one entry per rank");
+    assert_eq!(lowered.len(), 2);
+    for (r, l) in lowered.iter().enumerate() {
+        assert_eq!(l["rank"], r as u64);
+        assert!(l["arena_bytes"].as_u64().unwrap() > 0 && l["instructions"].as_u64().unwrap() > 0, "{l}");
+        assert_eq!(l["param_bytes"], l["grad_bytes"], "one gradient per weight");
+    }
+    let big = inspect_json(&["specs/models/gpt3-175b.spec"]);
+    assert!(big["lowered"]["skipped"].as_str().unwrap().contains("--ir lowered --rank"), "{}", big["lowered"]);
+
+    let o = tessera(&[
+        "bench",
+        "specs/tiny/gpt.spec",
+        "--set",
+        "dims.seq=16",
+        "--set",
+        "train.batch=4",
+        "--steps",
+        "1",
+        "--lowered",
+        "--json",
+        "--peak-per-core",
+        "100",
+        "--data",
+        "data/shakespeare/shakespeare.txt",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let (ours, theirs) = (b["final_loss"].as_f64().unwrap(), b["lowered_final_loss"].as_f64().unwrap());
+    assert!((ours - theirs).abs() <= 1e-6 * ours.abs(), "losses {ours} and {theirs}");
+    assert!(b["lowered_ratio"].as_f64().unwrap() > 0.0);
+    assert_eq!(b["lowered_arena_bytes"].as_array().map(Vec::len), Some(1));
+}
