@@ -5,7 +5,9 @@
 //! kernel the node-by-node interpreter runs (`exec::Interpreter::eval_node`,
 //! so both paths agree by construction), and writes (or, with
 //! `accumulate`, adds) the result into its output's bytes. Token ids are
-//! held as f32 values, as the interpreter holds them (exact below 2²⁴).
+//! held as f32 values, as the interpreter holds them (exact below 2²⁴);
+//! elements of other sizes than 4 bytes (a `bool` mask) are held as f32
+//! values beside the regions.
 
 use super::Backend;
 use crate::comm::{self, RankComm};
@@ -17,6 +19,14 @@ use tessera_compiler::lower::{Buffer, Collective, Instr, Kind, Program, Region};
 #[derive(Default)]
 pub struct Cpu {
     regions: [Vec<f32>; 5],
+    /// Buffers whose elements are not 4 bytes (a `bool` mask, `i64` ids):
+    /// held as f32 values beside the regions, by (region, offset).
+    other: std::collections::HashMap<(usize, u64), Vec<f32>>,
+}
+
+/// Whether the regions hold a buffer's elements (as f32 words).
+fn in_regions(b: &Buffer) -> bool {
+    b.ty.dtype.bytes() == 4
 }
 
 fn region_index(r: Region) -> usize {
@@ -34,11 +44,33 @@ impl Cpu {
     }
 
     fn slice(&self, b: &Buffer) -> &[f32] {
-        &self.regions[region_index(b.region)][range(b)]
+        if in_regions(b) {
+            return &self.regions[region_index(b.region)][range(b)];
+        }
+        self.other.get(&(region_index(b.region), b.offset)).map(Vec::as_slice).unwrap_or(&[])
     }
 
     fn slice_mut(&mut self, b: &Buffer) -> &mut [f32] {
-        &mut self.regions[region_index(b.region)][range(b)]
+        if in_regions(b) {
+            return &mut self.regions[region_index(b.region)][range(b)];
+        }
+        let n = b.ty.numel() as usize;
+        self.other.entry((region_index(b.region), b.offset)).or_insert_with(|| vec![0f32; n])
+    }
+
+    /// Make room for an instruction's buffers of other element sizes.
+    fn prepare(&mut self, bufs: &[&Buffer]) -> Result<(), String> {
+        for b in bufs.iter().filter(|b| !in_regions(b)) {
+            if b.view_of.is_some() {
+                return Err(format!(
+                    "the CPU backend holds {} values apart from the arena and cannot view them ({})",
+                    b.ty.dtype.name(),
+                    b.ty
+                ));
+            }
+            self.slice_mut(b);
+        }
+        Ok(())
     }
 
     fn tensor(&self, b: &Buffer) -> Tensor<f32> {
@@ -233,6 +265,7 @@ impl Backend for Cpu {
         if data.len() as u64 != buf.ty.numel() {
             return Err(format!("{} elements for `{}` of type {}", data.len(), buf.name, buf.ty));
         }
+        self.prepare(&[buf])?;
         self.slice_mut(buf).copy_from_slice(data);
         Ok(())
     }
@@ -249,6 +282,8 @@ impl Backend for Cpu {
         seed: u64,
     ) -> Result<(), String> {
         let buf = |b: &tessera_compiler::lower::BufId| p.buffer(*b);
+        let all: Vec<&Buffer> = ins.ins.iter().chain(&ins.outs).map(buf).collect();
+        self.prepare(&all)?;
         match &ins.kind {
             Kind::Op { op, rng, accumulate } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();

@@ -128,6 +128,14 @@ impl LoweredRanks {
         })
     }
 
+    /// The elements of rank `rank`'s buffer `name` (`g.3`, `loss`, `norm`, ...), if it has one.
+    pub fn read(&self, rank: usize, name: &str) -> Result<Option<Vec<f32>>, String> {
+        let p = self.programs.get(rank).ok_or_else(|| format!("no rank {rank}"))?;
+        let Some(b) = p.named(name) else { return Ok(None) };
+        let cpu = self.backends[rank].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+        cpu.download(p.buffer(b)).map(Some)
+    }
+
     /// The logical weights and optimizer state, assembled from the ranks' buffers.
     pub fn logical(
         &self,
