@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use tessera::compiler::driver::compile;
 use tessera::runtime::train::data::Split;
-use tessera::runtime::train::lowered::LoweredRanks;
+use tessera::runtime::train::lowered::{LoweredRanks, step_loss};
 use tessera::runtime::train::{RunConfig, Trainer, optim};
 
 use common::{DP2, GPT, MOE, PP2, TP2, with};
@@ -70,7 +70,6 @@ fn compare(spec: &str, sets: &[&str]) -> (f64, f64) {
     let c = compile(&m).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     let lowered = LoweredRanks::new(&m, &c, &t.params, &t.opt).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     let train = m.train.clone().expect("trains");
-    let micro = c.ranks[0].stage.as_ref().map(|s| s.micro).unwrap_or(c.ranks[0].micro) as f64;
     let mut worst_loss = 0f64;
     for step in 0..3 {
         let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
@@ -80,8 +79,7 @@ fn compare(spec: &str, sets: &[&str]) -> (f64, f64) {
         };
         let want = t.train_step().unwrap_or_else(|e| panic!("{sets:?}: {e}"));
         // The ranks of the last pipeline stage hold the loss; the data ranks average it.
-        let sums: Vec<f64> = reports.iter().map(|r| r.loss_sum).filter(|&l| l != 0.0).collect();
-        let per_rank = sums.iter().sum::<f64>() / sums.len() as f64 / micro;
+        let per_rank = step_loss(&reports).expect("a rank computes the loss");
         let e = (per_rank - want.loss).abs() / want.loss.abs();
         assert!(e <= 1e-6, "{spec} {sets:?} step {step}: lowered loss {per_rank}, runtime {} ({e:.1e})", want.loss);
         assert!(reports.iter().all(|r| r.updated));

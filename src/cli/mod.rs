@@ -1123,11 +1123,11 @@ fn bench_lowered(
     cfg: &tessera_runtime::train::RunConfig,
     steps: u64,
 ) -> Result<(f64, f64), String> {
-    use tessera_runtime::train::{Trainer, data::Split, lowered::LoweredRanks, optim};
+    use tessera_runtime::train::lowered::{LoweredRanks, step_loss};
+    use tessera_runtime::train::{Trainer, data::Split, optim};
     let t = Trainer::new(m.clone(), cfg.clone()).map_err(|e| e.to_string())?;
     let ranks = LoweredRanks::new(m, c, &t.params, &t.opt)?;
     let train = m.train.as_ref().ok_or("the model has no `train` section")?;
-    let micro = c.ranks.first().map(|r| r.stage.as_ref().map(|s| s.micro).unwrap_or(r.micro)).unwrap_or(1) as f64;
     let mut start = std::time::Instant::now();
     let mut loss = 0.0;
     for step in 0..WARMUP + steps {
@@ -1137,8 +1137,7 @@ fn bench_lowered(
         let lr = optim::learning_rate(train, step, t.tokens_per_step(), cfg.steps);
         let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
         let reports = ranks.step(step, cfg.seed, lr, &inputs)?;
-        let sums: Vec<f64> = reports.iter().map(|r| r.loss_sum).filter(|&l| l != 0.0).collect();
-        loss = sums.iter().sum::<f64>() / sums.len().max(1) as f64 / micro;
+        loss = step_loss(&reports).ok_or("no rank computed the loss")?;
     }
     Ok((start.elapsed().as_secs_f64(), loss))
 }

@@ -202,20 +202,25 @@ impl<'a> Cursor<'a> {
     pub fn ty(&mut self) -> Result<TensorType, String> {
         let d = self.word()?;
         let dtype = DType::parse(&d).ok_or_else(|| format!("unknown dtype `{d}`"))?;
+        Ok(TensorType::new(dtype, self.dims()?))
+    }
+
+    /// `[a=1, b=2]`.
+    pub fn dims(&mut self) -> Result<Vec<Dim>, String> {
         self.expect("[")?;
         let mut dims = Vec::new();
-        if !self.eat("]") {
-            loop {
-                let name = self.word()?;
-                self.expect("=")?;
-                dims.push(Dim::new(name, self.number()?));
-                if self.eat("]") {
-                    break;
-                }
-                self.expect(",")?;
-            }
+        if self.eat("]") {
+            return Ok(dims);
         }
-        Ok(TensorType::new(dtype, dims))
+        loop {
+            let name = self.word()?;
+            self.expect("=")?;
+            dims.push(Dim::new(name, self.number()?));
+            if self.eat("]") {
+                return Ok(dims);
+            }
+            self.expect(",")?;
+        }
     }
     /// `{k = v, ...}`.
     pub fn record(&mut self) -> Result<Map<String, Value>, String> {

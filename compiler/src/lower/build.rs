@@ -105,15 +105,11 @@ impl<'a> Builder<'a> {
     }
 
     fn data(&self) -> Option<(&'a str, u64)> {
-        let a = self.mesh.data_axis.as_deref()?;
-        let n = self.mesh.size(a);
-        (n > 1).then_some((a, n))
+        self.mesh.data_group()
     }
 
-    /// Whether ZeRO shards parameter `k`'s state over the data axis.
     fn zero_sharded(&self, k: usize) -> bool {
-        let p = &self.prog.params[k];
-        self.mesh.zero >= 1 && p.held && self.data().is_some_and(|(a, _)| !p.split_over(a))
+        self.mesh.zero_sharded(&self.prog.params[k])
     }
 
     fn flat(&self, k: usize) -> TensorType {
@@ -356,12 +352,11 @@ impl<'a> Builder<'a> {
         self.emit(Kind::Zero, vec![], grads.into_iter().chain([self.loss]).collect());
         for c in &prog.prologue {
             if let StepCollective::ParamAllGather { axis, params, .. } = c {
-                let (ins, full) = self.gather(axis, params, |b, k| b.w[k].expect("held"))?;
+                let full = self.gather(axis, params, |b, k| b.w[k].expect("held"))?;
                 for (&k, f) in params.iter().zip(full) {
                     let ty = prog.params[k].local.ty.clone();
                     self.w_full[k] = Some(self.view(f, ty, 0, &format!("w.{k}.full")));
                 }
-                let _ = ins;
             }
         }
         let weights: Vec<Option<BufId>> = (0..n).map(|k| self.w_full[k].or(self.w[k])).collect();
@@ -433,7 +428,7 @@ impl<'a> Builder<'a> {
             self.sync(Stream::Comm, Stream::Compute);
         }
         // ZeRO 1: the rank's shard of the reduced gradient; then the mean over the step's microbatches.
-        let scale = 1.0 / (dp * self.local_micro(prog)) as f64;
+        let scale = 1.0 / (dp * prog.micro) as f64;
         for (k, slot) in update_grad.iter_mut().enumerate() {
             let Some(gk) = *slot else { continue };
             let mut g = gk;
@@ -551,7 +546,7 @@ impl<'a> Builder<'a> {
         for c in &prog.step {
             if let StepCollective::ParamAllGather { axis, params, .. } = c {
                 let shards: HashMap<usize, BufId> = gathers.iter().copied().collect();
-                let (_, full) = self.gather(axis, params, |_, k| shards[&k])?;
+                let full = self.gather(axis, params, |_, k| shards[&k])?;
                 for (&k, f) in params.iter().zip(full) {
                     let wk = self.w[k].expect("held");
                     let ty = self.buffers[wk.index()].ty.clone();
@@ -565,12 +560,8 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn local_micro(&self, prog: &RankProgram) -> u64 {
-        prog.stage.as_ref().map(|s| s.micro).unwrap_or(prog.micro)
-    }
-
     fn data_coord(&self) -> u64 {
-        self.data().map(|(a, _)| self.mesh.coord(self.prog.rank, a)).unwrap_or(0)
+        self.mesh.data_coord(self.prog.rank)
     }
 
     /// All-gather the flat shards `shard(k)` over `axis`: one padded flat buffer per parameter.
@@ -579,7 +570,7 @@ impl<'a> Builder<'a> {
         axis: &str,
         params: &[usize],
         shard: impl Fn(&Self, usize) -> BufId,
-    ) -> Result<(Vec<BufId>, Vec<BufId>), String> {
+    ) -> Result<Vec<BufId>, String> {
         let (_, n) = self.data().ok_or("a ZeRO gather without a data axis")?;
         let ins: Vec<BufId> = params.iter().map(|&k| shard(self, k)).collect();
         let outs: Vec<BufId> = params
@@ -589,8 +580,8 @@ impl<'a> Builder<'a> {
                 self.temp(TensorType::new(DType::F32, vec![Dim::new("flat", per * n)]))
             })
             .collect();
-        self.emit(Kind::Collective { axis: axis.to_string(), op: Collective::AllGather }, ins.clone(), outs.clone());
-        Ok((ins, outs))
+        self.emit(Kind::Collective { axis: axis.to_string(), op: Collective::AllGather }, ins, outs.clone());
+        Ok(outs)
     }
 
     /// Lower the update graph with its named outputs written into `targets`.
@@ -761,18 +752,12 @@ impl<'a> Builder<'a> {
     /// activation, a residual add, a dropout need no second buffer.
     fn in_place(&mut self) {
         let nb = self.buffers.len();
-        let root = |bufs: &[Buffer], mut b: usize| {
-            while let Some(v) = bufs[b].view_of {
-                b = v.index();
-            }
-            b
-        };
         // The last instruction that touches each root's bytes.
         let mut last = vec![0usize; nb];
         let mut first = vec![usize::MAX; nb];
         for (i, ins) in self.instrs.iter().enumerate() {
             for b in ins.ins.iter().chain(&ins.outs) {
-                let r = root(&self.buffers, b.index());
+                let r = root_of(&self.buffers, b.index());
                 last[r] = last[r].max(i);
                 first[r] = first[r].min(i);
             }
@@ -793,7 +778,7 @@ impl<'a> Builder<'a> {
                 continue;
             }
             let dying = ins.ins.iter().map(|b| b.index()).find(|&x| {
-                let r = root(&self.buffers, x);
+                let r = root_of(&self.buffers, x);
                 let b = &self.buffers[x];
                 self.buffers[r].region == Region::Arena
                     && last[r] == i
@@ -804,7 +789,7 @@ impl<'a> Builder<'a> {
                     && bytes_of(&self.buffers[r].ty) == bytes_of(&out.ty)
             });
             if let Some(x) = dying {
-                let r = root(&self.buffers, x);
+                let r = root_of(&self.buffers, x);
                 self.buffers[o].view_of = Some(BufId(r as u32));
                 last[r] = last[r].max(last[o]);
             }
@@ -818,17 +803,11 @@ impl<'a> Builder<'a> {
         }
         self.in_place();
         let nb = self.buffers.len();
-        let root = |bufs: &[Buffer], mut b: usize| {
-            while let Some(v) = bufs[b].view_of {
-                b = v.index();
-            }
-            b
-        };
         let mut first = vec![usize::MAX; nb];
         let mut last = vec![0usize; nb];
         for (i, ins) in self.instrs.iter().enumerate() {
             for b in ins.ins.iter().chain(&ins.outs) {
-                let r = root(&self.buffers, b.index());
+                let r = root_of(&self.buffers, b.index());
                 first[r] = first[r].min(i);
                 last[r] = last[r].max(i);
             }
@@ -862,6 +841,14 @@ impl<'a> Builder<'a> {
             instrs: self.instrs,
         }
     }
+}
+
+/// The buffer that owns the bytes of buffer `b`.
+fn root_of(bufs: &[Buffer], mut b: usize) -> usize {
+    while let Some(v) = bufs[b].view_of {
+        b = v.index();
+    }
+    b
 }
 
 /// The type of model input `i` in a rank's graphs.

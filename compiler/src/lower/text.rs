@@ -329,22 +329,10 @@ fn kernel_text(k: &crate::kernel::Kernel) -> String {
 
 /// The inverse of [`kernel_text`], given the argument buffers.
 fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate::kernel::Kernel, String> {
-    use crate::ir::{BinaryOp, Dim, UnaryOp};
+    use crate::ir::{BinaryOp, UnaryOp};
     use crate::kernel::{Expr, Kernel};
     c.expect("over")?;
-    c.expect("[")?;
-    let mut dims = Vec::new();
-    if !c.eat("]") {
-        loop {
-            let name = c.word()?;
-            c.expect("=")?;
-            dims.push(Dim::new(name, c.number()?));
-            if c.eat("]") {
-                break;
-            }
-            c.expect(",")?;
-        }
-    }
+    let dims = c.dims()?;
     c.expect("{")?;
     let mut body = Vec::new();
     let mut stores = Vec::new();

@@ -118,6 +118,25 @@ impl Mesh {
         self.order.iter().position(|(a, _)| a == axis).map(|i| c[i]).unwrap_or(0)
     }
 
+    /// The data axis and its size, when it has more than one rank.
+    pub fn data_group(&self) -> Option<(&str, u64)> {
+        let a = self.data_axis.as_deref()?;
+        let n = self.size(a);
+        (n > 1).then_some((a, n))
+    }
+
+    /// `rank`'s coordinate on the data axis (0 without one).
+    pub fn data_coord(&self, rank: u64) -> u64 {
+        self.data_group().map(|(a, _)| self.coord(rank, a)).unwrap_or(0)
+    }
+
+    /// Whether ZeRO keeps a flat shard, one chunk per data rank, of this
+    /// parameter's optimizer state (and gradient under ZeRO 2, weights under
+    /// ZeRO 3): a held parameter that the data axis does not already split.
+    pub fn zero_sharded(&self, p: &ParamShard) -> bool {
+        self.zero >= 1 && p.held && self.data_group().is_some_and(|(a, _)| !p.split_over(a))
+    }
+
     /// The axis a dim is split over (axes of size 1 split nothing).
     pub fn rule(&self, dim: &str) -> Option<&str> {
         self.rules.iter().find(|(d, a)| d == dim && self.size(a) > 1).map(|(_, a)| a.as_str())

@@ -59,8 +59,8 @@ impl Cpu {
     }
 
     /// Make room for an instruction's buffers of other element sizes.
-    fn prepare(&mut self, bufs: &[&Buffer]) -> Result<(), String> {
-        for b in bufs.iter().filter(|b| !in_regions(b)) {
+    fn prepare<'b>(&mut self, bufs: impl IntoIterator<Item = &'b Buffer>) -> Result<(), String> {
+        for b in bufs.into_iter().filter(|b| !in_regions(b)) {
             if b.view_of.is_some() {
                 return Err(format!(
                     "the CPU backend holds {} values apart from the arena and cannot view them ({})",
@@ -71,6 +71,16 @@ impl Cpu {
             self.slice_mut(b);
         }
         Ok(())
+    }
+
+    /// Fill `outs` in order from the flat elements of `data`.
+    fn scatter(&mut self, outs: &[&Buffer], data: &[f32]) {
+        let mut at = 0;
+        for b in outs {
+            let n = b.ty.numel() as usize;
+            self.slice_mut(b).copy_from_slice(&data[at..at + n]);
+            at += n;
+        }
     }
 
     fn tensor(&self, b: &Buffer) -> Tensor<f32> {
@@ -265,7 +275,7 @@ impl Backend for Cpu {
         if data.len() as u64 != buf.ty.numel() {
             return Err(format!("{} elements for `{}` of type {}", data.len(), buf.name, buf.ty));
         }
-        self.prepare(&[buf])?;
+        self.prepare([buf])?;
         self.slice_mut(buf).copy_from_slice(data);
         Ok(())
     }
@@ -282,8 +292,7 @@ impl Backend for Cpu {
         seed: u64,
     ) -> Result<(), String> {
         let buf = |b: &tessera_compiler::lower::BufId| p.buffer(*b);
-        let all: Vec<&Buffer> = ins.ins.iter().chain(&ins.outs).map(buf).collect();
-        self.prepare(&all)?;
+        self.prepare(ins.ins.iter().chain(&ins.outs).map(buf))?;
         match &ins.kind {
             Kind::Op { op, rng, accumulate } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
@@ -363,12 +372,8 @@ impl Backend for Cpu {
                         let mut data = input;
                         c.with("bucket_all_reduce", axis, |c, g| c.all_reduce(g, &mut data, op))
                             .map_err(|e| e.to_string())?;
-                        let mut at = 0;
-                        for b in &ins.outs {
-                            let n = buf(b).ty.numel() as usize;
-                            self.slice_mut(buf(b)).copy_from_slice(&data[at..at + n]);
-                            at += n;
-                        }
+                        let outs: Vec<&Buffer> = ins.outs.iter().map(buf).collect();
+                        self.scatter(&outs, &data);
                     }
                     Collective::ReduceScatter => {
                         // Each input's flat elements, padded to the group size, in rank-chunk order.
@@ -386,12 +391,8 @@ impl Backend for Cpu {
                             c.reduce_scatter(g, &send, &mut out, comm::ReduceOp::Sum)
                         })
                         .map_err(|e| e.to_string())?;
-                        let mut at = 0;
-                        for o in &ins.outs {
-                            let per = buf(o).ty.numel() as usize;
-                            self.slice_mut(buf(o)).copy_from_slice(&out[at..at + per]);
-                            at += per;
-                        }
+                        let outs: Vec<&Buffer> = ins.outs.iter().map(buf).collect();
+                        self.scatter(&outs, &out);
                     }
                     Collective::AllGather => {
                         let n = c.group(axis).map_err(|e| e.to_string())?.ranks.len();
@@ -424,12 +425,8 @@ impl Backend for Cpu {
                 let n: usize = ins.outs.iter().map(|b| buf(b).ty.numel() as usize).sum();
                 let mut data = vec![0f32; n];
                 c.comm().recv(*peer as usize, *tag, &mut data).map_err(|e| e.to_string())?;
-                let mut at = 0;
-                for b in &ins.outs {
-                    let k = buf(b).ty.numel() as usize;
-                    self.slice_mut(buf(b)).copy_from_slice(&data[at..at + k]);
-                    at += k;
-                }
+                let outs: Vec<&Buffer> = ins.outs.iter().map(buf).collect();
+                self.scatter(&outs, &data);
                 Ok(())
             }
             // Both streams are program order on the CPU: events order nothing further.

@@ -17,76 +17,103 @@ use std::sync::Mutex;
 use tessera_compiler::Model;
 use tessera_compiler::config::Optimizer;
 use tessera_compiler::driver::Compiled;
-use tessera_compiler::lower::Program;
+use tessera_compiler::lower::{BufId, Kind, Program};
 use tessera_compiler::parallel::Mesh;
 
 /// What one rank reports after a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoweredStep {
-    /// The summed loss of the rank's microbatches (0 on pipeline stages before the last).
-    pub loss_sum: f64,
+    /// The mean loss of the rank's microbatches (`None` on pipeline stages that compute no loss).
+    pub loss: Option<f64>,
     /// The global gradient norm (after the mean over microbatches).
     pub grad_norm: f64,
     pub updated: bool,
+}
+
+/// The step's loss: the mean over the ranks that compute one (data ranks
+/// see different microbatches; a pipeline's last stage holds the loss).
+pub fn step_loss(reports: &[LoweredStep]) -> Option<f64> {
+    let losses: Vec<f64> = reports.iter().filter_map(|r| r.loss).collect();
+    (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
+}
+
+/// The buffers of a program the host reads or writes each step.
+struct Bindings {
+    /// Model input `i` of microbatch `j`: `inputs[j][i]`.
+    inputs: Vec<Vec<Option<BufId>>>,
+    hyper: BufId,
+    loss: BufId,
+    norm: BufId,
+    /// Whether the program accumulates a loss (a pipeline's first stages do not).
+    has_loss: bool,
+}
+
+impl Bindings {
+    fn of(p: &Program, micro: u64, inputs: usize) -> Result<Bindings, String> {
+        let named = |name: &str| p.named(name).ok_or_else(|| format!("the program has no `{name}` buffer"));
+        let loss = named("loss")?;
+        Ok(Bindings {
+            inputs: (0..micro).map(|j| (0..inputs).map(|i| p.named(&format!("x{i}.mb{j}"))).collect()).collect(),
+            hyper: named("hyper")?,
+            norm: named("norm")?,
+            has_loss: p.instrs.iter().any(|i| matches!(i.kind, Kind::Accumulate) && i.outs == [loss]),
+            loss,
+        })
+    }
 }
 
 pub struct LoweredRanks {
     pub mesh: Mesh,
     programs: Vec<Program>,
     backends: Vec<Mutex<Cpu>>,
+    bindings: Vec<Bindings>,
     /// Microbatches per rank and step.
     micro: Vec<u64>,
     betas: (f64, f64),
-}
-
-fn data_coord(mesh: &Mesh, rank: u64) -> u64 {
-    match mesh.data_axis.as_deref() {
-        Some(a) if mesh.size(a) > 1 => mesh.coord(rank, a),
-        _ => 0,
-    }
 }
 
 impl LoweredRanks {
     /// Each rank's backend, holding its part of the logical `params` and `opt`.
     pub fn new(m: &Model, c: &Compiled, params: &[Tensor<f32>], opt: &OptimizerState) -> Result<LoweredRanks, String> {
         let mut backends = Vec::new();
-        let mut micro = Vec::new();
+        let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
         for (p, rp) in c.programs.iter().zip(&c.ranks) {
             let mut cpu = Cpu::new();
             cpu.alloc(p.sizes)?;
-            let d = data_coord(&c.mesh, p.rank) as usize;
-            let dp = c.mesh.data_axis.as_deref().map(|a| c.mesh.size(a)).unwrap_or(1) as usize;
+            let d = c.mesh.data_coord(p.rank) as usize;
             for (k, meta) in m.params.iter().enumerate() {
                 let shard = &rp.params[k];
                 if !shard.held {
                     continue;
                 }
                 // A buffer holds the rank's cut of the logical tensor, or its flat ZeRO shard of that cut.
-                let mut put = |name: String, full: &Tensor<f32>| -> Result<(), String> {
+                let mut put = |name: String, full: &Tensor<f32>, sharded: bool| -> Result<(), String> {
                     let Some(b) = p.named(&name) else { return Ok(()) };
                     let local = cut(full, shard, meta);
-                    let buf = p.buffer(b);
-                    let data = if buf.ty.numel() as usize == local.numel() {
-                        local.data
-                    } else {
-                        flat_shard(&local.data, dp, d)
-                    };
-                    cpu.upload(buf, &data)
+                    let data = if sharded { flat_shard(&local.data, dp, d) } else { local.data };
+                    cpu.upload(p.buffer(b), &data)
                 };
-                put(format!("w.{k}"), &params[k])?;
-                put(format!("m.{k}"), &opt.m[k])?;
+                let z = c.mesh.zero_sharded(shard);
+                put(format!("w.{k}"), &params[k], z && c.mesh.zero >= 3)?;
+                put(format!("m.{k}"), &opt.m[k], z)?;
                 if let Some(v) = opt.v.get(k) {
-                    put(format!("v.{k}"), v)?;
+                    put(format!("v.{k}"), v, z)?;
                 }
             }
-            micro.push((0..).take_while(|j| p.named(&format!("x0.mb{j}")).is_some()).count() as u64);
             backends.push(Mutex::new(cpu));
         }
+        let micro: Vec<u64> = c.ranks.iter().map(|r| r.micro).collect();
+        let bindings = c
+            .programs
+            .iter()
+            .zip(&micro)
+            .map(|(p, &n)| Bindings::of(p, n, m.inputs.len()))
+            .collect::<Result<_, _>>()?;
         let betas = match opt.optimizer {
             Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
             Optimizer::Sgd { .. } => (0.0, 0.0),
         };
-        Ok(LoweredRanks { mesh: c.mesh.clone(), programs: c.programs.clone(), backends, micro, betas })
+        Ok(LoweredRanks { mesh: c.mesh.clone(), programs: c.programs.clone(), backends, bindings, micro, betas })
     }
 
     /// One training step on every rank. `inputs(k)` is global microbatch `k`.
@@ -108,23 +135,21 @@ impl LoweredRanks {
             let p = &self.programs[r];
             let mut cpu =
                 self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
-            let d = data_coord(&self.mesh, r as u64);
-            for j in 0..self.micro[r] {
-                for (i, x) in inputs(d * self.micro[r] + j).iter().enumerate() {
-                    if let Some(b) = p.named(&format!("x{i}.mb{j}")) {
-                        cpu.upload(p.buffer(b), &x.data)?;
+            let bind = &self.bindings[r];
+            let d = self.mesh.data_coord(r as u64);
+            for (j, bufs) in bind.inputs.iter().enumerate() {
+                for (x, b) in inputs(d * self.micro[r] + j as u64).iter().zip(bufs) {
+                    if let Some(b) = b {
+                        cpu.upload(p.buffer(*b), &x.data)?;
                     }
                 }
             }
-            let h = p.named("hyper").ok_or("the program has no `hyper` buffer")?;
-            cpu.upload(p.buffer(h), &hyper)?;
+            cpu.upload(p.buffer(bind.hyper), &hyper)?;
             let rc = RankComm::new(local, &self.mesh.order);
             let report = backend::run(&mut *cpu, p, Some(&rc), seed ^ (step << 20)).map_err(|e| e.to_string())?;
-            let read = |name: &str| -> Result<f64, String> {
-                let b = p.named(name).ok_or_else(|| format!("the program has no `{name}` buffer"))?;
-                Ok(cpu.download(p.buffer(b))?[0] as f64)
-            };
-            Ok(LoweredStep { loss_sum: read("loss")?, grad_norm: read("norm")?.sqrt(), updated: report.updated })
+            let read = |b: BufId| -> Result<f64, String> { Ok(cpu.download(p.buffer(b))?[0] as f64) };
+            let loss = if bind.has_loss { Some(read(bind.loss)? / self.micro[r] as f64) } else { None };
+            Ok(LoweredStep { loss, grad_norm: read(bind.norm)?.sqrt(), updated: report.updated })
         })
     }
 
@@ -158,9 +183,9 @@ impl LoweredRanks {
                 }
                 let n = shard.local.ty.numel() as usize;
                 // A flat ZeRO shard is whole across the rank's data group.
-                let whole = |name: &str| -> Result<Option<Vec<f32>>, String> {
+                let whole = |name: &str, sharded: bool| -> Result<Option<Vec<f32>>, String> {
                     let Some(b) = p.named(name) else { return Ok(None) };
-                    if p.buffer(b).ty.numel() as usize == n {
+                    if !sharded {
                         return Ok(Some(cpu.download(p.buffer(b))?));
                     }
                     let axis = self.mesh.data_axis.as_deref().ok_or("a shard without a data axis")?;
@@ -180,14 +205,15 @@ impl LoweredRanks {
                     v.truncate(n);
                     Ok(Some(v))
                 };
-                if let Some(w) = whole(&format!("w.{k}"))? {
+                let z = c.mesh.zero_sharded(shard);
+                if let Some(w) = whole(&format!("w.{k}"), z && self.mesh.zero >= 3)? {
                     place(&mut params[k], &w, shard, meta);
                 }
-                if let Some(w) = whole(&format!("m.{k}"))? {
+                if let Some(w) = whole(&format!("m.{k}"), z)? {
                     place(&mut out.m[k], &w, shard, meta);
                 }
                 if !out.v.is_empty()
-                    && let Some(w) = whole(&format!("v.{k}"))?
+                    && let Some(w) = whole(&format!("v.{k}"), z)?
                 {
                     place(&mut out.v[k], &w, shard, meta);
                 }

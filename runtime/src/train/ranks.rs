@@ -187,19 +187,16 @@ impl Ranks {
     }
 
     fn data(&self) -> Option<(&str, usize)> {
-        let a = self.mesh.data_axis.as_deref()?;
-        let n = self.mesh.size(a) as usize;
-        (n > 1).then_some((a, n))
+        self.mesh.data_group().map(|(a, n)| (a, n as usize))
     }
 
     /// Whether ZeRO shards parameter `k`'s state over the data axis on rank `r`.
     fn zero_sharded(&self, r: usize, k: usize) -> bool {
-        let p = &self.programs[r].params[k];
-        self.mesh.zero >= 1 && p.held && self.data().is_some_and(|(a, _)| !p.split_over(a))
+        self.mesh.zero_sharded(&self.programs[r].params[k])
     }
 
     fn data_coord(&self, r: usize) -> usize {
-        self.data().map(|(a, _)| self.mesh.coord(r as u64, a) as usize).unwrap_or(0)
+        self.mesh.data_coord(r as u64) as usize
     }
 
     /// Rank `r`'s flat ZeRO shard of a local tensor.
