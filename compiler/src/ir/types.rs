@@ -84,6 +84,11 @@ impl TensorType {
     pub fn numel(&self) -> u64 {
         self.dims.iter().map(|d| d.size).fold(1u64, u64::saturating_mul)
     }
+    /// The bytes its elements take.
+    pub fn bytes(&self) -> u64 {
+        self.numel() * self.dtype.bytes()
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.dims.iter().any(|d| d.name == name)
     }

@@ -6,7 +6,9 @@
 //! type, writing a fresh temporary. Values made and read only inside the
 //! run live in registers; the run's inputs are loaded once; what later
 //! instructions read is stored. A bias add and its GELU, a residual add, a
-//! GELU's gradient and the add after it are each one pass over memory.
+//! GELU's gradient and the add after it are each one pass over memory. A
+//! lone elementwise op is a kernel too, so that every elementwise op of a
+//! program reaches the backend in one form.
 
 use super::{Expr, Kernel};
 use crate::ir::{DType, Dim, Op, TensorType};
@@ -80,8 +82,7 @@ fn flush(
     out: &mut Vec<Instr>,
 ) {
     let group = std::mem::take(run);
-    if group.len() < 2 {
-        out.extend(group);
+    if group.is_empty() {
         return;
     }
     let mut body: Vec<Expr> = Vec::new();

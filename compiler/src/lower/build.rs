@@ -185,7 +185,7 @@ impl<'a> Builder<'a> {
             .position(|&x| x == l)
             .ok_or_else(|| format!("layer {l} of `{}` is not held here (held: {:?})", meta.path, meta.layers))?;
         let name = format!("{}[{l}]", self.buffers[of.index()].name);
-        Ok(self.view(of, ty.clone(), pos as u64 * ty.numel() * ty.dtype.bytes(), &name))
+        Ok(self.view(of, ty.clone(), pos as u64 * ty.bytes(), &name))
     }
 
     /// Lower nodes `range` of `g`; `vals` holds the buffers of the values lowered so far.

@@ -21,10 +21,6 @@ pub struct VerifyError {
     pub message: String,
 }
 
-fn bytes(t: &TensorType) -> u64 {
-    t.numel() * t.dtype.bytes()
-}
-
 pub fn verify(p: &Program) -> Result<(), VerifyError> {
     let fail = |what: String, message: String| VerifyError { rank: p.rank, what, message };
     let nb = p.buffers.len();
@@ -45,7 +41,7 @@ pub fn verify(p: &Program) -> Result<(), VerifyError> {
         if b.region == Region::Arena && b.view_of.is_none() && !named[i] {
             continue;
         }
-        let end = b.offset + bytes(&b.ty);
+        let end = b.offset + b.ty.bytes();
         match b.view_of {
             Some(v) => {
                 if v.index() >= i {
@@ -58,14 +54,14 @@ pub fn verify(p: &Program) -> Result<(), VerifyError> {
                         format!("is in {} but views {v} in {}", b.region.name(), of.region.name()),
                     ));
                 }
-                if b.offset < of.offset || end > of.offset + bytes(&of.ty) {
+                if b.offset < of.offset || end > of.offset + of.ty.bytes() {
                     return Err(fail(
                         what(),
                         format!(
                             "bytes {}..{end} fall outside {v}'s {}..{}",
                             b.offset,
                             of.offset,
-                            of.offset + bytes(&of.ty)
+                            of.offset + of.ty.bytes()
                         ),
                     ));
                 }
@@ -278,9 +274,9 @@ fn liveness(p: &Program) -> Result<(), (usize, String)> {
     let mut live: Vec<usize> = Vec::new();
     for &b in &roots {
         live.retain(|&o| last[o] >= first[b]);
-        let (s, e) = (p.buffers[b].offset, p.buffers[b].offset + bytes(&p.buffers[b].ty));
+        let (s, e) = (p.buffers[b].offset, p.buffers[b].offset + p.buffers[b].ty.bytes());
         for &o in &live {
-            let (os, oe) = (p.buffers[o].offset, p.buffers[o].offset + bytes(&p.buffers[o].ty));
+            let (os, oe) = (p.buffers[o].offset, p.buffers[o].offset + p.buffers[o].ty.bytes());
             if s < oe && os < e {
                 return Err((
                     first[b],

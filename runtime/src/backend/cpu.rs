@@ -1,19 +1,24 @@
-//! The CPU backend: the program's regions as f32 words in host memory, ops
-//! run by the interpreter's kernels.
+//! The CPU backend: the program's regions as f32 words in host memory.
 //!
-//! An op reads its operands out of the arena into tensors, runs the same
-//! kernel the node-by-node interpreter runs (`exec::Interpreter::eval_node`,
-//! so both paths agree by construction), and writes (or, with
-//! `accumulate`, adds) the result into its output's bytes. Token ids are
-//! held as f32 values, as the interpreter holds them (exact below 2²⁴);
-//! elements of other sizes than 4 bytes (a `bool` mask) are held as f32
-//! values beside the regions.
+//! - Fused kernels run in the kernel-IR interpreter (`interp`) on the
+//!   regions themselves, their loop positions split over the kernel threads.
+//! - Contractions (`matmul`, `einsum`) run as strided batched GEMMs (the
+//!   `gemm` crate) straight on the regions, accumulating in place where the
+//!   program says so.
+//! - Other ops (attention, norms, gathers, routing) read their operands out
+//!   of the arena into tensors, run the node-by-node interpreter's kernel
+//!   (`exec::Interpreter::eval_node`, so both paths agree by construction)
+//!   and write (or add) the result into their output's bytes.
+//!
+//! Token ids are held as f32 values, as the interpreter holds them (exact
+//! below 2²⁴); elements of other sizes than 4 bytes (a `bool` mask) are held
+//! as f32 values beside the regions.
 
-use super::Backend;
+use super::{Backend, interp};
 use crate::comm::{self, RankComm};
 use crate::exec::Interpreter;
 use crate::tensor::Tensor;
-use tessera_compiler::ir::{Graph, Node, Op, ReduceOp, ValueId};
+use tessera_compiler::ir::{Dim, Graph, Node, Op, ReduceOp, ValueId};
 use tessera_compiler::lower::{Buffer, Collective, Instr, Kind, Program, Region};
 
 #[derive(Default)]
@@ -119,147 +124,153 @@ fn eval<'c>(
     interp.eval_node(&node, at, &ins, &[], &[], attn).map_err(|e| e.message)
 }
 
-/// Elements a kernel evaluates at once: each body value is a block of them.
-const BLOCK: usize = 256;
-
 impl Cpu {
-    /// Run a fused kernel. The loop positions are split over the kernel
-    /// threads; each evaluates the body one block of positions at a time
-    /// (each value computed for the whole block before the next) while the
-    /// regions are only read, and the stores are written after every thread
-    /// is done, so an output may share an input's bytes. The scalar functions
-    /// are the interpreter's own, so a fused kernel computes what its ops
-    /// computed one by one.
+    /// Run a fused kernel (`interp`), its loop positions split over the
+    /// kernel threads. A store writes straight into its buffer unless those
+    /// bytes are also read at other positions (an output that shares an
+    /// input's bytes but not its layout): then the stores go to a staging
+    /// buffer first.
     fn kernel(&mut self, k: &tessera_compiler::kernel::Kernel, args: &[&Buffer], seed: u64) -> Result<(), String> {
         let n = k.len() as usize;
-        let stores = k.stores.len().max(1);
-        // Position-major: the values stored at a position sit together.
-        let mut results = vec![0f32; n * stores];
-        let regions = &self.regions;
-        crate::exec::fast::par_rows(&mut results, stores, |first, chunk| {
-            eval_kernel(k, args, regions, seed, first, chunk);
+        let bytes = |b: &Buffer| (region_index(b.region), b.offset, b.offset + b.ty.bytes());
+        let loads: Vec<usize> = (0..k.inputs).collect();
+        // A store is safe in place if every input sharing its bytes is the same bytes read at the same positions.
+        let direct = k.stores.iter().all(|&(s, _)| {
+            let (rs, lo, hi) = bytes(args[s]);
+            loads.iter().all(|&l| {
+                let (rl, llo, lhi) = bytes(args[l]);
+                rl != rs || lhi <= lo || hi <= llo || (llo == lo && k.strides[l] == k.strides[s])
+            })
         });
-        for (si, &(arg, _)) in k.stores.iter().enumerate() {
-            let dst = self.slice_mut(args[arg]);
-            for (p, d) in dst.iter_mut().enumerate() {
-                *d = results[p * stores + si];
+        let mut staging: Vec<Vec<f32>> = Vec::new();
+        // One raw pointer per region, so that loads and in-place stores share their provenance.
+        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|r| r.as_mut_ptr()).collect();
+        let mut ptrs: Vec<*mut f32> = args
+            .iter()
+            // SAFETY: a buffer's offset lies inside its region.
+            .map(|b| unsafe { bases[region_index(b.region)].add(range(b).start) })
+            .collect();
+        if !direct {
+            for &(s, _) in &k.stores {
+                staging.push(vec![0f32; args[s].ty.numel() as usize]);
+                ptrs[s] = staging.last_mut().expect("pushed").as_mut_ptr();
+            }
+        }
+        let args_p = interp::Args(ptrs);
+        let threads = crate::exec::threads().min(n.div_ceil(interp::BLOCK * 16)).max(1);
+        let per = n.div_ceil(threads);
+        let job = |t: usize| {
+            let first = t * per;
+            let count = per.min(n.saturating_sub(first));
+            // SAFETY: the pointers address each argument's elements (a store's
+            // own buffer, or staging of its length where it would meet other
+            // positions' loads), and threads run disjoint positions.
+            unsafe { interp::run(k, &args_p, seed, first, count) };
+        };
+        if threads == 1 {
+            job(0);
+        } else {
+            use rayon::prelude::*;
+            (0..threads).into_par_iter().for_each(job);
+        }
+        if !direct {
+            let mut staged = staging.into_iter();
+            for &(s, _) in &k.stores {
+                let data = staged.next().expect("one staging buffer per store");
+                self.slice_mut(args[s]).copy_from_slice(&data);
             }
         }
         Ok(())
     }
 }
 
-/// Kernel `k` over loop positions `first ..`, one per `k.stores.len()` values of `out`.
-fn eval_kernel(
-    k: &tessera_compiler::kernel::Kernel,
-    args: &[&Buffer],
-    regions: &[Vec<f32>; 5],
-    seed: u64,
-    first: usize,
-    out: &mut [f32],
-) {
-    use crate::exec::kernels::{gelu_dt_f32, gelu_f32, unary_df, unary_f, uniform};
-    use tessera_compiler::ir::{BinaryOp, UnaryOp};
-    use tessera_compiler::kernel::Expr;
-    let stores = k.stores.len().max(1);
-    let count = out.len() / stores;
-    let rank = k.dims.len();
-    let sizes: Vec<usize> = k.dims.iter().map(|d| d.size as usize).collect();
-    // An argument whose strides are the loop's own row-major strides is read at the loop index.
-    let mut dense = vec![1u64; rank];
-    for i in (0..rank.saturating_sub(1)).rev() {
-        dense[i] = dense[i + 1] * sizes[i + 1] as u64;
+/// A contraction's operands as strided `[batch, rows, cols]` views of their
+/// buffers: the element strides of each group, or `None` where a group's
+/// dims are not one run of the buffer's layout in the group's order.
+fn group_strides(dims: &[Dim], groups: [&[&Dim]; 3]) -> Option<[usize; 3]> {
+    let st = crate::tensor::strides(dims);
+    let mut out = [0usize; 3];
+    for (slot, group) in groups.iter().enumerate() {
+        let pos: Vec<usize> =
+            group.iter().map(|g| dims.iter().position(|d| d.name == g.name)).collect::<Option<_>>()?;
+        if pos.windows(2).any(|w| w[1] != w[0] + 1) {
+            return None;
+        }
+        out[slot] = pos.last().map(|&p| st[p]).unwrap_or(0);
     }
-    let contiguous: Vec<bool> = k.strides.iter().map(|s| *s == dense).collect();
-    let data: Vec<&[f32]> = args.iter().map(|b| &regions[region_index(b.region)][range(b)]).collect();
-    // The loop index of position `first`.
-    let mut idx = vec![0usize; rank];
-    let mut left = first;
-    for d in (0..rank).rev() {
-        idx[d] = left % sizes[d].max(1);
-        left /= sizes[d].max(1);
-    }
-    let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
-    let mut offsets = [0usize; BLOCK];
-    let mut done_count = 0;
-    while done_count < count {
-        let start = first + done_count;
-        let len = BLOCK.min(count - done_count);
-        for (i, e) in k.body.iter().enumerate() {
-            let (before, rest) = vals.split_at_mut(i);
-            let o = &mut rest[0][..len];
-            match *e {
-                Expr::Load { arg } => {
-                    if contiguous[arg] {
-                        o.copy_from_slice(&data[arg][start..start + len]);
-                    } else {
-                        // The argument's offset at each position of the block.
-                        let mut at = idx.clone();
-                        for off in offsets[..len].iter_mut() {
-                            *off = at.iter().zip(&k.strides[arg]).map(|(i, s)| i * *s as usize).sum();
-                            for d in (0..rank).rev() {
-                                at[d] += 1;
-                                if at[d] < sizes[d] {
-                                    break;
-                                }
-                                at[d] = 0;
-                            }
-                        }
-                        for (v, &off) in o.iter_mut().zip(&offsets[..len]) {
-                            *v = data[arg][off];
-                        }
-                    }
-                }
-                Expr::Const { value } => o.fill(value as f32),
-                Expr::Unary { op: UnaryOp::Gelu, x } => {
-                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = gelu_f32(*v))
-                }
-                Expr::Unary { op, x } => {
-                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = unary_f(op, *v as f64) as f32)
-                }
-                Expr::UnaryGrad { op, x, g } => {
-                    let (x, g) = (&before[x][..len], &before[g][..len]);
-                    if op == UnaryOp::Gelu {
-                        o.iter_mut().zip(x).zip(g).for_each(|((o, v), g)| *o = *g * gelu_dt_f32(*v));
-                    } else {
-                        o.iter_mut().zip(x).zip(g).for_each(|((o, v), g)| *o = *g * unary_df(op, *v as f64) as f32);
-                    }
-                }
-                Expr::Binary { op, a, b } => {
-                    let (a, b) = (&before[a][..len], &before[b][..len]);
-                    let it = o.iter_mut().zip(a).zip(b);
-                    match op {
-                        BinaryOp::Add => it.for_each(|((o, x), y)| *o = *x + *y),
-                        BinaryOp::Sub => it.for_each(|((o, x), y)| *o = *x - *y),
-                        BinaryOp::Mul => it.for_each(|((o, x), y)| *o = *x * *y),
-                        BinaryOp::Div => it.for_each(|((o, x), y)| *o = *x / *y),
-                    }
-                }
-                Expr::Pow { x, exp } => {
-                    let e = exp as f32;
-                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = v.powf(e));
-                }
-                Expr::Dropout { x, p, rng } => {
-                    let scale = (1.0 / (1.0 - p)) as f32;
-                    for (j, (o, v)) in o.iter_mut().zip(&before[x][..len]).enumerate() {
-                        *o = if uniform(seed, rng, (start + j) as u64) < p { 0.0 } else { *v * scale };
-                    }
-                }
+    Some(out)
+}
+
+impl Cpu {
+    /// `out [+]= Σ a·b` over the dims `out` lacks, as batched GEMMs straight
+    /// on the regions: the same grouping into batch, row, column and
+    /// contracted dims as the interpreter's `einsum`, with the same GEMM, but
+    /// no operand copied. `None` where a layout does not fit a strided GEMM
+    /// (or an output shares an operand's bytes); the caller then runs the
+    /// interpreter's kernel.
+    fn contract(&mut self, a: &Buffer, b: &Buffer, out: &Buffer, accumulate: bool) -> Option<()> {
+        let has = |t: &Buffer, n: &str| t.ty.dims.iter().any(|d| d.name == n);
+        let od = &out.ty.dims;
+        let in_out = |n: &str| od.iter().any(|d| d.name == n);
+        // A dim only one operand has and the output lacks is summed first: not here.
+        if a.ty.dims.iter().chain(&b.ty.dims).any(|d| !(in_out(&d.name) || has(a, &d.name) && has(b, &d.name))) {
+            return None;
+        }
+        let overlaps = |x: &Buffer| {
+            x.region == out.region && x.offset < out.offset + out.ty.bytes() && out.offset < x.offset + x.ty.bytes()
+        };
+        if overlaps(a) || overlaps(b) || [a, b, out].iter().any(|x| x.ty.dtype.bytes() != 4) {
+            return None;
+        }
+        // The output's dims must be [batch, rows, cols]; rows come from `a`.
+        // If they are [batch, cols, rows] instead, swap the operands.
+        let kind = |d: &Dim, l: &Buffer, r: &Buffer| match (has(l, &d.name), has(r, &d.name)) {
+            (true, true) => 0,
+            (true, false) => 1,
+            _ => 2,
+        };
+        let (l, r) = if od.windows(2).all(|w| kind(&w[0], a, b) <= kind(&w[1], a, b)) {
+            (a, b)
+        } else if od.windows(2).all(|w| kind(&w[0], b, a) <= kind(&w[1], b, a)) {
+            (b, a)
+        } else {
+            return None;
+        };
+        let group = |k: usize| -> Vec<&Dim> { od.iter().filter(|d| kind(d, l, r) == k).collect() };
+        let (batch, m, n) = (group(0), group(1), group(2));
+        let k: Vec<&Dim> = l.ty.dims.iter().filter(|d| has(r, &d.name) && !in_out(&d.name)).collect();
+        let sl = group_strides(&l.ty.dims, [&batch, &m, &k])?;
+        let sr = group_strides(&r.ty.dims, [&batch, &k, &n])?;
+        let size = |v: &[&Dim]| v.iter().map(|d| d.size as usize).product::<usize>();
+        let (nb, nm, nn, nk) = (size(&batch), size(&m), size(&n), size(&k));
+        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|x| x.as_mut_ptr()).collect();
+        // SAFETY: each buffer lies inside its region.
+        let at = |x: &Buffer| unsafe { bases[region_index(x.region)].add(range(x).start) };
+        let (pl, pr, po) = (at(l), at(r), at(out));
+        if nk == 0 {
+            if !accumulate {
+                self.slice_mut(out).fill(0.0);
+            }
+            return Some(());
+        }
+        for bi in 0..nb {
+            // SAFETY: the strides come from the buffers' own row-major layouts,
+            // so the views address nm×nk, nk×nn and nm×nn elements inside
+            // them; the output shares no bytes with the operands (checked).
+            unsafe {
+                crate::exec::kernels::gemm_strided(
+                    (nm, nn, nk),
+                    po.add(bi * nm * nn),
+                    nn,
+                    accumulate,
+                    (pl.add(bi * sl[0]), sl[1], sl[2]),
+                    (pr.add(bi * sr[0]), sr[1], sr[2]),
+                    1.0,
+                    true,
+                );
             }
         }
-        for (si, &(_, v)) in k.stores.iter().enumerate() {
-            for j in 0..len {
-                out[(done_count + j) * stores + si] = vals[v][j];
-            }
-        }
-        // The loop index of the next block's first position.
-        let mut carry = len;
-        for d in (0..rank).rev() {
-            let total = idx[d] + carry;
-            idx[d] = total % sizes[d].max(1);
-            carry = total / sizes[d].max(1);
-        }
-        done_count += len;
+        Some(())
     }
 }
 
@@ -294,6 +305,11 @@ impl Backend for Cpu {
         let buf = |b: &tessera_compiler::lower::BufId| p.buffer(*b);
         self.prepare(ins.ins.iter().chain(&ins.outs).map(buf))?;
         match &ins.kind {
+            Kind::Op { op: Op::MatMul { .. } | Op::Einsum, accumulate, .. }
+                if self.contract(buf(&ins.ins[0]), buf(&ins.ins[1]), buf(&ins.outs[0]), *accumulate).is_some() =>
+            {
+                Ok(())
+            }
             Kind::Op { op, rng, accumulate } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
                 let out = buf(&ins.outs[0]);
@@ -433,5 +449,101 @@ impl Backend for Cpu {
             Kind::Record { .. } | Kind::Wait { .. } => Ok(()),
             Kind::SkipIfNonFinite { .. } => Err("the guard is decided by `backend::run`".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_compiler::ir::{BinaryOp, DType, TensorType, UnaryOp};
+    use tessera_compiler::kernel::{Expr, Kernel, strides};
+
+    fn buf(dims: &[(&str, u64)], offset: u64) -> Buffer {
+        let ty = TensorType::new(DType::F32, dims.iter().map(|(n, s)| Dim::new(*n, *s)).collect());
+        Buffer { ty, region: Region::Arena, offset, view_of: None, name: String::new() }
+    }
+
+    /// out[i, j] = gelu(x[j, i] + b[j]) · 2, over a loop nest whose rows
+    /// (7) are shorter than a segment and whose size (7 × 700) spans several
+    /// segments and threads; `x` is read transposed, `b` broadcast.
+    fn kernel_case(out_offset: u64) -> (Cpu, Buffer, Vec<f32>) {
+        let (n, m) = (700u64, 7u64);
+        let x = buf(&[("j", m), ("i", n)], 0);
+        let b = buf(&[("j", m)], 4 * n * m);
+        let out = buf(&[("i", n), ("j", m)], out_offset);
+        let dims = out.ty.dims.clone();
+        let k = Kernel {
+            dims: dims.clone(),
+            inputs: 2,
+            strides: [&x, &b, &out].iter().map(|t| strides(&t.ty, &dims)).collect(),
+            body: vec![
+                Expr::Load { arg: 0 },
+                Expr::Load { arg: 1 },
+                Expr::Binary { op: BinaryOp::Add, a: 0, b: 1 },
+                Expr::Unary { op: UnaryOp::Gelu, x: 2 },
+                Expr::Const { value: 2.0 },
+                Expr::Binary { op: BinaryOp::Mul, a: 3, b: 4 },
+            ],
+            stores: vec![(2, 5)],
+            ops: vec![],
+        };
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * (2 * n * m + m)]).unwrap();
+        let xs: Vec<f32> = (0..n * m).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bs: Vec<f32> = (0..m).map(|j| j as f32 * 0.1 - 0.3).collect();
+        cpu.upload(&x, &xs).unwrap();
+        cpu.upload(&b, &bs).unwrap();
+        let want: Vec<f32> = (0..n * m)
+            .map(|p| {
+                let (i, j) = (p / m, p % m);
+                crate::exec::kernels::gelu_f32(xs[(j * n + i) as usize] + bs[j as usize]) * 2.0
+            })
+            .collect();
+        cpu.kernel(&k, &[&x, &b, &out], 0).unwrap();
+        (cpu, out, want)
+    }
+
+    #[test]
+    fn kernels_read_transposed_and_broadcast_arguments() {
+        let (cpu, out, want) = kernel_case(4 * (700 * 7 + 7));
+        assert_eq!(cpu.download(&out).unwrap(), want);
+    }
+
+    #[test]
+    fn a_kernel_writing_over_an_input_read_at_other_positions_stages_its_stores() {
+        // The output takes the transposed input's bytes: a store in place would clobber later reads.
+        let (cpu, out, want) = kernel_case(0);
+        assert_eq!(cpu.download(&out).unwrap(), want);
+    }
+
+    #[test]
+    fn contractions_on_the_regions_match_the_interpreters_einsum() {
+        // A projection [b, s, e] · [f, e] -> [b, s, f], then its accumulating weight gradient.
+        let (bs, s, e, f) = (2u64, 5u64, 3u64, 4u64);
+        let x = buf(&[("b", bs), ("s", s), ("e", e)], 0);
+        let w = buf(&[("f", f), ("e", e)], 4 * bs * s * e);
+        let y = buf(&[("b", bs), ("s", s), ("f", f)], 4 * (bs * s * e + f * e));
+        let g = buf(&[("f", f), ("e", e)], 4 * (2 * bs * s * e + f * e + bs * s * f));
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * (2 * bs * s * e + 2 * f * e + bs * s * f)]).unwrap();
+        let xs: Vec<f32> = (0..bs * s * e).map(|i| (i as f32 * 0.7).cos()).collect();
+        let ws: Vec<f32> = (0..f * e).map(|i| (i as f32 * 0.3).sin()).collect();
+        cpu.upload(&x, &xs).unwrap();
+        cpu.upload(&w, &ws).unwrap();
+        cpu.upload(&g, &vec![1.0; (f * e) as usize]).unwrap();
+        let t = |b: &Buffer, d: &[f32]| Tensor { dims: b.ty.dims.clone(), data: d.to_vec() };
+        assert!(cpu.contract(&x, &w, &y, false).is_some());
+        let want = crate::exec::kernels::einsum(&t(&x, &xs), &t(&w, &ws), &y.ty.dims);
+        assert_eq!(cpu.download(&y).unwrap(), want.data);
+        // The weight gradient Σ_{b,s} y·x, added to what the buffer holds.
+        let ys = want.data.clone();
+        assert!(cpu.contract(&y, &x, &g, true).is_some());
+        let want = crate::exec::kernels::einsum(&t(&y, &ys), &t(&x, &xs), &g.ty.dims);
+        let got = cpu.download(&g).unwrap();
+        for (a, b) in got.iter().zip(&want.data) {
+            assert!((a - (b + 1.0)).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b} + 1");
+        }
+        // An output over its own operand's bytes is left to the interpreter's kernel.
+        assert!(cpu.contract(&x, &w, &x, false).is_none());
     }
 }

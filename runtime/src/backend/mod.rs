@@ -15,6 +15,7 @@
 //! arena's bytes; both of its streams are program order.
 
 pub mod cpu;
+pub mod interp;
 
 use crate::comm::RankComm;
 use tessera_compiler::lower::{Buffer, Instr, Kind, Program};
@@ -62,7 +63,9 @@ pub fn run<'c>(
 ) -> Result<RunReport, BackendError> {
     let mut at = 0;
     let mut updated = true;
+    let mut profile = std::env::var_os("TESSERA_PROFILE").map(|_| std::collections::BTreeMap::new());
     while at < p.instrs.len() {
+        let t0 = profile.is_some().then(std::time::Instant::now);
         let ins = &p.instrs[at];
         let fail = |message: String| BackendError { rank: p.rank, at, name: ins.kind.name(), message };
         if let Kind::SkipIfNonFinite { count } = ins.kind {
@@ -79,7 +82,28 @@ pub fn run<'c>(
             }
             .map_err(fail)?;
         }
+        if let (Some(t), Some(t0)) = (profile.as_mut(), t0) {
+            let e: &mut (f64, usize) = t.entry(profile_key(ins)).or_default();
+            e.0 += t0.elapsed().as_secs_f64();
+            e.1 += 1;
+        }
         at += 1;
     }
+    if let Some(t) = profile {
+        let mut rows: Vec<_> = t.into_iter().collect();
+        rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+        for (name, (t, n)) in rows {
+            eprintln!("profile rank {} {name:<24} {:>9.2} ms  {n:>5} instructions", p.rank, t * 1e3);
+        }
+    }
     Ok(RunReport { updated })
+}
+
+/// The profile's row of an instruction: its kind, or its op's name.
+fn profile_key(ins: &Instr) -> String {
+    match &ins.kind {
+        Kind::Op { op, .. } => op.name().to_string(),
+        Kind::AttentionGrads { .. } => "attention_grads".into(),
+        k => k.name().to_string(),
+    }
 }

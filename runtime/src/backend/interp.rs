@@ -1,0 +1,135 @@
+//! The kernel-IR interpreter: runs a fused kernel (`compiler::kernel::Kernel`)
+//! over f32 slices.
+//!
+//! The loop nest is walked in segments: runs of at most [`BLOCK`] positions
+//! along the innermost dim. Within a segment every argument is read at a
+//! fixed stride (1: a slice; 0: one broadcast value; other: a gather), and
+//! each body value is computed for the whole segment before the next, in
+//! loops the compiler vectorizes. The scalar functions are the node-by-node
+//! interpreter's own (`exec::kernels`), so a fused kernel computes what its
+//! ops computed one at a time.
+
+use crate::exec::kernels::{gelu_dt_f32, gelu_f32, unary_df, unary_f, uniform};
+use tessera_compiler::ir::{BinaryOp, UnaryOp};
+use tessera_compiler::kernel::{Expr, Kernel};
+
+/// Positions a segment holds at most.
+pub const BLOCK: usize = 256;
+
+/// A kernel's arguments: one pointer to each argument's first element.
+/// Loads and stores both go through them, since an output may share an
+/// input's bytes (in place).
+pub struct Args(pub Vec<*mut f32>);
+
+// SAFETY: threads run disjoint loop positions (see `run`'s contract), so a
+// store never meets another thread's load or store of the same element.
+unsafe impl Sync for Args {}
+unsafe impl Send for Args {}
+
+/// Evaluate kernel `k` over loop positions `first .. first + count`.
+///
+/// # Safety
+/// Every pointer in `args` must address the elements its strides reach
+/// over the whole loop nest; no other thread may touch the elements of
+/// positions in this range; and a store's elements may be read by a load
+/// only at the same position (the caller stages stores otherwise).
+pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize) {
+    let rank = k.dims.len();
+    let sizes: Vec<usize> = k.dims.iter().map(|d| d.size as usize).collect();
+    let inner = sizes.last().copied().unwrap_or(1).max(1);
+    // The loop index of position `first`.
+    let mut idx = vec![0usize; rank];
+    let mut left = first;
+    for d in (0..rank).rev() {
+        idx[d] = left % sizes[d].max(1);
+        left /= sizes[d].max(1);
+    }
+    let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
+    let mut done = 0;
+    while done < count {
+        let start = first + done;
+        let at_inner = idx.last().copied().unwrap_or(0);
+        let len = BLOCK.min(inner - at_inner).min(count - done);
+        // Each argument's offset at the segment's start, and its stride along the segment.
+        let base = |arg: usize| -> (usize, usize) {
+            let s = &k.strides[arg];
+            let off = idx.iter().zip(s).map(|(i, s)| i * *s as usize).sum();
+            (off, s.last().copied().unwrap_or(0) as usize)
+        };
+        for (i, e) in k.body.iter().enumerate() {
+            let (before, rest) = vals.split_at_mut(i);
+            let o = &mut rest[0][..len];
+            match *e {
+                Expr::Load { arg } => {
+                    let (off, step) = base(arg);
+                    // SAFETY: the caller's contract: the argument's elements at this segment's positions.
+                    let at = |j: usize| unsafe { *args.0[arg].add(off + j * step) };
+                    match step {
+                        // SAFETY: as above, `len` consecutive elements.
+                        1 => o.copy_from_slice(unsafe { std::slice::from_raw_parts(args.0[arg].add(off), len) }),
+                        0 => o.fill(at(0)),
+                        _ => o.iter_mut().enumerate().for_each(|(j, o)| *o = at(j)),
+                    }
+                }
+                Expr::Const { value } => o.fill(value as f32),
+                Expr::Unary { op, x } => unary(op, &before[x][..len], o),
+                Expr::UnaryGrad { op, x, g } => unary_grad(op, &before[x][..len], &before[g][..len], o),
+                Expr::Binary { op, a, b } => {
+                    let it = o.iter_mut().zip(&before[a][..len]).zip(&before[b][..len]);
+                    match op {
+                        BinaryOp::Add => it.for_each(|((o, x), y)| *o = *x + *y),
+                        BinaryOp::Sub => it.for_each(|((o, x), y)| *o = *x - *y),
+                        BinaryOp::Mul => it.for_each(|((o, x), y)| *o = *x * *y),
+                        BinaryOp::Div => it.for_each(|((o, x), y)| *o = *x / *y),
+                    }
+                }
+                Expr::Pow { x, exp } => {
+                    let e = exp as f32;
+                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = v.powf(e));
+                }
+                Expr::Dropout { x, p, rng } => {
+                    let scale = (1.0 / (1.0 - p)) as f32;
+                    for (j, (o, v)) in o.iter_mut().zip(&before[x][..len]).enumerate() {
+                        *o = if uniform(seed, rng, (start + j) as u64) < p { 0.0 } else { *v * scale };
+                    }
+                }
+            }
+        }
+        for &(arg, v) in &k.stores {
+            let (off, step) = base(arg);
+            let dst = args.0[arg];
+            for (j, x) in vals[v][..len].iter().enumerate() {
+                // SAFETY: the caller's contract: this position's element of a store argument.
+                unsafe { *dst.add(off + j * step) = *x };
+            }
+        }
+        // The loop index of the next segment's first position.
+        let mut carry = len;
+        for d in (0..rank).rev() {
+            let total = idx[d] + carry;
+            idx[d] = total % sizes[d].max(1);
+            carry = total / sizes[d].max(1);
+        }
+        done += len;
+    }
+}
+
+fn unary(op: UnaryOp, x: &[f32], o: &mut [f32]) {
+    let it = o.iter_mut().zip(x);
+    match op {
+        UnaryOp::Gelu => it.for_each(|(o, v)| *o = gelu_f32(*v)),
+        UnaryOp::Neg => it.for_each(|(o, v)| *o = -*v),
+        UnaryOp::Square => it.for_each(|(o, v)| *o = *v * *v),
+        UnaryOp::Abs => it.for_each(|(o, v)| *o = v.abs()),
+        UnaryOp::Relu => it.for_each(|(o, v)| *o = v.max(0.0)),
+        _ => it.for_each(|(o, v)| *o = unary_f(op, *v as f64) as f32),
+    }
+}
+
+fn unary_grad(op: UnaryOp, x: &[f32], g: &[f32], o: &mut [f32]) {
+    let it = o.iter_mut().zip(x).zip(g);
+    match op {
+        UnaryOp::Gelu => it.for_each(|((o, v), g)| *o = *g * gelu_dt_f32(*v)),
+        _ => it.for_each(|((o, v), g)| *o = *g * unary_df(op, *v as f64) as f32),
+    }
+}
