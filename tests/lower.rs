@@ -105,7 +105,21 @@ fn the_step_is_in_the_program() {
     assert!(count(p, "bucket_reduce_scatter") >= 1, "{:?}", names(p));
     assert!(count(p, "bucket_all_gather") >= 1);
     assert_eq!(count(p, "skip_if_nonfinite"), 1);
-    assert!(count(p, "adam_step") == m.params.len(), "one fused AdamW step per parameter");
+    // The update is fused: each parameter's two moments and its step in kernels, all under the guard.
+    let guard = p.instrs.iter().position(|i| matches!(i.kind, Kind::SkipIfNonFinite { .. })).expect("a guard");
+    let Kind::SkipIfNonFinite { count: guarded } = p.instrs[guard].kind else { unreachable!() };
+    let fused_ops = |ins: &[tessera::compiler::lower::Instr], name: &str| {
+        ins.iter()
+            .filter_map(|i| match &i.kind {
+                Kind::Kernel { kernel } => Some(kernel.ops.iter().filter(|o| *o == name).count()),
+                _ => None,
+            })
+            .sum::<usize>()
+    };
+    let update = &p.instrs[guard + 1..guard + 1 + guarded as usize];
+    assert_eq!(fused_ops(update, "adam_step"), m.params.len(), "one AdamW step per parameter");
+    assert_eq!(fused_ops(update, "adam_moment"), 2 * m.params.len());
+    assert_eq!(count(p, "adam_step"), 0, "no unfused update is left");
     // The gradient bucket waits for the backward pass and the update for the bucket.
     let pos = |n: &str| names(p).iter().position(|x| *x == n).expect(n);
     assert!(pos("wait") < pos("bucket_reduce_scatter"));

@@ -138,7 +138,7 @@ fn tensor_and_pipeline_programs_match_the_runtime() {
 /// elementwise runs fused into kernels give the same losses and weights, bit
 /// for bit (fused kernels do the same operations in the same order; nothing
 /// is reassociated). Under data 2 with ZeRO 2 and under tensor 2 with
-/// sequence parallelism; GPT-2's dropout included.
+/// sequence parallelism; GPT-2's dropout included; AdamW's update and SGD's.
 #[test]
 fn fusion_changes_no_result() {
     use tessera::compiler::driver::{Passes, compile_with};
@@ -147,6 +147,8 @@ fn fusion_changes_no_result() {
     for (spec, sets) in [
         ("specs/models/gpt2-small.spec", with(&with(gpt2, DP2), &["parallel.zero=2"])),
         (GPT, with(&with(SMALL, TP2), &["parallel.sequence_parallel=true"])),
+        // SGD's update fuses from plain elementwise ops (AdamW's from its decomposed moments and step).
+        (GPT, with(SMALL, &["train.optimizer=sgd(lr = 0.1, momentum = 0.9, weight_decay = 0.01, nesterov = true)"])),
     ] {
         let m = common::check_ok(spec, &sets);
         let out = std::env::temp_dir().join(format!("tessera-fuse-{}", std::process::id()));

@@ -10,23 +10,27 @@
 //! lone elementwise op is a kernel too, so that every elementwise op of a
 //! program reaches the backend in one form.
 
-use super::{Expr, Kernel};
-use crate::ir::{DType, Dim, Op, TensorType};
+use super::{Expr, Kernel, decomposes, expand, reads_whole};
+use crate::ir::{DType, Dim, TensorType};
 use crate::lower::{BufId, Buffer, Instr, Kind, Region, Stream};
 use std::collections::HashMap;
 
 /// Whether instruction `ins` may join a run over `dims`.
 fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Vec<Dim>> {
     let Kind::Op { op, accumulate: false, .. } = &ins.kind else { return None };
-    let ok = op.is_elementwise();
     let [out] = ins.outs[..] else { return None };
     let o = &buffers[out.index()];
-    if !ok || o.region != Region::Arena || o.view_of.is_some() || o.ty.dtype != DType::F32 {
+    // An output outside the arena is a persistent buffer updated in place (the optimizer's).
+    let persistent = o.region != Region::Arena;
+    if !decomposes(op) || o.view_of.is_some() || o.ty.dtype != DType::F32 || (persistent && !ins.ins.contains(&out)) {
         return None;
     }
-    // Every operand is f32 with a subset of the output's dims, of the same sizes.
-    let fits = |t: &TensorType| t.dtype == DType::F32 && t.dims.iter().all(|d| o.ty.dims.contains(d));
-    ins.ins.iter().all(|b| fits(&buffers[b.index()].ty)).then(|| o.ty.dims.clone())
+    // Every operand read at the loop position is f32 with a subset of the output's dims, of the same sizes.
+    let fits = |(i, b): (usize, &BufId)| {
+        let t = &buffers[b.index()].ty;
+        t.dtype == DType::F32 && (reads_whole(op, i) || t.dims.iter().all(|d| o.ty.dims.contains(d)))
+    };
+    ins.ins.iter().enumerate().all(fits).then(|| o.ty.dims.clone())
 }
 
 /// Row-major element strides of `t` along each of `dims` (0 where `t` lacks the dim).
@@ -38,7 +42,8 @@ pub fn strides(t: &TensorType, dims: &[Dim]) -> Vec<u64> {
     dims.iter().map(|d| t.dims.iter().position(|x| x.name == d.name).map(|i| own[i]).unwrap_or(0)).collect()
 }
 
-/// Replace runs of elementwise instructions with kernels.
+/// Replace runs of elementwise instructions with kernels. A guard's range
+/// (`skip_if_nonfinite`) is fused on its own and its count follows.
 pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>) -> Vec<Instr> {
     // How often each buffer is read, and which buffers something views.
     let mut reads: HashMap<BufId, usize> = HashMap::new();
@@ -48,17 +53,36 @@ pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>) -> Vec<Instr> {
         }
     }
     let viewed: std::collections::HashSet<BufId> = buffers.iter().filter_map(|b| b.view_of).collect();
+    fuse_range(buffers, &reads, &viewed, instrs)
+}
+
+fn fuse_range(
+    buffers: &[Buffer],
+    reads: &HashMap<BufId, usize>,
+    viewed: &std::collections::HashSet<BufId>,
+    instrs: Vec<Instr>,
+) -> Vec<Instr> {
     let mut out = Vec::with_capacity(instrs.len());
+    let mut instrs = instrs.into_iter();
     let mut run: Vec<Instr> = Vec::new();
     let mut dims: Vec<Dim> = Vec::new();
-    for ins in instrs {
+    while let Some(mut ins) = instrs.next() {
+        if let Kind::SkipIfNonFinite { count } = &mut ins.kind {
+            flush(buffers, reads, viewed, &mut run, &dims, &mut out);
+            let guarded: Vec<Instr> = instrs.by_ref().take(*count as usize).collect();
+            let fused = fuse_range(buffers, reads, viewed, guarded);
+            *count = fused.len() as u32;
+            out.push(ins);
+            out.extend(fused);
+            continue;
+        }
         match fusible(buffers, &ins) {
             Some(d) if run.is_empty() || d == dims => {
                 dims = d;
                 run.push(ins);
             }
             other => {
-                flush(buffers, &reads, &viewed, &mut run, &dims, &mut out);
+                flush(buffers, reads, viewed, &mut run, &dims, &mut out);
                 match other {
                     Some(d) => {
                         dims = d;
@@ -69,8 +93,16 @@ pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>) -> Vec<Instr> {
             }
         }
     }
-    flush(buffers, &reads, &viewed, &mut run, &dims, &mut out);
+    flush(buffers, reads, viewed, &mut run, &dims, &mut out);
     out
+}
+
+/// The index of buffer `b` among the kernel's inputs, added if new.
+fn argument(b: BufId, inputs: &mut Vec<BufId>) -> usize {
+    inputs.iter().position(|&x| x == b).unwrap_or_else(|| {
+        inputs.push(b);
+        inputs.len() - 1
+    })
 }
 
 fn flush(
@@ -93,46 +125,29 @@ fn flush(
     for ins in &group {
         let Kind::Op { op, rng, .. } = &ins.kind else { unreachable!("fusible instructions are ops") };
         ops.push(op.name().to_string());
-        let mut arg = |b: BufId, body: &mut Vec<Expr>| -> usize {
+        let mut x = Vec::with_capacity(ins.ins.len());
+        for (i, &b) in ins.ins.iter().enumerate() {
             *inside.entry(b).or_default() += 1;
-            if let Some(&v) = value.get(&b) {
-                return v;
+            if reads_whole(op, i) {
+                x.push(argument(b, &mut inputs));
+            } else if let Some(&v) = value.get(&b) {
+                x.push(v);
+            } else {
+                body.push(Expr::Load { arg: argument(b, &mut inputs) });
+                value.insert(b, body.len() - 1);
+                x.push(body.len() - 1);
             }
-            let a = inputs.iter().position(|&x| x == b).unwrap_or_else(|| {
-                inputs.push(b);
-                inputs.len() - 1
-            });
-            body.push(Expr::Load { arg: a });
-            value.insert(b, body.len() - 1);
-            body.len() - 1
-        };
-        let x: Vec<usize> = ins.ins.iter().map(|&b| arg(b, &mut body)).collect();
-        let e = match op {
-            Op::Unary { op } => Some(Expr::Unary { op: *op, x: x[0] }),
-            Op::Binary { op } => Some(Expr::Binary { op: *op, a: x[0], b: x[1] }),
-            Op::Pow { exp } => Some(Expr::Pow { x: x[0], exp: *exp }),
-            Op::UnaryGrad { op } => Some(Expr::UnaryGrad { op: *op, x: x[0], g: x[1] }),
-            Op::Dropout { p } | Op::DropoutGrad { p, .. } if *p > 0.0 => {
-                Some(Expr::Dropout { x: x[0], p: *p, rng: rng.expect("dropout carries its random stream") })
-            }
-            // Dropout with p = 0 is the identity.
-            _ => None,
-        };
-        let v = match e {
-            Some(e) => {
-                body.push(e);
-                body.len() - 1
-            }
-            None => x[0],
-        };
+        }
+        let v = expand(op, &x, *rng, &mut body).expect("fusible ops expand");
         value.insert(ins.outs[0], v);
     }
-    // What the rest of the program reads (or views) is stored.
+    // What the rest of the program (or the next step) reads is stored, once, with its last value.
     let mut outputs: Vec<(BufId, usize)> = Vec::new();
     for ins in &group {
         let b = ins.outs[0];
         let later = reads.get(&b).copied().unwrap_or(0) > inside.get(&b).copied().unwrap_or(0);
-        if later || viewed.contains(&b) {
+        let persistent = buffers[b.index()].region != Region::Arena;
+        if (later || persistent || viewed.contains(&b)) && !outputs.iter().any(|(o, _)| *o == b) {
             outputs.push((b, value[&b]));
         }
     }

@@ -5,13 +5,16 @@
 //! A kernel is a loop nest over named dims (row-major, outermost first),
 //! strided loads of its arguments (stride 0 broadcasts a dim the argument
 //! lacks), a straight-line body of scalar expressions in SSA form, and
-//! strided stores. [`fuse`] groups runs of elementwise ops into kernels;
-//! fusing them computes every element with the same operations in the same
-//! order, so it changes no result (no reassociation: reductions are not
-//! fused yet).
+//! strided stores. [`fuse`] groups runs of elementwise ops (and the
+//! optimizer's update, decomposed into primitives by [`expand`]) into
+//! kernels; fusing them computes every element with the same operations in
+//! the same order, so it changes no result (no reassociation: reductions are
+//! not fused yet).
 
+mod decompose;
 mod fuse;
 
+pub use decompose::{decomposes, expand, reads_whole};
 pub use fuse::{fuse, strides};
 
 use crate::ir::{BinaryOp, Dim, UnaryOp};
@@ -24,6 +27,12 @@ pub enum Expr {
     /// Argument `arg`'s element at the loop position.
     Load {
         arg: usize,
+    },
+    /// Element `index` of argument `arg`, the same at every position (a
+    /// hyperparameter read from a buffer).
+    Element {
+        arg: usize,
+        index: u64,
     },
     Const {
         value: f64,
@@ -100,7 +109,10 @@ impl Kernel {
                 Expr::Load { arg } if arg >= self.inputs => {
                     return Err(format!("value {i} loads argument {arg}, an output"));
                 }
-                Expr::Load { .. } | Expr::Const { .. } => {}
+                Expr::Element { arg, .. } if arg >= self.inputs => {
+                    return Err(format!("value {i} reads argument {arg}, an output"));
+                }
+                Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => {}
                 Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => before(x)?,
                 Expr::UnaryGrad { x, g, .. } => {
                     before(x)?;

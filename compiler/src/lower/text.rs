@@ -310,6 +310,7 @@ fn kernel_text(k: &crate::kernel::Kernel) -> String {
         .map(|(i, e)| {
             let rhs = match e {
                 Expr::Load { arg } => format!("a{arg}"),
+                Expr::Element { arg, index } => format!("a{arg}[{index}]"),
                 Expr::Const { value } => Value::from(*value).to_string(),
                 Expr::Unary { op, x } => format!("{}(v{x})", op.name()),
                 Expr::UnaryGrad { op, x, g } => format!("{}_grad(v{x}, v{g})", op.name()),
@@ -357,7 +358,16 @@ fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate
             }
             c.expect("=")?;
             let e = match c.peek() {
-                Some('a') if at_arg(c) => Expr::Load { arg: c.id("a")? as usize },
+                Some('a') if at_arg(c) => {
+                    let arg = c.id("a")? as usize;
+                    if c.eat("[") {
+                        let index = c.number()?;
+                        c.expect("]")?;
+                        Expr::Element { arg, index }
+                    } else {
+                        Expr::Load { arg }
+                    }
+                }
                 Some(ch) if ch == '-' || ch.is_ascii_digit() => Expr::Const { value: number(c)? },
                 _ => {
                     let name = c.word()?;

@@ -71,6 +71,10 @@ pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize
                         _ => o.iter_mut().enumerate().for_each(|(j, o)| *o = at(j)),
                     }
                 }
+                Expr::Element { arg, index } => {
+                    // SAFETY: the caller's contract covers the argument's whole buffer.
+                    o.fill(unsafe { *args.0[arg].add(index as usize) })
+                }
                 Expr::Const { value } => o.fill(value as f32),
                 Expr::Unary { op, x } => unary(op, &before[x][..len], o),
                 Expr::UnaryGrad { op, x, g } => unary_grad(op, &before[x][..len], &before[g][..len], o),
@@ -121,6 +125,8 @@ fn unary(op: UnaryOp, x: &[f32], o: &mut [f32]) {
         UnaryOp::Neg => it.for_each(|(o, v)| *o = -*v),
         UnaryOp::Square => it.for_each(|(o, v)| *o = *v * *v),
         UnaryOp::Abs => it.for_each(|(o, v)| *o = v.abs()),
+        // Rounding the f64 root to f32 gives the f32 root (the interpreter's result).
+        UnaryOp::Sqrt => it.for_each(|(o, v)| *o = v.sqrt()),
         UnaryOp::Relu => it.for_each(|(o, v)| *o = v.max(0.0)),
         _ => it.for_each(|(o, v)| *o = unary_f(op, *v as f64) as f32),
     }
