@@ -163,7 +163,7 @@ fn the_verifier_names_what_is_wrong() {
     let mut p = good.clone();
     let i = at("matmul");
     let out = p.instrs[i].outs[0];
-    p.instrs[i].kind = Kind::Op { op: Op::MatMul { contract: vec![] }, rng: None, accumulate: false };
+    p.instrs[i].kind = Kind::Op { op: Op::MatMul { contract: vec![] }, rng: None, accumulate: false, rows: false };
     expect(p, &format!("instruction {i}: matmul"), "should produce");
     // An operand that does not exist.
     let mut p = good.clone();
@@ -405,4 +405,49 @@ fn partial_gradients_are_summed_once_per_step() {
     assert!(names.iter().any(|p| p.contains("wte")), "the tied embedding's gradient is one of them: {names:?}");
     assert!(names.iter().all(|p| !p.contains("wqkv") && !p.contains("w_in")), "split weights are not: {names:?}");
     eprintln!("summed over the tensor axis once per step: {names:?}");
+}
+
+/// Expert computation over filled slots (`lower::ragged`): in the tiny MoE's
+/// step, dispatch and its transpose are the roots; the expert GEMMs and the
+/// elementwise ops between them compute filled rows; the expert weight and
+/// bias gradients sum filled slots. A ragged value a caller also needs in
+/// full (here made a graph output) takes its whole chain back to full.
+#[test]
+fn expert_values_are_ragged_only_where_every_reader_allows() {
+    use tessera::compiler::autodiff::differentiate;
+    use tessera::compiler::lower::ragged::{Role, analyze};
+    let m = common::check_ok(MOE, &["parallel.mesh.data=1"]);
+    let bw = differentiate(&m.graph, m.graph.output("loss").expect("loss")).expect("differentiates");
+    let g = &bw.graph;
+    let roles = analyze(g);
+    let count = |f: &dyn Fn(&Role) -> bool| roles.iter().filter(|r| f(r)).count();
+    let named = |name: &str| (0..g.len()).filter(|&i| g.nodes[i].op.name() == name).collect::<Vec<_>>();
+    let layers = named("dispatch").len();
+    assert!(layers > 0);
+    assert_eq!(count(&|r| matches!(r, Role::Root(_))), 2 * layers, "dispatch and combine_grad_y");
+    for i in named("dispatch").into_iter().chain(named("combine_grad_y")) {
+        assert!(matches!(roles[i], Role::Root(_)), "node {i}");
+    }
+    // Forward: x·w_in, bias, GELU, ·w_out, bias. Backward: two data gradients and GELU's.
+    assert!(count(&|r| matches!(r, Role::Rows(_))) >= 8 * layers, "{roles:?}");
+    // Two weight gradients and two bias gradients per layer.
+    let contracts: Vec<usize> = (0..g.len()).filter(|&i| matches!(roles[i], Role::Contract(_))).collect();
+    assert_eq!(contracts.len(), 4 * layers);
+    assert!(contracts.iter().all(|&i| matches!(g.nodes[i].op, Op::Einsum | Op::Reduce { .. })));
+    // Every counted node reads the gates of its own layer's dispatch.
+    for r in &roles {
+        if let Role::Rows(c) | Role::Contract(c) = r {
+            assert!(named("dispatch").iter().any(|&d| g.nodes[d].inputs[0] == c.gates));
+        }
+    }
+
+    // Make the first expert GEMM's output a graph output: it and what made it are computed in full.
+    let first = (0..g.len()).find(|&i| matches!(g.nodes[i].op, Op::MatMul { .. }) && matches!(roles[i], Role::Rows(_)));
+    let first = first.expect("an expert GEMM over filled rows");
+    let mut probed = g.clone();
+    probed.outputs.push(("probe".into(), tessera::compiler::ir::ValueId(first as u32)));
+    let roles = analyze(&probed);
+    assert_eq!(roles[first], Role::Full);
+    let dispatch = probed.nodes[first].inputs.iter().find(|v| probed.nodes[v.index()].op.name() == "dispatch");
+    assert_eq!(roles[dispatch.expect("reads dispatch").index()], Role::Full);
 }

@@ -15,9 +15,24 @@ use crate::ir::{DType, Dim, TensorType};
 use crate::lower::{BufId, Buffer, Instr, Kind, Region, Stream};
 use std::collections::HashMap;
 
-/// Whether instruction `ins` may join a run over `dims`.
-fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Vec<Dim>> {
-    let Kind::Op { op, accumulate: false, .. } = &ins.kind else { return None };
+/// A kernel's loop nest: its dims, and the buffer bounding its ragged rows.
+#[derive(Clone, PartialEq, Default)]
+struct Loop {
+    dims: Vec<Dim>,
+    rows: Option<BufId>,
+}
+
+/// An op instruction's operands, without its filled-slot counts.
+fn operands(ins: &Instr) -> &[BufId] {
+    match ins.kind {
+        Kind::Op { rows: true, .. } => &ins.ins[..ins.ins.len() - 1],
+        _ => &ins.ins,
+    }
+}
+
+/// Whether instruction `ins` may join a run over a loop nest, and which.
+fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Loop> {
+    let Kind::Op { op, accumulate: false, rows, .. } = &ins.kind else { return None };
     let [out] = ins.outs[..] else { return None };
     let o = &buffers[out.index()];
     // An output outside the arena is a persistent buffer updated in place (the optimizer's).
@@ -30,7 +45,8 @@ fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Vec<Dim>> {
         let t = &buffers[b.index()].ty;
         t.dtype == DType::F32 && (reads_whole(op, i) || t.dims.iter().all(|d| o.ty.dims.contains(d)))
     };
-    ins.ins.iter().enumerate().all(fits).then(|| o.ty.dims.clone())
+    let rows = rows.then(|| *ins.ins.last().expect("an op over filled slots reads their counts"));
+    operands(ins).iter().enumerate().all(fits).then(|| Loop { dims: o.ty.dims.clone(), rows })
 }
 
 /// Row-major element strides of `t` along each of `dims` (0 where `t` lacks the dim).
@@ -65,10 +81,10 @@ fn fuse_range(
     let mut out = Vec::with_capacity(instrs.len());
     let mut instrs = instrs.into_iter();
     let mut run: Vec<Instr> = Vec::new();
-    let mut dims: Vec<Dim> = Vec::new();
+    let mut shape = Loop::default();
     while let Some(mut ins) = instrs.next() {
         if let Kind::SkipIfNonFinite { count } = &mut ins.kind {
-            flush(buffers, reads, viewed, &mut run, &dims, &mut out);
+            flush(buffers, reads, viewed, &mut run, &shape, &mut out);
             let guarded: Vec<Instr> = instrs.by_ref().take(*count as usize).collect();
             let fused = fuse_range(buffers, reads, viewed, guarded);
             *count = fused.len() as u32;
@@ -77,15 +93,15 @@ fn fuse_range(
             continue;
         }
         match fusible(buffers, &ins) {
-            Some(d) if run.is_empty() || d == dims => {
-                dims = d;
+            Some(d) if run.is_empty() || d == shape => {
+                shape = d;
                 run.push(ins);
             }
             other => {
-                flush(buffers, reads, viewed, &mut run, &dims, &mut out);
+                flush(buffers, reads, viewed, &mut run, &shape, &mut out);
                 match other {
                     Some(d) => {
-                        dims = d;
+                        shape = d;
                         run.push(ins);
                     }
                     None => out.push(ins),
@@ -93,7 +109,7 @@ fn fuse_range(
             }
         }
     }
-    flush(buffers, reads, viewed, &mut run, &dims, &mut out);
+    flush(buffers, reads, viewed, &mut run, &shape, &mut out);
     out
 }
 
@@ -110,13 +126,14 @@ fn flush(
     reads: &HashMap<BufId, usize>,
     viewed: &std::collections::HashSet<BufId>,
     run: &mut Vec<Instr>,
-    dims: &[Dim],
+    shape: &Loop,
     out: &mut Vec<Instr>,
 ) {
     let group = std::mem::take(run);
     if group.is_empty() {
         return;
     }
+    let dims = &shape.dims[..];
     let mut body: Vec<Expr> = Vec::new();
     let mut value: HashMap<BufId, usize> = HashMap::new();
     let mut inputs: Vec<BufId> = Vec::new();
@@ -126,7 +143,7 @@ fn flush(
         let Kind::Op { op, rng, .. } = &ins.kind else { unreachable!("fusible instructions are ops") };
         ops.push(op.name().to_string());
         let mut x = Vec::with_capacity(ins.ins.len());
-        for (i, &b) in ins.ins.iter().enumerate() {
+        for (i, &b) in operands(ins).iter().enumerate() {
             *inside.entry(b).or_default() += 1;
             if reads_whole(op, i) {
                 x.push(argument(b, &mut inputs));
@@ -155,6 +172,8 @@ fn flush(
         out.extend(group);
         return;
     }
+    // A ragged loop reads its bounds as one more input.
+    let rows = shape.rows.map(|c| argument(c, &mut inputs));
     let n_in = inputs.len();
     let mut all: Vec<BufId> = inputs.clone();
     all.extend(outputs.iter().map(|(b, _)| *b));
@@ -165,6 +184,7 @@ fn flush(
         body,
         stores: outputs.iter().enumerate().map(|(i, (_, v))| (n_in + i, *v)).collect(),
         ops,
+        rows,
     };
     out.push(Instr {
         kind: Kind::Kernel { kernel },

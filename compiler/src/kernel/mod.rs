@@ -79,6 +79,11 @@ pub struct Kernel {
     pub stores: Vec<(usize, usize)>,
     /// The IR ops it computes, in order (for people and emitted comments).
     pub ops: Vec<String>,
+    /// Ragged loops: the input argument whose element `i` bounds the
+    /// second loop dim at index `i` of the first (an expert's filled slots,
+    /// `lower::ragged`); positions past the bound are not computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
 }
 
 impl Kernel {
@@ -123,6 +128,11 @@ impl Kernel {
                     before(b)?;
                 }
             }
+        }
+        if let Some(r) = self.rows
+            && (r >= self.inputs || self.dims.len() < 2)
+        {
+            return Err(format!("row bounds in argument {r} of a {}-deep loop nest", self.dims.len()));
         }
         for &(arg, v) in &self.stores {
             if arg < self.inputs || arg >= args || v >= self.body.len() {

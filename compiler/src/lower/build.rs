@@ -63,6 +63,8 @@ struct Builder<'a> {
     producer: HashMap<BufId, usize>,
     reads: HashMap<BufId, u32>,
     viewed: std::collections::HashSet<BufId>,
+    /// Filled-slot counts by (gates, slots per expert), made once per microbatch's gates.
+    counts: HashMap<(BufId, u64), BufId>,
 }
 
 /// A microbatch's forward on a pipeline stage, kept for its backward: the
@@ -98,6 +100,7 @@ impl<'a> Builder<'a> {
             loss: BufId(0),
             producer: HashMap::new(),
             reads: HashMap::new(),
+            counts: HashMap::new(),
             viewed: Default::default(),
         };
         b.loss = b.persistent(Region::Io, TensorType::scalar(DType::F32), "loss");
@@ -197,6 +200,7 @@ impl<'a> Builder<'a> {
         bind: &Bind,
     ) -> Result<(), String> {
         vals.resize(g.len(), None);
+        let roles = super::ragged::analyze(g);
         // Attention's gradients with the same operands come from one pass.
         let mut siblings: HashMap<(Vec<ValueId>, String), Vec<usize>> = HashMap::new();
         for i in range.clone() {
@@ -250,14 +254,35 @@ impl<'a> Builder<'a> {
                         Op::DropoutGrad { forward, .. } => Some(forward.0 as u64),
                         _ => None,
                     };
+                    let mut ins = ins;
+                    let rows = match roles[i].counts() {
+                        Some(c) => {
+                            let gates = vals[c.gates.index()].ok_or("the gates are read before they are computed")?;
+                            ins.push(self.slot_counts(gates, c.slots));
+                            true
+                        }
+                        None => false,
+                    };
                     let o = self.temp(node.ty.clone());
-                    self.emit(Kind::Op { op: op.clone(), rng, accumulate: false }, ins, vec![o]);
+                    self.emit(Kind::Op { op: op.clone(), rng, accumulate: false, rows }, ins, vec![o]);
                     o
                 }
             };
             vals[i] = Some(out);
         }
         Ok(())
+    }
+
+    /// The filled-slot counts of `gates` (`lower::ragged`), emitted at their first use.
+    fn slot_counts(&mut self, gates: BufId, slots: u64) -> BufId {
+        if let Some(&c) = self.counts.get(&(gates, slots)) {
+            return c;
+        }
+        let expert = self.buffers[gates.index()].ty.dims.last().cloned().expect("gates end in the expert dim");
+        let c = self.temp(TensorType::new(DType::I32, vec![expert]));
+        self.emit(Kind::SlotCounts { slots }, vec![gates], vec![c]);
+        self.counts.insert((gates, slots), c);
+        c
     }
 
     /// Accumulate a graph's parameter gradients into the persistent ones.
@@ -607,7 +632,7 @@ impl<'a> Builder<'a> {
                         Some(&t) => t,
                         None => self.temp(node.ty.clone()),
                     };
-                    self.emit(Kind::Op { op: op.clone(), rng: None, accumulate: false }, ins, vec![o]);
+                    self.emit(Kind::Op { op: op.clone(), rng: None, accumulate: false, rows: false }, ins, vec![o]);
                     o
                 }
             };

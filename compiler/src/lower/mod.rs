@@ -27,6 +27,7 @@
 //! the text form; [`verify`] checks a program.
 
 mod build;
+pub mod ragged;
 pub mod text;
 pub mod verify;
 
@@ -133,13 +134,21 @@ pub enum Kind {
     /// One IR op on its inputs; `rng` is the random stream of a dropout
     /// mask. With `accumulate` the result is added to the output's contents
     /// (a weight gradient summed into the persistent gradient, as a GEMM
-    /// with β = 1 does, instead of a temporary and an `accumulate`).
+    /// with β = 1 does, instead of a temporary and an `accumulate`). With
+    /// `rows` the last input holds each expert's filled slots (from
+    /// `slot_counts`) and the op computes, or sums over, those slots only
+    /// (`lower::ragged`).
     Op {
         op: Op,
         rng: Option<u64>,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         accumulate: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rows: bool,
     },
+    /// `outs[0]` (`i32[expert]`) = how many of each expert's `slots` slots
+    /// the gates `ins[0]` fill (as `dispatch` fills them).
+    SlotCounts { slots: u64 },
     /// The gradients of one attention, from one pass: `outs[i]` is gradient
     /// `which[i]` (0 dq, 1 dk, 2 dv, 3 the T5 bias table) of `op`
     /// (an `attention_grad`, whose own `which` is `which[0]`).
@@ -181,6 +190,7 @@ impl Kind {
         match self {
             Kind::Op { op, .. } => op.name(),
             Kind::AttentionGrads { .. } => "attention_grads",
+            Kind::SlotCounts { .. } => "slot_counts",
             Kind::Kernel { .. } => "kernel",
             Kind::Accumulate => "accumulate",
             Kind::Scale { .. } => "scale",

@@ -79,13 +79,16 @@ pub fn instr_text(ins: &Instr) -> String {
 /// prints it; a bucket collective by its collective; the rest by kind.
 fn name_and_attrs(k: &Kind) -> (String, Map<String, Value>) {
     match k {
-        Kind::Op { op, rng, accumulate } => {
+        Kind::Op { op, rng, accumulate, rows } => {
             let (name, mut attrs) = op_attrs(op);
             if let Some(r) = rng {
                 attrs.insert("rng".into(), Value::from(*r));
             }
             if *accumulate {
                 attrs.insert("accumulate".into(), Value::Bool(true));
+            }
+            if *rows {
+                attrs.insert("rows".into(), Value::Bool(true));
             }
             (name.to_string(), attrs)
         }
@@ -225,18 +228,20 @@ fn kind_of(name: &str, mut attrs: Map<String, Value>) -> Result<Kind, String> {
         }
         _ => {
             let rng = rng(&mut attrs)?;
-            let accumulate = match attrs.remove("accumulate") {
-                None => false,
-                Some(Value::Bool(b)) => b,
-                Some(v) => return Err(format!("`accumulate` is true or false, found {v}")),
+            let mut flag = |key: &str| match attrs.remove(key) {
+                None => Ok(false),
+                Some(Value::Bool(b)) => Ok(b),
+                Some(v) => Err(format!("`{key}` is true or false, found {v}")),
             };
-            Ok(Kind::Op { op: op_from(name, attrs)?, rng, accumulate })
+            let (accumulate, rows) = (flag("accumulate")?, flag("rows")?);
+            Ok(Kind::Op { op: op_from(name, attrs)?, rng, accumulate, rows })
         }
     }
 }
 
 /// The instruction kinds printed under their own name.
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
+    "slot_counts",
     "skip_if_nonfinite",
     "accumulate",
     "scale",
@@ -325,6 +330,9 @@ fn kernel_text(k: &crate::kernel::Kernel) -> String {
     let ops: Vec<Value> = k.ops.iter().map(|o| Value::String(o.clone())).collect();
     let mut meta = Map::new();
     meta.insert("ops".into(), Value::Array(ops));
+    if let Some(r) = k.rows {
+        meta.insert("rows".into(), Value::from(r));
+    }
     format!("over [{}] {{{}}} {}", dims.join(", "), stmts.join("; "), record_text(&meta))
 }
 
@@ -411,8 +419,12 @@ fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate
     let meta = c.record()?;
     let ops: Vec<String> = serde_json::from_value(meta.get("ops").cloned().unwrap_or(Value::Array(Vec::new())))
         .map_err(|e| format!("`ops`: {e}"))?;
+    let rows = match meta.get("rows") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| format!("`rows` names an argument, found {v}"))? as usize),
+    };
     let strides = args.iter().map(|b| crate::kernel::strides(&b.ty, &dims)).collect();
-    let k = Kernel { dims, inputs, strides, body, stores, ops };
+    let k = Kernel { dims, inputs, strides, body, stores, ops, rows };
     k.check()?;
     Ok(k)
 }

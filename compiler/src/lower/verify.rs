@@ -122,12 +122,26 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
         }
     };
     match &ins.kind {
-        Kind::Op { op, .. } => {
+        Kind::Op { op, rows, .. } => {
             if ins.outs.len() != 1 {
                 return Err(format!("an op writes one buffer, this names {}", ins.outs.len()));
             }
-            let tys: Vec<&TensorType> = ins.ins.iter().map(ty).collect();
+            let mut tys: Vec<&TensorType> = ins.ins.iter().map(ty).collect();
+            if *rows {
+                let counts = tys.pop().ok_or("an op over filled slots without its counts")?;
+                if counts.dtype != DType::I32 || counts.dims.len() != 1 {
+                    return Err(format!("filled-slot counts are i32[expert], not {counts}"));
+                }
+            }
             crate::ir::check_op(op, &tys, ty(&ins.outs[0]))
+        }
+        Kind::SlotCounts { .. } => {
+            count(1, 1)?;
+            let (gates, out) = (ty(&ins.ins[0]), ty(&ins.outs[0]));
+            if out.dtype != DType::I32 || out.dims.len() != 1 || gates.dims.last() != out.dims.first() {
+                return Err(format!("counts of gates {gates} are i32[expert] over their last dim, not {out}"));
+            }
+            Ok(())
         }
         Kind::AttentionGrads { op, which, .. } => {
             let Op::AttentionGrad { .. } = op else { return Err("names an op that is not attention_grad".into()) };
@@ -150,6 +164,12 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
             count(kernel.inputs, kernel.strides.len() - kernel.inputs)?;
             for (i, b) in ins.ins.iter().chain(&ins.outs).enumerate() {
                 let t = ty(b);
+                if kernel.rows == Some(i) {
+                    if t.dtype != DType::I32 || t.dims.first() != kernel.dims.first() || t.dims.len() != 1 {
+                        return Err(format!("the row bounds {b} are {t}, not i32 over the outer loop dim"));
+                    }
+                    continue;
+                }
                 if t.dtype != DType::F32 {
                     return Err(format!("argument {i} ({b}) is {t}: kernels run on f32"));
                 }
@@ -158,6 +178,13 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                     kernel.dims.iter().zip(&kernel.strides[i]).map(|(d, s)| d.size.saturating_sub(1) * s).sum();
                 if !kernel.is_empty() && last >= t.numel() {
                     return Err(format!("argument {i} ({b}, {t}) is read past its end"));
+                }
+            }
+            for e in &kernel.body {
+                if let crate::kernel::Expr::Element { arg, index } = *e
+                    && index >= ty(&ins.ins[arg]).numel()
+                {
+                    return Err(format!("element {index} of argument {arg} ({}) is past its end", ins.ins[arg]));
                 }
             }
             for b in &ins.outs {

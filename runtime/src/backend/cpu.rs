@@ -130,8 +130,24 @@ impl Cpu {
     /// bytes are also read at other positions (an output that shares an
     /// input's bytes but not its layout): then the stores go to a staging
     /// buffer first.
-    fn kernel(&mut self, k: &tessera_compiler::kernel::Kernel, args: &[&Buffer], seed: u64) -> Result<(), String> {
+    fn kernel(
+        &mut self,
+        k: &tessera_compiler::kernel::Kernel,
+        args: &[&Buffer],
+        rows: Option<&[usize]>,
+        seed: u64,
+    ) -> Result<(), String> {
         let n = k.len() as usize;
+        // The position ranges to compute: all, or each expert's filled rows.
+        let ranges: Vec<(usize, usize)> = match rows {
+            None => vec![(0, n)],
+            Some(c) => {
+                let outer = k.dims[0].size as usize;
+                let block = n / outer.max(1);
+                let row = block / (k.dims[1].size as usize).max(1);
+                (0..outer).map(|e| (e * block, c.get(e).copied().unwrap_or(0).min(block / row.max(1)) * row)).collect()
+            }
+        };
         let bytes = |b: &Buffer| (region_index(b.region), b.offset, b.offset + b.ty.bytes());
         let loads: Vec<usize> = (0..k.inputs).collect();
         // A store is safe in place if every input sharing its bytes is the same bytes read at the same positions.
@@ -157,21 +173,25 @@ impl Cpu {
             }
         }
         let args_p = interp::Args(ptrs);
-        let threads = crate::exec::threads().min(n.div_ceil(interp::BLOCK * 16)).max(1);
-        let per = n.div_ceil(threads);
-        let job = |t: usize| {
-            let first = t * per;
-            let count = per.min(n.saturating_sub(first));
+        // Split the ranges into pieces for the kernel threads.
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let threads = crate::exec::threads().min(total.div_ceil(interp::BLOCK * 16)).max(1);
+        let per = total.div_ceil(threads).max(1);
+        let pieces: Vec<(usize, usize)> = ranges
+            .iter()
+            .flat_map(|&(first, count)| (0..count).step_by(per).map(move |at| (first + at, per.min(count - at))))
+            .collect();
+        let job = |&(first, count): &(usize, usize)| {
             // SAFETY: the pointers address each argument's elements (a store's
             // own buffer, or staging of its length where it would meet other
-            // positions' loads), and threads run disjoint positions.
+            // positions' loads), and pieces are disjoint positions.
             unsafe { interp::run(k, &args_p, seed, first, count) };
         };
         if threads == 1 {
-            job(0);
+            pieces.iter().for_each(job);
         } else {
             use rayon::prelude::*;
-            (0..threads).into_par_iter().for_each(job);
+            pieces.par_iter().for_each(job);
         }
         if !direct {
             let mut staged = staging.into_iter();
@@ -208,7 +228,19 @@ impl Cpu {
     /// no operand copied. `None` where a layout does not fit a strided GEMM
     /// (or an output shares an operand's bytes); the caller then runs the
     /// interpreter's kernel.
-    fn contract(&mut self, a: &Buffer, b: &Buffer, out: &Buffer, accumulate: bool) -> Option<()> {
+    ///
+    /// With `rows` (an expert's filled slots, `lower::ragged`) the batch is
+    /// the expert dim and either the rows are the slot dim (`x · w` per
+    /// expert: only filled rows are computed) or the contracted dim is
+    /// (a weight gradient: only filled slots are summed).
+    fn contract(
+        &mut self,
+        a: &Buffer,
+        b: &Buffer,
+        out: &Buffer,
+        accumulate: bool,
+        rows: Option<&[usize]>,
+    ) -> Option<()> {
         let has = |t: &Buffer, n: &str| t.ty.dims.iter().any(|d| d.name == n);
         let od = &out.ty.dims;
         let in_out = |n: &str| od.iter().any(|d| d.name == n);
@@ -247,19 +279,49 @@ impl Cpu {
         // SAFETY: each buffer lies inside its region.
         let at = |x: &Buffer| unsafe { bases[region_index(x.region)].add(range(x).start) };
         let (pl, pr, po) = (at(l), at(r), at(out));
-        if nk == 0 {
+        // Per batch: the rows and the contracted length.
+        let shape: Vec<(usize, usize)> = match rows {
+            None => vec![(nm, nk); nb],
+            // The rows are the slot dim: the ragged operand's second and the output's.
+            Some(c)
+                if c.len() == nb
+                    && batch.len() == 1
+                    && m.len() == 1
+                    && od.get(1) == Some(m[0])
+                    && l.ty.dims.get(1) == Some(m[0]) =>
+            {
+                c.iter().map(|&f| (f.min(nm), nk)).collect()
+            }
+            // The contracted dim is the slot dim of both operands.
+            Some(c) if c.len() == nb && batch.len() == 1 && k.len() == 1 && l.ty.dims.get(1) == Some(k[0]) => {
+                c.iter().map(|&f| (nm, f.min(nk))).collect()
+            }
+            Some(_) => return None,
+        };
+        if rows.is_some() {
+            for (bi, &(_, kk)) in shape.iter().enumerate() {
+                if kk == 0 && !accumulate {
+                    // SAFETY: batch `bi`'s nm×nn block of the output (f32 zero is all zero bits).
+                    unsafe { std::ptr::write_bytes(po.add(bi * nm * nn), 0, nm * nn) };
+                }
+            }
+        } else if nk == 0 {
             if !accumulate {
                 self.slice_mut(out).fill(0.0);
             }
             return Some(());
         }
-        for bi in 0..nb {
+        for (bi, &(mm, kk)) in shape.iter().enumerate() {
+            if kk == 0 {
+                continue;
+            }
             // SAFETY: the strides come from the buffers' own row-major layouts,
             // so the views address nm×nk, nk×nn and nm×nn elements inside
-            // them; the output shares no bytes with the operands (checked).
+            // them (mm ≤ nm rows, kk ≤ nk); the output shares no bytes with
+            // the operands (checked).
             unsafe {
                 crate::exec::kernels::gemm_strided(
-                    (nm, nn, nk),
+                    (mm, nn, kk),
                     po.add(bi * nm * nn),
                     nn,
                     accumulate,
@@ -268,6 +330,34 @@ impl Cpu {
                     1.0,
                     true,
                 );
+            }
+        }
+        Some(())
+    }
+}
+
+impl Cpu {
+    /// Filled-slot counts, held as f32 values.
+    fn counts(&self, b: &Buffer) -> Vec<usize> {
+        self.slice(b).iter().map(|&c| c as usize).collect()
+    }
+
+    /// `out[e, ...] [+]= Σ_{s < counts[e]} x[e, s, ...]`: a sum over the filled slots.
+    fn sum_slots(&mut self, x: &Buffer, out: &Buffer, accumulate: bool, counts: &[usize]) -> Option<()> {
+        let d = &x.ty.dims;
+        if d.len() < 2 || out.ty.dims.len() + 1 != d.len() || counts.len() != d[0].size as usize {
+            return None;
+        }
+        let (s, w) = (d[1].size as usize, d[2..].iter().map(|d| d.size as usize).product::<usize>());
+        let xs = self.slice(x).to_vec();
+        let o = self.slice_mut(out);
+        for (e, &c) in counts.iter().enumerate() {
+            let dst = &mut o[e * w..(e + 1) * w];
+            if !accumulate {
+                dst.fill(0.0);
+            }
+            for row in xs[e * s * w..].chunks(w.max(1)).take(c.min(s)) {
+                dst.iter_mut().zip(row).for_each(|(o, v)| *o += *v);
             }
         }
         Some(())
@@ -305,12 +395,37 @@ impl Backend for Cpu {
         let buf = |b: &tessera_compiler::lower::BufId| p.buffer(*b);
         self.prepare(ins.ins.iter().chain(&ins.outs).map(buf))?;
         match &ins.kind {
-            Kind::Op { op: Op::MatMul { .. } | Op::Einsum, accumulate, .. }
-                if self.contract(buf(&ins.ins[0]), buf(&ins.ins[1]), buf(&ins.outs[0]), *accumulate).is_some() =>
+            Kind::Op { op: Op::MatMul { .. } | Op::Einsum, accumulate, rows: false, .. }
+                if self
+                    .contract(buf(&ins.ins[0]), buf(&ins.ins[1]), buf(&ins.outs[0]), *accumulate, None)
+                    .is_some() =>
             {
                 Ok(())
             }
-            Kind::Op { op, rng, accumulate } => {
+            Kind::Op { op, accumulate, rows: true, .. } if !op.is_elementwise() => {
+                let counts = self.counts(buf(ins.ins.last().expect("counts")));
+                let out = buf(&ins.outs[0]);
+                let done = match op {
+                    Op::MatMul { .. } | Op::Einsum => {
+                        self.contract(buf(&ins.ins[0]), buf(&ins.ins[1]), out, *accumulate, Some(&counts))
+                    }
+                    Op::Reduce { op: ReduceOp::Sum, dims } if dims.len() == 1 => {
+                        self.sum_slots(buf(&ins.ins[0]), out, *accumulate, &counts)
+                    }
+                    _ => None,
+                };
+                done.ok_or_else(|| format!("`{}` of {} has no filled-slot form on the CPU", op.name(), out.ty))
+            }
+            Kind::SlotCounts { slots } => {
+                let gates = self.tensor(buf(&ins.ins[0]));
+                let out = buf(&ins.outs[0]);
+                let counts = crate::exec::moe::slot_counts(&gates, *slots as usize, out.ty.numel() as usize);
+                let values: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
+                self.slice_mut(out).copy_from_slice(&values);
+                Ok(())
+            }
+            // (An elementwise op over filled slots that was not fused computes every row: the empty ones hold anything.)
+            Kind::Op { op, rng, accumulate, .. } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
                 let out = buf(&ins.outs[0]);
                 let mut cache = Default::default();
@@ -332,7 +447,8 @@ impl Backend for Cpu {
             }
             Kind::Kernel { kernel } => {
                 let args: Vec<&Buffer> = ins.ins.iter().chain(&ins.outs).map(buf).collect();
-                self.kernel(kernel, &args, seed)
+                let rows = kernel.rows.map(|r| self.counts(args[r]));
+                self.kernel(kernel, &args, rows.as_deref(), seed)
             }
             Kind::Accumulate | Kind::Copy | Kind::Scale { .. } => {
                 let x = self.slice(buf(&ins.ins[0])).to_vec();
@@ -486,6 +602,7 @@ mod tests {
             ],
             stores: vec![(2, 5)],
             ops: vec![],
+            rows: None,
         };
         let mut cpu = Cpu::new();
         cpu.alloc([0, 0, 0, 0, 4 * (2 * n * m + m)]).unwrap();
@@ -499,7 +616,7 @@ mod tests {
                 crate::exec::kernels::gelu_f32(xs[(j * n + i) as usize] + bs[j as usize]) * 2.0
             })
             .collect();
-        cpu.kernel(&k, &[&x, &b, &out], 0).unwrap();
+        cpu.kernel(&k, &[&x, &b, &out], None, 0).unwrap();
         (cpu, out, want)
     }
 
@@ -532,18 +649,61 @@ mod tests {
         cpu.upload(&w, &ws).unwrap();
         cpu.upload(&g, &vec![1.0; (f * e) as usize]).unwrap();
         let t = |b: &Buffer, d: &[f32]| Tensor { dims: b.ty.dims.clone(), data: d.to_vec() };
-        assert!(cpu.contract(&x, &w, &y, false).is_some());
+        assert!(cpu.contract(&x, &w, &y, false, None).is_some());
         let want = crate::exec::kernels::einsum(&t(&x, &xs), &t(&w, &ws), &y.ty.dims);
         assert_eq!(cpu.download(&y).unwrap(), want.data);
         // The weight gradient Σ_{b,s} y·x, added to what the buffer holds.
         let ys = want.data.clone();
-        assert!(cpu.contract(&y, &x, &g, true).is_some());
+        assert!(cpu.contract(&y, &x, &g, true, None).is_some());
         let want = crate::exec::kernels::einsum(&t(&y, &ys), &t(&x, &xs), &g.ty.dims);
         let got = cpu.download(&g).unwrap();
         for (a, b) in got.iter().zip(&want.data) {
             assert!((a - (b + 1.0)).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b} + 1");
         }
         // An output over its own operand's bytes is left to the interpreter's kernel.
-        assert!(cpu.contract(&x, &w, &x, false).is_none());
+        assert!(cpu.contract(&x, &w, &x, false, None).is_none());
+    }
+
+    /// Over filled slots: an expert GEMM computes the filled rows only, and a
+    /// weight gradient sums the filled slots only, whatever the empty rows hold.
+    #[test]
+    fn contractions_over_filled_slots_read_only_filled_rows() {
+        let (e, s, d, f) = (3u64, 4u64, 2u64, 5u64);
+        let counts = [2usize, 0, 4];
+        let x = buf(&[("expert", e), ("slot", s), ("d", d)], 0);
+        let w = buf(&[("expert", e), ("d", d), ("f", f)], 4 * e * s * d);
+        let y = buf(&[("expert", e), ("slot", s), ("f", f)], 4 * (e * s * d + e * d * f));
+        let g = buf(&[("expert", e), ("d", d), ("f", f)], 4 * (e * s * d + e * d * f + e * s * f));
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * (e * s * d + 2 * e * d * f + e * s * f)]).unwrap();
+        // Empty rows hold NaN: nothing may read them.
+        let filled = |i: usize, width: u64| (i as u64 / width) % s < counts[(i as u64 / (s * width)) as usize] as u64;
+        let xs: Vec<f32> =
+            (0..e * s * d).map(|i| if filled(i as usize, d) { (i as f32 * 0.3).sin() } else { f32::NAN }).collect();
+        let ws: Vec<f32> = (0..e * d * f).map(|i| (i as f32 * 0.7).cos()).collect();
+        cpu.upload(&x, &xs).unwrap();
+        cpu.upload(&w, &ws).unwrap();
+        assert!(cpu.contract(&x, &w, &y, false, Some(&counts)).is_some());
+        let ys = cpu.download(&y).unwrap();
+        let zero = |v: &[f32]| v.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect::<Vec<f32>>();
+        let t = |b: &Buffer, v: &[f32]| Tensor { dims: b.ty.dims.clone(), data: v.to_vec() };
+        let want = crate::exec::kernels::einsum(&t(&x, &zero(&xs)), &t(&w, &ws), &y.ty.dims);
+        for (i, (a, b)) in ys.iter().zip(&want.data).enumerate() {
+            if filled(i, f) {
+                assert!((a - b).abs() <= 1e-6, "row element {i}: {a} vs {b}");
+            }
+        }
+        // The weight gradient Σ_{filled slots} x ⊗ y (y's empty rows are whatever the GEMM left: zeros here).
+        let ys_nan: Vec<f32> = ys.iter().enumerate().map(|(i, v)| if filled(i, f) { *v } else { f32::NAN }).collect();
+        cpu.upload(&y, &ys_nan).unwrap();
+        assert!(cpu.contract(&x, &y, &g, false, Some(&counts)).is_some());
+        let want = crate::exec::kernels::einsum(&t(&x, &zero(&xs)), &t(&y, &zero(&ys_nan)), &g.ty.dims);
+        let got = cpu.download(&g).unwrap();
+        assert!(got.iter().all(|v| v.is_finite()));
+        for (a, b) in got.iter().zip(&want.data) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        // An expert with no filled slot has a zero gradient.
+        assert!(got[(d * f) as usize..(2 * d * f) as usize].iter().all(|v| *v == 0.0));
     }
 }
