@@ -1,6 +1,6 @@
-"""PyTorch peer for `tessera bench`: the two benchmark models of specs/bench/.
+"""PyTorch peer for `tessera bench`: the benchmark models of specs/bench/.
 
-The same models as specs/bench/tiny.spec and specs/bench/moe-tiny.spec, written
+The same models as specs/bench/tiny.spec, moe-tiny.spec and small.spec, written
 the way a PyTorch user writes them (nanoGPT style): fused qkv projection with
 biases, `F.scaled_dot_product_attention(is_causal=True)`, pre-LN blocks, exact
 GELU, tied input/output embedding, AdamW. The MoE layer is the usual loop over
@@ -25,6 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Each model's dims and batch, as its spec in specs/bench/ has them.
+MODELS = {
+    "tiny": dict(vocab=256, seq=256, embed=256, heads=4, layers=4, batch=16, moe=False),
+    "moe-tiny": dict(vocab=256, seq=256, embed=256, heads=4, layers=4, batch=16, moe=True),
+    "small": dict(vocab=50257, seq=512, embed=512, heads=8, layers=6, batch=8, moe=False),
+}
 VOCAB, SEQ, EMBED, HEADS, LAYERS = 256, 256, 256, 4, 4
 EXPERTS, TOP_K, CAPACITY = 8, 2, 1.25
 
@@ -118,15 +124,19 @@ class Gpt(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["tiny", "moe-tiny"], required=True)
+    ap.add_argument("--model", choices=sorted(MODELS), required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default: the spec's)")
     args = ap.parse_args()
+    global VOCAB, SEQ, EMBED, HEADS, LAYERS
+    cfg = MODELS[args.model]
+    VOCAB, SEQ, EMBED, HEADS, LAYERS = cfg["vocab"], cfg["seq"], cfg["embed"], cfg["heads"], cfg["layers"]
+    args.batch = args.batch or cfg["batch"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
-    model = Gpt(moe=args.model == "moe-tiny")
+    model = Gpt(moe=cfg["moe"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
 

@@ -1060,9 +1060,10 @@ fn pytorch_peer(python: &Path, name: &str, steps: u64, threads: usize) -> Result
     let model = match name {
         "tiny" => "tiny",
         "moe_tiny" => "moe-tiny",
+        "small" => "small",
         other => {
             return Err(format!(
-                "the PyTorch peer has only the bench models `tiny` and `moe_tiny` (specs/bench/), not `{other}`"
+                "the PyTorch peer has only the bench models `tiny`, `moe_tiny` and `small` (specs/bench/), not `{other}`"
             ));
         }
     };

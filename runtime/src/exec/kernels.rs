@@ -783,30 +783,64 @@ pub fn dropout<T: Real>(x: &Tensor<T>, p: f64, seed: u64, node: u64) -> Tensor<T
     Tensor { dims: x.dims.clone(), data }
 }
 
-/// Mean cross-entropy of logits (class dim = the one targets lack) against integer targets.
-pub fn cross_entropy<T: Real>(logits: &Tensor<T>, targets: &Tensor<T>, smoothing: f64, ignore: Option<i64>) -> T {
+/// Logits as rows over the class dim (the dim targets lack), in the
+/// targets' order: borrowed when they already are, else a transposed copy.
+fn class_rows<'t, T: Real>(logits: &'t Tensor<T>, targets: &Tensor<T>) -> (std::borrow::Cow<'t, Tensor<T>>, usize) {
     let class = logits.dims.iter().find(|d| !targets.dims.iter().any(|t| t.name == d.name)).expect("class dim").clone();
-    let mut order = targets.dims.clone();
-    order.push(class.clone());
-    let p = logits.permute(&order);
     let c = class.size as usize;
-    let (mut total, mut count) = (0.0f64, 0usize);
-    for (row, t) in p.data.chunks(c).zip(&targets.data) {
-        let t = t.to_f64().unwrap_or(-1.0) as i64;
-        if Some(t) == ignore {
-            continue;
-        }
-        let row: Vec<f64> = row.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).collect();
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        let nll = lse - row.get(t as usize).copied().unwrap_or(f64::NAN);
-        let smooth = lse - row.iter().sum::<f64>() / c as f64;
-        total += (1.0 - smoothing) * nll + smoothing * smooth;
-        count += 1;
+    let mut order = targets.dims.clone();
+    order.push(class);
+    if logits.dims == order {
+        (std::borrow::Cow::Borrowed(logits), c)
+    } else {
+        (std::borrow::Cow::Owned(logits.permute(&order)), c)
     }
+}
+
+/// Rows a cross-entropy task takes at a time (fixed, so the loss's sum does
+/// not depend on the thread count).
+const CE_ROWS: usize = 64;
+
+/// Mean cross-entropy of logits (class dim = the one targets lack) against
+/// integer targets, in f64 per row; rows in parallel, their sums added in
+/// row order by fixed blocks.
+pub fn cross_entropy<T: Real>(logits: &Tensor<T>, targets: &Tensor<T>, smoothing: f64, ignore: Option<i64>) -> T {
+    use rayon::prelude::*;
+    let (p, c) = class_rows(logits, targets);
+    let block = |(rows, ts): (&[T], &[T])| -> (f64, usize) {
+        let (mut total, mut count) = (0.0f64, 0usize);
+        for (row, t) in rows.chunks(c.max(1)).zip(ts) {
+            let t = t.to_f64().unwrap_or(-1.0) as i64;
+            if Some(t) == ignore {
+                continue;
+            }
+            let v = |x: &T| x.to_f64().unwrap_or(f64::NAN);
+            let max = row.iter().map(v).fold(f64::NEG_INFINITY, f64::max);
+            let (mut sum, mut all) = (0.0f64, 0.0f64);
+            for x in row {
+                let x = v(x);
+                sum += (x - max).exp();
+                all += x;
+            }
+            let lse = max + sum.ln();
+            let nll = lse - row.get(t as usize).map(v).unwrap_or(f64::NAN);
+            let smooth = lse - all / c as f64;
+            total += (1.0 - smoothing) * nll + smoothing * smooth;
+            count += 1;
+        }
+        (total, count)
+    };
+    let parts: Vec<(f64, usize)> = if super::threads() > 1 {
+        p.data.par_chunks(CE_ROWS * c.max(1)).zip(targets.data.par_chunks(CE_ROWS)).map(block).collect()
+    } else {
+        p.data.chunks(CE_ROWS * c.max(1)).zip(targets.data.chunks(CE_ROWS)).map(block).collect()
+    };
+    let (total, count) = parts.iter().fold((0.0, 0), |(t, n), (a, b)| (t + a, n + b));
     r(if count == 0 { 0.0 } else { total / count as f64 })
 }
 
+/// d loss / d logits of [`cross_entropy`] times `g`: softmax − target per
+/// row, in f64 (each exponential computed once), rows over the kernel threads.
 pub fn cross_entropy_grad<T: Real>(
     logits: &Tensor<T>,
     targets: &Tensor<T>,
@@ -814,29 +848,33 @@ pub fn cross_entropy_grad<T: Real>(
     smoothing: f64,
     ignore: Option<i64>,
 ) -> Tensor<T> {
-    let class = logits.dims.iter().find(|d| !targets.dims.iter().any(|t| t.name == d.name)).expect("class dim").clone();
-    let mut order = targets.dims.clone();
-    order.push(class.clone());
-    let p = logits.permute(&order);
-    let c = class.size as usize;
+    let (p, c) = class_rows(logits, targets);
     let count = targets.data.iter().filter(|t| Some(t.to_f64().unwrap_or(-1.0) as i64) != ignore).count().max(1);
     let scale = g.to_f64().unwrap_or(0.0) / count as f64;
     let mut out = vec![T::zero(); p.data.len()];
-    for ((o, row), t) in out.chunks_mut(c).zip(p.data.chunks(c)).zip(&targets.data) {
-        let t = t.to_f64().unwrap_or(-1.0) as i64;
-        if Some(t) == ignore {
-            continue;
+    par_rows(&mut out, c, |first, o| {
+        let mut e = vec![0f64; c];
+        for (k, o) in o.chunks_mut(c.max(1)).enumerate() {
+            let row = &p.data[(first + k) * c..(first + k + 1) * c];
+            let t = targets.data[first + k].to_f64().unwrap_or(-1.0) as i64;
+            if Some(t) == ignore {
+                continue;
+            }
+            let max = row.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0f64;
+            for (e, x) in e.iter_mut().zip(row) {
+                *e = (x.to_f64().unwrap_or(f64::NAN) - max).exp();
+                sum += *e;
+            }
+            let inv = 1.0 / sum;
+            for (j, (o, e)) in o.iter_mut().zip(&e).enumerate() {
+                let target = if j as i64 == t { 1.0 - smoothing } else { 0.0 } + smoothing / c as f64;
+                *o = r((e * inv - target) * scale);
+            }
         }
-        let row: Vec<f64> = row.iter().map(|v| v.to_f64().unwrap_or(f64::NAN)).collect();
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
-        for j in 0..c {
-            let sm = (row[j] - max).exp() / sum;
-            let target = if j as i64 == t { 1.0 - smoothing } else { 0.0 } + smoothing / c as f64;
-            o[j] = r((sm - target) * scale);
-        }
-    }
-    Tensor { dims: order, data: out }.permute(&logits.dims)
+    });
+    let t = Tensor { dims: p.dims.clone(), data: out };
+    if p.dims == logits.dims { t } else { t.permute(&logits.dims) }
 }
 
 #[cfg(test)]
