@@ -4,6 +4,8 @@
 //! graph (`compiler::autodiff`) runs in the reference interpreter and every
 //! parameter's gradient is compared, element by element on a sample, with
 //! (L(θ + h) − L(θ − h)) / 2h. The tiny GPT spec is checked the same way.
+//! Each case's gradients, so checked, are then the oracle for the same step
+//! as a lowered program on the CPU backend in f32 (`lowered_grads`).
 
 use tessera::compiler::autodiff::differentiate;
 use tessera::compiler::{Model, Options, SourceMap, check_text};
@@ -39,7 +41,28 @@ fn inputs(m: &Model, seed: u64, ids_below: u64) -> Vec<Tensor<f64>> {
         .collect()
 }
 
-/// Check every parameter's gradient at up to `samples` elements each.
+/// The same gradients as a lowered program computes them (f32, the CPU
+/// backend: fused kernels, contractions on the regions, experts over filled
+/// slots): one training step at learning rate 0 from `params` on `xs`, and
+/// each parameter's gradient buffer read back. The case gets a `train`
+/// section to lower: plain SGD, no clipping, one microbatch.
+fn lowered_grads(src: &str, params: &[Tensor<f64>], xs: &[Tensor<f64>]) -> Vec<Vec<f32>> {
+    use tessera::runtime::train::lowered::LoweredRanks;
+    use tessera::runtime::train::optim::OptimizerState;
+    let m = model(&format!("{src}\ntrain {{\n  optimizer = sgd(lr = 0.0)\n  batch = 1 sequences\n}}\n"));
+    let c = tessera::compiler::driver::compile(&m).unwrap_or_else(|e| panic!("lowering: {e}"));
+    let f32s = |t: &[Tensor<f64>]| -> Vec<Tensor<f32>> {
+        t.iter().map(|x| Tensor { dims: x.dims.clone(), data: x.data.iter().map(|v| *v as f32).collect() }).collect()
+    };
+    let opt = OptimizerState::new(&m.params, &m.train.as_ref().expect("a train section").optimizer);
+    let ranks = LoweredRanks::new(&m, &c, &f32s(params), &opt).unwrap_or_else(|e| panic!("{e}"));
+    let feed = f32s(xs);
+    ranks.step(0, 5, 0.0, &|_| feed.clone()).unwrap_or_else(|e| panic!("{e}"));
+    (0..m.params.len()).map(|k| ranks.read(0, &format!("g.{k}")).expect("reads").expect("a gradient buffer")).collect()
+}
+
+/// Check every parameter's gradient at up to `samples` elements each, and
+/// the lowered program's f32 gradients against these f64 ones.
 fn check_grads(src: &str, ids_below: u64, samples: usize) {
     let m = model(src);
     let loss = m.graph.output("loss").expect("a loss");
@@ -87,6 +110,22 @@ fn check_grads(src: &str, ids_below: u64, samples: usize) {
         }
     }
     assert!(checked > 0);
+    // Through the lowered path. (Not for dropout, whose masks the step
+    // draws from its own seed, nor for the spec files with their own
+    // training settings: the tiny GPT and MoE go through it in
+    // tests/fixtures.rs and tests/lowered_run.rs.)
+    if !src.contains("dropout") && !src.contains("train {") {
+        for (k, got) in lowered_grads(src, &params, &xs).iter().enumerate() {
+            let want = &grads[k].data;
+            let top = want.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-6);
+            let worst = got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs() / top).fold(0f64, f64::max);
+            assert!(
+                worst < 1e-5,
+                "{}: lowered f32 gradient off by {worst:.2e} of its largest element",
+                m.params[k].path
+            );
+        }
+    }
 }
 
 #[test]
