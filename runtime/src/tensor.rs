@@ -34,6 +34,35 @@ pub struct Tensor<T> {
     pub data: Vec<T>,
 }
 
+/// A borrowed tensor: dims and row-major elements that live elsewhere (a
+/// tensor's, or a buffer of a backend's arena), for kernels that only read
+/// their operands.
+#[derive(Debug)]
+pub struct View<'a, T> {
+    pub dims: &'a [Dim],
+    pub data: &'a [T],
+}
+
+// (By hand: a derive would ask `T: Copy`, and a view copies only references.)
+impl<T> Clone for View<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for View<'_, T> {}
+
+impl<T> View<'_, T> {
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl<T> Tensor<T> {
+    pub fn view(&self) -> View<'_, T> {
+        View { dims: &self.dims, data: &self.data }
+    }
+}
+
 impl<T: Real> Tensor<T> {
     /// Whether every element is finite (no NaN, no infinity).
     pub fn is_finite(&self) -> bool {

@@ -17,7 +17,8 @@
 use super::{Backend, interp};
 use crate::comm::{self, RankComm};
 use crate::exec::Interpreter;
-use crate::tensor::Tensor;
+use crate::exec::attention::Attn;
+use crate::tensor::{Tensor, View};
 use tessera_compiler::ir::{Dim, Graph, Node, Op, ReduceOp, ValueId};
 use tessera_compiler::lower::{Buffer, Collective, Instr, Kind, Program, Region};
 
@@ -86,6 +87,11 @@ impl Cpu {
             self.slice_mut(b).copy_from_slice(&data[at..at + n]);
             at += n;
         }
+    }
+
+    /// Read-only views of buffers where they lie.
+    fn views<'s, 'b: 's>(&'s self, bufs: impl Iterator<Item = &'b Buffer>) -> Vec<View<'s, f32>> {
+        bufs.map(|b| View { dims: &b.ty.dims, data: self.slice(b) }).collect()
     }
 
     fn tensor(&self, b: &Buffer) -> Tensor<f32> {
@@ -424,6 +430,15 @@ impl Backend for Cpu {
                 self.slice_mut(out).copy_from_slice(&values);
                 Ok(())
             }
+            Kind::Op { op: op @ Op::Attention { .. }, rng, accumulate, rows: false } => {
+                let out = buf(&ins.outs[0]);
+                let t = {
+                    let views = self.views(ins.ins.iter().map(buf));
+                    let node = rng.unwrap_or(0) as usize;
+                    Attn::of(op, &views, Some(seed), node).ok_or("not an attention")?.forward(&out.ty.dims)
+                };
+                self.store(out, &t, *accumulate)
+            }
             // (An elementwise op over filled slots that was not fused computes every row: the empty ones hold anything.)
             Kind::Op { op, rng, accumulate, .. } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
@@ -432,16 +447,19 @@ impl Backend for Cpu {
                 let t = eval(op, args, out, *rng, seed, comm, &mut cache)?;
                 self.store(out, &t, *accumulate)
             }
-            Kind::AttentionGrads { op, which, rng } => {
-                let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
-                let key: Vec<ValueId> = (0..args.len() as u32).map(ValueId).collect();
-                let mut cache = std::collections::HashMap::new();
-                let first = eval(op, args, buf(&ins.outs[0]), *rng, seed, comm, &mut cache)?;
-                self.store(buf(&ins.outs[0]), &first, false)?;
-                let rest = cache.get_mut(&key).ok_or("attention's backward pass kept no gradients")?;
-                for (w, o) in which.iter().zip(&ins.outs).skip(1) {
-                    let t = std::mem::take(&mut rest[*w as usize]);
-                    self.store(buf(o), &t, false)?;
+            Kind::AttentionGrads { op, which, .. } => {
+                let Op::AttentionGrad { forward, .. } = op else {
+                    return Err("attention_grads names an op that is not attention_grad".into());
+                };
+                // Every gradient from one pass over the operands where they lie.
+                let grads = {
+                    let views = self.views(ins.ins.iter().map(buf));
+                    let at = Attn::of(op, &views, Some(seed), forward.index()).ok_or("not an attention")?;
+                    at.backward(views[views.len() - 1])
+                };
+                for (w, o) in which.iter().zip(&ins.outs) {
+                    let g = grads.get(*w as usize).ok_or_else(|| format!("attention has no gradient {w}"))?;
+                    self.store(buf(o), g, false)?;
                 }
                 Ok(())
             }

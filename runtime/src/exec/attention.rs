@@ -5,16 +5,17 @@
 //! grouped-query heads that share a key/value head accumulate in one thread.
 
 use super::kernels::gemm_strided;
-use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset};
+use crate::tensor::{Real, Tensor, View, aligned_strides, for_each_offset};
+use tessera_compiler::ir::{Op, RelPos};
 use tessera_compiler::model::Dim;
 
 const BLOCK: usize = 64;
 
 pub struct Attn<'a, T> {
-    pub q: &'a Tensor<T>,
-    pub k: &'a Tensor<T>,
-    pub v: &'a Tensor<T>,
-    pub mask: Option<&'a Tensor<T>>,
+    pub q: View<'a, T>,
+    pub k: View<'a, T>,
+    pub v: View<'a, T>,
+    pub mask: Option<View<'a, T>>,
     pub causal: bool,
     pub window: Option<u64>,
     /// Dropout on the probabilities: (p, seed, forward node). Element
@@ -22,7 +23,7 @@ pub struct Attn<'a, T> {
     /// backward pass regenerates the forward mask without storing it.
     pub dropout: Option<(f64, u64, u64)>,
     /// T5 relative-position bias: the table `[buckets, heads]` and max_distance.
-    pub t5: Option<(&'a Tensor<T>, f64)>,
+    pub t5: Option<(View<'a, T>, f64)>,
     /// Transformer-XL relative attention.
     pub xl: Option<Xl<'a, T>>,
 }
@@ -34,9 +35,45 @@ pub struct Attn<'a, T> {
 #[derive(Clone, Copy)]
 pub struct Xl<'a, T> {
     /// `[kv_seq, heads, head_dim]`: the projected sinusoid of each distance.
-    pub r: &'a Tensor<T>,
+    pub r: View<'a, T>,
     /// The content and position biases `[heads, head_dim]`, or none.
-    pub uv: Option<(&'a Tensor<T>, &'a Tensor<T>)>,
+    pub uv: Option<(View<'a, T>, View<'a, T>)>,
+}
+
+impl<'a, T> Attn<'a, T> {
+    /// The attention of an `attention` or `attention_grad` op over its
+    /// operands: q, k, v, then the mask (when masked), then the T5 table or
+    /// Transformer-XL's r (and u, v when it has biases). `dropout` is the
+    /// step's seed in training (`None`: dropout is the identity); `node` the
+    /// forward node whose index seeds the mask. `None` for other ops.
+    pub fn of(op: &Op, x: &[View<'a, T>], dropout: Option<u64>, node: usize) -> Option<Attn<'a, T>> {
+        let (causal, masked, window, p, t5, xl) = match op {
+            Op::Attention { causal, dropout, mask, rel, window } => {
+                let (t5, xl) = match rel {
+                    RelPos::None => (None, None),
+                    RelPos::T5 { max_distance } => (Some(*max_distance), None),
+                    RelPos::Xl { biases } => (None, Some(*biases)),
+                };
+                (*causal, *mask, *window, *dropout, t5, xl)
+            }
+            Op::AttentionGrad { causal, mask, window, dropout, t5, xl, .. } => {
+                (*causal, *mask, *window, *dropout, *t5, *xl)
+            }
+            _ => return None,
+        };
+        let extra = 3 + usize::from(masked);
+        Some(Attn {
+            q: x[0],
+            k: x[1],
+            v: x[2],
+            mask: masked.then(|| x[3]),
+            causal,
+            window,
+            dropout: dropout.filter(|_| p > 0.0).map(|seed| (p, seed, node as u64)),
+            t5: t5.map(|md| (x[extra], md)),
+            xl: xl.map(|biases| Xl { r: x[extra], uv: biases.then(|| (x[extra + 1], x[extra + 2])) }),
+        })
+    }
 }
 
 /// T5's bucket of relative position `rel` = key − query (Raffel et al.,
@@ -322,7 +359,7 @@ impl<T: Real> Attn<'_, T> {
     }
 
     /// The gradients with respect to q, k and v (and the T5 table), in one pass.
-    pub fn backward(&self, g: &Tensor<T>) -> Vec<Tensor<T>> {
+    pub fn backward(&self, g: View<'_, T>) -> Vec<Tensor<T>> {
         let s = self.shape();
         let mi = self.mask_index();
         let buckets = self.t5_buckets(&s);
@@ -501,14 +538,14 @@ impl<T: Real> Attn<'_, T> {
         let mut out = vec![dq, dk, dv];
         if let (Some(data), Some((table, _))) = (dtable.into_inner().unwrap_or_else(|e| e.into_inner()), self.t5) {
             let inv = T::one() / scale;
-            out.push(Tensor { dims: table.dims.clone(), data: data.into_iter().map(|v| v * inv).collect() });
+            out.push(Tensor { dims: table.dims.to_vec(), data: data.into_iter().map(|v| v * inv).collect() });
         }
         if let (Some((dr, du, dvb)), Some(xl)) = (xl_acc.into_inner().unwrap_or_else(|e| e.into_inner()), self.xl) {
             // dS above is the gradient of the raw score, which holds these terms.
-            out.push(Tensor { dims: xl.r.dims.clone(), data: dr });
+            out.push(Tensor { dims: xl.r.dims.to_vec(), data: dr });
             if let Some((u, v)) = xl.uv {
-                out.push(Tensor { dims: u.dims.clone(), data: du });
-                out.push(Tensor { dims: v.dims.clone(), data: dvb });
+                out.push(Tensor { dims: u.dims.to_vec(), data: du });
+                out.push(Tensor { dims: v.dims.to_vec(), data: dvb });
             }
         }
         out

@@ -93,9 +93,9 @@ impl<'a, T: Real> Decoder<'a, T> {
                         None => (a(1).clone(), a(2).clone()),
                     };
                     let o = attention::Attn {
-                        q: a(0),
-                        k: &ck,
-                        v: &cv,
+                        q: a(0).view(),
+                        k: ck.view(),
+                        v: cv.view(),
                         mask: None,
                         causal: true,
                         window: *window,

@@ -431,20 +431,10 @@ impl Interpreter<'_> {
         let id = ValueId(i as u32);
         let fail = |m: String| ExecError { value: id, op: node.op.name(), message: m };
         let a = |j: usize| &vals[node.inputs[j].index()];
-        // Attention's operands are q, k, v and, when masked, the mask.
-        let attn = |causal: bool, mask: bool, window, p: f64, forward: usize, t5: Option<f64>, xl: Option<bool>| {
-            let extra = 3 + usize::from(mask);
-            attention::Attn {
-                q: a(0),
-                k: a(1),
-                v: a(2),
-                mask: mask.then(|| a(3)),
-                causal,
-                window,
-                dropout: self.dropout.filter(|_| p > 0.0).map(|seed| (p, seed, forward as u64)),
-                t5: t5.map(|md| (a(extra), md)),
-                xl: xl.map(|biases| attention::Xl { r: a(extra), uv: biases.then(|| (a(extra + 1), a(extra + 2))) }),
-            }
+        // Attention over its operands' views (`Attn::of` says which is which).
+        let attn = |forward: usize| {
+            let views: Vec<crate::tensor::View<T>> = node.inputs.iter().map(|v| vals[v.index()].view()).collect();
+            attention::Attn::of(&node.op, &views, self.dropout, forward).map(|at| (at, views))
         };
         let out = &node.ty.dims;
         let v: Tensor<T> = match &node.op {
@@ -552,21 +542,13 @@ impl Interpreter<'_> {
                     _ => a(0).clone(),
                 }
             }
-            Op::Attention { causal, dropout, mask, rel, window } => {
-                use tessera_compiler::ir::RelPos;
-                let (t5, xl) = match rel {
-                    RelPos::None => (None, None),
-                    RelPos::T5 { max_distance } => (Some(*max_distance), None),
-                    RelPos::Xl { biases } => (None, Some(*biases)),
-                };
-                attn(*causal, *mask, *window, *dropout, i, t5, xl).forward(out)
-            }
-            Op::AttentionGrad { which, causal, mask, window, dropout, forward, t5, xl } => {
+            Op::Attention { .. } => attn(i).expect("an attention").0.forward(out),
+            Op::AttentionGrad { which, forward, .. } => {
                 // One pass computes every operand's gradient; the nodes share it.
                 let key = node.inputs.clone();
                 if !attn_grads.contains_key(&key) {
-                    let gv = a(node.inputs.len() - 1);
-                    let grads = attn(*causal, *mask, *window, *dropout, forward.index(), *t5, *xl).backward(gv);
+                    let (at, views) = attn(forward.index()).expect("an attention's gradient");
+                    let grads = at.backward(views[views.len() - 1]);
                     attn_grads.insert(key.clone(), grads);
                 }
                 // Each of dq, dk, dv is read once: move it out.
