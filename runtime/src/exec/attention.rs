@@ -170,10 +170,10 @@ impl<T: Real> Attn<'_, T> {
         let n = self.q.dims.len();
         let lead: Vec<Dim> = self.q.dims[..n - 3].to_vec();
         let mut bases = Vec::new();
-        for_each_offset(&lead, &aligned_strides(&m.dims, &lead), |o| bases.push(o));
+        for_each_offset(&lead, &aligned_strides(m.dims, &lead), |o| bases.push(o));
         let kdims = &self.k.dims;
         let names = [self.q.dims[n - 3].clone(), kdims[kdims.len() - 3].clone(), self.q.dims[n - 2].clone()];
-        let s = aligned_strides(&m.dims, &names);
+        let s = aligned_strides(m.dims, &names);
         // In self-attention queries and keys share the dim name; a mask's
         // `seq` then means the key position (a padding mask).
         let q_stride = if names[0].name == names[1].name { 0 } else { s[0] };
@@ -372,9 +372,9 @@ impl<T: Real> Attn<'_, T> {
         let xl_acc = std::sync::Mutex::new(xl_zeros());
         let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
         let group = (s.hq / s.hk).max(1);
-        let mut dq: Tensor<T> = Tensor::zeros(&self.q.dims);
-        let mut dk: Tensor<T> = Tensor::zeros(&self.k.dims);
-        let mut dv: Tensor<T> = Tensor::zeros(&self.v.dims);
+        let mut dq: Tensor<T> = Tensor::zeros(self.q.dims);
+        let mut dk: Tensor<T> = Tensor::zeros(self.k.dims);
+        let mut dv: Tensor<T> = Tensor::zeros(self.v.dims);
         let (pq, pk, pv) = (Shared(dq.data.as_mut_ptr()), Shared(dk.data.as_mut_ptr()), Shared(dv.data.as_mut_ptr()));
         self.parallel(&s, |l, hk| {
             let mut local = self.t5.map(|(t, _)| vec![T::zero(); t.numel()]);
