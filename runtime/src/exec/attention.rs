@@ -305,20 +305,23 @@ impl<T: Real> Attn<'_, T> {
         )
     }
 
-    /// Run `f(l, hk)` for every lead index and kv head, over all threads.
+    /// Run `f(l, hk)` for every lead index and kv head, over the kernel
+    /// threads: rayon's pool, whose threads (and their GEMM buffers) stay
+    /// warm between calls, where a thread spawned per call starts cold.
     fn parallel(&self, s: &Shape, f: impl Fn(usize, usize) + Sync) {
+        use rayon::prelude::*;
         let items = s.l * s.hk;
         let threads = super::threads().min(items).max(1);
-        std::thread::scope(|scope| {
-            for t in 0..threads {
-                let f = &f;
-                scope.spawn(move || {
-                    for item in (t..items).step_by(threads) {
-                        f(item / s.hk, item % s.hk);
-                    }
-                });
+        let run = |t: usize| {
+            for item in (t..items).step_by(threads) {
+                f(item / s.hk, item % s.hk);
             }
-        });
+        };
+        if threads == 1 {
+            run(0);
+        } else {
+            (0..threads).into_par_iter().for_each(run);
+        }
     }
 
     pub fn forward(&self, out_dims: &[Dim]) -> Tensor<T> {
