@@ -102,9 +102,14 @@ pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize
         for &(arg, v) in &k.stores {
             let (off, step) = base(arg);
             let dst = args.0[arg];
-            for (j, x) in vals[v][..len].iter().enumerate() {
-                // SAFETY: the caller's contract: this position's element of a store argument.
-                unsafe { *dst.add(off + j * step) = *x };
+            if step == 1 {
+                // SAFETY: the caller's contract: this segment's `len` elements of a store argument.
+                unsafe { std::ptr::copy_nonoverlapping(vals[v].as_ptr(), dst.add(off), len) };
+            } else {
+                for (j, x) in vals[v][..len].iter().enumerate() {
+                    // SAFETY: the caller's contract: this position's element of a store argument.
+                    unsafe { *dst.add(off + j * step) = *x };
+                }
             }
         }
         // The loop index of the next segment's first position.

@@ -104,6 +104,7 @@ fn profile_key(ins: &Instr) -> String {
     match &ins.kind {
         Kind::Op { op, .. } => op.name().to_string(),
         Kind::AttentionGrads { .. } => "attention_grads".into(),
+        Kind::Kernel { kernel } => format!("kernel[{}]", kernel.ops.join(",")),
         k => k.name().to_string(),
     }
 }
