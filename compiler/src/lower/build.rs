@@ -65,6 +65,9 @@ struct Builder<'a> {
     viewed: std::collections::HashSet<BufId>,
     /// Filled-slot counts by (gates, slots per expert), made once per microbatch's gates.
     counts: HashMap<(BufId, u64), BufId>,
+    /// Each graph's `ragged::analyze`, once for all microbatches (by address:
+    /// the graphs are the rank program's, borrowed for the whole lowering).
+    roles: HashMap<*const Graph, std::rc::Rc<Vec<super::ragged::Role>>>,
 }
 
 /// A microbatch's forward on a pipeline stage, kept for its backward: the
@@ -101,6 +104,7 @@ impl<'a> Builder<'a> {
             producer: HashMap::new(),
             reads: HashMap::new(),
             counts: HashMap::new(),
+            roles: HashMap::new(),
             viewed: Default::default(),
         };
         b.loss = b.persistent(Region::Io, TensorType::scalar(DType::F32), "loss");
@@ -194,13 +198,13 @@ impl<'a> Builder<'a> {
     /// Lower nodes `range` of `g`; `vals` holds the buffers of the values lowered so far.
     fn nodes(
         &mut self,
-        g: &Graph,
+        g: &'a Graph,
         range: std::ops::Range<usize>,
         vals: &mut Vec<Option<BufId>>,
         bind: &Bind,
     ) -> Result<(), String> {
         vals.resize(g.len(), None);
-        let roles = super::ragged::analyze(g);
+        let roles = self.roles.entry(g as *const Graph).or_insert_with(|| super::ragged::analyze(g).into()).clone();
         // Attention's gradients with the same operands come from one pass.
         let mut siblings: HashMap<(Vec<ValueId>, String), Vec<usize>> = HashMap::new();
         for i in range.clone() {
@@ -643,7 +647,12 @@ impl<'a> Builder<'a> {
 
     /// A pipeline stage's schedule: each action's ops, with the activations
     /// and gradients it receives and sends.
-    fn schedule(&mut self, sp: &StageProgram, inputs: &[Vec<BufId>], weights: &[Option<BufId>]) -> Result<(), String> {
+    fn schedule(
+        &mut self,
+        sp: &'a StageProgram,
+        inputs: &[Vec<BufId>],
+        weights: &[Option<BufId>],
+    ) -> Result<(), String> {
         let n_model = self.prog.params.len();
         // (chunk, micro) → the forward's values (when the backward resumes them) and its boundary buffers.
         let mut stash: HashMap<(usize, u64), Stashed> = HashMap::new();

@@ -104,6 +104,8 @@ fn classify(g: &Graph, allowed: &[bool]) -> Vec<Role> {
     let n = g.len();
     let mut roles = vec![Role::Full; n];
     let mut zero = vec![false; n];
+    // Each counts' root: its output's leading dims are `[expert, slot]`.
+    let mut root_of: std::collections::HashMap<Counts, usize> = std::collections::HashMap::new();
     for i in 0..n {
         let node = &g.nodes[i];
         let out = &node.ty.dims;
@@ -115,7 +117,8 @@ fn classify(g: &Graph, allowed: &[bool]) -> Vec<Role> {
                 Role::Root(Counts { gates: node.inputs[0], slots: out[1].size })
             }
             (op, Some(c)) => {
-                let slot = &g.nodes[roots(g, &roles, c)].ty.dims[..2];
+                // A ragged value descends from a root of its counts, classified before it.
+                let slot = &g.nodes[root_of[&c]].ty.dims[..2];
                 let lacks_slot = |v: &ValueId| !g.nodes[v.index()].ty.dims.iter().any(|d| d.name == slot[1].name);
                 // Every operand ragged by the same counts, or without the slot dim.
                 let aligned =
@@ -160,19 +163,14 @@ fn classify(g: &Graph, allowed: &[bool]) -> Vec<Role> {
             _ => Role::Full,
         };
         roles[i] = if role.ragged().is_some() && !allowed[i] { Role::Full } else { role };
+        if let Role::Root(c) = roles[i] {
+            root_of.entry(c).or_insert(i);
+        }
         if roles[i] == Role::Full {
             zero[i] = false;
         }
     }
     roles
-}
-
-/// A root (dispatch) of counts `c`: its output's leading dims are `[expert, slot]`.
-fn roots(g: &Graph, roles: &[Role], c: Counts) -> usize {
-    roles.iter().position(|r| *r == Role::Root(c)).unwrap_or_else(|| {
-        // A ragged value always descends from a root of its counts.
-        unreachable!("counts {c:?} without a root in {} nodes", g.len())
-    })
 }
 
 /// Whether node `r` reads node `v`'s ragged output as ragged.
