@@ -18,6 +18,7 @@ use super::{Backend, interp};
 use crate::comm::{self, RankComm};
 use crate::exec::Interpreter;
 use crate::exec::attention::Attn;
+use crate::exec::kernels::group_strides;
 use crate::tensor::{Tensor, View};
 use tessera_compiler::ir::{Dim, Graph, Node, Op, ReduceOp, ValueId};
 use tessera_compiler::lower::{Buffer, Collective, Instr, Kind, Program, Region};
@@ -120,14 +121,14 @@ fn eval<'c>(
     rng: Option<u64>,
     seed: u64,
     comm: Option<&'c RankComm<'c>>,
-    attn: &mut std::collections::HashMap<Vec<ValueId>, Vec<Tensor<f32>>>,
 ) -> Result<Tensor<f32>, String> {
     static NO_GRAPH: std::sync::LazyLock<Graph> = std::sync::LazyLock::new(Graph::new);
     let interp = Interpreter { graph: &NO_GRAPH, params: &[], dropout: Some(seed), comm };
     let node = Node { op: op.clone(), inputs: (0..ins.len() as u32).map(ValueId).collect(), ty: out.ty.clone() };
     // The node's own index is the random stream of a dropout (and of attention's dropout).
     let at = rng.unwrap_or(0) as usize;
-    interp.eval_node(&node, at, &ins, &[], &[], attn).map_err(|e| e.message)
+    // (Attention's gradients come from `Kind::AttentionGrads`, not here: no pass is shared.)
+    interp.eval_node(&node, at, &ins, &[], &[], &mut Default::default()).map_err(|e| e.message)
 }
 
 impl Cpu {
@@ -155,11 +156,10 @@ impl Cpu {
             }
         };
         let bytes = |b: &Buffer| (region_index(b.region), b.offset, b.offset + b.ty.bytes());
-        let loads: Vec<usize> = (0..k.inputs).collect();
         // A store is safe in place if every input sharing its bytes is the same bytes read at the same positions.
         let direct = k.stores.iter().all(|&(s, _)| {
             let (rs, lo, hi) = bytes(args[s]);
-            loads.iter().all(|&l| {
+            (0..k.inputs).all(|l| {
                 let (rl, llo, lhi) = bytes(args[l]);
                 rl != rs || lhi <= lo || hi <= llo || (llo == lo && k.strides[l] == k.strides[s])
             })
@@ -208,23 +208,6 @@ impl Cpu {
         }
         Ok(())
     }
-}
-
-/// A contraction's operands as strided `[batch, rows, cols]` views of their
-/// buffers: the element strides of each group, or `None` where a group's
-/// dims are not one run of the buffer's layout in the group's order.
-fn group_strides(dims: &[Dim], groups: [&[&Dim]; 3]) -> Option<[usize; 3]> {
-    let st = crate::tensor::strides(dims);
-    let mut out = [0usize; 3];
-    for (slot, group) in groups.iter().enumerate() {
-        let pos: Vec<usize> =
-            group.iter().map(|g| dims.iter().position(|d| d.name == g.name)).collect::<Option<_>>()?;
-        if pos.windows(2).any(|w| w[1] != w[0] + 1) {
-            return None;
-        }
-        out[slot] = pos.last().map(|&p| st[p]).unwrap_or(0);
-    }
-    Some(out)
 }
 
 impl Cpu {
@@ -304,21 +287,13 @@ impl Cpu {
             }
             Some(_) => return None,
         };
-        if rows.is_some() {
-            for (bi, &(_, kk)) in shape.iter().enumerate() {
-                if kk == 0 && !accumulate {
+        for (bi, &(mm, kk)) in shape.iter().enumerate() {
+            // An empty sum is zero (kept as it is when accumulating).
+            if kk == 0 {
+                if !accumulate {
                     // SAFETY: batch `bi`'s nm×nn block of the output (f32 zero is all zero bits).
                     unsafe { std::ptr::write_bytes(po.add(bi * nm * nn), 0, nm * nn) };
                 }
-            }
-        } else if nk == 0 {
-            if !accumulate {
-                self.slice_mut(out).fill(0.0);
-            }
-            return Some(());
-        }
-        for (bi, &(mm, kk)) in shape.iter().enumerate() {
-            if kk == 0 {
                 continue;
             }
             // SAFETY: the strides come from the buffers' own row-major layouts,
@@ -443,8 +418,7 @@ impl Backend for Cpu {
             Kind::Op { op, rng, accumulate, .. } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
                 let out = buf(&ins.outs[0]);
-                let mut cache = Default::default();
-                let t = eval(op, args, out, *rng, seed, comm, &mut cache)?;
+                let t = eval(op, args, out, *rng, seed, comm)?;
                 self.store(out, &t, *accumulate)
             }
             Kind::AttentionGrads { op, which, .. } => {

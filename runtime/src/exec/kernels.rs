@@ -337,6 +337,24 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
     }
 }
 
+/// A contraction's operand as a strided `[batch, rows, cols]` view of its
+/// row-major layout `dims`: the element stride of each group's last dim (0
+/// for an empty group), or `None` where a group's dims are not one run of
+/// the layout in the group's order.
+pub(crate) fn group_strides<D: std::borrow::Borrow<Dim>>(dims: &[Dim], groups: [&[D]; 3]) -> Option<[usize; 3]> {
+    let st = crate::tensor::strides(dims);
+    let mut out = [0usize; 3];
+    for (slot, group) in groups.iter().enumerate() {
+        let pos: Vec<usize> =
+            group.iter().map(|g| dims.iter().position(|d| d.name == g.borrow().name)).collect::<Option<_>>()?;
+        if pos.windows(2).any(|w| w[1] != w[0] + 1) {
+            return None;
+        }
+        out[slot] = pos.last().map(|&p| st[p]).unwrap_or(0);
+    }
+    Some(out)
+}
+
 /// Σ over every dim not in `out` of a·b (a general contraction), via batched GEMM.
 pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
     let has = |t: &Tensor<T>, n: &str| t.dims.iter().any(|d| d.name == n);
@@ -368,21 +386,7 @@ pub fn einsum<T: Real>(a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
     let (nb, nm, nn, nk) = (size(&batch), size(&m), size(&n), size(&k));
     // Each operand as a strided [batch, rows, cols] view when its groups are
     // contiguous runs of its layout; otherwise a transposed copy.
-    let view = |t: &Tensor<T>, g: [&[Dim]; 3]| -> Option<[usize; 3]> {
-        let st = crate::tensor::strides(&t.dims);
-        let mut out = [0usize; 3];
-        for (slot, group) in g.iter().enumerate() {
-            if group.is_empty() {
-                continue;
-            }
-            let pos: Vec<usize> = group.iter().map(|d| t.position(&d.name)).collect::<Option<_>>()?;
-            if pos.windows(2).any(|w| w[1] != w[0] + 1) {
-                return None;
-            }
-            out[slot] = st[*pos.last()?];
-        }
-        Some(out)
-    };
+    let view = |t: &Tensor<T>, g: [&[Dim]; 3]| group_strides(&t.dims, g);
     let (pa, sa) = match view(a, [&batch, &m, &k]) {
         Some(st) => (std::borrow::Cow::Borrowed(a), st),
         None => (std::borrow::Cow::Owned(a.permute(&[batch.clone(), m.clone(), k.clone()].concat())), [nm * nk, nk, 1]),
@@ -790,11 +794,7 @@ fn class_rows<'t, T: Real>(logits: &'t Tensor<T>, targets: &Tensor<T>) -> (std::
     let c = class.size as usize;
     let mut order = targets.dims.clone();
     order.push(class);
-    if logits.dims == order {
-        (std::borrow::Cow::Borrowed(logits), c)
-    } else {
-        (std::borrow::Cow::Owned(logits.permute(&order)), c)
-    }
+    (logits.permuted(&order), c)
 }
 
 /// Rows a cross-entropy task takes at a time (fixed, so the loss's sum does
