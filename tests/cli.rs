@@ -317,7 +317,7 @@ fn train_writes_a_chrome_trace() {
     let tracks: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "M").collect();
     assert_eq!(tracks.len(), 4, "one track per rank");
     let names: Vec<&str> = events.iter().filter(|e| e["ph"] == "X").filter_map(|e| e["name"].as_str()).collect();
-    for want in ["F0 mb0", "B1 mb1", "grad_all_reduce data", "optimizer update"] {
+    for want in ["F0 mb0", "B1 mb1", "bucket_all_reduce data", "optimizer update"] {
         assert!(names.contains(&want), "no `{want}` span in {names:?}");
     }
     assert!(names.iter().any(|n| n.starts_with("send to")) && names.iter().any(|n| n.starts_with("recv from")));
@@ -493,8 +493,8 @@ fn a_layout_rule_is_removed_with_none() {
 }
 
 /// `inspect --json` reports each rank's lowered step; one too large to
-/// lower there says how to get it. `bench --lowered` runs the same steps as
-/// lowered programs in the same run and reports the ratio, with the same loss.
+/// lower there says how to get it. `bench` runs the lowered programs and
+/// reports each rank's arena and the set-up time.
 #[test]
 fn lowered_programs_in_inspect_and_bench() {
     let j =
@@ -518,7 +518,6 @@ fn lowered_programs_in_inspect_and_bench() {
         "train.batch=4",
         "--steps",
         "1",
-        "--lowered",
         "--json",
         "--peak-per-core",
         "100",
@@ -527,8 +526,9 @@ fn lowered_programs_in_inspect_and_bench() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
-    let (ours, theirs) = (b["final_loss"].as_f64().unwrap(), b["lowered_final_loss"].as_f64().unwrap());
-    assert!((ours - theirs).abs() <= 1e-6 * ours.abs(), "losses {ours} and {theirs}");
-    assert!(b["lowered_ratio"].as_f64().unwrap() > 0.0);
-    assert_eq!(b["lowered_arena_bytes"].as_array().map(Vec::len), Some(1));
+    assert!(b["final_loss"].as_f64().unwrap().is_finite(), "{b}");
+    assert!(b["setup_s"].as_f64().unwrap() > 0.0, "{b}");
+    let arena = b["arena_bytes"].as_array().expect("one entry per rank");
+    assert_eq!(arena.len(), 1);
+    assert!(arena[0].as_u64().unwrap() > 0, "{b}");
 }

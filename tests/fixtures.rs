@@ -2,7 +2,8 @@
 //! tests/fixtures/make_fixtures.py for the tiny GPT, MoE, BERT and ViT specs.
 //! Logits, loss, every parameter gradient and the weights after one optimizer
 //! step must match with relative error ≤ 1e-5 (L2 norm per tensor), through
-//! the node-by-node runtime and through the lowered program.
+//! the reference evaluator (`exec::Interpreter`, `train::reference`) and
+//! through the lowered program.
 
 use safetensors::SafeTensors;
 use std::path::Path;
@@ -11,8 +12,9 @@ use tessera::compiler::driver::compile;
 use tessera::compiler::{Model, Options, SourceMap, check_path};
 use tessera::runtime::exec::Interpreter;
 use tessera::runtime::tensor::Tensor;
-use tessera::runtime::train::lowered::LoweredRanks;
 use tessera::runtime::train::optim::{OptimizerState, learning_rate};
+use tessera::runtime::train::ranks::{Ranks, Start};
+use tessera::runtime::train::reference;
 
 struct Fixture {
     bytes: Vec<u8>,
@@ -107,7 +109,7 @@ fn check(spec: &str, fixture: &str, small: bool) {
         .collect();
     let mut opt = OptimizerState::new(&m.params, &train.optimizer);
     let mut updated = params.clone();
-    opt.update(&mut updated, &reference, &m.params, learning_rate(train, 0, 1, 1), 1, train.clip);
+    reference::update(&m, &mut opt, &mut updated, &reference, learning_rate(train, 0, 1, 1), 1, train.clip);
     for (p, u) in m.params.iter().zip(&updated) {
         let e = rel_err(&u.data, &fx.get(&format!("updated.{}", p.path)));
         assert!(e <= 1e-5, "{fixture}: {} after one optimizer step, relative error {e:.2e}", p.path);
@@ -121,12 +123,12 @@ fn check(spec: &str, fixture: &str, small: bool) {
     let m = model_with(spec, small, &["parallel.mesh.data=1"]);
     let c = compile(&m).expect("lowers");
     let opt = OptimizerState::new(&m.params, &train.optimizer);
-    let ranks = LoweredRanks::new(&m, &c, &params, &opt).expect("starts");
+    let ranks = Ranks::new(&m, &c, Start::State(&params, &opt), &opt.optimizer).expect("starts");
     let feed = |_: u64| inputs.clone();
-    let report = ranks.step(0, 0, learning_rate(train, 0, 1, 1), &feed).expect("runs")[0];
+    let report = ranks.step(0, 0, learning_rate(train, 0, 1, 1), &feed, None).expect("runs")[0];
     let e = rel_err(&[report.loss.expect("one device computes the loss") as f32], &fx.get("loss"));
     assert!(e <= 1e-5, "{fixture}: lowered loss relative error {e:.2e}");
-    let (after, _) = ranks.logical(&m, &c, &opt).expect("weights");
+    let (after, _) = ranks.logical(&m, &c).expect("weights");
     for (k, p) in m.params.iter().enumerate() {
         let g = ranks.read(0, &format!("g.{k}")).expect("reads").expect("a gradient buffer");
         let want = fx.get(&format!("grad.{}", p.path));

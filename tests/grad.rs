@@ -47,17 +47,17 @@ fn inputs(m: &Model, seed: u64, ids_below: u64) -> Vec<Tensor<f64>> {
 /// each parameter's gradient buffer read back. The case gets a `train`
 /// section to lower: plain SGD, no clipping, one microbatch.
 fn lowered_grads(src: &str, params: &[Tensor<f64>], xs: &[Tensor<f64>]) -> Vec<Vec<f32>> {
-    use tessera::runtime::train::lowered::LoweredRanks;
     use tessera::runtime::train::optim::OptimizerState;
+    use tessera::runtime::train::ranks::{Ranks, Start};
     let m = model(&format!("{src}\ntrain {{\n  optimizer = sgd(lr = 0.0)\n  batch = 1 sequences\n}}\n"));
     let c = tessera::compiler::driver::compile(&m).unwrap_or_else(|e| panic!("lowering: {e}"));
     let f32s = |t: &[Tensor<f64>]| -> Vec<Tensor<f32>> {
         t.iter().map(|x| Tensor { dims: x.dims.clone(), data: x.data.iter().map(|v| *v as f32).collect() }).collect()
     };
     let opt = OptimizerState::new(&m.params, &m.train.as_ref().expect("a train section").optimizer);
-    let ranks = LoweredRanks::new(&m, &c, &f32s(params), &opt).unwrap_or_else(|e| panic!("{e}"));
+    let ranks = Ranks::new(&m, &c, Start::State(&f32s(params), &opt), &opt.optimizer).unwrap_or_else(|e| panic!("{e}"));
     let feed = f32s(xs);
-    ranks.step(0, 5, 0.0, &|_| feed.clone()).unwrap_or_else(|e| panic!("{e}"));
+    ranks.step(0, 5, 0.0, &|_| feed.clone(), None).unwrap_or_else(|e| panic!("{e}"));
     (0..m.params.len()).map(|k| ranks.read(0, &format!("g.{k}")).expect("reads").expect("a gradient buffer")).collect()
 }
 

@@ -305,9 +305,11 @@ fn sample_refuses_a_checkpoint_with_non_finite_weights() {
         allow_changes: false,
     };
     let mut t = Trainer::new(m, cfg).expect("trainer");
-    t.params[0].data[3] = f32::NAN;
+    let (mut w, opt) = t.state().expect("state");
+    w[0].data[3] = f32::NAN;
+    t.set_weights(&w).expect("the ranks take the weights");
     assert!(t.save().is_err(), "the trainer never saves non-finite weights");
-    checkpoint::save(&dir.join("run"), &t.model, &t.params, &t.opt, 1, Some(&t.run)).expect("raw save");
+    checkpoint::save(&dir.join("run"), &t.model, &w, &opt, 1, Some(&t.run)).expect("raw save");
     let o = tessera(&["sample", &dir.join("run").to_string_lossy(), "--tokens", "3"]);
     fails_with(&o, &["holds non-finite values"]);
     let _ = std::fs::remove_dir_all(&dir);

@@ -56,7 +56,7 @@ fn same_seed_same_bits_and_resume_is_exact() {
     resumed_losses.extend(run(&mut second, 10));
 
     assert_eq!(losses, resumed_losses, "10 straight steps and 5 + resume + 5 give the same losses, bit for bit");
-    for (x, y) in straight.params.iter().zip(&second.params) {
+    for (x, y) in straight.weights().expect("weights").iter().zip(&second.weights().expect("weights")) {
         assert_eq!(x.data, y.data, "and the same weights");
     }
     // A second run with the same seed repeats the first exactly.
@@ -219,7 +219,7 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     let out = tmp("kv");
     let mut t = Trainer::new(tiny(), cfg(&out, None)).expect("trainer");
     run(&mut t, 10);
-    let params = t.params.clone();
+    let params = t.weights().expect("weights");
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
     for tokens in [5, 10, 30] {
         // 30 tokens overflow the 16-token context: both restart/slide.

@@ -41,7 +41,8 @@ pub struct Passes {
     /// Fusion of elementwise runs into kernels (`TESSERA_FUSE=0` turns it off).
     pub fuse: bool,
     /// Whether to lower the per-rank programs (`Compiled::programs` is
-    /// empty without): the node-by-node runtime runs the per-rank graphs.
+    /// empty without): `inspect --ir rank` and the planner need only the
+    /// per-rank graphs.
     pub lower: bool,
 }
 

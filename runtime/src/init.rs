@@ -14,32 +14,31 @@ fn normal(seed: u64, stream: u64, i: u64) -> f64 {
 
 /// Initialise every parameter; parameter `k` draws from stream `k`.
 pub fn init_params<T: Real>(params: &[Param], seed: u64) -> Vec<Tensor<T>> {
-    params
-        .iter()
-        .enumerate()
-        .map(|(k, p)| {
-            let k = k as u64 + 1;
-            Tensor::from_fn(&p.ty.dims, |i| {
-                let i = i as u64;
-                r(match p.init {
-                    Init::Normal { std } => std * normal(seed, k, i),
-                    Init::TruncatedNormal { std } => {
-                        // Resample (deterministically) until within two standard deviations.
-                        let mut j = 0;
-                        loop {
-                            let z = normal(seed, k ^ (j << 40), i);
-                            if z.abs() <= 2.0 || j > 64 {
-                                break std * z.clamp(-2.0, 2.0);
-                            }
-                            j += 1;
-                        }
+    params.iter().enumerate().map(|(k, p)| init_param(p, k, seed)).collect()
+}
+
+/// Initialise parameter `k` alone (the same values as [`init_params`] gives it).
+pub fn init_param<T: Real>(p: &Param, k: usize, seed: u64) -> Tensor<T> {
+    let k = k as u64 + 1;
+    Tensor::from_fn(&p.ty.dims, |i| {
+        let i = i as u64;
+        r(match p.init {
+            Init::Normal { std } => std * normal(seed, k, i),
+            Init::TruncatedNormal { std } => {
+                // Resample (deterministically) until within two standard deviations.
+                let mut j = 0;
+                loop {
+                    let z = normal(seed, k ^ (j << 40), i);
+                    if z.abs() <= 2.0 || j > 64 {
+                        break std * z.clamp(-2.0, 2.0);
                     }
-                    Init::Uniform { low, high } => low + (high - low) * uniform(seed, k, i),
-                    Init::Zeros => 0.0,
-                    Init::Ones => 1.0,
-                    Init::Constant { value } => value,
-                })
-            })
+                    j += 1;
+                }
+            }
+            Init::Uniform { low, high } => low + (high - low) * uniform(seed, k, i),
+            Init::Zeros => 0.0,
+            Init::Ones => 1.0,
+            Init::Constant { value } => value,
         })
-        .collect()
+    })
 }

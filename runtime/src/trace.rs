@@ -1,7 +1,8 @@
 //! Chrome traces (chrome://tracing, ui.perfetto.dev) of training steps: one
-//! track per simulated rank, with spans for forward and backward passes,
-//! collectives (named by op and mesh axis), point-to-point transfers and the
-//! optimizer update, so pipeline bubbles and waits on collectives show.
+//! track per simulated rank, with a span per phase of its lowered program
+//! (forward and backward passes, gradient reduction, the optimizer update)
+//! and within them the collectives (named by op and mesh axis) and
+//! point-to-point transfers, so pipeline bubbles and waits on collectives show.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -31,11 +32,16 @@ impl Trace {
     pub fn span<R>(&self, rank: usize, cat: &'static str, name: impl Into<String>, f: impl FnOnce() -> R) -> R {
         let t0 = Instant::now();
         let r = f();
+        self.record(rank, cat, name, t0);
+        r
+    }
+
+    /// Record a span on `rank`'s track from `t0` until now.
+    pub fn record(&self, rank: usize, cat: &'static str, name: impl Into<String>, t0: Instant) {
         let ts_us = (t0 - self.origin).as_secs_f64() * 1e6;
         let dur_us = t0.elapsed().as_secs_f64() * 1e6;
         let e = Event { name: name.into(), cat, rank, ts_us, dur_us };
         self.events.lock().unwrap_or_else(|e| e.into_inner()).push(e);
-        r
     }
 
     /// The trace in Chrome's JSON format; `names[r]` labels rank r's track.

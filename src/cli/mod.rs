@@ -141,11 +141,6 @@ enum Command {
         /// (default: measured with an FMA loop on every thread at once).
         #[arg(long)]
         peak_per_core: Option<f64>,
-        /// Also run the same steps as lowered programs on the CPU backend
-        /// (each rank's whole step over one arena), alternating with the
-        /// node-by-node runtime in every round, and report the ratio.
-        #[arg(long)]
-        lowered: bool,
     },
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
@@ -385,8 +380,8 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core, lowered } => match load(&spec) {
-            Ok(m) => bench(m, BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, lowered }),
+        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core } => match load(&spec) {
+            Ok(m) => bench(m, BenchArgs { steps, json, data, pytorch, rounds, peak_per_core }),
             Err(code) => code,
         },
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
@@ -950,7 +945,8 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             seed: 0,
             kv_cache: true,
         };
-        if let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &trainer.weights(), &[u32::from(b'\n')], &cfg)
+        if let Ok(weights) = trainer.weights()
+            && let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &weights, &[u32::from(b'\n')], &cfg)
             && let Ok(tok) = tokenizer_of(&sample_model)
         {
             println!("--- sample ---\n{}\n--------------", tok.decode(&ids));
@@ -1100,7 +1096,6 @@ struct BenchArgs {
     pytorch: Option<PathBuf>,
     rounds: u64,
     peak_per_core: Option<f64>,
-    lowered: bool,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1116,36 +1111,9 @@ fn median(v: &[f64]) -> f64 {
 /// Untimed steps before each timed run (the PyTorch peer's default too).
 const WARMUP: u64 = 2;
 
-/// The bench's steps as lowered programs from the trainer's initial weights
-/// on the same batches: (seconds of the timed steps, the last step's loss).
-fn bench_lowered(
-    m: &Model,
-    c: &tessera_compiler::driver::Compiled,
-    cfg: &tessera_runtime::train::RunConfig,
-    steps: u64,
-) -> Result<(f64, f64), String> {
-    use tessera_runtime::train::lowered::{LoweredRanks, step_loss};
-    use tessera_runtime::train::{Trainer, data::Split, optim};
-    let t = Trainer::new(m.clone(), cfg.clone()).map_err(|e| e.to_string())?;
-    let ranks = LoweredRanks::new(m, c, &t.params, &t.opt)?;
-    let train = m.train.as_ref().ok_or("the model has no `train` section")?;
-    let mut start = std::time::Instant::now();
-    let mut loss = 0.0;
-    for step in 0..WARMUP + steps {
-        if step == WARMUP {
-            start = std::time::Instant::now();
-        }
-        let lr = optim::learning_rate(train, step, t.tokens_per_step(), cfg.steps);
-        let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
-        let reports = ranks.step(step, cfg.seed, lr, &inputs)?;
-        loss = step_loss(&reports).ok_or("no rank computed the loss")?;
-    }
-    Ok((start.elapsed().as_secs_f64(), loss))
-}
-
 fn bench(m: Model, args: BenchArgs) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
-    let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, lowered } = args;
+    let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core } = args;
     if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
         eprintln!("error: {e}");
         return ExitCode::from(1);
@@ -1159,26 +1127,15 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         data,
         ..RunConfig::new(std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id())))
     };
-    // The lowered programs, compiled once (the compile time is reported).
-    let compiled = match lowered.then(|| {
-        let t0 = std::time::Instant::now();
-        tessera_compiler::driver::compile(&m).map(|c| (c, t0.elapsed().as_secs_f64()))
-    }) {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(e)) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let (mut low, mut low_loss) = (Vec::new(), 0.0);
     let threads = tessera_runtime::exec::threads();
     let mut last = 0.0;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut tokens = 0;
+    let (mut compile_s, mut arena) = (Vec::new(), Vec::new());
     // Every round starts from the initial weights, as the peer does: an MoE's
     // work depends on how its router spreads tokens, which changes as it trains.
     for _ in 0..rounds {
+        let t0 = std::time::Instant::now();
         let mut t = match Trainer::new(m.clone(), cfg.clone()) {
             Ok(t) => t,
             Err(e) => {
@@ -1186,6 +1143,9 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        // Compiling (every pass to the lowered programs) and starting the ranks.
+        compile_s.push(t0.elapsed().as_secs_f64());
+        arena = t.compiled.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>();
         tokens = t.tokens_per_step() * steps.max(1);
         let mut start = std::time::Instant::now();
         for k in 0..WARMUP + steps.max(1) {
@@ -1202,18 +1162,6 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         }
         ours.push(tokens as f64 / start.elapsed().as_secs_f64());
         drop(t);
-        if let Some((c, _)) = &compiled {
-            match bench_lowered(&m, c, &cfg, steps.max(1)) {
-                Ok((secs, loss)) => {
-                    low.push(tokens as f64 / secs);
-                    low_loss = loss;
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-        }
         if let Some(py) = &pytorch {
             match pytorch_peer(py, &name, steps.max(1), threads) {
                 Ok(p) => theirs.push(p),
@@ -1246,15 +1194,8 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         });
         j["rounds"] = json!(rounds);
         j["tokens_per_s_rounds"] = json!(ours);
-        if let Some((c, secs)) = &compiled {
-            let l = median(&low);
-            j["lowered_tokens_per_s"] = json!(l);
-            j["lowered_tokens_per_s_rounds"] = json!(low);
-            j["lowered_ratio"] = json!(l / tps);
-            j["lowered_final_loss"] = json!(low_loss);
-            j["lowered_compile_s"] = json!(secs);
-            j["lowered_arena_bytes"] = json!(c.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>());
-        }
+        j["setup_s"] = json!(median(&compile_s));
+        j["arena_bytes"] = json!(arena);
         if let Some(p) = peer {
             j["pytorch_tokens_per_s"] = json!(p);
             j["pytorch_tokens_per_s_rounds"] = json!(theirs);
@@ -1269,21 +1210,14 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         if let Some(p) = peer {
             println!("PyTorch peer: {p:.0} tokens/s; Tessera/PyTorch = {:.2}", tps / p);
         }
-        if let Some((_, secs)) = &compiled {
-            let l = median(&low);
-            println!(
-                "lowered programs on the CPU backend: {l:.0} tokens/s = {:.2}× the node-by-node runtime \
-                 (final loss {low_loss:.4} vs {last:.4}; compiled in {:.1} ms)",
-                l / tps,
-                secs * 1e3
-            );
-        }
+        println!(
+            "compiled and started in {:.0} ms (every pass to the lowered programs); arena {} per rank",
+            median(&compile_s) * 1e3,
+            arena.iter().map(|b| format!("{:.1} MB", *b as f64 / 1e6)).collect::<Vec<_>>().join(", ")
+        );
         if rounds > 1 {
             let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
             println!("medians of {rounds} alternating rounds; Tessera: {}", list(&ours));
-            if !low.is_empty() {
-                println!("  lowered: {}", list(&low));
-            }
             if !theirs.is_empty() {
                 println!("  PyTorch: {}", list(&theirs));
             }

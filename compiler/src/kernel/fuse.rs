@@ -58,9 +58,12 @@ pub fn strides(t: &TensorType, dims: &[Dim]) -> Vec<u64> {
     dims.iter().map(|d| t.dims.iter().position(|x| x.name == d.name).map(|i| own[i]).unwrap_or(0)).collect()
 }
 
-/// Replace runs of elementwise instructions with kernels. A guard's range
-/// (`skip_if_nonfinite`) is fused on its own and its count follows.
-pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>) -> Vec<Instr> {
+/// Replace runs of elementwise instructions with kernels, phase by phase
+/// (`phases`: the phases' first instructions, strictly increasing); returns
+/// the instructions and each phase's new start. A guard's range
+/// (`skip_if_nonfinite`, which lies within one phase) is fused on its own
+/// and its count follows.
+pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>, phases: &[usize]) -> (Vec<Instr>, Vec<usize>) {
     // How often each buffer is read, and which buffers something views.
     let mut reads: HashMap<BufId, usize> = HashMap::new();
     for ins in &instrs {
@@ -69,7 +72,20 @@ pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>) -> Vec<Instr> {
         }
     }
     let viewed: std::collections::HashSet<BufId> = buffers.iter().filter_map(|b| b.view_of).collect();
-    fuse_range(buffers, &reads, &viewed, instrs)
+    // Each phase (strictly increasing starts) is fused on its own: a run
+    // never spans two, so each phase keeps a start.
+    let n = instrs.len();
+    let mut out = Vec::with_capacity(n);
+    let mut starts = Vec::with_capacity(phases.len());
+    let mut rest = instrs.into_iter();
+    let first = phases.first().copied().unwrap_or(n);
+    out.extend(fuse_range(buffers, &reads, &viewed, rest.by_ref().take(first).collect()));
+    for (i, &start) in phases.iter().enumerate() {
+        let end = phases.get(i + 1).copied().unwrap_or(n);
+        starts.push(out.len());
+        out.extend(fuse_range(buffers, &reads, &viewed, rest.by_ref().take(end - start).collect()));
+    }
+    (out, starts)
 }
 
 fn fuse_range(

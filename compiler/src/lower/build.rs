@@ -18,7 +18,7 @@
 //!    graph of `autodiff::update`, written in place into the weights and
 //!    the moments) and ZeRO 1/2's all-gather of the updated weights.
 
-use super::{BufId, Buffer, Collective, Instr, Kind, Program, Region, Stream};
+use super::{BufId, Buffer, Collective, Instr, Kind, Phase, Program, Region, Stream};
 use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
 use crate::config::Optimizer;
 use crate::ir::{DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
@@ -53,6 +53,8 @@ struct Builder<'a> {
     instrs: Vec<Instr>,
     tops: [u64; 5],
     events: u32,
+    /// Where each phase of the step starts (instruction index, name).
+    phases: Vec<(usize, String)>,
     /// Per parameter: weights, gradient, and the buffers the update reads and writes.
     w: Vec<Option<BufId>>,
     /// ZeRO 3: the weights gathered for this step (a view of the local type).
@@ -97,6 +99,7 @@ impl<'a> Builder<'a> {
             instrs: Vec::new(),
             tops: [0; 5],
             events: 0,
+            phases: Vec::new(),
             w: vec![None; n],
             w_full: vec![None; n],
             g: vec![None; n],
@@ -155,6 +158,14 @@ impl<'a> Builder<'a> {
         let region = self.buffers[of.index()].region;
         self.viewed.insert(of);
         self.push_buffer(ty, region, offset, Some(of), name)
+    }
+
+    /// Start phase `name` at the next instruction (one that would hold none is renamed).
+    fn phase(&mut self, name: String) {
+        match self.phases.last_mut() {
+            Some((at, last)) if *at == self.instrs.len() => *last = name,
+            _ => self.phases.push((self.instrs.len(), name)),
+        }
     }
 
     fn emit(&mut self, kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>) {
@@ -377,6 +388,7 @@ impl<'a> Builder<'a> {
         let norm = self.persistent(Region::Io, TensorType::scalar(DType::F32), "norm");
 
         // 1. Start of the step.
+        self.phase("step start".into());
         let grads: Vec<BufId> = self.g.iter().flatten().copied().collect();
         self.emit(Kind::Zero, vec![], grads.into_iter().chain([self.loss]).collect());
         for c in &prog.prologue {
@@ -405,7 +417,8 @@ impl<'a> Builder<'a> {
         let metas = prog.local_params();
         match &prog.stage {
             None => {
-                for x in &inputs {
+                for (j, x) in inputs.iter().enumerate() {
+                    self.phase(format!("forward+backward mb{}", self.data_coord() * prog.micro + j as u64));
                     let mut vals = Vec::new();
                     let extra = HashMap::new();
                     let bind = Bind { inputs: x, params: &metas, weights: &weights, extra: &extra };
@@ -419,6 +432,7 @@ impl<'a> Builder<'a> {
         }
 
         // 3. Gradient reduction over the data axis, on the comm stream.
+        self.phase("gradient reduction".into());
         let mut update_grad: Vec<Option<BufId>> = self.g.clone();
         let dp = self.data().map(|(_, n)| n).unwrap_or(1);
         if prog
@@ -504,6 +518,7 @@ impl<'a> Builder<'a> {
         }
 
         // 4. The global gradient norm.
+        self.phase("global norm".into());
         let mut sq: Vec<Option<BufId>> = vec![None; n];
         let (mut sq_ins, mut sq_outs) = (Vec::new(), Vec::new());
         // One partial sum per parameter, zero where this rank holds none of
@@ -532,6 +547,7 @@ impl<'a> Builder<'a> {
         self.emit(Kind::AddScalars, sq.iter().flatten().copied().collect(), vec![norm]);
 
         // 5. The update, skipped when the norm is not finite.
+        self.phase("optimizer update".into());
         let guard = self.instrs.len();
         self.emit(Kind::SkipIfNonFinite { count: 0 }, vec![norm], vec![]);
         // The update of the parameters this rank holds (a pipeline stage holds its own).
@@ -661,6 +677,7 @@ impl<'a> Builder<'a> {
         for action in &sp.schedule {
             match *action {
                 Action::Forward { chunk, micro } => {
+                    self.phase(format!("F{chunk} mb{micro}"));
                     let c = sp.chunk(chunk);
                     let mut boundary = Vec::with_capacity(c.incoming.len());
                     for (j, (v, _, st)) in c.incoming.iter().enumerate() {
@@ -711,6 +728,7 @@ impl<'a> Builder<'a> {
                     stash.insert((chunk, micro), (kept, boundary));
                 }
                 Action::Backward { chunk, micro } => {
+                    self.phase(format!("B{chunk} mb{micro}"));
                     let c = sp.chunk(chunk);
                     let (mut vals, boundary) =
                         stash.remove(&(chunk, micro)).ok_or("a backward pass before its forward")?;
@@ -832,8 +850,16 @@ impl<'a> Builder<'a> {
 
     /// Place the arena by liveness and close the program.
     fn finish(mut self, fuse: bool) -> Program {
+        // Phases that hold no instruction are dropped.
+        let n = self.instrs.len();
+        self.phases.retain(|(at, _)| *at < n);
         if fuse {
-            self.instrs = crate::kernel::fuse(&self.buffers, std::mem::take(&mut self.instrs));
+            let starts: Vec<usize> = self.phases.iter().map(|(at, _)| *at).collect();
+            let (instrs, starts) = crate::kernel::fuse(&self.buffers, std::mem::take(&mut self.instrs), &starts);
+            self.instrs = instrs;
+            for ((at, _), s) in self.phases.iter_mut().zip(starts) {
+                *at = s;
+            }
         }
         self.in_place();
         let nb = self.buffers.len();
@@ -873,6 +899,7 @@ impl<'a> Builder<'a> {
             sizes,
             buffers: self.buffers,
             instrs: self.instrs,
+            phases: self.phases.into_iter().map(|(at, name)| Phase { at: at as u32, name }).collect(),
         }
     }
 }

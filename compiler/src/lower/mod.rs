@@ -219,6 +219,15 @@ pub struct Instr {
     pub stream: Stream,
 }
 
+/// A named part of the step (`F0 mb1`, `optimizer update`): it starts at
+/// instruction `at` and runs to the next phase. Backends label traces with
+/// them; fusion never merges instructions of two phases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    pub at: u32,
+    pub name: String,
+}
+
 /// One rank's lowered training step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Program {
@@ -229,6 +238,9 @@ pub struct Program {
     pub sizes: [u64; 5],
     pub buffers: Vec<Buffer>,
     pub instrs: Vec<Instr>,
+    /// The step's phases in program order (strictly increasing `at`).
+    #[serde(default)]
+    pub phases: Vec<Phase>,
 }
 
 impl Program {
@@ -253,6 +265,11 @@ impl Program {
     /// The buffer named `name` (weights `w.k`, gradients `g.k`, ...).
     pub fn named(&self, name: &str) -> Option<BufId> {
         self.buffers.iter().position(|b| b.name == name).map(|i| BufId(i as u32))
+    }
+
+    /// The phase that instruction `i` belongs to, if any.
+    pub fn phase_of(&self, i: usize) -> Option<&Phase> {
+        self.phases.iter().take_while(|p| p.at as usize <= i).last()
     }
 
     /// The buffer that owns `b`'s bytes.

@@ -18,7 +18,7 @@
 //! attributes are the instruction's own fields, so every op of the IR
 //! prints and parses by one rule.
 
-use super::{BufId, Buffer, Instr, Kind, Program, Region, Stream};
+use super::{BufId, Buffer, Instr, Kind, Phase, Program, Region, Stream};
 pub use crate::ir::attrs::ParseError;
 use crate::ir::attrs::{Cursor, lines, op_attrs, op_from, record_text};
 use serde_json::{Map, Value};
@@ -44,7 +44,11 @@ pub fn print(p: &Program) -> String {
         }
         s.push('\n');
     }
-    for ins in &p.instrs {
+    let mut phases = p.phases.iter().peekable();
+    for (i, ins) in p.instrs.iter().enumerate() {
+        while let Some(ph) = phases.next_if(|ph| ph.at as usize <= i) {
+            let _ = writeln!(s, "phase {}", Value::String(ph.name.clone()));
+        }
         s += &instr_text(ins);
         s.push('\n');
     }
@@ -127,7 +131,14 @@ fn take_tag(o: &mut Map<String, Value>, key: &str) -> String {
 
 /// Parse a program's text form.
 pub fn parse(text: &str) -> Result<Program, ParseError> {
-    let mut p = Program { rank: 0, coords: Vec::new(), sizes: [0; 5], buffers: Vec::new(), instrs: Vec::new() };
+    let mut p = Program {
+        rank: 0,
+        coords: Vec::new(),
+        sizes: [0; 5],
+        buffers: Vec::new(),
+        instrs: Vec::new(),
+        phases: Vec::new(),
+    };
     let mut seen_header = false;
     for (n, line) in lines(text) {
         let fail = |message: String| ParseError { line: n, message };
@@ -151,6 +162,16 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
         }
         if !seen_header {
             return Err(fail("expected `program rank N {...}` first".into()));
+        }
+        if let Some(rest) = line.strip_prefix("phase ") {
+            let name: String = serde_json::from_str(rest.trim())
+                .map_err(|_| fail("a phase is named by a quoted string: `phase \"F0 mb1\"`".into()))?;
+            let at = p.instrs.len() as u32;
+            if p.phases.last().is_some_and(|ph| ph.at == at) {
+                return Err(fail("two phases start at the same instruction".into()));
+            }
+            p.phases.push(Phase { at, name });
+            continue;
         }
         if let Some(rest) = line.strip_prefix("regions ") {
             let mut c = Cursor::new(rest);

@@ -89,10 +89,22 @@ pub fn verify(p: &Program) -> Result<(), VerifyError> {
             }
         }
         check(p, ins, &mut recorded).map_err(|m| fail(what(), m))?;
-        if let Kind::SkipIfNonFinite { count } = ins.kind
-            && i + count as usize >= p.instrs.len()
-        {
-            return Err(fail(what(), format!("skips {count} instructions, past the end of the program")));
+        if let Kind::SkipIfNonFinite { count } = ins.kind {
+            if i + count as usize >= p.instrs.len() {
+                return Err(fail(what(), format!("skips {count} instructions, past the end of the program")));
+            }
+            if let Some(ph) = p.phases.iter().find(|ph| (i + 1..=i + count as usize).contains(&(ph.at as usize))) {
+                return Err(fail(what(), format!("guards instructions of two phases (`{}` starts inside)", ph.name)));
+            }
+        }
+    }
+    for (k, ph) in p.phases.iter().enumerate() {
+        let after = k == 0 || p.phases[k - 1].at < ph.at;
+        if !after || ph.at as usize >= p.instrs.len() {
+            return Err(fail(
+                format!("phase `{}`", ph.name),
+                format!("starts at instruction {}: phases start in order, each at an instruction", ph.at),
+            ));
         }
     }
     liveness(p).map_err(|(i, m)| fail(format!("instruction {i}: {}", p.instrs[i].kind.name()), m))

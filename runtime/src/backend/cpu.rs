@@ -366,6 +366,10 @@ impl Backend for Cpu {
         Ok(self.slice(buf).to_vec())
     }
 
+    fn finite(&self, buf: &Buffer) -> Result<bool, String> {
+        Ok(self.slice(buf).iter().all(|x| x.is_finite()))
+    }
+
     fn execute<'c>(
         &mut self,
         p: &Program,
@@ -542,13 +546,15 @@ impl Backend for Cpu {
             Kind::Send { peer, tag } => {
                 let c = comm.ok_or("a send needs the rank's communicator")?;
                 let data: Vec<f32> = ins.ins.iter().flat_map(|b| self.slice(buf(b)).iter().copied()).collect();
-                c.comm().send(*peer as usize, *tag, &data).map_err(|e| e.to_string())
+                c.span("p2p", format!("send to rank {peer}"), || c.comm().send(*peer as usize, *tag, &data))
+                    .map_err(|e| e.to_string())
             }
             Kind::Recv { peer, tag } => {
                 let c = comm.ok_or("a receive needs the rank's communicator")?;
                 let n: usize = ins.outs.iter().map(|b| buf(b).ty.numel() as usize).sum();
                 let mut data = vec![0f32; n];
-                c.comm().recv(*peer as usize, *tag, &mut data).map_err(|e| e.to_string())?;
+                c.span("p2p", format!("recv from rank {peer}"), || c.comm().recv(*peer as usize, *tag, &mut data))
+                    .map_err(|e| e.to_string())?;
                 let outs: Vec<&Buffer> = ins.outs.iter().map(buf).collect();
                 self.scatter(&outs, &data);
                 Ok(())

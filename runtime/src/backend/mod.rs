@@ -37,6 +37,11 @@ pub trait Backend {
     fn upload(&mut self, buf: &Buffer, data: &[f32]) -> Result<(), String>;
     /// Read a buffer's elements.
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>, String>;
+    /// Whether every element of a buffer is finite (the update's guard, and
+    /// the check of the weights after it), without copying it out.
+    fn finite(&self, buf: &Buffer) -> Result<bool, String> {
+        Ok(self.download(buf)?.iter().all(|x| x.is_finite()))
+    }
     /// Run one instruction that is not a guard. `seed` is the step's random seed.
     fn execute<'c>(
         &mut self,
@@ -63,24 +68,31 @@ pub fn run<'c>(
 ) -> Result<RunReport, BackendError> {
     let mut at = 0;
     let mut updated = true;
+    // When tracing: the phase open now (its name, its start) and the next phase's index.
+    let tracing = comm.filter(|c| c.trace.is_some());
+    let mut phase: Option<(&str, std::time::Instant)> = None;
+    let mut next_phase = 0;
     let mut profile = std::env::var_os("TESSERA_PROFILE").map(|_| std::collections::BTreeMap::new());
     while at < p.instrs.len() {
+        if let Some(c) = tracing
+            && let Some(ph) = p.phases.get(next_phase).filter(|ph| ph.at as usize == at)
+        {
+            if let Some((name, t0)) = phase.take() {
+                c.record("compute", name, t0);
+            }
+            phase = Some((&ph.name, std::time::Instant::now()));
+            next_phase += 1;
+        }
         let t0 = profile.is_some().then(std::time::Instant::now);
         let ins = &p.instrs[at];
         let fail = |message: String| BackendError { rank: p.rank, at, name: ins.kind.name(), message };
         if let Kind::SkipIfNonFinite { count } = ins.kind {
-            let v = backend.download(p.buffer(ins.ins[0])).map_err(fail)?;
-            if !v.iter().all(|x| x.is_finite()) {
+            if !backend.finite(p.buffer(ins.ins[0])).map_err(fail)? {
                 updated = false;
                 at += count as usize;
             }
         } else {
-            let name = ins.kind.name();
-            match comm {
-                Some(c) if c.trace.is_some() => c.span("compute", name, || backend.execute(p, ins, comm, seed)),
-                _ => backend.execute(p, ins, comm, seed),
-            }
-            .map_err(fail)?;
+            backend.execute(p, ins, comm, seed).map_err(fail)?;
         }
         if let (Some(t), Some(t0)) = (profile.as_mut(), t0) {
             let e: &mut (f64, usize) = t.entry(profile_key(ins)).or_default();
@@ -88,6 +100,9 @@ pub fn run<'c>(
             e.1 += 1;
         }
         at += 1;
+    }
+    if let (Some(c), Some((name, t0))) = (tracing, phase) {
+        c.record("compute", name, t0);
     }
     if let Some(t) = profile {
         let mut rows: Vec<_> = t.into_iter().collect();

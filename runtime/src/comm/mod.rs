@@ -155,6 +155,13 @@ impl<'a> RankComm<'a> {
         }
     }
 
+    /// Record a span named `name` from `t0` until now on this rank's track, when tracing.
+    pub fn record(&self, cat: &'static str, name: impl Into<String>, t0: std::time::Instant) {
+        if let Some(t) = self.trace {
+            t.record(self.rank, cat, name, t0);
+        }
+    }
+
     pub fn group(&self, axis: &str) -> Result<&Group, CommError> {
         self.groups.get(axis).ok_or_else(|| CommError::Usage {
             rank: self.rank(),

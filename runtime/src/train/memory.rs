@@ -1,6 +1,6 @@
 //! Will a training run fit this machine? Checked before anything is
-//! allocated: the simulated ranks are threads of one process, so their
-//! memory adds up, and the CPU trains in f32 whatever the spec's precision.
+//! compiled or allocated: the simulated ranks are threads of one process, so
+//! their memory adds up, and the CPU trains in f32 whatever the spec's precision.
 
 use tessera_compiler::Model;
 use tessera_compiler::config::Optimizer;
@@ -9,18 +9,18 @@ use tessera_compiler::cost::memory;
 /// What the process itself takes: the binary, the checked model and its
 /// graphs, one thread (peak RSS of a 2-step run of the tiny GPT: 64 MB).
 const PROCESS_BYTES: u128 = 64 << 20;
-/// What each simulated rank takes beyond its tensors: its program, its
-/// interpreter's bookkeeping, its thread and the allocator's per-thread
-/// heap. Measured: peak RSS of the tiny GPT (120K parameters) on 16, 64 and
-/// 256 data-parallel ranks grows by 20 MB per rank, of which its tensors are
-/// 3.4 MB (docs/reliability.md).
+/// What each rank takes beyond its regions: its lowered program, its
+/// thread and the allocator's per-thread heap. Measured for the node-by-node
+/// runtime that preceded the lowered programs (peak RSS of the tiny GPT on
+/// 16, 64 and 256 data-parallel ranks grew by 20 MB per rank, of which its
+/// tensors were 3.4 MB; docs/reliability.md) and kept as the bound.
 const RANK_BYTES: u128 = 16 << 20;
 
-/// Bytes a CPU training run of `m` needs, all ranks together: per rank its
-/// weights, gradients, optimizer state and activations in f32; the trainer's
-/// logical copy of the weights and optimizer state when there are several
-/// ranks; on one device, a gradient and activation set per concurrent
-/// microbatch; and the runtime's own overhead, per process and per rank.
+/// Bytes a CPU training run of `m` needs, all ranks together: per rank the
+/// regions of its lowered program in f32 (weights, gradients, optimizer
+/// state, the activation arena as the cost model estimates it); the logical
+/// weights and optimizer state that checkpoints and evaluation assemble;
+/// and the runtime's own overhead, per process and per rank.
 pub fn cpu_training_bytes(m: &Model) -> u128 {
     let opt_per_elem: u128 = match m.train.as_ref().map(|t| &t.optimizer) {
         Some(Optimizer::Sgd { .. }) => 1,
@@ -29,27 +29,14 @@ pub fn cpu_training_bytes(m: &Model) -> u128 {
     let spec_bytes = m.train.as_ref().map(|t| t.precision.bytes()).unwrap_or(4).max(1) as u128;
     let mem = memory::memory_per_rank(m);
     let held = memory::params_per_rank(m);
-    let per_rank = |i: usize| -> (u128, u128) {
+    let rank = |i: usize| -> u128 {
         let p = held.get(i).copied().unwrap_or(0) as u128;
         let acts = mem.get(i).map(|r| r.activations).unwrap_or(0) as u128 * 4 / spec_bytes;
-        // weights, optimizer state; then what each microbatch adds: gradients, activations
-        (4 * p * (1 + opt_per_elem), 4 * p + acts)
+        // weights, gradients, optimizer state; activations
+        4 * p * (2 + opt_per_elem) + acts + RANK_BYTES
     };
     let logical: u128 = m.params.iter().map(|p| p.ty.numel() as u128).sum::<u128>() * 4 * (1 + opt_per_elem);
-    if mem.len() <= 1 {
-        let (fixed, each) = per_rank(0);
-        let train = m.train.as_ref();
-        let micro = train.map(|t| (t.batch / m.micro_batch.max(1)).max(1)).unwrap_or(1) as u128;
-        let workers = (crate::exec::threads() as u128).clamp(1, micro);
-        return PROCESS_BYTES + fixed + each * workers;
-    }
-    let ranks: u128 = (0..mem.len())
-        .map(|i| {
-            let (fixed, each) = per_rank(i);
-            fixed + each + RANK_BYTES
-        })
-        .sum();
-    PROCESS_BYTES + logical + ranks
+    PROCESS_BYTES + logical + (0..mem.len().max(1)).map(rank).sum::<u128>()
 }
 
 /// Memory the system can give this process now (`MemAvailable`), if known.

@@ -1,6 +1,8 @@
-//! Training a checked model on the CPU interpreter: data, the optimizer and
-//! its schedule, gradient clipping and accumulation, evaluation, atomic
-//! checkpoints and exact resume.
+//! Training a checked model: data, the learning-rate schedule, evaluation,
+//! atomic checkpoints and exact resume around the compiler's lowered
+//! programs, which hold the whole step (microbatches, gradient collectives,
+//! clipping, the update) and run on the CPU backend, one thread per rank
+//! ([`ranks`]).
 //!
 //! Determinism: every random choice is a pure function of (seed, step): the
 //! windows of a step's batch, its dropout masks. So 10 straight steps and
@@ -8,19 +10,18 @@
 
 pub mod checkpoint;
 pub mod data;
-pub mod lowered;
 pub mod memory;
 pub mod optim;
 pub mod ranks;
+pub mod reference;
+pub mod shards;
 pub mod tokenizer;
 
 use crate::exec::{Interpreter, param_slice};
-use crate::init::init_params;
 use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tessera_compiler::Model;
-use tessera_compiler::autodiff::Backward;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -100,16 +101,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// One microbatch's loss and full parameter gradients.
-type MicroResult = (f64, Vec<Tensor<f32>>);
-
 pub struct Trainer {
     pub model: Model,
-    pub backward: Backward,
-    /// The driver's passes for the step: the mesh and every rank's program.
+    /// The driver's passes for the step: the mesh and every rank's lowered program.
     pub compiled: tessera_compiler::driver::Compiled,
-    pub params: Vec<Tensor<f32>>,
-    pub opt: optim::OptimizerState,
     pub step: u64,
     pub data: data::Dataset,
     pub cfg: RunConfig,
@@ -119,10 +114,10 @@ pub struct Trainer {
     targets_idx: usize,
     /// Spans of the first steps for a Chrome trace (`tessera train --trace`).
     pub trace: Option<std::sync::Arc<crate::trace::Trace>>,
-    /// The simulated ranks, when the spec's mesh has more than one; they
-    /// hold the weights and optimizer state then (`params` and `opt` are
-    /// brought up to date from them by [`Trainer::sync`]).
-    pub ranks: Option<ranks::Ranks>,
+    /// Every rank of the mesh (one on a single device) with its program and
+    /// its backend; they hold the weights and the optimizer state
+    /// ([`Trainer::state`] assembles the logical tensors).
+    pub ranks: ranks::Ranks,
     /// Steps skipped for a non-finite loss or gradient norm (`nonfinite = skip`).
     pub skipped_steps: u64,
     /// What this run is (recorded in its checkpoints).
@@ -138,11 +133,9 @@ impl Trainer {
             .clone()
             .ok_or_else(|| TrainError::Setup(format!("model `{}` has no `train` section", model.name)))?;
         model.graph.output("loss").ok_or_else(|| TrainError::Setup("the model defines no `loss`".into()))?;
-        // The compiler's passes, from the driver: the backward graph and every rank's program.
-        let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
-        let compiled = tessera_compiler::driver::compile_with(&model, None, passes)
+        // The compiler's passes, from the driver: every rank's lowered program.
+        let compiled = tessera_compiler::driver::compile(&model)
             .map_err(|e| TrainError::Setup(format!("cannot compile the training step: {e}")))?;
-        let backward = compiled.backward.clone();
         let find = |n: &str| model.inputs.iter().position(|i| i.name == n);
         let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
             return Err(TrainError::Setup(
@@ -171,7 +164,6 @@ impl Trainer {
         data.check_windows(seq)?;
         let micro = model.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
-        let opt = optim::OptimizerState::new(&model.params, &train.optimizer);
         let run = checkpoint::RunRecord {
             spec: cfg.spec.as_ref().map(|(p, _)| p.to_string_lossy().into_owned()),
             spec_sha256: cfg
@@ -186,19 +178,17 @@ impl Trainer {
             tokenizer: train.tokenizer.clone().unwrap_or_else(|| "bytes".into()),
             optimizer: serde_json::to_value(&train.optimizer).unwrap_or_default(),
         };
+        let ranks = start_ranks(&model, &compiled, ranks::Start::Init { seed: cfg.seed })?;
         let mut t = Trainer {
-            params: init_params(&model.params, cfg.seed),
             model,
-            backward,
             compiled,
-            opt,
             step: 0,
             data,
             cfg,
             accumulation,
             tokens_idx,
             targets_idx,
-            ranks: None,
+            ranks,
             trace: None,
             skipped_steps: 0,
             run,
@@ -207,7 +197,6 @@ impl Trainer {
         if let Some(dir) = t.cfg.resume.clone() {
             t.load(&dir)?;
         }
-        t.start_ranks()?;
         Ok(t)
     }
 
@@ -229,45 +218,42 @@ impl Trainer {
         self.model.micro_batch * self.seq() as u64 * self.accumulation
     }
 
-    /// Cut the weights and optimizer state into the ranks' shards (a mesh of more than one rank).
-    fn start_ranks(&mut self) -> Result<(), TrainError> {
-        self.ranks = None;
-        if self.model.parallel.world() > 1 {
-            let r = ranks::Ranks::new(&self.model, &self.compiled, &self.params, &self.opt)
-                .map_err(|e| TrainError::Setup(format!("cannot run the `parallel` layout on simulated ranks: {e}")))?;
-            self.ranks = Some(r);
-        }
+    /// The logical weights and optimizer state, assembled from the ranks' buffers.
+    pub fn state(&self) -> Result<(Vec<Tensor<f32>>, optim::OptimizerState), TrainError> {
+        self.ranks.logical(&self.model, &self.compiled).map_err(TrainError::Setup)
+    }
+
+    /// The current logical weights, assembled from the ranks' buffers.
+    pub fn weights(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
+        Ok(self.state()?.0)
+    }
+
+    /// Start the ranks from these logical weights, keeping the optimizer state.
+    pub fn set_weights(&mut self, params: &[Tensor<f32>]) -> Result<(), TrainError> {
+        let (_, opt) = self.state()?;
+        self.ranks = start_ranks(&self.model, &self.compiled, ranks::Start::State(params, &opt))?;
         Ok(())
     }
 
-    /// Bring `params` and `opt` up to date from the ranks' shards.
-    pub fn sync(&mut self) {
-        if let Some(r) = &self.ranks {
-            let (p, o) = r.logical(&self.model, &self.opt);
-            self.params = p;
-            self.opt = o;
-        }
-    }
-
-    /// One optimizer step on the simulated ranks.
-    fn train_step_ranks(&mut self) -> Result<StepReport, TrainError> {
+    /// One optimizer step: every rank runs its program (forward and backward
+    /// over its microbatches, the gradient collectives, clipping, the update).
+    pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         let t0 = Instant::now();
         let step = self.step;
         let train = self.model.train.as_ref().expect("checked in new");
         let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
-        let ranks = self.ranks.as_ref().expect("called with ranks");
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let trace = self.trace.as_deref().filter(|t| step < t.steps);
-        let out = ranks.step(step, self.cfg.seed, lr, train.clip, &inputs, trace).map_err(TrainError::Setup)?;
+        let out = self.ranks.step(step, self.cfg.seed, lr, &inputs, trace).map_err(TrainError::Setup)?;
         // Ranks that share a data coordinate report the same loss (the last
         // pipeline stage reports it): the mean over the reports is the step's.
-        let losses: Vec<f64> = out.iter().filter_map(|s| s.loss_sum).map(|l| l / ranks.local_micro as f64).collect();
-        let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+        let loss = ranks::step_loss(&out).ok_or_else(|| TrainError::Setup("no rank computed the loss".into()))?;
         let grad_norm = out[0].grad_norm;
-        if let Some(p) = out.iter().find_map(|s| s.nonfinite_param.clone()) {
-            return Err(self.weights_went_nonfinite(step, &p, lr));
+        if let Some(k) = out.iter().find_map(|s| s.nonfinite_param) {
+            return Err(self.weights_went_nonfinite(step, &self.model.params[k].path, lr));
         }
-        let skipped = self.check_finite(step, loss, grad_norm, out[0].updated, None)?;
+        let first_bad_grad = if loss.is_finite() && grad_norm.is_finite() { None } else { self.first_nonfinite_grad() };
+        let skipped = self.check_finite(step, loss, grad_norm, out[0].updated, first_bad_grad)?;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepReport {
@@ -282,76 +268,14 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step: forward + backward over every microbatch, then the update.
-    pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
-        if self.ranks.is_some() {
-            return self.train_step_ranks();
-        }
-        let t0 = Instant::now();
-        let step = self.step;
-        // Microbatches run concurrently, one per core, each on one thread; their
-        // gradients are summed in microbatch order, so the result does not
-        // depend on the number of workers.
-        let workers = crate::exec::threads().min(self.accumulation as usize).max(1);
-        let per_micro = match self.trace.as_deref().filter(|t| step < t.steps) {
-            Some(t) => t.span(0, "compute", format!("forward+backward ×{}", self.accumulation), || {
-                self.run_microbatches(step, workers)
-            })?,
-            None => self.run_microbatches(step, workers)?,
-        };
-        // Sum in microbatch order into the first microbatch's gradients, then
-        // take the mean (the same additions, in the same order, as summing into zeros).
-        let mut loss = 0.0f64;
-        let mut grads: Vec<Tensor<f32>> = Vec::new();
-        for (k, (l, g)) in per_micro.into_iter().enumerate() {
-            loss += l;
-            if k == 0 {
-                grads = g;
-                continue;
-            }
-            for (dst, src) in grads.iter_mut().zip(&g) {
-                for (d, s) in dst.data.iter_mut().zip(&src.data) {
-                    *d += *s;
-                }
-            }
-        }
-        let scale = 1.0 / self.accumulation as f32;
-        if self.accumulation > 1 {
-            for g in grads.iter_mut() {
-                g.data.iter_mut().for_each(|x| *x *= scale);
-            }
-        }
-        let train = self.model.train.as_ref().expect("checked in new");
-        let grad_norm = optim::global_norm(&grads);
-        let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
-        let loss = loss / self.accumulation as f64;
-        let clip = train.clip;
-        let finite = loss.is_finite() && grad_norm.is_finite();
-        let first_bad_grad = if finite {
-            None
-        } else {
-            let k = grads.iter().position(|g| !g.is_finite());
-            k.map(|k| self.model.params[k].path.clone())
-        };
-        let skipped = self.check_finite(step, loss, grad_norm, false, first_bad_grad)?;
-        if !skipped {
-            self.opt.update(&mut self.params, &grads, &self.model.params, lr, step + 1, clip);
-            if let Some(k) = self.params.iter().position(|p| !p.is_finite()) {
-                let path = self.model.params[k].path.clone();
-                return Err(self.weights_went_nonfinite(step, &path, lr));
-            }
-        }
-        self.step += 1;
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        Ok(StepReport {
-            step: self.step,
-            loss,
-            lr,
-            grad_norm,
-            tokens_per_s: self.tokens_per_step() as f64 / secs,
-            val_loss: None,
-            skipped_steps: self.skipped_steps,
-            skipped,
+    /// The path of the first parameter whose gradient (on any rank) holds a non-finite value.
+    fn first_nonfinite_grad(&self) -> Option<String> {
+        (0..self.model.params.len()).find_map(|k| {
+            let bad = (0..self.compiled.programs.len()).any(|r| {
+                let g = self.ranks.read(r, &format!("g.{k}")).ok().flatten();
+                g.is_some_and(|g| g.iter().any(|x| !x.is_finite()))
+            });
+            bad.then(|| self.model.params[k].path.clone())
         })
     }
 
@@ -392,79 +316,28 @@ impl Trainer {
         ))
     }
 
-    /// The mean gradients of the next step at the current weights (single device).
-    pub fn gradients(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
-        let per_micro = self.run_microbatches(self.step, 1)?;
-        let n = per_micro.len() as f32;
-        let mut it = per_micro.into_iter();
-        let (_, mut sum) = it.next().ok_or_else(|| TrainError::Setup("no microbatches".into()))?;
-        for (_, g) in it {
-            for (a, b) in sum.iter_mut().zip(&g) {
-                a.data.iter_mut().zip(&b.data).for_each(|(x, y)| *x += *y);
-            }
-        }
-        sum.iter_mut().for_each(|g| g.data.iter_mut().for_each(|x| *x /= n));
-        Ok(sum)
-    }
-
-    /// Loss and full parameter gradients of each microbatch of `step`, in microbatch order.
-    fn run_microbatches(&self, step: u64, workers: usize) -> Result<Vec<MicroResult>, TrainError> {
-        let one = |micro: u64| -> Result<MicroResult, TrainError> {
-            let interp = Interpreter {
-                graph: &self.backward.graph,
-                params: &self.model.params,
-                dropout: Some(self.cfg.seed ^ (step << 20)),
-                comm: None,
-            };
-            let inputs = self.batch_inputs(data::Split::Train, step, micro);
-            // Only the loss and the gradients are read back.
-            let needed: Vec<_> =
-                std::iter::once(self.backward.loss).chain(self.backward.param_grads.iter().map(|g| g.grad)).collect();
-            let vals = interp.run_for(&inputs, &self.params, Some(&needed))?;
-            let grads = crate::exec::param_grads(&self.model.params, &self.backward.param_grads, &vals);
-            Ok((vals[self.backward.loss.index()].data[0] as f64, grads))
-        };
-        if workers <= 1 {
-            return (0..self.accumulation).map(one).collect();
-        }
-        let mut slots: Vec<Option<Result<MicroResult, TrainError>>> = (0..self.accumulation).map(|_| None).collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let one = &one;
-                    let n = self.accumulation;
-                    scope.spawn(move || {
-                        crate::exec::set_threads(1);
-                        (w as u64..n).step_by(workers).map(|m| (m, one(m))).collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            // A worker that panicked leaves its slots empty: reported below.
-            for results in handles.into_iter().filter_map(|h| h.join().ok()) {
-                for (m, r) in results {
-                    slots[m as usize] = Some(r);
-                }
-            }
-        });
-        slots
-            .into_iter()
-            .map(|s| s.unwrap_or_else(|| Err(TrainError::Setup("a worker thread panicked".into()))))
-            .collect()
-    }
-
-    /// The current logical weights: `params`, or assembled from the ranks' shards.
-    pub fn weights(&self) -> std::borrow::Cow<'_, [Tensor<f32>]> {
-        match &self.ranks {
-            Some(r) => std::borrow::Cow::Owned(r.logical(&self.model, &self.opt).0),
-            None => std::borrow::Cow::Borrowed(&self.params),
-        }
+    /// The mean gradients of the next step at the current weights, from the
+    /// reference evaluator ([`reference::gradients`]; tests use them as the oracle).
+    pub fn reference_gradients(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
+        let step = self.step;
+        let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
+        let dropout = Some(self.cfg.seed ^ (step << 20));
+        let (_, g) = reference::gradients(
+            &self.model,
+            &self.compiled.backward,
+            &self.weights()?,
+            dropout,
+            self.accumulation,
+            &inputs,
+        )?;
+        Ok(g)
     }
 
     /// Mean loss over `batches` validation batches of the global batch size
     /// (fixed windows: comparable across steps, and the same sequences under
     /// any microbatch size or layout).
     pub fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
-        let weights = self.weights();
+        let weights = self.weights()?;
         let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, dropout: None, comm: None };
         let loss = self.model.graph.output("loss").expect("loss");
         let mut total = 0.0;
@@ -495,37 +368,36 @@ impl Trainer {
         };
         let inputs = self.batch_inputs(data::Split::Train, step, 0);
         let loss = self.model.graph.output("loss").expect("loss");
-        Ok(interp.run(&inputs, &self.weights())?[loss.index()].data[0] as f64)
+        Ok(interp.run(&inputs, &self.weights()?)?[loss.index()].data[0] as f64)
     }
 
     /// Write the Chrome trace recorded so far to `path`, one track per rank.
     pub fn write_trace(&self, path: &Path) -> Result<(), TrainError> {
         let Some(t) = &self.trace else { return Ok(()) };
-        let names: Vec<String> = match &self.ranks {
-            Some(r) => r
-                .programs
+        let names: Vec<String> = match self.compiled.ranks.as_slice() {
+            [_] => vec!["rank 0 (single device)".into()],
+            ranks => ranks
                 .iter()
                 .map(|p| {
                     let c: Vec<String> = p.coords.iter().map(|(a, c)| format!("{a} {c}")).collect();
                     format!("rank {} ({})", p.rank, c.join(", "))
                 })
                 .collect(),
-            None => vec!["rank 0 (single device)".into()],
         };
         t.write(path, &names).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
     }
 
     /// Save a checkpoint under `out`, atomically (logical tensors, whatever the layout).
     /// Weights that are not finite are never saved.
-    pub fn save(&mut self) -> Result<PathBuf, TrainError> {
-        self.sync();
-        if let Some(k) = self.params.iter().position(|p| !p.is_finite()) {
+    pub fn save(&self) -> Result<PathBuf, TrainError> {
+        let (params, opt) = self.state()?;
+        if let Some(k) = params.iter().position(|p| !p.is_finite()) {
             return Err(TrainError::NonFinite(format!(
                 "parameter `{}` holds a non-finite value at step {}; no checkpoint was written",
                 self.model.params[k].path, self.step
             )));
         }
-        checkpoint::save(&self.cfg.out, &self.model, &self.params, &self.opt, self.step, Some(&self.run))
+        checkpoint::save(&self.cfg.out, &self.model, &params, &opt, self.step, Some(&self.run))
     }
 
     /// Load a checkpoint of the same run: its record must match this one's
@@ -557,18 +429,26 @@ impl Trainer {
                 self.resume_changes.join("\n  - ")
             )));
         }
-        let (params, opt, step) = checkpoint::load(dir, &self.model, &self.opt, fresh_optimizer)?;
-        self.params = params;
-        self.opt = opt;
+        let optimizer = &self.model.train.as_ref().expect("checked in new").optimizer;
+        let fresh = optim::OptimizerState::new(&self.model.params, optimizer);
+        let (params, opt, step) = checkpoint::load(dir, &self.model, &fresh, fresh_optimizer)?;
         self.step = step;
-        if self.ranks.is_some() {
-            self.start_ranks()?;
-        }
+        self.ranks = start_ranks(&self.model, &self.compiled, ranks::Start::State(&params, &opt))?;
         Ok(())
     }
 
     /// The per-layer slice of a parameter (for inspection and sampling).
-    pub fn param(&self, index: usize, layer: Option<u64>) -> Option<Tensor<f32>> {
-        param_slice(&self.model.params[index], &self.weights()[index], layer)
+    pub fn param(&self, index: usize, layer: Option<u64>) -> Result<Option<Tensor<f32>>, TrainError> {
+        Ok(param_slice(&self.model.params[index], &self.weights()?[index], layer))
     }
+}
+
+/// Every rank's backend, holding its part of the logical weights and optimizer state.
+fn start_ranks(
+    m: &Model,
+    c: &tessera_compiler::driver::Compiled,
+    start: ranks::Start<'_>,
+) -> Result<ranks::Ranks, TrainError> {
+    let optimizer = &m.train.as_ref().expect("checked in Trainer::new").optimizer;
+    ranks::Ranks::new(m, c, start, optimizer).map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
 }

@@ -1,0 +1,64 @@
+//! A rank's shards of the logical tensors: the cut of a parameter a layout
+//! gives a rank ([`cut`]), ZeRO's flat shard of that cut ([`flat_shard`]),
+//! and the way back ([`place`]). Checkpoints hold logical tensors, so one
+//! written under a layout loads under any other.
+
+use crate::tensor::Tensor;
+use tessera_compiler::model::{Dim, Param};
+use tessera_compiler::parallel;
+
+/// The flat shard `d` of `n` of a tensor's elements (zero-padded to a multiple of n).
+pub fn flat_shard(x: &[f32], n: usize, d: usize) -> Vec<f32> {
+    let per = x.len().div_ceil(n);
+    (d * per..(d + 1) * per).map(|i| x.get(i).copied().unwrap_or(0.0)).collect()
+}
+
+/// Index maps of a shard: for each logical dim, the logical indices held.
+fn maps(p: &parallel::ParamShard, logical: &Param) -> Vec<Vec<u64>> {
+    logical
+        .ty
+        .dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match p.splits.iter().find(|(pos, _)| *pos == i) {
+            Some((_, sp)) => sp.indices.clone(),
+            None => (0..d.size).collect(),
+        })
+        .collect()
+}
+
+/// Visit every element of a local tensor with its logical offset.
+fn for_each_logical(logical_dims: &[Dim], maps: &[Vec<u64>], mut f: impl FnMut(usize, usize)) {
+    let n = logical_dims.len();
+    let mut strides = vec![1usize; n];
+    for i in (0..n.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * logical_dims[i + 1].size as usize;
+    }
+    let total: usize = maps.iter().map(Vec::len).product();
+    let mut idx = vec![0usize; n];
+    for local in 0..total {
+        let off: usize = (0..n).map(|i| maps[i][idx[i]] as usize * strides[i]).sum();
+        f(local, off);
+        for i in (0..n).rev() {
+            idx[i] += 1;
+            if idx[i] < maps[i].len() {
+                break;
+            }
+            idx[i] = 0;
+        }
+    }
+}
+
+/// A rank's shard of a logical tensor.
+pub fn cut(full: &Tensor<f32>, shard: &parallel::ParamShard, logical: &Param) -> Tensor<f32> {
+    let m = maps(shard, logical);
+    let mut data = vec![0f32; m.iter().map(Vec::len).product()];
+    for_each_logical(&logical.ty.dims, &m, |l, off| data[l] = full.data[off]);
+    Tensor { dims: shard.local.ty.dims.clone(), data }
+}
+
+/// Write a rank's shard back into the logical tensor.
+pub fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
+    let m = maps(shard, logical);
+    for_each_logical(&logical.ty.dims, &m, |l, off| full.data[off] = local[l]);
+}
