@@ -5,7 +5,7 @@
 //! rewrites the expected output of every file whose output changed.
 //!
 //! ```text
-//! // test: lower            check | autodiff | shard | schedule | plan | lower | verify
+//! // test: lower            check | autodiff | shard | schedule | plan | lower | eval | verify
 //! // spec: specs/tiny/gpt.spec
 //! // set: dims.layers=1
 //! // rank: 1
@@ -155,6 +155,18 @@ fn run(c: &Case) -> String {
             let t = lower::text::print(&compiled.programs[0]);
             let back = lower::text::parse(&t).unwrap_or_else(|e| panic!("the output does not parse: {e}"));
             assert_eq!(back, compiled.programs[0], "the output does not parse back to the program");
+            t
+        }
+        "eval" => {
+            let m = model(c);
+            let passes = tessera::compiler::driver::Passes::default();
+            let bw = tessera::compiler::driver::compile_with(&m, Some(&[0]), passes)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .backward;
+            let p = tessera::compiler::driver::compile_eval(&m, &bw, passes).unwrap_or_else(|e| panic!("{e}"));
+            let t = lower::text::print(&p);
+            let back = lower::text::parse(&t).unwrap_or_else(|e| panic!("the output does not parse: {e}"));
+            assert_eq!(back, p, "the output does not parse back to the program");
             t
         }
         "verify" => {

@@ -164,3 +164,40 @@ fn fusion_changes_no_result() {
         eprintln!("{sets:?}: {kernels} kernels on rank 0, the same bits");
     }
 }
+
+/// Evaluation is a lowered program too (`driver::compile_eval`: the forward
+/// pass on one device, dropout off): its validation loss equals the
+/// reference evaluator's forward graph on the same batches within 1e-6, for
+/// a trained model under a layout (the weights are assembled from the ranks).
+#[test]
+fn evaluation_programs_match_the_reference_forward_pass() {
+    use tessera::runtime::exec::Interpreter;
+    let gpt2: &[&str] =
+        &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"];
+    for (spec, sets) in [
+        ("specs/models/gpt2-small.spec", gpt2.to_vec()),
+        (MOE, vec!["parallel.mesh.data=1"]),
+        (GPT, with(&with(SMALL, TP2), &["parallel.sequence_parallel=true"])),
+    ] {
+        let m = common::check_ok(spec, &sets);
+        let out = std::env::temp_dir().join(format!("tessera-eval-{}", std::process::id()));
+        let mut t = Trainer::new(m.clone(), t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        t.train_step().expect("a step");
+        let got = t.evaluate(2).expect("evaluates");
+        let weights = t.weights().expect("weights");
+        let interp = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None };
+        let loss = m.graph.output("loss").expect("a loss");
+        let n = 2 * t.accumulation;
+        let want: f64 = (0..n)
+            .map(|k| {
+                let x = t.batch_inputs(Split::Val, u64::MAX - 1, k);
+                interp.run(&x, &weights).expect("runs")[loss.index()].data[0] as f64
+            })
+            .sum::<f64>()
+            / n as f64;
+        let e = (got - want).abs() / want.abs();
+        assert!(e <= 1e-6, "{spec} {sets:?}: evaluation {got}, reference {want} ({e:.1e})");
+        eprintln!("{spec} {sets:?}: validation loss {got:.6}, reference {want:.6} ({e:.1e})");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}

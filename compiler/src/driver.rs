@@ -54,6 +54,21 @@ impl Default for Passes {
     }
 }
 
+/// The evaluation program of `m` on one device, whatever its layout (the
+/// weights are the logical ones): the forward pass of one microbatch, dropout
+/// off, its loss in `loss`. `backward` is the step's ([`Compiled::backward`]).
+pub fn compile_eval(m: &Model, backward: &Backward, passes: Passes) -> Result<Program, PassError> {
+    let mut one = m.clone();
+    one.parallel = crate::config::Parallel::default();
+    let mut prog = parallel::shard(&one, backward, 0).map_err(|e| fail("sharding")(e.to_string()))?;
+    prog.micro = 1;
+    let p = lower::lower_eval(&one, &prog, passes.fuse).map_err(|e| fail("lowering")(e.to_string()))?;
+    if passes.verify {
+        lower::verify::verify(&p).map_err(|e| fail("lowering")(e.to_string()))?;
+    }
+    Ok(p)
+}
+
 /// The training step of `m`: its backward graph, and every rank's program, lowered.
 pub fn compile(m: &Model) -> Result<Compiled, PassError> {
     compile_ranks(m, None)

@@ -44,8 +44,9 @@ enum Command {
         /// Print the graph IR instead: `forward`, `backward` (the training
         /// step's forward and backward graph, as the interpreter runs it),
         /// `rank` (one rank's program under the spec's `parallel` layout,
-        /// with its collectives), or `lowered` (one rank's whole training
-        /// step as instructions over buffers); pick the rank with --rank.
+        /// with its collectives), `lowered` (one rank's whole training step
+        /// as instructions over buffers; pick the rank with --rank) or
+        /// `eval` (the evaluation program: the forward pass on one device).
         #[arg(long, value_name = "GRAPH", conflicts_with = "json")]
         ir: Option<IrGraph>,
         /// The rank whose program `--ir rank` or `--ir lowered` prints.
@@ -225,9 +226,26 @@ enum IrGraph {
     Rank,
     /// The rank's lowered program: its whole training step over buffers.
     Lowered,
+    /// The lowered evaluation program: one microbatch's forward pass on one device.
+    Eval,
 }
 
 fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
+    if let IrGraph::Eval = which {
+        let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
+        let p = tessera_compiler::driver::compile_with(m, Some(&[0]), passes)
+            .and_then(|c| tessera_compiler::driver::compile_eval(m, &c.backward, passes));
+        return match p {
+            Ok(p) => {
+                print!("{}", tessera_compiler::lower::text::print(&p));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let IrGraph::Lowered = which {
         if rank >= m.parallel.world() {
             eprintln!("error: rank {rank} is outside the mesh of {} ranks", m.parallel.world());
@@ -251,7 +269,7 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
         };
     }
     match which {
-        IrGraph::Lowered => unreachable!("handled above"),
+        IrGraph::Lowered | IrGraph::Eval => unreachable!("handled above"),
         IrGraph::Forward => print!("{}", m.graph.to_text()),
         IrGraph::Backward | IrGraph::Rank => {
             if m.graph.output("loss").is_none() {

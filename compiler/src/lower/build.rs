@@ -35,6 +35,19 @@ pub struct LowerError {
     pub message: String,
 }
 
+/// Lower rank `prog.rank`'s evaluation of model `m`: the forward pass of
+/// each of its microbatches (the loss's ancestors in its graph), dropout
+/// off, the losses summed into `loss`. No gradients, no update: the weights
+/// `w.k` are the training program's, and nothing else is persistent.
+pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, LowerError> {
+    let fail = |message: String| LowerError { rank: prog.rank, message };
+    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
+    let mut b = Builder::new(prog, &mesh);
+    b.training = false;
+    b.evaluation(m).map_err(fail)?;
+    Ok(b.finish(fuse))
+}
+
 /// Lower rank `prog.rank`'s training step of model `m`; with `fuse`, runs
 /// of elementwise ops become kernels (`crate::kernel::fuse`).
 pub fn lower(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, LowerError> {
@@ -55,6 +68,10 @@ struct Builder<'a> {
     events: u32,
     /// Where each phase of the step starts (instruction index, name).
     phases: Vec<(usize, String)>,
+    /// Training (dropout on) or evaluation (dropout is the identity).
+    training: bool,
+    /// The nodes to lower (`None`: all of each range): an evaluation's forward pass.
+    only: Option<Vec<bool>>,
     /// Per parameter: weights, gradient, and the buffers the update reads and writes.
     w: Vec<Option<BufId>>,
     /// ZeRO 3: the weights gathered for this step (a view of the local type).
@@ -100,6 +117,8 @@ impl<'a> Builder<'a> {
             tops: [0; 5],
             events: 0,
             phases: Vec::new(),
+            training: true,
+            only: None,
             w: vec![None; n],
             w_full: vec![None; n],
             g: vec![None; n],
@@ -224,7 +243,7 @@ impl<'a> Builder<'a> {
             }
         }
         for i in range {
-            if vals[i].is_some() {
+            if vals[i].is_some() || self.only.as_ref().is_some_and(|o| !o[i]) {
                 continue;
             }
             let node = &g.nodes[i];
@@ -246,6 +265,8 @@ impl<'a> Builder<'a> {
                 Op::Rename { .. } | Op::SplitDim { .. } | Op::MergeDims { .. } => {
                     self.view(ins[0], node.ty.clone(), 0, "")
                 }
+                // Out of training, dropout is the identity: its value is its operand's buffer.
+                Op::Dropout { .. } if !self.training => ins[0],
                 Op::AttentionGrad { forward, .. } => {
                     let group = siblings.get(&attention_key(g, i)).cloned().unwrap_or_else(|| vec![i]);
                     let mut which = Vec::new();
@@ -263,6 +284,20 @@ impl<'a> Builder<'a> {
                     continue;
                 }
                 op => {
+                    let eval_op;
+                    let op = match op {
+                        Op::Attention { causal, dropout, mask, rel, window } if *dropout > 0.0 && !self.training => {
+                            eval_op = Op::Attention {
+                                causal: *causal,
+                                dropout: 0.0,
+                                mask: *mask,
+                                rel: rel.clone(),
+                                window: *window,
+                            };
+                            &eval_op
+                        }
+                        op => op,
+                    };
                     let rng = match op {
                         Op::Dropout { .. } => Some(i as u64),
                         Op::Attention { dropout, .. } if *dropout > 0.0 => Some(i as u64),
@@ -335,6 +370,55 @@ impl<'a> Builder<'a> {
         }
         let i = *self.producer.get(&v)?;
         (matches!(self.instrs[i].kind, Kind::Op { .. }) && self.instrs[i].outs.len() == 1).then_some(i)
+    }
+
+    /// An evaluation: every microbatch's forward pass, the losses summed.
+    fn evaluation(&mut self, m: &Model) -> Result<(), String> {
+        let prog = self.prog;
+        if prog.stage.is_some() {
+            return Err("evaluation programs of pipeline stages are not lowered yet; evaluate on one device".into());
+        }
+        if self.mesh.zero >= 3 {
+            return Err("evaluation programs under ZeRO 3 are not lowered yet; evaluate on one device".into());
+        }
+        for k in 0..prog.params.len() {
+            if prog.params[k].held {
+                let ty = prog.params[k].local.ty.clone();
+                self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
+            }
+        }
+        // The forward pass: the loss and what it is computed from.
+        let g = &prog.graph;
+        let mut need = vec![false; g.len()];
+        need[prog.loss.index()] = true;
+        for i in (0..g.len()).rev() {
+            if need[i] {
+                for v in &g.nodes[i].inputs {
+                    need[v.index()] = true;
+                }
+            }
+        }
+        self.only = Some(need);
+        self.phase("evaluation start".into());
+        self.emit(Kind::Zero, vec![], vec![self.loss]);
+        let metas = prog.local_params();
+        let weights = self.w.clone();
+        for j in 0..prog.micro {
+            let x: Vec<BufId> = (0..m.inputs.len())
+                .map(|i| {
+                    let ty = input_type(prog, i).unwrap_or_else(|| m.inputs[i].ty.clone());
+                    self.persistent(Region::Io, ty, &format!("x{i}.mb{j}"))
+                })
+                .collect();
+            self.phase(format!("forward mb{}", self.data_coord() * prog.micro + j));
+            let mut vals = Vec::new();
+            let extra = HashMap::new();
+            let bind = Bind { inputs: &x, params: &metas, weights: &weights, extra: &extra };
+            self.nodes(g, 0..g.len(), &mut vals, &bind)?;
+            let l = vals[prog.loss.index()].ok_or("the loss was not computed")?;
+            self.emit(Kind::Accumulate, vec![l], vec![self.loss]);
+        }
+        Ok(())
     }
 
     fn step(&mut self, m: &Model, opt: &Optimizer, clip: Option<f64>) -> Result<(), String> {

@@ -31,7 +31,7 @@ pub mod ragged;
 pub mod text;
 pub mod verify;
 
-pub use build::{LowerError, lower};
+pub use build::{LowerError, lower, lower_eval};
 
 use crate::ir::{Op, ReduceOp, TensorType};
 use serde::{Deserialize, Serialize};

@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod evaluate;
 pub mod memory;
 pub mod optim;
 pub mod ranks;
@@ -17,7 +18,7 @@ pub mod reference;
 pub mod shards;
 pub mod tokenizer;
 
-use crate::exec::{Interpreter, param_slice};
+use crate::exec::param_slice;
 use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -120,6 +121,8 @@ pub struct Trainer {
     pub ranks: ranks::Ranks,
     /// Steps skipped for a non-finite loss or gradient norm (`nonfinite = skip`).
     pub skipped_steps: u64,
+    /// The evaluation program, compiled at the first evaluation.
+    evaluator: std::sync::Mutex<Option<evaluate::Evaluator>>,
     /// What this run is (recorded in its checkpoints).
     pub run: checkpoint::RunRecord,
     /// How a resume differs from the checkpoint's run (`allow_changes`).
@@ -191,6 +194,7 @@ impl Trainer {
             ranks,
             trace: None,
             skipped_steps: 0,
+            evaluator: std::sync::Mutex::new(None),
             run,
             resume_changes: Vec::new(),
         };
@@ -338,13 +342,20 @@ impl Trainer {
     /// any microbatch size or layout).
     pub fn evaluate(&self, batches: u64) -> Result<f64, TrainError> {
         let weights = self.weights()?;
-        let interp = Interpreter { graph: &self.model.graph, params: &self.model.params, dropout: None, comm: None };
-        let loss = self.model.graph.output("loss").expect("loss");
+        let mut slot = self.evaluator.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let e = evaluate::Evaluator::new(&self.model, &self.compiled.backward)
+                .map_err(|e| TrainError::Setup(format!("cannot compile the evaluation: {e}")))?;
+            *slot = Some(e);
+        }
+        let ev = slot.as_mut().expect("set above");
+        ev.load(&weights).map_err(TrainError::Setup)?;
+        drop(weights);
         let mut total = 0.0;
         let n = batches.max(1) * self.accumulation;
         for k in 0..n {
             let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, k);
-            total += interp.run(&inputs, &weights)?[loss.index()].data[0] as f64;
+            total += ev.loss(&inputs).map_err(TrainError::Setup)?;
         }
         let mean = total / n as f64;
         if !mean.is_finite() {
@@ -356,19 +367,6 @@ impl Trainer {
             )));
         }
         Ok(mean)
-    }
-
-    /// The loss of the current parameters on one training batch of `step` (tests).
-    pub fn loss_at(&self, step: u64) -> Result<f64, TrainError> {
-        let interp = Interpreter {
-            graph: &self.model.graph,
-            params: &self.model.params,
-            dropout: Some(self.cfg.seed ^ (step << 20)),
-            comm: None,
-        };
-        let inputs = self.batch_inputs(data::Split::Train, step, 0);
-        let loss = self.model.graph.output("loss").expect("loss");
-        Ok(interp.run(&inputs, &self.weights()?)?[loss.index()].data[0] as f64)
     }
 
     /// Write the Chrome trace recorded so far to `path`, one track per rank.
