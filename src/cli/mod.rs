@@ -1161,7 +1161,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        // Compiling (every pass to the lowered programs) and starting the ranks.
+        // Setting up: the data, every pass to the lowered programs, the ranks.
         compile_s.push(t0.elapsed().as_secs_f64());
         arena = t.compiled.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>();
         tokens = t.tokens_per_step() * steps.max(1);
@@ -1229,7 +1229,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             println!("PyTorch peer: {p:.0} tokens/s; Tessera/PyTorch = {:.2}", tps / p);
         }
         println!(
-            "compiled and started in {:.0} ms (every pass to the lowered programs); arena {} per rank",
+            "set up in {:.0} ms (the data, every pass to the lowered programs, the ranks); arena {} per rank",
             median(&compile_s) * 1e3,
             arena.iter().map(|b| format!("{:.1} MB", *b as f64 / 1e6)).collect::<Vec<_>>().join(", ")
         );

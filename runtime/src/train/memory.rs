@@ -10,17 +10,18 @@ use tessera_compiler::cost::memory;
 /// graphs, one thread (peak RSS of a 2-step run of the tiny GPT: 64 MB).
 const PROCESS_BYTES: u128 = 64 << 20;
 /// What each rank takes beyond its regions: its lowered program, its
-/// thread and the allocator's per-thread heap. Measured for the node-by-node
-/// runtime that preceded the lowered programs (peak RSS of the tiny GPT on
-/// 16, 64 and 256 data-parallel ranks grew by 20 MB per rank, of which its
-/// tensors were 3.4 MB; docs/reliability.md) and kept as the bound.
-const RANK_BYTES: u128 = 16 << 20;
+/// thread and the allocator's per-thread heap. Measured: peak RSS of the
+/// tiny GPT (120K parameters) on 64 and 256 data-parallel ranks grows by
+/// 24 MB per rank, of which its regions are 4 MB (docs/reliability.md).
+const RANK_BYTES: u128 = 20 << 20;
 
 /// Bytes a CPU training run of `m` needs, all ranks together: per rank the
 /// regions of its lowered program in f32 (weights, gradients, optimizer
-/// state, the activation arena as the cost model estimates it); the logical
-/// weights and optimizer state that checkpoints and evaluation assemble;
-/// and the runtime's own overhead, per process and per rank.
+/// state, the activation arena as the cost model estimates it) and as much
+/// again as the arena for the operands the CPU backend's library calls copy
+/// out of it (norms, gathers, cross-entropy, routing; measured at 0.5–1.0×
+/// the arena); the logical weights and optimizer state that checkpoints and
+/// evaluation assemble; and the runtime's own overhead, per process and per rank.
 pub fn cpu_training_bytes(m: &Model) -> u128 {
     let opt_per_elem: u128 = match m.train.as_ref().map(|t| &t.optimizer) {
         Some(Optimizer::Sgd { .. }) => 1,
@@ -32,8 +33,8 @@ pub fn cpu_training_bytes(m: &Model) -> u128 {
     let rank = |i: usize| -> u128 {
         let p = held.get(i).copied().unwrap_or(0) as u128;
         let acts = mem.get(i).map(|r| r.activations).unwrap_or(0) as u128 * 4 / spec_bytes;
-        // weights, gradients, optimizer state; activations
-        4 * p * (2 + opt_per_elem) + acts + RANK_BYTES
+        // weights, gradients, optimizer state; the arena and the copies out of it
+        4 * p * (2 + opt_per_elem) + 2 * acts + RANK_BYTES
     };
     let logical: u128 = m.params.iter().map(|p| p.ty.numel() as u128).sum::<u128>() * 4 * (1 + opt_per_elem);
     PROCESS_BYTES + logical + (0..mem.len().max(1)).map(rank).sum::<u128>()
