@@ -181,11 +181,18 @@ impl Trainer {
             tokenizer: train.tokenizer.clone().unwrap_or_else(|| "bytes".into()),
             optimizer: serde_json::to_value(&train.optimizer).unwrap_or_default(),
         };
-        let ranks = start_ranks(&model, &compiled, ranks::Start::Init { seed: cfg.seed })?;
-        let mut t = Trainer {
+        // From a checkpoint, or from the initializers; the ranks are started once.
+        let (ranks, step, resume_changes) = match &cfg.resume {
+            Some(dir) => {
+                let (params, opt, step, changes) = resume(dir, &model, &run, cfg.allow_changes)?;
+                (start_ranks(&model, &compiled, ranks::Start::State(&params, &opt))?, step, changes)
+            }
+            None => (start_ranks(&model, &compiled, ranks::Start::Init { seed: cfg.seed })?, 0, Vec::new()),
+        };
+        Ok(Trainer {
             model,
             compiled,
-            step: 0,
+            step,
             data,
             cfg,
             accumulation,
@@ -196,12 +203,8 @@ impl Trainer {
             skipped_steps: 0,
             evaluator: std::sync::Mutex::new(None),
             run,
-            resume_changes: Vec::new(),
-        };
-        if let Some(dir) = t.cfg.resume.clone() {
-            t.load(&dir)?;
-        }
-        Ok(t)
+            resume_changes,
+        })
     }
 
     fn seq(&self) -> usize {
@@ -398,47 +401,48 @@ impl Trainer {
         checkpoint::save(&self.cfg.out, &self.model, &params, &opt, self.step, Some(&self.run))
     }
 
-    /// Load a checkpoint of the same run: its record must match this one's
-    /// unless `allow_changes`; another kind of optimizer starts from fresh state.
-    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let then = checkpoint::run_of(dir)?;
-        let mut fresh_optimizer = false;
-        match &then {
-            Some(then) => {
-                self.resume_changes = self.run.changes_from(then);
-                fresh_optimizer = self.run.optimizer_kind_changed(then);
-                if fresh_optimizer {
-                    self.resume_changes.push(
-                        "the optimizer state starts afresh: the checkpoint's moments belong to another optimizer"
-                            .into(),
-                    );
-                }
-            }
-            None => self.resume_changes.push(
-                "the checkpoint records no run (spec, seed, data): it was written by an older `tessera train`".into(),
-            ),
-        }
-        if !self.resume_changes.is_empty() && !self.cfg.allow_changes {
-            return Err(TrainError::Setup(format!(
-                "resuming from `{}` would not continue the same run:\n  - {}\n  help: resume with the run's own \
-                 settings (leave out --seed/--data to use the recorded ones), or pass --allow-changes to resume \
-                 anyway (the changes are logged)",
-                dir.display(),
-                self.resume_changes.join("\n  - ")
-            )));
-        }
-        let optimizer = &self.model.train.as_ref().expect("checked in new").optimizer;
-        let fresh = optim::OptimizerState::new(&self.model.params, optimizer);
-        let (params, opt, step) = checkpoint::load(dir, &self.model, &fresh, fresh_optimizer)?;
-        self.step = step;
-        self.ranks = start_ranks(&self.model, &self.compiled, ranks::Start::State(&params, &opt))?;
-        Ok(())
-    }
-
     /// The per-layer slice of a parameter (for inspection and sampling).
     pub fn param(&self, index: usize, layer: Option<u64>) -> Result<Option<Tensor<f32>>, TrainError> {
         Ok(param_slice(&self.model.params[index], &self.weights()?[index], layer))
     }
+}
+
+/// A checkpoint of the same run: its weights, optimizer state and step, and
+/// how its run differs from `run`. The record must match unless
+/// `allow_changes`; another kind of optimizer starts from fresh state.
+type Resumed = (Vec<Tensor<f32>>, optim::OptimizerState, u64, Vec<String>);
+
+fn resume(dir: &Path, m: &Model, run: &checkpoint::RunRecord, allow_changes: bool) -> Result<Resumed, TrainError> {
+    let then = checkpoint::run_of(dir)?;
+    let mut changes = Vec::new();
+    let mut fresh_optimizer = false;
+    match &then {
+        Some(then) => {
+            changes = run.changes_from(then);
+            fresh_optimizer = run.optimizer_kind_changed(then);
+            if fresh_optimizer {
+                changes.push(
+                    "the optimizer state starts afresh: the checkpoint's moments belong to another optimizer".into(),
+                );
+            }
+        }
+        None => changes.push(
+            "the checkpoint records no run (spec, seed, data): it was written by an older `tessera train`".into(),
+        ),
+    }
+    if !changes.is_empty() && !allow_changes {
+        return Err(TrainError::Setup(format!(
+            "resuming from `{}` would not continue the same run:\n  - {}\n  help: resume with the run's own \
+             settings (leave out --seed/--data to use the recorded ones), or pass --allow-changes to resume \
+             anyway (the changes are logged)",
+            dir.display(),
+            changes.join("\n  - ")
+        )));
+    }
+    let optimizer = &m.train.as_ref().expect("checked in Trainer::new").optimizer;
+    let fresh = optim::OptimizerState::new(&m.params, optimizer);
+    let (params, opt, step) = checkpoint::load(dir, m, &fresh, fresh_optimizer)?;
+    Ok((params, opt, step, changes))
 }
 
 /// Every rank's backend, holding its part of the logical weights and optimizer state.
