@@ -531,4 +531,7 @@ fn lowered_programs_in_inspect_and_bench() {
     let arena = b["arena_bytes"].as_array().expect("one entry per rank");
     assert_eq!(arena.len(), 1);
     assert!(arena[0].as_u64().unwrap() > 0, "{b}");
+    // The peak RSS holds at least the rank's regions (Linux reports it).
+    let (rss, regions) = (b["peak_rss_bytes"].as_u64().unwrap(), b["region_bytes"].as_u64().unwrap());
+    assert!(regions >= arena[0].as_u64().unwrap() && rss >= regions, "{b}");
 }

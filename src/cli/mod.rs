@@ -1149,7 +1149,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
     let mut last = 0.0;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut tokens = 0;
-    let (mut compile_s, mut arena) = (Vec::new(), Vec::new());
+    let (mut compile_s, mut arena, mut regions) = (Vec::new(), Vec::new(), 0u64);
     // Every round starts from the initial weights, as the peer does: an MoE's
     // work depends on how its router spreads tokens, which changes as it trains.
     for _ in 0..rounds {
@@ -1164,6 +1164,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         // Setting up: the data, every pass to the lowered programs, the ranks.
         compile_s.push(t0.elapsed().as_secs_f64());
         arena = t.compiled.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>();
+        regions = t.compiled.programs.iter().map(|p| p.total_bytes()).sum::<u64>();
         tokens = t.tokens_per_step() * steps.max(1);
         let mut start = std::time::Instant::now();
         for k in 0..WARMUP + steps.max(1) {
@@ -1190,6 +1191,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             }
         }
     }
+    let peak_rss = tessera_runtime::train::memory::peak_rss_bytes();
     let tps = median(&ours);
     let secs = tokens as f64 / tps;
     let gflops = tps * flops_per_token / 1e9;
@@ -1214,6 +1216,8 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         j["tokens_per_s_rounds"] = json!(ours);
         j["setup_s"] = json!(median(&compile_s));
         j["arena_bytes"] = json!(arena);
+        j["region_bytes"] = json!(regions);
+        j["peak_rss_bytes"] = json!(peak_rss);
         if let Some(p) = peer {
             j["pytorch_tokens_per_s"] = json!(p);
             j["pytorch_tokens_per_s_rounds"] = json!(theirs);
@@ -1233,6 +1237,13 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             median(&compile_s) * 1e3,
             arena.iter().map(|b| format!("{:.1} MB", *b as f64 / 1e6)).collect::<Vec<_>>().join(", ")
         );
+        if let Some(rss) = peak_rss {
+            println!(
+                "peak RSS {:.1} MB; every rank's regions (weights, gradients, optimizer state, io, arena) {:.1} MB",
+                rss as f64 / 1e6,
+                regions as f64 / 1e6
+            );
+        }
         if rounds > 1 {
             let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
             println!("medians of {rounds} alternating rounds; Tessera: {}", list(&ours));
