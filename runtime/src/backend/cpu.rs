@@ -323,6 +323,64 @@ impl Cpu {
         self.slice(b).iter().map(|&c| c as usize).collect()
     }
 
+    /// `take` and `untake` where the taken dim's slices are contiguous
+    /// blocks of the whole (the output's dims are the whole's without
+    /// `dim`, in order): block copies between the regions, no operand copied
+    /// out. Untake zeroes the whole and adds each part in order (as the
+    /// interpreter's kernel does, so the result is the same bits). `None`:
+    /// another layout, or buffers that share bytes, for the interpreter.
+    fn take_blocks(&mut self, op: &Op, ins: &[&Buffer], out: &Buffer) -> Option<()> {
+        let (dim, whole, parts): (&str, &Buffer, Vec<(&Buffer, usize)>) = match op {
+            Op::Take { dim, index } => (dim, ins[0], vec![(out, *index as usize)]),
+            Op::Untake { dim, indices } if indices.len() == ins.len() => {
+                (dim, out, ins.iter().zip(indices).map(|(b, &i)| (*b, i as usize)).collect())
+            }
+            _ => return None,
+        };
+        let d = &whole.ty.dims;
+        let p = d.iter().position(|x| x.name == dim)?;
+        let apart = |b: &Buffer, c: &Buffer| {
+            b.region != c.region || b.offset + b.ty.bytes() <= c.offset || c.offset + c.ty.bytes() <= b.offset
+        };
+        let fits = parts.iter().all(|(b, i)| {
+            *i < d[p].size as usize && d.iter().filter(|x| x.name != dim).eq(b.ty.dims.iter()) && apart(b, whole)
+        });
+        if !fits || [whole].iter().chain(parts.iter().map(|(b, _)| b)).any(|b| !in_regions(b)) {
+            return None;
+        }
+        let inner: usize = d[p + 1..].iter().map(|x| x.size as usize).product();
+        let n = d[p].size as usize;
+        let blocks = whole.ty.numel() as usize / (inner * n).max(1);
+        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|x| x.as_mut_ptr()).collect();
+        // SAFETY: each buffer lies inside its region.
+        let at = |x: &Buffer| unsafe { bases[region_index(x.region)].add(range(x).start) };
+        let w = at(whole);
+        if matches!(op, Op::Untake { .. }) {
+            // SAFETY: the whole's elements (f32 zero is all zero bits).
+            unsafe { std::ptr::write_bytes(w, 0, whole.ty.numel() as usize) };
+        }
+        for (b, index) in parts {
+            let part = at(b);
+            for k in 0..blocks {
+                // SAFETY: block k of the whole is inner·n elements, of the part
+                // inner; the part and the whole share no bytes (checked).
+                unsafe {
+                    let whole_at = w.add(k * inner * n + index * inner);
+                    let part_at = part.add(k * inner);
+                    match op {
+                        Op::Take { .. } => std::ptr::copy_nonoverlapping(whole_at, part_at, inner),
+                        _ => {
+                            let dst = std::slice::from_raw_parts_mut(whole_at, inner);
+                            let src = std::slice::from_raw_parts(part_at, inner);
+                            dst.iter_mut().zip(src).for_each(|(o, x)| *o += *x);
+                        }
+                    }
+                }
+            }
+        }
+        Some(())
+    }
+
     /// `out[e, ...] [+]= Σ_{s < counts[e]} x[e, s, ...]`: a sum over the filled slots.
     fn sum_slots(&mut self, x: &Buffer, out: &Buffer, accumulate: bool, counts: &[usize]) -> Option<()> {
         let d = &x.ty.dims;
@@ -384,6 +442,11 @@ impl Backend for Cpu {
                 if self
                     .contract(buf(&ins.ins[0]), buf(&ins.ins[1]), buf(&ins.outs[0]), *accumulate, None)
                     .is_some() =>
+            {
+                Ok(())
+            }
+            Kind::Op { op: op @ (Op::Take { .. } | Op::Untake { .. }), accumulate: false, rows: false, .. }
+                if self.take_blocks(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() =>
             {
                 Ok(())
             }
@@ -660,6 +723,40 @@ mod tests {
         }
         // An output over its own operand's bytes is left to the interpreter's kernel.
         assert!(cpu.contract(&x, &w, &x, false, None).is_none());
+    }
+
+    /// `take` and `untake` as block copies on the regions give the
+    /// interpreter's kernels' results, bit for bit (a repeated index adds).
+    #[test]
+    fn takes_and_untakes_on_the_regions_match_the_interpreter() {
+        let (b, q, h) = (3u64, 3u64, 5u64);
+        let whole = buf(&[("b", b), ("qkv", q), ("h", h)], 0);
+        let n = b * q * h;
+        let part = |i: u64| buf(&[("b", b), ("h", h)], 4 * (n + i * b * h));
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * (n + 3 * b * h)]).unwrap();
+        let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        cpu.upload(&whole, &xs).unwrap();
+        let x = Tensor { dims: whole.ty.dims.clone(), data: xs.clone() };
+        for i in 0..q {
+            let op = Op::Take { dim: "qkv".into(), index: i };
+            assert!(cpu.take_blocks(&op, &[&whole], &part(i)).is_some());
+            let want = crate::exec::kernels::take(&x, "qkv", i as usize, &part(i).ty.dims);
+            assert_eq!(cpu.download(&part(i)).unwrap(), want.data);
+        }
+        // Untake the three parts with index 1 twice: index 2 stays zero.
+        let indices = vec![0, 1, 1];
+        let parts: Vec<Tensor<f32>> =
+            (0..q).map(|i| Tensor { dims: part(i).ty.dims.clone(), data: cpu.download(&part(i)).unwrap() }).collect();
+        let op = Op::Untake { dim: "qkv".into(), indices: indices.clone() };
+        let bufs: Vec<Buffer> = (0..q).map(part).collect();
+        assert!(cpu.take_blocks(&op, &bufs.iter().collect::<Vec<_>>(), &whole).is_some());
+        let refs: Vec<&Tensor<f32>> = parts.iter().collect();
+        let want = crate::exec::kernels::untake(&refs, "qkv", &indices, &whole.ty.dims);
+        assert_eq!(cpu.download(&whole).unwrap(), want.data);
+        // A part laid out otherwise is left to the interpreter.
+        let other = buf(&[("h", h), ("b", b)], 4 * n);
+        assert!(cpu.take_blocks(&Op::Take { dim: "qkv".into(), index: 0 }, &[&whole], &other).is_none());
     }
 
     /// Over filled slots: an expert GEMM computes the filled rows only, and a
