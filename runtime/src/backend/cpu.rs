@@ -381,6 +381,69 @@ impl Cpu {
         Some(())
     }
 
+    /// LayerNorm, RMSNorm and their input gradient over a last, contiguous
+    /// dim, row by row on the regions with the interpreter's row functions
+    /// (so the same bits), no operand copied out. A norm may write over its
+    /// own input; every other overlap, and any other layout, is `None`.
+    fn norms(&mut self, op: &Op, ins: &[&Buffer], out: &Buffer) -> Option<()> {
+        use crate::exec::kernels::{norm_grad_x_row, norm_row};
+        let (dim, eps, rms, gain, bias, grad) = match op {
+            Op::LayerNorm { dim, eps, gain, bias } => (dim, *eps, false, *gain, *bias, false),
+            Op::RmsNorm { dim, eps, gain } => (dim, *eps, true, *gain, false, false),
+            Op::NormGradX { dim, eps, gain, rms } => (dim, *eps, *rms, *gain, false, true),
+            _ => return None,
+        };
+        let x = ins[0];
+        let len = x.ty.dims.last().filter(|d| d.name == *dim)?.size as usize;
+        let g = grad.then(|| ins[1 + usize::from(gain)]);
+        let (gn, bs) = (gain.then(|| ins[1]), bias.then(|| ins[1 + usize::from(gain)]));
+        let shaped = |b: &Buffer| b.ty.dims == out.ty.dims;
+        let apart = |b: &Buffer| {
+            b.region != out.region || b.offset + b.ty.bytes() <= out.offset || out.offset + out.ty.bytes() <= b.offset
+        };
+        let same = x.region == out.region && x.offset == out.offset;
+        let ok = len > 0
+            && shaped(x)
+            && g.is_none_or(|g| shaped(g) && apart(g))
+            && [gn, bs].iter().flatten().all(|p| p.ty.numel() as usize == len && apart(p))
+            && (apart(x) || same && !grad)
+            && ins.iter().chain([&out]).all(|b| in_regions(b));
+        if !ok {
+            return None;
+        }
+        let n = out.ty.numel() as usize;
+        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|r| r.as_mut_ptr()).collect();
+        // SAFETY: each buffer lies inside its region.
+        let at = |b: &Buffer| unsafe { bases[region_index(b.region)].add(range(b).start) };
+        // SAFETY (for every slice below): each addresses its buffer's own
+        // elements, and the output shares bytes with no input (checked), except
+        // a norm's input when it is the output itself, which is copied nowhere.
+        let read = |b: &Buffer| unsafe { std::slice::from_raw_parts(at(b) as *const f32, b.ty.numel() as usize) };
+        let (gs, bsl) = (gn.map(read), bs.map(read));
+        if grad {
+            let (xs, gv) = (read(x), read(g.expect("a gradient")));
+            let ones = vec![1f32; len];
+            let w = gs.unwrap_or(&ones);
+            let o = unsafe { std::slice::from_raw_parts_mut(at(out), n) };
+            crate::exec::fast::par_rows(o, len, |first, o| {
+                for (k, o) in o.chunks_mut(len).enumerate() {
+                    let r = (first + k) * len;
+                    norm_grad_x_row(&xs[r..r + len], &gv[r..r + len], w, len as f32, eps, rms, o);
+                }
+            });
+        } else {
+            if !same {
+                // SAFETY: n elements each, apart (checked).
+                unsafe { std::ptr::copy_nonoverlapping(at(x), at(out), n) };
+            }
+            let o = unsafe { std::slice::from_raw_parts_mut(at(out), n) };
+            crate::exec::fast::par_rows(o, len, |_, rows| {
+                rows.chunks_mut(len).for_each(|row| norm_row(row, eps, rms, gs, bsl))
+            });
+        }
+        Some(())
+    }
+
     /// `out[e, ...] [+]= Σ_{s < counts[e]} x[e, s, ...]`: a sum over the filled slots.
     fn sum_slots(&mut self, x: &Buffer, out: &Buffer, accumulate: bool, counts: &[usize]) -> Option<()> {
         let d = &x.ty.dims;
@@ -445,6 +508,12 @@ impl Backend for Cpu {
             {
                 Ok(())
             }
+            Kind::Op {
+                op: op @ (Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::NormGradX { .. }),
+                accumulate: false,
+                rows: false,
+                ..
+            } if self.norms(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() => Ok(()),
             Kind::Op { op: op @ (Op::Take { .. } | Op::Untake { .. }), accumulate: false, rows: false, .. }
                 if self.take_blocks(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() =>
             {
@@ -757,6 +826,44 @@ mod tests {
         // A part laid out otherwise is left to the interpreter.
         let other = buf(&[("h", h), ("b", b)], 4 * n);
         assert!(cpu.take_blocks(&Op::Take { dim: "qkv".into(), index: 0 }, &[&whole], &other).is_none());
+    }
+
+    /// Norms and their input gradient on the regions give the interpreter's
+    /// kernels' results bit for bit, in place too; a norm over a dim that is
+    /// not last is left to the interpreter.
+    #[test]
+    fn norms_on_the_regions_match_the_interpreter() {
+        let (r, e) = (7u64, 48u64);
+        let n = r * e;
+        let x = buf(&[("row", r), ("e", e)], 0);
+        let gain = buf(&[("e", e)], 4 * n);
+        let bias = buf(&[("e", e)], 4 * (n + e));
+        let g = buf(&[("row", r), ("e", e)], 4 * (n + 2 * e));
+        let out = buf(&[("row", r), ("e", e)], 4 * (2 * n + 2 * e));
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * (3 * n + 2 * e)]).unwrap();
+        let data = |k: f32, m: u64| -> Vec<f32> { (0..m).map(|i| (i as f32 * k).sin() + 0.1).collect() };
+        let (xs, ws, bs, gs) = (data(0.37, n), data(0.11, e), data(0.23, e), data(0.71, n));
+        for (b, d) in [(&x, &xs), (&gain, &ws), (&bias, &bs), (&g, &gs)] {
+            cpu.upload(b, d).unwrap();
+        }
+        let t = |b: &Buffer, d: &[f32]| Tensor { dims: b.ty.dims.clone(), data: d.to_vec() };
+        use crate::exec::kernels as k;
+        let ln = Op::LayerNorm { dim: "e".into(), eps: 1e-5, gain: true, bias: true };
+        assert!(cpu.norms(&ln, &[&x, &gain, &bias], &out).is_some());
+        let want = k::norm(&t(&x, &xs), "e", 1e-5, false, Some(&t(&gain, &ws)), Some(&t(&bias, &bs)));
+        assert_eq!(cpu.download(&out).unwrap(), want.data);
+        let dx = Op::NormGradX { dim: "e".into(), eps: 1e-5, gain: true, rms: true };
+        assert!(cpu.norms(&dx, &[&x, &gain, &g], &out).is_some());
+        let want = k::norm_grad_x(&t(&x, &xs), Some(&t(&gain, &ws)), &t(&g, &gs), "e", 1e-5, true);
+        assert_eq!(cpu.download(&out).unwrap(), want.data);
+        // RMSNorm in place over its input.
+        let rms = Op::RmsNorm { dim: "e".into(), eps: 1e-6, gain: false };
+        assert!(cpu.norms(&rms, &[&x], &x).is_some());
+        let want = k::norm(&t(&x, &xs), "e", 1e-6, true, None, None);
+        assert_eq!(cpu.download(&x).unwrap(), want.data);
+        let across = Op::LayerNorm { dim: "row".into(), eps: 1e-5, gain: false, bias: false };
+        assert!(cpu.norms(&across, &[&g], &out).is_none());
     }
 
     /// Over filled slots: an expert GEMM computes the filled rows only, and a

@@ -536,19 +536,23 @@ pub fn norm<T: Real>(
     gain: Option<&Tensor<T>>,
     bias: Option<&Tensor<T>>,
 ) -> Tensor<T> {
-    rows(x, dim, |row| {
-        let (mean, inv) = norm_stats(row, eps, rms);
-        for (i, v) in row.iter_mut().enumerate() {
-            let mut y = (*v - mean) * inv;
-            if let Some(g) = gain {
-                y = y * g.data[i];
-            }
-            if let Some(b) = bias {
-                y += b.data[i];
-            }
-            *v = y;
+    let (gain, bias) = (gain.map(|g| &g.data[..]), bias.map(|b| &b.data[..]));
+    rows(x, dim, |row| norm_row(row, eps, rms, gain, bias))
+}
+
+/// One row of a LayerNorm (RMSNorm with `rms`), in place.
+pub(crate) fn norm_row<T: Real>(row: &mut [T], eps: f64, rms: bool, gain: Option<&[T]>, bias: Option<&[T]>) {
+    let (mean, inv) = norm_stats(row, eps, rms);
+    for (i, v) in row.iter_mut().enumerate() {
+        let mut y = (*v - mean) * inv;
+        if let Some(g) = gain {
+            y = y * g[i];
         }
-    })
+        if let Some(b) = bias {
+            y += b[i];
+        }
+        *v = y;
+    }
 }
 
 pub fn norm_grad_x<T: Real>(
@@ -569,22 +573,28 @@ pub fn norm_grad_x<T: Real>(
     par_rows(&mut out, len, |first, o| {
         for (k, o) in o.chunks_mut(len).enumerate() {
             let (xr, gr) = (&px.data[(first + k) * len..][..len], &pg.data[(first + k) * len..][..len]);
-            let (mean, inv) = norm_stats(xr, eps, rms);
-            // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)).
-            let (mut m1, mut m2) = ([T::zero(); 8], [T::zero(); 8]);
-            for (k, ((x, g), w)) in xr.iter().zip(gr).zip(gain).enumerate() {
-                let d = *g * *w;
-                m1[k % 8] += d;
-                m2[k % 8] += d * (*x - mean) * inv;
-            }
-            let m1 = if rms { T::zero() } else { super::fast::sum(&m1) / n };
-            let m2 = super::fast::sum(&m2) / n;
-            for (((o, x), g), w) in o.iter_mut().zip(xr).zip(gr).zip(gain) {
-                *o = inv * (*g * *w - m1 - (*x - mean) * inv * m2);
-            }
+            norm_grad_x_row(xr, gr, gain, n, eps, rms, o);
         }
     });
     Tensor { dims: px.dims.clone(), data: out }.permuted(&x.dims).into_owned()
+}
+
+/// One row of a norm's input gradient: `o` from the row `xr`, its output
+/// gradient `gr` and the gain (`n`: the row's length as a value).
+pub(crate) fn norm_grad_x_row<T: Real>(xr: &[T], gr: &[T], gain: &[T], n: T, eps: f64, rms: bool, o: &mut [T]) {
+    let (mean, inv) = norm_stats(xr, eps, rms);
+    // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)).
+    let (mut m1, mut m2) = ([T::zero(); 8], [T::zero(); 8]);
+    for (k, ((x, g), w)) in xr.iter().zip(gr).zip(gain).enumerate() {
+        let d = *g * *w;
+        m1[k % 8] += d;
+        m2[k % 8] += d * (*x - mean) * inv;
+    }
+    let m1 = if rms { T::zero() } else { super::fast::sum(&m1) / n };
+    let m2 = super::fast::sum(&m2) / n;
+    for (((o, x), g), w) in o.iter_mut().zip(xr).zip(gr).zip(gain) {
+        *o = inv * (*g * *w - m1 - (*x - mean) * inv * m2);
+    }
 }
 
 pub fn norm_grad_gain<T: Real>(x: &Tensor<T>, g: &Tensor<T>, dim: &str, eps: f64, rms: bool) -> Tensor<T> {
