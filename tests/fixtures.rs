@@ -128,7 +128,7 @@ fn check(spec: &str, fixture: &str, small: bool) {
     let report = ranks.step(0, 0, learning_rate(train, 0, 1, 1), &feed, None).expect("runs")[0];
     let e = rel_err(&[report.loss.expect("one device computes the loss") as f32], &fx.get("loss"));
     assert!(e <= 1e-5, "{fixture}: lowered loss relative error {e:.2e}");
-    let (after, _) = ranks.logical(&m, &c).expect("weights");
+    let after = ranks.weights(&m, &c).expect("weights");
     for (k, p) in m.params.iter().enumerate() {
         let g = ranks.read(0, &format!("g.{k}")).expect("reads").expect("a gradient buffer");
         let want = fx.get(&format!("grad.{}", p.path));

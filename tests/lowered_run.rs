@@ -155,8 +155,8 @@ fn fusion_changes_no_result() {
             let b = runs[1].step(step, 7, lr, &inputs, None).expect("runs");
             assert_eq!(a, b, "{sets:?} step {step}: the reports differ");
         }
-        let (wa, _) = runs[0].logical(&m, &fused).expect("weights");
-        let (wb, _) = runs[1].logical(&m, &plain).expect("weights");
+        let wa = runs[0].weights(&m, &fused).expect("weights");
+        let wb = runs[1].weights(&m, &plain).expect("weights");
         for (k, (x, y)) in wa.iter().zip(&wb).enumerate() {
             assert!(x.data == y.data, "{sets:?}: `{}` differs with fusion", m.params[k].path);
         }

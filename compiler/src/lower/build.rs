@@ -284,21 +284,14 @@ impl<'a> Builder<'a> {
                     continue;
                 }
                 op => {
-                    let eval_op;
-                    let op = match op {
-                        Op::Attention { causal, dropout, mask, rel, window } if *dropout > 0.0 && !self.training => {
-                            eval_op = Op::Attention {
-                                causal: *causal,
-                                dropout: 0.0,
-                                mask: *mask,
-                                rel: rel.clone(),
-                                window: *window,
-                            };
-                            &eval_op
-                        }
-                        op => op,
-                    };
-                    let rng = match op {
+                    // Out of training, attention keeps every probability.
+                    let mut op = op.clone();
+                    if let Op::Attention { dropout, .. } = &mut op
+                        && !self.training
+                    {
+                        *dropout = 0.0;
+                    }
+                    let rng = match &op {
                         Op::Dropout { .. } => Some(i as u64),
                         Op::Attention { dropout, .. } if *dropout > 0.0 => Some(i as u64),
                         Op::DropoutGrad { forward, .. } => Some(forward.0 as u64),
@@ -314,7 +307,7 @@ impl<'a> Builder<'a> {
                         None => false,
                     };
                     let o = self.temp(node.ty.clone());
-                    self.emit(Kind::Op { op: op.clone(), rng, accumulate: false, rows }, ins, vec![o]);
+                    self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins, vec![o]);
                     o
                 }
             };

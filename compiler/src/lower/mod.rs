@@ -267,11 +267,6 @@ impl Program {
         self.buffers.iter().position(|b| b.name == name).map(|i| BufId(i as u32))
     }
 
-    /// The phase that instruction `i` belongs to, if any.
-    pub fn phase_of(&self, i: usize) -> Option<&Phase> {
-        self.phases.iter().take_while(|p| p.at as usize <= i).last()
-    }
-
     /// The buffer that owns `b`'s bytes.
     pub fn root(&self, mut b: BufId) -> BufId {
         while let Some(v) = self.buffers[b.index()].view_of {

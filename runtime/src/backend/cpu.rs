@@ -45,6 +45,19 @@ fn range(b: &Buffer) -> std::ops::Range<usize> {
     at..at + b.ty.numel() as usize
 }
 
+/// Whether two buffers share no bytes.
+fn disjoint(a: &Buffer, b: &Buffer) -> bool {
+    a.region != b.region || a.offset + a.ty.bytes() <= b.offset || b.offset + b.ty.bytes() <= a.offset
+}
+
+/// A buffer's first element, from its region's base pointer in `bases`
+/// ([`Cpu::bases`]): every pointer an instruction uses comes from one base
+/// per region, so that its loads and in-place stores share their provenance.
+fn at(bases: &[*mut f32; 5], b: &Buffer) -> *mut f32 {
+    // SAFETY: a buffer's elements lie inside its region.
+    unsafe { bases[region_index(b.region)].add(range(b).start) }
+}
+
 impl Cpu {
     pub fn new() -> Cpu {
         Cpu::default()
@@ -88,6 +101,15 @@ impl Cpu {
             self.slice_mut(b).copy_from_slice(&data[at..at + n]);
             at += n;
         }
+    }
+
+    /// One raw pointer per region (see [`at`]).
+    fn bases(&mut self) -> [*mut f32; 5] {
+        let mut out = [std::ptr::null_mut(); 5];
+        for (o, r) in out.iter_mut().zip(self.regions.iter_mut()) {
+            *o = r.as_mut_ptr();
+        }
+        out
     }
 
     /// Read-only views of buffers where they lie.
@@ -155,23 +177,16 @@ impl Cpu {
                 (0..outer).map(|e| (e * block, c.get(e).copied().unwrap_or(0).min(block / row.max(1)) * row)).collect()
             }
         };
-        let bytes = |b: &Buffer| (region_index(b.region), b.offset, b.offset + b.ty.bytes());
         // A store is safe in place if every input sharing its bytes is the same bytes read at the same positions.
         let direct = k.stores.iter().all(|&(s, _)| {
-            let (rs, lo, hi) = bytes(args[s]);
             (0..k.inputs).all(|l| {
-                let (rl, llo, lhi) = bytes(args[l]);
-                rl != rs || lhi <= lo || hi <= llo || (llo == lo && k.strides[l] == k.strides[s])
+                let same = args[l].region == args[s].region && args[l].offset == args[s].offset;
+                disjoint(args[l], args[s]) || same && k.strides[l] == k.strides[s]
             })
         });
         let mut staging: Vec<Vec<f32>> = Vec::new();
-        // One raw pointer per region, so that loads and in-place stores share their provenance.
-        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|r| r.as_mut_ptr()).collect();
-        let mut ptrs: Vec<*mut f32> = args
-            .iter()
-            // SAFETY: a buffer's offset lies inside its region.
-            .map(|b| unsafe { bases[region_index(b.region)].add(range(b).start) })
-            .collect();
+        let bases = self.bases();
+        let mut ptrs: Vec<*mut f32> = args.iter().map(|b| at(&bases, b)).collect();
         if !direct {
             for &(s, _) in &k.stores {
                 staging.push(vec![0f32; args[s].ty.numel() as usize]);
@@ -237,10 +252,7 @@ impl Cpu {
         if a.ty.dims.iter().chain(&b.ty.dims).any(|d| !(in_out(&d.name) || has(a, &d.name) && has(b, &d.name))) {
             return None;
         }
-        let overlaps = |x: &Buffer| {
-            x.region == out.region && x.offset < out.offset + out.ty.bytes() && out.offset < x.offset + x.ty.bytes()
-        };
-        if overlaps(a) || overlaps(b) || [a, b, out].iter().any(|x| x.ty.dtype.bytes() != 4) {
+        if !disjoint(a, out) || !disjoint(b, out) || [a, b, out].iter().any(|x| x.ty.dtype.bytes() != 4) {
             return None;
         }
         // The output's dims must be [batch, rows, cols]; rows come from `a`.
@@ -264,10 +276,8 @@ impl Cpu {
         let sr = group_strides(&r.ty.dims, [&batch, &k, &n])?;
         let size = |v: &[&Dim]| v.iter().map(|d| d.size as usize).product::<usize>();
         let (nb, nm, nn, nk) = (size(&batch), size(&m), size(&n), size(&k));
-        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|x| x.as_mut_ptr()).collect();
-        // SAFETY: each buffer lies inside its region.
-        let at = |x: &Buffer| unsafe { bases[region_index(x.region)].add(range(x).start) };
-        let (pl, pr, po) = (at(l), at(r), at(out));
+        let bases = self.bases();
+        let (pl, pr, po) = (at(&bases, l), at(&bases, r), at(&bases, out));
         // Per batch: the rows and the contracted length.
         let shape: Vec<(usize, usize)> = match rows {
             None => vec![(nm, nk); nb],
@@ -339,11 +349,8 @@ impl Cpu {
         };
         let d = &whole.ty.dims;
         let p = d.iter().position(|x| x.name == dim)?;
-        let apart = |b: &Buffer, c: &Buffer| {
-            b.region != c.region || b.offset + b.ty.bytes() <= c.offset || c.offset + c.ty.bytes() <= b.offset
-        };
         let fits = parts.iter().all(|(b, i)| {
-            *i < d[p].size as usize && d.iter().filter(|x| x.name != dim).eq(b.ty.dims.iter()) && apart(b, whole)
+            *i < d[p].size as usize && d.iter().filter(|x| x.name != dim).eq(b.ty.dims.iter()) && disjoint(b, whole)
         });
         if !fits || [whole].iter().chain(parts.iter().map(|(b, _)| b)).any(|b| !in_regions(b)) {
             return None;
@@ -351,16 +358,14 @@ impl Cpu {
         let inner: usize = d[p + 1..].iter().map(|x| x.size as usize).product();
         let n = d[p].size as usize;
         let blocks = whole.ty.numel() as usize / (inner * n).max(1);
-        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|x| x.as_mut_ptr()).collect();
-        // SAFETY: each buffer lies inside its region.
-        let at = |x: &Buffer| unsafe { bases[region_index(x.region)].add(range(x).start) };
-        let w = at(whole);
+        let bases = self.bases();
+        let w = at(&bases, whole);
         if matches!(op, Op::Untake { .. }) {
             // SAFETY: the whole's elements (f32 zero is all zero bits).
             unsafe { std::ptr::write_bytes(w, 0, whole.ty.numel() as usize) };
         }
         for (b, index) in parts {
-            let part = at(b);
+            let part = at(&bases, b);
             for k in 0..blocks {
                 // SAFETY: block k of the whole is inner·n elements, of the part
                 // inner; the part and the whole share no bytes (checked).
@@ -398,9 +403,7 @@ impl Cpu {
         let g = grad.then(|| ins[1 + usize::from(gain)]);
         let (gn, bs) = (gain.then(|| ins[1]), bias.then(|| ins[1 + usize::from(gain)]));
         let shaped = |b: &Buffer| b.ty.dims == out.ty.dims;
-        let apart = |b: &Buffer| {
-            b.region != out.region || b.offset + b.ty.bytes() <= out.offset || out.offset + out.ty.bytes() <= b.offset
-        };
+        let apart = |b: &Buffer| disjoint(b, out);
         let same = x.region == out.region && x.offset == out.offset;
         let ok = len > 0
             && shaped(x)
@@ -412,9 +415,8 @@ impl Cpu {
             return None;
         }
         let n = out.ty.numel() as usize;
-        let bases: Vec<*mut f32> = self.regions.iter_mut().map(|r| r.as_mut_ptr()).collect();
-        // SAFETY: each buffer lies inside its region.
-        let at = |b: &Buffer| unsafe { bases[region_index(b.region)].add(range(b).start) };
+        let bases = self.bases();
+        let at = |b: &Buffer| at(&bases, b);
         // SAFETY (for every slice below): each addresses its buffer's own
         // elements, and the output shares bytes with no input (checked), except
         // a norm's input when it is the output itself, which is copied nowhere.

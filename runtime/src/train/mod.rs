@@ -232,7 +232,7 @@ impl Trainer {
 
     /// The current logical weights, assembled from the ranks' buffers.
     pub fn weights(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
-        Ok(self.state()?.0)
+        self.ranks.weights(&self.model, &self.compiled).map_err(TrainError::Setup)
     }
 
     /// Start the ranks from these logical weights, keeping the optimizer state.

@@ -225,8 +225,24 @@ impl Ranks {
 
     /// The logical weights and optimizer state, assembled from the ranks' buffers.
     pub fn logical(&self, m: &Model, c: &Compiled) -> Result<(Vec<Tensor<f32>>, OptimizerState), String> {
-        let mut params: Vec<Tensor<f32>> = m.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
         let mut out = OptimizerState::new(&m.params, &self.optimizer);
+        let params = self.assemble(m, c, Some(&mut out))?;
+        Ok((params, out))
+    }
+
+    /// The logical weights alone (evaluation and sampling read no optimizer state).
+    pub fn weights(&self, m: &Model, c: &Compiled) -> Result<Vec<Tensor<f32>>, String> {
+        self.assemble(m, c, None)
+    }
+
+    /// The logical weights, and into `state` the optimizer state, from every rank's buffers.
+    fn assemble(
+        &self,
+        m: &Model,
+        c: &Compiled,
+        mut state: Option<&mut OptimizerState>,
+    ) -> Result<Vec<Tensor<f32>>, String> {
+        let mut params: Vec<Tensor<f32>> = m.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
         for (r, (p, rp)) in self.programs.iter().zip(&c.ranks).enumerate() {
             let cpu = self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
             for (k, meta) in m.params.iter().enumerate() {
@@ -262,6 +278,7 @@ impl Ranks {
                 if let Some(w) = whole(&format!("w.{k}"), z && self.mesh.zero >= 3)? {
                     place(&mut params[k], &w, shard, meta);
                 }
+                let Some(out) = state.as_deref_mut() else { continue };
                 if let Some(w) = whole(&format!("m.{k}"), z)? {
                     place(&mut out.m[k], &w, shard, meta);
                 }
@@ -272,6 +289,6 @@ impl Ranks {
                 }
             }
         }
-        Ok((params, out))
+        Ok(params)
     }
 }
