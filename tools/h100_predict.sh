@@ -1,13 +1,14 @@
 #!/bin/sh
 # The planner's predictions for the single-GPU training steps that
 # tools/h100_check.py measures: the GPT-3 library spec with --set overrides,
-# one H100, bf16, no recompute, no dropout.
+# one GPU (DEVICE, default h100_80gb; h200_141gb for the H200), bf16, no
+# recompute, no dropout.
 set -e
 T=${TESSERA:-target/release/tessera}
 for cfg in "4096 32 8 1" "4096 32 8 4" "2048 16 16 2"; do
   set -- $cfg
   printf 'h%s-l%s-mb%s ' "$1" "$3" "$4"
-  $T plan specs/models/gpt3-175b.spec --device h100_80gb --json \
+  $T plan specs/models/gpt3-175b.spec --device ${DEVICE:-h100_80gb} --json \
     --set dims.embed=$1 --set dims.heads=$2 --set dims.layers=$3 --set dims.seq=2048 \
     --set dims.vocab=51200 --set dims.p_drop=0 \
     --set parallel.mesh.data=1 --set parallel.mesh.tensor=1 --set parallel.mesh.pipeline=1 \
