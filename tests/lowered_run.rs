@@ -118,14 +118,18 @@ fn single_device_programs_match_the_reference_step() {
     );
 }
 
-/// Fusion changes no result: the same programs with and without their
-/// elementwise runs fused into kernels give the same losses and weights, bit
-/// for bit (fused kernels do the same operations in the same order; nothing
-/// is reassociated). Under data 2 with ZeRO 2 and under tensor 2 with
-/// sequence parallelism; GPT-2's dropout included; AdamW's update and SGD's.
+/// Fusion changes no result, and neither does the engine that runs the
+/// kernels: the same programs with and without their elementwise runs fused
+/// into kernels, the fused kernels compiled by the JIT and interpreted,
+/// give the same losses and weights, bit for bit (fused kernels do the same
+/// operations in the same order; nothing is reassociated). Under data 2
+/// with ZeRO 2 and under tensor 2 with sequence parallelism; GPT-2's
+/// dropout included; AdamW's update and SGD's; the MoE's kernels over its
+/// experts' filled slots.
 #[test]
-fn fusion_changes_no_result() {
+fn fusion_and_the_kernel_engine_change_no_result() {
     use tessera::compiler::driver::{Passes, compile_with};
+    use tessera::runtime::train::Engine;
     let gpt2: &[&str] =
         &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"];
     for (spec, sets) in [
@@ -133,6 +137,7 @@ fn fusion_changes_no_result() {
         (GPT, with(&with(SMALL, TP2), &["parallel.sequence_parallel=true"])),
         // SGD's update fuses from plain elementwise ops (AdamW's from its decomposed moments and step).
         (GPT, with(SMALL, &["train.optimizer=sgd(lr = 0.1, momentum = 0.9, weight_decay = 0.01, nesterov = true)"])),
+        (MOE, vec!["parallel.mesh.data=1"]),
     ] {
         let m = common::check_ok(spec, &sets);
         let out = std::env::temp_dir().join(format!("tessera-fuse-{}", std::process::id()));
@@ -143,25 +148,32 @@ fn fusion_changes_no_result() {
         let kernels = fused.programs[0].instrs.iter().filter(|i| i.kind.name() == "kernel").count();
         assert!(kernels > 0, "{sets:?}: no kernels were fused");
         assert!(plain.programs[0].instrs.iter().all(|i| i.kind.name() != "kernel"));
-        let runs: Vec<Ranks> = [&fused, &plain]
+        let ways = [
+            (&fused, Engine::Jit, "fused, JIT"),
+            (&fused, Engine::Interp, "fused, interpreted"),
+            (&plain, Engine::Jit, "unfused"),
+        ];
+        let runs: Vec<Ranks> = ways
             .iter()
-            .map(|c| Ranks::new(&m, c, Start::State(&params, &opt), &opt.optimizer).expect("starts"))
+            .map(|(c, e, _)| Ranks::new(&m, c, Start::State(&params, &opt), &opt.optimizer, *e).expect("starts"))
             .collect();
         let train = m.train.clone().expect("trains");
         for step in 0..2 {
             let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
             let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
-            let a = runs[0].step(step, 7, lr, &inputs, None).expect("runs");
-            let b = runs[1].step(step, 7, lr, &inputs, None).expect("runs");
-            assert_eq!(a, b, "{sets:?} step {step}: the reports differ");
+            let reports: Vec<_> = runs.iter().map(|r| r.step(step, 7, lr, &inputs, None).expect("runs")).collect();
+            for (r, (_, _, way)) in reports.iter().zip(&ways).skip(1) {
+                assert_eq!(&reports[0], r, "{sets:?} step {step}: the reports differ, {} against {way}", ways[0].2);
+            }
         }
-        let wa = runs[0].weights(&m, &fused).expect("weights");
-        let wb = runs[1].weights(&m, &plain).expect("weights");
-        for (k, (x, y)) in wa.iter().zip(&wb).enumerate() {
-            assert!(x.data == y.data, "{sets:?}: `{}` differs with fusion", m.params[k].path);
+        let weights: Vec<_> = runs.iter().zip(&ways).map(|(r, (c, _, _))| r.weights(&m, c).expect("weights")).collect();
+        for (w, (_, _, way)) in weights.iter().zip(&ways).skip(1) {
+            for (k, (x, y)) in weights[0].iter().zip(w).enumerate() {
+                assert!(x.data == y.data, "{sets:?}: `{}` differs, {} against {way}", m.params[k].path, ways[0].2);
+            }
         }
         let _ = std::fs::remove_dir_all(&out);
-        eprintln!("{sets:?}: {kernels} kernels on rank 0, the same bits");
+        eprintln!("{sets:?}: {kernels} kernels on rank 0, the same bits three ways");
     }
 }
 

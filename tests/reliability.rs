@@ -294,15 +294,10 @@ fn sample_refuses_a_checkpoint_with_non_finite_weights() {
     let m = tessera_check(&spec, &[]);
     let cfg = RunConfig {
         steps: 1,
-        out: dir.join("run"),
-        resume: None,
         seed: 1,
-        eval_interval: 0,
-        eval_batches: 1,
-        save_interval: 0,
         data: Some(PathBuf::from(data())),
         spec: Some((PathBuf::from(&spec), Vec::new())),
-        allow_changes: false,
+        ..RunConfig::new(dir.join("run"))
     };
     let mut t = Trainer::new(m, cfg).expect("trainer");
     let (mut w, opt) = t.state().expect("state");

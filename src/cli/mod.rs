@@ -117,6 +117,11 @@ enum Command {
         /// Steps the trace records.
         #[arg(long, default_value_t = 3, requires = "trace")]
         trace_steps: u64,
+        /// How the CPU backend runs fused kernels: `jit` (native code from
+        /// cranelift, the default) or `interp` (the kernel-IR interpreter).
+        /// Both compute the same bits.
+        #[arg(long, value_name = "jit|interp")]
+        backend: Option<tessera_runtime::train::Engine>,
     },
     /// Train N steps after two warm-up steps and report tokens/s and achieved GFLOP/s.
     Bench {
@@ -142,6 +147,11 @@ enum Command {
         /// (default: measured with an FMA loop on every thread at once).
         #[arg(long)]
         peak_per_core: Option<f64>,
+        /// How the CPU backend runs fused kernels: `jit` (native code from
+        /// cranelift, the default) or `interp` (the kernel-IR interpreter).
+        /// Both compute the same bits.
+        #[arg(long, value_name = "jit|interp")]
+        backend: Option<tessera_runtime::train::Engine>,
     },
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
@@ -362,6 +372,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
             eval_interval,
             trace,
             trace_steps,
+            backend,
         } => {
             // A resume applies the run's recorded overrides first; the
             // user's, after them, win (a new layout, or a change to allow).
@@ -392,14 +403,18 @@ fn command(args: Vec<OsString>) -> ExitCode {
                         data,
                         eval_interval,
                         trace,
+                        backend: backend.unwrap_or_default(),
                     };
                     train(m, source, run)
                 }
                 Err(code) => code,
             }
         }
-        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core } => match load(&spec) {
-            Ok(m) => bench(m, BenchArgs { steps, json, data, pytorch, rounds, peak_per_core }),
+        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core, backend } => match load(&spec) {
+            Ok(m) => bench(
+                m,
+                BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, backend: backend.unwrap_or_default() },
+            ),
             Err(code) => code,
         },
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
@@ -778,12 +793,14 @@ struct RunArgs {
     data: Option<PathBuf>,
     eval_interval: Option<u64>,
     trace: Option<(PathBuf, u64)>,
+    backend: tessera_runtime::train::Engine,
 }
 
 fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     use std::io::Write as _;
     use tessera_runtime::train::{RunConfig, Trainer, checkpoint};
-    let RunArgs { steps, out, resume, recorded, allow_changes, overwrite, seed, data, eval_interval, trace } = args;
+    let RunArgs { steps, out, resume, recorded, allow_changes, overwrite, seed, data, eval_interval, trace, backend } =
+        args;
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
         ExitCode::from(1)
@@ -870,6 +887,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         data,
         spec: Some(source.clone()),
         allow_changes,
+        backend,
     };
     let mut trainer = match Trainer::new(m, cfg) {
         Ok(tr) => tr,
@@ -1114,6 +1132,7 @@ struct BenchArgs {
     pytorch: Option<PathBuf>,
     rounds: u64,
     peak_per_core: Option<f64>,
+    backend: tessera_runtime::train::Engine,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -1131,7 +1150,7 @@ const WARMUP: u64 = 2;
 
 fn bench(m: Model, args: BenchArgs) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
-    let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core } = args;
+    let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, backend } = args;
     if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
         eprintln!("error: {e}");
         return ExitCode::from(1);
@@ -1143,6 +1162,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         steps: steps + WARMUP,
         seed: 1,
         data,
+        backend,
         ..RunConfig::new(std::env::temp_dir().join(format!("tessera-bench-{}", std::process::id())))
     };
     let threads = tessera_runtime::exec::threads();
@@ -1150,6 +1170,7 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut tokens = 0;
     let (mut compile_s, mut arena, mut regions) = (Vec::new(), Vec::new(), 0u64);
+    let mut jit = None;
     // Every round starts from the initial weights, as the peer does: an MoE's
     // work depends on how its router spreads tokens, which changes as it trains.
     for _ in 0..rounds {
@@ -1161,8 +1182,12 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        // Setting up: the data, every pass to the lowered programs, the ranks.
+        // Setting up: the data, every pass to the lowered programs, the ranks
+        // (with the JIT's compilation of their kernels, in the first round).
         compile_s.push(t0.elapsed().as_secs_f64());
+        if jit.is_none() {
+            jit = Some(tessera_runtime::backend::jit::stats());
+        }
         arena = t.compiled.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>();
         regions = t.compiled.programs.iter().map(|p| p.total_bytes()).sum::<u64>();
         tokens = t.tokens_per_step() * steps.max(1);
@@ -1218,6 +1243,11 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         j["arena_bytes"] = json!(arena);
         j["region_bytes"] = json!(regions);
         j["peak_rss_bytes"] = json!(peak_rss);
+        j["backend"] = json!(backend.name());
+        if let (tessera_runtime::train::Engine::Jit, Some((kernels, secs))) = (backend, jit) {
+            j["jit_kernels"] = json!(kernels);
+            j["jit_compile_s"] = json!(secs);
+        }
         if let Some(p) = peer {
             j["pytorch_tokens_per_s"] = json!(p);
             j["pytorch_tokens_per_s_rounds"] = json!(theirs);
@@ -1237,6 +1267,13 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
             median(&compile_s) * 1e3,
             arena.iter().map(|b| format!("{:.1} MB", *b as f64 / 1e6)).collect::<Vec<_>>().join(", ")
         );
+        match (backend, jit) {
+            (tessera_runtime::train::Engine::Jit, Some((kernels, secs))) => println!(
+                "kernels: cranelift JIT, {kernels} distinct kernels compiled in {:.0} ms (in the set-up)",
+                secs * 1e3
+            ),
+            _ => println!("kernels: the kernel-IR interpreter (--backend interp)"),
+        }
         if let Some(rss) = peak_rss {
             println!(
                 "peak RSS {:.1} MB; every rank's regions (weights, gradients, optimizer state, io, arena) {:.1} MB",

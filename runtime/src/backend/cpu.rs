@@ -1,7 +1,9 @@
 //! The CPU backend: the program's regions as f32 words in host memory.
 //!
-//! - Fused kernels run in the kernel-IR interpreter (`interp`) on the
-//!   regions themselves, their loop positions split over the kernel threads.
+//! - Fused kernels run on the regions themselves, their loop positions split
+//!   over the kernel threads, either compiled to native code by the
+//!   cranelift JIT (`jit`) or walked by the kernel-IR interpreter (`interp`):
+//!   [`Engine`], `--backend jit|interp`. Both compute the same bits.
 //! - Contractions (`matmul`, `einsum`) run as strided batched GEMMs (the
 //!   `gemm` crate) straight on the regions, accumulating in place where the
 //!   program says so.
@@ -14,7 +16,7 @@
 //! below 2²⁴); elements of other sizes than 4 bytes (a `bool` mask) are held
 //! as f32 values beside the regions.
 
-use super::{Backend, interp};
+use super::{Backend, interp, jit};
 use crate::comm::{self, RankComm};
 use crate::exec::Interpreter;
 use crate::exec::attention::Attn;
@@ -23,8 +25,43 @@ use crate::tensor::{Tensor, View};
 use tessera_compiler::ir::{Dim, Graph, Node, Op, ReduceOp, ValueId};
 use tessera_compiler::lower::{Buffer, Collective, Instr, Kind, Program, Region};
 
+/// How the CPU backend runs fused kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// Native code from the cranelift JIT (the faster on the machines
+    /// measured: benches/README.md).
+    #[default]
+    Jit,
+    /// The kernel-IR interpreter.
+    Interp,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Jit => "jit",
+            Engine::Interp => "interp",
+        }
+    }
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "jit" => Ok(Engine::Jit),
+            "interp" => Ok(Engine::Interp),
+            other => Err(format!("unknown CPU backend `{other}`: use `jit` or `interp`")),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Cpu {
+    engine: Engine,
+    /// Compiled kernels by the address of their IR, with the IR they were
+    /// compiled from (checked on every use).
+    compiled: std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, jit::Segment)>,
     regions: [Vec<f32>; 5],
     /// Buffers whose elements are not 4 bytes (a `bool` mask, `i64` ids):
     /// held as f32 values beside the regions, by (region, offset).
@@ -59,8 +96,26 @@ fn at(bases: &[*mut f32; 5], b: &Buffer) -> *mut f32 {
 }
 
 impl Cpu {
+    /// A backend running kernels with the default engine.
     pub fn new() -> Cpu {
         Cpu::default()
+    }
+
+    pub fn with_engine(engine: Engine) -> Cpu {
+        Cpu { engine, ..Cpu::default() }
+    }
+
+    /// The native code of kernel `k` (compiled at its first use).
+    fn segment(&mut self, k: &tessera_compiler::kernel::Kernel) -> Result<jit::Segment, String> {
+        let key = k as *const _ as usize;
+        if let Some((ir, f)) = self.compiled.get(&key)
+            && ir == k
+        {
+            return Ok(*f);
+        }
+        let f = jit::compile(k)?;
+        self.compiled.insert(key, (k.clone(), f));
+        Ok(f)
     }
 
     fn slice(&self, b: &Buffer) -> &[f32] {
@@ -154,8 +209,8 @@ fn eval<'c>(
 }
 
 impl Cpu {
-    /// Run a fused kernel (`interp`), its loop positions split over the
-    /// kernel threads. A store writes straight into its buffer unless those
+    /// Run a fused kernel (compiled, or interpreted: [`Engine`]), its loop
+    /// positions split over the kernel threads. A store writes straight into its buffer unless those
     /// bytes are also read at other positions (an output that shares an
     /// input's bytes but not its layout): then the stores go to a staging
     /// buffer first.
@@ -194,6 +249,10 @@ impl Cpu {
             }
         }
         let args_p = interp::Args(ptrs);
+        let native = match self.engine {
+            Engine::Jit => Some(self.segment(k)?),
+            Engine::Interp => None,
+        };
         // Split the ranges into pieces for the kernel threads.
         let total: usize = ranges.iter().map(|r| r.1).sum();
         let threads = crate::exec::threads().min(total.div_ceil(interp::BLOCK * 16)).max(1);
@@ -206,7 +265,12 @@ impl Cpu {
             // SAFETY: the pointers address each argument's elements (a store's
             // own buffer, or staging of its length where it would meet other
             // positions' loads), and pieces are disjoint positions.
-            unsafe { interp::run(k, &args_p, seed, first, count) };
+            unsafe {
+                match native {
+                    Some(f) => jit::run(f, k, &args_p, seed, first, count),
+                    None => interp::run(k, &args_p, seed, first, count),
+                }
+            };
         };
         if threads == 1 {
             pieces.iter().for_each(job);
@@ -469,6 +533,17 @@ impl Cpu {
 }
 
 impl Backend for Cpu {
+    fn prepare(&mut self, p: &Program) -> Result<(), String> {
+        if self.engine == Engine::Jit {
+            for ins in &p.instrs {
+                if let Kind::Kernel { kernel } = &ins.kind {
+                    self.segment(kernel)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn alloc(&mut self, sizes: [u64; 5]) -> Result<(), String> {
         for (r, &n) in self.regions.iter_mut().zip(&sizes) {
             *r = vec![0f32; (n / 4) as usize];
@@ -714,7 +789,7 @@ mod tests {
     /// out[i, j] = gelu(x[j, i] + b[j]) · 2, over a loop nest whose rows
     /// (7) are shorter than a segment and whose size (7 × 700) spans several
     /// segments and threads; `x` is read transposed, `b` broadcast.
-    fn kernel_case(out_offset: u64) -> (Cpu, Buffer, Vec<f32>) {
+    fn kernel_case(out_offset: u64, engine: Engine) -> (Cpu, Buffer, Vec<f32>) {
         let (n, m) = (700u64, 7u64);
         let x = buf(&[("j", m), ("i", n)], 0);
         let b = buf(&[("j", m)], 4 * n * m);
@@ -736,7 +811,7 @@ mod tests {
             ops: vec![],
             rows: None,
         };
-        let mut cpu = Cpu::new();
+        let mut cpu = Cpu::with_engine(engine);
         cpu.alloc([0, 0, 0, 0, 4 * (2 * n * m + m)]).unwrap();
         let xs: Vec<f32> = (0..n * m).map(|i| (i as f32 * 0.37).sin()).collect();
         let bs: Vec<f32> = (0..m).map(|j| j as f32 * 0.1 - 0.3).collect();
@@ -754,15 +829,127 @@ mod tests {
 
     #[test]
     fn kernels_read_transposed_and_broadcast_arguments() {
-        let (cpu, out, want) = kernel_case(4 * (700 * 7 + 7));
-        assert_eq!(cpu.download(&out).unwrap(), want);
+        for engine in [Engine::Jit, Engine::Interp] {
+            let (cpu, out, want) = kernel_case(4 * (700 * 7 + 7), engine);
+            assert_eq!(cpu.download(&out).unwrap(), want, "{engine:?}");
+        }
     }
 
     #[test]
     fn a_kernel_writing_over_an_input_read_at_other_positions_stages_its_stores() {
         // The output takes the transposed input's bytes: a store in place would clobber later reads.
-        let (cpu, out, want) = kernel_case(0);
-        assert_eq!(cpu.download(&out).unwrap(), want);
+        for engine in [Engine::Jit, Engine::Interp] {
+            let (cpu, out, want) = kernel_case(0, engine);
+            assert_eq!(cpu.download(&out).unwrap(), want, "{engine:?}");
+        }
+    }
+
+    /// Every expression of the kernel IR (each unary op and its derivative,
+    /// the binary ops, a power, dropout, a constant, an element read), over
+    /// a contiguous argument, a broadcast one and a strided one, at lengths
+    /// that leave a scalar tail, on data with zeros of both signs,
+    /// infinities and NaNs: the JIT's code and the interpreter give the
+    /// same bits.
+    #[test]
+    fn the_jit_computes_every_expression_as_the_interpreter_does() {
+        use tessera_compiler::ir::UnaryOp as U;
+        let ops = [
+            U::Neg,
+            U::Exp,
+            U::Log,
+            U::Sqrt,
+            U::Rsqrt,
+            U::Tanh,
+            U::Abs,
+            U::Square,
+            U::Gelu,
+            U::GeluTanh,
+            U::Silu,
+            U::Relu,
+            U::Sigmoid,
+        ];
+        let specials = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e-30, -1e30, 88.5, -104.0];
+        // With a transposed argument the code runs position by position; without, four at a time.
+        for (n, m, transposed) in
+            [(37u64, 5u64, true), (37, 5, false), (4, 1, false), (1, 3, true), (130, 9, false), (3, 11, false)]
+        {
+            let x = buf(&[("i", n), ("j", m)], 0);
+            let g = buf(&[("i", n), ("j", m)], 4 * n * m);
+            let row = buf(&[("j", m)], 8 * n * m);
+            let xt = if transposed {
+                buf(&[("j", m), ("i", n)], 4 * (2 * n * m + m))
+            } else {
+                buf(&[("i", n), ("j", m)], 4 * (2 * n * m + m))
+            };
+            let hyper = buf(&[("h", 3)], 4 * (3 * n * m + m));
+            let outs: Vec<Buffer> = (0..2 * ops.len() + 6)
+                .map(|o| buf(&[("i", n), ("j", m)], 4 * (3 * n * m + m + 3 + o as u64 * n * m)))
+                .collect();
+            let dims = x.ty.dims.clone();
+            let mut body = vec![
+                Expr::Load { arg: 0 },
+                Expr::Load { arg: 1 },
+                Expr::Load { arg: 2 },
+                Expr::Load { arg: 3 },
+                Expr::Element { arg: 4, index: 2 },
+                Expr::Const { value: 0.1 },
+            ];
+            let mut stores = Vec::new();
+            for op in ops {
+                body.push(Expr::Unary { op, x: 0 });
+                stores.push(body.len() - 1);
+                body.push(Expr::UnaryGrad { op, x: 0, g: 1 });
+                stores.push(body.len() - 1);
+            }
+            for e in [
+                Expr::Binary { op: BinaryOp::Add, a: 0, b: 2 },
+                Expr::Binary { op: BinaryOp::Sub, a: 3, b: 0 },
+                Expr::Binary { op: BinaryOp::Mul, a: 4, b: 1 },
+                Expr::Binary { op: BinaryOp::Div, a: 0, b: 5 },
+                Expr::Pow { x: 1, exp: 1.5 },
+                Expr::Dropout { x: 0, p: 0.3, rng: 7 },
+            ] {
+                body.push(e);
+                stores.push(body.len() - 1);
+            }
+            let args: Vec<&Buffer> = [&x, &g, &row, &xt, &hyper].into_iter().chain(&outs).collect();
+            let k = Kernel {
+                dims: dims.clone(),
+                inputs: 5,
+                strides: args.iter().map(|b| strides(&b.ty, &dims)).collect(),
+                body,
+                stores: stores.iter().enumerate().map(|(o, v)| (5 + o, *v)).collect(),
+                ops: vec![],
+                rows: None,
+            };
+            let size = 4 * (3 * n * m + m + 3 + outs.len() as u64 * n * m);
+            let fill = |len: u64, salt: u64| -> Vec<f32> {
+                (0..len)
+                    .map(|i| {
+                        let h = (i * 2654435761 + salt * 97) % 1000;
+                        if h.is_multiple_of(7) {
+                            specials[(h / 7) as usize % specials.len()]
+                        } else {
+                            (h as f32 - 500.0) / 97.0
+                        }
+                    })
+                    .collect()
+            };
+            let mut results = Vec::new();
+            for engine in [Engine::Jit, Engine::Interp] {
+                let mut cpu = Cpu::with_engine(engine);
+                cpu.alloc([0, 0, 0, 0, size]).unwrap();
+                for (b, salt) in [(&x, 1), (&g, 2), (&row, 3), (&xt, 4), (&hyper, 5)] {
+                    cpu.upload(b, &fill(b.ty.numel(), salt)).unwrap();
+                }
+                cpu.kernel(&k, &args, None, 11).unwrap();
+                results.push(outs.iter().map(|o| cpu.download(o).unwrap()).collect::<Vec<_>>());
+            }
+            for (o, (jit, interp)) in results[0].iter().zip(&results[1]).enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(jit), bits(interp), "output {o} ({:?}) of a {n} x {m} loop", k.body[stores[o]]);
+            }
+        }
     }
 
     #[test]

@@ -26,6 +26,82 @@ pub struct Args(pub Vec<*mut f32>);
 unsafe impl Sync for Args {}
 unsafe impl Send for Args {}
 
+/// Kernel `k`'s loop nest as the walk sees it: dims of size 1 dropped and
+/// adjacent dims merged wherever every argument is contiguous across them
+/// (stride of the outer = stride of the inner × its size), so that a
+/// segment is as long as the arguments' layouts allow. Returns the sizes
+/// and, per argument, its strides; positions keep their row-major order.
+pub fn collapse(k: &Kernel) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let keep: Vec<usize> = (0..k.dims.len()).filter(|&d| k.dims[d].size != 1).collect();
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut strides: Vec<Vec<usize>> = vec![Vec::new(); k.strides.len()];
+    for &d in &keep {
+        let n = k.dims[d].size as usize;
+        let merge = !sizes.is_empty()
+            && k.strides.iter().zip(&strides).all(|(s, own)| {
+                let inner = s[d] as usize;
+                own.last().copied() == Some(inner * n)
+            });
+        if merge {
+            *sizes.last_mut().expect("a dim to merge into") *= n;
+            for (s, own) in k.strides.iter().zip(strides.iter_mut()) {
+                *own.last_mut().expect("a stride per dim") = s[d] as usize;
+            }
+        } else {
+            sizes.push(n);
+            for (s, own) in k.strides.iter().zip(strides.iter_mut()) {
+                own.push(s[d] as usize);
+            }
+        }
+    }
+    if sizes.is_empty() {
+        sizes.push(1);
+        strides.iter_mut().for_each(|s| s.push(0));
+    }
+    (sizes, strides)
+}
+
+/// Walk loop positions `first .. first + count` of a collapsed loop nest
+/// ([`collapse`]) in segments of at most `max` positions along its
+/// innermost dim, calling `f(offsets, start, len)` with each argument's
+/// element offset at the segment's first position, that position's
+/// row-major index, and the segment's length.
+pub fn segments(
+    sizes: &[usize],
+    strides: &[Vec<usize>],
+    first: usize,
+    count: usize,
+    max: usize,
+    mut f: impl FnMut(&[usize], usize, usize),
+) {
+    let rank = sizes.len();
+    let inner = sizes[rank - 1].max(1);
+    // The loop index of position `first`.
+    let mut idx = vec![0usize; rank];
+    let mut left = first;
+    for d in (0..rank).rev() {
+        idx[d] = left % sizes[d].max(1);
+        left /= sizes[d].max(1);
+    }
+    let mut offsets = vec![0usize; strides.len()];
+    let mut done = 0;
+    while done < count {
+        let len = max.min(inner - idx[rank - 1]).min(count - done);
+        for (o, s) in offsets.iter_mut().zip(strides) {
+            *o = idx.iter().zip(s).map(|(i, s)| i * s).sum();
+        }
+        f(&offsets, first + done, len);
+        // The loop index of the next segment's first position.
+        let mut carry = len;
+        for d in (0..rank).rev() {
+            let total = idx[d] + carry;
+            idx[d] = total % sizes[d].max(1);
+            carry = total / sizes[d].max(1);
+        }
+        done += len;
+    }
+}
+
 /// Evaluate kernel `k` over loop positions `first .. first + count`.
 ///
 /// # Safety
@@ -34,28 +110,11 @@ unsafe impl Send for Args {}
 /// positions in this range; and a store's elements may be read by a load
 /// only at the same position (the caller stages stores otherwise).
 pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize) {
-    let rank = k.dims.len();
-    let sizes: Vec<usize> = k.dims.iter().map(|d| d.size as usize).collect();
-    let inner = sizes.last().copied().unwrap_or(1).max(1);
-    // The loop index of position `first`.
-    let mut idx = vec![0usize; rank];
-    let mut left = first;
-    for d in (0..rank).rev() {
-        idx[d] = left % sizes[d].max(1);
-        left /= sizes[d].max(1);
-    }
+    let (sizes, strides) = collapse(k);
     let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
-    let mut done = 0;
-    while done < count {
-        let start = first + done;
-        let at_inner = idx.last().copied().unwrap_or(0);
-        let len = BLOCK.min(inner - at_inner).min(count - done);
+    segments(&sizes, &strides, first, count, BLOCK, |offsets, start, len| {
         // Each argument's offset at the segment's start, and its stride along the segment.
-        let base = |arg: usize| -> (usize, usize) {
-            let s = &k.strides[arg];
-            let off = idx.iter().zip(s).map(|(i, s)| i * *s as usize).sum();
-            (off, s.last().copied().unwrap_or(0) as usize)
-        };
+        let base = |arg: usize| -> (usize, usize) { (offsets[arg], *strides[arg].last().expect("a stride per dim")) };
         for (i, e) in k.body.iter().enumerate() {
             let (before, rest) = vals.split_at_mut(i);
             let o = &mut rest[0][..len];
@@ -87,16 +146,8 @@ pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize
                         BinaryOp::Div => it.for_each(|((o, x), y)| *o = *x / *y),
                     }
                 }
-                Expr::Pow { x, exp } => {
-                    let e = exp as f32;
-                    o.iter_mut().zip(&before[x][..len]).for_each(|(o, v)| *o = v.powf(e));
-                }
-                Expr::Dropout { x, p, rng } => {
-                    let scale = (1.0 / (1.0 - p)) as f32;
-                    for (j, (o, v)) in o.iter_mut().zip(&before[x][..len]).enumerate() {
-                        *o = if uniform(seed, rng, (start + j) as u64) < p { 0.0 } else { *v * scale };
-                    }
-                }
+                Expr::Pow { x, exp } => pow(&before[x][..len], o, exp as f32),
+                Expr::Dropout { x, p, rng } => dropout(&before[x][..len], o, seed, rng, start as u64, p),
             }
         }
         for &(arg, v) in &k.stores {
@@ -112,18 +163,14 @@ pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize
                 }
             }
         }
-        // The loop index of the next segment's first position.
-        let mut carry = len;
-        for d in (0..rank).rev() {
-            let total = idx[d] + carry;
-            idx[d] = total % sizes[d].max(1);
-            carry = total / sizes[d].max(1);
-        }
-        done += len;
-    }
+    });
 }
 
-fn unary(op: UnaryOp, x: &[f32], o: &mut [f32]) {
+// The functions of a segment's values: the JIT's code calls them too
+// (`jit`), so that both compute the same bits.
+
+/// `o = op(x)`.
+pub(super) fn unary(op: UnaryOp, x: &[f32], o: &mut [f32]) {
     let it = o.iter_mut().zip(x);
     match op {
         UnaryOp::Gelu => it.for_each(|(o, v)| *o = gelu_f32(*v)),
@@ -137,10 +184,25 @@ fn unary(op: UnaryOp, x: &[f32], o: &mut [f32]) {
     }
 }
 
-fn unary_grad(op: UnaryOp, x: &[f32], g: &[f32], o: &mut [f32]) {
+/// `o = g · op'(x)`.
+pub(super) fn unary_grad(op: UnaryOp, x: &[f32], g: &[f32], o: &mut [f32]) {
     let it = o.iter_mut().zip(x).zip(g);
     match op {
         UnaryOp::Gelu => it.for_each(|((o, v), g)| *o = *g * gelu_dt_f32(*v)),
         _ => it.for_each(|((o, v), g)| *o = *g * unary_df(op, *v as f64) as f32),
+    }
+}
+
+/// `o = x^e`.
+pub(super) fn pow(x: &[f32], o: &mut [f32], e: f32) {
+    o.iter_mut().zip(x).for_each(|(o, v)| *o = v.powf(e));
+}
+
+/// Inverted dropout of positions `start ..` (row-major in the loop nest)
+/// with random stream `rng`.
+pub(super) fn dropout(x: &[f32], o: &mut [f32], seed: u64, rng: u64, start: u64, p: f64) {
+    let scale = (1.0 / (1.0 - p)) as f32;
+    for (j, (o, v)) in o.iter_mut().zip(x).enumerate() {
+        *o = if uniform(seed, rng, start + j as u64) < p { 0.0 } else { *v * scale };
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod cpu;
 pub mod interp;
+pub mod jit;
 
 use crate::comm::RankComm;
 use tessera_compiler::lower::{Buffer, Instr, Kind, Program};
@@ -33,6 +34,10 @@ pub struct BackendError {
 pub trait Backend {
     /// Allocate the program's regions (bytes per region, in `Region::ALL` order), zeroed.
     fn alloc(&mut self, sizes: [u64; 5]) -> Result<(), String>;
+    /// Get ready to run program `p` (compile its kernels), before its first run.
+    fn prepare(&mut self, _p: &Program) -> Result<(), String> {
+        Ok(())
+    }
     /// Write a buffer's elements (f32; token ids as their values).
     fn upload(&mut self, buf: &Buffer, data: &[f32]) -> Result<(), String>;
     /// Read a buffer's elements.

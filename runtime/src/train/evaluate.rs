@@ -3,7 +3,10 @@
 //! logical weights. The validation loss of any layout is this one program's,
 //! so it is comparable across layouts.
 
-use crate::backend::{self, Backend, cpu::Cpu};
+use crate::backend::{
+    self, Backend,
+    cpu::{Cpu, Engine},
+};
 use crate::tensor::Tensor;
 use tessera_compiler::Model;
 use tessera_compiler::autodiff::Backward;
@@ -22,10 +25,11 @@ pub struct Evaluator {
 
 impl Evaluator {
     /// Compile `m`'s evaluation program and allocate its regions.
-    pub fn new(m: &Model, backward: &Backward) -> Result<Evaluator, String> {
+    pub fn new(m: &Model, backward: &Backward, engine: Engine) -> Result<Evaluator, String> {
         let program = driver::compile_eval(m, backward, Passes::default()).map_err(|e| e.to_string())?;
-        let mut cpu = Cpu::new();
+        let mut cpu = Cpu::with_engine(engine);
         cpu.alloc(program.sizes)?;
+        cpu.prepare(&program)?;
         let inputs = (0..m.inputs.len()).map(|i| program.named(&format!("x{i}.mb0"))).collect();
         let weights = (0..m.params.len()).map(|k| program.named(&format!("w.{k}"))).collect();
         let loss = program.named("loss").ok_or("the evaluation program has no `loss` buffer")?;

@@ -18,6 +18,7 @@ pub mod reference;
 pub mod shards;
 pub mod tokenizer;
 
+pub use crate::backend::cpu::Engine;
 use crate::exec::param_slice;
 use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,8 @@ pub struct RunConfig {
     /// tokenizer, optimizer) differs from the checkpoint's; the differences
     /// are in [`Trainer::resume_changes`].
     pub allow_changes: bool,
+    /// How the CPU backend runs fused kernels (`--backend jit|interp`).
+    pub backend: Engine,
 }
 
 impl RunConfig {
@@ -76,6 +79,7 @@ impl RunConfig {
             data: None,
             spec: None,
             allow_changes: false,
+            backend: Engine::default(),
         }
     }
 }
@@ -185,9 +189,11 @@ impl Trainer {
         let (ranks, step, resume_changes) = match &cfg.resume {
             Some(dir) => {
                 let (params, opt, step, changes) = resume(dir, &model, &run, cfg.allow_changes)?;
-                (start_ranks(&model, &compiled, ranks::Start::State(&params, &opt))?, step, changes)
+                (start_ranks(&model, &compiled, ranks::Start::State(&params, &opt), cfg.backend)?, step, changes)
             }
-            None => (start_ranks(&model, &compiled, ranks::Start::Init { seed: cfg.seed })?, 0, Vec::new()),
+            None => {
+                (start_ranks(&model, &compiled, ranks::Start::Init { seed: cfg.seed }, cfg.backend)?, 0, Vec::new())
+            }
         };
         Ok(Trainer {
             model,
@@ -238,7 +244,7 @@ impl Trainer {
     /// Start the ranks from these logical weights, keeping the optimizer state.
     pub fn set_weights(&mut self, params: &[Tensor<f32>]) -> Result<(), TrainError> {
         let (_, opt) = self.state()?;
-        self.ranks = start_ranks(&self.model, &self.compiled, ranks::Start::State(params, &opt))?;
+        self.ranks = start_ranks(&self.model, &self.compiled, ranks::Start::State(params, &opt), self.cfg.backend)?;
         Ok(())
     }
 
@@ -347,7 +353,7 @@ impl Trainer {
         let weights = self.weights()?;
         let mut slot = self.evaluator.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
-            let e = evaluate::Evaluator::new(&self.model, &self.compiled.backward)
+            let e = evaluate::Evaluator::new(&self.model, &self.compiled.backward, self.cfg.backend)
                 .map_err(|e| TrainError::Setup(format!("cannot compile the evaluation: {e}")))?;
             *slot = Some(e);
         }
@@ -450,7 +456,9 @@ fn start_ranks(
     m: &Model,
     c: &tessera_compiler::driver::Compiled,
     start: ranks::Start<'_>,
+    engine: Engine,
 ) -> Result<ranks::Ranks, TrainError> {
     let optimizer = &m.train.as_ref().expect("checked in Trainer::new").optimizer;
-    ranks::Ranks::new(m, c, start, optimizer).map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
+    ranks::Ranks::new(m, c, start, optimizer, engine)
+        .map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
 }

@@ -14,7 +14,10 @@
 
 use super::optim::OptimizerState;
 use super::shards::{cut, flat_shard, place};
-use crate::backend::{self, Backend, cpu::Cpu};
+use crate::backend::{
+    self, Backend,
+    cpu::{Cpu, Engine},
+};
 use crate::comm::{Communicator, RankComm, World};
 use crate::tensor::Tensor;
 use std::sync::Mutex;
@@ -100,11 +103,19 @@ pub enum Start<'a> {
 impl Ranks {
     /// Each rank's backend, holding its part of the logical weights and
     /// optimizer state; `optimizer` is the state's kind.
-    pub fn new(m: &Model, c: &Compiled, start: Start<'_>, optimizer: &Optimizer) -> Result<Ranks, String> {
+    /// `engine` runs their fused kernels.
+    pub fn new(
+        m: &Model,
+        c: &Compiled,
+        start: Start<'_>,
+        optimizer: &Optimizer,
+        engine: Engine,
+    ) -> Result<Ranks, String> {
         let mut backends = Vec::new();
         for p in &c.programs {
-            let mut cpu = Cpu::new();
+            let mut cpu = Cpu::with_engine(engine);
             cpu.alloc(p.sizes)?;
+            cpu.prepare(p)?;
             backends.push(cpu);
         }
         let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;

@@ -1,0 +1,527 @@
+//! The cranelift JIT for the kernel IR: each fused kernel
+//! (`compiler::kernel::Kernel`) becomes native code that computes one
+//! segment of its loop nest.
+//!
+//! The walk over the loop nest is the interpreter's ([`interp::collapse`],
+//! [`interp::segments`]): the compiled code receives each argument's base
+//! pointer and its offset at the segment's first position, the segment's
+//! length, the position's row-major index (dropout's counter) and the
+//! step's seed. The arguments' strides along the innermost dim are
+//! constants of the code. When every argument is read and written at
+//! stride 0 or 1 the code runs four positions at a time in 128-bit vectors
+//! (cranelift's SIMD on x86-64 and AArch64) and finishes with a scalar
+//! tail; otherwise it runs position by position.
+//!
+//! A value is computed with the same operations in the same order as the
+//! interpreter, so the results are the same bits: +, −, ×, ÷, √, negation
+//! and absolute value are single IEEE operations in both; every other
+//! function (exp, tanh, GELU and the activations' derivatives, powers,
+//! dropout's uniform draw) is a call into the interpreter's own scalar
+//! function, one lane at a time.
+//!
+//! Compiled code is cached for the process by what it depends on (the
+//! body, the stores, the inner strides), so the layers of a model and the
+//! ranks of a layout share it.
+
+use super::interp::{self, Args};
+use cranelift_codegen::Context;
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{
+    AbiParam, BlockArg, InstBuilder, MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, UserFuncName, Value,
+    types,
+};
+use cranelift_codegen::settings::{self, Configurable};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{Linkage, Module, default_libcall_names};
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use tessera_compiler::ir::{BinaryOp, UnaryOp};
+use tessera_compiler::kernel::{Expr, Kernel};
+
+/// A compiled kernel: `(bases, offsets, len, start, seed)` computes `len`
+/// positions from row-major position `start`, each argument `i` at element
+/// `offsets[i]` of `bases[i]` and on at its inner stride.
+pub type Segment = unsafe extern "C" fn(*const *mut f32, *const usize, usize, usize, u64);
+
+/// The process's compiled kernels.
+struct State {
+    module: JITModule,
+    ctx: Context,
+    fctx: FunctionBuilderContext,
+    cache: HashMap<String, Segment>,
+    /// Kernels compiled, and the seconds it took.
+    compiled: usize,
+    seconds: f64,
+}
+
+// SAFETY: the module's raw pointers address code and data it owns; it is
+// only reached through the mutex below, one thread at a time.
+unsafe impl Send for State {}
+
+static JIT: LazyLock<Result<Mutex<State>, String>> = LazyLock::new(|| {
+    let mut flags = settings::builder();
+    for (k, v) in [("opt_level", "speed"), ("is_pic", "false"), ("use_colocated_libcalls", "false")] {
+        flags.set(k, v).map_err(|e| format!("cranelift setting {k}: {e}"))?;
+    }
+    let isa = cranelift_native::builder()
+        .map_err(|e| format!("cranelift cannot compile for this machine: {e}"))?
+        .finish(settings::Flags::new(flags))
+        .map_err(|e| format!("cranelift: {e}"))?;
+    let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+    let ctx = module.make_context();
+    Ok(Mutex::new(State {
+        module,
+        ctx,
+        fctx: FunctionBuilderContext::new(),
+        cache: HashMap::new(),
+        compiled: 0,
+        seconds: 0.0,
+    }))
+});
+
+fn state() -> Result<std::sync::MutexGuard<'static, State>, String> {
+    let s = JIT.as_ref().map_err(Clone::clone)?;
+    Ok(s.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Kernels compiled in this process so far, and the seconds spent compiling them.
+pub fn stats() -> (usize, f64) {
+    state().map(|s| (s.compiled, s.seconds)).unwrap_or((0, 0.0))
+}
+
+/// The native code of kernel `k`, compiled on first use.
+pub fn compile(k: &Kernel) -> Result<Segment, String> {
+    k.check()?;
+    let (_, strides) = interp::collapse(k);
+    let inner: Vec<usize> = strides.iter().map(|s| *s.last().expect("a stride per dim")).collect();
+    let key = format!("{}|{:?}|{:?}|{inner:?}", k.inputs, k.body, k.stores);
+    let mut s = state()?;
+    if let Some(f) = s.cache.get(&key) {
+        return Ok(*f);
+    }
+    let t0 = std::time::Instant::now();
+    let State { module, ctx, fctx, .. } = &mut *s;
+    let mut sig = module.make_signature();
+    sig.params.extend([AbiParam::new(types::I64); 5]);
+    let name = format!("kernel_{}", symbol(&key));
+    let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
+    ctx.func.signature = sig;
+    ctx.func.name = UserFuncName::user(0, id.as_u32());
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, fctx);
+        Emit::function(&mut b, k, &inner, module.isa().default_call_conv());
+        b.finalize(module.target_config());
+    }
+    let defined = module.define_function(id, ctx);
+    module.clear_context(ctx);
+    defined.map_err(|e| format!("cranelift rejected kernel [{}]: {e:?}", k.ops.join(", ")))?;
+    module.finalize_definitions().map_err(|e| e.to_string())?;
+    // SAFETY: the function was defined with `Segment`'s signature (five
+    // 64-bit integers, the platform's C convention) and is finalized.
+    let f: Segment = unsafe { std::mem::transmute(module.get_finalized_function(id)) };
+    s.cache.insert(key, f);
+    s.compiled += 1;
+    s.seconds += t0.elapsed().as_secs_f64();
+    Ok(f)
+}
+
+/// A function's name: its key's hash.
+fn symbol(key: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Run compiled kernel `f` (of kernel `k`) over loop positions `first .. first + count`.
+///
+/// # Safety
+/// As [`interp::run`]: every pointer in `args` addresses the elements its
+/// strides reach, no other thread touches these positions' elements, and a
+/// store's elements are read by a load only at the same position.
+pub unsafe fn run(f: Segment, k: &Kernel, args: &Args, seed: u64, first: usize, count: usize) {
+    let (sizes, strides) = interp::collapse(k);
+    interp::segments(&sizes, &strides, first, count, usize::MAX, |offsets, start, len| {
+        // SAFETY: the caller's contract, for this segment's positions.
+        unsafe { f(args.0.as_ptr(), offsets.as_ptr(), len, start, seed) }
+    });
+}
+
+// The functions the code calls, over a chunk's values: the interpreter's own.
+
+/// The unary ops by number, as the code passes them.
+const UNARY: [UnaryOp; 13] = [
+    UnaryOp::Neg,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Rsqrt,
+    UnaryOp::Tanh,
+    UnaryOp::Abs,
+    UnaryOp::Square,
+    UnaryOp::Gelu,
+    UnaryOp::GeluTanh,
+    UnaryOp::Silu,
+    UnaryOp::Relu,
+    UnaryOp::Sigmoid,
+];
+
+/// Slices of `n` values at `p`.
+///
+/// # Safety
+/// `p` addresses `n` initialized f32 values (a chunk's array on the code's stack).
+unsafe fn values<'a>(p: *const f32, n: usize) -> &'a [f32] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(p, n) }
+}
+
+/// # Safety
+/// As [`values`], writable, and not overlapping any other slice in use.
+unsafe fn values_mut<'a>(p: *mut f32, n: usize) -> &'a mut [f32] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(p, n) }
+}
+
+// SAFETY (all four): the code passes arrays of its stack frame, each
+// `CHUNK` values long, `n` ≤ CHUNK of them computed, the output distinct.
+unsafe extern "C" fn call_unary(op: u32, x: *const f32, o: *mut f32, n: usize) {
+    unsafe { interp::unary(UNARY[op as usize], values(x, n), values_mut(o, n)) }
+}
+unsafe extern "C" fn call_unary_grad(op: u32, x: *const f32, g: *const f32, o: *mut f32, n: usize) {
+    unsafe { interp::unary_grad(UNARY[op as usize], values(x, n), values(g, n), values_mut(o, n)) }
+}
+unsafe extern "C" fn call_pow(x: *const f32, o: *mut f32, n: usize, e: f32) {
+    unsafe { interp::pow(values(x, n), values_mut(o, n), e) }
+}
+unsafe extern "C" fn call_dropout(x: *const f32, o: *mut f32, n: usize, seed: u64, rng: u64, start: u64, p: f64) {
+    unsafe { interp::dropout(values(x, n), values_mut(o, n), seed, rng, start, p) }
+}
+
+/// Whether `op` is one instruction of the code (else a call).
+fn native(op: UnaryOp) -> bool {
+    matches!(op, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sqrt | UnaryOp::Square)
+}
+
+/// Whether body value `e` is computed by a call over the chunk.
+fn is_call(e: &Expr) -> bool {
+    match *e {
+        Expr::Unary { op, .. } => !native(op),
+        Expr::UnaryGrad { .. } | Expr::Pow { .. } | Expr::Dropout { .. } => true,
+        _ => false,
+    }
+}
+
+/// The operands of body value `e`.
+fn operands(e: &Expr) -> Vec<usize> {
+    match *e {
+        Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => vec![x],
+        Expr::UnaryGrad { x, g, .. } => vec![x, g],
+        Expr::Binary { a, b, .. } => vec![a, b],
+        Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => vec![],
+    }
+}
+
+/// Positions a chunk holds.
+const CHUNK: usize = 256;
+
+const F32X4: Type = types::F32X4;
+
+fn mem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+/// The code of one kernel, as it is built.
+///
+/// The segment is walked in chunks of [`CHUNK`] positions. A chunk runs in
+/// stages: the values that need no call are computed in a loop over the
+/// chunk's positions (four at a time where the strides allow), the values
+/// a call needs are kept in arrays on the stack, the calls run over whole
+/// arrays, and the next stage's loop reads their results. A value's stage
+/// is that of its latest operand, one more after a call.
+struct Emit<'a, 'b> {
+    b: &'a mut FunctionBuilder<'b>,
+    k: &'a Kernel,
+    inner: &'a [usize],
+    call_conv: cranelift_codegen::isa::CallConv,
+    /// Each argument's pointer at the segment's first position.
+    at: Vec<Value>,
+    /// Body values that are the same at every position (constants,
+    /// elements, stride-0 loads), computed once: (scalar, vector).
+    hoisted: Vec<Option<(Value, Value)>>,
+    stage: Vec<usize>,
+    /// The chunk array of each value that lives past its stage's loop or feeds a call.
+    array: Vec<Option<cranelift_codegen::ir::StackSlot>>,
+}
+
+impl Emit<'_, '_> {
+    fn function(b: &mut FunctionBuilder<'_>, k: &Kernel, inner: &[usize], call_conv: cranelift_codegen::isa::CallConv) {
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let [bases_p, offs_p, len, start, seed] = b.block_params(entry)[..] else { unreachable!("five parameters") };
+        let mut at = Vec::new();
+        let mut bases = Vec::new();
+        for i in 0..inner.len() {
+            let base = b.ins().load(types::I64, mem(), bases_p, 8 * i as i32);
+            let off = b.ins().load(types::I64, mem(), offs_p, 8 * i as i32);
+            let bytes = b.ins().ishl_imm_u(off, 2);
+            at.push(b.ins().iadd(base, bytes));
+            bases.push(base);
+        }
+        let mut hoisted = vec![None; k.body.len()];
+        for (i, x) in k.body.iter().enumerate() {
+            let scalar = match *x {
+                Expr::Const { value } => Some(b.ins().f32const(value as f32)),
+                Expr::Element { arg, index } => {
+                    let p = b.ins().iadd_imm_s(bases[arg], 4 * index as i64);
+                    Some(b.ins().load(types::F32, mem(), p, 0))
+                }
+                Expr::Load { arg } if inner[arg] == 0 => Some(b.ins().load(types::F32, mem(), at[arg], 0)),
+                _ => None,
+            };
+            hoisted[i] = scalar.map(|s| (s, b.ins().splat(F32X4, s)));
+        }
+        // Stages, and which values need a chunk array.
+        let mut stage = vec![0usize; k.body.len()];
+        for (i, e) in k.body.iter().enumerate() {
+            let latest = operands(e).iter().map(|&o| stage[o]).max().unwrap_or(0);
+            stage[i] = latest + usize::from(is_call(e));
+        }
+        let mut needs = vec![false; k.body.len()];
+        for (i, e) in k.body.iter().enumerate() {
+            for o in operands(e) {
+                if is_call(e) || hoisted[o].is_none() && stage[o] < stage[i] {
+                    needs[o] = true;
+                }
+            }
+            needs[i] |= is_call(e);
+        }
+        let array = needs
+            .iter()
+            .map(|&n| {
+                n.then(|| {
+                    b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, 4 * CHUNK as u32, 4))
+                })
+            })
+            .collect();
+        let mut e = Emit { b, k, inner, call_conv, at, hoisted, stage, array };
+        // for c in (0..len).step_by(CHUNK)
+        let chead = e.b.create_block();
+        let cbody = e.b.create_block();
+        let exit = e.b.create_block();
+        e.b.append_block_param(chead, types::I64);
+        e.b.append_block_param(cbody, types::I64);
+        let zero = e.b.ins().iconst(types::I64, 0);
+        e.b.ins().jump(chead, &[BlockArg::from(zero)]);
+        e.b.switch_to_block(chead);
+        let c = e.b.block_params(chead)[0];
+        let more = e.b.ins().icmp(IntCC::UnsignedLessThan, c, len);
+        e.b.ins().brif(more, cbody, &[BlockArg::from(c)], exit, &[]);
+        e.b.switch_to_block(cbody);
+        let c = e.b.block_params(cbody)[0];
+        let left = e.b.ins().isub(len, c);
+        let chunk = e.b.ins().iconst(types::I64, CHUNK as i64);
+        let n = e.b.ins().umin(left, chunk);
+        let last = e.stage.iter().copied().max().unwrap_or(0);
+        for s in 0..=last {
+            if s > 0 {
+                e.calls(s, n, c, start, seed);
+            }
+            e.stage_loop(s, c, n);
+        }
+        let next = e.b.ins().iadd_imm_s(c, CHUNK as i64);
+        e.b.ins().jump(chead, &[BlockArg::from(next)]);
+        e.b.switch_to_block(exit);
+        e.b.ins().return_(&[]);
+        e.b.seal_all_blocks();
+    }
+
+    /// The calls that start stage `s`, over the chunk's `n` values.
+    fn calls(&mut self, s: usize, n: Value, c: Value, start: Value, seed: Value) {
+        let ptr = types::I64;
+        for (i, e) in self.k.body.iter().enumerate() {
+            if self.stage[i] != s || !is_call(e) {
+                continue;
+            }
+            let addr = |me: &mut Self, v: usize| {
+                let slot = me.array[v].expect("a call's operands and result have arrays");
+                me.b.ins().stack_addr(ptr, slot, 0)
+            };
+            let o = addr(self, i);
+            let (f, params, args): (usize, Vec<Type>, Vec<Value>) = match *e {
+                Expr::Unary { op, x } => {
+                    let op = self.b.ins().iconst(types::I32, unary_index(op));
+                    let x = addr(self, x);
+                    (call_unary as *const () as usize, vec![types::I32, ptr, ptr, ptr], vec![op, x, o, n])
+                }
+                Expr::UnaryGrad { op, x, g } => {
+                    let op = self.b.ins().iconst(types::I32, unary_index(op));
+                    let (x, g) = (addr(self, x), addr(self, g));
+                    (call_unary_grad as *const () as usize, vec![types::I32, ptr, ptr, ptr, ptr], vec![op, x, g, o, n])
+                }
+                Expr::Pow { x, exp } => {
+                    let x = addr(self, x);
+                    let e = self.b.ins().f32const(exp as f32);
+                    (call_pow as *const () as usize, vec![ptr, ptr, ptr, types::F32], vec![x, o, n, e])
+                }
+                Expr::Dropout { x, p, rng } => {
+                    let x = addr(self, x);
+                    let rng = self.b.ins().iconst(types::I64, rng as i64);
+                    let at = self.b.ins().iadd(start, c);
+                    let p = self.b.ins().f64const(p);
+                    (
+                        call_dropout as *const () as usize,
+                        vec![ptr, ptr, ptr, types::I64, types::I64, types::I64, types::F64],
+                        vec![x, o, n, seed, rng, at, p],
+                    )
+                }
+                _ => unreachable!("only calls"),
+            };
+            let mut sig = Signature::new(self.call_conv);
+            sig.params.extend(params.into_iter().map(AbiParam::new));
+            let sig = self.b.import_signature(sig);
+            let callee = self.b.ins().iconst(ptr, f as i64);
+            self.b.ins().call_indirect(sig, callee, &args);
+        }
+    }
+
+    /// Stage `s`'s loop over the chunk at segment position `c`, `n` positions.
+    fn stage_loop(&mut self, s: usize, c: Value, n: Value) {
+        let vector = self.inner.iter().all(|&st| st <= 1);
+        let vhead = self.b.create_block();
+        let vbody = self.b.create_block();
+        let shead = self.b.create_block();
+        let sbody = self.b.create_block();
+        let done = self.b.create_block();
+        for blk in [vhead, vbody, shead, sbody] {
+            self.b.append_block_param(blk, types::I64);
+        }
+        let zero = self.b.ins().iconst(types::I64, 0);
+        if vector {
+            self.b.ins().jump(vhead, &[BlockArg::from(zero)]);
+            // Four positions at a time while four remain.
+            self.b.switch_to_block(vhead);
+            let j = self.b.block_params(vhead)[0];
+            let whole = self.b.ins().band_imm_s(n, !3i64);
+            let more = self.b.ins().icmp(IntCC::UnsignedLessThan, j, whole);
+            self.b.ins().brif(more, vbody, &[BlockArg::from(j)], shead, &[BlockArg::from(j)]);
+            self.b.switch_to_block(vbody);
+            let j = self.b.block_params(vbody)[0];
+            self.positions(s, c, j, true);
+            let next = self.b.ins().iadd_imm_s(j, 4);
+            self.b.ins().jump(vhead, &[BlockArg::from(next)]);
+        } else {
+            self.b.ins().jump(shead, &[BlockArg::from(zero)]);
+        }
+        // The rest one position at a time.
+        self.b.switch_to_block(shead);
+        let j = self.b.block_params(shead)[0];
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, j, n);
+        self.b.ins().brif(more, sbody, &[BlockArg::from(j)], done, &[]);
+        self.b.switch_to_block(sbody);
+        let j = self.b.block_params(sbody)[0];
+        self.positions(s, c, j, false);
+        let next = self.b.ins().iadd_imm_s(j, 1);
+        self.b.ins().jump(shead, &[BlockArg::from(next)]);
+        self.b.switch_to_block(done);
+    }
+
+    /// Stage `s`'s work at chunk position `j` of the chunk at `c` (four
+    /// positions when `lanes`): compute its values, keep those that need
+    /// arrays, and store the kernel's outputs computed in this stage.
+    fn positions(&mut self, s: usize, c: Value, j: Value, lanes: bool) {
+        let ty = if lanes { F32X4 } else { types::F32 };
+        let ptr = types::I64;
+        // Byte offset of position j in a chunk array, and of position c + j in an argument's stride units.
+        let in_chunk = self.b.ins().ishl_imm_u(j, 2);
+        let pos = self.b.ins().iadd(c, j);
+        let mut v: Vec<Option<Value>> = vec![None; self.k.body.len()];
+        for (i, x) in self.k.body.iter().enumerate() {
+            if let Some((sc, vec)) = self.hoisted[i] {
+                v[i] = Some(if lanes { vec } else { sc });
+                continue;
+            }
+            if self.stage[i] != s || is_call(x) {
+                // Computed earlier (read from its array where used) or by a call.
+                continue;
+            }
+            let get = |me: &mut Self, o: usize| -> Value {
+                match v[o] {
+                    Some(val) => val,
+                    None => {
+                        let slot = me.array[o].expect("a value from an earlier stage has an array");
+                        let base = me.b.ins().stack_addr(ptr, slot, 0);
+                        let p = me.b.ins().iadd(base, in_chunk);
+                        me.b.ins().load(ty, mem(), p, 0)
+                    }
+                }
+            };
+            let value = match *x {
+                Expr::Load { arg } => {
+                    let p = self.address(arg, pos);
+                    self.b.ins().load(ty, mem(), p, 0)
+                }
+                Expr::Unary { op, x } => {
+                    let x = get(self, x);
+                    match op {
+                        UnaryOp::Neg => self.b.ins().fneg(x),
+                        UnaryOp::Abs => self.b.ins().fabs(x),
+                        UnaryOp::Sqrt => self.b.ins().sqrt(x),
+                        UnaryOp::Square => self.b.ins().fmul(x, x),
+                        other => unreachable!("`{}` is a call", other.name()),
+                    }
+                }
+                Expr::Binary { op, a, b } => {
+                    let (a, b) = (get(self, a), get(self, b));
+                    match op {
+                        BinaryOp::Add => self.b.ins().fadd(a, b),
+                        BinaryOp::Sub => self.b.ins().fsub(a, b),
+                        BinaryOp::Mul => self.b.ins().fmul(a, b),
+                        BinaryOp::Div => self.b.ins().fdiv(a, b),
+                    }
+                }
+                _ => unreachable!("hoisted, or a call"),
+            };
+            v[i] = Some(value);
+        }
+        // Keep what later stages and calls read.
+        for (i, val) in v.iter().enumerate() {
+            if let (Some(slot), Some(val)) = (self.array[i], *val)
+                && !is_call(&self.k.body[i])
+                && (self.stage[i] == s && self.hoisted[i].is_none() || self.hoisted[i].is_some() && s == 0)
+            {
+                let base = self.b.ins().stack_addr(ptr, slot, 0);
+                let p = self.b.ins().iadd(base, in_chunk);
+                self.b.ins().store(mem(), val, p, 0);
+            }
+        }
+        for &(arg, value) in &self.k.stores {
+            let here = if self.hoisted[value].is_some() { s == 0 } else { self.stage[value] == s };
+            if !here {
+                continue;
+            }
+            let val = match v[value] {
+                Some(val) => val,
+                None => {
+                    let slot = self.array[value].expect("a call's result has an array");
+                    let base = self.b.ins().stack_addr(ptr, slot, 0);
+                    let p = self.b.ins().iadd(base, in_chunk);
+                    self.b.ins().load(ty, mem(), p, 0)
+                }
+            };
+            let p = self.address(arg, pos);
+            self.b.ins().store(mem(), val, p, 0);
+        }
+    }
+
+    /// Argument `arg`'s address at segment position `pos`.
+    fn address(&mut self, arg: usize, pos: Value) -> Value {
+        let by = self.b.ins().imul_imm_s(pos, 4 * self.inner[arg] as i64);
+        self.b.ins().iadd(self.at[arg], by)
+    }
+}
+
+fn unary_index(op: UnaryOp) -> i64 {
+    UNARY.iter().position(|&u| u == op).expect("every unary op is numbered") as i64
+}
