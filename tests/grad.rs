@@ -413,7 +413,7 @@ fn capacity_drops_tokens_in_priority_order() {
     let probs = Tensor::<f64> { dims: dims.to_vec(), data: vec![0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.4, 0.6] };
     let gates = top_k(&probs, 1, 1);
     assert_eq!(gates.data, vec![0.9, 0.0, 0.0, 0.0, 0.0, 0.7, 0.0, 0.0]);
-    let s = slots(&gates, 1);
+    let s = slots(gates.view(), 1);
     assert_eq!(s, vec![vec![(0, 0)], vec![], vec![(1, 0)], vec![]]);
     // Top-2 with room for everyone keeps both choices, the better one first.
     let gates = top_k(&probs, 2, 4);

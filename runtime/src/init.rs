@@ -19,8 +19,17 @@ pub fn init_params<T: Real>(params: &[Param], seed: u64) -> Vec<Tensor<T>> {
 
 /// Initialise parameter `k` alone (the same values as [`init_params`] gives it).
 pub fn init_param<T: Real>(p: &Param, k: usize, seed: u64) -> Tensor<T> {
+    let mut t = Tensor::zeros(&p.ty.dims);
+    init_into(p, k, seed, &mut t.data);
+    t
+}
+
+/// Write parameter `k`'s initial values (those of [`init_param`]) into
+/// `out`, its elements in row-major order: a backend's own buffer, with no
+/// copy of the parameter made on the way.
+pub fn init_into<T: Real>(p: &Param, k: usize, seed: u64, out: &mut [T]) {
     let k = k as u64 + 1;
-    Tensor::from_fn(&p.ty.dims, |i| {
+    let value = |i: usize| {
         let i = i as u64;
         r(match p.init {
             Init::Normal { std } => std * normal(seed, k, i),
@@ -40,5 +49,6 @@ pub fn init_param<T: Real>(p: &Param, k: usize, seed: u64) -> Tensor<T> {
             Init::Ones => 1.0,
             Init::Constant { value } => value,
         })
-    })
+    };
+    out.iter_mut().enumerate().for_each(|(i, o)| *o = value(i));
 }

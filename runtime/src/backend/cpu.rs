@@ -7,8 +7,13 @@
 //! - Contractions (`matmul`, `einsum`) run as strided batched GEMMs (the
 //!   `gemm` crate) straight on the regions, accumulating in place where the
 //!   program says so.
-//! - Other ops (attention, norms, gathers, routing) read their operands out
-//!   of the arena into tensors, run the node-by-node interpreter's kernel
+//! - Attention, the norms and their gradients, sums over a contiguous run of
+//!   dims, contiguous takes and untakes, MoE dispatch and combine and their
+//!   gradients, the step's copies, scalings and sums of squares read their
+//!   operands where they lie, with the interpreter's own row functions and
+//!   orders of summation (so the same bits).
+//! - Other ops (gathers, cross-entropy, routing) read their operands out of
+//!   the arena into tensors, run the node-by-node interpreter's kernel
 //!   (`exec::Interpreter::eval_node`, so both paths agree by construction)
 //!   and write (or add) the result into their output's bytes.
 //!
@@ -96,6 +101,14 @@ fn at(bases: &[*mut f32; 5], b: &Buffer) -> *mut f32 {
 }
 
 impl Cpu {
+    /// Write a buffer's elements in place with `f` (as [`Backend::upload`]
+    /// does from a slice, without one).
+    pub fn write_with(&mut self, buf: &Buffer, f: impl FnOnce(&mut [f32])) -> Result<(), String> {
+        self.prepare([buf])?;
+        f(self.slice_mut(buf));
+        Ok(())
+    }
+
     /// A backend running kernels with the default engine.
     pub fn new() -> Cpu {
         Cpu::default()
@@ -510,24 +523,140 @@ impl Cpu {
         Some(())
     }
 
+    /// A sum or mean over dims that form one contiguous run of the operand's
+    /// layout (a bias gradient: over the batch and sequence dims before the
+    /// features), `out[o, i] [+]= Σ_r x[o, r, i]`, on the regions: every
+    /// output element summed in the interpreter's order (r ascending, from
+    /// zero; a mean divides after, then adds), so the same bits, with the
+    /// output's elements split over the kernel threads and no operand copied
+    /// out. `None`: another layout, or an output that shares the operand's bytes.
+    fn sums(&mut self, op: &Op, x: &Buffer, out: &Buffer, accumulate: bool) -> Option<()> {
+        use rayon::prelude::*;
+        let Op::Reduce { op: how @ (ReduceOp::Sum | ReduceOp::Mean), dims: names } = op else { return None };
+        let d = &x.ty.dims;
+        // The interpreter's test for the contiguous case (`Tensor::sum_over`).
+        let f = d.iter().position(|x| names.contains(&x.name))?;
+        if names.len() > d.len() - f || !d[f..f + names.len()].iter().all(|x| names.contains(&x.name)) {
+            return None;
+        }
+        let size = |ds: &[Dim]| ds.iter().map(|x| x.size as usize).product::<usize>();
+        let (outer, reduced, inner) = (size(&d[..f]), size(&d[f..f + names.len()]), size(&d[f + names.len()..]));
+        let keeps = d.iter().filter(|x| !names.contains(&x.name)).eq(out.ty.dims.iter());
+        if !keeps || !disjoint(x, out) || !in_regions(x) || !in_regions(out) {
+            return None;
+        }
+        let n = outer * inner;
+        let mean = matches!(how, ReduceOp::Mean).then(|| (x.ty.numel() as usize / n.max(1)) as f32);
+        let bases = self.bases();
+        // (As addresses, to cross threads; each piece writes its own output elements.)
+        let (xs, os) = (at(&bases, x) as usize, at(&bases, out) as usize);
+        let pieces = if reduced * n < 1 << 16 { 1 } else { crate::exec::threads() * 4 }.clamp(1, n.max(1));
+        let per = n.div_ceil(pieces).max(1);
+        (0..pieces).into_par_iter().for_each(|k| {
+            let (mut p, end) = (k * per, ((k + 1) * per).min(n));
+            let mut acc: Vec<f32> = Vec::new();
+            while p < end {
+                let (o, i0) = (p / inner, p % inner);
+                let len = (inner - i0).min(end - p);
+                acc.clear();
+                acc.resize(len, 0.0);
+                for r in 0..reduced {
+                    // SAFETY: row (o, r)'s columns i0 .. i0 + len lie in the operand.
+                    let row = unsafe {
+                        std::slice::from_raw_parts((xs as *const f32).add((o * reduced + r) * inner + i0), len)
+                    };
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += *v);
+                }
+                if let Some(m) = mean {
+                    acc.iter_mut().for_each(|a| *a /= m);
+                }
+                // SAFETY: output elements p .. p + len, this piece's alone, apart from the operand (checked).
+                let dst = unsafe { std::slice::from_raw_parts_mut((os as *mut f32).add(p), len) };
+                if accumulate {
+                    dst.iter_mut().zip(&acc).for_each(|(o, a)| *o += *a);
+                } else {
+                    dst.copy_from_slice(&acc);
+                }
+                p += len;
+            }
+        });
+        Some(())
+    }
+
+    /// A norm's gain gradient over a last, contiguous dim on the regions,
+    /// `out[i] [+]= Σ_r g[r, i]·(x[r, i] − mean_r)·inv_r`: each row's
+    /// statistics once (the interpreter's `norm_stats`), then each output
+    /// element summed over the rows in order with the interpreter's
+    /// operations (so the same bits), the elements split over the kernel
+    /// threads, no operand copied out.
+    fn norm_gain_grad(&mut self, op: &Op, ins: &[&Buffer], out: &Buffer, accumulate: bool) -> Option<()> {
+        use rayon::prelude::*;
+        let Op::NormGradGain { dim, eps, rms } = op else { return None };
+        let (x, g) = (ins[0], ins[1]);
+        let len = x.ty.dims.last().filter(|d| d.name == *dim)?.size as usize;
+        let ok = len > 0
+            && g.ty.dims == x.ty.dims
+            && out.ty.numel() as usize == len
+            && disjoint(x, out)
+            && disjoint(g, out)
+            && [x, g, out].iter().all(|b| in_regions(b));
+        if !ok {
+            return None;
+        }
+        let rows = x.ty.numel() as usize / len;
+        let bases = self.bases();
+        // SAFETY: each addresses its own buffer's elements; the inputs are only read.
+        let xs = unsafe { std::slice::from_raw_parts(at(&bases, x) as *const f32, rows * len) };
+        let gs = unsafe { std::slice::from_raw_parts(at(&bases, g) as *const f32, rows * len) };
+        let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), len) };
+        let stats: Vec<(f32, f32)> =
+            xs.par_chunks(len).map(|r| crate::exec::kernels::norm_stats(r, *eps, *rms)).collect();
+        let pieces = crate::exec::threads().clamp(1, len);
+        let per = len.div_ceil(pieces);
+        o.par_chunks_mut(per).enumerate().for_each(|(k, o)| {
+            let c0 = k * per;
+            let mut acc = vec![0f32; o.len()];
+            for (r, &(mean, inv)) in stats.iter().enumerate() {
+                let (xr, gr) = (&xs[r * len + c0..][..o.len()], &gs[r * len + c0..][..o.len()]);
+                for ((a, x), g) in acc.iter_mut().zip(xr).zip(gr) {
+                    *a += *g * (*x - mean) * inv;
+                }
+            }
+            if accumulate {
+                o.iter_mut().zip(&acc).for_each(|(o, a)| *o += *a);
+            } else {
+                o.copy_from_slice(&acc);
+            }
+        });
+        Some(())
+    }
+
     /// `out[e, ...] [+]= Σ_{s < counts[e]} x[e, s, ...]`: a sum over the filled slots.
     fn sum_slots(&mut self, x: &Buffer, out: &Buffer, accumulate: bool, counts: &[usize]) -> Option<()> {
         let d = &x.ty.dims;
         if d.len() < 2 || out.ty.dims.len() + 1 != d.len() || counts.len() != d[0].size as usize {
             return None;
         }
-        let (s, w) = (d[1].size as usize, d[2..].iter().map(|d| d.size as usize).product::<usize>());
-        let xs = self.slice(x).to_vec();
-        let o = self.slice_mut(out);
-        for (e, &c) in counts.iter().enumerate() {
-            let dst = &mut o[e * w..(e + 1) * w];
-            if !accumulate {
-                dst.fill(0.0);
-            }
-            for row in xs[e * s * w..].chunks(w.max(1)).take(c.min(s)) {
-                dst.iter_mut().zip(row).for_each(|(o, v)| *o += *v);
-            }
+        if !disjoint(x, out) || !in_regions(x) || !in_regions(out) {
+            return None;
         }
+        let (s, w) = (d[1].size as usize, d[2..].iter().map(|d| d.size as usize).product::<usize>());
+        let bases = self.bases();
+        // SAFETY: each slice addresses its own buffer's elements, and the two share no bytes (checked).
+        let xs = unsafe { std::slice::from_raw_parts(at(&bases, x) as *const f32, x.ty.numel() as usize) };
+        let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), out.ty.numel() as usize) };
+        // Experts on the kernel threads; each sums its filled rows in order.
+        crate::exec::fast::par_rows(o, w.max(1), |first, dst| {
+            for (k, dst) in dst.chunks_mut(w.max(1)).enumerate() {
+                let e = first + k;
+                if !accumulate {
+                    dst.fill(0.0);
+                }
+                for row in xs[e * s * w..].chunks(w.max(1)).take(counts[e].min(s)) {
+                    dst.iter_mut().zip(row).for_each(|(o, v)| *o += *v);
+                }
+            }
+        });
         Some(())
     }
 }
@@ -591,6 +720,40 @@ impl Backend for Cpu {
                 rows: false,
                 ..
             } if self.norms(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() => Ok(()),
+            Kind::Op {
+                op: op @ (Op::Dispatch | Op::DispatchGrad | Op::Combine | Op::CombineGradY | Op::CombineGradGates),
+                accumulate,
+                rows: false,
+                ..
+            } => {
+                // The interpreter's kernels over views of the operands where they lie.
+                use crate::exec::moe;
+                let out = buf(&ins.outs[0]);
+                let t = {
+                    let v = self.views(ins.ins.iter().map(buf));
+                    let dims = &out.ty.dims;
+                    match op {
+                        Op::Dispatch => moe::dispatch(v[0], v[1], dims),
+                        Op::DispatchGrad => moe::dispatch_grad(v[0], v[1], dims),
+                        Op::Combine => moe::combine(v[0], v[1], dims),
+                        Op::CombineGradY => moe::combine_grad_y(v[0], v[1], dims),
+                        _ => moe::combine_grad_gates(v[0], v[1], v[2]),
+                    }
+                };
+                self.store(out, &t, *accumulate)
+            }
+            Kind::Op { op: op @ Op::NormGradGain { .. }, accumulate, rows: false, .. }
+                if self
+                    .norm_gain_grad(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0]), *accumulate)
+                    .is_some() =>
+            {
+                Ok(())
+            }
+            Kind::Op { op: op @ Op::Reduce { .. }, accumulate, rows: false, .. }
+                if self.sums(op, buf(&ins.ins[0]), buf(&ins.outs[0]), *accumulate).is_some() =>
+            {
+                Ok(())
+            }
             Kind::Op { op: op @ (Op::Take { .. } | Op::Untake { .. }), accumulate: false, rows: false, .. }
                 if self.take_blocks(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() =>
             {
@@ -613,7 +776,7 @@ impl Backend for Cpu {
             Kind::SlotCounts { slots } => {
                 let gates = self.tensor(buf(&ins.ins[0]));
                 let out = buf(&ins.outs[0]);
-                let counts = crate::exec::moe::slot_counts(&gates, *slots as usize, out.ty.numel() as usize);
+                let counts = crate::exec::moe::slot_counts(gates.view(), *slots as usize, out.ty.numel() as usize);
                 let values: Vec<f32> = counts.iter().map(|&c| c as f32).collect();
                 self.slice_mut(out).copy_from_slice(&values);
                 Ok(())
@@ -656,17 +819,36 @@ impl Backend for Cpu {
                 self.kernel(kernel, &args, rows.as_deref(), seed)
             }
             Kind::Accumulate | Kind::Copy | Kind::Scale { .. } => {
-                let x = self.slice(buf(&ins.ins[0])).to_vec();
-                let out = self.slice_mut(buf(&ins.outs[0]));
-                match ins.kind {
-                    Kind::Accumulate => out.iter_mut().zip(&x).for_each(|(o, v)| *o += *v),
-                    Kind::Copy => out.copy_from_slice(&x),
-                    Kind::Scale { factor } => {
-                        let f = factor as f32;
-                        out.iter_mut().zip(&x).for_each(|(o, v)| *o = *v * f);
+                let (x, o) = (buf(&ins.ins[0]), buf(&ins.outs[0]));
+                let same = x.region == o.region && x.offset == o.offset && x.ty.numel() == o.ty.numel();
+                // On the regions (the operand is the output itself, or apart from
+                // it), split over the kernel threads; else through a copy.
+                let owned =
+                    (!(same || disjoint(x, o)) || !in_regions(x) || !in_regions(o)).then(|| self.slice(x).to_vec());
+                let bases = self.bases();
+                let n = o.ty.numel() as usize;
+                // SAFETY: the output's own elements; the operand's are the same
+                // elements (read at the same position) or apart (checked).
+                let out = unsafe { std::slice::from_raw_parts_mut(at(&bases, o), n) };
+                let src = match &owned {
+                    Some(v) => v.as_ptr(),
+                    None => at(&bases, x) as *const f32,
+                } as usize;
+                let kind = &ins.kind;
+                crate::exec::fast::par_rows(out, 1 << 14, |first, out| {
+                    // SAFETY: the operand's elements at this piece's positions.
+                    let x = unsafe { std::slice::from_raw_parts((src as *const f32).add(first << 14), out.len()) };
+                    match *kind {
+                        Kind::Accumulate => out.iter_mut().zip(x).for_each(|(o, v)| *o += *v),
+                        Kind::Copy if !same => out.copy_from_slice(x),
+                        Kind::Copy => {}
+                        Kind::Scale { factor } => {
+                            let f = factor as f32;
+                            out.iter_mut().zip(x).for_each(|(o, v)| *o = *v * f);
+                        }
+                        _ => unreachable!("matched above"),
                     }
-                    _ => unreachable!("matched above"),
-                }
+                });
                 Ok(())
             }
             Kind::Zero => {
@@ -685,8 +867,16 @@ impl Backend for Cpu {
                 Ok(())
             }
             Kind::SumSquares => {
+                use rayon::prelude::*;
                 for (i, o) in ins.ins.iter().zip(&ins.outs) {
-                    let s: f64 = self.slice(buf(i)).iter().map(|&x| (x as f64) * (x as f64)).sum();
+                    // In f64, over fixed blocks summed in order: the same result on any number of threads.
+                    let s: f64 = self
+                        .slice(buf(i))
+                        .par_chunks(1 << 16)
+                        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                        .collect::<Vec<f64>>()
+                        .iter()
+                        .sum();
                     self.slice_mut(buf(o))[0] = s as f32;
                 }
                 Ok(())
@@ -1053,6 +1243,57 @@ mod tests {
         assert_eq!(cpu.download(&x).unwrap(), want.data);
         let across = Op::LayerNorm { dim: "row".into(), eps: 1e-5, gain: false, bias: false };
         assert!(cpu.norms(&across, &[&g], &out).is_none());
+        // The gain's gradient, into a gradient that holds a value already and into a fresh one.
+        cpu.upload(&x, &xs).unwrap();
+        for (rms, accumulate) in [(false, true), (true, false)] {
+            let op = Op::NormGradGain { dim: "e".into(), eps: 1e-5, rms };
+            cpu.upload(&gain, &ws).unwrap();
+            assert!(cpu.norm_gain_grad(&op, &[&x, &g], &gain, accumulate).is_some());
+            let mut want = k::norm_grad_gain(&t(&x, &xs), &t(&g, &gs), "e", 1e-5, rms).data;
+            if accumulate {
+                want.iter_mut().zip(&ws).for_each(|(v, w)| *v += *w);
+            }
+            assert_eq!(cpu.download(&gain).unwrap(), want, "rms {rms}, accumulate {accumulate}");
+        }
+    }
+
+    /// Sums and means over a contiguous run of dims (leading, middle, last,
+    /// all), added into an output or not, large enough to split over the
+    /// threads: the same bits as the interpreter's `sum_over`; a run that is
+    /// not contiguous is left to the interpreter.
+    #[test]
+    fn sums_on_the_regions_match_the_interpreter() {
+        let (a, b, c) = (33u64, 70u64, 29u64);
+        let n = a * b * c;
+        let x = buf(&[("a", a), ("b", b), ("c", c)], 0);
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * 2 * n]).unwrap();
+        let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0 + 0.1).collect();
+        cpu.upload(&x, &xs).unwrap();
+        let t = Tensor { dims: x.ty.dims.clone(), data: xs.clone() };
+        for names in [&["a"][..], &["a", "b"], &["b"], &["c"], &["b", "c"], &["a", "b", "c"]] {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let keep: Vec<(&str, u64)> =
+                [("a", a), ("b", b), ("c", c)].into_iter().filter(|(d, _)| !names.iter().any(|x| x == d)).collect();
+            let out = buf(&keep, 4 * n);
+            let prior: Vec<f32> = (0..out.ty.numel()).map(|i| i as f32 * 0.5 - 3.0).collect();
+            for (how, accumulate) in [(ReduceOp::Sum, false), (ReduceOp::Sum, true), (ReduceOp::Mean, true)] {
+                cpu.upload(&out, &prior).unwrap();
+                let op = Op::Reduce { op: how, dims: names.clone() };
+                assert!(cpu.sums(&op, &x, &out, accumulate).is_some(), "{names:?}");
+                let mut want = t.sum_over(&names).data;
+                if how == ReduceOp::Mean {
+                    let m = (n as usize / want.len().max(1)) as f32;
+                    want.iter_mut().for_each(|v| *v /= m);
+                }
+                if accumulate {
+                    want.iter_mut().zip(&prior).for_each(|(v, p)| *v += *p);
+                }
+                assert_eq!(cpu.download(&out).unwrap(), want, "{how:?} over {names:?}, accumulate {accumulate}");
+            }
+        }
+        let apart = Op::Reduce { op: ReduceOp::Sum, dims: vec!["a".into(), "c".into()] };
+        assert!(cpu.sums(&apart, &x, &buf(&[("b", b)], 4 * n), false).is_none());
     }
 
     /// Over filled slots: an expert GEMM computes the filled rows only, and a

@@ -512,7 +512,7 @@ pub fn amax_grad<T: Real>(x: &Tensor<T>, max: &Tensor<T>, g: &Tensor<T>, dims: &
 }
 
 /// Per row: (mean, 1/std) for LayerNorm, (0, 1/rms) for RMSNorm.
-fn norm_stats<T: Real>(row: &[T], eps: f64, rms: bool) -> (T, T) {
+pub(crate) fn norm_stats<T: Real>(row: &[T], eps: f64, rms: bool) -> (T, T) {
     let n = r::<T>(row.len() as f64);
     let mean = if rms { T::zero() } else { super::fast::sum(row) / n };
     // Σ (x − mean)² over 8 lanes.

@@ -395,11 +395,11 @@ impl Interpreter<'_> {
         let padded = |r: Option<(Tensor<T>, padded::Pad<T>)>| r.map(|(t, p)| (t, Some(p)));
         match &node.op {
             Op::Dispatch | Op::CombineGradY if out.len() >= 2 => {
-                let counts = moe::slot_counts(a(0), out[1].size as usize, out[0].size as usize);
+                let counts = moe::slot_counts(a(0).view(), out[1].size as usize, out[0].size as usize);
                 let t = if matches!(node.op, Op::Dispatch) {
-                    moe::dispatch(a(0), a(1), out)
+                    moe::dispatch(a(0).view(), a(1).view(), out)
                 } else {
-                    moe::combine_grad_y(a(0), a(1), out)
+                    moe::combine_grad_y(a(0).view(), a(1).view(), out)
                 };
                 Some((t, Some(padded::dispatched(counts, out))))
             }
@@ -600,11 +600,11 @@ impl Interpreter<'_> {
             Op::RopeGrad { theta, fraction } => k::rope(a(0), *theta, *fraction, true),
             Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
             Op::GateMask => moe::gate_mask(a(0), a(1)),
-            Op::Dispatch => moe::dispatch(a(0), a(1), out),
-            Op::DispatchGrad => moe::dispatch_grad(a(0), a(1), out),
-            Op::Combine => moe::combine(a(0), a(1), out),
-            Op::CombineGradY => moe::combine_grad_y(a(0), a(1), out),
-            Op::CombineGradGates => moe::combine_grad_gates(a(0), a(1), a(2)),
+            Op::Dispatch => moe::dispatch(a(0).view(), a(1).view(), out),
+            Op::DispatchGrad => moe::dispatch_grad(a(0).view(), a(1).view(), out),
+            Op::Combine => moe::combine(a(0).view(), a(1).view(), out),
+            Op::CombineGradY => moe::combine_grad_y(a(0).view(), a(1).view(), out),
+            Op::CombineGradGates => moe::combine_grad_gates(a(0).view(), a(1).view(), a(2).view()),
             Op::LoadBalance => Tensor::scalar(moe::load_balance(a(0), a(1))),
             Op::LoadBalanceGrad => moe::load_balance_grad(a(0), a(1), a(2).data[0]),
             Op::ZLoss => Tensor::scalar(moe::z_loss(a(0))),

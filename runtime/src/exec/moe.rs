@@ -8,11 +8,11 @@
 //! canonical rule — passes over each token's kept experts in gate order —
 //! so the two always agree.
 
-use crate::tensor::{Real, Tensor, r};
+use crate::tensor::{Real, Tensor, View, r};
 use tessera_compiler::model::Dim;
 
 /// Token count, expert count and the gates as rows `[t][e]`.
-fn rows<T: Real>(gates: &Tensor<T>) -> (usize, usize) {
+fn rows<T: Real>(gates: View<'_, T>) -> (usize, usize) {
     let e = gates.dims.last().map(|d| d.size as usize).unwrap_or(1);
     (gates.numel() / e.max(1), e)
 }
@@ -39,7 +39,7 @@ thread_local! {
 }
 
 /// `slots`, from this thread's cache when the same gates were routed recently.
-fn cached_slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Slots {
+fn cached_slots<T: Real>(gates: View<'_, T>, capacity: usize) -> Slots {
     let key: Vec<u64> = gates.data.iter().map(|g| g.to_f64().unwrap_or(f64::NAN).to_bits()).collect();
     ROUTES.with(|cache| {
         let mut cache = cache.borrow_mut();
@@ -56,9 +56,9 @@ fn cached_slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Slots {
 }
 
 /// Slot of every kept (token, expert) pair: `slots[t]` lists (expert, slot).
-pub fn slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Vec<Vec<(usize, usize)>> {
+pub fn slots<T: Real>(gates: View<'_, T>, capacity: usize) -> Vec<Vec<(usize, usize)>> {
     let (t, e) = rows(gates);
-    let kept = ranked(&gates.data, e, |g| g != T::zero());
+    let kept = ranked(gates.data, e, |g| g != T::zero());
     let k = kept.iter().map(Vec::len).max().unwrap_or(0);
     let mut count = vec![0usize; e];
     let mut out = vec![Vec::new(); t];
@@ -76,7 +76,7 @@ pub fn slots<T: Real>(gates: &Tensor<T>, capacity: usize) -> Vec<Vec<(usize, usi
 }
 
 /// Filled slots per expert (slots fill from 0 up, so these are prefixes).
-pub fn slot_counts<T: Real>(gates: &Tensor<T>, capacity: usize, experts: usize) -> Vec<usize> {
+pub fn slot_counts<T: Real>(gates: View<'_, T>, capacity: usize, experts: usize) -> Vec<usize> {
     let mut counts = vec![0; experts];
     for &(ex, _) in cached_slots(gates, capacity).iter().flatten() {
         counts[ex] += 1;
@@ -86,7 +86,7 @@ pub fn slot_counts<T: Real>(gates: &Tensor<T>, capacity: usize, experts: usize) 
 
 /// Gates from router probabilities: top-k per token, then capacity in priority order.
 pub fn top_k<T: Real>(probs: &Tensor<T>, k: usize, capacity: usize) -> Tensor<T> {
-    let (t, e) = rows(probs);
+    let (t, e) = rows(probs.view());
     let choice = ranked(&probs.data, e, |_| true);
     let mut count = vec![0usize; e];
     let mut gates = Tensor::zeros(&probs.dims);
@@ -103,7 +103,7 @@ pub fn top_k<T: Real>(probs: &Tensor<T>, k: usize, capacity: usize) -> Tensor<T>
 }
 
 /// `[tokens..., d...]` → `[expert, slot, d...]`.
-pub fn dispatch<T: Real>(gates: &Tensor<T>, x: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+pub fn dispatch<T: Real>(gates: View<'_, T>, x: View<'_, T>, out: &[Dim]) -> Tensor<T> {
     let cap = out[1].size as usize;
     let width: usize = out[2..].iter().map(|d| d.size as usize).product();
     let mut y = Tensor::zeros(out);
@@ -117,7 +117,7 @@ pub fn dispatch<T: Real>(gates: &Tensor<T>, x: &Tensor<T>, out: &[Dim]) -> Tenso
 }
 
 /// d tokens of dispatch: each token sums its slots' gradients.
-pub fn dispatch_grad<T: Real>(gates: &Tensor<T>, g: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+pub fn dispatch_grad<T: Real>(gates: View<'_, T>, g: View<'_, T>, out: &[Dim]) -> Tensor<T> {
     let cap = g.dims[1].size as usize;
     let width: usize = g.dims[2..].iter().map(|d| d.size as usize).product();
     let mut dx = Tensor::zeros(out);
@@ -133,7 +133,7 @@ pub fn dispatch_grad<T: Real>(gates: &Tensor<T>, g: &Tensor<T>, out: &[Dim]) -> 
 }
 
 /// `[expert, slot, d...]` → `[tokens..., d...]`, weighted by the gates.
-pub fn combine<T: Real>(gates: &Tensor<T>, y: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+pub fn combine<T: Real>(gates: View<'_, T>, y: View<'_, T>, out: &[Dim]) -> Tensor<T> {
     let (_, e) = rows(gates);
     let cap = y.dims[1].size as usize;
     let width: usize = y.dims[2..].iter().map(|d| d.size as usize).product();
@@ -151,7 +151,7 @@ pub fn combine<T: Real>(gates: &Tensor<T>, y: &Tensor<T>, out: &[Dim]) -> Tensor
 }
 
 /// d expert outputs of combine.
-pub fn combine_grad_y<T: Real>(gates: &Tensor<T>, g: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+pub fn combine_grad_y<T: Real>(gates: View<'_, T>, g: View<'_, T>, out: &[Dim]) -> Tensor<T> {
     let (_, e) = rows(gates);
     let cap = out[1].size as usize;
     let width: usize = out[2..].iter().map(|d| d.size as usize).product();
@@ -169,11 +169,11 @@ pub fn combine_grad_y<T: Real>(gates: &Tensor<T>, g: &Tensor<T>, out: &[Dim]) ->
 }
 
 /// d gates of combine: <g[token], y[expert, slot]> for kept pairs.
-pub fn combine_grad_gates<T: Real>(gates: &Tensor<T>, y: &Tensor<T>, g: &Tensor<T>) -> Tensor<T> {
+pub fn combine_grad_gates<T: Real>(gates: View<'_, T>, y: View<'_, T>, g: View<'_, T>) -> Tensor<T> {
     let (_, e) = rows(gates);
     let cap = y.dims[1].size as usize;
     let width: usize = y.dims[2..].iter().map(|d| d.size as usize).product();
-    let mut dg = Tensor::zeros(&gates.dims);
+    let mut dg = Tensor::zeros(gates.dims);
     for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let src = (ex * cap + s) * width;
@@ -195,7 +195,7 @@ pub fn gate_mask<T: Real>(g: &Tensor<T>, gates: &Tensor<T>) -> Tensor<T> {
 
 /// Share of the kept assignments that go to each expert.
 fn load<T: Real>(gates: &Tensor<T>) -> Vec<f64> {
-    let (_, e) = rows(gates);
+    let (_, e) = rows(gates.view());
     let mut f = vec![0.0; e];
     let mut total = 0.0;
     for row in gates.data.chunks(e) {
@@ -212,7 +212,7 @@ fn load<T: Real>(gates: &Tensor<T>) -> Vec<f64> {
 /// Switch load balancing: E · Σ_e f_e · P_e, f_e the share of kept
 /// assignments to e, P_e the mean router probability of e.
 pub fn load_balance<T: Real>(gates: &Tensor<T>, probs: &Tensor<T>) -> T {
-    let (t, e) = rows(probs);
+    let (t, e) = rows(probs.view());
     let f = load(gates);
     let mut p = vec![0.0; e];
     for row in probs.data.chunks(e) {
@@ -224,7 +224,7 @@ pub fn load_balance<T: Real>(gates: &Tensor<T>, probs: &Tensor<T>) -> T {
 }
 
 pub fn load_balance_grad<T: Real>(gates: &Tensor<T>, probs: &Tensor<T>, g: T) -> Tensor<T> {
-    let (t, e) = rows(probs);
+    let (t, e) = rows(probs.view());
     let f = load(gates);
     let gv = g.to_f64().unwrap_or(0.0);
     Tensor::from_fn(&probs.dims, |i| r(gv * e as f64 * f[i % e] / t as f64))
@@ -232,7 +232,7 @@ pub fn load_balance_grad<T: Real>(gates: &Tensor<T>, probs: &Tensor<T>, g: T) ->
 
 /// Router z-loss: mean over tokens of logsumexp(logits)².
 pub fn z_loss<T: Real>(logits: &Tensor<T>) -> T {
-    let (t, e) = rows(logits);
+    let (t, e) = rows(logits.view());
     let s: f64 = logits.data.chunks(e).map(|row| lse(row).powi(2)).sum();
     r(s / t.max(1) as f64)
 }
@@ -244,7 +244,7 @@ fn lse<T: Real>(row: &[T]) -> f64 {
 }
 
 pub fn z_loss_grad<T: Real>(logits: &Tensor<T>, g: T) -> Tensor<T> {
-    let (t, e) = rows(logits);
+    let (t, e) = rows(logits.view());
     let gv = g.to_f64().unwrap_or(0.0);
     let mut out = Tensor::zeros(&logits.dims);
     for (k, row) in logits.data.chunks(e).enumerate() {

@@ -14,12 +14,46 @@ pub enum Split {
 }
 
 pub struct Dataset {
-    tokens: Vec<u32>,
+    tokens: Tokens,
     /// First token of the validation split.
     split_at: usize,
     /// The file (canonical where it can be) and the SHA-256 of its bytes.
     pub path: std::path::PathBuf,
     pub sha256: String,
+}
+
+/// Token ids in the narrowest integers that hold them: the file's own bytes
+/// for byte-level text, 16 bits for a vocabulary up to 65,536 (GPT-2's), else 32.
+enum Tokens {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+impl Tokens {
+    fn len(&self) -> usize {
+        match self {
+            Tokens::U8(t) => t.len(),
+            Tokens::U16(t) => t.len(),
+            Tokens::U32(t) => t.len(),
+        }
+    }
+
+    fn get(&self, k: usize) -> Option<u32> {
+        match self {
+            Tokens::U8(t) => t.get(k).map(|&x| x as u32),
+            Tokens::U16(t) => t.get(k).map(|&x| x as u32),
+            Tokens::U32(t) => t.get(k).copied(),
+        }
+    }
+
+    fn max(&self) -> Option<u32> {
+        match self {
+            Tokens::U8(t) => t.iter().max().map(|&x| x as u32),
+            Tokens::U16(t) => t.iter().max().map(|&x| x as u32),
+            Tokens::U32(t) => t.iter().max().copied(),
+        }
+    }
 }
 
 /// Where a spec's `data = "PATH"` is: an absolute path as it is; a relative
@@ -56,20 +90,24 @@ impl Dataset {
         let bytes =
             std::fs::read(path).map_err(|e| TrainError::Io(format!("cannot read data `{}`: {e}", path.display())))?;
         let sha256 = super::checkpoint::sha256_hex(&bytes);
-        let tokens: Vec<u32> = if path.extension().is_some_and(|e| e == "bin") {
+        let tokens = if path.extension().is_some_and(|e| e == "bin") {
             if bytes.len() % 2 != 0 {
                 return Err(TrainError::Io(format!("`{}` is not a u16 token file (odd length)", path.display())));
             }
-            bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
+            Tokens::U16(bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
         } else if let super::tokenizer::Tokenizer::Bytes = tokenizer {
-            bytes.iter().map(|&b| b as u32).collect()
+            Tokens::U8(bytes)
         } else {
             let text = String::from_utf8(bytes).map_err(|_| {
                 TrainError::Io(format!("`{}` is not UTF-8 text; the GPT-2 tokenizer reads text", path.display()))
             })?;
-            tokenizer.encode(&text)?
+            let ids = tokenizer.encode(&text)?;
+            match ids.iter().all(|&t| t <= u16::MAX as u32) {
+                true => Tokens::U16(ids.into_iter().map(|t| t as u16).collect()),
+                false => Tokens::U32(ids),
+            }
         };
-        if let Some(bad) = tokens.iter().find(|&&t| t as u64 >= vocab) {
+        if let Some(bad) = tokens.max().filter(|&t| t as u64 >= vocab) {
             return Err(TrainError::Setup(format!(
                 "`{}` holds token id {bad}, but the model's vocab is {vocab}; byte-level text needs vocab = 256, GPT-2 BPE vocab = 50257",
                 path.display()
@@ -105,7 +143,7 @@ impl Dataset {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.tokens.len() == 0
     }
 
     /// `batch` windows of `seq + 1` tokens: inputs and next-token targets,
@@ -133,7 +171,7 @@ impl Dataset {
             let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
             let start = lo + (uniform(seed ^ 0xDA7A, stream, global) * room as f64) as usize;
             for i in 0..seq {
-                let at = |k: usize| T::from(self.tokens.get(k).copied().unwrap_or(0)).unwrap_or_else(T::zero);
+                let at = |k: usize| T::from(self.tokens.get(k).unwrap_or(0)).unwrap_or_else(T::zero);
                 x.push(at(start + i));
                 y.push(at(start + i + 1));
             }

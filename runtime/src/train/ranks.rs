@@ -13,7 +13,7 @@
 //! [`Ranks::logical`] assembles them again, under any layout.
 
 use super::optim::OptimizerState;
-use super::shards::{cut, flat_shard, place};
+use super::shards::{cut_elements, flat_shard, place};
 use crate::backend::{
     self, Backend,
     cpu::{Cpu, Engine},
@@ -120,6 +120,25 @@ impl Ranks {
         }
         let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
         for (k, meta) in m.params.iter().enumerate() {
+            // Fresh weights that every rank holding them holds whole are
+            // written straight into its buffer (no logical copy is made).
+            if let Start::Init { seed } = start {
+                let whole = |r: &tessera_compiler::parallel::RankProgram| {
+                    let s = &r.params[k];
+                    !s.held
+                        || s.splits.is_empty()
+                            && s.local.ty.dims == meta.ty.dims
+                            && !(c.mesh.zero_sharded(s) && c.mesh.zero >= 3)
+                };
+                if c.ranks.iter().all(whole) {
+                    for ((p, rp), cpu) in c.programs.iter().zip(&c.ranks).zip(backends.iter_mut()) {
+                        if let Some(b) = p.named(&format!("w.{k}")).filter(|_| rp.params[k].held) {
+                            cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
+                        }
+                    }
+                    continue;
+                }
+            }
             let fresh;
             let (w, moments): (&Tensor<f32>, Vec<(&str, &Tensor<f32>)>) = match start {
                 Start::Init { seed } => {
@@ -142,9 +161,11 @@ impl Ranks {
                 // A buffer holds the rank's cut of the logical tensor, or its flat ZeRO shard of that cut.
                 let mut put = |name: String, full: &Tensor<f32>, sharded: bool| -> Result<(), String> {
                     let Some(b) = p.named(&name) else { return Ok(()) };
-                    let local = cut(full, shard, meta);
-                    let data = if sharded { flat_shard(&local.data, dp, d) } else { local.data };
-                    cpu.upload(p.buffer(b), &data)
+                    let local = cut_elements(full, shard, meta);
+                    match sharded {
+                        true => cpu.upload(p.buffer(b), &flat_shard(&local, dp, d)),
+                        false => cpu.upload(p.buffer(b), &local),
+                    }
                 };
                 let z = c.mesh.zero_sharded(shard);
                 put(format!("w.{k}"), w, z && c.mesh.zero >= 3)?;

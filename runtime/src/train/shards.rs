@@ -57,6 +57,20 @@ pub fn cut(full: &Tensor<f32>, shard: &parallel::ParamShard, logical: &Param) ->
     Tensor { dims: shard.local.ty.dims.clone(), data }
 }
 
+/// A rank's elements of the logical tensor, as [`cut`], borrowed where the
+/// rank holds it whole (no copy of a large parameter at start-up).
+pub fn cut_elements<'a>(
+    full: &'a Tensor<f32>,
+    shard: &parallel::ParamShard,
+    logical: &Param,
+) -> std::borrow::Cow<'a, [f32]> {
+    if shard.splits.is_empty() && shard.local.ty.dims == logical.ty.dims {
+        std::borrow::Cow::Borrowed(&full.data)
+    } else {
+        std::borrow::Cow::Owned(cut(full, shard, logical).data)
+    }
+}
+
 /// Write a rank's shard back into the logical tensor.
 pub fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
     let m = maps(shard, logical);
