@@ -307,34 +307,42 @@ impl Emit<'_, '_> {
             .collect();
         let mut e = Emit { b, k, inner, call_conv, at, hoisted, stage, array };
         // for c in (0..len).step_by(CHUNK)
-        let chead = e.b.create_block();
-        let cbody = e.b.create_block();
-        let exit = e.b.create_block();
-        e.b.append_block_param(chead, types::I64);
-        e.b.append_block_param(cbody, types::I64);
         let zero = e.b.ins().iconst(types::I64, 0);
-        e.b.ins().jump(chead, &[BlockArg::from(zero)]);
-        e.b.switch_to_block(chead);
-        let c = e.b.block_params(chead)[0];
-        let more = e.b.ins().icmp(IntCC::UnsignedLessThan, c, len);
-        e.b.ins().brif(more, cbody, &[BlockArg::from(c)], exit, &[]);
-        e.b.switch_to_block(cbody);
-        let c = e.b.block_params(cbody)[0];
-        let left = e.b.ins().isub(len, c);
-        let chunk = e.b.ins().iconst(types::I64, CHUNK as i64);
-        let n = e.b.ins().umin(left, chunk);
-        let last = e.stage.iter().copied().max().unwrap_or(0);
-        for s in 0..=last {
-            if s > 0 {
-                e.calls(s, n, c, start, seed);
+        e.counted(zero, len, CHUNK as i64, |e, c| {
+            let left = e.b.ins().isub(len, c);
+            let chunk = e.b.ins().iconst(types::I64, CHUNK as i64);
+            let n = e.b.ins().umin(left, chunk);
+            let last = e.stage.iter().copied().max().unwrap_or(0);
+            for s in 0..=last {
+                if s > 0 {
+                    e.calls(s, n, c, start, seed);
+                }
+                e.stage_loop(s, c, n);
             }
-            e.stage_loop(s, c, n);
-        }
-        let next = e.b.ins().iadd_imm_s(c, CHUNK as i64);
-        e.b.ins().jump(chead, &[BlockArg::from(next)]);
-        e.b.switch_to_block(exit);
+        });
         e.b.ins().return_(&[]);
         e.b.seal_all_blocks();
+    }
+
+    /// `for (j = from; j < bound; j += step) body(j)`, unsigned; code after
+    /// it goes on from the loop's exit, which returns `j` as it left.
+    fn counted(&mut self, from: Value, bound: Value, step: i64, body: impl FnOnce(&mut Self, Value)) -> Value {
+        let [head, inside, exit] = [(); 3].map(|_| self.b.create_block());
+        for blk in [head, inside, exit] {
+            self.b.append_block_param(blk, types::I64);
+        }
+        self.b.ins().jump(head, &[BlockArg::from(from)]);
+        self.b.switch_to_block(head);
+        let j = self.b.block_params(head)[0];
+        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, j, bound);
+        self.b.ins().brif(more, inside, &[BlockArg::from(j)], exit, &[BlockArg::from(j)]);
+        self.b.switch_to_block(inside);
+        let j = self.b.block_params(inside)[0];
+        body(self, j);
+        let next = self.b.ins().iadd_imm_s(j, step);
+        self.b.ins().jump(head, &[BlockArg::from(next)]);
+        self.b.switch_to_block(exit);
+        self.b.block_params(exit)[0]
     }
 
     /// The calls that start stage `s`, over the chunk's `n` values.
@@ -386,45 +394,16 @@ impl Emit<'_, '_> {
         }
     }
 
-    /// Stage `s`'s loop over the chunk at segment position `c`, `n` positions.
+    /// Stage `s`'s loop over the chunk at segment position `c`, `n`
+    /// positions: four at a time while four remain (where every argument's
+    /// inner stride is 0 or 1), then one at a time.
     fn stage_loop(&mut self, s: usize, c: Value, n: Value) {
-        let vector = self.inner.iter().all(|&st| st <= 1);
-        let vhead = self.b.create_block();
-        let vbody = self.b.create_block();
-        let shead = self.b.create_block();
-        let sbody = self.b.create_block();
-        let done = self.b.create_block();
-        for blk in [vhead, vbody, shead, sbody] {
-            self.b.append_block_param(blk, types::I64);
-        }
-        let zero = self.b.ins().iconst(types::I64, 0);
-        if vector {
-            self.b.ins().jump(vhead, &[BlockArg::from(zero)]);
-            // Four positions at a time while four remain.
-            self.b.switch_to_block(vhead);
-            let j = self.b.block_params(vhead)[0];
+        let mut j = self.b.ins().iconst(types::I64, 0);
+        if self.inner.iter().all(|&st| st <= 1) {
             let whole = self.b.ins().band_imm_s(n, !3i64);
-            let more = self.b.ins().icmp(IntCC::UnsignedLessThan, j, whole);
-            self.b.ins().brif(more, vbody, &[BlockArg::from(j)], shead, &[BlockArg::from(j)]);
-            self.b.switch_to_block(vbody);
-            let j = self.b.block_params(vbody)[0];
-            self.positions(s, c, j, true);
-            let next = self.b.ins().iadd_imm_s(j, 4);
-            self.b.ins().jump(vhead, &[BlockArg::from(next)]);
-        } else {
-            self.b.ins().jump(shead, &[BlockArg::from(zero)]);
+            j = self.counted(j, whole, 4, |e, j| e.positions(s, c, j, true));
         }
-        // The rest one position at a time.
-        self.b.switch_to_block(shead);
-        let j = self.b.block_params(shead)[0];
-        let more = self.b.ins().icmp(IntCC::UnsignedLessThan, j, n);
-        self.b.ins().brif(more, sbody, &[BlockArg::from(j)], done, &[]);
-        self.b.switch_to_block(sbody);
-        let j = self.b.block_params(sbody)[0];
-        self.positions(s, c, j, false);
-        let next = self.b.ins().iadd_imm_s(j, 1);
-        self.b.ins().jump(shead, &[BlockArg::from(next)]);
-        self.b.switch_to_block(done);
+        self.counted(j, n, 1, |e, j| e.positions(s, c, j, false));
     }
 
     /// Stage `s`'s work at chunk position `j` of the chunk at `c` (four
@@ -432,7 +411,6 @@ impl Emit<'_, '_> {
     /// arrays, and store the kernel's outputs computed in this stage.
     fn positions(&mut self, s: usize, c: Value, j: Value, lanes: bool) {
         let ty = if lanes { F32X4 } else { types::F32 };
-        let ptr = types::I64;
         // Byte offset of position j in a chunk array, and of position c + j in an argument's stride units.
         let in_chunk = self.b.ins().ishl_imm_u(j, 2);
         let pos = self.b.ins().iadd(c, j);
@@ -446,17 +424,7 @@ impl Emit<'_, '_> {
                 // Computed earlier (read from its array where used) or by a call.
                 continue;
             }
-            let get = |me: &mut Self, o: usize| -> Value {
-                match v[o] {
-                    Some(val) => val,
-                    None => {
-                        let slot = me.array[o].expect("a value from an earlier stage has an array");
-                        let base = me.b.ins().stack_addr(ptr, slot, 0);
-                        let p = me.b.ins().iadd(base, in_chunk);
-                        me.b.ins().load(ty, mem(), p, 0)
-                    }
-                }
-            };
+            let get = |me: &mut Self, o: usize| -> Value { me.value(&v, o, ty, in_chunk) };
             let value = match *x {
                 Expr::Load { arg } => {
                     let p = self.address(arg, pos);
@@ -491,8 +459,7 @@ impl Emit<'_, '_> {
                 && !is_call(&self.k.body[i])
                 && (self.stage[i] == s && self.hoisted[i].is_none() || self.hoisted[i].is_some() && s == 0)
             {
-                let base = self.b.ins().stack_addr(ptr, slot, 0);
-                let p = self.b.ins().iadd(base, in_chunk);
+                let p = self.in_array(slot, in_chunk);
                 self.b.ins().store(mem(), val, p, 0);
             }
         }
@@ -501,18 +468,29 @@ impl Emit<'_, '_> {
             if !here {
                 continue;
             }
-            let val = match v[value] {
-                Some(val) => val,
-                None => {
-                    let slot = self.array[value].expect("a call's result has an array");
-                    let base = self.b.ins().stack_addr(ptr, slot, 0);
-                    let p = self.b.ins().iadd(base, in_chunk);
-                    self.b.ins().load(ty, mem(), p, 0)
-                }
-            };
+            let val = self.value(&v, value, ty, in_chunk);
             let p = self.address(arg, pos);
             self.b.ins().store(mem(), val, p, 0);
         }
+    }
+
+    /// Body value `o` at this position: computed in this stage (`v`), or
+    /// read from its chunk array at byte offset `in_chunk`.
+    fn value(&mut self, v: &[Option<Value>], o: usize, ty: Type, in_chunk: Value) -> Value {
+        match v[o] {
+            Some(val) => val,
+            None => {
+                let slot = self.array[o].expect("a value from an earlier stage or a call has an array");
+                let p = self.in_array(slot, in_chunk);
+                self.b.ins().load(ty, mem(), p, 0)
+            }
+        }
+    }
+
+    /// The address of byte offset `in_chunk` in a chunk array.
+    fn in_array(&mut self, slot: cranelift_codegen::ir::StackSlot, in_chunk: Value) -> Value {
+        let base = self.b.ins().stack_addr(types::I64, slot, 0);
+        self.b.ins().iadd(base, in_chunk)
     }
 
     /// Argument `arg`'s address at segment position `pos`.
