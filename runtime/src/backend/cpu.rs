@@ -8,11 +8,11 @@
 //!   `gemm` crate) straight on the regions, accumulating in place where the
 //!   program says so.
 //! - Attention, the norms and their gradients, sums over a contiguous run of
-//!   dims, contiguous takes and untakes, MoE dispatch and combine and their
-//!   gradients, the step's copies, scalings and sums of squares read their
-//!   operands where they lie, with the interpreter's own row functions and
-//!   orders of summation (so the same bits).
-//! - Other ops (gathers, cross-entropy, routing) read their operands out of
+//!   dims, contiguous takes and untakes, cross-entropy and its gradient, MoE
+//!   dispatch and combine and their gradients, the step's copies, scalings
+//!   and sums of squares read their operands where they lie, with the
+//!   interpreter's own row functions and orders of summation (so the same bits).
+//! - Other ops (gathers, routing, the vocabulary-parallel ops) read their operands out of
 //!   the arena into tensors, run the node-by-node interpreter's kernel
 //!   (`exec::Interpreter::eval_node`, so both paths agree by construction)
 //!   and write (or add) the result into their output's bytes.
@@ -738,6 +738,30 @@ impl Backend for Cpu {
                         Op::Combine => moe::combine(v[0], v[1], dims),
                         Op::CombineGradY => moe::combine_grad_y(v[0], v[1], dims),
                         _ => moe::combine_grad_gates(v[0], v[1], v[2]),
+                    }
+                };
+                self.store(out, &t, *accumulate)
+            }
+            Kind::Op {
+                op:
+                    op @ (Op::CrossEntropy { label_smoothing, ignore } | Op::CrossEntropyGrad { label_smoothing, ignore }),
+                accumulate,
+                rows: false,
+                ..
+            } => {
+                // The interpreter's kernels over views of the logits and targets where they lie.
+                use crate::exec::kernels as k;
+                let out = buf(&ins.outs[0]);
+                let t = {
+                    let v = self.views(ins.ins.iter().map(buf));
+                    match op {
+                        Op::CrossEntropy { .. } => {
+                            Tensor::scalar(k::cross_entropy(v[0], v[1], *label_smoothing, *ignore))
+                        }
+                        _ => {
+                            let g = v[2].data.first().copied().ok_or("cross_entropy_grad has no upstream gradient")?;
+                            k::cross_entropy_grad(v[0], v[1], g, *label_smoothing, *ignore)
+                        }
                     }
                 };
                 self.store(out, &t, *accumulate)

@@ -3,7 +3,7 @@
 //! over contiguous rows after a transpose by name.
 
 use super::fast::{as_f32, as_f32_mut, erf_f32, exp_f32, par_rows};
-use crate::tensor::{Real, Tensor, aligned_strides, for_each_offset, for_each_offset2, r};
+use crate::tensor::{Real, Tensor, View, aligned_strides, for_each_offset, for_each_offset2, r};
 use tessera_compiler::ir::{BinaryOp, UnaryOp};
 use tessera_compiler::model::Dim;
 
@@ -799,12 +799,19 @@ pub fn dropout<T: Real>(x: &Tensor<T>, p: f64, seed: u64, node: u64) -> Tensor<T
 
 /// Logits as rows over the class dim (the dim targets lack), in the
 /// targets' order: borrowed when they already are, else a transposed copy.
-fn class_rows<'t, T: Real>(logits: &'t Tensor<T>, targets: &Tensor<T>) -> (std::borrow::Cow<'t, Tensor<T>>, usize) {
+/// The logits as rows of classes in the targets' order (borrowed where they
+/// are laid out so already), that order's dims, and the class count.
+fn class_rows<'t, T: Real>(logits: View<'t, T>, targets: View<'_, T>) -> (std::borrow::Cow<'t, [T]>, Vec<Dim>, usize) {
     let class = logits.dims.iter().find(|d| !targets.dims.iter().any(|t| t.name == d.name)).expect("class dim").clone();
     let c = class.size as usize;
-    let mut order = targets.dims.clone();
+    let mut order = targets.dims.to_vec();
     order.push(class);
-    (logits.permuted(&order), c)
+    let rows = if order.as_slice() == logits.dims {
+        std::borrow::Cow::Borrowed(logits.data)
+    } else {
+        std::borrow::Cow::Owned(Tensor { dims: logits.dims.to_vec(), data: logits.data.to_vec() }.permute(&order).data)
+    };
+    (rows, order, c)
 }
 
 /// Rows a cross-entropy task takes at a time (fixed, so the loss's sum does
@@ -814,9 +821,9 @@ const CE_ROWS: usize = 64;
 /// Mean cross-entropy of logits (class dim = the one targets lack) against
 /// integer targets, in f64 per row; rows in parallel, their sums added in
 /// row order by fixed blocks.
-pub fn cross_entropy<T: Real>(logits: &Tensor<T>, targets: &Tensor<T>, smoothing: f64, ignore: Option<i64>) -> T {
+pub fn cross_entropy<T: Real>(logits: View<'_, T>, targets: View<'_, T>, smoothing: f64, ignore: Option<i64>) -> T {
     use rayon::prelude::*;
-    let (p, c) = class_rows(logits, targets);
+    let (p, _, c) = class_rows(logits, targets);
     let block = |(rows, ts): (&[T], &[T])| -> (f64, usize) {
         let (mut total, mut count) = (0.0f64, 0usize);
         for (row, t) in rows.chunks(c.max(1)).zip(ts) {
@@ -841,9 +848,9 @@ pub fn cross_entropy<T: Real>(logits: &Tensor<T>, targets: &Tensor<T>, smoothing
         (total, count)
     };
     let parts: Vec<(f64, usize)> = if super::threads() > 1 {
-        p.data.par_chunks(CE_ROWS * c.max(1)).zip(targets.data.par_chunks(CE_ROWS)).map(block).collect()
+        p.par_chunks(CE_ROWS * c.max(1)).zip(targets.data.par_chunks(CE_ROWS)).map(block).collect()
     } else {
-        p.data.chunks(CE_ROWS * c.max(1)).zip(targets.data.chunks(CE_ROWS)).map(block).collect()
+        p.chunks(CE_ROWS * c.max(1)).zip(targets.data.chunks(CE_ROWS)).map(block).collect()
     };
     let (total, count) = parts.iter().fold((0.0, 0), |(t, n), (a, b)| (t + a, n + b));
     r(if count == 0 { 0.0 } else { total / count as f64 })
@@ -852,20 +859,20 @@ pub fn cross_entropy<T: Real>(logits: &Tensor<T>, targets: &Tensor<T>, smoothing
 /// d loss / d logits of [`cross_entropy`] times `g`: softmax − target per
 /// row, in f64 (each exponential computed once), rows over the kernel threads.
 pub fn cross_entropy_grad<T: Real>(
-    logits: &Tensor<T>,
-    targets: &Tensor<T>,
+    logits: View<'_, T>,
+    targets: View<'_, T>,
     g: T,
     smoothing: f64,
     ignore: Option<i64>,
 ) -> Tensor<T> {
-    let (p, c) = class_rows(logits, targets);
+    let (p, order, c) = class_rows(logits, targets);
     let count = targets.data.iter().filter(|t| Some(t.to_f64().unwrap_or(-1.0) as i64) != ignore).count().max(1);
     let scale = g.to_f64().unwrap_or(0.0) / count as f64;
-    let mut out = vec![T::zero(); p.data.len()];
+    let mut out = vec![T::zero(); p.len()];
     par_rows(&mut out, c, |first, o| {
         let mut e = vec![0f64; c];
         for (k, o) in o.chunks_mut(c.max(1)).enumerate() {
-            let row = &p.data[(first + k) * c..(first + k + 1) * c];
+            let row = &p[(first + k) * c..(first + k + 1) * c];
             let t = targets.data[first + k].to_f64().unwrap_or(-1.0) as i64;
             if Some(t) == ignore {
                 continue;
@@ -883,8 +890,8 @@ pub fn cross_entropy_grad<T: Real>(
             }
         }
     });
-    let t = Tensor { dims: p.dims.clone(), data: out };
-    if p.dims == logits.dims { t } else { t.permute(&logits.dims) }
+    let t = Tensor { dims: order, data: out };
+    if t.dims.as_slice() == logits.dims { t } else { t.permute(logits.dims) }
 }
 
 #[cfg(test)]

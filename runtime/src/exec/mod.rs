@@ -555,10 +555,10 @@ impl Interpreter<'_> {
                 std::mem::take(&mut attn_grads.get_mut(&key).expect("computed above")[*which as usize])
             }
             Op::CrossEntropy { label_smoothing, ignore } => {
-                Tensor::scalar(k::cross_entropy(a(0), a(1), *label_smoothing, *ignore))
+                Tensor::scalar(k::cross_entropy(a(0).view(), a(1).view(), *label_smoothing, *ignore))
             }
             Op::CrossEntropyGrad { label_smoothing, ignore } => {
-                k::cross_entropy_grad(a(0), a(1), a(2).data[0], *label_smoothing, *ignore)
+                k::cross_entropy_grad(a(0).view(), a(1).view(), a(2).data[0], *label_smoothing, *ignore)
             }
             Op::Cast { .. } => a(0).clone(),
             Op::Patches { size } => k::patches(a(0), *size as usize, out),
