@@ -7,17 +7,18 @@
 //! pointer and its offset at the segment's first position, the segment's
 //! length, the position's row-major index (dropout's counter) and the
 //! step's seed. The arguments' strides along the innermost dim are
-//! constants of the code. When every argument is read and written at
-//! stride 0 or 1 the code runs four positions at a time in 128-bit vectors
-//! (cranelift's SIMD on x86-64 and AArch64) and finishes with a scalar
-//! tail; otherwise it runs position by position.
+//! constants of the code. The segment is walked in chunks of `CHUNK`
+//! positions, each in stages (see `Emit`): arithmetic in registers, four
+//! positions at a time in 128-bit vectors where every argument is read and
+//! written at stride 0 or 1 (cranelift's SIMD), with a scalar tail; every
+//! other function over the whole chunk at once.
 //!
 //! A value is computed with the same operations in the same order as the
 //! interpreter, so the results are the same bits: +, −, ×, ÷, √, negation
 //! and absolute value are single IEEE operations in both; every other
 //! function (exp, tanh, GELU and the activations' derivatives, powers,
-//! dropout's uniform draw) is a call into the interpreter's own scalar
-//! function, one lane at a time.
+//! dropout's uniform draw) is a call, over a chunk's values, into the
+//! interpreter's own function for the op.
 //!
 //! Compiled code is cached for the process by what it depends on (the
 //! body, the stores, the inner strides), so the layers of a model and the
