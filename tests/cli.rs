@@ -535,3 +535,42 @@ fn lowered_programs_in_inspect_and_bench() {
     let (rss, regions) = (b["peak_rss_bytes"].as_u64().unwrap(), b["region_bytes"].as_u64().unwrap());
     assert!(regions >= arena[0].as_u64().unwrap() && rss >= regions, "{b}");
 }
+
+/// `--backend` picks how fused kernels run: the JIT (the default, which
+/// reports what it compiled) or the interpreter, with the same loss to the
+/// bit; an unknown engine is refused with the choices.
+#[test]
+fn bench_and_train_take_a_kernel_engine() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "specs/tiny/gpt.spec",
+            "--set",
+            "dims.seq=16",
+            "--set",
+            "train.batch=4",
+            "--steps",
+            "1",
+            "--json",
+            "--peak-per-core",
+            "100",
+            "--data",
+            "data/shakespeare/shakespeare.txt",
+        ];
+        args.extend_from_slice(extra);
+        let o = tessera(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("one JSON object")
+    };
+    let jit = run(&[]);
+    assert_eq!(jit["backend"], "jit", "{jit}");
+    assert!(jit["jit_kernels"].as_u64().unwrap() > 0 && jit["jit_compile_s"].as_f64().unwrap() > 0.0, "{jit}");
+    let interp = run(&["--backend", "interp"]);
+    assert_eq!(interp["backend"], "interp", "{interp}");
+    assert!(interp.get("jit_kernels").is_none(), "{interp}");
+    assert_eq!(jit["final_loss"], interp["final_loss"], "the engines give the same bits");
+
+    let o = tessera(&["train", "specs/tiny/gpt.spec", "--backend", "llvm"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown CPU backend `llvm`: use `jit` or `interp`"), "{}", stderr(&o));
+}

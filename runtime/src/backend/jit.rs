@@ -66,9 +66,9 @@ static JIT: LazyLock<Result<Mutex<State>, String>> = LazyLock::new(|| {
         flags.set(k, v).map_err(|e| format!("cranelift setting {k}: {e}"))?;
     }
     let isa = cranelift_native::builder()
-        .map_err(|e| format!("cranelift cannot compile for this machine: {e}"))?
+        .map_err(|e| format!("cranelift cannot compile for this machine: {e}; run with `--backend interp`"))?
         .finish(settings::Flags::new(flags))
-        .map_err(|e| format!("cranelift: {e}"))?;
+        .map_err(|e| format!("cranelift cannot target this machine: {e}; run with `--backend interp`"))?;
     let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
     let ctx = module.make_context();
     Ok(Mutex::new(State {
@@ -116,7 +116,9 @@ pub fn compile(k: &Kernel) -> Result<Segment, String> {
     }
     let defined = module.define_function(id, ctx);
     module.clear_context(ctx);
-    defined.map_err(|e| format!("cranelift rejected kernel [{}]: {e:?}", k.ops.join(", ")))?;
+    defined.map_err(|e| {
+        format!("cranelift rejected kernel [{}]: {e:?}; run with `--backend interp` and report it", k.ops.join(", "))
+    })?;
     module.finalize_definitions().map_err(|e| e.to_string())?;
     // SAFETY: the function was defined with `Segment`'s signature (five
     // 64-bit integers, the platform's C convention) and is finalized.
