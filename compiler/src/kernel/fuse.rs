@@ -3,7 +3,11 @@
 //! A run is a sequence of consecutive instructions, each one IR op that is
 //! elementwise (unary, binary with broadcasting, pow, an activation's
 //! gradient, dropout and its gradient) over f32 values of one and the same
-//! type, writing a fresh temporary. Values made and read only inside the
+//! type, writing a fresh temporary, updating a persistent buffer in place
+//! (the optimizer's), or adding into its output (`accumulate`: a gradient
+//! summed from two paths, such as a tied embedding's, becomes `out + a + b`
+//! in one pass, where it was a table-sized temporary and a second pass
+//! before). Values made and read only inside the
 //! run live in registers; the run's inputs are loaded once; what later
 //! instructions read is stored. A bias add and its GELU, a residual add, a
 //! GELU's gradient and the add after it are each one pass over memory. A
@@ -32,12 +36,18 @@ fn operands(ins: &Instr) -> &[BufId] {
 
 /// Whether instruction `ins` may join a run over a loop nest, and which.
 fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Loop> {
-    let Kind::Op { op, accumulate: false, rows, .. } = &ins.kind else { return None };
+    let Kind::Op { op, accumulate, rows, .. } = &ins.kind else { return None };
     let [out] = ins.outs[..] else { return None };
     let o = &buffers[out.index()];
-    // An output outside the arena is a persistent buffer updated in place (the optimizer's).
+    // An output outside the arena is a persistent buffer updated in place
+    // (the optimizer's), or added into (a gradient).
     let persistent = o.region != Region::Arena;
-    if !decomposes(op) || o.view_of.is_some() || o.ty.dtype != DType::F32 || (persistent && !ins.ins.contains(&out)) {
+    let in_place = ins.ins.contains(&out) || *accumulate;
+    if !decomposes(op) || o.view_of.is_some() || o.ty.dtype != DType::F32 || (persistent && !in_place) {
+        return None;
+    }
+    // An op that adds into its output computes `out + op(...)`: only over the output's own loop.
+    if *accumulate && !op.is_elementwise() {
         return None;
     }
     // Every operand read at the loop position is f32 with a subset of the output's dims, of the same sizes.
@@ -171,7 +181,21 @@ fn flush(
                 x.push(body.len() - 1);
             }
         }
-        let v = expand(op, &x, *rng, &mut body).expect("fusible ops expand");
+        let mut v = expand(op, &x, *rng, &mut body).expect("fusible ops expand");
+        if let Kind::Op { accumulate: true, .. } = ins.kind {
+            // out += op(...), as the backend's add into the output does: the old value, then the sum.
+            // (This read is not among the program's counted reads, so it is not counted inside either.)
+            let b = ins.outs[0];
+            let old = match value.get(&b) {
+                Some(&old) => old,
+                None => {
+                    body.push(Expr::Load { arg: argument(b, &mut inputs) });
+                    body.len() - 1
+                }
+            };
+            body.push(Expr::Binary { op: crate::ir::BinaryOp::Add, a: old, b: v });
+            v = body.len() - 1;
+        }
         value.insert(ins.outs[0], v);
     }
     // What the rest of the program (or the next step) reads is stored, once, with its last value.

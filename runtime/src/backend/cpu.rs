@@ -631,6 +631,61 @@ impl Cpu {
         Some(())
     }
 
+    /// An embedding table's gradient on the regions: each row the sum of
+    /// the gradient rows of its ids in order, from zero, then added into the
+    /// output (the interpreter's `embed_grad` and the store, so the same
+    /// bits; a row no id names gets zero added), with no table-sized
+    /// temporary (GPT-2's vocabulary: 103 MB per call at embed 512).
+    /// `None`: a layout for the interpreter; an id outside the table is an error.
+    fn embed_grad(&mut self, ins: &[&Buffer], out: &Buffer, accumulate: bool) -> Option<Result<(), String>> {
+        let (ids, g) = (ins[0], ins[1]);
+        let rows = out.ty.dims.first()?.size as usize;
+        let width = out.ty.numel() as usize / rows.max(1);
+        let n = ids.ty.numel() as usize;
+        let ok = g.ty.numel() as usize == n * width
+            && [ids, g].iter().all(|b| disjoint(b, out))
+            && [ids, g, out].iter().all(|b| in_regions(b));
+        if !ok {
+            return None;
+        }
+        let bases = self.bases();
+        // SAFETY: each addresses its own buffer's elements; the output shares bytes with neither input (checked).
+        let idv = unsafe { std::slice::from_raw_parts(at(&bases, ids) as *const f32, n) };
+        let gv = unsafe { std::slice::from_raw_parts(at(&bases, g) as *const f32, n * width) };
+        let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), rows * width) };
+        let mut order: Vec<(usize, usize)> = Vec::with_capacity(n);
+        for (k, &id) in idv.iter().enumerate() {
+            if !(id >= 0.0 && id.fract() == 0.0 && (id as usize) < rows) {
+                return Some(Err(format!("id {id} is outside the embedding table's {rows} rows")));
+            }
+            order.push((id as usize, k));
+        }
+        // By id, each id's positions in order.
+        order.sort_unstable();
+        let mut touched = vec![false; rows];
+        let mut sum = vec![0f32; width];
+        for group in order.chunk_by(|a, b| a.0 == b.0) {
+            let id = group[0].0;
+            sum.fill(0.0);
+            for &(_, k) in group {
+                sum.iter_mut().zip(&gv[k * width..(k + 1) * width]).for_each(|(s, v)| *s += *v);
+            }
+            let row = &mut o[id * width..(id + 1) * width];
+            match accumulate {
+                true => row.iter_mut().zip(&sum).for_each(|(o, s)| *o += *s),
+                false => row.copy_from_slice(&sum),
+            }
+            touched[id] = true;
+        }
+        for (row, _) in o.chunks_mut(width.max(1)).zip(&touched).filter(|(_, t)| !**t) {
+            match accumulate {
+                true => row.iter_mut().for_each(|o| *o += 0.0),
+                false => row.fill(0.0),
+            }
+        }
+        Some(Ok(()))
+    }
+
     /// `out[e, ...] [+]= Σ_{s < counts[e]} x[e, s, ...]`: a sum over the filled slots.
     fn sum_slots(&mut self, x: &Buffer, out: &Buffer, accumulate: bool, counts: &[usize]) -> Option<()> {
         let d = &x.ty.dims;
@@ -765,6 +820,21 @@ impl Backend for Cpu {
                     }
                 };
                 self.store(out, &t, *accumulate)
+            }
+            Kind::Op { op: Op::Embed, accumulate, rows: false, .. } => {
+                // The interpreter's gather over views of the table and the ids where they lie.
+                let out = buf(&ins.outs[0]);
+                let t = {
+                    let v = self.views(ins.ins.iter().map(buf));
+                    crate::exec::kernels::embed(v[0], v[1], &out.ty.dims)?
+                };
+                self.store(out, &t, *accumulate)
+            }
+            Kind::Op { op: Op::EmbedGrad, accumulate, rows: false, .. }
+                if let Some(done) =
+                    self.embed_grad(&ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0]), *accumulate) =>
+            {
+                done
             }
             Kind::Op { op: op @ Op::NormGradGain { .. }, accumulate, rows: false, .. }
                 if self
@@ -1318,6 +1388,44 @@ mod tests {
         }
         let apart = Op::Reduce { op: ReduceOp::Sum, dims: vec!["a".into(), "c".into()] };
         assert!(cpu.sums(&apart, &x, &buf(&[("b", b)], 4 * n), false).is_none());
+    }
+
+    /// An embedding's gradient on the regions: repeated ids summed in order,
+    /// rows no id names left plus zero (a −0 becomes +0, as the interpreter's
+    /// add does), into a gradient that holds values and into a fresh one.
+    #[test]
+    fn embed_gradients_on_the_regions_match_the_interpreter() {
+        let (v, w, n) = (11u64, 6u64, 9u64);
+        let ids = buf(&[("t", n)], 0);
+        let g = buf(&[("t", n), ("e", w)], 4 * n);
+        let out = buf(&[("vocab", v), ("e", w)], 4 * (n + n * w));
+        let mut cpu = Cpu::new();
+        cpu.alloc([0, 0, 0, 0, 4 * (n + n * w + v * w)]).unwrap();
+        let idv: Vec<f32> = [3.0, 7.0, 3.0, 0.0, 10.0, 3.0, 7.0, 1.0, 0.0].to_vec();
+        let gv: Vec<f32> = (0..n * w).map(|i| (i as f32 * 0.61).sin()).collect();
+        let mut prior: Vec<f32> = (0..v * w).map(|i| (i as f32 * 0.3).cos()).collect();
+        prior[5 * w as usize] = -0.0;
+        cpu.upload(&ids, &idv).unwrap();
+        cpu.upload(&g, &gv).unwrap();
+        let table = crate::exec::kernels::embed_grad(
+            &Tensor { dims: ids.ty.dims.clone(), data: idv.clone() },
+            &Tensor { dims: g.ty.dims.clone(), data: gv.clone() },
+            &out.ty.dims,
+        );
+        for accumulate in [true, false] {
+            cpu.upload(&out, &prior).unwrap();
+            cpu.embed_grad(&[&ids, &g], &out, accumulate).expect("this layout").expect("ids in the table");
+            let want: Vec<u32> = if accumulate {
+                prior.iter().zip(&table.data).map(|(p, t)| (*p + *t).to_bits()).collect()
+            } else {
+                table.data.iter().map(|t| t.to_bits()).collect()
+            };
+            let got: Vec<u32> = cpu.download(&out).unwrap().iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "accumulate {accumulate}");
+        }
+        cpu.upload(&ids, &[11.0; 9]).unwrap();
+        let e = cpu.embed_grad(&[&ids, &g], &out, true).expect("this layout").unwrap_err();
+        assert!(e.contains("id 11 is outside the embedding table's 11 rows"), "{e}");
     }
 
     /// Over filled slots: an expert GEMM computes the filled rows only, and a

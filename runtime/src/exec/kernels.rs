@@ -612,11 +612,11 @@ pub fn norm_grad_gain<T: Real>(x: &Tensor<T>, g: &Tensor<T>, dim: &str, eps: f64
     Tensor { dims: vec![d], data: out }
 }
 
-pub fn embed<T: Real>(table: &Tensor<T>, ids: &Tensor<T>, out: &[Dim]) -> Result<Tensor<T>, String> {
+pub fn embed<T: Real>(table: View<'_, T>, ids: View<'_, T>, out: &[Dim]) -> Result<Tensor<T>, String> {
     let rows = table.dims[0].size as usize;
     let width: usize = table.dims[1..].iter().map(|d| d.size as usize).product();
     let mut data = Vec::with_capacity(ids.numel() * width);
-    for id in &ids.data {
+    for id in ids.data {
         let i = id.to_f64().unwrap_or(-1.0);
         if i < 0.0 || i as usize >= rows || i.fract() != 0.0 {
             return Err(format!("id {i} is outside the table's {rows} rows"));

@@ -516,7 +516,7 @@ impl Interpreter<'_> {
                 k::norm_grad_x(a(0), gain.then(|| a(1)), gv, dim, *eps, *rms)
             }
             Op::NormGradGain { dim, eps, rms } => k::norm_grad_gain(a(0), a(1), dim, *eps, *rms),
-            Op::Embed => k::embed(a(0), a(1), out).map_err(fail)?,
+            Op::Embed => k::embed(a(0).view(), a(1).view(), out).map_err(fail)?,
             Op::EmbedGrad => k::embed_grad(a(0), a(1), out),
             Op::Take { dim, index } => k::take(a(0), dim, *index as usize, out),
             Op::Untake { dim, indices } => {
