@@ -9,7 +9,8 @@
 //! it also kept what only the set-up used (a parameter's initial values, the
 //! compiler's passes) for the whole run. Keeping freed memory one second
 //! keeps a step's buffers from one step to the next on the bench models and
-//! returns the rest: moe-tiny's peak RSS 689 → 649–654 MB, tiny's 250 → 244–248 MB,
+//! returns the rest: moe-tiny's peak RSS 689 → 649–663 MB (lower on a busy
+//! machine, where more of it ages past the second), tiny's 250 → 244–248 MB,
 //! at the same speed (`tessera bench FILE --steps 10`).
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2): milliseconds before

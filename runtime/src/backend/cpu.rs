@@ -781,9 +781,31 @@ impl Backend for Cpu {
                 rows: false,
                 ..
             } => {
-                // The interpreter's kernels over views of the operands where they lie.
+                // The interpreter's kernels over views of the operands where they lie;
+                // the slot-shaped results straight into their buffer.
                 use crate::exec::moe;
                 let out = buf(&ins.outs[0]);
+                let direct = matches!(op, Op::Dispatch | Op::CombineGradY)
+                    && !*accumulate
+                    && in_regions(out)
+                    && ins.ins.iter().all(|b| in_regions(buf(b)) && disjoint(buf(b), out));
+                if direct {
+                    let bases = self.bases();
+                    fn read<'p>(bases: &[*mut f32; 5], b: &'p Buffer) -> View<'p, f32> {
+                        // SAFETY: the buffer's own elements, apart from the output (checked by the caller).
+                        let data =
+                            unsafe { std::slice::from_raw_parts(at(bases, b) as *const f32, b.ty.numel() as usize) };
+                        View { dims: &b.ty.dims, data }
+                    }
+                    let (gates, x) = (read(&bases, buf(&ins.ins[0])), read(&bases, buf(&ins.ins[1])));
+                    // SAFETY: the output's own elements.
+                    let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), out.ty.numel() as usize) };
+                    match op {
+                        Op::Dispatch => moe::dispatch_into(gates, x, &out.ty.dims, o),
+                        _ => moe::combine_grad_y_into(gates, x, &out.ty.dims, o),
+                    }
+                    return Ok(());
+                }
                 let t = {
                     let v = self.views(ins.ins.iter().map(buf));
                     let dims = &out.ty.dims;

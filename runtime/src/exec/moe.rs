@@ -104,16 +104,22 @@ pub fn top_k<T: Real>(probs: &Tensor<T>, k: usize, capacity: usize) -> Tensor<T>
 
 /// `[tokens..., d...]` → `[expert, slot, d...]`.
 pub fn dispatch<T: Real>(gates: View<'_, T>, x: View<'_, T>, out: &[Dim]) -> Tensor<T> {
+    let mut y = Tensor::zeros(out);
+    dispatch_into(gates, x, out, &mut y.data);
+    y
+}
+
+/// [`dispatch`] into `y` (zeroed first), a backend's own buffer.
+pub fn dispatch_into<T: Real>(gates: View<'_, T>, x: View<'_, T>, out: &[Dim], y: &mut [T]) {
     let cap = out[1].size as usize;
     let width: usize = out[2..].iter().map(|d| d.size as usize).product();
-    let mut y = Tensor::zeros(out);
+    y.fill(T::zero());
     for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let dst = (ex * cap + s) * width;
-            y.data[dst..dst + width].copy_from_slice(&x.data[tok * width..(tok + 1) * width]);
+            y[dst..dst + width].copy_from_slice(&x.data[tok * width..(tok + 1) * width]);
         }
     }
-    y
 }
 
 /// d tokens of dispatch: each token sums its slots' gradients.
@@ -152,20 +158,26 @@ pub fn combine<T: Real>(gates: View<'_, T>, y: View<'_, T>, out: &[Dim]) -> Tens
 
 /// d expert outputs of combine.
 pub fn combine_grad_y<T: Real>(gates: View<'_, T>, g: View<'_, T>, out: &[Dim]) -> Tensor<T> {
+    let mut dy = Tensor::zeros(out);
+    combine_grad_y_into(gates, g, out, &mut dy.data);
+    dy
+}
+
+/// [`combine_grad_y`] into `dy` (zeroed first), a backend's own buffer.
+pub fn combine_grad_y_into<T: Real>(gates: View<'_, T>, g: View<'_, T>, out: &[Dim], dy: &mut [T]) {
     let (_, e) = rows(gates);
     let cap = out[1].size as usize;
     let width: usize = out[2..].iter().map(|d| d.size as usize).product();
-    let mut dy = Tensor::zeros(out);
+    dy.fill(T::zero());
     for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let w = gates.data[tok * e + ex];
             let dst = (ex * cap + s) * width;
             for j in 0..width {
-                dy.data[dst + j] = w * g.data[tok * width + j];
+                dy[dst + j] = w * g.data[tok * width + j];
             }
         }
     }
-    dy
 }
 
 /// d gates of combine: <g[token], y[expert, slot]> for kept pairs.
