@@ -65,6 +65,18 @@ pub enum Expr {
     },
 }
 
+impl Expr {
+    /// The body values this expression reads.
+    pub fn operands(&self) -> Vec<usize> {
+        match *self {
+            Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => vec![x],
+            Expr::UnaryGrad { x, g, .. } => vec![x, g],
+            Expr::Binary { a, b, .. } => vec![a, b],
+            Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => vec![],
+        }
+    }
+}
+
 /// A fused kernel over f32 elements.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Kernel {
@@ -107,9 +119,6 @@ impl Kernel {
             return Err(format!("an argument has {} strides for {} loop dims", s.len(), self.dims.len()));
         }
         for (i, e) in self.body.iter().enumerate() {
-            let before = |j: usize| {
-                if j < i { Ok(()) } else { Err(format!("value {i} reads value {j}, not computed before it")) }
-            };
             match *e {
                 Expr::Load { arg } if arg >= self.inputs => {
                     return Err(format!("value {i} loads argument {arg}, an output"));
@@ -117,16 +126,10 @@ impl Kernel {
                 Expr::Element { arg, .. } if arg >= self.inputs => {
                     return Err(format!("value {i} reads argument {arg}, an output"));
                 }
-                Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => {}
-                Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => before(x)?,
-                Expr::UnaryGrad { x, g, .. } => {
-                    before(x)?;
-                    before(g)?;
-                }
-                Expr::Binary { a, b, .. } => {
-                    before(a)?;
-                    before(b)?;
-                }
+                _ => {}
+            }
+            if let Some(j) = e.operands().into_iter().find(|&j| j >= i) {
+                return Err(format!("value {i} reads value {j}, not computed before it"));
             }
         }
         if let Some(r) = self.rows

@@ -266,6 +266,7 @@ impl Cpu {
             Engine::Jit => Some(self.segment(k)?),
             Engine::Interp => None,
         };
+        let nest = interp::Nest::of(k);
         // Split the ranges into pieces for the kernel threads.
         let total: usize = ranges.iter().map(|r| r.1).sum();
         let threads = crate::exec::threads().min(total.div_ceil(interp::BLOCK * 16)).max(1);
@@ -280,8 +281,8 @@ impl Cpu {
             // positions' loads), and pieces are disjoint positions.
             unsafe {
                 match native {
-                    Some(f) => jit::run(f, k, &args_p, seed, first, count),
-                    None => interp::run(k, &args_p, seed, first, count),
+                    Some(f) => jit::run(f, &nest, &args_p, seed, first, count),
+                    None => interp::run(k, &nest, &args_p, seed, first, count),
                 }
             };
         };

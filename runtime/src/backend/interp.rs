@@ -26,95 +26,97 @@ pub struct Args(pub Vec<*mut f32>);
 unsafe impl Sync for Args {}
 unsafe impl Send for Args {}
 
-/// Kernel `k`'s loop nest as the walk sees it: dims of size 1 dropped and
+/// A kernel's loop nest as the walk sees it: dims of size 1 dropped and
 /// adjacent dims merged wherever every argument is contiguous across them
 /// (stride of the outer = stride of the inner × its size), so that a
-/// segment is as long as the arguments' layouts allow. Returns the sizes
-/// and, per argument, its strides; positions keep their row-major order.
-pub fn collapse(k: &Kernel) -> (Vec<usize>, Vec<Vec<usize>>) {
-    let keep: Vec<usize> = (0..k.dims.len()).filter(|&d| k.dims[d].size != 1).collect();
-    let mut sizes: Vec<usize> = Vec::new();
-    let mut strides: Vec<Vec<usize>> = vec![Vec::new(); k.strides.len()];
-    for &d in &keep {
-        let n = k.dims[d].size as usize;
-        let merge = !sizes.is_empty()
-            && k.strides.iter().zip(&strides).all(|(s, own)| {
-                let inner = s[d] as usize;
-                own.last().copied() == Some(inner * n)
-            });
-        if merge {
-            *sizes.last_mut().expect("a dim to merge into") *= n;
-            for (s, own) in k.strides.iter().zip(strides.iter_mut()) {
-                *own.last_mut().expect("a stride per dim") = s[d] as usize;
-            }
-        } else {
-            sizes.push(n);
-            for (s, own) in k.strides.iter().zip(strides.iter_mut()) {
-                own.push(s[d] as usize);
-            }
-        }
-    }
-    if sizes.is_empty() {
-        sizes.push(1);
-        strides.iter_mut().for_each(|s| s.push(0));
-    }
-    (sizes, strides)
+/// segment is as long as the arguments' layouts allow. Positions keep their
+/// row-major order.
+pub struct Nest {
+    pub sizes: Vec<usize>,
+    /// Per argument, its stride along each dim.
+    pub strides: Vec<Vec<usize>>,
 }
 
-/// Walk loop positions `first .. first + count` of a collapsed loop nest
-/// ([`collapse`]) in segments of at most `max` positions along its
-/// innermost dim, calling `f(offsets, start, len)` with each argument's
-/// element offset at the segment's first position, that position's
-/// row-major index, and the segment's length.
-pub fn segments(
-    sizes: &[usize],
-    strides: &[Vec<usize>],
-    first: usize,
-    count: usize,
-    max: usize,
-    mut f: impl FnMut(&[usize], usize, usize),
-) {
-    let rank = sizes.len();
-    let inner = sizes[rank - 1].max(1);
-    // The loop index of position `first`.
-    let mut idx = vec![0usize; rank];
-    let mut left = first;
-    for d in (0..rank).rev() {
-        idx[d] = left % sizes[d].max(1);
-        left /= sizes[d].max(1);
-    }
-    let mut offsets = vec![0usize; strides.len()];
-    let mut done = 0;
-    while done < count {
-        let len = max.min(inner - idx[rank - 1]).min(count - done);
-        for (o, s) in offsets.iter_mut().zip(strides) {
-            *o = idx.iter().zip(s).map(|(i, s)| i * s).sum();
+impl Nest {
+    pub fn of(k: &Kernel) -> Nest {
+        let mut sizes: Vec<usize> = Vec::new();
+        let mut strides: Vec<Vec<usize>> = vec![Vec::new(); k.strides.len()];
+        for (d, dim) in k.dims.iter().enumerate().filter(|(_, dim)| dim.size != 1) {
+            let n = dim.size as usize;
+            let merge = !sizes.is_empty()
+                && k.strides.iter().zip(&strides).all(|(s, own)| own.last().copied() == Some(s[d] as usize * n));
+            if merge {
+                *sizes.last_mut().expect("a dim to merge into") *= n;
+                for (s, own) in k.strides.iter().zip(strides.iter_mut()) {
+                    *own.last_mut().expect("a stride per dim") = s[d] as usize;
+                }
+            } else {
+                sizes.push(n);
+                for (s, own) in k.strides.iter().zip(strides.iter_mut()) {
+                    own.push(s[d] as usize);
+                }
+            }
         }
-        f(&offsets, first + done, len);
-        // The loop index of the next segment's first position.
-        let mut carry = len;
+        if sizes.is_empty() {
+            sizes.push(1);
+            strides.iter_mut().for_each(|s| s.push(0));
+        }
+        Nest { sizes, strides }
+    }
+
+    /// Argument `arg`'s stride along the innermost dim.
+    pub fn inner(&self, arg: usize) -> usize {
+        *self.strides[arg].last().expect("a stride per dim")
+    }
+
+    /// Walk loop positions `first .. first + count` in segments of at most
+    /// `max` positions along the innermost dim, calling `f(offsets, start,
+    /// len)` with each argument's element offset at the segment's first
+    /// position, that position's row-major index, and the segment's length.
+    pub fn segments(&self, first: usize, count: usize, max: usize, mut f: impl FnMut(&[usize], usize, usize)) {
+        let sizes = &self.sizes;
+        let rank = sizes.len();
+        let inner = sizes[rank - 1].max(1);
+        // The loop index of position `first`.
+        let mut idx = vec![0usize; rank];
+        let mut left = first;
         for d in (0..rank).rev() {
-            let total = idx[d] + carry;
-            idx[d] = total % sizes[d].max(1);
-            carry = total / sizes[d].max(1);
+            idx[d] = left % sizes[d].max(1);
+            left /= sizes[d].max(1);
         }
-        done += len;
+        let mut offsets = vec![0usize; self.strides.len()];
+        let mut done = 0;
+        while done < count {
+            let len = max.min(inner - idx[rank - 1]).min(count - done);
+            for (o, s) in offsets.iter_mut().zip(&self.strides) {
+                *o = idx.iter().zip(s).map(|(i, s)| i * s).sum();
+            }
+            f(&offsets, first + done, len);
+            // The loop index of the next segment's first position.
+            let mut carry = len;
+            for d in (0..rank).rev() {
+                let total = idx[d] + carry;
+                idx[d] = total % sizes[d].max(1);
+                carry = total / sizes[d].max(1);
+            }
+            done += len;
+        }
     }
 }
 
-/// Evaluate kernel `k` over loop positions `first .. first + count`.
+/// Evaluate kernel `k` (walked as `nest`, its [`Nest::of`]) over loop
+/// positions `first .. first + count`.
 ///
 /// # Safety
 /// Every pointer in `args` must address the elements its strides reach
 /// over the whole loop nest; no other thread may touch the elements of
 /// positions in this range; and a store's elements may be read by a load
 /// only at the same position (the caller stages stores otherwise).
-pub unsafe fn run(k: &Kernel, args: &Args, seed: u64, first: usize, count: usize) {
-    let (sizes, strides) = collapse(k);
+pub unsafe fn run(k: &Kernel, nest: &Nest, args: &Args, seed: u64, first: usize, count: usize) {
     let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
-    segments(&sizes, &strides, first, count, BLOCK, |offsets, start, len| {
+    nest.segments(first, count, BLOCK, |offsets, start, len| {
         // Each argument's offset at the segment's start, and its stride along the segment.
-        let base = |arg: usize| -> (usize, usize) { (offsets[arg], *strides[arg].last().expect("a stride per dim")) };
+        let base = |arg: usize| -> (usize, usize) { (offsets[arg], nest.inner(arg)) };
         for (i, e) in k.body.iter().enumerate() {
             let (before, rest) = vals.split_at_mut(i);
             let o = &mut rest[0][..len];

@@ -2,8 +2,7 @@
 //! (`compiler::kernel::Kernel`) becomes native code that computes one
 //! segment of its loop nest.
 //!
-//! The walk over the loop nest is the interpreter's ([`interp::collapse`],
-//! [`interp::segments`]): the compiled code receives each argument's base
+//! The walk over the loop nest is the interpreter's ([`interp::Nest`]): the compiled code receives each argument's base
 //! pointer and its offset at the segment's first position, the segment's
 //! length, the position's row-major index (dropout's counter) and the
 //! step's seed. The arguments' strides along the innermost dim are
@@ -51,6 +50,8 @@ struct State {
     ctx: Context,
     fctx: FunctionBuilderContext,
     cache: HashMap<String, Segment>,
+    /// Functions declared so far (each gets the next number as its name).
+    declared: usize,
     /// Kernels compiled, and the seconds it took.
     compiled: usize,
     seconds: f64,
@@ -76,6 +77,7 @@ static JIT: LazyLock<Result<Mutex<State>, String>> = LazyLock::new(|| {
         ctx,
         fctx: FunctionBuilderContext::new(),
         cache: HashMap::new(),
+        declared: 0,
         compiled: 0,
         seconds: 0.0,
     }))
@@ -94,18 +96,19 @@ pub fn stats() -> (usize, f64) {
 /// The native code of kernel `k`, compiled on first use.
 pub fn compile(k: &Kernel) -> Result<Segment, String> {
     k.check()?;
-    let (_, strides) = interp::collapse(k);
-    let inner: Vec<usize> = strides.iter().map(|s| *s.last().expect("a stride per dim")).collect();
+    let nest = interp::Nest::of(k);
+    let inner: Vec<usize> = (0..nest.strides.len()).map(|a| nest.inner(a)).collect();
     let key = format!("{}|{:?}|{:?}|{inner:?}", k.inputs, k.body, k.stores);
     let mut s = state()?;
     if let Some(f) = s.cache.get(&key) {
         return Ok(*f);
     }
     let t0 = std::time::Instant::now();
-    let State { module, ctx, fctx, .. } = &mut *s;
+    let State { module, ctx, fctx, declared, .. } = &mut *s;
     let mut sig = module.make_signature();
     sig.params.extend([AbiParam::new(types::I64); 5]);
-    let name = format!("kernel_{}", symbol(&key));
+    let name = format!("kernel_{declared}");
+    *declared += 1;
     let id = module.declare_function(&name, Linkage::Local, &sig).map_err(|e| e.to_string())?;
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -129,23 +132,15 @@ pub fn compile(k: &Kernel) -> Result<Segment, String> {
     Ok(f)
 }
 
-/// A function's name: its key's hash.
-fn symbol(key: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
-/// Run compiled kernel `f` (of kernel `k`) over loop positions `first .. first + count`.
+/// Run compiled kernel `f` (walked as `nest`, its kernel's [`interp::Nest`])
+/// over loop positions `first .. first + count`.
 ///
 /// # Safety
 /// As [`interp::run`]: every pointer in `args` addresses the elements its
 /// strides reach, no other thread touches these positions' elements, and a
 /// store's elements are read by a load only at the same position.
-pub unsafe fn run(f: Segment, k: &Kernel, args: &Args, seed: u64, first: usize, count: usize) {
-    let (sizes, strides) = interp::collapse(k);
-    interp::segments(&sizes, &strides, first, count, usize::MAX, |offsets, start, len| {
+pub unsafe fn run(f: Segment, nest: &interp::Nest, args: &Args, seed: u64, first: usize, count: usize) {
+    nest.segments(first, count, usize::MAX, |offsets, start, len| {
         // SAFETY: the caller's contract, for this segment's positions.
         unsafe { f(args.0.as_ptr(), offsets.as_ptr(), len, start, seed) }
     });
@@ -215,16 +210,6 @@ fn is_call(e: &Expr) -> bool {
     }
 }
 
-/// The operands of body value `e`.
-fn operands(e: &Expr) -> Vec<usize> {
-    match *e {
-        Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => vec![x],
-        Expr::UnaryGrad { x, g, .. } => vec![x, g],
-        Expr::Binary { a, b, .. } => vec![a, b],
-        Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => vec![],
-    }
-}
-
 /// Positions a chunk holds.
 const CHUNK: usize = 256;
 
@@ -288,12 +273,12 @@ impl Emit<'_, '_> {
         // Stages, and which values need a chunk array.
         let mut stage = vec![0usize; k.body.len()];
         for (i, e) in k.body.iter().enumerate() {
-            let latest = operands(e).iter().map(|&o| stage[o]).max().unwrap_or(0);
+            let latest = e.operands().iter().map(|&o| stage[o]).max().unwrap_or(0);
             stage[i] = latest + usize::from(is_call(e));
         }
         let mut needs = vec![false; k.body.len()];
         for (i, e) in k.body.iter().enumerate() {
-            for o in operands(e) {
+            for o in e.operands() {
                 if is_call(e) || hoisted[o].is_none() && stage[o] < stage[i] {
                     needs[o] = true;
                 }
