@@ -12,10 +12,11 @@
 //!   dispatch and combine and their gradients, the step's copies, scalings
 //!   and sums of squares read their operands where they lie, with the
 //!   interpreter's own row functions and orders of summation (so the same bits).
-//! - Other ops (gathers, routing, the vocabulary-parallel ops) read their operands out of
-//!   the arena into tensors, run the node-by-node interpreter's kernel
-//!   (`exec::Interpreter::eval_node`, so both paths agree by construction)
-//!   and write (or add) the result into their output's bytes.
+//! - Other ops (gathers, routing, the vocabulary-parallel ops) read their
+//!   operands out of the arena into tensors, run the node-by-node
+//!   interpreter's kernel (`exec::Interpreter::eval_node`, so both paths
+//!   agree by construction) and write (or add) the result into their
+//!   output's bytes.
 //!
 //! Token ids are held as f32 values, as the interpreter holds them (exact
 //! below 2²⁴); elements of other sizes than 4 bytes (a `bool` mask) are held
@@ -98,6 +99,26 @@ fn disjoint(a: &Buffer, b: &Buffer) -> bool {
 fn at(bases: &[*mut f32; 5], b: &Buffer) -> *mut f32 {
     // SAFETY: a buffer's elements lie inside its region.
     unsafe { bases[region_index(b.region)].add(range(b).start) }
+}
+
+/// A buffer's elements, from `bases` ([`Cpu::bases`]).
+///
+/// # Safety
+/// While the slice lives nothing writes these elements (the caller checks
+/// that an instruction's output shares no bytes with it, or that each
+/// element is read before the same position is written).
+unsafe fn elems<'a>(bases: &[*mut f32; 5], b: &Buffer) -> &'a [f32] {
+    // SAFETY: a buffer's elements lie inside its region; the rest is the caller's.
+    unsafe { std::slice::from_raw_parts(at(bases, b), b.ty.numel() as usize) }
+}
+
+/// A buffer's elements to write, from `bases` ([`Cpu::bases`]).
+///
+/// # Safety
+/// As [`elems`], and nothing else reads these elements while the slice lives.
+unsafe fn elems_mut<'a>(bases: &[*mut f32; 5], b: &Buffer) -> &'a mut [f32] {
+    // SAFETY: a buffer's elements lie inside its region; the rest is the caller's.
+    unsafe { std::slice::from_raw_parts_mut(at(bases, b), b.ty.numel() as usize) }
 }
 
 impl Cpu {
@@ -221,10 +242,37 @@ fn eval<'c>(
     interp.eval_node(&node, at, &ins, &[], &[], &mut Default::default()).map_err(|e| e.message)
 }
 
+/// What `op` computes from views of its operands where they lie, with the
+/// interpreter's kernels (attention, cross-entropy, the embedding gather,
+/// MoE dispatch and combine): no operand copied out.
+fn on_views(op: &Op, v: &[View<'_, f32>], out: &[Dim], rng: Option<u64>, seed: u64) -> Result<Tensor<f32>, String> {
+    use crate::exec::{kernels as k, moe};
+    Ok(match op {
+        Op::Dispatch => moe::dispatch(v[0], v[1], out),
+        Op::DispatchGrad => moe::dispatch_grad(v[0], v[1], out),
+        Op::Combine => moe::combine(v[0], v[1], out),
+        Op::CombineGradY => moe::combine_grad_y(v[0], v[1], out),
+        Op::CombineGradGates => moe::combine_grad_gates(v[0], v[1], v[2]),
+        Op::CrossEntropy { label_smoothing, ignore } => {
+            Tensor::scalar(k::cross_entropy(v[0], v[1], *label_smoothing, *ignore))
+        }
+        Op::CrossEntropyGrad { label_smoothing, ignore } => {
+            let g = v[2].data.first().copied().ok_or("cross_entropy_grad has no upstream gradient")?;
+            k::cross_entropy_grad(v[0], v[1], g, *label_smoothing, *ignore)
+        }
+        Op::Embed => k::embed(v[0], v[1], out)?,
+        Op::Attention { .. } => {
+            // The op's random stream is its node's index, as in the interpreter.
+            Attn::of(op, v, Some(seed), rng.unwrap_or(0) as usize).ok_or("not an attention")?.forward(out)
+        }
+        other => return Err(format!("`{}` has no form over views", other.name())),
+    })
+}
+
 impl Cpu {
     /// Run a fused kernel (compiled, or interpreted: [`Engine`]), its loop
-    /// positions split over the kernel threads. A store writes straight into its buffer unless those
-    /// bytes are also read at other positions (an output that shares an
+    /// positions split over the kernel threads. A store writes straight into
+    /// its buffer unless those bytes are also read at other positions (an output that shares an
     /// input's bytes but not its layout): then the stores go to a staging
     /// buffer first.
     fn kernel(
@@ -494,17 +542,16 @@ impl Cpu {
         }
         let n = out.ty.numel() as usize;
         let bases = self.bases();
-        let at = |b: &Buffer| at(&bases, b);
-        // SAFETY (for every slice below): each addresses its buffer's own
-        // elements, and the output shares bytes with no input (checked), except
-        // a norm's input when it is the output itself, which is copied nowhere.
-        let read = |b: &Buffer| unsafe { std::slice::from_raw_parts(at(b) as *const f32, b.ty.numel() as usize) };
+        // SAFETY (for every slice below): the output shares bytes with no input
+        // (checked), except a norm's input when it is the output itself, which
+        // is copied nowhere.
+        let read = |b: &Buffer| unsafe { elems(&bases, b) };
         let (gs, bsl) = (gn.map(read), bs.map(read));
         if grad {
             let (xs, gv) = (read(x), read(g.expect("a gradient")));
             let ones = vec![1f32; len];
             let w = gs.unwrap_or(&ones);
-            let o = unsafe { std::slice::from_raw_parts_mut(at(out), n) };
+            let o = unsafe { elems_mut(&bases, out) };
             crate::exec::fast::par_rows(o, len, |first, o| {
                 for (k, o) in o.chunks_mut(len).enumerate() {
                     let r = (first + k) * len;
@@ -514,9 +561,9 @@ impl Cpu {
         } else {
             if !same {
                 // SAFETY: n elements each, apart (checked).
-                unsafe { std::ptr::copy_nonoverlapping(at(x), at(out), n) };
+                unsafe { std::ptr::copy_nonoverlapping(at(&bases, x), at(&bases, out), n) };
             }
-            let o = unsafe { std::slice::from_raw_parts_mut(at(out), n) };
+            let o = unsafe { elems_mut(&bases, out) };
             crate::exec::fast::par_rows(o, len, |_, rows| {
                 rows.chunks_mut(len).for_each(|row| norm_row(row, eps, rms, gs, bsl))
             });
@@ -604,12 +651,9 @@ impl Cpu {
         if !ok {
             return None;
         }
-        let rows = x.ty.numel() as usize / len;
         let bases = self.bases();
-        // SAFETY: each addresses its own buffer's elements; the inputs are only read.
-        let xs = unsafe { std::slice::from_raw_parts(at(&bases, x) as *const f32, rows * len) };
-        let gs = unsafe { std::slice::from_raw_parts(at(&bases, g) as *const f32, rows * len) };
-        let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), len) };
+        // SAFETY: the output shares bytes with neither input (checked).
+        let (xs, gs, o) = unsafe { (elems(&bases, x), elems(&bases, g), elems_mut(&bases, out)) };
         let stats: Vec<(f32, f32)> =
             xs.par_chunks(len).map(|r| crate::exec::kernels::norm_stats(r, *eps, *rms)).collect();
         let pieces = crate::exec::threads().clamp(1, len);
@@ -650,10 +694,8 @@ impl Cpu {
             return None;
         }
         let bases = self.bases();
-        // SAFETY: each addresses its own buffer's elements; the output shares bytes with neither input (checked).
-        let idv = unsafe { std::slice::from_raw_parts(at(&bases, ids) as *const f32, n) };
-        let gv = unsafe { std::slice::from_raw_parts(at(&bases, g) as *const f32, n * width) };
-        let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), rows * width) };
+        // SAFETY: the output shares bytes with neither input (checked).
+        let (idv, gv, o) = unsafe { (elems(&bases, ids), elems(&bases, g), elems_mut(&bases, out)) };
         let mut order: Vec<(usize, usize)> = Vec::with_capacity(n);
         for (k, &id) in idv.iter().enumerate() {
             if !(id >= 0.0 && id.fract() == 0.0 && (id as usize) < rows) {
@@ -687,6 +729,30 @@ impl Cpu {
         Some(Ok(()))
     }
 
+    /// MoE dispatch and combine's gradient written straight into their
+    /// slot-shaped output (no result tensor copied in): false for other ops,
+    /// or where an operand shares the output's bytes.
+    fn slots_into(&mut self, op: &Op, ins: &[&Buffer], out: &Buffer) -> bool {
+        use crate::exec::moe;
+        if !matches!(op, Op::Dispatch | Op::CombineGradY)
+            || !in_regions(out)
+            || !ins.iter().all(|b| in_regions(b) && disjoint(b, out))
+        {
+            return false;
+        }
+        let bases = self.bases();
+        // SAFETY: operands apart from the output (checked).
+        let (gates, x) = unsafe { (elems(&bases, ins[0]), elems(&bases, ins[1])) };
+        let (gates, x) = (View { dims: &ins[0].ty.dims, data: gates }, View { dims: &ins[1].ty.dims, data: x });
+        // SAFETY: the output's own elements, apart from the operands.
+        let o = unsafe { elems_mut(&bases, out) };
+        match op {
+            Op::Dispatch => moe::dispatch_into(gates, x, &out.ty.dims, o),
+            _ => moe::combine_grad_y_into(gates, x, &out.ty.dims, o),
+        }
+        true
+    }
+
     /// `out[e, ...] [+]= Σ_{s < counts[e]} x[e, s, ...]`: a sum over the filled slots.
     fn sum_slots(&mut self, x: &Buffer, out: &Buffer, accumulate: bool, counts: &[usize]) -> Option<()> {
         let d = &x.ty.dims;
@@ -698,9 +764,8 @@ impl Cpu {
         }
         let (s, w) = (d[1].size as usize, d[2..].iter().map(|d| d.size as usize).product::<usize>());
         let bases = self.bases();
-        // SAFETY: each slice addresses its own buffer's elements, and the two share no bytes (checked).
-        let xs = unsafe { std::slice::from_raw_parts(at(&bases, x) as *const f32, x.ty.numel() as usize) };
-        let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), out.ty.numel() as usize) };
+        // SAFETY: the two share no bytes (checked).
+        let (xs, o) = unsafe { (elems(&bases, x), elems_mut(&bases, out)) };
         // Experts on the kernel threads; each sums its filled rows in order.
         crate::exec::fast::par_rows(o, w.max(1), |first, dst| {
             for (k, dst) in dst.chunks_mut(w.max(1)).enumerate() {
@@ -777,79 +842,27 @@ impl Backend for Cpu {
                 ..
             } if self.norms(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() => Ok(()),
             Kind::Op {
-                op: op @ (Op::Dispatch | Op::DispatchGrad | Op::Combine | Op::CombineGradY | Op::CombineGradGates),
+                op:
+                    op @ (Op::Dispatch
+                    | Op::DispatchGrad
+                    | Op::Combine
+                    | Op::CombineGradY
+                    | Op::CombineGradGates
+                    | Op::CrossEntropy { .. }
+                    | Op::CrossEntropyGrad { .. }
+                    | Op::Embed
+                    | Op::Attention { .. }),
+                rng,
                 accumulate,
                 rows: false,
-                ..
             } => {
-                // The interpreter's kernels over views of the operands where they lie;
-                // the slot-shaped results straight into their buffer.
-                use crate::exec::moe;
                 let out = buf(&ins.outs[0]);
-                let direct = matches!(op, Op::Dispatch | Op::CombineGradY)
-                    && !*accumulate
-                    && in_regions(out)
-                    && ins.ins.iter().all(|b| in_regions(buf(b)) && disjoint(buf(b), out));
-                if direct {
-                    let bases = self.bases();
-                    fn read<'p>(bases: &[*mut f32; 5], b: &'p Buffer) -> View<'p, f32> {
-                        // SAFETY: the buffer's own elements, apart from the output (checked by the caller).
-                        let data =
-                            unsafe { std::slice::from_raw_parts(at(bases, b) as *const f32, b.ty.numel() as usize) };
-                        View { dims: &b.ty.dims, data }
-                    }
-                    let (gates, x) = (read(&bases, buf(&ins.ins[0])), read(&bases, buf(&ins.ins[1])));
-                    // SAFETY: the output's own elements.
-                    let o = unsafe { std::slice::from_raw_parts_mut(at(&bases, out), out.ty.numel() as usize) };
-                    match op {
-                        Op::Dispatch => moe::dispatch_into(gates, x, &out.ty.dims, o),
-                        _ => moe::combine_grad_y_into(gates, x, &out.ty.dims, o),
-                    }
+                if !*accumulate && self.slots_into(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), out) {
                     return Ok(());
                 }
                 let t = {
                     let v = self.views(ins.ins.iter().map(buf));
-                    let dims = &out.ty.dims;
-                    match op {
-                        Op::Dispatch => moe::dispatch(v[0], v[1], dims),
-                        Op::DispatchGrad => moe::dispatch_grad(v[0], v[1], dims),
-                        Op::Combine => moe::combine(v[0], v[1], dims),
-                        Op::CombineGradY => moe::combine_grad_y(v[0], v[1], dims),
-                        _ => moe::combine_grad_gates(v[0], v[1], v[2]),
-                    }
-                };
-                self.store(out, &t, *accumulate)
-            }
-            Kind::Op {
-                op:
-                    op @ (Op::CrossEntropy { label_smoothing, ignore } | Op::CrossEntropyGrad { label_smoothing, ignore }),
-                accumulate,
-                rows: false,
-                ..
-            } => {
-                // The interpreter's kernels over views of the logits and targets where they lie.
-                use crate::exec::kernels as k;
-                let out = buf(&ins.outs[0]);
-                let t = {
-                    let v = self.views(ins.ins.iter().map(buf));
-                    match op {
-                        Op::CrossEntropy { .. } => {
-                            Tensor::scalar(k::cross_entropy(v[0], v[1], *label_smoothing, *ignore))
-                        }
-                        _ => {
-                            let g = v[2].data.first().copied().ok_or("cross_entropy_grad has no upstream gradient")?;
-                            k::cross_entropy_grad(v[0], v[1], g, *label_smoothing, *ignore)
-                        }
-                    }
-                };
-                self.store(out, &t, *accumulate)
-            }
-            Kind::Op { op: Op::Embed, accumulate, rows: false, .. } => {
-                // The interpreter's gather over views of the table and the ids where they lie.
-                let out = buf(&ins.outs[0]);
-                let t = {
-                    let v = self.views(ins.ins.iter().map(buf));
-                    crate::exec::kernels::embed(v[0], v[1], &out.ty.dims)?
+                    on_views(op, &v, &out.ty.dims, *rng, seed)?
                 };
                 self.store(out, &t, *accumulate)
             }
@@ -898,15 +911,6 @@ impl Backend for Cpu {
                 self.slice_mut(out).copy_from_slice(&values);
                 Ok(())
             }
-            Kind::Op { op: op @ Op::Attention { .. }, rng, accumulate, rows: false } => {
-                let out = buf(&ins.outs[0]);
-                let t = {
-                    let views = self.views(ins.ins.iter().map(buf));
-                    let node = rng.unwrap_or(0) as usize;
-                    Attn::of(op, &views, Some(seed), node).ok_or("not an attention")?.forward(&out.ty.dims)
-                };
-                self.store(out, &t, *accumulate)
-            }
             // (An elementwise op over filled slots that was not fused computes every row: the empty ones hold anything.)
             Kind::Op { op, rng, accumulate, .. } => {
                 let args: Vec<Tensor<f32>> = ins.ins.iter().map(|b| self.tensor(buf(b))).collect();
@@ -943,10 +947,9 @@ impl Backend for Cpu {
                 let owned =
                     (!(same || disjoint(x, o)) || !in_regions(x) || !in_regions(o)).then(|| self.slice(x).to_vec());
                 let bases = self.bases();
-                let n = o.ty.numel() as usize;
-                // SAFETY: the output's own elements; the operand's are the same
-                // elements (read at the same position) or apart (checked).
-                let out = unsafe { std::slice::from_raw_parts_mut(at(&bases, o), n) };
+                // SAFETY: the operand's elements are the same elements (read at
+                // the same position) or apart (checked).
+                let out = unsafe { elems_mut(&bases, o) };
                 let src = match &owned {
                     Some(v) => v.as_ptr(),
                     None => at(&bases, x) as *const f32,
