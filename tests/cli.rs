@@ -492,6 +492,29 @@ fn a_layout_rule_is_removed_with_none() {
     assert!(all > split, "{all:?} vs {split:?}");
 }
 
+/// `bench --json` of one step of a small tiny GPT, with `extra` arguments.
+fn bench_tiny_gpt(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "bench",
+        "specs/tiny/gpt.spec",
+        "--set",
+        "dims.seq=16",
+        "--set",
+        "train.batch=4",
+        "--steps",
+        "1",
+        "--json",
+        "--peak-per-core",
+        "100",
+        "--data",
+        "data/shakespeare/shakespeare.txt",
+    ];
+    args.extend_from_slice(extra);
+    let o = tessera(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
 /// `inspect --json` reports each rank's lowered step; one too large to
 /// lower there says how to get it. `bench` runs the lowered programs and
 /// reports each rank's arena and the set-up time.
@@ -509,23 +532,7 @@ fn lowered_programs_in_inspect_and_bench() {
     let big = inspect_json(&["specs/models/gpt3-175b.spec"]);
     assert!(big["lowered"]["skipped"].as_str().unwrap().contains("--ir lowered --rank"), "{}", big["lowered"]);
 
-    let o = tessera(&[
-        "bench",
-        "specs/tiny/gpt.spec",
-        "--set",
-        "dims.seq=16",
-        "--set",
-        "train.batch=4",
-        "--steps",
-        "1",
-        "--json",
-        "--peak-per-core",
-        "100",
-        "--data",
-        "data/shakespeare/shakespeare.txt",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let b = bench_tiny_gpt(&[]);
     assert!(b["final_loss"].as_f64().unwrap().is_finite(), "{b}");
     assert!(b["setup_s"].as_f64().unwrap() > 0.0, "{b}");
     let arena = b["arena_bytes"].as_array().expect("one entry per rank");
@@ -541,27 +548,7 @@ fn lowered_programs_in_inspect_and_bench() {
 /// bit; an unknown engine is refused with the choices.
 #[test]
 fn bench_and_train_take_a_kernel_engine() {
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "specs/tiny/gpt.spec",
-            "--set",
-            "dims.seq=16",
-            "--set",
-            "train.batch=4",
-            "--steps",
-            "1",
-            "--json",
-            "--peak-per-core",
-            "100",
-            "--data",
-            "data/shakespeare/shakespeare.txt",
-        ];
-        args.extend_from_slice(extra);
-        let o = tessera(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("one JSON object")
-    };
+    let run = bench_tiny_gpt;
     let jit = run(&[]);
     assert_eq!(jit["backend"], "jit", "{jit}");
     assert!(jit["jit_kernels"].as_u64().unwrap() > 0 && jit["jit_compile_s"].as_f64().unwrap() > 0.0, "{jit}");

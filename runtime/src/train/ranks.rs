@@ -13,7 +13,7 @@
 //! [`Ranks::logical`] assembles them again, under any layout.
 
 use super::optim::OptimizerState;
-use super::shards::{cut_elements, flat_shard, place};
+use super::shards::{cut_elements, flat_shard, place, whole};
 use crate::backend::{
     self, Backend,
     cpu::{Cpu, Engine},
@@ -123,14 +123,11 @@ impl Ranks {
             // Fresh weights that every rank holding them holds whole are
             // written straight into its buffer (no logical copy is made).
             if let Start::Init { seed } = start {
-                let whole = |r: &tessera_compiler::parallel::RankProgram| {
+                let held_whole = |r: &tessera_compiler::parallel::RankProgram| {
                     let s = &r.params[k];
-                    !s.held
-                        || s.splits.is_empty()
-                            && s.local.ty.dims == meta.ty.dims
-                            && !(c.mesh.zero_sharded(s) && c.mesh.zero >= 3)
+                    !s.held || whole(s, meta) && !(c.mesh.zero_sharded(s) && c.mesh.zero >= 3)
                 };
-                if c.ranks.iter().all(whole) {
+                if c.ranks.iter().all(held_whole) {
                     for ((p, rp), cpu) in c.programs.iter().zip(&c.ranks).zip(backends.iter_mut()) {
                         if let Some(b) = p.named(&format!("w.{k}")).filter(|_| rp.params[k].held) {
                             cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;

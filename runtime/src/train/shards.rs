@@ -57,6 +57,11 @@ pub fn cut(full: &Tensor<f32>, shard: &parallel::ParamShard, logical: &Param) ->
     Tensor { dims: shard.local.ty.dims.clone(), data }
 }
 
+/// Whether a rank's shard is the whole logical tensor, laid out as it is.
+pub fn whole(shard: &parallel::ParamShard, logical: &Param) -> bool {
+    shard.splits.is_empty() && shard.local.ty.dims == logical.ty.dims
+}
+
 /// A rank's elements of the logical tensor, as [`cut`], borrowed where the
 /// rank holds it whole (no copy of a large parameter at start-up).
 pub fn cut_elements<'a>(
@@ -64,7 +69,7 @@ pub fn cut_elements<'a>(
     shard: &parallel::ParamShard,
     logical: &Param,
 ) -> std::borrow::Cow<'a, [f32]> {
-    if shard.splits.is_empty() && shard.local.ty.dims == logical.ty.dims {
+    if whole(shard, logical) {
         std::borrow::Cow::Borrowed(&full.data)
     } else {
         std::borrow::Cow::Owned(cut(full, shard, logical).data)
