@@ -38,6 +38,11 @@ fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {
         ("specs/tiny/bert.spec", vec![]),
         ("specs/tiny/vit.spec", vec![]),
         ("specs/tiny/shakespeare.spec", vec![]),
+        // bf16: master weights, bf16 gathers under ZeRO, bf16 activations between stages.
+        (GPT, with(DP2, &["parallel.zero=1", "train.precision=bf16"])),
+        (GPT, with(DP2, &["parallel.zero=3", "train.precision=bf16"])),
+        (GPT, with(PP2, &["parallel.pipeline.schedule=1f1b", "train.precision=bf16"])),
+        (MOE, vec!["parallel.mesh.data=2", "train.precision=bf16"]),
         // Dropout, fused into kernels with its random stream.
         (
             "specs/models/gpt2-small.spec",
@@ -222,10 +227,12 @@ fn the_verifier_names_what_is_wrong() {
 /// within 10% of the lowered program's regions.
 #[test]
 fn the_arena_matches_the_checker_estimate() {
-    for spec in [GPT, MOE, "specs/tiny/bert.spec", "specs/tiny/vit.spec", "specs/tiny/shakespeare.spec"] {
+    let specs = [GPT, MOE, "specs/tiny/bert.spec", "specs/tiny/vit.spec", "specs/tiny/shakespeare.spec"];
+    for (spec, precision) in specs.iter().map(|s| (*s, "fp32")).chain([(GPT, "bf16"), (MOE, "bf16")]) {
         // The CPU runtime's attention recomputes its scores in the backward
         // pass (flash-style): what `recompute = selective` prices.
-        let m = common::check_ok(spec, &["parallel.recompute=selective", "parallel.mesh.data=1"]);
+        let p = format!("train.precision={precision}");
+        let m = common::check_ok(spec, &["parallel.recompute=selective", "parallel.mesh.data=1", &p]);
         let p = &compile(&m).expect("compiles").programs[0];
         let est = tessera::compiler::cost::memory::memory_per_rank(&m)[0];
         let lowered = p.region_bytes(Region::Param)
@@ -234,7 +241,7 @@ fn the_arena_matches_the_checker_estimate() {
             + p.arena_bytes();
         let rel = (lowered as f64 - est.total as f64).abs() / lowered as f64;
         eprintln!(
-            "{spec}: lowered {:.2} MiB (arena {:.2} MiB) vs estimate {:.2} MiB: {:.1}%",
+            "{spec} {precision}: lowered {:.2} MiB (arena {:.2} MiB) vs estimate {:.2} MiB: {:.1}%",
             lowered as f64 / 1048576.0,
             p.arena_bytes() as f64 / 1048576.0,
             est.total as f64 / 1048576.0,
@@ -242,6 +249,65 @@ fn the_arena_matches_the_checker_estimate() {
         );
         assert!(rel <= 0.10, "{spec}: the estimate {} is {:.1}% from the lowered {lowered}", est.total, rel * 100.0);
     }
+}
+
+/// `precision = bf16`: the weights and the activations are bf16 (the
+/// arena about half of f32's), the gradients, the optimizer state and the
+/// master weights f32, and the update casts the master weights to the
+/// weights. fp16, which would need loss scaling, is refused with a reason.
+#[test]
+fn bf16_programs_store_weights_and_activations_in_bf16() {
+    use tessera::compiler::ir::DType;
+    let layouts: [&[&str]; 3] = [&[], &["parallel.zero=1"], &["parallel.zero=3"]];
+    for zero in layouts {
+        let sets = if zero.is_empty() { vec![] } else { with(DP2, zero) };
+        let lower = |precision: &'static str| {
+            let m = common::check_ok(GPT, &with(&sets, &[precision]));
+            compile(&m).expect("compiles").programs.remove(0)
+        };
+        let (b, f) = (lower("train.precision=bf16"), lower("train.precision=fp32"));
+        let ratio = b.arena_bytes() as f64 / f.arena_bytes() as f64;
+        assert!((0.45..=0.55).contains(&ratio), "{sets:?}: the bf16 arena is {ratio:.3} of f32's");
+        let dtype = |p: &Program, name: &str| p.named(name).map(|x| p.buffer(x).ty.dtype);
+        let (mut params, mut casts) = (0, 0);
+        while let Some(w) = dtype(&b, &format!("w.{params}")) {
+            let k = params;
+            assert_eq!(w, DType::Bf16, "{sets:?}: w.{k}");
+            assert_eq!(dtype(&b, &format!("g.{k}")), Some(DType::F32), "{sets:?}: g.{k}");
+            assert_eq!(dtype(&b, &format!("m.{k}")), Some(DType::F32), "{sets:?}: m.{k}");
+            let master = b.named(&format!("master.{k}")).expect("master weights");
+            assert_eq!(b.buffer(master).ty.dtype, DType::F32);
+            assert_eq!(b.buffer(master).region, Region::Optim);
+            assert!(f.named(&format!("master.{k}")).is_none(), "f32 weights need no master copy");
+            casts += b.instrs.iter().filter(|i| matches!(i.kind, Kind::Copy) && i.ins == [master]).count();
+            params += 1;
+        }
+        assert!(params > 0);
+        assert_eq!(casts, params, "{sets:?}: one cast of each master to its weights");
+        // The floating tensors the microbatches' instructions write in the arena are bf16 (the parameters'
+        // gradients go straight into their f32 buffers).
+        let update = b.phases.iter().find(|ph| ph.name == "optimizer update").expect("an update").at as usize;
+        let written: std::collections::BTreeSet<BufId> = b.instrs[..update]
+            .iter()
+            .flat_map(|i| i.outs.iter().copied())
+            .filter(|&x| {
+                let t = &b.buffer(x).ty;
+                b.buffer(x).region == Region::Arena && t.dtype.is_float() && t.numel() > 1
+            })
+            .collect();
+        // (A parameter's partial gradients, added into its f32 gradient, are f32 too: a tied embedding's.)
+        let into_grads = |x: BufId| {
+            b.instrs
+                .iter()
+                .filter(|i| i.ins.contains(&x))
+                .all(|i| i.outs.iter().all(|o| b.buffer(*o).region == Region::Grad))
+        };
+        let wide: Vec<_> = written.iter().filter(|&&x| b.buffer(x).ty.dtype != DType::Bf16 && !into_grads(x)).collect();
+        assert!(!written.is_empty() && wide.is_empty(), "{sets:?}: f32 temporaries {wide:?}");
+    }
+    let m = common::check_ok(GPT, &["train.precision=fp16"]);
+    let e = compile(&m).expect_err("fp16 is refused").to_string();
+    assert!(e.contains("fp16") && e.contains("bf16"), "{e}");
 }
 
 /// Every pass's output parses back from its text, and, broken on purpose one node at a time: a node whose

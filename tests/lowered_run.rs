@@ -114,7 +114,16 @@ fn single_device_programs_match_the_reference_step() {
     // Dropout: the masks come from (seed, the instruction's random stream), as the reference's do.
     compare(
         "specs/models/gpt2-small.spec",
-        &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"],
+        // (In f32: the reference step computes in f32; bf16 is checked against its own runs.)
+        &[
+            "dims.layers=1",
+            "dims.seq=16",
+            "dims.embed=32",
+            "dims.heads=2",
+            "train.batch=4",
+            "train.micro_batch=2",
+            "train.precision=fp32",
+        ],
     );
 }
 
@@ -125,7 +134,8 @@ fn single_device_programs_match_the_reference_step() {
 /// operations in the same order; nothing is reassociated). Under data 2
 /// with ZeRO 2 and under tensor 2 with sequence parallelism; GPT-2's
 /// dropout included; AdamW's update and SGD's; the MoE's kernels over its
-/// experts' filled slots.
+/// experts' filled slots; and under `precision = bf16`, where a kernel
+/// rounds each value the unfused ops would store in bf16.
 #[test]
 fn fusion_and_the_kernel_engine_change_no_result() {
     use tessera::compiler::driver::{Passes, compile_with};
@@ -138,6 +148,9 @@ fn fusion_and_the_kernel_engine_change_no_result() {
         // SGD's update fuses from plain elementwise ops (AdamW's from its decomposed moments and step).
         (GPT, with(SMALL, &["train.optimizer=sgd(lr = 0.1, momentum = 0.9, weight_decay = 0.01, nesterov = true)"])),
         (MOE, vec!["parallel.mesh.data=1"]),
+        // bf16: a fused kernel rounds what the unfused ops would store in bf16 (`Expr::Round`).
+        (GPT, with(SMALL, &["train.precision=bf16"])),
+        (MOE, vec!["parallel.mesh.data=1", "dims.seq=16", "train.precision=bf16"]),
     ] {
         let m = common::check_ok(spec, &sets);
         let out = std::env::temp_dir().join(format!("tessera-fuse-{}", std::process::id()));
@@ -187,7 +200,8 @@ fn evaluation_programs_match_the_reference_forward_pass() {
     let gpt2: &[&str] =
         &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"];
     for (spec, sets) in [
-        ("specs/models/gpt2-small.spec", gpt2.to_vec()),
+        // (GPT-2 trains in bf16 as it ships; the reference evaluator computes in f32.)
+        ("specs/models/gpt2-small.spec", with(gpt2, &["train.precision=fp32"])),
         (MOE, vec!["parallel.mesh.data=1"]),
         (GPT, with(&with(SMALL, TP2), &["parallel.sequence_parallel=true"])),
     ] {

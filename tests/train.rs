@@ -7,9 +7,19 @@ use tessera::compiler::{Options, SourceMap, check_path};
 use tessera::runtime::train::{RunConfig, Trainer};
 
 fn tiny() -> tessera::compiler::Model {
+    tiny_in("fp32")
+}
+
+/// The tiny GPT, trained in `precision`.
+fn tiny_in(precision: &str) -> tessera::compiler::Model {
     let mut sources = SourceMap::new();
     let opts = Options {
-        overrides: vec!["dims.seq=16".into(), "dims.embed=32".into(), "train.batch=4".into()],
+        overrides: vec![
+            "dims.seq=16".into(),
+            "dims.embed=32".into(),
+            "train.batch=4".into(),
+            format!("train.precision={precision}"),
+        ],
         model: None,
         micro_batch: None,
         ..Default::default()
@@ -41,9 +51,18 @@ fn run(t: &mut Trainer, until: u64) -> Vec<f64> {
     losses
 }
 
+/// In both precisions: under bf16 a checkpoint holds the f32 master
+/// weights, and the bf16 weights are their rounding, as in the running step.
 #[test]
 fn same_seed_same_bits_and_resume_is_exact() {
-    let (a, b) = (tmp("straight"), tmp("resumed"));
+    for precision in ["fp32", "bf16"] {
+        resume_is_exact(precision);
+    }
+}
+
+fn resume_is_exact(precision: &str) {
+    let tiny = || tiny_in(precision);
+    let (a, b) = (tmp(&format!("straight-{precision}")), tmp(&format!("resumed-{precision}")));
     let mut straight = Trainer::new(tiny(), cfg(&a, None)).expect("trainer");
     let losses = run(&mut straight, 10);
 
@@ -60,7 +79,7 @@ fn same_seed_same_bits_and_resume_is_exact() {
         assert_eq!(x.data, y.data, "and the same weights");
     }
     // A second run with the same seed repeats the first exactly.
-    let mut again = Trainer::new(tiny(), cfg(&tmp("again"), None)).expect("trainer");
+    let mut again = Trainer::new(tiny(), cfg(&tmp(&format!("again-{precision}")), None)).expect("trainer");
     assert_eq!(run(&mut again, 10), losses);
     assert!(losses[9] < losses[0], "the loss goes down: {losses:?}");
 }

@@ -9,11 +9,13 @@
 //! the two bias corrections) as elements of one operand.
 
 use super::Expr;
-use crate::ir::{BinaryOp, Op, UnaryOp};
+use crate::ir::{BinaryOp, DType, Op, UnaryOp};
 
 /// Whether a kernel can compute `op`.
 pub fn decomposes(op: &Op) -> bool {
-    op.is_elementwise() || matches!(op, Op::AdamMoment { .. } | Op::AdamStep { .. })
+    op.is_elementwise()
+        || matches!(op, Op::AdamMoment { .. } | Op::AdamStep { .. })
+        || matches!(op, Op::Cast { dtype } if dtype.is_float())
 }
 
 /// Whether `op` reads operand `i` by element index rather than at the loop
@@ -39,6 +41,9 @@ pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, body: &mut Vec<Expr>) -> R
             let rng = rng.ok_or("a dropout without its random stream")?;
             push(Expr::Dropout { x: x[0], p: *p, rng })
         }
+        // A cast to a floating dtype: the value that dtype holds (f32 holds every kernel value).
+        Op::Cast { dtype: DType::F32 } => x[0],
+        Op::Cast { dtype } => push(Expr::Round { x: x[0], dtype: *dtype }),
         // Dropout with p = 0 is the identity.
         Op::Dropout { .. } | Op::DropoutGrad { .. } => x[0],
         Op::AdamMoment { beta, square } => {

@@ -2,7 +2,7 @@
 //!
 //! A run is a sequence of consecutive instructions, each one IR op that is
 //! elementwise (unary, binary with broadcasting, pow, an activation's
-//! gradient, dropout and its gradient) over f32 values of one and the same
+//! gradient, dropout and its gradient) over floating values of one and the same
 //! type, writing a fresh temporary, updating a persistent buffer in place
 //! (the optimizer's), or adding into its output (`accumulate`: a gradient
 //! summed from two paths, such as a tied embedding's, becomes `out + a + b`
@@ -15,7 +15,7 @@
 //! program reaches the backend in one form.
 
 use super::{Expr, Kernel, decomposes, expand, reads_whole};
-use crate::ir::{DType, Dim, TensorType};
+use crate::ir::{Dim, TensorType};
 use crate::lower::{BufId, Buffer, Instr, Kind, Region, Stream};
 use std::collections::HashMap;
 
@@ -43,17 +43,17 @@ fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Loop> {
     // (the optimizer's), or added into (a gradient).
     let persistent = o.region != Region::Arena;
     let in_place = ins.ins.contains(&out) || *accumulate;
-    if !decomposes(op) || o.view_of.is_some() || o.ty.dtype != DType::F32 || (persistent && !in_place) {
+    if !decomposes(op) || o.view_of.is_some() || !o.ty.dtype.is_float() || (persistent && !in_place) {
         return None;
     }
     // An op that adds into its output computes `out + op(...)`: only over the output's own loop.
     if *accumulate && !op.is_elementwise() {
         return None;
     }
-    // Every operand read at the loop position is f32 with a subset of the output's dims, of the same sizes.
+    // Every operand read at the loop position is floating with a subset of the output's dims, of the same sizes.
     let fits = |(i, b): (usize, &BufId)| {
         let t = &buffers[b.index()].ty;
-        t.dtype == DType::F32 && (reads_whole(op, i) || t.dims.iter().all(|d| o.ty.dims.contains(d)))
+        t.dtype.is_float() && (reads_whole(op, i) || t.dims.iter().all(|d| o.ty.dims.contains(d)))
     };
     let rows = rows.then(|| *ins.ins.last().expect("an op over filled slots reads their counts"));
     operands(ins).iter().enumerate().all(fits).then(|| Loop { dims: o.ty.dims.clone(), rows })
@@ -194,6 +194,12 @@ fn flush(
                 }
             };
             body.push(Expr::Binary { op: crate::ir::BinaryOp::Add, a: old, b: v });
+            v = body.len() - 1;
+        }
+        // The value the unfused op would store (bf16 under `precision = bf16`).
+        let dtype = buffers[ins.outs[0].index()].ty.dtype;
+        if dtype != crate::ir::DType::F32 {
+            body.push(Expr::Round { x: v, dtype });
             v = body.len() - 1;
         }
         value.insert(ins.outs[0], v);

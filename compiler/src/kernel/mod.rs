@@ -17,7 +17,7 @@ mod fuse;
 pub use decompose::{decomposes, expand, reads_whole};
 pub use fuse::{fuse, strides};
 
-use crate::ir::{BinaryOp, Dim, UnaryOp};
+use crate::ir::{BinaryOp, DType, Dim, UnaryOp};
 use serde::{Deserialize, Serialize};
 
 /// A scalar value of the body; operands name earlier values by index.
@@ -63,13 +63,21 @@ pub enum Expr {
         p: f64,
         rng: u64,
     },
+    /// x rounded to `dtype`'s precision (to nearest, ties to even) and kept
+    /// in f32: the value a buffer of that dtype would hold. Fusion rounds
+    /// each op's result that the unfused program would store narrower, so a
+    /// fused kernel computes the unfused program's bits in every precision.
+    Round {
+        x: usize,
+        dtype: DType,
+    },
 }
 
 impl Expr {
     /// The body values this expression reads.
     pub fn operands(&self) -> Vec<usize> {
         match *self {
-            Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } => vec![x],
+            Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } | Expr::Round { x, .. } => vec![x],
             Expr::UnaryGrad { x, g, .. } => vec![x, g],
             Expr::Binary { a, b, .. } => vec![a, b],
             Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => vec![],
@@ -77,7 +85,11 @@ impl Expr {
     }
 }
 
-/// A fused kernel over f32 elements.
+/// A fused kernel. It computes in f32: a load widens its argument's element
+/// (f32 or bf16) to f32 and a store rounds to its argument's dtype. Values
+/// kept in registers are rounded where the unfused ops would have stored
+/// them narrower ([`Expr::Round`]), so fusion changes no result under
+/// `precision = bf16` either.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Kernel {
     /// The loop nest, outermost first.

@@ -17,10 +17,19 @@
 //! 5. `skip_if_nonfinite(norm)` guarding the optimizer update (the update
 //!    graph of `autodiff::update`, written in place into the weights and
 //!    the moments) and ZeRO 1/2's all-gather of the updated weights.
+//!
+//! Precision (`train.precision`, [`storage`]): under `bf16` the weights and
+//! every activation and activation gradient are stored in bf16; each op
+//! computes in f32 and rounds what it stores. The gradients, which
+//! accumulate over microbatches, the optimizer state and the **master
+//! weights** (`master.k`, in the optim region, in the update's shape: a
+//! ZeRO shard where the update is sharded) stay f32; the update writes the
+//! master weights and a `copy` casts them to the bf16 weights (ZeRO 1/2
+//! all-gather the bf16 shards, as Megatron's distributed optimizer does).
 
 use super::{BufId, Buffer, Collective, Instr, Kind, Phase, Program, Region, Stream};
 use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
-use crate::config::Optimizer;
+use crate::config::{Optimizer, Precision};
 use crate::ir::{DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
 use crate::model::{Model, Param};
 use crate::parallel::pipeline::Action;
@@ -43,6 +52,7 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
     let fail = |message: String| LowerError { rank: prog.rank, message };
     let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
     let mut b = Builder::new(prog, &mesh);
+    b.act = storage(m).map_err(fail)?;
     b.training = false;
     b.evaluation(m).map_err(fail)?;
     Ok(b.finish(fuse))
@@ -55,12 +65,28 @@ pub fn lower(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, Lower
     let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
     let train = m.train.as_ref().ok_or_else(|| fail(format!("`{}` has no `train` section to lower", m.name)))?;
     let mut b = Builder::new(prog, &mesh);
+    b.act = storage(m).map_err(fail)?;
     b.step(m, &train.optimizer, train.clip).map_err(fail)?;
     Ok(b.finish(fuse))
 }
 
+/// The dtype a model's weights and activations are stored in, from its
+/// `train.precision`: f32, or bf16 (computed in f32, stored rounded, with f32
+/// master weights, gradients and optimizer state).
+fn storage(m: &Model) -> Result<DType, String> {
+    match m.train.as_ref().map(|t| t.precision) {
+        None | Some(Precision::Fp32) => Ok(DType::F32),
+        Some(Precision::Bf16) => Ok(DType::Bf16),
+        Some(Precision::Fp16) => Err("`precision = fp16` needs dynamic loss scaling, which no backend has yet; \
+             train in `bf16` (same memory, no loss scale needed) or `fp32`"
+            .into()),
+    }
+}
+
 struct Builder<'a> {
     prog: &'a RankProgram,
+    /// The dtype of weights and activations ([`storage`]).
+    act: DType,
     mesh: &'a Mesh,
     buffers: Vec<Buffer>,
     instrs: Vec<Instr>,
@@ -104,6 +130,9 @@ struct Bind<'b> {
     weights: &'b [Option<BufId>],
     /// Inputs with an index at or past `inputs.len()` (received gradients).
     extra: &'b HashMap<usize, BufId>,
+    /// The model parameters' gradients the graph computes: kept in f32
+    /// whatever the storage dtype, as they accumulate over the microbatches.
+    grads: &'b [crate::autodiff::ParamGrad],
 }
 
 impl<'a> Builder<'a> {
@@ -112,6 +141,7 @@ impl<'a> Builder<'a> {
         let mut b = Builder {
             prog,
             mesh,
+            act: DType::F32,
             buffers: Vec::new(),
             instrs: Vec::new(),
             tops: [0; 5],
@@ -147,6 +177,23 @@ impl<'a> Builder<'a> {
         TensorType::new(DType::F32, vec![Dim::new("flat", numel.div_ceil(n))])
     }
 
+    /// `ty` as weights and activations are stored: an f32 tensor (not a
+    /// scalar: a loss stays f32) in the storage dtype. (A value the spec
+    /// casts to a narrower dtype keeps it.)
+    fn stored(&self, ty: &TensorType) -> TensorType {
+        let mut t = ty.clone();
+        if t.dtype == DType::F32 && t.numel() > 1 {
+            t.dtype = self.act;
+        }
+        t
+    }
+
+    /// A temporary holding an activation or an activation's gradient.
+    fn act_temp(&mut self, ty: &TensorType) -> BufId {
+        let t = self.stored(ty);
+        self.temp(t)
+    }
+
     fn push_buffer(
         &mut self,
         ty: TensorType,
@@ -172,9 +219,13 @@ impl<'a> Builder<'a> {
         self.push_buffer(ty, Region::Arena, 0, None, "")
     }
 
-    /// A view of `of`'s bytes from `offset` on, with type `ty`.
-    fn view(&mut self, of: BufId, ty: TensorType, offset: u64, name: &str) -> BufId {
-        let region = self.buffers[of.index()].region;
+    /// A view of `of`'s bytes from `offset` on, with type `ty` (a floating
+    /// view stores its elements as `of` does).
+    fn view(&mut self, of: BufId, mut ty: TensorType, offset: u64, name: &str) -> BufId {
+        let (region, dtype) = (self.buffers[of.index()].region, self.buffers[of.index()].ty.dtype);
+        if ty.dtype.is_float() && dtype.is_float() {
+            ty.dtype = dtype;
+        }
         self.viewed.insert(of);
         self.push_buffer(ty, region, offset, Some(of), name)
     }
@@ -222,7 +273,13 @@ impl<'a> Builder<'a> {
             .position(|&x| x == l)
             .ok_or_else(|| format!("layer {l} of `{}` is not held here (held: {:?})", meta.path, meta.layers))?;
         let name = format!("{}[{l}]", self.buffers[of.index()].name);
-        Ok(self.view(of, ty.clone(), pos as u64 * ty.bytes(), &name))
+        // The slice's bytes in the dtype `of` stores.
+        let mut ty = ty.clone();
+        if ty.dtype.is_float() {
+            ty.dtype = self.buffers[of.index()].ty.dtype;
+        }
+        let at = pos as u64 * ty.bytes();
+        Ok(self.view(of, ty, at, &name))
     }
 
     /// Lower nodes `range` of `g`; `vals` holds the buffers of the values lowered so far.
@@ -234,6 +291,10 @@ impl<'a> Builder<'a> {
         bind: &Bind,
     ) -> Result<(), String> {
         vals.resize(g.len(), None);
+        let wide = grad_values(g, bind.grads, self.prog.params.len());
+        let temp = |b: &mut Self, i: usize| {
+            if wide[i] { b.temp(g.nodes[i].ty.clone()) } else { b.act_temp(&g.nodes[i].ty) }
+        };
         let roles = self.roles.entry(g as *const Graph).or_insert_with(|| super::ragged::analyze(g).into()).clone();
         // Attention's gradients with the same operands come from one pass.
         let mut siblings: HashMap<(Vec<ValueId>, String), Vec<usize>> = HashMap::new();
@@ -274,7 +335,7 @@ impl<'a> Builder<'a> {
                     for &j in &group {
                         if let Op::AttentionGrad { which: w, .. } = g.nodes[j].op {
                             which.push(w);
-                            let o = self.temp(g.nodes[j].ty.clone());
+                            let o = temp(self, j);
                             vals[j] = Some(o);
                             outs.push(o);
                         }
@@ -306,7 +367,7 @@ impl<'a> Builder<'a> {
                         }
                         None => false,
                     };
-                    let o = self.temp(node.ty.clone());
+                    let o = temp(self, i);
                     self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins, vec![o]);
                     o
                 }
@@ -376,7 +437,7 @@ impl<'a> Builder<'a> {
         }
         for k in 0..prog.params.len() {
             if prog.params[k].held {
-                let ty = prog.params[k].local.ty.clone();
+                let ty = self.stored(&prog.params[k].local.ty);
                 self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
             }
         }
@@ -406,7 +467,7 @@ impl<'a> Builder<'a> {
             self.phase(format!("forward mb{}", self.data_coord() * prog.micro + j));
             let mut vals = Vec::new();
             let extra = HashMap::new();
-            let bind = Bind { inputs: &x, params: &metas, weights: &weights, extra: &extra };
+            let bind = Bind { inputs: &x, params: &metas, weights: &weights, extra: &extra, grads: &[] };
             self.nodes(g, 0..g.len(), &mut vals, &bind)?;
             let l = vals[prog.loss.index()].ok_or("the loss was not computed")?;
             self.emit(Kind::Accumulate, vec![l], vec![self.loss]);
@@ -422,6 +483,7 @@ impl<'a> Builder<'a> {
         for k in 0..n {
             if prog.params[k].held {
                 let ty = if zero3 && self.zero_sharded(k) { self.flat(k) } else { prog.params[k].local.ty.clone() };
+                let ty = self.stored(&ty);
                 self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
             }
         }
@@ -453,9 +515,16 @@ impl<'a> Builder<'a> {
             .collect();
         let adam = matches!(opt, Optimizer::Adamw { .. });
         let mut moments: Vec<Option<(BufId, BufId)>> = vec![None; n];
+        // Weights stored in a narrower dtype are updated in f32 master
+        // copies (the optimizer's shape: under ZeRO, the rank's flat shard).
+        let mut master: Vec<Option<BufId>> = vec![None; n];
         for k in 0..n {
             if prog.params[k].held {
                 let ty = TensorType::new(DType::F32, shapes[k].dims.clone());
+                let narrow = self.w[k].is_some_and(|w| self.buffers[w.index()].ty.dtype != DType::F32);
+                if narrow {
+                    master[k] = Some(self.persistent(Region::Optim, ty.clone(), &format!("master.{k}")));
+                }
                 let mk = self.persistent(Region::Optim, ty.clone(), &format!("m.{k}"));
                 let vk = if adam { self.persistent(Region::Optim, ty, &format!("v.{k}")) } else { mk };
                 moments[k] = Some((mk, vk));
@@ -498,7 +567,8 @@ impl<'a> Builder<'a> {
                     self.phase(format!("forward+backward mb{}", self.data_coord() * prog.micro + j as u64));
                     let mut vals = Vec::new();
                     let extra = HashMap::new();
-                    let bind = Bind { inputs: x, params: &metas, weights: &weights, extra: &extra };
+                    let bind =
+                        Bind { inputs: x, params: &metas, weights: &weights, extra: &extra, grads: &prog.param_grads };
                     self.nodes(&prog.graph, 0..prog.graph.len(), &mut vals, &bind)?;
                     let l = vals[prog.loss.index()].ok_or("the loss was not computed")?;
                     self.emit(Kind::Accumulate, vec![l], vec![self.loss]);
@@ -634,18 +704,32 @@ impl<'a> Builder<'a> {
         let mut targets: HashMap<usize, BufId> = HashMap::new();
         let mut extra: HashMap<usize, BufId> = HashMap::new();
         let mut gathers: Vec<(usize, BufId)> = Vec::new();
+        // (master, stored) pairs: updated f32 weights and where their rounded copies go.
+        let mut casts: Vec<(BufId, BufId)> = Vec::new();
         for (j, &k) in held.iter().enumerate() {
             let (Some(wk), Some(gk), Some((mk, vk))) = (self.w[k], update_grad[k], moments[k]) else {
                 return Err(format!("parameter {k} is held without its gradient"));
             };
-            // ZeRO 1/2: the update runs on this rank's flat shard of the weights.
-            let owned = if self.zero_sharded(k) && !zero3 {
-                let s = self.temp(self.flat(k));
-                self.emit(Kind::FlatShard { parts: dp, part: self.data_coord() }, vec![wk], vec![s]);
-                gathers.push((k, s));
-                s
-            } else {
-                wk
+            // ZeRO 1/2: the update runs on this rank's flat shard of the
+            // weights; narrow weights, on their master copy, cast back after.
+            let owned = match master[k] {
+                Some(mw) => {
+                    if self.zero_sharded(k) && !zero3 {
+                        let s = self.temp(self.stored(&self.flat(k)));
+                        gathers.push((k, s));
+                        casts.push((mw, s));
+                    } else {
+                        casts.push((mw, wk));
+                    }
+                    mw
+                }
+                None if self.zero_sharded(k) && !zero3 => {
+                    let s = self.temp(self.flat(k));
+                    self.emit(Kind::FlatShard { parts: dp, part: self.data_coord() }, vec![wk], vec![s]);
+                    gathers.push((k, s));
+                    s
+                }
+                None => wk,
             };
             for (i, b) in [owned, gk, mk, vk].into_iter().enumerate() {
                 extra.insert(PER_PARAM * j + i, b);
@@ -665,6 +749,9 @@ impl<'a> Builder<'a> {
         extra.insert(PER_PARAM * n, hyper);
         extra.insert(PER_PARAM * n + 1, norm);
         self.update(&ug, &extra, &targets)?;
+        for (mw, w) in casts {
+            self.emit(Kind::Copy, vec![mw], vec![w]);
+        }
         for c in &prog.step {
             if let StepCollective::ParamAllGather { axis, params, .. } = c {
                 let shards: HashMap<usize, BufId> = gathers.iter().copied().collect();
@@ -697,9 +784,11 @@ impl<'a> Builder<'a> {
         let ins: Vec<BufId> = params.iter().map(|&k| shard(self, k)).collect();
         let outs: Vec<BufId> = params
             .iter()
-            .map(|&k| {
+            .zip(&ins)
+            .map(|(&k, s)| {
                 let per = self.flat(k).numel();
-                self.temp(TensorType::new(DType::F32, vec![Dim::new("flat", per * n)]))
+                let dtype = self.buffers[s.index()].ty.dtype;
+                self.temp(TensorType::new(dtype, vec![Dim::new("flat", per * n)]))
             })
             .collect();
         self.emit(Kind::Collective { axis: axis.to_string(), op: Collective::AllGather }, ins, outs.clone());
@@ -761,7 +850,7 @@ impl<'a> Builder<'a> {
                         let b = if *st == sp.stage {
                             local_fwd.remove(&(v.0, micro, chunk)).ok_or("a local activation was not produced")?
                         } else {
-                            let r = self.temp(c.params[n_model + j].ty.clone());
+                            let r = self.act_temp(&c.params[n_model + j].ty);
                             let peer = sp.stage_ranks[*st as usize];
                             self.emit(Kind::Recv { peer, tag: sp.tag(0, micro, *v) }, vec![], vec![r]);
                             r
@@ -777,13 +866,13 @@ impl<'a> Builder<'a> {
                             && index >= c.model_inputs
                             && c.split.is_none_or(|k| i < k)
                         {
-                            let z = self.temp(node.ty.clone());
+                            let z = self.act_temp(&node.ty);
                             self.emit(Kind::Zero, vec![], vec![z]);
                             extra.insert(index, z);
                         }
                     }
                     let x = &inputs[micro as usize];
-                    let bind = Bind { inputs: x, params: &c.params, weights: &ws, extra: &extra };
+                    let bind = Bind { inputs: x, params: &c.params, weights: &ws, extra: &extra, grads: &[] };
                     let mut vals = Vec::new();
                     self.nodes(g, 0..c.split.unwrap_or(g.len()), &mut vals, &bind)?;
                     let val = |v: ValueId| vals[v.index()].ok_or("a sent value was not computed");
@@ -812,13 +901,13 @@ impl<'a> Builder<'a> {
                     let mut extra = HashMap::new();
                     for (j, (v, readers)) in c.outgoing.iter().enumerate() {
                         let ty = c.sends_graph().ty(c.sends[j]).clone();
-                        let sum = self.temp(ty.clone());
+                        let sum = self.act_temp(&ty);
                         self.emit(Kind::Zero, vec![], vec![sum]);
                         for (rchunk, st) in readers {
                             let t = if *st == sp.stage {
                                 local_grad.remove(&(v.0, micro, *rchunk)).ok_or("a local gradient was not produced")?
                             } else {
-                                let r = self.temp(ty.clone());
+                                let r = self.act_temp(&ty);
                                 let peer = sp.stage_ranks[*st as usize];
                                 self.emit(Kind::Recv { peer, tag: sp.tag(1, micro, *v) }, vec![], vec![r]);
                                 r
@@ -830,7 +919,8 @@ impl<'a> Builder<'a> {
                     let ws: Vec<Option<BufId>> =
                         weights.iter().copied().chain(boundary.iter().map(|&b| Some(b))).collect();
                     let x = &inputs[micro as usize];
-                    let bind = Bind { inputs: x, params: &c.params, weights: &ws, extra: &extra };
+                    let bind =
+                        Bind { inputs: x, params: &c.params, weights: &ws, extra: &extra, grads: &c.param_grads };
                     // Resumed: the received gradients replace the zeros the forward part was given.
                     for (i, node) in c.backward.nodes.iter().enumerate().take(vals.len()) {
                         if let Op::Input { index } = node.op
@@ -860,7 +950,7 @@ impl<'a> Builder<'a> {
     ) -> Result<(), String> {
         let n_model = self.prog.params.len();
         for (j, (v, _, st)) in c.incoming.iter().enumerate() {
-            let sum = self.temp(c.params[n_model + j].ty.clone());
+            let sum = self.act_temp(&c.params[n_model + j].ty);
             self.emit(Kind::Zero, vec![], vec![sum]);
             for pg in c.param_grads.iter().filter(|pg| pg.param == n_model + j) {
                 let g = vals[pg.grad.index()].ok_or("a boundary gradient was not computed")?;
@@ -979,6 +1069,28 @@ impl<'a> Builder<'a> {
             phases: self.phases.into_iter().map(|(at, name)| Phase { at: at as u32, name }).collect(),
         }
     }
+}
+
+/// Which values of `g` are model parameters' gradients (of the `grads`
+/// whose parameter index is below `params`; a pipeline's boundary values
+/// are activations), or the sums that make one (a tied weight's partial
+/// gradients, added).
+fn grad_values(g: &Graph, grads: &[crate::autodiff::ParamGrad], params: usize) -> Vec<bool> {
+    let mut wide = vec![false; g.len()];
+    for pg in grads.iter().filter(|pg| pg.param < params) {
+        wide[pg.grad.index()] = true;
+    }
+    for i in (0..g.len()).rev() {
+        let n = &g.nodes[i];
+        if wide[i] && matches!(n.op, Op::Binary { op: crate::ir::BinaryOp::Add }) {
+            for v in &n.inputs {
+                if g.nodes[v.index()].ty.dims == n.ty.dims {
+                    wide[v.index()] = true;
+                }
+            }
+        }
+    }
+    wide
 }
 
 /// The buffer that owns the bytes of buffer `b`.

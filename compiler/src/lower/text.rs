@@ -343,6 +343,7 @@ fn kernel_text(k: &crate::kernel::Kernel) -> String {
                 Expr::Binary { op, a, b } => format!("{}(v{a}, v{b})", op.name()),
                 Expr::Pow { x, exp } => format!("pow(v{x}, {})", Value::from(*exp)),
                 Expr::Dropout { x, p, rng } => format!("dropout(v{x}, {}, {rng})", Value::from(*p)),
+                Expr::Round { x, dtype } => format!("round(v{x}, {})", dtype.name()),
             };
             format!("v{i} = {rhs}")
         })
@@ -410,6 +411,11 @@ fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate
                     } else if name == "pow" {
                         c.expect(",")?;
                         Expr::Pow { x, exp: number(c)? }
+                    } else if name == "round" {
+                        c.expect(",")?;
+                        let d = c.word()?;
+                        let dtype = crate::ir::DType::parse(&d).ok_or_else(|| format!("`{d}` is not a dtype"))?;
+                        Expr::Round { x, dtype }
                     } else if name == "dropout" {
                         c.expect(",")?;
                         let p = number(c)?;

@@ -110,6 +110,27 @@ pub fn verify(p: &Program) -> Result<(), VerifyError> {
     liveness(p).map_err(|(i, m)| fail(format!("instruction {i}: {}", p.instrs[i].kind.name()), m))
 }
 
+/// The IR's type rule for `op`, on buffers that may store floating values
+/// in any floating dtype (an op computes in f32 and stores its result in
+/// its buffer's dtype, `train.precision`): the dims must be the rule's, and
+/// a floating value floating.
+fn check_stored(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<(), String> {
+    let wide = |t: &TensorType| {
+        let mut t = t.clone();
+        if t.dtype.is_float() {
+            t.dtype = DType::F32;
+        }
+        t
+    };
+    let tys: Vec<TensorType> = ins.iter().map(|t| wide(t)).collect();
+    let refs: Vec<&TensorType> = tys.iter().collect();
+    let op = match op {
+        Op::Cast { dtype } if dtype.is_float() => Op::Cast { dtype: DType::F32 },
+        other => other.clone(),
+    };
+    crate::ir::check_op(&op, &refs, &wide(out))
+}
+
 fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>) -> Result<(), String> {
     let ty = |b: &BufId| &p.buffer(*b).ty;
     let count = |n_in: usize, n_out: usize| {
@@ -145,7 +166,7 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                     return Err(format!("filled-slot counts are i32[expert], not {counts}"));
                 }
             }
-            crate::ir::check_op(op, &tys, ty(&ins.outs[0]))
+            check_stored(op, &tys, ty(&ins.outs[0]))
         }
         Kind::SlotCounts { .. } => {
             count(1, 1)?;
@@ -167,7 +188,7 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                 if let Op::AttentionGrad { which, .. } = &mut one {
                     *which = *w;
                 }
-                crate::ir::check_op(&one, &tys, ty(o)).map_err(|m| format!("gradient {w}: {m}"))?;
+                check_stored(&one, &tys, ty(o)).map_err(|m| format!("gradient {w}: {m}"))?;
             }
             Ok(())
         }
@@ -182,8 +203,8 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                     }
                     continue;
                 }
-                if t.dtype != DType::F32 {
-                    return Err(format!("argument {i} ({b}) is {t}: kernels run on f32"));
+                if !t.dtype.is_float() {
+                    return Err(format!("argument {i} ({b}) is {t}: kernels load and store floating values"));
                 }
                 // The last element any loop position touches lies inside the buffer.
                 let last: u64 =

@@ -1,4 +1,4 @@
-//! The CPU backend: the program's regions as f32 words in host memory.
+//! The CPU backend: the program's regions in host memory.
 //!
 //! - Fused kernels run on the regions themselves, their loop positions split
 //!   over the kernel threads, either compiled to native code by the
@@ -18,9 +18,16 @@
 //!   agree by construction) and write (or add) the result into their
 //!   output's bytes.
 //!
-//! Token ids are held as f32 values, as the interpreter holds them (exact
-//! below 2²⁴); elements of other sizes than 4 bytes (a `bool` mask) are held
-//! as f32 values beside the regions.
+//! Every buffer's bytes hold its elements in its own dtype: f32, bf16
+//! (`precision = bf16`), i32 token ids and counts, an i64, a `bool` mask.
+//! The kernels above compute on f32 words, so an instruction that touches a
+//! buffer of another dtype is *staged*: that buffer is decoded into an f32
+//! shadow past the arena (exact: bf16, f16 and integers below 2²⁴), the
+//! instruction runs on the shadows by the f32 paths above, and each such
+//! output is encoded back (floats rounded to nearest, ties to even). Every
+//! op thus computes in f32 from bf16 operands and rounds what it stores, as
+//! a GPU's bf16 kernels with f32 accumulation do; the shadows cost one
+//! instruction's operands in f32, on top of an arena half the size.
 
 use super::{Backend, interp, jit};
 use crate::comm::{self, RankComm};
@@ -28,8 +35,9 @@ use crate::exec::Interpreter;
 use crate::exec::attention::Attn;
 use crate::exec::kernels::group_strides;
 use crate::tensor::{Tensor, View};
-use tessera_compiler::ir::{Dim, Graph, Node, Op, ReduceOp, ValueId};
-use tessera_compiler::lower::{Buffer, Collective, Instr, Kind, Program, Region};
+use half::bf16;
+use tessera_compiler::ir::{DType, Dim, Graph, Node, Op, ReduceOp, ValueId};
+use tessera_compiler::lower::{BufId, Buffer, Collective, Instr, Kind, Program, Region};
 
 /// How the CPU backend runs fused kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,15 +76,23 @@ pub struct Cpu {
     /// Compiled kernels by the address of their IR, with the IR they were
     /// compiled from (checked on every use).
     compiled: std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, jit::Segment)>,
+    /// The regions' bytes (held as f32 words, so 4-byte aligned); the arena's
+    /// words past `arena_bytes` are the shadows of staged buffers.
     regions: [Vec<f32>; 5],
-    /// Buffers whose elements are not 4 bytes (a `bool` mask, `i64` ids):
-    /// held as f32 values beside the regions, by (region, offset).
-    other: std::collections::HashMap<(usize, u64), Vec<f32>>,
+    /// The program's arena size, where the shadows start.
+    arena_bytes: u64,
 }
 
-/// Whether the regions hold a buffer's elements (as f32 words).
+/// Whether an instruction reads a buffer's elements where they lie, as f32
+/// words (else they are staged through an f32 shadow).
 fn in_regions(b: &Buffer) -> bool {
-    b.ty.dtype.bytes() == 4
+    b.ty.dtype == DType::F32
+}
+
+/// Whether a buffer's elements are encoded in another dtype than f32 (and
+/// staged through f32 shadows).
+fn staged(b: &Buffer) -> bool {
+    !in_regions(b)
 }
 
 fn region_index(r: Region) -> usize {
@@ -125,7 +141,11 @@ impl Cpu {
     /// Write a buffer's elements in place with `f` (as [`Backend::upload`]
     /// does from a slice, without one).
     pub fn write_with(&mut self, buf: &Buffer, f: impl FnOnce(&mut [f32])) -> Result<(), String> {
-        self.prepare([buf])?;
+        if staged(buf) {
+            let mut v = vec![0f32; buf.ty.numel() as usize];
+            f(&mut v);
+            return self.upload(buf, &v);
+        }
         f(self.slice_mut(buf));
         Ok(())
     }
@@ -152,34 +172,51 @@ impl Cpu {
         Ok(f)
     }
 
+    /// An f32 buffer's elements.
     fn slice(&self, b: &Buffer) -> &[f32] {
-        if in_regions(b) {
-            return &self.regions[region_index(b.region)][range(b)];
-        }
-        self.other.get(&(region_index(b.region), b.offset)).map(Vec::as_slice).unwrap_or(&[])
+        debug_assert!(!staged(b), "a {} buffer read as f32", b.ty);
+        &self.regions[region_index(b.region)][range(b)]
     }
 
     fn slice_mut(&mut self, b: &Buffer) -> &mut [f32] {
-        if in_regions(b) {
-            return &mut self.regions[region_index(b.region)][range(b)];
-        }
-        let n = b.ty.numel() as usize;
-        self.other.entry((region_index(b.region), b.offset)).or_insert_with(|| vec![0f32; n])
+        debug_assert!(!staged(b), "a {} buffer written as f32", b.ty);
+        &mut self.regions[region_index(b.region)][range(b)]
     }
 
-    /// Make room for an instruction's buffers of other element sizes.
-    fn prepare<'b>(&mut self, bufs: impl IntoIterator<Item = &'b Buffer>) -> Result<(), String> {
-        for b in bufs.into_iter().filter(|b| !in_regions(b)) {
-            if b.view_of.is_some() {
-                return Err(format!(
-                    "the CPU backend holds {} values apart from the arena and cannot view them ({})",
-                    b.ty.dtype.name(),
-                    b.ty
-                ));
-            }
-            self.slice_mut(b);
+    /// A buffer's bytes.
+    fn bytes(&self, b: &Buffer) -> &[u8] {
+        let words = &self.regions[region_index(b.region)];
+        let (at, n) = (b.offset as usize, b.ty.bytes() as usize);
+        assert!(at + n <= words.len() * 4, "buffer {} outside its region", b.ty);
+        // SAFETY: the bytes lie inside the region's words (checked); any bytes are valid u8.
+        unsafe { std::slice::from_raw_parts((words.as_ptr() as *const u8).add(at), n) }
+    }
+
+    fn bytes_mut(&mut self, b: &Buffer) -> &mut [u8] {
+        let words = &mut self.regions[region_index(b.region)];
+        let (at, n) = (b.offset as usize, b.ty.bytes() as usize);
+        assert!(at + n <= words.len() * 4, "buffer {} outside its region", b.ty);
+        // SAFETY: as `bytes`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut((words.as_mut_ptr() as *mut u8).add(at), n) }
+    }
+
+    /// A buffer's elements as f32 values.
+    fn read(&self, b: &Buffer) -> Vec<f32> {
+        if staged(b) {
+            let mut out = vec![0f32; b.ty.numel() as usize];
+            decode(b.ty.dtype, self.bytes(b), &mut out);
+            return out;
         }
-        Ok(())
+        self.slice(b).to_vec()
+    }
+
+    /// Write f32 values into a buffer, encoded in its dtype.
+    fn write(&mut self, b: &Buffer, data: &[f32]) {
+        if staged(b) {
+            encode(b.ty.dtype, data, self.bytes_mut(b));
+        } else {
+            self.slice_mut(b).copy_from_slice(data);
+        }
     }
 
     /// Fill `outs` in order from the flat elements of `data`.
@@ -796,8 +833,9 @@ impl Backend for Cpu {
 
     fn alloc(&mut self, sizes: [u64; 5]) -> Result<(), String> {
         for (r, &n) in self.regions.iter_mut().zip(&sizes) {
-            *r = vec![0f32; (n / 4) as usize];
+            *r = vec![0f32; n.div_ceil(4) as usize];
         }
+        self.arena_bytes = sizes[region_index(Region::Arena)].div_ceil(64) * 64;
         Ok(())
     }
 
@@ -805,16 +843,18 @@ impl Backend for Cpu {
         if data.len() as u64 != buf.ty.numel() {
             return Err(format!("{} elements for `{}` of type {}", data.len(), buf.name, buf.ty));
         }
-        self.prepare([buf])?;
-        self.slice_mut(buf).copy_from_slice(data);
+        self.write(buf, data);
         Ok(())
     }
 
     fn download(&self, buf: &Buffer) -> Result<Vec<f32>, String> {
-        Ok(self.slice(buf).to_vec())
+        Ok(self.read(buf))
     }
 
     fn finite(&self, buf: &Buffer) -> Result<bool, String> {
+        if staged(buf) {
+            return Ok(self.read(buf).iter().all(|x| x.is_finite()));
+        }
         Ok(self.slice(buf).iter().all(|x| x.is_finite()))
     }
 
@@ -825,8 +865,89 @@ impl Backend for Cpu {
         comm: Option<&'c RankComm<'c>>,
         seed: u64,
     ) -> Result<(), String> {
-        let buf = |b: &tessera_compiler::lower::BufId| p.buffer(*b);
-        self.prepare(ins.ins.iter().chain(&ins.outs).map(buf))?;
+        // Each buffer of another dtype than f32, once, with its f32 shadow past the arena.
+        let mut shadows: Vec<(BufId, Buffer)> = Vec::new();
+        let mut top = self.arena_bytes;
+        for b in ins.ins.iter().chain(&ins.outs) {
+            let buf = p.buffer(*b);
+            if staged(buf) && !shadows.iter().any(|(s, _)| s == b) {
+                let ty = tessera_compiler::ir::TensorType { dtype: DType::F32, ..buf.ty.clone() };
+                let shadow = Buffer { ty, region: Region::Arena, offset: top, view_of: None, name: String::new() };
+                top += buf.ty.numel().div_ceil(16) * 64;
+                shadows.push((*b, shadow));
+            }
+        }
+        if shadows.is_empty() {
+            return self.run(ins, comm, seed, &|b| p.buffer(*b));
+        }
+        let arena = &mut self.regions[region_index(Region::Arena)];
+        if (arena.len() as u64) < top / 4 {
+            arena.resize((top / 4) as usize, 0.0);
+        }
+        for (b, shadow) in &shadows {
+            let values = self.read(p.buffer(*b));
+            self.slice_mut(shadow).copy_from_slice(&values);
+        }
+        let resolve = |b: &BufId| -> &Buffer {
+            shadows.iter().find(|(s, _)| s == b).map(|(_, sh)| sh).unwrap_or_else(|| p.buffer(*b))
+        };
+        self.run(ins, comm, seed, &resolve)?;
+        // Encode the outputs back.
+        for b in &ins.outs {
+            if let Some((_, shadow)) = shadows.iter().find(|(s, _)| s == b) {
+                let values = self.slice(shadow).to_vec();
+                self.write(p.buffer(*b), &values);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Elements of `dtype` (little-endian bytes) → f32 values: exact for
+/// bf16, f16 and integers below 2²⁴ (token ids, counts).
+fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    fn each<const N: usize>(bytes: &[u8], out: &mut [f32], f: impl Fn([u8; N]) -> f32) {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+            *o = f(c.try_into().expect("N bytes"));
+        }
+    }
+    match dtype {
+        DType::F32 => each(bytes, out, f32::from_le_bytes),
+        DType::Bf16 => each(bytes, out, |c| bf16::from_bits(u16::from_le_bytes(c)).to_f32()),
+        DType::F16 => each(bytes, out, |c| half::f16::from_bits(u16::from_le_bytes(c)).to_f32()),
+        DType::I32 => each(bytes, out, |c| i32::from_le_bytes(c) as f32),
+        DType::I64 => each(bytes, out, |c| i64::from_le_bytes(c) as f32),
+        DType::Bool => each(bytes, out, |c: [u8; 1]| f32::from(c[0] != 0)),
+    }
+}
+
+/// f32 values → elements of `dtype`: floats rounded to nearest (ties to
+/// even, a NaN kept a NaN), integers truncated, `bool` nonzero.
+fn encode(dtype: DType, src: &[f32], bytes: &mut [u8]) {
+    fn each<const N: usize>(src: &[f32], bytes: &mut [u8], f: impl Fn(f32) -> [u8; N]) {
+        for (x, c) in src.iter().zip(bytes.chunks_exact_mut(N)) {
+            c.copy_from_slice(&f(*x));
+        }
+    }
+    match dtype {
+        DType::F32 => each(src, bytes, f32::to_le_bytes),
+        DType::Bf16 => each(src, bytes, |x| bf16::from_f32(x).to_bits().to_le_bytes()),
+        DType::F16 => each(src, bytes, |x| half::f16::from_f32(x).to_bits().to_le_bytes()),
+        DType::I32 => each(src, bytes, |x| (x as i32).to_le_bytes()),
+        DType::I64 => each(src, bytes, |x| (x as i64).to_le_bytes()),
+        DType::Bool => each(src, bytes, |x| [u8::from(x != 0.0)]),
+    }
+}
+
+impl Cpu {
+    /// Run one instruction whose buffers (resolved by `buf`) are f32 or held beside the regions.
+    fn run<'c, 'p>(
+        &mut self,
+        ins: &Instr,
+        comm: Option<&'c RankComm<'c>>,
+        seed: u64,
+        buf: &dyn Fn(&BufId) -> &'p Buffer,
+    ) -> Result<(), String> {
         match &ins.kind {
             Kind::Op { op: Op::MatMul { .. } | Op::Einsum, accumulate, rows: false, .. }
                 if self
@@ -1096,6 +1217,66 @@ mod tests {
         Buffer { ty, region: Region::Arena, offset, view_of: None, name: String::new() }
     }
 
+    /// A bf16 instruction computes in f32 from its bf16 operands and rounds
+    /// what it stores: a contraction and a scaling in place of a bf16 view
+    /// at a 2-byte offset give the bits of the f32 instruction on the same
+    /// (rounded) values, rounded to nearest even; what the view does not
+    /// cover is untouched.
+    #[test]
+    fn bf16_instructions_compute_in_f32_and_round_what_they_store() {
+        use tessera_compiler::lower::{BufId, Stream};
+        let (n, k, m) = (5u64, 7u64, 3u64);
+        let mk = |dtype: DType, dims: &[(&str, u64)], offset: u64, view_of: Option<BufId>| {
+            let ty = TensorType::new(dtype, dims.iter().map(|(d, s)| Dim::new(*d, *s)).collect());
+            Buffer { ty, region: Region::Arena, offset, view_of, name: String::new() }
+        };
+        let program = |dtype: DType| {
+            let e = dtype.bytes();
+            let buffers = vec![
+                mk(dtype, &[("i", n), ("k", k)], 0, None),
+                mk(dtype, &[("k", k), ("j", m)], 256, None),
+                mk(dtype, &[("i", n), ("j", m)], 512, None),
+                // Elements 1..=4 of the output: a view at a 2-byte offset under bf16.
+                mk(dtype, &[("v", 4)], 512 + e, Some(BufId(2))),
+            ];
+            let op = |kind: Kind, ins: Vec<u32>, outs: Vec<u32>| Instr {
+                kind,
+                ins: ins.into_iter().map(BufId).collect(),
+                outs: outs.into_iter().map(BufId).collect(),
+                stream: Stream::Compute,
+            };
+            let einsum = Kind::Op { op: Op::Einsum, rng: None, accumulate: false, rows: false };
+            let instrs = vec![op(einsum, vec![0, 1], vec![2]), op(Kind::Scale { factor: 0.3 }, vec![3], vec![3])];
+            Program { rank: 0, coords: vec![], sizes: [0, 0, 0, 0, 1024], buffers, instrs, phases: vec![] }
+        };
+        let values = |len: u64, salt: u64| -> Vec<f32> {
+            (0..len).map(|i| ((i * 2654435761 + salt * 97) % 1000) as f32 / 77.0 - 6.3).collect()
+        };
+        let run = |p: &Program, a: &[f32], b: &[f32]| -> (Vec<f32>, Vec<f32>) {
+            let mut cpu = Cpu::new();
+            cpu.alloc(p.sizes).unwrap();
+            cpu.upload(&p.buffers[0], a).unwrap();
+            cpu.upload(&p.buffers[1], b).unwrap();
+            cpu.execute(p, &p.instrs[0], None, 0).unwrap();
+            let product = cpu.download(&p.buffers[2]).unwrap();
+            cpu.execute(p, &p.instrs[1], None, 0).unwrap();
+            (product, cpu.download(&p.buffers[2]).unwrap())
+        };
+        let half = program(DType::Bf16);
+        let (a, b) = (values(n * k, 1), values(k * m, 2));
+        let rounded = |v: &[f32]| v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect::<Vec<f32>>();
+        let (product, scaled) = run(&half, &a, &b);
+        // The f32 instructions on the rounded operands, rounded.
+        let (want, _) = run(&program(DType::F32), &rounded(&a), &rounded(&b));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&product), bits(&rounded(&want)));
+        assert_ne!(bits(&want), bits(&rounded(&want)), "the case must need rounding");
+        for (i, (s, p)) in scaled.iter().zip(&product).enumerate() {
+            let want = if (1..=4).contains(&i) { bf16::from_f32(p * 0.3f32).to_f32() } else { *p };
+            assert_eq!(s.to_bits(), want.to_bits(), "element {i}");
+        }
+    }
+
     /// out[i, j] = gelu(x[j, i] + b[j]) · 2, over a loop nest whose rows
     /// (7) are shorter than a segment and whose size (7 × 700) spans several
     /// segments and threads; `x` is read transposed, `b` broadcast.
@@ -1192,7 +1373,7 @@ mod tests {
                 buf(&[("i", n), ("j", m)], 4 * (2 * n * m + m))
             };
             let hyper = buf(&[("h", 3)], 4 * (3 * n * m + m));
-            let outs: Vec<Buffer> = (0..2 * ops.len() + 6)
+            let outs: Vec<Buffer> = (0..2 * ops.len() + 8)
                 .map(|o| buf(&[("i", n), ("j", m)], 4 * (3 * n * m + m + 3 + o as u64 * n * m)))
                 .collect();
             let dims = x.ty.dims.clone();
@@ -1218,6 +1399,8 @@ mod tests {
                 Expr::Binary { op: BinaryOp::Div, a: 0, b: 5 },
                 Expr::Pow { x: 1, exp: 1.5 },
                 Expr::Dropout { x: 0, p: 0.3, rng: 7 },
+                Expr::Round { x: 0, dtype: DType::Bf16 },
+                Expr::Round { x: 1, dtype: DType::F16 },
             ] {
                 body.push(e);
                 stores.push(body.len() - 1);

@@ -10,7 +10,7 @@
 //! ops computed one at a time.
 
 use crate::exec::kernels::{gelu_dt_f32, gelu_f32, unary_df, unary_f, uniform};
-use tessera_compiler::ir::{BinaryOp, UnaryOp};
+use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
 use tessera_compiler::kernel::{Expr, Kernel};
 
 /// Positions a segment holds at most.
@@ -150,6 +150,7 @@ pub unsafe fn run(k: &Kernel, nest: &Nest, args: &Args, seed: u64, first: usize,
                 }
                 Expr::Pow { x, exp } => pow(&before[x][..len], o, exp as f32),
                 Expr::Dropout { x, p, rng } => dropout(&before[x][..len], o, seed, rng, start as u64, p),
+                Expr::Round { x, dtype } => round(&before[x][..len], o, dtype),
             }
         }
         for &(arg, v) in &k.stores {
@@ -198,6 +199,16 @@ pub(super) fn unary_grad(op: UnaryOp, x: &[f32], g: &[f32], o: &mut [f32]) {
 /// `o = x^e`.
 pub(super) fn pow(x: &[f32], o: &mut [f32], e: f32) {
     o.iter_mut().zip(x).for_each(|(o, v)| *o = v.powf(e));
+}
+
+/// `o = x` rounded to `dtype`'s precision (to nearest, ties to even), as f32.
+pub(super) fn round(x: &[f32], o: &mut [f32], dtype: DType) {
+    let it = o.iter_mut().zip(x);
+    match dtype {
+        DType::Bf16 => it.for_each(|(o, v)| *o = half::bf16::from_f32(*v).to_f32()),
+        DType::F16 => it.for_each(|(o, v)| *o = half::f16::from_f32(*v).to_f32()),
+        _ => it.for_each(|(o, v)| *o = *v),
+    }
 }
 
 /// Inverted dropout of positions `start ..` (row-major in the loop nest)

@@ -36,7 +36,7 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{Linkage, Module, default_libcall_names};
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
-use tessera_compiler::ir::{BinaryOp, UnaryOp};
+use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
 use tessera_compiler::kernel::{Expr, Kernel};
 
 /// A compiled kernel: `(bases, offsets, len, start, seed)` computes `len`
@@ -192,6 +192,10 @@ unsafe extern "C" fn call_unary_grad(op: u32, x: *const f32, g: *const f32, o: *
 unsafe extern "C" fn call_pow(x: *const f32, o: *mut f32, n: usize, e: f32) {
     unsafe { interp::pow(values(x, n), values_mut(o, n), e) }
 }
+unsafe extern "C" fn call_round(x: *const f32, o: *mut f32, n: usize, dtype: u32) {
+    let dtype = if dtype == 1 { DType::F16 } else { DType::Bf16 };
+    unsafe { interp::round(values(x, n), values_mut(o, n), dtype) }
+}
 unsafe extern "C" fn call_dropout(x: *const f32, o: *mut f32, n: usize, seed: u64, rng: u64, start: u64, p: f64) {
     unsafe { interp::dropout(values(x, n), values_mut(o, n), seed, rng, start, p) }
 }
@@ -205,7 +209,7 @@ fn native(op: UnaryOp) -> bool {
 fn is_call(e: &Expr) -> bool {
     match *e {
         Expr::Unary { op, .. } => !native(op),
-        Expr::UnaryGrad { .. } | Expr::Pow { .. } | Expr::Dropout { .. } => true,
+        Expr::UnaryGrad { .. } | Expr::Pow { .. } | Expr::Dropout { .. } | Expr::Round { .. } => true,
         _ => false,
     }
 }
@@ -360,6 +364,11 @@ impl Emit<'_, '_> {
                     let x = addr(self, x);
                     let e = self.b.ins().f32const(exp as f32);
                     (call_pow as *const () as usize, vec![ptr, ptr, ptr, types::F32], vec![x, o, n, e])
+                }
+                Expr::Round { x, dtype } => {
+                    let x = addr(self, x);
+                    let d = self.b.ins().iconst(types::I32, i64::from(dtype == DType::F16));
+                    (call_round as *const () as usize, vec![ptr, ptr, ptr, types::I32], vec![x, o, n, d])
                 }
                 Expr::Dropout { x, p, rng } => {
                     let x = addr(self, x);

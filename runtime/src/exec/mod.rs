@@ -560,7 +560,22 @@ impl Interpreter<'_> {
             Op::CrossEntropyGrad { label_smoothing, ignore } => {
                 k::cross_entropy_grad(a(0).view(), a(1).view(), a(2).data[0], *label_smoothing, *ignore)
             }
-            Op::Cast { .. } => a(0).clone(),
+            Op::Cast { dtype } => {
+                use tessera_compiler::ir::DType;
+                // The value the narrower dtype holds, as a T again.
+                let to = |x: T| -> T {
+                    let f = x.to_f64().unwrap_or(f64::NAN);
+                    r(match dtype {
+                        // The widest dtype a program stores (the f64 oracle keeps its own).
+                        DType::F32 => f,
+                        DType::Bf16 => half::bf16::from_f64(f).to_f64(),
+                        DType::F16 => half::f16::from_f64(f).to_f64(),
+                        DType::I32 | DType::I64 => f.trunc(),
+                        DType::Bool => (f != 0.0) as u8 as f64,
+                    })
+                };
+                Tensor { dims: a(0).dims.clone(), data: a(0).data.iter().map(|&x| to(x)).collect() }
+            }
             Op::Patches { size } => k::patches(a(0), *size as usize, out),
             Op::Rope { theta, fraction } => k::rope(a(0), *theta, *fraction, false),
             Op::AdamMoment { beta, square } => {

@@ -1,6 +1,7 @@
 //! Will a training run fit this machine? Checked before anything is
 //! compiled or allocated: the simulated ranks are threads of one process, so
-//! their memory adds up, and the CPU trains in f32 whatever the spec's precision.
+//! their memory adds up. The CPU stores weights and activations in the
+//! spec's precision (f32 or bf16) and computes in f32.
 
 use tessera_compiler::Model;
 use tessera_compiler::config::Optimizer;
@@ -16,12 +17,14 @@ const PROCESS_BYTES: u128 = 64 << 20;
 const RANK_BYTES: u128 = 20 << 20;
 
 /// Bytes a CPU training run of `m` needs, all ranks together: per rank the
-/// regions of its lowered program in f32 (weights, gradients, optimizer
-/// state, the activation arena as the cost model estimates it) and as much
-/// again as the arena for the operands the CPU backend's library calls copy
-/// out of it (norms, gathers, cross-entropy, routing; measured at 0.5–1.0×
-/// the arena); the logical weights and optimizer state that checkpoints and
-/// evaluation assemble; and the runtime's own overhead, per process and per rank.
+/// regions of its lowered program (weights in the spec's precision, with
+/// f32 master weights when that is narrower; f32 gradients and optimizer
+/// state; the activation arena as the cost model estimates it) and the
+/// arena again in f32 for the operands the CPU backend's library calls copy
+/// out of it and the f32 shadows of bf16 operands (norms, gathers,
+/// cross-entropy, routing; measured at 0.5–1.0× the f32 arena); the logical
+/// weights and optimizer state that checkpoints and evaluation assemble;
+/// and the runtime's own overhead, per process and per rank.
 pub fn cpu_training_bytes(m: &Model) -> u128 {
     let opt_per_elem: u128 = match m.train.as_ref().map(|t| &t.optimizer) {
         Some(Optimizer::Sgd { .. }) => 1,
@@ -32,9 +35,10 @@ pub fn cpu_training_bytes(m: &Model) -> u128 {
     let held = memory::params_per_rank(m);
     let rank = |i: usize| -> u128 {
         let p = held.get(i).copied().unwrap_or(0) as u128;
-        let acts = mem.get(i).map(|r| r.activations).unwrap_or(0) as u128 * 4 / spec_bytes;
-        // weights, gradients, optimizer state; the arena and the copies out of it
-        4 * p * (2 + opt_per_elem) + 2 * acts + RANK_BYTES
+        let acts = mem.get(i).map(|r| r.activations).unwrap_or(0) as u128;
+        let master = if spec_bytes < 4 { 4 } else { 0 };
+        // weights (and master weights), gradients, optimizer state; the arena and the f32 copies out of it
+        p * (spec_bytes + master + 4 + 4 * opt_per_elem) + acts + acts * 4 / spec_bytes + RANK_BYTES
     };
     let logical: u128 = m.params.iter().map(|p| p.ty.numel() as u128).sum::<u128>() * 4 * (1 + opt_per_elem);
     PROCESS_BYTES + logical + (0..mem.len().max(1)).map(rank).sum::<u128>()
@@ -72,7 +76,7 @@ pub fn check_fits(m: &Model) -> Result<(), String> {
     let how = if ranks > 1 {
         format!("{ranks} simulated ranks in this one process, together")
     } else {
-        "weights, gradients, optimizer state and activations in f32".to_string()
+        "weights, gradients, optimizer state and activations".to_string()
     };
     Err(format!(
         "training `{}` on this CPU needs about {} ({how}), but only {} of memory is available\n  help: shrink \

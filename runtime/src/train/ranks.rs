@@ -123,14 +123,21 @@ impl Ranks {
             // Fresh weights that every rank holding them holds whole are
             // written straight into its buffer (no logical copy is made).
             if let Start::Init { seed } = start {
-                let held_whole = |r: &tessera_compiler::parallel::RankProgram| {
+                // (Master weights, under bf16, are whole where the update is not ZeRO-sharded.)
+                let held_whole = |(r, p): (&tessera_compiler::parallel::RankProgram, &Program)| {
                     let s = &r.params[k];
-                    !s.held || whole(s, meta) && !(c.mesh.zero_sharded(s) && c.mesh.zero >= 3)
+                    let sharded = c.mesh.zero_sharded(s);
+                    !s.held
+                        || whole(s, meta)
+                            && !(sharded && c.mesh.zero >= 3)
+                            && !(sharded && p.named(&format!("master.{k}")).is_some())
                 };
-                if c.ranks.iter().all(held_whole) {
+                if c.ranks.iter().zip(&c.programs).all(held_whole) {
                     for ((p, rp), cpu) in c.programs.iter().zip(&c.ranks).zip(backends.iter_mut()) {
-                        if let Some(b) = p.named(&format!("w.{k}")).filter(|_| rp.params[k].held) {
-                            cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
+                        for name in [format!("w.{k}"), format!("master.{k}")] {
+                            if let Some(b) = p.named(&name).filter(|_| rp.params[k].held) {
+                                cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
+                            }
                         }
                     }
                     continue;
@@ -166,6 +173,7 @@ impl Ranks {
                 };
                 let z = c.mesh.zero_sharded(shard);
                 put(format!("w.{k}"), w, z && c.mesh.zero >= 3)?;
+                put(format!("master.{k}"), w, z)?;
                 for (kind, t) in &moments {
                     put(format!("{kind}.{k}"), t, z)?;
                 }
@@ -304,7 +312,12 @@ impl Ranks {
                     Ok(Some(v))
                 };
                 let z = c.mesh.zero_sharded(shard);
-                if let Some(w) = whole(&format!("w.{k}"), z && self.mesh.zero >= 3)? {
+                // The f32 master weights where the program keeps them (`precision = bf16`), else the weights.
+                let w = match whole(&format!("master.{k}"), z)? {
+                    Some(w) => Some(w),
+                    None => whole(&format!("w.{k}"), z && self.mesh.zero >= 3)?,
+                };
+                if let Some(w) = w {
                     place(&mut params[k], &w, shard, meta);
                 }
                 let Some(out) = state.as_deref_mut() else { continue };
