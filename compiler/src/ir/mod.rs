@@ -125,6 +125,20 @@ pub enum ReduceOp {
     Max,
 }
 
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<ReduceOp> {
+        [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max].into_iter().find(|r| r.name() == s)
+    }
+}
+
 /// Relative-position variants of attention.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case", tag = "kind")]

@@ -7,15 +7,33 @@
 //! w − lr·((m / bc1) / (√(v / bc2) + ε) + wd·w)), so a fused update computes
 //! the same f32 values. `adam_step` reads its three hyperparameters (lr and
 //! the two bias corrections) as elements of one operand.
+//!
+//! The row ops reduce over their normalised dim, which must be the kernel's
+//! innermost loop dim ([`row_dim`]), in the order of the runtime's row
+//! functions (`exec::kernels::norm_stats`, `norm_row`, `norm_grad_x_row`):
+//! `layer_norm`: mean = Σx / n, d = x − mean, inv = 1 / √(Σd² / n + ε),
+//! y = d·inv (·gain) (+ bias); `rms_norm` the same with mean 0;
+//! `norm_grad_x`: with w = g·gain, x̂ = (x − mean)·inv,
+//! dx = inv·((w − Σw / n) − x̂·(Σ(w·(x − mean))·inv / n)).
 
 use super::Expr;
 use crate::ir::{BinaryOp, DType, Op, UnaryOp};
 
-/// Whether a kernel can compute `op`.
+/// Whether a kernel can compute `op` (a row op: where [`row_dim`] is the
+/// innermost loop dim).
 pub fn decomposes(op: &Op) -> bool {
     op.is_elementwise()
         || matches!(op, Op::AdamMoment { .. } | Op::AdamStep { .. })
         || matches!(op, Op::Cast { dtype } if dtype.is_float())
+        || row_dim(op).is_some()
+}
+
+/// The dim a row op reduces over, which its kernel must have innermost.
+pub fn row_dim(op: &Op) -> Option<&str> {
+    match op {
+        Op::LayerNorm { dim, .. } | Op::RmsNorm { dim, .. } | Op::NormGradX { dim, .. } => Some(dim),
+        _ => None,
+    }
 }
 
 /// Whether `op` reads operand `i` by element index rather than at the loop
@@ -26,8 +44,9 @@ pub fn reads_whole(op: &Op, i: usize) -> bool {
 
 /// Append the expressions of `op` over operand values `x` (body indices;
 /// for an operand read whole, its argument index) to `body`, and return the
-/// value of the result. `rng` is the op's random stream (dropout).
-pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, body: &mut Vec<Expr>) -> Result<usize, String> {
+/// value of the result. `rng` is the op's random stream (dropout); `row`
+/// the length of the innermost loop dim (a row op's n).
+pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, row: u64, body: &mut Vec<Expr>) -> Result<usize, String> {
     let mut push = |e: Expr| {
         body.push(e);
         body.len() - 1
@@ -40,6 +59,45 @@ pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, body: &mut Vec<Expr>) -> R
         Op::Dropout { p } | Op::DropoutGrad { p, .. } if *p > 0.0 => {
             let rng = rng.ok_or("a dropout without its random stream")?;
             push(Expr::Dropout { x: x[0], p: *p, rng })
+        }
+        Op::LayerNorm { eps, gain, bias, .. } => {
+            let (d, inv) = norm_stats(x[0], *eps, false, row, &mut push);
+            let mut y = push(Expr::Binary { op: BinaryOp::Mul, a: d, b: inv });
+            if *gain {
+                y = push(Expr::Binary { op: BinaryOp::Mul, a: y, b: x[1] });
+            }
+            if *bias {
+                y = push(Expr::Binary { op: BinaryOp::Add, a: y, b: x[1 + usize::from(*gain)] });
+            }
+            y
+        }
+        Op::RmsNorm { eps, gain, .. } => {
+            let (d, inv) = norm_stats(x[0], *eps, true, row, &mut push);
+            let y = push(Expr::Binary { op: BinaryOp::Mul, a: d, b: inv });
+            if *gain { push(Expr::Binary { op: BinaryOp::Mul, a: y, b: x[1] }) } else { y }
+        }
+        Op::NormGradX { eps, gain, rms, .. } => {
+            let bin = |op, a, b| Expr::Binary { op, a, b };
+            let (xm, inv) = norm_stats(x[0], *eps, *rms, row, &mut push);
+            let g = x[1 + usize::from(*gain)];
+            // w = g·gain (g·1 = g without one).
+            let w = if *gain { push(bin(BinaryOp::Mul, g, x[1])) } else { g };
+            let n = push(Expr::Const { value: row as f64 });
+            let centred = if *rms {
+                w
+            } else {
+                let s1 = push(Expr::Reduce { x: w, op: crate::ir::ReduceOp::Sum });
+                let m1 = push(bin(BinaryOp::Div, s1, n));
+                push(bin(BinaryOp::Sub, w, m1))
+            };
+            let t = push(bin(BinaryOp::Mul, w, xm));
+            let t = push(bin(BinaryOp::Mul, t, inv));
+            let s2 = push(Expr::Reduce { x: t, op: crate::ir::ReduceOp::Sum });
+            let m2 = push(bin(BinaryOp::Div, s2, n));
+            let xhat = push(bin(BinaryOp::Mul, xm, inv));
+            let proj = push(bin(BinaryOp::Mul, xhat, m2));
+            let inner = push(bin(BinaryOp::Sub, centred, proj));
+            push(bin(BinaryOp::Mul, inv, inner))
         }
         // A cast to a floating dtype: the value that dtype holds (f32 holds every kernel value).
         Op::Cast { dtype: DType::F32 } => x[0],
@@ -77,4 +135,27 @@ pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, body: &mut Vec<Expr>) -> R
         }
         other => return Err(format!("`{}` has no kernel form", other.name())),
     })
+}
+
+/// A row's x − mean (x itself under RMS, whose mean is 0) and
+/// 1 / √(Σ(x − mean)² / n + ε), as `exec::kernels::norm_stats` computes them.
+fn norm_stats(x: usize, eps: f64, rms: bool, row: u64, push: &mut impl FnMut(Expr) -> usize) -> (usize, usize) {
+    let bin = |op, a, b| Expr::Binary { op, a, b };
+    let n = push(Expr::Const { value: row as f64 });
+    let d = if rms {
+        x
+    } else {
+        let s = push(Expr::Reduce { x, op: crate::ir::ReduceOp::Sum });
+        let mean = push(bin(BinaryOp::Div, s, n));
+        push(bin(BinaryOp::Sub, x, mean))
+    };
+    let sq = push(bin(BinaryOp::Mul, d, d));
+    let var = push(Expr::Reduce { x: sq, op: crate::ir::ReduceOp::Sum });
+    let v = push(bin(BinaryOp::Div, var, n));
+    let e = push(Expr::Const { value: f64::from(eps as f32) });
+    let ve = push(bin(BinaryOp::Add, v, e));
+    let root = push(Expr::Unary { op: UnaryOp::Sqrt, x: ve });
+    let one = push(Expr::Const { value: 1.0 });
+    let inv = push(bin(BinaryOp::Div, one, root));
+    (d, inv)
 }

@@ -1,20 +1,23 @@
-//! Fusion: runs of elementwise ops become one kernel.
+//! Fusion: runs of elementwise and row ops become one kernel.
 //!
 //! A run is a sequence of consecutive instructions, each one IR op that is
 //! elementwise (unary, binary with broadcasting, pow, an activation's
-//! gradient, dropout and its gradient) over floating values of one and the same
-//! type, writing a fresh temporary, updating a persistent buffer in place
+//! gradient, dropout and its gradient, a cast) or a row op (`layer_norm`,
+//! `rms_norm`, `norm_grad_x` over the innermost dim) over floating values
+//! of one and the same type, writing a fresh temporary, updating a persistent buffer in place
 //! (the optimizer's), or adding into its output (`accumulate`: a gradient
 //! summed from two paths, such as a tied embedding's, becomes `out + a + b`
 //! in one pass, where it was a table-sized temporary and a second pass
 //! before). Values made and read only inside the
 //! run live in registers; the run's inputs are loaded once; what later
 //! instructions read is stored. A bias add and its GELU, a residual add, a
-//! GELU's gradient and the add after it are each one pass over memory. A
+//! GELU's gradient and the add after it are each one pass over memory; a
+//! residual add and the layer_norm after it one kernel that reads the row
+//! once per reduction and writes both results. A
 //! lone elementwise op is a kernel too, so that every elementwise op of a
 //! program reaches the backend in one form.
 
-use super::{Expr, Kernel, decomposes, expand, reads_whole};
+use super::{Expr, Kernel, decomposes, expand, reads_whole, row_dim};
 use crate::ir::{Dim, TensorType};
 use crate::lower::{BufId, Buffer, Instr, Kind, Region, Stream};
 use std::collections::HashMap;
@@ -49,6 +52,14 @@ fn fusible(buffers: &[Buffer], ins: &Instr) -> Option<Loop> {
     // An op that adds into its output computes `out + op(...)`: only over the output's own loop.
     if *accumulate && !op.is_elementwise() {
         return None;
+    }
+    // A row op reduces over the loop's innermost dim, over whole rows: its
+    // input has the output's layout, and no rows are ragged.
+    if let Some(dim) = row_dim(op) {
+        let x = &buffers[ins.ins[0].index()].ty;
+        if *accumulate || *rows || o.ty.dims.last().is_none_or(|d| d.name != dim) || x.dims != o.ty.dims {
+            return None;
+        }
     }
     // Every operand read at the loop position is floating with a subset of the output's dims, of the same sizes.
     let fits = |(i, b): (usize, &BufId)| {
@@ -181,7 +192,8 @@ fn flush(
                 x.push(body.len() - 1);
             }
         }
-        let mut v = expand(op, &x, *rng, &mut body).expect("fusible ops expand");
+        let row = dims.last().map_or(1, |d| d.size);
+        let mut v = expand(op, &x, *rng, row, &mut body).expect("fusible ops expand");
         if let Kind::Op { accumulate: true, .. } = ins.kind {
             // out += op(...), as the backend's add into the output does: the old value, then the sum.
             // (This read is not among the program's counted reads, so it is not counted inside either.)

@@ -4,20 +4,23 @@
 //!
 //! A kernel is a loop nest over named dims (row-major, outermost first),
 //! strided loads of its arguments (stride 0 broadcasts a dim the argument
-//! lacks), a straight-line body of scalar expressions in SSA form, and
-//! strided stores. [`fuse`] groups runs of elementwise ops (and the
-//! optimizer's update, decomposed into primitives by [`expand`]) into
-//! kernels; fusing them computes every element with the same operations in
-//! the same order, so it changes no result (no reassociation: reductions are
-//! not fused yet).
+//! lacks), a straight-line body of scalar expressions in SSA form, row
+//! reductions over the innermost dim ([`Expr::Reduce`]), and strided
+//! stores. [`fuse`] groups runs of elementwise ops, the row ops (layer_norm,
+//! rms_norm and their input gradient) and the optimizer's update, each
+//! decomposed into primitives by [`expand`], into kernels. Fusing them
+//! computes every element with the same operations in the same order as
+//! the ops' own kernels, row sums included (one fixed order, which the CPU
+//! backend's row functions share), so it changes no result: nothing is
+//! reassociated.
 
 mod decompose;
 mod fuse;
 
-pub use decompose::{decomposes, expand, reads_whole};
+pub use decompose::{decomposes, expand, reads_whole, row_dim};
 pub use fuse::{fuse, strides};
 
-use crate::ir::{BinaryOp, DType, Dim, UnaryOp};
+use crate::ir::{BinaryOp, DType, Dim, ReduceOp, UnaryOp};
 use serde::{Deserialize, Serialize};
 
 /// A scalar value of the body; operands name earlier values by index.
@@ -71,13 +74,26 @@ pub enum Expr {
         x: usize,
         dtype: DType,
     },
+    /// The sum (or max) of x over the kernel's innermost loop dim: a row
+    /// reduction, the same value at every position of the row. A sum runs
+    /// in one fixed order: eight interleaved partial sums over the row's
+    /// positions (position i into lane i mod 8, whole groups of eight),
+    /// added in lane order, then the positions past the last whole group.
+    Reduce {
+        x: usize,
+        op: ReduceOp,
+    },
 }
 
 impl Expr {
     /// The body values this expression reads.
     pub fn operands(&self) -> Vec<usize> {
         match *self {
-            Expr::Unary { x, .. } | Expr::Pow { x, .. } | Expr::Dropout { x, .. } | Expr::Round { x, .. } => vec![x],
+            Expr::Unary { x, .. }
+            | Expr::Pow { x, .. }
+            | Expr::Dropout { x, .. }
+            | Expr::Round { x, .. }
+            | Expr::Reduce { x, .. } => vec![x],
             Expr::UnaryGrad { x, g, .. } => vec![x, g],
             Expr::Binary { a, b, .. } => vec![a, b],
             Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => vec![],
@@ -120,6 +136,11 @@ impl Kernel {
         self.len() == 0
     }
 
+    /// Whether the kernel reduces over rows ([`Expr::Reduce`]).
+    pub fn is_row(&self) -> bool {
+        self.body.iter().any(|e| matches!(e, Expr::Reduce { .. }))
+    }
+
     /// Check the kernel's structure: operands come before their users, loads
     /// name inputs, stores name outputs, strides have one entry per loop dim.
     pub fn check(&self) -> Result<(), String> {
@@ -142,6 +163,16 @@ impl Kernel {
             }
             if let Some(j) = e.operands().into_iter().find(|&j| j >= i) {
                 return Err(format!("value {i} reads value {j}, not computed before it"));
+            }
+        }
+        if self.is_row() {
+            if self.dims.is_empty() || self.rows.is_some() {
+                return Err("a row reduction needs a loop nest and no ragged rows".into());
+            }
+            if let Some(i) =
+                self.body.iter().position(|e| matches!(e, Expr::Reduce { op, .. } if *op == ReduceOp::Mean))
+            {
+                return Err(format!("value {i} is a mean: a kernel sums, then divides"));
             }
         }
         if let Some(r) = self.rows

@@ -344,6 +344,7 @@ fn kernel_text(k: &crate::kernel::Kernel) -> String {
                 Expr::Pow { x, exp } => format!("pow(v{x}, {})", Value::from(*exp)),
                 Expr::Dropout { x, p, rng } => format!("dropout(v{x}, {}, {rng})", Value::from(*p)),
                 Expr::Round { x, dtype } => format!("round(v{x}, {})", dtype.name()),
+                Expr::Reduce { x, op } => format!("row_{}(v{x})", op.name()),
             };
             format!("v{i} = {rhs}")
         })
@@ -411,6 +412,8 @@ fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate
                     } else if name == "pow" {
                         c.expect(",")?;
                         Expr::Pow { x, exp: number(c)? }
+                    } else if let Some(op) = name.strip_prefix("row_").and_then(crate::ir::ReduceOp::from_name) {
+                        Expr::Reduce { x, op }
                     } else if name == "round" {
                         c.expect(",")?;
                         let d = c.word()?;

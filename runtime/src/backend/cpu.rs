@@ -29,7 +29,7 @@
 //! a GPU's bf16 kernels with f32 accumulation do; the shadows cost one
 //! instruction's operands in f32, on top of an arena half the size.
 
-use super::{Backend, interp, jit};
+use super::{Backend, interp, jit, rows};
 use crate::comm::{self, RankComm};
 use crate::exec::Interpreter;
 use crate::exec::attention::Attn;
@@ -81,6 +81,10 @@ pub struct Cpu {
     regions: [Vec<f32>; 5],
     /// The program's arena size, where the shadows start.
     arena_bytes: u64,
+    /// Row kernels' passes (and their native code under the JIT), by the
+    /// address of their IR, with the IR they were planned from.
+    row_plans:
+        std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, rows::Plan, Vec<Option<jit::Segment>>)>,
 }
 
 /// Whether an instruction reads a buffer's elements where they lie, as f32
@@ -346,6 +350,29 @@ impl Cpu {
                 ptrs[s] = staging.last_mut().expect("pushed").as_mut_ptr();
             }
         }
+        if k.is_row() {
+            self.rows(k, &ptrs, seed)?;
+        } else {
+            self.elementwise(k, ptrs, &ranges, seed)?;
+        }
+        if !direct {
+            let mut staged = staging.into_iter();
+            for &(s, _) in &k.stores {
+                let data = staged.next().expect("one staging buffer per store");
+                self.slice_mut(args[s]).copy_from_slice(&data);
+            }
+        }
+        Ok(())
+    }
+
+    /// An elementwise kernel over position `ranges` ((first, count) each), split over the kernel threads.
+    fn elementwise(
+        &mut self,
+        k: &tessera_compiler::kernel::Kernel,
+        ptrs: Vec<*mut f32>,
+        ranges: &[(usize, usize)],
+        seed: u64,
+    ) -> Result<(), String> {
         let args_p = interp::Args(ptrs);
         let native = match self.engine {
             Engine::Jit => Some(self.segment(k)?),
@@ -377,12 +404,73 @@ impl Cpu {
             use rayon::prelude::*;
             pieces.par_iter().for_each(job);
         }
-        if !direct {
-            let mut staged = staging.into_iter();
-            for &(s, _) in &k.stores {
-                let data = staged.next().expect("one staging buffer per store");
-                self.slice_mut(args[s]).copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Plan row kernel `k`'s passes (and compile them under the JIT) at its
+    /// first use; returns its key in `row_plans`.
+    fn row_plan(&mut self, k: &tessera_compiler::kernel::Kernel) -> Result<usize, String> {
+        let key = k as *const _ as usize;
+        if !self.row_plans.get(&key).is_some_and(|(ir, _, _)| ir == k) {
+            let plan = rows::Plan::of(k)?;
+            let native = match self.engine {
+                Engine::Jit => {
+                    plan.passes.iter().map(|p| jit::compile(&p.kernel).map(Some)).collect::<Result<_, _>>()?
+                }
+                Engine::Interp => vec![None; plan.passes.len()],
+            };
+            self.row_plans.insert(key, (k.clone(), plan, native));
+        }
+        Ok(key)
+    }
+
+    /// A row kernel (`rows::Plan`): its passes over each block of rows,
+    /// blocks split over the kernel threads. `ptrs`: each argument's first
+    /// element, as [`Cpu::kernel`] resolved them.
+    fn rows(&mut self, k: &tessera_compiler::kernel::Kernel, ptrs: &[*mut f32], seed: u64) -> Result<(), String> {
+        let key = self.row_plan(k)?;
+        let (_, plan, native) = &self.row_plans[&key];
+        let len = plan.len.max(1);
+        let rows = k.len() as usize / len;
+        // Blocks of about 4096 positions: a pass's reads of a block stay in cache for the next.
+        let block = (4096 / len).max(1);
+        let blocks: Vec<(usize, usize)> = (0..rows).step_by(block).map(|r| (r, block.min(rows - r))).collect();
+        let inputs = k.inputs;
+        let base = interp::Args(ptrs.to_vec());
+        let job = |&(r0, nr): &(usize, usize)| {
+            let mut scalars: Vec<Vec<f32>> = vec![vec![0f32; nr]; plan.reductions];
+            for (pass, f) in plan.passes.iter().zip(native) {
+                let mut scratch: Vec<Vec<f32>> = vec![vec![0f32; nr * len]; pass.makes.len()];
+                let mut args: Vec<*mut f32> = base.pointers()[..inputs].to_vec();
+                // Pointers placed so that position (row r0 + i, j) of the loop nest lands on element
+                // (i, j) of the block's arrays (the offsets only ever reach inside them).
+                args.extend(pass.reads.iter().map(|&r| scalars[r].as_mut_ptr().wrapping_sub(r0)));
+                if pass.makes.is_empty() {
+                    args.extend_from_slice(&base.pointers()[inputs..]);
+                } else {
+                    args.extend(scratch.iter_mut().map(|v| v.as_mut_ptr().wrapping_sub(r0 * len)));
+                }
+                let a = interp::Args(args);
+                // SAFETY: every pointer addresses, at this block's positions, the elements its
+                // strides reach (the kernel's buffers, or the block's arrays as placed above);
+                // blocks are disjoint rows, and the kernel's own staging rule holds for its stores.
+                unsafe {
+                    match f {
+                        Some(f) => jit::run(*f, &pass.nest, &a, seed, r0 * len, nr * len),
+                        None => interp::run(&pass.kernel, &pass.nest, &a, seed, r0 * len, nr * len),
+                    }
+                }
+                for ((r, op), values) in pass.makes.iter().zip(&scratch) {
+                    rows::reduce(*op, values, len, &mut scalars[*r]);
+                }
             }
+        };
+        let threads = crate::exec::threads().min(blocks.len()).max(1);
+        if threads == 1 {
+            blocks.iter().for_each(job);
+        } else {
+            use rayon::prelude::*;
+            blocks.par_iter().for_each(job);
         }
         Ok(())
     }
@@ -823,8 +911,14 @@ impl Backend for Cpu {
     fn prepare(&mut self, p: &Program) -> Result<(), String> {
         if self.engine == Engine::Jit {
             for ins in &p.instrs {
-                if let Kind::Kernel { kernel } = &ins.kind {
-                    self.segment(kernel)?;
+                match &ins.kind {
+                    Kind::Kernel { kernel } if kernel.is_row() => {
+                        self.row_plan(kernel)?;
+                    }
+                    Kind::Kernel { kernel } => {
+                        self.segment(kernel)?;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -1557,6 +1651,84 @@ mod tests {
                 want.iter_mut().zip(&ws).for_each(|(v, w)| *v += *w);
             }
             assert_eq!(cpu.download(&gain).unwrap(), want, "rms {rms}, accumulate {accumulate}");
+        }
+    }
+
+    /// The row ops as fused row kernels (`rows`): layer_norm, rms_norm and
+    /// norm_grad_x, each expanded by the compiler's one decomposition and
+    /// followed by an elementwise op, give the bits of the unfused row
+    /// functions, under both engines, for rows whose length is not a
+    /// multiple of 8 (the sums' tail) and enough rows to span several
+    /// blocks and threads, with the output written over the input.
+    #[test]
+    fn row_kernels_compute_the_row_functions_bits() {
+        use crate::exec::kernels as k;
+        use tessera_compiler::kernel::{Kernel, expand};
+        for (r, e) in [(700u64, 13u64), (5, 64), (3, 1)] {
+            let n = r * e;
+            let x = buf(&[("row", r), ("e", e)], 0);
+            let gain = buf(&[("e", e)], 4 * n);
+            let bias = buf(&[("e", e)], 4 * (n + e));
+            let g = buf(&[("row", r), ("e", e)], 4 * (n + 2 * e));
+            let out = buf(&[("row", r), ("e", e)], 4 * (2 * n + 2 * e));
+            let data = |f: f32, m: u64| -> Vec<f32> { (0..m).map(|i| (i as f32 * f).sin() * 3.0 + 0.1).collect() };
+            let (xs, ws, bs, gs) = (data(0.37, n), data(0.11, e), data(0.23, e), data(0.71, n));
+            let t = |b: &Buffer, d: &[f32]| Tensor { dims: b.ty.dims.clone(), data: d.to_vec() };
+            let (tx, tw, tb, tg) = (t(&x, &xs), t(&gain, &ws), t(&bias, &bs), t(&g, &gs));
+            let twice = |v: Vec<f32>| v.into_iter().map(|y| y * 2.0).collect::<Vec<f32>>();
+            let cases: Vec<(Op, Vec<&Buffer>, Vec<f32>)> = vec![
+                (
+                    Op::LayerNorm { dim: "e".into(), eps: 1e-5, gain: true, bias: true },
+                    vec![&x, &gain, &bias],
+                    k::norm(&tx, "e", 1e-5, false, Some(&tw), Some(&tb)).data,
+                ),
+                (
+                    Op::RmsNorm { dim: "e".into(), eps: 1e-6, gain: false },
+                    vec![&x],
+                    k::norm(&tx, "e", 1e-6, true, None, None).data,
+                ),
+                (
+                    Op::NormGradX { dim: "e".into(), eps: 1e-5, gain: true, rms: false },
+                    vec![&x, &gain, &g],
+                    k::norm_grad_x(&tx, Some(&tw), &tg, "e", 1e-5, false).data,
+                ),
+                (
+                    Op::NormGradX { dim: "e".into(), eps: 1e-5, gain: false, rms: true },
+                    vec![&x, &g],
+                    k::norm_grad_x(&tx, None, &tg, "e", 1e-5, true).data,
+                ),
+            ];
+            for (op, ins, want) in cases {
+                for (engine, target) in [(Engine::Jit, &out), (Engine::Interp, &out), (Engine::Jit, &x)] {
+                    let mut body: Vec<Expr> = (0..ins.len()).map(|arg| Expr::Load { arg }).collect();
+                    let loads: Vec<usize> = (0..ins.len()).collect();
+                    let y = expand(&op, &loads, None, e, &mut body).unwrap();
+                    let two = body.len();
+                    body.push(Expr::Const { value: 2.0 });
+                    body.push(Expr::Binary { op: BinaryOp::Mul, a: y, b: two });
+                    let args: Vec<&Buffer> = ins.iter().copied().chain([target]).collect();
+                    let dims = x.ty.dims.clone();
+                    let kern = Kernel {
+                        dims: dims.clone(),
+                        inputs: ins.len(),
+                        strides: args.iter().map(|b| strides(&b.ty, &dims)).collect(),
+                        stores: vec![(ins.len(), body.len() - 1)],
+                        body,
+                        ops: vec![],
+                        rows: None,
+                    };
+                    assert!(kern.is_row());
+                    let mut cpu = Cpu::with_engine(engine);
+                    cpu.alloc([0, 0, 0, 0, 4 * (3 * n + 2 * e)]).unwrap();
+                    for (b, d) in [(&x, &xs), (&gain, &ws), (&bias, &bs), (&g, &gs)] {
+                        cpu.upload(b, d).unwrap();
+                    }
+                    cpu.kernel(&kern, &args, None, 0).unwrap();
+                    let got = cpu.download(target).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&twice(want.clone())), "{op:?} over {r} rows of {e}, {engine:?}");
+                }
+            }
         }
     }
 

@@ -26,6 +26,13 @@ pub struct Args(pub Vec<*mut f32>);
 unsafe impl Sync for Args {}
 unsafe impl Send for Args {}
 
+impl Args {
+    /// The pointers, one per argument.
+    pub fn pointers(&self) -> &[*mut f32] {
+        &self.0
+    }
+}
+
 /// A kernel's loop nest as the walk sees it: dims of size 1 dropped and
 /// adjacent dims merged wherever every argument is contiguous across them
 /// (stride of the outer = stride of the inner × its size), so that a
@@ -151,6 +158,8 @@ pub unsafe fn run(k: &Kernel, nest: &Nest, args: &Args, seed: u64, first: usize,
                 Expr::Pow { x, exp } => pow(&before[x][..len], o, exp as f32),
                 Expr::Dropout { x, p, rng } => dropout(&before[x][..len], o, seed, rng, start as u64, p),
                 Expr::Round { x, dtype } => round(&before[x][..len], o, dtype),
+                // A row kernel runs as elementwise passes (`backend::rows`), never here.
+                Expr::Reduce { .. } => unreachable!("a row reduction outside its passes"),
             }
         }
         for &(arg, v) in &k.stores {

@@ -96,6 +96,9 @@ pub fn stats() -> (usize, f64) {
 /// The native code of kernel `k`, compiled on first use.
 pub fn compile(k: &Kernel) -> Result<Segment, String> {
     k.check()?;
+    if k.is_row() {
+        return Err("a kernel with row reductions compiles as its elementwise passes (`backend::rows`)".into());
+    }
     let nest = interp::Nest::of(k);
     let inner: Vec<usize> = (0..nest.strides.len()).map(|a| nest.inner(a)).collect();
     let key = format!("{}|{:?}|{:?}|{inner:?}", k.inputs, k.body, k.stores);

@@ -73,6 +73,25 @@ pub fn sum<T: crate::tensor::Real>(x: &[T]) -> T {
     s
 }
 
+/// Σ f(i) for i in 0..n, in [`sum`]'s order (8 lanes added in lane order,
+/// then the tail): the one order of a row sum, shared by the row functions
+/// and the fused kernels' row reductions so that both give the same bits.
+#[inline(always)]
+pub fn sum_by<T: crate::tensor::Real>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::zero(); 8];
+    let whole = n / 8 * 8;
+    for c in (0..whole).step_by(8) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(c + k);
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |a, b| a + *b);
+    for i in whole..n {
+        s += f(i);
+    }
+    s
+}
+
 /// Σ x·y over 8 lanes.
 #[inline(always)]
 pub fn dot<T: crate::tensor::Real>(x: &[T], y: &[T]) -> T {

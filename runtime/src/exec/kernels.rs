@@ -515,16 +515,8 @@ pub fn amax_grad<T: Real>(x: &Tensor<T>, max: &Tensor<T>, g: &Tensor<T>, dims: &
 pub(crate) fn norm_stats<T: Real>(row: &[T], eps: f64, rms: bool) -> (T, T) {
     let n = r::<T>(row.len() as f64);
     let mean = if rms { T::zero() } else { super::fast::sum(row) / n };
-    // Σ (x − mean)² over 8 lanes.
-    let mut acc = [T::zero(); 8];
-    let chunks = row.chunks_exact(8);
-    let mut var = chunks.remainder().iter().fold(T::zero(), |a, b| a + (*b - mean) * (*b - mean));
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += (*v - mean) * (*v - mean);
-        }
-    }
-    var += acc.iter().fold(T::zero(), |a, b| a + *b);
+    // Σ (x − mean)², in `fast::sum`'s order (as a fused kernel's row sum).
+    let var = super::fast::sum_by(row.len(), |i| (row[i] - mean) * (row[i] - mean));
     (mean, T::one() / (var / n + r(eps)).sqrt())
 }
 
@@ -584,14 +576,10 @@ pub fn norm_grad_x<T: Real>(
 pub(crate) fn norm_grad_x_row<T: Real>(xr: &[T], gr: &[T], gain: &[T], n: T, eps: f64, rms: bool, o: &mut [T]) {
     let (mean, inv) = norm_stats(xr, eps, rms);
     // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)).
-    let (mut m1, mut m2) = ([T::zero(); 8], [T::zero(); 8]);
-    for (k, ((x, g), w)) in xr.iter().zip(gr).zip(gain).enumerate() {
-        let d = *g * *w;
-        m1[k % 8] += d;
-        m2[k % 8] += d * (*x - mean) * inv;
-    }
-    let m1 = if rms { T::zero() } else { super::fast::sum(&m1) / n };
-    let m2 = super::fast::sum(&m2) / n;
+    // The sums in `fast::sum`'s order (as a fused kernel's row sums).
+    let len = xr.len().min(gr.len()).min(gain.len());
+    let m1 = if rms { T::zero() } else { super::fast::sum_by(len, |k| gr[k] * gain[k]) / n };
+    let m2 = super::fast::sum_by(len, |k| gr[k] * gain[k] * (xr[k] - mean) * inv) / n;
     for (((o, x), g), w) in o.iter_mut().zip(xr).zip(gr).zip(gain) {
         *o = inv * (*g * *w - m1 - (*x - mean) * inv * m2);
     }

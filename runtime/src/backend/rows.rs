@@ -1,0 +1,178 @@
+//! Row kernels: a fused kernel with row reductions ([`Expr::Reduce`], a
+//! layer_norm and what is fused around it) runs as a few elementwise passes
+//! over each block of rows, which both engines already run.
+//!
+//! A value's *level* is the number of reductions it depends on in sequence
+//! (a residual sum: 0; its mean: 1; the deviations' square sum: 2). Pass
+//! `p` computes, for the block's positions, the operands of the reductions
+//! of level-`p` values and writes them to a scratch array of the block; the
+//! backend then sums (or maxes) each row of the scratch in the IR's fixed
+//! order (`exec::fast::sum`, which the unfused row functions share) into a
+//! per-row scalar. The last pass computes what the kernel stores. A pass
+//! reads the earlier reductions as inputs broadcast along the row (stride
+//! 0 on the innermost dim) and recomputes the elementwise values it needs
+//! from the kernel's inputs instead of keeping them: a block's rows are
+//! read once per pass while they are in cache, and the kernel writes only
+//! its outputs. A dropout recomputed draws the same mask (it is a function
+//! of the position).
+
+use super::interp::Nest;
+use tessera_compiler::ir::ReduceOp;
+use tessera_compiler::kernel::{Expr, Kernel};
+
+/// One pass of a row kernel.
+pub struct Pass {
+    /// An elementwise kernel over the row kernel's loop nest. Its
+    /// arguments: the row kernel's inputs, then one per-row scalar input
+    /// per reduction in `reads`, then its outputs: the operands of the
+    /// reductions in `makes` (scratch arrays of the block, in position
+    /// order), or, in the last pass, the row kernel's outputs.
+    pub kernel: Kernel,
+    pub nest: Nest,
+    /// The reductions (by index) whose results the pass reads.
+    pub reads: Vec<usize>,
+    /// The reductions (index, op) whose operands the pass writes.
+    pub makes: Vec<(usize, ReduceOp)>,
+}
+
+pub struct Plan {
+    pub passes: Vec<Pass>,
+    /// Reductions in the kernel.
+    pub reductions: usize,
+    /// Positions per row (the innermost loop dim's size).
+    pub len: usize,
+}
+
+impl Plan {
+    /// The passes of row kernel `k` (a kernel with at least one reduction).
+    pub fn of(k: &Kernel) -> Result<Plan, String> {
+        k.check()?;
+        let len = k.dims.last().ok_or("a row kernel without loop dims")?.size as usize;
+        let n = k.body.len();
+        let mut level = vec![0usize; n];
+        let mut reduction = vec![None; n];
+        let mut count = 0;
+        for (i, e) in k.body.iter().enumerate() {
+            let deps = e.operands().into_iter().map(|j| level[j]).max().unwrap_or(0);
+            level[i] = match e {
+                Expr::Reduce { .. } => {
+                    reduction[i] = Some(count);
+                    count += 1;
+                    deps + 1
+                }
+                _ => deps,
+            };
+        }
+        let last = level.iter().copied().max().unwrap_or(0);
+        let mut passes = Vec::new();
+        for p in 0..=last {
+            // The values the pass writes: its reductions' operands, or the kernel's stores.
+            let (outs, makes): (Vec<usize>, Vec<(usize, ReduceOp)>) = if p < last {
+                k.body
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, e)| match *e {
+                        Expr::Reduce { x, op } if level[x] == p => Some((x, (reduction[i].expect("numbered"), op))),
+                        _ => None,
+                    })
+                    .unzip()
+            } else {
+                (k.stores.iter().map(|&(_, v)| v).collect(), Vec::new())
+            };
+            passes.push(pass(k, &outs, makes, &reduction, p == last)?);
+        }
+        Ok(Plan { passes, reductions: count, len })
+    }
+}
+
+/// The elementwise kernel that computes values `outs` of `k`, reading the
+/// reductions it depends on as per-row inputs.
+fn pass(
+    k: &Kernel,
+    outs: &[usize],
+    makes: Vec<(usize, ReduceOp)>,
+    reduction: &[Option<usize>],
+    last: bool,
+) -> Result<Pass, String> {
+    // The values needed: the closure of `outs` over operands, stopping at reductions.
+    let mut need = vec![false; k.body.len()];
+    for &o in outs {
+        need[o] = true;
+    }
+    for i in (0..k.body.len()).rev() {
+        if need[i] && !matches!(k.body[i], Expr::Reduce { .. }) {
+            for j in k.body[i].operands() {
+                need[j] = true;
+            }
+        }
+    }
+    let reads: Vec<usize> = (0..k.body.len()).filter(|&i| need[i]).filter_map(|i| reduction[i]).collect();
+    let mut map = vec![usize::MAX; k.body.len()];
+    let mut body = Vec::new();
+    for i in (0..k.body.len()).filter(|&i| need[i]) {
+        let e = match k.body[i] {
+            Expr::Reduce { .. } => {
+                let r = reduction[i].expect("numbered");
+                let at = reads.iter().position(|&x| x == r).expect("read");
+                Expr::Load { arg: k.inputs + at }
+            }
+            ref other => renumber(other, &map),
+        };
+        body.push(e);
+        map[i] = body.len() - 1;
+    }
+    let inputs = k.inputs + reads.len();
+    let outer = &k.dims[..k.dims.len() - 1];
+    // A per-row scalar: contiguous over the outer dims, broadcast along the row.
+    let mut per_row = vec![0u64; k.dims.len()];
+    let mut s = 1;
+    for d in (0..outer.len()).rev() {
+        per_row[d] = s;
+        s *= outer[d].size;
+    }
+    // A scratch array: every position in row-major order.
+    let mut dense = vec![0u64; k.dims.len()];
+    let mut s = 1;
+    for d in (0..k.dims.len()).rev() {
+        dense[d] = s;
+        s *= k.dims[d].size;
+    }
+    let mut strides: Vec<Vec<u64>> = k.strides[..k.inputs].to_vec();
+    strides.extend(std::iter::repeat_n(per_row, reads.len()));
+    let stores: Vec<(usize, usize)> = if last {
+        strides.extend(k.strides[k.inputs..].iter().cloned());
+        k.stores.iter().map(|&(a, v)| (a - k.inputs + inputs, map[v])).collect()
+    } else {
+        strides.extend(std::iter::repeat_n(dense, outs.len()));
+        outs.iter().enumerate().map(|(j, &v)| (inputs + j, map[v])).collect()
+    };
+    let kernel = Kernel { dims: k.dims.clone(), inputs, strides, body, stores, ops: k.ops.clone(), rows: None };
+    kernel.check().map_err(|e| format!("a row kernel's pass: {e}"))?;
+    let nest = Nest::of(&kernel);
+    Ok(Pass { kernel, nest, reads, makes })
+}
+
+/// `e` with its operands renumbered by `map`.
+fn renumber(e: &Expr, map: &[usize]) -> Expr {
+    let m = |i: usize| map[i];
+    match *e {
+        Expr::Unary { op, x } => Expr::Unary { op, x: m(x) },
+        Expr::UnaryGrad { op, x, g } => Expr::UnaryGrad { op, x: m(x), g: m(g) },
+        Expr::Binary { op, a, b } => Expr::Binary { op, a: m(a), b: m(b) },
+        Expr::Pow { x, exp } => Expr::Pow { x: m(x), exp },
+        Expr::Dropout { x, p, rng } => Expr::Dropout { x: m(x), p, rng },
+        Expr::Round { x, dtype } => Expr::Round { x: m(x), dtype },
+        Expr::Reduce { x, op } => Expr::Reduce { x: m(x), op },
+        Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => e.clone(),
+    }
+}
+
+/// Reduce each `len`-long row of `values` into `out`.
+pub fn reduce(op: ReduceOp, values: &[f32], len: usize, out: &mut [f32]) {
+    for (o, row) in out.iter_mut().zip(values.chunks(len.max(1))) {
+        *o = match op {
+            ReduceOp::Max => crate::exec::fast::max(row),
+            ReduceOp::Sum | ReduceOp::Mean => crate::exec::fast::sum(row),
+        };
+    }
+}
