@@ -14,7 +14,8 @@
 //! `layer_norm`: mean = Σx / n, d = x − mean, inv = 1 / √(Σd² / n + ε),
 //! y = d·inv (·gain) (+ bias); `rms_norm` the same with mean 0;
 //! `norm_grad_x`: with w = g·gain, x̂ = (x − mean)·inv,
-//! dx = inv·((w − Σw / n) − x̂·(Σ(w·(x − mean))·inv / n)).
+//! dx = inv·((w − Σw / n) − x̂·(Σ(w·(x − mean))·inv / n)), the last sum in
+//! the same sweep as Σ(x − mean)².
 
 use super::Expr;
 use crate::ir::{BinaryOp, DType, Op, UnaryOp};
@@ -91,8 +92,8 @@ pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, row: u64, body: &mut Vec<E
                 push(bin(BinaryOp::Sub, w, m1))
             };
             let t = push(bin(BinaryOp::Mul, w, xm));
-            let t = push(bin(BinaryOp::Mul, t, inv));
             let s2 = push(Expr::Reduce { x: t, op: crate::ir::ReduceOp::Sum });
+            let s2 = push(bin(BinaryOp::Mul, s2, inv));
             let m2 = push(bin(BinaryOp::Div, s2, n));
             let xhat = push(bin(BinaryOp::Mul, xm, inv));
             let proj = push(bin(BinaryOp::Mul, xhat, m2));

@@ -439,16 +439,21 @@ impl Cpu {
         let base = interp::Args(ptrs.to_vec());
         let job = |&(r0, nr): &(usize, usize)| {
             let mut scalars: Vec<Vec<f32>> = vec![vec![0f32; nr]; plan.reductions];
+            // The block's arrays of the values passes hand on, by body value.
+            let mut arrays: Vec<Vec<f32>> = vec![Vec::new(); plan.values];
             for (pass, f) in plan.passes.iter().zip(native) {
-                let mut scratch: Vec<Vec<f32>> = vec![vec![0f32; nr * len]; pass.makes.len()];
-                let mut args: Vec<*mut f32> = base.pointers()[..inputs].to_vec();
+                for &v in &pass.writes {
+                    arrays[v] = vec![0f32; nr * len];
+                }
                 // Pointers placed so that position (row r0 + i, j) of the loop nest lands on element
                 // (i, j) of the block's arrays (the offsets only ever reach inside them).
+                let mut args: Vec<*mut f32> = base.pointers()[..inputs].to_vec();
                 args.extend(pass.reads.iter().map(|&r| scalars[r].as_mut_ptr().wrapping_sub(r0)));
-                if pass.makes.is_empty() {
+                args.extend(pass.loads.iter().map(|&v| arrays[v].as_mut_ptr().wrapping_sub(r0 * len)));
+                if pass.writes.is_empty() {
                     args.extend_from_slice(&base.pointers()[inputs..]);
                 } else {
-                    args.extend(scratch.iter_mut().map(|v| v.as_mut_ptr().wrapping_sub(r0 * len)));
+                    args.extend(pass.writes.iter().map(|&v| arrays[v].as_mut_ptr().wrapping_sub(r0 * len)));
                 }
                 let a = interp::Args(args);
                 // SAFETY: every pointer addresses, at this block's positions, the elements its
@@ -460,8 +465,8 @@ impl Cpu {
                         None => interp::run(&pass.kernel, &pass.nest, &a, seed, r0 * len, nr * len),
                     }
                 }
-                for ((r, op), values) in pass.makes.iter().zip(&scratch) {
-                    rows::reduce(*op, values, len, &mut scalars[*r]);
+                for &(r, op, v) in &pass.makes {
+                    rows::reduce(op, &arrays[v], len, &mut scalars[r]);
                 }
             }
         };

@@ -23,28 +23,40 @@ use tessera_compiler::kernel::{Expr, Kernel};
 /// One pass of a row kernel.
 pub struct Pass {
     /// An elementwise kernel over the row kernel's loop nest. Its
-    /// arguments: the row kernel's inputs, then one per-row scalar input
-    /// per reduction in `reads`, then its outputs: the operands of the
-    /// reductions in `makes` (scratch arrays of the block, in position
-    /// order), or, in the last pass, the row kernel's outputs.
+    /// arguments: the row kernel's inputs; one per-row scalar input per
+    /// reduction in `reads`; one input per value in `loads` (the block's
+    /// array of it, in position order); then its outputs: the block's
+    /// arrays of the values in `writes`, or, in the last pass, the row
+    /// kernel's outputs.
     pub kernel: Kernel,
     pub nest: Nest,
     /// The reductions (by index) whose results the pass reads.
     pub reads: Vec<usize>,
-    /// The reductions (index, op) whose operands the pass writes.
-    pub makes: Vec<(usize, ReduceOp)>,
+    /// Body values computed by earlier passes that this one reads from the block's arrays.
+    pub loads: Vec<usize>,
+    /// Body values this pass writes to the block's arrays (for its reductions and later passes).
+    pub writes: Vec<usize>,
+    /// The reductions (index, op, the body value reduced) done after the pass.
+    pub makes: Vec<(usize, ReduceOp, usize)>,
 }
 
 pub struct Plan {
     pub passes: Vec<Pass>,
     /// Reductions in the kernel.
     pub reductions: usize,
+    /// Body values in the kernel (the block's arrays are indexed by value).
+    pub values: usize,
     /// Positions per row (the innermost loop dim's size).
     pub len: usize,
 }
 
 impl Plan {
     /// The passes of row kernel `k` (a kernel with at least one reduction).
+    ///
+    /// A value computed (not loaded) in one pass and needed by a later one
+    /// is written to the block's array of it by the pass that computes it,
+    /// and read back by the later pass, not recomputed; loads and constants
+    /// are simply read again.
     pub fn of(k: &Kernel) -> Result<Plan, String> {
         k.check()?;
         let len = k.dims.last().ok_or("a row kernel without loop dims")?.size as usize;
@@ -64,64 +76,81 @@ impl Plan {
             };
         }
         let last = level.iter().copied().max().unwrap_or(0);
-        let mut passes = Vec::new();
-        for p in 0..=last {
-            // The values the pass writes: its reductions' operands, or the kernel's stores.
-            let (outs, makes): (Vec<usize>, Vec<(usize, ReduceOp)>) = if p < last {
-                k.body
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, e)| match *e {
-                        Expr::Reduce { x, op } if level[x] == p => Some((x, (reduction[i].expect("numbered"), op))),
-                        _ => None,
-                    })
-                    .unzip()
-            } else {
-                (k.stores.iter().map(|&(_, v)| v).collect(), Vec::new())
-            };
-            passes.push(pass(k, &outs, makes, &reduction, p == last)?);
+        let trivial = |i: usize| matches!(k.body[i], Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. });
+        // What each pass writes to the block's arrays: its reductions' operands, and what later passes read.
+        let mut writes: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); last + 1];
+        let mut makes: Vec<Vec<(usize, ReduceOp, usize)>> = vec![Vec::new(); last + 1];
+        for (i, e) in k.body.iter().enumerate() {
+            if let Expr::Reduce { x, op } = *e {
+                writes[level[x]].insert(x);
+                makes[level[x]].push((reduction[i].expect("numbered"), op, x));
+            }
         }
-        Ok(Plan { passes, reductions: count, len })
+        let mut passes = Vec::new();
+        for p in (0..=last).rev() {
+            let outs: Vec<usize> = if p == last {
+                k.stores.iter().map(|&(_, v)| v).collect()
+            } else {
+                writes[p].iter().copied().collect()
+            };
+            // The values the pass needs: the closure of `outs`, cut at reductions and at values earlier passes compute.
+            let mut need = vec![false; n];
+            let mut loads = Vec::new();
+            for &o in &outs {
+                need[o] = true;
+            }
+            for i in (0..n).rev() {
+                if !need[i] {
+                    continue;
+                }
+                if matches!(k.body[i], Expr::Reduce { .. }) {
+                    continue;
+                }
+                if level[i] < p && !trivial(i) {
+                    writes[level[i]].insert(i);
+                    loads.push(i);
+                    continue;
+                }
+                for j in k.body[i].operands() {
+                    need[j] = true;
+                }
+            }
+            loads.sort_unstable();
+            passes.push(pass(k, p == last, &outs, &need, &loads, &reduction, std::mem::take(&mut makes[p]))?);
+        }
+        passes.reverse();
+        Ok(Plan { passes, reductions: count, values: n, len })
     }
 }
 
-/// The elementwise kernel that computes values `outs` of `k`, reading the
-/// reductions it depends on as per-row inputs.
+/// The elementwise kernel of one pass: values `outs` of `k` from the values
+/// marked in `need`, with the reductions it needs as per-row inputs and
+/// `loads` read from the block's arrays.
 fn pass(
     k: &Kernel,
-    outs: &[usize],
-    makes: Vec<(usize, ReduceOp)>,
-    reduction: &[Option<usize>],
     last: bool,
+    outs: &[usize],
+    need: &[bool],
+    loads: &[usize],
+    reduction: &[Option<usize>],
+    makes: Vec<(usize, ReduceOp, usize)>,
 ) -> Result<Pass, String> {
-    // The values needed: the closure of `outs` over operands, stopping at reductions.
-    let mut need = vec![false; k.body.len()];
-    for &o in outs {
-        need[o] = true;
-    }
-    for i in (0..k.body.len()).rev() {
-        if need[i] && !matches!(k.body[i], Expr::Reduce { .. }) {
-            for j in k.body[i].operands() {
-                need[j] = true;
-            }
-        }
-    }
-    let reads: Vec<usize> = (0..k.body.len()).filter(|&i| need[i]).filter_map(|i| reduction[i]).collect();
-    let mut map = vec![usize::MAX; k.body.len()];
+    let n = k.body.len();
+    let reads: Vec<usize> = (0..n).filter(|&i| need[i]).filter_map(|i| reduction[i]).collect();
+    let mut map = vec![usize::MAX; n];
     let mut body = Vec::new();
-    for i in (0..k.body.len()).filter(|&i| need[i]) {
-        let e = match k.body[i] {
-            Expr::Reduce { .. } => {
-                let r = reduction[i].expect("numbered");
-                let at = reads.iter().position(|&x| x == r).expect("read");
-                Expr::Load { arg: k.inputs + at }
-            }
-            ref other => renumber(other, &map),
+    for i in (0..n).filter(|&i| need[i]) {
+        let e = if let Some(at) = loads.iter().position(|&v| v == i) {
+            Expr::Load { arg: k.inputs + reads.len() + at }
+        } else if let Some(r) = reduction[i] {
+            Expr::Load { arg: k.inputs + reads.iter().position(|&x| x == r).expect("read") }
+        } else {
+            renumber(&k.body[i], &map)
         };
         body.push(e);
         map[i] = body.len() - 1;
     }
-    let inputs = k.inputs + reads.len();
+    let inputs = k.inputs + reads.len() + loads.len();
     let outer = &k.dims[..k.dims.len() - 1];
     // A per-row scalar: contiguous over the outer dims, broadcast along the row.
     let mut per_row = vec![0u64; k.dims.len()];
@@ -130,7 +159,7 @@ fn pass(
         per_row[d] = s;
         s *= outer[d].size;
     }
-    // A scratch array: every position in row-major order.
+    // A block's array: every position in row-major order.
     let mut dense = vec![0u64; k.dims.len()];
     let mut s = 1;
     for d in (0..k.dims.len()).rev() {
@@ -139,6 +168,7 @@ fn pass(
     }
     let mut strides: Vec<Vec<u64>> = k.strides[..k.inputs].to_vec();
     strides.extend(std::iter::repeat_n(per_row, reads.len()));
+    strides.extend(std::iter::repeat_n(dense.clone(), loads.len()));
     let stores: Vec<(usize, usize)> = if last {
         strides.extend(k.strides[k.inputs..].iter().cloned());
         k.stores.iter().map(|&(a, v)| (a - k.inputs + inputs, map[v])).collect()
@@ -149,7 +179,8 @@ fn pass(
     let kernel = Kernel { dims: k.dims.clone(), inputs, strides, body, stores, ops: k.ops.clone(), rows: None };
     kernel.check().map_err(|e| format!("a row kernel's pass: {e}"))?;
     let nest = Nest::of(&kernel);
-    Ok(Pass { kernel, nest, reads, makes })
+    let writes = if last { Vec::new() } else { outs.to_vec() };
+    Ok(Pass { kernel, nest, reads, loads: loads.to_vec(), writes, makes })
 }
 
 /// `e` with its operands renumbered by `map`.

@@ -575,11 +575,12 @@ pub fn norm_grad_x<T: Real>(
 /// gradient `gr` and the gain (`n`: the row's length as a value).
 pub(crate) fn norm_grad_x_row<T: Real>(xr: &[T], gr: &[T], gain: &[T], n: T, eps: f64, rms: bool, o: &mut [T]) {
     let (mean, inv) = norm_stats(xr, eps, rms);
-    // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)).
+    // With x̂ = (x − mean)·inv and d = g·gain: dx = inv·(d − mean(d) − x̂·mean(d·x̂)),
+    // mean(d·x̂) taken as inv·Σ d·(x − mean) / n (one sweep fewer in a fused kernel).
     // The sums in `fast::sum`'s order (as a fused kernel's row sums).
     let len = xr.len().min(gr.len()).min(gain.len());
     let m1 = if rms { T::zero() } else { super::fast::sum_by(len, |k| gr[k] * gain[k]) / n };
-    let m2 = super::fast::sum_by(len, |k| gr[k] * gain[k] * (xr[k] - mean) * inv) / n;
+    let m2 = super::fast::sum_by(len, |k| gr[k] * gain[k] * (xr[k] - mean)) * inv / n;
     for (((o, x), g), w) in o.iter_mut().zip(xr).zip(gr).zip(gain) {
         *o = inv * (*g * *w - m1 - (*x - mean) * inv * m2);
     }
