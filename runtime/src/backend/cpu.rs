@@ -189,19 +189,11 @@ impl Cpu {
 
     /// A buffer's bytes.
     fn bytes(&self, b: &Buffer) -> &[u8] {
-        let words = &self.regions[region_index(b.region)];
-        let (at, n) = (b.offset as usize, b.ty.bytes() as usize);
-        assert!(at + n <= words.len() * 4, "buffer {} outside its region", b.ty);
-        // SAFETY: the bytes lie inside the region's words (checked); any bytes are valid u8.
-        unsafe { std::slice::from_raw_parts((words.as_ptr() as *const u8).add(at), n) }
+        region_bytes(&self.regions[region_index(b.region)], b)
     }
 
     fn bytes_mut(&mut self, b: &Buffer) -> &mut [u8] {
-        let words = &mut self.regions[region_index(b.region)];
-        let (at, n) = (b.offset as usize, b.ty.bytes() as usize);
-        assert!(at + n <= words.len() * 4, "buffer {} outside its region", b.ty);
-        // SAFETY: as `bytes`, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut((words.as_mut_ptr() as *mut u8).add(at), n) }
+        region_bytes_mut(&mut self.regions[region_index(b.region)], b)
     }
 
     /// A buffer's elements as f32 values.
@@ -983,9 +975,29 @@ impl Backend for Cpu {
         if (arena.len() as u64) < top / 4 {
             arena.resize((top / 4) as usize, 0.0);
         }
+        // Outputs the instruction writes whole need no widening: only what it reads.
+        let reads_outputs = match &ins.kind {
+            Kind::Op { accumulate, rows, .. } => *accumulate || *rows,
+            Kind::Kernel { kernel } => kernel.rows.is_some(),
+            Kind::Accumulate | Kind::Scale { .. } | Kind::Collective { .. } => true,
+            _ => false,
+        };
         for (b, shadow) in &shadows {
-            let values = self.read(p.buffer(*b));
-            self.slice_mut(shadow).copy_from_slice(&values);
+            if !reads_outputs && !ins.ins.contains(b) {
+                continue;
+            }
+            let src = p.buffer(*b);
+            let r = region_index(src.region);
+            let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
+            if src.region == Region::Arena {
+                // The source lies below the shadows.
+                let (low, high) = self.regions[r].split_at_mut(at);
+                let words: &[f32] = low;
+                decode(src.ty.dtype, region_bytes(words, src), &mut high[..n]);
+            } else {
+                let bytes = self.bytes(src).to_vec();
+                decode(src.ty.dtype, &bytes, &mut self.regions[region_index(Region::Arena)][at..at + n]);
+            }
         }
         let resolve = |b: &BufId| -> &Buffer {
             shadows.iter().find(|(s, _)| s == b).map(|(_, sh)| sh).unwrap_or_else(|| p.buffer(*b))
@@ -994,12 +1006,34 @@ impl Backend for Cpu {
         // Encode the outputs back.
         for b in &ins.outs {
             if let Some((_, shadow)) = shadows.iter().find(|(s, _)| s == b) {
-                let values = self.slice(shadow).to_vec();
-                self.write(p.buffer(*b), &values);
+                let dst = p.buffer(*b);
+                let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
+                if dst.region == Region::Arena {
+                    let (low, high) = self.regions[region_index(Region::Arena)].split_at_mut(at);
+                    encode(dst.ty.dtype, &high[..n], region_bytes_mut(low, dst));
+                } else {
+                    let values = self.slice(shadow).to_vec();
+                    self.write(dst, &values);
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Buffer `b`'s bytes within its region's `words`.
+fn region_bytes<'a>(words: &'a [f32], b: &Buffer) -> &'a [u8] {
+    let (at, n) = (b.offset as usize, b.ty.bytes() as usize);
+    assert!(at + n <= words.len() * 4, "buffer {} outside its region", b.ty);
+    // SAFETY: the bytes lie inside the words (checked); any bytes are valid u8.
+    unsafe { std::slice::from_raw_parts((words.as_ptr() as *const u8).add(at), n) }
+}
+
+fn region_bytes_mut<'a>(words: &'a mut [f32], b: &Buffer) -> &'a mut [u8] {
+    let (at, n) = (b.offset as usize, b.ty.bytes() as usize);
+    assert!(at + n <= words.len() * 4, "buffer {} outside its region", b.ty);
+    // SAFETY: as `region_bytes`, borrowed mutably.
+    unsafe { std::slice::from_raw_parts_mut((words.as_mut_ptr() as *mut u8).add(at), n) }
 }
 
 /// Elements of `dtype` (little-endian bytes) → f32 values: exact for
@@ -1012,7 +1046,8 @@ fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
     match dtype {
         DType::F32 => each(bytes, out, f32::from_le_bytes),
-        DType::Bf16 => each(bytes, out, |c| bf16::from_bits(u16::from_le_bytes(c)).to_f32()),
+        // bf16 is f32's upper half: widening is a shift.
+        DType::Bf16 => each(bytes, out, |c| f32::from_bits(u32::from(u16::from_le_bytes(c)) << 16)),
         DType::F16 => each(bytes, out, |c| half::f16::from_bits(u16::from_le_bytes(c)).to_f32()),
         DType::I32 => each(bytes, out, |c| i32::from_le_bytes(c) as f32),
         DType::I64 => each(bytes, out, |c| i64::from_le_bytes(c) as f32),
