@@ -576,6 +576,64 @@ impl Cpu {
 }
 
 impl Cpu {
+    /// Attention's output written straight into its buffer (no result
+    /// tensor to copy); `None` where a buffer is not f32 or the output
+    /// shares bytes with an operand.
+    fn attention_into(&mut self, op: &Op, ins: &[&Buffer], out: &Buffer, rng: Option<u64>, seed: u64) -> Option<()> {
+        if !in_regions(out) || ins.iter().any(|b| !in_regions(b) || !disjoint(b, out)) {
+            return None;
+        }
+        let bases = self.bases();
+        // SAFETY: the output shares no bytes with an operand (checked), and nothing else runs.
+        let views: Vec<View<'_, f32>> =
+            ins.iter().map(|b| View { dims: &b.ty.dims, data: unsafe { elems(&bases, b) } }).collect();
+        let o = unsafe { elems_mut(&bases, out) };
+        // The op's random stream is its node's index, as in the interpreter.
+        Attn::of(op, &views, Some(seed), rng.unwrap_or(0) as usize)?.forward_into(o);
+        Some(())
+    }
+
+    /// Attention's dq, dk and dv written straight into their buffers (a
+    /// gradient the instruction does not name goes to scratch); `None`
+    /// where it names another gradient (the T5 table's), a buffer is not
+    /// f32, or two buffers share bytes.
+    fn attention_grads_into(
+        &mut self,
+        op: &Op,
+        forward: usize,
+        which: &[u8],
+        ins: &[&Buffer],
+        outs: &[&Buffer],
+        seed: u64,
+    ) -> Option<Result<(), String>> {
+        let apart = outs.iter().enumerate().all(|(i, o)| {
+            ins.iter().all(|b| disjoint(b, o)) && outs[..i].iter().all(|p| disjoint(p, o)) && in_regions(o)
+        });
+        if which.iter().any(|&w| w > 2) || !apart || ins.len() < 4 || ins.iter().any(|b| !in_regions(b)) {
+            return None;
+        }
+        let bases = self.bases();
+        // SAFETY: no output shares bytes with an operand or another output (checked).
+        let views: Vec<View<'_, f32>> =
+            ins.iter().map(|b| View { dims: &b.ty.dims, data: unsafe { elems(&bases, b) } }).collect();
+        let at = Attn::of(op, &views, Some(seed), forward)?;
+        let mut scratch: [Vec<f32>; 3] = Default::default();
+        let mut grads: [Option<&mut [f32]>; 3] = [None, None, None];
+        for (&w, o) in which.iter().zip(outs) {
+            grads[w as usize] = Some(unsafe { elems_mut(&bases, o) });
+        }
+        for (k, (g, s)) in grads.iter_mut().zip(scratch.iter_mut()).enumerate() {
+            if g.is_none() {
+                *s = vec![0f32; ins[k].ty.numel() as usize];
+            }
+        }
+        let [s0, s1, s2] = &mut scratch;
+        let [g0, g1, g2] = grads;
+        let (dq, dk, dv) = (g0.unwrap_or(s0), g1.unwrap_or(s1), g2.unwrap_or(s2));
+        at.backward_into(views[views.len() - 1], dq, dk, dv);
+        Some(Ok(()))
+    }
+
     /// Filled-slot counts, held as f32 values.
     fn counts(&self, b: &Buffer) -> Vec<usize> {
         self.slice(b).iter().map(|&c| c as usize).collect()
@@ -851,12 +909,13 @@ impl Cpu {
         Some(Ok(()))
     }
 
-    /// MoE dispatch and combine's gradient written straight into their
-    /// slot-shaped output (no result tensor copied in): false for other ops,
-    /// or where an operand shares the output's bytes.
+    /// MoE dispatch, combine and their gradients to the tokens and the
+    /// expert outputs written straight into their output (no result tensor
+    /// copied in): false for other ops, or where an operand shares the
+    /// output's bytes.
     fn slots_into(&mut self, op: &Op, ins: &[&Buffer], out: &Buffer) -> bool {
         use crate::exec::moe;
-        if !matches!(op, Op::Dispatch | Op::CombineGradY)
+        if !matches!(op, Op::Dispatch | Op::CombineGradY | Op::Combine | Op::DispatchGrad)
             || !in_regions(out)
             || !ins.iter().all(|b| in_regions(b) && disjoint(b, out))
         {
@@ -870,6 +929,8 @@ impl Cpu {
         let o = unsafe { elems_mut(&bases, out) };
         match op {
             Op::Dispatch => moe::dispatch_into(gates, x, &out.ty.dims, o),
+            Op::Combine => moe::combine_into(gates, x, o),
+            Op::DispatchGrad => moe::dispatch_grad_into(gates, x, o),
             _ => moe::combine_grad_y_into(gates, x, &out.ty.dims, o),
         }
         true
@@ -1096,6 +1157,13 @@ impl Cpu {
                 rows: false,
                 ..
             } if self.norms(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0])).is_some() => Ok(()),
+            Kind::Op { op: op @ Op::Attention { .. }, rng, accumulate: false, rows: false }
+                if self
+                    .attention_into(op, &ins.ins.iter().map(buf).collect::<Vec<_>>(), buf(&ins.outs[0]), *rng, seed)
+                    .is_some() =>
+            {
+                Ok(())
+            }
             Kind::Op {
                 op:
                     op @ (Op::Dispatch
@@ -1177,6 +1245,11 @@ impl Cpu {
                 let Op::AttentionGrad { forward, .. } = op else {
                     return Err("attention_grads names an op that is not attention_grad".into());
                 };
+                let (inb, outb): (Vec<&Buffer>, Vec<&Buffer>) =
+                    (ins.ins.iter().map(buf).collect(), ins.outs.iter().map(buf).collect());
+                if let Some(done) = self.attention_grads_into(op, forward.index(), which, &inb, &outb, seed) {
+                    return done;
+                }
                 // Every gradient from one pass over the operands where they lie.
                 let grads = {
                     let views = self.views(ins.ins.iter().map(buf));

@@ -325,11 +325,18 @@ impl<T: Real> Attn<'_, T> {
     }
 
     pub fn forward(&self, out_dims: &[Dim]) -> Tensor<T> {
+        let mut out: Tensor<T> = Tensor::zeros(out_dims);
+        self.forward_into(&mut out.data);
+        out
+    }
+
+    /// [`Attn::forward`] into `out` (the output's elements, row-major).
+    pub fn forward_into(&self, out: &mut [T]) {
         let s = self.shape();
         let mi = self.mask_index();
         let buckets = self.t5_buckets(&s);
-        let mut out: Tensor<T> = Tensor::zeros(out_dims);
-        let dst = Shared(out.data.as_mut_ptr());
+        out.fill(T::zero());
+        let dst = Shared(out.as_mut_ptr());
         let group = (s.hq / s.hk).max(1);
         self.parallel(&s, |l, hk| {
             let mut p = vec![T::zero(); BLOCK.min(s.sq) * s.sk];
@@ -358,11 +365,21 @@ impl<T: Real> Attn<'_, T> {
                 }
             }
         });
-        out
     }
 
     /// The gradients with respect to q, k and v (and the T5 table), in one pass.
     pub fn backward(&self, g: View<'_, T>) -> Vec<Tensor<T>> {
+        let mut dq: Tensor<T> = Tensor::zeros(self.q.dims);
+        let mut dk: Tensor<T> = Tensor::zeros(self.k.dims);
+        let mut dv: Tensor<T> = Tensor::zeros(self.v.dims);
+        let extra = self.backward_into(g, &mut dq.data, &mut dk.data, &mut dv.data);
+        [dq, dk, dv].into_iter().chain(extra).collect()
+    }
+
+    /// [`Attn::backward`] with dq, dk and dv written into the slices given
+    /// (each its operand's elements, row-major); returns the other
+    /// gradients (the T5 table, Transformer-XL's terms).
+    pub fn backward_into(&self, g: View<'_, T>, dq: &mut [T], dk: &mut [T], dv: &mut [T]) -> Vec<Tensor<T>> {
         let s = self.shape();
         let mi = self.mask_index();
         let buckets = self.t5_buckets(&s);
@@ -375,10 +392,14 @@ impl<T: Real> Attn<'_, T> {
         let xl_acc = std::sync::Mutex::new(xl_zeros());
         let scale = T::one() / T::from(s.d).unwrap_or_else(T::one).sqrt();
         let group = (s.hq / s.hk).max(1);
-        let mut dq: Tensor<T> = Tensor::zeros(self.q.dims);
-        let mut dk: Tensor<T> = Tensor::zeros(self.k.dims);
-        let mut dv: Tensor<T> = Tensor::zeros(self.v.dims);
-        let (pq, pk, pv) = (Shared(dq.data.as_mut_ptr()), Shared(dk.data.as_mut_ptr()), Shared(dv.data.as_mut_ptr()));
+        assert!(
+            dq.len() == self.q.numel() && dk.len() == self.k.numel() && dv.len() == self.v.numel(),
+            "attention gradients of their operands' sizes"
+        );
+        for d in [&mut *dq, &mut *dk, &mut *dv] {
+            d.fill(T::zero());
+        }
+        let (pq, pk, pv) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
         self.parallel(&s, |l, hk| {
             let mut local = self.t5.map(|(t, _)| vec![T::zero(); t.numel()]);
             let mut xl_local = xl_zeros();
@@ -538,7 +559,7 @@ impl<T: Real> Attn<'_, T> {
                 }
             }
         });
-        let mut out = vec![dq, dk, dv];
+        let mut out = Vec::new();
         if let (Some(data), Some((table, _))) = (dtable.into_inner().unwrap_or_else(|e| e.into_inner()), self.t5) {
             let inv = T::one() / scale;
             out.push(Tensor { dims: table.dims.to_vec(), data: data.into_iter().map(|v| v * inv).collect() });

@@ -124,36 +124,48 @@ pub fn dispatch_into<T: Real>(gates: View<'_, T>, x: View<'_, T>, out: &[Dim], y
 
 /// d tokens of dispatch: each token sums its slots' gradients.
 pub fn dispatch_grad<T: Real>(gates: View<'_, T>, g: View<'_, T>, out: &[Dim]) -> Tensor<T> {
+    let mut dx = Tensor::zeros(out);
+    dispatch_grad_into(gates, g, &mut dx.data);
+    dx
+}
+
+/// [`dispatch_grad`] into `dx` (zeroed first), a backend's own buffer.
+pub fn dispatch_grad_into<T: Real>(gates: View<'_, T>, g: View<'_, T>, dx: &mut [T]) {
     let cap = g.dims[1].size as usize;
     let width: usize = g.dims[2..].iter().map(|d| d.size as usize).product();
-    let mut dx = Tensor::zeros(out);
+    dx.fill(T::zero());
     for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let src = (ex * cap + s) * width;
             for j in 0..width {
-                dx.data[tok * width + j] += g.data[src + j];
+                dx[tok * width + j] += g.data[src + j];
             }
         }
     }
-    dx
 }
 
 /// `[expert, slot, d...]` → `[tokens..., d...]`, weighted by the gates.
 pub fn combine<T: Real>(gates: View<'_, T>, y: View<'_, T>, out: &[Dim]) -> Tensor<T> {
+    let mut o = Tensor::zeros(out);
+    combine_into(gates, y, &mut o.data);
+    o
+}
+
+/// [`combine`] into `o` (zeroed first), a backend's own buffer.
+pub fn combine_into<T: Real>(gates: View<'_, T>, y: View<'_, T>, o: &mut [T]) {
     let (_, e) = rows(gates);
     let cap = y.dims[1].size as usize;
     let width: usize = y.dims[2..].iter().map(|d| d.size as usize).product();
-    let mut o = Tensor::zeros(out);
+    o.fill(T::zero());
     for (tok, pairs) in cached_slots(gates, cap).iter().enumerate() {
         for &(ex, s) in pairs {
             let w = gates.data[tok * e + ex];
             let src = (ex * cap + s) * width;
             for j in 0..width {
-                o.data[tok * width + j] += w * y.data[src + j];
+                o[tok * width + j] += w * y.data[src + j];
             }
         }
     }
-    o
 }
 
 /// d expert outputs of combine.
