@@ -400,6 +400,13 @@ impl Emit<'_, '_> {
     fn stage_loop(&mut self, s: usize, c: Value, n: Value) {
         let mut j = self.b.ins().iconst(types::I64, 0);
         if self.inner.iter().all(|&st| st <= 1) {
+            // Eight positions per iteration (two vectors, independent), then four.
+            let eights = self.b.ins().band_imm_s(n, !7i64);
+            j = self.counted(j, eights, 8, |e, j| {
+                e.positions(s, c, j, true);
+                let j4 = e.b.ins().iadd_imm_s(j, 4);
+                e.positions(s, c, j4, true);
+            });
             let whole = self.b.ins().band_imm_s(n, !3i64);
             j = self.counted(j, whole, 4, |e, j| e.positions(s, c, j, true));
         }
