@@ -46,6 +46,10 @@ pub const DP2: &[&str] = &["parallel.mesh.data=2", "parallel.layout.batch=data"]
 pub const TP2: &[&str] = &["parallel.mesh.tensor=2", "parallel.layout.heads=tensor", "parallel.layout.mlp=tensor"];
 pub const PP2: &[&str] =
     &["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.microbatches=4"];
+/// GPT-2 (`specs/models/gpt2-small.spec`: dropout, bf16 as it ships) cut to a test's size.
+pub const GPT2: &str = "specs/models/gpt2-small.spec";
+pub const GPT2_TINY: &[&str] =
+    &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"];
 
 /// Two override lists, one after the other.
 pub fn with(a: &[&'static str], b: &[&'static str]) -> Vec<&'static str> {

@@ -11,7 +11,7 @@ use tessera::compiler::lower::text::{parse, print};
 use tessera::compiler::lower::verify::verify;
 use tessera::compiler::lower::{BufId, Kind, Program, Region};
 
-use common::{DP2, GPT, MOE, PP2, TP2, with};
+use common::{DP2, GPT, GPT2, GPT2_TINY, MOE, PP2, TP2, with};
 
 /// The layouts lowered here: every kind of step the sharding pass writes.
 fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {
@@ -44,17 +44,7 @@ fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {
         (GPT, with(PP2, &["parallel.pipeline.schedule=1f1b", "train.precision=bf16"])),
         (MOE, vec!["parallel.mesh.data=2", "train.precision=bf16"]),
         // Dropout, fused into kernels with its random stream.
-        (
-            "specs/models/gpt2-small.spec",
-            vec![
-                "dims.layers=1",
-                "dims.seq=16",
-                "dims.embed=32",
-                "dims.heads=2",
-                "train.batch=4",
-                "train.micro_batch=2",
-            ],
-        ),
+        (GPT2, GPT2_TINY.to_vec()),
     ]
 }
 

@@ -13,7 +13,7 @@ use tessera::runtime::train::data::Split;
 use tessera::runtime::train::ranks::{Ranks, Start};
 use tessera::runtime::train::{RunConfig, Trainer, optim, reference};
 
-use common::{DP2, GPT, MOE, TP2, with};
+use common::{DP2, GPT, GPT2, GPT2_TINY, MOE, TP2, with};
 /// Small enough that a layout runs in seconds in a debug build.
 const SMALL: &[&str] = &["dims.seq=16", "dims.embed=32", "train.batch=4"];
 
@@ -112,19 +112,8 @@ fn single_device_programs_match_the_reference_step() {
     );
     compare(MOE, &["parallel.mesh.data=1"]);
     // Dropout: the masks come from (seed, the instruction's random stream), as the reference's do.
-    compare(
-        "specs/models/gpt2-small.spec",
-        // (In f32: the reference step computes in f32; bf16 is checked against its own runs.)
-        &[
-            "dims.layers=1",
-            "dims.seq=16",
-            "dims.embed=32",
-            "dims.heads=2",
-            "train.batch=4",
-            "train.micro_batch=2",
-            "train.precision=fp32",
-        ],
-    );
+    // (In f32: the reference step computes in f32; bf16 is checked against its own runs.)
+    compare(GPT2, &with(GPT2_TINY, &["train.precision=fp32"]));
 }
 
 /// Fusion changes no result, and neither does the engine that runs the
@@ -141,10 +130,8 @@ fn single_device_programs_match_the_reference_step() {
 fn fusion_and_the_kernel_engine_change_no_result() {
     use tessera::compiler::driver::{Passes, compile_with};
     use tessera::runtime::train::Engine;
-    let gpt2: &[&str] =
-        &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"];
     for (spec, sets) in [
-        ("specs/models/gpt2-small.spec", with(&with(gpt2, DP2), &["parallel.zero=2"])),
+        (GPT2, with(&with(GPT2_TINY, DP2), &["parallel.zero=2"])),
         (GPT, with(&with(SMALL, TP2), &["parallel.sequence_parallel=true"])),
         // SGD's update fuses from plain elementwise ops (AdamW's from its decomposed moments and step).
         (GPT, with(SMALL, &["train.optimizer=sgd(lr = 0.1, momentum = 0.9, weight_decay = 0.01, nesterov = true)"])),
@@ -203,11 +190,9 @@ fn fusion_and_the_kernel_engine_change_no_result() {
 #[test]
 fn evaluation_programs_match_the_reference_forward_pass() {
     use tessera::runtime::exec::Interpreter;
-    let gpt2: &[&str] =
-        &["dims.layers=1", "dims.seq=16", "dims.embed=32", "dims.heads=2", "train.batch=4", "train.micro_batch=2"];
     for (spec, sets) in [
         // (GPT-2 trains in bf16 as it ships; the reference evaluator computes in f32.)
-        ("specs/models/gpt2-small.spec", with(gpt2, &["train.precision=fp32"])),
+        (GPT2, with(GPT2_TINY, &["train.precision=fp32"])),
         (MOE, vec!["parallel.mesh.data=1"]),
         (GPT, with(&with(SMALL, TP2), &["parallel.sequence_parallel=true"])),
     ] {

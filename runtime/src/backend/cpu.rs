@@ -1717,22 +1717,30 @@ mod tests {
         assert!(cpu.take_blocks(&Op::Take { dim: "qkv".into(), index: 0 }, &[&whole], &other).is_none());
     }
 
+    /// The buffers of a norm case over `r` rows of `e`: x, gain, bias, an
+    /// output gradient g and an output, one after another in the arena, with
+    /// their values (x, gain, bias, g) and the arena's size.
+    fn norm_case(r: u64, e: u64) -> ([Buffer; 5], [Vec<f32>; 4], u64) {
+        let n = r * e;
+        let bufs = [
+            buf(&[("row", r), ("e", e)], 0),
+            buf(&[("e", e)], 4 * n),
+            buf(&[("e", e)], 4 * (n + e)),
+            buf(&[("row", r), ("e", e)], 4 * (n + 2 * e)),
+            buf(&[("row", r), ("e", e)], 4 * (2 * n + 2 * e)),
+        ];
+        let data = |k: f32, m: u64| -> Vec<f32> { (0..m).map(|i| (i as f32 * k).sin() * 3.0 + 0.1).collect() };
+        (bufs, [data(0.37, n), data(0.11, e), data(0.23, e), data(0.71, n)], 4 * (3 * n + 2 * e))
+    }
+
     /// Norms and their input gradient on the regions give the interpreter's
     /// kernels' results bit for bit, in place too; a norm over a dim that is
     /// not last is left to the interpreter.
     #[test]
     fn norms_on_the_regions_match_the_interpreter() {
-        let (r, e) = (7u64, 48u64);
-        let n = r * e;
-        let x = buf(&[("row", r), ("e", e)], 0);
-        let gain = buf(&[("e", e)], 4 * n);
-        let bias = buf(&[("e", e)], 4 * (n + e));
-        let g = buf(&[("row", r), ("e", e)], 4 * (n + 2 * e));
-        let out = buf(&[("row", r), ("e", e)], 4 * (2 * n + 2 * e));
+        let ([x, gain, bias, g, out], [xs, ws, bs, gs], size) = norm_case(7, 48);
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, 4 * (3 * n + 2 * e)]).unwrap();
-        let data = |k: f32, m: u64| -> Vec<f32> { (0..m).map(|i| (i as f32 * k).sin() + 0.1).collect() };
-        let (xs, ws, bs, gs) = (data(0.37, n), data(0.11, e), data(0.23, e), data(0.71, n));
+        cpu.alloc([0, 0, 0, 0, size]).unwrap();
         for (b, d) in [(&x, &xs), (&gain, &ws), (&bias, &bs), (&g, &gs)] {
             cpu.upload(b, d).unwrap();
         }
@@ -1778,14 +1786,7 @@ mod tests {
         use crate::exec::kernels as k;
         use tessera_compiler::kernel::{Kernel, expand};
         for (r, e) in [(700u64, 13u64), (5, 64), (3, 1)] {
-            let n = r * e;
-            let x = buf(&[("row", r), ("e", e)], 0);
-            let gain = buf(&[("e", e)], 4 * n);
-            let bias = buf(&[("e", e)], 4 * (n + e));
-            let g = buf(&[("row", r), ("e", e)], 4 * (n + 2 * e));
-            let out = buf(&[("row", r), ("e", e)], 4 * (2 * n + 2 * e));
-            let data = |f: f32, m: u64| -> Vec<f32> { (0..m).map(|i| (i as f32 * f).sin() * 3.0 + 0.1).collect() };
-            let (xs, ws, bs, gs) = (data(0.37, n), data(0.11, e), data(0.23, e), data(0.71, n));
+            let ([x, gain, bias, g, out], [xs, ws, bs, gs], size) = norm_case(r, e);
             let t = |b: &Buffer, d: &[f32]| Tensor { dims: b.ty.dims.clone(), data: d.to_vec() };
             let (tx, tw, tb, tg) = (t(&x, &xs), t(&gain, &ws), t(&bias, &bs), t(&g, &gs));
             let twice = |v: Vec<f32>| v.into_iter().map(|y| y * 2.0).collect::<Vec<f32>>();
@@ -1832,7 +1833,7 @@ mod tests {
                     };
                     assert!(kern.is_row());
                     let mut cpu = Cpu::with_engine(engine);
-                    cpu.alloc([0, 0, 0, 0, 4 * (3 * n + 2 * e)]).unwrap();
+                    cpu.alloc([0, 0, 0, 0, size]).unwrap();
                     for (b, d) in [(&x, &xs), (&gain, &ws), (&bias, &bs), (&g, &gs)] {
                         cpu.upload(b, d).unwrap();
                     }
