@@ -15,7 +15,10 @@
 //! y = d·inv (·gain) (+ bias); `rms_norm` the same with mean 0;
 //! `norm_grad_x`: with w = g·gain, x̂ = (x − mean)·inv,
 //! dx = inv·((w − Σw / n) − x̂·(Σ(w·(x − mean))·inv / n)), the last sum in
-//! the same sweep as Σ(x − mean)².
+//! the same sweep as Σ(x − mean)²; `softmax`: m = max x, e = exp(x − m),
+//! y = e·(1 / Σe), log-softmax y = x − (m + ln Σe); `softmax_grad` (from y
+//! and g): y·(g − Σg·y), log: g − exp(y)·Σg (`exec::kernels::softmax`,
+//! `softmax_grad`, with the elementwise ops' exp and ln).
 
 use super::Expr;
 use crate::ir::{BinaryOp, DType, Op, UnaryOp};
@@ -32,7 +35,11 @@ pub fn decomposes(op: &Op) -> bool {
 /// The dim a row op reduces over, which its kernel must have innermost.
 pub fn row_dim(op: &Op) -> Option<&str> {
     match op {
-        Op::LayerNorm { dim, .. } | Op::RmsNorm { dim, .. } | Op::NormGradX { dim, .. } => Some(dim),
+        Op::LayerNorm { dim, .. }
+        | Op::RmsNorm { dim, .. }
+        | Op::NormGradX { dim, .. }
+        | Op::Softmax { dim, .. }
+        | Op::SoftmaxGrad { dim, .. } => Some(dim),
         _ => None,
     }
 }
@@ -99,6 +106,37 @@ pub fn expand(op: &Op, x: &[usize], rng: Option<u64>, row: u64, body: &mut Vec<E
             let proj = push(bin(BinaryOp::Mul, xhat, m2));
             let inner = push(bin(BinaryOp::Sub, centred, proj));
             push(bin(BinaryOp::Mul, inv, inner))
+        }
+        Op::Softmax { log, .. } => {
+            let bin = |op, a, b| Expr::Binary { op, a, b };
+            let m = push(Expr::Reduce { x: x[0], op: crate::ir::ReduceOp::Max });
+            let d = push(bin(BinaryOp::Sub, x[0], m));
+            let e = push(Expr::Unary { op: UnaryOp::Exp, x: d });
+            let s = push(Expr::Reduce { x: e, op: crate::ir::ReduceOp::Sum });
+            if *log {
+                let l = push(Expr::Unary { op: UnaryOp::Log, x: s });
+                let lse = push(bin(BinaryOp::Add, m, l));
+                push(bin(BinaryOp::Sub, x[0], lse))
+            } else {
+                let one = push(Expr::Const { value: 1.0 });
+                let inv = push(bin(BinaryOp::Div, one, s));
+                push(bin(BinaryOp::Mul, e, inv))
+            }
+        }
+        Op::SoftmaxGrad { log, .. } => {
+            let bin = |op, a, b| Expr::Binary { op, a, b };
+            let (y, g) = (x[0], x[1]);
+            if *log {
+                let s = push(Expr::Reduce { x: g, op: crate::ir::ReduceOp::Sum });
+                let e = push(Expr::Unary { op: UnaryOp::Exp, x: y });
+                let es = push(bin(BinaryOp::Mul, e, s));
+                push(bin(BinaryOp::Sub, g, es))
+            } else {
+                let gy = push(bin(BinaryOp::Mul, g, y));
+                let s = push(Expr::Reduce { x: gy, op: crate::ir::ReduceOp::Sum });
+                let d = push(bin(BinaryOp::Sub, g, s));
+                push(bin(BinaryOp::Mul, y, d))
+            }
         }
         // A cast to a floating dtype: the value that dtype holds (f32 holds every kernel value).
         Op::Cast { dtype: DType::F32 } => x[0],

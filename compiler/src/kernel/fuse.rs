@@ -3,7 +3,8 @@
 //! A run is a sequence of consecutive instructions, each one IR op that is
 //! elementwise (unary, binary with broadcasting, pow, an activation's
 //! gradient, dropout and its gradient, a cast) or a row op (`layer_norm`,
-//! `rms_norm`, `norm_grad_x` over the innermost dim) over floating values
+//! `rms_norm`, `norm_grad_x`, `softmax`, `softmax_grad` over the innermost
+//! dim) over floating values
 //! of one and the same type, writing a fresh temporary, updating a persistent buffer in place
 //! (the optimizer's), or adding into its output (`accumulate`: a gradient
 //! summed from two paths, such as a tied embedding's, becomes `out + a + b`

@@ -7,7 +7,7 @@
 //! lacks), a straight-line body of scalar expressions in SSA form, row
 //! reductions over the innermost dim ([`Expr::Reduce`]), and strided
 //! stores. [`fuse`] groups runs of elementwise ops, the row ops (layer_norm,
-//! rms_norm and their input gradient) and the optimizer's update, each
+//! rms_norm, softmax and their gradients) and the optimizer's update, each
 //! decomposed into primitives by [`expand`], into kernels. Fusing them
 //! computes every element with the same operations in the same order as
 //! the ops' own kernels, row sums included (one fixed order, which the CPU

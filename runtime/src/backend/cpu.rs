@@ -1775,8 +1775,9 @@ mod tests {
         }
     }
 
-    /// The row ops as fused row kernels (`rows`): layer_norm, rms_norm and
-    /// norm_grad_x, each expanded by the compiler's one decomposition and
+    /// The row ops as fused row kernels (`rows`): layer_norm, rms_norm,
+    /// norm_grad_x, softmax and log-softmax and their gradients, each
+    /// expanded by the compiler's one decomposition and
     /// followed by an elementwise op, give the bits of the unfused row
     /// functions, under both engines, for rows whose length is not a
     /// multiple of 8 (the sums' tail) and enough rows to span several
@@ -1810,6 +1811,18 @@ mod tests {
                     Op::NormGradX { dim: "e".into(), eps: 1e-5, gain: false, rms: true },
                     vec![&x, &g],
                     k::norm_grad_x(&tx, None, &tg, "e", 1e-5, true).data,
+                ),
+                (Op::Softmax { dim: "e".into(), log: false }, vec![&x], k::softmax(&tx, "e", false).data),
+                (Op::Softmax { dim: "e".into(), log: true }, vec![&x], k::softmax(&tx, "e", true).data),
+                (
+                    Op::SoftmaxGrad { dim: "e".into(), log: false },
+                    vec![&x, &g],
+                    k::softmax_grad(&tx, &tg, "e", false).data,
+                ),
+                (
+                    Op::SoftmaxGrad { dim: "e".into(), log: true },
+                    vec![&x, &g],
+                    k::softmax_grad(&tx, &tg, "e", true).data,
                 ),
             ];
             for (op, ins, want) in cases {

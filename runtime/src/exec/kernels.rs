@@ -439,18 +439,27 @@ fn dim_last<'t, T: Real>(x: &'t Tensor<T>, dim: &str) -> std::borrow::Cow<'t, Te
     }
 }
 
+/// e^x and ln x as the elementwise ops compute them (in f64, rounded to
+/// T), so that a softmax fused into a kernel computes the same bits.
+fn exp_of<T: Real>(x: T) -> T {
+    r(unary_f(UnaryOp::Exp, x.to_f64().unwrap_or(f64::NAN)))
+}
+
+fn ln_of<T: Real>(x: T) -> T {
+    r(unary_f(UnaryOp::Log, x.to_f64().unwrap_or(f64::NAN)))
+}
+
+/// Softmax (or log-softmax) over `dim`: max, e^(x − max), their sum in
+/// `fast::sum`'s order, as a fused row kernel computes it.
 pub fn softmax<T: Real>(x: &Tensor<T>, dim: &str, log: bool) -> Tensor<T> {
     rows(x, dim, |row| {
         let max = super::fast::max(row);
         if log {
-            let mut sum = [T::zero(); 8];
-            for (k, v) in row.iter().enumerate() {
-                sum[k % 8] += (*v - max).exp_fast();
-            }
-            let lse = max + super::fast::sum(&sum).ln();
+            let sum = super::fast::sum_by(row.len(), |k| exp_of(row[k] - max));
+            let lse = max + ln_of(sum);
             row.iter_mut().for_each(|v| *v = *v - lse);
         } else {
-            row.iter_mut().for_each(|v| *v = (*v - max).exp_fast());
+            row.iter_mut().for_each(|v| *v = exp_of(*v - max));
             let inv = T::one() / super::fast::sum(row);
             row.iter_mut().for_each(|v| *v = *v * inv);
         }
@@ -463,13 +472,14 @@ pub fn softmax_grad<T: Real>(y: &Tensor<T>, g: &Tensor<T>, dim: &str, log: bool)
     let len = py.size(dim).max(1);
     let mut out = pg.data.clone();
     for ((o, yr), gr) in out.chunks_mut(len).zip(py.data.chunks(len)).zip(pg.data.chunks(len)) {
+        // The sums in `fast::sum`'s order, e^y as the elementwise op computes it (as a fused row kernel).
         if log {
-            let s = gr.iter().fold(T::zero(), |a, b| a + *b);
+            let s = super::fast::sum(gr);
             for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
-                *o = *g - y.exp() * s;
+                *o = *g - exp_of(*y) * s;
             }
         } else {
-            let s = gr.iter().zip(yr).fold(T::zero(), |a, (g, y)| a + *g * *y);
+            let s = super::fast::sum_by(len, |k| gr[k] * yr[k]);
             for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
                 *o = *y * (*g - s);
             }
