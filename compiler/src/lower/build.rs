@@ -219,13 +219,19 @@ impl<'a> Builder<'a> {
         self.push_buffer(ty, Region::Arena, 0, None, "")
     }
 
-    /// A view of `of`'s bytes from `offset` on, with type `ty` (a floating
-    /// view stores its elements as `of` does).
-    fn view(&mut self, of: BufId, mut ty: TensorType, offset: u64, name: &str) -> BufId {
-        let (region, dtype) = (self.buffers[of.index()].region, self.buffers[of.index()].ty.dtype);
+    /// `ty` as a view of `of` holds it: a floating view stores its elements
+    /// in the dtype `of` does.
+    fn viewed_as(&self, of: BufId, mut ty: TensorType) -> TensorType {
+        let dtype = self.buffers[of.index()].ty.dtype;
         if ty.dtype.is_float() && dtype.is_float() {
             ty.dtype = dtype;
         }
+        ty
+    }
+
+    /// A view of `of`'s bytes from `offset` on, with type `ty` ([`Builder::viewed_as`]).
+    fn view(&mut self, of: BufId, ty: TensorType, offset: u64, name: &str) -> BufId {
+        let (region, ty) = (self.buffers[of.index()].region, self.viewed_as(of, ty));
         self.viewed.insert(of);
         self.push_buffer(ty, region, offset, Some(of), name)
     }
@@ -274,10 +280,7 @@ impl<'a> Builder<'a> {
             .ok_or_else(|| format!("layer {l} of `{}` is not held here (held: {:?})", meta.path, meta.layers))?;
         let name = format!("{}[{l}]", self.buffers[of.index()].name);
         // The slice's bytes in the dtype `of` stores.
-        let mut ty = ty.clone();
-        if ty.dtype.is_float() {
-            ty.dtype = self.buffers[of.index()].ty.dtype;
-        }
+        let ty = self.viewed_as(of, ty.clone());
         let at = pos as u64 * ty.bytes();
         Ok(self.view(of, ty, at, &name))
     }

@@ -1048,17 +1048,8 @@ impl Backend for Cpu {
                 continue;
             }
             let src = p.buffer(*b);
-            let r = region_index(src.region);
-            let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
-            if src.region == Region::Arena {
-                // The source lies below the shadows.
-                let (low, high) = self.regions[r].split_at_mut(at);
-                let words: &[f32] = low;
-                decode(src.ty.dtype, region_bytes(words, src), &mut high[..n]);
-            } else {
-                let bytes = self.bytes(src).to_vec();
-                decode(src.ty.dtype, &bytes, &mut self.regions[region_index(Region::Arena)][at..at + n]);
-            }
+            let (words, shade) = shadow_split(&mut self.regions, src.region, shadow);
+            decode(src.ty.dtype, region_bytes(words, src), shade);
         }
         let resolve = |b: &BufId| -> &Buffer {
             shadows.iter().find(|(s, _)| s == b).map(|(_, sh)| sh).unwrap_or_else(|| p.buffer(*b))
@@ -1068,18 +1059,27 @@ impl Backend for Cpu {
         for b in &ins.outs {
             if let Some((_, shadow)) = shadows.iter().find(|(s, _)| s == b) {
                 let dst = p.buffer(*b);
-                let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
-                if dst.region == Region::Arena {
-                    let (low, high) = self.regions[region_index(Region::Arena)].split_at_mut(at);
-                    encode(dst.ty.dtype, &high[..n], region_bytes_mut(low, dst));
-                } else {
-                    let values = self.slice(shadow).to_vec();
-                    self.write(dst, &values);
-                }
+                let (words, shade) = shadow_split(&mut self.regions, dst.region, shadow);
+                encode(dst.ty.dtype, shade, region_bytes_mut(words, dst));
             }
         }
         Ok(())
     }
+}
+
+/// The words of `region` (of the arena: those below the shadows) and the
+/// elements of `shadow`, apart, so that a staged buffer is decoded into its
+/// shadow (or encoded back) with no copy in between.
+fn shadow_split<'r>(regions: &'r mut [Vec<f32>; 5], region: Region, shadow: &Buffer) -> (&'r mut [f32], &'r mut [f32]) {
+    let (a, r) = (region_index(Region::Arena), region_index(region));
+    let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
+    if r == a {
+        let (low, high) = regions[a].split_at_mut(at);
+        return (low, &mut high[..n]);
+    }
+    // The arena is the last region.
+    let (others, arena) = regions.split_at_mut(a);
+    (&mut others[r][..], &mut arena[0][at..at + n])
 }
 
 /// Buffer `b`'s bytes within its region's `words`.
