@@ -5,7 +5,7 @@
 //! rewrites the expected output of every file whose output changed.
 //!
 //! ```text
-//! // test: lower            check | autodiff | shard | schedule | plan | lower | eval | verify
+//! // test: lower            check | autodiff | shard | schedule | plan | lower | eval | window | decode | verify
 //! // spec: specs/tiny/gpt.spec
 //! // set: dims.layers=1
 //! // rank: 1
@@ -169,6 +169,16 @@ fn run(c: &Case) -> String {
             assert_eq!(back, p, "the output does not parse back to the program");
             t
         }
+        "window" | "decode" => {
+            let m = model(c);
+            let g =
+                tessera::compiler::driver::compile_generate(&m, Default::default()).unwrap_or_else(|e| panic!("{e}"));
+            let p = if c.test == "window" { g.window } else { g.step.unwrap_or_else(|why| panic!("no step: {why}")) };
+            let t = lower::text::print(&p);
+            let back = lower::text::parse(&t).unwrap_or_else(|e| panic!("the output does not parse: {e}"));
+            assert_eq!(back, p, "the output does not parse back to the program");
+            t
+        }
         "verify" => {
             let g = graph_input(c);
             match ir::verify(&g) {
@@ -222,7 +232,7 @@ fn filetests() {
         }
     }
     assert!(failed.is_empty(), "{}\n(UPDATE_EXPECT=1 rewrites the expected outputs)", failed.join("\n"));
-    for pass in ["check", "autodiff", "shard", "schedule", "plan", "lower", "verify"] {
+    for pass in ["check", "autodiff", "shard", "schedule", "plan", "lower", "eval", "window", "decode", "verify"] {
         assert!(tests.contains(pass), "no file test runs `{pass}`");
     }
 }

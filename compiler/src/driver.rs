@@ -69,6 +69,79 @@ pub fn compile_eval(m: &Model, backward: &Backward, passes: Passes) -> Result<Pr
     Ok(p)
 }
 
+/// The programs that generate from `m` on one device
+/// ([`lower::lower_generate`]), sharing one allocation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The forward pass over a whole window from position 0; it fills the KV cache.
+    pub window: Program,
+    /// One position at the run-time position `pos`, over the KV cache; `Err`
+    /// says why the model has none (generation then recomputes the window).
+    pub step: Result<Program, String>,
+}
+
+impl Generation {
+    /// Bytes of each region that runs both programs (the larger of the two).
+    pub fn sizes(&self) -> [u64; crate::lower::Region::COUNT] {
+        let mut s = self.window.sizes;
+        if let Ok(p) = &self.step {
+            s.iter_mut().zip(p.sizes).for_each(|(a, b)| *a = (*a).max(b));
+        }
+        s
+    }
+}
+
+/// [`Generation`] for `m` (checked for one sequence: `micro_batch = 1`),
+/// whatever its layout (the weights are the logical ones).
+pub fn compile_generate(m: &Model, passes: Passes) -> Result<Generation, PassError> {
+    use crate::lower::Region;
+    let mut one = m.clone();
+    one.parallel = crate::config::Parallel::default();
+    let logits = m.graph.output("logits").ok_or_else(|| {
+        fail("lowering")(format!("`{}` defines no `logits` to generate from; name the output logits", m.name))
+    })?;
+    let prog = RankProgram {
+        rank: 0,
+        coords: Vec::new(),
+        graph: m.graph.clone(),
+        loss: logits,
+        param_grads: Vec::new(),
+        params: m
+            .params
+            .iter()
+            .map(|p| parallel::ParamShard { local: p.clone(), splits: Vec::new(), held: true })
+            .collect(),
+        prologue: Vec::new(),
+        step: Vec::new(),
+        stage: None,
+        micro: 1,
+    };
+    let lowered = |chunk| -> Result<Program, String> {
+        let p = lower::lower_generate(&one, &prog, chunk, passes.fuse).map_err(|e| e.message)?;
+        if passes.verify {
+            lower::verify::verify(&p).map_err(|e| e.to_string())?;
+        }
+        Ok(p)
+    };
+    let window = lowered(None).map_err(fail("lowering"))?;
+    let step = lowered(Some(1));
+    if let Ok(p) = &step {
+        // One allocation runs both: the weights and the cache sit alike.
+        for b in
+            window.buffers.iter().filter(|b| b.view_of.is_none() && matches!(b.region, Region::Param | Region::Cache))
+        {
+            let same = p.named(&b.name).map(|s| p.buffer(s));
+            if same.is_none_or(|s| s.region != b.region || s.offset != b.offset || s.ty != b.ty) {
+                return Err(fail("lowering")(format!(
+                    "the step program places `{}` unlike the window program",
+                    b.name
+                )));
+            }
+        }
+    }
+    Ok(Generation { window, step })
+}
+
 /// The training step of `m`: its backward graph, and every rank's program, lowered.
 pub fn compile(m: &Model) -> Result<Compiled, PassError> {
     compile_ranks(m, None)

@@ -1,17 +1,27 @@
-//! Sampling from a trained language model.
+//! Sampling from a trained language model, on the lowered generation
+//! programs (`driver::compile_generate`) and the CPU backend.
 //!
-//! Two ways, with the same tokens for greedy decoding (`tests/train.rs`):
-//! - with a KV cache (`exec::decode`): each new token runs only its own row
-//!   of the graph, attending to cached keys and values; when the context is
-//!   full, the cache restarts from the last half of the window;
-//! - by recomputation: each new token runs the forward graph on the last
-//!   `seq` tokens (left-aligned, the rest padding) and reads the logits at the
-//!   last real position (causal attention ignores the padding after it).
+//! Two programs share one allocation (the weights and the KV cache):
+//! - the **window** program runs the forward pass over a whole context
+//!   (left-aligned, the rest padding; causal attention ignores what follows
+//!   the last real token) and writes every position's keys and values to the
+//!   cache;
+//! - the **step** program runs one token at the run-time position `pos`,
+//!   appending its keys and values to the cache and attending to it.
+//!
+//! With the cache, the prompt runs once through the window program, then
+//! each new token is one step; when the context is full, the window program
+//! restarts the cache from the last half of it. Without the cache
+//! (`--no-kv-cache`, or a model whose logits mix positions, which has no step
+//! program), every token reruns the window. Greedy decoding gives the same
+//! tokens both ways (`tests/train.rs`).
 
-use crate::exec::Interpreter;
+use crate::backend::{self, Backend, cpu::Cpu};
 use crate::exec::kernels::uniform;
 use crate::tensor::Tensor;
 use tessera_compiler::Model;
+use tessera_compiler::driver::{self, Generation, Passes};
+use tessera_compiler::lower::{BufId, Program};
 
 #[derive(Debug, Clone)]
 pub struct SampleConfig {
@@ -21,7 +31,7 @@ pub struct SampleConfig {
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
     pub seed: u64,
-    /// Decode with a KV cache (falls back to recomputation for models it cannot run).
+    /// Decode with the KV cache (a model without a step program recomputes the window instead).
     pub kv_cache: bool,
 }
 
@@ -30,38 +40,7 @@ pub enum SampleError {
     #[error("{0}")]
     Setup(String),
     #[error("{0}")]
-    Exec(#[from] crate::exec::ExecError),
-}
-
-/// What generation needs of a language model: the `tokens` input, the
-/// `logits` output, the sequence dim and the vocabulary size.
-struct Lm {
-    tokens: usize,
-    logits: tessera_compiler::ir::ValueId,
-    seq: tessera_compiler::model::Dim,
-    vocab: usize,
-}
-
-fn lm(model: &Model) -> Result<Lm, SampleError> {
-    let tokens = model
-        .inputs
-        .iter()
-        .position(|i| i.name == "tokens")
-        .ok_or_else(|| SampleError::Setup("the model has no `tokens` input".into()))?;
-    let logits =
-        model.graph.output("logits").ok_or_else(|| SampleError::Setup("the model defines no `logits`".into()))?;
-    let lt = model.graph.ty(logits);
-    if lt.dims.len() != 3 {
-        return Err(SampleError::Setup(format!("`logits` should be [batch, seq, vocab], found {lt}")));
-    }
-    let seq = model.inputs[tokens]
-        .ty
-        .dims
-        .last()
-        .cloned()
-        .ok_or_else(|| SampleError::Setup("`tokens` has no dims".into()))?;
-    let vocab = lt.dims.last().map(|d| d.size as usize).unwrap_or(1);
-    Ok(Lm { tokens, logits, seq, vocab })
+    Run(String),
 }
 
 /// Pick a token from logits: greedy, or temperature with optional top-k / top-p.
@@ -104,109 +83,181 @@ pub fn pick(logits: &[f32], cfg: &SampleConfig, step: u64) -> usize {
     *idx.last().unwrap_or(&0)
 }
 
+/// A program's io buffers.
+struct Io {
+    tokens: BufId,
+    logits: BufId,
+    pos: Option<BufId>,
+}
+
+impl Io {
+    fn of(p: &Program) -> Result<Io, SampleError> {
+        let get = |n: &str| p.named(n).ok_or_else(|| SampleError::Setup(format!("the program has no `{n}` buffer")));
+        Ok(Io { tokens: get("tokens")?, logits: get("logits")?, pos: p.named("pos") })
+    }
+}
+
+/// A model's generation programs, loaded with its weights.
+pub struct Generator {
+    programs: Generation,
+    cpu: Cpu,
+    window: Io,
+    step: Option<Io>,
+    /// The context length (`seq`) and the vocabulary size.
+    pub seq: usize,
+    pub vocab: usize,
+}
+
+impl Generator {
+    /// Compile `m`'s generation programs (`m` checked for one sequence:
+    /// `micro_batch = 1`) and load the logical weights `params`.
+    pub fn new(m: &Model, params: &[Tensor<f32>]) -> Result<Generator, SampleError> {
+        let setup = |e: &dyn std::fmt::Display| SampleError::Setup(e.to_string());
+        let programs = driver::compile_generate(m, Passes::default()).map_err(|e| setup(&e))?;
+        let window = Io::of(&programs.window)?;
+        let step = programs.step.as_ref().ok().map(Io::of).transpose()?;
+        let (tokens, logits) = (&programs.window.buffer(window.tokens).ty, &programs.window.buffer(window.logits).ty);
+        let [batch, seq] = &tokens.dims[..] else {
+            return Err(setup(&format!("`tokens` should be [batch, seq], found {tokens}")));
+        };
+        if logits.dims.len() != 3 || logits.dims[..2] != tokens.dims[..] {
+            return Err(setup(&format!(
+                "`logits` should be [batch, seq, vocab] for `tokens` {tokens}, found {logits}"
+            )));
+        }
+        if batch.size != 1 {
+            return Err(setup(&"generation runs one sequence: check the model with a microbatch of 1"));
+        }
+        let mut cpu = Cpu::new();
+        cpu.alloc(programs.sizes()).map_err(|e| setup(&e))?;
+        cpu.prepare(&programs.window).map_err(|e| setup(&e))?;
+        if let Ok(p) = &programs.step {
+            cpu.prepare(p).map_err(|e| setup(&e))?;
+        }
+        for (k, t) in params.iter().enumerate() {
+            let b = programs.window.named(&format!("w.{k}")).ok_or_else(|| setup(&format!("no weights `w.{k}`")))?;
+            cpu.upload(programs.window.buffer(b), &t.data).map_err(|e| setup(&e))?;
+        }
+        let (seq, vocab) = (seq.size as usize, logits.dims[2].size as usize);
+        Ok(Generator { programs, cpu, window, step, seq, vocab })
+    }
+
+    /// Continue `prompt` by `cfg.tokens` tokens: with the KV cache when
+    /// `cfg.kv_cache` and the model has a step program, else recomputing the window.
+    pub fn generate(&mut self, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u32>, SampleError> {
+        if cfg.kv_cache && self.no_step().is_none() { cached(self, prompt, cfg) } else { recomputed(self, prompt, cfg) }
+    }
+
+    /// Why the model has no step program (`None`: it decodes with the KV cache).
+    pub fn no_step(&self) -> Option<&str> {
+        self.programs.step.as_ref().err().map(|s| s.as_str())
+    }
+
+    /// The logits after `context` (at most `seq` tokens): the window program
+    /// over it, which also fills the KV cache for positions `0..context.len()`.
+    pub fn window(&mut self, context: &[u32]) -> Result<Vec<f32>, SampleError> {
+        let n = context.len();
+        if n == 0 || n > self.seq {
+            return Err(SampleError::Run(format!("a window of {n} tokens; the context holds 1 to {}", self.seq)));
+        }
+        let mut x = vec![0f32; self.seq];
+        x.iter_mut().zip(context).for_each(|(x, &t)| *x = t as f32);
+        let p = &self.programs.window;
+        let logits = run(&mut self.cpu, p, &self.window, &x, None)?;
+        Ok(logits[(n - 1) * self.vocab..n * self.vocab].to_vec())
+    }
+
+    /// The logits after `token` at position `pos`, from the step program
+    /// over the KV cache of positions `0..pos`.
+    pub fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, SampleError> {
+        let (Ok(p), Some(io)) = (&self.programs.step, &self.step) else {
+            return Err(SampleError::Run(format!("no step program: {}", self.no_step().unwrap_or("?"))));
+        };
+        if pos >= self.seq {
+            return Err(SampleError::Run(format!("position {pos} is past the context of {}", self.seq)));
+        }
+        run(&mut self.cpu, p, io, &[token as f32], Some(pos))
+    }
+}
+
+/// Run `p` on `tokens` (at `pos` for a step) and read its logits.
+fn run(cpu: &mut Cpu, p: &Program, io: &Io, tokens: &[f32], pos: Option<usize>) -> Result<Vec<f32>, SampleError> {
+    let fail = |e: &dyn std::fmt::Display| SampleError::Run(e.to_string());
+    cpu.upload(p.buffer(io.tokens), tokens).map_err(|e| fail(&e))?;
+    if let (Some(b), Some(pos)) = (io.pos, pos) {
+        cpu.upload(p.buffer(b), &[pos as f32]).map_err(|e| fail(&e))?;
+    }
+    backend::run(cpu, p, None, 0).map_err(|e| fail(&e))?;
+    cpu.download(p.buffer(io.logits)).map_err(|e| fail(&e))
+}
+
 /// Continue `prompt` by `cfg.tokens` tokens. The model must have been checked
 /// with a microbatch of one sequence and have a `tokens` input and `logits`.
 pub fn generate(
-    model: &Model,
+    m: &Model,
     params: &[Tensor<f32>],
     prompt: &[u32],
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
-    if cfg.kv_cache {
-        match generate_cached(model, params, prompt, cfg) {
-            Ok(out) => return Ok(out),
-            Err(SampleError::Exec(_)) => {} // an op the decoder cannot run: recompute instead
-            Err(e) => return Err(e),
-        }
-    }
-    generate_window(model, params, prompt, cfg)
+    Generator::new(m, params)?.generate(prompt, cfg)
 }
 
-/// Generation with a KV cache.
+/// Generation with the KV cache (an error for a model without a step program).
 pub fn generate_cached(
-    model: &Model,
+    m: &Model,
     params: &[Tensor<f32>],
     prompt: &[u32],
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
-    use crate::exec::decode::Decoder;
-    use tessera_compiler::model::Dim;
-    let Lm { logits: logits_id, seq: seq_dim, vocab, .. } = lm(model)?;
-    let seq = seq_dim.size as usize;
-    let interp = Interpreter { graph: &model.graph, params: &model.params, dropout: None, comm: None };
-    let step_inputs = |t: u32| -> Vec<Tensor<f32>> {
-        model
-            .inputs
-            .iter()
-            .map(|i| {
-                let dims: Vec<Dim> =
-                    i.ty.dims
-                        .iter()
-                        .map(|d| if d.name == seq_dim.name { Dim::new(d.name.clone(), 1) } else { d.clone() })
-                        .collect();
-                let mut x = Tensor::zeros(&dims);
-                if i.name == "tokens" {
-                    x.data.iter_mut().for_each(|v| *v = t as f32);
-                }
-                x
-            })
-            .collect()
+    cached(&mut Generator::new(m, params)?, prompt, cfg)
+}
+
+/// Generation by recomputing the window for every token.
+pub fn generate_window(
+    m: &Model,
+    params: &[Tensor<f32>],
+    prompt: &[u32],
+    cfg: &SampleConfig,
+) -> Result<Vec<u32>, SampleError> {
+    recomputed(&mut Generator::new(m, params)?, prompt, cfg)
+}
+
+/// The prompt, or a newline when it is empty.
+fn start(prompt: &[u32]) -> Vec<u32> {
+    if prompt.is_empty() { vec![u32::from(b'\n')] } else { prompt.to_vec() }
+}
+
+fn cached(g: &mut Generator, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u32>, SampleError> {
+    let seq = g.seq;
+    let mut out = start(prompt);
+    // Fill the cache from the context: all of it, or its last half once it is full.
+    let refill = |g: &mut Generator, out: &[u32]| -> Result<(Vec<f32>, usize), SampleError> {
+        let keep = if out.len() > seq { seq / 2 } else { seq };
+        let context = &out[out.len().saturating_sub(keep)..];
+        Ok((g.window(context)?, context.len()))
     };
-    // Restart the cache from the last half of the window (the context is full).
-    let refill = |out: &[u32]| -> Result<(Decoder<'_, f32>, Vec<f32>), SampleError> {
-        let mut dec = Decoder::new(&interp, params, &seq_dim.name);
-        let mut last = Vec::new();
-        let start = out.len().saturating_sub(if out.len() > seq { seq / 2 } else { seq });
-        for &t in &out[start..] {
-            last = dec.step(&step_inputs(t))?[logits_id.index()].data.clone();
-        }
-        Ok((dec, last))
-    };
-    let mut out: Vec<u32> = prompt.to_vec();
-    if out.is_empty() {
-        out.push(b'\n' as u32);
-    }
-    let (mut dec, mut last) = refill(&out)?;
+    let (mut last, mut pos) = refill(g, &out)?;
     for step in 0..cfg.tokens {
-        let next = pick(&last[..vocab], cfg, step as u64) as u32;
+        let next = pick(&last, cfg, step as u64) as u32;
         out.push(next);
         if step + 1 == cfg.tokens {
             break;
         }
-        if dec.position == seq {
-            (dec, last) = refill(&out)?;
+        if pos == seq {
+            (last, pos) = refill(g, &out)?;
         } else {
-            last = dec.step(&step_inputs(next))?[logits_id.index()].data.clone();
+            last = g.step(next, pos)?;
+            pos += 1;
         }
     }
     Ok(out[prompt.len().max(1).min(out.len())..].to_vec())
 }
 
-/// Generation by recomputing the window for every token.
-pub fn generate_window(
-    model: &Model,
-    params: &[Tensor<f32>],
-    prompt: &[u32],
-    cfg: &SampleConfig,
-) -> Result<Vec<u32>, SampleError> {
-    let Lm { tokens: tok, logits: logits_id, seq, vocab } = lm(model)?;
-    let seq = seq.size as usize;
-    let interp = Interpreter { graph: &model.graph, params: &model.params, dropout: None, comm: None };
-    let mut out: Vec<u32> = prompt.to_vec();
-    if out.is_empty() {
-        out.push(b'\n' as u32);
-    }
+fn recomputed(g: &mut Generator, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u32>, SampleError> {
+    let mut out = start(prompt);
     for step in 0..cfg.tokens {
-        let window = &out[out.len().saturating_sub(seq)..];
-        let mut inputs: Vec<Tensor<f32>> = model.inputs.iter().map(|i| Tensor::zeros(&i.ty.dims)).collect();
-        for (j, t) in window.iter().enumerate() {
-            inputs[tok].data[j] = *t as f32;
-        }
-        let vals = interp.run(&inputs, params)?;
-        let logits = &vals[logits_id.index()];
-        let at = window.len() - 1;
-        let row = &logits.data[at * vocab..(at + 1) * vocab];
-        out.push(pick(row, cfg, step as u64) as u32);
+        let last = g.window(&out[out.len().saturating_sub(g.seq)..])?;
+        out.push(pick(&last, cfg, step as u64) as u32);
     }
     Ok(out[prompt.len().max(1).min(out.len())..].to_vec())
 }

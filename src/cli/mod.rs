@@ -45,8 +45,10 @@ enum Command {
         /// step's forward and backward graph, as the interpreter runs it),
         /// `rank` (one rank's program under the spec's `parallel` layout,
         /// with its collectives), `lowered` (one rank's whole training step
-        /// as instructions over buffers; pick the rank with --rank) or
-        /// `eval` (the evaluation program: the forward pass on one device).
+        /// as instructions over buffers; pick the rank with --rank),
+        /// `eval` (the evaluation program: the forward pass on one device),
+        /// `window` or `decode` (the generation programs: a whole context,
+        /// filling the KV cache, and one token over it).
         #[arg(long, value_name = "GRAPH", conflicts_with = "json")]
         ir: Option<IrGraph>,
         /// The rank whose program `--ir rank` or `--ir lowered` prints.
@@ -238,9 +240,30 @@ enum IrGraph {
     Lowered,
     /// The lowered evaluation program: one microbatch's forward pass on one device.
     Eval,
+    /// The generation window program: the forward pass over a whole context, filling the KV cache.
+    Window,
+    /// The generation step program: one position at a run-time position, over the KV cache.
+    Decode,
 }
 
 fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
+    if let IrGraph::Window | IrGraph::Decode = which {
+        let g = tessera_compiler::driver::compile_generate(m, Default::default());
+        let p = g.map_err(|e| e.to_string()).and_then(|g| match which {
+            IrGraph::Window => Ok(g.window),
+            _ => g.step.map_err(|why| format!("`{}` has no decode step program: {why}", m.name)),
+        });
+        return match p {
+            Ok(p) => {
+                print!("{}", tessera_compiler::lower::text::print(&p));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let IrGraph::Eval = which {
         let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
         let p = tessera_compiler::driver::compile_with(m, Some(&[0]), passes)
@@ -279,7 +302,7 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
         };
     }
     match which {
-        IrGraph::Lowered | IrGraph::Eval => unreachable!("handled above"),
+        IrGraph::Lowered | IrGraph::Eval | IrGraph::Window | IrGraph::Decode => unreachable!("handled above"),
         IrGraph::Forward => print!("{}", m.graph.to_text()),
         IrGraph::Backward | IrGraph::Rank => {
             if m.graph.output("loss").is_none() {
@@ -1067,7 +1090,11 @@ fn sample(
              vocabulary of {vocab} tokens; use only tokens below {vocab}"
         )));
     }
-    let out = tessera_runtime::infer::generate(&m, &params, &ids, cfg).map_err(|e| fail(&e))?;
+    let mut g = tessera_runtime::infer::Generator::new(&m, &params).map_err(|e| fail(&e))?;
+    if let (true, Some(why)) = (cfg.kv_cache, g.no_step()) {
+        eprintln!("note: no KV cache for `{}`, every token recomputes the context: {why}", m.name);
+    }
+    let out = g.generate(&ids, cfg).map_err(|e| fail(&e))?;
     Ok(tok.decode(&out))
 }
 

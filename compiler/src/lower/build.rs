@@ -58,6 +58,37 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
     Ok(b.finish(fuse))
 }
 
+/// Lower the generation of model `m` on one device (`prog` is its one-device
+/// program of the forward graph): the `logits` of a run of the `tokens`
+/// input, in the io buffer `logits`, dropout off.
+///
+/// - `chunk = None`, the **window** program: the forward pass over all `seq`
+///   positions from position 0, as training runs it; each causal attention
+///   also copies its keys and values into the KV cache (`k.cache.N`,
+///   `v.cache.N` in the cache region, N its node).
+/// - `chunk = Some(n)`, the **step** program: `n` positions (`tokens` is
+///   `[batch, n]`) from the run-time position `pos` (`i32[]`, io). Every
+///   value over the sequence dim holds those `n` rows; a position table (a
+///   learned or sinusoidal position parameter) gives rows `pos..` (`rows_at`);
+///   rope rotates by `pos + i`; each causal attention writes its new keys and
+///   values into rows `pos..` of the cache and attends to rows `[0, pos + n)`.
+///   A model whose logits mix positions otherwise (a reduction over the
+///   sequence, a masked or relative-position attention, capacity-limited
+///   routing) has no step program: the error says which op, and generation
+///   recomputes the window instead.
+///
+/// Both programs place the weights and the cache alike, so one allocation
+/// runs both: a window fills the cache, steps extend it.
+pub fn lower_generate(m: &Model, prog: &RankProgram, chunk: Option<u64>, fuse: bool) -> Result<Program, LowerError> {
+    let fail = |message: String| LowerError { rank: prog.rank, message };
+    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
+    let mut b = Builder::new(prog, &mesh);
+    b.act = storage(m).map_err(fail)?;
+    b.training = false;
+    b.generation(m, chunk).map_err(fail)?;
+    Ok(b.finish(fuse))
+}
+
 /// Lower rank `prog.rank`'s training step of model `m`; with `fuse`, runs
 /// of elementwise ops become kernels (`crate::kernel::fuse`).
 pub fn lower(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, LowerError> {
@@ -90,7 +121,7 @@ struct Builder<'a> {
     mesh: &'a Mesh,
     buffers: Vec<Buffer>,
     instrs: Vec<Instr>,
-    tops: [u64; 5],
+    tops: [u64; Region::COUNT],
     events: u32,
     /// Where each phase of the step starts (instruction index, name).
     phases: Vec<(usize, String)>,
@@ -113,6 +144,63 @@ struct Builder<'a> {
     /// Each graph's `ragged::analyze`, once for all microbatches (by address:
     /// the graphs are the rank program's, borrowed for the whole lowering).
     roles: HashMap<*const Graph, std::rc::Rc<Vec<super::ragged::Role>>>,
+    /// Lowering a generation program ([`lower_generate`]).
+    generate: Option<Generate>,
+}
+
+/// What lowering a generation program adds to the forward pass.
+struct Generate {
+    /// The sequence dim (the `tokens` input's last).
+    seq: String,
+    /// The step program's positions per run and run-time position (`None`: the window program).
+    step: Option<(u64, BufId)>,
+    /// Each cached attention node's KV cache: (keys, values).
+    caches: HashMap<usize, (BufId, BufId)>,
+}
+
+/// `ty` with `dim` cut to `n` positions (unchanged without it).
+fn positions(ty: &TensorType, dim: &str, n: u64) -> TensorType {
+    let mut t = ty.clone();
+    t.dims.iter_mut().filter(|d| d.name == dim).for_each(|d| d.size = n);
+    t
+}
+
+/// Whether node `i` is an attention that a step program runs over the KV
+/// cache: causal self-attention over the sequence, without a mask or
+/// relative positions.
+fn cached_attention(g: &Graph, i: usize, seq: &str) -> bool {
+    let n = &g.nodes[i];
+    matches!(n.op, Op::Attention { causal: true, mask: false, rel: crate::ir::RelPos::None, .. })
+        && n.ty.has(seq)
+        && g.ty(n.inputs[1]).has(seq)
+}
+
+/// Why node `i` cannot run one run of positions at a time (`None`: it can):
+/// its rows depend on other positions than its own.
+fn mixes_positions(g: &Graph, i: usize, seq: &str) -> Option<String> {
+    let n = &g.nodes[i];
+    let reads_seq = n.inputs.iter().any(|v| g.ty(*v).has(seq));
+    let why = match &n.op {
+        Op::TopK { .. } | Op::Dispatch | Op::Combine => {
+            "routes tokens to experts with capacities counted over the whole sequence".to_string()
+        }
+        Op::Attention { .. } if n.ty.has(seq) && g.ty(n.inputs[1]).has(seq) && !cached_attention(g, i, seq) => {
+            "is an attention over the sequence that is not causal, or has a mask or relative positions; \
+             only causal attention without them reads a KV cache"
+                .to_string()
+        }
+        Op::Concat { into, .. } if into == seq => format!("concatenates along `{seq}`"),
+        Op::SplitDim { dim, .. } | Op::Slice { dim, .. } | Op::Select { dim, .. } | Op::Take { dim, .. }
+            if dim == seq =>
+        {
+            format!("splits or slices `{seq}`")
+        }
+        Op::MergeDims { dims, .. } if dims.iter().any(|d| d == seq) => format!("merges `{seq}` with other dims"),
+        Op::Rename { from, .. } if from.iter().any(|d| d == seq) => format!("renames `{seq}`"),
+        _ if reads_seq && !n.ty.has(seq) => format!("reduces over `{seq}`"),
+        _ => return None,
+    };
+    Some(format!("`{}` (value v{i}) {why}", n.op.name()))
 }
 
 /// A microbatch's forward on a pipeline stage, kept for its backward: the
@@ -144,7 +232,7 @@ impl<'a> Builder<'a> {
             act: DType::F32,
             buffers: Vec::new(),
             instrs: Vec::new(),
-            tops: [0; 5],
+            tops: [0; Region::COUNT],
             events: 0,
             phases: Vec::new(),
             training: true,
@@ -158,6 +246,7 @@ impl<'a> Builder<'a> {
             counts: HashMap::new(),
             roles: HashMap::new(),
             viewed: Default::default(),
+            generate: None,
         };
         b.loss = b.persistent(Region::Io, TensorType::scalar(DType::F32), "loss");
         b
@@ -208,7 +297,7 @@ impl<'a> Builder<'a> {
 
     /// A buffer in a persistent region (bump-allocated, 64-byte aligned).
     fn persistent(&mut self, region: Region, ty: TensorType, name: &str) -> BufId {
-        let i = Region::ALL.iter().position(|&r| r == region).expect("a region");
+        let i = region.index();
         let at = self.tops[i];
         self.tops[i] += bytes_of(&ty);
         self.push_buffer(ty, region, at, None, name)
@@ -295,8 +384,13 @@ impl<'a> Builder<'a> {
     ) -> Result<(), String> {
         vals.resize(g.len(), None);
         let wide = grad_values(g, bind.grads, self.prog.params.len());
+        // A step program's values hold its run of positions only.
+        let step = self.generate.as_ref().and_then(|x| x.step.map(|(n, pos)| (x.seq.clone(), n, pos)));
+        let tys: Option<Vec<TensorType>> =
+            step.as_ref().map(|(seq, n, _)| g.nodes.iter().map(|x| positions(&x.ty, seq, *n)).collect());
+        let ty_of = |i: usize| tys.as_ref().map_or(&g.nodes[i].ty, |t| &t[i]);
         let temp = |b: &mut Self, i: usize| {
-            if wide[i] { b.temp(g.nodes[i].ty.clone()) } else { b.act_temp(&g.nodes[i].ty) }
+            if wide[i] { b.temp(ty_of(i).clone()) } else { b.act_temp(ty_of(i)) }
         };
         let roles = self.roles.entry(g as *const Graph).or_insert_with(|| super::ragged::analyze(g).into()).clone();
         // Attention's gradients with the same operands come from one pass.
@@ -313,6 +407,63 @@ impl<'a> Builder<'a> {
             let node = &g.nodes[i];
             let operand = |v: &ValueId| vals[v.index()].ok_or_else(|| format!("{v} is read before it is computed"));
             let ins: Vec<BufId> = node.inputs.iter().map(operand).collect::<Result<_, _>>()?;
+            if let Some((seq, _, pos)) = &step {
+                if let Some(why) = mixes_positions(g, i, seq) {
+                    return Err(why);
+                }
+                // A position table (an input-less value over the sequence): its rows at `pos`.
+                if node.inputs.is_empty() && node.ty.has(seq) && !matches!(node.op, Op::Input { .. }) {
+                    let whole = match &node.op {
+                        Op::Param { index, layer } => {
+                            let w = bind.weights.get(*index).copied().flatten().ok_or("a position table not held")?;
+                            self.layer_view(w, &bind.params[*index], *layer, &node.ty)?
+                        }
+                        op => {
+                            let t = self.act_temp(&node.ty);
+                            self.emit(
+                                Kind::Op { op: op.clone(), rng: None, accumulate: false, rows: false },
+                                vec![],
+                                vec![t],
+                            );
+                            t
+                        }
+                    };
+                    let o = temp(self, i);
+                    self.emit(Kind::RowsAt { dim: seq.clone() }, vec![whole, *pos], vec![o]);
+                    vals[i] = Some(o);
+                    continue;
+                }
+                let at = |op: Op| Kind::At { op, dim: seq.clone() };
+                match &node.op {
+                    Op::Attention { causal, mask, rel, window, .. } if cached_attention(g, i, seq) => {
+                        let (kc, vc) = self
+                            .generate
+                            .as_ref()
+                            .and_then(|x| x.caches.get(&i).copied())
+                            .ok_or("an attention without its cache")?;
+                        self.emit(Kind::CacheWrite { dim: seq.clone() }, vec![ins[1], *pos], vec![kc]);
+                        self.emit(Kind::CacheWrite { dim: seq.clone() }, vec![ins[2], *pos], vec![vc]);
+                        let op = Op::Attention {
+                            causal: *causal,
+                            dropout: 0.0,
+                            mask: *mask,
+                            rel: rel.clone(),
+                            window: *window,
+                        };
+                        let o = temp(self, i);
+                        self.emit(at(op), vec![ins[0], kc, vc, *pos], vec![o]);
+                        vals[i] = Some(o);
+                        continue;
+                    }
+                    Op::Rope { .. } => {
+                        let o = temp(self, i);
+                        self.emit(at(node.op.clone()), vec![ins[0], *pos], vec![o]);
+                        vals[i] = Some(o);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let out = match &node.op {
                 Op::Input { index } => match bind.inputs.get(*index).or_else(|| bind.extra.get(index)) {
                     Some(&b) => b,
@@ -327,7 +478,7 @@ impl<'a> Builder<'a> {
                 }
                 // Row-major data is unchanged by renaming, splitting or merging dims.
                 Op::Rename { .. } | Op::SplitDim { .. } | Op::MergeDims { .. } => {
-                    self.view(ins[0], node.ty.clone(), 0, "")
+                    self.view(ins[0], ty_of(i).clone(), 0, "")
                 }
                 // Out of training, dropout is the identity: its value is its operand's buffer.
                 Op::Dropout { .. } if !self.training => ins[0],
@@ -371,7 +522,12 @@ impl<'a> Builder<'a> {
                         None => false,
                     };
                     let o = temp(self, i);
-                    self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins, vec![o]);
+                    self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins.clone(), vec![o]);
+                    // The window program fills the KV cache.
+                    if let Some(&(kc, vc)) = self.generate.as_ref().and_then(|x| x.caches.get(&i)) {
+                        self.emit(Kind::Copy, vec![ins[1]], vec![kc]);
+                        self.emit(Kind::Copy, vec![ins[2]], vec![vc]);
+                    }
                     o
                 }
             };
@@ -475,6 +631,76 @@ impl<'a> Builder<'a> {
             let l = vals[prog.loss.index()].ok_or("the loss was not computed")?;
             self.emit(Kind::Accumulate, vec![l], vec![self.loss]);
         }
+        Ok(())
+    }
+
+    /// A generation program ([`lower_generate`]).
+    fn generation(&mut self, m: &Model, chunk: Option<u64>) -> Result<(), String> {
+        let prog = self.prog;
+        let g = &prog.graph;
+        let tokens = m.inputs.iter().position(|x| x.name == "tokens").ok_or("generation needs a `tokens` input")?;
+        let logits = g.output("logits").ok_or("generation needs a value named `logits`")?;
+        let seq = m.inputs[tokens].ty.dims.last().ok_or("`tokens` has no dims")?.clone();
+        if let Some(n) = chunk
+            && (n == 0 || n > seq.size)
+        {
+            return Err(format!("a step of {n} positions does not fit the window of {} (`{}`)", seq.size, seq.name));
+        }
+        if !g.ty(logits).has(&seq.name) {
+            return Err(format!("`logits` is {}, without the sequence dim `{}`", g.ty(logits), seq.name));
+        }
+        for k in 0..prog.params.len() {
+            let ty = self.stored(&prog.params[k].local.ty);
+            self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
+        }
+        // The logits and what they are computed from.
+        let mut need = vec![false; g.len()];
+        need[logits.index()] = true;
+        for i in (0..g.len()).rev() {
+            if need[i] {
+                for v in &g.nodes[i].inputs {
+                    need[v.index()] = true;
+                }
+            }
+        }
+        for (i, n) in g.nodes.iter().enumerate() {
+            if let Op::Input { index } = n.op
+                && need[i]
+                && index != tokens
+            {
+                return Err(format!(
+                    "the logits read the input `{}`; generation feeds only `tokens`",
+                    m.inputs[index].name
+                ));
+            }
+        }
+        // The cache, in node order: both programs place it alike.
+        let mut caches = HashMap::new();
+        for i in (0..g.len()).filter(|&i| need[i] && cached_attention(g, i, &seq.name)) {
+            let (k, v) = (g.nodes[i].inputs[1], g.nodes[i].inputs[2]);
+            let kc = self.persistent(Region::Cache, self.stored(g.ty(k)), &format!("k.cache.{i}"));
+            let vc = self.persistent(Region::Cache, self.stored(g.ty(v)), &format!("v.cache.{i}"));
+            caches.insert(i, (kc, vc));
+        }
+        let n = chunk.unwrap_or(seq.size);
+        let x_ty = positions(&m.inputs[tokens].ty, &seq.name, n);
+        let x = self.persistent(Region::Io, x_ty, "tokens");
+        let step = chunk.map(|n| (n, self.persistent(Region::Io, TensorType::scalar(DType::I32), "pos")));
+        let mut out_ty = positions(g.ty(logits), &seq.name, n);
+        out_ty.dtype = DType::F32;
+        let out = self.persistent(Region::Io, out_ty, "logits");
+        self.generate = Some(Generate { seq: seq.name.clone(), step, caches });
+        self.only = Some(need);
+        self.phase(if chunk.is_some() { "decode step".into() } else { "window".into() });
+        let metas = prog.local_params();
+        let weights = self.w.clone();
+        let inputs = vec![x; m.inputs.len()];
+        let extra = HashMap::new();
+        let bind = Bind { inputs: &inputs, params: &metas, weights: &weights, extra: &extra, grads: &[] };
+        let mut vals = Vec::new();
+        self.nodes(g, 0..g.len(), &mut vals, &bind)?;
+        let l = vals[logits.index()].ok_or("the logits were not computed")?;
+        self.emit(Kind::Copy, vec![l], vec![out]);
         Ok(())
     }
 
@@ -1062,7 +1288,7 @@ impl<'a> Builder<'a> {
             }
         }
         let mut sizes = self.tops;
-        sizes[4] = peak;
+        sizes[Region::Arena.index()] = peak;
         Program {
             rank: self.prog.rank,
             coords: self.prog.coords.clone(),

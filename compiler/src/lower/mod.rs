@@ -4,8 +4,9 @@
 //!
 //! - **Buffers** are typed byte ranges. Each lives in one [`Region`]: the
 //!   persistent parameters, gradients and optimizer state; the step's inputs
-//!   and scalars (`io`); or the **arena**, where every temporary gets an
-//!   offset from the liveness plan ([`crate::plan::allocate`]). A *view*
+//!   and scalars (`io`); a generation program's KV cache (`cache`); or the
+//!   **arena**, where every temporary gets an offset from the liveness plan
+//!   ([`crate::plan::allocate`]). A *view*
 //!   (a layer's slice of a stacked parameter, a renamed or reshaped value)
 //!   shares the bytes of the buffer it views.
 //! - **Instructions** read and write buffers: one IR op (the fusion pass
@@ -22,7 +23,10 @@
 //! The step is unrolled: every microbatch of the schedule is its own run of
 //! instructions, so a pipeline stage's stashed activations are simply
 //! buffers that live from their forward to their backward, and the arena's
-//! size is the real peak of the schedule. [`build`] lowers a
+//! size is the real peak of the schedule. Generation has programs of its
+//! own ([`lower_generate`]): a window over a whole context that fills the KV
+//! cache, and a decode step at a run-time position that extends it.
+//! [`build`] lowers a
 //! [`RankProgram`](crate::parallel::RankProgram); [`text`] prints and parses
 //! the text form; [`verify`] checks a program.
 
@@ -31,7 +35,7 @@ pub mod ragged;
 pub mod text;
 pub mod verify;
 
-pub use build::{LowerError, lower, lower_eval};
+pub use build::{LowerError, lower, lower_eval, lower_generate};
 
 use crate::ir::{Op, ReduceOp, TensorType};
 use serde::{Deserialize, Serialize};
@@ -67,10 +71,20 @@ pub enum Region {
     Io,
     /// Temporaries, placed by liveness.
     Arena,
+    /// A generation program's KV cache: the keys and values of every
+    /// position decoded so far, kept between runs.
+    Cache,
 }
 
 impl Region {
-    pub const ALL: [Region; 5] = [Region::Param, Region::Grad, Region::Optim, Region::Io, Region::Arena];
+    pub const COUNT: usize = 6;
+    pub const ALL: [Region; Region::COUNT] =
+        [Region::Param, Region::Grad, Region::Optim, Region::Io, Region::Arena, Region::Cache];
+
+    /// The region's place in [`Region::ALL`] (and in `Program::sizes`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,6 +93,7 @@ impl Region {
             Region::Optim => "optim",
             Region::Io => "io",
             Region::Arena => "arena",
+            Region::Cache => "cache",
         }
     }
 
@@ -183,6 +198,20 @@ pub enum Kind {
     /// When the scalar `ins[0]` is not finite, skip the next `count` instructions.
     #[serde(rename = "skip_if_nonfinite")]
     SkipIfNonFinite { count: u32 },
+    /// `outs[0]` = rows `pos..pos + n` of `ins[0]` along `dim`, where `pos`
+    /// is the run-time position `ins[1]` (`i32[]`) and `n` the output's size
+    /// along `dim`: the rows of a position table (learned or sinusoidal
+    /// positions) that a decode step reads.
+    RowsAt { dim: String },
+    /// Write `ins[0]` into rows `pos..pos + n` of `outs[0]` along `dim`
+    /// (`ins[1]` is the position; the other rows are kept): a decode step's
+    /// keys or values appended to the KV cache.
+    CacheWrite { dim: String },
+    /// `op` at the run-time position `pos` = `ins.last()` (`i32[]`) of
+    /// sequence dim `dim`. `attention(q, k cache, v cache)`: the queries sit
+    /// at positions `pos..pos + n` and attend causally to the cache's rows
+    /// `[0, pos + n)`; `rope(x)` rotates row `i` by position `pos + i`.
+    At { op: Op, dim: String },
 }
 
 impl Kind {
@@ -207,6 +236,9 @@ impl Kind {
             Kind::Record { .. } => "record",
             Kind::Wait { .. } => "wait",
             Kind::SkipIfNonFinite { .. } => "skip_if_nonfinite",
+            Kind::RowsAt { .. } => "rows_at",
+            Kind::CacheWrite { .. } => "cache_write",
+            Kind::At { op, .. } => op.name(),
         }
     }
 }
@@ -235,7 +267,7 @@ pub struct Program {
     /// (axis, coordinate) in rank-numbering order.
     pub coords: Vec<(String, u64)>,
     /// Bytes of each region, in [`Region::ALL`] order.
-    pub sizes: [u64; 5],
+    pub sizes: [u64; Region::COUNT],
     pub buffers: Vec<Buffer>,
     pub instrs: Vec<Instr>,
     /// The step's phases in program order (strictly increasing `at`).
@@ -249,7 +281,7 @@ impl Program {
     }
 
     pub fn region_bytes(&self, r: Region) -> u64 {
-        self.sizes[Region::ALL.iter().position(|&x| x == r).expect("a region")]
+        self.sizes[r.index()]
     }
 
     /// The arena's size: the most temporary bytes live at once.

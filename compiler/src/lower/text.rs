@@ -96,6 +96,11 @@ fn name_and_attrs(k: &Kind) -> (String, Map<String, Value>) {
             }
             (name.to_string(), attrs)
         }
+        Kind::At { op, dim } => {
+            let (name, mut attrs) = op_attrs(op);
+            attrs.insert("at".into(), Value::String(dim.clone()));
+            (name.to_string(), attrs)
+        }
         Kind::AttentionGrads { op, which, rng } => {
             let (_, mut attrs) = op_attrs(op);
             attrs.insert("which".into(), Value::from(which.clone()));
@@ -134,7 +139,7 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
     let mut p = Program {
         rank: 0,
         coords: Vec::new(),
-        sizes: [0; 5],
+        sizes: [0; Region::COUNT],
         buffers: Vec::new(),
         instrs: Vec::new(),
         phases: Vec::new(),
@@ -177,8 +182,7 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
             let mut c = Cursor::new(rest);
             for (k, v) in c.record().map_err(fail)? {
                 let r = Region::from_name(&k).ok_or_else(|| fail(format!("unknown region `{k}`")))?;
-                let at = Region::ALL.iter().position(|&x| x == r).expect("a region");
-                p.sizes[at] = v.as_u64().ok_or_else(|| fail("a region size is a whole number".into()))?;
+                p.sizes[r.index()] = v.as_u64().ok_or_else(|| fail("a region size is a whole number".into()))?;
             }
             continue;
         }
@@ -247,6 +251,13 @@ fn kind_of(name: &str, mut attrs: Map<String, Value>) -> Result<Kind, String> {
             attrs.insert("kind".into(), word(name));
             serde_json::from_value(Value::Object(attrs)).map_err(|e| format!("`{name}`: {e}"))
         }
+        _ if attrs.contains_key("at") => {
+            let dim = match attrs.remove("at") {
+                Some(Value::String(d)) => d,
+                v => return Err(format!("`at` names the sequence dim, found {v:?}")),
+            };
+            Ok(Kind::At { op: op_from(name, attrs)?, dim })
+        }
         _ => {
             let rng = rng(&mut attrs)?;
             let mut flag = |key: &str| match attrs.remove(key) {
@@ -261,7 +272,9 @@ fn kind_of(name: &str, mut attrs: Map<String, Value>) -> Result<Kind, String> {
 }
 
 /// The instruction kinds printed under their own name.
-const KINDS: [&str; 13] = [
+const KINDS: [&str; 15] = [
+    "rows_at",
+    "cache_write",
     "slot_counts",
     "skip_if_nonfinite",
     "accumulate",

@@ -154,6 +154,7 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
             Err(format!("{b} is {}, not an f32 scalar", ty(b)))
         }
     };
+    let position = |b: &BufId| position_of(ty(b), b);
     match &ins.kind {
         Kind::Op { op, rows, .. } => {
             if ins.outs.len() != 1 {
@@ -296,7 +297,66 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
             count(1, 0)?;
             scalar(&ins.ins[0])
         }
+        Kind::RowsAt { dim } => {
+            count(2, 1)?;
+            position(&ins.ins[1])?;
+            rows_of(ty(&ins.outs[0]), ty(&ins.ins[0]), dim)
+        }
+        Kind::CacheWrite { dim } => {
+            count(2, 1)?;
+            position(&ins.ins[1])?;
+            rows_of(ty(&ins.ins[0]), ty(&ins.outs[0]), dim)
+        }
+        Kind::At { op, dim } => {
+            if ins.outs.len() != 1 || ins.ins.len() < 2 {
+                return Err("an op at a position reads its operands and the position, and writes one buffer".into());
+            }
+            let (pos, operands) = ins.ins.split_last().expect("two inputs or more");
+            position(pos)?;
+            let tys: Vec<&TensorType> = operands.iter().map(ty).collect();
+            let out = ty(&ins.outs[0]);
+            match op {
+                Op::Attention { causal: true, mask: false, rel: crate::ir::RelPos::None, .. } => {
+                    let [q, k, v] = tys[..] else { return Err("attention at a position reads q, k, v".into()) };
+                    for (name, c) in [("keys", k), ("values", v)] {
+                        let qn = q.dim(dim).map(|d| d.size);
+                        let cn = c.dim(dim).map(|d| d.size);
+                        if qn.is_none() || cn.is_none() || qn > cn {
+                            return Err(format!(
+                                "the queries {q} sit on `{dim}` of the cached {name} {c}, which must be as long or longer"
+                            ));
+                        }
+                    }
+                    check_stored(op, &tys, out)
+                }
+                Op::Rope { .. } => check_stored(op, &tys, out),
+                _ => Err(format!("`{}` does not run at a position (attention and rope do)", op.name())),
+            }
+        }
     }
+}
+
+/// `b` is a run-time position: an `i32[]`.
+fn position_of(t: &TensorType, b: &BufId) -> Result<(), String> {
+    if t.numel() == 1 && t.dims.is_empty() && t.dtype == DType::I32 {
+        Ok(())
+    } else {
+        Err(format!("the position {b} is {t}, not an i32[]"))
+    }
+}
+
+/// `part` is some rows of `whole` along `dim`: the same dims, none longer along `dim`.
+fn rows_of(part: &TensorType, whole: &TensorType, dim: &str) -> Result<(), String> {
+    let names = |t: &TensorType| t.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+    let fits = names(part) == names(whole)
+        && part
+            .dims
+            .iter()
+            .zip(&whole.dims)
+            .all(|(a, b)| if a.name == dim { a.size <= b.size } else { a.size == b.size })
+        && part.dtype.is_float() == whole.dtype.is_float()
+        && part.has(dim);
+    if fits { Ok(()) } else { Err(format!("{part} is not rows of {whole} along `{dim}`")) }
 }
 
 /// Temporaries: written before they are read, and disjoint while both live.

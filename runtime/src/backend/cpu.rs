@@ -78,7 +78,7 @@ pub struct Cpu {
     compiled: std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, jit::Segment)>,
     /// The regions' bytes (held as f32 words, so 4-byte aligned); the arena's
     /// words past `arena_bytes` are the shadows of staged buffers.
-    regions: [Vec<f32>; 5],
+    regions: [Vec<f32>; Region::COUNT],
     /// The program's arena size, where the shadows start.
     arena_bytes: u64,
     /// Row kernels' passes (and their native code under the JIT), by the
@@ -100,7 +100,7 @@ fn staged(b: &Buffer) -> bool {
 }
 
 fn region_index(r: Region) -> usize {
-    Region::ALL.iter().position(|&x| x == r).expect("a region")
+    r.index()
 }
 
 fn range(b: &Buffer) -> std::ops::Range<usize> {
@@ -116,7 +116,7 @@ fn disjoint(a: &Buffer, b: &Buffer) -> bool {
 /// A buffer's first element, from its region's base pointer in `bases`
 /// ([`Cpu::bases`]): every pointer an instruction uses comes from one base
 /// per region, so that its loads and in-place stores share their provenance.
-fn at(bases: &[*mut f32; 5], b: &Buffer) -> *mut f32 {
+fn at(bases: &[*mut f32; Region::COUNT], b: &Buffer) -> *mut f32 {
     // SAFETY: a buffer's elements lie inside its region.
     unsafe { bases[region_index(b.region)].add(range(b).start) }
 }
@@ -127,7 +127,7 @@ fn at(bases: &[*mut f32; 5], b: &Buffer) -> *mut f32 {
 /// While the slice lives nothing writes these elements (the caller checks
 /// that an instruction's output shares no bytes with it, or that each
 /// element is read before the same position is written).
-unsafe fn elems<'a>(bases: &[*mut f32; 5], b: &Buffer) -> &'a [f32] {
+unsafe fn elems<'a>(bases: &[*mut f32; Region::COUNT], b: &Buffer) -> &'a [f32] {
     // SAFETY: a buffer's elements lie inside its region; the rest is the caller's.
     unsafe { std::slice::from_raw_parts(at(bases, b), b.ty.numel() as usize) }
 }
@@ -136,7 +136,7 @@ unsafe fn elems<'a>(bases: &[*mut f32; 5], b: &Buffer) -> &'a [f32] {
 ///
 /// # Safety
 /// As [`elems`], and nothing else reads these elements while the slice lives.
-unsafe fn elems_mut<'a>(bases: &[*mut f32; 5], b: &Buffer) -> &'a mut [f32] {
+unsafe fn elems_mut<'a>(bases: &[*mut f32; Region::COUNT], b: &Buffer) -> &'a mut [f32] {
     // SAFETY: a buffer's elements lie inside its region; the rest is the caller's.
     unsafe { std::slice::from_raw_parts_mut(at(bases, b), b.ty.numel() as usize) }
 }
@@ -215,6 +215,45 @@ impl Cpu {
         }
     }
 
+    /// The run-time position an `i32[]` buffer holds.
+    fn position(&self, b: &Buffer) -> Result<usize, String> {
+        let v = match b.ty.dtype {
+            DType::I32 => i32::from_le_bytes(self.bytes(b)[..4].try_into().expect("four bytes")) as i64,
+            _ => self.read(b)[0] as i64,
+        };
+        usize::try_from(v).map_err(|_| format!("the position `{}` is {v}, below 0", b.name))
+    }
+
+    /// Rows `pos..pos + n` of `whole` along `dim` and the `n` rows of `part`
+    /// (both of one dtype): `take` copies them into `dst` = `part` (`rows_at`),
+    /// else `src` = `part` into them (`cache_write`).
+    fn move_rows(&mut self, src: &Buffer, dst: &Buffer, dim: &str, pos: usize, take: bool) -> Result<(), String> {
+        let (whole, part) = if take { (src, dst) } else { (dst, src) };
+        let at = whole.ty.dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}`"))?;
+        let rows = whole.ty.dims[at].size as usize;
+        let n = part.ty.dims[at].size as usize;
+        if pos + n > rows {
+            return Err(format!(
+                "rows {pos}..{} of `{dim}` run past its {rows} positions; restart from a shorter context",
+                pos + n
+            ));
+        }
+        let outer: usize = whole.ty.dims[..at].iter().map(|d| d.size as usize).product();
+        let es = whole.ty.dtype.bytes() as usize;
+        let row: usize = whole.ty.dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>() * es;
+        let from = self.bytes(src).to_vec();
+        let to = self.bytes_mut(dst);
+        for o in 0..outer {
+            let (w, pt) = ((o * rows + pos) * row, o * n * row);
+            if take {
+                to[pt..pt + n * row].copy_from_slice(&from[w..w + n * row]);
+            } else {
+                to[w..w + n * row].copy_from_slice(&from[pt..pt + n * row]);
+            }
+        }
+        Ok(())
+    }
+
     /// Fill `outs` in order from the flat elements of `data`.
     fn scatter(&mut self, outs: &[&Buffer], data: &[f32]) {
         let mut at = 0;
@@ -226,8 +265,8 @@ impl Cpu {
     }
 
     /// One raw pointer per region (see [`at`]).
-    fn bases(&mut self) -> [*mut f32; 5] {
-        let mut out = [std::ptr::null_mut(); 5];
+    fn bases(&mut self) -> [*mut f32; Region::COUNT] {
+        let mut out = [std::ptr::null_mut(); Region::COUNT];
         for (o, r) in out.iter_mut().zip(self.regions.iter_mut()) {
             *o = r.as_mut_ptr();
         }
@@ -983,7 +1022,7 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn alloc(&mut self, sizes: [u64; 5]) -> Result<(), String> {
+    fn alloc(&mut self, sizes: [u64; Region::COUNT]) -> Result<(), String> {
         for (r, &n) in self.regions.iter_mut().zip(&sizes) {
             *r = vec![0f32; n.div_ceil(4) as usize];
         }
@@ -1017,6 +1056,14 @@ impl Backend for Cpu {
         comm: Option<&'c RankComm<'c>>,
         seed: u64,
     ) -> Result<(), String> {
+        // Rows move as bytes, in any dtype.
+        if let Kind::RowsAt { dim } | Kind::CacheWrite { dim } = &ins.kind {
+            let (src, dst) = (p.buffer(ins.ins[0]), p.buffer(ins.outs[0]));
+            if src.ty.dtype == dst.ty.dtype {
+                let pos = self.position(p.buffer(ins.ins[1]))?;
+                return self.move_rows(src, dst, dim, pos, matches!(ins.kind, Kind::RowsAt { .. }));
+            }
+        }
         // Each buffer of another dtype than f32, once, with its f32 shadow past the arena.
         let mut shadows: Vec<(BufId, Buffer)> = Vec::new();
         let mut top = self.arena_bytes;
@@ -1040,7 +1087,7 @@ impl Backend for Cpu {
         let reads_outputs = match &ins.kind {
             Kind::Op { accumulate, rows, .. } => *accumulate || *rows,
             Kind::Kernel { kernel } => kernel.rows.is_some(),
-            Kind::Accumulate | Kind::Scale { .. } | Kind::Collective { .. } => true,
+            Kind::Accumulate | Kind::Scale { .. } | Kind::Collective { .. } | Kind::CacheWrite { .. } => true,
             _ => false,
         };
         for (b, shadow) in &shadows {
@@ -1067,19 +1114,50 @@ impl Backend for Cpu {
     }
 }
 
+/// The rows `[0, n)` along `dim` of a tensor with `dims` and elements
+/// `data`: its dims (with `dim` cut to `n`) and elements, borrowed where
+/// they are contiguous (no dim before `dim` is longer than 1).
+fn prefix<'a>(
+    dims: &[Dim],
+    data: &'a [f32],
+    dim: &str,
+    n: usize,
+) -> Result<(Vec<Dim>, std::borrow::Cow<'a, [f32]>), String> {
+    let at = dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}` in the cache"))?;
+    let rows = dims[at].size as usize;
+    if n > rows {
+        return Err(format!("{n} positions of `{dim}` run past the cache's {rows}; restart from a shorter context"));
+    }
+    let mut cut = dims.to_vec();
+    cut[at].size = n as u64;
+    let outer: usize = dims[..at].iter().map(|d| d.size as usize).product();
+    let row: usize = dims[at + 1..].iter().map(|d| d.size as usize).product();
+    if outer == 1 {
+        return Ok((cut, std::borrow::Cow::Borrowed(&data[..n * row])));
+    }
+    let mut out = Vec::with_capacity(outer * n * row);
+    for o in 0..outer {
+        out.extend_from_slice(&data[o * rows * row..][..n * row]);
+    }
+    Ok((cut, std::borrow::Cow::Owned(out)))
+}
+
 /// The words of `region` (of the arena: those below the shadows) and the
 /// elements of `shadow`, apart, so that a staged buffer is decoded into its
 /// shadow (or encoded back) with no copy in between.
-fn shadow_split<'r>(regions: &'r mut [Vec<f32>; 5], region: Region, shadow: &Buffer) -> (&'r mut [f32], &'r mut [f32]) {
+fn shadow_split<'r>(
+    regions: &'r mut [Vec<f32>; Region::COUNT],
+    region: Region,
+    shadow: &Buffer,
+) -> (&'r mut [f32], &'r mut [f32]) {
     let (a, r) = (region_index(Region::Arena), region_index(region));
     let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
     if r == a {
         let (low, high) = regions[a].split_at_mut(at);
         return (low, &mut high[..n]);
     }
-    // The arena is the last region.
-    let (others, arena) = regions.split_at_mut(a);
-    (&mut others[r][..], &mut arena[0][at..at + n])
+    let [words, arena] = regions.get_disjoint_mut([r, a]).expect("two regions");
+    (&mut words[..], &mut arena[at..at + n])
 }
 
 /// Buffer `b`'s bytes within its region's `words`.
@@ -1407,6 +1485,40 @@ impl Cpu {
                 Ok(())
             }
             // Both streams are program order on the CPU: events order nothing further.
+            Kind::At { op: Op::Attention { window, .. }, dim } => {
+                let [q, kc, vc, pos] = [0, 1, 2, 3].map(|j| buf(&ins.ins[j]));
+                let out = buf(&ins.outs[0]);
+                let pos = self.slice(pos)[0] as usize;
+                let n = q.ty.dim(dim).map_or(0, |d| d.size as usize);
+                // The keys and values of positions [0, pos + n).
+                let (kd, k) = prefix(&kc.ty.dims, self.slice(kc), dim, pos + n)?;
+                let (vd, v) = prefix(&vc.ty.dims, self.slice(vc), dim, pos + n)?;
+                let o = Attn {
+                    q: View { dims: &q.ty.dims, data: self.slice(q) },
+                    k: View { dims: &kd, data: &k },
+                    v: View { dims: &vd, data: &v },
+                    mask: None,
+                    causal: true,
+                    window: *window,
+                    dropout: None,
+                    t5: None,
+                    xl: None,
+                }
+                .forward(&out.ty.dims);
+                self.store(out, &o, false)
+            }
+            Kind::At { op: Op::Rope { theta, fraction }, .. } => {
+                let (x, out) = (buf(&ins.ins[0]), buf(&ins.outs[0]));
+                let pos = self.slice(buf(&ins.ins[1]))[0] as usize;
+                let y = crate::exec::kernels::rope(&self.tensor(x), *theta, *fraction, false, pos);
+                self.store(out, &y, false)
+            }
+            Kind::At { op, .. } => Err(format!("`{}` does not run at a position", op.name())),
+            Kind::RowsAt { dim } | Kind::CacheWrite { dim } => {
+                // Rows of two dtypes: through the f32 shadows.
+                let pos = self.slice(buf(&ins.ins[1]))[0] as usize;
+                self.move_rows(buf(&ins.ins[0]), buf(&ins.outs[0]), dim, pos, matches!(ins.kind, Kind::RowsAt { .. }))
+            }
             Kind::Record { .. } | Kind::Wait { .. } => Ok(()),
             Kind::SkipIfNonFinite { .. } => Err("the guard is decided by `backend::run`".into()),
         }
@@ -1454,7 +1566,7 @@ mod tests {
             };
             let einsum = Kind::Op { op: Op::Einsum, rng: None, accumulate: false, rows: false };
             let instrs = vec![op(einsum, vec![0, 1], vec![2]), op(Kind::Scale { factor: 0.3 }, vec![3], vec![3])];
-            Program { rank: 0, coords: vec![], sizes: [0, 0, 0, 0, 1024], buffers, instrs, phases: vec![] }
+            Program { rank: 0, coords: vec![], sizes: [0, 0, 0, 0, 1024, 0], buffers, instrs, phases: vec![] }
         };
         let values = |len: u64, salt: u64| -> Vec<f32> {
             (0..len).map(|i| ((i * 2654435761 + salt * 97) % 1000) as f32 / 77.0 - 6.3).collect()
@@ -1510,7 +1622,7 @@ mod tests {
             rows: None,
         };
         let mut cpu = Cpu::with_engine(engine);
-        cpu.alloc([0, 0, 0, 0, 4 * (2 * n * m + m)]).unwrap();
+        cpu.alloc([0, 0, 0, 0, 4 * (2 * n * m + m), 0]).unwrap();
         let xs: Vec<f32> = (0..n * m).map(|i| (i as f32 * 0.37).sin()).collect();
         let bs: Vec<f32> = (0..m).map(|j| j as f32 * 0.1 - 0.3).collect();
         cpu.upload(&x, &xs).unwrap();
@@ -1638,7 +1750,7 @@ mod tests {
             let mut results = Vec::new();
             for engine in [Engine::Jit, Engine::Interp] {
                 let mut cpu = Cpu::with_engine(engine);
-                cpu.alloc([0, 0, 0, 0, size]).unwrap();
+                cpu.alloc([0, 0, 0, 0, size, 0]).unwrap();
                 for (b, salt) in [(&x, 1), (&g, 2), (&row, 3), (&xt, 4), (&hyper, 5)] {
                     cpu.upload(b, &fill(b.ty.numel(), salt)).unwrap();
                 }
@@ -1661,7 +1773,7 @@ mod tests {
         let y = buf(&[("b", bs), ("s", s), ("f", f)], 4 * (bs * s * e + f * e));
         let g = buf(&[("f", f), ("e", e)], 4 * (2 * bs * s * e + f * e + bs * s * f));
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, 4 * (2 * bs * s * e + 2 * f * e + bs * s * f)]).unwrap();
+        cpu.alloc([0, 0, 0, 0, 4 * (2 * bs * s * e + 2 * f * e + bs * s * f), 0]).unwrap();
         let xs: Vec<f32> = (0..bs * s * e).map(|i| (i as f32 * 0.7).cos()).collect();
         let ws: Vec<f32> = (0..f * e).map(|i| (i as f32 * 0.3).sin()).collect();
         cpu.upload(&x, &xs).unwrap();
@@ -1692,7 +1804,7 @@ mod tests {
         let n = b * q * h;
         let part = |i: u64| buf(&[("b", b), ("h", h)], 4 * (n + i * b * h));
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, 4 * (n + 3 * b * h)]).unwrap();
+        cpu.alloc([0, 0, 0, 0, 4 * (n + 3 * b * h), 0]).unwrap();
         let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
         cpu.upload(&whole, &xs).unwrap();
         let x = Tensor { dims: whole.ty.dims.clone(), data: xs.clone() };
@@ -1740,7 +1852,7 @@ mod tests {
     fn norms_on_the_regions_match_the_interpreter() {
         let ([x, gain, bias, g, out], [xs, ws, bs, gs], size) = norm_case(7, 48);
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, size]).unwrap();
+        cpu.alloc([0, 0, 0, 0, size, 0]).unwrap();
         for (b, d) in [(&x, &xs), (&gain, &ws), (&bias, &bs), (&g, &gs)] {
             cpu.upload(b, d).unwrap();
         }
@@ -1846,7 +1958,7 @@ mod tests {
                     };
                     assert!(kern.is_row());
                     let mut cpu = Cpu::with_engine(engine);
-                    cpu.alloc([0, 0, 0, 0, size]).unwrap();
+                    cpu.alloc([0, 0, 0, 0, size, 0]).unwrap();
                     for (b, d) in [(&x, &xs), (&gain, &ws), (&bias, &bs), (&g, &gs)] {
                         cpu.upload(b, d).unwrap();
                     }
@@ -1869,7 +1981,7 @@ mod tests {
         let n = a * b * c;
         let x = buf(&[("a", a), ("b", b), ("c", c)], 0);
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, 4 * 2 * n]).unwrap();
+        cpu.alloc([0, 0, 0, 0, 4 * 2 * n, 0]).unwrap();
         let xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0 + 0.1).collect();
         cpu.upload(&x, &xs).unwrap();
         let t = Tensor { dims: x.ty.dims.clone(), data: xs.clone() };
@@ -1908,7 +2020,7 @@ mod tests {
         let g = buf(&[("t", n), ("e", w)], 4 * n);
         let out = buf(&[("vocab", v), ("e", w)], 4 * (n + n * w));
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, 4 * (n + n * w + v * w)]).unwrap();
+        cpu.alloc([0, 0, 0, 0, 4 * (n + n * w + v * w), 0]).unwrap();
         let idv: Vec<f32> = [3.0, 7.0, 3.0, 0.0, 10.0, 3.0, 7.0, 1.0, 0.0].to_vec();
         let gv: Vec<f32> = (0..n * w).map(|i| (i as f32 * 0.61).sin()).collect();
         let mut prior: Vec<f32> = (0..v * w).map(|i| (i as f32 * 0.3).cos()).collect();
@@ -1947,7 +2059,7 @@ mod tests {
         let y = buf(&[("expert", e), ("slot", s), ("f", f)], 4 * (e * s * d + e * d * f));
         let g = buf(&[("expert", e), ("d", d), ("f", f)], 4 * (e * s * d + e * d * f + e * s * f));
         let mut cpu = Cpu::new();
-        cpu.alloc([0, 0, 0, 0, 4 * (e * s * d + 2 * e * d * f + e * s * f)]).unwrap();
+        cpu.alloc([0, 0, 0, 0, 4 * (e * s * d + 2 * e * d * f + e * s * f), 0]).unwrap();
         // Empty rows hold NaN: nothing may read them.
         let filled = |i: usize, width: u64| (i as u64 / width) % s < counts[(i as u64 / (s * width)) as usize] as u64;
         let xs: Vec<f32> =

@@ -34,7 +34,7 @@ pub struct BackendError {
 /// Executes the instructions of one rank's lowered program.
 pub trait Backend {
     /// Allocate the program's regions (bytes per region, in `Region::ALL` order), zeroed.
-    fn alloc(&mut self, sizes: [u64; 5]) -> Result<(), String>;
+    fn alloc(&mut self, sizes: [u64; tessera_compiler::lower::Region::COUNT]) -> Result<(), String>;
     /// Get ready to run program `p` (compile its kernels), before its first run.
     fn prepare(&mut self, _p: &Program) -> Result<(), String> {
         Ok(())

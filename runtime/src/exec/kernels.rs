@@ -757,14 +757,16 @@ pub fn patches<T: Real>(x: &Tensor<T>, p: usize, out: &[Dim]) -> Tensor<T> {
 /// Rotary embeddings on `[..., seq, heads, head_dim]`: pairs (2i, 2i+1) of
 /// the first `fraction` of head_dim rotate by angle pos · theta^(−2i/rotated);
 /// `inverse` rotates back (the gradient).
-pub fn rope<T: Real>(x: &Tensor<T>, theta: f64, fraction: f64, inverse: bool) -> Tensor<T> {
+/// Rotary embeddings of `x` [..., seq, heads, head_dim] whose row `i` of
+/// `seq` sits at position `start + i` (the inverse rotation with `inverse`).
+pub fn rope<T: Real>(x: &Tensor<T>, theta: f64, fraction: f64, inverse: bool, start: usize) -> Tensor<T> {
     let n = x.dims.len();
     let (s, h, d) = (x.dims[n - 3].size as usize, x.dims[n - 2].size as usize, x.dims[n - 1].size as usize);
     let rotated = (((d as f64) * fraction) as usize / 2) * 2;
     let mut out = x.clone();
     let sign = if inverse { -1.0 } else { 1.0 };
     for (idx, chunk) in out.data.chunks_mut(d).enumerate() {
-        let pos = (idx / h) % s;
+        let pos = start + (idx / h) % s;
         for i in (0..rotated).step_by(2) {
             let angle = sign * pos as f64 * theta.powf(-(i as f64) / rotated as f64);
             let (sin, cos) = angle.sin_cos();
@@ -966,7 +968,7 @@ mod tests {
         // seq 2, one head, head_dim 4: x = (1, 0, 1, 0) at both positions.
         let dims = [Dim::new("seq", 2), Dim::new("heads", 1), Dim::new("head_dim", 4)];
         let x = Tensor::<f64> { dims: dims.to_vec(), data: vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0] };
-        let y = super::rope(&x, 100.0, 1.0, false);
+        let y = super::rope(&x, 100.0, 1.0, false, 0);
         // Position 0 is unchanged; position 1 turns pair 0 by 1 rad and pair 1 by 100^(-1/2) rad.
         assert_eq!(&y.data[..4], &[1.0, 0.0, 1.0, 0.0]);
         let (a, b) = (1.0f64, 0.1f64);
@@ -974,6 +976,6 @@ mod tests {
             assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         }
         // The inverse rotation restores the input.
-        assert!(super::rope(&y, 100.0, 1.0, true).data.iter().zip(&x.data).all(|(p, q)| (p - q).abs() < 1e-12));
+        assert!(super::rope(&y, 100.0, 1.0, true, 0).data.iter().zip(&x.data).all(|(p, q)| (p - q).abs() < 1e-12));
     }
 }

@@ -4,7 +4,6 @@
 
 pub mod attention;
 pub mod collective;
-pub mod decode;
 pub(crate) mod fast;
 pub mod kernels;
 pub mod moe;
@@ -577,7 +576,7 @@ impl Interpreter<'_> {
                 Tensor { dims: a(0).dims.clone(), data: a(0).data.iter().map(|&x| to(x)).collect() }
             }
             Op::Patches { size } => k::patches(a(0), *size as usize, out),
-            Op::Rope { theta, fraction } => k::rope(a(0), *theta, *fraction, false),
+            Op::Rope { theta, fraction } => k::rope(a(0), *theta, *fraction, false, 0),
             Op::AdamMoment { beta, square } => {
                 let (b, s) = (r::<T>(*beta), a(2).data[0]);
                 let one_minus = T::one() - b;
@@ -612,7 +611,7 @@ impl Interpreter<'_> {
                 let norm = a(0).data[0].to_f64().unwrap_or(0.0).sqrt();
                 Tensor::scalar(r(if norm > *clip && norm > 0.0 { clip / norm } else { 1.0 }))
             }
-            Op::RopeGrad { theta, fraction } => k::rope(a(0), *theta, *fraction, true),
+            Op::RopeGrad { theta, fraction } => k::rope(a(0), *theta, *fraction, true, 0),
             Op::TopK { k, slots, .. } => moe::top_k(a(0), *k as usize, *slots as usize),
             Op::GateMask => moe::gate_mask(a(0), a(1)),
             Op::Dispatch => moe::dispatch(a(0).view(), a(1).view(), out),

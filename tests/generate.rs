@@ -1,0 +1,143 @@
+//! Generation programs (`driver::compile_generate`, `runtime::infer`): the
+//! window program over a context and the decode step over the KV cache give
+//! the logits of the reference forward pass (the model's forward graph
+//! evaluated node by node, `exec::Interpreter`) at every position — learned
+//! and sinusoidal position tables, rope, grouped-query and sliding-window
+//! attention — and a model whose logits mix positions has no step program
+//! and says why.
+
+mod common;
+
+use std::path::Path;
+use tessera::compiler::{Model, Options, SourceMap, check_path};
+use tessera::runtime::exec::Interpreter;
+use tessera::runtime::infer::{Generator, SampleConfig, generate, generate_cached, generate_window};
+use tessera::runtime::tensor::Tensor;
+
+/// `spec` with `sets`, checked for one sequence at a time (as `tessera sample` checks it).
+fn model(spec: &str, sets: &[&str]) -> Model {
+    let mut sources = SourceMap::new();
+    let opts =
+        Options { overrides: sets.iter().map(|s| s.to_string()).collect(), micro_batch: Some(1), ..Default::default() };
+    check_path(&mut sources, Path::new(spec), &opts)
+        .unwrap_or_else(|d| panic!("{spec}:\n{}", tessera::compiler::diag::render(&sources, &d.0)))
+}
+
+/// Deterministic tokens below `vocab`.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut z = seed;
+    (0..n)
+        .map(|_| {
+            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((z >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// The reference logits `[seq, vocab]` of a full context.
+fn reference(m: &Model, params: &[Tensor<f32>], context: &[u32]) -> Vec<f32> {
+    let mut inputs: Vec<Tensor<f32>> = m.inputs.iter().map(|i| Tensor::zeros(&i.ty.dims)).collect();
+    let at = m.inputs.iter().position(|i| i.name == "tokens").expect("tokens");
+    inputs[at].data.iter_mut().zip(context).for_each(|(x, &t)| *x = t as f32);
+    let logits = m.graph.output("logits").expect("logits");
+    Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
+        .run(&inputs, params)
+        .expect("the reference runs")[logits.index()]
+    .data
+    .clone()
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even).
+fn bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt().max(1e-30)
+}
+
+const GPT_SMALL: &[&str] = &["dims.seq=16", "dims.embed=32"];
+const LLAMA: &str = "tests/specs/llama-tiny.spec";
+const WINDOW: &str = "tests/specs/window-tiny.spec";
+
+/// A prompt of 3 tokens through the window program, then one decode step per
+/// position to the end of the context: each step's logits are the reference
+/// forward pass's at that position, within 1e-5 (f32; the step's GEMMs have
+/// one row, so they sum in other orders).
+#[test]
+fn decode_steps_reproduce_the_forward_pass_at_every_position() {
+    for (spec, sets) in [(common::GPT, GPT_SMALL), (LLAMA, &[][..]), (WINDOW, &[][..])] {
+        let m = model(spec, sets);
+        let params = tessera::runtime::init::init_params::<f32>(&m.params, 3);
+        let mut g = Generator::new(&m, &params).expect("compiles");
+        assert_eq!(g.no_step(), None, "{spec} decodes with a KV cache");
+        let (seq, vocab) = (g.seq, g.vocab);
+        let context = tokens(seq, vocab, 11);
+        let want = reference(&m, &params, &context);
+        let row = |p: usize| &want[p * vocab..(p + 1) * vocab];
+        let mut worst = 0f64;
+        let got = g.window(&context[..3]).expect("window");
+        worst = worst.max(rel(&got, row(2)));
+        for (p, &t) in context.iter().enumerate().skip(3) {
+            let got = g.step(t, p).expect("step");
+            worst = worst.max(rel(&got, row(p)));
+        }
+        eprintln!("{spec}: worst relative error over {seq} positions {worst:.1e}");
+        assert!(worst <= 1e-5, "{spec}: decode steps differ from the forward pass by {worst:.1e}");
+        // The window program alone gives every row.
+        for n in [1, seq / 2, seq] {
+            let e = rel(&g.window(&context[..n]).expect("window"), row(n - 1));
+            assert!(e <= 1e-5, "{spec}: the window over {n} tokens differs by {e:.1e}");
+        }
+        // A step past the context is an error, not a crash.
+        let e = g.step(0, seq).expect_err("past the context");
+        assert!(e.to_string().contains("past the context"), "{e}");
+    }
+}
+
+/// In bf16 the programs store weights, activations and the cache in bf16:
+/// the step's logits stay within bf16's rounding of the f32 reference
+/// (measured 5.8e-3 and 6.3e-3; the bound is 4 bf16 steps of 2^-8, relative).
+#[test]
+fn bf16_decode_steps_stay_within_bf16_rounding_of_the_reference() {
+    for (spec, sets) in [(common::GPT, GPT_SMALL), (LLAMA, &[][..])] {
+        let m = model(spec, &common::with(sets, &["train.precision=bf16"]));
+        let params = tessera::runtime::init::init_params::<f32>(&m.params, 3);
+        let mut g = Generator::new(&m, &params).expect("compiles");
+        let context = tokens(g.seq, g.vocab, 5);
+        // The reference in f32 from the bf16-rounded weights.
+        let rounded: Vec<Tensor<f32>> = params
+            .iter()
+            .map(|t| Tensor { dims: t.dims.clone(), data: t.data.iter().map(|&x| bf16(x)).collect() })
+            .collect();
+        let want = reference(&m, &rounded, &context);
+        let vocab = g.vocab;
+        g.window(&context[..1]).expect("window");
+        let mut worst = 0f64;
+        for (p, &t) in context.iter().enumerate().skip(1) {
+            let got = g.step(t, p).expect("step");
+            worst = worst.max(rel(&got, &want[p * vocab..(p + 1) * vocab]));
+        }
+        eprintln!("{spec} bf16: worst relative error {worst:.1e}");
+        assert!(worst <= 4.0 * 2f64.powi(-8), "{spec}: bf16 decode steps differ by {worst:.1e}");
+    }
+}
+
+/// The tiny MoE routes with expert capacities counted over the sequence: it
+/// has no step program, the reason names the op, and generation recomputes
+/// the window, as `generate_window` does.
+#[test]
+fn a_model_whose_logits_mix_positions_recomputes_the_window() {
+    let m = model(common::MOE, &["parallel.mesh.data=1"]);
+    let params = tessera::runtime::init::init_params::<f32>(&m.params, 2);
+    let g = Generator::new(&m, &params).expect("compiles");
+    let why = g.no_step().expect("no step program");
+    assert!(why.contains("top_k") && why.contains("capacit"), "{why}");
+    let cfg = SampleConfig { tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
+    let prompt = [10u32, 20, 30];
+    let a = generate(&m, &params, &prompt, &cfg).expect("generates");
+    assert_eq!(a, generate_window(&m, &params, &prompt, &cfg).expect("recomputes"));
+    assert!(generate_cached(&m, &params, &prompt, &cfg).is_err(), "no cache to decode with");
+}
