@@ -3,8 +3,8 @@
 //! the logits of the reference forward pass (the model's forward graph
 //! evaluated node by node, `exec::Interpreter`) at every position — learned
 //! and sinusoidal position tables, rope, grouped-query and sliding-window
-//! attention — and a model whose logits mix positions has no step program
-//! and says why.
+//! attention, dropless MoE routing — and a model whose logits mix positions
+//! has no step program and says why.
 
 mod common;
 
@@ -34,13 +34,15 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// The reference logits `[seq, vocab]` of a full context.
+/// The reference logits `[seq, vocab]` of a full context, with generation's
+/// dropless routing (`lower::dropless`: every token reaches its top-k experts).
 fn reference(m: &Model, params: &[Tensor<f32>], context: &[u32]) -> Vec<f32> {
     let mut inputs: Vec<Tensor<f32>> = m.inputs.iter().map(|i| Tensor::zeros(&i.ty.dims)).collect();
     let at = m.inputs.iter().position(|i| i.name == "tokens").expect("tokens");
     inputs[at].data.iter_mut().zip(context).for_each(|(x, &t)| *x = t as f32);
     let logits = m.graph.output("logits").expect("logits");
-    Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
+    let graph = tessera::compiler::lower::dropless(&m.graph, context.len() as u64);
+    Interpreter { graph: &graph, params: &m.params, dropout: None, comm: None }
         .run(&inputs, params)
         .expect("the reference runs")[logits.index()]
     .data
@@ -68,7 +70,8 @@ const WINDOW: &str = "tests/specs/window-tiny.spec";
 /// one row, so they sum in other orders).
 #[test]
 fn decode_steps_reproduce_the_forward_pass_at_every_position() {
-    for (spec, sets) in [(common::GPT, GPT_SMALL), (LLAMA, &[][..]), (WINDOW, &[][..])] {
+    let moe: &[&str] = &["parallel.mesh.data=1"];
+    for (spec, sets) in [(common::GPT, GPT_SMALL), (LLAMA, &[][..]), (WINDOW, &[][..]), (common::MOE, moe)] {
         let m = model(spec, sets);
         let params = tessera::runtime::init::init_params::<f32>(&m.params, 3);
         let mut g = Generator::new(&m, &params).expect("compiles");
@@ -125,19 +128,24 @@ fn bf16_decode_steps_stay_within_bf16_rounding_of_the_reference() {
     }
 }
 
-/// The tiny MoE routes with expert capacities counted over the sequence: it
-/// has no step program, the reason names the op, and generation recomputes
-/// the window, as `generate_window` does.
+/// A bidirectional model (attention that is not causal) has no step
+/// program: the reason names the op, and generation recomputes the window,
+/// as `generate_window` does.
 #[test]
 fn a_model_whose_logits_mix_positions_recomputes_the_window() {
-    let m = model(common::MOE, &["parallel.mesh.data=1"]);
+    let text =
+        std::fs::read_to_string(WINDOW).expect("the spec").replace("causal = true, window = 4", "causal = false");
+    let path = std::env::temp_dir().join(format!("tessera-bidirectional-{}.spec", std::process::id()));
+    std::fs::write(&path, text).expect("write the spec");
+    let m = model(path.to_str().expect("a path"), &[]);
     let params = tessera::runtime::init::init_params::<f32>(&m.params, 2);
     let g = Generator::new(&m, &params).expect("compiles");
     let why = g.no_step().expect("no step program");
-    assert!(why.contains("top_k") && why.contains("capacit"), "{why}");
+    assert!(why.contains("`attention`") && why.contains("not causal"), "{why}");
     let cfg = SampleConfig { tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
     let prompt = [10u32, 20, 30];
     let a = generate(&m, &params, &prompt, &cfg).expect("generates");
     assert_eq!(a, generate_window(&m, &params, &prompt, &cfg).expect("recomputes"));
     assert!(generate_cached(&m, &params, &prompt, &cfg).is_err(), "no cache to decode with");
+    let _ = std::fs::remove_file(&path);
 }

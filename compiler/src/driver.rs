@@ -95,29 +95,8 @@ impl Generation {
 /// whatever its layout (the weights are the logical ones).
 pub fn compile_generate(m: &Model, passes: Passes) -> Result<Generation, PassError> {
     use crate::lower::Region;
-    let mut one = m.clone();
-    one.parallel = crate::config::Parallel::default();
-    let logits = m.graph.output("logits").ok_or_else(|| {
-        fail("lowering")(format!("`{}` defines no `logits` to generate from; name the output logits", m.name))
-    })?;
-    let prog = RankProgram {
-        rank: 0,
-        coords: Vec::new(),
-        graph: m.graph.clone(),
-        loss: logits,
-        param_grads: Vec::new(),
-        params: m
-            .params
-            .iter()
-            .map(|p| parallel::ParamShard { local: p.clone(), splits: Vec::new(), held: true })
-            .collect(),
-        prologue: Vec::new(),
-        step: Vec::new(),
-        stage: None,
-        micro: 1,
-    };
     let lowered = |chunk| -> Result<Program, String> {
-        let p = lower::lower_generate(&one, &prog, chunk, passes.fuse).map_err(|e| e.message)?;
+        let p = lower::lower_generate(m, chunk, passes.fuse).map_err(|e| e.message)?;
         if passes.verify {
             lower::verify::verify(&p).map_err(|e| e.to_string())?;
         }

@@ -58,14 +58,14 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
     Ok(b.finish(fuse))
 }
 
-/// Lower the generation of model `m` on one device (`prog` is its one-device
-/// program of the forward graph): the `logits` of a run of the `tokens`
-/// input, in the io buffer `logits`, dropout off.
+/// Lower the generation of model `m` on one device, whatever its layout
+/// (the weights are the logical ones): the `logits` of a run of the
+/// `tokens` input, in the io buffer `logits`, dropout off.
 ///
 /// - `chunk = None`, the **window** program: the forward pass over all `seq`
-///   positions from position 0, as training runs it; each causal attention
-///   also copies its keys and values into the KV cache (`k.cache.N`,
-///   `v.cache.N` in the cache region, N its node).
+///   positions from position 0; each causal attention also copies its keys
+///   and values into the KV cache (`k.cache.N`, `v.cache.N` in the cache
+///   region, N its node).
 /// - `chunk = Some(n)`, the **step** program: `n` positions (`tokens` is
 ///   `[batch, n]`) from the run-time position `pos` (`i32[]`, io). Every
 ///   value over the sequence dim holds those `n` rows; a position table (a
@@ -73,20 +73,68 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
 ///   rope rotates by `pos + i`; each causal attention writes its new keys and
 ///   values into rows `pos..` of the cache and attends to rows `[0, pos + n)`.
 ///   A model whose logits mix positions otherwise (a reduction over the
-///   sequence, a masked or relative-position attention, capacity-limited
-///   routing) has no step program: the error says which op, and generation
-///   recomputes the window instead.
+///   sequence, a masked or relative-position attention) has no step
+///   program: the error says which op, and generation recomputes the window.
+///
+/// Routing is **dropless** in both ([`dropless`]): every token reaches its
+/// top-k experts, as inference engines route, so that a token's logits do
+/// not depend on which other tokens share its run (training's capacity
+/// drops would make them depend on it).
 ///
 /// Both programs place the weights and the cache alike, so one allocation
 /// runs both: a window fills the cache, steps extend it.
-pub fn lower_generate(m: &Model, prog: &RankProgram, chunk: Option<u64>, fuse: bool) -> Result<Program, LowerError> {
-    let fail = |message: String| LowerError { rank: prog.rank, message };
-    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
-    let mut b = Builder::new(prog, &mesh);
+pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Program, LowerError> {
+    let fail = |message: String| LowerError { rank: 0, message };
+    let mut one = m.clone();
+    one.parallel = crate::config::Parallel::default();
+    let logits = m
+        .graph
+        .output("logits")
+        .ok_or_else(|| fail(format!("`{}` defines no `logits` to generate from; name the output `logits`", m.name)))?;
+    let tokens =
+        m.inputs.iter().find(|x| x.name == "tokens").ok_or_else(|| fail("generation needs a `tokens` input".into()))?;
+    let seq = tokens.ty.dims.last().ok_or_else(|| fail("`tokens` has no dims".into()))?;
+    let run = tokens.ty.numel() / seq.size.max(1) * chunk.unwrap_or(seq.size);
+    let prog = RankProgram {
+        rank: 0,
+        coords: Vec::new(),
+        graph: dropless(&m.graph, run),
+        loss: logits,
+        param_grads: Vec::new(),
+        params: m
+            .params
+            .iter()
+            .map(|p| crate::parallel::ParamShard { local: p.clone(), splits: Vec::new(), held: true })
+            .collect(),
+        prologue: Vec::new(),
+        step: Vec::new(),
+        stage: None,
+        micro: 1,
+    };
+    let mesh = Mesh::of(&one).map_err(|e| fail(e.to_string()))?;
+    let mut b = Builder::new(&prog, &mesh);
     b.act = storage(m).map_err(fail)?;
     b.training = false;
     b.generation(m, chunk).map_err(fail)?;
     Ok(b.finish(fuse))
+}
+
+/// `g` with every `top_k` dropless for runs of `tokens` tokens: no capacity,
+/// and `tokens` slots per expert (the `slot` dim of what it routes), so an
+/// expert can take every token of the run.
+pub fn dropless(g: &Graph, tokens: u64) -> Graph {
+    let mut g = g.clone();
+    if !g.nodes.iter().any(|n| matches!(n.op, Op::TopK { .. })) {
+        return g;
+    }
+    for n in &mut g.nodes {
+        if let Op::TopK { capacity, slots, .. } = &mut n.op {
+            *capacity = None;
+            *slots = tokens;
+        }
+        n.ty.dims.iter_mut().filter(|d| d.name == "slot").for_each(|d| d.size = tokens);
+    }
+    g
 }
 
 /// Lower rank `prog.rank`'s training step of model `m`; with `fuse`, runs
@@ -181,7 +229,7 @@ fn mixes_positions(g: &Graph, i: usize, seq: &str) -> Option<String> {
     let n = &g.nodes[i];
     let reads_seq = n.inputs.iter().any(|v| g.ty(*v).has(seq));
     let why = match &n.op {
-        Op::TopK { .. } | Op::Dispatch | Op::Combine => {
+        Op::TopK { capacity: Some(_), .. } => {
             "routes tokens to experts with capacities counted over the whole sequence".to_string()
         }
         Op::Attention { .. } if n.ty.has(seq) && g.ty(n.inputs[1]).has(seq) && !cached_attention(g, i, seq) => {
@@ -189,6 +237,8 @@ fn mixes_positions(g: &Graph, i: usize, seq: &str) -> Option<String> {
              only causal attention without them reads a KV cache"
                 .to_string()
         }
+        // Dropless routing sends each token to its own slots: the run's tokens only.
+        Op::Dispatch => return None,
         Op::Concat { into, .. } if into == seq => format!("concatenates along `{seq}`"),
         Op::SplitDim { dim, .. } | Op::Slice { dim, .. } | Op::Select { dim, .. } | Op::Take { dim, .. }
             if dim == seq =>

@@ -35,7 +35,7 @@ pub mod ragged;
 pub mod text;
 pub mod verify;
 
-pub use build::{LowerError, lower, lower_eval, lower_generate};
+pub use build::{LowerError, dropless, lower, lower_eval, lower_generate};
 
 use crate::ir::{Op, ReduceOp, TensorType};
 use serde::{Deserialize, Serialize};
