@@ -561,3 +561,44 @@ fn bench_and_train_take_a_kernel_engine() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("unknown CPU backend `llvm`: use `jit` or `interp`"), "{}", stderr(&o));
 }
+
+/// `tessera sample` takes its sampling from the spec's `infer` section, and
+/// a flag given overrides it: a spec that samples greedily gives the same
+/// text for any seed; `--temperature` makes the seed matter again. The
+/// inspectors print the generation programs.
+#[test]
+fn sample_follows_the_infer_section_unless_a_flag_says_otherwise() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-sample-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let spec = dir.join("tiny.spec");
+    let text = std::fs::read_to_string("specs/tiny/gpt.spec").expect("the tiny GPT")
+        + "\ninfer { max_batch = 1, max_len = 64, kv_cache = contiguous, sampling = greedy, seed = 0 }\n";
+    // (`use std/transformer` is built into the binary.)
+    std::fs::write(&spec, text).expect("write the spec");
+    let spec = spec.to_string_lossy().into_owned();
+    let run = dir.join("run").to_string_lossy().into_owned();
+    let sets = ["--set", "dims.seq=16", "--set", "dims.embed=32", "--set", "train.batch=4"];
+    let mut a = vec!["train", spec.as_str(), "--steps", "3", "--data", "data/shakespeare/shakespeare.txt", "--out"];
+    a.push(&run);
+    a.extend(sets);
+    let o = tessera(&a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sample = |more: &[&str]| {
+        let mut a = vec!["sample", run.as_str(), "--prompt", "ROMEO:", "--tokens", "40"];
+        a.extend_from_slice(more);
+        let o = tessera(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    assert_eq!(sample(&["--seed", "1"]), sample(&["--seed", "2"]), "greedy, as the spec says: the seed is unused");
+    let hot = |seed| sample(&["--temperature", "2.0", "--seed", seed]);
+    assert_ne!(hot("1"), hot("2"), "a temperature flag overrides the spec's greedy sampling");
+    for ir in ["window", "decode"] {
+        let mut a = vec!["inspect", spec.as_str(), "--ir", ir];
+        a.extend(sets);
+        let o = tessera(&a);
+        assert!(o.status.success() && stdout(&o).contains("k.cache."), "--ir {ir}: {}", stderr(&o));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

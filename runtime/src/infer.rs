@@ -35,6 +35,25 @@ pub struct SampleConfig {
     pub kv_cache: bool,
 }
 
+impl SampleConfig {
+    /// The sampling of a spec's `infer` section (`sampling`, `seed`), or
+    /// temperature 0.8 and seed 0 without one; one token, the KV cache on.
+    pub fn of_spec(infer: Option<&tessera_compiler::config::Infer>) -> SampleConfig {
+        use tessera_compiler::config::Sampling;
+        let mut c = SampleConfig { tokens: 1, temperature: 0.8, top_k: None, top_p: None, seed: 0, kv_cache: true };
+        if let Some(i) = infer {
+            c.seed = i.seed;
+            match i.sampling {
+                Sampling::Greedy => c.temperature = 0.0,
+                Sampling::Temperature { temperature } => c.temperature = temperature,
+                Sampling::TopK { k, temperature } => (c.top_k, c.temperature) = (Some(k as usize), temperature),
+                Sampling::TopP { p, temperature } => (c.top_p, c.temperature) = (Some(p), temperature),
+            }
+        }
+        c
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
     #[error("{0}")]

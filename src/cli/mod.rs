@@ -164,17 +164,19 @@ enum Command {
         /// Tokens to generate.
         #[arg(long, default_value_t = 200, allow_negative_numbers = true, value_parser = whole_usize)]
         tokens: usize,
-        /// Softmax temperature, 0 or more; 0 is greedy decoding.
-        #[arg(long, default_value_t = 0.8, allow_negative_numbers = true, value_parser = temperature)]
-        temperature: f64,
+        /// Softmax temperature, 0 or more; 0 is greedy decoding (default:
+        /// the spec's `infer.sampling`, else 0.8).
+        #[arg(long, allow_negative_numbers = true, value_parser = temperature)]
+        temperature: Option<f64>,
         /// Sample from the K most likely tokens (K ≥ 1).
         #[arg(long, allow_negative_numbers = true, value_parser = top_k)]
         top_k: Option<usize>,
         /// Sample from the smallest set of tokens whose probability reaches P (0 < P ≤ 1).
         #[arg(long, allow_negative_numbers = true, value_parser = top_p)]
         top_p: Option<f64>,
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = whole)]
-        seed: u64,
+        /// The sampling seed (default: the spec's `infer.seed`, else 0).
+        #[arg(long, allow_negative_numbers = true, value_parser = whole)]
+        seed: Option<u64>,
         /// Recompute the whole window for each token instead of using a KV cache.
         #[arg(long)]
         no_kv_cache: bool,
@@ -441,15 +443,8 @@ fn command(args: Vec<OsString>) -> ExitCode {
             Err(code) => code,
         },
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
-            let cfg = tessera_runtime::infer::SampleConfig {
-                tokens,
-                temperature,
-                top_k,
-                top_p,
-                seed,
-                kv_cache: !no_kv_cache,
-            };
-            match sample(&checkpoint, spec, &prompt, &cfg) {
+            let flags = SampleFlags { tokens, temperature, top_k, top_p, seed, kv_cache: !no_kv_cache };
+            match sample(&checkpoint, spec, &prompt, &flags) {
                 Ok(text) => {
                     println!("{prompt}{text}");
                     ExitCode::SUCCESS
@@ -1056,11 +1051,35 @@ fn tokenizer_of(m: &Model) -> Result<tessera_runtime::train::tokenizer::Tokenize
         })
 }
 
+/// `tessera sample`'s choices; those not given come from the spec's `infer` section.
+struct SampleFlags {
+    tokens: usize,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    kv_cache: bool,
+}
+
+impl SampleFlags {
+    /// The spec's sampling settings, with every flag given put over them.
+    fn over(&self, spec: &tessera_runtime::infer::SampleConfig) -> tessera_runtime::infer::SampleConfig {
+        tessera_runtime::infer::SampleConfig {
+            tokens: self.tokens,
+            temperature: self.temperature.unwrap_or(spec.temperature),
+            top_k: self.top_k.or(spec.top_k),
+            top_p: self.top_p.or(spec.top_p),
+            seed: self.seed.unwrap_or(spec.seed),
+            kv_cache: self.kv_cache,
+        }
+    }
+}
+
 fn sample(
     checkpoint: &std::path::Path,
     spec: Option<PathBuf>,
     prompt: &str,
-    cfg: &tessera_runtime::infer::SampleConfig,
+    flags: &SampleFlags,
 ) -> Result<String, ExitCode> {
     use tessera_runtime::train::checkpoint;
     let fail = |e: &dyn std::fmt::Display| {
@@ -1090,6 +1109,7 @@ fn sample(
              vocabulary of {vocab} tokens; use only tokens below {vocab}"
         )));
     }
+    let cfg = &flags.over(&tessera_runtime::infer::SampleConfig::of_spec(m.infer.as_ref()));
     let mut g = tessera_runtime::infer::Generator::new(&m, &params).map_err(|e| fail(&e))?;
     if let (true, Some(why)) = (cfg.kv_cache, g.no_step()) {
         eprintln!("note: no KV cache for `{}`, every token recomputes the context: {why}", m.name);
