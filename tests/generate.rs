@@ -23,6 +23,10 @@ fn model(spec: &str, sets: &[&str]) -> Model {
         .unwrap_or_else(|d| panic!("{spec}:\n{}", tessera::compiler::diag::render(&sources, &d.0)))
 }
 
+fn programs(m: &Model) -> tessera::compiler::driver::Generation {
+    tessera::compiler::driver::compile_generate(m, Default::default()).expect("compiles")
+}
+
 /// Deterministic tokens below `vocab`.
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut z = seed;
@@ -74,7 +78,7 @@ fn decode_steps_reproduce_the_forward_pass_at_every_position() {
     for (spec, sets) in [(common::GPT, GPT_SMALL), (LLAMA, &[][..]), (WINDOW, &[][..]), (common::MOE, moe)] {
         let m = model(spec, sets);
         let params = tessera::runtime::init::init_params::<f32>(&m.params, 3);
-        let mut g = Generator::new(&m, &params).expect("compiles");
+        let mut g = Generator::new(programs(&m), &params).expect("compiles");
         assert_eq!(g.no_step(), None, "{spec} decodes with a KV cache");
         let (seq, vocab) = (g.seq, g.vocab);
         let context = tokens(seq, vocab, 11);
@@ -108,7 +112,7 @@ fn bf16_decode_steps_stay_within_bf16_rounding_of_the_reference() {
     for (spec, sets) in [(common::GPT, GPT_SMALL), (LLAMA, &[][..])] {
         let m = model(spec, &common::with(sets, &["train.precision=bf16"]));
         let params = tessera::runtime::init::init_params::<f32>(&m.params, 3);
-        let mut g = Generator::new(&m, &params).expect("compiles");
+        let mut g = Generator::new(programs(&m), &params).expect("compiles");
         let context = tokens(g.seq, g.vocab, 5);
         // The reference in f32 from the bf16-rounded weights.
         let rounded: Vec<Tensor<f32>> = params
@@ -139,13 +143,14 @@ fn a_model_whose_logits_mix_positions_recomputes_the_window() {
     std::fs::write(&path, text).expect("write the spec");
     let m = model(path.to_str().expect("a path"), &[]);
     let params = tessera::runtime::init::init_params::<f32>(&m.params, 2);
-    let g = Generator::new(&m, &params).expect("compiles");
+    let g = Generator::new(programs(&m), &params).expect("compiles");
     let why = g.no_step().expect("no step program");
     assert!(why.contains("`attention`") && why.contains("not causal"), "{why}");
     let cfg = SampleConfig { tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
     let prompt = [10u32, 20, 30];
-    let a = generate(&m, &params, &prompt, &cfg).expect("generates");
-    assert_eq!(a, generate_window(&m, &params, &prompt, &cfg).expect("recomputes"));
-    assert!(generate_cached(&m, &params, &prompt, &cfg).is_err(), "no cache to decode with");
+    let p = programs(&m);
+    let a = generate(&p, &params, &prompt, &cfg).expect("generates");
+    assert_eq!(a, generate_window(&p, &params, &prompt, &cfg).expect("recomputes"));
+    assert!(generate_cached(&p, &params, &prompt, &cfg).is_err(), "no cache to decode with");
     let _ = std::fs::remove_file(&path);
 }

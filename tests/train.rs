@@ -195,13 +195,14 @@ fn generation_continues_a_prompt_deterministically() {
         kv_cache: false,
     };
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
-    let a = tessera::runtime::infer::generate(&m, &params, &prompt, &cfg).expect("generates");
-    let b = tessera::runtime::infer::generate(&m, &params, &prompt, &cfg).expect("generates");
+    let programs = tessera::compiler::driver::compile_generate(&m, Default::default()).expect("compiles");
+    let a = tessera::runtime::infer::generate(&programs, &params, &prompt, &cfg).expect("generates");
+    let b = tessera::runtime::infer::generate(&programs, &params, &prompt, &cfg).expect("generates");
     assert_eq!(a.len(), 20);
     assert_eq!(a, b);
     // Greedy decoding of a window longer than the context slides it.
     let long = tessera::runtime::infer::SampleConfig { tokens: 30, ..cfg };
-    assert_eq!(tessera::runtime::infer::generate(&m, &params, &prompt, &long).expect("generates").len(), 30);
+    assert_eq!(tessera::runtime::infer::generate(&programs, &params, &prompt, &long).expect("generates").len(), 30);
 }
 
 #[test]
@@ -240,6 +241,7 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     run(&mut t, 10);
     let params = t.weights().expect("weights");
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
+    let m = tessera::compiler::driver::compile_generate(&m, Default::default()).expect("compiles");
     for tokens in [5, 10, 30] {
         // 30 tokens overflow the 16-token context: both restart/slide.
         let greedy = SampleConfig { tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };

@@ -1,5 +1,6 @@
 //! Sampling from a trained language model, on the lowered generation
-//! programs (`driver::compile_generate`) and the CPU backend.
+//! programs (`driver::compile_generate`) and the CPU backend: what runs here
+//! is the programs, never the checked model.
 //!
 //! Two programs share one allocation (the weights and the KV cache):
 //! - the **window** program runs the forward pass over a whole context
@@ -19,8 +20,7 @@
 use crate::backend::{self, Backend, cpu::Cpu};
 use crate::exec::kernels::uniform;
 use crate::tensor::Tensor;
-use tessera_compiler::Model;
-use tessera_compiler::driver::{self, Generation, Passes};
+use tessera_compiler::driver::Generation;
 use tessera_compiler::lower::{BufId, Program};
 
 #[derive(Debug, Clone)]
@@ -128,11 +128,11 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Compile `m`'s generation programs (`m` checked for one sequence:
-    /// `micro_batch = 1`) and load the logical weights `params`.
-    pub fn new(m: &Model, params: &[Tensor<f32>]) -> Result<Generator, SampleError> {
+    /// Load a model's generation programs (`driver::compile_generate`, the
+    /// model checked for one sequence: `micro_batch = 1`) with its logical
+    /// weights `params` (parameter `k` into `w.k`).
+    pub fn new(programs: Generation, params: &[Tensor<f32>]) -> Result<Generator, SampleError> {
         let setup = |e: &dyn std::fmt::Display| SampleError::Setup(e.to_string());
-        let programs = driver::compile_generate(m, Passes::default()).map_err(|e| setup(&e))?;
         let window = Io::of(&programs.window)?;
         let step = programs.step.as_ref().ok().map(Io::of).transpose()?;
         let (tokens, logits) = (&programs.window.buffer(window.tokens).ty, &programs.window.buffer(window.logits).ty);
@@ -210,35 +210,35 @@ fn run(cpu: &mut Cpu, p: &Program, io: &Io, tokens: &[f32], pos: Option<usize>) 
     cpu.download(p.buffer(io.logits)).map_err(|e| fail(&e))
 }
 
-/// Continue `prompt` by `cfg.tokens` tokens. The model must have been checked
-/// with a microbatch of one sequence and have a `tokens` input and `logits`.
+/// Continue `prompt` by `cfg.tokens` tokens with a model's generation
+/// programs and weights ([`Generator::new`]).
 pub fn generate(
-    m: &Model,
+    programs: &Generation,
     params: &[Tensor<f32>],
     prompt: &[u32],
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
-    Generator::new(m, params)?.generate(prompt, cfg)
+    Generator::new(programs.clone(), params)?.generate(prompt, cfg)
 }
 
 /// Generation with the KV cache (an error for a model without a step program).
 pub fn generate_cached(
-    m: &Model,
+    programs: &Generation,
     params: &[Tensor<f32>],
     prompt: &[u32],
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
-    cached(&mut Generator::new(m, params)?, prompt, cfg)
+    cached(&mut Generator::new(programs.clone(), params)?, prompt, cfg)
 }
 
 /// Generation by recomputing the window for every token.
 pub fn generate_window(
-    m: &Model,
+    programs: &Generation,
     params: &[Tensor<f32>],
     prompt: &[u32],
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
-    recomputed(&mut Generator::new(m, params)?, prompt, cfg)
+    recomputed(&mut Generator::new(programs.clone(), params)?, prompt, cfg)
 }
 
 /// The prompt, or a newline when it is empty.

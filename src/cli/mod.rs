@@ -1000,7 +1000,8 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             kv_cache: true,
         };
         if let Ok(weights) = trainer.weights()
-            && let Ok(ids) = tessera_runtime::infer::generate(&sample_model, &weights, &[u32::from(b'\n')], &cfg)
+            && let Ok(programs) = tessera_compiler::driver::compile_generate(&sample_model, Default::default())
+            && let Ok(ids) = tessera_runtime::infer::generate(&programs, &weights, &[u32::from(b'\n')], &cfg)
             && let Ok(tok) = tokenizer_of(&sample_model)
         {
             println!("--- sample ---\n{}\n--------------", tok.decode(&ids));
@@ -1110,7 +1111,8 @@ fn sample(
         )));
     }
     let cfg = &flags.over(&tessera_runtime::infer::SampleConfig::of_spec(m.infer.as_ref()));
-    let mut g = tessera_runtime::infer::Generator::new(&m, &params).map_err(|e| fail(&e))?;
+    let programs = tessera_compiler::driver::compile_generate(&m, Default::default()).map_err(|e| fail(&e))?;
+    let mut g = tessera_runtime::infer::Generator::new(programs, &params).map_err(|e| fail(&e))?;
     if let (true, Some(why)) = (cfg.kv_cache, g.no_step()) {
         eprintln!("note: no KV cache for `{}`, every token recomputes the context: {why}", m.name);
     }
