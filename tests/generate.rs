@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use tessera::compiler::{Model, Options, SourceMap, check_path};
 use tessera::runtime::exec::Interpreter;
-use tessera::runtime::infer::{Generator, SampleConfig, generate, generate_cached, generate_window};
+use tessera::runtime::infer::{Generator, SampleConfig, generate};
 use tessera::runtime::tensor::Tensor;
 
 /// `spec` with `sets`, checked for one sequence at a time (as `tessera sample` checks it).
@@ -148,9 +148,9 @@ fn a_model_whose_logits_mix_positions_recomputes_the_window() {
     assert!(why.contains("`attention`") && why.contains("not causal"), "{why}");
     let cfg = SampleConfig { tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
     let prompt = [10u32, 20, 30];
-    let p = programs(&m);
-    let a = generate(&p, &params, &prompt, &cfg).expect("generates");
-    assert_eq!(a, generate_window(&p, &params, &prompt, &cfg).expect("recomputes"));
-    assert!(generate_cached(&p, &params, &prompt, &cfg).is_err(), "no cache to decode with");
+    let a = generate(&programs(&m), &params, &prompt, &cfg).expect("generates");
+    let mut g = Generator::new(programs(&m), &params).expect("loads");
+    assert_eq!(a, g.generate_window(&prompt, &cfg).expect("recomputes"));
+    assert!(g.generate_cached(&prompt, &cfg).is_err(), "no cache to decode with");
     let _ = std::fs::remove_file(&path);
 }

@@ -230,7 +230,7 @@ fn bench_reports_tokens_per_second_and_gflops() {
 
 #[test]
 fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
-    use tessera::runtime::infer::{SampleConfig, generate_cached, generate_window};
+    use tessera::runtime::infer::{Generator, SampleConfig};
     let mut sources = SourceMap::new();
     let overrides = vec!["dims.seq=16".into(), "dims.embed=32".into(), "train.batch=4".into()];
     let opts = Options { overrides, model: None, micro_batch: Some(1), ..Default::default() };
@@ -245,16 +245,18 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     for tokens in [5, 10, 30] {
         // 30 tokens overflow the 16-token context: both restart/slide.
         let greedy = SampleConfig { tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
-        let cached = generate_cached(&m, &params, &prompt, &greedy).expect("cached");
-        let window = generate_window(&m, &params, &prompt, &greedy).expect("recomputed");
+        let mut g = Generator::new(m.clone(), &params).expect("loads");
+        let cached = g.generate_cached(&prompt, &greedy).expect("cached");
+        let window = g.generate_window(&prompt, &greedy).expect("recomputed");
         let within = (16 - prompt.len()).min(tokens);
         assert_eq!(cached[..within], window[..within], "the first {within} tokens agree");
         assert_eq!(cached.len(), tokens);
     }
     // Seeded sampling explores varied tokens; both paths draw the same ones.
     let sampled = SampleConfig { tokens: 10, temperature: 1.0, top_k: None, top_p: None, seed: 3, kv_cache: true };
-    let cached = generate_cached(&m, &params, &prompt, &sampled).expect("cached");
-    let window = generate_window(&m, &params, &prompt, &sampled).expect("recomputed");
+    let mut g = Generator::new(m, &params).expect("loads");
+    let cached = g.generate_cached(&prompt, &sampled).expect("cached");
+    let window = g.generate_window(&prompt, &sampled).expect("recomputed");
     assert_eq!(cached, window);
     let distinct: std::collections::BTreeSet<_> = cached.iter().collect();
     assert!(distinct.len() >= 3, "a non-degenerate sample: {cached:?}");

@@ -167,6 +167,16 @@ impl Generator {
         if cfg.kv_cache && self.no_step().is_none() { cached(self, prompt, cfg) } else { recomputed(self, prompt, cfg) }
     }
 
+    /// [`Generator::generate`] with the KV cache (an error for a model without a step program).
+    pub fn generate_cached(&mut self, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u32>, SampleError> {
+        cached(self, prompt, cfg)
+    }
+
+    /// [`Generator::generate`] recomputing the window for every token.
+    pub fn generate_window(&mut self, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u32>, SampleError> {
+        recomputed(self, prompt, cfg)
+    }
+
     /// Why the model has no step program (`None`: it decodes with the KV cache).
     pub fn no_step(&self) -> Option<&str> {
         self.programs.step.as_ref().err().map(|s| s.as_str())
@@ -219,26 +229,6 @@ pub fn generate(
     cfg: &SampleConfig,
 ) -> Result<Vec<u32>, SampleError> {
     Generator::new(programs.clone(), params)?.generate(prompt, cfg)
-}
-
-/// Generation with the KV cache (an error for a model without a step program).
-pub fn generate_cached(
-    programs: &Generation,
-    params: &[Tensor<f32>],
-    prompt: &[u32],
-    cfg: &SampleConfig,
-) -> Result<Vec<u32>, SampleError> {
-    cached(&mut Generator::new(programs.clone(), params)?, prompt, cfg)
-}
-
-/// Generation by recomputing the window for every token.
-pub fn generate_window(
-    programs: &Generation,
-    params: &[Tensor<f32>],
-    prompt: &[u32],
-    cfg: &SampleConfig,
-) -> Result<Vec<u32>, SampleError> {
-    recomputed(&mut Generator::new(programs.clone(), params)?, prompt, cfg)
 }
 
 /// The prompt, or a newline when it is empty.

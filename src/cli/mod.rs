@@ -249,37 +249,33 @@ enum IrGraph {
 }
 
 fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
-    if let IrGraph::Window | IrGraph::Decode = which {
-        let g = tessera_compiler::driver::compile_generate(m, Default::default());
-        let p = g.map_err(|e| e.to_string()).and_then(|g| match which {
-            IrGraph::Window => Ok(g.window),
-            _ => g.step.map_err(|why| format!("`{}` has no decode step program: {why}", m.name)),
-        });
-        return match p {
-            Ok(p) => {
-                print!("{}", tessera_compiler::lower::text::print(&p));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
-            }
-        };
-    }
-    if let IrGraph::Eval = which {
-        let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
-        let p = tessera_compiler::driver::compile_with(m, Some(&[0]), passes)
-            .and_then(|c| tessera_compiler::driver::compile_eval(m, &c.backward, passes));
-        return match p {
-            Ok(p) => {
-                print!("{}", tessera_compiler::lower::text::print(&p));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(1)
-            }
-        };
+    // The one-device programs: evaluation and generation.
+    let program = match which {
+        IrGraph::Window | IrGraph::Decode => {
+            let g = tessera_compiler::driver::compile_generate(m, Default::default());
+            Some(g.map_err(|e| e.to_string()).and_then(|g| match which {
+                IrGraph::Window => Ok(g.window),
+                _ => g.step.map_err(|why| format!("`{}` has no decode step program: {why}", m.name)),
+            }))
+        }
+        IrGraph::Eval => {
+            let passes = tessera_compiler::driver::Passes { lower: false, ..Default::default() };
+            let p = tessera_compiler::driver::compile_with(m, Some(&[0]), passes)
+                .and_then(|c| tessera_compiler::driver::compile_eval(m, &c.backward, passes));
+            Some(p.map_err(|e| e.to_string()))
+        }
+        _ => None,
+    };
+    match program {
+        Some(Ok(p)) => {
+            print!("{}", tessera_compiler::lower::text::print(&p));
+            return ExitCode::SUCCESS;
+        }
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+        None => {}
     }
     if let IrGraph::Lowered = which {
         if rank >= m.parallel.world() {
