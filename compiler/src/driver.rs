@@ -95,8 +95,10 @@ impl Generation {
 /// whatever its layout (the weights are the logical ones).
 pub fn compile_generate(m: &Model, passes: Passes) -> Result<Generation, PassError> {
     use crate::lower::Region;
+    let mut one = m.clone();
+    one.parallel = crate::config::Parallel::default();
     let lowered = |chunk| -> Result<Program, String> {
-        let p = lower::lower_generate(m, chunk, passes.fuse).map_err(|e| e.message)?;
+        let p = lower::lower_generate(&one, chunk, passes.fuse).map_err(|e| e.message)?;
         if passes.verify {
             lower::verify::verify(&p).map_err(|e| e.to_string())?;
         }

@@ -21,7 +21,8 @@ use crate::backend::{self, Backend, cpu::Cpu};
 use crate::exec::kernels::uniform;
 use crate::tensor::Tensor;
 use tessera_compiler::driver::Generation;
-use tessera_compiler::lower::{BufId, Program};
+use tessera_compiler::ir::TensorType;
+use tessera_compiler::lower::{BufId, Buffer, Program};
 
 #[derive(Debug, Clone)]
 pub struct SampleConfig {
@@ -191,9 +192,7 @@ impl Generator {
         }
         let mut x = vec![0f32; self.seq];
         x.iter_mut().zip(context).for_each(|(x, &t)| *x = t as f32);
-        let p = &self.programs.window;
-        let logits = run(&mut self.cpu, p, &self.window, &x, None)?;
-        Ok(logits[(n - 1) * self.vocab..n * self.vocab].to_vec())
+        run(&mut self.cpu, &self.programs.window, &self.window, &x, None, n - 1)
     }
 
     /// The logits after `token` at position `pos`, from the step program
@@ -205,19 +204,36 @@ impl Generator {
         if pos >= self.seq {
             return Err(SampleError::Run(format!("position {pos} is past the context of {}", self.seq)));
         }
-        run(&mut self.cpu, p, io, &[token as f32], Some(pos))
+        run(&mut self.cpu, p, io, &[token as f32], Some(pos), 0)
     }
 }
 
-/// Run `p` on `tokens` (at `pos` for a step) and read its logits.
-fn run(cpu: &mut Cpu, p: &Program, io: &Io, tokens: &[f32], pos: Option<usize>) -> Result<Vec<f32>, SampleError> {
+/// Run `p` on `tokens` (at `pos` for a step) and read row `row` of its
+/// logits `[1, positions, vocab]` (only that row is copied out).
+fn run(
+    cpu: &mut Cpu,
+    p: &Program,
+    io: &Io,
+    tokens: &[f32],
+    pos: Option<usize>,
+    row: usize,
+) -> Result<Vec<f32>, SampleError> {
     let fail = |e: &dyn std::fmt::Display| SampleError::Run(e.to_string());
     cpu.upload(p.buffer(io.tokens), tokens).map_err(|e| fail(&e))?;
     if let (Some(b), Some(pos)) = (io.pos, pos) {
         cpu.upload(p.buffer(b), &[pos as f32]).map_err(|e| fail(&e))?;
     }
     backend::run(cpu, p, None, 0).map_err(|e| fail(&e))?;
-    cpu.download(p.buffer(io.logits)).map_err(|e| fail(&e))
+    let logits = p.buffer(io.logits);
+    let vocab = logits.ty.dims.last().cloned().ok_or_else(|| fail(&"logits without dims"))?;
+    let one = Buffer {
+        offset: logits.offset + row as u64 * vocab.size * logits.ty.dtype.bytes(),
+        ty: TensorType::new(logits.ty.dtype, vec![vocab]),
+        view_of: Some(io.logits),
+        name: "logits".into(),
+        ..logits.clone()
+    };
+    cpu.download(&one).map_err(|e| fail(&e))
 }
 
 /// Continue `prompt` by `cfg.tokens` tokens with a model's generation

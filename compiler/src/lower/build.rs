@@ -58,9 +58,10 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
     Ok(b.finish(fuse))
 }
 
-/// Lower the generation of model `m` on one device, whatever its layout
-/// (the weights are the logical ones): the `logits` of a run of the
-/// `tokens` input, in the io buffer `logits`, dropout off.
+/// Lower the generation of model `m`, laid out on one device (the driver
+/// drops a training layout: the weights are the logical ones): the
+/// `logits` of a run of the `tokens` input, in the io buffer `logits`,
+/// dropout off.
 ///
 /// - `chunk = None`, the **window** program: the forward pass over all `seq`
 ///   positions from position 0; each causal attention also copies its keys
@@ -85,16 +86,20 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
 /// runs both: a window fills the cache, steps extend it.
 pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Program, LowerError> {
     let fail = |message: String| LowerError { rank: 0, message };
-    let mut one = m.clone();
-    one.parallel = crate::config::Parallel::default();
+    if m.parallel.world() != 1 {
+        return Err(fail(format!("generation runs on one device; lower `{}` without its layout", m.name)));
+    }
     let logits = m
         .graph
         .output("logits")
         .ok_or_else(|| fail(format!("`{}` defines no `logits` to generate from; name the output `logits`", m.name)))?;
-    let tokens =
-        m.inputs.iter().find(|x| x.name == "tokens").ok_or_else(|| fail("generation needs a `tokens` input".into()))?;
-    let seq = tokens.ty.dims.last().ok_or_else(|| fail("`tokens` has no dims".into()))?;
-    let run = tokens.ty.numel() / seq.size.max(1) * chunk.unwrap_or(seq.size);
+    let tokens = m
+        .inputs
+        .iter()
+        .position(|x| x.name == "tokens")
+        .ok_or_else(|| fail("generation needs a `tokens` input".into()))?;
+    let seq = m.inputs[tokens].ty.dims.last().ok_or_else(|| fail("`tokens` has no dims".into()))?;
+    let run = m.inputs[tokens].ty.numel() / seq.size.max(1) * chunk.unwrap_or(seq.size);
     let prog = RankProgram {
         rank: 0,
         coords: Vec::new(),
@@ -111,11 +116,11 @@ pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Progr
         stage: None,
         micro: 1,
     };
-    let mesh = Mesh::of(&one).map_err(|e| fail(e.to_string()))?;
+    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
     let mut b = Builder::new(&prog, &mesh);
     b.act = storage(m).map_err(fail)?;
     b.training = false;
-    b.generation(m, chunk).map_err(fail)?;
+    b.generation(m, tokens, chunk).map_err(fail)?;
     Ok(b.finish(fuse))
 }
 
@@ -434,10 +439,20 @@ impl<'a> Builder<'a> {
     ) -> Result<(), String> {
         vals.resize(g.len(), None);
         let wide = grad_values(g, bind.grads, self.prog.params.len());
-        // A step program's values hold its run of positions only.
+        // A step program's values hold its run of positions only; a position
+        // table (an input-less value over the sequence: learned positions, a
+        // sinusoid) is whole, and its rows at `pos` are taken after it.
         let step = self.generate.as_ref().and_then(|x| x.step.map(|(n, pos)| (x.seq.clone(), n, pos)));
-        let tys: Option<Vec<TensorType>> =
-            step.as_ref().map(|(seq, n, _)| g.nodes.iter().map(|x| positions(&x.ty, seq, *n)).collect());
+        let table = |i: usize| {
+            let n = &g.nodes[i];
+            step.as_ref()
+                .is_some_and(|(seq, ..)| n.inputs.is_empty() && n.ty.has(seq) && !matches!(n.op, Op::Input { .. }))
+        };
+        let tys: Option<Vec<TensorType>> = step.as_ref().map(|(seq, n, _)| {
+            (0..g.len())
+                .map(|i| if table(i) { g.nodes[i].ty.clone() } else { positions(&g.nodes[i].ty, seq, *n) })
+                .collect()
+        });
         let ty_of = |i: usize| tys.as_ref().map_or(&g.nodes[i].ty, |t| &t[i]);
         let temp = |b: &mut Self, i: usize| {
             if wide[i] { b.temp(ty_of(i).clone()) } else { b.act_temp(ty_of(i)) }
@@ -457,62 +472,10 @@ impl<'a> Builder<'a> {
             let node = &g.nodes[i];
             let operand = |v: &ValueId| vals[v.index()].ok_or_else(|| format!("{v} is read before it is computed"));
             let ins: Vec<BufId> = node.inputs.iter().map(operand).collect::<Result<_, _>>()?;
-            if let Some((seq, _, pos)) = &step {
-                if let Some(why) = mixes_positions(g, i, seq) {
-                    return Err(why);
-                }
-                // A position table (an input-less value over the sequence): its rows at `pos`.
-                if node.inputs.is_empty() && node.ty.has(seq) && !matches!(node.op, Op::Input { .. }) {
-                    let whole = match &node.op {
-                        Op::Param { index, layer } => {
-                            let w = bind.weights.get(*index).copied().flatten().ok_or("a position table not held")?;
-                            self.layer_view(w, &bind.params[*index], *layer, &node.ty)?
-                        }
-                        op => {
-                            let t = self.act_temp(&node.ty);
-                            self.emit(
-                                Kind::Op { op: op.clone(), rng: None, accumulate: false, rows: false },
-                                vec![],
-                                vec![t],
-                            );
-                            t
-                        }
-                    };
-                    let o = temp(self, i);
-                    self.emit(Kind::RowsAt { dim: seq.clone() }, vec![whole, *pos], vec![o]);
-                    vals[i] = Some(o);
-                    continue;
-                }
-                let at = |op: Op| Kind::At { op, dim: seq.clone() };
-                match &node.op {
-                    Op::Attention { causal, mask, rel, window, .. } if cached_attention(g, i, seq) => {
-                        let (kc, vc) = self
-                            .generate
-                            .as_ref()
-                            .and_then(|x| x.caches.get(&i).copied())
-                            .ok_or("an attention without its cache")?;
-                        self.emit(Kind::CacheWrite { dim: seq.clone() }, vec![ins[1], *pos], vec![kc]);
-                        self.emit(Kind::CacheWrite { dim: seq.clone() }, vec![ins[2], *pos], vec![vc]);
-                        let op = Op::Attention {
-                            causal: *causal,
-                            dropout: 0.0,
-                            mask: *mask,
-                            rel: rel.clone(),
-                            window: *window,
-                        };
-                        let o = temp(self, i);
-                        self.emit(at(op), vec![ins[0], kc, vc, *pos], vec![o]);
-                        vals[i] = Some(o);
-                        continue;
-                    }
-                    Op::Rope { .. } => {
-                        let o = temp(self, i);
-                        self.emit(at(node.op.clone()), vec![ins[0], *pos], vec![o]);
-                        vals[i] = Some(o);
-                        continue;
-                    }
-                    _ => {}
-                }
+            if let Some((seq, ..)) = &step
+                && let Some(why) = mixes_positions(g, i, seq)
+            {
+                return Err(why);
             }
             let out = match &node.op {
                 Op::Input { index } => match bind.inputs.get(*index).or_else(|| bind.extra.get(index)) {
@@ -572,14 +535,40 @@ impl<'a> Builder<'a> {
                         None => false,
                     };
                     let o = temp(self, i);
-                    self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins.clone(), vec![o]);
-                    // The window program fills the KV cache.
-                    if let Some(&(kc, vc)) = self.generate.as_ref().and_then(|x| x.caches.get(&i)) {
-                        self.emit(Kind::Copy, vec![ins[1]], vec![kc]);
-                        self.emit(Kind::Copy, vec![ins[2]], vec![vc]);
+                    let cache = self.generate.as_ref().and_then(|x| x.caches.get(&i).copied());
+                    match (&step, cache) {
+                        // A decode step: the run's keys and values into the
+                        // cache, and attention over the cache up to them.
+                        (Some((seq, _, pos)), Some((kc, vc))) => {
+                            let dim = seq.clone();
+                            self.emit(Kind::CacheWrite { dim: dim.clone() }, vec![ins[1], *pos], vec![kc]);
+                            self.emit(Kind::CacheWrite { dim: dim.clone() }, vec![ins[2], *pos], vec![vc]);
+                            self.emit(Kind::At { op, dim }, vec![ins[0], kc, vc, *pos], vec![o]);
+                        }
+                        (Some((seq, _, pos)), None) if matches!(op, Op::Rope { .. }) => {
+                            self.emit(Kind::At { op, dim: seq.clone() }, vec![ins[0], *pos], vec![o]);
+                        }
+                        _ => {
+                            let kv = cache.map(|c| (c, ins[1], ins[2]));
+                            self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins, vec![o]);
+                            // The window program fills the KV cache.
+                            if let Some(((kc, vc), k, v)) = kv {
+                                self.emit(Kind::Copy, vec![k], vec![kc]);
+                                self.emit(Kind::Copy, vec![v], vec![vc]);
+                            }
+                        }
                     }
                     o
                 }
+            };
+            // A position table's rows at `pos`.
+            let out = match &step {
+                Some((seq, n, pos)) if table(i) => {
+                    let o = self.act_temp(&positions(&node.ty, seq, *n));
+                    self.emit(Kind::RowsAt { dim: seq.clone() }, vec![out, *pos], vec![o]);
+                    o
+                }
+                _ => out,
             };
             vals[i] = Some(out);
         }
@@ -635,6 +624,16 @@ impl<'a> Builder<'a> {
         (matches!(self.instrs[i].kind, Kind::Op { .. }) && self.instrs[i].outs.len() == 1).then_some(i)
     }
 
+    /// The weights of every parameter this rank holds, `w.k`, in the storage dtype.
+    fn held_weights(&mut self) {
+        for k in 0..self.prog.params.len() {
+            if self.prog.params[k].held {
+                let ty = self.stored(&self.prog.params[k].local.ty);
+                self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
+            }
+        }
+    }
+
     /// An evaluation: every microbatch's forward pass, the losses summed.
     fn evaluation(&mut self, m: &Model) -> Result<(), String> {
         let prog = self.prog;
@@ -644,24 +643,10 @@ impl<'a> Builder<'a> {
         if self.mesh.zero >= 3 {
             return Err("evaluation programs under ZeRO 3 are not lowered yet; evaluate on one device".into());
         }
-        for k in 0..prog.params.len() {
-            if prog.params[k].held {
-                let ty = self.stored(&prog.params[k].local.ty);
-                self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
-            }
-        }
+        self.held_weights();
         // The forward pass: the loss and what it is computed from.
         let g = &prog.graph;
-        let mut need = vec![false; g.len()];
-        need[prog.loss.index()] = true;
-        for i in (0..g.len()).rev() {
-            if need[i] {
-                for v in &g.nodes[i].inputs {
-                    need[v.index()] = true;
-                }
-            }
-        }
-        self.only = Some(need);
+        self.only = Some(ancestors(g, prog.loss));
         self.phase("evaluation start".into());
         self.emit(Kind::Zero, vec![], vec![self.loss]);
         let metas = prog.local_params();
@@ -684,12 +669,12 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// A generation program ([`lower_generate`]).
-    fn generation(&mut self, m: &Model, chunk: Option<u64>) -> Result<(), String> {
+    /// A generation program ([`lower_generate`]) of the graph's `logits`
+    /// (`prog.loss`), from model input `tokens`.
+    fn generation(&mut self, m: &Model, tokens: usize, chunk: Option<u64>) -> Result<(), String> {
         let prog = self.prog;
         let g = &prog.graph;
-        let tokens = m.inputs.iter().position(|x| x.name == "tokens").ok_or("generation needs a `tokens` input")?;
-        let logits = g.output("logits").ok_or("generation needs a value named `logits`")?;
+        let logits = prog.loss;
         let seq = m.inputs[tokens].ty.dims.last().ok_or("`tokens` has no dims")?.clone();
         if let Some(n) = chunk
             && (n == 0 || n > seq.size)
@@ -699,20 +684,9 @@ impl<'a> Builder<'a> {
         if !g.ty(logits).has(&seq.name) {
             return Err(format!("`logits` is {}, without the sequence dim `{}`", g.ty(logits), seq.name));
         }
-        for k in 0..prog.params.len() {
-            let ty = self.stored(&prog.params[k].local.ty);
-            self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
-        }
+        self.held_weights();
         // The logits and what they are computed from.
-        let mut need = vec![false; g.len()];
-        need[logits.index()] = true;
-        for i in (0..g.len()).rev() {
-            if need[i] {
-                for v in &g.nodes[i].inputs {
-                    need[v.index()] = true;
-                }
-            }
-        }
+        let need = ancestors(g, logits);
         for (i, n) in g.nodes.iter().enumerate() {
             if let Op::Input { index } = n.op
                 && need[i]
@@ -744,13 +718,21 @@ impl<'a> Builder<'a> {
         self.phase(if chunk.is_some() { "decode step".into() } else { "window".into() });
         let metas = prog.local_params();
         let weights = self.w.clone();
+        // Only `tokens` is read (checked above): every input index binds to it.
         let inputs = vec![x; m.inputs.len()];
         let extra = HashMap::new();
         let bind = Bind { inputs: &inputs, params: &metas, weights: &weights, extra: &extra, grads: &[] };
         let mut vals = Vec::new();
         self.nodes(g, 0..g.len(), &mut vals, &bind)?;
         let l = vals[logits.index()].ok_or("the logits were not computed")?;
-        self.emit(Kind::Copy, vec![l], vec![out]);
+        // The op that makes the logits writes them out directly where nothing else reads them.
+        match self.sole_producer(l) {
+            Some(i) => {
+                self.instrs[i].outs[0] = out;
+                self.producer.insert(out, i);
+            }
+            None => self.emit(Kind::Copy, vec![l], vec![out]),
+        }
         Ok(())
     }
 
@@ -1348,6 +1330,20 @@ impl<'a> Builder<'a> {
             phases: self.phases.into_iter().map(|(at, name)| Phase { at: at as u32, name }).collect(),
         }
     }
+}
+
+/// Which values of `g` `root` is computed from (`root` included).
+fn ancestors(g: &Graph, root: ValueId) -> Vec<bool> {
+    let mut need = vec![false; g.len()];
+    need[root.index()] = true;
+    for i in (0..g.len()).rev() {
+        if need[i] {
+            for v in &g.nodes[i].inputs {
+                need[v.index()] = true;
+            }
+        }
+    }
+    need
 }
 
 /// Which values of `g` are model parameters' gradients (of the `grads`

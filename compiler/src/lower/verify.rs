@@ -345,7 +345,7 @@ fn position_of(t: &TensorType, b: &BufId) -> Result<(), String> {
     }
 }
 
-/// `part` is some rows of `whole` along `dim`: the same dims, none longer along `dim`.
+/// `part` is some rows of `whole` along `dim`: the same dtype and dims, none longer along `dim`.
 fn rows_of(part: &TensorType, whole: &TensorType, dim: &str) -> Result<(), String> {
     let names = |t: &TensorType| t.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
     let fits = names(part) == names(whole)
@@ -354,7 +354,7 @@ fn rows_of(part: &TensorType, whole: &TensorType, dim: &str) -> Result<(), Strin
             .iter()
             .zip(&whole.dims)
             .all(|(a, b)| if a.name == dim { a.size <= b.size } else { a.size == b.size })
-        && part.dtype.is_float() == whole.dtype.is_float()
+        && part.dtype == whole.dtype
         && part.has(dim);
     if fits { Ok(()) } else { Err(format!("{part} is not rows of {whole} along `{dim}`")) }
 }

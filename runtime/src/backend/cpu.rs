@@ -99,10 +99,6 @@ fn staged(b: &Buffer) -> bool {
     !in_regions(b)
 }
 
-fn region_index(r: Region) -> usize {
-    r.index()
-}
-
 fn range(b: &Buffer) -> std::ops::Range<usize> {
     let at = (b.offset / 4) as usize;
     at..at + b.ty.numel() as usize
@@ -118,7 +114,7 @@ fn disjoint(a: &Buffer, b: &Buffer) -> bool {
 /// per region, so that its loads and in-place stores share their provenance.
 fn at(bases: &[*mut f32; Region::COUNT], b: &Buffer) -> *mut f32 {
     // SAFETY: a buffer's elements lie inside its region.
-    unsafe { bases[region_index(b.region)].add(range(b).start) }
+    unsafe { bases[b.region.index()].add(range(b).start) }
 }
 
 /// A buffer's elements, from `bases` ([`Cpu::bases`]).
@@ -179,21 +175,21 @@ impl Cpu {
     /// An f32 buffer's elements.
     fn slice(&self, b: &Buffer) -> &[f32] {
         debug_assert!(!staged(b), "a {} buffer read as f32", b.ty);
-        &self.regions[region_index(b.region)][range(b)]
+        &self.regions[b.region.index()][range(b)]
     }
 
     fn slice_mut(&mut self, b: &Buffer) -> &mut [f32] {
         debug_assert!(!staged(b), "a {} buffer written as f32", b.ty);
-        &mut self.regions[region_index(b.region)][range(b)]
+        &mut self.regions[b.region.index()][range(b)]
     }
 
     /// A buffer's bytes.
     fn bytes(&self, b: &Buffer) -> &[u8] {
-        region_bytes(&self.regions[region_index(b.region)], b)
+        region_bytes(&self.regions[b.region.index()], b)
     }
 
     fn bytes_mut(&mut self, b: &Buffer) -> &mut [u8] {
-        region_bytes_mut(&mut self.regions[region_index(b.region)], b)
+        region_bytes_mut(&mut self.regions[b.region.index()], b)
     }
 
     /// A buffer's elements as f32 values.
@@ -225,8 +221,9 @@ impl Cpu {
     }
 
     /// Rows `pos..pos + n` of `whole` along `dim` and the `n` rows of `part`
-    /// (both of one dtype): `take` copies them into `dst` = `part` (`rows_at`),
-    /// else `src` = `part` into them (`cache_write`).
+    /// (both of one dtype, moved as bytes): `take` copies them into `dst` =
+    /// `part` (`rows_at`), else `src` = `part` into them (`cache_write`).
+    /// Only the rows moved are read.
     fn move_rows(&mut self, src: &Buffer, dst: &Buffer, dim: &str, pos: usize, take: bool) -> Result<(), String> {
         let (whole, part) = if take { (src, dst) } else { (dst, src) };
         let at = whole.ty.dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}`"))?;
@@ -239,17 +236,18 @@ impl Cpu {
             ));
         }
         let outer: usize = whole.ty.dims[..at].iter().map(|d| d.size as usize).product();
-        let es = whole.ty.dtype.bytes() as usize;
-        let row: usize = whole.ty.dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>() * es;
-        let from = self.bytes(src).to_vec();
-        let to = self.bytes_mut(dst);
+        let row = whole.ty.dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>()
+            * whole.ty.dtype.bytes() as usize;
+        let run = n * row;
+        // Where the o-th run of rows starts in `whole` and in `part`.
+        let starts = |o: usize| ((o * rows + pos) * row, o * run);
+        let from = |o: usize| if take { starts(o).0 } else { starts(o).1 };
+        let to = |o: usize| if take { starts(o).1 } else { starts(o).0 };
+        let src_bytes = self.bytes(src);
+        let moved: Vec<u8> = (0..outer).flat_map(|o| &src_bytes[from(o)..from(o) + run]).copied().collect();
+        let dst_bytes = self.bytes_mut(dst);
         for o in 0..outer {
-            let (w, pt) = ((o * rows + pos) * row, o * n * row);
-            if take {
-                to[pt..pt + n * row].copy_from_slice(&from[w..w + n * row]);
-            } else {
-                to[w..w + n * row].copy_from_slice(&from[pt..pt + n * row]);
-            }
+            dst_bytes[to(o)..to(o) + run].copy_from_slice(&moved[o * run..(o + 1) * run]);
         }
         Ok(())
     }
@@ -1026,7 +1024,7 @@ impl Backend for Cpu {
         for (r, &n) in self.regions.iter_mut().zip(&sizes) {
             *r = vec![0f32; n.div_ceil(4) as usize];
         }
-        self.arena_bytes = sizes[region_index(Region::Arena)].div_ceil(64) * 64;
+        self.arena_bytes = sizes[Region::Arena.index()].div_ceil(64) * 64;
         Ok(())
     }
 
@@ -1056,13 +1054,11 @@ impl Backend for Cpu {
         comm: Option<&'c RankComm<'c>>,
         seed: u64,
     ) -> Result<(), String> {
-        // Rows move as bytes, in any dtype.
+        // Rows move as bytes, in their dtype (the verifier checks both sides share it).
         if let Kind::RowsAt { dim } | Kind::CacheWrite { dim } = &ins.kind {
             let (src, dst) = (p.buffer(ins.ins[0]), p.buffer(ins.outs[0]));
-            if src.ty.dtype == dst.ty.dtype {
-                let pos = self.position(p.buffer(ins.ins[1]))?;
-                return self.move_rows(src, dst, dim, pos, matches!(ins.kind, Kind::RowsAt { .. }));
-            }
+            let pos = self.position(p.buffer(ins.ins[1]))?;
+            return self.move_rows(src, dst, dim, pos, matches!(ins.kind, Kind::RowsAt { .. }));
         }
         // Each buffer of another dtype than f32, once, with its f32 shadow past the arena.
         let mut shadows: Vec<(BufId, Buffer)> = Vec::new();
@@ -1079,7 +1075,7 @@ impl Backend for Cpu {
         if shadows.is_empty() {
             return self.run(ins, comm, seed, &|b| p.buffer(*b));
         }
-        let arena = &mut self.regions[region_index(Region::Arena)];
+        let arena = &mut self.regions[Region::Arena.index()];
         if (arena.len() as u64) < top / 4 {
             arena.resize((top / 4) as usize, 0.0);
         }
@@ -1087,7 +1083,7 @@ impl Backend for Cpu {
         let reads_outputs = match &ins.kind {
             Kind::Op { accumulate, rows, .. } => *accumulate || *rows,
             Kind::Kernel { kernel } => kernel.rows.is_some(),
-            Kind::Accumulate | Kind::Scale { .. } | Kind::Collective { .. } | Kind::CacheWrite { .. } => true,
+            Kind::Accumulate | Kind::Scale { .. } | Kind::Collective { .. } => true,
             _ => false,
         };
         for (b, shadow) in &shadows {
@@ -1150,7 +1146,7 @@ fn shadow_split<'r>(
     region: Region,
     shadow: &Buffer,
 ) -> (&'r mut [f32], &'r mut [f32]) {
-    let (a, r) = (region_index(Region::Arena), region_index(region));
+    let (a, r) = (Region::Arena.index(), region.index());
     let (at, n) = (shadow.offset as usize / 4, shadow.ty.numel() as usize);
     if r == a {
         let (low, high) = regions[a].split_at_mut(at);
@@ -1484,11 +1480,10 @@ impl Cpu {
                 self.scatter(&outs, &data);
                 Ok(())
             }
-            // Both streams are program order on the CPU: events order nothing further.
             Kind::At { op: Op::Attention { window, .. }, dim } => {
                 let [q, kc, vc, pos] = [0, 1, 2, 3].map(|j| buf(&ins.ins[j]));
                 let out = buf(&ins.outs[0]);
-                let pos = self.slice(pos)[0] as usize;
+                let pos = self.position(pos)?;
                 let n = q.ty.dim(dim).map_or(0, |d| d.size as usize);
                 // The keys and values of positions [0, pos + n).
                 let (kd, k) = prefix(&kc.ty.dims, self.slice(kc), dim, pos + n)?;
@@ -1509,16 +1504,13 @@ impl Cpu {
             }
             Kind::At { op: Op::Rope { theta, fraction }, .. } => {
                 let (x, out) = (buf(&ins.ins[0]), buf(&ins.outs[0]));
-                let pos = self.slice(buf(&ins.ins[1]))[0] as usize;
+                let pos = self.position(buf(&ins.ins[1]))?;
                 let y = crate::exec::kernels::rope(&self.tensor(x), *theta, *fraction, false, pos);
                 self.store(out, &y, false)
             }
             Kind::At { op, .. } => Err(format!("`{}` does not run at a position", op.name())),
-            Kind::RowsAt { dim } | Kind::CacheWrite { dim } => {
-                // Rows of two dtypes: through the f32 shadows.
-                let pos = self.slice(buf(&ins.ins[1]))[0] as usize;
-                self.move_rows(buf(&ins.ins[0]), buf(&ins.outs[0]), dim, pos, matches!(ins.kind, Kind::RowsAt { .. }))
-            }
+            Kind::RowsAt { .. } | Kind::CacheWrite { .. } => Err("rows are moved as bytes by `execute`".into()),
+            // Both streams are program order on the CPU: events order nothing further.
             Kind::Record { .. } | Kind::Wait { .. } => Ok(()),
             Kind::SkipIfNonFinite { .. } => Err("the guard is decided by `backend::run`".into()),
         }
