@@ -55,3 +55,10 @@ pub const GPT2_TINY: &[&str] =
 pub fn with(a: &[&'static str], b: &[&'static str]) -> Vec<&'static str> {
     a.iter().chain(b).copied().collect()
 }
+
+/// A trainer for `m`: the driver's passes (`compile_training`, no memory
+/// check), then the runtime's `Trainer`.
+pub fn trainer(m: &Model, cfg: tessera::runtime::train::RunConfig) -> Result<tessera::runtime::train::Trainer, String> {
+    let training = tessera::compiler::driver::compile_training(m, None).map_err(|e| e.to_string())?;
+    tessera::runtime::train::Trainer::new(training, cfg).map_err(|e| e.to_string())
+}

@@ -109,7 +109,7 @@ fn check(spec: &str, fixture: &str, small: bool) {
         .collect();
     let mut opt = OptimizerState::new(&m.params, &train.optimizer);
     let mut updated = params.clone();
-    reference::update(&m, &mut opt, &mut updated, &reference, learning_rate(train, 0, 1, 1), 1, train.clip);
+    reference::update(&m.params, &mut opt, &mut updated, &reference, learning_rate(train, 0, 1, 1), 1, train.clip);
     for (p, u) in m.params.iter().zip(&updated) {
         let e = rel_err(&u.data, &fx.get(&format!("updated.{}", p.path)));
         assert!(e <= 1e-5, "{fixture}: {} after one optimizer step, relative error {e:.2e}", p.path);
@@ -123,14 +123,14 @@ fn check(spec: &str, fixture: &str, small: bool) {
     let m = model_with(spec, small, &["parallel.mesh.data=1"]);
     let c = compile(&m).expect("lowers");
     let opt = OptimizerState::new(&m.params, &train.optimizer);
-    let ranks = Ranks::new(&m, &c, Start::State(&params, &opt), &opt.optimizer, Default::default()).expect("starts");
+    let ranks = Ranks::new(&c, Start::State(&params, &opt), &opt.optimizer, Default::default()).expect("starts");
     let feed = |_: u64| inputs.clone();
     let report = ranks.step(0, 0, learning_rate(train, 0, 1, 1), &feed, None).expect("runs")[0];
     let e = rel_err(&[report.loss.expect("one device computes the loss") as f32], &fx.get("loss"));
     assert!(e <= 1e-5, "{fixture}: lowered loss relative error {e:.2e}");
-    let after = ranks.weights(&m, &c).expect("weights");
+    let after = ranks.weights(&c).expect("weights");
     for (k, p) in m.params.iter().enumerate() {
-        let g = ranks.read(0, &format!("g.{k}")).expect("reads").expect("a gradient buffer");
+        let g = ranks.read(0, tessera::compiler::lower::Bound::Grad(k)).expect("reads").expect("a gradient buffer");
         let want = fx.get(&format!("grad.{}", p.path));
         let e = rel_err(&g, &want);
         assert!(e <= 1e-5, "{fixture}: lowered gradient of {} relative error {e:.2e}", p.path);

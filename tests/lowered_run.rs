@@ -11,7 +11,7 @@ mod common;
 use std::path::PathBuf;
 use tessera::runtime::train::data::Split;
 use tessera::runtime::train::ranks::{Ranks, Start};
-use tessera::runtime::train::{RunConfig, Trainer, optim, reference};
+use tessera::runtime::train::{RunConfig, optim, reference};
 
 use common::{DP2, GPT, GPT2, GPT2_TINY, MOE, TP2, with};
 /// Small enough that a layout runs in seconds in a debug build.
@@ -40,7 +40,7 @@ fn compare(spec: &str, sets: &[&str]) -> (f64, f64) {
         sets.join("_").replace(['.', '=', '/'], "-"),
         std::process::id()
     ));
-    let mut t = Trainer::new(m.clone(), t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+    let mut t = common::trainer(&m, t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     // The reference step runs on one device; the demo's data 2 sums its
     // gradients per rank, then across (measured 6.2e-7 on its weights).
     let bound = 1e-6;
@@ -68,10 +68,19 @@ fn compare(spec: &str, sets: &[&str]) -> (f64, f64) {
         let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
         let want = {
             let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
-            let bw = &t.compiled.backward;
             let dropout = Some(7 ^ (step << 20));
-            reference::step(&m, bw, &mut params, &mut opt, dropout, t.accumulation, &inputs, lr, step + 1)
-                .unwrap_or_else(|e| panic!("{sets:?}: {e}"))
+            reference::step(
+                &t.training.step,
+                train.clip,
+                &mut params,
+                &mut opt,
+                dropout,
+                t.accumulation,
+                &inputs,
+                lr,
+                step + 1,
+            )
+            .unwrap_or_else(|e| panic!("{sets:?}: {e}"))
         };
         let got = t.train_step().unwrap_or_else(|e| panic!("{sets:?}: {e}"));
         let e = (got.loss - want.loss).abs() / want.loss.abs();
@@ -142,7 +151,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
     ] {
         let m = common::check_ok(spec, &sets);
         let out = std::env::temp_dir().join(format!("tessera-fuse-{}", std::process::id()));
-        let t = Trainer::new(m.clone(), t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        let t = common::trainer(&m, t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
         let (params, opt) = t.state().expect("the initial state");
         let fused = compile_with(&m, None, Passes { verify: true, fuse: true, lower: true }).expect("compiles");
         let plain = compile_with(&m, None, Passes { verify: true, fuse: false, lower: true }).expect("compiles");
@@ -161,7 +170,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
         ];
         let runs: Vec<Ranks> = ways
             .iter()
-            .map(|(c, e, _)| Ranks::new(&m, c, Start::State(&params, &opt), &opt.optimizer, *e).expect("starts"))
+            .map(|(c, e, _)| Ranks::new(c, Start::State(&params, &opt), &opt.optimizer, *e).expect("starts"))
             .collect();
         let train = m.train.clone().expect("trains");
         for step in 0..2 {
@@ -172,7 +181,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
                 assert_eq!(&reports[0], r, "{sets:?} step {step}: the reports differ, {} against {way}", ways[0].2);
             }
         }
-        let weights: Vec<_> = runs.iter().zip(&ways).map(|(r, (c, _, _))| r.weights(&m, c).expect("weights")).collect();
+        let weights: Vec<_> = runs.iter().zip(&ways).map(|(r, (c, _, _))| r.weights(c).expect("weights")).collect();
         for (w, (_, _, way)) in weights.iter().zip(&ways).skip(1) {
             for (k, (x, y)) in weights[0].iter().zip(w).enumerate() {
                 assert!(x.data == y.data, "{sets:?}: `{}` differs, {} against {way}", m.params[k].path, ways[0].2);
@@ -198,7 +207,7 @@ fn evaluation_programs_match_the_reference_forward_pass() {
     ] {
         let m = common::check_ok(spec, &sets);
         let out = std::env::temp_dir().join(format!("tessera-eval-{}", std::process::id()));
-        let mut t = Trainer::new(m.clone(), t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+        let mut t = common::trainer(&m, t_cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
         t.train_step().expect("a step");
         let got = t.evaluate(2).expect("evaluates");
         let weights = t.weights().expect("weights");

@@ -4,10 +4,12 @@
 //! same spec with one rank and the same microbatches (`train.micro_batch`),
 //! so MoE capacity and the load-balancing loss see the same tokens.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use tessera::compiler::{Options, SourceMap, check_path};
 use tessera::runtime::tensor::Tensor;
-use tessera::runtime::train::{RunConfig, Trainer};
+use tessera::runtime::train::RunConfig;
 
 fn model(spec: &str, sets: &[&str]) -> tessera::compiler::Model {
     let mut sources = SourceMap::new();
@@ -48,8 +50,8 @@ struct Run {
 /// Losses of 5 steps and the final logical weights.
 fn train(spec: &str, sets: &[&str]) -> Run {
     let out = tmp(&sets.join("_").replace(['.', '=', '/'], "-"));
-    let mut t = Trainer::new(model(spec, sets), cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
-    let one = t.compiled.programs.len() == 1;
+    let mut t = common::trainer(&model(spec, sets), cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+    let one = t.training.step.programs.len() == 1;
     let grads = if one { t.reference_gradients().expect("gradients") } else { Vec::new() };
     let mut losses: Vec<f64> =
         (0..5).map(|_| t.train_step().unwrap_or_else(|e| panic!("{sets:?}: {e}")).loss).collect();
@@ -333,7 +335,7 @@ fn leg(spec: &str, sets: &[&str], from: Option<&Path>, out: &Path, steps: u64) -
     let mut c = cfg(out);
     c.resume = from.map(Path::to_path_buf);
     c.steps = 6;
-    let mut t = Trainer::new(model(spec, sets), c).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+    let mut t = common::trainer(&model(spec, sets), c).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     let until = t.step + steps;
     let mut losses = Vec::new();
     while t.step < until {
@@ -366,7 +368,7 @@ fn moves(spec: &str, legs: &[(Vec<&str>, u64)]) {
     assert_eq!(losses.len(), straight.len());
     let m = model(spec, &single);
     let grads =
-        Trainer::new(m.clone(), cfg(&dir.join("grads"))).expect("trainer").reference_gradients().expect("gradients");
+        common::trainer(&m, cfg(&dir.join("grads"))).expect("trainer").reference_gradients().expect("gradients");
     for (k, (a, b)) in w1.iter().zip(&w0).enumerate() {
         // Elements with zero gradients are left out (see `zero_gradient`).
         let g = &grads[k].data;

@@ -2,6 +2,8 @@
 //! break the CLI is a clean error that says what to do, or correct
 //! behaviour. One test per point; docs/reliability.md states the limits.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -146,7 +148,7 @@ fn simulated_ranks_count_their_memory_together() {
         ];
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
         let m = tessera_check("specs/tiny/gpt.spec", &sets);
-        tessera::runtime::train::memory::cpu_training_bytes(&m)
+        tessera::compiler::cost::memory::cpu_training_bytes(&m)
     };
     let (one, many) = (m(1), m(256));
     // Each of 256 ranks holds every weight, its optimizer state and its own
@@ -288,7 +290,7 @@ fn skipped_steps_are_counted_in_metrics() {
 
 #[test]
 fn sample_refuses_a_checkpoint_with_non_finite_weights() {
-    use tessera::runtime::train::{RunConfig, Trainer, checkpoint};
+    use tessera::runtime::train::{RunConfig, checkpoint};
     let dir = tmp("nanckpt");
     let spec = tiny_spec(&dir, "sgd(lr = 0.1)", "");
     let m = tessera_check(&spec, &[]);
@@ -299,12 +301,12 @@ fn sample_refuses_a_checkpoint_with_non_finite_weights() {
         spec: Some((PathBuf::from(&spec), Vec::new())),
         ..RunConfig::new(dir.join("run"))
     };
-    let mut t = Trainer::new(m, cfg).expect("trainer");
+    let mut t = common::trainer(&m, cfg).expect("trainer");
     let (mut w, opt) = t.state().expect("state");
     w[0].data[3] = f32::NAN;
     t.set_weights(&w).expect("the ranks take the weights");
     assert!(t.save().is_err(), "the trainer never saves non-finite weights");
-    checkpoint::save(&dir.join("run"), &t.model, &w, &opt, 1, Some(&t.run)).expect("raw save");
+    checkpoint::save(&dir.join("run"), &t.training, &w, &opt, 1, Some(&t.run)).expect("raw save");
     let o = tessera(&["sample", &dir.join("run").to_string_lossy(), "--tokens", "3"]);
     fails_with(&o, &["holds non-finite values"]);
     let _ = std::fs::remove_dir_all(&dir);

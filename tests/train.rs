@@ -1,6 +1,8 @@
 //! Training: seeded determinism, exact resume, atomic checkpoints, and that
 //! the loss goes down; `tessera train`'s command-line contract.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tessera::compiler::{Options, SourceMap, check_path};
@@ -63,14 +65,14 @@ fn same_seed_same_bits_and_resume_is_exact() {
 fn resume_is_exact(precision: &str) {
     let tiny = || tiny_in(precision);
     let (a, b) = (tmp(&format!("straight-{precision}")), tmp(&format!("resumed-{precision}")));
-    let mut straight = Trainer::new(tiny(), cfg(&a, None)).expect("trainer");
+    let mut straight = common::trainer(&tiny(), cfg(&a, None)).expect("trainer");
     let losses = run(&mut straight, 10);
 
-    let mut first = Trainer::new(tiny(), cfg(&b, None)).expect("trainer");
+    let mut first = common::trainer(&tiny(), cfg(&b, None)).expect("trainer");
     let mut resumed_losses = run(&mut first, 5);
     first.save().expect("save");
     drop(first);
-    let mut second = Trainer::new(tiny(), cfg(&b, Some(b.clone()))).expect("resume");
+    let mut second = common::trainer(&tiny(), cfg(&b, Some(b.clone()))).expect("resume");
     assert_eq!(second.step, 5);
     resumed_losses.extend(run(&mut second, 10));
 
@@ -79,7 +81,7 @@ fn resume_is_exact(precision: &str) {
         assert_eq!(x.data, y.data, "and the same weights");
     }
     // A second run with the same seed repeats the first exactly.
-    let mut again = Trainer::new(tiny(), cfg(&tmp(&format!("again-{precision}")), None)).expect("trainer");
+    let mut again = common::trainer(&tiny(), cfg(&tmp(&format!("again-{precision}")), None)).expect("trainer");
     assert_eq!(run(&mut again, 10), losses);
     assert!(losses[9] < losses[0], "the loss goes down: {losses:?}");
 }
@@ -87,7 +89,7 @@ fn resume_is_exact(precision: &str) {
 #[test]
 fn an_interrupted_save_leaves_the_latest_checkpoint_intact() {
     let out = tmp("atomic");
-    let mut t = Trainer::new(tiny(), cfg(&out, None)).expect("trainer");
+    let mut t = common::trainer(&tiny(), cfg(&out, None)).expect("trainer");
     run(&mut t, 2);
     let first = t.save().expect("save");
     // A crash mid-save leaves a temporary folder and a temporary `latest`.
@@ -95,19 +97,19 @@ fn an_interrupted_save_leaves_the_latest_checkpoint_intact() {
     std::fs::write(out.join(".tmp-step-00000003-1/model.safetensors"), b"half a file").unwrap();
     std::fs::write(out.join("latest.tmp"), b"step-00000003").unwrap();
     assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), first.file_name().unwrap().to_string_lossy());
-    let resumed = Trainer::new(tiny(), cfg(&out, Some(out.clone()))).expect("resumes from the intact checkpoint");
+    let resumed = common::trainer(&tiny(), cfg(&out, Some(out.clone()))).expect("resumes from the intact checkpoint");
     assert_eq!(resumed.step, 2);
 }
 
 #[test]
 fn checkpoints_are_safetensors_named_by_parameter_path() {
     let out = tmp("names");
-    let mut t = Trainer::new(tiny(), cfg(&out, None)).expect("trainer");
+    let mut t = common::trainer(&tiny(), cfg(&out, None)).expect("trainer");
     run(&mut t, 1);
     let dir = t.save().expect("save");
     let buf = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors_names(&buf);
-    for p in &t.model.params {
+    for p in &t.training.step.params {
         assert!(st.contains(&p.path), "{} missing from {st:?}", p.path);
     }
 }
@@ -237,7 +239,7 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     let m = check_path(&mut sources, Path::new("specs/tiny/gpt.spec"), &opts).expect("checks");
     // Trained a little, so greedy decoding is not degenerate.
     let out = tmp("kv");
-    let mut t = Trainer::new(tiny(), cfg(&out, None)).expect("trainer");
+    let mut t = common::trainer(&tiny(), cfg(&out, None)).expect("trainer");
     run(&mut t, 10);
     let params = t.weights().expect("weights");
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();

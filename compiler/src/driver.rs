@@ -8,6 +8,9 @@
 //! turns it off ([`Passes`]).
 
 use crate::autodiff::{Backward, differentiate};
+use crate::config::{Parallel, Train};
+use crate::cost;
+use crate::ir::{Input, Param};
 use crate::lower::{self, Program};
 use crate::model::Model;
 use crate::parallel::{self, Mesh, RankProgram};
@@ -31,6 +34,72 @@ pub struct Compiled {
     pub backward: Backward,
     pub ranks: Vec<RankProgram>,
     pub programs: Vec<Program>,
+    /// The logical parameters: a program's [`lower::Bound::Weight`]`(k)` is
+    /// its rank's cut of `params[k]` (`ranks[r].params[k]` says which cut).
+    pub params: Vec<Param>,
+    /// The model's inputs: [`lower::Bound::Input`]`(i, j)` is `inputs[i]` of microbatch `j`.
+    pub inputs: Vec<Input>,
+}
+
+/// A model's training, compiled: everything the runtime needs to train it
+/// (it never sees the checked `Model`).
+#[derive(Debug, Clone)]
+pub struct Training {
+    /// The model's name (checkpoints record it).
+    pub name: String,
+    /// The spec's `train` section.
+    pub train: Train,
+    /// The layout the step runs under (checkpoints record it).
+    pub parallel: Parallel,
+    /// Sequences per microbatch and data-parallel rank.
+    pub micro_batch: u64,
+    /// The size of the model's `vocab` dim, if it has one (token ids must be below it).
+    pub vocab: Option<u64>,
+    /// The step: every rank's lowered program, and the logical parameters and inputs.
+    pub step: Compiled,
+    /// The evaluation program: one microbatch's forward pass on one device,
+    /// dropout off, from the logical weights ([`compile_eval`]).
+    pub eval: Program,
+}
+
+/// [`Training`] for `m`. With `available` (the bytes this machine can give
+/// the run), the CPU run's memory ([`cost::memory::cpu_training_bytes`]) is
+/// checked against it first, before any pass runs.
+pub fn compile_training(m: &Model, available: Option<u64>) -> Result<Training, PassError> {
+    let train = m.train.clone().ok_or_else(|| {
+        fail("training")(format!("model `{}` has no `train` section; add one (see docs/language.md)", m.name))
+    })?;
+    if let Some(avail) = available {
+        let need = cost::memory::cpu_training_bytes(m);
+        if need > avail as u128 {
+            let ranks = m.parallel.world();
+            let how = if ranks > 1 {
+                format!("{ranks} simulated ranks in this one process, together")
+            } else {
+                "weights, gradients, optimizer state and activations".to_string()
+            };
+            let gb = |b: u128| format!("{:.2} GB", b as f64 / 1e9);
+            return Err(fail("memory")(format!(
+                "training `{}` on this CPU needs about {} ({how}), but only {} of memory is available\n  help: \
+                 shrink the model or the batch, or use fewer simulated ranks (`--set parallel.mesh.AXIS=1`); \
+                 `tessera plan` sizes runs for GPU clusters",
+                m.name,
+                gb(need),
+                gb(avail as u128)
+            )));
+        }
+    }
+    let step = compile(m)?;
+    let eval = compile_eval(m, &step.backward, Passes::default())?;
+    Ok(Training {
+        name: m.name.clone(),
+        train,
+        parallel: m.parallel.clone(),
+        micro_batch: m.micro_batch,
+        vocab: m.const_value("vocab").map(|v| v as u64),
+        step,
+        eval,
+    })
 }
 
 /// Which optional passes run.
@@ -59,7 +128,7 @@ impl Default for Passes {
 /// off, its loss in `loss`. `backward` is the step's ([`Compiled::backward`]).
 pub fn compile_eval(m: &Model, backward: &Backward, passes: Passes) -> Result<Program, PassError> {
     let mut one = m.clone();
-    one.parallel = crate::config::Parallel::default();
+    one.parallel = Parallel::default();
     let mut prog = parallel::shard(&one, backward, 0).map_err(|e| fail("sharding")(e.to_string()))?;
     prog.micro = 1;
     let p = lower::lower_eval(&one, &prog, passes.fuse).map_err(|e| fail("lowering")(e.to_string()))?;
@@ -96,7 +165,7 @@ impl Generation {
 pub fn compile_generate(m: &Model, passes: Passes) -> Result<Generation, PassError> {
     use crate::lower::Region;
     let mut one = m.clone();
-    one.parallel = crate::config::Parallel::default();
+    one.parallel = Parallel::default();
     let lowered = |chunk| -> Result<Program, String> {
         let p = lower::lower_generate(&one, chunk, passes.fuse).map_err(|e| e.message)?;
         if passes.verify {
@@ -169,7 +238,14 @@ pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<C
         }
     }
     if !passes.lower {
-        return Ok(Compiled { mesh, backward, ranks, programs: Vec::new() });
+        return Ok(Compiled {
+            mesh,
+            backward,
+            ranks,
+            programs: Vec::new(),
+            params: m.params.clone(),
+            inputs: m.inputs.clone(),
+        });
     }
     let programs: Vec<Program> = ranks
         .iter()
@@ -180,5 +256,5 @@ pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<C
             lower::verify::verify(p).map_err(|e| fail("lowering")(e.to_string()))?;
         }
     }
-    Ok(Compiled { mesh, backward, ranks, programs })
+    Ok(Compiled { mesh, backward, ranks, programs, params: m.params.clone(), inputs: m.inputs.clone() })
 }

@@ -22,7 +22,7 @@ use crate::exec::kernels::uniform;
 use crate::tensor::Tensor;
 use tessera_compiler::driver::Generation;
 use tessera_compiler::ir::TensorType;
-use tessera_compiler::lower::{BufId, Buffer, Program};
+use tessera_compiler::lower::{Bound, BufId, Buffer, Program};
 
 #[derive(Debug, Clone)]
 pub struct SampleConfig {
@@ -112,8 +112,10 @@ struct Io {
 
 impl Io {
     fn of(p: &Program) -> Result<Io, SampleError> {
-        let get = |n: &str| p.named(n).ok_or_else(|| SampleError::Setup(format!("the program has no `{n}` buffer")));
-        Ok(Io { tokens: get("tokens")?, logits: get("logits")?, pos: p.named("pos") })
+        let get = |b: Bound| {
+            p.bound(b).ok_or_else(|| SampleError::Setup(format!("the program has no `{}` buffer", b.name())))
+        };
+        Ok(Io { tokens: get(Bound::Tokens)?, logits: get(Bound::Logits)?, pos: p.bound(Bound::Pos) })
     }
 }
 
@@ -155,7 +157,8 @@ impl Generator {
             cpu.prepare(p).map_err(|e| setup(&e))?;
         }
         for (k, t) in params.iter().enumerate() {
-            let b = programs.window.named(&format!("w.{k}")).ok_or_else(|| setup(&format!("no weights `w.{k}`")))?;
+            let w = Bound::Weight(k);
+            let b = programs.window.bound(w).ok_or_else(|| setup(&format!("no weights `{}`", w.name())))?;
             cpu.upload(programs.window.buffer(b), &t.data).map_err(|e| setup(&e))?;
         }
         let (seq, vocab) = (seq.size as usize, logits.dims[2].size as usize);

@@ -3,7 +3,7 @@
 
 use crate::exec::kernels::uniform;
 use crate::tensor::{Real, Tensor, r};
-use tessera_compiler::model::{Init, Param};
+use tessera_compiler::ir::{Init, Param};
 
 /// A standard normal sample from two reproducible uniforms (Box-Muller).
 fn normal(seed: u64, stream: u64, i: u64) -> f64 {

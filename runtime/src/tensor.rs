@@ -4,7 +4,7 @@
 
 use num_traits::Float;
 use std::fmt::Debug;
-use tessera_compiler::model::{Dim, TensorType};
+use tessera_compiler::ir::{Dim, TensorType};
 
 /// The element types the interpreter computes in.
 pub trait Real: Float + Default + Debug + Send + Sync + 'static + std::ops::AddAssign {

@@ -819,10 +819,13 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         eprintln!("error: {e}");
         ExitCode::from(1)
     };
-    let Some(t) = m.train.clone() else {
-        eprintln!("error: model `{}` has no `train` section; add one (see docs/language.md)", m.name);
-        return ExitCode::from(1);
-    };
+    // Every pass (after the memory check), before the run folder is touched.
+    let training =
+        match tessera_compiler::driver::compile_training(&m, tessera_runtime::train::memory::available_bytes()) {
+            Ok(t) => t,
+            Err(e) => return fail(&e),
+        };
+    let t = training.train.clone();
     let steps = steps
         .or(match t.length {
             Some(tessera_compiler::config::Amount::Steps(s)) => Some(s as u64),
@@ -839,9 +842,6 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         if let Err(e) = open {
             return fail(&format!("cannot write the trace to `{}`: {e}; pass a writable --trace path", path.display()));
         }
-    }
-    if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
-        return fail(&e);
     }
     // The run folder: locked for this run, tidied after a killed one, and
     // never taken over silently.
@@ -903,7 +903,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         allow_changes,
         backend,
     };
-    let mut trainer = match Trainer::new(m, cfg) {
+    let mut trainer = match Trainer::new(training, cfg) {
         Ok(tr) => tr,
         Err(e) => return fail(&e),
     };
@@ -1096,7 +1096,7 @@ fn sample(
         (None, None) => return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE")),
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
-    let params = checkpoint::load_params(checkpoint, &m).map_err(|e| fail(&e))?;
+    let params = checkpoint::load_params(checkpoint, &m.params).map_err(|e| fail(&e))?;
     let tok = tokenizer_of(&m)?;
     let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
     let vocab = m.const_value("vocab").unwrap_or(f64::INFINITY);
@@ -1196,10 +1196,6 @@ const WARMUP: u64 = 2;
 fn bench(m: Model, args: BenchArgs) -> ExitCode {
     use tessera_runtime::train::{RunConfig, Trainer};
     let BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, backend } = args;
-    if let Err(e) = tessera_runtime::train::memory::check_fits(&m) {
-        eprintln!("error: {e}");
-        return ExitCode::from(1);
-    }
     let rounds = rounds.max(1);
     let flops_per_token = cost::flops_per_token_train(&m);
     let name = m.name.clone();
@@ -1220,7 +1216,11 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
     // work depends on how its router spreads tokens, which changes as it trains.
     for _ in 0..rounds {
         let t0 = std::time::Instant::now();
-        let mut t = match Trainer::new(m.clone(), cfg.clone()) {
+        let available = tessera_runtime::train::memory::available_bytes();
+        let made = tessera_compiler::driver::compile_training(&m, available)
+            .map_err(|e| e.to_string())
+            .and_then(|training| Trainer::new(training, cfg.clone()).map_err(|e| e.to_string()));
+        let mut t = match made {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -1233,8 +1233,8 @@ fn bench(m: Model, args: BenchArgs) -> ExitCode {
         if jit.is_none() {
             jit = Some(tessera_runtime::backend::jit::stats());
         }
-        arena = t.compiled.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>();
-        regions = t.compiled.programs.iter().map(|p| p.total_bytes()).sum::<u64>();
+        arena = t.training.step.programs.iter().map(|p| p.arena_bytes()).collect::<Vec<_>>();
+        regions = t.training.step.programs.iter().map(|p| p.total_bytes()).sum::<u64>();
         tokens = t.tokens_per_step() * steps.max(1);
         let mut start = std::time::Instant::now();
         for k in 0..WARMUP + steps.max(1) {

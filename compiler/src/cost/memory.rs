@@ -273,3 +273,44 @@ pub fn worst_rank(mem: &[RankMemory]) -> (usize, RankMemory) {
         .enumerate()
         .fold((0, RankMemory::default()), |best, (i, r)| if i == 0 || r.total > best.1.total { (i, r) } else { best })
 }
+
+/// What a CPU training process takes besides its ranks: the binary, the
+/// checked model and its graphs, one thread (peak RSS of a 2-step run of
+/// the tiny GPT: 64 MB).
+const CPU_PROCESS_BYTES: u128 = 64 << 20;
+/// What each simulated rank takes beyond its regions: its lowered program,
+/// its thread and the allocator's per-thread heap. Measured: peak RSS of the
+/// tiny GPT (120K parameters) on 64 and 256 data-parallel ranks grows by
+/// 24 MB per rank, of which its regions are 4 MB (docs/reliability.md).
+const CPU_RANK_BYTES: u128 = 20 << 20;
+
+/// Bytes a CPU training run of `m` needs, every simulated rank of its
+/// layout in one process: per rank the regions of its lowered program
+/// (weights in the spec's precision, with f32 master weights when that is
+/// narrower; f32 gradients and optimizer state; the activation arena as this
+/// cost model estimates it) and the arena again in f32 for the operands the
+/// CPU backend's library calls copy out of it and the f32 shadows of bf16
+/// operands (norms, gathers, cross-entropy, routing; measured at 0.5–1.0×
+/// the f32 arena); the logical weights and optimizer state that checkpoints
+/// and evaluation assemble; and the runtime's own overhead, per process and
+/// per rank. The driver checks it before any pass runs
+/// (`driver::compile_training`): a layout of many simulated ranks can need
+/// more than the machine has.
+pub fn cpu_training_bytes(m: &Model) -> u128 {
+    let opt_per_elem: u128 = match m.train.as_ref().map(|t| &t.optimizer) {
+        Some(crate::config::Optimizer::Sgd { .. }) => 1,
+        _ => 2,
+    };
+    let spec_bytes = m.train.as_ref().map(|t| t.precision.bytes()).unwrap_or(4).max(1) as u128;
+    let mem = memory_per_rank(m);
+    let held = params_per_rank(m);
+    let rank = |i: usize| -> u128 {
+        let p = held.get(i).copied().unwrap_or(0) as u128;
+        let acts = mem.get(i).map(|r| r.activations).unwrap_or(0) as u128;
+        let master = if spec_bytes < 4 { 4 } else { 0 };
+        // weights (and master weights), gradients, optimizer state; the arena and the f32 copies out of it
+        p * (spec_bytes + master + 4 + 4 * opt_per_elem) + acts + acts * 4 / spec_bytes + CPU_RANK_BYTES
+    };
+    let logical: u128 = m.params.iter().map(|p| p.ty.numel() as u128).sum::<u128>() * 4 * (1 + opt_per_elem);
+    CPU_PROCESS_BYTES + logical + (0..mem.len().max(1)).map(rank).sum::<u128>()
+}

@@ -13,11 +13,13 @@
 //! touches the AST.
 
 pub mod attrs;
+pub mod params;
 mod print;
 pub mod types;
 mod verify;
 
 use crate::syntax::span::Span;
+pub use params::{ExpertDim, Init, Input, Param, Placement};
 use serde::{Deserialize, Serialize};
 pub use types::{DType, Dim, TensorType};
 

@@ -27,11 +27,12 @@
 //! master weights and a `copy` casts them to the bf16 weights (ZeRO 1/2
 //! all-gather the bf16 shards, as Megatron's distributed optimizer does).
 
-use super::{BufId, Buffer, Collective, Instr, Kind, Phase, Program, Region, Stream};
+use super::{Bound, BufId, Buffer, Collective, Instr, Kind, Phase, Program, Region, Stream};
 use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
 use crate::config::{Optimizer, Precision};
+use crate::ir::Param;
 use crate::ir::{DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
-use crate::model::{Model, Param};
+use crate::model::Model;
 use crate::parallel::pipeline::Action;
 use crate::parallel::{ChunkProgram, Mesh, RankProgram, StageProgram, StepCollective, check::shared_tag};
 use crate::plan::{Interval, allocate, bytes_of};
@@ -303,7 +304,7 @@ impl<'a> Builder<'a> {
             viewed: Default::default(),
             generate: None,
         };
-        b.loss = b.persistent(Region::Io, TensorType::scalar(DType::F32), "loss");
+        b.loss = b.persistent(Region::Io, TensorType::scalar(DType::F32), &Bound::Loss.name());
         b
     }
 
@@ -629,7 +630,7 @@ impl<'a> Builder<'a> {
         for k in 0..self.prog.params.len() {
             if self.prog.params[k].held {
                 let ty = self.stored(&self.prog.params[k].local.ty);
-                self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
+                self.w[k] = Some(self.persistent(Region::Param, ty, &Bound::Weight(k).name()));
             }
         }
     }
@@ -655,7 +656,7 @@ impl<'a> Builder<'a> {
             let x: Vec<BufId> = (0..m.inputs.len())
                 .map(|i| {
                     let ty = input_type(prog, i).unwrap_or_else(|| m.inputs[i].ty.clone());
-                    self.persistent(Region::Io, ty, &format!("x{i}.mb{j}"))
+                    self.persistent(Region::Io, ty, &Bound::Input(i, j).name())
                 })
                 .collect();
             self.phase(format!("forward mb{}", self.data_coord() * prog.micro + j));
@@ -708,11 +709,11 @@ impl<'a> Builder<'a> {
         }
         let n = chunk.unwrap_or(seq.size);
         let x_ty = positions(&m.inputs[tokens].ty, &seq.name, n);
-        let x = self.persistent(Region::Io, x_ty, "tokens");
-        let step = chunk.map(|n| (n, self.persistent(Region::Io, TensorType::scalar(DType::I32), "pos")));
+        let x = self.persistent(Region::Io, x_ty, &Bound::Tokens.name());
+        let step = chunk.map(|n| (n, self.persistent(Region::Io, TensorType::scalar(DType::I32), &Bound::Pos.name())));
         let mut out_ty = positions(g.ty(logits), &seq.name, n);
         out_ty.dtype = DType::F32;
-        let out = self.persistent(Region::Io, out_ty, "logits");
+        let out = self.persistent(Region::Io, out_ty, &Bound::Logits.name());
         self.generate = Some(Generate { seq: seq.name.clone(), step, caches });
         self.only = Some(need);
         self.phase(if chunk.is_some() { "decode step".into() } else { "window".into() });
@@ -745,7 +746,7 @@ impl<'a> Builder<'a> {
             if prog.params[k].held {
                 let ty = if zero3 && self.zero_sharded(k) { self.flat(k) } else { prog.params[k].local.ty.clone() };
                 let ty = self.stored(&ty);
-                self.w[k] = Some(self.persistent(Region::Param, ty, &format!("w.{k}")));
+                self.w[k] = Some(self.persistent(Region::Param, ty, &Bound::Weight(k).name()));
             }
         }
         let mut order: Vec<usize> = Vec::new();
@@ -760,7 +761,8 @@ impl<'a> Builder<'a> {
         order.extend(rest);
         for &k in &order {
             if prog.params[k].held {
-                self.g[k] = Some(self.persistent(Region::Grad, prog.params[k].local.ty.clone(), &format!("g.{k}")));
+                self.g[k] =
+                    Some(self.persistent(Region::Grad, prog.params[k].local.ty.clone(), &Bound::Grad(k).name()));
             }
         }
         let shapes: Vec<UpdateParam> = (0..n)
@@ -784,15 +786,16 @@ impl<'a> Builder<'a> {
                 let ty = TensorType::new(DType::F32, shapes[k].dims.clone());
                 let narrow = self.w[k].is_some_and(|w| self.buffers[w.index()].ty.dtype != DType::F32);
                 if narrow {
-                    master[k] = Some(self.persistent(Region::Optim, ty.clone(), &format!("master.{k}")));
+                    master[k] = Some(self.persistent(Region::Optim, ty.clone(), &Bound::Master(k).name()));
                 }
-                let mk = self.persistent(Region::Optim, ty.clone(), &format!("m.{k}"));
-                let vk = if adam { self.persistent(Region::Optim, ty, &format!("v.{k}")) } else { mk };
+                let mk = self.persistent(Region::Optim, ty.clone(), &Bound::Moment1(k).name());
+                let vk = if adam { self.persistent(Region::Optim, ty, &Bound::Moment2(k).name()) } else { mk };
                 moments[k] = Some((mk, vk));
             }
         }
-        let hyper = self.persistent(Region::Io, TensorType::new(DType::F32, vec![Dim::new("hyper", 3)]), "hyper");
-        let norm = self.persistent(Region::Io, TensorType::scalar(DType::F32), "norm");
+        let hyper =
+            self.persistent(Region::Io, TensorType::new(DType::F32, vec![Dim::new("hyper", 3)]), &Bound::Hyper.name());
+        let norm = self.persistent(Region::Io, TensorType::scalar(DType::F32), &Bound::Norm.name());
 
         // 1. Start of the step.
         self.phase("step start".into());
@@ -816,7 +819,7 @@ impl<'a> Builder<'a> {
                     .map(|i| {
                         // A stage that does not read an input still has its buffer: one upload per microbatch serves every rank.
                         let ty = input_type(prog, i).unwrap_or_else(|| m.inputs[i].ty.clone());
-                        self.persistent(Region::Io, ty, &format!("x{i}.mb{j}"))
+                        self.persistent(Region::Io, ty, &Bound::Input(i, j).name())
                     })
                     .collect()
             })

@@ -260,6 +260,56 @@ pub struct Phase {
     pub name: String,
 }
 
+/// The buffers a host reads or writes, by role. Lowering names them with
+/// [`Bound::name`] and hosts find them with [`Program::bound`]: the naming
+/// rule lives here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// Parameter `k`'s weights as the rank stores them (its cut, or its ZeRO-3 shard).
+    Weight(usize),
+    /// Parameter `k`'s f32 master weights (`precision = bf16`).
+    Master(usize),
+    /// Parameter `k`'s gradient.
+    Grad(usize),
+    /// Parameter `k`'s first moment (Adam's `m`, SGD's momentum).
+    Moment1(usize),
+    /// Parameter `k`'s second moment (Adam's `v`).
+    Moment2(usize),
+    /// Model input `i` of microbatch `j`.
+    Input(usize, u64),
+    /// The step's summed loss (a scalar).
+    Loss,
+    /// The step's hyperparameters: learning rate and Adam's two bias corrections.
+    Hyper,
+    /// The global squared gradient norm.
+    Norm,
+    /// Generation: the token ids of the window or the step.
+    Tokens,
+    /// Generation: the logits the program writes.
+    Logits,
+    /// Generation: the decode step's run-time position.
+    Pos,
+}
+
+impl Bound {
+    pub fn name(self) -> String {
+        match self {
+            Bound::Weight(k) => format!("w.{k}"),
+            Bound::Master(k) => format!("master.{k}"),
+            Bound::Grad(k) => format!("g.{k}"),
+            Bound::Moment1(k) => format!("m.{k}"),
+            Bound::Moment2(k) => format!("v.{k}"),
+            Bound::Input(i, j) => format!("x{i}.mb{j}"),
+            Bound::Loss => "loss".into(),
+            Bound::Hyper => "hyper".into(),
+            Bound::Norm => "norm".into(),
+            Bound::Tokens => "tokens".into(),
+            Bound::Logits => "logits".into(),
+            Bound::Pos => "pos".into(),
+        }
+    }
+}
+
 /// One rank's lowered training step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Program {
@@ -297,6 +347,12 @@ impl Program {
     /// The buffer named `name` (weights `w.k`, gradients `g.k`, ...).
     pub fn named(&self, name: &str) -> Option<BufId> {
         self.buffers.iter().position(|b| b.name == name).map(|i| BufId(i as u32))
+    }
+
+    /// The buffer that plays `role` (`None`: the program has none, e.g. the
+    /// weights of a parameter another pipeline stage holds).
+    pub fn bound(&self, role: Bound) -> Option<BufId> {
+        self.named(&role.name())
     }
 
     /// The buffer that owns `b`'s bytes.

@@ -6,8 +6,8 @@
 
 use super::kernels::gemm_strided;
 use crate::tensor::{Real, Tensor, View, aligned_strides, for_each_offset};
+use tessera_compiler::ir::Dim;
 use tessera_compiler::ir::{Op, RelPos};
-use tessera_compiler::model::Dim;
 
 const BLOCK: usize = 64;
 

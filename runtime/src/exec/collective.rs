@@ -6,8 +6,8 @@
 
 use crate::comm::{self, RankComm};
 use crate::tensor::{Real, Tensor, r};
+use tessera_compiler::ir::Dim;
 use tessera_compiler::ir::ReduceOp;
-use tessera_compiler::model::Dim;
 
 fn to_f32<T: Real>(x: &[T]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32().unwrap_or(f32::NAN)).collect()

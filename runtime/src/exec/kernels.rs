@@ -4,8 +4,8 @@
 
 use super::fast::{as_f32, as_f32_mut, erf_f32, exp_f32, par_rows};
 use crate::tensor::{Real, Tensor, View, aligned_strides, for_each_offset, for_each_offset2, r};
+use tessera_compiler::ir::Dim;
 use tessera_compiler::ir::{BinaryOp, UnaryOp};
-use tessera_compiler::model::Dim;
 
 /// Broadcast elementwise `a ∘ b` into `out` dims.
 pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
@@ -899,7 +899,7 @@ pub fn cross_entropy_grad<T: Real>(
 mod tests {
     #[test]
     fn sinusoid_interleaves_sine_and_cosine() {
-        use tessera_compiler::model::Dim;
+        use tessera_compiler::ir::Dim;
         let t = super::sinusoid::<f64>(&[Dim::new("pos", 2), Dim::new("dim", 4)]);
         // Position 1: angles 1 and 1/100 (10000^(2/4) = 100).
         let want = [0.0, 1.0, 0.0, 1.0, 1f64.sin(), 1f64.cos(), 0.01f64.sin(), 0.01f64.cos()];
@@ -910,7 +910,7 @@ mod tests {
     fn binary_broadcasts_by_name_on_every_path() {
         use crate::tensor::Tensor;
         use tessera_compiler::ir::BinaryOp;
-        use tessera_compiler::model::Dim;
+        use tessera_compiler::ir::Dim;
         let (a, b, c) = (Dim::new("a", 3), Dim::new("b", 50), Dim::new("c", 700));
         let t = |dims: Vec<Dim>| {
             let n: usize = dims.iter().map(|d| d.size as usize).product();
@@ -964,7 +964,7 @@ mod tests {
     #[test]
     fn rope_rotates_pairs_by_position() {
         use crate::tensor::Tensor;
-        use tessera_compiler::model::Dim;
+        use tessera_compiler::ir::Dim;
         // seq 2, one head, head_dim 4: x = (1, 0, 1, 0) at both positions.
         let dims = [Dim::new("seq", 2), Dim::new("heads", 1), Dim::new("head_dim", 4)];
         let x = Tensor::<f64> { dims: dims.to_vec(), data: vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0] };

@@ -13,8 +13,8 @@ pub mod vocab;
 
 use crate::tensor::{Real, Tensor, r};
 use kernels as k;
+use tessera_compiler::ir::Param;
 use tessera_compiler::ir::{Graph, Node, Op, ReduceOp, ValueId};
-use tessera_compiler::model::Param;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("at {value} (`{op}`): {message}")]

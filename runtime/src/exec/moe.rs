@@ -9,7 +9,7 @@
 //! so the two always agree.
 
 use crate::tensor::{Real, Tensor, View, r};
-use tessera_compiler::model::Dim;
+use tessera_compiler::ir::Dim;
 
 /// Token count, expert count and the gates as rows `[t][e]`.
 fn rows<T: Real>(gates: View<'_, T>) -> (usize, usize) {

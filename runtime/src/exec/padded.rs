@@ -23,8 +23,8 @@ use super::kernels::{assign_into, gemm_strided, unary_grad_slice, unary_slice};
 use crate::tensor::{Real, Tensor, r};
 use rayon::prelude::*;
 use std::sync::Arc;
+use tessera_compiler::ir::Dim;
 use tessera_compiler::ir::{BinaryOp, UnaryOp};
-use tessera_compiler::model::Dim;
 
 /// Filled-slot counts and the shared row of the empty slots, per expert.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@
 //! collectives, and its gradient is computed on the local slice.
 
 use crate::tensor::{Real, Tensor, r};
-use tessera_compiler::model::Dim;
+use tessera_compiler::ir::Dim;
 
 fn in_range(id: f64, start: u64, rows: usize) -> Option<usize> {
     let i = id - start as f64;

@@ -28,7 +28,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use tessera_compiler::Model;
+use tessera_compiler::driver::Training;
+use tessera_compiler::ir::Param;
 
 fn io(e: impl std::fmt::Display, what: &Path) -> TrainError {
     TrainError::Io(format!("{}: {e}", what.display()))
@@ -180,7 +181,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 pub fn save(
     out: &Path,
-    model: &Model,
+    model: &Training,
     params: &[Tensor<f32>],
     opt: &OptimizerState,
     step: u64,
@@ -194,13 +195,13 @@ pub fn save(
     let mut meta = HashMap::new();
     meta.insert("model".to_string(), model.name.clone());
     meta.insert("step".to_string(), step.to_string());
-    let named = model.params.iter().zip(params).map(|(p, t)| (p.path.clone(), t)).collect();
+    let named = model.step.params.iter().zip(params).map(|(p, t)| (p.path.clone(), t)).collect();
     write_tensors(&tmp.join("model.safetensors"), named, meta.clone())?;
     let mut named: Vec<(String, &Tensor<f32>)> = Vec::new();
-    for (p, t) in model.params.iter().zip(&opt.m) {
+    for (p, t) in model.step.params.iter().zip(&opt.m) {
         named.push((format!("m.{}", p.path), t));
     }
-    for (p, t) in model.params.iter().zip(&opt.v) {
+    for (p, t) in model.step.params.iter().zip(&opt.v) {
         named.push((format!("v.{}", p.path), t));
     }
     write_tensors(&tmp.join("optimizer.safetensors"), named, meta)?;
@@ -469,10 +470,10 @@ fn read_verified(path: &Path) -> Result<Vec<u8>, TrainError> {
 /// Read a safetensors file once, verify it, and take the model's parameters
 /// under each prefix (`""` for the weights, `"m."` and `"v."` for the
 /// optimizer's moments).
-fn read_tensors(path: &Path, model: &Model, prefixes: &[&str]) -> Result<Vec<Vec<Tensor<f32>>>, TrainError> {
+fn read_tensors(path: &Path, params: &[Param], prefixes: &[&str]) -> Result<Vec<Vec<Tensor<f32>>>, TrainError> {
     let buf = read_verified(path)?;
     let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| damaged(path, e))?;
-    let one = |prefix: &str, p: &tessera_compiler::model::Param| -> Result<Tensor<f32>, TrainError> {
+    let one = |prefix: &str, p: &Param| -> Result<Tensor<f32>, TrainError> {
         let name = format!("{prefix}{}", p.path);
         let view = st.tensor(&name).map_err(|_| {
             TrainError::Setup(format!(
@@ -500,12 +501,12 @@ fn read_tensors(path: &Path, model: &Model, prefixes: &[&str]) -> Result<Vec<Vec
         }
         Ok(t)
     };
-    prefixes.iter().map(|prefix| model.params.iter().map(|p| one(prefix, p)).collect()).collect()
+    prefixes.iter().map(|prefix| params.iter().map(|p| one(prefix, p)).collect()).collect()
 }
 
-/// The parameters of a checkpoint (for sampling).
-pub fn load_params(dir: &Path, model: &Model) -> Result<Vec<Tensor<f32>>, TrainError> {
-    Ok(read_tensors(&resolve(dir)?.join("model.safetensors"), model, &[""])?.remove(0))
+/// The parameters of a checkpoint (for sampling), as `params` describes them.
+pub fn load_params(dir: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
+    Ok(read_tensors(&resolve(dir)?.join("model.safetensors"), params, &[""])?.remove(0))
 }
 
 fn state_of(dir: &Path) -> Result<serde_json::Value, TrainError> {
@@ -543,17 +544,17 @@ pub fn run_of(dir: &Path) -> Result<Option<RunRecord>, TrainError> {
 /// `fresh_optimizer`) and the step.
 pub fn load(
     dir: &Path,
-    model: &Model,
+    meta: &[Param],
     opt: &OptimizerState,
     fresh_optimizer: bool,
 ) -> Result<(Vec<Tensor<f32>>, OptimizerState, u64), TrainError> {
     let dir = resolve(dir)?;
     let state = state_of(&dir)?;
-    let params = read_tensors(&dir.join("model.safetensors"), model, &[""])?.remove(0);
+    let params = read_tensors(&dir.join("model.safetensors"), meta, &[""])?.remove(0);
     let mut opt = opt.clone();
     if !fresh_optimizer {
         let prefixes: &[&str] = if opt.v.is_empty() { &["m."] } else { &["m.", "v."] };
-        let mut moments = read_tensors(&dir.join("optimizer.safetensors"), model, prefixes)?.into_iter();
+        let mut moments = read_tensors(&dir.join("optimizer.safetensors"), meta, prefixes)?.into_iter();
         opt.m = moments.next().unwrap_or_default();
         if let Some(v) = moments.next() {
             opt.v = v;

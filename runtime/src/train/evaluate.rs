@@ -1,5 +1,5 @@
 //! Evaluation as a lowered program: the model's forward pass on one device
-//! (`driver::compile_eval`), dropout off, run on the CPU backend from the
+//! (`Training::eval`), dropout off, run on the CPU backend from the
 //! logical weights. The validation loss of any layout is this one program's,
 //! so it is comparable across layouts.
 
@@ -8,10 +8,8 @@ use crate::backend::{
     cpu::{Cpu, Engine},
 };
 use crate::tensor::Tensor;
-use tessera_compiler::Model;
-use tessera_compiler::autodiff::Backward;
-use tessera_compiler::driver::{self, Passes};
-use tessera_compiler::lower::{BufId, Program};
+use tessera_compiler::driver::Training;
+use tessera_compiler::lower::{Bound, BufId, Program};
 
 pub struct Evaluator {
     program: Program,
@@ -24,15 +22,15 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Compile `m`'s evaluation program and allocate its regions.
-    pub fn new(m: &Model, backward: &Backward, engine: Engine) -> Result<Evaluator, String> {
-        let program = driver::compile_eval(m, backward, Passes::default()).map_err(|e| e.to_string())?;
+    /// Allocate the regions of `t`'s evaluation program.
+    pub fn new(t: &Training, engine: Engine) -> Result<Evaluator, String> {
+        let program = t.eval.clone();
         let mut cpu = Cpu::with_engine(engine);
         cpu.alloc(program.sizes)?;
         cpu.prepare(&program)?;
-        let inputs = (0..m.inputs.len()).map(|i| program.named(&format!("x{i}.mb0"))).collect();
-        let weights = (0..m.params.len()).map(|k| program.named(&format!("w.{k}"))).collect();
-        let loss = program.named("loss").ok_or("the evaluation program has no `loss` buffer")?;
+        let inputs = (0..t.step.inputs.len()).map(|i| program.bound(Bound::Input(i, 0))).collect();
+        let weights = (0..t.step.params.len()).map(|k| program.bound(Bound::Weight(k))).collect();
+        let loss = program.bound(Bound::Loss).ok_or("the evaluation program has no `loss` buffer")?;
         Ok(Evaluator { program, cpu, inputs, weights, loss })
     }
 

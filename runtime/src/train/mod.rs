@@ -1,4 +1,4 @@
-//! Training a checked model: data, the learning-rate schedule, evaluation,
+//! Training a compiled model (`driver::Training`): data, the learning-rate schedule, evaluation,
 //! atomic checkpoints and exact resume around the compiler's lowered
 //! programs, which hold the whole step (microbatches, gradient collectives,
 //! clipping, the update) and run on the CPU backend, one thread per rank
@@ -23,7 +23,8 @@ use crate::exec::param_slice;
 use crate::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tessera_compiler::Model;
+use tessera_compiler::driver::Training;
+use tessera_compiler::lower::Bound;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -107,9 +108,9 @@ fn is_zero(n: &u64) -> bool {
 }
 
 pub struct Trainer {
-    pub model: Model,
-    /// The driver's passes for the step: the mesh and every rank's lowered program.
-    pub compiled: tessera_compiler::driver::Compiled,
+    /// The driver's result: the step's lowered programs (every rank's), the
+    /// evaluation program, the logical parameters and the `train` settings.
+    pub training: Training,
     pub step: u64,
     pub data: data::Dataset,
     pub cfg: RunConfig,
@@ -134,28 +135,23 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    pub fn new(model: Model, cfg: RunConfig) -> Result<Trainer, TrainError> {
-        let train = model
-            .train
-            .clone()
-            .ok_or_else(|| TrainError::Setup(format!("model `{}` has no `train` section", model.name)))?;
-        model.graph.output("loss").ok_or_else(|| TrainError::Setup("the model defines no `loss`".into()))?;
-        // The compiler's passes, from the driver: every rank's lowered program.
-        let compiled = tessera_compiler::driver::compile(&model)
-            .map_err(|e| TrainError::Setup(format!("cannot compile the training step: {e}")))?;
-        let find = |n: &str| model.inputs.iter().position(|i| i.name == n);
+    /// A run of `training` (from `driver::compile_training`) as `cfg` says.
+    pub fn new(training: Training, cfg: RunConfig) -> Result<Trainer, TrainError> {
+        let train = training.train.clone();
+        let inputs = &training.step.inputs;
+        let find = |n: &str| inputs.iter().position(|i| i.name == n);
         let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
             return Err(TrainError::Setup(
                 "`tessera train` trains language models: the model needs inputs `tokens` and `targets` [batch, seq]"
                     .into(),
             ));
         };
-        if model.inputs.len() != 2 {
+        if inputs.len() != 2 {
             return Err(TrainError::Setup(
                 "`tessera train` feeds `tokens` and `targets` only; this model has other inputs".into(),
             ));
         }
-        let vocab = model.const_value("vocab").unwrap_or(256.0) as u64;
+        let vocab = training.vocab.unwrap_or(256);
         let path = match (&cfg.data, &train.data) {
             (Some(p), _) => p.clone(),
             (None, Some(d)) => data::resolve(d, cfg.spec.as_ref().map(|(p, _)| p.as_path()))?,
@@ -167,9 +163,9 @@ impl Trainer {
         };
         let tok = tokenizer::Tokenizer::by_name(train.tokenizer.as_deref())?;
         let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
-        let seq = model.inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
+        let seq = inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
         data.check_windows(seq)?;
-        let micro = model.micro_batch;
+        let micro = training.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
         let run = checkpoint::RunRecord {
             spec: cfg.spec.as_ref().map(|(p, _)| p.to_string_lossy().into_owned()),
@@ -188,16 +184,13 @@ impl Trainer {
         // From a checkpoint, or from the initializers; the ranks are started once.
         let (ranks, step, resume_changes) = match &cfg.resume {
             Some(dir) => {
-                let (params, opt, step, changes) = resume(dir, &model, &run, cfg.allow_changes)?;
-                (start_ranks(&model, &compiled, ranks::Start::State(&params, &opt), cfg.backend)?, step, changes)
+                let (params, opt, step, changes) = resume(dir, &training, &run, cfg.allow_changes)?;
+                (start_ranks(&training, ranks::Start::State(&params, &opt), cfg.backend)?, step, changes)
             }
-            None => {
-                (start_ranks(&model, &compiled, ranks::Start::Init { seed: cfg.seed }, cfg.backend)?, 0, Vec::new())
-            }
+            None => (start_ranks(&training, ranks::Start::Init { seed: cfg.seed }, cfg.backend)?, 0, Vec::new()),
         };
         Ok(Trainer {
-            model,
-            compiled,
+            training,
             step,
             data,
             cfg,
@@ -214,37 +207,38 @@ impl Trainer {
     }
 
     fn seq(&self) -> usize {
-        self.model.inputs[self.tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1)
+        self.training.step.inputs[self.tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1)
     }
 
     pub fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
-        let ty = &self.model.inputs[self.tokens_idx].ty;
+        let ty = &self.training.step.inputs[self.tokens_idx].ty;
         let (x, y) = self.data.batch(split, ty.dims[0].size as usize, self.seq(), self.cfg.seed, step, micro);
         let mut inputs = vec![Tensor::zeros(&ty.dims); 2];
         inputs[self.tokens_idx] = Tensor { dims: ty.dims.clone(), data: x };
-        inputs[self.targets_idx] = Tensor { dims: self.model.inputs[self.targets_idx].ty.dims.clone(), data: y };
+        inputs[self.targets_idx] =
+            Tensor { dims: self.training.step.inputs[self.targets_idx].ty.dims.clone(), data: y };
         inputs
     }
 
     /// Tokens of one optimizer step.
     pub fn tokens_per_step(&self) -> u64 {
-        self.model.micro_batch * self.seq() as u64 * self.accumulation
+        self.training.micro_batch * self.seq() as u64 * self.accumulation
     }
 
     /// The logical weights and optimizer state, assembled from the ranks' buffers.
     pub fn state(&self) -> Result<(Vec<Tensor<f32>>, optim::OptimizerState), TrainError> {
-        self.ranks.logical(&self.model, &self.compiled).map_err(TrainError::Setup)
+        self.ranks.logical(&self.training.step).map_err(TrainError::Setup)
     }
 
     /// The current logical weights, assembled from the ranks' buffers.
     pub fn weights(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
-        self.ranks.weights(&self.model, &self.compiled).map_err(TrainError::Setup)
+        self.ranks.weights(&self.training.step).map_err(TrainError::Setup)
     }
 
     /// Start the ranks from these logical weights, keeping the optimizer state.
     pub fn set_weights(&mut self, params: &[Tensor<f32>]) -> Result<(), TrainError> {
         let (_, opt) = self.state()?;
-        self.ranks = start_ranks(&self.model, &self.compiled, ranks::Start::State(params, &opt), self.cfg.backend)?;
+        self.ranks = start_ranks(&self.training, ranks::Start::State(params, &opt), self.cfg.backend)?;
         Ok(())
     }
 
@@ -253,8 +247,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         let t0 = Instant::now();
         let step = self.step;
-        let train = self.model.train.as_ref().expect("checked in new");
-        let lr = optim::learning_rate(train, step, self.tokens_per_step(), self.cfg.steps);
+        let lr = optim::learning_rate(&self.training.train, step, self.tokens_per_step(), self.cfg.steps);
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let trace = self.trace.as_deref().filter(|t| step < t.steps);
         let out = self.ranks.step(step, self.cfg.seed, lr, &inputs, trace).map_err(TrainError::Setup)?;
@@ -263,7 +256,7 @@ impl Trainer {
         let loss = ranks::step_loss(&out).ok_or_else(|| TrainError::Setup("no rank computed the loss".into()))?;
         let grad_norm = out[0].grad_norm;
         if let Some(k) = out.iter().find_map(|s| s.nonfinite_param) {
-            return Err(self.weights_went_nonfinite(step, &self.model.params[k].path, lr));
+            return Err(self.weights_went_nonfinite(step, &self.training.step.params[k].path, lr));
         }
         let first_bad_grad = if loss.is_finite() && grad_norm.is_finite() { None } else { self.first_nonfinite_grad() };
         let skipped = self.check_finite(step, loss, grad_norm, out[0].updated, first_bad_grad)?;
@@ -283,12 +276,13 @@ impl Trainer {
 
     /// The path of the first parameter whose gradient (on any rank) holds a non-finite value.
     fn first_nonfinite_grad(&self) -> Option<String> {
-        (0..self.model.params.len()).find_map(|k| {
-            let bad = (0..self.compiled.programs.len()).any(|r| {
-                let g = self.ranks.read(r, &format!("g.{k}")).ok().flatten();
+        let c = &self.training.step;
+        (0..c.params.len()).find_map(|k| {
+            let bad = (0..c.programs.len()).any(|r| {
+                let g = self.ranks.read(r, Bound::Grad(k)).ok().flatten();
                 g.is_some_and(|g| g.iter().any(|x| !x.is_finite()))
             });
-            bad.then(|| self.model.params[k].path.clone())
+            bad.then(|| c.params[k].path.clone())
         })
     }
 
@@ -306,7 +300,7 @@ impl Trainer {
         if loss.is_finite() && grad_norm.is_finite() {
             return Ok(false);
         }
-        let skip = self.model.train.as_ref().is_some_and(|t| t.skip_nonfinite);
+        let skip = self.training.train.skip_nonfinite;
         if skip && !updated {
             self.skipped_steps += 1;
             return Ok(true);
@@ -335,14 +329,7 @@ impl Trainer {
         let step = self.step;
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let dropout = Some(self.cfg.seed ^ (step << 20));
-        let (_, g) = reference::gradients(
-            &self.model,
-            &self.compiled.backward,
-            &self.weights()?,
-            dropout,
-            self.accumulation,
-            &inputs,
-        )?;
+        let (_, g) = reference::gradients(&self.training.step, &self.weights()?, dropout, self.accumulation, &inputs)?;
         Ok(g)
     }
 
@@ -353,8 +340,8 @@ impl Trainer {
         let weights = self.weights()?;
         let mut slot = self.evaluator.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
-            let e = evaluate::Evaluator::new(&self.model, &self.compiled.backward, self.cfg.backend)
-                .map_err(|e| TrainError::Setup(format!("cannot compile the evaluation: {e}")))?;
+            let e = evaluate::Evaluator::new(&self.training, self.cfg.backend)
+                .map_err(|e| TrainError::Setup(format!("cannot start the evaluation: {e}")))?;
             *slot = Some(e);
         }
         let ev = slot.as_mut().expect("set above");
@@ -381,7 +368,7 @@ impl Trainer {
     /// Write the Chrome trace recorded so far to `path`, one track per rank.
     pub fn write_trace(&self, path: &Path) -> Result<(), TrainError> {
         let Some(t) = &self.trace else { return Ok(()) };
-        let names: Vec<String> = match self.compiled.ranks.as_slice() {
+        let names: Vec<String> = match self.training.step.ranks.as_slice() {
             [_] => vec!["rank 0 (single device)".into()],
             ranks => ranks
                 .iter()
@@ -401,15 +388,15 @@ impl Trainer {
         if let Some(k) = params.iter().position(|p| !p.is_finite()) {
             return Err(TrainError::NonFinite(format!(
                 "parameter `{}` holds a non-finite value at step {}; no checkpoint was written",
-                self.model.params[k].path, self.step
+                self.training.step.params[k].path, self.step
             )));
         }
-        checkpoint::save(&self.cfg.out, &self.model, &params, &opt, self.step, Some(&self.run))
+        checkpoint::save(&self.cfg.out, &self.training, &params, &opt, self.step, Some(&self.run))
     }
 
     /// The per-layer slice of a parameter (for inspection and sampling).
     pub fn param(&self, index: usize, layer: Option<u64>) -> Result<Option<Tensor<f32>>, TrainError> {
-        Ok(param_slice(&self.model.params[index], &self.weights()?[index], layer))
+        Ok(param_slice(&self.training.step.params[index], &self.weights()?[index], layer))
     }
 }
 
@@ -418,7 +405,7 @@ impl Trainer {
 /// `allow_changes`; another kind of optimizer starts from fresh state.
 type Resumed = (Vec<Tensor<f32>>, optim::OptimizerState, u64, Vec<String>);
 
-fn resume(dir: &Path, m: &Model, run: &checkpoint::RunRecord, allow_changes: bool) -> Result<Resumed, TrainError> {
+fn resume(dir: &Path, t: &Training, run: &checkpoint::RunRecord, allow_changes: bool) -> Result<Resumed, TrainError> {
     let then = checkpoint::run_of(dir)?;
     let mut changes = Vec::new();
     let mut fresh_optimizer = false;
@@ -445,20 +432,13 @@ fn resume(dir: &Path, m: &Model, run: &checkpoint::RunRecord, allow_changes: boo
             changes.join("\n  - ")
         )));
     }
-    let optimizer = &m.train.as_ref().expect("checked in Trainer::new").optimizer;
-    let fresh = optim::OptimizerState::new(&m.params, optimizer);
-    let (params, opt, step) = checkpoint::load(dir, m, &fresh, fresh_optimizer)?;
+    let fresh = optim::OptimizerState::new(&t.step.params, &t.train.optimizer);
+    let (params, opt, step) = checkpoint::load(dir, &t.step.params, &fresh, fresh_optimizer)?;
     Ok((params, opt, step, changes))
 }
 
 /// Every rank's backend, holding its part of the logical weights and optimizer state.
-fn start_ranks(
-    m: &Model,
-    c: &tessera_compiler::driver::Compiled,
-    start: ranks::Start<'_>,
-    engine: Engine,
-) -> Result<ranks::Ranks, TrainError> {
-    let optimizer = &m.train.as_ref().expect("checked in Trainer::new").optimizer;
-    ranks::Ranks::new(m, c, start, optimizer, engine)
+fn start_ranks(t: &Training, start: ranks::Start<'_>, engine: Engine) -> Result<ranks::Ranks, TrainError> {
+    ranks::Ranks::new(&t.step, start, &t.train.optimizer, engine)
         .map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
 }

@@ -7,7 +7,7 @@
 use crate::tensor::Tensor;
 use tessera_compiler::autodiff::update::UpdateParam;
 use tessera_compiler::config::{Amount, LrSchedule, Optimizer, Train};
-use tessera_compiler::model::Param;
+use tessera_compiler::ir::Param;
 
 #[derive(Debug, Clone)]
 pub struct OptimizerState {

@@ -21,10 +21,9 @@ use crate::backend::{
 use crate::comm::{Communicator, RankComm, World};
 use crate::tensor::Tensor;
 use std::sync::Mutex;
-use tessera_compiler::Model;
 use tessera_compiler::config::Optimizer;
 use tessera_compiler::driver::Compiled;
-use tessera_compiler::lower::{BufId, Kind, Program};
+use tessera_compiler::lower::{Bound, BufId, Kind, Program};
 use tessera_compiler::parallel::Mesh;
 
 /// How long a collective may wait for the other ranks before the step fails.
@@ -65,13 +64,13 @@ struct Bindings {
 
 impl Bindings {
     fn of(p: &Program, micro: u64, inputs: usize, params: usize) -> Result<Bindings, String> {
-        let named = |name: &str| p.named(name).ok_or_else(|| format!("the program has no `{name}` buffer"));
-        let loss = named("loss")?;
+        let named = |b: Bound| p.bound(b).ok_or_else(|| format!("the program has no `{}` buffer", b.name()));
+        let loss = named(Bound::Loss)?;
         Ok(Bindings {
-            inputs: (0..micro).map(|j| (0..inputs).map(|i| p.named(&format!("x{i}.mb{j}"))).collect()).collect(),
-            hyper: named("hyper")?,
-            weights: (0..params).map(|k| p.named(&format!("w.{k}"))).collect(),
-            norm: named("norm")?,
+            inputs: (0..micro).map(|j| (0..inputs).map(|i| p.bound(Bound::Input(i, j))).collect()).collect(),
+            hyper: named(Bound::Hyper)?,
+            weights: (0..params).map(|k| p.bound(Bound::Weight(k))).collect(),
+            norm: named(Bound::Norm)?,
             has_loss: p.instrs.iter().any(|i| matches!(i.kind, Kind::Accumulate) && i.outs == [loss]),
             loss,
         })
@@ -101,16 +100,10 @@ pub enum Start<'a> {
 }
 
 impl Ranks {
-    /// Each rank's backend, holding its part of the logical weights and
-    /// optimizer state; `optimizer` is the state's kind.
+    /// Each rank's backend, holding its part of the logical weights
+    /// (`c.params`) and optimizer state; `optimizer` is the state's kind.
     /// `engine` runs their fused kernels.
-    pub fn new(
-        m: &Model,
-        c: &Compiled,
-        start: Start<'_>,
-        optimizer: &Optimizer,
-        engine: Engine,
-    ) -> Result<Ranks, String> {
+    pub fn new(c: &Compiled, start: Start<'_>, optimizer: &Optimizer, engine: Engine) -> Result<Ranks, String> {
         let mut backends = Vec::new();
         for p in &c.programs {
             let mut cpu = Cpu::with_engine(engine);
@@ -119,7 +112,7 @@ impl Ranks {
             backends.push(cpu);
         }
         let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
-        for (k, meta) in m.params.iter().enumerate() {
+        for (k, meta) in c.params.iter().enumerate() {
             // Fresh weights that every rank holding them holds whole are
             // written straight into its buffer (no logical copy is made).
             if let Start::Init { seed } = start {
@@ -130,12 +123,12 @@ impl Ranks {
                     !s.held
                         || whole(s, meta)
                             && !(sharded && c.mesh.zero >= 3)
-                            && !(sharded && p.named(&format!("master.{k}")).is_some())
+                            && !(sharded && p.bound(Bound::Master(k)).is_some())
                 };
                 if c.ranks.iter().zip(&c.programs).all(held_whole) {
                     for ((p, rp), cpu) in c.programs.iter().zip(&c.ranks).zip(backends.iter_mut()) {
-                        for name in [format!("w.{k}"), format!("master.{k}")] {
-                            if let Some(b) = p.named(&name).filter(|_| rp.params[k].held) {
+                        for role in [Bound::Weight(k), Bound::Master(k)] {
+                            if let Some(b) = p.bound(role).filter(|_| rp.params[k].held) {
                                 cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
                             }
                         }
@@ -144,15 +137,15 @@ impl Ranks {
                 }
             }
             let fresh;
-            let (w, moments): (&Tensor<f32>, Vec<(&str, &Tensor<f32>)>) = match start {
+            let (w, moments): (&Tensor<f32>, Vec<(Bound, &Tensor<f32>)>) = match start {
                 Start::Init { seed } => {
                     fresh = crate::init::init_param(meta, k, seed);
                     // The regions start zeroed: fresh moments need no upload.
                     (&fresh, Vec::new())
                 }
                 Start::State(params, opt) => {
-                    let mut v = vec![("m", &opt.m[k])];
-                    v.extend(opt.v.get(k).map(|t| ("v", t)));
+                    let mut v = vec![(Bound::Moment1(k), &opt.m[k])];
+                    v.extend(opt.v.get(k).map(|t| (Bound::Moment2(k), t)));
                     (&params[k], v)
                 }
             };
@@ -163,8 +156,8 @@ impl Ranks {
                 }
                 let d = c.mesh.data_coord(p.rank) as usize;
                 // A buffer holds the rank's cut of the logical tensor, or its flat ZeRO shard of that cut.
-                let mut put = |name: String, full: &Tensor<f32>, sharded: bool| -> Result<(), String> {
-                    let Some(b) = p.named(&name) else { return Ok(()) };
+                let mut put = |role: Bound, full: &Tensor<f32>, sharded: bool| -> Result<(), String> {
+                    let Some(b) = p.bound(role) else { return Ok(()) };
                     let local = cut_elements(full, shard, meta);
                     match sharded {
                         true => cpu.upload(p.buffer(b), &flat_shard(&local, dp, d)),
@@ -172,10 +165,10 @@ impl Ranks {
                     }
                 };
                 let z = c.mesh.zero_sharded(shard);
-                put(format!("w.{k}"), w, z && c.mesh.zero >= 3)?;
-                put(format!("master.{k}"), w, z)?;
-                for (kind, t) in &moments {
-                    put(format!("{kind}.{k}"), t, z)?;
+                put(Bound::Weight(k), w, z && c.mesh.zero >= 3)?;
+                put(Bound::Master(k), w, z)?;
+                for &(role, t) in &moments {
+                    put(role, t, z)?;
                 }
             }
         }
@@ -185,7 +178,7 @@ impl Ranks {
             .programs
             .iter()
             .zip(&micro)
-            .map(|(p, &n)| Bindings::of(p, n, m.inputs.len(), m.params.len()))
+            .map(|(p, &n)| Bindings::of(p, n, c.inputs.len(), c.params.len()))
             .collect::<Result<_, _>>()?;
         Ok(Ranks {
             mesh: c.mesh.clone(),
@@ -252,45 +245,40 @@ impl Ranks {
         })
     }
 
-    /// The elements of rank `rank`'s buffer `name` (`g.3`, `loss`, `norm`, ...), if it has one.
-    pub fn read(&self, rank: usize, name: &str) -> Result<Option<Vec<f32>>, String> {
+    /// The elements of rank `rank`'s buffer that plays `role`, if it has one.
+    pub fn read(&self, rank: usize, role: Bound) -> Result<Option<Vec<f32>>, String> {
         let p = self.programs.get(rank).ok_or_else(|| format!("no rank {rank}"))?;
-        let Some(b) = p.named(name) else { return Ok(None) };
+        let Some(b) = p.bound(role) else { return Ok(None) };
         let cpu = self.backends[rank].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
         cpu.download(p.buffer(b)).map(Some)
     }
 
     /// The logical weights and optimizer state, assembled from the ranks' buffers.
-    pub fn logical(&self, m: &Model, c: &Compiled) -> Result<(Vec<Tensor<f32>>, OptimizerState), String> {
-        let mut out = OptimizerState::new(&m.params, &self.optimizer);
-        let params = self.assemble(m, c, Some(&mut out))?;
+    pub fn logical(&self, c: &Compiled) -> Result<(Vec<Tensor<f32>>, OptimizerState), String> {
+        let mut out = OptimizerState::new(&c.params, &self.optimizer);
+        let params = self.assemble(c, Some(&mut out))?;
         Ok((params, out))
     }
 
     /// The logical weights alone (evaluation and sampling read no optimizer state).
-    pub fn weights(&self, m: &Model, c: &Compiled) -> Result<Vec<Tensor<f32>>, String> {
-        self.assemble(m, c, None)
+    pub fn weights(&self, c: &Compiled) -> Result<Vec<Tensor<f32>>, String> {
+        self.assemble(c, None)
     }
 
     /// The logical weights, and into `state` the optimizer state, from every rank's buffers.
-    fn assemble(
-        &self,
-        m: &Model,
-        c: &Compiled,
-        mut state: Option<&mut OptimizerState>,
-    ) -> Result<Vec<Tensor<f32>>, String> {
-        let mut params: Vec<Tensor<f32>> = m.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
+    fn assemble(&self, c: &Compiled, mut state: Option<&mut OptimizerState>) -> Result<Vec<Tensor<f32>>, String> {
+        let mut params: Vec<Tensor<f32>> = c.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
         for (r, (p, rp)) in self.programs.iter().zip(&c.ranks).enumerate() {
             let cpu = self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
-            for (k, meta) in m.params.iter().enumerate() {
+            for (k, meta) in c.params.iter().enumerate() {
                 let shard = &rp.params[k];
                 if !shard.held {
                     continue;
                 }
                 let n = shard.local.ty.numel() as usize;
                 // A flat ZeRO shard is whole across the rank's data group.
-                let whole = |name: &str, sharded: bool| -> Result<Option<Vec<f32>>, String> {
-                    let Some(b) = p.named(name) else { return Ok(None) };
+                let whole = |role: Bound, sharded: bool| -> Result<Option<Vec<f32>>, String> {
+                    let Some(b) = p.bound(role) else { return Ok(None) };
                     if !sharded {
                         return Ok(Some(cpu.download(p.buffer(b))?));
                     }
@@ -302,7 +290,7 @@ impl Ranks {
                         let data = match (&other, member as usize == r) {
                             (_, true) => cpu.download(p.buffer(b))?,
                             (Ok(o), false) => {
-                                o.download(q.buffer(q.named(name).ok_or("a shard missing on a data rank")?))?
+                                o.download(q.buffer(q.bound(role).ok_or("a shard missing on a data rank")?))?
                             }
                             (Err(_), false) => return Err("a data rank's backend is busy".into()),
                         };
@@ -313,19 +301,19 @@ impl Ranks {
                 };
                 let z = c.mesh.zero_sharded(shard);
                 // The f32 master weights where the program keeps them (`precision = bf16`), else the weights.
-                let w = match whole(&format!("master.{k}"), z)? {
+                let w = match whole(Bound::Master(k), z)? {
                     Some(w) => Some(w),
-                    None => whole(&format!("w.{k}"), z && self.mesh.zero >= 3)?,
+                    None => whole(Bound::Weight(k), z && self.mesh.zero >= 3)?,
                 };
                 if let Some(w) = w {
                     place(&mut params[k], &w, shard, meta);
                 }
                 let Some(out) = state.as_deref_mut() else { continue };
-                if let Some(w) = whole(&format!("m.{k}"), z)? {
+                if let Some(w) = whole(Bound::Moment1(k), z)? {
                     place(&mut out.m[k], &w, shard, meta);
                 }
                 if !out.v.is_empty()
-                    && let Some(w) = whole(&format!("v.{k}"), z)?
+                    && let Some(w) = whole(Bound::Moment2(k), z)?
                 {
                     place(&mut out.v[k], &w, shard, meta);
                 }

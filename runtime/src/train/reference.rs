@@ -9,22 +9,23 @@
 use super::optim::OptimizerState;
 use crate::exec::{ExecError, Interpreter};
 use crate::tensor::Tensor;
-use tessera_compiler::Model;
-use tessera_compiler::autodiff::Backward;
 use tessera_compiler::autodiff::update::{UpdateParam, update_graph};
 use tessera_compiler::config::Optimizer;
+use tessera_compiler::driver::Compiled;
+use tessera_compiler::ir::{Dim, Param};
 
 /// The mean loss and the mean parameter gradients over `micro` microbatches
-/// at weights `params`; dropout masks come from `dropout` as in the step.
+/// at weights `params` (the single-device backward graph of `c`); dropout
+/// masks come from `dropout` as in the step.
 pub fn gradients(
-    m: &Model,
-    bw: &Backward,
+    c: &Compiled,
     params: &[Tensor<f32>],
     dropout: Option<u64>,
     micro: u64,
     inputs: &dyn Fn(u64) -> Vec<Tensor<f32>>,
 ) -> Result<(f64, Vec<Tensor<f32>>), ExecError> {
-    let interp = Interpreter { graph: &bw.graph, params: &m.params, dropout, comm: None };
+    let bw = &c.backward;
+    let interp = Interpreter { graph: &bw.graph, params: &c.params, dropout, comm: None };
     // Only the loss and the gradients are read back.
     let needed: Vec<_> = std::iter::once(bw.loss).chain(bw.param_grads.iter().map(|g| g.grad)).collect();
     let mut loss = 0.0;
@@ -32,7 +33,7 @@ pub fn gradients(
     for k in 0..micro.max(1) {
         let vals = interp.run_for(&inputs(k), params, Some(&needed))?;
         loss += vals[bw.loss.index()].data[0] as f64;
-        let g = crate::exec::param_grads(&m.params, &bw.param_grads, &vals);
+        let g = crate::exec::param_grads(&c.params, &bw.param_grads, &vals);
         if sum.is_empty() {
             sum = g;
         } else {
@@ -59,7 +60,7 @@ pub fn global_norm(grads: &[Tensor<f32>]) -> f64 {
 /// the update graph of `compiler::autodiff::update`, node by node.
 #[allow(clippy::too_many_arguments)]
 pub fn update(
-    m: &Model,
+    meta: &[Param],
     opt: &mut OptimizerState,
     params: &mut [Tensor<f32>],
     grads: &[Tensor<f32>],
@@ -67,14 +68,14 @@ pub fn update(
     t: u64,
     clip: Option<f64>,
 ) {
-    let shapes: Vec<_> = m.params.iter().map(UpdateParam::of).collect();
+    let shapes: Vec<_> = meta.iter().map(UpdateParam::of).collect();
     let graph = update_graph(&shapes, &opt.optimizer, clip, false);
     let (b1, b2) = match opt.optimizer {
         Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
         Optimizer::Sgd { .. } => (0.0, 0.0),
     };
     let hyper = Tensor {
-        dims: vec![tessera_compiler::model::Dim::new("hyper", 3)],
+        dims: vec![Dim::new("hyper", 3)],
         data: vec![lr as f32, (1.0 - b1.powi(t as i32)) as f32, (1.0 - b2.powi(t as i32)) as f32],
     };
     let mut inputs = Vec::with_capacity(4 * params.len() + 1);
@@ -106,11 +107,12 @@ pub struct Step {
 }
 
 /// One whole training step on one device: [`gradients`], [`global_norm`]
-/// and [`update`] (skipped when the norm is not finite, as the program's guard does).
+/// and [`update`] with the norm clipped to `clip` (skipped when the norm is
+/// not finite, as the program's guard does).
 #[allow(clippy::too_many_arguments)]
 pub fn step(
-    m: &Model,
-    bw: &Backward,
+    c: &Compiled,
+    clip: Option<f64>,
     params: &mut [Tensor<f32>],
     opt: &mut OptimizerState,
     dropout: Option<u64>,
@@ -119,10 +121,10 @@ pub fn step(
     lr: f64,
     t: u64,
 ) -> Result<Step, ExecError> {
-    let (loss, grads) = gradients(m, bw, params, dropout, micro, inputs)?;
+    let (loss, grads) = gradients(c, params, dropout, micro, inputs)?;
     let grad_norm = global_norm(&grads);
     if grad_norm.is_finite() {
-        update(m, opt, params, &grads, lr, t, m.train.as_ref().and_then(|t| t.clip));
+        update(&c.params, opt, params, &grads, lr, t, clip);
     }
     Ok(Step { loss, grad_norm })
 }

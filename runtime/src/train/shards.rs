@@ -4,7 +4,7 @@
 //! written under a layout loads under any other.
 
 use crate::tensor::Tensor;
-use tessera_compiler::model::{Dim, Param};
+use tessera_compiler::ir::{Dim, Param};
 use tessera_compiler::parallel;
 
 /// The flat shard `d` of `n` of a tensor's elements (zero-padded to a multiple of n).
