@@ -30,7 +30,9 @@ pub fn check(path: &Path, overrides: &[&str]) -> (SourceMap, Result<Model, Diags
         micro_batch: None,
         ..Default::default()
     };
-    let r = tessera::compiler::check_path(&mut sources, path, &opts);
+    // As `tessera check` does: the spec, then whether every rank fits its `train.device`.
+    let r = tessera::compiler::check_path(&mut sources, path, &opts)
+        .and_then(|m| tessera::compiler::driver::check_memory(&m).map(|()| m).map_err(Into::into));
     (sources, r)
 }
 

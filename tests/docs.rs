@@ -29,7 +29,7 @@ fn every_section_key_and_device_is_documented() {
             );
         }
     }
-    for d in tessera::compiler::cost::device::devices() {
+    for d in tessera::compiler::device::devices() {
         assert!(doc.contains(d.name.as_str()), "device `{}` is missing from docs/language.md", d.name);
     }
 }

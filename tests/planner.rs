@@ -8,7 +8,8 @@
 mod common;
 
 use common::check_ok;
-use tessera::compiler::cost::{device, time};
+use tessera::compiler::cost::time;
+use tessera::compiler::device;
 
 const GPT3: &str = "specs/models/gpt3-175b.spec";
 
@@ -360,7 +361,7 @@ fn search(
         let mut sources = tessera::compiler::SourceMap::new();
         let mut overrides = base.clone();
         overrides.extend(o.iter().cloned());
-        let opts = tessera::compiler::Options { overrides, model: None, micro_batch: Some(1), skip_memory_check: true };
+        let opts = tessera::compiler::Options { overrides, model: None, micro_batch: Some(1) };
         tessera::compiler::check_path(&mut sources, std::path::Path::new(spec), &opts)
             .map_err(|d| d.0[0].message.clone())
     };

@@ -8,12 +8,13 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tessera_compiler::cost::{device, search};
+use tessera_compiler::cost::search;
+use tessera_compiler::device;
 use tessera_compiler::{Options, SourceMap, check_path};
 
 fn check(spec: &str, overrides: &[String], micro_batch: Option<u64>) -> Result<tessera_compiler::Model, String> {
     let mut sources = SourceMap::new();
-    let opts = Options { overrides: overrides.to_vec(), model: None, micro_batch, skip_memory_check: true };
+    let opts = Options { overrides: overrides.to_vec(), model: None, micro_batch };
     check_path(&mut sources, Path::new(spec), &opts).map_err(|d| d.0[0].message.clone())
 }
 

@@ -10,6 +10,7 @@
 use crate::autodiff::{Backward, differentiate};
 use crate::config::{Parallel, Train};
 use crate::cost;
+use crate::diag::Diag;
 use crate::ir::{Input, Param};
 use crate::lower::{self, Program};
 use crate::model::Model;
@@ -25,6 +26,48 @@ pub struct PassError {
 
 fn fail(pass: &'static str) -> impl Fn(String) -> PassError {
     move |message| PassError { pass, message }
+}
+
+/// Whether every rank of `m`'s layout fits the memory of its `train.device`
+/// (the cost model's per-rank estimate; nothing to check without a device):
+/// an error at the `train` section that breaks the worst rank's bytes down
+/// and says how to shard more. The CLI runs it after checking; the planner
+/// prices memory itself, layout by layout.
+pub fn check_memory(m: &Model) -> Result<(), Diag> {
+    let Some(t) = &m.train else { return Ok(()) };
+    let Some(dev) = t.device.as_deref().and_then(crate::device::device) else {
+        return Ok(());
+    };
+    let mem = cost::memory::memory_per_rank(m);
+    let (rank, worst) = cost::memory::worst_rank(&mem);
+    if worst.total <= dev.memory {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let order = parallel::mesh::rank_order(&m.parallel);
+    let c = parallel::mesh::coords(&order, rank as u64);
+    let at: Vec<String> = order.iter().zip(&c).map(|((a, _), i)| format!("{a} {i}")).collect();
+    Err(Diag::error(format!(
+        "rank {rank} needs {:.1} GiB, but {} has {:.1} GiB",
+        gib(worst.total),
+        dev.name,
+        gib(dev.memory)
+    ))
+    .at(m.train_span, "does not fit on this device")
+    .note(format!(
+        "rank {rank} ({}): params {:.2} GiB, grads {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB",
+        if at.is_empty() { "single device".into() } else { at.join(", ") },
+        gib(worst.params),
+        gib(worst.grads),
+        gib(worst.optimizer),
+        gib(worst.activations)
+    ))
+    .help(format!(
+        "shard more: raise ZeRO, tensor or pipeline parallelism, use `recompute = selective` or `full`, or lower \
+         `micro_batch`; `tessera plan FILE --search --world {} --device {}` ranks the layouts that fit",
+        m.parallel.world(),
+        dev.name
+    )))
 }
 
 /// What the driver hands over: every pass's typed result.

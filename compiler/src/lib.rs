@@ -8,6 +8,7 @@ pub mod autodiff;
 pub mod check;
 pub mod config;
 pub mod cost;
+pub mod device;
 pub mod diag;
 pub mod driver;
 pub mod ir;

@@ -147,6 +147,10 @@ pub struct Model {
     pub parallel: crate::config::Parallel,
     pub train: Option<crate::config::Train>,
     pub infer: Option<crate::config::Infer>,
+    /// Where the `train` section is (else the `parallel` section): the
+    /// driver's memory check points there.
+    #[serde(skip)]
+    pub train_span: Span,
     /// What the checker warns about (a declared parameter nothing reads, ...).
     #[serde(skip)]
     pub warnings: Vec<crate::diag::Diag>,

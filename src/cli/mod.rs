@@ -455,17 +455,24 @@ fn load(a: &SpecArgs) -> Result<Model, ExitCode> {
     load_with(a, &[], false)
 }
 
-/// Check the spec with extra overrides after the user's.
+/// Check the spec with extra overrides after the user's, and (unless
+/// `skip_memory_check`: the planner prices memory layout by layout) that
+/// every rank fits its `train.device` (`driver::check_memory`).
 fn load_with(a: &SpecArgs, extra: &[String], skip_memory_check: bool) -> Result<Model, ExitCode> {
     let mut sources = SourceMap::new();
     let mut overrides = a.set.clone();
     overrides.extend(extra.iter().cloned());
-    let opts = Options { overrides, model: a.model.clone(), micro_batch: None, skip_memory_check };
-    let m = tessera_compiler::check_path(&mut sources, &a.file, &opts).map_err(|d| {
-        let mut err = codespan_stderr();
-        write_diags(&sources, &d.0, &mut err);
-        ExitCode::from(1)
-    })?;
+    let opts = Options { overrides, model: a.model.clone(), micro_batch: None };
+    let m = tessera_compiler::check_path(&mut sources, &a.file, &opts)
+        .and_then(|m| match skip_memory_check {
+            true => Ok(m),
+            false => tessera_compiler::driver::check_memory(&m).map(|()| m).map_err(Into::into),
+        })
+        .map_err(|d| {
+            let mut err = codespan_stderr();
+            write_diags(&sources, &d.0, &mut err);
+            ExitCode::from(1)
+        })?;
     // Warnings once per command (the planner rechecks with extra overrides).
     if extra.is_empty() || !skip_memory_check {
         write_diags(&sources, &m.warnings, &mut codespan_stderr());
@@ -695,7 +702,7 @@ const LOWER_IN_INSPECT: u64 = 2_000_000;
 /// The predicted step on the spec's `train.device`, when it names a
 /// profile and the model trains.
 fn estimate_of(m: &Model) -> Option<Result<tessera_compiler::cost::time::Estimate, String>> {
-    let dev = m.train.as_ref()?.device.as_deref().and_then(cost::device::device)?;
+    let dev = m.train.as_ref()?.device.as_deref().and_then(tessera_compiler::device::device)?;
     Some(cost::time::estimate(m, dev))
 }
 

@@ -90,7 +90,8 @@ pub(super) fn command(
     search: bool,
     top: usize,
 ) -> ExitCode {
-    use tessera_compiler::cost::{device as devices, search as layouts};
+    use tessera_compiler::cost::search as layouts;
+    use tessera_compiler::device as devices;
     let fail = |e: String| {
         eprintln!("error: {e}");
         ExitCode::from(1)
@@ -162,7 +163,7 @@ pub(super) fn command(
         let mut overrides = spec.set.clone();
         overrides.extend(extra.iter().cloned());
         overrides.extend(o.iter().cloned());
-        let opts = Options { overrides, model: spec.model.clone(), micro_batch: Some(1), skip_memory_check: true };
+        let opts = Options { overrides, model: spec.model.clone(), micro_batch: Some(1) };
         tessera_compiler::check_path(&mut sources, &spec.file, &opts)
             .map_err(|d| d.0.first().map(|d| d.message.clone()).unwrap_or_else(|| "does not check".into()))
     };
@@ -248,7 +249,7 @@ fn plan(m: &Model, json: bool, found: Option<Found>) -> ExitCode {
     let volumes: Vec<RankVolume> = programs.iter().map(|p| (p.rank, check::volume(&check::issued(p, &mesh)))).collect();
     let map = rank_map(m, &mesh);
     let mem = memory::memory_per_rank(m);
-    let estimate = match m.train.as_ref().and_then(|t| t.device.as_deref()).and_then(cost::device::device) {
+    let estimate = match m.train.as_ref().and_then(|t| t.device.as_deref()).and_then(tessera_compiler::device::device) {
         Some(dev) => match cost::time::estimate(m, dev) {
             Ok(e) => Some(e),
             Err(e) => return fail(e),

@@ -4,14 +4,10 @@
 
 use super::sections::ParallelSpans;
 use crate::config::{ExpertPlacement, Parallel, Schedule, Train};
-use crate::cost::memory;
 use crate::diag::{Diag, Diags, unknown_help};
 use crate::model::Model;
-use crate::syntax::ast::Section;
+use crate::parallel::mesh::MAX_WORLD;
 use crate::syntax::span::Span;
-
-/// The largest world size the checker accepts (per-rank reports enumerate ranks).
-pub const MAX_WORLD: u64 = 1 << 20;
 
 pub(crate) fn divisors(n: u64) -> Vec<u64> {
     let mut small = Vec::new();
@@ -385,38 +381,4 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
             }
         }
     }
-}
-
-pub(super) fn memory_fits(m: &Model, spans: &ParallelSpans, train: Option<&Section>, diags: &mut Diags) {
-    let Some(t) = &m.train else { return };
-    let Some(dev) = t.device.as_deref().and_then(crate::cost::device::device) else {
-        return;
-    };
-    let mem = memory::memory_per_rank(m);
-    let (rank, worst) = memory::worst_rank(&mem);
-    if worst.total <= dev.memory {
-        return;
-    }
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let span = train.map(|s| s.name.span).or(spans.section).unwrap_or_default();
-    let order = crate::parallel::mesh::rank_order(&m.parallel);
-    let c = crate::parallel::mesh::coords(&order, rank as u64);
-    let at: Vec<String> = order.iter().zip(&c).map(|((a, _), i)| format!("{a} {i}")).collect();
-    diags.push(
-        Diag::error(format!("rank {rank} needs {:.1} GiB, but {} has {:.1} GiB", gib(worst.total), dev.name, gib(dev.memory)))
-            .at(span, "does not fit on this device")
-            .note(format!(
-                "rank {rank} ({}): params {:.2} GiB, grads {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB",
-                if at.is_empty() { "single device".into() } else { at.join(", ") },
-                gib(worst.params),
-                gib(worst.grads),
-                gib(worst.optimizer),
-                gib(worst.activations)
-            ))
-            .help(format!(
-                "shard more: raise ZeRO, tensor or pipeline parallelism, use `recompute = selective` or `full`, or lower `micro_batch`; `tessera plan FILE --search --world {} --device {}` ranks the layouts that fit",
-                m.parallel.world(),
-                dev.name
-            )),
-    );
 }

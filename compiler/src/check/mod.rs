@@ -12,7 +12,7 @@ pub mod program;
 pub mod sections;
 mod walk;
 
-pub use layout::MAX_WORLD;
+pub use crate::parallel::mesh::MAX_WORLD;
 
 use crate::config::{Parallel, Precision};
 use crate::diag::{Diag, Diags, unknown_help};
@@ -32,9 +32,6 @@ pub struct Options {
     pub model: Option<String>,
     /// Force the size of `batch` (sequences per microbatch), e.g. 1 for sampling.
     pub micro_batch: Option<u64>,
-    /// Leave out the check that every rank fits `train.device` (the planner
-    /// checks memory itself, layout by layout).
-    pub skip_memory_check: bool,
 }
 
 /// Check a spec file on disk.
@@ -108,7 +105,7 @@ fn check_source(
     if !diags.is_empty() {
         return Err(diags);
     }
-    let model = check_program(&prog, opts.model.as_deref(), dim_sets, opts.micro_batch, opts.skip_memory_check)?;
+    let model = check_program(&prog, opts.model.as_deref(), dim_sets, opts.micro_batch)?;
     Ok(model)
 }
 
@@ -227,7 +224,6 @@ fn check_program(
     want: Option<&str>,
     dim_sets: Vec<(Ident, Expr)>,
     force_micro: Option<u64>,
-    skip_memory_check: bool,
 ) -> Result<Model, Diags> {
     let name = match want {
         Some(w) => {
@@ -473,11 +469,9 @@ fn check_program(
         parallel,
         train,
         infer,
+        train_span: find("train").map(|s| s.name.span).or(pspans.section).unwrap_or_default(),
     };
     layout::validate(&model, &pspans, &mut diags);
-    if diags.is_empty() && !skip_memory_check {
-        layout::memory_fits(&model, &pspans, find("train"), &mut diags);
-    }
     if diags.is_empty() { Ok(model) } else { Err(diags) }
 }
 

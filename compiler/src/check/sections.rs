@@ -611,10 +611,10 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                 }
             }
             "device" => {
-                let names: Vec<&str> = crate::cost::device::devices().iter().map(|d| d.name.as_str()).collect();
+                let names: Vec<&str> = crate::device::devices().iter().map(|d| d.name.as_str()).collect();
                 t.device = ev.word(v, "device", &names);
                 // A profile the user meant to add may have failed to load.
-                let problems = crate::cost::device::errors();
+                let problems = crate::device::errors();
                 if t.device.is_none() && !problems.is_empty() {
                     ev.err(
                         Diag::error("some device profiles in TESSERA_DEVICES did not load")

@@ -10,7 +10,6 @@
 //! is 3× the forward pass (backward = 2× forward), i.e. 6N per token plus the
 //! attention term; activation recompute is not counted.
 
-pub mod device;
 pub mod memory;
 pub mod search;
 pub mod time;

@@ -20,11 +20,11 @@
 //! candidates are priced from the same checked model by
 //! [`time::estimate_for`] and [`super::memory::worst_for`].
 
-use super::device::Device;
 use super::time;
-use crate::check::MAX_WORLD;
 use crate::config::{Parallel, Recompute, Schedule};
+use crate::device::Device;
 use crate::model::Model;
+use crate::parallel::mesh::MAX_WORLD;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 

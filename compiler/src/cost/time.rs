@@ -42,9 +42,9 @@
 //! ([`super::FLOP_CONVENTION`]): model FLOPs, recompute not counted; MFU is
 //! that over the dense peak. `hardware_tflops_per_gpu` adds recompute.
 
-use super::device::Device;
 use super::memory::{self, RankMemory};
 use crate::config::{Parallel, Precision, Recompute};
+use crate::device::Device;
 use crate::model::{Model, OpCost};
 use serde::Serialize;
 
@@ -516,7 +516,7 @@ mod tests {
     use super::*;
 
     fn a100() -> &'static Device {
-        super::super::device::device("a100_80gb").expect("a100")
+        crate::device::device("a100_80gb").expect("a100")
     }
 
     #[test]

@@ -8,6 +8,9 @@
 
 use crate::config::Parallel;
 
+/// The largest world size the checker accepts (per-rank reports enumerate ranks).
+pub const MAX_WORLD: u64 = 1 << 20;
+
 /// Mesh axes from outermost to innermost in rank numbering.
 pub fn rank_order(p: &Parallel) -> Vec<(String, u64)> {
     let pipe = p.axis_of("layer").map(str::to_string);

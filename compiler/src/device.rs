@@ -1,7 +1,8 @@
 //! Accelerator profiles, as data: memory, dense peak rate per dtype, HBM
 //! bandwidth, GPUs per node, NVLink bandwidth inside a node and the
 //! interconnect (InfiniBand) bandwidth per GPU across nodes. `train.device`
-//! names one; the checker's memory check and the cost model read them.
+//! names one; the checker validates the name, and the cost model and the
+//! driver's memory check (`driver::check_memory`) read them.
 //!
 //! The built-in profiles are the TOML files in `compiler/devices/`, compiled
 //! in. Users add their own: `TESSERA_DEVICES` lists TOML files or folders of
@@ -111,12 +112,12 @@ struct DeviceFile {
 }
 
 const BUILT_IN: &[(&str, &str)] = &[
-    ("a100_40gb.toml", include_str!("../../devices/a100_40gb.toml")),
-    ("a100_80gb.toml", include_str!("../../devices/a100_80gb.toml")),
-    ("h100_80gb.toml", include_str!("../../devices/h100_80gb.toml")),
-    ("h200_141gb.toml", include_str!("../../devices/h200_141gb.toml")),
-    ("v100_32gb.toml", include_str!("../../devices/v100_32gb.toml")),
-    ("cpu.toml", include_str!("../../devices/cpu.toml")),
+    ("a100_40gb.toml", include_str!("../devices/a100_40gb.toml")),
+    ("a100_80gb.toml", include_str!("../devices/a100_80gb.toml")),
+    ("h100_80gb.toml", include_str!("../devices/h100_80gb.toml")),
+    ("h200_141gb.toml", include_str!("../devices/h200_141gb.toml")),
+    ("v100_32gb.toml", include_str!("../devices/v100_32gb.toml")),
+    ("cpu.toml", include_str!("../devices/cpu.toml")),
 ];
 
 /// The dtypes a profile may give peak rates for.
