@@ -1039,7 +1039,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<(), String> {
 
 fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<Model, ExitCode> {
     let mut sources = SourceMap::new();
-    let opts = Options { overrides: overrides.to_vec(), model: None, micro_batch: Some(1), ..Default::default() };
+    let opts = Options { overrides: overrides.to_vec(), model: None, micro_batch: Some(1) };
     tessera_compiler::check_path(&mut sources, spec, &opts).map_err(|d| {
         write_diags(&sources, &d.0, &mut codespan_stderr());
         ExitCode::from(1)
