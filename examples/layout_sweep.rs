@@ -19,11 +19,10 @@ fn main() {
                 format!("parallel.mesh.data={data}"),
             ];
             let mut sources = SourceMap::new();
-            let verdict = match check_path(
-                &mut sources,
-                spec,
-                &Options { overrides, model: None, micro_batch: None, ..Default::default() },
-            ) {
+            // The checker, then whether every rank fits `train.device` (as `tessera check` does).
+            let checked = check_path(&mut sources, spec, &Options { overrides, model: None, micro_batch: None })
+                .and_then(|m| tessera::compiler::driver::check_memory(&m).map(|()| m).map_err(Into::into));
+            let verdict = match checked {
                 Ok(m) => {
                     let (rank, worst) = memory::worst_rank(&memory::memory_per_rank(&m));
                     format!("fits: rank {rank} needs {:.1} GiB", worst.total as f64 / (1u64 << 30) as f64)

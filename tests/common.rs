@@ -24,12 +24,7 @@ pub fn specs_under(dir: &str) -> Vec<PathBuf> {
 
 pub fn check(path: &Path, overrides: &[&str]) -> (SourceMap, Result<Model, Diags>) {
     let mut sources = SourceMap::new();
-    let opts = Options {
-        overrides: overrides.iter().map(|s| s.to_string()).collect(),
-        model: None,
-        micro_batch: None,
-        ..Default::default()
-    };
+    let opts = Options { overrides: overrides.iter().map(|s| s.to_string()).collect(), model: None, micro_batch: None };
     // As `tessera check` does: the spec, then whether every rank fits its `train.device`.
     let r = tessera::compiler::check_path(&mut sources, path, &opts)
         .and_then(|m| tessera::compiler::driver::check_memory(&m).map(|()| m).map_err(Into::into));

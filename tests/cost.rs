@@ -19,7 +19,6 @@ fn gpt3(overrides: &[&str]) -> tessera::compiler::Model {
         overrides: overrides.iter().map(|s| s.to_string()).collect(),
         model: None,
         micro_batch: None,
-        ..Default::default()
     };
     tessera::compiler::check_text(&mut sources, GPT3, &text, std::path::Path::new("specs/models"), &opts)
         .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)))

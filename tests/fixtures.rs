@@ -47,7 +47,7 @@ fn model_with(spec: &str, small: bool, more: &[&str]) -> Model {
     if small {
         overrides.extend(["dims.seq=16", "dims.embed=32"].map(String::from));
     }
-    let opts = Options { overrides, model: None, micro_batch: Some(2), ..Default::default() };
+    let opts = Options { overrides, model: None, micro_batch: Some(2) };
     check_path(&mut sources, Path::new(spec), &opts)
         .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)))
 }

@@ -13,12 +13,7 @@ use tessera::runtime::train::RunConfig;
 
 fn model(spec: &str, sets: &[&str]) -> tessera::compiler::Model {
     let mut sources = SourceMap::new();
-    let opts = Options {
-        overrides: sets.iter().map(|s| s.to_string()).collect(),
-        model: None,
-        micro_batch: None,
-        ..Default::default()
-    };
+    let opts = Options { overrides: sets.iter().map(|s| s.to_string()).collect(), model: None, micro_batch: None };
     match check_path(&mut sources, Path::new(spec), &opts) {
         Ok(m) => m,
         Err(d) => panic!("{spec} {sets:?} does not check:\n{}", tessera::compiler::diag::render(&sources, &d.0)),
@@ -547,7 +542,7 @@ fn random_layouts() {
         let base: Vec<&str> = base.iter().map(String::as_str).collect();
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
         let all: Vec<String> = base.iter().chain(&sets).map(|s| s.to_string()).collect();
-        let opts = Options { overrides: all, model: None, micro_batch: None, ..Default::default() };
+        let opts = Options { overrides: all, model: None, micro_batch: None };
         if check_path(&mut SourceMap::new(), Path::new(spec), &opts).is_err() {
             continue; // the checker rules it out, with a diagnostic
         }

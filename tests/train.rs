@@ -24,7 +24,6 @@ fn tiny_in(precision: &str) -> tessera::compiler::Model {
         ],
         model: None,
         micro_batch: None,
-        ..Default::default()
     };
     check_path(&mut sources, Path::new("specs/tiny/gpt.spec"), &opts).expect("tiny gpt checks")
 }
@@ -185,7 +184,7 @@ fn sampling_picks_by_the_rules() {
 fn generation_continues_a_prompt_deterministically() {
     let mut sources = SourceMap::new();
     let overrides = vec!["dims.seq=16".into(), "dims.embed=32".into(), "train.batch=4".into()];
-    let opts = Options { overrides: overrides.clone(), model: None, micro_batch: Some(1), ..Default::default() };
+    let opts = Options { overrides: overrides.clone(), model: None, micro_batch: Some(1) };
     let m = check_path(&mut sources, Path::new("specs/tiny/gpt.spec"), &opts).expect("checks");
     let params = tessera::runtime::init::init_params::<f32>(&m.params, 1);
     let cfg = tessera::runtime::infer::SampleConfig {
@@ -235,7 +234,7 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     use tessera::runtime::infer::{Generator, SampleConfig};
     let mut sources = SourceMap::new();
     let overrides = vec!["dims.seq=16".into(), "dims.embed=32".into(), "train.batch=4".into()];
-    let opts = Options { overrides, model: None, micro_batch: Some(1), ..Default::default() };
+    let opts = Options { overrides, model: None, micro_batch: Some(1) };
     let m = check_path(&mut sources, Path::new("specs/tiny/gpt.spec"), &opts).expect("checks");
     // Trained a little, so greedy decoding is not degenerate.
     let out = tmp("kv");
