@@ -350,6 +350,24 @@ fn embedding_with_repeated_ids_and_cross_entropy() {
 }
 
 #[test]
+fn cross_entropy_with_an_ignored_class_and_smoothing() {
+    // Targets drawn from 4 ids, one of them ignored: some rows do not count.
+    check_grads(
+        "model m {
+           dims { vocab = 4, seq = 8, embed = 4 }
+           input tokens: i32[batch, seq]
+           input targets: i32[batch, seq]
+           param wte: [vocab, embed]
+           param head: [embed, vocab]
+           logits = embed(wte, tokens) @ head
+           loss = cross_entropy(logits, targets, ignore = 2) + cross_entropy(logits, targets, label_smoothing = 0.2, ignore = 0)
+         }",
+        4,
+        12,
+    );
+}
+
+#[test]
 fn structural_ops() {
     check_grads(
         "model m {

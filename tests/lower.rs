@@ -206,6 +206,18 @@ fn the_verifier_names_what_is_wrong() {
         kernel.strides[0].iter_mut().for_each(|s| *s *= 2);
     }
     expect(p, &format!("instruction {k}: kernel"), "read past its end");
+    // Cross-entropy's row kernel: a per-row output must hold a value the same
+    // along the row, and a kernel stores floating values only.
+    let ce = p_ce(&good);
+    let mut p = good.clone();
+    if let Kind::Kernel { kernel } = &mut p.instrs[ce].kind {
+        kernel.stores[0].1 = 0; // the logits themselves, which vary along the row
+    }
+    expect(p, &format!("instruction {ce}: kernel"), "varies along the row");
+    let mut p = good.clone();
+    let row_losses = p.instrs[ce].outs[0];
+    p.buffers[row_losses.index()].ty.dtype = tessera::compiler::ir::DType::I32;
+    expect(p, &format!("instruction {ce}: kernel"), "store floating values");
     // A decode step: a cache write along a dim the cache lacks, a position
     // that is not an i32[], and attention whose queries outrun its cache.
     let mut gm = common::check_ok(GPT, &["train.micro_batch=1"]);
@@ -317,7 +329,16 @@ fn bf16_programs_store_weights_and_activations_in_bf16() {
                 .filter(|i| i.ins.contains(&x))
                 .all(|i| i.outs.iter().all(|o| b.buffer(*o).region == Region::Grad))
         };
-        let wide: Vec<_> = written.iter().filter(|&&x| b.buffer(x).ty.dtype != DType::Bf16 && !into_grads(x)).collect();
+        // (Cross-entropy's per-row losses, summed into the f32 loss, are f32: they are accumulations.)
+        let row_losses = |x: BufId| {
+            b.instrs.iter().any(|i| {
+                i.outs.contains(&x) && matches!(&i.kind, Kind::Kernel { kernel } if kernel.ops == ["cross_entropy"])
+            })
+        };
+        let wide: Vec<_> = written
+            .iter()
+            .filter(|&&x| b.buffer(x).ty.dtype != DType::Bf16 && !into_grads(x) && !row_losses(x))
+            .collect();
         assert!(!written.is_empty() && wide.is_empty(), "{sets:?}: f32 temporaries {wide:?}");
     }
     let m = common::check_ok(GPT, &["train.precision=fp16"]);
@@ -531,4 +552,42 @@ fn expert_values_are_ragged_only_where_every_reader_allows() {
     assert_eq!(roles[first], Role::Full);
     let dispatch = probed.nodes[first].inputs.iter().find(|v| probed.nodes[v.index()].op.name() == "dispatch");
     assert_eq!(roles[dispatch.expect("reads dispatch").index()], Role::Full);
+}
+
+/// The instruction of `p` that is cross-entropy's row kernel.
+fn p_ce(p: &Program) -> usize {
+    p.instrs
+        .iter()
+        .position(|i| {
+            matches!(&i.kind, Kind::Kernel { kernel }
+                if kernel.ops == ["cross_entropy"] && kernel.body.contains(&tessera::compiler::kernel::Expr::Index))
+        })
+        .expect("cross-entropy's row kernel")
+}
+
+/// Cross-entropy and its gradient lower to kernels (no library call is
+/// left), with or without an ignored class id and label smoothing; the text
+/// form carries their positions along the row and comparisons back.
+#[test]
+fn cross_entropy_lowers_to_kernels() {
+    for loss in ["cross_entropy(logits, targets)", "cross_entropy(logits, targets, label_smoothing = 0.1, ignore = 3)"]
+    {
+        let text = std::fs::read_to_string(GPT).expect("the tiny GPT").replace("cross_entropy(logits, targets)", loss);
+        let dir = std::env::temp_dir().join(format!("tessera-ce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        let path = dir.join("gpt.spec");
+        std::fs::write(&path, text).expect("writes");
+        let m = common::check_ok(path.to_str().expect("utf-8"), &[]);
+        let p = compile(&m).expect("compiles").programs.remove(0);
+        let names: Vec<&str> = p.instrs.iter().map(|i| i.kind.name()).collect();
+        assert!(!names.iter().any(|n| n.starts_with("cross_entropy")), "{loss}: a library call is left: {names:?}");
+        let ce = p_ce(&p);
+        let text = print(&p);
+        assert!(text.contains("index()") && text.contains("equal("), "{loss}");
+        assert_eq!(print(&parse(&text).expect("parses")), text, "{loss}: print → parse → print");
+        // The row kernel writes one loss per row (and, with `ignore`, whether the row counts).
+        let outs = &p.instrs[ce].outs;
+        assert_eq!(outs.len(), 1 + usize::from(loss.contains("ignore")), "{loss}");
+        verify(&p).expect("verifies");
+    }
 }

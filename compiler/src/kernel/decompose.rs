@@ -19,9 +19,20 @@
 //! y = e·(1 / Σe), log-softmax y = x − (m + ln Σe); `softmax_grad` (from y
 //! and g): y·(g − Σg·y), log: g − exp(y)·Σg (`exec::kernels::softmax`,
 //! `softmax_grad`, with the elementwise ops' exp and ln).
+//!
+//! Cross-entropy reduces over the whole batch, so it is more than one
+//! kernel ([`cross_entropy_rows`], [`cross_entropy_grad`]; the fusion pass
+//! places them): per row (classes innermost, target t, smoothing s, c
+//! classes) m = max x, lse = m + ln Σexp(x − m), x_t = Σ[j = t]·x,
+//! loss = (1 − s)·(lse − x_t) + s·(lse − Σx / c), 0 on an ignored row; the
+//! mean over the kept rows; and its gradient
+//! (exp(x − m)·(1 / Σexp(x − m)) − ((1 − s)·[j = t] + s / c))·(g / kept),
+//! 0 on an ignored row. The library kernels it replaces sum in f64
+//! (`exec::kernels::cross_entropy`); these in f32, the order of every row
+//! sum, as a GPU's kernels do.
 
 use super::Expr;
-use crate::ir::{BinaryOp, DType, Op, UnaryOp};
+use crate::ir::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
 
 /// Whether a kernel can compute `op` (a row op: where [`row_dim`] is the
 /// innermost loop dim).
@@ -197,4 +208,141 @@ fn norm_stats(x: usize, eps: f64, rms: bool, row: u64, push: &mut impl FnMut(Exp
     let one = push(Expr::Const { value: 1.0 });
     let inv = push(bin(BinaryOp::Div, one, root));
     (d, inv)
+}
+
+/// 1 where class id `t` is not `ignore` (every row without one).
+pub fn kept(t: usize, ignore: Option<i64>, body: &mut Vec<Expr>) -> Option<usize> {
+    let mut push = |e: Expr| {
+        body.push(e);
+        body.len() - 1
+    };
+    let i = push(Expr::Const { value: ignore? as f64 });
+    let is = push(Expr::Equal { a: t, b: i });
+    let one = push(Expr::Const { value: 1.0 });
+    Some(push(Expr::Binary { op: BinaryOp::Sub, a: one, b: is }))
+}
+
+/// One row's cross-entropy of logits `x` (the row: the kernel's innermost
+/// dim, `c` classes) against class id `t`, with label smoothing; 0 on a row
+/// whose target is `ignore`. Returns the row's loss and, with `ignore`,
+/// whether the row counts (1 or 0).
+pub fn cross_entropy_rows(
+    x: usize,
+    t: usize,
+    smoothing: f64,
+    ignore: Option<i64>,
+    c: u64,
+    body: &mut Vec<Expr>,
+) -> (usize, Option<usize>) {
+    let (m, _, sum) = exp_sum(x, body);
+    let mut push = |e: Expr| {
+        body.push(e);
+        body.len() - 1
+    };
+    let bin = |op, a, b| Expr::Binary { op, a, b };
+    let l = push(Expr::Unary { op: UnaryOp::Log, x: sum });
+    let lse = push(bin(BinaryOp::Add, m, l));
+    let j = push(Expr::Index);
+    let hit = push(Expr::Equal { a: j, b: t });
+    let picked = push(bin(BinaryOp::Mul, hit, x));
+    let xt = push(Expr::Reduce { x: picked, op: ReduceOp::Sum });
+    let mut loss = push(bin(BinaryOp::Sub, lse, xt));
+    if smoothing > 0.0 {
+        let sx = push(Expr::Reduce { x, op: ReduceOp::Sum });
+        let n = push(Expr::Const { value: c as f64 });
+        let mean = push(bin(BinaryOp::Div, sx, n));
+        let smooth = push(bin(BinaryOp::Sub, lse, mean));
+        let a = push(Expr::Const { value: 1.0 - smoothing });
+        let b = push(Expr::Const { value: smoothing });
+        let l1 = push(bin(BinaryOp::Mul, a, loss));
+        let l2 = push(bin(BinaryOp::Mul, b, smooth));
+        loss = push(bin(BinaryOp::Add, l1, l2));
+    }
+    let keep = kept(t, ignore, body);
+    if let Some(k) = keep {
+        body.push(Expr::Binary { op: BinaryOp::Mul, a: loss, b: k });
+        loss = body.len() - 1;
+    }
+    (loss, keep)
+}
+
+/// d loss / d logits of the mean cross-entropy, times the upstream scalar
+/// `g`, at logits `x` (the row innermost, `c` classes) and class id `t`.
+/// `count` is the number of rows that count: a body value (the kept rows,
+/// with `ignore`) or all `rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_grad(
+    x: usize,
+    t: usize,
+    g: usize,
+    count: Result<usize, u64>,
+    smoothing: f64,
+    ignore: Option<i64>,
+    c: u64,
+    body: &mut Vec<Expr>,
+) -> usize {
+    let (_, e, sum) = exp_sum(x, body);
+    let mut push = |e: Expr| {
+        body.push(e);
+        body.len() - 1
+    };
+    let bin = |op, a, b| Expr::Binary { op, a, b };
+    let one = push(Expr::Const { value: 1.0 });
+    let inv = push(bin(BinaryOp::Div, one, sum));
+    let p = push(bin(BinaryOp::Mul, e, inv));
+    let j = push(Expr::Index);
+    let mut target = push(Expr::Equal { a: j, b: t });
+    if smoothing > 0.0 {
+        let a = push(Expr::Const { value: 1.0 - smoothing });
+        let b = push(Expr::Const { value: smoothing / c as f64 });
+        let hit = push(bin(BinaryOp::Mul, target, a));
+        target = push(bin(BinaryOp::Add, hit, b));
+    }
+    let diff = push(bin(BinaryOp::Sub, p, target));
+    let den = counted(count, body);
+    body.push(Expr::Binary { op: BinaryOp::Div, a: g, b: den });
+    body.push(Expr::Binary { op: BinaryOp::Mul, a: diff, b: body.len() - 1 });
+    let mut out = body.len() - 1;
+    if let Some(k) = kept(t, ignore, body) {
+        body.push(Expr::Binary { op: BinaryOp::Mul, a: out, b: k });
+        out = body.len() - 1;
+    }
+    out
+}
+
+/// The mean of a sum over `count` rows (a body value, with no rows counting
+/// as one, or a constant).
+pub fn mean_of(sum: usize, count: Result<usize, u64>, body: &mut Vec<Expr>) -> usize {
+    let den = counted(count, body);
+    body.push(Expr::Binary { op: BinaryOp::Div, a: sum, b: den });
+    body.len() - 1
+}
+
+/// A row's max m, exp(x − m) and Σexp(x − m).
+fn exp_sum(x: usize, body: &mut Vec<Expr>) -> (usize, usize, usize) {
+    let mut push = |e: Expr| {
+        body.push(e);
+        body.len() - 1
+    };
+    let m = push(Expr::Reduce { x, op: ReduceOp::Max });
+    let d = push(Expr::Binary { op: BinaryOp::Sub, a: x, b: m });
+    let e = push(Expr::Unary { op: UnaryOp::Exp, x: d });
+    (m, e, push(Expr::Reduce { x: e, op: ReduceOp::Sum }))
+}
+
+/// The number of rows that count: a body value (none counting as one: the
+/// loss is then 0) or a constant.
+fn counted(count: Result<usize, u64>, body: &mut Vec<Expr>) -> usize {
+    let mut push = |e: Expr| {
+        body.push(e);
+        body.len() - 1
+    };
+    match count {
+        Ok(n) => {
+            let zero = push(Expr::Const { value: 0.0 });
+            let none = push(Expr::Equal { a: n, b: zero });
+            push(Expr::Binary { op: BinaryOp::Add, a: n, b: none })
+        }
+        Err(rows) => push(Expr::Const { value: rows.max(1) as f64 }),
+    }
 }

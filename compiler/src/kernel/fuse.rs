@@ -17,9 +17,15 @@
 //! once per reduction and writes both results. A
 //! lone elementwise op is a kernel too, so that every elementwise op of a
 //! program reaches the backend in one form.
+//!
+//! Cross-entropy and its gradient (over logits whose classes are the
+//! innermost dim) become kernels and sums ([`cross_entropy`]): a row kernel
+//! for the rows' losses, the sum over the rows, and a scalar kernel for the
+//! mean; the gradient is one row kernel (after the count of kept rows, where
+//! the op ignores a class id).
 
-use super::{Expr, Kernel, decomposes, expand, reads_whole, row_dim};
-use crate::ir::{Dim, TensorType};
+use super::{Expr, Kernel, decompose, decomposes, expand, reads_whole, row_dim};
+use crate::ir::{DType, Dim, Op, ReduceOp, TensorType};
 use crate::lower::{BufId, Buffer, Instr, Kind, Region, Stream};
 use std::collections::HashMap;
 
@@ -85,7 +91,7 @@ pub fn strides(t: &TensorType, dims: &[Dim]) -> Vec<u64> {
 /// the instructions and each phase's new start. A guard's range
 /// (`skip_if_nonfinite`, which lies within one phase) is fused on its own
 /// and its count follows.
-pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>, phases: &[usize]) -> (Vec<Instr>, Vec<usize>) {
+pub fn fuse(buffers: &mut Vec<Buffer>, instrs: Vec<Instr>, phases: &[usize]) -> (Vec<Instr>, Vec<usize>) {
     // How often each buffer is read, and which buffers something views.
     let mut reads: HashMap<BufId, usize> = HashMap::new();
     for ins in &instrs {
@@ -111,7 +117,7 @@ pub fn fuse(buffers: &[Buffer], instrs: Vec<Instr>, phases: &[usize]) -> (Vec<In
 }
 
 fn fuse_range(
-    buffers: &[Buffer],
+    buffers: &mut Vec<Buffer>,
     reads: &HashMap<BufId, usize>,
     viewed: &std::collections::HashSet<BufId>,
     instrs: Vec<Instr>,
@@ -128,6 +134,11 @@ fn fuse_range(
             *count = fused.len() as u32;
             out.push(ins);
             out.extend(fused);
+            continue;
+        }
+        if let Some(expanded) = cross_entropy(buffers, &ins) {
+            flush(buffers, reads, viewed, &mut run, &shape, &mut out);
+            out.extend(expanded);
             continue;
         }
         match fusible(buffers, &ins) {
@@ -251,4 +262,160 @@ fn flush(
         outs: outputs.into_iter().map(|(b, _)| b).collect(),
         stream: Stream::Compute,
     });
+}
+
+/// Cross-entropy (`cross_entropy`, `cross_entropy_grad`) as kernels and
+/// sums, over new temporaries in `buffers`; `None` for another instruction,
+/// or logits whose classes are not the innermost dim.
+///
+/// The loss: a row kernel over the logits writes each row's loss (and,
+/// where a class id is ignored, whether the row counts) once per row; the
+/// rows are summed; a scalar kernel divides by the rows that count. The
+/// gradient: the count of kept rows first (where a class id is ignored),
+/// then one row kernel over the logits.
+fn cross_entropy(buffers: &mut Vec<Buffer>, ins: &Instr) -> Option<Vec<Instr>> {
+    let Kind::Op { op, accumulate: false, rows: false, .. } = &ins.kind else { return None };
+    let (smoothing, ignore, grad) = match op {
+        Op::CrossEntropy { label_smoothing, ignore } => (*label_smoothing, *ignore, false),
+        Op::CrossEntropyGrad { label_smoothing, ignore } => (*label_smoothing, *ignore, true),
+        _ => return None,
+    };
+    let [out] = ins.outs[..] else { return None };
+    let (logits, targets) = (buffers[ins.ins[0].index()].clone(), buffers[ins.ins[1].index()].clone());
+    let o = &buffers[out.index()];
+    let (class, rows) = logits.ty.dims.split_last()?;
+    let shaped = if grad { o.ty.dims == logits.ty.dims } else { o.ty.dims.is_empty() };
+    if !logits.ty.dtype.is_float()
+        || targets.ty.dims != rows
+        || !o.ty.dtype.is_float()
+        || o.view_of.is_some()
+        || !shaped
+    {
+        return None;
+    }
+    let (c, n) = (class.size, rows.iter().map(|d| d.size).product::<u64>());
+    let name = op.name().to_string();
+    let mut temp = |dims: &[Dim]| -> BufId {
+        let ty = TensorType::new(DType::F32, dims.to_vec());
+        buffers.push(Buffer { ty, region: Region::Arena, offset: 0, view_of: None, name: String::new() });
+        BufId(buffers.len() as u32 - 1)
+    };
+    let mut made: Vec<Instr> = Vec::new();
+    let (x, t) = (ins.ins[0], ins.ins[1]);
+    // The kept rows' count, as a scalar buffer (`Ok`), or all of them (`Err`).
+    let count = |made: &mut Vec<Instr>, kept: BufId, temp: &mut dyn FnMut(&[Dim]) -> BufId| -> BufId {
+        let total = temp(&[]);
+        made.push(sum_all(kept, total, rows));
+        total
+    };
+    if grad {
+        let kept = match ignore {
+            Some(_) => {
+                let v = temp(rows);
+                let mut body = vec![Expr::Load { arg: 0 }];
+                let k = decompose::kept(0, ignore, &mut body).expect("an ignored class id");
+                made.push(kernel(
+                    rows,
+                    &[(t, &targets.ty)],
+                    &[(v, &TensorType::new(DType::F32, rows.to_vec()))],
+                    body,
+                    &[k],
+                    &name,
+                ));
+                Ok(count(&mut made, v, &mut temp))
+            }
+            None => Err(n),
+        };
+        let g = ins.ins[2];
+        let mut args: Vec<(BufId, TensorType)> =
+            vec![(x, logits.ty.clone()), (t, targets.ty.clone()), (g, TensorType::new(DType::F32, Vec::new()))];
+        let mut body = vec![Expr::Load { arg: 0 }, Expr::Load { arg: 1 }, Expr::Load { arg: 2 }];
+        let counted = match kept {
+            Ok(b) => {
+                args.push((b, TensorType::new(DType::F32, Vec::new())));
+                body.push(Expr::Load { arg: 3 });
+                Ok(body.len() - 1)
+            }
+            Err(n) => Err(n),
+        };
+        let mut v = decompose::cross_entropy_grad(0, 1, 2, counted, smoothing, ignore, c, &mut body);
+        let dtype = buffers[out.index()].ty.dtype;
+        if dtype != DType::F32 {
+            body.push(Expr::Round { x: v, dtype });
+            v = body.len() - 1;
+        }
+        let ins: Vec<(BufId, &TensorType)> = args.iter().map(|(b, t)| (*b, t)).collect();
+        let oty = buffers[out.index()].ty.clone();
+        made.push(kernel(&logits.ty.dims, &ins, &[(out, &oty)], body, &[v], &name));
+        return Some(made);
+    }
+    let row_ty = TensorType::new(DType::F32, rows.to_vec());
+    let losses = temp(rows);
+    let kept = ignore.map(|_| temp(rows));
+    let mut body = vec![Expr::Load { arg: 0 }, Expr::Load { arg: 1 }];
+    let (loss, keep) = decompose::cross_entropy_rows(0, 1, smoothing, ignore, c, &mut body);
+    let mut outs = vec![(losses, &row_ty)];
+    let mut values = vec![loss];
+    if let (Some(k), Some(v)) = (kept, keep) {
+        outs.push((k, &row_ty));
+        values.push(v);
+    }
+    made.push(kernel(&logits.ty.dims, &[(x, &logits.ty), (t, &targets.ty)], &outs, body, &values, &name));
+    let total = temp(&[]);
+    made.push(sum_all(losses, total, rows));
+    let scalar = TensorType::new(DType::F32, Vec::new());
+    let mut args = vec![(total, &scalar)];
+    let mut body = vec![Expr::Load { arg: 0 }];
+    let counted = match kept {
+        Some(k) => {
+            let cnt = count(&mut made, k, &mut temp);
+            args.push((cnt, &scalar));
+            body.push(Expr::Load { arg: 1 });
+            Ok(1)
+        }
+        None => Err(n),
+    };
+    let mean = decompose::mean_of(0, counted, &mut body);
+    let oty = buffers[out.index()].ty.clone();
+    made.push(kernel(&[], &args, &[(out, &oty)], body, &[mean], &name));
+    Some(made)
+}
+
+/// `to = Σ from` over all of `from`'s dims (`dims`).
+fn sum_all(from: BufId, to: BufId, dims: &[Dim]) -> Instr {
+    let op = Op::Reduce { op: ReduceOp::Sum, dims: dims.iter().map(|d| d.name.clone()).collect() };
+    Instr {
+        kind: Kind::Op { op, rng: None, accumulate: false, rows: false },
+        ins: vec![from],
+        outs: vec![to],
+        stream: Stream::Compute,
+    }
+}
+
+/// A kernel over `dims` reading `inputs` and storing `values` (body
+/// indices) into `outputs`, in order.
+fn kernel(
+    dims: &[Dim],
+    inputs: &[(BufId, &TensorType)],
+    outputs: &[(BufId, &TensorType)],
+    body: Vec<Expr>,
+    values: &[usize],
+    op: &str,
+) -> Instr {
+    let all: Vec<&(BufId, &TensorType)> = inputs.iter().chain(outputs).collect();
+    let kernel = Kernel {
+        dims: dims.to_vec(),
+        inputs: inputs.len(),
+        strides: all.iter().map(|(_, t)| strides(t, dims)).collect(),
+        body,
+        stores: values.iter().enumerate().map(|(i, &v)| (inputs.len() + i, v)).collect(),
+        ops: vec![op.to_string()],
+        rows: None,
+    };
+    Instr {
+        kind: Kind::Kernel { kernel },
+        ins: inputs.iter().map(|(b, _)| *b).collect(),
+        outs: outputs.iter().map(|(b, _)| *b).collect(),
+        stream: Stream::Compute,
+    }
 }

@@ -4,9 +4,12 @@
 //!
 //! A kernel is a loop nest over named dims (row-major, outermost first),
 //! strided loads of its arguments (stride 0 broadcasts a dim the argument
-//! lacks), a straight-line body of scalar expressions in SSA form, row
-//! reductions over the innermost dim ([`Expr::Reduce`]), and strided
-//! stores. [`fuse`] groups runs of elementwise ops, the row ops (layer_norm,
+//! lacks; an integer argument, such as a class id, loads as its f32 value),
+//! a straight-line body of scalar expressions in SSA form, the position
+//! along the innermost dim ([`Expr::Index`]) and comparisons
+//! ([`Expr::Equal`]), row reductions over the innermost dim
+//! ([`Expr::Reduce`]), and strided stores (stride 0 along the row: one
+//! value per row, which must be the same along it). [`fuse`] groups runs of elementwise ops, the row ops (layer_norm,
 //! rms_norm, softmax and their gradients) and the optimizer's update, each
 //! decomposed into primitives by [`expand`], into kernels. Fusing them
 //! computes every element with the same operations in the same order as
@@ -17,7 +20,7 @@
 mod decompose;
 mod fuse;
 
-pub use decompose::{decomposes, expand, reads_whole, row_dim};
+pub use decompose::{cross_entropy_grad, cross_entropy_rows, decomposes, expand, kept, mean_of, reads_whole, row_dim};
 pub use fuse::{fuse, strides};
 
 use crate::ir::{BinaryOp, DType, Dim, ReduceOp, UnaryOp};
@@ -83,6 +86,14 @@ pub enum Expr {
         x: usize,
         op: ReduceOp,
     },
+    /// The loop position along the innermost dim (0, 1, ...), as f32: a
+    /// class index (exact below 2²⁴).
+    Index,
+    /// 1 where a = b, else 0.
+    Equal {
+        a: usize,
+        b: usize,
+    },
 }
 
 impl Expr {
@@ -95,8 +106,8 @@ impl Expr {
             | Expr::Round { x, .. }
             | Expr::Reduce { x, .. } => vec![x],
             Expr::UnaryGrad { x, g, .. } => vec![x, g],
-            Expr::Binary { a, b, .. } => vec![a, b],
-            Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => vec![],
+            Expr::Binary { a, b, .. } | Expr::Equal { a, b } => vec![a, b],
+            Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } | Expr::Index => vec![],
         }
     }
 }
@@ -180,11 +191,32 @@ impl Kernel {
         {
             return Err(format!("row bounds in argument {r} of a {}-deep loop nest", self.dims.len()));
         }
+        let uniform = self.row_uniform();
         for &(arg, v) in &self.stores {
             if arg < self.inputs || arg >= args || v >= self.body.len() {
                 return Err(format!("a store of value {v} to argument {arg}"));
             }
+            // A per-row output (stride 0 along the row) holds one value per row.
+            if self.strides[arg].last() == Some(&0) && !uniform[v] {
+                return Err(format!("value {v}, which varies along the row, stored to per-row argument {arg}"));
+            }
         }
         Ok(())
+    }
+
+    /// Per body value: whether it is the same at every position of a row
+    /// (a reduction, a constant, an element, a load broadcast along the row,
+    /// and what is computed from those only).
+    pub fn row_uniform(&self) -> Vec<bool> {
+        let mut u = vec![false; self.body.len()];
+        for (i, e) in self.body.iter().enumerate() {
+            u[i] = match *e {
+                Expr::Reduce { .. } | Expr::Const { .. } | Expr::Element { .. } => true,
+                Expr::Load { arg } => self.strides.get(arg).and_then(|s| s.last()).is_none_or(|&s| s == 0),
+                Expr::Index | Expr::Dropout { .. } => self.dims.is_empty(),
+                _ => e.operands().iter().all(|&o| u[o]),
+            };
+        }
+        u
     }
 }

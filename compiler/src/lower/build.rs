@@ -1286,7 +1286,7 @@ impl<'a> Builder<'a> {
         self.phases.retain(|(at, _)| *at < n);
         if fuse {
             let starts: Vec<usize> = self.phases.iter().map(|(at, _)| *at).collect();
-            let (instrs, starts) = crate::kernel::fuse(&self.buffers, std::mem::take(&mut self.instrs), &starts);
+            let (instrs, starts) = crate::kernel::fuse(&mut self.buffers, std::mem::take(&mut self.instrs), &starts);
             self.instrs = instrs;
             for ((at, _), s) in self.phases.iter_mut().zip(starts) {
                 *at = s;

@@ -358,6 +358,8 @@ fn kernel_text(k: &crate::kernel::Kernel) -> String {
                 Expr::Dropout { x, p, rng } => format!("dropout(v{x}, {}, {rng})", Value::from(*p)),
                 Expr::Round { x, dtype } => format!("round(v{x}, {})", dtype.name()),
                 Expr::Reduce { x, op } => format!("row_{}(v{x})", op.name()),
+                Expr::Index => "index()".to_string(),
+                Expr::Equal { a, b } => format!("equal(v{a}, v{b})"),
             };
             format!("v{i} = {rhs}")
         })
@@ -416,8 +418,14 @@ fn kernel_parse(c: &mut Cursor, args: &[&Buffer], inputs: usize) -> Result<crate
                 _ => {
                     let name = c.word()?;
                     c.expect("(")?;
-                    let x = operand(c)?;
-                    let e = if let Some(op) = name.strip_suffix("_grad").and_then(UnaryOp::from_name) {
+                    // `index()` reads no value.
+                    let x = if name == "index" { 0 } else { operand(c)? };
+                    let e = if name == "index" {
+                        Expr::Index
+                    } else if name == "equal" {
+                        c.expect(",")?;
+                        Expr::Equal { a: x, b: operand(c)? }
+                    } else if let Some(op) = name.strip_suffix("_grad").and_then(UnaryOp::from_name) {
                         c.expect(",")?;
                         Expr::UnaryGrad { op, x, g: operand(c)? }
                     } else if let Some(op) = UnaryOp::from_name(&name) {

@@ -204,8 +204,12 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                     }
                     continue;
                 }
-                if !t.dtype.is_float() {
-                    return Err(format!("argument {i} ({b}) is {t}: kernels load and store floating values"));
+                // An input may hold integers (class ids: loaded as their f32 values, exact below 2²⁴).
+                let integer = i < kernel.inputs && matches!(t.dtype, DType::I32);
+                if !t.dtype.is_float() && !integer {
+                    return Err(format!(
+                        "argument {i} ({b}) is {t}: kernels load floating values and class ids, and store floating values"
+                    ));
                 }
                 // The last element any loop position touches lies inside the buffer.
                 let last: u64 =
@@ -221,8 +225,11 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
                     return Err(format!("element {index} of argument {arg} ({}) is past its end", ins.ins[arg]));
                 }
             }
-            for b in &ins.outs {
-                if ty(b).dims != kernel.dims {
+            for (j, b) in ins.outs.iter().enumerate() {
+                // Over the loop nest, or one value per row (the nest without its innermost dim).
+                let per_row = kernel.dims.split_last().is_some_and(|(_, outer)| ty(b).dims == outer)
+                    && kernel.strides[kernel.inputs + j].last() == Some(&0);
+                if ty(b).dims != kernel.dims && !per_row {
                     return Err(format!("output {b} is {}, the loop nest is over {:?}", ty(b), kernel.dims));
                 }
             }

@@ -488,10 +488,12 @@ impl Cpu {
                 // SAFETY: every pointer addresses, at this block's positions, the elements its
                 // strides reach (the kernel's buffers, or the block's arrays as placed above);
                 // blocks are disjoint rows, and the kernel's own staging rule holds for its stores.
+                // A pass once per row walks one position per row.
+                let step = if pass.per_row { 1 } else { len };
                 unsafe {
                     match f {
-                        Some(f) => jit::run(*f, &pass.nest, &a, seed, r0 * len, nr * len),
-                        None => interp::run(&pass.kernel, &pass.nest, &a, seed, r0 * len, nr * len),
+                        Some(f) => jit::run(*f, &pass.nest, &a, seed, r0 * step, nr * step),
+                        None => interp::run(&pass.kernel, &pass.nest, &a, seed, r0 * step, nr * step),
                     }
                 }
                 for &(r, op, v) in &pass.makes {
@@ -1647,7 +1649,8 @@ mod tests {
     }
 
     /// Every expression of the kernel IR (each unary op and its derivative,
-    /// the binary ops, a power, dropout, a constant, an element read), over
+    /// the binary ops, a power, dropout, a constant, an element read, the
+    /// position along the row, comparisons), over
     /// a contiguous argument, a broadcast one and a strided one, at lengths
     /// that leave a scalar tail, on data with zeros of both signs,
     /// infinities and NaNs: the JIT's code and the interpreter give the
@@ -1684,7 +1687,7 @@ mod tests {
                 buf(&[("i", n), ("j", m)], 4 * (2 * n * m + m))
             };
             let hyper = buf(&[("h", 3)], 4 * (3 * n * m + m));
-            let outs: Vec<Buffer> = (0..2 * ops.len() + 8)
+            let outs: Vec<Buffer> = (0..2 * ops.len() + 11)
                 .map(|o| buf(&[("i", n), ("j", m)], 4 * (3 * n * m + m + 3 + o as u64 * n * m)))
                 .collect();
             let dims = x.ty.dims.clone();
@@ -1712,6 +1715,9 @@ mod tests {
                 Expr::Dropout { x: 0, p: 0.3, rng: 7 },
                 Expr::Round { x: 0, dtype: DType::Bf16 },
                 Expr::Round { x: 1, dtype: DType::F16 },
+                Expr::Index,
+                Expr::Equal { a: 0, b: 2 },
+                Expr::Equal { a: 0, b: 0 },
             ] {
                 body.push(e);
                 stores.push(body.len() - 1);
@@ -1753,6 +1759,13 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(jit), bits(interp), "output {o} ({:?}) of a {n} x {m} loop", k.body[stores[o]]);
             }
+            // The position along the row is j; x = x holds except where x is NaN.
+            let at = |e: Expr| stores.iter().position(|&v| k.body[v] == e).expect("stored");
+            let want: Vec<f32> = (0..n * m).map(|p| (p % m) as f32).collect();
+            assert_eq!(results[0][at(Expr::Index)], want, "positions along a row of {m}");
+            let xs = fill(n * m, 1);
+            let same: Vec<f32> = xs.iter().map(|v| if v.is_nan() { 0.0 } else { 1.0 }).collect();
+            assert_eq!(results[0][at(Expr::Equal { a: 0, b: 0 })], same);
         }
     }
 

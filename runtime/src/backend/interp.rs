@@ -121,6 +121,7 @@ impl Nest {
 /// only at the same position (the caller stages stores otherwise).
 pub unsafe fn run(k: &Kernel, nest: &Nest, args: &Args, seed: u64, first: usize, count: usize) {
     let mut vals: Vec<[f32; BLOCK]> = vec![[0f32; BLOCK]; k.body.len()];
+    let row = k.dims.last().map_or(1, |d| d.size as usize);
     nest.segments(first, count, BLOCK, |offsets, start, len| {
         // Each argument's offset at the segment's start, and its stride along the segment.
         let base = |arg: usize| -> (usize, usize) { (offsets[arg], nest.inner(arg)) };
@@ -160,6 +161,8 @@ pub unsafe fn run(k: &Kernel, nest: &Nest, args: &Args, seed: u64, first: usize,
                 Expr::Round { x, dtype } => round(&before[x][..len], o, dtype),
                 // A row kernel runs as elementwise passes (`backend::rows`), never here.
                 Expr::Reduce { .. } => unreachable!("a row reduction outside its passes"),
+                Expr::Index => index(o, start, row),
+                Expr::Equal { a, b } => equal(&before[a][..len], &before[b][..len], o),
             }
         }
         for &(arg, v) in &k.stores {
@@ -227,4 +230,16 @@ pub(super) fn dropout(x: &[f32], o: &mut [f32], seed: u64, rng: u64, start: u64,
     for (j, (o, v)) in o.iter_mut().zip(x).enumerate() {
         *o = if uniform(seed, rng, start + j as u64) < p { 0.0 } else { *v * scale };
     }
+}
+
+/// `o[j]` = the position along the innermost dim (`row` long) of row-major
+/// position `start + j`.
+pub(super) fn index(o: &mut [f32], start: usize, row: usize) {
+    let row = row.max(1);
+    o.iter_mut().enumerate().for_each(|(j, o)| *o = ((start + j) % row) as f32);
+}
+
+/// `o = 1` where `a = b`, else 0.
+pub(super) fn equal(a: &[f32], b: &[f32], o: &mut [f32]) {
+    o.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = f32::from(u8::from(a == b)));
 }

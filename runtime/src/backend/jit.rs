@@ -16,8 +16,8 @@
 //! interpreter, so the results are the same bits: +, −, ×, ÷, √, negation
 //! and absolute value are single IEEE operations in both; every other
 //! function (exp, tanh, GELU and the activations' derivatives, powers,
-//! dropout's uniform draw) is a call, over a chunk's values, into the
-//! interpreter's own function for the op.
+//! dropout's uniform draw, a position along the row, a comparison) is a
+//! call, over a chunk's values, into the interpreter's own function for it.
 //!
 //! Compiled code is cached for the process by what it depends on (the
 //! body, the stores, the inner strides), so the layers of a model and the
@@ -101,7 +101,9 @@ pub fn compile(k: &Kernel) -> Result<Segment, String> {
     }
     let nest = interp::Nest::of(k);
     let inner: Vec<usize> = (0..nest.strides.len()).map(|a| nest.inner(a)).collect();
-    let key = format!("{}|{:?}|{:?}|{inner:?}", k.inputs, k.body, k.stores);
+    // A position along the row is computed from the row's length, a constant of the code.
+    let row = k.body.contains(&Expr::Index).then(|| k.dims.last().map_or(1, |d| d.size));
+    let key = format!("{}|{:?}|{:?}|{inner:?}|{row:?}", k.inputs, k.body, k.stores);
     let mut s = state()?;
     if let Some(f) = s.cache.get(&key) {
         return Ok(*f);
@@ -184,13 +186,19 @@ unsafe fn values_mut<'a>(p: *mut f32, n: usize) -> &'a mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(p, n) }
 }
 
-// SAFETY (all four): the code passes arrays of its stack frame, each
+// SAFETY (all of them): the code passes arrays of its stack frame, each
 // `CHUNK` values long, `n` ≤ CHUNK of them computed, the output distinct.
 unsafe extern "C" fn call_unary(op: u32, x: *const f32, o: *mut f32, n: usize) {
     unsafe { interp::unary(UNARY[op as usize], values(x, n), values_mut(o, n)) }
 }
 unsafe extern "C" fn call_unary_grad(op: u32, x: *const f32, g: *const f32, o: *mut f32, n: usize) {
     unsafe { interp::unary_grad(UNARY[op as usize], values(x, n), values(g, n), values_mut(o, n)) }
+}
+unsafe extern "C" fn call_index(o: *mut f32, n: usize, start: usize, row: usize) {
+    unsafe { interp::index(values_mut(o, n), start, row) }
+}
+unsafe extern "C" fn call_equal(a: *const f32, b: *const f32, o: *mut f32, n: usize) {
+    unsafe { interp::equal(values(a, n), values(b, n), values_mut(o, n)) }
 }
 unsafe extern "C" fn call_pow(x: *const f32, o: *mut f32, n: usize, e: f32) {
     unsafe { interp::pow(values(x, n), values_mut(o, n), e) }
@@ -212,7 +220,12 @@ fn native(op: UnaryOp) -> bool {
 fn is_call(e: &Expr) -> bool {
     match *e {
         Expr::Unary { op, .. } => !native(op),
-        Expr::UnaryGrad { .. } | Expr::Pow { .. } | Expr::Dropout { .. } | Expr::Round { .. } => true,
+        Expr::UnaryGrad { .. }
+        | Expr::Pow { .. }
+        | Expr::Dropout { .. }
+        | Expr::Round { .. }
+        | Expr::Index
+        | Expr::Equal { .. } => true,
         _ => false,
     }
 }
@@ -384,6 +397,16 @@ impl Emit<'_, '_> {
                         vec![x, o, n, seed, rng, at, p],
                     )
                 }
+                Expr::Index => {
+                    let at = self.b.ins().iadd(start, c);
+                    let row = self.k.dims.last().map_or(1, |d| d.size as i64);
+                    let row = self.b.ins().iconst(types::I64, row);
+                    (call_index as *const () as usize, vec![ptr, ptr, types::I64, types::I64], vec![o, n, at, row])
+                }
+                Expr::Equal { a, b } => {
+                    let (a, b) = (addr(self, a), addr(self, b));
+                    (call_equal as *const () as usize, vec![ptr, ptr, ptr, ptr], vec![a, b, o, n])
+                }
                 _ => unreachable!("only calls"),
             };
             let mut sig = Signature::new(self.call_conv);
@@ -475,7 +498,11 @@ impl Emit<'_, '_> {
             if !here {
                 continue;
             }
-            let val = self.value(&v, value, ty, in_chunk);
+            let mut val = self.value(&v, value, ty, in_chunk);
+            // A per-row output (stride 0 along the row) takes one lane: the value is the same along the row.
+            if lanes && self.inner[arg] == 0 {
+                val = self.b.ins().extractlane(val, 0);
+            }
             let p = self.address(arg, pos);
             self.b.ins().store(mem(), val, p, 0);
         }

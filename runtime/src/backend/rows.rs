@@ -38,6 +38,10 @@ pub struct Pass {
     pub writes: Vec<usize>,
     /// The reductions (index, op, the body value reduced) done after the pass.
     pub makes: Vec<(usize, ReduceOp, usize)>,
+    /// Whether the pass runs once per row, not per position: the last pass
+    /// of a kernel whose every output holds one value per row (a row's
+    /// loss). Its kernel's innermost dim then has size 1.
+    pub per_row: bool,
 }
 
 pub struct Plan {
@@ -76,7 +80,8 @@ impl Plan {
             };
         }
         let last = level.iter().copied().max().unwrap_or(0);
-        let trivial = |i: usize| matches!(k.body[i], Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. });
+        let trivial =
+            |i: usize| matches!(k.body[i], Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } | Expr::Index);
         // What each pass writes to the block's arrays: its reductions' operands, and what later passes read.
         let mut writes: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); last + 1];
         let mut makes: Vec<Vec<(usize, ReduceOp, usize)>> = vec![Vec::new(); last + 1];
@@ -168,7 +173,13 @@ fn pass(
     }
     let mut strides: Vec<Vec<u64>> = k.strides[..k.inputs].to_vec();
     strides.extend(std::iter::repeat_n(per_row, reads.len()));
-    strides.extend(std::iter::repeat_n(dense.clone(), loads.len()));
+    // A value the same along the row is read at the row's first position.
+    let uniform = k.row_uniform();
+    let mut first = dense.clone();
+    if let Some(l) = first.last_mut() {
+        *l = 0;
+    }
+    strides.extend(loads.iter().map(|&v| if uniform[v] { first.clone() } else { dense.clone() }));
     let stores: Vec<(usize, usize)> = if last {
         strides.extend(k.strides[k.inputs..].iter().cloned());
         k.stores.iter().map(|&(a, v)| (a - k.inputs + inputs, map[v])).collect()
@@ -176,11 +187,16 @@ fn pass(
         strides.extend(std::iter::repeat_n(dense, outs.len()));
         outs.iter().enumerate().map(|(j, &v)| (inputs + j, map[v])).collect()
     };
-    let kernel = Kernel { dims: k.dims.clone(), inputs, strides, body, stores, ops: k.ops.clone(), rows: None };
+    let mut kernel = Kernel { dims: k.dims.clone(), inputs, strides, body, stores, ops: k.ops.clone(), rows: None };
     kernel.check().map_err(|e| format!("a row kernel's pass: {e}"))?;
+    // Outputs of one value per row (which `check` proved the same along it) are computed once per row.
+    let per_row = last && k.stores.iter().all(|&(a, _)| k.strides[a].last() == Some(&0));
+    if per_row && let Some(d) = kernel.dims.last_mut() {
+        d.size = 1;
+    }
     let nest = Nest::of(&kernel);
     let writes = if last { Vec::new() } else { outs.to_vec() };
-    Ok(Pass { kernel, nest, reads, loads: loads.to_vec(), writes, makes })
+    Ok(Pass { kernel, nest, reads, loads: loads.to_vec(), writes, makes, per_row })
 }
 
 /// `e` with its operands renumbered by `map`.
@@ -194,7 +210,8 @@ fn renumber(e: &Expr, map: &[usize]) -> Expr {
         Expr::Dropout { x, p, rng } => Expr::Dropout { x: m(x), p, rng },
         Expr::Round { x, dtype } => Expr::Round { x: m(x), dtype },
         Expr::Reduce { x, op } => Expr::Reduce { x: m(x), op },
-        Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } => e.clone(),
+        Expr::Equal { a, b } => Expr::Equal { a: m(a), b: m(b) },
+        Expr::Load { .. } | Expr::Element { .. } | Expr::Const { .. } | Expr::Index => e.clone(),
     }
 }
 

@@ -815,50 +815,63 @@ fn class_rows<'t, T: Real>(logits: View<'t, T>, targets: View<'_, T>) -> (std::b
     (rows, order, c)
 }
 
-/// Rows a cross-entropy task takes at a time (fixed, so the loss's sum does
-/// not depend on the thread count).
-const CE_ROWS: usize = 64;
+/// One row of [`cross_entropy`]: the row's loss and whether it counts (1
+/// or 0), in the operations and order of the fused kernel
+/// (`compiler::kernel::cross_entropy_rows`).
+fn ce_row<T: Real>(row: &[T], t: T, smoothing: f64, ignore: Option<i64>) -> (T, T) {
+    let c = row.len();
+    let max = super::fast::max(row);
+    let sum = super::fast::sum_by(c, |k| exp_of(row[k] - max));
+    let lse = max + ln_of(sum);
+    let at = |k: usize| r::<T>(f64::from(u8::from(r::<T>(k as f64) == t)));
+    let picked = super::fast::sum_by(c, |k| at(k) * row[k]);
+    let mut loss = lse - picked;
+    if smoothing > 0.0 {
+        let mean = super::fast::sum(row) / r(c as f64);
+        loss = r::<T>(1.0 - smoothing) * loss + r::<T>(smoothing) * (lse - mean);
+    }
+    match ignore {
+        Some(i) => {
+            let kept = T::one() - r(f64::from(u8::from(t == r(i as f64))));
+            (loss * kept, kept)
+        }
+        None => (loss, T::one()),
+    }
+}
+
+/// What a mean divides by: the rows that count (none counting as one: the
+/// loss is then 0), summed in row order.
+fn ce_count<T: Real>(targets: &[T], ignore: Option<i64>) -> T {
+    match ignore {
+        Some(i) => {
+            let n = targets.iter().fold(T::zero(), |a, t| a + (T::one() - r(f64::from(u8::from(*t == r(i as f64))))));
+            n + r(f64::from(u8::from(n == T::zero())))
+        }
+        None => r(targets.len().max(1) as f64),
+    }
+}
 
 /// Mean cross-entropy of logits (class dim = the one targets lack) against
-/// integer targets, in f64 per row; rows in parallel, their sums added in
-/// row order by fixed blocks.
+/// integer targets, with label smoothing and an ignored class id: what the
+/// fused kernels compute (`compiler::kernel::cross_entropy_rows`, the sum
+/// over rows, the mean), in T's precision: each row in the fixed order of
+/// the row sums, the rows summed in row order from zero. Rows in parallel.
 pub fn cross_entropy<T: Real>(logits: View<'_, T>, targets: View<'_, T>, smoothing: f64, ignore: Option<i64>) -> T {
     use rayon::prelude::*;
     let (p, _, c) = class_rows(logits, targets);
-    let block = |(rows, ts): (&[T], &[T])| -> (f64, usize) {
-        let (mut total, mut count) = (0.0f64, 0usize);
-        for (row, t) in rows.chunks(c.max(1)).zip(ts) {
-            let t = t.to_f64().unwrap_or(-1.0) as i64;
-            if Some(t) == ignore {
-                continue;
-            }
-            let v = |x: &T| x.to_f64().unwrap_or(f64::NAN);
-            let max = row.iter().map(v).fold(f64::NEG_INFINITY, f64::max);
-            let (mut sum, mut all) = (0.0f64, 0.0f64);
-            for x in row {
-                let x = v(x);
-                sum += (x - max).exp();
-                all += x;
-            }
-            let lse = max + sum.ln();
-            let nll = lse - row.get(t as usize).map(v).unwrap_or(f64::NAN);
-            let smooth = lse - all / c as f64;
-            total += (1.0 - smoothing) * nll + smoothing * smooth;
-            count += 1;
-        }
-        (total, count)
-    };
-    let parts: Vec<(f64, usize)> = if super::threads() > 1 {
-        p.par_chunks(CE_ROWS * c.max(1)).zip(targets.data.par_chunks(CE_ROWS)).map(block).collect()
+    let c = c.max(1);
+    let losses: Vec<T> = if super::threads() > 1 {
+        p.par_chunks(c).zip(targets.data.par_iter()).map(|(row, t)| ce_row(row, *t, smoothing, ignore).0).collect()
     } else {
-        p.chunks(CE_ROWS * c.max(1)).zip(targets.data.chunks(CE_ROWS)).map(block).collect()
+        p.chunks(c).zip(targets.data).map(|(row, t)| ce_row(row, *t, smoothing, ignore).0).collect()
     };
-    let (total, count) = parts.iter().fold((0.0, 0), |(t, n), (a, b)| (t + a, n + b));
-    r(if count == 0 { 0.0 } else { total / count as f64 })
+    losses.iter().fold(T::zero(), |a, l| a + *l) / ce_count(targets.data, ignore)
 }
 
-/// d loss / d logits of [`cross_entropy`] times `g`: softmax − target per
-/// row, in f64 (each exponential computed once), rows over the kernel threads.
+/// d loss / d logits of [`cross_entropy`] times `g`, as the fused kernel
+/// computes it (`compiler::kernel::cross_entropy_grad`): per row
+/// (e^(x − max)·(1 / Σe^(x − max)) − target)·(g / kept rows), 0 on an
+/// ignored row; rows over the kernel threads.
 pub fn cross_entropy_grad<T: Real>(
     logits: View<'_, T>,
     targets: View<'_, T>,
@@ -867,27 +880,28 @@ pub fn cross_entropy_grad<T: Real>(
     ignore: Option<i64>,
 ) -> Tensor<T> {
     let (p, order, c) = class_rows(logits, targets);
-    let count = targets.data.iter().filter(|t| Some(t.to_f64().unwrap_or(-1.0) as i64) != ignore).count().max(1);
-    let scale = g.to_f64().unwrap_or(0.0) / count as f64;
+    let scale = g / ce_count(targets.data, ignore);
     let mut out = vec![T::zero(); p.len()];
     par_rows(&mut out, c, |first, o| {
-        let mut e = vec![0f64; c];
+        let mut e = vec![T::zero(); c];
         for (k, o) in o.chunks_mut(c.max(1)).enumerate() {
             let row = &p[(first + k) * c..(first + k + 1) * c];
-            let t = targets.data[first + k].to_f64().unwrap_or(-1.0) as i64;
-            if Some(t) == ignore {
-                continue;
-            }
-            let max = row.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).fold(f64::NEG_INFINITY, f64::max);
-            let mut sum = 0.0f64;
+            let t = targets.data[first + k];
+            let max = super::fast::max(row);
             for (e, x) in e.iter_mut().zip(row) {
-                *e = (x.to_f64().unwrap_or(f64::NAN) - max).exp();
-                sum += *e;
+                *e = exp_of(*x - max);
             }
-            let inv = 1.0 / sum;
+            let inv = T::one() / super::fast::sum(&e);
+            let kept = ignore.map(|i| T::one() - r(f64::from(u8::from(t == r(i as f64)))));
             for (j, (o, e)) in o.iter_mut().zip(&e).enumerate() {
-                let target = if j as i64 == t { 1.0 - smoothing } else { 0.0 } + smoothing / c as f64;
-                *o = r((e * inv - target) * scale);
+                let mut target: T = r(f64::from(u8::from(r::<T>(j as f64) == t)));
+                if smoothing > 0.0 {
+                    target = target * r(1.0 - smoothing) + r(smoothing / c as f64);
+                }
+                *o = (*e * inv - target) * scale;
+                if let Some(k) = kept {
+                    *o = *o * k;
+                }
             }
         }
     });
