@@ -6,7 +6,8 @@
 //! the gradient, `4k+2` the first moment (AdamW) or momentum (SGD), `4k+3`
 //! the second moment (AdamW; unused by SGD); then `4n` the hyperparameters
 //! of this step, `f32[hyper = 3]`: learning rate, 1 − β1^t, 1 − β2^t.
-//! Outputs: `param.k`, `m.k` and, for AdamW, `v.k`.
+//! Outputs: `param.k`, `m.k` and, for AdamW, `v.k` (named so in the text
+//! form; consumers take them typed, from [`Update::outputs`]).
 
 use crate::config::Optimizer;
 use crate::ir::{BinaryOp, Graph, Op, ReduceOp, ValueId};
@@ -58,15 +59,34 @@ impl UpdateParam {
 /// The update graph for these parameters.
 pub fn optimizer_update(params: &[Param], opt: &Optimizer, clip: Option<f64>) -> Graph {
     let ps: Vec<UpdateParam> = params.iter().map(UpdateParam::of).collect();
-    update_graph(&ps, opt, clip, false)
+    update_graph(&ps, opt, clip, false).graph
+}
+
+/// An update graph, and what it computes for each parameter.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub graph: Graph,
+    /// Per parameter (in the order given), its updated values.
+    pub outputs: Vec<Updated>,
+}
+
+/// One parameter's values after the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Updated {
+    pub weights: ValueId,
+    /// The first moment (AdamW) or momentum (SGD).
+    pub m: ValueId,
+    /// The second moment (AdamW).
+    pub v: Option<ValueId>,
 }
 
 /// The update graph for parameters (or shards). With `given_norm`, input
 /// `4n + 1` is the global sum of squared gradients, `f32[]`, which the
 /// caller has summed over every rank's shards; otherwise the graph sums the
 /// squares of the gradients it is given.
-pub fn update_graph(params: &[UpdateParam], opt: &Optimizer, clip: Option<f64>, given_norm: bool) -> Graph {
+pub fn update_graph(params: &[UpdateParam], opt: &Optimizer, clip: Option<f64>, given_norm: bool) -> Update {
     let mut b = B { g: Graph::new() };
+    let mut outputs = Vec::with_capacity(params.len());
     let n = params.len();
     let mut ins = Vec::with_capacity(n);
     for (k, p) in params.iter().enumerate() {
@@ -141,6 +161,7 @@ pub fn update_graph(params: &[UpdateParam], opt: &Optimizer, clip: Option<f64>, 
         if let Some(v) = new_v {
             b.g.set_output(&format!("v.{k}"), v);
         }
+        outputs.push(Updated { weights: new_w, m: new_m, v: new_v });
     }
-    b.g
+    Update { graph: b.g, outputs }
 }

@@ -964,7 +964,8 @@ impl<'a> Builder<'a> {
         // The update of the parameters this rank holds (a pipeline stage holds its own).
         let held: Vec<usize> = (0..n).filter(|&k| self.w[k].is_some() && moments[k].is_some()).collect();
         let held_shapes: Vec<UpdateParam> = held.iter().map(|&k| shapes[k].clone()).collect();
-        let ug = update_graph(&held_shapes, opt, clip, true);
+        let update = update_graph(&held_shapes, opt, clip, true);
+        let ug = &update.graph;
         let mut targets: HashMap<usize, BufId> = HashMap::new();
         let mut extra: HashMap<usize, BufId> = HashMap::new();
         let mut gathers: Vec<(usize, BufId)> = Vec::new();
@@ -998,21 +999,17 @@ impl<'a> Builder<'a> {
             for (i, b) in [owned, gk, mk, vk].into_iter().enumerate() {
                 extra.insert(PER_PARAM * j + i, b);
             }
-            let out = |name: String| ug.output(&name).map(|v| v.index());
-            if let Some(i) = out(format!("param.{j}")) {
-                targets.insert(i, owned);
-            }
-            if let Some(i) = out(format!("m.{j}")) {
-                targets.insert(i, mk);
-            }
-            if let Some(i) = out(format!("v.{j}")) {
-                targets.insert(i, vk);
+            let made = update.outputs[j];
+            targets.insert(made.weights.index(), owned);
+            targets.insert(made.m.index(), mk);
+            if let Some(v) = made.v {
+                targets.insert(v.index(), vk);
             }
         }
         let n = held.len();
         extra.insert(PER_PARAM * n, hyper);
         extra.insert(PER_PARAM * n + 1, norm);
-        self.update(&ug, &extra, &targets)?;
+        self.update(ug, &extra, &targets)?;
         for (mw, w) in casts {
             self.emit(Kind::Copy, vec![mw], vec![w]);
         }

@@ -69,7 +69,8 @@ pub fn update(
     clip: Option<f64>,
 ) {
     let shapes: Vec<_> = meta.iter().map(UpdateParam::of).collect();
-    let graph = update_graph(&shapes, &opt.optimizer, clip, false);
+    let update = update_graph(&shapes, &opt.optimizer, clip, false);
+    let graph = &update.graph;
     let (b1, b2) = match opt.optimizer {
         Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
         Optimizer::Sgd { .. } => (0.0, 0.0),
@@ -86,15 +87,14 @@ pub fn update(
         inputs.push(opt.v.get(k).cloned().unwrap_or_else(|| Tensor::zeros(&p.dims)));
     }
     inputs.push(hyper);
-    let vals = Interpreter { graph: &graph, params: &[], dropout: None, comm: None }
+    let vals = Interpreter { graph, params: &[], dropout: None, comm: None }
         .run(&inputs, &[])
         .expect("the update graph runs on tensors of the parameters' own types");
-    let out = |kind: &str, k: usize| vals[graph.output(&format!("{kind}.{k}")).expect("update output").index()].clone();
-    for (k, p) in params.iter_mut().enumerate() {
-        *p = out("param", k);
-        opt.m[k] = out("m", k);
-        if !opt.v.is_empty() {
-            opt.v[k] = out("v", k);
+    for (k, (p, made)) in params.iter_mut().zip(&update.outputs).enumerate() {
+        *p = vals[made.weights.index()].clone();
+        opt.m[k] = vals[made.m.index()].clone();
+        if let Some(v) = made.v {
+            opt.v[k] = vals[v.index()].clone();
         }
     }
 }
