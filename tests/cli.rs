@@ -602,3 +602,19 @@ fn sample_follows_the_infer_section_unless_a_flag_says_otherwise() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `inspect --ir cuda` prints the CUDA C of a rank's fused kernels, each
+/// after its launch shape and the lowered instruction it comes from.
+#[test]
+fn inspect_prints_the_cuda_c_of_every_kernel() {
+    let o = tessera(&["inspect", "specs/tiny/gpt.spec", "--ir", "cuda"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lowered = stdout(&tessera(&["inspect", "specs/tiny/gpt.spec", "--ir", "lowered"]));
+    let kernels = lowered.lines().filter(|l| l.contains(" = kernel(")).count();
+    assert_eq!(out.matches("extern \"C\" __global__ void kernel").count(), kernels, "one function per kernel");
+    assert!(out.contains("one row per block, 256 threads") && out.contains("grid-stride over the positions"));
+    assert!(out.contains("{ops = [cross_entropy]}") && out.contains("block_reduce("), "cross-entropy's row kernel");
+    let o = tessera(&["inspect", "specs/tiny/gpt.spec", "--ir", "cuda", "--rank", "3"]);
+    assert!(!o.status.success() && stderr(&o).contains("outside the mesh"), "{}", stderr(&o));
+}

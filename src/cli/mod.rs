@@ -246,6 +246,35 @@ enum IrGraph {
     Window,
     /// The generation step program: one position at a run-time position, over the KV cache.
     Decode,
+    /// The CUDA C of every fused kernel of the rank's lowered program (as NVRTC compiles it).
+    Cuda,
+}
+
+/// The CUDA C of each fused kernel of `p`, each after a comment with its
+/// instruction (`compiler::kernel::cuda`).
+fn print_cuda(p: &tessera_compiler::lower::Program) -> ExitCode {
+    use tessera_compiler::lower::Kind;
+    let text = tessera_compiler::lower::text::print(p);
+    let mut lines = text.lines().filter(|l| l.contains(" = kernel("));
+    for (n, ins) in p.instrs.iter().filter(|i| matches!(i.kind, Kind::Kernel { .. })).enumerate() {
+        let Kind::Kernel { kernel } = &ins.kind else { continue };
+        let dtypes: Vec<_> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b).ty.dtype).collect();
+        match tessera_compiler::kernel::cuda::emit(kernel, &dtypes, &format!("kernel{n}")) {
+            Ok(k) => {
+                let launch = if k.rows {
+                    format!("one row per block, {} threads", tessera_compiler::kernel::cuda::THREADS)
+                } else {
+                    "grid-stride over the positions".to_string()
+                };
+                println!("// kernel {n} ({launch}): {}\n{}", lines.next().unwrap_or(""), k.source);
+            }
+            Err(e) => {
+                eprintln!("error: kernel {n}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
@@ -277,13 +306,14 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
         }
         None => {}
     }
-    if let IrGraph::Lowered = which {
+    if let IrGraph::Lowered | IrGraph::Cuda = which {
         if rank >= m.parallel.world() {
             eprintln!("error: rank {rank} is outside the mesh of {} ranks", m.parallel.world());
             return ExitCode::from(1);
         }
         return match tessera_compiler::driver::compile_ranks(m, Some(&[rank])) {
             Ok(c) => match c.programs.first() {
+                Some(p) if matches!(which, IrGraph::Cuda) => print_cuda(p),
                 Some(p) => {
                     print!("{}", tessera_compiler::lower::text::print(p));
                     ExitCode::SUCCESS
@@ -300,7 +330,9 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
         };
     }
     match which {
-        IrGraph::Lowered | IrGraph::Eval | IrGraph::Window | IrGraph::Decode => unreachable!("handled above"),
+        IrGraph::Lowered | IrGraph::Cuda | IrGraph::Eval | IrGraph::Window | IrGraph::Decode => {
+            unreachable!("handled above")
+        }
         IrGraph::Forward => print!("{}", m.graph.to_text()),
         IrGraph::Backward | IrGraph::Rank => {
             if m.graph.output("loss").is_none() {

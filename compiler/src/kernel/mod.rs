@@ -17,6 +17,7 @@
 //! backend's row functions share), so it changes no result: nothing is
 //! reassociated.
 
+pub mod cuda;
 mod decompose;
 mod fuse;
 

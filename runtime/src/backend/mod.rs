@@ -17,6 +17,7 @@
 pub mod cpu;
 pub mod interp;
 pub mod jit;
+pub mod nvrtc;
 pub mod rows;
 
 use crate::comm::RankComm;

@@ -1,0 +1,86 @@
+//! Every fused kernel of the shipped specs, as CUDA C, compiles with NVRTC
+//! for sm_80 and sm_90 (no GPU needed). The test command installs NVRTC
+//! (`tools/test`); without it the test fails and says how to get it.
+
+mod common;
+
+use tessera::compiler::kernel::cuda;
+use tessera::compiler::lower::{Kind, Program};
+use tessera::runtime::backend::nvrtc;
+
+/// The specs whose kernels are checked: the four tiny specs, the demo,
+/// GPT-2 small and the bench specs, as they ship.
+const SPECS: &[&str] = &[
+    "specs/tiny/gpt.spec",
+    "specs/tiny/moe.spec",
+    "specs/tiny/bert.spec",
+    "specs/tiny/vit.spec",
+    "specs/tiny/shakespeare.spec",
+    "specs/models/gpt2-small.spec",
+    "specs/bench/tiny.spec",
+    "specs/bench/moe-tiny.spec",
+    "specs/bench/small.spec",
+];
+
+const ARCHS: &[&str] = &["sm_80", "sm_90"];
+
+/// Each distinct fused kernel of `programs`: its CUDA C, and where it comes
+/// from (the spec, the instruction's text, its ops).
+fn kernels(spec: &str, programs: &[&Program]) -> Vec<(cuda::CudaKernel, String)> {
+    let mut out: Vec<(cuda::CudaKernel, String)> = Vec::new();
+    for p in programs {
+        let text = tessera::compiler::lower::text::print(p);
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" = kernel(")).collect();
+        let mut at = 0;
+        for ins in &p.instrs {
+            let Kind::Kernel { kernel } = &ins.kind else { continue };
+            let dtypes: Vec<_> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b).ty.dtype).collect();
+            let name = format!("k{}", out.len());
+            let k = cuda::emit(kernel, &dtypes, &name).unwrap_or_else(|e| panic!("{spec}: {e}"));
+            let body = k.source.replace(&format!("void {name}("), "void k(");
+            let line = lines.get(at).copied().unwrap_or("").to_string();
+            at += 1;
+            if !out.iter().any(|(o, _)| o.source.replace(&format!("void {}(", o.name), "void k(") == body) {
+                out.push((k, format!("{spec}: {} ({:?})", line, kernel.ops)));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if let Err(e) = nvrtc::available() {
+        panic!("{e}\n(`tools/test` installs it and runs the tests)");
+    }
+    let (major, minor) = nvrtc::version().expect("NVRTC's version");
+    let mut count = 0;
+    for spec in SPECS {
+        let m = common::check_ok(spec, &[]);
+        let t = tessera::compiler::driver::compile_training(&m, None).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let mut programs: Vec<&Program> = t.step.programs.iter().collect();
+        programs.push(&t.eval);
+        let ks = kernels(spec, &programs);
+        assert!(!ks.is_empty(), "{spec}: no fused kernels");
+        for (k, from) in &ks {
+            for arch in ARCHS {
+                let cubin = nvrtc::compile(&k.source, &k.name, arch)
+                    .unwrap_or_else(|e| panic!("{e}\nthe kernel comes from {from}\n--- CUDA C ---\n{}", k.source));
+                assert!(cubin.len() > 64, "{from}: an empty cubin for {arch}");
+            }
+        }
+        count += ks.len();
+    }
+    eprintln!("NVRTC {major}.{minor}: {count} distinct kernels compiled for {ARCHS:?}");
+}
+
+/// A broken kernel fails with NVRTC's log.
+#[test]
+fn a_broken_kernel_fails_with_the_nvrtc_log() {
+    if let Err(e) = nvrtc::available() {
+        panic!("{e}");
+    }
+    let e = nvrtc::compile("extern \"C\" __global__ void k(float* a) { a[0] = undefined_name; }", "k", "sm_80")
+        .expect_err("an undefined name");
+    assert!(e.contains("undefined_name") && e.contains("sm_80"), "{e}");
+}
