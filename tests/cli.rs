@@ -618,3 +618,22 @@ fn inspect_prints_the_cuda_c_of_every_kernel() {
     let o = tessera(&["inspect", "specs/tiny/gpt.spec", "--ir", "cuda", "--rank", "3"]);
     assert!(!o.status.success() && stderr(&o).contains("outside the mesh"), "{}", stderr(&o));
 }
+
+/// `--device cuda` stops at once, saying what this machine lacks (the
+/// driver, a GPU) or, on a machine with a GPU, that the CUDA backend is not
+/// built yet; it never falls back to the CPU silently.
+#[test]
+fn device_cuda_says_what_is_missing() {
+    let dir = std::env::temp_dir().join(format!("tessera-cuda-{}", std::process::id()));
+    for args in [
+        vec!["train", "specs/tiny/gpt.spec", "--device", "cuda", "--steps", "1", "--out", dir.to_str().unwrap()],
+        vec!["bench", "specs/bench/tiny.spec", "--device", "cuda", "--steps", "1"],
+    ] {
+        let o = tessera(&args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains("--device cuda:"), "{e}");
+        assert!(e.contains("no NVIDIA driver") || e.contains("found no GPU") || e.contains("not built yet"), "{e}");
+        assert!(!dir.exists(), "nothing was trained or written");
+    }
+}

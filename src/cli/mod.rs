@@ -124,6 +124,10 @@ enum Command {
         /// Both compute the same bits.
         #[arg(long, value_name = "jit|interp")]
         backend: Option<tessera_runtime::train::Engine>,
+        /// Where to train: `cpu` (the default) or `cuda` (not built yet: it
+        /// says what this machine lacks, docs/cuda.md).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
     },
     /// Train N steps after two warm-up steps and report tokens/s and achieved GFLOP/s.
     Bench {
@@ -154,6 +158,10 @@ enum Command {
         /// Both compute the same bits.
         #[arg(long, value_name = "jit|interp")]
         backend: Option<tessera_runtime::train::Engine>,
+        /// Where to train: `cpu` (the default) or `cuda` (not built yet: it
+        /// says what this machine lacks, docs/cuda.md).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
     },
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
@@ -229,6 +237,25 @@ fn top_p(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
         _ => Err(format!("expected a probability above 0 and at most 1, got `{s}`")),
+    }
+}
+
+/// Where `train` and `bench` run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// Whether `device` can train here: the CPU always; CUDA not yet (the error
+/// says what is missing: the driver, a GPU, or the backend itself).
+fn on_device(device: Device) -> Result<(), ExitCode> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda => {
+            eprintln!("error: --device cuda: {}", tessera_runtime::backend::cuda::why_not());
+            Err(ExitCode::from(1))
+        }
     }
 }
 
@@ -426,7 +453,11 @@ fn command(args: Vec<OsString>) -> ExitCode {
             trace,
             trace_steps,
             backend,
+            device,
         } => {
+            if let Err(code) = on_device(device) {
+                return code;
+            }
             // A resume applies the run's recorded overrides first; the
             // user's, after them, win (a new layout, or a change to allow).
             let mut spec = spec;
@@ -463,7 +494,8 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core, backend } => match load(&spec) {
+        Command::Bench { device, .. } if on_device(device).is_err() => ExitCode::from(1),
+        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core, backend, .. } => match load(&spec) {
             Ok(m) => bench(
                 m,
                 BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, backend: backend.unwrap_or_default() },

@@ -15,6 +15,7 @@
 //! arena's bytes; both of its streams are program order.
 
 pub mod cpu;
+pub mod cuda;
 pub mod interp;
 pub mod jit;
 pub mod nvrtc;
