@@ -84,3 +84,28 @@ fn a_broken_kernel_fails_with_the_nvrtc_log() {
         .expect_err("an undefined name");
     assert!(e.contains("undefined_name") && e.contains("sm_80"), "{e}");
 }
+
+/// Compiled kernels are cached on disk by (source hash, architecture,
+/// NVRTC version): the second compile of a source reads the first's cubin;
+/// another architecture or another source compiles anew.
+#[test]
+fn compiled_kernels_are_cached_by_source_and_architecture() {
+    if let Err(e) = nvrtc::available() {
+        panic!("{e}");
+    }
+    let dir = std::env::temp_dir().join(format!("tessera-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = "extern \"C\" __global__ void k(float* a) { a[threadIdx.x] *= 2.0f; }";
+    let (first, hit) = nvrtc::compile_cached(src, "k", "sm_80", &dir).expect("compiles");
+    assert!(!hit, "a fresh cache");
+    let (again, hit) = nvrtc::compile_cached(src, "k", "sm_80", &dir).expect("reads back");
+    assert!(hit && again == first, "the same cubin, from the cache");
+    let (_, hit) = nvrtc::compile_cached(src, "k", "sm_90", &dir).expect("compiles");
+    assert!(!hit, "another architecture compiles anew");
+    let (_, hit) = nvrtc::compile_cached(&src.replace("2.0f", "3.0f"), "k", "sm_80", &dir).expect("compiles");
+    assert!(!hit, "an edited kernel compiles anew");
+    let files: Vec<_> = std::fs::read_dir(&dir).expect("the cache").map(|e| e.expect("entry").path()).collect();
+    assert_eq!(files.len(), 3, "one cubin per (source, architecture), no temporaries left: {files:?}");
+    assert!(files.iter().all(|f| f.extension().is_some_and(|x| x == "cubin")));
+    let _ = std::fs::remove_dir_all(&dir);
+}

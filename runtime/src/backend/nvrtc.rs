@@ -6,6 +6,7 @@
 
 use cudarc::nvrtc::{result, sys};
 use std::ffi::CString;
+use std::path::{Path, PathBuf};
 
 /// What to do when NVRTC is not found.
 pub const MISSING: &str = "NVRTC (libnvrtc.so.13) is not installed or not on the library path: run `pip install \
@@ -77,4 +78,49 @@ unsafe fn cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>, String> {
 fn text(chars: &[std::ffi::c_char]) -> String {
     let bytes: Vec<u8> = chars.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Where compiled kernels are kept: `$TESSERA_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/tessera/kernels`, else `~/.cache/tessera/kernels`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TESSERA_KERNEL_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("tessera").join("kernels")
+}
+
+/// Where the cubin of `source` for `arch` is kept in `dir`: named by the
+/// SHA-256 of the source, the architecture and NVRTC's version, so an
+/// edited kernel, another GPU or another compiler never reads a stale one.
+pub fn cache_path(dir: &Path, source: &str, arch: &str) -> Result<PathBuf, String> {
+    use sha2::Digest;
+    let (major, minor) = version()?;
+    let hash: String = sha2::Sha256::digest(source.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(dir.join(format!("{hash}-{arch}-nvrtc{major}.{minor}.cubin")))
+}
+
+/// [`compile`], through the cache in `dir`: a cubin compiled before for the
+/// same source, architecture and NVRTC is read back; a new one is written
+/// atomically (a temporary file, then a rename), so a crash never leaves a
+/// torn cubin. Returns the cubin and whether it came from the cache. A
+/// cache that cannot be written is not an error: the cubin is compiled.
+pub fn compile_cached(source: &str, name: &str, arch: &str, dir: &Path) -> Result<(Vec<u8>, bool), String> {
+    let path = cache_path(dir, source, arch)?;
+    if let Ok(cubin) = std::fs::read(&path)
+        && !cubin.is_empty()
+    {
+        return Ok((cubin, true));
+    }
+    let cubin = compile(source, name, arch)?;
+    if std::fs::create_dir_all(dir).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &cubin).is_ok() && std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok((cubin, false))
 }
