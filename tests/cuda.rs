@@ -24,24 +24,18 @@ const SPECS: &[&str] = &[
 
 const ARCHS: &[&str] = &["sm_80", "sm_90"];
 
-/// Each distinct fused kernel of `programs`: its CUDA C, and where it comes
-/// from (the spec, the instruction's text, its ops).
+/// Each distinct fused kernel of `programs`: its CUDA C (every one named
+/// `k`: each compiles alone), and where it comes from (the spec, the
+/// instruction's text, its ops).
 fn kernels(spec: &str, programs: &[&Program]) -> Vec<(cuda::CudaKernel, String)> {
     let mut out: Vec<(cuda::CudaKernel, String)> = Vec::new();
     for p in programs {
-        let text = tessera::compiler::lower::text::print(p);
-        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" = kernel(")).collect();
-        let mut at = 0;
         for ins in &p.instrs {
             let Kind::Kernel { kernel } = &ins.kind else { continue };
             let dtypes: Vec<_> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b).ty.dtype).collect();
-            let name = format!("k{}", out.len());
-            let k = cuda::emit(kernel, &dtypes, &name).unwrap_or_else(|e| panic!("{spec}: {e}"));
-            let body = k.source.replace(&format!("void {name}("), "void k(");
-            let line = lines.get(at).copied().unwrap_or("").to_string();
-            at += 1;
-            if !out.iter().any(|(o, _)| o.source.replace(&format!("void {}(", o.name), "void k(") == body) {
-                out.push((k, format!("{spec}: {} ({:?})", line, kernel.ops)));
+            let k = cuda::emit(kernel, &dtypes, "k").unwrap_or_else(|e| panic!("{spec}: {e}"));
+            if !out.iter().any(|(o, _)| o.source == k.source) {
+                out.push((k, format!("{spec}: {}", tessera::compiler::lower::text::instr_text(ins))));
             }
         }
     }

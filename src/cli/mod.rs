@@ -281,8 +281,6 @@ enum IrGraph {
 /// instruction (`compiler::kernel::cuda`).
 fn print_cuda(p: &tessera_compiler::lower::Program) -> ExitCode {
     use tessera_compiler::lower::Kind;
-    let text = tessera_compiler::lower::text::print(p);
-    let mut lines = text.lines().filter(|l| l.contains(" = kernel("));
     for (n, ins) in p.instrs.iter().filter(|i| matches!(i.kind, Kind::Kernel { .. })).enumerate() {
         let Kind::Kernel { kernel } = &ins.kind else { continue };
         let dtypes: Vec<_> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b).ty.dtype).collect();
@@ -293,7 +291,7 @@ fn print_cuda(p: &tessera_compiler::lower::Program) -> ExitCode {
                 } else {
                     "grid-stride over the positions".to_string()
                 };
-                println!("// kernel {n} ({launch}): {}\n{}", lines.next().unwrap_or(""), k.source);
+                println!("// kernel {n} ({launch}): {}\n{}", tessera_compiler::lower::text::instr_text(ins), k.source);
             }
             Err(e) => {
                 eprintln!("error: kernel {n}: {e}");
@@ -494,14 +492,26 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Bench { device, .. } if on_device(device).is_err() => ExitCode::from(1),
-        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core, backend, .. } => match load(&spec) {
-            Ok(m) => bench(
-                m,
-                BenchArgs { steps, json, data, pytorch, rounds, peak_per_core, backend: backend.unwrap_or_default() },
-            ),
-            Err(code) => code,
-        },
+        Command::Bench { spec, steps, json, data, pytorch, rounds, peak_per_core, backend, device } => {
+            if let Err(code) = on_device(device) {
+                return code;
+            }
+            match load(&spec) {
+                Ok(m) => bench(
+                    m,
+                    BenchArgs {
+                        steps,
+                        json,
+                        data,
+                        pytorch,
+                        rounds,
+                        peak_per_core,
+                        backend: backend.unwrap_or_default(),
+                    },
+                ),
+                Err(code) => code,
+            }
+        }
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
             let flags = SampleFlags { tokens, temperature, top_k, top_p, seed, kv_cache: !no_kv_cache };
             match sample(&checkpoint, spec, &prompt, &flags) {

@@ -280,13 +280,13 @@ fn cross_entropy(buffers: &mut Vec<Buffer>, ins: &Instr) -> Option<Vec<Instr>> {
         Op::CrossEntropyGrad { label_smoothing, ignore } => (*label_smoothing, *ignore, true),
         _ => return None,
     };
-    let [out] = ins.outs[..] else { return None };
-    let (logits, targets) = (buffers[ins.ins[0].index()].clone(), buffers[ins.ins[1].index()].clone());
+    let (&[x, t, ..], &[out]) = (&ins.ins[..], &ins.outs[..]) else { return None };
+    let dims = buffers[x.index()].ty.dims.clone();
+    let (class, rows) = dims.split_last()?;
     let o = &buffers[out.index()];
-    let (class, rows) = logits.ty.dims.split_last()?;
-    let shaped = if grad { o.ty.dims == logits.ty.dims } else { o.ty.dims.is_empty() };
-    if !logits.ty.dtype.is_float()
-        || targets.ty.dims != rows
+    let shaped = if grad { o.ty.dims == dims } else { o.ty.dims.is_empty() };
+    if !buffers[x.index()].ty.dtype.is_float()
+        || buffers[t.index()].ty.dims != rows
         || !o.ty.dtype.is_float()
         || o.view_of.is_some()
         || !shaped
@@ -294,49 +294,28 @@ fn cross_entropy(buffers: &mut Vec<Buffer>, ins: &Instr) -> Option<Vec<Instr>> {
         return None;
     }
     let (c, n) = (class.size, rows.iter().map(|d| d.size).product::<u64>());
-    let name = op.name().to_string();
-    let mut temp = |dims: &[Dim]| -> BufId {
-        let ty = TensorType::new(DType::F32, dims.to_vec());
-        buffers.push(Buffer { ty, region: Region::Arena, offset: 0, view_of: None, name: String::new() });
-        BufId(buffers.len() as u32 - 1)
-    };
+    let name = op.name();
     let mut made: Vec<Instr> = Vec::new();
-    let (x, t) = (ins.ins[0], ins.ins[1]);
-    // The kept rows' count, as a scalar buffer (`Ok`), or all of them (`Err`).
-    let count = |made: &mut Vec<Instr>, kept: BufId, temp: &mut dyn FnMut(&[Dim]) -> BufId| -> BufId {
-        let total = temp(&[]);
+    // With an ignored class id: each row's 1 or 0 (`kept`), and their sum, a scalar.
+    let count = |buffers: &mut Vec<Buffer>, made: &mut Vec<Instr>, kept: BufId| -> BufId {
+        let total = temp(buffers, &[]);
         made.push(sum_all(kept, total, rows));
         total
     };
     if grad {
-        let kept = match ignore {
+        let mut args = vec![x, t, ins.ins[2]];
+        let mut body = vec![Expr::Load { arg: 0 }, Expr::Load { arg: 1 }, Expr::Load { arg: 2 }];
+        let counted = match ignore {
             Some(_) => {
-                let v = temp(rows);
-                let mut body = vec![Expr::Load { arg: 0 }];
-                let k = decompose::kept(0, ignore, &mut body).expect("an ignored class id");
-                made.push(kernel(
-                    rows,
-                    &[(t, &targets.ty)],
-                    &[(v, &TensorType::new(DType::F32, rows.to_vec()))],
-                    body,
-                    &[k],
-                    &name,
-                ));
-                Ok(count(&mut made, v, &mut temp))
+                let kept = temp(buffers, rows);
+                let mut k = vec![Expr::Load { arg: 0 }];
+                let v = decompose::kept(0, ignore, &mut k).expect("an ignored class id");
+                made.push(kernel(buffers, rows, &[t], &[kept], k, &[v], name));
+                args.push(count(buffers, &mut made, kept));
+                body.push(Expr::Load { arg: 3 });
+                Ok(3)
             }
             None => Err(n),
-        };
-        let g = ins.ins[2];
-        let mut args: Vec<(BufId, TensorType)> =
-            vec![(x, logits.ty.clone()), (t, targets.ty.clone()), (g, TensorType::new(DType::F32, Vec::new()))];
-        let mut body = vec![Expr::Load { arg: 0 }, Expr::Load { arg: 1 }, Expr::Load { arg: 2 }];
-        let counted = match kept {
-            Ok(b) => {
-                args.push((b, TensorType::new(DType::F32, Vec::new())));
-                body.push(Expr::Load { arg: 3 });
-                Ok(body.len() - 1)
-            }
-            Err(n) => Err(n),
         };
         let mut v = decompose::cross_entropy_grad(0, 1, 2, counted, smoothing, ignore, c, &mut body);
         let dtype = buffers[out.index()].ty.dtype;
@@ -344,41 +323,41 @@ fn cross_entropy(buffers: &mut Vec<Buffer>, ins: &Instr) -> Option<Vec<Instr>> {
             body.push(Expr::Round { x: v, dtype });
             v = body.len() - 1;
         }
-        let ins: Vec<(BufId, &TensorType)> = args.iter().map(|(b, t)| (*b, t)).collect();
-        let oty = buffers[out.index()].ty.clone();
-        made.push(kernel(&logits.ty.dims, &ins, &[(out, &oty)], body, &[v], &name));
+        made.push(kernel(buffers, &dims, &args, &[out], body, &[v], name));
         return Some(made);
     }
-    let row_ty = TensorType::new(DType::F32, rows.to_vec());
-    let losses = temp(rows);
-    let kept = ignore.map(|_| temp(rows));
+    let losses = temp(buffers, rows);
+    let mut outs = vec![losses];
     let mut body = vec![Expr::Load { arg: 0 }, Expr::Load { arg: 1 }];
     let (loss, keep) = decompose::cross_entropy_rows(0, 1, smoothing, ignore, c, &mut body);
-    let mut outs = vec![(losses, &row_ty)];
     let mut values = vec![loss];
-    if let (Some(k), Some(v)) = (kept, keep) {
-        outs.push((k, &row_ty));
+    if let Some(v) = keep {
+        outs.push(temp(buffers, rows));
         values.push(v);
     }
-    made.push(kernel(&logits.ty.dims, &[(x, &logits.ty), (t, &targets.ty)], &outs, body, &values, &name));
-    let total = temp(&[]);
+    made.push(kernel(buffers, &dims, &[x, t], &outs, body, &values, name));
+    let total = temp(buffers, &[]);
     made.push(sum_all(losses, total, rows));
-    let scalar = TensorType::new(DType::F32, Vec::new());
-    let mut args = vec![(total, &scalar)];
+    let mut args = vec![total];
     let mut body = vec![Expr::Load { arg: 0 }];
-    let counted = match kept {
-        Some(k) => {
-            let cnt = count(&mut made, k, &mut temp);
-            args.push((cnt, &scalar));
+    let counted = match outs.get(1) {
+        Some(&kept) => {
+            args.push(count(buffers, &mut made, kept));
             body.push(Expr::Load { arg: 1 });
             Ok(1)
         }
         None => Err(n),
     };
     let mean = decompose::mean_of(0, counted, &mut body);
-    let oty = buffers[out.index()].ty.clone();
-    made.push(kernel(&[], &args, &[(out, &oty)], body, &[mean], &name));
+    made.push(kernel(buffers, &[], &args, &[out], body, &[mean], name));
     Some(made)
+}
+
+/// A new f32 temporary over `dims` in the arena.
+fn temp(buffers: &mut Vec<Buffer>, dims: &[Dim]) -> BufId {
+    let ty = TensorType::new(DType::F32, dims.to_vec());
+    buffers.push(Buffer { ty, region: Region::Arena, offset: 0, view_of: None, name: String::new() });
+    BufId(buffers.len() as u32 - 1)
 }
 
 /// `to = Σ from` over all of `from`'s dims (`dims`).
@@ -393,29 +372,24 @@ fn sum_all(from: BufId, to: BufId, dims: &[Dim]) -> Instr {
 }
 
 /// A kernel over `dims` reading `inputs` and storing `values` (body
-/// indices) into `outputs`, in order.
+/// indices) into `outputs`, in order, at their buffers' strides.
 fn kernel(
+    buffers: &[Buffer],
     dims: &[Dim],
-    inputs: &[(BufId, &TensorType)],
-    outputs: &[(BufId, &TensorType)],
+    inputs: &[BufId],
+    outputs: &[BufId],
     body: Vec<Expr>,
     values: &[usize],
     op: &str,
 ) -> Instr {
-    let all: Vec<&(BufId, &TensorType)> = inputs.iter().chain(outputs).collect();
     let kernel = Kernel {
         dims: dims.to_vec(),
         inputs: inputs.len(),
-        strides: all.iter().map(|(_, t)| strides(t, dims)).collect(),
+        strides: inputs.iter().chain(outputs).map(|b| strides(&buffers[b.index()].ty, dims)).collect(),
         body,
         stores: values.iter().enumerate().map(|(i, &v)| (inputs.len() + i, v)).collect(),
         ops: vec![op.to_string()],
         rows: None,
     };
-    Instr {
-        kind: Kind::Kernel { kernel },
-        ins: inputs.iter().map(|(b, _)| *b).collect(),
-        outs: outputs.iter().map(|(b, _)| *b).collect(),
-        stream: Stream::Compute,
-    }
+    Instr { kind: Kind::Kernel { kernel }, ins: inputs.to_vec(), outs: outputs.to_vec(), stream: Stream::Compute }
 }

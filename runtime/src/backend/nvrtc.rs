@@ -14,10 +14,12 @@ pub const MISSING: &str = "NVRTC (libnvrtc.so.13) is not installed or not on the
                            print(list(nvidia.cu13.__path__)[0] + '/lib')\"`) to LD_LIBRARY_PATH, or run the tests \
                            with `tools/test`, which does both";
 
-/// Whether NVRTC can be loaded, else the error that says how to get it.
+/// Whether NVRTC can be loaded, else the error that says how to get it
+/// (looked up once per process).
 pub fn available() -> Result<(), String> {
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     // SAFETY: only tries to open the library by its candidate names.
-    if unsafe { sys::is_culib_present() } { Ok(()) } else { Err(MISSING.to_string()) }
+    if *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() }) { Ok(()) } else { Err(MISSING.to_string()) }
 }
 
 /// NVRTC's version (major, minor).

@@ -830,21 +830,24 @@ fn ce_row<T: Real>(row: &[T], t: T, smoothing: f64, ignore: Option<i64>) -> (T, 
         let mean = super::fast::sum(row) / r(c as f64);
         loss = r::<T>(1.0 - smoothing) * loss + r::<T>(smoothing) * (lse - mean);
     }
-    match ignore {
-        Some(i) => {
-            let kept = T::one() - r(f64::from(u8::from(t == r(i as f64))));
-            (loss * kept, kept)
-        }
+    match kept(t, ignore) {
+        Some(k) => (loss * k, k),
         None => (loss, T::one()),
     }
+}
+
+/// 1 where class id `t` is not `ignore`, else 0 (`None` without one), as
+/// the fused kernels compute it (`compiler::kernel::kept`).
+fn kept<T: Real>(t: T, ignore: Option<i64>) -> Option<T> {
+    ignore.map(|i| T::one() - r(f64::from(u8::from(t == r(i as f64)))))
 }
 
 /// What a mean divides by: the rows that count (none counting as one: the
 /// loss is then 0), summed in row order.
 fn ce_count<T: Real>(targets: &[T], ignore: Option<i64>) -> T {
     match ignore {
-        Some(i) => {
-            let n = targets.iter().fold(T::zero(), |a, t| a + (T::one() - r(f64::from(u8::from(*t == r(i as f64))))));
+        Some(_) => {
+            let n = targets.iter().fold(T::zero(), |a, t| a + kept(*t, ignore).unwrap_or(T::one()));
             n + r(f64::from(u8::from(n == T::zero())))
         }
         None => r(targets.len().max(1) as f64),
@@ -892,7 +895,7 @@ pub fn cross_entropy_grad<T: Real>(
                 *e = exp_of(*x - max);
             }
             let inv = T::one() / super::fast::sum(&e);
-            let kept = ignore.map(|i| T::one() - r(f64::from(u8::from(t == r(i as f64)))));
+            let kept = kept(t, ignore);
             for (j, (o, e)) in o.iter_mut().zip(&e).enumerate() {
                 let mut target: T = r(f64::from(u8::from(r::<T>(j as f64) == t)));
                 if smoothing > 0.0 {
