@@ -3,7 +3,9 @@
 //! Named-dim tensors (`tensor`); the CPU interpreter (`exec`), generic over
 //! f32 and f64, which runs every IR op forward and backward and is the
 //! oracle for gradient checks; training (`train`) and sampling (`infer`); and
-//! collectives between ranks (`comm`, for the simulated ranks of issue #4).
+//! collectives between ranks (`comm`, for the simulated ranks of issue #4);
+//! and ranks as processes (`launch`: launcher environments, the TCP store,
+//! `tessera launch`).
 //! The runtime never sees the AST: it takes graphs and parameter metadata.
 
 pub mod backend;
@@ -11,6 +13,7 @@ pub mod comm;
 pub mod exec;
 pub mod infer;
 pub mod init;
+pub mod launch;
 pub mod tensor;
 pub mod trace;
 pub mod train;

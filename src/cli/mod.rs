@@ -1,5 +1,7 @@
-//! The `tessera` command line: check, inspect, plan, train, sample, bench, fmt.
+//! The `tessera` command line: check, inspect, plan, train, sample, bench,
+//! fmt, launch, comm-check.
 
+mod launch;
 mod plan;
 
 use clap::{Parser, Subcommand};
@@ -12,7 +14,11 @@ use tessera_compiler::diag::write_diags;
 use tessera_compiler::{Model, Options, SourceMap};
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Declarative, checked model specs: check, inspect and format .spec files")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Declarative, checked model specs: check, inspect, plan, train, sample, bench and launch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -191,6 +197,43 @@ enum Command {
         /// The spec (default: the one the checkpoint was trained with).
         #[arg(long)]
         spec: Option<PathBuf>,
+    },
+    /// Start this machine's ranks as processes, as torchrun does: each runs
+    /// the tessera command after `--` with RANK, LOCAL_RANK, WORLD_SIZE,
+    /// LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. If a rank fails,
+    /// the others are stopped and the failure is reported (docs/launch.md).
+    Launch {
+        /// Ranks to start on this machine (one GPU each).
+        #[arg(long, value_parser = positive)]
+        nproc_per_node: u64,
+        /// Machines in the job, each running one `tessera launch`.
+        #[arg(long, default_value_t = 1, value_parser = positive)]
+        nnodes: u64,
+        /// This machine's index among them, from 0.
+        #[arg(long, default_value_t = 0, value_parser = whole)]
+        node_rank: u64,
+        /// HOST:PORT of node 0, where rank 0 hosts the store the ranks meet
+        /// at; the same on every node (default: 127.0.0.1 and a free port;
+        /// required with --nnodes above 1).
+        #[arg(long, value_name = "HOST:PORT")]
+        master: Option<String>,
+        /// The command each rank runs: `train FILE ...`, `bench FILE ...` or `comm-check`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<OsString>,
+    },
+    /// Check that the ranks of a multi-process launch meet (under `tessera
+    /// launch`, torchrun, srun or mpirun): they join rank 0's store, agree on
+    /// a run id, check their placement and time barriers.
+    CommCheck {
+        /// Barriers to time.
+        #[arg(long, default_value_t = 20, value_parser = whole)]
+        rounds: u64,
+        /// Seconds a wait may last before the check fails naming who it waited for.
+        #[arg(long, default_value_t = 120, value_parser = positive)]
+        timeout: u64,
+        /// Then stay connected this many seconds, stopping at once if a rank is lost.
+        #[arg(long, default_value_t = 0, value_parser = whole)]
+        hold: u64,
     },
     /// Print a spec in canonical form.
     Fmt {
@@ -438,6 +481,10 @@ fn command(args: Vec<OsString>) -> ExitCode {
             plan::command(spec, json, world, device, search, top)
         }
         Command::Fmt { file, write, check } => fmt(&file, write, check),
+        Command::Launch { nproc_per_node, nnodes, node_rank, master, command } => {
+            launch::run(nproc_per_node, nnodes, node_rank, master, command)
+        }
+        Command::CommCheck { rounds, timeout, hold } => launch::comm_check(rounds, timeout, hold),
         Command::Train {
             spec,
             steps,
@@ -472,6 +519,9 @@ fn command(args: Vec<OsString>) -> ExitCode {
             }
             match load(&spec) {
                 Ok(m) => {
+                    if let Err(code) = launch::single_process((m.parallel.world(), &mesh_text(&m))) {
+                        return code;
+                    }
                     let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
                     let trace = trace.map(|p| (p, trace_steps));
                     let run = RunArgs {
@@ -497,6 +547,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 return code;
             }
             match load(&spec) {
+                Ok(m) if launch::single_process((m.parallel.world(), &mesh_text(&m))).is_err() => ExitCode::from(1),
                 Ok(m) => bench(
                     m,
                     BenchArgs {
