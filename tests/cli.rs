@@ -604,7 +604,8 @@ fn sample_follows_the_infer_section_unless_a_flag_says_otherwise() {
 }
 
 /// `inspect --ir cuda` prints the CUDA C of a rank's fused kernels, each
-/// after its launch shape and the lowered instruction it comes from.
+/// after its launch shape, the lowered instruction it comes from and the
+/// spec lines of its ops.
 #[test]
 fn inspect_prints_the_cuda_c_of_every_kernel() {
     let o = tessera(&["inspect", "specs/tiny/gpt.spec", "--ir", "cuda"]);
@@ -615,6 +616,9 @@ fn inspect_prints_the_cuda_c_of_every_kernel() {
     assert_eq!(out.matches("extern \"C\" __global__ void kernel").count(), kernels, "one function per kernel");
     assert!(out.contains("one row per block, 256 threads") && out.contains("grid-stride over the positions"));
     assert!(out.contains("{ops = [cross_entropy]}") && out.contains("block_reduce("), "cross-entropy's row kernel");
+    // Each kernel is preceded by the spec lines of its ops.
+    assert!(out.matches("\n//   from specs/").count() >= kernels, "{out}");
+    assert!(out.contains("//   from specs/std/mlp.spec:") && out.contains("`gelu("), "{out}");
     let o = tessera(&["inspect", "specs/tiny/gpt.spec", "--ir", "cuda", "--rank", "3"]);
     assert!(!o.status.success() && stderr(&o).contains("outside the mesh"), "{}", stderr(&o));
 }

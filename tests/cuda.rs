@@ -4,8 +4,9 @@
 
 mod common;
 
+use tessera::compiler::SourceMap;
 use tessera::compiler::kernel::cuda;
-use tessera::compiler::lower::{Kind, Program};
+use tessera::compiler::lower::{Instr, Kind, Program};
 use tessera::runtime::backend::nvrtc;
 
 /// The specs whose kernels are checked: the four tiny specs, the demo,
@@ -25,9 +26,9 @@ const SPECS: &[&str] = &[
 const ARCHS: &[&str] = &["sm_80", "sm_90"];
 
 /// Each distinct fused kernel of `programs`: its CUDA C (every one named
-/// `k`: each compiles alone), and where it comes from (the spec, the
-/// instruction's text, its ops).
-fn kernels(spec: &str, programs: &[&Program]) -> Vec<(cuda::CudaKernel, String)> {
+/// `k`: each compiles alone), and where it comes from (the spec lines of its
+/// ops, and the instruction's text).
+fn kernels(spec: &str, sources: &SourceMap, programs: &[&Program]) -> Vec<(cuda::CudaKernel, String)> {
     let mut out: Vec<(cuda::CudaKernel, String)> = Vec::new();
     for p in programs {
         for ins in &p.instrs {
@@ -35,11 +36,24 @@ fn kernels(spec: &str, programs: &[&Program]) -> Vec<(cuda::CudaKernel, String)>
             let dtypes: Vec<_> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b).ty.dtype).collect();
             let k = cuda::emit(kernel, &dtypes, "k").unwrap_or_else(|e| panic!("{spec}: {e}"));
             if !out.iter().any(|(o, _)| o.source == k.source) {
-                out.push((k, format!("{spec}: {}", tessera::compiler::lower::text::instr_text(ins))));
+                out.push((k, from(spec, sources, ins)));
             }
         }
     }
     out
+}
+
+/// Where instruction `ins` of a program of `spec` comes from: the spec
+/// lines of its ops, one per line, then its text.
+fn from(spec: &str, sources: &SourceMap, ins: &Instr) -> String {
+    let mut s = String::new();
+    for span in &ins.origin {
+        s.push_str(&format!("  {}\n", sources.quote(*span)));
+    }
+    if ins.origin.is_empty() {
+        s.push_str(&format!("  {spec} (no spec line: the compiler added it)\n"));
+    }
+    s + &format!("  as the instruction {}", tessera::compiler::lower::text::instr_text(ins))
 }
 
 #[test]
@@ -50,16 +64,16 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     let (major, minor) = nvrtc::version().expect("NVRTC's version");
     let mut count = 0;
     for spec in SPECS {
-        let m = common::check_ok(spec, &[]);
+        let (sources, m) = common::check(std::path::Path::new(spec), &[]);
+        let m = m.unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
         let t = tessera::compiler::driver::compile_training(&m, None).unwrap_or_else(|e| panic!("{spec}: {e}"));
         let mut programs: Vec<&Program> = t.step.programs.iter().collect();
         programs.push(&t.eval);
-        let ks = kernels(spec, &programs);
+        let ks = kernels(spec, &sources, &programs);
         assert!(!ks.is_empty(), "{spec}: no fused kernels");
         for (k, from) in &ks {
             for arch in ARCHS {
-                let cubin = nvrtc::compile(&k.source, &k.name, arch)
-                    .unwrap_or_else(|e| panic!("{e}\nthe kernel comes from {from}\n--- CUDA C ---\n{}", k.source));
+                let cubin = compile(k, from, arch).unwrap_or_else(|e| panic!("{e}"));
                 assert!(cubin.len() > 64, "{from}: an empty cubin for {arch}");
             }
         }
@@ -68,15 +82,38 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     eprintln!("NVRTC {major}.{minor}: {count} distinct kernels compiled for {ARCHS:?}");
 }
 
-/// A broken kernel fails with NVRTC's log.
+/// Kernel `k` compiled for `arch`, or NVRTC's log with the spec lines the
+/// kernel comes from (`from`) and its CUDA C.
+fn compile(k: &cuda::CudaKernel, from: &str, arch: &str) -> Result<Vec<u8>, String> {
+    nvrtc::compile(&k.source, &k.name, arch)
+        .map_err(|e| format!("{e}\nthe kernel comes from\n{from}\n--- CUDA C ---\n{}", k.source))
+}
+
+/// A broken kernel fails with NVRTC's log and the spec lines it comes from:
+/// the tiny GPT's layer_norm kernel, with an undefined name put into it.
 #[test]
-fn a_broken_kernel_fails_with_the_nvrtc_log() {
+fn a_broken_kernel_fails_with_the_nvrtc_log_and_its_spec_lines() {
     if let Err(e) = nvrtc::available() {
         panic!("{e}");
     }
-    let e = nvrtc::compile("extern \"C\" __global__ void k(float* a) { a[0] = undefined_name; }", "k", "sm_80")
-        .expect_err("an undefined name");
-    assert!(e.contains("undefined_name") && e.contains("sm_80"), "{e}");
+    let spec = "specs/tiny/gpt.spec";
+    let (sources, m) = common::check(std::path::Path::new(spec), &[]);
+    let t = tessera::compiler::driver::compile_training(&m.expect("checks"), None).expect("compiles");
+    let p = &t.step.programs[0];
+    let ins = p
+        .instrs
+        .iter()
+        .find(|i| matches!(&i.kind, Kind::Kernel { kernel } if kernel.ops.iter().any(|o| o == "layer_norm")))
+        .expect("a layer_norm kernel");
+    let Kind::Kernel { kernel } = &ins.kind else { unreachable!() };
+    let dtypes: Vec<_> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b).ty.dtype).collect();
+    let mut k = cuda::emit(kernel, &dtypes, "k").expect("emits");
+    k.source = k.source.replacen('{', "{ undefined_name = 1;", 1);
+    let e = compile(&k, &from(spec, &sources, ins), "sm_80").expect_err("an undefined name");
+    eprintln!("{e}");
+    assert!(e.contains("undefined_name") && e.contains("sm_80"), "NVRTC's log: {e}");
+    // The line of the spec library that writes the layer_norm, quoted.
+    assert!(e.contains("specs/std/") && e.contains(".spec:") && e.contains("layer_norm("), "{e}");
 }
 
 /// Compiled kernels are cached on disk by (source hash, architecture,

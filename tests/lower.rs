@@ -56,6 +56,8 @@ fn every_layout_lowers_verifies_and_round_trips() {
         assert_eq!(c.programs.len() as u64, c.mesh.world());
         for p in &c.programs {
             verify(p).unwrap_or_else(|e| panic!("{spec} {o:?}: {e}"));
+            // Origins (spans) are not part of the text form.
+            let p = &p.without_origins();
             let text = print(p);
             let back = parse(&text).unwrap_or_else(|e| panic!("{spec} {o:?} rank {}: {e}", p.rank));
             if back != *p {
@@ -191,12 +193,12 @@ fn the_verifier_names_what_is_wrong() {
     let mut p = good.clone();
     p.instrs.insert(
         0,
-        tessera::compiler::lower::Instr {
-            kind: Kind::Wait { event: 99 },
-            ins: vec![],
-            outs: vec![],
-            stream: tessera::compiler::lower::Stream::Comm,
-        },
+        tessera::compiler::lower::Instr::new(
+            Kind::Wait { event: 99 },
+            vec![],
+            vec![],
+            tessera::compiler::lower::Stream::Comm,
+        ),
     );
     expect(p, "instruction 0: wait", "never recorded");
     // A fused kernel that would read past the end of an argument.
@@ -589,5 +591,50 @@ fn cross_entropy_lowers_to_kernels() {
         let outs = &p.instrs[ce].outs;
         assert_eq!(outs.len(), 1 + usize::from(loss.contains("ignore")), "{loss}");
         verify(&p).expect("verifies");
+    }
+}
+
+/// Every instruction a spec expression computes names the spec lines it
+/// comes from (its `origin`): the ops of a fused kernel, each parameter's
+/// optimizer update (its declaration). Only what lowering adds on its own
+/// has none: gradient buckets and their scaling, events, the gradient
+/// norm, clipping and the learning rate all parameters share.
+#[test]
+fn instructions_name_the_spec_lines_they_come_from() {
+    let own = [
+        "accumulate",
+        "add_scalars",
+        "bucket_all_reduce",
+        "clip_scale",
+        "record",
+        "scale",
+        "skip_if_nonfinite",
+        "sum_squares",
+        "take",
+        "wait",
+        "zero",
+    ];
+    let cases = [(common::GPT, vec![]), (common::GPT, common::with(common::DP2, common::TP2)), (common::MOE, vec![])];
+    for (spec, o) in cases {
+        let (sources, m) = common::check(std::path::Path::new(spec), &o);
+        let m = m.unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
+        let c = compile(&m).unwrap_or_else(|e| panic!("{e}"));
+        let mut quotes = Vec::new();
+        for p in &c.programs {
+            for ins in &p.instrs {
+                let name = ins.kind.name();
+                assert!(
+                    !ins.origin.is_empty() || own.contains(&name),
+                    "{spec} {o:?} rank {}: `{name}` has no origin: {}",
+                    p.rank,
+                    tessera::compiler::lower::text::instr_text(ins)
+                );
+                quotes.extend(ins.origin.iter().map(|s| sources.quote(*s)));
+            }
+        }
+        // Spec lines, quoted: the model's own file and the spec library's blocks.
+        assert!(quotes.iter().all(|q| q.contains(".spec:") && !q.ends_with("``")), "{quotes:?}");
+        assert!(quotes.iter().any(|q| q.contains("std/") && q.contains("layer_norm(")), "{spec}: {quotes:?}");
+        assert!(quotes.iter().any(|q| q.contains("param ")), "{spec}: an update names its parameter: {quotes:?}");
     }
 }

@@ -321,8 +321,8 @@ enum IrGraph {
 }
 
 /// The CUDA C of each fused kernel of `p`, each after a comment with its
-/// instruction (`compiler::kernel::cuda`).
-fn print_cuda(p: &tessera_compiler::lower::Program) -> ExitCode {
+/// instruction and the spec lines it comes from (`compiler::kernel::cuda`).
+fn print_cuda(sources: &SourceMap, p: &tessera_compiler::lower::Program) -> ExitCode {
     use tessera_compiler::lower::Kind;
     for (n, ins) in p.instrs.iter().filter(|i| matches!(i.kind, Kind::Kernel { .. })).enumerate() {
         let Kind::Kernel { kernel } = &ins.kind else { continue };
@@ -334,7 +334,11 @@ fn print_cuda(p: &tessera_compiler::lower::Program) -> ExitCode {
                 } else {
                     "grid-stride over the positions".to_string()
                 };
-                println!("// kernel {n} ({launch}): {}\n{}", tessera_compiler::lower::text::instr_text(ins), k.source);
+                println!("// kernel {n} ({launch}): {}", tessera_compiler::lower::text::instr_text(ins));
+                for span in &ins.origin {
+                    println!("//   from {}", sources.quote(*span));
+                }
+                println!("{}", k.source);
             }
             Err(e) => {
                 eprintln!("error: kernel {n}: {e}");
@@ -345,7 +349,7 @@ fn print_cuda(p: &tessera_compiler::lower::Program) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
+fn print_ir(sources: &SourceMap, m: &Model, which: IrGraph, rank: u64) -> ExitCode {
     // The one-device programs: evaluation and generation.
     let program = match which {
         IrGraph::Window | IrGraph::Decode => {
@@ -381,7 +385,7 @@ fn print_ir(m: &Model, which: IrGraph, rank: u64) -> ExitCode {
         }
         return match tessera_compiler::driver::compile_ranks(m, Some(&[rank])) {
             Ok(c) => match c.programs.first() {
-                Some(p) if matches!(which, IrGraph::Cuda) => print_cuda(p),
+                Some(p) if matches!(which, IrGraph::Cuda) => print_cuda(sources, p),
                 Some(p) => {
                     print!("{}", tessera_compiler::lower::text::print(p));
                     ExitCode::SUCCESS
@@ -462,8 +466,8 @@ fn command(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Inspect { spec, ir: Some(which), rank, .. } => match load(&spec) {
-            Ok(m) => print_ir(&m, which, rank),
+        Command::Inspect { spec, ir: Some(which), rank, .. } => match load_sources(&spec) {
+            Ok((sources, m)) => print_ir(&sources, &m, which, rank),
             Err(code) => code,
         },
         Command::Inspect { spec, json, ir: None, .. } => match load(&spec) {
@@ -580,10 +584,19 @@ fn load(a: &SpecArgs) -> Result<Model, ExitCode> {
     load_with(a, &[], false)
 }
 
+/// `load`, keeping the sources (to quote the spec lines of what it compiles to).
+fn load_sources(a: &SpecArgs) -> Result<(SourceMap, Model), ExitCode> {
+    load_full(a, &[], false)
+}
+
 /// Check the spec with extra overrides after the user's, and (unless
 /// `skip_memory_check`: the planner prices memory layout by layout) that
 /// every rank fits its `train.device` (`driver::check_memory`).
 fn load_with(a: &SpecArgs, extra: &[String], skip_memory_check: bool) -> Result<Model, ExitCode> {
+    load_full(a, extra, skip_memory_check).map(|(_, m)| m)
+}
+
+fn load_full(a: &SpecArgs, extra: &[String], skip_memory_check: bool) -> Result<(SourceMap, Model), ExitCode> {
     let mut sources = SourceMap::new();
     let mut overrides = a.set.clone();
     overrides.extend(extra.iter().cloned());
@@ -602,7 +615,7 @@ fn load_with(a: &SpecArgs, extra: &[String], skip_memory_check: bool) -> Result<
     if extra.is_empty() || !skip_memory_check {
         write_diags(&sources, &m.warnings, &mut codespan_stderr());
     }
-    Ok(m)
+    Ok((sources, m))
 }
 
 fn codespan_stderr() -> codespan_reporting::term::termcolor::StandardStream {

@@ -17,11 +17,14 @@ use crate::syntax::span::Span;
 
 struct B {
     g: Graph,
+    /// The declaration of the parameter whose update is being built (the
+    /// span of its nodes); none for what all parameters share.
+    span: Span,
 }
 
 impl B {
     fn push(&mut self, op: Op, ins: Vec<ValueId>, ty: TensorType) -> ValueId {
-        self.g.push(op, ins, ty, Span::default())
+        self.g.push(op, ins, ty, self.span)
     }
     fn scalar(&mut self, v: f64) -> ValueId {
         self.push(Op::Scalar { value: v }, vec![], TensorType::scalar(DType::F32))
@@ -48,11 +51,13 @@ pub struct UpdateParam {
     pub dims: Vec<Dim>,
     /// Whether weight decay applies (`Param::decays` of the logical parameter).
     pub decays: bool,
+    /// The parameter's declaration: where its update comes from.
+    pub span: Span,
 }
 
 impl UpdateParam {
     pub fn of(p: &Param) -> UpdateParam {
-        UpdateParam { dims: p.ty.dims.clone(), decays: p.decays() }
+        UpdateParam { dims: p.ty.dims.clone(), decays: p.decays(), span: p.span }
     }
 }
 
@@ -85,7 +90,7 @@ pub struct Updated {
 /// caller has summed over every rank's shards; otherwise the graph sums the
 /// squares of the gradients it is given.
 pub fn update_graph(params: &[UpdateParam], opt: &Optimizer, clip: Option<f64>, given_norm: bool) -> Update {
-    let mut b = B { g: Graph::new() };
+    let mut b = B { g: Graph::new(), span: Span::default() };
     let mut outputs = Vec::with_capacity(params.len());
     let n = params.len();
     let mut ins = Vec::with_capacity(n);
@@ -123,6 +128,7 @@ pub fn update_graph(params: &[UpdateParam], opt: &Optimizer, clip: Option<f64>, 
         _ => b.scalar(1.0),
     };
     for (k, p) in params.iter().enumerate() {
+        b.span = p.span;
         let (w, g, m, v) = (ins[k][0], raw[k], ins[k][2], ins[k][3]);
         let ty = b.g.ty(w).clone();
         let (new_w, new_m, new_v) = match opt {

@@ -261,6 +261,7 @@ fn flush(
         ins: inputs,
         outs: outputs.into_iter().map(|(b, _)| b).collect(),
         stream: Stream::Compute,
+        origin: crate::lower::merge_origins(group.iter().flat_map(|i| &i.origin)),
     });
 }
 
@@ -324,7 +325,7 @@ fn cross_entropy(buffers: &mut Vec<Buffer>, ins: &Instr) -> Option<Vec<Instr>> {
             v = body.len() - 1;
         }
         made.push(kernel(buffers, &dims, &args, &[out], body, &[v], name));
-        return Some(made);
+        return Some(with_origin(made, ins));
     }
     let losses = temp(buffers, rows);
     let mut outs = vec![losses];
@@ -350,7 +351,15 @@ fn cross_entropy(buffers: &mut Vec<Buffer>, ins: &Instr) -> Option<Vec<Instr>> {
     };
     let mean = decompose::mean_of(0, counted, &mut body);
     made.push(kernel(buffers, &[], &args, &[out], body, &[mean], name));
-    Some(made)
+    Some(with_origin(made, ins))
+}
+
+/// `made`, each with the origin of `from`, the instruction it expands.
+fn with_origin(mut made: Vec<Instr>, from: &Instr) -> Vec<Instr> {
+    for m in &mut made {
+        m.origin = from.origin.clone();
+    }
+    made
 }
 
 /// A new f32 temporary over `dims` in the arena.
@@ -363,12 +372,7 @@ fn temp(buffers: &mut Vec<Buffer>, dims: &[Dim]) -> BufId {
 /// `to = Σ from` over all of `from`'s dims (`dims`).
 fn sum_all(from: BufId, to: BufId, dims: &[Dim]) -> Instr {
     let op = Op::Reduce { op: ReduceOp::Sum, dims: dims.iter().map(|d| d.name.clone()).collect() };
-    Instr {
-        kind: Kind::Op { op, rng: None, accumulate: false, rows: false },
-        ins: vec![from],
-        outs: vec![to],
-        stream: Stream::Compute,
-    }
+    Instr::new(Kind::Op { op, rng: None, accumulate: false, rows: false }, vec![from], vec![to], Stream::Compute)
 }
 
 /// A kernel over `dims` reading `inputs` and storing `values` (body
@@ -391,5 +395,5 @@ fn kernel(
         ops: vec![op.to_string()],
         rows: None,
     };
-    Instr { kind: Kind::Kernel { kernel }, ins: inputs.to_vec(), outs: outputs.to_vec(), stream: Stream::Compute }
+    Instr::new(Kind::Kernel { kernel }, inputs.to_vec(), outputs.to_vec(), Stream::Compute)
 }

@@ -200,6 +200,8 @@ struct Builder<'a> {
     roles: HashMap<*const Graph, std::rc::Rc<Vec<super::ragged::Role>>>,
     /// Lowering a generation program ([`lower_generate`]).
     generate: Option<Generate>,
+    /// The span of the graph node being lowered: the origin of what it emits.
+    span: Option<crate::syntax::span::Span>,
 }
 
 /// What lowering a generation program adds to the forward pass.
@@ -293,6 +295,7 @@ impl<'a> Builder<'a> {
             phases: Vec::new(),
             training: true,
             only: None,
+            span: None,
             w: vec![None; n],
             w_full: vec![None; n],
             g: vec![None; n],
@@ -390,14 +393,15 @@ impl<'a> Builder<'a> {
     }
 
     fn emit(&mut self, kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>) {
-        self.push(Instr { kind, ins, outs, stream: Stream::Compute });
+        self.push(Instr::new(kind, ins, outs, Stream::Compute));
     }
 
     fn emit_comm(&mut self, kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>) {
-        self.push(Instr { kind, ins, outs, stream: Stream::Comm });
+        self.push(Instr::new(kind, ins, outs, Stream::Comm));
     }
 
-    fn push(&mut self, ins: Instr) {
+    fn push(&mut self, mut ins: Instr) {
+        ins.origin.extend(self.span);
         for b in &ins.ins {
             *self.reads.entry(*b).or_default() += 1;
         }
@@ -411,8 +415,8 @@ impl<'a> Builder<'a> {
     fn sync(&mut self, from: Stream, to: Stream) {
         let event = self.events;
         self.events += 1;
-        self.push(Instr { kind: Kind::Record { event }, ins: vec![], outs: vec![], stream: from });
-        self.push(Instr { kind: Kind::Wait { event }, ins: vec![], outs: vec![], stream: to });
+        self.push(Instr::new(Kind::Record { event }, vec![], vec![], from));
+        self.push(Instr::new(Kind::Wait { event }, vec![], vec![], to));
     }
 
     /// The slice of a (stacked) parameter-shaped buffer that holds `layer`.
@@ -470,6 +474,7 @@ impl<'a> Builder<'a> {
             if vals[i].is_some() || self.only.as_ref().is_some_and(|o| !o[i]) {
                 continue;
             }
+            self.span = Some(g.span(ValueId(i as u32))).filter(|s| *s != Default::default());
             let node = &g.nodes[i];
             let operand = |v: &ValueId| vals[v.index()].ok_or_else(|| format!("{v} is read before it is computed"));
             let ins: Vec<BufId> = node.inputs.iter().map(operand).collect::<Result<_, _>>()?;
@@ -573,6 +578,7 @@ impl<'a> Builder<'a> {
             };
             vals[i] = Some(out);
         }
+        self.span = None;
         Ok(())
     }
 
@@ -1065,6 +1071,7 @@ impl<'a> Builder<'a> {
     ) -> Result<(), String> {
         let mut vals: Vec<Option<BufId>> = vec![None; g.len()];
         for (i, node) in g.nodes.iter().enumerate() {
+            self.span = Some(g.span(ValueId(i as u32))).filter(|s| *s != Default::default());
             let ins: Vec<BufId> = node
                 .inputs
                 .iter()
@@ -1085,6 +1092,7 @@ impl<'a> Builder<'a> {
             };
             vals[i] = Some(out);
         }
+        self.span = None;
         Ok(())
     }
 

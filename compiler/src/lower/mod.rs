@@ -38,6 +38,7 @@ pub mod verify;
 pub use build::{LowerError, dropless, lower, lower_eval, lower_generate};
 
 use crate::ir::{Op, ReduceOp, TensorType};
+use crate::syntax::span::Span;
 use serde::{Deserialize, Serialize};
 
 /// A buffer of a program.
@@ -249,6 +250,30 @@ pub struct Instr {
     pub ins: Vec<BufId>,
     pub outs: Vec<BufId>,
     pub stream: Stream,
+    /// The spec expressions this instruction computes (a fused kernel: all
+    /// of its ops'), in program order, each once; empty for what lowering
+    /// adds on its own (gradient buckets, copies). Like the graph's spans,
+    /// not part of the text form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origin: Vec<Span>,
+}
+
+impl Instr {
+    /// An instruction with no origin (the text form's, or lowering's own).
+    pub fn new(kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>, stream: Stream) -> Instr {
+        Instr { kind, ins, outs, stream, origin: Vec::new() }
+    }
+}
+
+/// `spans` with each span once, in first-seen order (a fused kernel's origin).
+pub fn merge_origins<'a>(spans: impl IntoIterator<Item = &'a Span>) -> Vec<Span> {
+    let mut out: Vec<Span> = Vec::new();
+    for s in spans {
+        if !out.contains(s) {
+            out.push(*s);
+        }
+    }
+    out
 }
 
 /// A named part of the step (`F0 mb1`, `optimizer update`): it starts at
@@ -328,6 +353,16 @@ pub struct Program {
 impl Program {
     pub fn buffer(&self, b: BufId) -> &Buffer {
         &self.buffers[b.index()]
+    }
+
+    /// The program as its text form holds it: without origins (what
+    /// `text::parse(text::print(p))` gives back).
+    pub fn without_origins(&self) -> Program {
+        let mut p = self.clone();
+        for ins in &mut p.instrs {
+            ins.origin.clear();
+        }
+        p
     }
 
     pub fn region_bytes(&self, r: Region) -> u64 {

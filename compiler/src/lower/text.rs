@@ -207,7 +207,7 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
                     .collect::<Result<_, _>>()?;
                 let kernel = kernel_parse(&mut c, &args, ins.len()).map_err(fail)?;
                 c.end().map_err(fail)?;
-                p.instrs.push(Instr { kind: Kind::Kernel { kernel }, ins, outs, stream: Stream::Compute });
+                p.instrs.push(Instr::new(Kind::Kernel { kernel }, ins, outs, Stream::Compute));
             }
             name => {
                 let ins = c.ids("b").map_err(fail)?.into_iter().map(BufId).collect();
@@ -215,7 +215,7 @@ pub fn parse(text: &str) -> Result<Program, ParseError> {
                 let stream = if c.eat("@comm") { Stream::Comm } else { Stream::Compute };
                 c.end().map_err(fail)?;
                 let kind = kind_of(name, attrs).map_err(fail)?;
-                p.instrs.push(Instr { kind, ins, outs, stream });
+                p.instrs.push(Instr::new(kind, ins, outs, stream));
             }
         }
     }

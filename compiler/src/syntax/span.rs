@@ -3,11 +3,11 @@
 use codespan_reporting::files::SimpleFiles;
 
 /// Index of a file in a [`SourceMap`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct FileId(pub usize);
 
 /// A byte range in one source file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct Span {
     pub file: FileId,
     pub start: usize,
@@ -52,6 +52,23 @@ impl SourceMap {
 
     pub fn name(&self, id: FileId) -> &str {
         self.files.get(id.0).map(|f| f.name().as_str()).unwrap_or("<unknown>")
+    }
+
+    /// `file:line:col` of the start of `span`.
+    pub fn at(&self, span: Span) -> String {
+        let (line, col) = self.line_col(span.file, span.start);
+        format!("{}:{line}:{col}", self.name(span.file))
+    }
+
+    /// `file:line:col` of `span` and its text (its first line, at most 60
+    /// characters): where an instruction of a lowered program comes from.
+    pub fn quote(&self, span: Span) -> String {
+        let text = self.text(span.file);
+        let piece = text.get(span.start..span.end.min(text.len())).unwrap_or("");
+        let first = piece.lines().next().unwrap_or("").trim();
+        let short: String = first.chars().take(60).collect();
+        let more = if short.len() < piece.trim().len() { "…" } else { "" };
+        format!("{} `{short}{more}`", self.at(span))
     }
 
     /// 1-based line and column of a byte offset.

@@ -1552,11 +1552,13 @@ mod tests {
                 // Elements 1..=4 of the output: a view at a 2-byte offset under bf16.
                 mk(dtype, &[("v", 4)], 512 + e, Some(BufId(2))),
             ];
-            let op = |kind: Kind, ins: Vec<u32>, outs: Vec<u32>| Instr {
-                kind,
-                ins: ins.into_iter().map(BufId).collect(),
-                outs: outs.into_iter().map(BufId).collect(),
-                stream: Stream::Compute,
+            let op = |kind: Kind, ins: Vec<u32>, outs: Vec<u32>| {
+                Instr::new(
+                    kind,
+                    ins.into_iter().map(BufId).collect(),
+                    outs.into_iter().map(BufId).collect(),
+                    Stream::Compute,
+                )
             };
             let einsum = Kind::Op { op: Op::Einsum, rng: None, accumulate: false, rows: false };
             let instrs = vec![op(einsum, vec![0, 1], vec![2]), op(Kind::Scale { factor: 0.3 }, vec![3], vec![3])];
