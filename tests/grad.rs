@@ -58,7 +58,7 @@ fn lowered_grads(src: &str, params: &[Tensor<f64>], xs: &[Tensor<f64>]) -> Vec<V
     let ranks = Ranks::new(&c, Start::State(&f32s(params), &opt), &opt.optimizer, Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     let feed = f32s(xs);
-    ranks.step(0, 5, 0.0, &|_| feed.clone(), None).unwrap_or_else(|e| panic!("{e}"));
+    ranks.step(0, 0, 5, 0.0, &|_| feed.clone(), None).unwrap_or_else(|e| panic!("{e}"));
     (0..m.params.len())
         .map(|k| ranks.read(0, tessera::compiler::lower::Bound::Grad(k)).expect("reads").expect("a gradient buffer"))
         .collect()

@@ -343,9 +343,29 @@ fn bf16_programs_store_weights_and_activations_in_bf16() {
             .collect();
         assert!(!written.is_empty() && wide.is_empty(), "{sets:?}: f32 temporaries {wide:?}");
     }
+    // fp16 stores as bf16 does, in f16, and scales the loss: the backward
+    // pass's seed is the `loss_scale` buffer, and every gradient is divided
+    // by it before the norm. (fp32 and bf16 read the same buffer, as 1.)
     let m = common::check_ok(GPT, &["train.precision=fp16"]);
-    let e = compile(&m).expect_err("fp16 is refused").to_string();
-    assert!(e.contains("fp16") && e.contains("bf16"), "{e}");
+    let h = &compile(&m).expect("fp16 lowers").programs[0];
+    assert_eq!(h.named("w.0").map(|x| h.buffer(x).ty.dtype), Some(DType::F16));
+    let scale = h.bound(tessera::compiler::lower::Bound::LossScale).expect("a loss scale");
+    let norm = h.phases.iter().find(|ph| ph.name == "global norm").expect("a norm").at as usize;
+    let unscaled: Vec<BufId> = h.instrs[norm..]
+        .iter()
+        .filter(|i| i.ins.contains(&scale))
+        .flat_map(|i| i.outs.iter().copied())
+        .filter(|&x| h.buffer(x).region == Region::Grad)
+        .collect();
+    let grads = (0..).take_while(|k| h.named(&format!("g.{k}")).is_some()).count();
+    assert_eq!(unscaled.len(), grads, "every gradient is unscaled once, before the norm");
+    let f = &compile(&common::check_ok(GPT, &[])).expect("lowers").programs[0];
+    let seed = f.bound(tessera::compiler::lower::Bound::LossScale).expect("a loss scale");
+    assert!(f.instrs.iter().any(|i| i.ins.contains(&seed)), "the seed reads it");
+    assert!(
+        !f.instrs.iter().any(|i| i.ins.contains(&seed) && i.outs.iter().any(|o| f.buffer(*o).region == Region::Grad)),
+        "fp32 divides no gradient"
+    );
 }
 
 /// Every pass's output parses back from its text, and, broken on purpose one node at a time: a node whose

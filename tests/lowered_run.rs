@@ -176,7 +176,8 @@ fn fusion_and_the_kernel_engine_change_no_result() {
         for step in 0..2 {
             let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
             let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
-            let reports: Vec<_> = runs.iter().map(|r| r.step(step, 7, lr, &inputs, None).expect("runs")).collect();
+            let reports: Vec<_> =
+                runs.iter().map(|r| r.step(step, step, 7, lr, &inputs, None).expect("runs")).collect();
             for (r, (_, _, way)) in reports.iter().zip(&ways).skip(1) {
                 assert_eq!(&reports[0], r, "{sets:?} step {step}: the reports differ, {} against {way}", ways[0].2);
             }

@@ -52,11 +52,12 @@ fn run(t: &mut Trainer, until: u64) -> Vec<f64> {
     losses
 }
 
-/// In both precisions: under bf16 a checkpoint holds the f32 master
-/// weights, and the bf16 weights are their rounding, as in the running step.
+/// In every precision: under bf16 and fp16 a checkpoint holds the f32
+/// master weights, and the 16-bit weights are their rounding, as in the
+/// running step.
 #[test]
 fn same_seed_same_bits_and_resume_is_exact() {
-    for precision in ["fp32", "bf16"] {
+    for precision in ["fp32", "bf16", "fp16"] {
         resume_is_exact(precision);
     }
 }
@@ -83,6 +84,96 @@ fn resume_is_exact(precision: &str) {
     let mut again = common::trainer(&tiny(), cfg(&tmp(&format!("again-{precision}")), None)).expect("trainer");
     assert_eq!(run(&mut again, 10), losses);
     assert!(losses[9] < losses[0], "the loss goes down: {losses:?}");
+}
+
+/// The tiny GPT in fp16 with loss scaling set by `scaling` overrides.
+fn tiny_fp16(scaling: &[&str]) -> tessera::compiler::Model {
+    let mut sources = SourceMap::new();
+    let mut overrides: Vec<String> =
+        ["dims.seq=16", "dims.embed=32", "train.batch=4", "train.precision=fp16"].map(String::from).to_vec();
+    overrides.extend(scaling.iter().map(|s| s.to_string()));
+    let opts = Options { overrides, model: None, micro_batch: None };
+    check_path(&mut sources, Path::new("specs/tiny/gpt.spec"), &opts).expect("tiny gpt checks")
+}
+
+/// Under `precision = fp16` the loss is scaled dynamically, as PyTorch's
+/// GradScaler does: a step whose gradients overflow leaves the weights as
+/// they were and halves the scale; `loss_scale_window` good steps in a row
+/// double it. A start far too high (2^34) overflows until the scale has
+/// come down; the run then trains. The scaler's state is checkpointed: 12
+/// steps, a resume, and 12 more equal 24 straight, bit for bit.
+#[test]
+fn fp16_scales_the_loss_dynamically_and_resumes_exactly() {
+    let scaling = ["train.loss_scale=17179869184", "train.loss_scale_window=3"];
+    let out = tmp("fp16-straight");
+    let mut t = common::trainer(&tiny_fp16(&scaling), RunConfig { steps: 24, ..cfg(&out, None) }).expect("trainer");
+    let mut reports = Vec::new();
+    while t.step < 24 {
+        let before = t.weights().expect("weights");
+        let r = t.train_step().expect("step");
+        let after = t.weights().expect("weights");
+        let same = before.iter().zip(&after).all(|(a, b)| a.data == b.data);
+        assert_eq!(same, r.skipped, "step {}: a skipped step leaves the weights, any other moves them", r.step);
+        reports.push(r);
+    }
+    let scales: Vec<f64> = reports.iter().map(|r| r.loss_scale.expect("fp16 reports its scale")).collect();
+    assert_eq!(scales[0], 2f64.powi(34));
+    assert!(reports[0].skipped && reports[0].grad_norm.is_nan(), "2^40 overflows f16");
+    let mut good = 0;
+    for (i, r) in reports.iter().enumerate().take(23) {
+        good = if r.skipped { 0 } else { good + 1 };
+        let next = if r.skipped {
+            scales[i] / 2.0
+        } else if good == 3 {
+            good = 0;
+            scales[i] * 2.0
+        } else {
+            scales[i]
+        };
+        assert_eq!(scales[i + 1], next, "step {}: {scales:?}", r.step);
+    }
+    let trained: Vec<&tessera::runtime::train::StepReport> = reports.iter().filter(|r| !r.skipped).collect();
+    assert!(trained.len() >= 3, "the scale came down and steps trained: {scales:?}");
+    assert!(scales.windows(2).any(|w| w[1] == 2.0 * w[0]), "good steps in a row grew the scale: {scales:?}");
+    eprintln!("loss scales: {scales:?}");
+    assert!(trained.last().unwrap().loss < reports[0].loss, "and the loss went down");
+    assert_eq!(t.skipped_steps, reports.iter().filter(|r| r.skipped).count() as u64);
+
+    // Resumed halfway: the same losses, scales and weights.
+    let b = tmp("fp16-resumed");
+    let mut first = common::trainer(&tiny_fp16(&scaling), RunConfig { steps: 24, ..cfg(&b, None) }).expect("trainer");
+    let mut again = Vec::new();
+    while first.step < 12 {
+        again.push(first.train_step().expect("step"));
+    }
+    first.save().expect("save");
+    drop(first);
+    let mut second =
+        common::trainer(&tiny_fp16(&scaling), RunConfig { steps: 24, ..cfg(&b, Some(b.clone())) }).expect("resume");
+    while second.step < 24 {
+        again.push(second.train_step().expect("step"));
+    }
+    let key = |r: &tessera::runtime::train::StepReport| (r.loss.to_bits(), r.loss_scale, r.skipped, r.skipped_steps);
+    assert_eq!(reports.iter().map(key).collect::<Vec<_>>(), again.iter().map(key).collect::<Vec<_>>());
+    for (x, y) in t.weights().expect("weights").iter().zip(&second.weights().expect("weights")) {
+        assert_eq!(x.data, y.data, "the same weights");
+    }
+}
+
+/// fp16 follows fp32: f16 keeps 11 significant bits (a relative rounding of
+/// 2^-11, about 4.9e-4, on every stored weight and activation), so the
+/// first loss agrees to about that, and ten steps later the losses still
+/// agree within 1%.
+#[test]
+fn fp16_follows_fp32() {
+    let mut a = common::trainer(&tiny_in("fp32"), cfg(&tmp("fp16-vs-32"), None)).expect("trainer");
+    let mut b = common::trainer(&tiny_in("fp16"), cfg(&tmp("fp16-vs-16"), None)).expect("trainer");
+    let (x, y) = (run(&mut a, 10), run(&mut b, 10));
+    assert!(((x[0] - y[0]) / x[0]).abs() < 1e-3, "first loss: fp32 {} fp16 {}", x[0], y[0]);
+    for (i, (p, q)) in x.iter().zip(&y).enumerate() {
+        assert!(((p - q) / p).abs() < 1e-2, "step {}: fp32 {p} fp16 {q}", i + 1);
+    }
+    assert_ne!(x, y, "fp16 rounds: the runs are not the same bits");
 }
 
 #[test]

@@ -236,6 +236,26 @@ pub struct Train {
     /// run (default, `nonfinite = stop`) or leave the weights as they were
     /// and go on (`nonfinite = skip`, counted in metrics).
     pub skip_nonfinite: bool,
+    /// Dynamic loss scaling under `precision = fp16`.
+    pub loss_scale: LossScaling,
+}
+
+/// Dynamic loss scaling (`precision = fp16`), as PyTorch's `GradScaler`:
+/// the backward pass runs on the loss times the scale; a step whose
+/// gradients overflow is skipped and halves the scale; `window` good steps
+/// in a row double it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LossScaling {
+    /// The first step's scale (`loss_scale`, default 65536 = 2^16).
+    pub initial: f64,
+    /// Good steps in a row before the scale doubles (`loss_scale_window`, default 2000).
+    pub window: u64,
+}
+
+impl Default for LossScaling {
+    fn default() -> LossScaling {
+        LossScaling { initial: 65536.0, window: 2000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -121,7 +121,8 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
         needs[i] = matches!(node.op, Op::Param { .. }) || node.inputs.iter().any(|v| needs[v.index()]);
     }
     let mut b = Builder { fwd, g: fwd.clone(), adj: vec![None; n] };
-    let seed = b.scalar(1.0, lt.dtype, fwd.span(loss));
+    // The seed, d loss / d loss: 1, or the loss scale where the program scales the loss.
+    let seed = b.push(Op::LossScale, vec![], TensorType::scalar(lt.dtype), fwd.span(loss));
     b.adj[loss.index()] = Some(seed);
     let mut param_grads = Vec::new();
     // Gradients of `take`s, per (value, dim): summed into one `untake` when
@@ -151,7 +152,7 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
             Op::Param { index, layer } => {
                 param_grads.push(ParamGrad { param: *index, layer: *layer, grad: gi, partial: Vec::new() })
             }
-            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid => {}
+            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => {}
             Op::Unary { op: UnaryOp::Neg } => {
                 let ty = b.ty(gi);
                 let c = b.push(Op::Unary { op: UnaryOp::Neg }, vec![gi], ty, span);

@@ -31,6 +31,8 @@ const TRAIN_KEYS: &[&str] = &[
     "tokenizer",
     "seed",
     "nonfinite",
+    "loss_scale",
+    "loss_scale_window",
 ];
 const INFER_KEYS: &[&str] = &["max_batch", "max_len", "kv_cache", "sampling", "seed"];
 
@@ -548,7 +550,10 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         tokenizer: None,
         seed: 0,
         skip_nonfinite: false,
+        loss_scale: Default::default(),
     };
+    // Where loss scaling is set: it applies to `precision = fp16` only.
+    let mut scaling_at = None;
     let before = ev.diags.len();
     let mut batch_given = false;
     for (k, e) in keyed(ev, s, TRAIN_KEYS) {
@@ -644,8 +649,35 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
             }
             "tokenizer" => t.tokenizer = ev.word(v, "tokenizer", &["bytes", "gpt2"]),
             "nonfinite" => t.skip_nonfinite = ev.word(v, "nonfinite", &["stop", "skip"]).as_deref() == Some("skip"),
+            "loss_scale" => {
+                scaling_at = Some(v.span);
+                match ev.nonneg(v, k) {
+                    Some(x) if x >= 1.0 => t.loss_scale.initial = x,
+                    Some(x) => ev.err(
+                        Diag::error(format!("`loss_scale` must be 1 or more, got {x}"))
+                            .at(v.span, "too small")
+                            .help("the usual start is 65536 (2^16); the scale halves on its own where it overflows"),
+                    ),
+                    None => {}
+                }
+            }
+            "loss_scale_window" => {
+                scaling_at = Some(v.span);
+                if let Some(n) = ev.count(v, k) {
+                    t.loss_scale.window = n;
+                }
+            }
             _ => t.seed = ev.nonneg(v, k).map(|x| x as u64).unwrap_or(0),
         }
+    }
+    if let Some(span) = scaling_at
+        && t.precision != Precision::Fp16
+    {
+        ev.err(
+            Diag::error("loss scaling applies to `precision = fp16` only")
+                .at(span, "no loss is scaled in this run")
+                .help("set `precision = fp16` in `train`, or remove `loss_scale` and `loss_scale_window`"),
+        );
     }
     if !batch_given {
         ev.err(

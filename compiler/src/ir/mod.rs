@@ -164,6 +164,10 @@ pub enum Op {
     Param { index: usize, layer: Option<u64> },
     /// A scalar constant, `f32[]`.
     Scalar { value: f64 },
+    /// The seed of the backward pass, the gradient of the loss by itself,
+    /// a scalar of the loss's type: 1, times the step's run-time loss scale where the program
+    /// scales the loss (`precision = fp16`, dynamic loss scaling).
+    LossScale,
     /// `x` → f(x).
     Unary { op: UnaryOp },
     /// `a, b` → a ∘ b, broadcast by dim name (result: a's dims, then b's new dims).
@@ -357,6 +361,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Rope { .. } => "rope",
             Op::Sinusoid => "sinusoid",
+            Op::LossScale => "loss_scale",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Patches { .. } => "patches",
             Op::TopK { .. } => "top_k",

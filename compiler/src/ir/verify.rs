@@ -20,7 +20,7 @@ pub struct VerifyError {
 
 fn arity(op: &Op) -> (usize, usize) {
     match op {
-        Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Sinusoid => (0, 0),
+        Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => (0, 0),
         Op::Unary { .. }
         | Op::Pow { .. }
         | Op::Reduce { .. }
@@ -170,7 +170,7 @@ fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<Ten
             t(0).clone()
         }
 
-        Op::Scalar { .. } | Op::ClipScale { .. } => TensorType::scalar(out.dtype),
+        Op::Scalar { .. } | Op::ClipScale { .. } | Op::LossScale => TensorType::scalar(out.dtype),
         Op::SplitDim { dim, into } => {
             let d = t(0).dim(dim).ok_or_else(|| format!("split dim `{dim}` is not in the input"))?;
             let parts: Vec<Dim> = into

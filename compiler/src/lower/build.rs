@@ -31,7 +31,7 @@ use super::{Bound, BufId, Buffer, Collective, Instr, Kind, Phase, Program, Regio
 use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
 use crate::config::{Optimizer, Precision};
 use crate::ir::Param;
-use crate::ir::{DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
+use crate::ir::{BinaryOp, DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
 use crate::model::Model;
 use crate::parallel::pipeline::Action;
 use crate::parallel::{ChunkProgram, Mesh, RankProgram, StageProgram, StepCollective, check::shared_tag};
@@ -156,16 +156,15 @@ pub fn lower(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, Lower
 }
 
 /// The dtype a model's weights and activations are stored in, from its
-/// `train.precision`: f32, or bf16 (computed in f32, stored rounded, with f32
-/// master weights, gradients and optimizer state).
+/// `train.precision`: f32, or bf16 or f16 (computed in f32, stored rounded,
+/// with f32 master weights, gradients and optimizer state; f16 with the
+/// loss scaled, [`Bound::LossScale`]).
 fn storage(m: &Model) -> Result<DType, String> {
-    match m.train.as_ref().map(|t| t.precision) {
-        None | Some(Precision::Fp32) => Ok(DType::F32),
-        Some(Precision::Bf16) => Ok(DType::Bf16),
-        Some(Precision::Fp16) => Err("`precision = fp16` needs dynamic loss scaling, which no backend has yet; \
-             train in `bf16` (same memory, no loss scale needed) or `fp32`"
-            .into()),
-    }
+    Ok(match m.train.as_ref().map(|t| t.precision) {
+        None | Some(Precision::Fp32) => DType::F32,
+        Some(Precision::Bf16) => DType::Bf16,
+        Some(Precision::Fp16) => DType::F16,
+    })
 }
 
 struct Builder<'a> {
@@ -202,6 +201,8 @@ struct Builder<'a> {
     generate: Option<Generate>,
     /// The span of the graph node being lowered: the origin of what it emits.
     span: Option<crate::syntax::span::Span>,
+    /// The step's loss scale (`Bound::LossScale`), which seeds the backward pass.
+    loss_scale: Option<BufId>,
 }
 
 /// What lowering a generation program adds to the forward pass.
@@ -296,6 +297,7 @@ impl<'a> Builder<'a> {
             training: true,
             only: None,
             span: None,
+            loss_scale: None,
             w: vec![None; n],
             w_full: vec![None; n],
             g: vec![None; n],
@@ -488,6 +490,8 @@ impl<'a> Builder<'a> {
                     Some(&b) => b,
                     None => return Err(format!("input {index} has no buffer")),
                 },
+                // The backward pass's seed: the step's loss scale, which the host writes.
+                Op::LossScale => self.loss_scale.ok_or("the loss's gradient outside a training step")?,
                 Op::Param { index, layer } => {
                     let w =
                         bind.weights.get(*index).copied().flatten().ok_or_else(|| {
@@ -802,6 +806,8 @@ impl<'a> Builder<'a> {
         let hyper =
             self.persistent(Region::Io, TensorType::new(DType::F32, vec![Dim::new("hyper", 3)]), &Bound::Hyper.name());
         let norm = self.persistent(Region::Io, TensorType::scalar(DType::F32), &Bound::Norm.name());
+        let loss_scale = self.persistent(Region::Io, TensorType::scalar(DType::F32), &Bound::LossScale.name());
+        self.loss_scale = Some(loss_scale);
 
         // 1. Start of the step.
         self.phase("step start".into());
@@ -934,8 +940,15 @@ impl<'a> Builder<'a> {
             }
         }
 
-        // 4. The global gradient norm.
+        // 4. The global gradient norm, of the gradients of the loss itself:
+        // under fp16 the backward pass ran on the loss times the loss scale.
         self.phase("global norm".into());
+        if self.act == DType::F16 {
+            let div = Kind::Op { op: Op::Binary { op: BinaryOp::Div }, rng: None, accumulate: false, rows: false };
+            for g in update_grad.iter().flatten() {
+                self.emit(div.clone(), vec![*g, loss_scale], vec![*g]);
+            }
+        }
         let mut sq: Vec<Option<BufId>> = vec![None; n];
         let (mut sq_ins, mut sq_outs) = (Vec::new(), Vec::new());
         // One partial sum per parameter, zero where this rank holds none of

@@ -308,6 +308,10 @@ pub enum Bound {
     Hyper,
     /// The global squared gradient norm.
     Norm,
+    /// The step's loss scale (a scalar): the backward pass's seed. 1, or
+    /// the dynamic scale under `precision = fp16`, by which the program
+    /// divides the gradients again before their norm.
+    LossScale,
     /// Generation: the token ids of the window or the step.
     Tokens,
     /// Generation: the logits the program writes.
@@ -328,6 +332,7 @@ impl Bound {
             Bound::Loss => "loss".into(),
             Bound::Hyper => "hyper".into(),
             Bound::Norm => "norm".into(),
+            Bound::LossScale => "loss_scale".into(),
             Bound::Tokens => "tokens".into(),
             Bound::Logits => "logits".into(),
             Bound::Pos => "pos".into(),

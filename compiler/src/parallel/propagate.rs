@@ -302,7 +302,7 @@ impl Shard<'_> {
         let node = self.src.nodes[i].clone();
         self.span = self.src.span(ValueId(i as u32));
         match &node.op {
-            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid => {
+            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => {
                 return Ok((self.push(node.op.clone(), vec![], node.ty.clone()), State::default()));
             }
             Op::Param { .. } => unreachable!("params are placed by `shard`"),

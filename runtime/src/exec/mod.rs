@@ -473,6 +473,8 @@ impl Interpreter<'_> {
                 param_slice(meta, full, *layer).ok_or_else(|| fail(format!("{} has no layer {layer:?}", meta.path)))?
             }
             Op::Scalar { value } => Tensor::scalar(r(*value)),
+            // The evaluator scales no loss.
+            Op::LossScale => Tensor::scalar(r(1.0)),
             Op::Unary { op } => k::unary(*op, a(0)),
             Op::UnaryGrad { op } => k::unary_grad(*op, a(0), a(1)),
             Op::Binary { op } => k::binary(*op, a(0), a(1), out),

@@ -209,6 +209,8 @@ pub fn save(
         "model": model.name,
         "step": step,
         "optimizer": opt.optimizer,
+        "loss_scale": opt.scaler,
+        "skipped_steps": opt.skipped,
         "spec": run.and_then(|r| r.spec.clone()),
         "overrides": run.map(|r| r.overrides.clone()).unwrap_or_default(),
         "run": run,
@@ -563,5 +565,7 @@ pub fn load(
     let step = state["step"]
         .as_u64()
         .ok_or_else(|| TrainError::Io(format!("`{}` has no `step`", dir.join("state.json").display())))?;
+    opt.scaler = serde_json::from_value(state["loss_scale"].clone()).ok().flatten();
+    opt.skipped = state["skipped_steps"].as_u64().unwrap_or(0);
     Ok((params, opt, step))
 }

@@ -101,6 +101,10 @@ pub struct StepReport {
     pub skipped_steps: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// The loss scale this step ran with (`precision = fp16`); a step whose
+    /// gradients overflowed at it is `skipped`, and the next has half of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -124,8 +128,11 @@ pub struct Trainer {
     /// its backend; they hold the weights and the optimizer state
     /// ([`Trainer::state`] assembles the logical tensors).
     pub ranks: ranks::Ranks,
-    /// Steps skipped for a non-finite loss or gradient norm (`nonfinite = skip`).
+    /// Steps skipped for a non-finite loss or gradient norm (`nonfinite =
+    /// skip`, or an overflow under fp16's loss scaling).
     pub skipped_steps: u64,
+    /// Dynamic loss scaling, under `precision = fp16`.
+    pub scaler: Option<optim::LossScaler>,
     /// The evaluation program, compiled at the first evaluation.
     evaluator: std::sync::Mutex<Option<evaluate::Evaluator>>,
     /// What this run is (recorded in its checkpoints).
@@ -182,12 +189,19 @@ impl Trainer {
             optimizer: serde_json::to_value(&train.optimizer).unwrap_or_default(),
         };
         // From a checkpoint, or from the initializers; the ranks are started once.
-        let (ranks, step, resume_changes) = match &cfg.resume {
+        let fp16 = train.precision == tessera_compiler::config::Precision::Fp16;
+        let fresh_scaler = fp16.then(|| optim::LossScaler::new(&train.loss_scale));
+        let (ranks, step, resume_changes, scaler, skipped_steps) = match &cfg.resume {
             Some(dir) => {
                 let (params, opt, step, changes) = resume(dir, &training, &run, cfg.allow_changes)?;
-                (start_ranks(&training, ranks::Start::State(&params, &opt), cfg.backend)?, step, changes)
+                let scaler = if fp16 { opt.scaler.or(fresh_scaler) } else { None };
+                let ranks = start_ranks(&training, ranks::Start::State(&params, &opt), cfg.backend)?;
+                (ranks, step, changes, scaler, opt.skipped)
             }
-            None => (start_ranks(&training, ranks::Start::Init { seed: cfg.seed }, cfg.backend)?, 0, Vec::new()),
+            None => {
+                let ranks = start_ranks(&training, ranks::Start::Init { seed: cfg.seed }, cfg.backend)?;
+                (ranks, 0, Vec::new(), fresh_scaler, 0)
+            }
         };
         Ok(Trainer {
             training,
@@ -199,7 +213,8 @@ impl Trainer {
             targets_idx,
             ranks,
             trace: None,
-            skipped_steps: 0,
+            skipped_steps,
+            scaler,
             evaluator: std::sync::Mutex::new(None),
             run,
             resume_changes,
@@ -227,7 +242,10 @@ impl Trainer {
 
     /// The logical weights and optimizer state, assembled from the ranks' buffers.
     pub fn state(&self) -> Result<(Vec<Tensor<f32>>, optim::OptimizerState), TrainError> {
-        self.ranks.logical(&self.training.step).map_err(TrainError::Setup)
+        let (params, mut opt) = self.ranks.logical(&self.training.step).map_err(TrainError::Setup)?;
+        opt.scaler = self.scaler;
+        opt.skipped = self.skipped_steps;
+        Ok((params, opt))
     }
 
     /// The current logical weights, assembled from the ranks' buffers.
@@ -250,7 +268,10 @@ impl Trainer {
         let lr = optim::learning_rate(&self.training.train, step, self.tokens_per_step(), self.cfg.steps);
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let trace = self.trace.as_deref().filter(|t| step < t.steps);
-        let out = self.ranks.step(step, self.cfg.seed, lr, &inputs, trace).map_err(TrainError::Setup)?;
+        let loss_scale = self.scaler.map(|s| s.scale);
+        self.ranks.set_loss_scale(loss_scale.unwrap_or(1.0) as f32);
+        let updates = step - self.skipped_steps;
+        let out = self.ranks.step(step, updates, self.cfg.seed, lr, &inputs, trace).map_err(TrainError::Setup)?;
         // Ranks that share a data coordinate report the same loss (the last
         // pipeline stage reports it): the mean over the reports is the step's.
         let loss = ranks::step_loss(&out).ok_or_else(|| TrainError::Setup("no rank computed the loss".into()))?;
@@ -258,8 +279,33 @@ impl Trainer {
         if let Some(k) = out.iter().find_map(|s| s.nonfinite_param) {
             return Err(self.weights_went_nonfinite(step, &self.training.step.params[k].path, lr));
         }
-        let first_bad_grad = if loss.is_finite() && grad_norm.is_finite() { None } else { self.first_nonfinite_grad() };
-        let skipped = self.check_finite(step, loss, grad_norm, out[0].updated, first_bad_grad)?;
+        // Under loss scaling, gradients that overflow (with a finite loss)
+        // skip the step (the program's guard) and halve the scale.
+        let overflowed = loss.is_finite() && !grad_norm.is_finite() && !out[0].updated;
+        let skipped = match &mut self.scaler {
+            Some(s) => {
+                let window = self.training.train.loss_scale.window;
+                s.update(overflowed, window).map_err(|scale| {
+                    TrainError::NonFinite(format!(
+                        "step {}: the gradients are not finite even at loss scale {scale}, though the loss ({loss}) \
+                         is. Training stopped; nothing was saved for this run since the last checkpoint.\n  help: \
+                         lower the learning rate, set `clip = 1.0` in `train`, or train in `bf16`, whose range is \
+                         f32's",
+                        step + 1
+                    ))
+                })?;
+                if overflowed {
+                    self.skipped_steps += 1;
+                }
+                overflowed
+            }
+            None => false,
+        };
+        let skipped = skipped || {
+            let first_bad_grad =
+                if loss.is_finite() && grad_norm.is_finite() { None } else { self.first_nonfinite_grad() };
+            self.check_finite(step, loss, grad_norm, out[0].updated, first_bad_grad)?
+        };
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepReport {
@@ -271,6 +317,7 @@ impl Trainer {
             val_loss: None,
             skipped_steps: self.skipped_steps,
             skipped,
+            loss_scale,
         })
     }
 

@@ -16,6 +16,48 @@ pub struct OptimizerState {
     pub m: Vec<Tensor<f32>>,
     /// Second moments (AdamW).
     pub v: Vec<Tensor<f32>>,
+    /// The dynamic loss scale (`precision = fp16`).
+    pub scaler: Option<LossScaler>,
+    /// Steps whose update was skipped (an overflow under loss scaling, or
+    /// `nonfinite = skip`): Adam's bias correction counts only the others.
+    pub skipped: u64,
+}
+
+/// Where dynamic loss scaling stands (`precision = fp16`); saved with the
+/// optimizer state, so that a resumed run scales as the run would have.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    /// The scale of the next step.
+    pub scale: f64,
+    /// Steps in a row whose gradients were finite.
+    pub good_steps: u64,
+}
+
+impl LossScaler {
+    pub fn new(s: &tessera_compiler::config::LossScaling) -> LossScaler {
+        LossScaler { scale: s.initial, good_steps: 0 }
+    }
+
+    /// After a step at `self.scale`: its gradients overflowed (the step was
+    /// skipped; the scale halves) or not (`window` good steps in a row
+    /// double it). `Err` with the scale when it would fall below 1: then
+    /// the gradients are not finite at any scale worth using.
+    pub fn update(&mut self, overflowed: bool, window: u64) -> Result<(), f64> {
+        if overflowed {
+            self.good_steps = 0;
+            if self.scale / 2.0 < 1.0 {
+                return Err(self.scale);
+            }
+            self.scale /= 2.0;
+        } else {
+            self.good_steps += 1;
+            if self.good_steps >= window {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl OptimizerState {
@@ -31,7 +73,13 @@ impl OptimizerState {
             Optimizer::Adamw { .. } => params.iter().map(zeros).collect(),
             Optimizer::Sgd { .. } => Vec::new(),
         };
-        OptimizerState { optimizer: optimizer.clone(), m: params.iter().map(zeros).collect(), v }
+        OptimizerState {
+            optimizer: optimizer.clone(),
+            m: params.iter().map(zeros).collect(),
+            v,
+            scaler: None,
+            skipped: 0,
+        }
     }
 }
 

@@ -54,6 +54,7 @@ struct Bindings {
     /// Model input `i` of microbatch `j`: `inputs[j][i]`.
     inputs: Vec<Vec<Option<BufId>>>,
     hyper: BufId,
+    loss_scale: BufId,
     loss: BufId,
     /// Each parameter's weights as the rank stores them (`None`: not held).
     weights: Vec<Option<BufId>>,
@@ -69,6 +70,7 @@ impl Bindings {
         Ok(Bindings {
             inputs: (0..micro).map(|j| (0..inputs).map(|i| p.bound(Bound::Input(i, j))).collect()).collect(),
             hyper: named(Bound::Hyper)?,
+            loss_scale: named(Bound::LossScale)?,
             weights: (0..params).map(|k| p.bound(Bound::Weight(k))).collect(),
             norm: named(Bound::Norm)?,
             has_loss: p.instrs.iter().any(|i| matches!(i.kind, Kind::Accumulate) && i.outs == [loss]),
@@ -87,6 +89,9 @@ pub struct Ranks {
     micro: Vec<u64>,
     /// The optimizer whose state the ranks hold.
     optimizer: Optimizer,
+    /// The loss scale the next step seeds its backward pass with (1 but
+    /// under fp16's dynamic loss scaling; bits of an f32).
+    loss_scale: std::sync::atomic::AtomicU32,
 }
 
 /// What the ranks start from.
@@ -187,14 +192,19 @@ impl Ranks {
             bindings,
             micro,
             optimizer: optimizer.clone(),
+            loss_scale: std::sync::atomic::AtomicU32::new(1.0f32.to_bits()),
         })
     }
 
-    /// One training step on every rank. `inputs(k)` is global microbatch
-    /// `k`; `trace` records a span per instruction.
+    /// One training step on every rank. `updates` is the number of updates
+    /// applied so far (the steps before, less those skipped): Adam's bias
+    /// correction counts them, as PyTorch's Adam counts its `step()` calls.
+    /// `inputs(k)` is global microbatch `k`; `trace` records a span per
+    /// instruction.
     pub fn step(
         &self,
         step: u64,
+        updates: u64,
         seed: u64,
         lr: f64,
         inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
@@ -202,7 +212,7 @@ impl Ranks {
     ) -> Result<Vec<RankStep>, String> {
         let world = World::new(self.programs.len(), TIMEOUT);
         let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
-        let t = (step + 1) as i32;
+        let t = (updates + 1) as i32;
         let (b1, b2) = match self.optimizer {
             Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
             Optimizer::Sgd { .. } => (0.0, 0.0),
@@ -225,6 +235,7 @@ impl Ranks {
                 }
             }
             cpu.upload(p.buffer(bind.hyper), &hyper)?;
+            cpu.upload(p.buffer(bind.loss_scale), &[self.loss_scale()])?;
             let mut rc = RankComm::new(local, &self.mesh.order);
             rc.trace = trace;
             let report = backend::run(&mut *cpu, p, Some(&rc), seed ^ (step << 20)).map_err(|e| e.to_string())?;
@@ -243,6 +254,17 @@ impl Ranks {
             }
             Ok(RankStep { loss, grad_norm: read(bind.norm)?.sqrt(), updated: report.updated, nonfinite_param })
         })
+    }
+
+    /// The loss scale of the next steps (`precision = fp16`): the backward
+    /// pass runs on the loss times it, and the gradients are divided by it
+    /// before their norm. 1 otherwise.
+    pub fn set_loss_scale(&self, scale: f32) {
+        self.loss_scale.store(scale.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn loss_scale(&self) -> f32 {
+        f32::from_bits(self.loss_scale.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The elements of rank `rank`'s buffer that plays `role`, if it has one.
