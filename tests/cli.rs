@@ -623,6 +623,22 @@ fn inspect_prints_the_cuda_c_of_every_kernel() {
     assert!(!o.status.success() && stderr(&o).contains("outside the mesh"), "{}", stderr(&o));
 }
 
+/// `check-kernels` on a machine with a GPU: every kernel of the tiny GPT
+/// agrees with the CPU's; without one it stops at once saying what is
+/// missing (the driver, or a GPU), as `--device cuda` does.
+#[test]
+fn check_kernels_compares_on_a_gpu_or_says_what_is_missing() {
+    let o = tessera(&["check-kernels", "specs/tiny/gpt.spec"]);
+    let err = stderr(&o);
+    if tessera::runtime::backend::cuda::gpus().is_ok() {
+        assert!(o.status.success(), "{}\n{err}", stdout(&o));
+        assert!(stdout(&o).contains(", 0 outside tolerance"), "{}", stdout(&o));
+    } else {
+        assert_eq!(o.status.code(), Some(1));
+        assert!(err.contains("NVIDIA driver") || err.contains("no GPU"), "{err}");
+    }
+}
+
 /// `--device cuda` stops at once, saying what this machine lacks (the
 /// driver, a GPU) or, on a machine with a GPU, that the CUDA backend is not
 /// built yet; it never falls back to the CPU silently.

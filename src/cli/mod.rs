@@ -235,6 +235,20 @@ enum Command {
         #[arg(long, default_value_t = 0, value_parser = whole)]
         hold: u64,
     },
+    /// Run every fused kernel of the spec's lowered programs (every rank's
+    /// step and the evaluation) on this machine's GPU and compare each with
+    /// the CPU backend's on the same random inputs. Needs an NVIDIA GPU and
+    /// NVRTC (docs/cuda.md).
+    CheckKernels {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Which GPU (default: LOCAL_RANK under a launcher, else 0).
+        #[arg(long)]
+        gpu: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a spec in canonical form.
     Fmt {
         file: PathBuf,
@@ -489,6 +503,10 @@ fn command(args: Vec<OsString>) -> ExitCode {
             launch::run(nproc_per_node, nnodes, node_rank, master, command)
         }
         Command::CommCheck { rounds, timeout, hold } => launch::comm_check(rounds, timeout, hold),
+        Command::CheckKernels { spec, gpu, json } => match load(&spec) {
+            Ok(m) => check_kernels(&m, gpu, json),
+            Err(code) => code,
+        },
         Command::Train {
             spec,
             steps,
@@ -578,6 +596,53 @@ fn command(args: Vec<OsString>) -> ExitCode {
             }
         }
     }
+}
+
+/// `tessera check-kernels`: the spec's fused kernels on the GPU against the CPU backend's.
+fn check_kernels(m: &Model, gpu: Option<usize>, json: bool) -> ExitCode {
+    use tessera_runtime::backend::cuda_kernels;
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
+    let ordinal = gpu.or_else(|| std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok())).unwrap_or(0);
+    let device = match cuda_kernels::Gpu::open(ordinal) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = tessera_runtime::backend::nvrtc::available() {
+        return fail(e);
+    }
+    let t = match tessera_compiler::driver::compile_training(m, None) {
+        Ok(t) => t,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mut programs: Vec<&tessera_compiler::lower::Program> = t.step.programs.iter().collect();
+    programs.push(&t.eval);
+    let cache = tessera_runtime::backend::nvrtc::cache_dir();
+    let checks = match cuda_kernels::compare(&device, &programs, &cache) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if json {
+        let v =
+            json!({ "gpu": device.name, "arch": device.arch, "model": m.name, "kernels": checks, "failed": failed });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for c in &checks {
+            let verdict = if c.ok { "ok  " } else { "FAIL" };
+            println!("{verdict} max error {:.2e} (allowed {:.2e}) {}", c.max_error, c.tolerance, c.instr);
+        }
+        println!(
+            "{}: {} kernels on {} ({}), {failed} outside tolerance",
+            m.name,
+            checks.len(),
+            device.name,
+            device.arch
+        );
+    }
+    if failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
 fn load(a: &SpecArgs) -> Result<Model, ExitCode> {

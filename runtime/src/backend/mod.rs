@@ -16,6 +16,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_kernels;
 pub mod interp;
 pub mod jit;
 pub mod nvrtc;
