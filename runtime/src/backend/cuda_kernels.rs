@@ -285,10 +285,9 @@ mod tests {
     }
 
     /// Each kernel of the tiny GPT (step and evaluation), taken alone as the
-    /// GPU check takes it, computes on the CPU what it computes in its
-    /// program: the same instruction over the same values gives the same
-    /// bits whether it runs alone or not (checked here on its outputs being
-    /// finite and on an in-place argument staying one buffer).
+    /// GPU check takes it, runs on the CPU backend over its random inputs:
+    /// every argument has its buffer (an in-place one stays one buffer) and
+    /// every output comes back finite.
     #[test]
     fn kernels_alone_run_on_the_cpu() {
         let mut sources = tessera_compiler::SourceMap::new();
