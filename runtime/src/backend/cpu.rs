@@ -1175,7 +1175,7 @@ fn region_bytes_mut<'a>(words: &'a mut [f32], b: &Buffer) -> &'a mut [u8] {
 
 /// Elements of `dtype` (little-endian bytes) → f32 values: exact for
 /// bf16, f16 and integers below 2²⁴ (token ids, counts).
-fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+pub(crate) fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     fn each<const N: usize>(bytes: &[u8], out: &mut [f32], f: impl Fn([u8; N]) -> f32) {
         for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
             *o = f(c.try_into().expect("N bytes"));
@@ -1194,7 +1194,7 @@ fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 
 /// f32 values → elements of `dtype`: floats rounded to nearest (ties to
 /// even, a NaN kept a NaN), integers truncated, `bool` nonzero.
-fn encode(dtype: DType, src: &[f32], bytes: &mut [u8]) {
+pub(crate) fn encode(dtype: DType, src: &[f32], bytes: &mut [u8]) {
     fn each<const N: usize>(src: &[f32], bytes: &mut [u8], f: impl Fn(f32) -> [u8; N]) {
         for (x, c) in src.iter().zip(bytes.chunks_exact_mut(N)) {
             c.copy_from_slice(&f(*x));

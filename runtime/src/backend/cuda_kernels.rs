@@ -57,23 +57,17 @@ pub struct KernelCheck {
     pub ok: bool,
 }
 
-/// Elements of a buffer as the device stores them.
+/// Elements of a buffer as the device stores them (the CPU backend's encoding).
 fn bytes_of(values: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::Bf16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
-        DType::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
-        DType::I32 => values.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
+    let mut b = vec![0u8; values.len() * dtype.bytes() as usize];
+    super::cpu::encode(dtype, values, &mut b);
+    b
 }
 
 fn values_of(bytes: &[u8], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::Bf16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
-        _ => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-    }
+    let mut v = vec![0f32; bytes.len() / dtype.bytes() as usize];
+    super::cpu::decode(dtype, bytes, &mut v);
+    v
 }
 
 /// One unit in the last place of `dtype` at magnitude `x`.
