@@ -13,7 +13,7 @@ use tessera::compiler::{Model, Options, SourceMap, check_path};
 use tessera::runtime::exec::Interpreter;
 use tessera::runtime::tensor::Tensor;
 use tessera::runtime::train::optim::{OptimizerState, learning_rate};
-use tessera::runtime::train::ranks::{Ranks, Start};
+use tessera::runtime::train::ranks::{Ranks, Start, StepArgs};
 use tessera::runtime::train::reference;
 
 struct Fixture {
@@ -125,7 +125,7 @@ fn check(spec: &str, fixture: &str, small: bool) {
     let opt = OptimizerState::new(&m.params, &train.optimizer);
     let ranks = Ranks::new(&c, Start::State(&params, &opt), &opt.optimizer, Default::default()).expect("starts");
     let feed = |_: u64| inputs.clone();
-    let report = ranks.step(0, 0, 0, learning_rate(train, 0, 1, 1), &feed, None).expect("runs")[0];
+    let report = ranks.step(StepArgs::new(0, 0, learning_rate(train, 0, 1, 1)), &feed, None).expect("runs")[0];
     let e = rel_err(&[report.loss.expect("one device computes the loss") as f32], &fx.get("loss"));
     assert!(e <= 1e-5, "{fixture}: lowered loss relative error {e:.2e}");
     let after = ranks.weights(&c).expect("weights");

@@ -48,7 +48,7 @@ fn inputs(m: &Model, seed: u64, ids_below: u64) -> Vec<Tensor<f64>> {
 /// section to lower: plain SGD, no clipping, one microbatch.
 fn lowered_grads(src: &str, params: &[Tensor<f64>], xs: &[Tensor<f64>]) -> Vec<Vec<f32>> {
     use tessera::runtime::train::optim::OptimizerState;
-    use tessera::runtime::train::ranks::{Ranks, Start};
+    use tessera::runtime::train::ranks::{Ranks, Start, StepArgs};
     let m = model(&format!("{src}\ntrain {{\n  optimizer = sgd(lr = 0.0)\n  batch = 1 sequences\n}}\n"));
     let c = tessera::compiler::driver::compile(&m).unwrap_or_else(|e| panic!("lowering: {e}"));
     let f32s = |t: &[Tensor<f64>]| -> Vec<Tensor<f32>> {
@@ -58,7 +58,7 @@ fn lowered_grads(src: &str, params: &[Tensor<f64>], xs: &[Tensor<f64>]) -> Vec<V
     let ranks = Ranks::new(&c, Start::State(&f32s(params), &opt), &opt.optimizer, Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     let feed = f32s(xs);
-    ranks.step(0, 0, 5, 0.0, &|_| feed.clone(), None).unwrap_or_else(|e| panic!("{e}"));
+    ranks.step(StepArgs::new(0, 5, 0.0), &|_| feed.clone(), None).unwrap_or_else(|e| panic!("{e}"));
     (0..m.params.len())
         .map(|k| ranks.read(0, tessera::compiler::lower::Bound::Grad(k)).expect("reads").expect("a gradient buffer"))
         .collect()

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 use tessera::runtime::train::data::Split;
-use tessera::runtime::train::ranks::{Ranks, Start};
+use tessera::runtime::train::ranks::{Ranks, Start, StepArgs};
 use tessera::runtime::train::{RunConfig, optim, reference};
 
 use common::{DP2, GPT, GPT2, GPT2_TINY, MOE, TP2, with};
@@ -177,7 +177,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
             let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
             let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
             let reports: Vec<_> =
-                runs.iter().map(|r| r.step(step, step, 7, lr, &inputs, None).expect("runs")).collect();
+                runs.iter().map(|r| r.step(StepArgs::new(step, 7, lr), &inputs, None).expect("runs")).collect();
             for (r, (_, _, way)) in reports.iter().zip(&ways).skip(1) {
                 assert_eq!(&reports[0], r, "{sets:?} step {step}: the reports differ, {} against {way}", ways[0].2);
             }

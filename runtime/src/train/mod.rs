@@ -269,9 +269,12 @@ impl Trainer {
         let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let trace = self.trace.as_deref().filter(|t| step < t.steps);
         let loss_scale = self.scaler.map(|s| s.scale);
-        self.ranks.set_loss_scale(loss_scale.unwrap_or(1.0) as f32);
-        let updates = step - self.skipped_steps;
-        let out = self.ranks.step(step, updates, self.cfg.seed, lr, &inputs, trace).map_err(TrainError::Setup)?;
+        let args = ranks::StepArgs {
+            updates: step - self.skipped_steps,
+            loss_scale: loss_scale.unwrap_or(1.0) as f32,
+            ..ranks::StepArgs::new(step, self.cfg.seed, lr)
+        };
+        let out = self.ranks.step(args, &inputs, trace).map_err(TrainError::Setup)?;
         // Ranks that share a data coordinate report the same loss (the last
         // pipeline stage reports it): the mean over the reports is the step's.
         let loss = ranks::step_loss(&out).ok_or_else(|| TrainError::Setup("no rank computed the loss".into()))?;

@@ -89,9 +89,28 @@ pub struct Ranks {
     micro: Vec<u64>,
     /// The optimizer whose state the ranks hold.
     optimizer: Optimizer,
-    /// The loss scale the next step seeds its backward pass with (1 but
-    /// under fp16's dynamic loss scaling; bits of an f32).
-    loss_scale: std::sync::atomic::AtomicU32,
+}
+
+/// What the host gives one step besides its data.
+#[derive(Debug, Clone, Copy)]
+pub struct StepArgs {
+    pub step: u64,
+    /// Updates applied so far (the steps before, less those skipped):
+    /// Adam's bias correction counts them, as PyTorch's Adam counts its
+    /// `step()` calls.
+    pub updates: u64,
+    pub seed: u64,
+    pub lr: f64,
+    /// The backward pass's seed: 1, or the dynamic loss scale under
+    /// `precision = fp16` (the gradients are divided by it before their norm).
+    pub loss_scale: f32,
+}
+
+impl StepArgs {
+    /// Step `step` after `step` applied updates, its loss unscaled.
+    pub fn new(step: u64, seed: u64, lr: f64) -> StepArgs {
+        StepArgs { step, updates: step, seed, lr, loss_scale: 1.0 }
+    }
 }
 
 /// What the ranks start from.
@@ -192,24 +211,18 @@ impl Ranks {
             bindings,
             micro,
             optimizer: optimizer.clone(),
-            loss_scale: std::sync::atomic::AtomicU32::new(1.0f32.to_bits()),
         })
     }
 
-    /// One training step on every rank. `updates` is the number of updates
-    /// applied so far (the steps before, less those skipped): Adam's bias
-    /// correction counts them, as PyTorch's Adam counts its `step()` calls.
-    /// `inputs(k)` is global microbatch `k`; `trace` records a span per
-    /// instruction.
+    /// One training step on every rank. `inputs(k)` is global microbatch
+    /// `k`; `trace` records a span per instruction.
     pub fn step(
         &self,
-        step: u64,
-        updates: u64,
-        seed: u64,
-        lr: f64,
+        args: StepArgs,
         inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
         trace: Option<&crate::trace::Trace>,
     ) -> Result<Vec<RankStep>, String> {
+        let StepArgs { step, updates, seed, lr, loss_scale } = args;
         let world = World::new(self.programs.len(), TIMEOUT);
         let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
         let t = (updates + 1) as i32;
@@ -235,7 +248,7 @@ impl Ranks {
                 }
             }
             cpu.upload(p.buffer(bind.hyper), &hyper)?;
-            cpu.upload(p.buffer(bind.loss_scale), &[self.loss_scale()])?;
+            cpu.upload(p.buffer(bind.loss_scale), &[loss_scale])?;
             let mut rc = RankComm::new(local, &self.mesh.order);
             rc.trace = trace;
             let report = backend::run(&mut *cpu, p, Some(&rc), seed ^ (step << 20)).map_err(|e| e.to_string())?;
@@ -254,17 +267,6 @@ impl Ranks {
             }
             Ok(RankStep { loss, grad_norm: read(bind.norm)?.sqrt(), updated: report.updated, nonfinite_param })
         })
-    }
-
-    /// The loss scale of the next steps (`precision = fp16`): the backward
-    /// pass runs on the loss times it, and the gradients are divided by it
-    /// before their norm. 1 otherwise.
-    pub fn set_loss_scale(&self, scale: f32) {
-        self.loss_scale.store(scale.to_bits(), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn loss_scale(&self) -> f32 {
-        f32::from_bits(self.loss_scale.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The elements of rank `rank`'s buffer that plays `role`, if it has one.
