@@ -284,27 +284,21 @@ impl Trainer {
         }
         // Under loss scaling, gradients that overflow (with a finite loss)
         // skip the step (the program's guard) and halve the scale.
-        let overflowed = loss.is_finite() && !grad_norm.is_finite() && !out[0].updated;
-        let skipped = match &mut self.scaler {
-            Some(s) => {
-                let window = self.training.train.loss_scale.window;
-                s.update(overflowed, window).map_err(|scale| {
-                    TrainError::NonFinite(format!(
-                        "step {}: the gradients are not finite even at loss scale {scale}, though the loss ({loss}) \
-                         is. Training stopped; nothing was saved for this run since the last checkpoint.\n  help: \
-                         lower the learning rate, set `clip = 1.0` in `train`, or train in `bf16`, whose range is \
-                         f32's",
-                        step + 1
-                    ))
-                })?;
-                if overflowed {
-                    self.skipped_steps += 1;
-                }
-                overflowed
-            }
-            None => false,
-        };
-        let skipped = skipped || {
+        let overflowed = self.scaler.is_some() && loss.is_finite() && !grad_norm.is_finite() && !out[0].updated;
+        if let Some(s) = &mut self.scaler {
+            s.update(overflowed, self.training.train.loss_scale.window).map_err(|scale| {
+                TrainError::NonFinite(format!(
+                    "step {}: the gradients are not finite even at loss scale {scale}, though the loss ({loss}) \
+                     is. Training stopped; nothing was saved for this run since the last checkpoint.\n  help: \
+                     lower the learning rate, set `clip = 1.0` in `train`, or train in `bf16`, whose range is f32's",
+                    step + 1
+                ))
+            })?;
+        }
+        let skipped = if overflowed {
+            self.skipped_steps += 1;
+            true
+        } else {
             let first_bad_grad =
                 if loss.is_finite() && grad_norm.is_finite() { None } else { self.first_nonfinite_grad() };
             self.check_finite(step, loss, grad_norm, out[0].updated, first_bad_grad)?
