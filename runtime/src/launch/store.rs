@@ -696,6 +696,12 @@ impl Store {
         self.closed = true;
         let req = Request { op: Op::Abort, key: String::new(), value: message.as_bytes().to_vec(), a: 0, b: 0 };
         let _ = self.call("abort", req);
+        self.linger();
+    }
+
+    /// On rank 0, after a failure: keep the store up (at most the timeout,
+    /// or 10 s) until the other ranks have had the news and gone.
+    fn linger(&self) {
         if let Some(server) = &self.server {
             server.hub.wait_for_others_to_go(Instant::now() + self.timeout.min(Duration::from_secs(10)));
         }
@@ -709,9 +715,7 @@ impl Drop for Store {
         // store up until they have had the news (bounded).
         if !self.closed {
             let _ = self.w.get_ref().shutdown(Shutdown::Both);
-            if let Some(server) = &self.server {
-                server.hub.wait_for_others_to_go(Instant::now() + self.timeout.min(Duration::from_secs(10)));
-            }
+            self.linger();
         }
     }
 }
