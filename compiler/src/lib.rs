@@ -6,6 +6,7 @@
 
 pub mod autodiff;
 pub mod check;
+pub mod codegen;
 pub mod config;
 pub mod cost;
 pub mod device;
@@ -19,7 +20,7 @@ pub mod parallel;
 pub mod plan;
 pub mod syntax;
 
-pub use check::{Options, check_path, check_text};
+pub use check::{Options, check_embedded, check_path, check_text};
 pub use diag::{Diag, Diags};
 pub use model::Model;
 pub use syntax::span::SourceMap;

@@ -17,7 +17,10 @@
 //! program), every token reruns the window. Greedy decoding gives the same
 //! tokens both ways (`tests/train.rs`).
 
-use crate::backend::{self, Backend, cpu::Cpu};
+use crate::backend::{
+    self, Backend,
+    cpu::{Cpu, Engine},
+};
 use crate::exec::kernels::uniform;
 use crate::tensor::Tensor;
 use tessera_compiler::driver::Generation;
@@ -135,6 +138,11 @@ impl Generator {
     /// model checked for one sequence: `micro_batch = 1`) with its logical
     /// weights `params` (parameter `k` into `w.k`).
     pub fn new(programs: Generation, params: &[Tensor<f32>]) -> Result<Generator, SampleError> {
+        Generator::with_engine(programs, params, Engine::default())
+    }
+
+    /// [`Generator::new`], running fused kernels with `engine`.
+    pub fn with_engine(programs: Generation, params: &[Tensor<f32>], engine: Engine) -> Result<Generator, SampleError> {
         let setup = |e: &dyn std::fmt::Display| SampleError::Setup(e.to_string());
         let window = Io::of(&programs.window)?;
         let step = programs.step.as_ref().ok().map(Io::of).transpose()?;
@@ -150,7 +158,7 @@ impl Generator {
         if batch.size != 1 {
             return Err(setup(&"generation runs one sequence: check the model with a microbatch of 1"));
         }
-        let mut cpu = Cpu::new();
+        let mut cpu = Cpu::with_engine(engine);
         cpu.alloc(programs.sizes()).map_err(|e| setup(&e))?;
         cpu.prepare(&programs.window).map_err(|e| setup(&e))?;
         if let Ok(p) = &programs.step {

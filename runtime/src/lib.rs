@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod comm;
 pub mod exec;
+pub mod generated;
 pub mod infer;
 pub mod init;
 pub mod launch;

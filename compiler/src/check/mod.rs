@@ -67,6 +67,20 @@ pub fn check_text(sources: &mut SourceMap, name: &str, text: &str, dir: &Path, o
     check_source(sources, name, text.to_string(), Origin::Text(dir.to_path_buf()), opts)
 }
 
+/// Check a spec embedded in a program: `files` holds the root spec first,
+/// then every file it uses, each by the path it was read from (as
+/// [`SourceMap::paths`] lists them after [`check_path`]); `use` resolves
+/// among them only, never on this machine's disk.
+pub fn check_embedded(sources: &mut SourceMap, files: &[(&str, &str)], opts: &Options) -> Result<Model, Diags> {
+    let Some(&(root, text)) = files.first() else {
+        return Err(Diags::from(Diag::error("no embedded spec to check")));
+    };
+    let set: std::rc::Rc<[(std::path::PathBuf, String)]> =
+        files.iter().map(|&(p, t)| (std::path::PathBuf::from(p), t.to_string())).collect();
+    let origin = Origin::Embedded(set, root.into());
+    check_source(sources, root, text.to_string(), origin, opts)
+}
+
 fn check_source(
     sources: &mut SourceMap,
     name: &str,

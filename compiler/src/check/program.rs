@@ -36,6 +36,10 @@ pub enum Origin {
     Std,
     /// Text given directly (tests, stdin); `use` resolves from this folder.
     Text(PathBuf),
+    /// A file of a set embedded in a program (a generated module's spec and
+    /// the files it uses, by the paths they were read from): `use` resolves
+    /// as on disk, but among the set only.
+    Embedded(Rc<[(PathBuf, String)]>, PathBuf),
 }
 
 pub fn load(sources: &mut SourceMap, name: &str, text: String, origin: Origin) -> Result<Program, Diags> {
@@ -64,6 +68,9 @@ impl Loader {
         root: bool,
     ) {
         let id = sources.add(name, text);
+        if let Origin::Path(p) = &origin {
+            sources.paths.push((id, p.clone()));
+        }
         let parsed = match crate::syntax::parse_file(id, sources.text(id)) {
             Ok(f) => f,
             Err(d) => {
@@ -153,13 +160,21 @@ impl Loader {
 
 fn resolve(rel: &str, origin: &Origin) -> Option<(String, String, String, Origin)> {
     let dir = match origin {
-        Origin::Path(p) => p.parent().map(Path::to_path_buf),
+        Origin::Path(p) | Origin::Embedded(_, p) => p.parent().map(Path::to_path_buf),
         Origin::Text(d) => Some(d.clone()),
         Origin::Std => None,
     };
     let mut cur = dir;
     while let Some(d) = cur {
         let cand = d.join(format!("{rel}.spec"));
+        if let Origin::Embedded(files, _) = origin {
+            if let Some((p, text)) = files.iter().find(|(p, _)| *p == cand) {
+                let key = p.to_string_lossy().into_owned();
+                return Some((key, display_name(p), text.clone(), Origin::Embedded(files.clone(), p.clone())));
+            }
+            cur = d.parent().map(Path::to_path_buf);
+            continue;
+        }
         if cand.is_file()
             && let Ok(text) = std::fs::read_to_string(&cand)
         {

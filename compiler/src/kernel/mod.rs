@@ -20,6 +20,7 @@
 pub mod cuda;
 mod decompose;
 mod fuse;
+pub mod rows;
 
 pub use decompose::{cross_entropy_grad, cross_entropy_rows, decomposes, expand, kept, mean_of, reads_whole, row_dim};
 pub use fuse::{fuse, strides};
@@ -203,6 +204,38 @@ impl Kernel {
             }
         }
         Ok(())
+    }
+
+    /// Per argument: its stride along the innermost loop dim that is
+    /// longer than 1 (0 where there is none): the stride a segment of the
+    /// loop nest reads or writes it at, once dims of size 1 are dropped and
+    /// contiguous dims merged.
+    pub fn inner_strides(&self) -> Vec<u64> {
+        let inner = self.dims.iter().rposition(|d| d.size != 1);
+        self.strides.iter().map(|s| inner.map_or(0, |d| s[d])).collect()
+    }
+
+    /// What compiled code for this kernel depends on: its body, its stores,
+    /// how many arguments are inputs, the arguments' inner strides (where
+    /// `unit_or_broadcast`, every stride other than 0 reads as 1: the caller
+    /// gathers such arguments into contiguous runs) and the row's length
+    /// where the body reads a position along the row. Kernels with the same
+    /// key share code (the layers of a model, the ranks of a layout).
+    pub fn code_key(&self, unit_or_broadcast: bool) -> String {
+        let mut inner = self.inner_strides();
+        if unit_or_broadcast {
+            inner.iter_mut().for_each(|s| *s = u64::from(*s != 0));
+        }
+        let row = self.body.contains(&Expr::Index).then(|| self.dims.last().map_or(1, |d| d.size));
+        format!("{}|{:?}|{:?}|{inner:?}|{row:?}", self.inputs, self.body, self.stores)
+    }
+
+    /// A 64-bit hash of [`Kernel::code_key`]`(true)`, FNV-1a: how a generated
+    /// module's ahead-of-time kernels are found at run time.
+    pub fn native_key(&self) -> u64 {
+        self.code_key(true)
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
     }
 
     /// Per body value: whether it is the same at every position of a row

@@ -29,11 +29,14 @@ impl Span {
 /// command-line overrides (which get a pseudo-file so they can be pointed at).
 pub struct SourceMap {
     pub files: SimpleFiles<String, String>,
+    /// The files read from disk, by where they were read (what a build
+    /// that embeds the spec must watch for changes).
+    pub paths: Vec<(FileId, std::path::PathBuf)>,
 }
 
 impl Default for SourceMap {
     fn default() -> SourceMap {
-        SourceMap { files: SimpleFiles::new() }
+        SourceMap { files: SimpleFiles::new(), paths: Vec::new() }
     }
 }
 

@@ -29,7 +29,7 @@
 //! a GPU's bf16 kernels with f32 accumulation do; the shadows cost one
 //! instruction's operands in f32, on top of an arena half the size.
 
-use super::{Backend, interp, jit, rows};
+use super::{Backend, interp, jit, native, rows};
 use crate::comm::{self, RankComm};
 use crate::exec::Interpreter;
 use crate::exec::attention::Attn;
@@ -48,6 +48,9 @@ pub enum Engine {
     Jit,
     /// The kernel-IR interpreter.
     Interp,
+    /// A generated module's kernels, compiled ahead of time by rustc
+    /// (`native`); every kernel of the program must be among them.
+    Native(native::Kernels),
 }
 
 impl Engine {
@@ -55,6 +58,7 @@ impl Engine {
         match self {
             Engine::Jit => "jit",
             Engine::Interp => "interp",
+            Engine::Native(_) => "native",
         }
     }
 }
@@ -83,8 +87,14 @@ pub struct Cpu {
     arena_bytes: u64,
     /// Row kernels' passes (and their native code under the JIT), by the
     /// address of their IR, with the IR they were planned from.
-    row_plans:
-        std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, rows::Plan, Vec<Option<jit::Segment>>)>,
+    row_plans: std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, rows::Plan, Vec<Option<Code>>)>,
+}
+
+/// The code of a kernel (or of a row kernel's pass) under the compiled engines.
+#[derive(Clone, Copy)]
+enum Code {
+    Jit(jit::Segment),
+    Native(native::KernelFn),
 }
 
 /// Whether an instruction reads a buffer's elements where they lie, as f32
@@ -404,7 +414,8 @@ impl Cpu {
     ) -> Result<(), String> {
         let args_p = interp::Args(ptrs);
         let native = match self.engine {
-            Engine::Jit => Some(self.segment(k)?),
+            Engine::Jit => Some(Code::Jit(self.segment(k)?)),
+            Engine::Native(kernels) => Some(Code::Native(kernels.find(k)?)),
             Engine::Interp => None,
         };
         let nest = interp::Nest::of(k);
@@ -422,7 +433,8 @@ impl Cpu {
             // positions' loads), and pieces are disjoint positions.
             unsafe {
                 match native {
-                    Some(f) => jit::run(f, &nest, &args_p, seed, first, count),
+                    Some(Code::Jit(f)) => jit::run(f, &nest, &args_p, seed, first, count),
+                    Some(Code::Native(f)) => native::run(f, k, &nest, &args_p, seed, first, count),
                     None => interp::run(k, &nest, &args_p, seed, first, count),
                 }
             };
@@ -443,10 +455,19 @@ impl Cpu {
         if !self.row_plans.get(&key).is_some_and(|(ir, _, _)| ir == k) {
             let plan = rows::Plan::of(k)?;
             let native = match self.engine {
-                Engine::Jit => {
-                    plan.passes.iter().map(|p| jit::compile(&p.kernel).map(Some)).collect::<Result<_, _>>()?
-                }
-                Engine::Interp => vec![None; plan.passes.len()],
+                Engine::Jit => plan
+                    .plan
+                    .passes
+                    .iter()
+                    .map(|p| jit::compile(&p.kernel).map(|f| Some(Code::Jit(f))))
+                    .collect::<Result<_, _>>()?,
+                Engine::Native(kernels) => plan
+                    .plan
+                    .passes
+                    .iter()
+                    .map(|p| kernels.find(&p.kernel).map(|f| Some(Code::Native(f))))
+                    .collect::<Result<_, _>>()?,
+                Engine::Interp => vec![None; plan.plan.passes.len()],
             };
             self.row_plans.insert(key, (k.clone(), plan, native));
         }
@@ -459,6 +480,7 @@ impl Cpu {
     fn rows(&mut self, k: &tessera_compiler::kernel::Kernel, ptrs: &[*mut f32], seed: u64) -> Result<(), String> {
         let key = self.row_plan(k)?;
         let (_, plan, native) = &self.row_plans[&key];
+        let (nests, plan) = (&plan.nests, &plan.plan);
         let len = plan.len.max(1);
         let rows = k.len() as usize / len;
         // Blocks of about 4096 positions: a pass's reads of a block stay in cache for the next.
@@ -470,7 +492,7 @@ impl Cpu {
             let mut scalars: Vec<Vec<f32>> = vec![vec![0f32; nr]; plan.reductions];
             // The block's arrays of the values passes hand on, by body value.
             let mut arrays: Vec<Vec<f32>> = vec![Vec::new(); plan.values];
-            for (pass, f) in plan.passes.iter().zip(native) {
+            for ((pass, nest), f) in plan.passes.iter().zip(nests).zip(native) {
                 for &v in &pass.writes {
                     arrays[v] = vec![0f32; nr * len];
                 }
@@ -492,8 +514,9 @@ impl Cpu {
                 let step = if pass.per_row { 1 } else { len };
                 unsafe {
                     match f {
-                        Some(f) => jit::run(*f, &pass.nest, &a, seed, r0 * step, nr * step),
-                        None => interp::run(&pass.kernel, &pass.nest, &a, seed, r0 * step, nr * step),
+                        Some(Code::Jit(f)) => jit::run(*f, nest, &a, seed, r0 * step, nr * step),
+                        Some(Code::Native(f)) => native::run(*f, &pass.kernel, nest, &a, seed, r0 * step, nr * step),
+                        None => interp::run(&pass.kernel, nest, &a, seed, r0 * step, nr * step),
                     }
                 }
                 for &(r, op, v) in &pass.makes {
@@ -1006,13 +1029,17 @@ impl Cpu {
 
 impl Backend for Cpu {
     fn prepare(&mut self, p: &Program) -> Result<(), String> {
-        if self.engine == Engine::Jit {
+        // Compile (or find) every kernel's code before the first step runs.
+        if self.engine != Engine::Interp {
             for ins in &p.instrs {
-                match &ins.kind {
-                    Kind::Kernel { kernel } if kernel.is_row() => {
+                match (&ins.kind, self.engine) {
+                    (Kind::Kernel { kernel }, _) if kernel.is_row() => {
                         self.row_plan(kernel)?;
                     }
-                    Kind::Kernel { kernel } => {
+                    (Kind::Kernel { kernel }, Engine::Native(kernels)) => {
+                        kernels.find(kernel)?;
+                    }
+                    (Kind::Kernel { kernel }, _) => {
                         self.segment(kernel)?;
                     }
                     _ => {}

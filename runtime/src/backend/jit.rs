@@ -101,9 +101,7 @@ pub fn compile(k: &Kernel) -> Result<Segment, String> {
     }
     let nest = interp::Nest::of(k);
     let inner: Vec<usize> = (0..nest.strides.len()).map(|a| nest.inner(a)).collect();
-    // A position along the row is computed from the row's length, a constant of the code.
-    let row = k.body.contains(&Expr::Index).then(|| k.dims.last().map_or(1, |d| d.size));
-    let key = format!("{}|{:?}|{:?}|{inner:?}|{row:?}", k.inputs, k.body, k.stores);
+    let key = k.code_key(false);
     let mut s = state()?;
     if let Some(f) = s.cache.get(&key) {
         return Ok(*f);

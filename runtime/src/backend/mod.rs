@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod cuda_kernels;
 pub mod interp;
 pub mod jit;
+pub mod native;
 pub mod nvrtc;
 pub mod rows;
 

@@ -506,6 +506,29 @@ fn read_tensors(path: &Path, params: &[Param], prefixes: &[&str]) -> Result<Vec<
     prefixes.iter().map(|prefix| params.iter().map(|p| one(prefix, p)).collect()).collect()
 }
 
+/// Write logical weights to one safetensors file (as a checkpoint's
+/// `model.safetensors`: named by parameter path, with checksums),
+/// atomically.
+pub fn write_params(path: &Path, params: &[Param], tensors: &[Tensor<f32>]) -> Result<(), TrainError> {
+    if params.len() != tensors.len() {
+        return Err(TrainError::Setup(format!("{} tensors for {} parameters", tensors.len(), params.len())));
+    }
+    for (p, t) in params.iter().zip(tensors) {
+        if p.ty.dims.iter().map(|d| d.size).ne(t.dims.iter().map(|d| d.size)) {
+            return Err(TrainError::Setup(format!("`{}` is {}, but the tensor given is {:?}", p.path, p.ty, t.dims)));
+        }
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    write_tensors(&tmp, params.iter().map(|p| p.path.clone()).zip(tensors).collect(), HashMap::new())?;
+    std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+}
+
+/// Logical weights from a safetensors file written by [`write_params`] or
+/// a checkpoint's `model.safetensors`, verified, as `params` describes them.
+pub fn read_params(path: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
+    Ok(read_tensors(path, params, &[""])?.remove(0))
+}
+
 /// The parameters of a checkpoint (for sampling), as `params` describes them.
 pub fn load_params(dir: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
     Ok(read_tensors(&resolve(dir)?.join("model.safetensors"), params, &[""])?.remove(0))

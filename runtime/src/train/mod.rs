@@ -263,10 +263,21 @@ impl Trainer {
     /// One optimizer step: every rank runs its program (forward and backward
     /// over its microbatches, the gradient collectives, clipping, the update).
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        let batches: Vec<Vec<Tensor<f32>>> =
+            (0..self.accumulation).map(|k| self.batch_inputs(data::Split::Train, self.step, k)).collect();
+        self.train_step_on(&|k| batches[k as usize].clone())
+    }
+
+    /// [`Trainer::train_step`] on the caller's batch: `inputs(k)` is global
+    /// microbatch `k` of the step (of [`Trainer::accumulation`]), one tensor
+    /// per model input.
+    pub fn train_step_on(
+        &mut self,
+        inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
+    ) -> Result<StepReport, TrainError> {
         let t0 = Instant::now();
         let step = self.step;
         let lr = optim::learning_rate(&self.training.train, step, self.tokens_per_step(), self.cfg.steps);
-        let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
         let trace = self.trace.as_deref().filter(|t| step < t.steps);
         let loss_scale = self.scaler.map(|s| s.scale);
         let args = ranks::StepArgs {
@@ -274,7 +285,7 @@ impl Trainer {
             loss_scale: loss_scale.unwrap_or(1.0) as f32,
             ..ranks::StepArgs::new(step, self.cfg.seed, lr)
         };
-        let out = self.ranks.step(args, &inputs, trace).map_err(TrainError::Setup)?;
+        let out = self.ranks.step(args, inputs, trace).map_err(TrainError::Setup)?;
         // Ranks that share a data coordinate report the same loss (the last
         // pipeline stage reports it): the mean over the reports is the step's.
         let loss = ranks::step_loss(&out).ok_or_else(|| TrainError::Setup("no rank computed the loss".into()))?;
