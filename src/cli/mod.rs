@@ -1,6 +1,7 @@
 //! The `tessera` command line: check, inspect, plan, train, sample, bench,
-//! fmt, launch, comm-check.
+//! fmt, launch, comm-check, build, new.
 
+mod codegen;
 mod launch;
 mod plan;
 
@@ -198,6 +199,19 @@ enum Command {
         #[arg(long)]
         spec: Option<PathBuf>,
     },
+    /// Write a standalone crate for a spec (`cargo tessera build`): the
+    /// generated module in src/lib.rs, `train` and `sample` commands in
+    /// src/main.rs, the spec's files under spec/ (docs/codegen.md).
+    Build {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// The crate's folder (default: the model's name).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Create a user crate NAME that expands a spec with `tessera::spec!`
+    /// (`cargo tessera new`).
+    New { name: String },
     /// Start this machine's ranks as processes, as torchrun does: each runs
     /// the tessera command after `--` with RANK, LOCAL_RANK, WORLD_SIZE,
     /// LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. If a rank fails,
@@ -332,6 +346,8 @@ enum IrGraph {
     Decode,
     /// The CUDA C of every fused kernel of the rank's lowered program (as NVRTC compiles it).
     Cuda,
+    /// The Rust module that `tessera::spec!`, `tessera_build` and `tessera build` generate.
+    Rust,
 }
 
 /// The CUDA C of each fused kernel of `p`, each after a comment with its
@@ -416,7 +432,7 @@ fn print_ir(sources: &SourceMap, m: &Model, which: IrGraph, rank: u64) -> ExitCo
         };
     }
     match which {
-        IrGraph::Lowered | IrGraph::Cuda | IrGraph::Eval | IrGraph::Window | IrGraph::Decode => {
+        IrGraph::Lowered | IrGraph::Cuda | IrGraph::Eval | IrGraph::Window | IrGraph::Decode | IrGraph::Rust => {
             unreachable!("handled above")
         }
         IrGraph::Forward => print!("{}", m.graph.to_text()),
@@ -480,6 +496,11 @@ fn command(args: Vec<OsString>) -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Inspect { spec, ir: Some(IrGraph::Rust), .. } => {
+            codegen::print(&spec.file, &spec.set, spec.model.as_deref())
+        }
+        Command::Build { spec, out } => codegen::build(&spec.file, &spec.set, spec.model.as_deref(), out),
+        Command::New { name } => codegen::new(&name),
         Command::Inspect { spec, ir: Some(which), rank, .. } => match load_sources(&spec) {
             Ok((sources, m)) => print_ir(&sources, &m, which, rank),
             Err(code) => code,
