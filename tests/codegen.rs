@@ -45,6 +45,14 @@ mod moe_pp2 {
     });
 }
 
+/// The committed module of the tiny GPT: the emitter's output, compiled and
+/// linted (`clippy -D warnings`) as this crate's own source, and checked
+/// against a fresh emission below.
+/// (A private module of a test crate: what only a user would call is dead here.)
+#[path = "generated/tiny_gpt.rs"]
+#[allow(dead_code, unused_imports)]
+mod golden;
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tessera-codegen-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -233,4 +241,36 @@ fn the_typed_api_follows_the_spec() {
     let window = g.generate_window(b"ROMEO:".map(u32::from).as_slice(), &cfg).expect("generates");
     assert_eq!(cached, window);
     assert_eq!(cached.len(), 12);
+}
+
+/// The golden module is what the emitter writes today (`UPDATE_EXPECT=1`
+/// rewrites it), and it trains as the JIT, as the macro's module does.
+#[test]
+fn the_golden_module_is_current_and_trains_as_the_jit() {
+    use tessera::compiler::codegen::rust::{Embed, Options, generate};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).canonicalize().expect("the crate's folder");
+    let opts = Options { embed: Embed::Manifest(root.clone()), ..Options::default() };
+    let g = generate(&root.join("specs/tiny/gpt.spec"), &opts).expect("generates");
+    let text = format!(
+        "//! The tiny GPT's generated module (`specs/tiny/gpt.spec`), committed so that it is compiled and \
+         linted as\n//! source; `tests/codegen.rs` checks that it is current (`UPDATE_EXPECT=1` rewrites it).\n\n{}",
+        g.code
+    );
+    let path = root.join("tests/generated/tiny_gpt.rs");
+    if std::env::var("UPDATE_EXPECT").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &text).expect("writes");
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    if committed != text {
+        let first = committed.lines().zip(text.lines()).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "tests/generated/tiny_gpt.rs is not what the emitter writes now (first difference at line {}):\n  \
+             committed: {:?}\n  emitted:   {:?}\n(UPDATE_EXPECT=1 cargo test --test codegen rewrites it)",
+            first + 1,
+            committed.lines().nth(first).unwrap_or(""),
+            text.lines().nth(first).unwrap_or("")
+        );
+    }
+    assert!(!g.code.contains("unsafe"), "generated code has no `unsafe`");
+    trains_as_the_jit("golden gpt", &golden::tiny_gpt::SPEC);
 }
