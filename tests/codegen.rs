@@ -51,6 +51,7 @@ mod moe_pp2 {
 /// (A private module of a test crate: what only a user would call is dead here.)
 #[path = "generated/tiny_gpt.rs"]
 #[allow(dead_code, unused_imports)]
+#[rustfmt::skip]
 mod golden;
 
 fn tmp(name: &str) -> PathBuf {

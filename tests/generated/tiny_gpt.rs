@@ -18,7 +18,9 @@ pub mod tiny_gpt {
             ),
             (
                 concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/transformer.spec"),
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/transformer.spec")),
+                include_str!(
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/transformer.spec")
+                ),
             ),
             (
                 concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/nn.spec"),
@@ -26,7 +28,9 @@ pub mod tiny_gpt {
             ),
             (
                 concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/attention.spec"),
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/attention.spec")),
+                include_str!(
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/attention.spec")
+                ),
             ),
             (
                 concat!(env!("CARGO_MANIFEST_DIR"), "/specs/std/mlp.spec"),
@@ -160,42 +164,32 @@ pub mod tiny_gpt {
         /// The tensors in [`Params::PATHS`] order.
         pub fn to_vec(&self) -> Vec<Tensor> {
             vec![
-                self.wte.clone(),
-                self.wpe.clone(),
-                self.layers_gpt_layer_layernorm_gain.clone(),
-                self.layers_gpt_layer_layernorm_bias.clone(),
-                self.layers_gpt_layer_self_attention_wqkv.clone(),
-                self.layers_gpt_layer_self_attention_wo.clone(),
-                self.layers_gpt_layer_self_attention_bqkv.clone(),
-                self.layers_gpt_layer_self_attention_bo.clone(),
-                self.layers_gpt_layer_layernorm_1_gain.clone(),
-                self.layers_gpt_layer_layernorm_1_bias.clone(),
-                self.layers_gpt_layer_mlp_w_in.clone(),
-                self.layers_gpt_layer_mlp_b_in.clone(),
-                self.layers_gpt_layer_mlp_w_out.clone(),
-                self.layers_gpt_layer_mlp_b_out.clone(),
-                self.layernorm_gain.clone(),
-                self.layernorm_bias.clone(),
+                self.wte.clone(), self.wpe.clone(), self.layers_gpt_layer_layernorm_gain
+                .clone(), self.layers_gpt_layer_layernorm_bias.clone(), self
+                .layers_gpt_layer_self_attention_wqkv.clone(), self
+                .layers_gpt_layer_self_attention_wo.clone(), self
+                .layers_gpt_layer_self_attention_bqkv.clone(), self
+                .layers_gpt_layer_self_attention_bo.clone(), self
+                .layers_gpt_layer_layernorm_1_gain.clone(), self
+                .layers_gpt_layer_layernorm_1_bias.clone(), self
+                .layers_gpt_layer_mlp_w_in.clone(), self.layers_gpt_layer_mlp_b_in
+                .clone(), self.layers_gpt_layer_mlp_w_out.clone(), self
+                .layers_gpt_layer_mlp_b_out.clone(), self.layernorm_gain.clone(), self
+                .layernorm_bias.clone()
             ]
         }
         pub fn into_vec(self) -> Vec<Tensor> {
             vec![
-                self.wte,
-                self.wpe,
-                self.layers_gpt_layer_layernorm_gain,
-                self.layers_gpt_layer_layernorm_bias,
-                self.layers_gpt_layer_self_attention_wqkv,
-                self.layers_gpt_layer_self_attention_wo,
-                self.layers_gpt_layer_self_attention_bqkv,
-                self.layers_gpt_layer_self_attention_bo,
-                self.layers_gpt_layer_layernorm_1_gain,
-                self.layers_gpt_layer_layernorm_1_bias,
-                self.layers_gpt_layer_mlp_w_in,
-                self.layers_gpt_layer_mlp_b_in,
-                self.layers_gpt_layer_mlp_w_out,
-                self.layers_gpt_layer_mlp_b_out,
-                self.layernorm_gain,
-                self.layernorm_bias,
+                self.wte, self.wpe, self.layers_gpt_layer_layernorm_gain, self
+                .layers_gpt_layer_layernorm_bias, self
+                .layers_gpt_layer_self_attention_wqkv, self
+                .layers_gpt_layer_self_attention_wo, self
+                .layers_gpt_layer_self_attention_bqkv, self
+                .layers_gpt_layer_self_attention_bo, self
+                .layers_gpt_layer_layernorm_1_gain, self
+                .layers_gpt_layer_layernorm_1_bias, self.layers_gpt_layer_mlp_w_in, self
+                .layers_gpt_layer_mlp_b_in, self.layers_gpt_layer_mlp_w_out, self
+                .layers_gpt_layer_mlp_b_out, self.layernorm_gain, self.layernorm_bias
             ]
         }
     }
@@ -210,14 +204,17 @@ pub mod tiny_gpt {
     impl Batch {
         /// The inputs in the model's order.
         pub fn to_vec(&self) -> Vec<&Tensor> {
-            vec![&self.tokens, &self.targets]
+            vec![& self.tokens, & self.targets]
         }
         /// From tensors in the model's input order.
         pub fn from_vec(v: Vec<Tensor>) -> Result<Batch, Error> {
             let n = v.len();
             let missing = || Error(format!("{n} tensors for the model's inputs"));
             let mut it = v.into_iter();
-            Ok(Batch { tokens: it.next().ok_or_else(missing)?, targets: it.next().ok_or_else(missing)? })
+            Ok(Batch {
+                tokens: it.next().ok_or_else(missing)?,
+                targets: it.next().ok_or_else(missing)?,
+            })
         }
     }
     /// The forward pass of one microbatch (dropout off).
@@ -232,11 +229,15 @@ pub mod tiny_gpt {
     }
     impl Model {
         pub fn new(params: &Params) -> Result<Model, Error> {
-            Ok(Model { eval: SPEC.evaluator(&params.to_vec())? })
+            Ok(Model {
+                eval: SPEC.evaluator(&params.to_vec())?,
+            })
         }
         pub fn forward(&mut self, batch: &Batch) -> Result<Outputs, Error> {
             let inputs: Vec<Tensor> = batch.to_vec().into_iter().cloned().collect();
-            Ok(Outputs { loss: self.eval.loss(&inputs)? })
+            Ok(Outputs {
+                loss: self.eval.loss(&inputs)?,
+            })
         }
     }
     /// Training with the spec's optimizer, schedule, precision and
@@ -248,7 +249,9 @@ pub mod tiny_gpt {
         /// A run as `cfg` says (from [`Trainer::config`]), from the
         /// initializers or `cfg.resume`.
         pub fn new(cfg: RunConfig) -> Result<Trainer, Error> {
-            Ok(Trainer { inner: SPEC.trainer(cfg)? })
+            Ok(Trainer {
+                inner: SPEC.trainer(cfg)?,
+            })
         }
         /// A run into `out` that records this spec, with nothing else chosen.
         pub fn config(out: impl Into<std::path::PathBuf>) -> RunConfig {
@@ -262,7 +265,9 @@ pub mod tiny_gpt {
         pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, Error> {
             let n = self.inner.training.micro_batch;
             let inputs = batch.to_vec();
-            let f = |k: u64| inputs.iter().map(|t| rt::microbatch(t, k, n)).collect::<Vec<Tensor>>();
+            let f = |k: u64| {
+                inputs.iter().map(|t| rt::microbatch(t, k, n)).collect::<Vec<Tensor>>()
+            };
             Ok(self.inner.train_step_on(&f)?)
         }
         /// The current weights.
@@ -281,47 +286,142 @@ pub mod tiny_gpt {
     /// Continue `prompt` (token ids) by `cfg.tokens` tokens with the
     /// KV cache (the generation programs of the model checked for
     /// one sequence), from `params`.
-    pub fn generate(params: &Params, prompt: &[u32], cfg: &rt::SampleConfig) -> Result<Vec<u32>, rt::Error> {
+    pub fn generate(
+        params: &Params,
+        prompt: &[u32],
+        cfg: &rt::SampleConfig,
+    ) -> Result<Vec<u32>, rt::Error> {
         let mut g = SPEC.generator(&params.to_vec())?;
         Ok(g.generate(prompt, cfg)?)
     }
     static KERNELS: [rt::NativeKernel; 29] = [
-        rt::NativeKernel { key: 6543093619620549999, run: k0 },
-        rt::NativeKernel { key: 11638298199162946329, run: k1 },
-        rt::NativeKernel { key: 4169135742260148705, run: k2 },
-        rt::NativeKernel { key: 9428760928779864221, run: k3 },
-        rt::NativeKernel { key: 5134492266078927197, run: k4 },
-        rt::NativeKernel { key: 11397233704906358659, run: k5 },
-        rt::NativeKernel { key: 12306223011541396426, run: k6 },
-        rt::NativeKernel { key: 5600291483867538458, run: k7 },
-        rt::NativeKernel { key: 18361297212712568932, run: k8 },
-        rt::NativeKernel { key: 882245401630308886, run: k9 },
-        rt::NativeKernel { key: 18312584733027474811, run: k10 },
-        rt::NativeKernel { key: 13203593014945157941, run: k11 },
-        rt::NativeKernel { key: 1769973481268741970, run: k12 },
-        rt::NativeKernel { key: 17354834465583037193, run: k13 },
-        rt::NativeKernel { key: 10954008174905941100, run: k14 },
-        rt::NativeKernel { key: 15993694375929823834, run: k15 },
-        rt::NativeKernel { key: 17420410187977744359, run: k16 },
-        rt::NativeKernel { key: 14277663489174214432, run: k17 },
-        rt::NativeKernel { key: 11095404054889383681, run: k18 },
-        rt::NativeKernel { key: 78895985324667598, run: k19 },
-        rt::NativeKernel { key: 2876008263118052967, run: k20 },
-        rt::NativeKernel { key: 6494725568912399453, run: k21 },
-        rt::NativeKernel { key: 14946638064716881015, run: k22 },
-        rt::NativeKernel { key: 11539319438330738700, run: k23 },
-        rt::NativeKernel { key: 5622835648884772843, run: k24 },
-        rt::NativeKernel { key: 3710548153504669082, run: k25 },
-        rt::NativeKernel { key: 12168655975746159864, run: k26 },
-        rt::NativeKernel { key: 2744800473648592449, run: k27 },
-        rt::NativeKernel { key: 13009533987114981530, run: k28 },
+        rt::NativeKernel {
+            key: 6543093619620549999,
+            run: k0,
+        },
+        rt::NativeKernel {
+            key: 11638298199162946329,
+            run: k1,
+        },
+        rt::NativeKernel {
+            key: 4169135742260148705,
+            run: k2,
+        },
+        rt::NativeKernel {
+            key: 9428760928779864221,
+            run: k3,
+        },
+        rt::NativeKernel {
+            key: 5134492266078927197,
+            run: k4,
+        },
+        rt::NativeKernel {
+            key: 11397233704906358659,
+            run: k5,
+        },
+        rt::NativeKernel {
+            key: 12306223011541396426,
+            run: k6,
+        },
+        rt::NativeKernel {
+            key: 5600291483867538458,
+            run: k7,
+        },
+        rt::NativeKernel {
+            key: 18361297212712568932,
+            run: k8,
+        },
+        rt::NativeKernel {
+            key: 882245401630308886,
+            run: k9,
+        },
+        rt::NativeKernel {
+            key: 18312584733027474811,
+            run: k10,
+        },
+        rt::NativeKernel {
+            key: 13203593014945157941,
+            run: k11,
+        },
+        rt::NativeKernel {
+            key: 1769973481268741970,
+            run: k12,
+        },
+        rt::NativeKernel {
+            key: 17354834465583037193,
+            run: k13,
+        },
+        rt::NativeKernel {
+            key: 10954008174905941100,
+            run: k14,
+        },
+        rt::NativeKernel {
+            key: 15993694375929823834,
+            run: k15,
+        },
+        rt::NativeKernel {
+            key: 17420410187977744359,
+            run: k16,
+        },
+        rt::NativeKernel {
+            key: 14277663489174214432,
+            run: k17,
+        },
+        rt::NativeKernel {
+            key: 11095404054889383681,
+            run: k18,
+        },
+        rt::NativeKernel {
+            key: 78895985324667598,
+            run: k19,
+        },
+        rt::NativeKernel {
+            key: 2876008263118052967,
+            run: k20,
+        },
+        rt::NativeKernel {
+            key: 6494725568912399453,
+            run: k21,
+        },
+        rt::NativeKernel {
+            key: 14946638064716881015,
+            run: k22,
+        },
+        rt::NativeKernel {
+            key: 11539319438330738700,
+            run: k23,
+        },
+        rt::NativeKernel {
+            key: 5622835648884772843,
+            run: k24,
+        },
+        rt::NativeKernel {
+            key: 3710548153504669082,
+            run: k25,
+        },
+        rt::NativeKernel {
+            key: 12168655975746159864,
+            run: k26,
+        },
+        rt::NativeKernel {
+            key: 2744800473648592449,
+            run: k27,
+        },
+        rt::NativeKernel {
+            key: 13009533987114981530,
+            run: k28,
+        },
     ];
     /// Kernel 0: batch=8 × seq=64 × embed=64 positions, in segments along the last; computes add, layer_norm.
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k0(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -340,10 +440,16 @@ pub mod tiny_gpt {
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k1(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x4 = ins[4][0];
         let x5 = &ins[5][..len];
         let o0 = &mut o0[..len];
@@ -364,10 +470,16 @@ pub mod tiny_gpt {
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k2(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x2 = &ins[2][..len];
         let x3 = &ins[3][..len];
         let x4 = ins[4][0];
@@ -399,7 +511,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/attention.spec:20:9 `h + bqkv`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k3(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -421,7 +537,11 @@ pub mod tiny_gpt {
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
     /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k4(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -446,10 +566,16 @@ pub mod tiny_gpt {
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
     /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k5(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x5 = ins[5][0];
         let x6 = &ins[6][..len];
         let o0 = &mut o0[..len];
@@ -473,10 +599,16 @@ pub mod tiny_gpt {
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
     /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k6(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x3 = &ins[3][..len];
         let x4 = &ins[4][..len];
         let x5 = ins[5][0];
@@ -509,10 +641,16 @@ pub mod tiny_gpt {
     /// From:
     /// - specs/std/mlp.spec:14:7 `x @ w_in + b_in`
     /// - specs/std/mlp.spec:18:9 `gelu(h)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k7(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = &ins[1][..len];
         let o0 = &mut o0[..len];
@@ -530,10 +668,16 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k8(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, start, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = ins[1][0];
         let o0 = &mut o0[..len];
@@ -552,7 +696,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k9(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -571,7 +719,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k10(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -593,7 +745,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k11(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -609,10 +765,16 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k12(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, start, .. } = s;
-        let [o0, o1, o2] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1, o2] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = ins[1][0];
         let x2 = ins[2][0];
@@ -636,7 +798,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k13(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -655,7 +821,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k14(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -681,10 +851,16 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k15(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = &ins[1][..len];
         let x2 = &ins[2][..len];
@@ -703,10 +879,16 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k16(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1, o2, o3] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1, o2, o3] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x3 = ins[3][0];
         let x4 = ins[4][0];
@@ -738,7 +920,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k17(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -773,7 +959,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/mlp.spec:18:9 `gelu(h)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k18(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -791,10 +981,16 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k19(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = &ins[1][..len];
         let x2 = &ins[2][..len];
@@ -813,10 +1009,16 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k20(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
-        let [o0, o1, o2, o3] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1, o2, o3] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x4 = ins[4][0];
         let x5 = ins[5][0];
@@ -848,7 +1050,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k21(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -886,7 +1092,11 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k22(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -913,10 +1123,16 @@ pub mod tiny_gpt {
     /// - specs/std/attention.spec:19:5 `param bqkv: [qkv = 3, heads, head_dim] init zeros`
     /// - specs/std/mlp.spec:10:3 `param w_in: [embed, mlp] init normal(0.02)`
     /// - specs/std/mlp.spec:12:3 `param w_out: [mlp, embed] init normal(out_std)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k23(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, elements, .. } = s;
-        let [o0, o1, o2] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1, o2] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = &ins[1][..len];
         let x2 = ins[2][0];
@@ -968,10 +1184,16 @@ pub mod tiny_gpt {
     /// From:
     /// - specs/std/nn.spec:8:3 `param gain: [d] init ones`
     /// - specs/std/nn.spec:9:3 `param bias: [d] init zeros`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k24(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, elements, .. } = s;
-        let [o0, o1, o2, o3, o4, o5] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1, o2, o3, o4, o5] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = &ins[1][..len];
         let x2 = ins[2][0];
@@ -1065,7 +1287,11 @@ pub mod tiny_gpt {
     /// - specs/std/attention.spec:25:5 `param bo: [embed] init zeros`
     /// - specs/std/nn.spec:8:3 `param gain: [d] init ones`
     /// - specs/std/nn.spec:9:3 `param bias: [d] init zeros`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k25(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, elements, .. } = s;
         let [o0, o1, o2, o3, o4, o5, o6, o7, o8] = outs else {
@@ -1204,10 +1430,16 @@ pub mod tiny_gpt {
     /// From:
     /// - specs/std/mlp.spec:11:3 `param b_in: [mlp] init zeros`
     /// - specs/std/mlp.spec:13:3 `param b_out: [embed] init zeros`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k26(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, elements, .. } = s;
-        let [o0, o1, o2] = outs else { unreachable!("the runtime passes one slice per output") };
+        let [o0, o1, o2] = outs else {
+            unreachable!("the runtime passes one slice per output")
+        };
         let x0 = &ins[0][..len];
         let x1 = &ins[1][..len];
         let x2 = ins[2][0];
@@ -1259,7 +1491,11 @@ pub mod tiny_gpt {
     /// From:
     /// - specs/std/mlp.spec:14:7 `x @ w_in + b_in`
     /// - specs/std/mlp.spec:18:9 `gelu(h)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k27(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
@@ -1280,7 +1516,11 @@ pub mod tiny_gpt {
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
     /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
-    #[allow(clippy::needless_range_loop, clippy::approx_constant, clippy::excessive_precision)]
+    #[allow(
+        clippy::needless_range_loop,
+        clippy::approx_constant,
+        clippy::excessive_precision
+    )]
     fn k28(s: rt::Segment<'_, '_>) {
         let rt::Segment { ins, outs, len, .. } = s;
         let [o0] = outs else { unreachable!("the runtime passes one slice per output") };
