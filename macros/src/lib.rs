@@ -7,7 +7,9 @@
 //! tessera::spec!("specs/tiny/gpt.spec", model = "gpt", set { "dims.embed" = 128, "parallel.mesh.data" = 2 });
 //! ```
 //!
-//! The path is relative to the crate's `CARGO_MANIFEST_DIR`. The expansion
+//! The path is relative to the crate's `CARGO_MANIFEST_DIR` (or to
+//! `TESSERA_SPEC_ROOT` where that is set: a crate built away from its
+//! sources, as trybuild builds UI tests). The expansion
 //! is `pub mod MODEL { .. }`; it embeds the spec and every file it `use`s
 //! with `include_str!`, so editing any of them rebuilds the crate.
 
@@ -88,15 +90,21 @@ pub fn spec(input: TokenStream) -> TokenStream {
 }
 
 fn expand(args: &Args) -> Result<TokenStream, String> {
-    let dir = std::env::var("CARGO_MANIFEST_DIR").map_err(|_| "CARGO_MANIFEST_DIR is not set: build with cargo")?;
+    // `TESSERA_SPEC_ROOT` stands in for the crate's folder where a crate is
+    // built somewhere else than its sources (trybuild's UI tests).
+    let dir = std::env::var("TESSERA_SPEC_ROOT")
+        .or_else(|_| std::env::var("CARGO_MANIFEST_DIR"))
+        .map_err(|_| "CARGO_MANIFEST_DIR is not set: build with cargo")?;
     let path = std::path::Path::new(&dir).join(args.path.value());
     let mut opts = Options::default();
     opts.check.overrides = args.overrides.clone();
     opts.check.model = args.model.clone();
     let generated = generate(&path, &opts).map_err(|e| {
         // Paths under the crate print relative to it, as cargo prints the crate's own files.
-        let canon = std::path::Path::new(&dir).canonicalize().map(|d| d.to_string_lossy().into_owned());
-        let msg = e.0.replace(&format!("{}/", canon.unwrap_or(dir.clone())), "");
+        let mut msg = e.0.replace(&format!("{dir}/"), "");
+        if let Ok(canon) = std::path::Path::new(&dir).canonicalize() {
+            msg = msg.replace(&format!("{}/", canon.display()), "");
+        }
         format!("the spec does not compile:\n{}", msg.trim_end())
     })?;
     let ts: proc_macro2::TokenStream =

@@ -1,0 +1,4 @@
+// `tests/ui/bad_optimizer.spec` (a wrong spec of the corpus) is a compile error at the call.
+tessera_macros::spec!("tests/ui/bad_optimizer.spec");
+
+fn main() {}

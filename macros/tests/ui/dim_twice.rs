@@ -1,0 +1,4 @@
+// `tests/ui/dim_twice.spec` (a wrong spec of the corpus) is a compile error at the call.
+tessera_macros::spec!("tests/ui/dim_twice.spec");
+
+fn main() {}
