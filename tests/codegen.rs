@@ -48,9 +48,7 @@ mod moe_pp2 {
 /// The committed module of the tiny GPT: the emitter's output, compiled and
 /// linted (`clippy -D warnings`) as this crate's own source, and checked
 /// against a fresh emission below.
-/// (A private module of a test crate: what only a user would call is dead here.)
 #[path = "generated/tiny_gpt.rs"]
-#[allow(dead_code, unused_imports)]
 #[rustfmt::skip]
 mod golden;
 

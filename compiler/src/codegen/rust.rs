@@ -338,6 +338,7 @@ fn module(
         }
     });
 
+    let sample_config = decoder.then(|| quote! { pub use rt::SampleConfig; });
     let table = kernels.list.iter().enumerate().map(|(i, e)| {
         let f = format_ident!("k{i}");
         let key = Literal::u64_unsuffixed(e.key);
@@ -348,9 +349,12 @@ fn module(
 
     quote! {
         #module_doc
+        // A generated API: what a crate does not call is not its author's dead code.
+        #[allow(dead_code, unused_imports)]
         pub mod #name {
             use #krate::runtime::generated as rt;
-            pub use rt::{Error, RunConfig, SampleConfig, StepReport as StepMetrics, Tensor};
+            pub use rt::{Error, RunConfig, StepReport as StepMetrics, Tensor};
+            #sample_config
 
             /// The spec this module was generated from, embedded.
             pub static SPEC: rt::Spec = rt::Spec {
