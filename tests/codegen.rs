@@ -113,7 +113,12 @@ fn trains_as_the_jit(name: &str, spec: &Spec) {
 
 #[test]
 fn the_tiny_specs_and_the_demo_train_as_the_jit() {
+    use tessera::runtime::backend::native::in_place_stats;
+    let before = in_place_stats();
     trains_as_the_jit("gpt", &tiny_gpt::SPEC);
+    // AdamW updates its moments and the weights in place: with the module's in-place code.
+    let after = in_place_stats();
+    assert!(after.0 > before.0, "no in-place kernel code ran");
     trains_as_the_jit("moe (dp2, experts over data)", &tiny_moe::SPEC);
     trains_as_the_jit("bert", &tiny_bert::SPEC);
     trains_as_the_jit("vit", &tiny_vit::SPEC);

@@ -152,6 +152,9 @@ struct KernelSet {
 struct Emitted {
     key: u64,
     kernel: Kernel,
+    /// Empty: every input read from its own slice. Else, per input, the
+    /// output it is read from (an update in place: `kernel::in_place_key`).
+    alias: Vec<Option<usize>>,
     /// Where its instances come from: `file:line:col \`text\`` lines, each once.
     origin: Vec<String>,
 }
@@ -161,24 +164,50 @@ impl KernelSet {
         for ins in &p.instrs {
             let Kind::Kernel { kernel } = &ins.kind else { continue };
             let origin: Vec<String> = ins.origin.iter().map(|s| sources.quote(*s)).collect();
+            // The inputs this instruction updates in place, as the CPU backend finds them: the
+            // same f32 bytes as an output at the same positions, contiguous along a segment.
+            let args: Vec<&crate::lower::Buffer> = ins.ins.iter().chain(&ins.outs).map(|b| p.buffer(*b)).collect();
+            let inner = kernel.inner_strides();
+            let alias: Vec<Option<usize>> = crate::lower::kernel_aliases(kernel, &args)
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(l, o)| {
+                    o.filter(|&o| {
+                        let f32s = args[l].ty.dtype == DType::F32 && args[kernel.inputs + o].ty.dtype == DType::F32;
+                        f32s && inner[l] == 1
+                    })
+                })
+                .collect();
+            let in_place = alias.iter().any(Option::is_some);
             if kernel.is_row() {
                 let plan = RowPlan::of(kernel).map_err(|e| Error(format!("a row kernel: {e}")))?;
-                for pass in plan.passes {
-                    self.add(pass.kernel, &origin);
+                let last = plan.passes.len().saturating_sub(1);
+                for (i, pass) in plan.passes.into_iter().enumerate() {
+                    if in_place && i == last {
+                        let mut a = alias.clone();
+                        a.resize(pass.kernel.inputs, None);
+                        self.add(pass.kernel.clone(), a, &origin);
+                    }
+                    self.add(pass.kernel, Vec::new(), &origin);
                 }
             } else {
-                self.add(kernel.clone(), &origin);
+                if in_place {
+                    self.add(kernel.clone(), alias, &origin);
+                }
+                self.add(kernel.clone(), Vec::new(), &origin);
             }
         }
         Ok(())
     }
 
-    fn add(&mut self, kernel: Kernel, origin: &[String]) {
+    fn add(&mut self, kernel: Kernel, alias: Vec<Option<usize>>, origin: &[String]) {
         let key = kernel.native_key();
+        let key = if alias.is_empty() { key } else { crate::kernel::in_place_key(key, &alias) };
         let at = match self.list.iter().position(|e| e.key == key) {
             Some(i) => i,
             None => {
-                self.list.push(Emitted { key, kernel, origin: Vec::new() });
+                self.list.push(Emitted { key, kernel, alias, origin: Vec::new() });
                 self.list.len() - 1
             }
         };
@@ -561,11 +590,18 @@ fn kernel_fn(i: usize, e: &Emitted) -> TokenStream {
         }
         let vj = v(j);
         let (hoist, value) = match *ex {
-            Expr::Load { arg } => {
-                used[arg] = true;
-                let xa = x(arg);
-                if contiguous(arg) { (false, quote! { #xa[j] }) } else { (true, quote! { #xa }) }
-            }
+            Expr::Load { arg } => match e.alias.get(arg).copied().flatten() {
+                // Updated in place: read before the same position is written.
+                Some(o) => {
+                    let oa = format_ident!("o{o}");
+                    (false, quote! { #oa[j] })
+                }
+                None => {
+                    used[arg] = true;
+                    let xa = x(arg);
+                    if contiguous(arg) { (false, quote! { #xa[j] }) } else { (true, quote! { #xa }) }
+                }
+            },
             Expr::Element { .. } => {
                 uses_elements = true;
                 let at = Literal::usize_unsuffixed(element - 1);
@@ -676,8 +712,11 @@ fn kernel_fn(i: usize, e: &Emitted) -> TokenStream {
         origin.truncate(8);
         origin.push(format!("and {more} more"));
     }
+    let in_place: Vec<String> =
+        e.alias.iter().enumerate().filter_map(|(l, o)| o.map(|o| format!("input {l} is output {o}"))).collect();
+    let variant = if in_place.is_empty() { String::new() } else { format!(" In place: {}.", in_place.join(", ")) };
     let text = format!(
-        "Kernel {}: {} positions, in segments along the last; computes {}.\n\nFrom:\n{}",
+        "Kernel {}: {} positions, in segments along the last; computes {}.{variant}\n\nFrom:\n{}",
         i,
         if k.dims.is_empty() {
             "one".to_string()

@@ -28,6 +28,18 @@ pub use fuse::{fuse, strides};
 use crate::ir::{BinaryOp, DType, Dim, ReduceOp, UnaryOp};
 use serde::{Deserialize, Serialize};
 
+/// FNV-1a over `bytes`, from `h`.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The key of the in-place code of the kernel with key `key`
+/// ([`Kernel::native_key`]): per input, the output it is read from
+/// (the same bytes at the same positions, contiguous along the segment).
+pub fn in_place_key(key: u64, alias: &[Option<usize>]) -> u64 {
+    fnv(key, format!("|in place {alias:?}").as_bytes())
+}
+
 /// A scalar value of the body; operands name earlier values by index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "e")]
@@ -230,12 +242,10 @@ impl Kernel {
         format!("{}|{:?}|{:?}|{inner:?}|{row:?}", self.inputs, self.body, self.stores)
     }
 
-    /// A 64-bit hash of [`Kernel::code_key`]`(true)`, FNV-1a: how a generated
+    /// A 64-bit hash of [`Kernel::code_key`]`(true)`: how a generated
     /// module's ahead-of-time kernels are found at run time.
     pub fn native_key(&self) -> u64 {
-        self.code_key(true)
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        fnv(0xcbf2_9ce4_8422_2325, self.code_key(true).as_bytes())
     }
 
     /// Per body value: whether it is the same at every position of a row

@@ -265,6 +265,28 @@ impl Instr {
     }
 }
 
+/// How a fused kernel's arguments `args` (inputs, then outputs) share
+/// bytes: `None` where a store meets an input's bytes at other positions
+/// (a backend then stages the stores, as the CPU backend does); else, per
+/// input, the output whose bytes it is, read and written at the same
+/// positions (in place), if any.
+pub fn kernel_aliases(k: &crate::kernel::Kernel, args: &[&Buffer]) -> Option<Vec<Option<usize>>> {
+    let disjoint = |a: &Buffer, b: &Buffer| {
+        a.region != b.region || a.offset + a.ty.bytes() <= b.offset || b.offset + b.ty.bytes() <= a.offset
+    };
+    let same = |l: usize, s: usize| {
+        args[l].region == args[s].region && args[l].offset == args[s].offset && k.strides[l] == k.strides[s]
+    };
+    let direct = k.stores.iter().all(|&(s, _)| (0..k.inputs).all(|l| disjoint(args[l], args[s]) || same(l, s)));
+    direct.then(|| {
+        (0..k.inputs)
+            .map(|l| {
+                k.stores.iter().find(|&&(s, _)| same(l, s) && !disjoint(args[l], args[s])).map(|&(s, _)| s - k.inputs)
+            })
+            .collect()
+    })
+}
+
 /// `spans` with each span once, in first-seen order (a fused kernel's origin).
 pub fn merge_origins<'a>(spans: impl IntoIterator<Item = &'a Span>) -> Vec<Span> {
     let mut out: Vec<Span> = Vec::new();

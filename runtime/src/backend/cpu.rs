@@ -63,6 +63,16 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The generated kernels a native engine runs (none for the others).
+    fn kernels(self) -> native::Kernels {
+        match self {
+            Engine::Native(k) => k,
+            _ => native::Kernels(&[]),
+        }
+    }
+}
+
 impl std::str::FromStr for Engine {
     type Err = String;
     fn from_str(s: &str) -> Result<Engine, String> {
@@ -94,7 +104,7 @@ pub struct Cpu {
 #[derive(Clone, Copy)]
 enum Code {
     Jit(jit::Segment),
-    Native(native::KernelFn),
+    Native(native::Found),
 }
 
 /// Whether an instruction reads a buffer's elements where they lie, as f32
@@ -374,12 +384,7 @@ impl Cpu {
             }
         };
         // A store is safe in place if every input sharing its bytes is the same bytes read at the same positions.
-        let direct = k.stores.iter().all(|&(s, _)| {
-            (0..k.inputs).all(|l| {
-                let same = args[l].region == args[s].region && args[l].offset == args[s].offset;
-                disjoint(args[l], args[s]) || same && k.strides[l] == k.strides[s]
-            })
-        });
+        let direct = tessera_compiler::lower::kernel_aliases(k, args).is_some();
         let mut staging: Vec<Vec<f32>> = Vec::new();
         let bases = self.bases();
         let mut ptrs: Vec<*mut f32> = args.iter().map(|b| at(&bases, b)).collect();
@@ -413,6 +418,7 @@ impl Cpu {
         seed: u64,
     ) -> Result<(), String> {
         let args_p = interp::Args(ptrs);
+        let kernels = self.engine.kernels();
         let native = match self.engine {
             Engine::Jit => Some(Code::Jit(self.segment(k)?)),
             Engine::Native(kernels) => Some(Code::Native(kernels.find(k)?)),
@@ -434,7 +440,7 @@ impl Cpu {
             unsafe {
                 match native {
                     Some(Code::Jit(f)) => jit::run(f, &nest, &args_p, seed, first, count),
-                    Some(Code::Native(f)) => native::run(f, k, &nest, &args_p, seed, first, count),
+                    Some(Code::Native(f)) => native::run(f, kernels, k, &nest, &args_p, seed, first, count),
                     None => interp::run(k, &nest, &args_p, seed, first, count),
                 }
             };
@@ -479,6 +485,7 @@ impl Cpu {
     /// element, as [`Cpu::kernel`] resolved them.
     fn rows(&mut self, k: &tessera_compiler::kernel::Kernel, ptrs: &[*mut f32], seed: u64) -> Result<(), String> {
         let key = self.row_plan(k)?;
+        let kernels = self.engine.kernels();
         let (_, plan, native) = &self.row_plans[&key];
         let (nests, plan) = (&plan.nests, &plan.plan);
         let len = plan.len.max(1);
@@ -515,7 +522,9 @@ impl Cpu {
                 unsafe {
                     match f {
                         Some(Code::Jit(f)) => jit::run(*f, nest, &a, seed, r0 * step, nr * step),
-                        Some(Code::Native(f)) => native::run(*f, &pass.kernel, nest, &a, seed, r0 * step, nr * step),
+                        Some(Code::Native(f)) => {
+                            native::run(*f, kernels, &pass.kernel, nest, &a, seed, r0 * step, nr * step)
+                        }
                         None => interp::run(&pass.kernel, nest, &a, seed, r0 * step, nr * step),
                     }
                 }

@@ -61,11 +61,20 @@ impl PartialEq for Kernels {
 
 impl Eq for Kernels {}
 
+/// A kernel's generated code, as found in a module.
+#[derive(Clone, Copy)]
+pub struct Found {
+    /// The kernel's key (`Kernel::native_key`).
+    pub key: u64,
+    /// The code that reads every input from its own slice.
+    pub run: KernelFn,
+}
+
 impl Kernels {
     /// The generated code of kernel `k`.
-    pub fn find(&self, k: &Kernel) -> Result<KernelFn, String> {
+    pub fn find(&self, k: &Kernel) -> Result<Found, String> {
         let key = k.native_key();
-        self.0.iter().find(|n| n.key == key).map(|n| n.run).ok_or_else(|| {
+        self.get(key).map(|run| Found { key, run }).ok_or_else(|| {
             format!(
                 "the generated module has no code for kernel [{}] (key {key:016x}): it was generated from another \
                  spec or another version of Tessera; rebuild the crate (`cargo clean -p` it if the spec changed)",
@@ -73,18 +82,64 @@ impl Kernels {
             )
         })
     }
+
+    fn get(&self, key: u64) -> Option<KernelFn> {
+        self.0.iter().find(|n| n.key == key).map(|n| n.run)
+    }
 }
 
-/// Run generated kernel `f` (of kernel `k`, walked as `nest`) over loop
-/// positions `first .. first + count`.
+static IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static COPIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Kernel runs so far in this process that updated an input in place: with
+/// the module's in-place code, and with its inputs copied for want of it.
+pub fn in_place_stats() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (IN_PLACE.load(Relaxed), COPIED.load(Relaxed))
+}
+
+/// Run generated kernel `code` (of kernel `k`, walked as `nest`) over loop
+/// positions `first .. first + count`. Where an input is an output's bytes
+/// at the same positions (an update in place) and the module has code for
+/// that (the emitter generates it for each such use in the programs it
+/// reads), that code reads the input from the output's slice; otherwise
+/// the input is copied first (the same results, a copy slower).
 ///
 /// # Safety
 /// As [`super::interp::run`]: every pointer in `args` addresses the elements
 /// its strides reach, no other thread touches these positions' elements,
 /// and a store's elements are read by a load only at the same position.
-pub unsafe fn run(f: KernelFn, k: &Kernel, nest: &Nest, args: &Args, seed: u64, first: usize, count: usize) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn run(
+    code: Found,
+    kernels: Kernels,
+    k: &Kernel,
+    nest: &Nest,
+    args: &Args,
+    seed: u64,
+    first: usize,
+    count: usize,
+) {
     let p = args.pointers();
     let inputs = k.inputs;
+    let stride: Vec<usize> = (0..p.len()).map(|a| nest.inner(a)).collect();
+    let alias: Vec<Option<usize>> = (0..inputs)
+        .map(|l| {
+            (inputs..p.len())
+                .find(|&o| p[l] == p[o] && nest.strides[l] == nest.strides[o] && stride[l] == 1)
+                .map(|o| o - inputs)
+        })
+        .collect();
+    let in_place = match alias.iter().any(Option::is_some) {
+        true => kernels.get(tessera_compiler::kernel::in_place_key(code.key, &alias)),
+        false => None,
+    };
+    if alias.iter().any(Option::is_some) {
+        let counter = if in_place.is_some() { &IN_PLACE } else { &COPIED };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let f = in_place.unwrap_or(code.run);
+    let aliased = |l: usize| in_place.is_some() && alias[l].is_some();
     let elements: Vec<f32> = k
         .body
         .iter()
@@ -94,11 +149,10 @@ pub unsafe fn run(f: KernelFn, k: &Kernel, nest: &Nest, args: &Args, seed: u64, 
             _ => None,
         })
         .collect();
-    let stride: Vec<usize> = (0..p.len()).map(|a| nest.inner(a)).collect();
     // Scratch runs for gathered inputs, copied inputs and scattered outputs.
     let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); p.len()];
     nest.segments(first, count, usize::MAX, |offsets, start, len| {
-        // Each argument's elements at this segment: (first element, count, contiguous).
+        // Each argument's elements at this segment: (first element, count).
         let span = |a: usize| -> (*mut f32, usize) {
             // SAFETY: the caller's contract: the argument's elements at this segment's positions.
             let at = unsafe { p[a].add(offsets[a]) };
@@ -109,25 +163,26 @@ pub unsafe fn run(f: KernelFn, k: &Kernel, nest: &Nest, args: &Args, seed: u64, 
             let (pa, pb) = (pa as usize, pb as usize);
             pa < pb + 4 * nb && pb < pa + 4 * na
         };
-        for a in 0..p.len() {
+        // An input read from a run of its own: gathered (another stride) or copied (it shares an output's bytes).
+        let own: Vec<bool> =
+            (0..inputs).map(|a| !aliased(a) && (stride[a] > 1 || (inputs..p.len()).any(|o| overlaps(a, o)))).collect();
+        for a in (0..inputs).filter(|&a| own[a]) {
             let (at, _) = span(a);
-            let gather = stride[a] > 1;
-            let copy = a < inputs && (inputs..p.len()).any(|o| overlaps(a, o));
-            if gather || (copy && a < inputs) {
-                let s = &mut scratch[a];
-                s.clear();
-                let n = if stride[a] == 0 { 1 } else { len };
-                // SAFETY: the caller's contract, for this segment's positions of argument `a`.
-                s.extend((0..n).map(|j| unsafe { *at.add(j * stride[a]) }));
-            }
+            let s = &mut scratch[a];
+            s.clear();
+            let n = if stride[a] == 0 { 1 } else { len };
+            // SAFETY: the caller's contract, for this segment's positions of argument `a`.
+            s.extend((0..n).map(|j| unsafe { *at.add(j * stride[a]) }));
         }
         let mut ins: Vec<&[f32]> = Vec::with_capacity(inputs);
         let mut outs: Vec<&mut [f32]> = Vec::with_capacity(p.len() - inputs);
         let (scratch_in, scratch_out) = scratch.split_at_mut(inputs);
         for (a, s) in scratch_in.iter().enumerate() {
             let n = if stride[a] == 0 { 1 } else { len };
-            let own = stride[a] > 1 || (inputs..p.len()).any(|o| overlaps(a, o));
-            ins.push(if own {
+            ins.push(if aliased(a) {
+                // The in-place code reads it through its output's slice.
+                &[]
+            } else if own[a] {
                 &s[..n]
             } else {
                 // SAFETY: contiguous elements of this segment, which no output of it overlaps
@@ -144,8 +199,8 @@ pub unsafe fn run(f: KernelFn, k: &Kernel, nest: &Nest, args: &Args, seed: u64, 
                 &mut s[..]
             } else {
                 // SAFETY: this segment's own elements of an output: no input slice overlaps them
-                // (those were copied above), outputs are distinct buffers, and no other thread
-                // touches these positions (the caller's contract).
+                // (those were copied above, or are read through this slice), outputs are distinct
+                // buffers, and no other thread touches these positions (the caller's contract).
                 unsafe { std::slice::from_raw_parts_mut(span(a).0, n) }
             });
         }
