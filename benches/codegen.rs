@@ -5,7 +5,8 @@
 //! weights (two warm-up steps, then the timed ones); and the generated
 //! module's size per spec.
 //!
-//! `cargo bench --bench codegen [-- STEPS ROUNDS]` (default 5 steps, 3 rounds).
+//! `cargo bench --bench codegen [-- STEPS ROUNDS [tiny|moe-tiny|small]]`
+//! (default 5 steps, 3 rounds, every spec).
 
 use std::time::Instant;
 use tessera::runtime::generated::Spec;
@@ -50,11 +51,15 @@ fn main() {
         "{:<10} {:>8} {:>8} {:>9} {:>14} {:>14} {:>7}",
         "spec", "kernels", "lines", "KiB", "jit tok/s", "generated", "ratio"
     );
+    let only = std::env::args().skip(1).find(|a| a.parse::<u64>().is_err() && !a.starts_with('-'));
     for (name, file, spec) in [
         ("tiny", "specs/bench/tiny.spec", &tiny::SPEC),
         ("moe-tiny", "specs/bench/moe-tiny.spec", &moe_tiny::SPEC),
         ("small", "specs/bench/small.spec", &small::SPEC),
     ] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         let g = tessera::compiler::codegen::rust::generate(&root.join(file), &Default::default()).expect("generates");
         let (mut jit, mut native) = (Vec::new(), Vec::new());
         for r in 0..rounds {

@@ -105,7 +105,13 @@ impl Spec {
         let overrides = self.overrides.iter().map(|s| s.to_string()).collect();
         // A spec that no longer checks fails when the trainer starts, with its diagnostics.
         let seed = self.check(None).ok().and_then(|m| m.train.map(|t| t.seed)).unwrap_or(0);
-        RunConfig { backend: self.engine(), spec: Some((self.path.into(), overrides)), seed, ..RunConfig::new(out) }
+        RunConfig {
+            backend: self.engine(),
+            spec: Some((self.path.into(), overrides)),
+            spec_text: self.files.first().map(|f| f.1),
+            seed,
+            ..RunConfig::new(out)
+        }
     }
 
     /// A trainer for `cfg` (from [`Spec::run_config`]), with the module's kernels.

@@ -1131,6 +1131,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         save_interval: t.save_interval.unwrap_or(0),
         data,
         spec: Some(source.clone()),
+        spec_text: None,
         allow_changes,
         backend,
     };

@@ -310,7 +310,7 @@ pub mod tiny_gpt {
             run: k2,
         },
         rt::NativeKernel {
-            key: 6657031664987829902,
+            key: 12732485904131365163,
             run: k3,
         },
         rt::NativeKernel {
@@ -358,7 +358,7 @@ pub mod tiny_gpt {
             run: k14,
         },
         rt::NativeKernel {
-            key: 17000896248896138311,
+            key: 7976145221840360836,
             run: k15,
         },
         rt::NativeKernel {
@@ -378,7 +378,7 @@ pub mod tiny_gpt {
             run: k19,
         },
         rt::NativeKernel {
-            key: 7368328768948461042,
+            key: 15399834415369428759,
             run: k20,
         },
         rt::NativeKernel {
@@ -394,7 +394,7 @@ pub mod tiny_gpt {
             run: k23,
         },
         rt::NativeKernel {
-            key: 3969057022795514410,
+            key: 2510383197649679739,
             run: k24,
         },
         rt::NativeKernel {
@@ -402,7 +402,7 @@ pub mod tiny_gpt {
             run: k25,
         },
         rt::NativeKernel {
-            key: 10567397333812449082,
+            key: 8438311410746538345,
             run: k26,
         },
         rt::NativeKernel {
@@ -410,7 +410,7 @@ pub mod tiny_gpt {
             run: k27,
         },
         rt::NativeKernel {
-            key: 8988609935403294108,
+            key: 16935779276345184031,
             run: k28,
         },
         rt::NativeKernel {
@@ -418,7 +418,7 @@ pub mod tiny_gpt {
             run: k29,
         },
         rt::NativeKernel {
-            key: 17646931125220453238,
+            key: 14790530007475580116,
             run: k30,
         },
         rt::NativeKernel {
@@ -426,7 +426,7 @@ pub mod tiny_gpt {
             run: k31,
         },
         rt::NativeKernel {
-            key: 2294688982621207435,
+            key: 16232106716260033830,
             run: k32,
         },
         rt::NativeKernel {
@@ -434,7 +434,7 @@ pub mod tiny_gpt {
             run: k33,
         },
         rt::NativeKernel {
-            key: 11475890476800635688,
+            key: 3364437952271451155,
             run: k34,
         },
         rt::NativeKernel {
@@ -442,7 +442,7 @@ pub mod tiny_gpt {
             run: k35,
         },
         rt::NativeKernel {
-            key: 1109832941471257010,
+            key: 15104422085607209175,
             run: k36,
         },
         rt::NativeKernel {
@@ -450,7 +450,7 @@ pub mod tiny_gpt {
             run: k37,
         },
         rt::NativeKernel {
-            key: 16456379937917401405,
+            key: 17693154618967973414,
             run: k38,
         },
         rt::NativeKernel {

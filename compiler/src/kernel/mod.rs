@@ -37,7 +37,7 @@ fn fnv(h: u64, bytes: &[u8]) -> u64 {
 /// ([`Kernel::native_key`]): per input, the output it is read from
 /// (the same bytes at the same positions, contiguous along the segment).
 pub fn in_place_key(key: u64, alias: &[Option<usize>]) -> u64 {
-    fnv(key, format!("|in place {alias:?}").as_bytes())
+    alias.iter().fold(fnv(key, b"|in place"), |h, a| fnv(h, &a.map_or(u64::MAX, |o| o as u64).to_le_bytes()))
 }
 
 /// A scalar value of the body; operands name earlier values by index.

@@ -139,7 +139,23 @@ pub unsafe fn run(
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let f = in_place.unwrap_or(code.run);
-    let aliased = |l: usize| in_place.is_some() && alias[l].is_some();
+    let aliased: Vec<bool> = (0..inputs).map(|l| in_place.is_some() && alias[l].is_some()).collect();
+    // Each argument's byte extent over the whole loop nest: an input whose extent meets no
+    // output's is never copied, and needs no check per segment.
+    let extent = |a: usize| {
+        let last: usize = nest.sizes.iter().zip(&nest.strides[a]).map(|(n, s)| n.saturating_sub(1) * s).sum();
+        (p[a] as usize, p[a] as usize + 4 * (last + 1))
+    };
+    let may_meet: Vec<bool> = (0..inputs)
+        .map(|l| {
+            let (a0, a1) = extent(l);
+            !aliased[l]
+                && (inputs..p.len()).any(|o| {
+                    let (b0, b1) = extent(o);
+                    a0 < b1 && b0 < a1
+                })
+        })
+        .collect();
     let elements: Vec<f32> = k
         .body
         .iter()
@@ -149,8 +165,12 @@ pub unsafe fn run(
             _ => None,
         })
         .collect();
-    // Scratch runs for gathered inputs, copied inputs and scattered outputs.
+    // Runs of their own for gathered inputs, copied inputs and scattered outputs, made once.
     let mut scratch: Vec<Vec<f32>> = vec![Vec::new(); p.len()];
+    // The segment's slices, their vectors made once: their elements are the arguments' (or the
+    // scratch runs') at each segment, rebuilt before each call.
+    let mut ins: Vec<&[f32]> = Vec::with_capacity(inputs);
+    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(p.len() - inputs);
     nest.segments(first, count, usize::MAX, |offsets, start, len| {
         // Each argument's elements at this segment: (first element, count).
         let span = |a: usize| -> (*mut f32, usize) {
@@ -163,57 +183,52 @@ pub unsafe fn run(
             let (pa, pb) = (pa as usize, pb as usize);
             pa < pb + 4 * nb && pb < pa + 4 * na
         };
-        // An input read from a run of its own: gathered (another stride) or copied (it shares an output's bytes).
-        let own: Vec<bool> =
-            (0..inputs).map(|a| !aliased(a) && (stride[a] > 1 || (inputs..p.len()).any(|o| overlaps(a, o)))).collect();
-        for a in (0..inputs).filter(|&a| own[a]) {
-            let (at, _) = span(a);
-            let s = &mut scratch[a];
-            s.clear();
+        ins.clear();
+        outs.clear();
+        for a in 0..inputs {
             let n = if stride[a] == 0 { 1 } else { len };
-            // SAFETY: the caller's contract, for this segment's positions of argument `a`.
-            s.extend((0..n).map(|j| unsafe { *at.add(j * stride[a]) }));
-        }
-        let mut ins: Vec<&[f32]> = Vec::with_capacity(inputs);
-        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(p.len() - inputs);
-        let (scratch_in, scratch_out) = scratch.split_at_mut(inputs);
-        for (a, s) in scratch_in.iter().enumerate() {
-            let n = if stride[a] == 0 { 1 } else { len };
-            ins.push(if aliased(a) {
+            // An input read from a run of its own: gathered (another stride) or copied (it shares an output's bytes).
+            let own = !aliased[a] && (stride[a] > 1 || may_meet[a] && (inputs..p.len()).any(|o| overlaps(a, o)));
+            let slice: &[f32] = if aliased[a] {
                 // The in-place code reads it through its output's slice.
                 &[]
-            } else if own[a] {
-                &s[..n]
+            } else if own {
+                let (at, _) = span(a);
+                let s = &mut scratch[a];
+                s.clear();
+                // SAFETY: the caller's contract, for this segment's positions of argument `a`.
+                s.extend((0..n).map(|j| unsafe { *at.add(j * stride[a]) }));
+                // SAFETY: the run is not touched again before the next segment, when `ins` is cleared first.
+                unsafe { std::slice::from_raw_parts(s.as_ptr(), n) }
             } else {
                 // SAFETY: contiguous elements of this segment, which no output of it overlaps
                 // and no other thread writes (the caller's contract).
                 unsafe { std::slice::from_raw_parts(span(a).0, n) }
-            });
+            };
+            ins.push(slice);
         }
-        for (o, s) in scratch_out.iter_mut().enumerate() {
-            let a = inputs + o;
+        for a in inputs..p.len() {
             let n = if stride[a] == 0 { 1 } else { len };
-            outs.push(if stride[a] > 1 {
+            let slice: &mut [f32] = if stride[a] > 1 {
+                let s = &mut scratch[a];
                 s.clear();
                 s.resize(n, 0.0);
-                &mut s[..]
+                // SAFETY: as above: the run lives, untouched, until the next segment clears `outs`.
+                unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr(), n) }
             } else {
                 // SAFETY: this segment's own elements of an output: no input slice overlaps them
                 // (those were copied above, or are read through this slice), outputs are distinct
                 // buffers, and no other thread touches these positions (the caller's contract).
                 unsafe { std::slice::from_raw_parts_mut(span(a).0, n) }
-            });
+            };
+            outs.push(slice);
         }
         f(Segment { ins: &ins, outs: &mut outs, elements: &elements, len, start, seed });
-        drop(outs);
-        for (o, s) in scratch_out.iter().enumerate() {
-            let a = inputs + o;
-            if stride[a] > 1 {
-                let at = span(a).0;
-                for (j, v) in s.iter().enumerate() {
-                    // SAFETY: the caller's contract: this position's element of an output.
-                    unsafe { *at.add(j * stride[a]) = *v };
-                }
+        for a in (inputs..p.len()).filter(|&a| stride[a] > 1) {
+            let at = span(a).0;
+            for (j, v) in scratch[a].iter().enumerate() {
+                // SAFETY: the caller's contract: this position's element of an output.
+                unsafe { *at.add(j * stride[a]) = *v };
             }
         }
     });
@@ -225,8 +240,9 @@ pub mod f {
     use crate::exec::kernels::{gelu_dt_f32, gelu_f32, unary_df, unary_f, uniform};
     pub use tessera_compiler::ir::UnaryOp;
 
-    /// `op(x)`, as the interpreter computes it.
-    #[inline]
+    /// `op(x)`, as the interpreter computes it. Always inlined into the
+    /// generated loops, which rustc then vectorizes as it does the interpreter's.
+    #[inline(always)]
     pub fn unary(op: UnaryOp, x: f32) -> f32 {
         match op {
             UnaryOp::Gelu => gelu_f32(x),
@@ -240,7 +256,7 @@ pub mod f {
     }
 
     /// `g · op'(x)`.
-    #[inline]
+    #[inline(always)]
     pub fn unary_grad(op: UnaryOp, x: f32, g: f32) -> f32 {
         match op {
             UnaryOp::Gelu => g * gelu_dt_f32(x),
@@ -249,13 +265,13 @@ pub mod f {
     }
 
     /// `x` rounded to bf16's precision (to nearest, ties to even), as f32.
-    #[inline]
+    #[inline(always)]
     pub fn round_bf16(x: f32) -> f32 {
         half::bf16::from_f32(x).to_f32()
     }
 
     /// `x` rounded to f16's precision, as f32.
-    #[inline]
+    #[inline(always)]
     pub fn round_f16(x: f32) -> f32 {
         half::f16::from_f32(x).to_f32()
     }
@@ -268,7 +284,7 @@ pub mod f {
     }
 
     /// 1 where `a = b`, else 0.
-    #[inline]
+    #[inline(always)]
     pub fn equal(a: f32, b: f32) -> f32 {
         f32::from(u8::from(a == b))
     }

@@ -57,6 +57,10 @@ pub struct RunConfig {
     /// `tessera sample` can rebuild the model; the spec's `data` path is
     /// resolved from its folder.
     pub spec: Option<(PathBuf, Vec<String>)>,
+    /// The spec's text where the run holds it in memory (a generated
+    /// module's embedded spec): its SHA-256 is recorded, not that of the
+    /// file at `spec`, which may have changed since.
+    pub spec_text: Option<&'static str>,
     /// Resume even where the run's record (spec, overrides, seed, data,
     /// tokenizer, optimizer) differs from the checkpoint's; the differences
     /// are in [`Trainer::resume_changes`].
@@ -79,6 +83,7 @@ impl RunConfig {
             save_interval: 0,
             data: None,
             spec: None,
+            spec_text: None,
             allow_changes: false,
             backend: Engine::default(),
         }
@@ -176,11 +181,10 @@ impl Trainer {
         let accumulation = (train.batch / micro.max(1)).max(1);
         let run = checkpoint::RunRecord {
             spec: cfg.spec.as_ref().map(|(p, _)| p.to_string_lossy().into_owned()),
-            spec_sha256: cfg
-                .spec
-                .as_ref()
-                .and_then(|(p, _)| std::fs::read(p).ok())
-                .map(|text| checkpoint::sha256_hex(&text)),
+            spec_sha256: match cfg.spec_text {
+                Some(text) => Some(checkpoint::sha256_hex(text.as_bytes())),
+                None => cfg.spec.as_ref().and_then(|(p, _)| std::fs::read(p).ok()).map(|t| checkpoint::sha256_hex(&t)),
+            },
             overrides: cfg.spec.as_ref().map(|(_, o)| o.clone()).unwrap_or_default(),
             seed: cfg.seed,
             data: data.path.to_string_lossy().into_owned(),
