@@ -99,17 +99,24 @@ impl Spec {
     }
 
     /// A run into `out` that records this spec (and its overrides), runs
-    /// the module's kernels and starts from the spec's `train.seed`; the
-    /// rest as [`RunConfig::new`].
+    /// the module's kernels, and takes the spec's `train.seed` and length
+    /// in steps (100 without one), as `tessera train` does; the rest as
+    /// [`RunConfig::new`]. The length shapes a learning-rate schedule that
+    /// decays over the run.
     pub fn run_config(&self, out: impl Into<std::path::PathBuf>) -> RunConfig {
         let overrides = self.overrides.iter().map(|s| s.to_string()).collect();
         // A spec that no longer checks fails when the trainer starts, with its diagnostics.
-        let seed = self.check(None).ok().and_then(|m| m.train.map(|t| t.seed)).unwrap_or(0);
+        let train = self.check(None).ok().and_then(|m| m.train);
+        let steps = match train.as_ref().and_then(|t| t.length.clone()) {
+            Some(tessera_compiler::config::Amount::Steps(s)) => s as u64,
+            _ => 100,
+        };
         RunConfig {
             backend: self.engine(),
             spec: Some((self.path.into(), overrides)),
             spec_text: self.files.first().map(|f| f.1),
-            seed,
+            seed: train.map_or(0, |t| t.seed),
+            steps,
             ..RunConfig::new(out)
         }
     }
