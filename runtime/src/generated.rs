@@ -107,7 +107,7 @@ impl Spec {
         let overrides = self.overrides.iter().map(|s| s.to_string()).collect();
         // A spec that no longer checks fails when the trainer starts, with its diagnostics.
         let train = self.check(None).ok().and_then(|m| m.train);
-        let steps = match train.as_ref().and_then(|t| t.length.clone()) {
+        let steps = match train.as_ref().and_then(|t| t.length) {
             Some(tessera_compiler::config::Amount::Steps(s)) => s as u64,
             _ => 100,
         };
