@@ -71,36 +71,68 @@ pub mod tiny_gpt {
     #[derive(Debug, Clone)]
     pub struct Params {
         /// `wte`: `f32[vocab=256, embed=64]`, init `Normal { std: 0.02 }`.
+        ///
+        /// Declared at specs/tiny/gpt.spec:11:3 `param wte: [vocab, embed] init normal(0.02)`.
         pub wte: Tensor,
         /// `wpe`: `f32[seq=64, embed=64]`, init `Normal { std: 0.01 }`.
+        ///
+        /// Declared at specs/tiny/gpt.spec:12:3 `param wpe: [seq, embed] init normal(0.01)`.
         pub wpe: Tensor,
         /// `layers.gpt_layer.layernorm.gain`: `f32[layer=2, embed=64]`, init `Ones`.
+        ///
+        /// Declared at specs/std/nn.spec:8:3 `param gain: [d] init ones`.
         pub layers_gpt_layer_layernorm_gain: Tensor,
         /// `layers.gpt_layer.layernorm.bias`: `f32[layer=2, embed=64]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/nn.spec:9:3 `param bias: [d] init zeros`.
         pub layers_gpt_layer_layernorm_bias: Tensor,
         /// `layers.gpt_layer.self_attention.wqkv`: `f32[layer=2, embed=64, qkv=3, heads=4, head_dim=16]`, init `Normal { std: 0.02 }`.
+        ///
+        /// Declared at specs/std/attention.spec:15:3 `param wqkv: [embed, qkv = 3, heads, head_dim] init normal(0.…`.
         pub layers_gpt_layer_self_attention_wqkv: Tensor,
         /// `layers.gpt_layer.self_attention.wo`: `f32[layer=2, heads=4, head_dim=16, embed=64]`, init `Normal { std: 0.01 }`.
+        ///
+        /// Declared at specs/std/attention.spec:16:3 `param wo: [heads, head_dim, embed] init normal(out_std)`.
         pub layers_gpt_layer_self_attention_wo: Tensor,
         /// `layers.gpt_layer.self_attention.bqkv`: `f32[layer=2, qkv=3, heads=4, head_dim=16]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/attention.spec:19:5 `param bqkv: [qkv = 3, heads, head_dim] init zeros`.
         pub layers_gpt_layer_self_attention_bqkv: Tensor,
         /// `layers.gpt_layer.self_attention.bo`: `f32[layer=2, embed=64]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/attention.spec:25:5 `param bo: [embed] init zeros`.
         pub layers_gpt_layer_self_attention_bo: Tensor,
         /// `layers.gpt_layer.layernorm_1.gain`: `f32[layer=2, embed=64]`, init `Ones`.
+        ///
+        /// Declared at specs/std/nn.spec:8:3 `param gain: [d] init ones`.
         pub layers_gpt_layer_layernorm_1_gain: Tensor,
         /// `layers.gpt_layer.layernorm_1.bias`: `f32[layer=2, embed=64]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/nn.spec:9:3 `param bias: [d] init zeros`.
         pub layers_gpt_layer_layernorm_1_bias: Tensor,
         /// `layers.gpt_layer.mlp.w_in`: `f32[layer=2, embed=64, mlp=256]`, init `Normal { std: 0.02 }`.
+        ///
+        /// Declared at specs/std/mlp.spec:10:3 `param w_in: [embed, mlp] init normal(0.02)`.
         pub layers_gpt_layer_mlp_w_in: Tensor,
         /// `layers.gpt_layer.mlp.b_in`: `f32[layer=2, mlp=256]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/mlp.spec:11:3 `param b_in: [mlp] init zeros`.
         pub layers_gpt_layer_mlp_b_in: Tensor,
         /// `layers.gpt_layer.mlp.w_out`: `f32[layer=2, mlp=256, embed=64]`, init `Normal { std: 0.01 }`.
+        ///
+        /// Declared at specs/std/mlp.spec:12:3 `param w_out: [mlp, embed] init normal(out_std)`.
         pub layers_gpt_layer_mlp_w_out: Tensor,
         /// `layers.gpt_layer.mlp.b_out`: `f32[layer=2, embed=64]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/mlp.spec:13:3 `param b_out: [embed] init zeros`.
         pub layers_gpt_layer_mlp_b_out: Tensor,
         /// `layernorm.gain`: `f32[embed=64]`, init `Ones`.
+        ///
+        /// Declared at specs/std/nn.spec:8:3 `param gain: [d] init ones`.
         pub layernorm_gain: Tensor,
         /// `layernorm.bias`: `f32[embed=64]`, init `Zeros`.
+        ///
+        /// Declared at specs/std/nn.spec:9:3 `param bias: [d] init zeros`.
         pub layernorm_bias: Tensor,
     }
     impl Params {
@@ -461,7 +493,7 @@ pub mod tiny_gpt {
     /// Kernel 0: batch=8 × seq=64 × embed=64 positions, in segments along the last; computes add, layer_norm.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
+    /// - specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     #[allow(
         clippy::needless_range_loop,
@@ -484,7 +516,7 @@ pub mod tiny_gpt {
     /// Kernel 1: batch=8 × seq=64 × embed=64 positions, in segments along the last; computes add, layer_norm.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
+    /// - specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     #[allow(
         clippy::needless_range_loop,
@@ -514,7 +546,7 @@ pub mod tiny_gpt {
     /// Kernel 2: batch=8 × seq=64 × embed=64 positions, in segments along the last; computes add, layer_norm.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
+    /// - specs/tiny/gpt.spec:13:7 `embed(wte, tokens) + wpe`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     #[allow(
         clippy::needless_range_loop,
@@ -734,7 +766,7 @@ pub mod tiny_gpt {
     /// Kernel 9: batch=8 × seq=64 × vocab=256 positions, in segments along the last; computes cross_entropy.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -762,7 +794,7 @@ pub mod tiny_gpt {
     /// Kernel 10: batch=8 × seq=64 × vocab=256 positions, in segments along the last; computes cross_entropy.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -785,7 +817,7 @@ pub mod tiny_gpt {
     /// Kernel 11: batch=8 × seq=64 × vocab=1 positions, in segments along the last; computes cross_entropy.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -811,7 +843,7 @@ pub mod tiny_gpt {
     /// Kernel 12: one positions, in segments along the last; computes cross_entropy.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -831,7 +863,7 @@ pub mod tiny_gpt {
     /// Kernel 13: batch=8 × seq=64 × vocab=256 positions, in segments along the last; computes cross_entropy_grad.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -864,7 +896,7 @@ pub mod tiny_gpt {
     /// Kernel 14: batch=8 × seq=64 × vocab=256 positions, in segments along the last; computes cross_entropy_grad.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -887,7 +919,7 @@ pub mod tiny_gpt {
     /// Kernel 15: batch=8 × seq=64 × vocab=256 positions, in segments along the last; computes cross_entropy_grad. In place: input 0 is output 0.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -917,7 +949,7 @@ pub mod tiny_gpt {
     /// Kernel 16: batch=8 × seq=64 × vocab=256 positions, in segments along the last; computes cross_entropy_grad.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
+    /// - specs/tiny/gpt.spec:18:10 `cross_entropy(logits, targets)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -1250,7 +1282,7 @@ pub mod tiny_gpt {
     /// Kernel 26: vocab=256 × embed=64 positions, in segments along the last; computes add. In place: input 2 is output 0.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens)`
+    /// - specs/tiny/gpt.spec:13:7 `embed(wte, tokens)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -1274,7 +1306,7 @@ pub mod tiny_gpt {
     /// Kernel 27: vocab=256 × embed=64 positions, in segments along the last; computes add.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:13:7 `embed(wte, tokens)`
+    /// - specs/tiny/gpt.spec:13:7 `embed(wte, tokens)`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -1299,8 +1331,8 @@ pub mod tiny_gpt {
     /// Kernel 28: vocab=256 × embed=64 positions, in segments along the last; computes adam_moment, adam_moment, adam_step. In place: input 0 is output 0, input 3 is output 1, input 4 is output 2.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:11:3 `param wte: [vocab, embed] init normal(0.02)`
-    /// - /work/main/specs/tiny/gpt.spec:12:3 `param wpe: [seq, embed] init normal(0.01)`
+    /// - specs/tiny/gpt.spec:11:3 `param wte: [vocab, embed] init normal(0.02)`
+    /// - specs/tiny/gpt.spec:12:3 `param wpe: [seq, embed] init normal(0.01)`
     /// - specs/std/attention.spec:15:3 `param wqkv: [embed, qkv = 3, heads, head_dim] init normal(0.…`
     /// - specs/std/attention.spec:16:3 `param wo: [heads, head_dim, embed] init normal(out_std)`
     /// - specs/std/attention.spec:19:5 `param bqkv: [qkv = 3, heads, head_dim] init zeros`
@@ -1362,8 +1394,8 @@ pub mod tiny_gpt {
     /// Kernel 29: vocab=256 × embed=64 positions, in segments along the last; computes adam_moment, adam_moment, adam_step.
     ///
     /// From:
-    /// - /work/main/specs/tiny/gpt.spec:11:3 `param wte: [vocab, embed] init normal(0.02)`
-    /// - /work/main/specs/tiny/gpt.spec:12:3 `param wpe: [seq, embed] init normal(0.01)`
+    /// - specs/tiny/gpt.spec:11:3 `param wte: [vocab, embed] init normal(0.02)`
+    /// - specs/tiny/gpt.spec:12:3 `param wpe: [seq, embed] init normal(0.01)`
     /// - specs/std/attention.spec:15:3 `param wqkv: [embed, qkv = 3, heads, head_dim] init normal(0.…`
     /// - specs/std/attention.spec:16:3 `param wo: [heads, head_dim, embed] init normal(out_std)`
     /// - specs/std/attention.spec:19:5 `param bqkv: [qkv = 3, heads, head_dim] init zeros`

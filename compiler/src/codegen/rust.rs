@@ -137,10 +137,15 @@ pub fn generate(path: &Path, opts: &Options) -> Result<Generated, Error> {
     }
     let krate: syn::Path =
         syn::parse_str(&opts.krate).map_err(|e| Error(format!("crate path `{}`: {e}", opts.krate)))?;
-    let tokens = module(&model, &files, &kernels, generation.is_some(), &krate, opts);
+    let tokens = module(&model, &sources, &files, &kernels, generation.is_some(), &krate, opts);
     let file: syn::File =
         syn::parse2(tokens).map_err(|e| Error(format!("the generated module does not parse: {e}")))?;
-    Ok(Generated { name: model.name.clone(), code: prettyplease::unparse(&file), files, kernels: kernels.list.len() })
+    let mut code = prettyplease::unparse(&file);
+    if let Embed::Manifest(root) = &opts.embed {
+        // Doc comments name spec lines by path: relative to the crate, as it builds anywhere.
+        code = code.replace(&format!("{}/", root.display()), "");
+    }
+    Ok(Generated { name: model.name.clone(), code, files, kernels: kernels.list.len() })
 }
 
 /// The distinct kernels of some programs, by their code key.
@@ -271,6 +276,7 @@ fn f32_lit(v: f32) -> TokenStream {
 
 fn module(
     model: &Model,
+    sources: &SourceMap,
     files: &[(PathBuf, String)],
     kernels: &KernelSet,
     decoder: bool,
@@ -335,7 +341,8 @@ fn module(
     let fields = idents(model.params.iter().map(|p| p.path.as_str()));
     let n_params = Literal::usize_unsuffixed(model.params.len());
     let param_fields = model.params.iter().zip(&fields).map(|(p, f)| {
-        let d = doc(&format!("`{}`: `{}`, init `{:?}`.", p.path, p.ty, p.init));
+        let d =
+            doc(&format!("`{}`: `{}`, init `{:?}`.\n\nDeclared at {}.", p.path, p.ty, p.init, sources.quote(p.span)));
         quote! { #d pub #f: Tensor, }
     });
     let paths = model.params.iter().map(|p| p.path.as_str());
