@@ -1,7 +1,7 @@
 //! tessera-build: a spec's generated Rust module from a build script, for
 //! crates that would rather not expand a proc macro.
 //!
-//! ```ignore
+//! ```text
 //! // build.rs
 //! fn main() {
 //!     tessera_build::compile("model.spec").unwrap();

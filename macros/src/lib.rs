@@ -2,7 +2,7 @@
 //! Rust module (the Rust emitter, `tessera_compiler::codegen::rust`), with
 //! spec errors as compile errors at the macro call.
 //!
-//! ```ignore
+//! ```text
 //! tessera::spec!("specs/tiny/gpt.spec");
 //! tessera::spec!("specs/tiny/gpt.spec", model = "gpt", set { "dims.embed" = 128, "parallel.mesh.data" = 2 });
 //! ```
