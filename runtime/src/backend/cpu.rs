@@ -64,6 +64,16 @@ impl Engine {
 }
 
 impl Engine {
+    /// The code of elementwise kernel `k` under this engine: compiled by the
+    /// JIT, or found in the generated module; `None` for the interpreter.
+    fn code(self, k: &tessera_compiler::kernel::Kernel) -> Result<Option<Code>, String> {
+        Ok(match self {
+            Engine::Interp => None,
+            Engine::Jit => Some(Code::Jit(jit::compile(k)?)),
+            Engine::Native(kernels) => Some(Code::Native(kernels.find(k)?)),
+        })
+    }
+
     /// The generated kernels a native engine runs (none for the others).
     fn kernels(self) -> native::Kernels {
         match self {
@@ -89,7 +99,7 @@ pub struct Cpu {
     engine: Engine,
     /// Compiled kernels by the address of their IR, with the IR they were
     /// compiled from (checked on every use).
-    compiled: std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, jit::Segment)>,
+    compiled: std::collections::HashMap<usize, (tessera_compiler::kernel::Kernel, Code)>,
     /// The regions' bytes (held as f32 words, so 4-byte aligned); the arena's
     /// words past `arena_bytes` are the shadows of staged buffers.
     regions: [Vec<f32>; Region::COUNT],
@@ -179,17 +189,20 @@ impl Cpu {
         Cpu { engine, ..Cpu::default() }
     }
 
-    /// The native code of kernel `k` (compiled at its first use).
-    fn segment(&mut self, k: &tessera_compiler::kernel::Kernel) -> Result<jit::Segment, String> {
+    /// The code of elementwise kernel `k` under the engine: the JIT's
+    /// (compiled at its first use) or the generated module's (found at its
+    /// first use), kept by the address of the kernel's IR; `None` for the
+    /// interpreter.
+    fn code(&mut self, k: &tessera_compiler::kernel::Kernel) -> Result<Option<Code>, String> {
         let key = k as *const _ as usize;
         if let Some((ir, f)) = self.compiled.get(&key)
             && ir == k
         {
-            return Ok(*f);
+            return Ok(Some(*f));
         }
-        let f = jit::compile(k)?;
+        let Some(f) = self.engine.code(k)? else { return Ok(None) };
         self.compiled.insert(key, (k.clone(), f));
-        Ok(f)
+        Ok(Some(f))
     }
 
     /// An f32 buffer's elements.
@@ -419,11 +432,7 @@ impl Cpu {
     ) -> Result<(), String> {
         let args_p = interp::Args(ptrs);
         let kernels = self.engine.kernels();
-        let native = match self.engine {
-            Engine::Jit => Some(Code::Jit(self.segment(k)?)),
-            Engine::Native(kernels) => Some(Code::Native(kernels.find(k)?)),
-            Engine::Interp => None,
-        };
+        let native = self.code(k)?;
         let nest = interp::Nest::of(k);
         // Split the ranges into pieces for the kernel threads.
         let total: usize = ranges.iter().map(|r| r.1).sum();
@@ -460,21 +469,7 @@ impl Cpu {
         let key = k as *const _ as usize;
         if !self.row_plans.get(&key).is_some_and(|(ir, _, _)| ir == k) {
             let plan = rows::Plan::of(k)?;
-            let native = match self.engine {
-                Engine::Jit => plan
-                    .plan
-                    .passes
-                    .iter()
-                    .map(|p| jit::compile(&p.kernel).map(|f| Some(Code::Jit(f))))
-                    .collect::<Result<_, _>>()?,
-                Engine::Native(kernels) => plan
-                    .plan
-                    .passes
-                    .iter()
-                    .map(|p| kernels.find(&p.kernel).map(|f| Some(Code::Native(f))))
-                    .collect::<Result<_, _>>()?,
-                Engine::Interp => vec![None; plan.plan.passes.len()],
-            };
+            let native = plan.plan.passes.iter().map(|p| self.engine.code(&p.kernel)).collect::<Result<_, _>>()?;
             self.row_plans.insert(key, (k.clone(), plan, native));
         }
         Ok(key)
@@ -1041,15 +1036,12 @@ impl Backend for Cpu {
         // Compile (or find) every kernel's code before the first step runs.
         if self.engine != Engine::Interp {
             for ins in &p.instrs {
-                match (&ins.kind, self.engine) {
-                    (Kind::Kernel { kernel }, _) if kernel.is_row() => {
+                match &ins.kind {
+                    Kind::Kernel { kernel } if kernel.is_row() => {
                         self.row_plan(kernel)?;
                     }
-                    (Kind::Kernel { kernel }, Engine::Native(kernels)) => {
-                        kernels.find(kernel)?;
-                    }
-                    (Kind::Kernel { kernel }, _) => {
-                        self.segment(kernel)?;
+                    Kind::Kernel { kernel } => {
+                        self.code(kernel)?;
                     }
                     _ => {}
                 }
