@@ -153,6 +153,11 @@ fn the_generated_trainer_matches_the_runtime_trainer() {
     }
     let (a, b) = (generated.params().expect("weights").into_vec(), runtime.weights().expect("weights"));
     assert!(a.iter().zip(&b).all(|(x, y)| x.data == y.data), "the weights differ");
+    // A batch of another shape is an error that names the input, not a panic.
+    let mut short = generated.next_batch().expect("a batch");
+    short.tokens.data.truncate(10);
+    let e = generated.step(&short).expect_err("a short batch");
+    assert!(e.0.contains("input `tokens` holds 10 elements"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -175,16 +175,39 @@ impl Spec {
     }
 }
 
-/// Rows `k·n .. (k+1)·n` of a tensor along its first dim: global microbatch
-/// `k` of a step's batch, `n` sequences each.
-pub fn microbatch(t: &Tensor, k: u64, n: u64) -> Tensor {
-    let mut dims = t.dims.clone();
-    let row: usize = dims.iter().skip(1).map(|d| d.size as usize).product();
-    if let Some(d) = dims.first_mut() {
-        d.size = n;
+/// One optimizer step of `t` on `batch`: one tensor per model input, every
+/// global microbatch of the step along its first dim (as [`next_batch`]
+/// gives). A batch of another shape is an error that says which.
+pub fn step(t: &mut Trainer, batch: &[&Tensor]) -> Result<StepReport, Error> {
+    let inputs = t.training.step.inputs.clone();
+    let steps = t.accumulation;
+    if batch.len() != inputs.len() {
+        return Err(Error(format!("{} tensors for the model's {} inputs", batch.len(), inputs.len())));
     }
-    let (from, len) = ((k * n) as usize * row, n as usize * row);
-    Tensor { dims, data: t.data.get(from..from + len).map(<[f32]>::to_vec).unwrap_or_default() }
+    for (x, input) in batch.iter().zip(&inputs) {
+        let want = input.ty.numel() * steps;
+        if x.data.len() as u64 != want {
+            return Err(Error(format!(
+                "input `{}` holds {} elements; a step's batch holds {steps} microbatches of {} ({want} elements)",
+                input.name,
+                x.data.len(),
+                input.ty
+            )));
+        }
+    }
+    // Global microbatch `k`: rows `k·n .. (k+1)·n` of each input.
+    let micro = |k: u64| -> Vec<Tensor> {
+        batch
+            .iter()
+            .zip(&inputs)
+            .map(|(x, input)| {
+                let len = input.ty.numel() as usize;
+                let from = k as usize * len;
+                Tensor { dims: input.ty.dims.clone(), data: x.data[from..from + len].to_vec() }
+            })
+            .collect()
+    };
+    Ok(t.train_step_on(&micro)?)
 }
 
 /// The next step's batch of `t`'s data, as `tessera train` draws it: every

@@ -297,12 +297,7 @@ pub mod tiny_gpt {
         }
         /// One optimizer step on `batch` (every microbatch of the step along the first dim).
         pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, Error> {
-            let n = self.inner.training.micro_batch;
-            let inputs = batch.to_vec();
-            let f = |k: u64| {
-                inputs.iter().map(|t| rt::microbatch(t, k, n)).collect::<Vec<Tensor>>()
-            };
-            Ok(self.inner.train_step_on(&f)?)
+            rt::step(&mut self.inner, &batch.to_vec())
         }
         /// The current weights.
         pub fn params(&self) -> Result<Params, Error> {
