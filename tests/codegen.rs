@@ -92,7 +92,7 @@ fn trains_as_the_jit(name: &str, spec: &Spec) {
     let c = &t.step;
     let params = spec.init(5).expect("initial weights");
     let opt = OptimizerState::new(&c.params, &t.train.optimizer);
-    let start = |engine| Ranks::new(c, Start::State(&params, &opt), &opt.optimizer, engine).expect("starts");
+    let start = |engine| Ranks::new(c, Start::State(&params, &opt), &opt.optimizer, engine, None).expect("starts");
     let (jit, native) = (start(Engine::Jit), start(spec.engine()));
     let kernels = c.programs.iter().flat_map(|p| &p.instrs).filter(|i| i.kind.name() == "kernel").count();
     assert!(kernels > 0, "{name}: no fused kernels to compare");

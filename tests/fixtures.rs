@@ -123,7 +123,7 @@ fn check(spec: &str, fixture: &str, small: bool) {
     let m = model_with(spec, small, &["parallel.mesh.data=1"]);
     let c = compile(&m).expect("lowers");
     let opt = OptimizerState::new(&m.params, &train.optimizer);
-    let ranks = Ranks::new(&c, Start::State(&params, &opt), &opt.optimizer, Default::default()).expect("starts");
+    let ranks = Ranks::new(&c, Start::State(&params, &opt), &opt.optimizer, Default::default(), None).expect("starts");
     let feed = |_: u64| inputs.clone();
     let report = ranks.step(StepArgs::new(0, 0, learning_rate(train, 0, 1, 1)), &feed, None).expect("runs")[0];
     let e = rel_err(&[report.loss.expect("one device computes the loss") as f32], &fx.get("loss"));

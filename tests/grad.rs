@@ -55,7 +55,7 @@ fn lowered_grads(src: &str, params: &[Tensor<f64>], xs: &[Tensor<f64>]) -> Vec<V
         t.iter().map(|x| Tensor { dims: x.dims.clone(), data: x.data.iter().map(|v| *v as f32).collect() }).collect()
     };
     let opt = OptimizerState::new(&m.params, &m.train.as_ref().expect("a train section").optimizer);
-    let ranks = Ranks::new(&c, Start::State(&f32s(params), &opt), &opt.optimizer, Default::default())
+    let ranks = Ranks::new(&c, Start::State(&f32s(params), &opt), &opt.optimizer, Default::default(), None)
         .unwrap_or_else(|e| panic!("{e}"));
     let feed = f32s(xs);
     ranks.step(StepArgs::new(0, 5, 0.0), &|_| feed.clone(), None).unwrap_or_else(|e| panic!("{e}"));

@@ -170,7 +170,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
         ];
         let runs: Vec<Ranks> = ways
             .iter()
-            .map(|(c, e, _)| Ranks::new(c, Start::State(&params, &opt), &opt.optimizer, *e).expect("starts"))
+            .map(|(c, e, _)| Ranks::new(c, Start::State(&params, &opt), &opt.optimizer, *e, None).expect("starts"))
             .collect();
         let train = m.train.clone().expect("trains");
         for step in 0..2 {

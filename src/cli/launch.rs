@@ -1,12 +1,13 @@
 //! `tessera launch` (this machine's ranks as processes, as torchrun starts
 //! them), `tessera comm-check` (the ranks meet, agree and pass barriers),
-//! and the guard that keeps `train` and `bench` from running as copies
-//! under a launcher while no transport between processes exists.
+//! and a launched `train`'s world of processes (MPI's), checked against the
+//! spec's mesh before anything runs.
 
 use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tessera_runtime::launch::{self, Placement, agent};
+use tessera_runtime::comm::ProcessWorld;
+use tessera_runtime::launch::{self, Placement, Source, agent};
 
 /// How long ranks being stopped get between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(10);
@@ -81,13 +82,13 @@ fn placement() -> Result<Option<Placement>, ExitCode> {
     })
 }
 
-/// `train` and `bench` under a launcher: a world of one process runs as
-/// usual; more processes stop at once (a mesh that does not match the
-/// world first, then the missing transport) instead of each training a copy.
-pub fn single_process(mesh: (u64, &str)) -> Result<(), ExitCode> {
-    let Some(p) = placement()? else { return Ok(()) };
+/// The mesh's ranks against the launched processes: a world of one
+/// process runs as usual; more must match the mesh, or the run stops at
+/// once saying which is which.
+fn launched(mesh: (u64, &str)) -> Result<Option<Placement>, ExitCode> {
+    let Some(p) = placement()? else { return Ok(None) };
     if p.world == 1 {
-        return Ok(());
+        return Ok(None);
     }
     let (ranks, text) = mesh;
     if ranks != p.world as u64 {
@@ -98,13 +99,87 @@ pub fn single_process(mesh: (u64, &str)) -> Result<(), ExitCode> {
         );
         return Err(ExitCode::from(1));
     }
+    Ok(Some(p))
+}
+
+/// `bench` under a launcher: it times one process, whose ranks are threads.
+pub fn single_process(mesh: (u64, &str)) -> Result<(), ExitCode> {
+    match launched(mesh)? {
+        None => Ok(()),
+        Some(p) => {
+            eprintln!(
+                "error: this process is rank {} of {} ({}), but `tessera bench` times one process (the mesh's \
+                 ranks as threads); run it without a launcher, or time `tessera train` under mpirun",
+                p.rank, p.world, p.source
+            );
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// `train` under a launcher: this process's rank in the world of processes
+/// (`None`: one process, whose ranks are threads). Ranks started by
+/// `mpirun`, or by `srun` with Slurm's MPI plugin, talk through MPI.
+pub fn process_world(mesh: (u64, &str)) -> Result<Option<ProcessWorld>, ExitCode> {
+    let Some(p) = launched(mesh)? else { return Ok(None) };
+    match p.source {
+        Source::Mpi | Source::Slurm => mpi_world(&p),
+        Source::Torchrun => {
+            eprintln!(
+                "error: this process is rank {} of {} ({}), but ranks started by torchrun or `tessera launch` \
+                 have no transport between CPU processes yet (NCCL for --device cuda is issue 13's). Start the \
+                 ranks with `mpirun -n {} tessera train ...` (or `srun --mpi=pmix`), or run one process: it runs \
+                 the mesh's ranks as threads (docs/launch.md)",
+                p.rank, p.world, p.source, p.world
+            );
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_world(p: &Placement) -> Result<Option<ProcessWorld>, ExitCode> {
+    use tessera_runtime::comm::mpi::Mpi;
+    let mpi = Mpi::init(tessera_runtime::train::ranks::TIMEOUT).map_err(|e| {
+        eprintln!("error: rank {} of {} ({}): cannot start MPI: {e}", p.rank, p.world, p.source);
+        ExitCode::from(1)
+    })?;
+    use tessera_runtime::comm::Communicator as _;
+    if mpi.world_size() != p.world || mpi.rank() != p.rank {
+        eprintln!(
+            "error: the launcher says rank {} of {} ({}), but MPI says rank {} of {}: under srun, start the ranks \
+             with Slurm's MPI plugin (`srun --mpi=pmix`) so that MPI sees the job's tasks",
+            p.rank,
+            p.world,
+            p.source,
+            mpi.rank(),
+            mpi.world_size()
+        );
+        return Err(ExitCode::from(1));
+    }
+    Ok(Some(ProcessWorld::new(Box::new(mpi), p.local_world)))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world(p: &Placement) -> Result<Option<ProcessWorld>, ExitCode> {
     eprintln!(
-        "error: this process is rank {} of {} ({}), but ranks as processes need a transport between processes, which \
-         is not built yet (NCCL for --device cuda, MPI for the CPU; docs/launch.md). Run it as one process: it runs \
-         the mesh's ranks as threads",
+        "error: this process is rank {} of {} ({}), but this tessera was built without MPI: build it with \
+         `cargo build --release --features mpi` (needs an MPI library, e.g. Debian's libopenmpi-dev, and \
+         libclang), or run one process: it runs the mesh's ranks as threads",
         p.rank, p.world, p.source
     );
     Err(ExitCode::from(1))
+}
+
+/// Stop a run after an error: the message, and with a world of processes
+/// every other rank with it (MPI_Abort ends the job).
+pub fn stop(world: Option<&ProcessWorld>, message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    if let Some(w) = world {
+        let text = format!("rank {}: {message}", w.rank());
+        w.lock().abort(&text);
+    }
+    ExitCode::from(1)
 }
 
 /// Meet the other ranks at the store, agree on a run id, check the

@@ -562,9 +562,10 @@ fn command(args: Vec<OsString>) -> ExitCode {
             }
             match load(&spec) {
                 Ok(m) => {
-                    if let Err(code) = launch::single_process((m.parallel.world(), &mesh_text(&m))) {
-                        return code;
-                    }
+                    let world = match launch::process_world((m.parallel.world(), &mesh_text(&m))) {
+                        Ok(w) => w,
+                        Err(code) => return code,
+                    };
                     let source = (spec.file.canonicalize().unwrap_or(spec.file.clone()), spec.set.clone());
                     let trace = trace.map(|p| (p, trace_steps));
                     let run = RunArgs {
@@ -579,6 +580,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
                         eval_interval,
                         trace,
                         backend: backend.unwrap_or_default(),
+                        world,
                     };
                     train(m, source, run)
                 }
@@ -1039,17 +1041,31 @@ struct RunArgs {
     eval_interval: Option<u64>,
     trace: Option<(PathBuf, u64)>,
     backend: tessera_runtime::train::Engine,
+    /// This process's rank in a world of processes (`mpirun`), or `None`.
+    world: Option<tessera_runtime::comm::ProcessWorld>,
 }
 
 fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     use std::io::Write as _;
     use tessera_runtime::train::{RunConfig, Trainer, checkpoint};
-    let RunArgs { steps, out, resume, recorded, allow_changes, overwrite, seed, data, eval_interval, trace, backend } =
-        args;
-    let fail = |e: &dyn std::fmt::Display| {
-        eprintln!("error: {e}");
-        ExitCode::from(1)
-    };
+    let RunArgs {
+        steps,
+        out,
+        resume,
+        recorded,
+        allow_changes,
+        overwrite,
+        seed,
+        data,
+        eval_interval,
+        trace,
+        backend,
+        world,
+    } = args;
+    // Across processes, rank 0 writes the run's files and prints; an error
+    // on any rank stops them all.
+    let writer = world.as_ref().is_none_or(|w| w.rank() == 0);
+    let fail = |e: &dyn std::fmt::Display| launch::stop(world.as_ref(), &e.to_string());
     // Every pass (after the memory check), before the run folder is touched.
     let training =
         match tessera_compiler::driver::compile_training(&m, tessera_runtime::train::memory::available_bytes()) {
@@ -1065,7 +1081,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         .unwrap_or(100);
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
     // Outputs are checked before anything runs.
-    if let Some((path, _)) = &trace {
+    if let Some((path, _)) = trace.as_ref().filter(|_| writer) {
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
         let open = parent
             .map_or(Ok(()), std::fs::create_dir_all)
@@ -1076,11 +1092,11 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     }
     // The run folder: locked for this run, tidied after a killed one, and
     // never taken over silently.
-    let _lock = match checkpoint::lock(&out) {
+    let _lock = match writer.then(|| checkpoint::lock(&out)).transpose() {
         Ok(l) => l,
         Err(e) => return fail(&e),
     };
-    for done in checkpoint::recover(&out) {
+    for done in if writer { checkpoint::recover(&out) } else { Vec::new() } {
         eprintln!("note: {}: {done}", out.display());
     }
     let resuming_here = resume.as_ref().is_some_and(|r| {
@@ -1088,7 +1104,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         let (r, o) = (canon(r), canon(&out));
         r == o || r.parent() == Some(o.as_path())
     });
-    if checkpoint::holds_run(&out) && !resuming_here {
+    if writer && checkpoint::holds_run(&out) && !resuming_here {
         if let Some(r) = &resume {
             return fail(&format!(
                 "`{}` holds another run; a resume from `{}` needs an --out folder of its own (or that run's folder)",
@@ -1111,8 +1127,14 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     // A resume continues the recorded run: its seed and data by default.
     let seed = seed.or(recorded.as_ref().map(|r| r.seed)).unwrap_or(t.seed);
     let data = data.or(recorded.as_ref().map(|r| PathBuf::from(&r.data)));
-    if m.parallel.world() > 1 {
-        let axes: Vec<String> = m.parallel.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
+    let axes: Vec<String> = m.parallel.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
+    if let Some(w) = world.as_ref().filter(|_| writer) {
+        eprintln!(
+            "note: training on {} processes ({}), one rank each, over MPI; rank 0 writes the checkpoints and metrics",
+            w.size(),
+            axes.join(" × ")
+        );
+    } else if m.parallel.world() > 1 && world.is_none() {
         eprintln!(
             "note: training on {} simulated ranks ({}): each rank is a thread that runs its own program \
              with its collectives (`tessera inspect FILE --ir rank --rank N` prints one)",
@@ -1134,6 +1156,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         spec_text: None,
         allow_changes,
         backend,
+        world: world.clone(),
     };
     let mut trainer = match Trainer::new(training, cfg) {
         Ok(tr) => tr,
@@ -1147,17 +1170,19 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     }
     let metrics_path = out.join("metrics.jsonl");
     // A resume from an older step drops the metrics of the steps it redoes.
-    if trainer.cfg.resume.is_some()
+    if writer
+        && trainer.cfg.resume.is_some()
         && let Err(e) = truncate_metrics(&metrics_path, trainer.step)
     {
         return fail(&e);
     }
-    let mut metrics = match std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path) {
-        Ok(f) => f,
-        Err(e) => return fail(&format!("cannot open `{}`: {e}", metrics_path.display())),
+    let mut metrics = match writer.then(|| std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => return fail(&format!("cannot open `{}`: {e}", metrics_path.display())),
     };
     let first = trainer.step;
-    let bar = indicatif::ProgressBar::new(steps);
+    let bar = if writer { indicatif::ProgressBar::new(steps) } else { indicatif::ProgressBar::hidden() };
     bar.set_position(first.min(steps));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -1171,10 +1196,9 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     let stop = |bar: &indicatif::ProgressBar, e: tessera_runtime::train::TrainError, at: String| {
         bar.abandon();
         match e {
-            tessera_runtime::train::TrainError::NonFinite(_) => eprintln!("error: {e}"),
-            _ => eprintln!("error {at}: {e}"),
+            tessera_runtime::train::TrainError::NonFinite(_) => launch::stop(world.as_ref(), &e.to_string()),
+            _ => launch::stop(world.as_ref(), &format!("{at}: {e}")),
         }
-        ExitCode::from(1)
     };
     while trainer.step < steps {
         let mut report = match trainer.train_step() {
@@ -1190,7 +1214,9 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
                 Err(e) => return stop(&bar, e, "in evaluation".into()),
             }
         }
-        let _ = writeln!(metrics, "{}", serde_json::to_string(&report).unwrap_or_default());
+        if let Some(f) = metrics.as_mut() {
+            let _ = writeln!(f, "{}", serde_json::to_string(&report).unwrap_or_default());
+        }
         let val = last_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
         bar.set_message(format!(
             "loss {:.4}{val}  lr {:.2e}  {:.0} tok/s",
@@ -1202,13 +1228,12 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             && let Err(e) = trainer.save()
         {
             bar.abandon();
-            eprintln!("error saving a checkpoint: {e}");
-            return ExitCode::from(1);
+            return launch::stop(world.as_ref(), &format!("saving a checkpoint: {e}"));
         }
     }
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
-    if let Some((path, _)) = &trace {
+    if let Some((path, _)) = trace.as_ref().filter(|_| writer) {
         match trainer.write_trace(path) {
             Ok(()) => eprintln!("trace: {} (open it in ui.perfetto.dev or chrome://tracing)", path.display()),
             Err(e) => {
@@ -1227,13 +1252,18 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             seed: 0,
             kv_cache: true,
         };
+        // Every process takes part in assembling the weights; rank 0 samples.
         if let Ok(weights) = trainer.weights()
+            && writer
             && let Ok(programs) = tessera_compiler::driver::compile_generate(&sample_model, Default::default())
             && let Ok(ids) = tessera_runtime::infer::generate(&programs, &weights, &[u32::from(b'\n')], &cfg)
             && let Ok(tok) = tokenizer_of(&sample_model)
         {
             println!("--- sample ---\n{}\n--------------", tok.decode(&ids));
         }
+    }
+    if !writer {
+        return ExitCode::SUCCESS;
     }
     println!(
         "trained {} steps in {:.1} s; validation loss {}; checkpoint and metrics in {}",

@@ -310,7 +310,7 @@ pub struct Phase {
 /// The buffers a host reads or writes, by role. Lowering names them with
 /// [`Bound::name`] and hosts find them with [`Program::bound`]: the naming
 /// rule lives here only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Bound {
     /// Parameter `k`'s weights as the rank stores them (its cut, or its ZeRO-3 shard).
     Weight(usize),

@@ -341,6 +341,19 @@ impl Communicator for Local {
         })
     }
 
+    fn broadcast(&mut self, group: &Group, root: usize, buf: &mut [f32]) -> Result<(), CommError> {
+        let n = group.ranks.len();
+        if root >= n {
+            return Err(self.usage(format!("broadcast on the {group} from member {root} of {n}")));
+        }
+        let sig = format!("{} f32 values from member {root}", buf.len());
+        let (out, _) = self.collective(group, "broadcast", sig, (buf.to_vec(), vec![]), |ins| {
+            vec![(ins[root].0.clone(), vec![]); n]
+        })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
     fn send(&mut self, to: usize, tag: u64, data: &[f32]) -> Result<(), CommError> {
         let mut st = self.lock();
         if let Some(e) = self.aborted(&st) {

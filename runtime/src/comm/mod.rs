@@ -15,6 +15,8 @@
 //! call returns that rank's error.
 
 mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 pub use local::{Local, World};
 
@@ -70,9 +72,7 @@ impl std::fmt::Display for Group {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CommError {
-    #[error(
-        "rank {rank}: `{op}` on the {group} timed out after {waited_ms} ms at step {step} (waiting for ranks {missing:?})"
-    )]
+    #[error("rank {rank}: `{op}` on the {group} timed out after {waited_ms} ms at step {step}{}", waiting_for(missing))]
     Timeout { rank: usize, op: &'static str, group: String, step: u64, waited_ms: u64, missing: Vec<usize> },
     #[error("rank {rank}: `{op}` on the {group} at step {step} does not match rank {other}'s `{other_op}`: {detail}")]
     Mismatch {
@@ -90,12 +90,27 @@ pub enum CommError {
     Usage { rank: usize, message: String },
 }
 
+/// The ranks a timed-out call waited for, where the transport knows them
+/// (MPI does not say which members have not arrived).
+fn waiting_for(missing: &[usize]) -> String {
+    match missing {
+        [] => String::new(),
+        m => format!(" (waiting for ranks {m:?})"),
+    }
+}
+
 /// One rank's handle on the collectives of its world.
 pub trait Communicator: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// The training step, for error messages.
     fn set_step(&mut self, step: u64);
+    /// Get ready for collectives on `groups`: this rank's group along each
+    /// mesh axis, which every rank posts in the same axis order (a transport
+    /// between processes makes its sub-communicators here).
+    fn split_mesh(&mut self, _groups: &[Group]) -> Result<(), CommError> {
+        Ok(())
+    }
 
     /// Every rank of `group` ends with the reduction of all ranks' `buf`.
     fn all_reduce(&mut self, group: &Group, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
@@ -113,6 +128,8 @@ pub trait Communicator: Send {
         send: &[f32],
         counts: &[usize],
     ) -> Result<(Vec<f32>, Vec<usize>), CommError>;
+    /// Every member's `buf` ends as member `root`'s (a group index).
+    fn broadcast(&mut self, group: &Group, root: usize, buf: &mut [f32]) -> Result<(), CommError>;
     /// Point to point, matched by (from, to, tag) in order.
     fn send(&mut self, to: usize, tag: u64, data: &[f32]) -> Result<(), CommError>;
     fn recv(&mut self, from: usize, tag: u64, out: &mut [f32]) -> Result<(), CommError>;
@@ -121,6 +138,47 @@ pub trait Communicator: Send {
     fn synchronize(&mut self) -> Result<(), CommError>;
     /// Report this rank's failure to every rank (their calls return it).
     fn abort(&mut self, message: &str);
+}
+
+/// This process's communicator in a world of processes (one rank each, as
+/// `mpirun` starts them), shared by a run's steps and its gathers.
+#[derive(Clone)]
+pub struct ProcessWorld {
+    comm: std::sync::Arc<std::sync::Mutex<Box<dyn Communicator>>>,
+    rank: usize,
+    size: usize,
+    /// Processes on this machine: they share its cores.
+    pub local_size: usize,
+}
+
+impl ProcessWorld {
+    pub fn new(comm: Box<dyn Communicator>, local_size: usize) -> ProcessWorld {
+        let (rank, size) = (comm.rank(), comm.world_size());
+        ProcessWorld { comm: std::sync::Arc::new(std::sync::Mutex::new(comm)), rank, size, local_size }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Every rank of the world, as one group.
+    pub fn everyone(&self) -> Group {
+        Group::new("world", (0..self.size).collect())
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Box<dyn Communicator>> {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for ProcessWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProcessWorld {{ rank: {}, size: {} }}", self.rank, self.size)
+    }
 }
 
 /// A rank's communicator with its group along each mesh axis: what the

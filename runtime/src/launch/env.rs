@@ -16,8 +16,10 @@ pub struct Placement {
     /// The launcher's node index (torchrun's `GROUP_RANK`, Slurm's
     /// `SLURM_NODEID`), where it gives one.
     pub node: Option<usize>,
-    /// Where rank 0 hosts the store the ranks meet at.
-    pub master_addr: String,
+    /// Where rank 0 hosts the store the ranks meet at. `None` under an MPI
+    /// launcher that was not given one: MPI itself connects the ranks, and
+    /// only what meets at the store (`tessera comm-check`) needs it.
+    pub master_addr: Option<String>,
     pub master_port: u16,
     pub source: Source,
 }
@@ -160,7 +162,16 @@ fn torchrun(v: &Vars) -> Result<Placement, EnvError> {
         Some(n) => Some(v.number("GROUP_RANK", &n)?),
         None => None,
     };
-    Ok(Placement { rank, world, local_rank, local_world, node, master_addr, master_port, source: Source::Torchrun })
+    Ok(Placement {
+        rank,
+        world,
+        local_rank,
+        local_world,
+        node,
+        master_addr: Some(master_addr),
+        master_port,
+        source: Source::Torchrun,
+    })
 }
 
 fn slurm(v: &Vars) -> Result<Placement, EnvError> {
@@ -200,7 +211,7 @@ fn slurm(v: &Vars) -> Result<Placement, EnvError> {
         local_rank,
         local_world,
         node,
-        master_addr,
+        master_addr: Some(master_addr),
         master_port: v.port()?,
         source: Source::Slurm,
     })
@@ -224,11 +235,7 @@ fn mpi(v: &Vars) -> Result<Placement, EnvError> {
             None => (rank, world, rank, world),
         }
     };
-    let master_addr = v.need(
-        "MASTER_ADDR",
-        "under mpirun the ranks meet at rank 0's host: pass it with `mpirun -x MASTER_ADDR=HOST` (Open MPI) or \
-         `-genv MASTER_ADDR HOST` (MPICH)",
-    )?;
+    let master_addr = v.opt("MASTER_ADDR");
     Ok(Placement {
         rank,
         world,
@@ -326,7 +333,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((p.rank, p.world, p.local_rank, p.local_world, p.node), (5, 8, 1, 4, Some(1)));
-        assert_eq!((p.master_addr.as_str(), p.master_port, p.source), ("node01", 29400, Source::Torchrun));
+        assert_eq!(
+            (p.master_addr.as_deref().unwrap_or(""), p.master_port, p.source),
+            ("node01", 29400, Source::Torchrun)
+        );
         // torchrun wins over the Slurm variables of the srun that started it.
         let p = place(&[
             ("RANK", "3"),
@@ -368,7 +378,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((p.rank, p.world, p.local_rank, p.local_world, p.node), (6, 8, 2, 4, Some(1)));
-        assert_eq!((p.master_addr.as_str(), p.master_port, p.source), ("gpu07", DEFAULT_PORT, Source::Slurm));
+        assert_eq!(
+            (p.master_addr.as_deref().unwrap_or(""), p.master_port, p.source),
+            ("gpu07", DEFAULT_PORT, Source::Slurm)
+        );
         // MASTER_ADDR and MASTER_PORT override the node list and the default port.
         let p = place(&[
             ("SLURM_PROCID", "0"),
@@ -381,7 +394,7 @@ mod tests {
         ])
         .unwrap()
         .unwrap();
-        assert_eq!((p.master_addr.as_str(), p.master_port, p.local_world), ("10.0.0.1", 12345, 2));
+        assert_eq!((p.master_addr.as_deref().unwrap_or(""), p.master_port, p.local_world), ("10.0.0.1", 12345, 2));
         let e = place(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0")]).unwrap_err();
         assert!(e.message.contains("SLURM_NTASKS_PER_NODE"), "{e}");
     }
@@ -394,12 +407,13 @@ mod tests {
             ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
             ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
         ];
-        let e = place(&ompi).unwrap_err();
-        assert!(e.message.contains("mpirun -x MASTER_ADDR"), "{e}");
+        let p = place(&ompi).unwrap().unwrap();
+        assert_eq!(p.master_addr, None, "MPI connects its ranks without a store");
         let mut with_addr = ompi.to_vec();
         with_addr.push(("MASTER_ADDR", "n0"));
         let p = place(&with_addr).unwrap().unwrap();
         assert_eq!((p.rank, p.world, p.local_rank, p.local_world, p.source), (3, 4, 1, 2, Source::Mpi));
+        assert_eq!(p.master_addr.as_deref(), Some("n0"));
         let p = place(&[("PMI_RANK", "2"), ("PMI_SIZE", "3"), ("MASTER_ADDR", "n0")]).unwrap().unwrap();
         assert_eq!((p.rank, p.world, p.local_rank, p.local_world), (2, 3, 2, 3));
     }

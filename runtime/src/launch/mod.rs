@@ -19,7 +19,14 @@ use std::time::Duration;
 /// Join the store of `p`'s world and wait until every rank has joined (a
 /// rank that gives up tells the others why).
 pub fn rendezvous(p: &Placement, timeout: Duration) -> Result<Store, StoreError> {
-    let mut store = Store::join(&p.master_addr, p.master_port, p.rank, p.world, timeout)?;
+    let Some(host) = &p.master_addr else {
+        return Err(StoreError::Setup(
+            "MASTER_ADDR is not set; under mpirun the ranks meet at rank 0's host: pass it with `mpirun -x \
+             MASTER_ADDR=HOST` (Open MPI) or `-genv MASTER_ADDR HOST` (MPICH)"
+                .into(),
+        ));
+    };
+    let mut store = Store::join(host, p.master_port, p.rank, p.world, timeout)?;
     match store.barrier("join") {
         Ok(()) => Ok(store),
         Err(e) => {

@@ -52,6 +52,9 @@ pub enum StoreError {
     HostGone { rank: usize, addr: String, op: String },
     #[error("rank {rank}: the store refused `{op}`: {message}")]
     Refused { rank: usize, op: String, message: String },
+    /// The placement names no store to meet at.
+    #[error("{0}")]
+    Setup(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -179,6 +179,11 @@ pub fn sha256_hex(data: &[u8]) -> String {
     sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The folder of step `step`'s checkpoint under `out`.
+pub fn step_dir(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("step-{step:08}"))
+}
+
 pub fn save(
     out: &Path,
     model: &Training,

@@ -67,6 +67,9 @@ pub struct RunConfig {
     pub allow_changes: bool,
     /// How the CPU backend runs fused kernels (`--backend jit|interp`).
     pub backend: Engine,
+    /// The world of processes this one is a rank of (`mpirun`), or `None`:
+    /// every rank of the mesh is a thread of this process.
+    pub world: Option<crate::comm::ProcessWorld>,
 }
 
 impl RunConfig {
@@ -86,6 +89,7 @@ impl RunConfig {
             spec_text: None,
             allow_changes: false,
             backend: Engine::default(),
+            world: None,
         }
     }
 }
@@ -199,11 +203,11 @@ impl Trainer {
             Some(dir) => {
                 let (params, opt, step, changes) = resume(dir, &training, &run, cfg.allow_changes)?;
                 let scaler = if fp16 { opt.scaler.or(fresh_scaler) } else { None };
-                let ranks = start_ranks(&training, ranks::Start::State(&params, &opt), cfg.backend)?;
+                let ranks = start_ranks(&training, ranks::Start::State(&params, &opt), &cfg)?;
                 (ranks, step, changes, scaler, opt.skipped)
             }
             None => {
-                let ranks = start_ranks(&training, ranks::Start::Init { seed: cfg.seed }, cfg.backend)?;
+                let ranks = start_ranks(&training, ranks::Start::Init { seed: cfg.seed }, &cfg)?;
                 (ranks, 0, Vec::new(), fresh_scaler, 0)
             }
         };
@@ -260,7 +264,7 @@ impl Trainer {
     /// Start the ranks from these logical weights, keeping the optimizer state.
     pub fn set_weights(&mut self, params: &[Tensor<f32>]) -> Result<(), TrainError> {
         let (_, opt) = self.state()?;
-        self.ranks = start_ranks(&self.training, ranks::Start::State(params, &opt), self.cfg.backend)?;
+        self.ranks = start_ranks(&self.training, ranks::Start::State(params, &opt), &self.cfg)?;
         Ok(())
     }
 
@@ -336,13 +340,19 @@ impl Trainer {
     /// The path of the first parameter whose gradient (on any rank) holds a non-finite value.
     fn first_nonfinite_grad(&self) -> Option<String> {
         let c = &self.training.step;
-        (0..c.params.len()).find_map(|k| {
-            let bad = (0..c.programs.len()).any(|r| {
-                let g = self.ranks.read(r, Bound::Grad(k)).ok().flatten();
-                g.is_some_and(|g| g.iter().any(|x| !x.is_finite()))
-            });
-            bad.then(|| c.params[k].path.clone())
-        })
+        let bad = self.ranks.nonfinite(c.params.len(), Bound::Grad).ok()?;
+        bad.iter().position(|&b| b).map(|k| c.params[k].path.clone())
+    }
+
+    /// Whether this process writes the run's files: the only one, or rank 0
+    /// of a world of processes.
+    pub fn is_writer(&self) -> bool {
+        self.ranks.world().is_none_or(|w| w.rank() == 0)
+    }
+
+    /// Tell the other processes of the world (if any) that this one failed.
+    pub fn abort(&self, message: &str) {
+        self.ranks.abort(message);
     }
 
     /// A step whose loss or gradient norm is not finite: an error, or (with
@@ -450,7 +460,19 @@ impl Trainer {
                 self.training.step.params[k].path, self.step
             )));
         }
-        checkpoint::save(&self.cfg.out, &self.training, &params, &opt, self.step, Some(&self.run))
+        // Across processes every rank holds the logical state now; rank 0
+        // writes it, and no rank goes on before the checkpoint is complete.
+        let saved = match self.is_writer() {
+            true => checkpoint::save(&self.cfg.out, &self.training, &params, &opt, self.step, Some(&self.run)),
+            false => Ok(checkpoint::step_dir(&self.cfg.out, self.step)),
+        };
+        if let Some(w) = self.ranks.world() {
+            if let Err(e) = &saved {
+                self.abort(&e.to_string());
+            }
+            w.lock().barrier(&w.everyone()).map_err(|e| TrainError::Io(e.to_string()))?;
+        }
+        saved
     }
 
     /// The per-layer slice of a parameter (for inspection and sampling).
@@ -496,8 +518,8 @@ fn resume(dir: &Path, t: &Training, run: &checkpoint::RunRecord, allow_changes: 
     Ok((params, opt, step, changes))
 }
 
-/// Every rank's backend, holding its part of the logical weights and optimizer state.
-fn start_ranks(t: &Training, start: ranks::Start<'_>, engine: Engine) -> Result<ranks::Ranks, TrainError> {
-    ranks::Ranks::new(&t.step, start, &t.train.optimizer, engine)
+/// Every local rank's backend, holding its part of the logical weights and optimizer state.
+fn start_ranks(t: &Training, start: ranks::Start<'_>, cfg: &RunConfig) -> Result<ranks::Ranks, TrainError> {
+    ranks::Ranks::new(&t.step, start, &t.train.optimizer, cfg.backend, cfg.world.as_ref())
         .map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
 }

@@ -1,6 +1,7 @@
 //! Training steps as lowered programs: every rank of the mesh (one on a
 //! single device) runs its `compiler::lower::Program` on a backend, as a
-//! thread with the in-process communicator. Weights, gradients, moments and
+//! thread with the in-process communicator, or as a process of its own with
+//! the process world's (MPI's): the same programs, another transport. Weights, gradients, moments and
 //! activations live in the backend's regions; the host only uploads each
 //! step's batches and hyperparameters and reads back the loss and the norm.
 //!
@@ -10,7 +11,10 @@
 //!
 //! Checkpoints hold logical tensors: [`Ranks::new`] cuts them into each
 //! rank's buffers (ZeRO's flat shards where the program has them) and
-//! [`Ranks::logical`] assembles them again, under any layout.
+//! [`Ranks::logical`] assembles them again, under any layout. Across
+//! processes, each rank broadcasts its buffers and every process assembles
+//! the same logical tensors; what only one process needs to do with them
+//! (write a checkpoint) is the caller's to decide.
 
 use super::optim::OptimizerState;
 use super::shards::{cut_elements, flat_shard, place, whole};
@@ -18,7 +22,7 @@ use crate::backend::{
     self, Backend,
     cpu::{Cpu, Engine},
 };
-use crate::comm::{Communicator, RankComm, World};
+use crate::comm::{Communicator, ProcessWorld, RankComm, World};
 use crate::tensor::Tensor;
 use std::sync::Mutex;
 use tessera_compiler::config::Optimizer;
@@ -28,6 +32,9 @@ use tessera_compiler::parallel::Mesh;
 
 /// How long a collective may wait for the other ranks before the step fails.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Rank buffers by (rank, role), as the processes exchanged them.
+type Buffers = std::collections::HashMap<(usize, Bound), Vec<f32>>;
 
 /// What one rank reports after a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,16 +86,66 @@ impl Bindings {
     }
 }
 
-/// The ranks of a run, each with its program and its backend.
+/// The ranks of a run, each with its program, and the ranks this process
+/// runs with their backends.
 pub struct Ranks {
     pub mesh: Mesh,
+    /// Every rank's program (a process reads the others' buffer sizes).
     programs: Vec<Program>,
+    /// The ranks this process runs: all of them as threads, or its own.
+    local: Vec<usize>,
+    /// Per local rank.
     backends: Vec<Mutex<Cpu>>,
     bindings: Vec<Bindings>,
-    /// Microbatches per rank and step.
+    /// Microbatches per rank and step (every rank's).
     micro: Vec<u64>,
     /// The optimizer whose state the ranks hold.
     optimizer: Optimizer,
+    /// The world of processes this one is a rank of (`None`: threads).
+    world: Option<ProcessWorld>,
+}
+
+/// What one rank's step leaves in its buffers, as it crosses between processes.
+#[derive(Debug, Clone, Copy)]
+struct Raw {
+    /// The loss accumulated over the rank's microbatches (`None`: no loss on this stage).
+    loss: Option<f32>,
+    /// The squared global gradient norm.
+    norm: f32,
+    updated: bool,
+    nonfinite_param: Option<usize>,
+}
+
+impl Raw {
+    const LEN: usize = 5;
+
+    fn encode(&self) -> [f32; Raw::LEN] {
+        [
+            self.loss.is_some() as u8 as f32,
+            self.loss.unwrap_or(0.0),
+            self.norm,
+            self.updated as u8 as f32,
+            self.nonfinite_param.map_or(0.0, |k| (k + 1) as f32),
+        ]
+    }
+
+    fn decode(v: &[f32]) -> Raw {
+        Raw {
+            loss: (v[0] != 0.0).then_some(v[1]),
+            norm: v[2],
+            updated: v[3] != 0.0,
+            nonfinite_param: (v[4] != 0.0).then(|| v[4] as usize - 1),
+        }
+    }
+
+    fn report(&self, micro: u64) -> RankStep {
+        RankStep {
+            loss: self.loss.map(|l| l as f64 / micro as f64),
+            grad_norm: (self.norm as f64).sqrt(),
+            updated: self.updated,
+            nonfinite_param: self.nonfinite_param,
+        }
+    }
 }
 
 /// What the host gives one step besides its data.
@@ -124,12 +181,42 @@ pub enum Start<'a> {
 }
 
 impl Ranks {
-    /// Each rank's backend, holding its part of the logical weights
+    /// Each local rank's backend, holding its part of the logical weights
     /// (`c.params`) and optimizer state; `optimizer` is the state's kind.
-    /// `engine` runs their fused kernels.
-    pub fn new(c: &Compiled, start: Start<'_>, optimizer: &Optimizer, engine: Engine) -> Result<Ranks, String> {
+    /// `engine` runs their fused kernels. With a process `world`, this
+    /// process runs its own rank only, and the world must have one process
+    /// per rank of the mesh.
+    pub fn new(
+        c: &Compiled,
+        start: Start<'_>,
+        optimizer: &Optimizer,
+        engine: Engine,
+        world: Option<&ProcessWorld>,
+    ) -> Result<Ranks, String> {
+        let local: Vec<usize> = match world {
+            None => (0..c.programs.len()).collect(),
+            Some(w) if w.size() != c.programs.len() => {
+                return Err(format!(
+                    "the world has {} processes but the mesh has {} ranks: start one process per rank",
+                    w.size(),
+                    c.programs.len()
+                ));
+            }
+            Some(w) => {
+                // This rank's group along each mesh axis, split by every process in axis order.
+                let groups: Vec<_> = c
+                    .mesh
+                    .order
+                    .iter()
+                    .filter_map(|(axis, _)| crate::comm::group_along(&c.mesh.order, w.rank(), axis))
+                    .collect();
+                w.lock().split_mesh(&groups).map_err(|e| e.to_string())?;
+                vec![w.rank()]
+            }
+        };
         let mut backends = Vec::new();
-        for p in &c.programs {
+        for &r in &local {
+            let p = &c.programs[r];
             let mut cpu = Cpu::with_engine(engine);
             cpu.alloc(p.sizes)?;
             cpu.prepare(p)?;
@@ -150,7 +237,8 @@ impl Ranks {
                             && !(sharded && p.bound(Bound::Master(k)).is_some())
                 };
                 if c.ranks.iter().zip(&c.programs).all(held_whole) {
-                    for ((p, rp), cpu) in c.programs.iter().zip(&c.ranks).zip(backends.iter_mut()) {
+                    for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
+                        let (p, rp) = (&c.programs[r], &c.ranks[r]);
                         for role in [Bound::Weight(k), Bound::Master(k)] {
                             if let Some(b) = p.bound(role).filter(|_| rp.params[k].held) {
                                 cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
@@ -173,7 +261,8 @@ impl Ranks {
                     (&params[k], v)
                 }
             };
-            for ((p, rp), cpu) in c.programs.iter().zip(&c.ranks).zip(backends.iter_mut()) {
+            for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
+                let (p, rp) = (&c.programs[r], &c.ranks[r]);
                 let shard = &rp.params[k];
                 if !shard.held {
                     continue;
@@ -198,20 +287,30 @@ impl Ranks {
         }
         let backends = backends.into_iter().map(Mutex::new).collect();
         let micro: Vec<u64> = c.ranks.iter().map(|r| r.micro).collect();
-        let bindings = c
-            .programs
+        let bindings = local
             .iter()
-            .zip(&micro)
-            .map(|(p, &n)| Bindings::of(p, n, c.inputs.len(), c.params.len()))
+            .map(|&r| Bindings::of(&c.programs[r], micro[r], c.inputs.len(), c.params.len()))
             .collect::<Result<_, _>>()?;
         Ok(Ranks {
             mesh: c.mesh.clone(),
             programs: c.programs.clone(),
+            local,
             backends,
             bindings,
             micro,
             optimizer: optimizer.clone(),
+            world: world.cloned(),
         })
+    }
+
+    /// The world of processes this one is a rank of (`None`: the ranks are threads).
+    pub fn world(&self) -> Option<&ProcessWorld> {
+        self.world.as_ref()
+    }
+
+    /// Where rank `rank`'s backend is in this process, if it runs here.
+    fn slot(&self, rank: usize) -> Option<usize> {
+        self.local.iter().position(|&r| r == rank)
     }
 
     /// One training step on every rank. `inputs(k)` is global microbatch
@@ -223,22 +322,20 @@ impl Ranks {
         trace: Option<&crate::trace::Trace>,
     ) -> Result<Vec<RankStep>, String> {
         let StepArgs { step, updates, seed, lr, loss_scale } = args;
-        let world = World::new(self.programs.len(), TIMEOUT);
-        let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
         let t = (updates + 1) as i32;
         let (b1, b2) = match self.optimizer {
             Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
             Optimizer::Sgd { .. } => (0.0, 0.0),
         };
         let hyper = [lr as f32, (1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)) as f32];
-        world.run(|local| {
-            crate::exec::set_threads(per_rank);
-            local.set_step(step);
-            let r = local.rank();
+        // One rank's step on this process, with its communicator.
+        let run_rank = |r: usize, comm: &mut dyn Communicator| -> Result<Raw, String> {
+            comm.set_step(step);
+            let slot = self.slot(r).ok_or_else(|| format!("rank {r} does not run in this process"))?;
             let p = &self.programs[r];
             let mut cpu =
-                self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
-            let bind = &self.bindings[r];
+                self.backends[slot].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+            let bind = &self.bindings[slot];
             let d = self.mesh.data_coord(r as u64);
             for (j, bufs) in bind.inputs.iter().enumerate() {
                 for (x, b) in inputs(d * self.micro[r] + j as u64).iter().zip(bufs) {
@@ -249,11 +346,11 @@ impl Ranks {
             }
             cpu.upload(p.buffer(bind.hyper), &hyper)?;
             cpu.upload(p.buffer(bind.loss_scale), &[loss_scale])?;
-            let mut rc = RankComm::new(local, &self.mesh.order);
+            let mut rc = RankComm::new(comm, &self.mesh.order);
             rc.trace = trace;
             let report = backend::run(&mut *cpu, p, Some(&rc), seed ^ (step << 20)).map_err(|e| e.to_string())?;
-            let read = |b: BufId| -> Result<f64, String> { Ok(cpu.download(p.buffer(b))?[0] as f64) };
-            let loss = if bind.has_loss { Some(read(bind.loss)? / self.micro[r] as f64) } else { None };
+            let read = |b: BufId| -> Result<f32, String> { Ok(cpu.download(p.buffer(b))?[0]) };
+            let loss = if bind.has_loss { Some(read(bind.loss)?) } else { None };
             let mut nonfinite_param = None;
             if report.updated {
                 for (k, w) in bind.weights.iter().enumerate() {
@@ -265,15 +362,73 @@ impl Ranks {
                     }
                 }
             }
-            Ok(RankStep { loss, grad_norm: read(bind.norm)?.sqrt(), updated: report.updated, nonfinite_param })
-        })
+            Ok(Raw { loss, norm: read(bind.norm)?, updated: report.updated, nonfinite_param })
+        };
+        let raw: Vec<Raw> = match &self.world {
+            None => {
+                let world = World::new(self.programs.len(), TIMEOUT);
+                let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
+                world.run(|local| {
+                    crate::exec::set_threads(per_rank);
+                    run_rank(local.rank(), local)
+                })?
+            }
+            Some(w) => {
+                // The processes of a machine share its cores.
+                crate::exec::set_threads(0);
+                crate::exec::set_threads((crate::exec::threads() / w.local_size.max(1)).max(1));
+                let mut comm = w.lock();
+                let mine = match run_rank(w.rank(), &mut **comm) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        comm.abort(&e);
+                        return Err(e);
+                    }
+                };
+                // Every rank's report, on every process: the same decisions everywhere.
+                let mut all = vec![0f32; Raw::LEN * w.size()];
+                comm.all_gather(&w.everyone(), &mine.encode(), &mut all).map_err(|e| e.to_string())?;
+                all.chunks(Raw::LEN).map(Raw::decode).collect()
+            }
+        };
+        Ok(raw.iter().zip(&self.micro).map(|(r, &m)| r.report(m)).collect())
     }
 
-    /// The elements of rank `rank`'s buffer that plays `role`, if it has one.
+    /// Per parameter, whether some rank's buffer of role `role(k)` holds a
+    /// value that is not finite (every rank's, across processes).
+    pub fn nonfinite(&self, params: usize, role: impl Fn(usize) -> Bound) -> Result<Vec<bool>, String> {
+        let mut bad = vec![0f32; params];
+        for (slot, &r) in self.local.iter().enumerate() {
+            let p = &self.programs[r];
+            let cpu = self.backends[slot].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+            for (k, flag) in bad.iter_mut().enumerate() {
+                if let Some(b) = p.bound(role(k))
+                    && !cpu.finite(p.buffer(b))?
+                {
+                    *flag = 1.0;
+                }
+            }
+        }
+        if let Some(w) = &self.world {
+            w.lock().all_reduce(&w.everyone(), &mut bad, crate::comm::ReduceOp::Max).map_err(|e| e.to_string())?;
+        }
+        Ok(bad.iter().map(|&f| f != 0.0).collect())
+    }
+
+    /// Tell every rank of a process world that this one failed (threads
+    /// share their failures already).
+    pub fn abort(&self, message: &str) {
+        if let Some(w) = &self.world {
+            w.lock().abort(message);
+        }
+    }
+
+    /// The elements of rank `rank`'s buffer that plays `role`, if it has
+    /// one (`None` too for a rank of another process).
     pub fn read(&self, rank: usize, role: Bound) -> Result<Option<Vec<f32>>, String> {
         let p = self.programs.get(rank).ok_or_else(|| format!("no rank {rank}"))?;
-        let Some(b) = p.bound(role) else { return Ok(None) };
-        let cpu = self.backends[rank].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+        let (Some(slot), Some(b)) = (self.slot(rank), p.bound(role)) else { return Ok(None) };
+        let cpu = self.backends[slot].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
         cpu.download(p.buffer(b)).map(Some)
     }
 
@@ -289,11 +444,68 @@ impl Ranks {
         self.assemble(c, None)
     }
 
+    /// The roles of rank `r`'s buffers that hold logical state, in a fixed
+    /// order: the weights (f32 master weights where the program keeps them),
+    /// and with `moments` the optimizer's.
+    fn state_roles(&self, c: &Compiled, r: usize, moments: bool) -> Vec<Bound> {
+        let p = &self.programs[r];
+        let mut roles = Vec::new();
+        for k in 0..c.params.len() {
+            if !c.ranks[r].params[k].held {
+                continue;
+            }
+            let mut mine = vec![if p.bound(Bound::Master(k)).is_some() { Bound::Master(k) } else { Bound::Weight(k) }];
+            if moments {
+                mine.extend([Bound::Moment1(k), Bound::Moment2(k)]);
+            }
+            roles.extend(mine.into_iter().filter(|&b| p.bound(b).is_some()));
+        }
+        roles
+    }
+
+    /// Every rank's state buffers (`state_roles`), in every process: each
+    /// rank broadcasts its own to the world, one message per rank.
+    fn exchange(&self, c: &Compiled, w: &ProcessWorld, moments: bool) -> Result<Buffers, String> {
+        let mut out = Buffers::new();
+        let mut comm = w.lock();
+        for r in 0..self.programs.len() {
+            let p = &self.programs[r];
+            let roles = self.state_roles(c, r, moments);
+            let sizes: Vec<usize> =
+                roles.iter().map(|&b| p.bound(b).map_or(0, |id| p.buffer(id).ty.numel() as usize)).collect();
+            let mut flat = Vec::with_capacity(sizes.iter().sum());
+            if r == w.rank() {
+                for &role in &roles {
+                    flat.extend(self.read(r, role)?.unwrap_or_default());
+                }
+            } else {
+                flat.resize(sizes.iter().sum(), 0.0);
+            }
+            comm.broadcast(&w.everyone(), r, &mut flat).map_err(|e| e.to_string())?;
+            let mut at = 0;
+            for (role, n) in roles.into_iter().zip(sizes) {
+                out.insert((r, role), flat[at..at + n].to_vec());
+                at += n;
+            }
+        }
+        Ok(out)
+    }
+
     /// The logical weights, and into `state` the optimizer state, from every rank's buffers.
     fn assemble(&self, c: &Compiled, mut state: Option<&mut OptimizerState>) -> Result<Vec<Tensor<f32>>, String> {
+        let exchanged = match &self.world {
+            Some(w) => Some(self.exchange(c, w, state.is_some())?),
+            None => None,
+        };
+        // Rank `r`'s buffer of `role`: from its backend here, or as another process sent it.
+        let fetch = |r: usize, role: Bound| -> Result<Option<Vec<f32>>, String> {
+            match &exchanged {
+                Some(x) => Ok(x.get(&(r, role)).cloned()),
+                None => self.read(r, role),
+            }
+        };
         let mut params: Vec<Tensor<f32>> = c.params.iter().map(|p| Tensor::zeros(&p.ty.dims)).collect();
-        for (r, (p, rp)) in self.programs.iter().zip(&c.ranks).enumerate() {
-            let cpu = self.backends[r].lock().map_err(|_| "a rank's backend was poisoned by a panic".to_string())?;
+        for (r, rp) in c.ranks.iter().enumerate() {
             for (k, meta) in c.params.iter().enumerate() {
                 let shard = &rp.params[k];
                 if !shard.held {
@@ -302,23 +514,16 @@ impl Ranks {
                 let n = shard.local.ty.numel() as usize;
                 // A flat ZeRO shard is whole across the rank's data group.
                 let whole = |role: Bound, sharded: bool| -> Result<Option<Vec<f32>>, String> {
-                    let Some(b) = p.bound(role) else { return Ok(None) };
+                    if self.programs[r].bound(role).is_none() {
+                        return Ok(None);
+                    }
                     if !sharded {
-                        return Ok(Some(cpu.download(p.buffer(b))?));
+                        return fetch(r, role);
                     }
                     let axis = self.mesh.data_axis.as_deref().ok_or("a shard without a data axis")?;
                     let mut v = Vec::new();
                     for member in self.mesh.group(r as u64, axis) {
-                        let q = &self.programs[member as usize];
-                        let other = self.backends[member as usize].try_lock();
-                        let data = match (&other, member as usize == r) {
-                            (_, true) => cpu.download(p.buffer(b))?,
-                            (Ok(o), false) => {
-                                o.download(q.buffer(q.bound(role).ok_or("a shard missing on a data rank")?))?
-                            }
-                            (Err(_), false) => return Err("a data rank's backend is busy".into()),
-                        };
-                        v.extend(data);
+                        v.extend(fetch(member as usize, role)?.ok_or("a shard missing on a data rank")?);
                     }
                     v.truncate(n);
                     Ok(Some(v))

@@ -1,0 +1,526 @@
+//! The MPI communicator: ranks as processes started by `mpirun` (or by
+//! `srun` where Slurm's MPI plugin starts them), each running one rank's
+//! program; Open MPI, MPICH or any MPI-3 library moves the values.
+//!
+//! MPI lives on a progress thread of its own: it initialises MPI (threading
+//! level `funneled`: only that thread calls MPI), creates the groups' MPI
+//! communicators and runs every call the rank's thread posts to it, in the
+//! order they were posted. The rank's thread waits for a call's result at
+//! most the timeout: a collective that waits longer fails with the rank, the
+//! op, the group and the step, as the in-process communicator's does (MPI
+//! cannot say which members are missing). Sends are MPI's immediate sends,
+//! completed later, so that two ranks that send to each other before they
+//! receive cannot deadlock, as with the in-process mailboxes.
+//!
+//! A rank that fails calls [`Communicator::abort`]: its message is printed
+//! by the caller, and MPI_Abort ends every process of the job, as Open MPI's
+//! launcher reports.
+
+use super::{CommError, Communicator, Group, ReduceOp};
+use mpi::Threading;
+use mpi::datatype::{Partition, PartitionMut};
+use mpi::request::StaticScope;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// One call, posted to the progress thread with its data.
+enum Call {
+    AllReduce {
+        data: Vec<f32>,
+        op: ReduceOp,
+    },
+    ReduceScatter {
+        data: Vec<f32>,
+        chunk: usize,
+        op: ReduceOp,
+    },
+    AllGather {
+        data: Vec<f32>,
+    },
+    AllToAll {
+        data: Vec<f32>,
+        counts: Vec<usize>,
+    },
+    Broadcast {
+        data: Vec<f32>,
+        root: usize,
+    },
+    Send {
+        to: usize,
+        tag: u64,
+        data: Vec<f32>,
+    },
+    Recv {
+        from: usize,
+        tag: u64,
+    },
+    Barrier,
+    /// Split the world into the groups along each mesh axis (every process
+    /// posts the same axes, in the same order).
+    Split {
+        groups: Vec<Group>,
+    },
+    /// End every process of the job (MPI_Abort).
+    Abort,
+}
+
+type Reply = Result<(Vec<f32>, Vec<usize>), String>;
+
+struct Job {
+    ranks: Vec<usize>,
+    call: Call,
+    reply: mpsc::SyncSender<Reply>,
+}
+
+/// This process's rank in an MPI world.
+pub struct Mpi {
+    rank: usize,
+    size: usize,
+    step: u64,
+    timeout: Duration,
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// A call that timed out or a rank that aborted: the progress thread may
+    /// be stuck in MPI, so every later call fails at once and nothing waits
+    /// for it at exit.
+    broken: Option<CommError>,
+}
+
+impl Mpi {
+    /// Initialise MPI on a progress thread; collectives fail after waiting
+    /// `timeout`. Fails where MPI is initialised already or cannot start
+    /// (no launcher's environment that the library understands).
+    pub fn init(timeout: Duration) -> Result<Mpi, String> {
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("mpi-progress".into())
+            .spawn(move || progress(jobs_rx, ready_tx))
+            .map_err(|e| format!("cannot start MPI's progress thread: {e}"))?;
+        let (rank, size) =
+            ready_rx.recv().map_err(|_| "MPI's progress thread stopped while initialising MPI".to_string())??;
+        Ok(Mpi { rank, size, step: 0, timeout, jobs: Some(jobs_tx), thread: Some(thread), broken: None })
+    }
+
+    /// Post `call` on `ranks` and wait for its result (at most the timeout).
+    fn call(&mut self, op: &'static str, what: String, ranks: &[usize], call: Call) -> Done {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job = Job { ranks: ranks.to_vec(), call, reply: tx };
+        let posted = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !posted {
+            return Err(self.usage("MPI's progress thread has stopped".into()));
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(message)) => Err(self.usage(message)),
+            Err(_) => {
+                let e = CommError::Timeout {
+                    rank: self.rank,
+                    op,
+                    group: what,
+                    step: self.step,
+                    waited_ms: self.timeout.as_millis() as u64,
+                    missing: vec![],
+                };
+                self.broken = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn usage(&self, message: String) -> CommError {
+        CommError::Usage { rank: self.rank, message }
+    }
+
+    /// Check that this rank is a member of `group`.
+    fn member(&self, group: &Group, op: &str) -> Result<(), CommError> {
+        match group.index_of(self.rank) {
+            Some(_) => Ok(()),
+            None => Err(self.usage(format!("`{op}` on the {group}, which does not contain this rank"))),
+        }
+    }
+}
+
+/// A call's result on the rank's side.
+type Done = Result<(Vec<f32>, Vec<usize>), CommError>;
+
+impl Communicator for Mpi {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    fn split_mesh(&mut self, groups: &[Group]) -> Result<(), CommError> {
+        let world: Vec<usize> = (0..self.size).collect();
+        self.call("split", "world".into(), &world, Call::Split { groups: groups.to_vec() }).map(|_| ())
+    }
+
+    fn all_reduce(&mut self, group: &Group, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.member(group, "all_reduce")?;
+        let (out, _) =
+            self.call("all_reduce", group.to_string(), &group.ranks, Call::AllReduce { data: buf.to_vec(), op })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, group: &Group, input: &[f32], out: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.member(group, "reduce_scatter")?;
+        let n = group.ranks.len();
+        if input.len() != out.len() * n {
+            return Err(self.usage(format!(
+                "reduce_scatter on the {group}: input of {} values is not {n} × the output's {}",
+                input.len(),
+                out.len()
+            )));
+        }
+        let call = Call::ReduceScatter { data: input.to_vec(), chunk: out.len(), op };
+        let (mine, _) = self.call("reduce_scatter", group.to_string(), &group.ranks, call)?;
+        out.copy_from_slice(&mine);
+        Ok(())
+    }
+
+    fn all_gather(&mut self, group: &Group, input: &[f32], out: &mut [f32]) -> Result<(), CommError> {
+        self.member(group, "all_gather")?;
+        let n = group.ranks.len();
+        if out.len() != input.len() * n {
+            return Err(self.usage(format!(
+                "all_gather on the {group}: output of {} values is not {n} × the input's {}",
+                out.len(),
+                input.len()
+            )));
+        }
+        let (all, _) =
+            self.call("all_gather", group.to_string(), &group.ranks, Call::AllGather { data: input.to_vec() })?;
+        out.copy_from_slice(&all);
+        Ok(())
+    }
+
+    fn all_to_all(
+        &mut self,
+        group: &Group,
+        send: &[f32],
+        counts: &[usize],
+    ) -> Result<(Vec<f32>, Vec<usize>), CommError> {
+        self.member(group, "all_to_all")?;
+        let n = group.ranks.len();
+        if counts.len() != n || counts.iter().sum::<usize>() != send.len() {
+            return Err(self.usage(format!(
+                "all_to_all on the {group}: {} counts summing to {} for {n} members and {} values",
+                counts.len(),
+                counts.iter().sum::<usize>(),
+                send.len()
+            )));
+        }
+        let call = Call::AllToAll { data: send.to_vec(), counts: counts.to_vec() };
+        self.call("all_to_all", group.to_string(), &group.ranks, call)
+    }
+
+    fn broadcast(&mut self, group: &Group, root: usize, buf: &mut [f32]) -> Result<(), CommError> {
+        self.member(group, "broadcast")?;
+        if root >= group.ranks.len() {
+            return Err(self.usage(format!("broadcast on the {group} from member {root} of {}", group.ranks.len())));
+        }
+        let (out, _) =
+            self.call("broadcast", group.to_string(), &group.ranks, Call::Broadcast { data: buf.to_vec(), root })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn send(&mut self, to: usize, tag: u64, data: &[f32]) -> Result<(), CommError> {
+        if to >= self.size {
+            return Err(self.usage(format!("send to rank {to} of {}", self.size)));
+        }
+        let what = format!("pair ({} → {to}), tag {tag}", self.rank);
+        self.call("send", what, &[], Call::Send { to, tag, data: data.to_vec() }).map(|_| ())
+    }
+
+    fn recv(&mut self, from: usize, tag: u64, out: &mut [f32]) -> Result<(), CommError> {
+        if from >= self.size {
+            return Err(self.usage(format!("receive from rank {from} of {}", self.size)));
+        }
+        let what = format!("pair ({from} → {}), tag {tag}", self.rank);
+        let (data, _) = self.call("recv", what, &[], Call::Recv { from, tag })?;
+        if data.len() != out.len() {
+            return Err(CommError::Mismatch {
+                rank: self.rank,
+                op: "recv",
+                group: format!("pair ({from} → {})", self.rank),
+                step: self.step,
+                other: from,
+                other_op: "send",
+                detail: format!("expected {} values with tag {tag}, got {}", out.len(), data.len()),
+            });
+        }
+        out.copy_from_slice(&data);
+        Ok(())
+    }
+
+    fn barrier(&mut self, group: &Group) -> Result<(), CommError> {
+        self.member(group, "barrier")?;
+        self.call("barrier", group.to_string(), &group.ranks, Call::Barrier).map(|_| ())
+    }
+
+    fn synchronize(&mut self) -> Result<(), CommError> {
+        self.broken.clone().map_or(Ok(()), Err)
+    }
+
+    fn abort(&mut self, message: &str) {
+        if self.broken.is_none() {
+            self.broken = Some(CommError::Aborted {
+                rank: self.rank,
+                failed: self.rank,
+                step: self.step,
+                message: message.into(),
+            });
+        }
+        // MPI_Abort ends every process of the job; where the progress thread
+        // is stuck in a call, this process's exit ends it (the launcher
+        // stops the others when one exits without finalising MPI).
+        let (tx, _rx) = mpsc::sync_channel(1);
+        if let Some(j) = &self.jobs {
+            let _ = j.send(Job { ranks: vec![], call: Call::Abort, reply: tx });
+        }
+    }
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        // A healthy world finalises MPI; a broken one must not wait for a
+        // thread that may be stuck in a call.
+        if self.broken.is_some() {
+            return;
+        }
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// MPI's tags are at least 0..=32767 (MPI_TAG_UB): a program's 64-bit tag
+/// folded into that range. Messages between one pair keep their order in
+/// MPI, so two tags that fold alike still match in program order.
+fn mpi_tag(tag: u64) -> i32 {
+    let mut t = tag;
+    let mut folded = 0u64;
+    while t != 0 {
+        folded ^= t & 0x7fff;
+        t >>= 15;
+    }
+    folded as i32
+}
+
+/// Sends in flight: the request and the buffer it reads, freed once it completes.
+struct Sending {
+    request: mpi::request::Request<'static, [f32], StaticScope>,
+    buffer: *mut [f32],
+}
+
+impl Sending {
+    /// Whether it completed (and its buffer was freed).
+    fn done(self) -> Option<Sending> {
+        match self.request.test() {
+            Ok(_) => {
+                // SAFETY: `buffer` came from `Box::leak` in `send`, and the
+                // send that read it has completed.
+                drop(unsafe { Box::from_raw(self.buffer) });
+                None
+            }
+            Err(request) => Some(Sending { request, buffer: self.buffer }),
+        }
+    }
+
+    fn wait(self) {
+        self.request.wait();
+        // SAFETY: as in `done`: the send has completed.
+        drop(unsafe { Box::from_raw(self.buffer) });
+    }
+}
+
+/// The progress thread: initialise MPI, then run the posted calls in order.
+fn progress(jobs: mpsc::Receiver<Job>, ready: mpsc::SyncSender<Result<(usize, usize), String>>) {
+    let Some((universe, _)) = mpi::initialize_with_threading(Threading::Funneled) else {
+        let _ = ready.send(Err("MPI is initialised already in this process".into()));
+        return;
+    };
+    let world = universe.world();
+    let size = world.size() as usize;
+    let _ = ready.send(Ok((world.rank() as usize, size)));
+    let mut comms: HashMap<Vec<usize>, SimpleCommunicator> = HashMap::new();
+    let mut sending: Vec<Sending> = Vec::new();
+    while let Ok(job) = jobs.recv() {
+        let everyone = job.ranks.len() == size && job.ranks.iter().enumerate().all(|(i, &r)| i == r);
+        let reply = match job.call {
+            Call::Abort => {
+                eprintln!("rank {}: aborting every rank of the MPI job", world.rank());
+                world.abort(1);
+            }
+            Call::Split { groups } => split(&world, &groups, &mut comms),
+            Call::Send { to, tag, data } => {
+                let buffer: &'static mut [f32] = Box::leak(data.into_boxed_slice());
+                let raw: *mut [f32] = buffer;
+                // SAFETY: the leaked buffer lives until `Sending` frees it after completion.
+                let request = world.process_at_rank(to as i32).immediate_send_with_tag(
+                    StaticScope,
+                    unsafe { &*raw },
+                    mpi_tag(tag),
+                );
+                sending.push(Sending { request, buffer: raw });
+                Ok((vec![], vec![]))
+            }
+            Call::Recv { from, tag } => {
+                let peer = world.process_at_rank(from as i32);
+                let status = peer.probe_with_tag(mpi_tag(tag));
+                let count = status.count(f32::equivalent_datatype()).max(0) as usize;
+                let mut buf = vec![0f32; count];
+                peer.receive_into_with_tag(&mut buf[..], mpi_tag(tag));
+                Ok((buf, vec![]))
+            }
+            call => match (everyone, comms.get(&job.ranks)) {
+                (true, _) => Ok(collective(&world, call)),
+                (false, Some(c)) => Ok(collective(c, call)),
+                (false, None) => Err(format!(
+                    "no MPI communicator for the group of ranks {:?}: the mesh's groups are split when the ranks \
+                     start",
+                    job.ranks
+                )),
+            },
+        };
+        sending = sending.into_iter().filter_map(Sending::done).collect();
+        let _ = job.reply.send(reply);
+    }
+    for s in sending {
+        s.wait();
+    }
+    drop(comms);
+    drop(universe);
+}
+
+/// One communicator per group of `groups` that holds this rank, made by
+/// splitting the world once per axis (every process splits for every axis).
+fn split(world: &SimpleCommunicator, groups: &[Group], comms: &mut HashMap<Vec<usize>, SimpleCommunicator>) -> Reply {
+    let me = world.rank() as usize;
+    for g in groups {
+        let Some(index) = g.index_of(me) else {
+            return Err(format!("rank {me} is not in its own {g}"));
+        };
+        // Members of one group share its first rank: the colour.
+        let color = mpi::topology::Color::with_value(g.ranks[0] as i32);
+        let Some(c) = world.split_by_color_with_key(color, index as i32) else {
+            return Err(format!("MPI could not split the world into the {g}"));
+        };
+        if c.size() as usize != g.ranks.len() {
+            return Err(format!(
+                "the {g} holds {} ranks under MPI but {} in the mesh: every process must split the same axes",
+                c.size(),
+                g.ranks.len()
+            ));
+        }
+        comms.insert(g.ranks.clone(), c);
+    }
+    Ok((vec![], vec![]))
+}
+
+fn system_op(op: ReduceOp) -> mpi::collective::SystemOperation {
+    use mpi::collective::SystemOperation;
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => SystemOperation::sum(),
+        ReduceOp::Max => SystemOperation::max(),
+        ReduceOp::Min => SystemOperation::min(),
+    }
+}
+
+/// Run collective `call` on `comm` (the group's communicator), blocking.
+fn collective(comm: &impl Communicator2, call: Call) -> (Vec<f32>, Vec<usize>) {
+    let n = comm.size() as usize;
+    let mean = |v: &mut Vec<f32>, op: ReduceOp| {
+        if op == ReduceOp::Mean {
+            v.iter_mut().for_each(|x| *x /= n as f32);
+        }
+    };
+    match call {
+        Call::AllReduce { data, op } => {
+            let mut out = vec![0f32; data.len()];
+            comm.all_reduce_into(&data[..], &mut out[..], system_op(op));
+            mean(&mut out, op);
+            (out, vec![])
+        }
+        Call::ReduceScatter { data, chunk, op } => {
+            let mut out = vec![0f32; chunk];
+            if chunk > 0 {
+                comm.reduce_scatter_block_into(&data[..], &mut out[..], system_op(op));
+            }
+            mean(&mut out, op);
+            (out, vec![])
+        }
+        Call::AllGather { data } => {
+            let mut out = vec![0f32; data.len() * n];
+            comm.all_gather_into(&data[..], &mut out[..]);
+            (out, vec![])
+        }
+        Call::Broadcast { mut data, root } => {
+            comm.process_at_rank(root as i32).broadcast_into(&mut data[..]);
+            (data, vec![])
+        }
+        Call::AllToAll { data, counts } => {
+            let send_counts: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+            let mut recv_counts = vec![0i32; n];
+            comm.all_to_all_into(&send_counts[..], &mut recv_counts[..]);
+            let displs = |c: &[i32]| -> Vec<i32> {
+                c.iter()
+                    .scan(0i32, |at, &x| {
+                        let d = *at;
+                        *at += x;
+                        Some(d)
+                    })
+                    .collect()
+            };
+            let (sd, rd) = (displs(&send_counts), displs(&recv_counts));
+            let total: i32 = recv_counts.iter().sum();
+            let mut out = vec![0f32; total as usize];
+            {
+                let send = Partition::new(&data[..], &send_counts[..], &sd[..]);
+                let mut recv = PartitionMut::new(&mut out[..], &recv_counts[..], &rd[..]);
+                comm.all_to_all_varcount_into(&send, &mut recv);
+            }
+            (out, recv_counts.iter().map(|&c| c as usize).collect())
+        }
+        Call::Barrier => {
+            comm.barrier();
+            (vec![], vec![])
+        }
+        Call::Send { .. } | Call::Recv { .. } | Call::Split { .. } | Call::Abort => {
+            unreachable!("point-to-point calls and splits are not collectives")
+        }
+    }
+}
+
+/// rsmpi's communicator trait, named apart from ours.
+use mpi::traits::Communicator as Communicator2;
+
+#[cfg(test)]
+mod tests {
+    use super::mpi_tag;
+
+    #[test]
+    fn tags_fold_into_mpi_range() {
+        for t in [0u64, 1, 32767, 32768, 1 << 62, (1 << 62) | 5, u64::MAX] {
+            assert!((0..=32767).contains(&mpi_tag(t)), "{t}");
+        }
+        assert_eq!(mpi_tag(7), 7);
+        assert_ne!(mpi_tag((1 << 62) | 1), mpi_tag((1 << 62) | 2));
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Scaling of the demo (specs/tiny/shakespeare.spec, global batch 16) as 1,
+# 2 and 4 MPI processes, and as 2 and 4 threads of one process, on this
+# machine (4 ranks: microbatches of 4): the median
+# tokens/s of steps 6..STEPS, and from rank 0's trace the time per step its
+# program spends in collectives and point-to-point transfers.
+# Usage: tools/mpi-scaling.sh [STEPS]   (needs a build with --features mpi)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${1:-30}
+bin=target/release/tessera
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+tmp=$(mktemp -d)
+common=(--steps "$steps" --eval-interval 100000 --overwrite --trace-steps "$steps")
+run() { # name, launcher..., -- , sets...
+  local name=$1; shift
+  local launcher=()
+  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done; shift
+  "${launcher[@]}" "$bin" train specs/tiny/shakespeare.spec "$@" "${common[@]}" \
+    --out "$tmp/$name" --trace "$tmp/$name.trace.json" >"$tmp/$name.log" 2>&1
+  python3 - "$name" "$tmp/$name/metrics.jsonl" "$tmp/$name.trace.json" "$steps" <<'PY'
+import json, statistics, sys
+name, metrics, trace, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rows = [json.loads(l) for l in open(metrics)]
+tps = statistics.median(r["tokens_per_s"] for r in rows[5:])
+events = json.load(open(trace))
+events = events["traceEvents"] if isinstance(events, dict) else events
+comm = sum(e.get("dur", 0) for e in events if e.get("tid") == 0 and e.get("cat") in ("collective", "p2p"))
+print(f"| {name} | {tps:,.0f} | {comm / 1e3 / steps:.1f} |")
+PY
+}
+echo "| run | tokens/s (median) | rank 0 in communication, ms/step |"
+echo "|---|---|---|"
+run "1 process" -- --set parallel.mesh.data=1
+run "2 threads, 1 process" -- 
+run "2 processes (MPI)" mpirun --oversubscribe -n 2 --
+run "4 threads, 1 process" -- --set parallel.mesh.data=4 --set train.micro_batch=4
+run "4 processes (MPI)" mpirun --oversubscribe -n 4 -- --set parallel.mesh.data=4 --set train.micro_batch=4
+rm -rf "$tmp"
