@@ -9,7 +9,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{rel, zero_gradient};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use tessera::runtime::tensor::Tensor;
 use tessera::runtime::train::RunConfig;
@@ -91,22 +92,6 @@ fn processes(n: usize, spec: &str, overrides: &[&str], name: &str) -> Run {
     let weights = tessera::runtime::train::checkpoint::load_params(&out, &params).expect("rank 0's checkpoint loads");
     let _ = std::fs::remove_dir_all(&out);
     Run { losses, weights }
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    num / den.max(1e-30)
-}
-
-/// Whether weight element `i` has a gradient that is zero in exact
-/// arithmetic (the attention key bias: softmax ignores a shift shared by
-/// all keys), which AdamW turns from summation-order noise into updates of
-/// full size; measured as below 1e-6 of its tensor's largest gradient
-/// (the rule of `tests/parallel.rs`).
-fn zero_gradient(g: &[f32], i: usize) -> bool {
-    let top = g.iter().fold(0f32, |a, b| a.max(b.abs()));
-    g[i].abs() <= 1e-6 * top
 }
 
 /// `n` processes running `layout` on top of `base` reproduce the single device running `base`.
@@ -210,5 +195,4 @@ fn a_failing_rank_stops_the_job() {
     assert!(err.contains("holds another run"), "{err}");
     assert!(t0.elapsed() < std::time::Duration::from_secs(60), "the job ended after {:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&out);
-    let _ = Path::new(&out);
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::{rel, zero_gradient};
 use std::path::{Path, PathBuf};
 use tessera::compiler::{Options, SourceMap, check_path};
 use tessera::runtime::tensor::Tensor;
@@ -54,23 +55,6 @@ fn train(spec: &str, sets: &[&str]) -> Run {
     losses.push(t.evaluate(1).expect("evaluates"));
     let _ = std::fs::remove_dir_all(&out);
     Run { losses, weights: t.weights().expect("weights"), grads }
-}
-
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
-    num / den.max(1e-30)
-}
-
-/// Whether weight element `i` of `g`'s tensor has a gradient that is zero in
-/// exact arithmetic: the attention key bias is one (softmax ignores a shift
-/// shared by all keys), and AdamW turns such a gradient's rounding noise,
-/// which depends on summation order, into updates of full size, so no two
-/// summation orders agree on it. Measured as below 1e-6 of the tensor's
-/// largest gradient.
-fn zero_gradient(g: &[f32], i: usize) -> bool {
-    let top = g.iter().fold(0f32, |a, b| a.max(b.abs()));
-    g[i].abs() <= 1e-6 * top
 }
 
 fn same(spec: &str, base: &[&str], layout: &[&str]) {

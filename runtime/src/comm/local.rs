@@ -1,7 +1,7 @@
 //! The in-process communicator: one thread per rank, collectives meet in a
 //! shared table under one lock, and waits are bounded by a timeout.
 
-use super::{CommError, Communicator, Group, ReduceOp};
+use super::{CommError, Communicator, Group, ReduceOp, sizes};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -263,13 +263,7 @@ impl Communicator for Local {
 
     fn reduce_scatter(&mut self, group: &Group, input: &[f32], out: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let n = group.ranks.len();
-        if input.len() != out.len() * n {
-            return Err(self.usage(format!(
-                "reduce_scatter on the {group}: input of {} values is not {n} × the output's {}",
-                input.len(),
-                out.len()
-            )));
-        }
+        sizes::reduce_scatter(group, input.len(), out.len()).map_err(|m| self.usage(m))?;
         let chunk = out.len();
         let sig = format!("{} f32 values, {op:?}", input.len());
         let (mine, _) = self.collective(group, "reduce_scatter", sig, (input.to_vec(), vec![]), |ins| {
@@ -292,13 +286,7 @@ impl Communicator for Local {
 
     fn all_gather(&mut self, group: &Group, input: &[f32], out: &mut [f32]) -> Result<(), CommError> {
         let n = group.ranks.len();
-        if out.len() != input.len() * n {
-            return Err(self.usage(format!(
-                "all_gather on the {group}: output of {} values is not {n} × the input's {}",
-                out.len(),
-                input.len()
-            )));
-        }
+        sizes::all_gather(group, input.len(), out.len()).map_err(|m| self.usage(m))?;
         let sig = format!("{} f32 values", input.len());
         let (all, _) = self.collective(group, "all_gather", sig, (input.to_vec(), vec![]), |ins| {
             let cat: Vec<f32> = ins.iter().flat_map(|x| x.0.iter().copied()).collect();
@@ -315,14 +303,7 @@ impl Communicator for Local {
         counts: &[usize],
     ) -> Result<(Vec<f32>, Vec<usize>), CommError> {
         let n = group.ranks.len();
-        if counts.len() != n || counts.iter().sum::<usize>() != send.len() {
-            return Err(self.usage(format!(
-                "all_to_all on the {group}: {} counts summing to {} for {n} members and {} values",
-                counts.len(),
-                counts.iter().sum::<usize>(),
-                send.len()
-            )));
-        }
+        sizes::all_to_all(group, send.len(), counts).map_err(|m| self.usage(m))?;
         // Splits may differ per rank: only the group size must agree.
         let sig = format!("{n} members");
         self.collective(group, "all_to_all", sig, (send.to_vec(), counts.to_vec()), |ins| {
@@ -343,9 +324,7 @@ impl Communicator for Local {
 
     fn broadcast(&mut self, group: &Group, root: usize, buf: &mut [f32]) -> Result<(), CommError> {
         let n = group.ranks.len();
-        if root >= n {
-            return Err(self.usage(format!("broadcast on the {group} from member {root} of {n}")));
-        }
+        sizes::broadcast(group, root).map_err(|m| self.usage(m))?;
         let sig = format!("{} f32 values from member {root}", buf.len());
         let (out, _) = self.collective(group, "broadcast", sig, (buf.to_vec(), vec![]), |ins| {
             vec![(ins[root].0.clone(), vec![]); n]

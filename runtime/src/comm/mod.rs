@@ -90,6 +90,50 @@ pub enum CommError {
     Usage { rank: usize, message: String },
 }
 
+/// The sizes a call's buffers must have, checked the same way by every
+/// communicator: `Err` says what does not fit.
+pub mod sizes {
+    use super::Group;
+
+    pub fn reduce_scatter(group: &Group, input: usize, out: usize) -> Result<(), String> {
+        let n = group.ranks.len();
+        match input == out * n {
+            true => Ok(()),
+            false => {
+                Err(format!("reduce_scatter on the {group}: input of {input} values is not {n} × the output's {out}"))
+            }
+        }
+    }
+
+    pub fn all_gather(group: &Group, input: usize, out: usize) -> Result<(), String> {
+        let n = group.ranks.len();
+        match out == input * n {
+            true => Ok(()),
+            false => Err(format!("all_gather on the {group}: output of {out} values is not {n} × the input's {input}")),
+        }
+    }
+
+    pub fn all_to_all(group: &Group, send: usize, counts: &[usize]) -> Result<(), String> {
+        let n = group.ranks.len();
+        let total: usize = counts.iter().sum();
+        match counts.len() == n && total == send {
+            true => Ok(()),
+            false => Err(format!(
+                "all_to_all on the {group}: {} counts summing to {total} for {n} members and {send} values",
+                counts.len()
+            )),
+        }
+    }
+
+    pub fn broadcast(group: &Group, root: usize) -> Result<(), String> {
+        let n = group.ranks.len();
+        match root < n {
+            true => Ok(()),
+            false => Err(format!("broadcast on the {group} from member {root} of {n}")),
+        }
+    }
+}
+
 /// The ranks a timed-out call waited for, where the transport knows them
 /// (MPI does not say which members have not arrived).
 fn waiting_for(missing: &[usize]) -> String {

@@ -16,7 +16,7 @@
 //! by the caller, and MPI_Abort ends every process of the job, as Open MPI's
 //! launcher reports.
 
-use super::{CommError, Communicator, Group, ReduceOp};
+use super::{CommError, Communicator, Group, ReduceOp, sizes};
 use mpi::Threading;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::request::StaticScope;
@@ -178,14 +178,7 @@ impl Communicator for Mpi {
 
     fn reduce_scatter(&mut self, group: &Group, input: &[f32], out: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         self.member(group, "reduce_scatter")?;
-        let n = group.ranks.len();
-        if input.len() != out.len() * n {
-            return Err(self.usage(format!(
-                "reduce_scatter on the {group}: input of {} values is not {n} × the output's {}",
-                input.len(),
-                out.len()
-            )));
-        }
+        sizes::reduce_scatter(group, input.len(), out.len()).map_err(|m| self.usage(m))?;
         let call = Call::ReduceScatter { data: input.to_vec(), chunk: out.len(), op };
         let (mine, _) = self.call("reduce_scatter", group.to_string(), &group.ranks, call)?;
         out.copy_from_slice(&mine);
@@ -194,14 +187,7 @@ impl Communicator for Mpi {
 
     fn all_gather(&mut self, group: &Group, input: &[f32], out: &mut [f32]) -> Result<(), CommError> {
         self.member(group, "all_gather")?;
-        let n = group.ranks.len();
-        if out.len() != input.len() * n {
-            return Err(self.usage(format!(
-                "all_gather on the {group}: output of {} values is not {n} × the input's {}",
-                out.len(),
-                input.len()
-            )));
-        }
+        sizes::all_gather(group, input.len(), out.len()).map_err(|m| self.usage(m))?;
         let (all, _) =
             self.call("all_gather", group.to_string(), &group.ranks, Call::AllGather { data: input.to_vec() })?;
         out.copy_from_slice(&all);
@@ -215,24 +201,14 @@ impl Communicator for Mpi {
         counts: &[usize],
     ) -> Result<(Vec<f32>, Vec<usize>), CommError> {
         self.member(group, "all_to_all")?;
-        let n = group.ranks.len();
-        if counts.len() != n || counts.iter().sum::<usize>() != send.len() {
-            return Err(self.usage(format!(
-                "all_to_all on the {group}: {} counts summing to {} for {n} members and {} values",
-                counts.len(),
-                counts.iter().sum::<usize>(),
-                send.len()
-            )));
-        }
+        sizes::all_to_all(group, send.len(), counts).map_err(|m| self.usage(m))?;
         let call = Call::AllToAll { data: send.to_vec(), counts: counts.to_vec() };
         self.call("all_to_all", group.to_string(), &group.ranks, call)
     }
 
     fn broadcast(&mut self, group: &Group, root: usize, buf: &mut [f32]) -> Result<(), CommError> {
         self.member(group, "broadcast")?;
-        if root >= group.ranks.len() {
-            return Err(self.usage(format!("broadcast on the {group} from member {root} of {}", group.ranks.len())));
-        }
+        sizes::broadcast(group, root).map_err(|m| self.usage(m))?;
         let (out, _) =
             self.call("broadcast", group.to_string(), &group.ranks, Call::Broadcast { data: buf.to_vec(), root })?;
         buf.copy_from_slice(&out);
