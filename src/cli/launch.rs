@@ -118,29 +118,27 @@ pub fn single_process(mesh: (u64, &str)) -> Result<(), ExitCode> {
 }
 
 /// `train` under a launcher: this process's rank in the world of processes
-/// (`None`: one process, whose ranks are threads). Ranks started by
-/// `mpirun`, or by `srun` with Slurm's MPI plugin, talk through MPI.
-pub fn process_world(mesh: (u64, &str)) -> Result<Option<ProcessWorld>, ExitCode> {
+/// (`None`: one process, whose ranks are threads). Ranks that `mpirun`
+/// starts talk through MPI; ranks that torchrun, `tessera launch` or `srun`
+/// start meet at rank 0's store and talk over TCP.
+pub fn process_world(mesh: (u64, &str), timeout: Duration) -> Result<Option<ProcessWorld>, ExitCode> {
     let Some(p) = launched(mesh)? else { return Ok(None) };
     match p.source {
-        Source::Mpi | Source::Slurm => mpi_world(&p),
-        Source::Torchrun => {
-            eprintln!(
-                "error: this process is rank {} of {} ({}), but ranks started by torchrun or `tessera launch` \
-                 have no transport between CPU processes yet (NCCL for --device cuda is issue 13's). Start the \
-                 ranks with `mpirun -n {} tessera train ...` (or `srun --mpi=pmix`), or run one process: it runs \
-                 the mesh's ranks as threads (docs/launch.md)",
-                p.rank, p.world, p.source, p.world
-            );
-            Err(ExitCode::from(1))
+        Source::Mpi => mpi_world(&p, timeout),
+        Source::Torchrun | Source::Slurm => {
+            let tcp = tessera_runtime::comm::tcp::Tcp::connect(&p, timeout).map_err(|e| {
+                eprintln!("error: rank {} of {} ({}): {e}", p.rank, p.world, p.source);
+                ExitCode::from(1)
+            })?;
+            Ok(Some(ProcessWorld::new(Box::new(tcp), "TCP", p.local_world)))
         }
     }
 }
 
 #[cfg(feature = "mpi")]
-fn mpi_world(p: &Placement) -> Result<Option<ProcessWorld>, ExitCode> {
+fn mpi_world(p: &Placement, timeout: Duration) -> Result<Option<ProcessWorld>, ExitCode> {
     use tessera_runtime::comm::mpi::Mpi;
-    let mpi = Mpi::init(tessera_runtime::train::ranks::TIMEOUT).map_err(|e| {
+    let mpi = Mpi::init(timeout).map_err(|e| {
         eprintln!("error: rank {} of {} ({}): cannot start MPI: {e}", p.rank, p.world, p.source);
         ExitCode::from(1)
     })?;
@@ -157,11 +155,11 @@ fn mpi_world(p: &Placement) -> Result<Option<ProcessWorld>, ExitCode> {
         );
         return Err(ExitCode::from(1));
     }
-    Ok(Some(ProcessWorld::new(Box::new(mpi), p.local_world)))
+    Ok(Some(ProcessWorld::new(Box::new(mpi), "MPI", p.local_world)))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn mpi_world(p: &Placement) -> Result<Option<ProcessWorld>, ExitCode> {
+fn mpi_world(p: &Placement, _timeout: Duration) -> Result<Option<ProcessWorld>, ExitCode> {
     eprintln!(
         "error: this process is rank {} of {} ({}), but this tessera was built without MPI: build it with \
          `cargo build --release --features mpi` (needs an MPI library, e.g. Debian's libopenmpi-dev, and \

@@ -135,6 +135,11 @@ enum Command {
         /// says what this machine lacks, docs/cuda.md).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
+        /// Seconds a collective or transfer may wait for the other ranks
+        /// before the step fails naming the rank, the op, the group and the
+        /// step (as torch's `init_process_group(timeout=...)`).
+        #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = positive)]
+        collective_timeout: u64,
     },
     /// Train N steps after two warm-up steps and report tokens/s and achieved GFLOP/s.
     Bench {
@@ -542,10 +547,12 @@ fn command(args: Vec<OsString>) -> ExitCode {
             trace_steps,
             backend,
             device,
+            collective_timeout,
         } => {
             if let Err(code) = on_device(device) {
                 return code;
             }
+            let timeout = std::time::Duration::from_secs(collective_timeout);
             // A resume applies the run's recorded overrides first; the
             // user's, after them, win (a new layout, or a change to allow).
             let mut spec = spec;
@@ -562,7 +569,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
             }
             match load(&spec) {
                 Ok(m) => {
-                    let world = match launch::process_world((m.parallel.world(), &mesh_text(&m))) {
+                    let world = match launch::process_world((m.parallel.world(), &mesh_text(&m)), timeout) {
                         Ok(w) => w,
                         Err(code) => return code,
                     };
@@ -581,6 +588,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
                         trace,
                         backend: backend.unwrap_or_default(),
                         world,
+                        timeout,
                     };
                     train(m, source, run)
                 }
@@ -1043,6 +1051,8 @@ struct RunArgs {
     backend: tessera_runtime::train::Engine,
     /// This process's rank in a world of processes (`mpirun`), or `None`.
     world: Option<tessera_runtime::comm::ProcessWorld>,
+    /// How long a collective waits for the other ranks.
+    timeout: std::time::Duration,
 }
 
 fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
@@ -1061,6 +1071,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         trace,
         backend,
         world,
+        timeout,
     } = args;
     // Across processes, rank 0 writes the run's files and prints; an error
     // on any rank stops them all.
@@ -1130,9 +1141,10 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     let axes: Vec<String> = m.parallel.mesh.iter().map(|(a, n)| format!("{a} {n}")).collect();
     if let Some(w) = world.as_ref().filter(|_| writer) {
         eprintln!(
-            "note: training on {} processes ({}), one rank each, over MPI; rank 0 writes the checkpoints and metrics",
+            "note: training on {} processes ({}), one rank each, over {}; rank 0 writes the checkpoints and metrics",
             w.size(),
-            axes.join(" × ")
+            axes.join(" × "),
+            w.transport
         );
     } else if m.parallel.world() > 1 && world.is_none() {
         eprintln!(
@@ -1157,6 +1169,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         allow_changes,
         backend,
         world: world.clone(),
+        timeout,
     };
     let mut trainer = match Trainer::new(training, cfg) {
         Ok(tr) => tr,

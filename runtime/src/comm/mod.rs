@@ -4,7 +4,9 @@
 //! reduce-scatter, all-gather, all-to-all with uneven splits, send and
 //! receive, and barriers, each within a [`Group`] of ranks (one per mesh
 //! axis slice). [`Local`] implements it in process, one thread per rank, for
-//! the CPU runtime's simulated ranks. An NCCL implementation will implement
+//! the CPU runtime's simulated ranks; [`tcp::Tcp`] connects processes that
+//! torchrun, `tessera launch` or `srun` start, and `mpi::Mpi` (the `mpi`
+//! feature) those that `mpirun` starts. An NCCL implementation will implement
 //! the same trait: there a call enqueues on the rank's stream and returns, and
 //! errors surface at [`Communicator::synchronize`]. The in-process one
 //! completes each call before returning, so `synchronize` has nothing to do.
@@ -17,6 +19,7 @@
 mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod tcp;
 
 pub use local::{Local, World};
 
@@ -189,6 +192,8 @@ pub trait Communicator: Send {
 #[derive(Clone)]
 pub struct ProcessWorld {
     comm: std::sync::Arc<std::sync::Mutex<Box<dyn Communicator>>>,
+    /// What carries the values, for messages: `MPI`, `TCP`.
+    pub transport: &'static str,
     rank: usize,
     size: usize,
     /// Processes on this machine: they share its cores.
@@ -196,9 +201,9 @@ pub struct ProcessWorld {
 }
 
 impl ProcessWorld {
-    pub fn new(comm: Box<dyn Communicator>, local_size: usize) -> ProcessWorld {
+    pub fn new(comm: Box<dyn Communicator>, transport: &'static str, local_size: usize) -> ProcessWorld {
         let (rank, size) = (comm.rank(), comm.world_size());
-        ProcessWorld { comm: std::sync::Arc::new(std::sync::Mutex::new(comm)), rank, size, local_size }
+        ProcessWorld { comm: std::sync::Arc::new(std::sync::Mutex::new(comm)), transport, rank, size, local_size }
     }
 
     pub fn rank(&self) -> usize {

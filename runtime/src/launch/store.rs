@@ -556,6 +556,16 @@ impl Store {
         self.timeout
     }
 
+    /// The address this rank reaches the store from: one the other ranks
+    /// can reach it at too (IPv6 in brackets, ready for `:port`).
+    pub fn local_ip(&self) -> Result<String, std::io::Error> {
+        let ip = self.w.get_ref().local_addr()?.ip();
+        Ok(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        })
+    }
+
     fn call(&mut self, op: &str, req: Request) -> Result<Reply, StoreError> {
         // The server bounds its waits by the request's own deadline; the
         // socket's bound catches a host that stopped answering at all.

@@ -70,6 +70,9 @@ pub struct RunConfig {
     /// The world of processes this one is a rank of (`mpirun`), or `None`:
     /// every rank of the mesh is a thread of this process.
     pub world: Option<crate::comm::ProcessWorld>,
+    /// How long a collective waits for the other ranks before the step
+    /// fails (the threads' communicator; a process world has its own).
+    pub timeout: std::time::Duration,
 }
 
 impl RunConfig {
@@ -90,6 +93,7 @@ impl RunConfig {
             allow_changes: false,
             backend: Engine::default(),
             world: None,
+            timeout: ranks::TIMEOUT,
         }
     }
 }
@@ -521,5 +525,6 @@ fn resume(dir: &Path, t: &Training, run: &checkpoint::RunRecord, allow_changes: 
 /// Every local rank's backend, holding its part of the logical weights and optimizer state.
 fn start_ranks(t: &Training, start: ranks::Start<'_>, cfg: &RunConfig) -> Result<ranks::Ranks, TrainError> {
     ranks::Ranks::new(&t.step, start, &t.train.optimizer, cfg.backend, cfg.world.as_ref())
+        .map(|r| r.with_timeout(cfg.timeout))
         .map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
 }

@@ -103,6 +103,8 @@ pub struct Ranks {
     optimizer: Optimizer,
     /// The world of processes this one is a rank of (`None`: threads).
     world: Option<ProcessWorld>,
+    /// How long the threads' collectives wait for each other.
+    timeout: std::time::Duration,
 }
 
 /// What one rank's step leaves in its buffers, as it crosses between processes.
@@ -300,7 +302,14 @@ impl Ranks {
             micro,
             optimizer: optimizer.clone(),
             world: world.cloned(),
+            timeout: TIMEOUT,
         })
+    }
+
+    /// The same ranks, whose threads' collectives wait at most `timeout`.
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Ranks {
+        self.timeout = timeout;
+        self
     }
 
     /// The world of processes this one is a rank of (`None`: the ranks are threads).
@@ -330,7 +339,8 @@ impl Ranks {
         let hyper = [lr as f32, (1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)) as f32];
         // One rank's step on this process, with its communicator.
         let run_rank = |r: usize, comm: &mut dyn Communicator| -> Result<Raw, String> {
-            comm.set_step(step);
+            // Errors name the step as the run reports it: from 1.
+            comm.set_step(step + 1);
             let slot = self.slot(r).ok_or_else(|| format!("rank {r} does not run in this process"))?;
             let p = &self.programs[r];
             let mut cpu =
@@ -366,7 +376,7 @@ impl Ranks {
         };
         let raw: Vec<Raw> = match &self.world {
             None => {
-                let world = World::new(self.programs.len(), TIMEOUT);
+                let world = World::new(self.programs.len(), self.timeout);
                 let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
                 world.run(|local| {
                     crate::exec::set_threads(per_rank);

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Scaling of the demo (specs/tiny/shakespeare.spec, global batch 16) as 1,
-# 2 and 4 MPI processes, and as 2 and 4 threads of one process, on this
-# machine (4 ranks: microbatches of 4): the median
+# 2 and 4 processes over MPI (mpirun) and over TCP (tessera launch), and as
+# 2 and 4 threads of one process, on this machine (4 ranks: microbatches of 4): the median
 # tokens/s of steps 6..STEPS, and from rank 0's trace the time per step its
 # program spends in collectives and point-to-point transfers.
-# Usage: tools/mpi-scaling.sh [STEPS]   (needs a build with --features mpi)
+# Usage: tools/process-scaling.sh [STEPS]   (needs a build with --features mpi)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-30}
@@ -12,11 +12,11 @@ bin=target/release/tessera
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 tmp=$(mktemp -d)
 common=(--steps "$steps" --eval-interval 100000 --overwrite --trace-steps "$steps")
-run() { # name, launcher..., -- , sets...
+run() { # name, the command up to `train`..., ::, overrides...
   local name=$1; shift
   local launcher=()
-  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done; shift
-  "${launcher[@]}" "$bin" train specs/tiny/shakespeare.spec "$@" "${common[@]}" \
+  while [ "$1" != "::" ]; do launcher+=("$1"); shift; done; shift
+  "${launcher[@]}" train specs/tiny/shakespeare.spec "$@" "${common[@]}" \
     --out "$tmp/$name" --trace "$tmp/$name.trace.json" >"$tmp/$name.log" 2>&1
   python3 - "$name" "$tmp/$name/metrics.jsonl" "$tmp/$name.trace.json" "$steps" <<'PY'
 import json, statistics, sys
@@ -31,9 +31,12 @@ PY
 }
 echo "| run | tokens/s (median) | rank 0 in communication, ms/step |"
 echo "|---|---|---|"
-run "1 process" -- --set parallel.mesh.data=1
-run "2 threads, 1 process" -- 
-run "2 processes (MPI)" mpirun --oversubscribe -n 2 --
-run "4 threads, 1 process" -- --set parallel.mesh.data=4 --set train.micro_batch=4
-run "4 processes (MPI)" mpirun --oversubscribe -n 4 -- --set parallel.mesh.data=4 --set train.micro_batch=4
+four=(--set parallel.mesh.data=4 --set train.micro_batch=4)
+run "1 process" "$bin" :: --set parallel.mesh.data=1
+run "2 threads, 1 process" "$bin" ::
+run "2 processes (MPI)" mpirun --oversubscribe -n 2 "$bin" ::
+run "2 processes (TCP, tessera launch)" "$bin" launch --nproc-per-node 2 -- ::
+run "4 threads, 1 process" "$bin" :: "${four[@]}"
+run "4 processes (MPI)" mpirun --oversubscribe -n 4 "$bin" :: "${four[@]}"
+run "4 processes (TCP, tessera launch)" "$bin" launch --nproc-per-node 4 -- :: "${four[@]}"
 rm -rf "$tmp"
