@@ -77,3 +77,23 @@ pub fn zero_gradient(g: &[f32], i: usize) -> bool {
     let top = g.iter().fold(0f32, |a, b| a.max(b.abs()));
     g[i].abs() <= 1e-6 * top
 }
+
+/// The children of process `parent`, with their `RANK` variable.
+pub fn children_of(parent: u32) -> Vec<(u32, Option<String>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after its `)`.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let rank = env
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"RANK=").map(|v| String::from_utf8_lossy(v).into_owned()));
+        out.push((pid, rank));
+    }
+    out
+}

@@ -389,3 +389,66 @@ fn a_hung_rank_is_named_after_the_timeout() {
     assert!(waited >= std::time::Duration::from_secs(2), "failed after {waited:?}, before the timeout");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `tessera launch --max-restarts 1`, as torchelastic restarts a job: rank
+/// 1 is killed after the checkpoint of step 10; every rank is restarted,
+/// resumes from the last complete checkpoint and finishes, and the final
+/// weights are the bits of an uninterrupted run.
+#[test]
+fn a_killed_rank_restarts_the_job_from_its_last_checkpoint() {
+    let out = tmp("restart");
+    let mut args: Vec<String> = vec!["train".into(), GPT.into()];
+    args.extend(sets(&["parallel.mesh.data=2", "parallel.layout.batch=data", "train.save_interval=10"]));
+    args.extend(["--steps", "40", "--eval-interval", "1000", "--seed", "3", "--data", DATA].map(String::from));
+    let launcher = Command::new(TESSERA)
+        .args(["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--"])
+        .args(&args)
+        .args(["--out".to_string(), out.to_string_lossy().into_owned()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tessera launch starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 12 {
+        assert!(std::time::Instant::now() < deadline, "the ranks never logged 12 steps");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let one = common::children_of(launcher.id())
+        .into_iter()
+        .find(|(_, rank)| rank.as_deref() == Some("1"))
+        .expect("rank 1 runs")
+        .0;
+    // SAFETY: a signal to a rank that the launcher started and reaps.
+    assert_eq!(unsafe { libc::kill(one as i32, libc::SIGKILL) }, 0);
+    let o = launcher.wait_with_output().expect("the launcher ends");
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "the restarted job failed:\n{err}");
+    assert!(err.contains("rank 1 (pid") && err.contains("SIGKILL"), "{err}");
+    assert!(err.contains("restarting every rank (restart 1 of 1)"), "{err}");
+    assert!(err.contains("restart 1: resuming from the last complete checkpoint"), "{err}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<u64>>(), "each step logged once, in order");
+
+    // The same run, uninterrupted, as one process (threads give TCP's bits).
+    let straight = tmp("straight");
+    let o = Command::new(TESSERA)
+        .args(&args)
+        .args(["--out".to_string(), straight.to_string_lossy().into_owned()])
+        .output()
+        .expect("train runs");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let m = common::check_ok(GPT, &["parallel.mesh.data=2", "parallel.layout.batch=data"]);
+    let params = tessera::compiler::driver::compile_training(&m, None).expect("compiles").step.params;
+    let load = |dir: &PathBuf| tessera::runtime::train::checkpoint::load_params(dir, &params).expect("loads");
+    let (restarted, uninterrupted) = (load(&out), load(&straight));
+    for (k, (a, b)) in restarted.iter().zip(&uninterrupted).enumerate() {
+        let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "parameter {k} of the restarted run differs from the uninterrupted run's");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&straight);
+}

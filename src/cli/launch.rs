@@ -16,7 +16,14 @@ const GRACE: Duration = Duration::from_secs(10);
 const RANK_COMMANDS: &[&str] = &["train", "bench", "comm-check"];
 
 /// Start `nproc` ranks of node `node_rank` of `nnodes` running `command`.
-pub fn run(nproc: u64, nnodes: u64, node_rank: u64, master: Option<String>, command: Vec<OsString>) -> ExitCode {
+pub fn run(
+    nproc: u64,
+    nnodes: u64,
+    node_rank: u64,
+    master: Option<String>,
+    max_restarts: u64,
+    command: Vec<OsString>,
+) -> ExitCode {
     let first = command.first().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
     if !RANK_COMMANDS.contains(&first.as_str()) {
         let hint = match first.as_str() {
@@ -50,6 +57,7 @@ pub fn run(nproc: u64, nnodes: u64, node_rank: u64, master: Option<String>, comm
         program,
         args: command,
         grace: GRACE,
+        max_restarts: max_restarts as usize,
     };
     match agent::run(&l) {
         Ok(()) => ExitCode::SUCCESS,

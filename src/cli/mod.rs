@@ -236,6 +236,11 @@ enum Command {
         /// required with --nnodes above 1).
         #[arg(long, value_name = "HOST:PORT")]
         master: Option<String>,
+        /// After a failed rank, restart every rank up to this many times
+        /// (torchelastic's restarts); `train` resumes from the last complete
+        /// checkpoint in its --out folder.
+        #[arg(long, default_value_t = 0, value_parser = whole)]
+        max_restarts: u64,
         /// The command each rank runs: `train FILE ...`, `bench FILE ...` or `comm-check`.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<OsString>,
@@ -525,8 +530,8 @@ fn command(args: Vec<OsString>) -> ExitCode {
             plan::command(spec, json, world, device, search, top)
         }
         Command::Fmt { file, write, check } => fmt(&file, write, check),
-        Command::Launch { nproc_per_node, nnodes, node_rank, master, command } => {
-            launch::run(nproc_per_node, nnodes, node_rank, master, command)
+        Command::Launch { nproc_per_node, nnodes, node_rank, master, max_restarts, command } => {
+            launch::run(nproc_per_node, nnodes, node_rank, master, max_restarts, command)
         }
         Command::CommCheck { rounds, timeout, hold } => launch::comm_check(rounds, timeout, hold),
         Command::CheckKernels { spec, gpu, json } => match load(&spec) {
@@ -1091,6 +1096,33 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         })
         .unwrap_or(100);
     let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&m.name));
+    // A restart under `tessera launch --max-restarts` (or torchelastic)
+    // continues the job from its last complete checkpoint, or starts it
+    // over where it saved none.
+    let (resume, overwrite) = match restart_count() {
+        Some(n) if n > 0 && resume.is_none() => match out.join("latest").exists() {
+            true => {
+                if writer {
+                    eprintln!("note: restart {n}: resuming from the last complete checkpoint in {}", out.display());
+                }
+                (Some(out.clone()), false)
+            }
+            false => {
+                if writer {
+                    eprintln!("note: restart {n}: no checkpoint was completed; starting the run over");
+                }
+                (None, true)
+            }
+        },
+        _ => (resume, overwrite),
+    };
+    let recorded = match (&recorded, &resume) {
+        (None, Some(dir)) => match checkpoint::run_of(dir) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        },
+        _ => recorded,
+    };
     // Outputs are checked before anything runs.
     if let Some((path, _)) = trace.as_ref().filter(|_| writer) {
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -1289,6 +1321,12 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
 }
 
 /// The spec checked again for one sequence at a time.
+/// Which restart of a job this process belongs to, as torchelastic (and
+/// `tessera launch --max-restarts`) says: 0 for the first attempt.
+fn restart_count() -> Option<u64> {
+    std::env::var("TORCHELASTIC_RESTART_COUNT").ok()?.trim().parse().ok()
+}
+
 /// Keep the metrics records of steps up to `step` (a resume redoes the rest).
 fn truncate_metrics(path: &Path, step: u64) -> Result<(), String> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };

@@ -6,7 +6,8 @@
 //!
 //! When a rank fails (a non-zero exit, or a signal), the launcher stops the
 //! others (SIGTERM, then SIGKILL after a grace period) and reports the failed
-//! rank with its last lines of error output. Ranks die with the launcher
+//! rank with its last lines of error output; with `max_restarts`, it then
+//! starts every rank again (torchelastic's restarts), up to that many times. Ranks die with the launcher
 //! (`PR_SET_PDEATHSIG`), so a killed launcher leaves no process behind.
 
 use std::collections::VecDeque;
@@ -34,6 +35,11 @@ pub struct Launch {
     pub args: Vec<OsString>,
     /// How long a rank being stopped gets between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// Restart every rank of this node this many times at most after a
+    /// failure, as torchelastic does; each attempt's ranks see
+    /// `TORCHELASTIC_RESTART_COUNT` (0 first), and `tessera train` resumes
+    /// from its run folder's last complete checkpoint.
+    pub max_restarts: usize,
 }
 
 /// How many error lines of a failed rank the report keeps.
@@ -191,9 +197,29 @@ fn free_port() -> Result<u16, LaunchError> {
         .map_err(|e| LaunchError::Usage(format!("cannot find a free port for the store: {e}; pass --master HOST:PORT")))
 }
 
-/// Start the ranks of this node and wait for them. `Ok` when every rank
-/// exits 0.
+/// Start the ranks of this node and wait for them, restarting them all
+/// after a failed rank up to `l.max_restarts` times. `Ok` when every rank
+/// of an attempt exits 0.
 pub fn run(l: &Launch) -> Result<(), LaunchError> {
+    let mut attempt = 0;
+    loop {
+        match run_once(l, attempt) {
+            Err(e @ LaunchError::Failed { .. }) if attempt < l.max_restarts => {
+                attempt += 1;
+                eprintln!("tessera launch: {e}");
+                eprintln!(
+                    "tessera launch: restarting every rank (restart {attempt} of {}); `train` resumes from its last \
+                     complete checkpoint",
+                    l.max_restarts
+                );
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// One attempt: start the ranks of this node and wait for them.
+fn run_once(l: &Launch, attempt: usize) -> Result<(), LaunchError> {
     if l.node_rank >= l.nnodes {
         return Err(LaunchError::Usage(format!(
             "--node-rank {} is not below --nnodes {}: nodes are numbered from 0",
@@ -222,7 +248,7 @@ pub fn run(l: &Launch) -> Result<(), LaunchError> {
     let mut spawn_error = None;
     for local in 0..l.nproc_per_node {
         let rank = l.node_rank * l.nproc_per_node + local;
-        match start(l, rank, local, world, port) {
+        match start(l, rank, local, world, port, attempt) {
             Ok(r) => ranks.push(r),
             Err(why) => {
                 spawn_error = Some(LaunchError::Spawn { rank, why });
@@ -251,9 +277,11 @@ pub fn run(l: &Launch) -> Result<(), LaunchError> {
     outcome
 }
 
-fn start(l: &Launch, rank: usize, local: usize, world: usize, port: u16) -> Result<Rank, String> {
+fn start(l: &Launch, rank: usize, local: usize, world: usize, port: u16, attempt: usize) -> Result<Rank, String> {
     let mut cmd = Command::new(&l.program);
     cmd.args(&l.args)
+        .env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
+        .env("TORCHELASTIC_MAX_RESTARTS", l.max_restarts.to_string())
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", local.to_string())
         .env("WORLD_SIZE", world.to_string())
