@@ -393,3 +393,85 @@ fn token_files_are_little_endian_u16() {
     std::fs::write(&path, [1u8, 2, 3]).unwrap();
     assert!(Dataset::open(&path, 0.1, 300, &Tokenizer::Bytes).is_err());
 }
+
+/// A background save writes the state as it was when the save was asked
+/// for, while training goes on: the step after it changes the weights, and
+/// the checkpoint still holds the saved step's bits.
+#[test]
+fn a_background_save_holds_the_state_of_its_step() {
+    let out = tmp("bg-save");
+    let mut t = common::trainer(&tiny(), cfg(&out, None)).expect("trainer");
+    run(&mut t, 3);
+    let at_save = t.weights().expect("weights");
+    let dest = t.save_in_background().expect("save starts");
+    run(&mut t, 5);
+    let now = t.weights().expect("weights");
+    assert_ne!(now[0].data, at_save[0].data, "training went on after the save");
+    assert_eq!(t.finish_saving().expect("written"), Some(dest.clone()));
+    assert!(dest.ends_with("step-00000003"), "{}", dest.display());
+    let params = &t.training.step.params;
+    let saved = tessera::runtime::train::checkpoint::load_params(&out, params).expect("loads");
+    for (k, (a, b)) in saved.iter().zip(&at_save).enumerate() {
+        let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "parameter {k} of the checkpoint is not the state at its step");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `tessera train` saves in the background; killed in the middle of a
+/// checkpoint's write, the job keeps its previous checkpoint as the latest,
+/// complete and loadable, and a resume tidies the half-written one and goes
+/// on. (A model big enough that its files take a while to write: 12.6M
+/// parameters, 150 MB of weights and moments.)
+#[test]
+fn a_job_killed_while_saving_keeps_its_previous_checkpoint() {
+    let out = tmp("killed-saving");
+    let spec = "specs/tiny/gpt.spec";
+    let sets = ["dims.embed=512", "dims.layers=4", "train.save_interval=2"];
+    let mut args: Vec<String> = vec!["train".into(), spec.into()];
+    args.extend(sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
+    args.extend(
+        ["--steps", "1000", "--eval-interval", "100000", "--data", "data/shakespeare/shakespeare.txt"]
+            .map(String::from),
+    );
+    args.extend(["--out".to_string(), out.to_string_lossy().into_owned()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("train starts");
+    // Wait for the write of a checkpoint after the first (step 4 or later), and kill the job in it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let writing = loop {
+        assert!(std::time::Instant::now() < deadline, "no second checkpoint was written");
+        let tmp_dir = std::fs::read_dir(&out).into_iter().flatten().flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix(".tmp-step-")?.get(..8)?.parse::<u64>().ok()?;
+            (step >= 4).then_some(step)
+        });
+        if let Some(step) = tmp_dir {
+            child.kill().expect("SIGKILL");
+            break step;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let _ = child.wait();
+    let latest = std::fs::read_to_string(out.join("latest")).expect("a latest checkpoint");
+    assert_eq!(latest.trim(), format!("step-{:08}", writing - 2), "the previous checkpoint stays the latest");
+    let m = common::check_ok(spec, &sets);
+    let params = tessera::compiler::driver::compile_training(&m, None).expect("compiles").step.params;
+    tessera::runtime::train::checkpoint::load_params(&out, &params).expect("the latest checkpoint is complete");
+    // A resume tidies the half-written folder and goes on from the latest.
+    let mut resume: Vec<String> = args.clone();
+    let at = resume.iter().position(|a| a == "--steps").expect("steps") + 1;
+    resume[at] = writing.to_string();
+    resume.extend(["--resume".to_string(), out.to_string_lossy().into_owned()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera")).args(&resume).output().expect("resume runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!std::fs::read_dir(&out).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp")));
+    let latest = std::fs::read_to_string(out.join("latest")).expect("latest");
+    assert_eq!(latest.trim(), format!("step-{writing:08}"));
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -1270,11 +1270,16 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         bar.set_position(report.step);
         let save_now = trainer.cfg.save_interval > 0 && report.step % trainer.cfg.save_interval == 0;
         if (save_now || report.step == steps)
-            && let Err(e) = trainer.save()
+            && let Err(e) = trainer.save_in_background()
         {
             bar.abandon();
             return launch::stop(world.as_ref(), &format!("saving a checkpoint: {e}"));
         }
+    }
+    // The last checkpoint is written in the background: the run ends when it is complete.
+    if let Err(e) = trainer.finish_saving() {
+        bar.abandon();
+        return launch::stop(world.as_ref(), &format!("saving a checkpoint: {e}"));
     }
     bar.finish();
     let secs = started.elapsed().as_secs_f64();

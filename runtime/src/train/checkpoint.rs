@@ -184,6 +184,86 @@ pub fn step_dir(out: &Path, step: u64) -> PathBuf {
     out.join(format!("step-{step:08}"))
 }
 
+/// A checkpoint to write: what it records, taken from the run when the
+/// save is asked for, so that the writing can happen later (in the
+/// background) with the tensors it owns.
+pub struct Snapshot {
+    model: String,
+    step: u64,
+    /// Parameter paths, in the tensors' order.
+    paths: Vec<String>,
+    state: serde_json::Value,
+    pub params: Vec<Tensor<f32>>,
+    pub opt: OptimizerState,
+}
+
+impl Snapshot {
+    /// Step `step` of `model`'s run `run`, holding `params` and `opt`.
+    pub fn new(
+        model: &Training,
+        params: Vec<Tensor<f32>>,
+        opt: OptimizerState,
+        step: u64,
+        run: Option<&RunRecord>,
+    ) -> Snapshot {
+        let state = serde_json::json!({
+            "model": model.name,
+            "step": step,
+            "optimizer": opt.optimizer,
+            "loss_scale": opt.scaler,
+            "skipped_steps": opt.skipped,
+            "spec": run.and_then(|r| r.spec.clone()),
+            "overrides": run.map(|r| r.overrides.clone()).unwrap_or_default(),
+            "run": run,
+            // The tensors are logical (unsharded; expert weights indexed by global
+            // expert id): this records the layout that wrote them, and any layout loads them.
+            "layout": {
+                "tensors": "logical",
+                "mesh": model.parallel.mesh,
+                "rules": model.parallel.layout,
+                "zero": model.parallel.zero,
+                "sequence_parallel": model.parallel.sequence_parallel,
+                "experts": model.parallel.experts.as_ref().map(|e| &e.placement),
+            },
+        });
+        let paths = model.step.params.iter().map(|p| p.path.clone()).collect();
+        Snapshot { model: model.name.clone(), step, paths, state, params, opt }
+    }
+
+    /// Write it under `out` as `step-N`, atomically: into a temporary
+    /// folder, renamed into place, then `latest` pointed at it. A write cut
+    /// short leaves the previous checkpoint the latest.
+    pub fn write(&self, out: &Path) -> Result<PathBuf, TrainError> {
+        std::fs::create_dir_all(out).map_err(|e| io(e, out))?;
+        let name = format!("step-{:08}", self.step);
+        let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| io(e, &tmp))?;
+        let mut meta = HashMap::new();
+        meta.insert("model".to_string(), self.model.clone());
+        meta.insert("step".to_string(), self.step.to_string());
+        let named = self.paths.iter().cloned().zip(&self.params).collect();
+        write_tensors(&tmp.join("model.safetensors"), named, meta.clone())?;
+        let mut named: Vec<(String, &Tensor<f32>)> = Vec::new();
+        for (p, t) in self.paths.iter().zip(&self.opt.m) {
+            named.push((format!("m.{p}"), t));
+        }
+        for (p, t) in self.paths.iter().zip(&self.opt.v) {
+            named.push((format!("v.{p}"), t));
+        }
+        write_tensors(&tmp.join("optimizer.safetensors"), named, meta)?;
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&self.state).unwrap_or_default())
+            .map_err(|e| io(e, &tmp))?;
+        sync_dir(&tmp);
+        let dest = out.join(&name);
+        replace_dir(&tmp, &dest)?;
+        write_atomic(&out.join("latest"), name.as_bytes())?;
+        sync_dir(out);
+        Ok(dest)
+    }
+}
+
+/// Write a checkpoint of step `step` under `out` now (see [`Snapshot::write`]).
 pub fn save(
     out: &Path,
     model: &Training,
@@ -192,52 +272,7 @@ pub fn save(
     step: u64,
     run: Option<&RunRecord>,
 ) -> Result<PathBuf, TrainError> {
-    std::fs::create_dir_all(out).map_err(|e| io(e, out))?;
-    let name = format!("step-{step:08}");
-    let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io(e, &tmp))?;
-    let mut meta = HashMap::new();
-    meta.insert("model".to_string(), model.name.clone());
-    meta.insert("step".to_string(), step.to_string());
-    let named = model.step.params.iter().zip(params).map(|(p, t)| (p.path.clone(), t)).collect();
-    write_tensors(&tmp.join("model.safetensors"), named, meta.clone())?;
-    let mut named: Vec<(String, &Tensor<f32>)> = Vec::new();
-    for (p, t) in model.step.params.iter().zip(&opt.m) {
-        named.push((format!("m.{}", p.path), t));
-    }
-    for (p, t) in model.step.params.iter().zip(&opt.v) {
-        named.push((format!("v.{}", p.path), t));
-    }
-    write_tensors(&tmp.join("optimizer.safetensors"), named, meta)?;
-    let state = serde_json::json!({
-        "model": model.name,
-        "step": step,
-        "optimizer": opt.optimizer,
-        "loss_scale": opt.scaler,
-        "skipped_steps": opt.skipped,
-        "spec": run.and_then(|r| r.spec.clone()),
-        "overrides": run.map(|r| r.overrides.clone()).unwrap_or_default(),
-        "run": run,
-        // The tensors are logical (unsharded; expert weights indexed by global
-        // expert id): this records the layout that wrote them, and any layout loads them.
-        "layout": {
-            "tensors": "logical",
-            "mesh": model.parallel.mesh,
-            "rules": model.parallel.layout,
-            "zero": model.parallel.zero,
-            "sequence_parallel": model.parallel.sequence_parallel,
-            "experts": model.parallel.experts.as_ref().map(|e| &e.placement),
-        },
-    });
-    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
-        .map_err(|e| io(e, &tmp))?;
-    sync_dir(&tmp);
-    let dest = out.join(&name);
-    replace_dir(&tmp, &dest)?;
-    write_atomic(&out.join("latest"), name.as_bytes())?;
-    sync_dir(out);
-    Ok(dest)
+    Snapshot::new(model, params.to_vec(), opt.clone(), step, run).write(out)
 }
 
 /// Flush a folder's entries to disk (best effort: not every platform can).

@@ -152,6 +152,8 @@ pub struct Trainer {
     pub run: checkpoint::RunRecord,
     /// How a resume differs from the checkpoint's run (`allow_changes`).
     pub resume_changes: Vec<String>,
+    /// The checkpoint being written in the background, if any.
+    saving: std::sync::Mutex<Option<std::thread::JoinHandle<Result<PathBuf, TrainError>>>>,
 }
 
 impl Trainer {
@@ -230,6 +232,7 @@ impl Trainer {
             evaluator: std::sync::Mutex::new(None),
             run,
             resume_changes,
+            saving: std::sync::Mutex::new(None),
         })
     }
 
@@ -454,9 +457,23 @@ impl Trainer {
         t.write(path, &names).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
     }
 
-    /// Save a checkpoint under `out`, atomically (logical tensors, whatever the layout).
-    /// Weights that are not finite are never saved.
+    /// Save a checkpoint under `out`, atomically (logical tensors, whatever
+    /// the layout), and wait until it is written. Weights that are not
+    /// finite are never saved. Across processes every rank takes part in
+    /// assembling the state, and rank 0 writes it.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
+        let dest = self.save_in_background()?;
+        self.finish_saving()?;
+        Ok(dest)
+    }
+
+    /// [`Trainer::save`], written in the background: the caller waits only
+    /// for the state to be assembled in host memory (and for the previous
+    /// save, if it is still being written), and trains on while the files
+    /// are written; [`Trainer::finish_saving`] waits for them. A write cut
+    /// short leaves the previous checkpoint the latest.
+    pub fn save_in_background(&self) -> Result<PathBuf, TrainError> {
+        self.finish_saving()?;
         let (params, opt) = self.state()?;
         if let Some(k) = params.iter().position(|p| !p.is_finite()) {
             return Err(TrainError::NonFinite(format!(
@@ -464,19 +481,30 @@ impl Trainer {
                 self.training.step.params[k].path, self.step
             )));
         }
-        // Across processes every rank holds the logical state now; rank 0
-        // writes it, and no rank goes on before the checkpoint is complete.
-        let saved = match self.is_writer() {
-            true => checkpoint::save(&self.cfg.out, &self.training, &params, &opt, self.step, Some(&self.run)),
-            false => Ok(checkpoint::step_dir(&self.cfg.out, self.step)),
-        };
-        if let Some(w) = self.ranks.world() {
-            if let Err(e) = &saved {
-                self.abort(&e.to_string());
-            }
-            w.lock().barrier(&w.everyone()).map_err(|e| TrainError::Io(e.to_string()))?;
+        let dest = checkpoint::step_dir(&self.cfg.out, self.step);
+        if self.is_writer() {
+            let snapshot = checkpoint::Snapshot::new(&self.training, params, opt, self.step, Some(&self.run));
+            let out = self.cfg.out.clone();
+            let handle = std::thread::Builder::new()
+                .name("tessera-save".into())
+                .spawn(move || snapshot.write(&out))
+                .map_err(|e| TrainError::Io(format!("cannot start the thread that writes the checkpoint: {e}")))?;
+            *self.saving.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         }
-        saved
+        Ok(dest)
+    }
+
+    /// Wait for the checkpoint being written in the background, if any: its
+    /// folder, or the error that stopped it.
+    pub fn finish_saving(&self) -> Result<Option<PathBuf>, TrainError> {
+        let pending = self.saving.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match pending {
+            None => Ok(None),
+            Some(h) => match h.join() {
+                Ok(r) => r.map(Some),
+                Err(_) => Err(TrainError::Io("the thread that wrote the checkpoint panicked".into())),
+            },
+        }
     }
 
     /// The per-layer slice of a parameter (for inspection and sampling).
@@ -527,4 +555,11 @@ fn start_ranks(t: &Training, start: ranks::Start<'_>, cfg: &RunConfig) -> Result
     ranks::Ranks::new(&t.step, start, &t.train.optimizer, cfg.backend, cfg.world.as_ref())
         .map(|r| r.with_timeout(cfg.timeout))
         .map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
+}
+
+impl Drop for Trainer {
+    /// A checkpoint still being written is finished, not lost.
+    fn drop(&mut self) {
+        let _ = self.finish_saving();
+    }
 }
