@@ -452,3 +452,67 @@ fn a_killed_rank_restarts_the_job_from_its_last_checkpoint() {
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&straight);
 }
+
+/// A checkpoint written under one layout and world size resumes under any
+/// other, across processes: dp2×tp2 on 4 processes → dp4 on 4 → one process
+/// on one device → tp2×pp2 on 4, and the 8 steps match 8 straight steps on
+/// one device (losses and final weights within 1e-5).
+#[test]
+fn checkpoints_move_between_layouts_and_world_sizes() {
+    let out = tmp("chain");
+    let common_args = |steps: u64| -> Vec<String> {
+        let mut a: Vec<String> = vec!["train".into(), GPT.into()];
+        a.extend(["--steps", &steps.to_string(), "--seed", &SEED.to_string(), "--data", DATA].map(String::from));
+        a.extend(["--eval-interval".to_string(), "1000".to_string()]);
+        a.extend(["--out".to_string(), out.to_string_lossy().into_owned()]);
+        a
+    };
+    let resume = ["--resume".to_string(), out.to_string_lossy().into_owned(), "--allow-changes".to_string()];
+    let reset = ["parallel.mesh.data=1", "parallel.mesh.tensor=1", "parallel.mesh.pipeline=1"];
+    let dp = |n: &'static str| vec![n, "parallel.layout.batch=data"];
+    let stages: Vec<(usize, u64, Vec<&str>)> = vec![
+        (4, 3, with(&dp("parallel.mesh.data=2"), TP2)),
+        (4, 5, with(&reset, &dp("parallel.mesh.data=4"))),
+        (1, 6, reset.to_vec()),
+        (4, 8, with(&reset, &with(TP2, PP2_1F1B))),
+    ];
+    for (i, (n, steps, layout)) in stages.iter().enumerate() {
+        let mut args = common_args(*steps);
+        args.extend(sets(layout));
+        if i > 0 {
+            args.extend(resume.iter().cloned());
+        }
+        let o = match n {
+            1 => Command::new(TESSERA).args(&args).output().expect("train runs"),
+            _ => start(Start::Launch, *n, &args),
+        };
+        assert!(o.status.success(), "stage {i} ({layout:?}):\n{}", text(&o.stderr));
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["loss"].as_f64().expect("loss"))
+        .collect();
+    // The same 8 steps straight on one device, in this process.
+    let m = common::check_ok(GPT, &[]);
+    let straight_out = tmp("chain-straight");
+    let cfg = RunConfig { steps: 8, seed: SEED, data: Some(PathBuf::from(DATA)), ..RunConfig::new(&straight_out) };
+    let mut t = common::trainer(&m, cfg).expect("starts");
+    let grads = t.reference_gradients().expect("gradients");
+    let straight: Vec<f64> = (0..8).map(|_| t.train_step().expect("a step").loss).collect();
+    assert_eq!(losses.len(), 8, "one record per step:\n{metrics}");
+    for (k, (a, b)) in losses.iter().zip(&straight).enumerate() {
+        let e = (a - b).abs() / b.abs();
+        assert!(e <= 1e-5, "loss {} is {a} after the moves, {b} straight (rel. error {e:.2e})", k + 1);
+    }
+    let params = tessera::compiler::driver::compile_training(&m, None).expect("compiles").step.params;
+    let moved = tessera::runtime::train::checkpoint::load_params(&out, &params).expect("loads");
+    for (k, (a, b)) in moved.iter().zip(&t.weights().expect("weights")).enumerate() {
+        let keep: Vec<usize> = (0..a.data.len()).filter(|&i| !zero_gradient(&grads[k].data, i)).collect();
+        let pick = |x: &Tensor<f32>| keep.iter().map(|&i| x.data[i]).collect::<Vec<f32>>();
+        let e = rel(&pick(a), &pick(b));
+        assert!(e <= 1e-5, "parameter {k} after the moves differs from the straight run by {e:.2e}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&straight_out);
+}
