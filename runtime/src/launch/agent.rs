@@ -201,6 +201,16 @@ fn free_port() -> Result<u16, LaunchError> {
 /// after a failed rank up to `l.max_restarts` times. `Ok` when every rank
 /// of an attempt exits 0.
 pub fn run(l: &Launch) -> Result<(), LaunchError> {
+    if l.max_restarts > 0 && l.nnodes > 1 {
+        // Each node's launcher would restart its own ranks, which could meet
+        // the previous attempt's store; that needs rendezvous rounds.
+        return Err(LaunchError::Usage(
+            "--max-restarts works on one node only: restarting a job of several nodes needs the launchers to \
+             agree on each attempt (torchelastic's rendezvous rounds), which is not built. Drop --max-restarts, \
+             or restart the job from its last checkpoint with --resume"
+                .into(),
+        ));
+    }
     let mut attempt = 0;
     loop {
         match run_once(l, attempt) {
