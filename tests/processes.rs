@@ -454,9 +454,12 @@ fn a_killed_rank_restarts_the_job_from_its_last_checkpoint() {
 }
 
 /// A checkpoint written under one layout and world size resumes under any
-/// other, across processes: dp2×tp2 on 4 processes → dp4 on 4 → one process
-/// on one device → tp2×pp2 on 4, and the 8 steps match 8 straight steps on
-/// one device (losses and final weights within 1e-5).
+/// other, across processes: dp2×tp2 on 4 processes → tp2×pp2 on 4 → dp4 on
+/// 4 → one process on one device, and the 8 steps match 8 straight steps on
+/// one device (losses and final weights within 1e-5). The processes write
+/// sharded checkpoints (a manifest and one file per rank that holds a piece
+/// no lower rank holds); a tp2×pp2 rank resuming from one reads only the
+/// pieces that overlap its cuts.
 #[test]
 fn checkpoints_move_between_layouts_and_world_sizes() {
     let out = tmp("chain");
@@ -468,13 +471,18 @@ fn checkpoints_move_between_layouts_and_world_sizes() {
         a
     };
     let resume = ["--resume".to_string(), out.to_string_lossy().into_owned(), "--allow-changes".to_string()];
-    let reset = ["parallel.mesh.data=1", "parallel.mesh.tensor=1", "parallel.mesh.pipeline=1"];
+    let reset = [
+        "parallel.mesh.data=1",
+        "parallel.mesh.tensor=1",
+        "parallel.mesh.pipeline=1",
+        "parallel.pipeline.microbatches=1",
+    ];
     let dp = |n: &'static str| vec![n, "parallel.layout.batch=data"];
     let stages: Vec<(usize, u64, Vec<&str>)> = vec![
         (4, 3, with(&dp("parallel.mesh.data=2"), TP2)),
-        (4, 5, with(&reset, &dp("parallel.mesh.data=4"))),
-        (1, 6, reset.to_vec()),
-        (4, 8, with(&reset, &with(TP2, PP2_1F1B))),
+        (4, 5, with(&reset, &with(TP2, PP2_1F1B))),
+        (4, 6, with(&reset, &dp("parallel.mesh.data=4"))),
+        (1, 8, reset.to_vec()),
     ];
     for (i, (n, steps, layout)) in stages.iter().enumerate() {
         let mut args = common_args(*steps);
@@ -486,7 +494,38 @@ fn checkpoints_move_between_layouts_and_world_sizes() {
             1 => Command::new(TESSERA).args(&args).output().expect("train runs"),
             _ => start(Start::Launch, *n, &args),
         };
-        assert!(o.status.success(), "stage {i} ({layout:?}):\n{}", text(&o.stderr));
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "stage {i} ({layout:?}):\n{err}");
+        if i == 0 {
+            // dp2 × tp2: the data replicas' pieces are written once, by data rank 0's tensor ranks.
+            let step = out.join("step-00000003");
+            assert!(step.join("manifest.json").is_file() && !step.join("model.safetensors").exists());
+            let files: Vec<String> = std::fs::read_dir(&step)
+                .expect("the checkpoint")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("rank-"))
+                .collect();
+            let mut files = files;
+            files.sort();
+            assert_eq!(files, ["rank-00000.safetensors", "rank-00001.safetensors"]);
+        }
+        if i == 1 {
+            // Each tp2 × pp2 rank reads only the pieces of its stage's layers and its tensor half.
+            let reads: Vec<(u64, u64)> = err
+                .lines()
+                .filter_map(|l| {
+                    let rest = l.split("reading ").nth(1)?;
+                    let mut w = rest.split_whitespace();
+                    let p = w.next()?.parse().ok()?;
+                    let t = w.nth(2)?.parse().ok()?;
+                    Some((p, t))
+                })
+                .collect();
+            assert_eq!(reads.len(), 4, "every rank reports its reads:\n{err}");
+            assert!(reads.iter().all(|&(p, t)| 0 < p && p < t), "{reads:?}:\n{err}");
+            eprintln!("tp2 × pp2 ranks resuming from dp2 × tp2 read (pieces, of): {reads:?}");
+        }
     }
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).expect("metrics");
     let losses: Vec<f64> = metrics

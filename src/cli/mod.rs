@@ -1207,6 +1207,15 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         Ok(tr) => tr,
         Err(e) => return fail(&e),
     };
+    if let (Some(r), Some(w)) = (trainer.resumed_pieces, world.as_ref()) {
+        eprintln!(
+            "note: rank {} resumed from a sharded checkpoint, reading {} of its {} pieces ({:.1} MB)",
+            w.rank(),
+            r.pieces,
+            r.of,
+            r.bytes as f64 / 1e6
+        );
+    }
     for c in &trainer.resume_changes {
         eprintln!("warning: resuming with a change (--allow-changes): {c}");
     }

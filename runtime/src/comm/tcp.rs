@@ -80,6 +80,8 @@ pub struct Tcp {
     /// Kept open for the run: rank 0 hosts it, and closing it is the goodbye.
     store: Option<Store>,
     failed: bool,
+    /// The call under way (op, group), for messages.
+    doing: (&'static str, String),
 }
 
 /// A group's stable name on the wire (FNV-1a over its ranks).
@@ -167,6 +169,7 @@ impl Tcp {
             seq: HashMap::new(),
             store: Some(store),
             failed: false,
+            doing: ("connect", "world".into()),
         })
     }
 
@@ -239,7 +242,8 @@ impl Tcp {
     }
 
     /// The key of this rank's next collective on `group`, and its index there.
-    fn next(&mut self, group: &Group, op: &str) -> Result<(Key, usize), CommError> {
+    fn next(&mut self, group: &Group, op: &'static str) -> Result<(Key, usize), CommError> {
+        self.doing = (op, group.to_string());
         let me = group.index_of(self.rank).ok_or_else(|| CommError::Usage {
             rank: self.rank,
             message: format!("`{op}` on the {group}, which does not contain this rank"),
@@ -414,6 +418,7 @@ impl Communicator for Tcp {
         if to >= self.size || to == self.rank {
             return Err(self.usage(format!("send to rank {to} from rank {} of {}", self.rank, self.size)));
         }
+        self.doing = ("send", format!("pair ({} → {to}), tag {tag}", self.rank));
         self.send_to(to, Key::Tag(tag), data)
     }
 
@@ -551,24 +556,30 @@ fn accept_from(
     Ok(())
 }
 
+/// Why a connection failed, in words: a peer that exited shows as a closed
+/// connection whichever way the bytes were going.
+fn closed(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e.kind() {
+        UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted => "the connection closed".to_string(),
+        _ => e.to_string(),
+    }
+}
+
 /// A reader thread: file each message from rank `from` in the inbox until
 /// the connection ends.
 fn read_from(from: usize, stream: TcpStream, inbox: &Inbox) {
     let mut r = BufReader::new(stream);
-    let closed = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => "the connection closed".to_string(),
-        _ => e.to_string(),
-    };
     let why = loop {
         let mut head = [0u8; 25];
         if let Err(e) = r.read_exact(&mut head) {
-            break closed(e);
+            break closed(&e);
         }
         let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap_or([0; 8]));
         let (kind, a, b, len) = (head[0], word(1), word(9), word(17) as usize);
         let mut payload = vec![0u8; len];
         if let Err(e) = r.read_exact(&mut payload) {
-            break closed(e);
+            break closed(&e);
         }
         let mut mail = inbox.lock();
         match kind {

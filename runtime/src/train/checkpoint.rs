@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use tessera_compiler::driver::Training;
 use tessera_compiler::ir::Param;
 
-fn io(e: impl std::fmt::Display, what: &Path) -> TrainError {
+pub(crate) fn io(e: impl std::fmt::Display, what: &Path) -> TrainError {
     TrainError::Io(format!("{}: {e}", what.display()))
 }
 
@@ -40,7 +40,7 @@ fn bytes(t: &Tensor<f32>) -> Vec<u8> {
 }
 
 /// Metadata keys of the checksums.
-const TENSOR_CRC: &str = "tessera.crc32";
+pub(crate) const TENSOR_CRC: &str = "tessera.crc32";
 const HEADER_CRC: &str = "tessera.header_crc32";
 
 /// The CRC-32 of a header: every tensor's name, dtype, shape and offsets, in
@@ -55,7 +55,7 @@ fn header_crc(tensors: &HashMap<String, &safetensors::tensor::TensorInfo>, tenso
     h.finalize()
 }
 
-fn write_tensors(
+pub(crate) fn write_tensors(
     path: &Path,
     named: Vec<(String, &Tensor<f32>)>,
     mut meta: HashMap<String, String>,
@@ -206,26 +206,7 @@ impl Snapshot {
         step: u64,
         run: Option<&RunRecord>,
     ) -> Snapshot {
-        let state = serde_json::json!({
-            "model": model.name,
-            "step": step,
-            "optimizer": opt.optimizer,
-            "loss_scale": opt.scaler,
-            "skipped_steps": opt.skipped,
-            "spec": run.and_then(|r| r.spec.clone()),
-            "overrides": run.map(|r| r.overrides.clone()).unwrap_or_default(),
-            "run": run,
-            // The tensors are logical (unsharded; expert weights indexed by global
-            // expert id): this records the layout that wrote them, and any layout loads them.
-            "layout": {
-                "tensors": "logical",
-                "mesh": model.parallel.mesh,
-                "rules": model.parallel.layout,
-                "zero": model.parallel.zero,
-                "sequence_parallel": model.parallel.sequence_parallel,
-                "experts": model.parallel.experts.as_ref().map(|e| &e.placement),
-            },
-        });
+        let state = state_json(model, &opt, step, run, "logical");
         let paths = model.step.params.iter().map(|p| p.path.clone()).collect();
         Snapshot { model: model.name.clone(), step, paths, state, params, opt }
     }
@@ -263,6 +244,39 @@ impl Snapshot {
     }
 }
 
+/// A checkpoint's `state.json`: the step, the optimizer's kind and loss
+/// scale, the run, and the layout that wrote its tensors (`tensors`:
+/// `logical`, or `sharded` pieces with a manifest); any layout loads both.
+pub fn state_json(
+    model: &Training,
+    opt: &OptimizerState,
+    step: u64,
+    run: Option<&RunRecord>,
+    tensors: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model": model.name,
+        "step": step,
+        "optimizer": opt.optimizer,
+        "loss_scale": opt.scaler,
+        "skipped_steps": opt.skipped,
+        "spec": run.and_then(|r| r.spec.clone()),
+        "overrides": run.map(|r| r.overrides.clone()).unwrap_or_default(),
+        "run": run,
+        // Logical tensors (unsharded; expert weights indexed by global expert
+        // id) or sharded pieces: this records the layout that wrote them, and
+        // any layout loads them.
+        "layout": {
+            "tensors": tensors,
+            "mesh": model.parallel.mesh,
+            "rules": model.parallel.layout,
+            "zero": model.parallel.zero,
+            "sequence_parallel": model.parallel.sequence_parallel,
+            "experts": model.parallel.experts.as_ref().map(|e| &e.placement),
+        },
+    })
+}
+
 /// Write a checkpoint of step `step` under `out` now (see [`Snapshot::write`]).
 pub fn save(
     out: &Path,
@@ -276,7 +290,7 @@ pub fn save(
 }
 
 /// Flush a folder's entries to disk (best effort: not every platform can).
-fn sync_dir(dir: &Path) {
+pub(crate) fn sync_dir(dir: &Path) {
     if let Ok(f) = File::open(dir) {
         let _ = f.sync_all();
     }
@@ -284,7 +298,7 @@ fn sync_dir(dir: &Path) {
 
 /// Put the folder `new` at `dest`, with no moment where `dest` is missing
 /// once it existed.
-fn replace_dir(new: &Path, dest: &Path) -> Result<(), TrainError> {
+pub(crate) fn replace_dir(new: &Path, dest: &Path) -> Result<(), TrainError> {
     if !dest.exists() {
         return std::fs::rename(new, dest).map_err(|e| io(e, dest));
     }
@@ -413,7 +427,7 @@ pub fn clear_run(out: &Path) -> Result<(), TrainError> {
 
 /// The checkpoint folder a path names: a `step-*` folder, or a run folder with `latest`.
 pub fn resolve(dir: &Path) -> Result<PathBuf, TrainError> {
-    if dir.join("model.safetensors").is_file() {
+    if holds_checkpoint(dir) {
         return Ok(dir.to_path_buf());
     }
     if !dir.is_dir() {
@@ -440,7 +454,7 @@ pub fn resolve(dir: &Path) -> Result<PathBuf, TrainError> {
         )));
     }
     let step = dir.join(name);
-    if !step.join("model.safetensors").is_file() {
+    if !holds_checkpoint(&step) {
         return Err(TrainError::Io(format!(
             "`{}` names `{name}`, but `{}` holds no model.safetensors; pass an intact `step-*` folder instead",
             latest_path.display(),
@@ -571,10 +585,14 @@ pub fn read_params(path: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, Tr
 
 /// The parameters of a checkpoint (for sampling), as `params` describes them.
 pub fn load_params(dir: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
-    Ok(read_tensors(&resolve(dir)?.join("model.safetensors"), params, &[""])?.remove(0))
+    let dir = resolve(dir)?;
+    if super::sharded::is_sharded(&dir) {
+        return sharded_logical(&dir, params, super::sharded::Role::Weight);
+    }
+    Ok(read_tensors(&dir.join("model.safetensors"), params, &[""])?.remove(0))
 }
 
-fn state_of(dir: &Path) -> Result<serde_json::Value, TrainError> {
+pub(crate) fn state_of(dir: &Path) -> Result<serde_json::Value, TrainError> {
     let path = dir.join("state.json");
     let text = std::fs::read(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => TrainError::Io(format!(
@@ -605,8 +623,22 @@ pub fn run_of(dir: &Path) -> Result<Option<RunRecord>, TrainError> {
     Ok(serde_json::from_value(state["run"].clone()).ok())
 }
 
+/// Whether `dir` is a checkpoint folder: one file of logical tensors, or a
+/// sharded checkpoint's manifest.
+fn holds_checkpoint(dir: &Path) -> bool {
+    dir.join("model.safetensors").is_file() || super::sharded::is_sharded(dir)
+}
+
+/// A sharded checkpoint's logical tensors of `role`, one per parameter.
+fn sharded_logical(dir: &Path, meta: &[Param], role: super::sharded::Role) -> Result<Vec<Tensor<f32>>, TrainError> {
+    let mut reader = super::sharded::Reader::open(dir)?;
+    meta.iter().map(|p| reader.logical(&p.path, role, &p.ty.dims)).collect()
+}
+
 /// Load a checkpoint: the weights, the optimizer state (left as `opt` when
-/// `fresh_optimizer`) and the step.
+/// `fresh_optimizer`) and the step. A sharded checkpoint is assembled into
+/// logical tensors (a rank that needs only its cuts reads them with
+/// `sharded::Reader`).
 pub fn load(
     dir: &Path,
     meta: &[Param],
@@ -615,9 +647,20 @@ pub fn load(
 ) -> Result<(Vec<Tensor<f32>>, OptimizerState, u64), TrainError> {
     let dir = resolve(dir)?;
     let state = state_of(&dir)?;
-    let params = read_tensors(&dir.join("model.safetensors"), meta, &[""])?.remove(0);
     let mut opt = opt.clone();
-    if !fresh_optimizer {
+    let params = if super::sharded::is_sharded(&dir) {
+        use super::sharded::Role;
+        if !fresh_optimizer {
+            opt.m = sharded_logical(&dir, meta, Role::M)?;
+            if !opt.v.is_empty() {
+                opt.v = sharded_logical(&dir, meta, Role::V)?;
+            }
+        }
+        sharded_logical(&dir, meta, Role::Weight)?
+    } else {
+        read_tensors(&dir.join("model.safetensors"), meta, &[""])?.remove(0)
+    };
+    if !fresh_optimizer && !super::sharded::is_sharded(&dir) {
         let prefixes: &[&str] = if opt.v.is_empty() { &["m."] } else { &["m.", "v."] };
         let mut moments = read_tensors(&dir.join("optimizer.safetensors"), meta, prefixes)?.into_iter();
         opt.m = moments.next().unwrap_or_default();

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod optim;
 pub mod ranks;
 pub mod reference;
+pub mod sharded;
 pub mod shards;
 pub mod tokenizer;
 
@@ -153,7 +154,24 @@ pub struct Trainer {
     /// How a resume differs from the checkpoint's run (`allow_changes`).
     pub resume_changes: Vec<String>,
     /// The checkpoint being written in the background, if any.
-    saving: std::sync::Mutex<Option<std::thread::JoinHandle<Result<PathBuf, TrainError>>>>,
+    saving: std::sync::Mutex<Option<Saving>>,
+    /// What this process read of the sharded checkpoint it resumed from.
+    pub resumed_pieces: Option<sharded::Reads>,
+}
+
+/// A checkpoint being written in the background.
+enum Saving {
+    /// One file of logical tensors, by this process.
+    Logical(std::thread::JoinHandle<Result<PathBuf, TrainError>>),
+    /// This process's files of a sharded checkpoint; once every rank's are
+    /// on disk, rank 0 commits the manifest.
+    Sharded {
+        files: std::thread::JoinHandle<Result<(), TrainError>>,
+        tmp: PathBuf,
+        step: u64,
+        manifest: sharded::Manifest,
+        state: serde_json::Value,
+    },
 }
 
 impl Trainer {
@@ -205,7 +223,28 @@ impl Trainer {
         // From a checkpoint, or from the initializers; the ranks are started once.
         let fp16 = train.precision == tessera_compiler::config::Precision::Fp16;
         let fresh_scaler = fp16.then(|| optim::LossScaler::new(&train.loss_scale));
+        let mut reads = None;
+        let sharded_resume = match (&cfg.resume, &cfg.world) {
+            (Some(dir), Some(_)) => Some(checkpoint::resolve(dir)?).filter(|d| sharded::is_sharded(d)),
+            _ => None,
+        };
         let (ranks, step, resume_changes, scaler, skipped_steps) = match &cfg.resume {
+            // Ranks that are processes read only their pieces of a sharded checkpoint.
+            Some(dir) if sharded_resume.is_some() => {
+                let (changes, fresh_optimizer) = resume_changes(dir, &run, cfg.allow_changes)?;
+                let at = sharded_resume.unwrap_or_default();
+                let state = checkpoint::state_of(&at)?;
+                let step = state["step"]
+                    .as_u64()
+                    .ok_or_else(|| TrainError::Io(format!("`{}` has no `step`", at.join("state.json").display())))?;
+                let saved_scaler = serde_json::from_value(state["loss_scale"].clone()).ok().flatten();
+                let scaler = if fp16 { saved_scaler.or(fresh_scaler) } else { None };
+                let reader = std::sync::Mutex::new(sharded::Reader::open(&at)?);
+                let start = ranks::Start::Sharded { reader: &reader, moments: !fresh_optimizer };
+                let ranks = start_ranks(&training, start, &cfg)?;
+                reads = reader.into_inner().ok().map(|r| r.reads);
+                (ranks, step, changes, scaler, state["skipped_steps"].as_u64().unwrap_or(0))
+            }
             Some(dir) => {
                 let (params, opt, step, changes) = resume(dir, &training, &run, cfg.allow_changes)?;
                 let scaler = if fp16 { opt.scaler.or(fresh_scaler) } else { None };
@@ -233,6 +272,7 @@ impl Trainer {
             run,
             resume_changes,
             saving: std::sync::Mutex::new(None),
+            resumed_pieces: reads,
         })
     }
 
@@ -330,6 +370,7 @@ impl Trainer {
             self.check_finite(step, loss, grad_norm, out[0].updated, first_bad_grad)?
         };
         self.step += 1;
+        self.commit_when_written()?;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         Ok(StepReport {
             step: self.step,
@@ -468,42 +509,133 @@ impl Trainer {
     }
 
     /// [`Trainer::save`], written in the background: the caller waits only
-    /// for the state to be assembled in host memory (and for the previous
+    /// for the state to be copied to host memory (and for the previous
     /// save, if it is still being written), and trains on while the files
     /// are written; [`Trainer::finish_saving`] waits for them. A write cut
     /// short leaves the previous checkpoint the latest.
+    ///
+    /// One process writes one file of logical tensors. Ranks that are
+    /// processes write a sharded checkpoint: each rank its own pieces, in
+    /// parallel, and rank 0 the manifest once every rank's file is on disk
+    /// (at the next save, or at [`Trainer::finish_saving`]).
     pub fn save_in_background(&self) -> Result<PathBuf, TrainError> {
         self.finish_saving()?;
+        if let Some(w) = self.ranks.world() {
+            return self.save_sharded(w);
+        }
         let (params, opt) = self.state()?;
         if let Some(k) = params.iter().position(|p| !p.is_finite()) {
-            return Err(TrainError::NonFinite(format!(
-                "parameter `{}` holds a non-finite value at step {}; no checkpoint was written",
-                self.training.step.params[k].path, self.step
-            )));
+            return Err(self.nonfinite_weights(k));
         }
         let dest = checkpoint::step_dir(&self.cfg.out, self.step);
-        if self.is_writer() {
-            let snapshot = checkpoint::Snapshot::new(&self.training, params, opt, self.step, Some(&self.run));
-            let out = self.cfg.out.clone();
-            let handle = std::thread::Builder::new()
-                .name("tessera-save".into())
-                .spawn(move || snapshot.write(&out))
-                .map_err(|e| TrainError::Io(format!("cannot start the thread that writes the checkpoint: {e}")))?;
-            *self.saving.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
-        }
+        let snapshot = checkpoint::Snapshot::new(&self.training, params, opt, self.step, Some(&self.run));
+        let out = self.cfg.out.clone();
+        let handle = std::thread::Builder::new()
+            .name("tessera-save".into())
+            .spawn(move || snapshot.write(&out))
+            .map_err(|e| TrainError::Io(format!("cannot start the thread that writes the checkpoint: {e}")))?;
+        *self.saving.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saving::Logical(handle));
         Ok(dest)
     }
 
+    fn nonfinite_weights(&self, k: usize) -> TrainError {
+        TrainError::NonFinite(format!(
+            "parameter `{}` holds a non-finite value at step {}; no checkpoint was written",
+            self.training.step.params[k].path, self.step
+        ))
+    }
+
+    /// This process's part of a sharded checkpoint (every rank calls it at the same step).
+    fn save_sharded(&self, w: &crate::comm::ProcessWorld) -> Result<PathBuf, TrainError> {
+        let c = &self.training.step;
+        let comm_err = |e: crate::comm::CommError| TrainError::Io(e.to_string());
+        let bad = self.ranks.nonfinite(c.params.len(), Bound::Weight).map_err(TrainError::Setup)?;
+        if let Some(k) = bad.iter().position(|&b| b) {
+            return Err(self.nonfinite_weights(k));
+        }
+        let tmp = self.cfg.out.join(format!(".tmp-step-{:08}-shards", self.step));
+        let made = match self.is_writer() {
+            true => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                std::fs::create_dir_all(&tmp).map(|_| 0.0).unwrap_or(1.0)
+            }
+            false => 0.0,
+        };
+        // Every rank learns whether rank 0 made the folder before writing into it.
+        let mut flag = [made];
+        w.lock().all_reduce(&w.everyone(), &mut flag, crate::comm::ReduceOp::Max).map_err(comm_err)?;
+        if flag[0] != 0.0 {
+            return Err(TrainError::Io(format!("rank 0 cannot create `{}`", tmp.display())));
+        }
+        let (manifest, writes) = sharded::plan(c, true);
+        let files = self.ranks.pieces(&writes).map_err(TrainError::Setup)?;
+        let dir = tmp.clone();
+        let handle = std::thread::Builder::new()
+            .name("tessera-save".into())
+            .spawn(move || files.iter().try_for_each(|(f, named)| sharded::write_file(&dir, f, named)))
+            .map_err(|e| TrainError::Io(format!("cannot start the thread that writes the checkpoint: {e}")))?;
+        let meta = optim::OptimizerState {
+            m: Vec::new(),
+            v: Vec::new(),
+            optimizer: self.training.train.optimizer.clone(),
+            scaler: self.scaler,
+            skipped: self.skipped_steps,
+        };
+        let state = checkpoint::state_json(&self.training, &meta, self.step, Some(&self.run), "sharded");
+        *self.saving.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Saving::Sharded { files: handle, tmp, step: self.step, manifest, state });
+        Ok(checkpoint::step_dir(&self.cfg.out, self.step))
+    }
+
+    /// After a step: commit a sharded checkpoint as soon as every rank's
+    /// files are on disk (the ranks agree on it with one small all-reduce
+    /// per step while a save is pending), so that it becomes the latest
+    /// without waiting for the next save.
+    fn commit_when_written(&self) -> Result<(), TrainError> {
+        let written = match &*self.saving.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(Saving::Sharded { files, .. }) => files.is_finished(),
+            _ => return Ok(()),
+        };
+        let Some(w) = self.ranks.world() else { return Ok(()) };
+        let mut all = [if written { 1.0 } else { 0.0 }];
+        w.lock()
+            .all_reduce(&w.everyone(), &mut all, crate::comm::ReduceOp::Min)
+            .map_err(|e| TrainError::Io(e.to_string()))?;
+        if all[0] == 1.0 {
+            self.finish_saving()?;
+        }
+        Ok(())
+    }
+
     /// Wait for the checkpoint being written in the background, if any: its
-    /// folder, or the error that stopped it.
+    /// folder, or the error that stopped it. For a sharded checkpoint every
+    /// rank calls it at the same point: the ranks agree that every file is
+    /// on disk, and rank 0 commits the manifest.
     pub fn finish_saving(&self) -> Result<Option<PathBuf>, TrainError> {
         let pending = self.saving.lock().unwrap_or_else(|e| e.into_inner()).take();
         match pending {
             None => Ok(None),
-            Some(h) => match h.join() {
-                Ok(r) => r.map(Some),
-                Err(_) => Err(TrainError::Io("the thread that wrote the checkpoint panicked".into())),
-            },
+            Some(Saving::Logical(h)) => joined(h).map(Some),
+            Some(Saving::Sharded { files, tmp, step, manifest, state }) => {
+                let mine = joined(files);
+                let mut failed = [if mine.is_err() { 1.0 } else { 0.0 }];
+                if let Some(w) = self.ranks.world() {
+                    w.lock()
+                        .all_reduce(&w.everyone(), &mut failed, crate::comm::ReduceOp::Max)
+                        .map_err(|e| TrainError::Io(e.to_string()))?;
+                }
+                mine?;
+                if failed[0] != 0.0 {
+                    return Err(TrainError::Io(format!(
+                        "another rank could not write its part of the checkpoint of step {step}; `latest` still names \
+                         the previous one"
+                    )));
+                }
+                match self.is_writer() {
+                    true => sharded::commit(&self.cfg.out, &tmp, step, &manifest, &state).map(Some),
+                    false => Ok(Some(checkpoint::step_dir(&self.cfg.out, step))),
+                }
+            }
         }
     }
 
@@ -518,7 +650,13 @@ impl Trainer {
 /// `allow_changes`; another kind of optimizer starts from fresh state.
 type Resumed = (Vec<Tensor<f32>>, optim::OptimizerState, u64, Vec<String>);
 
-fn resume(dir: &Path, t: &Training, run: &checkpoint::RunRecord, allow_changes: bool) -> Result<Resumed, TrainError> {
+/// How a resume from `dir` changes the run (refused unless `allow_changes`),
+/// and whether the optimizer state starts afresh.
+fn resume_changes(
+    dir: &Path,
+    run: &checkpoint::RunRecord,
+    allow_changes: bool,
+) -> Result<(Vec<String>, bool), TrainError> {
     let then = checkpoint::run_of(dir)?;
     let mut changes = Vec::new();
     let mut fresh_optimizer = false;
@@ -545,6 +683,11 @@ fn resume(dir: &Path, t: &Training, run: &checkpoint::RunRecord, allow_changes: 
             changes.join("\n  - ")
         )));
     }
+    Ok((changes, fresh_optimizer))
+}
+
+fn resume(dir: &Path, t: &Training, run: &checkpoint::RunRecord, allow_changes: bool) -> Result<Resumed, TrainError> {
+    let (changes, fresh_optimizer) = resume_changes(dir, run, allow_changes)?;
     let fresh = optim::OptimizerState::new(&t.step.params, &t.train.optimizer);
     let (params, opt, step) = checkpoint::load(dir, &t.step.params, &fresh, fresh_optimizer)?;
     Ok((params, opt, step, changes))
@@ -557,9 +700,27 @@ fn start_ranks(t: &Training, start: ranks::Start<'_>, cfg: &RunConfig) -> Result
         .map_err(|e| TrainError::Setup(format!("cannot start the ranks: {e}")))
 }
 
+/// The result of a thread that wrote (part of) a checkpoint.
+fn joined<T>(h: std::thread::JoinHandle<Result<T, TrainError>>) -> Result<T, TrainError> {
+    match h.join() {
+        Ok(r) => r,
+        Err(_) => Err(TrainError::Io("the thread that wrote the checkpoint panicked".into())),
+    }
+}
+
 impl Drop for Trainer {
-    /// A checkpoint still being written is finished, not lost.
+    /// A checkpoint still being written by this process is finished, not
+    /// lost. (A sharded one is committed only by `finish_saving`, which every
+    /// rank calls together; here its files are only waited for.)
     fn drop(&mut self) {
-        let _ = self.finish_saving();
+        match self.saving.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(Saving::Logical(h)) => {
+                let _ = h.join();
+            }
+            Some(Saving::Sharded { files, .. }) => {
+                let _ = files.join();
+            }
+            None => {}
+        }
     }
 }

@@ -27,6 +27,7 @@ use crate::tensor::Tensor;
 use std::sync::Mutex;
 use tessera_compiler::config::Optimizer;
 use tessera_compiler::driver::Compiled;
+use tessera_compiler::ir::Dim;
 use tessera_compiler::lower::{Bound, BufId, Kind, Program};
 use tessera_compiler::parallel::Mesh;
 
@@ -35,6 +36,55 @@ pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Rank buffers by (rank, role), as the processes exchanged them.
 type Buffers = std::collections::HashMap<(usize, Bound), Vec<f32>>;
+
+/// Pieces of a sharded checkpoint, per file: (file name, (key, elements)).
+pub type ShardFiles = Vec<(String, Vec<(String, Tensor<f32>)>)>;
+
+/// Fill rank `r`'s weights (and master weights) and, with `moments`, its
+/// optimizer moments from a sharded checkpoint: its cut of each logical
+/// tensor, read from the pieces that overlap it, then its ZeRO shard of
+/// that cut where the program keeps one.
+fn load_shards(
+    c: &Compiled,
+    r: usize,
+    cpu: &mut Cpu,
+    reader: &mut super::sharded::Reader,
+    moments: bool,
+    dp: usize,
+) -> Result<(), crate::train::TrainError> {
+    use super::sharded::Role;
+    let p = &c.programs[r];
+    let d = c.mesh.data_coord(r as u64) as usize;
+    let err = crate::train::TrainError::Setup;
+    for (k, meta) in c.params.iter().enumerate() {
+        let shard = &c.ranks[r].params[k];
+        if !shard.held {
+            continue;
+        }
+        let target = super::shards::maps(shard, meta);
+        let z = c.mesh.zero_sharded(shard);
+        let mut put = |role: Bound, cut: &[f32], sharded: bool| -> Result<(), crate::train::TrainError> {
+            let Some(b) = p.bound(role) else { return Ok(()) };
+            match sharded {
+                true => cpu.upload(p.buffer(b), &flat_shard(cut, dp, d)).map_err(err),
+                false => cpu.upload(p.buffer(b), cut).map_err(err),
+            }
+        };
+        let w = reader.cut(&meta.path, Role::Weight, &meta.ty.dims, &target)?;
+        put(Bound::Weight(k), &w, z && c.mesh.zero >= 3)?;
+        put(Bound::Master(k), &w, z)?;
+        if !moments {
+            continue;
+        }
+        for (role, bound) in [(Role::M, Bound::Moment1(k)), (Role::V, Bound::Moment2(k))] {
+            if p.bound(bound).is_some() && reader.has(&meta.path, role) {
+                let m = reader.cut(&meta.path, role, &meta.ty.dims, &target)?;
+                put(bound, &m, z)?;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// What one rank reports after a step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -180,6 +230,10 @@ pub enum Start<'a> {
     Init { seed: u64 },
     /// Logical weights and optimizer state (a checkpoint's, or given).
     State(&'a [Tensor<f32>], &'a OptimizerState),
+    /// A sharded checkpoint, of which each local rank reads only the pieces
+    /// that overlap its cuts; with `moments` false the optimizer state
+    /// starts from zero (another optimizer wrote it).
+    Sharded { reader: &'a Mutex<super::sharded::Reader>, moments: bool },
 }
 
 impl Ranks {
@@ -225,7 +279,16 @@ impl Ranks {
             backends.push(cpu);
         }
         let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
+        if let Start::Sharded { reader, moments } = start {
+            let mut reader = reader.lock().map_err(|_| "the checkpoint reader was poisoned by a panic".to_string())?;
+            for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
+                load_shards(c, r, cpu, &mut reader, moments, dp).map_err(|e| e.to_string())?;
+            }
+        }
         for (k, meta) in c.params.iter().enumerate() {
+            if matches!(start, Start::Sharded { .. }) {
+                break;
+            }
             // Fresh weights that every rank holding them holds whole are
             // written straight into its buffer (no logical copy is made).
             if let Start::Init { seed } = start {
@@ -262,6 +325,7 @@ impl Ranks {
                     v.extend(opt.v.get(k).map(|t| (Bound::Moment2(k), t)));
                     (&params[k], v)
                 }
+                Start::Sharded { .. } => unreachable!("loaded above"),
             };
             for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
                 let (p, rp) = (&c.programs[r], &c.ranks[r]);
@@ -452,6 +516,34 @@ impl Ranks {
     /// The logical weights alone (evaluation and sampling read no optimizer state).
     pub fn weights(&self, c: &Compiled) -> Result<Vec<Tensor<f32>>, String> {
         self.assemble(c, None)
+    }
+
+    /// This process's pieces of a sharded checkpoint (`writes`, from
+    /// `sharded::plan`), copied out of the local ranks' buffers: per file,
+    /// its pieces by key.
+    pub fn pieces(&self, writes: &[Vec<super::sharded::Write>]) -> Result<ShardFiles, String> {
+        let mut files = Vec::new();
+        for &r in &self.local {
+            let mut named = Vec::new();
+            let mut file = None;
+            for w in &writes[r] {
+                let data =
+                    self.read(r, w.bound)?.ok_or_else(|| format!("rank {r} has no `{}` buffer", w.bound.name()))?;
+                let n = (w.piece.flat[1] - w.piece.flat[0]) as usize;
+                let data = data
+                    .get(..n)
+                    .ok_or_else(|| format!("rank {r}'s `{}` is shorter than its piece", w.bound.name()))?;
+                named.push((
+                    w.piece.key.clone(),
+                    Tensor { dims: vec![Dim::new("piece", n as u64)], data: data.to_vec() },
+                ));
+                file = Some(w.piece.file.clone());
+            }
+            if let Some(f) = file {
+                files.push((f, named));
+            }
+        }
+        Ok(files)
     }
 
     /// The roles of rank `r`'s buffers that hold logical state, in a fixed

@@ -14,7 +14,7 @@ pub fn flat_shard(x: &[f32], n: usize, d: usize) -> Vec<f32> {
 }
 
 /// Index maps of a shard: for each logical dim, the logical indices held.
-fn maps(p: &parallel::ParamShard, logical: &Param) -> Vec<Vec<u64>> {
+pub fn maps(p: &parallel::ParamShard, logical: &Param) -> Vec<Vec<u64>> {
     logical
         .ty
         .dims
