@@ -357,15 +357,7 @@ impl Communicator for Local {
             }
             if let Some(msg) = st.mail.get_mut(&(from, self.rank, tag)).and_then(VecDeque::pop_front) {
                 if msg.len() != out.len() {
-                    let e = CommError::Mismatch {
-                        rank: self.rank,
-                        op: "recv",
-                        group: format!("pair ({from} → {})", self.rank),
-                        step: self.step,
-                        other: from,
-                        other_op: "send",
-                        detail: format!("expected {} values with tag {tag}, got {}", out.len(), msg.len()),
-                    };
+                    let e = super::recv_mismatch(self.rank, self.step, from, tag, out.len(), msg.len());
                     return Err(self.fail(st, e));
                 }
                 out.copy_from_slice(&msg);

@@ -137,6 +137,20 @@ pub mod sizes {
     }
 }
 
+/// A message of the wrong length for the receive that matched it (the
+/// sender's `send` and this rank's `recv` disagree).
+pub fn recv_mismatch(rank: usize, step: u64, from: usize, tag: u64, want: usize, got: usize) -> CommError {
+    CommError::Mismatch {
+        rank,
+        op: "recv",
+        group: format!("pair ({from} → {rank})"),
+        step,
+        other: from,
+        other_op: "send",
+        detail: format!("expected {want} values with tag {tag}, got {got}"),
+    }
+}
+
 /// The ranks a timed-out call waited for, where the transport knows them
 /// (MPI does not say which members have not arrived).
 fn waiting_for(missing: &[usize]) -> String {

@@ -230,15 +230,7 @@ impl Communicator for Mpi {
         let what = format!("pair ({from} → {}), tag {tag}", self.rank);
         let (data, _) = self.call("recv", what, &[], Call::Recv { from, tag })?;
         if data.len() != out.len() {
-            return Err(CommError::Mismatch {
-                rank: self.rank,
-                op: "recv",
-                group: format!("pair ({from} → {})", self.rank),
-                step: self.step,
-                other: from,
-                other_op: "send",
-                detail: format!("expected {} values with tag {tag}, got {}", out.len(), data.len()),
-            });
+            return Err(super::recv_mismatch(self.rank, self.step, from, tag, out.len(), data.len()));
         }
         out.copy_from_slice(&data);
         Ok(())

@@ -429,15 +429,7 @@ impl Communicator for Tcp {
         let what = format!("pair ({from} → {}), tag {tag}", self.rank);
         let data = self.take(from, Key::Tag(tag), "recv", &what)?;
         if data.len() != out.len() {
-            return Err(CommError::Mismatch {
-                rank: self.rank,
-                op: "recv",
-                group: format!("pair ({from} → {})", self.rank),
-                step: self.step,
-                other: from,
-                other_op: "send",
-                detail: format!("expected {} values with tag {tag}, got {}", out.len(), data.len()),
-            });
+            return Err(super::recv_mismatch(self.rank, self.step, from, tag, out.len(), data.len()));
         }
         out.copy_from_slice(&data);
         Ok(())
