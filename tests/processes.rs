@@ -26,8 +26,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// A fresh folder of its own: the tests of this file run side by side in one process.
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-mpi-{name}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("tessera-processes-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
@@ -396,33 +399,63 @@ fn a_hung_rank_is_named_after_the_timeout() {
 /// weights are the bits of an uninterrupted run.
 #[test]
 fn a_killed_rank_restarts_the_job_from_its_last_checkpoint() {
-    let out = tmp("restart");
+    restarts(false);
+}
+
+/// The same over two launches as nodes 0 and 1 (one rank each): the rank on
+/// node 1 is killed; node 1's launcher restarts it, node 0's rank fails (its
+/// peer is gone) and node 0's launcher restarts it, and the second attempt
+/// meets again at the store, turning away nothing of the first.
+#[test]
+fn a_killed_rank_restarts_a_job_of_two_nodes() {
+    restarts(true);
+}
+
+fn restarts(two_nodes: bool) {
+    let out = tmp(if two_nodes { "restart-nodes" } else { "restart" });
     let mut args: Vec<String> = vec!["train".into(), GPT.into()];
     args.extend(sets(&["parallel.mesh.data=2", "parallel.layout.batch=data", "train.save_interval=10"]));
     args.extend(["--steps", "40", "--eval-interval", "1000", "--seed", "3", "--data", DATA].map(String::from));
-    let launcher = Command::new(TESSERA)
-        .args(["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--"])
-        .args(&args)
-        .args(["--out".to_string(), out.to_string_lossy().into_owned()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tessera launch starts");
+    let master = format!("127.0.0.1:{}", free_port());
+    let launch = |node: &str| {
+        let nodes: Vec<&str> = match two_nodes {
+            true => vec!["--nproc-per-node", "1", "--nnodes", "2", "--node-rank", node, "--master", &master],
+            false => vec!["--nproc-per-node", "2"],
+        };
+        Command::new(TESSERA)
+            .arg("launch")
+            .args(nodes)
+            .args(["--max-restarts", "1", "--"])
+            .args(&args)
+            .args(["--out".to_string(), out.to_string_lossy().into_owned()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tessera launch starts")
+    };
+    let launcher = launch("0");
+    // Rank 1 runs under node 1's launcher, or beside rank 0.
+    let other = two_nodes.then(|| launch("1"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 12 {
         assert!(std::time::Instant::now() < deadline, "the ranks never logged 12 steps");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let one = common::children_of(launcher.id())
-        .into_iter()
-        .find(|(_, rank)| rank.as_deref() == Some("1"))
-        .expect("rank 1 runs")
-        .0;
+    let holder = other.as_ref().unwrap_or(&launcher).id();
+    let one =
+        common::children_of(holder).into_iter().find(|(_, rank)| rank.as_deref() == Some("1")).expect("rank 1 runs").0;
     // SAFETY: a signal to a rank that the launcher started and reaps.
     assert_eq!(unsafe { libc::kill(one as i32, libc::SIGKILL) }, 0);
     let o = launcher.wait_with_output().expect("the launcher ends");
-    let err = text(&o.stderr);
+    let mut err = text(&o.stderr);
     assert!(o.status.success(), "the restarted job failed:\n{err}");
+    if let Some(other) = other {
+        let o = other.wait_with_output().expect("node 1's launcher ends");
+        let theirs = text(&o.stderr);
+        assert!(o.status.success(), "node 1 failed:\n{theirs}");
+        assert!(err.contains("restarting every rank (restart 1 of 1)"), "node 0 restarts too:\n{err}");
+        err.push_str(&theirs);
+    }
     assert!(err.contains("rank 1 (pid") && err.contains("SIGKILL"), "{err}");
     assert!(err.contains("restarting every rank (restart 1 of 1)"), "{err}");
     assert!(err.contains("restart 1: resuming from the last complete checkpoint"), "{err}");
@@ -434,7 +467,7 @@ fn a_killed_rank_restarts_the_job_from_its_last_checkpoint() {
     assert_eq!(steps, (1..=40).collect::<Vec<u64>>(), "each step logged once, in order");
 
     // The same run, uninterrupted, as one process (threads give TCP's bits).
-    let straight = tmp("straight");
+    let straight = tmp(if two_nodes { "straight-nodes" } else { "straight" });
     let o = Command::new(TESSERA)
         .args(&args)
         .args(["--out".to_string(), straight.to_string_lossy().into_owned()])

@@ -37,8 +37,11 @@ pub struct Launch {
     pub grace: Duration,
     /// Restart every rank of this node this many times at most after a
     /// failure, as torchelastic does; each attempt's ranks see
-    /// `TORCHELASTIC_RESTART_COUNT` (0 first), and `tessera train` resumes
-    /// from its run folder's last complete checkpoint.
+    /// `TORCHELASTIC_RESTART_COUNT` (0 first), meet only ranks of the same
+    /// attempt at the store, and `tessera train` resumes from its run
+    /// folder's last complete checkpoint. Across nodes, a failure on one
+    /// node fails the ranks of the others (their peer is gone), so every
+    /// node's launcher restarts, and the attempts meet again.
     pub max_restarts: usize,
 }
 
@@ -201,16 +204,6 @@ fn free_port() -> Result<u16, LaunchError> {
 /// after a failed rank up to `l.max_restarts` times. `Ok` when every rank
 /// of an attempt exits 0.
 pub fn run(l: &Launch) -> Result<(), LaunchError> {
-    if l.max_restarts > 0 && l.nnodes > 1 {
-        // Each node's launcher would restart its own ranks, which could meet
-        // the previous attempt's store; that needs rendezvous rounds.
-        return Err(LaunchError::Usage(
-            "--max-restarts works on one node only: restarting a job of several nodes needs the launchers to \
-             agree on each attempt (torchelastic's rendezvous rounds), which is not built. Drop --max-restarts, \
-             or restart the job from its last checkpoint with --resume"
-                .into(),
-        ));
-    }
     let mut attempt = 0;
     loop {
         match run_once(l, attempt) {

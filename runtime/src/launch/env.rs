@@ -22,6 +22,10 @@ pub struct Placement {
     pub master_addr: Option<String>,
     pub master_port: u16,
     pub source: Source,
+    /// Which attempt of a restarting job this is (torchelastic's
+    /// `TORCHELASTIC_RESTART_COUNT`, which `tessera launch --max-restarts`
+    /// sets too; 0 without it): ranks meet only ranks of their attempt.
+    pub round: u64,
 }
 
 /// Which launcher's variables gave the placement.
@@ -171,6 +175,10 @@ fn torchrun(v: &Vars) -> Result<Placement, EnvError> {
         master_addr: Some(master_addr),
         master_port,
         source: Source::Torchrun,
+        round: match v.opt("TORCHELASTIC_RESTART_COUNT") {
+            Some(n) => v.number("TORCHELASTIC_RESTART_COUNT", &n)? as u64,
+            None => 0,
+        },
     })
 }
 
@@ -214,6 +222,7 @@ fn slurm(v: &Vars) -> Result<Placement, EnvError> {
         master_addr: Some(master_addr),
         master_port: v.port()?,
         source: Source::Slurm,
+        round: 0,
     })
 }
 
@@ -245,6 +254,7 @@ fn mpi(v: &Vars) -> Result<Placement, EnvError> {
         master_addr,
         master_port: v.port()?,
         source: Source::Mpi,
+        round: 0,
     })
 }
 

@@ -26,7 +26,7 @@ pub fn rendezvous(p: &Placement, timeout: Duration) -> Result<Store, StoreError>
                 .into(),
         ));
     };
-    let mut store = Store::join(host, p.master_port, p.rank, p.world, timeout)?;
+    let mut store = Store::join_round(host, p.master_port, p.rank, p.world, p.round, timeout)?;
     match store.barrier("join") {
         Ok(()) => Ok(store),
         Err(e) => {

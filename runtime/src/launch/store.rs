@@ -184,6 +184,9 @@ struct State {
 
 struct Hub {
     world: usize,
+    /// The attempt of the job this store serves (torchelastic's restart
+    /// count): ranks of another attempt are turned away.
+    round: u64,
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
@@ -294,12 +297,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(port: u16, world: usize) -> Result<Server, StoreError> {
+    fn start(port: u16, world: usize, round: u64) -> Result<Server, StoreError> {
         let listener =
             TcpListener::bind(("0.0.0.0", port)).map_err(|e| StoreError::Host { port, why: e.to_string() })?;
         let port = listener.local_addr().map_err(|e| StoreError::Host { port, why: e.to_string() })?.port();
         let hub = Arc::new(Hub {
             world,
+            round,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -346,6 +350,10 @@ impl Drop for Server {
     }
 }
 
+/// How a refusal for another attempt of the job begins: the joining rank
+/// waits for the store of its own attempt instead of failing.
+const OTHER_ROUND: &str = "another attempt: ";
+
 /// One connection: a hello, then requests until goodbye or until it closes.
 fn serve(hub: &Hub, conn: TcpStream) {
     let _ = conn.set_nodelay(true);
@@ -354,10 +362,16 @@ fn serve(hub: &Hub, conn: TcpStream) {
     let mut r = BufReader::new(read);
     let mut w = BufWriter::new(conn);
     let rank = match Request::read(&mut r) {
-        Ok(Request { op: Op::Hello, key, a, b, .. }) => {
+        Ok(Request { op: Op::Hello, key, a, b, value }) => {
             let (rank, world) = (a as usize, b as usize);
+            let round = value.get(..8).map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap_or([0; 8])));
             let mut st = hub.lock();
-            let refuse = if world != hub.world {
+            let refuse = if round != hub.round {
+                Some(format!(
+                    "{OTHER_ROUND}rank {rank} is of attempt {round} of the job, this store of attempt {}",
+                    hub.round
+                ))
+            } else if world != hub.world {
                 Some(format!(
                     "rank {rank} was started for a world of {world} ranks, rank 0 for {}: every rank needs the same \
                      WORLD_SIZE",
@@ -496,7 +510,47 @@ impl Store {
     /// itself; the others connect, retrying until `timeout` while rank 0
     /// starts. Every wait of this handle is bounded by `timeout`.
     pub fn join(host: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Store, StoreError> {
-        let server = if rank == 0 { Some(Server::start(port, world)?) } else { None };
+        Store::join_round(host, port, rank, world, 0, timeout)
+    }
+
+    /// [`Store::join`] for attempt `round` of a job that restarts (as
+    /// torchelastic's rendezvous rounds): a store of another attempt (the
+    /// previous one's rank 0, still going down) turns this rank away, and it
+    /// tries again until its own attempt's store is up or `timeout` passes.
+    pub fn join_round(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        round: u64,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let t0 = Instant::now();
+        loop {
+            match Store::join_once(host, port, rank, world, round, timeout) {
+                Err(StoreError::Refused { message, .. })
+                    if message.starts_with(OTHER_ROUND) && t0.elapsed() < timeout =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(StoreError::Refused { rank, op, message }) => {
+                    let message = message.strip_prefix(OTHER_ROUND).unwrap_or(&message).to_string();
+                    return Err(StoreError::Refused { rank, op, message });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn join_once(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        round: u64,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let server = if rank == 0 { Some(Server::start(port, world, round)?) } else { None };
         // Rank 0 reaches its own store on the loopback.
         let (host, port, shown) = match &server {
             Some(s) => ("127.0.0.1", s.port, format!("{host}:{}", s.port)),
@@ -535,7 +589,9 @@ impl Store {
             closed: false,
         };
         let who = format!("pid {} on {}", std::process::id(), hostname());
-        store.call("join", Request { op: Op::Hello, key: who, value: Vec::new(), a: rank as i64, b: world as u64 })?;
+        let hello =
+            Request { op: Op::Hello, key: who, value: round.to_le_bytes().to_vec(), a: rank as i64, b: world as u64 };
+        store.call("join", hello)?;
         Ok(store)
     }
 
@@ -898,6 +954,29 @@ mod tests {
         let e = waiter.join().unwrap();
         assert!(matches!(e, StoreError::Lost { rank: 1, lost: 0, .. }), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(5), "the host waited for rank 1 to go, not the full bound");
+    }
+
+    /// A rank of the next attempt of a restarting job is turned away by the
+    /// previous attempt's store, waits, and meets its own attempt's store
+    /// once that is up.
+    #[test]
+    fn ranks_meet_only_ranks_of_their_attempt() {
+        let port = free_port();
+        let old = Store::join_round("127.0.0.1", port, 0, 2, 0, T).unwrap();
+        let e = Store::join_round("127.0.0.1", port, 1, 2, 1, Duration::from_millis(300)).err().unwrap().to_string();
+        assert!(e.contains("rank 1 is of attempt 1 of the job, this store of attempt 0"), "{e}");
+        // The next attempt's rank 1 starts first and waits; its rank 0 comes up after the old one is gone.
+        let next = std::thread::spawn(move || Store::join_round("127.0.0.1", port, 1, 2, 1, T));
+        std::thread::sleep(Duration::from_millis(300));
+        old.abort("attempt 0 failed");
+        let mut host = Store::join_round("127.0.0.1", port, 0, 2, 1, T).unwrap();
+        let mut one = next.join().unwrap().expect("meets the store of its attempt");
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| host.barrier("met"));
+            let b = s.spawn(|| one.barrier("met"));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
     }
 
     #[test]
