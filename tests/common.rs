@@ -78,6 +78,16 @@ pub fn zero_gradient(g: &[f32], i: usize) -> bool {
     g[i].abs() <= 1e-6 * top
 }
 
+/// A process's output, as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A TCP port free on the loopback now (for a store or a launch's master).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
+
 /// The children of process `parent`, with their `RANK` variable.
 pub fn children_of(parent: u32) -> Vec<(u32, Option<String>)> {
     let mut out = Vec::new();
@@ -90,9 +100,7 @@ pub fn children_of(parent: u32) -> Vec<(u32, Option<String>)> {
             continue;
         }
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let rank = env
-            .split(|&b| b == 0)
-            .find_map(|v| v.strip_prefix(b"RANK=").map(|v| String::from_utf8_lossy(v).into_owned()));
+        let rank = env.split(|&b| b == 0).find_map(|v| v.strip_prefix(b"RANK=").map(text));
         out.push((pid, rank));
     }
     out

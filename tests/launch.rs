@@ -5,21 +5,13 @@
 
 mod common;
 
-use common::children_of;
+use common::{children_of, free_port, text};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-}
 
 /// Wait for `child` to exit, at most `within`; kill it and fail if it does not.
 fn finish(mut child: Child, within: Duration) -> Output {

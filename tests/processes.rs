@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{rel, zero_gradient};
+use common::{free_port, rel, text, zero_gradient};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use tessera::runtime::tensor::Tensor;
@@ -21,10 +21,6 @@ const TESSERA: &str = env!("CARGO_BIN_EXE_tessera");
 const DATA: &str = "data/shakespeare/shakespeare.txt";
 const STEPS: u64 = 5;
 const SEED: u64 = 7;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// A fresh folder of its own: the tests of this file run side by side in one process.
 fn tmp(name: &str) -> PathBuf {
@@ -46,10 +42,6 @@ enum Start {
     /// processes than cores on a small machine).
     #[cfg(feature = "mpi")]
     Mpirun,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn start(how: Start, n: usize, args: &[String]) -> Output {

@@ -21,6 +21,7 @@ use mpi::Threading;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::request::StaticScope;
 use mpi::topology::SimpleCommunicator;
+use mpi::traits::Communicator as Communicator2;
 use mpi::traits::*;
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -475,9 +476,6 @@ fn collective(comm: &impl Communicator2, call: Call) -> (Vec<f32>, Vec<usize>) {
         }
     }
 }
-
-/// rsmpi's communicator trait, named apart from ours.
-use mpi::traits::Communicator as Communicator2;
 
 #[cfg(test)]
 mod tests {

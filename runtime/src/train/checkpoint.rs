@@ -22,7 +22,7 @@
 //! the same run (`RunRecord`).
 
 use super::TrainError;
-use super::optim::OptimizerState;
+use super::optim::{LossScaler, OptimizerState};
 use crate::tensor::Tensor;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
@@ -193,8 +193,8 @@ pub struct Snapshot {
     /// Parameter paths, in the tensors' order.
     paths: Vec<String>,
     state: serde_json::Value,
-    pub params: Vec<Tensor<f32>>,
-    pub opt: OptimizerState,
+    params: Vec<Tensor<f32>>,
+    opt: OptimizerState,
 }
 
 impl Snapshot {
@@ -668,10 +668,19 @@ pub fn load(
             opt.v = v;
         }
     }
+    let (step, scaler, skipped) = progress(&dir, &state)?;
+    opt.scaler = scaler;
+    opt.skipped = skipped;
+    Ok((params, opt, step))
+}
+
+/// Where a checkpoint's run stood, from its `state.json` (`state`, read
+/// from folder `dir`): the step, the loss scale (`precision = fp16`) and the
+/// steps skipped so far.
+pub fn progress(dir: &Path, state: &serde_json::Value) -> Result<(u64, Option<LossScaler>, u64), TrainError> {
     let step = state["step"]
         .as_u64()
         .ok_or_else(|| TrainError::Io(format!("`{}` has no `step`", dir.join("state.json").display())))?;
-    opt.scaler = serde_json::from_value(state["loss_scale"].clone()).ok().flatten();
-    opt.skipped = state["skipped_steps"].as_u64().unwrap_or(0);
-    Ok((params, opt, step))
+    let scaler = serde_json::from_value(state["loss_scale"].clone()).ok().flatten();
+    Ok((step, scaler, state["skipped_steps"].as_u64().unwrap_or(0)))
 }

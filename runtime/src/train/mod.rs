@@ -228,30 +228,25 @@ impl Trainer {
             (Some(dir), Some(_)) => Some(checkpoint::resolve(dir)?).filter(|d| sharded::is_sharded(d)),
             _ => None,
         };
-        let (ranks, step, resume_changes, scaler, skipped_steps) = match &cfg.resume {
+        let (ranks, step, resume_changes, scaler, skipped_steps) = match (&cfg.resume, sharded_resume) {
             // Ranks that are processes read only their pieces of a sharded checkpoint.
-            Some(dir) if sharded_resume.is_some() => {
+            (Some(dir), Some(at)) => {
                 let (changes, fresh_optimizer) = resume_changes(dir, &run, cfg.allow_changes)?;
-                let at = sharded_resume.unwrap_or_default();
-                let state = checkpoint::state_of(&at)?;
-                let step = state["step"]
-                    .as_u64()
-                    .ok_or_else(|| TrainError::Io(format!("`{}` has no `step`", at.join("state.json").display())))?;
-                let saved_scaler = serde_json::from_value(state["loss_scale"].clone()).ok().flatten();
+                let (step, saved_scaler, skipped) = checkpoint::progress(&at, &checkpoint::state_of(&at)?)?;
                 let scaler = if fp16 { saved_scaler.or(fresh_scaler) } else { None };
                 let reader = std::sync::Mutex::new(sharded::Reader::open(&at)?);
                 let start = ranks::Start::Sharded { reader: &reader, moments: !fresh_optimizer };
                 let ranks = start_ranks(&training, start, &cfg)?;
                 reads = reader.into_inner().ok().map(|r| r.reads);
-                (ranks, step, changes, scaler, state["skipped_steps"].as_u64().unwrap_or(0))
+                (ranks, step, changes, scaler, skipped)
             }
-            Some(dir) => {
+            (Some(dir), None) => {
                 let (params, opt, step, changes) = resume(dir, &training, &run, cfg.allow_changes)?;
                 let scaler = if fp16 { opt.scaler.or(fresh_scaler) } else { None };
                 let ranks = start_ranks(&training, ranks::Start::State(&params, &opt), &cfg)?;
                 (ranks, step, changes, scaler, opt.skipped)
             }
-            None => {
+            (None, _) => {
                 let ranks = start_ranks(&training, ranks::Start::Init { seed: cfg.seed }, &cfg)?;
                 (ranks, 0, Vec::new(), fresh_scaler, 0)
             }
@@ -396,11 +391,6 @@ impl Trainer {
     /// of a world of processes.
     pub fn is_writer(&self) -> bool {
         self.ranks.world().is_none_or(|w| w.rank() == 0)
-    }
-
-    /// Tell the other processes of the world (if any) that this one failed.
-    pub fn abort(&self, message: &str) {
-        self.ranks.abort(message);
     }
 
     /// A step whose loss or gradient norm is not finite: an error, or (with

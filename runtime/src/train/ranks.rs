@@ -17,7 +17,7 @@
 //! (write a checkpoint) is the caller's to decide.
 
 use super::optim::OptimizerState;
-use super::shards::{cut_elements, flat_shard, place, whole};
+use super::shards::{cut_elements, flat_shard, holds_flat_shard, place, weight_buffer, whole};
 use crate::backend::{
     self, Backend,
     cpu::{Cpu, Engine},
@@ -40,21 +40,89 @@ type Buffers = std::collections::HashMap<(usize, Bound), Vec<f32>>;
 /// Pieces of a sharded checkpoint, per file: (file name, (key, elements)).
 pub type ShardFiles = Vec<(String, Vec<(String, Tensor<f32>)>)>;
 
+/// Fill the local ranks' buffers from logical tensors: fresh ones from
+/// the initializers, or given ones (a checkpoint's), each rank taking its
+/// cut of each parameter.
+fn load_logical(c: &Compiled, local: &[usize], backends: &mut [Cpu], start: Start<'_>) -> Result<(), String> {
+    for (k, meta) in c.params.iter().enumerate() {
+        // Fresh weights that every rank holding them holds whole are
+        // written straight into its buffer (no logical copy is made).
+        if let Start::Init { seed } = start {
+            // (Master weights, under bf16, are whole where the update is not ZeRO-sharded.)
+            let held_whole = |(r, p): (&tessera_compiler::parallel::RankProgram, &Program)| {
+                let s = &r.params[k];
+                let flat = |role: Bound| p.bound(role).is_some() && holds_flat_shard(&c.mesh, s, role);
+                !s.held || whole(s, meta) && !flat(Bound::Weight(k)) && !flat(Bound::Master(k))
+            };
+            if c.ranks.iter().zip(&c.programs).all(held_whole) {
+                for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
+                    let (p, rp) = (&c.programs[r], &c.ranks[r]);
+                    for role in [Bound::Weight(k), Bound::Master(k)] {
+                        if let Some(b) = p.bound(role).filter(|_| rp.params[k].held) {
+                            cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
+                        }
+                    }
+                }
+                continue;
+            }
+        }
+        let fresh;
+        let (w, moments): (&Tensor<f32>, Vec<(Bound, &Tensor<f32>)>) = match start {
+            Start::Init { seed } => {
+                fresh = crate::init::init_param(meta, k, seed);
+                // The regions start zeroed: fresh moments need no upload.
+                (&fresh, Vec::new())
+            }
+            Start::State(params, opt) => {
+                let mut v = vec![(Bound::Moment1(k), &opt.m[k])];
+                v.extend(opt.v.get(k).map(|t| (Bound::Moment2(k), t)));
+                (&params[k], v)
+            }
+            Start::Sharded { .. } => unreachable!("a sharded start reads pieces, not logical tensors"),
+        };
+        for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
+            let shard = &c.ranks[r].params[k];
+            if !shard.held {
+                continue;
+            }
+            let cut = cut_elements(w, shard, meta);
+            upload_cut(c, r, cpu, k, Bound::Weight(k), &cut)?;
+            upload_cut(c, r, cpu, k, Bound::Master(k), &cut)?;
+            for &(role, t) in &moments {
+                upload_cut(c, r, cpu, k, role, &cut_elements(t, shard, meta))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Upload rank `r`'s elements of parameter `k`'s buffer `role`, given its
+/// `cut` of the logical tensor: the buffer holds the cut, or its ZeRO flat
+/// shard of it (`shards::holds_flat_shard`).
+fn upload_cut(c: &Compiled, r: usize, cpu: &mut Cpu, k: usize, role: Bound, cut: &[f32]) -> Result<(), String> {
+    let p = &c.programs[r];
+    let Some(b) = p.bound(role) else { return Ok(()) };
+    match holds_flat_shard(&c.mesh, &c.ranks[r].params[k], role) {
+        true => {
+            let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
+            cpu.upload(p.buffer(b), &flat_shard(cut, dp, c.mesh.data_coord(r as u64) as usize))
+        }
+        false => cpu.upload(p.buffer(b), cut),
+    }
+}
+
 /// Fill rank `r`'s weights (and master weights) and, with `moments`, its
 /// optimizer moments from a sharded checkpoint: its cut of each logical
-/// tensor, read from the pieces that overlap it, then its ZeRO shard of
-/// that cut where the program keeps one.
+/// tensor, read from the pieces that overlap it.
 fn load_shards(
     c: &Compiled,
     r: usize,
     cpu: &mut Cpu,
     reader: &mut super::sharded::Reader,
     moments: bool,
-    dp: usize,
 ) -> Result<(), crate::train::TrainError> {
     use super::sharded::Role;
     let p = &c.programs[r];
-    let d = c.mesh.data_coord(r as u64) as usize;
     let err = crate::train::TrainError::Setup;
     for (k, meta) in c.params.iter().enumerate() {
         let shard = &c.ranks[r].params[k];
@@ -62,24 +130,16 @@ fn load_shards(
             continue;
         }
         let target = super::shards::maps(shard, meta);
-        let z = c.mesh.zero_sharded(shard);
-        let mut put = |role: Bound, cut: &[f32], sharded: bool| -> Result<(), crate::train::TrainError> {
-            let Some(b) = p.bound(role) else { return Ok(()) };
-            match sharded {
-                true => cpu.upload(p.buffer(b), &flat_shard(cut, dp, d)).map_err(err),
-                false => cpu.upload(p.buffer(b), cut).map_err(err),
-            }
-        };
         let w = reader.cut(&meta.path, Role::Weight, &meta.ty.dims, &target)?;
-        put(Bound::Weight(k), &w, z && c.mesh.zero >= 3)?;
-        put(Bound::Master(k), &w, z)?;
+        upload_cut(c, r, cpu, k, Bound::Weight(k), &w).map_err(err)?;
+        upload_cut(c, r, cpu, k, Bound::Master(k), &w).map_err(err)?;
         if !moments {
             continue;
         }
         for (role, bound) in [(Role::M, Bound::Moment1(k)), (Role::V, Bound::Moment2(k))] {
             if p.bound(bound).is_some() && reader.has(&meta.path, role) {
                 let m = reader.cut(&meta.path, role, &meta.ty.dims, &target)?;
-                put(bound, &m, z)?;
+                upload_cut(c, r, cpu, k, bound, &m).map_err(err)?;
             }
         }
     }
@@ -278,78 +338,15 @@ impl Ranks {
             cpu.prepare(p)?;
             backends.push(cpu);
         }
-        let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
-        if let Start::Sharded { reader, moments } = start {
-            let mut reader = reader.lock().map_err(|_| "the checkpoint reader was poisoned by a panic".to_string())?;
-            for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
-                load_shards(c, r, cpu, &mut reader, moments, dp).map_err(|e| e.to_string())?;
-            }
-        }
-        for (k, meta) in c.params.iter().enumerate() {
-            if matches!(start, Start::Sharded { .. }) {
-                break;
-            }
-            // Fresh weights that every rank holding them holds whole are
-            // written straight into its buffer (no logical copy is made).
-            if let Start::Init { seed } = start {
-                // (Master weights, under bf16, are whole where the update is not ZeRO-sharded.)
-                let held_whole = |(r, p): (&tessera_compiler::parallel::RankProgram, &Program)| {
-                    let s = &r.params[k];
-                    let sharded = c.mesh.zero_sharded(s);
-                    !s.held
-                        || whole(s, meta)
-                            && !(sharded && c.mesh.zero >= 3)
-                            && !(sharded && p.bound(Bound::Master(k)).is_some())
-                };
-                if c.ranks.iter().zip(&c.programs).all(held_whole) {
-                    for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
-                        let (p, rp) = (&c.programs[r], &c.ranks[r]);
-                        for role in [Bound::Weight(k), Bound::Master(k)] {
-                            if let Some(b) = p.bound(role).filter(|_| rp.params[k].held) {
-                                cpu.write_with(p.buffer(b), |o| crate::init::init_into(meta, k, seed, o))?;
-                            }
-                        }
-                    }
-                    continue;
+        match start {
+            Start::Sharded { reader, moments } => {
+                let mut reader =
+                    reader.lock().map_err(|_| "the checkpoint reader was poisoned by a panic".to_string())?;
+                for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
+                    load_shards(c, r, cpu, &mut reader, moments).map_err(|e| e.to_string())?;
                 }
             }
-            let fresh;
-            let (w, moments): (&Tensor<f32>, Vec<(Bound, &Tensor<f32>)>) = match start {
-                Start::Init { seed } => {
-                    fresh = crate::init::init_param(meta, k, seed);
-                    // The regions start zeroed: fresh moments need no upload.
-                    (&fresh, Vec::new())
-                }
-                Start::State(params, opt) => {
-                    let mut v = vec![(Bound::Moment1(k), &opt.m[k])];
-                    v.extend(opt.v.get(k).map(|t| (Bound::Moment2(k), t)));
-                    (&params[k], v)
-                }
-                Start::Sharded { .. } => unreachable!("loaded above"),
-            };
-            for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
-                let (p, rp) = (&c.programs[r], &c.ranks[r]);
-                let shard = &rp.params[k];
-                if !shard.held {
-                    continue;
-                }
-                let d = c.mesh.data_coord(p.rank) as usize;
-                // A buffer holds the rank's cut of the logical tensor, or its flat ZeRO shard of that cut.
-                let mut put = |role: Bound, full: &Tensor<f32>, sharded: bool| -> Result<(), String> {
-                    let Some(b) = p.bound(role) else { return Ok(()) };
-                    let local = cut_elements(full, shard, meta);
-                    match sharded {
-                        true => cpu.upload(p.buffer(b), &flat_shard(&local, dp, d)),
-                        false => cpu.upload(p.buffer(b), &local),
-                    }
-                };
-                let z = c.mesh.zero_sharded(shard);
-                put(Bound::Weight(k), w, z && c.mesh.zero >= 3)?;
-                put(Bound::Master(k), w, z)?;
-                for &(role, t) in &moments {
-                    put(role, t, z)?;
-                }
-            }
+            Start::Init { .. } | Start::State(..) => load_logical(c, &local, &mut backends, start)?,
         }
         let backends = backends.into_iter().map(Mutex::new).collect();
         let micro: Vec<u64> = c.ranks.iter().map(|r| r.micro).collect();
@@ -489,14 +486,6 @@ impl Ranks {
         Ok(bad.iter().map(|&f| f != 0.0).collect())
     }
 
-    /// Tell every rank of a process world that this one failed (threads
-    /// share their failures already).
-    pub fn abort(&self, message: &str) {
-        if let Some(w) = &self.world {
-            w.lock().abort(message);
-        }
-    }
-
     /// The elements of rank `rank`'s buffer that plays `role`, if it has
     /// one (`None` too for a rank of another process).
     pub fn read(&self, rank: usize, role: Bound) -> Result<Option<Vec<f32>>, String> {
@@ -547,22 +536,13 @@ impl Ranks {
     }
 
     /// The roles of rank `r`'s buffers that hold logical state, in a fixed
-    /// order: the weights (f32 master weights where the program keeps them),
-    /// and with `moments` the optimizer's.
+    /// order (`sharded::state_buffers` of each parameter it holds).
     fn state_roles(&self, c: &Compiled, r: usize, moments: bool) -> Vec<Bound> {
         let p = &self.programs[r];
-        let mut roles = Vec::new();
-        for k in 0..c.params.len() {
-            if !c.ranks[r].params[k].held {
-                continue;
-            }
-            let mut mine = vec![if p.bound(Bound::Master(k)).is_some() { Bound::Master(k) } else { Bound::Weight(k) }];
-            if moments {
-                mine.extend([Bound::Moment1(k), Bound::Moment2(k)]);
-            }
-            roles.extend(mine.into_iter().filter(|&b| p.bound(b).is_some()));
-        }
-        roles
+        (0..c.params.len())
+            .filter(|&k| c.ranks[r].params[k].held)
+            .flat_map(|k| super::sharded::state_buffers(p, k, moments).into_iter().map(|(_, b)| b))
+            .collect()
     }
 
     /// Every rank's state buffers (`state_roles`), in every process: each
@@ -615,11 +595,11 @@ impl Ranks {
                 }
                 let n = shard.local.ty.numel() as usize;
                 // A flat ZeRO shard is whole across the rank's data group.
-                let whole = |role: Bound, sharded: bool| -> Result<Option<Vec<f32>>, String> {
+                let whole = |role: Bound| -> Result<Option<Vec<f32>>, String> {
                     if self.programs[r].bound(role).is_none() {
                         return Ok(None);
                     }
-                    if !sharded {
+                    if !holds_flat_shard(&c.mesh, shard, role) {
                         return fetch(r, role);
                     }
                     let axis = self.mesh.data_axis.as_deref().ok_or("a shard without a data axis")?;
@@ -630,21 +610,16 @@ impl Ranks {
                     v.truncate(n);
                     Ok(Some(v))
                 };
-                let z = c.mesh.zero_sharded(shard);
-                // The f32 master weights where the program keeps them (`precision = bf16`), else the weights.
-                let w = match whole(Bound::Master(k), z)? {
-                    Some(w) => Some(w),
-                    None => whole(Bound::Weight(k), z && self.mesh.zero >= 3)?,
-                };
+                let w = whole(weight_buffer(&self.programs[r], k))?;
                 if let Some(w) = w {
                     place(&mut params[k], &w, shard, meta);
                 }
                 let Some(out) = state.as_deref_mut() else { continue };
-                if let Some(w) = whole(Bound::Moment1(k), z)? {
+                if let Some(w) = whole(Bound::Moment1(k))? {
                     place(&mut out.m[k], &w, shard, meta);
                 }
                 if !out.v.is_empty()
-                    && let Some(w) = whole(Bound::Moment2(k), z)?
+                    && let Some(w) = whole(Bound::Moment2(k))?
                 {
                     place(&mut out.v[k], &w, shard, meta);
                 }

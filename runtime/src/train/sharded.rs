@@ -16,14 +16,14 @@
 
 use super::TrainError;
 use super::checkpoint::{self, io};
-use super::shards::maps;
+use super::shards::{holds_flat_shard, maps, weight_buffer};
 use crate::tensor::Tensor;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tessera_compiler::driver::Compiled;
 use tessera_compiler::ir::Dim;
-use tessera_compiler::lower::Bound;
+use tessera_compiler::lower::{Bound, Program};
 
 pub const MANIFEST: &str = "manifest.json";
 const FORMAT: &str = "tessera-sharded-1";
@@ -90,6 +90,18 @@ pub struct Write {
     pub piece: Piece,
 }
 
+/// The buffers of parameter `k` that hold its logical state in program `p`:
+/// the weights (see [`weight_buffer`]) and, with `moments`, the optimizer's
+/// moments the program keeps.
+pub fn state_buffers(p: &Program, k: usize, moments: bool) -> Vec<(Role, Bound)> {
+    let mut all = vec![(Role::Weight, weight_buffer(p, k))];
+    if moments {
+        all.extend([(Role::M, Bound::Moment1(k)), (Role::V, Bound::Moment2(k))]);
+    }
+    all.retain(|&(_, b)| p.bound(b).is_some());
+    all
+}
+
 /// The manifest of a checkpoint of `c`'s ranks, and what each rank writes
 /// (a pure function of the layout: every process plans the same).
 pub fn plan(c: &Compiled, moments: bool) -> (Manifest, Vec<Vec<Write>>) {
@@ -105,19 +117,10 @@ pub fn plan(c: &Compiled, moments: bool) -> (Manifest, Vec<Vec<Write>>) {
             if !shard.held {
                 continue;
             }
-            let z = c.mesh.zero_sharded(shard);
-            let weight = if p.bound(Bound::Master(k)).is_some() { Bound::Master(k) } else { Bound::Weight(k) };
-            let mut roles = vec![(Role::Weight, weight, z && (weight != Bound::Weight(k) || c.mesh.zero >= 3))];
-            if moments {
-                roles.extend([(Role::M, Bound::Moment1(k), z), (Role::V, Bound::Moment2(k), z)]);
-            }
             let n = shard.local.ty.numel();
             let index = ranges(&maps(shard, meta));
-            for (role, bound, sharded) in roles {
-                if p.bound(bound).is_none() {
-                    continue;
-                }
-                let flat = match sharded {
+            for (role, bound) in state_buffers(p, k, moments) {
+                let flat = match holds_flat_shard(&c.mesh, shard, bound) {
                     true => {
                         let per = n.div_ceil(dp as u64);
                         let start = c.mesh.data_coord(r as u64) * per;

@@ -5,7 +5,22 @@
 
 use crate::tensor::Tensor;
 use tessera_compiler::ir::{Dim, Param};
-use tessera_compiler::parallel;
+use tessera_compiler::lower::{Bound, Program};
+use tessera_compiler::parallel::{self, Mesh};
+
+/// Whether a rank's buffer `role` of a parameter holds ZeRO's flat shard of
+/// its cut rather than the whole cut: the master weights and the moments
+/// where the update is ZeRO-sharded, the weights themselves under ZeRO 3.
+pub fn holds_flat_shard(mesh: &Mesh, shard: &parallel::ParamShard, role: Bound) -> bool {
+    mesh.zero_sharded(shard) && (!matches!(role, Bound::Weight(_)) || mesh.zero >= 3)
+}
+
+/// The buffer of parameter `k` a checkpoint takes its weights from: the
+/// f32 master weights where the program keeps them (`precision = bf16`),
+/// else the weights.
+pub fn weight_buffer(p: &Program, k: usize) -> Bound {
+    if p.bound(Bound::Master(k)).is_some() { Bound::Master(k) } else { Bound::Weight(k) }
+}
 
 /// The flat shard `d` of `n` of a tensor's elements (zero-padded to a multiple of n).
 pub fn flat_shard(x: &[f32], n: usize, d: usize) -> Vec<f32> {
