@@ -183,10 +183,24 @@ impl Tcp {
         head[1..9].copy_from_slice(&a.to_le_bytes());
         head[9..17].copy_from_slice(&b.to_le_bytes());
         head[17..25].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-        w.write_all(&head).and_then(|_| w.write_all(payload)).and_then(|_| w.flush()).map_err(|e| CommError::Usage {
-            rank,
-            message: format!("rank {to} cannot be reached ({e}): it exited or was killed"),
+        let sent = w.write_all(&head).and_then(|_| w.write_all(payload)).and_then(|_| w.flush());
+        sent.map_err(|e| {
+            let (op, what) = &self.doing;
+            self.lost(op, what, to, &Gone::Lost(closed(&e)))
         })
+    }
+
+    /// The error of a call on `what` whose peer `from` went away: the same
+    /// words whether this rank noticed it sending or receiving.
+    fn lost(&self, op: &str, what: &str, from: usize, gone: &Gone) -> CommError {
+        let why = match gone {
+            Gone::Finished => "has finished".to_string(),
+            Gone::Lost(why) => format!("is gone ({why}): it exited or was killed"),
+        };
+        CommError::Usage {
+            rank: self.rank,
+            message: format!("`{op}` on the {what} at step {}: rank {from} {why}", self.step),
+        }
     }
 
     fn send_to(&mut self, to: usize, key: Key, data: &[f32]) -> Result<(), CommError> {
@@ -215,14 +229,7 @@ impl Tcp {
                 return Ok(m);
             }
             if let Some(gone) = mail.gone.get(&from) {
-                let why = match gone {
-                    Gone::Finished => "has finished".to_string(),
-                    Gone::Lost(why) => format!("is gone ({why}): it exited or was killed"),
-                };
-                let e = CommError::Usage {
-                    rank: self.rank,
-                    message: format!("`{op}` on the {what} at step {}: rank {from} {why}", self.step),
-                };
+                let e = self.lost(op, what, from, gone);
                 drop(mail);
                 return Err(e);
             }
@@ -617,6 +624,56 @@ mod tests {
         assert_eq!(reduce_in_order(&parts, ReduceOp::Sum), vec![(1.0f32 + 1e-8) + 2.0, (1e8f32 + -1e8) + 3.0]);
         assert_eq!(reduce_in_order(&parts, ReduceOp::Max), vec![2.0, 1e8]);
         assert_eq!(reduce_in_order(&parts, ReduceOp::Mean)[1], 1.0);
+    }
+
+    /// Two ranks of one world, connected over the loopback.
+    fn pair() -> (Tcp, Tcp) {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+        let at = move |rank| Placement {
+            rank,
+            world: 2,
+            local_rank: rank,
+            local_world: 2,
+            node: None,
+            master_addr: Some("127.0.0.1".into()),
+            master_port: port,
+            source: crate::launch::Source::Torchrun,
+            round: 0,
+        };
+        let t = Duration::from_secs(20);
+        let one = std::thread::spawn(move || Tcp::connect(&at(1), t).unwrap());
+        let zero = Tcp::connect(&at(0), t).unwrap();
+        (zero, one.join().unwrap())
+    }
+
+    #[test]
+    fn a_peer_lost_while_sending_is_named_as_while_receiving() {
+        let (mut zero, mut one) = pair();
+        zero.set_step(3);
+        // Rank 1 goes without a goodbye, as a killed process does.
+        one.failed = true;
+        for w in one.peers.iter().flatten() {
+            w.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
+        }
+        drop(one);
+        // The kernel takes the first writes; a later one meets the reset.
+        let err = (0..200)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(10));
+                zero.send(1, 7, &[1.0; 1024]).err()
+            })
+            .expect("a send to a closed peer fails");
+        assert_eq!(
+            err.to_string(),
+            "rank 0: `send` on the pair (0 → 1), tag 7 at step 3: rank 1 is gone (the connection closed): it exited or was killed"
+        );
+        let mut buf = [0.0f32; 4];
+        let err = zero.recv(1, 7, &mut buf).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rank 0: `recv` on the pair (1 → 0), tag 7 at step 3: rank 1 is gone (the connection closed): it exited or was killed"
+        );
+        zero.failed = true;
     }
 
     #[test]
