@@ -281,7 +281,8 @@ fn train_with_a_layout_from_the_command_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `--trace` writes a Chrome trace with one track per simulated rank.
+/// `--trace` writes a Chrome trace with one track per simulated rank and
+/// one per rank's communication stream.
 #[test]
 fn train_writes_a_chrome_trace() {
     let dir = std::env::temp_dir().join(format!("tessera-cli-trace-{}", std::process::id()));
@@ -314,11 +315,19 @@ fn train_writes_a_chrome_trace() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
     let events = v["traceEvents"].as_array().expect("traceEvents");
-    let tracks: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "M").collect();
-    assert_eq!(tracks.len(), 4, "one track per rank");
+    let tracks: Vec<&str> =
+        events.iter().filter(|e| e["ph"] == "M").filter_map(|e| e["args"]["name"].as_str()).collect();
+    assert_eq!(tracks.len(), 8, "a compute track and a communication stream's track per rank: {tracks:?}");
+    assert_eq!(tracks.iter().filter(|t| t.ends_with(": communication stream")).count(), 4, "{tracks:?}");
     let names: Vec<&str> = events.iter().filter(|e| e["ph"] == "X").filter_map(|e| e["name"].as_str()).collect();
     for want in ["F0 mb0", "B1 mb1", "bucket_all_reduce data", "optimizer update"] {
         assert!(names.contains(&want), "no `{want}` span in {names:?}");
+    }
+    // The gradient buckets run on the communication streams' tracks (4..8), the phases on the ranks' own.
+    for e in events.iter().filter(|e| e["ph"] == "X") {
+        let tid = e["tid"].as_u64().expect("tid");
+        let bucket = e["name"].as_str().is_some_and(|n| n.starts_with("bucket_all_reduce data"));
+        assert_eq!(bucket, tid >= 4, "{e}");
     }
     assert!(names.iter().any(|n| n.starts_with("send to")) && names.iter().any(|n| n.starts_with("recv from")));
     let _ = std::fs::remove_dir_all(&dir);

@@ -9,7 +9,7 @@ use tessera::compiler::driver::compile;
 use tessera::compiler::ir::Op;
 use tessera::compiler::lower::text::{parse, print};
 use tessera::compiler::lower::verify::verify;
-use tessera::compiler::lower::{BufId, Kind, Program, Region};
+use tessera::compiler::lower::{BufId, Kind, Program, Region, Stream};
 
 use common::{DP2, GPT, GPT2, GPT2_TINY, MOE, PP2, TP2, with};
 
@@ -45,7 +45,62 @@ fn layouts() -> Vec<(&'static str, Vec<&'static str>)> {
         (MOE, vec!["parallel.mesh.data=2", "train.precision=bf16"]),
         // Dropout, fused into kernels with its random stream.
         (GPT2, GPT2_TINY.to_vec()),
+        // Small buckets, issued during the backward pass: a tensor-parallel
+        // partial gradient is summed over `tensor`, then over `data`, on one stream.
+        (GPT, with(DP2, &["parallel.bucket=8Ki"])),
+        (GPT, with(DP2, &["parallel.bucket=8Ki", "parallel.zero=2"])),
+        (GPT, with(&with(DP2, TP2), &["parallel.bucket=8Ki", "parallel.sequence_parallel=true"])),
+        (GPT, with(&with(DP2, PP2), &["parallel.bucket=8Ki", "parallel.pipeline.schedule=1f1b", "train.batch=8"])),
     ]
+}
+
+/// Each gradient bucket goes to the communication stream right after the
+/// backward pass writes its gradients for the last time, in the order they
+/// become ready,
+/// and the compute stream joins them all before anything reads a gradient.
+#[test]
+fn buckets_are_issued_during_the_backward_pass() {
+    let m = common::check_ok(GPT, &with(DP2, &["parallel.bucket=8Ki"]));
+    let c = compile(&m).expect("compiles");
+    for p in &c.programs {
+        let calls: Vec<usize> = (0..p.instrs.len())
+            .filter(|&i| matches!(p.instrs[i].kind, Kind::Collective { .. }) && p.instrs[i].stream == Stream::Comm)
+            .collect();
+        assert!(calls.len() >= 4, "rank {}: 8Ki-element buckets of the tiny GPT: {} calls", p.rank, calls.len());
+        let reduction = p.phases.iter().find(|ph| ph.name == "gradient reduction").expect("a reduction phase").at;
+        let root = |b: BufId| {
+            let mut r = b;
+            while let Some(v) = p.buffer(r).view_of {
+                r = v;
+            }
+            r
+        };
+        for (n, &i) in calls.iter().enumerate() {
+            assert!(i < reduction as usize, "rank {}: bucket {n} is issued in the backward pass", p.rank);
+            let mine: Vec<BufId> = p.instrs[i].ins.iter().map(|b| root(*b)).collect();
+            let writes = |j: usize| {
+                p.instrs[j].stream == Stream::Compute && p.instrs[j].outs.iter().any(|b| mine.contains(&root(*b)))
+            };
+            // Issued after the last write of its gradients, and behind the event recorded right after it.
+            let last = (0..i).rev().find(|&j| writes(j)).expect("written");
+            assert!((last + 1..reduction as usize).all(|j| !writes(j)), "rank {}: bucket {n}", p.rank);
+            let compute_between =
+                (last + 1..i).filter(|&j| p.instrs[j].stream == Stream::Compute).map(|j| p.instrs[j].kind.name());
+            assert!(
+                compute_between.clone().all(|k| k == "record"),
+                "rank {}: bucket {n} waits for {:?}",
+                p.rank,
+                compute_between.collect::<Vec<_>>()
+            );
+        }
+        // The first bucket overlaps real work: kernels of the backward pass run after it is issued.
+        let work = (calls[0]..reduction as usize)
+            .filter(|&j| {
+                matches!(p.instrs[j].kind, Kind::Op { .. } | Kind::Kernel { .. } | Kind::AttentionGrads { .. })
+            })
+            .count();
+        assert!(work >= 10, "rank {}: {work} compute instructions overlap the first bucket", p.rank);
+    }
 }
 
 #[test]

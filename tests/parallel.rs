@@ -183,6 +183,17 @@ fn gpt_dp2_tp2() {
     same(GPT, &[], &with(DP2, TP2));
 }
 
+/// Small gradient buckets, each reduced on the communication stream while
+/// the backward pass goes on: the same steps as one device, whether a
+/// bucket is all-reduced, reduce-scattered (ZeRO 2), or a partial gradient
+/// is summed over `tensor` and then over `data` on the same stream.
+#[test]
+fn overlapped_buckets() {
+    same(GPT, GPT_HALF, &with(DP2, &["parallel.bucket=8Ki"]));
+    same(GPT, GPT_HALF, &with(DP2, &["parallel.bucket=8Ki", "parallel.zero=2"]));
+    same(GPT, &[], &with(&with(DP2, TP2), &["parallel.bucket=8Ki", "parallel.sequence_parallel=true"]));
+}
+
 #[test]
 fn moe_dp2_and_zero() {
     same(MOE, MOE_HALF, DP2);

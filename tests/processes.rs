@@ -181,6 +181,7 @@ fn same(how: Start, n: usize, spec: &str, base: &[&str], layout: &[&str], name: 
 
 const GPT: &str = "specs/tiny/gpt.spec";
 const MOE: &str = "specs/tiny/moe.spec";
+const BUCKETS: &[&str] = &["parallel.bucket=8Ki"];
 const TP2: &[&str] = &["parallel.mesh.tensor=2", "parallel.layout.heads=tensor", "parallel.layout.mlp=tensor"];
 const PP2_1F1B: &[&str] = &[
     "parallel.mesh.pipeline=2",
@@ -203,11 +204,13 @@ fn cases() -> Vec<Case> {
     let moe_one = vec!["parallel.mesh.data=1", "train.micro_batch=4"];
     vec![
         (4, GPT, vec![], dp("parallel.mesh.data=4"), "gpt_dp4"),
-        (4, GPT, vec![], with(&dp("parallel.mesh.data=2"), TP2), "gpt_dp2_tp2"),
+        // Small buckets: the data buckets reduce on each rank's communication
+        // stream while its compute stream runs the tensor-parallel collectives.
+        (4, GPT, vec![], with(&with(&dp("parallel.mesh.data=2"), TP2), BUCKETS), "gpt_dp2_tp2"),
         (4, GPT, vec![], with(TP2, PP2_1F1B), "gpt_tp2_pp2_1f1b"),
         (4, GPT, vec![], with(&dp("parallel.mesh.data=4"), &["parallel.zero=3"]), "gpt_zero3_dp4"),
         // Eight processes on a small machine: dp2 × tp2 × pp2.
-        (8, GPT, vec![], with(&with(&dp("parallel.mesh.data=2"), TP2), PP2_1F1B), "gpt_dp2_tp2_pp2"),
+        (8, GPT, vec![], with(&with(&with(&dp("parallel.mesh.data=2"), TP2), PP2_1F1B), BUCKETS), "gpt_dp2_tp2_pp2"),
         (2, MOE, moe_one.clone(), vec!["parallel.mesh.data=2"], "moe_dp2_ep2"),
         (4, MOE, moe_one, with(&["parallel.mesh.data=2"], TP2), "moe_dp2_ep2_tp2"),
     ]

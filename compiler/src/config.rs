@@ -116,6 +116,9 @@ pub struct Parallel {
     pub layout: Vec<(String, String)>,
     pub pipeline: Pipeline,
     pub zero: u8,
+    /// Gradient elements per bucket: each bucket is reduced on its own, as
+    /// soon as the backward pass has finished its gradients.
+    pub bucket: u64,
     pub sequence_parallel: bool,
     pub recompute: Recompute,
     pub precision: Option<Precision>,
@@ -129,6 +132,7 @@ impl Default for Parallel {
             layout: Vec::new(),
             pipeline: Pipeline { schedule: Schedule::OneFOneB, microbatches: 1, virtual_stages: 1 },
             zero: 0,
+            bucket: crate::parallel::BUCKET_ELEMS,
             sequence_parallel: false,
             recompute: Recompute::None,
             precision: None,

@@ -8,8 +8,18 @@ use crate::syntax::span::Span;
 use std::collections::HashMap;
 
 pub const SECTIONS: &[&str] = &["parallel", "train", "infer"];
-const PARALLEL_KEYS: &[&str] =
-    &["mesh", "layout", "world", "pipeline", "zero", "sequence_parallel", "recompute", "precision", "experts"];
+const PARALLEL_KEYS: &[&str] = &[
+    "mesh",
+    "layout",
+    "world",
+    "pipeline",
+    "zero",
+    "bucket",
+    "sequence_parallel",
+    "recompute",
+    "precision",
+    "experts",
+];
 const PIPELINE_KEYS: &[&str] = &["schedule", "microbatches", "virtual"];
 const EXPERT_KEYS: &[&str] = &["count", "top_k", "capacity", "placement"];
 const TRAIN_KEYS: &[&str] = &[
@@ -447,6 +457,13 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                     } else {
                         p.zero = z as u8;
                     }
+                }
+            }
+            "bucket" => {
+                if let Some(v) = value(ev, e, k)
+                    && let Some(n) = ev.count(v, "bucket")
+                {
+                    p.bucket = n;
                 }
             }
             "sequence_parallel" => {

@@ -125,10 +125,26 @@ fn fuse_range(
     let mut out = Vec::with_capacity(instrs.len());
     let mut instrs = instrs.into_iter();
     let mut run: Vec<Instr> = Vec::new();
+    // A gradient bucket's issue (the compute stream's event and what the
+    // communication stream does behind it) met inside a run: it follows the
+    // run's kernel, so where buckets go never changes what fuses.
+    let mut deferred: Vec<Instr> = Vec::new();
     let mut shape = Loop::default();
+    let flush_run = |buffers: &mut Vec<Buffer>,
+                     run: &mut Vec<Instr>,
+                     shape: &Loop,
+                     out: &mut Vec<Instr>,
+                     deferred: &mut Vec<Instr>| {
+        flush(buffers, reads, viewed, run, shape, out);
+        out.append(deferred);
+    };
     while let Some(mut ins) = instrs.next() {
+        if !run.is_empty() && (ins.stream == Stream::Comm || matches!(ins.kind, Kind::Record { .. })) {
+            deferred.push(ins);
+            continue;
+        }
         if let Kind::SkipIfNonFinite { count } = &mut ins.kind {
-            flush(buffers, reads, viewed, &mut run, &shape, &mut out);
+            flush_run(buffers, &mut run, &shape, &mut out, &mut deferred);
             let guarded: Vec<Instr> = instrs.by_ref().take(*count as usize).collect();
             let fused = fuse_range(buffers, reads, viewed, guarded);
             *count = fused.len() as u32;
@@ -137,7 +153,7 @@ fn fuse_range(
             continue;
         }
         if let Some(expanded) = cross_entropy(buffers, &ins) {
-            flush(buffers, reads, viewed, &mut run, &shape, &mut out);
+            flush_run(buffers, &mut run, &shape, &mut out, &mut deferred);
             out.extend(expanded);
             continue;
         }
@@ -147,7 +163,7 @@ fn fuse_range(
                 run.push(ins);
             }
             other => {
-                flush(buffers, reads, viewed, &mut run, &shape, &mut out);
+                flush_run(buffers, &mut run, &shape, &mut out, &mut deferred);
                 match other {
                     Some(d) => {
                         shape = d;
@@ -158,7 +174,7 @@ fn fuse_range(
             }
         }
     }
-    flush(buffers, reads, viewed, &mut run, &shape, &mut out);
+    flush_run(buffers, &mut run, &shape, &mut out, &mut deferred);
     out
 }
 

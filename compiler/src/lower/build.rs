@@ -398,10 +398,6 @@ impl<'a> Builder<'a> {
         self.push(Instr::new(kind, ins, outs, Stream::Compute));
     }
 
-    fn emit_comm(&mut self, kind: Kind, ins: Vec<BufId>, outs: Vec<BufId>) {
-        self.push(Instr::new(kind, ins, outs, Stream::Comm));
-    }
-
     fn push(&mut self, mut ins: Instr) {
         ins.origin.extend(self.span);
         for b in &ins.ins {
@@ -411,6 +407,77 @@ impl<'a> Builder<'a> {
             self.producer.insert(*b, self.instrs.len());
         }
         self.instrs.push(ins);
+    }
+
+    /// Put each of `calls` (communication-stream collectives over
+    /// gradients) right after the instruction that writes its inputs for
+    /// the last time, behind an event of the compute stream: a bucket
+    /// reduces while the backward pass goes on (DDP's and Megatron's
+    /// overlap). The stream runs them in the order they become ready; a
+    /// call that shares a buffer with an earlier one (a partial gradient
+    /// summed over `tensor`, then over `data`) stays after it. Every rank of
+    /// a group has the same program around them, so the same order. The
+    /// compute stream joins them later ([`Builder::sync`]).
+    fn overlap(&mut self, calls: Vec<Instr>) {
+        // The last instruction that writes each buffer's bytes (through views too).
+        let mut last: HashMap<usize, usize> = HashMap::new();
+        for (i, ins) in self.instrs.iter().enumerate() {
+            for b in &ins.outs {
+                last.insert(root_of(&self.buffers, b.index()), i);
+            }
+        }
+        let roots = |c: &Instr| -> Vec<usize> {
+            c.ins.iter().chain(&c.outs).map(|b| root_of(&self.buffers, b.index())).collect()
+        };
+        let mut ready: Vec<usize> = Vec::with_capacity(calls.len());
+        for (n, call) in calls.iter().enumerate() {
+            let mine = roots(call);
+            let written = call.ins.iter().filter_map(|b| last.get(&root_of(&self.buffers, b.index()))).max();
+            let after = (0..n).filter(|&m| roots(&calls[m]).iter().any(|r| mine.contains(r))).map(|m| ready[m]).max();
+            ready.push(written.copied().unwrap_or(0).max(after.unwrap_or(0)));
+        }
+        let mut order: Vec<usize> = (0..calls.len()).collect();
+        order.sort_by_key(|&n| (ready[n], n));
+        let mut calls: Vec<Option<Instr>> = calls.into_iter().map(Some).collect();
+        // (insert after instruction, what) in program order.
+        let mut plan: Vec<(usize, Vec<Instr>)> = Vec::new();
+        for n in order {
+            let Some(call) = calls[n].take() else { continue };
+            let event = self.events;
+            self.events += 1;
+            for b in &call.ins {
+                *self.reads.entry(*b).or_default() += 1;
+            }
+            let group = [
+                Instr::new(Kind::Record { event }, vec![], vec![], Stream::Compute),
+                Instr::new(Kind::Wait { event }, vec![], vec![], Stream::Comm),
+                call,
+            ];
+            match plan.last_mut() {
+                Some((a, v)) if *a == ready[n] => v.extend(group),
+                _ => plan.push((ready[n], group.into())),
+            }
+        }
+        let old = std::mem::take(&mut self.instrs);
+        let mut plan = plan.into_iter().peekable();
+        // Where each old instruction lands.
+        let mut moved = Vec::with_capacity(old.len());
+        for (i, ins) in old.into_iter().enumerate() {
+            moved.push(self.instrs.len());
+            self.instrs.push(ins);
+            if let Some((_, group)) = plan.next_if(|(a, _)| *a == i) {
+                self.instrs.extend(group);
+            }
+        }
+        for (at, _) in &mut self.phases {
+            *at = moved.get(*at).copied().unwrap_or(self.instrs.len());
+        }
+        self.producer.clear();
+        for (i, ins) in self.instrs.iter().enumerate() {
+            for b in &ins.outs {
+                self.producer.insert(*b, i);
+            }
+        }
     }
 
     /// Order `to` after everything issued so far on `from`.
@@ -854,43 +921,38 @@ impl<'a> Builder<'a> {
             Some(sp) => self.schedule(sp, &inputs, &weights)?,
         }
 
-        // 3. Gradient reduction over the data axis, on the comm stream.
+        // 3. Gradient reduction over the data axis, on the comm stream: each
+        // bucket is issued as soon as the backward pass has written its
+        // gradients for the last time, and the compute stream joins them here.
         self.phase("gradient reduction".into());
         let mut update_grad: Vec<Option<BufId>> = self.g.clone();
         let dp = self.data().map(|(_, n)| n).unwrap_or(1);
-        if prog
-            .step
-            .iter()
-            .any(|c| matches!(c, StepCollective::GradAllReduce { .. } | StepCollective::GradReduceScatter { .. }))
-        {
-            self.sync(Stream::Compute, Stream::Comm);
-            for c in &prog.step {
-                match c {
-                    StepCollective::GradAllReduce { axis, params, .. } => {
-                        let bufs: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
-                        let kind =
-                            Kind::Collective { axis: axis.clone(), op: Collective::AllReduce { op: ReduceOp::Sum } };
-                        self.emit_comm(kind, bufs.clone(), bufs);
-                    }
-                    StepCollective::GradReduceScatter { axis, params, .. } => {
-                        let ins: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
-                        let outs: Vec<BufId> = params
-                            .iter()
-                            .map(|&k| {
-                                let s = self.persistent(Region::Grad, self.flat(k), &format!("g.{k}.shard"));
-                                update_grad[k] = Some(s);
-                                s
-                            })
-                            .collect();
-                        self.emit_comm(
-                            Kind::Collective { axis: axis.clone(), op: Collective::ReduceScatter },
-                            ins,
-                            outs,
-                        );
-                    }
-                    _ => {}
+        let mut calls = Vec::new();
+        for c in &prog.step {
+            match c {
+                StepCollective::GradAllReduce { axis, params, .. } => {
+                    let bufs: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
+                    let kind = Kind::Collective { axis: axis.clone(), op: Collective::AllReduce { op: ReduceOp::Sum } };
+                    calls.push(Instr::new(kind, bufs.clone(), bufs, Stream::Comm));
                 }
+                StepCollective::GradReduceScatter { axis, params, .. } => {
+                    let ins: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
+                    let outs: Vec<BufId> = params
+                        .iter()
+                        .map(|&k| {
+                            let s = self.persistent(Region::Grad, self.flat(k), &format!("g.{k}.shard"));
+                            update_grad[k] = Some(s);
+                            s
+                        })
+                        .collect();
+                    let kind = Kind::Collective { axis: axis.clone(), op: Collective::ReduceScatter };
+                    calls.push(Instr::new(kind, ins, outs, Stream::Comm));
+                }
+                _ => {}
             }
+        }
+        if !calls.is_empty() {
+            self.overlap(calls);
             self.sync(Stream::Comm, Stream::Compute);
         }
         // ZeRO 1: the rank's shard of the reduced gradient; then the mean over the step's microbatches.

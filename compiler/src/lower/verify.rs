@@ -7,9 +7,14 @@
 //! - no temporary is read before it is written, and no two temporaries
 //!   whose lives overlap share a byte of the arena;
 //! - a `wait` names an event recorded before it, and a guard skips
-//!   instructions that exist.
+//!   instructions that exist;
+//! - the communication stream runs collectives and events only, and each
+//!   of its collectives is joined by a compute `wait`; from the compute
+//!   event it waits for to that join the two streams run at the same time,
+//!   so no compute instruction there writes the collective's buffers or
+//!   reads its outputs.
 
-use super::{BufId, Collective, Instr, Kind, Program, Region};
+use super::{BufId, Buffer, Collective, Instr, Kind, Program, Region, Stream};
 use crate::ir::{DType, Op, TensorType};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -107,7 +112,106 @@ pub fn verify(p: &Program) -> Result<(), VerifyError> {
             ));
         }
     }
+    streams(p).map_err(|(i, m)| fail(format!("instruction {i}: {}", p.instrs[i].kind.name()), m))?;
     liveness(p).map_err(|(i, m)| fail(format!("instruction {i}: {}", p.instrs[i].kind.name()), m))
+}
+
+/// The two streams: see the module's rules.
+fn streams(p: &Program) -> Result<(), (usize, String)> {
+    // Where each event is recorded, and on which stream.
+    let mut record: std::collections::HashMap<u32, (usize, Stream)> = std::collections::HashMap::new();
+    for (i, ins) in p.instrs.iter().enumerate() {
+        if let Kind::Record { event } = ins.kind {
+            record.insert(event, (i, ins.stream));
+        }
+    }
+    let touch = |a: &Buffer, b: &Buffer| {
+        a.region == b.region && a.offset < b.offset + b.ty.bytes() && b.offset < a.offset + a.ty.bytes()
+    };
+    // The compute event the communication stream waited for last.
+    let mut fence: Option<usize> = None;
+    // The stream's calls so far: (instruction, its join).
+    let mut calls: Vec<(usize, usize)> = Vec::new();
+    for (i, ins) in p.instrs.iter().enumerate() {
+        if ins.stream != Stream::Comm {
+            continue;
+        }
+        match ins.kind {
+            Kind::Record { .. } => {}
+            Kind::Wait { event } => {
+                if let Some(&(r, Stream::Compute)) = record.get(&event) {
+                    fence = fence.max(Some(r));
+                }
+            }
+            Kind::Collective { .. } => {
+                let joined = |j: usize| match p.instrs[j].kind {
+                    Kind::Wait { event } if p.instrs[j].stream == Stream::Compute => {
+                        record.get(&event).is_some_and(|&(r, s)| s == Stream::Comm && r > i)
+                    }
+                    _ => false,
+                };
+                let Some(join) = (i + 1..p.instrs.len()).find(|&j| joined(j)) else {
+                    return Err((
+                        i,
+                        "is never joined: the compute stream waits for no event the communication stream records \
+                         after it"
+                            .into(),
+                    ));
+                };
+                // A call reads an earlier call's output not joined yet whole
+                // or not at all (a backend that stages values forwards buffers).
+                for &(c, _) in calls.iter().filter(|&&(_, j)| j > i) {
+                    for b in &ins.ins {
+                        let part = p.instrs[c].outs.iter().find(|o| *o != b && touch(p.buffer(**o), p.buffer(*b)));
+                        if let Some(o) = part {
+                            return Err((
+                                i,
+                                format!(
+                                    "reads `{}`, which shares bytes with, but is not, `{}` that instruction {c} on \
+                                     the same stream writes",
+                                    p.buffer(*b).name,
+                                    p.buffer(*o).name
+                                ),
+                            ));
+                        }
+                    }
+                }
+                calls.push((i, join));
+                let from = fence.map_or(0, |r| r + 1);
+                let ours: Vec<(&Buffer, bool)> = ins
+                    .ins
+                    .iter()
+                    .map(|b| (p.buffer(*b), false))
+                    .chain(ins.outs.iter().map(|b| (p.buffer(*b), true)))
+                    .collect();
+                for (k, other) in p.instrs.iter().enumerate().take(join).skip(from) {
+                    if other.stream != Stream::Compute {
+                        continue;
+                    }
+                    let writes = other.outs.iter().map(|b| (b, true));
+                    for (b, write) in other.ins.iter().map(|b| (b, false)).chain(writes) {
+                        let theirs = p.buffer(*b);
+                        if let Some((mine, _)) = ours.iter().find(|(m, out)| (write || *out) && touch(m, theirs)) {
+                            return Err((
+                                k,
+                                format!(
+                                    "{} `{}` while the communication stream's `{}` (instruction {i}) uses `{}`: \
+                                     from the compute event it waits for to the compute stream's join (instruction \
+                                     {join}) the streams run at the same time",
+                                    if write { "writes" } else { "reads" },
+                                    theirs.name,
+                                    ins.kind.name(),
+                                    mine.name
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            _ => return Err((i, "is on the communication stream, which runs collectives and events only".into())),
+        }
+    }
+    Ok(())
 }
 
 /// The IR's type rule for `op`, on buffers that may store floating values

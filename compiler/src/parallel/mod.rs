@@ -67,6 +67,8 @@ pub struct Mesh {
     pub placement: ExpertPlacement,
     pub sequence_parallel: bool,
     pub zero: u8,
+    /// Gradient elements per bucket (`parallel.bucket`).
+    pub bucket: u64,
     /// The axis `layer` is laid out on, when it has more than one stage.
     pub pipeline_axis: Option<String>,
 }
@@ -101,6 +103,7 @@ impl Mesh {
             placement: p.experts.as_ref().map(|e| e.placement.clone()).unwrap_or(ExpertPlacement::Blocked),
             sequence_parallel: p.sequence_parallel && tensor.is_some_and(|t| p.axis_size(t) > 1),
             zero: p.zero,
+            bucket: p.bucket,
             pipeline_axis: p.axis_of("layer").filter(|a| p.axis_size(a) > 1).map(str::to_string),
         })
     }
@@ -215,6 +218,6 @@ pub fn param_shard(mesh: &Mesh, p: &Param, rank: u64) -> ParamShard {
     ParamShard { local, splits, held: true }
 }
 
-/// Bytes per gradient bucket (Megatron's default is 40M elements; these
-/// runs are small, so buckets are counted in elements too).
+/// Gradient elements per bucket unless `parallel.bucket` says otherwise
+/// (4Mi: PyTorch DDP's 25 MB of f32 is 6.25M; Megatron's default is 40M).
 pub const BUCKET_ELEMS: u64 = 1 << 22;

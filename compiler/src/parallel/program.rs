@@ -5,7 +5,7 @@
 
 use super::mesh::coords;
 use super::propagate::shard_graph;
-use super::{BUCKET_ELEMS, Mesh, ParallelError, ParamShard, Split, err, param_shard, pipeline};
+use super::{Mesh, ParallelError, ParamShard, Split, err, param_shard, pipeline};
 use crate::autodiff::{Backward, ParamGrad};
 use crate::ir::{Graph, ValueId};
 use crate::model::{Dim, Model, Param};
@@ -414,7 +414,7 @@ fn step_collectives(
         let mut bucket: Vec<usize> = Vec::new();
         let mut size = 0u64;
         for k in ks {
-            if size + elems(k) > BUCKET_ELEMS && !bucket.is_empty() {
+            if size + elems(k) > mesh.bucket && !bucket.is_empty() {
                 out.push(StepCollective::GradAllReduce {
                     axis: axis.clone(),
                     params: std::mem::take(&mut bucket),
@@ -449,7 +449,7 @@ fn step_collectives(
         };
         for k in reduced {
             let e = elems(k).div_ceil(n) * n;
-            if size + e > BUCKET_ELEMS && !bucket.is_empty() {
+            if size + e > mesh.bucket && !bucket.is_empty() {
                 flush(&mut bucket, &mut size, &mut out);
             }
             bucket.push(k);

@@ -30,14 +30,14 @@
 //! instruction's operands in f32, on top of an arena half the size.
 
 use super::{Backend, interp, jit, native, rows};
-use crate::comm::{self, RankComm};
+use crate::comm::RankComm;
 use crate::exec::Interpreter;
 use crate::exec::attention::Attn;
 use crate::exec::kernels::group_strides;
 use crate::tensor::{Tensor, View};
 use half::bf16;
 use tessera_compiler::ir::{DType, Dim, Graph, Node, Op, ReduceOp, ValueId};
-use tessera_compiler::lower::{BufId, Buffer, Collective, Instr, Kind, Program, Region};
+use tessera_compiler::lower::{BufId, Buffer, Instr, Kind, Program, Region};
 
 /// How the CPU backend runs fused kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1438,62 +1438,7 @@ impl Cpu {
                 self.slice_mut(buf(&ins.outs[0]))[0] = s as f32;
                 Ok(())
             }
-            Kind::Collective { axis, op } => {
-                let c = comm.ok_or("a collective needs the rank's communicator")?;
-                let input: Vec<f32> = ins.ins.iter().flat_map(|b| self.slice(buf(b)).iter().copied()).collect();
-                match op {
-                    Collective::AllReduce { op } => {
-                        let op = match op {
-                            ReduceOp::Sum => comm::ReduceOp::Sum,
-                            ReduceOp::Mean => comm::ReduceOp::Mean,
-                            ReduceOp::Max => comm::ReduceOp::Max,
-                        };
-                        let mut data = input;
-                        c.with("bucket_all_reduce", axis, |c, g| c.all_reduce(g, &mut data, op))
-                            .map_err(|e| e.to_string())?;
-                        let outs: Vec<&Buffer> = ins.outs.iter().map(buf).collect();
-                        self.scatter(&outs, &data);
-                    }
-                    Collective::ReduceScatter => {
-                        // Each input's flat elements, padded to the group size, in rank-chunk order.
-                        let n = c.group(axis).map_err(|e| e.to_string())?.ranks.len();
-                        let mut send = Vec::new();
-                        for r in 0..n {
-                            for (i, o) in ins.ins.iter().zip(&ins.outs) {
-                                let x = self.slice(buf(i));
-                                let per = buf(o).ty.numel() as usize;
-                                send.extend((r * per..(r + 1) * per).map(|j| x.get(j).copied().unwrap_or(0.0)));
-                            }
-                        }
-                        let mut out = vec![0f32; send.len() / n];
-                        c.with("bucket_reduce_scatter", axis, |c, g| {
-                            c.reduce_scatter(g, &send, &mut out, comm::ReduceOp::Sum)
-                        })
-                        .map_err(|e| e.to_string())?;
-                        let outs: Vec<&Buffer> = ins.outs.iter().map(buf).collect();
-                        self.scatter(&outs, &out);
-                    }
-                    Collective::AllGather => {
-                        let n = c.group(axis).map_err(|e| e.to_string())?.ranks.len();
-                        let mut out = vec![0f32; input.len() * n];
-                        c.with("bucket_all_gather", axis, |c, g| c.all_gather(g, &input, &mut out))
-                            .map_err(|e| e.to_string())?;
-                        // Output i is input i of every member, in group order.
-                        let sizes: Vec<usize> = ins.ins.iter().map(|b| buf(b).ty.numel() as usize).collect();
-                        for (k, o) in ins.outs.iter().enumerate() {
-                            let before: usize = sizes[..k].iter().sum();
-                            let mut whole = Vec::with_capacity(sizes[k] * n);
-                            for member in out.chunks(input.len().max(1)) {
-                                whole.extend_from_slice(&member[before..before + sizes[k]]);
-                            }
-                            let dst = self.slice_mut(buf(o));
-                            let m = dst.len().min(whole.len());
-                            dst[..m].copy_from_slice(&whole[..m]);
-                        }
-                    }
-                }
-                Ok(())
-            }
+            Kind::Collective { .. } => Err("bucket collectives run in `backend::run`".into()),
             Kind::Send { peer, tag } => {
                 let c = comm.ok_or("a send needs the rank's communicator")?;
                 let data: Vec<f32> = ins.ins.iter().flat_map(|b| self.slice(buf(b)).iter().copied()).collect();
@@ -1540,7 +1485,7 @@ impl Cpu {
             }
             Kind::At { op, .. } => Err(format!("`{}` does not run at a position", op.name())),
             Kind::RowsAt { .. } | Kind::CacheWrite { .. } => Err("rows are moved as bytes by `execute`".into()),
-            // Both streams are program order on the CPU: events order nothing further.
+            // Events between the streams are kept by `backend::run`.
             Kind::Record { .. } | Kind::Wait { .. } => Ok(()),
             Kind::SkipIfNonFinite { .. } => Err("the guard is decided by `backend::run`".into()),
         }

@@ -23,10 +23,11 @@ struct Hub {
 struct State {
     /// The first failure: (rank, step, message).
     aborted: Option<(usize, u64, String)>,
-    /// Collectives in flight, by (group ranks, sequence number in that group).
-    slots: HashMap<(Vec<usize>, u64), Slot>,
-    /// Point-to-point messages by (from, to, tag), in send order.
-    mail: HashMap<(usize, usize, u64), VecDeque<Vec<f32>>>,
+    /// Collectives in flight, by (group ranks, channel, sequence number in
+    /// that group on that channel).
+    slots: HashMap<(Vec<usize>, u8, u64), Slot>,
+    /// Point-to-point messages by (channel, from, to, tag), in send order.
+    mail: HashMap<(u8, usize, usize, u64), VecDeque<Vec<f32>>>,
 }
 
 /// One collective call, as the group's members arrive.
@@ -49,7 +50,7 @@ impl World {
 
     /// This rank's communicator.
     pub fn rank(&self, rank: usize) -> Local {
-        Local { hub: self.hub.clone(), rank, step: 0, seq: HashMap::new() }
+        Local { hub: self.hub.clone(), rank, step: 0, seq: HashMap::new(), channel: 0 }
     }
 
     /// Run `f` on every rank, each on its own thread. A rank that returns an
@@ -105,6 +106,8 @@ pub struct Local {
     step: u64,
     /// Collectives issued so far per group: matches calls across ranks.
     seq: HashMap<Vec<usize>, u64>,
+    /// 0: the compute stream's calls; 1: the communication stream's.
+    channel: u8,
 }
 
 fn reduce(op: ReduceOp, acc: &mut [f32], x: &[f32]) {
@@ -166,7 +169,7 @@ impl Local {
             *s += 1;
             *s
         };
-        let key = (group.ranks.clone(), seq);
+        let key = (group.ranks.clone(), self.channel, seq);
         let n = group.ranks.len();
         let mut st = self.lock();
         if let Some(e) = self.aborted(&st) {
@@ -242,6 +245,10 @@ impl Communicator for Local {
 
     fn set_step(&mut self, step: u64) {
         self.step = step;
+    }
+
+    fn comm_stream(&mut self) -> Result<Box<dyn Communicator>, CommError> {
+        Ok(Box::new(Local { hub: self.hub.clone(), rank: self.rank, step: self.step, seq: HashMap::new(), channel: 1 }))
     }
 
     fn all_reduce(&mut self, group: &Group, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
@@ -342,7 +349,7 @@ impl Communicator for Local {
             drop(st);
             return Err(self.usage(format!("send to rank {to} of {}", self.hub.size)));
         }
-        st.mail.entry((self.rank, to, tag)).or_default().push_back(data.to_vec());
+        st.mail.entry((self.channel, self.rank, to, tag)).or_default().push_back(data.to_vec());
         drop(st);
         self.hub.changed.notify_all();
         Ok(())
@@ -355,7 +362,7 @@ impl Communicator for Local {
             if let Some(e) = self.aborted(&st) {
                 return Err(e);
             }
-            if let Some(msg) = st.mail.get_mut(&(from, self.rank, tag)).and_then(VecDeque::pop_front) {
+            if let Some(msg) = st.mail.get_mut(&(self.channel, from, self.rank, tag)).and_then(VecDeque::pop_front) {
                 if msg.len() != out.len() {
                     let e = super::recv_mismatch(self.rank, self.step, from, tag, out.len(), msg.len());
                     return Err(self.fail(st, e));

@@ -173,6 +173,16 @@ pub trait Communicator: Send {
         Ok(())
     }
 
+    /// This rank's channel for the program's communication stream: its
+    /// calls match only the same channel's calls on the other ranks, with
+    /// sequence numbers of their own, so a gradient bucket's all-reduce runs
+    /// while the compute stream's collectives (tensor parallelism's) go on,
+    /// as NCCL runs a communicator per stream. Both channels share one
+    /// fate: a failure or an abort on either stops both. Made once, after
+    /// [`Communicator::split_mesh`], and kept as long as this one: its
+    /// sequence numbers go on from step to step.
+    fn comm_stream(&mut self) -> Result<Box<dyn Communicator>, CommError>;
+
     /// Every rank of `group` ends with the reduction of all ranks' `buf`.
     fn all_reduce(&mut self, group: &Group, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
     /// The reduction of all ranks' `input` (group size × `out.len()` long),
@@ -206,6 +216,8 @@ pub trait Communicator: Send {
 #[derive(Clone)]
 pub struct ProcessWorld {
     comm: std::sync::Arc<std::sync::Mutex<Box<dyn Communicator>>>,
+    /// The communication stream's channel, once the mesh's groups are split.
+    stream: std::sync::Arc<std::sync::Mutex<Option<Box<dyn Communicator>>>>,
     /// What carries the values, for messages: `MPI`, `TCP`.
     pub transport: &'static str,
     rank: usize,
@@ -217,7 +229,29 @@ pub struct ProcessWorld {
 impl ProcessWorld {
     pub fn new(comm: Box<dyn Communicator>, transport: &'static str, local_size: usize) -> ProcessWorld {
         let (rank, size) = (comm.rank(), comm.world_size());
-        ProcessWorld { comm: std::sync::Arc::new(std::sync::Mutex::new(comm)), transport, rank, size, local_size }
+        ProcessWorld {
+            comm: std::sync::Arc::new(std::sync::Mutex::new(comm)),
+            stream: Default::default(),
+            transport,
+            rank,
+            size,
+            local_size,
+        }
+    }
+
+    /// Split the world into this rank's `groups` (every process posts the
+    /// same), and open the communication stream's channel on them.
+    pub fn split_mesh(&self, groups: &[Group]) -> Result<(), CommError> {
+        let mut comm = self.lock();
+        comm.split_mesh(groups)?;
+        let stream = comm.comm_stream()?;
+        *self.stream.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+        Ok(())
+    }
+
+    /// The communication stream's channel (`None` before [`ProcessWorld::split_mesh`]).
+    pub fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Communicator>>> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn rank(&self) -> usize {
@@ -245,10 +279,13 @@ impl std::fmt::Debug for ProcessWorld {
 }
 
 /// A rank's communicator with its group along each mesh axis: what the
-/// collective ops of a per-rank program run on. The lock only makes the
-/// handle shareable with the interpreter; one rank's program is one thread.
+/// collective ops of a per-rank program run on. The compute stream's calls
+/// go to `comm`; the communication stream's (the gradient buckets) to
+/// `stream`, its channel ([`Communicator::comm_stream`]), from a thread of
+/// their own while the compute stream goes on (`backend::run`).
 pub struct RankComm<'a> {
     comm: std::sync::Mutex<&'a mut dyn Communicator>,
+    stream: Option<std::sync::Mutex<&'a mut dyn Communicator>>,
     groups: std::collections::HashMap<String, Group>,
     rank: usize,
     /// Where calls are recorded as spans, when tracing.
@@ -261,7 +298,18 @@ impl<'a> RankComm<'a> {
         let rank = comm.rank();
         let groups =
             order.iter().filter_map(|(axis, _)| Some((axis.clone(), group_along(order, rank, axis)?))).collect();
-        RankComm { comm: std::sync::Mutex::new(comm), groups, rank, trace: None }
+        RankComm { comm: std::sync::Mutex::new(comm), stream: None, groups, rank, trace: None }
+    }
+
+    /// The same, with the communication stream's channel.
+    pub fn with_stream(mut self, stream: &'a mut dyn Communicator) -> RankComm<'a> {
+        self.stream = Some(std::sync::Mutex::new(stream));
+        self
+    }
+
+    /// Whether the communication stream has a channel of its own.
+    pub fn has_stream(&self) -> bool {
+        self.stream.is_some()
     }
 
     pub fn rank(&self) -> usize {
@@ -310,6 +358,27 @@ impl<'a> RankComm<'a> {
             let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
             f(&mut **c, group)
         })
+    }
+
+    /// Run collective `op` (`f`) on the communication stream's channel with
+    /// this rank's group along `axis`, as a span on that stream's track.
+    pub fn with_stream_channel<R>(
+        &self,
+        op: &str,
+        axis: &str,
+        f: impl FnOnce(&mut dyn Communicator, &Group) -> Result<R, CommError>,
+    ) -> Result<R, CommError> {
+        let group = self.group(axis)?;
+        let stream = self.stream.as_ref().ok_or_else(|| CommError::Usage {
+            rank: self.rank,
+            message: "the communication stream has no channel of its own".into(),
+        })?;
+        let t0 = std::time::Instant::now();
+        let out = f(&mut **stream.lock().unwrap_or_else(|e| e.into_inner()), group);
+        if let Some(t) = self.trace {
+            t.record_on(self.rank, true, "collective", format!("{op} {axis}"), t0);
+        }
+        out
     }
 
     /// The communicator itself (point-to-point, step numbers, abort).

@@ -2,19 +2,24 @@
 //! `srun` where Slurm's MPI plugin starts them), each running one rank's
 //! program; Open MPI, MPICH or any MPI-3 library moves the values.
 //!
-//! MPI lives on a progress thread of its own: it initialises MPI (threading
-//! level `funneled`: only that thread calls MPI), creates the groups' MPI
-//! communicators and runs every call the rank's thread posts to it, in the
-//! order they were posted. The rank's thread waits for a call's result at
+//! MPI lives on progress threads of its own, one per channel: the compute
+//! stream's initialises MPI (threading level `multiple`), splits the world
+//! into the mesh's groups, and duplicates each communicator for the
+//! communication stream's channel, whose thread
+//! ([`Communicator::comm_stream`]) runs its calls on those duplicates. Each
+//! thread runs the calls its channel posts, in the order they were posted,
+//! so a gradient bucket's all-reduce is in flight while the compute
+//! stream's collectives run: non-blocking for the rank, on a progress
+//! thread of its own. The posting thread waits for a call's result at
 //! most the timeout: a collective that waits longer fails with the rank, the
 //! op, the group and the step, as the in-process communicator's does (MPI
 //! cannot say which members are missing). Sends are MPI's immediate sends,
 //! completed later, so that two ranks that send to each other before they
 //! receive cannot deadlock, as with the in-process mailboxes.
 //!
-//! A rank that fails calls [`Communicator::abort`]: its message is printed
-//! by the caller, and MPI_Abort ends every process of the job, as Open MPI's
-//! launcher reports.
+//! A rank that fails calls [`Communicator::abort`]: its message is printed,
+//! and MPI_Abort ends every process of the job, as Open MPI's launcher
+//! reports.
 
 use super::{CommError, Communicator, Group, ReduceOp, sizes};
 use mpi::Threading;
@@ -60,12 +65,15 @@ enum Call {
     },
     Barrier,
     /// Split the world into the groups along each mesh axis (every process
-    /// posts the same axes, in the same order).
+    /// posts the same axes, in the same order), and duplicate them all for
+    /// the communication stream's channel.
     Split {
         groups: Vec<Group>,
     },
-    /// End every process of the job (MPI_Abort).
-    Abort,
+    /// Start the communication stream's progress thread on the duplicates.
+    Stream,
+    /// End the communication stream's progress thread (at exit).
+    Stop,
 }
 
 type Reply = Result<(Vec<f32>, Vec<usize>), String>;
@@ -76,6 +84,20 @@ struct Job {
     reply: mpsc::SyncSender<Reply>,
 }
 
+/// One channel's MPI communicators: the world's and each mesh group's.
+struct Comms {
+    world: SimpleCommunicator,
+    groups: HashMap<Vec<usize>, SimpleCommunicator>,
+}
+
+/// Communicators handed to the thread that alone uses them from then on.
+struct Owned(Comms);
+
+// SAFETY: MPI runs at threading level `multiple`, where any thread may call
+// MPI with any handle; each `Comms` is used by one thread at a time (the
+// compute channel's thread, or the communication stream's after the move).
+unsafe impl Send for Owned {}
+
 /// This process's rank in an MPI world.
 pub struct Mpi {
     rank: usize,
@@ -83,7 +105,12 @@ pub struct Mpi {
     step: u64,
     timeout: Duration,
     jobs: Option<mpsc::Sender<Job>>,
+    /// The compute channel's progress thread (owns MPI); `None` on the
+    /// communication stream's channel, whose thread the former ends.
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Where the communication stream's channel posts its calls (the
+    /// compute channel's handle, for [`Communicator::comm_stream`]).
+    stream: Option<mpsc::Sender<Job>>,
     /// A call that timed out or a rank that aborted: the progress thread may
     /// be stuck in MPI, so every later call fails at once and nothing waits
     /// for it at exit.
@@ -97,13 +124,24 @@ impl Mpi {
     pub fn init(timeout: Duration) -> Result<Mpi, String> {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (stream_tx, stream_rx) = mpsc::channel::<Job>();
+        let stop = stream_tx.clone();
         let thread = std::thread::Builder::new()
             .name("mpi-progress".into())
-            .spawn(move || progress(jobs_rx, ready_tx))
+            .spawn(move || progress(jobs_rx, ready_tx, stream_rx, stop))
             .map_err(|e| format!("cannot start MPI's progress thread: {e}"))?;
         let (rank, size) =
             ready_rx.recv().map_err(|_| "MPI's progress thread stopped while initialising MPI".to_string())??;
-        Ok(Mpi { rank, size, step: 0, timeout, jobs: Some(jobs_tx), thread: Some(thread), broken: None })
+        Ok(Mpi {
+            rank,
+            size,
+            step: 0,
+            timeout,
+            jobs: Some(jobs_tx),
+            thread: Some(thread),
+            stream: Some(stream_tx),
+            broken: None,
+        })
     }
 
     /// Post `call` on `ranks` and wait for its result (at most the timeout).
@@ -162,6 +200,24 @@ impl Communicator for Mpi {
 
     fn set_step(&mut self, step: u64) {
         self.step = step;
+    }
+
+    fn comm_stream(&mut self) -> Result<Box<dyn Communicator>, CommError> {
+        let Some(stream) = self.stream.clone() else {
+            return Err(self.usage("the communication stream's channel has no channel of its own".into()));
+        };
+        let world: Vec<usize> = (0..self.size).collect();
+        self.call("comm_stream", "world".into(), &world, Call::Stream)?;
+        Ok(Box::new(Mpi {
+            rank: self.rank,
+            size: self.size,
+            step: self.step,
+            timeout: self.timeout,
+            jobs: Some(stream),
+            thread: None,
+            stream: None,
+            broken: None,
+        }))
     }
 
     fn split_mesh(&mut self, groups: &[Group]) -> Result<(), CommError> {
@@ -255,13 +311,11 @@ impl Communicator for Mpi {
                 message: message.into(),
             });
         }
-        // MPI_Abort ends every process of the job; where the progress thread
-        // is stuck in a call, this process's exit ends it (the launcher
-        // stops the others when one exits without finalising MPI).
-        let (tx, _rx) = mpsc::sync_channel(1);
-        if let Some(j) = &self.jobs {
-            let _ = j.send(Job { ranks: vec![], call: Call::Abort, reply: tx });
-        }
+        // MPI_Abort ends every process of the job, this one included, and
+        // may be called from any thread at level `multiple`: a progress
+        // thread stuck in a call does not hold it up. The message goes first.
+        eprintln!("rank {}: {message}\nrank {}: aborting every rank of the MPI job", self.rank, self.rank);
+        mpi::topology::SimpleCommunicator::world().abort(1);
     }
 }
 
@@ -319,30 +373,70 @@ impl Sending {
     }
 }
 
-/// The progress thread: initialise MPI, then run the posted calls in order.
-fn progress(jobs: mpsc::Receiver<Job>, ready: mpsc::SyncSender<Result<(usize, usize), String>>) {
-    let Some((universe, _)) = mpi::initialize_with_threading(Threading::Funneled) else {
+/// The compute channel's progress thread: initialise MPI, serve the
+/// compute channel's calls, then end the communication stream's thread and
+/// finalise MPI.
+fn progress(
+    jobs: mpsc::Receiver<Job>,
+    ready: mpsc::SyncSender<Result<(usize, usize), String>>,
+    stream: mpsc::Receiver<Job>,
+    stop: mpsc::Sender<Job>,
+) {
+    let Some((universe, level)) = mpi::initialize_with_threading(Threading::Multiple) else {
         let _ = ready.send(Err("MPI is initialised already in this process".into()));
         return;
     };
+    if level != Threading::Multiple {
+        let _ = ready.send(Err(format!(
+            "this MPI library gives threading level {level:?}, but each of a rank's two streams has a progress \
+             thread of its own, which needs `Multiple` (MPI_THREAD_MULTIPLE): use an Open MPI or MPICH built with \
+             thread support (Debian's and Ubuntu's are)"
+        )));
+        return;
+    }
     let world = universe.world();
-    let size = world.size() as usize;
-    let _ = ready.send(Ok((world.rank() as usize, size)));
-    let mut comms: HashMap<Vec<usize>, SimpleCommunicator> = HashMap::new();
+    let _ = ready.send(Ok((world.rank() as usize, world.size() as usize)));
+    let mut control = Control { spare: None, stream: Some(stream), thread: None };
+    serve(Comms { world, groups: HashMap::new() }, jobs, Some(&mut control));
+    if let Some(t) = control.thread.take() {
+        let (tx, _rx) = mpsc::sync_channel(1);
+        let _ = stop.send(Job { ranks: vec![], call: Call::Stop, reply: tx });
+        let _ = t.join();
+    }
+    drop(control);
+    drop(universe);
+}
+
+/// What only the compute channel's thread holds: the communication
+/// stream's communicators until its thread starts, and that thread.
+struct Control {
+    spare: Option<Comms>,
+    stream: Option<mpsc::Receiver<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Run one channel's calls on its communicators, in the order posted, until
+/// its handle is dropped (or told to stop).
+fn serve(mut comms: Comms, jobs: mpsc::Receiver<Job>, mut control: Option<&mut Control>) {
+    let size = comms.world.size() as usize;
     let mut sending: Vec<Sending> = Vec::new();
     while let Ok(job) = jobs.recv() {
         let everyone = job.ranks.len() == size && job.ranks.iter().enumerate().all(|(i, &r)| i == r);
-        let reply = match job.call {
-            Call::Abort => {
-                eprintln!("rank {}: aborting every rank of the MPI job", world.rank());
-                world.abort(1);
+        let reply = match (job.call, control.as_deref_mut()) {
+            (Call::Stop, _) => break,
+            (Call::Split { groups }, Some(c)) => split(&mut comms, &groups).map(|spare| {
+                c.spare = Some(spare);
+                (vec![], vec![])
+            }),
+            (Call::Stream, Some(c)) => start_stream(c),
+            (Call::Split { .. } | Call::Stream, None) => {
+                Err("the communication stream's channel cannot split the world or start channels".into())
             }
-            Call::Split { groups } => split(&world, &groups, &mut comms),
-            Call::Send { to, tag, data } => {
+            (Call::Send { to, tag, data }, _) => {
                 let buffer: &'static mut [f32] = Box::leak(data.into_boxed_slice());
                 let raw: *mut [f32] = buffer;
                 // SAFETY: the leaked buffer lives until `Sending` frees it after completion.
-                let request = world.process_at_rank(to as i32).immediate_send_with_tag(
+                let request = comms.world.process_at_rank(to as i32).immediate_send_with_tag(
                     StaticScope,
                     unsafe { &*raw },
                     mpi_tag(tag),
@@ -350,16 +444,16 @@ fn progress(jobs: mpsc::Receiver<Job>, ready: mpsc::SyncSender<Result<(usize, us
                 sending.push(Sending { request, buffer: raw });
                 Ok((vec![], vec![]))
             }
-            Call::Recv { from, tag } => {
-                let peer = world.process_at_rank(from as i32);
+            (Call::Recv { from, tag }, _) => {
+                let peer = comms.world.process_at_rank(from as i32);
                 let status = peer.probe_with_tag(mpi_tag(tag));
                 let count = status.count(f32::equivalent_datatype()).max(0) as usize;
                 let mut buf = vec![0f32; count];
                 peer.receive_into_with_tag(&mut buf[..], mpi_tag(tag));
                 Ok((buf, vec![]))
             }
-            call => match (everyone, comms.get(&job.ranks)) {
-                (true, _) => Ok(collective(&world, call)),
+            (call, _) => match (everyone, comms.groups.get(&job.ranks)) {
+                (true, _) => Ok(collective(&comms.world, call)),
                 (false, Some(c)) => Ok(collective(c, call)),
                 (false, None) => Err(format!(
                     "no MPI communicator for the group of ranks {:?}: the mesh's groups are split when the ranks \
@@ -374,14 +468,41 @@ fn progress(jobs: mpsc::Receiver<Job>, ready: mpsc::SyncSender<Result<(usize, us
     for s in sending {
         s.wait();
     }
-    drop(comms);
-    drop(universe);
+}
+
+/// Start the communication stream's progress thread on the duplicated communicators.
+fn start_stream(c: &mut Control) -> Reply {
+    if c.thread.is_some() {
+        return Ok((vec![], vec![]));
+    }
+    let Some(comms) = c.spare.take() else {
+        return Err("the communication stream's channel needs the mesh's groups: split the world first".into());
+    };
+    let Some(jobs) = c.stream.take() else {
+        return Err("the communication stream's channel was started and ended already".into());
+    };
+    let owned = Owned(comms);
+    let thread = std::thread::Builder::new().name("mpi-progress-comm".into()).spawn(move || {
+        let owned = owned;
+        serve(owned.0, jobs, None)
+    });
+    match thread {
+        Ok(t) => {
+            c.thread = Some(t);
+            Ok((vec![], vec![]))
+        }
+        Err(e) => Err(format!("cannot start the communication stream's progress thread: {e}")),
+    }
 }
 
 /// One communicator per group of `groups` that holds this rank, made by
-/// splitting the world once per axis (every process splits for every axis).
-fn split(world: &SimpleCommunicator, groups: &[Group], comms: &mut HashMap<Vec<usize>, SimpleCommunicator>) -> Reply {
+/// splitting the world once per axis (every process splits for every axis),
+/// into `comms`; the result is a duplicate of the world and of each group
+/// for the communication stream's channel.
+fn split(comms: &mut Comms, groups: &[Group]) -> Result<Comms, String> {
+    let world = &comms.world;
     let me = world.rank() as usize;
+    let mut spare = Comms { world: world.duplicate(), groups: HashMap::new() };
     for g in groups {
         let Some(index) = g.index_of(me) else {
             return Err(format!("rank {me} is not in its own {g}"));
@@ -398,9 +519,10 @@ fn split(world: &SimpleCommunicator, groups: &[Group], comms: &mut HashMap<Vec<u
                 g.ranks.len()
             ));
         }
-        comms.insert(g.ranks.clone(), c);
+        spare.groups.insert(g.ranks.clone(), c.duplicate());
+        comms.groups.insert(g.ranks.clone(), c);
     }
-    Ok((vec![], vec![]))
+    Ok(spare)
 }
 
 fn system_op(op: ReduceOp) -> mpi::collective::SystemOperation {
@@ -471,8 +593,8 @@ fn collective(comm: &impl Communicator2, call: Call) -> (Vec<f32>, Vec<usize>) {
             comm.barrier();
             (vec![], vec![])
         }
-        Call::Send { .. } | Call::Recv { .. } | Call::Split { .. } | Call::Abort => {
-            unreachable!("point-to-point calls and splits are not collectives")
+        Call::Send { .. } | Call::Recv { .. } | Call::Split { .. } | Call::Stream | Call::Stop => {
+            unreachable!("point-to-point calls, splits and channels are not collectives")
         }
     }
 }

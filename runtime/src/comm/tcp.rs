@@ -30,8 +30,15 @@ use std::time::{Duration, Instant};
 /// group), or a point-to-point tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
-    Collective { group: u64, seq: u64 },
-    Tag(u64),
+    /// `group` names the ranks and the channel ([`group_key`]).
+    Collective {
+        group: u64,
+        seq: u64,
+    },
+    Tag {
+        tag: u64,
+        channel: u64,
+    },
 }
 
 const DATA_COLLECTIVE: u8 = 1;
@@ -72,20 +79,25 @@ pub struct Tcp {
     size: usize,
     step: u64,
     timeout: Duration,
-    /// Writers to every other rank (`None` at this rank's own index).
-    peers: Vec<Option<BufWriter<TcpStream>>>,
+    /// Writers to every other rank (`None` at this rank's own index),
+    /// shared by both channels: a frame is written whole under its lock.
+    peers: Arc<Vec<Option<Mutex<BufWriter<TcpStream>>>>>,
     inbox: Arc<Inbox>,
     /// Collectives issued so far per group.
     seq: HashMap<Vec<usize>, u64>,
-    /// Kept open for the run: rank 0 hosts it, and closing it is the goodbye.
+    /// Kept open for the run: rank 0 hosts it, and closing it is the goodbye
+    /// (the compute channel's; the communication stream's has none).
     store: Option<Store>,
+    /// 0: the compute stream's calls; 1: the communication stream's.
+    channel: u8,
     failed: bool,
     /// The call under way (op, group), for messages.
     doing: (&'static str, String),
 }
 
-/// A group's stable name on the wire (FNV-1a over its ranks).
-fn group_key(ranks: &[usize]) -> u64 {
+/// A group's stable name on the wire, on one channel (FNV-1a over its
+/// ranks and the channel).
+fn group_key(ranks: &[usize], channel: u8) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for &r in ranks {
         for b in (r as u64).to_le_bytes() {
@@ -93,7 +105,8 @@ fn group_key(ranks: &[usize]) -> u64 {
             h = h.wrapping_mul(0x100000001b3);
         }
     }
-    h
+    h ^= channel as u64;
+    h.wrapping_mul(0x100000001b3)
 }
 
 fn io_err(rank: usize, what: &str, e: impl std::fmt::Display) -> CommError {
@@ -153,7 +166,7 @@ impl Tcp {
                 .name(format!("tcp-rank-{j}"))
                 .spawn(move || read_from(j, read, &inbox))
                 .map_err(|e| io_err(rank, "cannot start a reader thread", e))?;
-            peers.push(Some(BufWriter::new(s)));
+            peers.push(Some(Mutex::new(BufWriter::new(s))));
         }
         // Every rank holds every connection before anyone sends.
         if let Err(e) = store.barrier("tcp-connected") {
@@ -164,20 +177,22 @@ impl Tcp {
             size: p.world,
             step: 0,
             timeout,
-            peers,
+            peers: Arc::new(peers),
             inbox,
             seq: HashMap::new(),
             store: Some(store),
+            channel: 0,
             failed: false,
             doing: ("connect", "world".into()),
         })
     }
 
-    fn write(&mut self, to: usize, kind: u8, a: u64, b: u64, payload: &[u8]) -> Result<(), CommError> {
+    fn write(&self, to: usize, kind: u8, a: u64, b: u64, payload: &[u8]) -> Result<(), CommError> {
         let rank = self.rank;
-        let Some(w) = self.peers.get_mut(to).and_then(Option::as_mut) else {
+        let Some(w) = self.peers.get(to).and_then(Option::as_ref) else {
             return Err(CommError::Usage { rank, message: format!("no connection to rank {to}") });
         };
+        let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
         let mut head = [0u8; 25];
         head[0] = kind;
         head[1..9].copy_from_slice(&a.to_le_bytes());
@@ -207,7 +222,7 @@ impl Tcp {
         let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         let (kind, a, b) = match key {
             Key::Collective { group, seq } => (DATA_COLLECTIVE, group, seq),
-            Key::Tag(t) => (DATA_TAG, t, 0),
+            Key::Tag { tag, channel } => (DATA_TAG, tag, channel),
         };
         self.write(to, kind, a, b, &bytes)
     }
@@ -257,7 +272,7 @@ impl Tcp {
         })?;
         let s = self.seq.entry(group.ranks.clone()).or_insert(0);
         *s += 1;
-        Ok((Key::Collective { group: group_key(&group.ranks), seq: *s }, me))
+        Ok((Key::Collective { group: group_key(&group.ranks, self.channel), seq: *s }, me))
     }
 
     fn usage(&self, message: String) -> CommError {
@@ -305,6 +320,22 @@ impl Communicator for Tcp {
 
     fn set_step(&mut self, step: u64) {
         self.step = step;
+    }
+
+    fn comm_stream(&mut self) -> Result<Box<dyn Communicator>, CommError> {
+        Ok(Box::new(Tcp {
+            rank: self.rank,
+            size: self.size,
+            step: self.step,
+            timeout: self.timeout,
+            peers: self.peers.clone(),
+            inbox: self.inbox.clone(),
+            seq: HashMap::new(),
+            store: None,
+            channel: 1,
+            failed: false,
+            doing: ("connect", "world".into()),
+        }))
     }
 
     fn all_reduce(&mut self, group: &Group, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
@@ -426,7 +457,7 @@ impl Communicator for Tcp {
             return Err(self.usage(format!("send to rank {to} from rank {} of {}", self.rank, self.size)));
         }
         self.doing = ("send", format!("pair ({} → {to}), tag {tag}", self.rank));
-        self.send_to(to, Key::Tag(tag), data)
+        self.send_to(to, Key::Tag { tag, channel: self.channel as u64 }, data)
     }
 
     fn recv(&mut self, from: usize, tag: u64, out: &mut [f32]) -> Result<(), CommError> {
@@ -434,7 +465,7 @@ impl Communicator for Tcp {
             return Err(self.usage(format!("receive from rank {from} at rank {} of {}", self.rank, self.size)));
         }
         let what = format!("pair ({from} → {}), tag {tag}", self.rank);
-        let data = self.take(from, Key::Tag(tag), "recv", &what)?;
+        let data = self.take(from, Key::Tag { tag, channel: self.channel as u64 }, "recv", &what)?;
         if data.len() != out.len() {
             return Err(super::recv_mismatch(self.rank, self.step, from, tag, out.len(), data.len()));
         }
@@ -466,6 +497,8 @@ impl Communicator for Tcp {
                 mail.aborted = Some((self.rank, self.step, message.to_string()));
             }
         }
+        // The other channel's call, if one is waiting, fails now.
+        self.inbox.changed.notify_all();
         for to in 0..self.size {
             if to != self.rank {
                 let _ = self.write(to, ABORT, self.rank as u64, self.step, message.as_bytes());
@@ -479,7 +512,8 @@ impl Communicator for Tcp {
 
 impl Drop for Tcp {
     fn drop(&mut self) {
-        if self.failed {
+        // The communication stream's channel leaves the goodbye to the compute's.
+        if self.failed || self.channel != 0 {
             return;
         }
         // Goodbye to every peer (their reader threads see it before the
@@ -494,7 +528,7 @@ impl Drop for Tcp {
             let _ = store.close();
         }
         for w in self.peers.iter().flatten() {
-            let _ = w.get_ref().shutdown(Shutdown::Write);
+            let _ = w.lock().unwrap_or_else(|e| e.into_inner()).get_ref().shutdown(Shutdown::Write);
         }
     }
 }
@@ -583,7 +617,10 @@ fn read_from(from: usize, stream: TcpStream, inbox: &Inbox) {
         let mut mail = inbox.lock();
         match kind {
             DATA_COLLECTIVE | DATA_TAG => {
-                let key = if kind == DATA_TAG { Key::Tag(a) } else { Key::Collective { group: a, seq: b } };
+                let key = match kind {
+                    DATA_TAG => Key::Tag { tag: a, channel: b },
+                    _ => Key::Collective { group: a, seq: b },
+                };
                 let data = payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 mail.queued.entry((from, key)).or_default().push_back(data);
             }
@@ -653,7 +690,7 @@ mod tests {
         // Rank 1 goes without a goodbye, as a killed process does.
         one.failed = true;
         for w in one.peers.iter().flatten() {
-            w.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
+            w.lock().unwrap().get_ref().shutdown(std::net::Shutdown::Both).unwrap();
         }
         drop(one);
         // The kernel takes the first writes; a later one meets the reset.
@@ -678,7 +715,8 @@ mod tests {
 
     #[test]
     fn group_keys_differ() {
-        assert_ne!(group_key(&[0, 1]), group_key(&[1, 0]));
-        assert_ne!(group_key(&[0, 2]), group_key(&[0, 1]));
+        assert_ne!(group_key(&[0, 1], 0), group_key(&[1, 0], 0));
+        assert_ne!(group_key(&[0, 2], 0), group_key(&[0, 1], 0));
+        assert_ne!(group_key(&[0, 1], 0), group_key(&[0, 1], 1));
     }
 }

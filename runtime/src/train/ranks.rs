@@ -326,7 +326,7 @@ impl Ranks {
                     .iter()
                     .filter_map(|(axis, _)| crate::comm::group_along(&c.mesh.order, w.rank(), axis))
                     .collect();
-                w.lock().split_mesh(&groups).map_err(|e| e.to_string())?;
+                w.split_mesh(&groups).map_err(|e| e.to_string())?;
                 vec![w.rank()]
             }
         };
@@ -399,9 +399,11 @@ impl Ranks {
         };
         let hyper = [lr as f32, (1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)) as f32];
         // One rank's step on this process, with its communicator.
-        let run_rank = |r: usize, comm: &mut dyn Communicator| -> Result<Raw, String> {
+        // `stream` is the rank's communication stream's channel.
+        let run_rank = |r: usize, comm: &mut dyn Communicator, stream: &mut dyn Communicator| -> Result<Raw, String> {
             // Errors name the step as the run reports it: from 1.
             comm.set_step(step + 1);
+            stream.set_step(step + 1);
             let slot = self.slot(r).ok_or_else(|| format!("rank {r} does not run in this process"))?;
             let p = &self.programs[r];
             let mut cpu =
@@ -417,7 +419,7 @@ impl Ranks {
             }
             cpu.upload(p.buffer(bind.hyper), &hyper)?;
             cpu.upload(p.buffer(bind.loss_scale), &[loss_scale])?;
-            let mut rc = RankComm::new(comm, &self.mesh.order);
+            let mut rc = RankComm::new(comm, &self.mesh.order).with_stream(stream);
             rc.trace = trace;
             let report = backend::run(&mut *cpu, p, Some(&rc), seed ^ (step << 20)).map_err(|e| e.to_string())?;
             let read = |b: BufId| -> Result<f32, String> { Ok(cpu.download(p.buffer(b))?[0]) };
@@ -441,7 +443,8 @@ impl Ranks {
                 let per_rank = (crate::exec::threads() / self.programs.len()).max(1);
                 world.run(|local| {
                     crate::exec::set_threads(per_rank);
-                    run_rank(local.rank(), local)
+                    let mut stream = local.comm_stream().map_err(|e| e.to_string())?;
+                    run_rank(local.rank(), local, &mut *stream)
                 })?
             }
             Some(w) => {
@@ -449,7 +452,9 @@ impl Ranks {
                 crate::exec::set_threads(0);
                 crate::exec::set_threads((crate::exec::threads() / w.local_size.max(1)).max(1));
                 let mut comm = w.lock();
-                let mine = match run_rank(w.rank(), &mut **comm) {
+                let mut stream = w.lock_stream();
+                let stream = stream.as_mut().ok_or("the communication stream's channel was never opened")?;
+                let mine = match run_rank(w.rank(), &mut **comm, &mut **stream) {
                     Ok(m) => m,
                     Err(e) => {
                         comm.abort(&e);
