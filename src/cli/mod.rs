@@ -120,7 +120,8 @@ enum Command {
         #[arg(long, allow_negative_numbers = true, value_parser = positive)]
         eval_interval: Option<u64>,
         /// Write a Chrome trace (chrome://tracing, ui.perfetto.dev) of the
-        /// first steps: one track per simulated rank.
+        /// first steps: one track per rank (this process's, under a
+        /// launcher) and one per rank's communication stream.
         #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
         /// Steps the trace records.

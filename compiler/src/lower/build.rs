@@ -409,33 +409,84 @@ impl<'a> Builder<'a> {
         self.instrs.push(ins);
     }
 
-    /// Put each of `calls` (communication-stream collectives over
-    /// gradients) right after the instruction that writes its inputs for
-    /// the last time, behind an event of the compute stream: a bucket
-    /// reduces while the backward pass goes on (DDP's and Megatron's
-    /// overlap). The stream runs them in the order they become ready; a
-    /// call that shares a buffer with an earlier one (a partial gradient
-    /// summed over `tensor`, then over `data`) stays after it. Every rank of
+    /// Put `calls` (communication-stream collectives over gradients, a
+    /// stacked gradient cut by layer) on the communication stream as the
+    /// backward pass finishes their gradients, each behind an event of the
+    /// compute stream, so they reduce while the backward pass goes on
+    /// (DDP's and Megatron's overlap). The all-reduces of an axis are
+    /// rebucketed in the order their gradients become final, as DDP does;
+    /// a call that shares bytes with an earlier one (a partial gradient
+    /// summed over `tensor`, then over `data`) goes after it. Every rank of
     /// a group has the same program around them, so the same order. The
     /// compute stream joins them later ([`Builder::sync`]).
     fn overlap(&mut self, calls: Vec<Instr>) {
-        // The last instruction that writes each buffer's bytes (through views too).
-        let mut last: HashMap<usize, usize> = HashMap::new();
-        for (i, ins) in self.instrs.iter().enumerate() {
-            for b in &ins.outs {
-                last.insert(root_of(&self.buffers, b.index()), i);
+        // Each buffer's bytes: (region, start, end), views resolved.
+        let bytes = |bufs: &[Buffer], b: BufId| {
+            let (mut at, mut r) = (0, b.index());
+            loop {
+                at += bufs[r].offset;
+                match bufs[r].view_of {
+                    Some(v) => r = v.index(),
+                    None => break,
+                }
             }
-        }
-        let roots = |c: &Instr| -> Vec<usize> {
-            c.ins.iter().chain(&c.outs).map(|b| root_of(&self.buffers, b.index())).collect()
+            let x = &bufs[b.index()];
+            (x.region, at, at + x.ty.bytes())
         };
-        let mut ready: Vec<usize> = Vec::with_capacity(calls.len());
-        for (n, call) in calls.iter().enumerate() {
-            let mine = roots(call);
-            let written = call.ins.iter().filter_map(|b| last.get(&root_of(&self.buffers, b.index()))).max();
-            let after = (0..n).filter(|&m| roots(&calls[m]).iter().any(|r| mine.contains(r))).map(|m| ready[m]).max();
-            ready.push(written.copied().unwrap_or(0).max(after.unwrap_or(0)));
+        let meet = |a: (Region, u64, u64), b: (Region, u64, u64)| a.0 == b.0 && a.1 < b.2 && b.1 < a.2;
+        // The instructions' outputs, as bytes.
+        let written: Vec<Vec<(Region, u64, u64)>> =
+            self.instrs.iter().map(|i| i.outs.iter().map(|b| bytes(&self.buffers, *b)).collect()).collect();
+        let last_write = |x: (Region, u64, u64)| written.iter().rposition(|w| w.iter().any(|&y| meet(x, y)));
+        // Issued so far: (after instruction, the call, the bytes it touches).
+        let mut parts: Vec<Part> = Vec::new();
+        // The instruction a buffer is final after: its last write, and the
+        // issue of every earlier call that touches it (the stream keeps their order).
+        let final_after = |parts: &[Part], x: Bytes| {
+            let issued = parts.iter().filter(|(_, _, t)| t.iter().any(|&y| meet(x, y))).map(|(a, _, _)| *a).max();
+            last_write(x).unwrap_or(0).max(issued.unwrap_or(0))
+        };
+        let mut calls = calls.into_iter().peekable();
+        while let Some(call) = calls.next() {
+            let Kind::Collective { op: Collective::AllReduce { .. }, axis } = &call.kind else {
+                // A reduce-scatter's shards follow its whole inputs: it goes out whole.
+                let t: Vec<_> = call.ins.iter().chain(&call.outs).map(|b| bytes(&self.buffers, *b)).collect();
+                let at = t.iter().map(|&x| final_after(&parts, x)).max().unwrap_or(0);
+                parts.push((at, call, t));
+                continue;
+            };
+            // Every all-reduce of this axis that follows, rebucketed as DDP
+            // does: the gradients in the order they become final, cut into
+            // buckets of `parallel.bucket` elements, each issued when its
+            // last gradient is final (element by element, the same sums).
+            let (kind, axis) = (call.kind.clone(), axis.clone());
+            let mut bufs: Vec<BufId> = call.ins.clone();
+            while let Some(next) = calls.next_if(
+                |c| matches!(&c.kind, Kind::Collective { op: Collective::AllReduce { .. }, axis: a } if *a == axis),
+            ) {
+                bufs.extend(next.ins.iter().filter(|b| !bufs.contains(b)).copied().collect::<Vec<_>>());
+            }
+            let mut ready: Vec<(usize, usize, BufId)> =
+                bufs.iter().enumerate().map(|(n, b)| (final_after(&parts, bytes(&self.buffers, *b)), n, *b)).collect();
+            ready.sort_unstable();
+            let mut bucket: Vec<BufId> = Vec::new();
+            let mut size = 0;
+            let mut new = Vec::new();
+            for (n, &(at, _, b)) in ready.iter().enumerate() {
+                bucket.push(b);
+                size += self.buffers[b.index()].ty.numel();
+                let last = n + 1 == ready.len();
+                if last || size + self.buffers[ready[n + 1].2.index()].ty.numel() > self.mesh.bucket {
+                    let ins = std::mem::take(&mut bucket);
+                    let t = ins.iter().map(|b| bytes(&self.buffers, *b)).collect();
+                    new.push((at, Instr::new(kind.clone(), ins.clone(), ins, Stream::Comm), t));
+                    size = 0;
+                }
+            }
+            parts.extend(new);
         }
+        let ready: Vec<usize> = parts.iter().map(|(a, _, _)| *a).collect();
+        let calls: Vec<Instr> = parts.into_iter().map(|(_, c, _)| c).collect();
         let mut order: Vec<usize> = (0..calls.len()).collect();
         order.sort_by_key(|&n| (ready[n], n));
         let mut calls: Vec<Option<Instr>> = calls.into_iter().map(Some).collect();
@@ -928,10 +979,38 @@ impl<'a> Builder<'a> {
         let mut update_grad: Vec<Option<BufId>> = self.g.clone();
         let dp = self.data().map(|(_, n)| n).unwrap_or(1);
         let mut calls = Vec::new();
+        // A stacked gradient is all-reduced layer by layer (each as the
+        // backward pass finishes it); one view per (parameter, layer) serves
+        // every call that reads it.
+        let mut slices: HashMap<(usize, u64), BufId> = HashMap::new();
         for c in &prog.step {
             match c {
                 StepCollective::GradAllReduce { axis, params, .. } => {
-                    let bufs: Vec<BufId> = params.iter().filter_map(|&k| self.g[k]).collect();
+                    let mut bufs: Vec<BufId> = Vec::new();
+                    for &k in params {
+                        let Some(gk) = self.g[k] else { continue };
+                        let meta = &metas[k];
+                        let ty = &self.buffers[gk.index()].ty;
+                        if meta.stack.is_none()
+                            || meta.layers.len() < 2
+                            || ty.dims.first().is_none_or(|d| d.name != "layer")
+                        {
+                            bufs.push(gk);
+                            continue;
+                        }
+                        let slice = TensorType { dims: ty.dims[1..].to_vec(), ..ty.clone() };
+                        for &l in &meta.layers {
+                            let v = match slices.get(&(k, l)) {
+                                Some(v) => *v,
+                                None => {
+                                    let v = self.layer_view(gk, meta, Some(l), &slice)?;
+                                    slices.insert((k, l), v);
+                                    v
+                                }
+                            };
+                            bufs.push(v);
+                        }
+                    }
                     let kind = Kind::Collective { axis: axis.clone(), op: Collective::AllReduce { op: ReduceOp::Sum } };
                     calls.push(Instr::new(kind, bufs.clone(), bufs, Stream::Comm));
                 }
@@ -1414,6 +1493,13 @@ impl<'a> Builder<'a> {
         }
     }
 }
+
+/// A buffer's bytes: its region, first and end offsets.
+type Bytes = (Region, u64, u64);
+
+/// A communication-stream call placed by `overlap`: the instruction it
+/// goes after, the call, and the bytes it touches.
+type Part = (usize, Instr, Vec<Bytes>);
 
 /// Which values of `g` `root` is computed from (`root` included).
 fn ancestors(g: &Graph, root: ValueId) -> Vec<bool> {

@@ -512,6 +512,11 @@ impl Communicator for Tcp {
 
 impl Drop for Tcp {
     fn drop(&mut self) {
+        // A rank that panicked has not finished: the others stop with its failure.
+        if std::thread::panicking() {
+            self.abort("panicked (its message is in its own output)");
+            return;
+        }
         // The communication stream's channel leaves the goodbye to the compute's.
         if self.failed || self.channel != 0 {
             return;
@@ -709,6 +714,27 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "rank 0: `recv` on the pair (1 → 0), tag 7 at step 3: rank 1 is gone (the connection closed): it exited or was killed"
+        );
+        zero.failed = true;
+    }
+
+    /// A rank whose thread panics holding its communicator is a failure
+    /// to the others, not a rank that finished.
+    #[test]
+    fn a_panicking_rank_is_a_failure_not_a_goodbye() {
+        let (mut zero, mut one) = pair();
+        one.set_step(4);
+        let panicked = std::thread::spawn(move || {
+            let _held = one;
+            panic!("a bug in rank 1");
+        })
+        .join();
+        assert!(panicked.is_err());
+        let mut buf = [0.0f32; 4];
+        let err = zero.all_reduce(&Group::new("data", vec![0, 1]), &mut buf, ReduceOp::Sum).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rank 0 stopped: rank 1 failed at step 4: panicked (its message is in its own output)"
         );
         zero.failed = true;
     }
