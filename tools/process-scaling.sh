@@ -3,7 +3,8 @@
 # 2 and 4 processes over MPI (mpirun) and over TCP (tessera launch), and as
 # 2 and 4 threads of one process, on this machine (4 ranks: microbatches of 4): the median
 # tokens/s of steps 6..STEPS, and from rank 0's trace the time per step its
-# program spends in collectives and point-to-point transfers.
+# program spends in collectives and point-to-point transfers (on both of its
+# streams).
 # Usage: tools/process-scaling.sh [STEPS]   (needs a build with --features mpi)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,10 @@ rows = [json.loads(l) for l in open(metrics)]
 tps = statistics.median(r["tokens_per_s"] for r in rows[5:])
 events = json.load(open(trace))
 events = events["traceEvents"] if isinstance(events, dict) else events
-comm = sum(e.get("dur", 0) for e in events if e.get("tid") == 0 and e.get("cat") in ("collective", "p2p"))
+tracks = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M"}
+# Rank 0's compute track and its communication stream's.
+mine = {0} | {t for t, n in tracks.items() if n.startswith("rank 0 ") and n.endswith("communication stream")}
+comm = sum(e.get("dur", 0) for e in events if e.get("tid") in mine and e.get("cat") in ("collective", "p2p"))
 print(f"| {name} | {tps:,.0f} | {comm / 1e3 / steps:.1f} |")
 PY
 }
