@@ -534,6 +534,11 @@ fn random_layouts() {
         if sets.is_empty() {
             continue;
         }
+        // Gradient buckets of every size: the communication stream's calls
+        // move through the backward pass and split where they fall.
+        if next(2) == 1 {
+            sets.push(format!("parallel.bucket={}", [1024, 8192, 65536][next(3) as usize]));
+        }
         let base: Vec<&str> = base.iter().map(String::as_str).collect();
         let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
         let all: Vec<String> = base.iter().chain(&sets).map(|s| s.to_string()).collect();

@@ -981,8 +981,17 @@ impl<'a> Builder<'a> {
         let mut calls = Vec::new();
         // A stacked gradient is all-reduced layer by layer (each as the
         // backward pass finishes it); one view per (parameter, layer) serves
-        // every call that reads it.
+        // every call that reads it. One that a reduce-scatter also reads
+        // stays whole: the stream forwards whole buffers between its calls.
         let mut slices: HashMap<(usize, u64), BufId> = HashMap::new();
+        let scattered: Vec<usize> = prog
+            .step
+            .iter()
+            .flat_map(|c| match c {
+                StepCollective::GradReduceScatter { params, .. } => params.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
         for c in &prog.step {
             match c {
                 StepCollective::GradAllReduce { axis, params, .. } => {
@@ -993,6 +1002,7 @@ impl<'a> Builder<'a> {
                         let ty = &self.buffers[gk.index()].ty;
                         if meta.stack.is_none()
                             || meta.layers.len() < 2
+                            || scattered.contains(&k)
                             || ty.dims.first().is_none_or(|d| d.name != "layer")
                         {
                             bufs.push(gk);
