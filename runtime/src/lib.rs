@@ -18,6 +18,7 @@ pub mod launch;
 pub mod tensor;
 pub mod trace;
 pub mod train;
+pub mod weights;
 
 /// The compiler this runtime executes programs of.
 pub use tessera_compiler as compiler;

@@ -353,11 +353,7 @@ impl<'a> RankComm<'a> {
         axis: &str,
         f: impl FnOnce(&mut dyn Communicator, &Group) -> Result<R, CommError>,
     ) -> Result<R, CommError> {
-        let group = self.group(axis)?;
-        self.span("collective", format!("{op} {axis}"), || {
-            let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut **c, group)
-        })
+        self.call(&self.comm, false, op, axis, f)
     }
 
     /// Run collective `op` (`f`) on the communication stream's channel with
@@ -368,15 +364,28 @@ impl<'a> RankComm<'a> {
         axis: &str,
         f: impl FnOnce(&mut dyn Communicator, &Group) -> Result<R, CommError>,
     ) -> Result<R, CommError> {
-        let group = self.group(axis)?;
         let stream = self.stream.as_ref().ok_or_else(|| CommError::Usage {
             rank: self.rank,
             message: "the communication stream has no channel of its own".into(),
         })?;
+        self.call(stream, true, op, axis, f)
+    }
+
+    /// `f` on `channel` with this rank's group along `axis`, recorded (when
+    /// tracing) on the rank's communication-stream track or its compute track.
+    fn call<R>(
+        &self,
+        channel: &std::sync::Mutex<&'a mut dyn Communicator>,
+        on_stream: bool,
+        op: &str,
+        axis: &str,
+        f: impl FnOnce(&mut dyn Communicator, &Group) -> Result<R, CommError>,
+    ) -> Result<R, CommError> {
+        let group = self.group(axis)?;
         let t0 = std::time::Instant::now();
-        let out = f(&mut **stream.lock().unwrap_or_else(|e| e.into_inner()), group);
+        let out = f(&mut **channel.lock().unwrap_or_else(|e| e.into_inner()), group);
         if let Some(t) = self.trace {
-            t.record_on(self.rank, true, "collective", format!("{op} {axis}"), t0);
+            t.record_on(self.rank, on_stream, "collective", format!("{op} {axis}"), t0);
         }
         out
     }

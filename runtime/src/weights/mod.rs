@@ -1,0 +1,314 @@
+//! Published weights on disk, read as named f32 tensors: safetensors (one
+//! file, or a sharded checkpoint's `model.safetensors.index.json` and its
+//! files) and GGUF (llama.cpp's format; F32, F16, BF16, Q8_0, Q4_0 and Q4_1
+//! dequantized on load, [`gguf`]). Opening reads the headers only; a tensor's
+//! bytes are read when it is asked for.
+//!
+//! Shapes are outermost first, as PyTorch and safetensors give them (GGUF
+//! lists its dims innermost first; they are reversed here).
+
+pub mod gguf;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct WeightsError {
+    pub path: String,
+    pub message: String,
+}
+
+impl WeightsError {
+    pub fn new(path: &Path, message: impl Into<String>) -> WeightsError {
+        WeightsError { path: path.display().to_string(), message: message.into() }
+    }
+}
+
+/// A tensor of a weights file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Outermost first.
+    pub shape: Vec<u64>,
+    /// As the file names it: `F32`, `BF16`, `Q4_1`, ...
+    pub dtype: String,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// Where a tensor's bytes are.
+#[derive(Debug, Clone)]
+struct Place {
+    file: usize,
+    /// Byte offset in the file, and length.
+    offset: u64,
+    len: u64,
+}
+
+/// An opened weights file (or set of files).
+#[derive(Debug)]
+pub struct WeightFile {
+    path: PathBuf,
+    format: Format,
+    files: Vec<PathBuf>,
+    tensors: Vec<TensorInfo>,
+    places: Vec<Place>,
+    by_name: BTreeMap<String, usize>,
+    /// GGUF's key-value metadata; safetensors' `__metadata__` as strings.
+    pub metadata: BTreeMap<String, gguf::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    Gguf,
+}
+
+impl WeightFile {
+    /// Open `path`: a `.safetensors` file, a `.gguf` file, a sharded
+    /// checkpoint's `*.index.json`, or a folder holding one of those
+    /// (`model.safetensors.index.json`, `model.safetensors`, or one `.gguf`).
+    pub fn open(path: &Path) -> Result<WeightFile, WeightsError> {
+        let path = resolve(path)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.ends_with(".gguf") {
+            gguf::open(&path)
+        } else if name.ends_with(".index.json") {
+            open_index(&path)
+        } else if name.ends_with(".safetensors") {
+            let mut w = WeightFile::empty(&path, Format::Safetensors);
+            w.add_safetensors(&path)?;
+            Ok(w)
+        } else {
+            Err(WeightsError::new(
+                &path,
+                "not a weights file Tessera reads: give a `.safetensors` file, a sharded checkpoint's \
+                 `model.safetensors.index.json`, a `.gguf` file, or a folder holding one",
+            ))
+        }
+    }
+
+    fn empty(path: &Path, format: Format) -> WeightFile {
+        WeightFile {
+            path: path.to_path_buf(),
+            format,
+            files: Vec::new(),
+            tensors: Vec::new(),
+            places: Vec::new(),
+            by_name: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// What was opened (the file, or the index).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// Every tensor, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Add a tensor found in file `file`.
+    fn add(&mut self, info: TensorInfo, place: Place) -> Result<(), WeightsError> {
+        if self.by_name.contains_key(&info.name) {
+            let at = &self.files[place.file];
+            return Err(WeightsError::new(at, format!("tensor `{}` appears twice", info.name)));
+        }
+        self.by_name.insert(info.name.clone(), self.tensors.len());
+        self.tensors.push(info);
+        self.places.push(place);
+        Ok(())
+    }
+
+    /// Read the header of safetensors file `path` and add its tensors.
+    fn add_safetensors(&mut self, path: &Path) -> Result<(), WeightsError> {
+        let fail = |m: String| WeightsError::new(path, m);
+        let mut f = std::fs::File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
+        let size = f.metadata().map_err(|e| fail(e.to_string()))?.len();
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(|_| fail("too short for a safetensors header".into()))?;
+        let n = u64::from_le_bytes(n);
+        if n > size.saturating_sub(8) || n > 100 << 20 {
+            return Err(fail(format!("a safetensors header of {n} bytes does not fit a file of {size} bytes")));
+        }
+        let mut head = vec![0u8; n as usize];
+        f.read_exact(&mut head).map_err(|e| fail(format!("reading the header: {e}")))?;
+        let head: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&head).map_err(|e| fail(format!("not a safetensors file (its header: {e})")))?;
+        let file = self.files.len();
+        self.files.push(path.to_path_buf());
+        let data = 8 + n;
+        let mut found = Vec::new();
+        for (name, t) in head {
+            if name == "__metadata__" {
+                for (k, v) in t.as_object().into_iter().flatten() {
+                    self.metadata.insert(k.clone(), gguf::Value::Str(v.as_str().unwrap_or_default().to_string()));
+                }
+                continue;
+            }
+            let bad = || fail(format!("tensor `{name}`: its header entry needs `dtype`, `shape` and `data_offsets`"));
+            let dtype = t.get("dtype").and_then(|d| d.as_str()).ok_or_else(bad)?.to_string();
+            let shape: Vec<u64> = t
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .ok_or_else(bad)?
+                .iter()
+                .map(|d| d.as_u64().ok_or_else(bad))
+                .collect::<Result<_, _>>()?;
+            let o = t.get("data_offsets").and_then(|o| o.as_array()).ok_or_else(bad)?;
+            let (start, end) = match o.as_slice() {
+                [a, b] => (a.as_u64().ok_or_else(bad)?, b.as_u64().ok_or_else(bad)?),
+                _ => return Err(bad()),
+            };
+            if start > end || data + end > size {
+                return Err(fail(format!(
+                    "tensor `{name}` needs bytes {}..{} but the file has {size}: it is cut short",
+                    data + start,
+                    data + end
+                )));
+            }
+            found.push((
+                start,
+                TensorInfo { name, shape, dtype },
+                Place { file, offset: data + start, len: end - start },
+            ));
+        }
+        found.sort_by_key(|(start, _, _)| *start);
+        for (_, info, place) in found {
+            self.add(info, place)?;
+        }
+        Ok(())
+    }
+
+    /// Tensor `name`'s elements as f32, outermost dim first.
+    pub fn read(&self, name: &str) -> Result<Vec<f32>, WeightsError> {
+        let Some(&i) = self.by_name.get(name) else {
+            return Err(WeightsError::new(&self.path, format!("has no tensor `{name}`")));
+        };
+        let (info, place) = (&self.tensors[i], &self.places[i]);
+        let path = &self.files[place.file];
+        let fail = |m: String| WeightsError::new(path, format!("tensor `{name}`: {m}"));
+        let mut f = std::fs::File::open(path).map_err(|e| fail(format!("cannot open: {e}")))?;
+        f.seek(SeekFrom::Start(place.offset)).map_err(|e| fail(e.to_string()))?;
+        let mut bytes = vec![0u8; place.len as usize];
+        f.read_exact(&mut bytes).map_err(|e| fail(format!("the file ends inside it ({e})")))?;
+        let n = info.numel() as usize;
+        let out = match self.format {
+            Format::Gguf => gguf::dequantize(&info.dtype, &bytes, n),
+            Format::Safetensors => floats(&info.dtype, &bytes, n),
+        }
+        .map_err(fail)?;
+        Ok(out)
+    }
+}
+
+/// Little-endian floats of `dtype` (`F32`, `F16`, `BF16`) as f32: `n` of them.
+pub(crate) fn floats(dtype: &str, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let width = match dtype {
+        "F32" => 4,
+        "F16" | "BF16" => 2,
+        other => return Err(format!("its dtype {other} is not one Tessera loads (F32, F16, BF16)")),
+    };
+    if bytes.len() != n * width {
+        return Err(format!("{} bytes for {n} {dtype} values", bytes.len()));
+    }
+    Ok(match dtype {
+        "F32" => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        "F16" => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    })
+}
+
+/// The weights file a path names (a folder: the one it holds).
+fn resolve(path: &Path) -> Result<PathBuf, WeightsError> {
+    if !path.exists() {
+        return Err(WeightsError::new(path, "does not exist"));
+    }
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    for name in ["model.safetensors.index.json", "model.safetensors"] {
+        if path.join(name).is_file() {
+            return Ok(path.join(name));
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| WeightsError::new(path, e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            n.ends_with(".gguf") || n.ends_with(".safetensors.index.json") || n.ends_with(".safetensors")
+        })
+        .collect();
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(WeightsError::new(path, "holds no `.safetensors`, `.safetensors.index.json` or `.gguf` file")),
+        many => Err(WeightsError::new(
+            path,
+            format!(
+                "holds {} weights files ({}): name the one to load",
+                many.len(),
+                many.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+/// A sharded safetensors checkpoint: its index's `weight_map` names each
+/// tensor's file; every file's tensors are added, and each must be where the
+/// index says.
+fn open_index(path: &Path) -> Result<WeightFile, WeightsError> {
+    let fail = |m: String| WeightsError::new(path, m);
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        fail("has no `weight_map` object (a sharded checkpoint's index maps tensor names to files)".into())
+    })?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<String> = Vec::new();
+    for (name, f) in map {
+        let f = f.as_str().ok_or_else(|| fail(format!("`weight_map.{name}` is not a file name")))?;
+        if !files.iter().any(|x| x == f) {
+            files.push(f.to_string());
+        }
+    }
+    files.sort();
+    let mut w = WeightFile::empty(path, Format::Safetensors);
+    for f in &files {
+        w.add_safetensors(&dir.join(f))?;
+    }
+    for (name, f) in map {
+        let f = f.as_str().unwrap_or_default();
+        let want = dir.join(f);
+        match w.by_name.get(name) {
+            Some(&i) if w.files[w.places[i].file] == want => {}
+            Some(&i) => {
+                return Err(fail(format!("maps `{name}` to {f} but it is in {}", w.files[w.places[i].file].display())));
+            }
+            None => return Err(fail(format!("maps `{name}` to {f}, which has no such tensor"))),
+        }
+    }
+    if w.tensors.len() != map.len() {
+        let extra: Vec<&str> =
+            w.tensors.iter().map(|t| t.name.as_str()).filter(|n| !map.contains_key(*n)).take(5).collect();
+        return Err(fail(format!("its files hold tensors the index does not name: {extra:?}")));
+    }
+    Ok(w)
+}
