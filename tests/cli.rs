@@ -715,3 +715,74 @@ fn build_and_new_write_crates() {
     assert_eq!(again.expect("runs").status.code(), Some(1), "an existing folder is refused");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `train --init` starts from given weights with fresh optimizer state:
+/// from a run's folder and from its `model.safetensors` alike (the same
+/// steps, bit for bit), not from the spec's initialisation; weights that
+/// are not the spec's parameters stop the run before its folder exists.
+#[test]
+fn train_starts_from_given_weights() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name).to_string_lossy().into_owned();
+        let mut args = vec![
+            "train",
+            "specs/tiny/gpt.spec",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            &out,
+            "--data",
+            "data/shakespeare/shakespeare.txt",
+            "--set",
+            "dims.seq=16",
+        ];
+        args.extend_from_slice(extra);
+        let o = tessera(&args);
+        let losses: Vec<f64> = std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+            .collect();
+        (o, losses)
+    };
+    let (o, fresh) = run("a", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = dir.join("a").to_string_lossy().into_owned();
+    let (o, from_run) = run("b", &["--init", &a]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("note: the weights start from {a}")), "{}", stderr(&o));
+    let latest = std::fs::read_to_string(dir.join("a").join("latest")).expect("a checkpoint");
+    let file = dir.join("a").join(latest.trim()).join("model.safetensors").to_string_lossy().into_owned();
+    let (o, from_file) = run("c", &["--init", &file]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(from_run.len(), 2);
+    assert_eq!(from_run, from_file, "a run folder and its weights file start the same run");
+    // Trained weights give a lower first loss than the spec's initialisation on the same batch.
+    assert!(from_run[0] < fresh[0], "from a's weights {} against a fresh start {}", from_run[0], fresh[0]);
+
+    // A file of other tensors: every mismatch named, and no run folder made.
+    let (o, _) = run("d", &["--init", "tests/fixtures/weights/small.gguf"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("small.gguf: its tensors are not the spec's parameters:")
+            && e.contains("parameter(s) have no tensor (`wte`"),
+        "{e}"
+    );
+    assert!(e.contains("8 tensor(s) are no parameter (`f32`, `f16`, `bf16`, `q8_0` and 4 more)"), "{e}");
+    assert!(!dir.join("d").exists(), "nothing is touched before the weights check");
+    // The spec's shapes differ from the checkpoint's.
+    let (o, _) = run("e", &["--init", &file, "--set", "dims.embed=48"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("tensor `wte` is F32 [256, 64], but the spec's parameter `wte` is f32[vocab=256, embed=48]"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

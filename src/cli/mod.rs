@@ -109,6 +109,13 @@ enum Command {
         /// checkpoints and metrics.
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Start from these weights instead of the spec's initialisation, with
+        /// fresh optimizer state at step 0: a Tessera checkpoint (a run folder
+        /// or a step-* folder), a safetensors file or sharded index, or a GGUF
+        /// file, whose tensors are named by the spec's parameter paths. Every
+        /// parameter and tensor is checked before the run starts.
+        #[arg(long, conflicts_with = "resume", value_name = "PATH")]
+        init: Option<PathBuf>,
         /// Random seed (default: the spec's `train.seed`, or the checkpoint's on --resume).
         #[arg(long, allow_negative_numbers = true, value_parser = whole)]
         seed: Option<u64>,
@@ -546,6 +553,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
             resume,
             allow_changes,
             overwrite,
+            init,
             seed,
             data,
             eval_interval,
@@ -588,6 +596,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
                         recorded,
                         allow_changes,
                         overwrite,
+                        init,
                         seed,
                         data,
                         eval_interval,
@@ -1050,6 +1059,8 @@ struct RunArgs {
     recorded: Option<tessera_runtime::train::checkpoint::RunRecord>,
     allow_changes: bool,
     overwrite: bool,
+    /// Weights to start from (`--init`).
+    init: Option<PathBuf>,
     seed: Option<u64>,
     data: Option<PathBuf>,
     eval_interval: Option<u64>,
@@ -1078,6 +1089,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         backend,
         world,
         timeout,
+        init,
     } = args;
     // Across processes, rank 0 writes the run's files and prints; an error
     // on any rank stops them all.
@@ -1089,6 +1101,14 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             Ok(t) => t,
             Err(e) => return fail(&e),
         };
+    // --init: the weights are read and checked before the run folder is touched.
+    let init = match &init {
+        None => None,
+        Some(p) => match init_weights(p, &m.params) {
+            Ok(w) => Some((p.clone(), w)),
+            Err(e) => return fail(&e),
+        },
+    };
     let t = training.train.clone();
     let steps = steps
         .or(match t.length {
@@ -1220,6 +1240,17 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     for c in &trainer.resume_changes {
         eprintln!("warning: resuming with a change (--allow-changes): {c}");
     }
+    // A restart resumes from the run's own checkpoint instead.
+    if let Some((path, weights)) = &init
+        && trainer.cfg.resume.is_none()
+    {
+        if let Err(e) = trainer.set_weights(weights) {
+            return fail(&e);
+        }
+        if writer {
+            eprintln!("note: the weights start from {} ({} parameters)", path.display(), weights.len());
+        }
+    }
     if let Some((_, n)) = &trace {
         trainer.trace = Some(std::sync::Arc::new(tessera_runtime::trace::Trace::new(*n)));
     }
@@ -1340,6 +1371,19 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
 /// `tessera launch --max-restarts`) says: 0 for the first attempt.
 fn restart_count() -> Option<u64> {
     std::env::var("TORCHELASTIC_RESTART_COUNT").ok()?.trim().parse().ok()
+}
+
+/// `--init`'s weights: a Tessera checkpoint's (a run or `step-*` folder), or
+/// a weights file's whose tensors are named by the parameter paths.
+fn init_weights(
+    path: &std::path::Path,
+    params: &[tessera_compiler::ir::Param],
+) -> Result<Vec<tessera_runtime::tensor::Tensor<f32>>, String> {
+    let checkpoint = path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists());
+    match checkpoint {
+        true => tessera_runtime::train::checkpoint::load_params(path, params).map_err(|e| e.to_string()),
+        false => tessera_runtime::weights::load_params(path, params).map_err(|e| e.to_string()),
+    }
 }
 
 /// Keep the metrics records of steps up to `step` (a resume redoes the rest).

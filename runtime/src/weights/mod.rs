@@ -312,3 +312,63 @@ fn open_index(path: &Path) -> Result<WeightFile, WeightsError> {
     }
     Ok(w)
 }
+
+/// The logical weights of `params` from the weights file at `path`, whose
+/// tensors are named by the parameters' paths (as Tessera's checkpoints
+/// name them): every parameter must be there with its shape, and every
+/// tensor of the file must be a parameter. All of it is checked before
+/// anything is read, and nothing is returned half.
+pub fn load_params(
+    path: &Path,
+    params: &[tessera_compiler::ir::Param],
+) -> Result<Vec<crate::tensor::Tensor<f32>>, WeightsError> {
+    let w = WeightFile::open(path)?;
+    let fail = |m: String| WeightsError::new(w.path(), m);
+    let mut missing = Vec::new();
+    for p in params {
+        let want: Vec<u64> = p.ty.dims.iter().map(|d| d.size).collect();
+        match w.get(&p.path) {
+            None => missing.push(p.path.as_str()),
+            Some(t) if t.shape != want => {
+                return Err(fail(format!(
+                    "tensor `{}` is {} {:?}, but the spec's parameter `{}` is {} ({:?})",
+                    t.name, t.dtype, t.shape, p.path, p.ty, want
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let extra: Vec<&str> =
+        w.tensors().iter().map(|t| t.name.as_str()).filter(|n| !params.iter().any(|p| p.path == *n)).collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        let list = |v: &[&str]| {
+            let shown: Vec<String> = v.iter().take(4).map(|n| format!("`{n}`")).collect();
+            let more = if v.len() > 4 { format!(" and {} more", v.len() - 4) } else { String::new() };
+            format!("{}{more}", shown.join(", "))
+        };
+        let mut m = String::from("its tensors are not the spec's parameters:");
+        if !missing.is_empty() {
+            m += &format!(" {} parameter(s) have no tensor ({})", missing.len(), list(&missing));
+        }
+        if !extra.is_empty() {
+            m += &format!(
+                "{} {} tensor(s) are no parameter ({})",
+                if missing.is_empty() { "" } else { ";" },
+                extra.len(),
+                list(&extra)
+            );
+        }
+        m += ". The file must name each tensor by the spec's parameter path (`tessera inspect SPEC` lists them), \
+              as Tessera's checkpoints do";
+        return Err(fail(m));
+    }
+    let mut out = Vec::with_capacity(params.len());
+    for p in params {
+        let data = w.read(&p.path)?;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(fail(format!("tensor `{}` holds a value that is not finite (element {i})", p.path)));
+        }
+        out.push(crate::tensor::Tensor { dims: p.ty.dims.clone(), data });
+    }
+    Ok(out)
+}
