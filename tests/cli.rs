@@ -786,3 +786,37 @@ fn train_starts_from_given_weights() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `sample --weights FILE --spec SPEC` samples from a weights file as from
+/// the checkpoint that holds it: the same text, greedy.
+#[test]
+fn sample_reads_a_weights_file() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-sample-weights-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_string_lossy().into_owned();
+    let o = tessera(&[
+        "train",
+        "specs/tiny/gpt.spec",
+        "--steps",
+        "2",
+        "--out",
+        &out,
+        "--data",
+        "data/shakespeare/shakespeare.txt",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let latest = std::fs::read_to_string(dir.join("latest")).expect("a checkpoint");
+    let file = dir.join(latest.trim()).join("model.safetensors").to_string_lossy().into_owned();
+    let greedy = ["--prompt", "ROMEO:", "--tokens", "12", "--temperature", "0"];
+    let from_checkpoint = tessera(&[&["sample", &out][..], &greedy].concat());
+    assert!(from_checkpoint.status.success(), "{}", stderr(&from_checkpoint));
+    let from_file = tessera(&[&["sample", "--weights", &file, "--spec", "specs/tiny/gpt.spec"][..], &greedy].concat());
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    assert_eq!(stdout(&from_file), stdout(&from_checkpoint));
+    assert!(stdout(&from_file).len() > "ROMEO:".len());
+    // --weights needs the spec the file's tensors are named for.
+    let o = tessera(&["sample", "--weights", &file]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--spec"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -186,7 +186,13 @@ enum Command {
     /// Generate text from a checkpoint written by `tessera train`.
     Sample {
         /// A run folder (its `latest` checkpoint) or a step-* folder.
-        checkpoint: PathBuf,
+        #[arg(required_unless_present = "weights")]
+        checkpoint: Option<PathBuf>,
+        /// Sample from a weights file instead of a checkpoint (safetensors, a
+        /// sharded index or GGUF, its tensors named by the spec's parameter
+        /// paths); needs --spec.
+        #[arg(long, conflicts_with = "checkpoint", requires = "spec", value_name = "PATH")]
+        weights: Option<PathBuf>,
         #[arg(long, default_value = "")]
         prompt: String,
         /// Tokens to generate.
@@ -631,9 +637,14 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Sample { checkpoint, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
+        Command::Sample { checkpoint, weights, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
             let flags = SampleFlags { tokens, temperature, top_k, top_p, seed, kv_cache: !no_kv_cache };
-            match sample(&checkpoint, spec, &prompt, &flags) {
+            let from = match (checkpoint, weights) {
+                (_, Some(w)) => Weights::File(w),
+                (Some(c), None) => Weights::Checkpoint(c),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match sample(&from, spec, &prompt, &flags) {
                 Ok(text) => {
                     println!("{prompt}{text}");
                     ExitCode::SUCCESS
@@ -1444,18 +1455,24 @@ impl SampleFlags {
     }
 }
 
-fn sample(
-    checkpoint: &std::path::Path,
-    spec: Option<PathBuf>,
-    prompt: &str,
-    flags: &SampleFlags,
-) -> Result<String, ExitCode> {
+/// What `sample` reads its weights from.
+enum Weights {
+    /// A run or `step-*` folder, which records its spec.
+    Checkpoint(PathBuf),
+    /// A weights file named by parameter paths (`--weights`, with `--spec`).
+    File(PathBuf),
+}
+
+fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFlags) -> Result<String, ExitCode> {
     use tessera_runtime::train::checkpoint;
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
         ExitCode::from(1)
     };
-    let (recorded, overrides) = checkpoint::spec_of(checkpoint).map_err(|e| fail(&e))?;
+    let (checkpoint, (recorded, overrides)) = match from {
+        Weights::Checkpoint(c) => (c, checkpoint::spec_of(c).map_err(|e| fail(&e))?),
+        Weights::File(w) => (w, (None, Vec::new())),
+    };
     let spec = match (spec, recorded) {
         (Some(s), _) => s,
         (None, Some(r)) if r.is_file() => r,
@@ -1468,7 +1485,7 @@ fn sample(
         (None, None) => return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE")),
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
-    let params = checkpoint::load_params(checkpoint, &m.params).map_err(|e| fail(&e))?;
+    let params = init_weights(checkpoint, &m.params).map_err(|e| fail(&e))?;
     let tok = tokenizer_of(&m)?;
     let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
     let vocab = m.const_value("vocab").unwrap_or(f64::INFINITY);
