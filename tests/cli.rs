@@ -15,6 +15,18 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `tessera train` of the tiny GPT on the Shakespeare text into `out`, with `extra` arguments.
+fn train_gpt(out: &str, extra: &[&str]) -> Output {
+    let base = ["train", "specs/tiny/gpt.spec", "--out", out, "--data", "data/shakespeare/shakespeare.txt"];
+    tessera(&[&base[..], extra].concat())
+}
+
+/// The `model.safetensors` of run folder `dir`'s latest checkpoint.
+fn latest_weights(dir: &std::path::Path) -> String {
+    let latest = std::fs::read_to_string(dir.join("latest")).expect("a checkpoint");
+    dir.join(latest.trim()).join("model.safetensors").to_string_lossy().into_owned()
+}
+
 fn inspect_json(args: &[&str]) -> serde_json::Value {
     let mut a = vec!["inspect"];
     a.extend_from_slice(args);
@@ -288,30 +300,27 @@ fn train_writes_a_chrome_trace() {
     let dir = std::env::temp_dir().join(format!("tessera-cli-trace-{}", std::process::id()));
     let trace = dir.join("trace.json");
     let (out, t) = (dir.to_string_lossy().into_owned(), trace.to_string_lossy().into_owned());
-    let o = tessera(&[
-        "train",
-        "specs/tiny/gpt.spec",
-        "--steps",
-        "2",
-        "--out",
+    let o = train_gpt(
         &out,
-        "--data",
-        "data/shakespeare/shakespeare.txt",
-        "--set",
-        "dims.seq=16",
-        "--set",
-        "parallel.mesh.data=2",
-        "--set",
-        "parallel.layout.batch=data",
-        "--set",
-        "parallel.mesh.pipeline=2",
-        "--set",
-        "parallel.layout.layer=pipeline",
-        "--set",
-        "parallel.pipeline.microbatches=2",
-        "--trace",
-        &t,
-    ]);
+        &[
+            "--steps",
+            "2",
+            "--set",
+            "dims.seq=16",
+            "--set",
+            "parallel.mesh.data=2",
+            "--set",
+            "parallel.layout.batch=data",
+            "--set",
+            "parallel.mesh.pipeline=2",
+            "--set",
+            "parallel.layout.layer=pipeline",
+            "--set",
+            "parallel.pipeline.microbatches=2",
+            "--trace",
+            &t,
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).expect("trace")).expect("json");
     let events = v["traceEvents"].as_array().expect("traceEvents");
@@ -726,22 +735,7 @@ fn train_starts_from_given_weights() {
     let _ = std::fs::remove_dir_all(&dir);
     let run = |name: &str, extra: &[&str]| {
         let out = dir.join(name).to_string_lossy().into_owned();
-        let mut args = vec![
-            "train",
-            "specs/tiny/gpt.spec",
-            "--steps",
-            "2",
-            "--seed",
-            "3",
-            "--out",
-            &out,
-            "--data",
-            "data/shakespeare/shakespeare.txt",
-            "--set",
-            "dims.seq=16",
-        ];
-        args.extend_from_slice(extra);
-        let o = tessera(&args);
+        let o = train_gpt(&out, &[&["--steps", "2", "--seed", "3", "--set", "dims.seq=16"][..], extra].concat());
         let losses: Vec<f64> = std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -755,8 +749,7 @@ fn train_starts_from_given_weights() {
     let (o, from_run) = run("b", &["--init", &a]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains(&format!("note: the weights start from {a}")), "{}", stderr(&o));
-    let latest = std::fs::read_to_string(dir.join("a").join("latest")).expect("a checkpoint");
-    let file = dir.join("a").join(latest.trim()).join("model.safetensors").to_string_lossy().into_owned();
+    let file = latest_weights(&dir.join("a"));
     let (o, from_file) = run("c", &["--init", &file]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(from_run.len(), 2);
@@ -794,19 +787,9 @@ fn sample_reads_a_weights_file() {
     let dir = std::env::temp_dir().join(format!("tessera-cli-sample-weights-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = dir.to_string_lossy().into_owned();
-    let o = tessera(&[
-        "train",
-        "specs/tiny/gpt.spec",
-        "--steps",
-        "2",
-        "--out",
-        &out,
-        "--data",
-        "data/shakespeare/shakespeare.txt",
-    ]);
+    let o = train_gpt(&out, &["--steps", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let latest = std::fs::read_to_string(dir.join("latest")).expect("a checkpoint");
-    let file = dir.join(latest.trim()).join("model.safetensors").to_string_lossy().into_owned();
+    let file = latest_weights(&dir);
     let greedy = ["--prompt", "ROMEO:", "--tokens", "12", "--temperature", "0"];
     let from_checkpoint = tessera(&[&["sample", &out][..], &greedy].concat());
     assert!(from_checkpoint.status.success(), "{}", stderr(&from_checkpoint));
