@@ -485,15 +485,11 @@ impl<'a> Builder<'a> {
             }
             parts.extend(new);
         }
-        let ready: Vec<usize> = parts.iter().map(|(a, _, _)| *a).collect();
-        let calls: Vec<Instr> = parts.into_iter().map(|(_, c, _)| c).collect();
-        let mut order: Vec<usize> = (0..calls.len()).collect();
-        order.sort_by_key(|&n| (ready[n], n));
-        let mut calls: Vec<Option<Instr>> = calls.into_iter().map(Some).collect();
+        // In the order they become ready (a stable sort: ties keep theirs).
+        parts.sort_by_key(|(at, _, _)| *at);
         // (insert after instruction, what) in program order.
         let mut plan: Vec<(usize, Vec<Instr>)> = Vec::new();
-        for n in order {
-            let Some(call) = calls[n].take() else { continue };
+        for (at, call, _) in parts {
             let event = self.events;
             self.events += 1;
             for b in &call.ins {
@@ -505,8 +501,8 @@ impl<'a> Builder<'a> {
                 call,
             ];
             match plan.last_mut() {
-                Some((a, v)) if *a == ready[n] => v.extend(group),
-                _ => plan.push((ready[n], group.into())),
+                Some((a, v)) if *a == at => v.extend(group),
+                _ => plan.push((at, group.into())),
             }
         }
         let old = std::mem::take(&mut self.instrs);

@@ -29,7 +29,7 @@ pub mod rows;
 use crate::comm::RankComm;
 use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc;
-use tessera_compiler::lower::{BufId, Buffer, Collective, Instr, Kind, Program, Stream};
+use tessera_compiler::lower::{BufId, Buffer, Instr, Kind, Program, Stream};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("rank {rank}, instruction {at} (`{name}`): {message}")]
@@ -106,7 +106,6 @@ pub fn run<'c>(
                 posted: 0,
                 reported: 0,
                 inflight: HashSet::new(),
-                kept: read_by_later_calls(p),
             };
             let out = walk(backend, p, comm, seed, Some(&mut stream));
             if let Err(e) = &out {
@@ -120,9 +119,8 @@ pub fn run<'c>(
 
 /// What the compute thread posts to the communication stream's thread.
 enum Job {
-    /// Bucket collective instruction `at`, with its inputs and its outputs'
-    /// sizes; `keep`: a later call of the stream reads its outputs.
-    Call { at: usize, axis: String, op: Collective, inputs: Vec<Input>, outs: Vec<usize>, keep: bool },
+    /// Bucket collective instruction `at`, with its inputs.
+    Call { at: usize, inputs: Vec<Input> },
     /// The stream reached event `record`.
     Record(u32),
 }
@@ -155,8 +153,6 @@ struct CommStream {
     reported: usize,
     /// Outputs of calls posted whose values are not written yet.
     inflight: HashSet<BufId>,
-    /// The calls whose outputs a later call of the stream reads.
-    kept: HashSet<usize>,
 }
 
 impl CommStream {
@@ -234,15 +230,16 @@ impl CommStream {
 
 /// The communication stream's thread: run each posted call on the stream
 /// channel, in order; after a failure, fail the rest without calling.
-/// `outs[at]` are instruction `at`'s output buffers.
 fn serve(c: &RankComm<'_>, p: &Program, jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Done>) {
     let mut failed = false;
     // Outputs of earlier calls that later calls read.
+    let kept = read_by_later_calls(p);
     let mut held: std::collections::HashMap<BufId, Vec<f32>> = std::collections::HashMap::new();
     for job in jobs {
         let report = match job {
             Job::Record(e) => Done::Record(e),
-            Job::Call { at, axis, op, inputs, outs, keep } => {
+            Job::Call { at, inputs } => {
+                let ins = &p.instrs[at];
                 let inputs: Result<Vec<Vec<f32>>, String> = inputs
                     .into_iter()
                     .map(|x| match x {
@@ -252,18 +249,19 @@ fn serve(c: &RankComm<'_>, p: &Program, jobs: mpsc::Receiver<Job>, done: mpsc::S
                         }),
                     })
                     .collect();
-                let result = match (failed, inputs) {
-                    (true, _) => Err("an earlier call on the communication stream failed".to_string()),
-                    (false, Err(e)) => Err(e),
-                    (false, Ok(inputs)) => c
-                        .with_stream_channel(collective_name(&op), &axis, |comm, g| {
-                            collective::perform(comm, g, &op, &inputs, &outs)
+                let result = match (failed, inputs, &ins.kind) {
+                    (true, _, _) => Err("an earlier call on the communication stream failed".to_string()),
+                    (false, Err(e), _) => Err(e),
+                    (false, Ok(inputs), Kind::Collective { axis, op }) => c
+                        .with_stream_channel(ins.kind.name(), axis, |comm, g| {
+                            collective::perform(comm, g, op, &inputs, &out_sizes(p, ins))
                         })
                         .map_err(|e| e.to_string()),
+                    (false, Ok(_), _) => Err("the communication stream runs collectives only".to_string()),
                 };
                 failed |= result.is_err();
-                if let (true, Ok(values)) = (keep, &result) {
-                    for (b, v) in p.instrs[at].outs.iter().zip(values) {
+                if let (true, Ok(values)) = (kept.contains(&at), &result) {
+                    for (b, v) in ins.outs.iter().zip(values) {
                         held.insert(*b, v.clone());
                     }
                 }
@@ -273,14 +271,6 @@ fn serve(c: &RankComm<'_>, p: &Program, jobs: mpsc::Receiver<Job>, done: mpsc::S
         if done.send(report).is_err() {
             return;
         }
-    }
-}
-
-fn collective_name(op: &Collective) -> &'static str {
-    match op {
-        Collective::AllReduce { .. } => "bucket_all_reduce",
-        Collective::AllGather => "bucket_all_gather",
-        Collective::ReduceScatter => "bucket_reduce_scatter",
     }
 }
 
@@ -299,11 +289,9 @@ fn read_by_later_calls(p: &Program) -> HashSet<usize> {
         .collect()
 }
 
-/// The elements of a collective's inputs, and its outputs' sizes.
-fn staged(backend: &impl Backend, p: &Program, ins: &Instr) -> Result<(Vec<Vec<f32>>, Vec<usize>), String> {
-    let inputs = ins.ins.iter().map(|b| backend.download(p.buffer(*b))).collect::<Result<_, _>>()?;
-    let outs = ins.outs.iter().map(|b| p.buffer(*b).ty.numel() as usize).collect();
-    Ok((inputs, outs))
+/// The element counts of a collective's outputs.
+fn out_sizes(p: &Program, ins: &Instr) -> Vec<usize> {
+    ins.outs.iter().map(|b| p.buffer(*b).ty.numel() as usize).collect()
 }
 
 /// Walk the program on the compute thread (see [`run`]).
@@ -346,7 +334,7 @@ fn walk<'c>(
                     at += *count as usize;
                 }
             }
-            (Kind::Collective { axis, op }, Stream::Comm) => {
+            (Kind::Collective { .. }, Stream::Comm) => {
                 let s = stream
                     .as_deref_mut()
                     .ok_or_else(|| fail("a communication-stream collective needs the rank's stream channel".into()))?;
@@ -359,10 +347,8 @@ fn walk<'c>(
                     })
                     .collect::<Result<_, _>>()
                     .map_err(fail)?;
-                let outs = ins.outs.iter().map(|b| p.buffer(*b).ty.numel() as usize).collect();
                 s.inflight.extend(ins.outs.iter().copied());
-                let keep = s.kept.contains(&at);
-                s.post(Job::Call { at, axis: axis.clone(), op: op.clone(), inputs, outs, keep }).map_err(fail)?;
+                s.post(Job::Call { at, inputs }).map_err(fail)?;
             }
             (Kind::Record { event }, Stream::Comm) => {
                 comm_events.insert(*event);
@@ -379,9 +365,11 @@ fn walk<'c>(
             }
             (Kind::Collective { axis, op }, Stream::Compute) => {
                 let c = comm.ok_or_else(|| fail("a collective needs the rank's communicator".into()))?;
-                let (inputs, outs) = staged(backend, p, ins).map_err(fail)?;
+                let inputs: Vec<Vec<f32>> =
+                    ins.ins.iter().map(|b| backend.download(p.buffer(*b))).collect::<Result<_, _>>().map_err(fail)?;
+                let outs = out_sizes(p, ins);
                 let result = c
-                    .with(collective_name(op), axis, |comm, g| collective::perform(comm, g, op, &inputs, &outs))
+                    .with(ins.kind.name(), axis, |comm, g| collective::perform(comm, g, op, &inputs, &outs))
                     .map_err(|e| fail(e.to_string()))?;
                 for (b, v) in ins.outs.iter().zip(result) {
                     backend.upload(p.buffer(*b), &v).map_err(fail)?;
