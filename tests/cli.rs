@@ -780,6 +780,60 @@ fn train_starts_from_given_weights() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A run starts from a Hugging Face checkpoint through the spec's `weights
+/// hf` mapping, and `tessera export` writes the trained weights back in
+/// that layout: importing the export gives the run's weights bit for bit.
+/// A format the spec cannot export is an error that says why.
+#[test]
+fn train_from_a_hugging_face_checkpoint_and_export_it() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("run").to_string_lossy().into_owned();
+    let spec = "tests/fixtures/hf/gpt2-tiny.spec";
+    let o = tessera(&[
+        "train",
+        spec,
+        "--init",
+        "tests/fixtures/hf/gpt2-tiny",
+        "--out",
+        &run,
+        "--data",
+        "data/shakespeare/shakespeare.txt",
+        "--steps",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("gpt2-tiny (named by hf; 16 of 16 parameters)"), "{}", stderr(&o));
+    let hf = dir.join("hf").to_string_lossy().into_owned();
+    let o = tessera(&["export", &run, "--to", "hf", &hf]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("hf/config.json")).expect("config.json")).expect("json");
+    assert_eq!((config["model_type"].as_str(), config["n_embd"].as_u64()), (Some("gpt2"), Some(48)));
+    let m = tessera::compiler::check_path(
+        &mut tessera::compiler::SourceMap::new(),
+        std::path::Path::new(spec),
+        &Default::default(),
+    )
+    .expect("checks");
+    let trained =
+        tessera::runtime::train::checkpoint::load_params(std::path::Path::new(&run), &m.params).expect("loads");
+    let back = tessera::runtime::weights::load(&dir.join("hf"), &m.params, &m.weights).expect("the export loads");
+    assert_eq!(back.naming, "hf");
+    for (p, (a, b)) in m.params.iter().zip(trained.iter().zip(&back.params)) {
+        let b = b.as_ref().expect("every parameter");
+        assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "`{}` differs", p.path);
+    }
+    let o = tessera(&["export", &run, "--to", "gguf", &hf]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("the spec has no `weights gguf for gpt2_tiny` mapping (it has `hf`)"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `sample --weights FILE --spec SPEC` samples from a weights file as from
 /// the checkpoint that holds it: the same text, greedy.
 #[test]

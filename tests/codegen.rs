@@ -18,6 +18,9 @@ tessera::spec!("specs/tiny/bert.spec");
 tessera::spec!("specs/tiny/vit.spec");
 tessera::spec!("specs/tiny/shakespeare.spec");
 
+mod gpt2_hf {
+    tessera::spec!("tests/fixtures/hf/gpt2-tiny.spec");
+}
 mod gpt_dp2_tp2 {
     tessera::spec!("specs/tiny/gpt.spec", set {
         "parallel.mesh.data" = 2, "parallel.layout.batch" = data,
@@ -215,6 +218,22 @@ fn checkpoints_move_between_the_generated_and_the_runtime_trainer() {
     let q = tiny_gpt::Params::load(&file).expect("loads");
     assert!(p.to_vec().iter().zip(q.to_vec()).all(|(a, b)| a.data == b.data));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A generated module reads a published checkpoint through its spec's
+/// `weights hf` mapping, as `tessera train --init` does.
+#[test]
+fn generated_code_loads_a_hugging_face_checkpoint() {
+    let dir = std::path::Path::new("tests/fixtures/hf/gpt2-tiny");
+    let p = gpt2_hf::gpt2_tiny::Params::load(dir).expect("loads through the mapping");
+    let m = gpt2_hf::gpt2_tiny::SPEC.check(None).expect("checks");
+    let want = tessera::runtime::weights::load(dir, &m.params, &m.weights).expect("loads");
+    assert_eq!(want.naming, "hf");
+    for (a, b) in p.to_vec().iter().zip(&want.params) {
+        assert_eq!(a.data, b.as_ref().expect("every parameter").data);
+    }
+    let e = tiny_gpt::Params::load(dir).expect_err("the tiny GPT has no mapping for it").to_string();
+    assert!(e.contains("its tensors are not the spec's parameters"), "{e}");
 }
 
 /// The typed API: config constants from the dims, one field per parameter

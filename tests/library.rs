@@ -18,6 +18,7 @@ fn published_parameter_counts() {
         ("bert-base", 109_482_240, None),
         ("minilm-l6", 22_713_216, None),
         ("llama2-7b", 6_738_415_616, None),
+        ("smollm2-135m", 134_515_008, None),
         ("mixtral-8x7b", 46_702_792_704, Some(12_879_925_248)),
         ("vit-h-14", 632_045_800, None),
         ("vit-g-14", 1_842_775_680, None),

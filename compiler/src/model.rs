@@ -147,6 +147,10 @@ pub struct Model {
     pub parallel: crate::config::Parallel,
     pub train: Option<crate::config::Train>,
     pub infer: Option<crate::config::Infer>,
+    /// How the parameters map to published checkpoints (`weights FORMAT for
+    /// MODEL`), one per format: the model's own, else the nearest model it
+    /// is a variant of.
+    pub weights: Vec<WeightMap>,
     /// Where the `train` section is (else the `parallel` section): the
     /// driver's memory check points there.
     #[serde(skip)]
@@ -163,5 +167,69 @@ impl Model {
     }
     pub fn const_value(&self, name: &str) -> Option<f64> {
         self.consts.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+/// How a model's parameters map to the tensors of a published checkpoint
+/// format (`weights hf for llama2_7b { ... }`), checked against the model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WeightMap {
+    /// The format's name as the spec gives it (`hf`, `gguf`).
+    pub format: String,
+    /// The model whose `weights` item this is.
+    pub model: String,
+    /// The checkpoint's `config.json` (`config { ... }`), for export.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    pub rules: Vec<MapRule>,
+}
+
+/// One tensor name of a [`WeightMap`] and the parameter slice it holds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapRule {
+    /// The checkpoint's name; `{layer}` stands for the layer index of a
+    /// stacked parameter, `*` (ignored names only) for any text.
+    pub name: String,
+    /// `None`: a tensor of the checkpoint that is no parameter (`= _`).
+    pub target: Option<MapTarget>,
+    #[serde(skip)]
+    pub span: Span,
+}
+
+/// The parameter slice a checkpoint tensor holds, and the tensor's layout.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MapTarget {
+    /// Index into [`Model::params`].
+    pub param: usize,
+    /// Dims of the parameter fixed at an index (`wqkv[qkv = 0]`).
+    pub picks: Vec<(usize, u64)>,
+    /// The checkpoint tensor's dims, outermost first. Each is a group of
+    /// the parameter's dims (by index) flattened outermost first; `true`
+    /// marks a rotary dim stored as two halves rather than as pairs.
+    pub layout: Vec<Vec<(usize, bool)>>,
+}
+
+impl MapRule {
+    /// The tensor's name for layer `layer` of a stacked parameter.
+    pub fn name_at(&self, layer: Option<u64>) -> String {
+        match layer {
+            Some(l) => self.name.replace("{layer}", &l.to_string()),
+            None => self.name.clone(),
+        }
+    }
+
+    /// Whether an ignored rule's name (with `*` and `{layer}` wildcards) matches `name`.
+    pub fn ignores(&self, name: &str) -> bool {
+        self.target.is_none() && glob(&self.name.replace("{layer}", "*"), name)
+    }
+}
+
+/// `*` matches any text (none included); everything else matches itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(t) = text.strip_prefix(head) else { return false };
+            (0..=t.len()).filter(|&i| t.is_char_boundary(i)).any(|i| glob(rest, &t[i..]))
+        }
     }
 }

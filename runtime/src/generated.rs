@@ -52,6 +52,12 @@ impl From<TrainError> for Error {
     }
 }
 
+impl From<crate::weights::WeightsError> for Error {
+    fn from(e: crate::weights::WeightsError) -> Error {
+        Error(e.to_string())
+    }
+}
+
 impl From<SampleError> for Error {
     fn from(e: SampleError) -> Error {
         Error(e.to_string())
@@ -133,15 +139,33 @@ impl Spec {
         Ok(crate::init::init_params(&self.check(None)?.params, seed))
     }
 
-    /// The logical weights in `path`: a safetensors file, or a checkpoint
-    /// folder (its `latest`, or a `step-*` folder).
+    /// The logical weights in `path`: a checkpoint folder (its `latest`, or
+    /// a `step-*` folder), a safetensors file of Tessera's (named by
+    /// parameter paths, checksums verified), or a published checkpoint read
+    /// through the spec's `weights` mappings (safetensors, a sharded index,
+    /// GGUF; docs/inference.md), which must hold every parameter.
     pub fn load(&self, path: &Path) -> Result<Vec<Tensor>, Error> {
-        let params = self.check(None)?.params;
-        Ok(if path.is_dir() {
-            checkpoint::load_params(path, &params)?
-        } else {
-            checkpoint::read_params(path, &params)?
-        })
+        let m = self.check(None)?;
+        if path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists()) {
+            return Ok(checkpoint::load_params(path, &m.params)?);
+        }
+        let file = crate::weights::WeightFile::open(path)?;
+        let own = file.format() == crate::weights::Format::Safetensors
+            && m.params.first().is_some_and(|p| file.get(&p.path).is_some());
+        if own && path.is_file() {
+            return Ok(checkpoint::read_params(path, &m.params)?);
+        }
+        let loaded = crate::weights::load(path, &m.params, &m.weights)?;
+        let absent = loaded.absent(&m.params);
+        if !absent.is_empty() {
+            return Err(Error(format!(
+                "{} does not hold {} of the model's parameters: {}",
+                path.display(),
+                absent.len(),
+                absent.join(", ")
+            )));
+        }
+        Ok(loaded.params.into_iter().flatten().collect())
     }
 
     /// Write logical weights to a safetensors file, atomically.

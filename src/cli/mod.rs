@@ -218,6 +218,22 @@ enum Command {
         #[arg(long)]
         spec: Option<PathBuf>,
     },
+    /// Write a checkpoint's weights as a published checkpoint, named and laid
+    /// out as the spec's `weights FORMAT for MODEL` mapping says:
+    /// `model.safetensors` and `config.json` (docs/inference.md).
+    Export {
+        /// A run folder (its `latest` checkpoint), a step-* folder, or a
+        /// weights file (with --spec).
+        checkpoint: PathBuf,
+        /// The mapping to write (`hf`).
+        #[arg(long, value_name = "FORMAT")]
+        to: String,
+        /// The folder to write (created).
+        out: PathBuf,
+        /// The spec (default: the one the checkpoint was trained with).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
     /// Write a standalone crate for a spec (`cargo tessera build`): the
     /// generated module in src/lib.rs, `train` and `sample` commands in
     /// src/main.rs, the spec's files under spec/ (docs/codegen.md).
@@ -523,6 +539,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
         Command::Inspect { spec, ir: Some(IrGraph::Rust), .. } => {
             codegen::print(&spec.file, &spec.set, spec.model.as_deref())
         }
+        Command::Export { checkpoint, to, out, spec } => export(&checkpoint, &to, &out, spec),
         Command::Build { spec, out } => codegen::build(&spec.file, &spec.set, spec.model.as_deref(), out),
         Command::New { name } => codegen::new(&name),
         Command::Inspect { spec, ir: Some(which), rank, .. } => match load_sources(&spec) {
@@ -1115,7 +1132,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     // --init: the weights are read and checked before the run folder is touched.
     let init = match &init {
         None => None,
-        Some(p) => match init_weights(p, &m.params) {
+        Some(p) => match init_weights(p, &m) {
             Ok(w) => Some((p.clone(), w)),
             Err(e) => return fail(&e),
         },
@@ -1252,14 +1269,37 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         eprintln!("warning: resuming with a change (--allow-changes): {c}");
     }
     // A restart resumes from the run's own checkpoint instead.
-    if let Some((path, weights)) = &init
+    if let Some((path, loaded)) = &init
         && trainer.cfg.resume.is_none()
     {
-        if let Err(e) = trainer.set_weights(weights) {
+        // Parameters the file's mapping does not name (a new head) start as
+        // a fresh run would draw them.
+        let weights: Vec<tessera_runtime::tensor::Tensor<f32>> = loaded
+            .params
+            .iter()
+            .enumerate()
+            .map(|(k, w)| w.clone().unwrap_or_else(|| tessera_runtime::init::init_param(&m.params[k], k, seed)))
+            .collect();
+        if let Err(e) = trainer.set_weights(&weights) {
             return fail(&e);
         }
         if writer {
-            eprintln!("note: the weights start from {} ({} parameters)", path.display(), weights.len());
+            let absent = loaded.absent(&m.params);
+            eprintln!(
+                "note: the weights start from {} (named by {}; {} of {} parameters)",
+                path.display(),
+                loaded.naming,
+                weights.len() - absent.len(),
+                weights.len()
+            );
+            if !absent.is_empty() {
+                eprintln!(
+                    "note: {} parameter(s) are not in {} and start fresh: {}",
+                    absent.len(),
+                    path.display(),
+                    absent.join(", ")
+                );
+            }
         }
     }
     if let Some((_, n)) = &trace {
@@ -1384,16 +1424,23 @@ fn restart_count() -> Option<u64> {
     std::env::var("TORCHELASTIC_RESTART_COUNT").ok()?.trim().parse().ok()
 }
 
-/// `--init`'s weights: a Tessera checkpoint's (a run or `step-*` folder), or
-/// a weights file's whose tensors are named by the parameter paths.
-fn init_weights(
-    path: &std::path::Path,
-    params: &[tessera_compiler::ir::Param],
-) -> Result<Vec<tessera_runtime::tensor::Tensor<f32>>, String> {
-    let checkpoint = path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists());
-    match checkpoint {
-        true => tessera_runtime::train::checkpoint::load_params(path, params).map_err(|e| e.to_string()),
-        false => tessera_runtime::weights::load_params(path, params).map_err(|e| e.to_string()),
+/// Whether `path` is a Tessera checkpoint: a run folder or a `step-*` folder.
+fn is_checkpoint(path: &Path) -> bool {
+    path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists())
+}
+
+/// Weights from `path`: a Tessera checkpoint's (a run or `step-*` folder),
+/// or a weights file's, its tensors named by the parameter paths or as one
+/// of the spec's `weights` mappings says.
+fn init_weights(path: &std::path::Path, m: &Model) -> Result<tessera_runtime::weights::Loaded, String> {
+    match is_checkpoint(path) {
+        true => tessera_runtime::train::checkpoint::load_params(path, &m.params)
+            .map(|w| tessera_runtime::weights::Loaded {
+                naming: "a Tessera checkpoint".into(),
+                params: w.into_iter().map(Some).collect(),
+            })
+            .map_err(|e| e.to_string()),
+        false => tessera_runtime::weights::load(path, &m.params, &m.weights).map_err(|e| e.to_string()),
     }
 }
 
@@ -1420,6 +1467,73 @@ fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<
         write_diags(&sources, &d.0, &mut codespan_stderr());
         ExitCode::from(1)
     })
+}
+
+/// `tessera export`: a checkpoint's weights through the spec's mapping `to`.
+fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> ExitCode {
+    use tessera_runtime::train::checkpoint;
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
+    let (recorded, overrides) = match is_checkpoint(checkpoint) {
+        true => match checkpoint::spec_of(checkpoint) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        },
+        false => (None, Vec::new()),
+    };
+    let Some(spec) = spec.or(recorded.filter(|r| r.is_file())) else {
+        return fail(&format!("{} does not record a spec that is still there; pass --spec FILE", checkpoint.display()));
+    };
+    let m = match recheck_for_sampling(&spec, &overrides) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let Some(map) = m.weights.iter().find(|w| w.format == to) else {
+        let have: Vec<String> = m.weights.iter().map(|w| format!("`{}`", w.format)).collect();
+        return fail(&format!(
+            "the spec has no `weights {to} for {}` mapping ({}); add one (docs/inference.md)",
+            m.name,
+            if have.is_empty() { "it has none".to_string() } else { format!("it has {}", have.join(", ")) }
+        ));
+    };
+    if map.config.is_empty() {
+        return fail(&format!(
+            "`weights {to} for {}` has no `config {{ ... }}`: export writes a Hugging Face checkpoint \
+             (safetensors and config.json), so the mapping must say its config.json",
+            map.model
+        ));
+    }
+    let loaded = match init_weights(checkpoint, &m) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let absent = loaded.absent(&m.params);
+    if !absent.is_empty() {
+        return fail(&format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
+    }
+    let weights: Vec<_> = loaded.params.into_iter().flatten().collect();
+    match tessera_runtime::weights::export_hf(out, map, &m.params, &weights) {
+        Ok(left) => {
+            let written = map.rules.iter().filter(|r| r.target.is_some()).count();
+            eprintln!(
+                "wrote {} and config.json ({written} mapping rules, {} of {} parameters)",
+                out.join("model.safetensors").display(),
+                m.params.len() - left.len(),
+                m.params.len()
+            );
+            if !left.is_empty() {
+                eprintln!(
+                    "note: `weights {to}` does not name {} parameter(s), not written: {}",
+                    left.len(),
+                    left.join(", ")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
 }
 
 /// The model's tokenizer (its `train.tokenizer`, bytes by default).
@@ -1485,7 +1599,18 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         (None, None) => return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE")),
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
-    let params = init_weights(checkpoint, &m.params).map_err(|e| fail(&e))?;
+    let loaded = init_weights(checkpoint, &m).map_err(|e| fail(&e))?;
+    let absent = loaded.absent(&m.params);
+    if !absent.is_empty() {
+        return Err(fail(&format!(
+            "{} does not hold {} of the model's parameters ({}), and sampling needs them all: fine-tune from it \
+             first (`tessera train --init`)",
+            checkpoint.display(),
+            absent.len(),
+            absent.join(", ")
+        )));
+    }
+    let params: Vec<_> = loaded.params.into_iter().flatten().collect();
     let tok = tokenizer_of(&m)?;
     let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
     let vocab = m.const_value("vocab").unwrap_or(f64::INFINITY);

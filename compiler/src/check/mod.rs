@@ -11,6 +11,7 @@ pub mod ops;
 pub mod program;
 pub mod sections;
 mod walk;
+mod weights;
 
 pub use crate::parallel::mesh::MAX_WORLD;
 
@@ -466,6 +467,10 @@ fn check_program(
             .unwrap_or(1)
     });
     let warnings = unused_params(&w.graph, &w.params);
+    let names: Vec<String> = chain.iter().map(|m| m.name.name.clone()).collect();
+    let mut wev = sections::SectionEval { consts: &consts, diags: Vec::new() };
+    let weights = weights::mappings(&prog.weights, &names, &prog.models, &w.params, &mut wev);
+    diags.0.extend(wev.diags);
     let model = Model {
         warnings,
         name: name.clone(),
@@ -483,6 +488,7 @@ fn check_program(
         parallel,
         train,
         infer,
+        weights,
         train_span: find("train").map(|s| s.name.span).or(pspans.section).unwrap_or_default(),
     };
     layout::validate(&model, &pspans, &mut diags);

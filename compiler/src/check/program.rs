@@ -27,6 +27,8 @@ pub struct Program {
     /// Models of the root file, in order (the last one is checked by default).
     pub root_models: Vec<String>,
     pub sections: Vec<ast::Section>,
+    /// Every `weights FORMAT for MODEL` mapping of every file loaded.
+    pub weights: Vec<Rc<ast::WeightsDef>>,
 }
 
 /// Where a source came from, to resolve its `use`s.
@@ -43,8 +45,13 @@ pub enum Origin {
 }
 
 pub fn load(sources: &mut SourceMap, name: &str, text: String, origin: Origin) -> Result<Program, Diags> {
-    let mut prog =
-        Program { blocks: HashMap::new(), models: HashMap::new(), root_models: Vec::new(), sections: Vec::new() };
+    let mut prog = Program {
+        blocks: HashMap::new(),
+        models: HashMap::new(),
+        root_models: Vec::new(),
+        sections: Vec::new(),
+        weights: Vec::new(),
+    };
     let mut loader = Loader { loaded: HashMap::new(), stack: Vec::new(), diags: Diags::default() };
     loader.file(sources, &mut prog, name, text, origin, true);
     if loader.diags.is_empty() { Ok(prog) } else { Err(loader.diags) }
@@ -116,6 +123,20 @@ impl Loader {
                         prog.root_models.push(m.name.name.clone());
                     }
                     prog.models.insert(m.name.name.clone(), Rc::new(m));
+                }
+                Item::Weights(w) => {
+                    if let Some(old) =
+                        prog.weights.iter().find(|o| o.format.name == w.format.name && o.model.name == w.model.name)
+                    {
+                        self.diags.push(
+                            Diag::error(format!("`weights {} for {}` is defined twice", w.format.name, w.model.name))
+                                .at(w.format.span, "second definition")
+                                .also(old.format.span, "first defined here")
+                                .help("merge the two mappings"),
+                        );
+                        continue;
+                    }
+                    prog.weights.push(Rc::new(w));
                 }
                 Item::Section(s) => {
                     if root {

@@ -21,6 +21,7 @@ pub enum Item {
     Use(Use),
     Block(BlockDef),
     Model(ModelDef),
+    Weights(WeightsDef),
     Section(Section),
 }
 
@@ -30,6 +31,7 @@ impl Item {
             Item::Use(u) => u.span,
             Item::Block(b) => b.span,
             Item::Model(m) => m.span,
+            Item::Weights(w) => w.span,
             Item::Section(s) => s.span,
         }
     }
@@ -243,6 +245,43 @@ impl Arg {
             Arg::DimMap { span, .. } => *span,
         }
     }
+}
+
+/// `weights FORMAT for MODEL { config { ... } "name" = path[picks] [layout] ... }`:
+/// how a model's parameters map to a published checkpoint's tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightsDef {
+    /// The checkpoint format this mapping names (`hf`, `gguf`, ...).
+    pub format: Ident,
+    pub model: Ident,
+    /// `config { key = value }`: the checkpoint's `config.json`.
+    pub config: Option<Section>,
+    pub rules: Vec<WeightRule>,
+    pub span: Span,
+}
+
+/// `"h.{layer}.attn.c_attn.weight" = layers.gpt_layer.self_attention.wqkv [embed, (qkv, heads, head_dim)]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightRule {
+    /// The checkpoint's tensor name, without quotes; `{layer}` stands for a
+    /// stacked parameter's layer index.
+    pub name: String,
+    pub name_span: Span,
+    /// The parameter path; `_` alone: the tensor is not a parameter (ignored).
+    pub path: Vec<Ident>,
+    /// `[dim = index, ...]`: the slice of the parameter this tensor holds.
+    pub picks: Vec<(Ident, Expr)>,
+    /// The checkpoint tensor's dims, outermost first; a group `(a, b)` is one
+    /// dim of the checkpoint that flattens a and b; `rope(d)` marks a
+    /// rotary dim stored as two halves (Hugging Face's LLaMA layout).
+    pub layout: Option<Vec<Vec<LayoutAtom>>>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayoutAtom {
+    pub dim: Ident,
+    pub rope: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

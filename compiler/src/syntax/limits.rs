@@ -98,6 +98,12 @@ pub fn check_depth(file: &File) -> Result<(), Diag> {
                     stack.push((Node::Body(b), 1));
                 }
             }
+            Item::Weights(w) => {
+                if let Some(c) = &w.config {
+                    section(c, 1, &mut stack);
+                }
+                stack.extend(w.rules.iter().flat_map(|r| r.picks.iter().map(|(_, e)| (Node::Expr(e), 1))));
+            }
             Item::Section(s) => section(s, 1, &mut stack),
         }
     }

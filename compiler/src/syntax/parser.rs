@@ -26,6 +26,7 @@ pub fn parse_file(file: FileId, text: &str) -> Result<File, Diag> {
             Rule::use_item => items.push(Item::Use(b.use_item(p))),
             Rule::block_def => items.push(Item::Block(b.block_def(p))),
             Rule::model_def => items.push(Item::Model(b.model_def(p))),
+            Rule::weights_def => items.push(Item::Weights(b.weights_def(p))),
             Rule::section => items.push(Item::Section(b.section(p))),
             _ => {}
         }
@@ -117,6 +118,15 @@ fn rule_name(r: &Rule) -> Option<&'static str> {
         Rule::block_def => "`block`",
         Rule::model_def => "`model`",
         Rule::section => "a section (`parallel {`, `train {`, `infer {`)",
+        Rule::weights_def | Rule::weights_kw => "`weights`",
+        Rule::for_kw => "`for`",
+        Rule::weight_rule => "a rule `\"tensor name\" = parameter.path`",
+        Rule::weights_config | Rule::config_kw => "`config {`",
+        Rule::param_path => "a parameter path",
+        Rule::dim_picks | Rule::dim_pick => "`[dim = index]`",
+        Rule::weight_layout | Rule::layout_group | Rule::layout_atom | Rule::rope_atom | Rule::rope_kw => {
+            "a layout like `[(heads, head_dim), embed]`"
+        }
         Rule::body => "`{`",
         Rule::dims_stmt => "`dims`",
         Rule::input_stmt => "`input`",
@@ -287,6 +297,69 @@ impl Builder {
         let name = self.ident(it.next().expect("name"));
         let value = self.expr(it.next().expect("value"));
         DimDef { name, value, span }
+    }
+
+    fn weights_def(&self, p: Pair<Rule>) -> WeightsDef {
+        let span = self.span(&p);
+        let mut it = p.into_inner().filter(|q| !matches!(q.as_rule(), Rule::weights_kw | Rule::for_kw));
+        let format = self.ident(it.next().expect("format"));
+        let model = self.ident(it.next().expect("model"));
+        let (mut config, mut rules) = (None, Vec::new());
+        for q in it {
+            match q.as_rule() {
+                Rule::weights_config => {
+                    let span = self.span(&q);
+                    let mut qi = q.into_inner();
+                    let kw = qi.next().expect("config");
+                    let name = Ident { name: "config".into(), span: self.span(&kw) };
+                    config = Some(Section { name, entries: self.entries(qi.next().expect("entries")), span });
+                }
+                _ => rules.push(self.weight_rule(q)),
+            }
+        }
+        WeightsDef { format, model, config, rules, span }
+    }
+
+    fn weight_rule(&self, p: Pair<Rule>) -> WeightRule {
+        let span = self.span(&p);
+        let mut it = p.into_inner();
+        let s = it.next().expect("name");
+        let name_span = self.span(&s);
+        let name = s.as_str().trim_matches('"').to_string();
+        let path = it.next().expect("path").into_inner().map(|i| self.ident(i)).collect();
+        let (mut picks, mut layout) = (Vec::new(), None);
+        for q in it {
+            match q.as_rule() {
+                Rule::dim_picks => {
+                    for pick in q.into_inner() {
+                        let mut pi = pick.into_inner();
+                        let dim = self.ident(pi.next().expect("dim"));
+                        picks.push((dim, self.expr(pi.next().expect("index"))));
+                    }
+                }
+                _ => {
+                    let groups = q
+                        .into_inner()
+                        .map(|g| {
+                            g.into_inner()
+                                .map(|a| {
+                                    let inner = a.into_inner().next().expect("atom");
+                                    match inner.as_rule() {
+                                        Rule::rope_atom => {
+                                            let d = inner.into_inner().find(|x| x.as_rule() == Rule::ident);
+                                            LayoutAtom { dim: self.ident(d.expect("rope dim")), rope: true }
+                                        }
+                                        _ => LayoutAtom { dim: self.ident(inner), rope: false },
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    layout = Some(groups);
+                }
+            }
+        }
+        WeightRule { name, name_span, path, picks, layout, span }
     }
 
     fn section(&self, p: Pair<Rule>) -> Section {

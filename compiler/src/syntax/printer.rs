@@ -70,6 +70,7 @@ pub fn print_file(file: &File, src: &str) -> String {
             Item::Use(u) => p.line(&format!("use {}", u.path)),
             Item::Block(b) => p.block(b),
             Item::Model(m) => p.model(m),
+            Item::Weights(w) => p.weights(w),
             Item::Section(s) => p.section(s),
         }
         p.trailing(item.span().end);
@@ -319,6 +320,23 @@ impl Printer<'_> {
         self.line("}");
     }
 
+    fn weights(&mut self, w: &WeightsDef) {
+        self.line(&format!("weights {} for {} {{", w.format.name, w.model.name));
+        self.indent += 1;
+        if let Some(c) = &w.config {
+            self.leading(c.span.start);
+            self.section(c);
+        }
+        for r in &w.rules {
+            self.leading(r.span.start);
+            self.line(&weight_rule(r));
+            self.trailing(r.span.end);
+        }
+        self.leading(w.span.end);
+        self.indent -= 1;
+        self.line("}");
+    }
+
     fn has_comments_in(&self, span: super::span::Span) -> bool {
         let rest = &self.comments[self.next..];
         let first = rest.partition_point(|c| c.start < span.start);
@@ -329,6 +347,28 @@ impl Printer<'_> {
     fn line_of(&self, pos: usize) -> usize {
         self.newlines.partition_point(|&n| n < pos.min(self.src.len())) + 1
     }
+}
+
+/// One rule of a `weights` mapping, as written.
+pub fn weight_rule(r: &WeightRule) -> String {
+    let path: Vec<&str> = r.path.iter().map(|i| i.name.as_str()).collect();
+    let mut s = format!("\"{}\" = {}", r.name, path.join("."));
+    if !r.picks.is_empty() {
+        let picks: Vec<String> = r.picks.iter().map(|(d, e)| format!("{} = {}", d.name, expr(e))).collect();
+        s += &format!("[{}]", picks.join(", "));
+    }
+    if let Some(groups) = &r.layout {
+        let atom = |a: &LayoutAtom| if a.rope { format!("rope({})", a.dim.name) } else { a.dim.name.clone() };
+        let groups: Vec<String> = groups
+            .iter()
+            .map(|g| match g.as_slice() {
+                [one] => atom(one),
+                _ => format!("({})", g.iter().map(atom).collect::<Vec<_>>().join(", ")),
+            })
+            .collect();
+        s += &format!(" [{}]", groups.join(", "));
+    }
+    s
 }
 
 /// Columns a line may take (`tessera fmt`).

@@ -8,6 +8,7 @@
 //! lists its dims innermost first; they are reversed here).
 
 pub mod gguf;
+pub mod map;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -313,6 +314,59 @@ fn open_index(path: &Path) -> Result<WeightFile, WeightsError> {
     Ok(w)
 }
 
+/// Weights read from a file: each parameter's, or `None` where the file's
+/// mapping does not name the parameter.
+#[derive(Debug)]
+pub struct Loaded {
+    /// How the file names its tensors: `parameter paths`, or the format of
+    /// the spec's mapping that fits it (`hf`, `gguf`).
+    pub naming: String,
+    pub params: Vec<Option<crate::tensor::Tensor<f32>>>,
+}
+
+impl Loaded {
+    /// The paths of the parameters the file does not hold.
+    pub fn absent<'a>(&self, params: &'a [tessera_compiler::ir::Param]) -> Vec<&'a str> {
+        self.params.iter().zip(params).filter(|(t, _)| t.is_none()).map(|(_, p)| p.path.as_str()).collect()
+    }
+}
+
+/// The weights of `params` from the file at `path`. Its tensors are named
+/// either by the parameters' paths (as Tessera's checkpoints name them:
+/// every parameter must be there), or as one of the spec's `weights`
+/// mappings says (the one that names most of the file's tensors; the
+/// parameters it does not name are `None`). Every name and shape is
+/// checked before anything is read, and nothing is returned half.
+pub fn load(
+    path: &Path,
+    params: &[tessera_compiler::ir::Param],
+    maps: &[tessera_compiler::model::WeightMap],
+) -> Result<Loaded, WeightsError> {
+    let w = WeightFile::open(path)?;
+    if params.iter().any(|p| w.get(&p.path).is_some()) || maps.is_empty() {
+        let all = load_params_from(&w, params)?;
+        return Ok(Loaded { naming: "parameter paths".into(), params: all.into_iter().map(Some).collect() });
+    }
+    let best = maps.iter().map(|m| (map::fit(m, params, &w), m)).filter(|(n, _)| *n > 0).max_by_key(|(n, _)| *n);
+    match best {
+        Some((_, m)) => Ok(Loaded { naming: m.format.clone(), params: map::import(&w, m, params)? }),
+        None => {
+            let names: Vec<&str> = w.tensors().iter().map(|t| t.name.as_str()).collect();
+            let formats: Vec<String> = maps.iter().map(|m| format!("`{}`", m.format)).collect();
+            Err(WeightsError::new(
+                w.path(),
+                format!(
+                    "its tensors ({}) are named neither by the spec's parameter paths nor as its mappings {} \
+                     name them. Is this the model the spec describes? Add a `weights FORMAT for MODEL` mapping \
+                     for this checkpoint (docs/inference.md)",
+                    map::list(&names),
+                    formats.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
 /// The logical weights of `params` from the weights file at `path`, whose
 /// tensors are named by the parameters' paths (as Tessera's checkpoints
 /// name them): every parameter must be there with its shape, and every
@@ -322,7 +376,13 @@ pub fn load_params(
     path: &Path,
     params: &[tessera_compiler::ir::Param],
 ) -> Result<Vec<crate::tensor::Tensor<f32>>, WeightsError> {
-    let w = WeightFile::open(path)?;
+    load_params_from(&WeightFile::open(path)?, params)
+}
+
+fn load_params_from(
+    w: &WeightFile,
+    params: &[tessera_compiler::ir::Param],
+) -> Result<Vec<crate::tensor::Tensor<f32>>, WeightsError> {
     let fail = |m: String| WeightsError::new(w.path(), m);
     let mut missing = Vec::new();
     for p in params {
@@ -341,11 +401,7 @@ pub fn load_params(
     let extra: Vec<&str> =
         w.tensors().iter().map(|t| t.name.as_str()).filter(|n| !params.iter().any(|p| p.path == *n)).collect();
     if !missing.is_empty() || !extra.is_empty() {
-        let list = |v: &[&str]| {
-            let shown: Vec<String> = v.iter().take(4).map(|n| format!("`{n}`")).collect();
-            let more = if v.len() > 4 { format!(" and {} more", v.len() - 4) } else { String::new() };
-            format!("{}{more}", shown.join(", "))
-        };
+        let list = map::list;
         let mut m = String::from("its tensors are not the spec's parameters:");
         if !missing.is_empty() {
             m += &format!(" {} parameter(s) have no tensor ({})", missing.len(), list(&missing));
@@ -371,4 +427,46 @@ pub fn load_params(
         out.push(crate::tensor::Tensor { dims: p.ty.dims.clone(), data });
     }
     Ok(out)
+}
+
+/// Write the tensors `map` names, gathered from the logical weights of
+/// `params`, as a Hugging Face checkpoint: `model.safetensors` plus the
+/// mapping's `config.json`, into `dir` (created). Each file is written to a
+/// temporary name and renamed. Returns the paths of the parameters the
+/// mapping does not name (not written).
+pub fn export_hf<'a>(
+    dir: &Path,
+    map: &tessera_compiler::model::WeightMap,
+    params: &'a [tessera_compiler::ir::Param],
+    weights: &[crate::tensor::Tensor<f32>],
+) -> Result<Vec<&'a str>, WeightsError> {
+    let fail = |p: &Path, e: &dyn std::fmt::Display| WeightsError::new(p, e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| fail(dir, &e))?;
+    let tensors: Vec<(String, crate::tensor::Tensor<f32>)> = map::export(map, params, weights)
+        .into_iter()
+        .map(|(name, shape, data)| {
+            let dims = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| tessera_compiler::model::Dim { name: format!("d{i}"), size })
+                .collect();
+            (name, crate::tensor::Tensor { dims, data })
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    let tmp = dir.join(format!(".model.safetensors.tmp-{}", std::process::id()));
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::train::checkpoint::write_tensors(&tmp, tensors.iter().map(|(n, t)| (n.clone(), t)).collect(), meta)
+        .map_err(|e| fail(&path, &e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| fail(&path, &e))?;
+    let mut config = map.config.clone();
+    config.entry("torch_dtype").or_insert_with(|| "float32".into());
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(config)).expect("JSON") + "\n";
+    let cpath = dir.join("config.json");
+    let ctmp = dir.join(format!(".config.json.tmp-{}", std::process::id()));
+    std::fs::write(&ctmp, text).map_err(|e| fail(&cpath, &e))?;
+    std::fs::rename(&ctmp, &cpath).map_err(|e| fail(&cpath, &e))?;
+    let named: Vec<usize> = map.rules.iter().filter_map(|r| r.target.as_ref().map(|t| t.param)).collect();
+    Ok(params.iter().enumerate().filter(|(i, _)| !named.contains(i)).map(|(_, p)| p.path.as_str()).collect())
 }

