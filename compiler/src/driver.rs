@@ -235,6 +235,18 @@ pub fn compile_generate(m: &Model, passes: Passes) -> Result<Generation, PassErr
     Ok(Generation { window, step })
 }
 
+/// The forward pass of `m` to its named value `output`, on one device,
+/// whatever its layout ([`lower::lower_forward`]).
+pub fn compile_forward(m: &Model, output: &str, passes: Passes) -> Result<Program, PassError> {
+    let mut one = m.clone();
+    one.parallel = Parallel::default();
+    let p = lower::lower_forward(&one, output, passes.fuse).map_err(|e| fail("lowering")(e.message))?;
+    if passes.verify {
+        lower::verify::verify(&p).map_err(|e| fail("lowering")(e.to_string()))?;
+    }
+    Ok(p)
+}
+
 /// The training step of `m`: its backward graph, and every rank's program, lowered.
 pub fn compile(m: &Model) -> Result<Compiled, PassError> {
     compile_ranks(m, None)

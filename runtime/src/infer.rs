@@ -297,3 +297,53 @@ fn recomputed(g: &mut Generator, prompt: &[u32], cfg: &SampleConfig) -> Result<V
     }
     Ok(out[prompt.len().max(1).min(out.len())..].to_vec())
 }
+
+/// A model's forward program to one named value
+/// (`driver::compile_forward`), loaded with its weights: what serves an
+/// encoder's embeddings.
+pub struct Forward {
+    program: Program,
+    cpu: Cpu,
+    /// Model input `i`'s buffer (`None`: the value does not read it).
+    inputs: Vec<Option<BufId>>,
+    out: BufId,
+}
+
+impl Forward {
+    /// Compile `m`'s forward program to its value `output` and load it with
+    /// the logical weights `params` (parameter `k` into `w.k`).
+    pub fn new(m: &tessera_compiler::Model, output: &str, params: &[Tensor<f32>]) -> Result<Forward, SampleError> {
+        let setup = |e: &dyn std::fmt::Display| SampleError::Setup(e.to_string());
+        let program =
+            tessera_compiler::driver::compile_forward(m, output, Default::default()).map_err(|e| setup(&e))?;
+        let out = program.bound(Bound::Output).ok_or_else(|| setup(&"the program has no `out` buffer"))?;
+        let mut cpu = Cpu::with_engine(Engine::default());
+        cpu.alloc(program.sizes).map_err(|e| setup(&e))?;
+        cpu.prepare(&program).map_err(|e| setup(&e))?;
+        for (k, t) in params.iter().enumerate() {
+            if let Some(b) = program.bound(Bound::Weight(k)) {
+                cpu.upload(program.buffer(b), &t.data).map_err(|e| setup(&e))?;
+            }
+        }
+        let inputs = (0..m.inputs.len()).map(|i| program.bound(Bound::Input(i, 0))).collect();
+        Ok(Forward { program, cpu, inputs, out })
+    }
+
+    /// The value for the model's inputs (ids and masks as f32, each the
+    /// input's whole shape), as a tensor of its dims.
+    pub fn run(&mut self, inputs: &[Tensor<f32>]) -> Result<Tensor<f32>, SampleError> {
+        let fail = |e: &dyn std::fmt::Display| SampleError::Run(e.to_string());
+        for (i, b) in self.inputs.iter().enumerate() {
+            let Some(b) = b else { continue };
+            let x = inputs.get(i).ok_or_else(|| fail(&format!("input {i} is missing")))?;
+            let want = self.program.buffer(*b).ty.numel() as usize;
+            if x.data.len() != want {
+                return Err(fail(&format!("input {i} has {} values; the program takes {want}", x.data.len())));
+            }
+            self.cpu.upload(self.program.buffer(*b), &x.data).map_err(|e| fail(&e))?;
+        }
+        backend::run(&mut self.cpu, &self.program, None, 0).map_err(|e| fail(&e))?;
+        let out = self.program.buffer(self.out);
+        Ok(Tensor { dims: out.ty.dims.clone(), data: self.cpu.download(out).map_err(|e| fail(&e))? })
+    }
+}

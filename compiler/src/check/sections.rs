@@ -664,7 +664,20 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                     }
                 }
             }
-            "tokenizer" => t.tokenizer = ev.word(v, "tokenizer", &["bytes", "gpt2"]),
+            "tokenizer" => {
+                t.tokenizer = match &v.kind {
+                    ExprKind::Str(path) if path.ends_with(".json") => Some(path.clone()),
+                    ExprKind::Str(path) => {
+                        ev.err(
+                            Diag::error(format!("`{path}` is not a tokenizer.json"))
+                                .at(v.span, "a tokenizer file")
+                                .help("give the path of a model's tokenizer.json, or `bytes` or `gpt2`"),
+                        );
+                        None
+                    }
+                    _ => ev.word(v, "tokenizer", &["bytes", "gpt2"]),
+                }
+            }
             "nonfinite" => t.skip_nonfinite = ev.word(v, "nonfinite", &["stop", "skip"]).as_deref() == Some("skip"),
             "loss_scale" => {
                 scaling_at = Some(v.span);

@@ -125,6 +125,45 @@ pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Progr
     Ok(b.finish(fuse))
 }
 
+/// Lower the forward pass of model `m` to its named value `output` on one
+/// device (the driver drops a training layout), dropout off, routing
+/// dropless: every model input `i` in the io buffer `x{i}.mb0`, the output
+/// (as f32) in the io buffer `out`. What serves an encoder (its embeddings)
+/// or reads any value of a model.
+pub fn lower_forward(m: &Model, output: &str, fuse: bool) -> Result<Program, LowerError> {
+    let fail = |message: String| LowerError { rank: 0, message };
+    if m.parallel.world() != 1 {
+        return Err(fail(format!("a forward program runs on one device; lower `{}` without its layout", m.name)));
+    }
+    let out = m.graph.output(output).ok_or_else(|| {
+        let names: Vec<&str> = m.outputs.iter().map(|(n, _)| n.as_str()).collect();
+        fail(format!("`{}` has no value `{output}` (its named values: {})", m.name, names.join(", ")))
+    })?;
+    let tokens: u64 = m.inputs.first().map(|x| x.ty.numel()).unwrap_or(1);
+    let prog = RankProgram {
+        rank: 0,
+        coords: Vec::new(),
+        graph: dropless(&m.graph, tokens),
+        loss: out,
+        param_grads: Vec::new(),
+        params: m
+            .params
+            .iter()
+            .map(|p| crate::parallel::ParamShard { local: p.clone(), splits: Vec::new(), held: true })
+            .collect(),
+        prologue: Vec::new(),
+        step: Vec::new(),
+        stage: None,
+        micro: 1,
+    };
+    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
+    let mut b = Builder::new(&prog, &mesh);
+    b.act = storage(m).map_err(fail)?;
+    b.training = false;
+    b.forward(m).map_err(fail)?;
+    Ok(b.finish(fuse))
+}
+
 /// `g` with every `top_k` dropless for runs of `tokens` tokens: no capacity,
 /// and `tokens` slots per expert (the `slot` dim of what it routes), so an
 /// expert can take every token of the run.
@@ -790,6 +829,37 @@ impl<'a> Builder<'a> {
             self.nodes(g, 0..g.len(), &mut vals, &bind)?;
             let l = vals[prog.loss.index()].ok_or("the loss was not computed")?;
             self.emit(Kind::Accumulate, vec![l], vec![self.loss]);
+        }
+        Ok(())
+    }
+
+    /// A forward program ([`lower_forward`]) of the value `prog.loss`.
+    fn forward(&mut self, m: &Model) -> Result<(), String> {
+        let prog = self.prog;
+        let g = &prog.graph;
+        let value = prog.loss;
+        self.held_weights();
+        self.only = Some(ancestors(g, value));
+        let x: Vec<BufId> = (0..m.inputs.len())
+            .map(|i| self.persistent(Region::Io, m.inputs[i].ty.clone(), &Bound::Input(i, 0).name()))
+            .collect();
+        let mut out_ty = g.ty(value).clone();
+        out_ty.dtype = DType::F32;
+        let out = self.persistent(Region::Io, out_ty, &Bound::Output.name());
+        self.phase("forward".into());
+        let metas = prog.local_params();
+        let weights = self.w.clone();
+        let extra = HashMap::new();
+        let bind = Bind { inputs: &x, params: &metas, weights: &weights, extra: &extra, grads: &[] };
+        let mut vals = Vec::new();
+        self.nodes(g, 0..g.len(), &mut vals, &bind)?;
+        let v = vals[value.index()].ok_or("the value was not computed")?;
+        match self.sole_producer(v) {
+            Some(i) if self.buffers[v.index()].ty.dtype == DType::F32 => {
+                self.instrs[i].outs[0] = out;
+                self.producer.insert(out, i);
+            }
+            _ => self.emit(Kind::Copy, vec![v], vec![out]),
         }
         Ok(())
     }

@@ -35,7 +35,7 @@ pub mod ragged;
 pub mod text;
 pub mod verify;
 
-pub use build::{LowerError, dropless, lower, lower_eval, lower_generate};
+pub use build::{LowerError, dropless, lower, lower_eval, lower_forward, lower_generate};
 
 use crate::ir::{Op, ReduceOp, TensorType};
 use crate::syntax::span::Span;
@@ -340,6 +340,8 @@ pub enum Bound {
     Logits,
     /// Generation: the decode step's run-time position.
     Pos,
+    /// A forward program's named output ([`lower_forward`]).
+    Output,
 }
 
 impl Bound {
@@ -358,6 +360,7 @@ impl Bound {
             Bound::Tokens => "tokens".into(),
             Bound::Logits => "logits".into(),
             Bound::Pos => "pos".into(),
+            Bound::Output => "out".into(),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Tokenizers for text data: bytes (ids 0–255), or GPT-2's byte-level BPE
-//! through the `tokenizers` crate, with GPT-2's `encoder.json` and
-//! `vocab.bpe` built in (data/gpt2).
+//! Tokenizers for text data: bytes (ids 0–255), GPT-2's byte-level BPE
+//! through the `tokenizers` crate with GPT-2's `encoder.json` and
+//! `vocab.bpe` built in (data/gpt2), or a published model's own
+//! `tokenizer.json` read by the `tokenizers` crate.
 
 use super::TrainError;
 use std::collections::HashMap;
@@ -10,16 +11,45 @@ const MERGES: &str = include_str!("../../../data/gpt2/vocab.bpe");
 
 pub enum Tokenizer {
     Bytes,
-    Gpt2(Box<tokenizers::Tokenizer>),
+    /// A `tokenizers` tokenizer: GPT-2's built in, or one from a `tokenizer.json`.
+    Hf(Box<tokenizers::Tokenizer>),
 }
 
 impl Tokenizer {
-    /// `bytes` (the default) or `gpt2`.
+    /// `bytes` (the default), `gpt2`, or the path of a `tokenizer.json`.
     pub fn by_name(name: Option<&str>) -> Result<Tokenizer, TrainError> {
         match name.unwrap_or("bytes") {
             "bytes" => Ok(Tokenizer::Bytes),
             "gpt2" => Tokenizer::gpt2(),
-            other => Err(TrainError::Setup(format!("unknown tokenizer `{other}`: use `bytes` or `gpt2`"))),
+            path if path.ends_with(".json") => Tokenizer::from_file(std::path::Path::new(path)),
+            other => Err(TrainError::Setup(format!(
+                "unknown tokenizer `{other}`: use `bytes`, `gpt2` or the path of a tokenizer.json"
+            ))),
+        }
+    }
+
+    /// A published model's tokenizer from its `tokenizer.json` (Hugging Face's format).
+    pub fn from_file(path: &std::path::Path) -> Result<Tokenizer, TrainError> {
+        tokenizers::Tokenizer::from_file(path).map(|t| Tokenizer::Hf(Box::new(t))).map_err(|e| {
+            TrainError::Setup(format!(
+                "{}: not a tokenizer.json the `tokenizers` crate reads: {e}; pass the model's own tokenizer.json",
+                path.display()
+            ))
+        })
+    }
+
+    /// The ids of `text` with the tokenizer's special tokens added as its
+    /// post-processor says (BERT's `[CLS] ... [SEP]`), truncated as it says,
+    /// without the padding it may add; bytes add none.
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>, TrainError> {
+        match self {
+            Tokenizer::Bytes => self.encode(text),
+            Tokenizer::Hf(t) => t
+                .encode(text, true)
+                .map(|e| {
+                    e.get_ids().iter().zip(e.get_attention_mask()).filter(|(_, m)| **m == 1).map(|(i, _)| *i).collect()
+                })
+                .map_err(|e| TrainError::Setup(format!("tokenization failed: {e}"))),
         }
     }
 
@@ -38,16 +68,16 @@ impl Tokenizer {
         let mut t = tokenizers::Tokenizer::new(bpe);
         t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         t.with_decoder(Some(ByteLevelDecoder::default()));
-        Ok(Tokenizer::Gpt2(Box::new(t)))
+        Ok(Tokenizer::Hf(Box::new(t)))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TrainError> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::Gpt2(t) => t
+            Tokenizer::Hf(t) => t
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TrainError::Setup(format!("GPT-2 tokenization failed: {e}"))),
+                .map_err(|e| TrainError::Setup(format!("tokenization failed: {e}"))),
         }
     }
 
@@ -56,14 +86,14 @@ impl Tokenizer {
             Tokenizer::Bytes => {
                 String::from_utf8_lossy(&ids.iter().map(|&i| i.min(255) as u8).collect::<Vec<_>>()).into_owned()
             }
-            Tokenizer::Gpt2(t) => t.decode(ids, false).unwrap_or_default(),
+            Tokenizer::Hf(t) => t.decode(ids, false).unwrap_or_default(),
         }
     }
 
     pub fn vocab(&self) -> u64 {
         match self {
             Tokenizer::Bytes => 256,
-            Tokenizer::Gpt2(t) => t.get_vocab_size(true) as u64,
+            Tokenizer::Hf(t) => t.get_vocab_size(true) as u64,
         }
     }
 }
