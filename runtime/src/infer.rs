@@ -37,6 +37,8 @@ pub struct SampleConfig {
     pub seed: u64,
     /// Decode with the KV cache (a model without a step program recomputes the window instead).
     pub kv_cache: bool,
+    /// Stop after generating this token (the model's end of sequence).
+    pub stop: Option<u32>,
 }
 
 impl SampleConfig {
@@ -44,7 +46,8 @@ impl SampleConfig {
     /// temperature 0.8 and seed 0 without one; one token, the KV cache on.
     pub fn of_spec(infer: Option<&tessera_compiler::config::Infer>) -> SampleConfig {
         use tessera_compiler::config::Sampling;
-        let mut c = SampleConfig { tokens: 1, temperature: 0.8, top_k: None, top_p: None, seed: 0, kv_cache: true };
+        let mut c =
+            SampleConfig { tokens: 1, temperature: 0.8, top_k: None, top_p: None, seed: 0, kv_cache: true, stop: None };
         if let Some(i) = infer {
             c.seed = i.seed;
             match i.sampling {
@@ -206,6 +209,21 @@ impl Generator {
         run(&mut self.cpu, &self.programs.window, &self.window, &x, None, n - 1)
     }
 
+    /// The logits after `context`, with the KV cache filled for its
+    /// positions: by the window program, or, for a context much shorter
+    /// than the window (an eighth or less), by decode steps from position 0,
+    /// which compute only its positions where the window computes all `seq`.
+    pub fn prefill(&mut self, context: &[u32]) -> Result<Vec<f32>, SampleError> {
+        if self.no_step().is_some() || context.is_empty() || context.len() * 8 > self.seq {
+            return self.window(context);
+        }
+        let mut last = Vec::new();
+        for (pos, &t) in context.iter().enumerate() {
+            last = self.step(t, pos)?;
+        }
+        Ok(last)
+    }
+
     /// The logits after `token` at position `pos`, from the step program
     /// over the KV cache of positions `0..pos`.
     pub fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, SampleError> {
@@ -270,13 +288,13 @@ fn cached(g: &mut Generator, prompt: &[u32], cfg: &SampleConfig) -> Result<Vec<u
     let refill = |g: &mut Generator, out: &[u32]| -> Result<(Vec<f32>, usize), SampleError> {
         let keep = if out.len() > seq { seq / 2 } else { seq };
         let context = &out[out.len().saturating_sub(keep)..];
-        Ok((g.window(context)?, context.len()))
+        Ok((g.prefill(context)?, context.len()))
     };
     let (mut last, mut pos) = refill(g, &out)?;
     for step in 0..cfg.tokens {
         let next = pick(&last, cfg, step as u64) as u32;
         out.push(next);
-        if step + 1 == cfg.tokens {
+        if step + 1 == cfg.tokens || cfg.stop == Some(next) {
             break;
         }
         if pos == seq {
@@ -293,7 +311,11 @@ fn recomputed(g: &mut Generator, prompt: &[u32], cfg: &SampleConfig) -> Result<V
     let mut out = start(prompt);
     for step in 0..cfg.tokens {
         let last = g.window(&out[out.len().saturating_sub(g.seq)..])?;
-        out.push(pick(&last, cfg, step as u64) as u32);
+        let next = pick(&last, cfg, step as u64) as u32;
+        out.push(next);
+        if cfg.stop == Some(next) {
+            break;
+        }
     }
     Ok(out[prompt.len().max(1).min(out.len())..].to_vec())
 }

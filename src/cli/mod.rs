@@ -1393,6 +1393,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             top_p: None,
             seed: 0,
             kv_cache: true,
+            stop: None,
         };
         // Every process takes part in assembling the weights; rank 0 samples.
         if let Ok(weights) = trainer.weights()
@@ -1536,6 +1537,23 @@ fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> Exi
     }
 }
 
+/// The tokenizer a weights file carries, where the spec names none: a
+/// GGUF's (in its metadata), or the `tokenizer.json` beside a safetensors
+/// checkpoint. `None`: the file carries none.
+fn weights_tokenizer(
+    path: &Path,
+) -> Option<Result<tessera_runtime::train::tokenizer::Tokenizer, tessera_runtime::train::TrainError>> {
+    use tessera_runtime::train::tokenizer::Tokenizer;
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let has = tessera_runtime::weights::WeightFile::open(path)
+            .is_ok_and(|w| w.metadata.contains_key("tokenizer.ggml.tokens"));
+        return has.then(|| Tokenizer::from_gguf(path));
+    }
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    let json = dir.join("tokenizer.json");
+    json.is_file().then(|| Tokenizer::from_file(&json))
+}
+
 /// The model's tokenizer (its `train.tokenizer`, bytes by default).
 fn tokenizer_of(m: &Model) -> Result<tessera_runtime::train::tokenizer::Tokenizer, ExitCode> {
     tessera_runtime::train::tokenizer::Tokenizer::by_name(m.train.as_ref().and_then(|t| t.tokenizer.as_deref()))
@@ -1565,6 +1583,7 @@ impl SampleFlags {
             top_p: self.top_p.or(spec.top_p),
             seed: self.seed.unwrap_or(spec.seed),
             kv_cache: self.kv_cache,
+            stop: spec.stop,
         }
     }
 }
@@ -1611,7 +1630,13 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         )));
     }
     let params: Vec<_> = loaded.params.into_iter().flatten().collect();
-    let tok = tokenizer_of(&m)?;
+    let tok = match (&from, m.train.as_ref().and_then(|t| t.tokenizer.as_deref())) {
+        (Weights::File(w), None) => match weights_tokenizer(w) {
+            Some(t) => t.map_err(|e| fail(&e))?,
+            None => tokenizer_of(&m)?,
+        },
+        _ => tokenizer_of(&m)?,
+    };
     let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
     let vocab = m.const_value("vocab").unwrap_or(f64::INFINITY);
     if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as f64 >= vocab) {
@@ -1620,7 +1645,11 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
              vocabulary of {vocab} tokens; use only tokens below {vocab}"
         )));
     }
-    let cfg = &flags.over(&tessera_runtime::infer::SampleConfig::of_spec(m.infer.as_ref()));
+    // Generation ends at the model's end of sequence, where its tokenizer names one.
+    let cfg = &flags.over(&tessera_runtime::infer::SampleConfig {
+        stop: tok.eos(),
+        ..tessera_runtime::infer::SampleConfig::of_spec(m.infer.as_ref())
+    });
     let programs = tessera_compiler::driver::compile_generate(&m, Default::default()).map_err(|e| fail(&e))?;
     let mut g = tessera_runtime::infer::Generator::new(programs, &params).map_err(|e| fail(&e))?;
     if let (true, Some(why)) = (cfg.kv_cache, g.no_step()) {

@@ -627,10 +627,10 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/attention.spec:26:9 `y + bo`
-    /// - specs/std/transformer.spec:14:7 `x + self_attention(layernorm(x), dropout = dropout, out_std …`
+    /// - specs/std/transformer.spec:15:7 `x + self_attention(layernorm(x), dropout = dropout, out_std …`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
-    /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
+    /// - specs/std/transformer.spec:16:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std, …`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -656,10 +656,10 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/attention.spec:26:9 `y + bo`
-    /// - specs/std/transformer.spec:14:7 `x + self_attention(layernorm(x), dropout = dropout, out_std …`
+    /// - specs/std/transformer.spec:15:7 `x + self_attention(layernorm(x), dropout = dropout, out_std …`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
-    /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
+    /// - specs/std/transformer.spec:16:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std, …`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -689,10 +689,10 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/attention.spec:26:9 `y + bo`
-    /// - specs/std/transformer.spec:14:7 `x + self_attention(layernorm(x), dropout = dropout, out_std …`
+    /// - specs/std/transformer.spec:15:7 `x + self_attention(layernorm(x), dropout = dropout, out_std …`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
-    /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
+    /// - specs/std/transformer.spec:16:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std, …`
     #[allow(
         clippy::needless_range_loop,
         clippy::approx_constant,
@@ -2099,7 +2099,7 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
-    /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
+    /// - specs/std/transformer.spec:16:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std, …`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     #[allow(
         clippy::needless_range_loop,
@@ -2136,7 +2136,7 @@ pub mod tiny_gpt {
     ///
     /// From:
     /// - specs/std/mlp.spec:20:18 `h @ w_out + b_out`
-    /// - specs/std/transformer.spec:15:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std)`
+    /// - specs/std/transformer.spec:16:10 `x + mlp(layernorm(x), dropout = dropout, out_std = out_std, …`
     /// - specs/std/nn.spec:10:10 `layer_norm(x, d, gain = gain, bias = bias, eps = eps)`
     #[allow(
         clippy::needless_range_loop,

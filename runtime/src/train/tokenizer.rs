@@ -11,8 +11,11 @@ const MERGES: &str = include_str!("../../../data/gpt2/vocab.bpe");
 
 pub enum Tokenizer {
     Bytes,
-    /// A `tokenizers` tokenizer: GPT-2's built in, or one from a `tokenizer.json`.
-    Hf(Box<tokenizers::Tokenizer>),
+    /// A `tokenizers` tokenizer: GPT-2's built in, one from a
+    /// `tokenizer.json`, or one a GGUF describes; with the model's
+    /// end-of-sequence token where the file names it (a GGUF's
+    /// `tokenizer.ggml.eos_token_id`).
+    Hf(Box<tokenizers::Tokenizer>, Option<u32>),
 }
 
 impl Tokenizer {
@@ -22,20 +25,103 @@ impl Tokenizer {
             "bytes" => Ok(Tokenizer::Bytes),
             "gpt2" => Tokenizer::gpt2(),
             path if path.ends_with(".json") => Tokenizer::from_file(std::path::Path::new(path)),
+            path if path.ends_with(".gguf") => Tokenizer::from_gguf(std::path::Path::new(path)),
             other => Err(TrainError::Setup(format!(
-                "unknown tokenizer `{other}`: use `bytes`, `gpt2` or the path of a tokenizer.json"
+                "unknown tokenizer `{other}`: use `bytes`, `gpt2`, or the path of a tokenizer.json or a .gguf"
             ))),
         }
     }
 
     /// A published model's tokenizer from its `tokenizer.json` (Hugging Face's format).
     pub fn from_file(path: &std::path::Path) -> Result<Tokenizer, TrainError> {
-        tokenizers::Tokenizer::from_file(path).map(|t| Tokenizer::Hf(Box::new(t))).map_err(|e| {
+        tokenizers::Tokenizer::from_file(path).map(|t| Tokenizer::Hf(Box::new(t), None)).map_err(|e| {
             TrainError::Setup(format!(
                 "{}: not a tokenizer.json the `tokenizers` crate reads: {e}; pass the model's own tokenizer.json",
                 path.display()
             ))
         })
+    }
+
+    /// The tokenizer a GGUF file describes in its metadata, for the
+    /// byte-level BPE files llama.cpp writes (`tokenizer.ggml.model =
+    /// gpt2`: `tokens`, `merges`, `token_type`), built as `transformers`
+    /// builds it from a GGUF: GPT-2's byte-level pre-tokenizer and decoder,
+    /// tokens marked control (type 3) added as special tokens and those
+    /// marked user-defined (type 4) as added tokens, so both stay whole.
+    pub fn from_gguf(path: &std::path::Path) -> Result<Tokenizer, TrainError> {
+        use crate::weights::gguf::Value;
+        use tokenizers::models::bpe::BPE;
+        use tokenizers::{decoders::byte_level::ByteLevel as ByteLevelDecoder, pre_tokenizers::byte_level::ByteLevel};
+        let bad = |m: String| TrainError::Setup(format!("{}: {m}", path.display()));
+        let w = crate::weights::WeightFile::open(path).map_err(|e| TrainError::Setup(e.to_string()))?;
+        let strings = |key: &str| -> Result<Vec<String>, TrainError> {
+            match w.metadata.get(key) {
+                Some(Value::Array(v)) => v
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string).ok_or_else(|| bad(format!("`{key}` holds a non-string"))))
+                    .collect(),
+                _ => Err(bad(format!("no `{key}` in its metadata: the file carries no tokenizer"))),
+            }
+        };
+        match w.metadata.get("tokenizer.ggml.model").and_then(|v| v.as_str()) {
+            Some("gpt2") => {}
+            other => {
+                return Err(bad(format!(
+                    "its tokenizer is `{}`; Tessera builds byte-level BPE (`gpt2`) tokenizers from GGUF files. \
+                     Pass the model's tokenizer.json instead",
+                    other.unwrap_or("missing")
+                )));
+            }
+        }
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .iter()
+            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("a merge that is not two tokens".into()))?;
+        let types: Vec<i64> = match w.metadata.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(v)) => v
+                .iter()
+                .map(|x| match x {
+                    Value::I64(i) => *i,
+                    Value::U64(u) => *u as i64,
+                    _ => 1,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        // Tokens are spelled in GPT-2's byte alphabet; one that is not is respelled byte by byte.
+        let spell = byte_spelling();
+        let alphabet: std::collections::HashSet<char> = spell.iter().copied().collect();
+        let spelled = |t: &str| -> String {
+            if t.chars().all(|c| alphabet.contains(&c)) {
+                t.to_string()
+            } else {
+                t.bytes().map(|b| spell[b as usize]).collect()
+            }
+        };
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (spelled(t), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| bad(e.to_string()))?;
+        let mut t = tokenizers::Tokenizer::new(bpe);
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        let added = |kind: i64, special: bool| -> Vec<tokenizers::AddedToken> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(tok, ty)| **ty == kind && (!special || tok.chars().all(|c| alphabet.contains(&c))))
+                .map(|(tok, _)| tokenizers::AddedToken::from(tok.clone(), special).normalized(false))
+                .collect()
+        };
+        t.add_special_tokens(&added(3, true));
+        t.add_tokens(&added(4, false));
+        let eos = match w.metadata.get("tokenizer.ggml.eos_token_id") {
+            Some(Value::U64(i)) => Some(*i as u32),
+            Some(Value::I64(i)) => u32::try_from(*i).ok(),
+            _ => None,
+        };
+        Ok(Tokenizer::Hf(Box::new(t), eos))
     }
 
     /// The ids of `text` with the tokenizer's special tokens added as its
@@ -44,7 +130,7 @@ impl Tokenizer {
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>, TrainError> {
         match self {
             Tokenizer::Bytes => self.encode(text),
-            Tokenizer::Hf(t) => t
+            Tokenizer::Hf(t, _) => t
                 .encode(text, true)
                 .map(|e| {
                     e.get_ids().iter().zip(e.get_attention_mask()).filter(|(_, m)| **m == 1).map(|(i, _)| *i).collect()
@@ -68,13 +154,13 @@ impl Tokenizer {
         let mut t = tokenizers::Tokenizer::new(bpe);
         t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         t.with_decoder(Some(ByteLevelDecoder::default()));
-        Ok(Tokenizer::Hf(Box::new(t)))
+        Ok(Tokenizer::Hf(Box::new(t), None))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TrainError> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::Hf(t) => t
+            Tokenizer::Hf(t, _) => t
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| TrainError::Setup(format!("tokenization failed: {e}"))),
@@ -86,14 +172,40 @@ impl Tokenizer {
             Tokenizer::Bytes => {
                 String::from_utf8_lossy(&ids.iter().map(|&i| i.min(255) as u8).collect::<Vec<_>>()).into_owned()
             }
-            Tokenizer::Hf(t) => t.decode(ids, false).unwrap_or_default(),
+            Tokenizer::Hf(t, _) => t.decode(ids, false).unwrap_or_default(),
+        }
+    }
+
+    /// The model's end-of-sequence token, where the tokenizer's file names it.
+    pub fn eos(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(_, eos) => *eos,
         }
     }
 
     pub fn vocab(&self) -> u64 {
         match self {
             Tokenizer::Bytes => 256,
-            Tokenizer::Hf(t) => t.get_vocab_size(true) as u64,
+            Tokenizer::Hf(t, _) => t.get_vocab_size(true) as u64,
         }
     }
+}
+
+/// GPT-2's byte alphabet: the printable character each byte is spelled
+/// with in a byte-level vocabulary (`bytes_to_unicode`).
+fn byte_spelling() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).expect("a char")
+            } else {
+                let c = char::from_u32(next).expect("a char");
+                next += 1;
+                c
+            }
+        })
+        .collect()
 }
