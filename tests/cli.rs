@@ -834,6 +834,70 @@ fn train_from_a_hugging_face_checkpoint_and_export_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// LoRA from a Hugging Face checkpoint: `train --init` with `train.lora`
+/// trains adapters over the imported weights; `tessera merge` folds them
+/// in, and the merged weights, in the model without adapters, give the
+/// LoRA model's logits (within 1e-5); `tessera export` of the run writes
+/// those merged weights.
+#[test]
+fn lora_from_a_checkpoint_merges_and_exports() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("run").to_string_lossy().into_owned();
+    let spec = "tests/fixtures/hf/gpt2-tiny.spec";
+    let lora = ["--set", "train.lora.rank=4", "--set", r#"train.lora.targets=["*.wqkv", "*.w_in"]"#];
+    let base = ["train", spec, "--init", "tests/fixtures/hf/gpt2-tiny", "--out", &run];
+    let rest =
+        ["--data", "data/shakespeare/shakespeare.txt", "--steps", "3", "--set", "train.optimizer=adamw(lr = 1e-2)"];
+    let o = tessera(&[&base[..], &lora[..], &rest[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("16 of 20 parameters") && stderr(&o).contains("wqkv.lora_a"), "{}", stderr(&o));
+    let merged = dir.join("merged.safetensors").to_string_lossy().into_owned();
+    let o = tessera(&["merge", &run, "--out", &merged]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("16 parameters, 2 adapter pairs folded in"), "{}", stderr(&o));
+    let check = |sets: &[&str]| {
+        let opts = tessera::compiler::Options {
+            overrides: sets.iter().map(|s| s.to_string()).collect(),
+            micro_batch: Some(1),
+            ..Default::default()
+        };
+        tessera::compiler::check_path(&mut tessera::compiler::SourceMap::new(), std::path::Path::new(spec), &opts)
+            .expect("checks")
+    };
+    let with_lora = check(&["train.lora.rank=4", r#"train.lora.targets=["*.wqkv", "*.w_in"]"#]);
+    let plain = check(&[]);
+    let trained =
+        tessera::runtime::train::checkpoint::load_params(std::path::Path::new(&run), &with_lora.params).expect("loads");
+    let folded = tessera::runtime::weights::load_params(std::path::Path::new(&merged), &plain.params).expect("loads");
+    let logits = |m: &tessera::compiler::Model, w: &[tessera::runtime::tensor::Tensor<f32>]| {
+        let p = tessera::compiler::driver::compile_generate(m, Default::default()).expect("compiles");
+        tessera::runtime::infer::Generator::new(p, w).expect("loads").window(&[5, 80, 17, 200, 3]).expect("runs")
+    };
+    let (a, b) = (logits(&with_lora, &trained), logits(&plain, &folded));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let moved = {
+        let original = tessera::runtime::weights::load(
+            std::path::Path::new("tests/fixtures/hf/gpt2-tiny"),
+            &plain.params,
+            &plain.weights,
+        )
+        .expect("loads");
+        logits(&plain, &original.params.into_iter().flatten().collect::<Vec<_>>())
+    };
+    let change = a.iter().zip(&moved).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(change > 1e-3, "the adapters changed the logits by only {change}");
+    assert!(worst <= 1e-5, "merged weights give logits {worst} away from the LoRA model's");
+    let hf = dir.join("hf").to_string_lossy().into_owned();
+    let o = tessera(&["export", &run, "--to", "hf", &hf]);
+    assert!(o.status.success() && stderr(&o).contains("adapters are folded"), "{}", stderr(&o));
+    let exported = tessera::runtime::weights::load(&dir.join("hf"), &plain.params, &plain.weights).expect("loads");
+    for (x, y) in folded.iter().zip(&exported.params) {
+        assert!(x.data.iter().zip(&y.as_ref().expect("all").data).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// SmolLM2-135M-Instruct answers from its published Q4_1 GGUF: `sample
 /// --weights` reads it through the spec's `gguf` mapping, takes the
 /// tokenizer the GGUF carries (the spec names none), and stops at the

@@ -18,6 +18,7 @@ const SPECS: &[&str] = &[
     "specs/tiny/vit.spec",
     "specs/tiny/shakespeare.spec",
     "specs/models/gpt2-small.spec",
+    "tests/fixtures/hf/llama-tiny.spec",
     "specs/bench/tiny.spec",
     "specs/bench/moe-tiny.spec",
     "specs/bench/small.spec",

@@ -242,6 +242,23 @@ pub struct Train {
     pub skip_nonfinite: bool,
     /// Dynamic loss scaling under `precision = fp16`.
     pub loss_scale: LossScaling,
+    /// Parameters that do not train (`freeze = ["wte", "layers.*"]`):
+    /// patterns of parameter paths, `*` standing for any text.
+    pub freeze: Vec<String>,
+    /// Low-rank adapters (`lora { rank, alpha, targets }`): the targets
+    /// train through adapters only, and every other parameter is frozen.
+    pub lora: Option<Lora>,
+}
+
+/// LoRA (Hu et al., 2021): each target weight W is used as
+/// W + (alpha / rank) · A·B, A [in..., lora = rank] drawn N(0, 0.02), B
+/// [lora, out...] zeros; only A and B train.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lora {
+    pub rank: u64,
+    pub alpha: f64,
+    /// Patterns of the parameter paths that get adapters.
+    pub targets: Vec<String>,
 }
 
 /// Dynamic loss scaling (`precision = fp16`), as PyTorch's `GradScaler`:

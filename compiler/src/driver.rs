@@ -7,7 +7,7 @@
 //! speed on very large programs). Fusion runs in lowering; `TESSERA_FUSE=0`
 //! turns it off ([`Passes`]).
 
-use crate::autodiff::{Backward, differentiate};
+use crate::autodiff::{Backward, differentiate_trainable};
 use crate::config::{Parallel, Train};
 use crate::cost;
 use crate::diag::Diag;
@@ -267,7 +267,8 @@ pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<C
             m.name
         ))
     })?;
-    let backward = differentiate(&m.graph, loss).map_err(|e| fail("autodiff")(e.to_string()))?;
+    let frozen: Vec<bool> = m.params.iter().map(|p| p.frozen).collect();
+    let backward = differentiate_trainable(&m.graph, loss, &frozen).map_err(|e| fail("autodiff")(e.to_string()))?;
     if verify {
         crate::ir::verify(&backward.graph).map_err(|e| fail("autodiff")(e.to_string()))?;
     }

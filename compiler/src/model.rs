@@ -224,7 +224,7 @@ impl MapRule {
 }
 
 /// `*` matches any text (none included); everything else matches itself.
-fn glob(pattern: &str, text: &str) -> bool {
+pub fn glob(pattern: &str, text: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == text,
         Some((head, rest)) => {

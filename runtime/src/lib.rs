@@ -15,6 +15,7 @@ pub mod generated;
 pub mod infer;
 pub mod init;
 pub mod launch;
+pub mod lora;
 pub mod tensor;
 pub mod trace;
 pub mod train;

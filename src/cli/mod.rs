@@ -234,6 +234,19 @@ enum Command {
         #[arg(long)]
         spec: Option<PathBuf>,
     },
+    /// Fold a LoRA run's adapters into their weights (W + alpha/rank · A·B)
+    /// and write the model's weights without adapters, named by parameter
+    /// paths, to a safetensors file (docs/inference.md).
+    Merge {
+        /// A run folder (its `latest` checkpoint) or a step-* folder of a run with `train.lora`.
+        checkpoint: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The spec (default: the one the checkpoint was trained with).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+    },
     /// Write a standalone crate for a spec (`cargo tessera build`): the
     /// generated module in src/lib.rs, `train` and `sample` commands in
     /// src/main.rs, the spec's files under spec/ (docs/codegen.md).
@@ -540,6 +553,7 @@ fn command(args: Vec<OsString>) -> ExitCode {
             codegen::print(&spec.file, &spec.set, spec.model.as_deref())
         }
         Command::Export { checkpoint, to, out, spec } => export(&checkpoint, &to, &out, spec),
+        Command::Merge { checkpoint, out, spec } => merge(&checkpoint, &out, spec),
         Command::Build { spec, out } => codegen::build(&spec.file, &spec.set, spec.model.as_deref(), out),
         Command::New { name } => codegen::new(&name),
         Command::Inspect { spec, ir: Some(which), rank, .. } => match load_sources(&spec) {
@@ -993,6 +1007,10 @@ fn inspect_text(m: &Model) -> String {
     if active != total {
         let _ = writeln!(s, "  active        {} ({active}) per token", human(active as f64));
     }
+    if m.params.iter().any(|p| p.frozen) {
+        let trains: u64 = m.params.iter().filter(|p| !p.frozen).map(|p| p.ty.numel()).sum();
+        let _ = writeln!(s, "  trainable     {} ({trains}); the others are frozen", human(trains as f64));
+    }
     let _ = writeln!(
         s,
         "  FLOPs/token   forward {}, train step {}  (attention {} of forward)",
@@ -1004,7 +1022,13 @@ fn inspect_text(m: &Model) -> String {
     let _ = writeln!(s, "\nparameters");
     for p in &m.params {
         let dims: Vec<String> = p.ty.dims.iter().map(|d| format!("{}={}", d.name, d.size)).collect();
-        let tag = if p.expert.is_some() { "  (experts)" } else { "" };
+        let tag = match (p.expert.is_some(), p.adapter_of.is_some(), p.frozen) {
+            (_, true, _) => "  (LoRA adapter)",
+            (true, _, true) => "  (experts, frozen)",
+            (true, _, false) => "  (experts)",
+            (false, _, true) => "  (frozen)",
+            _ => "",
+        };
         let _ = writeln!(s, "  {:<48} [{}]  {}{tag}", p.path, dims.join(", "), human(p.ty.numel() as f64));
     }
     let _ = writeln!(s, "\nmesh  {} = {} ranks", mesh_text(m), m.parallel.world());
@@ -1434,13 +1458,26 @@ fn is_checkpoint(path: &Path) -> bool {
 /// or a weights file's, its tensors named by the parameter paths or as one
 /// of the spec's `weights` mappings says.
 fn init_weights(path: &std::path::Path, m: &Model) -> Result<tessera_runtime::weights::Loaded, String> {
+    use tessera_runtime::train::checkpoint::load_params;
     match is_checkpoint(path) {
-        true => tessera_runtime::train::checkpoint::load_params(path, &m.params)
-            .map(|w| tessera_runtime::weights::Loaded {
+        true => {
+            let loaded = |params: Vec<Option<tessera_runtime::tensor::Tensor<f32>>>| tessera_runtime::weights::Loaded {
                 naming: "a Tessera checkpoint".into(),
-                params: w.into_iter().map(Some).collect(),
-            })
-            .map_err(|e| e.to_string()),
+                params,
+            };
+            match load_params(path, &m.params) {
+                Ok(w) => Ok(loaded(w.into_iter().map(Some).collect())),
+                // A checkpoint of the model without its LoRA adapters: they start fresh.
+                Err(e) if m.params.iter().any(|p| p.adapter_of.is_some()) => {
+                    let base = tessera_runtime::lora::base_params(m);
+                    let w = load_params(path, &base).map_err(|_| e.to_string())?;
+                    let mut all: Vec<_> = w.into_iter().map(Some).collect();
+                    all.resize(m.params.len(), None);
+                    Ok(loaded(all))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
         false => tessera_runtime::weights::load(path, &m.params, &m.weights).map_err(|e| e.to_string()),
     }
 }
@@ -1470,24 +1507,67 @@ fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<
     })
 }
 
-/// `tessera export`: a checkpoint's weights through the spec's mapping `to`.
-fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> ExitCode {
-    use tessera_runtime::train::checkpoint;
+/// The model of a checkpoint: checked from `spec`, else from the spec and
+/// overrides the checkpoint records.
+fn model_of(checkpoint: &Path, spec: Option<PathBuf>) -> Result<Model, ExitCode> {
+    let (recorded, overrides) = match is_checkpoint(checkpoint) {
+        true => tessera_runtime::train::checkpoint::spec_of(checkpoint).map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        })?,
+        false => (None, Vec::new()),
+    };
+    let Some(spec) = spec.or(recorded.filter(|r| r.is_file())) else {
+        eprintln!("error: {} does not record a spec that is still there; pass --spec FILE", checkpoint.display());
+        return Err(ExitCode::from(1));
+    };
+    recheck_for_sampling(&spec, &overrides)
+}
+
+/// `tessera merge`: a LoRA run's weights with its adapters folded in.
+fn merge(checkpoint: &Path, out: &Path, spec: Option<PathBuf>) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
         ExitCode::from(1)
     };
-    let (recorded, overrides) = match is_checkpoint(checkpoint) {
-        true => match checkpoint::spec_of(checkpoint) {
-            Ok(r) => r,
-            Err(e) => return fail(&e),
-        },
-        false => (None, Vec::new()),
+    let m = match model_of(checkpoint, spec) {
+        Ok(m) => m,
+        Err(code) => return code,
     };
-    let Some(spec) = spec.or(recorded.filter(|r| r.is_file())) else {
-        return fail(&format!("{} does not record a spec that is still there; pass --spec FILE", checkpoint.display()));
+    let pairs = m.params.iter().filter(|p| p.adapter_of.is_some()).count() / 2;
+    if pairs == 0 {
+        return fail(&format!("`{}` has no LoRA adapters to merge (its spec sets no `train.lora`)", m.name));
+    }
+    let loaded = match init_weights(checkpoint, &m) {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
     };
-    let m = match recheck_for_sampling(&spec, &overrides) {
+    let absent = loaded.absent(&m.params);
+    if !absent.is_empty() {
+        return fail(&format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
+    }
+    let weights: Vec<_> = loaded.params.into_iter().flatten().collect();
+    let merged = match tessera_runtime::lora::merged(&m, &weights) {
+        Ok(w) => w,
+        Err(e) => return fail(&e),
+    };
+    let base = tessera_runtime::lora::base_params(&m);
+    match tessera_runtime::train::checkpoint::write_params(out, &base, &merged) {
+        Ok(()) => {
+            eprintln!("wrote {} ({} parameters, {pairs} adapter pairs folded in)", out.display(), base.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `tessera export`: a checkpoint's weights through the spec's mapping `to`.
+fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
+    let m = match model_of(checkpoint, spec) {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -1515,14 +1595,25 @@ fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> Exi
         return fail(&format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
     }
     let weights: Vec<_> = loaded.params.into_iter().flatten().collect();
-    match tessera_runtime::weights::export_hf(out, map, &m.params, &weights) {
+    // A LoRA run exports its merged weights: what the adapters learned is in them.
+    let (params, weights) = match m.params.iter().any(|p| p.adapter_of.is_some()) {
+        true => match tessera_runtime::lora::merged(&m, &weights) {
+            Ok(w) => {
+                eprintln!("note: the adapters are folded into their weights (W + alpha/rank · A·B)");
+                (tessera_runtime::lora::base_params(&m), w)
+            }
+            Err(e) => return fail(&e),
+        },
+        false => (m.params.clone(), weights),
+    };
+    match tessera_runtime::weights::export_hf(out, map, &params, &weights) {
         Ok(left) => {
             let written = map.rules.iter().filter(|r| r.target.is_some()).count();
             eprintln!(
                 "wrote {} and config.json ({written} mapping rules, {} of {} parameters)",
                 out.join("model.safetensors").display(),
-                m.params.len() - left.len(),
-                m.params.len()
+                params.len() - left.len(),
+                params.len()
             );
             if !left.is_empty() {
                 eprintln!(
@@ -1619,7 +1710,12 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
     let loaded = init_weights(checkpoint, &m).map_err(|e| fail(&e))?;
-    let absent = loaded.absent(&m.params);
+    // Adapters a file lacks start as a fresh run draws them: B = 0, no change to their weights.
+    let absent: Vec<&str> = loaded
+        .absent(&m.params)
+        .into_iter()
+        .filter(|a| m.params.iter().any(|p| p.path == *a && p.adapter_of.is_none()))
+        .collect();
     if !absent.is_empty() {
         return Err(fail(&format!(
             "{} does not hold {} of the model's parameters ({}), and sampling needs them all: fine-tune from it \
@@ -1629,7 +1725,12 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
             absent.join(", ")
         )));
     }
-    let params: Vec<_> = loaded.params.into_iter().flatten().collect();
+    let params: Vec<_> = loaded
+        .params
+        .into_iter()
+        .enumerate()
+        .map(|(k, w)| w.unwrap_or_else(|| tessera_runtime::init::init_param(&m.params[k], k, 0)))
+        .collect();
     let tok = match (&from, m.train.as_ref().and_then(|t| t.tokenizer.as_deref())) {
         (Weights::File(w), None) => match weights_tokenizer(w) {
             Some(t) => t.map_err(|e| fail(&e))?,

@@ -110,6 +110,13 @@ type TakeGrad = (u64, ValueId, Span);
 
 /// Differentiate `loss` with respect to every parameter it depends on.
 pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffError> {
+    differentiate_trainable(fwd, loss, &[])
+}
+
+/// [`differentiate`], but not with respect to the parameters `frozen`
+/// marks (indexed by parameter; those past its end train): their
+/// gradients, and what only they need, are not computed.
+pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> Result<Backward, AutodiffError> {
     let lt = fwd.ty(loss).clone();
     if !lt.dims.is_empty() || !lt.dtype.is_float() {
         return Err(AutodiffError::LossNotScalar(lt));
@@ -118,7 +125,9 @@ pub fn differentiate(fwd: &Graph, loss: ValueId) -> Result<Backward, AutodiffErr
     // Values that depend on a parameter carry gradients; nothing else does.
     let mut needs = vec![false; n];
     for (i, node) in fwd.nodes.iter().enumerate() {
-        needs[i] = matches!(node.op, Op::Param { .. }) || node.inputs.iter().any(|v| needs[v.index()]);
+        let trains = |k: usize| !frozen.get(k).copied().unwrap_or(false);
+        needs[i] =
+            matches!(node.op, Op::Param { index, .. } if trains(index)) || node.inputs.iter().any(|v| needs[v.index()]);
     }
     let mut b = Builder { fwd, g: fwd.clone(), adj: vec![None; n] };
     // The seed, d loss / d loss: 1, or the loss scale where the program scales the loss.

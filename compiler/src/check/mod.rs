@@ -7,6 +7,7 @@
 mod arith;
 mod blocks;
 mod layout;
+mod lora;
 pub mod ops;
 pub mod program;
 pub mod sections;
@@ -467,6 +468,10 @@ fn check_program(
             .unwrap_or(1)
     });
     let warnings = unused_params(&w.graph, &w.params);
+    if let Some(t) = &train {
+        let at = find("train").map(|s| s.name.span).unwrap_or_default();
+        lora::apply(&mut w.graph, &mut w.params, t, at, &mut diags.0);
+    }
     let names: Vec<String> = chain.iter().map(|m| m.name.name.clone()).collect();
     let mut wev = sections::SectionEval { consts: &consts, diags: Vec::new() };
     let weights = weights::mappings(&prog.weights, &names, &prog.models, &w.params, &mut wev);

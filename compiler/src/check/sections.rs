@@ -43,7 +43,10 @@ const TRAIN_KEYS: &[&str] = &[
     "nonfinite",
     "loss_scale",
     "loss_scale_window",
+    "freeze",
+    "lora",
 ];
+const LORA_KEYS: &[&str] = &["rank", "alpha", "targets"];
 const INFER_KEYS: &[&str] = &["max_batch", "max_len", "kv_cache", "sampling", "seed"];
 
 /// Every section and subsection with its closed list of keys (`mesh` and
@@ -54,6 +57,7 @@ pub fn schema() -> Vec<(&'static str, &'static [&'static str])> {
         ("parallel.pipeline", PIPELINE_KEYS),
         ("parallel.experts", EXPERT_KEYS),
         ("train", TRAIN_KEYS),
+        ("train.lora", LORA_KEYS),
         ("infer", INFER_KEYS),
     ]
 }
@@ -281,6 +285,56 @@ impl SectionEval<'_> {
 }
 
 /// Check a section's keys against a closed list; returns the entries by key.
+/// `lora { rank = 8, alpha = 16, targets = ["*.wq", "*.wv"] }`.
+fn lora(ev: &mut SectionEval, e: &Entry) -> Option<Lora> {
+    let Entry::Sub(sub) = e else {
+        ev.err(
+            Diag::error("`lora` is a subsection")
+                .at(e.span(), "a value")
+                .help("lora { rank = 8, alpha = 16, targets = [\"*.wq\", \"*.wv\"] }"),
+        );
+        return None;
+    };
+    let (mut rank, mut alpha, mut targets) = (None, None, None);
+    for (k, e) in keyed(ev, sub, LORA_KEYS) {
+        let Some(v) = value(ev, e, k) else { continue };
+        match k {
+            "rank" => rank = ev.count(v, "rank"),
+            "alpha" => alpha = ev.nonneg(v, "alpha"),
+            _ => targets = patterns(ev, v, "targets"),
+        }
+    }
+    let Some(targets) = targets else {
+        ev.err(
+            Diag::error("`lora` names no `targets`").at(sub.name.span, "which parameters get adapters?").help(
+                "targets = [\"*.wq\", \"*.wv\"] (patterns of parameter paths; `tessera inspect SPEC` lists them)",
+            ),
+        );
+        return None;
+    };
+    let rank = rank?;
+    Some(Lora { rank, alpha: alpha.unwrap_or(rank as f64), targets })
+}
+
+/// A string or a list of strings: patterns of parameter paths.
+fn patterns(ev: &mut SectionEval, v: &Expr, what: &str) -> Option<Vec<String>> {
+    let one = |ev: &mut SectionEval, e: &Expr| match &e.kind {
+        ExprKind::Str(s) if !s.is_empty() => Some(s.clone()),
+        _ => {
+            ev.err(
+                Diag::error(format!("`{what}` takes patterns of parameter paths, as strings"))
+                    .at(e.span, "not a string")
+                    .help(format!("{what} = [\"wte\", \"layers.*.wq\"] (`*` stands for any text)")),
+            );
+            None
+        }
+    };
+    match &v.kind {
+        ExprKind::List(xs) => xs.iter().map(|x| one(ev, x)).collect(),
+        _ => one(ev, v).map(|s| vec![s]),
+    }
+}
+
 fn keyed<'e>(ev: &mut SectionEval, s: &'e Section, keys: &[&str]) -> Vec<(&'e str, &'e Entry)> {
     let mut out: Vec<(&str, &Entry)> = Vec::new();
     for e in &s.entries {
@@ -568,12 +622,18 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         seed: 0,
         skip_nonfinite: false,
         loss_scale: Default::default(),
+        freeze: Vec::new(),
+        lora: None,
     };
     // Where loss scaling is set: it applies to `precision = fp16` only.
     let mut scaling_at = None;
     let before = ev.diags.len();
     let mut batch_given = false;
     for (k, e) in keyed(ev, s, TRAIN_KEYS) {
+        if k == "lora" {
+            t.lora = lora(ev, e);
+            continue;
+        }
         let Some(v) = value(ev, e, k) else { continue };
         match k {
             "optimizer" => {
@@ -666,18 +726,19 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
             }
             "tokenizer" => {
                 t.tokenizer = match &v.kind {
-                    ExprKind::Str(path) if path.ends_with(".json") => Some(path.clone()),
+                    ExprKind::Str(path) if path.ends_with(".json") || path.ends_with(".gguf") => Some(path.clone()),
                     ExprKind::Str(path) => {
                         ev.err(
-                            Diag::error(format!("`{path}` is not a tokenizer.json"))
+                            Diag::error(format!("`{path}` is neither a tokenizer.json nor a .gguf"))
                                 .at(v.span, "a tokenizer file")
-                                .help("give the path of a model's tokenizer.json, or `bytes` or `gpt2`"),
+                                .help("give the path of a model's tokenizer.json or GGUF file, or `bytes` or `gpt2`"),
                         );
                         None
                     }
                     _ => ev.word(v, "tokenizer", &["bytes", "gpt2"]),
                 }
             }
+            "freeze" => t.freeze = patterns(ev, v, "freeze").unwrap_or_default(),
             "nonfinite" => t.skip_nonfinite = ev.word(v, "nonfinite", &["stop", "skip"]).as_deref() == Some("skip"),
             "loss_scale" => {
                 scaling_at = Some(v.span);

@@ -682,6 +682,8 @@ impl<'a> Walker<'a> {
                     expert: None,
                     stack: self.current_stack,
                     layers,
+                    frozen: false,
+                    adapter_of: None,
                     span,
                 });
                 self.param_phases.push([false; 3]);

@@ -211,7 +211,8 @@ fn rank_memory(m: &Model, par: &Parallel, micro_batch: u64, stage: u64, er: u64)
         let shard = if data_replicated(par, p) { dp as f64 } else { 1.0 };
         let z = par.zero;
         params += n * w as f64 / if z >= 3 { shard } else { 1.0 };
-        if m.train.is_some() {
+        // A frozen parameter (`train.freeze`, LoRA's base weights) has no gradient or optimizer state.
+        if m.train.is_some() && !p.frozen {
             grads += n * w as f64 / if z >= 2 { shard } else { 1.0 };
             optim += n * (state * 4 + master) as f64 / if z >= 1 { shard } else { 1.0 };
         }

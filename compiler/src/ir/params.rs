@@ -49,6 +49,11 @@ pub struct Param {
     /// The layer indices (within its repeat) that hold this parameter.
     #[serde(skip)]
     pub layers: Vec<u64>,
+    /// Does not train (`train.freeze`, or a base weight under `train.lora`):
+    /// no gradient, no optimizer state, no update.
+    pub frozen: bool,
+    /// A LoRA adapter (`train.lora`): the index of the weight it adapts.
+    pub adapter_of: Option<usize>,
     #[serde(skip)]
     pub span: Span,
 }

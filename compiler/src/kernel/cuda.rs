@@ -39,6 +39,12 @@ pub struct CudaKernel {
 
 /// Helpers every kernel's source starts with.
 const PRELUDE: &str = r#"typedef unsigned long long u64;
+__device__ __forceinline__ float gelu_tanh_df(float x) {
+  float t = tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x));
+  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * 0.79788456080286536f * (1.0f + 0.134145f * x * x);
+}
+__device__ __forceinline__ float silu_df(float x) { float s = 1.0f / (1.0f + expf(-x)); return s * (1.0f + x * (1.0f - s)); }
+__device__ __forceinline__ float sigmoid_df(float x) { float s = 1.0f / (1.0f + expf(-x)); return s * (1.0f - s); }
 __device__ __forceinline__ float bf16_in(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
 __device__ __forceinline__ unsigned short bf16_out(float f) {
   unsigned int u = __float_as_uint(f);
@@ -116,13 +122,12 @@ fn unary_grad(op: UnaryOp, x: &str, g: &str) -> String {
         UnaryOp::Gelu => format!(
             "(0.5f * (1.0f + erff({x} * 0.70710678118654752f)) + {x} * expf(-0.5f * {x} * {x}) * 0.39894228040143268f)"
         ),
-        UnaryOp::GeluTanh => format!(
-            "({{ float u_ = 0.79788456080286536f * ({x} + 0.044715f * {x} * {x} * {x}); float t_ = tanhf(u_); \
-             0.5f * (1.0f + t_) + 0.5f * {x} * (1.0f - t_ * t_) * 0.79788456080286536f * (1.0f + 0.134145f * {x} * {x}); }})"
-        ),
-        UnaryOp::Silu => format!("({{ float s_ = 1.0f / (1.0f + expf(-{x})); s_ * (1.0f + {x} * (1.0f - s_)); }})"),
+        // Derivatives that need a temporary are device functions of the
+        // prelude (NVRTC has no statement expressions).
+        UnaryOp::GeluTanh => format!("gelu_tanh_df({x})"),
+        UnaryOp::Silu => format!("silu_df({x})"),
         UnaryOp::Relu => format!("(({x} > 0.0f) ? 1.0f : 0.0f)"),
-        UnaryOp::Sigmoid => format!("({{ float s_ = 1.0f / (1.0f + expf(-{x})); s_ * (1.0f - s_); }})"),
+        UnaryOp::Sigmoid => format!("sigmoid_df({x})"),
     };
     format!("({g} * {d})")
 }

@@ -954,7 +954,7 @@ impl<'a> Builder<'a> {
         let rest: Vec<usize> = (0..n).filter(|k| !order.contains(k)).collect();
         order.extend(rest);
         for &k in &order {
-            if prog.params[k].held {
+            if prog.params[k].held && !prog.params[k].local.frozen {
                 self.g[k] =
                     Some(self.persistent(Region::Grad, prog.params[k].local.ty.clone(), &Bound::Grad(k).name()));
             }
@@ -975,8 +975,9 @@ impl<'a> Builder<'a> {
         // Weights stored in a narrower dtype are updated in f32 master
         // copies (the optimizer's shape: under ZeRO, the rank's flat shard).
         let mut master: Vec<Option<BufId>> = vec![None; n];
+        // A frozen parameter has no optimizer state and no update.
         for k in 0..n {
-            if prog.params[k].held {
+            if prog.params[k].held && !prog.params[k].local.frozen {
                 let ty = TensorType::new(DType::F32, shapes[k].dims.clone());
                 let narrow = self.w[k].is_some_and(|w| self.buffers[w.index()].ty.dtype != DType::F32);
                 if narrow {

@@ -20,7 +20,7 @@
 //! stage's memory to its boundary inputs in flight.
 
 use super::{ParallelError, err};
-use crate::autodiff::{Backward, differentiate};
+use crate::autodiff::{Backward, differentiate_trainable};
 use crate::config::Schedule;
 use crate::ir::{BinaryOp, Graph, Op, ReduceOp, ValueId};
 use crate::model::{Init, Model, Param, Placement, TensorType};
@@ -199,7 +199,9 @@ fn build_chunk(
     }
     f.set_output("loss", objective);
     crate::ir::verify(&f).map_err(|e| ParallelError(format!("internal: chunk {c} does not verify: {e:?}")))?;
-    let backward = differentiate(&f, objective).map_err(|e| ParallelError(format!("chunk {c}: {e}")))?;
+    let frozen: Vec<bool> = m.params.iter().map(|p| p.frozen).collect();
+    let backward =
+        differentiate_trainable(&f, objective, &frozen).map_err(|e| ParallelError(format!("chunk {c}: {e}")))?;
     let forward = Backward { graph: f.clone(), loss: objective, forward_len: f.len(), param_grads: Vec::new() };
     Ok(Chunk { index: c, stage: c as u64 % stages, forward, backward, params, incoming, outgoing, uses })
 }
@@ -213,6 +215,8 @@ fn boundary_param(index: usize, c: usize, ty: &TensorType) -> Param {
         expert: None,
         stack: None,
         layers: Vec::new(),
+        frozen: false,
+        adapter_of: None,
         span: Default::default(),
     }
 }

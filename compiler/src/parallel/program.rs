@@ -398,6 +398,8 @@ fn step_collectives(
 ) -> Vec<StepCollective> {
     let mut out = Vec::new();
     let elems = |k: usize| params[k].local.ty.numel();
+    // A frozen parameter has no gradient to reduce and no update to gather.
+    let trains = |k: usize| !params[k].local.frozen;
     // Gradients that are partial sums over a model axis: summed over it once
     // per step, in buckets, before anything else reads them.
     let mut by_axis: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -432,7 +434,7 @@ fn step_collectives(
     if let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1) {
         let n = mesh.size(&data);
         let reduced: Vec<usize> =
-            (0..params.len()).rev().filter(|&k| params[k].held && !params[k].split_over(&data)).collect();
+            (0..params.len()).rev().filter(|&k| params[k].held && trains(k) && !params[k].split_over(&data)).collect();
         let mut bucket: Vec<usize> = Vec::new();
         let mut size = 0u64;
         let flush = |bucket: &mut Vec<usize>, size: &mut u64, out: &mut Vec<StepCollective>| {
@@ -458,14 +460,14 @@ fn step_collectives(
         flush(&mut bucket, &mut size, &mut out);
     }
     // A parameter read on several stages sums its gradients over them.
-    for (k, stages) in shared {
+    for (k, stages) in shared.iter().filter(|(k, _)| trains(*k)) {
         out.push(StepCollective::SharedGradSum { param: *k, stages: stages.clone() });
     }
     // Squared-norm partial sums: each parameter over the axes it is split on
     // (and over the data axis when ZeRO shards it there, and the pipeline
     // axis, whose stages hold different parameters).
     let mut by_axes: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
-    for (k, p) in params.iter().enumerate() {
+    for (k, p) in params.iter().enumerate().filter(|(k, _)| trains(*k)) {
         let mut axes: Vec<String> = p.splits.iter().map(|(_, s)| s.axis.clone()).collect();
         if let Some(pipe) = &mesh.pipeline_axis {
             axes.push(pipe.clone());
@@ -488,12 +490,17 @@ fn step_collectives(
             out.push(StepCollective::NormAllReduce { axes, params });
         }
     }
+    // ZeRO 1/2 gather the updated shards (a frozen weight is not updated);
+    // ZeRO 3 stores every weight sharded and gathers all of them before the
+    // forward pass (this gather becomes the step's prologue).
+    let gathered = |k: usize| trains(k) || mesh.zero >= 3;
     if mesh.zero >= 1
         && let Some(data) = mesh.data_axis.clone().filter(|a| mesh.size(a) > 1)
-        && (0..params.len()).any(|k| params[k].held && !params[k].split_over(&data))
+        && (0..params.len()).any(|k| params[k].held && gathered(k) && !params[k].split_over(&data))
     {
         let n = mesh.size(&data);
-        let ps: Vec<usize> = (0..params.len()).filter(|&k| params[k].held && !params[k].split_over(&data)).collect();
+        let ps: Vec<usize> =
+            (0..params.len()).filter(|&k| params[k].held && gathered(k) && !params[k].split_over(&data)).collect();
         let total = ps.iter().map(|&k| elems(k).div_ceil(n) * n).sum();
         out.push(StepCollective::ParamAllGather { axis: data, params: ps, elems: total });
     }

@@ -344,8 +344,16 @@ pub fn load(
 ) -> Result<Loaded, WeightsError> {
     let w = WeightFile::open(path)?;
     if params.iter().any(|p| w.get(&p.path).is_some()) || maps.is_empty() {
-        let all = load_params_from(&w, params)?;
-        return Ok(Loaded { naming: "parameter paths".into(), params: all.into_iter().map(Some).collect() });
+        // LoRA adapters the file lacks (the weights of the model without
+        // them) are absent: they start as a fresh run draws them.
+        let held: Vec<usize> =
+            (0..params.len()).filter(|&k| params[k].adapter_of.is_none() || w.get(&params[k].path).is_some()).collect();
+        let subset: Vec<tessera_compiler::ir::Param> = held.iter().map(|&k| params[k].clone()).collect();
+        let mut all: Vec<Option<crate::tensor::Tensor<f32>>> = vec![None; params.len()];
+        for (k, t) in held.into_iter().zip(load_params_from(&w, &subset)?) {
+            all[k] = Some(t);
+        }
+        return Ok(Loaded { naming: "parameter paths".into(), params: all });
     }
     let best = maps.iter().map(|m| (map::fit(m, params, &w), m)).filter(|(n, _)| *n > 0).max_by_key(|(n, _)| *n);
     match best {
