@@ -1756,7 +1756,14 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
     if let (true, Some(why)) = (cfg.kv_cache, g.no_step()) {
         eprintln!("note: no KV cache for `{}`, every token recomputes the context: {why}", m.name);
     }
+    let start = std::time::Instant::now();
     let out = g.generate(&ids, cfg).map_err(|e| fail(&e))?;
+    eprintln!(
+        "generated {} tokens in {:.3} s after a prompt of {} tokens",
+        out.len(),
+        start.elapsed().as_secs_f64(),
+        ids.len()
+    );
     Ok(tok.decode(&out))
 }
 
