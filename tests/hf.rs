@@ -169,8 +169,9 @@ fn smollm2() -> PathBuf {
 
 /// SmolLM2-135M-Instruct from its Q4_1 GGUF (llama.cpp's names, q and k
 /// with pairs adjacent) against transformers on the same dequantized
-/// weights: the tokenizer in the GGUF's metadata gives transformers' ids
-/// for a 37-token chat prompt, and the logits at its last three positions,
+/// weights: its chat template renders transformers' prompt, the tokenizer
+/// in its metadata gives transformers' ids for that 37-token prompt, and
+/// the logits at its last three positions,
 /// by the window program and then by two decode steps, are within 1e-3.
 #[test]
 fn smollm2_gguf_gives_transformers_logits() {
@@ -186,6 +187,9 @@ fn smollm2_gguf_gives_transformers_logits() {
         Some(tessera::runtime::weights::gguf::Value::Str(s)) => s.clone(),
         other => panic!("no prompt: {other:?}"),
     };
+    // The chat template the GGUF carries, rendered by minijinja, is transformers' prompt.
+    let template = tessera::runtime::train::tokenizer::ChatTemplate::of_weights(&smollm2()).expect("a chat template");
+    assert_eq!(template.render(&[("user", "What is the capital of France?")]).expect("renders"), prompt);
     let tok = tessera::runtime::train::tokenizer::Tokenizer::from_gguf(&smollm2()).expect("a tokenizer");
     assert_eq!(tok.encode(&prompt).expect("encodes"), ids, "the GGUF's tokenizer and transformers' disagree");
     assert_eq!(tok.decode(&ids), prompt);

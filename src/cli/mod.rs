@@ -195,6 +195,12 @@ enum Command {
         weights: Option<PathBuf>,
         #[arg(long, default_value = "")]
         prompt: String,
+        /// A user message to answer: the prompt is the model's chat template
+        /// (which the weights file carries: a GGUF's, or the
+        /// tokenizer_config.json beside a checkpoint) over it, and only the
+        /// answer is printed.
+        #[arg(long, conflicts_with = "prompt", requires = "weights", value_name = "MESSAGE")]
+        chat: Option<String>,
         /// Tokens to generate.
         #[arg(long, default_value_t = 200, allow_negative_numbers = true, value_parser = whole_usize)]
         tokens: usize,
@@ -668,14 +674,47 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Sample { checkpoint, weights, prompt, tokens, temperature, top_k, top_p, seed, no_kv_cache, spec } => {
+        Command::Sample {
+            checkpoint,
+            weights,
+            prompt,
+            chat,
+            tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            no_kv_cache,
+            spec,
+        } => {
             let flags = SampleFlags { tokens, temperature, top_k, top_p, seed, kv_cache: !no_kv_cache };
             let from = match (checkpoint, weights) {
                 (_, Some(w)) => Weights::File(w),
                 (Some(c), None) => Weights::Checkpoint(c),
                 (None, None) => unreachable!("clap requires one"),
             };
+            let prompt = match (&chat, &from) {
+                (Some(message), Weights::File(w)) => {
+                    match tessera_runtime::train::tokenizer::ChatTemplate::of_weights(w)
+                        .ok_or_else(|| {
+                            format!("{} carries no chat template; pass the prompt with --prompt", w.display())
+                        })
+                        .and_then(|t| t.render(&[("user", message)]).map_err(|e| e.to_string()))
+                    {
+                        Ok(p) => p,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return ExitCode::from(1);
+                        }
+                    }
+                }
+                _ => prompt,
+            };
             match sample(&from, spec, &prompt, &flags) {
+                Ok(text) if chat.is_some() => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
                 Ok(text) => {
                     println!("{prompt}{text}");
                     ExitCode::SUCCESS

@@ -209,3 +209,42 @@ fn byte_spelling() -> Vec<char> {
         })
         .collect()
 }
+
+/// A model's chat template (Hugging Face's Jinja format), rendered by
+/// `minijinja`: a GGUF's `tokenizer.chat_template`, or the `chat_template`
+/// of the `tokenizer_config.json` beside a checkpoint.
+pub struct ChatTemplate {
+    source: String,
+}
+
+impl ChatTemplate {
+    pub fn new(source: impl Into<String>) -> ChatTemplate {
+        ChatTemplate { source: source.into() }
+    }
+
+    /// The template a weights file carries, if it carries one: a GGUF's
+    /// metadata, or `tokenizer_config.json` beside a safetensors checkpoint.
+    pub fn of_weights(path: &std::path::Path) -> Option<ChatTemplate> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let w = crate::weights::WeightFile::open(path).ok()?;
+            return w.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(ChatTemplate::new);
+        }
+        let dir = if path.is_dir() { path } else { path.parent()? };
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?).ok()?;
+        config["chat_template"].as_str().map(ChatTemplate::new)
+    }
+
+    /// The prompt for `messages` (role, content), ending with the
+    /// assistant's turn opened (`add_generation_prompt`).
+    pub fn render(&self, messages: &[(&str, &str)]) -> Result<String, TrainError> {
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let messages: Vec<_> =
+            messages.iter().map(|(role, content)| minijinja::context! { role => *role, content => *content }).collect();
+        env.render_str(&self.source, minijinja::context! { messages, add_generation_prompt => true })
+            .map_err(|e| TrainError::Setup(format!("the model's chat template does not render: {e}")))
+    }
+}
