@@ -92,12 +92,13 @@ fn hugging_face_decoders_give_transformers_logits() {
 
 /// Import then export writes the checkpoint transformers wrote: the same
 /// names, shapes and values, bit for bit (so rope's permutation, the q/k/v
-/// slices of BERT's fused projection and every transpose invert exactly);
+/// slices of BERT's and ViT's fused projections, ViT's convolution split
+/// and unit dims, and every transpose invert exactly);
 /// importing the export gives the same weights; and the exported
 /// config.json agrees with transformers' on every key both have.
 #[test]
 fn export_is_the_checkpoint_transformers_wrote() {
-    for name in ["gpt2-tiny", "llama-tiny", "bert-tiny"] {
+    for name in ["gpt2-tiny", "llama-tiny", "bert-tiny", "vit-tiny"] {
         let m = model(&format!("{DIR}/{name}.spec"), &[]);
         let src = PathBuf::from(format!("{DIR}/{name}"));
         let (_, params) = load(&m, &src);
@@ -282,4 +283,32 @@ fn minilm_embeddings_match_sentence_transformers() {
         eprintln!("minilm sentence {i}: 1 - cosine {:.1e}, largest difference {:.3e}", 1.0 - cos, max_diff(a, b));
         assert!(cos >= 0.99999, "sentence {i}: cosine {cos}");
     }
+}
+
+/// ViT (ViTForImageClassification: a convolution's [embed, channels, kh,
+/// kw] into the flat patch weight, the class token and positions with a
+/// leading 1, q/k/v into the fused projection) gives transformers' class
+/// logits for two random images, within 1e-4.
+#[test]
+fn hugging_face_vit_gives_transformers_logits() {
+    let opts = Options { overrides: Vec::new(), model: None, micro_batch: Some(2) };
+    let m = check_path(&mut SourceMap::new(), Path::new(&format!("{DIR}/vit-tiny.spec")), &opts).expect("checks");
+    let (naming, params) = load(&m, &PathBuf::from(format!("{DIR}/vit-tiny")));
+    assert_eq!(naming, "hf");
+    let refs = PathBuf::from(format!("{DIR}/vit-tiny/reference.safetensors"));
+    let w = WeightFile::open(&refs).expect("opens");
+    let (images, want) = (w.read("images").expect("images"), w.read("logits").expect("logits"));
+    let inputs: Vec<Tensor<f32>> = m
+        .inputs
+        .iter()
+        .map(|x| Tensor {
+            dims: x.ty.dims.clone(),
+            data: if x.name == "images" { images.clone() } else { vec![0.0; x.ty.numel() as usize] },
+        })
+        .collect();
+    let got = Forward::new(&m, "logits", &params).expect("compiles").run(&inputs).expect("runs");
+    let worst = max_diff(&got.data, &want);
+    let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+    eprintln!("vit-tiny: largest logit difference from transformers {worst:.3e} (largest logit {scale:.3})");
+    assert!(scale > 0.1 && worst <= 1e-4, "logits differ by {worst} (largest {scale})");
 }

@@ -202,10 +202,21 @@ pub struct MapTarget {
     pub param: usize,
     /// Dims of the parameter fixed at an index (`wqkv[qkv = 0]`).
     pub picks: Vec<(usize, u64)>,
-    /// The checkpoint tensor's dims, outermost first. Each is a group of
-    /// the parameter's dims (by index) flattened outermost first; `true`
-    /// marks a rotary dim stored as two halves rather than as pairs.
-    pub layout: Vec<Vec<(usize, bool)>>,
+    /// The checkpoint tensor's dims, outermost first. Each flattens the
+    /// parts it lists, outermost first; no parts is a dim of size 1.
+    pub layout: Vec<Vec<Part>>,
+}
+
+/// Part of a checkpoint dim: `size` indices of the parameter's dim `dim`
+/// (by index) at steps of `inner` (a whole dim: its size, step 1; a split
+/// dim stores each piece as its own checkpoint dim).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Part {
+    pub dim: usize,
+    pub size: u64,
+    pub inner: u64,
+    /// A rotary dim stored as two halves rather than as pairs.
+    pub rope: bool,
 }
 
 impl MapRule {

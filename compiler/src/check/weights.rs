@@ -12,8 +12,8 @@
 
 use super::sections::SectionEval;
 use crate::diag::{Diag, unknown_help};
-use crate::model::{MapRule, MapTarget, Param, WeightMap};
-use crate::syntax::ast::{Entry, Expr, ExprKind, Section, WeightRule, WeightsDef};
+use crate::model::{MapRule, MapTarget, Param, Part, WeightMap};
+use crate::syntax::ast::{Entry, Expr, ExprKind, Ident, LayoutGroup, Section, WeightRule, WeightsDef};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
@@ -171,50 +171,87 @@ fn rule(r: &WeightRule, params: &[Param], ev: &mut SectionEval) -> Option<MapRul
     }
     let free: Vec<usize> =
         (0..dims.len()).filter(|&i| dims[i].name != "layer" && !picks.iter().any(|&(d, _)| d == i)).collect();
-    let layout: Vec<Vec<(usize, bool)>> = match &r.layout {
-        None => free.iter().map(|&i| vec![(i, false)]).collect(),
+    let whole = |di: usize, rope: bool| Part { dim: di, size: dims[di].size, inner: 1, rope };
+    let layout: Vec<Vec<Part>> = match &r.layout {
+        None => free.iter().map(|&i| vec![whole(i, false)]).collect(),
         Some(groups) => {
             let mut used: Vec<usize> = Vec::new();
             let mut out = Vec::new();
-            for g in groups {
-                let mut group = Vec::new();
-                for a in g {
-                    let Some(di) = dim_index(&a.dim.name).filter(|i| free.contains(i)) else {
-                        let what = match dim_index(&a.dim.name) {
-                            Some(_) => format!("dim `{}` is picked, so the tensor does not hold it", a.dim.name),
-                            None => format!("`{path}` has no dim `{}`", a.dim.name),
-                        };
-                        let names: Vec<&str> = free.iter().map(|&i| dims[i].name.as_str()).collect();
-                        ev.diags.push(
-                            Diag::error(what)
-                                .at(a.dim.span, format!("{} is {}", path, p.ty))
-                                .help(format!("the layout lists the dims {} once each", names.join(", "))),
-                        );
-                        return None;
+            // The parameter dim an atom names: one it holds, not yet listed.
+            let mut take = |name: &Ident, ev: &mut SectionEval| -> Option<usize> {
+                let Some(di) = dim_index(&name.name).filter(|i| free.contains(i)) else {
+                    let what = match dim_index(&name.name) {
+                        Some(_) => format!("dim `{}` is picked, so the tensor does not hold it", name.name),
+                        None => format!("`{path}` has no dim `{}`", name.name),
                     };
-                    if used.contains(&di) {
-                        ev.diags.push(
-                            Diag::error(format!("dim `{}` is in the layout twice", a.dim.name))
-                                .at(a.dim.span, "again")
-                                .help("list each dim of the parameter once"),
-                        );
-                        return None;
-                    }
-                    if a.rope && !dims[di].size.is_multiple_of(2) {
-                        ev.diags.push(
-                            Diag::error(format!(
-                                "`rope({})` splits the dim in halves, but its size {} is odd",
-                                a.dim.name, dims[di].size
-                            ))
-                            .at(a.dim.span, "odd size")
-                            .help("rotary dims have even sizes; is this the right dim?"),
-                        );
-                        return None;
-                    }
-                    used.push(di);
-                    group.push((di, a.rope));
+                    let names: Vec<&str> = free.iter().map(|&i| dims[i].name.as_str()).collect();
+                    ev.diags.push(
+                        Diag::error(what)
+                            .at(name.span, format!("{} is {}", path, p.ty))
+                            .help(format!("the layout lists the dims {} once each", names.join(", "))),
+                    );
+                    return None;
+                };
+                if used.contains(&di) {
+                    ev.diags.push(
+                        Diag::error(format!("dim `{}` is in the layout twice", name.name))
+                            .at(name.span, "again")
+                            .help("list each dim of the parameter once"),
+                    );
+                    return None;
                 }
-                out.push(group);
+                used.push(di);
+                Some(di)
+            };
+            for g in groups {
+                match g {
+                    LayoutGroup::Unit(_) => out.push(Vec::new()),
+                    LayoutGroup::Dims(atoms) => {
+                        let mut group = Vec::new();
+                        for a in atoms {
+                            let di = take(&a.dim, ev)?;
+                            if a.rope && !dims[di].size.is_multiple_of(2) {
+                                ev.diags.push(
+                                    Diag::error(format!(
+                                        "`rope({})` splits the dim in halves, but its size {} is odd",
+                                        a.dim.name, dims[di].size
+                                    ))
+                                    .at(a.dim.span, "odd size")
+                                    .help("rotary dims have even sizes; is this the right dim?"),
+                                );
+                                return None;
+                            }
+                            group.push(whole(di, a.rope));
+                        }
+                        out.push(group);
+                    }
+                    LayoutGroup::Split { dim, sizes } => {
+                        let di = take(dim, ev)?;
+                        let mut vals = Vec::new();
+                        for e in sizes {
+                            vals.push(ev.count(e, "a split size")?);
+                        }
+                        let product: u64 = vals.iter().product();
+                        if product != dims[di].size {
+                            ev.diags.push(
+                                Diag::error(format!(
+                                    "`{}` has size {}, but its split into ({}) makes {product}",
+                                    dim.name,
+                                    dims[di].size,
+                                    vals.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+                                ))
+                                .at(dim.span, "the sizes do not multiply to the dim")
+                                .help("the split's sizes are the checkpoint's dims for this one dim, outermost first"),
+                            );
+                            return None;
+                        }
+                        let mut inner = product;
+                        for v in vals {
+                            inner /= v;
+                            out.push(vec![Part { dim: di, size: v, inner, rope: false }]);
+                        }
+                    }
+                }
             }
             let missing: Vec<&str> =
                 free.iter().filter(|i| !used.contains(i)).map(|&i| dims[i].name.as_str()).collect();

@@ -271,11 +271,24 @@ pub struct WeightRule {
     pub path: Vec<Ident>,
     /// `[dim = index, ...]`: the slice of the parameter this tensor holds.
     pub picks: Vec<(Ident, Expr)>,
-    /// The checkpoint tensor's dims, outermost first; a group `(a, b)` is one
-    /// dim of the checkpoint that flattens a and b; `rope(d)` marks a
-    /// rotary dim stored as two halves (Hugging Face's LLaMA layout).
-    pub layout: Option<Vec<Vec<LayoutAtom>>>,
+    /// The checkpoint tensor's dims, outermost first.
+    pub layout: Option<Vec<LayoutGroup>>,
     pub span: Span,
+}
+
+/// One or more dims of a checkpoint tensor's layout.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayoutGroup {
+    /// One checkpoint dim: a dim of the parameter, or a group `(a, b)` of
+    /// them flattened outermost first; `rope(d)` marks a rotary dim stored
+    /// as two halves (Hugging Face's LLaMA layout).
+    Dims(Vec<LayoutAtom>),
+    /// `1`: a checkpoint dim of size 1 the parameter does not have.
+    Unit(Span),
+    /// `d: (a, b, c)`: one dim of the parameter stored as several
+    /// checkpoint dims of those sizes, outermost first (a convolution's
+    /// `[out, channels, kh, kw]` for a flat patch dim).
+    Split { dim: Ident, sizes: Vec<Expr> },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -103,6 +103,13 @@ pub fn check_depth(file: &File) -> Result<(), Diag> {
                     section(c, 1, &mut stack);
                 }
                 stack.extend(w.rules.iter().flat_map(|r| r.picks.iter().map(|(_, e)| (Node::Expr(e), 1))));
+                for r in &w.rules {
+                    for g in r.layout.iter().flatten() {
+                        if let LayoutGroup::Split { sizes, .. } = g {
+                            stack.extend(sizes.iter().map(|e| (Node::Expr(e), 1)));
+                        }
+                    }
+                }
             }
             Item::Section(s) => section(s, 1, &mut stack),
         }

@@ -124,9 +124,13 @@ fn rule_name(r: &Rule) -> Option<&'static str> {
         Rule::weights_config | Rule::config_kw => "`config {`",
         Rule::param_path => "a parameter path",
         Rule::dim_picks | Rule::dim_pick => "`[dim = index]`",
-        Rule::weight_layout | Rule::layout_group | Rule::layout_atom | Rule::rope_atom | Rule::rope_kw => {
-            "a layout like `[(heads, head_dim), embed]`"
-        }
+        Rule::weight_layout
+        | Rule::layout_group
+        | Rule::layout_atom
+        | Rule::rope_atom
+        | Rule::rope_kw
+        | Rule::layout_split
+        | Rule::unit_dim => "a layout like `[(heads, head_dim), embed]`",
         Rule::body => "`{`",
         Rule::dims_stmt => "`dims`",
         Rule::input_stmt => "`input`",
@@ -338,28 +342,39 @@ impl Builder {
                     }
                 }
                 _ => {
-                    let groups = q
-                        .into_inner()
-                        .map(|g| {
-                            g.into_inner()
-                                .map(|a| {
-                                    let inner = a.into_inner().next().expect("atom");
-                                    match inner.as_rule() {
-                                        Rule::rope_atom => {
-                                            let d = inner.into_inner().find(|x| x.as_rule() == Rule::ident);
-                                            LayoutAtom { dim: self.ident(d.expect("rope dim")), rope: true }
-                                        }
-                                        _ => LayoutAtom { dim: self.ident(inner), rope: false },
-                                    }
-                                })
-                                .collect()
-                        })
-                        .collect();
+                    let groups = q.into_inner().map(|g| self.layout_group(g)).collect();
                     layout = Some(groups);
                 }
             }
         }
         WeightRule { name, name_span, path, picks, layout, span }
+    }
+
+    fn layout_group(&self, g: Pair<Rule>) -> LayoutGroup {
+        let span = self.span(&g);
+        let mut inner = g.into_inner().peekable();
+        match inner.peek().map(|x| x.as_rule()) {
+            Some(Rule::unit_dim) => LayoutGroup::Unit(span),
+            Some(Rule::layout_split) => {
+                let mut it = inner.next().expect("split").into_inner();
+                let dim = self.ident(it.next().expect("dim"));
+                LayoutGroup::Split { dim, sizes: it.map(|e| self.expr(e)).collect() }
+            }
+            _ => LayoutGroup::Dims(
+                inner
+                    .map(|a| {
+                        let inner = a.into_inner().next().expect("atom");
+                        match inner.as_rule() {
+                            Rule::rope_atom => {
+                                let d = inner.into_inner().find(|x| x.as_rule() == Rule::ident);
+                                LayoutAtom { dim: self.ident(d.expect("rope dim")), rope: true }
+                            }
+                            _ => LayoutAtom { dim: self.ident(inner), rope: false },
+                        }
+                    })
+                    .collect(),
+            ),
+        }
     }
 
     fn section(&self, p: Pair<Rule>) -> Section {

@@ -361,9 +361,15 @@ pub fn weight_rule(r: &WeightRule) -> String {
         let atom = |a: &LayoutAtom| if a.rope { format!("rope({})", a.dim.name) } else { a.dim.name.clone() };
         let groups: Vec<String> = groups
             .iter()
-            .map(|g| match g.as_slice() {
-                [one] => atom(one),
-                _ => format!("({})", g.iter().map(atom).collect::<Vec<_>>().join(", ")),
+            .map(|g| match g {
+                LayoutGroup::Dims(atoms) => match atoms.as_slice() {
+                    [one] => atom(one),
+                    _ => format!("({})", atoms.iter().map(atom).collect::<Vec<_>>().join(", ")),
+                },
+                LayoutGroup::Unit(_) => "1".to_string(),
+                LayoutGroup::Split { dim, sizes } => {
+                    format!("{}: ({})", dim.name, sizes.iter().map(expr).collect::<Vec<_>>().join(", "))
+                }
             })
             .collect();
         s += &format!(" [{}]", groups.join(", "));

@@ -26,7 +26,7 @@ pub fn tensors<'a>(map: &'a WeightMap, params: &[Param]) -> Vec<Placed<'a>> {
     for rule in &map.rules {
         let Some(t) = &rule.target else { continue };
         let p = &params[t.param];
-        let shape: Vec<u64> = t.layout.iter().map(|g| g.iter().map(|&(d, _)| p.ty.dims[d].size).product()).collect();
+        let shape: Vec<u64> = t.layout.iter().map(|g| g.iter().map(|part| part.size).product()).collect();
         match p.ty.dims.first().filter(|d| d.name == "layer") {
             Some(stack) => {
                 for i in 0..stack.size {
@@ -61,18 +61,17 @@ fn walk(p: &Param, t: &MapTarget, stack: Option<u64>) -> (Vec<u64>, Vec<u64>, u6
         base += i * strides[d];
     }
     let (mut sizes, mut steps) = (Vec::new(), Vec::new());
-    for g in &t.layout {
-        for &(d, rope) in g {
-            match rope {
-                // Stored as two halves [h, p] of the pairs (2p + h) that `rope` rotates.
-                true => {
-                    sizes.extend([2, dims[d].size / 2]);
-                    steps.extend([strides[d], 2 * strides[d]]);
-                }
-                false => {
-                    sizes.push(dims[d].size);
-                    steps.push(strides[d]);
-                }
+    for part in t.layout.iter().flatten() {
+        let step = strides[part.dim] * part.inner;
+        match part.rope {
+            // Stored as two halves [h, p] of the pairs (2p + h) that `rope` rotates.
+            true => {
+                sizes.extend([2, part.size / 2]);
+                steps.extend([step, 2 * step]);
+            }
+            false => {
+                sizes.push(part.size);
+                steps.push(step);
             }
         }
     }
