@@ -837,36 +837,30 @@ fn train_from_a_hugging_face_checkpoint_and_export_it() {
 /// LoRA from a Hugging Face checkpoint: `train --init` with `train.lora`
 /// trains adapters over the imported weights; `tessera merge` folds them
 /// in, and the merged weights, in the model without adapters, give the
-/// LoRA model's logits (within 1e-5); `tessera export` of the run writes
-/// those merged weights.
+/// LoRA model's logits (within 1e-5); each checkpoint's adapters.safetensors
+/// holds the adapters alone and, with the base (`--weights BASE --weights
+/// ADAPTERS`), gives the run's weights and samples; `tessera export` of the
+/// run writes the merged weights.
 #[test]
 fn lora_from_a_checkpoint_merges_and_exports() {
     let dir = std::env::temp_dir().join(format!("tessera-cli-lora-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let run = dir.join("run").to_string_lossy().into_owned();
-    let spec = "tests/fixtures/hf/gpt2-tiny.spec";
-    let lora = ["--set", "train.lora.rank=4", "--set", r#"train.lora.targets=["*.wqkv", "*.w_in"]"#];
-    let base = ["train", spec, "--init", "tests/fixtures/hf/gpt2-tiny", "--out", &run];
-    let rest =
-        ["--data", "data/shakespeare/shakespeare.txt", "--steps", "3", "--set", "train.optimizer=adamw(lr = 1e-2)"];
-    let o = tessera(&[&base[..], &lora[..], &rest[..]].concat());
+    let (spec, base_spec, hf) =
+        ("tests/fixtures/hf/gpt2-tiny-lora.spec", "tests/fixtures/hf/gpt2-tiny.spec", "tests/fixtures/hf/gpt2-tiny");
+    let o = tessera(&["train", spec, "--init", hf, "--out", &run, "--data", "data/shakespeare/shakespeare.txt"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("16 of 20 parameters") && stderr(&o).contains("wqkv.lora_a"), "{}", stderr(&o));
     let merged = dir.join("merged.safetensors").to_string_lossy().into_owned();
     let o = tessera(&["merge", &run, "--out", &merged]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("16 parameters, 2 adapter pairs folded in"), "{}", stderr(&o));
-    let check = |sets: &[&str]| {
-        let opts = tessera::compiler::Options {
-            overrides: sets.iter().map(|s| s.to_string()).collect(),
-            micro_batch: Some(1),
-            ..Default::default()
-        };
+    let check = |spec: &str| {
+        let opts = tessera::compiler::Options { micro_batch: Some(1), ..Default::default() };
         tessera::compiler::check_path(&mut tessera::compiler::SourceMap::new(), std::path::Path::new(spec), &opts)
             .expect("checks")
     };
-    let with_lora = check(&["train.lora.rank=4", r#"train.lora.targets=["*.wqkv", "*.w_in"]"#]);
-    let plain = check(&[]);
+    let (with_lora, plain) = (check(spec), check(base_spec));
     let trained =
         tessera::runtime::train::checkpoint::load_params(std::path::Path::new(&run), &with_lora.params).expect("loads");
     let folded = tessera::runtime::weights::load_params(std::path::Path::new(&merged), &plain.params).expect("loads");
@@ -876,20 +870,41 @@ fn lora_from_a_checkpoint_merges_and_exports() {
     };
     let (a, b) = (logits(&with_lora, &trained), logits(&plain, &folded));
     let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let moved = {
-        let original = tessera::runtime::weights::load(
-            std::path::Path::new("tests/fixtures/hf/gpt2-tiny"),
-            &plain.params,
-            &plain.weights,
-        )
-        .expect("loads");
-        logits(&plain, &original.params.into_iter().flatten().collect::<Vec<_>>())
-    };
+    let original =
+        tessera::runtime::weights::load(std::path::Path::new(hf), &plain.params, &plain.weights).expect("loads");
+    let moved = logits(&plain, &original.params.into_iter().flatten().collect::<Vec<_>>());
     let change = a.iter().zip(&moved).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(change > 1e-3, "the adapters changed the logits by only {change}");
     assert!(worst <= 1e-5, "merged weights give logits {worst} away from the LoRA model's");
-    let hf = dir.join("hf").to_string_lossy().into_owned();
-    let o = tessera(&["export", &run, "--to", "hf", &hf]);
+    // The checkpoint's adapters.safetensors holds the adapters alone; with
+    // the published base it gives the run's weights bit for bit.
+    let latest = std::fs::read_to_string(dir.join("run/latest")).expect("latest");
+    let adapters = dir.join("run").join(latest.trim()).join("adapters.safetensors");
+    let file = tessera::runtime::weights::WeightFile::open(&adapters).expect("opens");
+    assert_eq!(file.tensors().len(), 4, "two adapter pairs, nothing else");
+    let parts = vec![
+        (
+            std::path::PathBuf::from(hf),
+            tessera::runtime::weights::load_part(std::path::Path::new(hf), &with_lora.params, &with_lora.weights)
+                .expect("base"),
+        ),
+        (
+            adapters.clone(),
+            tessera::runtime::weights::load_part(&adapters, &with_lora.params, &with_lora.weights).expect("adapters"),
+        ),
+    ];
+    let both = tessera::runtime::weights::combine(parts, &with_lora.params).expect("combines");
+    for (x, y) in trained.iter().zip(&both.params) {
+        assert!(x.data.iter().zip(&y.as_ref().expect("all").data).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+    let greedy = ["--temperature", "0", "--tokens", "12", "--prompt", "ab"];
+    let from_run = tessera(&[&["sample", &run][..], &greedy].concat());
+    let ad = adapters.to_string_lossy().into_owned();
+    let from_files = tessera(&[&["sample", "--weights", hf, "--weights", &ad, "--spec", spec][..], &greedy].concat());
+    assert!(from_run.status.success() && from_files.status.success(), "{}", stderr(&from_files));
+    assert_eq!(stdout(&from_run), stdout(&from_files));
+    let out = dir.join("hf").to_string_lossy().into_owned();
+    let o = tessera(&["export", &run, "--to", "hf", &out]);
     assert!(o.status.success() && stderr(&o).contains("adapters are folded"), "{}", stderr(&o));
     let exported = tessera::runtime::weights::load(&dir.join("hf"), &plain.params, &plain.weights).expect("loads");
     for (x, y) in folded.iter().zip(&exported.params) {

@@ -113,9 +113,11 @@ enum Command {
         /// fresh optimizer state at step 0: a Tessera checkpoint (a run folder
         /// or a step-* folder), a safetensors file or sharded index, or a GGUF
         /// file, whose tensors are named by the spec's parameter paths. Every
-        /// parameter and tensor is checked before the run starts.
+        /// parameter and tensor is checked before the run starts. Given more
+        /// than once, the files together hold the weights, each parameter
+        /// in one of them (a base model and a LoRA run's adapters.safetensors).
         #[arg(long, conflicts_with = "resume", value_name = "PATH")]
-        init: Option<PathBuf>,
+        init: Vec<PathBuf>,
         /// Random seed (default: the spec's `train.seed`, or the checkpoint's on --resume).
         #[arg(long, allow_negative_numbers = true, value_parser = whole)]
         seed: Option<u64>,
@@ -192,7 +194,7 @@ enum Command {
         /// sharded index or GGUF, its tensors named by the spec's parameter
         /// paths); needs --spec.
         #[arg(long, conflicts_with = "checkpoint", requires = "spec", value_name = "PATH")]
-        weights: Option<PathBuf>,
+        weights: Vec<PathBuf>,
         #[arg(long, default_value = "")]
         prompt: String,
         /// A user message to answer: the prompt is the model's chat template
@@ -689,15 +691,14 @@ fn command(args: Vec<OsString>) -> ExitCode {
         } => {
             let flags = SampleFlags { tokens, temperature, top_k, top_p, seed, kv_cache: !no_kv_cache };
             let from = match (checkpoint, weights) {
-                (_, Some(w)) => Weights::File(w),
-                (Some(c), None) => Weights::Checkpoint(c),
-                (None, None) => unreachable!("clap requires one"),
+                (Some(c), _) => Weights::Checkpoint(c),
+                (None, w) => Weights::File(w),
             };
             let prompt = match (&chat, &from) {
                 (Some(message), Weights::File(w)) => {
-                    match tessera_runtime::train::tokenizer::ChatTemplate::of_weights(w)
+                    match tessera_runtime::train::tokenizer::ChatTemplate::of_weights(&w[0])
                         .ok_or_else(|| {
-                            format!("{} carries no chat template; pass the prompt with --prompt", w.display())
+                            format!("{} carries no chat template; pass the prompt with --prompt", w[0].display())
                         })
                         .and_then(|t| t.render(&[("user", message)]).map_err(|e| e.to_string()))
                     {
@@ -1151,7 +1152,7 @@ struct RunArgs {
     allow_changes: bool,
     overwrite: bool,
     /// Weights to start from (`--init`).
-    init: Option<PathBuf>,
+    init: Vec<PathBuf>,
     seed: Option<u64>,
     data: Option<PathBuf>,
     eval_interval: Option<u64>,
@@ -1193,10 +1194,10 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             Err(e) => return fail(&e),
         };
     // --init: the weights are read and checked before the run folder is touched.
-    let init = match &init {
-        None => None,
-        Some(p) => match init_weights(p, &m) {
-            Ok(w) => Some((p.clone(), w)),
+    let init = match init.as_slice() {
+        [] => None,
+        paths => match init_weights_all(paths, &m) {
+            Ok(w) => Some((paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" + "), w)),
             Err(e) => return fail(&e),
         },
     };
@@ -1350,7 +1351,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             let absent = loaded.absent(&m.params);
             eprintln!(
                 "note: the weights start from {} (named by {}; {} of {} parameters)",
-                path.display(),
+                path,
                 loaded.naming,
                 weights.len() - absent.len(),
                 weights.len()
@@ -1359,7 +1360,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
                 eprintln!(
                     "note: {} parameter(s) are not in {} and start fresh: {}",
                     absent.len(),
-                    path.display(),
+                    path,
                     absent.join(", ")
                 );
             }
@@ -1491,6 +1492,23 @@ fn restart_count() -> Option<u64> {
 /// Whether `path` is a Tessera checkpoint: a run folder or a `step-*` folder.
 fn is_checkpoint(path: &Path) -> bool {
     path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists())
+}
+
+/// Weights from several paths, each parameter from the one that holds it
+/// (`--init BASE --init ADAPTERS`); one path reads as [`init_weights`].
+fn init_weights_all(paths: &[PathBuf], m: &Model) -> Result<tessera_runtime::weights::Loaded, String> {
+    if let [one] = paths {
+        return init_weights(one, m);
+    }
+    let mut parts = Vec::new();
+    for p in paths {
+        let l = match is_checkpoint(p) {
+            true => init_weights(p, m)?,
+            false => tessera_runtime::weights::load_part(p, &m.params, &m.weights).map_err(|e| e.to_string())?,
+        };
+        parts.push((p.clone(), l));
+    }
+    tessera_runtime::weights::combine(parts, &m.params).map_err(|e| e.to_string())
 }
 
 /// Weights from `path`: a Tessera checkpoint's (a run or `step-*` folder),
@@ -1723,7 +1741,7 @@ enum Weights {
     /// A run or `step-*` folder, which records its spec.
     Checkpoint(PathBuf),
     /// A weights file named by parameter paths (`--weights`, with `--spec`).
-    File(PathBuf),
+    File(Vec<PathBuf>),
 }
 
 fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFlags) -> Result<String, ExitCode> {
@@ -1734,7 +1752,7 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
     };
     let (checkpoint, (recorded, overrides)) = match from {
         Weights::Checkpoint(c) => (c, checkpoint::spec_of(c).map_err(|e| fail(&e))?),
-        Weights::File(w) => (w, (None, Vec::new())),
+        Weights::File(w) => (&w[0], (None, Vec::new())),
     };
     let spec = match (spec, recorded) {
         (Some(s), _) => s,
@@ -1748,7 +1766,11 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         (None, None) => return Err(fail(&"the checkpoint does not record its spec; pass --spec FILE")),
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
-    let loaded = init_weights(checkpoint, &m).map_err(|e| fail(&e))?;
+    let loaded = match from {
+        Weights::File(paths) => init_weights_all(paths, &m),
+        Weights::Checkpoint(c) => init_weights(c, &m),
+    }
+    .map_err(|e| fail(&e))?;
     // Adapters a file lacks start as a fresh run draws them: B = 0, no change to their weights.
     let absent: Vec<&str> = loaded
         .absent(&m.params)
@@ -1771,7 +1793,7 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         .map(|(k, w)| w.unwrap_or_else(|| tessera_runtime::init::init_param(&m.params[k], k, 0)))
         .collect();
     let tok = match (&from, m.train.as_ref().and_then(|t| t.tokenizer.as_deref())) {
-        (Weights::File(w), None) => match weights_tokenizer(w) {
+        (Weights::File(w), None) => match weights_tokenizer(&w[0]) {
             Some(t) => t.map_err(|e| fail(&e))?,
             None => tokenizer_of(&m)?,
         },

@@ -169,7 +169,10 @@ impl Printer<'_> {
             Some((base, overrides)) => {
                 let o: Vec<String> =
                     overrides.iter().map(|d| format!("{} = {}", d.name.name, expr(&d.value))).collect();
-                format!("model {} = {} with {{ {} }}", m.name.name, base.name, o.join(", "))
+                match o.is_empty() {
+                    true => format!("model {} = {} with {{}}", m.name.name, base.name),
+                    false => format!("model {} = {} with {{ {} }}", m.name.name, base.name, o.join(", ")),
+                }
             }
             None => format!("model {}", m.name.name),
         };

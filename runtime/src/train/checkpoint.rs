@@ -1,6 +1,7 @@
 //! Checkpoints: `DIR/step-NNNNNNNN/` holds `model.safetensors` (tensors named
 //! by the spec's parameter paths), `optimizer.safetensors` (`m.PATH`,
-//! `v.PATH`) and `state.json`; `DIR/latest` names the newest one.
+//! `v.PATH`), `state.json`, and for a LoRA run `adapters.safetensors` (the
+//! adapters alone); `DIR/latest` names the newest one.
 //!
 //! Tensors are logical, whatever the layout that trained them: the ranks'
 //! shards are assembled first (`train::ranks`), expert weights are indexed by
@@ -195,6 +196,8 @@ pub struct Snapshot {
     state: serde_json::Value,
     params: Vec<Tensor<f32>>,
     opt: OptimizerState,
+    /// The LoRA adapters among the parameters (`train.lora`), by index.
+    adapters: Vec<usize>,
 }
 
 impl Snapshot {
@@ -208,7 +211,8 @@ impl Snapshot {
     ) -> Snapshot {
         let state = state_json(model, &opt, step, run, "logical");
         let paths = model.step.params.iter().map(|p| p.path.clone()).collect();
-        Snapshot { model: model.name.clone(), step, paths, state, params, opt }
+        let adapters = (0..model.step.params.len()).filter(|&k| model.step.params[k].adapter_of.is_some()).collect();
+        Snapshot { model: model.name.clone(), step, paths, state, params, opt, adapters }
     }
 
     /// Write it under `out` as `step-N`, atomically: into a temporary
@@ -231,6 +235,11 @@ impl Snapshot {
         }
         for (p, t) in self.paths.iter().zip(&self.opt.v) {
             named.push((format!("v.{p}"), t));
+        }
+        // A LoRA run's adapters alone (a few MB), to apply to the base weights elsewhere.
+        if !self.adapters.is_empty() {
+            let named = self.adapters.iter().map(|&k| (self.paths[k].clone(), &self.params[k])).collect();
+            write_tensors(&tmp.join("adapters.safetensors"), named, meta.clone())?;
         }
         write_tensors(&tmp.join("optimizer.safetensors"), named, meta)?;
         std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&self.state).unwrap_or_default())

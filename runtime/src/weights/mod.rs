@@ -342,12 +342,61 @@ pub fn load(
     params: &[tessera_compiler::ir::Param],
     maps: &[tessera_compiler::model::WeightMap],
 ) -> Result<Loaded, WeightsError> {
+    load_with(path, params, maps, true)
+}
+
+/// [`load`] for one of several files that together hold the weights (a
+/// base checkpoint and a LoRA run's `adapters.safetensors`): a file named
+/// by parameter paths may hold any of them; [`combine`] checks the whole.
+pub fn load_part(
+    path: &Path,
+    params: &[tessera_compiler::ir::Param],
+    maps: &[tessera_compiler::model::WeightMap],
+) -> Result<Loaded, WeightsError> {
+    load_with(path, params, maps, false)
+}
+
+/// The weights of several files, each parameter from the one file that
+/// holds it; a parameter two files hold is an error that names both.
+pub fn combine(parts: Vec<(PathBuf, Loaded)>, params: &[tessera_compiler::ir::Param]) -> Result<Loaded, WeightsError> {
+    let mut out: Vec<Option<crate::tensor::Tensor<f32>>> = vec![None; params.len()];
+    let mut from: Vec<Option<&Path>> = vec![None; params.len()];
+    let mut naming = Vec::new();
+    for (path, l) in &parts {
+        naming.push(format!("{} ({})", path.display(), l.naming));
+        for (k, t) in l.params.iter().enumerate() {
+            let Some(t) = t else { continue };
+            if let Some(first) = from[k] {
+                return Err(WeightsError::new(
+                    path,
+                    format!(
+                        "it holds `{}`, which {} holds too; pass each parameter in one file",
+                        params[k].path,
+                        first.display()
+                    ),
+                ));
+            }
+            from[k] = Some(path);
+            out[k] = Some(t.clone());
+        }
+    }
+    Ok(Loaded { naming: naming.join(" and "), params: out })
+}
+
+fn load_with(
+    path: &Path,
+    params: &[tessera_compiler::ir::Param],
+    maps: &[tessera_compiler::model::WeightMap],
+    whole: bool,
+) -> Result<Loaded, WeightsError> {
     let w = WeightFile::open(path)?;
     if params.iter().any(|p| w.get(&p.path).is_some()) || maps.is_empty() {
         // LoRA adapters the file lacks (the weights of the model without
-        // them) are absent: they start as a fresh run draws them.
-        let held: Vec<usize> =
-            (0..params.len()).filter(|&k| params[k].adapter_of.is_none() || w.get(&params[k].path).is_some()).collect();
+        // them) are absent: they start as a fresh run draws them. Part of
+        // several files, it holds what it holds.
+        let held: Vec<usize> = (0..params.len())
+            .filter(|&k| (whole && params[k].adapter_of.is_none()) || w.get(&params[k].path).is_some())
+            .collect();
         let subset: Vec<tessera_compiler::ir::Param> = held.iter().map(|&k| params[k].clone()).collect();
         let mut all: Vec<Option<crate::tensor::Tensor<f32>>> = vec![None; params.len()];
         for (k, t) in held.into_iter().zip(load_params_from(&w, &subset)?) {
