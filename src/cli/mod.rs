@@ -1581,6 +1581,17 @@ fn model_of(checkpoint: &Path, spec: Option<PathBuf>) -> Result<Model, ExitCode>
     recheck_for_sampling(&spec, &overrides)
 }
 
+/// Every parameter's weights from `checkpoint` (a run, a `step-*` folder or
+/// a weights file): one missing is an error that names it.
+fn every_weight(checkpoint: &Path, m: &Model) -> Result<Vec<tessera_runtime::tensor::Tensor<f32>>, String> {
+    let loaded = init_weights(checkpoint, m)?;
+    let absent = loaded.absent(&m.params);
+    if !absent.is_empty() {
+        return Err(format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
+    }
+    Ok(loaded.params.into_iter().flatten().collect())
+}
+
 /// `tessera merge`: a LoRA run's weights with its adapters folded in.
 fn merge(checkpoint: &Path, out: &Path, spec: Option<PathBuf>) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
@@ -1595,15 +1606,10 @@ fn merge(checkpoint: &Path, out: &Path, spec: Option<PathBuf>) -> ExitCode {
     if pairs == 0 {
         return fail(&format!("`{}` has no LoRA adapters to merge (its spec sets no `train.lora`)", m.name));
     }
-    let loaded = match init_weights(checkpoint, &m) {
-        Ok(l) => l,
+    let weights = match every_weight(checkpoint, &m) {
+        Ok(w) => w,
         Err(e) => return fail(&e),
     };
-    let absent = loaded.absent(&m.params);
-    if !absent.is_empty() {
-        return fail(&format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
-    }
-    let weights: Vec<_> = loaded.params.into_iter().flatten().collect();
     let merged = match tessera_runtime::lora::merged(&m, &weights) {
         Ok(w) => w,
         Err(e) => return fail(&e),
@@ -1643,15 +1649,10 @@ fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> Exi
             map.model
         ));
     }
-    let loaded = match init_weights(checkpoint, &m) {
-        Ok(l) => l,
+    let weights = match every_weight(checkpoint, &m) {
+        Ok(w) => w,
         Err(e) => return fail(&e),
     };
-    let absent = loaded.absent(&m.params);
-    if !absent.is_empty() {
-        return fail(&format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
-    }
-    let weights: Vec<_> = loaded.params.into_iter().flatten().collect();
     // A LoRA run exports its merged weights: what the adapters learned is in them.
     let (params, weights) = match m.params.iter().any(|p| p.adapter_of.is_some()) {
         true => match tessera_runtime::lora::merged(&m, &weights) {

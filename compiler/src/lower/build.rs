@@ -101,22 +101,7 @@ pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Progr
         .ok_or_else(|| fail("generation needs a `tokens` input".into()))?;
     let seq = m.inputs[tokens].ty.dims.last().ok_or_else(|| fail("`tokens` has no dims".into()))?;
     let run = m.inputs[tokens].ty.numel() / seq.size.max(1) * chunk.unwrap_or(seq.size);
-    let prog = RankProgram {
-        rank: 0,
-        coords: Vec::new(),
-        graph: dropless(&m.graph, run),
-        loss: logits,
-        param_grads: Vec::new(),
-        params: m
-            .params
-            .iter()
-            .map(|p| crate::parallel::ParamShard { local: p.clone(), splits: Vec::new(), held: true })
-            .collect(),
-        prologue: Vec::new(),
-        step: Vec::new(),
-        stage: None,
-        micro: 1,
-    };
+    let prog = one_device(m, run, logits);
     let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
     let mut b = Builder::new(&prog, &mesh);
     b.act = storage(m).map_err(fail)?;
@@ -140,11 +125,23 @@ pub fn lower_forward(m: &Model, output: &str, fuse: bool) -> Result<Program, Low
         fail(format!("`{}` has no value `{output}` (its named values: {})", m.name, names.join(", ")))
     })?;
     let tokens: u64 = m.inputs.first().map(|x| x.ty.numel()).unwrap_or(1);
-    let prog = RankProgram {
+    let prog = one_device(m, tokens, out);
+    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
+    let mut b = Builder::new(&prog, &mesh);
+    b.act = storage(m).map_err(fail)?;
+    b.training = false;
+    b.forward(m).map_err(fail)?;
+    Ok(b.finish(fuse))
+}
+
+/// The program of one device that computes `value` of `m`'s graph (made
+/// dropless for runs of `tokens` tokens), every weight held whole.
+fn one_device(m: &Model, tokens: u64, value: ValueId) -> RankProgram {
+    RankProgram {
         rank: 0,
         coords: Vec::new(),
         graph: dropless(&m.graph, tokens),
-        loss: out,
+        loss: value,
         param_grads: Vec::new(),
         params: m
             .params
@@ -155,13 +152,7 @@ pub fn lower_forward(m: &Model, output: &str, fuse: bool) -> Result<Program, Low
         step: Vec::new(),
         stage: None,
         micro: 1,
-    };
-    let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
-    let mut b = Builder::new(&prog, &mesh);
-    b.act = storage(m).map_err(fail)?;
-    b.training = false;
-    b.forward(m).map_err(fail)?;
-    Ok(b.finish(fuse))
+    }
 }
 
 /// `g` with every `top_k` dropless for runs of `tokens` tokens: no capacity,

@@ -515,8 +515,9 @@ impl Store {
 
     /// [`Store::join`] for attempt `round` of a job that restarts (as
     /// torchelastic's rendezvous rounds): a store of another attempt (the
-    /// previous one's rank 0, still going down) turns this rank away, and it
-    /// tries again until its own attempt's store is up or `timeout` passes.
+    /// previous one's rank 0, still going down) turns this rank away, or
+    /// closes on it as it goes down, and it tries again until its own
+    /// attempt's store is up or `timeout` passes.
     pub fn join_round(
         host: &str,
         port: u16,
@@ -531,6 +532,12 @@ impl Store {
                 Err(StoreError::Refused { message, .. })
                     if message.starts_with(OTHER_ROUND) && t0.elapsed() < timeout =>
                 {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                // A restart that reached the previous attempt's store as it
+                // went down (its rank 0 failing too): try again for this
+                // attempt's store.
+                Err(StoreError::HostGone { .. }) if round > 0 && t0.elapsed() < timeout => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(StoreError::Refused { rank, op, message }) => {
@@ -971,6 +978,28 @@ mod tests {
         old.abort("attempt 0 failed");
         let mut host = Store::join_round("127.0.0.1", port, 0, 2, 1, T).unwrap();
         let mut one = next.join().unwrap().expect("meets the store of its attempt");
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| host.barrier("met"));
+            let b = s.spawn(|| one.barrier("met"));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    }
+
+    /// A rank of the next attempt that reaches the previous attempt's store
+    /// as it goes down (the connection closes in the middle of joining)
+    /// tries again and meets its own attempt's store.
+    #[test]
+    fn a_store_closing_during_a_restart_join_is_tried_again() {
+        let port = free_port();
+        // The dying store: it takes one connection and closes it unanswered.
+        let dying = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let next = std::thread::spawn(move || Store::join_round("127.0.0.1", port, 1, 2, 1, T));
+        let (conn, _) = dying.accept().unwrap();
+        drop(conn);
+        drop(dying);
+        let mut host = Store::join_round("127.0.0.1", port, 0, 2, 1, T).unwrap();
+        let mut one = next.join().unwrap().expect("tries again and meets the store of its attempt");
         let (a, b) = std::thread::scope(|s| {
             let a = s.spawn(|| host.barrier("met"));
             let b = s.spawn(|| one.barrier("met"));
