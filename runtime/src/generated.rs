@@ -146,26 +146,16 @@ impl Spec {
     /// GGUF; docs/inference.md), which must hold every parameter.
     pub fn load(&self, path: &Path) -> Result<Vec<Tensor>, Error> {
         let m = self.check(None)?;
-        if path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists()) {
-            return Ok(checkpoint::load_params(path, &m.params)?);
+        // Tessera's own weights file: read with its checksums verified.
+        if path.is_file() {
+            let file = crate::weights::WeightFile::open(path)?;
+            if file.format() == crate::weights::Format::Safetensors
+                && m.params.first().is_some_and(|p| file.get(&p.path).is_some())
+            {
+                return Ok(checkpoint::read_params(path, &m.params)?);
+            }
         }
-        let file = crate::weights::WeightFile::open(path)?;
-        let own = file.format() == crate::weights::Format::Safetensors
-            && m.params.first().is_some_and(|p| file.get(&p.path).is_some());
-        if own && path.is_file() {
-            return Ok(checkpoint::read_params(path, &m.params)?);
-        }
-        let loaded = crate::weights::load(path, &m.params, &m.weights)?;
-        let absent = loaded.absent(&m.params);
-        if !absent.is_empty() {
-            return Err(Error(format!(
-                "{} does not hold {} of the model's parameters: {}",
-                path.display(),
-                absent.len(),
-                absent.join(", ")
-            )));
-        }
-        Ok(loaded.params.into_iter().flatten().collect())
+        Ok(crate::weights::read(path, &m)?.every(&m.params, path)?)
     }
 
     /// Write logical weights to a safetensors file, atomically.

@@ -1196,7 +1196,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     // --init: the weights are read and checked before the run folder is touched.
     let init = match init.as_slice() {
         [] => None,
-        paths => match init_weights_all(paths, &m) {
+        paths => match tessera_runtime::weights::read_parts(paths, &m) {
             Ok(w) => Some((paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" + "), w)),
             Err(e) => return fail(&e),
         },
@@ -1333,26 +1333,22 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         eprintln!("warning: resuming with a change (--allow-changes): {c}");
     }
     // A restart resumes from the run's own checkpoint instead.
-    if let Some((path, loaded)) = &init
+    if let Some((path, loaded)) = init
         && trainer.cfg.resume.is_none()
     {
+        let absent = loaded.absent(&m.params);
+        let naming = loaded.naming.clone();
         // Parameters the file's mapping does not name (a new head) start as
         // a fresh run would draw them.
-        let weights: Vec<tessera_runtime::tensor::Tensor<f32>> = loaded
-            .params
-            .iter()
-            .enumerate()
-            .map(|(k, w)| w.clone().unwrap_or_else(|| tessera_runtime::init::init_param(&m.params[k], k, seed)))
-            .collect();
+        let weights = loaded.or_fresh(&m.params, seed);
         if let Err(e) = trainer.set_weights(&weights) {
             return fail(&e);
         }
         if writer {
-            let absent = loaded.absent(&m.params);
             eprintln!(
                 "note: the weights start from {} (named by {}; {} of {} parameters)",
                 path,
-                loaded.naming,
+                naming,
                 weights.len() - absent.len(),
                 weights.len()
             );
@@ -1489,56 +1485,6 @@ fn restart_count() -> Option<u64> {
     std::env::var("TORCHELASTIC_RESTART_COUNT").ok()?.trim().parse().ok()
 }
 
-/// Whether `path` is a Tessera checkpoint: a run folder or a `step-*` folder.
-fn is_checkpoint(path: &Path) -> bool {
-    path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists())
-}
-
-/// Weights from several paths, each parameter from the one that holds it
-/// (`--init BASE --init ADAPTERS`); one path reads as [`init_weights`].
-fn init_weights_all(paths: &[PathBuf], m: &Model) -> Result<tessera_runtime::weights::Loaded, String> {
-    if let [one] = paths {
-        return init_weights(one, m);
-    }
-    let mut parts = Vec::new();
-    for p in paths {
-        let l = match is_checkpoint(p) {
-            true => init_weights(p, m)?,
-            false => tessera_runtime::weights::load_part(p, &m.params, &m.weights).map_err(|e| e.to_string())?,
-        };
-        parts.push((p.clone(), l));
-    }
-    tessera_runtime::weights::combine(parts, &m.params).map_err(|e| e.to_string())
-}
-
-/// Weights from `path`: a Tessera checkpoint's (a run or `step-*` folder),
-/// or a weights file's, its tensors named by the parameter paths or as one
-/// of the spec's `weights` mappings says.
-fn init_weights(path: &std::path::Path, m: &Model) -> Result<tessera_runtime::weights::Loaded, String> {
-    use tessera_runtime::train::checkpoint::load_params;
-    match is_checkpoint(path) {
-        true => {
-            let loaded = |params: Vec<Option<tessera_runtime::tensor::Tensor<f32>>>| tessera_runtime::weights::Loaded {
-                naming: "a Tessera checkpoint".into(),
-                params,
-            };
-            match load_params(path, &m.params) {
-                Ok(w) => Ok(loaded(w.into_iter().map(Some).collect())),
-                // A checkpoint of the model without its LoRA adapters: they start fresh.
-                Err(e) if m.params.iter().any(|p| p.adapter_of.is_some()) => {
-                    let base = tessera_runtime::lora::base_params(m);
-                    let w = load_params(path, &base).map_err(|_| e.to_string())?;
-                    let mut all: Vec<_> = w.into_iter().map(Some).collect();
-                    all.resize(m.params.len(), None);
-                    Ok(loaded(all))
-                }
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        false => tessera_runtime::weights::load(path, &m.params, &m.weights).map_err(|e| e.to_string()),
-    }
-}
-
 /// Keep the metrics records of steps up to `step` (a resume redoes the rest).
 fn truncate_metrics(path: &Path, step: u64) -> Result<(), String> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
@@ -1567,7 +1513,7 @@ fn recheck_for_sampling(spec: &std::path::Path, overrides: &[String]) -> Result<
 /// The model of a checkpoint: checked from `spec`, else from the spec and
 /// overrides the checkpoint records.
 fn model_of(checkpoint: &Path, spec: Option<PathBuf>) -> Result<Model, ExitCode> {
-    let (recorded, overrides) = match is_checkpoint(checkpoint) {
+    let (recorded, overrides) = match tessera_runtime::train::checkpoint::is_checkpoint(checkpoint) {
         true => tessera_runtime::train::checkpoint::spec_of(checkpoint).map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(1)
@@ -1579,17 +1525,6 @@ fn model_of(checkpoint: &Path, spec: Option<PathBuf>) -> Result<Model, ExitCode>
         return Err(ExitCode::from(1));
     };
     recheck_for_sampling(&spec, &overrides)
-}
-
-/// Every parameter's weights from `checkpoint` (a run, a `step-*` folder or
-/// a weights file): one missing is an error that names it.
-fn every_weight(checkpoint: &Path, m: &Model) -> Result<Vec<tessera_runtime::tensor::Tensor<f32>>, String> {
-    let loaded = init_weights(checkpoint, m)?;
-    let absent = loaded.absent(&m.params);
-    if !absent.is_empty() {
-        return Err(format!("{} does not hold every parameter ({})", checkpoint.display(), absent.join(", ")));
-    }
-    Ok(loaded.params.into_iter().flatten().collect())
 }
 
 /// `tessera merge`: a LoRA run's weights with its adapters folded in.
@@ -1606,7 +1541,7 @@ fn merge(checkpoint: &Path, out: &Path, spec: Option<PathBuf>) -> ExitCode {
     if pairs == 0 {
         return fail(&format!("`{}` has no LoRA adapters to merge (its spec sets no `train.lora`)", m.name));
     }
-    let weights = match every_weight(checkpoint, &m) {
+    let weights = match tessera_runtime::weights::read(checkpoint, &m).and_then(|l| l.every(&m.params, checkpoint)) {
         Ok(w) => w,
         Err(e) => return fail(&e),
     };
@@ -1649,7 +1584,7 @@ fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> Exi
             map.model
         ));
     }
-    let weights = match every_weight(checkpoint, &m) {
+    let weights = match tessera_runtime::weights::read(checkpoint, &m).and_then(|l| l.every(&m.params, checkpoint)) {
         Ok(w) => w,
         Err(e) => return fail(&e),
     };
@@ -1684,23 +1619,6 @@ fn export(checkpoint: &Path, to: &str, out: &Path, spec: Option<PathBuf>) -> Exi
         }
         Err(e) => fail(&e),
     }
-}
-
-/// The tokenizer a weights file carries, where the spec names none: a
-/// GGUF's (in its metadata), or the `tokenizer.json` beside a safetensors
-/// checkpoint. `None`: the file carries none.
-fn weights_tokenizer(
-    path: &Path,
-) -> Option<Result<tessera_runtime::train::tokenizer::Tokenizer, tessera_runtime::train::TrainError>> {
-    use tessera_runtime::train::tokenizer::Tokenizer;
-    if path.extension().is_some_and(|e| e == "gguf") {
-        let has = tessera_runtime::weights::WeightFile::open(path)
-            .is_ok_and(|w| w.metadata.contains_key("tokenizer.ggml.tokens"));
-        return has.then(|| Tokenizer::from_gguf(path));
-    }
-    let dir = if path.is_dir() { path } else { path.parent()? };
-    let json = dir.join("tokenizer.json");
-    json.is_file().then(|| Tokenizer::from_file(&json))
 }
 
 /// The model's tokenizer (its `train.tokenizer`, bytes by default).
@@ -1768,8 +1686,8 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
     };
     let m = recheck_for_sampling(&spec, &overrides)?;
     let loaded = match from {
-        Weights::File(paths) => init_weights_all(paths, &m),
-        Weights::Checkpoint(c) => init_weights(c, &m),
+        Weights::File(paths) => tessera_runtime::weights::read_parts(paths, &m),
+        Weights::Checkpoint(c) => tessera_runtime::weights::read(c, &m),
     }
     .map_err(|e| fail(&e))?;
     // Adapters a file lacks start as a fresh run draws them: B = 0, no change to their weights.
@@ -1787,14 +1705,9 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
             absent.join(", ")
         )));
     }
-    let params: Vec<_> = loaded
-        .params
-        .into_iter()
-        .enumerate()
-        .map(|(k, w)| w.unwrap_or_else(|| tessera_runtime::init::init_param(&m.params[k], k, 0)))
-        .collect();
+    let params = loaded.or_fresh(&m.params, 0);
     let tok = match (&from, m.train.as_ref().and_then(|t| t.tokenizer.as_deref())) {
-        (Weights::File(w), None) => match weights_tokenizer(&w[0]) {
+        (Weights::File(w), None) => match tessera_runtime::train::tokenizer::Tokenizer::of_weights(&w[0]) {
             Some(t) => t.map_err(|e| fail(&e))?,
             None => tokenizer_of(&m)?,
         },

@@ -280,50 +280,37 @@ fn coverage(d: &WeightsDef, rules: &[MapRule], params: &[Param], ev: &mut Sectio
     }
     for (pi, rs) in by_param {
         let p = &params[pi];
-        let dims_of = |r: &MapRule| {
-            let mut v: Vec<usize> = r.target.as_ref().expect("mapped").picks.iter().map(|&(d, _)| d).collect();
-            v.sort();
-            v
-        };
-        let first = dims_of(rs[0]);
-        if let Some(other) = rs.iter().find(|r| dims_of(r) != first) {
+        // Each rule's slice: its picked dims and their indices, in dim order.
+        let slices: Vec<(Vec<usize>, Vec<u64>)> = rs
+            .iter()
+            .map(|r| {
+                let mut pk = r.target.as_ref().expect("mapped").picks.clone();
+                pk.sort();
+                pk.into_iter().unzip()
+            })
+            .collect();
+        let first = &slices[0].0;
+        if let Some(other) = slices.iter().position(|(dims, _)| dims != first) {
             ev.diags.push(
                 Diag::error(format!("`{}` is sliced in two ways", p.path))
-                    .at(other.span, "these slices")
+                    .at(rs[other].span, "these slices")
                     .also(rs[0].span, "and these")
                     .help("slice a parameter by the same dims in every rule, or name it whole once"),
             );
             continue;
         }
-        let mut keys: Vec<Vec<u64>> = rs
-            .iter()
-            .map(|r| {
-                let mut pk = r.target.as_ref().expect("mapped").picks.clone();
-                pk.sort();
-                pk.iter().map(|&(_, i)| i).collect()
-            })
-            .collect();
-        keys.sort();
-        if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
-            let twice: Vec<&MapRule> = rs
-                .iter()
-                .copied()
-                .filter(|r| {
-                    let mut pk = r.target.as_ref().expect("mapped").picks.clone();
-                    pk.sort();
-                    pk.iter().map(|&(_, i)| i).collect::<Vec<_>>() == w[0]
-                })
-                .collect();
+        let mut seen: HashMap<&[u64], usize> = HashMap::new();
+        if let Some((a, b)) = slices.iter().enumerate().find_map(|(i, (_, key))| seen.insert(key, i).map(|a| (a, i))) {
             ev.diags.push(
                 Diag::error(format!("two tensors hold the same slice of `{}`", p.path))
-                    .at(twice[1].span, "this one")
-                    .also(twice[0].span, "and this one")
+                    .at(rs[b].span, "this one")
+                    .also(rs[a].span, "and this one")
                     .help("each slice of a parameter comes from one tensor; tied weights are one parameter named once"),
             );
             continue;
         }
         let whole: u64 = first.iter().map(|&i| p.ty.dims[i].size).product();
-        if (keys.len() as u64) < whole {
+        if (slices.len() as u64) < whole {
             let names: Vec<String> =
                 first.iter().map(|&i| format!("{}={}", p.ty.dims[i].name, p.ty.dims[i].size)).collect();
             ev.diags.push(
@@ -331,7 +318,7 @@ fn coverage(d: &WeightsDef, rules: &[MapRule], params: &[Param], ev: &mut Sectio
                     "`weights {} for {}` maps {} of the {whole} slices of `{}` over {}",
                     d.format.name,
                     d.model.name,
-                    keys.len(),
+                    slices.len(),
                     p.path,
                     names.join(", ")
                 ))

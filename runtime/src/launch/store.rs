@@ -963,6 +963,16 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5), "the host waited for rank 1 to go, not the full bound");
     }
 
+    /// Both stores pass one barrier together.
+    fn meet(host: &mut Store, one: &mut Store) {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| host.barrier("met"));
+            let b = s.spawn(|| one.barrier("met"));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    }
+
     /// A rank of the next attempt of a restarting job is turned away by the
     /// previous attempt's store, waits, and meets its own attempt's store
     /// once that is up.
@@ -978,12 +988,7 @@ mod tests {
         old.abort("attempt 0 failed");
         let mut host = Store::join_round("127.0.0.1", port, 0, 2, 1, T).unwrap();
         let mut one = next.join().unwrap().expect("meets the store of its attempt");
-        let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| host.barrier("met"));
-            let b = s.spawn(|| one.barrier("met"));
-            (a.join().unwrap(), b.join().unwrap())
-        });
-        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        meet(&mut host, &mut one);
     }
 
     /// A rank of the next attempt that reaches the previous attempt's store
@@ -1000,12 +1005,7 @@ mod tests {
         drop(dying);
         let mut host = Store::join_round("127.0.0.1", port, 0, 2, 1, T).unwrap();
         let mut one = next.join().unwrap().expect("tries again and meets the store of its attempt");
-        let (a, b) = std::thread::scope(|s| {
-            let a = s.spawn(|| host.barrier("met"));
-            let b = s.spawn(|| one.barrier("met"));
-            (a.join().unwrap(), b.join().unwrap())
-        });
-        assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+        meet(&mut host, &mut one);
     }
 
     #[test]

@@ -632,6 +632,11 @@ pub fn run_of(dir: &Path) -> Result<Option<RunRecord>, TrainError> {
     Ok(serde_json::from_value(state["run"].clone()).ok())
 }
 
+/// Whether `path` is a Tessera checkpoint: a run folder or a `step-*` folder.
+pub fn is_checkpoint(path: &Path) -> bool {
+    path.is_dir() && (path.join("state.json").is_file() || path.join("latest").exists())
+}
+
 /// Whether `dir` is a checkpoint folder: one file of logical tensors, or a
 /// sharded checkpoint's manifest.
 fn holds_checkpoint(dir: &Path) -> bool {

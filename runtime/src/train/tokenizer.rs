@@ -124,6 +124,17 @@ impl Tokenizer {
         Ok(Tokenizer::Hf(Box::new(t), eos))
     }
 
+    /// The tokenizer a weights file carries, if it carries one: a GGUF's
+    /// metadata, or the `tokenizer.json` beside a safetensors checkpoint.
+    pub fn of_weights(path: &std::path::Path) -> Option<Result<Tokenizer, TrainError>> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            let has =
+                crate::weights::WeightFile::open(path).is_ok_and(|w| w.metadata.contains_key("tokenizer.ggml.tokens"));
+            return has.then(|| Tokenizer::from_gguf(path));
+        }
+        beside(path, "tokenizer.json").map(|json| Tokenizer::from_file(&json))
+    }
+
     /// The ids of `text` with the tokenizer's special tokens added as its
     /// post-processor says (BERT's `[CLS] ... [SEP]`), truncated as it says,
     /// without the padding it may add; bytes add none.
@@ -229,9 +240,8 @@ impl ChatTemplate {
             let w = crate::weights::WeightFile::open(path).ok()?;
             return w.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(ChatTemplate::new);
         }
-        let dir = if path.is_dir() { path } else { path.parent()? };
         let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?).ok()?;
+            serde_json::from_str(&std::fs::read_to_string(beside(path, "tokenizer_config.json")?).ok()?).ok()?;
         config["chat_template"].as_str().map(ChatTemplate::new)
     }
 
@@ -247,4 +257,10 @@ impl ChatTemplate {
         env.render_str(&self.source, minijinja::context! { messages, add_generation_prompt => true })
             .map_err(|e| TrainError::Setup(format!("the model's chat template does not render: {e}")))
     }
+}
+
+/// The file `name` in a checkpoint folder, or beside a checkpoint file, if it is there.
+fn beside(path: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    Some(dir.join(name)).filter(|p| p.is_file())
 }

@@ -137,11 +137,12 @@ pub fn import(file: &WeightFile, map: &WeightMap, params: &[Param]) -> Result<Ve
             Some(_) => {}
         }
     }
+    let named: std::collections::HashSet<&str> = wanted.iter().map(|w| w.name.as_str()).collect();
     let extra: Vec<&str> = file
         .tensors()
         .iter()
         .map(|t| t.name.as_str())
-        .filter(|n| !wanted.iter().any(|w| w.name == *n) && !map.rules.iter().any(|r| r.ignores(n)))
+        .filter(|n| !named.contains(n) && !map.rules.iter().any(|r| r.ignores(n)))
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         let mut m = format!("its tensors do not fit the spec's `weights {} for {}`:", map.format, map.model);

@@ -329,6 +329,69 @@ impl Loaded {
     pub fn absent<'a>(&self, params: &'a [tessera_compiler::ir::Param]) -> Vec<&'a str> {
         self.params.iter().zip(params).filter(|(t, _)| t.is_none()).map(|(_, p)| p.path.as_str()).collect()
     }
+
+    /// Every parameter's weights, those absent drawn as a fresh run with
+    /// `seed` draws them (a new head; LoRA adapters, B = 0).
+    pub fn or_fresh(self, params: &[tessera_compiler::ir::Param], seed: u64) -> Vec<crate::tensor::Tensor<f32>> {
+        self.params
+            .into_iter()
+            .enumerate()
+            .map(|(k, w)| w.unwrap_or_else(|| crate::init::init_param(&params[k], k, seed)))
+            .collect()
+    }
+
+    /// Every parameter's weights; one that `from` does not hold is an error naming it.
+    pub fn every(
+        self,
+        params: &[tessera_compiler::ir::Param],
+        from: &Path,
+    ) -> Result<Vec<crate::tensor::Tensor<f32>>, String> {
+        let absent = self.absent(params);
+        if !absent.is_empty() {
+            return Err(format!("{} does not hold every parameter ({})", from.display(), absent.join(", ")));
+        }
+        Ok(self.params.into_iter().flatten().collect())
+    }
+}
+
+/// The weights of model `m` in `path`: a Tessera checkpoint (a run or
+/// `step-*` folder; one of the model without its LoRA adapters leaves them
+/// absent), or a weights file as [`load`] reads it.
+pub fn read(path: &Path, m: &tessera_compiler::Model) -> Result<Loaded, String> {
+    use crate::train::checkpoint::{is_checkpoint, load_params};
+    if !is_checkpoint(path) {
+        return load(path, &m.params, &m.weights).map_err(|e| e.to_string());
+    }
+    let loaded = |params| Loaded { naming: "a Tessera checkpoint".into(), params };
+    match load_params(path, &m.params) {
+        Ok(w) => Ok(loaded(w.into_iter().map(Some).collect())),
+        // A checkpoint of the model without its LoRA adapters: they are absent.
+        Err(e) if m.params.iter().any(|p| p.adapter_of.is_some()) => {
+            let base = crate::lora::base_params(m);
+            let mut all: Vec<_> = load_params(path, &base).map_err(|_| e.to_string())?.into_iter().map(Some).collect();
+            all.resize(m.params.len(), None);
+            Ok(loaded(all))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The weights of model `m` in several paths that together hold them,
+/// each parameter in one (`--init BASE --init ADAPTERS`); one path reads as
+/// [`read`].
+pub fn read_parts(paths: &[PathBuf], m: &tessera_compiler::Model) -> Result<Loaded, String> {
+    if let [one] = paths {
+        return read(one, m);
+    }
+    let mut parts = Vec::new();
+    for p in paths {
+        let l = match crate::train::checkpoint::is_checkpoint(p) {
+            true => read(p, m)?,
+            false => load_part(p, &m.params, &m.weights).map_err(|e| e.to_string())?,
+        };
+        parts.push((p.clone(), l));
+    }
+    combine(parts, &m.params).map_err(|e| e.to_string())
 }
 
 /// The weights of `params` from the file at `path`. Its tensors are named
