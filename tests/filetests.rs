@@ -171,9 +171,13 @@ fn run(c: &Case) -> String {
         }
         "window" | "decode" => {
             let m = model(c);
-            let g =
-                tessera::compiler::driver::compile_generate(&m, Default::default()).unwrap_or_else(|e| panic!("{e}"));
-            let p = if c.test == "window" { g.window } else { g.step.unwrap_or_else(|why| panic!("no step: {why}")) };
+            let g = tessera::compiler::driver::compile_one_sequence(&m, Default::default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let p = if c.test == "window" {
+                g.window
+            } else {
+                g.paged.unwrap_or_else(|why| panic!("no step: {why}")).steps.remove(0).1
+            };
             let t = lower::text::print(&p);
             let back = lower::text::parse(&t).unwrap_or_else(|e| panic!("the output does not parse: {e}"));
             assert_eq!(back, p.without_origins(), "the output does not parse back to the program");

@@ -54,7 +54,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn generator(m: &Model, params: &[Tensor<f32>]) -> Generator {
-    let programs = tessera::compiler::driver::compile_generate(m, Default::default()).expect("compiles");
+    let programs = tessera::compiler::driver::compile_one_sequence(m, Default::default()).expect("compiles");
     Generator::new(programs, params).expect("loads")
 }
 

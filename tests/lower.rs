@@ -276,31 +276,39 @@ fn the_verifier_names_what_is_wrong() {
     let row_losses = p.instrs[ce].outs[0];
     p.buffers[row_losses.index()].ty.dtype = tessera::compiler::ir::DType::I32;
     expect(p, &format!("instruction {ce}: kernel"), "store floating values");
-    // A decode step: a cache write along a dim the cache lacks, a position
-    // that is not an i32[], and attention whose queries outrun its cache.
+    // A decode step: a cache write along a dim the cache lacks, positions
+    // that are not an i32[batch], block tables of another batch, and
+    // attention whose queries outrun the positions its blocks hold.
     let mut gm = common::check_ok(GPT, &["train.micro_batch=1"]);
     gm.micro_batch = 1;
-    let step = tessera::compiler::driver::compile_generate(&gm, Default::default())
+    let step = tessera::compiler::driver::compile_one_sequence(&gm, Default::default())
         .expect("compiles")
-        .step
-        .expect("the tiny GPT decodes");
+        .paged
+        .expect("the tiny GPT decodes")
+        .steps
+        .remove(0)
+        .1;
     let at = |n: &str| step.instrs.iter().position(|i| i.kind.name() == n).expect(n);
     let mut p = step.clone();
     let w = at("cache_write");
     p.instrs[w].kind = Kind::CacheWrite { dim: "embed".into() };
-    expect(p, &format!("instruction {w}: cache_write"), "is not rows of");
+    expect(p, &format!("instruction {w}: cache_write"), "does not go into the paged cache");
+    let mut p = step.clone();
+    let blocks = p.instrs[w].ins[2];
+    p.buffers[blocks.index()].ty.dims[0].size = 2;
+    expect(p, &format!("instruction {w}: cache_write"), "not an i32[batch, kv_table]");
     let mut p = step.clone();
     let r = at("rows_at");
     let pos = p.instrs[r].ins[1];
     p.buffers[pos.index()].ty = tessera::compiler::ir::TensorType::scalar(tessera::compiler::ir::DType::F32);
-    expect(p, &format!("instruction {r}: rows_at"), "not an i32[]");
+    expect(p, &format!("instruction {r}: rows_at"), "not an i32[batch]");
     let mut p = step.clone();
     let a = at("attention");
     let mut short = p.buffer(p.instrs[a].ins[1]).clone();
     short.ty.dims.iter_mut().filter(|d| d.name == "seq").for_each(|d| d.size = 0);
     p.buffers.push(short);
     p.instrs[a].ins[1] = BufId(p.buffers.len() as u32 - 1);
-    expect(p, &format!("instruction {a}: attention"), "must be as long or longer");
+    expect(p, &format!("instruction {a}: attention"), "whose block tables reach fewer positions");
     // The parser rejects what it cannot read, with the line.
     let text = print(&good).replacen("matmul(", "matmull(", 1);
     let Err(e) = parse(&text) else { panic!("`matmull` is not an op") };

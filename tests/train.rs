@@ -289,7 +289,7 @@ fn generation_continues_a_prompt_deterministically() {
         stop: None,
     };
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
-    let programs = tessera::compiler::driver::compile_generate(&m, Default::default()).expect("compiles");
+    let programs = tessera::compiler::driver::compile_one_sequence(&m, Default::default()).expect("compiles");
     let a = tessera::runtime::infer::generate(&programs, &params, &prompt, &cfg).expect("generates");
     let b = tessera::runtime::infer::generate(&programs, &params, &prompt, &cfg).expect("generates");
     assert_eq!(a.len(), 20);
@@ -335,7 +335,7 @@ fn kv_cache_and_recomputation_give_the_same_greedy_tokens() {
     run(&mut t, 10);
     let params = t.weights().expect("weights");
     let prompt: Vec<u32> = b"ROMEO:".iter().map(|&b| b as u32).collect();
-    let m = tessera::compiler::driver::compile_generate(&m, Default::default()).expect("compiles");
+    let m = tessera::compiler::driver::compile_one_sequence(&m, Default::default()).expect("compiles");
     for tokens in [5, 10, 30] {
         // 30 tokens overflow the 16-token context: both restart/slide.
         let greedy =

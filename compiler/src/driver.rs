@@ -12,7 +12,7 @@ use crate::config::{Parallel, Train};
 use crate::cost;
 use crate::diag::Diag;
 use crate::ir::{Input, Param};
-use crate::lower::{self, Program};
+use crate::lower::{self, Paging, Program};
 use crate::model::Model;
 use crate::parallel::{self, Mesh, RankProgram};
 
@@ -181,58 +181,137 @@ pub fn compile_eval(m: &Model, backward: &Backward, passes: Passes) -> Result<Pr
     Ok(p)
 }
 
-/// The programs that generate from `m` on one device
+/// The programs that generate from a model on one device
 /// ([`lower::lower_generate`]), sharing one allocation.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// The forward pass over a whole window from position 0; it fills the KV cache.
+    /// The forward pass over a whole window from position 0, without a
+    /// cache: what generation without a KV cache reruns for every token.
     pub window: Program,
-    /// One position at the run-time position `pos`, over the KV cache; `Err`
-    /// says why the model has none (generation then recomputes the window).
-    pub step: Result<Program, String>,
+    /// The programs over the paged KV cache; `Err` says why the model has
+    /// none (generation then recomputes the window).
+    pub paged: Result<Paged, String>,
+}
+
+/// A model's programs over one paged KV cache.
+#[derive(Debug, Clone)]
+pub struct Paged {
+    pub paging: Paging,
+    /// Prefills of one sequence, `(positions, program)`, fewest positions first.
+    pub prefill: Vec<(u64, Program)>,
+    /// Decode steps, `(sequences, program)`, one position of each sequence, fewest sequences first.
+    pub steps: Vec<(u64, Program)>,
 }
 
 impl Generation {
-    /// Bytes of each region that runs both programs (the larger of the two).
+    /// Every program.
+    pub fn programs(&self) -> impl Iterator<Item = &Program> {
+        let paged = self.paged.iter().flat_map(|p| p.prefill.iter().chain(&p.steps).map(|(_, p)| p));
+        std::iter::once(&self.window).chain(paged)
+    }
+
+    /// Bytes of each region that runs every program (the largest of them).
     pub fn sizes(&self) -> [u64; crate::lower::Region::COUNT] {
-        let mut s = self.window.sizes;
-        if let Ok(p) = &self.step {
+        let mut s = [0; crate::lower::Region::COUNT];
+        for p in self.programs() {
             s.iter_mut().zip(p.sizes).for_each(|(a, b)| *a = (*a).max(b));
         }
         s
     }
 }
 
-/// [`Generation`] for `m` (checked for one sequence: `micro_batch = 1`),
-/// whatever its layout (the weights are the logical ones).
-pub fn compile_generate(m: &Model, passes: Passes) -> Result<Generation, PassError> {
-    use crate::lower::Region;
-    let mut one = m.clone();
-    one.parallel = Parallel::default();
-    let lowered = |chunk| -> Result<Program, String> {
-        let p = lower::lower_generate(&one, chunk, passes.fuse).map_err(|e| e.message)?;
+/// The prefill lengths for a window of `seq` positions: powers of two from
+/// 16 to 256 (the whole window when it is shorter).
+pub fn prefill_chunks(seq: u64) -> Vec<u64> {
+    let top = seq.min(256);
+    let chunks: Vec<u64> = (4..=8).map(|k| 1u64 << k).filter(|&n| n <= top).collect();
+    if chunks.is_empty() { vec![seq] } else { chunks }
+}
+
+/// The paging of one sequence at a time over `m`'s window: blocks of the
+/// spec's `infer.kv_cache = paged(block)` (16 positions without one; a
+/// contiguous cache is one block of the window).
+pub fn one_sequence(m: &Model) -> Paging {
+    let seq = m.inputs.iter().find(|x| x.name == "tokens").and_then(|x| x.ty.dims.last()).map_or(1, |d| d.size);
+    let block = match m.infer.as_ref().map(|i| &i.kv_cache) {
+        Some(crate::config::KvCache::Contiguous) => seq,
+        Some(crate::config::KvCache::Paged { block }) => *block,
+        None => 16,
+    };
+    Paging::new(block, seq, 1)
+}
+
+/// [`compile_generate`] for one sequence at a time ([`one_sequence`]):
+/// `m` checked with a microbatch of 1.
+pub fn compile_one_sequence(m: &Model, passes: Passes) -> Result<Generation, PassError> {
+    compile_generate(std::slice::from_ref(m), one_sequence(m), passes)
+}
+
+/// [`Generation`] for the same model checked for several batch sizes
+/// (whatever its layout: the weights are the logical ones): `models[0]`,
+/// checked for one sequence (`micro_batch = 1`; the runtime's decoder
+/// needs it), gives the window, the prefills and the decode step of one
+/// sequence; each other model gives the decode step of its batch. All
+/// share the cache `paging`.
+pub fn compile_generate(models: &[Model], paging: Paging, passes: Passes) -> Result<Generation, PassError> {
+    let first = models.first().ok_or_else(|| fail("lowering")("no model to generate from".into()))?;
+    let batch =
+        |m: &Model| m.inputs.iter().find(|x| x.name == "tokens").and_then(|x| x.ty.dims.first()).map(|d| d.size);
+    let one_device = |m: &Model| {
+        let mut one = m.clone();
+        one.parallel = Parallel::default();
+        one
+    };
+    let lowered = |m: &Model, run| -> Result<Program, String> {
+        let p = lower::lower_generate(&one_device(m), run, passes.fuse).map_err(|e| e.message)?;
         if passes.verify {
             lower::verify::verify(&p).map_err(|e| e.to_string())?;
         }
         Ok(p)
     };
-    let window = lowered(None).map_err(fail("lowering"))?;
-    let step = lowered(Some(1));
-    if let Ok(p) = &step {
-        // One allocation runs both: the weights and the cache sit alike.
-        for b in
-            window.buffers.iter().filter(|b| b.view_of.is_none() && matches!(b.region, Region::Param | Region::Cache))
+    let window = lowered(first, None).map_err(fail("lowering"))?;
+    let seq = first.inputs.iter().find(|x| x.name == "tokens").and_then(|x| x.ty.dims.last()).map_or(1, |d| d.size);
+    let paged = (|| -> Result<Paged, String> {
+        let mut steps = Vec::new();
+        for m in models {
+            let b = batch(m).unwrap_or(1);
+            if !steps.iter().any(|(n, _)| *n == b) {
+                steps.push((b, lowered(m, Some((1, paging)))?));
+            }
+        }
+        steps.sort_by_key(|(n, _)| *n);
+        let prefill = prefill_chunks(seq)
+            .into_iter()
+            .map(|n| Ok((n, lowered(first, Some((n, paging)))?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Paged { paging, prefill, steps })
+    })();
+    // One allocation runs them all: the weights and the cache sit alike.
+    let g = Generation { window, paged };
+    check_placement(&g)?;
+    Ok(g)
+}
+
+fn check_placement(g: &Generation) -> Result<(), PassError> {
+    use crate::lower::Region;
+    let base = &g.window;
+    let first_paged = g.paged.as_ref().ok().and_then(|p| p.steps.first()).map(|(_, p)| p);
+    for p in g.programs().skip(1) {
+        for (reference, regions) in
+            [(base, &[Region::Param][..]), (first_paged.unwrap_or(base), &[Region::Param, Region::Cache][..])]
         {
-            let same = p.named(&b.name).map(|s| p.buffer(s));
-            if same.is_none_or(|s| s.region != b.region || s.offset != b.offset || s.ty != b.ty) {
-                return Err(fail("lowering")(format!(
-                    "the step program places `{}` unlike the window program",
-                    b.name
-                )));
+            for b in reference.buffers.iter().filter(|b| b.view_of.is_none() && regions.contains(&b.region)) {
+                let same = p.named(&b.name).map(|s| p.buffer(s));
+                if same.is_none_or(|s| s.region != b.region || s.offset != b.offset || s.ty != b.ty) {
+                    return Err(fail("lowering")(format!(
+                        "the generation programs place `{}` unlike each other",
+                        b.name
+                    )));
+                }
             }
         }
     }
-    Ok(Generation { window, step })
+    Ok(())
 }
 
 /// The forward pass of `m` to its named value `output`, on one device,

@@ -183,8 +183,8 @@ impl Spec {
 
     /// The generation programs with the KV cache, loaded with `params`.
     pub fn generator(&self, params: &[Tensor]) -> Result<Generator, Error> {
-        let programs = driver::compile_generate(&self.check(Some(1))?, driver::Passes::default())
-            .map_err(|e| Error(e.to_string()))?;
+        let m = self.check(Some(1))?;
+        let programs = driver::compile_one_sequence(&m, driver::Passes::default()).map_err(|e| Error(e.to_string()))?;
         Ok(Generator::with_engine(programs, params, self.engine())?)
     }
 }

@@ -444,10 +444,15 @@ fn print_ir(sources: &SourceMap, m: &Model, which: IrGraph, rank: u64) -> ExitCo
     // The one-device programs: evaluation and generation.
     let program = match which {
         IrGraph::Window | IrGraph::Decode => {
-            let g = tessera_compiler::driver::compile_generate(m, Default::default());
-            Some(g.map_err(|e| e.to_string()).and_then(|g| match which {
-                IrGraph::Window => Ok(g.window),
-                _ => g.step.map_err(|why| format!("`{}` has no decode step program: {why}", m.name)),
+            let g = tessera_compiler::driver::compile_one_sequence(m, Default::default());
+            Some(g.map_err(|e| e.to_string()).and_then(|g| {
+                match which {
+                    IrGraph::Window => Ok(g.window),
+                    _ => g
+                        .paged
+                        .map(|p| p.steps.into_iter().next().expect("a step of one sequence").1)
+                        .map_err(|why| format!("`{}` has no decode step program: {why}", m.name)),
+                }
             }))
         }
         IrGraph::Eval => {
@@ -1458,7 +1463,7 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         // Every process takes part in assembling the weights; rank 0 samples.
         if let Ok(weights) = trainer.weights()
             && writer
-            && let Ok(programs) = tessera_compiler::driver::compile_generate(&sample_model, Default::default())
+            && let Ok(programs) = tessera_compiler::driver::compile_one_sequence(&sample_model, Default::default())
             && let Ok(ids) = tessera_runtime::infer::generate(&programs, &weights, &[u32::from(b'\n')], &cfg)
             && let Ok(tok) = tokenizer_of(&sample_model)
         {
@@ -1726,7 +1731,7 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         stop: tok.eos(),
         ..tessera_runtime::infer::SampleConfig::of_spec(m.infer.as_ref())
     });
-    let programs = tessera_compiler::driver::compile_generate(&m, Default::default()).map_err(|e| fail(&e))?;
+    let programs = tessera_compiler::driver::compile_one_sequence(&m, Default::default()).map_err(|e| fail(&e))?;
     let mut g = tessera_runtime::infer::Generator::new(programs, &params).map_err(|e| fail(&e))?;
     if let (true, Some(why)) = (cfg.kv_cache, g.no_step()) {
         eprintln!("note: no KV cache for `{}`, every token recomputes the context: {why}", m.name);

@@ -117,12 +117,11 @@ pub fn generate(path: &Path, opts: &Options) -> Result<Generated, Error> {
     let mut gen_sources = SourceMap::new();
     let generation = check_path(&mut gen_sources, path, &one)
         .ok()
-        .and_then(|m| driver::compile_generate(&m, Passes::default()).ok())
+        .and_then(|m| driver::compile_one_sequence(&m, Passes::default()).ok())
         .filter(|g| g.window.bound(crate::lower::Bound::Logits).is_some());
     if let Some(g) = &generation {
-        kernels.add_program(&g.window, &gen_sources)?;
-        if let Ok(step) = &g.step {
-            kernels.add_program(step, &gen_sources)?;
+        for p in g.programs() {
+            kernels.add_program(p, &gen_sources)?;
         }
     }
     if let Embed::Manifest(root) = &opts.embed

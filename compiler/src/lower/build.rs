@@ -27,7 +27,7 @@
 //! master weights and a `copy` casts them to the bf16 weights (ZeRO 1/2
 //! all-gather the bf16 shards, as Megatron's distributed optimizer does).
 
-use super::{Bound, BufId, Buffer, Collective, Instr, Kind, Phase, Program, Region, Stream};
+use super::{Bound, BufId, Buffer, Collective, Instr, Kind, Paging, Phase, Program, Region, Stream};
 use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
 use crate::config::{Optimizer, Precision};
 use crate::ir::Param;
@@ -61,31 +61,37 @@ pub fn lower_eval(m: &Model, prog: &RankProgram, fuse: bool) -> Result<Program, 
 
 /// Lower the generation of model `m`, laid out on one device (the driver
 /// drops a training layout: the weights are the logical ones): the
-/// `logits` of a run of the `tokens` input, in the io buffer `logits`,
-/// dropout off.
+/// `logits` of a run of the `tokens` input (`[batch, seq]`), in the io
+/// buffer `logits`, dropout off.
 ///
-/// - `chunk = None`, the **window** program: the forward pass over all `seq`
-///   positions from position 0; each causal attention also copies its keys
-///   and values into the KV cache (`k.cache.N`, `v.cache.N` in the cache
-///   region, N its node).
-/// - `chunk = Some(n)`, the **step** program: `n` positions (`tokens` is
-///   `[batch, n]`) from the run-time position `pos` (`i32[]`, io). Every
-///   value over the sequence dim holds those `n` rows; a position table (a
-///   learned or sinusoidal position parameter) gives rows `pos..` (`rows_at`);
-///   rope rotates by `pos + i`; each causal attention writes its new keys and
-///   values into rows `pos..` of the cache and attends to rows `[0, pos + n)`.
-///   A model whose logits mix positions otherwise (a reduction over the
-///   sequence, a masked or relative-position attention) has no step
-///   program: the error says which op, and generation recomputes the window.
+/// - `run = None`, the **window** program: the forward pass over all `seq`
+///   positions from position 0, without a cache (what generation without a
+///   KV cache reruns for every token).
+/// - `run = Some((n, paging))`, a **paged** program: `n` positions of each
+///   of the model's `batch` sequences (`tokens` is `[batch, n]`), sequence
+///   `b` from its run-time position `pos[b]` (`pos`: `i32[batch]`, io) over
+///   the paged KV cache ([`Paging`]; `blocks`: `i32[batch, kv_table]`, io).
+///   Every value over the sequence dim holds those `n` rows; a position table
+///   (a learned or sinusoidal position parameter) gives each sequence its
+///   rows `pos[b]..` (`rows_at`); rope rotates by `pos[b] + i`; each causal
+///   attention writes its new keys and values into the cache's pools
+///   (`k.cache.N`, `v.cache.N` in the cache region, N its node;
+///   `[kv_block, .., seq = block, ..]`) and attends to the sequence's
+///   positions `[0, pos[b] + n)`. A prefill runs one sequence over a chunk
+///   of positions (`batch = 1`, `n` > 1); a decode step runs every
+///   sequence of the batch one position on (`n = 1`). A model whose logits
+///   mix positions otherwise (a reduction over the sequence, a masked or
+///   relative-position attention) has no paged program: the error says
+///   which op, and generation recomputes the window.
 ///
 /// Routing is **dropless** in both ([`dropless`]): every token reaches its
 /// top-k experts, as inference engines route, so that a token's logits do
 /// not depend on which other tokens share its run (training's capacity
 /// drops would make them depend on it).
 ///
-/// Both programs place the weights and the cache alike, so one allocation
-/// runs both: a window fills the cache, steps extend it.
-pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Program, LowerError> {
+/// Paged programs of one `paging` place the weights and the cache alike
+/// whatever their batch and run, so one allocation runs them all.
+pub fn lower_generate(m: &Model, run: Option<(u64, Paging)>, fuse: bool) -> Result<Program, LowerError> {
     let fail = |message: String| LowerError { rank: 0, message };
     if m.parallel.world() != 1 {
         return Err(fail(format!("generation runs on one device; lower `{}` without its layout", m.name)));
@@ -100,13 +106,14 @@ pub fn lower_generate(m: &Model, chunk: Option<u64>, fuse: bool) -> Result<Progr
         .position(|x| x.name == "tokens")
         .ok_or_else(|| fail("generation needs a `tokens` input".into()))?;
     let seq = m.inputs[tokens].ty.dims.last().ok_or_else(|| fail("`tokens` has no dims".into()))?;
-    let run = m.inputs[tokens].ty.numel() / seq.size.max(1) * chunk.unwrap_or(seq.size);
-    let prog = one_device(m, run, logits);
+    let chunk = run.map(|(n, _)| n);
+    let positions = m.inputs[tokens].ty.numel() / seq.size.max(1) * chunk.unwrap_or(seq.size);
+    let prog = one_device(m, positions, logits);
     let mesh = Mesh::of(m).map_err(|e| fail(e.to_string()))?;
     let mut b = Builder::new(&prog, &mesh);
     b.act = storage(m).map_err(fail)?;
     b.training = false;
-    b.generation(m, tokens, chunk).map_err(fail)?;
+    b.generation(m, tokens, run).map_err(fail)?;
     Ok(b.finish(fuse))
 }
 
@@ -239,8 +246,9 @@ struct Builder<'a> {
 struct Generate {
     /// The sequence dim (the `tokens` input's last).
     seq: String,
-    /// The step program's positions per run and run-time position (`None`: the window program).
-    step: Option<(u64, BufId)>,
+    /// A paged program's positions per run, run-time positions and block
+    /// tables (`None`: the window program).
+    step: Option<(u64, BufId, BufId)>,
     /// Each cached attention node's KV cache: (keys, values).
     caches: HashMap<usize, (BufId, BufId)>,
 }
@@ -593,13 +601,13 @@ impl<'a> Builder<'a> {
         // A step program's values hold its run of positions only; a position
         // table (an input-less value over the sequence: learned positions, a
         // sinusoid) is whole, and its rows at `pos` are taken after it.
-        let step = self.generate.as_ref().and_then(|x| x.step.map(|(n, pos)| (x.seq.clone(), n, pos)));
+        let step = self.generate.as_ref().and_then(|x| x.step.map(|(n, pos, blocks)| (x.seq.clone(), n, pos, blocks)));
         let table = |i: usize| {
             let n = &g.nodes[i];
             step.as_ref()
                 .is_some_and(|(seq, ..)| n.inputs.is_empty() && n.ty.has(seq) && !matches!(n.op, Op::Input { .. }))
         };
-        let tys: Option<Vec<TensorType>> = step.as_ref().map(|(seq, n, _)| {
+        let tys: Option<Vec<TensorType>> = step.as_ref().map(|(seq, n, ..)| {
             (0..g.len())
                 .map(|i| if table(i) { g.nodes[i].ty.clone() } else { positions(&g.nodes[i].ty, seq, *n) })
                 .collect()
@@ -693,32 +701,26 @@ impl<'a> Builder<'a> {
                     match (&step, cache) {
                         // A decode step: the run's keys and values into the
                         // cache, and attention over the cache up to them.
-                        (Some((seq, _, pos)), Some((kc, vc))) => {
+                        (Some((seq, _, pos, blocks)), Some((kc, vc))) => {
                             let dim = seq.clone();
-                            self.emit(Kind::CacheWrite { dim: dim.clone() }, vec![ins[1], *pos], vec![kc]);
-                            self.emit(Kind::CacheWrite { dim: dim.clone() }, vec![ins[2], *pos], vec![vc]);
-                            self.emit(Kind::At { op, dim }, vec![ins[0], kc, vc, *pos], vec![o]);
+                            self.emit(Kind::CacheWrite { dim: dim.clone() }, vec![ins[1], *pos, *blocks], vec![kc]);
+                            self.emit(Kind::CacheWrite { dim: dim.clone() }, vec![ins[2], *pos, *blocks], vec![vc]);
+                            self.emit(Kind::At { op, dim }, vec![ins[0], kc, vc, *pos, *blocks], vec![o]);
                         }
-                        (Some((seq, _, pos)), None) if matches!(op, Op::Rope { .. }) => {
+                        (Some((seq, _, pos, _)), None) if matches!(op, Op::Rope { .. }) => {
                             self.emit(Kind::At { op, dim: seq.clone() }, vec![ins[0], *pos], vec![o]);
                         }
-                        _ => {
-                            let kv = cache.map(|c| (c, ins[1], ins[2]));
-                            self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins, vec![o]);
-                            // The window program fills the KV cache.
-                            if let Some(((kc, vc), k, v)) = kv {
-                                self.emit(Kind::Copy, vec![k], vec![kc]);
-                                self.emit(Kind::Copy, vec![v], vec![vc]);
-                            }
-                        }
+                        _ => self.emit(Kind::Op { op, rng, accumulate: false, rows }, ins, vec![o]),
                     }
                     o
                 }
             };
-            // A position table's rows at `pos`.
+            // A position table's rows at each sequence's positions, batch first.
             let out = match &step {
-                Some((seq, n, pos)) if table(i) => {
-                    let o = self.act_temp(&positions(&node.ty, seq, *n));
+                Some((seq, n, pos, _)) if table(i) => {
+                    let mut ty = positions(&node.ty, seq, *n);
+                    ty.dims.insert(0, self.buffers[pos.index()].ty.dims[0].clone());
+                    let o = self.act_temp(&ty);
                     self.emit(Kind::RowsAt { dim: seq.clone() }, vec![out, *pos], vec![o]);
                     o
                 }
@@ -857,11 +859,18 @@ impl<'a> Builder<'a> {
 
     /// A generation program ([`lower_generate`]) of the graph's `logits`
     /// (`prog.loss`), from model input `tokens`.
-    fn generation(&mut self, m: &Model, tokens: usize, chunk: Option<u64>) -> Result<(), String> {
+    fn generation(&mut self, m: &Model, tokens: usize, run: Option<(u64, Paging)>) -> Result<(), String> {
         let prog = self.prog;
         let g = &prog.graph;
         let logits = prog.loss;
-        let seq = m.inputs[tokens].ty.dims.last().ok_or("`tokens` has no dims")?.clone();
+        let x_dims = &m.inputs[tokens].ty.dims;
+        let (Some(batch), Some(seq)) = (x_dims.first().cloned(), x_dims.last().cloned()) else {
+            return Err("`tokens` has no dims".into());
+        };
+        if x_dims.len() != 2 {
+            return Err(format!("`tokens` is {}; generation reads tokens as [batch, seq]", m.inputs[tokens].ty));
+        }
+        let chunk = run.map(|(n, _)| n);
         if let Some(n) = chunk
             && (n == 0 || n > seq.size)
         {
@@ -884,24 +893,51 @@ impl<'a> Builder<'a> {
                 ));
             }
         }
-        // The cache, in node order: both programs place it alike.
+        // The cache's pools, in node order: every paged program places them alike.
         let mut caches = HashMap::new();
-        for i in (0..g.len()).filter(|&i| need[i] && cached_attention(g, i, &seq.name)) {
-            let (k, v) = (g.nodes[i].inputs[1], g.nodes[i].inputs[2]);
-            let kc = self.persistent(Region::Cache, self.stored(g.ty(k)), &format!("k.cache.{i}"));
-            let vc = self.persistent(Region::Cache, self.stored(g.ty(v)), &format!("v.cache.{i}"));
-            caches.insert(i, (kc, vc));
+        if let Some((_, paging)) = run {
+            for i in (0..g.len()).filter(|&i| need[i] && cached_attention(g, i, &seq.name)) {
+                let mut pools = [0, 1].map(|_| None);
+                for (j, which) in [(1, "k"), (2, "v")] {
+                    let ty = g.ty(g.nodes[i].inputs[j]);
+                    if ty.dims.first().is_none_or(|d| d.name != batch.name) {
+                        return Err(format!(
+                            "the {which} of attention node {i} are {ty}: a cached attention's keys and values \
+                             have the batch dim `{}` outermost",
+                            batch.name
+                        ));
+                    }
+                    let mut pool = positions(ty, &seq.name, paging.block);
+                    pool.dims[0] = Dim::new("kv_block", paging.blocks);
+                    pools[j - 1] =
+                        Some(self.persistent(Region::Cache, self.stored(&pool), &format!("{which}.cache.{i}")));
+                }
+                let [Some(kc), Some(vc)] = pools else { unreachable!("both pools are made") };
+                caches.insert(i, (kc, vc));
+            }
         }
         let n = chunk.unwrap_or(seq.size);
         let x_ty = positions(&m.inputs[tokens].ty, &seq.name, n);
         let x = self.persistent(Region::Io, x_ty, &Bound::Tokens.name());
-        let step = chunk.map(|n| (n, self.persistent(Region::Io, TensorType::scalar(DType::I32), &Bound::Pos.name())));
+        let step = run.map(|(n, paging)| {
+            let pos = TensorType::new(DType::I32, vec![batch.clone()]);
+            let table = TensorType::new(DType::I32, vec![batch.clone(), Dim::new("kv_table", paging.table)]);
+            (
+                n,
+                self.persistent(Region::Io, pos, &Bound::Pos.name()),
+                self.persistent(Region::Io, table, &Bound::Blocks.name()),
+            )
+        });
         let mut out_ty = positions(g.ty(logits), &seq.name, n);
         out_ty.dtype = DType::F32;
         let out = self.persistent(Region::Io, out_ty, &Bound::Logits.name());
         self.generate = Some(Generate { seq: seq.name.clone(), step, caches });
         self.only = Some(need);
-        self.phase(if chunk.is_some() { "decode step".into() } else { "window".into() });
+        self.phase(match chunk {
+            None => "window".into(),
+            Some(1) => "decode step".into(),
+            Some(_) => "prefill".into(),
+        });
         let metas = prog.local_params();
         let weights = self.w.clone();
         // Only `tokens` is read (checked above): every input index binds to it.

@@ -199,19 +199,29 @@ pub enum Kind {
     /// When the scalar `ins[0]` is not finite, skip the next `count` instructions.
     #[serde(rename = "skip_if_nonfinite")]
     SkipIfNonFinite { count: u32 },
-    /// `outs[0]` = rows `pos..pos + n` of `ins[0]` along `dim`, where `pos`
-    /// is the run-time position `ins[1]` (`i32[]`) and `n` the output's size
-    /// along `dim`: the rows of a position table (learned or sinusoidal
-    /// positions) that a decode step reads.
+    /// `outs[0]` = for each sequence `b` of the batch, rows `pos[b]..pos[b] + n`
+    /// of the table `ins[0]` along `dim`, where `pos` is the run-time
+    /// positions `ins[1]` (`i32[batch]`) and `n` the output's size along `dim`:
+    /// the rows of a position table (learned or sinusoidal positions) that a
+    /// decode step reads. The output is the table's rows with the batch dim
+    /// first; a row past the table (a padded position) reads as zeros.
     RowsAt { dim: String },
-    /// Write `ins[0]` into rows `pos..pos + n` of `outs[0]` along `dim`
-    /// (`ins[1]` is the position; the other rows are kept): a decode step's
-    /// keys or values appended to the KV cache.
+    /// Write the keys or values `ins[0]` (`[batch, .., dim = n, ..]`) of
+    /// positions `pos[b]..pos[b] + n` into the paged cache `outs[0]`
+    /// (`[kv_block, .., dim = block, ..]`, the other rows kept): position `p`
+    /// of sequence `b` lies in row `p % block` of block `blocks[b, p / block]`.
+    /// `ins[1]` is the positions (`i32[batch]`), `ins[2]` the block tables
+    /// (`i32[batch, kv_table]`). A sequence at a negative position (an idle
+    /// row of the batch) writes nothing, nor does a position whose table
+    /// entry is negative or past the table (padding past the blocks held).
     CacheWrite { dim: String },
-    /// `op` at the run-time position `pos` = `ins.last()` (`i32[]`) of
-    /// sequence dim `dim`. `attention(q, k cache, v cache)`: the queries sit
-    /// at positions `pos..pos + n` and attend causally to the cache's rows
-    /// `[0, pos + n)`; `rope(x)` rotates row `i` by position `pos + i`.
+    /// `op` at the run-time positions of sequence dim `dim`, one per
+    /// sequence of the batch. `attention(q, k cache, v cache, pos, blocks)`:
+    /// sequence `b`'s queries sit at positions `pos[b]..pos[b] + n` and
+    /// attend causally to its cached positions `[0, pos[b] + n)`, read
+    /// through its block table (as [`Kind::CacheWrite`] places them; an idle
+    /// sequence's output is zeros). `rope(x, pos)` rotates row `i` of
+    /// sequence `b` by position `pos[b] + i`.
     At { op: Op, dim: String },
 }
 
@@ -307,6 +317,33 @@ pub struct Phase {
     pub name: String,
 }
 
+/// A paged KV cache (`infer { kv_cache = paged(block) }`; `contiguous` is one
+/// block per sequence): each cached attention's keys and values live in a
+/// pool of `blocks` blocks of `block` positions, and each sequence's block
+/// table names the blocks that hold its positions, `table` entries at most.
+/// Every generation program of a model places the pools alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Paging {
+    pub block: u64,
+    pub blocks: u64,
+    pub table: u64,
+}
+
+impl Paging {
+    /// Room for `len` positions per sequence (`len` rounded up to whole
+    /// blocks) for `sequences` sequences at once.
+    pub fn new(block: u64, len: u64, sequences: u64) -> Paging {
+        let block = block.clamp(1, len.max(1));
+        let table = len.max(1).div_ceil(block);
+        Paging { block, blocks: table * sequences.max(1), table }
+    }
+
+    /// The positions one sequence can hold.
+    pub fn positions(&self) -> u64 {
+        self.block * self.table
+    }
+}
+
 /// The buffers a host reads or writes, by role. Lowering names them with
 /// [`Bound::name`] and hosts find them with [`Program::bound`]: the naming
 /// rule lives here only.
@@ -338,8 +375,12 @@ pub enum Bound {
     Tokens,
     /// Generation: the logits the program writes.
     Logits,
-    /// Generation: the decode step's run-time position.
+    /// Generation: each sequence's first position in the run (`i32[batch]`;
+    /// negative for an idle row of the batch).
     Pos,
+    /// Generation: each sequence's block table (`i32[batch, kv_table]`) into
+    /// the paged KV cache ([`Paging`]).
+    Blocks,
     /// A forward program's named output ([`lower_forward`]).
     Output,
 }
@@ -360,6 +401,7 @@ impl Bound {
             Bound::Tokens => "tokens".into(),
             Bound::Logits => "logits".into(),
             Bound::Pos => "pos".into(),
+            Bound::Blocks => "blocks".into(),
             Bound::Output => "out".into(),
         }
     }

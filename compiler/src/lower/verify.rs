@@ -15,7 +15,7 @@
 //!   reads its outputs.
 
 use super::{BufId, Buffer, Collective, Instr, Kind, Program, Region, Stream};
-use crate::ir::{DType, Op, TensorType};
+use crate::ir::{DType, Dim, Op, TensorType};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("program of rank {rank}: {what}: {message}")]
@@ -258,7 +258,6 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
             Err(format!("{b} is {}, not an f32 scalar", ty(b)))
         }
     };
-    let position = |b: &BufId| position_of(ty(b), b);
     match &ins.kind {
         Kind::Op { op, rows, .. } => {
             if ins.outs.len() != 1 {
@@ -410,64 +409,106 @@ fn check(p: &Program, ins: &Instr, recorded: &mut std::collections::HashSet<u32>
         }
         Kind::RowsAt { dim } => {
             count(2, 1)?;
-            position(&ins.ins[1])?;
-            rows_of(ty(&ins.outs[0]), ty(&ins.ins[0]), dim)
+            let batch = positions_of(ty(&ins.ins[1]), &ins.ins[1])?;
+            let out = ty(&ins.outs[0]);
+            let rows = TensorType { dims: out.dims.iter().skip(1).cloned().collect(), ..out.clone() };
+            if out.dims.first() != Some(batch) {
+                return Err(format!("the rows {out} of each sequence do not lead with the batch dim `{}`", batch.name));
+            }
+            let table = ty(&ins.ins[0]);
+            let names = |t: &TensorType| t.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+            if names(&rows) != names(table)
+                || rows.dtype != table.dtype
+                || rows.dims.iter().zip(&table.dims).any(|(a, b)| a.name != *dim && a.size != b.size)
+            {
+                return Err(format!("{out} is not a batch of rows of {table} along `{dim}`"));
+            }
+            Ok(())
         }
         Kind::CacheWrite { dim } => {
-            count(2, 1)?;
-            position(&ins.ins[1])?;
-            rows_of(ty(&ins.ins[0]), ty(&ins.outs[0]), dim)
+            count(3, 1)?;
+            let batch = positions_of(ty(&ins.ins[1]), &ins.ins[1])?;
+            block_table(ty(&ins.ins[2]), &ins.ins[2], batch)?;
+            let (x, pool) = (ty(&ins.ins[0]), ty(&ins.outs[0]));
+            paged(x, pool, dim, batch)
         }
         Kind::At { op, dim } => {
             if ins.outs.len() != 1 || ins.ins.len() < 2 {
                 return Err("an op at a position reads its operands and the position, and writes one buffer".into());
             }
-            let (pos, operands) = ins.ins.split_last().expect("two inputs or more");
-            position(pos)?;
-            let tys: Vec<&TensorType> = operands.iter().map(ty).collect();
             let out = ty(&ins.outs[0]);
             match op {
                 Op::Attention { causal: true, mask: false, rel: crate::ir::RelPos::None, .. } => {
-                    let [q, k, v] = tys[..] else { return Err("attention at a position reads q, k, v".into()) };
-                    for (name, c) in [("keys", k), ("values", v)] {
-                        let qn = q.dim(dim).map(|d| d.size);
-                        let cn = c.dim(dim).map(|d| d.size);
-                        if qn.is_none() || cn.is_none() || qn > cn {
+                    let [q, kc, vc, pos, blocks] = ins.ins[..] else {
+                        return Err(
+                            "attention at positions reads q, the k and v caches, the positions and the block tables"
+                                .into(),
+                        );
+                    };
+                    let batch = positions_of(ty(&pos), &pos)?;
+                    let table = block_table(ty(&blocks), &blocks, batch)?;
+                    let q = ty(&q);
+                    // Each pool as the keys or values of the whole batch (the positions a table reaches).
+                    let mut whole = Vec::new();
+                    for c in [kc, vc] {
+                        let pool = ty(&c);
+                        let block = pool.dim(dim).map_or(0, |d| d.size);
+                        let mut w = pool.clone();
+                        w.dims[0] = batch.clone();
+                        w.dims.iter_mut().filter(|d| d.name == *dim).for_each(|d| d.size = block * table.size);
+                        let (qn, wn) = (q.dim(dim).map(|d| d.size), w.dim(dim).map(|d| d.size));
+                        if qn.is_none() || wn.is_none() || qn > wn {
                             return Err(format!(
-                                "the queries {q} sit on `{dim}` of the cached {name} {c}, which must be as long or longer"
+                                "the queries {q} sit on `{dim}` of the cache {pool}, whose block tables reach fewer positions"
                             ));
                         }
+                        whole.push(w);
                     }
-                    check_stored(op, &tys, out)
+                    if q.dims.first() != Some(batch) {
+                        return Err(format!("the queries {q} do not lead with the batch dim `{}`", batch.name));
+                    }
+                    check_stored(op, &[q, &whole[0], &whole[1]], out)
                 }
-                Op::Rope { .. } => check_stored(op, &tys, out),
+                Op::Rope { .. } => {
+                    count(2, 1)?;
+                    let batch = positions_of(ty(&ins.ins[1]), &ins.ins[1])?;
+                    let x = ty(&ins.ins[0]);
+                    if x.dims.first() != Some(batch) {
+                        return Err(format!("{x} does not lead with the batch dim `{}` of its positions", batch.name));
+                    }
+                    check_stored(op, &[x], out)
+                }
                 _ => Err(format!("`{}` does not run at a position (attention and rope do)", op.name())),
             }
         }
     }
 }
 
-/// `b` is a run-time position: an `i32[]`.
-fn position_of(t: &TensorType, b: &BufId) -> Result<(), String> {
-    if t.numel() == 1 && t.dims.is_empty() && t.dtype == DType::I32 {
-        Ok(())
-    } else {
-        Err(format!("the position {b} is {t}, not an i32[]"))
+/// `b` is the run-time positions of a batch: an `i32[batch]`; its dim.
+fn positions_of<'t>(t: &'t TensorType, b: &BufId) -> Result<&'t Dim, String> {
+    match &t.dims[..] {
+        [batch] if t.dtype == DType::I32 => Ok(batch),
+        _ => Err(format!("the positions {b} are {t}, not an i32[batch]")),
     }
 }
 
-/// `part` is some rows of `whole` along `dim`: the same dtype and dims, none longer along `dim`.
-fn rows_of(part: &TensorType, whole: &TensorType, dim: &str) -> Result<(), String> {
-    let names = |t: &TensorType| t.dims.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
-    let fits = names(part) == names(whole)
-        && part
-            .dims
-            .iter()
-            .zip(&whole.dims)
-            .all(|(a, b)| if a.name == dim { a.size <= b.size } else { a.size == b.size })
-        && part.dtype == whole.dtype
-        && part.has(dim);
-    if fits { Ok(()) } else { Err(format!("{part} is not rows of {whole} along `{dim}`")) }
+/// `b` is the block tables of `batch`: an `i32[batch, kv_table]`; the table's dim.
+fn block_table<'t>(t: &'t TensorType, b: &BufId, batch: &Dim) -> Result<&'t Dim, String> {
+    match &t.dims[..] {
+        [n, table] if t.dtype == DType::I32 && n == batch => Ok(table),
+        _ => Err(format!("the block tables {b} are {t}, not an i32[{}, kv_table]", batch.name)),
+    }
+}
+
+/// `x` (`[batch, .., dim = n, ..]`) goes into the paged cache `pool`
+/// (`[kv_block, .., dim = block, ..]`): the same dtype and other dims.
+fn paged(x: &TensorType, pool: &TensorType, dim: &str, batch: &Dim) -> Result<(), String> {
+    let fits = x.dims.first() == Some(batch)
+        && x.dims.len() == pool.dims.len()
+        && x.dtype == pool.dtype
+        && x.has(dim)
+        && x.dims.iter().zip(&pool.dims).skip(1).all(|(a, b)| a.name == b.name && (a.name == dim || a.size == b.size));
+    if fits { Ok(()) } else { Err(format!("{x} does not go into the paged cache {pool} along `{dim}`")) }
 }
 
 /// Temporaries: written before they are read, and disjoint while both live.

@@ -244,45 +244,113 @@ impl Cpu {
         }
     }
 
-    /// The run-time position an `i32[]` buffer holds.
-    fn position(&self, b: &Buffer) -> Result<usize, String> {
-        let v = match b.ty.dtype {
-            DType::I32 => i32::from_le_bytes(self.bytes(b)[..4].try_into().expect("four bytes")) as i64,
-            _ => self.read(b)[0] as i64,
-        };
-        usize::try_from(v).map_err(|_| format!("the position `{}` is {v}, below 0", b.name))
+    /// The i32 values of a run-time buffer (positions, block tables),
+    /// stored as i32 or staged as f32.
+    fn ints(&self, b: &Buffer) -> Vec<i64> {
+        match b.ty.dtype {
+            DType::I32 => self
+                .bytes(b)
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("four bytes")) as i64)
+                .collect(),
+            _ => self.read(b).into_iter().map(|x| x as i64).collect(),
+        }
     }
 
-    /// Rows `pos..pos + n` of `whole` along `dim` and the `n` rows of `part`
-    /// (both of one dtype, moved as bytes): `take` copies them into `dst` =
-    /// `part` (`rows_at`), else `src` = `part` into them (`cache_write`).
-    /// Only the rows moved are read.
-    fn move_rows(&mut self, src: &Buffer, dst: &Buffer, dim: &str, pos: usize, take: bool) -> Result<(), String> {
-        let (whole, part) = if take { (src, dst) } else { (dst, src) };
-        let at = whole.ty.dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}`"))?;
-        let rows = whole.ty.dims[at].size as usize;
-        let n = part.ty.dims[at].size as usize;
-        if pos + n > rows {
-            return Err(format!(
-                "rows {pos}..{} of `{dim}` run past its {rows} positions; restart from a shorter context",
-                pos + n
-            ));
-        }
-        let outer: usize = whole.ty.dims[..at].iter().map(|d| d.size as usize).product();
-        let row = whole.ty.dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>()
-            * whole.ty.dtype.bytes() as usize;
-        let run = n * row;
-        // Where the o-th run of rows starts in `whole` and in `part`.
-        let starts = |o: usize| ((o * rows + pos) * row, o * run);
-        let from = |o: usize| if take { starts(o).0 } else { starts(o).1 };
-        let to = |o: usize| if take { starts(o).1 } else { starts(o).0 };
-        let src_bytes = self.bytes(src);
-        let moved: Vec<u8> = (0..outer).flat_map(|o| &src_bytes[from(o)..from(o) + run]).copied().collect();
-        let dst_bytes = self.bytes_mut(dst);
-        for o in 0..outer {
-            dst_bytes[to(o)..to(o) + run].copy_from_slice(&moved[o * run..(o + 1) * run]);
+    /// `rows_at`: each sequence's rows `pos[b]..pos[b] + n` of the table
+    /// `src` along `dim` into `dst` (`[batch, ..]`), as bytes; rows past the
+    /// table, or of an idle sequence, are zeros.
+    fn rows_at(&mut self, src: &Buffer, dst: &Buffer, dim: &str, pos: &[i64]) -> Result<(), String> {
+        let at = src.ty.dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}`"))?;
+        let rows = src.ty.dims[at].size as usize;
+        let n = dst.ty.dims[at + 1].size as usize;
+        let outer: usize = src.ty.dims[..at].iter().map(|d| d.size as usize).product();
+        let row =
+            src.ty.dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>() * src.ty.dtype.bytes() as usize;
+        let table = self.bytes(src).to_vec();
+        let out = self.bytes_mut(dst);
+        for (b, &p) in pos.iter().enumerate() {
+            for o in 0..outer {
+                for i in 0..n {
+                    let to = ((b * outer + o) * n + i) * row;
+                    let dst = &mut out[to..to + row];
+                    match usize::try_from(p).ok().map(|p| p + i).filter(|&p| p < rows) {
+                        Some(p) => dst.copy_from_slice(&table[(o * rows + p) * row..][..row]),
+                        None => dst.fill(0),
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// `cache_write`: `x` (`[batch, .., dim = n, ..]`) into the paged pool
+    /// (`[kv_block, .., dim = block, ..]`) at each sequence's positions
+    /// through its block table, as bytes (one dtype, checked by the verifier).
+    fn cache_write(&mut self, x: &Buffer, pool: &Buffer, dim: &str, pos: &[i64], tables: &[i64]) -> Result<(), String> {
+        let dims = &pool.ty.dims;
+        let at = dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}`"))?;
+        let (block, blocks) = (dims[at].size as usize, dims[0].size as usize);
+        let n = x.ty.dims[at].size as usize;
+        let outer: usize = dims[1..at].iter().map(|d| d.size as usize).product();
+        let row = dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>() * pool.ty.dtype.bytes() as usize;
+        let per = tables.len() / pos.len().max(1);
+        let src = self.bytes(x).to_vec();
+        let dst = self.bytes_mut(pool);
+        for (b, &p) in pos.iter().enumerate() {
+            let Ok(p) = usize::try_from(p) else { continue };
+            for i in 0..n {
+                let (j, r) = ((p + i) / block, (p + i) % block);
+                let Some(blk) = (j < per).then(|| tables[b * per + j]).and_then(|k| usize::try_from(k).ok()) else {
+                    continue;
+                };
+                if blk >= blocks {
+                    return Err(format!("sequence {b}'s block table names block {blk}, past the cache's {blocks}"));
+                }
+                for o in 0..outer {
+                    let from = ((b * outer + o) * n + i) * row;
+                    let to = ((blk * outer + o) * block + r) * row;
+                    dst[to..to + row].copy_from_slice(&src[from..from + row]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Positions `[0, n)` of one sequence from the paged `pool` through its
+    /// block `table`, as f32: the pool's dims with `kv_block` → `batch` (one)
+    /// and `dim` → `n`. A position whose block the table lacks reads zeros.
+    fn gather_cache(
+        &self,
+        pool: &Buffer,
+        table: &[i64],
+        n: usize,
+        dim: &str,
+        batch: &Dim,
+    ) -> Result<Tensor<f32>, String> {
+        let dims = &pool.ty.dims;
+        let at = dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}` in the cache"))?;
+        let (block, blocks) = (dims[at].size as usize, dims[0].size as usize);
+        let outer: usize = dims[1..at].iter().map(|d| d.size as usize).product();
+        let row: usize = dims[at + 1..].iter().map(|d| d.size as usize).product();
+        let mut out_dims = dims.clone();
+        out_dims[0] = Dim::new(&batch.name, 1);
+        out_dims[at].size = n as u64;
+        let mut data = vec![0f32; outer * n * row];
+        let es = pool.ty.dtype.bytes() as usize;
+        let bytes = self.bytes(pool);
+        for p in 0..n {
+            let Some(blk) = table.get(p / block).and_then(|&k| usize::try_from(k).ok()) else { continue };
+            if blk >= blocks {
+                return Err(format!("a block table names block {blk}, past the cache's {blocks}"));
+            }
+            for o in 0..outer {
+                let from = ((blk * outer + o) * block + p % block) * row;
+                let to = (o * n + p) * row;
+                decode(pool.ty.dtype, &bytes[from * es..(from + row) * es], &mut data[to..to + row]);
+            }
+        }
+        Ok(Tensor { dims: out_dims, data })
     }
 
     /// Fill `outs` in order from the flat elements of `data`.
@@ -1087,15 +1155,23 @@ impl Backend for Cpu {
         // Rows move as bytes, in their dtype (the verifier checks both sides share it).
         if let Kind::RowsAt { dim } | Kind::CacheWrite { dim } = &ins.kind {
             let (src, dst) = (p.buffer(ins.ins[0]), p.buffer(ins.outs[0]));
-            let pos = self.position(p.buffer(ins.ins[1]))?;
-            return self.move_rows(src, dst, dim, pos, matches!(ins.kind, Kind::RowsAt { .. }));
+            let pos = self.ints(p.buffer(ins.ins[1]));
+            return match ins.kind {
+                Kind::RowsAt { .. } => self.rows_at(src, dst, dim, &pos),
+                _ => {
+                    let tables = self.ints(p.buffer(ins.ins[2]));
+                    self.cache_write(src, dst, dim, &pos, &tables)
+                }
+            };
         }
         // Each buffer of another dtype than f32, once, with its f32 shadow past the arena.
         let mut shadows: Vec<(BufId, Buffer)> = Vec::new();
         let mut top = self.arena_bytes;
         for b in ins.ins.iter().chain(&ins.outs) {
             let buf = p.buffer(*b);
-            if staged(buf) && !shadows.iter().any(|(s, _)| s == b) {
+            // Attention reads the paged cache's rows where they lie (`gather_cache`).
+            let paged = matches!(ins.kind, Kind::At { .. }) && buf.region == Region::Cache;
+            if staged(buf) && !paged && !shadows.iter().any(|(s, _)| s == b) {
                 let ty = tessera_compiler::ir::TensorType { dtype: DType::F32, ..buf.ty.clone() };
                 let shadow = Buffer { ty, region: Region::Arena, offset: top, view_of: None, name: String::new() };
                 top += buf.ty.numel().div_ceil(16) * 64;
@@ -1138,34 +1214,6 @@ impl Backend for Cpu {
         }
         Ok(())
     }
-}
-
-/// The rows `[0, n)` along `dim` of a tensor with `dims` and elements
-/// `data`: its dims (with `dim` cut to `n`) and elements, borrowed where
-/// they are contiguous (no dim before `dim` is longer than 1).
-fn prefix<'a>(
-    dims: &[Dim],
-    data: &'a [f32],
-    dim: &str,
-    n: usize,
-) -> Result<(Vec<Dim>, std::borrow::Cow<'a, [f32]>), String> {
-    let at = dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}` in the cache"))?;
-    let rows = dims[at].size as usize;
-    if n > rows {
-        return Err(format!("{n} positions of `{dim}` run past the cache's {rows}; restart from a shorter context"));
-    }
-    let mut cut = dims.to_vec();
-    cut[at].size = n as u64;
-    let outer: usize = dims[..at].iter().map(|d| d.size as usize).product();
-    let row: usize = dims[at + 1..].iter().map(|d| d.size as usize).product();
-    if outer == 1 {
-        return Ok((cut, std::borrow::Cow::Borrowed(&data[..n * row])));
-    }
-    let mut out = Vec::with_capacity(outer * n * row);
-    for o in 0..outer {
-        out.extend_from_slice(&data[o * rows * row..][..n * row]);
-    }
-    Ok((cut, std::borrow::Cow::Owned(out)))
 }
 
 /// The words of `region` (of the arena: those below the shadows) and the
@@ -1456,32 +1504,54 @@ impl Cpu {
                 Ok(())
             }
             Kind::At { op: Op::Attention { window, .. }, dim } => {
-                let [q, kc, vc, pos] = [0, 1, 2, 3].map(|j| buf(&ins.ins[j]));
+                let [q, kc, vc, pos, blocks] = [0, 1, 2, 3, 4].map(|j| buf(&ins.ins[j]));
                 let out = buf(&ins.outs[0]);
-                let pos = self.position(pos)?;
+                let (pos, tables) = (self.ints(pos), self.ints(blocks));
+                let batch = q.ty.dims[0].clone();
                 let n = q.ty.dim(dim).map_or(0, |d| d.size as usize);
-                // The keys and values of positions [0, pos + n).
-                let (kd, k) = prefix(&kc.ty.dims, self.slice(kc), dim, pos + n)?;
-                let (vd, v) = prefix(&vc.ty.dims, self.slice(vc), dim, pos + n)?;
-                let o = Attn {
-                    q: View { dims: &q.ty.dims, data: self.slice(q) },
-                    k: View { dims: &kd, data: &k },
-                    v: View { dims: &vd, data: &v },
-                    mask: None,
-                    causal: true,
-                    window: *window,
-                    dropout: None,
-                    t5: None,
-                    xl: None,
+                let per = tables.len() / pos.len().max(1);
+                let (q_all, q_one) = (self.slice(q).to_vec(), q.ty.numel() as usize / pos.len().max(1));
+                let mut q_dims = q.ty.dims.clone();
+                q_dims[0].size = 1;
+                let mut o = vec![0f32; out.ty.numel() as usize];
+                let o_one = o.len() / pos.len().max(1);
+                let mut out_dims = out.ty.dims.clone();
+                out_dims[0].size = 1;
+                for (b, &p) in pos.iter().enumerate() {
+                    let Ok(p) = usize::try_from(p) else { continue };
+                    // The keys and values of positions [0, p + n).
+                    let table = &tables[b * per..(b + 1) * per];
+                    let k = self.gather_cache(kc, table, p + n, dim, &batch)?;
+                    let v = self.gather_cache(vc, table, p + n, dim, &batch)?;
+                    let ob = Attn {
+                        q: View { dims: &q_dims, data: &q_all[b * q_one..(b + 1) * q_one] },
+                        k: View { dims: &k.dims, data: &k.data },
+                        v: View { dims: &v.dims, data: &v.data },
+                        mask: None,
+                        causal: true,
+                        window: *window,
+                        dropout: None,
+                        t5: None,
+                        xl: None,
+                    }
+                    .forward(&out_dims);
+                    o[b * o_one..(b + 1) * o_one].copy_from_slice(&ob.data);
                 }
-                .forward(&out.ty.dims);
-                self.store(out, &o, false)
+                self.store(out, &Tensor { dims: out.ty.dims.clone(), data: o }, false)
             }
             Kind::At { op: Op::Rope { theta, fraction }, .. } => {
                 let (x, out) = (buf(&ins.ins[0]), buf(&ins.outs[0]));
-                let pos = self.position(buf(&ins.ins[1]))?;
-                let y = crate::exec::kernels::rope(&self.tensor(x), *theta, *fraction, false, pos);
-                self.store(out, &y, false)
+                let pos = self.ints(buf(&ins.ins[1]));
+                let x = self.tensor(x);
+                let one = x.data.len() / pos.len().max(1);
+                let mut dims = x.dims.clone();
+                dims[0].size = 1;
+                let mut y = Vec::with_capacity(x.data.len());
+                for (b, &p) in pos.iter().enumerate() {
+                    let xb = Tensor { dims: dims.clone(), data: x.data[b * one..(b + 1) * one].to_vec() };
+                    y.extend(crate::exec::kernels::rope(&xb, *theta, *fraction, false, p.max(0) as usize).data);
+                }
+                self.store(out, &Tensor { dims: x.dims.clone(), data: y }, false)
             }
             Kind::At { op, .. } => Err(format!("`{}` does not run at a position", op.name())),
             Kind::RowsAt { .. } | Kind::CacheWrite { .. } => Err("rows are moved as bytes by `execute`".into()),
