@@ -4,6 +4,7 @@
 mod codegen;
 mod launch;
 mod plan;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -225,6 +226,46 @@ enum Command {
         /// The spec (default: the one the checkpoint was trained with).
         #[arg(long)]
         spec: Option<PathBuf>,
+    },
+    /// Serve a model over HTTP with OpenAI's API (/v1/completions,
+    /// /v1/chat/completions, /v1/embeddings, /v1/models), batching requests
+    /// continuously over a paged KV cache (docs/inference.md).
+    Serve {
+        /// A run folder (its `latest` checkpoint) or a step-* folder.
+        #[arg(required_unless_present = "weights")]
+        checkpoint: Option<PathBuf>,
+        /// Serve a weights file instead of a checkpoint (safetensors, a sharded
+        /// index or GGUF); needs --spec. Repeat for a base and its adapters.
+        #[arg(long, conflicts_with = "checkpoint", requires = "spec", value_name = "PATH")]
+        weights: Vec<PathBuf>,
+        /// The spec (default: the one the checkpoint was trained with).
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The port (0: any free one; the address is printed).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// The model's name in the API (default: the spec's model name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Sequences decoded at once (default: the spec's `infer.max_batch`).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_batch: Option<u64>,
+        /// Positions of one sequence, prompt and completion (default: the
+        /// spec's `infer.max_len`, else the model's window).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_len: Option<u64>,
+        /// KV cache blocks (default: enough for max_batch sequences of max_len).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        num_blocks: Option<u64>,
+        /// Requests that may wait beyond the running batch before new ones
+        /// get 429 (default: 4 × max_batch).
+        #[arg(long)]
+        max_queue: Option<usize>,
+        /// A Jinja chat template file (default: the one the weights carry).
+        #[arg(long, value_name = "FILE")]
+        chat_template: Option<PathBuf>,
     },
     /// Write a checkpoint's weights as a published checkpoint, named and laid
     /// out as the spec's `weights FORMAT for MODEL` mapping says:
@@ -680,6 +721,41 @@ fn command(args: Vec<OsString>) -> ExitCode {
                 ),
                 Err(code) => code,
             }
+        }
+        Command::Serve {
+            checkpoint,
+            weights,
+            spec,
+            host,
+            port,
+            name,
+            max_batch,
+            max_len,
+            num_blocks,
+            max_queue,
+            chat_template,
+        } => {
+            let from = match (checkpoint, weights) {
+                (Some(c), _) => Weights::Checkpoint(c),
+                (None, w) => Weights::File(w),
+            };
+            let template = match (&chat_template, &from) {
+                (Some(f), _) => match std::fs::read_to_string(f) {
+                    Ok(t) => Some(tessera_runtime::train::tokenizer::ChatTemplate::new(t)),
+                    Err(e) => {
+                        eprintln!("error: cannot read the chat template {}: {e}", f.display());
+                        return ExitCode::from(1);
+                    }
+                },
+                (None, Weights::File(w)) => tessera_runtime::train::tokenizer::ChatTemplate::of_weights(&w[0]),
+                (None, Weights::Checkpoint(c)) => tessera_runtime::train::tokenizer::ChatTemplate::of_weights(c),
+            };
+            let loaded = match load_weights(&from, spec) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            let args = serve::ServeArgs { host, port, name, max_batch, max_len, num_blocks, max_queue };
+            serve::serve(loaded, template, args)
         }
         Command::Sample {
             checkpoint,
@@ -1668,7 +1744,32 @@ enum Weights {
     File(Vec<PathBuf>),
 }
 
-fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFlags) -> Result<String, ExitCode> {
+/// A model loaded to generate or embed from: checked for one sequence, its
+/// weights, its tokenizer, and the spec and overrides it was checked from.
+struct Loaded {
+    m: Model,
+    params: Vec<tessera_runtime::tensor::Tensor<f32>>,
+    tok: tessera_runtime::train::tokenizer::Tokenizer,
+    spec: PathBuf,
+    overrides: Vec<String>,
+}
+
+impl Loaded {
+    /// The model checked again for `batch` sequences at a time.
+    fn with_batch(&self, batch: u64) -> Result<Model, ExitCode> {
+        let mut sources = SourceMap::new();
+        let opts = Options { overrides: self.overrides.clone(), model: None, micro_batch: Some(batch) };
+        tessera_compiler::check_path(&mut sources, &self.spec, &opts).map_err(|d| {
+            write_diags(&sources, &d.0, &mut codespan_stderr());
+            ExitCode::from(1)
+        })
+    }
+}
+
+/// Load what `sample` and `serve` run: the spec (given, or the one the
+/// checkpoint records), every parameter's weights, and the tokenizer (the
+/// spec's, else the one a weights file carries).
+fn load_weights(from: &Weights, spec: Option<PathBuf>) -> Result<Loaded, ExitCode> {
     use tessera_runtime::train::checkpoint;
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("error: {e}");
@@ -1703,7 +1804,7 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         .collect();
     if !absent.is_empty() {
         return Err(fail(&format!(
-            "{} does not hold {} of the model's parameters ({}), and sampling needs them all: fine-tune from it \
+            "{} does not hold {} of the model's parameters ({}), and generation needs them all: fine-tune from it \
              first (`tessera train --init`)",
             checkpoint.display(),
             absent.len(),
@@ -1718,6 +1819,15 @@ fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFla
         },
         _ => tokenizer_of(&m)?,
     };
+    Ok(Loaded { m, params, tok, spec, overrides })
+}
+
+fn sample(from: &Weights, spec: Option<PathBuf>, prompt: &str, flags: &SampleFlags) -> Result<String, ExitCode> {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    };
+    let Loaded { m, params, tok, .. } = load_weights(from, spec)?;
     let ids = tok.encode(prompt).map_err(|e| fail(&e))?;
     let vocab = m.const_value("vocab").unwrap_or(f64::INFINITY);
     if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as f64 >= vocab) {
