@@ -319,7 +319,10 @@ impl Cpu {
 
     /// Positions `[0, n)` of one sequence from the paged `pool` through its
     /// block `table`, as f32: the pool's dims with `kv_block` → `batch` (one)
-    /// and `dim` → `n`. A position whose block the table lacks reads zeros.
+    /// and `dim` → `n`, and the elements, borrowed where they lie when the
+    /// blocks are consecutive f32 rows (one sequence holding the pool in
+    /// order, as `tessera sample`'s does). A position whose block the table
+    /// lacks reads zeros.
     fn gather_cache(
         &self,
         pool: &Buffer,
@@ -327,7 +330,7 @@ impl Cpu {
         n: usize,
         dim: &str,
         batch: &Dim,
-    ) -> Result<Tensor<f32>, String> {
+    ) -> Result<(Vec<Dim>, std::borrow::Cow<'_, [f32]>), String> {
         let dims = &pool.ty.dims;
         let at = dims.iter().position(|d| d.name == dim).ok_or_else(|| format!("no dim `{dim}` in the cache"))?;
         let (block, blocks) = (dims[at].size as usize, dims[0].size as usize);
@@ -336,8 +339,21 @@ impl Cpu {
         let mut out_dims = dims.clone();
         out_dims[0] = Dim::new(&batch.name, 1);
         out_dims[at].size = n as u64;
+        let used = n.div_ceil(block);
+        if let Some(&first) = table.first()
+            && first >= 0
+            && (first as usize + used) <= blocks
+            && used <= table.len()
+            && table[..used].iter().enumerate().all(|(j, &b)| b == first + j as i64)
+            && outer == 1
+            && pool.ty.dtype == DType::F32
+        {
+            let start = first as usize * block * row;
+            return Ok((out_dims, std::borrow::Cow::Borrowed(&self.slice(pool)[start..start + n * row])));
+        }
         let mut data = vec![0f32; outer * n * row];
         let es = pool.ty.dtype.bytes() as usize;
+        let words = (pool.ty.dtype == DType::F32).then(|| self.slice(pool));
         let bytes = self.bytes(pool);
         for p in 0..n {
             let Some(blk) = table.get(p / block).and_then(|&k| usize::try_from(k).ok()) else { continue };
@@ -346,11 +362,14 @@ impl Cpu {
             }
             for o in 0..outer {
                 let from = ((blk * outer + o) * block + p % block) * row;
-                let to = (o * n + p) * row;
-                decode(pool.ty.dtype, &bytes[from * es..(from + row) * es], &mut data[to..to + row]);
+                let to = &mut data[(o * n + p) * row..][..row];
+                match words {
+                    Some(w) => to.copy_from_slice(&w[from..from + row]),
+                    None => decode(pool.ty.dtype, &bytes[from * es..(from + row) * es], to),
+                }
             }
         }
-        Ok(Tensor { dims: out_dims, data })
+        Ok((out_dims, std::borrow::Cow::Owned(data)))
     }
 
     /// Fill `outs` in order from the flat elements of `data`.
@@ -1521,12 +1540,12 @@ impl Cpu {
                     let Ok(p) = usize::try_from(p) else { continue };
                     // The keys and values of positions [0, p + n).
                     let table = &tables[b * per..(b + 1) * per];
-                    let k = self.gather_cache(kc, table, p + n, dim, &batch)?;
-                    let v = self.gather_cache(vc, table, p + n, dim, &batch)?;
+                    let (kd, k) = self.gather_cache(kc, table, p + n, dim, &batch)?;
+                    let (vd, v) = self.gather_cache(vc, table, p + n, dim, &batch)?;
                     let ob = Attn {
                         q: View { dims: &q_dims, data: &q_all[b * q_one..(b + 1) * q_one] },
-                        k: View { dims: &k.dims, data: &k.data },
-                        v: View { dims: &v.dims, data: &v.data },
+                        k: View { dims: &kd, data: &k },
+                        v: View { dims: &vd, data: &v },
                         mask: None,
                         causal: true,
                         window: *window,
