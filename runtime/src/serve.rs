@@ -5,8 +5,9 @@
 //! 1. drops the requests whose client has gone (their blocks go back to the pool),
 //! 2. admits waiting requests while the batch has room and the pool has the
 //!    blocks of their prompts (first come, first served),
-//! 3. prefills one chunk of the oldest admitted request that is not yet
-//!    decoding (so that a long prompt does not stall the batch), and
+//! 3. prefills the admitted requests that are not yet decoding, oldest
+//!    first, up to a budget of prompt tokens per iteration (so that a long
+//!    prompt does not stall the batch: it goes on in the next iteration), and
 //! 4. runs one decode step of every decoding request, each at its own
 //!    position over its own blocks, and hands each its next token.
 //!
@@ -193,7 +194,8 @@ pub struct Engine {
     running: Vec<Seq>,
     rx: mpsc::Receiver<Request>,
     load: Arc<AtomicUsize>,
-    /// The largest prefill chunk (a longer prompt is prefilled over several iterations).
+    /// Prompt tokens prefilled per iteration at most (a longer prompt goes
+    /// on over several iterations, so that the batch keeps decoding).
     chunk: usize,
 }
 
@@ -296,10 +298,17 @@ impl Engine {
     pub fn tick(&mut self) -> Tick {
         let mut t = Tick { cancelled: self.drop_gone(), ..Tick::default() };
         self.admit();
-        // Prefill: one chunk of the oldest sequence still prefilling.
-        if let Some(i) = self.running.iter().position(|s| !s.prefilled()) {
+        // Prefill, oldest first, up to the iteration's budget of prompt tokens
+        // (a longer prompt goes on in the next iteration).
+        let mut budget = self.chunk;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
             let s = &mut self.running[i];
-            let n = (s.tokens.len() - s.cached).min(self.chunk);
+            if s.prefilled() {
+                i += 1;
+                continue;
+            }
+            let n = (s.tokens.len() - s.cached).min(budget);
             match self.decoder.prefill(&s.tokens[s.cached..s.cached + n], s.cached, &s.table) {
                 Ok(logits) => {
                     s.cached += n;
@@ -307,6 +316,8 @@ impl Engine {
                         s.next = Some(logits);
                     }
                     t.prefilled += n;
+                    budget -= n;
+                    i += 1;
                 }
                 Err(e) => self.fail(i, e.to_string()),
             }

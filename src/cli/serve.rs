@@ -271,6 +271,8 @@ struct Ask {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Generate past the end of sequence (vLLM's `ignore_eos`, for benchmarks).
+    ignore_eos: bool,
 }
 
 /// A request's `model`, if it names one, is the model served (else a 404, as OpenAI answers).
@@ -346,7 +348,8 @@ fn ask(s: &Served, o: &serde_json::Map<String, Value>) -> Result<Ask, ApiError> 
     let stream = o.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage =
         o.get("stream_options").and_then(|x| x.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
-    Ok(Ask { max_tokens, sampling, stop, stream, include_usage })
+    let ignore_eos = o.get("ignore_eos").and_then(Value::as_bool).unwrap_or(false);
+    Ok(Ask { max_tokens, sampling, stop, stream, include_usage, ignore_eos })
 }
 
 /// Whether the request is a chat completion (its response's shape).
@@ -430,7 +433,7 @@ async fn generate(
         prompt: ids,
         max_tokens,
         sampling: a.sampling.clone(),
-        stop: s.eos.into_iter().collect(),
+        stop: s.eos.into_iter().filter(|_| !a.ignore_eos).collect(),
         sink: Box::new(Channel(tx)),
     };
     engine.submit(request).map_err(|r| match r {

@@ -1536,16 +1536,26 @@ impl Cpu {
                 let o_one = o.len() / pos.len().max(1);
                 let mut out_dims = out.ty.dims.clone();
                 out_dims[0].size = 1;
+                // Each sequence's keys and values of positions [0, pos + n)
+                // (borrowed where they lie), then the sequences in parallel.
+                let mut work = Vec::new();
                 for (b, &p) in pos.iter().enumerate() {
                     let Ok(p) = usize::try_from(p) else { continue };
-                    // The keys and values of positions [0, p + n).
                     let table = &tables[b * per..(b + 1) * per];
-                    let (kd, k) = self.gather_cache(kc, table, p + n, dim, &batch)?;
-                    let (vd, v) = self.gather_cache(vc, table, p + n, dim, &batch)?;
-                    let ob = Attn {
+                    let k = self.gather_cache(kc, table, p + n, dim, &batch)?;
+                    let v = self.gather_cache(vc, table, p + n, dim, &batch)?;
+                    work.push((b, k, v));
+                }
+                let attend = |(b, (kd, k), (vd, v)): &(
+                    usize,
+                    (Vec<Dim>, std::borrow::Cow<[f32]>),
+                    (Vec<Dim>, std::borrow::Cow<[f32]>),
+                )| {
+                    let mut ob = vec![0f32; o_one];
+                    Attn {
                         q: View { dims: &q_dims, data: &q_all[b * q_one..(b + 1) * q_one] },
-                        k: View { dims: &kd, data: &k },
-                        v: View { dims: &vd, data: &v },
+                        k: View { dims: kd, data: k },
+                        v: View { dims: vd, data: v },
                         mask: None,
                         causal: true,
                         window: *window,
@@ -1553,8 +1563,17 @@ impl Cpu {
                         t5: None,
                         xl: None,
                     }
-                    .forward(&out_dims);
-                    o[b * o_one..(b + 1) * o_one].copy_from_slice(&ob.data);
+                    .forward_into(&mut ob);
+                    (*b, ob)
+                };
+                use rayon::prelude::*;
+                let done: Vec<(usize, Vec<f32>)> = if work.len() > 1 {
+                    work.par_iter().map(attend).collect()
+                } else {
+                    work.iter().map(attend).collect()
+                };
+                for (b, ob) in done {
+                    o[b * o_one..(b + 1) * o_one].copy_from_slice(&ob);
                 }
                 self.store(out, &Tensor { dims: out.ty.dims.clone(), data: o }, false)
             }

@@ -765,11 +765,21 @@ pub fn rope<T: Real>(x: &Tensor<T>, theta: f64, fraction: f64, inverse: bool, st
     let rotated = (((d as f64) * fraction) as usize / 2) * 2;
     let mut out = x.clone();
     let sign = if inverse { -1.0 } else { 1.0 };
+    // Each position's (sin, cos) per rotated pair, computed once for all its heads.
+    let mut table: Vec<(f64, f64)> = Vec::with_capacity(rotated / 2);
+    let mut at = usize::MAX;
     for (idx, chunk) in out.data.chunks_mut(d).enumerate() {
         let pos = start + (idx / h) % s;
-        for i in (0..rotated).step_by(2) {
-            let angle = sign * pos as f64 * theta.powf(-(i as f64) / rotated as f64);
-            let (sin, cos) = angle.sin_cos();
+        if pos != at {
+            at = pos;
+            table.clear();
+            table.extend(
+                (0..rotated)
+                    .step_by(2)
+                    .map(|i| (sign * pos as f64 * theta.powf(-(i as f64) / rotated as f64)).sin_cos()),
+            );
+        }
+        for (i, &(sin, cos)) in (0..rotated).step_by(2).zip(&table) {
             let (a, b) = (chunk[i].to_f64().unwrap_or(0.0), chunk[i + 1].to_f64().unwrap_or(0.0));
             chunk[i] = r(a * cos - b * sin);
             chunk[i + 1] = r(a * sin + b * cos);
