@@ -98,9 +98,13 @@ fn decode_steps_reproduce_the_forward_pass_at_every_position() {
             let e = rel(&g.window(&context[..n]).expect("window"), row(n - 1));
             assert!(e <= 1e-5, "{spec}: the window over {n} tokens differs by {e:.1e}");
         }
-        // A step past the context is an error, not a crash.
+        // A step past the context, or at a position the cache does not
+        // reach, is an error, not a crash or a silent result.
         let e = g.step(0, seq).expect_err("past the context");
         assert!(e.to_string().contains("past the context"), "{e}");
+        g.prefill(&context[..2]).expect("prefill");
+        let e = g.step(0, 5).expect_err("a gap in the cache");
+        assert!(e.to_string().contains("holds positions 0..2"), "{e}");
     }
 }
 

@@ -77,8 +77,8 @@ fn hugging_face_decoders_give_transformers_logits() {
             let window = g.window(&ids[..n]).expect("window");
             worst = worst.max(max_diff(&window, row));
         }
-        // The decode step over the KV cache, after a one-token window.
-        g.window(&ids[..1]).expect("window");
+        // The decode step over the KV cache, after a one-token prefill.
+        g.prefill(&ids[..1]).expect("prefill");
         for (pos, &id) in ids.iter().enumerate().skip(1) {
             let step = g.step(id, pos).expect("step");
             worst = worst.max(max_diff(&step, &want[pos * vocab..(pos + 1) * vocab]));
@@ -197,7 +197,7 @@ fn smollm2_gguf_gives_transformers_logits() {
     assert_eq!(tok.vocab(), 49152);
     let first = ids.len() - rows;
     let mut g = generator(&m, &params);
-    let mut got = g.window(&ids[..first + 1]).expect("window");
+    let mut got = g.prefill(&ids[..first + 1]).expect("prefill");
     for (pos, &id) in ids.iter().enumerate().skip(first + 1) {
         got.extend(g.step(id, pos).expect("step"));
     }

@@ -357,6 +357,8 @@ fn read_rows(cpu: &mut Cpu, p: &Program, io: &Io, first: usize, count: usize) ->
 pub struct Generator {
     decoder: Decoder,
     table: Vec<u32>,
+    /// Positions whose keys and values the cache holds (`0..cached`).
+    cached: usize,
     /// The context length (`seq`) and the vocabulary size.
     pub seq: usize,
     pub vocab: usize,
@@ -375,7 +377,7 @@ impl Generator {
         let decoder = Decoder::new(programs, params, engine)?;
         let table = decoder.paging().map_or(0, |p| p.table.min(p.blocks)) as u32;
         let (seq, vocab) = (decoder.seq, decoder.vocab);
-        Ok(Generator { decoder, table: (0..table).collect(), seq, vocab })
+        Ok(Generator { decoder, table: (0..table).collect(), cached: 0, seq, vocab })
     }
 
     /// Continue `prompt` by `cfg.tokens` tokens: with the KV cache when
@@ -399,7 +401,8 @@ impl Generator {
         self.decoder.no_cache()
     }
 
-    /// The logits after `context` (at most `seq` tokens), by the window program.
+    /// The logits after `context` (at most `seq` tokens), by the window
+    /// program, which leaves the KV cache as it was.
     pub fn window(&mut self, context: &[u32]) -> Result<Vec<f32>, SampleError> {
         self.decoder.window(context)
     }
@@ -414,16 +417,29 @@ impl Generator {
                 self.seq
             )));
         }
-        self.decoder.prefill(context, 0, &self.table)
+        self.cached = 0;
+        let logits = self.decoder.prefill(context, 0, &self.table)?;
+        self.cached = context.len();
+        Ok(logits)
     }
 
     /// The logits after `token` at position `pos`, from a decode step over
-    /// the KV cache of positions `0..pos`.
+    /// the KV cache of positions `0..pos` (which [`Generator::prefill`] and
+    /// the steps before filled: `pos` is the next position).
     pub fn step(&mut self, token: u32, pos: usize) -> Result<Vec<f32>, SampleError> {
         if pos >= self.seq {
             return Err(SampleError::Run(format!("position {pos} is past the context of {}", self.seq)));
         }
-        Ok(self.decoder.step(&[Row { token, pos, table: &self.table }])?.remove(0))
+        if pos != self.cached {
+            return Err(SampleError::Run(format!(
+                "a step at position {pos}, but the KV cache holds positions 0..{}: prefill the context first \
+                 and step one position at a time",
+                self.cached
+            )));
+        }
+        let logits = self.decoder.step(&[Row { token, pos, table: &self.table }])?.remove(0);
+        self.cached += 1;
+        Ok(logits)
     }
 }
 

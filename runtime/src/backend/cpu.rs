@@ -1235,6 +1235,9 @@ impl Backend for Cpu {
     }
 }
 
+/// One sequence's cached keys or values: their dims and elements, borrowed where they lie.
+type Rows<'a> = (Vec<Dim>, std::borrow::Cow<'a, [f32]>);
+
 /// The words of `region` (of the arena: those below the shadows) and the
 /// elements of `shadow`, apart, so that a staged buffer is decoded into its
 /// shadow (or encoded back) with no copy in between.
@@ -1546,11 +1549,7 @@ impl Cpu {
                     let v = self.gather_cache(vc, table, p + n, dim, &batch)?;
                     work.push((b, k, v));
                 }
-                let attend = |(b, (kd, k), (vd, v)): &(
-                    usize,
-                    (Vec<Dim>, std::borrow::Cow<[f32]>),
-                    (Vec<Dim>, std::borrow::Cow<[f32]>),
-                )| {
+                let attend = |(b, (kd, k), (vd, v)): &(usize, Rows, Rows)| {
                     let mut ob = vec![0f32; o_one];
                     Attn {
                         q: View { dims: &q_dims, data: &q_all[b * q_one..(b + 1) * q_one] },
