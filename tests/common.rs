@@ -105,3 +105,14 @@ pub fn children_of(parent: u32) -> Vec<(u32, Option<String>)> {
     }
     out
 }
+
+/// Deterministic tokens below `vocab`.
+pub fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut z = seed;
+    (0..n)
+        .map(|_| {
+            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((z >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}

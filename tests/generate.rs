@@ -27,17 +27,6 @@ fn programs(m: &Model) -> tessera::compiler::driver::Generation {
     tessera::compiler::driver::compile_one_sequence(m, Default::default()).expect("compiles")
 }
 
-/// Deterministic tokens below `vocab`.
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut z = seed;
-    (0..n)
-        .map(|_| {
-            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((z >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
 /// The reference logits `[seq, vocab]` of a full context, with generation's
 /// dropless routing (`lower::dropless`: every token reaches its top-k experts).
 fn reference(m: &Model, params: &[Tensor<f32>], context: &[u32]) -> Vec<f32> {
@@ -81,7 +70,7 @@ fn decode_steps_reproduce_the_forward_pass_at_every_position() {
         let mut g = Generator::new(programs(&m), &params).expect("compiles");
         assert_eq!(g.no_step(), None, "{spec} decodes with a KV cache");
         let (seq, vocab) = (g.seq, g.vocab);
-        let context = tokens(seq, vocab, 11);
+        let context = common::tokens(seq, vocab, 11);
         let want = reference(&m, &params, &context);
         let row = |p: usize| &want[p * vocab..(p + 1) * vocab];
         let mut worst = 0f64;
@@ -117,7 +106,7 @@ fn bf16_decode_steps_stay_within_bf16_rounding_of_the_reference() {
         let m = model(spec, &common::with(sets, &["train.precision=bf16"]));
         let params = tessera::runtime::init::init_params::<f32>(&m.params, 3);
         let mut g = Generator::new(programs(&m), &params).expect("compiles");
-        let context = tokens(g.seq, g.vocab, 5);
+        let context = common::tokens(g.seq, g.vocab, 5);
         // The reference in f32 from the bf16-rounded weights.
         let rounded: Vec<Tensor<f32>> = params
             .iter()
@@ -192,7 +181,7 @@ fn batched_decode_steps_over_scattered_blocks_reproduce_each_sequence() {
         let (seq, vocab) = (d.seq, d.vocab);
         // Blocks handed out from the end of the pool, so that no sequence's are in order.
         let mut free: Vec<u32> = (0..paging.blocks as u32).collect();
-        let contexts: Vec<Vec<u32>> = (0..3).map(|i| tokens(seq, vocab, 20 + i)).collect();
+        let contexts: Vec<Vec<u32>> = (0..3).map(|i| common::tokens(seq, vocab, 20 + i)).collect();
         let want: Vec<Vec<f32>> = contexts.iter().map(|c| reference(&one, &params, c)).collect();
         let prompts = [3usize, seq / 2 + 1, 1];
         let joins = [0usize, 2, 5];

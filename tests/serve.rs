@@ -23,16 +23,6 @@ fn model(spec: &str, batch: u64) -> Model {
     check_path(&mut SourceMap::new(), Path::new(spec), &opts).expect("checks")
 }
 
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut z = seed;
-    (0..n)
-        .map(|_| {
-            z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((z >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
 fn greedy(n: usize) -> SampleConfig {
     SampleConfig { tokens: n, temperature: 0.0, top_k: None, top_p: None, seed: 0, kv_cache: true, stop: None }
 }
@@ -89,7 +79,7 @@ fn continuous_batching_gives_each_request_its_sequential_greedy_tokens() {
         let mut want = Vec::new();
         let mut got = Vec::new();
         for i in 0..14 {
-            let prompt = tokens(1 + (i * 5) % (seq / 2), vocab, 100 + i as u64);
+            let prompt = common::tokens(1 + (i * 5) % (seq / 2), vocab, 100 + i as u64);
             let max_tokens = 1 + (i * 7) % (seq - prompt.len());
             want.push(alone.generate(&prompt, &greedy(max_tokens)).expect("generates"));
             let (tx, rx) = mpsc::channel();

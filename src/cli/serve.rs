@@ -455,6 +455,35 @@ fn next_id() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A request's events as text: each call gives the next piece (maybe
+/// empty) and, with the last, why it ended; the model's end of sequence is
+/// not text.
+struct Pieces<'t> {
+    rx: mpsc::UnboundedReceiver<Event>,
+    text: Text<'t>,
+    eos: Option<u32>,
+    /// Tokens generated (the end of sequence counted).
+    generated: usize,
+}
+
+impl Pieces<'_> {
+    async fn next(&mut self) -> Result<(String, Option<Finish>), String> {
+        match self.rx.recv().await {
+            Some(Event::Token(t)) => {
+                self.generated += 1;
+                if Some(t) == self.eos {
+                    return Ok((String::new(), None));
+                }
+                let (piece, stopped) = self.text.push(t);
+                Ok((piece, stopped.then_some(Finish::Stop)))
+            }
+            Some(Event::Done(f)) => Ok((self.text.flush(), Some(f))),
+            Some(Event::Failed(e)) => Err(e),
+            None => Err("the engine dropped the request".into()),
+        }
+    }
+}
+
 /// The text of the generated tokens, released as it becomes final: not
 /// within a multi-byte character still incomplete, and cut at a stop string.
 struct Text<'t> {
@@ -507,38 +536,24 @@ fn usage(prompt: usize, completion: usize) -> Value {
 /// Wait for the whole completion.
 async fn whole(
     s: &Served,
-    mut rx: mpsc::UnboundedReceiver<Event>,
-    mut text: Text<'_>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    text: Text<'_>,
     id: String,
     kind: Kind,
     prompt_tokens: usize,
 ) -> Result<Response, ApiError> {
+    let mut pieces = Pieces { rx, text, eos: s.eos, generated: 0 };
     let mut out = String::new();
-    let mut generated = 0;
     let finish = loop {
-        match rx.recv().await {
-            Some(Event::Token(t)) => {
-                generated += 1;
-                if Some(t) == s.eos {
-                    continue;
-                }
-                let (new, stopped) = text.push(t);
-                out.push_str(&new);
-                if stopped {
-                    break Finish::Stop;
-                }
-            }
-            Some(Event::Done(f)) => {
-                out.push_str(&text.flush());
-                break f;
-            }
-            Some(Event::Failed(e)) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e)),
-            None => {
-                return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine dropped the request"));
-            }
+        let (piece, end) =
+            pieces.next().await.map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e))?;
+        out.push_str(&piece);
+        if let Some(f) = end {
+            break f;
         }
     };
-    drop(rx);
+    let generated = pieces.generated;
+    drop(pieces);
     let choice = match kind {
         Kind::Text => json!({"index": 0, "text": out, "logprobs": null, "finish_reason": finish.reason()}),
         Kind::Chat => {
@@ -593,43 +608,31 @@ fn stream(
     };
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
     tokio::spawn(async move {
-        let mut rx = rx;
-        let mut text = Text { tok: &s.tok, stop, ids: Vec::new(), sent: 0, held: 0 };
+        let text = Text { tok: &s.tok, stop, ids: Vec::new(), sent: 0, held: 0 };
+        let mut pieces = Pieces { rx, text, eos: s.eos, generated: 0 };
         let send = |v: Value| out_tx.send(Ok(SseEvent::default().data(v.to_string()))).is_ok();
         if kind == Kind::Chat && !send(chunk(Some(""), true, None)) {
             return;
         }
-        let mut generated = 0;
         let finish = loop {
-            match rx.recv().await {
-                Some(Event::Token(t)) => {
-                    generated += 1;
-                    if Some(t) == s.eos {
-                        continue;
-                    }
-                    let (new, stopped) = text.push(t);
-                    if !new.is_empty() && !send(chunk(Some(&new), false, None)) {
-                        return; // the client has gone: dropping `rx` cancels the request
-                    }
-                    if stopped {
-                        break Some(Finish::Stop);
-                    }
-                }
-                Some(Event::Done(f)) => {
-                    let rest = text.flush();
-                    if !rest.is_empty() && !send(chunk(Some(&rest), false, None)) {
+            match pieces.next().await {
+                Ok((piece, end)) => {
+                    // A client that has gone: dropping `pieces` cancels the request.
+                    if !piece.is_empty() && !send(chunk(Some(&piece), false, None)) {
                         return;
                     }
-                    break Some(f);
+                    if end.is_some() {
+                        break end;
+                    }
                 }
-                Some(Event::Failed(e)) => {
+                Err(e) => {
                     let _ = send(json!({"error": {"message": e, "type": "server_error", "param": null, "code": 500}}));
                     break None;
                 }
-                None => break None,
             }
         };
-        drop(rx);
+        let generated = pieces.generated;
+        drop(pieces);
         if let Some(f) = finish {
             let mut last = chunk(None, false, Some(f));
             if kind == Kind::Text {
