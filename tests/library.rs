@@ -40,7 +40,7 @@ fn published_parameter_counts() {
 
 #[test]
 fn every_spec_in_the_library_checks() {
-    let all = specs_under("specs/models").into_iter().chain(specs_under("specs/tiny"));
+    let all = specs_under("specs/models").into_iter().chain(specs_under("specs/tiny")).chain(specs_under("specs/demo"));
     let mut n = 0;
     for p in all {
         check_ok(&p.to_string_lossy(), &[]);

@@ -1549,8 +1549,20 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
     if !writer {
         return ExitCode::SUCCESS;
     }
+    // A classifier on labelled examples: its accuracy on the whole validation split.
+    let accuracy = match trainer.val_accuracy(&m) {
+        Ok(Some((right, n))) => {
+            if let Some(f) = metrics.as_mut() {
+                let line = json!({"step": trainer.step, "val_accuracy": right as f64 / n as f64, "val_examples": n});
+                let _ = writeln!(f, "{line}");
+            }
+            format!("; validation accuracy {:.1}% ({right} of {n})", 100.0 * right as f64 / n as f64)
+        }
+        Ok(None) => String::new(),
+        Err(e) => return fail(&format!("cannot measure the validation accuracy: {e}")),
+    };
     println!(
-        "trained {} steps in {:.1} s; validation loss {}; checkpoint and metrics in {}",
+        "trained {} steps in {:.1} s; validation loss {}{accuracy}; checkpoint and metrics in {}",
         steps - first.min(steps),
         secs,
         last_val.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),

@@ -125,11 +125,14 @@ impl Loader {
                     prog.models.insert(m.name.name.clone(), Rc::new(m));
                 }
                 Item::Weights(w) => {
-                    if let Some(old) =
-                        prog.weights.iter().find(|o| o.format.name == w.format.name && o.model.name == w.model.name)
-                    {
+                    let twice = |o: &ast::WeightsDef| {
+                        w.models
+                            .iter()
+                            .find(|m| o.format.name == w.format.name && o.models.iter().any(|x| x.name == m.name))
+                    };
+                    if let Some((old, m)) = prog.weights.iter().find_map(|o| twice(o).map(|m| (o, m))) {
                         self.diags.push(
-                            Diag::error(format!("`weights {} for {}` is defined twice", w.format.name, w.model.name))
+                            Diag::error(format!("`weights {} for {}` is defined twice", w.format.name, m.name))
                                 .at(w.format.span, "second definition")
                                 .also(old.format.span, "first defined here")
                                 .help("merge the two mappings"),

@@ -27,22 +27,22 @@ pub fn mappings(
     ev: &mut SectionEval,
 ) -> Vec<WeightMap> {
     for d in defs {
-        if !models.contains_key(&d.model.name) {
-            let help = unknown_help("model", &d.model.name, models.keys().map(String::as_str));
+        for model in d.models.iter().filter(|x| !models.contains_key(&x.name)) {
+            let help = unknown_help("model", &model.name, models.keys().map(String::as_str));
             ev.diags.push(
-                Diag::error(format!("`weights {} for {}` names no model", d.format.name, d.model.name))
-                    .at(d.model.span, "no such model")
+                Diag::error(format!("`weights {} for {}` names no model", d.format.name, model.name))
+                    .at(model.span, "no such model")
                     .help(format!("{help} (models from other files need `use`)")),
             );
         }
     }
     let mut out: Vec<WeightMap> = Vec::new();
     for m in chain {
-        for d in defs.iter().filter(|d| &d.model.name == m) {
+        for d in defs.iter().filter(|d| d.models.iter().any(|x| &x.name == m)) {
             if out.iter().any(|o| o.format == d.format.name) {
                 continue;
             }
-            if let Some(map) = mapping(d, params, ev) {
+            if let Some(map) = mapping(d, m, params, ev) {
                 out.push(map);
             }
         }
@@ -50,7 +50,7 @@ pub fn mappings(
     out
 }
 
-fn mapping(d: &WeightsDef, params: &[Param], ev: &mut SectionEval) -> Option<WeightMap> {
+fn mapping(d: &WeightsDef, model: &str, params: &[Param], ev: &mut SectionEval) -> Option<WeightMap> {
     let before = ev.diags.len();
     let config = match &d.config {
         Some(c) => object(c, ev),
@@ -72,11 +72,11 @@ fn mapping(d: &WeightsDef, params: &[Param], ev: &mut SectionEval) -> Option<Wei
             rules.push(rule);
         }
     }
-    coverage(d, &rules, params, ev);
+    coverage(d, model, &rules, params, ev);
     if ev.diags.len() > before {
         return None;
     }
-    Some(WeightMap { format: d.format.name.clone(), model: d.model.name.clone(), config, rules })
+    Some(WeightMap { format: d.format.name.clone(), model: model.to_string(), config, rules })
 }
 
 fn rule(r: &WeightRule, params: &[Param], ev: &mut SectionEval) -> Option<MapRule> {
@@ -271,7 +271,7 @@ fn rule(r: &WeightRule, params: &[Param], ev: &mut SectionEval) -> Option<MapRul
 
 /// Each parameter slice is held by one tensor at most: a parameter is named
 /// whole once, or sliced by the same dims into distinct slices that cover it.
-fn coverage(d: &WeightsDef, rules: &[MapRule], params: &[Param], ev: &mut SectionEval) {
+fn coverage(d: &WeightsDef, model: &str, rules: &[MapRule], params: &[Param], ev: &mut SectionEval) {
     let mut by_param: BTreeMap<usize, Vec<&MapRule>> = BTreeMap::new();
     for r in rules {
         if let Some(t) = &r.target {
@@ -317,7 +317,7 @@ fn coverage(d: &WeightsDef, rules: &[MapRule], params: &[Param], ev: &mut Sectio
                 Diag::error(format!(
                     "`weights {} for {}` maps {} of the {whole} slices of `{}` over {}",
                     d.format.name,
-                    d.model.name,
+                    model,
                     slices.len(),
                     p.path,
                     names.join(", ")

@@ -253,7 +253,8 @@ impl Arg {
 pub struct WeightsDef {
     /// The checkpoint format this mapping names (`hf`, `gguf`, ...).
     pub format: Ident,
-    pub model: Ident,
+    /// The models it maps (`for a, b`): their parameters share the paths it names.
+    pub models: Vec<Ident>,
     /// `config { key = value }`: the checkpoint's `config.json`.
     pub config: Option<Section>,
     pub rules: Vec<WeightRule>,

@@ -307,10 +307,10 @@ impl Builder {
         let span = self.span(&p);
         let mut it = p.into_inner().filter(|q| !matches!(q.as_rule(), Rule::weights_kw | Rule::for_kw));
         let format = self.ident(it.next().expect("format"));
-        let model = self.ident(it.next().expect("model"));
-        let (mut config, mut rules) = (None, Vec::new());
+        let (mut models, mut config, mut rules) = (Vec::new(), None, Vec::new());
         for q in it {
             match q.as_rule() {
+                Rule::ident => models.push(self.ident(q)),
                 Rule::weights_config => {
                     let span = self.span(&q);
                     let mut qi = q.into_inner();
@@ -321,7 +321,7 @@ impl Builder {
                 _ => rules.push(self.weight_rule(q)),
             }
         }
-        WeightsDef { format, model, config, rules, span }
+        WeightsDef { format, models, config, rules, span }
     }
 
     fn weight_rule(&self, p: Pair<Rule>) -> WeightRule {

@@ -324,7 +324,8 @@ impl Printer<'_> {
     }
 
     fn weights(&mut self, w: &WeightsDef) {
-        self.line(&format!("weights {} for {} {{", w.format.name, w.model.name));
+        let models: Vec<&str> = w.models.iter().map(|m| m.name.as_str()).collect();
+        self.line(&format!("weights {} for {} {{", w.format.name, models.join(", ")));
         self.indent += 1;
         if let Some(c) = &w.config {
             self.leading(c.span.start);

@@ -1,7 +1,15 @@
-//! Token data: a text file read byte by byte (ids 0..256), or a `.bin` of
-//! little-endian u16 token ids as nanoGPT writes them. The last
-//! `val_fraction` of the tokens is the validation split. A batch is a set of
-//! windows whose start positions are a pure function of (seed, step, micro).
+//! Training data:
+//! - a token stream: a text file read byte by byte (ids 0..256) or through
+//!   the spec's tokenizer, or a `.bin` of little-endian u16 token ids as
+//!   nanoGPT writes them. The last `val_fraction` of the tokens is the
+//!   validation split. A batch is a set of windows whose start positions are
+//!   a pure function of (seed, step, micro);
+//! - labelled examples: a `.jsonl` file of `{"text": ..., "label": k}`
+//!   objects, each with an optional `"split": "train" | "val"` (without
+//!   one, the last `val_fraction` of the examples is the validation split).
+//!   Each text is tokenized with the tokenizer's special tokens (BERT's
+//!   `[CLS] … [SEP]`). A training batch draws examples as a pure function
+//!   of (seed, step, micro); a validation batch takes them in order.
 
 use super::TrainError;
 use crate::exec::kernels::uniform;
@@ -14,12 +22,24 @@ pub enum Split {
 }
 
 pub struct Dataset {
-    tokens: Tokens,
-    /// First token of the validation split.
-    split_at: usize,
+    source: Source,
     /// The file (canonical where it can be) and the SHA-256 of its bytes.
     pub path: std::path::PathBuf,
     pub sha256: String,
+}
+
+enum Source {
+    /// A token stream and the first token of its validation split.
+    Stream { tokens: Tokens, split_at: usize },
+    /// Labelled examples of each split.
+    Examples { train: Vec<Example>, val: Vec<Example> },
+}
+
+/// A labelled example: its token ids and its class.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub label: u32,
 }
 
 /// Token ids in the narrowest integers that hold them: the file's own bytes
@@ -90,60 +110,125 @@ impl Dataset {
         let bytes =
             std::fs::read(path).map_err(|e| TrainError::Io(format!("cannot read data `{}`: {e}", path.display())))?;
         let sha256 = super::checkpoint::sha256_hex(&bytes);
-        let tokens = if path.extension().is_some_and(|e| e == "bin") {
-            if bytes.len() % 2 != 0 {
-                return Err(TrainError::Io(format!("`{}` is not a u16 token file (odd length)", path.display())));
-            }
-            Tokens::U16(bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
-        } else if let super::tokenizer::Tokenizer::Bytes = tokenizer {
-            Tokens::U8(bytes)
+        let source = if path.extension().is_some_and(|e| e == "jsonl") {
+            examples(path, &bytes, val_fraction, vocab, tokenizer)?
         } else {
-            let text = String::from_utf8(bytes).map_err(|_| {
-                TrainError::Io(format!("`{}` is not UTF-8 text; the GPT-2 tokenizer reads text", path.display()))
-            })?;
-            let ids = tokenizer.encode(&text)?;
-            match ids.iter().all(|&t| t <= u16::MAX as u32) {
-                true => Tokens::U16(ids.into_iter().map(|t| t as u16).collect()),
-                false => Tokens::U32(ids),
-            }
+            let tokens = stream(path, bytes, vocab, tokenizer)?;
+            let split_at = ((tokens.len() as f64) * (1.0 - val_fraction)) as usize;
+            Source::Stream { tokens, split_at }
         };
-        if let Some(bad) = tokens.max().filter(|&t| t as u64 >= vocab) {
-            return Err(TrainError::Setup(format!(
-                "`{}` holds token id {bad}, but the model's vocab is {vocab}; byte-level text needs vocab = 256, GPT-2 BPE vocab = 50257",
-                path.display()
-            )));
-        }
-        let split_at = ((tokens.len() as f64) * (1.0 - val_fraction)) as usize;
         let path = path.canonicalize().unwrap_or(path.to_path_buf());
-        Ok(Dataset { tokens, split_at, path, sha256 })
+        Ok(Dataset { source, path, sha256 })
     }
 
-    /// Both splits must hold at least one window of `seq + 1` tokens
-    /// (inputs and their next-token targets): nothing is padded.
+    /// The labelled examples of `split` (`None`: the data is a token stream).
+    pub fn examples(&self, split: Split) -> Option<&[Example]> {
+        match (&self.source, split) {
+            (Source::Examples { train, .. }, Split::Train) => Some(train),
+            (Source::Examples { val, .. }, Split::Val) => Some(val),
+            (Source::Stream { .. }, _) => None,
+        }
+    }
+
+    /// A token stream's splits must each hold at least one window of
+    /// `seq + 1` tokens (inputs and their next-token targets): nothing is
+    /// padded. Labelled examples need one example in each split.
     pub fn check_windows(&self, seq: usize) -> Result<(), TrainError> {
-        let (train, val) = (self.split_at, self.tokens.len() - self.split_at);
+        let (tokens, split_at) = match &self.source {
+            Source::Stream { tokens, split_at } => (tokens, *split_at),
+            Source::Examples { train, val } if !train.is_empty() && !val.is_empty() => return Ok(()),
+            Source::Examples { train, val } => {
+                return Err(TrainError::Setup(format!(
+                    "data `{}` holds {} training and {} validation examples; each split needs one at least\n  help: \
+                     mark examples with \"split\": \"val\", or lower `val_fraction`",
+                    self.path.display(),
+                    train.len(),
+                    val.len()
+                )));
+            }
+        };
+        let (train, val) = (split_at, tokens.len() - split_at);
         if train > seq && val > seq {
             return Ok(());
         }
-        let frac = val as f64 / self.tokens.len().max(1) as f64;
+        let frac = val as f64 / tokens.len().max(1) as f64;
         Err(TrainError::Setup(format!(
             "data `{}` is too short: it holds {} tokens, split into {train} for training and {val} for validation \
              ({:.0}%), but each split needs at least seq + 1 = {} tokens for one window\n  help: use a file with at \
              least {} tokens, or a smaller `seq`",
             self.path.display(),
-            self.tokens.len(),
+            tokens.len(),
             100.0 * frac,
             seq + 1,
             ((seq + 1) as f64 / frac.clamp(1e-9, 0.5)).ceil() as u64
         )))
     }
 
+    /// Tokens in a stream, or examples.
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        match &self.source {
+            Source::Stream { tokens, .. } => tokens.len(),
+            Source::Examples { train, val } => train.len() + val.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.len() == 0
+        self.len() == 0
+    }
+
+    /// `batch` examples as the model's inputs: `tokens` `[batch, seq]` (each
+    /// example's ids, cut to `seq`, then zeros), `mask` `[batch, seq]` where
+    /// the model has one (1 on the example's tokens), `targets` `[batch]`
+    /// (the labels), every other input zeros. Training draws examples with
+    /// replacement as a pure function of (seed, step, micro); validation
+    /// takes them in order (microbatch `micro` holds examples
+    /// `micro·batch ..`, wrapping around).
+    pub fn example_batch(
+        &self,
+        split: Split,
+        inputs: &[tessera_compiler::ir::Input],
+        seed: u64,
+        step: u64,
+        micro: u64,
+    ) -> Result<Vec<crate::tensor::Tensor<f32>>, TrainError> {
+        let rows =
+            self.examples(split).ok_or_else(|| TrainError::Setup("the data holds no labelled examples".into()))?;
+        let tokens = inputs
+            .iter()
+            .find(|x| x.name == "tokens")
+            .ok_or_else(|| TrainError::Setup("the model has no `tokens` input".into()))?;
+        let (batch, seq) = (tokens.ty.dims[0].size as usize, tokens.ty.dims.last().map_or(1, |d| d.size as usize));
+        let picked: Vec<&Example> = (0..batch)
+            .map(|b| {
+                let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
+                let k = match split {
+                    Split::Train => {
+                        (uniform(seed ^ 0xDA7A, step.wrapping_mul(1_000_003), global) * rows.len() as f64) as usize
+                    }
+                    Split::Val => (global % rows.len() as u64) as usize,
+                };
+                &rows[k.min(rows.len() - 1)]
+            })
+            .collect();
+        Ok(inputs
+            .iter()
+            .map(|x| {
+                let mut t = crate::tensor::Tensor::zeros(&x.ty.dims);
+                match x.name.as_str() {
+                    "tokens" | "mask" => {
+                        for (b, e) in picked.iter().enumerate() {
+                            let row = &mut t.data[b * seq..(b + 1) * seq];
+                            for (r, &id) in row.iter_mut().zip(&e.ids) {
+                                *r = if x.name == "tokens" { id as f32 } else { 1.0 };
+                            }
+                        }
+                    }
+                    "targets" => t.data.iter_mut().zip(&picked).for_each(|(r, e)| *r = e.label as f32),
+                    _ => {}
+                }
+                t
+            })
+            .collect())
     }
 
     /// `batch` windows of `seq + 1` tokens: inputs and next-token targets,
@@ -159,9 +244,12 @@ impl Dataset {
         step: u64,
         micro: u64,
     ) -> (Vec<T>, Vec<T>) {
+        let Source::Stream { tokens, split_at } = &self.source else {
+            return (vec![T::zero(); batch * seq], vec![T::zero(); batch * seq]);
+        };
         let (lo, hi) = match split {
-            Split::Train => (0, self.split_at),
-            Split::Val => (self.split_at, self.tokens.len()),
+            Split::Train => (0, *split_at),
+            Split::Val => (*split_at, tokens.len()),
         };
         let room = hi.saturating_sub(lo + seq + 1).max(1);
         let mut x = Vec::with_capacity(batch * seq);
@@ -171,11 +259,90 @@ impl Dataset {
             let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
             let start = lo + (uniform(seed ^ 0xDA7A, stream, global) * room as f64) as usize;
             for i in 0..seq {
-                let at = |k: usize| T::from(self.tokens.get(k).unwrap_or(0)).unwrap_or_else(T::zero);
+                let at = |k: usize| T::from(tokens.get(k).unwrap_or(0)).unwrap_or_else(T::zero);
                 x.push(at(start + i));
                 y.push(at(start + i + 1));
             }
         }
         (x, y)
     }
+}
+
+/// A token stream from a file: `.bin` u16 ids, bytes, or text through the tokenizer.
+fn stream(
+    path: &Path,
+    bytes: Vec<u8>,
+    vocab: u64,
+    tokenizer: &super::tokenizer::Tokenizer,
+) -> Result<Tokens, TrainError> {
+    let tokens = if path.extension().is_some_and(|e| e == "bin") {
+        if !bytes.len().is_multiple_of(2) {
+            return Err(TrainError::Io(format!("`{}` is not a u16 token file (odd length)", path.display())));
+        }
+        Tokens::U16(bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+    } else if let super::tokenizer::Tokenizer::Bytes = tokenizer {
+        Tokens::U8(bytes)
+    } else {
+        let text = String::from_utf8(bytes).map_err(|_| {
+            TrainError::Io(format!("`{}` is not UTF-8 text; the GPT-2 tokenizer reads text", path.display()))
+        })?;
+        let ids = tokenizer.encode(&text)?;
+        match ids.iter().all(|&t| t <= u16::MAX as u32) {
+            true => Tokens::U16(ids.into_iter().map(|t| t as u16).collect()),
+            false => Tokens::U32(ids),
+        }
+    };
+    if let Some(bad) = tokens.max().filter(|&t| t as u64 >= vocab) {
+        return Err(TrainError::Setup(format!(
+            "`{}` holds token id {bad}, but the model's vocab is {vocab}; byte-level text needs vocab = 256, GPT-2 BPE vocab = 50257",
+            path.display()
+        )));
+    }
+    Ok(tokens)
+}
+
+/// Labelled examples from a `.jsonl` file, with file:line in every error.
+fn examples(
+    path: &Path,
+    bytes: &[u8],
+    val_fraction: f64,
+    vocab: u64,
+    tokenizer: &super::tokenizer::Tokenizer,
+) -> Result<Source, TrainError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| TrainError::Io(format!("`{}` is not UTF-8", path.display())))?;
+    let mut marked = Vec::new();
+    let mut unmarked = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = format!("{}:{}", path.display(), i + 1);
+        let bad = |what: &str| {
+            TrainError::Setup(format!(
+                "{at}: {what}\n  help: each line is an object like {{\"text\": \"...\", \"label\": 0, \"split\": \"train\"}}"
+            ))
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let text = v["text"].as_str().ok_or_else(|| bad("no `text` string"))?;
+        let label = v["label"]
+            .as_u64()
+            .and_then(|l| u32::try_from(l).ok())
+            .ok_or_else(|| bad("no `label` (a class index, 0 or more)"))?;
+        let ids = tokenizer.encode_with_special(text)?;
+        if let Some(&id) = ids.iter().find(|&&t| t as u64 >= vocab) {
+            return Err(bad(&format!("the text holds token id {id}, but the model's vocab is {vocab}")));
+        }
+        let e = Example { ids, label };
+        match v.get("split").and_then(|s| s.as_str()) {
+            Some("train") => marked.push((Split::Train, e)),
+            Some("val") => marked.push((Split::Val, e)),
+            None => unmarked.push(e),
+            Some(other) => return Err(bad(&format!("`split` is \"{other}\"; it is \"train\" or \"val\""))),
+        }
+    }
+    let (mut train, mut val): (Vec<Example>, Vec<Example>) = (Vec::new(), Vec::new());
+    for (s, e) in marked {
+        if s == Split::Train { train.push(e) } else { val.push(e) }
+    }
+    let cut = ((unmarked.len() as f64) * (1.0 - val_fraction)) as usize;
+    val.extend(unmarked.split_off(cut));
+    train.extend(unmarked);
+    Ok(Source::Examples { train, val })
 }

@@ -182,15 +182,11 @@ impl Trainer {
         let find = |n: &str| inputs.iter().position(|i| i.name == n);
         let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
             return Err(TrainError::Setup(
-                "`tessera train` trains language models: the model needs inputs `tokens` and `targets` [batch, seq]"
+                "`tessera train` feeds a model's inputs `tokens` [batch, seq] and `targets` (the next tokens \
+                 [batch, seq], or a label per example [batch]); this model lacks one"
                     .into(),
             ));
         };
-        if inputs.len() != 2 {
-            return Err(TrainError::Setup(
-                "`tessera train` feeds `tokens` and `targets` only; this model has other inputs".into(),
-            ));
-        }
         let vocab = training.vocab.unwrap_or(256);
         let path = match (&cfg.data, &train.data) {
             (Some(p), _) => p.clone(),
@@ -205,6 +201,25 @@ impl Trainer {
         let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
         let seq = inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
         data.check_windows(seq)?;
+        // A token stream feeds language models (tokens and next tokens);
+        // labelled examples feed classifiers (a label per example).
+        let labelled = data.examples(data::Split::Train).is_some();
+        let per_example = inputs[targets_idx].ty.dims.len() == 1;
+        if labelled != per_example {
+            return Err(TrainError::Setup(format!(
+                "the model's `targets` is {}, but the data `{}` is {}: a language model ([batch, seq] targets) trains \
+                 on text or token ids, a classifier ([batch] targets) on labelled examples (a .jsonl of \
+                 {{\"text\", \"label\"}})",
+                inputs[targets_idx].ty,
+                path.display(),
+                if labelled { "labelled examples" } else { "a token stream" }
+            )));
+        }
+        if !labelled && inputs.len() != 2 {
+            return Err(TrainError::Setup(
+                "a language model trains on `tokens` and `targets` only; this model has other inputs".into(),
+            ));
+        }
         let micro = training.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
         let run = checkpoint::RunRecord {
@@ -276,6 +291,10 @@ impl Trainer {
     }
 
     pub fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
+        let inputs = &self.training.step.inputs;
+        if let Ok(batch) = self.data.example_batch(split, inputs, self.cfg.seed, step, micro) {
+            return batch;
+        }
         let ty = &self.training.step.inputs[self.tokens_idx].ty;
         let (x, y) = self.data.batch(split, ty.dims[0].size as usize, self.seq(), self.cfg.seed, step, micro);
         let mut inputs = vec![Tensor::zeros(&ty.dims); 2];
@@ -283,6 +302,35 @@ impl Trainer {
         inputs[self.targets_idx] =
             Tensor { dims: self.training.step.inputs[self.targets_idx].ty.dims.clone(), data: y };
         inputs
+    }
+
+    /// A classifier's accuracy on the whole validation split of labelled
+    /// examples: the fraction whose largest logit is their label, from the
+    /// model's forward program to `logits` (`[batch, classes]`) with the
+    /// current weights; `None` for a token stream or a model without such
+    /// logits. `m` is the model checked as it trains (its microbatch).
+    pub fn val_accuracy(&self, m: &tessera_compiler::Model) -> Result<Option<(usize, usize)>, TrainError> {
+        let Some(val) = self.data.examples(data::Split::Val) else { return Ok(None) };
+        let Some(logits) = m.graph.output("logits").map(|v| m.graph.ty(v).clone()) else { return Ok(None) };
+        if logits.dims.len() != 2 {
+            return Ok(None);
+        }
+        let weights = self.weights()?;
+        let mut f = crate::infer::Forward::new(m, "logits", &weights).map_err(|e| TrainError::Setup(e.to_string()))?;
+        let (batch, classes) = (logits.dims[0].size as usize, logits.dims[1].size as usize);
+        let mut correct = 0;
+        for micro in 0..val.len().div_ceil(batch) as u64 {
+            let inputs = self.data.example_batch(data::Split::Val, &m.inputs, self.cfg.seed, 0, micro)?;
+            let out = f.run(&inputs).map_err(|e| TrainError::Setup(e.to_string()))?;
+            for b in 0..batch {
+                let k = micro as usize * batch + b;
+                let Some(e) = val.get(k) else { break };
+                let row = &out.data[b * classes..(b + 1) * classes];
+                let best = row.iter().enumerate().fold(0, |best, (i, x)| if *x > row[best] { i } else { best });
+                correct += usize::from(best as u32 == e.label);
+            }
+        }
+        Ok(Some((correct, val.len())))
     }
 
     /// Tokens of one optimizer step.
