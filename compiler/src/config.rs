@@ -210,9 +210,26 @@ pub enum Amount {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum LrSchedule {
-    Constant { warmup: Amount },
-    Linear { warmup: Amount, decay: Option<Amount>, min: f64 },
-    Cosine { warmup: Amount, decay: Option<Amount>, min: f64 },
+    Constant {
+        warmup: Amount,
+    },
+    Linear {
+        warmup: Amount,
+        decay: Option<Amount>,
+        min: f64,
+    },
+    Cosine {
+        warmup: Amount,
+        decay: Option<Amount>,
+        min: f64,
+    },
+    /// Warmup to the peak (a linear ramp, the Transformer's and fairseq's;
+    /// or the peak held, T5's and Switch's `1/√max(step, warmup)`), then
+    /// the peak × √(warmup / step).
+    InverseSqrt {
+        warmup: Amount,
+        linear_warmup: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

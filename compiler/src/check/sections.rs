@@ -866,6 +866,12 @@ fn lr_schedule(ev: &mut SectionEval, v: &Expr) -> Option<LrSchedule> {
             let warmup = kw.get("warmup").and_then(|e| ev.amount(e)).unwrap_or(Amount::Steps(0.0));
             Some(LrSchedule::Constant { warmup })
         }
+        "inverse_sqrt" => {
+            let kw = kwargs(ev, args, &["warmup", "linear_warmup"], name);
+            let warmup = kw.get("warmup").and_then(|e| ev.amount(e)).unwrap_or(Amount::Steps(0.0));
+            let linear_warmup = kw.get("linear_warmup").and_then(|e| ev.boolean(e, "linear_warmup")).unwrap_or(true);
+            Some(LrSchedule::InverseSqrt { warmup, linear_warmup })
+        }
         "linear" | "cosine" => {
             let kw = kwargs(ev, args, &["warmup", "decay", "min"], name);
             let warmup = kw.get("warmup").and_then(|e| ev.amount(e)).unwrap_or(Amount::Steps(0.0));
@@ -885,7 +891,7 @@ fn lr_schedule(ev: &mut SectionEval, v: &Expr) -> Option<LrSchedule> {
             })
         }
         other => {
-            let help = unknown_help("schedule", other, ["constant", "linear", "cosine"]);
+            let help = unknown_help("schedule", other, ["constant", "linear", "cosine", "inverse_sqrt"]);
             ev.err(
                 Diag::error(format!("unknown learning-rate schedule `{other}`"))
                     .at(v.span, "not a schedule")

@@ -91,11 +91,21 @@ fn steps_of(a: Amount, tokens_per_step: u64) -> f64 {
 }
 
 /// The learning rate of update `step` (from 0): linear warmup, then constant,
-/// linear or cosine decay to `min × peak` over `decay` (default: the run).
+/// linear or cosine decay to `min × peak` over `decay` (default: the run),
+/// or the inverse square root of the step (the peak × √(warmup / (step + 1))).
 pub fn learning_rate(train: &Train, step: u64, tokens_per_step: u64, run_steps: u64) -> f64 {
     let peak = train.optimizer.lr();
     let s = step as f64;
+    if let LrSchedule::InverseSqrt { warmup, linear_warmup } = &train.schedule {
+        let warmup = steps_of(*warmup, tokens_per_step);
+        return match s < warmup {
+            true if *linear_warmup => peak * (s + 1.0) / warmup,
+            true => peak,
+            false => peak * (warmup.max(1.0) / (s + 1.0)).sqrt(),
+        };
+    }
     let (warmup, decay, min, kind) = match &train.schedule {
+        LrSchedule::InverseSqrt { .. } => unreachable!("returned above"),
         LrSchedule::Constant { warmup } => (steps_of(*warmup, tokens_per_step), None, 1.0, 0),
         LrSchedule::Linear { warmup, decay, min } => (steps_of(*warmup, tokens_per_step), *decay, *min, 1),
         LrSchedule::Cosine { warmup, decay, min } => (steps_of(*warmup, tokens_per_step), *decay, *min, 2),
@@ -110,4 +120,41 @@ pub fn learning_rate(train: &Train, step: u64, tokens_per_step: u64, run_steps: 
     let frac = ((s - warmup) / (total - warmup)).clamp(0.0, 1.0);
     let shape = if kind == 1 { 1.0 - frac } else { 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()) };
     peak * (min + (1.0 - min) * shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_compiler::config::{Amount, LrSchedule};
+
+    fn train(schedule: LrSchedule) -> Train {
+        let mut sources = tessera_compiler::SourceMap::new();
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../specs/tiny/gpt.spec"));
+        let m = tessera_compiler::check_path(&mut sources, path, &Default::default()).expect("the tiny GPT checks");
+        Train { schedule, ..m.train.expect("a train section") }
+    }
+
+    /// Inverse square root: linear warmup to the peak at the last warmup
+    /// step (or the peak held through it), then the peak × √(warmup /
+    /// (step + 1)): half the peak at four times the warmup, a tenth at a
+    /// hundred times.
+    #[test]
+    fn inverse_sqrt_warms_up_then_decays_as_one_over_the_root_of_the_step() {
+        let t = train(LrSchedule::InverseSqrt { warmup: Amount::Steps(100.0), linear_warmup: true });
+        let peak = t.optimizer.lr();
+        let lr = |step| learning_rate(&t, step, 1, 1_000_000);
+        assert!((lr(0) - peak / 100.0).abs() < 1e-15 * peak);
+        assert!((lr(49) - peak / 2.0).abs() < 1e-12 * peak);
+        assert!((lr(99) - peak).abs() < 1e-12 * peak);
+        assert!((lr(399) - peak / 2.0).abs() < 1e-12 * peak);
+        assert!((lr(9_999) - peak / 10.0).abs() < 1e-12 * peak);
+        // Warmup in tokens: 6,400 tokens of 64 a step are the same 100 steps.
+        let tokens = train(LrSchedule::InverseSqrt { warmup: Amount::Tokens(6_400.0), linear_warmup: true });
+        assert_eq!(learning_rate(&tokens, 399, 64, 1), lr(399));
+        // T5's and Switch's form holds the peak through the warmup.
+        let held = train(LrSchedule::InverseSqrt { warmup: Amount::Steps(100.0), linear_warmup: false });
+        assert_eq!(learning_rate(&held, 0, 1, 1), peak);
+        assert_eq!(learning_rate(&held, 99, 1, 1), peak);
+        assert_eq!(learning_rate(&held, 399, 1, 1), lr(399));
+    }
 }
