@@ -387,7 +387,10 @@ fn token_files_are_little_endian_u16() {
     let d = Dataset::open(&path, 0.1, 300, &Tokenizer::Bytes).expect("opens");
     assert_eq!(d.len(), 100);
     // A window's targets are its inputs shifted by one token.
-    let (x, y) = d.batch::<f32>(Split::Train, 2, 8, 1, 0, 0);
+    use tessera::compiler::ir::{DType, Dim, Input, TensorType};
+    let ty = TensorType::new(DType::I32, vec![Dim::new("batch", 2), Dim::new("seq", 8)]);
+    let inputs = ["tokens", "targets"].map(|name| Input { name: name.into(), ty: ty.clone() });
+    let [x, y] = <[_; 2]>::try_from(d.batch(Split::Train, &inputs, 1, 0, 0)).expect("two inputs").map(|t| t.data);
     assert_eq!(&x[1..8], &y[..7]);
     assert!(x.iter().all(|t| ids.contains(&(*t as u16))));
     // Ids beyond the model's vocabulary are an error, not a crash.

@@ -248,6 +248,7 @@ impl Decoder {
                 table.len()
             )));
         }
+        let blocks = table_row(table, paged.paging.table as usize)?;
         let mut last = Vec::new();
         let mut done = 0;
         while done < tokens.len() {
@@ -258,7 +259,6 @@ impl Decoder {
             let n = io.positions.min(left);
             let mut x = vec![0f32; io.positions];
             x.iter_mut().zip(&tokens[done..done + n]).for_each(|(x, &t)| *x = t as f32);
-            let blocks = table_row(table, paged.paging.table as usize)?;
             run(&mut self.cpu, p, io, &x, Some((&[(start + done) as f32], &blocks)))?;
             done += n;
             if done == tokens.len() {

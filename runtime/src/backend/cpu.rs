@@ -267,20 +267,20 @@ impl Cpu {
         let outer: usize = src.ty.dims[..at].iter().map(|d| d.size as usize).product();
         let row =
             src.ty.dims[at + 1..].iter().map(|d| d.size as usize).product::<usize>() * src.ty.dtype.bytes() as usize;
-        let table = self.bytes(src).to_vec();
-        let out = self.bytes_mut(dst);
+        // Only the rows taken are read (the output's layout, in order).
+        let table = self.bytes(src);
+        let mut taken = vec![0u8; pos.len() * outer * n * row];
         for (b, &p) in pos.iter().enumerate() {
             for o in 0..outer {
                 for i in 0..n {
-                    let to = ((b * outer + o) * n + i) * row;
-                    let dst = &mut out[to..to + row];
-                    match usize::try_from(p).ok().map(|p| p + i).filter(|&p| p < rows) {
-                        Some(p) => dst.copy_from_slice(&table[(o * rows + p) * row..][..row]),
-                        None => dst.fill(0),
+                    if let Some(p) = usize::try_from(p).ok().map(|p| p + i).filter(|&p| p < rows) {
+                        let to = ((b * outer + o) * n + i) * row;
+                        taken[to..to + row].copy_from_slice(&table[(o * rows + p) * row..][..row]);
                     }
                 }
             }
         }
+        self.bytes_mut(dst).copy_from_slice(&taken);
         Ok(())
     }
 
@@ -1532,13 +1532,11 @@ impl Cpu {
                 let batch = q.ty.dims[0].clone();
                 let n = q.ty.dim(dim).map_or(0, |d| d.size as usize);
                 let per = tables.len() / pos.len().max(1);
-                let (q_all, q_one) = (self.slice(q).to_vec(), q.ty.numel() as usize / pos.len().max(1));
+                let (q_all, q_one) = (self.slice(q), q.ty.numel() as usize / pos.len().max(1));
                 let mut q_dims = q.ty.dims.clone();
                 q_dims[0].size = 1;
                 let mut o = vec![0f32; out.ty.numel() as usize];
                 let o_one = o.len() / pos.len().max(1);
-                let mut out_dims = out.ty.dims.clone();
-                out_dims[0].size = 1;
                 // Each sequence's keys and values of positions [0, pos + n)
                 // (borrowed where they lie), then the sequences in parallel.
                 let mut work = Vec::new();

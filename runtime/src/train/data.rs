@@ -176,28 +176,45 @@ impl Dataset {
         self.len() == 0
     }
 
-    /// `batch` examples as the model's inputs: `tokens` `[batch, seq]` (each
-    /// example's ids, cut to `seq`, then zeros), `mask` `[batch, seq]` where
-    /// the model has one (1 on the example's tokens), `targets` `[batch]`
-    /// (the labels), every other input zeros. Training draws examples with
-    /// replacement as a pure function of (seed, step, micro); validation
-    /// takes them in order (microbatch `micro` holds examples
-    /// `micro·batch ..`, wrapping around).
-    pub fn example_batch(
+    /// Microbatch `micro` of a step as the model's `inputs` (each of the
+    /// input's whole shape; `tokens` is `[batch, seq]`, which the trainer
+    /// checks). A token stream gives windows: `tokens` and next-token
+    /// `targets`. Labelled examples give `tokens` (each example's ids, cut to
+    /// `seq`, then zeros), `mask` where the model has one (1 on the
+    /// example's tokens), `targets` `[batch]` (the labels), every other
+    /// input zeros.
+    pub fn batch(
         &self,
         split: Split,
         inputs: &[tessera_compiler::ir::Input],
         seed: u64,
         step: u64,
         micro: u64,
-    ) -> Result<Vec<crate::tensor::Tensor<f32>>, TrainError> {
-        let rows =
-            self.examples(split).ok_or_else(|| TrainError::Setup("the data holds no labelled examples".into()))?;
-        let tokens = inputs
-            .iter()
-            .find(|x| x.name == "tokens")
-            .ok_or_else(|| TrainError::Setup("the model has no `tokens` input".into()))?;
-        let (batch, seq) = (tokens.ty.dims[0].size as usize, tokens.ty.dims.last().map_or(1, |d| d.size as usize));
+    ) -> Vec<crate::tensor::Tensor<f32>> {
+        let tokens = &inputs.iter().find(|x| x.name == "tokens").expect("the trainer checks `tokens`").ty;
+        let (batch, seq) = (tokens.dims[0].size as usize, tokens.dims.last().map_or(1, |d| d.size as usize));
+        let rows = match &self.source {
+            Source::Examples { train, val } => {
+                if split == Split::Train {
+                    train
+                } else {
+                    val
+                }
+            }
+            Source::Stream { tokens, split_at } => {
+                let (x, y) = windows(tokens, *split_at, split, batch, seq, seed, step, micro);
+                return inputs
+                    .iter()
+                    .map(|i| crate::tensor::Tensor {
+                        dims: i.ty.dims.clone(),
+                        data: if i.name == "tokens" { x.clone() } else { y.clone() },
+                    })
+                    .collect();
+            }
+        };
+        // Training draws examples with replacement as a pure function of
+        // (seed, step, micro); validation takes them in order (microbatch
+        // `micro` holds examples `micro·batch ..`, wrapping around).
         let picked: Vec<&Example> = (0..batch)
             .map(|b| {
                 let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
@@ -210,7 +227,7 @@ impl Dataset {
                 &rows[k.min(rows.len() - 1)]
             })
             .collect();
-        Ok(inputs
+        inputs
             .iter()
             .map(|x| {
                 let mut t = crate::tensor::Tensor::zeros(&x.ty.dims);
@@ -228,43 +245,7 @@ impl Dataset {
                 }
                 t
             })
-            .collect())
-    }
-
-    /// `batch` windows of `seq + 1` tokens: inputs and next-token targets,
-    /// row-major [batch, seq]. Microbatch `micro` of a step holds sequences
-    /// `micro·batch ..` of the step's global batch, so a step sees the same
-    /// windows however its batch is split into microbatches and ranks.
-    pub fn batch<T: num_traits::Float>(
-        &self,
-        split: Split,
-        batch: usize,
-        seq: usize,
-        seed: u64,
-        step: u64,
-        micro: u64,
-    ) -> (Vec<T>, Vec<T>) {
-        let Source::Stream { tokens, split_at } = &self.source else {
-            return (vec![T::zero(); batch * seq], vec![T::zero(); batch * seq]);
-        };
-        let (lo, hi) = match split {
-            Split::Train => (0, *split_at),
-            Split::Val => (*split_at, tokens.len()),
-        };
-        let room = hi.saturating_sub(lo + seq + 1).max(1);
-        let mut x = Vec::with_capacity(batch * seq);
-        let mut y = Vec::with_capacity(batch * seq);
-        for b in 0..batch {
-            let stream = step.wrapping_mul(1_000_003);
-            let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
-            let start = lo + (uniform(seed ^ 0xDA7A, stream, global) * room as f64) as usize;
-            for i in 0..seq {
-                let at = |k: usize| T::from(tokens.get(k).unwrap_or(0)).unwrap_or_else(T::zero);
-                x.push(at(start + i));
-                y.push(at(start + i + 1));
-            }
-        }
-        (x, y)
+            .collect()
     }
 }
 
@@ -345,4 +326,40 @@ fn examples(
     val.extend(unmarked.split_off(cut));
     train.extend(unmarked);
     Ok(Source::Examples { train, val })
+}
+
+/// `batch` windows of `seq + 1` tokens of a stream (validation from
+/// `split_at` on): inputs and next-token targets, row-major [batch, seq].
+/// Microbatch `micro` of a step holds sequences `micro·batch ..` of the
+/// step's global batch, so a step sees the same windows however its batch is
+/// split into microbatches and ranks.
+#[allow(clippy::too_many_arguments)]
+fn windows(
+    tokens: &Tokens,
+    split_at: usize,
+    split: Split,
+    batch: usize,
+    seq: usize,
+    seed: u64,
+    step: u64,
+    micro: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let (lo, hi) = match split {
+        Split::Train => (0, split_at),
+        Split::Val => (split_at, tokens.len()),
+    };
+    let room = hi.saturating_sub(lo + seq + 1).max(1);
+    let mut x = Vec::with_capacity(batch * seq);
+    let mut y = Vec::with_capacity(batch * seq);
+    for b in 0..batch {
+        let stream = step.wrapping_mul(1_000_003);
+        let global = micro.wrapping_mul(batch as u64).wrapping_add(b as u64);
+        let start = lo + (uniform(seed ^ 0xDA7A, stream, global) * room as f64) as usize;
+        for i in 0..seq {
+            let at = |k: usize| tokens.get(k).unwrap_or(0) as f32;
+            x.push(at(start + i));
+            y.push(at(start + i + 1));
+        }
+    }
+    (x, y)
 }

@@ -135,7 +135,6 @@ pub struct Trainer {
     /// Microbatches per optimizer step (data-parallel ranks × gradient accumulation).
     pub accumulation: u64,
     tokens_idx: usize,
-    targets_idx: usize,
     /// Spans of the first steps for a Chrome trace (`tessera train --trace`).
     pub trace: Option<std::sync::Arc<crate::trace::Trace>>,
     /// Every rank of the mesh (one on a single device) with its program and
@@ -273,7 +272,6 @@ impl Trainer {
             cfg,
             accumulation,
             tokens_idx,
-            targets_idx,
             ranks,
             trace: None,
             skipped_steps,
@@ -291,17 +289,7 @@ impl Trainer {
     }
 
     pub fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
-        let inputs = &self.training.step.inputs;
-        if let Ok(batch) = self.data.example_batch(split, inputs, self.cfg.seed, step, micro) {
-            return batch;
-        }
-        let ty = &self.training.step.inputs[self.tokens_idx].ty;
-        let (x, y) = self.data.batch(split, ty.dims[0].size as usize, self.seq(), self.cfg.seed, step, micro);
-        let mut inputs = vec![Tensor::zeros(&ty.dims); 2];
-        inputs[self.tokens_idx] = Tensor { dims: ty.dims.clone(), data: x };
-        inputs[self.targets_idx] =
-            Tensor { dims: self.training.step.inputs[self.targets_idx].ty.dims.clone(), data: y };
-        inputs
+        self.data.batch(split, &self.training.step.inputs, self.cfg.seed, step, micro)
     }
 
     /// A classifier's accuracy on the whole validation split of labelled
@@ -320,7 +308,7 @@ impl Trainer {
         let (batch, classes) = (logits.dims[0].size as usize, logits.dims[1].size as usize);
         let mut correct = 0;
         for micro in 0..val.len().div_ceil(batch) as u64 {
-            let inputs = self.data.example_batch(data::Split::Val, &m.inputs, self.cfg.seed, 0, micro)?;
+            let inputs = self.data.batch(data::Split::Val, &m.inputs, self.cfg.seed, 0, micro);
             let out = f.run(&inputs).map_err(|e| TrainError::Setup(e.to_string()))?;
             for b in 0..batch {
                 let k = micro as usize * batch + b;
