@@ -71,14 +71,62 @@ fn tiny_graphs_snapshot() {
 
 #[test]
 fn the_optimizer_update_is_a_verified_graph() {
-    use tessera::compiler::autodiff::update::{PER_PARAM, optimizer_update};
-    let m = check_ok("specs/tiny/gpt.spec", &[]);
-    let train = m.train.as_ref().expect("train");
-    let g = optimizer_update(&m.params, &train.optimizer, train.clip);
-    ir::verify(&g).unwrap_or_else(|e| panic!("{e}\n{}", g.to_text()));
-    // New weights and both moments for every parameter; inputs for all of them plus the hyperparameters.
-    assert_eq!(g.outputs.len(), 3 * m.params.len());
-    let inputs = g.nodes.iter().filter(|n| matches!(n.op, Op::Input { .. })).count();
-    assert_eq!(inputs, PER_PARAM * m.params.len() + 1);
-    assert!(g.nodes.iter().any(|n| matches!(n.op, Op::ClipScale { .. })), "the spec clips gradients");
+    use tessera::compiler::autodiff::update::optimizer_update;
+    use tessera::compiler::config::StateRole;
+    let sets = [
+        vec![],
+        vec!["train.optimizer=sgd(lr = 0.1, momentum = 0.9)"],
+        vec!["train.optimizer=adafactor(factor_min = 16)"],
+        vec!["train.optimizer=adafactor(beta1 = 0.9, factor_min = 16)"],
+    ];
+    for set in sets {
+        let m = check_ok("specs/tiny/gpt.spec", &set);
+        let train = m.train.as_ref().expect("train");
+        let opt = &train.optimizer;
+        let g = optimizer_update(&m.params, opt, train.clip);
+        ir::verify(&g).unwrap_or_else(|e| panic!("{set:?}: {e}\n{}", g.to_text()));
+        // New weights and every state tensor for every parameter; inputs for
+        // the weights, gradients and state of all, plus the hyperparameters.
+        let state: usize = m.params.iter().map(|p| opt.state(&p.ty.dims, &p.ty.dims).len()).sum();
+        assert_eq!(g.outputs.len(), m.params.len() + state, "{set:?}");
+        let inputs = g.nodes.iter().filter(|n| matches!(n.op, Op::Input { .. })).count();
+        assert_eq!(inputs, 2 * m.params.len() + state + 1, "{set:?}");
+        assert!(g.nodes.iter().any(|n| matches!(n.op, Op::ClipScale { .. })), "the spec clips gradients");
+        if matches!(opt, tessera::compiler::config::Optimizer::Adafactor { .. }) {
+            // The matrices factor (both dims ≥ 16), the gains and biases do not.
+            let roles = |p: &tessera::compiler::ir::Param| -> Vec<StateRole> {
+                opt.state(&p.ty.dims, &p.ty.dims).into_iter().map(|s| s.0).collect()
+            };
+            let factored = m.params.iter().filter(|p| roles(p).contains(&StateRole::VRow)).count();
+            let whole = m.params.iter().filter(|p| roles(p).contains(&StateRole::V)).count();
+            assert!(factored > 0 && whole > 0, "{set:?}: {factored} factored, {whole} whole");
+            assert_eq!(factored + whole, m.params.len());
+        }
+    }
+    // The factored dims: the two largest but `layer` (rows the smaller), when the rows reach factor_min.
+    use tessera::compiler::config::Optimizer;
+    use tessera::compiler::ir::Dim;
+    let dims = |ds: &[(&str, u64)]| -> Vec<Dim> { ds.iter().map(|&(n, s)| Dim::new(n, s)).collect() };
+    let m = check_ok("specs/tiny/gpt.spec", &["train.optimizer=adafactor(factor_min = 64)"]);
+    let opt: &Optimizer = &m.train.as_ref().expect("train").optimizer;
+    let pair = |r: &str, c: &str| Some((r.to_string(), c.to_string()));
+    let experts = dims(&[("layer", 24), ("expert", 128), ("embed", 768), ("mlp", 3072)]);
+    assert_eq!(opt.factored(&experts), pair("embed", "mlp"));
+    let wq = dims(&[("layer", 24), ("embed", 768), ("heads", 12), ("head_dim", 64)]);
+    assert_eq!(opt.factored(&wq), pair("head_dim", "embed"));
+    assert_eq!(opt.factored(&dims(&[("layer", 512), ("embed", 768), ("head_dim", 32)])), None);
+    assert_eq!(opt.factored(&dims(&[("embed", 768)])), None);
+    // Each kept dim keeps its own means: the row moment drops the column, the column moment the row.
+    let state = opt.state(&experts, &experts);
+    let names = |ds: &[Dim]| -> Vec<String> { ds.iter().map(|d| d.name.clone()).collect() };
+    assert_eq!(state.len(), 2);
+    assert_eq!(
+        (state[0].0, names(&state[0].1)),
+        (StateRole::VRow, names(&dims(&[("layer", 24), ("expert", 128), ("embed", 768)])))
+    );
+    assert_eq!(
+        (state[1].0, names(&state[1].1)),
+        (StateRole::VCol, names(&dims(&[("layer", 24), ("expert", 128), ("mlp", 3072)])))
+    );
+    assert_eq!(opt.state_elements(&experts), 24 * 128 * (768 + 3072));
 }

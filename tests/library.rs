@@ -24,6 +24,9 @@ fn published_parameter_counts() {
         ("vit-g-14", 1_842_775_680, None),
         ("switch-base", 7_415_217_408, None),
         ("switch-c", 1_571_375_798_688, None),
+        ("cpm-2.6b", 2_597_073_920, None),
+        ("igpt-xl", 6_812_903_424, None),
+        ("pangu-alpha-200b", 206_861_008_896, None),
     ];
     for &(name, total, active) in table {
         let m = check_ok(&format!("specs/models/{name}.spec"), &[]);
@@ -31,6 +34,11 @@ fn published_parameter_counts() {
         if let Some(a) = active {
             assert_eq!(cost::params_active(&m), a, "{name}: active parameters");
         }
+    }
+    // Survey models whose papers give the total rounded: within 1% of it.
+    for (name, published) in [("cpm-2.6b", 2.6e9), ("igpt-xl", 6.8e9), ("pangu-alpha-200b", 207.0e9)] {
+        let n = cost::params_total(&check_ok(&format!("specs/models/{name}.spec"), &[])) as f64;
+        assert!((n - published).abs() / published < 0.01, "{name}: {n} parameters, published {published}");
     }
     // V-MoE 15B: the paper reports 14,705.1M; our reconstruction must be within 0.2%.
     let m = check_ok("specs/models/vmoe-15b.spec", &[]);

@@ -65,7 +65,7 @@ fn compare(spec: &str, sets: &[&str]) -> (f64, f64) {
     let train = m.train.clone().expect("trains");
     let mut worst_loss = 0f64;
     for step in 0..3 {
-        let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
+        let lr = optim::learning_rate(&train, step, t.seq() as u64, 3);
         let want = {
             let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
             let dropout = Some(7 ^ (step << 20));
@@ -174,7 +174,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
             .collect();
         let train = m.train.clone().expect("trains");
         for step in 0..2 {
-            let lr = optim::learning_rate(&train, step, t.tokens_per_step(), 3);
+            let lr = optim::learning_rate(&train, step, t.seq() as u64, 3);
             let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
             let reports: Vec<_> =
                 runs.iter().map(|r| r.step(StepArgs::new(step, 7, lr), &inputs, None).expect("runs")).collect();

@@ -178,6 +178,51 @@ fn vocab_parallel_embedding_and_cross_entropy() {
     assert!(!text.lines().any(|l| l.contains("all_gather") && l.contains("vocab")), "{text}");
 }
 
+/// Adafactor under every layout that cuts its factored moments: tensor
+/// parallelism cuts `mlp` (a w_in's column dim: its row means are
+/// all-reduced over `tensor`) and `heads` (kept whole by the moments, but
+/// in every RMS), vocabulary parallelism cuts the embedding's column dim,
+/// a pipeline stage holds its layers' moments (one RMS per layer), data
+/// parallelism replicates them. Each gives the single device's losses and
+/// weights within 1e-5. The attention's qkv bias is frozen: its key part's
+/// gradient is zero in exact arithmetic, and Adafactor would spread the
+/// rounding noise there (a full-size update, as Adam's) over the whole
+/// tensor through its RMS, which no layout can reproduce.
+#[test]
+fn adafactor_factored_moments_under_every_layout() {
+    // factor_min = 16 factors the tiny model's matrices (the default 128 would factor none).
+    let af = &[
+        "train.optimizer=adafactor(lr = 1e-2, beta1 = 0.9, weight_decay = 0.1, factor_min = 16)",
+        "train.freeze=\"*.bqkv\"",
+    ];
+    same(GPT, af, DP2);
+    same(GPT, af, &with(TP2, &["parallel.layout.vocab=tensor", "parallel.sequence_parallel=true"]));
+    same(GPT, af, &with(DP2, &pp2("parallel.pipeline.schedule=1f1b")));
+    same(MOE, &with(MOE_ONE, af), &["parallel.mesh.expert=2", "parallel.layout.expert=expert"]);
+    // The tensor-parallel update all-reduces its means over `tensor` (the
+    // moments of w_in's cut mlp, the RMS of every cut weight and update).
+    let c = tessera::compiler::driver::compile(&model(GPT, &with(af, TP2))).expect("compiles");
+    let p = &c.programs[0];
+    let at = p.phases.iter().find(|ph| ph.name == "optimizer update").expect("an update phase").at as usize;
+    let sums = p.instrs[at..]
+        .iter()
+        .filter(|i| matches!(&i.kind, tessera::compiler::lower::Kind::Collective { axis, .. } if axis == "tensor"))
+        .count();
+    assert!(sums > 10, "{sums} all-reduces over `tensor` in the update");
+}
+
+/// A run with Adafactor's factored state moves between layouts through its
+/// checkpoints (the sharded one cuts the row and column moments as the
+/// layout cuts their dims) and resumes as if nothing had moved.
+#[test]
+fn adafactor_state_moves_between_layouts() {
+    let af = "train.optimizer=adafactor(lr = 1e-2, beta1 = 0.9, factor_min = 16)";
+    // As above, the qkv bias is frozen.
+    let bqkv = "train.freeze=\"*.bqkv\"";
+    let tp = with(&[af, bqkv, "parallel.layout.vocab=tensor"], TP2);
+    moves(GPT, &[(tp, 3), (with(&[af, bqkv], &pp2("parallel.pipeline.schedule=1f1b")), 2), (vec![af, bqkv], 1)]);
+}
+
 #[test]
 fn gpt_dp2_tp2() {
     same(GPT, &[], &with(DP2, TP2));

@@ -9,22 +9,16 @@ use tessera::compiler::{Options, SourceMap, check_path};
 use tessera::runtime::train::{RunConfig, Trainer};
 
 fn tiny() -> tessera::compiler::Model {
-    tiny_in("fp32")
+    tiny_in("fp32", &[])
 }
 
-/// The tiny GPT, trained in `precision`.
-fn tiny_in(precision: &str) -> tessera::compiler::Model {
+/// The tiny GPT, trained in `precision`, with more `overrides`.
+fn tiny_in(precision: &str, overrides: &[&str]) -> tessera::compiler::Model {
     let mut sources = SourceMap::new();
-    let opts = Options {
-        overrides: vec![
-            "dims.seq=16".into(),
-            "dims.embed=32".into(),
-            "train.batch=4".into(),
-            format!("train.precision={precision}"),
-        ],
-        model: None,
-        micro_batch: None,
-    };
+    let mut overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    overrides.extend(["dims.seq=16", "dims.embed=32", "train.batch=4"].map(String::from));
+    overrides.push(format!("train.precision={precision}"));
+    let opts = Options { overrides, model: None, micro_batch: None };
     check_path(&mut sources, Path::new("specs/tiny/gpt.spec"), &opts).expect("tiny gpt checks")
 }
 
@@ -58,13 +52,16 @@ fn run(t: &mut Trainer, until: u64) -> Vec<f64> {
 #[test]
 fn same_seed_same_bits_and_resume_is_exact() {
     for precision in ["fp32", "bf16", "fp16"] {
-        resume_is_exact(precision);
+        resume_is_exact(precision, &[]);
     }
+    // Adafactor's state (factored second moments and a first moment) is checkpointed too.
+    resume_is_exact("fp32", &["train.optimizer=adafactor(lr = 1e-2, beta1 = 0.9, factor_min = 16)"]);
 }
 
-fn resume_is_exact(precision: &str) {
-    let tiny = || tiny_in(precision);
-    let (a, b) = (tmp(&format!("straight-{precision}")), tmp(&format!("resumed-{precision}")));
+fn resume_is_exact(precision: &str, overrides: &[&str]) {
+    let tiny = || tiny_in(precision, overrides);
+    let name = format!("{precision}-{}", overrides.len());
+    let (a, b) = (tmp(&format!("straight-{name}")), tmp(&format!("resumed-{name}")));
     let mut straight = common::trainer(&tiny(), cfg(&a, None)).expect("trainer");
     let losses = run(&mut straight, 10);
 
@@ -81,7 +78,7 @@ fn resume_is_exact(precision: &str) {
         assert_eq!(x.data, y.data, "and the same weights");
     }
     // A second run with the same seed repeats the first exactly.
-    let mut again = common::trainer(&tiny(), cfg(&tmp(&format!("again-{precision}")), None)).expect("trainer");
+    let mut again = common::trainer(&tiny(), cfg(&tmp(&format!("again-{name}")), None)).expect("trainer");
     assert_eq!(run(&mut again, 10), losses);
     assert!(losses[9] < losses[0], "the loss goes down: {losses:?}");
 }
@@ -166,8 +163,8 @@ fn fp16_scales_the_loss_dynamically_and_resumes_exactly() {
 /// agree within 1%.
 #[test]
 fn fp16_follows_fp32() {
-    let mut a = common::trainer(&tiny_in("fp32"), cfg(&tmp("fp16-vs-32"), None)).expect("trainer");
-    let mut b = common::trainer(&tiny_in("fp16"), cfg(&tmp("fp16-vs-16"), None)).expect("trainer");
+    let mut a = common::trainer(&tiny_in("fp32", &[]), cfg(&tmp("fp16-vs-32"), None)).expect("trainer");
+    let mut b = common::trainer(&tiny_in("fp16", &[]), cfg(&tmp("fp16-vs-16"), None)).expect("trainer");
     let (x, y) = (run(&mut a, 10), run(&mut b, 10));
     assert!(((x[0] - y[0]) / x[0]).abs() < 1e-3, "first loss: fp32 {} fp16 {}", x[0], y[0]);
     for (i, (p, q)) in x.iter().zip(&y).enumerate() {
@@ -481,4 +478,247 @@ fn a_job_killed_while_saving_keeps_its_previous_checkpoint() {
     let latest = std::fs::read_to_string(out.join("latest")).expect("latest");
     assert_eq!(latest.trim(), format!("step-{writing:08}"));
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Adafactor's update against `transformers.optimization.Adafactor`
+/// (tests/fixtures/adafactor/make.py, PyTorch in float64; Tessera's update
+/// graph runs in float64 too, on the interpreter): six steps of three
+/// settings (T5's relative step; a fixed rate with momentum and weight
+/// decay; no parameter scale with a tight update clip and another decay),
+/// on a matrix, a layer-stacked pair of them (each layer its own matrix, as
+/// PyTorch sees two tensors), a short matrix (factored, as transformers
+/// factors every matrix) and a vector (not). The displacement from the
+/// initial weights agrees within 1e-12 relative, every step (measured: 1.2e-14).
+#[test]
+fn adafactor_steps_match_transformers() {
+    use tessera::compiler::autodiff::update::{UpdateParam, update_graph};
+    use tessera::compiler::config::Optimizer;
+    use tessera::compiler::ir::Dim;
+    use tessera::runtime::exec::Interpreter;
+    use tessera::runtime::tensor::Tensor;
+    let bytes = std::fs::read("tests/fixtures/adafactor/adafactor.safetensors").expect("the fixture");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let shapes: [(&str, Vec<Dim>); 4] = [
+        ("matrix", vec![Dim::new("row", 24), Dim::new("col", 40)]),
+        ("stack", vec![Dim::new("layer", 2), Dim::new("row", 24), Dim::new("col", 40)]),
+        ("short", vec![Dim::new("row", 4), Dim::new("col", 40)]),
+        ("vector", vec![Dim::new("col", 40)]),
+    ];
+    let read = |name: &str, dims: &[Dim]| -> Tensor<f64> {
+        let v = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}` in the fixture"));
+        let data = v.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        Tensor { dims: dims.to_vec(), data }
+    };
+    // (setting, optimizer, the learning rate of each step)
+    let adafactor = |lr, beta1, decay, clip, scale_parameter, weight_decay| Optimizer::Adafactor {
+        lr,
+        beta1,
+        decay,
+        eps: 1e-30,
+        eps_scale: 1e-3,
+        clip,
+        scale_parameter,
+        weight_decay,
+        // transformers factors every matrix; Tessera's default (Mesh TensorFlow's and optax's) needs 128 rows.
+        factor_min: 4,
+    };
+    let settings = [
+        // The relative step, min(1e-2, 1/√t): the schedule inverse_sqrt(10000 steps, held) at lr 1e-2.
+        ("relative", adafactor(1e-2, 0.0, 0.8, 1.0, true, 0.0)),
+        ("momentum", adafactor(1e-3, 0.9, 0.8, 1.0, true, 0.1)),
+        ("clipped", adafactor(1e-2, 0.0, 0.5, 0.5, false, 0.0)),
+    ];
+    let mut worst = 0f64;
+    for (name, opt) in settings {
+        let params: Vec<UpdateParam> = shapes
+            .iter()
+            .map(|(_, dims)| UpdateParam {
+                dims: dims.clone(),
+                logical: dims.clone(),
+                splits: Vec::new(),
+                decays: true,
+                span: Default::default(),
+            })
+            .collect();
+        let factored: Vec<bool> = shapes.iter().map(|(_, d)| opt.factored(d).is_some()).collect();
+        assert_eq!(factored, [true, true, true, false], "which moments factor");
+        let mut eight = opt.clone();
+        if let Optimizer::Adafactor { factor_min, .. } = &mut eight {
+            *factor_min = 8;
+        }
+        assert!(eight.factored(&shapes[2].1).is_none() && eight.factored(&shapes[0].1).is_some());
+        let update = update_graph(&params, &opt, None, false);
+        let init: Vec<Tensor<f64>> = shapes.iter().map(|(k, d)| read(&format!("{name}.init.{k}"), d)).collect();
+        let mut w = init.clone();
+        let mut state: Vec<Vec<Tensor<f64>>> =
+            params.iter().map(|p| p.state(&opt).iter().map(|(_, d)| Tensor::zeros(d)).collect()).collect();
+        for step in 0..6u64 {
+            let mut inputs = vec![Tensor::zeros(&[]); update.hyper + 1];
+            for (k, made) in update.outputs.iter().enumerate() {
+                inputs[made.input] = w[k].clone();
+                inputs[made.input + 1] = read(&format!("{name}.grad{step}.{}", shapes[k].0), &shapes[k].1);
+                for (j, (_, i, _)) in made.state.iter().enumerate() {
+                    inputs[*i] = state[k][j].clone();
+                }
+            }
+            // The hyperparameters in f64 (the runtime's are f32: `Optimizer::hyper`).
+            let t = (step + 1) as f64;
+            let (lr, decay) = match opt {
+                Optimizer::Adafactor { lr, decay, .. } => (lr, decay),
+                _ => unreachable!(),
+            };
+            let hyper = vec![lr, 0.0, 1.0 - t.powf(-decay)];
+            let runtime: Vec<f32> = hyper.iter().map(|&x| x as f32).collect();
+            assert_eq!(opt.hyper(lr, step + 1).to_vec(), runtime, "the runtime's hyperparameters");
+            inputs[update.hyper] = Tensor { dims: vec![Dim::new("hyper", 3)], data: hyper };
+            let vals = Interpreter { graph: &update.graph, params: &[], dropout: None, comm: None }
+                .run(&inputs, &[])
+                .expect("the update runs");
+            for (k, made) in update.outputs.iter().enumerate() {
+                w[k] = vals[made.weights.index()].clone();
+                for (j, (_, _, v)) in made.state.iter().enumerate() {
+                    state[k][j] = vals[v.index()].clone();
+                }
+                let (key, dims) = (&shapes[k].0, &shapes[k].1);
+                let theirs = read(&format!("{name}.after{step}.{key}"), dims);
+                let moved =
+                    |t: &Tensor<f64>| -> Vec<f64> { t.data.iter().zip(&init[k].data).map(|(a, b)| a - b).collect() };
+                let (a, b) = (moved(&w[k]), moved(&theirs));
+                let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+                let diff: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+                let e = norm(&diff) / norm(&b);
+                assert!(e <= 1e-12, "{name} step {}: `{key}` moved {e:.2e} away from transformers' step", step + 1);
+                worst = worst.max(e);
+            }
+        }
+    }
+    eprintln!("adafactor against transformers: worst relative error of the displacement {worst:.1e}");
+}
+
+/// The batch ramp-up follows Megatron's `--rampup-batch-size start
+/// increment samples` step by step: GPT-3's (16 sequences, +16, over 12B
+/// tokens = 5,859,375 sequences of 2048, to 1536) against a simulation of
+/// Megatron's calculator (batch = start + ⌊consumed / (samples /
+/// increments)⌋ · increment, the full batch past `samples`), and a token
+/// amount converts back to the step that consumes it.
+#[test]
+fn batch_rampup_follows_megatron() {
+    let sets = [
+        "dims.seq=2048",
+        "train.batch=1536",
+        "train.micro_batch=1",
+        "train.batch_rampup=rampup(start = 16 sequences, increment = 16 sequences, over = 12000000000 tokens)",
+    ];
+    let m = common::check_ok("specs/tiny/gpt.spec", &sets);
+    let t = m.train.as_ref().expect("train");
+    let (start, increment, samples) = (16u64, 16u64, 12_000_000_000u64 / 2048);
+    assert_eq!(t.rampup.map(|r| (r.start, r.increment, r.samples)), Some((start, increment, samples)));
+    let per = samples as f64 / ((1536 - start) / increment) as f64;
+    let (mut consumed, mut step, mut sizes) = (0u64, 0u64, std::collections::BTreeSet::new());
+    loop {
+        let megatron =
+            if consumed > samples { 1536 } else { start + (consumed as f64 / per).floor() as u64 * increment };
+        assert_eq!(t.batch_at(step), (megatron.min(1536), consumed), "step {step}");
+        assert!((t.steps_for(consumed as f64) - step as f64).abs() < 1e-9, "step {step}");
+        sizes.insert(megatron);
+        if megatron >= 1536 {
+            break;
+        }
+        consumed += megatron;
+        step += 1;
+    }
+    assert_eq!(sizes.len(), 96, "16, 32, ..., 1536");
+    assert_eq!(t.batch_phases().len(), 96);
+    eprintln!("GPT-3's ramp-up: {step} steps to the full batch, {consumed} sequences");
+    // A ramp-up that does not end at the batch, or that a pipeline cannot schedule, is an error.
+    for (bad, says) in [
+        ("rampup(start = 16 sequences, increment = 20 sequences, over = 100 sequences)", "does not end at the batch"),
+        ("rampup(start = 2 sequences, increment = 2 sequences, over = 100 sequences)", "do not run 1f1b"),
+    ] {
+        let pp = ["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.schedule=1f1b"];
+        let mut sets: Vec<String> = ["train.batch=64", "train.micro_batch=2"].map(String::from).to_vec();
+        sets.extend(pp.map(String::from));
+        sets.push(format!("train.batch_rampup={bad}"));
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let (sources, r) = common::check(Path::new("specs/tiny/gpt.spec"), &sets);
+        let d = r.expect_err("an unusable ramp-up");
+        let text = tessera::compiler::diag::render(&sources, &d.0);
+        assert!(text.contains(says), "{text}");
+    }
+}
+
+/// Training under a batch ramp-up: each step runs the step program of its
+/// batch (fewer microbatches of the same size), and the weights and
+/// optimizer state carry over when the batch grows. Its first step equals a
+/// run whose batch is the ramp's start; the step after the batch grows
+/// equals resuming the ramped run's checkpoint under that batch; and the
+/// ramped run under data and pipeline parallelism equals one device.
+#[test]
+fn training_ramps_the_batch_up() {
+    let ramp = "train.batch_rampup=rampup(start = 2 sequences, increment = 2 sequences, over = 24 sequences)";
+    let base = ["dims.seq=16", "dims.embed=32", "train.batch=8", "train.micro_batch=1"];
+    let spec = |extra: &[&str]| -> tessera::compiler::Model {
+        let sets: Vec<&str> = base.iter().chain(extra).copied().collect();
+        common::check_ok("specs/tiny/gpt.spec", &sets)
+    };
+    let m = spec(&[ramp]);
+    let t = m.train.clone().expect("train");
+    let sizes: Vec<u64> = (0..10).map(|s| t.batch_at(s).0).collect();
+    assert_eq!(sizes, [2, 2, 2, 2, 4, 4, 6, 6, 8, 8], "per = 8 sequences between increments");
+    let out = tmp("ramp");
+    let mut ramped = common::trainer(&m, cfg(&out, None)).expect("trainer");
+    let mut reports = Vec::new();
+    while ramped.step < 4 {
+        reports.push(ramped.train_step().expect("step"));
+    }
+    ramped.save().expect("save");
+    let at4 = ramped.weights().expect("weights");
+    while ramped.step < 10 {
+        reports.push(ramped.train_step().expect("step"));
+    }
+    assert_eq!(reports.iter().map(|r| r.batch).collect::<Vec<_>>(), sizes);
+    // Step 1 is a step of batch 2.
+    let mut two = common::trainer(&spec(&["train.batch=2"]), cfg(&tmp("ramp-two"), None)).expect("trainer");
+    assert_eq!(two.train_step().expect("step").loss, reports[0].loss, "the first step is a batch of 2");
+    // Step 5, the first of batch 4, is the checkpoint of step 4 resumed under batch 4.
+    let mut four = common::trainer(
+        &spec(&["train.batch=4"]),
+        RunConfig { allow_changes: true, ..cfg(&tmp("ramp-four"), Some(out.clone())) },
+    )
+    .expect("resumes under batch 4");
+    assert_eq!(four.step, 4);
+    assert_eq!(four.weights().expect("weights")[0].data, at4[0].data);
+    assert_eq!(four.train_step().expect("step").loss, reports[4].loss, "step 5 is a batch of 4 from step 4's state");
+    assert!(
+        reports[9].loss < reports[0].loss,
+        "and it trains: {:?}",
+        reports.iter().map(|r| r.loss).collect::<Vec<_>>()
+    );
+    // The same ramp under data (2) and pipeline (2 stages, 1F1B) parallelism.
+    let single: Vec<f64> = reports.iter().map(|r| r.loss).collect();
+    let final_weights = ramped.weights().expect("weights");
+    let grads = ramped.reference_gradients().expect("gradients");
+    let layouts: [&[&str]; 2] = [
+        &["parallel.mesh.data=2", "parallel.layout.batch=data"],
+        &["parallel.mesh.pipeline=2", "parallel.layout.layer=pipeline", "parallel.pipeline.schedule=gpipe"],
+    ];
+    for layout in layouts {
+        let mut sets = vec![ramp];
+        sets.extend(layout);
+        let mut p = common::trainer(&spec(&sets), cfg(&tmp("ramp-par"), None)).expect("trainer");
+        let losses: Vec<f64> = (0..10).map(|_| p.train_step().expect("step").loss).collect();
+        for (step, (a, b)) in losses.iter().zip(&single).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{layout:?} step {}: {a} against one device's {b}", step + 1);
+        }
+        for (k, (x, y)) in p.weights().expect("weights").iter().zip(&final_weights).enumerate() {
+            // Weights whose gradient is zero in exact arithmetic (the
+            // attention's key bias), which Adam turns into full steps of
+            // rounding noise, are left out, as in tests/parallel.rs.
+            let g = &grads[k].data;
+            let keep: Vec<usize> = (0..g.len()).filter(|&i| !common::zero_gradient(g, i)).collect();
+            let pick = |t: &[f32]| keep.iter().map(|&i| t[i]).collect::<Vec<f32>>();
+            let e = common::rel(&pick(&x.data), &pick(&y.data));
+            assert!(e <= 1e-5, "{layout:?}: final `{}` differs by {e:.1e}", m.params[k].path);
+        }
+    }
 }

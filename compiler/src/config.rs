@@ -1,5 +1,6 @@
 //! The validated `parallel`, `train` and `infer` sections.
 
+use crate::model::Dim;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -180,21 +181,149 @@ impl Parallel {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Optimizer {
-    Adamw { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64 },
-    Sgd { lr: f64, momentum: f64, weight_decay: f64, nesterov: bool },
+    Adamw {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+    },
+    Sgd {
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    },
+    /// Adafactor (Shazeer & Stern, 2018) as T5 and Switch train with it and
+    /// as `transformers.optimization.Adafactor` computes it: the second
+    /// moment of a matrix is factored into its row and column means
+    /// ([`Optimizer::factored`]), decaying by 1 − t^(−`decay`) at step t;
+    /// the update g/√v̂ is clipped to RMS `clip`; the step is the learning
+    /// rate, times the parameter's RMS (at least `eps_scale`) under
+    /// `scale_parameter`. `beta1` > 0 keeps a first moment of the updates.
+    /// Its "relative step" is this scaling with the schedule
+    /// `inverse_sqrt(warmup = 10000 steps, linear_warmup = false)` at
+    /// `lr = 0.01`: min(10⁻², 1/√t) (the section's default for it).
+    Adafactor {
+        lr: f64,
+        beta1: f64,
+        decay: f64,
+        /// Added to the squared gradient (ε₁, 1e-30).
+        eps: f64,
+        /// The least parameter scale (ε₂, 1e-3).
+        eps_scale: f64,
+        /// The update's RMS bound (d, 1.0).
+        clip: f64,
+        scale_parameter: bool,
+        weight_decay: f64,
+        /// The second-largest dim must hold this many elements for a
+        /// parameter's moment to be factored (128, as Mesh TensorFlow and optax).
+        factor_min: u64,
+    },
+}
+
+/// A tensor of optimizer state a parameter keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateRole {
+    /// The first moment (Adam's `m`, SGD's momentum, Adafactor's with β1 > 0).
+    M,
+    /// The second moment, the parameter's shape (Adam's `v`, an unfactored Adafactor's).
+    V,
+    /// Adafactor's factored second moment: its mean over the column dim ...
+    VRow,
+    /// ... and over the row dim.
+    VCol,
+}
+
+impl StateRole {
+    pub const ALL: [StateRole; 4] = [StateRole::M, StateRole::V, StateRole::VRow, StateRole::VCol];
+
+    /// The prefix of its tensors' names (`m.`, `v.`, `vr.`, `vc.` + the parameter).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            StateRole::M => "m",
+            StateRole::V => "v",
+            StateRole::VRow => "vr",
+            StateRole::VCol => "vc",
+        }
+    }
 }
 
 impl Optimizer {
-    /// fp32 state elements per parameter (Adam: m and v; SGD: momentum if any).
-    pub fn state_per_param(&self) -> u64 {
+    /// The optimizer state of a parameter whose logical dims are `logical`,
+    /// as the dims of `local` (the rank's cut of it) that each tensor keeps:
+    /// the one rule of which state an optimizer keeps.
+    pub fn state(&self, logical: &[Dim], local: &[Dim]) -> Vec<(StateRole, Vec<Dim>)> {
+        let whole = || local.to_vec();
         match self {
-            Optimizer::Adamw { .. } => 2,
-            Optimizer::Sgd { momentum, .. } => u64::from(*momentum != 0.0),
+            Optimizer::Adamw { .. } => vec![(StateRole::M, whole()), (StateRole::V, whole())],
+            Optimizer::Sgd { momentum, .. } if *momentum != 0.0 => vec![(StateRole::M, whole())],
+            Optimizer::Sgd { .. } => Vec::new(),
+            Optimizer::Adafactor { beta1, .. } => {
+                let mut s = Vec::new();
+                if *beta1 > 0.0 {
+                    s.push((StateRole::M, whole()));
+                }
+                match self.factored(logical) {
+                    Some((row, col)) => {
+                        let without = |d: &str| local.iter().filter(|x| x.name != d).cloned().collect();
+                        s.push((StateRole::VRow, without(&col)));
+                        s.push((StateRole::VCol, without(&row)));
+                    }
+                    None => s.push((StateRole::V, whole())),
+                }
+                s
+            }
         }
     }
+
+    /// The dims Adafactor factors a parameter's second moment over, as (row,
+    /// column): its two largest dims other than the stacked `layer` (the
+    /// later of equal ones; the row the smaller), when the row holds at
+    /// least `factor_min` elements (Mesh TensorFlow's and optax's rule, by
+    /// name). `VRow` keeps the row dim, `VCol` the column dim.
+    pub fn factored(&self, logical: &[Dim]) -> Option<(String, String)> {
+        let Optimizer::Adafactor { factor_min, .. } = self else { return None };
+        let mut dims: Vec<(u64, usize)> =
+            logical.iter().enumerate().filter(|(_, d)| d.name != "layer").map(|(i, d)| (d.size, i)).collect();
+        dims.sort();
+        let (&(rows, r), &(_, c)) = (dims.iter().rev().nth(1)?, dims.last()?);
+        (rows >= *factor_min).then(|| (logical[r].name.clone(), logical[c].name.clone()))
+    }
+
+    /// f32 elements of optimizer state per parameter of these dims.
+    pub fn state_elements(&self, dims: &[Dim]) -> u64 {
+        self.state(dims, dims).iter().map(|(_, d)| d.iter().map(|x| x.size).product::<u64>()).sum()
+    }
+
     pub fn lr(&self) -> f64 {
         match self {
-            Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } => *lr,
+            Optimizer::Adamw { lr, .. } | Optimizer::Sgd { lr, .. } | Optimizer::Adafactor { lr, .. } => *lr,
+        }
+    }
+
+    /// The update graph's hyperparameters at update `t` (from 1) under
+    /// learning rate `lr`: `[lr, 1 − β1^t, 1 − β2^t]` (Adam's bias
+    /// corrections), or Adafactor's `[lr, 0, 1 − t^(−decay)]` (the
+    /// second moment's decay; 0 at the first step, which takes g² whole).
+    pub fn hyper(&self, lr: f64, t: u64) -> [f32; 3] {
+        let t = t.max(1);
+        match self {
+            Optimizer::Adamw { beta1, beta2, .. } => {
+                [lr as f32, (1.0 - beta1.powi(t as i32)) as f32, (1.0 - beta2.powi(t as i32)) as f32]
+            }
+            Optimizer::Sgd { .. } => [lr as f32, 0.0, 0.0],
+            Optimizer::Adafactor { decay, .. } => [lr as f32, 0.0, (1.0 - (t as f64).powf(-decay)) as f32],
+        }
+    }
+
+    /// The optimizer's name in a spec.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Adamw { .. } => "adamw",
+            Optimizer::Sgd { .. } => "sgd",
+            Optimizer::Adafactor { .. } => "adafactor",
         }
     }
 }
@@ -265,6 +394,84 @@ pub struct Train {
     /// Low-rank adapters (`lora { rank, alpha, targets }`): the targets
     /// train through adapters only, and every other parameter is frozen.
     pub lora: Option<Lora>,
+    /// The batch-size ramp-up (`batch_rampup`), if any.
+    pub rampup: Option<Rampup>,
+}
+
+/// GPT-3's batch-size warm-up, as Megatron's `--rampup-batch-size start
+/// increment samples`: the global batch starts at `start` sequences and
+/// grows by `increment` each time another `samples / increments` sequences
+/// have been consumed (increments = (batch − start) / increment), until it
+/// is the full batch after `samples`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Rampup {
+    pub start: u64,
+    pub increment: u64,
+    pub samples: u64,
+}
+
+/// A stretch of steps of one global batch size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchPhase {
+    pub first_step: u64,
+    /// Sequences per step.
+    pub batch: u64,
+    /// Sequences the steps before `first_step` consumed.
+    pub consumed: u64,
+}
+
+impl Train {
+    /// The global batch after `consumed` sequences (Megatron's rule).
+    fn batch_after(&self, consumed: u64) -> u64 {
+        let Some(r) = self.rampup.filter(|r| r.start < self.batch && r.increment > 0) else { return self.batch };
+        if consumed > r.samples {
+            return self.batch;
+        }
+        let increments = ((self.batch - r.start) / r.increment).max(1);
+        let per = r.samples as f64 / increments as f64;
+        let done = if per > 0.0 { (consumed as f64 / per).floor() as u64 } else { increments };
+        (r.start + done * r.increment).min(self.batch)
+    }
+
+    /// The run's stretches of one batch size, in order; the last is the full batch.
+    pub fn batch_phases(&self) -> Vec<BatchPhase> {
+        let mut out = Vec::new();
+        let (mut step, mut consumed) = (0u64, 0u64);
+        loop {
+            let batch = self.batch_after(consumed);
+            out.push(BatchPhase { first_step: step, batch, consumed });
+            if batch == self.batch {
+                return out;
+            }
+            // Steps of this size until the batch grows.
+            let mut k = 0u64;
+            while self.batch_after(consumed) == batch {
+                let r = self.rampup.expect("a ramp-up");
+                let increments = ((self.batch - r.start) / r.increment).max(1);
+                let per = r.samples as f64 / increments as f64;
+                let boundary = ((consumed as f64 / per).floor() + 1.0) * per;
+                let n = (((boundary - consumed as f64) / batch as f64).ceil() as u64).max(1);
+                k += n;
+                consumed += n * batch;
+            }
+            step += k;
+        }
+    }
+
+    /// The global batch of step `step` (from 0), and the sequences the steps before it consumed.
+    pub fn batch_at(&self, step: u64) -> (u64, u64) {
+        let phases = self.batch_phases();
+        let p = phases.iter().rev().find(|p| p.first_step <= step).expect("the first phase starts at step 0");
+        (p.batch, p.consumed + (step - p.first_step) * p.batch)
+    }
+
+    /// How many steps consume `sequences` sequences (fractional: a step's
+    /// share counts), under the ramp-up.
+    pub fn steps_for(&self, sequences: f64) -> f64 {
+        let phases = self.batch_phases();
+        let p = phases.iter().rev().find(|p| p.consumed as f64 <= sequences).expect("the first phase consumed 0");
+        p.first_step as f64 + (sequences - p.consumed as f64) / p.batch.max(1) as f64
+    }
 }
 
 /// LoRA (Hu et al., 2021): each target weight W is used as

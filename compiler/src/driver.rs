@@ -100,6 +100,10 @@ pub struct Training {
     pub vocab: Option<u64>,
     /// The step: every rank's lowered program, and the logical parameters and inputs.
     pub step: Compiled,
+    /// Under a batch ramp-up (`train.batch_rampup`), the step of each
+    /// smaller global batch it passes through: (sequences, its programs),
+    /// fewer microbatches of the same size on every data rank.
+    pub ramp: Vec<(u64, Compiled)>,
     /// The evaluation program: one microbatch's forward pass on one device,
     /// dropout off, from the logical weights ([`compile_eval`]).
     pub eval: Program,
@@ -134,6 +138,10 @@ pub fn compile_training(m: &Model, available: Option<u64>) -> Result<Training, P
     }
     let step = compile(m)?;
     let eval = compile_eval(m, &step.backward, Passes::default())?;
+    let mut ramp = Vec::new();
+    for phase in train.batch_phases().iter().filter(|p| p.batch != train.batch) {
+        ramp.push((phase.batch, compile(&with_batch(m, phase.batch))?));
+    }
     Ok(Training {
         name: m.name.clone(),
         train,
@@ -141,8 +149,21 @@ pub fn compile_training(m: &Model, available: Option<u64>) -> Result<Training, P
         micro_batch: m.micro_batch,
         vocab: m.const_value("vocab").map(|v| v as u64),
         step,
+        ramp,
         eval,
     })
+}
+
+/// `m` with a global batch of `batch` sequences: the same microbatches, fewer
+/// of them (a pipeline's count follows).
+fn with_batch(m: &Model, batch: u64) -> Model {
+    let mut m = m.clone();
+    let dp = m.parallel.data().max(1);
+    if let Some(t) = &mut m.train {
+        t.batch = batch;
+    }
+    m.parallel.pipeline.microbatches = (batch / dp.saturating_mul(m.micro_batch.max(1))).max(1);
+    m
 }
 
 /// Which optional passes run.

@@ -193,6 +193,7 @@ impl Spec {
 /// global microbatch of the step along its first dim (as [`next_batch`]
 /// gives). A batch of another shape is an error that says which.
 pub fn step(t: &mut Trainer, batch: &[&Tensor]) -> Result<StepReport, Error> {
+    t.use_step_batch()?;
     let inputs = t.training.step.inputs.clone();
     let steps = t.accumulation;
     if batch.len() != inputs.len() {
@@ -227,13 +228,14 @@ pub fn step(t: &mut Trainer, batch: &[&Tensor]) -> Result<StepReport, Error> {
 /// The next step's batch of `t`'s data, as `tessera train` draws it: every
 /// global microbatch of the step, joined along the first dim, per model input.
 pub fn next_batch(t: &Trainer) -> Vec<Tensor> {
-    let micro: Vec<Vec<Tensor>> = (0..t.accumulation).map(|k| t.batch_inputs(Split::Train, t.step, k)).collect();
+    let n = t.accumulation_at(t.step);
+    let micro: Vec<Vec<Tensor>> = (0..n).map(|k| t.batch_inputs(Split::Train, t.step, k)).collect();
     let inputs = micro.first().map_or(0, Vec::len);
     (0..inputs)
         .map(|i| {
             let mut dims = micro[0][i].dims.clone();
             if let Some(d) = dims.first_mut() {
-                d.size *= t.accumulation;
+                d.size *= n;
             }
             Tensor { dims, data: micro.iter().flat_map(|m| m[i].data.iter().copied()).collect() }
         })

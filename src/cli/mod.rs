@@ -1496,8 +1496,11 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
             let _ = writeln!(f, "{}", serde_json::to_string(&report).unwrap_or_default());
         }
         let val = last_val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
+        // Under a batch ramp-up the batch grows; say where it stands.
+        let batch =
+            if trainer.training.train.rampup.is_some() { format!("  batch {}", report.batch) } else { String::new() };
         bar.set_message(format!(
-            "loss {:.4}{val}  lr {:.2e}  {:.0} tok/s",
+            "loss {:.4}{val}  lr {:.2e}{batch}  {:.0} tok/s",
             report.loss, report.lr, report.tokens_per_s
         ));
         bar.set_position(report.step);

@@ -42,13 +42,62 @@ fn anchor(spans: &ParallelSpans) -> Span {
 /// count is derived (batch / (data × micro_batch)), as Megatron does.
 pub(super) fn micro_batch(p: &mut Parallel, train: Option<&Train>, spans: &ParallelSpans, diags: &mut Diags) -> u64 {
     let Some(t) = train else { return 1 };
+    let mb = micro_batch_of(p, t, spans, diags);
+    // Each step of a batch ramp-up is whole microbatches on every data rank.
+    let unit = p.data().max(1).saturating_mul(mb);
+    if let Some(r) = &t.rampup
+        && (r.start % unit != 0 || r.increment % unit != 0)
+    {
+        diags.push(
+            Diag::error(format!(
+                "the batch ramp-up (start {}, increment {}) is not in whole steps of data {} × micro_batch {mb}",
+                r.start,
+                r.increment,
+                p.data().max(1)
+            ))
+            .at(anchor(spans), "a ramp-up batch does not split evenly")
+            .help(format!("make `start` and `increment` multiples of {unit} sequences")),
+        );
+    } else if let Some(r) = &t.rampup
+        && p.stages() > 1
+    {
+        // Every batch of the ramp-up runs the pipeline's schedule.
+        let (first, step, stages) = (r.start / unit, r.increment / unit, p.stages());
+        let interleaved = p.pipeline.schedule == Schedule::Interleaved1f1b;
+        let fits = match p.pipeline.schedule {
+            Schedule::Gpipe => true,
+            _ => first >= stages && (!interleaved || (first % stages == 0 && step % stages == 0)),
+        };
+        if !fits {
+            diags.push(
+                Diag::error(format!(
+                    "the batch ramp-up's steps of {first} + k·{step} microbatches do not run {} over {stages} stages",
+                    p.pipeline.schedule.name()
+                ))
+                .at(anchor(spans), "a ramp-up batch the pipeline cannot schedule")
+                .help(format!(
+                    "start the ramp-up at {} sequences or more{}",
+                    stages * unit,
+                    if interleaved {
+                        format!(", with an increment that is a multiple of {}", stages * unit)
+                    } else {
+                        String::new()
+                    }
+                )),
+            );
+        }
+    }
+    mb
+}
+
+fn micro_batch_of(p: &mut Parallel, t: &Train, spans: &ParallelSpans, diags: &mut Diags) -> u64 {
     let dp = p.data().max(1);
     // Point at the data axis (what usually changed), else at the section.
     let data_span = p.data_axis().and_then(|a| spans.mesh.get(a)).copied().unwrap_or(anchor(spans));
     let m = p.pipeline.microbatches.max(1);
     match t.micro_batch {
         Some(mb) => {
-            if t.batch % (dp.saturating_mul(mb)) != 0 {
+            if !t.batch.is_multiple_of(dp.saturating_mul(mb)) {
                 diags.push(
                     Diag::error(format!("global batch {} is not divisible by data {dp} × micro_batch {mb}", t.batch))
                         .at(data_span, "batch does not split evenly")
@@ -70,7 +119,7 @@ pub(super) fn micro_batch(p: &mut Parallel, train: Option<&Train>, spans: &Paral
             mb
         }
         None => {
-            if t.batch % (dp.saturating_mul(m)) != 0 {
+            if !t.batch.is_multiple_of(dp.saturating_mul(m)) {
                 let legal_m: Vec<String> =
                     divisors(t.batch / dp.min(t.batch).max(1)).into_iter().take(12).map(|x| x.to_string()).collect();
                 diags.push(
@@ -111,6 +160,19 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
                 .help("check the mesh axis sizes"),
         );
         return;
+    }
+    if p.zero > 0
+        && let Some(t) = &m.train
+        && matches!(t.optimizer, crate::config::Optimizer::Adafactor { .. })
+    {
+        diags.push(
+            Diag::error(format!("ZeRO stage {} cannot shard Adafactor's state", p.zero))
+                .at(spans.zero.unwrap_or(at), "ZeRO shards flat slices of each parameter")
+                .note(
+                    "Adafactor keeps a matrix's second moment as its row and column means, which a flat slice cuts across",
+                )
+                .help("set `zero = 0`: Adafactor's state is already about 1/rows of AdamW's; or use adamw"),
+        );
     }
     let axes: Vec<&str> = p.mesh.iter().map(|(a, _)| a.as_str()).collect();
     let mut dim_names: Vec<&str> = m.consts.iter().map(|(n, _)| n.as_str()).collect();

@@ -26,6 +26,7 @@ const TRAIN_KEYS: &[&str] = &[
     "optimizer",
     "schedule",
     "batch",
+    "batch_rampup",
     "micro_batch",
     "steps",
     "tokens",
@@ -399,6 +400,7 @@ pub struct ParallelSpans {
     pub virtual_stages: Option<Span>,
     pub placement: Option<Span>,
     pub sequence_parallel: Option<Span>,
+    pub zero: Option<Span>,
 }
 
 pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, ParallelSpans) {
@@ -510,6 +512,7 @@ pub fn parallel(ev: &mut SectionEval, s: Option<&Section>) -> (Parallel, Paralle
                         );
                     } else {
                         p.zero = z as u8;
+                        spans.zero = Some(v.span);
                     }
                 }
             }
@@ -624,11 +627,14 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         loss_scale: Default::default(),
         freeze: Vec::new(),
         lora: None,
+        rampup: None,
     };
     // Where loss scaling is set: it applies to `precision = fp16` only.
     let mut scaling_at = None;
     let before = ev.diags.len();
     let mut batch_given = false;
+    let mut schedule_given = false;
+    let mut rampup_at = None;
     for (k, e) in keyed(ev, s, TRAIN_KEYS) {
         if k == "lora" {
             t.lora = lora(ev, e);
@@ -642,40 +648,20 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                 }
             }
             "schedule" => {
+                schedule_given = true;
                 if let Some(sc) = lr_schedule(ev, v) {
                     t.schedule = sc;
                 }
             }
             "batch" => {
                 batch_given = true;
-                let (x, unit) = match &v.kind {
-                    ExprKind::Unit(x, u) => (x.as_ref(), Some(u.as_str())),
-                    _ => (v, None),
-                };
-                let Some(n) = ev.count(x, "batch") else {
-                    continue;
-                };
-                match unit {
-                    None | Some("sequences" | "samples") => t.batch = n,
-                    Some("tokens") => {
-                        if n % seq != 0 {
-                            ev.err(
-                                Diag::error(format!(
-                                    "a batch of {n} tokens is not a whole number of {seq}-token sequences"
-                                ))
-                                .at(v.span, "not divisible by the sequence length")
-                                .help(format!("use a multiple of {seq} tokens, or give the batch in sequences")),
-                            );
-                        } else {
-                            t.batch = n / seq;
-                        }
-                    }
-                    Some(u) => ev.err(
-                        Diag::error(format!("unit `{u}` is not a batch size"))
-                            .at(v.span, "wrong unit")
-                            .help("use `sequences` or `tokens`"),
-                    ),
+                if let Some(n) = sequences(ev, v, seq, "batch") {
+                    t.batch = n;
                 }
+            }
+            "batch_rampup" => {
+                rampup_at = Some(v.span);
+                t.rampup = rampup(ev, v, seq);
             }
             "micro_batch" => t.micro_batch = ev.count(v, k),
             "steps" => t.length = ev.count(v, k).map(|n| Amount::Steps(n as f64)),
@@ -770,6 +756,22 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                 .help("set `precision = fp16` in `train`, or remove `loss_scale` and `loss_scale_window`"),
         );
     }
+    if let Some((r, span)) = t.rampup.as_ref().zip(rampup_at)
+        && (r.start >= t.batch || !(t.batch - r.start).is_multiple_of(r.increment))
+    {
+        ev.err(
+            Diag::error(format!(
+                "the batch ramp-up from {} by {} sequences does not end at the batch, {}",
+                r.start, r.increment, t.batch
+            ))
+            .at(span, "does not reach the batch")
+            .help("start below the batch, with batch − start a multiple of the increment (as Megatron requires)"),
+        );
+    }
+    // Adafactor's relative step: min(10⁻², 1/√t) with the default lr.
+    if matches!(t.optimizer, Optimizer::Adafactor { .. }) && !schedule_given {
+        t.schedule = LrSchedule::InverseSqrt { warmup: Amount::Steps(10_000.0), linear_warmup: false };
+    }
     if !batch_given {
         ev.err(
             Diag::error("the `train` section has no `batch`")
@@ -778,6 +780,66 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         );
     }
     (ev.diags.len() == before).then_some(t)
+}
+
+/// A number of sequences: `N sequences` (or `samples`, or no unit), or `N
+/// tokens` that are a whole number of `seq`-token sequences.
+fn sequences(ev: &mut SectionEval, v: &Expr, seq: u64, what: &str) -> Option<u64> {
+    let (x, unit) = match &v.kind {
+        ExprKind::Unit(x, u) => (x.as_ref(), Some(u.as_str())),
+        _ => (v, None),
+    };
+    let n = ev.count(x, what)?;
+    match unit {
+        None | Some("sequences" | "samples") => Some(n),
+        Some("tokens") if n % seq == 0 => Some(n / seq),
+        Some("tokens") => {
+            ev.err(
+                Diag::error(format!("{n} tokens are not a whole number of {seq}-token sequences"))
+                    .at(v.span, "not divisible by the sequence length")
+                    .help(format!("use a multiple of {seq} tokens, or give the {what} in sequences")),
+            );
+            None
+        }
+        Some(u) => {
+            ev.err(
+                Diag::error(format!("unit `{u}` is not an amount of sequences"))
+                    .at(v.span, "wrong unit")
+                    .help("use `sequences` or `tokens`"),
+            );
+            None
+        }
+    }
+}
+
+/// `rampup(start = 32 sequences, increment = 32 sequences, over = 4B tokens)`:
+/// GPT-3's batch-size warm-up, as Megatron's `--rampup-batch-size`.
+fn rampup(ev: &mut SectionEval, v: &Expr, seq: u64) -> Option<Rampup> {
+    let args: &[Arg] = match &v.kind {
+        ExprKind::Call { name, args } if name.name == "rampup" => args,
+        _ => {
+            ev.err(
+                Diag::error("`batch_rampup` is `rampup(start, increment, over)`")
+                    .at(v.span, "not a ramp-up")
+                    .help("batch_rampup = rampup(start = 32 sequences, increment = 32 sequences, over = 4B tokens)"),
+            );
+            return None;
+        }
+    };
+    let kw = kwargs(ev, args, &["start", "increment", "over"], "rampup");
+    let mut get = |key: &str| match kw.get(key) {
+        Some(e) => sequences(ev, e, seq, key),
+        None => {
+            ev.err(
+                Diag::error(format!("`rampup` needs `{key}`"))
+                    .at(v.span, "incomplete")
+                    .help("rampup(start = 32 sequences, increment = 32 sequences, over = 4B tokens)"),
+            );
+            None
+        }
+    };
+    let (start, increment, samples) = (get("start"), get("increment"), get("over"));
+    Some(Rampup { start: start?, increment: increment?, samples: samples? })
 }
 
 fn kwargs<'e>(ev: &mut SectionEval, args: &'e [Arg], allowed: &[&str], what: &str) -> HashMap<&'e str, &'e Expr> {
@@ -846,8 +908,61 @@ fn optimizer(ev: &mut SectionEval, v: &Expr) -> Option<Optimizer> {
             let nesterov = kw.get("nesterov").and_then(|e| ev.boolean(e, "nesterov")).unwrap_or(false);
             Some(Optimizer::Sgd { lr, momentum, weight_decay, nesterov })
         }
+        "adafactor" => {
+            let allowed = ["lr", "beta1", "decay", "eps", "clip", "scale_parameter", "weight_decay", "factor_min"];
+            let kw = kwargs(ev, args, &allowed, name);
+            let lr = kw.get("lr").and_then(|e| ev.nonneg(e, "lr")).unwrap_or(1e-2);
+            let beta1 = kw.get("beta1").and_then(|e| ev.nonneg(e, "beta1")).unwrap_or(0.0);
+            let decay = kw.get("decay").and_then(|e| ev.nonneg(e, "decay")).unwrap_or(0.8);
+            let clip = kw.get("clip").and_then(|e| ev.nonneg(e, "clip")).unwrap_or(1.0);
+            let (mut eps, mut eps_scale) = (1e-30, 1e-3);
+            if let Some(e) = kw.get("eps") {
+                match &e.kind {
+                    ExprKind::Tuple(xs) if xs.len() == 2 => {
+                        eps = ev.nonneg(&xs[0], "eps").unwrap_or(eps);
+                        eps_scale = ev.nonneg(&xs[1], "eps").unwrap_or(eps_scale);
+                    }
+                    _ => ev.err(
+                        Diag::error("Adafactor's `eps` is a pair: (added to g², least parameter scale)")
+                            .at(e.span, "not a pair")
+                            .help("eps = (1e-30, 1e-3)"),
+                    ),
+                }
+            }
+            let scale_parameter =
+                kw.get("scale_parameter").and_then(|e| ev.boolean(e, "scale_parameter")).unwrap_or(true);
+            let weight_decay = kw.get("weight_decay").and_then(|e| ev.nonneg(e, "weight_decay")).unwrap_or(0.0);
+            let factor_min = kw.get("factor_min").and_then(|e| ev.count(e, "factor_min")).unwrap_or(128);
+            for (key, x, ok) in [("beta1", beta1, beta1 < 1.0), ("decay", decay, decay > 0.0 && decay <= 1.0)] {
+                if !ok {
+                    ev.err(
+                        Diag::error(format!("Adafactor's `{key}` = {x} is out of range"))
+                            .at(kw[key].span, "out of range")
+                            .help("beta1 is in [0, 1) (0: no first moment); decay in (0, 1] (T5: 0.8)"),
+                    );
+                }
+            }
+            if clip <= 0.0 {
+                ev.err(
+                    Diag::error("Adafactor's `clip` bounds the update's RMS and must be positive")
+                        .at(kw["clip"].span, "not positive")
+                        .help("clip = 1.0 (the paper's d)"),
+                );
+            }
+            Some(Optimizer::Adafactor {
+                lr,
+                beta1,
+                decay,
+                eps,
+                eps_scale,
+                clip,
+                scale_parameter,
+                weight_decay,
+                factor_min,
+            })
+        }
         other => {
-            let help = unknown_help("optimizer", other, ["adamw", "sgd"]);
+            let help = unknown_help("optimizer", other, ["adamw", "sgd", "adafactor"]);
             ev.err(Diag::error(format!("unknown optimizer `{other}`")).at(v.span, "not an optimizer").help(help));
             None
         }

@@ -201,7 +201,6 @@ fn rank_memory(m: &Model, par: &Parallel, micro_batch: u64, stage: u64, er: u64)
     let w = precision.bytes();
     let dp = par.data().max(1);
     let (mut params, mut grads, mut optim) = (0f64, 0f64, 0f64);
-    let state = m.train.as_ref().map(|t| t.optimizer.state_per_param()).unwrap_or(0);
     let master = if precision == Precision::Fp32 { 0 } else { 4 };
     for p in &m.params {
         let n = param_elems_on(m, par, p, stage, er) as f64;
@@ -214,7 +213,12 @@ fn rank_memory(m: &Model, par: &Parallel, micro_batch: u64, stage: u64, er: u64)
         // A frozen parameter (`train.freeze`, LoRA's base weights) has no gradient or optimizer state.
         if m.train.is_some() && !p.frozen {
             grads += n * w as f64 / if z >= 2 { shard } else { 1.0 };
-            optim += n * (state * 4 + master) as f64 / if z >= 1 { shard } else { 1.0 };
+            // f32 optimizer state per element (Adafactor's factored moments hold less than one).
+            let state = m
+                .train
+                .as_ref()
+                .map_or(0.0, |t| t.optimizer.state_elements(&p.ty.dims) as f64 / p.ty.numel().max(1) as f64);
+            optim += n * (state * 4.0 + master as f64) / if z >= 1 { shard } else { 1.0 };
         }
     }
     let scale = micro_batch as f64 / m.micro_batch.max(1) as f64;

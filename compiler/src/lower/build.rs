@@ -28,8 +28,8 @@
 //! all-gather the bf16 shards, as Megatron's distributed optimizer does).
 
 use super::{Bound, BufId, Buffer, Collective, Instr, Kind, Paging, Phase, Program, Region, Stream};
-use crate::autodiff::update::{PER_PARAM, UpdateParam, update_graph};
-use crate::config::{Optimizer, Precision};
+use crate::autodiff::update::{UpdateParam, update_graph};
+use crate::config::{Optimizer, Precision, StateRole};
 use crate::ir::Param;
 use crate::ir::{BinaryOp, DType, Dim, Graph, Op, ReduceOp, TensorType, ValueId};
 use crate::model::Model;
@@ -988,8 +988,11 @@ impl<'a> Builder<'a> {
         }
         let shapes: Vec<UpdateParam> = (0..n)
             .map(|k| {
-                let mut u = UpdateParam::of(&prog.params[k].local);
-                if !prog.params[k].held {
+                let shard = &prog.params[k];
+                let mut u = UpdateParam::of(&shard.local);
+                u.logical = m.params.get(k).map_or_else(|| u.dims.clone(), |p| p.ty.dims.clone());
+                u.splits = shard.splits.iter().map(|(i, s)| (u.logical[*i].name.clone(), s.axis.clone())).collect();
+                if !shard.held {
                     u.dims = vec![Dim::new("flat", 0)];
                 } else if self.zero_sharded(k) {
                     u.dims = self.flat(k).dims;
@@ -997,8 +1000,8 @@ impl<'a> Builder<'a> {
                 u
             })
             .collect();
-        let adam = matches!(opt, Optimizer::Adamw { .. });
-        let mut moments: Vec<Option<(BufId, BufId)>> = vec![None; n];
+        // Per trainable parameter held here, its optimizer state's buffers.
+        let mut state: Vec<Option<Vec<(StateRole, BufId)>>> = vec![None; n];
         // Weights stored in a narrower dtype are updated in f32 master
         // copies (the optimizer's shape: under ZeRO, the rank's flat shard).
         let mut master: Vec<Option<BufId>> = vec![None; n];
@@ -1010,9 +1013,15 @@ impl<'a> Builder<'a> {
                 if narrow {
                     master[k] = Some(self.persistent(Region::Optim, ty.clone(), &Bound::Master(k).name()));
                 }
-                let mk = self.persistent(Region::Optim, ty.clone(), &Bound::Moment1(k).name());
-                let vk = if adam { self.persistent(Region::Optim, ty, &Bound::Moment2(k).name()) } else { mk };
-                moments[k] = Some((mk, vk));
+                let bufs = shapes[k]
+                    .state(opt)
+                    .into_iter()
+                    .map(|(role, dims)| {
+                        let ty = TensorType::new(DType::F32, dims);
+                        (role, self.persistent(Region::Optim, ty, &Bound::State(k, role).name()))
+                    })
+                    .collect();
+                state[k] = Some(bufs);
             }
         }
         let hyper =
@@ -1226,7 +1235,7 @@ impl<'a> Builder<'a> {
         let guard = self.instrs.len();
         self.emit(Kind::SkipIfNonFinite { count: 0 }, vec![norm], vec![]);
         // The update of the parameters this rank holds (a pipeline stage holds its own).
-        let held: Vec<usize> = (0..n).filter(|&k| self.w[k].is_some() && moments[k].is_some()).collect();
+        let held: Vec<usize> = (0..n).filter(|&k| self.w[k].is_some() && state[k].is_some()).collect();
         let held_shapes: Vec<UpdateParam> = held.iter().map(|&k| shapes[k].clone()).collect();
         let update = update_graph(&held_shapes, opt, clip, true);
         let ug = &update.graph;
@@ -1236,7 +1245,7 @@ impl<'a> Builder<'a> {
         // (master, stored) pairs: updated f32 weights and where their rounded copies go.
         let mut casts: Vec<(BufId, BufId)> = Vec::new();
         for (j, &k) in held.iter().enumerate() {
-            let (Some(wk), Some(gk), Some((mk, vk))) = (self.w[k], update_grad[k], moments[k]) else {
+            let (Some(wk), Some(gk), Some(bufs)) = (self.w[k], update_grad[k], &state[k]) else {
                 return Err(format!("parameter {k} is held without its gradient"));
             };
             // ZeRO 1/2: the update runs on this rank's flat shard of the
@@ -1260,19 +1269,18 @@ impl<'a> Builder<'a> {
                 }
                 None => wk,
             };
-            for (i, b) in [owned, gk, mk, vk].into_iter().enumerate() {
-                extra.insert(PER_PARAM * j + i, b);
-            }
-            let made = update.outputs[j];
+            let made = &update.outputs[j];
+            extra.insert(made.input, owned);
+            extra.insert(made.input + 1, gk);
             targets.insert(made.weights.index(), owned);
-            targets.insert(made.m.index(), mk);
-            if let Some(v) = made.v {
-                targets.insert(v.index(), vk);
+            for &(role, input, value) in &made.state {
+                let buf = bufs.iter().find(|b| b.0 == role).ok_or("a state the update keeps has no buffer")?.1;
+                extra.insert(input, buf);
+                targets.insert(value.index(), buf);
             }
         }
-        let n = held.len();
-        extra.insert(PER_PARAM * n, hyper);
-        extra.insert(PER_PARAM * n + 1, norm);
+        extra.insert(update.hyper, hyper);
+        extra.insert(update.norm.ok_or("the update reads the given norm")?, norm);
         self.update(ug, &extra, &targets)?;
         for (mw, w) in casts {
             self.emit(Kind::Copy, vec![mw], vec![w]);
@@ -1344,7 +1352,18 @@ impl<'a> Builder<'a> {
                         Some(&t) => t,
                         None => self.temp(node.ty.clone()),
                     };
-                    self.emit(Kind::Op { op: op.clone(), rng: None, accumulate: false, rows: false }, ins, vec![o]);
+                    match op {
+                        // A partial sum over a cut dim, summed over the ranks that hold the cuts.
+                        Op::AllReduce { axis, op } => {
+                            self.emit(Kind::Copy, ins, vec![o]);
+                            let kind = Kind::Collective { axis: axis.clone(), op: Collective::AllReduce { op: *op } };
+                            self.emit(kind, vec![o], vec![o]);
+                        }
+                        _ => {
+                            let kind = Kind::Op { op: op.clone(), rng: None, accumulate: false, rows: false };
+                            self.emit(kind, ins, vec![o]);
+                        }
+                    }
                     o
                 }
             };

@@ -37,6 +37,7 @@ pub mod verify;
 
 pub use build::{LowerError, dropless, lower, lower_eval, lower_forward, lower_generate};
 
+use crate::config::StateRole;
 use crate::ir::{Op, ReduceOp, TensorType};
 use crate::syntax::span::Span;
 use serde::{Deserialize, Serialize};
@@ -355,10 +356,8 @@ pub enum Bound {
     Master(usize),
     /// Parameter `k`'s gradient.
     Grad(usize),
-    /// Parameter `k`'s first moment (Adam's `m`, SGD's momentum).
-    Moment1(usize),
-    /// Parameter `k`'s second moment (Adam's `v`).
-    Moment2(usize),
+    /// A tensor of parameter `k`'s optimizer state (`Optimizer::state`).
+    State(usize, StateRole),
     /// Model input `i` of microbatch `j`.
     Input(usize, u64),
     /// The step's summed loss (a scalar).
@@ -391,8 +390,7 @@ impl Bound {
             Bound::Weight(k) => format!("w.{k}"),
             Bound::Master(k) => format!("master.{k}"),
             Bound::Grad(k) => format!("g.{k}"),
-            Bound::Moment1(k) => format!("m.{k}"),
-            Bound::Moment2(k) => format!("v.{k}"),
+            Bound::State(k, role) => format!("{}.{k}", role.prefix()),
             Bound::Input(i, j) => format!("x{i}.mb{j}"),
             Bound::Loss => "loss".into(),
             Bound::Hyper => "hyper".into(),

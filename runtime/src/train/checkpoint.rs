@@ -29,8 +29,9 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use tessera_compiler::config::StateRole;
 use tessera_compiler::driver::Training;
-use tessera_compiler::ir::Param;
+use tessera_compiler::ir::{Dim, Param};
 
 pub(crate) fn io(e: impl std::fmt::Display, what: &Path) -> TrainError {
     TrainError::Io(format!("{}: {e}", what.display()))
@@ -230,11 +231,8 @@ impl Snapshot {
         let named = self.paths.iter().cloned().zip(&self.params).collect();
         write_tensors(&tmp.join("model.safetensors"), named, meta.clone())?;
         let mut named: Vec<(String, &Tensor<f32>)> = Vec::new();
-        for (p, t) in self.paths.iter().zip(&self.opt.m) {
-            named.push((format!("m.{p}"), t));
-        }
-        for (p, t) in self.paths.iter().zip(&self.opt.v) {
-            named.push((format!("v.{p}"), t));
+        for (p, state) in self.paths.iter().zip(&self.opt.state) {
+            named.extend(state.iter().map(|(role, t)| (format!("{}.{p}", role.prefix()), t)));
         }
         // A LoRA run's adapters alone (a few MB), to apply to the base weights elsewhere.
         if !self.adapters.is_empty() {
@@ -533,30 +531,34 @@ fn read_verified(path: &Path) -> Result<Vec<u8>, TrainError> {
 }
 
 /// Read a safetensors file once, verify it, and take the model's parameters
-/// under each prefix (`""` for the weights, `"m."` and `"v."` for the
-/// optimizer's moments).
-fn read_tensors(path: &Path, params: &[Param], prefixes: &[&str]) -> Result<Vec<Vec<Tensor<f32>>>, TrainError> {
+/// (the weights of a `model.safetensors`).
+fn read_tensors(path: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
+    let named: Vec<(String, &[Dim])> = params.iter().map(|p| (p.path.clone(), p.ty.dims.as_slice())).collect();
+    read_named(path, &named)
+}
+
+/// Read a safetensors file once, verify it, and take the tensors of these
+/// names and dims.
+fn read_named(path: &Path, named: &[(String, &[Dim])]) -> Result<Vec<Tensor<f32>>, TrainError> {
     let buf = read_verified(path)?;
     let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| damaged(path, e))?;
-    let one = |prefix: &str, p: &Param| -> Result<Tensor<f32>, TrainError> {
-        let name = format!("{prefix}{}", p.path);
-        let view = st.tensor(&name).map_err(|_| {
+    let one = |name: &str, dims: &[Dim]| -> Result<Tensor<f32>, TrainError> {
+        let view = st.tensor(name).map_err(|_| {
             TrainError::Setup(format!(
                 "checkpoint `{}` has no tensor `{name}`: was it written by another spec?",
                 path.display()
             ))
         })?;
-        let want: Vec<usize> = p.ty.dims.iter().map(|d| d.size as usize).collect();
+        let want: Vec<usize> = dims.iter().map(|d| d.size as usize).collect();
         if view.shape() != want.as_slice() || view.dtype() != Dtype::F32 {
             return Err(TrainError::Setup(format!(
-                "checkpoint tensor `{name}` is {:?} {:?}, the spec says {}",
+                "checkpoint tensor `{name}` is {:?} {:?}, the spec says f32{want:?}",
                 view.dtype(),
                 view.shape(),
-                p.ty
             )));
         }
         let data = view.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let t = Tensor { dims: p.ty.dims.clone(), data };
+        let t = Tensor { dims: dims.to_vec(), data };
         if !t.is_finite() {
             return Err(TrainError::Setup(format!(
                 "checkpoint tensor `{name}` in `{}` holds non-finite values (NaN or infinity); the run that \
@@ -566,7 +568,7 @@ fn read_tensors(path: &Path, params: &[Param], prefixes: &[&str]) -> Result<Vec<
         }
         Ok(t)
     };
-    prefixes.iter().map(|prefix| params.iter().map(|p| one(prefix, p)).collect()).collect()
+    named.iter().map(|(name, dims)| one(name, dims)).collect()
 }
 
 /// Write logical weights to one safetensors file (as a checkpoint's
@@ -589,16 +591,17 @@ pub fn write_params(path: &Path, params: &[Param], tensors: &[Tensor<f32>]) -> R
 /// Logical weights from a safetensors file written by [`write_params`] or
 /// a checkpoint's `model.safetensors`, verified, as `params` describes them.
 pub fn read_params(path: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
-    Ok(read_tensors(path, params, &[""])?.remove(0))
+    read_tensors(path, params)
 }
 
 /// The parameters of a checkpoint (for sampling), as `params` describes them.
 pub fn load_params(dir: &Path, params: &[Param]) -> Result<Vec<Tensor<f32>>, TrainError> {
     let dir = resolve(dir)?;
     if super::sharded::is_sharded(&dir) {
-        return sharded_logical(&dir, params, super::sharded::Role::Weight);
+        let mut reader = super::sharded::Reader::open(&dir)?;
+        return params.iter().map(|p| reader.logical(&p.path, super::sharded::Role::Weight, &p.ty.dims)).collect();
     }
-    Ok(read_tensors(&dir.join("model.safetensors"), params, &[""])?.remove(0))
+    read_tensors(&dir.join("model.safetensors"), params)
 }
 
 pub(crate) fn state_of(dir: &Path) -> Result<serde_json::Value, TrainError> {
@@ -643,12 +646,6 @@ fn holds_checkpoint(dir: &Path) -> bool {
     dir.join("model.safetensors").is_file() || super::sharded::is_sharded(dir)
 }
 
-/// A sharded checkpoint's logical tensors of `role`, one per parameter.
-fn sharded_logical(dir: &Path, meta: &[Param], role: super::sharded::Role) -> Result<Vec<Tensor<f32>>, TrainError> {
-    let mut reader = super::sharded::Reader::open(dir)?;
-    meta.iter().map(|p| reader.logical(&p.path, role, &p.ty.dims)).collect()
-}
-
 /// Load a checkpoint: the weights, the optimizer state (left as `opt` when
 /// `fresh_optimizer`) and the step. A sharded checkpoint is assembled into
 /// logical tensors (a rank that needs only its cuts reads them with
@@ -659,28 +656,47 @@ pub fn load(
     opt: &OptimizerState,
     fresh_optimizer: bool,
 ) -> Result<(Vec<Tensor<f32>>, OptimizerState, u64), TrainError> {
+    use super::sharded::Role;
     let dir = resolve(dir)?;
     let state = state_of(&dir)?;
     let mut opt = opt.clone();
-    let params = if super::sharded::is_sharded(&dir) {
-        use super::sharded::Role;
-        if !fresh_optimizer {
-            opt.m = sharded_logical(&dir, meta, Role::M)?;
-            if !opt.v.is_empty() {
-                opt.v = sharded_logical(&dir, meta, Role::V)?;
-            }
-        }
-        sharded_logical(&dir, meta, Role::Weight)?
+    // Every state tensor the optimizer keeps: (parameter, role, logical dims).
+    let kept: Vec<(usize, StateRole, Vec<Dim>)> = meta
+        .iter()
+        .enumerate()
+        .flat_map(|(k, p)| {
+            let dims = &p.ty.dims;
+            opt.optimizer.state(dims, dims).into_iter().map(move |(role, d)| (k, role, d))
+        })
+        .collect();
+    let (params, moments) = if super::sharded::is_sharded(&dir) {
+        let mut reader = super::sharded::Reader::open(&dir)?;
+        let params: Vec<_> =
+            meta.iter().map(|p| reader.logical(&p.path, Role::Weight, &p.ty.dims)).collect::<Result<_, _>>()?;
+        let moments = match fresh_optimizer {
+            true => Vec::new(),
+            false => kept
+                .iter()
+                .map(|(k, role, dims)| reader.logical(&meta[*k].path, Role::State(*role), dims))
+                .collect::<Result<_, _>>()?,
+        };
+        (params, moments)
     } else {
-        read_tensors(&dir.join("model.safetensors"), meta, &[""])?.remove(0)
+        let params = read_tensors(&dir.join("model.safetensors"), meta)?;
+        let moments = match fresh_optimizer {
+            true => Vec::new(),
+            false => {
+                let named: Vec<(String, &[Dim])> = kept
+                    .iter()
+                    .map(|(k, role, dims)| (format!("{}.{}", role.prefix(), meta[*k].path), dims.as_slice()))
+                    .collect();
+                read_named(&dir.join("optimizer.safetensors"), &named)?
+            }
+        };
+        (params, moments)
     };
-    if !fresh_optimizer && !super::sharded::is_sharded(&dir) {
-        let prefixes: &[&str] = if opt.v.is_empty() { &["m."] } else { &["m.", "v."] };
-        let mut moments = read_tensors(&dir.join("optimizer.safetensors"), meta, prefixes)?.into_iter();
-        opt.m = moments.next().unwrap_or_default();
-        if let Some(v) = moments.next() {
-            opt.v = v;
-        }
+    for ((k, role, _), t) in kept.iter().zip(moments) {
+        *opt.get_mut(*k, *role).ok_or_else(|| TrainError::Setup("optimizer state of another shape".into()))? = t;
     }
     let (step, scaler, skipped) = progress(&dir, &state)?;
     opt.scaler = scaler;

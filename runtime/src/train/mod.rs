@@ -107,6 +107,8 @@ pub struct StepReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    /// The step's global batch in sequences (it grows under `batch_rampup`).
+    pub batch: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
     /// Steps skipped so far for a non-finite loss or gradient norm
@@ -132,8 +134,12 @@ pub struct Trainer {
     pub step: u64,
     pub data: data::Dataset,
     pub cfg: RunConfig,
-    /// Microbatches per optimizer step (data-parallel ranks × gradient accumulation).
+    /// Microbatches per optimizer step (data-parallel ranks × gradient
+    /// accumulation) of the current global batch.
     pub accumulation: u64,
+    /// The global batch (sequences) `training.step` runs: the spec's, or a
+    /// smaller one of its ramp-up (`training.ramp` holds the others).
+    pub batch: u64,
     tokens_idx: usize,
     /// Spans of the first steps for a Chrome trace (`tessera train --trace`).
     pub trace: Option<std::sync::Arc<crate::trace::Trace>>,
@@ -271,6 +277,7 @@ impl Trainer {
             data,
             cfg,
             accumulation,
+            batch: train.batch,
             tokens_idx,
             ranks,
             trace: None,
@@ -284,7 +291,7 @@ impl Trainer {
         })
     }
 
-    fn seq(&self) -> usize {
+    pub fn seq(&self) -> usize {
         self.training.step.inputs[self.tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1)
     }
 
@@ -349,9 +356,40 @@ impl Trainer {
     /// One optimizer step: every rank runs its program (forward and backward
     /// over its microbatches, the gradient collectives, clipping, the update).
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
+        self.use_step_batch()?;
         let batches: Vec<Vec<Tensor<f32>>> =
             (0..self.accumulation).map(|k| self.batch_inputs(data::Split::Train, self.step, k)).collect();
         self.train_step_on(&|k| batches[k as usize].clone())
+    }
+
+    /// Run the next step's program, of its global batch (under a ramp-up,
+    /// the batch grows between steps): the ranks restart with its programs
+    /// from the logical weights and optimizer state, as a checkpoint moves
+    /// between layouts. [`Trainer::train_step_on`] calls it first.
+    pub fn use_step_batch(&mut self) -> Result<(), TrainError> {
+        self.use_batch(self.training.train.batch_at(self.step).0)
+    }
+
+    /// Microbatches of step `step`'s global batch (it grows under `batch_rampup`).
+    pub fn accumulation_at(&self, step: u64) -> u64 {
+        (self.training.train.batch_at(step).0 / self.training.micro_batch.max(1)).max(1)
+    }
+
+    /// Run the step program of global batch `batch`, as [`Trainer::use_step_batch`] does for the next step.
+    pub fn use_batch(&mut self, batch: u64) -> Result<(), TrainError> {
+        if batch == self.batch {
+            return Ok(());
+        }
+        let Some(at) = self.training.ramp.iter().position(|(b, _)| *b == batch) else {
+            return Err(TrainError::Setup(format!("no step program for a global batch of {batch} sequences")));
+        };
+        let (params, opt) = self.state()?;
+        std::mem::swap(&mut self.training.step, &mut self.training.ramp[at].1);
+        self.training.ramp[at].0 = self.batch;
+        self.batch = batch;
+        self.accumulation = (batch / self.training.micro_batch.max(1)).max(1);
+        self.ranks = start_ranks(&self.training, ranks::Start::State(&params, &opt), &self.cfg)?;
+        Ok(())
     }
 
     /// [`Trainer::train_step`] on the caller's batch: `inputs(k)` is global
@@ -362,8 +400,9 @@ impl Trainer {
         inputs: &(dyn Fn(u64) -> Vec<Tensor<f32>> + Sync),
     ) -> Result<StepReport, TrainError> {
         let t0 = Instant::now();
+        self.use_step_batch()?;
         let step = self.step;
-        let lr = optim::learning_rate(&self.training.train, step, self.tokens_per_step(), self.cfg.steps);
+        let lr = optim::learning_rate(&self.training.train, step, self.seq() as u64, self.cfg.steps);
         let trace = self.trace.as_deref().filter(|t| step < t.steps);
         let loss_scale = self.scaler.map(|s| s.scale);
         let args = ranks::StepArgs {
@@ -409,6 +448,7 @@ impl Trainer {
             lr,
             grad_norm,
             tokens_per_s: self.tokens_per_step() as f64 / secs,
+            batch: self.batch,
             val_loss: None,
             skipped_steps: self.skipped_steps,
             skipped,
@@ -593,7 +633,7 @@ impl Trainer {
         if flag[0] != 0.0 {
             return Err(TrainError::Io(format!("rank 0 cannot create `{}`", tmp.display())));
         }
-        let (manifest, writes) = sharded::plan(c, true);
+        let (manifest, writes) = sharded::plan(c, Some(&self.training.train.optimizer));
         let files = self.ranks.pieces(&writes).map_err(TrainError::Setup)?;
         let dir = tmp.clone();
         let handle = std::thread::Builder::new()
@@ -601,8 +641,7 @@ impl Trainer {
             .spawn(move || files.iter().try_for_each(|(f, named)| sharded::write_file(&dir, f, named)))
             .map_err(|e| TrainError::Io(format!("cannot start the thread that writes the checkpoint: {e}")))?;
         let meta = optim::OptimizerState {
-            m: Vec::new(),
-            v: Vec::new(),
+            state: Vec::new(),
             optimizer: self.training.train.optimizer.clone(),
             scaler: self.scaler,
             skipped: self.skipped_steps,

@@ -6,16 +6,15 @@
 
 use crate::tensor::Tensor;
 use tessera_compiler::autodiff::update::UpdateParam;
-use tessera_compiler::config::{Amount, LrSchedule, Optimizer, Train};
+use tessera_compiler::config::{Amount, LrSchedule, Optimizer, StateRole, Train};
 use tessera_compiler::ir::Param;
 
 #[derive(Debug, Clone)]
 pub struct OptimizerState {
     pub optimizer: Optimizer,
-    /// First moments (AdamW) or momentum buffers (SGD).
-    pub m: Vec<Tensor<f32>>,
-    /// Second moments (AdamW).
-    pub v: Vec<Tensor<f32>>,
+    /// Per parameter, its state tensors as [`Optimizer::state`] gives them
+    /// (AdamW's moments, SGD's momentum, Adafactor's factored moments).
+    pub state: Vec<Vec<(StateRole, Tensor<f32>)>>,
     /// The dynamic loss scale (`precision = fp16`).
     pub scaler: Option<LossScaler>,
     /// Steps whose update was skipped (an overflow under loss scaling, or
@@ -66,57 +65,62 @@ impl OptimizerState {
         Self::for_shapes(&shapes, optimizer)
     }
 
-    /// State for tensors of these shapes (a rank's shards of the parameters).
+    /// Zero state for tensors of these shapes (a rank's cuts of the parameters).
     pub fn for_shapes(params: &[UpdateParam], optimizer: &Optimizer) -> OptimizerState {
-        let zeros = |p: &UpdateParam| Tensor::zeros(&p.dims);
-        let v = match optimizer {
-            Optimizer::Adamw { .. } => params.iter().map(zeros).collect(),
-            Optimizer::Sgd { .. } => Vec::new(),
-        };
-        OptimizerState {
-            optimizer: optimizer.clone(),
-            m: params.iter().map(zeros).collect(),
-            v,
-            scaler: None,
-            skipped: 0,
-        }
+        let state = params
+            .iter()
+            .map(|p| p.state(optimizer).into_iter().map(|(role, dims)| (role, Tensor::zeros(&dims))).collect())
+            .collect();
+        OptimizerState { optimizer: optimizer.clone(), state, scaler: None, skipped: 0 }
+    }
+
+    /// Parameter `k`'s state tensor `role`, if it keeps one.
+    pub fn get(&self, k: usize, role: StateRole) -> Option<&Tensor<f32>> {
+        self.state.get(k)?.iter().find(|s| s.0 == role).map(|s| &s.1)
+    }
+
+    pub fn get_mut(&mut self, k: usize, role: StateRole) -> Option<&mut Tensor<f32>> {
+        self.state.get_mut(k)?.iter_mut().find(|s| s.0 == role).map(|s| &mut s.1)
     }
 }
 
-fn steps_of(a: Amount, tokens_per_step: u64) -> f64 {
+/// An amount of training in steps: tokens are `seq`-token sequences, and
+/// a batch ramp-up's smaller steps take more of them.
+fn steps_of(a: Amount, train: &Train, seq: u64) -> f64 {
     match a {
         Amount::Steps(s) => s,
-        Amount::Tokens(t) => t / tokens_per_step.max(1) as f64,
+        Amount::Tokens(t) => train.steps_for(t / seq.max(1) as f64),
     }
 }
 
 /// The learning rate of update `step` (from 0): linear warmup, then constant,
 /// linear or cosine decay to `min × peak` over `decay` (default: the run),
 /// or the inverse square root of the step (the peak × √(warmup / (step + 1))).
-pub fn learning_rate(train: &Train, step: u64, tokens_per_step: u64, run_steps: u64) -> f64 {
+/// Amounts in tokens count `seq`-token sequences, through the batch ramp-up.
+pub fn learning_rate(train: &Train, step: u64, seq: u64, run_steps: u64) -> f64 {
     let peak = train.optimizer.lr();
     let s = step as f64;
     if let LrSchedule::InverseSqrt { warmup, linear_warmup } = &train.schedule {
-        let warmup = steps_of(*warmup, tokens_per_step);
+        let warmup = steps_of(*warmup, train, seq);
         return match s < warmup {
-            true if *linear_warmup => peak * (s + 1.0) / warmup,
+            true if *linear_warmup => peak * ((s + 1.0) / warmup).min(1.0),
             true => peak,
             false => peak * (warmup.max(1.0) / (s + 1.0)).sqrt(),
         };
     }
     let (warmup, decay, min, kind) = match &train.schedule {
         LrSchedule::InverseSqrt { .. } => unreachable!("returned above"),
-        LrSchedule::Constant { warmup } => (steps_of(*warmup, tokens_per_step), None, 1.0, 0),
-        LrSchedule::Linear { warmup, decay, min } => (steps_of(*warmup, tokens_per_step), *decay, *min, 1),
-        LrSchedule::Cosine { warmup, decay, min } => (steps_of(*warmup, tokens_per_step), *decay, *min, 2),
+        LrSchedule::Constant { warmup } => (steps_of(*warmup, train, seq), None, 1.0, 0),
+        LrSchedule::Linear { warmup, decay, min } => (steps_of(*warmup, train, seq), *decay, *min, 1),
+        LrSchedule::Cosine { warmup, decay, min } => (steps_of(*warmup, train, seq), *decay, *min, 2),
     };
     if s < warmup {
-        return peak * (s + 1.0) / warmup.max(1.0);
+        return peak * ((s + 1.0) / warmup.max(1.0)).min(1.0);
     }
     if kind == 0 {
         return peak;
     }
-    let total = decay.map(|d| steps_of(d, tokens_per_step)).unwrap_or(run_steps as f64).max(warmup + 1.0);
+    let total = decay.map(|d| steps_of(d, train, seq)).unwrap_or(run_steps as f64).max(warmup + 1.0);
     let frac = ((s - warmup) / (total - warmup)).clamp(0.0, 1.0);
     let shape = if kind == 1 { 1.0 - frac } else { 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()) };
     peak * (min + (1.0 - min) * shape)
@@ -148,13 +152,34 @@ mod tests {
         assert!((lr(99) - peak).abs() < 1e-12 * peak);
         assert!((lr(399) - peak / 2.0).abs() < 1e-12 * peak);
         assert!((lr(9_999) - peak / 10.0).abs() < 1e-12 * peak);
-        // Warmup in tokens: 6,400 tokens of 64 a step are the same 100 steps.
+        // Warmup in tokens: 6,400 tokens of 64 a step (the batch of 8 sequences of 8) are the same 100 steps.
         let tokens = train(LrSchedule::InverseSqrt { warmup: Amount::Tokens(6_400.0), linear_warmup: true });
-        assert_eq!(learning_rate(&tokens, 399, 64, 1), lr(399));
+        assert_eq!(tokens.batch, 8);
+        assert_eq!(learning_rate(&tokens, 399, 8, 1), lr(399));
         // T5's and Switch's form holds the peak through the warmup.
         let held = train(LrSchedule::InverseSqrt { warmup: Amount::Steps(100.0), linear_warmup: false });
         assert_eq!(learning_rate(&held, 0, 1, 1), peak);
         assert_eq!(learning_rate(&held, 99, 1, 1), peak);
         assert_eq!(learning_rate(&held, 399, 1, 1), lr(399));
+    }
+
+    /// Under a batch ramp-up, amounts in tokens are reached in more, smaller
+    /// steps: a warmup of 24 sequences of 16 tokens ends within step 8 of
+    /// batches 2, 2, 2, 2, 4, 4, 6, 6 (24 sequences after 7⅓ steps), not at
+    /// step 3 of the full batch of 8.
+    #[test]
+    fn token_amounts_follow_the_batch_rampup() {
+        let warmup = Amount::Tokens(24.0 * 16.0);
+        let flat = train(LrSchedule::Linear { warmup, decay: Some(Amount::Steps(1000.0)), min: 0.0 });
+        let ramp = Some(tessera_compiler::config::Rampup { start: 2, increment: 2, samples: 24 });
+        let ramped = Train { rampup: ramp, ..flat.clone() };
+        assert_eq!(ramped.batch, 8);
+        assert_eq!((0..9).map(|s| ramped.batch_at(s).0).collect::<Vec<_>>(), [2, 2, 2, 2, 4, 4, 6, 6, 8]);
+        assert!((ramped.steps_for(24.0) - (6.0 + 8.0 / 6.0)).abs() < 1e-12);
+        let peak = flat.optimizer.lr();
+        let (a, b) = (|s| learning_rate(&flat, s, 16, 1000), |s| learning_rate(&ramped, s, 16, 1000));
+        assert_eq!(a(2), peak, "the full batch warms up in 3 steps");
+        assert!((b(2) - peak * 3.0 / (6.0 + 8.0 / 6.0)).abs() < 1e-12 * peak);
+        assert!(b(6) < peak && b(7) == peak, "the ramp-up's warmup ends in step 8");
     }
 }

@@ -17,7 +17,7 @@
 //! (write a checkpoint) is the caller's to decide.
 
 use super::optim::OptimizerState;
-use super::shards::{cut_elements, flat_shard, holds_flat_shard, place, weight_buffer, whole};
+use super::shards::{cut_elements, flat_shard, holds_flat_shard, place, state_param, weight_buffer, whole};
 use crate::backend::{
     self, Backend,
     cpu::{Cpu, Engine},
@@ -67,17 +67,13 @@ fn load_logical(c: &Compiled, local: &[usize], backends: &mut [Cpu], start: Star
             }
         }
         let fresh;
-        let (w, moments): (&Tensor<f32>, Vec<(Bound, &Tensor<f32>)>) = match start {
+        let (w, opt): (&Tensor<f32>, Option<&OptimizerState>) = match start {
             Start::Init { seed } => {
                 fresh = crate::init::init_param(meta, k, seed);
-                // The regions start zeroed: fresh moments need no upload.
-                (&fresh, Vec::new())
+                // The regions start zeroed: a fresh optimizer state needs no upload.
+                (&fresh, None)
             }
-            Start::State(params, opt) => {
-                let mut v = vec![(Bound::Moment1(k), &opt.m[k])];
-                v.extend(opt.v.get(k).map(|t| (Bound::Moment2(k), t)));
-                (&params[k], v)
-            }
+            Start::State(params, opt) => (&params[k], Some(opt)),
             Start::Sharded { .. } => unreachable!("a sharded start reads pieces, not logical tensors"),
         };
         for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
@@ -88,8 +84,11 @@ fn load_logical(c: &Compiled, local: &[usize], backends: &mut [Cpu], start: Star
             let cut = cut_elements(w, shard, meta);
             upload_cut(c, r, cpu, k, Bound::Weight(k), &cut)?;
             upload_cut(c, r, cpu, k, Bound::Master(k), &cut)?;
-            for &(role, t) in &moments {
-                upload_cut(c, r, cpu, k, role, &cut_elements(t, shard, meta))?;
+            let Some(opt) = opt else { continue };
+            for (role, t) in opt.state.get(k).into_iter().flatten() {
+                let (cut, state) = state_param(&opt.optimizer, shard, meta, *role)
+                    .ok_or("the optimizer state does not belong to this optimizer")?;
+                upload_cut(c, r, cpu, k, Bound::State(k, *role), &cut_elements(t, &cut, &state))?;
             }
         }
     }
@@ -111,15 +110,15 @@ fn upload_cut(c: &Compiled, r: usize, cpu: &mut Cpu, k: usize, role: Bound, cut:
     }
 }
 
-/// Fill rank `r`'s weights (and master weights) and, with `moments`, its
-/// optimizer moments from a sharded checkpoint: its cut of each logical
-/// tensor, read from the pieces that overlap it.
+/// Fill rank `r`'s weights (and master weights) and, with `opt`, the
+/// state of that optimizer from a sharded checkpoint: its cut of each
+/// logical tensor, read from the pieces that overlap it.
 fn load_shards(
     c: &Compiled,
     r: usize,
     cpu: &mut Cpu,
     reader: &mut super::sharded::Reader,
-    moments: bool,
+    opt: Option<&Optimizer>,
 ) -> Result<(), crate::train::TrainError> {
     use super::sharded::Role;
     let p = &c.programs[r];
@@ -133,12 +132,12 @@ fn load_shards(
         let w = reader.cut(&meta.path, Role::Weight, &meta.ty.dims, &target)?;
         upload_cut(c, r, cpu, k, Bound::Weight(k), &w).map_err(err)?;
         upload_cut(c, r, cpu, k, Bound::Master(k), &w).map_err(err)?;
-        if !moments {
-            continue;
-        }
-        for (role, bound) in [(Role::M, Bound::Moment1(k)), (Role::V, Bound::Moment2(k))] {
+        let Some(opt) = opt else { continue };
+        for (s, cut, state) in super::shards::state_params(opt, shard, meta) {
+            let (role, bound) = (Role::State(s), Bound::State(k, s));
             if p.bound(bound).is_some() && reader.has(&meta.path, role) {
-                let m = reader.cut(&meta.path, role, &meta.ty.dims, &target)?;
+                let target = super::shards::maps(&cut, &state);
+                let m = reader.cut(&meta.path, role, &state.ty.dims, &target)?;
                 upload_cut(c, r, cpu, k, bound, &m).map_err(err)?;
             }
         }
@@ -343,7 +342,8 @@ impl Ranks {
                 let mut reader =
                     reader.lock().map_err(|_| "the checkpoint reader was poisoned by a panic".to_string())?;
                 for (&r, cpu) in local.iter().zip(backends.iter_mut()) {
-                    load_shards(c, r, cpu, &mut reader, moments).map_err(|e| e.to_string())?;
+                    let opt = moments.then_some(optimizer);
+                    load_shards(c, r, cpu, &mut reader, opt).map_err(|e| e.to_string())?;
                 }
             }
             Start::Init { .. } | Start::State(..) => load_logical(c, &local, &mut backends, start)?,
@@ -392,12 +392,7 @@ impl Ranks {
         trace: Option<&crate::trace::Trace>,
     ) -> Result<Vec<RankStep>, String> {
         let StepArgs { step, updates, seed, lr, loss_scale } = args;
-        let t = (updates + 1) as i32;
-        let (b1, b2) = match self.optimizer {
-            Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
-            Optimizer::Sgd { .. } => (0.0, 0.0),
-        };
-        let hyper = [lr as f32, (1.0 - b1.powi(t)) as f32, (1.0 - b2.powi(t)) as f32];
+        let hyper = self.optimizer.hyper(lr, updates + 1);
         // One rank's step on this process, with its communicator.
         // `stream` is the rank's communication stream's channel.
         let run_rank = |r: usize, comm: &mut dyn Communicator, stream: &mut dyn Communicator| -> Result<Raw, String> {
@@ -598,9 +593,8 @@ impl Ranks {
                 if !shard.held {
                     continue;
                 }
-                let n = shard.local.ty.numel() as usize;
-                // A flat ZeRO shard is whole across the rank's data group.
-                let whole = |role: Bound| -> Result<Option<Vec<f32>>, String> {
+                // A flat ZeRO shard of `n` elements is whole across the rank's data group.
+                let whole = |role: Bound, n: u64| -> Result<Option<Vec<f32>>, String> {
                     if self.programs[r].bound(role).is_none() {
                         return Ok(None);
                     }
@@ -612,21 +606,20 @@ impl Ranks {
                     for member in self.mesh.group(r as u64, axis) {
                         v.extend(fetch(member as usize, role)?.ok_or("a shard missing on a data rank")?);
                     }
-                    v.truncate(n);
+                    v.truncate(n as usize);
                     Ok(Some(v))
                 };
-                let w = whole(weight_buffer(&self.programs[r], k))?;
+                let w = whole(weight_buffer(&self.programs[r], k), shard.local.ty.numel())?;
                 if let Some(w) = w {
                     place(&mut params[k], &w, shard, meta);
                 }
                 let Some(out) = state.as_deref_mut() else { continue };
-                if let Some(w) = whole(Bound::Moment1(k))? {
-                    place(&mut out.m[k], &w, shard, meta);
-                }
-                if !out.v.is_empty()
-                    && let Some(w) = whole(Bound::Moment2(k))?
-                {
-                    place(&mut out.v[k], &w, shard, meta);
+                for (role, t) in out.state[k].iter_mut() {
+                    let (cut, logical) = state_param(&self.optimizer, shard, meta, *role)
+                        .ok_or("the optimizer state does not belong to this optimizer")?;
+                    if let Some(w) = whole(Bound::State(k, *role), cut.local.ty.numel())? {
+                        place(t, &w, &cut, &logical);
+                    }
                 }
             }
         }

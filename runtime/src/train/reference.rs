@@ -10,7 +10,6 @@ use super::optim::OptimizerState;
 use crate::exec::{ExecError, Interpreter};
 use crate::tensor::Tensor;
 use tessera_compiler::autodiff::update::{UpdateParam, update_graph};
-use tessera_compiler::config::Optimizer;
 use tessera_compiler::driver::Compiled;
 use tessera_compiler::ir::{Dim, Param};
 
@@ -71,30 +70,23 @@ pub fn update(
     let shapes: Vec<_> = meta.iter().map(UpdateParam::of).collect();
     let update = update_graph(&shapes, &opt.optimizer, clip, false);
     let graph = &update.graph;
-    let (b1, b2) = match opt.optimizer {
-        Optimizer::Adamw { beta1, beta2, .. } => (beta1, beta2),
-        Optimizer::Sgd { .. } => (0.0, 0.0),
-    };
-    let hyper = Tensor {
-        dims: vec![Dim::new("hyper", 3)],
-        data: vec![lr as f32, (1.0 - b1.powi(t as i32)) as f32, (1.0 - b2.powi(t as i32)) as f32],
-    };
-    let mut inputs = Vec::with_capacity(4 * params.len() + 1);
+    let mut inputs = vec![Tensor::zeros(&[]); update.hyper + 1];
     for (k, (p, g)) in params.iter().zip(grads).enumerate() {
-        inputs.push(p.clone());
-        inputs.push(g.clone());
-        inputs.push(opt.m[k].clone());
-        inputs.push(opt.v.get(k).cloned().unwrap_or_else(|| Tensor::zeros(&p.dims)));
+        let made = &update.outputs[k];
+        inputs[made.input] = p.clone();
+        inputs[made.input + 1] = g.clone();
+        for &(role, i, _) in &made.state {
+            inputs[i] = opt.get(k, role).expect("the state the optimizer keeps").clone();
+        }
     }
-    inputs.push(hyper);
+    inputs[update.hyper] = Tensor { dims: vec![Dim::new("hyper", 3)], data: opt.optimizer.hyper(lr, t).to_vec() };
     let vals = Interpreter { graph, params: &[], dropout: None, comm: None }
         .run(&inputs, &[])
         .expect("the update graph runs on tensors of the parameters' own types");
     for (k, (p, made)) in params.iter_mut().zip(&update.outputs).enumerate() {
         *p = vals[made.weights.index()].clone();
-        opt.m[k] = vals[made.m.index()].clone();
-        if let Some(v) = made.v {
-            opt.v[k] = vals[v.index()].clone();
+        for &(role, _, v) in &made.state {
+            *opt.get_mut(k, role).expect("kept") = vals[v.index()].clone();
         }
     }
 }

@@ -16,11 +16,12 @@
 
 use super::TrainError;
 use super::checkpoint::{self, io};
-use super::shards::{holds_flat_shard, maps, weight_buffer};
+use super::shards::{holds_flat_shard, maps, state_param, weight_buffer};
 use crate::tensor::Tensor;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use tessera_compiler::config::{Optimizer, StateRole};
 use tessera_compiler::driver::Compiled;
 use tessera_compiler::ir::Dim;
 use tessera_compiler::lower::{Bound, Program};
@@ -28,24 +29,38 @@ use tessera_compiler::lower::{Bound, Program};
 pub const MANIFEST: &str = "manifest.json";
 const FORMAT: &str = "tessera-sharded-1";
 
-/// Which state of a parameter a logical tensor is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Which state of a parameter a logical tensor is: in a manifest, `weight`
+/// or the state's prefix (`m`, `v`, `vr`, `vc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The weights (the f32 master weights where the run keeps them).
     Weight,
-    /// The optimizer's first and second moments.
-    M,
-    V,
+    /// A tensor of the optimizer's state.
+    State(StateRole),
 }
 
 impl Role {
     fn name(self) -> &'static str {
         match self {
             Role::Weight => "weight",
-            Role::M => "m",
-            Role::V => "v",
+            Role::State(s) => s.prefix(),
         }
+    }
+}
+
+impl serde::Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Role, D::Error> {
+        let name = String::deserialize(d)?;
+        std::iter::once(Role::Weight)
+            .chain(StateRole::ALL.iter().map(|&s| Role::State(s)))
+            .find(|r| r.name() == name)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{name}` is not a role of a parameter's state")))
     }
 }
 
@@ -91,20 +106,21 @@ pub struct Write {
 }
 
 /// The buffers of parameter `k` that hold its logical state in program `p`:
-/// the weights (see [`weight_buffer`]) and, with `moments`, the optimizer's
-/// moments the program keeps.
+/// the weights (see [`weight_buffer`]) and, with `moments`, the optimizer
+/// state the program keeps.
 pub fn state_buffers(p: &Program, k: usize, moments: bool) -> Vec<(Role, Bound)> {
     let mut all = vec![(Role::Weight, weight_buffer(p, k))];
     if moments {
-        all.extend([(Role::M, Bound::Moment1(k)), (Role::V, Bound::Moment2(k))]);
+        all.extend(StateRole::ALL.iter().map(|&s| (Role::State(s), Bound::State(k, s))));
     }
     all.retain(|&(_, b)| p.bound(b).is_some());
     all
 }
 
 /// The manifest of a checkpoint of `c`'s ranks, and what each rank writes
-/// (a pure function of the layout: every process plans the same).
-pub fn plan(c: &Compiled, moments: bool) -> (Manifest, Vec<Vec<Write>>) {
+/// (a pure function of the layout: every process plans the same), with
+/// the state of optimizer `opt` where it is given.
+pub fn plan(c: &Compiled, opt: Option<&Optimizer>) -> (Manifest, Vec<Vec<Write>>) {
     let mut entries: Vec<Entry> = Vec::new();
     let mut index_of: HashMap<(usize, Role), usize> = HashMap::new();
     // (entry, index, flat) of every piece planned so far.
@@ -112,15 +128,23 @@ pub fn plan(c: &Compiled, moments: bool) -> (Manifest, Vec<Vec<Write>>) {
     let mut writes: Vec<Vec<Write>> = vec![Vec::new(); c.programs.len()];
     let dp = c.mesh.data_group().map(|(_, n)| n).unwrap_or(1) as usize;
     for (r, (p, rp)) in c.programs.iter().zip(&c.ranks).enumerate() {
-        for (k, meta) in c.params.iter().enumerate() {
-            let shard = &rp.params[k];
-            if !shard.held {
+        for (k, logical) in c.params.iter().enumerate() {
+            let whole = &rp.params[k];
+            if !whole.held {
                 continue;
             }
-            let n = shard.local.ty.numel();
-            let index = ranges(&maps(shard, meta));
-            for (role, bound) in state_buffers(p, k, moments) {
-                let flat = match holds_flat_shard(&c.mesh, shard, bound) {
+            for (role, bound) in state_buffers(p, k, opt.is_some()) {
+                // The tensor's own dims and cut (an optimizer state may keep fewer dims).
+                let (shard, meta) = match (role, opt) {
+                    (Role::State(s), Some(o)) => match state_param(o, whole, logical, s) {
+                        Some(v) => v,
+                        None => continue,
+                    },
+                    _ => (whole.clone(), logical.clone()),
+                };
+                let n = shard.local.ty.numel();
+                let index = ranges(&maps(&shard, &meta));
+                let flat = match holds_flat_shard(&c.mesh, &shard, bound) {
                     true => {
                         let per = n.div_ceil(dp as u64);
                         let start = c.mesh.data_coord(r as u64) * per;

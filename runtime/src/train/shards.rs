@@ -4,6 +4,7 @@
 //! written under a layout loads under any other.
 
 use crate::tensor::Tensor;
+use tessera_compiler::config::{Optimizer, StateRole};
 use tessera_compiler::ir::{Dim, Param};
 use tessera_compiler::lower::{Bound, Program};
 use tessera_compiler::parallel::{self, Mesh};
@@ -95,4 +96,44 @@ pub fn cut_elements<'a>(
 pub fn place(full: &mut Tensor<f32>, local: &[f32], shard: &parallel::ParamShard, logical: &Param) {
     let m = maps(shard, logical);
     for_each_logical(&logical.ty.dims, &m, |l, off| full.data[off] = local[l]);
+}
+
+/// The optimizer state `role` of parameter `logical`, as a parameter of the
+/// dims that state keeps ([`Optimizer::state`]; Adafactor's factored
+/// moments drop one), with the rank's cut of it: so [`cut`], [`place`] and
+/// the sharded checkpoints handle a state tensor as they do a parameter.
+/// `None` when the optimizer keeps no such state for it.
+pub fn state_param(
+    opt: &Optimizer,
+    shard: &parallel::ParamShard,
+    logical: &Param,
+    role: StateRole,
+) -> Option<(parallel::ParamShard, Param)> {
+    let dims = &logical.ty.dims;
+    let kept = opt.state(dims, dims).into_iter().find(|s| s.0 == role)?.1;
+    let keeps = |d: &Dim| kept.iter().any(|k| k.name == d.name);
+    let mut meta = logical.clone();
+    meta.ty.dims.retain(keeps);
+    let mut cut = shard.clone();
+    cut.local.ty.dims.retain(keeps);
+    cut.splits = shard
+        .splits
+        .iter()
+        .filter(|(i, _)| keeps(&dims[*i]))
+        .map(|(i, s)| (dims[..*i].iter().filter(|d| keeps(d)).count(), s.clone()))
+        .collect();
+    Some((cut, meta))
+}
+
+/// Every state tensor parameter `logical` keeps under `opt` (see [`state_param`]).
+pub fn state_params(
+    opt: &Optimizer,
+    shard: &parallel::ParamShard,
+    logical: &Param,
+) -> Vec<(StateRole, parallel::ParamShard, Param)> {
+    let dims = &logical.ty.dims;
+    opt.state(dims, dims)
+        .into_iter()
+        .filter_map(|(role, _)| state_param(opt, shard, logical, role).map(|(s, m)| (role, s, m)))
+        .collect()
 }
