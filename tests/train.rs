@@ -157,6 +157,47 @@ fn fp16_scales_the_loss_dynamically_and_resumes_exactly() {
     }
 }
 
+/// `loss_scale_hysteresis` and `loss_scale_min`, as Megatron's
+/// `DynamicGradScaler`: with a hysteresis of 2 the first overflow leaves the
+/// scale and the second halves it (and each one after, until good steps
+/// grow it again, which restores the hysteresis); every scale follows that
+/// rule over 24 steps. With a floor the gradients still overflow at, the
+/// run stops and names the scale.
+#[test]
+fn fp16_loss_scale_hysteresis_and_floor() {
+    let scaling = ["train.loss_scale=17179869184", "train.loss_scale_window=3", "train.loss_scale_hysteresis=2"];
+    let mut t = common::trainer(&tiny_fp16(&scaling), RunConfig { steps: 24, ..cfg(&tmp("fp16-hyst"), None) })
+        .expect("trainer");
+    let reports: Vec<_> = (0..24).map(|_| t.train_step().expect("step")).collect();
+    let scales: Vec<f64> = reports.iter().map(|r| r.loss_scale.expect("fp16 reports its scale")).collect();
+    assert!(reports[0].skipped && reports[1].skipped && scales[1] == scales[0], "{scales:?}");
+    let (mut good, mut left) = (0, 2);
+    for (i, r) in reports.iter().enumerate().take(23) {
+        let next = if r.skipped {
+            good = 0;
+            left = (left - 1).max(0);
+            if left == 0 { scales[i] / 2.0 } else { scales[i] }
+        } else {
+            good += 1;
+            if good == 3 {
+                good = 0;
+                left = 2;
+                scales[i] * 2.0
+            } else {
+                scales[i]
+            }
+        };
+        assert_eq!(scales[i + 1], next, "step {}: {scales:?}", r.step);
+    }
+    assert!(reports.iter().any(|r| !r.skipped), "the scale came down and steps trained: {scales:?}");
+    // A floor of 2^30, at which the loss (about 5.5 × 2^30) still overflows f16.
+    let floor = ["train.loss_scale=17179869184", "train.loss_scale_min=1073741824"];
+    let mut t =
+        common::trainer(&tiny_fp16(&floor), RunConfig { steps: 24, ..cfg(&tmp("fp16-floor"), None) }).expect("trainer");
+    let e = (0..24).find_map(|_| t.train_step().err()).expect("the run stops at its floor");
+    assert!(e.to_string().contains("loss scale 1073741824"), "{e}");
+}
+
 /// fp16 follows fp32: f16 keeps 11 significant bits (a relative rounding of
 /// 2^-11, about 4.9e-4, on every stored weight and activation), so the
 /// first loss agrees to about that, and ten steps later the losses still

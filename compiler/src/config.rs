@@ -485,21 +485,28 @@ pub struct Lora {
     pub targets: Vec<String>,
 }
 
-/// Dynamic loss scaling (`precision = fp16`), as PyTorch's `GradScaler`:
-/// the backward pass runs on the loss times the scale; a step whose
-/// gradients overflow is skipped and halves the scale; `window` good steps
-/// in a row double it.
+/// Dynamic loss scaling (`precision = fp16`), as PyTorch's `GradScaler`
+/// and Megatron's `DynamicGradScaler`: the backward pass runs on the loss
+/// times the scale; a step whose gradients overflow is skipped, and the
+/// `hysteresis`-th overflow since the scale last grew halves it (not below
+/// `min`); `window` good steps in a row double it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LossScaling {
     /// The first step's scale (`loss_scale`, default 65536 = 2^16).
     pub initial: f64,
     /// Good steps in a row before the scale doubles (`loss_scale_window`, default 2000).
     pub window: u64,
+    /// The least scale (`loss_scale_min`, default 1): a run whose gradients
+    /// still overflow there stops.
+    pub min: f64,
+    /// Overflowing steps before the scale halves (`loss_scale_hysteresis`,
+    /// default 1 as PyTorch; Megatron's and DeepSpeed's default is 2).
+    pub hysteresis: u64,
 }
 
 impl Default for LossScaling {
     fn default() -> LossScaling {
-        LossScaling { initial: 65536.0, window: 2000 }
+        LossScaling { initial: 65536.0, window: 2000, min: 1.0, hysteresis: 1 }
     }
 }
 

@@ -44,6 +44,8 @@ const TRAIN_KEYS: &[&str] = &[
     "nonfinite",
     "loss_scale",
     "loss_scale_window",
+    "loss_scale_min",
+    "loss_scale_hysteresis",
     "freeze",
     "lora",
 ];
@@ -744,6 +746,24 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
                     t.loss_scale.window = n;
                 }
             }
+            "loss_scale_min" => {
+                scaling_at = Some(v.span);
+                match ev.nonneg(v, k) {
+                    Some(x) if x > 0.0 => t.loss_scale.min = x,
+                    Some(x) => ev.err(
+                        Diag::error(format!("`loss_scale_min` must be positive, got {x}"))
+                            .at(v.span, "not positive")
+                            .help("the default is 1; Megatron's is 1 as well"),
+                    ),
+                    None => {}
+                }
+            }
+            "loss_scale_hysteresis" => {
+                scaling_at = Some(v.span);
+                if let Some(n) = ev.count(v, k) {
+                    t.loss_scale.hysteresis = n;
+                }
+            }
             _ => t.seed = ev.nonneg(v, k).map(|x| x as u64).unwrap_or(0),
         }
     }
@@ -753,7 +773,19 @@ pub fn train(ev: &mut SectionEval, s: &Section, seq: u64) -> Option<Train> {
         ev.err(
             Diag::error("loss scaling applies to `precision = fp16` only")
                 .at(span, "no loss is scaled in this run")
-                .help("set `precision = fp16` in `train`, or remove `loss_scale` and `loss_scale_window`"),
+                .help("set `precision = fp16` in `train`, or remove the `loss_scale` settings"),
+        );
+    }
+    if t.loss_scale.min > t.loss_scale.initial
+        && let Some(span) = scaling_at
+    {
+        ev.err(
+            Diag::error(format!(
+                "`loss_scale_min` ({}) is above the first scale, `loss_scale` ({})",
+                t.loss_scale.min, t.loss_scale.initial
+            ))
+            .at(span, "the scale would start below its floor")
+            .help("lower `loss_scale_min`, or raise `loss_scale`"),
         );
     }
     if let Some((r, span)) = t.rampup.as_ref().zip(rampup_at)

@@ -422,7 +422,7 @@ impl Trainer {
         // skip the step (the program's guard) and halve the scale.
         let overflowed = self.scaler.is_some() && loss.is_finite() && !grad_norm.is_finite() && !out[0].updated;
         if let Some(s) = &mut self.scaler {
-            s.update(overflowed, self.training.train.loss_scale.window).map_err(|scale| {
+            s.update(overflowed, &self.training.train.loss_scale).map_err(|scale| {
                 TrainError::NonFinite(format!(
                     "step {}: the gradients are not finite even at loss scale {scale}, though the loss ({loss}) \
                      is. Training stopped; nothing was saved for this run since the last checkpoint.\n  help: \

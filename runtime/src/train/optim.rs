@@ -30,29 +30,40 @@ pub struct LossScaler {
     pub scale: f64,
     /// Steps in a row whose gradients were finite.
     pub good_steps: u64,
+    /// Overflows still allowed before the scale halves (`hysteresis`,
+    /// restored each time the scale grows; 0 in checkpoints that predate it).
+    #[serde(default)]
+    pub hysteresis_left: u64,
 }
 
 impl LossScaler {
     pub fn new(s: &tessera_compiler::config::LossScaling) -> LossScaler {
-        LossScaler { scale: s.initial, good_steps: 0 }
+        LossScaler { scale: s.initial, good_steps: 0, hysteresis_left: s.hysteresis }
     }
 
-    /// After a step at `self.scale`: its gradients overflowed (the step was
-    /// skipped; the scale halves) or not (`window` good steps in a row
-    /// double it). `Err` with the scale when it would fall below 1: then
-    /// the gradients are not finite at any scale worth using.
-    pub fn update(&mut self, overflowed: bool, window: u64) -> Result<(), f64> {
+    /// After a step at `self.scale`, as Megatron's `DynamicGradScaler`: its
+    /// gradients overflowed (the step was skipped; the `hysteresis`-th
+    /// overflow since the scale last grew halves it, not below `min`) or
+    /// not (`window` good steps in a row double it and restore the
+    /// hysteresis). `Err` with the scale when an overflow would halve a
+    /// scale already at `min`: the gradients are not finite at any scale
+    /// the run allows.
+    pub fn update(&mut self, overflowed: bool, s: &tessera_compiler::config::LossScaling) -> Result<(), f64> {
         if overflowed {
             self.good_steps = 0;
-            if self.scale / 2.0 < 1.0 {
-                return Err(self.scale);
+            self.hysteresis_left = self.hysteresis_left.saturating_sub(1);
+            if self.hysteresis_left == 0 {
+                if self.scale <= s.min {
+                    return Err(self.scale);
+                }
+                self.scale = (self.scale / 2.0).max(s.min);
             }
-            self.scale /= 2.0;
         } else {
             self.good_steps += 1;
-            if self.good_steps >= window {
+            if self.good_steps >= s.window {
                 self.scale *= 2.0;
                 self.good_steps = 0;
+                self.hysteresis_left = s.hysteresis;
             }
         }
         Ok(())
@@ -161,6 +172,27 @@ mod tests {
         assert_eq!(learning_rate(&held, 0, 1, 1), peak);
         assert_eq!(learning_rate(&held, 99, 1, 1), peak);
         assert_eq!(learning_rate(&held, 399, 1, 1), lr(399));
+    }
+
+    /// The loss scaler's rule, by hand: hysteresis 1 (PyTorch's GradScaler)
+    /// halves at every overflow; hysteresis 2 (Megatron's default) at the
+    /// second since the scale last grew; never below the floor, and an
+    /// overflow at the floor is an error.
+    #[test]
+    fn loss_scaler_follows_hysteresis_and_floor() {
+        use tessera_compiler::config::LossScaling;
+        let run = |s: LossScaling, flags: &[bool]| -> Vec<Result<f64, f64>> {
+            let mut l = LossScaler::new(&s);
+            flags.iter().map(|&o| l.update(o, &s).map(|_| l.scale)).collect()
+        };
+        let one = LossScaling { initial: 8.0, window: 2, min: 1.0, hysteresis: 1 };
+        let (o, g) = (true, false);
+        assert_eq!(run(one, &[o, g, g, o, o]), [Ok(4.0), Ok(4.0), Ok(8.0), Ok(4.0), Ok(2.0)]);
+        let two = LossScaling { hysteresis: 2, ..one };
+        // Two overflows halve; a third halves again; growth restores the hysteresis.
+        assert_eq!(run(two, &[o, o, o, g, g, o, o]), [Ok(8.0), Ok(4.0), Ok(2.0), Ok(2.0), Ok(4.0), Ok(4.0), Ok(2.0)]);
+        let floor = LossScaling { min: 2.0, ..one };
+        assert_eq!(run(floor, &[o, o, o]), [Ok(4.0), Ok(2.0), Err(2.0)]);
     }
 
     /// Under a batch ramp-up, amounts in tokens are reached in more, smaller
