@@ -40,10 +40,10 @@ fn main() {
         for _ in 0..runs {
             let t = Instant::now();
             let m = check(spec, base, None).expect("the spec checks");
-            let recheck = |o: &[String]| {
+            let recheck = |o: &[String], micro_batch: u64| {
                 let mut all = base.clone();
                 all.extend(o.iter().cloned());
-                check(spec, &all, Some(1))
+                check(spec, &all, Some(micro_batch))
             };
             let found = search::search(&m, world, dev, recheck).expect("search");
             times.push(t.elapsed());

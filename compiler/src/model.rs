@@ -99,6 +99,14 @@ impl std::ops::Mul<f64> for OpCost {
     }
 }
 
+impl OpCost {
+    /// The same ops on `k` times the microbatch: FLOPs and bytes grow, the
+    /// kernels, reductions and exchanges a pass issues do not.
+    pub fn with_batch(self, k: f64) -> OpCost {
+        OpCost { kernels: self.kernels, reductions: self.reductions, exchanges: self.exchanges, ..self * k }
+    }
+}
+
 /// Costs split by where they run: before the layers, per layer, after them.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct CostProfile {

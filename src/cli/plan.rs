@@ -158,12 +158,12 @@ pub(super) fn command(
         return fail(format!("unknown device `{dev}`"));
     };
     let started = std::time::Instant::now();
-    let recheck = |o: &[String]| -> Result<Model, String> {
+    let recheck = |o: &[String], micro_batch: u64| -> Result<Model, String> {
         let mut sources = SourceMap::new();
         let mut overrides = spec.set.clone();
         overrides.extend(extra.iter().cloned());
         overrides.extend(o.iter().cloned());
-        let opts = Options { overrides, model: spec.model.clone(), micro_batch: Some(1) };
+        let opts = Options { overrides, model: spec.model.clone(), micro_batch: Some(micro_batch) };
         tessera_compiler::check_path(&mut sources, &spec.file, &opts)
             .map_err(|d| d.0.first().map(|d| d.message.clone()).unwrap_or_else(|| "does not check".into()))
     };

@@ -174,14 +174,15 @@ fn divisors(n: u64) -> Vec<u64> {
     out
 }
 
-/// Search the layouts of `m` on `world` GPUs of `dev`. `recheck` checks the
-/// spec with extra `--set` overrides (and no memory check) and returns the
-/// checker's first error on failure.
+/// Search the layouts of `m` on `world` GPUs of `dev`. `recheck(o, mbs)`
+/// checks the spec with extra `--set` overrides `o` and `mbs` sequences per
+/// microbatch (and no memory check) and returns the checker's first error
+/// on failure.
 pub fn search(
     m: &Model,
     world: u64,
     dev: &Device,
-    mut recheck: impl FnMut(&[String]) -> Result<Model, String>,
+    mut recheck: impl FnMut(&[String], u64) -> Result<Model, String>,
 ) -> Result<Search, String> {
     let train =
         m.train.as_ref().ok_or_else(|| format!("`{}` has no `train` section: a search is for training", m.name))?;
@@ -190,11 +191,12 @@ pub fn search(
         return Err(format!("--world must be from 1 to {MAX_WORLD} GPUs (docs/reliability.md), not {world}"));
     }
     let r = roles(m);
+    let adafactor = matches!(train.optimizer, crate::config::Optimizer::Adafactor { .. });
     let layers = m.stacks.iter().map(|s| s.layers).min().unwrap_or(1);
     let gpn = dev.gpus_per_node.max(1) as u64;
     let mut rejected: BTreeMap<String, usize> = BTreeMap::new();
     let reject = |rejected: &mut BTreeMap<String, usize>, why: String, n: usize| *rejected.entry(why).or_default() += n;
-    let mut checked: HashMap<(u64, u64), Result<Model, String>> = HashMap::new();
+    let mut checked: HashMap<(u64, u64, u64), Result<Model, String>> = HashMap::new();
     let mut candidates = Vec::new();
     let mut considered = 0usize;
     let schedules =
@@ -215,7 +217,8 @@ pub fn search(
     for (t, p, on_data) in meshes {
         let dp = world / (t * p);
         let scheds: &[(Schedule, u64)] = if p == 1 { &schedules[..1] } else { &schedules };
-        let zeros: &[u8] = if dp == 1 { &[0] } else { &[0, 1, 2, 3] };
+        // ZeRO shards flat slices, which Adafactor's factored moments cannot take (the checker says so).
+        let zeros: &[u8] = if dp == 1 || adafactor { &[0] } else { &[0, 1, 2, 3] };
         let per = scheds.len() * zeros.len() * recomputes.len();
         let n = per * micro_batches.len();
         considered += n;
@@ -242,7 +245,7 @@ pub fn search(
         if let Some(e) = &r.expert_dim {
             rules.push(format!("parallel.layout.{e}={}", if on_data { r.data.as_str() } else { "none" }));
         }
-        let base = checked.entry(key).or_insert_with(|| {
+        let overrides = {
             let mut o = vec![
                 format!("parallel.mesh.{}={}", r.data, key.1),
                 format!("parallel.mesh.{}={t}", r.tensor),
@@ -252,14 +255,7 @@ pub fn search(
             ];
             o.extend(r.others.iter().map(|a| format!("parallel.mesh.{a}=1")));
             o.extend(rules.iter().cloned());
-            recheck(&o)
-        });
-        let base = match base {
-            Ok(b) => b,
-            Err(e) => {
-                reject(&mut rejected, e.clone(), n);
-                continue;
-            }
+            o
         };
         let mut mesh = vec![(r.pipeline.clone(), p), (r.data.clone(), dp)];
         mesh.extend(r.others.iter().map(|a| (a.clone(), 1)));
@@ -270,6 +266,17 @@ pub fn search(
                 reject(&mut rejected, why, per);
                 continue;
             }
+            // Checked at this microbatch: the costs a layout is priced from
+            // are the full re-check's (a pass's kernels and collective calls
+            // do not grow with the microbatch; its FLOPs and bytes do).
+            let base = checked.entry((key.0, key.1, mbs)).or_insert_with(|| recheck(&overrides, mbs));
+            let base = match base {
+                Ok(b) => b,
+                Err(e) => {
+                    reject(&mut rejected, e.clone(), per);
+                    continue;
+                }
+            };
             let micro = batch / (dp * mbs);
             for &(schedule, v) in scheds {
                 for &zero in zeros {

@@ -290,9 +290,9 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     let scale = mbs as f64 / m.micro_batch.max(1) as f64;
     let c = &m.cost;
     let layers = c.layer_count.max(1) as f64;
-    let layer = c.layers * (scale / layers);
-    let pre = c.pre * scale;
-    let post = c.post * scale;
+    let layer = (c.layers * (1.0 / layers)).with_batch(scale);
+    let pre = c.pre.with_batch(scale);
+    let post = c.post.with_batch(scale);
     let bytes = precision.bytes() as f64;
 
     let mut ledger = Ledger { par, dev, items: Vec::new() };
