@@ -48,3 +48,16 @@ fn several_errors_in_one_run() {
     let (_, r) = check(std::path::Path::new("tests/ui/experts_not_divisible.spec"), &[]);
     assert!(r.expect_err("fails").len() >= 2, "layout errors are all reported");
 }
+
+/// Batch-mixing ops are an error only when a microbatch is smaller than the
+/// batch: the contrastive spec checks on one data rank with the whole batch
+/// in one microbatch, and is refused under gradient accumulation too.
+#[test]
+fn batch_mixing_is_refused_only_under_smaller_microbatches() {
+    let spec = std::path::Path::new("tests/ui/batch_mixing_under_data_parallelism.spec");
+    let (_, r) = check(spec, &["parallel.mesh.data=1"]);
+    assert!(r.is_ok(), "one microbatch of the whole batch checks");
+    let (sources, r) = check(spec, &["parallel.mesh.data=1", "train.micro_batch=4"]);
+    let text = render(&sources, &r.expect_err("accumulation over microbatches of 4").0);
+    assert!(text.contains("gradient accumulation runs microbatches of 4"), "{text}");
+}

@@ -497,6 +497,10 @@ fn check_program(
         train_span: find("train").map(|s| s.name.span).or(pspans.section).unwrap_or_default(),
     };
     layout::validate(&model, &pspans, &mut diags);
+    // A run's own microbatches (not a size forced for sampling or a search).
+    if force_micro.is_none() {
+        layout::batch_mixing(&model, &mut diags);
+    }
     if diags.is_empty() { Ok(model) } else { Err(diags) }
 }
 
