@@ -50,14 +50,22 @@ fn several_errors_in_one_run() {
 }
 
 /// Batch-mixing ops are an error only when a microbatch is smaller than the
-/// batch: the contrastive spec checks on one data rank with the whole batch
-/// in one microbatch, and is refused under gradient accumulation too.
+/// batch, except a contrastive `rename` of the batch, which the per-rank
+/// programs gather over the data axis: it checks on one rank, and under data
+/// parallelism with one microbatch per rank, and is refused under gradient
+/// accumulation and under a pipeline.
 #[test]
-fn batch_mixing_is_refused_only_under_smaller_microbatches() {
-    let spec = std::path::Path::new("tests/ui/batch_mixing_under_data_parallelism.spec");
-    let (_, r) = check(spec, &["parallel.mesh.data=1"]);
-    assert!(r.is_ok(), "one microbatch of the whole batch checks");
-    let (sources, r) = check(spec, &["parallel.mesh.data=1", "train.micro_batch=4"]);
-    let text = render(&sources, &r.expect_err("accumulation over microbatches of 4").0);
-    assert!(text.contains("gradient accumulation runs microbatches of 4"), "{text}");
+fn batch_mixing_is_refused_only_where_it_would_change_meaning() {
+    let spec = std::path::Path::new("tests/specs/contrastive.spec");
+    assert!(check(spec, &[]).1.is_ok(), "one microbatch of the whole batch checks");
+    let dp2 = ["parallel.mesh.data=2", "parallel.layout.batch=data"];
+    assert!(check(spec, &dp2).1.is_ok(), "data 2, one microbatch per rank: the batch is gathered");
+    for (sets, says) in [
+        (vec!["train.micro_batch=4"], "gradient accumulation runs microbatches of 4"),
+        (vec!["parallel.mesh.data=2", "parallel.layout.batch=data", "train.micro_batch=2"], "microbatches of 2"),
+    ] {
+        let (sources, r) = check(spec, &sets);
+        let text = render(&sources, &r.expect_err("refused").0);
+        assert!(text.contains(says), "{sets:?}: {text}");
+    }
 }

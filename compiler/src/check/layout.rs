@@ -453,7 +453,11 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
 /// compute them over each microbatch alone: a silent change of meaning, so
 /// it is an error until the compiler gathers the batch for them. Reductions
 /// of the batch to a scalar by a sum or mean (a loss) are linear and mean
-/// the same over microbatches; so is the cross-entropy. Mixture-of-experts
+/// the same over microbatches; so is the cross-entropy. Renaming `batch` (a
+/// contrastive loss) is allowed under data parallelism when each data rank
+/// runs one microbatch and no pipeline splits the step: the per-rank
+/// programs gather the batch over the data axis (`parallel::propagate`).
+/// Mixture-of-experts
 /// routing over a microbatch's tokens is per microbatch by design (Switch's
 /// and GShard's capacity is per group), and is not flagged.
 pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
@@ -462,8 +466,14 @@ pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
         return;
     }
     let batch = |ds: &[String]| ds.iter().any(|d| d == "batch");
+    let dp = m.parallel.data().max(1);
+    // Renaming `batch` is gathered over the data axis (the per-rank programs
+    // do it), which covers the global batch when each data rank runs one
+    // microbatch and no pipeline splits the step.
+    let gathered = m.micro_batch * dp >= t.batch && m.parallel.stages() == 1;
     for (i, n) in m.graph.nodes.iter().enumerate() {
         let what = match &n.op {
+            Op::Rename { from, .. } if batch(from) && gathered => continue,
             Op::Rename { from, .. } if batch(from) => "renames the batch dim, relating each example to the others",
             Op::Reduce { op: ReduceOp::Max, dims } if batch(dims) => "takes a maximum over the batch",
             Op::Reduce { dims, .. } if batch(dims) && !n.ty.dims.is_empty() => {
@@ -476,11 +486,12 @@ pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
             Op::MatMul { contract } if batch(contract) => "contracts over the batch",
             _ => continue,
         };
-        let dp = m.parallel.data().max(1);
-        let why = if dp > 1 {
-            format!("data parallelism ({dp} ranks) gives each rank microbatches of {} sequences", m.micro_batch)
-        } else {
+        let why = if m.micro_batch * dp < t.batch {
             format!("gradient accumulation runs microbatches of {} sequences", m.micro_batch)
+        } else if m.parallel.stages() > 1 {
+            "the pipeline runs it per microbatch".to_string()
+        } else {
+            format!("data parallelism ({dp} ranks) gives each rank microbatches of {} sequences", m.micro_batch)
         };
         diags.push(
             Diag::error(format!(
@@ -490,8 +501,9 @@ pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
             ))
             .at(m.graph.span(crate::ir::ValueId(i as u32)), "mixes examples across the batch")
             .help(format!(
-                "train on one microbatch of the whole batch (`micro_batch = {}` on one data rank); gathering the \
-                 batch for such ops under data parallelism is not built yet",
+                "train on one microbatch of the whole batch (`micro_batch = {}` on one data rank), or, for a \
+                 contrastive `rename` of the batch, one microbatch per data rank without a pipeline (the batch \
+                 is gathered over the data axis); other batch-mixing ops are not gathered yet",
                 t.batch
             )),
         );

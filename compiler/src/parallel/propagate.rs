@@ -114,9 +114,71 @@ struct Shard<'a> {
     /// Vocabulary-parallel cross-entropies: source logits → (max, sum of exponentials).
     ce: HashMap<usize, (ValueId, ValueId)>,
     span: crate::syntax::span::Span,
+    /// Dims that hold the data-parallel group's whole batch: made by
+    /// renaming `batch` (a contrastive loss's other side), gathered over the
+    /// data axis.
+    gathered: BTreeSet<String>,
+    /// The source's forward part ends at the loss; later nodes are the backward pass.
+    loss: usize,
 }
 
 impl Shard<'_> {
+    /// `rename` across the batch under data parallelism: the global batch's
+    /// meaning kept (the checker refuses every other op that mixes
+    /// examples). Renaming `batch` away gathers it over the data axis, so
+    /// every rank relates its examples to the whole group's, as CLIP's
+    /// training does; in the backward pass, renaming such a dim back to
+    /// `batch` sums every rank's contribution to each example's gradient
+    /// and keeps this rank's rows (reduce-scatter), and in the forward
+    /// pass it keeps this rank's rows. `None` for any other rename.
+    fn batch_rename(&mut self, i: usize) -> Result<Option<(ValueId, State)>, ParallelError> {
+        let node = &self.src.nodes[i];
+        let Op::Rename { from, to } = &node.op else { return Ok(None) };
+        let Some(axis) = self.mesh.data_axis.clone().filter(|a| self.mesh.size(a) > 1) else { return Ok(None) };
+        let n = self.mesh.size(&axis);
+        let (x, st) = self.reduced(node.inputs[0])?;
+        if !st.split.is_empty() && (from.iter().any(|d| st.split.contains_key(d))) {
+            return Ok(None);
+        }
+        let ty = self.g.ty(x).clone();
+        let (x, renamed) = if let Some(k) = from.iter().position(|d| d == "batch") {
+            let local = ty.dim("batch").map_or(0, |d| d.size);
+            let g = self.push(Op::AllGather { axis, dim: "batch".into() }, vec![x], with_size(&ty, "batch", local * n));
+            self.gathered.insert(to[k].clone());
+            (g, true)
+        } else if let Some(k) = to.iter().position(|d| d == "batch")
+            && self.gathered.contains(&from[k])
+        {
+            let d = from[k].clone();
+            let whole = ty.dim(&d).map_or(0, |x| x.size);
+            let local = with_size(&ty, &d, whole / n);
+            let v = if i > self.loss {
+                self.push(Op::ReduceScatter { axis: axis.clone(), dim: d.clone() }, vec![x], local)
+            } else {
+                let c = self.coord(&axis);
+                let rows = (c * (whole / n)..(c + 1) * (whole / n)).collect();
+                self.push(Op::Select { dim: d.clone(), indices: rows }, vec![x], local)
+            };
+            (v, true)
+        } else {
+            (x, false)
+        };
+        if !renamed {
+            return Ok(None);
+        }
+        let src = self.g.ty(x).clone();
+        let dims = src
+            .dims
+            .iter()
+            .map(|d| match from.iter().position(|f| *f == d.name) {
+                Some(k) => Dim::new(&to[k], d.size),
+                None => d.clone(),
+            })
+            .collect();
+        let out = TensorType::new(src.dtype, dims);
+        let op = Op::Rename { from: from.clone(), to: to.clone() };
+        Ok(Some((self.push(op, vec![x], out), st)))
+    }
     fn push(&mut self, op: Op, ins: Vec<ValueId>, ty: TensorType) -> ValueId {
         self.g.push(op, ins, ty, self.span)
     }
@@ -313,6 +375,11 @@ impl Shard<'_> {
                 }
             }
             Op::Combine | Op::DispatchGrad | Op::CombineGradGates => return self.token_major(&node),
+            Op::Rename { .. } => {
+                if let Some(r) = self.batch_rename(i)? {
+                    return Ok(r);
+                }
+            }
             _ => {}
         }
         // 1. Partial sums: keep them where the op is linear in them.
@@ -732,6 +799,8 @@ pub(super) fn shard_graph(
         done: HashMap::new(),
         ce: HashMap::new(),
         span: Default::default(),
+        gathered: BTreeSet::new(),
+        loss: bw.loss.index(),
     };
     let mut split = None;
     for i in 0..src.len() {
