@@ -421,16 +421,22 @@ pub struct BatchPhase {
 }
 
 impl Train {
+    /// The ramp-up, if the batch ramps, with the sequences between two
+    /// increments of the batch.
+    fn ramp(&self) -> Option<(Rampup, f64)> {
+        let r = self.rampup.filter(|r| r.start < self.batch && r.increment > 0)?;
+        let increments = ((self.batch - r.start) / r.increment).max(1);
+        Some((r, r.samples as f64 / increments as f64))
+    }
+
     /// The global batch after `consumed` sequences (Megatron's rule).
     fn batch_after(&self, consumed: u64) -> u64 {
-        let Some(r) = self.rampup.filter(|r| r.start < self.batch && r.increment > 0) else { return self.batch };
-        if consumed > r.samples {
-            return self.batch;
+        match self.ramp() {
+            Some((r, per)) if consumed <= r.samples && per > 0.0 => {
+                (r.start + (consumed as f64 / per).floor() as u64 * r.increment).min(self.batch)
+            }
+            _ => self.batch,
         }
-        let increments = ((self.batch - r.start) / r.increment).max(1);
-        let per = r.samples as f64 / increments as f64;
-        let done = if per > 0.0 { (consumed as f64 / per).floor() as u64 } else { increments };
-        (r.start + done * r.increment).min(self.batch)
     }
 
     /// The run's stretches of one batch size, in order; the last is the full batch.
@@ -440,21 +446,15 @@ impl Train {
         loop {
             let batch = self.batch_after(consumed);
             out.push(BatchPhase { first_step: step, batch, consumed });
-            if batch == self.batch {
-                return out;
-            }
-            // Steps of this size until the batch grows.
-            let mut k = 0u64;
+            let Some((_, per)) = self.ramp().filter(|_| batch != self.batch) else { return out };
+            // Steps of this size until the next increment's boundary (again
+            // if rounding left the batch where it was).
             while self.batch_after(consumed) == batch {
-                let r = self.rampup.expect("a ramp-up");
-                let increments = ((self.batch - r.start) / r.increment).max(1);
-                let per = r.samples as f64 / increments as f64;
                 let boundary = ((consumed as f64 / per).floor() + 1.0) * per;
                 let n = (((boundary - consumed as f64) / batch as f64).ceil() as u64).max(1);
-                k += n;
+                step += n;
                 consumed += n * batch;
             }
-            step += k;
         }
     }
 

@@ -135,37 +135,37 @@ impl Shard<'_> {
         let node = &self.src.nodes[i];
         let Op::Rename { from, to } = &node.op else { return Ok(None) };
         let Some(axis) = self.mesh.data_axis.clone().filter(|a| self.mesh.size(a) > 1) else { return Ok(None) };
+        // Which case, decided before any collective is issued for the input.
+        let gather = from.iter().any(|d| d == "batch");
+        let back = to.iter().position(|d| d == "batch").map(|k| from[k].clone()).filter(|d| self.gathered.contains(d));
+        let split = &self.vals[node.inputs[0].index()].1.split;
+        if (!gather && back.is_none()) || from.iter().any(|d| split.contains_key(d)) {
+            return Ok(None);
+        }
+        let (from, to) = (from.clone(), to.clone());
         let n = self.mesh.size(&axis);
         let (x, st) = self.reduced(node.inputs[0])?;
-        if !st.split.is_empty() && (from.iter().any(|d| st.split.contains_key(d))) {
-            return Ok(None);
-        }
         let ty = self.g.ty(x).clone();
-        let (x, renamed) = if let Some(k) = from.iter().position(|d| d == "batch") {
-            let local = ty.dim("batch").map_or(0, |d| d.size);
-            let g = self.push(Op::AllGather { axis, dim: "batch".into() }, vec![x], with_size(&ty, "batch", local * n));
-            self.gathered.insert(to[k].clone());
-            (g, true)
-        } else if let Some(k) = to.iter().position(|d| d == "batch")
-            && self.gathered.contains(&from[k])
-        {
-            let d = from[k].clone();
-            let whole = ty.dim(&d).map_or(0, |x| x.size);
-            let local = with_size(&ty, &d, whole / n);
-            let v = if i > self.loss {
-                self.push(Op::ReduceScatter { axis: axis.clone(), dim: d.clone() }, vec![x], local)
-            } else {
-                let c = self.coord(&axis);
-                let rows = (c * (whole / n)..(c + 1) * (whole / n)).collect();
-                self.push(Op::Select { dim: d.clone(), indices: rows }, vec![x], local)
-            };
-            (v, true)
-        } else {
-            (x, false)
+        let x = match back {
+            None => {
+                let local = ty.dim("batch").map_or(0, |d| d.size);
+                let out = with_size(&ty, "batch", local * n);
+                let k = from.iter().position(|d| d == "batch").expect("gathering renames batch");
+                self.gathered.insert(to[k].clone());
+                self.push(Op::AllGather { axis, dim: "batch".into() }, vec![x], out)
+            }
+            Some(d) => {
+                let whole = ty.dim(&d).map_or(0, |x| x.size);
+                let local = with_size(&ty, &d, whole / n);
+                if i > self.loss {
+                    self.push(Op::ReduceScatter { axis, dim: d }, vec![x], local)
+                } else {
+                    let c = self.coord(&axis);
+                    let rows = (c * (whole / n)..(c + 1) * (whole / n)).collect();
+                    self.push(Op::Select { dim: d, indices: rows }, vec![x], local)
+                }
+            }
         };
-        if !renamed {
-            return Ok(None);
-        }
         let src = self.g.ty(x).clone();
         let dims = src
             .dims
@@ -176,9 +176,9 @@ impl Shard<'_> {
             })
             .collect();
         let out = TensorType::new(src.dtype, dims);
-        let op = Op::Rename { from: from.clone(), to: to.clone() };
-        Ok(Some((self.push(op, vec![x], out), st)))
+        Ok(Some((self.push(Op::Rename { from, to }, vec![x], out), st)))
     }
+
     fn push(&mut self, op: Op, ins: Vec<ValueId>, ty: TensorType) -> ValueId {
         self.g.push(op, ins, ty, self.span)
     }
