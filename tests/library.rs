@@ -27,6 +27,8 @@ fn published_parameter_counts() {
         ("cpm-2.6b", 2_597_073_920, None),
         ("igpt-xl", 6_812_903_424, None),
         ("pangu-alpha-200b", 206_861_008_896, None),
+        // Hugging Face's CLIPModel with openai/clip-vit-large-patch14's configuration.
+        ("clip-vit-l-14", 427_616_513, None),
     ];
     for &(name, total, active) in table {
         let m = check_ok(&format!("specs/models/{name}.spec"), &[]);

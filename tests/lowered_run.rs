@@ -67,7 +67,7 @@ fn compare(spec: &str, sets: &[&str]) -> (f64, f64) {
     for step in 0..3 {
         let lr = optim::learning_rate(&train, step, t.seq() as u64, 3);
         let want = {
-            let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
+            let inputs = |k: u64| t.batch_inputs(Split::Train, step, k).expect("a batch");
             let dropout = Some(7 ^ (step << 20));
             reference::step(
                 &t.training.step,
@@ -175,7 +175,7 @@ fn fusion_and_the_kernel_engine_change_no_result() {
         let train = m.train.clone().expect("trains");
         for step in 0..2 {
             let lr = optim::learning_rate(&train, step, t.seq() as u64, 3);
-            let inputs = |k: u64| t.batch_inputs(Split::Train, step, k);
+            let inputs = |k: u64| t.batch_inputs(Split::Train, step, k).expect("a batch");
             let reports: Vec<_> =
                 runs.iter().map(|r| r.step(StepArgs::new(step, 7, lr), &inputs, None).expect("runs")).collect();
             for (r, (_, _, way)) in reports.iter().zip(&ways).skip(1) {
@@ -217,7 +217,7 @@ fn evaluation_programs_match_the_reference_forward_pass() {
         let n = 2 * t.accumulation;
         let want: f64 = (0..n)
             .map(|k| {
-                let x = t.batch_inputs(Split::Val, u64::MAX - 1, k);
+                let x = t.batch_inputs(Split::Val, u64::MAX - 1, k).expect("a batch");
                 interp.run(&x, &weights).expect("runs")[loss.index()].data[0] as f64
             })
             .sum::<f64>()

@@ -69,3 +69,48 @@ fn batch_mixing_is_refused_only_where_it_would_change_meaning() {
         assert!(text.contains(says), "{sets:?}: {text}");
     }
 }
+
+/// A dim argument (`heads -> image_heads`) binds the name in the block it is
+/// passed to and in every block that block calls, unless a signature binds
+/// the name anew; a bound dim used as a number is its own size.
+#[test]
+fn dim_arguments_reach_the_blocks_a_block_calls() {
+    let m = common::check_ok("specs/tiny/clip.spec", &[]);
+    let dims = |path: &str| -> Vec<String> {
+        let p = m.params.iter().find(|p| p.path == path).unwrap_or_else(|| panic!("no parameter `{path}`"));
+        p.ty.dims.iter().map(|d| format!("{}={}", d.name, d.size)).collect()
+    };
+    // gpt_layer -> self_attention and mlp: two calls deep.
+    assert_eq!(
+        dims("image.vit_layer.self_attention.wqkv"),
+        ["layer=2", "image_embed=48", "qkv=3", "image_heads=4", "image_head_dim=12"]
+    );
+    assert_eq!(dims("text.gpt_layer.mlp.w_in"), ["layer=2", "text_embed=32", "text_mlp=128"]);
+    // `embed`, bound by the signature to `text_embed`, evaluates to 32 in a constant.
+    let dir = std::env::temp_dir().join(format!("tessera-dimarg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let spec = dir.join("sized.spec");
+    std::fs::write(
+        &spec,
+        "block widen(x: f32[batch, embed], by = 2) -> f32[batch, wide] {\n\
+           param w: [embed, wide] init normal(1.0 / sqrt(embed))\n\
+           return x @ w * sqrt(embed)\n\
+         }\n\
+         model m {\n\
+           dims { embed = 8, text = 32, wide = 64 }\n\
+           input x: f32[batch, text]\n\
+           loss = mean(widen(x), batch, wide)\n\
+         }\n",
+    )
+    .expect("write");
+    let (_, r) = check(&spec, &[]);
+    let m = r.unwrap_or_else(|e| panic!("checks: {e:?}"));
+    let w = &m.params[0];
+    assert_eq!(w.ty.dims[0].name, "text");
+    let std = match &w.init {
+        tessera::compiler::ir::params::Init::Normal { std } => *std,
+        other => panic!("{other:?}"),
+    };
+    assert!((std - 1.0 / 32f64.sqrt()).abs() < 1e-12, "init std {std} is 1/sqrt(32), not 1/sqrt(8)");
+    let _ = std::fs::remove_dir_all(&dir);
+}

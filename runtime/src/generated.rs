@@ -227,11 +227,11 @@ pub fn step(t: &mut Trainer, batch: &[&Tensor]) -> Result<StepReport, Error> {
 
 /// The next step's batch of `t`'s data, as `tessera train` draws it: every
 /// global microbatch of the step, joined along the first dim, per model input.
-pub fn next_batch(t: &Trainer) -> Vec<Tensor> {
+pub fn next_batch(t: &Trainer) -> Result<Vec<Tensor>, Error> {
     let n = t.accumulation_at(t.step);
-    let micro: Vec<Vec<Tensor>> = (0..n).map(|k| t.batch_inputs(Split::Train, t.step, k)).collect();
+    let micro: Vec<Vec<Tensor>> = (0..n).map(|k| t.batch_inputs(Split::Train, t.step, k)).collect::<Result<_, _>>()?;
     let inputs = micro.first().map_or(0, Vec::len);
-    (0..inputs)
+    Ok((0..inputs)
         .map(|i| {
             let mut dims = micro[0][i].dims.clone();
             if let Some(d) = dims.first_mut() {
@@ -239,5 +239,5 @@ pub fn next_batch(t: &Trainer) -> Vec<Tensor> {
             }
             Tensor { dims, data: micro.iter().flat_map(|m| m[i].data.iter().copied()).collect() }
         })
-        .collect()
+        .collect())
 }

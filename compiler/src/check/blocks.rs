@@ -3,7 +3,7 @@
 
 use super::walk::{Frame, Val, Walker};
 use crate::diag::{Diag, unknown_help};
-use crate::model::TensorType;
+use crate::model::{Dim, TensorType};
 use crate::syntax::ast::{self, Arg, DimEntry};
 use crate::syntax::span::Span;
 use std::rc::Rc;
@@ -27,6 +27,8 @@ impl Walker<'_> {
         }
         // Match arguments to parameters.
         let mut given: Vec<Option<(Val, Span)>> = vec![None; def.params.len()];
+        // `name -> dim`: inside the block, the dim `name` is the caller's `dim`.
+        let mut dim_args: Vec<(ast::Ident, Dim, Span)> = Vec::new();
         let mut pos = 0;
         for a in args {
             match a {
@@ -64,12 +66,26 @@ impl Walker<'_> {
                     let v = self.expr(frame, e);
                     given[i] = Some((v, e.span));
                 }
-                Arg::DimMap { span, .. } => {
-                    return self.err(
-                        Diag::error("dim mapping passed to a block")
-                            .at(*span, "only `rename`, `merge` and `split` take `a -> b`")
-                            .help("pass tensors and constants to blocks"),
-                    );
+                Arg::DimMap { from, to, from_list, to_list, span } => {
+                    if *from_list || *to_list || from.len() != 1 || to.len() != 1 {
+                        return self.err(
+                            Diag::error("a dim argument passes one dim")
+                                .at(*span, "a list here")
+                                .help("write one `name -> dim` per dim, e.g. `vit_layer(h, heads -> image_heads, mlp -> image_mlp)`"),
+                        );
+                    }
+                    if dim_args.iter().any(|(n, _, _): &(ast::Ident, _, _)| n.name == from[0].name) {
+                        return self.err(
+                            Diag::error(format!("dim `{}` passed twice", from[0].name))
+                                .at(*span, "again here")
+                                .help("pass each dim once"),
+                        );
+                    }
+                    // The dim is the caller's: it follows the caller's own bindings.
+                    let Some(d) = self.dim(frame, &to[0].name, to[0].span) else {
+                        return Val::Poison;
+                    };
+                    dim_args.push((from[0].clone(), d, *span));
                 }
             }
         }
@@ -148,12 +164,58 @@ impl Walker<'_> {
             }
             callee.values.insert(name.name.clone(), Val::Tensor(t));
         }
+        // Dim arguments bind after the tensors, which they must agree with.
+        let mut own = Vec::new();
+        for (name, d, aspan) in dim_args {
+            if let Some(b) = callee.bindings.get(&name.name)
+                && *b != d
+            {
+                self.err(
+                    Diag::error(format!(
+                        "`{} -> {}` disagrees with the block's tensor arguments, which bind `{}` to `{}`",
+                        name.name, d.name, name.name, b.name
+                    ))
+                    .at(aspan, "this dim argument")
+                    .help("a dim named in the block's signature takes the argument's dim; pass the tensor with that dim, or drop the dim argument"),
+                );
+                poisoned = true;
+                continue;
+            }
+            let id = self.dim_args_used.len();
+            self.dim_args_used.push(false);
+            callee.bindings.insert(name.name.clone(), d);
+            callee.dim_args.insert(name.name.clone(), id);
+            own.push((id, name, aspan));
+        }
+        // The caller's dim arguments reach the blocks it calls, unless a
+        // signature or this call binds the name anew.
+        for (name, &id) in &frame.dim_args {
+            if !callee.bindings.contains_key(name)
+                && let Some(d) = frame.bindings.get(name)
+            {
+                callee.bindings.insert(name.clone(), d.clone());
+                callee.dim_args.insert(name.clone(), id);
+            }
+        }
         if poisoned {
             return Val::Poison;
         }
         self.call_stack.push(bname.clone());
         self.body(&mut callee, &def.body.stmts);
         self.call_stack.pop();
+        for (id, name, aspan) in own {
+            if !self.dim_args_used[id] {
+                self.err(
+                    Diag::error(format!(
+                        "dim argument `{}` has no effect: `{bname}` uses no dim `{}` here",
+                        name.name, name.name
+                    ))
+                    .at(aspan, "never read")
+                    .also(def.name.span, "block defined here")
+                    .help("pass only dims that the block or the blocks it calls use (check the spelling)"),
+                );
+            }
+        }
         let Some(ret) = callee.returned.take() else {
             return self.err(
                 Diag::error(format!("block `{bname}` does not return a value"))

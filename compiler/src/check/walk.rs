@@ -71,8 +71,12 @@ pub(super) struct RouteVal {
 pub(super) struct Frame {
     pub values: HashMap<String, Val>,
     pub consts: HashMap<String, Val>,
-    /// Signature dim name → the caller's dim.
+    /// Signature dim name → the caller's dim; also the dims a call passes
+    /// (`heads -> image_heads`), in that call and the calls it makes.
     pub bindings: HashMap<String, Dim>,
+    /// The names in `bindings` that a dim argument bound, each with its index in
+    /// [`Walker::dim_args_used`].
+    pub dim_args: HashMap<String, usize>,
     /// Dims declared inline in this scope (`qkv = 3`).
     pub local_dims: HashMap<String, Dim>,
     /// What `...` stands for in this block's signature.
@@ -131,6 +135,8 @@ pub(super) struct Walker<'a> {
     pub const_spans: HashMap<String, Span>,
     /// Constants already reported as invalid dim sizes.
     bad_dims: HashSet<String>,
+    /// Whether each dim argument of a block call was read (an unread one has no effect).
+    pub dim_args_used: Vec<bool>,
     /// Statements walked so far, and whether a size limit stopped the walk.
     walked: u64,
     pub(super) stopped: bool,
@@ -182,6 +188,7 @@ impl<'a> Walker<'a> {
             value_dims_seen: HashSet::new(),
             const_spans: HashMap::new(),
             bad_dims: HashSet::new(),
+            dim_args_used: Vec::new(),
             walked: 0,
             stopped: false,
         }
@@ -281,7 +288,10 @@ impl<'a> Walker<'a> {
 
     /// Resolve a dim name in the current scope.
     pub(super) fn dim(&mut self, frame: &Frame, name: &str, span: Span) -> Option<Dim> {
-        if let Some(d) = frame.bindings.get(name).or_else(|| frame.local_dims.get(name)) {
+        if let Some(d) = self.bound(frame, name) {
+            return Some(d);
+        }
+        if let Some(d) = frame.local_dims.get(name) {
             return Some(d.clone());
         }
         if let Some(Val::Num(v)) = frame.consts.get(name) {
@@ -300,6 +310,16 @@ impl<'a> Walker<'a> {
                 .help(format!("{help} (declare dims in the model's `dims {{ ... }}` block)")),
         );
         None
+    }
+
+    /// The dim a block signature or a dim argument binds `name` to, marking a
+    /// dim argument as read.
+    pub(super) fn bound(&mut self, frame: &Frame, name: &str) -> Option<Dim> {
+        let d = frame.bindings.get(name)?;
+        if let Some(&i) = frame.dim_args.get(name) {
+            self.dim_args_used[i] = true;
+        }
+        Some(d.clone())
     }
 
     fn dim_size(&mut self, name: &str, v: f64, span: Span) -> Option<u64> {
@@ -944,6 +964,10 @@ impl<'a> Walker<'a> {
             && let Some(i) = frame.layer
         {
             return Val::Num(i as f64);
+        }
+        // A dim the block binds counts as its own size (`embed` bound to `text_embed`).
+        if let Some(d) = self.bound(frame, n) {
+            return Val::Num(d.size as f64);
         }
         if let Some(v) = self.model_const(n) {
             return Val::Num(v);

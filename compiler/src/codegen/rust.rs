@@ -518,7 +518,7 @@ fn module(
 
                 /// The next step's batch from the spec's data, as `tessera train` draws it.
                 pub fn next_batch(&self) -> Result<Batch, Error> {
-                    Batch::from_vec(rt::next_batch(&self.inner))
+                    Batch::from_vec(rt::next_batch(&self.inner)?)
                 }
 
                 /// One optimizer step on `batch` (every microbatch of the step along the first dim).

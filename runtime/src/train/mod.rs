@@ -132,7 +132,10 @@ pub struct Trainer {
     /// evaluation program, the logical parameters and the `train` settings.
     pub training: Training,
     pub step: u64,
-    pub data: data::Dataset,
+    /// What feeds the inputs of `tessera train`'s steps; `None` for a model
+    /// whose inputs the data does not feed (its caller feeds every step,
+    /// [`Trainer::train_step_on`]).
+    pub data: Option<data::Dataset>,
     pub cfg: RunConfig,
     /// Microbatches per optimizer step (data-parallel ranks × gradient
     /// accumulation) of the current global batch.
@@ -140,7 +143,6 @@ pub struct Trainer {
     /// The global batch (sequences) `training.step` runs: the spec's, or a
     /// smaller one of its ramp-up (`training.ramp` holds the others).
     pub batch: u64,
-    tokens_idx: usize,
     /// Spans of the first steps for a Chrome trace (`tessera train --trace`).
     pub trace: Option<std::sync::Arc<crate::trace::Trace>>,
     /// Every rank of the mesh (one on a single device) with its program and
@@ -179,52 +181,72 @@ enum Saving {
     },
 }
 
+/// `tokens`, `images` and `targets` for a model's inputs.
+fn input_names(inputs: &[tessera_compiler::model::Input]) -> String {
+    inputs.iter().map(|i| format!("`{}`", i.name)).collect::<Vec<_>>().join(", ")
+}
+
+/// Open the data of `tessera train` for a model with `tokens` and `targets`:
+/// a token stream for a language model, labelled examples for a classifier.
+fn open_data(training: &Training, cfg: &RunConfig) -> Result<data::Dataset, TrainError> {
+    let train = &training.train;
+    let inputs = &training.step.inputs;
+    let find = |n: &str| inputs.iter().position(|i| i.name == n);
+    let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
+        return Err(TrainError::Setup(format!(
+            "`tessera train` feeds a model's inputs `tokens` [batch, seq] and `targets` (the next tokens [batch, \
+             seq], or a label per example [batch]); this model's inputs are {}. Drop the data setting and feed the \
+             inputs from code (`Trainer::train_step_on`)",
+            input_names(inputs)
+        )));
+    };
+    let vocab = training.vocab.unwrap_or(256);
+    let path = match (&cfg.data, &train.data) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => data::resolve(d, cfg.spec.as_ref().map(|(p, _)| p.as_path()))?,
+        (None, None) => {
+            return Err(TrainError::Setup(
+                "no training data: set `data = \"path\"` in the `train` section or pass --data".into(),
+            ));
+        }
+    };
+    let tok = tokenizer::Tokenizer::by_name(train.tokenizer.as_deref())?;
+    let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
+    let seq = inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
+    data.check_windows(seq)?;
+    // A token stream feeds language models (tokens and next tokens);
+    // labelled examples feed classifiers (a label per example).
+    let labelled = data.examples(data::Split::Train).is_some();
+    let per_example = inputs[targets_idx].ty.dims.len() == 1;
+    if labelled != per_example {
+        return Err(TrainError::Setup(format!(
+            "the model's `targets` is {}, but the data `{}` is {}: a language model ([batch, seq] targets) trains \
+             on text or token ids, a classifier ([batch] targets) on labelled examples (a .jsonl of \
+             {{\"text\", \"label\"}})",
+            inputs[targets_idx].ty,
+            path.display(),
+            if labelled { "labelled examples" } else { "a token stream" }
+        )));
+    }
+    if !labelled && inputs.len() != 2 {
+        return Err(TrainError::Setup(
+            "a language model trains on `tokens` and `targets` only; this model has other inputs".into(),
+        ));
+    }
+    Ok(data)
+}
+
 impl Trainer {
     /// A run of `training` (from `driver::compile_training`) as `cfg` says.
     pub fn new(training: Training, cfg: RunConfig) -> Result<Trainer, TrainError> {
         let train = training.train.clone();
         let inputs = &training.step.inputs;
         let find = |n: &str| inputs.iter().position(|i| i.name == n);
-        let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
-            return Err(TrainError::Setup(
-                "`tessera train` feeds a model's inputs `tokens` [batch, seq] and `targets` (the next tokens \
-                 [batch, seq], or a label per example [batch]); this model lacks one"
-                    .into(),
-            ));
-        };
-        let vocab = training.vocab.unwrap_or(256);
-        let path = match (&cfg.data, &train.data) {
-            (Some(p), _) => p.clone(),
-            (None, Some(d)) => data::resolve(d, cfg.spec.as_ref().map(|(p, _)| p.as_path()))?,
-            (None, None) => {
-                return Err(TrainError::Setup(
-                    "no training data: set `data = \"path\"` in the `train` section or pass --data".into(),
-                ));
-            }
-        };
-        let tok = tokenizer::Tokenizer::by_name(train.tokenizer.as_deref())?;
-        let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
-        let seq = inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
-        data.check_windows(seq)?;
-        // A token stream feeds language models (tokens and next tokens);
-        // labelled examples feed classifiers (a label per example).
-        let labelled = data.examples(data::Split::Train).is_some();
-        let per_example = inputs[targets_idx].ty.dims.len() == 1;
-        if labelled != per_example {
-            return Err(TrainError::Setup(format!(
-                "the model's `targets` is {}, but the data `{}` is {}: a language model ([batch, seq] targets) trains \
-                 on text or token ids, a classifier ([batch] targets) on labelled examples (a .jsonl of \
-                 {{\"text\", \"label\"}})",
-                inputs[targets_idx].ty,
-                path.display(),
-                if labelled { "labelled examples" } else { "a token stream" }
-            )));
-        }
-        if !labelled && inputs.len() != 2 {
-            return Err(TrainError::Setup(
-                "a language model trains on `tokens` and `targets` only; this model has other inputs".into(),
-            ));
-        }
+        let fed = matches!((find("tokens"), find("targets")), (Some(_), Some(_)));
+        let configured = cfg.data.is_some() || train.data.is_some();
+        // A model whose inputs the data does not feed (images, two towers)
+        // trains on what its caller feeds (`Trainer::train_step_on`).
+        let data = if fed || configured { Some(open_data(&training, &cfg)?) } else { None };
         let micro = training.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
         let run = checkpoint::RunRecord {
@@ -235,8 +257,8 @@ impl Trainer {
             },
             overrides: cfg.spec.as_ref().map(|(_, o)| o.clone()).unwrap_or_default(),
             seed: cfg.seed,
-            data: data.path.to_string_lossy().into_owned(),
-            data_sha256: data.sha256.clone(),
+            data: data.as_ref().map(|d| d.path.to_string_lossy().into_owned()).unwrap_or_default(),
+            data_sha256: data.as_ref().map(|d| d.sha256.clone()).unwrap_or_default(),
             tokenizer: train.tokenizer.clone().unwrap_or_else(|| "bytes".into()),
             optimizer: serde_json::to_value(&train.optimizer).unwrap_or_default(),
         };
@@ -278,7 +300,6 @@ impl Trainer {
             cfg,
             accumulation,
             batch: train.batch,
-            tokens_idx,
             ranks,
             trace: None,
             skipped_steps,
@@ -291,12 +312,27 @@ impl Trainer {
         })
     }
 
+    /// Positions per example: the `tokens` input's last dim, or 1 for a model
+    /// without one (a token amount of its schedule then counts examples).
     pub fn seq(&self) -> usize {
-        self.training.step.inputs[self.tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1)
+        let inputs = &self.training.step.inputs;
+        inputs.iter().find(|i| i.name == "tokens").and_then(|i| i.ty.dims.last()).map_or(1, |d| d.size as usize)
     }
 
-    pub fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Vec<Tensor<f32>> {
-        self.data.batch(split, &self.training.step.inputs, self.cfg.seed, step, micro)
+    /// The dataset, or an error for a model whose inputs it does not feed.
+    pub fn dataset(&self) -> Result<&data::Dataset, TrainError> {
+        self.data.as_ref().ok_or_else(|| {
+            TrainError::Setup(format!(
+                "nothing feeds this model's inputs ({}): `tessera train`'s data feeds `tokens` and `targets` only; \
+                 feed other inputs from code with `Trainer::train_step_on`",
+                input_names(&self.training.step.inputs)
+            ))
+        })
+    }
+
+    /// Global microbatch `micro` of step `step` from the dataset.
+    pub fn batch_inputs(&self, split: data::Split, step: u64, micro: u64) -> Result<Vec<Tensor<f32>>, TrainError> {
+        Ok(self.dataset()?.batch(split, &self.training.step.inputs, self.cfg.seed, step, micro))
     }
 
     /// A classifier's accuracy on the whole validation split of labelled
@@ -305,7 +341,7 @@ impl Trainer {
     /// current weights; `None` for a token stream or a model without such
     /// logits. `m` is the model checked as it trains (its microbatch).
     pub fn val_accuracy(&self, m: &tessera_compiler::Model) -> Result<Option<(usize, usize)>, TrainError> {
-        let Some(val) = self.data.examples(data::Split::Val) else { return Ok(None) };
+        let Some(val) = self.data.as_ref().and_then(|d| d.examples(data::Split::Val)) else { return Ok(None) };
         let Some(logits) = m.graph.output("logits").map(|v| m.graph.ty(v).clone()) else { return Ok(None) };
         if logits.dims.len() != 2 {
             return Ok(None);
@@ -315,7 +351,7 @@ impl Trainer {
         let (batch, classes) = (logits.dims[0].size as usize, logits.dims[1].size as usize);
         let mut correct = 0;
         for micro in 0..val.len().div_ceil(batch) as u64 {
-            let inputs = self.data.batch(data::Split::Val, &m.inputs, self.cfg.seed, 0, micro);
+            let inputs = self.dataset()?.batch(data::Split::Val, &m.inputs, self.cfg.seed, 0, micro);
             let out = f.run(&inputs).map_err(|e| TrainError::Setup(e.to_string()))?;
             for b in 0..batch {
                 let k = micro as usize * batch + b;
@@ -357,8 +393,9 @@ impl Trainer {
     /// over its microbatches, the gradient collectives, clipping, the update).
     pub fn train_step(&mut self) -> Result<StepReport, TrainError> {
         self.use_step_batch()?;
-        let batches: Vec<Vec<Tensor<f32>>> =
-            (0..self.accumulation).map(|k| self.batch_inputs(data::Split::Train, self.step, k)).collect();
+        let batches: Vec<Vec<Tensor<f32>>> = (0..self.accumulation)
+            .map(|k| self.batch_inputs(data::Split::Train, self.step, k))
+            .collect::<Result<_, _>>()?;
         self.train_step_on(&|k| batches[k as usize].clone())
     }
 
@@ -510,7 +547,8 @@ impl Trainer {
     /// reference evaluator ([`reference::gradients`]; tests use them as the oracle).
     pub fn reference_gradients(&self) -> Result<Vec<Tensor<f32>>, TrainError> {
         let step = self.step;
-        let inputs = |k: u64| self.batch_inputs(data::Split::Train, step, k);
+        let data = self.dataset()?;
+        let inputs = |k: u64| data.batch(data::Split::Train, &self.training.step.inputs, self.cfg.seed, step, k);
         let dropout = Some(self.cfg.seed ^ (step << 20));
         let (_, g) = reference::gradients(&self.training.step, &self.weights()?, dropout, self.accumulation, &inputs)?;
         Ok(g)
@@ -533,7 +571,7 @@ impl Trainer {
         let mut total = 0.0;
         let n = batches.max(1) * self.accumulation;
         for k in 0..n {
-            let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, k);
+            let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, k)?;
             total += ev.loss(&inputs).map_err(TrainError::Setup)?;
         }
         let mean = total / n as f64;

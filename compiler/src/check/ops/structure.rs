@@ -182,8 +182,8 @@ impl Walker<'_> {
                     Some(d) => d,
                     None => return Val::Poison,
                 },
-                None => match frame.bindings.get(&to[0].name).or_else(|| frame.local_dims.get(&to[0].name)) {
-                    Some(d) => d.clone(),
+                None => match self.bound(frame, &to[0].name).or_else(|| frame.local_dims.get(&to[0].name).cloned()) {
+                    Some(d) => d,
                     None => {
                         // A new name: declared in this scope with the renamed dim's size.
                         let d = Dim::new(&to[0].name, src.size);
