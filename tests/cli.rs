@@ -963,3 +963,23 @@ fn sample_reads_a_weights_file() {
     assert!(stderr(&o).contains("--spec"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A model whose inputs the data does not feed (CLIP's captions and images)
+/// trains from code (`Trainer::train_step_on`); `tessera train` stops
+/// before the first step, names the inputs, and writes no checkpoint.
+#[test]
+fn train_refuses_a_model_whose_inputs_no_data_feeds() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-clip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_string_lossy().into_owned();
+    let o = tessera(&["train", "specs/tiny/clip.spec", "--steps", "2", "--out", &out]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("`captions`, `images`, `targets`") && err.contains("train_step_on"), "{err}");
+    assert!(!dir.join("latest").exists(), "no checkpoint is written");
+    // With data given, the data must fit the model's inputs.
+    let o = tessera(&["train", "specs/tiny/clip.spec", "--out", &out, "--data", "data/shakespeare/shakespeare.txt"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("Drop the data setting"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -472,6 +472,27 @@ fn search_rejects_layouts_the_checker_rejects() {
     );
 }
 
+/// CLIP's contrastive loss means the global batch, so the search proposes
+/// only layouts the checker accepts for it: one microbatch of the whole
+/// batch per data rank, no pipeline; the rest are rejected for that reason.
+/// Its tensor-parallel layouts split both towers' heads and MLPs.
+#[test]
+fn search_keeps_a_contrastive_loss_to_one_microbatch_per_data_rank() {
+    let spec = "specs/models/clip-vit-l-14.spec";
+    let (m, found) = search(spec, &[], 256, "v100_32gb");
+    let batch = m.train.as_ref().unwrap().batch;
+    assert!(found.rejected.keys().any(|r| r.contains("needs one microbatch per data rank")), "{:?}", found.rejected);
+    assert!(!found.candidates.is_empty());
+    for c in &found.candidates {
+        let data = c.layout.mesh.iter().find(|(a, _)| a == "data").unwrap().1;
+        assert_eq!(c.layout.micro_batch * data, batch, "{}", c.layout.text());
+    }
+    let tp = found.candidates.iter().find(|c| c.layout.mesh.contains(&("tensor".into(), 2))).expect("a tp2 layout");
+    for d in ["text_heads", "text_mlp", "image_heads", "image_mlp"] {
+        assert!(tp.layout.rules.contains(&format!("parallel.layout.{d}=tensor")), "{:?}", tp.layout.rules);
+    }
+}
+
 #[test]
 fn search_keeps_pipelines_to_models_with_one_stack_of_layers() {
     // Switch-Base is an encoder-decoder: two `repeat`s, so no pipeline.

@@ -176,6 +176,56 @@ impl Model {
     pub fn const_value(&self, name: &str) -> Option<f64> {
         self.consts.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
+
+    /// Ops that relate examples across the batch (a contrastive loss's
+    /// `rename(x, batch -> other)`, batch statistics, a softmax or max over the
+    /// batch, picking an example) mean the step's global batch. A run whose
+    /// microbatch is smaller (data parallelism, gradient accumulation) would
+    /// compute them over each microbatch alone: a silent change of meaning, so
+    /// it is an error until the compiler gathers the batch for them. Reductions
+    /// of the batch to a scalar by a sum or mean (a loss) are linear and mean
+    /// the same over microbatches; so is the cross-entropy. Renaming `batch` (a
+    /// contrastive loss) is allowed under data parallelism when each data rank
+    /// runs one microbatch and no pipeline splits the step: the per-rank
+    /// programs gather the batch over the data axis (`parallel::propagate`).
+    /// Mixture-of-experts routing over a microbatch's tokens is per microbatch by design (Switch's
+    /// and GShard's capacity is per group), and is not flagged.
+    ///
+    /// The ops of the graph (index and what each does) that a run of
+    /// microbatches of `micro` sequences over `dp` data ranks and `stages`
+    /// pipeline stages would change the meaning of: the checker refuses them
+    /// and the layout search does not propose such runs.
+    pub fn batch_mixing(&self, micro: u64, dp: u64, stages: u64) -> Vec<(usize, &'static str)> {
+        use crate::ir::{Op, ReduceOp};
+        let Some(t) = &self.train else { return Vec::new() };
+        if micro >= t.batch {
+            return Vec::new();
+        }
+        let batch = |ds: &[String]| ds.iter().any(|d| d == "batch");
+        // Renaming `batch` is gathered over the data axis (the per-rank programs
+        // do it), which covers the global batch when each data rank runs one
+        // microbatch and no pipeline splits the step.
+        let gathered = micro * dp.max(1) >= t.batch && stages <= 1;
+        let mut found = Vec::new();
+        for (i, n) in self.graph.nodes.iter().enumerate() {
+            let what = match &n.op {
+                Op::Rename { from, .. } if batch(from) && gathered => continue,
+                Op::Rename { from, .. } if batch(from) => "renames the batch dim, relating each example to the others",
+                Op::Reduce { op: ReduceOp::Max, dims } if batch(dims) => "takes a maximum over the batch",
+                Op::Reduce { dims, .. } if batch(dims) && !n.ty.dims.is_empty() => {
+                    "reduces over the batch but keeps other dims (batch statistics)"
+                }
+                Op::Softmax { dim, .. } | Op::LayerNorm { dim, .. } | Op::RmsNorm { dim, .. } if dim == "batch" => {
+                    "normalizes over the batch"
+                }
+                Op::Take { dim, .. } | Op::Slice { dim, .. } if dim == "batch" => "picks examples out of the batch",
+                Op::MatMul { contract } if batch(contract) => "contracts over the batch",
+                _ => continue,
+            };
+            found.push((i, what));
+        }
+        found
+    }
 }
 
 /// How a model's parameters map to the tensors of a published checkpoint

@@ -1401,6 +1401,10 @@ fn train(m: Model, source: (PathBuf, Vec<String>), args: RunArgs) -> ExitCode {
         Ok(tr) => tr,
         Err(e) => return fail(&e),
     };
+    // A model whose inputs the data does not feed trains from code only.
+    if let Err(e) = trainer.dataset() {
+        return fail(&e);
+    }
     if let (Some(r), Some(w)) = (trainer.resumed_pieces, world.as_ref()) {
         eprintln!(
             "note: rank {} resumed from a sharded checkpoint, reading {} of its {} pieces ({:.1} MB)",

@@ -5,7 +5,6 @@
 use super::sections::ParallelSpans;
 use crate::config::{ExpertPlacement, Parallel, Schedule, Train};
 use crate::diag::{Diag, Diags, unknown_help};
-use crate::ir::{Op, ReduceOp};
 use crate::model::Model;
 use crate::parallel::mesh::MAX_WORLD;
 use crate::syntax::span::Span;
@@ -446,46 +445,12 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
     }
 }
 
-/// Ops that relate examples across the batch (a contrastive loss's
-/// `rename(x, batch -> other)`, batch statistics, a softmax or max over the
-/// batch, picking an example) mean the step's global batch. A run whose
-/// microbatch is smaller (data parallelism, gradient accumulation) would
-/// compute them over each microbatch alone: a silent change of meaning, so
-/// it is an error until the compiler gathers the batch for them. Reductions
-/// of the batch to a scalar by a sum or mean (a loss) are linear and mean
-/// the same over microbatches; so is the cross-entropy. Renaming `batch` (a
-/// contrastive loss) is allowed under data parallelism when each data rank
-/// runs one microbatch and no pipeline splits the step: the per-rank
-/// programs gather the batch over the data axis (`parallel::propagate`).
-/// Mixture-of-experts
-/// routing over a microbatch's tokens is per microbatch by design (Switch's
-/// and GShard's capacity is per group), and is not flagged.
+/// The batch-mixing ops of a run refused with a diagnostic each
+/// ([`Model::batch_mixing`] is the rule).
 pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
     let Some(t) = &m.train else { return };
-    if m.micro_batch >= t.batch {
-        return;
-    }
-    let batch = |ds: &[String]| ds.iter().any(|d| d == "batch");
     let dp = m.parallel.data().max(1);
-    // Renaming `batch` is gathered over the data axis (the per-rank programs
-    // do it), which covers the global batch when each data rank runs one
-    // microbatch and no pipeline splits the step.
-    let gathered = m.micro_batch * dp >= t.batch && m.parallel.stages() == 1;
-    for (i, n) in m.graph.nodes.iter().enumerate() {
-        let what = match &n.op {
-            Op::Rename { from, .. } if batch(from) && gathered => continue,
-            Op::Rename { from, .. } if batch(from) => "renames the batch dim, relating each example to the others",
-            Op::Reduce { op: ReduceOp::Max, dims } if batch(dims) => "takes a maximum over the batch",
-            Op::Reduce { dims, .. } if batch(dims) && !n.ty.dims.is_empty() => {
-                "reduces over the batch but keeps other dims (batch statistics)"
-            }
-            Op::Softmax { dim, .. } | Op::LayerNorm { dim, .. } | Op::RmsNorm { dim, .. } if dim == "batch" => {
-                "normalizes over the batch"
-            }
-            Op::Take { dim, .. } | Op::Slice { dim, .. } if dim == "batch" => "picks examples out of the batch",
-            Op::MatMul { contract } if batch(contract) => "contracts over the batch",
-            _ => continue,
-        };
+    for (i, what) in m.batch_mixing(m.micro_batch, dp, m.parallel.stages()) {
         let why = if m.micro_batch * dp < t.batch {
             format!("gradient accumulation runs microbatches of {} sequences", m.micro_batch)
         } else if m.parallel.stages() > 1 {
@@ -496,7 +461,7 @@ pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
         diags.push(
             Diag::error(format!(
                 "`{}` {what}, which means the global batch of {} sequences; {why}, and each would see only its own",
-                n.op.name(),
+                m.graph.nodes[i].op.name(),
                 t.batch
             ))
             .at(m.graph.span(crate::ir::ValueId(i as u32)), "mixes examples across the batch")

@@ -127,9 +127,14 @@ fn roles(m: &Model) -> Roles {
     let mut tensor_dims: Vec<(String, bool)> =
         p.layout.iter().filter(|(_, a)| *a == tensor).map(|(d, _)| (d.clone(), false)).collect();
     if tensor_dims.is_empty() {
-        for d in ["heads", "kv_heads", "mlp"] {
-            if m.const_value(d).is_some() {
-                tensor_dims.push((d.to_string(), false));
+        // Megatron's dims by their conventional names, a tower's included
+        // (`text_heads`, `image_mlp`: the names blocks are passed, docs/language.md).
+        let megatron = |d: &str| {
+            ["heads", "kv_heads", "mlp"].iter().any(|n| d == *n || d.strip_suffix(n).is_some_and(|p| p.ends_with('_')))
+        };
+        for (d, _) in &m.consts {
+            if megatron(d) {
+                tensor_dims.push((d.clone(), false));
             }
         }
         if m.const_value("vocab").is_some() {
@@ -203,6 +208,7 @@ pub fn search(
         [(Schedule::OneFOneB, 1), (Schedule::Gpipe, 1), (Schedule::Interleaved1f1b, 2), (Schedule::Interleaved1f1b, 4)];
     let recomputes = [Recompute::None, Recompute::Selective, Recompute::Full];
     let micro_batches = [1u64, 2, 4, 8];
+    let mixes = !m.batch_mixing(1, 1, 1).is_empty();
     // (tensor, pipeline, experts on the data axis): the expert-parallel
     // degree is the data degree, or 1 with every expert on every rank.
     let mut meshes = Vec::new();
@@ -220,7 +226,13 @@ pub fn search(
         // ZeRO shards flat slices, which Adafactor's factored moments cannot take (the checker says so).
         let zeros: &[u8] = if dp == 1 || adafactor { &[0] } else { &[0, 1, 2, 3] };
         let per = scheds.len() * zeros.len() * recomputes.len();
-        let n = per * micro_batches.len();
+        // A model that relates examples across the batch (a contrastive
+        // loss) also runs one microbatch of the whole batch per data rank.
+        let mut mbs_list = micro_batches.to_vec();
+        if mixes && batch.is_multiple_of(dp) && !mbs_list.contains(&(batch / dp)) {
+            mbs_list.push(batch / dp);
+        }
+        let n = per * mbs_list.len();
         considered += n;
         if t > gpn {
             reject(&mut rejected, format!("tensor parallel across nodes (more than {gpn} GPUs per tensor group)"), n);
@@ -260,7 +272,7 @@ pub fn search(
         let mut mesh = vec![(r.pipeline.clone(), p), (r.data.clone(), dp)];
         mesh.extend(r.others.iter().map(|a| (a.clone(), 1)));
         mesh.push((r.tensor.clone(), t));
-        for &mbs in &micro_batches {
+        for &mbs in &mbs_list {
             if !batch.is_multiple_of(dp * mbs) {
                 let why = format!("the batch ({batch}) does not split into microbatches over the data ranks");
                 reject(&mut rejected, why, per);
@@ -287,6 +299,16 @@ pub fn search(
                         }
                         if p > 1 && micro < p {
                             reject(&mut rejected, "fewer microbatches than pipeline stages".into(), 1);
+                            continue;
+                        }
+                        if let Some((i, what)) = m.batch_mixing(mbs, dp, p).first() {
+                            let op = m.graph.nodes[*i].op.name();
+                            let needs = if op == "rename" {
+                                "one microbatch per data rank and no pipeline"
+                            } else {
+                                "the whole batch in one microbatch"
+                            };
+                            reject(&mut rejected, format!("`{op}` {what}, which needs {needs}"), 1);
                             continue;
                         }
                         if schedule == Schedule::Interleaved1f1b && !micro.is_multiple_of(p) {
