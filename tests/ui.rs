@@ -60,6 +60,12 @@ fn batch_mixing_is_refused_only_where_it_would_change_meaning() {
     assert!(check(spec, &[]).1.is_ok(), "one microbatch of the whole batch checks");
     let dp2 = ["parallel.mesh.data=2", "parallel.layout.batch=data"];
     assert!(check(spec, &dp2).1.is_ok(), "data 2, one microbatch per rank: the batch is gathered");
+    // `iota(batch)` numbers the examples of the global batch: gathered alike.
+    let clip = std::path::Path::new("specs/tiny/clip.spec");
+    assert!(check(clip, &dp2).1.is_ok(), "CLIP-tiny under data 2");
+    let (sources, r) = check(clip, &["train.micro_batch=4"]);
+    let text = render(&sources, &r.expect_err("refused").0);
+    assert!(text.contains("`iota` numbers the examples by their place in the batch"), "{text}");
     for (sets, says) in [
         (vec!["train.micro_batch=4"], "gradient accumulation runs microbatches of 4"),
         (vec!["parallel.mesh.data=2", "parallel.layout.batch=data", "train.micro_batch=2"], "microbatches of 2"),
@@ -112,5 +118,52 @@ fn dim_arguments_reach_the_blocks_a_block_calls() {
         other => panic!("{other:?}"),
     };
     assert!((std - 1.0 / 32f64.sqrt()).abs() < 1e-12, "init std {std} is 1/sqrt(32), not 1/sqrt(8)");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `iota(d, start = k)` holds the positions k, k + 1, ... of `d`: OPT's
+/// learned positions, offset by 2, are rows 2.. of its table.
+#[test]
+fn iota_numbers_the_positions_of_a_dim() {
+    use tessera::runtime::exec::Interpreter;
+    use tessera::runtime::tensor::Tensor;
+    let dir = std::env::temp_dir().join(format!("tessera-iota-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let spec = dir.join("opt_positions.spec");
+    std::fs::write(
+        &spec,
+        "model m {\n\
+           dims { vocab = 64, seq = 8, embed = 4, pos = seq + 2 }\n\
+           input tokens: i32[batch, seq]\n\
+           input targets: i32[batch, seq]\n\
+           param wte: [vocab, embed] init normal(0.02)\n\
+           param wpe: [pos, embed] init normal(1.0)\n\
+           positions = embed(wpe, iota(seq, start = 2))\n\
+           loss = cross_entropy((embed(wte, tokens) + positions) @ wte, targets)\n\
+         }\n",
+    )
+    .expect("write");
+    let m = common::check_ok(spec.to_str().unwrap(), &["train.batch=1"]);
+    let weights: Vec<Tensor<f32>> = m
+        .params
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let n = p.ty.numel() as usize;
+            Tensor { dims: p.ty.dims.clone(), data: (0..n).map(|i| (k * 1000 + i) as f32).collect() }
+        })
+        .collect();
+    let inputs: Vec<Tensor<f32>> =
+        m.inputs.iter().map(|i| Tensor { dims: i.ty.dims.clone(), data: vec![0.0; i.ty.numel() as usize] }).collect();
+    let interp = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None };
+    let values = interp.run(&inputs, &weights).expect("runs");
+    let got = &values[m.graph.output("positions").expect("an output").index()].data;
+    let wpe = &weights[1].data;
+    assert_eq!(got[..], wpe[2 * 4..10 * 4], "rows 2..10 of the position table");
+    // A start past what f32 holds exactly is refused.
+    std::fs::write(&spec, std::fs::read_to_string(&spec).unwrap().replace("start = 2", "start = 16777210")).unwrap();
+    let (sources, r) = check(&spec, &[]);
+    let text = tessera::compiler::diag::render(&sources, &r.expect_err("refused").0);
+    assert!(text.contains("positions beyond 2^24"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -219,6 +219,9 @@ impl Model {
                     "normalizes over the batch"
                 }
                 Op::Take { dim, .. } | Op::Slice { dim, .. } if dim == "batch" => "picks examples out of the batch",
+                Op::Iota { dim, .. } if dim == "batch" && !gathered => {
+                    "numbers the examples by their place in the batch"
+                }
                 Op::MatMul { contract } if batch(contract) => "contracts over the batch",
                 _ => continue,
             };

@@ -161,7 +161,7 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
             Op::Param { index, layer } => {
                 param_grads.push(ParamGrad { param: *index, layer: *layer, grad: gi, partial: Vec::new() })
             }
-            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => {}
+            Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::Iota { .. } | Op::LossScale => {}
             Op::Unary { op: UnaryOp::Neg } => {
                 let ty = b.ty(gi);
                 let c = b.push(Op::Unary { op: UnaryOp::Neg }, vec![gi], ty, span);

@@ -214,6 +214,10 @@ pub enum Op {
     Rope { theta: f64, fraction: f64 },
     /// (no inputs) → fixed sinusoidal positions [seq, dim].
     Sinusoid,
+    /// (no inputs) → `i32[dim]`: the positions offset, offset + 1, ... of `dim`.
+    /// The checker emits offset 0; a per-rank program whose examples continue
+    /// other ranks' (`batch` under data parallelism) starts at its first one.
+    Iota { dim: String, offset: u64 },
     /// `logits, targets` → mean cross-entropy, `f32[]`.
     CrossEntropy { label_smoothing: f64, ignore: Option<i64> },
     /// `image` → patches [..., grid, pixels].
@@ -361,6 +365,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Rope { .. } => "rope",
             Op::Sinusoid => "sinusoid",
+            Op::Iota { .. } => "iota",
             Op::LossScale => "loss_scale",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Patches { .. } => "patches",

@@ -20,7 +20,9 @@ pub struct VerifyError {
 
 fn arity(op: &Op) -> (usize, usize) {
     match op {
-        Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => (0, 0),
+        Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::Iota { .. } | Op::LossScale => {
+            (0, 0)
+        }
         Op::Unary { .. }
         | Op::Pow { .. }
         | Op::Reduce { .. }
@@ -242,6 +244,12 @@ fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<Ten
                 return Err(format!("gradient {which} has no operand"));
             }
             t(i).clone()
+        }
+        Op::Iota { dim, .. } => {
+            if out.dims.len() != 1 || out.dims[0].name != *dim || out.dtype != DType::I32 {
+                return Err(format!("iota's positions are i32[{dim}]"));
+            }
+            out.clone()
         }
         Op::Sinusoid => {
             if out.dims.len() != 2 {

@@ -76,7 +76,12 @@ pub fn chunks(m: &Model, stages: u64, virtual_stages: u64) -> Result<Vec<Chunk>,
     for (i, node) in g.nodes.iter().enumerate() {
         chunk[i] = match node.op {
             Op::Param { layer: Some(l), .. } => Some(chunk_of_layer(n_chunks as u64, layers, l) as usize),
-            Op::Param { .. } | Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => None,
+            Op::Param { .. }
+            | Op::Input { .. }
+            | Op::Scalar { .. }
+            | Op::Sinusoid
+            | Op::Iota { .. }
+            | Op::LossScale => None,
             _ => node.inputs.iter().filter_map(|x| chunk[x.index()]).max(),
         };
     }

@@ -367,6 +367,14 @@ impl Shard<'_> {
             Op::Input { .. } | Op::Scalar { .. } | Op::Sinusoid | Op::LossScale => {
                 return Ok((self.push(node.op.clone(), vec![], node.ty.clone()), State::default()));
             }
+            // A rank's examples continue the lower data ranks' (one microbatch
+            // per data rank: the checker refuses it under accumulation).
+            Op::Iota { dim, offset } => {
+                let data = self.mesh.data_axis.clone().filter(|a| self.mesh.size(a) > 1 && dim == "batch");
+                let start = data.map_or(0, |a| self.coord(&a) * node.ty.numel());
+                let op = Op::Iota { dim: dim.clone(), offset: offset + start };
+                return Ok((self.push(op, vec![], node.ty.clone()), State::default()));
+            }
             Op::Param { .. } => unreachable!("params are placed by `shard`"),
             Op::Dispatch | Op::CombineGradY => return self.expert_major(&node),
             Op::Embed | Op::EmbedGrad | Op::CrossEntropy { .. } | Op::CrossEntropyGrad { .. } => {

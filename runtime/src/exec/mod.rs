@@ -503,6 +503,7 @@ impl Interpreter<'_> {
             }
             Op::Expand => a(0).expand(out),
             Op::Sinusoid => k::sinusoid(out),
+            Op::Iota { offset, .. } => Tensor::from_fn(out, |k| r((offset + k as u64) as f64)),
             Op::AmaxGrad { dims } => k::amax_grad(a(0), a(1), a(2), dims),
             Op::Softmax { dim, log } => k::softmax(a(0), dim, *log),
             Op::SoftmaxGrad { dim, log } => k::softmax_grad(a(0), a(1), dim, *log),

@@ -75,6 +75,7 @@ pub(in crate::check) const OPS: &[OpSig] = &[
     ),
     op("rope", 1, 1, &["theta", "fraction"]),
     op("sinusoid", 2, 2, &[]),
+    op("iota", 1, 1, &["start"]),
     // losses
     op("cross_entropy", 2, 2, &["label_smoothing", "ignore"]),
     // vision
@@ -429,6 +430,35 @@ impl Walker<'_> {
                     }
                 }
                 Val::Tensor(self.emit(Op::Rope { theta: vals[0], fraction: vals[1] }, vec![x.id], x.ty, span))
+            }
+            "iota" => {
+                let Some(d) = self.dim_name(frame, a.pos[0]) else {
+                    return Val::Poison;
+                };
+                let start = match a.kw.get("start") {
+                    Some(e) => match self.eval_const(frame, e) {
+                        Some(v) if v >= 0.0 && v.fract() == 0.0 => v as u64,
+                        Some(v) => {
+                            return self.err(
+                                Diag::error(format!("`iota` starts at {v}"))
+                                    .at(e.span, "not a whole number ≥ 0")
+                                    .help("positions start at a whole number, e.g. `iota(seq, start = 2)` (OPT)"),
+                            );
+                        }
+                        None => return Val::Poison,
+                    },
+                    None => 0,
+                };
+                // Integer tensors travel as f32 values, exact up to 2^24.
+                if start.saturating_add(d.size) > 1 << 24 {
+                    return self.err(
+                        Diag::error(format!("`iota` over `{}` reaches {}", d.name, start.saturating_add(d.size)))
+                            .at(span, "positions beyond 2^24")
+                            .help("positions are exact up to 16,777,216; use a smaller dim or start"),
+                    );
+                }
+                let ty = TensorType::new(DType::I32, vec![d.clone()]);
+                Val::Tensor(self.emit(Op::Iota { dim: d.name, offset: start }, vec![], ty, span))
             }
             "sinusoid" => {
                 let Some(a0) = self.dim_name(frame, a.pos[0]) else {
