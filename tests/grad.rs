@@ -388,6 +388,105 @@ fn structural_ops() {
     );
 }
 
+/// The tensor builders: a [query, key] mask built from `iota` and
+/// comparisons (`>=`, `==`, `&&`, `||`, `!`) into attention, `where` between
+/// two projections, and the feature at each sequence's largest id picked by
+/// `argmax` and `gather` (CLIP's end token).
+#[test]
+fn masks_where_argmax_and_gather() {
+    check_grads(
+        "model m {
+           dims { seq = 5, embed = 4, heads = 2, head_dim = 2, e2 = 3 }
+           input x: f32[batch, seq, embed]
+           input tokens: i32[batch, seq]
+           param wq: [embed, heads, head_dim]
+           param wk: [embed, heads, head_dim]
+           param wv: [embed, heads, head_dim]
+           param t: [seq, heads, head_dim]
+           param w1: [embed, e2]
+           param w2: [embed, e2]
+           param u: [e2]
+           q_pos = iota(seq)
+           k_pos = rename(iota(seq), seq -> kv_seq)
+           allowed = q_pos >= k_pos && !(k_pos == 1) || q_pos == k_pos
+           k = rename(x @ wk, seq -> kv_seq)
+           v = rename(x @ wv, seq -> kv_seq)
+           y = attention(x @ wq, k, v, mask = allowed)
+           h = where(sum(x, embed) > 0.2, x @ w1, x @ w2)
+           last = gather(h, argmax(tokens, seq), seq)
+           loss = sum(y * t, batch, seq, heads, head_dim) + sum(last * u, batch, e2)
+             + sum(where(tokens > 1, 0.0, h * h), batch, seq, e2)
+         }",
+        4,
+        30,
+    );
+}
+
+/// What the builders compute, against values worked out here: a causal
+/// mask built from `iota` gives `causal = true`'s attention, and a band
+/// (`k_pos + 2`) gives `window = 2`'s; `argmax` takes
+/// the first of ties; `gather` picks those positions; `where` chooses by the
+/// mask; `iota(d, start)` counts from start.
+#[test]
+fn builders_compute_what_they_say() {
+    let m = model(
+        "model m {
+           dims { seq = 5, embed = 4, heads = 2, head_dim = 2 }
+           input x: f32[batch, seq, embed]
+           input tokens: i32[batch, seq]
+           param wq: [embed, heads, head_dim]
+           param wk: [embed, heads, head_dim]
+           param wv: [embed, heads, head_dim]
+           k = rename(x @ wk, seq -> kv_seq)
+           v = rename(x @ wv, seq -> kv_seq)
+           built = attention(x @ wq, k, v, mask = iota(seq) >= rename(iota(seq), seq -> kv_seq))
+           causal = attention(x @ wq, k, v, causal = true)
+           q_pos = iota(seq)
+           k_pos = rename(iota(seq), seq -> kv_seq)
+           banded = attention(x @ wq, k, v, mask = q_pos >= k_pos && q_pos < k_pos + 2)
+           windowed = attention(x @ wq, k, v, causal = true, window = 2)
+           first = argmax(tokens, seq)
+           picked = gather(x, first, seq)
+           chosen = where(tokens > 1, sum(x, embed), -1.0)
+           counted = iota(seq, start = 3)
+           loss = sum(built, batch, seq, heads, head_dim)
+         }",
+    );
+    let xs = inputs(&m, 3, 3);
+    let params = init_params(&m.params, 2);
+    let vals = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
+        .run(&xs, &params)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = |n: &str| &vals[m.graph.output(n).unwrap_or_else(|| panic!("no `{n}`")).index()].data;
+    let (built, causal) = (out("built"), out("causal"));
+    let gap = built.iter().zip(causal).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    assert!(gap < 1e-12, "built causal mask against causal = true: {gap:e}");
+    let (banded, windowed) = (out("banded"), out("windowed"));
+    let gap = banded.iter().zip(windowed).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    assert!(gap < 1e-12, "built band against window = 2: {gap:e}");
+    assert!(banded.iter().zip(built).any(|(a, b)| (a - b).abs() > 1e-6), "the band differs from plain causal");
+    let (x, tokens) = (&xs[0].data, &xs[1].data);
+    let (batch, seq, embed) = (xs[1].dims[0].size as usize, 5, 4);
+    let mut ties = 0;
+    for b in 0..batch {
+        let row = &tokens[b * seq..(b + 1) * seq];
+        let top = row.iter().cloned().fold(f64::MIN, f64::max);
+        let want = row.iter().position(|t| *t == top).unwrap();
+        ties += usize::from(row.iter().filter(|t| **t == top).count() > 1);
+        assert_eq!(out("first")[b], want as f64, "argmax of {row:?}");
+        for e in 0..embed {
+            assert_eq!(out("picked")[b * embed + e], x[(b * seq + want) * embed + e]);
+        }
+        for s in 0..seq {
+            let sum: f64 = (0..embed).map(|e| x[(b * seq + s) * embed + e]).sum();
+            let want = if row[s] > 1.0 { sum } else { -1.0 };
+            assert!((out("chosen")[b * seq + s] - want).abs() < 1e-12);
+        }
+    }
+    assert!(ties > 0, "the inputs have ties, so the first-of-ties rule is tested");
+    assert_eq!(out("counted"), &[3.0, 4.0, 5.0, 6.0, 7.0]);
+}
+
 #[test]
 fn tiny_gpt_end_to_end() {
     let src = std::fs::read_to_string("specs/tiny/gpt.spec").expect("spec");

@@ -168,6 +168,19 @@ pub struct Model {
     pub warnings: Vec<crate::diag::Diag>,
 }
 
+/// An op that relates examples across the batch ([`Model::batch_mixing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMixing {
+    /// The node of the model's graph.
+    pub node: usize,
+    /// What it does, for a message: "renames the batch dim, ...".
+    pub what: &'static str,
+    /// Whether the per-rank programs keep its meaning with one microbatch per
+    /// data rank and no pipeline (a contrastive `rename`, `iota(batch)`);
+    /// otherwise it needs the whole batch in one microbatch.
+    pub gathers: bool,
+}
+
 impl Model {
     /// The dim the model routes tokens over to its experts, if it has experts.
     pub fn expert_dim(&self) -> Option<&str> {
@@ -195,7 +208,7 @@ impl Model {
     /// microbatches of `micro` sequences over `dp` data ranks and `stages`
     /// pipeline stages would change the meaning of: the checker refuses them
     /// and the layout search does not propose such runs.
-    pub fn batch_mixing(&self, micro: u64, dp: u64, stages: u64) -> Vec<(usize, &'static str)> {
+    pub fn batch_mixing(&self, micro: u64, dp: u64, stages: u64) -> Vec<BatchMixing> {
         use crate::ir::{Op, ReduceOp};
         let Some(t) = &self.train else { return Vec::new() };
         if micro >= t.batch {
@@ -225,7 +238,8 @@ impl Model {
                 Op::MatMul { contract } if batch(contract) => "contracts over the batch",
                 _ => continue,
             };
-            found.push((i, what));
+            let gathers = matches!(&n.op, Op::Rename { .. } | Op::Iota { .. });
+            found.push(BatchMixing { node: i, what, gathers });
         }
         found
     }

@@ -398,6 +398,23 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
                 let c = b.push(Op::Cast { dtype: tx.dtype }, vec![gi], tx, span);
                 b.accumulate(ins[0], c, span);
             }
+            // Masks and positions are piecewise constant: no gradient flows.
+            Op::Compare { .. } | Op::Argmax { .. } => {}
+            Op::Where => {
+                let ty = b.ty(gi);
+                let zero = b.scalar(0.0, ty.dtype, span);
+                for (j, picked) in [(1, [gi, zero]), (2, [zero, gi])] {
+                    if need(j) {
+                        let c = b.push(Op::Where, vec![ins[0], picked[0], picked[1]], ty.clone(), span);
+                        b.accumulate(ins[j], c, span);
+                    }
+                }
+            }
+            Op::Gather { dim } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let c = b.push(Op::GatherGrad { dim: dim.clone() }, vec![gi, ins[1]], tx, span);
+                b.accumulate(ins[0], c, span);
+            }
             other => return not(other.name(), "a backward op cannot be differentiated again"),
         }
     }

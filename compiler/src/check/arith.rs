@@ -4,7 +4,7 @@
 
 use super::walk::{TVal, Val, Walker};
 use crate::diag::Diag;
-use crate::ir::{BinaryOp, Op};
+use crate::ir::{BinaryOp, CompareOp, DType, Op};
 use crate::model::{Dim, OpCost, TensorType};
 use crate::syntax::ast::BinOp;
 use crate::syntax::span::Span;
@@ -59,21 +59,71 @@ impl Walker<'_> {
             (op @ (BinOp::Add | BinOp::Sub | BinOp::Mul), Num(c), Tensor(x)) => {
                 self.tensor_scalar(op, x, c, true, span)
             }
+            (op, Tensor(x), Tensor(y)) if compare_op(op).is_some() => self.compare(op, x, y, sa, sb, span),
+            (op, Tensor(x), Num(c)) if compare_op(op).is_some() => {
+                let k = self.emit(Op::Scalar { value: c }, vec![], TensorType::scalar(x.ty.dtype), sb);
+                self.compare(op, x, k, sa, sb, span)
+            }
+            (op, Num(c), Tensor(y)) if compare_op(op).is_some() => {
+                let k = self.emit(Op::Scalar { value: c }, vec![], TensorType::scalar(y.ty.dtype), sa);
+                self.compare(op, k, y, sa, sb, span)
+            }
             (op, x, y) => self.err(
                 Diag::error(format!("`{}` cannot combine {} and {}", op.symbol(), x.kind(), y.kind()))
                     .at(span, "invalid operands")
-                    .help("arithmetic works on numbers and tensors; comparisons on numbers"),
+                    .help("arithmetic works on numbers and tensors; comparisons on numbers and tensors"),
             ),
         }
     }
 
+    /// A comparison of two tensors (or `&&`, `||` of two masks), broadcast by
+    /// name as arithmetic is: a `bool` tensor.
+    fn compare(&mut self, op: BinOp, x: TVal, y: TVal, sa: Span, sb: Span, span: Span) -> Val {
+        let logic = matches!(op, BinOp::And | BinOp::Or);
+        let dtype = x.ty.dtype;
+        if dtype != y.ty.dtype || (logic && dtype != DType::Bool) {
+            let want = if logic { "two bool masks" } else { "two tensors of one dtype" };
+            return self.err(
+                Diag::error(format!("`{}` needs {want}, found {} and {}", op.symbol(), x.ty, y.ty))
+                    .at(sa, format!("{}", x.ty))
+                    .also(sb, format!("{}", y.ty))
+                    .help("cast one side with `cast(x, dtype)`; compare numbers with tensors of their kind"),
+            );
+        }
+        let mut dims = x.ty.dims.clone();
+        for d in &y.ty.dims {
+            match x.ty.dim(&d.name) {
+                Some(xd) if xd.size != d.size => {
+                    return self.err(
+                        Diag::error(format!(
+                            "dim `{}` has size {} on the left but {} on the right",
+                            d.name, xd.size, d.size
+                        ))
+                        .at(sa, format!("{}", x.ty))
+                        .also(sb, format!("{}", y.ty))
+                        .help("broadcasting is by name: dims of the same name must have the same size"),
+                    );
+                }
+                Some(_) => {}
+                None => dims.push(d.clone()),
+            }
+        }
+        let Some(cmp) = compare_op(op) else { return Val::Poison };
+        let out = TensorType::new(DType::Bool, dims);
+        Val::Tensor(self.emit(Op::Compare { op: cmp }, vec![x.id, y.id], out, span))
+    }
+
     /// `x ∘ c` (or `c ∘ x` when `scalar_first`) for a tensor and a number.
     fn tensor_scalar(&mut self, op: BinOp, x: TVal, c: f64, scalar_first: bool, span: Span) -> Val {
-        if !x.ty.dtype.is_float() {
+        // Positions shift by whole numbers (`k_pos + 4`); they stay exact.
+        let shift = x.ty.dtype == DType::I32 && matches!(op, BinOp::Add | BinOp::Sub) && c.fract() == 0.0;
+        if !x.ty.dtype.is_float() && !shift {
             return self.err(
                 Diag::error(format!("arithmetic on a {} tensor", x.ty.dtype.name()))
                     .at(span, "integer or boolean tensor")
-                    .help("cast it first: `cast(x, f32)`"),
+                    .help(
+                        "integer tensors only shift by whole numbers (`iota(seq) + 2`); cast it first: `cast(x, f32)`",
+                    ),
             );
         }
         if op == BinOp::Pow {
@@ -255,4 +305,19 @@ impl Walker<'_> {
             span,
         ))
     }
+}
+
+/// The IR comparison of a spec operator, for tensors.
+fn compare_op(op: BinOp) -> Option<CompareOp> {
+    Some(match op {
+        BinOp::Lt => CompareOp::Lt,
+        BinOp::Le => CompareOp::Le,
+        BinOp::Gt => CompareOp::Gt,
+        BinOp::Ge => CompareOp::Ge,
+        BinOp::Eq => CompareOp::Eq,
+        BinOp::Ne => CompareOp::Ne,
+        BinOp::And => CompareOp::And,
+        BinOp::Or => CompareOp::Or,
+        _ => return None,
+    })
 }

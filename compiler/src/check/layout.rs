@@ -450,7 +450,7 @@ pub(super) fn validate(m: &Model, spans: &ParallelSpans, diags: &mut Diags) {
 pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
     let Some(t) = &m.train else { return };
     let dp = m.parallel.data().max(1);
-    for (i, what) in m.batch_mixing(m.micro_batch, dp, m.parallel.stages()) {
+    for crate::model::BatchMixing { node: i, what, .. } in m.batch_mixing(m.micro_batch, dp, m.parallel.stages()) {
         let why = if m.micro_batch * dp < t.batch {
             format!("gradient accumulation runs microbatches of {} sequences", m.micro_batch)
         } else if m.parallel.stages() > 1 {

@@ -927,6 +927,12 @@ impl<'a> Walker<'a> {
                     (UnOp::Neg, Val::Tensor(t)) if t.ty.dtype.is_float() => {
                         Val::Tensor(self.emit(Op::Unary { op: UnaryOp::Neg }, vec![t.id], t.ty, e.span))
                     }
+                    // `!mask`: the mask equal to false.
+                    (UnOp::Not, Val::Tensor(t)) if t.ty.dtype == DType::Bool => {
+                        let f = self.emit(Op::Scalar { value: 0.0 }, vec![], TensorType::scalar(DType::Bool), e.span);
+                        let op = Op::Compare { op: crate::ir::CompareOp::Eq };
+                        Val::Tensor(self.emit(op, vec![t.id, f.id], t.ty, e.span))
+                    }
                     (_, Val::Poison) => Val::Poison,
                     (op, v) => {
                         let sym = if *op == UnOp::Neg { "-" } else { "!" };

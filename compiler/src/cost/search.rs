@@ -301,9 +301,9 @@ pub fn search(
                             reject(&mut rejected, "fewer microbatches than pipeline stages".into(), 1);
                             continue;
                         }
-                        if let Some((i, what)) = m.batch_mixing(mbs, dp, p).first() {
-                            let op = m.graph.nodes[*i].op.name();
-                            let needs = if op == "rename" {
+                        if let Some(mix) = m.batch_mixing(mbs, dp, p).first() {
+                            let (op, what) = (m.graph.nodes[mix.node].op.name(), mix.what);
+                            let needs = if mix.gathers {
                                 "one microbatch per data rank and no pipeline"
                             } else {
                                 "the whole batch in one microbatch"

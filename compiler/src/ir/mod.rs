@@ -119,6 +119,49 @@ impl BinaryOp {
     }
 }
 
+/// A comparison, or a boolean `and`/`or` of masks: the result is a `bool` tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompareOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    And,
+    Or,
+}
+
+impl CompareOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            CompareOp::Lt => "lt",
+            CompareOp::Le => "le",
+            CompareOp::Gt => "gt",
+            CompareOp::Ge => "ge",
+            CompareOp::Eq => "eq",
+            CompareOp::Ne => "ne",
+            CompareOp::And => "and",
+            CompareOp::Or => "or",
+        }
+    }
+
+    /// The comparison of two numbers (booleans are 0 and 1).
+    pub fn apply(self, x: f64, y: f64) -> bool {
+        match self {
+            CompareOp::Lt => x < y,
+            CompareOp::Le => x <= y,
+            CompareOp::Gt => x > y,
+            CompareOp::Ge => x >= y,
+            CompareOp::Eq => x == y,
+            CompareOp::Ne => x != y,
+            CompareOp::And => x != 0.0 && y != 0.0,
+            CompareOp::Or => x != 0.0 || y != 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReduceOp {
@@ -218,6 +261,18 @@ pub enum Op {
     /// The checker emits offset 0; a per-rank program whose examples continue
     /// other ranks' (`batch` under data parallelism) starts at its first one.
     Iota { dim: String, offset: u64 },
+    /// `a, b` → `bool`: a ∘ b elementwise, broadcast by dim name as `Binary`.
+    Compare { op: CompareOp },
+    /// `cond, a, b` → a where cond holds, else b, broadcast by dim name
+    /// (result: a's dims, then b's new dims, then cond's).
+    Where,
+    /// `x` → `i32`: the position of the largest value along `dim` (the
+    /// first of ties), `dim` dropped.
+    Argmax { dim: String },
+    /// `x, idx` → x's value at position idx along `dim`, `dim` dropped:
+    /// `idx` (`i32`) holds one position for each index of its dims, all of
+    /// them x's other dims.
+    Gather { dim: String },
     /// `logits, targets` → mean cross-entropy, `f32[]`.
     CrossEntropy { label_smoothing: f64, ignore: Option<i64> },
     /// `image` → patches [..., grid, pixels].
@@ -257,6 +312,9 @@ pub enum Op {
     /// `dim` (added where an index repeats), zeros elsewhere: the gradient of
     /// the `take`s of one value along one dim, in one pass.
     Untake { dim: String, indices: Vec<u64> },
+    /// `g, idx` → g placed at position idx along the output's `dim`, zeros
+    /// elsewhere: the gradient of `gather`.
+    GatherGrad { dim: String },
     /// `g` → the slice `[start, start + len)` of `dim`, renamed to the output's `to` dim.
     Slice { dim: String, start: u64, to: String },
     /// `x, max, g` → the gradient of `amax` over `dims`: g where x equals the
@@ -366,6 +424,11 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Sinusoid => "sinusoid",
             Op::Iota { .. } => "iota",
+            Op::Compare { .. } => "compare",
+            Op::Where => "where",
+            Op::Argmax { .. } => "argmax",
+            Op::Gather { .. } => "gather",
+            Op::GatherGrad { .. } => "gather_grad",
             Op::LossScale => "loss_scale",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Patches { .. } => "patches",

@@ -62,6 +62,9 @@ fn arity(op: &Op) -> (usize, usize) {
         Op::AdamMoment { .. } => (3, 3),
         Op::AdamStep { .. } => (4, 4),
         Op::Einsum | Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } | Op::EmbedGrad | Op::GateMask => (2, 2),
+        Op::Compare { .. } | Op::Gather { .. } | Op::GatherGrad { .. } => (2, 2),
+        Op::Argmax { .. } => (1, 1),
+        Op::Where => (3, 3),
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
         Op::CrossEntropyGrad { .. } | Op::CombineGradGates | Op::LoadBalanceGrad | Op::AmaxGrad { .. } => (3, 3),
@@ -110,6 +113,39 @@ fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<Ten
                 return Err("operand dtypes differ".into());
             }
             TensorType::new(t(0).dtype, broadcast(t(0), t(1))?)
+        }
+        Op::Compare { .. } => {
+            if t(0).dtype != t(1).dtype {
+                return Err("operand dtypes differ".into());
+            }
+            TensorType::new(DType::Bool, broadcast(t(0), t(1))?)
+        }
+        Op::Where => {
+            if t(0).dtype != DType::Bool || t(1).dtype != t(2).dtype {
+                return Err("`where` takes a bool condition and two values of one dtype".into());
+            }
+            let ab = TensorType::new(t(1).dtype, broadcast(t(1), t(2))?);
+            TensorType::new(t(1).dtype, broadcast(&ab, t(0))?)
+        }
+        Op::Argmax { dim } => {
+            if !t(0).has(dim) {
+                return Err(format!("argmax over `{dim}`, which the operand lacks"));
+            }
+            TensorType::new(DType::I32, t(0).dims.iter().filter(|d| d.name != *dim).cloned().collect())
+        }
+        Op::Gather { dim } => {
+            let kept: Vec<Dim> = t(0).dims.iter().filter(|d| d.name != *dim).cloned().collect();
+            if !t(0).has(dim) || t(1).dtype != DType::I32 || !t(1).dims.iter().all(|d| kept.contains(d)) {
+                return Err(format!("gather along `{dim}` takes i32 positions over the operand's other dims"));
+            }
+            TensorType::new(t(0).dtype, kept)
+        }
+        Op::GatherGrad { dim } => {
+            let kept: Vec<Dim> = out.dims.iter().filter(|d| d.name != *dim).cloned().collect();
+            if !out.has(dim) || t(0).dims != kept || t(1).dtype != DType::I32 {
+                return Err(format!("gather_grad places [{}] along `{dim}` of the output", kept.len()));
+            }
+            out.clone()
         }
         Op::MatMul { contract } => {
             let (a, b) = (t(0), t(1));

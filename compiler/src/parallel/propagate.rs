@@ -32,6 +32,7 @@ fn linearity(op: &Op, n: usize) -> Linear {
         Op::Binary { op: BinaryOp::Add | BinaryOp::Sub } | Op::Concat { .. } | Op::Untake { .. } => Joint,
         Op::Binary { op: BinaryOp::Mul } | Op::MatMul { .. } | Op::Einsum => Each(vec![0, 1]),
         Op::Binary { op: BinaryOp::Div } => Each(vec![0]),
+        Op::Gather { .. } | Op::GatherGrad { .. } => Each(vec![0]),
         Op::Unary { op: crate::ir::UnaryOp::Neg }
         | Op::Cast { .. }
         | Op::Expand
@@ -78,7 +79,13 @@ fn needs_whole(op: &Op, pos: usize, tys: &[&TensorType], d: &str) -> bool {
         | Op::MatMul { .. }
         | Op::Einsum
         | Op::EmbedGrad
-        | Op::Reduce { op: ReduceOp::Sum, .. } => false,
+        | Op::Reduce { op: ReduceOp::Sum, .. }
+        | Op::Compare { .. }
+        | Op::Where => false,
+        Op::Argmax { dim } => dim == d,
+        // The positions index `dim` of the operand (input 0); the indices' own dims may be split.
+        Op::Gather { dim } => pos == 0 && dim == d,
+        Op::GatherGrad { .. } => false,
         Op::Reduce { dims, .. } | Op::MergeDims { dims, .. } => dims.iter().any(|x| x == d),
         Op::Softmax { dim, .. }
         | Op::SoftmaxGrad { dim, .. }

@@ -5,7 +5,7 @@
 use super::fast::{as_f32, as_f32_mut, erf_f32, exp_f32, par_rows};
 use crate::tensor::{Real, Tensor, View, aligned_strides, for_each_offset, for_each_offset2, r};
 use tessera_compiler::ir::Dim;
-use tessera_compiler::ir::{BinaryOp, UnaryOp};
+use tessera_compiler::ir::{BinaryOp, CompareOp, UnaryOp};
 
 /// Broadcast elementwise `a ∘ b` into `out` dims.
 pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
@@ -33,6 +33,94 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) 
     let mut data = Vec::with_capacity(n);
     for_each_offset2(out, &sa, &sb, |i, j| data.push(f(a.data[i], b.data[j])));
     Tensor { dims: out.to_vec(), data }
+}
+
+/// Broadcast `a ∘ b` into `out` dims as a `bool` tensor: 1 where it holds, else 0.
+pub fn compare<T: Real>(op: CompareOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+    let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
+    let mut data = Vec::with_capacity(out.iter().map(|d| d.size as usize).product());
+    for_each_offset2(out, &sa, &sb, |i, j| {
+        let (x, y) = (a.data[i].to_f64().unwrap_or(f64::NAN), b.data[j].to_f64().unwrap_or(f64::NAN));
+        data.push(if op.apply(x, y) { T::one() } else { T::zero() });
+    });
+    Tensor { dims: out.to_vec(), data }
+}
+
+/// `a` where `cond` is non-zero, else `b`, broadcast by name into `out` dims.
+pub fn select_where<T: Real>(cond: &Tensor<T>, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
+    let mut at = Vec::new();
+    for_each_offset(out, &aligned_strides(&cond.dims, out), |c| at.push(c));
+    let (sa, sb) = (aligned_strides(&a.dims, out), aligned_strides(&b.dims, out));
+    let mut data = Vec::with_capacity(at.len());
+    let mut k = 0;
+    for_each_offset2(out, &sa, &sb, |i, j| {
+        data.push(if cond.data[at[k]] != T::zero() { a.data[i] } else { b.data[j] });
+        k += 1;
+    });
+    Tensor { dims: out.to_vec(), data }
+}
+
+/// The position of the largest value along `dim` (the first of ties; NaN
+/// counts as largest, as in PyTorch), into `out` (x's other dims, in order).
+pub fn argmax<T: Real>(x: &Tensor<T>, dim: &str, out: &[Dim]) -> Tensor<T> {
+    let p = x.move_last(&[dim]);
+    let w = p.dims.last().map_or(1, |d| d.size as usize).max(1);
+    let data = p
+        .data
+        .chunks(w)
+        .map(|row| {
+            let mut best = 0;
+            for (i, v) in row.iter().enumerate() {
+                if row[best].is_nan() {
+                    break;
+                }
+                if v.is_nan() || *v > row[best] {
+                    best = i;
+                }
+            }
+            r(best as f64)
+        })
+        .collect();
+    Tensor { dims: out.to_vec(), data }
+}
+
+/// The position of `idx` (at x's other dims) along `dim`, checked.
+fn position<T: Real>(v: T, n: usize, dim: &str) -> Result<usize, String> {
+    let p = v.to_f64().unwrap_or(f64::NAN);
+    if p >= 0.0 && p < n as f64 && p.fract() == 0.0 {
+        Ok(p as usize)
+    } else {
+        Err(format!("gather along `{dim}`: position {p} is outside 0..{n}"))
+    }
+}
+
+/// `x` at position `idx` along `dim`, `dim` dropped (`out`: x's other dims, in order).
+pub fn gather<T: Real>(x: &Tensor<T>, idx: &Tensor<T>, dim: &str, out: &[Dim]) -> Result<Tensor<T>, String> {
+    let p = x.move_last(&[dim]);
+    let n = p.dims.last().map_or(1, |d| d.size as usize);
+    let mut at = Vec::new();
+    for_each_offset(out, &aligned_strides(&idx.dims, out), |j| at.push(j));
+    let mut data = Vec::with_capacity(at.len());
+    for (k, j) in at.into_iter().enumerate() {
+        data.push(p.data[k * n + position(idx.data[j], n, dim)?]);
+    }
+    Ok(Tensor { dims: out.to_vec(), data })
+}
+
+/// The gradient of [`gather`]: `g` placed at position `idx` along `out`'s `dim`, zeros elsewhere.
+pub fn gather_grad<T: Real>(g: &Tensor<T>, idx: &Tensor<T>, dim: &str, out: &[Dim]) -> Result<Tensor<T>, String> {
+    let kept: Vec<Dim> = out.iter().filter(|d| d.name != dim).cloned().collect();
+    let n = out.iter().find(|d| d.name == dim).map_or(1, |d| d.size as usize);
+    let gk = g.permute(&kept);
+    let mut at = Vec::new();
+    for_each_offset(&kept, &aligned_strides(&idx.dims, &kept), |j| at.push(j));
+    let mut moved = vec![T::zero(); kept.iter().map(|d| d.size as usize).product::<usize>() * n];
+    for (k, j) in at.into_iter().enumerate() {
+        moved[k * n + position(idx.data[j], n, dim)?] += gk.data[k];
+    }
+    let mut dims = kept;
+    dims.push(out.iter().find(|d| d.name == dim).cloned().unwrap_or_else(|| Dim::new(dim, 1)));
+    Ok(Tensor { dims, data: moved }.permute(out))
 }
 
 /// How an operand of dims `part` lines up with the rows of a tensor of dims

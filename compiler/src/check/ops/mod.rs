@@ -76,6 +76,9 @@ pub(in crate::check) const OPS: &[OpSig] = &[
     op("rope", 1, 1, &["theta", "fraction"]),
     op("sinusoid", 2, 2, &[]),
     op("iota", 1, 1, &["start"]),
+    op("where", 3, 3, &[]),
+    op("argmax", 2, 2, &[]),
+    op("gather", 3, 3, &[]),
     // losses
     op("cross_entropy", 2, 2, &["label_smoothing", "ignore"]),
     // vision
@@ -430,6 +433,106 @@ impl Walker<'_> {
                     }
                 }
                 Val::Tensor(self.emit(Op::Rope { theta: vals[0], fraction: vals[1] }, vec![x.id], x.ty, span))
+            }
+            "where" => {
+                let Some(c) = self.tensor(frame, a.pos[0]) else {
+                    return Val::Poison;
+                };
+                if c.ty.dtype != DType::Bool {
+                    return self.err(
+                        Diag::error(format!("`where` needs a bool condition, found {}", c.ty))
+                            .at(a.pos[0].span, "not a mask")
+                            .help("compare first, e.g. `where(iota(seq) < 4, x, 0.0)`"),
+                    );
+                }
+                // Values: tensors of one dtype, or a number in the other's dtype.
+                let (va, vb) = (self.expr(frame, a.pos[1]), self.expr(frame, a.pos[2]));
+                let (x, y) = match (va, vb) {
+                    (Val::Tensor(x), Val::Tensor(y)) => (x, y),
+                    (Val::Tensor(x), Val::Num(v)) => {
+                        let k = self.emit(Op::Scalar { value: v }, vec![], TensorType::scalar(x.ty.dtype), span);
+                        (x, k)
+                    }
+                    (Val::Num(v), Val::Tensor(y)) => {
+                        let k = self.emit(Op::Scalar { value: v }, vec![], TensorType::scalar(y.ty.dtype), span);
+                        (k, y)
+                    }
+                    (Val::Poison, _) | (_, Val::Poison) => return Val::Poison,
+                    (p, q) => {
+                        return self.err(
+                            Diag::error(format!(
+                                "`where` chooses between tensors, found {} and {}",
+                                p.kind(),
+                                q.kind()
+                            ))
+                            .at(span, "no tensor to choose from")
+                            .help("pass a tensor for at least one of the two values"),
+                        );
+                    }
+                };
+                if x.ty.dtype != y.ty.dtype {
+                    return self.err(
+                        Diag::error(format!("`where` chooses between {} and {}", x.ty, y.ty))
+                            .at(span, "dtypes differ")
+                            .help("cast one side with `cast(x, dtype)`"),
+                    );
+                }
+                let mut dims = x.ty.dims.clone();
+                for t in [&y.ty, &c.ty] {
+                    for d in &t.dims {
+                        match dims.iter().find(|o| o.name == d.name) {
+                            Some(o) if o.size != d.size => {
+                                return self.err(
+                                    Diag::error(format!("dim `{}` has sizes {} and {}", d.name, o.size, d.size))
+                                        .at(span, "in this `where`")
+                                        .help("broadcasting is by name: dims of the same name must have the same size"),
+                                );
+                            }
+                            Some(_) => {}
+                            None => dims.push(d.clone()),
+                        }
+                    }
+                }
+                // The backward pass routes the gradient by the condition.
+                self.save(&c.ty);
+                let out = TensorType::new(x.ty.dtype, dims);
+                Val::Tensor(self.emit(Op::Where, vec![c.id, x.id, y.id], out, span))
+            }
+            "argmax" => {
+                let Some(x) = self.tensor(frame, a.pos[0]) else {
+                    return Val::Poison;
+                };
+                let Some(d) = self.dim_of(frame, a.pos[1], &x.ty) else {
+                    return Val::Poison;
+                };
+                let dims = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
+                Val::Tensor(self.emit(Op::Argmax { dim: d.name }, vec![x.id], TensorType::new(DType::I32, dims), span))
+            }
+            "gather" => {
+                let Some(x) = self.tensor(frame, a.pos[0]) else {
+                    return Val::Poison;
+                };
+                let Some(idx) = self.tensor(frame, a.pos[1]) else {
+                    return Val::Poison;
+                };
+                let Some(d) = self.dim_of(frame, a.pos[2], &x.ty) else {
+                    return Val::Poison;
+                };
+                let kept: Vec<Dim> = x.ty.dims.iter().filter(|o| o.name != d.name).cloned().collect();
+                if idx.ty.dtype != DType::I32 || !idx.ty.dims.iter().all(|i| kept.contains(i)) {
+                    return self.err(
+                        Diag::error(format!("`gather` along `{}` of {} takes i32 positions over its other dims, found {}", d.name, x.ty, idx.ty))
+                            .at(a.pos[1].span, "not positions of this operand")
+                            .help("positions come from `argmax` or `iota` over the operand's other dims, e.g. `gather(h, argmax(tokens, seq), seq)`"),
+                    );
+                }
+                self.save(&idx.ty);
+                Val::Tensor(self.emit(
+                    Op::Gather { dim: d.name },
+                    vec![x.id, idx.id],
+                    TensorType::new(x.ty.dtype, kept),
+                    span,
+                ))
             }
             "iota" => {
                 let Some(d) = self.dim_name(frame, a.pos[0]) else {
