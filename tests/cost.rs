@@ -99,3 +99,56 @@ fn memory_by_zero_stage() {
     assert_eq!(z3.params, 2 * n / 8);
     assert_eq!(z0.activations, z3.activations);
 }
+
+/// Attention FLOPs of a one-layer model whose attention line is `attn`.
+fn attention_flops(attn: &str) -> f64 {
+    let text = format!(
+        "model m {{\n\
+           dims {{ seq = 2048, embed = 64, heads = 1, head_dim = 64, row = 16, col = 128 }}\n\
+           input x: f32[batch, seq, embed]\n\
+           param wq: [embed, heads, head_dim]\n\
+           param wk: [embed, heads, head_dim]\n\
+           param wv: [embed, heads, head_dim]\n\
+           q = x @ wq\n\
+           k = rename(x @ wk, seq -> kv_seq)\n\
+           v = rename(x @ wv, seq -> kv_seq)\n\
+           q_pos = iota(seq)\n\
+           k_pos = rename(iota(seq), seq -> kv_seq)\n\
+           y = {attn}\n\
+           loss = sum(y, batch, seq, heads, head_dim)\n\
+         }}\n"
+    );
+    let mut sources = tessera::compiler::SourceMap::new();
+    let opts = tessera::compiler::Options::default();
+    let m = tessera::compiler::check_text(&mut sources, "m.spec", &text, std::path::Path::new("specs"), &opts)
+        .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
+    m.cost.pre.attn_flops + m.cost.layers.attn_flops + m.cost.post.attn_flops
+}
+
+/// Sparse attention is priced by the 128 × 128 blocks a block-sparse kernel
+/// computes, a causal pattern counting as dense (the convention of the
+/// published runs): over 2048 positions (16 × 16 blocks, 136 in the causal
+/// triangle) a causal window of 512 computes 70 blocks (4 row blocks of 1
+/// to 4, then 12 of 5), so 70/136 of the dense FLOPs, whether flagged or
+/// built as a mask; a mask built from a grid's dims (DALL-E's row pattern)
+/// is priced by its blocks alike.
+#[test]
+fn sparse_attention_is_priced_by_the_blocks_it_computes() {
+    let dense = attention_flops("attention(q, k, v)");
+    assert_eq!(dense, 2.0 * 2.0 * 2048.0 * 2048.0 * 64.0);
+    assert_eq!(attention_flops("attention(q, k, v, causal = true)"), dense, "causal counts as dense");
+    let window = attention_flops("attention(q, k, v, causal = true, window = 512)");
+    assert!((window / dense - 70.0 / 136.0).abs() < 1e-12, "{}", window / dense);
+    let built = attention_flops("attention(q, k, v, mask = q_pos >= k_pos && q_pos < k_pos + 512)");
+    assert!((built / dense - 70.0 / 136.0).abs() < 1e-12, "built band: {}", built / dense);
+    // DALL-E's row attention on a 16 × 128 grid, built from the grid's dims:
+    // each query block (one row) sees one key block, 16 of 256 blocks, or
+    // with `causal` the 16 diagonal blocks of the triangle's 136.
+    let row_mask = "merge(merge(permute(iota(row) == rename(iota(row), row -> kv_row) && iota(col) >= 0 \
+                    && rename(iota(col), col -> kv_col) >= 0, [row, col, kv_row, kv_col]), [row, col] -> seq), \
+                    [kv_row, kv_col] -> kv_seq)";
+    let rows = attention_flops(&format!("attention(q, k, v, mask = {row_mask})"));
+    assert!((rows / dense - 16.0 / 256.0).abs() < 1e-12, "rows: {}", rows / dense);
+    let causal_rows = attention_flops(&format!("attention(q, k, v, causal = true, mask = {row_mask})"));
+    assert!((causal_rows / dense - 16.0 / 136.0).abs() < 1e-12, "causal rows: {}", causal_rows / dense);
+}

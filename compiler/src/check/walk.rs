@@ -137,6 +137,9 @@ pub(super) struct Walker<'a> {
     bad_dims: HashSet<String>,
     /// Whether each dim argument of a block call was read (an unread one has no effect).
     pub dim_args_used: Vec<bool>,
+    /// The block share of each sparse attention pattern priced so far, by
+    /// (mask's fold key, query dim, key dim, causal, window).
+    pub attention_densities: HashMap<(String, Dim, Dim, bool, Option<u64>), f64>,
     /// Statements walked so far, and whether a size limit stopped the walk.
     walked: u64,
     pub(super) stopped: bool,
@@ -189,6 +192,7 @@ impl<'a> Walker<'a> {
             const_spans: HashMap::new(),
             bad_dims: HashSet::new(),
             dim_args_used: Vec::new(),
+            attention_densities: HashMap::new(),
             walked: 0,
             stopped: false,
         }

@@ -17,7 +17,7 @@ pub mod time;
 use crate::model::Model;
 
 /// The FLOP convention, one line, as reported by `inspect --json`.
-pub const FLOP_CONVENTION: &str = "2 FLOPs per multiply-add of every matmul (logits included) + attention q·k and p·v over the full s×s matrix (causal not halved); routed experts at top_k tokens; train = 3 × forward (6N + attention); recompute not counted";
+pub const FLOP_CONVENTION: &str = "2 FLOPs per multiply-add of every matmul (logits included) + attention q·k and p·v over the full s×s matrix (causal not halved; windows and masks built in the spec: the 128×128 blocks they compute, relative to that); routed experts at top_k tokens; train = 3 × forward (6N + attention); recompute not counted";
 
 pub fn params_total(m: &Model) -> u64 {
     m.params.iter().map(|p| p.ty.numel()).fold(0u64, u64::saturating_add)

@@ -13,6 +13,7 @@
 //! touches the AST.
 
 pub mod attrs;
+pub mod fold;
 pub mod params;
 mod print;
 pub mod types;

@@ -94,6 +94,7 @@ impl Walker<'_> {
         let lead: Vec<Dim> = q.ty.dims[..n - 3].to_vec();
         let mut ins = vec![q.id, k.id, v.id];
         let mut rel = RelPos::None;
+        let mut mask_id = None;
         if let Some(e) = a.kw.get("mask") {
             let Some(mk) = self.tensor(frame, e) else {
                 return Val::Poison;
@@ -110,6 +111,7 @@ impl Walker<'_> {
                 );
             }
             ins.push(mk.id);
+            mask_id = Some(mk.id);
         }
         if let Some(e) = a.kw.get("rel_bias") {
             // T5 relative position bias: a table [buckets, heads].
@@ -193,10 +195,11 @@ impl Walker<'_> {
             },
             None => None,
         };
-        // Cost: q·k and p·v over the full score matrix (causal masking not subtracted).
+        // Cost: q·k and p·v over the full score matrix (causal masking not
+        // subtracted), times the share of blocks a sparse pattern computes.
         let batch: f64 = lead.iter().map(|d| d.size as f64).product();
         let pairs = batch * qh.size as f64 * qs.size as f64 * ks.size as f64;
-        let flops = 2.0 * pairs * qd.size as f64 * 2.0;
+        let flops = 2.0 * pairs * qd.size as f64 * 2.0 * self.attention_density(mask_id, qs, ks, causal, window);
         let mut saved = 0.0;
         for t in [&q, &k, &v] {
             saved += self.act_size(&t.ty);
@@ -225,4 +228,46 @@ impl Walker<'_> {
         let mask = a.kw.contains_key("mask");
         Val::Tensor(self.emit(Op::Attention { causal, dropout: drop_p, mask, rel, window }, ins, out, span))
     }
+
+    /// The share of the score matrix's blocks that a block-sparse kernel
+    /// computes under a mask built in the spec (one `fold` can evaluate)
+    /// and a window, relative to the same pattern without them: a causal
+    /// pattern counts as dense, the convention of the published runs the
+    /// planner is checked against. 1 for a mask from the data.
+    fn attention_density(
+        &mut self,
+        mask: Option<crate::ir::ValueId>,
+        qs: &Dim,
+        ks: &Dim,
+        causal: bool,
+        window: Option<u64>,
+    ) -> f64 {
+        let key = mask.and_then(|m| crate::ir::fold::key(&self.graph, m));
+        if key.is_none() && window.is_none() {
+            return 1.0;
+        }
+        // Layers that build the same mask fold it once.
+        let cache = (key.clone().unwrap_or_default(), qs.clone(), ks.clone(), causal, window);
+        if let Some(d) = self.attention_densities.get(&cache) {
+            return *d;
+        }
+        let folded = mask
+            .filter(|_| key.is_some())
+            .and_then(|m| crate::ir::fold::constant(&self.graph, m).map(|v| (v, self.graph.ty(m).clone())));
+        let blocks = |m: Option<(&[f64], &TensorType)>, w| {
+            crate::ir::fold::attention_blocks(m, qs, ks, causal, w, ATTENTION_TILE)
+        };
+        let sparse = blocks(folded.as_ref().map(|(v, t)| (v.as_slice(), t)), window);
+        // A pattern inside the causal triangle, flagged or built, is measured
+        // against the triangle, which counts as dense.
+        let causal_like = causal || folded.as_ref().is_some_and(|(v, t)| crate::ir::fold::within_causal(v, t, qs, ks));
+        let dense = crate::ir::fold::attention_blocks(None, qs, ks, causal_like, None, ATTENTION_TILE);
+        let d = (sparse / dense.max(f64::MIN_POSITIVE)).min(1.0);
+        self.attention_densities.insert(cache, d);
+        d
+    }
 }
+
+/// The query and key block of the attention kernels the cost model prices
+/// sparse patterns by (FlashAttention's 128 × 128 tiles).
+pub const ATTENTION_TILE: u64 = 128;
