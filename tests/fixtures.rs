@@ -163,3 +163,79 @@ fn tiny_bert_matches_jax() {
 fn tiny_vit_matches_jax() {
     check("specs/tiny/vit.spec", "tiny_vit", false);
 }
+
+/// Convolutions and pooling against PyTorch in float64
+/// (tests/fixtures/conv/make.py): strided and padded, dilated, grouped,
+/// depthwise and 1D convolutions, max and average pooling, through the
+/// reference evaluator, each output within 1e-12 relative.
+#[test]
+fn convolutions_and_pooling_match_pytorch() {
+    use tessera::compiler::ir::Dim;
+    let bytes = std::fs::read("tests/fixtures/conv/conv.safetensors").expect("the fixture");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    // A PyTorch tensor under Tessera's names for its dims, in PyTorch's order.
+    let read = |name: &str, dims: &[(&str, u64)]| -> Tensor<f64> {
+        let v = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}` in the fixture"));
+        let data = v.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        Tensor { dims: dims.iter().map(|(n, s)| Dim::new(*n, *s)).collect(), data }
+    };
+    let src = "model m {
+        dims { h = 7, wd = 6, c = 4, o = 3, g = 2, cg = 2, og = 2, len = 9 }
+        input x: f32[batch, c, h, wd]
+        input xg: f32[batch, g, cg, h, wd]
+        input s: f32[batch, c, len]
+        param w1: [c, kh = 3, kw = 3, o]
+        param w2: [c, kh2 = 2, kw2 = 3, o]
+        param wg: [g, cg, kh, kw, og]
+        param wd1: [c, kh, kw]
+        param w1d: [c, k1 = 3, o]
+        a = conv(x, w1, [h, wd] -> [oh, ow], window = [kh, kw], stride = 2, padding = 1)
+        b = conv(x, w2, [h, wd] -> [dh, dw], window = [kh2, kw2], dilation = 2)
+        gr = conv(xg, wg, [h, wd] -> [gh, gw], window = [kh, kw], padding = 1, per = [g])
+        dw = conv(x, wd1, [h, wd] -> [eh, ew], window = [kh, kw], per = [c])
+        one = conv(s, w1d, [len] -> [ol], window = [k1], stride = 2)
+        mp = max_pool(a, [oh, ow] -> [mh, mw], size = 2, stride = 1)
+        ap = avg_pool(tanh(b), [dh, dw] -> [ah, aw], size = 3, stride = 2, padding = 1)
+        loss = sum(mp, batch, mh, mw, o)
+      }
+      train { optimizer = sgd(lr = 0.0)  batch = 2 sequences }";
+    let mut sources = SourceMap::new();
+    let m = tessera::compiler::check_text(&mut sources, "conv.spec", src, Path::new("specs"), &Options::default())
+        .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
+    let x = read("x", &[("batch", 2), ("c", 4), ("h", 7), ("wd", 6)]);
+    // The grouped input: channels (g, cg), g outer, as PyTorch's groups take them.
+    let xg = Tensor { dims: m.inputs[1].ty.dims.clone(), data: x.data.clone() };
+    let s = read("s", &[("batch", 2), ("c", 4), ("len", 9)]);
+    let kernel = |name: &str, dims: &[(&str, u64)], k: usize| read(name, dims).permute(&m.params[k].ty.dims);
+    let params = vec![
+        kernel("w1", &[("o", 3), ("c", 4), ("kh", 3), ("kw", 3)], 0),
+        kernel("w2", &[("o", 3), ("c", 4), ("kh2", 2), ("kw2", 3)], 1),
+        // [g·og, cg, kh, kw], out channels g outer.
+        kernel("wg", &[("g", 2), ("og", 2), ("cg", 2), ("kh", 3), ("kw", 3)], 2),
+        kernel("wd1", &[("c", 4), ("kh", 3), ("kw", 3)], 3),
+        kernel("w1d", &[("o", 3), ("c", 4), ("k1", 3)], 4),
+    ];
+    let vals = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
+        .run(&[x, xg, s], &params)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let outputs: [(&str, &[&str]); 7] = [
+        ("a", &["batch", "o", "oh", "ow"]),
+        ("b", &["batch", "o", "dh", "dw"]),
+        ("gr", &["batch", "g", "og", "gh", "gw"]),
+        ("dw", &["batch", "c", "eh", "ew"]),
+        ("one", &["batch", "o", "ol"]),
+        ("mp", &["batch", "o", "mh", "mw"]),
+        ("ap", &["batch", "o", "ah", "aw"]),
+    ];
+    for (name, torch_order) in outputs {
+        let ours = &vals[m.graph.output(name).expect("an output").index()];
+        let order: Vec<Dim> =
+            torch_order.iter().map(|n| ours.dims.iter().find(|d| d.name == *n).expect("a dim").clone()).collect();
+        let ours = ours.permute(&order);
+        let want = read(name, &order.iter().map(|d| (d.name.as_str(), d.size)).collect::<Vec<_>>());
+        assert!(!want.data.is_empty() && ours.data.len() == want.data.len(), "{name}: size");
+        let num: f64 = ours.data.iter().zip(&want.data).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let den: f64 = want.data.iter().map(|b| b * b).sum::<f64>().sqrt();
+        assert!(num / den < 1e-12, "{name}: relative error {:.2e}", num / den);
+    }
+}

@@ -487,6 +487,37 @@ fn builders_compute_what_they_say() {
     assert_eq!(out("counted"), &[3.0, 4.0, 5.0, 6.0, 7.0]);
 }
 
+/// Convolutions over named spatial dims: strided and padded, dilated,
+/// grouped (`per = [g]`), depthwise, 1D, and max and average pooling.
+#[test]
+fn convolutions_and_pooling() {
+    check_grads(
+        "model m {
+           dims { h = 7, wd = 6, c = 4, o = 3, g = 2, cg = 2, og = 2, len = 9 }
+           input x: f32[batch, c, h, wd]
+           input xg: f32[batch, g, cg, h, wd]
+           input s: f32[batch, c, len]
+           param w1: [c, kh = 3, kw = 3, o]
+           param w2: [c, kh2 = 2, kw2 = 3, o]
+           param wg: [g, cg, kh, kw, og]
+           param wd1: [c, kh, kw]
+           param w1d: [c, k1 = 3, o]
+           param t: [o]
+           a = conv(x, w1, [h, wd] -> [oh, ow], window = [kh, kw], stride = 2, padding = 1)
+           b = conv(x, w2, [h, wd] -> [dh, dw], window = [kh2, kw2], dilation = 2)
+           gr = conv(xg, wg, [h, wd] -> [gh, gw], window = [kh, kw], padding = 1, per = [g])
+           dw = conv(x, wd1, [h, wd] -> [eh, ew], window = [kh, kw], per = [c])
+           one = conv(s, w1d, [len] -> [ol], window = [k1], stride = 2)
+           mp = max_pool(a, [oh, ow] -> [mh, mw], size = 2, stride = 1)
+           ap = avg_pool(tanh(b), [dh, dw] -> [ah, aw], size = 3, stride = 2, padding = 1)
+           loss = sum(mp * t, batch, mh, mw, o) + sum(ap * t, batch, ah, aw, o) + sum(tanh(gr), batch, g, gh, gw, og)
+             + sum(dw * dw, batch, c, eh, ew) + sum(one * t, batch, ol, o)
+         }",
+        4,
+        40,
+    );
+}
+
 #[test]
 fn tiny_gpt_end_to_end() {
     let src = std::fs::read_to_string("specs/tiny/gpt.spec").expect("spec");

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use types::{DType, Dim, TensorType};
 
 pub use print::{ParseError, node_text, parse};
-pub use verify::{VerifyError, check_op, verify};
+pub use verify::{VerifyError, check_op, unfolded, verify};
 
 /// A value: the output of the node with this index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -270,6 +270,23 @@ pub enum Op {
     /// `x` → `i32`: the position of the largest value along `dim` (the
     /// first of ties), `dim` dropped.
     Argmax { dim: String },
+    /// `x` → the windows a convolution or pooling slides over `over` (one
+    /// spatial dim each): each `over[i]` becomes `into[i]`, and the window
+    /// dims `window` (their sizes: the kernel) are appended. Element
+    /// [..., o, ..., k] = x[..., o·stride − padding + k·dilation, ...], or
+    /// `fill` outside x.
+    Unfold {
+        over: Vec<String>,
+        into: Vec<String>,
+        window: Vec<String>,
+        stride: u64,
+        padding: u64,
+        dilation: u64,
+        fill: f64,
+    },
+    /// `g` → the gradient of `unfold`: each window element added back to the
+    /// position it came from (col2im).
+    Fold { over: Vec<String>, into: Vec<String>, window: Vec<String>, stride: u64, padding: u64, dilation: u64 },
     /// `x, idx` → x's value at position idx along `dim`, `dim` dropped:
     /// `idx` (`i32`) holds one position for each index of its dims, all of
     /// them x's other dims.
@@ -429,6 +446,8 @@ impl Op {
             Op::Where => "where",
             Op::Argmax { .. } => "argmax",
             Op::Gather { .. } => "gather",
+            Op::Unfold { .. } => "unfold",
+            Op::Fold { .. } => "fold",
             Op::GatherGrad { .. } => "gather_grad",
             Op::LossScale => "loss_scale",
             Op::CrossEntropy { .. } => "cross_entropy",

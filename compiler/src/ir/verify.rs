@@ -63,7 +63,7 @@ fn arity(op: &Op) -> (usize, usize) {
         Op::AdamStep { .. } => (4, 4),
         Op::Einsum | Op::UnaryGrad { .. } | Op::SoftmaxGrad { .. } | Op::EmbedGrad | Op::GateMask => (2, 2),
         Op::Compare { .. } | Op::Gather { .. } | Op::GatherGrad { .. } => (2, 2),
-        Op::Argmax { .. } => (1, 1),
+        Op::Argmax { .. } | Op::Unfold { .. } | Op::Fold { .. } => (1, 1),
         Op::Where => (3, 3),
         Op::NormGradGain { .. } | Op::ZLossGrad | Op::DispatchGrad | Op::CombineGradY => (2, 2),
         Op::NormGradX { gain, .. } => (2 + usize::from(*gain), 2 + usize::from(*gain)),
@@ -126,6 +126,45 @@ fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<Ten
             }
             let ab = TensorType::new(t(1).dtype, broadcast(t(1), t(2))?);
             TensorType::new(t(1).dtype, broadcast(&ab, t(0))?)
+        }
+        Op::Unfold { over, into, window, stride, padding, dilation, .. } => {
+            let x = t(0);
+            if over.len() != into.len() || over.len() != window.len() || *stride == 0 || *dilation == 0 {
+                return Err("unfold takes one output and one window dim per spatial dim".into());
+            }
+            let mut dims = Vec::new();
+            for d in &x.dims {
+                match over.iter().position(|o| *o == d.name) {
+                    Some(i) => {
+                        let k = out.dim(&window[i]).map_or(0, |w| w.size);
+                        let n = unfolded(d.size, k, *stride, *padding, *dilation)
+                            .ok_or_else(|| format!("a window of {k} does not fit `{}`", d.name))?;
+                        dims.push(Dim::new(&into[i], n));
+                    }
+                    None => dims.push(d.clone()),
+                }
+            }
+            for w in window {
+                dims.push(out.dim(w).cloned().ok_or_else(|| format!("window dim `{w}` missing"))?);
+            }
+            TensorType::new(x.dtype, dims)
+        }
+        Op::Fold { over, into, window, stride, padding, dilation } => {
+            // The output is the unfolded input's type: check that unfolding it gives g.
+            let op = Op::Unfold {
+                over: over.clone(),
+                into: into.clone(),
+                window: window.clone(),
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                fill: 0.0,
+            };
+            let back = expected(&op, &[out], t(0))?.unwrap_or_else(|| t(0).clone());
+            if back != *t(0) {
+                return Err(format!("fold of {} cannot come from unfolding {out}", t(0)));
+            }
+            out.clone()
         }
         Op::Argmax { dim } => {
             if !t(0).has(dim) {
@@ -473,4 +512,12 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
     }
     Ok(())
+}
+
+/// Positions a window of `k` (dilated) takes over `n`, padded by `padding`
+/// on each side, at `stride`: PyTorch's ⌊(n + 2p − d·(k − 1) − 1) / s⌋ + 1.
+pub fn unfolded(n: u64, k: u64, stride: u64, padding: u64, dilation: u64) -> Option<u64> {
+    let span = dilation.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+    let room = n.checked_add(2 * padding)?.checked_sub(span)?;
+    Some(room / stride.max(1) + 1)
 }

@@ -32,7 +32,7 @@ fn linearity(op: &Op, n: usize) -> Linear {
         Op::Binary { op: BinaryOp::Add | BinaryOp::Sub } | Op::Concat { .. } | Op::Untake { .. } => Joint,
         Op::Binary { op: BinaryOp::Mul } | Op::MatMul { .. } | Op::Einsum => Each(vec![0, 1]),
         Op::Binary { op: BinaryOp::Div } => Each(vec![0]),
-        Op::Gather { .. } | Op::GatherGrad { .. } => Each(vec![0]),
+        Op::Gather { .. } | Op::GatherGrad { .. } | Op::Unfold { .. } | Op::Fold { .. } => Each(vec![0]),
         Op::Unary { op: crate::ir::UnaryOp::Neg }
         | Op::Cast { .. }
         | Op::Expand
@@ -86,6 +86,9 @@ fn needs_whole(op: &Op, pos: usize, tys: &[&TensorType], d: &str) -> bool {
         // The positions index `dim` of the operand (input 0); the indices' own dims may be split.
         Op::Gather { dim } => pos == 0 && dim == d,
         Op::GatherGrad { .. } => false,
+        // Windows slide over the spatial dims (and come back to them); channels and batch may be split.
+        Op::Unfold { over, .. } => over.iter().any(|x| x == d),
+        Op::Fold { into, window, .. } => into.iter().chain(window).any(|x| x == d),
         Op::Reduce { dims, .. } | Op::MergeDims { dims, .. } => dims.iter().any(|x| x == d),
         Op::Softmax { dim, .. }
         | Op::SoftmaxGrad { dim, .. }

@@ -84,6 +84,92 @@ pub fn argmax<T: Real>(x: &Tensor<T>, dim: &str, out: &[Dim]) -> Tensor<T> {
     Tensor { dims: out.to_vec(), data }
 }
 
+/// How `unfold` slides windows over spatial dims (see `Op::Unfold`).
+pub struct Windows<'a> {
+    pub over: &'a [String],
+    pub into: &'a [String],
+    pub window: &'a [String],
+    pub stride: u64,
+    pub padding: u64,
+    pub dilation: u64,
+}
+
+/// For each element of the unfolded tensor (dims `u`), the offset of its
+/// source element in `x` (dims `x`), or `None` where it falls in the padding.
+fn window_sources(x: &[Dim], u: &[Dim], w: &Windows, mut f: impl FnMut(usize, Option<usize>)) {
+    let xs = crate::tensor::strides(x);
+    // Per dim of `u`: how it moves the source offset, and for spatial
+    // positions and window dims, which spatial dim they belong to.
+    enum Role {
+        Plain(usize),
+        Out(usize),
+        Win(usize),
+    }
+    let roles: Vec<Role> = u
+        .iter()
+        .map(|d| {
+            if let Some(i) = w.into.iter().position(|n| *n == d.name) {
+                Role::Out(i)
+            } else if let Some(i) = w.window.iter().position(|n| *n == d.name) {
+                Role::Win(i)
+            } else {
+                Role::Plain(x.iter().position(|xd| xd.name == d.name).map_or(0, |k| xs[k]))
+            }
+        })
+        .collect();
+    let spatial: Vec<(usize, i64)> = w
+        .over
+        .iter()
+        .map(|o| x.iter().position(|d| d.name == *o).map_or((0, 0), |k| (xs[k], x[k].size as i64)))
+        .collect();
+    let mut idx = vec![0u64; u.len()];
+    let n: u64 = u.iter().map(|d| d.size).product();
+    let mut pos = vec![0i64; spatial.len()];
+    for e in 0..n as usize {
+        let mut off = 0usize;
+        pos.iter_mut().for_each(|p| *p = -(w.padding as i64));
+        for (k, role) in roles.iter().enumerate() {
+            match role {
+                Role::Plain(s) => off += idx[k] as usize * s,
+                Role::Out(i) => pos[*i] += (idx[k] * w.stride) as i64,
+                Role::Win(i) => pos[*i] += (idx[k] * w.dilation) as i64,
+            }
+        }
+        let inside = pos.iter().zip(&spatial).all(|(p, (_, size))| *p >= 0 && p < size);
+        let src = inside.then(|| off + pos.iter().zip(&spatial).map(|(p, (s, _))| *p as usize * s).sum::<usize>());
+        f(e, src);
+        for k in (0..idx.len()).rev() {
+            idx[k] += 1;
+            if idx[k] < u[k].size {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
+}
+
+/// The windows of `x` (im2col), `fill` in the padding.
+pub fn unfold<T: Real>(x: &Tensor<T>, w: &Windows, fill: T, out: &[Dim]) -> Tensor<T> {
+    let mut data = vec![fill; out.iter().map(|d| d.size as usize).product()];
+    window_sources(&x.dims, out, w, |e, src| {
+        if let Some(s) = src {
+            data[e] = x.data[s];
+        }
+    });
+    Tensor { dims: out.to_vec(), data }
+}
+
+/// The gradient of [`unfold`]: each window element of `g` added back to its source (col2im).
+pub fn fold<T: Real>(g: &Tensor<T>, w: &Windows, out: &[Dim]) -> Tensor<T> {
+    let mut data = vec![T::zero(); out.iter().map(|d| d.size as usize).product()];
+    window_sources(out, &g.dims, w, |e, src| {
+        if let Some(s) = src {
+            data[s] += g.data[e];
+        }
+    });
+    Tensor { dims: out.to_vec(), data }
+}
+
 /// The position of `idx` (at x's other dims) along `dim`, checked.
 fn position<T: Real>(v: T, n: usize, dim: &str) -> Result<usize, String> {
     let p = v.to_f64().unwrap_or(f64::NAN);

@@ -5,6 +5,7 @@
 //! `structure.rs`, attention in `attention.rs`, routing in `moe.rs`.
 
 mod attention;
+mod conv;
 mod moe;
 mod structure;
 
@@ -79,6 +80,9 @@ pub(in crate::check) const OPS: &[OpSig] = &[
     op("where", 3, 3, &[]),
     op("argmax", 2, 2, &[]),
     op("gather", 3, 3, &[]),
+    op("conv", 3, 3, &["window", "stride", "padding", "dilation", "per"]),
+    op("max_pool", 2, 2, &["size", "stride", "padding"]),
+    op("avg_pool", 2, 2, &["size", "stride", "padding"]),
     // losses
     op("cross_entropy", 2, 2, &["label_smoothing", "ignore"]),
     // vision
@@ -150,11 +154,11 @@ impl Walker<'_> {
                 }
             }
         }
-        if !a.maps.is_empty() && !matches!(s.name, "rename" | "merge" | "split") {
+        if !a.maps.is_empty() && !matches!(s.name, "rename" | "merge" | "split" | "conv" | "max_pool" | "avg_pool") {
             return self.err(
                 Diag::error(format!("`{}` does not take a dim mapping", s.name))
                     .at(a.maps[0].4, "`a -> b` here")
-                    .help("only `rename`, `merge` and `split` take `a -> b`"),
+                    .help("only `rename`, `merge`, `split`, `conv` and the pools take `a -> b`"),
             );
         }
         let npos = a.pos.len() + a.maps.len();
@@ -357,6 +361,8 @@ impl Walker<'_> {
             "merge" => self.merge(frame, &a, span),
             "rename" => self.rename(frame, &a, span),
             "concat" => self.concat(frame, &a, span),
+            "conv" => self.conv(frame, &a, span),
+            "max_pool" | "avg_pool" => self.pool(frame, &a, n == "max_pool", span),
             "permute" => self.permute(frame, &a, span),
             "index" => {
                 let Some(x) = self.tensor(frame, a.pos[0]) else {
