@@ -17,6 +17,7 @@ const SPECS: &[&str] = &[
     "specs/tiny/bert.spec",
     "specs/tiny/vit.spec",
     "specs/tiny/clip.spec",
+    "specs/tiny/digits-cnn.spec",
     "specs/tiny/shakespeare.spec",
     "specs/models/gpt2-small.spec",
     "tests/fixtures/hf/llama-tiny.spec",

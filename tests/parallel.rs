@@ -45,8 +45,13 @@ struct Run {
 
 /// Losses of 5 steps and the final logical weights.
 fn train(spec: &str, sets: &[&str]) -> Run {
-    let out = tmp(&sets.join("_").replace(['.', '=', '/'], "-"));
-    let mut t = common::trainer(&model(spec, sets), cfg(&out)).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
+    let out = tmp(&format!("{}-{}", spec.replace(['.', '/'], "-"), sets.join("_").replace(['.', '=', '/'], "-")));
+    let m = model(spec, sets);
+    // Image models train on the digits, the others on the Shakespeare text.
+    let images = m.inputs.iter().any(|i| i.name == "images");
+    let data =
+        Some(PathBuf::from(if images { "data/digits/digits.jsonl" } else { "data/shakespeare/shakespeare.txt" }));
+    let mut t = common::trainer(&m, RunConfig { data, ..cfg(&out) }).unwrap_or_else(|e| panic!("{sets:?}: {e}"));
     let one = t.training.step.programs.len() == 1;
     let grads = if one { t.reference_gradients().expect("gradients") } else { Vec::new() };
     let mut losses: Vec<f64> =
@@ -345,6 +350,19 @@ fn contrastive_layouts(
         assert!(excluded as u64 <= keys + total as u64 / 1000, "{layout:?}: {excluded} of {total} weights left out");
     }
     assert!(one[4] < one[0], "{spec} trains: {one:?}");
+}
+
+/// A convolutional network (`specs/tiny/digits-cnn.spec`: convolutions,
+/// max pooling, a residual block) on the digits under data parallelism and
+/// under tensor parallelism over its channels (the first convolution's
+/// output channels split, the second's input channels summed across the
+/// tensor ranks), as one device.
+#[test]
+fn digits_cnn_under_data_and_tensor_parallelism() {
+    const CNN: &str = "specs/tiny/digits-cnn.spec";
+    same(CNN, &[], DP2);
+    same(CNN, &["train.micro_batch=8"], &["parallel.mesh.data=4", "parallel.layout.batch=data"]);
+    same(CNN, &[], &["parallel.mesh.tensor=2", "parallel.layout.c1=tensor"]);
 }
 
 #[test]

@@ -5,11 +5,13 @@
 //!   validation split. A batch is a set of windows whose start positions are
 //!   a pure function of (seed, step, micro);
 //! - labelled examples: a `.jsonl` file of `{"text": ..., "label": k}`
-//!   objects, each with an optional `"split": "train" | "val"` (without
-//!   one, the last `val_fraction` of the examples is the validation split).
-//!   Each text is tokenized with the tokenizer's special tokens (BERT's
-//!   `[CLS] … [SEP]`). A training batch draws examples as a pure function
-//!   of (seed, step, micro); a validation batch takes them in order.
+//!   objects (or `{"pixels": [...], "label": k}` for images, the pixels
+//!   row-major in the model's `images` order), each with an optional
+//!   `"split": "train" | "val"` (without one, the last `val_fraction` of the
+//!   examples is the validation split). Each text is tokenized with the
+//!   tokenizer's special tokens (BERT's `[CLS] … [SEP]`). A training batch
+//!   draws examples as a pure function of (seed, step, micro); a validation
+//!   batch takes them in order.
 
 use super::TrainError;
 use crate::exec::kernels::uniform;
@@ -35,10 +37,12 @@ enum Source {
     Examples { train: Vec<Example>, val: Vec<Example> },
 }
 
-/// A labelled example: its token ids and its class.
+/// A labelled example: its token ids (of its text, if any), its pixels
+/// (of its image, if any) and its class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub ids: Vec<u32>,
+    pub pixels: Vec<f32>,
     pub label: u32,
 }
 
@@ -164,6 +168,29 @@ impl Dataset {
         )))
     }
 
+    /// Labelled examples that feed an `images` input of `per_example`
+    /// values must each hold that many pixels.
+    pub fn check_pixels(&self, per_example: usize) -> Result<(), TrainError> {
+        let Source::Examples { train, val } = &self.source else {
+            return Err(TrainError::Setup(format!(
+                "the model has an `images` input, but the data `{}` is a token stream
+  help: images come as labelled \
+                 examples, a .jsonl of {{\"pixels\": [...], \"label\": k}}",
+                self.path.display()
+            )));
+        };
+        match train.iter().chain(val).position(|e| e.pixels.len() != per_example) {
+            None => Ok(()),
+            Some(k) => Err(TrainError::Setup(format!(
+                "example {} of `{}` holds {} pixels, but the model's `images` takes {per_example} per example\n  help: \
+                 write each image's pixels row-major in the order of the model's `images` dims after `batch`",
+                k + 1,
+                self.path.display(),
+                train.iter().chain(val).nth(k).map_or(0, |e| e.pixels.len())
+            ))),
+        }
+    }
+
     /// Tokens in a stream, or examples.
     pub fn len(&self) -> usize {
         match &self.source {
@@ -181,8 +208,8 @@ impl Dataset {
     /// checks). A token stream gives windows: `tokens` and next-token
     /// `targets`. Labelled examples give `tokens` (each example's ids, cut to
     /// `seq`, then zeros), `mask` where the model has one (1 on the
-    /// example's tokens), `targets` `[batch]` (the labels), every other
-    /// input zeros.
+    /// example's tokens), `images` (each example's pixels), `targets`
+    /// `[batch]` (the labels), every other input zeros.
     pub fn batch(
         &self,
         split: Split,
@@ -191,8 +218,10 @@ impl Dataset {
         step: u64,
         micro: u64,
     ) -> Vec<crate::tensor::Tensor<f32>> {
-        let tokens = &inputs.iter().find(|x| x.name == "tokens").expect("the trainer checks `tokens`").ty;
-        let (batch, seq) = (tokens.dims[0].size as usize, tokens.dims.last().map_or(1, |d| d.size as usize));
+        // Every input leads with `batch`; `tokens` (if any) ends with `seq`.
+        let tokens = inputs.iter().find(|x| x.name == "tokens").unwrap_or(&inputs[0]);
+        let batch = tokens.ty.dims.first().map_or(1, |d| d.size as usize);
+        let seq = if tokens.name == "tokens" { tokens.ty.dims.last().map_or(1, |d| d.size as usize) } else { 1 };
         let rows = match &self.source {
             Source::Examples { train, val } => {
                 if split == Split::Train {
@@ -241,6 +270,12 @@ impl Dataset {
                         }
                     }
                     "targets" => t.data.iter_mut().zip(&picked).for_each(|(r, e)| *r = e.label as f32),
+                    "images" => {
+                        let per = t.data.len() / batch.max(1);
+                        for (b, e) in picked.iter().enumerate() {
+                            t.data[b * per..(b + 1) * per].copy_from_slice(&e.pixels[..per]);
+                        }
+                    }
                     _ => {}
                 }
                 t
@@ -301,16 +336,28 @@ fn examples(
             ))
         };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
-        let text = v["text"].as_str().ok_or_else(|| bad("no `text` string"))?;
+        let pixels: Vec<f32> = match v.get("pixels") {
+            None => Vec::new(),
+            Some(p) => p
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<Vec<f32>>>())
+                .ok_or_else(|| bad("`pixels` is not a list of numbers"))?,
+        };
+        let text = match v["text"].as_str() {
+            Some(t) => t,
+            None if !pixels.is_empty() => "",
+            None => return Err(bad("no `text` string (or `pixels` list)")),
+        };
         let label = v["label"]
             .as_u64()
             .and_then(|l| u32::try_from(l).ok())
             .ok_or_else(|| bad("no `label` (a class index, 0 or more)"))?;
-        let ids = tokenizer.encode_with_special(text)?;
+        let ids =
+            if text.is_empty() && !pixels.is_empty() { Vec::new() } else { tokenizer.encode_with_special(text)? };
         if let Some(&id) = ids.iter().find(|&&t| t as u64 >= vocab) {
             return Err(bad(&format!("the text holds token id {id}, but the model's vocab is {vocab}")));
         }
-        let e = Example { ids, label };
+        let e = Example { ids, pixels, label };
         match v.get("split").and_then(|s| s.as_str()) {
             Some("train") => marked.push((Split::Train, e)),
             Some("val") => marked.push((Split::Val, e)),

@@ -192,11 +192,12 @@ fn open_data(training: &Training, cfg: &RunConfig) -> Result<data::Dataset, Trai
     let train = &training.train;
     let inputs = &training.step.inputs;
     let find = |n: &str| inputs.iter().position(|i| i.name == n);
-    let (Some(tokens_idx), Some(targets_idx)) = (find("tokens"), find("targets")) else {
+    let fed = find("targets").is_some() && (find("tokens").is_some() || find("images").is_some());
+    let (Some(targets_idx), true) = (find("targets"), fed) else {
         return Err(TrainError::Setup(format!(
-            "`tessera train` feeds a model's inputs `tokens` [batch, seq] and `targets` (the next tokens [batch, \
-             seq], or a label per example [batch]); this model's inputs are {}. Drop the data setting and feed the \
-             inputs from code (`Trainer::train_step_on`)",
+            "`tessera train` feeds a model's inputs `tokens` [batch, seq] or `images` [batch, ...], and `targets` \
+             (the next tokens [batch, seq], or a label per example [batch]); this model's inputs are {}. Drop the \
+             data setting and feed the inputs from code (`Trainer::train_step_on`)",
             input_names(inputs)
         )));
     };
@@ -212,7 +213,7 @@ fn open_data(training: &Training, cfg: &RunConfig) -> Result<data::Dataset, Trai
     };
     let tok = tokenizer::Tokenizer::by_name(train.tokenizer.as_deref())?;
     let data = data::Dataset::open(&path, train.val_fraction.unwrap_or(0.1), vocab, &tok)?;
-    let seq = inputs[tokens_idx].ty.dims.last().map(|d| d.size as usize).unwrap_or(1);
+    let seq = find("tokens").and_then(|k| inputs[k].ty.dims.last()).map_or(1, |d| d.size as usize);
     data.check_windows(seq)?;
     // A token stream feeds language models (tokens and next tokens);
     // labelled examples feed classifiers (a label per example).
@@ -222,7 +223,7 @@ fn open_data(training: &Training, cfg: &RunConfig) -> Result<data::Dataset, Trai
         return Err(TrainError::Setup(format!(
             "the model's `targets` is {}, but the data `{}` is {}: a language model ([batch, seq] targets) trains \
              on text or token ids, a classifier ([batch] targets) on labelled examples (a .jsonl of \
-             {{\"text\", \"label\"}})",
+             {{\"text\", \"label\"}} or {{\"pixels\", \"label\"}})",
             inputs[targets_idx].ty,
             path.display(),
             if labelled { "labelled examples" } else { "a token stream" }
@@ -233,6 +234,10 @@ fn open_data(training: &Training, cfg: &RunConfig) -> Result<data::Dataset, Trai
             "a language model trains on `tokens` and `targets` only; this model has other inputs".into(),
         ));
     }
+    if let Some(k) = find("images") {
+        let batch = inputs[k].ty.dims.first().map_or(1, |d| d.size.max(1));
+        data.check_pixels((inputs[k].ty.numel() / batch) as usize)?;
+    }
     Ok(data)
 }
 
@@ -242,7 +247,7 @@ impl Trainer {
         let train = training.train.clone();
         let inputs = &training.step.inputs;
         let find = |n: &str| inputs.iter().position(|i| i.name == n);
-        let fed = matches!((find("tokens"), find("targets")), (Some(_), Some(_)));
+        let fed = find("targets").is_some() && (find("tokens").is_some() || find("images").is_some());
         let configured = cfg.data.is_some() || train.data.is_some();
         // A model whose inputs the data does not feed (images, two towers)
         // trains on what its caller feeds (`Trainer::train_step_on`).
