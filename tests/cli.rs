@@ -1017,3 +1017,21 @@ fn train_learns_the_digits_with_a_cnn() {
     assert!(stderr(&o).contains("holds 64 pixels, but the model's `images` takes 256 per example"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An ImageGPT on the digits' pixels (`specs/tiny/igpt.spec`, a token
+/// stream of intensities, data/digits/pixels.bin): after 300 of its 600
+/// steps the validation loss was 1.661 nats per pixel when measured, against
+/// 2.083 for the training split's pixel frequencies; the bound is 1.8.
+#[test]
+fn train_models_the_digits_pixels_with_an_image_gpt() {
+    let dir = std::env::temp_dir().join(format!("tessera-cli-igpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_string_lossy().into_owned();
+    let o = tessera(&["train", "specs/tiny/igpt.spec", "--steps", "300", "--out", &out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().expect("a line")).expect("json");
+    let loss = last["val_loss"].as_f64().expect("val_loss");
+    assert!(loss < 1.8, "validation loss {loss} nats per pixel");
+    let _ = std::fs::remove_dir_all(&dir);
+}

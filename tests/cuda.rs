@@ -18,6 +18,7 @@ const SPECS: &[&str] = &[
     "specs/tiny/vit.spec",
     "specs/tiny/clip.spec",
     "specs/tiny/digits-cnn.spec",
+    "specs/tiny/igpt.spec",
     "specs/tiny/shakespeare.spec",
     "specs/models/gpt2-small.spec",
     "tests/fixtures/hf/llama-tiny.spec",

@@ -239,3 +239,40 @@ fn convolutions_and_pooling_match_pytorch() {
         assert!(num / den < 1e-12, "{name}: relative error {:.2e}", num / den);
     }
 }
+
+/// std/conv's `group_norm` against `torch.nn.functional.group_norm` in
+/// float64 (tests/fixtures/conv/make.py): 6 channels in 3 groups.
+#[test]
+fn group_norm_matches_pytorch() {
+    use tessera::compiler::ir::Dim;
+    let bytes = std::fs::read("tests/fixtures/conv/conv.safetensors").expect("the fixture");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let read = |name: &str, dims: &[(&str, u64)]| -> Tensor<f64> {
+        let v = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}` in the fixture"));
+        let data = v.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        Tensor { dims: dims.iter().map(|(n, s)| Dim::new(*n, *s)).collect(), data }
+    };
+    let src = "use std/conv
+      model m {
+        dims { h = 5, w = 4, c = 6 }
+        input x: f32[batch, h, w, c]
+        y = group_norm(x, groups = 3)
+        loss = sum(y, batch, h, w, c)
+      }
+      train { optimizer = sgd(lr = 0.0)  batch = 2 sequences }";
+    let mut sources = SourceMap::new();
+    let m = tessera::compiler::check_text(&mut sources, "gn.spec", src, Path::new("specs"), &Options::default())
+        .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
+    let nchw = [("batch", 2), ("c", 6), ("h", 5), ("w", 4)];
+    let x = read("gn_x", &nchw).permute(&m.inputs[0].ty.dims);
+    let params = vec![read("gn_gain", &[("c", 6)]), read("gn_bias", &[("c", 6)])];
+    assert_eq!(m.params[0].path, "group_norm.gain");
+    let vals = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
+        .run(&[x], &params)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ours = vals[m.graph.output("y").expect("y").index()].permute(&read("gn_y", &nchw).dims);
+    let want = read("gn_y", &nchw);
+    let num: f64 = ours.data.iter().zip(&want.data).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = want.data.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(den > 0.0 && num / den < 1e-12, "relative error {:.2e}", num / den);
+}

@@ -488,7 +488,7 @@ fn builders_compute_what_they_say() {
 }
 
 /// Convolutions over named spatial dims: strided and padded, dilated,
-/// grouped (`per = [g]`), depthwise, 1D, and max and average pooling.
+/// grouped (`per = [g]`), depthwise, 1D and 3D, and max and average pooling.
 #[test]
 fn convolutions_and_pooling() {
     check_grads(
@@ -497,7 +497,9 @@ fn convolutions_and_pooling() {
            input x: f32[batch, c, h, wd]
            input xg: f32[batch, g, cg, h, wd]
            input s: f32[batch, c, len]
+           input v: f32[batch, c, dd = 3, h, wd]
            param w1: [c, kh = 3, kw = 3, o]
+           param w3: [c, kd = 2, kh, kw, o]
            param w2: [c, kh2 = 2, kw2 = 3, o]
            param wg: [g, cg, kh, kw, og]
            param wd1: [c, kh, kw]
@@ -512,9 +514,30 @@ fn convolutions_and_pooling() {
            ap = avg_pool(tanh(b), [dh, dw] -> [ah, aw], size = 3, stride = 2, padding = 1)
            loss = sum(mp * t, batch, mh, mw, o) + sum(ap * t, batch, ah, aw, o) + sum(tanh(gr), batch, g, gh, gw, og)
              + sum(dw * dw, batch, c, eh, ew) + sum(one * t, batch, ol, o)
+             + sum(conv(v, w3, [dd, h, wd] -> [od, vh, vw], window = [kd, kh, kw], stride = 2, padding = 1) * t,
+                   batch, od, vh, vw, o)
          }",
         4,
         40,
+    );
+}
+
+/// std/conv's GroupNorm and squeeze-and-excitation blocks after a convolution.
+#[test]
+fn group_norm_and_squeeze_excitation() {
+    check_grads(
+        "use std/conv
+         model m {
+           dims { h = 5, wd = 4, c = 2, o = 6 }
+           input x: f32[batch, c, h, wd]
+           param w: [c, kh = 3, kw = 3, o]
+           param t: [o]
+           y = conv(x, w, [h, wd] -> [oh, ow], window = [kh, kw], padding = 1)
+           y = squeeze_excite(group_norm(y, groups = 3), squeeze = 2)
+           loss = sum(tanh(y) * t, batch, oh, ow, o)
+         }",
+        4,
+        30,
     );
 }
 

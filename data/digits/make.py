@@ -1,5 +1,6 @@
 """The 8×8 handwritten digits that ship with scikit-learn, as labelled
-image examples for `tessera train` (data/digits/digits.jsonl).
+image examples for `tessera train` (data/digits/digits.jsonl), and as a
+stream of pixel tokens for an ImageGPT (data/digits/pixels.bin).
 
 Each line: {"pixels": [64 values in 0..1], "label": d, "text": caption,
 "split": "train" | "val"}. The pixels are scikit-learn's 0..16 intensities
@@ -26,3 +27,10 @@ with open("data/digits/digits.jsonl", "w") as f:
         split = "val" if i >= n - VAL else "train"
         row = {"pixels": pixels, "label": int(label), "text": f"a handwritten {WORDS[label]}", "split": split}
         f.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+import struct
+
+with open("data/digits/pixels.bin", "wb") as f:
+    for image in digits.images:
+        f.write(struct.pack("<H", 17))
+        f.write(struct.pack("<64H", *[int(v) for v in image.reshape(-1)]))

@@ -17,6 +17,7 @@ pub const STD: &[(&str, &str)] = &[
     ("std/attention", include_str!("../../../specs/std/attention.spec")),
     ("std/mlp", include_str!("../../../specs/std/mlp.spec")),
     ("std/moe", include_str!("../../../specs/std/moe.spec")),
+    ("std/conv", include_str!("../../../specs/std/conv.spec")),
     ("std/transformer", include_str!("../../../specs/std/transformer.spec")),
     ("std/encdec", include_str!("../../../specs/std/encdec.spec")),
 ];

@@ -25,6 +25,34 @@ impl Walker<'_> {
             let Some(src) = self.dim_in(frame, &from[0].name, from[0].span, &x.ty) else {
                 return Val::Poison;
             };
+            // One new name may be left for the split to size (`c -> [groups, width]`).
+            let known = |w: &mut Self, frame: &Frame, n: &str| {
+                w.bound(frame, n).is_some()
+                    || frame.local_dims.contains_key(n)
+                    || w.model_const(n).is_some()
+                    || matches!(frame.consts.get(n), Some(Val::Num(_)))
+            };
+            let open: Vec<usize> = (0..to.len()).filter(|&i| !known(self, frame, &to[i].name)).collect();
+            if open.len() == 1 {
+                let mut rest = 1u64;
+                for (i, t) in to.iter().enumerate() {
+                    if i != open[0] {
+                        let Some(d) = self.dim(frame, &t.name, t.span) else {
+                            return Val::Poison;
+                        };
+                        rest = rest.saturating_mul(d.size);
+                    }
+                }
+                if rest == 0 || !src.size.is_multiple_of(rest) {
+                    return self.err(
+                        Diag::error(format!("`{}` of size {} does not split by {rest}", src.name, src.size))
+                            .at(mspan, "sizes do not divide")
+                            .help("the other dims' sizes must divide the split dim's size"),
+                    );
+                }
+                let t = &to[open[0]];
+                frame.local_dims.insert(t.name.clone(), Dim::new(&t.name, src.size / rest));
+            }
             let mut new = Vec::new();
             for t in to {
                 let Some(d) = self.dim(frame, &t.name, t.span) else {
@@ -114,10 +142,19 @@ impl Walker<'_> {
             };
             src.push(d);
         }
+        let prod: u64 = src.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
+        // A new name takes the merged size.
+        let name = &to[0].name;
+        let declared = self.bound(frame, name).is_some()
+            || frame.local_dims.contains_key(name)
+            || self.model_const(name).is_some()
+            || matches!(frame.consts.get(name), Some(Val::Num(_)));
+        if !declared {
+            frame.local_dims.insert(name.clone(), Dim::new(name, prod));
+        }
         let Some(target) = self.dim(frame, &to[0].name, to[0].span) else {
             return Val::Poison;
         };
-        let prod: u64 = src.iter().map(|d| d.size).fold(1u64, u64::saturating_mul);
         if prod != target.size {
             return self.err(
                 Diag::error(format!(
