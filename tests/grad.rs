@@ -390,8 +390,8 @@ fn structural_ops() {
 
 /// The tensor builders: a [query, key] mask built from `iota` and
 /// comparisons (`>=`, `==`, `&&`, `||`, `!`) into attention, `where` between
-/// two projections, and the feature at each sequence's largest id picked by
-/// `argmax` and `gather` (CLIP's end token).
+/// two projections, the feature at each sequence's largest id picked by
+/// `argmax` and `gather` (CLIP's end token), and slices by range.
 #[test]
 fn masks_where_argmax_and_gather() {
     check_grads(
@@ -414,8 +414,10 @@ fn masks_where_argmax_and_gather() {
            y = attention(x @ wq, k, v, mask = allowed)
            h = where(sum(x, embed) > 0.2, x @ w1, x @ w2)
            last = gather(h, argmax(tokens, seq), seq)
+           mid = slice(h, seq -> middle, start = 1, size = 3)
            loss = sum(y * t, batch, seq, heads, head_dim) + sum(last * u, batch, e2)
-             + sum(where(tokens > 1, 0.0, h * h), batch, seq, e2)
+             + sum(where(tokens > 1, 0.0, h * h), batch, seq, e2) + sum(mid * mid * u, batch, middle, e2)
+             + sum(slice(h, seq -> head, size = 2) * u, batch, head, e2)
          }",
         4,
         30,
@@ -449,6 +451,7 @@ fn builders_compute_what_they_say() {
            picked = gather(x, first, seq)
            chosen = where(tokens > 1, sum(x, embed), -1.0)
            counted = iota(seq, start = 3)
+           cut = slice(x, seq -> part, start = 2, size = 2)
            loss = sum(built, batch, seq, heads, head_dim)
          }",
     );
@@ -485,6 +488,13 @@ fn builders_compute_what_they_say() {
     }
     assert!(ties > 0, "the inputs have ties, so the first-of-ties rule is tested");
     assert_eq!(out("counted"), &[3.0, 4.0, 5.0, 6.0, 7.0]);
+    for b in 0..batch {
+        for p in 0..2 {
+            for e in 0..embed {
+                assert_eq!(out("cut")[(b * 2 + p) * embed + e], x[(b * seq + 2 + p) * embed + e], "slice at {b} {p}");
+            }
+        }
+    }
 }
 
 /// Convolutions over named spatial dims: strided and padded, dilated,

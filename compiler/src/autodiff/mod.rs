@@ -10,7 +10,7 @@
 pub mod update;
 
 use crate::ir::{BinaryOp, Graph, Op, ReduceOp, RelPos, UnaryOp, ValueId};
-use crate::model::TensorType;
+use crate::model::{Dim, TensorType};
 use crate::syntax::ast::DType;
 use crate::syntax::span::Span;
 
@@ -307,6 +307,35 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
                     }
                     start += part.size;
                 }
+            }
+            // The gradient of a slice: zeros before and after it, concatenated.
+            Op::Slice { dim, start, to } => {
+                let tx = fwd.ty(ins[0]).clone();
+                let (whole, part) = (tx.dim(dim).cloned(), b.ty(gi).dim(to).cloned());
+                let (Some(whole), Some(part)) = (whole, part) else {
+                    return not("slice", "its dims do not match its operand");
+                };
+                let gt = b.ty(gi);
+                let mut parts = Vec::new();
+                let mut over = Vec::new();
+                let zero = b.scalar(0.0, gt.dtype, span);
+                for (name, len) in [
+                    (format!("{dim}_before"), *start),
+                    (String::new(), 0),
+                    (format!("{dim}_after"), whole.size - start - part.size),
+                ] {
+                    if name.is_empty() {
+                        parts.push(gi);
+                        over.push(to.clone());
+                    } else if len > 0 {
+                        let z =
+                            b.push(Op::Expand, vec![zero], TensorType::new(gt.dtype, vec![Dim::new(&name, len)]), span);
+                        parts.push(z);
+                        over.push(name);
+                    }
+                }
+                let c = b.push(Op::Concat { over, into: dim.clone() }, parts, tx, span);
+                b.accumulate(ins[0], c, span);
             }
             Op::Dropout { p } => {
                 if *p == 0.0 {

@@ -141,6 +141,95 @@ impl Walker<'_> {
         Val::Tensor(self.emit(Op::Reduce { op, dims: reduced }, vec![u.id], out, span))
     }
 
+    /// `slice(x, d -> part, start = s, size = n)`: positions s .. s + n of `d`
+    /// as the dim `part` (declared, or new with `size`).
+    pub(super) fn slice(&mut self, frame: &mut Frame, a: &Args, span: Span) -> Val {
+        let Some(x) = self.tensor(frame, a.pos[0]) else {
+            return Val::Poison;
+        };
+        let usage = "write `slice(x, seq -> prefix, start = 0, size = 16)`";
+        let [(from, to, false, false, mspan)] = a.maps.as_slice() else {
+            return self.err(
+                Diag::error("`slice` takes one dim and the dim its slice becomes")
+                    .at(span, "no `d -> part`")
+                    .help(usage),
+            );
+        };
+        let (Some(f), Some(t)) = (from.first(), to.first()) else {
+            return self.err(Diag::error("`slice` maps one dim to one dim").at(*mspan, "here").help(usage));
+        };
+        let Some(d) = self.dim_in(frame, &f.name, f.span, &x.ty) else {
+            return Val::Poison;
+        };
+        let start = match a.kw.get("start") {
+            Some(e) => match self.eval_const(frame, e) {
+                Some(v) if v >= 0.0 && v.fract() == 0.0 => v as u64,
+                Some(v) => {
+                    return self.err(
+                        Diag::error(format!("`slice` starts at {v}")).at(e.span, "not a whole number ≥ 0").help(usage),
+                    );
+                }
+                None => return Val::Poison,
+            },
+            None => 0,
+        };
+        let size = match a.kw.get("size") {
+            Some(e) => match self.whole(frame, e, "size", 1) {
+                Some(n) => Some(n),
+                None => return Val::Poison,
+            },
+            None => None,
+        };
+        let declared = self
+            .bound(frame, &t.name)
+            .or_else(|| frame.local_dims.get(&t.name).cloned())
+            .or_else(|| self.model_const(&t.name).and_then(|_| self.dim(frame, &t.name, t.span)));
+        let part = match (declared, size) {
+            (Some(p), Some(n)) if p.size != n => {
+                return self.err(
+                    Diag::error(format!("`{}` is {}, but the slice takes {n}", p.name, p.size))
+                        .at(t.span, "size mismatch")
+                        .help("drop `size`, or slice into a new name"),
+                );
+            }
+            (Some(p), _) => p,
+            (None, Some(n)) => {
+                let p = Dim::new(&t.name, n);
+                frame.local_dims.insert(p.name.clone(), p.clone());
+                p
+            }
+            (None, None) => {
+                return self.err(
+                    Diag::error(format!("the slice's size is unknown: `{}` is not a declared dim", t.name))
+                        .at(t.span, "new name")
+                        .help("give `size = n`, or slice into a declared dim"),
+                );
+            }
+        };
+        if start.saturating_add(part.size) > d.size {
+            return self.err(
+                Diag::error(format!(
+                    "positions {start}..{} are outside `{}` of size {}",
+                    start.saturating_add(part.size),
+                    d.name,
+                    d.size
+                ))
+                .at(span, "out of range")
+                .help("slice within the dim"),
+            );
+        }
+        if part.name != d.name && x.ty.has(&part.name) {
+            return self.err(
+                Diag::error(format!("`{}` is already a dim of {}", part.name, x.ty))
+                    .at(t.span, "duplicate")
+                    .help("slice into a new name"),
+            );
+        }
+        let dims = x.ty.dims.iter().map(|o| if o.name == d.name { part.clone() } else { o.clone() }).collect();
+        let op = Op::Slice { dim: d.name.clone(), start, to: part.name.clone() };
+        Val::Tensor(self.emit(op, vec![x.id], TensorType::new(x.ty.dtype, dims), span))
+    }
+
     /// The spatial dims of `x` and the names of the positions they become: `[h, width] -> [oh, ow]`.
     fn spatial(
         &mut self,

@@ -80,6 +80,7 @@ pub(in crate::check) const OPS: &[OpSig] = &[
     op("where", 3, 3, &[]),
     op("argmax", 2, 2, &[]),
     op("gather", 3, 3, &[]),
+    op("slice", 2, 2, &["start", "size"]),
     op("conv", 3, 3, &["window", "stride", "padding", "dilation", "per"]),
     op("max_pool", 2, 2, &["size", "stride", "padding"]),
     op("avg_pool", 2, 2, &["size", "stride", "padding"]),
@@ -154,11 +155,13 @@ impl Walker<'_> {
                 }
             }
         }
-        if !a.maps.is_empty() && !matches!(s.name, "rename" | "merge" | "split" | "conv" | "max_pool" | "avg_pool") {
+        if !a.maps.is_empty()
+            && !matches!(s.name, "rename" | "merge" | "split" | "slice" | "conv" | "max_pool" | "avg_pool")
+        {
             return self.err(
                 Diag::error(format!("`{}` does not take a dim mapping", s.name))
                     .at(a.maps[0].4, "`a -> b` here")
-                    .help("only `rename`, `merge`, `split`, `conv` and the pools take `a -> b`"),
+                    .help("only `rename`, `merge`, `split`, `slice`, `conv` and the pools take `a -> b`"),
             );
         }
         let npos = a.pos.len() + a.maps.len();
@@ -362,6 +365,7 @@ impl Walker<'_> {
             "rename" => self.rename(frame, &a, span),
             "concat" => self.concat(frame, &a, span),
             "conv" => self.conv(frame, &a, span),
+            "slice" => self.slice(frame, &a, span),
             "max_pool" | "avg_pool" => self.pool(frame, &a, n == "max_pool", span),
             "permute" => self.permute(frame, &a, span),
             "index" => {
