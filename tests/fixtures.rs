@@ -164,6 +164,14 @@ fn tiny_vit_matches_jax() {
     check("specs/tiny/vit.spec", "tiny_vit", false);
 }
 
+/// A float64 PyTorch tensor of a fixture under Tessera's names for its
+/// dims, in PyTorch's order.
+fn torch_tensor(st: &SafeTensors, name: &str, dims: &[(&str, u64)]) -> Tensor<f64> {
+    let v = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}` in the fixture"));
+    let data = v.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    Tensor { dims: dims.iter().map(|(n, s)| tessera::compiler::ir::Dim::new(*n, *s)).collect(), data }
+}
+
 /// Convolutions and pooling against PyTorch in float64
 /// (tests/fixtures/conv/make.py): strided and padded, dilated, grouped,
 /// depthwise and 1D convolutions, max and average pooling, through the
@@ -173,12 +181,7 @@ fn convolutions_and_pooling_match_pytorch() {
     use tessera::compiler::ir::Dim;
     let bytes = std::fs::read("tests/fixtures/conv/conv.safetensors").expect("the fixture");
     let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    // A PyTorch tensor under Tessera's names for its dims, in PyTorch's order.
-    let read = |name: &str, dims: &[(&str, u64)]| -> Tensor<f64> {
-        let v = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}` in the fixture"));
-        let data = v.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        Tensor { dims: dims.iter().map(|(n, s)| Dim::new(*n, *s)).collect(), data }
-    };
+    let read = |name: &str, dims: &[(&str, u64)]| torch_tensor(&st, name, dims);
     let src = "model m {
         dims { h = 7, wd = 6, c = 4, o = 3, g = 2, cg = 2, og = 2, len = 9 }
         input x: f32[batch, c, h, wd]
@@ -244,14 +247,9 @@ fn convolutions_and_pooling_match_pytorch() {
 /// float64 (tests/fixtures/conv/make.py): 6 channels in 3 groups.
 #[test]
 fn group_norm_matches_pytorch() {
-    use tessera::compiler::ir::Dim;
     let bytes = std::fs::read("tests/fixtures/conv/conv.safetensors").expect("the fixture");
     let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    let read = |name: &str, dims: &[(&str, u64)]| -> Tensor<f64> {
-        let v = st.tensor(name).unwrap_or_else(|_| panic!("no `{name}` in the fixture"));
-        let data = v.data().chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        Tensor { dims: dims.iter().map(|(n, s)| Dim::new(*n, *s)).collect(), data }
-    };
+    let read = |name: &str, dims: &[(&str, u64)]| torch_tensor(&st, name, dims);
     let src = "use std/conv
       model m {
         dims { h = 5, w = 4, c = 6 }

@@ -90,11 +90,21 @@ impl Walker<'_> {
                     .help("cast one side with `cast(x, dtype)`; compare numbers with tensors of their kind"),
             );
         }
+        let Some(dims) = self.broadcast(&x, &y, sa, sb) else {
+            return Val::Poison;
+        };
+        let Some(cmp) = compare_op(op) else { return Val::Poison };
+        let out = TensorType::new(DType::Bool, dims);
+        Val::Tensor(self.emit(Op::Compare { op: cmp }, vec![x.id, y.id], out, span))
+    }
+
+    /// The dims of `x ∘ y` broadcast by name: x's, then y's new ones.
+    fn broadcast(&mut self, x: &TVal, y: &TVal, sa: Span, sb: Span) -> Option<Vec<Dim>> {
         let mut dims = x.ty.dims.clone();
         for d in &y.ty.dims {
             match x.ty.dim(&d.name) {
                 Some(xd) if xd.size != d.size => {
-                    return self.err(
+                    self.err(
                         Diag::error(format!(
                             "dim `{}` has size {} on the left but {} on the right",
                             d.name, xd.size, d.size
@@ -103,14 +113,13 @@ impl Walker<'_> {
                         .also(sb, format!("{}", y.ty))
                         .help("broadcasting is by name: dims of the same name must have the same size"),
                     );
+                    return None;
                 }
                 Some(_) => {}
                 None => dims.push(d.clone()),
             }
         }
-        let Some(cmp) = compare_op(op) else { return Val::Poison };
-        let out = TensorType::new(DType::Bool, dims);
-        Val::Tensor(self.emit(Op::Compare { op: cmp }, vec![x.id, y.id], out, span))
+        Some(dims)
     }
 
     /// `x ∘ c` (or `c ∘ x` when `scalar_first`) for a tensor and a number.
@@ -157,24 +166,9 @@ impl Walker<'_> {
                 .help("cast one side with `cast(x, dtype)`"),
             );
         }
-        let mut dims = x.ty.dims.clone();
-        for d in &y.ty.dims {
-            match x.ty.dim(&d.name) {
-                Some(xd) if xd.size != d.size => {
-                    return self.err(
-                        Diag::error(format!(
-                            "dim `{}` has size {} on the left but {} on the right",
-                            d.name, xd.size, d.size
-                        ))
-                        .at(sa, format!("{}", x.ty))
-                        .also(sb, format!("{}", y.ty))
-                        .help("broadcasting is by name: dims of the same name must have the same size"),
-                    );
-                }
-                Some(_) => {}
-                None => dims.push(d.clone()),
-            }
-        }
+        let Some(dims) = self.broadcast(&x, &y, sa, sb) else {
+            return Val::Poison;
+        };
         let out = TensorType::new(x.ty.dtype, dims);
         if matches!(op, BinOp::Mul | BinOp::Div) {
             // Backward of a product needs both operands (parameters are not activations).

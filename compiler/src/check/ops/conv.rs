@@ -162,13 +162,8 @@ impl Walker<'_> {
             return Val::Poison;
         };
         let start = match a.kw.get("start") {
-            Some(e) => match self.eval_const(frame, e) {
-                Some(v) if v >= 0.0 && v.fract() == 0.0 => v as u64,
-                Some(v) => {
-                    return self.err(
-                        Diag::error(format!("`slice` starts at {v}")).at(e.span, "not a whole number ≥ 0").help(usage),
-                    );
-                }
+            Some(e) => match self.whole(frame, e, "start", 0) {
+                Some(v) => v,
                 None => return Val::Poison,
             },
             None => 0,
@@ -276,9 +271,9 @@ impl Walker<'_> {
     }
 
     /// A whole-number keyword of at least `min`.
-    fn whole(&mut self, frame: &mut Frame, e: &Expr, what: &str, min: u64) -> Option<u64> {
+    pub(super) fn whole(&mut self, frame: &mut Frame, e: &Expr, what: &str, min: u64) -> Option<u64> {
         let v = self.eval_const(frame, e)?;
-        if v.fract() != 0.0 || v < min as f64 || v > 1e6 {
+        if v.fract() != 0.0 || v < min as f64 || v > 1e12 {
             self.err(
                 Diag::error(format!("`{what}` must be a whole number from {min}, got {v}"))
                     .at(e.span, "not a whole number")

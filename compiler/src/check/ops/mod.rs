@@ -549,15 +549,8 @@ impl Walker<'_> {
                     return Val::Poison;
                 };
                 let start = match a.kw.get("start") {
-                    Some(e) => match self.eval_const(frame, e) {
-                        Some(v) if v >= 0.0 && v.fract() == 0.0 => v as u64,
-                        Some(v) => {
-                            return self.err(
-                                Diag::error(format!("`iota` starts at {v}"))
-                                    .at(e.span, "not a whole number ≥ 0")
-                                    .help("positions start at a whole number, e.g. `iota(seq, start = 2)` (OPT)"),
-                            );
-                        }
+                    Some(e) => match self.whole(frame, e, "start", 0) {
+                        Some(v) => v,
                         None => return Val::Poison,
                     },
                     None => 0,
