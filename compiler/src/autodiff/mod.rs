@@ -439,17 +439,9 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
                     }
                 }
             }
-            Op::Unfold { over, into, window, stride, padding, dilation, .. } => {
+            Op::Unfold { windows, .. } => {
                 let tx = fwd.ty(ins[0]).clone();
-                let op = Op::Fold {
-                    over: over.clone(),
-                    into: into.clone(),
-                    window: window.clone(),
-                    stride: *stride,
-                    padding: *padding,
-                    dilation: *dilation,
-                };
-                let c = b.push(op, vec![gi], tx, span);
+                let c = b.push(Op::Fold { windows: windows.clone() }, vec![gi], tx, span);
                 b.accumulate(ins[0], c, span);
             }
             Op::Gather { dim } => {

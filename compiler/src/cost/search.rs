@@ -290,6 +290,16 @@ pub fn search(
                 }
             };
             let micro = batch / (dp * mbs);
+            // Ops that relate examples across the batch, and what they need.
+            let mixing = m.batch_mixing(mbs, dp, p).first().map(|mix| {
+                let op = m.graph.nodes[mix.node].op.name();
+                let needs = if mix.gathers {
+                    "one microbatch per data rank and no pipeline"
+                } else {
+                    "the whole batch in one microbatch"
+                };
+                format!("`{op}` {}, which needs {needs}", mix.what)
+            });
             for &(schedule, v) in scheds {
                 for &zero in zeros {
                     for &recompute in &recomputes {
@@ -301,14 +311,8 @@ pub fn search(
                             reject(&mut rejected, "fewer microbatches than pipeline stages".into(), 1);
                             continue;
                         }
-                        if let Some(mix) = m.batch_mixing(mbs, dp, p).first() {
-                            let (op, what) = (m.graph.nodes[mix.node].op.name(), mix.what);
-                            let needs = if mix.gathers {
-                                "one microbatch per data rank and no pipeline"
-                            } else {
-                                "the whole batch in one microbatch"
-                            };
-                            reject(&mut rejected, format!("`{op}` {what}, which needs {needs}"), 1);
+                        if let Some(why) = &mixing {
+                            reject(&mut rejected, why.clone(), 1);
                             continue;
                         }
                         if schedule == Schedule::Interleaved1f1b && !micro.is_multiple_of(p) {

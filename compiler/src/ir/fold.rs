@@ -22,7 +22,7 @@ fn eval(g: &Graph, v: ValueId, memo: &mut Vec<Option<Vec<f64>>>) -> Option<Vec<f
     }
     let node = &g.nodes[v.index()];
     let ty = &node.ty;
-    if ty.numel() > MAX_ELEMENTS {
+    if !foldable(&node.op) || ty.numel() > MAX_ELEMENTS {
         return None;
     }
     let mut ins = Vec::with_capacity(node.inputs.len());
@@ -34,7 +34,7 @@ fn eval(g: &Graph, v: ValueId, memo: &mut Vec<Option<Vec<f64>>>) -> Option<Vec<f
         Op::Iota { offset, .. } => (0..ty.numel()).map(|k| (offset + k) as f64).collect(),
         // The same elements in the same order under new names or shapes.
         Op::Rename { .. } | Op::SplitDim { .. } | Op::MergeDims { .. } | Op::Cast { .. } => ins[0].0.clone(),
-        Op::Permute | Op::Expand => gather(&ins[0], ty, |x| x[0]),
+        Op::Permute | Op::Expand => zip(&ins[..1], ty, |x| x[0]),
         Op::Compare { op } => zip(&ins, ty, |x| f64::from(u8::from(op.apply(x[0], x[1])))),
         Op::Binary { op } => zip(&ins, ty, |x| match op {
             BinaryOp::Add => x[0] + x[1],
@@ -54,8 +54,22 @@ fn eval(g: &Graph, v: ValueId, memo: &mut Vec<Option<Vec<f64>>>) -> Option<Vec<f
 /// built in every layer is folded once. `None` where [`constant`] fails.
 pub fn key(g: &Graph, v: ValueId) -> Option<String> {
     let node = &g.nodes[v.index()];
-    let foldable = matches!(
-        node.op,
+    if !foldable(&node.op) || node.ty.numel() > MAX_ELEMENTS {
+        return None;
+    }
+    let mut text = format!("{:?}:{}(", node.op, node.ty);
+    for &i in &node.inputs {
+        text.push_str(&key(g, i)?);
+        text.push(',');
+    }
+    text.push(')');
+    Some(text)
+}
+
+/// The ops [`constant`] evaluates.
+fn foldable(op: &Op) -> bool {
+    matches!(
+        op,
         Op::Scalar { .. }
             | Op::Iota { .. }
             | Op::Rename { .. }
@@ -67,17 +81,7 @@ pub fn key(g: &Graph, v: ValueId) -> Option<String> {
             | Op::Compare { .. }
             | Op::Binary { .. }
             | Op::Where
-    );
-    if !foldable || node.ty.numel() > MAX_ELEMENTS {
-        return None;
-    }
-    let mut text = format!("{:?}:{}(", node.op, node.ty);
-    for &i in &node.inputs {
-        text.push_str(&key(g, i)?);
-        text.push(',');
-    }
-    text.push(')');
-    Some(text)
+    )
 }
 
 /// Strides of `src`'s dims laid over `out`'s (0 where `src` lacks the dim).
@@ -112,10 +116,6 @@ fn zip(ins: &[(Vec<f64>, &TensorType)], ty: &TensorType, f: impl Fn(&[f64]) -> f
         }
     }
     out
-}
-
-fn gather(input: &(Vec<f64>, &TensorType), ty: &TensorType, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
-    zip(std::slice::from_ref(input), ty, f)
 }
 
 /// The fraction of `tile` × `tile` blocks of the (query `q`, key `k`) score

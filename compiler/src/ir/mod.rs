@@ -120,6 +120,20 @@ impl BinaryOp {
     }
 }
 
+/// How `unfold` slides windows over spatial dims `over` (one each): each
+/// `over[i]` becomes `into[i]`, and the window dims `window` (their sizes:
+/// the kernel) are appended. Element [..., o, ..., k] of the windows is
+/// x[..., o·stride − padding + k·dilation, ...].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Windows {
+    pub over: Vec<String>,
+    pub into: Vec<String>,
+    pub window: Vec<String>,
+    pub stride: u64,
+    pub padding: u64,
+    pub dilation: u64,
+}
+
 /// A comparison, or a boolean `and`/`or` of masks: the result is a `bool` tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -270,23 +284,19 @@ pub enum Op {
     /// `x` → `i32`: the position of the largest value along `dim` (the
     /// first of ties), `dim` dropped.
     Argmax { dim: String },
-    /// `x` → the windows a convolution or pooling slides over `over` (one
-    /// spatial dim each): each `over[i]` becomes `into[i]`, and the window
-    /// dims `window` (their sizes: the kernel) are appended. Element
-    /// [..., o, ..., k] = x[..., o·stride − padding + k·dilation, ...], or
-    /// `fill` outside x.
+    /// `x` → the windows a convolution or pooling slides over x (see
+    /// [`Windows`]), `fill` outside x.
     Unfold {
-        over: Vec<String>,
-        into: Vec<String>,
-        window: Vec<String>,
-        stride: u64,
-        padding: u64,
-        dilation: u64,
+        #[serde(flatten)]
+        windows: Windows,
         fill: f64,
     },
     /// `g` → the gradient of `unfold`: each window element added back to the
     /// position it came from (col2im).
-    Fold { over: Vec<String>, into: Vec<String>, window: Vec<String>, stride: u64, padding: u64, dilation: u64 },
+    Fold {
+        #[serde(flatten)]
+        windows: Windows,
+    },
     /// `x, idx` → x's value at position idx along `dim`, `dim` dropped:
     /// `idx` (`i32`) holds one position for each index of its dims, all of
     /// them x's other dims.

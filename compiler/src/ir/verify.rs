@@ -127,7 +127,9 @@ fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<Ten
             let ab = TensorType::new(t(1).dtype, broadcast(t(1), t(2))?);
             TensorType::new(t(1).dtype, broadcast(&ab, t(0))?)
         }
-        Op::Unfold { over, into, window, stride, padding, dilation, .. } => {
+        Op::Unfold { windows: w, .. } => {
+            let (over, into, window) = (&w.over, &w.into, &w.window);
+            let (stride, padding, dilation) = (&w.stride, &w.padding, &w.dilation);
             let x = t(0);
             if over.len() != into.len() || over.len() != window.len() || *stride == 0 || *dilation == 0 {
                 return Err("unfold takes one output and one window dim per spatial dim".into());
@@ -149,17 +151,9 @@ fn expected(op: &Op, ins: &[&TensorType], out: &TensorType) -> Result<Option<Ten
             }
             TensorType::new(x.dtype, dims)
         }
-        Op::Fold { over, into, window, stride, padding, dilation } => {
+        Op::Fold { windows } => {
             // The output is the unfolded input's type: check that unfolding it gives g.
-            let op = Op::Unfold {
-                over: over.clone(),
-                into: into.clone(),
-                window: window.clone(),
-                stride: *stride,
-                padding: *padding,
-                dilation: *dilation,
-                fill: 0.0,
-            };
+            let op = Op::Unfold { windows: windows.clone(), fill: 0.0 };
             let back = expected(&op, &[out], t(0))?.unwrap_or_else(|| t(0).clone());
             if back != *t(0) {
                 return Err(format!("fold of {} cannot come from unfolding {out}", t(0)));

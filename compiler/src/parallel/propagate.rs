@@ -87,8 +87,8 @@ fn needs_whole(op: &Op, pos: usize, tys: &[&TensorType], d: &str) -> bool {
         Op::Gather { dim } => pos == 0 && dim == d,
         Op::GatherGrad { .. } => false,
         // Windows slide over the spatial dims (and come back to them); channels and batch may be split.
-        Op::Unfold { over, .. } => over.iter().any(|x| x == d),
-        Op::Fold { into, window, .. } => into.iter().chain(window).any(|x| x == d),
+        Op::Unfold { windows, .. } => windows.over.iter().any(|x| x == d),
+        Op::Fold { windows } => windows.into.iter().chain(&windows.window).any(|x| x == d),
         Op::Reduce { dims, .. } | Op::MergeDims { dims, .. } => dims.iter().any(|x| x == d),
         Op::Softmax { dim, .. }
         | Op::SoftmaxGrad { dim, .. }

@@ -5,7 +5,7 @@
 use super::fast::{as_f32, as_f32_mut, erf_f32, exp_f32, par_rows};
 use crate::tensor::{Real, Tensor, View, aligned_strides, for_each_offset, for_each_offset2, r};
 use tessera_compiler::ir::Dim;
-use tessera_compiler::ir::{BinaryOp, CompareOp, UnaryOp};
+use tessera_compiler::ir::{BinaryOp, CompareOp, UnaryOp, Windows};
 
 /// Broadcast elementwise `a ∘ b` into `out` dims.
 pub fn binary<T: Real>(op: BinaryOp, a: &Tensor<T>, b: &Tensor<T>, out: &[Dim]) -> Tensor<T> {
@@ -82,16 +82,6 @@ pub fn argmax<T: Real>(x: &Tensor<T>, dim: &str, out: &[Dim]) -> Tensor<T> {
         })
         .collect();
     Tensor { dims: out.to_vec(), data }
-}
-
-/// How `unfold` slides windows over spatial dims (see `Op::Unfold`).
-pub struct Windows<'a> {
-    pub over: &'a [String],
-    pub into: &'a [String],
-    pub window: &'a [String],
-    pub stride: u64,
-    pub padding: u64,
-    pub dilation: u64,
 }
 
 /// For each element of the unfolded tensor (dims `u`), the offset of its

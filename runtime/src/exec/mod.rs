@@ -507,14 +507,8 @@ impl Interpreter<'_> {
             Op::Compare { op } => k::compare(*op, a(0), a(1), out),
             Op::Where => k::select_where(a(0), a(1), a(2), out),
             Op::Argmax { dim } => k::argmax(a(0), dim, out),
-            Op::Unfold { over, into, window, stride, padding, dilation, fill } => {
-                let w = k::Windows { over, into, window, stride: *stride, padding: *padding, dilation: *dilation };
-                k::unfold(a(0), &w, r(*fill), out)
-            }
-            Op::Fold { over, into, window, stride, padding, dilation } => {
-                let w = k::Windows { over, into, window, stride: *stride, padding: *padding, dilation: *dilation };
-                k::fold(a(0), &w, out)
-            }
+            Op::Unfold { windows, fill } => k::unfold(a(0), windows, r(*fill), out),
+            Op::Fold { windows } => k::fold(a(0), windows, out),
             Op::Gather { dim } => k::gather(a(0), a(1), dim, out).map_err(fail)?,
             Op::GatherGrad { dim } => k::gather_grad(a(0), a(1), dim, out).map_err(fail)?,
             Op::AmaxGrad { dims } => k::amax_grad(a(0), a(1), a(2), dims),

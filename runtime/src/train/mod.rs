@@ -186,14 +186,20 @@ fn input_names(inputs: &[tessera_compiler::model::Input]) -> String {
     inputs.iter().map(|i| format!("`{}`", i.name)).collect::<Vec<_>>().join(", ")
 }
 
+/// Whether data can feed a model with these inputs: `targets`, and `tokens`
+/// or `images`.
+fn fed_by_data(inputs: &[tessera_compiler::model::Input]) -> bool {
+    let has = |n: &str| inputs.iter().any(|i| i.name == n);
+    has("targets") && (has("tokens") || has("images"))
+}
+
 /// Open the data of `tessera train` for a model with `tokens` and `targets`:
 /// a token stream for a language model, labelled examples for a classifier.
 fn open_data(training: &Training, cfg: &RunConfig) -> Result<data::Dataset, TrainError> {
     let train = &training.train;
     let inputs = &training.step.inputs;
     let find = |n: &str| inputs.iter().position(|i| i.name == n);
-    let fed = find("targets").is_some() && (find("tokens").is_some() || find("images").is_some());
-    let (Some(targets_idx), true) = (find("targets"), fed) else {
+    let (Some(targets_idx), true) = (find("targets"), fed_by_data(inputs)) else {
         return Err(TrainError::Setup(format!(
             "`tessera train` feeds a model's inputs `tokens` [batch, seq] or `images` [batch, ...], and `targets` \
              (the next tokens [batch, seq], or a label per example [batch]); this model's inputs are {}. Drop the \
@@ -245,13 +251,11 @@ impl Trainer {
     /// A run of `training` (from `driver::compile_training`) as `cfg` says.
     pub fn new(training: Training, cfg: RunConfig) -> Result<Trainer, TrainError> {
         let train = training.train.clone();
-        let inputs = &training.step.inputs;
-        let find = |n: &str| inputs.iter().position(|i| i.name == n);
-        let fed = find("targets").is_some() && (find("tokens").is_some() || find("images").is_some());
         let configured = cfg.data.is_some() || train.data.is_some();
-        // A model whose inputs the data does not feed (images, two towers)
-        // trains on what its caller feeds (`Trainer::train_step_on`).
-        let data = if fed || configured { Some(open_data(&training, &cfg)?) } else { None };
+        // A model whose inputs the data does not feed (two towers) trains on
+        // what its caller feeds (`Trainer::train_step_on`).
+        let data =
+            if fed_by_data(&training.step.inputs) || configured { Some(open_data(&training, &cfg)?) } else { None };
         let micro = training.micro_batch;
         let accumulation = (train.batch / micro.max(1)).max(1);
         let run = checkpoint::RunRecord {

@@ -5,7 +5,7 @@
 use super::Args;
 use crate::check::walk::{Frame, TVal, Val, Walker};
 use crate::diag::Diag;
-use crate::ir::{Op, ReduceOp, unfolded};
+use crate::ir::{Op, ReduceOp, Windows, unfolded};
 use crate::model::{Dim, OpCost, TensorType};
 use crate::syntax::ast::{Expr, ExprKind, Ident};
 use crate::syntax::span::Span;
@@ -74,10 +74,11 @@ impl Walker<'_> {
         // output positions, then the summed dims (input channels, window).
         let summed: Vec<&Dim> =
             x.ty.dims.iter().filter(|d| w.ty.has(&d.name) && !per.contains(d) && !over.contains(d)).collect();
+        let positions = u_spatial(&u, &over, &x);
         let mut order: Vec<Dim> =
-            u.ty.dims.iter().filter(|d| !w.ty.has(&d.name) && !u_spatial(&u, &over, &x).contains(d)).cloned().collect();
+            u.ty.dims.iter().filter(|d| !w.ty.has(&d.name) && !positions.contains(d)).cloned().collect();
         order.extend(per.iter().cloned());
-        order.extend(u_spatial(&u, &over, &x));
+        order.extend(positions);
         order.extend(summed.iter().map(|d| (*d).clone()));
         order.extend(window.iter().cloned());
         let u = if order != u.ty.dims {
@@ -161,20 +162,11 @@ impl Walker<'_> {
         let Some(d) = self.dim_in(frame, &f.name, f.span, &x.ty) else {
             return Val::Poison;
         };
-        let start = match a.kw.get("start") {
-            Some(e) => match self.whole(frame, e, "start", 0) {
-                Some(v) => v,
-                None => return Val::Poison,
-            },
-            None => 0,
+        let (Some(start), Some(size)) = (self.whole_kw(frame, a, "start", 0), self.whole_kw(frame, a, "size", 1))
+        else {
+            return Val::Poison;
         };
-        let size = match a.kw.get("size") {
-            Some(e) => match self.whole(frame, e, "size", 1) {
-                Some(n) => Some(n),
-                None => return Val::Poison,
-            },
-            None => None,
-        };
+        let start = start.unwrap_or(0);
         let declared = self
             .bound(frame, &t.name)
             .or_else(|| frame.local_dims.get(&t.name).cloned())
@@ -270,6 +262,14 @@ impl Walker<'_> {
         items.iter().map(|i| self.dim_of(frame, i, &t.ty)).collect()
     }
 
+    /// Keyword `key` if given, a whole number of at least `min`; `None` after an error.
+    pub(super) fn whole_kw(&mut self, frame: &mut Frame, a: &Args, key: &str, min: u64) -> Option<Option<u64>> {
+        match a.kw.get(key) {
+            Some(e) => self.whole(frame, e, key, min).map(Some),
+            None => Some(None),
+        }
+    }
+
     /// A whole-number keyword of at least `min`.
     pub(super) fn whole(&mut self, frame: &mut Frame, e: &Expr, what: &str, min: u64) -> Option<u64> {
         let v = self.eval_const(frame, e)?;
@@ -287,8 +287,7 @@ impl Walker<'_> {
     fn slide(&mut self, frame: &mut Frame, a: &Args, stride: u64) -> Option<Slide> {
         let mut s = Slide { stride, padding: 0, dilation: 1 };
         for (key, min) in [("stride", 1), ("padding", 0), ("dilation", 1)] {
-            if let Some(e) = a.kw.get(key) {
-                let v = self.whole(frame, e, key, min)?;
+            if let Some(v) = self.whole_kw(frame, a, key, min)? {
                 match key {
                     "stride" => s.stride = v,
                     "padding" => s.padding = v,
@@ -333,15 +332,16 @@ impl Walker<'_> {
                 .map(|d| over.iter().position(|o| o == d).map_or_else(|| d.clone(), |i| outs[i].clone()))
                 .collect();
         dims.extend(window.iter().cloned());
-        let op = Op::Unfold {
-            over: over.iter().map(|d| d.name.clone()).collect(),
-            into: outs.iter().map(|d| d.name.clone()).collect(),
-            window: window.iter().map(|d| d.name.clone()).collect(),
+        let names = |ds: &[Dim]| ds.iter().map(|d| d.name.clone()).collect();
+        let windows = Windows {
+            over: names(over),
+            into: names(&outs),
+            window: names(window),
             stride: s.stride,
             padding: s.padding,
             dilation: s.dilation,
-            fill,
         };
+        let op = Op::Unfold { windows, fill };
         let ty = TensorType::new(x.ty.dtype, dims);
         let id = self.emit(op, vec![x.id], ty.clone(), span).id;
         Some(TVal { id, ty, param: None })

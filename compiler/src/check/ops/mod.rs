@@ -548,13 +548,10 @@ impl Walker<'_> {
                 let Some(d) = self.dim_name(frame, a.pos[0]) else {
                     return Val::Poison;
                 };
-                let start = match a.kw.get("start") {
-                    Some(e) => match self.whole(frame, e, "start", 0) {
-                        Some(v) => v,
-                        None => return Val::Poison,
-                    },
-                    None => 0,
+                let Some(start) = self.whole_kw(frame, &a, "start", 0) else {
+                    return Val::Poison;
                 };
+                let start = start.unwrap_or(0);
                 // Integer tensors travel as f32 values, exact up to 2^24.
                 if start.saturating_add(d.size) > 1 << 24 {
                     return self.err(
