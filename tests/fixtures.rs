@@ -247,29 +247,86 @@ fn convolutions_and_pooling_match_pytorch() {
 /// float64 (tests/fixtures/conv/make.py): 6 channels in 3 groups.
 #[test]
 fn group_norm_matches_pytorch() {
+    std_conv_norm_matches_pytorch("group_norm(x, groups = 3)", "gn", [2, 6, 5, 4]);
+}
+
+/// std/conv's `batch_norm` against `torch.nn.functional.batch_norm` in
+/// training mode, float64 (tests/fixtures/conv/make.py): 5 channels over a
+/// batch of 3 and 4 × 2 positions.
+#[test]
+fn batch_norm_matches_pytorch() {
+    std_conv_norm_matches_pytorch("batch_norm(x)", "bn", [3, 5, 4, 2]);
+}
+
+/// A RegNetY stage of std/conv's blocks (`regnet_y_down`, then
+/// `regnet_y`: 1×1, grouped 3×3 and 1×1 convolutions with BatchNorm,
+/// squeeze-excitation, a strided projection of the residual) against
+/// torchvision's block written in PyTorch's functional ops, in float64
+/// (tests/fixtures/conv/make.py), through the reference evaluator: within
+/// 1e-12 relative. The fixture holds every weight under its parameter path.
+#[test]
+fn regnet_y_blocks_match_pytorch() {
     let bytes = std::fs::read("tests/fixtures/conv/conv.safetensors").expect("the fixture");
     let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-    let read = |name: &str, dims: &[(&str, u64)]| torch_tensor(&st, name, dims);
     let src = "use std/conv
       model m {
-        dims { h = 5, w = 4, c = 6 }
-        input x: f32[batch, h, w, c]
-        y = group_norm(x, groups = 3)
-        loss = sum(y, batch, h, w, c)
+        dims { h = 6, w = 6, c_in = 4, groups = 2, group_width = 3, c = groups * group_width, oh = 3, ow = 3 }
+        input x: f32[batch, h, w, c_in]
+        y = regnet_y(regnet_y_down(x, se = 2), se = 3)
+        loss = sum(y, batch, oh, ow, c)
       }
-      train { optimizer = sgd(lr = 0.0)  batch = 2 sequences }";
+      train { optimizer = sgd(lr = 0.0)  batch = 3 samples }";
     let mut sources = SourceMap::new();
-    let m = tessera::compiler::check_text(&mut sources, "gn.spec", src, Path::new("specs"), &Options::default())
+    let m = tessera::compiler::check_text(&mut sources, "regnet.spec", src, Path::new("specs"), &Options::default())
         .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
-    let nchw = [("batch", 2), ("c", 6), ("h", 5), ("w", 4)];
-    let x = read("gn_x", &nchw).permute(&m.inputs[0].ty.dims);
-    let params = vec![read("gn_gain", &[("c", 6)]), read("gn_bias", &[("c", 6)])];
-    assert_eq!(m.params[0].path, "group_norm.gain");
+    let x = torch_tensor(&st, "rg_x", &[("batch", 3), ("c_in", 4), ("h", 6), ("w", 6)]).permute(&m.inputs[0].ty.dims);
+    let params: Vec<Tensor<f64>> = m
+        .params
+        .iter()
+        .map(|p| {
+            let dims: Vec<(&str, u64)> = p.ty.dims.iter().map(|d| (d.name.as_str(), d.size)).collect();
+            torch_tensor(&st, &p.path, &dims)
+        })
+        .collect();
+    assert_eq!(params.len(), 29, "every weight of the two blocks is in the fixture");
     let vals = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
         .run(&[x], &params)
         .unwrap_or_else(|e| panic!("{e}"));
-    let ours = vals[m.graph.output("y").expect("y").index()].permute(&read("gn_y", &nchw).dims);
-    let want = read("gn_y", &nchw);
+    let want = torch_tensor(&st, "rg_y", &[("batch", 3), ("c", 6), ("oh", 3), ("ow", 3)]);
+    let ours = vals[m.graph.output("y").expect("y").index()].permute(&want.dims);
+    let num: f64 = ours.data.iter().zip(&want.data).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = want.data.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(den > 0.0 && num / den < 1e-12, "relative error {:.2e}", num / den);
+}
+
+/// A std/conv normalisation `call` of `x` (NCHW sizes `[b, c, h, w]`, with a
+/// gain and a bias) against the fixture's `{prefix}_x`, `_gain`, `_bias`, `_y`.
+fn std_conv_norm_matches_pytorch(call: &str, prefix: &str, [b, c, h, w]: [u64; 4]) {
+    let bytes = std::fs::read("tests/fixtures/conv/conv.safetensors").expect("the fixture");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let read = |name: &str, dims: &[(&str, u64)]| torch_tensor(&st, &format!("{prefix}_{name}"), dims);
+    let src = format!(
+        "use std/conv
+      model m {{
+        dims {{ h = {h}, w = {w}, c = {c} }}
+        input x: f32[batch, h, w, c]
+        y = {call}
+        loss = sum(y, batch, h, w, c)
+      }}
+      train {{ optimizer = sgd(lr = 0.0)  batch = {b} sequences }}"
+    );
+    let mut sources = SourceMap::new();
+    let m = tessera::compiler::check_text(&mut sources, "norm.spec", &src, Path::new("specs"), &Options::default())
+        .unwrap_or_else(|d| panic!("{}", tessera::compiler::diag::render(&sources, &d.0)));
+    let nchw = [("batch", b), ("c", c), ("h", h), ("w", w)];
+    let x = read("x", &nchw).permute(&m.inputs[0].ty.dims);
+    let params = vec![read("gain", &[("c", c)]), read("bias", &[("c", c)])];
+    assert!(m.params[0].path.ends_with("norm.gain"), "{}", m.params[0].path);
+    let vals = Interpreter { graph: &m.graph, params: &m.params, dropout: None, comm: None }
+        .run(&[x], &params)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let want = read("y", &nchw);
+    let ours = vals[m.graph.output("y").expect("y").index()].permute(&want.dims);
     let num: f64 = ours.data.iter().zip(&want.data).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
     let den: f64 = want.data.iter().map(|b| b * b).sum::<f64>().sqrt();
     assert!(den > 0.0 && num / den < 1e-12, "relative error {:.2e}", num / den);

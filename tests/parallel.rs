@@ -353,16 +353,26 @@ fn contrastive_layouts(
 }
 
 /// A convolutional network (`specs/tiny/digits-cnn.spec`: convolutions,
-/// max pooling, a residual block) on the digits under data parallelism and
-/// under tensor parallelism over its channels (the first convolution's
-/// output channels split, the second's input channels summed across the
-/// tensor ranks), as one device.
+/// BatchNorm, max pooling, a residual block) on the digits under data
+/// parallelism (BatchNorm's statistics all-reduced over the data ranks, as
+/// SyncBatchNorm's) and under tensor parallelism over its channels (the
+/// first convolution's output channels split, the second's input channels
+/// summed across the tensor ranks), as one device.
 #[test]
 fn digits_cnn_under_data_and_tensor_parallelism() {
     const CNN: &str = "specs/tiny/digits-cnn.spec";
     same(CNN, &[], DP2);
-    same(CNN, &["train.micro_batch=8"], &["parallel.mesh.data=4", "parallel.layout.batch=data"]);
+    same(CNN, &[], &["parallel.mesh.data=4", "parallel.layout.batch=data"]);
     same(CNN, &[], &["parallel.mesh.tensor=2", "parallel.layout.c1=tensor"]);
+}
+
+/// Batch statistics over data and tensor ranks at once: each tensor rank
+/// normalizes its channels with statistics all-reduced over the data ranks.
+#[test]
+fn batch_norm_under_data_and_tensor_parallelism() {
+    const BN: &str = "tests/specs/batch-norm.spec";
+    same(BN, &[], DP2);
+    same(BN, &[], &with(DP2, &["parallel.mesh.tensor=2", "parallel.layout.c1=tensor"]));
 }
 
 #[test]

@@ -105,8 +105,12 @@ pub struct Training {
     /// fewer microbatches of the same size on every data rank.
     pub ramp: Vec<(u64, Compiled)>,
     /// The evaluation program: one microbatch's forward pass on one device,
-    /// dropout off, from the logical weights ([`compile_eval`]).
+    /// dropout off, from the logical weights ([`compile_eval`]); for a model
+    /// whose examples meet across a data-parallel batch, the microbatch of
+    /// the whole data-parallel group ([`Model::whole_batch`]).
     pub eval: Program,
+    /// The evaluation program's inputs ([`lower::Bound::Input`]`(i, 0)` is `eval_inputs[i]`).
+    pub eval_inputs: Vec<crate::ir::Input>,
 }
 
 /// [`Training`] for `m`. With `available` (the bytes this machine can give
@@ -137,7 +141,13 @@ pub fn compile_training(m: &Model, available: Option<u64>) -> Result<Training, P
         }
     }
     let step = compile(m)?;
-    let eval = compile_eval(m, &step.backward, Passes::default())?;
+    // Evaluation on one device of the training batch's meaning: the model
+    // itself, or, where its examples meet across a data-parallel batch, the
+    // model checked for the group's whole microbatch.
+    let (eval, eval_inputs) = match &m.whole_batch {
+        Some(whole) => (compile_eval(whole, &backward_of(whole)?, Passes::default())?, whole.inputs.clone()),
+        None => (compile_eval(m, &step.backward, Passes::default())?, m.inputs.clone()),
+    };
     let mut ramp = Vec::new();
     for phase in train.batch_phases().iter().filter(|p| p.batch != train.batch) {
         ramp.push((phase.batch, compile(&with_batch(m, phase.batch))?));
@@ -151,6 +161,7 @@ pub fn compile_training(m: &Model, available: Option<u64>) -> Result<Training, P
         step,
         ramp,
         eval,
+        eval_inputs,
     })
 }
 
@@ -358,9 +369,9 @@ pub fn compile_ranks(m: &Model, only: Option<&[u64]>) -> Result<Compiled, PassEr
     compile_with(m, only, Passes::default())
 }
 
-/// [`compile_ranks`] with the optional passes chosen.
-pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<Compiled, PassError> {
-    let verify = passes.verify;
+/// The training step of `m` on one device: its forward and backward pass
+/// (frozen parameters get no gradient).
+fn backward_of(m: &Model) -> Result<Backward, PassError> {
     let loss = m.graph.output("loss").ok_or_else(|| {
         fail("autodiff")(format!(
             "`{}` has no `loss` output to differentiate; assign `loss = ...` in the model",
@@ -368,7 +379,13 @@ pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<C
         ))
     })?;
     let frozen: Vec<bool> = m.params.iter().map(|p| p.frozen).collect();
-    let backward = differentiate_trainable(&m.graph, loss, &frozen).map_err(|e| fail("autodiff")(e.to_string()))?;
+    differentiate_trainable(&m.graph, loss, &frozen).map_err(|e| fail("autodiff")(e.to_string()))
+}
+
+/// [`compile_ranks`] with the optional passes chosen.
+pub fn compile_with(m: &Model, only: Option<&[u64]>, passes: Passes) -> Result<Compiled, PassError> {
+    let verify = passes.verify;
+    let backward = backward_of(m)?;
     if verify {
         crate::ir::verify(&backward.graph).map_err(|e| fail("autodiff")(e.to_string()))?;
     }

@@ -166,6 +166,13 @@ pub struct Model {
     /// What the checker warns about (a declared parameter nothing reads, ...).
     #[serde(skip)]
     pub warnings: Vec<crate::diag::Diag>,
+    /// The model checked for the data-parallel group's whole microbatch, on
+    /// one device, when its examples meet across the batch (batch
+    /// statistics, a contrastive loss) under data parallelism: evaluation
+    /// runs it, so that a validation batch means what the training batch
+    /// means, as on one device. `None` otherwise.
+    #[serde(skip)]
+    pub whole_batch: Option<Box<Model>>,
 }
 
 /// An op that relates examples across the batch ([`Model::batch_mixing`]).
@@ -190,6 +197,12 @@ impl Model {
         self.consts.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
 
+    /// Every op that relates examples across the batch, whatever the run:
+    /// [`Model::batch_mixing`] of one example per microbatch on one device.
+    pub fn examples_meet(&self) -> Vec<BatchMixing> {
+        self.batch_mixing(1, 1, 1)
+    }
+
     /// Ops that relate examples across the batch (a contrastive loss's
     /// `rename(x, batch -> other)`, batch statistics, a softmax or max over the
     /// batch, picking an example) mean the step's global batch. A run whose
@@ -198,9 +211,12 @@ impl Model {
     /// it is an error until the compiler gathers the batch for them. Reductions
     /// of the batch to a scalar by a sum or mean (a loss) are linear and mean
     /// the same over microbatches; so is the cross-entropy. Renaming `batch` (a
-    /// contrastive loss) is allowed under data parallelism when each data rank
-    /// runs one microbatch and no pipeline splits the step: the per-rank
-    /// programs gather the batch over the data axis (`parallel::propagate`).
+    /// contrastive loss) and sums and means over the batch that keep other
+    /// dims (batch statistics) are allowed under data parallelism when each
+    /// data rank runs one microbatch and no pipeline splits the step: the
+    /// per-rank programs gather the batch over the data axis, or all-reduce
+    /// the statistics as SyncBatchNorm does (`parallel::propagate`), and
+    /// evaluation runs the group's whole microbatch ([`Model::whole_batch`]).
     /// Mixture-of-experts routing over a microbatch's tokens is per microbatch by design (Switch's
     /// and GShard's capacity is per group), and is not flagged.
     ///
@@ -225,6 +241,9 @@ impl Model {
                 Op::Rename { from, .. } if batch(from) && gathered => continue,
                 Op::Rename { from, .. } if batch(from) => "renames the batch dim, relating each example to the others",
                 Op::Reduce { op: ReduceOp::Max, dims } if batch(dims) => "takes a maximum over the batch",
+                // Sums and means over the batch are partial sums per data
+                // rank, all-reduced: SyncBatchNorm's statistics.
+                Op::Reduce { dims, .. } if batch(dims) && gathered => continue,
                 Op::Reduce { dims, .. } if batch(dims) && !n.ty.dims.is_empty() => {
                     "reduces over the batch but keeps other dims (batch statistics)"
                 }
@@ -238,7 +257,10 @@ impl Model {
                 Op::MatMul { contract } if batch(contract) => "contracts over the batch",
                 _ => continue,
             };
-            let gathers = matches!(&n.op, Op::Rename { .. } | Op::Iota { .. });
+            let gathers = matches!(
+                &n.op,
+                Op::Rename { .. } | Op::Iota { .. } | Op::Reduce { op: ReduceOp::Sum | ReduceOp::Mean, .. }
+            );
             found.push(BatchMixing { node: i, what, gathers });
         }
         found

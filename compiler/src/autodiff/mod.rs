@@ -9,6 +9,8 @@
 
 pub mod update;
 
+use std::collections::BTreeMap;
+
 use crate::ir::{BinaryOp, Graph, Op, ReduceOp, RelPos, UnaryOp, ValueId};
 use crate::model::{Dim, TensorType};
 use crate::syntax::ast::DType;
@@ -34,6 +36,10 @@ pub struct Backward {
     /// The number of forward nodes (the backward nodes follow them).
     pub forward_len: usize,
     pub param_grads: Vec<ParamGrad>,
+    /// The backward `expand` (by node index) that carries each forward sum's
+    /// or mean's gradient back over the reduced dims, with that reduction:
+    /// the sharding pass all-reduces batch statistics' gradients there.
+    pub reduce_grads: BTreeMap<usize, ReduceOp>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -134,6 +140,7 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
     let seed = b.push(Op::LossScale, vec![], TensorType::scalar(lt.dtype), fwd.span(loss));
     b.adj[loss.index()] = Some(seed);
     let mut param_grads = Vec::new();
+    let mut reduce_grads = BTreeMap::new();
     // Gradients of `take`s, per (value, dim): summed into one `untake` when
     // the loop reaches the value (all its takes come after it).
     let mut takes: std::collections::BTreeMap<(usize, String), Vec<TakeGrad>> = Default::default();
@@ -248,6 +255,7 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
             Op::Reduce { op, dims } => {
                 let tx = fwd.ty(ins[0]).clone();
                 let mut c = b.push(Op::Expand, vec![gi], tx.clone(), span);
+                reduce_grads.insert(c.index(), *op);
                 match op {
                     ReduceOp::Sum => {}
                     ReduceOp::Mean => {
@@ -453,7 +461,7 @@ pub fn differentiate_trainable(fwd: &Graph, loss: ValueId, frozen: &[bool]) -> R
         }
     }
     param_grads.sort_by_key(|p| (p.param, p.layer));
-    Ok(Backward { graph: b.g, loss, forward_len: n, param_grads })
+    Ok(Backward { graph: b.g, loss, forward_len: n, param_grads, reduce_grads })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -467,8 +467,9 @@ pub(super) fn batch_mixing(m: &Model, diags: &mut Diags) {
             .at(m.graph.span(crate::ir::ValueId(i as u32)), "mixes examples across the batch")
             .help(format!(
                 "train on one microbatch of the whole batch (`micro_batch = {}` on one data rank), or, for a \
-                 contrastive `rename` of the batch, one microbatch per data rank without a pipeline (the batch \
-                 is gathered over the data axis); other batch-mixing ops are not gathered yet",
+                 contrastive `rename` of the batch or batch statistics (`sum`, `mean` over `batch`), one \
+                 microbatch per data rank without a pipeline (the batch is gathered, or the statistics \
+                 all-reduced, over the data axis); other batch-mixing ops are not gathered yet",
                 t.batch
             )),
         );

@@ -241,6 +241,7 @@ fn check_program(
     dim_sets: Vec<(Ident, Expr)>,
     force_micro: Option<u64>,
 ) -> Result<Model, Diags> {
+    let whole_sets = dim_sets.clone();
     let name = match want {
         Some(w) => {
             if !prog.models.contains_key(w) {
@@ -495,13 +496,28 @@ fn check_program(
         infer,
         weights,
         train_span: find("train").map(|s| s.name.span).or(pspans.section).unwrap_or_default(),
+        whole_batch: None,
     };
     layout::validate(&model, &pspans, &mut diags);
     // A run's own microbatches (not a size forced for sampling or a search).
     if force_micro.is_none() {
         layout::batch_mixing(&model, &mut diags);
     }
-    if diags.is_empty() { Ok(model) } else { Err(diags) }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let mut model = model;
+    let dp = model.parallel.data().max(1);
+    // Examples that meet across the batch, which one data rank's microbatch
+    // alone would change the meaning of (the per-rank programs gather the
+    // batch or all-reduce the statistics; evaluation on one device needs
+    // the whole group's microbatch).
+    if force_micro.is_none() && dp > 1 && !model.examples_meet().is_empty() {
+        let mut whole = check_program(prog, want, whole_sets, Some(model.micro_batch * dp))?;
+        whole.parallel = crate::config::Parallel::default();
+        model.whole_batch = Some(Box::new(whole));
+    }
+    Ok(model)
 }
 
 /// A warning for each declared parameter that nothing reads: it would be

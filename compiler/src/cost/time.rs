@@ -32,6 +32,11 @@
 //!   the excess is exposed. ZeRO 3 gathers
 //!   the weights for every microbatch's forward and backward pass and
 //!   reduce-scatters its gradients, overlapped with that microbatch.
+//! - **Examples that meet across the batch.** Under data parallelism a
+//!   contrastive loss's gathered side is all-gathered forward and its
+//!   gradient reduce-scattered back, and each batch statistic
+//!   (SyncBatchNorm) and its gradient are all-reduced, per microbatch and
+//!   exposed (counted with the data-parallel communication).
 //! - **Recompute.** `selective` reruns the attention core in the backward
 //!   pass; `full` reruns each layer's forward pass, its collectives included.
 //! - **Optimizer.** AdamW reads and writes its state once per step at HBM
@@ -461,6 +466,34 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
                 exposed = microbatches * (per_micro - slot).max(0.0) + ag / (2.0 * microbatches);
             }
         }
+    }
+
+    // Examples that meet across the batch, per microbatch and exposed (the
+    // next op waits for them): a contrastive loss's gathered side
+    // (all-gather forward, reduce-scatter of its gradient back) and batch
+    // statistics (SyncBatchNorm: an all-reduce of each statistic forward
+    // and of its gradient back).
+    if let Some(axis) = par.data_axis()
+        && dp > 1
+    {
+        let (mut gathered, mut stats) = (0.0, (0.0, 0.0));
+        for mix in m.examples_meet().iter().filter(|x| x.gathers) {
+            let node = &m.graph.nodes[mix.node];
+            match &node.op {
+                crate::ir::Op::Rename { .. } => gathered += node.ty.numel() as f64 * scale * bytes * dp as f64,
+                crate::ir::Op::Reduce { .. } => stats = (stats.0 + 1.0, stats.1 + node.ty.numel() as f64 * bytes),
+                _ => {}
+            }
+        }
+        let batch_comm = ledger.add("batch", Kind::AllGather, axis, dp, microbatches, gathered)
+            + ledger.add("batch", Kind::ReduceScatter, axis, dp, microbatches, gathered)
+            + if stats.0 > 0.0 {
+                ledger.add("batch", Kind::AllReduce, axis, dp, 2.0 * stats.0 * microbatches, stats.1 / stats.0)
+            } else {
+                0.0
+            };
+        data_comm += batch_comm;
+        exposed += batch_comm;
     }
 
     // The optimizer: 28 bytes of HBM traffic per element it updates.

@@ -207,7 +207,13 @@ fn build_chunk(
     let frozen: Vec<bool> = m.params.iter().map(|p| p.frozen).collect();
     let backward =
         differentiate_trainable(&f, objective, &frozen).map_err(|e| ParallelError(format!("chunk {c}: {e}")))?;
-    let forward = Backward { graph: f.clone(), loss: objective, forward_len: f.len(), param_grads: Vec::new() };
+    let forward = Backward {
+        graph: f.clone(),
+        loss: objective,
+        forward_len: f.len(),
+        param_grads: Vec::new(),
+        reduce_grads: Default::default(),
+    };
     Ok(Chunk { index: c, stage: c as u64 % stages, forward, backward, params, incoming, outgoing, uses })
 }
 

@@ -130,6 +130,8 @@ struct Shard<'a> {
     gathered: BTreeSet<String>,
     /// The source's forward part ends at the loss; later nodes are the backward pass.
     loss: usize,
+    /// The source's `expand`s that carry a sum's or mean's gradient back.
+    reduce_grads: &'a BTreeMap<usize, ReduceOp>,
 }
 
 impl Shard<'_> {
@@ -187,6 +189,32 @@ impl Shard<'_> {
             .collect();
         let out = TensorType::new(src.dtype, dims);
         Ok(Some((self.push(Op::Rename { from, to }, vec![x], out), st)))
+    }
+
+    /// Batch statistics under data parallelism, as SyncBatchNorm computes
+    /// them: a forward sum or mean over `batch` that keeps other dims means
+    /// the data-parallel group's whole batch, so each rank's statistic is
+    /// all-reduced over the data axis (a mean of equal-sized parts is the
+    /// mean of the whole); its gradient, which the backward pass expands
+    /// over the batch again, is each rank's examples' share and is
+    /// all-reduced alike before it is. `Some((axis, op))` for either node.
+    /// (The checker refuses batch statistics under gradient accumulation
+    /// and pipelines, where a rank's microbatch is not its whole batch.)
+    fn batch_statistic(&self, i: usize) -> Option<(String, ReduceOp)> {
+        let axis = self.mesh.data_axis.clone().filter(|a| self.mesh.size(a) > 1)?;
+        let node = &self.src.nodes[i];
+        let (op, stat) = match &node.op {
+            Op::Reduce { op: op @ (ReduceOp::Sum | ReduceOp::Mean), dims } if i <= self.loss => {
+                (*op, dims.iter().any(|d| d == "batch") && !node.ty.dims.is_empty())
+            }
+            Op::Expand if i > self.loss => {
+                let x = self.src.ty(node.inputs[0]);
+                let op = *self.reduce_grads.get(&i)?;
+                (op, node.ty.has("batch") && !x.has("batch") && !x.dims.is_empty())
+            }
+            _ => return None,
+        };
+        stat.then_some((axis, op))
     }
 
     fn push(&mut self, op: Op, ins: Vec<ValueId>, ty: TensorType) -> ValueId {
@@ -420,6 +448,13 @@ impl Shard<'_> {
         for (k, x) in node.inputs.iter().enumerate() {
             ins.push(if keep[k] { self.vals[x.index()].clone() } else { self.reduced(*x)? });
         }
+        // A batch statistic's gradient, on its way back over the batch: each
+        // rank holds its own examples' part of it.
+        if let Some((axis, op)) = self.batch_statistic(i).filter(|_| i > self.loss) {
+            let (v, _) = &mut ins[0];
+            let ty = self.g.ty(*v).clone();
+            *v = self.push(Op::AllReduce { axis, op }, vec![*v], ty);
+        }
         // 2. Dims the op needs whole.
         let tys: Vec<TensorType> = node.inputs.iter().map(|x| self.src.ty(*x).clone()).collect();
         let ty_refs: Vec<&TensorType> = tys.iter().collect();
@@ -598,7 +633,11 @@ impl Shard<'_> {
                 out.split.iter().map(|(d, s)| format!("{d} -> {}", s.axis)).collect::<Vec<_>>()
             ));
         }
-        Ok((self.push(self.local_op(&node.op), locals, ty), out))
+        let v = self.push(self.local_op(&node.op), locals, ty.clone());
+        match self.batch_statistic(i) {
+            Some((axis, op)) if i <= self.loss => Ok((self.push(Op::AllReduce { axis, op }, vec![v], ty), out)),
+            _ => Ok((v, out)),
+        }
     }
 
     /// The contiguous rows a split of the vocabulary holds: (axis, start, rows).
@@ -819,6 +858,7 @@ pub(super) fn shard_graph(
         span: Default::default(),
         gathered: BTreeSet::new(),
         loss: bw.loss.index(),
+        reduce_grads: &bw.reduce_grads,
     };
     let mut split = None;
     for i in 0..src.len() {

@@ -351,6 +351,8 @@ impl Trainer {
     /// logits. `m` is the model checked as it trains (its microbatch).
     pub fn val_accuracy(&self, m: &tessera_compiler::Model) -> Result<Option<(usize, usize)>, TrainError> {
         let Some(val) = self.data.as_ref().and_then(|d| d.examples(data::Split::Val)) else { return Ok(None) };
+        // A validation batch means what a training batch means (batch statistics).
+        let m = m.whole_batch.as_deref().unwrap_or(m);
         let Some(logits) = m.graph.output("logits").map(|v| m.graph.ty(v).clone()) else { return Ok(None) };
         if logits.dims.len() != 2 {
             return Ok(None);
@@ -577,10 +579,14 @@ impl Trainer {
         let ev = slot.as_mut().expect("set above");
         ev.load(&weights).map_err(TrainError::Setup)?;
         drop(weights);
+        // The evaluation microbatch is the training one, or, for a model
+        // whose examples meet across a data-parallel batch, the group's.
+        let rows = self.training.eval_inputs.first().and_then(|x| x.ty.dims.first()).map_or(1, |d| d.size.max(1));
+        let n = (batches.max(1) * self.accumulation * self.training.micro_batch).div_ceil(rows);
+        let data = self.dataset()?;
         let mut total = 0.0;
-        let n = batches.max(1) * self.accumulation;
         for k in 0..n {
-            let inputs = self.batch_inputs(data::Split::Val, u64::MAX - 1, k)?;
+            let inputs = data.batch(data::Split::Val, &self.training.eval_inputs, self.cfg.seed, u64::MAX - 1, k);
             total += ev.loss(&inputs).map_err(TrainError::Setup)?;
         }
         let mean = total / n as f64;
