@@ -29,6 +29,10 @@ fn published_parameter_counts() {
         ("pangu-alpha-200b", 206_861_008_896, None),
         // Hugging Face's CLIPModel with openai/clip-vit-large-patch14's configuration.
         ("clip-vit-l-14", 427_616_513, None),
+        // torchvision's RegNet with VISSL's regnet256Gf_1 configuration and a
+        // 1000-class head (the same count gives torchvision's published
+        // 644,812,894 for regnet_y_128gf).
+        ("seer-regnety-256gf", 1_282_601_138, None),
     ];
     for &(name, total, active) in table {
         let m = check_ok(&format!("specs/models/{name}.spec"), &[]);
