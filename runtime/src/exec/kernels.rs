@@ -88,22 +88,18 @@ pub fn argmax<T: Real>(x: &Tensor<T>, dim: &str, out: &[Dim]) -> Tensor<T> {
 /// source element in `x` (dims `x`), or `None` where it falls in the padding.
 fn window_sources(x: &[Dim], u: &[Dim], w: &Windows, mut f: impl FnMut(usize, Option<usize>)) {
     let xs = crate::tensor::strides(x);
-    // Per dim of `u`: how it moves the source offset, and for spatial
-    // positions and window dims, which spatial dim they belong to.
-    enum Role {
-        Plain(usize),
-        Out(usize),
-        Win(usize),
-    }
-    let roles: Vec<Role> = u
+    // Per dim of `u`, its step: how much it moves the source offset, or
+    // which spatial position it moves and by how much (a position of the
+    // output by the stride, a window element by the dilation).
+    let steps: Vec<(usize, Option<(usize, i64)>)> = u
         .iter()
         .map(|d| {
             if let Some(i) = w.into.iter().position(|n| *n == d.name) {
-                Role::Out(i)
+                (0, Some((i, w.stride as i64)))
             } else if let Some(i) = w.window.iter().position(|n| *n == d.name) {
-                Role::Win(i)
+                (0, Some((i, w.dilation as i64)))
             } else {
-                Role::Plain(x.iter().position(|xd| xd.name == d.name).map_or(0, |k| xs[k]))
+                (x.iter().position(|xd| xd.name == d.name).map_or(0, |k| xs[k]), None)
             }
         })
         .collect();
@@ -112,26 +108,31 @@ fn window_sources(x: &[Dim], u: &[Dim], w: &Windows, mut f: impl FnMut(usize, Op
         .iter()
         .map(|o| x.iter().position(|d| d.name == *o).map_or((0, 0), |k| (xs[k], x[k].size as i64)))
         .collect();
+    // Walk `u` in order, moving the offset and the positions by each dim's
+    // step as its index counts up (and back when it wraps): each element
+    // costs a bounds check, not a pass over every dim.
     let mut idx = vec![0u64; u.len()];
     let n: u64 = u.iter().map(|d| d.size).product();
-    let mut pos = vec![0i64; spatial.len()];
+    let mut pos = vec![-(w.padding as i64); spatial.len()];
+    let mut off = 0usize;
     for e in 0..n as usize {
-        let mut off = 0usize;
-        pos.iter_mut().for_each(|p| *p = -(w.padding as i64));
-        for (k, role) in roles.iter().enumerate() {
-            match role {
-                Role::Plain(s) => off += idx[k] as usize * s,
-                Role::Out(i) => pos[*i] += (idx[k] * w.stride) as i64,
-                Role::Win(i) => pos[*i] += (idx[k] * w.dilation) as i64,
-            }
-        }
         let inside = pos.iter().zip(&spatial).all(|(p, (_, size))| *p >= 0 && p < size);
         let src = inside.then(|| off + pos.iter().zip(&spatial).map(|(p, (s, _))| *p as usize * s).sum::<usize>());
         f(e, src);
         for k in (0..idx.len()).rev() {
+            let (ds, dp) = steps[k];
             idx[k] += 1;
             if idx[k] < u[k].size {
+                off += ds;
+                if let Some((i, d)) = dp {
+                    pos[i] += d;
+                }
                 break;
+            }
+            let back = (u[k].size - 1) as usize;
+            off -= ds * back;
+            if let Some((i, d)) = dp {
+                pos[i] -= d * back as i64;
             }
             idx[k] = 0;
         }
