@@ -551,6 +551,25 @@ fn group_norm_and_squeeze_excitation() {
     );
 }
 
+/// std/conv's BatchNorm (statistics over the batch, so every example's
+/// gradient reaches every other's) inside a RegNetY stage: a strided block
+/// with its projection, then a block with its identity residual.
+#[test]
+fn batch_norm_in_a_regnet_y_stage() {
+    check_grads(
+        "use std/conv
+         model m {
+           dims { h = 6, wd = 6, c_in = 2, groups = 2, group_width = 2, c = groups * group_width, oh = 3, ow = 3 }
+           input x: f32[batch, h, wd, c_in]
+           param t: [c]
+           y = regnet_y(regnet_y_down(x, se = 2), se = 2)
+           loss = sum(tanh(y) * t, batch, oh, ow, c)
+         }",
+        3,
+        30,
+    );
+}
+
 #[test]
 fn tiny_gpt_end_to_end() {
     let src = std::fs::read_to_string("specs/tiny/gpt.spec").expect("spec");
