@@ -477,7 +477,7 @@ fn check_program(
     let mut wev = sections::SectionEval { consts: &consts, diags: Vec::new() };
     let weights = weights::mappings(&prog.weights, &names, &prog.models, &w.params, &mut wev);
     diags.0.extend(wev.diags);
-    let model = Model {
+    let mut model = Model {
         warnings,
         name: name.clone(),
         consts: ordered,
@@ -506,7 +506,6 @@ fn check_program(
     if !diags.is_empty() {
         return Err(diags);
     }
-    let mut model = model;
     let dp = model.parallel.data().max(1);
     // Examples that meet across the batch, which one data rank's microbatch
     // alone would change the meaning of (the per-rank programs gather the

@@ -476,22 +476,29 @@ pub fn estimate_for(m: &Model, par: &Parallel, micro_batch: u64, batch: u64, dev
     if let Some(axis) = par.data_axis()
         && dp > 1
     {
-        let (mut gathered, mut stats) = (0.0, (0.0, 0.0));
+        let (mut gathered, mut stat_calls, mut stat_bytes) = (0.0, 0.0, 0.0);
         for mix in m.examples_meet().iter().filter(|x| x.gathers) {
             let node = &m.graph.nodes[mix.node];
             match &node.op {
                 crate::ir::Op::Rename { .. } => gathered += node.ty.numel() as f64 * scale * bytes * dp as f64,
-                crate::ir::Op::Reduce { .. } => stats = (stats.0 + 1.0, stats.1 + node.ty.numel() as f64 * bytes),
+                crate::ir::Op::Reduce { .. } => {
+                    stat_calls += 1.0;
+                    stat_bytes += node.ty.numel() as f64 * bytes;
+                }
                 _ => {}
             }
         }
+        // (The ledger prices nothing for no calls or no bytes.)
         let batch_comm = ledger.add("batch", Kind::AllGather, axis, dp, microbatches, gathered)
             + ledger.add("batch", Kind::ReduceScatter, axis, dp, microbatches, gathered)
-            + if stats.0 > 0.0 {
-                ledger.add("batch", Kind::AllReduce, axis, dp, 2.0 * stats.0 * microbatches, stats.1 / stats.0)
-            } else {
-                0.0
-            };
+            + ledger.add(
+                "batch",
+                Kind::AllReduce,
+                axis,
+                dp,
+                2.0 * stat_calls * microbatches,
+                stat_bytes / stat_calls.max(1.0),
+            );
         data_comm += batch_comm;
         exposed += batch_comm;
     }
